@@ -1,0 +1,128 @@
+//! Typed server configuration. Binaries parse flags and environment into a
+//! [`ServerConfig`]; [`ServerConfig::validate`] reports every bad value at once.
+
+use crate::error::ServerError;
+use crate::tls::TlsSource;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Which device the server drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// The GPU at ordinal 0 if a CUDA driver and GPU are present, else the
+    /// emulated device (and a warning saying so).
+    Auto,
+    /// The GPU at this ordinal; fail if it cannot be opened.
+    Cuda { ordinal: usize },
+    /// The emulated device, with this much memory in bytes.
+    Emulated { memory: u64 },
+}
+
+/// Everything a gpu-server needs to run.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// UDP address of the QUIC endpoint (port 0 picks one).
+    pub listen: SocketAddr,
+    pub device: DeviceChoice,
+    pub tls: TlsSource,
+    /// Accepted session tokens (shared secrets).
+    pub tokens: Vec<String>,
+    /// Most sessions at once; more are refused with `BUSY`.
+    pub max_sessions: usize,
+    /// Device memory quota of each session (the virtual GPU's memory).
+    pub memory_quota: u64,
+    /// Largest copy carried inline in a batch.
+    pub max_inline_bytes: u32,
+    /// Largest frame accepted.
+    pub max_frame_bytes: u32,
+    /// Host memory one session may hold in staged transfers.
+    pub max_staging_bytes: u64,
+    /// Most streams, events and modules (each) per session.
+    pub max_handles: usize,
+    /// Most bulk streams served at once per session.
+    pub max_bulk_streams: usize,
+    /// Batches queued per session before the server stops reading.
+    pub batch_queue: usize,
+    /// Where module images are kept on disk (none: memory only).
+    pub image_cache_dir: Option<PathBuf>,
+    /// Bytes of module images kept in memory.
+    pub image_cache_bytes: u64,
+    /// A connection silent this long is closed.
+    pub idle_timeout: Duration,
+    /// Time a new connection has to present its `Hello`.
+    pub handshake_timeout: Duration,
+    /// Time sessions get to end after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// lz4-compress replies when it pays.
+    pub compression: bool,
+}
+
+impl ServerConfig {
+    /// Defaults for a server on `listen` accepting `tokens`.
+    pub fn new(listen: SocketAddr, tokens: Vec<String>) -> Self {
+        Self {
+            listen,
+            device: DeviceChoice::Auto,
+            tls: TlsSource::SelfSigned { names: vec!["localhost".into(), "127.0.0.1".into()] },
+            tokens,
+            max_sessions: 64,
+            memory_quota: 4 << 30,
+            max_inline_bytes: 512 << 10,
+            max_frame_bytes: (16 << 20) + (64 << 10),
+            max_staging_bytes: 3 << 30,
+            max_handles: 65_536,
+            max_bulk_streams: 64,
+            batch_queue: 64,
+            image_cache_dir: None,
+            image_cache_bytes: 1 << 30,
+            idle_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
+            compression: true,
+        }
+    }
+
+    /// Checks every setting and reports all problems together.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        let mut bad = Vec::new();
+        if self.tokens.is_empty() || self.tokens.iter().any(String::is_empty) {
+            bad.push("at least one non-empty session token is required".to_string());
+        }
+        if self.max_sessions == 0 {
+            bad.push("max_sessions must be at least 1".into());
+        }
+        if self.memory_quota == 0 {
+            bad.push("memory_quota must be positive".into());
+        }
+        if self.max_inline_bytes == 0 || self.max_inline_bytes > self.max_frame_bytes / 2 {
+            bad.push("max_inline_bytes must be positive and at most half of max_frame_bytes".into());
+        }
+        if self.max_frame_bytes < (1 << 20) {
+            bad.push("max_frame_bytes must be at least 1 MiB".into());
+        }
+        if self.batch_queue == 0 || self.max_bulk_streams == 0 || self.max_handles == 0 {
+            bad.push("batch_queue, max_bulk_streams and max_handles must be positive".into());
+        }
+        if self.idle_timeout.is_zero() || self.handshake_timeout.is_zero() {
+            bad.push("timeouts must be positive".into());
+        }
+        if let DeviceChoice::Emulated { memory: 0 } = self.device {
+            bad.push("the emulated device needs some memory".into());
+        }
+        if bad.is_empty() { Ok(()) } else { Err(ServerError::Config(bad.join("; "))) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_every_problem() {
+        let mut c = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), vec![]);
+        c.max_sessions = 0;
+        let msg = c.validate().expect_err("invalid").to_string();
+        assert!(msg.contains("token") && msg.contains("max_sessions"), "{msg}");
+    }
+}

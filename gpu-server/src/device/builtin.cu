@@ -1,0 +1,27 @@
+// gpupool built-in kernels (module image "gpupool-builtin-kernels/v1").
+// Compiled with NVRTC on CUDA servers; the emulated device runs reference
+// implementations with the same parameter layouts and thread mapping.
+
+extern "C" __global__ void empty() {}
+
+extern "C" __global__ void vector_add(const float* a, const float* b, float* c, unsigned n) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) c[i] = a[i] + b[i];
+}
+
+extern "C" __global__ void saxpy(float alpha, const float* x, float* y, unsigned n) {
+    unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = alpha * x[i] + y[i];
+}
+
+// C[M x N] = A[M x K] * B[K x N], row-major; one thread per element of C.
+extern "C" __global__ void matmul_f32(const float* A, const float* B, float* C,
+                                      unsigned M, unsigned N, unsigned K) {
+    unsigned row = blockIdx.y * blockDim.y + threadIdx.y;
+    unsigned col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (row < M && col < N) {
+        float acc = 0.0f;
+        for (unsigned k = 0; k < K; ++k) acc += A[row * K + k] * B[k * N + col];
+        C[row * N + col] = acc;
+    }
+}

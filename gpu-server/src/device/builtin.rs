@@ -1,0 +1,175 @@
+//! The built-in module: kernels every server can run without an upload,
+//! addressed by name from the image [`gpupool_proto::BUILTIN_MODULE`].
+//! CUDA servers compile [`SOURCE`] with NVRTC; the emulated device runs the
+//! reference implementations in [`run`] with the same parameter layouts and
+//! the same thread-to-element mapping.
+
+use super::{DeviceResult, FunctionInfo, LaunchDims, Param};
+use crate::error::CallError;
+use gpupool_proto::cuda;
+
+/// CUDA C source of the built-in kernels.
+pub const SOURCE: &str = include_str!("builtin.cu");
+
+/// `true` when `image` names the built-in module.
+pub fn is_builtin(image: &[u8]) -> bool {
+    image == gpupool_proto::BUILTIN_MODULE
+}
+
+const PTR: u32 = 8;
+const U32: u32 = 4;
+
+/// Names and parameter sizes, in the order of [`functions`].
+const KERNELS: &[(&str, &[u32])] = &[
+    ("empty", &[]),
+    ("vector_add", &[PTR, PTR, PTR, U32]),
+    ("saxpy", &[U32, PTR, PTR, U32]),
+    ("matmul_f32", &[PTR, PTR, PTR, U32, U32, U32]),
+];
+
+/// The built-in functions with their parameter layouts (natural alignment,
+/// as nvcc lays out kernel parameters).
+pub fn functions() -> Vec<FunctionInfo> {
+    KERNELS
+        .iter()
+        .map(|(name, sizes)| {
+            let mut offset = 0u32;
+            let params = sizes
+                .iter()
+                .map(|&size| {
+                    offset = offset.div_ceil(size) * size;
+                    let p = Param { offset, size };
+                    offset += size;
+                    p
+                })
+                .collect();
+            FunctionInfo { name: (*name).to_string(), params, max_threads_per_block: 1024 }
+        })
+        .collect()
+}
+
+/// Device memory as the reference kernels see it.
+pub trait Memory {
+    fn load(&self, addr: u64, out: &mut [u8]) -> DeviceResult<()>;
+    fn store(&mut self, addr: u64, data: &[u8]) -> DeviceResult<()>;
+}
+
+fn load_f32s(mem: &dyn Memory, addr: u64, n: usize) -> DeviceResult<Vec<f32>> {
+    let mut bytes = vec![0u8; n * 4];
+    mem.load(addr, &mut bytes)?;
+    Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+fn store_f32s(mem: &mut dyn Memory, addr: u64, v: &[f32]) -> DeviceResult<()> {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    mem.store(addr, &bytes)
+}
+
+struct Args<'a> {
+    params: &'a [u8],
+    layout: &'a [Param],
+}
+
+impl Args<'_> {
+    fn raw(&self, i: usize) -> &[u8] {
+        let p = self.layout[i];
+        &self.params[p.offset as usize..(p.offset + p.size) as usize]
+    }
+    fn u64(&self, i: usize) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(self.raw(i));
+        u64::from_le_bytes(b)
+    }
+    fn u32(&self, i: usize) -> u32 {
+        let mut b = [0u8; 4];
+        b.copy_from_slice(self.raw(i));
+        u32::from_le_bytes(b)
+    }
+    fn f32(&self, i: usize) -> f32 {
+        f32::from_bits(self.u32(i))
+    }
+}
+
+fn threads(dims: &LaunchDims, axis: usize) -> u64 {
+    u64::from(dims.grid[axis]) * u64::from(dims.block[axis])
+}
+
+/// Runs built-in function `index` on `mem`. The parameter buffer has been
+/// checked against the layout by the caller.
+pub fn run(index: usize, dims: LaunchDims, params: &[u8], mem: &mut dyn Memory) -> DeviceResult<()> {
+    let layout = functions();
+    let f = layout
+        .get(index)
+        .ok_or_else(|| CallError::invalid_handle(format!("built-in function {index} does not exist")))?;
+    if params.len() < f.params_size() as usize {
+        return Err(CallError::invalid_value("parameter buffer shorter than the layout"));
+    }
+    let args = Args { params, layout: &f.params };
+    match f.name.as_str() {
+        "empty" => Ok(()),
+        "vector_add" => {
+            let n = (args.u32(3) as u64).min(threads(&dims, 0)) as usize;
+            let a = load_f32s(mem, args.u64(0), n)?;
+            let b = load_f32s(mem, args.u64(1), n)?;
+            let c: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+            store_f32s(mem, args.u64(2), &c)
+        }
+        "saxpy" => {
+            let n = (args.u32(3) as u64).min(threads(&dims, 0)) as usize;
+            let alpha = args.f32(0);
+            let x = load_f32s(mem, args.u64(1), n)?;
+            let mut y = load_f32s(mem, args.u64(2), n)?;
+            for (yi, xi) in y.iter_mut().zip(&x) {
+                *yi = alpha * xi + *yi;
+            }
+            store_f32s(mem, args.u64(2), &y)
+        }
+        "matmul_f32" => {
+            let (m, n, k) = (args.u32(3) as usize, args.u32(4) as usize, args.u32(5) as usize);
+            let rows = m.min(threads(&dims, 1) as usize);
+            let cols = n.min(threads(&dims, 0) as usize);
+            let a = load_f32s(mem, args.u64(0), m * k)?;
+            let b = load_f32s(mem, args.u64(1), k * n)?;
+            // Rows and columns outside the launched grid stay as they were.
+            let mut c = load_f32s(mem, args.u64(2), m * n)?;
+            for r in 0..rows {
+                for col in 0..cols {
+                    let mut acc = 0.0f32;
+                    for i in 0..k {
+                        acc += a[r * k + i] * b[i * n + col];
+                    }
+                    c[r * n + col] = acc;
+                }
+            }
+            store_f32s(mem, args.u64(2), &c)
+        }
+        other => Err(CallError::new(cuda::NOT_FOUND, format!("no reference for built-in {other}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_follow_natural_alignment() {
+        let f = functions();
+        let saxpy = f.iter().find(|f| f.name == "saxpy").expect("saxpy");
+        assert_eq!(saxpy.params, vec![
+            Param { offset: 0, size: 4 },
+            Param { offset: 8, size: 8 },
+            Param { offset: 16, size: 8 },
+            Param { offset: 24, size: 4 },
+        ]);
+        assert_eq!(saxpy.params_size(), 28);
+        let mm = f.iter().find(|f| f.name == "matmul_f32").expect("matmul");
+        assert_eq!(mm.params_size(), 36);
+    }
+
+    #[test]
+    fn source_defines_every_kernel() {
+        for (name, _) in KERNELS {
+            assert!(SOURCE.contains(&format!("void {name}(")), "{name} missing from builtin.cu");
+        }
+    }
+}

@@ -1,0 +1,44 @@
+use gpupool_proto::cuda::{self, CuResult};
+
+/// A failed call: a `CUresult` and what went wrong. This is what travels back
+/// to the client, so the code is kept exactly as the driver gave it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} ({code}): {message}", cuda::name(*code))]
+pub struct CallError {
+    /// The raw `CUresult`.
+    pub code: CuResult,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+impl CallError {
+    pub fn new(code: CuResult, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+    pub fn invalid_value(message: impl Into<String>) -> Self {
+        Self::new(cuda::INVALID_VALUE, message)
+    }
+    pub fn invalid_handle(message: impl Into<String>) -> Self {
+        Self::new(cuda::INVALID_HANDLE, message)
+    }
+    pub fn out_of_memory(message: impl Into<String>) -> Self {
+        Self::new(cuda::OUT_OF_MEMORY, message)
+    }
+}
+
+/// Errors that stop a server from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A configuration value is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The TLS certificate or key could not be loaded or generated.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    /// The UDP socket could not be bound.
+    #[error("cannot bind {addr}: {source}")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    /// The device could not be opened.
+    #[error("device unavailable: {0}")]
+    Device(CallError),
+}

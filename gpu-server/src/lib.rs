@@ -1,0 +1,32 @@
+//! gpupool GPU server.
+//!
+//! Runs on each GPU host. A QUIC endpoint accepts sessions (one connection
+//! each) that present a valid token; each session gets a reserved device
+//! address range, a memory quota and its own handle tables, and its call
+//! batches execute in order on a worker thread bound to the device's warm
+//! context. Layers, from the wire inwards:
+//! - [`server`]: endpoint, handshake, command and bulk streams (I/O only);
+//! - [`session`]: per-session tables and call execution (no I/O);
+//! - [`staging`], [`images`]: staged bulk copies and the module image cache;
+//! - [`device`]: the [`device::Backend`] trait with the CUDA (cudarc) and
+//!   emulated implementations.
+#![deny(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod device;
+mod error;
+pub mod images;
+pub mod server;
+pub mod session;
+pub mod staging;
+pub mod tls;
+
+pub use config::{DeviceChoice, ServerConfig};
+pub use error::{CallError, ServerError};
+pub use server::{Metrics, MetricsSnapshot, Server};
+
+/// Binds a server for `config` and runs it until `shutdown` completes.
+pub async fn run(config: ServerConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), ServerError> {
+    Server::bind(config)?.run(shutdown).await
+}

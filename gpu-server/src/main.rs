@@ -1,0 +1,85 @@
+//! `gpupool-server`: parses flags and environment, then runs the server
+//! until SIGINT or SIGTERM.
+
+use anyhow::Context;
+use clap::Parser;
+use gpupool_server::tls::TlsSource;
+use gpupool_server::{DeviceChoice, Server, ServerConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "gpupool GPU server: serves CUDA calls from remote clients over QUIC")]
+struct Args {
+    /// UDP address to listen on.
+    #[arg(long, env = "GPUPOOL_LISTEN", default_value = "0.0.0.0:4433")]
+    listen: SocketAddr,
+    /// Device: `auto` (GPU 0 if present, else emulated), `cuda:N`, or `emulated`.
+    #[arg(long, env = "GPUPOOL_DEVICE", default_value = "auto")]
+    device: String,
+    /// Session tokens accepted, comma-separated.
+    #[arg(long, env = "GPUPOOL_TOKENS", value_delimiter = ',', required = true)]
+    tokens: Vec<String>,
+    /// PEM certificate chain (a self-signed one is generated when absent).
+    #[arg(long, env = "GPUPOOL_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// PEM private key of the certificate.
+    #[arg(long, env = "GPUPOOL_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Device memory quota of each session, in MiB.
+    #[arg(long, env = "GPUPOOL_SESSION_MEMORY_MIB", default_value_t = 4096)]
+    session_memory_mib: u64,
+    /// Most sessions at once.
+    #[arg(long, env = "GPUPOOL_MAX_SESSIONS", default_value_t = 64)]
+    max_sessions: usize,
+    /// Directory for the module image cache.
+    #[arg(long, env = "GPUPOOL_IMAGE_CACHE")]
+    image_cache: Option<PathBuf>,
+}
+
+fn device_choice(s: &str) -> anyhow::Result<DeviceChoice> {
+    Ok(match s {
+        "auto" => DeviceChoice::Auto,
+        "emulated" => DeviceChoice::Emulated { memory: 16 << 30 },
+        other => match other.strip_prefix("cuda:") {
+            Some(n) => DeviceChoice::Cuda { ordinal: n.parse().context("device ordinal after cuda:")? },
+            None => anyhow::bail!("unknown device {other:?}: use auto, cuda:N or emulated"),
+        },
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let mut config = ServerConfig::new(args.listen, args.tokens);
+    config.device = device_choice(&args.device)?;
+    config.memory_quota = args.session_memory_mib << 20;
+    config.max_sessions = args.max_sessions;
+    config.image_cache_dir = args.image_cache;
+    if let (Some(cert), Some(key)) = (args.cert, args.key) {
+        config.tls = TlsSource::Files { cert, key };
+    }
+    let server = Server::bind(config)?;
+    tracing::info!(addr = %server.local_addr(), backend = server.backend(), "listening");
+    println!("gpupool-server listening on {} (certificate SHA-256 {})", server.local_addr(), server.fingerprint());
+    server.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}

@@ -1,0 +1,560 @@
+//! The QUIC side of a gpu-server: endpoint, handshake, and the command and
+//! bulk streams of each session. Call execution lives in [`crate::session`]
+//! on one worker thread per session; this module only moves frames.
+
+use crate::auth::{Authenticator, StaticTokens};
+use crate::config::{DeviceChoice, ServerConfig};
+use crate::device::cuda::CudaDevice;
+use crate::device::emulated::EmulatedDevice;
+use crate::device::{Backend, DeviceDescription};
+use crate::error::{CallError, ServerError};
+use crate::images::ImageCache;
+use crate::session::{SessionLimits, SessionState};
+use crate::staging::Staging;
+use crate::tls::Identity;
+use bytes::Bytes;
+use gpupool_proto::payload::{self, Compression};
+use gpupool_proto::{PROTOCOL_VERSION, close_code, cuda, frame, v1};
+use prost::Message;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::task::JoinSet;
+
+/// Largest `Hello` accepted.
+const MAX_HELLO_BYTES: usize = 64 << 10;
+/// Errors listed per reply; more are only counted.
+const MAX_LISTED_ERRORS: usize = 16;
+
+/// Server-wide counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub sessions_opened: AtomicU64,
+    pub sessions_refused: AtomicU64,
+    pub sessions_active: AtomicU64,
+    /// Batches received (one per client flush).
+    pub batches: AtomicU64,
+    pub calls: AtomicU64,
+    pub call_errors: AtomicU64,
+    /// Frames that could not be decoded.
+    pub frames_rejected: AtomicU64,
+    pub bulk_bytes_in: AtomicU64,
+    pub bulk_bytes_out: AtomicU64,
+}
+
+/// A copy of [`Metrics`] at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    pub sessions_opened: u64,
+    pub sessions_refused: u64,
+    pub sessions_active: u64,
+    pub batches: u64,
+    pub calls: u64,
+    pub call_errors: u64,
+    pub frames_rejected: u64,
+    pub bulk_bytes_in: u64,
+    pub bulk_bytes_out: u64,
+}
+
+impl Metrics {
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            sessions_opened: g(&self.sessions_opened),
+            sessions_refused: g(&self.sessions_refused),
+            sessions_active: g(&self.sessions_active),
+            batches: g(&self.batches),
+            calls: g(&self.calls),
+            call_errors: g(&self.call_errors),
+            frames_rejected: g(&self.frames_rejected),
+            bulk_bytes_in: g(&self.bulk_bytes_in),
+            bulk_bytes_out: g(&self.bulk_bytes_out),
+        }
+    }
+}
+
+fn add(a: &AtomicU64, n: u64) {
+    a.fetch_add(n, Ordering::Relaxed);
+}
+
+/// The device a server drives, chosen at start.
+#[derive(Debug, Clone)]
+enum AnyDevice {
+    Cuda(Arc<CudaDevice>),
+    Emulated(Arc<EmulatedDevice>),
+}
+
+impl AnyDevice {
+    fn open(choice: DeviceChoice) -> Result<Self, ServerError> {
+        match choice {
+            DeviceChoice::Cuda { ordinal } => {
+                Ok(Self::Cuda(Arc::new(CudaDevice::open(ordinal).map_err(ServerError::Device)?)))
+            }
+            DeviceChoice::Emulated { memory } => Ok(Self::Emulated(Arc::new(EmulatedDevice::new(memory)))),
+            DeviceChoice::Auto => match CudaDevice::open(0) {
+                Ok(d) => Ok(Self::Cuda(Arc::new(d))),
+                Err(e) => {
+                    tracing::warn!(reason = %e, "no usable GPU; using the emulated device");
+                    Ok(Self::Emulated(Arc::new(EmulatedDevice::new(16 << 30))))
+                }
+            },
+        }
+    }
+
+    fn description(&self) -> &DeviceDescription {
+        match self {
+            Self::Cuda(d) => d.description(),
+            Self::Emulated(d) => d.description(),
+        }
+    }
+}
+
+/// What every connection task shares.
+#[derive(Debug)]
+struct Shared {
+    config: ServerConfig,
+    auth: Arc<dyn Authenticator>,
+    metrics: Arc<Metrics>,
+    images: Arc<ImageCache>,
+    sessions: Arc<Semaphore>,
+    next_session: AtomicU64,
+}
+
+/// A bound, not yet running, gpu-server.
+#[derive(Debug)]
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    device: AnyDevice,
+    fingerprint: String,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Validates `config`, opens the device (its warm context) and binds the
+    /// QUIC endpoint. Must be called inside a tokio runtime.
+    pub fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        let auth = Arc::new(StaticTokens::new(config.tokens.clone()));
+        Self::bind_with_auth(config, auth)
+    }
+
+    /// Like [`Server::bind`] with a custom authenticator.
+    pub fn bind_with_auth(config: ServerConfig, auth: Arc<dyn Authenticator>) -> Result<Self, ServerError> {
+        config.validate()?;
+        let identity = Identity::load(&config.tls)?;
+        let tls = identity.server_config()?;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| ServerError::Tls(format!("TLS configuration unusable for QUIC: {e}")))?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server_config.transport_config(Arc::new(transport_config(&config)?));
+        let device = AnyDevice::open(config.device)?;
+        let d = device.description();
+        tracing::info!(device = %d.name, backend = d.backend, memory = d.total_memory, "device ready");
+        let endpoint = quinn::Endpoint::server(server_config, config.listen)
+            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        let shared = Arc::new(Shared {
+            images: Arc::new(ImageCache::new(config.image_cache_dir.clone(), config.image_cache_bytes)),
+            sessions: Arc::new(Semaphore::new(config.max_sessions)),
+            config,
+            auth,
+            metrics: Arc::default(),
+            next_session: AtomicU64::new(1),
+        });
+        Ok(Self { endpoint, device, fingerprint: identity.fingerprint(), shared })
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint.local_addr().unwrap_or(self.shared.config.listen)
+    }
+
+    /// Hex SHA-256 of the server certificate, for clients to pin.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The server's counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// `"cuda"` or `"emulated"`.
+    pub fn backend(&self) -> &'static str {
+        self.device.description().backend
+    }
+
+    /// Serves until `shutdown` completes, then closes every session and
+    /// waits up to the grace period for them to end.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let mut tasks = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let shared = self.shared.clone();
+                    match &self.device {
+                        AnyDevice::Cuda(d) => tasks.spawn(handle_connection(shared, d.clone(), incoming)),
+                        AnyDevice::Emulated(d) => tasks.spawn(handle_connection(shared, d.clone(), incoming)),
+                    };
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        tracing::info!("shutting down");
+        self.endpoint.close(close_code::SHUTDOWN.into(), b"server shutting down");
+        let grace = self.shared.config.shutdown_grace;
+        let drained = tokio::time::timeout(grace, async {
+            while tasks.join_next().await.is_some() {}
+            self.endpoint.wait_idle().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("sessions still open after the grace period; aborting them");
+            tasks.abort_all();
+        }
+        Ok(())
+    }
+}
+
+fn transport_config(config: &ServerConfig) -> Result<quinn::TransportConfig, ServerError> {
+    let mut t = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(config.idle_timeout)
+        .map_err(|e| ServerError::Config(format!("idle_timeout: {e}")))?;
+    t.max_idle_timeout(Some(idle));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(config.max_bulk_streams as u32 + 1));
+    t.max_concurrent_uni_streams(0u8.into());
+    t.stream_receive_window(quinn::VarInt::from_u32(32 << 20));
+    t.receive_window(quinn::VarInt::from_u32(256 << 20));
+    t.send_window(256 << 20);
+    Ok(t)
+}
+
+/// Reads one frame body; `Ok(None)` on a clean end of stream.
+async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Option<Bytes>, FrameReadError> {
+    let mut header = [0u8; frame::HEADER_LEN];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(n)) => {
+            return Err(FrameReadError::Frame(frame::FrameError::Truncated { have: n, want: frame::HEADER_LEN }));
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(FrameReadError::Stream(e.to_string())),
+    }
+    let len = frame::decode_header(header, max).map_err(FrameReadError::Frame)?;
+    let mut body = vec![0u8; len];
+    match recv.read_exact(&mut body).await {
+        Ok(()) => Ok(Some(Bytes::from(body))),
+        Err(quinn::ReadExactError::FinishedEarly(n)) => {
+            Err(FrameReadError::Frame(frame::FrameError::Truncated { have: frame::HEADER_LEN + n, want: frame::HEADER_LEN + len }))
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => Err(FrameReadError::Stream(e.to_string())),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum FrameReadError {
+    #[error(transparent)]
+    Frame(frame::FrameError),
+    #[error("stream error: {0}")]
+    Stream(String),
+}
+
+fn refuse(shared: &Shared, conn: &quinn::Connection, code: u32, reason: &str) {
+    add(&shared.metrics.sessions_refused, 1);
+    tracing::info!(remote = %conn.remote_address(), code, reason, "session refused");
+    conn.close(code.into(), reason.as_bytes());
+}
+
+/// Runs one connection: handshake, then the session until either side ends it.
+async fn handle_connection<B: Backend>(shared: Arc<Shared>, device: Arc<B>, incoming: quinn::Incoming) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "connection failed during the QUIC handshake");
+            return;
+        }
+    };
+    let hs = tokio::time::timeout(shared.config.handshake_timeout, async {
+        let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let body = read_frame(&mut recv, MAX_HELLO_BYTES).await.map_err(|e| e.to_string())?;
+        let body = body.ok_or_else(|| "command stream ended before Hello".to_string())?;
+        let hello = v1::Hello::decode(body).map_err(|e| format!("undecodable Hello: {e}"))?;
+        Ok::<_, String>((send, recv, hello))
+    })
+    .await;
+    let (send, recv, hello) = match hs {
+        Ok(Ok(v)) => v,
+        Ok(Err(reason)) => return refuse(&shared, &conn, close_code::BAD_HANDSHAKE, &reason),
+        Err(_) => return refuse(&shared, &conn, close_code::BAD_HANDSHAKE, "no Hello within the handshake timeout"),
+    };
+    if hello.protocol_version != PROTOCOL_VERSION {
+        let reason = format!(
+            "protocol version mismatch: server speaks {PROTOCOL_VERSION}, client {} sent {}",
+            hello.client_build, hello.protocol_version
+        );
+        return refuse(&shared, &conn, close_code::VERSION_MISMATCH, &reason);
+    }
+    let grant = match shared.auth.authenticate(&hello.token) {
+        Ok(g) => g,
+        Err(e) => return refuse(&shared, &conn, close_code::UNAUTHORIZED, &e.to_string()),
+    };
+    let Ok(permit) = shared.sessions.clone().try_acquire_owned() else {
+        let reason = format!("server is at its limit of {} sessions", shared.config.max_sessions);
+        return refuse(&shared, &conn, close_code::BUSY, &reason);
+    };
+    let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("session", id, remote = %conn.remote_address());
+    let _enter = span.enter();
+    tracing::info!(client = %hello.client_build, subject = %grant.subject, "session opened");
+    add(&shared.metrics.sessions_opened, 1);
+    add(&shared.metrics.sessions_active, 1);
+    let quota = grant.memory_quota.unwrap_or(shared.config.memory_quota).min(shared.config.memory_quota);
+    run_session(&shared, device, &conn, id, quota, send, recv).await;
+    shared.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);
+    drop(permit);
+    tracing::info!("session ended");
+}
+
+/// Work for a session's worker thread, in command-stream order.
+enum Work {
+    Batch(v1::Batch),
+    /// A reply the reader made itself (a rejected frame), kept in order.
+    Reply(v1::BatchReply),
+}
+
+fn frame_error_reply(message: String) -> v1::BatchReply {
+    v1::BatchReply {
+        seq: 0,
+        errors: vec![v1::CallError { index: 0, code: cuda::INVALID_VALUE, message }],
+        error_count: 1,
+        result: None,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_session<B: Backend>(
+    shared: &Arc<Shared>,
+    device: Arc<B>,
+    conn: &quinn::Connection,
+    id: u64,
+    quota: u64,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let cfg = &shared.config;
+    let desc = device.description().clone();
+    let g = desc.granularity;
+    let quota = quota.div_ceil(g) * g;
+    // Room for fragmentation: twice the quota, at least 64 MiB.
+    let va_size = (quota * 2).max(64 << 20).div_ceil(g) * g;
+    let limits = SessionLimits {
+        memory_quota: quota,
+        va_size,
+        granularity: g,
+        max_inline_bytes: u64::from(cfg.max_inline_bytes),
+        max_image_bytes: u64::from(cfg.max_frame_bytes),
+        max_handles: cfg.max_handles,
+        max_listed_errors: MAX_LISTED_ERRORS,
+        compression: if cfg.compression { Compression::Auto } else { Compression::Off },
+    };
+    let staging = Arc::new(Staging::new(cfg.max_staging_bytes, cfg.max_bulk_streams * 4));
+    let (work_tx, work_rx) = mpsc::channel::<Work>(cfg.batch_queue);
+    let (reply_tx, mut reply_rx) = mpsc::channel::<v1::BatchReply>(cfg.batch_queue);
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let worker = {
+        let staging = staging.clone();
+        let images = shared.images.clone();
+        let metrics = shared.metrics.clone();
+        std::thread::Builder::new().name(format!("gpupool-session-{id}")).spawn(move || {
+            worker(device, limits, staging, images, metrics, work_rx, reply_tx, ready_tx);
+        })
+    };
+    if let Err(e) = worker {
+        tracing::error!(error = %e, "cannot start a session worker thread");
+        conn.close(close_code::BUSY.into(), b"server cannot start a session worker");
+        return;
+    }
+    let va_base = match ready_rx.await {
+        Ok(Ok(base)) => base,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot open a device session");
+            conn.close(close_code::BUSY.into(), format!("device session failed: {e}").as_bytes());
+            return;
+        }
+        Err(_) => {
+            conn.close(close_code::BUSY.into(), b"session worker ended early");
+            return;
+        }
+    };
+    let welcome = v1::Welcome {
+        session_id: id,
+        server_build: concat!("gpupool-server ", env!("CARGO_PKG_VERSION")).into(),
+        va_base,
+        va_size,
+        granularity: g,
+        memory_quota: quota,
+        device: Some(v1::DeviceInfo {
+            name: desc.name.clone(),
+            backend: desc.backend.into(),
+            uuid: desc.uuid.clone(),
+            compute_capability_major: desc.compute_capability.0,
+            compute_capability_minor: desc.compute_capability.1,
+            multiprocessor_count: desc.multiprocessor_count,
+            attributes: desc.attributes.iter().copied().collect(),
+            driver_version: desc.driver_version,
+        }),
+        max_frame_bytes: cfg.max_frame_bytes,
+        max_inline_bytes: cfg.max_inline_bytes,
+    };
+    if send.write_all(&frame::encode(&welcome)).await.is_err() {
+        return;
+    }
+
+    // Replies go out in order as the worker produces them.
+    let writer = tokio::spawn(async move {
+        while let Some(reply) = reply_rx.recv().await {
+            if send.write_all(&frame::encode(&reply)).await.is_err() {
+                break;
+            }
+        }
+        let _ = send.finish();
+    });
+
+    let bulk = tokio::spawn(accept_bulk(conn.clone(), shared.clone(), staging));
+
+    let max_frame = cfg.max_frame_bytes as usize;
+    loop {
+        let item = match read_frame(&mut recv, max_frame).await {
+            Ok(Some(body)) => match v1::Batch::decode(body) {
+                Ok(batch) => {
+                    add(&shared.metrics.batches, 1);
+                    add(&shared.metrics.calls, batch.calls.len() as u64);
+                    Work::Batch(batch)
+                }
+                Err(e) => {
+                    add(&shared.metrics.frames_rejected, 1);
+                    Work::Reply(frame_error_reply(format!("malformed frame: not a Batch: {e}")))
+                }
+            },
+            Ok(None) => break,
+            Err(FrameReadError::Frame(e)) => {
+                // Framing is lost: answer, then end the session.
+                add(&shared.metrics.frames_rejected, 1);
+                let _ = work_tx.send(Work::Reply(frame_error_reply(format!("malformed frame: {e}")))).await;
+                drop(work_tx);
+                let _ = writer.await;
+                conn.close(close_code::PROTOCOL_VIOLATION.into(), format!("malformed frame: {e}").as_bytes());
+                bulk.abort();
+                return;
+            }
+            Err(FrameReadError::Stream(e)) => {
+                tracing::debug!(error = %e, "command stream ended");
+                break;
+            }
+        };
+        if work_tx.send(item).await.is_err() {
+            break;
+        }
+    }
+    drop(work_tx);
+    let _ = writer.await;
+    bulk.abort();
+    conn.close(close_code::NORMAL.into(), b"session ended");
+}
+
+#[allow(clippy::too_many_arguments)]
+fn worker<B: Backend>(
+    device: Arc<B>,
+    limits: SessionLimits,
+    staging: Arc<Staging>,
+    images: Arc<ImageCache>,
+    metrics: Arc<Metrics>,
+    mut work: mpsc::Receiver<Work>,
+    replies: mpsc::Sender<v1::BatchReply>,
+    ready: oneshot::Sender<Result<u64, CallError>>,
+) {
+    let dev = match device.open_session(limits.va_size) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let mut state = SessionState::new(dev, limits, staging, images);
+    if ready.send(Ok(state.va_base())).is_err() {
+        return;
+    }
+    while let Some(item) = work.blocking_recv() {
+        let reply = match item {
+            Work::Batch(batch) => {
+                let reply = state.execute_batch(batch);
+                add(&metrics.call_errors, u64::from(reply.error_count));
+                reply
+            }
+            Work::Reply(reply) => reply,
+        };
+        if replies.blocking_send(reply).is_err() {
+            break;
+        }
+    }
+}
+
+/// Serves the session's bulk streams, a bounded number at a time.
+async fn accept_bulk(conn: quinn::Connection, shared: Arc<Shared>, staging: Arc<Staging>) {
+    let limit = Arc::new(Semaphore::new(shared.config.max_bulk_streams));
+    let mut tasks = JoinSet::new();
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let Ok(permit) = limit.clone().acquire_owned().await else { break };
+        let (shared, staging) = (shared.clone(), staging.clone());
+        tasks.spawn(async move {
+            bulk_stream(&shared, &staging, send, recv).await;
+            drop(permit);
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+}
+
+async fn bulk_stream(shared: &Shared, staging: &Staging, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let max = shared.config.max_frame_bytes as usize;
+    let response = match read_frame(&mut recv, max).await {
+        Ok(Some(body)) => match v1::BulkRequest::decode(body) {
+            Ok(req) => serve_bulk(shared, staging, req),
+            Err(e) => Err(CallError::invalid_value(format!("malformed bulk request: {e}"))),
+        },
+        Ok(None) => Err(CallError::invalid_value("bulk stream ended before its request")),
+        Err(e) => Err(CallError::invalid_value(format!("malformed bulk request: {e}"))),
+    };
+    let response = response.unwrap_or_else(|e| {
+        add(&shared.metrics.frames_rejected, 1);
+        v1::BulkResponse { error: Some(v1::CallError { index: 0, code: e.code, message: e.message }), data: None }
+    });
+    if send.write_all(&frame::encode(&response)).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+fn serve_bulk(shared: &Shared, staging: &Staging, req: v1::BulkRequest) -> Result<v1::BulkResponse, CallError> {
+    let max = u64::from(shared.config.max_frame_bytes);
+    match req.op {
+        Some(v1::bulk_request::Op::Put(p)) => {
+            let data = p.data.ok_or_else(|| CallError::invalid_value("bulk put without data"))?;
+            let bytes = payload::decode(data, max).map_err(|e| CallError::invalid_value(e.to_string()))?;
+            staging.put(p.transfer_id, p.total_size, p.offset, &bytes)?;
+            add(&shared.metrics.bulk_bytes_in, bytes.len() as u64);
+            Ok(v1::BulkResponse::default())
+        }
+        Some(v1::bulk_request::Op::Get(g)) => {
+            if g.size > max / 2 {
+                return Err(CallError::invalid_value(format!("bulk get of {} bytes exceeds the chunk limit", g.size)));
+            }
+            let bytes = staging.get(g.transfer_id, g.offset, g.size)?;
+            add(&shared.metrics.bulk_bytes_out, bytes.len() as u64);
+            let mode = if shared.config.compression { Compression::Auto } else { Compression::Off };
+            Ok(v1::BulkResponse { error: None, data: Some(payload::encode(bytes, mode)) })
+        }
+        None => Err(CallError::invalid_value("bulk request without an operation")),
+    }
+}

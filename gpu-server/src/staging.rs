@@ -1,0 +1,217 @@
+//! Staging buffers for copies too large to travel inline in a batch.
+//!
+//! Uploads arrive as chunks on parallel bulk streams and are consumed by a
+//! `MemcpyHtoD` on the command stream; downloads are filled by a `MemcpyDtoH`
+//! and drained by chunk requests. The table is shared between the session's
+//! worker and its bulk-stream tasks; every byte it holds counts against one
+//! per-session bound, checked before anything is allocated.
+
+use crate::error::CallError;
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+/// One session's staged transfers.
+#[derive(Debug)]
+pub struct Staging {
+    limit: u64,
+    max_transfers: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    uploads: HashMap<u64, Upload>,
+    downloads: HashMap<u64, Download>,
+    bytes: u64,
+    next_download: u64,
+}
+
+#[derive(Debug)]
+struct Upload {
+    data: Vec<u8>,
+    /// Received chunks: offset -> length, never overlapping.
+    chunks: BTreeMap<u64, u64>,
+    received: u64,
+}
+
+#[derive(Debug)]
+struct Download {
+    data: Bytes,
+    fetched: u64,
+}
+
+impl Staging {
+    /// A table holding at most `limit` bytes in at most `max_transfers` transfers.
+    pub fn new(limit: u64, max_transfers: usize) -> Self {
+        Self { limit, max_transfers, inner: Mutex::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind; keep going.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores one chunk of upload `id`, whose total size is `total`.
+    pub fn put(&self, id: u64, total: u64, offset: u64, chunk: &[u8]) -> Result<(), CallError> {
+        let len = chunk.len() as u64;
+        let end = offset.checked_add(len).filter(|&e| e <= total).ok_or_else(|| {
+            CallError::invalid_value(format!("chunk [{offset}, +{len}) lies outside transfer of {total} bytes"))
+        })?;
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        if !inner.uploads.contains_key(&id) {
+            if inner.uploads.len() + inner.downloads.len() >= self.max_transfers {
+                return Err(CallError::out_of_memory("too many staged transfers in flight"));
+            }
+            if inner.bytes.saturating_add(total) > self.limit {
+                return Err(CallError::out_of_memory(format!(
+                    "staging {total} bytes would exceed the session's staging limit of {} bytes",
+                    self.limit
+                )));
+            }
+            let mut data = Vec::new();
+            data.try_reserve_exact(total as usize)
+                .map_err(|_| CallError::out_of_memory("cannot allocate staging memory"))?;
+            data.resize(total as usize, 0);
+            inner.bytes += total;
+            inner.uploads.insert(id, Upload { data, chunks: BTreeMap::new(), received: 0 });
+        }
+        let up = inner.uploads.get_mut(&id).ok_or_else(|| CallError::invalid_handle("upload vanished"))?;
+        if up.data.len() as u64 != total {
+            return Err(CallError::invalid_value(format!(
+                "transfer {id} was started with {} bytes, not {total}",
+                up.data.len()
+            )));
+        }
+        let overlaps_prev = up.chunks.range(..=offset).next_back().is_some_and(|(&o, &l)| o + l > offset);
+        let overlaps_next = up.chunks.range(offset..).next().is_some_and(|(&o, _)| o < end);
+        if len > 0 && (overlaps_prev || overlaps_next) {
+            return Err(CallError::invalid_value(format!("chunk at {offset} overlaps one already received")));
+        }
+        up.data[offset as usize..end as usize].copy_from_slice(chunk);
+        up.chunks.insert(offset, len);
+        up.received += len;
+        Ok(())
+    }
+
+    /// Takes complete upload `id` of `size` bytes.
+    pub fn take_upload(&self, id: u64, size: u64) -> Result<Vec<u8>, CallError> {
+        let mut inner = self.lock();
+        let up = inner
+            .uploads
+            .get(&id)
+            .ok_or_else(|| CallError::invalid_handle(format!("no staged upload {id}")))?;
+        if up.data.len() as u64 != size {
+            return Err(CallError::invalid_value(format!(
+                "staged upload {id} holds {} bytes, the copy names {size}",
+                up.data.len()
+            )));
+        }
+        if up.received != size {
+            return Err(CallError::invalid_value(format!(
+                "staged upload {id} is incomplete: {} of {size} bytes",
+                up.received
+            )));
+        }
+        let up = inner.uploads.remove(&id).ok_or_else(|| CallError::invalid_handle("upload vanished"))?;
+        inner.bytes -= size;
+        Ok(up.data)
+    }
+
+    /// Reserves room for a download of `size` bytes before it is read.
+    pub fn check_room(&self, size: u64) -> Result<(), CallError> {
+        let inner = self.lock();
+        if inner.uploads.len() + inner.downloads.len() >= self.max_transfers {
+            return Err(CallError::out_of_memory("too many staged transfers in flight"));
+        }
+        if inner.bytes.saturating_add(size) > self.limit {
+            return Err(CallError::out_of_memory(format!(
+                "staging {size} bytes would exceed the session's staging limit of {} bytes",
+                self.limit
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stages a download and returns its id.
+    pub fn add_download(&self, data: Bytes) -> u64 {
+        let mut inner = self.lock();
+        inner.next_download += 1;
+        let id = inner.next_download;
+        inner.bytes += data.len() as u64;
+        inner.downloads.insert(id, Download { data, fetched: 0 });
+        id
+    }
+
+    /// Bytes `[offset, offset + size)` of download `id`; the download is freed
+    /// once every byte has been fetched.
+    pub fn get(&self, id: u64, offset: u64, size: u64) -> Result<Bytes, CallError> {
+        let mut inner = self.lock();
+        let down = inner
+            .downloads
+            .get_mut(&id)
+            .ok_or_else(|| CallError::invalid_handle(format!("no staged download {id}")))?;
+        let total = down.data.len() as u64;
+        let end = offset
+            .checked_add(size)
+            .filter(|&e| e <= total)
+            .ok_or_else(|| CallError::invalid_value(format!("range [{offset}, +{size}) outside download of {total} bytes")))?;
+        let out = down.data.slice(offset as usize..end as usize);
+        down.fetched += size;
+        if down.fetched >= total {
+            inner.downloads.remove(&id);
+            inner.bytes -= total;
+        }
+        Ok(out)
+    }
+
+    /// Bytes currently held.
+    pub fn bytes(&self) -> u64 {
+        self.lock().bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpupool_proto::cuda;
+
+    #[test]
+    fn upload_in_chunks_any_order() {
+        let s = Staging::new(1 << 20, 8);
+        s.put(1, 10, 5, b"world").expect("chunk");
+        assert_eq!(s.take_upload(1, 10).expect_err("incomplete").code, cuda::INVALID_VALUE);
+        s.put(1, 10, 0, b"hello").expect("chunk");
+        assert_eq!(s.take_upload(1, 10).expect("complete"), b"helloworld");
+        assert_eq!(s.bytes(), 0);
+    }
+
+    #[test]
+    fn overlap_and_bounds_refused() {
+        let s = Staging::new(1 << 20, 8);
+        s.put(1, 10, 0, b"hello").expect("chunk");
+        assert!(s.put(1, 10, 4, b"xx").is_err());
+        assert!(s.put(1, 10, 8, b"xyz").is_err());
+        assert!(s.put(1, 12, 5, b"a").is_err(), "total changed");
+        assert!(s.put(2, u64::MAX, u64::MAX, b"a").is_err());
+    }
+
+    #[test]
+    fn limit_checked_before_allocation() {
+        let s = Staging::new(100, 8);
+        assert_eq!(s.put(1, 1 << 40, 0, b"a").expect_err("too big").code, cuda::OUT_OF_MEMORY);
+        assert_eq!(s.bytes(), 0);
+    }
+
+    #[test]
+    fn download_freed_after_last_byte() {
+        let s = Staging::new(100, 8);
+        let id = s.add_download(Bytes::from_static(b"0123456789"));
+        assert_eq!(&s.get(id, 5, 5).expect("get")[..], b"56789");
+        assert_eq!(s.bytes(), 10);
+        assert_eq!(&s.get(id, 0, 5).expect("get")[..], b"01234");
+        assert_eq!(s.bytes(), 0);
+        assert!(s.get(id, 0, 1).is_err());
+    }
+}

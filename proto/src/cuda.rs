@@ -1,0 +1,46 @@
+//! `CUresult` values that gpupool servers send back. They are the CUDA
+//! driver's own numbers, so a code passes unchanged from the server's driver to
+//! the application.
+
+/// A raw `CUresult`.
+pub type CuResult = u32;
+
+pub const SUCCESS: CuResult = 0;
+pub const INVALID_VALUE: CuResult = 1;
+pub const OUT_OF_MEMORY: CuResult = 2;
+pub const NOT_INITIALIZED: CuResult = 3;
+pub const NO_DEVICE: CuResult = 100;
+pub const INVALID_IMAGE: CuResult = 200;
+pub const INVALID_CONTEXT: CuResult = 201;
+pub const FILE_NOT_FOUND: CuResult = 301;
+pub const INVALID_HANDLE: CuResult = 400;
+pub const NOT_FOUND: CuResult = 500;
+pub const NOT_READY: CuResult = 600;
+pub const ILLEGAL_ADDRESS: CuResult = 700;
+pub const LAUNCH_OUT_OF_RESOURCES: CuResult = 701;
+pub const NOT_PERMITTED: CuResult = 800;
+pub const NOT_SUPPORTED: CuResult = 801;
+pub const UNKNOWN: CuResult = 999;
+
+/// The name CUDA gives a code (`cuGetErrorName`), for the codes gpupool uses.
+pub fn name(code: CuResult) -> &'static str {
+    match code {
+        SUCCESS => "CUDA_SUCCESS",
+        INVALID_VALUE => "CUDA_ERROR_INVALID_VALUE",
+        OUT_OF_MEMORY => "CUDA_ERROR_OUT_OF_MEMORY",
+        NOT_INITIALIZED => "CUDA_ERROR_NOT_INITIALIZED",
+        NO_DEVICE => "CUDA_ERROR_NO_DEVICE",
+        INVALID_IMAGE => "CUDA_ERROR_INVALID_IMAGE",
+        INVALID_CONTEXT => "CUDA_ERROR_INVALID_CONTEXT",
+        FILE_NOT_FOUND => "CUDA_ERROR_FILE_NOT_FOUND",
+        INVALID_HANDLE => "CUDA_ERROR_INVALID_HANDLE",
+        NOT_FOUND => "CUDA_ERROR_NOT_FOUND",
+        NOT_READY => "CUDA_ERROR_NOT_READY",
+        ILLEGAL_ADDRESS => "CUDA_ERROR_ILLEGAL_ADDRESS",
+        LAUNCH_OUT_OF_RESOURCES => "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES",
+        NOT_PERMITTED => "CUDA_ERROR_NOT_PERMITTED",
+        NOT_SUPPORTED => "CUDA_ERROR_NOT_SUPPORTED",
+        UNKNOWN => "CUDA_ERROR_UNKNOWN",
+        _ => "CUDA_ERROR_(other)",
+    }
+}

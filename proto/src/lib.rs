@@ -1,0 +1,49 @@
+//! Wire format of gpupool's data plane.
+//!
+//! The messages are defined in `proto/gpupool/v1/*.proto` and compiled at
+//! build time with `protox` (no system `protoc`). This crate adds what both
+//! ends need and nothing that does I/O:
+//! - [`frame`]: length-prefixed frames and an incremental decoder;
+//! - [`payload`]: bulk bytes, lz4-compressed when that pays;
+//! - [`cuda`]: the `CUresult` codes that travel in replies.
+#![forbid(unsafe_code)]
+
+pub mod cuda;
+pub mod frame;
+pub mod payload;
+
+/// Generated prost types of package `gpupool.v1`.
+#[allow(missing_docs, unreachable_pub, missing_debug_implementations, clippy::all)]
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/gpupool.v1.rs"));
+}
+
+/// Version of the data-plane protocol; `Hello.protocol_version` must match.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// ALPN name of the data plane on QUIC.
+pub const ALPN: &[u8] = b"gpupool/1";
+
+/// QUIC application error codes used when a connection is closed.
+pub mod close_code {
+    /// Normal end of a session.
+    pub const NORMAL: u32 = 0;
+    /// `Hello.protocol_version` differs from the server's.
+    pub const VERSION_MISMATCH: u32 = 0x10;
+    /// Missing, wrong or expired token.
+    pub const UNAUTHORIZED: u32 = 0x11;
+    /// The server is at its session limit.
+    pub const BUSY: u32 = 0x12;
+    /// The first frame was not a valid `Hello`.
+    pub const BAD_HANDSHAKE: u32 = 0x13;
+    /// The server is shutting down.
+    pub const SHUTDOWN: u32 = 0x14;
+    /// The client violated the protocol after the handshake.
+    pub const PROTOCOL_VIOLATION: u32 = 0x15;
+}
+
+/// Image of the built-in module: every server loads it without an upload.
+/// Its kernels (CUDA C in `gpu-server/src/device/builtin.cu`, documented in
+/// `docs/builtin-kernels.md`) run natively on a GPU and by reference code on
+/// the emulated device.
+pub const BUILTIN_MODULE: &[u8] = b"gpupool-builtin-kernels/v1\n";
