@@ -1,0 +1,22 @@
+//! gpupool client core.
+//!
+//! A CPU-only process uses a remote GPU through a [`Session`]: one QUIC
+//! connection to a gpu-server. The API follows the CUDA driver API's
+//! semantics so the drop-in `libcuda.so.1` can sit on it as a thin layer:
+//! - [`batch`]: queueing, batching and reply matching, no I/O;
+//! - [`alloc`]: device addresses assigned locally from the session's range;
+//! - [`transport`]: the [`transport::Transport`] trait and QUIC implementation;
+//! - [`session`]: the API itself, with typed [`DeviceBuffer`]s.
+#![forbid(unsafe_code)]
+
+pub mod alloc;
+pub mod batch;
+pub mod config;
+mod error;
+pub mod session;
+mod tls;
+pub mod transport;
+
+pub use config::{ClientConfig, Trust};
+pub use error::{ClientError, Result};
+pub use session::{DeviceBuffer, EventId, Function, KernelArg, LaunchConfig, Module, Session, StreamId};

@@ -83,15 +83,20 @@ impl ImageCache {
         inner.images.insert(key, image);
         inner.order.push_back(key);
         let builtin = key_of(gpupool_proto::BUILTIN_MODULE);
-        while inner.bytes > self.max_bytes && inner.order.len() > 1 {
+        // Evict oldest first; the built-in image and the newest one stay.
+        let mut kept = VecDeque::new();
+        while inner.bytes > self.max_bytes {
             let Some(old) = inner.order.pop_front() else { break };
             if old == builtin || old == key {
-                inner.order.push_back(old);
+                kept.push_back(old);
                 continue;
             }
             if let Some(img) = inner.images.remove(&old) {
                 inner.bytes -= img.len() as u64;
             }
+        }
+        while let Some(k) = kept.pop_back() {
+            inner.order.push_front(k);
         }
     }
 }

@@ -121,7 +121,8 @@ impl<S: BackendSession> SessionState<S> {
                 Ok(_) => {}
                 Err(e) => {
                     reply.error_count += 1;
-                    if reply.errors.len() < self.limits.max_listed_errors {
+                    // The last call's own error is always listed: a waiting client needs it.
+                    if reply.errors.len() < self.limits.max_listed_errors || i == last {
                         reply.errors.push(v1::CallError { index: i as u32, code: e.code, message: e.message });
                     }
                 }

@@ -9,6 +9,7 @@ pub const SUCCESS: CuResult = 0;
 pub const INVALID_VALUE: CuResult = 1;
 pub const OUT_OF_MEMORY: CuResult = 2;
 pub const NOT_INITIALIZED: CuResult = 3;
+pub const DEVICE_UNAVAILABLE: CuResult = 46;
 pub const NO_DEVICE: CuResult = 100;
 pub const INVALID_IMAGE: CuResult = 200;
 pub const INVALID_CONTEXT: CuResult = 201;
@@ -29,6 +30,7 @@ pub fn name(code: CuResult) -> &'static str {
         INVALID_VALUE => "CUDA_ERROR_INVALID_VALUE",
         OUT_OF_MEMORY => "CUDA_ERROR_OUT_OF_MEMORY",
         NOT_INITIALIZED => "CUDA_ERROR_NOT_INITIALIZED",
+        DEVICE_UNAVAILABLE => "CUDA_ERROR_DEVICE_UNAVAILABLE",
         NO_DEVICE => "CUDA_ERROR_NO_DEVICE",
         INVALID_IMAGE => "CUDA_ERROR_INVALID_IMAGE",
         INVALID_CONTEXT => "CUDA_ERROR_INVALID_CONTEXT",

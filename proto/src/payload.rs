@@ -101,7 +101,15 @@ mod tests {
 
     #[test]
     fn random_data_stays_raw() {
-        let data: Vec<u8> = (0..1u32 << 18).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..1 << 18)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 32) as u8
+            })
+            .collect();
         let p = encode(Bytes::from(data), Compression::Auto);
         assert_eq!(p.codec, Codec::Raw as i32);
     }

@@ -120,7 +120,7 @@ pub fn run(index: usize, dims: LaunchDims, params: &[u8], mem: &mut dyn Memory) 
             let x = load_f32s(mem, args.u64(1), n)?;
             let mut y = load_f32s(mem, args.u64(2), n)?;
             for (yi, xi) in y.iter_mut().zip(&x) {
-                *yi = alpha * xi + *yi;
+                *yi += alpha * xi;
             }
             store_f32s(mem, args.u64(2), &y)
         }

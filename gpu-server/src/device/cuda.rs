@@ -1,61 +1,936 @@
-//! CUDA backend (placeholder until the cudarc implementation lands).
+//! CUDA backend: one GPU (or MIG instance) driven through the CUDA driver
+//! API, over cudarc's `driver::sys` and `nvrtc::sys` layers (cudarc's safe
+//! layer has no virtual memory management).
+//!
+//! [`CudaDevice::open`] makes the warm state of a server: the device's
+//! retained primary context, its description, and (compiled once, on first
+//! use) the built-in module. Each [`CudaSession`] reserves its own device
+//! address range (`cuMemAddressReserve`) and backs parts of it on request
+//! (`cuMemCreate` + `cuMemMap`), so client pointers are real device
+//! addresses. All sessions of a device share its primary context.
+//!
+//! This module is the crate's FFI fence: `unsafe` is allowed here, each
+//! block with a `SAFETY` comment. Resources are the domain types of
+//! `resources`, released in `Drop`; errors keep the driver's raw
+//! `CUresult`. cudarc resolves driver symbols lazily and panics when the
+//! library or a symbol is missing, so `open` checks for both first.
+#![allow(unsafe_code)]
 
-use super::{Backend, BackendSession, DeviceDescription, DeviceResult, FunctionInfo, LaunchDims};
+mod driver;
+mod nvrtc;
+mod resources;
+
+pub use resources::{Event, Mapping, Module, Stream};
+
+use super::{
+    Backend, BackendSession, DeviceDescription, DeviceResult, FunctionInfo, LaunchDims, Param,
+    builtin,
+};
 use crate::error::CallError;
+use cudarc::driver::sys::{self, CUdevice, CUfunction, CUstream};
 use gpupool_proto::cuda;
+use resources::{Context, Kernel, Reservation};
+use std::ffi::{CStr, c_char, c_int, c_void};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+/// `CUDA_ERROR_INVALID_DEVICE`.
+const INVALID_DEVICE: u32 = 101;
+/// Attribute numbers probed for the description; the driver refuses the
+/// ones it does not know, which are skipped.
+const ATTRIBUTE_PROBE: std::ops::RangeInclusive<u32> = 1..=200;
+const ATTR_MULTIPROCESSOR_COUNT: u32 = 16;
+const ATTR_COMPUTE_CAPABILITY_MAJOR: u32 = 75;
+const ATTR_COMPUTE_CAPABILITY_MINOR: u32 = 76;
+/// `CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED`.
+const ATTR_VIRTUAL_MEMORY_MANAGEMENT: u32 = 102;
+/// Upper bound on `cuFuncGetParamInfo` indices (the parameter buffer is at
+/// most 32 764 bytes), so a misbehaving driver cannot loop us forever.
+const MAX_PARAMS: usize = 32_768;
 
 /// A GPU (or MIG instance) driven through the CUDA driver API.
 #[derive(Debug)]
 pub struct CudaDevice {
+    inner: Arc<DeviceInner>,
+}
+
+struct DeviceInner {
+    context: Arc<Context>,
     description: DeviceDescription,
+    /// The built-in module compiled for this device: compiled once per
+    /// server, under the lock so that concurrent sessions wait for it.
+    builtin: Mutex<Option<Arc<[u8]>>>,
+}
+
+impl std::fmt::Debug for DeviceInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let compiled = self
+            .builtin
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
+        f.debug_struct("DeviceInner")
+            .field("context", &self.context)
+            .field("description", &self.description)
+            .field("builtin_compiled", &compiled)
+            .finish()
+    }
 }
 
 impl CudaDevice {
-    /// Opens device `ordinal` and creates its warm context.
+    /// Opens device `ordinal` and creates its warm context. Fails with
+    /// `CUDA_ERROR_NO_DEVICE` (never a panic) where no driver is installed.
     pub fn open(ordinal: usize) -> DeviceResult<Self> {
-        Err(CallError::new(cuda::NO_DEVICE, format!("CUDA backend not built (device {ordinal})")))
+        driver::check_driver()?;
+        // SAFETY: the driver library and its symbols are present (checked above).
+        driver::check(unsafe { sys::cuInit(0) }, "cuInit")?;
+        let index = c_int::try_from(ordinal).map_err(|_| {
+            CallError::new(
+                INVALID_DEVICE,
+                format!("device ordinal {ordinal} is out of range"),
+            )
+        })?;
+        let mut device: CUdevice = 0;
+        // SAFETY: valid out-pointer; the driver checks the ordinal.
+        driver::check(
+            unsafe { sys::cuDeviceGet(&mut device, index) },
+            "cuDeviceGet",
+        )
+        .map_err(|e| CallError::new(e.code, format!("device {ordinal}: {}", e.message)))?;
+
+        let name = device_name(device)?;
+        let uuid = device_uuid(device)?;
+        let mut total_memory: usize = 0;
+        // SAFETY: valid out-pointer and device.
+        driver::check(
+            unsafe { sys::cuDeviceTotalMem_v2(&mut total_memory, device) },
+            "cuDeviceTotalMem_v2",
+        )?;
+        let mut driver_version: c_int = 0;
+        // SAFETY: valid out-pointer.
+        driver::check(
+            unsafe { sys::cuDriverGetVersion(&mut driver_version) },
+            "cuDriverGetVersion",
+        )?;
+
+        let attributes: Vec<(u32, i32)> = ATTRIBUTE_PROBE
+            .filter_map(|a| driver::device_attribute(device, a).map(|v| (a, v)))
+            .collect();
+        let attribute = |a: u32| attributes.iter().find(|(k, _)| *k == a).map(|(_, v)| *v);
+        if attribute(ATTR_VIRTUAL_MEMORY_MANAGEMENT) != Some(1) {
+            return Err(CallError::new(
+                cuda::NOT_SUPPORTED,
+                format!(
+                    "device {ordinal} ({name}) does not support CUDA virtual memory management, which gpupool needs to give sessions fixed address ranges"
+                ),
+            ));
+        }
+        let non_negative = |a: u32| {
+            attribute(a)
+                .and_then(|v| u32::try_from(v).ok())
+                .unwrap_or(0)
+        };
+        let compute_capability = (
+            non_negative(ATTR_COMPUTE_CAPABILITY_MAJOR),
+            non_negative(ATTR_COMPUTE_CAPABILITY_MINOR),
+        );
+        let granularity = granularity(device)?;
+
+        // Last, because it is the expensive step (the context is created).
+        let started = Instant::now();
+        let context = Arc::new(Context::retain(device)?);
+        tracing::info!(
+            ordinal,
+            %name,
+            %uuid,
+            compute_capability = %format!("{}.{}", compute_capability.0, compute_capability.1),
+            total_memory,
+            granularity,
+            driver_version,
+            context_ms = started.elapsed().as_millis() as u64,
+            "CUDA device opened"
+        );
+        let description = DeviceDescription {
+            name,
+            backend: "cuda",
+            uuid,
+            compute_capability,
+            multiprocessor_count: non_negative(ATTR_MULTIPROCESSOR_COUNT),
+            total_memory: total_memory as u64,
+            granularity,
+            attributes,
+            driver_version: u32::try_from(driver_version).unwrap_or(0),
+        };
+        Ok(Self {
+            inner: Arc::new(DeviceInner {
+                context,
+                description,
+                builtin: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// Compiles the built-in module now rather than on its first load, so
+    /// that no client pays for NVRTC (about 300 ms).
+    pub fn prepare_builtin(&self) -> DeviceResult<()> {
+        self.inner.builtin_image().map(drop)
     }
 }
 
-/// Session on a CUDA device.
-#[derive(Debug)]
-pub struct CudaSession;
+impl DeviceInner {
+    fn builtin_image(&self) -> DeviceResult<Arc<[u8]>> {
+        let mut cache = self.builtin.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(image) = cache.as_ref() {
+            return Ok(image.clone());
+        }
+        let started = Instant::now();
+        let image: Arc<[u8]> = nvrtc::compile_builtin(self.description.compute_capability)?.into();
+        tracing::info!(
+            bytes = image.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "compiled the built-in module with NVRTC"
+        );
+        *cache = Some(image.clone());
+        Ok(image)
+    }
+}
+
+fn device_name(device: CUdevice) -> DeviceResult<String> {
+    let mut buf = [0 as c_char; 256];
+    // SAFETY: `buf` holds the `len` bytes the driver may write (NUL included).
+    driver::check(
+        unsafe { sys::cuDeviceGetName(buf.as_mut_ptr(), buf.len() as c_int, device) },
+        "cuDeviceGetName",
+    )?;
+    let bytes: Vec<u8> = buf.iter().map(|&c| c as u8).collect();
+    let name = CStr::from_bytes_until_nul(&bytes).map(|s| s.to_string_lossy().into_owned());
+    Ok(name.unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+fn device_uuid(device: CUdevice) -> DeviceResult<String> {
+    let mut uuid = sys::CUuuid { bytes: [0; 16] };
+    // SAFETY: valid out-pointer and device.
+    driver::check(
+        unsafe { sys::cuDeviceGetUuid_v2(&mut uuid, device) },
+        "cuDeviceGetUuid_v2",
+    )?;
+    Ok(driver::format_uuid(&uuid.bytes.map(|c| c as u8)))
+}
+
+/// The recommended granularity of a pinned allocation on `device`.
+fn granularity(device: CUdevice) -> DeviceResult<u64> {
+    let location = sys::CUmemLocation {
+        type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+        id: device,
+    };
+    let prop = resources::allocation_prop(location);
+    let mut granularity: usize = 0;
+    // SAFETY: valid out-pointer and a fully initialised property struct.
+    let r = unsafe {
+        sys::cuMemGetAllocationGranularity(
+            &mut granularity,
+            &prop,
+            sys::CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_RECOMMENDED,
+        )
+    };
+    driver::check(r, "cuMemGetAllocationGranularity")?;
+    let granularity = granularity as u64;
+    if !granularity.is_power_of_two() {
+        return Err(CallError::new(
+            cuda::UNKNOWN,
+            format!("the driver reported a mapping granularity of {granularity} bytes"),
+        ));
+    }
+    Ok(granularity)
+}
 
 impl Backend for CudaDevice {
     type Session = CudaSession;
+
     fn description(&self) -> &DeviceDescription {
-        &self.description
+        &self.inner.description
     }
-    fn open_session(&self, _va_size: u64) -> DeviceResult<CudaSession> {
-        Err(CallError::new(cuda::NO_DEVICE, "CUDA backend not built"))
+
+    fn open_session(&self, va_size: u64) -> DeviceResult<CudaSession> {
+        self.inner.context.make_current()?;
+        let granularity = self.inner.description.granularity;
+        if va_size == 0 {
+            return Err(CallError::invalid_value(
+                "a session needs a non-empty address range",
+            ));
+        }
+        let size = round_up(va_size, granularity).ok_or_else(|| {
+            CallError::invalid_value(format!("address range of {va_size} bytes is too large"))
+        })?;
+        let reservation = Reservation::new(self.inner.context.clone(), size, granularity)?;
+        Ok(CudaSession {
+            device: self.inner.clone(),
+            reservation: Rc::new(reservation),
+        })
+    }
+}
+
+/// One session on a CUDA device: its reserved address range, on the worker
+/// thread where the device's context was made current. Not `Send`: it and
+/// its resources stay on that thread.
+#[derive(Debug)]
+pub struct CudaSession {
+    device: Arc<DeviceInner>,
+    reservation: Rc<Reservation>,
+}
+
+fn round_up(value: u64, granularity: u64) -> Option<u64> {
+    value.checked_next_multiple_of(granularity)
+}
+
+fn host_len(size: u64) -> DeviceResult<usize> {
+    usize::try_from(size)
+        .map_err(|_| CallError::invalid_value(format!("size {size} does not fit in memory")))
+}
+
+fn raw_stream(stream: Option<&Stream>) -> CUstream {
+    stream.map_or(std::ptr::null_mut(), |s| s.raw)
+}
+
+/// What a module image is, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ImageKind {
+    /// An ELF cubin.
+    Cubin,
+    /// A fat binary (`0xBA55ED50`).
+    Fatbin,
+    /// A `__fatBinC_Wrapper_t` (`0x466243B1`): it holds a pointer into the
+    /// client's memory, meaningless (and dangerous) here.
+    FatbinWrapper,
+    /// Anything else is taken for PTX text.
+    Ptx,
+}
+
+fn image_kind(image: &[u8]) -> ImageKind {
+    match image.get(..4) {
+        Some([0x7f, b'E', b'L', b'F']) => ImageKind::Cubin,
+        Some(m) if m == 0xBA55_ED50u32.to_le_bytes() => ImageKind::Fatbin,
+        Some(m) if m == 0x4662_43B1u32.to_le_bytes() => ImageKind::FatbinWrapper,
+        _ => ImageKind::Ptx,
+    }
+}
+
+/// A module image ready for `cuModuleLoadData`.
+#[derive(Debug)]
+enum Prepared<'a> {
+    Borrowed(&'a [u8]),
+    /// PTX with the NUL the driver needs appended.
+    Terminated(Vec<u8>),
+    /// A binary image copied to 8-byte aligned memory: `len` bytes.
+    Aligned(Vec<u64>, usize),
+}
+
+impl Prepared<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Prepared::Borrowed(b) => b,
+            Prepared::Terminated(v) => v,
+            // SAFETY: the `u64` buffer is initialised and holds at least
+            // `len` bytes (`len.div_ceil(8)` words); `u8` has no alignment
+            // or validity requirements; the slice borrows `self`.
+            Prepared::Aligned(words, len) => unsafe {
+                std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), *len)
+            },
+        }
+    }
+}
+
+/// The image as `cuModuleLoadData` needs it: PTX NUL-terminated, binary
+/// images 8-byte aligned (they arrive at any offset of a network buffer).
+fn prepare_image(image: &[u8]) -> DeviceResult<Prepared<'_>> {
+    if image.is_empty() {
+        return Err(CallError::new(cuda::INVALID_IMAGE, "empty module image"));
+    }
+    match image_kind(image) {
+        ImageKind::FatbinWrapper => Err(CallError::new(
+            cuda::INVALID_IMAGE,
+            "image is a fatbin wrapper (__fatBinC_Wrapper_t), which points into client memory; send the fat binary it points to",
+        )),
+        ImageKind::Ptx if image.last() == Some(&0) => Ok(Prepared::Borrowed(image)),
+        ImageKind::Ptx => {
+            let mut ptx = Vec::with_capacity(image.len() + 1);
+            ptx.extend_from_slice(image);
+            ptx.push(0);
+            Ok(Prepared::Terminated(ptx))
+        }
+        ImageKind::Cubin | ImageKind::Fatbin if image.as_ptr().align_offset(8) == 0 => {
+            Ok(Prepared::Borrowed(image))
+        }
+        ImageKind::Cubin | ImageKind::Fatbin => {
+            let words = image
+                .chunks(8)
+                .map(|chunk| {
+                    let mut word = [0u8; 8];
+                    word[..chunk.len()].copy_from_slice(chunk);
+                    u64::from_ne_bytes(word)
+                })
+                .collect();
+            Ok(Prepared::Aligned(words, image.len()))
+        }
+    }
+}
+
+/// Orders the kernels of the compiled built-in module as
+/// [`builtin::functions`] does, which is what clients index by.
+fn order_like_builtin<T>(
+    mut found: Vec<(T, FunctionInfo)>,
+) -> DeviceResult<Vec<(T, FunctionInfo)>> {
+    let mut ordered = Vec::with_capacity(found.len());
+    for expected in builtin::functions() {
+        let position = found
+            .iter()
+            .position(|(_, f)| f.name == expected.name)
+            .ok_or_else(|| {
+                CallError::new(
+                    cuda::NOT_FOUND,
+                    format!(
+                        "built-in kernel {} is missing from the compiled module",
+                        expected.name
+                    ),
+                )
+            })?;
+        let item = found.remove(position);
+        if item.1.params != expected.params {
+            tracing::warn!(
+                kernel = %expected.name,
+                "built-in kernel's parameter layout differs from the reference ({:?} vs {:?}); using the driver's",
+                item.1.params,
+                expected.params
+            );
+        }
+        ordered.push(item);
+    }
+    found.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+    ordered.extend(found);
+    Ok(ordered)
+}
+
+/// One pointer per parameter into `params`, as `cuLaunchKernel` wants them.
+fn param_pointers(
+    params: &[u8],
+    layout: &[Param],
+    params_size: usize,
+) -> DeviceResult<Vec<*mut c_void>> {
+    if params.len() < params_size {
+        return Err(CallError::invalid_value(format!(
+            "parameter buffer has {} bytes, the kernel's layout needs {params_size}",
+            params.len()
+        )));
+    }
+    // Offsets are in bounds: every `offset + size` is at most `params_size`.
+    Ok(layout
+        .iter()
+        .map(|p| {
+            params
+                .as_ptr()
+                .wrapping_add(p.offset as usize)
+                .cast_mut()
+                .cast()
+        })
+        .collect())
+}
+
+/// Name, parameter layout and block limit of one function.
+fn describe(function: CUfunction) -> DeviceResult<(Kernel, FunctionInfo)> {
+    let mut name: *const c_char = std::ptr::null();
+    // SAFETY: valid out-pointer; `function` belongs to a live module.
+    driver::check(
+        unsafe { sys::cuFuncGetName(&mut name, function) },
+        "cuFuncGetName",
+    )?;
+    let name = if name.is_null() {
+        String::new()
+    } else {
+        // SAFETY: on success the driver returns a NUL-terminated string
+        // that lives as long as the module.
+        unsafe { CStr::from_ptr(name) }
+            .to_string_lossy()
+            .into_owned()
+    };
+
+    let mut params = Vec::new();
+    for index in 0..MAX_PARAMS {
+        let (mut offset, mut size) = (0usize, 0usize);
+        // SAFETY: valid out-pointers; an index past the last parameter
+        // makes the driver return CUDA_ERROR_INVALID_VALUE.
+        match unsafe { sys::cuFuncGetParamInfo(function, index, &mut offset, &mut size) } {
+            sys::CUresult::CUDA_SUCCESS => {
+                let too_big = || {
+                    CallError::new(
+                        cuda::UNKNOWN,
+                        format!("{name}: parameter {index} out of range"),
+                    )
+                };
+                params.push(Param {
+                    offset: u32::try_from(offset).map_err(|_| too_big())?,
+                    size: u32::try_from(size).map_err(|_| too_big())?,
+                });
+            }
+            sys::CUresult::CUDA_ERROR_INVALID_VALUE => break,
+            other => return Err(driver::error(other, &format!("cuFuncGetParamInfo({name})"))),
+        }
+    }
+
+    let mut max_threads: c_int = 0;
+    // SAFETY: valid out-pointer; loads the function if it was lazily loaded.
+    let r = unsafe {
+        sys::cuFuncGetAttribute(
+            &mut max_threads,
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK,
+            function,
+        )
+    };
+    driver::check(r, &format!("cuFuncGetAttribute({name})"))?;
+
+    let info = FunctionInfo {
+        name,
+        params,
+        max_threads_per_block: u32::try_from(max_threads).unwrap_or(0),
+    };
+    let kernel = Kernel {
+        raw: function,
+        params: info.params.clone(),
+        params_size: info.params_size() as usize,
+    };
+    Ok((kernel, info))
+}
+
+impl CudaSession {
+    fn load(&self, image: &[u8], builtin: bool) -> DeviceResult<(Module, Vec<FunctionInfo>)> {
+        let mut module = Module::load(self.device.context.clone(), image)?;
+        let described = module
+            .functions()?
+            .into_iter()
+            .map(describe)
+            .collect::<DeviceResult<Vec<_>>>()?;
+        let described = if builtin {
+            order_like_builtin(described)?
+        } else {
+            let mut described = described;
+            described.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+            described
+        };
+        let (kernels, infos): (Vec<Kernel>, Vec<FunctionInfo>) = described.into_iter().unzip();
+        module.kernels = kernels;
+        Ok((module, infos))
     }
 }
 
 impl BackendSession for CudaSession {
-    type Mapping = ();
-    type Module = ();
-    type Stream = ();
-    type Event = ();
-    fn va_base(&self) -> u64 { 0 }
-    fn map(&mut self, _: u64, _: u64) -> DeviceResult<()> { Err(nd()) }
-    fn write(&mut self, _: Option<&()>, _: u64, _: &[u8]) -> DeviceResult<()> { Err(nd()) }
-    fn read(&mut self, _: Option<&()>, _: u64, _: &mut [u8]) -> DeviceResult<()> { Err(nd()) }
-    fn copy(&mut self, _: Option<&()>, _: u64, _: u64, _: u64) -> DeviceResult<()> { Err(nd()) }
-    fn memset(&mut self, _: Option<&()>, _: u64, _: u32, _: u32, _: u64) -> DeviceResult<()> { Err(nd()) }
-    fn load_module(&mut self, _: &[u8]) -> DeviceResult<((), Vec<FunctionInfo>)> { Err(nd()) }
-    fn launch(&mut self, _: &(), _: usize, _: LaunchDims, _: Option<&()>, _: &[u8]) -> DeviceResult<()> { Err(nd()) }
-    fn stream_create(&mut self, _: u32, _: i32) -> DeviceResult<()> { Err(nd()) }
-    fn stream_synchronize(&mut self, _: Option<&()>) -> DeviceResult<()> { Err(nd()) }
-    fn stream_query(&mut self, _: Option<&()>) -> DeviceResult<bool> { Err(nd()) }
-    fn stream_wait_event(&mut self, _: Option<&()>, _: &()) -> DeviceResult<()> { Err(nd()) }
-    fn event_create(&mut self, _: u32) -> DeviceResult<()> { Err(nd()) }
-    fn event_record(&mut self, _: &mut (), _: Option<&()>) -> DeviceResult<()> { Err(nd()) }
-    fn event_query(&mut self, _: &()) -> DeviceResult<bool> { Err(nd()) }
-    fn event_synchronize(&mut self, _: &()) -> DeviceResult<()> { Err(nd()) }
-    fn event_elapsed(&mut self, _: &(), _: &()) -> DeviceResult<f32> { Err(nd()) }
-    fn synchronize(&mut self) -> DeviceResult<()> { Err(nd()) }
+    type Mapping = Mapping;
+    type Module = Module;
+    type Stream = Stream;
+    type Event = Event;
+
+    fn va_base(&self) -> u64 {
+        self.reservation.base
+    }
+
+    /// Backs `[addr, addr + size)`; `size` is rounded up to the granularity
+    /// (as `cuMemAlloc` would), `addr` must be a multiple of it.
+    fn map(&mut self, addr: u64, size: u64) -> DeviceResult<Mapping> {
+        let granularity = self.device.description.granularity;
+        if size == 0 {
+            return Err(CallError::invalid_value("cannot map 0 bytes"));
+        }
+        if !addr.is_multiple_of(granularity) {
+            return Err(CallError::invalid_value(format!(
+                "mapping address {addr:#x} is not a multiple of the granularity ({granularity:#x})"
+            )));
+        }
+        let size = round_up(size, granularity)
+            .ok_or_else(|| CallError::invalid_value("mapping too large"))?;
+        if !self.reservation.contains(addr, size) {
+            return Err(CallError::invalid_value(format!(
+                "mapping [{addr:#x}, +{size:#x}) is outside the session's range [{:#x}, +{:#x})",
+                self.reservation.base, self.reservation.size
+            )));
+        }
+        Mapping::new(
+            self.reservation.clone(),
+            self.device.context.device,
+            addr,
+            size,
+        )
+    }
+
+    fn write(&mut self, stream: Option<&Stream>, dst: u64, data: &[u8]) -> DeviceResult<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let src = data.as_ptr().cast::<c_void>();
+        match stream {
+            None => {
+                // SAFETY: `data` is readable for `len` bytes for the whole
+                // (synchronous) call; the driver validates `dst`.
+                driver::check(
+                    unsafe { sys::cuMemcpyHtoD_v2(dst, src, data.len()) },
+                    "cuMemcpyHtoD_v2",
+                )
+            }
+            Some(s) => {
+                // SAFETY: as above; the stream is synchronised before
+                // returning, so the driver is done with `data` when the
+                // borrow ends.
+                driver::check(
+                    unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src, data.len(), s.raw) },
+                    "cuMemcpyHtoDAsync_v2",
+                )?;
+                // SAFETY: live stream owned by this session.
+                driver::check(
+                    unsafe { sys::cuStreamSynchronize(s.raw) },
+                    "cuStreamSynchronize",
+                )
+            }
+        }
+    }
+
+    fn read(&mut self, stream: Option<&Stream>, src: u64, out: &mut [u8]) -> DeviceResult<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let dst = out.as_mut_ptr().cast::<c_void>();
+        match stream {
+            None => {
+                // SAFETY: `out` is writable for `len` bytes during the
+                // synchronous call; the driver validates `src`.
+                driver::check(
+                    unsafe { sys::cuMemcpyDtoH_v2(dst, src, out.len()) },
+                    "cuMemcpyDtoH_v2",
+                )
+            }
+            Some(s) => {
+                // SAFETY: as above; the stream is synchronised before the
+                // mutable borrow of `out` ends.
+                driver::check(
+                    unsafe { sys::cuMemcpyDtoHAsync_v2(dst, src, out.len(), s.raw) },
+                    "cuMemcpyDtoHAsync_v2",
+                )?;
+                // SAFETY: live stream owned by this session.
+                driver::check(
+                    unsafe { sys::cuStreamSynchronize(s.raw) },
+                    "cuStreamSynchronize",
+                )
+            }
+        }
+    }
+
+    fn copy(&mut self, stream: Option<&Stream>, dst: u64, src: u64, size: u64) -> DeviceResult<()> {
+        let len = host_len(size)?;
+        if len == 0 {
+            return Ok(());
+        }
+        match stream {
+            // SAFETY: device-to-device only; the driver validates both ranges.
+            None => driver::check(
+                unsafe { sys::cuMemcpyDtoD_v2(dst, src, len) },
+                "cuMemcpyDtoD_v2",
+            ),
+            Some(s) => {
+                // SAFETY: as above, on a live stream of this session.
+                driver::check(
+                    unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, len, s.raw) },
+                    "cuMemcpyDtoDAsync_v2",
+                )
+            }
+        }
+    }
+
+    fn memset(
+        &mut self,
+        stream: Option<&Stream>,
+        dst: u64,
+        value: u32,
+        element_size: u32,
+        count: u64,
+    ) -> DeviceResult<()> {
+        let n = host_len(count)?;
+        let what = match (element_size, stream.is_some()) {
+            (1, false) => "cuMemsetD8_v2",
+            (2, false) => "cuMemsetD16_v2",
+            (4, false) => "cuMemsetD32_v2",
+            (1, true) => "cuMemsetD8Async",
+            (2, true) => "cuMemsetD16Async",
+            (4, true) => "cuMemsetD32Async",
+            (other, _) => {
+                return Err(CallError::invalid_value(format!(
+                    "memset element size must be 1, 2 or 4, not {other}"
+                )));
+            }
+        };
+        // The value is truncated to the element size, as CUDA does.
+        let (byte, half) = (value as u8, value as u16);
+        // SAFETY: device memory only, validated by the driver; the stream
+        // is a live stream of this session (or the default stream).
+        let r = unsafe {
+            match (element_size, stream) {
+                (1, None) => sys::cuMemsetD8_v2(dst, byte, n),
+                (2, None) => sys::cuMemsetD16_v2(dst, half, n),
+                (1, Some(s)) => sys::cuMemsetD8Async(dst, byte, n, s.raw),
+                (2, Some(s)) => sys::cuMemsetD16Async(dst, half, n, s.raw),
+                (_, None) => sys::cuMemsetD32_v2(dst, value, n),
+                (_, Some(s)) => sys::cuMemsetD32Async(dst, value, n, s.raw),
+            }
+        };
+        driver::check(r, what)
+    }
+
+    fn load_module(&mut self, image: &[u8]) -> DeviceResult<(Module, Vec<FunctionInfo>)> {
+        if builtin::is_builtin(image) {
+            let compiled = self.device.builtin_image()?;
+            let prepared = prepare_image(&compiled)?;
+            self.load(prepared.bytes(), true)
+        } else {
+            let prepared = prepare_image(image)?;
+            self.load(prepared.bytes(), false)
+        }
+    }
+
+    fn launch(
+        &mut self,
+        module: &Module,
+        function: usize,
+        dims: LaunchDims,
+        stream: Option<&Stream>,
+        params: &[u8],
+    ) -> DeviceResult<()> {
+        let kernel = module.kernels.get(function).ok_or_else(|| {
+            CallError::invalid_handle(format!(
+                "function {function} does not exist (the module has {})",
+                module.kernels.len()
+            ))
+        })?;
+        let mut pointers = param_pointers(params, &kernel.params, kernel.params_size)?;
+        let kernel_params = if pointers.is_empty() {
+            std::ptr::null_mut()
+        } else {
+            pointers.as_mut_ptr()
+        };
+        let [gx, gy, gz] = dims.grid;
+        let [bx, by, bz] = dims.block;
+        // SAFETY: `kernel.raw` belongs to `module`, which is alive; each
+        // pointer addresses `size` readable bytes of `params` (checked
+        // against the layout the driver reported), and the driver copies
+        // the arguments before returning; the stream is null or live.
+        let r = unsafe {
+            sys::cuLaunchKernel(
+                kernel.raw,
+                gx,
+                gy,
+                gz,
+                bx,
+                by,
+                bz,
+                dims.shared_mem_bytes,
+                raw_stream(stream),
+                kernel_params,
+                std::ptr::null_mut(),
+            )
+        };
+        driver::check(r, "cuLaunchKernel")
+    }
+
+    fn stream_create(&mut self, flags: u32, priority: i32) -> DeviceResult<Stream> {
+        Stream::new(self.device.context.clone(), flags, priority)
+    }
+
+    fn stream_synchronize(&mut self, stream: Option<&Stream>) -> DeviceResult<()> {
+        // SAFETY: null (default stream) or a live stream of this session.
+        driver::check(
+            unsafe { sys::cuStreamSynchronize(raw_stream(stream)) },
+            "cuStreamSynchronize",
+        )
+    }
+
+    fn stream_query(&mut self, stream: Option<&Stream>) -> DeviceResult<bool> {
+        // SAFETY: null (default stream) or a live stream of this session.
+        driver::check_ready(
+            unsafe { sys::cuStreamQuery(raw_stream(stream)) },
+            "cuStreamQuery",
+        )
+    }
+
+    fn stream_wait_event(&mut self, stream: Option<&Stream>, event: &Event) -> DeviceResult<()> {
+        // SAFETY: live event and null or live stream of this session.
+        driver::check(
+            unsafe { sys::cuStreamWaitEvent(raw_stream(stream), event.raw, 0) },
+            "cuStreamWaitEvent",
+        )
+    }
+
+    fn event_create(&mut self, flags: u32) -> DeviceResult<Event> {
+        Event::new(self.device.context.clone(), flags)
+    }
+
+    fn event_record(&mut self, event: &mut Event, stream: Option<&Stream>) -> DeviceResult<()> {
+        // SAFETY: live event and null or live stream of this session.
+        driver::check(
+            unsafe { sys::cuEventRecord(event.raw, raw_stream(stream)) },
+            "cuEventRecord",
+        )
+    }
+
+    fn event_query(&mut self, event: &Event) -> DeviceResult<bool> {
+        // SAFETY: live event of this session.
+        driver::check_ready(unsafe { sys::cuEventQuery(event.raw) }, "cuEventQuery")
+    }
+
+    fn event_synchronize(&mut self, event: &Event) -> DeviceResult<()> {
+        // SAFETY: live event of this session.
+        driver::check(
+            unsafe { sys::cuEventSynchronize(event.raw) },
+            "cuEventSynchronize",
+        )
+    }
+
+    fn event_elapsed(&mut self, start: &Event, end: &Event) -> DeviceResult<f32> {
+        let mut ms = 0f32;
+        // SAFETY: valid out-pointer and two live events of this session.
+        driver::check(
+            unsafe { sys::cuEventElapsedTime_v2(&mut ms, start.raw, end.raw) },
+            "cuEventElapsedTime_v2",
+        )?;
+        Ok(ms)
+    }
+
+    /// Waits for the whole context. All sessions of a device share its
+    /// primary context, so this also waits for other sessions' work.
+    fn synchronize(&mut self) -> DeviceResult<()> {
+        // SAFETY: the device's context is current on this thread.
+        driver::check(unsafe { sys::cuCtxSynchronize() }, "cuCtxSynchronize")
+    }
 }
 
-fn nd() -> CallError {
-    CallError::new(cuda::NO_DEVICE, "CUDA backend not built")
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn driver_present() -> bool {
+        // SAFETY: only tries to dlopen libcuda.
+        unsafe { sys::is_culib_present() }
+    }
+
+    #[test]
+    fn device_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<CudaDevice>();
+    }
+
+    #[test]
+    fn open_without_a_driver_is_an_error_not_a_panic() {
+        if driver_present() {
+            eprintln!("libcuda is present: skipping the no-driver check");
+            return;
+        }
+        let err = CudaDevice::open(0).expect_err("no driver here");
+        assert_eq!(err.code, cuda::NO_DEVICE);
+        assert!(err.message.contains("libcuda"), "{}", err.message);
+    }
+
+    #[test]
+    fn open_of_a_missing_ordinal_is_an_error() {
+        let err = CudaDevice::open(usize::MAX).expect_err("no such device");
+        assert!(
+            err.code == cuda::NO_DEVICE || err.code == INVALID_DEVICE,
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn image_kinds_are_recognised() {
+        assert_eq!(image_kind(b"\x7fELF\x02\x01"), ImageKind::Cubin);
+        assert_eq!(
+            image_kind(&[0x50, 0xed, 0x55, 0xba, 1, 0]),
+            ImageKind::Fatbin
+        );
+        assert_eq!(
+            image_kind(&[0xb1, 0x43, 0x62, 0x46, 1, 0]),
+            ImageKind::FatbinWrapper
+        );
+        assert_eq!(image_kind(b".version 8.0\n.target sm_90"), ImageKind::Ptx);
+        assert_eq!(image_kind(b"ab"), ImageKind::Ptx);
+    }
+
+    #[test]
+    fn ptx_is_nul_terminated_once() {
+        let ptx = prepare_image(b".version 8.0").expect("ptx");
+        assert_eq!(ptx.bytes(), b".version 8.0\0");
+        let ptx = prepare_image(b".version 8.0\0").expect("ptx");
+        assert!(matches!(ptx, Prepared::Borrowed(_)));
+    }
+
+    #[test]
+    fn bad_images_are_refused() {
+        assert_eq!(
+            prepare_image(b"").expect_err("empty").code,
+            cuda::INVALID_IMAGE
+        );
+        let wrapper = [0xb1, 0x43, 0x62, 0x46, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(
+            prepare_image(&wrapper).expect_err("wrapper").code,
+            cuda::INVALID_IMAGE
+        );
+    }
+
+    #[test]
+    fn binary_images_are_aligned() {
+        let mut buf = [0u8; 72];
+        // One byte past an 8-byte boundary, so the image is misaligned.
+        let start = buf.as_ptr().align_offset(8) + 1;
+        buf[start..start + 4].copy_from_slice(b"\x7fELF");
+        let image = &buf[start..start + 61];
+        assert_ne!(image.as_ptr().align_offset(8), 0);
+        let prepared = prepare_image(image).expect("cubin");
+        assert_eq!(prepared.bytes(), image);
+        assert_eq!(prepared.bytes().as_ptr().align_offset(8), 0);
+    }
+
+    #[test]
+    fn param_pointers_follow_the_layout() {
+        let layout = [Param { offset: 0, size: 4 }, Param { offset: 8, size: 8 }];
+        let params = [0u8; 16];
+        let pointers = param_pointers(&params, &layout, 16).expect("pointers");
+        assert_eq!(pointers.len(), 2);
+        assert_eq!(pointers[0] as usize, params.as_ptr() as usize);
+        assert_eq!(pointers[1] as usize, params.as_ptr() as usize + 8);
+        let err = param_pointers(&params[..12], &layout, 16).expect_err("short buffer");
+        assert_eq!(err.code, cuda::INVALID_VALUE);
+        assert!(param_pointers(&[], &[], 0).expect("no params").is_empty());
+    }
+
+    #[test]
+    fn builtin_kernels_are_ordered_like_the_reference() {
+        let mut found: Vec<(usize, FunctionInfo)> =
+            builtin::functions().into_iter().enumerate().collect();
+        found.reverse();
+        let ordered = order_like_builtin(found).expect("all present");
+        let names: Vec<_> = ordered.iter().map(|(_, f)| f.name.clone()).collect();
+        let expected: Vec<_> = builtin::functions().into_iter().map(|f| f.name).collect();
+        assert_eq!(names, expected);
+        assert_eq!(
+            ordered.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![0, 1, 2, 3]
+        );
+
+        let mut missing: Vec<(usize, FunctionInfo)> =
+            builtin::functions().into_iter().enumerate().collect();
+        missing.pop();
+        assert_eq!(
+            order_like_builtin(missing).expect_err("one missing").code,
+            cuda::NOT_FOUND
+        );
+    }
+
+    #[test]
+    fn sizes_round_up_to_the_granularity() {
+        assert_eq!(round_up(1, 2 << 20), Some(2 << 20));
+        assert_eq!(round_up(2 << 20, 2 << 20), Some(2 << 20));
+        assert_eq!(round_up(u64::MAX, 2 << 20), None);
+    }
 }

@@ -1,1 +1,100 @@
-fn main() {}
+//! `gpupool-bench`: native CUDA (cudarc) against remote gpupool on the same
+//! GPU, in one run. The gpu-server runs in-process on 127.0.0.1 port 0; the
+//! table goes to stdout, progress to stderr, and `--json PATH` writes the
+//! same figures as JSON. `bench/README.md` explains the rows and targets.
+
+#[path = "../bench/mod.rs"]
+mod bench;
+
+use bench::{DeviceMode, Options};
+use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(about = "Native CUDA against remote gpupool on the same GPU")]
+struct Args {
+    /// `cuda` needs a GPU; `emulated` measures the transport only (no GPU is
+    /// used, native figures are n/a); `auto` uses the GPU if there is one.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// Timed synchronous round trips (after the warm-up).
+    #[arg(long, default_value_t = 2000)]
+    iterations: usize,
+    /// Untimed round trips before the timed ones.
+    #[arg(long, default_value_t = 200)]
+    warmup: usize,
+    /// Empty launches queued before the one synchronize.
+    #[arg(long, default_value_t = 100_000)]
+    launches: usize,
+    /// Largest copy in MiB: of 1, 64 and 1024 MiB only those up to this run.
+    #[arg(long, default_value_t = 1024)]
+    max_copy_mib: usize,
+    /// Remote cold starts, each a new session (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    cold_runs: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Internal: measure the native cold start in this fresh process, loading
+    /// the precompiled module image at PATH, and print the timings.
+    #[arg(long, value_name = "PATH", hide = true)]
+    native_cold_start: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    Auto,
+    Cuda,
+    Emulated,
+}
+
+impl Args {
+    fn options(&self) -> anyhow::Result<Options> {
+        let device = match self.device {
+            DeviceArg::Auto => DeviceMode::Auto,
+            DeviceArg::Cuda => DeviceMode::Cuda,
+            DeviceArg::Emulated => DeviceMode::Emulated,
+        };
+        let options = Options {
+            device,
+            iterations: self.iterations,
+            warmup: self.warmup,
+            launches: self.launches,
+            max_copy_bytes: self.max_copy_mib.saturating_mul(1 << 20),
+            cold_runs: self.cold_runs,
+        };
+        options.validate()?;
+        Ok(options)
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gpupool-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    if let Some(image) = &args.native_cold_start {
+        return bench::native::cold_start_child(image);
+    }
+    let report = bench::run(&args.options()?)?;
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        bench::write_json(&report, path)?;
+        eprintln!("JSON written to {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Builds the GPU suite's release binaries on this machine (the GPU machine has
+# no Rust toolchain) and copies them into a folder that travels to it:
+#   gpupool-server, gpupool-bench, gpupool-demo, gpupool-gpu-tests (the
+#   `tests/tests/gpu.rs` test binary), and COMMIT (the commit they were built
+#   from, read by gpu-suite.sh).
+# Debug info is stripped; the folder must stay under GPUPOOL_DEVICE_MAX_MIB
+# (default 60) to fit what a device run can carry.
+#
+# Usage: bench/build-device.sh [OUT_DIR]    (default .device/bin, git-ignored)
+# Env:   CARGO_BUILD_JOBS (default 2), GPUPOOL_DEVICE_MAX_MIB (default 60)
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+out=${1:-.device/bin}
+max_mib=${GPUPOOL_DEVICE_MAX_MIB:-60}
+jobs=${CARGO_BUILD_JOBS:-2}
+bins=(gpupool-server gpupool-bench gpupool-demo)
+gpu_test_name=gpupool-gpu-tests
+
+echo "== building release binaries (-j $jobs)"
+cargo build --release -j "$jobs" -p gpupool-server -p gpupool-tests --bins
+
+echo "== building the test binaries to find the gpu e2e tests"
+# The test binary's file name carries a hash: cargo's JSON messages name it.
+messages=$(cargo test --release -j "$jobs" -p gpupool-tests --no-run --message-format=json)
+filter='select(.reason == "compiler-artifact" and .target.name == "gpu" and (.target.kind | index("test"))) | .executable // empty'
+if command -v jq >/dev/null; then
+    gpu_test=$(jq -r "$filter" <<<"$messages" | tail -n 1)
+else
+    gpu_test=$(python3 -c '
+import json, sys
+exe = ""
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and t.get("name") == "gpu" and "test" in t.get("kind", []):
+        exe = m.get("executable") or exe
+print(exe)' <<<"$messages")
+fi
+
+mkdir -p "$out"
+for name in "${bins[@]}" "$gpu_test_name" COMMIT; do
+    rm -f "$out/$name"
+done
+for name in "${bins[@]}"; do
+    strip --strip-debug -o "$out/$name" "target/release/$name"
+done
+if [[ -n "$gpu_test" ]]; then
+    strip --strip-debug -o "$out/$gpu_test_name" "$gpu_test"
+else
+    echo "WARNING: no test binary for tests/tests/gpu.rs was built; gpu-suite.sh will report the GPU tests as FAILED (missing)" >&2
+fi
+
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+if ! git diff --quiet HEAD -- 2>/dev/null; then
+    commit="$commit-dirty"
+fi
+echo "$commit" >"$out/COMMIT"
+
+total_bytes() { du -cb "$out"/* | tail -n 1 | cut -f 1; }
+limit=$((max_mib * 1024 * 1024))
+if (($(total_bytes) > limit)); then
+    echo "== over $max_mib MiB with line tables: stripping all symbols"
+    for f in "$out"/gpupool-*; do
+        strip --strip-all "$f"
+    done
+fi
+
+ls -l "$out"
+total=$(total_bytes)
+mib=$(awk -v b="$total" 'BEGIN { printf "%.1f", b / 1048576 }')
+echo "total: $total bytes ($mib MiB, limit $max_mib MiB), commit $commit"
+if ((total > limit)); then
+    echo "ERROR: $out is larger than $max_mib MiB even stripped" >&2
+    exit 1
+fi

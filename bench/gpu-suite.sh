@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# The GPU suite, run on the GPU machine from prebuilt binaries (made by
+# bench/build-device.sh; that machine has no Rust toolchain):
+#   1. nvidia-smi: which GPU, driver, MIG mode (read-only queries);
+#   2. the GPU end-to-end tests (GPUPOOL_TEST_DEVICE=cuda, --include-ignored);
+#   3. gpupool-server on the GPU: starts, serves, drains on SIGTERM;
+#   4. gpupool-demo --device cuda;
+#   5. gpupool-bench --device cuda (native CUDA against remote gpupool).
+# Results: <date>-<gpu>-<commit>.md (every step's output and a summary) and
+# .json (the benchmark's figures) in $OUT when set (a device run returns only
+# $OUT), else in bench/results/. The .md is written step by step, so a run cut
+# short still leaves what it finished. Exits non-zero if any step failed.
+#
+# This script never changes MIG mode, clocks, power limits or any other
+# setting of the GPU: it only queries.
+#
+# Usage: bench/gpu-suite.sh [BIN_DIR]    (default .device/bin)
+# Env:   BENCH_ARGS   extra gpupool-bench flags (e.g. "--iterations 500")
+#        TEST_ARGS    extra test-harness flags (e.g. a test name filter)
+#        *_TIMEOUT    per-step limits in seconds: TEST_TIMEOUT (240),
+#                     SMOKE_TIMEOUT (60), DEMO_TIMEOUT (120), BENCH_TIMEOUT (300)
+set -uo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo" || exit 2
+bin_dir=${1:-.device/bin}
+if ! bin_dir=$(cd "$bin_dir" 2>/dev/null && pwd); then
+    echo "gpu-suite: binary folder ${1:-.device/bin} not found (build it with bench/build-device.sh)" >&2
+    exit 2
+fi
+results=${OUT:-$repo/bench/results}
+mkdir -p "$results" || exit 2
+
+# NVRTC (for the built-in kernels) ships with the toolkit, whose libraries
+# are not always on the loader path.
+for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    if [[ -d $dir ]]; then
+        LD_LIBRARY_PATH="$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
+done
+export LD_LIBRARY_PATH
+
+commit=${GPUPOOL_COMMIT:-$(cat "$bin_dir/COMMIT" 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export GPUPOOL_COMMIT=$commit
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+slug=$(printf '%s' "${gpu:-no-gpu}" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-*//; s/-*$//')
+stem="$results/$(date -u +%Y%m%dT%H%M%SZ)-$slug-$commit"
+md="$stem.md"
+json="$stem.json"
+
+summary=()
+failed=0
+
+# step NAME TIMEOUT COMMAND...: runs COMMAND (output shown live and kept),
+# appends its section to the report and records the result.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local log started rc seconds verdict
+    log=$(mktemp)
+    echo
+    echo "=== $name"
+    started=$(date +%s)
+    # A fresh bash runs the step's function so that `timeout` can end it
+    # and everything it started (timeout signals its process group).
+    timeout --kill-after=10 "$limit" bash -c '"$@"' step "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    seconds=$(($(date +%s) - started))
+    if ((rc == 0)); then
+        verdict=PASS
+    elif ((rc == 124 || rc == 137)); then
+        verdict="FAIL (timed out after ${limit}s)"
+    else
+        verdict="FAIL (exit $rc)"
+    fi
+    ((rc == 0)) || failed=1
+    echo "=== $name: $verdict in ${seconds}s"
+    {
+        echo "## $name: $verdict (${seconds}s)"
+        echo
+        echo '```'
+        cat "$log"
+        echo '```'
+        echo
+    } >>"$md"
+    summary+=("| $name | $verdict | $seconds |")
+    rm -f "$log"
+}
+
+# Fails when the binary is absent, so a missing piece is a failed step.
+need() {
+    if [[ ! -x "$bin_dir/$1" ]]; then
+        echo "missing binary: $bin_dir/$1 (rebuild with bench/build-device.sh)"
+        return 1
+    fi
+}
+
+gpu_info() {
+    nvidia-smi -L &&
+        nvidia-smi --query-gpu=name,driver_version,memory.total,mig.mode.current,persistence_mode --format=csv
+}
+
+gpu_tests() {
+    need gpupool-gpu-tests || return 1
+    # shellcheck disable=SC2086 # TEST_ARGS is a list of flags
+    GPUPOOL_TEST_DEVICE=cuda "$bin_dir/gpupool-gpu-tests" --include-ignored ${TEST_ARGS:-}
+}
+
+# The real server binary on the GPU: it must come up on the CUDA backend and
+# end cleanly on SIGTERM within its grace period.
+server_smoke() {
+    need gpupool-server || return 1
+    local log pid ready=0 rc
+    log=$(mktemp)
+    "$bin_dir/gpupool-server" --listen 127.0.0.1:0 --device cuda:0 --tokens gpu-suite-smoke >"$log" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 100); do
+        if grep -q "listening on" "$log"; then
+            ready=1
+            break
+        fi
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.2
+    done
+    if ((ready == 0)); then
+        kill -KILL "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+        cat "$log"
+        echo "gpupool-server did not start"
+        rm -f "$log"
+        return 1
+    fi
+    kill -TERM "$pid"
+    wait "$pid"
+    rc=$?
+    cat "$log"
+    if ! grep -q 'backend.*cuda' "$log"; then
+        echo "gpupool-server did not report the cuda backend"
+        rc=1
+    fi
+    rm -f "$log"
+    echo "gpupool-server exit status after SIGTERM: $rc"
+    return "$rc"
+}
+
+demo() {
+    need gpupool-demo || return 1
+    "$bin_dir/gpupool-demo" --device cuda
+}
+
+bench() {
+    need gpupool-bench || return 1
+    # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
+    "$bin_dir/gpupool-bench" --device cuda --json "$json" ${BENCH_ARGS:-}
+}
+
+export bin_dir json
+export -f need gpu_info gpu_tests server_smoke demo bench
+
+{
+    echo "# gpupool GPU suite"
+    echo
+    echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "- host: $(hostname 2>/dev/null || cat /proc/sys/kernel/hostname)"
+    echo "- GPU: ${gpu:-none found}"
+    echo "- commit: $commit"
+    echo "- binaries: $bin_dir"
+    echo "- benchmark JSON: $(basename "$json")"
+    echo
+} >"$md"
+
+step "GPU (nvidia-smi)" 30 gpu_info
+step "GPU end-to-end tests" "${TEST_TIMEOUT:-240}" gpu_tests
+step "gpupool-server on the GPU" "${SMOKE_TIMEOUT:-60}" server_smoke
+step "demo (--device cuda)" "${DEMO_TIMEOUT:-120}" demo
+step "benchmark (--device cuda)" "${BENCH_TIMEOUT:-300}" bench
+
+{
+    echo "## Summary"
+    echo
+    echo "| step | result | seconds |"
+    echo "|---|---|---|"
+    printf '%s\n' "${summary[@]}"
+} >>"$md"
+
+echo
+printf '%s\n' "${summary[@]}"
+echo "report: $md"
+[[ -f $json ]] && echo "json:   $json"
+if ((failed)); then
+    echo "gpu-suite: FAILED" >&2
+    exit 1
+fi
+echo "gpu-suite: all steps passed"

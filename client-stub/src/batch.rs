@@ -1,0 +1,215 @@
+//! Call batching and reply matching, without I/O.
+//!
+//! Calls whose result the caller does not need now are queued; a batch is
+//! cut when the queue passes its size bound or when a call must answer.
+//! Every batch gets one reply, in order. Errors of queued calls are latched
+//! (the first one kept, the rest counted) and returned by the next
+//! synchronizing call, as CUDA returns errors of asynchronous work.
+
+use crate::error::{ClientError, Result};
+use gpupool_proto::v1::{self, call::Op};
+use prost::Message;
+use std::collections::VecDeque;
+
+/// Bounds of one batch.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Encoded bytes after which the queue is flushed.
+    pub max_bytes: usize,
+    /// Calls after which the queue is flushed.
+    pub max_calls: usize,
+    /// Batches sent but not yet answered before the client waits for one.
+    pub max_in_flight: usize,
+}
+
+/// The first error of queued work, and how many there were.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Latched {
+    pub first: ClientError,
+    pub count: u64,
+}
+
+/// The queue of one command stream.
+#[derive(Debug)]
+pub struct CallQueue {
+    limits: BatchLimits,
+    pending: Vec<v1::Call>,
+    pending_bytes: usize,
+    next_seq: u64,
+    in_flight: VecDeque<(u64, u32)>,
+    latched: Option<Latched>,
+}
+
+impl CallQueue {
+    pub fn new(limits: BatchLimits) -> Self {
+        Self { limits, pending: Vec::new(), pending_bytes: 0, next_seq: 1, in_flight: VecDeque::new(), latched: None }
+    }
+
+    /// Queues a call; returns a batch to send when the queue is full.
+    pub fn push(&mut self, op: Op) -> Option<v1::Batch> {
+        let call = v1::Call { op: Some(op) };
+        // Field tag + length prefix, as the call will sit inside `Batch`.
+        self.pending_bytes += call.encoded_len() + 4;
+        self.pending.push(call);
+        if self.pending_bytes >= self.limits.max_bytes || self.pending.len() >= self.limits.max_calls {
+            self.cut()
+        } else {
+            None
+        }
+    }
+
+    /// Cuts a batch of everything queued, if anything is.
+    pub fn cut(&mut self) -> Option<v1::Batch> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.in_flight.push_back((seq, self.pending.len() as u32 - 1));
+        self.pending_bytes = 0;
+        Some(v1::Batch { seq, calls: std::mem::take(&mut self.pending) })
+    }
+
+    /// Number of calls queued and not yet cut.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Batches sent and not answered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// `true` when the client must read a reply before sending more.
+    pub fn must_drain(&self) -> bool {
+        self.in_flight.len() > self.limits.max_in_flight
+    }
+
+    /// Sequence number of the most recently cut batch.
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    fn latch(&mut self, err: ClientError, count: u64) {
+        match &mut self.latched {
+            Some(l) => l.count += count,
+            None => self.latched = Some(Latched { first: err, count }),
+        }
+    }
+
+    /// Takes the latched error, if any.
+    pub fn take_latched(&mut self) -> Option<Latched> {
+        self.latched.take()
+    }
+
+    /// Handles the next reply. For batch `awaited` (the one a synchronizing
+    /// call waits for) the last call's own error or result is returned;
+    /// every other error is latched.
+    pub fn on_reply(&mut self, reply: v1::BatchReply, awaited: u64) -> Result<Answer> {
+        if reply.seq == 0 {
+            // The server could not read a frame of ours.
+            let msg = reply.errors.first().map(|e| e.message.clone()).unwrap_or_default();
+            return Err(ClientError::Protocol(format!("server rejected a frame: {msg}")));
+        }
+        let Some((seq, last)) = self.in_flight.pop_front() else {
+            return Err(ClientError::Protocol(format!("reply {} to no batch", reply.seq)));
+        };
+        if seq != reply.seq {
+            return Err(ClientError::Protocol(format!("reply {} does not match batch {seq}", reply.seq)));
+        }
+        let listed = reply.errors.len() as u64;
+        let mut own = None;
+        for e in reply.errors {
+            let err = ClientError::Cuda { code: e.code, message: e.message };
+            if seq == awaited && e.index == last && own.is_none() {
+                own = Some(err);
+            } else {
+                self.latch(err, 1);
+            }
+        }
+        let unlisted = u64::from(reply.error_count).saturating_sub(listed);
+        if unlisted > 0 {
+            let err = ClientError::Cuda { code: gpupool_proto::cuda::UNKNOWN, message: "unlisted errors".into() };
+            self.latch(err, unlisted);
+        }
+        let result = match own {
+            Some(e) => Err(e),
+            None => Ok(reply.result.and_then(|r| r.value)),
+        };
+        Ok(Answer { seq, result })
+    }
+}
+
+/// What one reply answered.
+#[derive(Debug)]
+pub struct Answer {
+    pub seq: u64,
+    /// The last call's result, or its own error (awaited batch only).
+    pub result: Result<Option<v1::call_result::Value>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> BatchLimits {
+        BatchLimits { max_bytes: 1 << 20, max_calls: 100_000, max_in_flight: 4 }
+    }
+
+    fn sync_op() -> Op {
+        Op::ContextSynchronize(v1::ContextSynchronize {})
+    }
+
+    #[test]
+    fn ten_thousand_launches_one_batch() {
+        let mut q = CallQueue::new(limits());
+        for _ in 0..10_000 {
+            let launch = v1::Launch { module: 1, function: 0, params: vec![0u8; 28].into(), ..Default::default() };
+            assert!(q.push(Op::Launch(launch)).is_none(), "cut early");
+        }
+        q.push(sync_op());
+        let b = q.cut().expect("batch");
+        assert_eq!(b.calls.len(), 10_001);
+        assert_eq!(q.pending(), 0);
+    }
+
+    #[test]
+    fn size_bound_cuts() {
+        let mut q = CallQueue::new(BatchLimits { max_bytes: 100, ..limits() });
+        let mut cut = 0;
+        for _ in 0..50 {
+            cut += usize::from(q.push(sync_op()).is_some());
+        }
+        assert!(cut > 0);
+    }
+
+    #[test]
+    fn errors_latched_until_sync() {
+        let mut q = CallQueue::new(limits());
+        q.push(sync_op());
+        let b1 = q.cut().expect("b1");
+        q.push(sync_op());
+        q.push(sync_op());
+        let b2 = q.cut().expect("b2");
+        let err = |index, code| v1::CallError { index, code, message: "x".into() };
+        let r1 = v1::BatchReply { seq: b1.seq, errors: vec![err(0, 400)], error_count: 1, result: None };
+        let a = q.on_reply(r1, b2.seq).expect("reply");
+        assert!(a.result.is_ok(), "an earlier batch's error is latched, not returned");
+        let r2 = v1::BatchReply { seq: b2.seq, errors: vec![err(0, 1), err(1, 2)], error_count: 3, result: None };
+        let a = q.on_reply(r2, b2.seq).expect("reply");
+        assert_eq!(a.result.expect_err("own error").code(), 2);
+        let l = q.take_latched().expect("latched");
+        assert_eq!(l.first.code(), 400);
+        assert_eq!(l.count, 3);
+        assert!(q.take_latched().is_none());
+    }
+
+    #[test]
+    fn mismatched_reply_is_a_protocol_error() {
+        let mut q = CallQueue::new(limits());
+        q.push(sync_op());
+        q.cut();
+        let r = v1::BatchReply { seq: 9, ..Default::default() };
+        assert!(matches!(q.on_reply(r, 9), Err(ClientError::Protocol(_))));
+    }
+}

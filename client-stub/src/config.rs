@@ -1,0 +1,89 @@
+//! Typed client configuration.
+
+use crate::batch::BatchLimits;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// How the client trusts the server's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// Accept exactly the certificate with this hex SHA-256 (what the server
+    /// prints at start).
+    Fingerprint(String),
+    /// Verify against these PEM-encoded CA certificates and the server name.
+    CaPem(Vec<u8>),
+}
+
+/// Everything needed to open a session.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The gpu-server's QUIC address.
+    pub server: SocketAddr,
+    /// Name the certificate must carry (CA mode).
+    pub server_name: String,
+    pub trust: Trust,
+    /// Session token (shared secret or signed lease).
+    pub token: String,
+    pub batch: BatchLimits,
+    /// Bytes per bulk chunk.
+    pub bulk_chunk_bytes: usize,
+    /// Bulk streams in flight at once.
+    pub bulk_parallel: usize,
+    /// lz4-compress uploads when it pays.
+    pub compression: bool,
+    pub connect_timeout: Duration,
+    /// Longest wait for one reply. Long kernels need a generous bound; a
+    /// dead server is detected sooner by the QUIC idle timeout.
+    pub reply_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub keep_alive: Duration,
+    /// Largest UDP payload the client sends (Lambda: at most 1200).
+    pub max_udp_payload: u16,
+}
+
+impl ClientConfig {
+    /// Defaults for a server at `server` with the given trust and token.
+    pub fn new(server: SocketAddr, trust: Trust, token: impl Into<String>) -> Self {
+        Self {
+            server,
+            server_name: "localhost".into(),
+            trust,
+            token: token.into(),
+            batch: BatchLimits { max_bytes: 1 << 20, max_calls: 65_536, max_in_flight: 32 },
+            bulk_chunk_bytes: 4 << 20,
+            bulk_parallel: 8,
+            compression: true,
+            connect_timeout: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(2),
+            max_udp_payload: 1452,
+        }
+    }
+
+    /// Checks the settings, reporting every problem.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut bad = Vec::new();
+        if self.token.is_empty() {
+            bad.push("token is empty");
+        }
+        if self.batch.max_bytes < 1024 || self.batch.max_calls == 0 || self.batch.max_in_flight == 0 {
+            bad.push("batch limits must allow at least 1 KiB, 1 call and 1 batch in flight");
+        }
+        if self.bulk_chunk_bytes < 4096 || self.bulk_parallel == 0 {
+            bad.push("bulk chunks must be at least 4 KiB with at least 1 stream");
+        }
+        if self.keep_alive >= self.idle_timeout {
+            bad.push("keep_alive must be shorter than idle_timeout");
+        }
+        if self.max_udp_payload < 1200 {
+            bad.push("max_udp_payload must be at least 1200 (QUIC's minimum)");
+        }
+        if let Trust::Fingerprint(f) = &self.trust
+            && (f.len() != 64 || !f.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            bad.push("the certificate fingerprint must be 64 hex digits (SHA-256)");
+        }
+        if bad.is_empty() { Ok(()) } else { Err(bad.join("; ")) }
+    }
+}

@@ -1,0 +1,585 @@
+//! The session: a CUDA-driver-shaped API over one connection to a gpu-server.
+//!
+//! Calls that return nothing the caller needs now (launch, memset, copies
+//! from host memory, event record, stream wait, free) are queued and sent
+//! with the next flush; calls that must answer flush the queue and wait once.
+//! Ids of streams, events and modules, and device addresses, are assigned
+//! here without a round trip.
+
+use crate::alloc::{AddressSpace, MapOp};
+use crate::batch::CallQueue;
+use crate::config::ClientConfig;
+use crate::error::{ClientError, Result};
+use crate::transport::{QuicTransport, Transport};
+use bytes::Bytes;
+use gpupool_proto::payload::{self, Compression};
+use gpupool_proto::v1::{self, call::Op, call_result::Value};
+use gpupool_proto::{cuda, v1::memcpy_hto_d::Source};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A stream of this session (0 is the default stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamId(pub u32);
+
+impl StreamId {
+    /// The default (legacy) stream.
+    pub const DEFAULT: StreamId = StreamId(0);
+}
+
+/// An event of this session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EventId(pub u32);
+
+/// A loaded module and its functions' parameter layouts.
+#[derive(Debug, Clone)]
+pub struct Module {
+    pub id: u32,
+    pub functions: Arc<Vec<v1::FunctionInfo>>,
+}
+
+/// A kernel of a loaded module.
+#[derive(Debug, Clone)]
+pub struct Function {
+    pub module: u32,
+    pub index: u32,
+    pub info: v1::FunctionInfo,
+}
+
+impl Module {
+    /// The function named `name` (no round trip: layouts came with the load).
+    pub fn function(&self, name: &str) -> Result<Function> {
+        let index = self
+            .functions
+            .iter()
+            .position(|f| f.name == name)
+            .ok_or_else(|| ClientError::Cuda { code: cuda::NOT_FOUND, message: format!("no function {name} in module") })?;
+        Ok(Function { module: self.id, index: index as u32, info: self.functions[index].clone() })
+    }
+}
+
+/// One kernel argument, packed by the function's parameter layout.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KernelArg {
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    /// A device address.
+    Ptr(u64),
+}
+
+impl KernelArg {
+    fn bytes(&self) -> Vec<u8> {
+        match *self {
+            Self::U32(v) => v.to_le_bytes().to_vec(),
+            Self::I32(v) => v.to_le_bytes().to_vec(),
+            Self::U64(v) | Self::Ptr(v) => v.to_le_bytes().to_vec(),
+            Self::I64(v) => v.to_le_bytes().to_vec(),
+            Self::F32(v) => v.to_le_bytes().to_vec(),
+            Self::F64(v) => v.to_le_bytes().to_vec(),
+        }
+    }
+}
+
+/// Packs `args` into a parameter buffer laid out as `f` says.
+pub fn pack_args(f: &v1::FunctionInfo, args: &[KernelArg]) -> Result<Vec<u8>> {
+    if args.len() != f.params.len() {
+        return Err(ClientError::InvalidValue(format!(
+            "{} takes {} arguments, got {}",
+            f.name,
+            f.params.len(),
+            args.len()
+        )));
+    }
+    let mut buf = vec![0u8; f.params_size as usize];
+    for (i, (p, a)) in f.params.iter().zip(args).enumerate() {
+        let b = a.bytes();
+        if b.len() != p.size as usize {
+            return Err(ClientError::InvalidValue(format!(
+                "argument {i} of {} is {} bytes, the kernel expects {}",
+                f.name,
+                b.len(),
+                p.size
+            )));
+        }
+        let end = (p.offset + p.size) as usize;
+        if end > buf.len() {
+            return Err(ClientError::Protocol(format!("parameter {i} of {} lies outside its buffer", f.name)));
+        }
+        buf[p.offset as usize..end].copy_from_slice(&b);
+    }
+    Ok(buf)
+}
+
+/// Grid and block of a launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaunchConfig {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_mem_bytes: u32,
+}
+
+impl LaunchConfig {
+    /// A 1-D launch covering `n` elements with `block` threads per block.
+    pub fn for_elements(n: u32, block: u32) -> Self {
+        Self { grid: (n.div_ceil(block).max(1), 1, 1), block: (block, 1, 1), shared_mem_bytes: 0 }
+    }
+}
+
+fn dim3((x, y, z): (u32, u32, u32)) -> Option<v1::Dim3> {
+    Some(v1::Dim3 { x, y, z })
+}
+
+#[derive(Debug)]
+struct State {
+    queue: CallQueue,
+    space: AddressSpace,
+    next_stream: u32,
+    next_event: u32,
+    next_module: u32,
+    next_transfer: u64,
+    modules: HashMap<u32, Module>,
+    /// Set once the connection is gone: every later call fails with it.
+    dead: Option<ClientError>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    transport: Box<dyn Transport>,
+    state: Mutex<State>,
+    welcome: v1::Welcome,
+    compression: Compression,
+}
+
+/// A session on a remote GPU. Cloning shares the session.
+#[derive(Debug, Clone)]
+pub struct Session {
+    inner: Arc<Inner>,
+}
+
+impl Session {
+    /// Connects to the server in `config` and opens a session.
+    pub fn connect(config: &ClientConfig) -> Result<Self> {
+        let transport = QuicTransport::connect(config)?;
+        Ok(Self::with_transport(Box::new(transport), config))
+    }
+
+    /// A session over an already connected transport.
+    pub fn with_transport(transport: Box<dyn Transport>, config: &ClientConfig) -> Self {
+        let welcome = transport.welcome().clone();
+        let mut batch = config.batch;
+        // A batch must fit in one frame with room for its envelope.
+        batch.max_bytes = batch.max_bytes.min((welcome.max_frame_bytes as usize).saturating_sub(64 << 10).max(1024));
+        let state = State {
+            queue: CallQueue::new(batch),
+            space: AddressSpace::new(welcome.va_base, welcome.va_size, welcome.granularity, welcome.memory_quota),
+            next_stream: 1,
+            next_event: 1,
+            next_module: 1,
+            next_transfer: 1,
+            modules: HashMap::new(),
+            dead: None,
+        };
+        let compression = if config.compression { Compression::Auto } else { Compression::Off };
+        Self { inner: Arc::new(Inner { transport, state: Mutex::new(state), welcome, compression }) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The server's handshake answer: session id, range, quota, device.
+    pub fn welcome(&self) -> &v1::Welcome {
+        &self.inner.welcome
+    }
+
+    /// The virtual GPU as the server describes it.
+    pub fn device(&self) -> v1::DeviceInfo {
+        self.inner.welcome.device.clone().unwrap_or_default()
+    }
+
+    /// `(free, total)` device memory of the virtual GPU, without a round trip.
+    pub fn mem_get_info(&self) -> (u64, u64) {
+        let st = self.lock();
+        (st.space.quota() - st.space.mapped(), st.space.quota())
+    }
+
+    // --- queueing --------------------------------------------------------
+
+    fn check_alive(st: &State) -> Result<()> {
+        match &st.dead {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    fn mark_dead(st: &mut State, e: ClientError) -> ClientError {
+        if e.is_fatal() && st.dead.is_none() {
+            st.dead = Some(e.clone());
+        }
+        e
+    }
+
+    /// Queues a call; sends a batch if the queue is full.
+    fn enqueue(&self, st: &mut State, op: Op) -> Result<()> {
+        Self::check_alive(st)?;
+        if let Some(batch) = st.queue.push(op) {
+            self.send(st, &batch)?;
+        }
+        Ok(())
+    }
+
+    fn send(&self, st: &mut State, batch: &v1::Batch) -> Result<()> {
+        self.inner.transport.send_batch(batch).map_err(|e| Self::mark_dead(st, e))?;
+        // Bounded: read answers before running too far ahead.
+        while st.queue.must_drain() {
+            let reply = self.inner.transport.recv_reply().map_err(|e| Self::mark_dead(st, e))?;
+            st.queue.on_reply(reply, 0).map_err(|e| Self::mark_dead(st, e))?;
+        }
+        Ok(())
+    }
+
+    /// Sends `op` after everything queued and waits for its answer. Returns
+    /// the call's own error, else the first latched error of earlier calls,
+    /// else its result.
+    fn call(&self, st: &mut State, op: Op) -> Result<Option<Value>> {
+        Self::check_alive(st)?;
+        st.queue.push(op);
+        let batch = st.queue.cut().ok_or_else(|| ClientError::Protocol("empty batch".into()))?;
+        self.send(st, &batch)?;
+        let result = loop {
+            let reply = self.inner.transport.recv_reply().map_err(|e| Self::mark_dead(st, e))?;
+            let answer = st.queue.on_reply(reply, batch.seq).map_err(|e| Self::mark_dead(st, e))?;
+            if answer.seq == batch.seq {
+                break answer.result;
+            }
+        };
+        let value = result?;
+        if let Some(l) = st.queue.take_latched() {
+            return Err(l.first);
+        }
+        Ok(value)
+    }
+
+    /// Sends what is queued without waiting.
+    pub fn flush(&self) -> Result<()> {
+        let mut st = self.lock();
+        Self::check_alive(&st)?;
+        match st.queue.cut() {
+            Some(batch) => self.send(&mut st, &batch),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends an arbitrary call and waits for it (tests and tools).
+    pub fn raw_call(&self, op: Op) -> Result<Option<Value>> {
+        let mut st = self.lock();
+        self.call(&mut st, op)
+    }
+
+    /// Queues an arbitrary call (tests and tools).
+    pub fn raw_enqueue(&self, op: Op) -> Result<()> {
+        let mut st = self.lock();
+        self.enqueue(&mut st, op)
+    }
+
+    // --- memory ----------------------------------------------------------
+
+    /// Allocates `size` bytes of device memory (`cuMemAlloc`), no round trip.
+    pub fn mem_alloc(&self, size: u64) -> Result<u64> {
+        let mut st = self.lock();
+        Self::check_alive(&st)?;
+        let (addr, op) = st.space.alloc(size)?;
+        if let Some(MapOp::Map { addr, size }) = op {
+            self.enqueue(&mut st, Op::MemMap(v1::MemMap { addr, size }))?;
+        }
+        Ok(addr)
+    }
+
+    /// Frees an allocation (`cuMemFree`), no round trip.
+    pub fn mem_free(&self, addr: u64) -> Result<()> {
+        let mut st = self.lock();
+        Self::check_alive(&st)?;
+        if let Some(MapOp::Unmap { addr }) = st.space.free(addr)? {
+            self.enqueue(&mut st, Op::MemUnmap(v1::MemUnmap { addr }))?;
+        }
+        Ok(())
+    }
+
+    /// Copies host bytes to the device. The bytes are captured before this
+    /// returns, so the caller may reuse its buffer; the copy is ordered on
+    /// `stream` like every queued call.
+    pub fn memcpy_htod(&self, dst: u64, src: &[u8], stream: StreamId) -> Result<()> {
+        let mut st = self.lock();
+        Self::check_alive(&st)?;
+        let size = src.len() as u64;
+        if size <= u64::from(self.inner.welcome.max_inline_bytes) {
+            let p = payload::encode(Bytes::copy_from_slice(src), self.inner.compression);
+            let op = Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Inline(p)) });
+            return self.enqueue(&mut st, op);
+        }
+        let id = st.next_transfer;
+        st.next_transfer += 1;
+        self.inner.transport.bulk_put(id, Bytes::copy_from_slice(src)).map_err(|e| Self::mark_dead(&mut st, e))?;
+        let staged = v1::StagedRef { transfer_id: id, size };
+        let op = Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Staged(staged)) });
+        self.enqueue(&mut st, op)?;
+        // The staged bytes wait in server memory until the copy runs.
+        let batch = st.queue.cut();
+        match batch {
+            Some(b) => self.send(&mut st, &b),
+            None => Ok(()),
+        }
+    }
+
+    /// Copies device memory into `dst`; waits for the data.
+    pub fn memcpy_dtoh(&self, dst: &mut [u8], src: u64, stream: StreamId) -> Result<()> {
+        let mut st = self.lock();
+        let op = Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: dst.len() as u64, stream: stream.0 });
+        match self.call(&mut st, op)? {
+            Some(Value::Data(p)) => {
+                let bytes = payload::decode(p, dst.len() as u64).map_err(|e| ClientError::Protocol(e.to_string()))?;
+                if bytes.len() != dst.len() {
+                    return Err(ClientError::Protocol("copy returned the wrong number of bytes".into()));
+                }
+                dst.copy_from_slice(&bytes);
+                Ok(())
+            }
+            Some(Value::Staged(s)) if s.size == dst.len() as u64 => {
+                self.inner.transport.bulk_get(s.transfer_id, dst).map_err(|e| Self::mark_dead(&mut st, e))
+            }
+            other => Err(ClientError::Protocol(format!("unexpected copy result {other:?}"))),
+        }
+    }
+
+    /// Device-to-device copy, queued.
+    pub fn memcpy_dtod(&self, dst: u64, src: u64, size: u64, stream: StreamId) -> Result<()> {
+        let mut st = self.lock();
+        self.enqueue(&mut st, Op::MemcpyDtod(v1::MemcpyDtoD { dst, src, size, stream: stream.0 }))
+    }
+
+    /// Sets `count` elements of `element_size` bytes (1, 2, 4) to `value`, queued.
+    pub fn memset(&self, dst: u64, value: u32, element_size: u32, count: u64, stream: StreamId) -> Result<()> {
+        let mut st = self.lock();
+        let op = Op::Memset(v1::Memset { dst, value, element_size, count, stream: stream.0 });
+        self.enqueue(&mut st, op)
+    }
+
+    // --- modules and launches --------------------------------------------
+
+    /// Loads a module image (PTX, cubin, fatbin, or
+    /// [`gpupool_proto::BUILTIN_MODULE`]). Sends the hash first and the
+    /// image only if the server does not hold it.
+    pub fn module_load(&self, image: &[u8]) -> Result<Module> {
+        let mut st = self.lock();
+        let id = st.next_module;
+        st.next_module += 1;
+        let sha256 = Bytes::copy_from_slice(&Sha256::digest(image));
+        let by_hash = Op::ModuleLoad(v1::ModuleLoad { module: id, sha256: sha256.clone(), image: None });
+        let value = match self.call(&mut st, by_hash) {
+            Err(ClientError::Cuda { code: cuda::FILE_NOT_FOUND, .. }) => {
+                let p = payload::encode(Bytes::copy_from_slice(image), self.inner.compression);
+                self.call(&mut st, Op::ModuleLoad(v1::ModuleLoad { module: id, sha256, image: Some(p) }))?
+            }
+            other => other?,
+        };
+        let Some(Value::Module(info)) = value else {
+            return Err(ClientError::Protocol("module load returned no function list".into()));
+        };
+        let module = Module { id, functions: Arc::new(info.functions) };
+        st.modules.insert(id, module.clone());
+        Ok(module)
+    }
+
+    /// Unloads a module, queued.
+    pub fn module_unload(&self, module: &Module) -> Result<()> {
+        let mut st = self.lock();
+        st.modules
+            .remove(&module.id)
+            .ok_or_else(|| ClientError::InvalidHandle(format!("module {} is not loaded", module.id)))?;
+        self.enqueue(&mut st, Op::ModuleUnload(v1::ModuleUnload { module: module.id }))
+    }
+
+    /// Launches `f` with typed arguments, queued.
+    pub fn launch(&self, f: &Function, cfg: LaunchConfig, stream: StreamId, args: &[KernelArg]) -> Result<()> {
+        let params = pack_args(&f.info, args)?;
+        self.launch_raw(f, cfg, stream, params)
+    }
+
+    /// Launches `f` with a ready parameter buffer, queued.
+    pub fn launch_raw(&self, f: &Function, cfg: LaunchConfig, stream: StreamId, params: Vec<u8>) -> Result<()> {
+        let mut st = self.lock();
+        let op = Op::Launch(v1::Launch {
+            module: f.module,
+            function: f.index,
+            grid: dim3(cfg.grid),
+            block: dim3(cfg.block),
+            shared_mem_bytes: cfg.shared_mem_bytes,
+            stream: stream.0,
+            params: params.into(),
+        });
+        self.enqueue(&mut st, op)
+    }
+
+    // --- streams and events ----------------------------------------------
+
+    /// Creates a stream, queued; the id is assigned here.
+    pub fn stream_create(&self, flags: u32, priority: i32) -> Result<StreamId> {
+        let mut st = self.lock();
+        let id = st.next_stream;
+        st.next_stream += 1;
+        self.enqueue(&mut st, Op::StreamCreate(v1::StreamCreate { stream: id, flags, priority }))?;
+        Ok(StreamId(id))
+    }
+
+    pub fn stream_destroy(&self, s: StreamId) -> Result<()> {
+        let mut st = self.lock();
+        self.enqueue(&mut st, Op::StreamDestroy(v1::StreamDestroy { stream: s.0 }))
+    }
+
+    /// Waits for all work on `s`; returns errors of earlier queued work.
+    pub fn stream_synchronize(&self, s: StreamId) -> Result<()> {
+        let mut st = self.lock();
+        self.call(&mut st, Op::StreamSynchronize(v1::StreamSynchronize { stream: s.0 })).map(drop)
+    }
+
+    /// `true` when all work on `s` has completed.
+    pub fn stream_query(&self, s: StreamId) -> Result<bool> {
+        let mut st = self.lock();
+        match self.call(&mut st, Op::StreamQuery(v1::StreamQuery { stream: s.0 }))? {
+            Some(Value::Ready(r)) => Ok(r),
+            other => Err(ClientError::Protocol(format!("unexpected query result {other:?}"))),
+        }
+    }
+
+    /// Makes `s` wait for `e`, queued.
+    pub fn stream_wait_event(&self, s: StreamId, e: EventId) -> Result<()> {
+        let mut st = self.lock();
+        self.enqueue(&mut st, Op::StreamWaitEvent(v1::StreamWaitEvent { stream: s.0, event: e.0 }))
+    }
+
+    pub fn event_create(&self, flags: u32) -> Result<EventId> {
+        let mut st = self.lock();
+        let id = st.next_event;
+        st.next_event += 1;
+        self.enqueue(&mut st, Op::EventCreate(v1::EventCreate { event: id, flags }))?;
+        Ok(EventId(id))
+    }
+
+    pub fn event_destroy(&self, e: EventId) -> Result<()> {
+        let mut st = self.lock();
+        self.enqueue(&mut st, Op::EventDestroy(v1::EventDestroy { event: e.0 }))
+    }
+
+    pub fn event_record(&self, e: EventId, s: StreamId) -> Result<()> {
+        let mut st = self.lock();
+        self.enqueue(&mut st, Op::EventRecord(v1::EventRecord { event: e.0, stream: s.0 }))
+    }
+
+    pub fn event_query(&self, e: EventId) -> Result<bool> {
+        let mut st = self.lock();
+        match self.call(&mut st, Op::EventQuery(v1::EventQuery { event: e.0 }))? {
+            Some(Value::Ready(r)) => Ok(r),
+            other => Err(ClientError::Protocol(format!("unexpected query result {other:?}"))),
+        }
+    }
+
+    pub fn event_synchronize(&self, e: EventId) -> Result<()> {
+        let mut st = self.lock();
+        self.call(&mut st, Op::EventSynchronize(v1::EventSynchronize { event: e.0 })).map(drop)
+    }
+
+    /// Milliseconds between two recorded events.
+    pub fn event_elapsed(&self, start: EventId, end: EventId) -> Result<f32> {
+        let mut st = self.lock();
+        match self.call(&mut st, Op::EventElapsed(v1::EventElapsed { start: start.0, end: end.0 }))? {
+            Some(Value::ElapsedMs(ms)) => Ok(ms),
+            other => Err(ClientError::Protocol(format!("unexpected elapsed result {other:?}"))),
+        }
+    }
+
+    /// Waits for all work of the session (`cuCtxSynchronize`).
+    pub fn synchronize(&self) -> Result<()> {
+        let mut st = self.lock();
+        self.call(&mut st, Op::ContextSynchronize(v1::ContextSynchronize {})).map(drop)
+    }
+
+    /// Ends the session; queued work is flushed first.
+    pub fn close(self) -> Result<()> {
+        let flushed = self.flush();
+        self.inner.transport.close();
+        flushed
+    }
+}
+
+/// A typed device allocation that frees itself on drop. A failed free is
+/// latched by the session like any queued error.
+#[derive(Debug)]
+pub struct DeviceBuffer<T> {
+    session: Session,
+    addr: u64,
+    len: usize,
+    _t: std::marker::PhantomData<T>,
+}
+
+impl<T: bytemuck::Pod> DeviceBuffer<T> {
+    /// `len` elements of uninitialized device memory.
+    pub fn new(session: &Session, len: usize) -> Result<Self> {
+        let bytes = (len * std::mem::size_of::<T>()) as u64;
+        let addr = session.mem_alloc(bytes)?;
+        Ok(Self { session: session.clone(), addr, len, _t: std::marker::PhantomData })
+    }
+
+    /// A device copy of `data`.
+    pub fn from_slice(session: &Session, data: &[T]) -> Result<Self> {
+        let buf = Self::new(session, data.len())?;
+        session.memcpy_htod(buf.addr, bytemuck::cast_slice(data), StreamId::DEFAULT)?;
+        Ok(buf)
+    }
+
+    /// Device address.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// Elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The address as a kernel argument.
+    pub fn arg(&self) -> KernelArg {
+        KernelArg::Ptr(self.addr)
+    }
+
+    /// Copies the buffer back to the host.
+    pub fn to_vec(&self) -> Result<Vec<T>> {
+        let mut out = vec![T::zeroed(); self.len];
+        self.session.memcpy_dtoh(bytemuck::cast_slice_mut(&mut out), self.addr, StreamId::DEFAULT)?;
+        Ok(out)
+    }
+
+    /// Overwrites the buffer with `data` (same length).
+    pub fn write(&self, data: &[T]) -> Result<()> {
+        if data.len() != self.len {
+            return Err(ClientError::InvalidValue(format!("{} elements into a buffer of {}", data.len(), self.len)));
+        }
+        self.session.memcpy_htod(self.addr, bytemuck::cast_slice(data), StreamId::DEFAULT)
+    }
+}
+
+impl<T> Drop for DeviceBuffer<T> {
+    fn drop(&mut self) {
+        if let Err(e) = self.session.mem_free(self.addr) {
+            tracing::debug!(error = %e, addr = self.addr, "freeing a device buffer failed");
+        }
+    }
+}

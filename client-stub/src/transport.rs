@@ -1,0 +1,356 @@
+//! Transports carry frames between the client core and a gpu-server.
+//!
+//! [`Transport`] is the small surface the session needs: an ordered command
+//! stream (batches out, replies in) and bulk transfers. [`QuicTransport`] is
+//! the default implementation; it owns a small tokio runtime so the blocking,
+//! CUDA-shaped API above it works from any thread, async ones included.
+
+use crate::config::ClientConfig;
+use crate::error::{ClientError, Result};
+use bytes::Bytes;
+use gpupool_proto::frame::{self, FrameDecoder};
+use gpupool_proto::payload::{self, Compression};
+use gpupool_proto::{PROTOCOL_VERSION, close_code, v1};
+use prost::Message;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Mutex, Semaphore};
+use tokio::task::JoinSet;
+
+/// What a session needs from a transport.
+pub trait Transport: Send + Sync + std::fmt::Debug {
+    /// The server's answer to the handshake.
+    fn welcome(&self) -> &v1::Welcome;
+    /// Sends a batch on the command stream; returns once it is on its way.
+    fn send_batch(&self, batch: &v1::Batch) -> Result<()>;
+    /// The next reply on the command stream.
+    fn recv_reply(&self) -> Result<v1::BatchReply>;
+    /// Uploads `data` as staged transfer `id`.
+    fn bulk_put(&self, id: u64, data: Bytes) -> Result<()>;
+    /// Downloads staged transfer `id` into `out` (its whole size).
+    fn bulk_get(&self, id: u64, out: &mut [u8]) -> Result<()>;
+    /// Ends the session.
+    fn close(&self);
+}
+
+/// Frames larger than this are refused from the server.
+const MAX_REPLY_FRAME: usize = 64 << 20;
+
+#[derive(Debug)]
+struct CommandStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+}
+
+/// A session over one QUIC connection.
+#[derive(Debug)]
+pub struct QuicTransport {
+    /// Always `Some` until drop, which takes it to shut it down safely.
+    rt: Option<tokio::runtime::Runtime>,
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    cmd: Arc<Mutex<CommandStream>>,
+    welcome: v1::Welcome,
+    chunk: usize,
+    parallel: Arc<Semaphore>,
+    compression: Compression,
+    reply_timeout: Duration,
+}
+
+/// Maps a connection failure to the client's error.
+fn lost(e: &quinn::ConnectionError) -> ClientError {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            let reason = String::from_utf8_lossy(&c.reason).into_owned();
+            let code = c.error_code.into_inner() as u32;
+            if code == close_code::SHUTDOWN {
+                ClientError::ConnectionLost(format!("server shut down: {reason}"))
+            } else if code == close_code::NORMAL {
+                ClientError::ConnectionLost(format!("session closed: {reason}"))
+            } else {
+                ClientError::Refused { code, reason }
+            }
+        }
+        quinn::ConnectionError::TimedOut => {
+            ClientError::ConnectionLost("no answer from the server within the idle timeout".into())
+        }
+        quinn::ConnectionError::Reset => {
+            ClientError::ConnectionLost("the server no longer knows this connection (restarted?)".into())
+        }
+        other => ClientError::ConnectionLost(other.to_string()),
+    }
+}
+
+fn write_err(e: quinn::WriteError) -> ClientError {
+    match e {
+        quinn::WriteError::ConnectionLost(c) => lost(&c),
+        other => ClientError::ConnectionLost(other.to_string()),
+    }
+}
+
+fn read_err(e: quinn::ReadError) -> ClientError {
+    match e {
+        quinn::ReadError::ConnectionLost(c) => lost(&c),
+        other => ClientError::ConnectionLost(other.to_string()),
+    }
+}
+
+/// Reads the next frame from the command stream.
+async fn next_frame(cmd: &mut CommandStream) -> Result<Bytes> {
+    loop {
+        if let Some(f) = cmd.decoder.next_frame().map_err(|e| ClientError::Protocol(e.to_string()))? {
+            return Ok(f);
+        }
+        match cmd.recv.read_chunk(1 << 20, true).await.map_err(read_err)? {
+            Some(chunk) => cmd.decoder.push(&chunk.bytes),
+            None => {
+                cmd.decoder.finish().map_err(|e| ClientError::Protocol(e.to_string()))?;
+                return Err(ClientError::ConnectionLost("the server ended the command stream".into()));
+            }
+        }
+    }
+}
+
+/// One request on its own bulk stream.
+async fn bulk_request(conn: &quinn::Connection, req: v1::BulkRequest, max: usize) -> Result<Option<v1::Payload>> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+    send.write_all(&frame::encode(&req)).await.map_err(write_err)?;
+    let _ = send.finish();
+    let bytes = recv.read_to_end(max).await.map_err(|e| match e {
+        quinn::ReadToEndError::Read(e) => read_err(e),
+        quinn::ReadToEndError::TooLong => ClientError::Protocol("bulk response too long".into()),
+    })?;
+    let mut dec = FrameDecoder::new(max);
+    dec.push(&bytes);
+    let body = dec
+        .next_frame()
+        .map_err(|e| ClientError::Protocol(e.to_string()))?
+        .ok_or_else(|| ClientError::Protocol("bulk response truncated".into()))?;
+    let resp = v1::BulkResponse::decode(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    if let Some(e) = resp.error {
+        return Err(ClientError::Cuda { code: e.code, message: e.message });
+    }
+    Ok(resp.data)
+}
+
+/// The QUIC client configuration for `config`: TLS trust, timeouts, windows
+/// and datagram size.
+pub fn quinn_client_config(config: &ClientConfig) -> Result<quinn::ClientConfig> {
+    let tls = crate::tls::client_config(&config.trust)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| ClientError::Config(format!("TLS configuration unusable for QUIC: {e}")))?;
+    let mut qc = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(config.idle_timeout).map_err(|e| ClientError::Config(e.to_string()))?,
+    ));
+    t.keep_alive_interval(Some(config.keep_alive));
+    t.stream_receive_window(quinn::VarInt::from_u32(32 << 20));
+    t.receive_window(quinn::VarInt::from_u32(256 << 20));
+    t.send_window(256 << 20);
+    if config.max_udp_payload <= 1200 {
+        t.mtu_discovery_config(None);
+    } else {
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(config.max_udp_payload);
+        t.mtu_discovery_config(Some(mtu));
+    }
+    qc.transport_config(Arc::new(t));
+    Ok(qc)
+}
+
+impl QuicTransport {
+    /// Connects, presents the token and waits for the server's `Welcome`.
+    pub fn connect(config: &ClientConfig) -> Result<Self> {
+        config.validate().map_err(ClientError::Config)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("gpupool-io")
+            .enable_all()
+            .build()
+            .map_err(|e| ClientError::Connect(format!("cannot start the I/O runtime: {e}")))?;
+        let qc = quinn_client_config(config)?;
+        let bind: std::net::SocketAddr =
+            if config.server.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.map_err(|_| {
+                ClientError::Config("bad bind address".into())
+            })?;
+        let server = config.server;
+        let name = config.server_name.clone();
+        let hello = v1::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client_build: concat!("gpupool-client ", env!("CARGO_PKG_VERSION")).into(),
+            token: config.token.clone(),
+        };
+        let timeout = config.connect_timeout;
+        let (endpoint, conn, cmd, welcome) = rt.block_on(async move {
+            let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect(e.to_string()))?;
+            endpoint.set_default_client_config(qc);
+            let handshake = async {
+                let conn = endpoint
+                    .connect(server, &name)
+                    .map_err(|e| ClientError::Connect(e.to_string()))?
+                    .await
+                    .map_err(|e| match e {
+                        quinn::ConnectionError::TimedOut => ClientError::Connect(format!("no answer from {server}")),
+                        other => ClientError::Connect(other.to_string()),
+                    })?;
+                let (mut send, recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+                send.write_all(&frame::encode(&hello)).await.map_err(write_err)?;
+                let mut cmd = CommandStream { send, recv, decoder: FrameDecoder::new(MAX_REPLY_FRAME) };
+                let body = match next_frame(&mut cmd).await {
+                    Ok(b) => b,
+                    // A refusal closes the connection; report its reason.
+                    Err(e) => return Err(conn.close_reason().map(|c| lost(&c)).unwrap_or(e)),
+                };
+                let welcome =
+                    v1::Welcome::decode(body).map_err(|e| ClientError::Protocol(format!("bad Welcome: {e}")))?;
+                Ok::<_, ClientError>((conn, cmd, welcome))
+            };
+            let (conn, cmd, welcome) = tokio::time::timeout(timeout, handshake)
+                .await
+                .map_err(|_| ClientError::Connect(format!("no session with {server} within {timeout:?}")))??;
+            Ok::<_, ClientError>((endpoint, conn, cmd, welcome))
+        })?;
+        Ok(Self {
+            rt: Some(rt),
+            endpoint,
+            conn,
+            cmd: Arc::new(Mutex::new(cmd)),
+            welcome,
+            chunk: config.bulk_chunk_bytes,
+            parallel: Arc::new(Semaphore::new(config.bulk_parallel)),
+            compression: if config.compression { Compression::Auto } else { Compression::Off },
+            reply_timeout: config.reply_timeout,
+        })
+    }
+
+    /// Runs `fut` on the I/O runtime and waits for it, from any thread.
+    fn exec<T: Send + 'static>(&self, fut: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+        let limit = self.reply_timeout;
+        let fut = async move { tokio::time::timeout(limit, fut).await.map_err(|_| ClientError::Timeout(limit))? };
+        let rt = self.rt.as_ref().ok_or_else(|| ClientError::ConnectionLost("session closed".into()))?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return rt.block_on(fut);
+        }
+        // Inside another runtime block_on would panic: hand the future over.
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().map_err(|_| ClientError::ConnectionLost("I/O runtime stopped".into()))?
+    }
+
+    /// The QUIC connection's statistics (for diagnostics and benchmarks).
+    pub fn stats(&self) -> quinn::ConnectionStats {
+        self.conn.stats()
+    }
+}
+
+impl Transport for QuicTransport {
+    fn welcome(&self) -> &v1::Welcome {
+        &self.welcome
+    }
+
+    fn send_batch(&self, batch: &v1::Batch) -> Result<()> {
+        let bytes = frame::encode(batch);
+        let cmd = self.cmd.clone();
+        self.exec(async move { cmd.lock().await.send.write_all(&bytes).await.map_err(write_err) })
+    }
+
+    fn recv_reply(&self) -> Result<v1::BatchReply> {
+        let cmd = self.cmd.clone();
+        let body = self.exec(async move { next_frame(&mut *cmd.lock().await).await })?;
+        v1::BatchReply::decode(body).map_err(|e| ClientError::Protocol(format!("bad reply: {e}")))
+    }
+
+    fn bulk_put(&self, id: u64, data: Bytes) -> Result<()> {
+        let total = data.len() as u64;
+        let (conn, chunk, sem, mode) = (self.conn.clone(), self.chunk, self.parallel.clone(), self.compression);
+        self.exec(async move {
+            let mut tasks = JoinSet::new();
+            for offset in (0..data.len()).step_by(chunk) {
+                let permit = sem.clone().acquire_owned().await.map_err(|_| ClientError::ConnectionLost("closed".into()))?;
+                let part = data.slice(offset..(offset + chunk).min(data.len()));
+                let conn = conn.clone();
+                tasks.spawn(async move {
+                    let put = v1::BulkPut {
+                        transfer_id: id,
+                        total_size: total,
+                        offset: offset as u64,
+                        data: Some(payload::encode(part, mode)),
+                    };
+                    let req = v1::BulkRequest { op: Some(v1::bulk_request::Op::Put(put)) };
+                    let r = bulk_request(&conn, req, 1 << 20).await;
+                    drop(permit);
+                    r
+                });
+                // Surface a failure early instead of sending the rest.
+                while let Some(done) = tasks.try_join_next() {
+                    done.map_err(|e| ClientError::Protocol(e.to_string()))??;
+                }
+            }
+            while let Some(done) = tasks.join_next().await {
+                done.map_err(|e| ClientError::Protocol(e.to_string()))??;
+            }
+            Ok(())
+        })
+    }
+
+    fn bulk_get(&self, id: u64, out: &mut [u8]) -> Result<()> {
+        let total = out.len();
+        let (conn, chunk, sem) = (self.conn.clone(), self.chunk, self.parallel.clone());
+        let parts = self.exec(async move {
+            let mut tasks = JoinSet::new();
+            for offset in (0..total).step_by(chunk) {
+                let permit = sem.clone().acquire_owned().await.map_err(|_| ClientError::ConnectionLost("closed".into()))?;
+                let size = chunk.min(total - offset);
+                let conn = conn.clone();
+                tasks.spawn(async move {
+                    let get = v1::BulkGet { transfer_id: id, offset: offset as u64, size: size as u64 };
+                    let req = v1::BulkRequest { op: Some(v1::bulk_request::Op::Get(get)) };
+                    let r = bulk_request(&conn, req, size + (64 << 10)).await;
+                    drop(permit);
+                    let p = r?.ok_or_else(|| ClientError::Protocol("bulk get without data".into()))?;
+                    let bytes = payload::decode(p, size as u64).map_err(|e| ClientError::Protocol(e.to_string()))?;
+                    if bytes.len() != size {
+                        return Err(ClientError::Protocol(format!("bulk chunk of {} bytes, wanted {size}", bytes.len())));
+                    }
+                    Ok((offset, bytes))
+                });
+            }
+            let mut parts = Vec::new();
+            while let Some(done) = tasks.join_next().await {
+                parts.push(done.map_err(|e| ClientError::Protocol(e.to_string()))??);
+            }
+            Ok(parts)
+        })?;
+        for (offset, bytes) in parts {
+            out[offset..offset + bytes.len()].copy_from_slice(&bytes);
+        }
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.conn.close(close_code::NORMAL.into(), b"client closed the session");
+    }
+}
+
+impl Drop for QuicTransport {
+    fn drop(&mut self) {
+        self.conn.close(close_code::NORMAL.into(), b"client closed the session");
+        // Let the close frame leave before the runtime goes away.
+        let endpoint = self.endpoint.clone();
+        let wait = async move {
+            let _ = tokio::time::timeout(Duration::from_millis(200), endpoint.wait_idle()).await;
+        };
+        if let Some(rt) = self.rt.take() {
+            if tokio::runtime::Handle::try_current().is_err() {
+                rt.block_on(wait);
+            }
+            // Dropping a runtime inside another one would panic.
+            rt.shutdown_background();
+        }
+    }
+}

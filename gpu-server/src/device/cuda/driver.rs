@@ -1,0 +1,218 @@
+//! Thin helpers over cudarc's `driver::sys`: turning `CUresult`s into
+//! [`CallError`]s (raw code kept), finding the driver library without
+//! letting cudarc panic, and the few raw entry points that cudarc's typed
+//! signatures cannot express.
+
+use super::super::DeviceResult;
+use crate::error::CallError;
+use cudarc::driver::sys::{self, CUresult};
+use gpupool_proto::cuda;
+use std::ffi::{CStr, c_char, c_int};
+
+/// Every driver entry point this backend calls. cudarc resolves symbols
+/// lazily and panics on a missing one, so [`check_driver`] looks them all up
+/// before the first call.
+const REQUIRED_SYMBOLS: &[&str] = &[
+    "cuInit",
+    "cuGetErrorName",
+    "cuDriverGetVersion",
+    "cuDeviceGet",
+    "cuDeviceGetName",
+    "cuDeviceGetUuid_v2",
+    "cuDeviceTotalMem_v2",
+    "cuDeviceGetAttribute",
+    "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuCtxSetCurrent",
+    "cuCtxSynchronize",
+    "cuMemGetAllocationGranularity",
+    "cuMemAddressReserve",
+    "cuMemAddressFree",
+    "cuMemCreate",
+    "cuMemMap",
+    "cuMemSetAccess",
+    "cuMemUnmap",
+    "cuMemRelease",
+    "cuMemcpyHtoD_v2",
+    "cuMemcpyDtoH_v2",
+    "cuMemcpyDtoD_v2",
+    "cuMemcpyHtoDAsync_v2",
+    "cuMemcpyDtoHAsync_v2",
+    "cuMemcpyDtoDAsync_v2",
+    "cuMemsetD8_v2",
+    "cuMemsetD16_v2",
+    "cuMemsetD32_v2",
+    "cuMemsetD8Async",
+    "cuMemsetD16Async",
+    "cuMemsetD32Async",
+    "cuModuleLoadData",
+    "cuModuleUnload",
+    "cuModuleGetFunctionCount",
+    "cuModuleEnumerateFunctions",
+    "cuFuncGetName",
+    "cuFuncGetParamInfo",
+    "cuFuncGetAttribute",
+    "cuLaunchKernel",
+    "cuStreamCreateWithPriority",
+    "cuStreamDestroy_v2",
+    "cuStreamSynchronize",
+    "cuStreamQuery",
+    "cuStreamWaitEvent",
+    "cuEventCreate",
+    "cuEventRecord",
+    "cuEventQuery",
+    "cuEventSynchronize",
+    "cuEventElapsedTime_v2",
+    "cuEventDestroy_v2",
+];
+
+/// Makes sure `libcuda` can be loaded and has every entry point we use, so
+/// that no later cudarc call can panic on a missing library or symbol.
+pub(super) fn check_driver() -> DeviceResult<()> {
+    // SAFETY: `is_culib_present` only tries to dlopen the candidate names
+    // and drops what it opened; loading libcuda runs no user-visible code.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(CallError::new(
+            cuda::NO_DEVICE,
+            "no CUDA driver found: libcuda.so could not be loaded (is the NVIDIA driver installed and on the library path?)",
+        ));
+    }
+    if let Some(missing) = REQUIRED_SYMBOLS.iter().find(|name| !has_symbol(name)) {
+        return Err(CallError::new(
+            cuda::NOT_SUPPORTED,
+            format!(
+                "the CUDA driver is too old: libcuda has no {missing} (gpupool needs a CUDA 12.8 or newer driver)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn has_symbol(name: &str) -> bool {
+    // SAFETY: the library is present (checked by the caller), so `culib`
+    // does not panic; the symbol is only looked up, never called, so the
+    // pointer type is irrelevant.
+    unsafe {
+        sys::culib()
+            .get::<unsafe extern "C" fn()>(name.as_bytes())
+            .is_ok()
+    }
+}
+
+/// `Ok` on success, else the raw code and `what: CUDA_ERROR_NAME`.
+pub(super) fn check(r: CUresult, what: &str) -> DeviceResult<()> {
+    if r == CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(error(r, what))
+    }
+}
+
+/// The [`CallError`] of a failed driver call.
+pub(super) fn error(r: CUresult, what: &str) -> CallError {
+    let code = r as u32;
+    CallError::new(code, format!("{what}: {}", error_name(code)))
+}
+
+/// Logs the failure of a release call made from `Drop`, which has no caller
+/// to return it to.
+pub(super) fn warn_on_error(r: CUresult, what: &str) {
+    if r != CUresult::CUDA_SUCCESS {
+        let code = r as u32;
+        tracing::warn!(
+            code,
+            "{what} failed while releasing a resource: {}",
+            error_name(code)
+        );
+    }
+}
+
+/// `true` for `CUDA_SUCCESS`, `false` for `CUDA_ERROR_NOT_READY`, else the
+/// error: the answer of the `*Query` calls.
+pub(super) fn check_ready(r: CUresult, what: &str) -> DeviceResult<bool> {
+    match r {
+        CUresult::CUDA_SUCCESS => Ok(true),
+        CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+        other => Err(error(other, what)),
+    }
+}
+
+/// The driver's name of `code` (`CUDA_ERROR_OUT_OF_MEMORY`), or a made-up
+/// one for codes the driver does not know.
+fn error_name(code: u32) -> String {
+    type GetErrorName = unsafe extern "C" fn(c_int, *mut *const c_char) -> c_int;
+    // The raw entry point takes the code as a plain int, so codes that
+    // cudarc's `CUresult` enum lacks can still be named.
+    // SAFETY: only called after `check_driver` succeeded (every error comes
+    // from a driver call), so the library is loaded; the signature matches
+    // `CUresult cuGetErrorName(CUresult, const char**)`, an enum being an
+    // int in the C ABI.
+    let get = unsafe { sys::culib().get::<GetErrorName>(b"cuGetErrorName") };
+    let Ok(get) = get else {
+        return format!("CUDA_ERROR_{code}");
+    };
+    let mut name: *const c_char = std::ptr::null();
+    // SAFETY: `name` is a valid out-pointer; the driver stores a pointer to
+    // a static NUL-terminated string on success.
+    let r = unsafe { get(code as c_int, &mut name) };
+    if r != 0 || name.is_null() {
+        return format!("unknown CUDA error {code}");
+    }
+    // SAFETY: non-null on success, pointing at a static C string.
+    unsafe { CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// `cuDeviceGetAttribute` with the attribute as a plain integer: the
+/// attribute table covers every number the driver answers, including ones
+/// newer than cudarc's enum (building an enum from an unlisted number would
+/// be undefined behaviour). Returns `None` where the driver refuses.
+pub(super) fn device_attribute(device: sys::CUdevice, attribute: u32) -> Option<i32> {
+    type GetAttribute = unsafe extern "C" fn(*mut c_int, c_int, sys::CUdevice) -> c_int;
+    // SAFETY: called after `check_driver` (library loaded); the signature
+    // matches `CUresult cuDeviceGetAttribute(int*, CUdevice_attribute,
+    // CUdevice)`, enums being ints in the C ABI.
+    let get = unsafe { sys::culib().get::<GetAttribute>(b"cuDeviceGetAttribute") }.ok()?;
+    let attribute = c_int::try_from(attribute).ok()?;
+    let mut value: c_int = 0;
+    // SAFETY: `value` is a valid out-pointer; an unknown attribute makes
+    // the driver return CUDA_ERROR_INVALID_VALUE, nothing worse.
+    let r = unsafe { get(&mut value, attribute, device) };
+    (r == 0).then_some(value)
+}
+
+/// Formats a device UUID as NVML and `nvidia-smi` do.
+pub(super) fn format_uuid(bytes: &[u8; 16]) -> String {
+    let hex = |range: std::ops::Range<usize>| {
+        bytes[range]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    format!(
+        "GPU-{}-{}-{}-{}-{}",
+        hex(0..4),
+        hex(4..6),
+        hex(6..8),
+        hex(8..10),
+        hex(10..16)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuid_formats_like_nvml() {
+        let bytes: [u8; 16] = [
+            0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab,
+            0xcd, 0xef,
+        ];
+        assert_eq!(
+            format_uuid(&bytes),
+            "GPU-12345678-9abc-def0-0123-456789abcdef"
+        );
+    }
+}

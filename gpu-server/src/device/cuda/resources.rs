@@ -1,0 +1,327 @@
+//! Domain types that own CUDA resources and release them in `Drop`.
+//!
+//! Ownership encodes the release order the driver needs: every resource
+//! holds the primary context ([`Context`]) so it is released before the
+//! context is; every [`Mapping`] holds the session's [`Reservation`] so the
+//! address range is freed only after the last mapping in it is unmapped.
+
+use super::driver::{self, warn_on_error};
+use crate::device::{DeviceResult, Param};
+use cudarc::driver::sys::{
+    self, CUcontext, CUdevice, CUdeviceptr, CUevent, CUfunction, CUmemGenericAllocationHandle,
+    CUmodule, CUstream,
+};
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// The retained primary context of one device.
+#[derive(Debug)]
+pub(super) struct Context {
+    pub(super) device: CUdevice,
+    pub(super) raw: CUcontext,
+}
+
+// SAFETY: a primary context is a process-wide driver object; any thread may
+// make it current (`cuCtxSetCurrent`) and use it, and the driver serialises
+// access internally. `Context` itself only releases it in `Drop`.
+unsafe impl Send for Context {}
+// SAFETY: as above; `&Context` exposes only the plain handle values.
+unsafe impl Sync for Context {}
+
+impl Context {
+    /// Retains the primary context of `device` (creating it if needed).
+    pub(super) fn retain(device: CUdevice) -> DeviceResult<Self> {
+        let mut raw: CUcontext = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; `device` came from cuDeviceGet.
+        driver::check(
+            unsafe { sys::cuDevicePrimaryCtxRetain(&mut raw, device) },
+            "cuDevicePrimaryCtxRetain",
+        )?;
+        Ok(Self { device, raw })
+    }
+
+    /// Makes the context current on the calling thread.
+    pub(super) fn make_current(&self) -> DeviceResult<()> {
+        // SAFETY: `self.raw` is a retained, live primary context.
+        driver::check(unsafe { sys::cuCtxSetCurrent(self.raw) }, "cuCtxSetCurrent")
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: balances the retain in `Context::retain`; every resource
+        // created in the context holds an `Arc<Context>`, so none is left.
+        warn_on_error(
+            unsafe { sys::cuDevicePrimaryCtxRelease_v2(self.device) },
+            "cuDevicePrimaryCtxRelease_v2",
+        );
+    }
+}
+
+/// A session's reserved device address range.
+#[derive(Debug)]
+pub(super) struct Reservation {
+    pub(super) base: CUdeviceptr,
+    pub(super) size: u64,
+    _context: Arc<Context>,
+}
+
+impl Reservation {
+    /// Reserves `size` bytes (a multiple of `alignment`) aligned to `alignment`.
+    pub(super) fn new(context: Arc<Context>, size: u64, alignment: u64) -> DeviceResult<Self> {
+        let mut base: CUdeviceptr = 0;
+        // SAFETY: valid out-pointer; the context is current on this thread
+        // (set by the caller); no fixed address is requested.
+        let r =
+            unsafe { sys::cuMemAddressReserve(&mut base, size as usize, alignment as usize, 0, 0) };
+        driver::check(r, "cuMemAddressReserve")?;
+        Ok(Self {
+            base,
+            size,
+            _context: context,
+        })
+    }
+
+    pub(super) fn contains(&self, addr: u64, size: u64) -> bool {
+        addr >= self.base
+            && addr
+                .checked_add(size)
+                .is_some_and(|end| end <= self.base + self.size)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // SAFETY: the range came from cuMemAddressReserve with this size;
+        // mappings hold an `Rc<Reservation>`, so all are unmapped by now.
+        warn_on_error(
+            unsafe { sys::cuMemAddressFree(self.base, self.size as usize) },
+            "cuMemAddressFree",
+        );
+    }
+}
+
+/// Physical device memory from `cuMemCreate`.
+#[derive(Debug)]
+struct Allocation(CUmemGenericAllocationHandle);
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from cuMemCreate and is released only
+        // here, after the owning `Mapping` unmapped it.
+        warn_on_error(unsafe { sys::cuMemRelease(self.0) }, "cuMemRelease");
+    }
+}
+
+/// Device memory mapped at a fixed address of the session's range.
+#[derive(Debug)]
+pub struct Mapping {
+    addr: CUdeviceptr,
+    size: u64,
+    // Field order is drop order: the memory is released (after `Drop`
+    // unmapped it), then the reservation may be freed.
+    _allocation: Allocation,
+    _reservation: Rc<Reservation>,
+}
+
+impl Mapping {
+    /// Creates `size` bytes of pinned memory on `device` and maps them
+    /// read/write at `addr`. `size` and `addr` are multiples of the
+    /// granularity and lie inside `reservation` (checked by the caller).
+    pub(super) fn new(
+        reservation: Rc<Reservation>,
+        device: CUdevice,
+        addr: u64,
+        size: u64,
+    ) -> DeviceResult<Self> {
+        let location = sys::CUmemLocation {
+            type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: device,
+        };
+        let prop = allocation_prop(location);
+        let mut handle: CUmemGenericAllocationHandle = 0;
+        // SAFETY: valid out-pointer and a fully initialised property struct.
+        driver::check(
+            unsafe { sys::cuMemCreate(&mut handle, size as usize, &prop, 0) },
+            "cuMemCreate",
+        )?;
+        let allocation = Allocation(handle);
+        // SAFETY: `[addr, addr + size)` lies inside the live reservation and
+        // `handle` is an allocation of exactly `size` bytes.
+        driver::check(
+            unsafe { sys::cuMemMap(addr, size as usize, 0, handle, 0) },
+            "cuMemMap",
+        )?;
+        // From here on, `Drop` unmaps.
+        let mapping = Self {
+            addr,
+            size,
+            _allocation: allocation,
+            _reservation: reservation,
+        };
+        let access = sys::CUmemAccessDesc {
+            location,
+            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+        };
+        // SAFETY: the range is mapped (above); one descriptor is passed.
+        driver::check(
+            unsafe { sys::cuMemSetAccess(addr, size as usize, &access, 1) },
+            "cuMemSetAccess",
+        )?;
+        Ok(mapping)
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the range was mapped in `Mapping::new` and is unmapped
+        // only here; the physical memory is released afterwards with
+        // `self._allocation`.
+        warn_on_error(
+            unsafe { sys::cuMemUnmap(self.addr, self.size as usize) },
+            "cuMemUnmap",
+        );
+    }
+}
+
+/// Properties of a pinned allocation on `location`'s device.
+pub(super) fn allocation_prop(location: sys::CUmemLocation) -> sys::CUmemAllocationProp {
+    sys::CUmemAllocationProp {
+        type_: sys::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED,
+        requestedHandleTypes: sys::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE,
+        location,
+        win32HandleMetaData: std::ptr::null_mut(),
+        allocFlags: sys::CUmemAllocationProp_st__bindgen_ty_1 {
+            compressionType: 0,
+            gpuDirectRDMACapable: 0,
+            usage: 0,
+            reserved: [0; 4],
+        },
+    }
+}
+
+/// One kernel of a loaded module: its handle and the parameter layout the
+/// driver reported at load.
+#[derive(Debug)]
+pub(super) struct Kernel {
+    pub(super) raw: CUfunction,
+    pub(super) params: Vec<Param>,
+    pub(super) params_size: usize,
+}
+
+/// A loaded module; its kernels are indexed as returned by `load_module`.
+#[derive(Debug)]
+pub struct Module {
+    raw: CUmodule,
+    pub(super) kernels: Vec<Kernel>,
+    _context: Arc<Context>,
+}
+
+impl Module {
+    /// Loads `image` (a cubin, fatbin, or NUL-terminated PTX) into the
+    /// current context.
+    pub(super) fn load(context: Arc<Context>, image: &[u8]) -> DeviceResult<Self> {
+        let mut raw: CUmodule = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; `image` is a complete image in the
+        // form the driver expects (PTX terminated by NUL, checked by the
+        // caller) and outlives the call, which copies what it needs.
+        driver::check(
+            unsafe { sys::cuModuleLoadData(&mut raw, image.as_ptr().cast()) },
+            "cuModuleLoadData",
+        )?;
+        Ok(Self {
+            raw,
+            kernels: Vec::new(),
+            _context: context,
+        })
+    }
+
+    /// Every function of the module, in the driver's order.
+    pub(super) fn functions(&self) -> DeviceResult<Vec<CUfunction>> {
+        let mut count: std::ffi::c_uint = 0;
+        // SAFETY: valid out-pointer on a live module.
+        driver::check(
+            unsafe { sys::cuModuleGetFunctionCount(&mut count, self.raw) },
+            "cuModuleGetFunctionCount",
+        )?;
+        let mut functions: Vec<CUfunction> = vec![std::ptr::null_mut(); count as usize];
+        if count > 0 {
+            // SAFETY: `functions` has room for exactly `count` handles.
+            let r =
+                unsafe { sys::cuModuleEnumerateFunctions(functions.as_mut_ptr(), count, self.raw) };
+            driver::check(r, "cuModuleEnumerateFunctions")?;
+        }
+        Ok(functions)
+    }
+}
+
+impl Drop for Module {
+    fn drop(&mut self) {
+        // SAFETY: the module came from cuModuleLoadData and is unloaded
+        // only here; its function handles die with it (they live in `self`).
+        warn_on_error(unsafe { sys::cuModuleUnload(self.raw) }, "cuModuleUnload");
+    }
+}
+
+/// A stream created by the session.
+#[derive(Debug)]
+pub struct Stream {
+    pub(super) raw: CUstream,
+    _context: Arc<Context>,
+}
+
+impl Stream {
+    pub(super) fn new(context: Arc<Context>, flags: u32, priority: i32) -> DeviceResult<Self> {
+        let mut raw: CUstream = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the context is current on this thread.
+        let r = unsafe { sys::cuStreamCreateWithPriority(&mut raw, flags, priority) };
+        driver::check(r, "cuStreamCreateWithPriority")?;
+        Ok(Self {
+            raw,
+            _context: context,
+        })
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // SAFETY: the stream came from cuStreamCreateWithPriority and is
+        // destroyed only here (pending work still completes).
+        warn_on_error(
+            unsafe { sys::cuStreamDestroy_v2(self.raw) },
+            "cuStreamDestroy_v2",
+        );
+    }
+}
+
+/// An event created by the session.
+#[derive(Debug)]
+pub struct Event {
+    pub(super) raw: CUevent,
+    _context: Arc<Context>,
+}
+
+impl Event {
+    pub(super) fn new(context: Arc<Context>, flags: u32) -> DeviceResult<Self> {
+        let mut raw: CUevent = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the context is current on this thread.
+        driver::check(
+            unsafe { sys::cuEventCreate(&mut raw, flags) },
+            "cuEventCreate",
+        )?;
+        Ok(Self {
+            raw,
+            _context: context,
+        })
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: the event came from cuEventCreate and is destroyed only here.
+        warn_on_error(
+            unsafe { sys::cuEventDestroy_v2(self.raw) },
+            "cuEventDestroy_v2",
+        );
+    }
+}
