@@ -39,6 +39,8 @@ for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
     fi
 done
 export LD_LIBRARY_PATH
+# Plain logs in the report.
+export NO_COLOR=1
 
 commit=${GPUPOOL_COMMIT:-$(cat "$bin_dir/COMMIT" 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export GPUPOOL_COMMIT=$commit
