@@ -7,7 +7,7 @@
 //! Pointers are the real device addresses, also when stored inside structs.
 
 use crate::error::{ClientError, Result};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// Alignment of every allocation (what `cuMemAlloc` guarantees).
 pub const ALIGN: u64 = 256;
@@ -44,7 +44,7 @@ pub struct AddressSpace {
     mapped: u64,
     /// Free address runs: start -> length (granule multiples).
     free: BTreeMap<u64, u64>,
-    allocs: HashMap<u64, (u64, Kind)>,
+    allocs: BTreeMap<u64, (u64, Kind)>,
     slabs: BTreeMap<u64, Slab>,
 }
 
@@ -60,7 +60,7 @@ impl AddressSpace {
         if size > 0 {
             free.insert(base, size);
         }
-        Self { base, size, granule, quota, mapped: 0, free, allocs: HashMap::new(), slabs: BTreeMap::new() }
+        Self { base, size, granule, quota, mapped: 0, free, allocs: BTreeMap::new(), slabs: BTreeMap::new() }
     }
 
     /// Bytes mapped on the server.
@@ -81,6 +81,25 @@ impl AddressSpace {
     /// Size of the allocation starting at `addr`.
     pub fn size_of(&self, addr: u64) -> Option<u64> {
         self.allocs.get(&addr).map(|(s, _)| *s)
+    }
+
+    /// Checks an access of `len` bytes at `addr`. Inside this session's
+    /// range it must lie within one live allocation; addresses outside the
+    /// range are left to the server, which refuses them.
+    pub fn check_access(&self, addr: u64, len: u64) -> Result<()> {
+        if !self.contains(addr) {
+            return Ok(());
+        }
+        let fits = self
+            .allocs
+            .range(..=addr)
+            .next_back()
+            .is_some_and(|(&start, &(size, _))| addr.checked_add(len).is_some_and(|end| end <= start + size));
+        if fits {
+            Ok(())
+        } else {
+            Err(ClientError::InvalidValue(format!("{len} bytes at {addr:#x} exceed the allocation they start in")))
+        }
     }
 
     fn take_granules(&mut self, len: u64) -> Result<u64> {

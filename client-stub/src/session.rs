@@ -317,6 +317,7 @@ impl Session {
         let mut st = self.lock();
         Self::check_alive(&st)?;
         let size = src.len() as u64;
+        st.space.check_access(dst, size)?;
         if size <= u64::from(self.inner.welcome.max_inline_bytes) {
             let p = payload::encode(Bytes::copy_from_slice(src), self.inner.compression);
             let op = Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Inline(p)) });
@@ -339,6 +340,7 @@ impl Session {
     /// Copies device memory into `dst`; waits for the data.
     pub fn memcpy_dtoh(&self, dst: &mut [u8], src: u64, stream: StreamId) -> Result<()> {
         let mut st = self.lock();
+        st.space.check_access(src, dst.len() as u64)?;
         let op = Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: dst.len() as u64, stream: stream.0 });
         match self.call(&mut st, op)? {
             Some(Value::Data(p)) => {
@@ -359,12 +361,16 @@ impl Session {
     /// Device-to-device copy, queued.
     pub fn memcpy_dtod(&self, dst: u64, src: u64, size: u64, stream: StreamId) -> Result<()> {
         let mut st = self.lock();
+        st.space.check_access(dst, size)?;
+        st.space.check_access(src, size)?;
         self.enqueue(&mut st, Op::MemcpyDtod(v1::MemcpyDtoD { dst, src, size, stream: stream.0 }))
     }
 
     /// Sets `count` elements of `element_size` bytes (1, 2, 4) to `value`, queued.
     pub fn memset(&self, dst: u64, value: u32, element_size: u32, count: u64, stream: StreamId) -> Result<()> {
         let mut st = self.lock();
+        let bytes = count.checked_mul(u64::from(element_size)).ok_or_else(|| ClientError::InvalidValue("memset size overflows".into()))?;
+        st.space.check_access(dst, bytes)?;
         let op = Op::Memset(v1::Memset { dst, value, element_size, count, stream: stream.0 });
         self.enqueue(&mut st, op)
     }

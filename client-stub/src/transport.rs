@@ -135,6 +135,22 @@ async fn bulk_request(conn: &quinn::Connection, req: v1::BulkRequest, max: usize
     Ok(resp.data)
 }
 
+/// Runs `fut` on `rt` and waits for it, from any thread: inside another
+/// runtime `block_on` would panic, so the future is handed over instead.
+fn run_on<T: Send + 'static>(
+    rt: &tokio::runtime::Runtime,
+    fut: impl Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return rt.block_on(fut);
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    rt.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().map_err(|_| ClientError::ConnectionLost("I/O runtime stopped".into()))?
+}
+
 /// The QUIC client configuration for `config`: TLS trust, timeouts, windows
 /// and datagram size.
 pub fn quinn_client_config(config: &ClientConfig) -> Result<quinn::ClientConfig> {
@@ -184,7 +200,7 @@ impl QuicTransport {
             token: config.token.clone(),
         };
         let timeout = config.connect_timeout;
-        let (endpoint, conn, cmd, welcome) = rt.block_on(async move {
+        let connected = run_on(&rt, async move {
             let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect(e.to_string()))?;
             endpoint.set_default_client_config(qc);
             let handshake = async {
@@ -212,7 +228,15 @@ impl QuicTransport {
                 .await
                 .map_err(|_| ClientError::Connect(format!("no session with {server} within {timeout:?}")))??;
             Ok::<_, ClientError>((endpoint, conn, cmd, welcome))
-        })?;
+        });
+        let (endpoint, conn, cmd, welcome) = match connected {
+            Ok(v) => v,
+            Err(e) => {
+                // Dropping a runtime inside another one would panic.
+                rt.shutdown_background();
+                return Err(e);
+            }
+        };
         Ok(Self {
             rt: Some(rt),
             endpoint,
@@ -231,15 +255,7 @@ impl QuicTransport {
         let limit = self.reply_timeout;
         let fut = async move { tokio::time::timeout(limit, fut).await.map_err(|_| ClientError::Timeout(limit))? };
         let rt = self.rt.as_ref().ok_or_else(|| ClientError::ConnectionLost("session closed".into()))?;
-        if tokio::runtime::Handle::try_current().is_err() {
-            return rt.block_on(fut);
-        }
-        // Inside another runtime block_on would panic: hand the future over.
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        rt.spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        rx.recv().map_err(|_| ClientError::ConnectionLost("I/O runtime stopped".into()))?
+        run_on(rt, fut)
     }
 
     /// The QUIC connection's statistics (for diagnostics and benchmarks).

@@ -25,6 +25,8 @@ use tokio::task::JoinSet;
 
 /// Largest `Hello` accepted.
 const MAX_HELLO_BYTES: usize = 64 << 10;
+/// How long a closing session waits for its last replies to be acknowledged.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 /// Errors listed per reply; more are only counted.
 const MAX_LISTED_ERRORS: usize = 16;
 
@@ -420,7 +422,10 @@ async fn run_session<B: Backend>(
                 break;
             }
         }
-        let _ = send.finish();
+        // Let the last replies arrive before the connection is closed.
+        if send.finish().is_ok() {
+            let _ = tokio::time::timeout(LINGER, send.stopped()).await;
+        }
     });
 
     let bulk = tokio::spawn(accept_bulk(conn.clone(), shared.clone(), staging));

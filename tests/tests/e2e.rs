@@ -119,8 +119,11 @@ fn queued_errors_are_latched_until_the_next_sync() {
     let srv = start();
     let s = Session::connect(&srv.client_config()).expect("session");
     let dev = s.mem_alloc(1024).expect("alloc");
-    // Past the allocation's mapping: accepted locally, refused by the server.
-    s.memset(dev + (4 << 20), 0, 1, 16, StreamId::DEFAULT).expect("queued");
+    // The client API checks bounds itself; a raw call past the mapping is
+    // queued and refused by the server.
+    assert_eq!(s.memset(dev + (4 << 20), 0, 1, 16, StreamId::DEFAULT).expect_err("local check").code(), cuda::INVALID_VALUE);
+    let past = v1::Memset { dst: dev + (4 << 20), value: 0, element_size: 1, count: 16, stream: 0 };
+    s.raw_enqueue(Op::Memset(past)).expect("queued");
     s.raw_enqueue(Op::StreamSynchronize(v1::StreamSynchronize { stream: 77 })).expect("queued");
     let err = s.synchronize().expect_err("latched error");
     assert_eq!(err.code(), cuda::INVALID_VALUE, "first error is returned: {err}");

@@ -1,0 +1,239 @@
+//! Bad input of every kind gets its documented error, and the server keeps
+//! serving other clients afterwards.
+
+use bytes::Bytes;
+use gpupool_client::{ClientError, KernelArg, LaunchConfig, Session, StreamId, Trust};
+use gpupool_proto::frame::{self, FrameDecoder};
+use gpupool_proto::v1::{self, call::Op};
+use gpupool_proto::{BUILTIN_MODULE, PROTOCOL_VERSION, close_code, cuda};
+use gpupool_tests::{TOKEN, TestServer, server_config};
+use prost::Message;
+
+fn start() -> TestServer {
+    TestServer::start(server_config()).expect("server starts")
+}
+
+/// A healthy client still gets correct results.
+fn still_serves(srv: &TestServer) {
+    let s = Session::connect(&srv.client_config()).expect("session after bad input");
+    let m = s.module_load(BUILTIN_MODULE).expect("module");
+    let add = m.function("vector_add").expect("fn");
+    let a = gpupool_client::DeviceBuffer::from_slice(&s, &[1f32, 2., 3.]).expect("a");
+    let c = gpupool_client::DeviceBuffer::<f32>::new(&s, 3).expect("c");
+    s.launch(&add, LaunchConfig::for_elements(3, 32), StreamId::DEFAULT, &[a.arg(), a.arg(), c.arg(), KernelArg::U32(3)])
+        .expect("launch");
+    assert_eq!(c.to_vec().expect("c"), vec![2., 4., 6.]);
+}
+
+fn call_code(r: Result<Option<v1::call_result::Value>, ClientError>) -> u32 {
+    r.expect_err("must fail").code()
+}
+
+struct Raw {
+    _ep: quinn::Endpoint,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    dec: FrameDecoder,
+}
+
+impl Raw {
+    async fn connect(srv: &TestServer) -> (quinn::Endpoint, quinn::Connection) {
+        let qc = gpupool_client::transport::quinn_client_config(&srv.client_config()).expect("config");
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+        ep.set_default_client_config(qc);
+        let conn = ep.connect(srv.addr, "localhost").expect("connect").await.expect("quic handshake");
+        (ep, conn)
+    }
+
+    /// Opens a raw session with a custom Hello; `Err` holds the close code
+    /// and reason when the server refuses.
+    async fn open(srv: &TestServer, version: u32, token: &str) -> Result<(Raw, v1::Welcome), (u32, String)> {
+        let (ep, conn) = Self::connect(srv).await;
+        let (mut send, recv) = conn.open_bi().await.expect("stream");
+        let hello = v1::Hello { protocol_version: version, client_build: "raw-test".into(), token: token.into() };
+        send.write_all(&frame::encode(&hello)).await.expect("hello");
+        let mut raw = Raw { _ep: ep, conn, send, recv, dec: FrameDecoder::new(64 << 20) };
+        match raw.next().await {
+            Some(body) => Ok((raw, v1::Welcome::decode(body).expect("welcome"))),
+            None => match raw.conn.close_reason() {
+                Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+                    Err((c.error_code.into_inner() as u32, String::from_utf8_lossy(&c.reason).into_owned()))
+                }
+                other => panic!("unexpected end: {other:?}"),
+            },
+        }
+    }
+
+    async fn next(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(f) = self.dec.next_frame().expect("frame") {
+                return Some(f);
+            }
+            match self.recv.read_chunk(1 << 20, true).await {
+                Ok(Some(c)) => self.dec.push(&c.bytes),
+                _ => return None,
+            }
+        }
+    }
+
+    async fn reply(&mut self) -> v1::BatchReply {
+        v1::BatchReply::decode(self.next().await.expect("reply")).expect("decodes")
+    }
+}
+
+#[tokio::test]
+async fn wrong_missing_token_and_version_mismatch_are_refused() {
+    let srv = start();
+    let (code, reason) = Raw::open(&srv, PROTOCOL_VERSION, "wrong").await.err().expect("refused");
+    assert_eq!(code, close_code::UNAUTHORIZED, "{reason}");
+    let (code, reason) = Raw::open(&srv, PROTOCOL_VERSION, "").await.err().expect("refused");
+    assert_eq!((code, reason.as_str()), (close_code::UNAUTHORIZED, "no session token presented"));
+    let (code, reason) = Raw::open(&srv, 99, TOKEN).await.err().expect("refused");
+    assert_eq!(code, close_code::VERSION_MISMATCH);
+    assert!(reason.contains("server speaks 1") && reason.contains("sent 99"), "{reason}");
+    // Through the client API the refusal is a typed error.
+    let mut cfg = srv.client_config();
+    cfg.token = "nope".into();
+    match Session::connect(&cfg) {
+        Err(e @ ClientError::Refused { code: close_code::UNAUTHORIZED, .. }) => assert_eq!(e.code(), cuda::NO_DEVICE),
+        other => panic!("expected UNAUTHORIZED, got {other:?}"),
+    }
+    // A pinned fingerprint that does not match never reaches the server's Hello.
+    let mut cfg = srv.client_config();
+    cfg.trust = Trust::Fingerprint("00".repeat(32));
+    assert!(matches!(Session::connect(&cfg), Err(ClientError::Connect(_))));
+    let m = srv.metrics.snapshot();
+    assert_eq!((m.sessions_refused, m.sessions_opened), (4, 0));
+    tokio::task::spawn_blocking(move || still_serves(&srv)).await.expect("healthy");
+}
+
+#[tokio::test]
+async fn malformed_truncated_and_oversize_frames() {
+    let srv = start();
+    // A frame whose body is not a Batch: error reply, session goes on.
+    let (mut raw, _) = Raw::open(&srv, PROTOCOL_VERSION, TOKEN).await.expect("session");
+    let mut garbage = 5u32.to_le_bytes().to_vec();
+    garbage.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff]);
+    raw.send.write_all(&garbage).await.expect("send");
+    let r = raw.reply().await;
+    assert_eq!((r.seq, r.errors[0].code), (0, cuda::INVALID_VALUE));
+    assert!(r.errors[0].message.contains("malformed frame"), "{}", r.errors[0].message);
+    let ok = v1::Batch { seq: 1, calls: vec![v1::Call { op: Some(Op::ContextSynchronize(v1::ContextSynchronize {})) }] };
+    raw.send.write_all(&frame::encode(&ok)).await.expect("send");
+    let r = raw.reply().await;
+    assert_eq!((r.seq, r.error_count), (1, 0));
+
+    // A frame announcing more than the limit: error reply, then the
+    // connection is closed because framing is lost.
+    let (mut raw, welcome) = Raw::open(&srv, PROTOCOL_VERSION, TOKEN).await.expect("session");
+    raw.send.write_all(&(welcome.max_frame_bytes + 1).to_le_bytes()).await.expect("send");
+    let r = raw.reply().await;
+    assert!(r.errors[0].message.contains("exceeds the limit"), "{}", r.errors[0].message);
+    let closed = raw.conn.closed().await;
+    assert!(matches!(closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code.into_inner() as u32 == close_code::PROTOCOL_VIOLATION));
+
+    // A stream that ends inside a frame.
+    let (mut raw, _) = Raw::open(&srv, PROTOCOL_VERSION, TOKEN).await.expect("session");
+    raw.send.write_all(&[100, 0, 0, 0, 1, 2, 3]).await.expect("send");
+    raw.send.finish().expect("finish");
+    let r = raw.reply().await;
+    assert!(r.errors[0].message.contains("ended inside a frame"), "{}", r.errors[0].message);
+
+    // A bulk stream with garbage and one naming an unknown transfer.
+    let (raw, _) = Raw::open(&srv, PROTOCOL_VERSION, TOKEN).await.expect("session");
+    for req in [Bytes::from_static(&[3, 0, 0, 0, 0xff, 0xfe, 0xfd]), frame::encode(&v1::BulkRequest {
+        op: Some(v1::bulk_request::Op::Get(v1::BulkGet { transfer_id: 42, offset: 0, size: 10 })),
+    })] {
+        let (mut s, mut r) = raw.conn.open_bi().await.expect("bulk");
+        s.write_all(&req).await.expect("send");
+        s.finish().expect("finish");
+        let bytes = r.read_to_end(1 << 16).await.expect("response");
+        let resp = v1::BulkResponse::decode(&bytes[4..]).expect("decodes");
+        let err = resp.error.expect("error response");
+        assert!(err.code == cuda::INVALID_VALUE || err.code == cuda::INVALID_HANDLE, "{err:?}");
+    }
+    assert!(srv.metrics.snapshot().frames_rejected >= 5);
+    tokio::task::spawn_blocking(move || still_serves(&srv)).await.expect("healthy");
+}
+
+#[test]
+fn unknown_ids_foreign_and_out_of_range_addresses_oversize_requests() {
+    let srv = start();
+    let a = Session::connect(&srv.client_config()).expect("a");
+    let b = Session::connect(&srv.client_config()).expect("b");
+    let secret = a.mem_alloc(4096).expect("alloc");
+    a.memset(secret, 0x5a, 1, 4096, StreamId::DEFAULT).expect("memset");
+    a.synchronize().expect("sync");
+
+    // Unknown ids.
+    let launch = v1::Launch {
+        module: 999,
+        function: 0,
+        grid: Some(v1::Dim3 { x: 1, y: 1, z: 1 }),
+        block: Some(v1::Dim3 { x: 1, y: 1, z: 1 }),
+        ..Default::default()
+    };
+    assert_eq!(call_code(b.raw_call(Op::Launch(launch))), cuda::INVALID_HANDLE);
+    let m = b.module_load(BUILTIN_MODULE).expect("module");
+    let launch = v1::Launch { module: m.id, function: 77, ..Default::default() };
+    assert_eq!(call_code(b.raw_call(Op::Launch(launch))), cuda::INVALID_HANDLE);
+    assert_eq!(call_code(b.raw_call(Op::EventRecord(v1::EventRecord { event: 5, stream: 0 }))), cuda::INVALID_HANDLE);
+    assert_eq!(call_code(b.raw_call(Op::StreamDestroy(v1::StreamDestroy { stream: 0 }))), cuda::INVALID_HANDLE);
+    assert_eq!(call_code(b.raw_call(Op::ModuleUnload(v1::ModuleUnload { module: 31 }))), cuda::INVALID_HANDLE);
+
+    // Another session's memory: refused, nothing read or written.
+    let mut buf = [0u8; 16];
+    assert_eq!(b.memcpy_dtoh(&mut buf, secret, StreamId::DEFAULT).expect_err("foreign").code(), cuda::INVALID_VALUE);
+    assert_eq!(buf, [0; 16]);
+    b.memset(secret, 0, 1, 16, StreamId::DEFAULT).expect("queued");
+    assert_eq!(b.synchronize().expect_err("foreign memset").code(), cuda::INVALID_VALUE);
+    let mine = b.mem_alloc(64).expect("alloc");
+    b.memcpy_dtod(mine, secret, 16, StreamId::DEFAULT).expect("queued");
+    assert_eq!(b.synchronize().expect_err("foreign dtod").code(), cuda::INVALID_VALUE);
+    let mut check = [0u8; 4096];
+    a.memcpy_dtoh(&mut check, secret, StreamId::DEFAULT).expect("owner reads");
+    assert!(check.iter().all(|&x| x == 0x5a), "another session changed the memory");
+
+    // Outside the range, and a kernel pointed at foreign memory.
+    assert_eq!(b.memcpy_dtoh(&mut buf, 0x1000, StreamId::DEFAULT).expect_err("range").code(), cuda::INVALID_VALUE);
+    let add = m.function("vector_add").expect("fn");
+    b.launch(&add, LaunchConfig::for_elements(4, 32), StreamId::DEFAULT, &[KernelArg::Ptr(secret), KernelArg::Ptr(secret), KernelArg::Ptr(secret), KernelArg::U32(4)])
+        .expect("queued");
+    let err = b.synchronize().expect_err("kernel on foreign memory");
+    if srv.backend == "emulated" {
+        assert_eq!(err.code(), cuda::ILLEGAL_ADDRESS, "{err}");
+    }
+
+    // Oversize: allocation over the quota (client side and server side),
+    // a copy longer than its allocation, an inline payload over the limit.
+    let quota = b.welcome().memory_quota;
+    assert!(matches!(b.mem_alloc(quota + 1), Err(ClientError::OutOfMemory(_))));
+    let base = b.welcome().va_base;
+    let g = b.welcome().granularity;
+    let map = Op::MemMap(v1::MemMap { addr: base + 64 * g, size: quota + g });
+    assert_eq!(call_code(b.raw_call(map)), cuda::OUT_OF_MEMORY);
+    let mut big = vec![0u8; 8192];
+    assert_eq!(b.memcpy_dtoh(&mut big, mine, StreamId::DEFAULT).expect_err("too long").code(), cuda::INVALID_VALUE);
+    let raw_len = u64::from(b.welcome().max_inline_bytes) + 1;
+    let payload = v1::Payload { codec: v1::Codec::Lz4 as i32, raw_len, data: Bytes::from_static(&[0]) };
+    let htod = v1::MemcpyHtoD { dst: mine, stream: 0, source: Some(v1::memcpy_hto_d::Source::Inline(payload)) };
+    assert_eq!(call_code(b.raw_call(Op::MemcpyHtod(htod))), cuda::INVALID_VALUE);
+    let staged = v1::StagedRef { transfer_id: 1 << 40, size: 1 << 50 };
+    let htod = v1::MemcpyHtoD { dst: mine, stream: 0, source: Some(v1::memcpy_hto_d::Source::Staged(staged)) };
+    assert_eq!(call_code(b.raw_call(Op::MemcpyHtod(htod))), cuda::INVALID_VALUE);
+    let memset = Op::Memset(v1::Memset { dst: mine, value: 0, element_size: 4, count: u64::MAX / 2, stream: 0 });
+    assert_eq!(call_code(b.raw_call(memset)), cuda::INVALID_VALUE);
+    assert_eq!(call_code(b.raw_call(Op::ModuleLoad(v1::ModuleLoad { module: 50, sha256: Bytes::from_static(b"short"), image: None }))), cuda::INVALID_VALUE);
+    let wrong = v1::ModuleLoad {
+        module: 51,
+        sha256: Bytes::from(vec![7u8; 32]),
+        image: Some(v1::Payload { codec: 0, raw_len: 3, data: Bytes::from_static(b"abc") }),
+    };
+    assert_eq!(call_code(b.raw_call(Op::ModuleLoad(wrong))), cuda::INVALID_VALUE);
+
+    // Both sessions still work.
+    b.synchronize().expect("b usable");
+    a.synchronize().expect("a usable");
+    still_serves(&srv);
+}
