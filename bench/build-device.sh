@@ -25,23 +25,21 @@ cargo build --release -j "$jobs" -p gpupool-server -p gpupool-tests --bins
 echo "== building the test binaries to find the gpu e2e tests"
 # The test binary's file name carries a hash: cargo's JSON messages name it.
 messages=$(cargo test --release -j "$jobs" -p gpupool-tests --no-run --message-format=json)
-filter='select(.reason == "compiler-artifact" and .target.name == "gpu" and (.target.kind | index("test"))) | .executable // empty'
-if command -v jq >/dev/null; then
-    gpu_test=$(jq -r "$filter" <<<"$messages" | tail -n 1)
-else
-    gpu_test=$(python3 -c '
+# Prints "name path" for each end-to-end test binary the suite runs.
+test_bins=$(python3 -c '
 import json, sys
-exe = ""
+found = {}
 for line in sys.stdin:
     try:
         m = json.loads(line)
     except ValueError:
         continue
     t = m.get("target", {})
-    if m.get("reason") == "compiler-artifact" and t.get("name") == "gpu" and "test" in t.get("kind", []):
-        exe = m.get("executable") or exe
-print(exe)' <<<"$messages")
-fi
+    if m.get("reason") == "compiler-artifact" and t.get("name") in ("gpu", "e2e", "bad_input") and "test" in t.get("kind", []):
+        found[t["name"]] = m.get("executable") or ""
+for name, exe in sorted(found.items()):
+    print(name.replace("_", "-"), exe)' <<<"$messages")
+gpu_test=$(awk '$1 == "gpu" {print $2}' <<<"$test_bins")
 
 mkdir -p "$out"
 for name in "${bins[@]}" "$gpu_test_name" COMMIT; do
@@ -50,9 +48,10 @@ done
 for name in "${bins[@]}"; do
     strip --strip-debug -o "$out/$name" "target/release/$name"
 done
-if [[ -n "$gpu_test" ]]; then
-    strip --strip-debug -o "$out/$gpu_test_name" "$gpu_test"
-else
+while read -r name exe; do
+    [[ -n "$exe" ]] && strip --strip-debug -o "$out/gpupool-$name-tests" "$exe"
+done <<<"$test_bins"
+if [[ -z "$gpu_test" ]]; then
     echo "WARNING: no test binary for tests/tests/gpu.rs was built; gpu-suite.sh will report the GPU tests as FAILED (missing)" >&2
 fi
 

@@ -105,7 +105,13 @@ gpu_info() {
 gpu_tests() {
     need gpupool-gpu-tests || return 1
     # shellcheck disable=SC2086 # TEST_ARGS is a list of flags
-    GPUPOOL_TEST_DEVICE=cuda "$bin_dir/gpupool-gpu-tests" --include-ignored ${TEST_ARGS:-}
+    GPUPOOL_TEST_DEVICE=cuda "$bin_dir/gpupool-gpu-tests" --include-ignored ${TEST_ARGS:-} || return 1
+    # The CI end-to-end suites, this time on the CUDA backend.
+    for t in e2e bad-input; do
+        need "gpupool-$t-tests" || return 1
+        # shellcheck disable=SC2086
+        GPUPOOL_TEST_DEVICE=cuda "$bin_dir/gpupool-$t-tests" --test-threads 2 ${TEST_ARGS:-} || return 1
+    done
 }
 
 # The real server binary on the GPU: it must come up on the CUDA backend and

@@ -50,11 +50,10 @@ pub struct Function {
 impl Module {
     /// The function named `name` (no round trip: layouts came with the load).
     pub fn function(&self, name: &str) -> Result<Function> {
-        let index = self
-            .functions
-            .iter()
-            .position(|f| f.name == name)
-            .ok_or_else(|| ClientError::Cuda { code: cuda::NOT_FOUND, message: format!("no function {name} in module") })?;
+        let index = self.functions.iter().position(|f| f.name == name).ok_or_else(|| ClientError::Cuda {
+            code: cuda::NOT_FOUND,
+            message: format!("no function {name} in module"),
+        })?;
         Ok(Function { module: self.id, index: index as u32, info: self.functions[index].clone() })
     }
 }
@@ -369,7 +368,9 @@ impl Session {
     /// Sets `count` elements of `element_size` bytes (1, 2, 4) to `value`, queued.
     pub fn memset(&self, dst: u64, value: u32, element_size: u32, count: u64, stream: StreamId) -> Result<()> {
         let mut st = self.lock();
-        let bytes = count.checked_mul(u64::from(element_size)).ok_or_else(|| ClientError::InvalidValue("memset size overflows".into()))?;
+        let bytes = count
+            .checked_mul(u64::from(element_size))
+            .ok_or_else(|| ClientError::InvalidValue("memset size overflows".into()))?;
         st.space.check_access(dst, bytes)?;
         let op = Op::Memset(v1::Memset { dst, value, element_size, count, stream: stream.0 });
         self.enqueue(&mut st, op)

@@ -188,10 +188,8 @@ impl QuicTransport {
             .build()
             .map_err(|e| ClientError::Connect(format!("cannot start the I/O runtime: {e}")))?;
         let qc = quinn_client_config(config)?;
-        let bind: std::net::SocketAddr =
-            if config.server.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }.map_err(|_| {
-                ClientError::Config("bad bind address".into())
-            })?;
+        let bind: std::net::SocketAddr = if config.server.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }
+            .map_err(|_| ClientError::Config("bad bind address".into()))?;
         let server = config.server;
         let name = config.server_name.clone();
         let hello = v1::Hello {
@@ -287,7 +285,8 @@ impl Transport for QuicTransport {
         self.exec(async move {
             let mut tasks = JoinSet::new();
             for offset in (0..data.len()).step_by(chunk) {
-                let permit = sem.clone().acquire_owned().await.map_err(|_| ClientError::ConnectionLost("closed".into()))?;
+                let permit =
+                    sem.clone().acquire_owned().await.map_err(|_| ClientError::ConnectionLost("closed".into()))?;
                 let part = data.slice(offset..(offset + chunk).min(data.len()));
                 let conn = conn.clone();
                 tasks.spawn(async move {
@@ -320,7 +319,8 @@ impl Transport for QuicTransport {
         let parts = self.exec(async move {
             let mut tasks = JoinSet::new();
             for offset in (0..total).step_by(chunk) {
-                let permit = sem.clone().acquire_owned().await.map_err(|_| ClientError::ConnectionLost("closed".into()))?;
+                let permit =
+                    sem.clone().acquire_owned().await.map_err(|_| ClientError::ConnectionLost("closed".into()))?;
                 let size = chunk.min(total - offset);
                 let conn = conn.clone();
                 tasks.spawn(async move {
@@ -331,7 +331,10 @@ impl Transport for QuicTransport {
                     let p = r?.ok_or_else(|| ClientError::Protocol("bulk get without data".into()))?;
                     let bytes = payload::decode(p, size as u64).map_err(|e| ClientError::Protocol(e.to_string()))?;
                     if bytes.len() != size {
-                        return Err(ClientError::Protocol(format!("bulk chunk of {} bytes, wanted {size}", bytes.len())));
+                        return Err(ClientError::Protocol(format!(
+                            "bulk chunk of {} bytes, wanted {size}",
+                            bytes.len()
+                        )));
                     }
                     Ok((offset, bytes))
                 });

@@ -249,9 +249,10 @@ async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<Option<B
     let mut body = vec![0u8; len];
     match recv.read_exact(&mut body).await {
         Ok(()) => Ok(Some(Bytes::from(body))),
-        Err(quinn::ReadExactError::FinishedEarly(n)) => {
-            Err(FrameReadError::Frame(frame::FrameError::Truncated { have: frame::HEADER_LEN + n, want: frame::HEADER_LEN + len }))
-        }
+        Err(quinn::ReadExactError::FinishedEarly(n)) => Err(FrameReadError::Frame(frame::FrameError::Truncated {
+            have: frame::HEADER_LEN + n,
+            want: frame::HEADER_LEN + len,
+        })),
         Err(quinn::ReadExactError::ReadError(e)) => Err(FrameReadError::Stream(e.to_string())),
     }
 }

@@ -147,7 +147,10 @@ impl<S: BackendSession> SessionState<S> {
             }
             Op::Memset(m) => {
                 if !matches!(m.element_size, 1 | 2 | 4) {
-                    return Err(CallError::invalid_value(format!("memset element size {} is not 1, 2 or 4", m.element_size)));
+                    return Err(CallError::invalid_value(format!(
+                        "memset element size {} is not 1, 2 or 4",
+                        m.element_size
+                    )));
                 }
                 let bytes = m
                     .count
@@ -260,14 +263,16 @@ impl<S: BackendSession> SessionState<S> {
     fn mem_map(&mut self, addr: u64, size: u64) -> CallOutcome {
         let g = self.limits.granularity;
         let base = self.dev.va_base();
-        if size == 0 || addr % g != 0 || size % g != 0 {
+        if size == 0 || !addr.is_multiple_of(g) || !size.is_multiple_of(g) {
             return Err(CallError::invalid_value(format!(
                 "mapping {addr:#x} (+{size}) is not a non-empty multiple of the granularity {g}"
             )));
         }
         let end = addr.checked_add(size).ok_or_else(|| CallError::invalid_value("mapping overflows"))?;
         if addr < base || end > base + self.limits.va_size {
-            return Err(CallError::invalid_value(format!("mapping {addr:#x} (+{size}) is outside this session's range")));
+            return Err(CallError::invalid_value(format!(
+                "mapping {addr:#x} (+{size}) is outside this session's range"
+            )));
         }
         if self.mapped_bytes + size > self.limits.memory_quota {
             return Err(CallError::out_of_memory(format!(
@@ -287,10 +292,9 @@ impl<S: BackendSession> SessionState<S> {
     }
 
     fn mem_unmap(&mut self, addr: u64) -> CallOutcome {
-        let (size, mapping) = self
-            .mappings
-            .remove(&addr)
-            .ok_or_else(|| CallError::invalid_value(format!("{addr:#x} is not the start of a mapping of this session")))?;
+        let (size, mapping) = self.mappings.remove(&addr).ok_or_else(|| {
+            CallError::invalid_value(format!("{addr:#x} is not the start of a mapping of this session"))
+        })?;
         // Pending work may still use the memory.
         self.dev.synchronize()?;
         drop(mapping);
@@ -338,9 +342,8 @@ impl<S: BackendSession> SessionState<S> {
 
     fn module_load(&mut self, m: v1::ModuleLoad) -> CallOutcome {
         new_id(&self.modules, m.module, "module", self.limits.max_handles)?;
-        let key: [u8; 32] = m.sha256[..]
-            .try_into()
-            .map_err(|_| CallError::invalid_value("module hash must be 32 bytes (SHA-256)"))?;
+        let key: [u8; 32] =
+            m.sha256[..].try_into().map_err(|_| CallError::invalid_value("module hash must be 32 bytes (SHA-256)"))?;
         let image = match m.image {
             Some(p) => {
                 let bytes = payload::decode(p, self.limits.max_image_bytes)
@@ -352,10 +355,9 @@ impl<S: BackendSession> SessionState<S> {
                 self.images.insert(key, img.clone());
                 img
             }
-            None => self
-                .images
-                .get(&key)
-                .ok_or_else(|| CallError::new(cuda::FILE_NOT_FOUND, "module image not cached on the server; send it"))?,
+            None => self.images.get(&key).ok_or_else(|| {
+                CallError::new(cuda::FILE_NOT_FOUND, "module image not cached on the server; send it")
+            })?,
         };
         let (module, functions) = self.dev.load_module(&image)?;
         let info = v1::ModuleInfo {
@@ -374,10 +376,14 @@ impl<S: BackendSession> SessionState<S> {
     }
 
     fn launch(&mut self, l: v1::Launch) -> CallOutcome {
-        let loaded = self.modules.get(&l.module).ok_or_else(|| CallError::invalid_handle(format!("unknown module {}", l.module)))?;
-        let f = loaded.functions.get(l.function as usize).ok_or_else(|| {
-            CallError::invalid_handle(format!("module {} has no function {}", l.module, l.function))
-        })?;
+        let loaded = self
+            .modules
+            .get(&l.module)
+            .ok_or_else(|| CallError::invalid_handle(format!("unknown module {}", l.module)))?;
+        let f = loaded
+            .functions
+            .get(l.function as usize)
+            .ok_or_else(|| CallError::invalid_handle(format!("module {} has no function {}", l.module, l.function)))?;
         if l.params.len() != f.params_size() as usize {
             return Err(CallError::invalid_value(format!(
                 "{} takes {} bytes of parameters, got {}",

@@ -98,10 +98,7 @@ impl Staging {
     /// Takes complete upload `id` of `size` bytes.
     pub fn take_upload(&self, id: u64, size: u64) -> Result<Vec<u8>, CallError> {
         let mut inner = self.lock();
-        let up = inner
-            .uploads
-            .get(&id)
-            .ok_or_else(|| CallError::invalid_handle(format!("no staged upload {id}")))?;
+        let up = inner.uploads.get(&id).ok_or_else(|| CallError::invalid_handle(format!("no staged upload {id}")))?;
         if up.data.len() as u64 != size {
             return Err(CallError::invalid_value(format!(
                 "staged upload {id} holds {} bytes, the copy names {size}",
@@ -153,10 +150,9 @@ impl Staging {
             .get_mut(&id)
             .ok_or_else(|| CallError::invalid_handle(format!("no staged download {id}")))?;
         let total = down.data.len() as u64;
-        let end = offset
-            .checked_add(size)
-            .filter(|&e| e <= total)
-            .ok_or_else(|| CallError::invalid_value(format!("range [{offset}, +{size}) outside download of {total} bytes")))?;
+        let end = offset.checked_add(size).filter(|&e| e <= total).ok_or_else(|| {
+            CallError::invalid_value(format!("range [{offset}, +{size}) outside download of {total} bytes"))
+        })?;
         let out = down.data.slice(offset as usize..end as usize);
         down.fetched += size;
         if down.fetched >= total {

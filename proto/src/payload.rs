@@ -66,10 +66,7 @@ pub fn decode(payload: Payload, max: u64) -> Result<Bytes, PayloadError> {
     match Codec::try_from(payload.codec) {
         Ok(Codec::Raw) => {
             if payload.data.len() as u64 != payload.raw_len {
-                return Err(PayloadError::LengthMismatch {
-                    have: payload.data.len() as u64,
-                    want: payload.raw_len,
-                });
+                return Err(PayloadError::LengthMismatch { have: payload.data.len() as u64, want: payload.raw_len });
             }
             Ok(payload.data)
         }

@@ -20,8 +20,13 @@ fn still_serves(srv: &TestServer) {
     let add = m.function("vector_add").expect("fn");
     let a = gpupool_client::DeviceBuffer::from_slice(&s, &[1f32, 2., 3.]).expect("a");
     let c = gpupool_client::DeviceBuffer::<f32>::new(&s, 3).expect("c");
-    s.launch(&add, LaunchConfig::for_elements(3, 32), StreamId::DEFAULT, &[a.arg(), a.arg(), c.arg(), KernelArg::U32(3)])
-        .expect("launch");
+    s.launch(
+        &add,
+        LaunchConfig::for_elements(3, 32),
+        StreamId::DEFAULT,
+        &[a.arg(), a.arg(), c.arg(), KernelArg::U32(3)],
+    )
+    .expect("launch");
     assert_eq!(c.to_vec().expect("c"), vec![2., 4., 6.]);
 }
 
@@ -119,7 +124,8 @@ async fn malformed_truncated_and_oversize_frames() {
     let r = raw.reply().await;
     assert_eq!((r.seq, r.errors[0].code), (0, cuda::INVALID_VALUE));
     assert!(r.errors[0].message.contains("malformed frame"), "{}", r.errors[0].message);
-    let ok = v1::Batch { seq: 1, calls: vec![v1::Call { op: Some(Op::ContextSynchronize(v1::ContextSynchronize {})) }] };
+    let ok =
+        v1::Batch { seq: 1, calls: vec![v1::Call { op: Some(Op::ContextSynchronize(v1::ContextSynchronize {})) }] };
     raw.send.write_all(&frame::encode(&ok)).await.expect("send");
     let r = raw.reply().await;
     assert_eq!((r.seq, r.error_count), (1, 0));
@@ -131,7 +137,9 @@ async fn malformed_truncated_and_oversize_frames() {
     let r = raw.reply().await;
     assert!(r.errors[0].message.contains("exceeds the limit"), "{}", r.errors[0].message);
     let closed = raw.conn.closed().await;
-    assert!(matches!(closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code.into_inner() as u32 == close_code::PROTOCOL_VIOLATION));
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code.into_inner() as u32 == close_code::PROTOCOL_VIOLATION)
+    );
 
     // A stream that ends inside a frame.
     let (mut raw, _) = Raw::open(&srv, PROTOCOL_VERSION, TOKEN).await.expect("session");
@@ -142,9 +150,12 @@ async fn malformed_truncated_and_oversize_frames() {
 
     // A bulk stream with garbage and one naming an unknown transfer.
     let (raw, _) = Raw::open(&srv, PROTOCOL_VERSION, TOKEN).await.expect("session");
-    for req in [Bytes::from_static(&[3, 0, 0, 0, 0xff, 0xfe, 0xfd]), frame::encode(&v1::BulkRequest {
-        op: Some(v1::bulk_request::Op::Get(v1::BulkGet { transfer_id: 42, offset: 0, size: 10 })),
-    })] {
+    for req in [
+        Bytes::from_static(&[3, 0, 0, 0, 0xff, 0xfe, 0xfd]),
+        frame::encode(&v1::BulkRequest {
+            op: Some(v1::bulk_request::Op::Get(v1::BulkGet { transfer_id: 42, offset: 0, size: 10 })),
+        }),
+    ] {
         let (mut s, mut r) = raw.conn.open_bi().await.expect("bulk");
         s.write_all(&req).await.expect("send");
         s.finish().expect("finish");
@@ -198,8 +209,13 @@ fn unknown_ids_foreign_and_out_of_range_addresses_oversize_requests() {
     // Outside the range, and a kernel pointed at foreign memory.
     assert_eq!(b.memcpy_dtoh(&mut buf, 0x1000, StreamId::DEFAULT).expect_err("range").code(), cuda::INVALID_VALUE);
     let add = m.function("vector_add").expect("fn");
-    b.launch(&add, LaunchConfig::for_elements(4, 32), StreamId::DEFAULT, &[KernelArg::Ptr(secret), KernelArg::Ptr(secret), KernelArg::Ptr(secret), KernelArg::U32(4)])
-        .expect("queued");
+    b.launch(
+        &add,
+        LaunchConfig::for_elements(4, 32),
+        StreamId::DEFAULT,
+        &[KernelArg::Ptr(secret), KernelArg::Ptr(secret), KernelArg::Ptr(secret), KernelArg::U32(4)],
+    )
+    .expect("queued");
     let err = b.synchronize().expect_err("kernel on foreign memory");
     if srv.backend == "emulated" {
         assert_eq!(err.code(), cuda::ILLEGAL_ADDRESS, "{err}");
@@ -224,7 +240,14 @@ fn unknown_ids_foreign_and_out_of_range_addresses_oversize_requests() {
     assert_eq!(call_code(b.raw_call(Op::MemcpyHtod(htod))), cuda::INVALID_VALUE);
     let memset = Op::Memset(v1::Memset { dst: mine, value: 0, element_size: 4, count: u64::MAX / 2, stream: 0 });
     assert_eq!(call_code(b.raw_call(memset)), cuda::INVALID_VALUE);
-    assert_eq!(call_code(b.raw_call(Op::ModuleLoad(v1::ModuleLoad { module: 50, sha256: Bytes::from_static(b"short"), image: None }))), cuda::INVALID_VALUE);
+    assert_eq!(
+        call_code(b.raw_call(Op::ModuleLoad(v1::ModuleLoad {
+            module: 50,
+            sha256: Bytes::from_static(b"short"),
+            image: None
+        }))),
+        cuda::INVALID_VALUE
+    );
     let wrong = v1::ModuleLoad {
         module: 51,
         sha256: Bytes::from(vec![7u8; 32]),

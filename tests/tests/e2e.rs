@@ -80,8 +80,13 @@ fn builtin_kernels_match_a_cpu_reference() {
     let (ga, gb) = (DeviceBuffer::from_slice(&s, &ha).expect("A"), DeviceBuffer::from_slice(&s, &hb).expect("B"));
     let gc = DeviceBuffer::<f32>::from_slice(&s, &vec![f32::NAN; mm * nn]).expect("C");
     let matmul = m.function("matmul_f32").expect("matmul");
-    let cfg = LaunchConfig { grid: ((nn as u32).div_ceil(16), (mm as u32).div_ceil(16), 1), block: (16, 16, 1), shared_mem_bytes: 0 };
-    let args = [ga.arg(), gb.arg(), gc.arg(), KernelArg::U32(mm as u32), KernelArg::U32(nn as u32), KernelArg::U32(kk as u32)];
+    let cfg = LaunchConfig {
+        grid: ((nn as u32).div_ceil(16), (mm as u32).div_ceil(16), 1),
+        block: (16, 16, 1),
+        shared_mem_bytes: 0,
+    };
+    let args =
+        [ga.arg(), gb.arg(), gc.arg(), KernelArg::U32(mm as u32), KernelArg::U32(nn as u32), KernelArg::U32(kk as u32)];
     s.launch(&matmul, cfg, StreamId::DEFAULT, &args).expect("launch");
     let mut want = vec![0f64; mm * nn];
     for r in 0..mm {
@@ -93,7 +98,10 @@ fn builtin_kernels_match_a_cpu_reference() {
 
     // Wrong argument count or size is caught before anything is sent.
     assert_eq!(code(s.launch(&add, cfg, StreamId::DEFAULT, &[da.arg()])), cuda::INVALID_VALUE);
-    assert_eq!(code(s.launch(&add, cfg, StreamId::DEFAULT, &[da.arg(), db.arg(), dc.arg(), KernelArg::U64(1)])), cuda::INVALID_VALUE);
+    assert_eq!(
+        code(s.launch(&add, cfg, StreamId::DEFAULT, &[da.arg(), db.arg(), dc.arg(), KernelArg::U64(1)])),
+        cuda::INVALID_VALUE
+    );
 }
 
 #[test]
@@ -121,7 +129,10 @@ fn queued_errors_are_latched_until_the_next_sync() {
     let dev = s.mem_alloc(1024).expect("alloc");
     // The client API checks bounds itself; a raw call past the mapping is
     // queued and refused by the server.
-    assert_eq!(s.memset(dev + (4 << 20), 0, 1, 16, StreamId::DEFAULT).expect_err("local check").code(), cuda::INVALID_VALUE);
+    assert_eq!(
+        s.memset(dev + (4 << 20), 0, 1, 16, StreamId::DEFAULT).expect_err("local check").code(),
+        cuda::INVALID_VALUE
+    );
     let past = v1::Memset { dst: dev + (4 << 20), value: 0, element_size: 1, count: 16, stream: 0 };
     s.raw_enqueue(Op::Memset(past)).expect("queued");
     s.raw_enqueue(Op::StreamSynchronize(v1::StreamSynchronize { stream: 77 })).expect("queued");

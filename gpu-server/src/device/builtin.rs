@@ -155,12 +155,15 @@ mod tests {
     fn layouts_follow_natural_alignment() {
         let f = functions();
         let saxpy = f.iter().find(|f| f.name == "saxpy").expect("saxpy");
-        assert_eq!(saxpy.params, vec![
-            Param { offset: 0, size: 4 },
-            Param { offset: 8, size: 8 },
-            Param { offset: 16, size: 8 },
-            Param { offset: 24, size: 4 },
-        ]);
+        assert_eq!(
+            saxpy.params,
+            vec![
+                Param { offset: 0, size: 4 },
+                Param { offset: 8, size: 8 },
+                Param { offset: 16, size: 8 },
+                Param { offset: 24, size: 4 },
+            ]
+        );
         assert_eq!(saxpy.params_size(), 28);
         let mm = f.iter().find(|f| f.name == "matmul_f32").expect("matmul");
         assert_eq!(mm.params_size(), 36);

@@ -22,10 +22,7 @@ mod resources;
 
 pub use resources::{Event, Mapping, Module, Stream};
 
-use super::{
-    Backend, BackendSession, DeviceDescription, DeviceResult, FunctionInfo, LaunchDims, Param,
-    builtin,
-};
+use super::{Backend, BackendSession, DeviceDescription, DeviceResult, FunctionInfo, LaunchDims, Param, builtin};
 use crate::error::CallError;
 use cudarc::driver::sys::{self, CUdevice, CUfunction, CUstream};
 use gpupool_proto::cuda;
@@ -65,11 +62,7 @@ struct DeviceInner {
 
 impl std::fmt::Debug for DeviceInner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let compiled = self
-            .builtin
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some();
+        let compiled = self.builtin.lock().unwrap_or_else(PoisonError::into_inner).is_some();
         f.debug_struct("DeviceInner")
             .field("context", &self.context)
             .field("description", &self.description)
@@ -85,38 +78,24 @@ impl CudaDevice {
         driver::check_driver()?;
         // SAFETY: the driver library and its symbols are present (checked above).
         driver::check(unsafe { sys::cuInit(0) }, "cuInit")?;
-        let index = c_int::try_from(ordinal).map_err(|_| {
-            CallError::new(
-                INVALID_DEVICE,
-                format!("device ordinal {ordinal} is out of range"),
-            )
-        })?;
+        let index = c_int::try_from(ordinal)
+            .map_err(|_| CallError::new(INVALID_DEVICE, format!("device ordinal {ordinal} is out of range")))?;
         let mut device: CUdevice = 0;
         // SAFETY: valid out-pointer; the driver checks the ordinal.
-        driver::check(
-            unsafe { sys::cuDeviceGet(&mut device, index) },
-            "cuDeviceGet",
-        )
-        .map_err(|e| CallError::new(e.code, format!("device {ordinal}: {}", e.message)))?;
+        driver::check(unsafe { sys::cuDeviceGet(&mut device, index) }, "cuDeviceGet")
+            .map_err(|e| CallError::new(e.code, format!("device {ordinal}: {}", e.message)))?;
 
         let name = device_name(device)?;
         let uuid = device_uuid(device)?;
         let mut total_memory: usize = 0;
         // SAFETY: valid out-pointer and device.
-        driver::check(
-            unsafe { sys::cuDeviceTotalMem_v2(&mut total_memory, device) },
-            "cuDeviceTotalMem_v2",
-        )?;
+        driver::check(unsafe { sys::cuDeviceTotalMem_v2(&mut total_memory, device) }, "cuDeviceTotalMem_v2")?;
         let mut driver_version: c_int = 0;
         // SAFETY: valid out-pointer.
-        driver::check(
-            unsafe { sys::cuDriverGetVersion(&mut driver_version) },
-            "cuDriverGetVersion",
-        )?;
+        driver::check(unsafe { sys::cuDriverGetVersion(&mut driver_version) }, "cuDriverGetVersion")?;
 
-        let attributes: Vec<(u32, i32)> = ATTRIBUTE_PROBE
-            .filter_map(|a| driver::device_attribute(device, a).map(|v| (a, v)))
-            .collect();
+        let attributes: Vec<(u32, i32)> =
+            ATTRIBUTE_PROBE.filter_map(|a| driver::device_attribute(device, a).map(|v| (a, v))).collect();
         let attribute = |a: u32| attributes.iter().find(|(k, _)| *k == a).map(|(_, v)| *v);
         if attribute(ATTR_VIRTUAL_MEMORY_MANAGEMENT) != Some(1) {
             return Err(CallError::new(
@@ -126,15 +105,9 @@ impl CudaDevice {
                 ),
             ));
         }
-        let non_negative = |a: u32| {
-            attribute(a)
-                .and_then(|v| u32::try_from(v).ok())
-                .unwrap_or(0)
-        };
-        let compute_capability = (
-            non_negative(ATTR_COMPUTE_CAPABILITY_MAJOR),
-            non_negative(ATTR_COMPUTE_CAPABILITY_MINOR),
-        );
+        let non_negative = |a: u32| attribute(a).and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+        let compute_capability =
+            (non_negative(ATTR_COMPUTE_CAPABILITY_MAJOR), non_negative(ATTR_COMPUTE_CAPABILITY_MINOR));
         let granularity = granularity(device)?;
 
         // Last, because it is the expensive step (the context is created).
@@ -162,13 +135,7 @@ impl CudaDevice {
             attributes,
             driver_version: u32::try_from(driver_version).unwrap_or(0),
         };
-        Ok(Self {
-            inner: Arc::new(DeviceInner {
-                context,
-                description,
-                builtin: Mutex::new(None),
-            }),
-        })
+        Ok(Self { inner: Arc::new(DeviceInner { context, description, builtin: Mutex::new(None) }) })
     }
 
     /// Compiles the built-in module now rather than on its first load, so
@@ -199,10 +166,7 @@ impl DeviceInner {
 fn device_name(device: CUdevice) -> DeviceResult<String> {
     let mut buf = [0 as c_char; 256];
     // SAFETY: `buf` holds the `len` bytes the driver may write (NUL included).
-    driver::check(
-        unsafe { sys::cuDeviceGetName(buf.as_mut_ptr(), buf.len() as c_int, device) },
-        "cuDeviceGetName",
-    )?;
+    driver::check(unsafe { sys::cuDeviceGetName(buf.as_mut_ptr(), buf.len() as c_int, device) }, "cuDeviceGetName")?;
     let bytes: Vec<u8> = buf.iter().map(|&c| c as u8).collect();
     let name = CStr::from_bytes_until_nul(&bytes).map(|s| s.to_string_lossy().into_owned());
     Ok(name.unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned()))
@@ -211,19 +175,13 @@ fn device_name(device: CUdevice) -> DeviceResult<String> {
 fn device_uuid(device: CUdevice) -> DeviceResult<String> {
     let mut uuid = sys::CUuuid { bytes: [0; 16] };
     // SAFETY: valid out-pointer and device.
-    driver::check(
-        unsafe { sys::cuDeviceGetUuid_v2(&mut uuid, device) },
-        "cuDeviceGetUuid_v2",
-    )?;
+    driver::check(unsafe { sys::cuDeviceGetUuid_v2(&mut uuid, device) }, "cuDeviceGetUuid_v2")?;
     Ok(driver::format_uuid(&uuid.bytes.map(|c| c as u8)))
 }
 
 /// The recommended granularity of a pinned allocation on `device`.
 fn granularity(device: CUdevice) -> DeviceResult<u64> {
-    let location = sys::CUmemLocation {
-        type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
-        id: device,
-    };
+    let location = sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: device };
     let prop = resources::allocation_prop(location);
     let mut granularity: usize = 0;
     // SAFETY: valid out-pointer and a fully initialised property struct.
@@ -256,18 +214,12 @@ impl Backend for CudaDevice {
         self.inner.context.make_current()?;
         let granularity = self.inner.description.granularity;
         if va_size == 0 {
-            return Err(CallError::invalid_value(
-                "a session needs a non-empty address range",
-            ));
+            return Err(CallError::invalid_value("a session needs a non-empty address range"));
         }
-        let size = round_up(va_size, granularity).ok_or_else(|| {
-            CallError::invalid_value(format!("address range of {va_size} bytes is too large"))
-        })?;
+        let size = round_up(va_size, granularity)
+            .ok_or_else(|| CallError::invalid_value(format!("address range of {va_size} bytes is too large")))?;
         let reservation = Reservation::new(self.inner.context.clone(), size, granularity)?;
-        Ok(CudaSession {
-            device: self.inner.clone(),
-            reservation: Rc::new(reservation),
-        })
+        Ok(CudaSession { device: self.inner.clone(), reservation: Rc::new(reservation) })
     }
 }
 
@@ -285,8 +237,7 @@ fn round_up(value: u64, granularity: u64) -> Option<u64> {
 }
 
 fn host_len(size: u64) -> DeviceResult<usize> {
-    usize::try_from(size)
-        .map_err(|_| CallError::invalid_value(format!("size {size} does not fit in memory")))
+    usize::try_from(size).map_err(|_| CallError::invalid_value(format!("size {size} does not fit in memory")))
 }
 
 fn raw_stream(stream: Option<&Stream>) -> CUstream {
@@ -334,9 +285,7 @@ impl Prepared<'_> {
             // SAFETY: the `u64` buffer is initialised and holds at least
             // `len` bytes (`len.div_ceil(8)` words); `u8` has no alignment
             // or validity requirements; the slice borrows `self`.
-            Prepared::Aligned(words, len) => unsafe {
-                std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), *len)
-            },
+            Prepared::Aligned(words, len) => unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), *len) },
         }
     }
 }
@@ -359,9 +308,7 @@ fn prepare_image(image: &[u8]) -> DeviceResult<Prepared<'_>> {
             ptx.push(0);
             Ok(Prepared::Terminated(ptx))
         }
-        ImageKind::Cubin | ImageKind::Fatbin if image.as_ptr().align_offset(8) == 0 => {
-            Ok(Prepared::Borrowed(image))
-        }
+        ImageKind::Cubin | ImageKind::Fatbin if image.as_ptr().align_offset(8) == 0 => Ok(Prepared::Borrowed(image)),
         ImageKind::Cubin | ImageKind::Fatbin => {
             let words = image
                 .chunks(8)
@@ -378,23 +325,15 @@ fn prepare_image(image: &[u8]) -> DeviceResult<Prepared<'_>> {
 
 /// Orders the kernels of the compiled built-in module as
 /// [`builtin::functions`] does, which is what clients index by.
-fn order_like_builtin<T>(
-    mut found: Vec<(T, FunctionInfo)>,
-) -> DeviceResult<Vec<(T, FunctionInfo)>> {
+fn order_like_builtin<T>(mut found: Vec<(T, FunctionInfo)>) -> DeviceResult<Vec<(T, FunctionInfo)>> {
     let mut ordered = Vec::with_capacity(found.len());
     for expected in builtin::functions() {
-        let position = found
-            .iter()
-            .position(|(_, f)| f.name == expected.name)
-            .ok_or_else(|| {
-                CallError::new(
-                    cuda::NOT_FOUND,
-                    format!(
-                        "built-in kernel {} is missing from the compiled module",
-                        expected.name
-                    ),
-                )
-            })?;
+        let position = found.iter().position(|(_, f)| f.name == expected.name).ok_or_else(|| {
+            CallError::new(
+                cuda::NOT_FOUND,
+                format!("built-in kernel {} is missing from the compiled module", expected.name),
+            )
+        })?;
         let item = found.remove(position);
         if item.1.params != expected.params {
             tracing::warn!(
@@ -412,11 +351,7 @@ fn order_like_builtin<T>(
 }
 
 /// One pointer per parameter into `params`, as `cuLaunchKernel` wants them.
-fn param_pointers(
-    params: &[u8],
-    layout: &[Param],
-    params_size: usize,
-) -> DeviceResult<Vec<*mut c_void>> {
+fn param_pointers(params: &[u8], layout: &[Param], params_size: usize) -> DeviceResult<Vec<*mut c_void>> {
     if params.len() < params_size {
         return Err(CallError::invalid_value(format!(
             "parameter buffer has {} bytes, the kernel's layout needs {params_size}",
@@ -424,34 +359,20 @@ fn param_pointers(
         )));
     }
     // Offsets are in bounds: every `offset + size` is at most `params_size`.
-    Ok(layout
-        .iter()
-        .map(|p| {
-            params
-                .as_ptr()
-                .wrapping_add(p.offset as usize)
-                .cast_mut()
-                .cast()
-        })
-        .collect())
+    Ok(layout.iter().map(|p| params.as_ptr().wrapping_add(p.offset as usize).cast_mut().cast()).collect())
 }
 
 /// Name, parameter layout and block limit of one function.
 fn describe(function: CUfunction) -> DeviceResult<(Kernel, FunctionInfo)> {
     let mut name: *const c_char = std::ptr::null();
     // SAFETY: valid out-pointer; `function` belongs to a live module.
-    driver::check(
-        unsafe { sys::cuFuncGetName(&mut name, function) },
-        "cuFuncGetName",
-    )?;
+    driver::check(unsafe { sys::cuFuncGetName(&mut name, function) }, "cuFuncGetName")?;
     let name = if name.is_null() {
         String::new()
     } else {
         // SAFETY: on success the driver returns a NUL-terminated string
         // that lives as long as the module.
-        unsafe { CStr::from_ptr(name) }
-            .to_string_lossy()
-            .into_owned()
+        unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned()
     };
 
     let mut params = Vec::new();
@@ -461,12 +382,7 @@ fn describe(function: CUfunction) -> DeviceResult<(Kernel, FunctionInfo)> {
         // makes the driver return CUDA_ERROR_INVALID_VALUE.
         match unsafe { sys::cuFuncGetParamInfo(function, index, &mut offset, &mut size) } {
             sys::CUresult::CUDA_SUCCESS => {
-                let too_big = || {
-                    CallError::new(
-                        cuda::UNKNOWN,
-                        format!("{name}: parameter {index} out of range"),
-                    )
-                };
+                let too_big = || CallError::new(cuda::UNKNOWN, format!("{name}: parameter {index} out of range"));
                 params.push(Param {
                     offset: u32::try_from(offset).map_err(|_| too_big())?,
                     size: u32::try_from(size).map_err(|_| too_big())?,
@@ -477,8 +393,13 @@ fn describe(function: CUfunction) -> DeviceResult<(Kernel, FunctionInfo)> {
         }
     }
 
+    // With lazy loading (CUDA's default) attributes need the function loaded.
+    // SAFETY: `function` is a handle enumerated from a module this session holds.
+    let r = unsafe { sys::cuFuncLoad(function) };
+    driver::check(r, &format!("cuFuncLoad({name})"))?;
+
     let mut max_threads: c_int = 0;
-    // SAFETY: valid out-pointer; loads the function if it was lazily loaded.
+    // SAFETY: valid out-pointer and a loaded function handle.
     let r = unsafe {
         sys::cuFuncGetAttribute(
             &mut max_threads,
@@ -488,27 +409,15 @@ fn describe(function: CUfunction) -> DeviceResult<(Kernel, FunctionInfo)> {
     };
     driver::check(r, &format!("cuFuncGetAttribute({name})"))?;
 
-    let info = FunctionInfo {
-        name,
-        params,
-        max_threads_per_block: u32::try_from(max_threads).unwrap_or(0),
-    };
-    let kernel = Kernel {
-        raw: function,
-        params: info.params.clone(),
-        params_size: info.params_size() as usize,
-    };
+    let info = FunctionInfo { name, params, max_threads_per_block: u32::try_from(max_threads).unwrap_or(0) };
+    let kernel = Kernel { raw: function, params: info.params.clone(), params_size: info.params_size() as usize };
     Ok((kernel, info))
 }
 
 impl CudaSession {
     fn load(&self, image: &[u8], builtin: bool) -> DeviceResult<(Module, Vec<FunctionInfo>)> {
         let mut module = Module::load(self.device.context.clone(), image)?;
-        let described = module
-            .functions()?
-            .into_iter()
-            .map(describe)
-            .collect::<DeviceResult<Vec<_>>>()?;
+        let described = module.functions()?.into_iter().map(describe).collect::<DeviceResult<Vec<_>>>()?;
         let described = if builtin {
             order_like_builtin(described)?
         } else {
@@ -544,20 +453,14 @@ impl BackendSession for CudaSession {
                 "mapping address {addr:#x} is not a multiple of the granularity ({granularity:#x})"
             )));
         }
-        let size = round_up(size, granularity)
-            .ok_or_else(|| CallError::invalid_value("mapping too large"))?;
+        let size = round_up(size, granularity).ok_or_else(|| CallError::invalid_value("mapping too large"))?;
         if !self.reservation.contains(addr, size) {
             return Err(CallError::invalid_value(format!(
                 "mapping [{addr:#x}, +{size:#x}) is outside the session's range [{:#x}, +{:#x})",
                 self.reservation.base, self.reservation.size
             )));
         }
-        Mapping::new(
-            self.reservation.clone(),
-            self.device.context.device,
-            addr,
-            size,
-        )
+        Mapping::new(self.reservation.clone(), self.device.context.device, addr, size)
     }
 
     fn write(&mut self, stream: Option<&Stream>, dst: u64, data: &[u8]) -> DeviceResult<()> {
@@ -569,10 +472,7 @@ impl BackendSession for CudaSession {
             None => {
                 // SAFETY: `data` is readable for `len` bytes for the whole
                 // (synchronous) call; the driver validates `dst`.
-                driver::check(
-                    unsafe { sys::cuMemcpyHtoD_v2(dst, src, data.len()) },
-                    "cuMemcpyHtoD_v2",
-                )
+                driver::check(unsafe { sys::cuMemcpyHtoD_v2(dst, src, data.len()) }, "cuMemcpyHtoD_v2")
             }
             Some(s) => {
                 // SAFETY: as above; the stream is synchronised before
@@ -583,10 +483,7 @@ impl BackendSession for CudaSession {
                     "cuMemcpyHtoDAsync_v2",
                 )?;
                 // SAFETY: live stream owned by this session.
-                driver::check(
-                    unsafe { sys::cuStreamSynchronize(s.raw) },
-                    "cuStreamSynchronize",
-                )
+                driver::check(unsafe { sys::cuStreamSynchronize(s.raw) }, "cuStreamSynchronize")
             }
         }
     }
@@ -600,10 +497,7 @@ impl BackendSession for CudaSession {
             None => {
                 // SAFETY: `out` is writable for `len` bytes during the
                 // synchronous call; the driver validates `src`.
-                driver::check(
-                    unsafe { sys::cuMemcpyDtoH_v2(dst, src, out.len()) },
-                    "cuMemcpyDtoH_v2",
-                )
+                driver::check(unsafe { sys::cuMemcpyDtoH_v2(dst, src, out.len()) }, "cuMemcpyDtoH_v2")
             }
             Some(s) => {
                 // SAFETY: as above; the stream is synchronised before the
@@ -613,10 +507,7 @@ impl BackendSession for CudaSession {
                     "cuMemcpyDtoHAsync_v2",
                 )?;
                 // SAFETY: live stream owned by this session.
-                driver::check(
-                    unsafe { sys::cuStreamSynchronize(s.raw) },
-                    "cuStreamSynchronize",
-                )
+                driver::check(unsafe { sys::cuStreamSynchronize(s.raw) }, "cuStreamSynchronize")
             }
         }
     }
@@ -628,16 +519,10 @@ impl BackendSession for CudaSession {
         }
         match stream {
             // SAFETY: device-to-device only; the driver validates both ranges.
-            None => driver::check(
-                unsafe { sys::cuMemcpyDtoD_v2(dst, src, len) },
-                "cuMemcpyDtoD_v2",
-            ),
+            None => driver::check(unsafe { sys::cuMemcpyDtoD_v2(dst, src, len) }, "cuMemcpyDtoD_v2"),
             Some(s) => {
                 // SAFETY: as above, on a live stream of this session.
-                driver::check(
-                    unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, len, s.raw) },
-                    "cuMemcpyDtoDAsync_v2",
-                )
+                driver::check(unsafe { sys::cuMemcpyDtoDAsync_v2(dst, src, len, s.raw) }, "cuMemcpyDtoDAsync_v2")
             }
         }
     }
@@ -659,9 +544,7 @@ impl BackendSession for CudaSession {
             (2, true) => "cuMemsetD16Async",
             (4, true) => "cuMemsetD32Async",
             (other, _) => {
-                return Err(CallError::invalid_value(format!(
-                    "memset element size must be 1, 2 or 4, not {other}"
-                )));
+                return Err(CallError::invalid_value(format!("memset element size must be 1, 2 or 4, not {other}")));
             }
         };
         // The value is truncated to the element size, as CUDA does.
@@ -707,11 +590,7 @@ impl BackendSession for CudaSession {
             ))
         })?;
         let mut pointers = param_pointers(params, &kernel.params, kernel.params_size)?;
-        let kernel_params = if pointers.is_empty() {
-            std::ptr::null_mut()
-        } else {
-            pointers.as_mut_ptr()
-        };
+        let kernel_params = if pointers.is_empty() { std::ptr::null_mut() } else { pointers.as_mut_ptr() };
         let [gx, gy, gz] = dims.grid;
         let [bx, by, bz] = dims.block;
         // SAFETY: `kernel.raw` belongs to `module`, which is alive; each
@@ -742,26 +621,17 @@ impl BackendSession for CudaSession {
 
     fn stream_synchronize(&mut self, stream: Option<&Stream>) -> DeviceResult<()> {
         // SAFETY: null (default stream) or a live stream of this session.
-        driver::check(
-            unsafe { sys::cuStreamSynchronize(raw_stream(stream)) },
-            "cuStreamSynchronize",
-        )
+        driver::check(unsafe { sys::cuStreamSynchronize(raw_stream(stream)) }, "cuStreamSynchronize")
     }
 
     fn stream_query(&mut self, stream: Option<&Stream>) -> DeviceResult<bool> {
         // SAFETY: null (default stream) or a live stream of this session.
-        driver::check_ready(
-            unsafe { sys::cuStreamQuery(raw_stream(stream)) },
-            "cuStreamQuery",
-        )
+        driver::check_ready(unsafe { sys::cuStreamQuery(raw_stream(stream)) }, "cuStreamQuery")
     }
 
     fn stream_wait_event(&mut self, stream: Option<&Stream>, event: &Event) -> DeviceResult<()> {
         // SAFETY: live event and null or live stream of this session.
-        driver::check(
-            unsafe { sys::cuStreamWaitEvent(raw_stream(stream), event.raw, 0) },
-            "cuStreamWaitEvent",
-        )
+        driver::check(unsafe { sys::cuStreamWaitEvent(raw_stream(stream), event.raw, 0) }, "cuStreamWaitEvent")
     }
 
     fn event_create(&mut self, flags: u32) -> DeviceResult<Event> {
@@ -770,10 +640,7 @@ impl BackendSession for CudaSession {
 
     fn event_record(&mut self, event: &mut Event, stream: Option<&Stream>) -> DeviceResult<()> {
         // SAFETY: live event and null or live stream of this session.
-        driver::check(
-            unsafe { sys::cuEventRecord(event.raw, raw_stream(stream)) },
-            "cuEventRecord",
-        )
+        driver::check(unsafe { sys::cuEventRecord(event.raw, raw_stream(stream)) }, "cuEventRecord")
     }
 
     fn event_query(&mut self, event: &Event) -> DeviceResult<bool> {
@@ -783,19 +650,13 @@ impl BackendSession for CudaSession {
 
     fn event_synchronize(&mut self, event: &Event) -> DeviceResult<()> {
         // SAFETY: live event of this session.
-        driver::check(
-            unsafe { sys::cuEventSynchronize(event.raw) },
-            "cuEventSynchronize",
-        )
+        driver::check(unsafe { sys::cuEventSynchronize(event.raw) }, "cuEventSynchronize")
     }
 
     fn event_elapsed(&mut self, start: &Event, end: &Event) -> DeviceResult<f32> {
         let mut ms = 0f32;
         // SAFETY: valid out-pointer and two live events of this session.
-        driver::check(
-            unsafe { sys::cuEventElapsedTime_v2(&mut ms, start.raw, end.raw) },
-            "cuEventElapsedTime_v2",
-        )?;
+        driver::check(unsafe { sys::cuEventElapsedTime_v2(&mut ms, start.raw, end.raw) }, "cuEventElapsedTime_v2")?;
         Ok(ms)
     }
 
@@ -836,23 +697,14 @@ mod tests {
     #[test]
     fn open_of_a_missing_ordinal_is_an_error() {
         let err = CudaDevice::open(usize::MAX).expect_err("no such device");
-        assert!(
-            err.code == cuda::NO_DEVICE || err.code == INVALID_DEVICE,
-            "{err}"
-        );
+        assert!(err.code == cuda::NO_DEVICE || err.code == INVALID_DEVICE, "{err}");
     }
 
     #[test]
     fn image_kinds_are_recognised() {
         assert_eq!(image_kind(b"\x7fELF\x02\x01"), ImageKind::Cubin);
-        assert_eq!(
-            image_kind(&[0x50, 0xed, 0x55, 0xba, 1, 0]),
-            ImageKind::Fatbin
-        );
-        assert_eq!(
-            image_kind(&[0xb1, 0x43, 0x62, 0x46, 1, 0]),
-            ImageKind::FatbinWrapper
-        );
+        assert_eq!(image_kind(&[0x50, 0xed, 0x55, 0xba, 1, 0]), ImageKind::Fatbin);
+        assert_eq!(image_kind(&[0xb1, 0x43, 0x62, 0x46, 1, 0]), ImageKind::FatbinWrapper);
         assert_eq!(image_kind(b".version 8.0\n.target sm_90"), ImageKind::Ptx);
         assert_eq!(image_kind(b"ab"), ImageKind::Ptx);
     }
@@ -867,15 +719,9 @@ mod tests {
 
     #[test]
     fn bad_images_are_refused() {
-        assert_eq!(
-            prepare_image(b"").expect_err("empty").code,
-            cuda::INVALID_IMAGE
-        );
+        assert_eq!(prepare_image(b"").expect_err("empty").code, cuda::INVALID_IMAGE);
         let wrapper = [0xb1, 0x43, 0x62, 0x46, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        assert_eq!(
-            prepare_image(&wrapper).expect_err("wrapper").code,
-            cuda::INVALID_IMAGE
-        );
+        assert_eq!(prepare_image(&wrapper).expect_err("wrapper").code, cuda::INVALID_IMAGE);
     }
 
     #[test]
@@ -906,25 +752,17 @@ mod tests {
 
     #[test]
     fn builtin_kernels_are_ordered_like_the_reference() {
-        let mut found: Vec<(usize, FunctionInfo)> =
-            builtin::functions().into_iter().enumerate().collect();
+        let mut found: Vec<(usize, FunctionInfo)> = builtin::functions().into_iter().enumerate().collect();
         found.reverse();
         let ordered = order_like_builtin(found).expect("all present");
         let names: Vec<_> = ordered.iter().map(|(_, f)| f.name.clone()).collect();
         let expected: Vec<_> = builtin::functions().into_iter().map(|f| f.name).collect();
         assert_eq!(names, expected);
-        assert_eq!(
-            ordered.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
-            vec![0, 1, 2, 3]
-        );
+        assert_eq!(ordered.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
 
-        let mut missing: Vec<(usize, FunctionInfo)> =
-            builtin::functions().into_iter().enumerate().collect();
+        let mut missing: Vec<(usize, FunctionInfo)> = builtin::functions().into_iter().enumerate().collect();
         missing.pop();
-        assert_eq!(
-            order_like_builtin(missing).expect_err("one missing").code,
-            cuda::NOT_FOUND
-        );
+        assert_eq!(order_like_builtin(missing).expect_err("one missing").code, cuda::NOT_FOUND);
     }
 
     #[test]

@@ -30,18 +30,18 @@ impl EmulatedDevice {
         tracing::warn!("emulated device selected: no GPU is in use; kernels run as CPU reference code");
         let sms = 132;
         let attributes = vec![
-            (1, 1024),  // MAX_THREADS_PER_BLOCK
-            (2, 1024),  // MAX_BLOCK_DIM_X
-            (3, 1024),  // MAX_BLOCK_DIM_Y
-            (4, 64),    // MAX_BLOCK_DIM_Z
+            (1, 1024),     // MAX_THREADS_PER_BLOCK
+            (2, 1024),     // MAX_BLOCK_DIM_X
+            (3, 1024),     // MAX_BLOCK_DIM_Y
+            (4, 64),       // MAX_BLOCK_DIM_Z
             (5, i32::MAX), // MAX_GRID_DIM_X
-            (6, 65535), // MAX_GRID_DIM_Y
-            (7, 65535), // MAX_GRID_DIM_Z
-            (8, 49152), // MAX_SHARED_MEMORY_PER_BLOCK
-            (10, 32),   // WARP_SIZE
-            (16, sms),  // MULTIPROCESSOR_COUNT
-            (75, 9),    // COMPUTE_CAPABILITY_MAJOR
-            (76, 0),    // COMPUTE_CAPABILITY_MINOR
+            (6, 65535),    // MAX_GRID_DIM_Y
+            (7, 65535),    // MAX_GRID_DIM_Z
+            (8, 49152),    // MAX_SHARED_MEMORY_PER_BLOCK
+            (10, 32),      // WARP_SIZE
+            (16, sms),     // MULTIPROCESSOR_COUNT
+            (75, 9),       // COMPUTE_CAPABILITY_MAJOR
+            (76, 0),       // COMPUTE_CAPABILITY_MINOR
         ];
         Self {
             description: DeviceDescription {
@@ -196,7 +196,14 @@ impl BackendSession for EmulatedSession {
         }
     }
 
-    fn launch(&mut self, _: &Module, function: usize, dims: LaunchDims, _: Option<&Stream>, params: &[u8]) -> DeviceResult<()> {
+    fn launch(
+        &mut self,
+        _: &Module,
+        function: usize,
+        dims: LaunchDims,
+        _: Option<&Stream>,
+        params: &[u8],
+    ) -> DeviceResult<()> {
         builtin::run(function, dims, params, &mut Mem(&self.memory))
     }
 

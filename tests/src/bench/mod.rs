@@ -59,9 +59,7 @@ impl DeviceMode {
         match self {
             DeviceMode::Auto => DeviceChoice::Auto,
             DeviceMode::Cuda => DeviceChoice::Cuda { ordinal: 0 },
-            DeviceMode::Emulated => DeviceChoice::Emulated {
-                memory: EMULATED_MEMORY,
-            },
+            DeviceMode::Emulated => DeviceChoice::Emulated { memory: EMULATED_MEMORY },
         }
     }
 
@@ -101,18 +99,11 @@ impl Options {
         if self.cold_runs == 0 {
             bad.push("--cold-runs must be at least 1");
         }
-        if bad.is_empty() {
-            Ok(())
-        } else {
-            bail!("{}", bad.join("; "))
-        }
+        if bad.is_empty() { Ok(()) } else { bail!("{}", bad.join("; ")) }
     }
 
     fn copy_sizes(&self) -> Vec<usize> {
-        COPY_SIZES
-            .into_iter()
-            .filter(|&s| s <= self.max_copy_bytes)
-            .collect()
+        COPY_SIZES.into_iter().filter(|&s| s <= self.max_copy_bytes).collect()
     }
 
     fn lz4_size(&self) -> usize {
@@ -138,10 +129,7 @@ fn progress(what: &str) {
 }
 
 /// Measures `f` natively when there is a native GPU.
-fn on_native<T>(
-    native: Option<&NativeGpu>,
-    f: impl FnOnce(&NativeGpu) -> Result<T>,
-) -> Result<Option<T>> {
+fn on_native<T>(native: Option<&NativeGpu>, f: impl FnOnce(&NativeGpu) -> Result<T>) -> Result<Option<T>> {
     native.map(f).transpose()
 }
 
@@ -152,16 +140,11 @@ type MaybeNative = std::result::Result<NativeGpu, String>;
 /// `Err(why)` when it is skipped, or unavailable in `auto` mode.
 fn open_native(mode: DeviceMode, server_backend: &str) -> MaybeNative {
     match (mode, server_backend) {
-        (DeviceMode::Emulated, _) => {
-            Err("--device emulated: no GPU used, native CUDA skipped".into())
+        (DeviceMode::Emulated, _) => Err("--device emulated: no GPU used, native CUDA skipped".into()),
+        (_, "emulated") => {
+            Err("no GPU found (the server fell back to the emulated device), native CUDA skipped".into())
         }
-        (_, "emulated") => Err(
-            "no GPU found (the server fell back to the emulated device), native CUDA skipped"
-                .into(),
-        ),
-        (DeviceMode::Cuda | DeviceMode::Auto, _) => {
-            NativeGpu::open(0).map_err(|e| format!("{e:#}"))
-        }
+        (DeviceMode::Cuda | DeviceMode::Auto, _) => NativeGpu::open(0).map_err(|e| format!("{e:#}")),
     }
 }
 
@@ -172,16 +155,11 @@ pub(crate) fn run(opts: &Options) -> Result<Report> {
         DeviceMode::Cuda => Some(Ok(NativeGpu::open(0)?)),
         DeviceMode::Auto | DeviceMode::Emulated => None,
     };
-    progress(&format!(
-        "starting the in-process gpu-server (device {})",
-        opts.device.name()
-    ));
+    progress(&format!("starting the in-process gpu-server (device {})", opts.device.name()));
     let server = LocalServer::start(opts.device.server_choice())?;
     let gpu_used = server.backend() == "cuda";
     if !gpu_used {
-        progress(
-            "NO GPU IN USE: the server runs the emulated device; remote figures measure the transport only",
-        );
+        progress("NO GPU IN USE: the server runs the emulated device; remote figures measure the transport only");
     }
     let native = early_native.unwrap_or_else(|| open_native(opts.device, server.backend()));
     if let Err(why) = &native {
@@ -219,135 +197,70 @@ pub(crate) fn run(opts: &Options) -> Result<Report> {
     };
     drop(native);
     server.stop()?;
-    Ok(Report {
-        header,
-        rows,
-        skipped_targets,
-    })
+    Ok(Report { header, rows, skipped_targets })
 }
 
-fn round_trip_rows(
-    opts: &Options,
-    native: Option<&NativeGpu>,
-    remote: &RemoteGpu,
-) -> Result<Vec<Row>> {
-    progress(&format!(
-        "sync round trips: {} + {} warm-up",
-        opts.iterations, opts.warmup
-    ));
-    let n = on_native(native, |g| {
-        workloads::sync_round_trips(g, opts.warmup, opts.iterations)
-    })?;
+fn round_trip_rows(opts: &Options, native: Option<&NativeGpu>, remote: &RemoteGpu) -> Result<Vec<Row>> {
+    progress(&format!("sync round trips: {} + {} warm-up", opts.iterations, opts.warmup));
+    let n = on_native(native, |g| workloads::sync_round_trips(g, opts.warmup, opts.iterations))?;
     let r = workloads::sync_round_trips(remote, opts.warmup, opts.iterations)?;
     let us = |d: Duration| Unit::Micros.of(d);
-    let note = format!(
-        "empty kernel launch + stream synchronize, {} iterations",
-        r.len()
-    );
+    let note = format!("empty kernel launch + stream synchronize, {} iterations", r.len());
     Ok(vec![
-        Row::new(
-            "sync round trip, median",
-            Unit::Micros,
-            n.as_ref().map(|s| us(s.median())),
-            Some(us(r.median())),
-        )
-        .target(Target::RemoteAtMost(RTT_TARGET_US))
-        .note(note),
-        Row::new(
-            "sync round trip, p99",
-            Unit::Micros,
-            n.as_ref().map(|s| us(s.p99())),
-            Some(us(r.p99())),
-        ),
+        Row::new("sync round trip, median", Unit::Micros, n.as_ref().map(|s| us(s.median())), Some(us(r.median())))
+            .target(Target::RemoteAtMost(RTT_TARGET_US))
+            .note(note),
+        Row::new("sync round trip, p99", Unit::Micros, n.as_ref().map(|s| us(s.p99())), Some(us(r.p99()))),
     ])
 }
 
 fn launch_row(opts: &Options, native: Option<&NativeGpu>, remote: &RemoteGpu) -> Result<Row> {
-    progress(&format!(
-        "{} async launches + 1 synchronize, {LAUNCH_RUNS} runs",
-        opts.launches
-    ));
-    let n = on_native(native, |g| {
-        workloads::async_launches(g, opts.launches, LAUNCH_RUNS)
-    })?;
+    progress(&format!("{} async launches + 1 synchronize, {LAUNCH_RUNS} runs", opts.launches));
+    let n = on_native(native, |g| workloads::async_launches(g, opts.launches, LAUNCH_RUNS))?;
     let r = workloads::async_launches(remote, opts.launches, LAUNCH_RUNS)?;
     let s = |d: Duration| Unit::Seconds.of(d);
-    Ok(Row::new(
-        format!("{} async launches + sync", opts.launches),
-        Unit::Seconds,
-        n.map(s),
-        Some(s(r)),
-    )
-    .target(Target::RatioAtMost(LAUNCH_RATIO_TARGET))
-    .note(format!("total time, median of {LAUNCH_RUNS} runs")))
+    Ok(Row::new(format!("{} async launches + sync", opts.launches), Unit::Seconds, n.map(s), Some(s(r)))
+        .target(Target::RatioAtMost(LAUNCH_RATIO_TARGET))
+        .note(format!("total time, median of {LAUNCH_RUNS} runs")))
 }
 
-fn copy_rows(
-    opts: &Options,
-    native: Option<&NativeGpu>,
-    remote: &RemoteGpu,
-) -> Result<(Vec<Row>, Vec<Skipped>)> {
+fn copy_rows(opts: &Options, native: Option<&NativeGpu>, remote: &RemoteGpu) -> Result<(Vec<Row>, Vec<Skipped>)> {
     let sizes = opts.copy_sizes();
     let largest = sizes.iter().copied().max().unwrap_or(0);
-    progress(&format!(
-        "generating {} of random data",
-        size_label(largest)
-    ));
+    progress(&format!("generating {} of random data", size_label(largest)));
     let data = workloads::random_bytes(largest, DATA_SEED);
     let mut ups = Vec::new();
     let mut downs = Vec::new();
     for &size in &sizes {
-        progress(&format!(
-            "copies of {}, verified once byte for byte",
-            size_label(size)
-        ));
+        progress(&format!("copies of {}, verified once byte for byte", size_label(size)));
         let slice = &data[..size];
         let n = on_native(native, |g| workloads::copies(g, slice))?;
         let r = workloads::copies(remote, slice)?;
         let label = size_label(size);
-        let mut up = Row::new(
-            format!("HtoD {label}"),
-            Unit::GibPerSec,
-            n.map(|c| c.htod),
-            Some(r.htod),
-        );
+        let mut up = Row::new(format!("HtoD {label}"), Unit::GibPerSec, n.map(|c| c.htod), Some(r.htod));
         if size == HTOD_TARGET_SIZE {
             up = up.target(Target::RemoteAtLeast(HTOD_TARGET_GIBS));
         }
         ups.push(up);
-        downs.push(Row::new(
-            format!("DtoH {label}"),
-            Unit::GibPerSec,
-            n.map(|c| c.dtoh),
-            Some(r.dtoh),
-        ));
+        downs.push(Row::new(format!("DtoH {label}"), Unit::GibPerSec, n.map(|c| c.dtoh), Some(r.dtoh)));
     }
     if let Some(first) = ups.first_mut() {
-        first.note = Some("pageable host memory, random data; median of 3 to 20 copies; HtoD includes a synchronize".into());
+        first.note =
+            Some("pageable host memory, random data; median of 3 to 20 copies; HtoD includes a synchronize".into());
     }
     let skipped = if sizes.contains(&HTOD_TARGET_SIZE) {
         Vec::new()
     } else {
         vec![Skipped {
-            goal: format!(
-                "HtoD {} ≥ {HTOD_TARGET_GIBS} GiB/s",
-                size_label(HTOD_TARGET_SIZE)
-            ),
-            reason: format!(
-                "copies capped at {} by --max-copy-mib",
-                size_label(opts.max_copy_bytes)
-            ),
+            goal: format!("HtoD {} ≥ {HTOD_TARGET_GIBS} GiB/s", size_label(HTOD_TARGET_SIZE)),
+            reason: format!("copies capped at {} by --max-copy-mib", size_label(opts.max_copy_bytes)),
         }]
     };
     ups.extend(downs);
     Ok((ups, skipped))
 }
 
-fn cold_start_rows(
-    opts: &Options,
-    native: Option<&NativeGpu>,
-    server: &LocalServer,
-) -> Result<Vec<Row>> {
+fn cold_start_rows(opts: &Options, native: Option<&NativeGpu>, server: &LocalServer) -> Result<Vec<Row>> {
     progress("cold start to first kernel result");
     let mut rows = Vec::new();
     let n: Option<ColdStart> = on_native(native, NativeGpu::cold_start)?;
@@ -355,42 +268,29 @@ fn cold_start_rows(
     for _ in 0..opts.cold_runs {
         runs.push(remote::cold_start(server)?);
     }
-    let median =
-        |f: fn(&ColdStart) -> Duration| stats::Samples::new(runs.iter().map(f).collect()).median();
+    let median = |f: fn(&ColdStart) -> Duration| stats::Samples::new(runs.iter().map(f).collect()).median();
     let ms = |d: Duration| Unit::Millis.of(d);
     let phase = |name: &str, f: fn(&ColdStart) -> Duration| {
-        Row::new(
-            name,
-            Unit::Millis,
-            n.as_ref().map(|c| ms(f(c))),
-            Some(ms(median(f))),
-        )
+        Row::new(name, Unit::Millis, n.as_ref().map(|c| ms(f(c))), Some(ms(median(f))))
     };
     rows.push(
-        phase("cold start → first result", ColdStart::total)
-            .target(Target::RemoteBelow(COLD_START_TARGET_MS))
-            .note(format!(
+        phase("cold start → first result", ColdStart::total).target(Target::RemoteBelow(COLD_START_TARGET_MS)).note(
+            format!(
                 "native: 1 run in a fresh process (cuInit + primary context, cubin load, vector_add with copies; \
                  NVRTC excluded); remote: median of {} new sessions on the warm server (connect, built-in module \
                  load, vector_add with copies); phases are medians each",
                 opts.cold_runs
-            )),
+            ),
+        ),
     );
     rows.push(phase("  context | connect + session", |c| c.setup));
     rows.push(phase("  module load", |c| c.module_load));
-    rows.push(phase("  vector_add, inputs up, result back", |c| {
-        c.first_result
-    }));
+    rows.push(phase("  vector_add, inputs up, result back", |c| c.first_result));
     if let Some(g) = native {
         rows.push(
-            Row::new(
-                "NVRTC compile of builtin.cu",
-                Unit::Millis,
-                Some(ms(g.nvrtc_compile())),
-                None,
-            )
-            .only(Sides::NativeOnly)
-            .note("to a cubin, once; the server compiles once per process, before these runs"),
+            Row::new("NVRTC compile of builtin.cu", Unit::Millis, Some(ms(g.nvrtc_compile())), None)
+                .only(Sides::NativeOnly)
+                .note("to a cubin, once; the server compiles once per process, before these runs"),
         );
     }
     Ok(rows)
@@ -402,13 +302,10 @@ fn lz4_rows(opts: &Options, remote: &RemoteGpu) -> Result<Vec<Row>> {
     progress(&format!("lz4 effect: {label} mostly zeros vs random"));
     let sparse = workloads::copies(remote, &workloads::compressible_bytes(size))?;
     let random = workloads::copies(remote, &workloads::random_bytes(size, DATA_SEED ^ 1))?;
-    let row = |name: String, v: f64| {
-        Row::new(name, Unit::GibPerSec, None, Some(v)).only(Sides::RemoteOnly)
-    };
+    let row = |name: String, v: f64| Row::new(name, Unit::GibPerSec, None, Some(v)).only(Sides::RemoteOnly);
     Ok(vec![
-        row(format!("lz4: HtoD {label} mostly zeros"), sparse.htod).note(
-            "remote only; one non-zero word per 4 KiB page, against random bytes lz4 cannot shrink",
-        ),
+        row(format!("lz4: HtoD {label} mostly zeros"), sparse.htod)
+            .note("remote only; one non-zero word per 4 KiB page, against random bytes lz4 cannot shrink"),
         row(format!("lz4: HtoD {label} random"), random.htod),
         row(format!("lz4: DtoH {label} mostly zeros"), sparse.dtoh),
         row(format!("lz4: DtoH {label} random"), random.dtoh),
@@ -417,6 +314,5 @@ fn lz4_rows(opts: &Options, remote: &RemoteGpu) -> Result<Vec<Row>> {
 
 /// Writes the report as JSON to `path`.
 pub(crate) fn write_json(report: &Report, path: &Path) -> Result<()> {
-    std::fs::write(path, format!("{}\n", report.json()))
-        .with_context(|| format!("writing {}", path.display()))
+    std::fs::write(path, format!("{}\n", report.json())).with_context(|| format!("writing {}", path.display()))
 }

@@ -30,15 +30,11 @@ const COLD_START_TIMEOUT: Duration = Duration::from_secs(120);
 fn check_libraries() -> Result<()> {
     // SAFETY: only tries to dlopen the candidate names of libcuda.
     if !unsafe { sys::is_culib_present() } {
-        bail!(
-            "libcuda.so could not be loaded: no NVIDIA driver on this machine, or not on the library path"
-        );
+        bail!("libcuda.so could not be loaded: no NVIDIA driver on this machine, or not on the library path");
     }
     // SAFETY: only tries to dlopen the candidate names of libnvrtc.
     if !unsafe { nvrtc::sys::is_culib_present() } {
-        bail!(
-            "libnvrtc.so could not be loaded: install the CUDA NVRTC library or add it to LD_LIBRARY_PATH"
-        );
+        bail!("libnvrtc.so could not be loaded: install the CUDA NVRTC library or add it to LD_LIBRARY_PATH");
     }
     Ok(())
 }
@@ -70,17 +66,9 @@ impl NativeGpu {
         let start = Instant::now();
         let image = compile_cubin(BUILTIN_SOURCE, cc)?;
         let nvrtc_compile = start.elapsed();
-        let module = ctx
-            .load_module(Ptx::from_binary(image.clone()))
-            .context("loading the built-in module")?;
+        let module = ctx.load_module(Ptx::from_binary(image.clone())).context("loading the built-in module")?;
         let empty = module.load_function("empty")?;
-        Ok(Self {
-            ctx,
-            empty,
-            name,
-            image,
-            nvrtc_compile,
-        })
+        Ok(Self { ctx, empty, name, image, nvrtc_compile })
     }
 
     pub(crate) fn name(&self) -> &str {
@@ -97,8 +85,7 @@ impl NativeGpu {
     /// NVRTC time is excluded.
     pub(crate) fn cold_start(&self) -> Result<ColdStart> {
         let path = std::env::temp_dir().join(format!("gpupool-bench-{}.cubin", std::process::id()));
-        std::fs::write(&path, &self.image)
-            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, &self.image).with_context(|| format!("writing {}", path.display()))?;
         let result = run_cold_start_child(&path);
         let _ = std::fs::remove_file(&path);
         result.context("native cold start")
@@ -125,22 +112,13 @@ impl Drop for Program {
 fn compile_cubin(source: &str, (major, minor): (i32, i32)) -> Result<Vec<u8>> {
     let source = CString::new(source).context("kernel source contains a NUL byte")?;
     let raw = nvrtc::result::create_program(&source, Some(c"gpupool_builtin.cu"))?;
-    let program = Program {
-        raw,
-        _source: source,
-    };
+    let program = Program { raw, _source: source };
     let arch = format!("--gpu-architecture=sm_{major}{minor}");
     // SAFETY: `program.raw` is a live program.
     if let Err(e) = unsafe { nvrtc::result::compile_program(program.raw, &[arch.as_str()]) } {
         // SAFETY: as above; the log is read before the program is destroyed.
         let log = unsafe { nvrtc::result::get_program_log(program.raw) }
-            .map(|chars| {
-                chars
-                    .iter()
-                    .take_while(|&&c| c != 0)
-                    .map(|&c| c as u8 as char)
-                    .collect::<String>()
-            })
+            .map(|chars| chars.iter().take_while(|&&c| c != 0).map(|&c| c as u8 as char).collect::<String>())
             .unwrap_or_default();
         bail!("NVRTC could not compile the built-in kernels ({arch}): {e}\n{log}");
     }
@@ -166,21 +144,13 @@ impl NativeBuffer {
         ctx.bind_to_thread()?;
         // SAFETY: the context is current; the memory is only copied into
         // and out of as bytes, so its initial contents do not matter.
-        let ptr = unsafe { result::malloc_sync(bytes) }
-            .with_context(|| format!("cuMemAlloc of {bytes} bytes"))?;
-        Ok(Self {
-            ctx: ctx.clone(),
-            ptr,
-            bytes,
-        })
+        let ptr = unsafe { result::malloc_sync(bytes) }.with_context(|| format!("cuMemAlloc of {bytes} bytes"))?;
+        Ok(Self { ctx: ctx.clone(), ptr, bytes })
     }
 
     fn check_len(&self, len: usize) -> Result<()> {
         if len > self.bytes {
-            bail!(
-                "a copy of {len} bytes does not fit a buffer of {}",
-                self.bytes
-            );
+            bail!("a copy of {len} bytes does not fit a buffer of {}", self.bytes);
         }
         Ok(())
     }
@@ -211,14 +181,7 @@ impl Gpu for NativeGpu {
         // matches; its module belongs to this context, current on this
         // thread since `open` (the benchmark's CUDA calls stay on it).
         unsafe {
-            result::launch_kernel(
-                self.empty.cu_function(),
-                (1, 1, 1),
-                (1, 1, 1),
-                0,
-                std::ptr::null_mut(),
-                &mut [],
-            )
+            result::launch_kernel(self.empty.cu_function(), (1, 1, 1), (1, 1, 1), 0, std::ptr::null_mut(), &mut [])
         }?;
         Ok(())
     }
@@ -297,15 +260,9 @@ fn parse_cold_start(stdout: &str) -> Result<ColdStart> {
             .split_whitespace()
             .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
             .ok_or_else(|| anyhow!("cold-start result without {name}: {line:?}"))?;
-        Ok(Duration::from_nanos(
-            value.parse().with_context(|| format!("{name}={value}"))?,
-        ))
+        Ok(Duration::from_nanos(value.parse().with_context(|| format!("{name}={value}"))?))
     };
-    Ok(ColdStart {
-        setup: field("setup_ns")?,
-        module_load: field("module_ns")?,
-        first_result: field("result_ns")?,
-    })
+    Ok(ColdStart { setup: field("setup_ns")?, module_load: field("module_ns")?, first_result: field("result_ns")? })
 }
 
 /// The child side: in this fresh process, time the first context, the load
@@ -319,17 +276,12 @@ pub(crate) fn cold_start_child(image: &Path) -> Result<()> {
     let start = Instant::now();
     let ctx = CudaContext::new(0).context("native CUDA unavailable: creating the context")?;
     let setup = start.elapsed();
-    let module = ctx
-        .load_module(Ptx::from_binary(image))
-        .context("loading the precompiled module")?;
+    let module = ctx.load_module(Ptx::from_binary(image)).context("loading the precompiled module")?;
     let vector_add = module.load_function("vector_add")?;
     let module_load = start.elapsed() - setup;
     let bytes = COLD_START_ELEMENTS * size_of::<f32>();
-    let (da, db, dc) = (
-        NativeBuffer::new(&ctx, bytes)?,
-        NativeBuffer::new(&ctx, bytes)?,
-        NativeBuffer::new(&ctx, bytes)?,
-    );
+    let (da, db, dc) =
+        (NativeBuffer::new(&ctx, bytes)?, NativeBuffer::new(&ctx, bytes)?, NativeBuffer::new(&ctx, bytes)?);
     // SAFETY: each buffer holds `COLD_START_ELEMENTS` floats, the length of
     // `a` and `b`.
     unsafe {
@@ -338,12 +290,8 @@ pub(crate) fn cold_start_child(image: &Path) -> Result<()> {
     }
     let n = u32::try_from(COLD_START_ELEMENTS)?;
     let (mut pa, mut pb, mut pc, mut pn) = (da.ptr, db.ptr, dc.ptr, n);
-    let mut params: [*mut c_void; 4] = [
-        (&raw mut pa).cast(),
-        (&raw mut pb).cast(),
-        (&raw mut pc).cast(),
-        (&raw mut pn).cast(),
-    ];
+    let mut params: [*mut c_void; 4] =
+        [(&raw mut pa).cast(), (&raw mut pb).cast(), (&raw mut pc).cast(), (&raw mut pn).cast()];
     // SAFETY: the parameters match `vector_add(const float*, const float*,
     // float*, unsigned)` and outlive the call, which copies them; the grid
     // covers `n` threads, each touching index < n of buffers of n floats.
@@ -378,9 +326,7 @@ mod tests {
 
     #[test]
     fn parses_the_child_line() {
-        let out = format!(
-            "noise\n{COLD_START_TAG} setup_ns=300000000 module_ns=2000000 result_ns=150000\n"
-        );
+        let out = format!("noise\n{COLD_START_TAG} setup_ns=300000000 module_ns=2000000 result_ns=150000\n");
         let c = parse_cold_start(&out).expect("parses");
         assert_eq!(c.setup, Duration::from_millis(300));
         assert_eq!(c.module_load, Duration::from_millis(2));

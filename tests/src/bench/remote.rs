@@ -3,9 +3,7 @@
 
 use super::workloads::{ColdStart, Gpu, check_sum, vector_add_inputs};
 use anyhow::{Context, Result, anyhow, bail};
-use gpupool_client::{
-    ClientConfig, DeviceBuffer, Function, KernelArg, LaunchConfig, Session, StreamId, Trust,
-};
+use gpupool_client::{ClientConfig, DeviceBuffer, Function, KernelArg, LaunchConfig, Session, StreamId, Trust};
 use gpupool_proto::BUILTIN_MODULE;
 use gpupool_server::{DeviceChoice, Server, ServerConfig};
 use std::net::SocketAddr;
@@ -41,8 +39,7 @@ impl LocalServer {
     /// Binds a server driving `device` and serves until dropped.
     pub(crate) fn start(device: DeviceChoice) -> Result<Self> {
         let token = hex_token();
-        let mut config =
-            ServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), vec![token.clone()]);
+        let mut config = ServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), vec![token.clone()]);
         config.device = device;
         let (bound_tx, bound_rx) = mpsc::channel::<Result<Bound>>();
         let (shutdown, shutdown_rx) = oneshot::channel::<()>();
@@ -77,11 +74,7 @@ impl LocalServer {
     }
 
     pub(crate) fn client_config(&self) -> ClientConfig {
-        ClientConfig::new(
-            self.addr,
-            Trust::Fingerprint(self.fingerprint.clone()),
-            self.token.clone(),
-        )
+        ClientConfig::new(self.addr, Trust::Fingerprint(self.fingerprint.clone()), self.token.clone())
     }
 
     pub(crate) fn connect(&self) -> Result<Session> {
@@ -115,11 +108,7 @@ impl Drop for LocalServer {
 }
 
 /// The server thread: a runtime, the server, and its run until shutdown.
-fn serve(
-    config: ServerConfig,
-    bound: mpsc::Sender<Result<Bound>>,
-    shutdown: oneshot::Receiver<()>,
-) -> Result<()> {
+fn serve(config: ServerConfig, bound: mpsc::Sender<Result<Bound>>, shutdown: oneshot::Receiver<()>) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("gpupool-server-rt")
@@ -163,9 +152,7 @@ pub(crate) struct RemoteGpu {
 impl RemoteGpu {
     pub(crate) fn open(server: &LocalServer) -> Result<Self> {
         let session = server.connect()?;
-        let module = session
-            .module_load(BUILTIN_MODULE)
-            .context("loading the built-in module")?;
+        let module = session.module_load(BUILTIN_MODULE).context("loading the built-in module")?;
         let empty = module.function("empty")?;
         Ok(Self { session, empty })
     }
@@ -180,11 +167,7 @@ impl RemoteGpu {
     }
 }
 
-const ONE_THREAD: LaunchConfig = LaunchConfig {
-    grid: (1, 1, 1),
-    block: (1, 1, 1),
-    shared_mem_bytes: 0,
-};
+const ONE_THREAD: LaunchConfig = LaunchConfig { grid: (1, 1, 1), block: (1, 1, 1), shared_mem_bytes: 0 };
 
 impl Gpu for RemoteGpu {
     type Buffer = DeviceBuffer<u8>;
@@ -194,9 +177,7 @@ impl Gpu for RemoteGpu {
     }
 
     fn launch_empty(&self) -> Result<()> {
-        Ok(self
-            .session
-            .launch(&self.empty, ONE_THREAD, StreamId::DEFAULT, &[])?)
+        Ok(self.session.launch(&self.empty, ONE_THREAD, StreamId::DEFAULT, &[])?)
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -208,15 +189,11 @@ impl Gpu for RemoteGpu {
     }
 
     fn htod(&self, dst: &Self::Buffer, src: &[u8]) -> Result<()> {
-        Ok(self
-            .session
-            .memcpy_htod(dst.addr(), src, StreamId::DEFAULT)?)
+        Ok(self.session.memcpy_htod(dst.addr(), src, StreamId::DEFAULT)?)
     }
 
     fn dtoh(&self, dst: &mut [u8], src: &Self::Buffer) -> Result<()> {
-        Ok(self
-            .session
-            .memcpy_dtoh(dst, src.addr(), StreamId::DEFAULT)?)
+        Ok(self.session.memcpy_dtoh(dst, src.addr(), StreamId::DEFAULT)?)
     }
 }
 
@@ -228,9 +205,7 @@ pub(crate) fn cold_start(server: &LocalServer) -> Result<ColdStart> {
     let start = Instant::now();
     let session = Session::connect(&config).context("cold start: connecting")?;
     let setup = start.elapsed();
-    let module = session
-        .module_load(BUILTIN_MODULE)
-        .context("cold start: loading the built-in module")?;
+    let module = session.module_load(BUILTIN_MODULE).context("cold start: loading the built-in module")?;
     let vector_add = module.function("vector_add")?;
     let module_load = start.elapsed() - setup;
     let da = DeviceBuffer::from_slice(&session, &a)?;
@@ -238,20 +213,11 @@ pub(crate) fn cold_start(server: &LocalServer) -> Result<ColdStart> {
     let dc = DeviceBuffer::<f32>::new(&session, a.len())?;
     let n = u32::try_from(a.len())?;
     let args = [da.arg(), db.arg(), dc.arg(), KernelArg::U32(n)];
-    session.launch(
-        &vector_add,
-        LaunchConfig::for_elements(n, 256),
-        StreamId::DEFAULT,
-        &args,
-    )?;
+    session.launch(&vector_add, LaunchConfig::for_elements(n, 256), StreamId::DEFAULT, &args)?;
     let got = dc.to_vec()?;
     let first_result = start.elapsed() - setup - module_load;
     check_sum("remote", &got, &want)?;
     drop((da, db, dc));
     session.close().context("cold start: closing the session")?;
-    Ok(ColdStart {
-        setup,
-        module_load,
-        first_result,
-    })
+    Ok(ColdStart { setup, module_load, first_result })
 }

@@ -117,21 +117,8 @@ pub(crate) struct Row {
 }
 
 impl Row {
-    pub(crate) fn new(
-        name: impl Into<String>,
-        unit: Unit,
-        native: Option<f64>,
-        remote: Option<f64>,
-    ) -> Self {
-        Self {
-            name: name.into(),
-            unit,
-            native,
-            remote,
-            sides: Sides::Both,
-            target: None,
-            note: None,
-        }
+    pub(crate) fn new(name: impl Into<String>, unit: Unit, native: Option<f64>, remote: Option<f64>) -> Self {
+        Self { name: name.into(), unit, native, remote, sides: Sides::Both, target: None, note: None }
     }
 
     pub(crate) fn only(mut self, sides: Sides) -> Self {
@@ -215,19 +202,12 @@ impl Report {
     pub(crate) fn table(&self) -> String {
         let h = &self.header;
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "gpupool-bench: native CUDA (cudarc) vs remote gpupool on the same GPU"
-        );
+        let _ = writeln!(out, "gpupool-bench: native CUDA (cudarc) vs remote gpupool on the same GPU");
         let _ = writeln!(out, "date     {}", h.date);
         let gpu = h.gpu.as_deref().unwrap_or("none");
         let _ = writeln!(out, "machine  {} (GPU: {gpu})", h.host);
         let _ = writeln!(out, "commit   {}", h.commit);
-        let _ = writeln!(
-            out,
-            "server   in-process on 127.0.0.1, backend {} ({})",
-            h.backend, h.server_device
-        );
+        let _ = writeln!(out, "server   in-process on 127.0.0.1, backend {} ({})", h.backend, h.server_device);
         if h.gpu.is_none() {
             let _ = writeln!(
                 out,
@@ -241,8 +221,7 @@ impl Report {
         let _ = writeln!(out, "settings {}", settings.join(" "));
         out.push('\n');
 
-        let mut cells =
-            vec![["row", "native", "remote", "remote/native", "target", "met"].map(String::from)];
+        let mut cells = vec![["row", "native", "remote", "remote/native", "target", "met"].map(String::from)];
         for row in &self.rows {
             // "-": not measured by design; "n/a": could not be measured.
             let figure = |v: Option<f64>, measured: bool| match v {
@@ -261,20 +240,11 @@ impl Report {
                 figure(row.remote, row.sides != Sides::NativeOnly),
                 ratio,
                 row.target.map(|t| t.describe(row.unit)).unwrap_or_default(),
-                row.verdict()
-                    .map(|v| v.text().to_string())
-                    .unwrap_or_default(),
+                row.verdict().map(|v| v.text().to_string()).unwrap_or_default(),
             ]);
         }
-        let widths: Vec<usize> = (0..6)
-            .map(|c| {
-                cells
-                    .iter()
-                    .map(|r| r[c].chars().count())
-                    .max()
-                    .unwrap_or(0)
-            })
-            .collect();
+        let widths: Vec<usize> =
+            (0..6).map(|c| cells.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
         for (i, r) in cells.iter().enumerate() {
             let mut line = String::new();
             for (c, cell) in r.iter().enumerate() {
@@ -301,12 +271,7 @@ impl Report {
             out.push('\n');
         }
         for row in notes {
-            let _ = writeln!(
-                out,
-                "note: {}: {}",
-                row.name,
-                row.note.as_deref().unwrap_or_default()
-            );
+            let _ = writeln!(out, "note: {}: {}", row.name, row.note.as_deref().unwrap_or_default());
         }
         for s in &self.skipped_targets {
             let _ = writeln!(out, "target not measured: {}: {}", s.goal, s.reason);
@@ -328,16 +293,8 @@ impl Report {
                     ("native", opt_num(r.native)),
                     ("remote", opt_num(r.remote)),
                     ("ratio_remote_over_native", opt_num(r.ratio())),
-                    (
-                        "target",
-                        r.target
-                            .map_or(Json::Null, |t| Json::str(t.describe(r.unit))),
-                    ),
-                    (
-                        "verdict",
-                        r.verdict()
-                            .map_or(Json::Null, |v| Json::str(v.text().to_lowercase())),
-                    ),
+                    ("target", r.target.map_or(Json::Null, |t| Json::str(t.describe(r.unit)))),
+                    ("verdict", r.verdict().map_or(Json::Null, |v| Json::str(v.text().to_lowercase()))),
                     ("note", r.note.as_deref().map_or(Json::Null, Json::str)),
                 ])
             })
@@ -345,19 +302,9 @@ impl Report {
         let skipped = self
             .skipped_targets
             .iter()
-            .map(|s| {
-                Json::obj([
-                    ("target", Json::str(&s.goal)),
-                    ("reason", Json::str(&s.reason)),
-                ])
-            })
+            .map(|s| Json::obj([("target", Json::str(&s.goal)), ("reason", Json::str(&s.reason))]))
             .collect();
-        let settings = Json::Obj(
-            h.settings
-                .iter()
-                .map(|(k, v)| ((*k).to_string(), Json::str(v)))
-                .collect(),
-        );
+        let settings = Json::Obj(h.settings.iter().map(|(k, v)| ((*k).to_string(), Json::str(v))).collect());
         Json::obj([
             ("date", Json::str(&h.date)),
             ("host", Json::str(&h.host)),
@@ -366,10 +313,7 @@ impl Report {
             ("commit", Json::str(&h.commit)),
             ("backend", Json::str(&h.backend)),
             ("server_device", Json::str(&h.server_device)),
-            (
-                "native_missing",
-                h.native_missing.as_deref().map_or(Json::Null, Json::str),
-            ),
+            ("native_missing", h.native_missing.as_deref().map_or(Json::Null, Json::str)),
             ("settings", settings),
             ("rows", Json::Arr(rows)),
             ("targets_not_measured", Json::Arr(skipped)),
@@ -395,12 +339,7 @@ impl Json {
     }
 
     pub(crate) fn obj<const N: usize>(fields: [(&str, Json); N]) -> Self {
-        Json::Obj(
-            fields
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
-        )
+        Json::Obj(fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
     }
 
     fn write(&self, f: &mut fmt::Formatter<'_>, indent: usize) -> fmt::Result {
@@ -466,18 +405,14 @@ mod tests {
 
     #[test]
     fn verdicts() {
-        let rtt =
-            Row::new("rtt", Unit::Micros, None, Some(40.0)).target(Target::RemoteAtMost(50.0));
+        let rtt = Row::new("rtt", Unit::Micros, None, Some(40.0)).target(Target::RemoteAtMost(50.0));
         assert_eq!(rtt.verdict(), Some(Verdict::Met));
-        let launches = Row::new("launches", Unit::Seconds, Some(1.0), Some(2.0))
-            .target(Target::RatioAtMost(1.5));
+        let launches = Row::new("launches", Unit::Seconds, Some(1.0), Some(2.0)).target(Target::RatioAtMost(1.5));
         assert_eq!(launches.ratio(), Some(2.0));
         assert_eq!(launches.verdict(), Some(Verdict::Missed));
-        let no_native =
-            Row::new("launches", Unit::Seconds, None, Some(2.0)).target(Target::RatioAtMost(1.5));
+        let no_native = Row::new("launches", Unit::Seconds, None, Some(2.0)).target(Target::RatioAtMost(1.5));
         assert_eq!(no_native.verdict(), Some(Verdict::NotMeasured));
-        let cold =
-            Row::new("cold", Unit::Millis, None, Some(50.0)).target(Target::RemoteBelow(50.0));
+        let cold = Row::new("cold", Unit::Millis, None, Some(50.0)).target(Target::RemoteBelow(50.0));
         assert_eq!(cold.verdict(), Some(Verdict::Missed));
         assert_eq!(Row::new("x", Unit::Millis, None, None).verdict(), None);
     }
@@ -486,10 +421,7 @@ mod tests {
     fn json_is_escaped_and_nested() {
         let j = Json::obj([
             ("a\"b", Json::str("line\nnext\u{1}")),
-            (
-                "n",
-                Json::Arr(vec![Json::Num(1.5), Json::Num(f64::NAN), Json::Null]),
-            ),
+            ("n", Json::Arr(vec![Json::Num(1.5), Json::Num(f64::NAN), Json::Null])),
             ("e", Json::Obj(vec![])),
         ]);
         let text = j.to_string();

@@ -25,11 +25,7 @@ pub(crate) trait Gpu {
 }
 
 /// Latencies of `empty` launch + synchronize, after `warmup` untimed ones.
-pub(crate) fn sync_round_trips<G: Gpu>(
-    gpu: &G,
-    warmup: usize,
-    iterations: usize,
-) -> Result<Samples> {
+pub(crate) fn sync_round_trips<G: Gpu>(gpu: &G, warmup: usize, iterations: usize) -> Result<Samples> {
     for _ in 0..warmup {
         gpu.launch_empty()?;
         gpu.synchronize()?;
@@ -116,11 +112,7 @@ fn verify_round_trip(label: &str, sent: &[u8], back: &[u8]) -> Result<()> {
         );
     }
     if sent.len() != back.len() {
-        bail!(
-            "{label} round trip returned {} bytes for {}",
-            back.len(),
-            sent.len()
-        );
+        bail!("{label} round trip returned {} bytes for {}", back.len(), sent.len());
     }
     Ok(())
 }
@@ -147,9 +139,7 @@ pub(crate) fn random_bytes(bytes: usize, seed: u64) -> Vec<u8> {
 pub(crate) fn compressible_bytes(bytes: usize) -> Vec<u8> {
     let mut data = vec![0u8; bytes];
     for (page, chunk) in data.chunks_mut(4096).enumerate() {
-        let word = (page as u64)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            .to_le_bytes();
+        let word = (page as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes();
         let n = chunk.len().min(word.len());
         chunk[..n].copy_from_slice(&word[..n]);
     }
@@ -179,9 +169,7 @@ pub(crate) const COLD_START_ELEMENTS: usize = 4096;
 /// in `f32`, so the check can compare bit for bit.
 pub(crate) fn vector_add_inputs() -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let a: Vec<f32> = (0..COLD_START_ELEMENTS).map(|i| i as f32).collect();
-    let b: Vec<f32> = (0..COLD_START_ELEMENTS)
-        .map(|i| (2 * i) as f32 + 0.5)
-        .collect();
+    let b: Vec<f32> = (0..COLD_START_ELEMENTS).map(|i| (2 * i) as f32 + 0.5).collect();
     let sum = a.iter().zip(&b).map(|(x, y)| x + y).collect();
     (a, b, sum)
 }
@@ -189,11 +177,7 @@ pub(crate) fn vector_add_inputs() -> (Vec<f32>, Vec<f32>, Vec<f32>) {
 /// Checks a `vector_add` result.
 pub(crate) fn check_sum(label: &str, got: &[f32], want: &[f32]) -> Result<()> {
     match got.iter().zip(want).position(|(g, w)| g != w) {
-        Some(i) => bail!(
-            "{label} vector_add returned {} at index {i}, expected {}",
-            got[i],
-            want[i]
-        ),
+        Some(i) => bail!("{label} vector_add returned {} at index {i}, expected {}", got[i], want[i]),
         None if got.len() != want.len() => {
             bail!("{label} vector_add returned {} elements", got.len())
         }

@@ -52,6 +52,7 @@ const REQUIRED_SYMBOLS: &[&str] = &[
     "cuFuncGetName",
     "cuFuncGetParamInfo",
     "cuFuncGetAttribute",
+    "cuFuncLoad",
     "cuLaunchKernel",
     "cuStreamCreateWithPriority",
     "cuStreamDestroy_v2",
@@ -80,9 +81,7 @@ pub(super) fn check_driver() -> DeviceResult<()> {
     if let Some(missing) = REQUIRED_SYMBOLS.iter().find(|name| !has_symbol(name)) {
         return Err(CallError::new(
             cuda::NOT_SUPPORTED,
-            format!(
-                "the CUDA driver is too old: libcuda has no {missing} (gpupool needs a CUDA 12.8 or newer driver)"
-            ),
+            format!("the CUDA driver is too old: libcuda has no {missing} (gpupool needs a CUDA 12.8 or newer driver)"),
         ));
     }
     Ok(())
@@ -92,20 +91,12 @@ fn has_symbol(name: &str) -> bool {
     // SAFETY: the library is present (checked by the caller), so `culib`
     // does not panic; the symbol is only looked up, never called, so the
     // pointer type is irrelevant.
-    unsafe {
-        sys::culib()
-            .get::<unsafe extern "C" fn()>(name.as_bytes())
-            .is_ok()
-    }
+    unsafe { sys::culib().get::<unsafe extern "C" fn()>(name.as_bytes()).is_ok() }
 }
 
 /// `Ok` on success, else the raw code and `what: CUDA_ERROR_NAME`.
 pub(super) fn check(r: CUresult, what: &str) -> DeviceResult<()> {
-    if r == CUresult::CUDA_SUCCESS {
-        Ok(())
-    } else {
-        Err(error(r, what))
-    }
+    if r == CUresult::CUDA_SUCCESS { Ok(()) } else { Err(error(r, what)) }
 }
 
 /// The [`CallError`] of a failed driver call.
@@ -119,11 +110,7 @@ pub(super) fn error(r: CUresult, what: &str) -> CallError {
 pub(super) fn warn_on_error(r: CUresult, what: &str) {
     if r != CUresult::CUDA_SUCCESS {
         let code = r as u32;
-        tracing::warn!(
-            code,
-            "{what} failed while releasing a resource: {}",
-            error_name(code)
-        );
+        tracing::warn!(code, "{what} failed while releasing a resource: {}", error_name(code));
     }
 }
 
@@ -159,9 +146,7 @@ fn error_name(code: u32) -> String {
         return format!("unknown CUDA error {code}");
     }
     // SAFETY: non-null on success, pointing at a static C string.
-    unsafe { CStr::from_ptr(name) }
-        .to_string_lossy()
-        .into_owned()
+    unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned()
 }
 
 /// `cuDeviceGetAttribute` with the attribute as a plain integer: the
@@ -184,20 +169,8 @@ pub(super) fn device_attribute(device: sys::CUdevice, attribute: u32) -> Option<
 
 /// Formats a device UUID as NVML and `nvidia-smi` do.
 pub(super) fn format_uuid(bytes: &[u8; 16]) -> String {
-    let hex = |range: std::ops::Range<usize>| {
-        bytes[range]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
-    format!(
-        "GPU-{}-{}-{}-{}-{}",
-        hex(0..4),
-        hex(4..6),
-        hex(6..8),
-        hex(8..10),
-        hex(10..16)
-    )
+    let hex = |range: std::ops::Range<usize>| bytes[range].iter().map(|b| format!("{b:02x}")).collect::<String>();
+    format!("GPU-{}-{}-{}-{}-{}", hex(0..4), hex(4..6), hex(6..8), hex(8..10), hex(10..16))
 }
 
 #[cfg(test)]
@@ -206,13 +179,8 @@ mod tests {
 
     #[test]
     fn uuid_formats_like_nvml() {
-        let bytes: [u8; 16] = [
-            0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab,
-            0xcd, 0xef,
-        ];
-        assert_eq!(
-            format_uuid(&bytes),
-            "GPU-12345678-9abc-def0-0123-456789abcdef"
-        );
+        let bytes: [u8; 16] =
+            [0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef];
+        assert_eq!(format_uuid(&bytes), "GPU-12345678-9abc-def0-0123-456789abcdef");
     }
 }

@@ -45,12 +45,7 @@ fn choose_target(compute_capability: (u32, u32), supported: &[u32]) -> Option<Ta
     if supported.contains(&arch) {
         return Some(Target::Cubin(arch));
     }
-    supported
-        .iter()
-        .copied()
-        .filter(|&a| a <= arch)
-        .max()
-        .map(Target::Ptx)
+    supported.iter().copied().filter(|&a| a <= arch).max().map(Target::Ptx)
 }
 
 impl Target {
@@ -103,16 +98,9 @@ fn check_library() -> DeviceResult<()> {
     for name in REQUIRED_SYMBOLS {
         // SAFETY: the library is present, so `culib` does not panic; the
         // symbol is looked up, never called.
-        let found = unsafe {
-            sys::culib()
-                .get::<unsafe extern "C" fn()>(name.as_bytes())
-                .is_ok()
-        };
+        let found = unsafe { sys::culib().get::<unsafe extern "C" fn()>(name.as_bytes()).is_ok() };
         if !found {
-            return Err(CallError::new(
-                JIT_COMPILER_NOT_FOUND,
-                format!("libnvrtc has no {name}: NVRTC is too old"),
-            ));
+            return Err(CallError::new(JIT_COMPILER_NOT_FOUND, format!("libnvrtc has no {name}: NVRTC is too old")));
         }
     }
     Ok(())
@@ -129,9 +117,7 @@ fn check(r: nvrtcResult, what: &str) -> DeviceResult<()> {
         format!("NVRTC error {}", r as u32)
     } else {
         // SAFETY: non-null static C string.
-        unsafe { CStr::from_ptr(text) }
-            .to_string_lossy()
-            .into_owned()
+        unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned()
     };
     let code = match r {
         nvrtcResult::NVRTC_ERROR_OUT_OF_MEMORY => cuda::OUT_OF_MEMORY,
@@ -144,23 +130,14 @@ fn check(r: nvrtcResult, what: &str) -> DeviceResult<()> {
 fn supported_archs() -> DeviceResult<Vec<u32>> {
     let mut count: c_int = 0;
     // SAFETY: valid out-pointer.
-    check(
-        unsafe { sys::nvrtcGetNumSupportedArchs(&mut count) },
-        "nvrtcGetNumSupportedArchs",
-    )?;
+    check(unsafe { sys::nvrtcGetNumSupportedArchs(&mut count) }, "nvrtcGetNumSupportedArchs")?;
     let mut archs = vec![0 as c_int; usize::try_from(count).unwrap_or(0)];
     if archs.is_empty() {
         return Ok(Vec::new());
     }
     // SAFETY: `archs` holds exactly the `count` ints NVRTC writes.
-    check(
-        unsafe { sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) },
-        "nvrtcGetSupportedArchs",
-    )?;
-    Ok(archs
-        .into_iter()
-        .filter_map(|a| u32::try_from(a).ok())
-        .collect())
+    check(unsafe { sys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }, "nvrtcGetSupportedArchs")?;
+    Ok(archs.into_iter().filter_map(|a| u32::try_from(a).ok()).collect())
 }
 
 /// An NVRTC program, destroyed in `Drop`.
@@ -168,58 +145,41 @@ struct Program(nvrtcProgram);
 
 impl Program {
     fn new(source: &str, name: &CStr) -> DeviceResult<Self> {
-        let source = CString::new(source)
-            .map_err(|_| CallError::invalid_value("kernel source contains a NUL byte"))?;
+        let source = CString::new(source).map_err(|_| CallError::invalid_value("kernel source contains a NUL byte"))?;
         let mut program: nvrtcProgram = std::ptr::null_mut();
         // SAFETY: `source` and `name` are NUL-terminated and outlive the
         // call (NVRTC copies them); no headers are passed (count 0, nulls).
         let r = unsafe {
-            sys::nvrtcCreateProgram(
-                &mut program,
-                source.as_ptr(),
-                name.as_ptr(),
-                0,
-                std::ptr::null(),
-                std::ptr::null(),
-            )
+            sys::nvrtcCreateProgram(&mut program, source.as_ptr(), name.as_ptr(), 0, std::ptr::null(), std::ptr::null())
         };
         check(r, "nvrtcCreateProgram")?;
         Ok(Self(program))
     }
 
     fn compile(&self, arch_option: &str) -> DeviceResult<()> {
-        let option = CString::new(arch_option)
-            .map_err(|_| CallError::invalid_value("NVRTC option contains a NUL byte"))?;
+        let option =
+            CString::new(arch_option).map_err(|_| CallError::invalid_value("NVRTC option contains a NUL byte"))?;
         let pointers: [*const c_char; 1] = [option.as_ptr()];
         // SAFETY: `pointers` holds `len` valid C strings kept alive by
         // `option` for the duration of the call.
-        let r =
-            unsafe { sys::nvrtcCompileProgram(self.0, pointers.len() as c_int, pointers.as_ptr()) };
+        let r = unsafe { sys::nvrtcCompileProgram(self.0, pointers.len() as c_int, pointers.as_ptr()) };
         if r == nvrtcResult::NVRTC_SUCCESS {
             return Ok(());
         }
         let log = self.log();
-        check(r, "nvrtcCompileProgram").map_err(|e| {
-            CallError::new(
-                e.code,
-                format!("{} ({arch_option}); log:\n{log}", e.message),
-            )
-        })
+        check(r, "nvrtcCompileProgram")
+            .map_err(|e| CallError::new(e.code, format!("{} ({arch_option}); log:\n{log}", e.message)))
     }
 
     fn log(&self) -> String {
         let mut size = 0usize;
         // SAFETY: valid out-pointer on a live program.
-        if unsafe { sys::nvrtcGetProgramLogSize(self.0, &mut size) } != nvrtcResult::NVRTC_SUCCESS
-            || size == 0
-        {
+        if unsafe { sys::nvrtcGetProgramLogSize(self.0, &mut size) } != nvrtcResult::NVRTC_SUCCESS || size == 0 {
             return String::new();
         }
         let mut buf = vec![0u8; size];
         // SAFETY: `buf` has the `size` bytes NVRTC writes (log plus NUL).
-        if unsafe { sys::nvrtcGetProgramLog(self.0, buf.as_mut_ptr().cast()) }
-            != nvrtcResult::NVRTC_SUCCESS
-        {
+        if unsafe { sys::nvrtcGetProgramLog(self.0, buf.as_mut_ptr().cast()) } != nvrtcResult::NVRTC_SUCCESS {
             return String::new();
         }
         String::from_utf8_lossy(buf.split(|&b| b == 0).next().unwrap_or_default()).into_owned()
@@ -228,32 +188,20 @@ impl Program {
     fn cubin(&self) -> DeviceResult<Vec<u8>> {
         let mut size = 0usize;
         // SAFETY: valid out-pointer on a compiled program.
-        check(
-            unsafe { sys::nvrtcGetCUBINSize(self.0, &mut size) },
-            "nvrtcGetCUBINSize",
-        )?;
+        check(unsafe { sys::nvrtcGetCUBINSize(self.0, &mut size) }, "nvrtcGetCUBINSize")?;
         let mut buf = vec![0u8; size];
         // SAFETY: `buf` has the `size` bytes NVRTC writes.
-        check(
-            unsafe { sys::nvrtcGetCUBIN(self.0, buf.as_mut_ptr().cast()) },
-            "nvrtcGetCUBIN",
-        )?;
+        check(unsafe { sys::nvrtcGetCUBIN(self.0, buf.as_mut_ptr().cast()) }, "nvrtcGetCUBIN")?;
         Ok(buf)
     }
 
     fn ptx(&self) -> DeviceResult<Vec<u8>> {
         let mut size = 0usize;
         // SAFETY: valid out-pointer on a compiled program.
-        check(
-            unsafe { sys::nvrtcGetPTXSize(self.0, &mut size) },
-            "nvrtcGetPTXSize",
-        )?;
+        check(unsafe { sys::nvrtcGetPTXSize(self.0, &mut size) }, "nvrtcGetPTXSize")?;
         let mut buf = vec![0u8; size];
         // SAFETY: `buf` has the `size` bytes NVRTC writes (PTX plus NUL).
-        check(
-            unsafe { sys::nvrtcGetPTX(self.0, buf.as_mut_ptr().cast()) },
-            "nvrtcGetPTX",
-        )?;
+        check(unsafe { sys::nvrtcGetPTX(self.0, buf.as_mut_ptr().cast()) }, "nvrtcGetPTX")?;
         if buf.last() != Some(&0) {
             buf.push(0);
         }
@@ -278,19 +226,13 @@ mod tests {
 
     #[test]
     fn target_prefers_a_cubin_for_the_device() {
-        assert_eq!(
-            choose_target((9, 0), &[75, 80, 86, 89, 90]),
-            Some(Target::Cubin(90))
-        );
+        assert_eq!(choose_target((9, 0), &[75, 80, 86, 89, 90]), Some(Target::Cubin(90)));
         assert_eq!(Target::Cubin(90).option(), "--gpu-architecture=sm_90");
     }
 
     #[test]
     fn target_falls_back_to_older_ptx() {
-        assert_eq!(
-            choose_target((12, 0), &[80, 90, 100]),
-            Some(Target::Ptx(100))
-        );
+        assert_eq!(choose_target((12, 0), &[80, 90, 100]), Some(Target::Ptx(100)));
         assert_eq!(Target::Ptx(100).option(), "--gpu-architecture=compute_100");
         assert_eq!(choose_target((7, 0), &[80, 90]), None);
     }

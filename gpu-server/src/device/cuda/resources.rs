@@ -8,8 +8,7 @@
 use super::driver::{self, warn_on_error};
 use crate::device::{DeviceResult, Param};
 use cudarc::driver::sys::{
-    self, CUcontext, CUdevice, CUdeviceptr, CUevent, CUfunction, CUmemGenericAllocationHandle,
-    CUmodule, CUstream,
+    self, CUcontext, CUdevice, CUdeviceptr, CUevent, CUfunction, CUmemGenericAllocationHandle, CUmodule, CUstream,
 };
 use std::rc::Rc;
 use std::sync::Arc;
@@ -33,10 +32,7 @@ impl Context {
     pub(super) fn retain(device: CUdevice) -> DeviceResult<Self> {
         let mut raw: CUcontext = std::ptr::null_mut();
         // SAFETY: valid out-pointer; `device` came from cuDeviceGet.
-        driver::check(
-            unsafe { sys::cuDevicePrimaryCtxRetain(&mut raw, device) },
-            "cuDevicePrimaryCtxRetain",
-        )?;
+        driver::check(unsafe { sys::cuDevicePrimaryCtxRetain(&mut raw, device) }, "cuDevicePrimaryCtxRetain")?;
         Ok(Self { device, raw })
     }
 
@@ -51,10 +47,7 @@ impl Drop for Context {
     fn drop(&mut self) {
         // SAFETY: balances the retain in `Context::retain`; every resource
         // created in the context holds an `Arc<Context>`, so none is left.
-        warn_on_error(
-            unsafe { sys::cuDevicePrimaryCtxRelease_v2(self.device) },
-            "cuDevicePrimaryCtxRelease_v2",
-        );
+        warn_on_error(unsafe { sys::cuDevicePrimaryCtxRelease_v2(self.device) }, "cuDevicePrimaryCtxRelease_v2");
     }
 }
 
@@ -72,21 +65,13 @@ impl Reservation {
         let mut base: CUdeviceptr = 0;
         // SAFETY: valid out-pointer; the context is current on this thread
         // (set by the caller); no fixed address is requested.
-        let r =
-            unsafe { sys::cuMemAddressReserve(&mut base, size as usize, alignment as usize, 0, 0) };
+        let r = unsafe { sys::cuMemAddressReserve(&mut base, size as usize, alignment as usize, 0, 0) };
         driver::check(r, "cuMemAddressReserve")?;
-        Ok(Self {
-            base,
-            size,
-            _context: context,
-        })
+        Ok(Self { base, size, _context: context })
     }
 
     pub(super) fn contains(&self, addr: u64, size: u64) -> bool {
-        addr >= self.base
-            && addr
-                .checked_add(size)
-                .is_some_and(|end| end <= self.base + self.size)
+        addr >= self.base && addr.checked_add(size).is_some_and(|end| end <= self.base + self.size)
     }
 }
 
@@ -94,10 +79,7 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         // SAFETY: the range came from cuMemAddressReserve with this size;
         // mappings hold an `Rc<Reservation>`, so all are unmapped by now.
-        warn_on_error(
-            unsafe { sys::cuMemAddressFree(self.base, self.size as usize) },
-            "cuMemAddressFree",
-        );
+        warn_on_error(unsafe { sys::cuMemAddressFree(self.base, self.size as usize) }, "cuMemAddressFree");
     }
 }
 
@@ -128,46 +110,22 @@ impl Mapping {
     /// Creates `size` bytes of pinned memory on `device` and maps them
     /// read/write at `addr`. `size` and `addr` are multiples of the
     /// granularity and lie inside `reservation` (checked by the caller).
-    pub(super) fn new(
-        reservation: Rc<Reservation>,
-        device: CUdevice,
-        addr: u64,
-        size: u64,
-    ) -> DeviceResult<Self> {
-        let location = sys::CUmemLocation {
-            type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
-            id: device,
-        };
+    pub(super) fn new(reservation: Rc<Reservation>, device: CUdevice, addr: u64, size: u64) -> DeviceResult<Self> {
+        let location = sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: device };
         let prop = allocation_prop(location);
         let mut handle: CUmemGenericAllocationHandle = 0;
         // SAFETY: valid out-pointer and a fully initialised property struct.
-        driver::check(
-            unsafe { sys::cuMemCreate(&mut handle, size as usize, &prop, 0) },
-            "cuMemCreate",
-        )?;
+        driver::check(unsafe { sys::cuMemCreate(&mut handle, size as usize, &prop, 0) }, "cuMemCreate")?;
         let allocation = Allocation(handle);
         // SAFETY: `[addr, addr + size)` lies inside the live reservation and
         // `handle` is an allocation of exactly `size` bytes.
-        driver::check(
-            unsafe { sys::cuMemMap(addr, size as usize, 0, handle, 0) },
-            "cuMemMap",
-        )?;
+        driver::check(unsafe { sys::cuMemMap(addr, size as usize, 0, handle, 0) }, "cuMemMap")?;
         // From here on, `Drop` unmaps.
-        let mapping = Self {
-            addr,
-            size,
-            _allocation: allocation,
-            _reservation: reservation,
-        };
-        let access = sys::CUmemAccessDesc {
-            location,
-            flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
-        };
+        let mapping = Self { addr, size, _allocation: allocation, _reservation: reservation };
+        let access =
+            sys::CUmemAccessDesc { location, flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE };
         // SAFETY: the range is mapped (above); one descriptor is passed.
-        driver::check(
-            unsafe { sys::cuMemSetAccess(addr, size as usize, &access, 1) },
-            "cuMemSetAccess",
-        )?;
+        driver::check(unsafe { sys::cuMemSetAccess(addr, size as usize, &access, 1) }, "cuMemSetAccess")?;
         Ok(mapping)
     }
 }
@@ -177,10 +135,7 @@ impl Drop for Mapping {
         // SAFETY: the range was mapped in `Mapping::new` and is unmapped
         // only here; the physical memory is released afterwards with
         // `self._allocation`.
-        warn_on_error(
-            unsafe { sys::cuMemUnmap(self.addr, self.size as usize) },
-            "cuMemUnmap",
-        );
+        warn_on_error(unsafe { sys::cuMemUnmap(self.addr, self.size as usize) }, "cuMemUnmap");
     }
 }
 
@@ -225,30 +180,19 @@ impl Module {
         // SAFETY: valid out-pointer; `image` is a complete image in the
         // form the driver expects (PTX terminated by NUL, checked by the
         // caller) and outlives the call, which copies what it needs.
-        driver::check(
-            unsafe { sys::cuModuleLoadData(&mut raw, image.as_ptr().cast()) },
-            "cuModuleLoadData",
-        )?;
-        Ok(Self {
-            raw,
-            kernels: Vec::new(),
-            _context: context,
-        })
+        driver::check(unsafe { sys::cuModuleLoadData(&mut raw, image.as_ptr().cast()) }, "cuModuleLoadData")?;
+        Ok(Self { raw, kernels: Vec::new(), _context: context })
     }
 
     /// Every function of the module, in the driver's order.
     pub(super) fn functions(&self) -> DeviceResult<Vec<CUfunction>> {
         let mut count: std::ffi::c_uint = 0;
         // SAFETY: valid out-pointer on a live module.
-        driver::check(
-            unsafe { sys::cuModuleGetFunctionCount(&mut count, self.raw) },
-            "cuModuleGetFunctionCount",
-        )?;
+        driver::check(unsafe { sys::cuModuleGetFunctionCount(&mut count, self.raw) }, "cuModuleGetFunctionCount")?;
         let mut functions: Vec<CUfunction> = vec![std::ptr::null_mut(); count as usize];
         if count > 0 {
             // SAFETY: `functions` has room for exactly `count` handles.
-            let r =
-                unsafe { sys::cuModuleEnumerateFunctions(functions.as_mut_ptr(), count, self.raw) };
+            let r = unsafe { sys::cuModuleEnumerateFunctions(functions.as_mut_ptr(), count, self.raw) };
             driver::check(r, "cuModuleEnumerateFunctions")?;
         }
         Ok(functions)
@@ -276,10 +220,7 @@ impl Stream {
         // SAFETY: valid out-pointer; the context is current on this thread.
         let r = unsafe { sys::cuStreamCreateWithPriority(&mut raw, flags, priority) };
         driver::check(r, "cuStreamCreateWithPriority")?;
-        Ok(Self {
-            raw,
-            _context: context,
-        })
+        Ok(Self { raw, _context: context })
     }
 }
 
@@ -287,10 +228,7 @@ impl Drop for Stream {
     fn drop(&mut self) {
         // SAFETY: the stream came from cuStreamCreateWithPriority and is
         // destroyed only here (pending work still completes).
-        warn_on_error(
-            unsafe { sys::cuStreamDestroy_v2(self.raw) },
-            "cuStreamDestroy_v2",
-        );
+        warn_on_error(unsafe { sys::cuStreamDestroy_v2(self.raw) }, "cuStreamDestroy_v2");
     }
 }
 
@@ -305,23 +243,14 @@ impl Event {
     pub(super) fn new(context: Arc<Context>, flags: u32) -> DeviceResult<Self> {
         let mut raw: CUevent = std::ptr::null_mut();
         // SAFETY: valid out-pointer; the context is current on this thread.
-        driver::check(
-            unsafe { sys::cuEventCreate(&mut raw, flags) },
-            "cuEventCreate",
-        )?;
-        Ok(Self {
-            raw,
-            _context: context,
-        })
+        driver::check(unsafe { sys::cuEventCreate(&mut raw, flags) }, "cuEventCreate")?;
+        Ok(Self { raw, _context: context })
     }
 }
 
 impl Drop for Event {
     fn drop(&mut self) {
         // SAFETY: the event came from cuEventCreate and is destroyed only here.
-        warn_on_error(
-            unsafe { sys::cuEventDestroy_v2(self.raw) },
-            "cuEventDestroy_v2",
-        );
+        warn_on_error(unsafe { sys::cuEventDestroy_v2(self.raw) }, "cuEventDestroy_v2");
     }
 }
