@@ -48,6 +48,21 @@ pub struct AddressSpace {
     slabs: BTreeMap<u64, Slab>,
 }
 
+/// Returns `[start, start + len)` to a free list, merged with its neighbours.
+fn insert_coalesced(free: &mut BTreeMap<u64, u64>, mut start: u64, mut len: u64) {
+    if let Some((&p, &pl)) = free.range(..start).next_back()
+        && p + pl == start
+    {
+        free.remove(&p);
+        start = p;
+        len += pl;
+    }
+    if let Some(nl) = free.remove(&(start + len)) {
+        len += nl;
+    }
+    free.insert(start, len);
+}
+
 fn round_up(v: u64, to: u64) -> Option<u64> {
     v.checked_add(to - 1).map(|x| x / to * to)
 }
@@ -124,20 +139,7 @@ impl AddressSpace {
 
     fn give_granules(&mut self, start: u64, len: u64) {
         self.mapped -= len;
-        let mut start = start;
-        let mut len = len;
-        if let Some((&p, &pl)) = self.free.range(..start).next_back()
-            && p + pl == start
-        {
-            self.free.remove(&p);
-            start = p;
-            len += pl;
-        }
-        if let Some(&nl) = self.free.get(&(start + len)) {
-            self.free.remove(&(start + len));
-            len += nl;
-        }
-        self.free.insert(start, len);
+        insert_coalesced(&mut self.free, start, len);
     }
 
     /// Allocates `size` bytes; returns the address and the server-side
@@ -195,20 +197,7 @@ impl AddressSpace {
                 let Some(slab) = self.slabs.get_mut(&slab_addr) else {
                     return Err(ClientError::InvalidValue("allocation's slab is gone".into()));
                 };
-                let mut off = addr - slab_addr;
-                let mut len = padded;
-                if let Some((&p, &pl)) = slab.free.range(..off).next_back()
-                    && p + pl == off
-                {
-                    slab.free.remove(&p);
-                    off = p;
-                    len += pl;
-                }
-                if let Some(&nl) = slab.free.get(&(off + len)) {
-                    slab.free.remove(&(off + len));
-                    len += nl;
-                }
-                slab.free.insert(off, len);
+                insert_coalesced(&mut slab.free, addr - slab_addr, padded);
                 slab.used -= padded;
                 if slab.used == 0 {
                     self.slabs.remove(&slab_addr);

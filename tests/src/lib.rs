@@ -100,30 +100,25 @@ impl Drop for TestServer {
     }
 }
 
-/// Deterministic pseudo-random floats in [-1, 1) (xorshift), fresh per seed.
-pub fn random_f32(n: usize, seed: u64) -> Vec<f32> {
+/// xorshift64 words from `seed`: fast, deterministic, never all zeros.
+fn xorshift(seed: u64) -> impl Iterator<Item = u64> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    std::iter::repeat_with(move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    })
+}
+
+/// Deterministic pseudo-random floats in [-1, 1), fresh per seed.
+pub fn random_f32(n: usize, seed: u64) -> Vec<f32> {
+    xorshift(seed).take(n).map(|x| ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0).collect()
 }
 
 /// Pseudo-random bytes.
 pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 56) as u8
-        })
-        .collect()
+    xorshift(seed).take(n).map(|x| (x >> 56) as u8).collect()
 }
 
 /// A seed that differs per run, so kernels are checked on fresh data.
