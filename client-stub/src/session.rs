@@ -268,8 +268,12 @@ impl Session {
     pub fn flush(&self) -> Result<()> {
         let mut st = self.lock();
         Self::check_alive(&st)?;
+        self.flush_locked(&mut st)
+    }
+
+    fn flush_locked(&self, st: &mut State) -> Result<()> {
         match st.queue.cut() {
-            Some(batch) => self.send(&mut st, &batch),
+            Some(batch) => self.send(st, &batch),
             None => Ok(()),
         }
     }
@@ -329,11 +333,7 @@ impl Session {
         let op = Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Staged(staged)) });
         self.enqueue(&mut st, op)?;
         // The staged bytes wait in server memory until the copy runs.
-        let batch = st.queue.cut();
-        match batch {
-            Some(b) => self.send(&mut st, &b),
-            None => Ok(()),
-        }
+        self.flush_locked(&mut st)
     }
 
     /// Copies device memory into `dst`; waits for the data.
