@@ -35,7 +35,7 @@ for line in sys.stdin:
     except ValueError:
         continue
     t = m.get("target", {})
-    if m.get("reason") == "compiler-artifact" and t.get("name") in ("gpu", "e2e", "bad_input") and "test" in t.get("kind", []):
+    if m.get("reason") == "compiler-artifact" and t.get("name") in ("gpu", "e2e", "bad_input", "isolation") and "test" in t.get("kind", []):
         found[t["name"]] = m.get("executable") or ""
 for name, exe in sorted(found.items()):
     print(name.replace("_", "-"), exe)' <<<"$messages")

@@ -99,7 +99,8 @@ need() {
 
 gpu_info() {
     nvidia-smi -L &&
-        nvidia-smi --query-gpu=name,driver_version,memory.total,mig.mode.current,persistence_mode --format=csv
+        nvidia-smi --query-gpu=name,driver_version,memory.total,mig.mode.current,persistence_mode --format=csv &&
+        echo "net.core.rmem_max=$(cat /proc/sys/net/core/rmem_max) wmem_max=$(cat /proc/sys/net/core/wmem_max)"
 }
 
 gpu_tests() {
@@ -107,7 +108,9 @@ gpu_tests() {
     # shellcheck disable=SC2086 # TEST_ARGS is a list of flags
     GPUPOOL_TEST_DEVICE=cuda "$bin_dir/gpupool-gpu-tests" --include-ignored ${TEST_ARGS:-} || return 1
     # The CI end-to-end suites, this time on the CUDA backend.
-    for t in e2e bad-input; do
+    # Process isolation starts gpupool-server as the worker binary.
+    export GPUPOOL_WORKER_EXE="$bin_dir/gpupool-server"
+    for t in e2e bad-input isolation; do
         need "gpupool-$t-tests" || return 1
         # shellcheck disable=SC2086
         GPUPOOL_TEST_DEVICE=cuda "$bin_dir/gpupool-$t-tests" --test-threads 2 ${TEST_ARGS:-} || return 1
@@ -162,8 +165,17 @@ bench() {
     "$bin_dir/gpupool-bench" --device cuda --json "$json" ${BENCH_ARGS:-}
 }
 
+# The same rows with sessions in the server's process, for the cost of the
+# worker process hop (copies capped at 64 MiB to keep the run short).
+bench_in_process() {
+    need gpupool-bench || return 1
+    # shellcheck disable=SC2086
+    "$bin_dir/gpupool-bench" --device cuda --isolation in-process --max-copy-mib 64 \
+        --json "${json%.json}-in-process.json" ${BENCH_ARGS:-}
+}
+
 export bin_dir json
-export -f need gpu_info gpu_tests server_smoke demo bench
+export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process
 
 {
     echo "# gpupool GPU suite"
@@ -182,6 +194,7 @@ step "GPU end-to-end tests" "${TEST_TIMEOUT:-240}" gpu_tests
 step "gpupool-server on the GPU" "${SMOKE_TIMEOUT:-60}" server_smoke
 step "demo (--device cuda)" "${DEMO_TIMEOUT:-120}" demo
 step "benchmark (--device cuda)" "${BENCH_TIMEOUT:-300}" bench
+step "benchmark, sessions in-process (--device cuda)" "${BENCH_TIMEOUT:-300}" bench_in_process
 
 {
     echo "## Summary"

@@ -37,7 +37,8 @@ pub struct ClientConfig {
     pub reply_timeout: Duration,
     pub idle_timeout: Duration,
     pub keep_alive: Duration,
-    /// Largest UDP payload the client sends (Lambda: at most 1200).
+    /// Largest UDP payload sent or accepted; MTU discovery probes up to it
+    /// (Lambda: 1200, which turns discovery off).
     pub max_udp_payload: u16,
 }
 
@@ -57,7 +58,7 @@ impl ClientConfig {
             reply_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(2),
-            max_udp_payload: 1452,
+            max_udp_payload: gpupool_proto::quic::DEFAULT_UDP_PAYLOAD,
         }
     }
 

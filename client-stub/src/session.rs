@@ -378,6 +378,11 @@ impl Session {
 
     // --- modules and launches --------------------------------------------
 
+    /// Batches sent to the server so far: one per flush.
+    pub fn batches_sent(&self) -> u64 {
+        self.lock().queue.last_seq()
+    }
+
     /// Loads a module image (PTX, cubin, fatbin, or
     /// [`gpupool_proto::BUILTIN_MODULE`]). Sends the hash first and the
     /// image only if the server does not hold it.

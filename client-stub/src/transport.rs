@@ -10,9 +10,10 @@ use crate::error::{ClientError, Result};
 use bytes::Bytes;
 use gpupool_proto::frame::{self, FrameDecoder};
 use gpupool_proto::payload::{self, Compression};
-use gpupool_proto::{PROTOCOL_VERSION, close_code, v1};
+use gpupool_proto::{PROTOCOL_VERSION, close_code, quic, v1};
 use prost::Message;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, Semaphore};
@@ -50,6 +51,9 @@ pub struct QuicTransport {
     /// Always `Some` until drop, which takes it to shut it down safely.
     rt: Option<tokio::runtime::Runtime>,
     endpoint: quinn::Endpoint,
+    /// The server's connection when the session runs in a worker process:
+    /// it closes with the reason when the worker fails.
+    control: Option<quinn::Connection>,
     conn: quinn::Connection,
     cmd: Arc<Mutex<CommandStream>>,
     welcome: v1::Welcome,
@@ -67,6 +71,8 @@ fn lost(e: &quinn::ConnectionError) -> ClientError {
             let code = c.error_code.into_inner() as u32;
             if code == close_code::SHUTDOWN {
                 ClientError::ConnectionLost(format!("server shut down: {reason}"))
+            } else if code == close_code::WORKER_EXITED {
+                ClientError::ConnectionLost(format!("the session's worker process failed: {reason}"))
             } else if code == close_code::NORMAL {
                 ClientError::ConnectionLost(format!("session closed: {reason}"))
             } else {
@@ -135,6 +141,30 @@ async fn bulk_request(conn: &quinn::Connection, req: v1::BulkRequest, max: usize
     Ok(resp.data)
 }
 
+/// Connects to `addr`, sends `hello` and reads the `Welcome`.
+async fn open_session(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    name: &str,
+    hello: &v1::Hello,
+) -> Result<(quinn::Connection, CommandStream, v1::Welcome)> {
+    let conn =
+        endpoint.connect(addr, name).map_err(|e| ClientError::Connect(e.to_string()))?.await.map_err(|e| match e {
+            quinn::ConnectionError::TimedOut => ClientError::Connect(format!("no answer from {addr}")),
+            other => ClientError::Connect(other.to_string()),
+        })?;
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+    send.write_all(&frame::encode(hello)).await.map_err(write_err)?;
+    let mut cmd = CommandStream { send, recv, decoder: FrameDecoder::new(MAX_REPLY_FRAME) };
+    let body = match next_frame(&mut cmd).await {
+        Ok(b) => b,
+        // A refusal closes the connection; report its reason.
+        Err(e) => return Err(conn.close_reason().map(|c| lost(&c)).unwrap_or(e)),
+    };
+    let welcome = v1::Welcome::decode(body).map_err(|e| ClientError::Protocol(format!("bad Welcome: {e}")))?;
+    Ok((conn, cmd, welcome))
+}
+
 /// Runs `fut` on `rt` and waits for it, from any thread: inside another
 /// runtime `block_on` would panic, so the future is handed over instead.
 fn run_on<T: Send + 'static>(
@@ -166,13 +196,7 @@ pub fn quinn_client_config(config: &ClientConfig) -> Result<quinn::ClientConfig>
     t.stream_receive_window(quinn::VarInt::from_u32(32 << 20));
     t.receive_window(quinn::VarInt::from_u32(256 << 20));
     t.send_window(256 << 20);
-    if config.max_udp_payload <= 1200 {
-        t.mtu_discovery_config(None);
-    } else {
-        let mut mtu = quinn::MtuDiscoveryConfig::default();
-        mtu.upper_bound(config.max_udp_payload);
-        t.mtu_discovery_config(Some(mtu));
-    }
+    t.mtu_discovery_config(quic::mtu_discovery(config.max_udp_payload));
     qc.transport_config(Arc::new(t));
     Ok(qc)
 }
@@ -198,36 +222,35 @@ impl QuicTransport {
             token: config.token.clone(),
         };
         let timeout = config.connect_timeout;
+        let max_udp_payload = config.max_udp_payload;
         let connected = run_on(&rt, async move {
-            let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect(e.to_string()))?;
+            let socket = quic::bind_udp(bind).map_err(|e| ClientError::Connect(format!("cannot bind {bind}: {e}")))?;
+            let mut endpoint =
+                quic::endpoint(socket, max_udp_payload, None).map_err(|e| ClientError::Connect(e.to_string()))?;
             endpoint.set_default_client_config(qc);
             let handshake = async {
-                let conn = endpoint
-                    .connect(server, &name)
-                    .map_err(|e| ClientError::Connect(e.to_string()))?
-                    .await
-                    .map_err(|e| match e {
-                        quinn::ConnectionError::TimedOut => ClientError::Connect(format!("no answer from {server}")),
-                        other => ClientError::Connect(other.to_string()),
-                    })?;
-                let (mut send, recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
-                send.write_all(&frame::encode(&hello)).await.map_err(write_err)?;
-                let mut cmd = CommandStream { send, recv, decoder: FrameDecoder::new(MAX_REPLY_FRAME) };
-                let body = match next_frame(&mut cmd).await {
-                    Ok(b) => b,
-                    // A refusal closes the connection; report its reason.
-                    Err(e) => return Err(conn.close_reason().map(|c| lost(&c)).unwrap_or(e)),
+                let (conn, cmd, welcome) = open_session(&endpoint, server, &name, &hello).await?;
+                let Some(redirect) = welcome.redirect.clone() else {
+                    return Ok::<_, ClientError>((None, conn, cmd, welcome));
                 };
-                let welcome =
-                    v1::Welcome::decode(body).map_err(|e| ClientError::Protocol(format!("bad Welcome: {e}")))?;
-                Ok::<_, ClientError>((conn, cmd, welcome))
+                // The session runs in a worker process: this connection
+                // becomes the control connection.
+                let port = u16::try_from(redirect.port)
+                    .map_err(|_| ClientError::Protocol(format!("redirect to port {}", redirect.port)))?;
+                let worker = SocketAddr::new(server.ip(), port);
+                let hello = v1::Hello { token: redirect.ticket, ..hello.clone() };
+                let (data, cmd, welcome) = open_session(&endpoint, worker, &name, &hello).await?;
+                if welcome.redirect.is_some() {
+                    return Err(ClientError::Protocol("redirected twice".into()));
+                }
+                Ok((Some(conn), data, cmd, welcome))
             };
-            let (conn, cmd, welcome) = tokio::time::timeout(timeout, handshake)
+            let (control, conn, cmd, welcome) = tokio::time::timeout(timeout, handshake)
                 .await
                 .map_err(|_| ClientError::Connect(format!("no session with {server} within {timeout:?}")))??;
-            Ok::<_, ClientError>((endpoint, conn, cmd, welcome))
+            Ok::<_, ClientError>((endpoint, control, conn, cmd, welcome))
         });
-        let (endpoint, conn, cmd, welcome) = match connected {
+        let (endpoint, control, conn, cmd, welcome) = match connected {
             Ok(v) => v,
             Err(e) => {
                 // Dropping a runtime inside another one would panic.
@@ -238,6 +261,7 @@ impl QuicTransport {
         Ok(Self {
             rt: Some(rt),
             endpoint,
+            control,
             conn,
             cmd: Arc::new(Mutex::new(cmd)),
             welcome,
@@ -248,10 +272,24 @@ impl QuicTransport {
         })
     }
 
-    /// Runs `fut` on the I/O runtime and waits for it, from any thread.
+    /// Runs `fut` on the I/O runtime and waits for it, from any thread. A
+    /// closed control connection (the worker failed) ends the wait with its
+    /// reason.
     fn exec<T: Send + 'static>(&self, fut: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
         let limit = self.reply_timeout;
-        let fut = async move { tokio::time::timeout(limit, fut).await.map_err(|_| ClientError::Timeout(limit))? };
+        let control = self.control.clone();
+        let fut = async move {
+            let failed = async {
+                match control {
+                    Some(c) => lost(&c.closed().await),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = tokio::time::timeout(limit, fut) => r.map_err(|_| ClientError::Timeout(limit))?,
+                e = failed => Err(e),
+            }
+        };
         let rt = self.rt.as_ref().ok_or_else(|| ClientError::ConnectionLost("session closed".into()))?;
         run_on(rt, fut)
     }
@@ -353,12 +391,16 @@ impl Transport for QuicTransport {
 
     fn close(&self) {
         self.conn.close(close_code::NORMAL.into(), b"client closed the session");
+        if let Some(c) = &self.control {
+            c.close(close_code::NORMAL.into(), b"client closed the session");
+        }
     }
 }
 
 impl Drop for QuicTransport {
     fn drop(&mut self) {
-        self.conn.close(close_code::NORMAL.into(), b"client closed the session");
+        tracing::debug!(stats = ?self.conn.stats(), "closing the session");
+        self.close();
         // Let the close frame leave before the runtime goes away.
         let endpoint = self.endpoint.clone();
         let wait = async move {

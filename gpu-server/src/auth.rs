@@ -8,6 +8,9 @@ pub struct Grant {
     pub subject: String,
     /// Memory quota for the session, when the token sets one.
     pub memory_quota: Option<u64>,
+    /// Session id to use, when the token was issued for one session (a
+    /// worker process's ticket).
+    pub session_id: Option<u64>,
 }
 
 /// Why a token was refused.
@@ -19,6 +22,9 @@ pub enum AuthError {
     /// The token is not one the server accepts.
     #[error("session token not accepted")]
     Invalid,
+    /// A one-time ticket was already used or has expired.
+    #[error("session ticket already used or expired")]
+    Spent,
 }
 
 /// Decides whether a token opens a session.
@@ -39,7 +45,7 @@ impl StaticTokens {
 }
 
 /// Compares without an early exit, so timing does not reveal a prefix.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -52,7 +58,11 @@ impl Authenticator for StaticTokens {
         for t in &self.tokens {
             ok |= constant_time_eq(t.as_bytes(), token.as_bytes());
         }
-        if ok { Ok(Grant { subject: "static-token".into(), memory_quota: None }) } else { Err(AuthError::Invalid) }
+        if ok {
+            Ok(Grant { subject: "static-token".into(), memory_quota: None, session_id: None })
+        } else {
+            Err(AuthError::Invalid)
+        }
     }
 }
 

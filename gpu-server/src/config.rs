@@ -19,6 +19,35 @@ pub enum DeviceChoice {
     Emulated { memory: u64 },
 }
 
+/// How a worker process is started: `program args…`, speaking the worker
+/// protocol on stdin/stdout (see `crate::worker`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerCommand {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
+/// Where sessions run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Isolation {
+    /// Every session in the server process, sharing one device context. A
+    /// kernel of one session can reach another session's memory on a GPU;
+    /// only for trusted single-tenant use, tests and benchmarks of the
+    /// session machinery.
+    InProcess,
+    /// Every session in its own worker process with its own device context:
+    /// kernels of one tenant cannot touch another's memory, and a fault
+    /// (illegal address, sticky error, crash) ends only that session.
+    Process {
+        command: WorkerCommand,
+        /// Workers started ahead, device open, so that a new session does
+        /// not wait for context creation.
+        warm: usize,
+        /// Longest wait for a worker to start (device open, endpoint bound).
+        start_timeout: Duration,
+    },
+}
+
 /// Everything a gpu-server needs to run.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -50,12 +79,19 @@ pub struct ServerConfig {
     pub image_cache_bytes: u64,
     /// A connection silent this long is closed.
     pub idle_timeout: Duration,
+    /// Largest UDP payload sent or accepted; MTU discovery probes up to it
+    /// (loopback and jumbo-frame paths carry far more than 1452 bytes).
+    pub max_udp_payload: u16,
     /// Time a new connection has to present its `Hello`.
     pub handshake_timeout: Duration,
     /// Time sessions get to end after a shutdown signal.
     pub shutdown_grace: Duration,
     /// lz4-compress replies when it pays.
     pub compression: bool,
+    /// Sessions in this process or each in a worker process.
+    pub isolation: Isolation,
+    /// Serve one session, then return from `run` (a worker process).
+    pub one_session: bool,
 }
 
 impl ServerConfig {
@@ -77,17 +113,31 @@ impl ServerConfig {
             image_cache_dir: None,
             image_cache_bytes: 1 << 30,
             idle_timeout: Duration::from_secs(30),
+            max_udp_payload: gpupool_proto::quic::DEFAULT_UDP_PAYLOAD,
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             compression: true,
+            isolation: Isolation::InProcess,
+            one_session: false,
         }
     }
 
     /// Checks every setting and reports all problems together.
     pub fn validate(&self) -> Result<(), ServerError> {
         let mut bad = Vec::new();
-        if self.tokens.is_empty() || self.tokens.iter().any(String::is_empty) {
-            bad.push("at least one non-empty session token is required".to_string());
+        if self.tokens.iter().any(String::is_empty) {
+            bad.push("session tokens must not be empty".to_string());
+        }
+        if self.max_udp_payload < 1200 {
+            bad.push("max_udp_payload must be at least 1200 (QUIC's minimum)".into());
+        }
+        if let Isolation::Process { command, start_timeout, .. } = &self.isolation {
+            if command.program.as_os_str().is_empty() {
+                bad.push("the worker command needs a program".into());
+            }
+            if start_timeout.is_zero() {
+                bad.push("the worker start timeout must be positive".into());
+            }
         }
         if self.max_sessions == 0 {
             bad.push("max_sessions must be at least 1".into());
@@ -120,9 +170,17 @@ mod tests {
 
     #[test]
     fn reports_every_problem() {
-        let mut c = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), vec![]);
+        let mut c = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), vec![String::new()]);
         c.max_sessions = 0;
+        c.max_udp_payload = 1000;
+        c.isolation = Isolation::Process {
+            command: WorkerCommand { program: PathBuf::new(), args: vec![] },
+            warm: 1,
+            start_timeout: Duration::ZERO,
+        };
         let msg = c.validate().expect_err("invalid").to_string();
-        assert!(msg.contains("token") && msg.contains("max_sessions"), "{msg}");
+        for part in ["token", "max_sessions", "max_udp_payload", "worker command", "start timeout"] {
+            assert!(msg.contains(part), "{part} missing from: {msg}");
+        }
     }
 }

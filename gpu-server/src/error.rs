@@ -41,4 +41,7 @@ pub enum ServerError {
     /// The device could not be opened.
     #[error("device unavailable: {0}")]
     Device(CallError),
+    /// A session worker process failed to start or to take a session.
+    #[error("session worker: {0}")]
+    Worker(String),
 }

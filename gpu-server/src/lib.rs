@@ -17,12 +17,14 @@ pub mod config;
 pub mod device;
 mod error;
 pub mod images;
+pub mod pool;
 pub mod server;
 pub mod session;
 pub mod staging;
 pub mod tls;
+pub mod worker;
 
-pub use config::{DeviceChoice, ServerConfig};
+pub use config::{DeviceChoice, Isolation, ServerConfig, WorkerCommand};
 pub use error::{CallError, ServerError};
 pub use server::{Metrics, MetricsSnapshot, Server};
 

@@ -1,10 +1,11 @@
 //! `gpupool-server`: parses flags and environment, then runs the server
-//! until SIGINT or SIGTERM.
+//! until SIGINT or SIGTERM. `gpupool-server worker` is a session worker
+//! process, started by the server itself (never by hand).
 
 use anyhow::Context;
 use clap::Parser;
 use gpupool_server::tls::TlsSource;
-use gpupool_server::{DeviceChoice, Server, ServerConfig};
+use gpupool_server::{DeviceChoice, Isolation, Server, ServerConfig, WorkerCommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -35,6 +36,18 @@ struct Args {
     /// Directory for the module image cache.
     #[arg(long, env = "GPUPOOL_IMAGE_CACHE")]
     image_cache: Option<PathBuf>,
+    /// `process`: each session in its own worker process and device context
+    /// (tenants cannot reach each other's memory; a fault ends one session);
+    /// `in-process`: all sessions share this process's context (trusted,
+    /// single-tenant use only).
+    #[arg(long, env = "GPUPOOL_ISOLATION", default_value = "process", value_parser = ["process", "in-process"])]
+    isolation: String,
+    /// Worker processes kept started ahead of sessions (`process` isolation).
+    #[arg(long, env = "GPUPOOL_WARM_WORKERS", default_value_t = 2)]
+    warm_workers: usize,
+    /// Largest UDP payload; MTU discovery probes up to it.
+    #[arg(long, env = "GPUPOOL_MAX_UDP_PAYLOAD", default_value_t = gpupool_proto::quic::DEFAULT_UDP_PAYLOAD)]
+    max_udp_payload: u16,
 }
 
 fn device_choice(s: &str) -> anyhow::Result<DeviceChoice> {
@@ -48,21 +61,37 @@ fn device_choice(s: &str) -> anyhow::Result<DeviceChoice> {
     })
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // stdout belongs to the worker protocol in a worker: logs go to stderr.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
+    gpupool_server::worker::run_if_worker();
     let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     let mut config = ServerConfig::new(args.listen, args.tokens);
     config.device = device_choice(&args.device)?;
     config.memory_quota = args.session_memory_mib << 20;
     config.max_sessions = args.max_sessions;
     config.image_cache_dir = args.image_cache;
+    config.max_udp_payload = args.max_udp_payload;
+    if args.isolation == "process" {
+        let program = std::env::current_exe().context("locating this executable for worker processes")?;
+        config.isolation = Isolation::Process {
+            command: WorkerCommand { program, args: vec![gpupool_server::worker::WORKER_ARG.into()] },
+            warm: args.warm_workers,
+            start_timeout: std::time::Duration::from_secs(60),
+        };
+    }
     if let (Some(cert), Some(key)) = (args.cert, args.key) {
         config.tls = TlsSource::Files { cert, key };
     }
     let server = Server::bind(config)?;
+    server.ready().await?;
     tracing::info!(addr = %server.local_addr(), backend = server.backend(), "listening");
     println!("gpupool-server listening on {} (certificate SHA-256 {})", server.local_addr(), server.fingerprint());
     server.run(shutdown_signal()).await?;

@@ -3,18 +3,19 @@
 //! on one worker thread per session; this module only moves frames.
 
 use crate::auth::{Authenticator, StaticTokens};
-use crate::config::{DeviceChoice, ServerConfig};
+use crate::config::{DeviceChoice, Isolation, ServerConfig};
 use crate::device::cuda::CudaDevice;
 use crate::device::emulated::EmulatedDevice;
 use crate::device::{Backend, DeviceDescription};
 use crate::error::{CallError, ServerError};
 use crate::images::ImageCache;
+use crate::pool::WorkerPool;
 use crate::session::{SessionLimits, SessionState};
 use crate::staging::Staging;
 use crate::tls::Identity;
 use bytes::Bytes;
 use gpupool_proto::payload::{self, Compression};
-use gpupool_proto::{PROTOCOL_VERSION, close_code, cuda, frame, v1};
+use gpupool_proto::{PROTOCOL_VERSION, close_code, cuda, frame, quic, v1};
 use prost::Message;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -61,6 +62,29 @@ pub struct MetricsSnapshot {
 }
 
 impl Metrics {
+    /// Adds what a worker process counted since its last report.
+    pub(crate) fn add_worker_delta(&self, now: &v1::WorkerMetrics, before: &v1::WorkerMetrics) {
+        add(&self.batches, now.batches.saturating_sub(before.batches));
+        add(&self.calls, now.calls.saturating_sub(before.calls));
+        add(&self.call_errors, now.call_errors.saturating_sub(before.call_errors));
+        add(&self.frames_rejected, now.frames_rejected.saturating_sub(before.frames_rejected));
+        add(&self.bulk_bytes_in, now.bulk_bytes_in.saturating_sub(before.bulk_bytes_in));
+        add(&self.bulk_bytes_out, now.bulk_bytes_out.saturating_sub(before.bulk_bytes_out));
+    }
+
+    /// The counters a worker process reports to its supervisor.
+    pub(crate) fn worker_report(&self) -> v1::WorkerMetrics {
+        let s = self.snapshot();
+        v1::WorkerMetrics {
+            batches: s.batches,
+            calls: s.calls,
+            call_errors: s.call_errors,
+            frames_rejected: s.frames_rejected,
+            bulk_bytes_in: s.bulk_bytes_in,
+            bulk_bytes_out: s.bulk_bytes_out,
+        }
+    }
+
     pub fn snapshot(&self) -> MetricsSnapshot {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         MetricsSnapshot {
@@ -113,6 +137,15 @@ impl AnyDevice {
     }
 }
 
+/// Where sessions run.
+#[derive(Debug, Clone)]
+enum Mode {
+    /// In this process, on this device.
+    Local(AnyDevice),
+    /// Each in a worker process; this process only hands sessions over.
+    Workers(Arc<WorkerPool>),
+}
+
 /// What every connection task shares.
 #[derive(Debug)]
 struct Shared {
@@ -122,13 +155,15 @@ struct Shared {
     images: Arc<ImageCache>,
     sessions: Arc<Semaphore>,
     next_session: AtomicU64,
+    /// Notified when a session ends (a one-session server then stops).
+    session_ended: tokio::sync::Notify,
 }
 
 /// A bound, not yet running, gpu-server.
 #[derive(Debug)]
 pub struct Server {
     endpoint: quinn::Endpoint,
-    device: AnyDevice,
+    mode: Mode,
     fingerprint: String,
     shared: Arc<Shared>,
 }
@@ -137,6 +172,9 @@ impl Server {
     /// Validates `config`, opens the device (its warm context) and binds the
     /// QUIC endpoint. Must be called inside a tokio runtime.
     pub fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        if config.tokens.is_empty() {
+            return Err(ServerError::Config("at least one session token is required".into()));
+        }
         let auth = Arc::new(StaticTokens::new(config.tokens.clone()));
         Self::bind_with_auth(config, auth)
     }
@@ -150,10 +188,31 @@ impl Server {
             .map_err(|e| ServerError::Tls(format!("TLS configuration unusable for QUIC: {e}")))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server_config.transport_config(Arc::new(transport_config(&config)?));
-        let device = AnyDevice::open(config.device)?;
-        let d = device.description();
-        tracing::info!(device = %d.name, backend = d.backend, memory = d.total_memory, "device ready");
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)
+        let mode = match &config.isolation {
+            Isolation::InProcess => {
+                let device = AnyDevice::open(config.device)?;
+                let d = device.description();
+                tracing::info!(device = %d.name, backend = d.backend, memory = d.total_memory, "device ready");
+                Mode::Local(device)
+            }
+            Isolation::Process { command, warm, start_timeout } => {
+                let (chain, key) = identity.to_der();
+                let spec = crate::worker::spec_from_config(&config, chain, key);
+                Mode::Workers(WorkerPool::new(command.clone(), &spec, *warm, *start_timeout))
+            }
+        };
+        let socket =
+            quic::bind_udp(config.listen).map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        let (rx, tx) = quic::buffer_sizes(&socket);
+        if rx < quic::SOCKET_BUFFER_BYTES / 8 {
+            tracing::warn!(
+                granted = rx,
+                wanted = quic::SOCKET_BUFFER_BYTES,
+                "UDP receive buffer capped by net.core.rmem_max; bulk copies may lose packets (raise it with sysctl)"
+            );
+        }
+        tracing::debug!(rx, tx, "UDP socket buffers");
+        let endpoint = quic::endpoint(socket, config.max_udp_payload, Some(server_config))
             .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
         let shared = Arc::new(Shared {
             images: Arc::new(ImageCache::new(config.image_cache_dir.clone(), config.image_cache_bytes)),
@@ -162,8 +221,9 @@ impl Server {
             auth,
             metrics: Arc::default(),
             next_session: AtomicU64::new(1),
+            session_ended: tokio::sync::Notify::new(),
         });
-        Ok(Self { endpoint, device, fingerprint: identity.fingerprint(), shared })
+        Ok(Self { endpoint, mode, fingerprint: identity.fingerprint(), shared })
     }
 
     /// The bound UDP address.
@@ -181,31 +241,75 @@ impl Server {
         self.shared.metrics.clone()
     }
 
-    /// `"cuda"` or `"emulated"`.
+    /// Waits until sessions can be served. With worker processes this
+    /// starts the first one and fails with its reason when the device cannot
+    /// be opened there; in-process the device is already open.
+    pub async fn ready(&self) -> Result<(), ServerError> {
+        if let Mode::Workers(pool) = &self.mode {
+            let r = pool.probe().await?;
+            tracing::info!(backend = %r.backend, device = %r.device_name, "session workers ready");
+            pool.fill();
+        }
+        Ok(())
+    }
+
+    /// `"cuda"` or `"emulated"`; with worker processes, what the first one
+    /// reported (`"unknown"` before [`Server::ready`]).
     pub fn backend(&self) -> &'static str {
-        self.device.description().backend
+        match &self.mode {
+            Mode::Local(d) => d.description().backend,
+            Mode::Workers(pool) => match pool.probe_result().map(|r| r.backend.as_str()) {
+                Some("cuda") => "cuda",
+                Some("emulated") => "emulated",
+                _ => "unknown",
+            },
+        }
+    }
+
+    /// The device of an in-process server (`None` with worker processes).
+    pub fn description(&self) -> Option<&DeviceDescription> {
+        match &self.mode {
+            Mode::Local(d) => Some(d.description()),
+            Mode::Workers(_) => None,
+        }
+    }
+
+    /// The pool of worker processes (`None` in-process), for operators'
+    /// views of which worker serves which session.
+    pub fn worker_pool(&self) -> Option<Arc<WorkerPool>> {
+        match &self.mode {
+            Mode::Local(_) => None,
+            Mode::Workers(pool) => Some(pool.clone()),
+        }
     }
 
     /// Serves until `shutdown` completes, then closes every session and
     /// waits up to the grace period for them to end.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        self.ready().await?;
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
+        let one = self.shared.config.one_session;
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                () = self.shared.session_ended.notified(), if one => break,
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let shared = self.shared.clone();
-                    match &self.device {
-                        AnyDevice::Cuda(d) => tasks.spawn(handle_connection(shared, d.clone(), incoming)),
-                        AnyDevice::Emulated(d) => tasks.spawn(handle_connection(shared, d.clone(), incoming)),
+                    match &self.mode {
+                        Mode::Local(AnyDevice::Cuda(d)) => tasks.spawn(handle_connection(shared, Serve::Local(d.clone()), incoming)),
+                        Mode::Local(AnyDevice::Emulated(d)) => tasks.spawn(handle_connection(shared, Serve::Local(d.clone()), incoming)),
+                        Mode::Workers(pool) => tasks.spawn(handle_connection::<EmulatedDevice>(shared, Serve::Workers(pool.clone()), incoming)),
                     };
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
         tracing::info!("shutting down");
+        if let Mode::Workers(pool) = &self.mode {
+            pool.close();
+        }
         self.endpoint.close(close_code::SHUTDOWN.into(), b"server shutting down");
         let grace = self.shared.config.shutdown_grace;
         let drained = tokio::time::timeout(grace, async {
@@ -231,6 +335,7 @@ fn transport_config(config: &ServerConfig) -> Result<quinn::TransportConfig, Ser
     t.stream_receive_window(quinn::VarInt::from_u32(32 << 20));
     t.receive_window(quinn::VarInt::from_u32(256 << 20));
     t.send_window(256 << 20);
+    t.mtu_discovery_config(quic::mtu_discovery(config.max_udp_payload));
     Ok(t)
 }
 
@@ -271,8 +376,14 @@ fn refuse(shared: &Shared, conn: &quinn::Connection, code: u32, reason: &str) {
     conn.close(code.into(), reason.as_bytes());
 }
 
+/// How a connection's session is served.
+enum Serve<B> {
+    Local(Arc<B>),
+    Workers(Arc<WorkerPool>),
+}
+
 /// Runs one connection: handshake, then the session until either side ends it.
-async fn handle_connection<B: Backend>(shared: Arc<Shared>, device: Arc<B>, incoming: quinn::Incoming) {
+async fn handle_connection<B: Backend>(shared: Arc<Shared>, serve: Serve<B>, incoming: quinn::Incoming) {
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
@@ -308,17 +419,102 @@ async fn handle_connection<B: Backend>(shared: Arc<Shared>, device: Arc<B>, inco
         let reason = format!("server is at its limit of {} sessions", shared.config.max_sessions);
         return refuse(&shared, &conn, close_code::BUSY, &reason);
     };
-    let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let id = grant.session_id.unwrap_or_else(|| shared.next_session.fetch_add(1, Ordering::Relaxed));
     let span = tracing::info_span!("session", id, remote = %conn.remote_address());
     let _enter = span.enter();
     tracing::info!(client = %hello.client_build, subject = %grant.subject, "session opened");
     add(&shared.metrics.sessions_opened, 1);
     add(&shared.metrics.sessions_active, 1);
     let quota = grant.memory_quota.unwrap_or(shared.config.memory_quota).min(shared.config.memory_quota);
-    run_session(&shared, device, &conn, id, quota, send, recv).await;
+    match serve {
+        Serve::Local(device) => run_session(&shared, device, &conn, id, quota, send, recv).await,
+        Serve::Workers(pool) => run_in_worker(&shared, &pool, &conn, id, quota, &grant.subject, send).await,
+    }
     shared.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);
     drop(permit);
+    shared.session_ended.notify_one();
     tracing::info!("session ended");
+}
+
+/// Hands the session to a worker process: the client is redirected to it
+/// and this connection stays open as the session's control connection
+/// until the worker exits.
+async fn run_in_worker(
+    shared: &Shared,
+    pool: &Arc<WorkerPool>,
+    conn: &quinn::Connection,
+    id: u64,
+    quota: u64,
+    subject: &str,
+    mut send: quinn::SendStream,
+) {
+    let ticket = hex::encode(rand::random::<[u8; 32]>());
+    let assign =
+        v1::WorkerAssign { ticket: ticket.clone(), subject: subject.into(), memory_quota: quota, session_id: id };
+    let mut worker = match pool.assign(&assign).await {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "no session worker");
+            conn.close(close_code::BUSY.into(), format!("no session worker: {e}").as_bytes());
+            return;
+        }
+    };
+    let pid = worker.pid();
+    tracing::info!(pid, port = worker.ready.port, "session handed to a worker process");
+    let welcome = v1::Welcome {
+        session_id: id,
+        server_build: concat!("gpupool-server ", env!("CARGO_PKG_VERSION")).into(),
+        redirect: Some(v1::Redirect { port: worker.ready.port, ticket }),
+        ..Default::default()
+    };
+    if send.write_all(&frame::encode(&welcome)).await.is_err() {
+        worker.kill().await;
+        pool.finished(pid);
+        return;
+    }
+    let metrics = shared.metrics.clone();
+    let mut events = worker.take_events();
+    let mut reported = v1::WorkerMetrics::default();
+    let mut apply = |event: Option<v1::worker_event::Event>| {
+        if let Some(v1::worker_event::Event::Metrics(m)) = event {
+            metrics.add_worker_delta(&m, &reported);
+            reported = m;
+        }
+    };
+    let status = loop {
+        tokio::select! {
+            event = events.recv(), if !events.is_closed() => apply(event),
+            status = worker.wait() => break status,
+            _ = conn.closed() => break worker_end(shared, &mut worker).await,
+        }
+    };
+    // The last report may arrive after the exit.
+    while let Ok(event) = events.try_recv() {
+        apply(Some(event));
+    }
+    pool.finished(pid);
+    match status {
+        Ok(s) if s.success() => conn.close(close_code::NORMAL.into(), b"session ended"),
+        Ok(s) => {
+            tracing::warn!(pid, status = %s, "session worker ended abnormally");
+            conn.close(close_code::WORKER_EXITED.into(), format!("session worker {pid} {s}").as_bytes());
+        }
+        Err(e) => conn.close(close_code::WORKER_EXITED.into(), format!("session worker {pid}: {e}").as_bytes()),
+    }
+}
+
+/// The client ended the session (or vanished): gives the worker time to see
+/// its own connection end, then stops it, then kills it.
+async fn worker_end(shared: &Shared, worker: &mut crate::pool::Worker) -> std::io::Result<std::process::ExitStatus> {
+    if let Ok(status) = tokio::time::timeout(LINGER, worker.wait()).await {
+        return status;
+    }
+    worker.stop();
+    if let Ok(status) = tokio::time::timeout(shared.config.shutdown_grace, worker.wait()).await {
+        return status;
+    }
+    worker.kill().await;
+    worker.wait().await
 }
 
 /// Work for a session's worker thread, in command-stream order.
@@ -411,6 +607,7 @@ async fn run_session<B: Backend>(
         }),
         max_frame_bytes: cfg.max_frame_bytes,
         max_inline_bytes: cfg.max_inline_bytes,
+        redirect: None,
     };
     if send.write_all(&frame::encode(&welcome)).await.is_err() {
         return;

@@ -14,6 +14,9 @@ pub enum TlsSource {
     SelfSigned { names: Vec<String> },
     /// PEM files: certificate chain and private key.
     Files { cert: PathBuf, key: PathBuf },
+    /// DER certificate chain and private key in memory (a worker process
+    /// gets its supervisor's this way).
+    Der { chain: Vec<Vec<u8>>, key: Vec<u8> },
 }
 
 /// A loaded certificate chain and key.
@@ -44,7 +47,20 @@ impl Identity {
                     .map_err(|e| ServerError::Tls(format!("reading {}: {e}", key.display())))?;
                 Ok(Self { chain, key })
             }
+            TlsSource::Der { chain, key } => {
+                if chain.is_empty() {
+                    return Err(ServerError::Tls("no certificate given".into()));
+                }
+                let key =
+                    PrivateKeyDer::try_from(key.clone()).map_err(|e| ServerError::Tls(format!("private key: {e}")))?;
+                Ok(Self { chain: chain.iter().map(|c| CertificateDer::from(c.clone())).collect(), key })
+            }
         }
+    }
+
+    /// The chain and key as DER, for [`TlsSource::Der`].
+    pub fn to_der(&self) -> (Vec<Vec<u8>>, Vec<u8>) {
+        (self.chain.iter().map(|c| c.to_vec()).collect(), self.key.secret_der().to_vec())
     }
 
     /// Hex SHA-256 of the end-entity certificate: what clients pin.

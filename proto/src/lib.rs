@@ -11,6 +11,8 @@
 pub mod cuda;
 pub mod frame;
 pub mod payload;
+#[cfg(feature = "quic")]
+pub mod quic;
 
 /// Generated prost types of package `gpupool.v1`.
 #[allow(missing_docs, unreachable_pub, missing_debug_implementations, clippy::all)]
@@ -40,6 +42,8 @@ pub mod close_code {
     pub const SHUTDOWN: u32 = 0x14;
     /// The client violated the protocol after the handshake.
     pub const PROTOCOL_VIOLATION: u32 = 0x15;
+    /// The worker process serving the session ended abnormally.
+    pub const WORKER_EXITED: u32 = 0x16;
 }
 
 /// Image of the built-in module: every server loads it without an upload.

@@ -2,8 +2,10 @@
 //! real server (its `run` on 127.0.0.1 port 0, on its own runtime thread)
 //! and open clients or raw QUIC connections to it.
 
+use anyhow::Context;
 use gpupool_client::{ClientConfig, Trust};
-use gpupool_server::{DeviceChoice, Metrics, Server, ServerConfig};
+use gpupool_server::pool::{WorkerInfo, WorkerPool};
+use gpupool_server::{DeviceChoice, Isolation, Metrics, Server, ServerConfig, WorkerCommand};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +20,7 @@ pub struct TestServer {
     pub fingerprint: String,
     pub metrics: Arc<Metrics>,
     pub backend: &'static str,
+    pool: Option<Arc<WorkerPool>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -38,6 +41,32 @@ pub fn server_config() -> ServerConfig {
     c.memory_quota = 256 << 20;
     c.shutdown_grace = Duration::from_secs(2);
     c
+}
+
+/// The worker command for process isolation in tests: `GPUPOOL_WORKER_EXE`,
+/// else the `gpupool-server` binary next to this executable or one folder
+/// up (cargo puts test binaries in `target/<profile>/deps/`).
+pub fn worker_command() -> anyhow::Result<WorkerCommand> {
+    let args = vec![gpupool_server::worker::WORKER_ARG.to_string()];
+    if let Some(p) = std::env::var_os("GPUPOOL_WORKER_EXE") {
+        return Ok(WorkerCommand { program: p.into(), args });
+    }
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    let found = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("gpupool-server"))
+        .find(|p| p.is_file())
+        .context("no gpupool-server binary next to the tests: build it (`cargo build -p gpupool-server`) or set GPUPOOL_WORKER_EXE")?;
+    Ok(WorkerCommand { program: found, args })
+}
+
+/// [`server_config`] with every session in its own worker process.
+pub fn isolated_config() -> anyhow::Result<ServerConfig> {
+    let mut c = server_config();
+    c.isolation = Isolation::Process { command: worker_command()?, warm: 1, start_timeout: Duration::from_secs(60) };
+    Ok(c)
 }
 
 impl TestServer {
@@ -61,15 +90,30 @@ impl TestServer {
                         return;
                     }
                 };
-                let info = (server.local_addr(), server.fingerprint().to_string(), server.metrics(), server.backend());
+                if let Err(e) = server.ready().await {
+                    let _ = ready_tx.send(Err(anyhow::anyhow!(e)));
+                    return;
+                }
+                let info = (
+                    server.local_addr(),
+                    server.fingerprint().to_string(),
+                    server.metrics(),
+                    server.backend(),
+                    server.worker_pool(),
+                );
                 let _ = ready_tx.send(Ok(info));
                 if let Err(e) = server.run(async { drop(stop_rx.await) }).await {
                     eprintln!("server stopped with error: {e}");
                 }
             });
         });
-        let (addr, fingerprint, metrics, backend) = ready_rx.recv_timeout(Duration::from_secs(120))??;
-        Ok(Self { addr, fingerprint, metrics, backend, stop: Some(stop_tx), thread: Some(thread) })
+        let (addr, fingerprint, metrics, backend, pool) = ready_rx.recv_timeout(Duration::from_secs(120))??;
+        Ok(Self { addr, fingerprint, metrics, backend, pool, stop: Some(stop_tx), thread: Some(thread) })
+    }
+
+    /// The worker processes, warm and busy (none in-process).
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        self.pool.as_ref().map(|p| p.snapshot()).unwrap_or_default()
     }
 
     /// A client configuration for this server.
@@ -97,6 +141,85 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// A hand-driven session: raw frames on a real QUIC connection, for tests
+/// that send what a well-behaved client never would.
+pub mod raw {
+    use super::TestServer;
+    use bytes::Bytes;
+    use gpupool_proto::frame::{self, FrameDecoder};
+    use gpupool_proto::v1;
+    use prost::Message;
+    use std::net::SocketAddr;
+
+    /// A raw session: its connection, command stream and frame decoder.
+    #[derive(Debug)]
+    pub struct Raw {
+        _ep: quinn::Endpoint,
+        pub conn: quinn::Connection,
+        pub send: quinn::SendStream,
+        pub recv: quinn::RecvStream,
+        dec: FrameDecoder,
+    }
+
+    impl Raw {
+        /// A QUIC connection to `addr` that trusts `srv`'s certificate.
+        pub async fn connect(srv: &TestServer, addr: SocketAddr) -> (quinn::Endpoint, quinn::Connection) {
+            let qc = gpupool_client::transport::quinn_client_config(&srv.client_config()).expect("config");
+            let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+            ep.set_default_client_config(qc);
+            let conn = ep.connect(addr, "localhost").expect("connect").await.expect("quic handshake");
+            (ep, conn)
+        }
+
+        /// Opens a raw session with a custom Hello; `Err` holds the close code
+        /// and reason when the server refuses.
+        pub async fn open(srv: &TestServer, version: u32, token: &str) -> Result<(Raw, v1::Welcome), (u32, String)> {
+            Self::open_at(srv, srv.addr, version, token).await
+        }
+
+        /// Like [`Raw::open`] at another address of the same server (a worker).
+        pub async fn open_at(
+            srv: &TestServer,
+            addr: SocketAddr,
+            version: u32,
+            token: &str,
+        ) -> Result<(Raw, v1::Welcome), (u32, String)> {
+            let (ep, conn) = Self::connect(srv, addr).await;
+            let (mut send, recv) = conn.open_bi().await.expect("stream");
+            let hello = v1::Hello { protocol_version: version, client_build: "raw-test".into(), token: token.into() };
+            send.write_all(&frame::encode(&hello)).await.expect("hello");
+            let mut raw = Raw { _ep: ep, conn, send, recv, dec: FrameDecoder::new(64 << 20) };
+            match raw.next().await {
+                Some(body) => Ok((raw, v1::Welcome::decode(body).expect("welcome"))),
+                None => match raw.conn.close_reason() {
+                    Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+                        Err((c.error_code.into_inner() as u32, String::from_utf8_lossy(&c.reason).into_owned()))
+                    }
+                    other => panic!("unexpected end: {other:?}"),
+                },
+            }
+        }
+
+        /// The next frame on the command stream; `None` when it ends.
+        pub async fn next(&mut self) -> Option<Bytes> {
+            loop {
+                if let Some(f) = self.dec.next_frame().expect("frame") {
+                    return Some(f);
+                }
+                match self.recv.read_chunk(1 << 20, true).await {
+                    Ok(Some(c)) => self.dec.push(&c.bytes),
+                    _ => return None,
+                }
+            }
+        }
+
+        /// The next frame as a `BatchReply`.
+        pub async fn reply(&mut self) -> v1::BatchReply {
+            v1::BatchReply::decode(self.next().await.expect("reply")).expect("decodes")
+        }
     }
 }
 

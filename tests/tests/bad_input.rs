@@ -3,10 +3,11 @@
 
 use bytes::Bytes;
 use gpupool_client::{ClientError, KernelArg, LaunchConfig, Session, StreamId, Trust};
-use gpupool_proto::frame::{self, FrameDecoder};
+use gpupool_proto::frame;
 use gpupool_proto::v1::{self, call::Op};
 use gpupool_proto::{BUILTIN_MODULE, PROTOCOL_VERSION, close_code, cuda};
-use gpupool_tests::{TOKEN, TestServer, server_config};
+use gpupool_tests::raw::Raw;
+use gpupool_tests::{TOKEN, TestServer, isolated_config, server_config};
 use prost::Message;
 
 fn start() -> TestServer {
@@ -30,71 +31,30 @@ fn still_serves(srv: &TestServer) {
     assert_eq!(c.to_vec().expect("c"), vec![2., 4., 6.]);
 }
 
+/// A queued call on memory the session does not own fails with
+/// `INVALID_VALUE`: at once when the address lies in the client's own range
+/// (it knows its allocations), else at the next synchronize (the server
+/// checks its tables).
+fn refused_now_or_at_sync(s: &Session, queued: Result<(), ClientError>) {
+    let code = match queued {
+        Err(e) => e.code(),
+        Ok(()) => s.synchronize().expect_err("refused at the synchronize").code(),
+    };
+    assert_eq!(code, cuda::INVALID_VALUE);
+}
+
 fn call_code(r: Result<Option<v1::call_result::Value>, ClientError>) -> u32 {
     r.expect_err("must fail").code()
-}
-
-struct Raw {
-    _ep: quinn::Endpoint,
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    dec: FrameDecoder,
-}
-
-impl Raw {
-    async fn connect(srv: &TestServer) -> (quinn::Endpoint, quinn::Connection) {
-        let qc = gpupool_client::transport::quinn_client_config(&srv.client_config()).expect("config");
-        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-        ep.set_default_client_config(qc);
-        let conn = ep.connect(srv.addr, "localhost").expect("connect").await.expect("quic handshake");
-        (ep, conn)
-    }
-
-    /// Opens a raw session with a custom Hello; `Err` holds the close code
-    /// and reason when the server refuses.
-    async fn open(srv: &TestServer, version: u32, token: &str) -> Result<(Raw, v1::Welcome), (u32, String)> {
-        let (ep, conn) = Self::connect(srv).await;
-        let (mut send, recv) = conn.open_bi().await.expect("stream");
-        let hello = v1::Hello { protocol_version: version, client_build: "raw-test".into(), token: token.into() };
-        send.write_all(&frame::encode(&hello)).await.expect("hello");
-        let mut raw = Raw { _ep: ep, conn, send, recv, dec: FrameDecoder::new(64 << 20) };
-        match raw.next().await {
-            Some(body) => Ok((raw, v1::Welcome::decode(body).expect("welcome"))),
-            None => match raw.conn.close_reason() {
-                Some(quinn::ConnectionError::ApplicationClosed(c)) => {
-                    Err((c.error_code.into_inner() as u32, String::from_utf8_lossy(&c.reason).into_owned()))
-                }
-                other => panic!("unexpected end: {other:?}"),
-            },
-        }
-    }
-
-    async fn next(&mut self) -> Option<Bytes> {
-        loop {
-            if let Some(f) = self.dec.next_frame().expect("frame") {
-                return Some(f);
-            }
-            match self.recv.read_chunk(1 << 20, true).await {
-                Ok(Some(c)) => self.dec.push(&c.bytes),
-                _ => return None,
-            }
-        }
-    }
-
-    async fn reply(&mut self) -> v1::BatchReply {
-        v1::BatchReply::decode(self.next().await.expect("reply")).expect("decodes")
-    }
 }
 
 #[tokio::test]
 async fn wrong_missing_token_and_version_mismatch_are_refused() {
     let srv = start();
-    let (code, reason) = Raw::open(&srv, PROTOCOL_VERSION, "wrong").await.err().expect("refused");
+    let (code, reason) = Raw::open(&srv, PROTOCOL_VERSION, "wrong").await.expect_err("refused");
     assert_eq!(code, close_code::UNAUTHORIZED, "{reason}");
-    let (code, reason) = Raw::open(&srv, PROTOCOL_VERSION, "").await.err().expect("refused");
+    let (code, reason) = Raw::open(&srv, PROTOCOL_VERSION, "").await.expect_err("refused");
     assert_eq!((code, reason.as_str()), (close_code::UNAUTHORIZED, "no session token presented"));
-    let (code, reason) = Raw::open(&srv, 99, TOKEN).await.err().expect("refused");
+    let (code, reason) = Raw::open(&srv, 99, TOKEN).await.expect_err("refused");
     assert_eq!(code, close_code::VERSION_MISMATCH);
     assert!(reason.contains("server speaks 1") && reason.contains("sent 99"), "{reason}");
     // Through the client API the refusal is a typed error.
@@ -168,11 +128,17 @@ async fn malformed_truncated_and_oversize_frames() {
     tokio::task::spawn_blocking(move || still_serves(&srv)).await.expect("healthy");
 }
 
+/// Runs with process isolation, the server's default: on a GPU only
+/// separate contexts keep one tenant's kernels out of another's memory.
 #[test]
 fn unknown_ids_foreign_and_out_of_range_addresses_oversize_requests() {
-    let srv = start();
+    let srv = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
     let a = Session::connect(&srv.client_config()).expect("a");
     let b = Session::connect(&srv.client_config()).expect("b");
+    // Workers in separate processes may number their ranges alike: pad A so
+    // that `secret` is an address B never maps.
+    let g = a.welcome().granularity;
+    let _pad = a.mem_alloc(3 * g).expect("padding");
     let secret = a.mem_alloc(4096).expect("alloc");
     a.memset(secret, 0x5a, 1, 4096, StreamId::DEFAULT).expect("memset");
     a.synchronize().expect("sync");
@@ -197,36 +163,21 @@ fn unknown_ids_foreign_and_out_of_range_addresses_oversize_requests() {
     let mut buf = [0u8; 16];
     assert_eq!(b.memcpy_dtoh(&mut buf, secret, StreamId::DEFAULT).expect_err("foreign").code(), cuda::INVALID_VALUE);
     assert_eq!(buf, [0; 16]);
-    b.memset(secret, 0, 1, 16, StreamId::DEFAULT).expect("queued");
-    assert_eq!(b.synchronize().expect_err("foreign memset").code(), cuda::INVALID_VALUE);
+    refused_now_or_at_sync(&b, b.memset(secret, 0, 1, 16, StreamId::DEFAULT));
     let mine = b.mem_alloc(64).expect("alloc");
-    b.memcpy_dtod(mine, secret, 16, StreamId::DEFAULT).expect("queued");
-    assert_eq!(b.synchronize().expect_err("foreign dtod").code(), cuda::INVALID_VALUE);
+    refused_now_or_at_sync(&b, b.memcpy_dtod(mine, secret, 16, StreamId::DEFAULT));
     let mut check = [0u8; 4096];
     a.memcpy_dtoh(&mut check, secret, StreamId::DEFAULT).expect("owner reads");
     assert!(check.iter().all(|&x| x == 0x5a), "another session changed the memory");
 
-    // Outside the range, and a kernel pointed at foreign memory.
+    // Outside the range.
     assert_eq!(b.memcpy_dtoh(&mut buf, 0x1000, StreamId::DEFAULT).expect_err("range").code(), cuda::INVALID_VALUE);
-    let add = m.function("vector_add").expect("fn");
-    b.launch(
-        &add,
-        LaunchConfig::for_elements(4, 32),
-        StreamId::DEFAULT,
-        &[KernelArg::Ptr(secret), KernelArg::Ptr(secret), KernelArg::Ptr(secret), KernelArg::U32(4)],
-    )
-    .expect("queued");
-    let err = b.synchronize().expect_err("kernel on foreign memory");
-    if srv.backend == "emulated" {
-        assert_eq!(err.code(), cuda::ILLEGAL_ADDRESS, "{err}");
-    }
 
     // Oversize: allocation over the quota (client side and server side),
     // a copy longer than its allocation, an inline payload over the limit.
     let quota = b.welcome().memory_quota;
     assert!(matches!(b.mem_alloc(quota + 1), Err(ClientError::OutOfMemory(_))));
     let base = b.welcome().va_base;
-    let g = b.welcome().granularity;
     let map = Op::MemMap(v1::MemMap { addr: base + 64 * g, size: quota + g });
     assert_eq!(call_code(b.raw_call(map)), cuda::OUT_OF_MEMORY);
     let mut big = vec![0u8; 8192];
@@ -258,5 +209,21 @@ fn unknown_ids_foreign_and_out_of_range_addresses_oversize_requests() {
     // Both sessions still work.
     b.synchronize().expect("b usable");
     a.synchronize().expect("a usable");
+
+    // Last, because on a GPU the fault ends B's context: a kernel pointed at
+    // A's memory faults in B's own address space and cannot reach A's.
+    let add = m.function("vector_add").expect("fn");
+    b.launch(
+        &add,
+        LaunchConfig::for_elements(4, 32),
+        StreamId::DEFAULT,
+        &[KernelArg::Ptr(secret), KernelArg::Ptr(secret), KernelArg::Ptr(secret), KernelArg::U32(4)],
+    )
+    .expect("queued");
+    let err = b.synchronize().expect_err("kernel on foreign memory");
+    assert_eq!(err.code(), cuda::ILLEGAL_ADDRESS, "{err}");
+    a.memcpy_dtoh(&mut check, secret, StreamId::DEFAULT).expect("owner reads");
+    assert!(check.iter().all(|&x| x == 0x5a), "another session's kernel changed the memory");
+    a.synchronize().expect("a unaffected by b's fault");
     still_serves(&srv);
 }

@@ -81,6 +81,8 @@ pub(crate) struct Options {
     pub(crate) launches: usize,
     pub(crate) max_copy_bytes: usize,
     pub(crate) cold_runs: usize,
+    /// Sessions in worker processes (the server's default) or in-process.
+    pub(crate) process_isolation: bool,
 }
 
 impl Options {
@@ -120,6 +122,7 @@ impl Options {
             ("launch_runs", LAUNCH_RUNS.to_string()),
             ("copies", sizes.join(",").replace(' ', "")),
             ("cold_runs", self.cold_runs.to_string()),
+            ("isolation", if self.process_isolation { "process" } else { "in-process" }.to_string()),
         ]
     }
 }
@@ -156,7 +159,7 @@ pub(crate) fn run(opts: &Options) -> Result<Report> {
         DeviceMode::Auto | DeviceMode::Emulated => None,
     };
     progress(&format!("starting the in-process gpu-server (device {})", opts.device.name()));
-    let server = LocalServer::start(opts.device.server_choice())?;
+    let server = LocalServer::start(opts.device.server_choice(), opts.process_isolation)?;
     let gpu_used = server.backend() == "cuda";
     if !gpu_used {
         progress("NO GPU IN USE: the server runs the emulated device; remote figures measure the transport only");

@@ -5,7 +5,7 @@ use super::workloads::{ColdStart, Gpu, check_sum, vector_add_inputs};
 use anyhow::{Context, Result, anyhow, bail};
 use gpupool_client::{ClientConfig, DeviceBuffer, Function, KernelArg, LaunchConfig, Session, StreamId, Trust};
 use gpupool_proto::BUILTIN_MODULE;
-use gpupool_server::{DeviceChoice, Server, ServerConfig};
+use gpupool_server::{DeviceChoice, Isolation, Server, ServerConfig, WorkerCommand};
 use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -36,11 +36,22 @@ pub(crate) struct LocalServer {
 }
 
 impl LocalServer {
-    /// Binds a server driving `device` and serves until dropped.
-    pub(crate) fn start(device: DeviceChoice) -> Result<Self> {
+    /// Binds a server driving `device` and serves until dropped. With
+    /// `process_isolation` each session runs in a worker process: this
+    /// executable started again with `worker` (its `main` hands over to
+    /// `gpupool_server::worker::run_if_worker`).
+    pub(crate) fn start(device: DeviceChoice, process_isolation: bool) -> Result<Self> {
         let token = hex_token();
         let mut config = ServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), vec![token.clone()]);
         config.device = device;
+        if process_isolation {
+            let program = std::env::current_exe().context("locating this executable for worker processes")?;
+            config.isolation = Isolation::Process {
+                command: WorkerCommand { program, args: vec![gpupool_server::worker::WORKER_ARG.into()] },
+                warm: 2,
+                start_timeout: START_TIMEOUT,
+            };
+        }
         let (bound_tx, bound_rx) = mpsc::channel::<Result<Bound>>();
         let (shutdown, shutdown_rx) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -117,6 +128,7 @@ fn serve(config: ServerConfig, bound: mpsc::Sender<Result<Bound>>, shutdown: one
     runtime.block_on(async move {
         // `Server::bind` needs a runtime context for the QUIC endpoint.
         let server = Server::bind(config).context("binding the gpu-server")?;
+        server.ready().await.context("starting the gpu-server's session workers")?;
         let info = Bound {
             addr: server.local_addr(),
             fingerprint: server.fingerprint().to_string(),

@@ -34,6 +34,10 @@ struct Args {
     /// Remote cold starts, each a new session (the median is reported).
     #[arg(long, default_value_t = 10)]
     cold_runs: usize,
+    /// `process`: each session in a worker process (the server's default);
+    /// `in-process`: sessions share the server's context.
+    #[arg(long, value_enum, default_value_t = IsolationArg::Process)]
+    isolation: IsolationArg,
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -41,6 +45,12 @@ struct Args {
     /// the precompiled module image at PATH, and print the timings.
     #[arg(long, value_name = "PATH", hide = true)]
     native_cold_start: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum IsolationArg {
+    Process,
+    InProcess,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -64,6 +74,7 @@ impl Args {
             launches: self.launches,
             max_copy_bytes: self.max_copy_mib.saturating_mul(1 << 20),
             cold_runs: self.cold_runs,
+            process_isolation: self.isolation == IsolationArg::Process,
         };
         options.validate()?;
         Ok(options)
@@ -76,6 +87,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .init();
+    gpupool_server::worker::run_if_worker();
     let args = Args::parse();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,9 +5,9 @@
 use anyhow::{Context, ensure};
 use clap::Parser;
 use gpupool_client::{DeviceBuffer, KernelArg, LaunchConfig, Session, StreamId};
-use gpupool_server::DeviceChoice;
+use gpupool_server::{DeviceChoice, Isolation, WorkerCommand};
 use gpupool_tests::{TestServer, fresh_seed, random_f32, rel_error, server_config};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Parser)]
 #[command(about = "Run a gpupool server and a client workload end to end")]
@@ -18,11 +18,24 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Logs on stderr: a worker process's stdout carries its protocol.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .init();
+    gpupool_server::worker::run_if_worker();
     let args = Args::parse();
     let mut config = server_config();
+    // Each session in its own worker process (this executable again), as
+    // the server runs by default.
+    config.isolation = Isolation::Process {
+        command: WorkerCommand {
+            program: std::env::current_exe().context("locating this executable")?,
+            args: vec![gpupool_server::worker::WORKER_ARG.into()],
+        },
+        warm: 1,
+        start_timeout: Duration::from_secs(60),
+    };
     config.device = match args.device.as_str() {
         "auto" => DeviceChoice::Auto,
         "cuda" => DeviceChoice::Cuda { ordinal: 0 },
@@ -110,13 +123,13 @@ fn main() -> anyhow::Result<()> {
 
     // Batching: many launches, one round trip.
     let empty = m.function("empty")?;
-    let before = server.metrics.snapshot().batches;
+    let before = s.batches_sent();
     let t = Instant::now();
     for _ in 0..10_000 {
         s.launch(&empty, LaunchConfig::for_elements(1, 1), StreamId::DEFAULT, &[])?;
     }
     s.synchronize()?;
-    let flushes = server.metrics.snapshot().batches - before;
+    let flushes = s.batches_sent() - before;
     println!(
         "client: 10000 launches + synchronize in {:.1} ms, {flushes} flush(es) to the server",
         t.elapsed().as_secs_f64() * 1e3
@@ -126,6 +139,11 @@ fn main() -> anyhow::Result<()> {
     println!("client: virtual GPU memory {} MiB free of {} MiB", free >> 20, total >> 20);
     drop((dx, dy, da, db, dc));
     s.close()?;
+    // The worker reports its counters as it exits.
+    let t = Instant::now();
+    while server.metrics.snapshot().sessions_active > 0 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let m = server.metrics.snapshot();
     println!(
         "server: {} session(s), {} batches, {} calls, {} call errors",

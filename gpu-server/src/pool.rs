@@ -1,0 +1,297 @@
+//! The supervisor's pool of session worker processes (see [`crate::worker`]).
+//!
+//! `warm` workers are kept started, device open, so that a new session only
+//! waits for the assignment round trip. A worker serves one session and then
+//! exits; taking one starts its replacement in the background. Workers are
+//! killed when the pool is dropped, and they exit by themselves when their
+//! stdin closes, so none outlives the supervisor.
+
+use crate::config::WorkerCommand;
+use crate::error::ServerError;
+use gpupool_proto::frame::{self, FrameDecoder};
+use gpupool_proto::v1::{self, worker_event::Event};
+use prost::Message;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+
+/// Longest wait for a worker to acknowledge its assignment.
+const ASSIGN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A started worker, device open and endpoint bound.
+#[derive(Debug)]
+pub struct Worker {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    events: mpsc::Receiver<Event>,
+    pub ready: v1::WorkerReady,
+}
+
+impl Worker {
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.ready.pid
+    }
+
+    /// Waits for the worker to exit.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// The worker's events from now on (metrics reports, mostly).
+    pub fn take_events(&mut self) -> mpsc::Receiver<Event> {
+        std::mem::replace(&mut self.events, mpsc::channel(1).1)
+    }
+
+    /// Closes stdin: the worker ends its session (`SHUTDOWN`) and exits.
+    pub fn stop(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Kills the worker now.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// A worker process as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    pub pid: u32,
+    pub port: u16,
+    /// The session it serves; `None` while warm.
+    pub session: Option<u64>,
+}
+
+/// Keeps warm workers and hands them out.
+#[derive(Debug)]
+pub struct WorkerPool {
+    command: WorkerCommand,
+    spec: Vec<u8>,
+    warm: usize,
+    start_timeout: Duration,
+    idle: Mutex<Vec<Worker>>,
+    starting: AtomicUsize,
+    busy: Mutex<Vec<WorkerInfo>>,
+    closed: AtomicBool,
+    /// The first worker's answer: its description, or why it failed.
+    first: tokio::sync::OnceCell<Result<v1::WorkerReady, String>>,
+}
+
+impl WorkerPool {
+    pub fn new(command: WorkerCommand, spec: &v1::WorkerSpec, warm: usize, start_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            command,
+            spec: frame::encode(spec).to_vec(),
+            warm,
+            start_timeout,
+            idle: Mutex::new(Vec::new()),
+            starting: AtomicUsize::new(0),
+            busy: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+            first: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// Starts one worker and waits for it: proves the device opens in a
+    /// worker, and tells what it is. The result is kept.
+    pub async fn probe(self: &Arc<Self>) -> Result<v1::WorkerReady, ServerError> {
+        let r = self
+            .first
+            .get_or_init(|| async {
+                match self.start().await {
+                    Ok(w) => {
+                        let ready = w.ready.clone();
+                        self.put_idle(w);
+                        Ok(ready)
+                    }
+                    Err(ServerError::Worker(reason)) => Err(reason),
+                    Err(e) => Err(e.to_string()),
+                }
+            })
+            .await;
+        r.clone().map_err(ServerError::Worker)
+    }
+
+    /// The first worker's description, once [`WorkerPool::probe`] succeeded.
+    pub fn probe_result(&self) -> Option<&v1::WorkerReady> {
+        self.first.get().and_then(|r| r.as_ref().ok())
+    }
+
+    /// Starts workers in the background until `warm` are idle or starting.
+    pub fn fill(self: &Arc<Self>) {
+        loop {
+            if self.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            let have = lock(&self.idle).len() + self.starting.load(Ordering::Relaxed);
+            if have >= self.warm {
+                return;
+            }
+            self.starting.fetch_add(1, Ordering::Relaxed);
+            let pool = self.clone();
+            tokio::spawn(async move {
+                let started = pool.start().await;
+                pool.starting.fetch_sub(1, Ordering::Relaxed);
+                match started {
+                    Ok(w) => pool.put_idle(w),
+                    Err(e) => tracing::error!(error = %e, "cannot start a warm session worker"),
+                }
+            });
+        }
+    }
+
+    fn put_idle(&self, w: Worker) {
+        if !self.closed.load(Ordering::Relaxed) {
+            lock(&self.idle).push(w);
+        }
+    }
+
+    /// A worker for `assign`: a warm one if there is one, else a new one.
+    /// Returns once the worker has armed the ticket.
+    pub async fn assign(self: &Arc<Self>, assign: &v1::WorkerAssign) -> Result<Worker, ServerError> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(ServerError::Worker("server is shutting down".into()));
+        }
+        let bytes = frame::encode(assign);
+        // A warm worker may have died while idle: try the next one.
+        loop {
+            let warm = lock(&self.idle).pop();
+            let from_pool = warm.is_some();
+            let mut w = match warm {
+                Some(w) => w,
+                None => self.start().await?,
+            };
+            self.fill();
+            match Self::hand_over(&mut w, &bytes, &assign.ticket).await {
+                Ok(()) => {
+                    let info = WorkerInfo { pid: w.pid(), port: w.ready.port as u16, session: Some(assign.session_id) };
+                    lock(&self.busy).push(info);
+                    return Ok(w);
+                }
+                Err(e) if from_pool => {
+                    tracing::warn!(pid = w.pid(), error = %e, "warm worker unusable; trying another")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn hand_over(w: &mut Worker, assign: &[u8], ticket: &str) -> Result<(), ServerError> {
+        let stdin = w.stdin.as_mut().ok_or_else(|| ServerError::Worker("worker stdin closed".into()))?;
+        stdin.write_all(assign).await.map_err(|e| ServerError::Worker(format!("writing to the worker: {e}")))?;
+        stdin.flush().await.map_err(|e| ServerError::Worker(format!("writing to the worker: {e}")))?;
+        match tokio::time::timeout(ASSIGN_TIMEOUT, w.events.recv()).await {
+            Ok(Some(Event::Assigned(t))) if t == ticket => Ok(()),
+            Ok(Some(Event::Failed(reason))) => Err(ServerError::Worker(reason)),
+            Ok(Some(other)) => Err(ServerError::Worker(format!("unexpected worker event {other:?}"))),
+            Ok(None) => Err(ServerError::Worker("worker exited".into())),
+            Err(_) => Err(ServerError::Worker(format!("worker did not answer within {ASSIGN_TIMEOUT:?}"))),
+        }
+    }
+
+    /// Marks the worker of `pid` as gone.
+    pub fn finished(&self, pid: u32) {
+        lock(&self.busy).retain(|w| w.pid != pid);
+    }
+
+    /// Every live worker, warm and busy.
+    pub fn snapshot(&self) -> Vec<WorkerInfo> {
+        let mut all: Vec<WorkerInfo> = lock(&self.idle)
+            .iter()
+            .map(|w| WorkerInfo { pid: w.pid(), port: w.ready.port as u16, session: None })
+            .collect();
+        all.extend(lock(&self.busy).iter().cloned());
+        all
+    }
+
+    /// Stops starting workers and kills the warm ones.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        lock(&self.idle).clear();
+    }
+
+    /// Spawns a worker, sends the spec and waits for `WorkerReady`.
+    async fn start(&self) -> Result<Worker, ServerError> {
+        let program = &self.command.program;
+        let mut child = Command::new(program)
+            .args(&self.command.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| ServerError::Worker(format!("cannot start {}: {e}", program.display())))?;
+        let mut stdin = child.stdin.take().ok_or_else(|| ServerError::Worker("worker has no stdin".into()))?;
+        let stdout = child.stdout.take().ok_or_else(|| ServerError::Worker("worker has no stdout".into()))?;
+        let (tx, mut events) = mpsc::channel(4);
+        tokio::spawn(read_events(stdout, tx));
+        // A worker that dies at once closes its pipes: the write fails or
+        // the events end, and its exit status says why.
+        let written = async {
+            stdin.write_all(&self.spec).await?;
+            stdin.flush().await
+        }
+        .await;
+        let first = match written {
+            Ok(()) => tokio::time::timeout(self.start_timeout, events.recv()).await,
+            Err(e) => {
+                tracing::debug!(error = %e, "writing the worker spec failed");
+                Ok(None)
+            }
+        };
+        let ready = match first {
+            Ok(Some(Event::Ready(r))) => r,
+            Ok(Some(Event::Failed(reason))) => return Err(ServerError::Worker(reason)),
+            Ok(Some(other)) => return Err(ServerError::Worker(format!("unexpected worker event {other:?}"))),
+            Ok(None) => {
+                let status = child.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                return Err(ServerError::Worker(format!("worker exited before it was ready ({status})")));
+            }
+            Err(_) => {
+                return Err(ServerError::Worker(format!("worker not ready within {:?}", self.start_timeout)));
+            }
+        };
+        tracing::debug!(pid = ready.pid, port = ready.port, backend = %ready.backend, "worker ready");
+        Ok(Worker { child, stdin: Some(stdin), events, ready })
+    }
+}
+
+/// Decodes the worker's stdout into events until it closes.
+async fn read_events(mut stdout: tokio::process::ChildStdout, tx: mpsc::Sender<Event>) {
+    let mut decoder = FrameDecoder::new(1 << 20);
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        match decoder.next_frame() {
+            Ok(Some(body)) => match v1::WorkerEvent::decode(body) {
+                Ok(v1::WorkerEvent { event: Some(e) }) => {
+                    if tx.send(e).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                other => {
+                    tracing::error!(?other, "undecodable worker event");
+                    return;
+                }
+            },
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "bad frame from a worker");
+                return;
+            }
+        }
+        match stdout.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => decoder.push(&buf[..n]),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,0 +1,380 @@
+//! A session worker process: one session, its own device context.
+//!
+//! The supervisor ([`crate::pool`]) starts the worker with
+//! [`WORKER_ARG`] and speaks to it over stdin and stdout in the usual
+//! framing:
+//! 1. stdin: one `WorkerSpec` (device, limits, the supervisor's certificate);
+//! 2. stdout: `WorkerReady` once the device is open and the QUIC endpoint is
+//!    bound on an ephemeral port (or `failed` with the reason);
+//! 3. stdin: one `WorkerAssign` (a one-time ticket, the tenant, its quota);
+//!    stdout: `assigned` with the ticket;
+//! 4. the client connects with the ticket; when that session ends the
+//!    worker exits, and with it the context and all its memory.
+//!
+//! The worker also exits when the ticket is not used within the handshake
+//! timeout, or when stdin closes (the supervisor is gone); its open session
+//! is then closed with `SHUTDOWN`. Logs go to stderr, never stdout.
+
+use crate::auth::{AuthError, Authenticator, Grant, constant_time_eq};
+use crate::config::{DeviceChoice, ServerConfig};
+use crate::error::ServerError;
+use crate::server::Server;
+use crate::tls::TlsSource;
+use gpupool_proto::{frame, v1};
+use prost::Message;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// First argument that makes a gpupool binary run as a worker.
+pub const WORKER_ARG: &str = "worker";
+
+/// Largest control frame read from stdin.
+const MAX_CONTROL_FRAME: usize = 1 << 20;
+
+/// Runs as a worker when this process was started as one (first argument
+/// [`WORKER_ARG`]), then exits the process; returns otherwise. Binaries that
+/// can serve as their own worker command call this first thing in `main`.
+pub fn run_if_worker() {
+    if std::env::args().nth(1).as_deref() == Some(WORKER_ARG) {
+        let code = match run_stdio() {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("gpupool worker: {e}");
+                1
+            }
+        };
+        std::process::exit(code);
+    }
+}
+
+/// Serves one session as a worker on this process's stdin and stdout.
+pub fn run_stdio() -> Result<(), ServerError> {
+    let mut stdin = std::io::stdin();
+    let spec: v1::WorkerSpec =
+        read_message(&mut stdin)?.ok_or_else(|| ServerError::Worker("stdin closed before the WorkerSpec".into()))?;
+    let config = config_from_spec(&spec)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("gpupool-worker-io")
+        .enable_all()
+        .build()
+        .map_err(|e| ServerError::Worker(format!("cannot start the I/O runtime: {e}")))?;
+    let tickets = Arc::new(Ticket::default());
+    let handshake_timeout = config.handshake_timeout;
+    let result = rt.block_on(async {
+        let server = match Server::bind_with_auth(config, tickets.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                write_event(v1::worker_event::Event::Failed(e.to_string()));
+                return Err(e);
+            }
+        };
+        let Some(d) = server.description() else {
+            return Err(ServerError::Worker("a worker serves in-process".into()));
+        };
+        write_event(v1::worker_event::Event::Ready(v1::WorkerReady {
+            port: u32::from(server.local_addr().port()),
+            pid: std::process::id(),
+            backend: d.backend.into(),
+            device_name: d.name.clone(),
+        }));
+        let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
+        let t = tickets.clone();
+        // stdin is blocking: read it on a plain thread.
+        std::thread::Builder::new()
+            .name("gpupool-worker-control".into())
+            .spawn(move || read_control(stdin, &t, handshake_timeout, &control_tx))
+            .map_err(|e| ServerError::Worker(format!("cannot start the control thread: {e}")))?;
+        let metrics = server.metrics();
+        let reporter = tokio::spawn(report_metrics(metrics.clone()));
+        let result = server
+            .run(async move {
+                let why = until_stop(control_rx, &tickets, handshake_timeout).await;
+                tracing::info!(why, "worker stopping");
+            })
+            .await;
+        reporter.abort();
+        write_event(v1::worker_event::Event::Metrics(metrics.worker_report()));
+        result
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// Reports the counters to the supervisor when they change.
+async fn report_metrics(metrics: Arc<crate::server::Metrics>) {
+    let mut last = v1::WorkerMetrics::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let now = metrics.worker_report();
+        if now != last {
+            write_event(v1::worker_event::Event::Metrics(now));
+            last = now;
+        }
+    }
+}
+
+/// What the control thread saw on stdin.
+enum Control {
+    Assigned,
+    Closed,
+}
+
+/// Reads the `WorkerAssign`, arms the ticket and reports it, then waits for
+/// stdin to close (the supervisor's way of stopping the worker).
+fn read_control(
+    mut stdin: std::io::Stdin,
+    ticket: &Ticket,
+    handshake_timeout: Duration,
+    out: &tokio::sync::mpsc::UnboundedSender<Control>,
+) {
+    match read_message::<v1::WorkerAssign>(&mut stdin) {
+        Ok(Some(a)) => {
+            let grant = Grant {
+                subject: a.subject.clone(),
+                memory_quota: Some(a.memory_quota).filter(|q| *q > 0),
+                session_id: Some(a.session_id),
+            };
+            ticket.arm(a.ticket.clone(), grant, Instant::now() + handshake_timeout);
+            write_event(v1::worker_event::Event::Assigned(a.ticket));
+            let _ = out.send(Control::Assigned);
+            let mut sink = [0u8; 256];
+            while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+        }
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "bad control frame"),
+    }
+    let _ = out.send(Control::Closed);
+}
+
+/// Completes when the worker should stop: stdin closed, or the ticket was
+/// not used in time.
+async fn until_stop(
+    mut control: tokio::sync::mpsc::UnboundedReceiver<Control>,
+    ticket: &Ticket,
+    handshake_timeout: Duration,
+) -> &'static str {
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let expiry = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            c = control.recv() => match c {
+                Some(Control::Assigned) => {
+                    // A little past the ticket's own expiry, so the check below sees it.
+                    deadline = Some(tokio::time::Instant::now() + handshake_timeout + Duration::from_millis(10));
+                }
+                Some(Control::Closed) | None => return "supervisor closed stdin",
+            },
+            () = expiry => {
+                deadline = None;
+                if ticket.expire_unused() {
+                    return "ticket expired unused";
+                }
+            }
+        }
+    }
+}
+
+/// The one-time ticket of a worker: armed by the supervisor, spent by the
+/// first `Hello` that presents it.
+#[derive(Debug, Default)]
+struct Ticket {
+    slot: Mutex<Slot>,
+}
+
+#[derive(Debug, Default)]
+enum Slot {
+    #[default]
+    Empty,
+    Armed {
+        ticket: String,
+        grant: Grant,
+        expires: Instant,
+    },
+    Spent,
+}
+
+impl Ticket {
+    fn arm(&self, ticket: String, grant: Grant, expires: Instant) {
+        *self.lock() = Slot::Armed { ticket, grant, expires };
+    }
+
+    /// Spends an armed ticket that has passed its expiry; true if it did.
+    fn expire_unused(&self) -> bool {
+        let mut slot = self.lock();
+        if matches!(&*slot, Slot::Armed { expires, .. } if Instant::now() >= *expires) {
+            *slot = Slot::Spent;
+            return true;
+        }
+        false
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Authenticator for Ticket {
+    fn authenticate(&self, token: &str) -> Result<Grant, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        let mut slot = self.lock();
+        match &*slot {
+            Slot::Armed { ticket, grant, expires } if constant_time_eq(ticket.as_bytes(), token.as_bytes()) => {
+                if Instant::now() >= *expires {
+                    *slot = Slot::Spent;
+                    return Err(AuthError::Spent);
+                }
+                let grant = grant.clone();
+                *slot = Slot::Spent;
+                Ok(grant)
+            }
+            Slot::Spent => Err(AuthError::Spent),
+            _ => Err(AuthError::Invalid),
+        }
+    }
+}
+
+/// The worker's server configuration from the supervisor's spec.
+fn config_from_spec(spec: &v1::WorkerSpec) -> Result<ServerConfig, ServerError> {
+    let ip: IpAddr = spec
+        .listen_ip
+        .parse()
+        .map_err(|_| ServerError::Config(format!("bad worker listen IP {:?}", spec.listen_ip)))?;
+    let mut c = ServerConfig::new(SocketAddr::new(ip, 0), Vec::new());
+    c.device = parse_device(&spec.device)?;
+    c.tls =
+        TlsSource::Der { chain: spec.cert_chain_der.iter().map(|c| c.to_vec()).collect(), key: spec.key_der.to_vec() };
+    c.max_sessions = 1;
+    c.one_session = true;
+    c.memory_quota = spec.memory_quota;
+    c.max_inline_bytes = spec.max_inline_bytes;
+    c.max_frame_bytes = spec.max_frame_bytes;
+    c.max_staging_bytes = spec.max_staging_bytes;
+    c.max_handles = spec.max_handles as usize;
+    c.max_bulk_streams = spec.max_bulk_streams as usize;
+    c.batch_queue = spec.batch_queue as usize;
+    c.image_cache_dir = Some(spec.image_cache_dir.clone()).filter(|d| !d.is_empty()).map(Into::into);
+    c.image_cache_bytes = spec.image_cache_bytes;
+    c.idle_timeout = Duration::from_millis(spec.idle_timeout_ms);
+    c.max_udp_payload = u16::try_from(spec.max_udp_payload)
+        .map_err(|_| ServerError::Config(format!("max_udp_payload {} too large", spec.max_udp_payload)))?;
+    c.handshake_timeout = Duration::from_millis(spec.handshake_timeout_ms);
+    c.compression = spec.compression;
+    c.validate()?;
+    Ok(c)
+}
+
+/// The spec a supervisor with `config` sends its workers.
+pub(crate) fn spec_from_config(config: &ServerConfig, chain: Vec<Vec<u8>>, key: Vec<u8>) -> v1::WorkerSpec {
+    v1::WorkerSpec {
+        device: device_string(config.device),
+        listen_ip: config.listen.ip().to_string(),
+        cert_chain_der: chain.into_iter().map(Into::into).collect(),
+        key_der: key.into(),
+        memory_quota: config.memory_quota,
+        max_inline_bytes: config.max_inline_bytes,
+        max_frame_bytes: config.max_frame_bytes,
+        max_staging_bytes: config.max_staging_bytes,
+        max_handles: config.max_handles as u32,
+        max_bulk_streams: config.max_bulk_streams as u32,
+        batch_queue: config.batch_queue as u32,
+        image_cache_dir: config.image_cache_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+        image_cache_bytes: config.image_cache_bytes,
+        idle_timeout_ms: config.idle_timeout.as_millis() as u64,
+        max_udp_payload: u32::from(config.max_udp_payload),
+        handshake_timeout_ms: config.handshake_timeout.as_millis() as u64,
+        compression: config.compression,
+    }
+}
+
+fn device_string(d: DeviceChoice) -> String {
+    match d {
+        DeviceChoice::Auto => "auto".into(),
+        DeviceChoice::Cuda { ordinal } => format!("cuda:{ordinal}"),
+        DeviceChoice::Emulated { memory } => format!("emulated:{memory}"),
+    }
+}
+
+fn parse_device(s: &str) -> Result<DeviceChoice, ServerError> {
+    let bad = || ServerError::Config(format!("bad worker device {s:?}"));
+    if s == "auto" {
+        return Ok(DeviceChoice::Auto);
+    }
+    if let Some(n) = s.strip_prefix("cuda:") {
+        return Ok(DeviceChoice::Cuda { ordinal: n.parse().map_err(|_| bad())? });
+    }
+    if let Some(m) = s.strip_prefix("emulated:") {
+        return Ok(DeviceChoice::Emulated { memory: m.parse().map_err(|_| bad())? });
+    }
+    Err(bad())
+}
+
+/// Reads one framed message; `Ok(None)` at a clean end of input.
+pub(crate) fn read_message<M: Message + Default>(r: &mut impl Read) -> Result<Option<M>, ServerError> {
+    let mut header = [0u8; frame::HEADER_LEN];
+    match r.read_exact(&mut header) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(ServerError::Worker(format!("reading a control frame: {e}"))),
+    }
+    let len = frame::decode_header(header, MAX_CONTROL_FRAME).map_err(|e| ServerError::Worker(e.to_string()))?;
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).map_err(|e| ServerError::Worker(format!("reading a control frame: {e}")))?;
+    M::decode(body.as_slice()).map(Some).map_err(|e| ServerError::Worker(format!("bad control frame: {e}")))
+}
+
+/// Writes one event to stdout. A supervisor that stopped reading is gone;
+/// stdin's end stops the worker then, so a failed write is only logged.
+fn write_event(event: v1::worker_event::Event) {
+    let bytes = frame::encode(&v1::WorkerEvent { event: Some(event) });
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(&bytes).and_then(|()| out.flush()) {
+        tracing::warn!(error = %e, "cannot report to the supervisor");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticket_is_one_time_and_expires() {
+        let t = Ticket::default();
+        assert_eq!(t.authenticate("abc"), Err(AuthError::Invalid));
+        let grant = Grant { subject: "t".into(), memory_quota: Some(1 << 20), session_id: Some(7) };
+        t.arm("abc".into(), grant.clone(), Instant::now() + Duration::from_secs(60));
+        assert_eq!(t.authenticate(""), Err(AuthError::Missing));
+        assert_eq!(t.authenticate("abd"), Err(AuthError::Invalid));
+        assert_eq!(t.authenticate("abc"), Ok(grant.clone()));
+        assert_eq!(t.authenticate("abc"), Err(AuthError::Spent));
+
+        let t = Ticket::default();
+        t.arm("abc".into(), grant, Instant::now());
+        assert!(t.expire_unused());
+        assert_eq!(t.authenticate("abc"), Err(AuthError::Spent));
+    }
+
+    #[test]
+    fn spec_round_trips_the_config() {
+        let mut c = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), vec!["t".into()]);
+        c.device = DeviceChoice::Emulated { memory: 1 << 30 };
+        c.image_cache_dir = Some("/tmp/images".into());
+        let back = config_from_spec(&spec_from_config(&c, vec![vec![1, 2]], vec![3])).expect("valid");
+        assert_eq!(back.device, c.device);
+        assert_eq!(back.memory_quota, c.memory_quota);
+        assert_eq!(back.image_cache_dir, c.image_cache_dir);
+        assert_eq!(back.idle_timeout, c.idle_timeout);
+        assert!(back.one_session && back.max_sessions == 1);
+        assert!(parse_device("cuda:x").is_err() && parse_device("gpu").is_err());
+    }
+}

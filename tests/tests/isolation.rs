@@ -1,0 +1,166 @@
+//! Process isolation: every session runs in its own worker process (the
+//! `gpupool-server` binary started with `worker`), reached through a one-time
+//! ticket, with the first connection kept as the control connection.
+
+use gpupool_client::{ClientError, DeviceBuffer, KernelArg, LaunchConfig, Session, StreamId};
+use gpupool_proto::{BUILTIN_MODULE, PROTOCOL_VERSION, close_code};
+use gpupool_server::WorkerCommand;
+use gpupool_server::config::Isolation;
+use gpupool_tests::raw::Raw;
+use gpupool_tests::{TOKEN, TestServer, fresh_seed, isolated_config, random_bytes, random_f32, rel_error};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+fn alive(pid: u32) -> bool {
+    // A reaped process has no /proc entry; a zombie's state is `Z`.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The pid of the worker serving `s`.
+fn worker_of(srv: &TestServer, s: &Session) -> u32 {
+    let id = s.welcome().session_id;
+    srv.workers().iter().find(|w| w.session == Some(id)).map(|w| w.pid).expect("a worker serves the session")
+}
+
+/// Correct results from a kernel and byte-exact copies (inline and bulk).
+fn works(s: &Session, seed: u64) {
+    let m = s.module_load(BUILTIN_MODULE).expect("module");
+    let n = 10_007;
+    let (a, b) = (random_f32(n, seed), random_f32(n, seed + 1));
+    let (da, db) = (DeviceBuffer::from_slice(s, &a).expect("a"), DeviceBuffer::from_slice(s, &b).expect("b"));
+    let dc = DeviceBuffer::<f32>::new(s, n).expect("c");
+    let add = m.function("vector_add").expect("vector_add");
+    let cfg = LaunchConfig::for_elements(n as u32, 256);
+    s.launch(&add, cfg, StreamId::DEFAULT, &[da.arg(), db.arg(), dc.arg(), KernelArg::U32(n as u32)]).expect("launch");
+    let want: Vec<f64> = a.iter().zip(&b).map(|(x, y)| f64::from(*x) + f64::from(*y)).collect();
+    assert!(rel_error(&dc.to_vec().expect("c"), &want) < 1e-6);
+    for n in [100, 9 << 20] {
+        let data = random_bytes(n, seed + n as u64);
+        let dev = s.mem_alloc(n as u64).expect("alloc");
+        s.memcpy_htod(dev, &data, StreamId::DEFAULT).expect("htod");
+        let mut back = vec![0u8; n];
+        s.memcpy_dtoh(&mut back, dev, StreamId::DEFAULT).expect("dtoh");
+        assert!(back == data, "{n} bytes differ");
+        s.mem_free(dev).expect("free");
+    }
+}
+
+#[test]
+fn each_session_gets_its_own_worker_process_which_exits_with_it() {
+    let srv = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
+    let me = std::process::id();
+    let a = Session::connect(&srv.client_config()).expect("a");
+    let b = Session::connect(&srv.client_config()).expect("b");
+    let (pa, pb) = (worker_of(&srv, &a), worker_of(&srv, &b));
+    assert!(pa != pb && pa != me && pb != me, "workers {pa} {pb}, test {me}");
+    assert!(alive(pa) && alive(pb));
+    let seed = fresh_seed();
+    works(&a, seed);
+    works(&b, seed + 100);
+    // The session's quota is the virtual GPU's memory, from the worker.
+    assert_eq!(a.mem_get_info().1, a.welcome().memory_quota);
+
+    // Workers report their counters to the supervisor.
+    let sent = a.batches_sent() + b.batches_sent();
+    wait_until("both workers' counters reached the supervisor", || {
+        let m = srv.metrics.snapshot();
+        m.batches >= sent && m.bulk_bytes_in >= 2 * (9 << 20)
+    });
+
+    drop(a);
+    wait_until("A's worker has exited", || !alive(pa));
+    assert!(alive(pb), "B's worker is untouched");
+    works(&b, seed + 200);
+    // A warm worker is kept ready for the next session.
+    wait_until("a warm worker is ready", || srv.workers().iter().any(|w| w.session.is_none()));
+    let c = Session::connect(&srv.client_config()).expect("c");
+    works(&c, seed + 300);
+}
+
+#[test]
+fn a_killed_worker_ends_only_its_session_with_a_clear_error() {
+    let srv = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
+    let a = Session::connect(&srv.client_config()).expect("a");
+    let b = Session::connect(&srv.client_config()).expect("b");
+    let pa = worker_of(&srv, &a);
+    let status = std::process::Command::new("kill").args(["-9", &pa.to_string()]).status().expect("kill runs");
+    assert!(status.success());
+
+    let t = Instant::now();
+    let err = loop {
+        match a.synchronize() {
+            Err(e) => break e,
+            Ok(()) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    assert!(matches!(err, ClientError::ConnectionLost(_)), "{err:?}");
+    assert!(err.to_string().contains("worker"), "says what failed: {err}");
+    // Told by the control connection, not by the data connection's idle timeout.
+    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+
+    works(&b, fresh_seed());
+    let c = Session::connect(&srv.client_config()).expect("a new session after the crash");
+    works(&c, fresh_seed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_are_one_time_secret_and_expire() {
+    let mut config = isolated_config().expect("worker binary");
+    config.handshake_timeout = Duration::from_millis(1500);
+    let srv = TestServer::start(config).expect("server starts");
+
+    let (control, welcome) = Raw::open(&srv, PROTOCOL_VERSION, TOKEN).await.expect("redirected");
+    let redirect = welcome.redirect.clone().expect("a redirect");
+    let worker: SocketAddr = ([127, 0, 0, 1], redirect.port as u16).into();
+    let pid = srv.workers().iter().find(|w| w.session == Some(welcome.session_id)).expect("assigned").pid;
+
+    // The supervisor's token is not the ticket.
+    let (code, reason) = Raw::open_at(&srv, worker, PROTOCOL_VERSION, TOKEN).await.expect_err("refused");
+    assert_eq!(code, close_code::UNAUTHORIZED, "{reason}");
+    let (_session, w) = Raw::open_at(&srv, worker, PROTOCOL_VERSION, &redirect.ticket).await.expect("the ticket works");
+    assert_eq!(w.session_id, welcome.session_id);
+    assert!(w.redirect.is_none() && w.memory_quota > 0 && w.va_size > 0);
+    let (code, reason) = Raw::open_at(&srv, worker, PROTOCOL_VERSION, &redirect.ticket).await.expect_err("spent");
+    assert_eq!(code, close_code::UNAUTHORIZED);
+    assert!(reason.contains("already used"), "{reason}");
+    drop(control);
+
+    // A ticket nobody uses expires, and its worker exits.
+    let (_control, welcome) = Raw::open(&srv, PROTOCOL_VERSION, TOKEN).await.expect("redirected");
+    let unused = srv.workers().iter().find(|w| w.session == Some(welcome.session_id)).expect("assigned").pid;
+    assert_ne!(unused, pid);
+    tokio::task::spawn_blocking(move || wait_until("the unused worker has exited", || !alive(unused)))
+        .await
+        .expect("waited");
+}
+
+#[test]
+fn a_worker_that_cannot_start_is_reported() {
+    let mut config = isolated_config().expect("worker binary");
+    config.isolation = Isolation::Process {
+        command: WorkerCommand { program: "/nonexistent/gpupool-server".into(), args: vec!["worker".into()] },
+        warm: 1,
+        start_timeout: Duration::from_secs(5),
+    };
+    let err = TestServer::start(config).expect_err("must fail").to_string();
+    assert!(err.contains("/nonexistent/gpupool-server"), "{err}");
+
+    let mut config = isolated_config().expect("worker binary");
+    config.isolation = Isolation::Process {
+        command: WorkerCommand { program: "/bin/false".into(), args: vec![] },
+        warm: 1,
+        start_timeout: Duration::from_secs(5),
+    };
+    let err = TestServer::start(config).expect_err("must fail").to_string();
+    assert!(err.contains("exited before it was ready"), "{err}");
+}
