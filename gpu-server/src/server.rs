@@ -113,7 +113,20 @@ enum AnyDevice {
 }
 
 impl AnyDevice {
+    /// Opens the device warm: context created and, on a GPU, the built-in
+    /// module compiled, so that no session waits for NVRTC (a worker
+    /// process opens its device before it is handed a session).
     fn open(choice: DeviceChoice) -> Result<Self, ServerError> {
+        let device = Self::open_cold(choice)?;
+        if let Self::Cuda(d) = &device
+            && let Err(e) = d.prepare_builtin()
+        {
+            tracing::warn!(error = %e, "built-in module not compiled ahead; its first load will try again");
+        }
+        Ok(device)
+    }
+
+    fn open_cold(choice: DeviceChoice) -> Result<Self, ServerError> {
         match choice {
             DeviceChoice::Cuda { ordinal } => {
                 Ok(Self::Cuda(Arc::new(CudaDevice::open(ordinal).map_err(ServerError::Device)?)))
