@@ -44,8 +44,9 @@ pub fn server_config() -> ServerConfig {
 }
 
 /// The worker command for process isolation in tests: `GPUPOOL_WORKER_EXE`,
-/// else the `gpupool-server` binary next to this executable or one folder
-/// up (cargo puts test binaries in `target/<profile>/deps/`).
+/// else `gpupool-worker` (this package's binary, which cargo builds before
+/// the integration tests) or `gpupool-server`, next to this executable or
+/// one folder up (cargo puts test binaries in `target/<profile>/deps/`).
 pub fn worker_command() -> anyhow::Result<WorkerCommand> {
     let args = vec![gpupool_server::worker::WORKER_ARG.to_string()];
     if let Some(p) = std::env::var_os("GPUPOOL_WORKER_EXE") {
@@ -56,9 +57,11 @@ pub fn worker_command() -> anyhow::Result<WorkerCommand> {
         .ancestors()
         .skip(1)
         .take(2)
-        .map(|dir| dir.join("gpupool-server"))
+        .flat_map(|dir| [dir.join("gpupool-worker"), dir.join("gpupool-server")])
         .find(|p| p.is_file())
-        .context("no gpupool-server binary next to the tests: build it (`cargo build -p gpupool-server`) or set GPUPOOL_WORKER_EXE")?;
+        .context(
+            "no gpupool-worker or gpupool-server binary next to the tests: build them or set GPUPOOL_WORKER_EXE",
+        )?;
     Ok(WorkerCommand { program: found, args })
 }
 
