@@ -310,11 +310,7 @@ impl Server {
                 incoming = self.endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     let shared = self.shared.clone();
-                    match &self.mode {
-                        Mode::Local(AnyDevice::Cuda(d)) => tasks.spawn(handle_connection(shared, Serve::Local(d.clone()), incoming)),
-                        Mode::Local(AnyDevice::Emulated(d)) => tasks.spawn(handle_connection(shared, Serve::Local(d.clone()), incoming)),
-                        Mode::Workers(pool) => tasks.spawn(handle_connection::<EmulatedDevice>(shared, Serve::Workers(pool.clone()), incoming)),
-                    };
+                    tasks.spawn(handle_connection(shared, self.mode.clone(), incoming));
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
@@ -389,14 +385,8 @@ fn refuse(shared: &Shared, conn: &quinn::Connection, code: u32, reason: &str) {
     conn.close(code.into(), reason.as_bytes());
 }
 
-/// How a connection's session is served.
-enum Serve<B> {
-    Local(Arc<B>),
-    Workers(Arc<WorkerPool>),
-}
-
 /// Runs one connection: handshake, then the session until either side ends it.
-async fn handle_connection<B: Backend>(shared: Arc<Shared>, serve: Serve<B>, incoming: quinn::Incoming) {
+async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming: quinn::Incoming) {
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
@@ -439,9 +429,10 @@ async fn handle_connection<B: Backend>(shared: Arc<Shared>, serve: Serve<B>, inc
     add(&shared.metrics.sessions_opened, 1);
     add(&shared.metrics.sessions_active, 1);
     let quota = grant.memory_quota.unwrap_or(shared.config.memory_quota).min(shared.config.memory_quota);
-    match serve {
-        Serve::Local(device) => run_session(&shared, device, &conn, id, quota, send, recv).await,
-        Serve::Workers(pool) => run_in_worker(&shared, &pool, &conn, id, quota, &grant.subject, send).await,
+    match mode {
+        Mode::Local(AnyDevice::Cuda(d)) => run_session(&shared, d, &conn, id, quota, send, recv).await,
+        Mode::Local(AnyDevice::Emulated(d)) => run_session(&shared, d, &conn, id, quota, send, recv).await,
+        Mode::Workers(pool) => run_in_worker(&shared, &pool, &conn, id, quota, &grant.subject, send).await,
     }
     shared.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);
     drop(permit);

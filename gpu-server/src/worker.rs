@@ -91,7 +91,7 @@ pub fn run_stdio() -> Result<(), ServerError> {
         let reporter = tokio::spawn(report_metrics(metrics.clone()));
         let result = server
             .run(async move {
-                let why = until_stop(control_rx, &tickets, handshake_timeout).await;
+                let why = until_stop(control_rx, &tickets).await;
                 tracing::info!(why, "worker stopping");
             })
             .await;
@@ -119,7 +119,8 @@ async fn report_metrics(metrics: Arc<crate::server::Metrics>) {
 
 /// What the control thread saw on stdin.
 enum Control {
-    Assigned,
+    /// A ticket was armed; it expires at this instant.
+    Assigned(Instant),
     Closed,
 }
 
@@ -138,9 +139,10 @@ fn read_control(
                 memory_quota: Some(a.memory_quota).filter(|q| *q > 0),
                 session_id: Some(a.session_id),
             };
-            ticket.arm(a.ticket.clone(), grant, Instant::now() + handshake_timeout);
+            let expires = Instant::now() + handshake_timeout;
+            ticket.arm(a.ticket.clone(), grant, expires);
             write_event(v1::worker_event::Event::Assigned(a.ticket));
-            let _ = out.send(Control::Assigned);
+            let _ = out.send(Control::Assigned(expires));
             let mut sink = [0u8; 256];
             while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
         }
@@ -152,11 +154,7 @@ fn read_control(
 
 /// Completes when the worker should stop: stdin closed, or the ticket was
 /// not used in time.
-async fn until_stop(
-    mut control: tokio::sync::mpsc::UnboundedReceiver<Control>,
-    ticket: &Ticket,
-    handshake_timeout: Duration,
-) -> &'static str {
+async fn until_stop(mut control: tokio::sync::mpsc::UnboundedReceiver<Control>, ticket: &Ticket) -> &'static str {
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         let expiry = async {
@@ -167,10 +165,7 @@ async fn until_stop(
         };
         tokio::select! {
             c = control.recv() => match c {
-                Some(Control::Assigned) => {
-                    // A little past the ticket's own expiry, so the check below sees it.
-                    deadline = Some(tokio::time::Instant::now() + handshake_timeout + Duration::from_millis(10));
-                }
+                Some(Control::Assigned(expires)) => deadline = Some(expires.into()),
                 Some(Control::Closed) | None => return "supervisor closed stdin",
             },
             () = expiry => {
