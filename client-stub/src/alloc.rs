@@ -46,6 +46,10 @@ pub struct AddressSpace {
     free: BTreeMap<u64, u64>,
     allocs: BTreeMap<u64, (u64, Kind)>,
     slabs: BTreeMap<u64, Slab>,
+    /// Module-scope variables the server resolved for this session
+    /// (start -> size): device memory outside the range that copies and
+    /// memsets may name.
+    globals: BTreeMap<u64, u64>,
 }
 
 /// Returns `[start, start + len)` to a free list, merged with its neighbours.
@@ -75,7 +79,46 @@ impl AddressSpace {
         if size > 0 {
             free.insert(base, size);
         }
-        Self { base, size, granule, quota, mapped: 0, free, allocs: BTreeMap::new(), slabs: BTreeMap::new() }
+        Self {
+            base,
+            size,
+            granule,
+            quota,
+            mapped: 0,
+            free,
+            allocs: BTreeMap::new(),
+            slabs: BTreeMap::new(),
+            globals: BTreeMap::new(),
+        }
+    }
+
+    /// The reserved range `(base, size)`.
+    pub fn range(&self) -> (u64, u64) {
+        (self.base, self.size)
+    }
+
+    /// Records a module variable at `[addr, addr + size)` as device memory.
+    pub fn add_global(&mut self, addr: u64, size: u64) {
+        self.globals.insert(addr, size);
+    }
+
+    /// Forgets a module variable (its module was unloaded).
+    pub fn remove_global(&mut self, addr: u64) {
+        self.globals.remove(&addr);
+    }
+
+    /// The allocation or module variable containing `addr`: `(start, size)`.
+    pub fn block_of(&self, addr: u64) -> Option<(u64, u64)> {
+        let alloc = self.allocs.range(..=addr).next_back().map(|(&s, &(size, _))| (s, size));
+        let global = self.globals.range(..=addr).next_back().map(|(&s, &size)| (s, size));
+        [alloc, global].into_iter().flatten().find(|&(start, size)| addr - start < size.max(1))
+    }
+
+    /// `true` when `addr` is device memory of this session: inside the
+    /// reserved range or a resolved module variable. Everything else is a
+    /// host address.
+    pub fn is_device(&self, addr: u64) -> bool {
+        self.contains(addr) || self.block_of(addr).is_some()
     }
 
     /// Bytes mapped on the server.
@@ -106,10 +149,8 @@ impl AddressSpace {
             return Ok(());
         }
         let fits = self
-            .allocs
-            .range(..=addr)
-            .next_back()
-            .is_some_and(|(&start, &(size, _))| addr.checked_add(len).is_some_and(|end| end <= start + size));
+            .block_of(addr)
+            .is_some_and(|(start, size)| addr.checked_add(len).is_some_and(|end| end <= start + size));
         if fits {
             Ok(())
         } else {
@@ -235,6 +276,20 @@ mod tests {
         a.alloc(3 * G).expect("fits");
         assert!(matches!(a.alloc(2 * G), Err(ClientError::OutOfMemory(_))));
         assert!(matches!(a.free(12345), Err(ClientError::InvalidValue(_))));
+    }
+
+    #[test]
+    fn globals_are_device_memory() {
+        let mut a = AddressSpace::new(1 << 40, 64 * G, G, 8 * G);
+        let (p, _) = a.alloc(1000).expect("alloc");
+        assert_eq!(a.block_of(p + 999), Some((p, 1000)));
+        assert_eq!(a.block_of(p + 1000), None);
+        assert!(!a.is_device(0x5000));
+        a.add_global(0x5000, 64);
+        assert!(a.is_device(0x5000) && a.is_device(0x503f) && !a.is_device(0x5040));
+        assert_eq!(a.block_of(0x5010), Some((0x5000, 64)));
+        a.remove_global(0x5000);
+        assert!(!a.is_device(0x5000));
     }
 
     proptest! {

@@ -142,6 +142,8 @@ struct State {
     next_module: u32,
     next_transfer: u64,
     modules: HashMap<u32, Module>,
+    /// Module variables resolved so far: (module, name) -> (addr, size).
+    globals: HashMap<(u32, String), (u64, u64)>,
     /// Set once the connection is gone: every later call fails with it.
     dead: Option<ClientError>,
 }
@@ -181,6 +183,7 @@ impl Session {
             next_module: 1,
             next_transfer: 1,
             modules: HashMap::new(),
+            globals: HashMap::new(),
             dead: None,
         };
         let compression = if config.compression { Compression::Auto } else { Compression::Off };
@@ -247,8 +250,11 @@ impl Session {
     /// else its result.
     fn call(&self, st: &mut State, op: Op) -> Result<Option<Value>> {
         Self::check_alive(st)?;
-        st.queue.push(op);
-        let batch = st.queue.cut().ok_or_else(|| ClientError::Protocol("empty batch".into()))?;
+        // A call that fills the queue comes back in the batch `push` cut.
+        let batch = match st.queue.push(op) {
+            Some(full) => full,
+            None => st.queue.cut().ok_or_else(|| ClientError::Protocol("empty batch".into()))?,
+        };
         self.send(st, &batch)?;
         let result = loop {
             let reply = self.inner.transport.recv_reply().map_err(|e| Self::mark_dead(st, e))?;
@@ -391,11 +397,24 @@ impl Session {
         let id = st.next_module;
         st.next_module += 1;
         let sha256 = Bytes::copy_from_slice(&Sha256::digest(image));
-        let by_hash = Op::ModuleLoad(v1::ModuleLoad { module: id, sha256: sha256.clone(), image: None });
+        let by_hash = Op::ModuleLoad(v1::ModuleLoad { module: id, sha256: sha256.clone(), image: None, staged: None });
         let value = match self.call(&mut st, by_hash) {
             Err(ClientError::Cuda { code: cuda::FILE_NOT_FOUND, .. }) => {
                 let p = payload::encode(Bytes::copy_from_slice(image), self.inner.compression);
-                self.call(&mut st, Op::ModuleLoad(v1::ModuleLoad { module: id, sha256, image: Some(p) }))?
+                let load = if p.data.len() <= self.inner.welcome.max_inline_bytes as usize {
+                    v1::ModuleLoad { module: id, sha256, image: Some(p), staged: None }
+                } else {
+                    // Large images (cuBLAS's fatbins) travel like large copies.
+                    let transfer_id = st.next_transfer;
+                    st.next_transfer += 1;
+                    self.inner
+                        .transport
+                        .bulk_put(transfer_id, Bytes::copy_from_slice(image))
+                        .map_err(|e| Self::mark_dead(&mut st, e))?;
+                    let staged = v1::StagedRef { transfer_id, size: image.len() as u64 };
+                    v1::ModuleLoad { module: id, sha256, image: None, staged: Some(staged) }
+                };
+                self.call(&mut st, Op::ModuleLoad(load))?
             }
             other => other?,
         };
@@ -413,7 +432,83 @@ impl Session {
         st.modules
             .remove(&module.id)
             .ok_or_else(|| ClientError::InvalidHandle(format!("module {} is not loaded", module.id)))?;
+        let gone: Vec<(u32, String)> = st.globals.keys().filter(|(m, _)| *m == module.id).cloned().collect();
+        for key in gone {
+            if let Some((addr, _)) = st.globals.remove(&key) {
+                st.space.remove_global(addr);
+            }
+        }
         self.enqueue(&mut st, Op::ModuleUnload(v1::ModuleUnload { module: module.id }))
+    }
+
+    /// A loaded module by id, with its functions' current attributes.
+    pub fn module(&self, id: u32) -> Option<Module> {
+        self.lock().modules.get(&id).cloned()
+    }
+
+    /// Address and size of the module variable `name` (`cuModuleGetGlobal`).
+    /// One round trip per variable; later lookups are answered here.
+    pub fn module_get_global(&self, module: u32, name: &str) -> Result<(u64, u64)> {
+        let mut st = self.lock();
+        if !st.modules.contains_key(&module) {
+            return Err(ClientError::InvalidHandle(format!("module {module} is not loaded")));
+        }
+        if let Some(&found) = st.globals.get(&(module, name.to_owned())) {
+            return Ok(found);
+        }
+        let op = Op::ModuleGetGlobal(v1::ModuleGetGlobal { module, name: name.to_owned() });
+        match self.call(&mut st, op)? {
+            Some(Value::Global(g)) => {
+                st.space.add_global(g.addr, g.size);
+                st.globals.insert((module, name.to_owned()), (g.addr, g.size));
+                Ok((g.addr, g.size))
+            }
+            other => Err(ClientError::Protocol(format!("unexpected global result {other:?}"))),
+        }
+    }
+
+    /// An occupancy query about `f` (see `v1::OccupancyQuery`); returns
+    /// `(value, block_size)`.
+    pub fn occupancy(&self, f: &Function, query: v1::Occupancy) -> Result<(i64, i32)> {
+        let mut st = self.lock();
+        let op = Op::Occupancy(v1::Occupancy { module: f.module, function: f.index, ..query });
+        match self.call(&mut st, op)? {
+            Some(Value::Occupancy(o)) => Ok((o.value, o.block_size)),
+            other => Err(ClientError::Protocol(format!("unexpected occupancy result {other:?}"))),
+        }
+    }
+
+    /// Sets a function attribute (`cuFuncSetAttribute`), queued; the cached
+    /// attributes follow so that reads need no round trip.
+    pub fn func_set_attribute(&self, f: &Function, attribute: u32, value: i32) -> Result<()> {
+        let mut st = self.lock();
+        let module = st
+            .modules
+            .get_mut(&f.module)
+            .ok_or_else(|| ClientError::InvalidHandle(format!("module {} is not loaded", f.module)))?;
+        let functions = Arc::make_mut(&mut module.functions);
+        let info = functions
+            .get_mut(f.index as usize)
+            .ok_or_else(|| ClientError::InvalidHandle(format!("function {} of module {}", f.index, f.module)))?;
+        info.attributes.insert(attribute, value);
+        let op = Op::FuncSetAttribute(v1::FuncSetAttribute { module: f.module, function: f.index, attribute, value });
+        self.enqueue(&mut st, op)
+    }
+
+    /// `true` when `addr` is device memory of this session (its reserved
+    /// range or a resolved module variable); anything else is host memory.
+    pub fn is_device_ptr(&self, addr: u64) -> bool {
+        self.lock().space.is_device(addr)
+    }
+
+    /// The allocation or module variable containing `addr`: `(start, size)`.
+    pub fn address_range(&self, addr: u64) -> Option<(u64, u64)> {
+        self.lock().space.block_of(addr)
+    }
+
+    /// The session's reserved device address range `(base, size)`.
+    pub fn reserved_range(&self) -> (u64, u64) {
+        self.lock().space.range()
     }
 
     /// Launches `f` with typed arguments, queued.

@@ -558,7 +558,9 @@ async fn run_session<B: Backend>(
         va_size,
         granularity: g,
         max_inline_bytes: u64::from(cfg.max_inline_bytes),
-        max_image_bytes: u64::from(cfg.max_frame_bytes),
+        // Staged images may be larger than a frame (cuBLAS's fatbins are);
+        // staging itself is bounded by max_staging_bytes.
+        max_image_bytes: cfg.max_staging_bytes.min(1 << 30),
         max_handles: cfg.max_handles,
         max_listed_errors: MAX_LISTED_ERRORS,
         compression: if cfg.compression { Compression::Auto } else { Compression::Off },
@@ -608,6 +610,7 @@ async fn run_session<B: Backend>(
             multiprocessor_count: desc.multiprocessor_count,
             attributes: desc.attributes.iter().copied().collect(),
             driver_version: desc.driver_version,
+            error_strings: desc.error_strings.iter().cloned().collect(),
         }),
         max_frame_bytes: cfg.max_frame_bytes,
         max_inline_bytes: cfg.max_inline_bytes,

@@ -4,8 +4,13 @@
 //! session's own tables (mappings, modules, streams, events) before the
 //! backend sees it; a failed lookup is a [`CallError`] reply, never a panic.
 //! No I/O happens here: the server feeds batches in and sends replies out.
+//!
+//! Device memory a session may name in copies and memsets is its own
+//! mappings plus the module variables it looked up (`ModuleGetGlobal`), each
+//! until it is unmapped or its module unloaded; an access must fall inside
+//! one of them.
 
-use crate::device::{BackendSession, FunctionInfo, LaunchDims};
+use crate::device::{BackendSession, FunctionInfo, LaunchDims, OccupancyQuery};
 use crate::error::CallError;
 use crate::images::{ImageCache, key_of};
 use crate::staging::Staging;
@@ -42,11 +47,22 @@ struct LoadedModule<M> {
     module: M,
 }
 
+/// A module variable the session looked up: accessible memory until its
+/// module is unloaded.
+#[derive(Debug, Clone, Copy)]
+struct Global {
+    size: u64,
+    module: u32,
+}
+
 /// A session's state on top of a backend session `S`.
 pub struct SessionState<S: BackendSession> {
     // Field order is drop order: handles go before the backend session that
     // owns the address range and context they live in.
     mappings: BTreeMap<u64, (u64, S::Mapping)>,
+    /// Module variables by address. They live outside the reserved range,
+    /// in memory the driver allocated with the module.
+    globals: BTreeMap<u64, Global>,
     modules: HashMap<u32, LoadedModule<S::Module>>,
     streams: HashMap<u32, S::Stream>,
     events: HashMap<u32, S::Event>,
@@ -63,6 +79,7 @@ impl<S: BackendSession> std::fmt::Debug for SessionState<S> {
             .field("mappings", &self.mappings.len())
             .field("mapped_bytes", &self.mapped_bytes)
             .field("modules", &self.modules.len())
+            .field("globals", &self.globals.len())
             .field("streams", &self.streams.len())
             .field("events", &self.events.len())
             .finish()
@@ -85,6 +102,7 @@ impl<S: BackendSession> SessionState<S> {
     pub fn new(dev: S, limits: SessionLimits, staging: Arc<Staging>, images: Arc<ImageCache>) -> Self {
         Self {
             mappings: BTreeMap::new(),
+            globals: BTreeMap::new(),
             modules: HashMap::new(),
             streams: HashMap::new(),
             events: HashMap::new(),
@@ -104,6 +122,12 @@ impl<S: BackendSession> SessionState<S> {
     /// Bytes currently mapped.
     pub fn mapped_bytes(&self) -> u64 {
         self.mapped_bytes
+    }
+
+    /// Function `function` of loaded module `module`, with its current
+    /// attributes (those set since the load included).
+    pub fn function_info(&self, module: u32, function: u32) -> Option<&FunctionInfo> {
+        self.modules.get(&module)?.functions.get(function as usize)
     }
 
     /// Executes a batch in order. Failed calls are reported and the rest
@@ -166,6 +190,16 @@ impl<S: BackendSession> SessionState<S> {
                 self.modules
                     .remove(&m.module)
                     .ok_or_else(|| CallError::invalid_handle(format!("unknown module {}", m.module)))?;
+                // The variables' memory went with the module.
+                self.globals.retain(|_, g| g.module != m.module);
+                Ok(None)
+            }
+            Op::ModuleGetGlobal(g) => self.module_get_global(g),
+            Op::Occupancy(o) => self.occupancy(o),
+            Op::FuncSetAttribute(a) => {
+                let (loaded, index) = function_of_mut(&mut self.modules, a.module, a.function)?;
+                let value = self.dev.func_set_attribute(&mut loaded.module, index, a.attribute, a.value)?;
+                loaded.functions[index].attributes.insert(a.attribute, value);
                 Ok(None)
             }
             Op::Launch(l) => self.launch(l),
@@ -240,11 +274,19 @@ impl<S: BackendSession> SessionState<S> {
         }
     }
 
-    /// Checks that `[addr, addr + len)` lies inside one mapping of this session.
+    /// Checks that `[addr, addr + len)` lies inside one mapping or inside
+    /// one looked-up module variable of this session. Never a union of
+    /// them: a range running from one into the next is refused, since what
+    /// lies between or beyond is not known to be the session's.
     fn check_range(&self, addr: u64, len: u64) -> Result<(), CallError> {
         let end = addr
             .checked_add(len)
             .ok_or_else(|| CallError::invalid_value(format!("range at {addr:#x} of {len} bytes overflows")))?;
+        if let Some((&start, g)) = self.globals.range(..=addr).next_back()
+            && end <= start + g.size
+        {
+            return Ok(());
+        }
         let base = self.dev.va_base();
         if addr < base || end > base + self.limits.va_size {
             return Err(CallError::invalid_value(format!(
@@ -344,10 +386,25 @@ impl<S: BackendSession> SessionState<S> {
         new_id(&self.modules, m.module, "module", self.limits.max_handles)?;
         let key: [u8; 32] =
             m.sha256[..].try_into().map_err(|_| CallError::invalid_value("module hash must be 32 bytes (SHA-256)"))?;
-        let image = match m.image {
-            Some(p) => {
-                let bytes = payload::decode(p, self.limits.max_image_bytes)
-                    .map_err(|e| CallError::invalid_value(format!("module image: {e}")))?;
+        let sent = match (m.image, m.staged) {
+            (Some(p), None) => Some(
+                payload::decode(p, self.limits.max_image_bytes)
+                    .map_err(|e| CallError::invalid_value(format!("module image: {e}")))?,
+            ),
+            (None, Some(s)) => {
+                if s.size > self.limits.max_image_bytes {
+                    return Err(CallError::invalid_value(format!(
+                        "module image of {} bytes exceeds the limit of {}",
+                        s.size, self.limits.max_image_bytes
+                    )));
+                }
+                Some(Bytes::from(self.staging.take_upload(s.transfer_id, s.size)?))
+            }
+            (None, None) => None,
+            (Some(_), Some(_)) => return Err(CallError::invalid_value("module image sent both inline and staged")),
+        };
+        let image = match sent {
+            Some(bytes) => {
                 if key_of(&bytes) != key {
                     return Err(CallError::invalid_value("module image does not match its SHA-256"));
                 }
@@ -368,6 +425,7 @@ impl<S: BackendSession> SessionState<S> {
                     params: f.params.iter().map(|p| v1::ParamInfo { offset: p.offset, size: p.size }).collect(),
                     params_size: f.params_size(),
                     max_threads_per_block: f.max_threads_per_block,
+                    attributes: f.attributes.iter().map(|(&k, &v)| (k, v)).collect(),
                 })
                 .collect(),
         };
@@ -375,15 +433,50 @@ impl<S: BackendSession> SessionState<S> {
         Ok(Some(Value::Module(info)))
     }
 
-    fn launch(&mut self, l: v1::Launch) -> CallOutcome {
+    fn module_get_global(&mut self, g: v1::ModuleGetGlobal) -> CallOutcome {
         let loaded = self
             .modules
-            .get(&l.module)
-            .ok_or_else(|| CallError::invalid_handle(format!("unknown module {}", l.module)))?;
-        let f = loaded
-            .functions
-            .get(l.function as usize)
-            .ok_or_else(|| CallError::invalid_handle(format!("module {} has no function {}", l.module, l.function)))?;
+            .get(&g.module)
+            .ok_or_else(|| CallError::invalid_handle(format!("unknown module {}", g.module)))?;
+        let (addr, size) = self.dev.module_global(&loaded.module, &g.name)?;
+        if addr.checked_add(size).is_none() {
+            return Err(CallError::new(
+                cuda::UNKNOWN,
+                format!("the device reported variable {:?} at {addr:#x} with {size} bytes, which overflows", g.name),
+            ));
+        }
+        // An empty variable gives nothing to access.
+        if size > 0 {
+            self.globals.insert(addr, Global { size, module: g.module });
+        }
+        Ok(Some(Value::Global(v1::GlobalInfo { addr, size })))
+    }
+
+    fn occupancy(&mut self, o: v1::Occupancy) -> CallOutcome {
+        let (loaded, index) = function_of(&self.modules, o.module, o.function)?;
+        let query = match v1::OccupancyQuery::try_from(o.query) {
+            Ok(v1::OccupancyQuery::ActiveBlocks) => OccupancyQuery::ActiveBlocks {
+                block_size: o.block_size,
+                dynamic_smem_bytes: o.dynamic_smem_bytes,
+                flags: o.flags,
+            },
+            Ok(v1::OccupancyQuery::PotentialBlockSize) => OccupancyQuery::PotentialBlockSize {
+                block_size_limit: o.block_size,
+                dynamic_smem_bytes: o.dynamic_smem_bytes,
+                flags: o.flags,
+            },
+            Ok(v1::OccupancyQuery::AvailableDynamicSmem) => {
+                OccupancyQuery::AvailableDynamicSmem { num_blocks: o.num_blocks, block_size: o.block_size }
+            }
+            Err(_) => return Err(CallError::invalid_value(format!("unknown occupancy query {}", o.query))),
+        };
+        let answer = self.dev.occupancy(&loaded.module, index, query)?;
+        Ok(Some(Value::Occupancy(v1::OccupancyResult { value: answer.value, block_size: answer.block_size })))
+    }
+
+    fn launch(&mut self, l: v1::Launch) -> CallOutcome {
+        let (loaded, index) = function_of(&self.modules, l.module, l.function)?;
+        let f = &loaded.functions[index];
         if l.params.len() != f.params_size() as usize {
             return Err(CallError::invalid_value(format!(
                 "{} takes {} bytes of parameters, got {}",
@@ -405,7 +498,7 @@ impl<S: BackendSession> SessionState<S> {
             )));
         }
         let stream = stream_of(&self.streams, l.stream)?;
-        self.dev.launch(&loaded.module, l.function as usize, dims, stream, &l.params)?;
+        self.dev.launch(&loaded.module, index, dims, stream, &l.params)?;
         Ok(None)
     }
 }
@@ -415,6 +508,39 @@ fn stream_of<T>(streams: &HashMap<u32, T>, id: u32) -> Result<Option<&T>, CallEr
         return Ok(None);
     }
     streams.get(&id).map(Some).ok_or_else(|| CallError::invalid_handle(format!("unknown stream {id}")))
+}
+
+/// Loaded module `module` and the index of its function `function`.
+fn function_of<M>(
+    modules: &HashMap<u32, LoadedModule<M>>,
+    module: u32,
+    function: u32,
+) -> Result<(&LoadedModule<M>, usize), CallError> {
+    let loaded = modules.get(&module).ok_or_else(|| CallError::invalid_handle(format!("unknown module {module}")))?;
+    let index = function as usize;
+    if index >= loaded.functions.len() {
+        return Err(no_function(module, function));
+    }
+    Ok((loaded, index))
+}
+
+/// As [`function_of`], for changing the function.
+fn function_of_mut<M>(
+    modules: &mut HashMap<u32, LoadedModule<M>>,
+    module: u32,
+    function: u32,
+) -> Result<(&mut LoadedModule<M>, usize), CallError> {
+    let loaded =
+        modules.get_mut(&module).ok_or_else(|| CallError::invalid_handle(format!("unknown module {module}")))?;
+    let index = function as usize;
+    if index >= loaded.functions.len() {
+        return Err(no_function(module, function));
+    }
+    Ok((loaded, index))
+}
+
+fn no_function(module: u32, function: u32) -> CallError {
+    CallError::invalid_handle(format!("module {module} has no function {function}"))
 }
 
 fn unknown_event(id: u32) -> CallError {
@@ -438,12 +564,11 @@ fn new_id<T>(table: &HashMap<u32, T>, id: u32, kind: &str, max: usize) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::Backend;
-    use crate::device::emulated::{EmulatedDevice, GRANULARITY};
+    use crate::device::emulated::{EmulatedDevice, EmulatedSession, GRANULARITY};
+    use crate::device::{Backend, DeviceResult, FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM};
 
-    fn session() -> SessionState<crate::device::emulated::EmulatedSession> {
-        let dev = EmulatedDevice::new(1 << 30);
-        let limits = SessionLimits {
+    fn limits() -> SessionLimits {
+        SessionLimits {
             memory_quota: 8 * GRANULARITY,
             va_size: 16 * GRANULARITY,
             granularity: GRANULARITY,
@@ -452,9 +577,16 @@ mod tests {
             max_handles: 4,
             max_listed_errors: 2,
             compression: Compression::Auto,
-        };
-        let s = dev.open_session(limits.va_size).expect("session");
-        SessionState::new(s, limits, Arc::new(Staging::new(1 << 24, 8)), Arc::new(ImageCache::new(None, 1 << 20)))
+        }
+    }
+
+    fn state<S: BackendSession>(dev: S) -> SessionState<S> {
+        SessionState::new(dev, limits(), Arc::new(Staging::new(1 << 24, 8)), Arc::new(ImageCache::new(None, 1 << 20)))
+    }
+
+    fn session() -> SessionState<EmulatedSession> {
+        let dev = EmulatedDevice::new(1 << 30);
+        state(dev.open_session(limits().va_size).expect("session"))
     }
 
     fn code(r: CallOutcome) -> u32 {
@@ -507,5 +639,406 @@ mod tests {
         assert_eq!(reply.errors[0].index, 1);
         let Some(v1::CallResult { value: Some(Value::Data(p)) }) = reply.result else { panic!("no data") };
         assert_eq!(&payload::decode(p, 16).expect("payload")[..], &[0xab; 4]);
+    }
+
+    fn load(s: &mut SessionState<impl BackendSession>, module: u32, image: &'static [u8]) -> CallOutcome {
+        s.execute(Op::ModuleLoad(v1::ModuleLoad {
+            module,
+            sha256: Bytes::copy_from_slice(&key_of(image)),
+            image: Some(payload::encode(Bytes::from_static(image), Compression::Off)),
+            staged: None,
+        }))
+    }
+
+    fn load_builtin(s: &mut SessionState<impl BackendSession>, module: u32) -> v1::ModuleInfo {
+        match load(s, module, gpupool_proto::BUILTIN_MODULE) {
+            Ok(Some(Value::Module(info))) => info,
+            other => panic!("built-in module load: {other:?}"),
+        }
+    }
+
+    fn occupancy(s: &mut SessionState<impl BackendSession>, o: v1::Occupancy) -> Result<(i64, i32), u32> {
+        match s.execute(Op::Occupancy(o)) {
+            Ok(Some(Value::Occupancy(r))) => Ok((r.value, r.block_size)),
+            Ok(other) => panic!("unexpected occupancy result {other:?}"),
+            Err(e) => Err(e.code),
+        }
+    }
+
+    fn set_attribute(s: &mut SessionState<impl BackendSession>, function: u32, attribute: u32, value: i32) -> u32 {
+        code(s.execute(Op::FuncSetAttribute(v1::FuncSetAttribute { module: 1, function, attribute, value })))
+    }
+
+    #[test]
+    fn builtin_module_reports_function_attributes() {
+        let mut s = session();
+        let info = load_builtin(&mut s, 1);
+        let f = &info.functions[1];
+        assert_eq!(f.name, "vector_add");
+        assert_eq!(f.attributes.get(&0), Some(&1024), "MAX_THREADS_PER_BLOCK");
+        assert_eq!(f.attributes.get(&1), Some(&0), "SHARED_SIZE_BYTES");
+        assert_eq!(f.attributes.get(&4), Some(&32), "NUM_REGS");
+        assert_eq!(f.attributes.get(&5), Some(&90), "PTX_VERSION");
+        assert_eq!(f.attributes.get(&MAX_DYN_SMEM), Some(&49152));
+        assert_eq!(f.attributes.get(&9), Some(&-1), "PREFERRED_SHARED_MEMORY_CARVEOUT");
+    }
+
+    #[test]
+    fn builtin_module_has_no_globals() {
+        let mut s = session();
+        load_builtin(&mut s, 1);
+        let get = |module| Op::ModuleGetGlobal(v1::ModuleGetGlobal { module, name: "counter".into() });
+        assert_eq!(code(s.execute(get(1))), cuda::NOT_FOUND);
+        assert_eq!(code(s.execute(get(2))), cuda::INVALID_HANDLE);
+    }
+
+    #[test]
+    fn occupancy_queries() {
+        let mut s = session();
+        load_builtin(&mut s, 1);
+        let active = |block_size, dynamic_smem_bytes| v1::Occupancy {
+            module: 1,
+            function: 1,
+            query: v1::OccupancyQuery::ActiveBlocks as i32,
+            block_size,
+            dynamic_smem_bytes,
+            ..Default::default()
+        };
+        // 8 warps a block: 64 warps (and 64 Ki registers at 32 a thread) an SM.
+        assert_eq!(occupancy(&mut s, active(256, 0)), Ok((8, 0)));
+        assert_eq!(occupancy(&mut s, active(1024, 0)), Ok((2, 0)));
+        // 40000 + 1024 reserved bytes, rounded to 41088: 5 fit in 228 KiB.
+        assert_eq!(occupancy(&mut s, active(128, 40_000)), Ok((5, 0)));
+        assert_eq!(occupancy(&mut s, active(2048, 0)), Ok((0, 0)), "over the block limit");
+        assert_eq!(occupancy(&mut s, active(128, 49_153)), Ok((0, 0)), "over the dynamic smem limit");
+        assert_eq!(occupancy(&mut s, active(0, 0)), Err(cuda::INVALID_VALUE));
+        assert_eq!(occupancy(&mut s, v1::Occupancy { flags: 2, ..active(256, 0) }), Err(cuda::INVALID_VALUE));
+
+        let potential = |limit| v1::Occupancy {
+            module: 1,
+            function: 1,
+            query: v1::OccupancyQuery::PotentialBlockSize as i32,
+            block_size: limit,
+            ..Default::default()
+        };
+        // 1024 threads already fill an SM (2 blocks); 132 SMs.
+        assert_eq!(occupancy(&mut s, potential(0)), Ok((264, 1024)));
+        // Below 100 threads, 64 fill an SM with 32 blocks.
+        assert_eq!(occupancy(&mut s, potential(100)), Ok((32 * 132, 64)));
+
+        let available = |num_blocks, block_size| v1::Occupancy {
+            module: 1,
+            function: 1,
+            query: v1::OccupancyQuery::AvailableDynamicSmem as i32,
+            block_size,
+            num_blocks,
+            ..Default::default()
+        };
+        // 228 KiB / 4 - 1 KiB reserved = 56 KiB, capped by the 48 KiB default.
+        assert_eq!(occupancy(&mut s, available(4, 256)), Ok((49152, 0)));
+        assert_eq!(occupancy(&mut s, available(9, 256)), Ok((0, 0)), "only 8 fit by warps");
+        assert_eq!(occupancy(&mut s, available(0, 256)), Err(cuda::INVALID_VALUE));
+
+        assert_eq!(occupancy(&mut s, v1::Occupancy { query: 7, ..active(256, 0) }), Err(cuda::INVALID_VALUE));
+        assert_eq!(occupancy(&mut s, v1::Occupancy { function: 9, ..active(256, 0) }), Err(cuda::INVALID_HANDLE));
+        assert_eq!(occupancy(&mut s, v1::Occupancy { module: 2, ..active(256, 0) }), Err(cuda::INVALID_HANDLE));
+    }
+
+    #[test]
+    fn function_attributes_can_be_set_within_cuda_ranges() {
+        let mut s = session();
+        load_builtin(&mut s, 1);
+        assert_eq!(set_attribute(&mut s, 1, MAX_DYN_SMEM, 100_000), 0);
+        let attributes = &s.function_info(1, 1).expect("function").attributes;
+        assert_eq!(attributes.get(&MAX_DYN_SMEM), Some(&100_000));
+        // Other functions keep theirs.
+        assert_eq!(s.function_info(1, 0).expect("function").attributes.get(&MAX_DYN_SMEM), Some(&49152));
+        // The occupancy model follows: 56 KiB of dynamic smem now allowed.
+        let available = v1::Occupancy {
+            module: 1,
+            function: 1,
+            query: v1::OccupancyQuery::AvailableDynamicSmem as i32,
+            block_size: 256,
+            num_blocks: 4,
+            ..Default::default()
+        };
+        assert_eq!(occupancy(&mut s, available), Ok((57344, 0)));
+
+        assert_eq!(set_attribute(&mut s, 1, MAX_DYN_SMEM, 232_449), cuda::INVALID_VALUE, "over the opt-in limit");
+        assert_eq!(set_attribute(&mut s, 1, MAX_DYN_SMEM, -1), cuda::INVALID_VALUE);
+        assert_eq!(set_attribute(&mut s, 1, 9, 50), 0);
+        assert_eq!(set_attribute(&mut s, 1, 9, -1), 0);
+        assert_eq!(set_attribute(&mut s, 1, 9, 101), cuda::INVALID_VALUE);
+        assert_eq!(set_attribute(&mut s, 1, 9, -2), cuda::INVALID_VALUE);
+        assert_eq!(s.function_info(1, 1).expect("function").attributes.get(&9), Some(&-1));
+        assert_eq!(set_attribute(&mut s, 1, 0, 512), cuda::INVALID_VALUE, "read-only");
+        assert_eq!(set_attribute(&mut s, 1, u32::MAX, 0), cuda::INVALID_VALUE);
+        assert_eq!(set_attribute(&mut s, 9, 9, 0), cuda::INVALID_HANDLE);
+        let op = Op::FuncSetAttribute(v1::FuncSetAttribute { module: 2, function: 0, attribute: 9, value: 0 });
+        assert_eq!(code(s.execute(op)), cuda::INVALID_HANDLE);
+    }
+
+    #[test]
+    fn images_the_emulator_cannot_run_load_without_functions() {
+        let mut s = session();
+        let ptx = b".version 8.0\n.target sm_90\n.address_size 64\n.visible .entry k() { ret; }\n";
+        match load(&mut s, 1, ptx) {
+            Ok(Some(Value::Module(info))) => assert!(info.functions.is_empty()),
+            other => panic!("PTX load: {other:?}"),
+        }
+        let fatbin: &[u8] = &[0x50, 0xed, 0x55, 0xba, 1, 0, 0x10, 0];
+        assert!(matches!(load(&mut s, 2, fatbin), Ok(Some(Value::Module(info))) if info.functions.is_empty()));
+        assert_eq!(code(load(&mut s, 3, b"")), cuda::INVALID_IMAGE);
+        let wrapper: &[u8] = &[0xb1, 0x43, 0x62, 0x46, 1, 0, 0, 0];
+        assert_eq!(code(load(&mut s, 3, wrapper)), cuda::INVALID_IMAGE);
+
+        let launch = v1::Launch {
+            module: 1,
+            grid: Some(v1::Dim3 { x: 1, y: 1, z: 1 }),
+            block: Some(v1::Dim3 { x: 1, y: 1, z: 1 }),
+            ..Default::default()
+        };
+        assert_eq!(code(s.execute(Op::Launch(launch))), cuda::INVALID_HANDLE);
+        let get = Op::ModuleGetGlobal(v1::ModuleGetGlobal { module: 1, name: "x".into() });
+        assert_eq!(code(s.execute(get)), cuda::NOT_FOUND);
+        assert_eq!(code(s.execute(Op::ModuleUnload(v1::ModuleUnload { module: 1 }))), 0);
+    }
+
+    /// The emulated device with module variables: `counter` outside the
+    /// session's range, and `edge` right after the range's end, where it
+    /// touches the last possible mapping.
+    #[derive(Debug)]
+    struct WithGlobals {
+        inner: EmulatedSession,
+        _memory: Vec<crate::device::emulated::Mapping>,
+    }
+
+    const COUNTER: u64 = 0x1000;
+    const VAR_SIZE: u64 = 64;
+
+    impl WithGlobals {
+        fn new() -> Self {
+            let mut inner = EmulatedDevice::new(1 << 30).open_session(limits().va_size).expect("session");
+            let edge = inner.va_base() + limits().va_size;
+            // The emulated `map` places host memory at any address.
+            let memory = vec![inner.map(COUNTER, VAR_SIZE).expect("counter"), inner.map(edge, VAR_SIZE).expect("edge")];
+            Self { inner, _memory: memory }
+        }
+    }
+
+    impl BackendSession for WithGlobals {
+        type Mapping = <EmulatedSession as BackendSession>::Mapping;
+        type Module = <EmulatedSession as BackendSession>::Module;
+        type Stream = <EmulatedSession as BackendSession>::Stream;
+        type Event = <EmulatedSession as BackendSession>::Event;
+
+        fn va_base(&self) -> u64 {
+            self.inner.va_base()
+        }
+        fn map(&mut self, addr: u64, size: u64) -> DeviceResult<Self::Mapping> {
+            self.inner.map(addr, size)
+        }
+        fn write(&mut self, s: Option<&Self::Stream>, dst: u64, data: &[u8]) -> DeviceResult<()> {
+            self.inner.write(s, dst, data)
+        }
+        fn read(&mut self, s: Option<&Self::Stream>, src: u64, out: &mut [u8]) -> DeviceResult<()> {
+            self.inner.read(s, src, out)
+        }
+        fn copy(&mut self, s: Option<&Self::Stream>, dst: u64, src: u64, size: u64) -> DeviceResult<()> {
+            self.inner.copy(s, dst, src, size)
+        }
+        fn memset(&mut self, s: Option<&Self::Stream>, dst: u64, v: u32, e: u32, n: u64) -> DeviceResult<()> {
+            self.inner.memset(s, dst, v, e, n)
+        }
+        fn load_module(&mut self, image: &[u8]) -> DeviceResult<(Self::Module, Vec<FunctionInfo>)> {
+            self.inner.load_module(image)
+        }
+        fn module_global(&mut self, module: &Self::Module, name: &str) -> DeviceResult<(u64, u64)> {
+            match name {
+                "counter" => Ok((COUNTER, VAR_SIZE)),
+                "edge" => Ok((self.inner.va_base() + limits().va_size, VAR_SIZE)),
+                _ => self.inner.module_global(module, name),
+            }
+        }
+        fn occupancy(
+            &mut self,
+            module: &Self::Module,
+            function: usize,
+            query: OccupancyQuery,
+        ) -> DeviceResult<crate::device::Occupancy> {
+            self.inner.occupancy(module, function, query)
+        }
+        fn func_set_attribute(&mut self, m: &mut Self::Module, f: usize, a: u32, v: i32) -> DeviceResult<i32> {
+            self.inner.func_set_attribute(m, f, a, v)
+        }
+        fn launch(
+            &mut self,
+            module: &Self::Module,
+            function: usize,
+            dims: LaunchDims,
+            s: Option<&Self::Stream>,
+            params: &[u8],
+        ) -> DeviceResult<()> {
+            self.inner.launch(module, function, dims, s, params)
+        }
+        fn stream_create(&mut self, flags: u32, priority: i32) -> DeviceResult<Self::Stream> {
+            self.inner.stream_create(flags, priority)
+        }
+        fn stream_synchronize(&mut self, s: Option<&Self::Stream>) -> DeviceResult<()> {
+            self.inner.stream_synchronize(s)
+        }
+        fn stream_query(&mut self, s: Option<&Self::Stream>) -> DeviceResult<bool> {
+            self.inner.stream_query(s)
+        }
+        fn stream_wait_event(&mut self, s: Option<&Self::Stream>, e: &Self::Event) -> DeviceResult<()> {
+            self.inner.stream_wait_event(s, e)
+        }
+        fn event_create(&mut self, flags: u32) -> DeviceResult<Self::Event> {
+            self.inner.event_create(flags)
+        }
+        fn event_record(&mut self, e: &mut Self::Event, s: Option<&Self::Stream>) -> DeviceResult<()> {
+            self.inner.event_record(e, s)
+        }
+        fn event_query(&mut self, e: &Self::Event) -> DeviceResult<bool> {
+            self.inner.event_query(e)
+        }
+        fn event_synchronize(&mut self, e: &Self::Event) -> DeviceResult<()> {
+            self.inner.event_synchronize(e)
+        }
+        fn event_elapsed(&mut self, a: &Self::Event, b: &Self::Event) -> DeviceResult<f32> {
+            self.inner.event_elapsed(a, b)
+        }
+        fn synchronize(&mut self) -> DeviceResult<()> {
+            self.inner.synchronize()
+        }
+    }
+
+    fn global(s: &mut SessionState<WithGlobals>, module: u32, name: &str) -> Result<(u64, u64), u32> {
+        match s.execute(Op::ModuleGetGlobal(v1::ModuleGetGlobal { module, name: name.into() })) {
+            Ok(Some(Value::Global(g))) => Ok((g.addr, g.size)),
+            Ok(other) => panic!("unexpected global result {other:?}"),
+            Err(e) => Err(e.code),
+        }
+    }
+
+    fn htod(s: &mut SessionState<impl BackendSession>, dst: u64, data: &'static [u8]) -> u32 {
+        let inline = payload::encode(Bytes::from_static(data), Compression::Off);
+        code(s.execute(Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: 0, source: Some(Source::Inline(inline)) })))
+    }
+
+    fn dtoh(s: &mut SessionState<impl BackendSession>, src: u64, size: u64) -> Result<Vec<u8>, u32> {
+        match s.execute(Op::MemcpyDtoh(v1::MemcpyDtoH { src, size, stream: 0 })) {
+            Ok(Some(Value::Data(p))) => Ok(payload::decode(p, size).expect("payload").to_vec()),
+            Ok(other) => panic!("unexpected copy result {other:?}"),
+            Err(e) => Err(e.code),
+        }
+    }
+
+    #[test]
+    fn looked_up_globals_are_session_memory_until_unload() {
+        let mut s = state(WithGlobals::new());
+        load_builtin(&mut s, 1);
+        assert_eq!(htod(&mut s, COUNTER, &[1; 8]), cuda::INVALID_VALUE, "not looked up yet");
+        assert_eq!(global(&mut s, 1, "counter"), Ok((COUNTER, VAR_SIZE)));
+        assert_eq!(global(&mut s, 1, "missing"), Err(cuda::NOT_FOUND));
+
+        assert_eq!(htod(&mut s, COUNTER + 8, &[7; 8]), 0);
+        assert_eq!(dtoh(&mut s, COUNTER, VAR_SIZE).map(|d| d[8..16].to_vec()), Ok(vec![7; 8]));
+        let memset = |dst, count| Op::Memset(v1::Memset { dst, value: 0x11, element_size: 1, count, stream: 0 });
+        assert_eq!(code(s.execute(memset(COUNTER, VAR_SIZE))), 0, "the whole variable");
+        assert_eq!(code(s.execute(memset(COUNTER, VAR_SIZE + 1))), cuda::INVALID_VALUE, "one byte past it");
+        assert_eq!(dtoh(&mut s, COUNTER + VAR_SIZE - 4, 8), Err(cuda::INVALID_VALUE), "straddles the end");
+        assert_eq!(dtoh(&mut s, COUNTER - 4, 8), Err(cuda::INVALID_VALUE), "starts before it");
+
+        // Device-to-device between a mapping and the variable.
+        let b = s.va_base();
+        assert_eq!(code(s.mem_map(b, GRANULARITY)), 0);
+        let dtod = |dst, src, size| Op::MemcpyDtod(v1::MemcpyDtoD { dst, src, size, stream: 0 });
+        assert_eq!(code(s.execute(dtod(b, COUNTER, VAR_SIZE))), 0);
+        assert_eq!(dtoh(&mut s, b, 4), Ok(vec![0x11; 4]));
+        assert_eq!(code(s.execute(dtod(b, COUNTER, VAR_SIZE + 1))), cuda::INVALID_VALUE);
+
+        // A variable adjacent to a mapping: each is accessible, a range
+        // across both is not.
+        let last = b + limits().va_size - GRANULARITY;
+        assert_eq!(code(s.mem_map(last, GRANULARITY)), 0);
+        let edge = b + limits().va_size;
+        assert_eq!(global(&mut s, 1, "edge"), Ok((edge, VAR_SIZE)));
+        assert_eq!(htod(&mut s, edge - 4, &[1; 4]), 0);
+        assert_eq!(htod(&mut s, edge, &[1; 4]), 0);
+        assert_eq!(htod(&mut s, edge - 4, &[1; 8]), cuda::INVALID_VALUE, "straddles mapping and variable");
+        assert_eq!(dtoh(&mut s, edge - 4, 8), Err(cuda::INVALID_VALUE));
+
+        // Unloading another module keeps them; unloading theirs forgets them.
+        load_builtin(&mut s, 2);
+        assert_eq!(code(s.execute(Op::ModuleUnload(v1::ModuleUnload { module: 2 }))), 0);
+        assert_eq!(htod(&mut s, COUNTER, &[1; 8]), 0);
+        assert_eq!(code(s.execute(Op::ModuleUnload(v1::ModuleUnload { module: 1 }))), 0);
+        assert_eq!(htod(&mut s, COUNTER, &[1; 8]), cuda::INVALID_VALUE);
+        assert_eq!(htod(&mut s, edge, &[1; 4]), cuda::INVALID_VALUE);
+        assert_eq!(htod(&mut s, edge - 4, &[1; 4]), 0, "the mapping stays");
+        assert_eq!(global(&mut s, 1, "counter"), Err(cuda::INVALID_HANDLE));
+    }
+
+    /// Module variables through the whole session on a real GPU: the
+    /// range check, copies, and a kernel reading what the host wrote.
+    /// Skipped where there is no CUDA device.
+    #[test]
+    fn module_globals_on_a_gpu() {
+        use crate::device::cuda::CudaDevice;
+        let dev = match CudaDevice::open(0) {
+            Err(e) if e.code == cuda::NO_DEVICE => {
+                eprintln!("no CUDA device: skipping ({e})");
+                return;
+            }
+            other => other.expect("open device 0"),
+        };
+        let g = dev.description().granularity;
+        let limits = SessionLimits { granularity: g, va_size: 16 * g, memory_quota: 8 * g, ..limits() };
+        let dev = dev.open_session(limits.va_size).expect("session");
+        let mut s = SessionState::new(
+            dev,
+            limits,
+            Arc::new(Staging::new(1 << 24, 8)),
+            Arc::new(ImageCache::new(None, 1 << 20)),
+        );
+        let info = match load(&mut s, 1, crate::device::GLOBALS_PTX) {
+            Ok(Some(Value::Module(info))) => info,
+            other => panic!("PTX load: {other:?}"),
+        };
+        assert_eq!(info.functions[0].name, "bump");
+        assert!(info.functions[0].attributes.contains_key(&4), "NUM_REGS reported");
+
+        let counter = match s.execute(Op::ModuleGetGlobal(v1::ModuleGetGlobal { module: 1, name: "counter".into() })) {
+            Ok(Some(Value::Global(v))) => v,
+            other => panic!("counter: {other:?}"),
+        };
+        assert_eq!(counter.size, 64);
+        let addr = counter.addr;
+        assert_eq!(htod(&mut s, addr, &[0x2a, 0, 0, 0]), 0);
+        assert_eq!(dtoh(&mut s, addr + 60, 8), Err(cuda::INVALID_VALUE), "straddles the end");
+
+        let b = s.va_base();
+        assert_eq!(code(s.mem_map(b, g)), 0);
+        assert_eq!(
+            code(s.execute(Op::Memset(v1::Memset { dst: b, value: 0, element_size: 4, count: 1, stream: 0 }))),
+            0
+        );
+        let launch = v1::Launch {
+            module: 1,
+            function: 0,
+            grid: Some(v1::Dim3 { x: 1, y: 1, z: 1 }),
+            block: Some(v1::Dim3 { x: 1, y: 1, z: 1 }),
+            params: Bytes::copy_from_slice(&b.to_le_bytes()),
+            ..Default::default()
+        };
+        assert_eq!(code(s.execute(Op::Launch(launch))), 0);
+        assert_eq!(dtoh(&mut s, b, 4), Ok(vec![0x2a, 0, 0, 0]), "the kernel saw the host's write");
+        let dtod = Op::MemcpyDtod(v1::MemcpyDtoD { dst: b + 4, src: addr, size: 4, stream: 0 });
+        assert_eq!(code(s.execute(dtod)), 0);
+        assert_eq!(dtoh(&mut s, b + 4, 4), Ok(vec![0x2a, 0, 0, 0]));
+
+        assert_eq!(code(s.execute(Op::ModuleUnload(v1::ModuleUnload { module: 1 }))), 0);
+        assert_eq!(htod(&mut s, addr, &[1; 4]), cuda::INVALID_VALUE, "forgotten with its module");
     }
 }

@@ -195,7 +195,8 @@ fn unknown_ids_foreign_and_out_of_range_addresses_oversize_requests() {
         call_code(b.raw_call(Op::ModuleLoad(v1::ModuleLoad {
             module: 50,
             sha256: Bytes::from_static(b"short"),
-            image: None
+            image: None,
+            staged: None,
         }))),
         cuda::INVALID_VALUE
     );
@@ -203,8 +204,15 @@ fn unknown_ids_foreign_and_out_of_range_addresses_oversize_requests() {
         module: 51,
         sha256: Bytes::from(vec![7u8; 32]),
         image: Some(v1::Payload { codec: 0, raw_len: 3, data: Bytes::from_static(b"abc") }),
+        staged: None,
     };
-    assert_eq!(call_code(b.raw_call(Op::ModuleLoad(wrong))), cuda::INVALID_VALUE);
+    assert_eq!(call_code(b.raw_call(Op::ModuleLoad(wrong.clone()))), cuda::INVALID_VALUE);
+    // An image both inline and staged, and a staged image never uploaded.
+    let staged = Some(v1::StagedRef { transfer_id: 999, size: 3 });
+    let both = v1::ModuleLoad { module: 52, staged, ..wrong.clone() };
+    assert_eq!(call_code(b.raw_call(Op::ModuleLoad(both))), cuda::INVALID_VALUE);
+    let ghost = v1::ModuleLoad { module: 53, image: None, staged, ..wrong };
+    assert_ne!(call_code(b.raw_call(Op::ModuleLoad(ghost))), cuda::SUCCESS);
 
     // Both sessions still work.
     b.synchronize().expect("b usable");

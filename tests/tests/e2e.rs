@@ -241,3 +241,28 @@ fn session_limit_refuses_with_busy() {
         other => panic!("expected BUSY, got {other:?}"),
     }
 }
+
+/// Module images larger than a batch (cuBLAS ships fatbins of several MiB)
+/// travel over bulk streams; the load is answered like any other. On the
+/// emulated device an image it cannot run loads with no functions; a real
+/// driver refuses random bytes with its own error, after the upload.
+#[test]
+fn large_module_images_are_staged() {
+    let srv = start();
+    let s = Session::connect(&srv.client_config()).expect("session");
+    let mut image = random_bytes(3 << 20, fresh_seed());
+    image[0] = b'/'; // not a fatbin, cubin or builtin module
+    if std::env::var("GPUPOOL_TEST_DEVICE").as_deref() == Ok("cuda") {
+        let err = s.module_load(&image).expect_err("random bytes are no image");
+        assert!(matches!(err, ClientError::Cuda { .. }), "{err}");
+        s.synchronize().expect("the session goes on");
+        return;
+    }
+    let m = s.module_load(&image).expect("large image loads");
+    assert!(m.functions.is_empty());
+    assert_eq!(code(m.function("kernel")), cuda::NOT_FOUND);
+    // The image is cached now: a second load sends only its hash.
+    let again = s.module_load(&image).expect("cached image loads");
+    assert_ne!(again.id, m.id);
+    s.synchronize().expect("sync");
+}

@@ -43,7 +43,13 @@ pub fn functions() -> Vec<FunctionInfo> {
                     p
                 })
                 .collect();
-            FunctionInfo { name: (*name).to_string(), params, max_threads_per_block: 1024 }
+            FunctionInfo {
+                name: (*name).to_string(),
+                params,
+                max_threads_per_block: 1024,
+                // Backends fill these in: they depend on the device.
+                attributes: Default::default(),
+            }
         })
         .collect()
 }

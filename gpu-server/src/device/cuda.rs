@@ -22,12 +22,16 @@ mod resources;
 
 pub use resources::{Event, Mapping, Module, Stream};
 
-use super::{Backend, BackendSession, DeviceDescription, DeviceResult, FunctionInfo, LaunchDims, Param, builtin};
+use super::{
+    Backend, BackendSession, DeviceDescription, DeviceResult, FunctionInfo, ImageKind, LaunchDims, Occupancy,
+    OccupancyQuery, Param, builtin, fatbin_wrapper_error, image_kind,
+};
 use crate::error::CallError;
 use cudarc::driver::sys::{self, CUdevice, CUfunction, CUstream};
 use gpupool_proto::cuda;
 use resources::{Context, Kernel, Reservation};
-use std::ffi::{CStr, c_char, c_int, c_void};
+use std::collections::BTreeMap;
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
@@ -42,6 +46,10 @@ const ATTR_COMPUTE_CAPABILITY_MAJOR: u32 = 75;
 const ATTR_COMPUTE_CAPABILITY_MINOR: u32 = 76;
 /// `CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED`.
 const ATTR_VIRTUAL_MEMORY_MANAGEMENT: u32 = 102;
+/// Function attributes reported with each function: every
+/// `CUfunction_attribute` the driver headers cudarc was generated from know
+/// (`CU_FUNC_ATTRIBUTE_MAX` excluded); ones the driver refuses are skipped.
+const FUNCTION_ATTRIBUTES: std::ops::Range<u32> = 0..sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX as u32;
 /// Upper bound on `cuFuncGetParamInfo` indices (the parameter buffer is at
 /// most 32 764 bytes), so a misbehaving driver cannot loop us forever.
 const MAX_PARAMS: usize = 32_768;
@@ -134,6 +142,7 @@ impl CudaDevice {
             granularity,
             attributes,
             driver_version: u32::try_from(driver_version).unwrap_or(0),
+            error_strings: (0..1100).filter_map(|c| driver::error_string(c).map(|t| (c, t))).collect(),
         };
         Ok(Self { inner: Arc::new(DeviceInner { context, description, builtin: Mutex::new(None) }) })
     }
@@ -244,29 +253,6 @@ fn raw_stream(stream: Option<&Stream>) -> CUstream {
     stream.map_or(std::ptr::null_mut(), |s| s.raw)
 }
 
-/// What a module image is, from its first bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ImageKind {
-    /// An ELF cubin.
-    Cubin,
-    /// A fat binary (`0xBA55ED50`).
-    Fatbin,
-    /// A `__fatBinC_Wrapper_t` (`0x466243B1`): it holds a pointer into the
-    /// client's memory, meaningless (and dangerous) here.
-    FatbinWrapper,
-    /// Anything else is taken for PTX text.
-    Ptx,
-}
-
-fn image_kind(image: &[u8]) -> ImageKind {
-    match image.get(..4) {
-        Some([0x7f, b'E', b'L', b'F']) => ImageKind::Cubin,
-        Some(m) if m == 0xBA55_ED50u32.to_le_bytes() => ImageKind::Fatbin,
-        Some(m) if m == 0x4662_43B1u32.to_le_bytes() => ImageKind::FatbinWrapper,
-        _ => ImageKind::Ptx,
-    }
-}
-
 /// A module image ready for `cuModuleLoadData`.
 #[derive(Debug)]
 enum Prepared<'a> {
@@ -297,10 +283,7 @@ fn prepare_image(image: &[u8]) -> DeviceResult<Prepared<'_>> {
         return Err(CallError::new(cuda::INVALID_IMAGE, "empty module image"));
     }
     match image_kind(image) {
-        ImageKind::FatbinWrapper => Err(CallError::new(
-            cuda::INVALID_IMAGE,
-            "image is a fatbin wrapper (__fatBinC_Wrapper_t), which points into client memory; send the fat binary it points to",
-        )),
+        ImageKind::FatbinWrapper => Err(fatbin_wrapper_error()),
         ImageKind::Ptx if image.last() == Some(&0) => Ok(Prepared::Borrowed(image)),
         ImageKind::Ptx => {
             let mut ptx = Vec::with_capacity(image.len() + 1);
@@ -362,7 +345,7 @@ fn param_pointers(params: &[u8], layout: &[Param], params_size: usize) -> Device
     Ok(layout.iter().map(|p| params.as_ptr().wrapping_add(p.offset as usize).cast_mut().cast()).collect())
 }
 
-/// Name, parameter layout and block limit of one function.
+/// Name, parameter layout, block limit and attributes of one function.
 fn describe(function: CUfunction) -> DeviceResult<(Kernel, FunctionInfo)> {
     let mut name: *const c_char = std::ptr::null();
     // SAFETY: valid out-pointer; `function` belongs to a live module.
@@ -409,9 +392,28 @@ fn describe(function: CUfunction) -> DeviceResult<(Kernel, FunctionInfo)> {
     };
     driver::check(r, &format!("cuFuncGetAttribute({name})"))?;
 
-    let info = FunctionInfo { name, params, max_threads_per_block: u32::try_from(max_threads).unwrap_or(0) };
+    let attributes: BTreeMap<u32, i32> =
+        FUNCTION_ATTRIBUTES.filter_map(|a| driver::function_attribute(function, a).map(|v| (a, v))).collect();
+
+    let info =
+        FunctionInfo { name, params, max_threads_per_block: u32::try_from(max_threads).unwrap_or(0), attributes };
     let kernel = Kernel { raw: function, params: info.params.clone(), params_size: info.params_size() as usize };
     Ok((kernel, info))
+}
+
+/// The kernel at `function` of `module`.
+fn kernel_of(module: &Module, function: usize) -> DeviceResult<&Kernel> {
+    module.kernels.get(function).ok_or_else(|| {
+        CallError::invalid_handle(format!(
+            "function {function} does not exist (the module has {})",
+            module.kernels.len()
+        ))
+    })
+}
+
+/// A count or size from the wire as the C `int` the driver takes.
+fn c_int_of(value: u32, what: &str) -> DeviceResult<c_int> {
+    c_int::try_from(value).map_err(|_| CallError::invalid_value(format!("{what} {value} is out of range")))
 }
 
 impl CudaSession {
@@ -583,12 +585,7 @@ impl BackendSession for CudaSession {
         stream: Option<&Stream>,
         params: &[u8],
     ) -> DeviceResult<()> {
-        let kernel = module.kernels.get(function).ok_or_else(|| {
-            CallError::invalid_handle(format!(
-                "function {function} does not exist (the module has {})",
-                module.kernels.len()
-            ))
-        })?;
+        let kernel = kernel_of(module, function)?;
         let mut pointers = param_pointers(params, &kernel.params, kernel.params_size)?;
         let kernel_params = if pointers.is_empty() { std::ptr::null_mut() } else { pointers.as_mut_ptr() };
         let [gx, gy, gz] = dims.grid;
@@ -613,6 +610,50 @@ impl BackendSession for CudaSession {
             )
         };
         driver::check(r, "cuLaunchKernel")
+    }
+
+    fn module_global(&mut self, module: &Module, name: &str) -> DeviceResult<(u64, u64)> {
+        let name = CString::new(name)
+            .map_err(|_| CallError::invalid_value("a module variable name cannot contain a NUL byte"))?;
+        module.global(&name)
+    }
+
+    fn occupancy(&mut self, module: &Module, function: usize, query: OccupancyQuery) -> DeviceResult<Occupancy> {
+        let raw = kernel_of(module, function)?.raw;
+        match query {
+            OccupancyQuery::ActiveBlocks { block_size, dynamic_smem_bytes, flags } => {
+                let block_size = c_int_of(block_size, "block size")?;
+                let blocks = driver::occupancy_active_blocks(raw, block_size, host_len(dynamic_smem_bytes)?, flags)?;
+                Ok(Occupancy { value: i64::from(blocks), block_size: 0 })
+            }
+            OccupancyQuery::PotentialBlockSize { block_size_limit, dynamic_smem_bytes, flags } => {
+                let limit = c_int_of(block_size_limit, "block size limit")?;
+                let (min_grid, block_size) =
+                    driver::occupancy_potential_block_size(raw, host_len(dynamic_smem_bytes)?, limit, flags)?;
+                Ok(Occupancy { value: i64::from(min_grid), block_size })
+            }
+            OccupancyQuery::AvailableDynamicSmem { num_blocks, block_size } => {
+                let bytes = driver::occupancy_available_dynamic_smem(
+                    raw,
+                    c_int_of(num_blocks, "block count")?,
+                    c_int_of(block_size, "block size")?,
+                )?;
+                Ok(Occupancy { value: i64::try_from(bytes).unwrap_or(i64::MAX), block_size: 0 })
+            }
+        }
+    }
+
+    fn func_set_attribute(
+        &mut self,
+        module: &mut Module,
+        function: usize,
+        attribute: u32,
+        value: i32,
+    ) -> DeviceResult<i32> {
+        let raw = kernel_of(module, function)?.raw;
+        driver::set_function_attribute(raw, attribute, value)?;
+        // The driver may adjust what it stores; report what it reads back.
+        Ok(driver::function_attribute(raw, attribute).unwrap_or(value))
     }
 
     fn stream_create(&mut self, flags: u32, priority: i32) -> DeviceResult<Stream> {
@@ -692,6 +733,62 @@ mod tests {
         let err = CudaDevice::open(0).expect_err("no driver here");
         assert_eq!(err.code, cuda::NO_DEVICE);
         assert!(err.message.contains("libcuda"), "{}", err.message);
+    }
+
+    /// Module variables, function attributes and occupancy on a real GPU;
+    /// skipped where there is no CUDA device.
+    #[test]
+    fn globals_attributes_and_occupancy_on_a_gpu() {
+        let dev = match CudaDevice::open(0) {
+            Err(e) if e.code == cuda::NO_DEVICE => {
+                eprintln!("no CUDA device: skipping ({e})");
+                return;
+            }
+            other => other.expect("open device 0"),
+        };
+        let mut s = dev.open_session(64 << 20).expect("session");
+        let (mut module, functions) = s.load_module(super::super::GLOBALS_PTX).expect("load PTX");
+        assert_eq!(functions.len(), 1);
+        let f = &functions[0];
+        assert_eq!(f.name, "bump");
+        eprintln!("bump's attributes: {:?}", f.attributes);
+        for a in 0..=9 {
+            assert!(f.attributes.contains_key(&a), "attribute {a} missing: {:?}", f.attributes);
+        }
+        assert_eq!(f.attributes.get(&0), Some(&(f.max_threads_per_block as i32)));
+
+        let (addr, size) = s.module_global(&module, "counter").expect("counter");
+        assert_eq!(size, 64);
+        assert!(!s.reservation.contains(addr, size), "variables live outside the session's range");
+        assert_eq!(s.module_global(&module, "missing").expect_err("missing").code, cuda::NOT_FOUND);
+        assert_eq!(s.module_global(&module, "a\0b").expect_err("NUL").code, cuda::INVALID_VALUE);
+        s.write(None, addr, &[1, 2, 3, 4]).expect("write variable");
+        let mut back = [0u8; 4];
+        s.read(None, addr, &mut back).expect("read variable");
+        assert_eq!(back, [1, 2, 3, 4]);
+
+        let active = OccupancyQuery::ActiveBlocks { block_size: 256, dynamic_smem_bytes: 0, flags: 0 };
+        let blocks = s.occupancy(&module, 0, active).expect("active blocks");
+        let potential = OccupancyQuery::PotentialBlockSize { block_size_limit: 0, dynamic_smem_bytes: 0, flags: 0 };
+        let best = s.occupancy(&module, 0, potential).expect("potential block size");
+        let available = OccupancyQuery::AvailableDynamicSmem { num_blocks: 1, block_size: 256 };
+        let smem = s.occupancy(&module, 0, available).expect("available smem");
+        eprintln!("occupancy: active {blocks:?}, potential {best:?}, available {smem:?}");
+        assert!(blocks.value >= 1 && best.value >= 1 && best.block_size >= 32 && smem.value > 0);
+        let too_big = OccupancyQuery::ActiveBlocks { block_size: u32::MAX, dynamic_smem_bytes: 0, flags: 0 };
+        assert_eq!(s.occupancy(&module, 0, too_big).expect_err("block size").code, cuda::INVALID_VALUE);
+        assert_eq!(s.occupancy(&module, 1, active).expect_err("no function 1").code, cuda::INVALID_HANDLE);
+
+        assert_eq!(s.func_set_attribute(&mut module, 0, 8, 100_000), Ok(100_000));
+        assert_eq!(s.func_set_attribute(&mut module, 0, 9, 50), Ok(50));
+        let err = s.func_set_attribute(&mut module, 0, 8, 10_000_000).expect_err("too much smem");
+        assert_eq!(err.code, cuda::INVALID_VALUE, "{err}");
+        let err = s.func_set_attribute(&mut module, 0, 0, 1).expect_err("read-only");
+        eprintln!("setting MAX_THREADS_PER_BLOCK: {err}");
+        let err = s.func_set_attribute(&mut module, 0, 999, 0).expect_err("unknown attribute");
+        assert_eq!(err.code, cuda::INVALID_VALUE, "{err}");
+        let smem = s.occupancy(&module, 0, available).expect("available smem");
+        eprintln!("available smem after raising the limit: {smem:?}");
     }
 
     #[test]

@@ -3,8 +3,16 @@
 //! the whole data path runs end to end; it says so whenever it is chosen.
 //! Streams complete work at once, so queries are always ready and events
 //! carry host timestamps.
+//!
+//! Images other than the built-in module load as modules without functions
+//! (see `EmulatedSession::load_module`); occupancy answers come from a
+//! simple model of the advertised multiprocessor (see `SmLimits`).
 
-use super::{Backend, BackendSession, DeviceDescription, DeviceResult, FunctionInfo, LaunchDims, builtin};
+use super::{
+    Backend, BackendSession, DeviceDescription, DeviceResult, FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+    FUNC_ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT, FunctionInfo, ImageKind, LaunchDims, Occupancy, OccupancyQuery,
+    builtin, fatbin_wrapper_error, image_kind,
+};
 use crate::error::CallError;
 use gpupool_proto::cuda;
 use std::cell::RefCell;
@@ -18,11 +26,170 @@ pub const GRANULARITY: u64 = 2 << 20;
 /// Where the first session's range starts; later sessions follow it.
 const VA_START: u64 = 0x7f00_0000_0000;
 
+// Device attributes (`CUdevice_attribute`) the model reads.
+const DEV_MAX_THREADS_PER_BLOCK: u32 = 1;
+const DEV_MAX_SHARED_MEMORY_PER_BLOCK: u32 = 8;
+const DEV_WARP_SIZE: u32 = 10;
+const DEV_MULTIPROCESSOR_COUNT: u32 = 16;
+const DEV_MAX_THREADS_PER_MULTIPROCESSOR: u32 = 39;
+const DEV_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR: u32 = 81;
+const DEV_MAX_REGISTERS_PER_MULTIPROCESSOR: u32 = 82;
+const DEV_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: u32 = 97;
+const DEV_MAX_BLOCKS_PER_MULTIPROCESSOR: u32 = 106;
+const DEV_RESERVED_SHARED_MEMORY_PER_BLOCK: u32 = 111;
+
+/// Registers per thread every emulated kernel reports (`NUM_REGS`).
+const NUM_REGS: u32 = 32;
+/// PTX and binary version every emulated kernel reports (sm_90).
+const KERNEL_VERSION: i32 = 90;
+/// Shared memory is allocated to blocks in units of this many bytes.
+const SMEM_GRANULE: u32 = 128;
+/// `CU_OCCUPANCY_DISABLE_CACHING_OVERRIDE`, the only occupancy flag.
+const OCCUPANCY_DISABLE_CACHING_OVERRIDE: u32 = 1;
+
 /// An emulated GPU with `total_memory` bytes.
 #[derive(Debug)]
 pub struct EmulatedDevice {
     description: DeviceDescription,
+    sm: SmLimits,
     next_base: AtomicU64,
+}
+
+/// The advertised multiprocessor, as the occupancy model and the attribute
+/// checks use it. The model, deterministic and close to CUDA's occupancy
+/// calculator for kernels without static shared memory:
+/// - a block of `b` threads takes `w = ceil(b / warp_size)` warps, `w *
+///   warp_size * NUM_REGS` registers and `round_up(dynamic + reserved, 128)`
+///   bytes of shared memory;
+/// - resident blocks = min(warps per SM / w, registers per SM / registers
+///   per block, shared memory per SM / shared memory per block, blocks per
+///   SM); 0 when `b` exceeds the kernel's block limit or the dynamic shared
+///   memory exceeds its `MAX_DYNAMIC_SHARED_SIZE_BYTES`;
+/// - the preferred carveout is a hint and the model ignores it (the whole
+///   shared memory of the SM counts), as it ignores the caching flag.
+#[derive(Debug, Clone, Copy)]
+struct SmLimits {
+    sm_count: u32,
+    warp_size: u32,
+    max_threads_per_block: u32,
+    max_shared_per_block: u32,
+    max_shared_per_block_optin: u32,
+    max_threads: u32,
+    max_blocks: u32,
+    registers: u32,
+    shared: u32,
+    reserved_shared_per_block: u32,
+}
+
+impl SmLimits {
+    fn from_attributes(attributes: &[(u32, i32)]) -> Self {
+        // Floors of 1 keep every division of the model defined.
+        let get = |a: u32| {
+            attributes.iter().find(|(k, _)| *k == a).and_then(|(_, v)| u32::try_from(*v).ok()).unwrap_or(0).max(1)
+        };
+        Self {
+            sm_count: get(DEV_MULTIPROCESSOR_COUNT),
+            warp_size: get(DEV_WARP_SIZE),
+            max_threads_per_block: get(DEV_MAX_THREADS_PER_BLOCK),
+            max_shared_per_block: get(DEV_MAX_SHARED_MEMORY_PER_BLOCK),
+            max_shared_per_block_optin: get(DEV_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN),
+            max_threads: get(DEV_MAX_THREADS_PER_MULTIPROCESSOR),
+            max_blocks: get(DEV_MAX_BLOCKS_PER_MULTIPROCESSOR),
+            registers: get(DEV_MAX_REGISTERS_PER_MULTIPROCESSOR),
+            shared: get(DEV_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR),
+            reserved_shared_per_block: get(DEV_RESERVED_SHARED_MEMORY_PER_BLOCK),
+        }
+    }
+
+    /// Attributes of a built-in kernel at load time.
+    fn function_attributes(&self, f: &FunctionInfo) -> BTreeMap<u32, i32> {
+        let max_threads = i32::try_from(f.max_threads_per_block).unwrap_or(i32::MAX);
+        let max_dynamic_shared = i32::try_from(self.max_shared_per_block).unwrap_or(i32::MAX);
+        BTreeMap::from([
+            (0, max_threads),        // MAX_THREADS_PER_BLOCK
+            (1, 0),                  // SHARED_SIZE_BYTES (no static shared memory)
+            (2, 0),                  // CONST_SIZE_BYTES
+            (3, 0),                  // LOCAL_SIZE_BYTES
+            (4, NUM_REGS as i32),    // NUM_REGS
+            (5, KERNEL_VERSION),     // PTX_VERSION
+            (6, KERNEL_VERSION),     // BINARY_VERSION
+            (7, 0),                  // CACHE_MODE_CA
+            (8, max_dynamic_shared), // MAX_DYNAMIC_SHARED_SIZE_BYTES (the 48 KiB default, as on a GPU)
+            (9, -1),                 // PREFERRED_SHARED_MEMORY_CARVEOUT (no preference)
+            (10, 0),                 // CLUSTER_SIZE_MUST_BE_SET
+            (11, 0),                 // REQUIRED_CLUSTER_WIDTH
+            (12, 0),                 // REQUIRED_CLUSTER_HEIGHT
+            (13, 0),                 // REQUIRED_CLUSTER_DEPTH
+            (14, 0),                 // NON_PORTABLE_CLUSTER_SIZE_ALLOWED
+            (15, 0),                 // CLUSTER_SCHEDULING_POLICY_PREFERENCE
+        ])
+    }
+
+    /// The kernel's block limit and dynamic shared memory limit.
+    fn kernel_limits(attributes: &BTreeMap<u32, i32>) -> (u32, u64) {
+        let get = |a: u32| attributes.get(&a).and_then(|&v| u32::try_from(v).ok()).unwrap_or(0);
+        (get(0), u64::from(get(FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES)))
+    }
+
+    /// Blocks a multiprocessor holds when shared memory is not the limit.
+    fn blocks_by_threads(&self, block_size: u32) -> u32 {
+        // Callers pass at least one thread; the floor keeps a 0 harmless.
+        let warps = block_size.div_ceil(self.warp_size).max(1);
+        let by_warps = (self.max_threads / self.warp_size) / warps;
+        let by_registers = self.registers / warps.saturating_mul(self.warp_size).saturating_mul(NUM_REGS);
+        by_warps.min(by_registers).min(self.max_blocks)
+    }
+
+    /// Resident blocks of `block_size` threads (at least 1) and
+    /// `dynamic_shared` bytes each, for a kernel with `attributes`.
+    fn active_blocks(&self, attributes: &BTreeMap<u32, i32>, block_size: u32, dynamic_shared: u64) -> u32 {
+        let (max_threads, max_dynamic_shared) = Self::kernel_limits(attributes);
+        if block_size > max_threads || dynamic_shared > max_dynamic_shared {
+            return 0;
+        }
+        let per_block = (dynamic_shared + u64::from(self.reserved_shared_per_block))
+            .next_multiple_of(u64::from(SMEM_GRANULE))
+            .max(1);
+        let by_shared = u32::try_from(u64::from(self.shared) / per_block).unwrap_or(u32::MAX);
+        self.blocks_by_threads(block_size).min(by_shared)
+    }
+
+    /// The block size (a multiple of the warp size, or the limit) with the
+    /// most resident threads, the largest on ties, as CUDA searches:
+    /// `(minimal grid size for a full device, block size)`.
+    fn potential_block_size(&self, attributes: &BTreeMap<u32, i32>, limit: u32, dynamic_shared: u64) -> (i64, i32) {
+        let (kernel_max, _) = Self::kernel_limits(attributes);
+        let mut max = kernel_max.min(self.max_threads_per_block);
+        if limit > 0 {
+            max = max.min(limit);
+        }
+        let (mut best_blocks, mut best_size, mut best_threads) = (0u32, 0u32, 0u32);
+        let mut candidate = max.next_multiple_of(self.warp_size);
+        while candidate > 0 {
+            let size = candidate.min(max);
+            let blocks = self.active_blocks(attributes, size, dynamic_shared);
+            if blocks * size > best_threads {
+                (best_blocks, best_size, best_threads) = (blocks, size, blocks * size);
+            }
+            if best_threads >= self.max_threads {
+                break;
+            }
+            candidate -= self.warp_size;
+        }
+        (i64::from(best_blocks) * i64::from(self.sm_count), i32::try_from(best_size).unwrap_or(i32::MAX))
+    }
+
+    /// The most dynamic shared memory a block may use so that `num_blocks`
+    /// blocks of `block_size` threads are resident together (0 when they
+    /// never are), capped by the kernel's dynamic shared memory limit.
+    fn available_dynamic_shared(&self, attributes: &BTreeMap<u32, i32>, num_blocks: u32, block_size: u32) -> u64 {
+        let (max_threads, max_dynamic_shared) = Self::kernel_limits(attributes);
+        if block_size > max_threads || num_blocks > self.blocks_by_threads(block_size) {
+            return 0;
+        }
+        let per_block = (self.shared / num_blocks.max(1)) / SMEM_GRANULE * SMEM_GRANULE;
+        u64::from(per_block.saturating_sub(self.reserved_shared_per_block)).min(max_dynamic_shared)
+    }
 }
 
 impl EmulatedDevice {
@@ -39,10 +206,18 @@ impl EmulatedDevice {
             (7, 65535),    // MAX_GRID_DIM_Z
             (8, 49152),    // MAX_SHARED_MEMORY_PER_BLOCK
             (10, 32),      // WARP_SIZE
+            (12, 65536),   // MAX_REGISTERS_PER_BLOCK
             (16, sms),     // MULTIPROCESSOR_COUNT
+            (39, 2048),    // MAX_THREADS_PER_MULTIPROCESSOR
             (75, 9),       // COMPUTE_CAPABILITY_MAJOR
             (76, 0),       // COMPUTE_CAPABILITY_MINOR
+            (81, 233472),  // MAX_SHARED_MEMORY_PER_MULTIPROCESSOR
+            (82, 65536),   // MAX_REGISTERS_PER_MULTIPROCESSOR
+            (97, 232448),  // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+            (106, 32),     // MAX_BLOCKS_PER_MULTIPROCESSOR
+            (111, 1024),   // RESERVED_SHARED_MEMORY_PER_BLOCK
         ];
+        let sm = SmLimits::from_attributes(&attributes);
         Self {
             description: DeviceDescription {
                 name: "gpupool emulated device (no GPU)".into(),
@@ -54,7 +229,9 @@ impl EmulatedDevice {
                 granularity: GRANULARITY,
                 attributes,
                 driver_version: 13000,
+                error_strings: Vec::new(),
             },
+            sm,
             next_base: AtomicU64::new(VA_START),
         }
     }
@@ -70,7 +247,7 @@ impl Backend for EmulatedDevice {
     fn open_session(&self, va_size: u64) -> DeviceResult<EmulatedSession> {
         let size = va_size.div_ceil(GRANULARITY) * GRANULARITY;
         let base = self.next_base.fetch_add(size + GRANULARITY, Ordering::Relaxed);
-        Ok(EmulatedSession { base, memory: Rc::default(), epoch: Instant::now() })
+        Ok(EmulatedSession { base, memory: Rc::default(), epoch: Instant::now(), sm: self.sm })
     }
 }
 
@@ -82,6 +259,7 @@ pub struct EmulatedSession {
     base: u64,
     memory: Store,
     epoch: Instant,
+    sm: SmLimits,
 }
 
 /// A mapped range; dropping it releases the host memory behind it.
@@ -97,9 +275,24 @@ impl Drop for Mapping {
     }
 }
 
-/// A loaded module (only the built-in one exists here).
+/// A loaded module: the built-in one, or an image the emulator cannot run,
+/// which has no functions.
 #[derive(Debug)]
-pub struct Module;
+pub struct Module {
+    /// Each function's attributes, in function order; the settable ones
+    /// change with `func_set_attribute`.
+    functions: Vec<BTreeMap<u32, i32>>,
+}
+
+impl Module {
+    fn function(&self, index: usize) -> DeviceResult<&BTreeMap<u32, i32>> {
+        self.functions.get(index).ok_or_else(|| no_function(index, self.functions.len()))
+    }
+}
+
+fn no_function(index: usize, count: usize) -> CallError {
+    CallError::invalid_handle(format!("function {index} does not exist (the module has {count})"))
+}
 
 /// A stream; work completes when issued.
 #[derive(Debug)]
@@ -185,26 +378,123 @@ impl BackendSession for EmulatedSession {
         builtin::Memory::store(&mut Mem(&self.memory), dst, &bytes)
     }
 
+    /// The built-in module loads with its reference kernels. Any other
+    /// image (PTX, cubin, fatbin: code the emulator cannot run) loads as a
+    /// module with no functions and no variables: the CUDA runtime
+    /// registers every fat binary of a program at start, whether or not the
+    /// program launches a kernel from it, so refusing the image would fail
+    /// programs that only use the built-in kernels or copies. A lookup of a
+    /// kernel by name then fails on the client with CUDA_ERROR_NOT_FOUND,
+    /// which says clearly what is missing. Empty images and fatbin wrappers
+    /// (which point into client memory) are refused as on a GPU.
     fn load_module(&mut self, image: &[u8]) -> DeviceResult<(Module, Vec<FunctionInfo>)> {
         if builtin::is_builtin(image) {
-            Ok((Module, builtin::functions()))
-        } else {
-            Err(CallError::new(
-                cuda::NOT_SUPPORTED,
-                "the emulated device runs only the built-in module; PTX, cubin and fatbin images need a GPU server",
-            ))
+            let mut functions = builtin::functions();
+            for f in &mut functions {
+                f.attributes = self.sm.function_attributes(f);
+            }
+            let module = Module { functions: functions.iter().map(|f| f.attributes.clone()).collect() };
+            return Ok((module, functions));
         }
+        if image.is_empty() {
+            return Err(CallError::new(cuda::INVALID_IMAGE, "empty module image"));
+        }
+        if image_kind(image) == ImageKind::FatbinWrapper {
+            return Err(fatbin_wrapper_error());
+        }
+        tracing::debug!(bytes = image.len(), "emulated device: loaded a module image it cannot run, without functions");
+        Ok((Module { functions: Vec::new() }, Vec::new()))
     }
 
     fn launch(
         &mut self,
-        _: &Module,
+        module: &Module,
         function: usize,
         dims: LaunchDims,
         _: Option<&Stream>,
         params: &[u8],
     ) -> DeviceResult<()> {
+        module.function(function)?;
         builtin::run(function, dims, params, &mut Mem(&self.memory))
+    }
+
+    /// Neither the built-in module nor the modules without functions have
+    /// variables.
+    fn module_global(&mut self, _: &Module, name: &str) -> DeviceResult<(u64, u64)> {
+        Err(CallError::new(cuda::NOT_FOUND, format!("the module has no variable named {name:?} (emulated device)")))
+    }
+
+    fn occupancy(&mut self, module: &Module, function: usize, query: OccupancyQuery) -> DeviceResult<Occupancy> {
+        let attributes = module.function(function)?;
+        let check_flags = |flags: u32| {
+            if flags & !OCCUPANCY_DISABLE_CACHING_OVERRIDE != 0 {
+                return Err(CallError::invalid_value(format!("unknown occupancy flags {flags:#x}")));
+            }
+            Ok(())
+        };
+        let positive = |value: u32, what: &str| {
+            if value == 0 {
+                return Err(CallError::invalid_value(format!("{what} must be at least 1")));
+            }
+            Ok(value)
+        };
+        match query {
+            OccupancyQuery::ActiveBlocks { block_size, dynamic_smem_bytes, flags } => {
+                check_flags(flags)?;
+                let block_size = positive(block_size, "block size")?;
+                let blocks = self.sm.active_blocks(attributes, block_size, dynamic_smem_bytes);
+                Ok(Occupancy { value: i64::from(blocks), block_size: 0 })
+            }
+            OccupancyQuery::PotentialBlockSize { block_size_limit, dynamic_smem_bytes, flags } => {
+                check_flags(flags)?;
+                let (min_grid, block_size) =
+                    self.sm.potential_block_size(attributes, block_size_limit, dynamic_smem_bytes);
+                Ok(Occupancy { value: min_grid, block_size })
+            }
+            OccupancyQuery::AvailableDynamicSmem { num_blocks, block_size } => {
+                let num_blocks = positive(num_blocks, "block count")?;
+                let block_size = positive(block_size, "block size")?;
+                let bytes = self.sm.available_dynamic_shared(attributes, num_blocks, block_size);
+                Ok(Occupancy { value: i64::try_from(bytes).unwrap_or(i64::MAX), block_size: 0 })
+            }
+        }
+    }
+
+    /// Accepts the two attributes CUDA programs set, with CUDA's ranges:
+    /// the dynamic shared memory limit (up to the opt-in maximum less the
+    /// kernel's static shared memory) and the carveout (-1 for the default,
+    /// else a percentage). Other attributes are read-only here.
+    fn func_set_attribute(
+        &mut self,
+        module: &mut Module,
+        function: usize,
+        attribute: u32,
+        value: i32,
+    ) -> DeviceResult<i32> {
+        let count = module.functions.len();
+        let attributes = module.functions.get_mut(function).ok_or_else(|| no_function(function, count))?;
+        let range = match attribute {
+            FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES => {
+                let static_shared = attributes.get(&1).copied().unwrap_or(0);
+                let optin = i32::try_from(self.sm.max_shared_per_block_optin).unwrap_or(i32::MAX);
+                0..=optin.saturating_sub(static_shared)
+            }
+            FUNC_ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT => -1..=100,
+            other => {
+                return Err(CallError::invalid_value(format!(
+                    "function attribute {other} cannot be set on the emulated device"
+                )));
+            }
+        };
+        if !range.contains(&value) {
+            return Err(CallError::invalid_value(format!(
+                "function attribute {attribute}: {value} is outside {}..={}",
+                range.start(),
+                range.end()
+            )));
+        }
+        attributes.insert(attribute, value);
+        Ok(value)
     }
 
     fn stream_create(&mut self, _flags: u32, _priority: i32) -> DeviceResult<Stream> {

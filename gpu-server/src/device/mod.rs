@@ -13,6 +13,7 @@ pub mod cuda;
 pub mod emulated;
 
 use crate::error::CallError;
+use std::collections::BTreeMap;
 
 /// Result of a device operation.
 pub type DeviceResult<T> = Result<T, CallError>;
@@ -33,6 +34,8 @@ pub struct DeviceDescription {
     /// `(CUdevice_attribute, value)` pairs.
     pub attributes: Vec<(u32, i32)>,
     pub driver_version: u32,
+    /// `(CUresult, cuGetErrorString)` for every code the driver knows.
+    pub error_strings: Vec<(u32, String)>,
 }
 
 /// Parameter layout of one kernel parameter.
@@ -48,6 +51,9 @@ pub struct FunctionInfo {
     pub name: String,
     pub params: Vec<Param>,
     pub max_threads_per_block: u32,
+    /// `(CUfunction_attribute, value)` for every attribute the device
+    /// reports, so clients answer `cuFuncGetAttribute` without a round trip.
+    pub attributes: BTreeMap<u32, i32>,
 }
 
 impl FunctionInfo {
@@ -64,6 +70,92 @@ pub struct LaunchDims {
     pub block: [u32; 3],
     pub shared_mem_bytes: u32,
 }
+
+/// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`.
+pub const FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: u32 = 8;
+/// `CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT`.
+pub const FUNC_ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT: u32 = 9;
+
+/// An occupancy question about one function, as the CUDA occupancy
+/// calculator asks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OccupancyQuery {
+    /// Resident blocks per multiprocessor for blocks of `block_size`
+    /// threads (`cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags`).
+    ActiveBlocks { block_size: u32, dynamic_smem_bytes: u64, flags: u32 },
+    /// The block size with the highest occupancy, at most
+    /// `block_size_limit` (0: the function's limit), for a fixed dynamic
+    /// shared memory size (`cuOccupancyMaxPotentialBlockSizeWithFlags`).
+    PotentialBlockSize { block_size_limit: u32, dynamic_smem_bytes: u64, flags: u32 },
+    /// Dynamic shared memory a block may use so that `num_blocks` blocks of
+    /// `block_size` threads fit on one multiprocessor
+    /// (`cuOccupancyAvailableDynamicSMemPerBlock`).
+    AvailableDynamicSmem { num_blocks: u32, block_size: u32 },
+}
+
+/// Answer to an [`OccupancyQuery`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Occupancy {
+    /// Blocks per multiprocessor, minimal grid size, or bytes, by query.
+    pub value: i64,
+    /// The block size found by `PotentialBlockSize`; 0 for the others.
+    pub block_size: i32,
+}
+
+/// What a module image is, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ImageKind {
+    /// An ELF cubin.
+    Cubin,
+    /// A fat binary (`0xBA55ED50`).
+    Fatbin,
+    /// A `__fatBinC_Wrapper_t` (`0x466243B1`): it holds a pointer into the
+    /// client's memory, meaningless (and dangerous) here.
+    FatbinWrapper,
+    /// Anything else is taken for PTX text.
+    Ptx,
+}
+
+/// Classifies a module image by its first four bytes.
+pub(crate) fn image_kind(image: &[u8]) -> ImageKind {
+    match image.get(..4) {
+        Some([0x7f, b'E', b'L', b'F']) => ImageKind::Cubin,
+        Some(m) if m == 0xBA55_ED50u32.to_le_bytes() => ImageKind::Fatbin,
+        Some(m) if m == 0x4662_43B1u32.to_le_bytes() => ImageKind::FatbinWrapper,
+        _ => ImageKind::Ptx,
+    }
+}
+
+/// The refusal of a `__fatBinC_Wrapper_t` image: the wrapper is the
+/// client's, and only the fat binary it points to means anything here.
+pub(crate) fn fatbin_wrapper_error() -> CallError {
+    CallError::new(
+        gpupool_proto::cuda::INVALID_IMAGE,
+        "image is a fatbin wrapper (__fatBinC_Wrapper_t), which points into client memory; send the fat binary it points to",
+    )
+}
+
+/// PTX with a module variable (`counter`, 64 bytes) and a kernel (`bump`)
+/// that copies the variable's first word to its pointer argument: for the
+/// tests that need a real GPU.
+#[cfg(test)]
+pub(crate) const GLOBALS_PTX: &[u8] = b".version 8.0
+.target sm_75
+.address_size 64
+
+.visible .global .align 8 .b8 counter[64];
+
+.visible .entry bump(.param .u64 out)
+{
+    .reg .b64 %rd<3>;
+    .reg .b32 %r<2>;
+    ld.param.u64 %rd1, [out];
+    cvta.to.global.u64 %rd2, %rd1;
+    ld.global.u32 %r1, [counter];
+    st.global.u32 [%rd2], %r1;
+    ret;
+}
+";
 
 /// One device (GPU, MIG instance or emulation) shared by many sessions.
 pub trait Backend: Send + Sync + 'static {
@@ -102,6 +194,20 @@ pub trait BackendSession: 'static {
     ) -> DeviceResult<()>;
     /// Loads a module image (PTX, cubin, fatbin, or the built-in module).
     fn load_module(&mut self, image: &[u8]) -> DeviceResult<(Self::Module, Vec<FunctionInfo>)>;
+    /// Address and size of the module-scope variable `name`
+    /// (`CUDA_ERROR_NOT_FOUND` when the module has none of that name).
+    fn module_global(&mut self, module: &Self::Module, name: &str) -> DeviceResult<(u64, u64)>;
+    /// Answers an occupancy query about function `function` of `module`.
+    fn occupancy(&mut self, module: &Self::Module, function: usize, query: OccupancyQuery) -> DeviceResult<Occupancy>;
+    /// Sets a `CUfunction_attribute` of function `function` of `module` and
+    /// returns the attribute's value as the device now reports it.
+    fn func_set_attribute(
+        &mut self,
+        module: &mut Self::Module,
+        function: usize,
+        attribute: u32,
+        value: i32,
+    ) -> DeviceResult<i32>;
     fn launch(
         &mut self,
         module: &Self::Module,

@@ -7,7 +7,7 @@ use super::super::DeviceResult;
 use crate::error::CallError;
 use cudarc::driver::sys::{self, CUresult};
 use gpupool_proto::cuda;
-use std::ffi::{CStr, c_char, c_int};
+use std::ffi::{CStr, c_char, c_int, c_uint};
 
 /// Every driver entry point this backend calls. cudarc resolves symbols
 /// lazily and panics on a missing one, so [`check_driver`] looks them all up
@@ -52,6 +52,11 @@ const REQUIRED_SYMBOLS: &[&str] = &[
     "cuFuncGetName",
     "cuFuncGetParamInfo",
     "cuFuncGetAttribute",
+    "cuFuncSetAttribute",
+    "cuModuleGetGlobal_v2",
+    "cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags",
+    "cuOccupancyMaxPotentialBlockSizeWithFlags",
+    "cuOccupancyAvailableDynamicSMemPerBlock",
     "cuFuncLoad",
     "cuLaunchKernel",
     "cuStreamCreateWithPriority",
@@ -101,8 +106,17 @@ pub(super) fn check(r: CUresult, what: &str) -> DeviceResult<()> {
 
 /// The [`CallError`] of a failed driver call.
 pub(super) fn error(r: CUresult, what: &str) -> CallError {
-    let code = r as u32;
+    error_of_code(r as u32, what)
+}
+
+fn error_of_code(code: u32, what: &str) -> CallError {
     CallError::new(code, format!("{what}: {}", error_name(code)))
+}
+
+/// As [`check`], for entry points called through raw signatures, whose
+/// result is a plain int (kept as is: it may be a code cudarc lacks).
+fn check_raw(r: c_int, what: &str) -> DeviceResult<()> {
+    if r == 0 { Ok(()) } else { Err(error_of_code(r as u32, what)) }
 }
 
 /// Logs the failure of a release call made from `Drop`, which has no caller
@@ -165,6 +179,143 @@ pub(super) fn device_attribute(device: sys::CUdevice, attribute: u32) -> Option<
     // the driver return CUDA_ERROR_INVALID_VALUE, nothing worse.
     let r = unsafe { get(&mut value, attribute, device) };
     (r == 0).then_some(value)
+}
+
+/// `cuGetErrorString` for a code as a plain integer (same reason as
+/// [`device_attribute`]). `None` for codes the driver does not know.
+pub(super) fn error_string(code: u32) -> Option<String> {
+    type GetErrorString = unsafe extern "C" fn(c_int, *mut *const std::ffi::c_char) -> c_int;
+    // SAFETY: called after `check_driver`; the signature matches
+    // `CUresult cuGetErrorString(CUresult, const char**)`.
+    let get = unsafe { sys::culib().get::<GetErrorString>(b"cuGetErrorString") }.ok()?;
+    let mut text: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: valid out-pointer; unknown codes return an error.
+    let r = unsafe { get(c_int::try_from(code).ok()?, &mut text) };
+    if r != 0 || text.is_null() {
+        return None;
+    }
+    // SAFETY: the driver returns a static NUL-terminated string.
+    Some(unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy().into_owned())
+}
+
+/// `cuFuncGetAttribute` with the attribute as a plain integer, for the
+/// same reason as [`device_attribute`]. Returns `None` where the driver
+/// refuses (an attribute this driver does not know, or one that does not
+/// apply). `function` must be a loaded function of a live module.
+pub(super) fn function_attribute(function: sys::CUfunction, attribute: u32) -> Option<i32> {
+    type GetAttribute = unsafe extern "C" fn(*mut c_int, c_int, sys::CUfunction) -> c_int;
+    // SAFETY: called after `check_driver` (library loaded); the signature
+    // matches `CUresult cuFuncGetAttribute(int*, CUfunction_attribute,
+    // CUfunction)`, enums being ints in the C ABI.
+    let get = unsafe { sys::culib().get::<GetAttribute>(b"cuFuncGetAttribute") }.ok()?;
+    let attribute = c_int::try_from(attribute).ok()?;
+    let mut value: c_int = 0;
+    // SAFETY: `value` is a valid out-pointer and `function` a live handle
+    // (caller's contract); an unknown attribute makes the driver return
+    // CUDA_ERROR_INVALID_VALUE, nothing worse.
+    let r = unsafe { get(&mut value, attribute, function) };
+    (r == 0).then_some(value)
+}
+
+/// `cuFuncSetAttribute` with the attribute as a plain integer: it comes
+/// from the wire, and building cudarc's enum from a number it does not list
+/// would be undefined behaviour. The driver validates attribute and value.
+/// `function` must be a loaded function of a live module.
+pub(super) fn set_function_attribute(function: sys::CUfunction, attribute: u32, value: i32) -> DeviceResult<()> {
+    type SetAttribute = unsafe extern "C" fn(sys::CUfunction, c_int, c_int) -> c_int;
+    let what = "cuFuncSetAttribute";
+    let attribute = c_int::try_from(attribute)
+        .map_err(|_| CallError::invalid_value(format!("{what}: no function attribute {attribute}")))?;
+    // SAFETY: called after `check_driver` (library loaded); the signature
+    // matches `CUresult cuFuncSetAttribute(CUfunction, CUfunction_attribute,
+    // int)`, enums being ints in the C ABI.
+    let set = unsafe { sys::culib().get::<SetAttribute>(b"cuFuncSetAttribute") }
+        .map_err(|_| CallError::new(cuda::NOT_SUPPORTED, format!("libcuda has no {what}")))?;
+    // SAFETY: `function` is a live handle (caller's contract); an unknown
+    // attribute or a value out of range makes the driver return
+    // CUDA_ERROR_INVALID_VALUE.
+    check_raw(unsafe { set(function, attribute, value) }, what)
+}
+
+/// `cuModuleGetGlobal_v2`: address and size of the module variable `name`.
+/// `module` must be a live module of the current context.
+pub(super) fn module_global(module: sys::CUmodule, name: &CStr) -> DeviceResult<(u64, u64)> {
+    let (mut addr, mut size): (sys::CUdeviceptr, usize) = (0, 0);
+    // SAFETY: valid out-pointers; `name` is NUL-terminated and outlives the
+    // call; `module` is live (caller's contract). A missing name is
+    // CUDA_ERROR_NOT_FOUND.
+    let r = unsafe { sys::cuModuleGetGlobal_v2(&mut addr, &mut size, module, name.as_ptr()) };
+    check(r, "cuModuleGetGlobal_v2")?;
+    Ok((addr, size as u64))
+}
+
+/// `cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags`: resident blocks
+/// per multiprocessor. `function` must be a loaded function of a live module.
+pub(super) fn occupancy_active_blocks(
+    function: sys::CUfunction,
+    block_size: c_int,
+    dynamic_smem: usize,
+    flags: c_uint,
+) -> DeviceResult<i32> {
+    let mut blocks: c_int = 0;
+    // SAFETY: valid out-pointer and live function handle; the driver
+    // validates the sizes and flags.
+    let r = unsafe {
+        sys::cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(
+            &mut blocks,
+            function,
+            block_size,
+            dynamic_smem,
+            flags,
+        )
+    };
+    check(r, "cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags")?;
+    Ok(blocks)
+}
+
+/// `cuOccupancyMaxPotentialBlockSizeWithFlags` with a fixed dynamic shared
+/// memory size (no per-block-size callback: it would be client code):
+/// `(minimal grid size, block size)`. `function` must be a loaded function
+/// of a live module.
+pub(super) fn occupancy_potential_block_size(
+    function: sys::CUfunction,
+    dynamic_smem: usize,
+    block_size_limit: c_int,
+    flags: c_uint,
+) -> DeviceResult<(i32, i32)> {
+    let (mut min_grid, mut block): (c_int, c_int) = (0, 0);
+    // SAFETY: valid out-pointers and live function handle; a null callback
+    // makes the driver use `dynamic_smem` for every block size.
+    let r = unsafe {
+        sys::cuOccupancyMaxPotentialBlockSizeWithFlags(
+            &mut min_grid,
+            &mut block,
+            function,
+            None,
+            dynamic_smem,
+            block_size_limit,
+            flags,
+        )
+    };
+    check(r, "cuOccupancyMaxPotentialBlockSizeWithFlags")?;
+    Ok((min_grid, block))
+}
+
+/// `cuOccupancyAvailableDynamicSMemPerBlock`: bytes of dynamic shared
+/// memory per block that still let `num_blocks` blocks of `block_size`
+/// threads reside on one multiprocessor. `function` must be a loaded
+/// function of a live module.
+pub(super) fn occupancy_available_dynamic_smem(
+    function: sys::CUfunction,
+    num_blocks: c_int,
+    block_size: c_int,
+) -> DeviceResult<usize> {
+    let mut bytes: usize = 0;
+    // SAFETY: valid out-pointer and live function handle; the driver
+    // validates the counts.
+    let r = unsafe { sys::cuOccupancyAvailableDynamicSMemPerBlock(&mut bytes, function, num_blocks, block_size) };
+    check(r, "cuOccupancyAvailableDynamicSMemPerBlock")?;
+    Ok(bytes)
 }
 
 /// Formats a device UUID as NVML and `nvidia-smi` do.

@@ -184,6 +184,12 @@ impl Module {
         Ok(Self { raw, kernels: Vec::new(), _context: context })
     }
 
+    /// Address and size of the module variable `name` (`__device__` or
+    /// `__constant__`); `CUDA_ERROR_NOT_FOUND` when there is none.
+    pub(super) fn global(&self, name: &std::ffi::CStr) -> DeviceResult<(u64, u64)> {
+        driver::module_global(self.raw, name)
+    }
+
     /// Every function of the module, in the driver's order.
     pub(super) fn functions(&self) -> DeviceResult<Vec<CUfunction>> {
         let mut count: std::ffi::c_uint = 0;
