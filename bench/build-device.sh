@@ -2,13 +2,15 @@
 # Builds the GPU suite's release binaries on this machine (the GPU machine has
 # no Rust toolchain) and copies them into a folder that travels to it:
 #   gpupool-server, gpupool-bench, gpupool-demo, gpupool-gpu-tests (the
-#   `tests/tests/gpu.rs` test binary), and COMMIT (the commit they were built
-#   from, read by gpu-suite.sh).
+#   `tests/tests/gpu.rs` test binary), stub/ (the drop-in libcuda.so.1 and,
+#   when its crate exists, libnvidia-ml.so.1, for bench/dropin.sh) and
+#   COMMIT (the commit they were built from, read by gpu-suite.sh).
 # Debug info is stripped; the folder must stay under GPUPOOL_DEVICE_MAX_MIB
 # (default 60) to fit what a device run can carry.
 #
 # Usage: bench/build-device.sh [OUT_DIR]    (default .device/bin, git-ignored)
-# Env:   CARGO_BUILD_JOBS (default 2), GPUPOOL_DEVICE_MAX_MIB (default 60)
+# Env:   CARGO_BUILD_JOBS (default 2), GPUPOOL_DEVICE_MAX_MIB (default 60),
+#        WITH_NVML (default 1; 0 leaves libnvidia-ml.so.1 out)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,6 +23,11 @@ gpu_test_name=gpupool-gpu-tests
 
 echo "== building release binaries (-j $jobs)"
 cargo build --release -j "$jobs" -p gpupool-server -p gpupool-tests --bins
+
+echo "== building the drop-in libraries"
+libs=(-p gpupool-libcuda)
+[[ ${WITH_NVML:-1} == 1 ]] && libs+=(-p gpupool-libnvml)
+cargo build --release -j "$jobs" "${libs[@]}"
 
 echo "== building the test binaries to find the gpu e2e tests"
 # The test binary's file name carries a hash: cargo's JSON messages name it.
@@ -48,6 +55,12 @@ done
 for name in "${bins[@]}"; do
     strip --strip-debug -o "$out/$name" "target/release/$name"
 done
+mkdir -p "$out/stub"
+rm -f "$out/stub/"*
+strip --strip-debug -o "$out/stub/libcuda.so.1" target/release/libcuda.so
+if [[ ${WITH_NVML:-1} == 1 ]]; then
+    strip --strip-debug -o "$out/stub/libnvidia-ml.so.1" target/release/libnvidia_ml.so
+fi
 while read -r name exe; do
     [[ -n "$exe" ]] && strip --strip-debug -o "$out/gpupool-$name-tests" "$exe"
 done <<<"$test_bins"
@@ -61,7 +74,7 @@ if ! git diff --quiet HEAD -- 2>/dev/null; then
 fi
 echo "$commit" >"$out/COMMIT"
 
-total_bytes() { du -cb "$out"/* | tail -n 1 | cut -f 1; }
+total_bytes() { du -cb "$out" | tail -n 1 | cut -f 1; }
 limit=$((max_mib * 1024 * 1024))
 if (($(total_bytes) > limit)); then
     echo "== over $max_mib MiB with line tables: stripping all symbols"

@@ -5,7 +5,9 @@
 #   2. the GPU end-to-end tests (GPUPOOL_TEST_DEVICE=cuda, --include-ignored);
 #   3. gpupool-server on the GPU: starts, serves, drains on SIGTERM;
 #   4. gpupool-demo --device cuda;
-#   5. gpupool-bench --device cuda (native CUDA against remote gpupool).
+#   5. gpupool-bench --device cuda (native CUDA against remote gpupool);
+#   6. bench/dropin.sh: unmodified programs, PyTorch and the drop-in
+#      benchmark row, native and through gpupool's libcuda.so.1.
 # Results: <date>-<gpu>-<commit>.md (every step's output and a summary) and
 # .json (the benchmark's figures) in $OUT when set (a device run returns only
 # $OUT), else in bench/results/. The .md is written step by step, so a run cut
@@ -18,7 +20,8 @@
 # Env:   BENCH_ARGS   extra gpupool-bench flags (e.g. "--iterations 500")
 #        TEST_ARGS    extra test-harness flags (e.g. a test name filter)
 #        *_TIMEOUT    per-step limits in seconds: TEST_TIMEOUT (240),
-#                     SMOKE_TIMEOUT (60), DEMO_TIMEOUT (120), BENCH_TIMEOUT (300)
+#                     SMOKE_TIMEOUT (60), DEMO_TIMEOUT (120), BENCH_TIMEOUT (300),
+#                     DROPIN_TIMEOUT (540)
 set -uo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -174,8 +177,12 @@ bench_in_process() {
         --json "${json%.json}-in-process.json" ${BENCH_ARGS:-}
 }
 
-export bin_dir json
-export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process
+dropin() {
+    bash "$repo/bench/dropin.sh" "$bin_dir" "$stem-dropin"
+}
+
+export repo stem bin_dir json
+export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin
 
 {
     echo "# gpupool GPU suite"
@@ -195,6 +202,7 @@ step "gpupool-server on the GPU" "${SMOKE_TIMEOUT:-60}" server_smoke
 step "demo (--device cuda)" "${DEMO_TIMEOUT:-120}" demo
 step "benchmark (--device cuda)" "${BENCH_TIMEOUT:-300}" bench
 step "benchmark, sessions in-process (--device cuda)" "${BENCH_TIMEOUT:-300}" bench_in_process
+step "drop-in libcuda: unmodified programs, PyTorch, benchmark row" "${DROPIN_TIMEOUT:-540}" dropin
 
 {
     echo "## Summary"

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# The drop-in libcuda on the GPU machine: unmodified programs run natively
+# and through gpupool's libcuda.so.1 against a gpupool-server on the same
+# card, side by side, and their outputs are compared (TIME and INFO lines
+# aside). Also PyTorch (torch_check.py) both ways and the drop-in benchmark
+# row (bench_loop: fixed-length kernels with small copies), native vs remote.
+#
+# Usage: bench/dropin.sh BIN_DIR OUT_DIR
+#   BIN_DIR holds gpupool-server and stub/ (libcuda.so.1, libcuda.so and,
+#   when built, libnvidia-ml.so.1), as bench/build-device.sh makes it.
+#   OUT_DIR receives dropin.md (the table and every failure's output),
+#   dropin.json (the benchmark figures) and the programs' outputs.
+# Env: GPUPOOL_CUDA_HOME  toolkit to build the programs with (default
+#                         /usr/local/cuda: the GPU machine has no PyPI).
+# Exits non-zero when a program fails through the stub (PyTorch excepted:
+# its status is recorded, see docs/compatibility.md).
+set -uo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bin_dir=$(cd "${1:?BIN_DIR}" && pwd) || exit 2
+out=${2:?OUT_DIR}
+mkdir -p "$out/native" "$out/remote" || exit 2
+out=$(cd "$out" && pwd)
+stub="$bin_dir/stub"
+md="$out/dropin.md"
+export GPUPOOL_CUDA_HOME=${GPUPOOL_CUDA_HOME:-/usr/local/cuda}
+cuda_lib="$GPUPOOL_CUDA_HOME/targets/x86_64-linux/lib"
+[[ -d $cuda_lib ]] || cuda_lib="$GPUPOOL_CUDA_HOME/lib64"
+
+echo "== building the programs with $GPUPOOL_CUDA_HOME"
+progs=$(mktemp -d)/programs # binaries stay out of OUT_DIR
+GPUPOOL_STUB_LIB="$stub" bash "$repo/tests/programs/build.sh" "$progs" || exit 1
+
+echo "== starting gpupool-server on cuda:0"
+log="$out/server.log"
+"$bin_dir/gpupool-server" --listen 127.0.0.1:0 --device cuda:0 --tokens dropin \
+    --session-memory-mib 16384 >"$log" 2>&1 &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null' EXIT
+for _ in $(seq 1 150); do
+    grep -q "listening on" "$log" && break
+    sleep 0.2
+done
+addr=$(sed -n 's/.*listening on \([0-9.:]*\) .*/\1/p' "$log" | head -n 1)
+pin=$(sed -n 's/.*SHA-256 \([0-9a-f]*\).*/\1/p' "$log" | head -n 1)
+if [[ -z $addr || -z $pin ]]; then
+    cat "$log"
+    echo "gpupool-server did not start"
+    exit 1
+fi
+echo "server at $addr"
+
+native() { LD_LIBRARY_PATH="$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$@"; }
+remote() {
+    LD_LIBRARY_PATH="$stub:$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+        GPUPOOL_SERVER="$addr" GPUPOOL_TOKEN=dropin GPUPOOL_CERT_SHA256="$pin" "$@"
+}
+# What must match between the two runs.
+compared() { grep -v -e '^TIME' -e '^INFO' "$1"; }
+
+rows=()
+failed=0
+run_pair() { # name command...
+    local name=$1
+    shift
+    timeout 300 bash -c 'native "$@"' _ "$@" >"$out/native/$name.out" 2>"$out/native/$name.err"
+    local nrc=$?
+    timeout 300 bash -c 'remote "$@"' _ "$@" >"$out/remote/$name.out" 2>"$out/remote/$name.err"
+    local rrc=$?
+    local same=no
+    if diff <(compared "$out/native/$name.out") <(compared "$out/remote/$name.out") >"$out/$name.diff"; then
+        same=yes
+    fi
+    local verdict=PASS
+    if ((nrc != 0)); then
+        verdict="native failed"
+    elif ((rrc != 0)) || [[ $same != yes ]]; then
+        verdict=FAIL
+    fi
+    rows+=("| $name | $nrc | $rrc | $same | $verdict |")
+    echo "$name: native rc $nrc, remote rc $rrc, identical output: $same -> $verdict"
+    if [[ $verdict != PASS ]]; then
+        [[ $name == torch_check ]] || failed=1
+        {
+            echo "### $name: $verdict"
+            echo '```'
+            echo "--- diff (native < > remote)"
+            head -n 40 "$out/$name.diff"
+            echo "--- remote stderr (tail)"
+            tail -n 40 "$out/remote/$name.err"
+            echo '```'
+        } >>"$out/failures.md"
+    fi
+}
+export -f native remote
+export stub cuda_lib addr pin
+
+: >"$out/failures.md"
+for p in $(cat "$progs/ci.list" "$progs/gpu.list"); do
+    [[ $p == bench_loop* ]] && continue
+    run_pair "$p" "$progs/$p"
+done
+run_pair torch_check python3 "$repo/tests/programs/torch_check.py"
+
+echo "== benchmark: bench_loop.sm90, native then remote"
+native "$progs/bench_loop.sm90" >"$out/native/bench_loop.out" 2>&1
+remote "$progs/bench_loop.sm90" >"$out/remote/bench_loop.out" 2>&1
+cat "$out/native/bench_loop.out" "$out/remote/bench_loop.out"
+bench_rows=$(python3 - "$out/native/bench_loop.out" "$out/remote/bench_loop.out" "$out/dropin.json" <<'PY'
+import json, re, sys
+def parse(path):
+    rows = {}
+    for line in open(path):
+        m = re.match(r"TIME kernel_us=(\d+) launches=(\d+) total_ms=([\d.]+) per_launch_us=([\d.]+)", line)
+        if m:
+            rows[int(m[1])] = {"launches": int(m[2]), "total_ms": float(m[3]), "per_launch_us": float(m[4])}
+    return rows
+native, remote = parse(sys.argv[1]), parse(sys.argv[2])
+out = []
+for us in sorted(native):
+    if us in remote:
+        ratio = remote[us]["total_ms"] / native[us]["total_ms"]
+        out.append({"kernel_us": us, "native": native[us], "remote": remote[us], "ratio": round(ratio, 3)})
+        print(f"| {us} us kernels + 4 KiB copy every 10th | {native[us]['per_launch_us']:.1f} | {remote[us]['per_launch_us']:.1f} | {ratio:.2f}x |")
+json.dump({"bench_loop": out}, open(sys.argv[3], "w"), indent=2)
+PY
+)
+grep -q "PASS bench_loop" "$out/remote/bench_loop.out" || failed=1
+
+{
+    echo "## Unmodified programs, native and through gpupool's libcuda"
+    echo
+    echo "| program | native rc | remote rc | identical output | verdict |"
+    echo "|---|---|---|---|---|"
+    printf '%s\n' "${rows[@]}"
+    echo
+    echo "## Drop-in benchmark (bench_loop.sm90, per launch, µs)"
+    echo
+    echo "| row | native | remote | ratio |"
+    echo "|---|---|---|---|"
+    echo "$bench_rows"
+    echo
+    cat "$out/failures.md"
+} >"$md"
+cat "$md"
+exit "$failed"

@@ -1,0 +1,341 @@
+//! Contexts. The process has one session, so one device context on the
+//! server; the primary context and any created ones are views of it with
+//! their own flags and runtime storage, and a per-thread current stack as
+//! the driver keeps.
+
+use crate::abi::{CuError, CuResult, put};
+use crate::device::check_device;
+use crate::runtime::{self, ContextInfo, PRIMARY, Runtime, Tag, handle, id_of};
+use cudarc::driver::sys::{CUcontext, CUdevice};
+use std::ffi::{c_int, c_uint, c_ulonglong, c_void};
+
+/// Stream priorities of current NVIDIA GPUs: 0 is the lowest, -5 the
+/// highest (what cuCtxGetStreamPriorityRange reports on Hopper).
+pub(crate) const PRIORITY_RANGE: (c_int, c_int) = (0, -5);
+
+/// Defaults the driver reports for context limits (CUlimit).
+fn default_limit(limit: c_uint) -> Option<usize> {
+    match limit {
+        0x00 => Some(1024),    // STACK_SIZE
+        0x01 => Some(1 << 20), // PRINTF_FIFO_SIZE
+        0x02 => Some(8 << 20), // MALLOC_HEAP_SIZE
+        0x03 => Some(2),       // DEV_RUNTIME_SYNC_DEPTH
+        0x04 => Some(2048),    // DEV_RUNTIME_PENDING_LAUNCH_COUNT
+        0x05 => Some(32),      // MAX_L2_FETCH_GRANULARITY
+        0x06 => Some(0),       // PERSISTING_L2_CACHE_SIZE
+        _ => None,
+    }
+}
+
+fn primary_handle() -> usize {
+    handle(Tag::Context, PRIMARY)
+}
+
+/// The context a call names, or the current one for a null handle.
+pub(crate) fn resolve(rt: &Runtime, ctx: CUcontext) -> CuResult<usize> {
+    let h = if ctx.is_null() { runtime::current_context().ok_or(CuError::INVALID_CONTEXT)? } else { ctx as usize };
+    if rt.context_exists(h) { Ok(h) } else { Err(CuError::INVALID_CONTEXT) }
+}
+
+fn create(flags: c_uint, dev: CUdevice, pctx: *mut CUcontext) -> CuResult {
+    let rt = Runtime::get()?;
+    check_device(dev)?;
+    let h = {
+        let mut t = rt.tables();
+        let id = t.next_context;
+        t.next_context += 1;
+        t.contexts.insert(id, ContextInfo { flags, ..ContextInfo::default() });
+        handle(Tag::Context, id)
+    };
+    runtime::push_context(h);
+    // SAFETY: out-pointer per the CUDA API.
+    unsafe { put(pctx, h as CUcontext) }
+}
+
+/// Waits for all work of the session.
+pub(crate) fn synchronize() -> CuResult {
+    Runtime::with_context()?.session.synchronize().map_err(CuError::from)
+}
+
+crate::exports! {
+    fn cuDevicePrimaryCtxRetain(pctx: *mut CUcontext, dev: CUdevice) {
+        let rt = Runtime::get()?;
+        check_device(dev)?;
+        rt.tables().primary_refs += 1;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(pctx, primary_handle() as CUcontext) }
+    }
+
+    fn cuDevicePrimaryCtxRelease_v2(dev: CUdevice) {
+        let rt = Runtime::get()?;
+        check_device(dev)?;
+        let mut t = rt.tables();
+        t.primary_refs = t.primary_refs.checked_sub(1).ok_or(CuError::INVALID_CONTEXT)?;
+        Ok(())
+    }
+
+    fn cuDevicePrimaryCtxSetFlags_v2(dev: CUdevice, flags: c_uint) {
+        let rt = Runtime::get()?;
+        check_device(dev)?;
+        rt.tables().primary_flags = flags;
+        Ok(())
+    }
+
+    fn cuDevicePrimaryCtxGetState(dev: CUdevice, flags: *mut c_uint, active: *mut c_int) {
+        let rt = Runtime::get()?;
+        check_device(dev)?;
+        let t = rt.tables();
+        // SAFETY: out-pointers per the CUDA API.
+        unsafe {
+            put(flags, t.primary_flags)?;
+            put(active, c_int::from(t.primary_refs > 0))
+        }
+    }
+
+    /// Waits for the session's work and drops the primary context's state.
+    /// Device memory stays allocated: the session, not the context, owns it.
+    fn cuDevicePrimaryCtxReset_v2(dev: CUdevice) {
+        let rt = Runtime::get()?;
+        check_device(dev)?;
+        rt.session.synchronize()?;
+        let mut t = rt.tables();
+        t.primary_refs = 0;
+        t.primary_flags = 0;
+        if let Some(c) = t.contexts.get_mut(&PRIMARY) {
+            c.storage.clear();
+        }
+        Ok(())
+    }
+
+    fn cuCtxCreate_v2(pctx: *mut CUcontext, flags: c_uint, dev: CUdevice) {
+        create(flags, dev, pctx)
+    }
+
+    fn cuCtxCreate_v3(pctx: *mut CUcontext, _params: *mut c_void, num_params: c_int, flags: c_uint, dev: CUdevice) {
+        if num_params != 0 {
+            return Err(CuError::NOT_SUPPORTED);
+        }
+        create(flags, dev, pctx)
+    }
+
+    fn cuCtxCreate_v4(pctx: *mut CUcontext, params: *mut c_void, flags: c_uint, dev: CUdevice) {
+        if !params.is_null() {
+            return Err(CuError::NOT_SUPPORTED);
+        }
+        create(flags, dev, pctx)
+    }
+
+    fn cuCtxDestroy_v2(ctx: CUcontext) {
+        let rt = Runtime::get()?;
+        let id = id_of(Tag::Context, ctx as usize).ok_or(CuError::INVALID_CONTEXT)?;
+        if id == PRIMARY {
+            return Err(CuError::INVALID_CONTEXT);
+        }
+        rt.tables().contexts.remove(&id).ok_or(CuError::INVALID_CONTEXT)?;
+        runtime::forget_context(ctx as usize);
+        Ok(())
+    }
+
+    fn cuCtxGetCurrent(pctx: *mut CUcontext) {
+        Runtime::get()?;
+        let h = runtime::current_context().unwrap_or(0);
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(pctx, h as CUcontext) }
+    }
+
+    fn cuCtxSetCurrent(ctx: CUcontext) {
+        let rt = Runtime::get()?;
+        if ctx.is_null() {
+            runtime::set_current_context(None);
+            return Ok(());
+        }
+        if !rt.context_exists(ctx as usize) {
+            return Err(CuError::INVALID_CONTEXT);
+        }
+        runtime::set_current_context(Some(ctx as usize));
+        Ok(())
+    }
+
+    fn cuCtxPushCurrent_v2(ctx: CUcontext) {
+        let rt = Runtime::get()?;
+        if !rt.context_exists(ctx as usize) {
+            return Err(CuError::INVALID_CONTEXT);
+        }
+        runtime::push_context(ctx as usize);
+        Ok(())
+    }
+
+    fn cuCtxPopCurrent_v2(pctx: *mut CUcontext) {
+        Runtime::get()?;
+        let h = runtime::pop_context().ok_or(CuError::INVALID_CONTEXT)?;
+        if !pctx.is_null() {
+            // SAFETY: non-null out-pointer per the CUDA API.
+            unsafe { put(pctx, h as CUcontext) }?;
+        }
+        Ok(())
+    }
+
+    fn cuCtxGetDevice(dev: *mut CUdevice) {
+        Runtime::with_context()?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(dev, 0) }
+    }
+
+    fn cuCtxGetDevice_v2(dev: *mut CUdevice, ctx: CUcontext) {
+        resolve(Runtime::get()?, ctx)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(dev, 0) }
+    }
+
+    fn cuCtxGetFlags(flags: *mut c_uint) {
+        let rt = Runtime::get()?;
+        let h = resolve(rt, std::ptr::null_mut())?;
+        let id = id_of(Tag::Context, h).unwrap_or(PRIMARY);
+        let t = rt.tables();
+        let f = if id == PRIMARY { t.primary_flags } else { t.contexts.get(&id).map_or(0, |c| c.flags) };
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(flags, f) }
+    }
+
+    fn cuCtxSetFlags(flags: c_uint) {
+        let rt = Runtime::get()?;
+        let h = resolve(rt, std::ptr::null_mut())?;
+        let id = id_of(Tag::Context, h).unwrap_or(PRIMARY);
+        let mut t = rt.tables();
+        if id == PRIMARY {
+            t.primary_flags = flags;
+        } else if let Some(c) = t.contexts.get_mut(&id) {
+            c.flags = flags;
+        }
+        Ok(())
+    }
+
+    fn cuCtxGetId(ctx: CUcontext, ctx_id: *mut c_ulonglong) {
+        let h = resolve(Runtime::get()?, ctx)?;
+        let id = id_of(Tag::Context, h).unwrap_or(PRIMARY);
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(ctx_id, id) }
+    }
+
+    fn cuCtxSynchronize() {
+        synchronize()
+    }
+
+    fn cuCtxSynchronize_v2(ctx: CUcontext) {
+        resolve(Runtime::get()?, ctx)?;
+        Runtime::get()?.session.synchronize().map_err(CuError::from)
+    }
+
+    fn cuCtxGetApiVersion(ctx: CUcontext, version: *mut c_uint) {
+        resolve(Runtime::get()?, ctx)?;
+        // The API version of contexts made by cuCtxCreate_v2 and later.
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(version, 3020) }
+    }
+
+    fn cuCtxGetStreamPriorityRange(least: *mut c_int, greatest: *mut c_int) {
+        Runtime::with_context()?;
+        // SAFETY: each out-pointer may be null per the CUDA API.
+        unsafe {
+            if !least.is_null() {
+                put(least, PRIORITY_RANGE.0)?;
+            }
+            if !greatest.is_null() {
+                put(greatest, PRIORITY_RANGE.1)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn cuCtxGetLimit(value: *mut usize, limit: c_uint) {
+        let rt = Runtime::with_context()?;
+        let v = rt.tables().limits.get(&limit).copied().or_else(|| default_limit(limit)).ok_or(CuError::INVALID_VALUE)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(value, v) }
+    }
+
+    /// Limits change device-side behaviour that gpupool does not forward
+    /// yet; setting the value a limit already has succeeds.
+    fn cuCtxSetLimit(limit: c_uint, value: usize) {
+        let rt = Runtime::with_context()?;
+        let current = rt.tables().limits.get(&limit).copied().or_else(|| default_limit(limit));
+        match current {
+            None => Err(CuError::INVALID_VALUE),
+            Some(v) if v == value => Ok(()),
+            Some(_) => {
+                crate::abi::unsupported("cuCtxSetLimit");
+                Err(CuError::NOT_SUPPORTED)
+            }
+        }
+    }
+
+    /// Cache configuration is a preference; the device may ignore it.
+    fn cuCtxGetCacheConfig(config: *mut c_uint) {
+        let rt = Runtime::with_context()?;
+        let c = rt.tables().cache_config;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(config, c) }
+    }
+
+    fn cuCtxSetCacheConfig(config: c_uint) {
+        if config > 3 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        Runtime::with_context()?.tables().cache_config = config;
+        Ok(())
+    }
+
+    fn cuCtxGetSharedMemConfig(config: *mut c_uint) {
+        Runtime::with_context()?;
+        // Four-byte banks: the only mode of current GPUs.
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(config, 1) }
+    }
+
+    fn cuCtxSetSharedMemConfig(config: c_uint) {
+        Runtime::with_context()?;
+        if config > 2 { Err(CuError::INVALID_VALUE) } else { Ok(()) }
+    }
+
+    /// Persisting L2 lines are a performance hint.
+    fn cuCtxResetPersistingL2Cache() {
+        Runtime::with_context().map(drop)
+    }
+
+    fn cuProfilerStart() {
+        Runtime::get().map(drop)
+    }
+
+    fn cuProfilerStop() {
+        Runtime::get().map(drop)
+    }
+}
+
+/// The runtime's context-local storage (used by the export tables).
+pub(crate) fn storage_put(ctx: CUcontext, key: usize, value: usize, dtor: usize) -> CuResult {
+    let rt = Runtime::get()?;
+    let h = resolve(rt, ctx)?;
+    let id = id_of(Tag::Context, h).ok_or(CuError::INVALID_CONTEXT)?;
+    let mut t = rt.tables();
+    let c = t.contexts.get_mut(&id).ok_or(CuError::INVALID_CONTEXT)?;
+    c.storage.insert(key, (value, dtor));
+    Ok(())
+}
+
+pub(crate) fn storage_get(ctx: CUcontext, key: usize) -> CuResult<usize> {
+    let rt = Runtime::get()?;
+    let h = resolve(rt, ctx)?;
+    let id = id_of(Tag::Context, h).ok_or(CuError::INVALID_CONTEXT)?;
+    let t = rt.tables();
+    t.contexts.get(&id).and_then(|c| c.storage.get(&key)).map(|(v, _)| *v).ok_or(CuError::INVALID_HANDLE)
+}
+
+pub(crate) fn storage_delete(ctx: CUcontext, key: usize) -> CuResult {
+    let rt = Runtime::get()?;
+    let h = resolve(rt, ctx)?;
+    let id = id_of(Tag::Context, h).ok_or(CuError::INVALID_CONTEXT)?;
+    if let Some(c) = rt.tables().contexts.get_mut(&id) {
+        c.storage.remove(&key);
+    }
+    Ok(())
+}

@@ -1,0 +1,459 @@
+//! `cuGetExportTable`: private function tables the CUDA runtime (static
+//! and shared) and NVIDIA's libraries ask the driver for, keyed by UUID.
+//!
+//! Their layouts are not documented by NVIDIA; what is known publicly
+//! (slot numbers, signatures, and the integrity check, from the ZLUDA
+//! project's findings) is re-implemented here from those facts:
+//! - most tables start with their own size in bytes;
+//! - the runtime loads registered fatbins through `CUDART_INTERFACE`
+//!   (slots 1, 6, 8) and keeps per-context state in the context-local
+//!   storage table;
+//! - CUDA 12.3+ runtimes ask `INTEGRITY_CHECK` for an HMAC-MD2 over the
+//!   process, the tables and the devices, and compare it with their own.
+//!
+//! Slots with no known meaning hold a function that logs the table and
+//! slot and returns `CUDA_ERROR_NOT_SUPPORTED`, so a new use shows up in
+//! the log instead of as a jump to address zero. Unknown table UUIDs are
+//! logged with the UUID.
+
+use crate::abi::{CuError, CuResult, put};
+use crate::device::{self, API_VERSION};
+use crate::runtime::Runtime;
+use cudarc::driver::sys::{CUcontext, CUdevice, CUmodule, CUresult, CUuuid};
+use hmac::{Mac, SimpleHmac};
+use std::ffi::{c_uint, c_void};
+
+type Slot = *const c_void;
+
+/// A table as the runtime reads it: an array of machine words.
+#[repr(C)]
+pub(crate) struct Table<const N: usize>([Slot; N]);
+
+// SAFETY: the tables are immutable arrays of function addresses.
+unsafe impl<const N: usize> Sync for Table<N> {}
+
+impl<const N: usize> Table<N> {
+    fn start(&'static self) -> *const c_void {
+        self.0.as_ptr().cast()
+    }
+}
+
+/// The first slot of a table holding its own size.
+const fn size_slot<const N: usize>() -> Slot {
+    (N * std::mem::size_of::<Slot>()) as Slot
+}
+
+/// Table names, for the log.
+const NAMES: [&str; 9] = [
+    "CUDART_INTERFACE",
+    "TOOLS_TLS",
+    "TOOLS_RUNTIME_CALLBACK_HOOKS",
+    "CONTEXT_LOCAL_STORAGE_INTERFACE_V0301",
+    "CTX_CREATE_BYPASS",
+    "HEAP_ACCESS",
+    "DEVICE_EXTENDED_RT",
+    "INTEGRITY_CHECK",
+    "UNKNOWN_CHECKS",
+];
+
+extern "C" fn unknown_slot<const TABLE: usize, const SLOT: usize>() -> CUresult {
+    crate::logging::init();
+    tracing::warn!(
+        table = NAMES[TABLE],
+        slot = SLOT,
+        "the CUDA runtime called an export-table slot gpupool does not implement"
+    );
+    CUresult::CUDA_ERROR_NOT_SUPPORTED
+}
+
+macro_rules! unknown {
+    ($t:literal, $s:literal) => {
+        unknown_slot::<$t, $s> as Slot
+    };
+}
+
+// --- CUDART_INTERFACE -------------------------------------------------------
+
+fn module_handle(module: *mut CUmodule, wrapper: *const c_void) -> CuResult {
+    let rt = Runtime::with_context()?;
+    // SAFETY: the runtime passes a fatbin wrapper or fatbin it registered.
+    let bytes = unsafe { crate::image::image(wrapper.cast()) }?;
+    let m = rt.session.module_load(bytes)?;
+    let h = crate::runtime::handle(crate::runtime::Tag::Module, m.id.into());
+    // SAFETY: out-pointer from the runtime.
+    unsafe { put(module, h as CUmodule) }
+}
+
+unsafe extern "C" fn get_module_from_cubin(module: *mut CUmodule, wrapper: *const c_void) -> CUresult {
+    crate::abi::entry("CUDART_INTERFACE[1]", || module_handle(module, wrapper))
+}
+
+unsafe extern "C" fn get_primary_context(pctx: *mut CUcontext, dev: CUdevice) -> CUresult {
+    // SAFETY: same contract as cuDevicePrimaryCtxRetain.
+    unsafe { crate::context::cuDevicePrimaryCtxRetain(pctx, dev) }
+}
+
+unsafe extern "C" fn get_module_from_cubin_ext1(
+    module: *mut CUmodule,
+    wrapper: *const c_void,
+    _a3: *mut c_void,
+    _a4: *mut c_void,
+    _a5: c_uint,
+) -> CUresult {
+    crate::abi::entry("CUDART_INTERFACE[6]", || module_handle(module, wrapper))
+}
+
+unsafe extern "C" fn cudart_interface_fn7(_arg: usize) -> CUresult {
+    CUresult::CUDA_SUCCESS
+}
+
+unsafe extern "C" fn get_module_from_cubin_ext2(
+    fatbin: *const c_void,
+    module: *mut CUmodule,
+    _a3: *mut c_void,
+    _a4: *mut c_void,
+    _a5: c_uint,
+) -> CUresult {
+    crate::abi::entry("CUDART_INTERFACE[8]", || module_handle(module, fatbin))
+}
+
+static CUDART_INTERFACE: Table<10> = Table([
+    size_slot::<10>(),
+    get_module_from_cubin as Slot,
+    get_primary_context as Slot,
+    unknown!(0, 3),
+    unknown!(0, 4),
+    unknown!(0, 5),
+    get_module_from_cubin_ext1 as Slot,
+    cudart_interface_fn7 as Slot,
+    get_module_from_cubin_ext2 as Slot,
+    unknown!(0, 9),
+]);
+
+// --- TOOLS_TLS and TOOLS_RUNTIME_CALLBACK_HOOKS -----------------------------
+
+static TOOLS_TLS: Table<4> = Table([size_slot::<4>(), unknown!(1, 1), unknown!(1, 2), unknown!(1, 3)]);
+
+/// Scratch buffers the runtime asks the tools hooks for and writes into.
+struct Scratch<const N: usize>(std::cell::UnsafeCell<[u32; N]>);
+
+// SAFETY: only the runtime writes these buffers, through the pointer it
+// was given; this library never reads them.
+unsafe impl<const N: usize> Sync for Scratch<N> {}
+
+static SCRATCH_1: Scratch<1024> = Scratch(std::cell::UnsafeCell::new([0; 1024]));
+static SCRATCH_2: Scratch<14> = Scratch(std::cell::UnsafeCell::new([0; 14]));
+
+unsafe extern "C" fn tools_buffer_1(ptr: *mut *mut c_void, size: *mut usize) {
+    // SAFETY: out-pointers from the runtime.
+    unsafe {
+        let _ = put(ptr, SCRATCH_1.0.get().cast());
+        let _ = put(size, 1024);
+    }
+}
+
+unsafe extern "C" fn tools_buffer_2(ptr: *mut *mut c_void, size: *mut usize) {
+    // SAFETY: out-pointers from the runtime.
+    unsafe {
+        let _ = put(ptr, SCRATCH_2.0.get().cast());
+        let _ = put(size, 14);
+    }
+}
+
+static TOOLS_RUNTIME_CALLBACK_HOOKS: Table<7> = Table([
+    size_slot::<7>(),
+    unknown!(2, 1),
+    tools_buffer_1 as Slot,
+    unknown!(2, 3),
+    unknown!(2, 4),
+    unknown!(2, 5),
+    tools_buffer_2 as Slot,
+]);
+
+// --- CONTEXT_LOCAL_STORAGE_INTERFACE_V0301 (no size slot) --------------------
+
+unsafe extern "C" fn storage_put(ctx: CUcontext, key: *mut c_void, value: *mut c_void, dtor: usize) -> CUresult {
+    crate::abi::entry("CONTEXT_LOCAL_STORAGE[0]", || {
+        crate::context::storage_put(ctx, key as usize, value as usize, dtor)
+    })
+}
+
+unsafe extern "C" fn storage_delete(ctx: CUcontext, key: *mut c_void) -> CUresult {
+    crate::abi::entry("CONTEXT_LOCAL_STORAGE[1]", || crate::context::storage_delete(ctx, key as usize))
+}
+
+unsafe extern "C" fn storage_get(value: *mut *mut c_void, ctx: CUcontext, key: *mut c_void) -> CUresult {
+    crate::abi::entry("CONTEXT_LOCAL_STORAGE[2]", || {
+        let v = crate::context::storage_get(ctx, key as usize)?;
+        // SAFETY: out-pointer from the runtime.
+        unsafe { put(value, v as *mut c_void) }
+    })
+}
+
+static CONTEXT_LOCAL_STORAGE: Table<4> =
+    Table([storage_put as Slot, storage_delete as Slot, storage_get as Slot, unknown!(3, 3)]);
+
+// --- CTX_CREATE_BYPASS, HEAP_ACCESS, DEVICE_EXTENDED_RT -----------------------
+
+unsafe extern "C" fn ctx_create_bypass(pctx: *mut CUcontext, flags: c_uint, dev: CUdevice) -> CUresult {
+    // SAFETY: same contract as cuCtxCreate_v2.
+    unsafe { crate::context::cuCtxCreate_v2(pctx, flags, dev) }
+}
+
+static CTX_CREATE_BYPASS: Table<2> = Table([size_slot::<2>(), ctx_create_bypass as Slot]);
+
+static HEAP_ACCESS: Table<3> = Table([size_slot::<3>(), unknown!(5, 1), unknown!(5, 2)]);
+
+static DEVICE_EXTENDED_RT: Table<26> = Table([
+    size_slot::<26>(),
+    unknown!(6, 1),
+    unknown!(6, 2),
+    unknown!(6, 3),
+    unknown!(6, 4),
+    unknown!(6, 5),
+    unknown!(6, 6),
+    unknown!(6, 7),
+    unknown!(6, 8),
+    unknown!(6, 9),
+    unknown!(6, 10),
+    unknown!(6, 11),
+    unknown!(6, 12),
+    unknown!(6, 13),
+    unknown!(6, 14),
+    unknown!(6, 15),
+    unknown!(6, 16),
+    unknown!(6, 17),
+    unknown!(6, 18),
+    unknown!(6, 19),
+    unknown!(6, 20),
+    unknown!(6, 21),
+    unknown!(6, 22),
+    unknown!(6, 23),
+    unknown!(6, 24),
+    unknown!(6, 25),
+]);
+
+// --- INTEGRITY_CHECK and UNKNOWN_CHECKS ----------------------------------------
+
+/// The HMAC key: a fixed 16-byte value both sides derive the same way.
+const INTEGRITY_KEY: [u8; 16] =
+    [0x14, 0x6A, 0xDD, 0xAE, 0x53, 0xA9, 0xA7, 0x52, 0xAA, 0x08, 0x41, 0x36, 0x0B, 0xF5, 0x5A, 0x9F];
+
+/// What the check hashes about the process, in this layout.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IntegrityInput {
+    pub(crate) driver_version: u32,
+    pub(crate) version: u32,
+    pub(crate) process: u32,
+    pub(crate) thread: u32,
+    pub(crate) cudart_table: usize,
+    pub(crate) integrity_table: usize,
+    pub(crate) function: usize,
+    pub(crate) unix_seconds: u64,
+}
+
+/// What it hashes about each device, in this layout.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DeviceInput {
+    pub(crate) uuid: [u8; 16],
+    pub(crate) pci_domain: i32,
+    pub(crate) pci_bus: i32,
+    pub(crate) pci_device: i32,
+}
+
+fn bytes_of<T: Copy>(v: &T) -> &[u8] {
+    // SAFETY: `T` is a repr(C) struct of integers without padding (checked
+    // by the size assertions below); any byte of it may be read.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+}
+
+const _: () = assert!(std::mem::size_of::<IntegrityInput>() == 48);
+const _: () = assert!(std::mem::size_of::<DeviceInput>() == 28);
+
+/// The integrity answer: HMAC-MD2 of the process and device facts, or a
+/// fixed value for the check versions that ask for one.
+pub(crate) fn integrity_hash(input: &IntegrityInput, devices: &[DeviceInput]) -> [u64; 2] {
+    match input.version % 10 {
+        0 => return [0x3341181C03CB675C, 0x8ED383AA1F4CD1E8],
+        1 => return [0x1841181C03CB675C, 0x8ED383AA1F4CD1E8],
+        _ => {}
+    }
+    let mut mac = <SimpleHmac<md2::Md2> as Mac>::new_from_slice(&INTEGRITY_KEY).expect("HMAC takes any key length");
+    mac.update(bytes_of(input));
+    for d in devices {
+        mac.update(bytes_of(d));
+    }
+    let out = mac.finalize().into_bytes();
+    let word = |i: usize| u64::from_ne_bytes(out[i..i + 8].try_into().expect("8 bytes"));
+    [word(0), word(8)]
+}
+
+fn device_inputs(rt: &Runtime) -> Vec<DeviceInput> {
+    let a = |n| device::attribute(rt, n).unwrap_or(0);
+    vec![DeviceInput {
+        uuid: device::uuid_bytes(&rt.device.uuid),
+        pci_domain: a(50),
+        pci_bus: a(33),
+        pci_device: a(34),
+    }]
+}
+
+unsafe extern "C" fn integrity_check(version: c_uint, unix_seconds: u64, result: *mut [u64; 2]) -> CUresult {
+    crate::abi::entry("INTEGRITY_CHECK[1]", || {
+        let rt = Runtime::get()?;
+        let input = IntegrityInput {
+            driver_version: API_VERSION as u32,
+            version,
+            process: std::process::id(),
+            // SAFETY: pthread_self has no preconditions.
+            thread: unsafe { libc::pthread_self() } as u32,
+            cudart_table: CUDART_INTERFACE.start() as usize,
+            integrity_table: INTEGRITY_CHECK.start() as usize,
+            function: INTEGRITY_CHECK.0[1] as usize,
+            unix_seconds,
+        };
+        let hash = integrity_hash(&input, &device_inputs(rt));
+        // SAFETY: out-pointer from the runtime.
+        unsafe { put(result, hash) }
+    })
+}
+
+static INTEGRITY_CHECK: Table<3> = Table([size_slot::<3>(), integrity_check as Slot, unknown!(7, 2)]);
+
+unsafe extern "C" fn context_check(_ctx: CUcontext, flag: *mut u32, _extra: *mut *const c_void) -> CUresult {
+    // SAFETY: out-pointer from the runtime.
+    crate::abi::entry("UNKNOWN_CHECKS[2]", || unsafe { put(flag, 0) })
+}
+
+extern "C" fn check_fn3() -> u32 {
+    0
+}
+
+static UNKNOWN_CHECKS: Table<4> = Table([size_slot::<4>(), unknown!(8, 1), context_check as Slot, check_fn3 as Slot]);
+
+/// The UUID's bytes as CUDA stores them, from its text form.
+const fn uuid(text: &[u8; 36]) -> [u8; 16] {
+    const fn nibble(c: u8) -> u8 {
+        match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            b'A'..=b'F' => c - b'A' + 10,
+            _ => panic!("not a hex digit"),
+        }
+    }
+    let mut out = [0u8; 16];
+    let (mut i, mut o) = (0, 0);
+    while i < 36 {
+        if text[i] == b'-' {
+            i += 1;
+            continue;
+        }
+        out[o] = nibble(text[i]) << 4 | nibble(text[i + 1]);
+        o += 1;
+        i += 2;
+    }
+    out
+}
+
+/// Every table by UUID.
+fn table_for(id: &[u8; 16]) -> Option<*const c_void> {
+    const IDS: [([u8; 16], usize); 9] = [
+        (uuid(b"6BD5FB6C-5BF4-E74A-8987-D93912FD9DF9"), 0),
+        (uuid(b"42D85A81-23F6-CB47-8298-F6E78A3AECDC"), 1),
+        (uuid(b"A094798C-2E74-2E74-93F2-0800200C0A66"), 2),
+        (uuid(b"C693336E-1121-DF11-A8C3-68F355D89593"), 3),
+        (uuid(b"0CA50B8C-1004-929A-89A7-D0DF10E77286"), 4),
+        (uuid(b"195BCBF4-D67D-024A-ACC5-1D29CEA631AE"), 5),
+        (uuid(b"B10541E1-F7C7-C74A-9F64-F223BE99F1E2"), 6),
+        (uuid(b"D4082055-BDE6-704B-8D34-BA123C66E1F2"), 7),
+        (uuid(b"263E8860-7CD2-6143-92F6-BBD5006DFA7E"), 8),
+    ];
+    let index = IDS.iter().find(|(u, _)| u == id)?.1;
+    tracing::debug!(table = NAMES[index], "export table requested");
+    Some(match index {
+        0 => CUDART_INTERFACE.start(),
+        1 => TOOLS_TLS.start(),
+        2 => TOOLS_RUNTIME_CALLBACK_HOOKS.start(),
+        3 => CONTEXT_LOCAL_STORAGE.start(),
+        4 => CTX_CREATE_BYPASS.start(),
+        5 => HEAP_ACCESS.start(),
+        6 => DEVICE_EXTENDED_RT.start(),
+        7 => INTEGRITY_CHECK.start(),
+        _ => UNKNOWN_CHECKS.start(),
+    })
+}
+
+fn format_uuid(b: &[u8; 16]) -> String {
+    let h = hex::encode_upper(b);
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}
+
+crate::exports! {
+    fn cuGetExportTable(table: *mut *const c_void, id: *const CUuuid) {
+        // SAFETY: in-pointer per the CUDA API.
+        let id = unsafe { crate::abi::get(id) }?.bytes.map(|b| b as u8);
+        match table_for(&id) {
+            // SAFETY: out-pointer per the CUDA API.
+            Some(t) => unsafe { put(table, t) },
+            None => {
+                crate::logging::init();
+                tracing::warn!(uuid = %format_uuid(&id), "unknown export table requested; answering CUDA_ERROR_INVALID_VALUE");
+                Err(CuError::INVALID_VALUE)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uuids_in_cuda_byte_order() {
+        let u = uuid(b"6BD5FB6C-5BF4-E74A-8987-D93912FD9DF9");
+        assert_eq!(u, [0x6b, 0xd5, 0xfb, 0x6c, 0x5b, 0xf4, 0xe7, 0x4a, 0x89, 0x87, 0xd9, 0x39, 0x12, 0xfd, 0x9d, 0xf9]);
+        assert_eq!(format_uuid(&u), "6BD5FB6C-5BF4-E74A-8987-D93912FD9DF9");
+        assert!(table_for(&u).is_some());
+        assert!(table_for(&[0; 16]).is_none());
+    }
+
+    #[test]
+    fn tables_start_with_their_size() {
+        // SAFETY: reading the first word of a static table.
+        let first = unsafe { *(CUDART_INTERFACE.start() as *const usize) };
+        assert_eq!(first, 80);
+        // SAFETY: as above.
+        assert_eq!(unsafe { *(DEVICE_EXTENDED_RT.start() as *const usize) }, 26 * 8);
+    }
+
+    /// HMAC-MD2 built by hand from MD2, to pin the construction the check
+    /// uses: MD2 over (key ^ 0x5c) and MD2 over (key ^ 0x36) || message.
+    #[test]
+    fn integrity_is_hmac_md2() {
+        use md2::Digest;
+        let input = IntegrityInput {
+            driver_version: 13000,
+            version: 12082,
+            process: 4242,
+            thread: 77,
+            cudart_table: 0x1000,
+            integrity_table: 0x2000,
+            function: 0x3000,
+            unix_seconds: 1_790_000_000,
+        };
+        let dev = DeviceInput { uuid: [5; 16], pci_domain: 0, pci_bus: 0x1b, pci_device: 0 };
+        let inner = md2::Md2::new()
+            .chain_update(INTEGRITY_KEY.map(|b| b ^ 0x36))
+            .chain_update(bytes_of(&input))
+            .chain_update(bytes_of(&dev))
+            .finalize();
+        let outer = md2::Md2::new().chain_update(INTEGRITY_KEY.map(|b| b ^ 0x5c)).chain_update(inner).finalize();
+        let expect =
+            [u64::from_ne_bytes(outer[..8].try_into().unwrap()), u64::from_ne_bytes(outer[8..].try_into().unwrap())];
+        assert_eq!(integrity_hash(&input, &[dev]), expect);
+        let fixed = IntegrityInput { version: 12080, ..input };
+        assert_eq!(integrity_hash(&fixed, &[dev])[1], 0x8ED383AA1F4CD1E8);
+    }
+}

@@ -1,0 +1,97 @@
+//! Host memory: "pinned" allocations (plain page-aligned memory here; the
+//! bytes travel over the network either way) and the reservation that keeps
+//! host memory out of the device address range.
+
+use crate::abi::{CuError, CuResult};
+use std::alloc::Layout;
+
+const PAGE: usize = 4096;
+
+/// Reserves the session's device address range in this process, inaccessible,
+/// so that no host allocation can ever land inside it: a pointer is then a
+/// device pointer exactly when it lies in a device range, which is what
+/// unified addressing (`cuMemcpy`, `cudaMemcpyDefault`) relies on.
+pub(crate) fn reserve_device_range((base, size): (u64, u64)) {
+    if size == 0 {
+        return;
+    }
+    // SAFETY: an anonymous, inaccessible, non-reserving mapping at a fixed
+    // address that must not replace anything (MAP_FIXED_NOREPLACE): it
+    // cannot disturb memory the process uses.
+    let got = unsafe {
+        libc::mmap(
+            base as *mut libc::c_void,
+            size as usize,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if got == libc::MAP_FAILED || got as u64 != base {
+        if got != libc::MAP_FAILED {
+            // An old kernel treated the address as a hint: give it back.
+            // SAFETY: unmapping exactly the mapping just made.
+            unsafe { libc::munmap(got, size as usize) };
+        }
+        tracing::warn!(
+            base = format_args!("{base:#x}"),
+            size,
+            "could not reserve the device address range in this process; host memory there would be taken for device memory"
+        );
+    }
+}
+
+/// Allocates `size` bytes of zeroed, page-aligned host memory.
+pub(crate) fn alloc(size: usize) -> CuResult<*mut u8> {
+    if size == 0 {
+        return Err(CuError::INVALID_VALUE);
+    }
+    let layout = Layout::from_size_align(size, PAGE).map_err(|_| CuError(2))?;
+    // SAFETY: the layout has a non-zero size.
+    let p = unsafe { std::alloc::alloc_zeroed(layout) };
+    if p.is_null() { Err(CuError(2)) } else { Ok(p) }
+}
+
+/// Frees memory from [`alloc`] of `size` bytes.
+///
+/// # Safety
+/// `p` came from [`alloc`] with this `size` and is not used afterwards.
+pub(crate) unsafe fn free(p: *mut u8, size: usize) {
+    if let Ok(layout) = Layout::from_size_align(size, PAGE) {
+        // SAFETY: same pointer and layout as the allocation.
+        unsafe { std::alloc::dealloc(p, layout) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_zeroed_allocations() {
+        let p = alloc(10_000).expect("alloc");
+        assert_eq!(p as usize % PAGE, 0);
+        // SAFETY: 10 000 bytes were just allocated at `p`.
+        unsafe {
+            assert!(std::slice::from_raw_parts(p, 10_000).iter().all(|&b| b == 0));
+            free(p, 10_000);
+        }
+        assert_eq!(alloc(0), Err(CuError::INVALID_VALUE));
+    }
+
+    #[test]
+    fn reserved_range_is_kept_from_host_memory() {
+        let base = 0x6e00_0000_0000u64;
+        reserve_device_range((base, 64 << 20));
+        // A hint inside the reserved range is not honoured.
+        // SAFETY: an anonymous mapping with a hint, unmapped below.
+        let p = unsafe {
+            libc::mmap(base as *mut _, 4096, libc::PROT_READ, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        assert!(!(base..base + (64 << 20)).contains(&(p as u64)));
+        // SAFETY: the page mapped above.
+        unsafe { libc::munmap(p, 4096) };
+    }
+}

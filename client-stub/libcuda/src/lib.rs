@@ -1,0 +1,61 @@
+//! gpupool's drop-in `libcuda.so.1`.
+//!
+//! Programs, the CUDA runtime (static or shared) and libraries such as
+//! cuBLAS load this library in place of NVIDIA's driver and get a remote
+//! virtual GPU: every export is a thin, checked call into the tested client
+//! core ([`gpupool_client::Session`]). The CUDA runtime stays in the
+//! application; its kernels reach the server as module images.
+//!
+//! - [`abi`]: the border (panic boundary, pointer checks, error codes);
+//! - [`runtime`]: the session and the handle tables;
+//! - [`device`], [`context`], [`memory`], [`module`], [`launch`], [`stream`]:
+//!   the driver API by area;
+//! - [`proc_address`]: `cuGetProcAddress` over every export;
+//! - [`export_tables`]: `cuGetExportTable`, the runtime's private tables;
+//! - [`unsupported`]: entry points that return `CUDA_ERROR_NOT_SUPPORTED`.
+//!
+//! `unsafe` is allowed in this crate only: it is an FFI border. Every block
+//! carries a `// SAFETY:` line; the contract of each pointer argument is the
+//! CUDA driver API's.
+#![allow(unsafe_code)]
+#![allow(non_snake_case)]
+
+/// Defines exported driver functions and a `table()` of them for
+/// `cuGetProcAddress`. Each body runs inside [`abi::entry`].
+#[macro_export]
+#[doc(hidden)]
+macro_rules! exports {
+    ($( $(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block )*) => {
+        $(
+            $(#[$m])*
+            ///
+            /// # Safety
+            /// Pointer arguments follow the CUDA driver API's contract.
+            #[unsafe(no_mangle)]
+            pub unsafe extern "C" fn $name($($arg: $ty),*) -> cudarc::driver::sys::CUresult {
+                $crate::abi::entry(stringify!($name), || -> $crate::abi::CuResult { $body })
+            }
+        )*
+        /// This module's exports, for `cuGetProcAddress`.
+        pub(crate) fn table() -> Vec<(&'static str, usize)> {
+            vec![$((stringify!($name), $name as *const () as usize)),*]
+        }
+    };
+}
+
+pub mod abi;
+mod codes;
+pub mod context;
+pub mod device;
+mod env;
+pub mod export_tables;
+mod hostmem;
+mod image;
+pub mod launch;
+mod logging;
+pub mod memory;
+pub mod module;
+pub mod proc_address;
+pub mod runtime;
+pub mod stream;
+pub mod unsupported;

@@ -1,0 +1,472 @@
+//! Device memory, copies, memsets, host memory and pointer attributes.
+//!
+//! Device addresses come from the session's range (assigned locally, no
+//! round trip) or are module variables the server resolved. Every other
+//! address is host memory of this process. The per-thread default stream
+//! (`_ptds`/`_ptsz` entry points) is served as the default stream.
+
+use crate::abi::{CuError, CuResult, put};
+use crate::hostmem;
+use crate::runtime::{PRIMARY, Runtime, Tag, handle};
+use cudarc::driver::sys::{CUDA_MEMCPY2D, CUdeviceptr, CUstream};
+use gpupool_client::StreamId;
+use std::ffi::{c_uint, c_void};
+
+/// Pitch alignment of cuMemAllocPitch rows.
+const PITCH_ALIGN: usize = 512;
+
+/// Where a copy's end lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loc {
+    Host(usize),
+    Device(u64),
+}
+
+fn classify(rt: &Runtime, addr: u64) -> Loc {
+    if rt.session.is_device_ptr(addr) { Loc::Device(addr) } else { Loc::Host(addr as usize) }
+}
+
+/// One linear copy. Host-to-device copies capture the bytes before
+/// returning; device-to-host copies wait for the data (as CUDA may for
+/// any copy into pageable memory).
+fn copy(rt: &Runtime, dst: Loc, src: Loc, size: usize, stream: StreamId) -> CuResult {
+    if size == 0 {
+        return Ok(());
+    }
+    match (dst, src) {
+        (Loc::Device(d), Loc::Host(h)) => {
+            if h == 0 {
+                return Err(CuError::INVALID_VALUE);
+            }
+            // SAFETY: the CUDA contract: `h` points to `size` readable bytes.
+            let bytes = unsafe { std::slice::from_raw_parts(h as *const u8, size) };
+            rt.session.memcpy_htod(d, bytes, stream)?;
+        }
+        (Loc::Host(h), Loc::Device(s)) => {
+            if h == 0 {
+                return Err(CuError::INVALID_VALUE);
+            }
+            // SAFETY: the CUDA contract: `h` points to `size` writable bytes.
+            let out = unsafe { std::slice::from_raw_parts_mut(h as *mut u8, size) };
+            rt.session.memcpy_dtoh(out, s, stream)?;
+        }
+        (Loc::Device(d), Loc::Device(s)) => rt.session.memcpy_dtod(d, s, size as u64, stream)?,
+        (Loc::Host(d), Loc::Host(s)) => {
+            if d == 0 || s == 0 {
+                return Err(CuError::INVALID_VALUE);
+            }
+            // Ordered after queued work like any copy on the stream.
+            rt.session.stream_synchronize(stream)?;
+            // SAFETY: the CUDA contract: both ranges hold `size` bytes.
+            unsafe { std::ptr::copy(s as *const u8, d as *mut u8, size) };
+        }
+    }
+    Ok(())
+}
+
+fn htod(dst: CUdeviceptr, src: *const c_void, n: usize, stream: CUstream) -> CuResult {
+    let rt = Runtime::with_context()?;
+    let s = rt.stream(stream as usize)?;
+    copy(rt, Loc::Device(dst), Loc::Host(src as usize), n, s)
+}
+
+fn dtoh(dst: *mut c_void, src: CUdeviceptr, n: usize, stream: CUstream) -> CuResult {
+    let rt = Runtime::with_context()?;
+    let s = rt.stream(stream as usize)?;
+    copy(rt, Loc::Host(dst as usize), Loc::Device(src), n, s)
+}
+
+fn dtod(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream) -> CuResult {
+    let rt = Runtime::with_context()?;
+    let s = rt.stream(stream as usize)?;
+    copy(rt, Loc::Device(dst), Loc::Device(src), n, s)
+}
+
+/// `cuMemcpy`: the direction follows from the addresses.
+fn unified(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream) -> CuResult {
+    let rt = Runtime::with_context()?;
+    let s = rt.stream(stream as usize)?;
+    copy(rt, classify(rt, dst), classify(rt, src), n, s)
+}
+
+fn memset(dst: CUdeviceptr, value: u32, element: u32, count: usize, stream: CUstream) -> CuResult {
+    let rt = Runtime::with_context()?;
+    let s = rt.stream(stream as usize)?;
+    if count == 0 {
+        return Ok(());
+    }
+    rt.session.memset(dst, value, element, count as u64, s).map_err(CuError::from)
+}
+
+fn memset_2d(
+    dst: CUdeviceptr,
+    pitch: usize,
+    value: u32,
+    element: u32,
+    width: usize,
+    height: usize,
+    stream: CUstream,
+) -> CuResult {
+    let row_bytes = width.checked_mul(element as usize).ok_or(CuError::INVALID_VALUE)?;
+    if height > 1 && pitch < row_bytes {
+        return Err(CuError::INVALID_VALUE);
+    }
+    for row in 0..height {
+        memset(dst + (row * pitch) as u64, value, element, width, stream)?;
+    }
+    Ok(())
+}
+
+/// `CUDA_MEMCPY2D` with its memory-type fields as plain integers, so that
+/// a value this library does not know cannot become an invalid enum.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct Memcpy2D {
+    src_x: usize,
+    src_y: usize,
+    src_type: u32,
+    src_host: usize,
+    src_device: u64,
+    src_array: usize,
+    src_pitch: usize,
+    dst_x: usize,
+    dst_y: usize,
+    dst_type: u32,
+    dst_host: usize,
+    dst_device: u64,
+    dst_array: usize,
+    dst_pitch: usize,
+    width: usize,
+    height: usize,
+}
+
+const _: () = assert!(std::mem::size_of::<Memcpy2D>() == std::mem::size_of::<CUDA_MEMCPY2D>());
+
+/// The first byte of one end of a 2D copy.
+#[allow(clippy::too_many_arguments)]
+fn end_2d(
+    rt: &Runtime,
+    kind: u32,
+    host: usize,
+    device: u64,
+    array: usize,
+    x: usize,
+    y: usize,
+    pitch: usize,
+) -> CuResult<Loc> {
+    let offset = y.checked_mul(pitch).and_then(|o| o.checked_add(x)).ok_or(CuError::INVALID_VALUE)?;
+    match kind {
+        1 => Ok(Loc::Host(host + offset)),
+        2 => Ok(Loc::Device(device + offset as u64)),
+        4 => Ok(match classify(rt, device) {
+            Loc::Device(d) => Loc::Device(d + offset as u64),
+            Loc::Host(h) => Loc::Host(h + offset),
+        }),
+        3 if array != 0 => Err(CuError::NOT_SUPPORTED),
+        _ => Err(CuError::INVALID_VALUE),
+    }
+}
+
+fn copy_2d(p: *const CUDA_MEMCPY2D, stream: CUstream) -> CuResult {
+    let rt = Runtime::with_context()?;
+    let s = rt.stream(stream as usize)?;
+    // SAFETY: `p` points to a CUDA_MEMCPY2D (CUDA contract); `Memcpy2D`
+    // has the same layout with integer fields in place of enums.
+    let c = unsafe { crate::abi::get(p.cast::<Memcpy2D>()) }?;
+    if c.height > 1 && (c.src_pitch < c.width || c.dst_pitch < c.width) {
+        return Err(CuError::INVALID_VALUE);
+    }
+    let src = end_2d(rt, c.src_type, c.src_host, c.src_device, c.src_array, c.src_x, c.src_y, c.src_pitch)?;
+    let dst = end_2d(rt, c.dst_type, c.dst_host, c.dst_device, c.dst_array, c.dst_x, c.dst_y, c.dst_pitch)?;
+    let rows = |loc: Loc, pitch: usize, row: usize| match loc {
+        Loc::Host(h) => Loc::Host(h + row * pitch),
+        Loc::Device(d) => Loc::Device(d + (row * pitch) as u64),
+    };
+    if let (Loc::Host(h), Loc::Device(d)) = (dst, src) {
+        // One read of the whole span, then rows scattered here: a round
+        // trip per copy instead of one per row.
+        let span = (c.height.saturating_sub(1)) * c.src_pitch + c.width;
+        let mut buf = vec![0u8; span];
+        rt.session.memcpy_dtoh(&mut buf, d, s)?;
+        for row in 0..c.height {
+            let from = &buf[row * c.src_pitch..row * c.src_pitch + c.width];
+            // SAFETY: the CUDA contract: each destination row holds `width` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(from.as_ptr(), (h + row * c.dst_pitch) as *mut u8, c.width) };
+        }
+        return Ok(());
+    }
+    for row in 0..c.height {
+        copy(rt, rows(dst, c.dst_pitch, row), rows(src, c.src_pitch, row), c.width, s)?;
+    }
+    Ok(())
+}
+
+fn host_block(rt: &Runtime, addr: usize) -> Option<(usize, usize, u32)> {
+    let t = rt.tables();
+    [&t.host_allocs, &t.host_registered]
+        .into_iter()
+        .filter_map(|m| m.range(..=addr).next_back().map(|(&s, &(size, flags))| (s, size, flags)))
+        .find(|&(s, size, _)| addr < s + size)
+}
+
+/// Value of one pointer attribute: `None` when it does not apply.
+fn pointer_attribute(rt: &Runtime, attribute: c_uint, ptr: CUdeviceptr) -> Option<u64> {
+    if let Some((start, size)) = rt.session.address_range(ptr) {
+        return match attribute {
+            1 => Some(handle(Tag::Context, PRIMARY) as u64), // CONTEXT
+            2 => Some(2),                                    // MEMORY_TYPE: device
+            3 => Some(ptr),                                  // DEVICE_POINTER
+            6 => Some(1),                                    // SYNC_MEMOPS
+            7 | 20 => Some(start),                           // BUFFER_ID, MEMORY_BLOCK_ID
+            8 | 10 | 15 | 21 => Some(0),                     // IS_MANAGED, ..., no
+            9 => Some(0),                                    // DEVICE_ORDINAL
+            11 | 19 => Some(start),                          // RANGE_START_ADDR, MAPPING_BASE_ADDR
+            12 | 18 => Some(size),                           // RANGE_SIZE, MAPPING_SIZE
+            13 => Some(1),                                   // MAPPED
+            14 => Some(0),                                   // ALLOWED_HANDLE_TYPES
+            16 => Some(3),                                   // ACCESS_FLAGS: read-write
+            _ => None,
+        };
+    }
+    let (start, size, _) = host_block(rt, ptr as usize)?;
+    match attribute {
+        1 => Some(handle(Tag::Context, PRIMARY) as u64),
+        2 => Some(1), // MEMORY_TYPE: host
+        4 => Some(ptr),
+        8 => Some(0),
+        9 => Some(0),
+        11 => Some(start as u64),
+        12 => Some(size as u64),
+        13 => Some(1),
+        _ => None,
+    }
+}
+
+/// Bytes each pointer attribute occupies in the caller's buffer.
+fn attribute_width(attribute: c_uint) -> usize {
+    match attribute {
+        2 | 6 | 8 | 9 | 10 | 13 | 15 | 16 | 21 => 4,
+        _ => 8,
+    }
+}
+
+/// # Safety
+/// `data` is valid for writing the attribute's width.
+unsafe fn write_attribute(data: *mut c_void, attribute: c_uint, value: u64) -> CuResult {
+    // SAFETY: forwarded contract.
+    unsafe {
+        if attribute_width(attribute) == 4 {
+            put(data.cast::<u32>(), value as u32)
+        } else {
+            put(data.cast::<u64>(), value)
+        }
+    }
+}
+
+crate::exports! {
+    fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytesize: usize) {
+        let rt = Runtime::with_context()?;
+        let addr = rt.session.mem_alloc(bytesize as u64)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(dptr, addr) }
+    }
+
+    fn cuMemAllocPitch_v2(dptr: *mut CUdeviceptr, pitch: *mut usize, width: usize, height: usize, element: c_uint) {
+        if !matches!(element, 4 | 8 | 16) || width == 0 || height == 0 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let rt = Runtime::with_context()?;
+        let row = width.div_ceil(PITCH_ALIGN) * PITCH_ALIGN;
+        let total = row.checked_mul(height).ok_or(CuError::INVALID_VALUE)?;
+        let addr = rt.session.mem_alloc(total as u64)?;
+        // SAFETY: out-pointers per the CUDA API.
+        unsafe {
+            put(pitch, row)?;
+            put(dptr, addr)
+        }
+    }
+
+    fn cuMemFree_v2(dptr: CUdeviceptr) {
+        let rt = Runtime::with_context()?;
+        if dptr == 0 {
+            return Ok(());
+        }
+        rt.session.mem_free(dptr).map_err(CuError::from)
+    }
+
+    fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) {
+        let rt = Runtime::with_context()?;
+        let (f, t) = rt.session.mem_get_info();
+        // SAFETY: out-pointers per the CUDA API.
+        unsafe {
+            put(free, f as usize)?;
+            put(total, t as usize)
+        }
+    }
+
+    fn cuMemGetAddressRange_v2(base: *mut CUdeviceptr, size: *mut usize, dptr: CUdeviceptr) {
+        let rt = Runtime::with_context()?;
+        let (start, len) = rt.session.address_range(dptr).ok_or(CuError::NOT_FOUND)?;
+        // SAFETY: each out-pointer may be null per the CUDA API.
+        unsafe {
+            if !base.is_null() {
+                put(base, start)?;
+            }
+            if !size.is_null() {
+                put(size, len as usize)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn cuMemcpy(dst: CUdeviceptr, src: CUdeviceptr, n: usize) { unified(dst, src, n, std::ptr::null_mut()) }
+    fn cuMemcpy_ptds(dst: CUdeviceptr, src: CUdeviceptr, n: usize) { unified(dst, src, n, std::ptr::null_mut()) }
+    fn cuMemcpyAsync(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream) { unified(dst, src, n, stream) }
+    fn cuMemcpyAsync_ptsz(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream) { unified(dst, src, n, stream) }
+    fn cuMemcpyHtoD_v2(dst: CUdeviceptr, src: *const c_void, n: usize) { htod(dst, src, n, std::ptr::null_mut()) }
+    fn cuMemcpyHtoD_v2_ptds(dst: CUdeviceptr, src: *const c_void, n: usize) { htod(dst, src, n, std::ptr::null_mut()) }
+    fn cuMemcpyHtoDAsync_v2(dst: CUdeviceptr, src: *const c_void, n: usize, stream: CUstream) { htod(dst, src, n, stream) }
+    fn cuMemcpyHtoDAsync_v2_ptsz(dst: CUdeviceptr, src: *const c_void, n: usize, stream: CUstream) { htod(dst, src, n, stream) }
+    fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, n: usize) { dtoh(dst, src, n, std::ptr::null_mut()) }
+    fn cuMemcpyDtoH_v2_ptds(dst: *mut c_void, src: CUdeviceptr, n: usize) { dtoh(dst, src, n, std::ptr::null_mut()) }
+    fn cuMemcpyDtoHAsync_v2(dst: *mut c_void, src: CUdeviceptr, n: usize, stream: CUstream) { dtoh(dst, src, n, stream) }
+    fn cuMemcpyDtoHAsync_v2_ptsz(dst: *mut c_void, src: CUdeviceptr, n: usize, stream: CUstream) { dtoh(dst, src, n, stream) }
+    fn cuMemcpyDtoD_v2(dst: CUdeviceptr, src: CUdeviceptr, n: usize) { dtod(dst, src, n, std::ptr::null_mut()) }
+    fn cuMemcpyDtoD_v2_ptds(dst: CUdeviceptr, src: CUdeviceptr, n: usize) { dtod(dst, src, n, std::ptr::null_mut()) }
+    fn cuMemcpyDtoDAsync_v2(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream) { dtod(dst, src, n, stream) }
+    fn cuMemcpyDtoDAsync_v2_ptsz(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream) { dtod(dst, src, n, stream) }
+    fn cuMemcpy2D_v2(p: *const CUDA_MEMCPY2D) { copy_2d(p, std::ptr::null_mut()) }
+    fn cuMemcpy2D_v2_ptds(p: *const CUDA_MEMCPY2D) { copy_2d(p, std::ptr::null_mut()) }
+    fn cuMemcpy2DUnaligned_v2(p: *const CUDA_MEMCPY2D) { copy_2d(p, std::ptr::null_mut()) }
+    fn cuMemcpy2DUnaligned_v2_ptds(p: *const CUDA_MEMCPY2D) { copy_2d(p, std::ptr::null_mut()) }
+    fn cuMemcpy2DAsync_v2(p: *const CUDA_MEMCPY2D, stream: CUstream) { copy_2d(p, stream) }
+    fn cuMemcpy2DAsync_v2_ptsz(p: *const CUDA_MEMCPY2D, stream: CUstream) { copy_2d(p, stream) }
+
+    fn cuMemsetD8_v2(dst: CUdeviceptr, v: u8, n: usize) { memset(dst, v.into(), 1, n, std::ptr::null_mut()) }
+    fn cuMemsetD8_v2_ptds(dst: CUdeviceptr, v: u8, n: usize) { memset(dst, v.into(), 1, n, std::ptr::null_mut()) }
+    fn cuMemsetD16_v2(dst: CUdeviceptr, v: u16, n: usize) { memset(dst, v.into(), 2, n, std::ptr::null_mut()) }
+    fn cuMemsetD16_v2_ptds(dst: CUdeviceptr, v: u16, n: usize) { memset(dst, v.into(), 2, n, std::ptr::null_mut()) }
+    fn cuMemsetD32_v2(dst: CUdeviceptr, v: c_uint, n: usize) { memset(dst, v, 4, n, std::ptr::null_mut()) }
+    fn cuMemsetD32_v2_ptds(dst: CUdeviceptr, v: c_uint, n: usize) { memset(dst, v, 4, n, std::ptr::null_mut()) }
+    fn cuMemsetD8Async(dst: CUdeviceptr, v: u8, n: usize, s: CUstream) { memset(dst, v.into(), 1, n, s) }
+    fn cuMemsetD8Async_ptsz(dst: CUdeviceptr, v: u8, n: usize, s: CUstream) { memset(dst, v.into(), 1, n, s) }
+    fn cuMemsetD16Async(dst: CUdeviceptr, v: u16, n: usize, s: CUstream) { memset(dst, v.into(), 2, n, s) }
+    fn cuMemsetD16Async_ptsz(dst: CUdeviceptr, v: u16, n: usize, s: CUstream) { memset(dst, v.into(), 2, n, s) }
+    fn cuMemsetD32Async(dst: CUdeviceptr, v: c_uint, n: usize, s: CUstream) { memset(dst, v, 4, n, s) }
+    fn cuMemsetD32Async_ptsz(dst: CUdeviceptr, v: c_uint, n: usize, s: CUstream) { memset(dst, v, 4, n, s) }
+    fn cuMemsetD2D8_v2(dst: CUdeviceptr, pitch: usize, v: u8, w: usize, h: usize) { memset_2d(dst, pitch, v.into(), 1, w, h, std::ptr::null_mut()) }
+    fn cuMemsetD2D8_v2_ptds(dst: CUdeviceptr, pitch: usize, v: u8, w: usize, h: usize) { memset_2d(dst, pitch, v.into(), 1, w, h, std::ptr::null_mut()) }
+    fn cuMemsetD2D16_v2(dst: CUdeviceptr, pitch: usize, v: u16, w: usize, h: usize) { memset_2d(dst, pitch, v.into(), 2, w, h, std::ptr::null_mut()) }
+    fn cuMemsetD2D16_v2_ptds(dst: CUdeviceptr, pitch: usize, v: u16, w: usize, h: usize) { memset_2d(dst, pitch, v.into(), 2, w, h, std::ptr::null_mut()) }
+    fn cuMemsetD2D32_v2(dst: CUdeviceptr, pitch: usize, v: c_uint, w: usize, h: usize) { memset_2d(dst, pitch, v, 4, w, h, std::ptr::null_mut()) }
+    fn cuMemsetD2D32_v2_ptds(dst: CUdeviceptr, pitch: usize, v: c_uint, w: usize, h: usize) { memset_2d(dst, pitch, v, 4, w, h, std::ptr::null_mut()) }
+    fn cuMemsetD2D8Async(dst: CUdeviceptr, pitch: usize, v: u8, w: usize, h: usize, s: CUstream) { memset_2d(dst, pitch, v.into(), 1, w, h, s) }
+    fn cuMemsetD2D8Async_ptsz(dst: CUdeviceptr, pitch: usize, v: u8, w: usize, h: usize, s: CUstream) { memset_2d(dst, pitch, v.into(), 1, w, h, s) }
+    fn cuMemsetD2D16Async(dst: CUdeviceptr, pitch: usize, v: u16, w: usize, h: usize, s: CUstream) { memset_2d(dst, pitch, v.into(), 2, w, h, s) }
+    fn cuMemsetD2D16Async_ptsz(dst: CUdeviceptr, pitch: usize, v: u16, w: usize, h: usize, s: CUstream) { memset_2d(dst, pitch, v.into(), 2, w, h, s) }
+    fn cuMemsetD2D32Async(dst: CUdeviceptr, pitch: usize, v: c_uint, w: usize, h: usize, s: CUstream) { memset_2d(dst, pitch, v, 4, w, h, s) }
+    fn cuMemsetD2D32Async_ptsz(dst: CUdeviceptr, pitch: usize, v: c_uint, w: usize, h: usize, s: CUstream) { memset_2d(dst, pitch, v, 4, w, h, s) }
+
+    fn cuMemAllocHost_v2(pp: *mut *mut c_void, bytesize: usize) {
+        let rt = Runtime::with_context()?;
+        let p = hostmem::alloc(bytesize)?;
+        rt.tables().host_allocs.insert(p as usize, (bytesize, 0));
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(pp, p.cast()) }
+    }
+
+    fn cuMemHostAlloc(pp: *mut *mut c_void, bytesize: usize, flags: c_uint) {
+        // DEVICEMAP: host memory cannot be mapped into a remote GPU.
+        if flags & 0x02 != 0 {
+            return Err(CuError::NOT_SUPPORTED);
+        }
+        let rt = Runtime::with_context()?;
+        let p = hostmem::alloc(bytesize)?;
+        rt.tables().host_allocs.insert(p as usize, (bytesize, flags));
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(pp, p.cast()) }
+    }
+
+    fn cuMemFreeHost(p: *mut c_void) {
+        let rt = Runtime::get()?;
+        let (size, _) = rt.tables().host_allocs.remove(&(p as usize)).ok_or(CuError::INVALID_VALUE)?;
+        // SAFETY: `p` came from hostmem::alloc with `size` (looked up above)
+        // and is no longer in the table.
+        unsafe { hostmem::free(p.cast(), size) };
+        Ok(())
+    }
+
+    fn cuMemHostGetFlags(flags: *mut c_uint, p: *mut c_void) {
+        let rt = Runtime::with_context()?;
+        let (_, _, f) = host_block(rt, p as usize).ok_or(CuError::INVALID_VALUE)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(flags, f) }
+    }
+
+    /// Registration only records the range: copies from and to any host
+    /// memory already go through the network.
+    fn cuMemHostRegister_v2(p: *mut c_void, bytesize: usize, flags: c_uint) {
+        if p.is_null() || bytesize == 0 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        if flags & 0x02 != 0 {
+            return Err(CuError::NOT_SUPPORTED);
+        }
+        let rt = Runtime::with_context()?;
+        let mut t = rt.tables();
+        if t.host_registered.insert(p as usize, (bytesize, flags)).is_some() {
+            return Err(CuError(712)); // HOST_MEMORY_ALREADY_REGISTERED
+        }
+        Ok(())
+    }
+
+    fn cuMemHostUnregister(p: *mut c_void) {
+        let rt = Runtime::with_context()?;
+        rt.tables().host_registered.remove(&(p as usize)).map(drop).ok_or(CuError(713)) // NOT_REGISTERED
+    }
+
+    fn cuPointerGetAttribute(data: *mut c_void, attribute: c_uint, ptr: CUdeviceptr) {
+        let rt = Runtime::get()?;
+        let value = pointer_attribute(rt, attribute, ptr).ok_or(CuError::INVALID_VALUE)?;
+        // SAFETY: `data` holds the attribute's type per the CUDA API.
+        unsafe { write_attribute(data, attribute, value) }
+    }
+
+    /// Attributes that do not apply read as zero, as the driver does.
+    fn cuPointerGetAttributes(count: c_uint, attributes: *mut c_uint, data: *mut *mut c_void, ptr: CUdeviceptr) {
+        let rt = Runtime::get()?;
+        if attributes.is_null() || data.is_null() {
+            return Err(CuError::INVALID_VALUE);
+        }
+        for i in 0..count as usize {
+            // SAFETY: both arrays hold `count` entries per the CUDA API.
+            let (attribute, slot) = unsafe { (*attributes.add(i), *data.add(i)) };
+            if slot.is_null() {
+                continue;
+            }
+            let value = pointer_attribute(rt, attribute, ptr).unwrap_or(0);
+            // SAFETY: each slot holds its attribute's type per the CUDA API.
+            unsafe { write_attribute(slot, attribute, value) }?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memcpy2d_mirror_matches_cuda_layout() {
+        assert_eq!(std::mem::offset_of!(Memcpy2D, src_type), std::mem::offset_of!(CUDA_MEMCPY2D, srcMemoryType));
+        assert_eq!(std::mem::offset_of!(Memcpy2D, dst_device), std::mem::offset_of!(CUDA_MEMCPY2D, dstDevice));
+        assert_eq!(std::mem::offset_of!(Memcpy2D, height), std::mem::offset_of!(CUDA_MEMCPY2D, Height));
+    }
+
+    #[test]
+    fn attribute_widths() {
+        assert_eq!(attribute_width(2), 4);
+        assert_eq!(attribute_width(1), 8);
+        assert_eq!(attribute_width(12), 8);
+    }
+}

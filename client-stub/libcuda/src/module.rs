@@ -1,0 +1,441 @@
+//! Modules, libraries, functions, kernels, module variables and occupancy.
+//!
+//! A library is a module loaded through the library API (what CUDA 12+
+//! runtimes use for registered fatbins); a kernel handle names the same
+//! function as a function handle. Function layouts and attributes came
+//! with the load and are answered here without a round trip.
+
+use crate::abi::{CuError, CuResult, c_str, intern, put};
+use crate::image;
+use crate::runtime::{Runtime, Tag, function_handle, function_of, handle};
+use cudarc::driver::sys::{CUdevice, CUdeviceptr, CUfunction, CUkernel, CUlibrary, CUmodule};
+use gpupool_client::{Function, Module};
+use gpupool_proto::v1::{self, OccupancyQuery};
+use std::ffi::{c_char, c_int, c_uint, c_void};
+
+/// Loads an image. Libraries need no current context (CUDA 12's library
+/// API is context-independent); the module API checks for one itself.
+fn load_bytes(bytes: &[u8]) -> CuResult<Module> {
+    let rt = Runtime::get()?;
+    rt.session.module_load(bytes).map_err(CuError::from)
+}
+
+/// Loads the image at `p`.
+fn load_ptr(p: *const c_void) -> CuResult<Module> {
+    // SAFETY: the CUDA contract: `p` is a complete module image.
+    let bytes = unsafe { image::image(p.cast()) }?;
+    load_bytes(bytes)
+}
+
+fn load_file(path: *const c_char) -> CuResult<Module> {
+    // SAFETY: NUL-terminated per the CUDA API.
+    let path = unsafe { c_str(path) }?;
+    let bytes = std::fs::read(path).map_err(|_| CuError(gpupool_proto::cuda::FILE_NOT_FOUND))?;
+    load_bytes(&bytes)
+}
+
+fn unload(h: usize, tag: Tag) -> CuResult {
+    let rt = Runtime::get()?;
+    let m = rt.module(h, tag)?;
+    rt.session.module_unload(&m).map_err(CuError::from)
+}
+
+/// The function handle (of kind `tag`) for `name` in module handle `h`.
+fn lookup(h: usize, module_tag: Tag, name: *const c_char, tag: Tag) -> CuResult<usize> {
+    let rt = Runtime::get()?;
+    let m = rt.module(h, module_tag)?;
+    // SAFETY: NUL-terminated per the CUDA API.
+    let name = unsafe { c_str(name) }?;
+    let f = m.function(name).map_err(|_| CuError::NOT_FOUND)?;
+    Ok(function_handle(tag, f.module, f.index))
+}
+
+fn global(h: usize, tag: Tag, dptr: *mut CUdeviceptr, bytes: *mut usize, name: *const c_char) -> CuResult {
+    let rt = Runtime::get()?;
+    let m = rt.module(h, tag)?;
+    // SAFETY: NUL-terminated per the CUDA API.
+    let name = unsafe { c_str(name) }?;
+    let (addr, size) = rt.session.module_get_global(m.id, name)?;
+    // SAFETY: each out-pointer may be null per the CUDA API.
+    unsafe {
+        if !dptr.is_null() {
+            put(dptr, addr)?;
+        }
+        if !bytes.is_null() {
+            put(bytes, size as usize)?;
+        }
+    }
+    Ok(())
+}
+
+fn function(h: usize) -> CuResult<(&'static Runtime, Function)> {
+    let rt = Runtime::get()?;
+    let f = rt.function(h)?;
+    Ok((rt, f))
+}
+
+fn get_attribute(pi: *mut c_int, attrib: c_uint, h: usize) -> CuResult {
+    let (_, f) = function(h)?;
+    let v = f.info.attributes.get(&attrib).copied().ok_or(CuError::INVALID_VALUE)?;
+    // SAFETY: out-pointer per the CUDA API.
+    unsafe { put(pi, v) }
+}
+
+fn param_info(h: usize, index: usize, offset: *mut usize, size: *mut usize) -> CuResult {
+    let (_, f) = function(h)?;
+    let p = f.info.params.get(index).ok_or(CuError::INVALID_VALUE)?;
+    // SAFETY: each out-pointer may be null per the CUDA API.
+    unsafe {
+        if !offset.is_null() {
+            put(offset, p.offset as usize)?;
+        }
+        if !size.is_null() {
+            put(size, p.size as usize)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the handles of all functions of a module, as kind `tag`.
+fn enumerate(h: usize, module_tag: Tag, out: *mut usize, n: c_uint, tag: Tag) -> CuResult {
+    let rt = Runtime::get()?;
+    let m = rt.module(h, module_tag)?;
+    if out.is_null() || (n as usize) < m.functions.len() {
+        return Err(CuError::INVALID_VALUE);
+    }
+    for i in 0..m.functions.len() {
+        // SAFETY: `out` holds `n >= len` entries per the CUDA API.
+        unsafe { out.add(i).write(function_handle(tag, m.id, i as u32)) };
+    }
+    Ok(())
+}
+
+fn active_blocks(rt: &Runtime, f: &Function, block_size: c_int, smem: usize, flags: c_uint) -> CuResult<i64> {
+    if block_size <= 0 {
+        return Err(CuError::INVALID_VALUE);
+    }
+    let q = v1::Occupancy {
+        query: OccupancyQuery::ActiveBlocks as i32,
+        block_size: block_size as u32,
+        dynamic_smem_bytes: smem as u64,
+        flags,
+        ..Default::default()
+    };
+    Ok(rt.session.occupancy(f, q)?.0)
+}
+
+type SmemForBlock = Option<unsafe extern "C" fn(c_int) -> usize>;
+
+fn potential_block_size(
+    min_grid: *mut c_int,
+    block: *mut c_int,
+    h: CUfunction,
+    smem_for_block: SmemForBlock,
+    smem: usize,
+    limit: c_int,
+    flags: c_uint,
+) -> CuResult {
+    let (rt, f) = function(h as usize)?;
+    let (grid, size) = match smem_for_block {
+        None => {
+            let q = v1::Occupancy {
+                query: OccupancyQuery::PotentialBlockSize as i32,
+                block_size: limit.max(0) as u32,
+                dynamic_smem_bytes: smem as u64,
+                flags,
+                ..Default::default()
+            };
+            let (g, b) = rt.session.occupancy(&f, q)?;
+            (g, b)
+        }
+        Some(callback) => {
+            // The shared memory depends on the block size through a
+            // callback that cannot travel: search here, one query per
+            // candidate size (multiples of the warp size).
+            let max = match (f.info.max_threads_per_block as c_int, limit) {
+                (m, l) if l > 0 => m.min(l),
+                (m, _) => m,
+            };
+            let mut best = (0i64, 0i64, 0 as c_int);
+            let mut size = max - max % 32;
+            while size > 0 {
+                // SAFETY: the application's callback, called as CUDA does.
+                let need = unsafe { callback(size) };
+                let blocks = active_blocks(rt, &f, size, need, flags)?;
+                if blocks * i64::from(size) > best.0 {
+                    best = (blocks * i64::from(size), blocks, size);
+                }
+                size -= 32;
+            }
+            (best.1 * i64::from(f_sms(rt)), best.2)
+        }
+    };
+    // SAFETY: out-pointers per the CUDA API.
+    unsafe {
+        put(min_grid, grid as c_int)?;
+        put(block, size)
+    }
+}
+
+fn f_sms(rt: &Runtime) -> i32 {
+    rt.device.multiprocessor_count as i32
+}
+
+crate::exports! {
+    fn cuModuleLoadData(module: *mut CUmodule, image: *const c_void) {
+        Runtime::with_context()?;
+        let m = load_ptr(image)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(module, handle(Tag::Module, m.id.into()) as CUmodule) }
+    }
+
+    /// JIT options tune the server's compile and its logs; the server
+    /// compiles with its defaults.
+    fn cuModuleLoadDataEx(module: *mut CUmodule, image: *const c_void, _n: c_uint, _opts: *mut c_uint, _vals: *mut *mut c_void) {
+        Runtime::with_context()?;
+        let m = load_ptr(image)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(module, handle(Tag::Module, m.id.into()) as CUmodule) }
+    }
+
+    fn cuModuleLoadFatBinary(module: *mut CUmodule, fat: *const c_void) {
+        Runtime::with_context()?;
+        let m = load_ptr(fat)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(module, handle(Tag::Module, m.id.into()) as CUmodule) }
+    }
+
+    fn cuModuleLoad(module: *mut CUmodule, fname: *const c_char) {
+        Runtime::with_context()?;
+        let m = load_file(fname)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(module, handle(Tag::Module, m.id.into()) as CUmodule) }
+    }
+
+    fn cuModuleUnload(module: CUmodule) {
+        unload(module as usize, Tag::Module)
+    }
+
+    fn cuModuleGetFunction(f: *mut CUfunction, module: CUmodule, name: *const c_char) {
+        let h = lookup(module as usize, Tag::Module, name, Tag::Function)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(f, h as CUfunction) }
+    }
+
+    fn cuModuleGetGlobal_v2(dptr: *mut CUdeviceptr, bytes: *mut usize, module: CUmodule, name: *const c_char) {
+        global(module as usize, Tag::Module, dptr, bytes, name)
+    }
+
+    fn cuModuleGetLoadingMode(mode: *mut c_uint) {
+        // Modules load eagerly on the server (CU_MODULE_EAGER_LOADING).
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(mode, 1) }
+    }
+
+    fn cuModuleGetFunctionCount(count: *mut c_uint, module: CUmodule) {
+        let rt = Runtime::with_context()?;
+        let m = rt.module(module as usize, Tag::Module)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(count, m.functions.len() as c_uint) }
+    }
+
+    fn cuModuleEnumerateFunctions(functions: *mut CUfunction, n: c_uint, module: CUmodule) {
+        enumerate(module as usize, Tag::Module, functions.cast(), n, Tag::Function)
+    }
+
+    /// JIT and library options are compile and loading preferences; the
+    /// server loads with its defaults.
+    fn cuLibraryLoadData(
+        library: *mut CUlibrary,
+        code: *const c_void,
+        _jit_options: *mut c_uint,
+        _jit_values: *mut *mut c_void,
+        _n_jit: c_uint,
+        _lib_options: *mut c_uint,
+        _lib_values: *mut *mut c_void,
+        _n_lib: c_uint,
+    ) {
+        let m = load_ptr(code)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(library, handle(Tag::Library, m.id.into()) as CUlibrary) }
+    }
+
+    fn cuLibraryLoadFromFile(
+        library: *mut CUlibrary,
+        file: *const c_char,
+        _jit_options: *mut c_uint,
+        _jit_values: *mut *mut c_void,
+        _n_jit: c_uint,
+        _lib_options: *mut c_uint,
+        _lib_values: *mut *mut c_void,
+        _n_lib: c_uint,
+    ) {
+        let m = load_file(file)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(library, handle(Tag::Library, m.id.into()) as CUlibrary) }
+    }
+
+    fn cuLibraryUnload(library: CUlibrary) {
+        unload(library as usize, Tag::Library)
+    }
+
+    fn cuLibraryGetKernel(kernel: *mut CUkernel, library: CUlibrary, name: *const c_char) {
+        let h = lookup(library as usize, Tag::Library, name, Tag::Kernel)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(kernel, h as CUkernel) }
+    }
+
+    fn cuLibraryGetModule(module: *mut CUmodule, library: CUlibrary) {
+        let rt = Runtime::get()?;
+        let m = rt.module(library as usize, Tag::Library)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(module, handle(Tag::Module, m.id.into()) as CUmodule) }
+    }
+
+    fn cuLibraryGetGlobal(dptr: *mut CUdeviceptr, bytes: *mut usize, library: CUlibrary, name: *const c_char) {
+        global(library as usize, Tag::Library, dptr, bytes, name)
+    }
+
+    fn cuLibraryGetKernelCount(count: *mut c_uint, library: CUlibrary) {
+        let rt = Runtime::get()?;
+        let m = rt.module(library as usize, Tag::Library)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(count, m.functions.len() as c_uint) }
+    }
+
+    fn cuLibraryEnumerateKernels(kernels: *mut CUkernel, n: c_uint, library: CUlibrary) {
+        enumerate(library as usize, Tag::Library, kernels.cast(), n, Tag::Kernel)
+    }
+
+    fn cuKernelGetFunction(f: *mut CUfunction, kernel: CUkernel) {
+        Runtime::with_context()?;
+        let (module, index) = function_of(kernel as usize)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(f, function_handle(Tag::Function, module, index) as CUfunction) }
+    }
+
+    fn cuKernelGetLibrary(library: *mut CUlibrary, kernel: CUkernel) {
+        let (_, f) = function(kernel as usize)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(library, handle(Tag::Library, f.module.into()) as CUlibrary) }
+    }
+
+    fn cuFuncGetModule(module: *mut CUmodule, f: CUfunction) {
+        let (_, f) = function(f as usize)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(module, handle(Tag::Module, f.module.into()) as CUmodule) }
+    }
+
+    fn cuFuncGetAttribute(pi: *mut c_int, attrib: c_uint, f: CUfunction) {
+        get_attribute(pi, attrib, f as usize)
+    }
+
+    fn cuKernelGetAttribute(pi: *mut c_int, attrib: c_uint, kernel: CUkernel, dev: CUdevice) {
+        crate::device::check_device(dev)?;
+        get_attribute(pi, attrib, kernel as usize)
+    }
+
+    fn cuFuncSetAttribute(f: CUfunction, attrib: c_uint, value: c_int) {
+        let (rt, f) = function(f as usize)?;
+        rt.session.func_set_attribute(&f, attrib, value).map_err(CuError::from)
+    }
+
+    fn cuKernelSetAttribute(attrib: c_uint, value: c_int, kernel: CUkernel, dev: CUdevice) {
+        crate::device::check_device(dev)?;
+        let (rt, f) = function(kernel as usize)?;
+        rt.session.func_set_attribute(&f, attrib, value).map_err(CuError::from)
+    }
+
+    /// Cache and shared-memory configurations are preferences the device
+    /// may ignore.
+    fn cuFuncSetCacheConfig(f: CUfunction, config: c_uint) {
+        function(f as usize)?;
+        if config > 3 { Err(CuError::INVALID_VALUE) } else { Ok(()) }
+    }
+
+    fn cuKernelSetCacheConfig(kernel: CUkernel, config: c_uint, dev: CUdevice) {
+        crate::device::check_device(dev)?;
+        function(kernel as usize)?;
+        if config > 3 { Err(CuError::INVALID_VALUE) } else { Ok(()) }
+    }
+
+    fn cuFuncSetSharedMemConfig(f: CUfunction, config: c_uint) {
+        function(f as usize)?;
+        if config > 2 { Err(CuError::INVALID_VALUE) } else { Ok(()) }
+    }
+
+    fn cuFuncGetName(name: *mut *const c_char, f: CUfunction) {
+        let (_, f) = function(f as usize)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(name, intern(&f.info.name)) }
+    }
+
+    fn cuKernelGetName(name: *mut *const c_char, kernel: CUkernel) {
+        let (_, f) = function(kernel as usize)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(name, intern(&f.info.name)) }
+    }
+
+    fn cuFuncGetParamInfo(f: CUfunction, index: usize, offset: *mut usize, size: *mut usize) {
+        param_info(f as usize, index, offset, size)
+    }
+
+    fn cuKernelGetParamInfo(kernel: CUkernel, index: usize, offset: *mut usize, size: *mut usize) {
+        param_info(kernel as usize, index, offset, size)
+    }
+
+    fn cuFuncGetParamCount(f: CUfunction, count: *mut usize) {
+        let (_, f) = function(f as usize)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(count, f.info.params.len()) }
+    }
+
+    fn cuFuncIsLoaded(state: *mut c_uint, f: CUfunction) {
+        function(f as usize)?;
+        // CU_FUNCTION_LOADING_STATE_LOADED: modules load eagerly.
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(state, 1) }
+    }
+
+    fn cuFuncLoad(f: CUfunction) {
+        function(f as usize).map(drop)
+    }
+
+    fn cuOccupancyMaxActiveBlocksPerMultiprocessor(n: *mut c_int, f: CUfunction, block: c_int, smem: usize) {
+        let (rt, f) = function(f as usize)?;
+        let blocks = active_blocks(rt, &f, block, smem, 0)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(n, blocks as c_int) }
+    }
+
+    fn cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(n: *mut c_int, f: CUfunction, block: c_int, smem: usize, flags: c_uint) {
+        let (rt, f) = function(f as usize)?;
+        let blocks = active_blocks(rt, &f, block, smem, flags)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(n, blocks as c_int) }
+    }
+
+    fn cuOccupancyMaxPotentialBlockSize(grid: *mut c_int, block: *mut c_int, f: CUfunction, cb: SmemForBlock, smem: usize, limit: c_int) {
+        potential_block_size(grid, block, f, cb, smem, limit, 0)
+    }
+
+    fn cuOccupancyMaxPotentialBlockSizeWithFlags(grid: *mut c_int, block: *mut c_int, f: CUfunction, cb: SmemForBlock, smem: usize, limit: c_int, flags: c_uint) {
+        potential_block_size(grid, block, f, cb, smem, limit, flags)
+    }
+
+    fn cuOccupancyAvailableDynamicSMemPerBlock(smem: *mut usize, f: CUfunction, blocks: c_int, block: c_int) {
+        let (rt, f) = function(f as usize)?;
+        if blocks <= 0 || block <= 0 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let q = v1::Occupancy {
+            query: OccupancyQuery::AvailableDynamicSmem as i32,
+            block_size: block as u32,
+            num_blocks: blocks as u32,
+            ..Default::default()
+        };
+        let (bytes, _) = rt.session.occupancy(&f, q)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(smem, bytes as usize) }
+    }
+}

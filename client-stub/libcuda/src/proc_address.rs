@@ -1,0 +1,147 @@
+//! `cuGetProcAddress`: the CUDA runtime and libraries resolve driver entry
+//! points by base name and the CUDA version they were built for, not by
+//! symbol. A base name maps to the versioned symbol that version's `cuda.h`
+//! chose (`cuMemAlloc` -> `cuMemAlloc_v2`); the per-thread-default-stream
+//! flag picks the `_ptds`/`_ptsz` variant where one exists.
+
+use crate::abi::{CuError, CuResult, c_str, put};
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void};
+use std::sync::OnceLock;
+
+const PER_THREAD_DEFAULT_STREAM: u64 = 1 << 1;
+
+/// Base names whose symbol changed over CUDA versions: `(base, since, symbol)`.
+/// For a request of version `v`, the entry with the highest `since <= v`
+/// wins; names not listed here are their own symbol, or `_v2` where only
+/// that exists (the CUDA 3.2 and 4.0 renames).
+const VERSIONED: &[(&str, i32, &str)] = &[
+    ("cuCtxCreate", 3020, "cuCtxCreate_v2"),
+    ("cuCtxCreate", 11040, "cuCtxCreate_v3"),
+    ("cuCtxCreate", 12050, "cuCtxCreate_v4"),
+    ("cuDeviceGetUuid", 0, "cuDeviceGetUuid"),
+    ("cuDeviceGetUuid", 11040, "cuDeviceGetUuid_v2"),
+    ("cuGetProcAddress", 0, "cuGetProcAddress"),
+    ("cuGetProcAddress", 12000, "cuGetProcAddress_v2"),
+    ("cuEventElapsedTime", 0, "cuEventElapsedTime"),
+    ("cuEventElapsedTime", 12080, "cuEventElapsedTime_v2"),
+    ("cuStreamGetCaptureInfo", 0, "cuStreamGetCaptureInfo"),
+    ("cuStreamGetCaptureInfo", 11030, "cuStreamGetCaptureInfo_v2"),
+    ("cuStreamGetCaptureInfo", 12030, "cuStreamGetCaptureInfo_v3"),
+    ("cuDevicePrimaryCtxRelease", 11000, "cuDevicePrimaryCtxRelease_v2"),
+    ("cuDevicePrimaryCtxReset", 11000, "cuDevicePrimaryCtxReset_v2"),
+    ("cuDevicePrimaryCtxSetFlags", 11000, "cuDevicePrimaryCtxSetFlags_v2"),
+    ("cuMemAdvise", 0, "cuMemAdvise"),
+    ("cuMemAdvise", 12020, "cuMemAdvise_v2"),
+    ("cuMemPrefetchAsync", 0, "cuMemPrefetchAsync"),
+    ("cuMemPrefetchAsync", 12020, "cuMemPrefetchAsync_v2"),
+    ("cuGraphInstantiate", 12000, "cuGraphInstantiateWithFlags"),
+];
+
+fn exports() -> &'static HashMap<&'static str, usize> {
+    static TABLE: OnceLock<HashMap<&'static str, usize>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut all = HashMap::new();
+        for part in [
+            crate::device::table(),
+            crate::context::table(),
+            crate::memory::table(),
+            crate::module::table(),
+            crate::launch::table(),
+            crate::stream::table(),
+            crate::export_tables::table(),
+            table(),
+            // Implemented names take precedence over the unsupported list.
+            crate::unsupported::table(),
+        ] {
+            for (name, addr) in part {
+                all.entry(name).or_insert(addr);
+            }
+        }
+        all
+    })
+}
+
+/// The symbol for `name` requested at CUDA version `version`.
+pub(crate) fn symbol_for(name: &str, version: c_int) -> String {
+    let chosen =
+        VERSIONED.iter().filter(|(b, since, _)| *b == name && *since <= version).max_by_key(|(_, since, _)| *since);
+    if let Some((_, _, sym)) = chosen {
+        return (*sym).to_string();
+    }
+    let table = exports();
+    let v2 = format!("{name}_v2");
+    if !table.contains_key(name) && table.contains_key(v2.as_str()) { v2 } else { name.to_string() }
+}
+
+/// The address for a request, or `None` when nothing matches.
+pub(crate) fn resolve(name: &str, version: c_int, flags: u64) -> Option<usize> {
+    let table = exports();
+    let sym = symbol_for(name, version);
+    if flags & PER_THREAD_DEFAULT_STREAM != 0 {
+        for suffix in ["_ptsz", "_ptds"] {
+            if let Some(&addr) = table.get(format!("{sym}{suffix}").as_str()) {
+                return Some(addr);
+            }
+        }
+    }
+    table.get(sym.as_str()).copied()
+}
+
+fn get_proc_address(
+    symbol: *const c_char,
+    pfn: *mut *mut c_void,
+    version: c_int,
+    flags: u64,
+    status: *mut c_int,
+) -> CuResult {
+    // SAFETY: NUL-terminated per the CUDA API.
+    let name = unsafe { c_str(symbol) }?;
+    let found = resolve(name, version, flags);
+    tracing::trace!(name, version, flags, found = found.is_some(), "cuGetProcAddress");
+    // SAFETY: out-pointers per the CUDA API (`status` optional).
+    unsafe {
+        if !status.is_null() {
+            // CU_GET_PROC_ADDRESS_SUCCESS = 0, SYMBOL_NOT_FOUND = 1.
+            put(status, if found.is_some() { 0 } else { 1 })?;
+        }
+        put(pfn, found.unwrap_or(0) as *mut c_void)?;
+    }
+    if found.is_some() { Ok(()) } else { Err(CuError::NOT_FOUND) }
+}
+
+crate::exports! {
+    fn cuGetProcAddress(symbol: *const c_char, pfn: *mut *mut c_void, version: c_int, flags: u64) {
+        get_proc_address(symbol, pfn, version, flags, std::ptr::null_mut())
+    }
+
+    fn cuGetProcAddress_v2(symbol: *const c_char, pfn: *mut *mut c_void, version: c_int, flags: u64, status: *mut c_int) {
+        get_proc_address(symbol, pfn, version, flags, status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_pick_symbols() {
+        assert_eq!(symbol_for("cuCtxCreate", 13000), "cuCtxCreate_v4");
+        assert_eq!(symbol_for("cuCtxCreate", 12000), "cuCtxCreate_v3");
+        assert_eq!(symbol_for("cuMemAlloc", 13000), "cuMemAlloc_v2");
+        assert_eq!(symbol_for("cuInit", 13000), "cuInit");
+        assert_eq!(symbol_for("cuEventElapsedTime", 12000), "cuEventElapsedTime");
+    }
+
+    #[test]
+    fn per_thread_variants_and_misses() {
+        let plain = resolve("cuMemcpyHtoD", 13000, 0).expect("exported");
+        let ptds = resolve("cuMemcpyHtoD", 13000, PER_THREAD_DEFAULT_STREAM).expect("exported");
+        assert_ne!(plain, ptds);
+        assert_eq!(resolve("cuInit", 13000, PER_THREAD_DEFAULT_STREAM), resolve("cuInit", 13000, 0));
+        assert_eq!(resolve("cuNoSuchFunction", 13000, 0), None);
+        // Entry points gpupool does not implement still resolve, to a
+        // function that answers CUDA_ERROR_NOT_SUPPORTED.
+        assert!(resolve("cuGraphCreate", 13000, 0).is_some());
+    }
+}

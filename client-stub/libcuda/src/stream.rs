@@ -1,0 +1,241 @@
+//! Streams and events. Ids are assigned here and created on the server
+//! with the next batch; queries and synchronizations wait once.
+
+use crate::abi::{CuError, CuResult, put};
+use crate::context::PRIORITY_RANGE;
+use crate::runtime::{PRIMARY, Runtime, StreamInfo, Tag, handle, id_of};
+use cudarc::driver::sys::{CUcontext, CUevent, CUhostFn, CUresult, CUstream, CUstreamCallback};
+use gpupool_client::StreamId;
+use std::ffi::{c_float, c_int, c_uint, c_ulonglong, c_void};
+
+fn create(ph: *mut CUstream, flags: c_uint, priority: c_int) -> CuResult {
+    let rt = Runtime::with_context()?;
+    // Clamp like the driver: out-of-range priorities take the nearest end.
+    let priority = priority.clamp(PRIORITY_RANGE.1, PRIORITY_RANGE.0);
+    let id = rt.session.stream_create(flags, priority)?;
+    rt.tables().streams.insert(u64::from(id.0), StreamInfo { id, flags, priority });
+    // SAFETY: out-pointer per the CUDA API.
+    unsafe { put(ph, handle(Tag::Stream, u64::from(id.0)) as CUstream) }
+}
+
+fn info(rt: &Runtime, h: CUstream) -> CuResult<StreamInfo> {
+    if (h as usize) <= 2 {
+        return Ok(StreamInfo { id: StreamId::DEFAULT, flags: 0, priority: 0 });
+    }
+    let id = id_of(Tag::Stream, h as usize).ok_or(CuError::INVALID_HANDLE)?;
+    rt.tables().streams.get(&id).copied().ok_or(CuError::INVALID_HANDLE)
+}
+
+fn synchronize(h: CUstream) -> CuResult {
+    let rt = Runtime::with_context()?;
+    let s = rt.stream(h as usize)?;
+    rt.session.stream_synchronize(s).map_err(CuError::from)
+}
+
+fn query(h: CUstream) -> CuResult {
+    let rt = Runtime::with_context()?;
+    let s = rt.stream(h as usize)?;
+    if rt.session.stream_query(s)? { Ok(()) } else { Err(CuError::NOT_READY) }
+}
+
+fn wait_event(h: CUstream, e: CUevent) -> CuResult {
+    let rt = Runtime::with_context()?;
+    let s = rt.stream(h as usize)?;
+    let e = rt.event(e as usize)?;
+    rt.session.stream_wait_event(s, e).map_err(CuError::from)
+}
+
+fn record(e: CUevent, h: CUstream) -> CuResult {
+    let rt = Runtime::with_context()?;
+    let e = rt.event(e as usize)?;
+    let s = rt.stream(h as usize)?;
+    rt.session.event_record(e, s).map_err(CuError::from)
+}
+
+/// Host functions run on the calling thread once the stream's earlier
+/// work is done: the order CUDA promises, without a callback thread.
+fn host_func(h: CUstream, f: CUhostFn, data: *mut c_void) -> CuResult {
+    let f = f.ok_or(CuError::INVALID_VALUE)?;
+    synchronize(h)?;
+    // SAFETY: the application's callback with its own argument.
+    unsafe { f(data) };
+    Ok(())
+}
+
+fn add_callback(h: CUstream, cb: CUstreamCallback, data: *mut c_void, flags: c_uint) -> CuResult {
+    let cb = cb.ok_or(CuError::INVALID_VALUE)?;
+    if flags != 0 {
+        return Err(CuError::INVALID_VALUE);
+    }
+    let status = match synchronize(h) {
+        Ok(()) => CUresult::CUDA_SUCCESS,
+        Err(e) => crate::codes::from_raw(e.0),
+    };
+    // SAFETY: the application's callback with its stream and argument.
+    unsafe { cb(h, status, data) };
+    Ok(())
+}
+
+fn elapsed(ms: *mut c_float, start: CUevent, end: CUevent) -> CuResult {
+    let rt = Runtime::with_context()?;
+    let (a, b) = (rt.event(start as usize)?, rt.event(end as usize)?);
+    let v = rt.session.event_elapsed(a, b)?;
+    // SAFETY: out-pointer per the CUDA API.
+    unsafe { put(ms, v) }
+}
+
+crate::exports! {
+    fn cuStreamCreate(ph: *mut CUstream, flags: c_uint) { create(ph, flags, 0) }
+    fn cuStreamCreateWithPriority(ph: *mut CUstream, flags: c_uint, priority: c_int) { create(ph, flags, priority) }
+
+    fn cuStreamDestroy_v2(h: CUstream) {
+        let rt = Runtime::with_context()?;
+        let id = id_of(Tag::Stream, h as usize).ok_or(CuError::INVALID_HANDLE)?;
+        let s = rt.tables().streams.remove(&id).ok_or(CuError::INVALID_HANDLE)?;
+        rt.session.stream_destroy(s.id).map_err(CuError::from)
+    }
+
+    fn cuStreamSynchronize(h: CUstream) { synchronize(h) }
+    fn cuStreamSynchronize_ptsz(h: CUstream) { synchronize(h) }
+    fn cuStreamQuery(h: CUstream) { query(h) }
+    fn cuStreamQuery_ptsz(h: CUstream) { query(h) }
+    fn cuStreamWaitEvent(h: CUstream, e: CUevent, _flags: c_uint) { wait_event(h, e) }
+    fn cuStreamWaitEvent_ptsz(h: CUstream, e: CUevent, _flags: c_uint) { wait_event(h, e) }
+    fn cuLaunchHostFunc(h: CUstream, f: CUhostFn, data: *mut c_void) { host_func(h, f, data) }
+    fn cuLaunchHostFunc_ptsz(h: CUstream, f: CUhostFn, data: *mut c_void) { host_func(h, f, data) }
+    fn cuStreamAddCallback(h: CUstream, cb: CUstreamCallback, data: *mut c_void, flags: c_uint) { add_callback(h, cb, data, flags) }
+    fn cuStreamAddCallback_ptsz(h: CUstream, cb: CUstreamCallback, data: *mut c_void, flags: c_uint) { add_callback(h, cb, data, flags) }
+
+    fn cuStreamGetPriority(h: CUstream, priority: *mut c_int) {
+        let s = info(Runtime::with_context()?, h)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(priority, s.priority) }
+    }
+
+    fn cuStreamGetPriority_ptsz(h: CUstream, priority: *mut c_int) {
+        let s = info(Runtime::with_context()?, h)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(priority, s.priority) }
+    }
+
+    fn cuStreamGetFlags(h: CUstream, flags: *mut c_uint) {
+        let s = info(Runtime::with_context()?, h)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(flags, s.flags) }
+    }
+
+    fn cuStreamGetFlags_ptsz(h: CUstream, flags: *mut c_uint) {
+        let s = info(Runtime::with_context()?, h)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(flags, s.flags) }
+    }
+
+    fn cuStreamGetId(h: CUstream, id: *mut c_ulonglong) {
+        let s = info(Runtime::with_context()?, h)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(id, u64::from(s.id.0)) }
+    }
+
+    fn cuStreamGetId_ptsz(h: CUstream, id: *mut c_ulonglong) {
+        let s = info(Runtime::with_context()?, h)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(id, u64::from(s.id.0)) }
+    }
+
+    fn cuStreamGetCtx(h: CUstream, ctx: *mut CUcontext) {
+        info(Runtime::with_context()?, h)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(ctx, handle(Tag::Context, PRIMARY) as CUcontext) }
+    }
+
+    fn cuStreamGetCtx_ptsz(h: CUstream, ctx: *mut CUcontext) {
+        info(Runtime::with_context()?, h)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(ctx, handle(Tag::Context, PRIMARY) as CUcontext) }
+    }
+
+    fn cuStreamGetDevice(h: CUstream, dev: *mut c_int) {
+        info(Runtime::with_context()?, h)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(dev, 0) }
+    }
+
+    /// Stream capture (CUDA graphs) is not offered: no stream is ever
+    /// capturing.
+    fn cuStreamIsCapturing(h: CUstream, status: *mut c_uint) {
+        info(Runtime::with_context()?, h)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(status, 0) }
+    }
+
+    fn cuStreamIsCapturing_ptsz(h: CUstream, status: *mut c_uint) {
+        info(Runtime::with_context()?, h)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(status, 0) }
+    }
+
+    fn cuStreamGetCaptureInfo_v3(
+        h: CUstream, status: *mut c_uint, id: *mut c_ulonglong, _graph: *mut *mut c_void,
+        _deps: *mut *const c_void, _edges: *mut *const c_void, count: *mut usize,
+    ) {
+        info(Runtime::with_context()?, h)?;
+        // SAFETY: out-pointers, each optional but `status`, per the CUDA API.
+        unsafe {
+            put(status, 0)?;
+            if !id.is_null() {
+                put(id, 0)?;
+            }
+            if !count.is_null() {
+                put(count, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn cuThreadExchangeStreamCaptureMode(mode: *mut c_uint) {
+        thread_local! {
+            static MODE: std::cell::Cell<c_uint> = const { std::cell::Cell::new(0) };
+        }
+        if mode.is_null() {
+            return Err(CuError::INVALID_VALUE);
+        }
+        // SAFETY: non-null in/out pointer per the CUDA API.
+        unsafe { *mode = MODE.with(|m| m.replace(*mode)) };
+        Ok(())
+    }
+
+    fn cuEventCreate(ph: *mut CUevent, flags: c_uint) {
+        let rt = Runtime::with_context()?;
+        let e = rt.session.event_create(flags)?;
+        rt.tables().events.insert(u64::from(e.0), e);
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(ph, handle(Tag::Event, u64::from(e.0)) as CUevent) }
+    }
+
+    fn cuEventDestroy_v2(h: CUevent) {
+        let rt = Runtime::with_context()?;
+        let id = id_of(Tag::Event, h as usize).ok_or(CuError::INVALID_HANDLE)?;
+        let e = rt.tables().events.remove(&id).ok_or(CuError::INVALID_HANDLE)?;
+        rt.session.event_destroy(e).map_err(CuError::from)
+    }
+
+    fn cuEventRecord(e: CUevent, h: CUstream) { record(e, h) }
+    fn cuEventRecord_ptsz(e: CUevent, h: CUstream) { record(e, h) }
+    fn cuEventRecordWithFlags(e: CUevent, h: CUstream, _flags: c_uint) { record(e, h) }
+    fn cuEventRecordWithFlags_ptsz(e: CUevent, h: CUstream, _flags: c_uint) { record(e, h) }
+
+    fn cuEventQuery(e: CUevent) {
+        let rt = Runtime::with_context()?;
+        let e = rt.event(e as usize)?;
+        if rt.session.event_query(e)? { Ok(()) } else { Err(CuError::NOT_READY) }
+    }
+
+    fn cuEventSynchronize(e: CUevent) {
+        let rt = Runtime::with_context()?;
+        let e = rt.event(e as usize)?;
+        rt.session.event_synchronize(e).map_err(CuError::from)
+    }
+
+    fn cuEventElapsedTime(ms: *mut c_float, start: CUevent, end: CUevent) { elapsed(ms, start, end) }
+    fn cuEventElapsedTime_v2(ms: *mut c_float, start: CUevent, end: CUevent) { elapsed(ms, start, end) }
+}

@@ -1,0 +1,410 @@
+//! Device queries. Each checks its handle against those handed out
+//! (`crate::state`) before anything else, then its out-pointers.
+//!
+//! What the client cannot know is said so, not made up:
+//! - utilization: no server query exists yet, so
+//!   `nvmlDeviceGetUtilizationRates` is `NVML_ERROR_NOT_SUPPORTED`;
+//! - processes: those using the GPU run on the server's machine, where
+//!   this process's pid means nothing; the lists are empty;
+//! - MIG: the virtual GPU is shown as a whole GPU, MIG disabled;
+//! - minor number: there is no `/dev/nvidiaN` on the client; the index is
+//!   given, the number a single-GPU machine's device node would have.
+
+use crate::abi::{c_str, get, log_unsupported, put, put_str};
+use crate::error::Error;
+use crate::gpu::Gpu;
+use crate::state::{self, System};
+use nvml_wrapper_sys::bindings as nv;
+use std::ffi::{c_char, c_int, c_uint};
+
+/// `nvmlMemory_v2`: `NVML_STRUCT_VERSION(Memory, 2)`, the struct's size
+/// with the version in the top byte.
+const MEMORY_V2: c_uint = size_of::<nv::nvmlMemory_v2_t>() as c_uint | (2 << 24);
+
+/// The device a handle names, between init and shutdown.
+fn gpu(device: nv::nvmlDevice_t) -> Result<(&'static System, &'static Gpu), Error> {
+    let system = state::system()?;
+    Ok((system, system.gpu(device)?))
+}
+
+/// Puts the handle of `found` in `device`.
+///
+/// # Safety
+/// `device` is null or valid for writing a handle.
+unsafe fn put_handle(device: *mut nv::nvmlDevice_t, found: &'static Gpu) -> Result<(), Error> {
+    // SAFETY: the caller's contract.
+    unsafe { put(device, System::handle_of(found)) }
+}
+
+/// The running-process lists: always empty (see the module doc), which
+/// fits any array, so `infos` is never written.
+///
+/// # Safety
+/// `info_count` is null or valid for reading and writing a `c_uint`.
+unsafe fn no_processes(device: nv::nvmlDevice_t, info_count: *mut c_uint) -> Result<(), Error> {
+    gpu(device)?;
+    // SAFETY: the caller's contract.
+    unsafe { put(info_count, 0) }
+}
+
+exports! {
+    fn nvmlDeviceGetCount(deviceCount: *mut c_uint) {
+        let system = state::system()?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(deviceCount, system.gpus.len() as c_uint) }
+    }
+
+    fn nvmlDeviceGetCount_v2(deviceCount: *mut c_uint) {
+        // SAFETY: same contract.
+        unsafe { put(deviceCount, state::system()?.gpus.len() as c_uint) }
+    }
+
+    fn nvmlDeviceGetHandleByIndex(index: c_uint, device: *mut nv::nvmlDevice_t) {
+        let found = state::system()?.by_index(index)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put_handle(device, found) }
+    }
+
+    fn nvmlDeviceGetHandleByIndex_v2(index: c_uint, device: *mut nv::nvmlDevice_t) {
+        let found = state::system()?.by_index(index)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put_handle(device, found) }
+    }
+
+    fn nvmlDeviceGetHandleByUUID(uuid: *const c_char, device: *mut nv::nvmlDevice_t) {
+        let system = state::system()?;
+        // SAFETY: NUL-terminated per NVML's contract.
+        let found = system.by_uuid(unsafe { c_str(uuid) }?)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put_handle(device, found) }
+    }
+
+    fn nvmlDeviceGetHandleByPciBusId(pciBusId: *const c_char, device: *mut nv::nvmlDevice_t) {
+        let system = state::system()?;
+        // SAFETY: NUL-terminated per NVML's contract.
+        let found = system.by_pci_bus_id(unsafe { c_str(pciBusId) }?)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put_handle(device, found) }
+    }
+
+    fn nvmlDeviceGetHandleByPciBusId_v2(pciBusId: *const c_char, device: *mut nv::nvmlDevice_t) {
+        let system = state::system()?;
+        // SAFETY: NUL-terminated per NVML's contract.
+        let found = system.by_pci_bus_id(unsafe { c_str(pciBusId) }?)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put_handle(device, found) }
+    }
+
+    fn nvmlDeviceGetName(device: nv::nvmlDevice_t, name: *mut c_char, length: c_uint) {
+        let (_, g) = gpu(device)?;
+        // SAFETY: `name` holds `length` bytes per NVML's contract.
+        unsafe { put_str(name, length, &g.name) }
+    }
+
+    fn nvmlDeviceGetUUID(device: nv::nvmlDevice_t, uuid: *mut c_char, length: c_uint) {
+        let (_, g) = gpu(device)?;
+        // SAFETY: `uuid` holds `length` bytes per NVML's contract.
+        unsafe { put_str(uuid, length, &g.uuid) }
+    }
+
+    fn nvmlDeviceGetIndex(device: nv::nvmlDevice_t, index: *mut c_uint) {
+        let (_, g) = gpu(device)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(index, g.index) }
+    }
+
+    fn nvmlDeviceGetMinorNumber(device: nv::nvmlDevice_t, minorNumber: *mut c_uint) {
+        let (_, g) = gpu(device)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(minorNumber, g.index) }
+    }
+
+    /// The PCI device id is not known to the driver API: `pciDeviceId`
+    /// carries NVIDIA's vendor id (0x10DE) in its low half and 0 as the
+    /// device id; the subsystem id is 0.
+    fn nvmlDeviceGetPciInfo_v3(device: nv::nvmlDevice_t, pci: *mut nv::nvmlPciInfo_t) {
+        let (_, g) = gpu(device)?;
+        let info = nv::nvmlPciInfo_t {
+            busIdLegacy: crate::abi::c_array(&g.pci.bus_id_legacy()),
+            domain: g.pci.domain,
+            bus: g.pci.bus,
+            device: g.pci.device,
+            pciDeviceId: 0x10DE,
+            pciSubSystemId: 0,
+            busId: crate::abi::c_array(&g.pci.bus_id()),
+        };
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(pci, info) }
+    }
+
+    fn nvmlDeviceGetMemoryInfo(device: nv::nvmlDevice_t, memory: *mut nv::nvmlMemory_t) {
+        let (system, g) = gpu(device)?;
+        if memory.is_null() {
+            return Err(Error::InvalidArgument("null pointer"));
+        }
+        let m = system.memory(g)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(memory, nv::nvmlMemory_t { total: m.total, free: m.free, used: m.used }) }
+    }
+
+    /// Nothing is reserved by a system on the client's side: `reserved` is 0.
+    fn nvmlDeviceGetMemoryInfo_v2(device: nv::nvmlDevice_t, memory: *mut nv::nvmlMemory_v2_t) {
+        let (system, g) = gpu(device)?;
+        // SAFETY: `version` is the struct's first field, set by the caller
+        // (NVML's contract); only it is read.
+        let version = unsafe { get(memory.cast::<c_uint>().cast_const()) }?;
+        if version != MEMORY_V2 {
+            return Err(Error::VersionMismatch(version));
+        }
+        let m = system.memory(g)?;
+        let out = nv::nvmlMemory_v2_t { version, total: m.total, reserved: 0, free: m.free, used: m.used };
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(memory, out) }
+    }
+
+    fn nvmlDeviceGetCudaComputeCapability(device: nv::nvmlDevice_t, major: *mut c_int, minor: *mut c_int) {
+        let (_, g) = gpu(device)?;
+        if major.is_null() || minor.is_null() {
+            return Err(Error::InvalidArgument("null pointer"));
+        }
+        // SAFETY: out-pointers per NVML's contract.
+        unsafe {
+            put(major, g.compute_capability.0)?;
+            put(minor, g.compute_capability.1)
+        }
+    }
+
+    fn nvmlDeviceGetMigMode(device: nv::nvmlDevice_t, currentMode: *mut c_uint, pendingMode: *mut c_uint) {
+        gpu(device)?;
+        if currentMode.is_null() || pendingMode.is_null() {
+            return Err(Error::InvalidArgument("null pointer"));
+        }
+        // SAFETY: out-pointers per NVML's contract.
+        unsafe {
+            put(currentMode, nv::NVML_DEVICE_MIG_DISABLE)?;
+            put(pendingMode, nv::NVML_DEVICE_MIG_DISABLE)
+        }
+    }
+
+    fn nvmlDeviceIsMigDeviceHandle(device: nv::nvmlDevice_t, isMigDevice: *mut c_uint) {
+        gpu(device)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(isMigDevice, 0) }
+    }
+
+    /// Known gap: the server has no utilization query yet.
+    fn nvmlDeviceGetUtilizationRates(device: nv::nvmlDevice_t, utilization: *mut nv::nvmlUtilization_t) {
+        gpu(device)?;
+        if utilization.is_null() {
+            return Err(Error::InvalidArgument("null pointer"));
+        }
+        log_unsupported("nvmlDeviceGetUtilizationRates");
+        Err(Error::NotSupported)
+    }
+
+    fn nvmlDeviceGetComputeRunningProcesses(
+        device: nv::nvmlDevice_t,
+        infoCount: *mut c_uint,
+        _infos: *mut nv::nvmlProcessInfo_v1_t,
+    ) {
+        // SAFETY: per NVML's contract.
+        unsafe { no_processes(device, infoCount) }
+    }
+
+    fn nvmlDeviceGetComputeRunningProcesses_v2(
+        device: nv::nvmlDevice_t,
+        infoCount: *mut c_uint,
+        _infos: *mut nv::nvmlProcessInfo_v2_t,
+    ) {
+        // SAFETY: per NVML's contract.
+        unsafe { no_processes(device, infoCount) }
+    }
+
+    fn nvmlDeviceGetComputeRunningProcesses_v3(
+        device: nv::nvmlDevice_t,
+        infoCount: *mut c_uint,
+        _infos: *mut nv::nvmlProcessInfo_t,
+    ) {
+        // SAFETY: per NVML's contract.
+        unsafe { no_processes(device, infoCount) }
+    }
+
+    fn nvmlDeviceGetGraphicsRunningProcesses(
+        device: nv::nvmlDevice_t,
+        infoCount: *mut c_uint,
+        _infos: *mut nv::nvmlProcessInfo_v1_t,
+    ) {
+        // SAFETY: per NVML's contract.
+        unsafe { no_processes(device, infoCount) }
+    }
+
+    fn nvmlDeviceGetGraphicsRunningProcesses_v2(
+        device: nv::nvmlDevice_t,
+        infoCount: *mut c_uint,
+        _infos: *mut nv::nvmlProcessInfo_v2_t,
+    ) {
+        // SAFETY: per NVML's contract.
+        unsafe { no_processes(device, infoCount) }
+    }
+
+    fn nvmlDeviceGetGraphicsRunningProcesses_v3(
+        device: nv::nvmlDevice_t,
+        infoCount: *mut c_uint,
+        _infos: *mut nv::nvmlProcessInfo_t,
+    ) {
+        // SAFETY: per NVML's contract.
+        unsafe { no_processes(device, infoCount) }
+    }
+
+    fn nvmlDeviceGetMPSComputeRunningProcesses(
+        device: nv::nvmlDevice_t,
+        infoCount: *mut c_uint,
+        _infos: *mut nv::nvmlProcessInfo_v1_t,
+    ) {
+        // SAFETY: per NVML's contract.
+        unsafe { no_processes(device, infoCount) }
+    }
+
+    fn nvmlDeviceGetMPSComputeRunningProcesses_v2(
+        device: nv::nvmlDevice_t,
+        infoCount: *mut c_uint,
+        _infos: *mut nv::nvmlProcessInfo_v2_t,
+    ) {
+        // SAFETY: per NVML's contract.
+        unsafe { no_processes(device, infoCount) }
+    }
+
+    fn nvmlDeviceGetMPSComputeRunningProcesses_v3(
+        device: nv::nvmlDevice_t,
+        infoCount: *mut c_uint,
+        _infos: *mut nv::nvmlProcessInfo_t,
+    ) {
+        // SAFETY: per NVML's contract.
+        unsafe { no_processes(device, infoCount) }
+    }
+
+    fn nvmlDeviceGetMultiGpuBoard(device: nv::nvmlDevice_t, multiGpuBool: *mut c_uint) {
+        gpu(device)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(multiGpuBool, 0) }
+    }
+
+    fn nvmlDeviceGetBrand(device: nv::nvmlDevice_t, type_: *mut nv::nvmlBrandType_t) {
+        let (_, g) = gpu(device)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(type_, crate::gpu::brand(&g.name)) }
+    }
+
+    fn nvmlDeviceGetArchitecture(device: nv::nvmlDevice_t, arch: *mut nv::nvmlDeviceArchitecture_t) {
+        let (_, g) = gpu(device)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(arch, g.architecture()) }
+    }
+
+    fn nvmlDeviceGetNumGpuCores(device: nv::nvmlDevice_t, numCores: *mut c_uint) {
+        let (_, g) = gpu(device)?;
+        if numCores.is_null() {
+            return Err(Error::InvalidArgument("null pointer"));
+        }
+        let cores = g.cores().ok_or(Error::NotSupported)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(numCores, cores) }
+    }
+
+    /// Disabled: the virtual GPU exists only while a client's session
+    /// does; nothing keeps it initialized between clients.
+    fn nvmlDeviceGetPersistenceMode(device: nv::nvmlDevice_t, mode: *mut nv::nvmlEnableState_t) {
+        gpu(device)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(mode, nv::nvmlEnableState_enum_NVML_FEATURE_DISABLED) }
+    }
+
+    /// Default: the process may create any number of contexts on it.
+    fn nvmlDeviceGetComputeMode(device: nv::nvmlDevice_t, mode: *mut nv::nvmlComputeMode_t) {
+        gpu(device)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(mode, nv::nvmlComputeMode_enum_NVML_COMPUTEMODE_DEFAULT) }
+    }
+}
+
+/// Never run: compiles only while every implemented export has exactly the
+/// signature nvml.h gives it (the bindings' function-pointer types).
+#[cfg(test)]
+fn signatures_match(lib: Option<&mut nv::NvmlLib>) {
+    use crate::system::*;
+    let Some(l) = lib else { return };
+    l.nvmlInit = Ok(nvmlInit);
+    l.nvmlInit_v2 = Ok(nvmlInit_v2);
+    l.nvmlInitWithFlags = Ok(nvmlInitWithFlags);
+    l.nvmlShutdown = Ok(nvmlShutdown);
+    l.nvmlErrorString = Ok(nvmlErrorString);
+    l.nvmlSystemGetDriverVersion = Ok(nvmlSystemGetDriverVersion);
+    l.nvmlSystemGetNVMLVersion = Ok(nvmlSystemGetNVMLVersion);
+    l.nvmlSystemGetCudaDriverVersion = Ok(nvmlSystemGetCudaDriverVersion);
+    l.nvmlSystemGetCudaDriverVersion_v2 = Ok(nvmlSystemGetCudaDriverVersion_v2);
+    l.nvmlDeviceGetCount = Ok(nvmlDeviceGetCount);
+    l.nvmlDeviceGetCount_v2 = Ok(nvmlDeviceGetCount_v2);
+    l.nvmlDeviceGetHandleByIndex = Ok(nvmlDeviceGetHandleByIndex);
+    l.nvmlDeviceGetHandleByIndex_v2 = Ok(nvmlDeviceGetHandleByIndex_v2);
+    l.nvmlDeviceGetHandleByUUID = Ok(nvmlDeviceGetHandleByUUID);
+    l.nvmlDeviceGetHandleByPciBusId = Ok(nvmlDeviceGetHandleByPciBusId);
+    l.nvmlDeviceGetHandleByPciBusId_v2 = Ok(nvmlDeviceGetHandleByPciBusId_v2);
+    l.nvmlDeviceGetName = Ok(nvmlDeviceGetName);
+    l.nvmlDeviceGetUUID = Ok(nvmlDeviceGetUUID);
+    l.nvmlDeviceGetIndex = Ok(nvmlDeviceGetIndex);
+    l.nvmlDeviceGetMinorNumber = Ok(nvmlDeviceGetMinorNumber);
+    l.nvmlDeviceGetPciInfo_v3 = Ok(nvmlDeviceGetPciInfo_v3);
+    l.nvmlDeviceGetMemoryInfo = Ok(nvmlDeviceGetMemoryInfo);
+    l.nvmlDeviceGetMemoryInfo_v2 = Ok(nvmlDeviceGetMemoryInfo_v2);
+    l.nvmlDeviceGetCudaComputeCapability = Ok(nvmlDeviceGetCudaComputeCapability);
+    l.nvmlDeviceGetMigMode = Ok(nvmlDeviceGetMigMode);
+    l.nvmlDeviceIsMigDeviceHandle = Ok(nvmlDeviceIsMigDeviceHandle);
+    l.nvmlDeviceGetUtilizationRates = Ok(nvmlDeviceGetUtilizationRates);
+    l.nvmlDeviceGetComputeRunningProcesses = Ok(nvmlDeviceGetComputeRunningProcesses);
+    l.nvmlDeviceGetComputeRunningProcesses_v2 = Ok(nvmlDeviceGetComputeRunningProcesses_v2);
+    l.nvmlDeviceGetComputeRunningProcesses_v3 = Ok(nvmlDeviceGetComputeRunningProcesses_v3);
+    l.nvmlDeviceGetGraphicsRunningProcesses = Ok(nvmlDeviceGetGraphicsRunningProcesses);
+    l.nvmlDeviceGetGraphicsRunningProcesses_v2 = Ok(nvmlDeviceGetGraphicsRunningProcesses_v2);
+    l.nvmlDeviceGetGraphicsRunningProcesses_v3 = Ok(nvmlDeviceGetGraphicsRunningProcesses_v3);
+    l.nvmlDeviceGetMPSComputeRunningProcesses = Ok(nvmlDeviceGetMPSComputeRunningProcesses);
+    l.nvmlDeviceGetMPSComputeRunningProcesses_v2 = Ok(nvmlDeviceGetMPSComputeRunningProcesses_v2);
+    l.nvmlDeviceGetMPSComputeRunningProcesses_v3 = Ok(nvmlDeviceGetMPSComputeRunningProcesses_v3);
+    l.nvmlDeviceGetMultiGpuBoard = Ok(nvmlDeviceGetMultiGpuBoard);
+    l.nvmlDeviceGetBrand = Ok(nvmlDeviceGetBrand);
+    l.nvmlDeviceGetArchitecture = Ok(nvmlDeviceGetArchitecture);
+    l.nvmlDeviceGetNumGpuCores = Ok(nvmlDeviceGetNumGpuCores);
+    l.nvmlDeviceGetPersistenceMode = Ok(nvmlDeviceGetPersistenceMode);
+    l.nvmlDeviceGetComputeMode = Ok(nvmlDeviceGetComputeMode);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_have_nvml_signatures() {
+        signatures_match(None);
+    }
+
+    #[test]
+    fn memory_v2_version() {
+        // nvml.h: nvmlMemory_v2 is sizeof(nvmlMemory_v2_t) | 2 << 24, 40 bytes.
+        assert_eq!(MEMORY_V2, 0x0200_0028);
+    }
+
+    #[test]
+    fn calls_before_init_and_bad_handles() {
+        // No init in unit tests (it would load libcuda.so.1): every device
+        // call is NVML_ERROR_UNINITIALIZED, checked before its pointers.
+        let mut n = 0;
+        let mut h: nv::nvmlDevice_t = std::ptr::null_mut();
+        // SAFETY: live locals and null pointers, which the calls check.
+        unsafe {
+            assert_eq!(nvmlDeviceGetCount_v2(&mut n), nv::nvmlReturn_enum_NVML_ERROR_UNINITIALIZED);
+            assert_eq!(nvmlDeviceGetHandleByIndex_v2(0, &mut h), nv::nvmlReturn_enum_NVML_ERROR_UNINITIALIZED);
+            let forged = (&mut n as *mut c_uint).cast();
+            assert_eq!(nvmlDeviceGetIndex(forged, &mut n), nv::nvmlReturn_enum_NVML_ERROR_UNINITIALIZED);
+            assert_eq!(crate::system::nvmlShutdown(), nv::nvmlReturn_enum_NVML_ERROR_UNINITIALIZED);
+        }
+    }
+}

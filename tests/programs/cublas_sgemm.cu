@@ -1,0 +1,138 @@
+// cublas_sgemm: cuBLAS SGEMM, 256 x 256 x 256, on a stream of our own (set
+// with cublasSetStream), compared with a CPU reference. libcublas.so.13
+// carries its own static runtime and finds the driver on its own (dlopen of
+// libcuda.so.1), so this is two runtimes in one process talking to one
+// libcuda.
+//
+// The inputs are multiples of 1/8 in [-1, 1]: every product and partial sum
+// is exact even in TF32, so the checksum does not depend on cuBLAS's choice
+// of kernel.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define NAME "cublas_sgemm"
+
+static void fail(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    printf("FAIL " NAME ": ");
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    fflush(stdout);
+    exit(1);
+}
+
+#define CK(call)                                                              \
+    do {                                                                      \
+        cudaError_t e_ = (call);                                              \
+        if (e_ != cudaSuccess)                                                \
+            fail("line %d: %s -> %s (%d): %s", __LINE__, #call,               \
+                 cudaGetErrorName(e_), (int)e_, cudaGetErrorString(e_));      \
+    } while (0)
+
+// Launch configuration errors surface through cudaGetLastError right after
+// the launch; execution errors at the next synchronizing call.
+#define CK_LAUNCH(kernel)                                                     \
+    do {                                                                      \
+        cudaError_t e_ = cudaGetLastError();                                  \
+        if (e_ != cudaSuccess)                                                \
+            fail("line %d: launch of %s -> %s (%d): %s", __LINE__, kernel,    \
+                 cudaGetErrorName(e_), (int)e_, cudaGetErrorString(e_));      \
+    } while (0)
+
+static const char *cublas_name(cublasStatus_t s)
+{
+    switch (s) {
+    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_MAPPING_ERROR: return "CUBLAS_STATUS_MAPPING_ERROR";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    default: return "CUBLAS_STATUS_(other)";
+    }
+}
+
+#define CKB(call)                                                             \
+    do {                                                                      \
+        cublasStatus_t s_ = (call);                                           \
+        if (s_ != CUBLAS_STATUS_SUCCESS)                                      \
+            fail("line %d: %s -> %s (%d)", __LINE__, #call, cublas_name(s_),  \
+                 (int)s_);                                                    \
+    } while (0)
+
+int main()
+{
+    setvbuf(stdout, nullptr, _IOLBF, 0);
+    const int n = 256; // square; column-major as cuBLAS expects
+    std::vector<float> A((size_t)n * n), B((size_t)n * n), C((size_t)n * n),
+        ref((size_t)n * n);
+    for (size_t i = 0; i < A.size(); i++) {
+        A[i] = (float)((int)((i * 7 + 3) % 17) - 8) / 8.0f;
+        B[i] = (float)((int)((i * 5 + 1) % 13) - 6) / 8.0f;
+        C[i] = (float)((int)(i % 9) - 4) / 8.0f;
+    }
+    const float alpha = 1.0f, beta = 0.5f;
+    for (int c = 0; c < n; c++)
+        for (int r = 0; r < n; r++) {
+            double acc = 0.0;
+            for (int k = 0; k < n; k++)
+                acc += (double)A[(size_t)k * n + r] * B[(size_t)c * n + k];
+            ref[(size_t)c * n + r] =
+                (float)(alpha * acc + beta * C[(size_t)c * n + r]);
+        }
+
+    int version = 0;
+    cublasHandle_t h;
+    cudaStream_t stream;
+    CKB(cublasCreate(&h));
+    CKB(cublasGetVersion(h, &version));
+    printf("INFO cuBLAS version %d\n", version);
+    // A blocking stream: it orders after the legacy-stream copies below.
+    CK(cudaStreamCreate(&stream));
+    CKB(cublasSetStream(h, stream));
+
+    float *dA, *dB, *dC;
+    const size_t bytes = A.size() * sizeof(float);
+    CK(cudaMalloc(&dA, bytes));
+    CK(cudaMalloc(&dB, bytes));
+    CK(cudaMalloc(&dC, bytes));
+    CKB(cublasSetMatrix(n, n, sizeof(float), A.data(), n, dA, n));
+    CK(cudaMemcpy(dB, B.data(), bytes, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dC, C.data(), bytes, cudaMemcpyHostToDevice));
+
+    CKB(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &alpha, dA, n, dB, n,
+                    &beta, dC, n));
+    CK(cudaStreamSynchronize(stream));
+    CKB(cublasGetMatrix(n, n, sizeof(float), dC, n, C.data(), n));
+
+    double sum = 0.0, weighted = 0.0;
+    for (size_t i = 0; i < C.size(); i++) {
+        if (!(std::fabs(C[i] - ref[i]) <= 1e-4f * (1.0f + std::fabs(ref[i]))))
+            fail("C[%zu][%zu] = %.9g, expected %.9g", i % n, i / n,
+                 (double)C[i], (double)ref[i]);
+        sum += C[i];
+        weighted += C[i] * (double)(i % 7 + 1);
+    }
+    printf("sgemm %dx%dx%d: checksum %.4f, weighted %.4f\n", n, n, n, sum,
+           weighted);
+
+    CK(cudaFree(dA));
+    CK(cudaFree(dB));
+    CK(cudaFree(dC));
+    CK(cudaStreamDestroy(stream));
+    CKB(cublasDestroy(h));
+    printf("PASS " NAME "\n");
+    return 0;
+}

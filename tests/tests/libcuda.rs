@@ -1,0 +1,125 @@
+//! The drop-in `libcuda.so.1` under unmodified programs, against a real
+//! gpu-server (worker processes, the emulated device in CI; the GPU suite
+//! runs the same programs on the GPU machine):
+//! - `driver_api`: a C program built with the system compiler that calls
+//!   the driver API directly;
+//! - `runtime_nokernel`: built by nvcc (CUDA 13 from PyPI) with the static
+//!   runtime, which reaches the driver only through `cuGetProcAddress` and
+//!   the export tables.
+//!
+//! Each program checks every byte it copies and prints `PASS <name>`.
+//! `cargo test --workspace` builds the library before any test runs.
+
+use anyhow::{Context, Result, bail};
+use gpupool_tests::{TOKEN, TestServer, isolated_config};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo().join("target"))
+}
+
+/// A folder holding the built library as `libcuda.so.1` and `libcuda.so`.
+fn stub_dir() -> Result<PathBuf> {
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let built = target_dir().join(profile).join("libcuda.so");
+    if !built.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build -p gpupool-libcuda` (cargo test --workspace does)",
+            built.display()
+        );
+    }
+    let dir = target_dir().join("libcuda-test").join(profile);
+    std::fs::create_dir_all(&dir)?;
+    for name in ["libcuda.so.1", "libcuda.so"] {
+        std::fs::copy(&built, dir.join(name)).with_context(|| format!("copying {}", built.display()))?;
+    }
+    Ok(dir)
+}
+
+/// Builds the CI programs once per test binary (the toolchain comes from
+/// PyPI on first use).
+fn programs() -> Result<&'static (PathBuf, PathBuf)> {
+    static BUILT: OnceLock<Result<(PathBuf, PathBuf), String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let build = || -> Result<(PathBuf, PathBuf)> {
+                let stub = stub_dir()?;
+                let out = target_dir().join("programs-ci");
+                let status = Command::new("bash")
+                    .arg(repo().join("tests/programs/build.sh"))
+                    .arg("--ci-only")
+                    .arg(&out)
+                    .env("GPUPOOL_STUB_LIB", &stub)
+                    .status()
+                    .context("running tests/programs/build.sh")?;
+                if !status.success() {
+                    bail!("tests/programs/build.sh failed: {status}");
+                }
+                Ok((stub, out))
+            };
+            build().map_err(|e| format!("{e:#}"))
+        })
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Runs one program against `server` through the stub; returns its stdout.
+fn run(server: &TestServer, program: &str) -> Result<String> {
+    let (stub, bin) = programs()?;
+    let out = Command::new(bin.join(program))
+        .env("LD_LIBRARY_PATH", stub)
+        .env("GPUPOOL_SERVER", server.addr.to_string())
+        .env("GPUPOOL_TOKEN", TOKEN)
+        .env("GPUPOOL_CERT_SHA256", &server.fingerprint)
+        .output()
+        .with_context(|| format!("starting {program}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || !stdout.contains(&format!("PASS {program}")) {
+        bail!("{program} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}", out.status);
+    }
+    Ok(stdout)
+}
+
+#[test]
+fn c_program_on_the_driver_api() -> Result<()> {
+    let server = TestServer::start(isolated_config()?)?;
+    let out = run(&server, "driver_api")?;
+    assert!(out.contains("driver version 13000"), "{out}");
+    assert!(out.contains("2D copies ok"), "{out}");
+    server.stop();
+    Ok(())
+}
+
+#[test]
+fn nvcc_static_runtime_program() -> Result<()> {
+    let server = TestServer::start(isolated_config()?)?;
+    let out = run(&server, "runtime_nokernel")?;
+    assert!(out.contains("errors ok"), "{out}");
+    server.stop();
+    Ok(())
+}
+
+#[test]
+fn unreachable_pool_is_reported() -> Result<()> {
+    let (stub, bin) = programs()?;
+    // A port nothing listens on: cuInit must fail with NO_DEVICE and say why.
+    let out = Command::new(bin.join("driver_api"))
+        .env("LD_LIBRARY_PATH", stub)
+        .env("GPUPOOL_SERVER", "127.0.0.1:9")
+        .env("GPUPOOL_TOKEN", TOKEN)
+        .env("GPUPOOL_CERT_SHA256", "00".repeat(32))
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stdout.contains("CUDA_ERROR_NO_DEVICE"), "{stdout}");
+    assert!(stderr.contains("gpupool: cannot open a session on 127.0.0.1:9"), "{stderr}");
+    Ok(())
+}
