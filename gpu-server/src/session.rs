@@ -468,6 +468,15 @@ impl<S: BackendSession> SessionState<S> {
             Ok(v1::OccupancyQuery::AvailableDynamicSmem) => {
                 OccupancyQuery::AvailableDynamicSmem { num_blocks: o.num_blocks, block_size: o.block_size }
             }
+            Ok(v1::OccupancyQuery::ActiveClusters) => {
+                let dims = |d: Option<v1::Dim3>| d.map_or([0; 3], |d| [d.x, d.y, d.z]);
+                OccupancyQuery::ActiveClusters {
+                    grid: dims(o.grid),
+                    block: dims(o.block),
+                    cluster: dims(o.cluster),
+                    dynamic_smem_bytes: o.dynamic_smem_bytes,
+                }
+            }
             Err(_) => return Err(CallError::invalid_value(format!("unknown occupancy query {}", o.query))),
         };
         let answer = self.dev.occupancy(&loaded.module, index, query)?;

@@ -39,12 +39,22 @@ pub(crate) type CuResult<T = ()> = Result<T, CuError>;
 /// Runs one exported call: errors become their code, a panic becomes
 /// `CUDA_ERROR_UNKNOWN` (logged), never an unwind into C.
 pub(crate) fn entry(name: &'static str, body: impl FnOnce() -> CuResult) -> CUresult {
-    match catch_unwind(AssertUnwindSafe(body)) {
+    let logging = crate::logging::enabled();
+    let traced = || {
+        if logging {
+            tracing::trace!(call = name, "call");
+        }
+        body()
+    };
+    match catch_unwind(AssertUnwindSafe(traced)) {
         Ok(Ok(())) => CUresult::CUDA_SUCCESS,
         Ok(Err(CuError(code))) => {
-            tracing::trace!(call = name, code, "returns an error");
+            if logging {
+                tracing::trace!(call = name, code, "returns an error");
+            }
             codes::from_raw(code)
         }
+        Err(_) if !logging => CUresult::CUDA_ERROR_UNKNOWN,
         Err(panic) => {
             let what = panic
                 .downcast_ref::<&str>()

@@ -100,6 +100,25 @@ fn attribute_is_harmless(id: u32, first_word: u32) -> bool {
     }
 }
 
+/// The cluster shape a launch configuration asks for (attribute 4,
+/// CLUSTER_DIMENSION), zero when none.
+///
+/// # Safety
+/// `c.attrs` holds `c.numAttrs` attributes.
+pub(crate) unsafe fn cluster_of(c: &CUlaunchConfig) -> [u32; 3] {
+    for i in 0..c.numAttrs as usize {
+        // SAFETY: each attribute starts with its id; the value is at byte 8.
+        unsafe {
+            let a = c.attrs.add(i).cast::<u8>();
+            if a.cast::<u32>().read_unaligned() == 4 {
+                let v = a.add(8).cast::<u32>();
+                return [v.read_unaligned(), v.add(1).read_unaligned(), v.add(2).read_unaligned()];
+            }
+        }
+    }
+    [0; 3]
+}
+
 fn launch_ex(
     config: *const CUlaunchConfig,
     f: CUfunction,

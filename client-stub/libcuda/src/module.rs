@@ -8,7 +8,7 @@
 use crate::abi::{CuError, CuResult, c_str, intern, put};
 use crate::image;
 use crate::runtime::{Runtime, Tag, function_handle, function_of, handle};
-use cudarc::driver::sys::{CUdevice, CUdeviceptr, CUfunction, CUkernel, CUlibrary, CUmodule};
+use cudarc::driver::sys::{CUdevice, CUdeviceptr, CUfunction, CUkernel, CUlaunchConfig, CUlibrary, CUmodule};
 use gpupool_client::{Function, Module};
 use gpupool_proto::v1::{self, OccupancyQuery};
 use std::ffi::{c_char, c_int, c_uint, c_void};
@@ -34,8 +34,55 @@ fn load_file(path: *const c_char) -> CuResult<Module> {
     load_bytes(&bytes)
 }
 
+/// Driver errors meaning "nothing in this image runs on this GPU".
+const NO_CODE_FOR_GPU: [u32; 2] = [209, 222]; // NO_BINARY_FOR_GPU, UNSUPPORTED_PTX_VERSION
+
+/// Loads a library. CUDA loads libraries lazily: an image without code for
+/// this GPU (cuBLAS registers fatbins for every architecture) still gives a
+/// library; using one of its kernels fails with the driver's error.
+fn load_library(code: *const c_void, file: Option<*const c_char>) -> CuResult<usize> {
+    let loaded = match file {
+        Some(path) => load_file(path),
+        None => load_ptr(code),
+    };
+    match loaded {
+        Ok(m) => Ok(handle(Tag::Library, m.id.into())),
+        Err(CuError(e)) if NO_CODE_FOR_GPU.contains(&e) => {
+            let rt = Runtime::get()?;
+            let mut t = rt.tables();
+            let id = t.next_unusable;
+            t.next_unusable += 1;
+            t.unusable.insert(id, (e, Vec::new()));
+            tracing::debug!(library = id, code = e, "library without code for this GPU: its kernels fail when used");
+            Ok(handle(Tag::Library, id.into()))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A kernel handle in an unusable library, for `name`.
+fn unusable_kernel(rt: &Runtime, library: usize, name: &str) -> CuResult<usize> {
+    let id = crate::runtime::id_of(Tag::Library, library).ok_or(CuError::INVALID_HANDLE)? as u32;
+    let mut t = rt.tables();
+    let (_, names) = t.unusable.get_mut(&id).ok_or(CuError::INVALID_HANDLE)?;
+    let index = match names.iter().position(|n| n == name) {
+        Some(i) => i,
+        None => {
+            names.push(name.to_owned());
+            names.len() - 1
+        }
+    };
+    Ok(function_handle(Tag::Kernel, id, index as u32))
+}
+
 fn unload(h: usize, tag: Tag) -> CuResult {
     let rt = Runtime::get()?;
+    if tag == Tag::Library
+        && let Some(id) = crate::runtime::id_of(Tag::Library, h)
+        && rt.tables().unusable.remove(&(id as u32)).is_some()
+    {
+        return Ok(());
+    }
     let m = rt.module(h, tag)?;
     rt.session.module_unload(&m).map_err(CuError::from)
 }
@@ -43,9 +90,13 @@ fn unload(h: usize, tag: Tag) -> CuResult {
 /// The function handle (of kind `tag`) for `name` in module handle `h`.
 fn lookup(h: usize, module_tag: Tag, name: *const c_char, tag: Tag) -> CuResult<usize> {
     let rt = Runtime::get()?;
-    let m = rt.module(h, module_tag)?;
     // SAFETY: NUL-terminated per the CUDA API.
     let name = unsafe { c_str(name) }?;
+    let m = match rt.module(h, module_tag) {
+        Ok(m) => m,
+        Err(_) if module_tag == Tag::Library && tag == Tag::Kernel => return unusable_kernel(rt, h, name),
+        Err(e) => return Err(e),
+    };
     let f = m.function(name).map_err(|_| CuError::NOT_FOUND)?;
     Ok(function_handle(tag, f.module, f.index))
 }
@@ -56,6 +107,7 @@ fn global(h: usize, tag: Tag, dptr: *mut CUdeviceptr, bytes: *mut usize, name: *
     // SAFETY: NUL-terminated per the CUDA API.
     let name = unsafe { c_str(name) }?;
     let (addr, size) = rt.session.module_get_global(m.id, name)?;
+    tracing::debug!(module = m.id, name, addr = format_args!("{addr:#x}"), size, "module variable");
     // SAFETY: each out-pointer may be null per the CUDA API.
     unsafe {
         if !dptr.is_null() {
@@ -121,7 +173,9 @@ fn active_blocks(rt: &Runtime, f: &Function, block_size: c_int, smem: usize, fla
         flags,
         ..Default::default()
     };
-    Ok(rt.session.occupancy(f, q)?.0)
+    let blocks = rt.session.occupancy(f, q)?.0;
+    tracing::debug!(function = %f.info.name, block_size, smem, flags, blocks, "active blocks per SM");
+    Ok(blocks)
 }
 
 type SmemForBlock = Option<unsafe extern "C" fn(c_int) -> usize>;
@@ -255,9 +309,9 @@ crate::exports! {
         _lib_values: *mut *mut c_void,
         _n_lib: c_uint,
     ) {
-        let m = load_ptr(code)?;
+        let h = load_library(code, None)?;
         // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(library, handle(Tag::Library, m.id.into()) as CUlibrary) }
+        unsafe { put(library, h as CUlibrary) }
     }
 
     fn cuLibraryLoadFromFile(
@@ -270,9 +324,9 @@ crate::exports! {
         _lib_values: *mut *mut c_void,
         _n_lib: c_uint,
     ) {
-        let m = load_file(file)?;
+        let h = load_library(std::ptr::null(), Some(file))?;
         // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(library, handle(Tag::Library, m.id.into()) as CUlibrary) }
+        unsafe { put(library, h as CUlibrary) }
     }
 
     fn cuLibraryUnload(library: CUlibrary) {
@@ -343,6 +397,7 @@ crate::exports! {
     fn cuKernelSetAttribute(attrib: c_uint, value: c_int, kernel: CUkernel, dev: CUdevice) {
         crate::device::check_device(dev)?;
         let (rt, f) = function(kernel as usize)?;
+        tracing::debug!(function = %f.info.name, attrib, value, "cuKernelSetAttribute");
         rt.session.func_set_attribute(&f, attrib, value).map_err(CuError::from)
     }
 
@@ -423,6 +478,27 @@ crate::exports! {
         potential_block_size(grid, block, f, cb, smem, limit, flags)
     }
 
+    fn cuOccupancyMaxActiveClusters(clusters: *mut c_int, f: CUfunction, config: *const CUlaunchConfig) {
+        let (rt, f) = function(f as usize)?;
+        // SAFETY: `config` points to a CUlaunchConfig (CUDA contract).
+        let c = unsafe { crate::abi::get(config) }?;
+        // SAFETY: `attrs` holds `numAttrs` attributes (CUDA contract).
+        let cluster = unsafe { crate::launch::cluster_of(&c) };
+        let dim = |x, y, z| Some(v1::Dim3 { x, y, z });
+        let q = v1::Occupancy {
+            query: OccupancyQuery::ActiveClusters as i32,
+            dynamic_smem_bytes: u64::from(c.sharedMemBytes),
+            grid: dim(c.gridDimX, c.gridDimY, c.gridDimZ),
+            block: dim(c.blockDimX, c.blockDimY, c.blockDimZ),
+            cluster: dim(cluster[0], cluster[1], cluster[2]),
+            ..Default::default()
+        };
+        let (n, _) = rt.session.occupancy(&f, q)?;
+        tracing::debug!(function = %f.info.name, ?cluster, clusters = n, "cuOccupancyMaxActiveClusters");
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(clusters, n as c_int) }
+    }
+
     fn cuOccupancyAvailableDynamicSMemPerBlock(smem: *mut usize, f: CUfunction, blocks: c_int, block: c_int) {
         let (rt, f) = function(f as usize)?;
         if blocks <= 0 || block <= 0 {
@@ -435,6 +511,7 @@ crate::exports! {
             ..Default::default()
         };
         let (bytes, _) = rt.session.occupancy(&f, q)?;
+        tracing::debug!(function = %f.info.name, blocks, block, bytes, "available dynamic shared memory");
         // SAFETY: out-pointer per the CUDA API.
         unsafe { put(smem, bytes as usize) }
     }

@@ -83,6 +83,12 @@ pub(crate) struct Tables {
     pub(crate) host_allocs: std::collections::BTreeMap<usize, (usize, u32)>,
     /// Host ranges registered with cuMemHostRegister: address -> (size, flags).
     pub(crate) host_registered: std::collections::BTreeMap<usize, (usize, u32)>,
+    /// Libraries whose image has no code this GPU can run: library id ->
+    /// (the driver's error, kernel names asked for). CUDA loads libraries
+    /// lazily, so such a library loads and its kernels can be named; the
+    /// error comes when a kernel is used.
+    pub(crate) unusable: HashMap<u32, (u32, Vec<String>)>,
+    pub(crate) next_unusable: u32,
     pub(crate) next_context: u64,
     pub(crate) cache_config: u32,
     pub(crate) limits: HashMap<u32, usize>,
@@ -105,6 +111,10 @@ thread_local! {
     static CONTEXT_STACK: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Ids of unusable libraries start here, above any module id the session
+/// assigns in practice (function handles keep 20 bits for the module).
+pub(crate) const UNUSABLE_BASE: u32 = 1 << 19;
+
 /// The primary context's id.
 pub(crate) const PRIMARY: u64 = 1;
 
@@ -126,7 +136,8 @@ impl Runtime {
                 let device = session.device();
                 let attributes = crate::device::visible_attributes(&device, session.mem_get_info().1);
                 crate::hostmem::reserve_device_range(session.reserved_range());
-                let mut tables = Tables { next_context: PRIMARY + 1, ..Tables::default() };
+                let mut tables =
+                    Tables { next_context: PRIMARY + 1, next_unusable: UNUSABLE_BASE, ..Tables::default() };
                 tables.contexts.insert(PRIMARY, ContextInfo::default());
                 tracing::info!(device = %device.name, backend = %device.backend, "gpupool session open");
                 Ok(Runtime { session, device, attributes, tables: Mutex::new(tables) })
@@ -174,14 +185,19 @@ impl Runtime {
     /// The module behind a module or library handle.
     pub(crate) fn module(&self, h: usize, tag: Tag) -> CuResult<Module> {
         let id = id_of(tag, h).ok_or(CuError::INVALID_HANDLE)?;
-        self.session.module(id as u32).ok_or(CuError::INVALID_HANDLE)
+        self.session.module(id as u32).ok_or_else(|| self.unusable_error(id as u32))
+    }
+
+    /// The error of an unusable library, else INVALID_HANDLE.
+    pub(crate) fn unusable_error(&self, id: u32) -> CuError {
+        self.tables().unusable.get(&id).map_or(CuError::INVALID_HANDLE, |(code, _)| CuError(*code))
     }
 
     /// The function behind a function or kernel handle, with its current
     /// (cached) attributes.
     pub(crate) fn function(&self, h: usize) -> CuResult<gpupool_client::Function> {
         let (module, index) = function_of(h)?;
-        let m = self.session.module(module).ok_or(CuError::INVALID_HANDLE)?;
+        let m = self.session.module(module).ok_or_else(|| self.unusable_error(module))?;
         let info = m.functions.get(index as usize).cloned().ok_or(CuError::INVALID_HANDLE)?;
         Ok(gpupool_client::Function { module, index, info })
     }

@@ -256,7 +256,6 @@ unsupported! {
     cuMulticastCreate
     cuMulticastGetGranularity
     cuMulticastUnbind
-    cuOccupancyMaxActiveClusters
     cuOccupancyMaxPotentialClusterSize
     cuParamSetSize
     cuParamSetTexRef

@@ -640,6 +640,12 @@ impl BackendSession for CudaSession {
                 )?;
                 Ok(Occupancy { value: i64::try_from(bytes).unwrap_or(i64::MAX), block_size: 0 })
             }
+            OccupancyQuery::ActiveClusters { grid, block, cluster, dynamic_smem_bytes } => {
+                let smem = u32::try_from(dynamic_smem_bytes)
+                    .map_err(|_| CallError::invalid_value("dynamic shared memory does not fit in 32 bits"))?;
+                let clusters = driver::occupancy_active_clusters(raw, grid, block, cluster, smem)?;
+                Ok(Occupancy { value: i64::from(clusters), block_size: 0 })
+            }
         }
     }
 

@@ -457,6 +457,16 @@ impl BackendSession for EmulatedSession {
                 let bytes = self.sm.available_dynamic_shared(attributes, num_blocks, block_size);
                 Ok(Occupancy { value: i64::try_from(bytes).unwrap_or(i64::MAX), block_size: 0 })
             }
+            // Resident blocks on the whole device, in whole clusters (the
+            // model has no GPC boundaries a cluster must fit in).
+            OccupancyQuery::ActiveClusters { block, cluster, dynamic_smem_bytes, .. } => {
+                let threads = block.iter().map(|&d| u64::from(d)).product::<u64>();
+                let block_size = positive(u32::try_from(threads).unwrap_or(u32::MAX), "block size")?;
+                let cluster_blocks = cluster.iter().map(|&d| u64::from(d.max(1))).product::<u64>();
+                let per_sm = u64::from(self.sm.active_blocks(attributes, block_size, dynamic_smem_bytes));
+                let total = per_sm * u64::from(self.sm.sm_count);
+                Ok(Occupancy { value: i64::try_from(total / cluster_blocks).unwrap_or(i64::MAX), block_size: 0 })
+            }
         }
     }
 

@@ -91,6 +91,9 @@ pub enum OccupancyQuery {
     /// `block_size` threads fit on one multiprocessor
     /// (`cuOccupancyAvailableDynamicSMemPerBlock`).
     AvailableDynamicSmem { num_blocks: u32, block_size: u32 },
+    /// Clusters of `cluster` blocks that can be resident at once for a
+    /// launch of this shape (`cuOccupancyMaxActiveClusters`).
+    ActiveClusters { grid: [u32; 3], block: [u32; 3], cluster: [u32; 3], dynamic_smem_bytes: u64 },
 }
 
 /// Answer to an [`OccupancyQuery`].

@@ -318,6 +318,42 @@ pub(super) fn occupancy_available_dynamic_smem(
     Ok(bytes)
 }
 
+/// `cuOccupancyMaxActiveClusters` for a launch of this shape; a zero
+/// `cluster` means the function's own (compile-time) cluster shape.
+pub(super) fn occupancy_active_clusters(
+    function: sys::CUfunction,
+    grid: [u32; 3],
+    block: [u32; 3],
+    cluster: [u32; 3],
+    dynamic_smem: u32,
+) -> DeviceResult<i32> {
+    // SAFETY: an all-zero launch attribute is a valid value (id 0, IGNORE).
+    let mut attribute: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attribute.value.clusterDim.x = cluster[0];
+    attribute.value.clusterDim.y = cluster[1];
+    attribute.value.clusterDim.z = cluster[2];
+    let with_cluster = cluster.iter().all(|&c| c > 0);
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid[0],
+        gridDimY: grid[1],
+        gridDimZ: grid[2],
+        blockDimX: block[0],
+        blockDimY: block[1],
+        blockDimZ: block[2],
+        sharedMemBytes: dynamic_smem,
+        hStream: std::ptr::null_mut(),
+        attrs: if with_cluster { &mut attribute } else { std::ptr::null_mut() },
+        numAttrs: u32::from(with_cluster),
+    };
+    let mut clusters: c_int = 0;
+    // SAFETY: valid out-pointer, live function and a config whose attribute
+    // pointer (if any) outlives the call; the driver validates the shape.
+    let r = unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, function, &config) };
+    check(r, "cuOccupancyMaxActiveClusters")?;
+    Ok(clusters)
+}
+
 /// Formats a device UUID as NVML and `nvidia-smi` do.
 pub(super) fn format_uuid(bytes: &[u8; 16]) -> String {
     let hex = |range: std::ops::Range<usize>| bytes[range].iter().map(|b| format!("{b:02x}")).collect::<String>();
