@@ -1,9 +1,11 @@
 // Diagnostic only (not part of gpupool): a libcuda.so.1 that forwards to
 // NVIDIA's driver and logs a few calls, to compare with gpupool's trace.
 // Built and run by forwarding-libcuda.sh on the GPU machine. Finding
-// (2026-11-23, H100, driver 580.159.04): cuBLAS 13 fails cublasCreate with
-// CUBLAS_STATUS_INTERNAL_ERROR through this shim too, before any logged
-// call, even with every other symbol resolving in the real driver.
+// (2026-11-23, H100, driver 580.159.04): cuBLAS 13 fails cublasCreate
+// through this shim before any logged call, most likely at the runtime's
+// integrity check (this file's cuGetProcAddress_v2 is not the driver's), so
+// the shim as written cannot trace past initialization; see
+// docs/compatibility.md.
 #define _GNU_SOURCE
 #include <cuda.h>
 #include <dlfcn.h>
