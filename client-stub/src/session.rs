@@ -36,7 +36,7 @@ pub struct EventId(pub u32);
 #[derive(Debug, Clone)]
 pub struct Module {
     pub id: u32,
-    pub functions: Arc<Vec<v1::FunctionInfo>>,
+    pub functions: Arc<Vec<Arc<v1::FunctionInfo>>>,
 }
 
 /// A kernel of a loaded module.
@@ -44,7 +44,8 @@ pub struct Module {
 pub struct Function {
     pub module: u32,
     pub index: u32,
-    pub info: v1::FunctionInfo,
+    /// Shared with the module: a handle costs no copy of the layout.
+    pub info: Arc<v1::FunctionInfo>,
 }
 
 impl Module {
@@ -421,7 +422,7 @@ impl Session {
         let Some(Value::Module(info)) = value else {
             return Err(ClientError::Protocol("module load returned no function list".into()));
         };
-        let module = Module { id, functions: Arc::new(info.functions) };
+        let module = Module { id, functions: Arc::new(info.functions.into_iter().map(Arc::new).collect()) };
         st.modules.insert(id, module.clone());
         Ok(module)
     }
@@ -490,7 +491,7 @@ impl Session {
         let info = functions
             .get_mut(f.index as usize)
             .ok_or_else(|| ClientError::InvalidHandle(format!("function {} of module {}", f.index, f.module)))?;
-        info.attributes.insert(attribute, value);
+        Arc::make_mut(info).attributes.insert(attribute, value);
         let op = Op::FuncSetAttribute(v1::FuncSetAttribute { module: f.module, function: f.index, attribute, value });
         self.enqueue(&mut st, op)
     }

@@ -11,42 +11,13 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
-#include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
 
 #define NAME "cublas_sgemm"
 
-static void fail(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    printf("FAIL " NAME ": ");
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    fflush(stdout);
-    exit(1);
-}
-
-#define CK(call)                                                              \
-    do {                                                                      \
-        cudaError_t e_ = (call);                                              \
-        if (e_ != cudaSuccess)                                                \
-            fail("line %d: %s -> %s (%d): %s", __LINE__, #call,               \
-                 cudaGetErrorName(e_), (int)e_, cudaGetErrorString(e_));      \
-    } while (0)
-
-// Launch configuration errors surface through cudaGetLastError right after
-// the launch; execution errors at the next synchronizing call.
-#define CK_LAUNCH(kernel)                                                     \
-    do {                                                                      \
-        cudaError_t e_ = cudaGetLastError();                                  \
-        if (e_ != cudaSuccess)                                                \
-            fail("line %d: launch of %s -> %s (%d): %s", __LINE__, kernel,    \
-                 cudaGetErrorName(e_), (int)e_, cudaGetErrorString(e_));      \
-    } while (0)
+#include "check.h"
 
 static const char *cublas_name(cublasStatus_t s)
 {

@@ -8,7 +8,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdarg>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -17,25 +16,7 @@
 
 #define NAME "runtime_nokernel"
 
-static void fail(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    printf("FAIL " NAME ": ");
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    fflush(stdout);
-    exit(1);
-}
-
-#define CK(call)                                                              \
-    do {                                                                      \
-        cudaError_t e_ = (call);                                              \
-        if (e_ != cudaSuccess)                                                \
-            fail("line %d: %s -> %s (%d): %s", __LINE__, #call,               \
-                 cudaGetErrorName(e_), (int)e_, cudaGetErrorString(e_));      \
-    } while (0)
+#include "check.h"
 
 #define REQUIRE(cond, ...)                                                    \
     do {                                                                      \

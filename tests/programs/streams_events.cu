@@ -7,42 +7,13 @@
 // Only TIME lines (event timings) differ between runs.
 #include <cuda_runtime.h>
 
-#include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
 #define NAME "streams_events"
 
-static void fail(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    printf("FAIL " NAME ": ");
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    fflush(stdout);
-    exit(1);
-}
-
-#define CK(call)                                                              \
-    do {                                                                      \
-        cudaError_t e_ = (call);                                              \
-        if (e_ != cudaSuccess)                                                \
-            fail("line %d: %s -> %s (%d): %s", __LINE__, #call,               \
-                 cudaGetErrorName(e_), (int)e_, cudaGetErrorString(e_));      \
-    } while (0)
-
-// Launch configuration errors surface through cudaGetLastError right after
-// the launch; execution errors at the next synchronizing call.
-#define CK_LAUNCH(kernel)                                                     \
-    do {                                                                      \
-        cudaError_t e_ = cudaGetLastError();                                  \
-        if (e_ != cudaSuccess)                                                \
-            fail("line %d: launch of %s -> %s (%d): %s", __LINE__, kernel,    \
-                 cudaGetErrorName(e_), (int)e_, cudaGetErrorString(e_));      \
-    } while (0)
+#include "check.h"
 
 constexpr int kStreams = 4;
 constexpr int kChunk = 1 << 18; // floats per stream

@@ -6,7 +6,6 @@ use crate::codes;
 use cudarc::driver::sys::CUresult;
 use gpupool_client::ClientError;
 use gpupool_proto::cuda;
-use std::collections::HashSet;
 use std::ffi::{CStr, c_char};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
@@ -39,7 +38,7 @@ pub(crate) type CuResult<T = ()> = Result<T, CuError>;
 /// Runs one exported call: errors become their code, a panic becomes
 /// `CUDA_ERROR_UNKNOWN` (logged), never an unwind into C.
 pub(crate) fn entry(name: &'static str, body: impl FnOnce() -> CuResult) -> CUresult {
-    let logging = crate::logging::enabled();
+    let logging = gpupool_ffi::logging_enabled();
     let traced = || {
         if logging {
             tracing::trace!(call = name, "call");
@@ -56,11 +55,7 @@ pub(crate) fn entry(name: &'static str, body: impl FnOnce() -> CuResult) -> CUre
         }
         Err(_) if !logging => CUresult::CUDA_ERROR_UNKNOWN,
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let what = gpupool_ffi::panic_message(panic.as_ref());
             tracing::error!(call = name, panic = %what, "internal error in gpupool libcuda");
             CUresult::CUDA_ERROR_UNKNOWN
         }
@@ -74,10 +69,8 @@ pub(crate) fn status(r: CUresult) -> CuResult {
 
 /// Logs an entry point gpupool does not implement, once per name.
 pub(crate) fn unsupported(name: &'static str) -> CUresult {
-    static SEEN: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
-    let first = SEEN.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(HashSet::new).insert(name);
-    if first {
-        crate::logging::init();
+    if gpupool_ffi::first_time(name) && gpupool_ffi::logging_enabled() {
+        gpupool_ffi::init_logging();
         tracing::warn!("{name} is not supported by gpupool's libcuda; it returns CUDA_ERROR_NOT_SUPPORTED");
     }
     CUresult::CUDA_ERROR_NOT_SUPPORTED

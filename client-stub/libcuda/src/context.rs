@@ -77,7 +77,9 @@ crate::exports! {
     fn cuDevicePrimaryCtxSetFlags_v2(dev: CUdevice, flags: c_uint) {
         let rt = Runtime::get()?;
         check_device(dev)?;
-        rt.tables().primary_flags = flags;
+        if let Some(c) = rt.tables().contexts.get_mut(&PRIMARY) {
+            c.flags = flags;
+        }
         Ok(())
     }
 
@@ -87,7 +89,7 @@ crate::exports! {
         let t = rt.tables();
         // SAFETY: out-pointers per the CUDA API.
         unsafe {
-            put(flags, t.primary_flags)?;
+            put(flags, t.contexts.get(&PRIMARY).map_or(0, |c| c.flags))?;
             put(active, c_int::from(t.primary_refs > 0))
         }
     }
@@ -100,8 +102,8 @@ crate::exports! {
         rt.session.synchronize()?;
         let mut t = rt.tables();
         t.primary_refs = 0;
-        t.primary_flags = 0;
         if let Some(c) = t.contexts.get_mut(&PRIMARY) {
+            c.flags = 0;
             c.storage.clear();
         }
         Ok(())
@@ -188,26 +190,16 @@ crate::exports! {
     }
 
     fn cuCtxGetFlags(flags: *mut c_uint) {
-        let rt = Runtime::get()?;
-        let h = resolve(rt, std::ptr::null_mut())?;
-        let id = id_of(Tag::Context, h).unwrap_or(PRIMARY);
-        let t = rt.tables();
-        let f = if id == PRIMARY { t.primary_flags } else { t.contexts.get(&id).map_or(0, |c| c.flags) };
+        let f = with_info(std::ptr::null_mut(), |c| Ok(c.flags))?;
         // SAFETY: out-pointer per the CUDA API.
         unsafe { put(flags, f) }
     }
 
     fn cuCtxSetFlags(flags: c_uint) {
-        let rt = Runtime::get()?;
-        let h = resolve(rt, std::ptr::null_mut())?;
-        let id = id_of(Tag::Context, h).unwrap_or(PRIMARY);
-        let mut t = rt.tables();
-        if id == PRIMARY {
-            t.primary_flags = flags;
-        } else if let Some(c) = t.contexts.get_mut(&id) {
+        with_info(std::ptr::null_mut(), |c| {
             c.flags = flags;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     fn cuCtxGetId(ctx: CUcontext, ctx_id: *mut c_ulonglong) {
@@ -311,31 +303,30 @@ crate::exports! {
     }
 }
 
+/// Runs `f` on the context a call names (null: the calling thread's current
+/// one); a missing context is CUDA_ERROR_INVALID_CONTEXT.
+fn with_info<T>(ctx: CUcontext, f: impl FnOnce(&mut ContextInfo) -> CuResult<T>) -> CuResult<T> {
+    let rt = Runtime::get()?;
+    let h = if ctx.is_null() { runtime::current_context().ok_or(CuError::INVALID_CONTEXT)? } else { ctx as usize };
+    let id = id_of(Tag::Context, h).ok_or(CuError::INVALID_CONTEXT)?;
+    f(rt.tables().contexts.get_mut(&id).ok_or(CuError::INVALID_CONTEXT)?)
+}
+
 /// The runtime's context-local storage (used by the export tables).
 pub(crate) fn storage_put(ctx: CUcontext, key: usize, value: usize, dtor: usize) -> CuResult {
-    let rt = Runtime::get()?;
-    let h = resolve(rt, ctx)?;
-    let id = id_of(Tag::Context, h).ok_or(CuError::INVALID_CONTEXT)?;
-    let mut t = rt.tables();
-    let c = t.contexts.get_mut(&id).ok_or(CuError::INVALID_CONTEXT)?;
-    c.storage.insert(key, (value, dtor));
-    Ok(())
+    with_info(ctx, |c| {
+        c.storage.insert(key, (value, dtor));
+        Ok(())
+    })
 }
 
 pub(crate) fn storage_get(ctx: CUcontext, key: usize) -> CuResult<usize> {
-    let rt = Runtime::get()?;
-    let h = resolve(rt, ctx)?;
-    let id = id_of(Tag::Context, h).ok_or(CuError::INVALID_CONTEXT)?;
-    let t = rt.tables();
-    t.contexts.get(&id).and_then(|c| c.storage.get(&key)).map(|(v, _)| *v).ok_or(CuError::INVALID_HANDLE)
+    with_info(ctx, |c| c.storage.get(&key).map(|(v, _)| *v).ok_or(CuError::INVALID_HANDLE))
 }
 
 pub(crate) fn storage_delete(ctx: CUcontext, key: usize) -> CuResult {
-    let rt = Runtime::get()?;
-    let h = resolve(rt, ctx)?;
-    let id = id_of(Tag::Context, h).ok_or(CuError::INVALID_CONTEXT)?;
-    if let Some(c) = rt.tables().contexts.get_mut(&id) {
+    with_info(ctx, |c| {
         c.storage.remove(&key);
-    }
-    Ok(())
+        Ok(())
+    })
 }

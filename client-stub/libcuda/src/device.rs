@@ -51,8 +51,9 @@ const REMOTE_ZERO: &[u32] = &[
 ];
 
 /// Device attributes as the application sees them: the server's, minus
-/// what cannot work remotely, with the memory figures of the virtual GPU.
-pub(crate) fn visible_attributes(device: &v1::DeviceInfo, _quota: u64) -> HashMap<u32, i32> {
+/// what cannot work remotely (the server already reports the virtual GPU's
+/// memory figures).
+pub(crate) fn visible_attributes(device: &v1::DeviceInfo) -> HashMap<u32, i32> {
     let mut attrs: HashMap<u32, i32> = device.attributes.clone().into_iter().collect();
     for a in REMOTE_ZERO {
         attrs.insert(*a, 0);
@@ -279,7 +280,7 @@ mod tests {
         let mut d = v1::DeviceInfo { compute_capability_major: 9, multiprocessor_count: 132, ..Default::default() };
         d.attributes.insert(19, 1);
         d.attributes.insert(1, 1024);
-        let a = visible_attributes(&d, 0);
+        let a = visible_attributes(&d);
         assert_eq!(a[&19], 0);
         assert_eq!(a[&1], 1024);
         assert_eq!(a[&41], 1);

@@ -57,7 +57,7 @@ const NAMES: [&str; 9] = [
 ];
 
 extern "C" fn unknown_slot<const TABLE: usize, const SLOT: usize>() -> CUresult {
-    crate::logging::init();
+    gpupool_ffi::init_logging();
     tracing::warn!(
         table = NAMES[TABLE],
         slot = SLOT,
@@ -74,14 +74,9 @@ macro_rules! unknown {
 
 // --- CUDART_INTERFACE -------------------------------------------------------
 
+/// The runtime's registered fatbins load through the module API.
 fn module_handle(module: *mut CUmodule, wrapper: *const c_void) -> CuResult {
-    let rt = Runtime::with_context()?;
-    // SAFETY: the runtime passes a fatbin wrapper or fatbin it registered.
-    let bytes = unsafe { crate::image::image(wrapper.cast()) }?;
-    let m = rt.session.module_load(bytes)?;
-    let h = crate::runtime::handle(crate::runtime::Tag::Module, m.id.into());
-    // SAFETY: out-pointer from the runtime.
-    unsafe { put(module, h as CUmodule) }
+    crate::module::load_module(module, || crate::module::load_ptr(wrapper))
 }
 
 unsafe extern "C" fn get_module_from_cubin(module: *mut CUmodule, wrapper: *const c_void) -> CUresult {
@@ -398,7 +393,7 @@ crate::exports! {
             // SAFETY: out-pointer per the CUDA API.
             Some(t) => unsafe { put(table, t) },
             None => {
-                crate::logging::init();
+                gpupool_ffi::init_logging();
                 tracing::warn!(uuid = %format_uuid(&id), "unknown export table requested; answering CUDA_ERROR_INVALID_VALUE");
                 Err(CuError::INVALID_VALUE)
             }

@@ -100,23 +100,34 @@ fn attribute_is_harmless(id: u32, first_word: u32) -> bool {
     }
 }
 
+/// The attributes of a launch configuration as `(id, first three words of
+/// the value)`, read as integers so that an unknown id is just a number.
+///
+/// # Safety
+/// `c.attrs` holds `c.numAttrs` attributes (the CUDA contract).
+unsafe fn attributes(c: &CUlaunchConfig) -> impl Iterator<Item = (u32, [u32; 3])> + '_ {
+    (0..c.numAttrs as usize).map(move |i| {
+        // SAFETY: each attribute starts with its id; its value is at byte 8
+        // and at least 12 bytes long (a 64-byte union).
+        unsafe {
+            let a = c.attrs.add(i).cast::<u8>();
+            let v = a.add(8).cast::<u32>();
+            (
+                a.cast::<u32>().read_unaligned(),
+                [v.read_unaligned(), v.add(1).read_unaligned(), v.add(2).read_unaligned()],
+            )
+        }
+    })
+}
+
 /// The cluster shape a launch configuration asks for (attribute 4,
 /// CLUSTER_DIMENSION), zero when none.
 ///
 /// # Safety
 /// `c.attrs` holds `c.numAttrs` attributes.
 pub(crate) unsafe fn cluster_of(c: &CUlaunchConfig) -> [u32; 3] {
-    for i in 0..c.numAttrs as usize {
-        // SAFETY: each attribute starts with its id; the value is at byte 8.
-        unsafe {
-            let a = c.attrs.add(i).cast::<u8>();
-            if a.cast::<u32>().read_unaligned() == 4 {
-                let v = a.add(8).cast::<u32>();
-                return [v.read_unaligned(), v.add(1).read_unaligned(), v.add(2).read_unaligned()];
-            }
-        }
-    }
-    [0; 3]
+    // SAFETY: forwarded contract.
+    unsafe { attributes(c) }.find(|(id, _)| *id == 4).map_or([0; 3], |(_, dims)| dims)
 }
 
 fn launch_ex(
@@ -127,18 +138,10 @@ fn launch_ex(
 ) -> CuResult {
     // SAFETY: the CUDA contract: `config` points to a CUlaunchConfig.
     let c = unsafe { crate::abi::get(config) }?;
-    for i in 0..c.numAttrs as usize {
-        // SAFETY: `attrs` holds `numAttrs` attributes; each starts with its
-        // id and has its value at byte 8. Read as integers so an unknown id
-        // is just a number.
-        let (id, word) = unsafe {
-            let a = c.attrs.add(i).cast::<u8>();
-            (a.cast::<u32>().read_unaligned(), a.add(8).cast::<u32>().read_unaligned())
-        };
-        if !attribute_is_harmless(id, word) {
-            tracing::warn!(attribute = id, "launch attribute not supported by gpupool");
-            return Err(CuError::NOT_SUPPORTED);
-        }
+    // SAFETY: `attrs` holds `numAttrs` attributes (the CUDA contract).
+    if let Some((id, _)) = unsafe { attributes(&c) }.find(|&(id, [word, ..])| !attribute_is_harmless(id, word)) {
+        tracing::warn!(attribute = id, "launch attribute not supported by gpupool");
+        return Err(CuError::NOT_SUPPORTED);
     }
     launch(
         f,

@@ -52,7 +52,6 @@ pub mod export_tables;
 mod hostmem;
 mod image;
 pub mod launch;
-mod logging;
 pub mod memory;
 pub mod module;
 pub mod proc_address;

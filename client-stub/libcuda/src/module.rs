@@ -21,7 +21,7 @@ fn load_bytes(bytes: &[u8]) -> CuResult<Module> {
 }
 
 /// Loads the image at `p`.
-fn load_ptr(p: *const c_void) -> CuResult<Module> {
+pub(crate) fn load_ptr(p: *const c_void) -> CuResult<Module> {
     // SAFETY: the CUDA contract: `p` is a complete module image.
     let bytes = unsafe { image::image(p.cast()) }?;
     load_bytes(bytes)
@@ -32,6 +32,22 @@ fn load_file(path: *const c_char) -> CuResult<Module> {
     let path = unsafe { c_str(path) }?;
     let bytes = std::fs::read(path).map_err(|_| CuError(gpupool_proto::cuda::FILE_NOT_FOUND))?;
     load_bytes(&bytes)
+}
+
+/// A load through the module API: a current context is required and the
+/// module's handle goes to `out`.
+pub(crate) fn load_module(out: *mut CUmodule, load: impl FnOnce() -> CuResult<Module>) -> CuResult {
+    Runtime::with_context()?;
+    let m = load()?;
+    // SAFETY: out-pointer per the CUDA API.
+    unsafe { put(out, handle(Tag::Module, m.id.into()) as CUmodule) }
+}
+
+/// Number of functions of a module or library (`tag`).
+fn function_count(h: usize, tag: Tag, count: *mut c_uint) -> CuResult {
+    let m = Runtime::get()?.module(h, tag)?;
+    // SAFETY: out-pointer per the CUDA API.
+    unsafe { put(count, m.functions.len() as c_uint) }
 }
 
 /// Driver errors meaning "nothing in this image runs on this GPU".
@@ -237,33 +253,21 @@ fn f_sms(rt: &Runtime) -> i32 {
 
 crate::exports! {
     fn cuModuleLoadData(module: *mut CUmodule, image: *const c_void) {
-        Runtime::with_context()?;
-        let m = load_ptr(image)?;
-        // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(module, handle(Tag::Module, m.id.into()) as CUmodule) }
+        load_module(module, || load_ptr(image))
     }
 
     /// JIT options tune the server's compile and its logs; the server
     /// compiles with its defaults.
     fn cuModuleLoadDataEx(module: *mut CUmodule, image: *const c_void, _n: c_uint, _opts: *mut c_uint, _vals: *mut *mut c_void) {
-        Runtime::with_context()?;
-        let m = load_ptr(image)?;
-        // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(module, handle(Tag::Module, m.id.into()) as CUmodule) }
+        load_module(module, || load_ptr(image))
     }
 
     fn cuModuleLoadFatBinary(module: *mut CUmodule, fat: *const c_void) {
-        Runtime::with_context()?;
-        let m = load_ptr(fat)?;
-        // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(module, handle(Tag::Module, m.id.into()) as CUmodule) }
+        load_module(module, || load_ptr(fat))
     }
 
     fn cuModuleLoad(module: *mut CUmodule, fname: *const c_char) {
-        Runtime::with_context()?;
-        let m = load_file(fname)?;
-        // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(module, handle(Tag::Module, m.id.into()) as CUmodule) }
+        load_module(module, || load_file(fname))
     }
 
     fn cuModuleUnload(module: CUmodule) {
@@ -287,10 +291,8 @@ crate::exports! {
     }
 
     fn cuModuleGetFunctionCount(count: *mut c_uint, module: CUmodule) {
-        let rt = Runtime::with_context()?;
-        let m = rt.module(module as usize, Tag::Module)?;
-        // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(count, m.functions.len() as c_uint) }
+        Runtime::with_context()?;
+        function_count(module as usize, Tag::Module, count)
     }
 
     fn cuModuleEnumerateFunctions(functions: *mut CUfunction, n: c_uint, module: CUmodule) {
@@ -351,10 +353,7 @@ crate::exports! {
     }
 
     fn cuLibraryGetKernelCount(count: *mut c_uint, library: CUlibrary) {
-        let rt = Runtime::get()?;
-        let m = rt.module(library as usize, Tag::Library)?;
-        // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(count, m.functions.len() as c_uint) }
+        function_count(library as usize, Tag::Library, count)
     }
 
     fn cuLibraryEnumerateKernels(kernels: *mut CUkernel, n: c_uint, library: CUlibrary) {

@@ -76,7 +76,6 @@ pub(crate) struct ContextInfo {
 pub(crate) struct Tables {
     pub(crate) contexts: HashMap<u64, ContextInfo>,
     pub(crate) primary_refs: u32,
-    pub(crate) primary_flags: u32,
     pub(crate) streams: HashMap<u64, StreamInfo>,
     pub(crate) events: HashMap<u64, EventId>,
     /// Host memory from cuMemAllocHost/cuMemHostAlloc: address -> (size, flags).
@@ -124,7 +123,7 @@ impl Runtime {
     pub(crate) fn init() -> CuResult<&'static Runtime> {
         RUNTIME
             .get_or_init(|| {
-                crate::logging::init();
+                gpupool_ffi::init_logging();
                 let config = env::client_config().map_err(|msg| {
                     eprintln!("gpupool: {msg}");
                     CuError(gpupool_proto::cuda::NO_DEVICE)
@@ -134,7 +133,7 @@ impl Runtime {
                     CuError(e.code())
                 })?;
                 let device = session.device();
-                let attributes = crate::device::visible_attributes(&device, session.mem_get_info().1);
+                let attributes = crate::device::visible_attributes(&device);
                 crate::hostmem::reserve_device_range(session.reserved_range());
                 let mut tables =
                     Tables { next_context: PRIMARY + 1, next_unusable: UNUSABLE_BASE, ..Tables::default() };
@@ -170,11 +169,17 @@ impl Runtime {
     /// The stream behind a `CUstream` (null and the two special handles
     /// are the default stream).
     pub(crate) fn stream(&self, h: usize) -> CuResult<StreamId> {
+        self.stream_info(h).map(|s| s.id)
+    }
+
+    /// What the application sees of a stream; the default stream has no
+    /// flags and the default priority.
+    pub(crate) fn stream_info(&self, h: usize) -> CuResult<StreamInfo> {
         if h <= 2 {
-            return Ok(StreamId::DEFAULT);
+            return Ok(StreamInfo { id: StreamId::DEFAULT, flags: 0, priority: 0 });
         }
         let id = id_of(Tag::Stream, h).ok_or(CuError::INVALID_HANDLE)?;
-        self.tables().streams.get(&id).map(|s| s.id).ok_or(CuError::INVALID_HANDLE)
+        self.tables().streams.get(&id).copied().ok_or(CuError::INVALID_HANDLE)
     }
 
     pub(crate) fn event(&self, h: usize) -> CuResult<EventId> {

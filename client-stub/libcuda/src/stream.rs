@@ -5,7 +5,6 @@ use crate::abi::{CuError, CuResult, put};
 use crate::context::PRIORITY_RANGE;
 use crate::runtime::{PRIMARY, Runtime, StreamInfo, Tag, handle, id_of};
 use cudarc::driver::sys::{CUcontext, CUevent, CUhostFn, CUresult, CUstream, CUstreamCallback};
-use gpupool_client::StreamId;
 use std::ffi::{c_float, c_int, c_uint, c_ulonglong, c_void};
 
 fn create(ph: *mut CUstream, flags: c_uint, priority: c_int) -> CuResult {
@@ -18,12 +17,15 @@ fn create(ph: *mut CUstream, flags: c_uint, priority: c_int) -> CuResult {
     unsafe { put(ph, handle(Tag::Stream, u64::from(id.0)) as CUstream) }
 }
 
-fn info(rt: &Runtime, h: CUstream) -> CuResult<StreamInfo> {
-    if (h as usize) <= 2 {
-        return Ok(StreamInfo { id: StreamId::DEFAULT, flags: 0, priority: 0 });
-    }
-    let id = id_of(Tag::Stream, h as usize).ok_or(CuError::INVALID_HANDLE)?;
-    rt.tables().streams.get(&id).copied().ok_or(CuError::INVALID_HANDLE)
+/// Writes one fact about stream `h` to `out` (the stream queries).
+fn stream_fact<T>(h: CUstream, out: *mut T, fact: impl FnOnce(&StreamInfo) -> T) -> CuResult {
+    let s = Runtime::with_context()?.stream_info(h as usize)?;
+    // SAFETY: out-pointer per the CUDA API.
+    unsafe { put(out, fact(&s)) }
+}
+
+fn primary(_: &StreamInfo) -> CUcontext {
+    handle(Tag::Context, PRIMARY) as CUcontext
 }
 
 fn synchronize(h: CUstream) -> CuResult {
@@ -106,79 +108,26 @@ crate::exports! {
     fn cuStreamAddCallback(h: CUstream, cb: CUstreamCallback, data: *mut c_void, flags: c_uint) { add_callback(h, cb, data, flags) }
     fn cuStreamAddCallback_ptsz(h: CUstream, cb: CUstreamCallback, data: *mut c_void, flags: c_uint) { add_callback(h, cb, data, flags) }
 
-    fn cuStreamGetPriority(h: CUstream, priority: *mut c_int) {
-        let s = info(Runtime::with_context()?, h)?;
-        // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(priority, s.priority) }
-    }
-
-    fn cuStreamGetPriority_ptsz(h: CUstream, priority: *mut c_int) {
-        let s = info(Runtime::with_context()?, h)?;
-        // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(priority, s.priority) }
-    }
-
-    fn cuStreamGetFlags(h: CUstream, flags: *mut c_uint) {
-        let s = info(Runtime::with_context()?, h)?;
-        // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(flags, s.flags) }
-    }
-
-    fn cuStreamGetFlags_ptsz(h: CUstream, flags: *mut c_uint) {
-        let s = info(Runtime::with_context()?, h)?;
-        // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(flags, s.flags) }
-    }
-
-    fn cuStreamGetId(h: CUstream, id: *mut c_ulonglong) {
-        let s = info(Runtime::with_context()?, h)?;
-        // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(id, u64::from(s.id.0)) }
-    }
-
-    fn cuStreamGetId_ptsz(h: CUstream, id: *mut c_ulonglong) {
-        let s = info(Runtime::with_context()?, h)?;
-        // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(id, u64::from(s.id.0)) }
-    }
-
-    fn cuStreamGetCtx(h: CUstream, ctx: *mut CUcontext) {
-        info(Runtime::with_context()?, h)?;
-        // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(ctx, handle(Tag::Context, PRIMARY) as CUcontext) }
-    }
-
-    fn cuStreamGetCtx_ptsz(h: CUstream, ctx: *mut CUcontext) {
-        info(Runtime::with_context()?, h)?;
-        // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(ctx, handle(Tag::Context, PRIMARY) as CUcontext) }
-    }
-
-    fn cuStreamGetDevice(h: CUstream, dev: *mut c_int) {
-        info(Runtime::with_context()?, h)?;
-        // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(dev, 0) }
-    }
+    fn cuStreamGetPriority(h: CUstream, p: *mut c_int) { stream_fact(h, p, |s| s.priority) }
+    fn cuStreamGetPriority_ptsz(h: CUstream, p: *mut c_int) { stream_fact(h, p, |s| s.priority) }
+    fn cuStreamGetFlags(h: CUstream, flags: *mut c_uint) { stream_fact(h, flags, |s| s.flags) }
+    fn cuStreamGetFlags_ptsz(h: CUstream, flags: *mut c_uint) { stream_fact(h, flags, |s| s.flags) }
+    fn cuStreamGetId(h: CUstream, id: *mut c_ulonglong) { stream_fact(h, id, |s| u64::from(s.id.0)) }
+    fn cuStreamGetId_ptsz(h: CUstream, id: *mut c_ulonglong) { stream_fact(h, id, |s| u64::from(s.id.0)) }
+    fn cuStreamGetCtx(h: CUstream, ctx: *mut CUcontext) { stream_fact(h, ctx, primary) }
+    fn cuStreamGetCtx_ptsz(h: CUstream, ctx: *mut CUcontext) { stream_fact(h, ctx, primary) }
+    fn cuStreamGetDevice(h: CUstream, dev: *mut c_int) { stream_fact(h, dev, |_| 0) }
 
     /// Stream capture (CUDA graphs) is not offered: no stream is ever
     /// capturing.
-    fn cuStreamIsCapturing(h: CUstream, status: *mut c_uint) {
-        info(Runtime::with_context()?, h)?;
-        // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(status, 0) }
-    }
-
-    fn cuStreamIsCapturing_ptsz(h: CUstream, status: *mut c_uint) {
-        info(Runtime::with_context()?, h)?;
-        // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(status, 0) }
-    }
+    fn cuStreamIsCapturing(h: CUstream, status: *mut c_uint) { stream_fact(h, status, |_| 0) }
+    fn cuStreamIsCapturing_ptsz(h: CUstream, status: *mut c_uint) { stream_fact(h, status, |_| 0) }
 
     fn cuStreamGetCaptureInfo_v3(
         h: CUstream, status: *mut c_uint, id: *mut c_ulonglong, _graph: *mut *mut c_void,
         _deps: *mut *const c_void, _edges: *mut *const c_void, count: *mut usize,
     ) {
-        info(Runtime::with_context()?, h)?;
+        Runtime::with_context()?.stream_info(h as usize)?;
         // SAFETY: out-pointers, each optional but `status`, per the CUDA API.
         unsafe {
             put(status, 0)?;

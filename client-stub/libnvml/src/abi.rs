@@ -5,19 +5,19 @@
 
 use crate::error::Error;
 use nvml_wrapper_sys::bindings as nv;
-use std::collections::HashSet;
 use std::ffi::{CStr, c_char, c_uint};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Mutex;
 
 /// Runs one exported call: an error becomes its code, a panic becomes
 /// `NVML_ERROR_UNKNOWN` (logged), never an unwind into C.
 pub(crate) fn entry(name: &'static str, body: impl FnOnce() -> Result<(), Error>) -> nv::nvmlReturn_t {
-    crate::logging::init();
+    gpupool_ffi::init_logging();
     guard(name, nv::nvmlReturn_enum_NVML_ERROR_UNKNOWN, || match body() {
         Ok(()) => nv::nvmlReturn_enum_NVML_SUCCESS,
         Err(e) => {
-            tracing::debug!(call = name, error = %e, "returns an error");
+            if gpupool_ffi::logging_enabled() {
+                tracing::debug!(call = name, error = %e, "returns an error");
+            }
             e.code()
         }
     })
@@ -29,12 +29,10 @@ pub(crate) fn guard<T>(name: &'static str, on_panic: T, body: impl FnOnce() -> T
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(v) => v,
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            tracing::error!(call = name, panic = %what, "internal error in gpupool libnvidia-ml");
+            if gpupool_ffi::logging_enabled() {
+                let what = gpupool_ffi::panic_message(panic.as_ref());
+                tracing::error!(call = name, panic = %what, "internal error in gpupool libnvidia-ml");
+            }
             on_panic
         }
     }
@@ -46,10 +44,8 @@ pub(crate) fn guard<T>(name: &'static str, on_panic: T, body: impl FnOnce() -> T
 /// power, clocks) as a matter of course and handle the answer, so a
 /// warning for each would be noise on every monitoring tool's stderr.
 pub(crate) fn log_unsupported(name: &'static str) {
-    static SEEN: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
-    let first = SEEN.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(HashSet::new).insert(name);
-    if first {
-        crate::logging::init();
+    if gpupool_ffi::first_time(name) && gpupool_ffi::logging_enabled() {
+        gpupool_ffi::init_logging();
         tracing::info!("{name} is not supported by gpupool's libnvidia-ml; it returns NVML_ERROR_NOT_SUPPORTED");
     }
 }

@@ -53,7 +53,6 @@ pub mod device;
 mod driver;
 pub mod error;
 mod gpu;
-mod logging;
 mod state;
 pub mod system;
 pub mod unsupported;

@@ -142,7 +142,7 @@ impl CudaDevice {
             granularity,
             attributes,
             driver_version: u32::try_from(driver_version).unwrap_or(0),
-            error_strings: (0..1100).filter_map(|c| driver::error_string(c).map(|t| (c, t))).collect(),
+            error_strings: driver::error_strings(0..1100),
         };
         Ok(Self { inner: Arc::new(DeviceInner { context, description, builtin: Mutex::new(None) }) })
     }

@@ -181,21 +181,26 @@ pub(super) fn device_attribute(device: sys::CUdevice, attribute: u32) -> Option<
     (r == 0).then_some(value)
 }
 
-/// `cuGetErrorString` for a code as a plain integer (same reason as
-/// [`device_attribute`]). `None` for codes the driver does not know.
-pub(super) fn error_string(code: u32) -> Option<String> {
+/// `cuGetErrorString` for every code in `codes` the driver knows, with
+/// the codes as plain integers (same reason as [`device_attribute`]).
+pub(super) fn error_strings(codes: std::ops::Range<u32>) -> Vec<(u32, String)> {
     type GetErrorString = unsafe extern "C" fn(c_int, *mut *const std::ffi::c_char) -> c_int;
     // SAFETY: called after `check_driver`; the signature matches
     // `CUresult cuGetErrorString(CUresult, const char**)`.
-    let get = unsafe { sys::culib().get::<GetErrorString>(b"cuGetErrorString") }.ok()?;
-    let mut text: *const std::ffi::c_char = std::ptr::null();
-    // SAFETY: valid out-pointer; unknown codes return an error.
-    let r = unsafe { get(c_int::try_from(code).ok()?, &mut text) };
-    if r != 0 || text.is_null() {
-        return None;
-    }
-    // SAFETY: the driver returns a static NUL-terminated string.
-    Some(unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy().into_owned())
+    let Ok(get) = (unsafe { sys::culib().get::<GetErrorString>(b"cuGetErrorString") }) else {
+        return Vec::new();
+    };
+    let text = |code: u32| {
+        let mut text: *const std::ffi::c_char = std::ptr::null();
+        // SAFETY: valid out-pointer; unknown codes return an error.
+        let r = unsafe { get(c_int::try_from(code).ok()?, &mut text) };
+        if r != 0 || text.is_null() {
+            return None;
+        }
+        // SAFETY: the driver returns a static NUL-terminated string.
+        Some(unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy().into_owned())
+    };
+    codes.filter_map(|c| text(c).map(|t| (c, t))).collect()
 }
 
 /// `cuFuncGetAttribute` with the attribute as a plain integer, for the

@@ -1,0 +1,70 @@
+//! What gpupool's drop-in libraries (`libcuda.so.1`, `libnvidia-ml.so.1`)
+//! share at their C border: logging to stderr that is safe to call at any
+//! time, including from other libraries' destructors at process exit, and
+//! the text of a caught panic. Each library links its own copy.
+#![allow(unsafe_code)] // one call: atexit
+
+use std::any::Any;
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, Once};
+
+static EXITING: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn mark_exiting() {
+    EXITING.store(true, Ordering::SeqCst);
+}
+
+/// Sets up logging to stderr, filtered by `GPUPOOL_LOG` (default `warn`),
+/// once, and only if the host program has not installed a subscriber.
+///
+/// Libraries that unload at process exit (cuBLAS's runtime) still call the
+/// driver from their destructors, after thread-local storage is gone, which
+/// the log subscriber needs: an exit handler turns logging off first.
+pub fn init_logging() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("GPUPOOL_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        // SAFETY: registers a function without captured state; atexit only
+        // fails when its table is full, and then logging simply stays on.
+        unsafe { libc::atexit(mark_exiting) };
+    });
+}
+
+/// `false` once the process is exiting: log nothing then.
+pub fn logging_enabled() -> bool {
+    !EXITING.load(Ordering::Relaxed)
+}
+
+/// `true` the first time `name` is seen, for "logged once by name".
+pub fn first_time(name: &'static str) -> bool {
+    static SEEN: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
+    SEEN.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(HashSet::new).insert(name)
+}
+
+/// The message of a caught panic.
+pub fn panic_message(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_messages_and_first_times() {
+        let p = std::panic::catch_unwind(|| panic!("boom {}", 1)).expect_err("panics");
+        assert_eq!(panic_message(p.as_ref()), "boom 1");
+        let p = std::panic::catch_unwind(|| panic!("static")).expect_err("panics");
+        assert_eq!(panic_message(p.as_ref()), "static");
+        assert!(first_time("cuX") && !first_time("cuX") && first_time("cuY"));
+        init_logging();
+        assert!(logging_enabled());
+    }
+}
