@@ -1,12 +1,14 @@
 //! Compiles the `.proto` files with `protox` (pure Rust), so building needs no
-//! system `protoc`.
+//! system `protoc`. The balancer's service code is generated too; the crate
+//! compiles it only with the `grpc` feature.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/gpupool/v1/dataplane.proto"];
-    for f in &files {
+    let dataplane = "proto/gpupool/v1/dataplane.proto";
+    let balancer = "proto/gpupool/balancer/v1/balancer.proto";
+    for f in [dataplane, balancer] {
         println!("cargo:rerun-if-changed={f}");
     }
-    let fds = protox::compile(files, ["proto"])?;
-    prost_build::Config::new().bytes(["."]).compile_fds(fds)?;
+    prost_build::Config::new().bytes(["."]).compile_fds(protox::compile([dataplane], ["proto"])?)?;
+    tonic_prost_build::configure().compile_fds(protox::compile([balancer], ["proto"])?)?;
     Ok(())
 }

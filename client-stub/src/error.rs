@@ -35,6 +35,9 @@ pub enum ClientError {
     /// Invalid client configuration.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The balancer gave no virtual GPU (the gRPC status and its message).
+    #[error("the balancer refused: {code}: {message}")]
+    Pool { code: String, message: String },
 }
 
 impl ClientError {
@@ -42,7 +45,7 @@ impl ClientError {
     pub fn code(&self) -> CuResult {
         match self {
             Self::Cuda { code, .. } => *code,
-            Self::Refused { .. } | Self::Connect(_) | Self::Config(_) => cuda::NO_DEVICE,
+            Self::Refused { .. } | Self::Connect(_) | Self::Config(_) | Self::Pool { .. } => cuda::NO_DEVICE,
             Self::ConnectionLost(_) | Self::Timeout(_) | Self::Protocol(_) => cuda::DEVICE_UNAVAILABLE,
             Self::InvalidValue(_) => cuda::INVALID_VALUE,
             Self::OutOfMemory(_) => cuda::OUT_OF_MEMORY,

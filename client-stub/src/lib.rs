@@ -6,6 +6,7 @@
 //! - [`batch`]: queueing, batching and reply matching, no I/O;
 //! - [`alloc`]: device addresses assigned locally from the session's range;
 //! - [`transport`]: the [`transport::Transport`] trait and QUIC implementation;
+//! - [`lease`]: a virtual GPU leased from the balancer, kept renewed;
 //! - [`session`]: the API itself, with typed [`DeviceBuffer`]s.
 #![forbid(unsafe_code)]
 
@@ -13,10 +14,12 @@ pub mod alloc;
 pub mod batch;
 pub mod config;
 mod error;
+pub mod lease;
 pub mod session;
 mod tls;
 pub mod transport;
 
 pub use config::{ClientConfig, Trust};
 pub use error::{ClientError, Result};
+pub use lease::{LeasedGpu, PoolRequest};
 pub use session::{DeviceBuffer, EventId, Function, KernelArg, LaunchConfig, Module, Session, StreamId};

@@ -10,6 +10,7 @@ use crate::alloc::{AddressSpace, MapOp};
 use crate::batch::CallQueue;
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
+use crate::lease::{LeasedGpu, PoolRequest};
 use crate::transport::{QuicTransport, Transport};
 use bytes::Bytes;
 use gpupool_proto::payload::{self, Compression};
@@ -155,6 +156,9 @@ struct Inner {
     state: Mutex<State>,
     welcome: v1::Welcome,
     compression: Compression,
+    /// The balancer's lease the session runs under; dropped after the
+    /// transport, so the server sees the session end before the release.
+    lease: Option<LeasedGpu>,
 }
 
 /// A session on a remote GPU. Cloning shares the session.
@@ -168,6 +172,26 @@ impl Session {
     pub fn connect(config: &ClientConfig) -> Result<Self> {
         let transport = QuicTransport::connect(config)?;
         Ok(Self::with_transport(Box::new(transport), config))
+    }
+
+    /// Leases a virtual GPU from the balancer in `request` and opens a
+    /// session on it; `template` gives every setting but the server, its
+    /// certificate pin and the token, which come from the lease. The lease
+    /// is renewed while the session lives and released when it ends.
+    pub fn connect_pooled(request: &PoolRequest, template: &ClientConfig) -> Result<Self> {
+        let leased = LeasedGpu::allocate(request)?;
+        let config = leased.client_config(template)?;
+        let transport = QuicTransport::connect(&config)?;
+        let mut session = Self::with_transport(Box::new(transport), &config);
+        if let Some(inner) = Arc::get_mut(&mut session.inner) {
+            inner.lease = Some(leased);
+        }
+        Ok(session)
+    }
+
+    /// The lease the session runs under, as last renewed.
+    pub fn lease(&self) -> Option<gpupool_proto::balancer::Lease> {
+        self.inner.lease.as_ref().map(LeasedGpu::lease)
     }
 
     /// A session over an already connected transport.
@@ -188,7 +212,7 @@ impl Session {
             dead: None,
         };
         let compression = if config.compression { Compression::Auto } else { Compression::Off };
-        Self { inner: Arc::new(Inner { transport, state: Mutex::new(state), welcome, compression }) }
+        Self { inner: Arc::new(Inner { transport, state: Mutex::new(state), welcome, compression, lease: None }) }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

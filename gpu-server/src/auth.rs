@@ -1,5 +1,9 @@
 //! Who may open a session. The server asks an [`Authenticator`] about the
-//! token in every `Hello`; the balancer's signed leases plug in here.
+//! token in every `Hello`: shared secrets ([`StaticTokens`]) or leases the
+//! balancer signed ([`LeaseTokens`]), checked offline against its public key.
+
+use gpupool_proto::lease::{LeaseError, LeaseVerifier, unix_ms_now};
+use std::collections::HashSet;
 
 /// What a valid token grants.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,6 +15,18 @@ pub struct Grant {
     /// Session id to use, when the token was issued for one session (a
     /// worker process's ticket).
     pub session_id: Option<u64>,
+    /// The balancer's lease the session runs under, when it presented one.
+    pub lease: Option<LeaseGrant>,
+}
+
+/// What a lease token names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseGrant {
+    pub lease_id: u64,
+    /// The instance the session must run on.
+    pub instance_uuid: String,
+    /// The token itself, shown to a restarted balancer.
+    pub token: String,
 }
 
 /// Why a token was refused.
@@ -25,6 +41,13 @@ pub enum AuthError {
     /// A one-time ticket was already used or has expired.
     #[error("session ticket already used or expired")]
     Spent,
+    /// A lease token that is forged, expired or malformed.
+    #[error("lease refused: {0}")]
+    Lease(#[from] LeaseError),
+    /// A valid lease for another server or for an instance this server does
+    /// not serve.
+    #[error("lease {lease_id:#x} is for {what}, which this server does not serve")]
+    Foreign { lease_id: u64, what: String },
 }
 
 /// Decides whether a token opens a session.
@@ -59,16 +82,102 @@ impl Authenticator for StaticTokens {
             ok |= constant_time_eq(t.as_bytes(), token.as_bytes());
         }
         if ok {
-            Ok(Grant { subject: "static-token".into(), memory_quota: None, session_id: None })
+            Ok(Grant { subject: "static-token".into(), memory_quota: None, session_id: None, lease: None })
         } else {
             Err(AuthError::Invalid)
         }
     }
 }
 
+/// Leases signed by the balancer, for this server's instances; shared
+/// secrets too when configured (operators' and tests' direct access).
+#[derive(Debug, Clone)]
+pub struct LeaseTokens {
+    verifier: LeaseVerifier,
+    server_id: String,
+    instances: HashSet<String>,
+    statics: StaticTokens,
+}
+
+impl LeaseTokens {
+    pub fn new(verifier: LeaseVerifier, server_id: String, instances: HashSet<String>, statics: Vec<String>) -> Self {
+        Self { verifier, server_id, instances, statics: StaticTokens::new(statics) }
+    }
+}
+
+impl Authenticator for LeaseTokens {
+    fn authenticate(&self, token: &str) -> Result<Grant, AuthError> {
+        if !token.starts_with("gpl1.") {
+            return self.statics.authenticate(token);
+        }
+        let claims = self.verifier.verify(token, unix_ms_now())?;
+        if claims.server_id != self.server_id {
+            return Err(AuthError::Foreign { lease_id: claims.lease_id, what: format!("server {}", claims.server_id) });
+        }
+        if !self.instances.contains(&claims.instance_uuid) {
+            return Err(AuthError::Foreign {
+                lease_id: claims.lease_id,
+                what: format!("instance {}", claims.instance_uuid),
+            });
+        }
+        Ok(Grant {
+            subject: format!("tenant {} lease {:#x}", claims.tenant, claims.lease_id),
+            memory_quota: Some(claims.memory_bytes),
+            session_id: None,
+            lease: Some(LeaseGrant {
+                lease_id: claims.lease_id,
+                instance_uuid: claims.instance_uuid,
+                token: token.into(),
+            }),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gpupool_proto::balancer::LeaseClaims;
+    use gpupool_proto::lease::LeaseSigner;
+
+    #[test]
+    fn leases_for_this_server_and_its_instances_only() {
+        let signer = LeaseSigner::from_seed([9; 32]);
+        let auth = LeaseTokens::new(
+            signer.verifier(),
+            "s1".into(),
+            ["MIG-a".to_string()].into_iter().collect(),
+            vec!["direct".into()],
+        );
+        let now = unix_ms_now();
+        let claims = |server: &str, instance: &str, expires: u64| LeaseClaims {
+            lease_id: 5,
+            tenant: "t".into(),
+            server_id: server.into(),
+            instance_uuid: instance.into(),
+            memory_bytes: 10 << 30,
+            issued_unix_ms: now,
+            expires_unix_ms: expires,
+        };
+        let ok = auth.authenticate(&signer.sign(&claims("s1", "MIG-a", now + 60_000))).expect("valid lease");
+        assert_eq!(ok.memory_quota, Some(10 << 30));
+        assert_eq!(ok.lease.expect("lease").instance_uuid, "MIG-a");
+        assert!(matches!(
+            auth.authenticate(&signer.sign(&claims("s2", "MIG-a", now + 60_000))),
+            Err(AuthError::Foreign { .. })
+        ));
+        assert!(matches!(
+            auth.authenticate(&signer.sign(&claims("s1", "MIG-b", now + 60_000))),
+            Err(AuthError::Foreign { .. })
+        ));
+        assert!(matches!(
+            auth.authenticate(&signer.sign(&claims("s1", "MIG-a", now - 1))),
+            Err(AuthError::Lease(LeaseError::Expired { .. }))
+        ));
+        let forged = LeaseSigner::from_seed([1; 32]).sign(&claims("s1", "MIG-a", now + 60_000));
+        assert_eq!(auth.authenticate(&forged), Err(AuthError::Lease(LeaseError::BadSignature)));
+        assert!(auth.authenticate("direct").is_ok());
+        assert_eq!(auth.authenticate("other"), Err(AuthError::Invalid));
+    }
 
     #[test]
     fn static_tokens() {

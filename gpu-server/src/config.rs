@@ -48,6 +48,22 @@ pub enum Isolation {
     },
 }
 
+/// Registration with a balancer: the server announces its instances, sends
+/// heartbeats, and accepts sessions with the balancer's signed leases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalancerLink {
+    /// The balancer's gRPC URL, e.g. `http://10.0.0.5:50051`.
+    pub url: String,
+    /// Stable name of this server in the pool.
+    pub server_id: String,
+    /// `host:port` clients reach this server's QUIC endpoint at.
+    pub advertise: String,
+    /// Secret the balancer expects from servers.
+    pub secret: String,
+    /// The balancer's lease-signing public key (64 hex digits).
+    pub lease_key: String,
+}
+
 /// Everything a gpu-server needs to run.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -92,6 +108,11 @@ pub struct ServerConfig {
     pub isolation: Isolation,
     /// Serve one session, then return from `run` (a worker process).
     pub one_session: bool,
+    /// The GPUs and instances served, each instance by its own worker
+    /// processes (see [`crate::mig`]). Empty: one device as `device` says.
+    pub gpus: Vec<crate::mig::ServedGpu>,
+    /// Join a balancer's pool.
+    pub balancer: Option<BalancerLink>,
 }
 
 impl ServerConfig {
@@ -119,12 +140,35 @@ impl ServerConfig {
             compression: true,
             isolation: Isolation::InProcess,
             one_session: false,
+            gpus: Vec::new(),
+            balancer: None,
         }
     }
 
     /// Checks every setting and reports all problems together.
     pub fn validate(&self) -> Result<(), ServerError> {
         let mut bad = Vec::new();
+        let instances = self.gpus.iter().flat_map(|g| &g.instances).count();
+        if !self.gpus.is_empty() && !matches!(self.isolation, Isolation::Process { .. }) {
+            bad.push("serving instances needs process isolation (one worker per instance)".into());
+        }
+        if !self.gpus.is_empty() && instances == 0 {
+            bad.push("the GPUs listed have no instance to serve".into());
+        }
+        if let Some(link) = &self.balancer {
+            if instances == 0 {
+                bad.push("joining a balancer needs the instances to serve".into());
+            }
+            if link.server_id.is_empty() || link.advertise.is_empty() || link.url.is_empty() {
+                bad.push("the balancer link needs a URL, a server id and an advertised address".into());
+            }
+            if link.secret.is_empty() {
+                bad.push("the balancer's server secret must not be empty".into());
+            }
+            if let Err(e) = gpupool_proto::lease::LeaseVerifier::from_hex(&link.lease_key) {
+                bad.push(format!("the balancer's lease key: {e}"));
+            }
+        }
         if self.tokens.iter().any(String::is_empty) {
             bad.push("session tokens must not be empty".to_string());
         }

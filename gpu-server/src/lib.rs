@@ -17,6 +17,8 @@ pub mod config;
 pub mod device;
 mod error;
 pub mod images;
+mod link;
+pub mod mig;
 pub mod pool;
 pub mod server;
 pub mod session;
@@ -24,7 +26,7 @@ pub mod staging;
 pub mod tls;
 pub mod worker;
 
-pub use config::{DeviceChoice, Isolation, ServerConfig, WorkerCommand};
+pub use config::{BalancerLink, DeviceChoice, Isolation, ServerConfig, WorkerCommand};
 pub use error::{CallError, ServerError};
 pub use server::{Metrics, MetricsSnapshot, Server};
 

@@ -5,7 +5,7 @@
 use anyhow::Context;
 use clap::Parser;
 use gpupool_server::tls::TlsSource;
-use gpupool_server::{DeviceChoice, Isolation, Server, ServerConfig, WorkerCommand};
+use gpupool_server::{BalancerLink, DeviceChoice, Isolation, Server, ServerConfig, WorkerCommand, mig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -18,9 +18,35 @@ struct Args {
     /// Device: `auto` (GPU 0 if present, else emulated), `cuda:N`, or `emulated`.
     #[arg(long, env = "GPUPOOL_DEVICE", default_value = "auto")]
     device: String,
-    /// Session tokens accepted, comma-separated.
-    #[arg(long, env = "GPUPOOL_TOKENS", value_delimiter = ',', required = true)]
+    /// Session tokens accepted, comma-separated (besides the balancer's
+    /// leases; required without a balancer).
+    #[arg(long, env = "GPUPOOL_TOKENS", value_delimiter = ',', required_unless_present = "balancer")]
     tokens: Vec<String>,
+    /// What to serve: `device` (the one device of `--device`), `nvml` (every
+    /// GPU NVML lists: whole GPUs, or their MIG instances where MIG is on), or
+    /// `simulated:SPEC` (a simulated NVML topology, e.g.
+    /// `simulated:h100-80gb:mig,a100-80gb`, on the emulated device).
+    #[arg(long, env = "GPUPOOL_INSTANCES", default_value = "device")]
+    instances: String,
+    /// MIG layout to bring every MIG-enabled GPU to at start, profile names
+    /// separated by commas (e.g. `3g.40gb,2g.20gb,1g.10gb,1g.10gb`).
+    #[arg(long, env = "GPUPOOL_MIG_LAYOUT", value_delimiter = ',')]
+    mig_layout: Option<Vec<String>>,
+    /// Join the pool of the balancer at this URL (e.g. `http://10.0.0.5:50051`).
+    #[arg(long, env = "GPUPOOL_BALANCER", requires_all = ["advertise", "balancer_secret", "lease_key"])]
+    balancer: Option<String>,
+    /// This server's name in the pool (default: the host name).
+    #[arg(long, env = "GPUPOOL_SERVER_ID")]
+    server_id: Option<String>,
+    /// `host:port` clients reach this server at (given to them in leases).
+    #[arg(long, env = "GPUPOOL_ADVERTISE")]
+    advertise: Option<String>,
+    /// Secret the balancer expects from servers.
+    #[arg(long, env = "GPUPOOL_SERVER_SECRET")]
+    balancer_secret: Option<String>,
+    /// The balancer's lease-signing public key (`gpupool-balancer keygen`).
+    #[arg(long, env = "GPUPOOL_LEASE_KEY")]
+    lease_key: Option<String>,
     /// PEM certificate chain (a self-signed one is generated when absent).
     #[arg(long, env = "GPUPOOL_CERT", requires = "key")]
     cert: Option<PathBuf>,
@@ -61,6 +87,36 @@ fn device_choice(s: &str) -> anyhow::Result<DeviceChoice> {
     })
 }
 
+/// The GPUs and instances `--instances` names.
+fn served_gpus(instances: &str, layout: Option<&[String]>) -> anyhow::Result<Vec<mig::ServedGpu>> {
+    let ctl: Box<dyn mig::MigControl> = match instances {
+        "device" => {
+            anyhow::ensure!(layout.is_none(), "--mig-layout needs --instances nvml or simulated:SPEC");
+            return Ok(Vec::new());
+        }
+        "nvml" => Box::new(mig::RealNvml::open().context("opening NVML")?),
+        other => match other.strip_prefix("simulated:") {
+            Some(spec) => Box::new(mig::SimulatedNvml::from_spec(spec).context("simulated topology")?),
+            None => anyhow::bail!("unknown --instances {other:?}: use device, nvml or simulated:SPEC"),
+        },
+    };
+    let gpus = mig::prepare(ctl.as_ref(), layout).context("discovering the instances to serve")?;
+    for g in &gpus {
+        for i in &g.instances {
+            tracing::info!(gpu = g.index, name = %g.name, instance = %i.uuid, memory = i.memory, sms = i.sms, "serving");
+        }
+    }
+    Ok(gpus)
+}
+
+fn host_name() -> Option<String> {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
 fn main() -> anyhow::Result<()> {
     // stdout belongs to the worker protocol in a worker: logs go to stderr.
     tracing_subscriber::fmt()
@@ -86,6 +142,20 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             warm: args.warm_workers,
             start_timeout: std::time::Duration::from_secs(60),
         };
+    }
+    config.gpus = served_gpus(&args.instances, args.mig_layout.as_deref())?;
+    if let Some(url) = args.balancer {
+        let server_id = match args.server_id {
+            Some(id) => id,
+            None => host_name().context("no --server-id given and the host name is unknown")?,
+        };
+        config.balancer = Some(BalancerLink {
+            url,
+            server_id,
+            advertise: args.advertise.unwrap_or_default(),
+            secret: args.balancer_secret.unwrap_or_default(),
+            lease_key: args.lease_key.unwrap_or_default(),
+        });
     }
     if let (Some(cert), Some(key)) = (args.cert, args.key) {
         config.tls = TlsSource::Files { cert, key };

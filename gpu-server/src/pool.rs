@@ -71,6 +71,9 @@ pub struct WorkerInfo {
 #[derive(Debug)]
 pub struct WorkerPool {
     command: WorkerCommand,
+    /// Set in each worker's environment before it starts (its instance's
+    /// `CUDA_VISIBLE_DEVICES`: CUDA reads it once, at `cuInit`).
+    env: Vec<(String, String)>,
     spec: Vec<u8>,
     warm: usize,
     start_timeout: Duration,
@@ -84,8 +87,21 @@ pub struct WorkerPool {
 
 impl WorkerPool {
     pub fn new(command: WorkerCommand, spec: &v1::WorkerSpec, warm: usize, start_timeout: Duration) -> Arc<Self> {
+        Self::with_env(command, Vec::new(), spec, warm, start_timeout)
+    }
+
+    /// Like [`WorkerPool::new`], with variables set in each worker's
+    /// environment.
+    pub fn with_env(
+        command: WorkerCommand,
+        env: Vec<(String, String)>,
+        spec: &v1::WorkerSpec,
+        warm: usize,
+        start_timeout: Duration,
+    ) -> Arc<Self> {
         Arc::new(Self {
             command,
+            env,
             spec: frame::encode(spec).to_vec(),
             warm,
             start_timeout,
@@ -220,6 +236,7 @@ impl WorkerPool {
         let program = &self.command.program;
         let mut child = Command::new(program)
             .args(&self.command.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

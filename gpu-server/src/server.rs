@@ -2,7 +2,7 @@
 //! bulk streams of each session. Call execution lives in [`crate::session`]
 //! on one worker thread per session; this module only moves frames.
 
-use crate::auth::{Authenticator, StaticTokens};
+use crate::auth::{Authenticator, Grant, LeaseTokens, StaticTokens};
 use crate::config::{DeviceChoice, Isolation, ServerConfig};
 use crate::device::cuda::CudaDevice;
 use crate::device::emulated::EmulatedDevice;
@@ -17,10 +17,11 @@ use bytes::Bytes;
 use gpupool_proto::payload::{self, Compression};
 use gpupool_proto::{PROTOCOL_VERSION, close_code, cuda, frame, quic, v1};
 use prost::Message;
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 
@@ -156,12 +157,39 @@ enum Mode {
     /// In this process, on this device.
     Local(AnyDevice),
     /// Each in a worker process; this process only hands sessions over.
-    Workers(Arc<WorkerPool>),
+    Workers(Arc<Workers>),
+}
+
+/// Worker pools: one per served instance, or one for the server's device.
+#[derive(Debug)]
+struct Workers {
+    /// By instance UUID (empty for the server's one device), in the order
+    /// the instances were listed.
+    pools: Vec<(String, Arc<WorkerPool>)>,
+}
+
+impl Workers {
+    /// The pool a session runs in: its lease's instance, else the first.
+    fn for_session(&self, grant: &Grant) -> Option<&Arc<WorkerPool>> {
+        match &grant.lease {
+            Some(lease) => self.pools.iter().find(|(uuid, _)| *uuid == lease.instance_uuid).map(|(_, p)| p),
+            None => self.pools.first().map(|(_, p)| p),
+        }
+    }
+}
+
+/// A session opened under a balancer's lease.
+#[derive(Debug)]
+pub(crate) struct LeasedSession {
+    /// The lease token, shown to a restarted balancer.
+    pub(crate) token: String,
+    pub(crate) memory: u64,
+    pub(crate) conn: quinn::Connection,
 }
 
 /// What every connection task shares.
 #[derive(Debug)]
-struct Shared {
+pub(crate) struct Shared {
     config: ServerConfig,
     auth: Arc<dyn Authenticator>,
     metrics: Arc<Metrics>,
@@ -170,6 +198,15 @@ struct Shared {
     next_session: AtomicU64,
     /// Notified when a session ends (a one-session server then stops).
     session_ended: tokio::sync::Notify,
+    /// Open sessions by lease id, for heartbeats and for ending the
+    /// sessions of leases the balancer ended.
+    leased: Mutex<HashMap<u64, LeasedSession>>,
+}
+
+impl Shared {
+    pub(crate) fn leased(&self) -> std::sync::MutexGuard<'_, HashMap<u64, LeasedSession>> {
+        self.leased.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A bound, not yet running, gpu-server.
@@ -185,10 +222,18 @@ impl Server {
     /// Validates `config`, opens the device (its warm context) and binds the
     /// QUIC endpoint. Must be called inside a tokio runtime.
     pub fn bind(config: ServerConfig) -> Result<Self, ServerError> {
-        if config.tokens.is_empty() {
-            return Err(ServerError::Config("at least one session token is required".into()));
+        if config.tokens.is_empty() && config.balancer.is_none() {
+            return Err(ServerError::Config("at least one session token (or a balancer) is required".into()));
         }
-        let auth = Arc::new(StaticTokens::new(config.tokens.clone()));
+        let auth: Arc<dyn Authenticator> = match &config.balancer {
+            Some(link) => {
+                let verifier = gpupool_proto::lease::LeaseVerifier::from_hex(&link.lease_key)
+                    .map_err(|e| ServerError::Config(format!("the balancer's lease key: {e}")))?;
+                let instances = config.gpus.iter().flat_map(|g| &g.instances).map(|i| i.uuid.clone()).collect();
+                Arc::new(LeaseTokens::new(verifier, link.server_id.clone(), instances, config.tokens.clone()))
+            }
+            None => Arc::new(StaticTokens::new(config.tokens.clone())),
+        };
         Self::bind_with_auth(config, auth)
     }
 
@@ -211,7 +256,26 @@ impl Server {
             Isolation::Process { command, warm, start_timeout } => {
                 let (chain, key) = identity.to_der();
                 let spec = crate::worker::spec_from_config(&config, chain, key);
-                Mode::Workers(WorkerPool::new(command.clone(), &spec, *warm, *start_timeout))
+                let pools = if config.gpus.is_empty() {
+                    vec![(String::new(), WorkerPool::new(command.clone(), &spec, *warm, *start_timeout))]
+                } else {
+                    let instances = config.gpus.iter().flat_map(|g| &g.instances);
+                    instances
+                        .map(|instance| {
+                            let mut spec = spec.clone();
+                            spec.memory_quota = instance.memory;
+                            // Under CUDA_VISIBLE_DEVICES the instance is device 0.
+                            spec.device = match config.device {
+                                DeviceChoice::Emulated { .. } => format!("emulated:{}", instance.memory),
+                                _ => "cuda:0".into(),
+                            };
+                            let env = vec![("CUDA_VISIBLE_DEVICES".to_string(), instance.visible_devices.clone())];
+                            let pool = WorkerPool::with_env(command.clone(), env, &spec, *warm, *start_timeout);
+                            (instance.uuid.clone(), pool)
+                        })
+                        .collect()
+                };
+                Mode::Workers(Arc::new(Workers { pools }))
             }
         };
         let socket =
@@ -235,6 +299,7 @@ impl Server {
             metrics: Arc::default(),
             next_session: AtomicU64::new(1),
             session_ended: tokio::sync::Notify::new(),
+            leased: Mutex::new(HashMap::new()),
         });
         Ok(Self { endpoint, mode, fingerprint: identity.fingerprint(), shared })
     }
@@ -258,10 +323,12 @@ impl Server {
     /// starts the first one and fails with its reason when the device cannot
     /// be opened there; in-process the device is already open.
     pub async fn ready(&self) -> Result<(), ServerError> {
-        if let Mode::Workers(pool) = &self.mode {
-            let r = pool.probe().await?;
-            tracing::info!(backend = %r.backend, device = %r.device_name, "session workers ready");
-            pool.fill();
+        if let Mode::Workers(workers) = &self.mode {
+            for (instance, pool) in &workers.pools {
+                let r = pool.probe().await?;
+                tracing::info!(backend = %r.backend, device = %r.device_name, %instance, "session workers ready");
+                pool.fill();
+            }
         }
         Ok(())
     }
@@ -271,7 +338,7 @@ impl Server {
     pub fn backend(&self) -> &'static str {
         match &self.mode {
             Mode::Local(d) => d.description().backend,
-            Mode::Workers(pool) => match pool.probe_result().map(|r| r.backend.as_str()) {
+            Mode::Workers(w) => match w.pools.first().and_then(|(_, p)| p.probe_result()).map(|r| r.backend.as_str()) {
                 Some("cuda") => "cuda",
                 Some("emulated") => "emulated",
                 _ => "unknown",
@@ -288,11 +355,12 @@ impl Server {
     }
 
     /// The pool of worker processes (`None` in-process), for operators'
-    /// views of which worker serves which session.
+    /// views of which worker serves which session; with several instances,
+    /// the first instance's.
     pub fn worker_pool(&self) -> Option<Arc<WorkerPool>> {
         match &self.mode {
             Mode::Local(_) => None,
-            Mode::Workers(pool) => Some(pool.clone()),
+            Mode::Workers(w) => w.pools.first().map(|(_, p)| p.clone()),
         }
     }
 
@@ -300,6 +368,17 @@ impl Server {
     /// waits up to the grace period for them to end.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         self.ready().await?;
+        let (link_stop, link_stopped) = tokio::sync::watch::channel(false);
+        let link = self.shared.config.balancer.clone().map(|mut link| {
+            // Port 0 in the advertised address: the port bound (tests, and
+            // hosts that pick the port at start).
+            if let Some(host) = link.advertise.strip_suffix(":0") {
+                link.advertise = format!("{host}:{}", self.local_addr().port());
+            }
+            let gpus = crate::link::registration_gpus(&self.shared.config.gpus);
+            let fingerprint = self.fingerprint.clone();
+            tokio::spawn(crate::link::run(link, gpus, fingerprint, self.shared.clone(), link_stopped))
+        });
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
         let one = self.shared.config.one_session;
@@ -316,8 +395,14 @@ impl Server {
             }
         }
         tracing::info!("shutting down");
-        if let Mode::Workers(pool) = &self.mode {
-            pool.close();
+        let _ = link_stop.send(true);
+        if let Some(link) = link {
+            let _ = link.await;
+        }
+        if let Mode::Workers(workers) = &self.mode {
+            for (_, pool) in &workers.pools {
+                pool.close();
+            }
         }
         self.endpoint.close(close_code::SHUTDOWN.into(), b"server shutting down");
         let grace = self.shared.config.shutdown_grace;
@@ -428,11 +513,32 @@ async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming: quinn::Inc
     tracing::info!(client = %hello.client_build, subject = %grant.subject, "session opened");
     add(&shared.metrics.sessions_opened, 1);
     add(&shared.metrics.sessions_active, 1);
-    let quota = grant.memory_quota.unwrap_or(shared.config.memory_quota).min(shared.config.memory_quota);
+    // A lease grants its whole instance; other tokens get the server's quota.
+    let quota = match (&grant.lease, grant.memory_quota) {
+        (Some(_), Some(q)) => q,
+        _ => grant.memory_quota.unwrap_or(shared.config.memory_quota).min(shared.config.memory_quota),
+    };
+    if let Some(lease) = &grant.lease {
+        let session = LeasedSession { token: lease.token.clone(), memory: quota, conn: conn.clone() };
+        // One session per lease: a client that reconnects (a thawed Lambda
+        // environment) replaces its old session.
+        if let Some(old) = shared.leased().insert(lease.lease_id, session) {
+            old.conn.close(close_code::NORMAL.into(), b"replaced by a new session of the same lease");
+        }
+    }
     match mode {
         Mode::Local(AnyDevice::Cuda(d)) => run_session(&shared, d, &conn, id, quota, send, recv).await,
         Mode::Local(AnyDevice::Emulated(d)) => run_session(&shared, d, &conn, id, quota, send, recv).await,
-        Mode::Workers(pool) => run_in_worker(&shared, &pool, &conn, id, quota, &grant.subject, send).await,
+        Mode::Workers(workers) => match workers.for_session(&grant) {
+            Some(pool) => run_in_worker(&shared, pool, &conn, id, quota, &grant.subject, send).await,
+            None => conn.close(close_code::UNAUTHORIZED.into(), b"the lease's instance is not served here"),
+        },
+    }
+    if let Some(lease) = &grant.lease {
+        let mut leased = shared.leased();
+        if leased.get(&lease.lease_id).is_some_and(|s| s.conn.stable_id() == conn.stable_id()) {
+            leased.remove(&lease.lease_id);
+        }
     }
     shared.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);
     drop(permit);

@@ -138,6 +138,7 @@ fn read_control(
                 subject: a.subject.clone(),
                 memory_quota: Some(a.memory_quota).filter(|q| *q > 0),
                 session_id: Some(a.session_id),
+                lease: None,
             };
             let expires = Instant::now() + handshake_timeout;
             ticket.arm(a.ticket.clone(), grant, expires);
@@ -346,7 +347,7 @@ mod tests {
     fn ticket_is_one_time_and_expires() {
         let t = Ticket::default();
         assert_eq!(t.authenticate("abc"), Err(AuthError::Invalid));
-        let grant = Grant { subject: "t".into(), memory_quota: Some(1 << 20), session_id: Some(7) };
+        let grant = Grant { subject: "t".into(), memory_quota: Some(1 << 20), session_id: Some(7), lease: None };
         t.arm("abc".into(), grant.clone(), Instant::now() + Duration::from_secs(60));
         assert_eq!(t.authenticate(""), Err(AuthError::Missing));
         assert_eq!(t.authenticate("abd"), Err(AuthError::Invalid));

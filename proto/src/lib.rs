@@ -5,7 +5,10 @@
 //! ends need and nothing that does I/O:
 //! - [`frame`]: length-prefixed frames and an incremental decoder;
 //! - [`payload`]: bulk bytes, lz4-compressed when that pays;
-//! - [`cuda`]: the `CUresult` codes that travel in replies.
+//! - [`cuda`]: the `CUresult` codes that travel in replies;
+//! - [`balancer`] (feature `grpc`): the balancer's gRPC service (tonic);
+//! - [`lease`] (feature `grpc`): signed lease tokens, made by the balancer
+//!   and checked offline by gpu-servers.
 #![forbid(unsafe_code)]
 
 pub mod cuda;
@@ -19,6 +22,16 @@ pub mod quic;
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/gpupool.v1.rs"));
 }
+
+/// Generated prost types and tonic service of package `gpupool.balancer.v1`.
+#[cfg(feature = "grpc")]
+#[allow(missing_docs, unreachable_pub, missing_debug_implementations, clippy::all)]
+pub mod balancer {
+    include!(concat!(env!("OUT_DIR"), "/gpupool.balancer.v1.rs"));
+}
+
+#[cfg(feature = "grpc")]
+pub mod lease;
 
 /// Version of the data-plane protocol; `Hello.protocol_version` must match.
 pub const PROTOCOL_VERSION: u32 = 1;

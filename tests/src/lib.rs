@@ -261,3 +261,98 @@ pub fn rel_error(got: &[f32], want: &[f64]) -> f64 {
     }
     (num / den.max(f64::MIN_POSITIVE)).sqrt()
 }
+
+/// Secret test servers present to the test balancer.
+pub const SERVER_SECRET: &str = "test-server-secret";
+
+/// A balancer running on its own thread until dropped or stopped.
+#[derive(Debug)]
+pub struct TestBalancer {
+    pub addr: SocketAddr,
+    pub public_key: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A balancer configuration on 127.0.0.1 port 0 with short timings: leases
+/// live 3 s, servers heartbeat every 200 ms and are drained after 1 s of
+/// silence, and no recovery window (a fresh pool).
+pub fn balancer_config(signer: gpupool_proto::lease::LeaseSigner) -> gpupool_balancer::BalancerConfig {
+    let mut c = gpupool_balancer::BalancerConfig::new(([127, 0, 0, 1], 0).into(), signer, SERVER_SECRET);
+    c.pool.lease_ttl_ms = 3_000;
+    c.pool.heartbeat_timeout_ms = 1_000;
+    c.pool.recovery_ms = 0;
+    c.heartbeat_interval = Duration::from_millis(200);
+    c.tick_interval = Duration::from_millis(50);
+    c.watch_interval = Duration::from_millis(50);
+    c.shutdown_grace = Duration::from_millis(300);
+    c
+}
+
+impl TestBalancer {
+    /// Starts a balancer with `config`.
+    pub fn start(config: gpupool_balancer::BalancerConfig) -> anyhow::Result<Self> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow::anyhow!(e)));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let balancer = match gpupool_balancer::Balancer::bind(config).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::anyhow!(e)));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok((balancer.local_addr(), balancer.public_key_hex())));
+                if let Err(e) = balancer.run(async { drop(stop_rx.await) }).await {
+                    eprintln!("balancer stopped with error: {e}");
+                }
+            });
+        });
+        let (addr, public_key) = ready_rx.recv_timeout(Duration::from_secs(30))??;
+        Ok(Self { addr, public_key, stop: Some(stop_tx), thread: Some(thread) })
+    }
+
+    /// The balancer's gRPC URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A server link to this balancer for a server named `server_id`.
+    pub fn link(&self, server_id: &str) -> gpupool_server::BalancerLink {
+        gpupool_server::BalancerLink {
+            url: self.url(),
+            server_id: server_id.into(),
+            advertise: "127.0.0.1:0".into(),
+            secret: SERVER_SECRET.into(),
+            lease_key: self.public_key.clone(),
+        }
+    }
+
+    /// Stops the balancer and waits for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for TestBalancer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

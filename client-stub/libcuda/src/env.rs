@@ -3,24 +3,95 @@
 //!
 //! | variable | meaning |
 //! |---|---|
-//! | `GPUPOOL_SERVER` | gpu-server address, `host:port` (required) |
-//! | `GPUPOOL_TOKEN` | session token (required) |
+//! | `GPUPOOL_BALANCER` | balancer URL (`http://host:port`): lease a virtual GPU from the pool |
+//! | `GPUPOOL_TENANT` | with a balancer: tenant the lease is for (default `default`) |
+//! | `GPUPOOL_MEMORY_MIB` | with a balancer: device memory needed (default: any) |
+//! | `GPUPOOL_COMPUTE_PERCENT` | with a balancer: share of a full GPU's SMs needed (default: any) |
+//! | `GPUPOOL_PROFILE` | with a balancer: MIG profile by name or id (default: any instance) |
+//! | `GPUPOOL_WAIT_MS` | with a balancer: longest wait in its queue (default 10000) |
+//! | `GPUPOOL_BALANCER_SECRET` | with a balancer: the secret it expects from clients |
+//! | `GPUPOOL_SERVER` | without a balancer: gpu-server address, `host:port` |
+//! | `GPUPOOL_TOKEN` | without a balancer: session token |
 //! | `GPUPOOL_CERT_SHA256` | pin: hex SHA-256 of the server certificate |
 //! | `GPUPOOL_CA_FILE` | or: PEM CA bundle to verify the server against |
 //! | `GPUPOOL_SERVER_NAME` | name in the server certificate (CA mode; default `localhost`) |
 //! | `GPUPOOL_MAX_UDP_PAYLOAD` | largest UDP payload (default 1472; Lambda: 1200) |
 //! | `GPUPOOL_LOG` | log filter for stderr (default `warn`) |
 
-use gpupool_client::{ClientConfig, Trust};
+use gpupool_client::{ClientConfig, PoolRequest, Trust};
 use std::net::ToSocketAddrs;
+use std::time::Duration;
+
+/// Where the session comes from.
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    /// A gpu-server named directly, with a shared-secret token.
+    Direct(ClientConfig),
+    /// A lease from the balancer; the configuration is a template whose
+    /// server, pin and token the lease fills in.
+    Pooled(PoolRequest, ClientConfig),
+}
+
+impl Target {
+    /// Where the session is opened, for messages.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Self::Direct(c) => c.server.to_string(),
+            Self::Pooled(r, _) => format!("a GPU leased from {}", r.balancer),
+        }
+    }
+}
 
 fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
-/// The client configuration the environment describes.
-pub(crate) fn client_config() -> Result<ClientConfig, String> {
-    from_lookup(var)
+/// The session the environment describes.
+pub(crate) fn target() -> Result<Target, String> {
+    target_from_lookup(var)
+}
+
+/// Same, reading variables through `lookup` (tests).
+pub(crate) fn target_from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Target, String> {
+    let Some(balancer) = lookup("GPUPOOL_BALANCER") else {
+        return from_lookup(lookup).map(Target::Direct);
+    };
+    let mut problems = Vec::new();
+    let mut number = |name: &str, default: u64| match lookup(name).map(|v| v.trim().parse::<u64>()) {
+        None => default,
+        Some(Ok(v)) => v,
+        Some(Err(_)) => {
+            problems.push(format!("{name} must be a whole number"));
+            default
+        }
+    };
+    let memory_mib = number("GPUPOOL_MEMORY_MIB", 0);
+    let compute = number("GPUPOOL_COMPUTE_PERCENT", 0);
+    let wait_ms = number("GPUPOOL_WAIT_MS", 10_000);
+    let payload = number("GPUPOOL_MAX_UDP_PAYLOAD", u64::from(gpupool_proto::quic::DEFAULT_UDP_PAYLOAD));
+    if compute > 100 {
+        problems.push("GPUPOOL_COMPUTE_PERCENT must be at most 100".into());
+    }
+    if !balancer.starts_with("http://") && !balancer.starts_with("https://") {
+        problems.push(format!("GPUPOOL_BALANCER={balancer} must be a URL (http://host:port)"));
+    }
+    let mut request = PoolRequest::new(balancer, lookup("GPUPOOL_TENANT").unwrap_or_else(|| "default".into()));
+    request.memory = memory_mib << 20;
+    request.compute_percent = compute.min(100) as u32;
+    request.profile = lookup("GPUPOOL_PROFILE");
+    request.wait = Duration::from_millis(wait_ms);
+    request.secret = lookup("GPUPOOL_BALANCER_SECRET");
+    // Server, pin and token come from the lease.
+    let mut template =
+        ClientConfig::new(([0, 0, 0, 0], 0).into(), Trust::Fingerprint("0".repeat(64)), "from-the-lease");
+    template.max_udp_payload = u16::try_from(payload).unwrap_or(u16::MAX);
+    if let Some(name) = lookup("GPUPOOL_SERVER_NAME") {
+        template.server_name = name;
+    }
+    if let Err(e) = template.validate() {
+        problems.push(e);
+    }
+    if problems.is_empty() { Ok(Target::Pooled(request, template)) } else { Err(problems.join("; ")) }
 }
 
 /// Same, reading variables through `lookup` (tests).
@@ -28,7 +99,10 @@ pub(crate) fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Cli
     let mut problems = Vec::new();
     let server = match lookup("GPUPOOL_SERVER") {
         None => {
-            problems.push("GPUPOOL_SERVER is not set (host:port of a gpu-server)".to_string());
+            problems.push(
+                "GPUPOOL_BALANCER or GPUPOOL_SERVER must be set (a balancer URL, or host:port of a gpu-server)"
+                    .to_string(),
+            );
             None
         }
         Some(s) => match s.to_socket_addrs().map(|mut a| a.next()) {
@@ -91,6 +165,30 @@ mod tests {
     fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn balancer_target() {
+        let t = target_from_lookup(lookup(&[
+            ("GPUPOOL_BALANCER", "http://10.0.0.5:50051"),
+            ("GPUPOOL_TENANT", "team-a"),
+            ("GPUPOOL_MEMORY_MIB", "2048"),
+            ("GPUPOOL_PROFILE", "1g.10gb"),
+            ("GPUPOOL_MAX_UDP_PAYLOAD", "1200"),
+        ]))
+        .expect("valid");
+        let Target::Pooled(r, c) = t else { panic!("expected a pooled target") };
+        assert_eq!((r.tenant.as_str(), r.memory, r.profile.as_deref()), ("team-a", 2 << 30, Some("1g.10gb")));
+        assert_eq!(c.max_udp_payload, 1200);
+        let bad = target_from_lookup(lookup(&[
+            ("GPUPOOL_BALANCER", "10.0.0.5:50051"),
+            ("GPUPOOL_MEMORY_MIB", "lots"),
+            ("GPUPOOL_COMPUTE_PERCENT", "150"),
+        ]))
+        .expect_err("invalid");
+        for needle in ["URL", "GPUPOOL_MEMORY_MIB", "GPUPOOL_COMPUTE_PERCENT"] {
+            assert!(bad.contains(needle), "{needle} missing from {bad}");
+        }
     }
 
     #[test]

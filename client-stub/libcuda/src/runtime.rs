@@ -124,12 +124,16 @@ impl Runtime {
         RUNTIME
             .get_or_init(|| {
                 gpupool_ffi::init_logging();
-                let config = env::client_config().map_err(|msg| {
+                let target = env::target().map_err(|msg| {
                     eprintln!("gpupool: {msg}");
                     CuError(gpupool_proto::cuda::NO_DEVICE)
                 })?;
-                let session = Session::connect(&config).map_err(|e| {
-                    eprintln!("gpupool: cannot open a session on {}: {e}", config.server);
+                let session = match &target {
+                    env::Target::Direct(config) => Session::connect(config),
+                    env::Target::Pooled(request, template) => Session::connect_pooled(request, template),
+                }
+                .map_err(|e| {
+                    eprintln!("gpupool: cannot open a session on {}: {e}", target.describe());
                     CuError(e.code())
                 })?;
                 let device = session.device();

@@ -1,0 +1,79 @@
+//! Typed balancer configuration; the binary fills it from flags and
+//! environment, [`BalancerConfig::validate`] reports every bad value at once.
+
+use crate::pool::PoolConfig;
+use gpupool_proto::lease::LeaseSigner;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything a balancer needs to run.
+#[derive(Debug, Clone)]
+pub struct BalancerConfig {
+    /// TCP address of the gRPC service (port 0 picks one).
+    pub listen: SocketAddr,
+    /// Placement, quotas, lease and heartbeat timing, queue bound.
+    pub pool: PoolConfig,
+    /// Key that signs leases. Keep it across restarts (a key file): servers
+    /// verify leases with its public half, and a restarted balancer takes
+    /// back the leases clients and servers still hold only if it signed them.
+    pub signer: LeaseSigner,
+    /// Servers must heartbeat at least this often (told to them at
+    /// registration); a server silent for `pool.heartbeat_timeout_ms` is
+    /// drained.
+    pub heartbeat_interval: Duration,
+    /// How often leases, servers and the queue are checked for deadlines.
+    pub tick_interval: Duration,
+    /// Secret gpu-servers present (`authorization: Bearer …`) to register
+    /// and heartbeat, so no stranger can join the pool and receive clients.
+    pub server_secret: String,
+    /// Secret clients present to allocate, renew, release and read the
+    /// status; `None` lets any client in (a private network only).
+    pub client_secret: Option<String>,
+    /// Longest wait an `Allocate` may ask for.
+    pub max_wait: Duration,
+    /// Least time between two `Watch` updates.
+    pub watch_interval: Duration,
+    /// Time open connections get to close after a shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+impl BalancerConfig {
+    /// Defaults on `listen`, signing with `signer`, servers presenting
+    /// `server_secret`.
+    pub fn new(listen: SocketAddr, signer: LeaseSigner, server_secret: impl Into<String>) -> Self {
+        let pool = PoolConfig::default();
+        Self {
+            listen,
+            heartbeat_interval: Duration::from_millis(pool.heartbeat_timeout_ms / 4),
+            pool,
+            signer,
+            tick_interval: Duration::from_millis(100),
+            server_secret: server_secret.into(),
+            client_secret: None,
+            max_wait: Duration::from_secs(300),
+            watch_interval: Duration::from_millis(500),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+
+    /// Checks every setting and reports all problems together.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut bad = Vec::new();
+        if let Err(e) = self.pool.validate() {
+            bad.push(e);
+        }
+        if self.server_secret.is_empty() {
+            bad.push("the server secret must not be empty".into());
+        }
+        if self.client_secret.as_deref() == Some("") {
+            bad.push("the client secret, when set, must not be empty".into());
+        }
+        if self.heartbeat_interval.is_zero() || self.tick_interval.is_zero() || self.watch_interval.is_zero() {
+            bad.push("heartbeat, tick and watch intervals must be positive".into());
+        }
+        if self.heartbeat_interval.as_millis() as u64 * 2 > self.pool.heartbeat_timeout_ms {
+            bad.push("the heartbeat timeout must be at least twice the heartbeat interval".into());
+        }
+        if bad.is_empty() { Ok(()) } else { Err(bad.join("; ")) }
+    }
+}

@@ -1,0 +1,142 @@
+//! Protobuf at the edge: the service converts wire messages to pool types
+//! here, and the pool never sees prost types.
+
+use crate::pool;
+use gpupool_proto::balancer as pb;
+
+pub(crate) fn profile_to_proto(p: &pool::Profile) -> pb::MigProfile {
+    pb::MigProfile { id: p.id, name: p.name.clone() }
+}
+
+/// A registration as the pool's [`pool::ServerSpec`]; refuses what cannot be
+/// a real server's description.
+pub(crate) fn server_spec(req: &pb::RegisterRequest) -> Result<pool::ServerSpec, String> {
+    if req.server_id.is_empty() {
+        return Err("server_id must not be empty".into());
+    }
+    if req.address.is_empty() {
+        return Err("address must not be empty".into());
+    }
+    let gpus = req
+        .gpus
+        .iter()
+        .map(|g| pool::GpuSpec {
+            uuid: g.uuid.clone(),
+            name: g.name.clone(),
+            index: g.index,
+            memory: g.memory_bytes,
+            sms: g.multiprocessors,
+            mig: g.mig_enabled,
+            instances: g
+                .instances
+                .iter()
+                .map(|i| pool::InstanceSpec {
+                    uuid: i.uuid.clone(),
+                    profile: i.profile.as_ref().map(|p| pool::Profile { id: p.id, name: p.name.clone() }),
+                    memory: i.memory_bytes,
+                    sms: i.multiprocessors,
+                    placement: (i.profile.is_some() && i.placement_size > 0)
+                        .then_some((i.placement_start, i.placement_size)),
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(pool::ServerSpec {
+        id: req.server_id.clone(),
+        address: req.address.clone(),
+        cert_sha256: req.cert_sha256.clone(),
+        gpus,
+    })
+}
+
+pub(crate) fn request(req: &pb::AllocateRequest) -> pool::Request {
+    pool::Request {
+        tenant: req.tenant.clone(),
+        memory: req.memory_bytes,
+        compute_percent: req.compute_percent,
+        profile: (!req.profile.is_empty()).then(|| req.profile.clone()),
+    }
+}
+
+pub(crate) fn adopt(c: &pb::LeaseClaims) -> pool::Adopt {
+    pool::Adopt {
+        id: pool::LeaseId(c.lease_id),
+        tenant: c.tenant.clone(),
+        server_id: c.server_id.clone(),
+        instance_uuid: c.instance_uuid.clone(),
+        memory: c.memory_bytes,
+        issued_ms: c.issued_unix_ms,
+        expires_ms: c.expires_unix_ms,
+    }
+}
+
+/// The pool's view as the operator's `PoolStatus`.
+pub(crate) fn status(view: &pool::PoolView) -> pb::PoolStatus {
+    pb::PoolStatus {
+        servers: view
+            .servers
+            .iter()
+            .map(|s| pb::ServerStatus {
+                server_id: s.id.clone(),
+                address: s.address.clone(),
+                gpus: s
+                    .gpus
+                    .iter()
+                    .map(|g| pb::Gpu {
+                        uuid: g.uuid.clone(),
+                        name: g.name.clone(),
+                        index: g.index,
+                        memory_bytes: g.memory,
+                        multiprocessors: g.sms,
+                        mig_enabled: g.mig,
+                        instances: g
+                            .instances
+                            .iter()
+                            .map(|i| pb::Instance {
+                                uuid: i.uuid.clone(),
+                                profile: i.profile.as_ref().map(profile_to_proto),
+                                memory_bytes: i.memory,
+                                multiprocessors: i.sms,
+                                placement_start: i.placement.map_or(0, |p| p.0),
+                                placement_size: i.placement.map_or(0, |p| p.1),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+                sessions: s.sessions,
+                memory_used_bytes: s.memory_used,
+                heartbeat_age_ms: s.heartbeat_age_ms,
+            })
+            .collect(),
+        leases: view
+            .leases
+            .iter()
+            .map(|l| pb::LeaseStatus {
+                lease_id: l.id.0,
+                tenant: l.tenant.clone(),
+                server_id: l.server_id.clone(),
+                instance_uuid: l.instance_uuid.clone(),
+                memory_bytes: l.memory,
+                expires_unix_ms: l.expires_ms,
+                in_use: l.in_use,
+            })
+            .collect(),
+        queue: view
+            .queue
+            .iter()
+            .map(|q| pb::QueuedRequest {
+                tenant: q.request.tenant.clone(),
+                memory_bytes: q.request.memory,
+                compute_percent: q.request.compute_percent,
+                profile: q.request.profile.clone().unwrap_or_default(),
+                waited_ms: q.waited_ms,
+            })
+            .collect(),
+        policy: view.policy.as_str().into(),
+        recovering: view.recovering,
+        allocations: view.counters.allocations,
+        releases: view.counters.releases,
+        expirations: view.counters.expirations,
+        queue_timeouts: 0,
+    }
+}

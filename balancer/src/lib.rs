@@ -1,0 +1,26 @@
+//! gpupool balancer: the control plane.
+//!
+//! Maps each client's virtual GPU onto one instance of a shared pool (MIG
+//! instances, or whole GPUs where MIG is off) across many gpu-servers.
+//! - [`pool`]: the pool as a state machine without I/O or clock: servers,
+//!   GPUs, instances, leases, quotas and the wait queue, fed requests and
+//!   the time;
+//! - [`service`]: the tonic gRPC service around it: signs leases (ed25519),
+//!   parks waiting allocations, expires leases and drains silent servers;
+//! - [`table`]: the operator's view of a pool status.
+//!
+//! A restarted balancer loses no lease: it rebuilds its state from the
+//! servers' registrations (which carry their live sessions' lease tokens)
+//! and from clients' renewals (which carry theirs), and grants nothing new
+//! until every live lease has had a renewal interval to come back. See
+//! `docs/balancer.md`.
+#![forbid(unsafe_code)]
+
+pub mod config;
+mod convert;
+pub mod pool;
+pub mod service;
+pub mod table;
+
+pub use config::BalancerConfig;
+pub use service::{Balancer, BalancerError, run};

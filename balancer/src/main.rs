@@ -1,0 +1,215 @@
+//! `gpupool-balancer`: runs the balancer (`serve`), makes its signing key
+//! (`keygen`), and shows the pool to operators (`status`).
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use gpupool_balancer::pool::{Policy, Quota};
+use gpupool_balancer::{BalancerConfig, table};
+use gpupool_proto::balancer::balancer_client::BalancerClient;
+use gpupool_proto::balancer::{StatusRequest, WatchRequest};
+use gpupool_proto::lease::{LeaseSigner, unix_ms_now};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "gpupool balancer: leases virtual GPUs on a shared pool of MIG instances and GPUs")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the balancer.
+    Serve(Serve),
+    /// Create the lease-signing key file if it does not exist; print its
+    /// public key (what gpu-servers take as `--lease-key`).
+    Keygen {
+        #[arg(long, env = "GPUPOOL_KEY_FILE")]
+        key_file: PathBuf,
+    },
+    /// Show the pool: servers, GPUs, instances, leases, queue.
+    Status {
+        /// The balancer's URL.
+        #[arg(long, env = "GPUPOOL_BALANCER", default_value = "http://127.0.0.1:50051")]
+        balancer: String,
+        /// Secret the balancer expects from clients.
+        #[arg(long, env = "GPUPOOL_BALANCER_SECRET")]
+        secret: Option<String>,
+        /// Keep following changes.
+        #[arg(long)]
+        watch: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct Serve {
+    /// TCP address of the gRPC service.
+    #[arg(long, env = "GPUPOOL_LISTEN", default_value = "0.0.0.0:50051")]
+    listen: SocketAddr,
+    /// Lease-signing key file (created, mode 0600, when missing). Keep it:
+    /// servers verify leases with its public key, and a restarted balancer
+    /// takes back live leases only if it signed them.
+    #[arg(long, env = "GPUPOOL_KEY_FILE")]
+    key_file: PathBuf,
+    /// Secret gpu-servers present to register.
+    #[arg(long, env = "GPUPOOL_SERVER_SECRET")]
+    server_secret: String,
+    /// Secret clients present (none: any client on the network).
+    #[arg(long, env = "GPUPOOL_CLIENT_SECRET")]
+    client_secret: Option<String>,
+    /// Placement among equally good instances: `spread` (least-loaded
+    /// server) or `binpack` (fill servers up).
+    #[arg(long, env = "GPUPOOL_POLICY", default_value = "spread", value_parser = ["spread", "binpack"])]
+    policy: String,
+    /// Lease lifetime without a renewal, in ms (clients renew every third).
+    #[arg(long, env = "GPUPOOL_LEASE_TTL_MS", default_value_t = 30_000)]
+    lease_ttl_ms: u64,
+    /// Interval servers send heartbeats at, in ms.
+    #[arg(long, env = "GPUPOOL_HEARTBEAT_MS", default_value_t = 2_000)]
+    heartbeat_ms: u64,
+    /// A server silent this long (ms) is drained.
+    #[arg(long, env = "GPUPOOL_HEARTBEAT_TIMEOUT_MS", default_value_t = 10_000)]
+    heartbeat_timeout_ms: u64,
+    /// Requests waiting at most.
+    #[arg(long, env = "GPUPOOL_QUEUE", default_value_t = 1024)]
+    queue: usize,
+    /// After a start, grant nothing new for this long (ms) so that live
+    /// leases come back first. Default: one renew interval plus one
+    /// heartbeat interval plus a second.
+    #[arg(long, env = "GPUPOOL_RECOVERY_MS")]
+    recovery_ms: Option<u64>,
+    /// Per-tenant quota, `tenant=leases:N,memory-gib:M` (repeatable; tenant
+    /// `*` sets the default).
+    #[arg(long = "quota", env = "GPUPOOL_QUOTAS", value_delimiter = ';')]
+    quotas: Vec<String>,
+}
+
+fn parse_quota(s: &str) -> anyhow::Result<(String, Quota)> {
+    let (tenant, limits) = s.split_once('=').context("a quota is tenant=leases:N,memory-gib:M")?;
+    let mut quota = Quota { max_leases: None, max_memory: None };
+    for part in limits.split(',') {
+        match part.split_once(':') {
+            Some(("leases", n)) => quota.max_leases = Some(n.parse().context("leases:N")?),
+            Some(("memory-gib", n)) => quota.max_memory = Some(n.parse::<u64>().context("memory-gib:M")? << 30),
+            _ => anyhow::bail!("unknown quota limit {part:?}: use leases:N or memory-gib:M"),
+        }
+    }
+    Ok((tenant.to_string(), quota))
+}
+
+/// Reads the key file, or creates it (readable by its owner only).
+fn load_or_create_key(path: &Path) -> anyhow::Result<LeaseSigner> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => LeaseSigner::from_hex(&text).with_context(|| format!("key file {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let signer = LeaseSigner::from_seed(rand::random());
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating key file {}", path.display()))?;
+            writeln!(f, "{}", signer.seed_hex())?;
+            tracing::info!(path = %path.display(), "created a new lease-signing key");
+            Ok(signer)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading key file {}", path.display())),
+    }
+}
+
+fn config(s: Serve) -> anyhow::Result<BalancerConfig> {
+    let signer = load_or_create_key(&s.key_file)?;
+    let mut c = BalancerConfig::new(s.listen, signer, s.server_secret);
+    c.client_secret = s.client_secret;
+    c.pool.policy = if s.policy == "binpack" { Policy::Binpack } else { Policy::Spread };
+    c.pool.lease_ttl_ms = s.lease_ttl_ms;
+    c.pool.heartbeat_timeout_ms = s.heartbeat_timeout_ms;
+    c.pool.queue_capacity = s.queue;
+    c.heartbeat_interval = Duration::from_millis(s.heartbeat_ms);
+    c.pool.recovery_ms = s.recovery_ms.unwrap_or(s.lease_ttl_ms / 3 + s.heartbeat_ms + 1_000);
+    for q in &s.quotas {
+        let (tenant, quota) = parse_quota(q)?;
+        if tenant == "*" {
+            c.pool.default_quota = quota;
+        } else {
+            c.pool.tenant_quotas.insert(tenant, quota);
+        }
+    }
+    c.validate().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    Ok(c)
+}
+
+async fn status(balancer: String, secret: Option<String>, watch: bool) -> anyhow::Result<()> {
+    let mut client =
+        BalancerClient::connect(balancer.clone()).await.with_context(|| format!("connecting to {balancer}"))?;
+    let authorize = |r: &mut tonic::metadata::MetadataMap| {
+        if let Some(s) = &secret
+            && let Ok(v) = format!("Bearer {s}").parse()
+        {
+            r.insert("authorization", v);
+        }
+    };
+    if watch {
+        let mut req = tonic::Request::new(WatchRequest { min_interval_ms: 1000 });
+        authorize(req.metadata_mut());
+        let mut stream = client.watch(req).await?.into_inner();
+        while let Some(s) = stream.message().await? {
+            print!("\x1b[2J\x1b[H{}", table::render(&s, unix_ms_now()));
+        }
+        return Ok(());
+    }
+    let mut req = tonic::Request::new(StatusRequest {});
+    authorize(req.metadata_mut());
+    let s = client.status(req).await?.into_inner();
+    print!("{}", table::render(&s, unix_ms_now()));
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match args.command {
+        Command::Keygen { key_file } => {
+            let signer = load_or_create_key(&key_file)?;
+            println!("{}", signer.public_key_hex());
+            Ok(())
+        }
+        Command::Status { balancer, secret, watch } => rt.block_on(status(balancer, secret, watch)),
+        Command::Serve(s) => {
+            let config = config(s)?;
+            rt.block_on(async {
+                let balancer = gpupool_balancer::Balancer::bind(config).await?;
+                println!(
+                    "gpupool-balancer listening on {} (lease public key {})",
+                    balancer.local_addr(),
+                    balancer.public_key_hex()
+                );
+                balancer.run(shutdown_signal()).await?;
+                Ok(())
+            })
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}

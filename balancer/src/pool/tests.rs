@@ -1,0 +1,624 @@
+//! Unit tests: one or more per operation and error.
+
+use super::fleet::{self, GIB};
+use super::*;
+
+const T0: u64 = 1_700_000_000_000;
+
+fn config() -> PoolConfig {
+    PoolConfig { id_seed: 7, ..PoolConfig::default() }
+}
+
+fn pool_with(config: PoolConfig, servers: Vec<ServerSpec>) -> Pool {
+    let mut pool = Pool::new(config, T0);
+    for spec in servers {
+        assert_eq!(pool.register(spec, T0), Ok(vec![]));
+    }
+    pool.check_invariants();
+    pool
+}
+
+fn req(tenant: &str, memory: u64) -> Request {
+    Request { tenant: tenant.into(), memory, ..Request::default() }
+}
+
+fn pct(tenant: &str, compute_percent: u32) -> Request {
+    Request { tenant: tenant.into(), compute_percent, ..Request::default() }
+}
+
+fn profile(tenant: &str, profile: &str) -> Request {
+    Request { tenant: tenant.into(), profile: Some(profile.into()), ..Request::default() }
+}
+
+#[track_caller]
+fn granted(a: Result<Allocation, PoolError>) -> Lease {
+    match a {
+        Ok(Allocation::Granted(lease)) => lease,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+#[track_caller]
+fn queued(a: Result<Allocation, PoolError>) -> Ticket {
+    match a {
+        Ok(Allocation::Queued(t)) => t,
+        other => panic!("expected a ticket, got {other:?}"),
+    }
+}
+
+/// One server with a 4g.40gb + 3g.40gb GPU, a 7 × 1g.10gb GPU and a whole GPU.
+fn assorted() -> ServerSpec {
+    fleet::server(
+        0,
+        vec![fleet::mig_gpu(0, 0, fleet::LAYOUTS[1]), fleet::mig_gpu(0, 1, fleet::LAYOUTS[0]), fleet::whole_gpu(0, 2)],
+    )
+}
+
+fn profile_name(lease: &Lease) -> Option<&str> {
+    lease.profile.as_ref().map(|p| p.name.as_str())
+}
+
+#[test]
+fn best_fit_picks_the_smallest_fitting_instance() {
+    let mut pool = pool_with(config(), vec![assorted()]);
+    let small = granted(pool.allocate(req("a", 5 * GIB), T0, false));
+    assert_eq!(profile_name(&small), Some("1g.10gb"));
+    assert_eq!(small.memory, 10 * GIB);
+    // 40 GiB instances: 3g.40gb has fewer multiprocessors than 4g.40gb.
+    let mid = granted(pool.allocate(req("a", 15 * GIB), T0, false));
+    assert_eq!(profile_name(&mid), Some("3g.40gb"));
+    let next = granted(pool.allocate(req("a", 15 * GIB), T0, false));
+    assert_eq!(profile_name(&next), Some("4g.40gb"));
+    let big = granted(pool.allocate(req("a", 50 * GIB), T0, false));
+    assert_eq!((big.profile.clone(), big.instance_uuid.as_str()), (None, "GPU-00000-2"));
+    assert_eq!(big.sms, fleet::H100_SMS);
+    assert_eq!(pool.allocate(req("a", 50 * GIB), T0, false), Err(PoolError::Exhausted));
+    pool.check_invariants();
+}
+
+#[test]
+fn compute_percent_needs_that_share_of_the_gpu() {
+    let mut pool = pool_with(config(), vec![assorted()]);
+    // ceil(12% of 132) = 16: a 1g.10gb.
+    assert_eq!(profile_name(&granted(pool.allocate(pct("a", 12), T0, false))), Some("1g.10gb"));
+    // ceil(13% of 132) = 18: more than a 1g's 16, so a 3g.40gb (60).
+    assert_eq!(profile_name(&granted(pool.allocate(pct("a", 13), T0, false))), Some("3g.40gb"));
+    // ceil(46% of 132) = 61: a 4g.40gb (64).
+    assert_eq!(profile_name(&granted(pool.allocate(pct("a", 46), T0, false))), Some("4g.40gb"));
+    assert_eq!(granted(pool.allocate(pct("a", 100), T0, false)).sms, 132);
+    assert_eq!(pool.allocate(pct("a", 100), T0, false), Err(PoolError::Exhausted));
+    pool.check_invariants();
+}
+
+#[test]
+fn profile_matches_by_name_or_id() {
+    let mut pool = pool_with(config(), vec![assorted()]);
+    assert_eq!(profile_name(&granted(pool.allocate(profile("a", "4g.40gb"), T0, false))), Some("4g.40gb"));
+    assert_eq!(pool.allocate(profile("a", "5"), T0, false), Err(PoolError::Exhausted));
+    assert_eq!(profile_name(&granted(pool.allocate(profile("a", "9"), T0, false))), Some("3g.40gb"));
+    let one = granted(pool.allocate(Request { memory: 1, ..profile("a", "19") }, T0, false));
+    assert_eq!(profile_name(&one), Some("1g.10gb"));
+    for unknown in ["9g.99gb", "42", "7g.80gb"] {
+        match pool.allocate(profile("a", unknown), T0, true) {
+            Err(PoolError::Unsatisfiable { reason }) => assert!(reason.contains("profile"), "{reason}"),
+            other => panic!("{unknown}: {other:?}"),
+        }
+    }
+    // A profile never matches a whole GPU.
+    let mut whole = pool_with(config(), vec![fleet::server(1, vec![fleet::whole_gpu(1, 0)])]);
+    assert!(matches!(whole.allocate(profile("a", "0"), T0, false), Err(PoolError::Unsatisfiable { .. })));
+}
+
+#[test]
+fn spread_and_binpack_place_differently() {
+    let servers = || fleet::synthetic(2, 1, 7);
+    let place = |policy| {
+        let mut pool = pool_with(PoolConfig { policy, ..config() }, servers());
+        let placed: Vec<String> = (0..8).map(|_| granted(pool.allocate(req("a", 0), T0, false)).server_id).collect();
+        pool.check_invariants();
+        placed
+    };
+    let (a, b) = (fleet::server_id(0), fleet::server_id(1));
+    assert_eq!(place(Policy::Spread), [&a, &b, &a, &b, &a, &b, &a, &b].map(String::clone));
+    assert_eq!(place(Policy::Binpack), [&a, &a, &a, &a, &a, &a, &a, &b].map(String::clone));
+}
+
+#[test]
+fn binpack_prefers_the_busiest_server_even_if_registered_later() {
+    let mut pool = pool_with(PoolConfig { policy: Policy::Binpack, ..config() }, fleet::synthetic(3, 1, 7));
+    let leases: Vec<Lease> = (0..9).map(|_| granted(pool.allocate(req("a", 0), T0, false))).collect();
+    // Server 0 is full, server 1 has 2; free the first server's leases but one.
+    for l in leases.iter().filter(|l| l.server_id == fleet::server_id(0)).skip(1) {
+        pool.release(l.id).unwrap();
+    }
+    assert_eq!(granted(pool.allocate(req("a", 0), T0, false)).server_id, fleet::server_id(1));
+    pool.check_invariants();
+}
+
+#[test]
+fn quotas_limit_leases_and_memory() {
+    let mut config = config();
+    config.default_quota = Quota { max_leases: Some(2), max_memory: None };
+    config.tenant_quotas.insert("small".into(), Quota { max_leases: None, max_memory: Some(25 * GIB) });
+    let mut pool = pool_with(config, fleet::synthetic(2, 1, 7));
+    let first = granted(pool.allocate(req("a", 0), T0, false));
+    granted(pool.allocate(req("a", 0), T0, false));
+    for wait in [false, true] {
+        match pool.allocate(req("a", 0), T0, wait) {
+            Err(PoolError::QuotaExceeded { tenant, reason }) => {
+                assert_eq!(tenant, "a");
+                assert!(reason.contains("at most 2"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(pool.queue_len(), 0, "never queued for quota");
+    // Another tenant has its own count.
+    granted(pool.allocate(req("b", 0), T0, false));
+    pool.release(first.id).unwrap();
+    granted(pool.allocate(req("a", 0), T0, false));
+    // Memory: two 10 GiB instances fit in 25 GiB, a third does not.
+    granted(pool.allocate(req("small", 0), T0, false));
+    granted(pool.allocate(req("small", 0), T0, false));
+    assert!(matches!(pool.allocate(req("small", 0), T0, true), Err(PoolError::QuotaExceeded { .. })));
+    pool.check_invariants();
+}
+
+#[test]
+fn queued_requests_count_against_the_quota() {
+    let mut config = config();
+    config.default_quota.max_leases = Some(2);
+    let mut pool = pool_with(config, vec![fleet::server(0, vec![fleet::whole_gpu(0, 0)])]);
+    granted(pool.allocate(req("a", 0), T0, false));
+    queued(pool.allocate(req("a", 0), T0, true));
+    assert!(matches!(pool.allocate(req("a", 0), T0, true), Err(PoolError::QuotaExceeded { .. })));
+    pool.check_invariants();
+}
+
+#[test]
+fn queue_is_fifo_and_bounded() {
+    let config = PoolConfig { queue_capacity: 2, ..config() };
+    let mut pool = pool_with(config, vec![fleet::server(0, vec![fleet::whole_gpu(0, 0)])]);
+    let held = granted(pool.allocate(req("a", 0), T0, true));
+    assert_eq!(pool.allocate(req("b", 0), T0, false), Err(PoolError::Exhausted));
+    let t1 = queued(pool.allocate(req("b", 0), T0 + 1, true));
+    let t2 = queued(pool.allocate(req("c", 0), T0 + 2, true));
+    assert_eq!(pool.allocate(req("d", 0), T0 + 3, true), Err(PoolError::QueueFull));
+    let view = pool.status(T0 + 10);
+    assert_eq!(view.queue.iter().map(|q| (q.ticket, q.waited_ms)).collect::<Vec<_>>(), [(t1, 9), (t2, 8)]);
+    pool.check_invariants();
+    let grants = pool.release(held.id).unwrap();
+    assert_eq!(grants.len(), 1);
+    assert_eq!((grants[0].ticket, grants[0].lease.tenant.as_str()), (t1, "b"));
+    assert_eq!(pool.lease(grants[0].lease.id), Some(&grants[0].lease));
+    let grants = pool.release(grants[0].lease.id).unwrap();
+    assert_eq!((grants[0].ticket, grants[0].lease.tenant.as_str()), (t2, "c"));
+    assert_eq!(pool.queue_len(), 0);
+    pool.check_invariants();
+}
+
+#[test]
+fn cancel_takes_a_request_out_of_the_queue() {
+    let mut pool = pool_with(config(), vec![fleet::server(0, vec![fleet::whole_gpu(0, 0)])]);
+    let held = granted(pool.allocate(req("a", 0), T0, true));
+    let t1 = queued(pool.allocate(req("b", 0), T0, true));
+    let t2 = queued(pool.allocate(req("c", 0), T0, true));
+    assert!(pool.cancel(t1));
+    assert!(!pool.cancel(t1));
+    assert!(!pool.cancel(Ticket(999)));
+    pool.check_invariants();
+    let grants = pool.release(held.id).unwrap();
+    assert_eq!(grants.iter().map(|g| g.ticket).collect::<Vec<_>>(), [t2]);
+    assert!(!pool.cancel(t2), "already granted");
+    assert_eq!(pool.counters().cancelled, 1);
+    pool.check_invariants();
+}
+
+#[test]
+fn a_waiter_that_does_not_fit_does_not_block_later_ones() {
+    let spec = fleet::server(0, vec![fleet::mig_gpu(0, 0, &[(19, 0)]), fleet::whole_gpu(0, 1)]);
+    let mut pool = pool_with(config(), vec![spec]);
+    let small = granted(pool.allocate(req("a", 0), T0, false));
+    let _big = granted(pool.allocate(req("a", 0), T0, false));
+    let t_big = queued(pool.allocate(req("b", 50 * GIB), T0, true));
+    let t_small = queued(pool.allocate(req("c", 5 * GIB), T0, true));
+    let grants = pool.release(small.id).unwrap();
+    assert_eq!(grants.iter().map(|g| g.ticket).collect::<Vec<_>>(), [t_small]);
+    assert_eq!(pool.status(T0).queue[0].ticket, t_big);
+    pool.check_invariants();
+}
+
+#[test]
+fn unsatisfiable_and_exhausted() {
+    let mut pool = Pool::new(config(), T0);
+    assert!(matches!(pool.allocate(req("a", 0), T0, true), Err(PoolError::Unsatisfiable { .. })));
+    pool.register(fleet::server(0, vec![fleet::whole_gpu(0, 0)]), T0).unwrap();
+    match pool.allocate(req("a", 81 * GIB), T0, true) {
+        Err(PoolError::Unsatisfiable { reason }) => assert!(reason.contains("largest"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    granted(pool.allocate(req("a", 80 * GIB), T0, false));
+    assert_eq!(pool.allocate(req("a", 80 * GIB), T0, false), Err(PoolError::Exhausted));
+    assert_eq!(pool.queue_len(), 0);
+}
+
+#[test]
+fn invalid_requests_are_refused() {
+    let mut pool = pool_with(config(), vec![assorted()]);
+    for (bad, what) in [
+        (pct("a", 101), "compute_percent"),
+        (req("", 0), "tenant"),
+        (Request { profile: Some(String::new()), ..req("a", 0) }, "profile"),
+    ] {
+        match pool.allocate(bad, T0, true) {
+            Err(PoolError::InvalidRequest(msg)) => assert!(msg.contains(what), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn expiry_through_tick() {
+    let mut pool = pool_with(PoolConfig { lease_ttl_ms: 1_000, ..config() }, vec![assorted()]);
+    let lease = granted(pool.allocate(req("a", 0), T0, false));
+    assert_eq!(lease.expires_ms, T0 + 1_000);
+    assert!(!pool.tick(T0 + 999).changed());
+    let tick = pool.tick(T0 + 1_000);
+    assert_eq!(tick.expired, [lease.id]);
+    assert!(pool.lease(lease.id).is_none());
+    assert_eq!(pool.renew(lease.id, T0 + 1_001), Err(PoolError::LeaseExpired(lease.id)));
+    assert_eq!(pool.release(lease.id), Err(PoolError::LeaseExpired(lease.id)));
+    assert_eq!(pool.counters().expirations, 1);
+    assert_eq!(pool.instance_counts().0, pool.instance_counts().1);
+    pool.check_invariants();
+}
+
+#[test]
+fn expiry_through_renew() {
+    let mut pool = pool_with(PoolConfig { lease_ttl_ms: 1_000, ..config() }, vec![assorted()]);
+    let lease = granted(pool.allocate(req("a", 0), T0, false));
+    let renewed = pool.renew(lease.id, T0 + 600).unwrap();
+    assert_eq!(renewed.expires_ms, T0 + 1_600);
+    assert!(!pool.tick(T0 + 1_500).changed());
+    assert_eq!(pool.renew(lease.id, T0 + 1_600), Err(PoolError::LeaseExpired(lease.id)));
+    assert!(pool.lease(lease.id).is_none());
+    pool.check_invariants();
+    assert_eq!(pool.tick(T0 + 1_600).expired, [lease.id]);
+    assert_eq!(pool.renew(LeaseId(1), T0), Err(PoolError::UnknownLease(LeaseId(1))));
+}
+
+#[test]
+fn an_expired_lease_serves_the_queue() {
+    let mut pool =
+        pool_with(PoolConfig { lease_ttl_ms: 1_000, ..config() }, vec![fleet::server(0, vec![fleet::whole_gpu(0, 0)])]);
+    let lease = granted(pool.allocate(req("a", 0), T0, false));
+    let t = queued(pool.allocate(req("b", 0), T0, true));
+    let tick = pool.tick(T0 + 1_000);
+    assert_eq!(tick.expired, [lease.id]);
+    assert_eq!(tick.grants.iter().map(|g| g.ticket).collect::<Vec<_>>(), [t]);
+    assert_eq!(tick.grants[0].lease.expires_ms, T0 + 2_000);
+    pool.check_invariants();
+}
+
+#[test]
+fn release_frees_and_serves() {
+    let mut pool = pool_with(config(), vec![fleet::server(0, vec![fleet::whole_gpu(0, 0)])]);
+    let lease = granted(pool.allocate(req("a", 0), T0, false));
+    let t = queued(pool.allocate(req("b", 0), T0, true));
+    let grants = pool.release(lease.id).unwrap();
+    assert_eq!(grants[0].ticket, t);
+    assert_eq!(pool.release(lease.id), Err(PoolError::UnknownLease(lease.id)));
+    assert_eq!(pool.counters().releases, 1);
+    assert_eq!(pool.counters().allocations, 2);
+    pool.check_invariants();
+}
+
+#[test]
+fn silent_servers_are_drained() {
+    let mut pool = pool_with(config(), fleet::synthetic(2, 1, 7));
+    let (a, b) = (fleet::server_id(0), fleet::server_id(1));
+    let on_a = granted(pool.allocate(req("a", 0), T0, false));
+    let on_b = granted(pool.allocate(req("a", 0), T0, false));
+    assert_eq!((on_a.server_id.as_str(), on_b.server_id.as_str()), (a.as_str(), b.as_str()));
+    pool.heartbeat(&a, Load::default(), T0 + 6_000).unwrap();
+    // No drain at exactly the timeout.
+    assert!(!pool.tick(T0 + 10_000).changed());
+    let tick = pool.tick(T0 + 10_001);
+    assert_eq!(tick.drained, std::slice::from_ref(&b));
+    assert_eq!(tick.lost, [on_b.id]);
+    assert_eq!(pool.renew(on_b.id, T0 + 10_001), Err(PoolError::LeaseExpired(on_b.id)));
+    assert_eq!(pool.instance_counts().0, 7);
+    for _ in 0..6 {
+        assert_eq!(granted(pool.allocate(req("a", 0), T0 + 10_001, false)).server_id, a);
+    }
+    assert_eq!(pool.allocate(req("a", 0), T0 + 10_001, false), Err(PoolError::Exhausted));
+    assert_eq!(pool.heartbeat(&b, Load::default(), T0 + 10_002), Err(PoolError::UnknownServer(b.clone())));
+    pool.check_invariants();
+    // It comes back by registering.
+    pool.register(fleet::synthetic(2, 1, 7).remove(1), T0 + 10_003).unwrap();
+    assert_eq!(granted(pool.allocate(req("a", 0), T0 + 10_003, false)).server_id, b);
+    pool.check_invariants();
+}
+
+#[test]
+fn re_registration_keeps_leases_on_instances_still_there() {
+    let mut pool = pool_with(PoolConfig { policy: Policy::Binpack, ..config() }, fleet::synthetic(1, 1, 7));
+    let leases: Vec<Lease> = (0..7).map(|_| granted(pool.allocate(req("a", 0), T0, false))).collect();
+    let t = queued(pool.allocate(req("b", 0), T0, true));
+    // The server restarts with six instances, at a new address.
+    let mut spec = fleet::synthetic(1, 1, 6).remove(0);
+    spec.address = "10.9.9.9:4433".into();
+    let gone: Vec<LeaseId> = leases.iter().filter(|l| l.instance_uuid.ends_with("-6")).map(|l| l.id).collect();
+    assert_eq!(gone.len(), 1);
+    assert_eq!(pool.register(spec.clone(), T0 + 5), Ok(vec![]));
+    pool.check_invariants();
+    for l in &leases {
+        match pool.lease(l.id) {
+            Some(kept) => assert_eq!((kept.address.as_str(), &kept.instance_uuid), ("10.9.9.9:4433", &l.instance_uuid)),
+            None => assert_eq!(gone, [l.id]),
+        }
+    }
+    assert_eq!(pool.tick(T0 + 5).lost, gone);
+    // Back with seven: the seventh serves the waiter.
+    let grants = pool.register(fleet::synthetic(1, 1, 7).remove(0), T0 + 6).unwrap();
+    assert_eq!(grants.iter().map(|g| g.ticket).collect::<Vec<_>>(), [t]);
+    assert!(grants[0].lease.instance_uuid.ends_with("-6"));
+    // A different shape under the same uuid ends the lease.
+    let mut changed = fleet::synthetic(1, 1, 7).remove(0);
+    changed.gpus[0].instances[0].memory = 5 * GIB;
+    let on_first = pool.status(T0).servers[0].gpus[0].instances[0].lease.unwrap();
+    pool.register(changed, T0 + 7).unwrap();
+    assert!(pool.lease(on_first).is_none());
+    pool.check_invariants();
+}
+
+#[test]
+fn registrations_are_checked() {
+    let mut pool = Pool::new(config(), T0);
+    let mut dup = fleet::synthetic(1, 2, 7).remove(0);
+    dup.gpus[1].instances[0].uuid = dup.gpus[0].instances[0].uuid.clone();
+    let mut overlap = fleet::server(1, vec![fleet::mig_gpu(1, 0, &[(9, 0), (9, 4)])]);
+    overlap.gpus[0].instances[1].placement = Some((2, 4));
+    let mut outside = fleet::server(2, vec![fleet::mig_gpu(2, 0, &[(9, 4)])]);
+    outside.gpus[0].instances[0].placement = Some((6, 4));
+    let mut two_whole = fleet::server(3, vec![fleet::whole_gpu(3, 0)]);
+    let again = two_whole.gpus[0].instances[0].clone();
+    two_whole.gpus[0].instances.push(again);
+    let mut too_much = fleet::server(4, vec![fleet::mig_gpu(4, 0, &[(9, 0), (9, 4)])]);
+    too_much.gpus[0].instances[0].memory = 50 * GIB;
+    let mut no_profile = fleet::server(5, vec![fleet::mig_gpu(5, 0, &[(19, 0)])]);
+    no_profile.gpus[0].instances[0].profile = None;
+    let mut empty_id = fleet::server(6, vec![]);
+    empty_id.id.clear();
+    for (spec, what) in [
+        (dup, "appears twice"),
+        (overlap, "overlap"),
+        (outside, "outside"),
+        (two_whole, "must be one instance"),
+        (too_much, "more than its"),
+        (no_profile, "no profile"),
+        (empty_id, "server id is empty"),
+    ] {
+        match pool.register(spec, T0) {
+            Err(PoolError::InvalidRequest(msg)) => assert!(msg.contains(what), "{what}: {msg}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    assert_eq!(pool.instance_counts(), (0, 0));
+    // An instance another server registered.
+    pool.register(fleet::server(7, vec![fleet::whole_gpu(7, 0)]), T0).unwrap();
+    let mut thief = fleet::server(8, vec![fleet::whole_gpu(7, 0)]);
+    thief.gpus[0].index = 1;
+    assert!(matches!(pool.register(thief, T0), Err(PoolError::InvalidRequest(msg)) if msg.contains("registered by")));
+    pool.check_invariants();
+}
+
+#[test]
+fn recovery_window_grants_nothing_new() {
+    let config = PoolConfig { recovery_ms: 5_000, ..config() };
+    let mut pool = Pool::new(config, T0);
+    assert!(pool.recovering(T0));
+    // Nothing registered yet: not unsatisfiable while servers come back.
+    assert_eq!(pool.allocate(req("a", 0), T0, false), Err(PoolError::Exhausted));
+    let early = queued(pool.allocate(req("a", 0), T0, true));
+    pool.register(fleet::server(0, vec![fleet::whole_gpu(0, 0), fleet::whole_gpu(0, 1)]), T0 + 1).unwrap();
+    let adopted = pool
+        .adopt(
+            Adopt {
+                id: LeaseId(0x1234),
+                tenant: "old".into(),
+                server_id: fleet::server_id(0),
+                instance_uuid: "GPU-00000-1".into(),
+                memory: fleet::H100_MEMORY,
+                issued_ms: T0 - 10_000,
+                expires_ms: T0 + 20_000,
+            },
+            T0 + 2,
+        )
+        .unwrap();
+    assert_eq!(adopted.expires_ms, T0 + 20_000);
+    let late = queued(pool.allocate(req("b", 0), T0 + 3, true));
+    assert_eq!(pool.allocate(req("c", 0), T0 + 3, false), Err(PoolError::Exhausted));
+    assert!(!pool.tick(T0 + 4_999).changed());
+    assert!(pool.recovering(T0 + 4_999));
+    let tick = pool.tick(T0 + 5_000);
+    assert!(tick.recovery_ended);
+    assert!(!pool.recovering(T0 + 5_000));
+    assert_eq!(tick.grants.iter().map(|g| g.ticket).collect::<Vec<_>>(), [early]);
+    assert_eq!(pool.status(T0 + 5_000).queue[0].ticket, late);
+    assert_eq!(pool.counters().adoptions, 1);
+    pool.check_invariants();
+}
+
+#[test]
+fn recovery_ends_on_any_call() {
+    let config = PoolConfig { recovery_ms: 5_000, ..config() };
+    let mut pool = Pool::new(config, T0);
+    pool.register(fleet::server(0, vec![fleet::whole_gpu(0, 0)]), T0).unwrap();
+    let t = queued(pool.allocate(req("a", 0), T0, true));
+    // The first call after the window serves the waiter first.
+    assert_eq!(pool.allocate(req("b", 0), T0 + 5_000, false), Err(PoolError::Exhausted));
+    assert_eq!(pool.take_grants().iter().map(|g| g.ticket).collect::<Vec<_>>(), [t]);
+    assert!(pool.tick(T0 + 5_000).recovery_ended);
+}
+
+fn claims(pool: &Pool, lease: &Lease) -> Adopt {
+    let _ = pool;
+    Adopt {
+        id: lease.id,
+        tenant: lease.tenant.clone(),
+        server_id: lease.server_id.clone(),
+        instance_uuid: lease.instance_uuid.clone(),
+        memory: lease.memory,
+        issued_ms: lease.issued_ms,
+        expires_ms: lease.expires_ms,
+    }
+}
+
+#[test]
+fn adopt_takes_leases_back_after_a_restart() {
+    let mut old = pool_with(config(), vec![assorted()]);
+    let leases: Vec<Lease> = (0..3).map(|i| granted(old.allocate(req("a", i * 20 * GIB), T0, false))).collect();
+    let mut pool = pool_with(PoolConfig { id_seed: 99, recovery_ms: 1_000, ..config() }, vec![assorted()]);
+    for l in &leases {
+        let back = pool.adopt(claims(&old, l), T0 + 1).unwrap();
+        assert_eq!(back, Lease { in_use: false, ..l.clone() });
+        // Idempotent.
+        assert_eq!(pool.adopt(claims(&old, l), T0 + 2), Ok(back));
+    }
+    assert_eq!(pool.lease_count(), 3);
+    pool.check_invariants();
+    // Conflict: the instance is held by another lease.
+    let clash = Adopt { id: LeaseId(5), ..claims(&old, &leases[0]) };
+    assert_eq!(
+        pool.adopt(clash, T0),
+        Err(PoolError::Conflict { lease: leases[0].id, instance: leases[0].instance_uuid.clone() })
+    );
+    // Same id, another instance.
+    let moved = Adopt { instance_uuid: "GPU-00000-2".into(), ..claims(&old, &leases[0]) };
+    assert!(matches!(pool.adopt(moved, T0), Err(PoolError::Conflict { .. })));
+    // Expired.
+    let stale = Adopt {
+        id: LeaseId(6),
+        instance_uuid: "MIG-00000-1-19-5".into(),
+        memory: 10 * GIB,
+        expires_ms: T0,
+        ..claims(&old, &leases[0])
+    };
+    assert_eq!(pool.adopt(stale.clone(), T0), Err(PoolError::LeaseExpired(LeaseId(6))));
+    // Unknown server or instance; wrong memory.
+    let lost = Adopt { server_id: "srv-nope".into(), expires_ms: T0 + 9, ..stale.clone() };
+    assert_eq!(pool.adopt(lost, T0), Err(PoolError::UnknownServer("srv-nope".into())));
+    let nowhere = Adopt { instance_uuid: "MIG-nope".into(), expires_ms: T0 + 9, ..stale.clone() };
+    assert!(matches!(pool.adopt(nowhere, T0), Err(PoolError::UnknownInstance { .. })));
+    let shrunk = Adopt { memory: 1, expires_ms: T0 + 9, ..stale.clone() };
+    assert!(matches!(pool.adopt(shrunk, T0), Err(PoolError::InvalidRequest(_))));
+    // A lease ended in this pool's life is not taken back.
+    pool.release(leases[1].id).unwrap();
+    assert_eq!(pool.adopt(claims(&old, &leases[1]), T0 + 3), Err(PoolError::LeaseEnded(leases[1].id)));
+    pool.check_invariants();
+}
+
+#[test]
+fn adopted_leases_count_against_the_quota() {
+    let mut config = config();
+    config.default_quota.max_leases = Some(1);
+    let mut pool = pool_with(config, fleet::synthetic(1, 2, 1));
+    let claim = Adopt {
+        id: LeaseId(77),
+        tenant: "a".into(),
+        server_id: fleet::server_id(0),
+        instance_uuid: "GPU-00000-0".into(),
+        memory: fleet::H100_MEMORY,
+        issued_ms: T0,
+        expires_ms: T0 + 30_000,
+    };
+    pool.adopt(claim.clone(), T0).unwrap();
+    pool.adopt(Adopt { id: LeaseId(78), instance_uuid: "GPU-00000-1".into(), ..claim }, T0).unwrap();
+    assert!(matches!(pool.allocate(req("a", 0), T0, true), Err(PoolError::QuotaExceeded { .. })));
+    pool.check_invariants();
+}
+
+#[test]
+fn heartbeat_marks_sessions_and_returns_unknown_leases() {
+    let mut pool = pool_with(config(), fleet::synthetic(2, 1, 7));
+    let (a, b) = (fleet::server_id(0), fleet::server_id(1));
+    let on_a = granted(pool.allocate(req("a", 0), T0, false));
+    let on_b = granted(pool.allocate(req("a", 0), T0, false));
+    let on_a2 = granted(pool.allocate(req("a", 0), T0, false));
+    let released = granted(pool.allocate(req("a", 0), T0, false));
+    pool.release(released.id).unwrap();
+    let load = Load { sessions: 3, memory_used: 7, live_leases: vec![on_a.id, LeaseId(42), on_b.id, released.id] };
+    let ended = pool.heartbeat(&a, load, T0 + 100).unwrap();
+    assert_eq!(ended, [LeaseId(42), on_b.id, released.id]);
+    assert!(pool.lease(on_a.id).unwrap().in_use);
+    assert!(!pool.lease(on_a2.id).unwrap().in_use);
+    assert!(!pool.lease(on_b.id).unwrap().in_use);
+    let view = pool.status(T0 + 150);
+    assert_eq!((view.servers[0].sessions, view.servers[0].memory_used, view.servers[0].heartbeat_age_ms), (3, 7, 50));
+    assert_eq!(view.servers[1].heartbeat_age_ms, 150);
+    // A later heartbeat without it clears in_use.
+    pool.heartbeat(&a, Load::default(), T0 + 200).unwrap();
+    assert!(!pool.lease(on_a.id).unwrap().in_use);
+    assert_eq!(pool.heartbeat("nobody", Load::default(), T0), Err(PoolError::UnknownServer("nobody".into())));
+    let _ = b;
+    pool.check_invariants();
+}
+
+#[test]
+fn status_shows_the_pool() {
+    let mut pool = pool_with(config(), vec![assorted()]);
+    let lease = granted(pool.allocate(profile("a", "3g.40gb"), T0, false));
+    let view = pool.status(T0 + 1);
+    assert_eq!(view.policy, Policy::Spread);
+    assert!(!view.recovering);
+    assert_eq!((view.instances, view.free_instances), (10, 9));
+    assert_eq!(view.leases, std::slice::from_ref(&lease));
+    let holders: Vec<(&str, Option<LeaseId>)> = view.servers[0]
+        .gpus
+        .iter()
+        .flat_map(|g| &g.instances)
+        .filter(|i| i.lease.is_some())
+        .map(|i| (i.uuid.as_str(), i.lease))
+        .collect();
+    assert_eq!(holders, [(lease.instance_uuid.as_str(), Some(lease.id))]);
+    assert_eq!(view.servers[0].leases, 1);
+    assert_eq!(view.counters.allocations, 1);
+}
+
+#[test]
+fn lease_ids_are_unique_and_depend_on_the_seed() {
+    let ids = |seed| {
+        let mut pool = pool_with(PoolConfig { id_seed: seed, ..config() }, fleet::synthetic(10, 8, 7));
+        (0..560).map(|_| granted(pool.allocate(req("a", 0), T0, false)).id).collect::<Vec<_>>()
+    };
+    let a = ids(1);
+    let b = ids(2);
+    let unique: HashSet<LeaseId> = a.iter().chain(&b).copied().collect();
+    assert_eq!(unique.len(), 1_120);
+}
+
+#[test]
+fn config_validation_lists_every_problem() {
+    assert_eq!(PoolConfig::default().validate(), Ok(()));
+    let mut bad = PoolConfig { lease_ttl_ms: 0, heartbeat_timeout_ms: 0, queue_capacity: 0, ..PoolConfig::default() };
+    bad.tenant_quotas.insert(String::new(), Quota::default());
+    let msg = bad.validate().unwrap_err();
+    for what in ["lease_ttl_ms", "heartbeat_timeout_ms", "queue_capacity", "empty tenant"] {
+        assert!(msg.contains(what), "{what}: {msg}");
+    }
+    assert_eq!(msg.lines().count(), 4);
+    assert_eq!("binpack".parse::<Policy>(), Ok(Policy::Binpack));
+    assert!("random".parse::<Policy>().is_err());
+}
+
+#[test]
+fn synthetic_fleets_register() {
+    let mut pool = pool_with(config(), fleet::mixed(18, 8));
+    assert!(pool.instance_counts().0 > 18 * 8);
+    pool.register(fleet::synthetic(1, 8, 7).remove(0), T0).unwrap();
+    pool.check_invariants();
+    for spec in fleet::synthetic(3, 2, 1).into_iter().chain(fleet::synthetic(3, 2, 0)) {
+        assert!(validate_spec(&spec).is_empty(), "{spec:?}");
+    }
+}

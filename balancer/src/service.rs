@@ -1,0 +1,521 @@
+//! The gRPC service around the [`Pool`]: converts protobuf at the edge,
+//! signs leases, parks `Allocate` calls that wait in the queue, and runs the
+//! ticker that expires leases and drains silent servers.
+//!
+//! All pool state sits behind one mutex held only for pool operations
+//! (microseconds; no await while held). A waiting `Allocate` holds a oneshot
+//! receiver registered under the same lock, so a grant made by any other
+//! call is handed over exactly once: to the waiter, or, when the waiter has
+//! gone (timeout, cancelled call), straight back to the pool.
+
+use crate::config::BalancerConfig;
+use crate::convert;
+use crate::pool::{self, Allocation, Grant, Pool, PoolError, Ticket};
+use gpupool_proto::balancer as pb;
+use gpupool_proto::balancer::balancer_server::{Balancer as BalancerRpc, BalancerServer};
+use gpupool_proto::lease::{LeaseSigner, LeaseVerifier, unix_ms_now};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+use tonic::{Request, Response, Status};
+
+/// Why the balancer could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BalancerError {
+    /// A setting is invalid (every problem is listed).
+    #[error("invalid balancer configuration: {0}")]
+    Config(String),
+    /// The gRPC listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Serve(String),
+}
+
+/// Pool and parked waiters, under one lock.
+#[derive(Debug)]
+struct Inner {
+    pool: Pool,
+    waiters: HashMap<Ticket, oneshot::Sender<pool::Lease>>,
+}
+
+/// What every request handler shares.
+#[derive(Debug)]
+struct State {
+    inner: Mutex<Inner>,
+    signer: LeaseSigner,
+    verifier: LeaseVerifier,
+    config: BalancerConfig,
+    /// Bumped on every change; `Watch` streams follow it.
+    version: watch::Sender<u64>,
+    queue_timeouts: AtomicU64,
+}
+
+impl State {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn changed(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    fn renew_interval_ms(&self) -> u64 {
+        (self.config.pool.lease_ttl_ms / 3).max(1)
+    }
+
+    /// The lease as the client sees it, with a freshly signed token.
+    fn lease_reply(&self, lease: &pool::Lease) -> pb::Lease {
+        let claims = pb::LeaseClaims {
+            lease_id: lease.id.0,
+            tenant: lease.tenant.clone(),
+            server_id: lease.server_id.clone(),
+            instance_uuid: lease.instance_uuid.clone(),
+            memory_bytes: lease.memory,
+            issued_unix_ms: lease.issued_ms,
+            expires_unix_ms: lease.expires_ms,
+        };
+        pb::Lease {
+            lease_id: lease.id.0,
+            tenant: lease.tenant.clone(),
+            server_id: lease.server_id.clone(),
+            address: lease.address.clone(),
+            cert_sha256: lease.cert_sha256.clone(),
+            instance_uuid: lease.instance_uuid.clone(),
+            profile: lease.profile.as_ref().map(convert::profile_to_proto),
+            memory_bytes: lease.memory,
+            multiprocessors: lease.sms,
+            expires_unix_ms: lease.expires_ms,
+            renew_interval_ms: self.renew_interval_ms() as u32,
+            token: self.signer.sign(&claims),
+        }
+    }
+
+    fn check_secret<T>(&self, req: &Request<T>, secret: Option<&str>) -> Result<(), Status> {
+        let Some(secret) = secret else { return Ok(()) };
+        let presented = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(presented.as_bytes(), secret.as_bytes()) {
+            Ok(())
+        } else if presented.is_empty() {
+            Err(Status::unauthenticated("no secret presented (authorization: Bearer …)"))
+        } else {
+            Err(Status::unauthenticated("secret not accepted"))
+        }
+    }
+
+    fn check_server<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        self.check_secret(req, Some(&self.config.server_secret))
+    }
+
+    fn check_client<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        self.check_secret(req, self.config.client_secret.as_deref())
+    }
+
+    /// Verifies a lease token presented for `lease_id`.
+    fn claims(&self, token: &str, lease_id: u64) -> Result<pb::LeaseClaims, Status> {
+        let claims = self.verifier.verify_signature(token).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        if claims.lease_id != lease_id {
+            return Err(Status::invalid_argument(format!(
+                "token is for lease {:#x}, not {lease_id:#x}",
+                claims.lease_id
+            )));
+        }
+        Ok(claims)
+    }
+}
+
+/// Hands grants to their waiters; a grant whose waiter is gone goes back to
+/// the pool, which may grant the capacity to the next waiter.
+fn deliver(inner: &mut Inner, grants: Vec<Grant>) {
+    let mut work = grants;
+    while let Some(grant) = work.pop() {
+        let undelivered = match inner.waiters.remove(&grant.ticket) {
+            Some(tx) => tx.send(grant.lease).err(),
+            None => Some(grant.lease),
+        };
+        if let Some(lease) = undelivered {
+            match inner.pool.release(lease.id) {
+                Ok(more) => work.extend(more),
+                Err(e) => tracing::warn!(lease = lease.id.0, error = %e, "returning an undelivered grant"),
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The error a client sees for a pool error.
+fn status(e: PoolError) -> Status {
+    let msg = e.to_string();
+    match e {
+        PoolError::Unsatisfiable { .. } => Status::failed_precondition(msg),
+        PoolError::Exhausted | PoolError::QueueFull | PoolError::QuotaExceeded { .. } => {
+            Status::resource_exhausted(msg)
+        }
+        PoolError::UnknownLease(_) | PoolError::UnknownServer(_) | PoolError::UnknownInstance { .. } => {
+            Status::not_found(msg)
+        }
+        PoolError::LeaseExpired(_) | PoolError::LeaseEnded(_) => Status::failed_precondition(msg),
+        PoolError::Conflict { .. } => Status::aborted(msg),
+        PoolError::InvalidRequest(_) => Status::invalid_argument(msg),
+        #[allow(unreachable_patterns)]
+        _ => Status::internal(msg),
+    }
+}
+
+/// A parked `Allocate`: if its call goes away before the grant arrives, the
+/// ticket leaves the queue, and a grant already made goes back to the pool.
+struct Waiting {
+    state: Arc<State>,
+    ticket: Ticket,
+    rx: Option<oneshot::Receiver<pool::Lease>>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        let mut inner = self.state.lock();
+        if inner.pool.cancel(self.ticket) {
+            inner.waiters.remove(&self.ticket);
+        } else if let Ok(lease) = rx.try_recv() {
+            let grants = inner.pool.release(lease.id).unwrap_or_default();
+            deliver(&mut inner, grants);
+        }
+        drop(inner);
+        self.state.changed();
+    }
+}
+
+/// The tonic service.
+#[derive(Debug, Clone)]
+struct Service {
+    state: Arc<State>,
+}
+
+type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::PoolStatus, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl BalancerRpc for Service {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterReply>, Status> {
+        self.state.check_server(&req)?;
+        let req = req.into_inner();
+        let spec = convert::server_spec(&req).map_err(Status::invalid_argument)?;
+        let server_id = spec.id.clone();
+        let now = unix_ms_now();
+        let mut refused = Vec::new();
+        {
+            let mut inner = self.state.lock();
+            let grants = inner.pool.register(spec, now).map_err(status)?;
+            let recovering = inner.pool.recovering(now);
+            for token in &req.live_leases {
+                let adopted = match self.state.verifier.verify_signature(token) {
+                    Ok(c) if c.server_id != server_id => Err(format!("lease is for server {}", c.server_id)),
+                    Ok(c) => match inner.pool.lease(pool::LeaseId(c.lease_id)) {
+                        Some(_) => Ok(()),
+                        None if !recovering => Err("lease ended".into()),
+                        None => inner.pool.adopt(convert::adopt(&c), now).map(drop).map_err(|e| e.to_string()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(reason) = adopted {
+                    tracing::info!(server = %server_id, %reason, "live lease not taken back");
+                    refused.push(token.clone());
+                }
+            }
+            deliver(&mut inner, grants);
+            let more = inner.pool.take_grants();
+            deliver(&mut inner, more);
+        }
+        tracing::info!(server = %server_id, address = %req.address, gpus = req.gpus.len(), "server registered");
+        self.state.changed();
+        Ok(Response::new(pb::RegisterReply {
+            heartbeat_interval_ms: self.state.config.heartbeat_interval.as_millis() as u32,
+            lease_public_key: self.state.signer.public_key_hex(),
+            refused_leases: refused,
+        }))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatReply>, Status> {
+        self.state.check_server(&req)?;
+        let req = req.into_inner();
+        let load = pool::Load {
+            sessions: req.sessions,
+            memory_used: req.memory_used_bytes,
+            live_leases: req.live_lease_ids.iter().map(|&id| pool::LeaseId(id)).collect(),
+        };
+        let ended = {
+            let mut inner = self.state.lock();
+            let ended = inner.pool.heartbeat(&req.server_id, load, unix_ms_now());
+            let grants = inner.pool.take_grants();
+            deliver(&mut inner, grants);
+            ended.map_err(status)?
+        };
+        Ok(Response::new(pb::HeartbeatReply { ended_lease_ids: ended.into_iter().map(|id| id.0).collect() }))
+    }
+
+    async fn allocate(&self, req: Request<pb::AllocateRequest>) -> Result<Response<pb::Lease>, Status> {
+        self.state.check_client(&req)?;
+        let req = req.into_inner();
+        let wait = Duration::from_millis(u64::from(req.wait_timeout_ms)).min(self.state.config.max_wait);
+        let request = convert::request(&req);
+        let (ticket, rx) = {
+            let mut inner = self.state.lock();
+            let allocated = inner.pool.allocate(request, unix_ms_now(), !wait.is_zero());
+            // Catching up on time may have freed capacity for earlier waiters.
+            let grants = inner.pool.take_grants();
+            deliver(&mut inner, grants);
+            match allocated.map_err(status)? {
+                Allocation::Granted(lease) => {
+                    drop(inner);
+                    self.state.changed();
+                    return Ok(Response::new(self.state.lease_reply(&lease)));
+                }
+                Allocation::Queued(ticket) => {
+                    let (tx, rx) = oneshot::channel();
+                    inner.waiters.insert(ticket, tx);
+                    (ticket, rx)
+                }
+            }
+        };
+        self.state.changed();
+        let mut waiting = Waiting { state: self.state.clone(), ticket, rx: Some(rx) };
+        let rx = waiting.rx.as_mut().expect("receiver present until the wait ends");
+        let lease = match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(lease)) => lease,
+            Ok(Err(_)) => return Err(Status::internal("the grant was lost")),
+            Err(_) => {
+                let mut inner = self.state.lock();
+                if inner.pool.cancel(ticket) {
+                    inner.waiters.remove(&ticket);
+                    drop(inner);
+                    waiting.rx = None;
+                    self.state.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+                    self.state.changed();
+                    return Err(Status::resource_exhausted(format!(
+                        "no instance fits the request within its wait of {} ms",
+                        wait.as_millis()
+                    )));
+                }
+                // Granted while the wait ran out: the lease is in the channel.
+                drop(inner);
+                match waiting.rx.as_mut().map(oneshot::Receiver::try_recv) {
+                    Some(Ok(lease)) => lease,
+                    _ => return Err(Status::internal("the grant was lost")),
+                }
+            }
+        };
+        waiting.rx = None;
+        Ok(Response::new(self.state.lease_reply(&lease)))
+    }
+
+    async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::Lease>, Status> {
+        self.state.check_client(&req)?;
+        let req = req.into_inner();
+        let claims = self.state.claims(&req.token, req.lease_id)?;
+        let now = unix_ms_now();
+        let lease = {
+            let mut inner = self.state.lock();
+            let id = pool::LeaseId(req.lease_id);
+            let renewed = match inner.pool.renew(id, now) {
+                Err(PoolError::UnknownLease(_)) if inner.pool.recovering(now) => {
+                    // A lease granted before a restart, presented by its holder.
+                    let adopted = inner.pool.adopt(convert::adopt(&claims), now);
+                    if adopted.is_ok() {
+                        tracing::info!(lease = req.lease_id, "lease taken back from its holder");
+                    }
+                    adopted.and_then(|_| inner.pool.renew(id, now))
+                }
+                other => other,
+            };
+            let recovering = inner.pool.recovering(now);
+            let grants = inner.pool.take_grants();
+            deliver(&mut inner, grants);
+            match renewed {
+                Ok(lease) => lease,
+                // Its server has not registered again yet: worth a retry.
+                Err(PoolError::UnknownServer(server)) if recovering => {
+                    return Err(Status::unavailable(format!(
+                        "the balancer is recovering and server {server:?} has not registered again yet; retry"
+                    )));
+                }
+                Err(e) => return Err(status(e)),
+            }
+        };
+        self.state.changed();
+        Ok(Response::new(self.state.lease_reply(&lease)))
+    }
+
+    async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseReply>, Status> {
+        self.state.check_client(&req)?;
+        let req = req.into_inner();
+        self.state.claims(&req.token, req.lease_id)?;
+        {
+            let mut inner = self.state.lock();
+            let grants = inner.pool.release(pool::LeaseId(req.lease_id)).map_err(status)?;
+            deliver(&mut inner, grants);
+        }
+        self.state.changed();
+        Ok(Response::new(pb::ReleaseReply {}))
+    }
+
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::PoolStatus>, Status> {
+        self.state.check_client(&req)?;
+        Ok(Response::new(snapshot(&self.state)))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        self.state.check_client(&req)?;
+        let asked = Duration::from_millis(u64::from(req.into_inner().min_interval_ms));
+        let interval = asked.max(self.state.config.watch_interval);
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let state = self.state.clone();
+        let mut version = state.version.subscribe();
+        tokio::spawn(async move {
+            loop {
+                if tx.send(Ok(snapshot(&state))).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(interval).await;
+                tokio::select! {
+                    changed = version.changed() => if changed.is_err() { return },
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+fn snapshot(state: &State) -> pb::PoolStatus {
+    let now = unix_ms_now();
+    let view = state.lock().pool.status(now);
+    let mut status = convert::status(&view);
+    status.queue_timeouts = state.queue_timeouts.load(Ordering::Relaxed);
+    status
+}
+
+/// Expires leases, drains silent servers and serves the queue, every tick.
+async fn ticker(state: Arc<State>, mut stop: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(state.config.tick_interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let tick = {
+            let mut inner = state.lock();
+            let mut tick = inner.pool.tick(unix_ms_now());
+            deliver(&mut inner, std::mem::take(&mut tick.grants));
+            tick
+        };
+        for server in &tick.drained {
+            tracing::warn!(%server, "server missed its heartbeats: drained, its instances left the pool");
+        }
+        if !tick.expired.is_empty() {
+            tracing::info!(count = tick.expired.len(), "leases expired");
+        }
+        if tick.changed() {
+            state.changed();
+        }
+    }
+}
+
+/// A bound, not yet running, balancer.
+#[derive(Debug)]
+pub struct Balancer {
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+}
+
+impl Balancer {
+    /// Validates `config` and binds the gRPC listener. Call inside a tokio
+    /// runtime.
+    pub async fn bind(config: BalancerConfig) -> Result<Self, BalancerError> {
+        config.validate().map_err(BalancerError::Config)?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| BalancerError::Bind { addr: config.listen, source })?;
+        let now = unix_ms_now();
+        let mut pool_config = config.pool.clone();
+        if pool_config.id_seed == 0 {
+            pool_config.id_seed = rand::random();
+        }
+        let pool = Pool::new(pool_config, now);
+        let state = Arc::new(State {
+            inner: Mutex::new(Inner { pool, waiters: HashMap::new() }),
+            verifier: config.signer.verifier(),
+            signer: config.signer.clone(),
+            config,
+            version: watch::channel(0).0,
+            queue_timeouts: AtomicU64::new(0),
+        });
+        Ok(Self { listener, state })
+    }
+
+    /// The bound TCP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.state.config.listen)
+    }
+
+    /// Hex ed25519 public key servers verify leases with.
+    pub fn public_key_hex(&self) -> String {
+        self.state.signer.public_key_hex()
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), BalancerError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let ticker = tokio::spawn(ticker(self.state.clone(), stop_rx));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
+        let service = BalancerServer::new(Service { state: self.state.clone() });
+        let (fired_tx, fired_rx) = oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            let _ = fired_tx.send(());
+        };
+        let serve = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, signal);
+        let grace = self.state.config.shutdown_grace;
+        // Clients keep idle HTTP/2 connections open; after the grace period
+        // they are closed rather than waited for.
+        let served = tokio::select! {
+            r = serve => r,
+            () = async move {
+                if fired_rx.await.is_ok() {
+                    tokio::time::sleep(grace).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            } => {
+                tracing::info!("connections still open after the grace period: closing them");
+                Ok(())
+            }
+        };
+        let _ = stop_tx.send(true);
+        let _ = ticker.await;
+        served.map_err(|e| BalancerError::Serve(e.to_string()))
+    }
+}
+
+/// Binds a balancer for `config` and runs it until `shutdown` completes.
+pub async fn run(config: BalancerConfig, shutdown: impl Future<Output = ()>) -> Result<(), BalancerError> {
+    Balancer::bind(config).await?.run(shutdown).await
+}

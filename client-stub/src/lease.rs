@@ -1,0 +1,218 @@
+//! A virtual GPU from the balancer: allocate a lease, keep it renewed while
+//! the session lives, release it at the end.
+//!
+//! The balancer speaks gRPC (tonic); this module runs it on a small tokio
+//! runtime of its own so callers stay blocking, like the rest of the core.
+//! A background thread renews the lease at the interval the balancer asked
+//! for and keeps the newest token.
+
+use crate::config::{ClientConfig, Trust};
+use crate::error::{ClientError, Result};
+use gpupool_proto::balancer as pb;
+use gpupool_proto::balancer::balancer_client::BalancerClient;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// What virtual GPU to ask the balancer for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolRequest {
+    /// The balancer's gRPC URL, e.g. `http://10.0.0.5:50051`.
+    pub balancer: String,
+    /// Secret the balancer expects from clients, if it expects one.
+    pub secret: Option<String>,
+    /// Who pays; quotas apply per tenant.
+    pub tenant: String,
+    /// Device memory needed, in bytes (0: any).
+    pub memory: u64,
+    /// Share of a full GPU's multiprocessors needed, in percent (0: any).
+    pub compute_percent: u32,
+    /// A MIG profile by name or id.
+    pub profile: Option<String>,
+    /// How long to wait in the balancer's queue when nothing fits now.
+    pub wait: Duration,
+    /// Longest wait for one balancer call (besides the queue wait).
+    pub call_timeout: Duration,
+}
+
+impl PoolRequest {
+    pub fn new(balancer: impl Into<String>, tenant: impl Into<String>) -> Self {
+        Self {
+            balancer: balancer.into(),
+            secret: None,
+            tenant: tenant.into(),
+            memory: 0,
+            compute_percent: 0,
+            profile: None,
+            wait: Duration::ZERO,
+            call_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+fn pool_error(s: &tonic::Status) -> ClientError {
+    ClientError::Pool { code: format!("{:?}", s.code()), message: s.message().to_string() }
+}
+
+/// A balancer connection with its own runtime.
+#[derive(Debug)]
+struct Control {
+    rt: tokio::runtime::Runtime,
+    client: BalancerClient<Channel>,
+    secret: Option<String>,
+    timeout: Duration,
+}
+
+impl Control {
+    fn connect(req: &PoolRequest) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ClientError::Connect(format!("cannot start the balancer client's runtime: {e}")))?;
+        let endpoint = Channel::from_shared(req.balancer.clone())
+            .map_err(|e| ClientError::Config(format!("bad balancer URL {:?}: {e}", req.balancer)))?
+            .connect_timeout(req.call_timeout);
+        let channel = {
+            let _guard = rt.enter();
+            endpoint.connect_lazy()
+        };
+        Ok(Self { rt, client: BalancerClient::new(channel), secret: req.secret.clone(), timeout: req.call_timeout })
+    }
+
+    fn request<T>(&self, message: T, wait: Duration) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.set_timeout(self.timeout + wait);
+        if let Some(s) = &self.secret
+            && let Ok(v) = format!("Bearer {s}").parse()
+        {
+            r.metadata_mut().insert("authorization", v);
+        }
+        r
+    }
+
+    fn allocate(&mut self, req: &PoolRequest) -> Result<pb::Lease> {
+        let message = pb::AllocateRequest {
+            tenant: req.tenant.clone(),
+            memory_bytes: req.memory,
+            compute_percent: req.compute_percent,
+            profile: req.profile.clone().unwrap_or_default(),
+            wait_timeout_ms: req.wait.as_millis().min(u128::from(u32::MAX)) as u32,
+        };
+        let r = self.request(message, req.wait);
+        let mut client = self.client.clone();
+        self.rt.block_on(client.allocate(r)).map(tonic::Response::into_inner).map_err(|s| pool_error(&s))
+    }
+
+    fn renew(&mut self, lease: &pb::Lease) -> Result<pb::Lease, tonic::Status> {
+        let r = self.request(pb::RenewRequest { lease_id: lease.lease_id, token: lease.token.clone() }, Duration::ZERO);
+        let mut client = self.client.clone();
+        self.rt.block_on(client.renew(r)).map(tonic::Response::into_inner)
+    }
+
+    fn release(&mut self, lease: &pb::Lease) -> Result<(), tonic::Status> {
+        let r =
+            self.request(pb::ReleaseRequest { lease_id: lease.lease_id, token: lease.token.clone() }, Duration::ZERO);
+        let mut client = self.client.clone();
+        self.rt.block_on(client.release(r)).map(drop)
+    }
+}
+
+/// A lease held, renewed in the background, released on drop.
+#[derive(Debug)]
+pub struct LeasedGpu {
+    lease: Arc<Mutex<pb::Lease>>,
+    stop: Option<mpsc::Sender<()>>,
+    renewer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LeasedGpu {
+    /// Asks the balancer for a virtual GPU and starts renewing it.
+    pub fn allocate(req: &PoolRequest) -> Result<Self> {
+        let mut control = Control::connect(req)?;
+        let lease = control.allocate(req)?;
+        tracing::info!(lease = lease.lease_id, server = %lease.address, instance = %lease.instance_uuid, "leased a virtual GPU");
+        let lease = Arc::new(Mutex::new(lease));
+        let (stop, stopped) = mpsc::channel();
+        let shared = lease.clone();
+        let renewer = std::thread::Builder::new()
+            .name("gpupool-lease".into())
+            .spawn(move || renew_until_stopped(control, shared, stopped))
+            .map_err(|e| ClientError::Connect(format!("cannot start the lease renewer: {e}")))?;
+        Ok(Self { lease, stop: Some(stop), renewer: Some(renewer) })
+    }
+
+    /// The lease as last renewed.
+    pub fn lease(&self) -> pb::Lease {
+        self.lease.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A session configuration for the leased server: `template` with the
+    /// lease's address, certificate pin and token.
+    pub fn client_config(&self, template: &ClientConfig) -> Result<ClientConfig> {
+        let lease = self.lease();
+        let server = resolve(&lease.address)?;
+        let mut c = template.clone();
+        c.server = server;
+        c.token = lease.token;
+        if !lease.cert_sha256.is_empty() {
+            c.trust = Trust::Fingerprint(lease.cert_sha256);
+        }
+        Ok(c)
+    }
+}
+
+impl Drop for LeasedGpu {
+    fn drop(&mut self) {
+        // The renewer releases the lease on its way out.
+        drop(self.stop.take());
+        if let Some(t) = self.renewer.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn resolve(address: &str) -> Result<SocketAddr> {
+    address
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| ClientError::Connect(format!("the leased server's address {address:?} does not resolve")))
+}
+
+fn renew_until_stopped(mut control: Control, lease: Arc<Mutex<pb::Lease>>, stopped: mpsc::Receiver<()>) {
+    let current = || lease.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut failures = 0u32;
+    loop {
+        let held = current();
+        let every = Duration::from_millis(u64::from(held.renew_interval_ms.max(100)));
+        let wait = if failures == 0 { every } else { (every / 4).max(Duration::from_millis(50)) };
+        match stopped.recv_timeout(wait) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // Dropped (or told to stop): release and end.
+            _ => {
+                if let Err(e) = control.release(&held) {
+                    tracing::debug!(lease = held.lease_id, error = %e.message(), "releasing the lease failed");
+                }
+                return;
+            }
+        }
+        match control.renew(&held) {
+            Ok(renewed) => {
+                failures = 0;
+                *lease.lock().unwrap_or_else(|e| e.into_inner()) = renewed;
+            }
+            Err(s) if matches!(s.code(), tonic::Code::NotFound | tonic::Code::FailedPrecondition) => {
+                tracing::warn!(lease = held.lease_id, error = %s.message(), "the lease is gone; the session will end");
+                // Nothing left to renew or release; wait to be dropped.
+                let _ = stopped.recv();
+                return;
+            }
+            Err(s) => {
+                failures += 1;
+                tracing::warn!(lease = held.lease_id, error = %s.message(), failures, "renewing the lease failed; retrying");
+            }
+        }
+    }
+}

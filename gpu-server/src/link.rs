@@ -1,0 +1,160 @@
+//! The server's side of the balancer: register the served instances, send
+//! heartbeats with the sessions' leases, end the sessions of leases the
+//! balancer ended, and register again whenever the balancer has forgotten
+//! this server (its restart, or a drain after a network partition) — then
+//! with the tokens of the live sessions, so that a restarted balancer takes
+//! them back.
+
+use crate::config::BalancerLink;
+use crate::mig::ServedGpu;
+use crate::server::Shared;
+use gpupool_proto::balancer as pb;
+use gpupool_proto::balancer::balancer_client::BalancerClient;
+use gpupool_proto::close_code;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+/// Longest wait between two tries to reach the balancer.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest wait for one call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The served GPUs as the balancer's `Register` describes them.
+pub(crate) fn registration_gpus(gpus: &[ServedGpu]) -> Vec<pb::Gpu> {
+    gpus.iter()
+        .map(|g| pb::Gpu {
+            uuid: g.uuid.clone(),
+            name: g.name.clone(),
+            index: g.index,
+            memory_bytes: g.memory,
+            multiprocessors: g.sms,
+            mig_enabled: g.mig,
+            instances: g
+                .instances
+                .iter()
+                .map(|i| pb::Instance {
+                    uuid: i.uuid.clone(),
+                    profile: i.profile.as_ref().map(|(id, name)| pb::MigProfile { id: *id, name: name.clone() }),
+                    memory_bytes: i.memory,
+                    multiprocessors: i.sms,
+                    placement_start: i.placement.map_or(0, |p| p.0),
+                    placement_size: i.placement.map_or(0, |p| p.1),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn authorized<T>(secret: &str, message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.set_timeout(CALL_TIMEOUT);
+    if let Ok(v) = format!("Bearer {secret}").parse() {
+        req.metadata_mut().insert("authorization", v);
+    }
+    req
+}
+
+/// Ends the sessions of leases the balancer no longer holds.
+fn end_sessions(shared: &Shared, ids: impl IntoIterator<Item = u64>, why: &str) {
+    let mut leased = shared.leased();
+    for id in ids {
+        if let Some(s) = leased.remove(&id) {
+            tracing::info!(lease = id, why, "ending the session of an ended lease");
+            s.conn.close(close_code::UNAUTHORIZED.into(), format!("lease {id:#x} {why}").as_bytes());
+        }
+    }
+}
+
+/// Keeps this server registered until `stop` turns true.
+pub(crate) async fn run(
+    link: BalancerLink,
+    gpus: Vec<pb::Gpu>,
+    fingerprint: String,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let channel = match Channel::from_shared(link.url.clone()) {
+        Ok(endpoint) => endpoint.connect_timeout(CALL_TIMEOUT).connect_lazy(),
+        Err(e) => {
+            tracing::error!(url = %link.url, error = %e, "bad balancer URL; not joining the pool");
+            return;
+        }
+    };
+    let mut client = BalancerClient::new(channel);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let live_leases = shared.leased().values().map(|s| s.token.clone()).collect();
+        let register = pb::RegisterRequest {
+            server_id: link.server_id.clone(),
+            address: link.advertise.clone(),
+            cert_sha256: fingerprint.clone(),
+            gpus: gpus.clone(),
+            live_leases,
+            server_build: concat!("gpupool-server ", env!("CARGO_PKG_VERSION")).into(),
+        };
+        let interval = tokio::select! {
+            r = client.register(authorized(&link.secret, register)) => match r {
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    if !reply.lease_public_key.eq_ignore_ascii_case(&link.lease_key) {
+                        tracing::error!(
+                            balancer = %reply.lease_public_key,
+                            configured = %link.lease_key,
+                            "the balancer signs with another key than the one configured: its leases will be refused"
+                        );
+                    }
+                    let refused: Vec<u64> = reply
+                        .refused_leases
+                        .iter()
+                        .filter_map(|t| shared.leased().iter().find(|(_, s)| s.token == *t).map(|(id, _)| *id))
+                        .collect();
+                    end_sessions(&shared, refused, "was not taken back by the balancer");
+                    tracing::info!(url = %link.url, server = %link.server_id, "registered with the balancer");
+                    backoff = Duration::from_millis(100);
+                    Duration::from_millis(u64::from(reply.heartbeat_interval_ms).max(50))
+                }
+                Err(e) => {
+                    tracing::warn!(url = %link.url, error = %e.message(), code = ?e.code(), "cannot register with the balancer");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        // Heartbeats until the balancer forgets this server.
+        let mut every = tokio::time::interval(interval);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let (sessions, memory, ids) = {
+                let leased = shared.leased();
+                (leased.len() as u32, leased.values().map(|s| s.memory).sum(), leased.keys().copied().collect())
+            };
+            let beat = pb::HeartbeatRequest {
+                server_id: link.server_id.clone(),
+                sessions,
+                memory_used_bytes: memory,
+                live_lease_ids: ids,
+            };
+            match client.heartbeat(authorized(&link.secret, beat)).await {
+                Ok(reply) => end_sessions(&shared, reply.into_inner().ended_lease_ids, "ended at the balancer"),
+                Err(e) if e.code() == tonic::Code::NotFound => {
+                    tracing::warn!(
+                        "the balancer does not know this server (restarted or drained it): registering again"
+                    );
+                    break;
+                }
+                Err(e) => tracing::warn!(error = %e.message(), code = ?e.code(), "heartbeat failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! End to end with the balancer: one balancer and gpu-servers (their `run`
+//! functions on 127.0.0.1 port 0, sessions in worker processes on the
+//! emulated device, instances from simulated NVML topologies), clients
+//! leasing virtual GPUs, running work and releasing them; drained servers,
+//! lease expiry, queue timeouts, a balancer restart, and refused tokens.
+
+use gpupool_client::{ClientConfig, ClientError, PoolRequest, Session, StreamId, Trust};
+use gpupool_proto::balancer as pb;
+use gpupool_proto::balancer::balancer_client::BalancerClient;
+use gpupool_proto::lease::{LeaseSigner, unix_ms_now};
+use gpupool_server::{DeviceChoice, mig};
+use gpupool_tests::{TestBalancer, TestServer, balancer_config, isolated_config};
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+/// A gRPC client on a runtime of its own (the tests are blocking).
+struct Grpc {
+    rt: tokio::runtime::Runtime,
+    client: BalancerClient<Channel>,
+}
+
+impl Grpc {
+    fn connect(balancer: &TestBalancer) -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let client = rt.block_on(BalancerClient::connect(balancer.url())).expect("connect to the balancer");
+        Self { rt, client }
+    }
+
+    fn allocate(&mut self, tenant: &str, memory: u64, profile: &str, wait_ms: u32) -> Result<pb::Lease, tonic::Status> {
+        let req = pb::AllocateRequest {
+            tenant: tenant.into(),
+            memory_bytes: memory,
+            compute_percent: 0,
+            profile: profile.into(),
+            wait_timeout_ms: wait_ms,
+        };
+        self.rt.block_on(self.client.allocate(req)).map(tonic::Response::into_inner)
+    }
+
+    fn renew(&mut self, lease: &pb::Lease) -> Result<pb::Lease, tonic::Status> {
+        let req = pb::RenewRequest { lease_id: lease.lease_id, token: lease.token.clone() };
+        self.rt.block_on(self.client.renew(req)).map(tonic::Response::into_inner)
+    }
+
+    fn release(&mut self, lease: &pb::Lease) -> Result<(), tonic::Status> {
+        let req = pb::ReleaseRequest { lease_id: lease.lease_id, token: lease.token.clone() };
+        self.rt.block_on(self.client.release(req)).map(drop)
+    }
+
+    fn status(&mut self) -> pb::PoolStatus {
+        self.rt.block_on(self.client.status(pb::StatusRequest {})).expect("status").into_inner()
+    }
+
+    /// Waits until `ok` holds for the pool status.
+    fn wait_for(&mut self, what: &str, ok: impl Fn(&pb::PoolStatus) -> bool) -> pb::PoolStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = self.status();
+            if ok(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; pool: {s:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A gpu-server serving the simulated topology `spec` (with `layout` applied
+/// to its MIG-enabled GPUs), joined to `balancer` as `id`.
+fn pooled_server(balancer: &TestBalancer, id: &str, spec: &str, layout: Option<&[&str]>) -> TestServer {
+    let mut c = isolated_config().expect("worker command");
+    c.device = DeviceChoice::Emulated { memory: 1 << 30 };
+    c.tokens = Vec::new();
+    let nvml = mig::SimulatedNvml::from_spec(spec).expect("topology");
+    c.gpus = mig::prepare(&nvml, layout).expect("layout");
+    c.balancer = Some(balancer.link(id));
+    TestServer::start(c).expect("server starts")
+}
+
+fn instances(s: &pb::PoolStatus) -> usize {
+    s.servers.iter().flat_map(|s| &s.gpus).map(|g| g.instances.len()).sum()
+}
+
+/// A session configuration for a lease obtained directly.
+fn leased_config(lease: &pb::Lease) -> ClientConfig {
+    let mut c = ClientConfig::new(
+        lease.address.parse().expect("server address"),
+        Trust::Fingerprint(lease.cert_sha256.clone()),
+        lease.token.clone(),
+    );
+    c.reply_timeout = Duration::from_secs(60);
+    c
+}
+
+/// Some work whose result is checked byte for byte.
+fn round_trip(session: &Session, seed: u8) {
+    let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+    let dev = session.mem_alloc(data.len() as u64).expect("alloc");
+    session.memcpy_htod(dev, &data, StreamId::DEFAULT).expect("upload");
+    session.memset(dev + 4096, u32::from(seed), 1, 4096, StreamId::DEFAULT).expect("memset");
+    let mut back = vec![0u8; data.len()];
+    session.memcpy_dtoh(&mut back, dev, StreamId::DEFAULT).expect("download");
+    let mut want = data;
+    want[4096..8192].fill(seed);
+    assert!(back == want, "bytes differ after the round trip");
+    session.mem_free(dev).expect("free");
+}
+
+/// Waits until calls on `session` fail for good.
+fn wait_until_dead(session: &Session, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match session.mem_alloc(1 << 20).and_then(|_| session.flush()) {
+            Err(e) if e.is_fatal() => return,
+            Err(e) => panic!("{what}: unexpected error {e}"),
+            Ok(()) => assert!(Instant::now() < deadline, "{what} lives on"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn template() -> ClientConfig {
+    let mut c = ClientConfig::new(([0, 0, 0, 0], 0).into(), Trust::Fingerprint("0".repeat(64)), "from-the-lease");
+    c.reply_timeout = Duration::from_secs(60);
+    c
+}
+
+const H100_LAYOUT: &[&str] = &["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"];
+
+#[test]
+fn many_clients_share_three_servers() {
+    let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([1; 32]))).expect("balancer");
+    let _servers = [
+        pooled_server(&balancer, "h100", "h100-80gb:mig", Some(H100_LAYOUT)),
+        pooled_server(&balancer, "a100", "a100-80gb:mig", Some(&["4g.40gb", "3g.40gb"])),
+        pooled_server(&balancer, "h200", "h200-141gb", None),
+    ];
+    let mut grpc = Grpc::connect(&balancer);
+    let s = grpc.wait_for("three servers", |s| s.servers.len() == 3);
+    assert_eq!(instances(&s), 7, "4 + 2 MIG instances and one whole GPU");
+
+    // More clients than instances: the rest wait in the queue for a release.
+    let clients: Vec<_> = (0..14u8)
+        .map(|i| {
+            let url = balancer.url();
+            std::thread::spawn(move || {
+                let mut req = PoolRequest::new(url, format!("tenant-{}", i % 3));
+                req.memory = 12 << 30;
+                req.wait = Duration::from_secs(60);
+                let session = Session::connect_pooled(&req, &template()).expect("leased session");
+                let lease = session.lease().expect("lease");
+                let welcome = session.welcome();
+                assert!(
+                    welcome.memory_quota.abs_diff(lease.memory_bytes) <= welcome.granularity,
+                    "the session gets its instance's memory"
+                );
+                assert!(lease.memory_bytes >= 12 << 30);
+                round_trip(&session, i);
+                (lease.lease_id, lease.instance_uuid)
+            })
+        })
+        .collect();
+    let results: Vec<(u64, String)> = clients.into_iter().map(|t| t.join().expect("client")).collect();
+    let ids: HashSet<u64> = results.iter().map(|r| r.0).collect();
+    assert_eq!(ids.len(), 14, "every lease has its own id");
+    let s = grpc.wait_for("every lease released", |s| s.leases.is_empty());
+    assert_eq!((s.allocations, s.releases), (14, 14));
+    // The 1g.10gb instances are too small for 12 GiB: never leased.
+    let small: HashSet<String> = s
+        .servers
+        .iter()
+        .flat_map(|s| &s.gpus)
+        .flat_map(|g| &g.instances)
+        .filter(|i| i.memory_bytes < 12 << 30)
+        .map(|i| i.uuid.clone())
+        .collect();
+    assert_eq!(small.len(), 2);
+    assert!(results.iter().all(|(_, uuid)| !small.contains(uuid)));
+
+    // Best fit: a 1g.10gb request gets a 1g.10gb instance.
+    let lease = grpc.allocate("t", 1 << 30, "", 0).expect("small lease");
+    assert!(small.contains(&lease.instance_uuid), "best fit picks the smallest instance");
+    let by_profile = grpc.allocate("t", 0, "2g.20gb", 0).expect("by profile");
+    assert_eq!(by_profile.profile.expect("profile").name, "2g.20gb");
+    let err = grpc.allocate("t", 1 << 40, "", 0).expect_err("1 TiB fits nowhere");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let text = gpupool_balancer::table::render(&grpc.status(), unix_ms_now());
+    assert!(text.contains("h100") && text.contains("2g.20gb (14)") && text.contains("whole GPU"), "{text}");
+}
+
+#[test]
+fn a_silent_server_is_drained_and_avoided() {
+    let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([2; 32]))).expect("balancer");
+    let doomed = pooled_server(&balancer, "doomed", "h100-80gb", None);
+    let survivor = pooled_server(&balancer, "survivor", "h100-80gb:mig", Some(&["3g.40gb", "3g.40gb"]));
+    let mut grpc = Grpc::connect(&balancer);
+    grpc.wait_for("two servers", |s| s.servers.len() == 2);
+
+    // A session mid-run on the server that goes away.
+    let lease = grpc.allocate("t", 70 << 30, "", 0).expect("the whole GPU");
+    assert_eq!(lease.server_id, "doomed");
+    let session = Session::connect(&leased_config(&lease)).expect("session");
+    round_trip(&session, 1);
+    doomed.stop();
+    wait_until_dead(&session, "the session on the stopped server");
+    let s = grpc.wait_for("the silent server drained", |s| s.servers.len() == 1);
+    assert_eq!(s.servers[0].server_id, "survivor");
+    let err = grpc.renew(&lease).expect_err("its lease is gone");
+    assert!(matches!(err.code(), tonic::Code::NotFound | tonic::Code::FailedPrecondition), "{err:?}");
+
+    for _ in 0..2 {
+        let l = grpc.allocate("t", 1 << 30, "", 0).expect("lease on the survivor");
+        assert_eq!(l.server_id, "survivor");
+    }
+    let err = grpc.allocate("t", 1 << 30, "", 0).expect_err("pool exhausted");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    drop(survivor);
+}
+
+#[test]
+fn unrenewed_leases_expire_and_their_sessions_end() {
+    let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([3; 32]))).expect("balancer");
+    let _server = pooled_server(&balancer, "s", "a100-80gb", None);
+    let mut grpc = Grpc::connect(&balancer);
+    grpc.wait_for("the server", |s| s.servers.len() == 1);
+
+    let lease = grpc.allocate("t", 0, "", 0).expect("lease");
+    let session = Session::connect(&leased_config(&lease)).expect("session");
+    round_trip(&session, 2);
+    grpc.wait_for("the session seen in use", |s| s.leases.iter().any(|l| l.in_use));
+    // Renewed once, then left alone: the lease expires 3 s later.
+    let renewed = grpc.renew(&lease).expect("renew");
+    assert!(renewed.expires_unix_ms > lease.expires_unix_ms);
+    let s = grpc.wait_for("the lease expired", |s| s.leases.is_empty());
+    assert_eq!(s.expirations, 1);
+    // The server ended the session at its next heartbeat.
+    wait_until_dead(&session, "the session of the expired lease");
+    let err = grpc.renew(&renewed).expect_err("expired");
+    assert!(matches!(err.code(), tonic::Code::NotFound | tonic::Code::FailedPrecondition), "{err:?}");
+    // The instance is free again.
+    grpc.allocate("t", 0, "", 0).expect("the instance again");
+}
+
+#[test]
+fn the_queue_times_out_or_serves_a_release() {
+    let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([4; 32]))).expect("balancer");
+    let _server = pooled_server(&balancer, "s", "h200-141gb", None);
+    let mut grpc = Grpc::connect(&balancer);
+    grpc.wait_for("the server", |s| s.servers.len() == 1);
+
+    let held = grpc.allocate("t", 0, "", 0).expect("the only instance");
+    let started = Instant::now();
+    let err = grpc.allocate("t", 0, "", 300).expect_err("nothing frees up");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300), "answered before the wait ran out");
+    assert_eq!(grpc.status().queue_timeouts, 1);
+
+    let url = balancer.url();
+    let waiter = std::thread::spawn(move || {
+        let mut req = PoolRequest::new(url, "waiter");
+        req.wait = Duration::from_secs(20);
+        let session = Session::connect_pooled(&req, &template()).expect("granted after the release");
+        round_trip(&session, 3);
+        session.lease().expect("lease").tenant
+    });
+    grpc.wait_for("the waiter queued", |s| s.queue.len() == 1);
+    grpc.release(&held).expect("release");
+    assert_eq!(waiter.join().expect("waiter"), "waiter");
+    grpc.wait_for("all released", |s| s.leases.is_empty() && s.queue.is_empty());
+}
+
+#[test]
+fn a_restarted_balancer_loses_no_lease() {
+    let signer = LeaseSigner::from_seed([5; 32]);
+    let first = TestBalancer::start(balancer_config(signer.clone())).expect("balancer");
+    let addr = first.addr;
+    let servers = [
+        pooled_server(&first, "a", "h100-80gb:mig", Some(&["4g.40gb", "3g.40gb"])),
+        pooled_server(&first, "b", "h100-80gb:mig", Some(&["4g.40gb", "3g.40gb"])),
+    ];
+    let mut grpc = Grpc::connect(&first);
+    grpc.wait_for("two servers", |s| s.servers.len() == 2);
+    // One lease in use by a renewing session, one held but not connected.
+    let mut req = PoolRequest::new(first.url(), "in-use");
+    req.profile = Some("4g.40gb".into());
+    let session = Session::connect_pooled(&req, &template()).expect("session");
+    round_trip(&session, 4);
+    let in_use = session.lease().expect("lease");
+    let idle = grpc.allocate("idle", 0, "4g.40gb", 0).expect("idle lease");
+    grpc.wait_for("the session seen in use", |s| s.leases.iter().any(|l| l.in_use));
+    first.stop();
+
+    let mut config = balancer_config(signer);
+    config.listen = addr;
+    config.pool.recovery_ms = 1_500;
+    let second = TestBalancer::start(config).expect("restarted balancer");
+    let mut grpc = Grpc::connect(&second);
+    assert!(grpc.status().recovering);
+    // Nothing new while recovering: a request that may not wait is refused.
+    let err = grpc.allocate("new", 0, "4g.40gb", 0).expect_err("recovering");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    // The idle lease comes back from its holder (once its server is back).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let idle = loop {
+        match grpc.renew(&idle) {
+            Ok(l) => break l,
+            Err(e) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("not taken back at renewal: {e:?}"),
+        }
+    };
+    let s = grpc.wait_for("both leases back and recovery over", |s| s.leases.len() == 2 && !s.recovering);
+    let ids: HashSet<u64> = s.leases.iter().map(|l| l.lease_id).collect();
+    assert_eq!(ids, HashSet::from([in_use.lease_id, idle.lease_id]));
+    // New leases avoid the instances taken back: both 4g.40gb are held.
+    let err = grpc.allocate("new", 0, "4g.40gb", 0).expect_err("both 4g.40gb instances are held");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    let fresh = grpc.allocate("new", 0, "", 0).expect("a 3g.40gb is free");
+    assert!(![&in_use.instance_uuid, &idle.instance_uuid].contains(&&fresh.instance_uuid));
+    // The session went on through the restart and its renewals continue.
+    round_trip(&session, 5);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while session.lease().expect("lease").expires_unix_ms <= in_use.expires_unix_ms {
+        assert!(Instant::now() < deadline, "the session's lease is not renewed after the restart");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(servers);
+}
+
+#[test]
+fn servers_refuse_forged_expired_and_foreign_leases() {
+    let signer = LeaseSigner::from_seed([6; 32]);
+    let balancer = TestBalancer::start(balancer_config(signer.clone())).expect("balancer");
+    let a = pooled_server(&balancer, "a", "a100-80gb", None);
+    let b = pooled_server(&balancer, "b", "a100-80gb", None);
+    let mut grpc = Grpc::connect(&balancer);
+    grpc.wait_for("two servers", |s| s.servers.len() == 2);
+    let lease = grpc.allocate("t", 0, "", 0).expect("lease");
+    let (mine, other) = if lease.server_id == "a" { (&a, &b) } else { (&b, &a) };
+    let claims = || pb::LeaseClaims {
+        lease_id: lease.lease_id,
+        tenant: "t".into(),
+        server_id: lease.server_id.clone(),
+        instance_uuid: lease.instance_uuid.clone(),
+        memory_bytes: lease.memory_bytes,
+        issued_unix_ms: unix_ms_now(),
+        expires_unix_ms: unix_ms_now() + 60_000,
+    };
+    let refused = |server: &TestServer, token: String, why: &str| {
+        let mut c = server.client_config();
+        c.token = token;
+        match Session::connect(&c) {
+            Err(ClientError::Refused { code, reason }) => {
+                assert_eq!(code, gpupool_proto::close_code::UNAUTHORIZED, "{why}: {reason}");
+                reason
+            }
+            other => panic!("{why}: expected a refusal, got {other:?}"),
+        }
+    };
+    // The real lease works on its own server only.
+    Session::connect(&leased_config(&lease)).map(|s| round_trip(&s, 6)).expect("the lease's own server");
+    let r = refused(other, lease.token.clone(), "another server");
+    assert!(r.contains("server"), "{r}");
+    let r = refused(mine, LeaseSigner::from_seed([7; 32]).sign(&claims()), "forged");
+    assert!(r.contains("signature"), "{r}");
+    let mut expired = claims();
+    expired.expires_unix_ms = unix_ms_now() - 1;
+    let r = refused(mine, signer.sign(&expired), "expired");
+    assert!(r.contains("expired"), "{r}");
+    let mut foreign = claims();
+    foreign.instance_uuid = "MIG-00000000-0000-0000-0000-000000000000".into();
+    let r = refused(mine, signer.sign(&foreign), "foreign instance");
+    assert!(r.contains("instance"), "{r}");
+    refused(mine, "test-token".into(), "a shared secret the server does not accept");
+    let mut tampered = lease.token.clone();
+    tampered.insert(10, 'x');
+    refused(mine, tampered, "tampered");
+
+    // The balancer refuses strangers and forged tokens too.
+    let err = grpc
+        .rt
+        .block_on(grpc.client.register(pb::RegisterRequest { server_id: "x".into(), ..Default::default() }))
+        .expect_err("no server secret");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let mut forged = lease.clone();
+    forged.token = LeaseSigner::from_seed([7; 32]).sign(&claims());
+    assert_eq!(grpc.renew(&forged).expect_err("forged").code(), tonic::Code::Unauthenticated);
+    assert_eq!(grpc.release(&forged).expect_err("forged").code(), tonic::Code::Unauthenticated);
+    grpc.release(&lease).expect("release with the real token");
+}
