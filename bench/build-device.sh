@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the GPU suite's release binaries on this machine (the GPU machine has
 # no Rust toolchain) and copies them into a folder that travels to it:
-#   gpupool-server, gpupool-bench, gpupool-demo, gpupool-gpu-tests (the
-#   `tests/tests/gpu.rs` test binary), stub/ (the drop-in libcuda.so.1 and,
+#   gpupool-server, gpupool-balancer, gpupool-bench, gpupool-demo,
+#   gpupool-gpu-tests (the `tests/tests/gpu.rs` test binary),
+#   gpupool-server-lib-tests (for the real-NVML discovery test),
+#   gpupool-balancer-grpc-bench (balancer/benches/grpc.rs), stub/ (the drop-in libcuda.so.1 and,
 #   when its crate exists, libnvidia-ml.so.1, for bench/dropin.sh) and
 #   COMMIT (the commit they were built from, read by gpu-suite.sh).
 # Debug info is stripped; the folder must stay under GPUPOOL_DEVICE_MAX_MIB
@@ -18,11 +20,11 @@ cd "$repo"
 out=${1:-.device/bin}
 max_mib=${GPUPOOL_DEVICE_MAX_MIB:-60}
 jobs=${CARGO_BUILD_JOBS:-2}
-bins=(gpupool-server gpupool-bench gpupool-demo)
+bins=(gpupool-server gpupool-balancer gpupool-bench gpupool-demo)
 gpu_test_name=gpupool-gpu-tests
 
 echo "== building release binaries (-j $jobs)"
-cargo build --release -j "$jobs" -p gpupool-server -p gpupool-tests --bins
+cargo build --release -j "$jobs" -p gpupool-server -p gpupool-balancer -p gpupool-tests --bins
 
 echo "== building the drop-in libraries"
 libs=(-p gpupool-libcuda)
@@ -48,6 +50,24 @@ for name, exe in sorted(found.items()):
     print(name.replace("_", "-"), exe)' <<<"$messages")
 gpu_test=$(awk '$1 == "gpu" {print $2}' <<<"$test_bins")
 
+echo "== building the server's unit tests and the balancer's gRPC benchmark"
+# Prints the executable of the first test/bench artifact named $1 of kind $2.
+artifact() {
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and t.get("name") == sys.argv[1] and sys.argv[2] in t.get("kind", []) and m.get("executable"):
+        print(m["executable"])
+        break' "$1" "$2"
+}
+server_lib_tests=$(cargo test --release -j "$jobs" -p gpupool-server --lib --no-run --message-format=json | artifact gpupool_server lib)
+grpc_bench=$(cargo bench -j "$jobs" -p gpupool-balancer --bench grpc --no-run --message-format=json | artifact grpc bench)
+
 mkdir -p "$out"
 for name in "${bins[@]}" "$gpu_test_name" COMMIT; do
     rm -f "$out/$name"
@@ -64,6 +84,8 @@ fi
 while read -r name exe; do
     [[ -n "$exe" ]] && strip --strip-debug -o "$out/gpupool-$name-tests" "$exe"
 done <<<"$test_bins"
+strip --strip-debug -o "$out/gpupool-server-lib-tests" "$server_lib_tests"
+strip --strip-debug -o "$out/gpupool-balancer-grpc-bench" "$grpc_bench"
 if [[ -z "$gpu_test" ]]; then
     echo "WARNING: no test binary for tests/tests/gpu.rs was built; gpu-suite.sh will report the GPU tests as FAILED (missing)" >&2
 fi

@@ -482,7 +482,15 @@ impl Balancer {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), BalancerError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let ticker = tokio::spawn(ticker(self.state.clone(), stop_rx));
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.listener);
+        // The builder's `tcp_nodelay` applies only to listeners it binds:
+        // without it here every small reply waits for a delayed ACK (~40 ms).
+        let incoming =
+            tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(self.listener), |s| {
+                if let Ok(s) = &s {
+                    let _ = s.set_nodelay(true);
+                }
+                s
+            });
         let service = BalancerServer::new(Service { state: self.state.clone() });
         let (fired_tx, fired_rx) = oneshot::channel::<()>();
         let signal = async move {

@@ -249,7 +249,15 @@ fn the_queue_times_out_or_serves_a_release() {
     let mut grpc = Grpc::connect(&balancer);
     grpc.wait_for("the server", |s| s.servers.len() == 1);
 
+    // An operator following the pool sees the allocation.
+    let mut watch =
+        grpc.rt.block_on(grpc.client.watch(pb::WatchRequest { min_interval_ms: 0 })).expect("watch").into_inner();
+    let first = grpc.rt.block_on(watch.message()).expect("stream").expect("first status");
+    assert!(first.leases.is_empty());
     let held = grpc.allocate("t", 0, "", 0).expect("the only instance");
+    let next = grpc.rt.block_on(watch.message()).expect("stream").expect("next status");
+    assert_eq!(next.leases.len(), 1, "the watch shows the new lease");
+    drop(watch);
     let started = Instant::now();
     let err = grpc.allocate("t", 0, "", 300).expect_err("nothing frees up");
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# The balancer on the GPU machine: whole-GPU discovery through NVML on the
+# real card (MIG stays as it is: off), a balancer and a gpu-server serving
+# the instances NVML reports, an unmodified CUDA program leasing its GPU
+# through the balancer via the drop-in libcuda (output compared with its
+# native run), and the balancer's gRPC benchmark on this host's cores.
+#
+# Usage: bench/pool-gpu.sh BIN_DIR OUT_DIR
+#   BIN_DIR: what bench/build-device.sh made (.device/bin)
+# Writes OUT_DIR/pool.md and the logs.
+set -uo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bin=$(cd "$1" && pwd)
+out=$2
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
+report="$out/pool.md"
+: >"$report"
+status=0
+say() { echo "$*" | tee -a "$report"; }
+
+say "## Balancer on the GPU machine ($(date -u +%F), commit $(cat "$bin/COMMIT" 2>/dev/null || echo unknown))"
+say ""
+say "### Whole-GPU discovery through NVML"
+say '```'
+if "$bin/gpupool-server-lib-tests" --ignored --exact mig::discover::tests::real_nvml_discovers_whole_gpu --nocapture \
+    >"$out/discovery.log" 2>&1 || "$bin/gpupool-server-lib-tests" --ignored real_nvml --nocapture >"$out/discovery.log" 2>&1; then
+    grep -v "^$" "$out/discovery.log" | tail -n 12 | tee -a "$report"
+else
+    tail -n 20 "$out/discovery.log" | tee -a "$report"
+    status=1
+fi
+say '```'
+
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null' EXIT
+"$bin/gpupool-balancer" keygen --key-file "$work/key" >"$work/pub"
+pub=$(cat "$work/pub")
+RUST_LOG=info "$bin/gpupool-balancer" serve --listen 127.0.0.1:50051 --key-file "$work/key" \
+    --server-secret suite-secret --recovery-ms 0 >"$out/balancer.log" 2>&1 &
+RUST_LOG=info "$bin/gpupool-server" --listen 127.0.0.1:4433 --device cuda:0 --instances nvml \
+    --balancer http://127.0.0.1:50051 --advertise 127.0.0.1:4433 --balancer-secret suite-secret \
+    --lease-key "$pub" --server-id gpu-machine >"$out/server.log" 2>&1 &
+for _ in $(seq 1 120); do
+    "$bin/gpupool-balancer" status --balancer http://127.0.0.1:50051 >"$work/status" 2>/dev/null &&
+        grep -q gpu-machine "$work/status" && break
+    sleep 0.5
+done
+say ""
+say "### Pool status with the server registered"
+say '```'
+tee -a "$report" <"$work/status"
+say '```'
+
+say ""
+say "### An unmodified program leasing its GPU through the balancer"
+progs="$work/programs"
+if GPUPOOL_STUB_LIB="$bin/stub" bash "$repo/tests/programs/build.sh" "$progs" >"$out/programs-build.log" 2>&1; then
+    for p in vector_add matmul_tiled streams_events; do
+        [[ -x "$progs/$p" ]] || continue
+        "$progs/$p" >"$work/$p.native" 2>&1
+        native=$?
+        LD_LIBRARY_PATH="$bin/stub:$LD_LIBRARY_PATH" GPUPOOL_BALANCER=http://127.0.0.1:50051 GPUPOOL_TENANT=suite \
+            GPUPOOL_MEMORY_MIB=1024 "$progs/$p" >"$work/$p.pooled" 2>&1
+        pooled=$?
+        if [[ $native == 0 && $pooled == 0 ]] && cmp -s "$work/$p.native" "$work/$p.pooled"; then
+            say "- $p: passes through a leased GPU, output identical to the native run"
+        else
+            say "- $p: FAILED (native rc $native, pooled rc $pooled)"
+            tail -n 5 "$work/$p.pooled" | sed 's/^/    /' | tee -a "$report"
+            status=1
+        fi
+    done
+else
+    say "- programs did not build: see programs-build.log"
+    status=1
+fi
+"$bin/gpupool-balancer" status --balancer http://127.0.0.1:50051 >"$work/status-after" 2>&1
+say ""
+say "Pool after the programs (every lease released):"
+say '```'
+head -n 1 "$work/status-after" | tee -a "$report"
+say '```'
+
+say ""
+say "### gRPC benchmark (balancer and clients in one process, $(nproc) cores)"
+"$bin/gpupool-balancer-grpc-bench" >"$out/grpc-bench.txt" 2>&1 || status=1
+grep -v "^balancer on\|^connected" "$out/grpc-bench.txt" | tee -a "$report"
+exit $status
