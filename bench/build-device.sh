@@ -55,6 +55,7 @@ echo "== building the server's unit tests and the balancer's gRPC benchmark"
 artifact() {
     python3 -c '
 import json, sys
+found = ""
 for line in sys.stdin:
     try:
         m = json.loads(line)
@@ -62,8 +63,9 @@ for line in sys.stdin:
         continue
     t = m.get("target", {})
     if m.get("reason") == "compiler-artifact" and t.get("name") == sys.argv[1] and sys.argv[2] in t.get("kind", []) and m.get("executable"):
-        print(m["executable"])
-        break' "$1" "$2"
+        found = m["executable"]
+# Reads to the end: stopping early would break cargo'"'"'s pipe.
+print(found)' "$1" "$2"
 }
 server_lib_tests=$(cargo test --release -j "$jobs" -p gpupool-server --lib --no-run --message-format=json | artifact gpupool_server lib)
 grpc_bench=$(cargo bench -j "$jobs" -p gpupool-balancer --bench grpc --no-run --message-format=json | artifact grpc bench)

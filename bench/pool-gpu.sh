@@ -15,6 +15,7 @@ bin=$(cd "$1" && pwd)
 out=$2
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+export GPUPOOL_CUDA_HOME=${GPUPOOL_CUDA_HOME:-/usr/local/cuda}
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
 report="$out/pool.md"
 : >"$report"
@@ -60,16 +61,17 @@ progs="$work/programs"
 if GPUPOOL_STUB_LIB="$bin/stub" bash "$repo/tests/programs/build.sh" "$progs" >"$out/programs-build.log" 2>&1; then
     for p in vector_add matmul_tiled streams_events; do
         [[ -x "$progs/$p" ]] || continue
-        "$progs/$p" >"$work/$p.native" 2>&1
+        # stdout only: the stub may log warnings on stderr.
+        "$progs/$p" >"$work/$p.native" 2>"$work/$p.native.err"
         native=$?
         LD_LIBRARY_PATH="$bin/stub:$LD_LIBRARY_PATH" GPUPOOL_BALANCER=http://127.0.0.1:50051 GPUPOOL_TENANT=suite \
-            GPUPOOL_MEMORY_MIB=1024 "$progs/$p" >"$work/$p.pooled" 2>&1
+            GPUPOOL_MEMORY_MIB=1024 "$progs/$p" >"$work/$p.pooled" 2>"$work/$p.pooled.err"
         pooled=$?
         if [[ $native == 0 && $pooled == 0 ]] && cmp -s "$work/$p.native" "$work/$p.pooled"; then
             say "- $p: passes through a leased GPU, output identical to the native run"
         else
             say "- $p: FAILED (native rc $native, pooled rc $pooled)"
-            tail -n 5 "$work/$p.pooled" | sed 's/^/    /' | tee -a "$report"
+            tail -n 5 "$work/$p.pooled" "$work/$p.pooled.err" | sed 's/^/    /' | tee -a "$report"
             status=1
         fi
     done

@@ -16,6 +16,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::transport::Channel;
 
+/// Longest wait for a release.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What virtual GPU to ask the balancer for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolRequest {
@@ -112,19 +115,23 @@ impl Control {
     }
 
     fn release(&mut self, lease: &pb::Lease) -> Result<(), tonic::Status> {
-        let r =
+        let mut r =
             self.request(pb::ReleaseRequest { lease_id: lease.lease_id, token: lease.token.clone() }, Duration::ZERO);
+        // Often called at exit: do not hold the process long.
+        r.set_timeout(self.timeout.min(RELEASE_TIMEOUT));
         let mut client = self.client.clone();
         self.rt.block_on(client.release(r)).map(drop)
     }
 }
 
-/// A lease held, renewed in the background, released on drop.
+/// A lease held, renewed in the background, released on drop (or by
+/// [`LeasedGpu::release`]).
 #[derive(Debug)]
 pub struct LeasedGpu {
     lease: Arc<Mutex<pb::Lease>>,
-    stop: Option<mpsc::Sender<()>>,
-    renewer: Option<std::thread::JoinHandle<()>>,
+    /// Dropping the sender tells the renewer to release the lease and end.
+    stop: Mutex<Option<mpsc::Sender<()>>>,
+    renewer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl LeasedGpu {
@@ -140,7 +147,7 @@ impl LeasedGpu {
             .name("gpupool-lease".into())
             .spawn(move || renew_until_stopped(control, shared, stopped))
             .map_err(|e| ClientError::Connect(format!("cannot start the lease renewer: {e}")))?;
-        Ok(Self { lease, stop: Some(stop), renewer: Some(renewer) })
+        Ok(Self { lease, stop: Mutex::new(Some(stop)), renewer: Mutex::new(Some(renewer)) })
     }
 
     /// The lease as last renewed.
@@ -163,13 +170,24 @@ impl LeasedGpu {
     }
 }
 
-impl Drop for LeasedGpu {
-    fn drop(&mut self) {
+impl LeasedGpu {
+    /// Stops renewing and releases the lease now (once; later calls do
+    /// nothing). A process that never drops its session (the drop-in
+    /// libcuda) calls this at exit, so its GPU returns to the pool at once
+    /// rather than when the lease expires.
+    pub fn release(&self) {
         // The renewer releases the lease on its way out.
-        drop(self.stop.take());
-        if let Some(t) = self.renewer.take() {
+        drop(self.stop.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let renewer = self.renewer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = renewer {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for LeasedGpu {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 

@@ -189,6 +189,14 @@ impl Session {
         Ok(session)
     }
 
+    /// Releases the session's lease now (see [`LeasedGpu::release`]); the
+    /// server then ends the session. Does nothing without a lease.
+    pub fn release_lease(&self) {
+        if let Some(l) = &self.inner.lease {
+            l.release();
+        }
+    }
+
     /// The lease the session runs under, as last renewed.
     pub fn lease(&self) -> Option<gpupool_proto::balancer::Lease> {
         self.inner.lease.as_ref().map(LeasedGpu::lease)

@@ -121,3 +121,41 @@ fn unreachable_pool_is_reported() -> Result<()> {
     assert!(stderr.contains("gpupool: cannot open a session on 127.0.0.1:9"), "{stderr}");
     Ok(())
 }
+
+/// The program leases its GPU through the balancer (`GPUPOOL_BALANCER`),
+/// twice in a row on a pool of one instance: the first run's lease is
+/// released when it exits, not when it expires, so the second is not kept
+/// waiting.
+#[test]
+fn program_leases_its_gpu_from_the_balancer() -> Result<()> {
+    use gpupool_tests::{TestBalancer, balancer_config};
+    let (stub, bin) = programs()?;
+    let mut config = balancer_config(gpupool_proto::lease::LeaseSigner::from_seed([8; 32]));
+    config.pool.lease_ttl_ms = 60_000;
+    let balancer = TestBalancer::start(config)?;
+    let mut c = isolated_config()?;
+    c.tokens = Vec::new();
+    let nvml = gpupool_server::mig::SimulatedNvml::from_spec("h100-80gb:mig=2g.20gb")?;
+    c.gpus = gpupool_server::mig::prepare::<&str>(&nvml, None)?;
+    c.balancer = Some(balancer.link("only"));
+    let server = TestServer::start(c)?;
+    for round in 0..2 {
+        let started = std::time::Instant::now();
+        let out = Command::new(bin.join("driver_api"))
+            .env("LD_LIBRARY_PATH", stub)
+            .env("GPUPOOL_BALANCER", balancer.url())
+            .env("GPUPOOL_TENANT", "ci")
+            .env("GPUPOOL_WAIT_MS", "20000")
+            .output()
+            .context("starting driver_api")?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() || !stdout.contains("PASS driver_api") {
+            bail!("round {round} failed ({}):\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+        }
+        // A lease kept until expiry would hold the second run for a minute.
+        assert!(started.elapsed() < std::time::Duration::from_secs(30), "round {round} waited for the lease");
+    }
+    server.stop();
+    balancer.stop();
+    Ok(())
+}

@@ -2,7 +2,7 @@
 //! share at their C border: logging to stderr that is safe to call at any
 //! time, including from other libraries' destructors at process exit, and
 //! the text of a caught panic. Each library links its own copy.
-#![allow(unsafe_code)] // one call: atexit
+#![allow(unsafe_code)] // atexit only
 
 use std::any::Any;
 use std::collections::HashSet;
@@ -31,6 +31,15 @@ pub fn init_logging() {
         // fails when its table is full, and then logging simply stays on.
         unsafe { libc::atexit(mark_exiting) };
     });
+}
+
+/// Runs `f` when the process exits (C's `atexit`); `false` if the table of
+/// exit handlers is full.
+pub fn at_exit(f: extern "C" fn()) -> bool {
+    // SAFETY: `f` is a plain function without captured state, valid for the
+    // life of the process (it lives in this library, which is never unloaded
+    // before exit handlers run).
+    unsafe { libc::atexit(f) == 0 }
 }
 
 /// `false` once the process is exiting: log nothing then.

@@ -117,6 +117,14 @@ pub(crate) const UNUSABLE_BASE: u32 = 1 << 19;
 /// The primary context's id.
 pub(crate) const PRIMARY: u64 = 1;
 
+/// A process using the drop-in library never drops its session: at exit
+/// the lease goes back to the pool at once instead of when it expires.
+extern "C" fn release_lease_at_exit() {
+    if let Some(Ok(rt)) = RUNTIME.get() {
+        rt.session.release_lease();
+    }
+}
+
 impl Runtime {
     /// Opens the session on first use (`cuInit`); later calls return the
     /// same outcome. A failure is reported on stderr once.
@@ -136,6 +144,9 @@ impl Runtime {
                     eprintln!("gpupool: cannot open a session on {}: {e}", target.describe());
                     CuError(e.code())
                 })?;
+                if matches!(target, env::Target::Pooled(..)) && !gpupool_ffi::at_exit(release_lease_at_exit) {
+                    tracing::warn!("cannot register an exit handler: the lease will expire instead of being released");
+                }
                 let device = session.device();
                 let attributes = crate::device::visible_attributes(&device);
                 crate::hostmem::reserve_device_range(session.reserved_range());
