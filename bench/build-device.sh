@@ -11,7 +11,12 @@
 # (default 60) to fit what a device run can carry.
 #
 # Usage: bench/build-device.sh [OUT_DIR]    (default .device/bin, git-ignored)
-# Env:   CARGO_BUILD_JOBS (default 2), GPUPOOL_DEVICE_MAX_MIB (default 60),
+# Env:   PARTS: what to copy, `core` (server, demo, bench, the GPU test
+#        binaries, stub/), `pool` (server, balancer, its gRPC benchmark, the
+#        server's unit tests, stub/) or `all` (default). Everything together is
+#        larger than one device run carries: use two folders, e.g.
+#        `PARTS=core … .device/bin` and `PARTS=pool … .device/pool`.
+#        CARGO_BUILD_JOBS (default 2), GPUPOOL_DEVICE_MAX_MIB (default 60),
 #        WITH_NVML (default 1; 0 leaves libnvidia-ml.so.1 out)
 set -euo pipefail
 
@@ -20,7 +25,13 @@ cd "$repo"
 out=${1:-.device/bin}
 max_mib=${GPUPOOL_DEVICE_MAX_MIB:-60}
 jobs=${CARGO_BUILD_JOBS:-2}
-bins=(gpupool-server gpupool-balancer gpupool-bench gpupool-demo)
+parts=${PARTS:-all}
+case $parts in
+core) bins=(gpupool-server gpupool-bench gpupool-demo) ;;
+pool) bins=(gpupool-server gpupool-balancer) ;;
+all) bins=(gpupool-server gpupool-balancer gpupool-bench gpupool-demo) ;;
+*) echo "PARTS must be core, pool or all" >&2; exit 2 ;;
+esac
 gpu_test_name=gpupool-gpu-tests
 
 echo "== building release binaries (-j $jobs)"
@@ -71,7 +82,7 @@ server_lib_tests=$(cargo test --release -j "$jobs" -p gpupool-server --lib --no-
 grpc_bench=$(cargo bench -j "$jobs" -p gpupool-balancer --bench grpc --no-run --message-format=json | artifact grpc bench)
 
 mkdir -p "$out"
-for name in "${bins[@]}" "$gpu_test_name" COMMIT; do
+for name in gpupool-server gpupool-balancer gpupool-bench gpupool-demo "$gpu_test_name" COMMIT; do
     rm -f "$out/$name"
 done
 for name in "${bins[@]}"; do
@@ -83,12 +94,17 @@ strip --strip-debug -o "$out/stub/libcuda.so.1" target/release/libcuda.so
 if [[ ${WITH_NVML:-1} == 1 ]]; then
     strip --strip-debug -o "$out/stub/libnvidia-ml.so.1" target/release/libnvidia_ml.so
 fi
-while read -r name exe; do
-    [[ -n "$exe" ]] && strip --strip-debug -o "$out/gpupool-$name-tests" "$exe"
-done <<<"$test_bins"
-strip --strip-debug -o "$out/gpupool-server-lib-tests" "$server_lib_tests"
-strip --strip-debug -o "$out/gpupool-balancer-grpc-bench" "$grpc_bench"
-if [[ -z "$gpu_test" ]]; then
+rm -f "$out"/gpupool-*-tests "$out/gpupool-balancer-grpc-bench"
+if [[ $parts != pool ]]; then
+    while read -r name exe; do
+        [[ -n "$exe" ]] && strip --strip-debug -o "$out/gpupool-$name-tests" "$exe"
+    done <<<"$test_bins"
+fi
+if [[ $parts != core ]]; then
+    strip --strip-debug -o "$out/gpupool-server-lib-tests" "$server_lib_tests"
+    strip --strip-debug -o "$out/gpupool-balancer-grpc-bench" "$grpc_bench"
+fi
+if [[ -z "$gpu_test" && $parts != pool ]]; then
     echo "WARNING: no test binary for tests/tests/gpu.rs was built; gpu-suite.sh will report the GPU tests as FAILED (missing)" >&2
 fi
 

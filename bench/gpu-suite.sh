@@ -7,7 +7,10 @@
 #   4. gpupool-demo --device cuda;
 #   5. gpupool-bench --device cuda (native CUDA against remote gpupool);
 #   6. bench/dropin.sh: unmodified programs, PyTorch and the drop-in
-#      benchmark row, native and through gpupool's libcuda.so.1.
+#      benchmark row, native and through gpupool's libcuda.so.1;
+#   7. bench/pool-gpu.sh: the balancer: whole-GPU discovery through NVML,
+#      a balancer and a server on the card, unmodified programs leasing
+#      their GPU through it, and the balancer's gRPC benchmark.
 # Results: <date>-<gpu>-<commit>.md (every step's output and a summary) and
 # .json (the benchmark's figures) in $OUT when set (a device run returns only
 # $OUT), else in bench/results/. The .md is written step by step, so a run cut
@@ -21,7 +24,13 @@
 #        TEST_ARGS    extra test-harness flags (e.g. a test name filter)
 #        *_TIMEOUT    per-step limits in seconds: TEST_TIMEOUT (240),
 #                     SMOKE_TIMEOUT (60), DEMO_TIMEOUT (120), BENCH_TIMEOUT (300),
-#                     DROPIN_TIMEOUT (540)
+#                     DROPIN_TIMEOUT (540), POOL_TIMEOUT (300)
+#        ONLY         step functions to run, space-separated (gpu_info
+#                     gpu_tests server_smoke demo bench bench_in_process
+#                     dropin pool); default all. The binaries of every step
+#                     exceed what one device run carries (and its 600 s):
+#                     e.g. ONLY="gpu_info gpu_tests …" with PARTS=core
+#                     binaries, then ONLY=pool with PARTS=pool binaries.
 set -uo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -61,6 +70,9 @@ failed=0
 step() {
     local name=$1 limit=$2
     shift 2
+    if [[ -n ${ONLY:-} && " $ONLY " != *" $1 "* ]]; then
+        return 0
+    fi
     local log started rc seconds verdict
     log=$(mktemp)
     echo
@@ -181,8 +193,12 @@ dropin() {
     bash "$repo/bench/dropin.sh" "$bin_dir" "$stem-dropin"
 }
 
+pool() {
+    bash "$repo/bench/pool-gpu.sh" "$bin_dir" "$stem-pool"
+}
+
 export repo stem bin_dir json
-export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin
+export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool
 
 {
     echo "# gpupool GPU suite"
@@ -203,6 +219,7 @@ step "demo (--device cuda)" "${DEMO_TIMEOUT:-120}" demo
 step "benchmark (--device cuda)" "${BENCH_TIMEOUT:-300}" bench
 step "benchmark, sessions in-process (--device cuda)" "${BENCH_TIMEOUT:-300}" bench_in_process
 step "drop-in libcuda: unmodified programs, PyTorch, benchmark row" "${DROPIN_TIMEOUT:-540}" dropin
+step "balancer: NVML discovery, leased programs, gRPC benchmark" "${POOL_TIMEOUT:-300}" pool
 
 {
     echo "## Summary"
