@@ -1,0 +1,95 @@
+//! The `gpupool-balancer` binary as operators run it: `keygen` makes and
+//! keeps the signing key, `serve` starts on the key and a secret and prints
+//! its address, `status` prints the pool as tables, and bad settings are
+//! refused with every problem named.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn exe() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gpupool-balancer"))
+}
+
+/// Kills the served balancer when the test ends, passed or not.
+struct Served(Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("gpupool-balancer-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+#[test]
+fn keygen_serve_and_status() {
+    let dir = temp_dir("serve");
+    let key = dir.join("lease.key");
+    let out = exe().args(["keygen", "--key-file"]).arg(&key).output().expect("keygen runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let public = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(public.len(), 64, "a hex ed25519 public key: {public}");
+    // The key is kept: a second keygen prints the same public key.
+    let again = exe().args(["keygen", "--key-file"]).arg(&key).output().expect("keygen runs");
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), public);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&key).expect("key file").permissions().mode();
+    assert_eq!(mode & 0o077, 0, "the key file is readable by its owner only");
+
+    let mut child = exe()
+        .args(["serve", "--listen", "127.0.0.1:0", "--server-secret", "s3cret", "--recovery-ms", "0", "--key-file"])
+        .arg(&key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let served = Served(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("first line");
+    // "gpupool-balancer listening on 127.0.0.1:PORT (lease public key …)"
+    let addr = line.split_whitespace().nth(3).expect("address").to_string();
+    assert!(line.contains(&public), "{line}");
+
+    let status = exe().args(["status", "--balancer"]).arg(format!("http://{addr}")).output().expect("status runs");
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let text = String::from_utf8_lossy(&status.stdout);
+    for needle in ["policy spread", "SERVERS", "INSTANCES", "LEASES", "QUEUE", "(none)"] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    drop(served);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_settings_are_all_reported() {
+    let dir = temp_dir("bad");
+    let out = exe()
+        .args(["serve", "--listen", "127.0.0.1:0", "--server-secret", "", "--lease-ttl-ms", "0", "--key-file"])
+        .arg(dir.join("k"))
+        .args(["--quota", "team=leases:x"])
+        .output()
+        .expect("serve runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("leases:N"), "{err}");
+    let out = exe()
+        .args(["serve", "--listen", "127.0.0.1:0", "--server-secret", "", "--lease-ttl-ms", "0", "--key-file"])
+        .arg(dir.join("k"))
+        .output()
+        .expect("serve runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("server secret") && err.contains("ttl"), "every problem named: {err}");
+    let out = exe().args(["status", "--balancer", "http://127.0.0.1:9"]).output().expect("status runs");
+    assert!(!out.status.success(), "an unreachable balancer is an error");
+    std::thread::sleep(Duration::from_millis(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}
