@@ -25,6 +25,50 @@ pub struct TestServer {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// A service's `run` on a runtime of its own thread: `serve` reports what
+/// callers need through `ready`, then runs until its stop future completes.
+struct Background;
+
+type StopFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+impl Background {
+    #[allow(clippy::type_complexity)]
+    fn start<T, F, Fut>(
+        wait: Duration,
+        serve: F,
+    ) -> anyhow::Result<(T, tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>)>
+    where
+        T: Send + 'static,
+        F: FnOnce(Box<dyn FnOnce(T) + Send>, StopFuture) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = anyhow::Result<()>>,
+    {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<T>>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow::anyhow!(e)));
+                    return;
+                }
+            };
+            let started = ready_tx.clone();
+            let ready: Box<dyn FnOnce(T) + Send> = Box::new(move |info| {
+                let _ = started.send(Ok(info));
+            });
+            let stop: StopFuture = Box::pin(async move { drop(stop_rx.await) });
+            if let Err(e) = rt.block_on(serve(ready, stop)) {
+                // Before readiness this is the caller's error; after, a log line.
+                if ready_tx.send(Err(anyhow::anyhow!("{e:#}"))).is_err() {
+                    eprintln!("stopped with error: {e:#}");
+                }
+            }
+        });
+        let info = ready_rx.recv_timeout(wait)??;
+        Ok((info, stop_tx, thread))
+    }
+}
+
 /// The device tests run on: `GPUPOOL_TEST_DEVICE=cuda` picks GPU 0,
 /// anything else the emulated device.
 pub fn test_device() -> DeviceChoice {
@@ -75,43 +119,22 @@ pub fn isolated_config() -> anyhow::Result<ServerConfig> {
 impl TestServer {
     /// Starts a server with `config`.
     pub fn start(config: ServerConfig) -> anyhow::Result<Self> {
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(anyhow::anyhow!(e)));
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let server = match Server::bind(config) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(anyhow::anyhow!(e)));
-                        return;
-                    }
-                };
-                if let Err(e) = server.ready().await {
-                    let _ = ready_tx.send(Err(anyhow::anyhow!(e)));
-                    return;
-                }
-                let info = (
-                    server.local_addr(),
-                    server.fingerprint().to_string(),
-                    server.metrics(),
-                    server.backend(),
-                    server.worker_pool(),
-                );
-                let _ = ready_tx.send(Ok(info));
-                if let Err(e) = server.run(async { drop(stop_rx.await) }).await {
-                    eprintln!("server stopped with error: {e}");
-                }
-            });
-        });
-        let (addr, fingerprint, metrics, backend, pool) = ready_rx.recv_timeout(Duration::from_secs(120))??;
-        Ok(Self { addr, fingerprint, metrics, backend, pool, stop: Some(stop_tx), thread: Some(thread) })
+        let (info, stop, thread) = Background::start(Duration::from_secs(120), move |ready, stop| async move {
+            let server = Server::bind(config)?;
+            server.ready().await?;
+            let info = (
+                server.local_addr(),
+                server.fingerprint().to_string(),
+                server.metrics(),
+                server.backend(),
+                server.worker_pool(),
+            );
+            ready(info);
+            server.run(stop).await?;
+            Ok(())
+        })?;
+        let (addr, fingerprint, metrics, backend, pool) = info;
+        Ok(Self { addr, fingerprint, metrics, backend, pool, stop: Some(stop), thread: Some(thread) })
     }
 
     /// The worker processes, warm and busy (none in-process).
@@ -292,32 +315,14 @@ pub fn balancer_config(signer: gpupool_proto::lease::LeaseSigner) -> gpupool_bal
 impl TestBalancer {
     /// Starts a balancer with `config`.
     pub fn start(config: gpupool_balancer::BalancerConfig) -> anyhow::Result<Self> {
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(anyhow::anyhow!(e)));
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let balancer = match gpupool_balancer::Balancer::bind(config).await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(anyhow::anyhow!(e)));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok((balancer.local_addr(), balancer.public_key_hex())));
-                if let Err(e) = balancer.run(async { drop(stop_rx.await) }).await {
-                    eprintln!("balancer stopped with error: {e}");
-                }
-            });
-        });
-        let (addr, public_key) = ready_rx.recv_timeout(Duration::from_secs(30))??;
-        Ok(Self { addr, public_key, stop: Some(stop_tx), thread: Some(thread) })
+        let (info, stop, thread) = Background::start(Duration::from_secs(30), move |ready, stop| async move {
+            let balancer = gpupool_balancer::Balancer::bind(config).await?;
+            ready((balancer.local_addr(), balancer.public_key_hex()));
+            balancer.run(stop).await?;
+            Ok(())
+        })?;
+        let (addr, public_key) = info;
+        Ok(Self { addr, public_key, stop: Some(stop), thread: Some(thread) })
     }
 
     /// The balancer's gRPC URL.
