@@ -181,6 +181,7 @@ crate::exports! {
         let rt = Runtime::get()?;
         check_device(dev)?;
         let v = attribute(rt, attrib)?;
+        tracing::trace!(attrib, value = v, "cuDeviceGetAttribute");
         // SAFETY: out-pointer per the CUDA API.
         unsafe { put(pi, v) }
     }
