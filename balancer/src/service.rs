@@ -226,7 +226,16 @@ impl BalancerRpc for Service {
                     Ok(c) => match inner.pool.lease(pool::LeaseId(c.lease_id)) {
                         Some(_) => Ok(()),
                         None if !recovering => Err("lease ended".into()),
-                        None => inner.pool.adopt(convert::adopt(&c), now).map(drop).map_err(|e| e.to_string()),
+                        None => {
+                            // The server holds the token its client first
+                            // presented; renewals since then happened here and
+                            // were lost with the restart. A live session
+                            // vouched for by its (authenticated) server gets a
+                            // fresh lifetime; its holder's renewals take over.
+                            let mut adopt = convert::adopt(&c);
+                            adopt.expires_ms = adopt.expires_ms.max(now + self.state.config.pool.lease_ttl_ms);
+                            inner.pool.adopt(adopt, now).map(drop).map_err(|e| e.to_string())
+                        }
                     },
                     Err(e) => Err(e.to_string()),
                 };

@@ -297,6 +297,14 @@ fn a_restarted_balancer_loses_no_lease() {
     let in_use = session.lease().expect("lease");
     let idle = grpc.allocate("idle", 0, "4g.40gb", 0).expect("idle lease");
     grpc.wait_for("the session seen in use", |s| s.leases.iter().any(|l| l.in_use));
+    // Outlive the token the server holds (3 s leases): only the client's
+    // renewals keep the session's lease alive now.
+    let mut idle = idle;
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(1_000));
+        idle = grpc.renew(&idle).expect("renew the idle lease");
+    }
+    assert!(session.lease().expect("lease").expires_unix_ms > in_use.expires_unix_ms + 2_000);
     first.stop();
 
     let mut config = balancer_config(signer);
