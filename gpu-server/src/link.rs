@@ -137,7 +137,7 @@ pub(crate) async fn run(
             }
             let (sessions, memory, ids) = {
                 let leased = shared.leased();
-                (leased.len() as u32, leased.values().map(|s| s.memory).sum(), leased.keys().copied().collect())
+                (leased.len() as u32, leased.values().map(|s| s.memory_used).sum(), leased.keys().copied().collect())
             };
             let beat = pb::HeartbeatRequest {
                 server_id: link.server_id.clone(),

@@ -46,6 +46,8 @@ pub struct Metrics {
     pub frames_rejected: AtomicU64,
     pub bulk_bytes_in: AtomicU64,
     pub bulk_bytes_out: AtomicU64,
+    /// Device memory mapped by sessions now (a gauge).
+    pub memory_mapped: AtomicU64,
 }
 
 /// A copy of [`Metrics`] at one moment.
@@ -60,6 +62,7 @@ pub struct MetricsSnapshot {
     pub frames_rejected: u64,
     pub bulk_bytes_in: u64,
     pub bulk_bytes_out: u64,
+    pub memory_mapped: u64,
 }
 
 impl Metrics {
@@ -71,6 +74,7 @@ impl Metrics {
         add(&self.frames_rejected, now.frames_rejected.saturating_sub(before.frames_rejected));
         add(&self.bulk_bytes_in, now.bulk_bytes_in.saturating_sub(before.bulk_bytes_in));
         add(&self.bulk_bytes_out, now.bulk_bytes_out.saturating_sub(before.bulk_bytes_out));
+        gauge(&self.memory_mapped, before.memory_mapped, now.memory_mapped);
     }
 
     /// The counters a worker process reports to its supervisor.
@@ -83,6 +87,7 @@ impl Metrics {
             frames_rejected: s.frames_rejected,
             bulk_bytes_in: s.bulk_bytes_in,
             bulk_bytes_out: s.bulk_bytes_out,
+            memory_mapped: s.memory_mapped,
         }
     }
 
@@ -98,7 +103,17 @@ impl Metrics {
             frames_rejected: g(&self.frames_rejected),
             bulk_bytes_in: g(&self.bulk_bytes_in),
             bulk_bytes_out: g(&self.bulk_bytes_out),
+            memory_mapped: g(&self.memory_mapped),
         }
+    }
+}
+
+/// Moves a gauge from `before` to `now`.
+fn gauge(a: &AtomicU64, before: u64, now: u64) {
+    if now >= before {
+        a.fetch_add(now - before, Ordering::Relaxed);
+    } else {
+        a.fetch_sub(before - now, Ordering::Relaxed);
     }
 }
 
@@ -183,7 +198,8 @@ impl Workers {
 pub(crate) struct LeasedSession {
     /// The lease token, shown to a restarted balancer.
     pub(crate) token: String,
-    pub(crate) memory: u64,
+    /// Device memory the session has mapped, as its worker last reported.
+    pub(crate) memory_used: u64,
     pub(crate) conn: quinn::Connection,
 }
 
@@ -519,7 +535,7 @@ async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming: quinn::Inc
         _ => grant.memory_quota.unwrap_or(shared.config.memory_quota).min(shared.config.memory_quota),
     };
     if let Some(lease) = &grant.lease {
-        let session = LeasedSession { token: lease.token.clone(), memory: quota, conn: conn.clone() };
+        let session = LeasedSession { token: lease.token.clone(), memory_used: 0, conn: conn.clone() };
         // One session per lease: a client that reconnects (a thawed Lambda
         // environment) replaces its old session.
         if let Some(old) = shared.leased().insert(lease.lease_id, session) {
@@ -530,7 +546,7 @@ async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming: quinn::Inc
         Mode::Local(AnyDevice::Cuda(d)) => run_session(&shared, d, &conn, id, quota, send, recv).await,
         Mode::Local(AnyDevice::Emulated(d)) => run_session(&shared, d, &conn, id, quota, send, recv).await,
         Mode::Workers(workers) => match workers.for_session(&grant) {
-            Some(pool) => run_in_worker(&shared, pool, &conn, id, quota, &grant.subject, send).await,
+            Some(pool) => run_in_worker(&shared, pool, &conn, id, quota, &grant, send).await,
             None => conn.close(close_code::UNAUTHORIZED.into(), b"the lease's instance is not served here"),
         },
     }
@@ -555,9 +571,10 @@ async fn run_in_worker(
     conn: &quinn::Connection,
     id: u64,
     quota: u64,
-    subject: &str,
+    grant: &Grant,
     mut send: quinn::SendStream,
 ) {
+    let (subject, lease) = (grant.subject.as_str(), grant.lease.as_ref().map(|l| l.lease_id));
     let ticket = hex::encode(rand::random::<[u8; 32]>());
     let assign =
         v1::WorkerAssign { ticket: ticket.clone(), subject: subject.into(), memory_quota: quota, session_id: id };
@@ -588,6 +605,11 @@ async fn run_in_worker(
     let mut apply = |event: Option<v1::worker_event::Event>| {
         if let Some(v1::worker_event::Event::Metrics(m)) = event {
             metrics.add_worker_delta(&m, &reported);
+            if let Some(id) = lease
+                && let Some(s) = shared.leased().get_mut(&id)
+            {
+                s.memory_used = m.memory_mapped;
+            }
             reported = m;
         }
     };
@@ -803,11 +825,14 @@ fn worker<B: Backend>(
     if ready.send(Ok(state.va_base())).is_err() {
         return;
     }
+    let mut mapped = 0;
     while let Some(item) = work.blocking_recv() {
         let reply = match item {
             Work::Batch(batch) => {
                 let reply = state.execute_batch(batch);
                 add(&metrics.call_errors, u64::from(reply.error_count));
+                gauge(&metrics.memory_mapped, mapped, state.mapped_bytes());
+                mapped = state.mapped_bytes();
                 reply
             }
             Work::Reply(reply) => reply,
@@ -816,6 +841,8 @@ fn worker<B: Backend>(
             break;
         }
     }
+    // The session's memory goes with it.
+    gauge(&metrics.memory_mapped, mapped, 0);
 }
 
 /// Serves the session's bulk streams, a bounded number at a time.

@@ -228,7 +228,15 @@ fn unrenewed_leases_expire_and_their_sessions_end() {
     let lease = grpc.allocate("t", 0, "", 0).expect("lease");
     let session = Session::connect(&leased_config(&lease)).expect("session");
     round_trip(&session, 2);
-    grpc.wait_for("the session seen in use", |s| s.leases.iter().any(|l| l.in_use));
+    // The server's heartbeats carry the memory its sessions hold.
+    let held = session.mem_alloc(24 << 20).expect("alloc");
+    session.flush().expect("flush");
+    grpc.wait_for("the session seen in use, with its memory", |s| {
+        s.leases.iter().any(|l| l.in_use) && s.servers.iter().any(|v| v.memory_used_bytes >= 24 << 20)
+    });
+    session.mem_free(held).expect("free");
+    session.flush().expect("flush");
+    grpc.wait_for("the memory seen freed", |s| s.servers.iter().all(|v| v.memory_used_bytes < 24 << 20));
     // Renewed once, then left alone: the lease expires 3 s later.
     let renewed = grpc.renew(&lease).expect("renew");
     assert!(renewed.expires_unix_ms > lease.expires_unix_ms);
