@@ -135,10 +135,13 @@ impl State {
     }
 }
 
-/// Hands grants to their waiters; a grant whose waiter is gone goes back to
-/// the pool, which may grant the capacity to the next waiter.
+/// Hands `grants`, and those the pool made while catching up on time inside
+/// the last call, to their waiters. A grant whose waiter is gone goes back to
+/// the pool, which may grant the capacity to the next waiter. Every pool call
+/// that can free capacity is followed by this.
 fn deliver(inner: &mut Inner, grants: Vec<Grant>) {
     let mut work = grants;
+    work.extend(inner.pool.take_grants());
     while let Some(grant) = work.pop() {
         let undelivered = match inner.waiters.remove(&grant.ticket) {
             Some(tx) => tx.send(grant.lease).err(),
@@ -171,8 +174,6 @@ fn status(e: PoolError) -> Status {
         PoolError::LeaseExpired(_) | PoolError::LeaseEnded(_) => Status::failed_precondition(msg),
         PoolError::Conflict { .. } => Status::aborted(msg),
         PoolError::InvalidRequest(_) => Status::invalid_argument(msg),
-        #[allow(unreachable_patterns)]
-        _ => Status::internal(msg),
     }
 }
 
@@ -184,18 +185,32 @@ struct Waiting {
     rx: Option<oneshot::Receiver<pool::Lease>>,
 }
 
+impl Waiting {
+    /// Ends the wait: the ticket leaves the queue, or, when the grant was
+    /// made meanwhile (under the lock, so exactly one of the two holds), the
+    /// granted lease.
+    fn finish(&mut self) -> Option<pool::Lease> {
+        let mut rx = self.rx.take()?;
+        let mut inner = self.state.lock();
+        let lease = if inner.pool.cancel(self.ticket) {
+            inner.waiters.remove(&self.ticket);
+            None
+        } else {
+            rx.try_recv().ok()
+        };
+        drop(inner);
+        self.state.changed();
+        lease
+    }
+}
+
 impl Drop for Waiting {
     fn drop(&mut self) {
-        let Some(mut rx) = self.rx.take() else { return };
-        let mut inner = self.state.lock();
-        if inner.pool.cancel(self.ticket) {
-            inner.waiters.remove(&self.ticket);
-        } else if let Ok(lease) = rx.try_recv() {
+        if let Some(lease) = self.finish() {
+            let mut inner = self.state.lock();
             let grants = inner.pool.release(lease.id).unwrap_or_default();
             deliver(&mut inner, grants);
         }
-        drop(inner);
-        self.state.changed();
     }
 }
 
@@ -245,8 +260,6 @@ impl BalancerRpc for Service {
                 }
             }
             deliver(&mut inner, grants);
-            let more = inner.pool.take_grants();
-            deliver(&mut inner, more);
         }
         tracing::info!(server = %server_id, address = %req.address, gpus = req.gpus.len(), "server registered");
         self.state.changed();
@@ -268,8 +281,7 @@ impl BalancerRpc for Service {
         let ended = {
             let mut inner = self.state.lock();
             let ended = inner.pool.heartbeat(&req.server_id, load, unix_ms_now());
-            let grants = inner.pool.take_grants();
-            deliver(&mut inner, grants);
+            deliver(&mut inner, Vec::new());
             ended.map_err(status)?
         };
         Ok(Response::new(pb::HeartbeatReply { ended_lease_ids: ended.into_iter().map(|id| id.0).collect() }))
@@ -284,8 +296,7 @@ impl BalancerRpc for Service {
             let mut inner = self.state.lock();
             let allocated = inner.pool.allocate(request, unix_ms_now(), !wait.is_zero());
             // Catching up on time may have freed capacity for earlier waiters.
-            let grants = inner.pool.take_grants();
-            deliver(&mut inner, grants);
+            deliver(&mut inner, Vec::new());
             match allocated.map_err(status)? {
                 Allocation::Granted(lease) => {
                     drop(inner);
@@ -305,26 +316,17 @@ impl BalancerRpc for Service {
         let lease = match tokio::time::timeout(wait, rx).await {
             Ok(Ok(lease)) => lease,
             Ok(Err(_)) => return Err(Status::internal("the grant was lost")),
-            Err(_) => {
-                let mut inner = self.state.lock();
-                if inner.pool.cancel(ticket) {
-                    inner.waiters.remove(&ticket);
-                    drop(inner);
-                    waiting.rx = None;
+            // Granted while the wait ran out, or not at all.
+            Err(_) => match waiting.finish() {
+                Some(lease) => lease,
+                None => {
                     self.state.queue_timeouts.fetch_add(1, Ordering::Relaxed);
-                    self.state.changed();
                     return Err(Status::resource_exhausted(format!(
                         "no instance fits the request within its wait of {} ms",
                         wait.as_millis()
                     )));
                 }
-                // Granted while the wait ran out: the lease is in the channel.
-                drop(inner);
-                match waiting.rx.as_mut().map(oneshot::Receiver::try_recv) {
-                    Some(Ok(lease)) => lease,
-                    _ => return Err(Status::internal("the grant was lost")),
-                }
-            }
+            },
         };
         waiting.rx = None;
         Ok(Response::new(self.state.lease_reply(&lease)))
@@ -350,8 +352,7 @@ impl BalancerRpc for Service {
                 other => other,
             };
             let recovering = inner.pool.recovering(now);
-            let grants = inner.pool.take_grants();
-            deliver(&mut inner, grants);
+            deliver(&mut inner, Vec::new());
             match renewed {
                 Ok(lease) => lease,
                 // Its server has not registered again yet: worth a retry.

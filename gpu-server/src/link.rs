@@ -105,11 +105,12 @@ pub(crate) async fn run(
                             "the balancer signs with another key than the one configured: its leases will be refused"
                         );
                     }
-                    let refused: Vec<u64> = reply
-                        .refused_leases
-                        .iter()
-                        .filter_map(|t| shared.leased().iter().find(|(_, s)| s.token == *t).map(|(id, _)| *id))
-                        .collect();
+                    let refused: Vec<u64> = {
+                        let leased = shared.leased();
+                        let refused: std::collections::HashSet<&str> =
+                            reply.refused_leases.iter().map(String::as_str).collect();
+                        leased.iter().filter(|(_, s)| refused.contains(s.token.as_str())).map(|(id, _)| *id).collect()
+                    };
                     end_sessions(&shared, refused, "was not taken back by the balancer");
                     tracing::info!(url = %link.url, server = %link.server_id, "registered with the balancer");
                     backoff = Duration::from_millis(100);

@@ -21,22 +21,22 @@ pub struct TestServer {
     pub metrics: Arc<Metrics>,
     pub backend: &'static str,
     pool: Option<Arc<WorkerPool>>,
+    running: Background,
+}
+
+/// A service's `run` on a runtime of its own thread: `serve` reports what
+/// callers need through `ready`, then runs until its stop future completes,
+/// which [`Background::stop`] (or dropping it) brings about.
+#[derive(Debug)]
+struct Background {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// A service's `run` on a runtime of its own thread: `serve` reports what
-/// callers need through `ready`, then runs until its stop future completes.
-struct Background;
-
 type StopFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 impl Background {
-    #[allow(clippy::type_complexity)]
-    fn start<T, F, Fut>(
-        wait: Duration,
-        serve: F,
-    ) -> anyhow::Result<(T, tokio::sync::oneshot::Sender<()>, std::thread::JoinHandle<()>)>
+    fn start<T, F, Fut>(wait: Duration, serve: F) -> anyhow::Result<(T, Self)>
     where
         T: Send + 'static,
         F: FnOnce(Box<dyn FnOnce(T) + Send>, StopFuture) -> Fut + Send + 'static,
@@ -65,7 +65,23 @@ impl Background {
             }
         });
         let info = ready_rx.recv_timeout(wait)??;
-        Ok((info, stop_tx, thread))
+        Ok((info, Self { stop: Some(stop_tx), thread: Some(thread) }))
+    }
+
+    /// Stops the service and waits for its thread.
+    fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -119,7 +135,7 @@ pub fn isolated_config() -> anyhow::Result<ServerConfig> {
 impl TestServer {
     /// Starts a server with `config`.
     pub fn start(config: ServerConfig) -> anyhow::Result<Self> {
-        let (info, stop, thread) = Background::start(Duration::from_secs(120), move |ready, stop| async move {
+        let (info, running) = Background::start(Duration::from_secs(120), move |ready, stop| async move {
             let server = Server::bind(config)?;
             server.ready().await?;
             let info = (
@@ -134,7 +150,7 @@ impl TestServer {
             Ok(())
         })?;
         let (addr, fingerprint, metrics, backend, pool) = info;
-        Ok(Self { addr, fingerprint, metrics, backend, pool, stop: Some(stop), thread: Some(thread) })
+        Ok(Self { addr, fingerprint, metrics, backend, pool, running })
     }
 
     /// The worker processes, warm and busy (none in-process).
@@ -151,22 +167,7 @@ impl TestServer {
 
     /// Stops the server (closing every session) and waits for it.
     pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        self.shutdown();
+        self.running.stop();
     }
 }
 
@@ -293,8 +294,7 @@ pub const SERVER_SECRET: &str = "test-server-secret";
 pub struct TestBalancer {
     pub addr: SocketAddr,
     pub public_key: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    running: Background,
 }
 
 /// A balancer configuration on 127.0.0.1 port 0 with short timings: leases
@@ -315,14 +315,14 @@ pub fn balancer_config(signer: gpupool_proto::lease::LeaseSigner) -> gpupool_bal
 impl TestBalancer {
     /// Starts a balancer with `config`.
     pub fn start(config: gpupool_balancer::BalancerConfig) -> anyhow::Result<Self> {
-        let (info, stop, thread) = Background::start(Duration::from_secs(30), move |ready, stop| async move {
+        let (info, running) = Background::start(Duration::from_secs(30), move |ready, stop| async move {
             let balancer = gpupool_balancer::Balancer::bind(config).await?;
             ready((balancer.local_addr(), balancer.public_key_hex()));
             balancer.run(stop).await?;
             Ok(())
         })?;
         let (addr, public_key) = info;
-        Ok(Self { addr, public_key, stop: Some(stop), thread: Some(thread) })
+        Ok(Self { addr, public_key, running })
     }
 
     /// The balancer's gRPC URL.
@@ -343,21 +343,6 @@ impl TestBalancer {
 
     /// Stops the balancer and waits for it.
     pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for TestBalancer {
-    fn drop(&mut self) {
-        self.shutdown();
+        self.running.stop();
     }
 }

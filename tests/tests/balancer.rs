@@ -121,7 +121,7 @@ fn wait_until_dead(session: &Session, what: &str) {
 }
 
 fn template() -> ClientConfig {
-    let mut c = ClientConfig::new(([0, 0, 0, 0], 0).into(), Trust::Fingerprint("0".repeat(64)), "from-the-lease");
+    let mut c = ClientConfig::for_leases();
     c.reply_timeout = Duration::from_secs(60);
     c
 }

@@ -82,8 +82,7 @@ pub(crate) fn target_from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Res
     request.wait = Duration::from_millis(wait_ms);
     request.secret = lookup("GPUPOOL_BALANCER_SECRET");
     // Server, pin and token come from the lease.
-    let mut template =
-        ClientConfig::new(([0, 0, 0, 0], 0).into(), Trust::Fingerprint("0".repeat(64)), "from-the-lease");
+    let mut template = ClientConfig::for_leases();
     template.max_udp_payload = u16::try_from(payload).unwrap_or(u16::MAX);
     if let Some(name) = lookup("GPUPOOL_SERVER_NAME") {
         template.server_name = name;
