@@ -11,11 +11,13 @@
 # (default 60) to fit what a device run can carry.
 #
 # Usage: bench/build-device.sh [OUT_DIR]    (default .device/bin, git-ignored)
-# Env:   PARTS: what to copy, `core` (server, demo, bench, the GPU test
-#        binaries, stub/), `pool` (server, balancer, its gRPC benchmark, the
-#        server's unit tests, stub/) or `all` (default). Everything together is
+# Env:   PARTS: what to copy, `core` (server, bench, the GPU test binaries,
+#        stub/), `pool` (server, balancer, its gRPC benchmark, the server's
+#        unit tests, stub/), `dropin` (server, demo and stub/: the demo and
+#        bench/dropin.sh) or `all` (default). Everything together is
 #        larger than one device run carries: use two folders, e.g.
-#        `PARTS=core … .device/bin` and `PARTS=pool … .device/pool`.
+#        `PARTS=core … .device/bin`, `PARTS=dropin … .device/dropin` and
+#        `PARTS=pool … .device/pool`.
 #        CARGO_BUILD_JOBS (default 2), GPUPOOL_DEVICE_MAX_MIB (default 60),
 #        WITH_NVML (default 1; 0 leaves libnvidia-ml.so.1 out)
 set -euo pipefail
@@ -27,10 +29,11 @@ max_mib=${GPUPOOL_DEVICE_MAX_MIB:-60}
 jobs=${CARGO_BUILD_JOBS:-2}
 parts=${PARTS:-all}
 case $parts in
-core) bins=(gpupool-server gpupool-bench gpupool-demo) ;;
+core) bins=(gpupool-server gpupool-bench) ;;
 pool) bins=(gpupool-server gpupool-balancer) ;;
+dropin) bins=(gpupool-server gpupool-demo) ;;
 all) bins=(gpupool-server gpupool-balancer gpupool-bench gpupool-demo) ;;
-*) echo "PARTS must be core, pool or all" >&2; exit 2 ;;
+*) echo "PARTS must be core, pool, dropin or all" >&2; exit 2 ;;
 esac
 gpu_test_name=gpupool-gpu-tests
 
@@ -95,16 +98,16 @@ if [[ ${WITH_NVML:-1} == 1 ]]; then
     strip --strip-debug -o "$out/stub/libnvidia-ml.so.1" target/release/libnvidia_ml.so
 fi
 rm -f "$out"/gpupool-*-tests "$out/gpupool-balancer-grpc-bench"
-if [[ $parts != pool ]]; then
+if [[ $parts == core || $parts == all ]]; then
     while read -r name exe; do
         [[ -n "$exe" ]] && strip --strip-debug -o "$out/gpupool-$name-tests" "$exe"
     done <<<"$test_bins"
 fi
-if [[ $parts != core ]]; then
+if [[ $parts == pool || $parts == all ]]; then
     strip --strip-debug -o "$out/gpupool-server-lib-tests" "$server_lib_tests"
     strip --strip-debug -o "$out/gpupool-balancer-grpc-bench" "$grpc_bench"
 fi
-if [[ -z "$gpu_test" && $parts != pool ]]; then
+if [[ -z "$gpu_test" && ($parts == core || $parts == all) ]]; then
     echo "WARNING: no test binary for tests/tests/gpu.rs was built; gpu-suite.sh will report the GPU tests as FAILED (missing)" >&2
 fi
 

@@ -29,8 +29,9 @@
 #                     gpu_tests server_smoke demo bench bench_in_process
 #                     dropin pool); default all. The binaries of every step
 #                     exceed what one device run carries (and its 600 s):
-#                     e.g. ONLY="gpu_info gpu_tests …" with PARTS=core
-#                     binaries, then ONLY=pool with PARTS=pool binaries.
+#                     ONLY="gpu_info gpu_tests server_smoke bench bench_in_process"
+#                     with PARTS=core binaries, ONLY="demo dropin" with
+#                     PARTS=dropin, ONLY=pool with PARTS=pool.
 set -uo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -5,6 +5,7 @@
 # CUBLAS_LOGINFO_DBG / CUBLASLT_LOG_LEVEL.
 #
 # Usage: bench/diagnostics/cublas-log.sh BIN_DIR OUT_DIR   (on the GPU machine)
+# Env:   DIAG_LOG  the stub's GPUPOOL_LOG filter (default cuda=debug)
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 bin=$(cd "$1" && pwd)
@@ -28,7 +29,7 @@ logs=(CUBLAS_LOGINFO_DBG=1 CUBLAS_LOGDEST_DBG=stderr CUBLASLT_LOG_LEVEL=5)
 env "${logs[@]}" "$work/programs/cublas_sgemm" >"$out/native.out" 2>"$out/native.err"
 echo "native rc $?"
 env "${logs[@]}" LD_LIBRARY_PATH="$bin/stub:$LD_LIBRARY_PATH" GPUPOOL_SERVER=127.0.0.1:4433 GPUPOOL_TOKEN=diag \
-    GPUPOOL_CERT_SHA256="$pin" GPUPOOL_LOG=cuda=debug "$work/programs/cublas_sgemm" >"$out/stub.out" 2>"$out/stub.err"
+    GPUPOOL_CERT_SHA256="$pin" GPUPOOL_LOG="${DIAG_LOG:-cuda=debug}" "$work/programs/cublas_sgemm" >"$out/stub.out" 2>"$out/stub.err"
 echo "stub rc $?"
 echo "--- native stderr (cuBLAS log, head)"
 grep -v "^\s*$" "$out/native.err" | head -40

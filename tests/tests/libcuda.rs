@@ -159,3 +159,24 @@ fn program_leases_its_gpu_from_the_balancer() -> Result<()> {
     balancer.stop();
     Ok(())
 }
+
+/// Every symbol NVIDIA's driver exports is exported by the stub too, the
+/// pre-rename ones (`cuCtxPushCurrent` beside `cuCtxPushCurrent_v2`)
+/// included: cuBLASLt `dlsym`s a table of them and `cublasCreate` fails
+/// when one is missing.
+#[test]
+fn exports_every_driver_symbol() -> Result<()> {
+    let list = std::fs::read_to_string(repo().join("client-stub/libcuda/driver-symbols.txt"))?;
+    let wanted: Vec<&str> = list.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
+    assert!(wanted.len() > 500, "the list holds the driver's whole API");
+    let lib = stub_dir()?.join("libcuda.so.1");
+    let out = Command::new("nm").args(["-D", "--defined-only"]).arg(&lib).output().context("running nm")?;
+    if !out.status.success() {
+        bail!("nm {} failed: {}", lib.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    let nm = String::from_utf8(out.stdout)?;
+    let exported: std::collections::HashSet<&str> = nm.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
+    let missing: Vec<&str> = wanted.iter().copied().filter(|s| !exported.contains(s)).collect();
+    assert!(missing.is_empty(), "libcuda.so.1 lacks {} driver symbols: {missing:?}", missing.len());
+    Ok(())
+}

@@ -19,7 +19,7 @@
 use crate::abi::{CuError, CuResult, put};
 use crate::device::{self, API_VERSION};
 use crate::runtime::Runtime;
-use cudarc::driver::sys::{CUcontext, CUdevice, CUmodule, CUresult, CUuuid};
+use cudarc::driver::sys::{CUcontext, CUdevice, CUmodule, CUresult, CUstream, CUuuid};
 use hmac::{Mac, SimpleHmac};
 use std::ffi::{c_uint, c_void};
 
@@ -44,7 +44,7 @@ const fn size_slot<const N: usize>() -> Slot {
 }
 
 /// Table names, for the log.
-const NAMES: [&str; 9] = [
+const NAMES: [&str; 10] = [
     "CUDART_INTERFACE",
     "TOOLS_TLS",
     "TOOLS_RUNTIME_CALLBACK_HOOKS",
@@ -54,6 +54,7 @@ const NAMES: [&str; 9] = [
     "DEVICE_EXTENDED_RT",
     "INTEGRITY_CHECK",
     "UNKNOWN_CHECKS",
+    "TOOLS_CONTEXT",
 ];
 
 extern "C" fn unknown_slot<const TABLE: usize, const SLOT: usize>() -> CUresult {
@@ -127,7 +128,38 @@ static CUDART_INTERFACE: Table<10> = Table([
 
 // --- TOOLS_TLS and TOOLS_RUNTIME_CALLBACK_HOOKS -----------------------------
 
-static TOOLS_TLS: Table<4> = Table([size_slot::<4>(), unknown!(1, 1), unknown!(1, 2), unknown!(1, 3)]);
+/// Words in each thread's tools block: more than the runtime touches.
+const TOOLS_BLOCK_WORDS: usize = 512;
+
+/// The first word of a fresh block as NVIDIA's driver hands it out.
+const TOOLS_BLOCK_HEADER: u64 = 1 << 32;
+
+thread_local! {
+    /// The calling thread's tools (profiler) state block: the driver's
+    /// header word, then zeroes unless the runtime writes them (no tool is
+    /// attached).
+    static TOOLS_BLOCK: std::cell::UnsafeCell<[u64; TOOLS_BLOCK_WORDS]> = const {
+        let mut words = [0; TOOLS_BLOCK_WORDS];
+        words[0] = TOOLS_BLOCK_HEADER;
+        std::cell::UnsafeCell::new(words)
+    };
+}
+
+/// Hands the runtime the calling thread's tools block. The runtime asks
+/// for it around its API calls once a library such as cuBLAS is loaded and
+/// fails the call (`cudaErrorNotSupported`) when this does not succeed;
+/// NVIDIA's driver answers with the same heap block on every call of a
+/// thread (seen with `bench/diagnostics/tools-tls-probe.c`).
+unsafe extern "C" fn tools_tls_block(out: *mut *mut c_void) -> CUresult {
+    crate::abi::entry("TOOLS_TLS[2]", || {
+        let block = TOOLS_BLOCK.with(|b| b.get().cast::<c_void>());
+        // SAFETY: out-pointer from the runtime.
+        unsafe { put(out, block) }
+    })
+}
+
+/// Two functions, like NVIDIA's (its size word is 0x18).
+static TOOLS_TLS: Table<3> = Table([size_slot::<3>(), unknown!(1, 1), tools_tls_block as Slot]);
 
 /// Scratch buffers the runtime asks the tools hooks for and writes into.
 struct Scratch<const N: usize>(std::cell::UnsafeCell<[u32; N]>);
@@ -328,6 +360,63 @@ extern "C" fn check_fn3() -> u32 {
 
 static UNKNOWN_CHECKS: Table<4> = Table([size_slot::<4>(), unknown!(8, 1), context_check as Slot, check_fn3 as Slot]);
 
+// --- TOOLS_CONTEXT (21318C60-…): context and module facts for tools --------
+
+/// Asked with the calling thread's tools block (`TOOLS_TLS[2]`) before
+/// every runtime call once cuBLAS is loaded; NVIDIA's driver writes 1 for a
+/// thread's block (seen with `bench/diagnostics/export-table-probe.c`), and
+/// the runtime fails the call (`cublasSgemm` answered
+/// `CUBLAS_STATUS_NOT_SUPPORTED`) when this does not succeed.
+unsafe extern "C" fn tools_block_state(block: *mut c_void, out: *mut u64) -> CUresult {
+    crate::abi::entry("TOOLS_CONTEXT[4]", || {
+        if block.is_null() {
+            return Err(CuError::INVALID_VALUE);
+        }
+        // SAFETY: out-pointer from the caller.
+        unsafe { put(out, 1) }
+    })
+}
+
+/// An object standing for `stream`, for [`stream_id_of`]. cuBLAS reads the
+/// id of the stream it launches on this way (`bench/diagnostics/tools-context-probe.c`
+/// shows NVIDIA's driver answering slot 51, then slot 39 with the stream's
+/// `cuStreamGetId`).
+unsafe extern "C" fn stream_object(_block: *mut c_void, stream: CUstream, out: *mut *const u64) -> CUresult {
+    crate::abi::entry("TOOLS_CONTEXT[51]", || {
+        let obj = crate::stream::stream_object(stream)?;
+        // SAFETY: out-pointer from the caller.
+        unsafe { put(out, obj) }
+    })
+}
+
+/// The id of the stream behind an object from [`stream_object`].
+unsafe extern "C" fn stream_id_of(_block: *mut c_void, obj: *const u64, out: *mut u64) -> CUresult {
+    crate::abi::entry("TOOLS_CONTEXT[39]", || {
+        let id = crate::stream::stream_object_id(obj)?;
+        // SAFETY: out-pointer from the caller.
+        unsafe { put(out, id) }
+    })
+}
+
+macro_rules! tools_context_slots {
+    ($($slot:literal)*) => {
+        [size_slot::<93>(), $(match $slot {
+            4 => tools_block_state as Slot,
+            39 => stream_id_of as Slot,
+            51 => stream_object as Slot,
+            _ => unknown_slot::<9, $slot> as Slot,
+        }),*]
+    };
+}
+
+/// 92 functions, like NVIDIA's driver 580 (its size word is 0x2e8).
+static TOOLS_CONTEXT: Table<93> = Table(tools_context_slots!(
+    1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30
+    31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60
+    61 62 63 64 65 66 67 68 69 70 71 72 73 74 75 76 77 78 79 80 81 82 83 84 85 86 87 88 89 90
+    91 92
+));
+
 /// The UUID's bytes as CUDA stores them, from its text form.
 const fn uuid(text: &[u8; 36]) -> [u8; 16] {
     const fn nibble(c: u8) -> u8 {
@@ -354,7 +443,7 @@ const fn uuid(text: &[u8; 36]) -> [u8; 16] {
 
 /// Every table by UUID.
 fn table_for(id: &[u8; 16]) -> Option<*const c_void> {
-    const IDS: [([u8; 16], usize); 9] = [
+    const IDS: [([u8; 16], usize); 10] = [
         (uuid(b"6BD5FB6C-5BF4-E74A-8987-D93912FD9DF9"), 0),
         (uuid(b"42D85A81-23F6-CB47-8298-F6E78A3AECDC"), 1),
         (uuid(b"A094798C-2E74-2E74-93F2-0800200C0A66"), 2),
@@ -364,6 +453,7 @@ fn table_for(id: &[u8; 16]) -> Option<*const c_void> {
         (uuid(b"B10541E1-F7C7-C74A-9F64-F223BE99F1E2"), 6),
         (uuid(b"D4082055-BDE6-704B-8D34-BA123C66E1F2"), 7),
         (uuid(b"263E8860-7CD2-6143-92F6-BBD5006DFA7E"), 8),
+        (uuid(b"21318C60-9714-3248-8CA6-41FF7324C8F2"), 9),
     ];
     let index = IDS.iter().find(|(u, _)| u == id)?.1;
     tracing::debug!(table = NAMES[index], "export table requested");
@@ -376,7 +466,8 @@ fn table_for(id: &[u8; 16]) -> Option<*const c_void> {
         5 => HEAP_ACCESS.start(),
         6 => DEVICE_EXTENDED_RT.start(),
         7 => INTEGRITY_CHECK.start(),
-        _ => UNKNOWN_CHECKS.start(),
+        8 => UNKNOWN_CHECKS.start(),
+        _ => TOOLS_CONTEXT.start(),
     })
 }
 
@@ -421,6 +512,37 @@ mod tests {
         assert_eq!(first, 80);
         // SAFETY: as above.
         assert_eq!(unsafe { *(DEVICE_EXTENDED_RT.start() as *const usize) }, 26 * 8);
+        // The sizes NVIDIA's driver 580 reports for these two.
+        // SAFETY: as above.
+        assert_eq!(unsafe { *(TOOLS_TLS.start() as *const usize) }, 0x18);
+        // SAFETY: as above.
+        assert_eq!(unsafe { *(TOOLS_CONTEXT.start() as *const usize) }, 0x2e8);
+    }
+
+    #[test]
+    fn tools_blocks_are_per_thread_and_state_is_one() {
+        let block = || {
+            let mut p = std::ptr::null_mut();
+            // SAFETY: a valid out-pointer.
+            assert_eq!(unsafe { tools_tls_block(&mut p) }, CUresult::CUDA_SUCCESS);
+            p as usize
+        };
+        let here = block();
+        assert_ne!(here, 0);
+        assert_eq!(block(), here, "one block per thread");
+        // SAFETY: the block is this thread's, at least one word long.
+        assert_eq!(unsafe { *(here as *const u64) }, TOOLS_BLOCK_HEADER);
+        let there = std::thread::spawn(block).join().expect("thread");
+        assert_ne!(there, here);
+        let mut state = 0u64;
+        // SAFETY: a live block and a valid out-pointer.
+        assert_eq!(unsafe { tools_block_state(here as *mut c_void, &mut state) }, CUresult::CUDA_SUCCESS);
+        assert_eq!(state, 1);
+        // SAFETY: a null block is refused before anything is written.
+        assert_ne!(unsafe { tools_block_state(std::ptr::null_mut(), &mut state) }, CUresult::CUDA_SUCCESS);
+        let mut id = 0u64;
+        // SAFETY: an object this library never handed out is refused.
+        assert_ne!(unsafe { stream_id_of(std::ptr::null_mut(), [1u64, 9].as_ptr(), &mut id) }, CUresult::CUDA_SUCCESS);
     }
 
     /// HMAC-MD2 built by hand from MD2, to pin the construction the check

@@ -12,7 +12,8 @@
 //!   the driver API by area;
 //! - [`proc_address`]: `cuGetProcAddress` over every export;
 //! - [`export_tables`]: `cuGetExportTable`, the runtime's private tables;
-//! - [`unsupported`]: entry points that return `CUDA_ERROR_NOT_SUPPORTED`.
+//! - [`unsupported`]: entry points that return `CUDA_ERROR_NOT_SUPPORTED`;
+//! - [`legacy`]: the pre-rename symbols NVIDIA's driver still exports.
 //!
 //! `unsafe` is allowed in this crate only: it is an FFI border. Every block
 //! carries a `// SAFETY:` line; the contract of each pointer argument is the
@@ -43,6 +44,30 @@ macro_rules! exports {
     };
 }
 
+/// Defines exported driver functions that answer `CUDA_ERROR_NOT_SUPPORTED`
+/// and log their name once, and a `table()` of them for `cuGetProcAddress`.
+///
+/// The stubs take no parameters: under the C calling conventions of the
+/// platforms gpupool ships for (x86-64 and AArch64 System V), the caller
+/// passes and cleans up the arguments, so a callee that ignores them is
+/// safe whatever the real signature.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! unsupported {
+    ($($name:ident)*) => {
+        $(
+            #[unsafe(no_mangle)]
+            pub extern "C" fn $name() -> cudarc::driver::sys::CUresult {
+                $crate::abi::unsupported(stringify!($name))
+            }
+        )*
+        /// The stubs, for `cuGetProcAddress`.
+        pub(crate) fn table() -> Vec<(&'static str, usize)> {
+            vec![$((stringify!($name), $name as *const () as usize)),*]
+        }
+    };
+}
+
 pub mod abi;
 mod codes;
 pub mod context;
@@ -52,6 +77,7 @@ pub mod export_tables;
 mod hostmem;
 mod image;
 pub mod launch;
+pub mod legacy;
 pub mod memory;
 pub mod module;
 pub mod proc_address;

@@ -19,6 +19,11 @@ const VERSIONED: &[(&str, i32, &str)] = &[
     ("cuCtxCreate", 3020, "cuCtxCreate_v2"),
     ("cuCtxCreate", 11040, "cuCtxCreate_v3"),
     ("cuCtxCreate", 12050, "cuCtxCreate_v4"),
+    // CUDA 13 added an explicit context argument under the same base names.
+    ("cuCtxGetDevice", 0, "cuCtxGetDevice"),
+    ("cuCtxGetDevice", 13000, "cuCtxGetDevice_v2"),
+    ("cuCtxSynchronize", 0, "cuCtxSynchronize"),
+    ("cuCtxSynchronize", 13000, "cuCtxSynchronize_v2"),
     ("cuDeviceGetUuid", 0, "cuDeviceGetUuid"),
     ("cuDeviceGetUuid", 11040, "cuDeviceGetUuid_v2"),
     ("cuGetProcAddress", 0, "cuGetProcAddress"),
@@ -35,6 +40,8 @@ const VERSIONED: &[(&str, i32, &str)] = &[
     ("cuMemAdvise", 12020, "cuMemAdvise_v2"),
     ("cuMemPrefetchAsync", 0, "cuMemPrefetchAsync"),
     ("cuMemPrefetchAsync", 12020, "cuMemPrefetchAsync_v2"),
+    ("cuGraphInstantiate", 0, "cuGraphInstantiate"),
+    ("cuGraphInstantiate", 11000, "cuGraphInstantiate_v2"),
     ("cuGraphInstantiate", 12000, "cuGraphInstantiateWithFlags"),
 ];
 
@@ -62,6 +69,13 @@ fn exports() -> &'static HashMap<&'static str, usize> {
     })
 }
 
+/// The pre-rename symbols (`crate::legacy`), reached only when a version's
+/// mapping names one of them.
+fn legacy() -> &'static HashMap<&'static str, usize> {
+    static TABLE: OnceLock<HashMap<&'static str, usize>> = OnceLock::new();
+    TABLE.get_or_init(|| crate::legacy::table().into_iter().collect())
+}
+
 /// The symbol for `name` requested at CUDA version `version`.
 pub(crate) fn symbol_for(name: &str, version: c_int) -> String {
     let chosen =
@@ -85,7 +99,7 @@ pub(crate) fn resolve(name: &str, version: c_int, flags: u64) -> Option<usize> {
             }
         }
     }
-    table.get(sym.as_str()).copied()
+    table.get(sym.as_str()).or_else(|| legacy().get(sym.as_str())).copied()
 }
 
 fn get_proc_address(
@@ -131,6 +145,9 @@ mod tests {
         assert_eq!(symbol_for("cuMemAlloc", 13000), "cuMemAlloc_v2");
         assert_eq!(symbol_for("cuInit", 13000), "cuInit");
         assert_eq!(symbol_for("cuEventElapsedTime", 12000), "cuEventElapsedTime");
+        assert_eq!(symbol_for("cuCtxSynchronize", 12090), "cuCtxSynchronize");
+        assert_eq!(symbol_for("cuCtxSynchronize", 13000), "cuCtxSynchronize_v2");
+        assert_eq!(symbol_for("cuCtxGetDevice", 13000), "cuCtxGetDevice_v2");
     }
 
     #[test]
@@ -143,5 +160,28 @@ mod tests {
         // Entry points gpupool does not implement still resolve, to a
         // function that answers CUDA_ERROR_NOT_SUPPORTED.
         assert!(resolve("cuGraphCreate", 13000, 0).is_some());
+    }
+
+    #[test]
+    fn older_versions_reach_legacy_symbols() {
+        // The legacy symbol never shadows the `_v2` of a current request...
+        assert_eq!(
+            resolve("cuCtxPushCurrent", 13000, 0),
+            Some(crate::context::cuCtxPushCurrent_v2 as *const () as usize)
+        );
+        assert_eq!(resolve("cuMemAlloc", 13000, 0), Some(crate::memory::cuMemAlloc_v2 as *const () as usize));
+        // ...and an old version's mapping finds it.
+        assert_eq!(
+            resolve("cuMemAdvise", 8000, 0),
+            Some(crate::legacy::not_supported::cuMemAdvise as *const () as usize)
+        );
+        assert_eq!(
+            resolve("cuStreamGetCaptureInfo", 10000, 0),
+            Some(crate::stream::cuStreamGetCaptureInfo as *const () as usize)
+        );
+        assert_eq!(
+            resolve("cuGraphInstantiate", 11000, 0),
+            Some(crate::legacy::not_supported::cuGraphInstantiate_v2 as *const () as usize)
+        );
     }
 }

@@ -86,6 +86,53 @@ fn elapsed(ms: *mut c_float, start: CUevent, end: CUevent) -> CuResult {
     unsafe { put(ms, v) }
 }
 
+/// Every version of `cuStreamGetCaptureInfo`: no stream is ever capturing,
+/// so the status is `CU_STREAM_CAPTURE_STATUS_NONE` and the optional id and
+/// dependency count are zero.
+fn capture_info(h: CUstream, status: *mut c_uint, id: *mut c_ulonglong, count: *mut usize) -> CuResult {
+    Runtime::with_context()?.stream_info(h as usize)?;
+    // SAFETY: out-pointers, each optional but `status`, per the CUDA API.
+    unsafe {
+        put(status, 0)?;
+        if !id.is_null() {
+            put(id, 0)?;
+        }
+        if !count.is_null() {
+            put(count, 0)?;
+        }
+    }
+    Ok(())
+}
+
+/// Objects that stand for streams in the private tools table
+/// (`export_tables`, `TOOLS_CONTEXT[51]` and `[39]`): cuBLAS reads a
+/// stream's id through them before each GEMM. Keyed by stream id; each is
+/// `[1, id]`, the first word as NVIDIA's driver has it.
+static STREAM_OBJECTS: std::sync::Mutex<std::collections::BTreeMap<u64, Box<[u64; 2]>>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// The id `cuStreamGetId` gives for stream handle `h`.
+fn stream_id(h: CUstream) -> CuResult<u64> {
+    Ok(u64::from(Runtime::with_context()?.stream_info(h as usize)?.id.0))
+}
+
+/// The object standing for stream `h` (see [`STREAM_OBJECTS`]).
+pub(crate) fn stream_object(h: CUstream) -> CuResult<*const u64> {
+    let id = stream_id(h)?;
+    let mut objects = STREAM_OBJECTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    Ok(objects.entry(id).or_insert_with(|| Box::new([1, id])).as_ptr())
+}
+
+/// The stream id behind an object from [`stream_object`].
+pub(crate) fn stream_object_id(obj: *const u64) -> CuResult<u64> {
+    let objects = STREAM_OBJECTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    objects.iter().find(|(_, o)| o.as_ptr() == obj).map(|(id, _)| *id).ok_or(CuError::INVALID_HANDLE)
+}
+
+fn forget_stream_object(id: u64) {
+    STREAM_OBJECTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
+}
+
 crate::exports! {
     fn cuStreamCreate(ph: *mut CUstream, flags: c_uint) { create(ph, flags, 0) }
     fn cuStreamCreateWithPriority(ph: *mut CUstream, flags: c_uint, priority: c_int) { create(ph, flags, priority) }
@@ -94,6 +141,7 @@ crate::exports! {
         let rt = Runtime::with_context()?;
         let id = id_of(Tag::Stream, h as usize).ok_or(CuError::INVALID_HANDLE)?;
         let s = rt.tables().streams.remove(&id).ok_or(CuError::INVALID_HANDLE)?;
+        forget_stream_object(u64::from(s.id.0));
         rt.session.stream_destroy(s.id).map_err(CuError::from)
     }
 
@@ -117,28 +165,42 @@ crate::exports! {
     fn cuStreamGetCtx(h: CUstream, ctx: *mut CUcontext) { stream_fact(h, ctx, primary) }
     fn cuStreamGetCtx_ptsz(h: CUstream, ctx: *mut CUcontext) { stream_fact(h, ctx, primary) }
     fn cuStreamGetDevice(h: CUstream, dev: *mut c_int) { stream_fact(h, dev, |_| 0) }
+    fn cuStreamGetDevice_ptsz(h: CUstream, dev: *mut c_int) { stream_fact(h, dev, |_| 0) }
 
     /// Stream capture (CUDA graphs) is not offered: no stream is ever
     /// capturing.
     fn cuStreamIsCapturing(h: CUstream, status: *mut c_uint) { stream_fact(h, status, |_| 0) }
     fn cuStreamIsCapturing_ptsz(h: CUstream, status: *mut c_uint) { stream_fact(h, status, |_| 0) }
 
+    fn cuStreamGetCaptureInfo(h: CUstream, status: *mut c_uint, id: *mut c_ulonglong) {
+        capture_info(h, status, id, std::ptr::null_mut())
+    }
+    fn cuStreamGetCaptureInfo_ptsz(h: CUstream, status: *mut c_uint, id: *mut c_ulonglong) {
+        capture_info(h, status, id, std::ptr::null_mut())
+    }
+    fn cuStreamGetCaptureInfo_v2(
+        h: CUstream, status: *mut c_uint, id: *mut c_ulonglong, _graph: *mut *mut c_void,
+        _deps: *mut *const c_void, count: *mut usize,
+    ) {
+        capture_info(h, status, id, count)
+    }
+    fn cuStreamGetCaptureInfo_v2_ptsz(
+        h: CUstream, status: *mut c_uint, id: *mut c_ulonglong, _graph: *mut *mut c_void,
+        _deps: *mut *const c_void, count: *mut usize,
+    ) {
+        capture_info(h, status, id, count)
+    }
     fn cuStreamGetCaptureInfo_v3(
         h: CUstream, status: *mut c_uint, id: *mut c_ulonglong, _graph: *mut *mut c_void,
         _deps: *mut *const c_void, _edges: *mut *const c_void, count: *mut usize,
     ) {
-        Runtime::with_context()?.stream_info(h as usize)?;
-        // SAFETY: out-pointers, each optional but `status`, per the CUDA API.
-        unsafe {
-            put(status, 0)?;
-            if !id.is_null() {
-                put(id, 0)?;
-            }
-            if !count.is_null() {
-                put(count, 0)?;
-            }
-        }
-        Ok(())
+        capture_info(h, status, id, count)
+    }
+    fn cuStreamGetCaptureInfo_v3_ptsz(
+        h: CUstream, status: *mut c_uint, id: *mut c_ulonglong, _graph: *mut *mut c_void,
+        _deps: *mut *const c_void, _edges: *mut *const c_void, count: *mut usize,
+    ) {
+        capture_info(h, status, id, count)
     }
 
     fn cuThreadExchangeStreamCaptureMode(mode: *mut c_uint) {

@@ -11,24 +11,7 @@
 //! The list is the CUDA 13.0 driver API (cudarc's `sys` bindings) minus
 //! what the other modules export; regenerate it when either changes.
 
-use cudarc::driver::sys::CUresult;
-
-macro_rules! unsupported {
-    ($($name:ident)*) => {
-        $(
-            #[unsafe(no_mangle)]
-            pub extern "C" fn $name() -> CUresult {
-                crate::abi::unsupported(stringify!($name))
-            }
-        )*
-        /// The stubs, for `cuGetProcAddress`.
-        pub(crate) fn table() -> Vec<(&'static str, usize)> {
-            vec![$((stringify!($name), $name as *const () as usize)),*]
-        }
-    };
-}
-
-unsupported! {
+crate::unsupported! {
     cuArray3DCreate_v2
     cuArray3DGetDescriptor_v2
     cuArrayCreate_v2
