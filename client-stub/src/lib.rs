@@ -14,6 +14,7 @@ pub mod alloc;
 pub mod batch;
 pub mod config;
 mod error;
+pub mod handoff;
 pub mod lease;
 pub mod session;
 mod tls;
@@ -21,5 +22,6 @@ pub mod transport;
 
 pub use config::{ClientConfig, Trust};
 pub use error::{ClientError, Result};
+pub use handoff::LeaseHandoff;
 pub use lease::{LeasedGpu, PoolRequest};
 pub use session::{DeviceBuffer, EventId, Function, KernelArg, LaunchConfig, Module, Session, StreamId};

@@ -3,6 +3,7 @@
 //!
 //! | variable | meaning |
 //! |---|---|
+//! | `GPUPOOL_LEASE_FILE` | a lease another process holds (the Lambda extension writes it): open the session with its server, pin and token |
 //! | `GPUPOOL_BALANCER` | balancer URL (`http://host:port`): lease a virtual GPU from the pool |
 //! | `GPUPOOL_TENANT` | with a balancer: tenant the lease is for (default `default`) |
 //! | `GPUPOOL_MEMORY_MIB` | with a balancer: device memory needed (default: any) |
@@ -30,6 +31,9 @@ pub(crate) enum Target {
     /// A lease from the balancer; the configuration is a template whose
     /// server, pin and token the lease fills in.
     Pooled(PoolRequest, ClientConfig),
+    /// A lease another process holds and hands over in a file
+    /// ([`gpupool_client::LeaseHandoff`]); same template.
+    Handoff(std::path::PathBuf, ClientConfig),
 }
 
 impl Target {
@@ -38,6 +42,7 @@ impl Target {
         match self {
             Self::Direct(c) => c.server.to_string(),
             Self::Pooled(r, _) => format!("a GPU leased from {}", r.balancer),
+            Self::Handoff(path, _) => format!("the GPU leased in {}", path.display()),
         }
     }
 }
@@ -53,6 +58,9 @@ pub(crate) fn target() -> Result<Target, String> {
 
 /// Same, reading variables through `lookup` (tests).
 pub(crate) fn target_from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Target, String> {
+    if let Some(path) = lookup("GPUPOOL_LEASE_FILE") {
+        return lease_template(&lookup).map(|t| Target::Handoff(path.into(), t));
+    }
     let Some(balancer) = lookup("GPUPOOL_BALANCER") else {
         return from_lookup(lookup).map(Target::Direct);
     };
@@ -68,7 +76,6 @@ pub(crate) fn target_from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Res
     let memory_mib = number("GPUPOOL_MEMORY_MIB", 0);
     let compute = number("GPUPOOL_COMPUTE_PERCENT", 0);
     let wait_ms = number("GPUPOOL_WAIT_MS", 10_000);
-    let payload = number("GPUPOOL_MAX_UDP_PAYLOAD", u64::from(gpupool_proto::quic::DEFAULT_UDP_PAYLOAD));
     if compute > 100 {
         problems.push("GPUPOOL_COMPUTE_PERCENT must be at most 100".into());
     }
@@ -81,16 +88,32 @@ pub(crate) fn target_from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Res
     request.profile = lookup("GPUPOOL_PROFILE");
     request.wait = Duration::from_millis(wait_ms);
     request.secret = lookup("GPUPOOL_BALANCER_SECRET");
-    // Server, pin and token come from the lease.
+    match lease_template(&lookup) {
+        Ok(template) if problems.is_empty() => Ok(Target::Pooled(request, template)),
+        Ok(_) => Err(problems.join("; ")),
+        Err(e) => {
+            problems.push(e);
+            Err(problems.join("; "))
+        }
+    }
+}
+
+/// The session configuration a lease completes (server, pin and token come
+/// from the lease).
+fn lease_template(lookup: &impl Fn(&str) -> Option<String>) -> Result<ClientConfig, String> {
+    let default_payload = gpupool_proto::quic::DEFAULT_UDP_PAYLOAD;
+    let payload = match lookup("GPUPOOL_MAX_UDP_PAYLOAD").map(|v| v.trim().parse::<u16>()) {
+        None => default_payload,
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return Err("GPUPOOL_MAX_UDP_PAYLOAD must be a whole number".into()),
+    };
     let mut template = ClientConfig::for_leases();
-    template.max_udp_payload = u16::try_from(payload).unwrap_or(u16::MAX);
+    template.max_udp_payload = payload;
     if let Some(name) = lookup("GPUPOOL_SERVER_NAME") {
         template.server_name = name;
     }
-    if let Err(e) = template.validate() {
-        problems.push(e);
-    }
-    if problems.is_empty() { Ok(Target::Pooled(request, template)) } else { Err(problems.join("; ")) }
+    template.validate()?;
+    Ok(template)
 }
 
 /// Same, reading variables through `lookup` (tests).
@@ -188,6 +211,21 @@ mod tests {
         for needle in ["URL", "GPUPOOL_MEMORY_MIB", "GPUPOOL_COMPUTE_PERCENT"] {
             assert!(bad.contains(needle), "{needle} missing from {bad}");
         }
+    }
+
+    #[test]
+    fn lease_file_target_takes_precedence() {
+        let t = target_from_lookup(lookup(&[
+            ("GPUPOOL_LEASE_FILE", "/tmp/gpupool/lease"),
+            ("GPUPOOL_BALANCER", "http://10.0.0.5:50051"),
+            ("GPUPOOL_MAX_UDP_PAYLOAD", "1200"),
+        ]))
+        .expect("valid");
+        let Target::Handoff(path, c) = t else { panic!("expected a hand-off target") };
+        assert_eq!(path, std::path::Path::new("/tmp/gpupool/lease"));
+        assert_eq!(c.max_udp_payload, 1200);
+        let bad = target_from_lookup(lookup(&[("GPUPOOL_LEASE_FILE", "/x"), ("GPUPOOL_MAX_UDP_PAYLOAD", "big")]));
+        assert!(bad.expect_err("invalid").contains("GPUPOOL_MAX_UDP_PAYLOAD"));
     }
 
     #[test]

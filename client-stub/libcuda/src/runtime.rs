@@ -139,6 +139,9 @@ impl Runtime {
                 let session = match &target {
                     env::Target::Direct(config) => Session::connect(config),
                     env::Target::Pooled(request, template) => Session::connect_pooled(request, template),
+                    env::Target::Handoff(path, template) => gpupool_client::LeaseHandoff::read(path)
+                        .and_then(|lease| lease.client_config(template))
+                        .and_then(|config| Session::connect(&config)),
                 }
                 .map_err(|e| {
                     eprintln!("gpupool: cannot open a session on {}: {e}", target.describe());

@@ -11,9 +11,13 @@ use gpupool_proto::cuda;
 /// CUDA C source of the built-in kernels.
 pub const SOURCE: &str = include_str!("builtin.cu");
 
-/// `true` when `image` names the built-in module.
+/// `true` when `image` names the built-in module, also as a C string: the
+/// drop-in libcuda sends text images with their terminating NUL, as CUDA
+/// reads PTX, so `cuModuleLoadData("gpupool-builtin-kernels/v1\n")` reaches
+/// the built-in kernels from unmodified CUDA code too.
 pub fn is_builtin(image: &[u8]) -> bool {
-    image == gpupool_proto::BUILTIN_MODULE
+    let name = gpupool_proto::BUILTIN_MODULE;
+    image == name || image.strip_suffix(&[0]) == Some(name)
 }
 
 const PTR: u32 = 8;
@@ -156,6 +160,16 @@ pub fn run(index: usize, dims: LaunchDims, params: &[u8], mem: &mut dyn Memory) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[test]
+    fn builtin_image_with_or_without_nul() {
+        let mut c_string = gpupool_proto::BUILTIN_MODULE.to_vec();
+        assert!(is_builtin(&c_string));
+        c_string.push(0);
+        assert!(is_builtin(&c_string));
+        c_string.push(0);
+        assert!(!is_builtin(&c_string));
+        assert!(!is_builtin(b"gpupool-builtin-kernels/v2\n"));
+    }
 
     #[test]
     fn layouts_follow_natural_alignment() {

@@ -1,0 +1,103 @@
+//! gpupool's Lambda extension (`extensions/gpupool-extension` in the layer).
+//!
+//! During INIT, before it registers, it leases a virtual GPU from the
+//! balancer (`GPUPOOL_BALANCER`, `GPUPOOL_TENANT`, `GPUPOOL_MEMORY_MIB`,
+//! `GPUPOOL_COMPUTE_PERCENT`, `GPUPOOL_PROFILE`, `GPUPOOL_WAIT_MS`,
+//! `GPUPOOL_BALANCER_SECRET`, as the drop-in libcuda reads them) and writes
+//! the lease to `GPUPOOL_LEASE_FILE` (default `/tmp/gpupool/lease`), where
+//! the function's libcuda picks it up: the first invocation pays for
+//! neither the lease nor the balancer round trip. The lease is renewed in
+//! the background while the environment lives (the file follows each
+//! renewal) and released on SHUTDOWN.
+
+use anyhow::{Context, Result, bail};
+use gpupool_client::{LeaseHandoff, LeasedGpu, PoolRequest};
+use gpupool_lambda_layer::DEFAULT_LEASE_FILE;
+use lambda_extension::{Extension, LambdaEvent, NextEvent, service_fn};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// The lease request the environment describes.
+fn pool_request() -> Result<PoolRequest> {
+    let Some(balancer) = var("GPUPOOL_BALANCER") else {
+        bail!("GPUPOOL_BALANCER is not set (the balancer's URL, e.g. http://10.0.0.5:50051)");
+    };
+    let number = |name: &str| -> Result<u64> {
+        var(name)
+            .map(|v| v.trim().parse::<u64>().with_context(|| format!("{name} must be a whole number")))
+            .unwrap_or(Ok(0))
+    };
+    let mut req = PoolRequest::new(balancer, var("GPUPOOL_TENANT").unwrap_or_else(|| "default".into()));
+    req.memory = number("GPUPOOL_MEMORY_MIB")? << 20;
+    req.compute_percent = u32::try_from(number("GPUPOOL_COMPUTE_PERCENT")?.min(100)).unwrap_or(100);
+    req.profile = var("GPUPOOL_PROFILE");
+    if let Some(ms) = var("GPUPOOL_WAIT_MS") {
+        req.wait = Duration::from_millis(ms.trim().parse().context("GPUPOOL_WAIT_MS must be a whole number")?);
+    }
+    req.secret = var("GPUPOOL_BALANCER_SECRET");
+    Ok(req)
+}
+
+/// Keeps the hand-off file equal to the lease as last renewed.
+async fn follow_renewals(leased: Arc<LeasedGpu>, path: PathBuf) {
+    let mut written = LeaseHandoff::from(&leased.lease());
+    loop {
+        let every = Duration::from_millis(u64::from(leased.lease().renew_interval_ms).clamp(200, 60_000));
+        tokio::time::sleep(every).await;
+        let now = LeaseHandoff::from(&leased.lease());
+        if now != written {
+            match now.write(&path) {
+                Ok(()) => written = now,
+                Err(e) => tracing::warn!("cannot update the lease hand-off file: {e}"),
+            }
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_ansi(false)
+        .without_time()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GPUPOOL_LOG").unwrap_or_else(|_| "info".into()))
+        .init();
+    let path = PathBuf::from(var("GPUPOOL_LEASE_FILE").unwrap_or_else(|| DEFAULT_LEASE_FILE.into()));
+    let req = pool_request()?;
+    let start = std::time::Instant::now();
+    let leased = Arc::new(tokio::task::spawn_blocking(move || LeasedGpu::allocate(&req)).await??);
+    let lease = leased.lease();
+    LeaseHandoff::from(&lease).write(&path)?;
+    tracing::info!(
+        lease = lease.lease_id,
+        server = %lease.address,
+        ms = start.elapsed().as_millis() as u64,
+        file = %path.display(),
+        "gpupool: leased a GPU for this environment"
+    );
+    let follower = tokio::spawn(follow_renewals(leased.clone(), path.clone()));
+
+    let on_event = {
+        let leased = leased.clone();
+        let path = path.clone();
+        service_fn(move |event: LambdaEvent| {
+            let leased = leased.clone();
+            let path = path.clone();
+            async move {
+                if let NextEvent::Shutdown(shutdown) = event.next {
+                    tracing::info!(reason = ?shutdown.shutdown_reason, "gpupool: releasing the lease");
+                    tokio::task::spawn_blocking(move || leased.release()).await?;
+                    let _ = std::fs::remove_file(&path);
+                }
+                Ok::<(), lambda_extension::Error>(())
+            }
+        })
+    };
+    let result = Extension::new().with_events(&["SHUTDOWN"]).with_events_processor(on_event).run().await;
+    follower.abort();
+    result.map_err(|e| anyhow::anyhow!("lambda extension: {e}"))
+}

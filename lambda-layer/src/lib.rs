@@ -1,0 +1,18 @@
+//! gpupool's AWS Lambda layer.
+//!
+//! - `gpupool-extension` (`extensions/` in the layer): during the
+//!   environment's INIT phase it leases a virtual GPU from the balancer,
+//!   hands the lease to the function's drop-in libcuda through a file
+//!   ([`gpupool_client::LeaseHandoff`]), renews it while the environment
+//!   lives and releases it on SHUTDOWN.
+//! - `gpupool-lambda-example`: a function on `lambda_runtime` that
+//!   multiplies matrices on the GPU through CUDA ([`matmul`]).
+//!
+//! The layer's `lib/` holds the drop-in `libcuda.so.1` and
+//! `libnvidia-ml.so.1`; `lambda-layer/build.sh` assembles the zip.
+
+pub mod matmul;
+
+/// Where the extension leaves the lease for the function (Lambda gives
+/// both processes the same writable `/tmp`).
+pub const DEFAULT_LEASE_FILE: &str = "/tmp/gpupool/lease";
