@@ -341,6 +341,29 @@ impl TestBalancer {
         }
     }
 
+    /// Waits until `n` servers have registered (a lease asked for before
+    /// that is refused: nothing could ever satisfy it).
+    pub fn wait_for_servers(&self, n: usize) -> anyhow::Result<()> {
+        use gpupool_proto::balancer::{StatusRequest, balancer_client::BalancerClient};
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async {
+            let mut client = BalancerClient::connect(self.url()).await?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let status = client.status(StatusRequest {}).await?.into_inner();
+                if status.servers.len() >= n {
+                    return Ok(());
+                }
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "{} of {n} servers registered after 30 s",
+                    status.servers.len()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    }
+
     /// Stops the balancer and waits for it.
     pub fn stop(mut self) {
         self.running.stop();

@@ -139,6 +139,7 @@ fn program_leases_its_gpu_from_the_balancer() -> Result<()> {
     c.gpus = gpupool_server::mig::prepare::<&str>(&nvml, None)?;
     c.balancer = Some(balancer.link("only"));
     let server = TestServer::start(c)?;
+    balancer.wait_for_servers(1)?;
     for round in 0..2 {
         let started = std::time::Instant::now();
         let out = Command::new(bin.join("driver_api"))
