@@ -45,27 +45,7 @@ libs=(-p gpupool-libcuda)
 [[ ${WITH_NVML:-1} == 1 ]] && libs+=(-p gpupool-libnvml)
 cargo build --release -j "$jobs" "${libs[@]}"
 
-echo "== building the test binaries to find the gpu e2e tests"
-# The test binary's file name carries a hash: cargo's JSON messages name it.
-messages=$(cargo test --release -j "$jobs" -p gpupool-tests --no-run --message-format=json)
-# Prints "name path" for each end-to-end test binary the suite runs.
-test_bins=$(python3 -c '
-import json, sys
-found = {}
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    t = m.get("target", {})
-    if m.get("reason") == "compiler-artifact" and t.get("name") in ("gpu", "e2e", "bad_input", "isolation") and "test" in t.get("kind", []):
-        found[t["name"]] = m.get("executable") or ""
-for name, exe in sorted(found.items()):
-    print(name.replace("_", "-"), exe)' <<<"$messages")
-gpu_test=$(awk '$1 == "gpu" {print $2}' <<<"$test_bins")
-
-echo "== building the server's unit tests and the balancer's gRPC benchmark"
-# Prints the executable of the first test/bench artifact named $1 of kind $2.
+# Prints the executable of the last test/bench artifact named $1 of kind $2.
 artifact() {
     python3 -c '
 import json, sys
@@ -81,6 +61,17 @@ for line in sys.stdin:
 # Reads to the end: stopping early would break cargo'"'"'s pipe.
 print(found)' "$1" "$2"
 }
+
+echo "== building the test binaries to find the gpu e2e tests"
+# The test binary's file name carries a hash: cargo's JSON messages name it.
+messages=$(cargo test --release -j "$jobs" -p gpupool-tests --no-run --message-format=json)
+# "name path" for each end-to-end test binary the suite runs.
+test_bins=$(for t in bad_input e2e gpu isolation; do
+    echo "${t//_/-} $(artifact "$t" test <<<"$messages")"
+done)
+gpu_test=$(awk '$1 == "gpu" {print $2}' <<<"$test_bins")
+
+echo "== building the server's unit tests and the balancer's gRPC benchmark"
 server_lib_tests=$(cargo test --release -j "$jobs" -p gpupool-server --lib --no-run --message-format=json | artifact gpupool_server lib)
 grpc_bench=$(cargo bench -j "$jobs" -p gpupool-balancer --bench grpc --no-run --message-format=json | artifact grpc bench)
 

@@ -21,30 +21,7 @@ fn register_request(s: &ServerSpec) -> pb::RegisterRequest {
         server_id: s.id.clone(),
         address: s.address.clone(),
         cert_sha256: s.cert_sha256.clone(),
-        gpus: s
-            .gpus
-            .iter()
-            .map(|g| pb::Gpu {
-                uuid: g.uuid.clone(),
-                name: g.name.clone(),
-                index: g.index,
-                memory_bytes: g.memory,
-                multiprocessors: g.sms,
-                mig_enabled: g.mig,
-                instances: g
-                    .instances
-                    .iter()
-                    .map(|i| pb::Instance {
-                        uuid: i.uuid.clone(),
-                        profile: i.profile.as_ref().map(|p| pb::MigProfile { id: p.id, name: p.name.clone() }),
-                        memory_bytes: i.memory,
-                        multiprocessors: i.sms,
-                        placement_start: i.placement.map_or(0, |p| p.0),
-                        placement_size: i.placement.map_or(0, |p| p.1),
-                    })
-                    .collect(),
-            })
-            .collect(),
+        gpus: s.gpus.iter().map(gpupool_balancer::gpu_to_proto).collect(),
         live_leases: Vec::new(),
         server_build: "bench".into(),
     }

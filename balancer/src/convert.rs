@@ -70,6 +70,30 @@ pub(crate) fn adopt(c: &pb::LeaseClaims) -> pool::Adopt {
     }
 }
 
+/// A registered GPU as the protocol carries it.
+pub fn gpu_to_proto(g: &pool::GpuSpec) -> pb::Gpu {
+    pb::Gpu {
+        uuid: g.uuid.clone(),
+        name: g.name.clone(),
+        index: g.index,
+        memory_bytes: g.memory,
+        multiprocessors: g.sms,
+        mig_enabled: g.mig,
+        instances: g
+            .instances
+            .iter()
+            .map(|i| pb::Instance {
+                uuid: i.uuid.clone(),
+                profile: i.profile.as_ref().map(profile_to_proto),
+                memory_bytes: i.memory,
+                multiprocessors: i.sms,
+                placement_start: i.placement.map_or(0, |p| p.0),
+                placement_size: i.placement.map_or(0, |p| p.1),
+            })
+            .collect(),
+    }
+}
+
 /// The pool's view as the operator's `PoolStatus`.
 pub(crate) fn status(view: &pool::PoolView) -> pb::PoolStatus {
     pb::PoolStatus {
@@ -79,30 +103,7 @@ pub(crate) fn status(view: &pool::PoolView) -> pb::PoolStatus {
             .map(|s| pb::ServerStatus {
                 server_id: s.id.clone(),
                 address: s.address.clone(),
-                gpus: s
-                    .gpus
-                    .iter()
-                    .map(|g| pb::Gpu {
-                        uuid: g.uuid.clone(),
-                        name: g.name.clone(),
-                        index: g.index,
-                        memory_bytes: g.memory,
-                        multiprocessors: g.sms,
-                        mig_enabled: g.mig,
-                        instances: g
-                            .instances
-                            .iter()
-                            .map(|i| pb::Instance {
-                                uuid: i.uuid.clone(),
-                                profile: i.profile.as_ref().map(profile_to_proto),
-                                memory_bytes: i.memory,
-                                multiprocessors: i.sms,
-                                placement_start: i.placement.map_or(0, |p| p.0),
-                                placement_size: i.placement.map_or(0, |p| p.1),
-                            })
-                            .collect(),
-                    })
-                    .collect(),
+                gpus: s.gpus.iter().map(|g| gpu_to_proto(&g.spec)).collect(),
                 sessions: s.sessions,
                 memory_used_bytes: s.memory_used,
                 heartbeat_age_ms: s.heartbeat_age_ms,

@@ -23,4 +23,5 @@ pub mod service;
 pub mod table;
 
 pub use config::BalancerConfig;
+pub use convert::gpu_to_proto;
 pub use service::{Balancer, BalancerError, run};

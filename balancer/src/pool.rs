@@ -59,8 +59,8 @@ mod tests;
 
 use slab::Slab;
 pub use types::{
-    Adopt, Allocation, Counters, GpuSpec, GpuView, Grant, InstanceSpec, InstanceView, Lease, LeaseId, Load, Policy,
-    PoolConfig, PoolError, PoolView, Profile, QueueEntry, Quota, Request, ServerSpec, ServerView, Tick, Ticket,
+    Adopt, Allocation, Counters, GpuSpec, GpuView, Grant, InstanceSpec, Lease, LeaseId, Load, Policy, PoolConfig,
+    PoolError, PoolView, Profile, QueueEntry, Quota, Request, ServerSpec, ServerView, Tick, Ticket,
 };
 
 /// How many ended lease ids are remembered, so that a late renewal hears
@@ -552,23 +552,11 @@ impl Pool {
                     .gpus
                     .iter()
                     .map(|g| GpuView {
-                        uuid: g.uuid.clone(),
-                        name: g.name.clone(),
-                        index: g.index,
-                        memory: g.memory,
-                        sms: g.sms,
-                        mig: g.mig,
-                        instances: g
+                        spec: g.clone(),
+                        leases: g
                             .instances
                             .iter()
-                            .map(|i| InstanceView {
-                                uuid: i.uuid.clone(),
-                                profile: i.profile.clone(),
-                                memory: i.memory,
-                                sms: i.sms,
-                                placement: i.placement,
-                                lease: keys.next().and_then(|&k| self.instances.get(k).lease),
-                            })
+                            .map(|_| keys.next().and_then(|&k| self.instances.get(k).lease))
                             .collect(),
                     })
                     .collect();

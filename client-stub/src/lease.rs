@@ -6,11 +6,10 @@
 //! A background thread renews the lease at the interval the balancer asked
 //! for and keeps the newest token.
 
-use crate::config::{ClientConfig, Trust};
+use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
 use gpupool_proto::balancer as pb;
 use gpupool_proto::balancer::balancer_client::BalancerClient;
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -124,6 +123,45 @@ impl Control {
     }
 }
 
+impl PoolRequest {
+    /// The request the `GPUPOOL_*` variables describe, read through
+    /// `lookup`: `GPUPOOL_BALANCER` (required, a URL), `GPUPOOL_TENANT`,
+    /// `GPUPOOL_MEMORY_MIB`, `GPUPOOL_COMPUTE_PERCENT`, `GPUPOOL_PROFILE`,
+    /// `GPUPOOL_WAIT_MS` and `GPUPOOL_BALANCER_SECRET`. The drop-in libcuda
+    /// and the Lambda extension both read it this way. Every problem is
+    /// reported at once.
+    pub fn from_lookup(lookup: &impl Fn(&str) -> Option<String>) -> std::result::Result<Self, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut number = |name: &str, default: u64| match lookup(name).map(|v| v.trim().parse::<u64>()) {
+            None => default,
+            Some(Ok(v)) => v,
+            Some(Err(_)) => {
+                problems.push(format!("{name} must be a whole number"));
+                default
+            }
+        };
+        let memory_mib = number("GPUPOOL_MEMORY_MIB", 0);
+        let compute = number("GPUPOOL_COMPUTE_PERCENT", 0);
+        let wait_ms = number("GPUPOOL_WAIT_MS", 10_000);
+        if compute > 100 {
+            problems.push("GPUPOOL_COMPUTE_PERCENT must be at most 100".into());
+        }
+        let balancer = lookup("GPUPOOL_BALANCER").unwrap_or_default();
+        if balancer.is_empty() {
+            problems.push("GPUPOOL_BALANCER is not set (the balancer's URL, e.g. http://10.0.0.5:50051)".into());
+        } else if !balancer.starts_with("http://") && !balancer.starts_with("https://") {
+            problems.push(format!("GPUPOOL_BALANCER={balancer} must be a URL (http://host:port)"));
+        }
+        let mut request = Self::new(balancer, lookup("GPUPOOL_TENANT").unwrap_or_else(|| "default".into()));
+        request.memory = memory_mib << 20;
+        request.compute_percent = compute.min(100) as u32;
+        request.profile = lookup("GPUPOOL_PROFILE");
+        request.wait = Duration::from_millis(wait_ms);
+        request.secret = lookup("GPUPOOL_BALANCER_SECRET");
+        if problems.is_empty() { Ok(request) } else { Err(problems) }
+    }
+}
+
 /// A lease held, renewed in the background, released on drop (or by
 /// [`LeasedGpu::release`]).
 #[derive(Debug)]
@@ -158,15 +196,7 @@ impl LeasedGpu {
     /// A session configuration for the leased server: `template` with the
     /// lease's address, certificate pin and token.
     pub fn client_config(&self, template: &ClientConfig) -> Result<ClientConfig> {
-        let lease = self.lease();
-        let server = resolve(&lease.address)?;
-        let mut c = template.clone();
-        c.server = server;
-        c.token = lease.token;
-        if !lease.cert_sha256.is_empty() {
-            c.trust = Trust::Fingerprint(lease.cert_sha256);
-        }
-        Ok(c)
+        crate::LeaseHandoff::from(&self.lease()).client_config(template)
     }
 }
 
@@ -189,14 +219,6 @@ impl Drop for LeasedGpu {
     fn drop(&mut self) {
         self.release();
     }
-}
-
-fn resolve(address: &str) -> Result<SocketAddr> {
-    address
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| ClientError::Connect(format!("the leased server's address {address:?} does not resolve")))
 }
 
 fn renew_until_stopped(mut control: Control, lease: Arc<Mutex<pb::Lease>>, stopped: mpsc::Receiver<()>) {

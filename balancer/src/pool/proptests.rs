@@ -125,10 +125,10 @@ impl Model {
         let mut registered = false;
         for (pos, server) in view.servers.iter().enumerate() {
             for gpu in &server.gpus {
-                for i in &gpu.instances {
-                    if fits(&req, i.memory, i.sms, gpu.sms, i.profile.as_ref()) {
+                for (i, lease) in gpu.instances() {
+                    if fits(&req, i.memory, i.sms, gpu.spec.sms, i.profile.as_ref()) {
                         registered = true;
-                        if i.lease.is_none() {
+                        if lease.is_none() {
                             free.push(((i.memory, i.sms), pos, server.leases));
                         }
                     }
@@ -334,8 +334,8 @@ impl Model {
         let mut holders = HashSet::new();
         for server in &view.servers {
             for gpu in &server.gpus {
-                for i in &gpu.instances {
-                    if let Some(id) = i.lease {
+                for (i, lease) in gpu.instances() {
+                    if let Some(id) = lease {
                         assert!(holders.insert(id), "lease {id} holds two instances");
                         let lease = self.pool.lease(id).expect("an instance's lease is held");
                         assert_eq!(lease.instance_uuid, i.uuid);
@@ -353,9 +353,9 @@ impl Model {
             for q in view.queue.iter().filter(|q| q.request.tenant == "free") {
                 for server in &view.servers {
                     for gpu in &server.gpus {
-                        for i in gpu.instances.iter().filter(|i| i.lease.is_none()) {
+                        for (i, _) in gpu.instances().filter(|(_, lease)| lease.is_none()) {
                             assert!(
-                                !fits(&q.request, i.memory, i.sms, gpu.sms, i.profile.as_ref()),
+                                !fits(&q.request, i.memory, i.sms, gpu.spec.sms, i.profile.as_ref()),
                                 "{:?} waits while {} is free",
                                 q.request,
                                 i.uuid

@@ -366,7 +366,7 @@ fn re_registration_keeps_leases_on_instances_still_there() {
     // A different shape under the same uuid ends the lease.
     let mut changed = fleet::synthetic(1, 1, 7).remove(0);
     changed.gpus[0].instances[0].memory = 5 * GIB;
-    let on_first = pool.status(T0).servers[0].gpus[0].instances[0].lease.unwrap();
+    let on_first = pool.status(T0).servers[0].gpus[0].leases[0].unwrap();
     pool.register(changed, T0 + 7).unwrap();
     assert!(pool.lease(on_first).is_none());
     pool.check_invariants();
@@ -577,9 +577,9 @@ fn status_shows_the_pool() {
     let holders: Vec<(&str, Option<LeaseId>)> = view.servers[0]
         .gpus
         .iter()
-        .flat_map(|g| &g.instances)
-        .filter(|i| i.lease.is_some())
-        .map(|i| (i.uuid.as_str(), i.lease))
+        .flat_map(GpuView::instances)
+        .filter(|(_, lease)| lease.is_some())
+        .map(|(i, lease)| (i.uuid.as_str(), lease))
         .collect();
     assert_eq!(holders, [(lease.instance_uuid.as_str(), Some(lease.id))]);
     assert_eq!(view.servers[0].leases, 1);

@@ -387,40 +387,20 @@ pub struct ServerView {
     pub gpus: Vec<GpuView>,
 }
 
-/// One GPU in the [`PoolView`].
+/// One GPU in the [`PoolView`]: as its server registered it, with the
+/// lease holding each instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuView {
-    /// `GPU-…` uuid.
-    pub uuid: String,
-    /// Product name.
-    pub name: String,
-    /// Index on its server.
-    pub index: u32,
-    /// Device memory in bytes.
-    pub memory: u64,
-    /// Multiprocessors of the whole GPU.
-    pub sms: u32,
-    /// Whether MIG mode is on.
-    pub mig: bool,
-    /// Its instances.
-    pub instances: Vec<InstanceView>,
+    pub spec: GpuSpec,
+    /// The lease holding each of `spec.instances`, in the same order.
+    pub leases: Vec<Option<LeaseId>>,
 }
 
-/// One instance in the [`PoolView`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InstanceView {
-    /// Instance uuid.
-    pub uuid: String,
-    /// MIG profile; `None` for a whole GPU.
-    pub profile: Option<Profile>,
-    /// Memory in bytes.
-    pub memory: u64,
-    /// Multiprocessors.
-    pub sms: u32,
-    /// MIG placement (first slice, slices).
-    pub placement: Option<(u32, u32)>,
-    /// The lease holding it, if any.
-    pub lease: Option<LeaseId>,
+impl GpuView {
+    /// Each instance with the lease holding it.
+    pub fn instances(&self) -> impl Iterator<Item = (&InstanceSpec, Option<LeaseId>)> {
+        self.spec.instances.iter().zip(self.leases.iter().copied())
+    }
 }
 
 /// One waiting request in the [`PoolView`].

@@ -21,7 +21,6 @@
 
 use gpupool_client::{ClientConfig, PoolRequest, Trust};
 use std::net::ToSocketAddrs;
-use std::time::Duration;
 
 /// Where the session comes from.
 #[derive(Debug, Clone)]
@@ -61,38 +60,15 @@ pub(crate) fn target_from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Res
     if let Some(path) = lookup("GPUPOOL_LEASE_FILE") {
         return lease_template(&lookup).map(|t| Target::Handoff(path.into(), t));
     }
-    let Some(balancer) = lookup("GPUPOOL_BALANCER") else {
+    if lookup("GPUPOOL_BALANCER").is_none() {
         return from_lookup(lookup).map(Target::Direct);
-    };
-    let mut problems = Vec::new();
-    let mut number = |name: &str, default: u64| match lookup(name).map(|v| v.trim().parse::<u64>()) {
-        None => default,
-        Some(Ok(v)) => v,
-        Some(Err(_)) => {
-            problems.push(format!("{name} must be a whole number"));
-            default
-        }
-    };
-    let memory_mib = number("GPUPOOL_MEMORY_MIB", 0);
-    let compute = number("GPUPOOL_COMPUTE_PERCENT", 0);
-    let wait_ms = number("GPUPOOL_WAIT_MS", 10_000);
-    if compute > 100 {
-        problems.push("GPUPOOL_COMPUTE_PERCENT must be at most 100".into());
     }
-    if !balancer.starts_with("http://") && !balancer.starts_with("https://") {
-        problems.push(format!("GPUPOOL_BALANCER={balancer} must be a URL (http://host:port)"));
-    }
-    let mut request = PoolRequest::new(balancer, lookup("GPUPOOL_TENANT").unwrap_or_else(|| "default".into()));
-    request.memory = memory_mib << 20;
-    request.compute_percent = compute.min(100) as u32;
-    request.profile = lookup("GPUPOOL_PROFILE");
-    request.wait = Duration::from_millis(wait_ms);
-    request.secret = lookup("GPUPOOL_BALANCER_SECRET");
-    match lease_template(&lookup) {
-        Ok(template) if problems.is_empty() => Ok(Target::Pooled(request, template)),
-        Ok(_) => Err(problems.join("; ")),
-        Err(e) => {
-            problems.push(e);
+    let request = PoolRequest::from_lookup(&lookup);
+    let mut problems = request.as_ref().err().cloned().unwrap_or_default();
+    match (request, lease_template(&lookup)) {
+        (Ok(request), Ok(template)) => Ok(Target::Pooled(request, template)),
+        (_, template) => {
+            problems.extend(template.err());
             Err(problems.join("; "))
         }
     }

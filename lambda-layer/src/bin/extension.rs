@@ -10,7 +10,7 @@
 //! the background while the environment lives (the file follows each
 //! renewal) and released on SHUTDOWN.
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use gpupool_client::{LeaseHandoff, LeasedGpu, PoolRequest};
 use gpupool_lambda_layer::DEFAULT_LEASE_FILE;
 use lambda_extension::{Extension, LambdaEvent, NextEvent, service_fn};
@@ -20,27 +20,6 @@ use std::time::Duration;
 
 fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
-
-/// The lease request the environment describes.
-fn pool_request() -> Result<PoolRequest> {
-    let Some(balancer) = var("GPUPOOL_BALANCER") else {
-        bail!("GPUPOOL_BALANCER is not set (the balancer's URL, e.g. http://10.0.0.5:50051)");
-    };
-    let number = |name: &str| -> Result<u64> {
-        var(name)
-            .map(|v| v.trim().parse::<u64>().with_context(|| format!("{name} must be a whole number")))
-            .unwrap_or(Ok(0))
-    };
-    let mut req = PoolRequest::new(balancer, var("GPUPOOL_TENANT").unwrap_or_else(|| "default".into()));
-    req.memory = number("GPUPOOL_MEMORY_MIB")? << 20;
-    req.compute_percent = u32::try_from(number("GPUPOOL_COMPUTE_PERCENT")?.min(100)).unwrap_or(100);
-    req.profile = var("GPUPOOL_PROFILE");
-    if let Some(ms) = var("GPUPOOL_WAIT_MS") {
-        req.wait = Duration::from_millis(ms.trim().parse().context("GPUPOOL_WAIT_MS must be a whole number")?);
-    }
-    req.secret = var("GPUPOOL_BALANCER_SECRET");
-    Ok(req)
 }
 
 /// Keeps the hand-off file equal to the lease as last renewed.
@@ -67,7 +46,7 @@ async fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GPUPOOL_LOG").unwrap_or_else(|_| "info".into()))
         .init();
     let path = PathBuf::from(var("GPUPOOL_LEASE_FILE").unwrap_or_else(|| DEFAULT_LEASE_FILE.into()));
-    let req = pool_request()?;
+    let req = PoolRequest::from_lookup(&var).map_err(|problems| anyhow::anyhow!(problems.join("; ")))?;
     let start = std::time::Instant::now();
     let leased = Arc::new(tokio::task::spawn_blocking(move || LeasedGpu::allocate(&req)).await??);
     let lease = leased.lease();
