@@ -1,8 +1,43 @@
 //! Typed client configuration.
 
 use crate::batch::BatchLimits;
+use gpupool_proto::balancer as pb;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// Where the token for reattaching to a session comes from: a lease is
+/// renewed while the session lives, so the token first presented may have
+/// expired when the connection is lost.
+#[derive(Debug, Clone, Default)]
+pub enum TokenSource {
+    /// The configured token.
+    #[default]
+    Fixed,
+    /// The lease hand-off file another process keeps renewed (the Lambda
+    /// extension's, [`crate::LeaseHandoff`]).
+    LeaseFile(PathBuf),
+    /// A lease this process renews ([`crate::LeasedGpu`]).
+    Lease(Arc<Mutex<pb::Lease>>),
+}
+
+impl TokenSource {
+    /// The newest token, `configured` when nothing newer is known.
+    pub fn current(&self, configured: &str) -> String {
+        match self {
+            Self::Fixed => configured.to_string(),
+            Self::LeaseFile(path) => match crate::LeaseHandoff::read(path) {
+                Ok(h) => h.token,
+                Err(e) => {
+                    tracing::warn!(error = %e, "no fresher token in the lease hand-off file");
+                    configured.to_string()
+                }
+            },
+            Self::Lease(l) => l.lock().unwrap_or_else(|e| e.into_inner()).token.clone(),
+        }
+    }
+}
 
 /// How the client trusts the server's certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +75,11 @@ pub struct ClientConfig {
     /// Largest UDP payload sent or accepted; MTU discovery probes up to it
     /// (Lambda: 1200, which turns discovery off).
     pub max_udp_payload: u16,
+    /// Reattach to the session when its connection is lost (a frozen
+    /// Lambda environment, a network outage) and the server still keeps it.
+    pub resume: bool,
+    /// Where the token for reattaching comes from.
+    pub token_source: TokenSource,
 }
 
 impl ClientConfig {
@@ -59,6 +99,8 @@ impl ClientConfig {
             idle_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(2),
             max_udp_payload: gpupool_proto::quic::DEFAULT_UDP_PAYLOAD,
+            resume: true,
+            token_source: TokenSource::Fixed,
         }
     }
 

@@ -170,6 +170,8 @@ pub struct LeasedGpu {
     /// Dropping the sender tells the renewer to release the lease and end.
     stop: Mutex<Option<mpsc::Sender<()>>>,
     renewer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set by the renewer when the balancer no longer knows the lease.
+    gone: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl LeasedGpu {
@@ -180,12 +182,13 @@ impl LeasedGpu {
         tracing::info!(lease = lease.lease_id, server = %lease.address, instance = %lease.instance_uuid, "leased a virtual GPU");
         let lease = Arc::new(Mutex::new(lease));
         let (stop, stopped) = mpsc::channel();
-        let shared = lease.clone();
+        let (shared, gone) = (lease.clone(), Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        let flag = gone.clone();
         let renewer = std::thread::Builder::new()
             .name("gpupool-lease".into())
-            .spawn(move || renew_until_stopped(control, shared, stopped))
+            .spawn(move || renew_until_stopped(control, shared, stopped, &flag))
             .map_err(|e| ClientError::Connect(format!("cannot start the lease renewer: {e}")))?;
-        Ok(Self { lease, stop: Mutex::new(Some(stop)), renewer: Mutex::new(Some(renewer)) })
+        Ok(Self { lease, stop: Mutex::new(Some(stop)), renewer: Mutex::new(Some(renewer)), gone })
     }
 
     /// The lease as last renewed.
@@ -197,6 +200,19 @@ impl LeasedGpu {
     /// lease's address, certificate pin and token.
     pub fn client_config(&self, template: &ClientConfig) -> Result<ClientConfig> {
         crate::LeaseHandoff::from(&self.lease()).client_config(template)
+    }
+
+    /// The lease as the renewer keeps it (a resumed session presents its
+    /// newest token).
+    pub fn lease_cell(&self) -> Arc<Mutex<pb::Lease>> {
+        self.lease.clone()
+    }
+
+    /// Whether the balancer no longer knows the lease (it expired, e.g.
+    /// while the process was frozen, or was ended): its GPU is gone and a
+    /// new lease is needed.
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -221,7 +237,12 @@ impl Drop for LeasedGpu {
     }
 }
 
-fn renew_until_stopped(mut control: Control, lease: Arc<Mutex<pb::Lease>>, stopped: mpsc::Receiver<()>) {
+fn renew_until_stopped(
+    mut control: Control,
+    lease: Arc<Mutex<pb::Lease>>,
+    stopped: mpsc::Receiver<()>,
+    gone: &std::sync::atomic::AtomicBool,
+) {
     let current = || lease.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let mut failures = 0u32;
     loop {
@@ -245,6 +266,7 @@ fn renew_until_stopped(mut control: Control, lease: Arc<Mutex<pb::Lease>>, stopp
             }
             Err(s) if matches!(s.code(), tonic::Code::NotFound | tonic::Code::FailedPrecondition) => {
                 tracing::warn!(lease = held.lease_id, error = %s.message(), "the lease is gone; the session will end");
+                gone.store(true, std::sync::atomic::Ordering::Relaxed);
                 // Nothing left to renew or release; wait to be dropped.
                 let _ = stopped.recv();
                 return;

@@ -20,7 +20,7 @@ pub mod session;
 mod tls;
 pub mod transport;
 
-pub use config::{ClientConfig, Trust};
+pub use config::{ClientConfig, TokenSource, Trust};
 pub use error::{ClientError, Result};
 pub use handoff::LeaseHandoff;
 pub use lease::{LeasedGpu, PoolRequest};

@@ -180,7 +180,8 @@ impl Session {
     /// is renewed while the session lives and released when it ends.
     pub fn connect_pooled(request: &PoolRequest, template: &ClientConfig) -> Result<Self> {
         let leased = LeasedGpu::allocate(request)?;
-        let config = leased.client_config(template)?;
+        let mut config = leased.client_config(template)?;
+        config.token_source = crate::TokenSource::Lease(leased.lease_cell());
         let transport = QuicTransport::connect(&config)?;
         let mut session = Self::with_transport(Box::new(transport), &config);
         if let Some(inner) = Arc::get_mut(&mut session.inner) {

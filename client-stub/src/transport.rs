@@ -12,9 +12,11 @@ use gpupool_proto::frame::{self, FrameDecoder};
 use gpupool_proto::payload::{self, Compression};
 use gpupool_proto::{PROTOCOL_VERSION, close_code, quic, v1};
 use prost::Message;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
@@ -45,22 +47,61 @@ struct CommandStream {
     decoder: FrameDecoder,
 }
 
-/// A session over one QUIC connection.
+/// A session over one QUIC connection (two when the session runs in a
+/// worker process), replaced by new ones when the session is resumed.
 #[derive(Debug)]
 pub struct QuicTransport {
     /// Always `Some` until drop, which takes it to shut it down safely.
     rt: Option<tokio::runtime::Runtime>,
     endpoint: quinn::Endpoint,
-    /// The server's connection when the session runs in a worker process:
-    /// it closes with the reason when the worker fails.
-    control: Option<quinn::Connection>,
-    conn: quinn::Connection,
+    links: std::sync::Mutex<Links>,
     cmd: Arc<Mutex<CommandStream>>,
     welcome: v1::Welcome,
     chunk: usize,
     parallel: Arc<Semaphore>,
     compression: Compression,
     reply_timeout: Duration,
+    /// How to reattach; `None` when the server keeps no lost sessions.
+    resume: Option<ResumeInfo>,
+    /// Batches sent whose replies have not arrived, kept for a resume.
+    unacked: Arc<std::sync::Mutex<VecDeque<(u64, Bytes)>>>,
+    /// Sequence number of the last reply received.
+    acked_seq: std::sync::atomic::AtomicU64,
+}
+
+/// The connections of a session.
+#[derive(Debug, Clone)]
+struct Links {
+    /// The server's connection when the session runs in a worker process:
+    /// it closes with the reason when the worker fails.
+    control: Option<quinn::Connection>,
+    conn: quinn::Connection,
+}
+
+impl Links {
+    /// Whether the session's connections were lost (idle timeout, reset)
+    /// rather than closed by the server: then the server may still keep it.
+    fn lost(&self) -> bool {
+        let lost = |c: &quinn::Connection| {
+            matches!(c.close_reason(), Some(quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset))
+        };
+        let closed_by_server =
+            |c: &quinn::Connection| matches!(c.close_reason(), Some(quinn::ConnectionError::ApplicationClosed(_)));
+        let control_closed = self.control.as_ref().is_some_and(closed_by_server);
+        !control_closed && (lost(&self.conn) || self.control.as_ref().is_some_and(lost))
+    }
+}
+
+/// What reattaching to a session takes.
+#[derive(Debug)]
+struct ResumeInfo {
+    server: SocketAddr,
+    name: String,
+    hello: v1::Hello,
+    session_id: u64,
+    secret: String,
+    source: crate::config::TokenSource,
+    connect_timeout: Duration,
 }
 
 /// Maps a connection failure to the client's error.
@@ -201,6 +242,31 @@ pub fn quinn_client_config(config: &ClientConfig) -> Result<quinn::ClientConfig>
     Ok(qc)
 }
 
+/// Opens the session's connections: to `server`, then, when the server
+/// redirects, to its worker process with the ticket.
+async fn handshake(
+    endpoint: &quinn::Endpoint,
+    server: SocketAddr,
+    name: &str,
+    hello: &v1::Hello,
+) -> Result<(Links, CommandStream, v1::Welcome)> {
+    let (conn, cmd, welcome) = open_session(endpoint, server, name, hello).await?;
+    let Some(redirect) = welcome.redirect.clone() else {
+        return Ok((Links { control: None, conn }, cmd, welcome));
+    };
+    // The session runs in a worker process: this connection becomes the
+    // control connection.
+    let port = u16::try_from(redirect.port)
+        .map_err(|_| ClientError::Protocol(format!("redirect to port {}", redirect.port)))?;
+    let worker = SocketAddr::new(server.ip(), port);
+    let hello = v1::Hello { token: redirect.ticket, ..hello.clone() };
+    let (data, cmd, welcome) = open_session(endpoint, worker, name, &hello).await?;
+    if welcome.redirect.is_some() {
+        return Err(ClientError::Protocol("redirected twice".into()));
+    }
+    Ok((Links { control: Some(conn), conn: data }, cmd, welcome))
+}
+
 impl QuicTransport {
     /// Connects, presents the token and waits for the server's `Welcome`.
     pub fn connect(config: &ClientConfig) -> Result<Self> {
@@ -220,37 +286,22 @@ impl QuicTransport {
             protocol_version: PROTOCOL_VERSION,
             client_build: concat!("gpupool-client ", env!("CARGO_PKG_VERSION")).into(),
             token: config.token.clone(),
+            resume: None,
         };
         let timeout = config.connect_timeout;
         let max_udp_payload = config.max_udp_payload;
+        let first = hello.clone();
         let connected = run_on(&rt, async move {
             let socket = quic::bind_udp(bind).map_err(|e| ClientError::Connect(format!("cannot bind {bind}: {e}")))?;
             let mut endpoint =
                 quic::endpoint(socket, max_udp_payload, None).map_err(|e| ClientError::Connect(e.to_string()))?;
             endpoint.set_default_client_config(qc);
-            let handshake = async {
-                let (conn, cmd, welcome) = open_session(&endpoint, server, &name, &hello).await?;
-                let Some(redirect) = welcome.redirect.clone() else {
-                    return Ok::<_, ClientError>((None, conn, cmd, welcome));
-                };
-                // The session runs in a worker process: this connection
-                // becomes the control connection.
-                let port = u16::try_from(redirect.port)
-                    .map_err(|_| ClientError::Protocol(format!("redirect to port {}", redirect.port)))?;
-                let worker = SocketAddr::new(server.ip(), port);
-                let hello = v1::Hello { token: redirect.ticket, ..hello.clone() };
-                let (data, cmd, welcome) = open_session(&endpoint, worker, &name, &hello).await?;
-                if welcome.redirect.is_some() {
-                    return Err(ClientError::Protocol("redirected twice".into()));
-                }
-                Ok((Some(conn), data, cmd, welcome))
-            };
-            let (control, conn, cmd, welcome) = tokio::time::timeout(timeout, handshake)
+            let (links, cmd, welcome) = tokio::time::timeout(timeout, handshake(&endpoint, server, &name, &first))
                 .await
                 .map_err(|_| ClientError::Connect(format!("no session with {server} within {timeout:?}")))??;
-            Ok::<_, ClientError>((endpoint, control, conn, cmd, welcome))
+            Ok::<_, ClientError>((endpoint, links, cmd, welcome))
         });
-        let (endpoint, control, conn, cmd, welcome) = match connected {
+        let (endpoint, links, cmd, welcome) = match connected {
             Ok(v) => v,
             Err(e) => {
                 // Dropping a runtime inside another one would panic.
@@ -258,18 +309,33 @@ impl QuicTransport {
                 return Err(e);
             }
         };
+        let resume = (config.resume && !welcome.resume_secret.is_empty()).then(|| ResumeInfo {
+            server,
+            name: config.server_name.clone(),
+            hello,
+            session_id: welcome.session_id,
+            secret: welcome.resume_secret.clone(),
+            source: config.token_source.clone(),
+            connect_timeout: config.connect_timeout,
+        });
         Ok(Self {
             rt: Some(rt),
             endpoint,
-            control,
-            conn,
+            links: std::sync::Mutex::new(links),
             cmd: Arc::new(Mutex::new(cmd)),
             welcome,
             chunk: config.bulk_chunk_bytes,
             parallel: Arc::new(Semaphore::new(config.bulk_parallel)),
             compression: if config.compression { Compression::Auto } else { Compression::Off },
             reply_timeout: config.reply_timeout,
+            resume,
+            unacked: Arc::default(),
+            acked_seq: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    fn links(&self) -> Links {
+        self.links.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Runs `fut` on the I/O runtime and waits for it, from any thread. A
@@ -277,7 +343,7 @@ impl QuicTransport {
     /// reason.
     fn exec<T: Send + 'static>(&self, fut: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
         let limit = self.reply_timeout;
-        let control = self.control.clone();
+        let control = self.links().control;
         let fut = async move {
             let failed = async {
                 match control {
@@ -294,9 +360,79 @@ impl QuicTransport {
         run_on(rt, fut)
     }
 
+    /// After `error`: reattaches to the session when its connections were
+    /// lost and the server keeps it, sending again the batches the server
+    /// did not receive. Returns `error` when the session cannot be resumed,
+    /// with the reason.
+    fn recover(&self, error: ClientError) -> Result<()> {
+        let Some(info) = &self.resume else { return Err(error) };
+        if !self.links().lost() {
+            return Err(error);
+        }
+        let acked_seq = self.acked_seq.load(Ordering::Relaxed);
+        let hello = v1::Hello {
+            token: info.source.current(&info.hello.token),
+            resume: Some(v1::Resume { session_id: info.session_id, secret: info.secret.clone(), acked_seq }),
+            ..info.hello.clone()
+        };
+        tracing::info!(session = info.session_id, acked_seq, reason = %error, "connection lost; resuming the session");
+        let (endpoint, server, name, timeout) =
+            (self.endpoint.clone(), info.server, info.name.clone(), info.connect_timeout);
+        let (cmd, unacked) = (self.cmd.clone(), self.unacked.clone());
+        let rt = self.rt.as_ref().ok_or_else(|| ClientError::ConnectionLost("session closed".into()))?;
+        let resumed = run_on(rt, async move {
+            // The outage may still be on: try again until the connect timeout.
+            let deadline = tokio::time::Instant::now() + timeout;
+            let (links, mut stream, welcome) = loop {
+                let attempt = tokio::time::timeout_at(deadline, handshake(&endpoint, server, &name, &hello)).await;
+                match attempt {
+                    Err(_) => return Err(ClientError::Connect(format!("no answer from {server} within {timeout:?}"))),
+                    Ok(Err(ClientError::Connect(e))) if tokio::time::Instant::now() < deadline => {
+                        tracing::debug!(error = %e, "no answer yet; trying again");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Ok(r) => break r?,
+                }
+            };
+            if !welcome.resumed {
+                return Err(ClientError::Protocol("the server answered a resume with a new session".into()));
+            }
+            // Batches the server never received go again, in order.
+            let again: Vec<Bytes> = {
+                let unacked = unacked.lock().unwrap_or_else(|e| e.into_inner());
+                unacked.iter().filter(|(seq, _)| *seq > welcome.resumed_seq).map(|(_, b)| b.clone()).collect()
+            };
+            for bytes in &again {
+                stream.send.write_all(bytes).await.map_err(write_err)?;
+            }
+            *cmd.lock().await = stream;
+            Ok((links, welcome.resumed_seq, again.len()))
+        });
+        match resumed {
+            Ok((links, resumed_seq, resent)) => {
+                *self.links.lock().unwrap_or_else(|e| e.into_inner()) = links;
+                tracing::info!(session = info.session_id, resumed_seq, resent, "session resumed");
+                Ok(())
+            }
+            Err(e) => Err(ClientError::ConnectionLost(format!("{error}; the session could not be resumed: {e}"))),
+        }
+    }
+
+    /// Runs `op`, and once more after reattaching when the connection was
+    /// lost under it.
+    fn with_recovery<T>(&self, op: impl Fn() -> Result<T>) -> Result<T> {
+        match op() {
+            Err(e) => {
+                self.recover(e)?;
+                op()
+            }
+            ok => ok,
+        }
+    }
+
     /// The QUIC connection's statistics (for diagnostics and benchmarks).
     pub fn stats(&self) -> quinn::ConnectionStats {
-        self.conn.stats()
+        self.links().conn.stats()
     }
 }
 
@@ -307,19 +443,61 @@ impl Transport for QuicTransport {
 
     fn send_batch(&self, batch: &v1::Batch) -> Result<()> {
         let bytes = frame::encode(batch);
+        if self.resume.is_some() {
+            self.unacked.lock().unwrap_or_else(|e| e.into_inner()).push_back((batch.seq, bytes.clone()));
+        }
         let cmd = self.cmd.clone();
-        self.exec(async move { cmd.lock().await.send.write_all(&bytes).await.map_err(write_err) })
+        match self.exec(async move { cmd.lock().await.send.write_all(&bytes).await.map_err(write_err) }) {
+            // A resume sends the batch again.
+            Err(e) => self.recover(e),
+            ok => ok,
+        }
     }
 
     fn recv_reply(&self) -> Result<v1::BatchReply> {
-        let cmd = self.cmd.clone();
-        let body = self.exec(async move { next_frame(&mut *cmd.lock().await).await })?;
-        v1::BatchReply::decode(body).map_err(|e| ClientError::Protocol(format!("bad reply: {e}")))
+        let body = loop {
+            let cmd = self.cmd.clone();
+            match self.exec(async move { next_frame(&mut *cmd.lock().await).await }) {
+                Ok(body) => break body,
+                Err(e) => self.recover(e)?,
+            }
+        };
+        let reply = v1::BatchReply::decode(body).map_err(|e| ClientError::Protocol(format!("bad reply: {e}")))?;
+        if reply.seq != 0 {
+            self.acked_seq.store(reply.seq, Ordering::Relaxed);
+            let mut unacked = self.unacked.lock().unwrap_or_else(|e| e.into_inner());
+            while unacked.front().is_some_and(|(seq, _)| *seq <= reply.seq) {
+                unacked.pop_front();
+            }
+        }
+        Ok(reply)
     }
 
     fn bulk_put(&self, id: u64, data: Bytes) -> Result<()> {
+        self.with_recovery(|| self.bulk_put_once(id, data.clone()))
+    }
+
+    fn bulk_get(&self, id: u64, out: &mut [u8]) -> Result<()> {
+        let parts = self.with_recovery(|| self.bulk_get_once(id, out.len()))?;
+        for (offset, bytes) in parts {
+            out[offset..offset + bytes.len()].copy_from_slice(&bytes);
+        }
+        Ok(())
+    }
+
+    fn close(&self) {
+        let links = self.links();
+        links.conn.close(close_code::NORMAL.into(), b"client closed the session");
+        if let Some(c) = &links.control {
+            c.close(close_code::NORMAL.into(), b"client closed the session");
+        }
+    }
+}
+
+impl QuicTransport {
+    fn bulk_put_once(&self, id: u64, data: Bytes) -> Result<()> {
         let total = data.len() as u64;
-        let (conn, chunk, sem, mode) = (self.conn.clone(), self.chunk, self.parallel.clone(), self.compression);
+        let (conn, chunk, sem, mode) = (self.links().conn, self.chunk, self.parallel.clone(), self.compression);
         self.exec(async move {
             let mut tasks = JoinSet::new();
             for offset in (0..data.len()).step_by(chunk) {
@@ -351,10 +529,9 @@ impl Transport for QuicTransport {
         })
     }
 
-    fn bulk_get(&self, id: u64, out: &mut [u8]) -> Result<()> {
-        let total = out.len();
-        let (conn, chunk, sem) = (self.conn.clone(), self.chunk, self.parallel.clone());
-        let parts = self.exec(async move {
+    fn bulk_get_once(&self, id: u64, total: usize) -> Result<Vec<(usize, Bytes)>> {
+        let (conn, chunk, sem) = (self.links().conn, self.chunk, self.parallel.clone());
+        self.exec(async move {
             let mut tasks = JoinSet::new();
             for offset in (0..total).step_by(chunk) {
                 let permit =
@@ -382,24 +559,13 @@ impl Transport for QuicTransport {
                 parts.push(done.map_err(|e| ClientError::Protocol(e.to_string()))??);
             }
             Ok(parts)
-        })?;
-        for (offset, bytes) in parts {
-            out[offset..offset + bytes.len()].copy_from_slice(&bytes);
-        }
-        Ok(())
-    }
-
-    fn close(&self) {
-        self.conn.close(close_code::NORMAL.into(), b"client closed the session");
-        if let Some(c) = &self.control {
-            c.close(close_code::NORMAL.into(), b"client closed the session");
-        }
+        })
     }
 }
 
 impl Drop for QuicTransport {
     fn drop(&mut self) {
-        tracing::debug!(stats = ?self.conn.stats(), "closing the session");
+        tracing::debug!(stats = ?self.stats(), "closing the session");
         self.close();
         // Let the close frame leave before the runtime goes away.
         let endpoint = self.endpoint.clone();

@@ -17,6 +17,9 @@ pub struct Grant {
     pub session_id: Option<u64>,
     /// The balancer's lease the session runs under, when it presented one.
     pub lease: Option<LeaseGrant>,
+    /// The session's resume secret, when it was chosen upstream (a worker
+    /// process's ticket carries the supervisor's).
+    pub resume_secret: Option<String>,
 }
 
 /// What a lease token names.
@@ -82,7 +85,13 @@ impl Authenticator for StaticTokens {
             ok |= constant_time_eq(t.as_bytes(), token.as_bytes());
         }
         if ok {
-            Ok(Grant { subject: "static-token".into(), memory_quota: None, session_id: None, lease: None })
+            Ok(Grant {
+                subject: "static-token".into(),
+                memory_quota: None,
+                session_id: None,
+                lease: None,
+                resume_secret: None,
+            })
         } else {
             Err(AuthError::Invalid)
         }
@@ -129,6 +138,7 @@ impl Authenticator for LeaseTokens {
                 instance_uuid: claims.instance_uuid,
                 token: token.into(),
             }),
+            resume_secret: None,
         })
     }
 }

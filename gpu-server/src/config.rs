@@ -113,6 +113,13 @@ pub struct ServerConfig {
     pub gpus: Vec<crate::mig::ServedGpu>,
     /// Join a balancer's pool.
     pub balancer: Option<BalancerLink>,
+    /// How long a session whose connection was lost (idle timeout: a
+    /// frozen Lambda environment, a network outage) keeps its state for the
+    /// client to reattach (zero: it ends at once).
+    pub resume_grace: Duration,
+    /// UDP ports worker processes bind, inclusive (none: ephemeral ports),
+    /// so that a firewall can allow exactly them.
+    pub worker_ports: Option<(u16, u16)>,
 }
 
 impl ServerConfig {
@@ -142,6 +149,8 @@ impl ServerConfig {
             one_session: false,
             gpus: Vec::new(),
             balancer: None,
+            resume_grace: Duration::from_secs(30),
+            worker_ports: None,
         }
     }
 
@@ -200,6 +209,11 @@ impl ServerConfig {
         }
         if self.idle_timeout.is_zero() || self.handshake_timeout.is_zero() {
             bad.push("timeouts must be positive".into());
+        }
+        if let Some((low, high)) = self.worker_ports
+            && (low == 0 || low > high)
+        {
+            bad.push(format!("worker ports {low}-{high}: the range must be non-empty and not start at 0"));
         }
         if let DeviceChoice::Emulated { memory: 0 } = self.device {
             bad.push("the emulated device needs some memory".into());

@@ -60,6 +60,7 @@ fn authorized<T>(secret: &str, message: T) -> tonic::Request<T> {
 fn end_sessions(shared: &Shared, ids: impl IntoIterator<Item = u64>, why: &str) {
     let mut leased = shared.leased();
     for id in ids {
+        shared.forget_resumable(id);
         if let Some(s) = leased.remove(&id) {
             tracing::info!(lease = id, why, "ending the session of an ended lease");
             s.conn.close(close_code::UNAUTHORIZED.into(), format!("lease {id:#x} {why}").as_bytes());

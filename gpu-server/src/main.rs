@@ -71,9 +71,32 @@ struct Args {
     /// Worker processes kept started ahead of sessions (`process` isolation).
     #[arg(long, env = "GPUPOOL_WARM_WORKERS", default_value_t = 2)]
     warm_workers: usize,
+    /// How long a session whose connection was lost (a frozen Lambda
+    /// environment, a network outage) keeps its state for the client to
+    /// reattach, in milliseconds (0: it ends at once).
+    #[arg(long, env = "GPUPOOL_RESUME_GRACE_MS", default_value_t = 30_000)]
+    resume_grace_ms: u64,
+    /// A connection silent this long is lost, in milliseconds (clients send
+    /// keep-alives every 2 s).
+    #[arg(long, env = "GPUPOOL_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
+    idle_timeout_ms: u64,
+    /// UDP ports for session worker processes, `LOW-HIGH` (default:
+    /// ephemeral ports), so that a firewall can allow exactly them.
+    #[arg(long, env = "GPUPOOL_WORKER_PORTS", value_parser = parse_port_range)]
+    worker_ports: Option<(u16, u16)>,
     /// Largest UDP payload; MTU discovery probes up to it.
     #[arg(long, env = "GPUPOOL_MAX_UDP_PAYLOAD", default_value_t = gpupool_proto::quic::DEFAULT_UDP_PAYLOAD)]
     max_udp_payload: u16,
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (low, high) = s.split_once('-').ok_or_else(|| format!("{s:?} is not LOW-HIGH"))?;
+    let port = |p: &str| p.trim().parse::<u16>().map_err(|_| format!("{p:?} is not a UDP port"));
+    let (low, high) = (port(low)?, port(high)?);
+    if low == 0 || low > high {
+        return Err(format!("{s:?}: need 1 <= LOW <= HIGH"));
+    }
+    Ok((low, high))
 }
 
 fn device_choice(s: &str) -> anyhow::Result<DeviceChoice> {
@@ -135,6 +158,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.max_sessions = args.max_sessions;
     config.image_cache_dir = args.image_cache;
     config.max_udp_payload = args.max_udp_payload;
+    config.resume_grace = std::time::Duration::from_millis(args.resume_grace_ms);
+    config.idle_timeout = std::time::Duration::from_millis(args.idle_timeout_ms);
+    config.worker_ports = args.worker_ports;
     if args.isolation == "process" {
         let program = std::env::current_exe().context("locating this executable for worker processes")?;
         config.isolation = Isolation::Process {

@@ -47,6 +47,13 @@ impl Worker {
         std::mem::replace(&mut self.events, mpsc::channel(1).1)
     }
 
+    /// Writes one framed control message to the worker's stdin.
+    pub async fn send_control(&mut self, frame: &[u8]) -> Result<(), ServerError> {
+        let stdin = self.stdin.as_mut().ok_or_else(|| ServerError::Worker("worker stdin closed".into()))?;
+        stdin.write_all(frame).await.map_err(|e| ServerError::Worker(format!("writing to the worker: {e}")))?;
+        stdin.flush().await.map_err(|e| ServerError::Worker(format!("writing to the worker: {e}")))
+    }
+
     /// Closes stdin: the worker ends its session (`SHUTDOWN`) and exits.
     pub fn stop(&mut self) {
         self.stdin = None;
@@ -198,9 +205,7 @@ impl WorkerPool {
     }
 
     async fn hand_over(w: &mut Worker, assign: &[u8], ticket: &str) -> Result<(), ServerError> {
-        let stdin = w.stdin.as_mut().ok_or_else(|| ServerError::Worker("worker stdin closed".into()))?;
-        stdin.write_all(assign).await.map_err(|e| ServerError::Worker(format!("writing to the worker: {e}")))?;
-        stdin.flush().await.map_err(|e| ServerError::Worker(format!("writing to the worker: {e}")))?;
+        w.send_control(assign).await?;
         match tokio::time::timeout(ASSIGN_TIMEOUT, w.events.recv()).await {
             Ok(Some(Event::Assigned(t))) if t == ticket => Ok(()),
             Ok(Some(Event::Failed(reason))) => Err(ServerError::Worker(reason)),

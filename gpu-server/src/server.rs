@@ -2,7 +2,7 @@
 //! bulk streams of each session. Call execution lives in [`crate::session`]
 //! on one worker thread per session; this module only moves frames.
 
-use crate::auth::{Authenticator, Grant, LeaseTokens, StaticTokens};
+use crate::auth::{Authenticator, Grant, LeaseTokens, StaticTokens, constant_time_eq};
 use crate::config::{DeviceChoice, Isolation, ServerConfig};
 use crate::device::cuda::CudaDevice;
 use crate::device::emulated::EmulatedDevice;
@@ -217,11 +217,106 @@ pub(crate) struct Shared {
     /// Open sessions by lease id, for heartbeats and for ending the
     /// sessions of leases the balancer ended.
     leased: Mutex<HashMap<u64, LeasedSession>>,
+    /// Sessions a client may reattach to, by session id.
+    resumable: Mutex<HashMap<u64, Resumable>>,
 }
 
 impl Shared {
     pub(crate) fn leased(&self) -> std::sync::MutexGuard<'_, HashMap<u64, LeasedSession>> {
         self.leased.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn resumable(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Resumable>> {
+        self.resumable.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets the resumable sessions of `lease_id` (the lease ended): a
+    /// session waiting for its client then ends.
+    pub(crate) fn forget_resumable(&self, lease_id: u64) {
+        self.resumable().retain(|_, r| r.lease_id != Some(lease_id));
+    }
+}
+
+/// A live session a client may reattach to after losing its connection.
+#[derive(Debug)]
+struct Resumable {
+    secret: String,
+    lease_id: Option<u64>,
+    subject: String,
+    /// To the session's task; dropping it ends a session waiting for a resume.
+    requests: mpsc::Sender<ResumeRequest>,
+}
+
+/// A client's reattachment, handed to the session's task.
+#[derive(Debug)]
+struct ResumeRequest {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    acked_seq: u64,
+}
+
+/// Registers session `id` as resumable (when resumption is on) and
+/// unregisters it on drop.
+#[derive(Debug)]
+struct ResumeSlot<'a> {
+    shared: &'a Shared,
+    id: u64,
+    secret: String,
+    requests: Option<mpsc::Receiver<ResumeRequest>>,
+}
+
+impl<'a> ResumeSlot<'a> {
+    fn register(shared: &'a Shared, id: u64, grant: &Grant) -> Self {
+        if shared.config.resume_grace.is_zero() {
+            return Self { shared, id, secret: String::new(), requests: None };
+        }
+        let secret = grant.resume_secret.clone().unwrap_or_else(|| hex::encode(rand::random::<[u8; 32]>()));
+        let (tx, rx) = mpsc::channel(1);
+        let entry = Resumable {
+            secret: secret.clone(),
+            lease_id: grant.lease.as_ref().map(|l| l.lease_id),
+            subject: grant.subject.clone(),
+            requests: tx,
+        };
+        shared.resumable().insert(id, entry);
+        Self { shared, id, secret, requests: Some(rx) }
+    }
+
+    /// Waits up to the grace period for the client to reattach.
+    async fn wait(&mut self) -> Option<ResumeRequest> {
+        let grace = self.shared.config.resume_grace;
+        let rx = self.requests.as_mut()?;
+        tracing::info!(grace_ms = grace.as_millis() as u64, "connection lost; keeping the session for its client");
+        match tokio::time::timeout(grace, rx.recv()).await {
+            Ok(Some(r)) => Some(r),
+            Ok(None) => {
+                tracing::info!("the session's lease ended while it waited for its client");
+                None
+            }
+            Err(_) => {
+                tracing::info!("the client did not come back within the grace period");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for ResumeSlot<'_> {
+    fn drop(&mut self) {
+        if self.requests.is_some() {
+            self.shared.resumable().remove(&self.id);
+        }
+    }
+}
+
+/// Why a session's connection ended, when the client did not end it: an
+/// idle timeout (a frozen client, a network outage) or a reset.
+fn lost(conn: &quinn::Connection) -> Option<&'static str> {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::TimedOut) => Some("idle timeout"),
+        Some(quinn::ConnectionError::Reset) => Some("connection reset"),
+        _ => None,
     }
 }
 
@@ -294,8 +389,7 @@ impl Server {
                 Mode::Workers(Arc::new(Workers { pools }))
             }
         };
-        let socket =
-            quic::bind_udp(config.listen).map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        let socket = bind_listen(&config)?;
         let (rx, tx) = quic::buffer_sizes(&socket);
         if rx < quic::SOCKET_BUFFER_BYTES / 8 {
             tracing::warn!(
@@ -316,6 +410,7 @@ impl Server {
             next_session: AtomicU64::new(1),
             session_ended: tokio::sync::Notify::new(),
             leased: Mutex::new(HashMap::new()),
+            resumable: Mutex::new(HashMap::new()),
         });
         Ok(Self { endpoint, mode, fingerprint: identity.fingerprint(), shared })
     }
@@ -435,6 +530,31 @@ impl Server {
     }
 }
 
+/// Binds the listen address; a worker (port 0) with a port range takes the
+/// first free port of the range, starting at a random one so that workers
+/// started together rarely collide.
+fn bind_listen(config: &ServerConfig) -> Result<std::net::UdpSocket, ServerError> {
+    let addr = config.listen;
+    let bind_error = |source| ServerError::Bind { addr, source };
+    let Some((low, high)) = config.worker_ports.filter(|_| addr.port() == 0) else {
+        return quic::bind_udp(addr).map_err(bind_error);
+    };
+    let span = u32::from(high - low) + 1;
+    let start = rand::random::<u32>() % span;
+    for i in 0..span {
+        let port = low + ((start + i) % span) as u16;
+        match quic::bind_udp(SocketAddr::new(addr.ip(), port)) {
+            Ok(socket) => return Ok(socket),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => return Err(bind_error(e)),
+        }
+    }
+    Err(bind_error(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("every worker port in {low}-{high} is taken"),
+    )))
+}
+
 fn transport_config(config: &ServerConfig) -> Result<quinn::TransportConfig, ServerError> {
     let mut t = quinn::TransportConfig::default();
     let idle = quinn::IdleTimeout::try_from(config.idle_timeout)
@@ -519,6 +639,9 @@ async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming: quinn::Inc
         Ok(g) => g,
         Err(e) => return refuse(&shared, &conn, close_code::UNAUTHORIZED, &e.to_string()),
     };
+    if let Some(resume) = hello.resume {
+        return hand_to_session(&shared, conn, send, recv, &grant, resume);
+    }
     let Ok(permit) = shared.sessions.clone().try_acquire_owned() else {
         let reason = format!("server is at its limit of {} sessions", shared.config.max_sessions);
         return refuse(&shared, &conn, close_code::BUSY, &reason);
@@ -542,14 +665,17 @@ async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming: quinn::Inc
             old.conn.close(close_code::NORMAL.into(), b"replaced by a new session of the same lease");
         }
     }
-    match mode {
-        Mode::Local(AnyDevice::Cuda(d)) => run_session(&shared, d, &conn, id, quota, send, recv).await,
-        Mode::Local(AnyDevice::Emulated(d)) => run_session(&shared, d, &conn, id, quota, send, recv).await,
+    let conn = match mode {
+        Mode::Local(AnyDevice::Cuda(d)) => run_session(&shared, d, conn, id, quota, &grant, send, recv).await,
+        Mode::Local(AnyDevice::Emulated(d)) => run_session(&shared, d, conn, id, quota, &grant, send, recv).await,
         Mode::Workers(workers) => match workers.for_session(&grant) {
-            Some(pool) => run_in_worker(&shared, pool, &conn, id, quota, &grant, send).await,
-            None => conn.close(close_code::UNAUTHORIZED.into(), b"the lease's instance is not served here"),
+            Some(pool) => run_in_worker(&shared, pool, conn, id, quota, &grant, send).await,
+            None => {
+                conn.close(close_code::UNAUTHORIZED.into(), b"the lease's instance is not served here");
+                conn
+            }
         },
-    }
+    };
     if let Some(lease) = &grant.lease {
         let mut leased = shared.leased();
         if leased.get(&lease.lease_id).is_some_and(|s| s.conn.stable_id() == conn.stable_id()) {
@@ -562,42 +688,87 @@ async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming: quinn::Inc
     tracing::info!("session ended");
 }
 
+/// A `Hello` with a `Resume`: hands the connection to the session's task
+/// when the session is kept here for this client, else refuses it.
+fn hand_to_session(
+    shared: &Shared,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    grant: &Grant,
+    resume: v1::Resume,
+) {
+    let lease_id = grant.lease.as_ref().map(|l| l.lease_id);
+    let requests = shared.resumable().get(&resume.session_id).and_then(|r| {
+        let own = constant_time_eq(r.secret.as_bytes(), resume.secret.as_bytes())
+            && r.lease_id == lease_id
+            && (lease_id.is_some() || r.subject == grant.subject)
+            && grant.session_id.is_none_or(|id| id == resume.session_id);
+        own.then(|| r.requests.clone())
+    });
+    let gone = format!(
+        "session {} is not kept here (its grace period passed, its lease ended, or it is not this client's)",
+        resume.session_id
+    );
+    let Some(requests) = requests else {
+        return refuse(shared, &conn, close_code::SESSION_GONE, &gone);
+    };
+    let request = ResumeRequest { conn: conn.clone(), send, recv, acked_seq: resume.acked_seq };
+    if requests.try_send(request).is_err() {
+        return refuse(shared, &conn, close_code::SESSION_GONE, "the session is being resumed by another connection");
+    }
+    tracing::info!(session = resume.session_id, remote = %conn.remote_address(), "client reattaching");
+}
+
 /// Hands the session to a worker process: the client is redirected to it
 /// and this connection stays open as the session's control connection
-/// until the worker exits.
+/// until the worker exits. When the client's connections are lost, the
+/// worker keeps the session for the resume grace period and a reattaching
+/// client is redirected to it again. Returns the last control connection.
 async fn run_in_worker(
     shared: &Shared,
     pool: &Arc<WorkerPool>,
-    conn: &quinn::Connection,
+    mut conn: quinn::Connection,
     id: u64,
     quota: u64,
     grant: &Grant,
     mut send: quinn::SendStream,
-) {
+) -> quinn::Connection {
     let (subject, lease) = (grant.subject.as_str(), grant.lease.as_ref().map(|l| l.lease_id));
+    let mut slot = ResumeSlot::register(shared, id, grant);
     let ticket = hex::encode(rand::random::<[u8; 32]>());
-    let assign =
-        v1::WorkerAssign { ticket: ticket.clone(), subject: subject.into(), memory_quota: quota, session_id: id };
+    let assign = v1::WorkerAssign {
+        ticket: ticket.clone(),
+        subject: subject.into(),
+        memory_quota: quota,
+        session_id: id,
+        resume_secret: slot.secret.clone(),
+        resume: false,
+    };
     let mut worker = match pool.assign(&assign).await {
         Ok(w) => w,
         Err(e) => {
             tracing::error!(error = %e, "no session worker");
             conn.close(close_code::BUSY.into(), format!("no session worker: {e}").as_bytes());
-            return;
+            return conn;
         }
     };
     let pid = worker.pid();
-    tracing::info!(pid, port = worker.ready.port, "session handed to a worker process");
-    let welcome = v1::Welcome {
+    let port = worker.ready.port;
+    tracing::info!(pid, port, "session handed to a worker process");
+    let secret = slot.secret.clone();
+    let redirect = |ticket: String, resumed: bool| v1::Welcome {
         session_id: id,
         server_build: concat!("gpupool-server ", env!("CARGO_PKG_VERSION")).into(),
-        redirect: Some(v1::Redirect { port: worker.ready.port, ticket }),
+        redirect: Some(v1::Redirect { port, ticket }),
+        resume_secret: secret.clone(),
+        resumed,
         ..Default::default()
     };
-    if send.write_all(&frame::encode(&welcome)).await.is_err() {
+    if send.write_all(&frame::encode(&redirect(ticket, false))).await.is_err() {
         worker.kill().await;
         pool.finished(pid);
-        return;
+        return conn;
     }
     let metrics = shared.metrics.clone();
     let mut events = worker.take_events();
@@ -613,11 +784,50 @@ async fn run_in_worker(
             reported = m;
         }
     };
-    let status = loop {
+    let status = 'session: loop {
         tokio::select! {
             event = events.recv(), if !events.is_closed() => apply(event),
             status = worker.wait() => break status,
-            _ = conn.closed() => break worker_end(shared, &mut worker).await,
+            _ = conn.closed() => {
+                if lost(&conn).is_none() {
+                    break worker_end(shared, &mut worker).await;
+                }
+                // The worker keeps the session as long: wait for the client.
+                let request = tokio::select! {
+                    r = slot.wait() => r,
+                    status = worker.wait() => break 'session status,
+                };
+                let Some(request) = request else { break worker_end(shared, &mut worker).await };
+                let ticket = hex::encode(rand::random::<[u8; 32]>());
+                let rearm = v1::WorkerAssign { ticket: ticket.clone(), resume: true, ..assign.clone() };
+                let armed = async {
+                    worker.send_control(&frame::encode(&rearm)).await?;
+                    loop {
+                        match events.recv().await {
+                            Some(v1::worker_event::Event::Assigned(t)) if t == ticket => return Ok(()),
+                            Some(other) => apply(Some(other)),
+                            None => return Err(ServerError::Worker("worker exited".into())),
+                        }
+                    }
+                };
+                if let Err(e) = tokio::time::timeout(shared.config.handshake_timeout, armed)
+                    .await
+                    .unwrap_or_else(|_| Err(ServerError::Worker("worker did not arm the resume ticket".into())))
+                {
+                    tracing::warn!(error = %e, "cannot resume the session");
+                    request.conn.close(close_code::SESSION_GONE.into(), format!("cannot resume: {e}").as_bytes());
+                    break worker_end(shared, &mut worker).await;
+                }
+                let mut send = request.send;
+                let _ = send.write_all(&frame::encode(&redirect(ticket, true))).await;
+                conn = request.conn;
+                if let Some(id) = lease
+                    && let Some(s) = shared.leased().get_mut(&id)
+                {
+                    s.conn = conn.clone();
+                }
+                tracing::info!(pid, "client redirected to its kept session");
+            }
         }
     };
     // The last report may arrive after the exit.
@@ -633,6 +843,7 @@ async fn run_in_worker(
         }
         Err(e) => conn.close(close_code::WORKER_EXITED.into(), format!("session worker {pid}: {e}").as_bytes()),
     }
+    conn
 }
 
 /// The client ended the session (or vanished): gives the worker time to see
@@ -665,16 +876,21 @@ fn frame_error_reply(message: String) -> v1::BatchReply {
     }
 }
 
+/// Runs a session in this process: its calls on a thread of their own,
+/// its frames on `conn`, and on later connections of the same client when
+/// one is lost (see [`ResumeSlot`]). Returns the last connection.
 #[allow(clippy::too_many_arguments)]
 async fn run_session<B: Backend>(
     shared: &Arc<Shared>,
     device: Arc<B>,
-    conn: &quinn::Connection,
+    mut conn: quinn::Connection,
     id: u64,
     quota: u64,
+    grant: &Grant,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-) {
+) -> quinn::Connection {
+    let mut slot = ResumeSlot::register(shared, id, grant);
     let cfg = &shared.config;
     let desc = device.description().clone();
     let g = desc.granularity;
@@ -695,7 +911,7 @@ async fn run_session<B: Backend>(
     };
     let staging = Arc::new(Staging::new(cfg.max_staging_bytes, cfg.max_bulk_streams * 4));
     let (work_tx, work_rx) = mpsc::channel::<Work>(cfg.batch_queue);
-    let (reply_tx, mut reply_rx) = mpsc::channel::<v1::BatchReply>(cfg.batch_queue);
+    let (reply_tx, reply_rx) = mpsc::channel::<v1::BatchReply>(cfg.batch_queue);
     let (ready_tx, ready_rx) = oneshot::channel();
     let worker = {
         let staging = staging.clone();
@@ -708,18 +924,18 @@ async fn run_session<B: Backend>(
     if let Err(e) = worker {
         tracing::error!(error = %e, "cannot start a session worker thread");
         conn.close(close_code::BUSY.into(), b"server cannot start a session worker");
-        return;
+        return conn;
     }
     let va_base = match ready_rx.await {
         Ok(Ok(base)) => base,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "cannot open a device session");
             conn.close(close_code::BUSY.into(), format!("device session failed: {e}").as_bytes());
-            return;
+            return conn;
         }
         Err(_) => {
             conn.close(close_code::BUSY.into(), b"session worker ended early");
-            return;
+            return conn;
         }
     };
     let welcome = v1::Welcome {
@@ -743,33 +959,84 @@ async fn run_session<B: Backend>(
         max_frame_bytes: cfg.max_frame_bytes,
         max_inline_bytes: cfg.max_inline_bytes,
         redirect: None,
+        resume_secret: slot.secret.clone(),
+        resumed: false,
+        resumed_seq: 0,
     };
     if send.write_all(&frame::encode(&welcome)).await.is_err() {
-        return;
+        return conn;
     }
-
-    // Replies go out in order as the worker produces them.
-    let writer = tokio::spawn(async move {
-        while let Some(reply) = reply_rx.recv().await {
-            if send.write_all(&frame::encode(&reply)).await.is_err() {
-                break;
+    let mut log = ReplyLog::new(reply_rx, slot.requests.is_some());
+    let mut received_seq = 0;
+    let mut acked = None;
+    loop {
+        // Replies go out in order as the worker produces them.
+        let writer = tokio::spawn(write_replies(log, send, conn.clone(), acked));
+        let bulk = tokio::spawn(accept_bulk(conn.clone(), shared.clone(), staging.clone()));
+        let ended = read_commands(shared, &conn, &mut recv, &work_tx, &mut received_seq).await;
+        bulk.abort();
+        match ended {
+            Ended::Finished => {
+                drop(work_tx);
+                let _ = writer.await;
+                conn.close(close_code::NORMAL.into(), b"session ended");
+                return conn;
+            }
+            Ended::Violation(e) => {
+                // Framing is lost: answer, then end the session.
+                let _ = work_tx.send(Work::Reply(frame_error_reply(format!("malformed frame: {e}")))).await;
+                drop(work_tx);
+                let _ = writer.await;
+                conn.close(close_code::PROTOCOL_VIOLATION.into(), format!("malformed frame: {e}").as_bytes());
+                return conn;
+            }
+            Ended::Lost(why) => {
+                tracing::info!(why, "session connection lost");
+                let Ok(kept) = writer.await else { return conn };
+                log = kept;
+                let Some(request) = slot.wait().await else { return conn };
+                if !log.covers(request.acked_seq) {
+                    request.conn.close(close_code::SESSION_GONE.into(), b"the replies the client missed are gone");
+                    return conn;
+                }
+                (conn, send, recv, acked) = (request.conn, request.send, request.recv, Some(request.acked_seq));
+                let again = v1::Welcome { resumed: true, resumed_seq: received_seq, ..welcome.clone() };
+                // A failed write shows on the command stream as a lost connection.
+                let _ = send.write_all(&frame::encode(&again)).await;
+                tracing::info!(remote = %conn.remote_address(), received_seq, "session resumed");
             }
         }
-        // Let the last replies arrive before the connection is closed.
-        if send.finish().is_ok() {
-            let _ = tokio::time::timeout(LINGER, send.stopped()).await;
-        }
-    });
+    }
+}
 
-    let bulk = tokio::spawn(accept_bulk(conn.clone(), shared.clone(), staging));
+/// How a session's command stream ended.
+#[derive(Debug)]
+enum Ended {
+    /// The client finished it or closed the connection, or the server is
+    /// shutting down.
+    Finished,
+    /// The connection was lost (the client may come back).
+    Lost(&'static str),
+    /// A frame could not be read: framing is lost.
+    Violation(frame::FrameError),
+}
 
-    let max_frame = cfg.max_frame_bytes as usize;
+/// Reads batches from the command stream into the session's work queue.
+async fn read_commands(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    recv: &mut quinn::RecvStream,
+    work: &mpsc::Sender<Work>,
+    received_seq: &mut u64,
+) -> Ended {
+    let max_frame = shared.config.max_frame_bytes as usize;
     loop {
-        let item = match read_frame(&mut recv, max_frame).await {
+        let item = match read_frame(recv, max_frame).await {
             Ok(Some(body)) => match v1::Batch::decode(body) {
                 Ok(batch) => {
                     add(&shared.metrics.batches, 1);
                     add(&shared.metrics.calls, batch.calls.len() as u64);
+                    *received_seq = batch.seq;
                     Work::Batch(batch)
                 }
                 Err(e) => {
@@ -777,30 +1044,99 @@ async fn run_session<B: Backend>(
                     Work::Reply(frame_error_reply(format!("malformed frame: not a Batch: {e}")))
                 }
             },
-            Ok(None) => break,
+            Ok(None) => return Ended::Finished,
             Err(FrameReadError::Frame(e)) => {
-                // Framing is lost: answer, then end the session.
                 add(&shared.metrics.frames_rejected, 1);
-                let _ = work_tx.send(Work::Reply(frame_error_reply(format!("malformed frame: {e}")))).await;
-                drop(work_tx);
-                let _ = writer.await;
-                conn.close(close_code::PROTOCOL_VIOLATION.into(), format!("malformed frame: {e}").as_bytes());
-                bulk.abort();
-                return;
+                return Ended::Violation(e);
             }
             Err(FrameReadError::Stream(e)) => {
                 tracing::debug!(error = %e, "command stream ended");
-                break;
+                return lost(conn).map_or(Ended::Finished, Ended::Lost);
             }
         };
-        if work_tx.send(item).await.is_err() {
-            break;
+        if work.send(item).await.is_err() {
+            return Ended::Finished;
         }
     }
-    drop(work_tx);
-    let _ = writer.await;
-    bulk.abort();
-    conn.close(close_code::NORMAL.into(), b"session ended");
+}
+
+/// Replies of a session: the queue from its worker thread and, when the
+/// session can be resumed, the last ones sent, for a client that lost them
+/// with its connection.
+#[derive(Debug)]
+struct ReplyLog {
+    rx: mpsc::Receiver<v1::BatchReply>,
+    keep: bool,
+    sent: std::collections::VecDeque<(u64, Bytes)>,
+    sent_bytes: usize,
+    /// Sequence number of the newest reply no longer kept.
+    forgotten: u64,
+}
+
+/// Replies kept for a resume: more than a client has in flight (32).
+const KEPT_REPLIES: usize = 64;
+const KEPT_REPLY_BYTES: usize = 64 << 20;
+
+impl ReplyLog {
+    fn new(rx: mpsc::Receiver<v1::BatchReply>, keep: bool) -> Self {
+        Self { rx, keep, sent: std::collections::VecDeque::new(), sent_bytes: 0, forgotten: 0 }
+    }
+
+    fn remember(&mut self, seq: u64, bytes: Bytes) {
+        if !self.keep || seq == 0 {
+            return;
+        }
+        self.sent_bytes += bytes.len();
+        self.sent.push_back((seq, bytes));
+        while self.sent.len() > KEPT_REPLIES || self.sent_bytes > KEPT_REPLY_BYTES {
+            let Some((seq, old)) = self.sent.pop_front() else { break };
+            self.sent_bytes -= old.len();
+            self.forgotten = seq;
+        }
+    }
+
+    /// Whether every reply after `acked` can still be sent.
+    fn covers(&self, acked: u64) -> bool {
+        acked >= self.forgotten
+    }
+}
+
+/// Sends the session's replies on `send` until the worker thread ends or
+/// the connection goes; first again those after `acked` (a resumed
+/// session). Returns the log for the next connection.
+async fn write_replies(
+    mut log: ReplyLog,
+    mut send: quinn::SendStream,
+    conn: quinn::Connection,
+    acked: Option<u64>,
+) -> ReplyLog {
+    if let Some(acked) = acked {
+        let again: Vec<Bytes> = log.sent.iter().filter(|(seq, _)| *seq > acked).map(|(_, b)| b.clone()).collect();
+        for bytes in again {
+            if send.write_all(&bytes).await.is_err() {
+                return log;
+            }
+        }
+    }
+    loop {
+        let reply = tokio::select! {
+            r = log.rx.recv() => match r {
+                Some(r) => r,
+                None => break,
+            },
+            _ = conn.closed() => return log,
+        };
+        let bytes = frame::encode(&reply);
+        log.remember(reply.seq, bytes.clone());
+        if send.write_all(&bytes).await.is_err() {
+            return log;
+        }
+    }
+    // Let the last replies arrive before the connection is closed.
+    if send.finish().is_ok() {
+        let _ = tokio::time::timeout(LINGER, send.stopped()).await;
+    }
+    log
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -124,31 +124,46 @@ enum Control {
     Closed,
 }
 
-/// Reads the `WorkerAssign`, arms the ticket and reports it, then waits for
-/// stdin to close (the supervisor's way of stopping the worker).
+/// Reads the `WorkerAssign`, arms the ticket and reports it; then arms the
+/// resume tickets of later `WorkerAssign`s (a client reattaching to the
+/// session after losing its connection) until stdin closes (the
+/// supervisor's way of stopping the worker).
 fn read_control(
     mut stdin: std::io::Stdin,
     ticket: &Ticket,
     handshake_timeout: Duration,
     out: &tokio::sync::mpsc::UnboundedSender<Control>,
 ) {
-    match read_message::<v1::WorkerAssign>(&mut stdin) {
-        Ok(Some(a)) => {
-            let grant = Grant {
-                subject: a.subject.clone(),
-                memory_quota: Some(a.memory_quota).filter(|q| *q > 0),
-                session_id: Some(a.session_id),
-                lease: None,
-            };
-            let expires = Instant::now() + handshake_timeout;
-            ticket.arm(a.ticket.clone(), grant, expires);
-            write_event(v1::worker_event::Event::Assigned(a.ticket));
-            let _ = out.send(Control::Assigned(expires));
-            let mut sink = [0u8; 256];
-            while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+    let mut first = true;
+    loop {
+        let a = match read_message::<v1::WorkerAssign>(&mut stdin) {
+            Ok(Some(a)) => a,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::error!(error = %e, "bad control frame");
+                break;
+            }
+        };
+        if a.resume == first {
+            tracing::error!(resume = a.resume, "out-of-order assignment ignored");
+            continue;
         }
-        Ok(None) => {}
-        Err(e) => tracing::error!(error = %e, "bad control frame"),
+        let grant = Grant {
+            subject: a.subject.clone(),
+            memory_quota: Some(a.memory_quota).filter(|q| *q > 0),
+            session_id: Some(a.session_id),
+            lease: None,
+            resume_secret: Some(a.resume_secret.clone()).filter(|s| !s.is_empty()),
+        };
+        let expires = Instant::now() + handshake_timeout;
+        ticket.arm(a.ticket.clone(), grant, expires);
+        write_event(v1::worker_event::Event::Assigned(a.ticket));
+        // Only the first ticket ends the worker when it goes unused: a
+        // session waiting for its client has its own grace period.
+        if first {
+            let _ = out.send(Control::Assigned(expires));
+        }
+        first = false;
     }
     let _ = out.send(Control::Closed);
 }
@@ -266,6 +281,12 @@ fn config_from_spec(spec: &v1::WorkerSpec) -> Result<ServerConfig, ServerError> 
         .map_err(|_| ServerError::Config(format!("max_udp_payload {} too large", spec.max_udp_payload)))?;
     c.handshake_timeout = Duration::from_millis(spec.handshake_timeout_ms);
     c.compression = spec.compression;
+    c.resume_grace = Duration::from_millis(spec.resume_grace_ms);
+    if spec.port_low != 0 {
+        let port =
+            |p: u32| u16::try_from(p).map_err(|_| ServerError::Config(format!("worker port {p} is not a UDP port")));
+        c.worker_ports = Some((port(spec.port_low)?, port(spec.port_high)?));
+    }
     c.validate()?;
     Ok(c)
 }
@@ -290,6 +311,9 @@ pub(crate) fn spec_from_config(config: &ServerConfig, chain: Vec<Vec<u8>>, key: 
         max_udp_payload: u32::from(config.max_udp_payload),
         handshake_timeout_ms: config.handshake_timeout.as_millis() as u64,
         compression: config.compression,
+        resume_grace_ms: config.resume_grace.as_millis() as u64,
+        port_low: config.worker_ports.map_or(0, |(low, _)| u32::from(low)),
+        port_high: config.worker_ports.map_or(0, |(_, high)| u32::from(high)),
     }
 }
 
@@ -347,7 +371,13 @@ mod tests {
     fn ticket_is_one_time_and_expires() {
         let t = Ticket::default();
         assert_eq!(t.authenticate("abc"), Err(AuthError::Invalid));
-        let grant = Grant { subject: "t".into(), memory_quota: Some(1 << 20), session_id: Some(7), lease: None };
+        let grant = Grant {
+            subject: "t".into(),
+            memory_quota: Some(1 << 20),
+            session_id: Some(7),
+            lease: None,
+            resume_secret: None,
+        };
         t.arm("abc".into(), grant.clone(), Instant::now() + Duration::from_secs(60));
         assert_eq!(t.authenticate(""), Err(AuthError::Missing));
         assert_eq!(t.authenticate("abd"), Err(AuthError::Invalid));

@@ -57,6 +57,9 @@ pub mod close_code {
     pub const PROTOCOL_VIOLATION: u32 = 0x15;
     /// The worker process serving the session ended abnormally.
     pub const WORKER_EXITED: u32 = 0x16;
+    /// A `Resume` named a session the server no longer keeps (its grace
+    /// period passed, its lease ended, or the secret did not match).
+    pub const SESSION_GONE: u32 = 0x17;
 }
 
 /// Image of the built-in module: every server loads it without an upload.

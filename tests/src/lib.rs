@@ -216,7 +216,12 @@ pub mod raw {
         ) -> Result<(Raw, v1::Welcome), (u32, String)> {
             let (ep, conn) = Self::connect(srv, addr).await;
             let (mut send, recv) = conn.open_bi().await.expect("stream");
-            let hello = v1::Hello { protocol_version: version, client_build: "raw-test".into(), token: token.into() };
+            let hello = v1::Hello {
+                protocol_version: version,
+                client_build: "raw-test".into(),
+                token: token.into(),
+                resume: None,
+            };
             send.write_all(&frame::encode(&hello)).await.expect("hello");
             let mut raw = Raw { _ep: ep, conn, send, recv, dec: FrameDecoder::new(64 << 20) };
             match raw.next().await {

@@ -141,7 +141,11 @@ impl Runtime {
                     env::Target::Pooled(request, template) => Session::connect_pooled(request, template),
                     env::Target::Handoff(path, template) => gpupool_client::LeaseHandoff::read(path)
                         .and_then(|lease| lease.client_config(template))
-                        .and_then(|config| Session::connect(&config)),
+                        .and_then(|mut config| {
+                            // A resume after a freeze presents the token as last renewed.
+                            config.token_source = gpupool_client::TokenSource::LeaseFile(path.clone());
+                            Session::connect(&config)
+                        }),
                 }
                 .map_err(|e| {
                     eprintln!("gpupool: cannot open a session on {}: {e}", target.describe());

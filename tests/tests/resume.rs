@@ -1,0 +1,174 @@
+//! Sessions that lose their connection and come back (a frozen, then
+//! thawed Lambda environment; a network outage). A UDP relay between
+//! client and server drops every datagram while it is paused, so both ends
+//! reach their idle timeout; the client then reattaches to the session the
+//! server kept. Real QUIC, real server, in-process sessions (the relay
+//! cannot follow a redirect to a worker's port; the worker path is covered
+//! by `lambda-layer/ci-test.sh`, which freezes real processes).
+
+use gpupool_client::{ClientConfig, ClientError, Session, StreamId};
+use gpupool_tests::{TestServer, fresh_seed, random_bytes, server_config};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Forwards datagrams between one client and `server` unless paused.
+struct Relay {
+    addr: SocketAddr,
+    paused: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(server: SocketAddr) -> Self {
+        let front = UdpSocket::bind("127.0.0.1:0").expect("bind relay");
+        let back = UdpSocket::bind("127.0.0.1:0").expect("bind relay upstream");
+        back.connect(server).expect("connect upstream");
+        for s in [&front, &back] {
+            s.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+        }
+        let addr = front.local_addr().expect("relay address");
+        let (paused, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let client: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
+        let (front, back) = (Arc::new(front), Arc::new(back));
+        let up = {
+            let (front, back, paused, stop, client) =
+                (front.clone(), back.clone(), paused.clone(), stop.clone(), client.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65_536];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = front.recv_from(&mut buf) {
+                        *client.lock().expect("lock") = Some(from);
+                        if !paused.load(Ordering::Relaxed) {
+                            let _ = back.send(&buf[..n]);
+                        }
+                    }
+                }
+            })
+        };
+        let down = {
+            let (paused, stop) = (paused.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65_536];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(n) = back.recv(&mut buf) {
+                        let to = *client.lock().expect("lock");
+                        if let (Some(to), false) = (to, paused.load(Ordering::Relaxed)) {
+                            let _ = front.send_to(&buf[..n], to);
+                        }
+                    }
+                }
+            })
+        };
+        Self { addr, paused, stop, threads: vec![up, down] }
+    }
+
+    fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A server whose connections time out after 1 s, keeping lost sessions for `grace`.
+fn server(grace: Duration) -> TestServer {
+    let mut c = server_config();
+    c.idle_timeout = Duration::from_secs(1);
+    c.resume_grace = grace;
+    TestServer::start(c).expect("server starts")
+}
+
+fn client(srv: &TestServer, relay: &Relay) -> ClientConfig {
+    let mut c = srv.client_config();
+    c.server = relay.addr;
+    c.idle_timeout = Duration::from_secs(1);
+    c.keep_alive = Duration::from_millis(250);
+    c
+}
+
+#[test]
+fn a_session_survives_an_outage_longer_than_the_idle_timeout() {
+    let srv = server(Duration::from_secs(20));
+    let relay = Relay::start(srv.addr);
+    let s = Session::connect(&client(&srv, &relay)).expect("session");
+    assert!(!s.welcome().resume_secret.is_empty(), "the server offers resumption");
+    let n = (3 << 20) + 5; // over the inline limit: bulk streams too
+    let data = random_bytes(n, fresh_seed());
+    let dev = s.mem_alloc(n as u64).expect("alloc");
+    s.memcpy_htod(dev, &data, StreamId::DEFAULT).expect("upload");
+    s.synchronize().expect("sync");
+    // Queued before the outage, sent after it.
+    s.memset(dev, 0x5a, 1, 16, StreamId::DEFAULT).expect("memset queued");
+
+    relay.pause(true);
+    std::thread::sleep(Duration::from_millis(2500));
+    relay.pause(false);
+
+    let mut back = vec![0u8; n];
+    s.memcpy_dtoh(&mut back, dev, StreamId::DEFAULT).expect("download after the outage");
+    assert!(back[..16].iter().all(|&b| b == 0x5a), "the queued memset ran once the session was back");
+    assert!(back[16..] == data[16..], "device memory survived the outage");
+    // And again: the resumed connection carries on like the first.
+    let dev2 = s.mem_alloc(64).expect("alloc");
+    s.memcpy_htod(dev2, &[7u8; 64], StreamId::DEFAULT).expect("upload");
+    let mut small = [0u8; 64];
+    s.memcpy_dtoh(&mut small, dev2, StreamId::DEFAULT).expect("download");
+    assert_eq!(small, [7u8; 64]);
+    let m = srv.metrics.snapshot();
+    assert_eq!(m.sessions_opened, 1, "one session, resumed, not a new one");
+    assert_eq!(m.sessions_refused, 0);
+}
+
+#[test]
+fn a_batch_lost_with_the_connection_is_sent_again() {
+    let srv = server(Duration::from_secs(20));
+    let relay = Relay::start(srv.addr);
+    let s = Session::connect(&client(&srv, &relay)).expect("session");
+    let dev = s.mem_alloc(4096).expect("alloc");
+    s.memcpy_htod(dev, &[3u8; 4096], StreamId::DEFAULT).expect("upload");
+    s.synchronize().expect("sync");
+
+    // The next synchronizing call goes out while nothing gets through.
+    relay.pause(true);
+    let unpause = {
+        let paused = relay.paused.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(2500));
+            paused.store(false, Ordering::Relaxed);
+        })
+    };
+    s.memset(dev, 0x11, 1, 4096, StreamId::DEFAULT).expect("memset queued");
+    let mut back = vec![0u8; 4096];
+    s.memcpy_dtoh(&mut back, dev, StreamId::DEFAULT).expect("download across the outage");
+    unpause.join().expect("unpause");
+    assert!(back.iter().all(|&b| b == 0x11), "the batch sent into the outage ran exactly once");
+    assert_eq!(srv.metrics.snapshot().sessions_opened, 1);
+}
+
+#[test]
+fn a_session_past_its_grace_period_is_reported_gone() {
+    let srv = server(Duration::from_millis(300));
+    let relay = Relay::start(srv.addr);
+    let s = Session::connect(&client(&srv, &relay)).expect("session");
+    let dev = s.mem_alloc(64).expect("alloc");
+    s.synchronize().expect("sync");
+    relay.pause(true);
+    std::thread::sleep(Duration::from_millis(2500));
+    relay.pause(false);
+    let mut back = [0u8; 64];
+    let e = s.memcpy_dtoh(&mut back, dev, StreamId::DEFAULT).expect_err("the session is gone");
+    assert!(matches!(e, ClientError::ConnectionLost(_)), "{e:?}");
+    let text = e.to_string();
+    assert!(text.contains("could not be resumed") && text.contains("not kept here"), "{text}");
+    // The error is sticky, as a lost CUDA context is.
+    assert!(s.synchronize().is_err());
+}
