@@ -22,13 +22,33 @@ fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
-/// Keeps the hand-off file equal to the lease as last renewed.
-async fn follow_renewals(leased: Arc<LeasedGpu>, path: PathBuf) {
-    let mut written = LeaseHandoff::from(&leased.lease());
+/// The environment's lease; replaced when the balancer no longer knows it.
+type Held = Arc<std::sync::Mutex<Arc<LeasedGpu>>>;
+
+fn current(held: &Held) -> Arc<LeasedGpu> {
+    held.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Keeps the hand-off file equal to the lease as last renewed. When the
+/// lease is gone (the environment was frozen past its expiry, or the
+/// balancer ended it) it leases again, so that the next session the
+/// function opens finds a valid lease.
+async fn follow_renewals(held: Held, req: PoolRequest, path: PathBuf) {
+    let mut written = LeaseHandoff::from(&current(&held).lease());
     loop {
+        let leased = current(&held);
         let every = Duration::from_millis(u64::from(leased.lease().renew_interval_ms).clamp(200, 60_000));
         tokio::time::sleep(every).await;
-        let now = LeaseHandoff::from(&leased.lease());
+        if leased.is_gone() {
+            tracing::warn!(lease = leased.lease().lease_id, "gpupool: the lease is gone; leasing again");
+            let req = req.clone();
+            match tokio::task::spawn_blocking(move || LeasedGpu::allocate(&req)).await {
+                Ok(Ok(fresh)) => *held.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh),
+                Ok(Err(e)) => tracing::warn!("gpupool: cannot lease again: {e}"),
+                Err(e) => tracing::warn!("gpupool: cannot lease again: {e}"),
+            }
+        }
+        let now = LeaseHandoff::from(&current(&held).lease());
         if now != written {
             match now.write(&path) {
                 Ok(()) => written = now,
@@ -48,7 +68,8 @@ async fn main() -> Result<()> {
     let path = PathBuf::from(var("GPUPOOL_LEASE_FILE").unwrap_or_else(|| DEFAULT_LEASE_FILE.into()));
     let req = PoolRequest::from_lookup(&var).map_err(|problems| anyhow::anyhow!(problems.join("; ")))?;
     let start = std::time::Instant::now();
-    let leased = Arc::new(tokio::task::spawn_blocking(move || LeasedGpu::allocate(&req)).await??);
+    let first = req.clone();
+    let leased = Arc::new(tokio::task::spawn_blocking(move || LeasedGpu::allocate(&first)).await??);
     let lease = leased.lease();
     LeaseHandoff::from(&lease).write(&path)?;
     tracing::info!(
@@ -58,13 +79,14 @@ async fn main() -> Result<()> {
         file = %path.display(),
         "gpupool: leased a GPU for this environment"
     );
-    let follower = tokio::spawn(follow_renewals(leased.clone(), path.clone()));
+    let held: Held = Arc::new(std::sync::Mutex::new(leased));
+    let follower = tokio::spawn(follow_renewals(held.clone(), req, path.clone()));
 
     let on_event = {
-        let leased = leased.clone();
+        let held = held.clone();
         let path = path.clone();
         service_fn(move |event: LambdaEvent| {
-            let leased = leased.clone();
+            let leased = current(&held);
             let path = path.clone();
             async move {
                 if let NextEvent::Shutdown(shutdown) = event.next {

@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# The example Lambda function end to end under cargo-lambda's emulator:
+# a balancer and a gpu-server on loopback, the layer's extension leasing the
+# GPU during INIT, the function (lambda_runtime + cudarc over the layer's
+# libcuda.so.1) invoked with `cargo lambda invoke` several times, each
+# product checked against a CPU reference. Checks that later invocations
+# reuse the environment's lease and QUIC session (no new lease, no new
+# session), and that an environment frozen (SIGSTOP of the function and the
+# extension) for longer than the QUIC idle timeout still works after the
+# thaw (the session is resumed, not opened again).
+#
+# The emulator runs with --only-lambda-apis and the function and extension
+# are started as their own processes against it, as Lambda starts them, so
+# that they can be frozen like a Lambda environment between invocations.
+#
+# Usage: lambda-layer/ci-test.sh
+# Env:
+#   BIN           folder with gpupool-server, gpupool-balancer,
+#                 gpupool-extension, gpupool-lambda-example and lib/ (the
+#                 layer's lib/); default: build them here (debug)
+#   CARGO_LAMBDA  the cargo-lambda binary (default: installed from PyPI into
+#                 target/cargo-lambda-venv)
+#   DEVICE        the gpu-server's --device (default emulated)
+#   INSTANCES     its --instances (default: a simulated whole H100 on the
+#                 emulated device, else what NVML reports)
+#   OUT           folder for logs and the timing report (default
+#                 target/lambda-ci)
+#   NATIVE=1      also run the function on the machine's own libcuda (GPU
+#                 machine): cold and warm latency native versus through the pool
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+out=${OUT:-target/lambda-ci}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+device=${DEVICE:-emulated}
+if [[ $device == emulated ]]; then instances=${INSTANCES:-simulated:h100-80gb}; else instances=${INSTANCES:-nvml}; fi
+idle_ms=3000
+freeze_s=7
+cargo_lambda_version=1.9.2
+
+if [[ -z ${BIN:-} ]]; then
+    cargo build --locked -q -p gpupool-server -p gpupool-balancer -p gpupool-lambda-layer \
+        -p gpupool-libcuda -p gpupool-libnvml
+    BIN="$out/bin"
+    mkdir -p "$BIN/lib"
+    for b in gpupool-server gpupool-balancer gpupool-extension gpupool-lambda-example; do
+        cp target/debug/$b "$BIN/"
+    done
+    cp target/debug/libcuda.so "$BIN/lib/libcuda.so.1"
+    cp target/debug/libnvidia_ml.so "$BIN/lib/libnvidia-ml.so.1"
+    ln -sf libcuda.so.1 "$BIN/lib/libcuda.so"
+    ln -sf libnvidia-ml.so.1 "$BIN/lib/libnvidia-ml.so"
+fi
+BIN=$(cd "$BIN" && pwd)
+if [[ -z ${CARGO_LAMBDA:-} ]]; then
+    venv=target/cargo-lambda-venv
+    if [[ ! -x $venv/bin/cargo-lambda ]]; then
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q "cargo-lambda==$cargo_lambda_version"
+    fi
+    CARGO_LAMBDA="$repo/$venv/bin/cargo-lambda"
+fi
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill -CONT "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+fail() {
+    echo "lambda-ci: FAILED: $*" >&2
+    for f in "$out"/*.log; do echo "--- $f" >&2; tail -n 25 "$f" >&2; done
+    exit 1
+}
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# The pool: a balancer and one gpu-server.
+"$BIN/gpupool-balancer" keygen --key-file "$work/key" >"$work/pub" 2>/dev/null
+bport=$(free_port)
+RUST_LOG=info "$BIN/gpupool-balancer" serve --listen "127.0.0.1:$bport" --key-file "$work/key" \
+    --server-secret ci-secret --recovery-ms 0 >"$out/balancer.log" 2>&1 &
+pids+=($!)
+sport=$(free_port)
+RUST_LOG=info "$BIN/gpupool-server" --listen "127.0.0.1:$sport" --device "$device" --instances "$instances" \
+    --balancer "http://127.0.0.1:$bport" --advertise "127.0.0.1:$sport" --balancer-secret ci-secret \
+    --lease-key "$(cat "$work/pub")" --server-id lambda-ci --idle-timeout-ms "$idle_ms" \
+    --resume-grace-ms 30000 --warm-workers 1 >"$out/server.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 120); do
+    "$BIN/gpupool-balancer" status --balancer "http://127.0.0.1:$bport" >"$work/status" 2>/dev/null &&
+        grep -q lambda-ci "$work/status" && break
+    sleep 0.5
+done
+grep -q lambda-ci "$work/status" || fail "the gpu-server did not register with the balancer"
+
+# A payload and its CPU reference.
+python3 - "$work" <<'PY'
+import json, random, sys
+random.seed(20261201)
+m, n, k = 12, 9, 17
+a = [random.uniform(-1, 1) for _ in range(m * k)]
+b = [random.uniform(-1, 1) for _ in range(k * n)]
+c = [sum(a[r * k + i] * b[i * n + col] for i in range(k)) for r in range(m) for col in range(n)]
+json.dump({"m": m, "n": n, "k": k, "a": a, "b": b}, open(sys.argv[1] + "/payload.json", "w"))
+json.dump(c, open(sys.argv[1] + "/reference.json", "w"))
+PY
+
+# One Lambda environment: emulator, extension (INIT: lease), function.
+# $1: label, $2: "pool" (the layer's libcuda) or "native".
+start_environment() {
+    local label=$1 mode=$2
+    iport=$(free_port)
+    "$CARGO_LAMBDA" lambda watch --only-lambda-apis --invoke-address 127.0.0.1 --invoke-port "$iport" \
+        >"$out/emulator-$label.log" 2>&1 &
+    emulator=$!
+    pids+=($emulator)
+    for _ in $(seq 1 100); do
+        python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$iport),0.2)" 2>/dev/null && break
+        sleep 0.2
+    done
+    export AWS_LAMBDA_RUNTIME_API="http://127.0.0.1:$iport/.rt"
+    export AWS_LAMBDA_FUNCTION_NAME=_ AWS_LAMBDA_FUNCTION_VERSION=1 AWS_LAMBDA_FUNCTION_MEMORY_SIZE=1024
+    local lease_file="$work/$label/lease"
+    local init_start
+    init_start=$(date +%s%N)
+    if [[ $mode == pool ]]; then
+        GPUPOOL_BALANCER="http://127.0.0.1:$bport" GPUPOOL_TENANT=lambda-ci GPUPOOL_LEASE_FILE="$lease_file" \
+            GPUPOOL_LOG=info "$BIN/gpupool-extension" >"$out/extension-$label.log" 2>&1 &
+        extension=$!
+        pids+=($extension)
+        for _ in $(seq 1 100); do [[ -s $lease_file ]] && break; sleep 0.1; done
+        [[ -s $lease_file ]] || fail "the extension wrote no lease"
+        LD_LIBRARY_PATH="$BIN/lib" GPUPOOL_LEASE_FILE="$lease_file" GPUPOOL_MAX_UDP_PAYLOAD=1200 \
+            GPUPOOL_LOG=info "$BIN/gpupool-lambda-example" >"$out/function-$label.log" 2>&1 &
+    else
+        extension=
+        "$BIN/gpupool-lambda-example" >"$out/function-$label.log" 2>&1 &
+    fi
+    function=$!
+    pids+=($function)
+    init_ns=$(($(date +%s%N) - init_start))
+}
+
+# Invokes the function once; checks the product; prints "<ms> <cold>".
+invoke() {
+    local label=$1 i=$2 t0 t1
+    t0=$(date +%s%N)
+    timeout 60 "$CARGO_LAMBDA" lambda invoke --invoke-address 127.0.0.1 --invoke-port "$iport" \
+        --data-file "$work/payload.json" >"$work/reply.json" 2>"$work/invoke.err" ||
+        { cat "$work/invoke.err" >&2; fail "$label invocation $i failed"; }
+    t1=$(date +%s%N)
+    python3 - "$work/reply.json" "$work/reference.json" "$label" "$i" <<'PY' || fail "$label invocation $i: wrong result"
+import json, sys
+reply, ref = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+c = reply["c"]
+assert len(c) == len(ref), f"{len(c)} elements, want {len(ref)}"
+err = max(abs(x - y) for x, y in zip(c, ref))
+assert err < 1e-4, f"max error {err}"
+PY
+    python3 -c "import json,sys; r=json.load(open('$work/reply.json')); print(round(($t1-$t0)/1e6, 1), r['cold'], round(r['timing']['total_ms'], 1), r['device'].replace(' ', '_'))"
+}
+
+count() { grep -c "$1" "$2" || true; }
+
+report="$out/lambda.md"
+: >"$report"
+run_environment() {
+    local label=$1 mode=$2 invocations=$3
+    start_environment "$label" "$mode"
+    for i in $(seq 1 "$invocations"); do
+        read -r ms cold fn_ms dev < <(invoke "$label" "$i")
+        echo "| $label | $i | $cold | $ms | $fn_ms |" >>"$work/rows"
+        echo "lambda-ci: $label invocation $i: ${ms} ms (function ${fn_ms} ms, cold=$cold) on $dev"
+    done
+}
+
+: >"$work/rows"
+run_environment pool pool 4
+leases=$(count "leased a virtual GPU" "$out/extension-pool.log")
+opened=$(count "session opened" "$out/server.log")
+[[ $leases == 1 ]] || fail "the extension leased $leases times, want 1"
+# The supervisor logs one "session opened" per session (the worker another).
+[[ $opened -le 2 ]] || fail "$opened sessions opened for one environment, want one"
+! grep -q "leased a virtual GPU" "$out/function-pool.log" || fail "the function leased a GPU itself"
+echo "lambda-ci: 4 invocations, one lease, one session"
+
+# Freeze the environment past the idle timeout, thaw it, invoke again.
+kill -STOP "$function" "$extension"
+sleep "$freeze_s"
+kill -CONT "$function" "$extension"
+read -r ms cold fn_ms dev < <(invoke pool thawed)
+echo "| pool | after a ${freeze_s} s freeze | $cold | $ms | $fn_ms |" >>"$work/rows"
+echo "lambda-ci: after a ${freeze_s} s freeze (idle timeout ${idle_ms} ms): ${ms} ms, result correct"
+grep -q "connection lost; resuming the session" "$out/function-pool.log" ||
+    fail "the function's connection survived a freeze past the idle timeout: nothing was tested"
+grep -q "session resumed" "$out/function-pool.log" || fail "the session was not resumed after the thaw"
+[[ $(count "session opened" "$out/server.log") == "$opened" ]] || fail "a new session was opened after the thaw"
+[[ $(count "leased a virtual GPU" "$out/extension-pool.log") == 1 ]] || fail "a new lease was taken after the thaw"
+echo "lambda-ci: the thawed environment resumed its session (no new lease, no new session)"
+
+if [[ ${NATIVE:-0} == 1 ]]; then
+    run_environment native native 4
+fi
+
+# Each environment ends as Lambda ends it: SHUTDOWN releases the lease.
+kill "$function" 2>/dev/null || true
+{
+    echo "## Lambda example function under cargo-lambda ($(date -u +%FT%TZ), device $device)"
+    echo
+    echo "Round trip of \`cargo lambda invoke\` (ms) and the time the function measured itself (ms);"
+    echo "a ${freeze_s} s freeze is longer than the ${idle_ms} ms QUIC idle timeout."
+    echo
+    echo "| environment | invocation | cold | invoke ms | function ms |"
+    echo "|---|---|---|---|---|"
+    cat "$work/rows"
+} >"$report"
+cat "$report"
+echo "lambda-ci: passed"
