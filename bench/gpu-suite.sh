@@ -10,7 +10,10 @@
 #      benchmark row, native and through gpupool's libcuda.so.1;
 #   7. bench/pool-gpu.sh: the balancer: whole-GPU discovery through NVML,
 #      a balancer and a server on the card, unmodified programs leasing
-#      their GPU through it, and the balancer's gRPC benchmark.
+#      their GPU through it, and the balancer's gRPC benchmark;
+#   8. lambda-layer/ci-test.sh on the card: the example Lambda function,
+#      cold and warm, native and through the pool (binaries from
+#      lambda-layer/build-device.sh, ONLY=lambda).
 # Results: <date>-<gpu>-<commit>.md (every step's output and a summary) and
 # .json (the benchmark's figures) in $OUT when set (a device run returns only
 # $OUT), else in bench/results/. The .md is written step by step, so a run cut
@@ -27,7 +30,7 @@
 #                     DROPIN_TIMEOUT (540), POOL_TIMEOUT (300)
 #        ONLY         step functions to run, space-separated (gpu_info
 #                     gpu_tests server_smoke demo bench bench_in_process
-#                     dropin pool); default all. The binaries of every step
+#                     dropin pool lambda); default all. The binaries of every step
 #                     exceed what one device run carries (and its 600 s):
 #                     ONLY="gpu_info gpu_tests server_smoke bench bench_in_process"
 #                     with PARTS=core binaries, ONLY="demo dropin" with
@@ -198,8 +201,20 @@ pool() {
     bash "$repo/bench/pool-gpu.sh" "$bin_dir" "$stem-pool"
 }
 
+# The Lambda example function under cargo-lambda on the card: cold and warm
+# invocations through the pool (layer libcuda, extension, balancer, server)
+# and natively (the machine's libcuda), and the freeze/thaw check.
+# Binaries: lambda-layer/build-device.sh into BIN_DIR/../lambda or LAMBDA_DIR.
+lambda() {
+    local dir=${LAMBDA_DIR:-$bin_dir/../lambda}
+    [[ -x $dir/bin/gpupool-lambda-example ]] || { echo "no $dir/bin: run lambda-layer/build-device.sh"; return 1; }
+    dir=$(cd "$dir" && pwd)
+    PATH="$dir/shim:$PATH" BIN="$dir/bin" CARGO_LAMBDA="$dir/cargo-lambda" DEVICE=cuda:0 NATIVE=1 \
+        OUT="$stem-lambda" bash "$repo/lambda-layer/ci-test.sh"
+}
+
 export repo stem bin_dir json
-export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool
+export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool lambda
 
 {
     echo "# gpupool GPU suite"
@@ -221,6 +236,7 @@ step "benchmark (--device cuda)" "${BENCH_TIMEOUT:-300}" bench
 step "benchmark, sessions in-process (--device cuda)" "${BENCH_TIMEOUT:-300}" bench_in_process
 step "drop-in libcuda: unmodified programs, PyTorch, benchmark row" "${DROPIN_TIMEOUT:-540}" dropin
 step "balancer: NVML discovery, leased programs, gRPC benchmark" "${POOL_TIMEOUT:-300}" pool
+step "Lambda example function: cold and warm, native and through the pool, freeze/thaw" "${LAMBDA_TIMEOUT:-240}" lambda
 
 {
     echo "## Summary"

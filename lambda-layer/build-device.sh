@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Builds what lambda-layer/ci-test.sh needs on the GPU machine (which has
+# no Rust toolchain and no network) into one folder that a device run
+# carries: bin/ (gpupool-server, gpupool-balancer, gpupool-extension,
+# gpupool-lambda-example, lib/ with the drop-in libraries), cargo-lambda
+# (from PyPI), and shim/cargo, which answers cargo-lambda's `cargo metadata`
+# with this workspace's metadata (the emulator asks for it at start).
+#
+# Usage: lambda-layer/build-device.sh [OUT_DIR]   (default .device/lambda, git-ignored)
+# On the GPU machine: bench/gpu-suite.sh runs it as its `lambda` step.
+set -euo pipefail
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+out=${1:-.device/lambda}
+cargo build --release --locked -p gpupool-server -p gpupool-balancer -p gpupool-lambda-layer \
+    -p gpupool-libcuda -p gpupool-libnvml
+rm -rf "$out"
+mkdir -p "$out/bin/lib" "$out/shim"
+for b in gpupool-server gpupool-balancer gpupool-extension gpupool-lambda-example; do
+    strip --strip-all -o "$out/bin/$b" "target/release/$b"
+done
+strip --strip-debug -o "$out/bin/lib/libcuda.so.1" target/release/libcuda.so
+strip --strip-debug -o "$out/bin/lib/libnvidia-ml.so.1" target/release/libnvidia_ml.so
+ln -sf libcuda.so.1 "$out/bin/lib/libcuda.so"
+ln -sf libnvidia-ml.so.1 "$out/bin/lib/libnvidia-ml.so"
+venv=target/cargo-lambda-venv
+if [[ ! -x $venv/bin/cargo-lambda ]]; then
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "cargo-lambda==1.9.2"
+fi
+cp "$venv/bin/cargo-lambda" "$out/cargo-lambda"
+cargo metadata --format-version 1 --no-deps >"$out/shim/metadata.json"
+cat >"$out/shim/cargo" <<'SH'
+#!/bin/sh
+# cargo-lambda's emulator runs `cargo metadata` at start; the GPU machine has no cargo.
+exec cat "$(dirname "$0")/metadata.json"
+SH
+chmod +x "$out/shim/cargo"
+git rev-parse --short HEAD >"$out/COMMIT"
+du -sh "$out"
