@@ -1,0 +1,85 @@
+# A whole gpupool on AWS: network, KMS key and artifact bucket, balancer, GPU
+# server fleet, and the Lambda layer with the example function. infra/README.md
+# walks through it.
+
+locals {
+  # One place for the ports that the security groups open and the servers use.
+  quic_port     = 4433
+  worker_ports  = [4434, 4499]
+  balancer_port = 50051
+
+  artifacts = coalesce(var.artifacts_dir, "${path.root}/../../../target/infra")
+  binaries = {
+    "bin/gpupool-server"   = "${local.artifacts}/gpupool-server"
+    "bin/gpupool-balancer" = "${local.artifacts}/gpupool-balancer"
+  }
+}
+
+module "foundation" {
+  source    = "../../modules/foundation"
+  name      = var.name
+  artifacts = local.binaries
+}
+
+module "network" {
+  source             = "../../modules/network"
+  name               = var.name
+  kms_key_arn        = module.foundation.kms_key_arn
+  vpc_cidr           = var.vpc_cidr
+  availability_zones = var.availability_zones
+  quic_port          = local.quic_port
+  worker_ports       = local.worker_ports
+  balancer_port      = local.balancer_port
+  log_retention_days = var.log_retention_days
+}
+
+module "balancer" {
+  source             = "../../modules/balancer"
+  name               = var.name
+  kms_key_arn        = module.foundation.kms_key_arn
+  subnet_id          = module.network.private_subnet_ids[0]
+  security_group_id  = module.network.balancer_security_group_id
+  artifact_bucket    = module.foundation.artifact_bucket
+  binary_key         = "bin/gpupool-balancer"
+  binary_version     = module.foundation.artifact_versions["bin/gpupool-balancer"]
+  port               = local.balancer_port
+  policy             = var.balancer_policy
+  quotas             = var.balancer_quotas
+  log_retention_days = var.log_retention_days
+}
+
+module "gpu_fleet" {
+  source                      = "../../modules/gpu-fleet"
+  name                        = var.name
+  kms_key_arn                 = module.foundation.kms_key_arn
+  subnet_ids                  = module.network.private_subnet_ids
+  security_group_id           = module.network.gpu_server_security_group_id
+  instance_type               = var.instance_type
+  mig_layout                  = var.mig_layout
+  server_count                = var.gpu_server_count
+  capacity_reservation_id     = var.capacity_reservation_id
+  quic_port                   = local.quic_port
+  worker_ports                = local.worker_ports
+  balancer_url                = module.balancer.url
+  server_secret_arn           = module.balancer.server_secret_arn
+  lease_public_key_secret_arn = module.balancer.public_key_secret_arn
+  artifact_bucket             = module.foundation.artifact_bucket
+  binary_key                  = "bin/gpupool-server"
+  binary_version              = module.foundation.artifact_versions["bin/gpupool-server"]
+  log_retention_days          = var.log_retention_days
+}
+
+module "lambda" {
+  source             = "../../modules/lambda"
+  name               = var.name
+  kms_key_arn        = module.foundation.kms_key_arn
+  layer_zip          = "${local.artifacts}/gpupool-layer-x86_64.zip"
+  function_zip       = "${local.artifacts}/gpupool-lambda-example.zip"
+  subnet_ids         = module.network.private_subnet_ids
+  security_group_id  = module.network.client_security_group_id
+  balancer_url       = module.balancer.url
+  client_secret      = module.balancer.client_secret
+  tenant             = var.lambda_tenant
+  max_concurrency    = var.lambda_max_concurrency
+  log_retention_days = var.log_retention_days
+}

@@ -1,0 +1,49 @@
+output "balancer_url" {
+  description = "The balancer's gRPC URL inside the VPC (GPUPOOL_BALANCER for clients)."
+  value       = module.balancer.url
+}
+
+output "balancer_instance_id" {
+  description = "Instance id of the balancer: aws ssm start-session --target <id>."
+  value       = module.balancer.instance_id
+}
+
+output "client_secret_arn" {
+  description = "Secrets Manager ARN of the client secret (GPUPOOL_BALANCER_SECRET for clients and for gpupool-balancer status)."
+  value       = module.balancer.client_secret_arn
+}
+
+output "layer_arn" {
+  description = "ARN of the gpupool Lambda layer version."
+  value       = module.lambda.layer_arn
+}
+
+output "function_name" {
+  description = "Name of the example Lambda function."
+  value       = module.lambda.function_name
+}
+
+output "client_security_group_id" {
+  description = "Security group to give your own functions or containers so they may use the pool."
+  value       = module.network.client_security_group_id
+}
+
+output "private_subnet_ids" {
+  description = "Private subnets for your own functions or containers."
+  value       = module.network.private_subnet_ids
+}
+
+output "gpu_autoscaling_group" {
+  description = "Auto-scaling group of the GPU servers."
+  value       = module.gpu_fleet.autoscaling_group_name
+}
+
+output "mig_instances_per_server" {
+  description = "MIG instances each GPU server registers with the balancer."
+  value       = module.gpu_fleet.instances_per_server
+}
+
+output "log_groups" {
+  description = "CloudWatch log groups of the balancer and the GPU servers."
+  value       = { balancer = module.balancer.log_group, gpu_servers = module.gpu_fleet.log_group }
+}

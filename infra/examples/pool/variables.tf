@@ -1,0 +1,91 @@
+variable "region" {
+  description = "AWS region to deploy the pool in."
+  type        = string
+  default     = "us-east-1"
+}
+
+variable "name" {
+  description = "Name of the pool: prefix of every resource name."
+  type        = string
+  default     = "gpupool"
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]{1,20}$", var.name))
+    error_message = "name must be 2 to 21 lower-case letters, digits or dashes, starting with a letter."
+  }
+}
+
+variable "availability_zones" {
+  description = "Availability zones of the private subnets (list the zones where you have GPU capacity)."
+  type        = list(string)
+  default     = ["us-east-1a", "us-east-1b"]
+}
+
+variable "vpc_cidr" {
+  description = "CIDR block of the pool's VPC."
+  type        = string
+  default     = "10.40.0.0/16"
+}
+
+variable "instance_type" {
+  description = "GPU server instance type (MIG-capable: p4d.24xlarge, p4de.24xlarge, p5.48xlarge, p5e.48xlarge, p5en.48xlarge)."
+  type        = string
+  default     = "p5.48xlarge"
+}
+
+variable "mig_layout" {
+  description = "MIG layout of every GPU, in the profile names of the instance type's GPU (README: MIG layout choices)."
+  type        = list(string)
+  default     = ["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"]
+}
+
+variable "gpu_server_count" {
+  description = "Number of GPU servers (0: everything but the GPUs)."
+  type        = number
+  default     = 1
+}
+
+variable "capacity_reservation_id" {
+  description = "On-demand capacity reservation (ODCR) id for the GPU servers, if any."
+  type        = string
+  default     = null
+}
+
+variable "balancer_policy" {
+  description = "Balancer placement policy: spread or binpack."
+  type        = string
+  default     = "spread"
+}
+
+variable "balancer_quotas" {
+  description = "Per-tenant quotas in the balancer's --quota syntax, e.g. [\"*=leases:8\"]."
+  type        = list(string)
+  default     = []
+}
+
+variable "lambda_tenant" {
+  description = "Tenant the example function leases as."
+  type        = string
+  default     = "example"
+}
+
+variable "lambda_max_concurrency" {
+  description = "Reserved concurrency of the example function (each environment holds one lease)."
+  type        = number
+  default     = 8
+}
+
+variable "log_retention_days" {
+  description = "Days CloudWatch keeps every log group of the pool."
+  type        = number
+  default     = 365
+  validation {
+    condition     = contains([1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653], var.log_retention_days)
+    error_message = "log_retention_days must be a retention CloudWatch Logs offers (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288 or 3653)."
+  }
+}
+
+variable "artifacts_dir" {
+  description = "Directory with the built artifacts (bash infra/build-artifacts.sh). Null: target/infra of this repository."
+  type        = string
+  default     = null
+}

@@ -1,0 +1,207 @@
+# The balancer: one small EC2 instance in a private subnet, at a fixed private
+# address, run by systemd.
+#
+# Why an instance and not ECS: the balancer is one process with its state in
+# memory (it recovers live leases from the servers after a restart), so a
+# service scheduler adds nothing that EC2 auto-recovery and systemd's restart
+# do not give; ECS would also need an image registry and an image build that
+# the repository does not have, and the binary already runs the same way on
+# the GPU hosts. A fixed address (host number of the subnet) keeps the URL
+# that servers and functions are configured with when the instance is
+# replaced, without a load balancer's hourly cost.
+
+data "aws_region" "current" {}
+data "aws_partition" "current" {}
+
+data "aws_subnet" "this" {
+  id = var.subnet_id
+}
+
+data "aws_ssm_parameter" "al2023" {
+  name = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
+}
+
+locals {
+  region     = data.aws_region.current.name
+  partition  = data.aws_partition.current.partition
+  address    = cidrhost(data.aws_subnet.this.cidr_block, var.host_number)
+  url        = "http://${local.address}:${var.port}"
+  log_group  = "/${var.name}/balancer"
+  agent_conf = "/opt/aws/amazon-cloudwatch-agent/etc/gpupool.json"
+}
+
+# --- secrets ---------------------------------------------------------------
+
+resource "random_password" "server" {
+  length  = 48
+  special = false
+}
+
+resource "random_password" "client" {
+  length  = 48
+  special = false
+}
+
+resource "aws_secretsmanager_secret" "signing_key" {
+  #checkov:skip=CKV2_AWS_57:Rotating the lease-signing key invalidates every live lease and needs every gpu-server restarted with the new public key; it is rotated by hand (infra/README.md), not by a rotation Lambda.
+  name_prefix             = "${var.name}/balancer/lease-signing-key-"
+  description             = "gpupool balancer's ed25519 lease-signing key (hex seed). Created by the balancer on its first start."
+  kms_key_id              = var.kms_key_arn
+  recovery_window_in_days = 7
+}
+
+resource "aws_secretsmanager_secret" "public_key" {
+  #checkov:skip=CKV2_AWS_57:Not a credential: the public half of the signing key, written by the balancer itself whenever the key changes.
+  name_prefix             = "${var.name}/balancer/lease-public-key-"
+  description             = "Public key of the lease-signing key (what gpu-servers take as --lease-key). Written by the balancer."
+  kms_key_id              = var.kms_key_arn
+  recovery_window_in_days = 0
+}
+
+resource "aws_secretsmanager_secret" "server" {
+  #checkov:skip=CKV2_AWS_57:Shared by the balancer and every gpu-server, which read it at start; rotating means a new Terraform value and a rolling restart (infra/README.md), which a rotation Lambda cannot coordinate.
+  name_prefix             = "${var.name}/balancer/server-secret-"
+  description             = "Secret gpu-servers present to register with the balancer."
+  kms_key_id              = var.kms_key_arn
+  recovery_window_in_days = 0
+}
+
+resource "aws_secretsmanager_secret_version" "server" {
+  secret_id     = aws_secretsmanager_secret.server.id
+  secret_string = random_password.server.result
+}
+
+resource "aws_secretsmanager_secret" "client" {
+  #checkov:skip=CKV2_AWS_57:Shared by the balancer and the Lambda functions' configuration; rotating means a new Terraform value applied to both (infra/README.md), which a rotation Lambda cannot coordinate.
+  name_prefix             = "${var.name}/balancer/client-secret-"
+  description             = "Secret clients (Lambda functions) present to lease GPUs."
+  kms_key_id              = var.kms_key_arn
+  recovery_window_in_days = 0
+}
+
+resource "aws_secretsmanager_secret_version" "client" {
+  secret_id     = aws_secretsmanager_secret.client.id
+  secret_string = random_password.client.result
+}
+
+# --- IAM and logs (modules/instance-role) ------------------------------
+
+data "aws_iam_policy_document" "this" {
+  statement {
+    sid       = "ReadSecrets"
+    actions   = ["secretsmanager:GetSecretValue", "secretsmanager:ListSecretVersionIds"]
+    resources = [aws_secretsmanager_secret.signing_key.arn, aws_secretsmanager_secret.public_key.arn, aws_secretsmanager_secret.server.arn, aws_secretsmanager_secret.client.arn]
+  }
+  statement {
+    sid       = "StoreItsOwnKeys"
+    actions   = ["secretsmanager:PutSecretValue"]
+    resources = [aws_secretsmanager_secret.signing_key.arn, aws_secretsmanager_secret.public_key.arn]
+  }
+}
+
+module "role" {
+  source             = "../instance-role"
+  name_prefix        = "${var.name}-balancer-"
+  kms_key_arn        = var.kms_key_arn
+  kms_actions        = ["kms:Decrypt", "kms:GenerateDataKey"]
+  log_group_name     = local.log_group
+  log_retention_days = var.log_retention_days
+  binary_arn         = "arn:${local.partition}:s3:::${var.artifact_bucket}/${var.binary_key}"
+  policy_json        = data.aws_iam_policy_document.this.json
+}
+
+# --- the instance ----------------------------------------------------------
+
+locals {
+  env = join("", [for k, v in {
+    GPUPOOL_INFRA_REGION             = local.region
+    GPUPOOL_INFRA_BUCKET             = var.artifact_bucket
+    GPUPOOL_INFRA_BINARY_KEY         = var.binary_key
+    GPUPOOL_INFRA_BINARY_VERSION     = var.binary_version
+    GPUPOOL_INFRA_SIGNING_KEY_SECRET = aws_secretsmanager_secret.signing_key.arn
+    GPUPOOL_INFRA_PUBLIC_KEY_SECRET  = aws_secretsmanager_secret.public_key.arn
+    GPUPOOL_INFRA_SERVER_SECRET      = aws_secretsmanager_secret.server.arn
+    GPUPOOL_INFRA_CLIENT_SECRET      = aws_secretsmanager_secret.client.arn
+    GPUPOOL_LISTEN                   = "0.0.0.0:${var.port}"
+    GPUPOOL_POLICY                   = var.policy
+    GPUPOOL_QUOTAS                   = join(";", var.quotas)
+  } : "${k}=${v}\n" if v != ""])
+
+  agent = jsonencode({
+    agent = { run_as_user = "root" }
+    logs = {
+      logs_collected = {
+        files = {
+          collect_list = [{
+            file_path       = "/var/log/gpupool/balancer.log"
+            log_group_name  = local.log_group
+            log_stream_name = "{instance_id}"
+          }]
+        }
+      }
+    }
+  })
+
+  user_data = join("\n", ["#cloud-config", yamlencode({
+    write_files = [
+      { path = "/etc/gpupool/balancer.env", permissions = "0644", content = local.env },
+      { path = "/usr/local/lib/gpupool/start-balancer.sh", permissions = "0755", content = file("${path.module}/files/start-balancer.sh") },
+      { path = "/etc/systemd/system/gpupool-balancer.service", permissions = "0644", content = file("${path.module}/files/gpupool-balancer.service") },
+      { path = local.agent_conf, permissions = "0644", content = local.agent },
+      { path = "/etc/logrotate.d/gpupool", permissions = "0644", content = "/var/log/gpupool/*.log {\n  daily\n  rotate 7\n  compress\n  missingok\n  copytruncate\n}\n" },
+    ]
+    runcmd = [
+      ["mkdir", "-p", "/var/log/gpupool"],
+      # Amazon Linux's package mirrors are S3 buckets: reached through the VPC's S3 gateway endpoint.
+      ["dnf", "install", "-y", "amazon-cloudwatch-agent"],
+      ["/opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl", "-a", "fetch-config", "-m", "ec2", "-s", "-c", "file:${local.agent_conf}"],
+      ["systemctl", "daemon-reload"],
+      ["systemctl", "enable", "--now", "gpupool-balancer.service"],
+    ]
+  })])
+}
+
+resource "aws_instance" "this" {
+  ami                     = nonsensitive(data.aws_ssm_parameter.al2023.value)
+  instance_type           = var.instance_type
+  subnet_id               = var.subnet_id
+  private_ip              = local.address
+  vpc_security_group_ids  = [var.security_group_id]
+  iam_instance_profile    = module.role.instance_profile_name
+  monitoring              = true
+  ebs_optimized           = true
+  disable_api_termination = false
+  user_data_base64        = base64gzip(local.user_data)
+  # A new binary or setting rewrites the user data: replace the instance, which
+  # comes back at the same address with the same signing key.
+  user_data_replace_on_change = true
+
+  metadata_options {
+    http_endpoint               = "enabled"
+    http_tokens                 = "required"
+    http_put_response_hop_limit = 1
+    instance_metadata_tags      = "disabled"
+  }
+
+  root_block_device {
+    volume_type           = "gp3"
+    volume_size           = 16
+    encrypted             = true
+    kms_key_id            = var.kms_key_arn
+    delete_on_termination = true
+  }
+
+  maintenance_options {
+    auto_recovery = "default"
+  }
+
+  tags = { Name = "${var.name}-balancer" }
+
+  lifecycle {
+    # A newer Amazon Linux image alone does not replace a running balancer;
+    # `terraform apply -replace=module.balancer.aws_instance.this` does.
+    ignore_changes = [ami]
+  }
+
+  depends_on = [aws_secretsmanager_secret_version.server, aws_secretsmanager_secret_version.client, module.role]
+}

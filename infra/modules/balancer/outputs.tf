@@ -1,0 +1,40 @@
+output "url" {
+  description = "The balancer's gRPC URL (what GPUPOOL_BALANCER takes), at its fixed private address."
+  value       = local.url
+}
+
+output "address" {
+  description = "The balancer's fixed private IP address."
+  value       = local.address
+}
+
+output "instance_id" {
+  description = "EC2 instance id of the balancer (for Session Manager)."
+  value       = aws_instance.this.id
+}
+
+output "server_secret_arn" {
+  description = "Secret the gpu-servers register with."
+  value       = aws_secretsmanager_secret.server.arn
+}
+
+output "client_secret_arn" {
+  description = "Secret clients lease with."
+  value       = aws_secretsmanager_secret.client.arn
+}
+
+output "client_secret" {
+  description = "The client secret itself (for the Lambda function's environment)."
+  value       = random_password.client.result
+  sensitive   = true
+}
+
+output "public_key_secret_arn" {
+  description = "Secret holding the lease-signing public key (written by the balancer; the gpu-servers read it)."
+  value       = aws_secretsmanager_secret.public_key.arn
+}
+
+output "log_group" {
+  description = "CloudWatch log group of the balancer."
+  value       = module.role.log_group_name
+}

@@ -1,0 +1,86 @@
+variable "name" {
+  description = "Prefix of every resource name (the pool's name)."
+  type        = string
+}
+
+variable "kms_key_arn" {
+  description = "KMS key for the volume, the secrets and the log group."
+  type        = string
+}
+
+variable "subnet_id" {
+  description = "Private subnet the balancer runs in."
+  type        = string
+}
+
+variable "security_group_id" {
+  description = "Security group of the balancer (network module)."
+  type        = string
+}
+
+variable "host_number" {
+  description = "The balancer's fixed private address is this host number of its subnet, so it survives replacing the instance (servers and functions are configured with it)."
+  type        = number
+  default     = 10
+  validation {
+    condition     = var.host_number >= 4 && var.host_number <= 250
+    error_message = "host_number must be between 4 and 250 (AWS reserves the first four addresses of a subnet)."
+  }
+}
+
+variable "instance_type" {
+  description = "Instance type of the balancer (a small burstable type is plenty: it holds the pool's state in memory and answers gRPC)."
+  type        = string
+  default     = "t3.small"
+  validation {
+    condition     = can(regex("^[a-z][a-z0-9-]*\\.[a-z0-9]+$", var.instance_type))
+    error_message = "instance_type must be an EC2 instance type such as t3.small."
+  }
+}
+
+variable "port" {
+  description = "TCP port of the gRPC service."
+  type        = number
+  default     = 50051
+}
+
+variable "artifact_bucket" {
+  description = "Artifact bucket holding the balancer binary."
+  type        = string
+}
+
+variable "binary_key" {
+  description = "Object key of the gpupool-balancer binary in the artifact bucket."
+  type        = string
+}
+
+variable "binary_version" {
+  description = "S3 version id of the binary (a new build replaces the instance's user data and restarts it)."
+  type        = string
+}
+
+variable "policy" {
+  description = "Placement policy: spread (least-loaded GPU first) or binpack (fill GPUs before using the next)."
+  type        = string
+  default     = "spread"
+  validation {
+    condition     = contains(["spread", "binpack"], var.policy)
+    error_message = "policy must be spread or binpack."
+  }
+}
+
+variable "quotas" {
+  description = "Per-tenant quotas, each as the balancer's --quota takes it, e.g. [\"*=leases:8,memory-gib:160\", \"team-a=leases:32\"]."
+  type        = list(string)
+  default     = []
+  validation {
+    condition     = alltrue([for q in var.quotas : can(regex("^[^=;]+=[^;]+$", q))])
+    error_message = "Each quota must look like TENANT=leases:N,memory-gib:M (no semicolons)."
+  }
+}
+
+variable "log_retention_days" {
+  description = "Days CloudWatch keeps the balancer's log."
+  type        = number
+  default     = 365
+}

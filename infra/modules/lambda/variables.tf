@@ -1,0 +1,86 @@
+variable "name" {
+  description = "Prefix of every resource name (the pool's name)."
+  type        = string
+}
+
+variable "kms_key_arn" {
+  description = "KMS key for the function's environment and log group."
+  type        = string
+}
+
+variable "layer_zip" {
+  description = "Path of the layer zip (bash lambda-layer/build.sh writes target/lambda-layer/gpupool-layer-x86_64.zip)."
+  type        = string
+  validation {
+    condition     = fileexists(var.layer_zip)
+    error_message = "The layer zip is missing: build it with bash infra/build-artifacts.sh (or bash lambda-layer/build.sh)."
+  }
+}
+
+variable "function_zip" {
+  description = "Path of the example function's zip (a single executable named bootstrap; bash infra/build-artifacts.sh writes target/infra/gpupool-lambda-example.zip)."
+  type        = string
+  validation {
+    condition     = fileexists(var.function_zip)
+    error_message = "The function zip is missing: build it with bash infra/build-artifacts.sh."
+  }
+}
+
+variable "subnet_ids" {
+  description = "Private subnets the function's network interfaces go in."
+  type        = list(string)
+}
+
+variable "security_group_id" {
+  description = "The client security group (network module): reaches the gpu-servers and the balancer only."
+  type        = string
+}
+
+variable "balancer_url" {
+  description = "The balancer's gRPC URL."
+  type        = string
+}
+
+variable "client_secret" {
+  description = "Secret the balancer expects from clients (stored in the function's environment, encrypted with the pool's key)."
+  type        = string
+  sensitive   = true
+}
+
+variable "tenant" {
+  description = "Tenant the example function leases its GPU as (quotas are per tenant)."
+  type        = string
+  default     = "example"
+  validation {
+    condition     = can(regex("^[A-Za-z0-9._-]{1,64}$", var.tenant))
+    error_message = "tenant must be 1 to 64 letters, digits, dots, dashes or underscores."
+  }
+}
+
+variable "memory_mib" {
+  description = "Device memory the function leases, in MiB (null: the client's default)."
+  type        = number
+  default     = null
+}
+
+variable "max_concurrency" {
+  description = "Reserved concurrency of the example function: each execution environment holds one lease, so keep it within the pool's instances."
+  type        = number
+  default     = 8
+  validation {
+    condition     = var.max_concurrency >= 1
+    error_message = "max_concurrency must be at least 1."
+  }
+}
+
+variable "timeout_seconds" {
+  description = "Function timeout in seconds."
+  type        = number
+  default     = 60
+}
+
+variable "log_retention_days" {
+  description = "Days CloudWatch keeps the function's logs."
+  type        = number
+  default     = 365
+}

@@ -1,0 +1,291 @@
+//! The Terraform under `infra/` against the server's MIG tables, offline:
+//! - `infra/modules/gpu-fleet/mig-profiles.json`, which Terraform validates
+//!   layouts with, holds exactly the profile tables of `GpuModel::ALL`;
+//! - every layout the example root and the README name fits its instance
+//!   type's GPU, by `Layout::plan`;
+//! - the boot script that creates the instances (`files/gpupool-mig.sh plan`)
+//!   places every layout `Layout::plan` can place, at placements NVML allows,
+//!   and refuses the others;
+//! - Terraform's own check (names exist, slices add up) accepts exactly the
+//!   layouts that fit.
+
+use gpupool_server::mig::{GpuModel, Layout, Placement};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn infra() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra")
+}
+
+fn read_json(rel: &str) -> Value {
+    let path = infra().join(rel);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn profile_table() -> Value {
+    read_json("modules/gpu-fleet/mig-profiles.json")
+}
+
+fn u32_of(v: &Value, what: &str) -> u32 {
+    v.as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or_else(|| panic!("{what}: not a small integer: {v}"))
+}
+
+/// The GPU model of an instance type, from the JSON table.
+fn model_of(table: &Value, instance_type: &str) -> GpuModel {
+    let key = table["instance_types"][instance_type]
+        .as_str()
+        .unwrap_or_else(|| panic!("instance type {instance_type} is not in mig-profiles.json"));
+    GpuModel::lookup(key).unwrap_or_else(|| panic!("{instance_type}: unknown model key {key}"))
+}
+
+#[test]
+fn profile_table_matches_the_server() {
+    let table = profile_table();
+    let models = table["models"].as_object().expect("models");
+    let want: Vec<&str> = GpuModel::ALL.iter().map(|m| m.key()).collect();
+    let mut got: Vec<&str> = models.keys().map(String::as_str).collect();
+    got.sort_unstable();
+    let mut want_sorted = want.clone();
+    want_sorted.sort_unstable();
+    assert_eq!(got, want_sorted, "models in mig-profiles.json");
+    for model in GpuModel::ALL {
+        let profiles = models[model.key()]["profiles"].as_object().expect("profiles");
+        let mut names: Vec<&str> = profiles.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        let mut want_names: Vec<&str> = model.profiles().iter().map(|p| p.name).collect();
+        want_names.sort_unstable();
+        assert_eq!(names, want_names, "{model}: profile names");
+        for p in model.profiles() {
+            let row = &profiles[p.name];
+            let what = format!("{model} {}", p.name);
+            assert_eq!(u32_of(&row["id"], &what), p.id, "{what}: id");
+            assert_eq!(u32_of(&row["memory_slices"], &what), p.memory_slices, "{what}: memory slices");
+            assert_eq!(u32_of(&row["compute_slices"], &what), p.compute_slices, "{what}: compute slices");
+            let starts: Vec<u32> = row["starts"].as_array().expect("starts").iter().map(|s| u32_of(s, &what)).collect();
+            assert_eq!(starts, p.starts, "{what}: starts");
+            assert_eq!(row.as_object().map(|o| o.len()), Some(4), "{what}: unexpected fields");
+        }
+    }
+}
+
+#[test]
+fn instance_types_map_to_their_gpus() {
+    let table = profile_table();
+    let got: BTreeMap<&str, &str> = table["instance_types"]
+        .as_object()
+        .expect("instance_types")
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str().expect("model key")))
+        .collect();
+    let want = BTreeMap::from([
+        ("p4d.24xlarge", "a100-40gb"),
+        ("p4de.24xlarge", "a100-80gb"),
+        ("p5.48xlarge", "h100-80gb"),
+        ("p5e.48xlarge", "h200-141gb"),
+        ("p5en.48xlarge", "h200-141gb"),
+    ]);
+    assert_eq!(got, want);
+}
+
+/// `instance_type` and `mig_layout` of the example root's `terraform.tfvars.example`
+/// (one assignment per line, as the file writes them).
+fn example_tfvars() -> (String, Vec<String>) {
+    let path = infra().join("examples/pool/terraform.tfvars.example");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let value = |name: &str| {
+        text.lines()
+            .filter_map(|l| l.trim().strip_prefix(name))
+            .find_map(|rest| rest.trim_start().strip_prefix('='))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("{}: no `{name} = ...` line", path.display()))
+    };
+    let quoted = |s: &str| s.trim().trim_matches('"').to_owned();
+    let instance_type = quoted(value("instance_type"));
+    let list = value("mig_layout");
+    let inner = list
+        .strip_prefix('[')
+        .and_then(|l| l.strip_suffix(']'))
+        .unwrap_or_else(|| panic!("mig_layout is not a one-line list: {list}"));
+    let layout = inner.split(',').map(quoted).filter(|s| !s.is_empty()).collect();
+    (instance_type, layout)
+}
+
+/// Every (instance type, layout) the example root and README name.
+fn named_layouts() -> Vec<(String, Vec<String>)> {
+    let mut all = vec![example_tfvars()];
+    let examples = read_json("modules/gpu-fleet/example-layouts.json");
+    for (instance_type, layouts) in examples["layouts"].as_object().expect("layouts") {
+        for layout in layouts.as_array().expect("list of layouts") {
+            let names = layout.as_array().expect("layout").iter().map(|n| n.as_str().expect("name").to_owned());
+            all.push((instance_type.clone(), names.collect()));
+        }
+    }
+    all
+}
+
+#[test]
+fn named_layouts_fit_their_instance_types() {
+    let table = profile_table();
+    let named = named_layouts();
+    assert!(named.len() > 20, "expected the example layouts, got {}", named.len());
+    for (instance_type, layout) in &named {
+        let model = model_of(&table, instance_type);
+        if let Err(e) = Layout::plan(model, layout) {
+            panic!("{instance_type} ({model}): {e}");
+        }
+        assert!(terraform_accepts(model, layout), "{instance_type}: Terraform's check refuses {layout:?}");
+    }
+    // The README's pick per instance type covers every type in the table.
+    let examples = read_json("modules/gpu-fleet/example-layouts.json");
+    let table_types: Vec<&String> = table["instance_types"].as_object().expect("types").keys().collect();
+    let example_types: Vec<&String> = examples["layouts"].as_object().expect("layouts").keys().collect();
+    assert_eq!(example_types, table_types);
+}
+
+/// What `infra/modules/gpu-fleet` checks in Terraform: every name is a profile of the
+/// model, memory slices add up to at most 8 and compute slices to at most 7.
+fn terraform_accepts(model: GpuModel, layout: &[impl AsRef<str>]) -> bool {
+    let mut memory = 0;
+    let mut compute = 0;
+    for name in layout {
+        let Some(p) = model.profiles().iter().find(|p| p.name == name.as_ref()) else {
+            return false;
+        };
+        memory += p.memory_slices;
+        compute += p.compute_slices;
+    }
+    !layout.is_empty() && memory <= 8 && compute <= 7
+}
+
+/// Every multiset of the model's profiles with 1 to 8 members.
+fn all_layouts(model: GpuModel) -> Vec<Vec<&'static str>> {
+    fn grow(names: &[&'static str], from: usize, cur: &mut Vec<&'static str>, out: &mut Vec<Vec<&'static str>>) {
+        if !cur.is_empty() {
+            out.push(cur.clone());
+        }
+        if cur.len() == 8 {
+            return;
+        }
+        for i in from..names.len() {
+            cur.push(names[i]);
+            grow(names, i, cur, out);
+            cur.pop();
+        }
+    }
+    let names: Vec<&'static str> = model.profiles().iter().map(|p| p.name).collect();
+    let mut out = Vec::new();
+    grow(&names, 0, &mut Vec::new(), &mut out);
+    out
+}
+
+/// Terraform checks sums, not placements; for these tables the sums are exact: a
+/// layout fits if and only if its memory slices add up to at most 8 and its compute
+/// slices to at most 7. Should a table change break that, this says which layout.
+#[test]
+fn terraform_check_accepts_exactly_what_fits() {
+    for model in GpuModel::ALL {
+        let layouts = all_layouts(model);
+        assert_eq!(layouts.len(), 3002, "{model}");
+        for layout in &layouts {
+            let fits = Layout::plan(model, layout).is_ok();
+            assert_eq!(terraform_accepts(model, layout), fits, "{model} {layout:?}: fits = {fits}");
+        }
+        // The names are checked per model: another model's spelling is refused.
+        let other = if model == GpuModel::H200_141GB { "1g.10gb" } else { "1g.18gb" };
+        assert!(!terraform_accepts(model, &[other]), "{model} accepts {other}");
+    }
+}
+
+/// Runs `gpupool-mig.sh plan` for `model` over `layouts`; one answer line per layout.
+fn script_plans(model: GpuModel, layouts: &[Vec<&str>]) -> Vec<String> {
+    let profiles: Vec<String> = model
+        .profiles()
+        .iter()
+        .map(|p| {
+            let starts: Vec<String> = p.starts.iter().map(u32::to_string).collect();
+            format!("{}:{}:{}:{}", p.name, p.id, p.memory_slices, starts.join("/"))
+        })
+        .collect();
+    let script = infra().join("modules/gpu-fleet/files/gpupool-mig.sh");
+    let mut child = Command::new("bash")
+        .arg(&script)
+        .arg("plan")
+        .env("GPUPOOL_MIG_PROFILES", profiles.join(" "))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run bash");
+    let input: String = layouts.iter().map(|l| format!("{}\n", l.join(","))).collect();
+    // Written from a thread: the answers come back while the layouts are still going in.
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output().expect("gpupool-mig.sh plan");
+    writer.join().expect("writer thread").expect("write layouts");
+    assert!(out.status.success(), "{} plan failed: {:?}", script.display(), out.status);
+    let lines: Vec<String> = String::from_utf8(out.stdout).expect("utf-8").lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), layouts.len(), "one answer per layout");
+    lines
+}
+
+/// Checks the script's answers against `Layout::plan`; returns how many layouts fit.
+fn check_script_answers(model: GpuModel, layouts: &[Vec<&str>]) -> usize {
+    let answers = script_plans(model, layouts);
+    let mut fits = 0;
+    for (layout, answer) in layouts.iter().zip(&answers) {
+        match (Layout::plan(model, layout), answer.strip_prefix("ok ")) {
+            (Ok(_), Some(plan)) => {
+                fits += 1;
+                let placed: Vec<(u32, Placement)> = plan
+                    .split(',')
+                    .map(|pair| {
+                        let (id, start) = pair.split_once(':').expect("ID:START");
+                        let id: u32 = id.parse().expect("id");
+                        let size = model.profile_by_id(id).expect("known id").memory_slices;
+                        (id, Placement::new(start.parse().expect("start"), size))
+                    })
+                    .collect();
+                assert_eq!(placed.len(), layout.len(), "{model} {layout:?}: {answer}");
+                for (i, (name, (id, at))) in layout.iter().zip(&placed).enumerate() {
+                    let p = model.profile_by_name(name).expect("profile");
+                    assert_eq!(p.id, *id, "{model} {layout:?}: {answer}");
+                    assert!(p.allows(*at), "{model} {layout:?}: {name} at {at} ({answer})");
+                    for (_, other) in &placed[i + 1..] {
+                        assert!(!at.overlaps(*other), "{model} {layout:?}: {at} overlaps {other}");
+                    }
+                }
+            }
+            (Err(_), Some(_)) => panic!("{model} {layout:?}: the script placed what does not fit: {answer}"),
+            (Ok(_), None) => panic!("{model} {layout:?}: fits, but the script says {answer}"),
+            (Err(_), None) => assert!(answer.starts_with("error "), "{answer}"),
+        }
+    }
+    fits
+}
+
+#[test]
+fn boot_script_places_what_the_planner_places() {
+    // Every layout on one model: the script sees only ids, sizes and starts, which
+    // every model shares (profile_table_matches_the_server), so one model covers the
+    // search; the named layouts run on each model in its own names.
+    let fits = check_script_answers(GpuModel::H100_80GB, &all_layouts(GpuModel::H100_80GB));
+    assert_eq!(fits, 77, "layouts of 1 to 8 H100 instances that fit");
+    let table = profile_table();
+    let named = named_layouts();
+    for model in GpuModel::ALL {
+        let mine: Vec<Vec<&str>> = named
+            .iter()
+            .filter(|(instance_type, _)| model_of(&table, instance_type) == model)
+            .map(|(_, layout)| layout.iter().map(String::as_str).collect())
+            .collect();
+        assert!(!mine.is_empty(), "{model}: no named layouts");
+        assert_eq!(check_script_answers(model, &mine), mine.len(), "{model}: a named layout does not fit");
+    }
+    // Unknown names are refused with the model's names listed.
+    let answers = script_plans(GpuModel::H100_80GB, &[vec!["1g.18gb"], vec![]]);
+    assert!(answers[0].starts_with("error no MIG profile '1g.18gb'") && answers[0].contains("1g.10gb"), "{answers:?}");
+    assert_eq!(answers[1], "error empty layout");
+}
