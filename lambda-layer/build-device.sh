@@ -19,10 +19,7 @@ mkdir -p "$out/bin/lib" "$out/shim"
 for b in gpupool-server gpupool-balancer gpupool-extension gpupool-lambda-example; do
     strip --strip-all -o "$out/bin/$b" "target/release/$b"
 done
-strip --strip-debug -o "$out/bin/lib/libcuda.so.1" target/release/libcuda.so
-strip --strip-debug -o "$out/bin/lib/libnvidia-ml.so.1" target/release/libnvidia_ml.so
-ln -sf libcuda.so.1 "$out/bin/lib/libcuda.so"
-ln -sf libnvidia-ml.so.1 "$out/bin/lib/libnvidia-ml.so"
+bash client-stub/build-libs.sh "$out/bin/lib" >/dev/null
 venv=target/cargo-lambda-venv
 if [[ ! -x $venv/bin/cargo-lambda ]]; then
     python3 -m venv "$venv"

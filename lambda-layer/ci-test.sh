@@ -40,17 +40,13 @@ freeze_s=7
 cargo_lambda_version=1.9.2
 
 if [[ -z ${BIN:-} ]]; then
-    cargo build --locked -q -p gpupool-server -p gpupool-balancer -p gpupool-lambda-layer \
-        -p gpupool-libcuda -p gpupool-libnvml
+    cargo build --locked -q -p gpupool-server -p gpupool-balancer -p gpupool-lambda-layer
     BIN="$out/bin"
-    mkdir -p "$BIN/lib"
+    mkdir -p "$BIN"
     for b in gpupool-server gpupool-balancer gpupool-extension gpupool-lambda-example; do
         cp target/debug/$b "$BIN/"
     done
-    cp target/debug/libcuda.so "$BIN/lib/libcuda.so.1"
-    cp target/debug/libnvidia_ml.so "$BIN/lib/libnvidia-ml.so.1"
-    ln -sf libcuda.so.1 "$BIN/lib/libcuda.so"
-    ln -sf libnvidia-ml.so.1 "$BIN/lib/libnvidia-ml.so"
+    PROFILE=debug bash client-stub/build-libs.sh "$BIN/lib" >/dev/null
 fi
 BIN=$(cd "$BIN" && pwd)
 if [[ -z ${CARGO_LAMBDA:-} ]]; then
