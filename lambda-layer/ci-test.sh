@@ -156,24 +156,41 @@ assert len(c) == len(ref), f"{len(c)} elements, want {len(ref)}"
 err = max(abs(x - y) for x, y in zip(c, ref))
 assert err < 1e-4, f"max error {err}"
 PY
-    python3 -c "import json,sys; r=json.load(open('$work/reply.json')); print(round(($t1-$t0)/1e6, 1), r['cold'], round(r['timing']['total_ms'], 1), r['device'].replace(' ', '_'))"
+    python3 -c "import json,sys; r=json.load(open('$work/reply.json')); print(round(($t1-$t0)/1e6, 1), r['cold'], round(r['timing']['total_ms'], 1), r['kernels'], r['device'].replace(' ', '_'))"
 }
 
 count() { grep -c "$1" "$2" || true; }
 
+# The report is written row by row, so a failed run keeps what it measured.
 report="$out/lambda.md"
-: >"$report"
+{
+    echo "## Lambda example function under cargo-lambda ($(date -u +%FT%TZ), device $device)"
+    echo
+    echo "Round trip of \`cargo lambda invoke\` (ms) and the time the function measured itself (ms);"
+    echo "a ${freeze_s} s freeze is longer than the ${idle_ms} ms QUIC idle timeout. Kernels: \`builtin\`"
+    echo "is the server's built-in module, \`nvrtc\` the same source compiled by the function (native)."
+    echo
+    echo "| environment | invocation | cold | kernels | invoke ms | function ms |"
+    echo "|---|---|---|---|---|---|"
+} >"$report"
+# Invokes, checks, reports. $1 label, $2 invocation, $3 the kernels expected.
+invoke_row() {
+    local label=$1 i=$2 want=$3 ms cold fn_ms kernels dev
+    read -r ms cold fn_ms kernels dev < <(invoke "$label" "$i")
+    [[ -n $kernels ]] || fail "$label invocation $i: no answer"
+    [[ $kernels == "$want" ]] || fail "$label invocation $i ran $kernels kernels, want $want"
+    echo "| $label | $i | $cold | $kernels | $ms | $fn_ms |" >>"$report"
+    echo "$label $cold $ms $fn_ms" >>"$work/figures"
+    echo "lambda-ci: $label invocation $i: ${ms} ms (function ${fn_ms} ms, cold=$cold, $kernels kernels) on $dev"
+}
 run_environment() {
-    local label=$1 mode=$2 invocations=$3
+    local label=$1 mode=$2 invocations=$3 want=builtin
+    [[ $mode == native ]] && want=nvrtc
     start_environment "$label" "$mode"
-    for i in $(seq 1 "$invocations"); do
-        read -r ms cold fn_ms dev < <(invoke "$label" "$i")
-        echo "| $label | $i | $cold | $ms | $fn_ms |" >>"$work/rows"
-        echo "lambda-ci: $label invocation $i: ${ms} ms (function ${fn_ms} ms, cold=$cold) on $dev"
-    done
+    for i in $(seq 1 "$invocations"); do invoke_row "$label" "$i" "$want"; done
 }
 
-: >"$work/rows"
+: >"$work/figures"
 run_environment pool pool 4
 leases=$(count "leased a virtual GPU" "$out/extension-pool.log")
 opened=$(count "session opened" "$out/server.log")
@@ -187,9 +204,8 @@ echo "lambda-ci: 4 invocations, one lease, one session"
 kill -STOP "$function" "$extension"
 sleep "$freeze_s"
 kill -CONT "$function" "$extension"
-read -r ms cold fn_ms dev < <(invoke pool thawed)
-echo "| pool | after a ${freeze_s} s freeze | $cold | $ms | $fn_ms |" >>"$work/rows"
-echo "lambda-ci: after a ${freeze_s} s freeze (idle timeout ${idle_ms} ms): ${ms} ms, result correct"
+invoke_row pool "after a ${freeze_s} s freeze" builtin
+echo "lambda-ci: after a ${freeze_s} s freeze (idle timeout ${idle_ms} ms): result correct"
 grep -q "connection lost; resuming the session" "$out/function-pool.log" ||
     fail "the function's connection survived a freeze past the idle timeout: nothing was tested"
 grep -q "session resumed" "$out/function-pool.log" || fail "the session was not resumed after the thaw"
@@ -198,20 +214,30 @@ grep -q "session resumed" "$out/function-pool.log" || fail "the session was not 
 echo "lambda-ci: the thawed environment resumed its session (no new lease, no new session)"
 
 if [[ ${NATIVE:-0} == 1 ]]; then
+    kill "$function" "$extension" "$emulator" 2>/dev/null || true
     run_environment native native 4
+    # Pool against native: the cold invocation and the median of the warm
+    # ones (the thawed one excluded), invoke round trip and function time.
+    python3 - "$work/figures" >>"$report" <<'PY'
+import statistics, sys
+rows = [line.split() for line in open(sys.argv[1])]
+def pick(env, cold):
+    return [(float(ms), float(fn)) for e, c, ms, fn in rows if e == env and (c.lower() == "true") == cold]
+print()
+print("| pool / native | invoke ms (pool, native, ratio) | function ms (pool, native, ratio) |")
+print("|---|---|---|")
+for name, cold in (("cold", True), ("warm, median", False)):
+    pool, native = pick("pool", cold), pick("native", cold)
+    if not cold:
+        pool = pool[: len(native)]
+    p = [statistics.median(x[i] for x in pool) for i in (0, 1)]
+    n = [statistics.median(x[i] for x in native) for i in (0, 1)]
+    cells = [f"{p[i]:.1f}, {n[i]:.1f}, {p[i] / n[i]:.2f}×" for i in (0, 1)]
+    print(f"| {name} | {cells[0]} | {cells[1]} |")
+PY
 fi
 
 # Each environment ends as Lambda ends it: SHUTDOWN releases the lease.
 kill "$function" 2>/dev/null || true
-{
-    echo "## Lambda example function under cargo-lambda ($(date -u +%FT%TZ), device $device)"
-    echo
-    echo "Round trip of \`cargo lambda invoke\` (ms) and the time the function measured itself (ms);"
-    echo "a ${freeze_s} s freeze is longer than the ${idle_ms} ms QUIC idle timeout."
-    echo
-    echo "| environment | invocation | cold | invoke ms | function ms |"
-    echo "|---|---|---|---|---|"
-    cat "$work/rows"
-} >"$report"
 cat "$report"
 echo "lambda-ci: passed"

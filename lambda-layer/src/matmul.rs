@@ -2,13 +2,17 @@
 //! with CUDA's driver API (cudarc, loading the layer's `libcuda.so.1` at run
 //! time) and the gpu-server's built-in `matmul_f32` kernel, so the function
 //! ships no device code and runs on any server, the emulated one included.
+//! On a local GPU (the native baseline) it compiles the same kernel's
+//! source with NVRTC.
 //!
 //! `unsafe` is allowed here for the one kernel launch (an FFI call whose
 //! argument list the compiler cannot check), with its `// SAFETY:` line.
 #![allow(unsafe_code)]
 
 use anyhow::{Context, Result, bail, ensure};
+use cudarc::driver::sys::CUresult;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,6 +46,7 @@ pub struct Response {
     /// Sum of `c`, for checks that do not want the whole matrix.
     pub checksum: f64,
     pub device: String,
+    pub kernels: Kernels,
     /// `true` for the first invocation of this execution environment.
     pub cold: bool,
     pub timing: Timing,
@@ -116,29 +121,69 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     kernel: CudaFunction,
     device: String,
+    kernels: Kernels,
     setup_ms: f64,
     invocations: u64,
 }
 
+/// Where the function's kernel came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kernels {
+    /// The gpupool server's built-in module, loaded by its name.
+    Builtin,
+    /// `gpupool_proto::BUILTIN_SOURCE` compiled here by NVRTC (a local GPU).
+    Nvrtc,
+}
+
+/// Compiles the built-in kernels to PTX for the context's GPU.
+fn compile_builtin(ctx: &CudaContext) -> Result<Ptx> {
+    // SAFETY: only tries to dlopen the candidate names of libnvrtc; cudarc
+    // panics on the first NVRTC call when none loads.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        bail!(
+            "the driver does not know gpupool's built-in module (a local GPU) and libnvrtc.so could not be \
+             loaded to compile it: add the CUDA toolkit's lib64 to LD_LIBRARY_PATH"
+        );
+    }
+    let (major, minor) = ctx.compute_capability().context("reading the compute capability")?;
+    let opts =
+        CompileOptions { options: vec![format!("--gpu-architecture=compute_{major}{minor}")], ..Default::default() };
+    compile_ptx_with_opts(gpupool_proto::BUILTIN_SOURCE, opts).context("compiling the built-in kernels with NVRTC")
+}
+
 impl Gpu {
-    /// Opens device 0 and loads the built-in kernels.
+    /// Opens device 0 and loads the built-in kernels: by the module's name
+    /// through gpupool (every server has them compiled), or, when the
+    /// driver refuses the name (a local GPU), compiled from their source
+    /// with NVRTC, as a native CUDA function would ship them.
     pub fn open() -> Result<Self> {
         let start = Instant::now();
         let ctx = CudaContext::new(0).context("opening the GPU (is the gpupool layer attached?)")?;
         let device = ctx.name().context("reading the device name")?;
-        let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(
-                String::from_utf8_lossy(gpupool_proto::BUILTIN_MODULE).into_owned(),
-            ))
-            .context("loading the built-in kernels")?;
+        let (module, kernels) =
+            match ctx.load_module(Ptx::from_src(String::from_utf8_lossy(gpupool_proto::BUILTIN_MODULE).into_owned())) {
+                Ok(module) => (module, Kernels::Builtin),
+                Err(e) if e.0 == CUresult::CUDA_ERROR_INVALID_IMAGE => {
+                    let ptx = compile_builtin(&ctx)?;
+                    (ctx.load_module(ptx).context("loading the NVRTC-compiled kernels")?, Kernels::Nvrtc)
+                }
+                Err(e) => return Err(e).context("loading the built-in kernels"),
+            };
         let kernel = module.load_function("matmul_f32").context("finding matmul_f32")?;
         Ok(Self {
             stream: ctx.default_stream(),
             kernel,
             device,
+            kernels,
             setup_ms: start.elapsed().as_secs_f64() * 1e3,
             invocations: 0,
         })
+    }
+
+    /// Where the kernel came from.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
     }
 
     /// Runs one request.
@@ -173,6 +218,7 @@ impl Gpu {
             checksum: c.iter().map(|&x| f64::from(x)).sum(),
             c,
             device: self.device.clone(),
+            kernels: self.kernels,
             cold,
             timing: Timing {
                 setup_ms: if cold { self.setup_ms } else { 0.0 },

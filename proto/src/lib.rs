@@ -63,7 +63,11 @@ pub mod close_code {
 }
 
 /// Image of the built-in module: every server loads it without an upload.
-/// Its kernels (CUDA C in `gpu-server/src/device/builtin.cu`, documented in
-/// `docs/builtin-kernels.md`) run natively on a GPU and by reference code on
-/// the emulated device.
+/// Its kernels ([`BUILTIN_SOURCE`], documented in `docs/builtin-kernels.md`)
+/// run natively on a GPU and by reference code on the emulated device.
 pub const BUILTIN_MODULE: &[u8] = b"gpupool-builtin-kernels/v1\n";
+
+/// CUDA C source of the built-in module's kernels. A gpu-server compiles it
+/// with NVRTC; a program that runs on a local GPU as well as through gpupool
+/// compiles it itself when the driver refuses the [`BUILTIN_MODULE`] name.
+pub const BUILTIN_SOURCE: &str = include_str!("builtin.cu");

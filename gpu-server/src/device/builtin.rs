@@ -9,7 +9,7 @@ use crate::error::CallError;
 use gpupool_proto::cuda;
 
 /// CUDA C source of the built-in kernels.
-pub const SOURCE: &str = include_str!("builtin.cu");
+pub const SOURCE: &str = gpupool_proto::BUILTIN_SOURCE;
 
 /// `true` when `image` names the built-in module, also as a C string: the
 /// drop-in libcuda sends text images with their terminating NUL, as CUDA

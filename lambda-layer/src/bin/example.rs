@@ -20,6 +20,7 @@ async fn main() -> Result<(), Error> {
     tracing_subscriber::fmt().with_ansi(false).without_time().with_target(false).init();
     // INIT: the layer's extension has leased the GPU by now.
     let gpu = tokio::task::spawn_blocking(Gpu::open).await??;
+    tracing::info!(kernels = ?gpu.kernels(), "GPU opened");
     let gpu = Arc::new(Mutex::new(gpu));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Request>| {
         let gpu = gpu.clone();
