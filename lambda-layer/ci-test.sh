@@ -27,6 +27,10 @@
 #                 target/lambda-ci)
 #   NATIVE=1      also run the function on the machine's own libcuda (GPU
 #                 machine): cold and warm latency native versus through the pool
+#   LAYER_ARCH    x86_64 (default) or arm64: with arm64 (and no BIN), the
+#                 layer and the function come from ARCH=arm64 build.sh and run
+#                 under qemu-user (qemu-aarch64-static, aarch64 glibc from
+#                 libc6-arm64-cross) against the x86-64 balancer and server
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -39,14 +43,35 @@ idle_ms=3000
 freeze_s=7
 cargo_lambda_version=1.9.2
 
+layer_arch=${LAYER_ARCH:-x86_64}
+# The command prefix that runs the layer's and the function's binaries.
+guest=()
+case $layer_arch in
+x86_64) ;;
+arm64)
+    sysroot=/usr/aarch64-linux-gnu
+    command -v qemu-aarch64-static >/dev/null && [[ -e $sysroot/lib/ld-linux-aarch64.so.1 ]] ||
+        { echo "lambda-ci: LAYER_ARCH=arm64 needs qemu-aarch64-static and $sysroot (apt-get install qemu-user-static libc6-arm64-cross)" >&2; exit 2; }
+    guest=(qemu-aarch64-static -L "$sysroot")
+    ;;
+*) echo "lambda-ci: LAYER_ARCH must be x86_64 or arm64, not $layer_arch" >&2; exit 2 ;;
+esac
 if [[ -z ${BIN:-} ]]; then
-    cargo build --locked -q -p gpupool-server -p gpupool-balancer -p gpupool-lambda-layer
     BIN="$out/bin"
     mkdir -p "$BIN"
-    for b in gpupool-server gpupool-balancer gpupool-extension gpupool-lambda-example; do
-        cp target/debug/$b "$BIN/"
-    done
-    PROFILE=debug bash client-stub/build-libs.sh "$BIN/lib" >/dev/null
+    if [[ $layer_arch == x86_64 ]]; then
+        cargo build --locked -q -p gpupool-server -p gpupool-balancer -p gpupool-lambda-layer
+        for b in gpupool-extension gpupool-lambda-example; do cp target/debug/$b "$BIN/"; done
+        PROFILE=debug bash client-stub/build-libs.sh "$BIN/lib" >/dev/null
+    else
+        cargo build --locked -q -p gpupool-server -p gpupool-balancer
+        ARCH=arm64 bash lambda-layer/build.sh "$out/build"
+        cp "$out/build/layer-arm64/extensions/gpupool-extension" "$BIN/"
+        cp "$out/build/function-arm64/bootstrap" "$BIN/gpupool-lambda-example"
+        rm -rf "$BIN/lib"
+        cp -r "$out/build/layer-arm64/lib" "$BIN/lib"
+    fi
+    for b in gpupool-server gpupool-balancer; do cp target/debug/$b "$BIN/"; done
 fi
 BIN=$(cd "$BIN" && pwd)
 if [[ -z ${CARGO_LAMBDA:-} ]]; then
@@ -124,13 +149,13 @@ start_environment() {
     init_start=$(date +%s%N)
     if [[ $mode == pool ]]; then
         GPUPOOL_BALANCER="http://127.0.0.1:$bport" GPUPOOL_TENANT=lambda-ci GPUPOOL_LEASE_FILE="$lease_file" \
-            GPUPOOL_LOG=info "$BIN/gpupool-extension" >"$out/extension-$label.log" 2>&1 &
+            GPUPOOL_LOG=info "${guest[@]}" "$BIN/gpupool-extension" >"$out/extension-$label.log" 2>&1 &
         extension=$!
         pids+=($extension)
         for _ in $(seq 1 100); do [[ -s $lease_file ]] && break; sleep 0.1; done
         [[ -s $lease_file ]] || fail "the extension wrote no lease"
         LD_LIBRARY_PATH="$BIN/lib" GPUPOOL_LEASE_FILE="$lease_file" GPUPOOL_MAX_UDP_PAYLOAD=1200 \
-            GPUPOOL_LOG=info "$BIN/gpupool-lambda-example" >"$out/function-$label.log" 2>&1 &
+            GPUPOOL_LOG=info "${guest[@]}" "$BIN/gpupool-lambda-example" >"$out/function-$label.log" 2>&1 &
     else
         extension=
         "$BIN/gpupool-lambda-example" >"$out/function-$label.log" 2>&1 &
@@ -164,7 +189,7 @@ count() { grep -c "$1" "$2" || true; }
 # The report is written row by row, so a failed run keeps what it measured.
 report="$out/lambda.md"
 {
-    echo "## Lambda example function under cargo-lambda ($(date -u +%FT%TZ), device $device)"
+    echo "## Lambda example function under cargo-lambda ($(date -u +%FT%TZ), device $device, layer $layer_arch)"
     echo
     echo "Round trip of \`cargo lambda invoke\` (ms) and the time the function measured itself (ms);"
     echo "a ${freeze_s} s freeze is longer than the ${idle_ms} ms QUIC idle timeout. Kernels: \`builtin\`"

@@ -7,7 +7,10 @@
 //!   places every layout `Layout::plan` can place, at placements NVML allows,
 //!   and refuses the others;
 //! - Terraform's own check (names exist, slices add up) accepts exactly the
-//!   layouts that fit.
+//!   layouts that fit;
+//! - `gpupool-mig.sh apply`, against a fake `nvidia-smi`, enables MIG mode,
+//!   reboots once where the change stays pending, clears old instances and
+//!   creates the planned ones at every boot.
 
 use gpupool_server::mig::{GpuModel, Layout, Placement};
 use serde_json::Value;
@@ -202,19 +205,11 @@ fn terraform_check_accepts_exactly_what_fits() {
 
 /// Runs `gpupool-mig.sh plan` for `model` over `layouts`; one answer line per layout.
 fn script_plans(model: GpuModel, layouts: &[Vec<&str>]) -> Vec<String> {
-    let profiles: Vec<String> = model
-        .profiles()
-        .iter()
-        .map(|p| {
-            let starts: Vec<String> = p.starts.iter().map(u32::to_string).collect();
-            format!("{}:{}:{}:{}", p.name, p.id, p.memory_slices, starts.join("/"))
-        })
-        .collect();
     let script = infra().join("modules/gpu-fleet/files/gpupool-mig.sh");
     let mut child = Command::new("bash")
         .arg(&script)
         .arg("plan")
-        .env("GPUPOOL_MIG_PROFILES", profiles.join(" "))
+        .env("GPUPOOL_MIG_PROFILES", profiles_env(model))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -288,4 +283,201 @@ fn boot_script_places_what_the_planner_places() {
     let answers = script_plans(GpuModel::H100_80GB, &[vec!["1g.18gb"], vec![]]);
     assert!(answers[0].starts_with("error no MIG profile '1g.18gb'") && answers[0].contains("1g.10gb"), "{answers:?}");
     assert_eq!(answers[1], "error empty layout");
+}
+
+/// A host for `gpupool-mig.sh apply`: fake `nvidia-smi`, `systemctl` and
+/// `sleep` on PATH that keep the GPUs' MIG state in files and log every
+/// command that would change something.
+struct FakeHost {
+    dir: PathBuf,
+}
+
+/// The fake `nvidia-smi`. State: `$FAKE/mig.<gpu>` (Enabled or Disabled),
+/// `$FAKE/instances.<gpu>`; `FAKE_MIG_ENABLE=pending` leaves a MIG mode
+/// change pending (as on NVSwitch hosts) until `$FAKE/rebooted` exists.
+const FAKE_NVIDIA_SMI: &str = r#"#!/usr/bin/env bash
+set -euo pipefail
+log() { echo "$*" >>"$FAKE/log"; }
+gpu=
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do [[ ${args[i]} == -i ]] && gpu=${args[i + 1]}; done
+case "$*" in
+    "--query-gpu=index --format=csv,noheader,nounits") seq 0 $((FAKE_GPUS - 1)) ;;
+    *"--query-gpu=mig.mode.current"*) cat "$FAKE/mig.$gpu" 2>/dev/null || echo Disabled ;;
+    "-pm 1") log "persistence on" ;;
+    *"-mig 1")
+        log "gpu $gpu: enable MIG"
+        if [[ ${FAKE_MIG_ENABLE:-now} == pending && ! -e $FAKE/rebooted ]]; then
+            echo "Warning: MIG mode is in pending enable state for GPU $gpu" >&2
+        else
+            echo Enabled >"$FAKE/mig.$gpu"
+        fi ;;
+    "mig -i $gpu -dci")
+        [[ -s $FAKE/instances.$gpu ]] || exit 6
+        log "gpu $gpu: destroy compute instances" ;;
+    "mig -i $gpu -dgi")
+        [[ -s $FAKE/instances.$gpu ]] || exit 6
+        log "gpu $gpu: destroy GPU instances"
+        : >"$FAKE/instances.$gpu" ;;
+    "mig -i $gpu -cgi "*" -C")
+        [[ $(cat "$FAKE/mig.$gpu" 2>/dev/null) == Enabled ]] || { echo "MIG mode is disabled" >&2; exit 3; }
+        [[ ! -s $FAKE/instances.$gpu ]] || { echo "instances left over" >&2; exit 3; }
+        log "gpu $gpu: create $5"
+        echo "$5" >"$FAKE/instances.$gpu" ;;
+    "-L") log "list" ;;
+    *) echo "fake nvidia-smi: unexpected arguments: $*" >&2; exit 2 ;;
+esac
+"#;
+
+impl FakeHost {
+    fn new(name: &str, gpus: u32) -> Self {
+        let dir = std::env::temp_dir().join(format!("gpupool-mig-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("bin")).expect("fake host dir");
+        let tools = [
+            ("nvidia-smi", FAKE_NVIDIA_SMI),
+            ("systemctl", "#!/bin/sh\necho \"systemctl $*\" >>\"$FAKE/log\"\n"),
+            ("sleep", "#!/bin/sh\necho \"sleep $*\" >>\"$FAKE/log\"\n"),
+        ];
+        for (tool, text) in tools {
+            let path = dir.join("bin").join(tool);
+            std::fs::write(&path, text).expect("write fake tool");
+            let status = Command::new("chmod").arg("+x").arg(&path).status().expect("chmod");
+            assert!(status.success());
+        }
+        std::fs::write(dir.join("gpus"), gpus.to_string()).expect("gpu count");
+        Self { dir }
+    }
+
+    fn set_mig(&self, gpu: u32, mode: &str) {
+        std::fs::write(self.dir.join(format!("mig.{gpu}")), format!("{mode}\n")).expect("mig state");
+    }
+
+    /// The GPU instances `gpu` holds ("" for none).
+    fn set_instances(&self, gpu: u32, plan: &str) {
+        std::fs::write(self.dir.join(format!("instances.{gpu}")), plan).expect("instances");
+    }
+
+    fn reboot(&self) {
+        std::fs::write(self.dir.join("rebooted"), "").expect("reboot flag");
+    }
+
+    /// Runs `gpupool-mig.sh apply` (as the boot unit does); returns success,
+    /// the log of what it did (cleared), and stderr.
+    fn apply(&self, model: GpuModel, layout: &str, enable: &str) -> (bool, Vec<String>, String) {
+        let gpus = std::fs::read_to_string(self.dir.join("gpus")).expect("gpu count");
+        let path = format!("{}:{}", self.dir.join("bin").display(), std::env::var("PATH").unwrap_or_default());
+        let out = Command::new("bash")
+            .arg(infra().join("modules/gpu-fleet/files/gpupool-mig.sh"))
+            .arg("apply")
+            .env("PATH", path)
+            .env("FAKE", &self.dir)
+            .env("FAKE_GPUS", gpus.trim())
+            .env("FAKE_MIG_ENABLE", enable)
+            .env("GPUPOOL_MIG_PROFILES", profiles_env(model))
+            .env("GPUPOOL_MIG_LAYOUT", layout)
+            .env("GPUPOOL_MIG_STATE_DIR", self.dir.join("state"))
+            .output()
+            .expect("run gpupool-mig.sh apply");
+        let log_path = self.dir.join("log");
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let _ = std::fs::remove_file(&log_path);
+        (out.status.success(), log.lines().map(str::to_owned).collect(), String::from_utf8_lossy(&out.stderr).into())
+    }
+
+    fn marker(&self) -> bool {
+        self.dir.join("state/mig-reboot-done").exists()
+    }
+}
+
+impl Drop for FakeHost {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `GPUPOOL_MIG_PROFILES` for `model`, as Terraform writes it.
+fn profiles_env(model: GpuModel) -> String {
+    model
+        .profiles()
+        .iter()
+        .map(|p| {
+            let starts: Vec<String> = p.starts.iter().map(u32::to_string).collect();
+            format!("{}:{}:{}:{}", p.name, p.id, p.memory_slices, starts.join("/"))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn boot_script_applies_the_layout_at_every_boot() {
+    let model = GpuModel::H100_80GB;
+    let layout = "3g.40gb,2g.20gb,1g.10gb,1g.10gb";
+    let plan = script_plans(model, &[layout.split(',').collect()]).remove(0);
+    let plan = plan.strip_prefix("ok ").expect("the layout fits").to_owned();
+    let create = |gpu: u32| format!("gpu {gpu}: create {plan}");
+
+    // First boot, MIG off on both GPUs and the driver switches at once: MIG on,
+    // nothing to destroy, the planned instances on each GPU.
+    let host = FakeHost::new("first-boot", 2);
+    let (ok, log, err) = host.apply(model, layout, "now");
+    assert!(ok, "{err}");
+    assert_eq!(
+        log,
+        ["persistence on", "gpu 0: enable MIG", "gpu 1: enable MIG", &create(0), &create(1), "list"],
+        "{err}"
+    );
+
+    // A later boot: MIG mode survived, the instances did not; MIG is left alone.
+    host.set_instances(0, "");
+    host.set_instances(1, "");
+    let (ok, log, err) = host.apply(model, layout, "now");
+    assert!(ok, "{err}");
+    assert_eq!(log, ["persistence on", &create(0), &create(1), "list"]);
+
+    // The unit run again without a reboot, over instances of an older layout:
+    // they are destroyed first (compute, then GPU instances).
+    host.set_instances(1, "19:6");
+    let (ok, log, err) = host.apply(model, layout, "now");
+    assert!(ok, "{err}");
+    let mut want = vec!["persistence on".to_owned()];
+    for gpu in 0..2 {
+        want.push(format!("gpu {gpu}: destroy compute instances"));
+        want.push(format!("gpu {gpu}: destroy GPU instances"));
+        want.push(create(gpu));
+    }
+    want.push("list".to_owned());
+    assert_eq!(log, want);
+
+    // An NVSwitch host: the mode change waits for a reset, so the unit reboots
+    // once (and holds gpupool-server back meanwhile); after the reboot MIG is
+    // on and the instances are created.
+    let host = FakeHost::new("pending", 1);
+    let (ok, log, err) = host.apply(model, layout, "pending");
+    assert!(ok, "{err}");
+    assert_eq!(log, ["persistence on", "gpu 0: enable MIG", "systemctl --no-block reboot", "sleep 600"]);
+    assert!(host.marker(), "no reboot marker");
+    host.reboot();
+    let (ok, log, err) = host.apply(model, layout, "pending");
+    assert!(ok, "{err}");
+    assert_eq!(log, ["persistence on", "gpu 0: enable MIG", &create(0), "list"]);
+    assert!(!host.marker(), "the reboot marker outlived a successful boot");
+
+    // Still pending after the one reboot: the unit fails instead of rebooting
+    // in a loop, and says why.
+    let host = FakeHost::new("stuck", 1);
+    let (ok, _, _) = host.apply(model, layout, "pending");
+    assert!(ok);
+    let (ok, log, err) = host.apply(model, layout, "pending");
+    assert!(!ok, "a second reboot was attempted: {log:?}");
+    assert!(!log.iter().any(|l| l.contains("reboot")), "{log:?}");
+    assert!(err.contains("MIG mode still not enabled on GPU(s) 0 after a reboot"), "{err}");
+
+    // A layout that does not fit is refused before any GPU is touched.
+    let host = FakeHost::new("bad-layout", 1);
+    host.set_mig(0, "Enabled");
+    let (ok, log, err) = host.apply(model, "4g.40gb,4g.40gb", "now");
+    assert!(!ok);
+    assert!(log.is_empty(), "{log:?}");
+    assert!(err.contains("does not fit") || err.contains("memory slices"), "{err}");
 }

@@ -73,8 +73,9 @@ module "lambda" {
   source             = "../../modules/lambda"
   name               = var.name
   kms_key_arn        = module.foundation.kms_key_arn
-  layer_zip          = "${local.artifacts}/gpupool-layer-x86_64.zip"
-  function_zip       = "${local.artifacts}/gpupool-lambda-example.zip"
+  architecture       = var.lambda_architecture
+  layer_zip          = "${local.artifacts}/gpupool-layer-${var.lambda_architecture}.zip"
+  function_zip       = "${local.artifacts}/gpupool-lambda-example-${var.lambda_architecture}.zip"
   subnet_ids         = module.network.private_subnet_ids
   security_group_id  = module.network.client_security_group_id
   balancer_url       = module.balancer.url

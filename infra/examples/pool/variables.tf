@@ -68,6 +68,16 @@ variable "lambda_tenant" {
   default     = "example"
 }
 
+variable "lambda_architecture" {
+  description = "Lambda architecture of the layer and the example function: x86_64 or arm64 (build with ARCH=arm64 bash infra/build-artifacts.sh for arm64)."
+  type        = string
+  default     = "x86_64"
+  validation {
+    condition     = contains(["x86_64", "arm64"], var.lambda_architecture)
+    error_message = "lambda_architecture must be x86_64 or arm64."
+  }
+}
+
 variable "lambda_max_concurrency" {
   description = "Reserved concurrency of the example function (each environment holds one lease)."
   type        = number

@@ -23,7 +23,7 @@ resource "aws_lambda_layer_version" "gpupool" {
   filename                 = var.layer_zip
   source_code_hash         = filebase64sha256(var.layer_zip)
   compatible_runtimes      = ["provided.al2023"]
-  compatible_architectures = ["x86_64"]
+  compatible_architectures = [var.architecture]
 }
 
 resource "aws_cloudwatch_log_group" "function" {
@@ -94,7 +94,7 @@ resource "aws_lambda_function" "example" {
   description      = "gpupool example: matrix multiply on a pooled GPU through the drop-in libcuda"
   role             = aws_iam_role.function.arn
   runtime          = "provided.al2023"
-  architectures    = ["x86_64"]
+  architectures    = [var.architecture]
   handler          = "bootstrap"
   filename         = var.function_zip
   source_code_hash = filebase64sha256(var.function_zip)

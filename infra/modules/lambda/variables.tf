@@ -8,8 +8,18 @@ variable "kms_key_arn" {
   type        = string
 }
 
+variable "architecture" {
+  description = "Instruction set of the layer and the function: x86_64 or arm64 (the zips must be built for it: ARCH=... bash infra/build-artifacts.sh)."
+  type        = string
+  default     = "x86_64"
+  validation {
+    condition     = contains(["x86_64", "arm64"], var.architecture)
+    error_message = "architecture must be x86_64 or arm64 (Lambda's two architectures)."
+  }
+}
+
 variable "layer_zip" {
-  description = "Path of the layer zip (bash lambda-layer/build.sh writes target/lambda-layer/gpupool-layer-x86_64.zip)."
+  description = "Path of the layer zip (bash lambda-layer/build.sh writes target/lambda-layer/gpupool-layer-ARCH.zip)."
   type        = string
   validation {
     condition     = fileexists(var.layer_zip)
@@ -18,7 +28,7 @@ variable "layer_zip" {
 }
 
 variable "function_zip" {
-  description = "Path of the example function's zip (a single executable named bootstrap; bash infra/build-artifacts.sh writes target/infra/gpupool-lambda-example.zip)."
+  description = "Path of the example function's zip (a single executable named bootstrap; bash infra/build-artifacts.sh writes target/infra/gpupool-lambda-example-ARCH.zip)."
   type        = string
   validation {
     condition     = fileexists(var.function_zip)

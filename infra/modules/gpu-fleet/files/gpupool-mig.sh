@@ -17,6 +17,8 @@
 #                         NAME:ID:MEMORY_SLICES:START/START/... entries
 #                         (from infra/modules/gpu-fleet/mig-profiles.json)
 #   GPUPOOL_MIG_LAYOUT    the layout of every GPU, e.g. 3g.40gb,2g.20gb,1g.10gb,1g.10gb
+#   GPUPOOL_MIG_STATE_DIR where the one-reboot marker lives (default
+#                         /var/lib/gpupool)
 #
 # Placements are planned here, not left to nvidia-smi: created one after the
 # other at the first free slot, 3g.40gb,2g.20gb,1g.10gb,1g.10gb fails (the
@@ -146,7 +148,7 @@ mig_current() {
 }
 
 cmd_apply() {
-    local marker=/var/lib/gpupool/mig-reboot-done gpu pending=()
+    local marker=${GPUPOOL_MIG_STATE_DIR:-/var/lib/gpupool}/mig-reboot-done gpu pending=()
     command -v nvidia-smi >/dev/null || die "nvidia-smi not found (is the NVIDIA driver installed?)"
     load_profiles
     [[ -n ${GPUPOOL_MIG_LAYOUT:-} ]] || die "GPUPOOL_MIG_LAYOUT is not set"
