@@ -481,3 +481,43 @@ fn boot_script_applies_the_layout_at_every_boot() {
     assert!(log.is_empty(), "{log:?}");
     assert!(err.contains("does not fit") || err.contains("memory slices"), "{err}");
 }
+
+/// The H200 table (and through `profile_table_matches_the_server`, the
+/// Terraform one) against `nvidia-smi mig -lgip` / `-lgipp` of a real H200.
+#[test]
+fn h200_table_matches_the_cards_listing() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/nvidia-smi/h200-driver-580.159.04.txt");
+    let listing = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // "|   0  MIG 1g.18gb         19     7/7        16.00      No     16     1     0   |"
+    let mut listed = BTreeMap::new();
+    for line in listing.lines().filter(|l| l.starts_with('|') && l.contains(" MIG ")) {
+        let cells: Vec<&str> = line.trim_matches(|c| c == '|' || c == ' ').split_whitespace().collect();
+        let (name, id, gib, sms) = (cells[2], cells[3], cells[5], cells[7]);
+        let id: u32 = id.parse().expect("profile id");
+        listed.insert(id, (name.to_owned(), gib.parse::<f64>().expect("GiB"), sms.parse::<u32>().expect("SMs")));
+    }
+    // "GPU  0 Profile ID 15 Placements: {0,2,4,6}:2"
+    let mut placements = BTreeMap::new();
+    for line in listing.lines().filter(|l| l.contains("Profile ID")) {
+        let (head, tail) = line.split_once(':').expect("placements");
+        let id: u32 = head.split_whitespace().nth(4).expect("id").parse().expect("id");
+        let (starts, size) = tail.trim().trim_start_matches('{').split_once("}:").expect("{starts}:size");
+        let starts: Vec<u32> = starts.split(',').map(|s| s.parse().expect("start")).collect();
+        placements.insert(id, (starts, size.parse::<u32>().expect("size")));
+    }
+    let model = GpuModel::H200_141GB;
+    for p in model.profiles() {
+        let (name, gib, sms) = listed.get(&p.id).unwrap_or_else(|| panic!("{}: id {} not on the card", p.name, p.id));
+        assert_eq!(format!("MIG {}", p.name), format!("MIG {name}"), "id {}", p.id);
+        assert_eq!(p.sms, *sms, "{}: SMs", p.name);
+        let table_gib = p.memory_bytes as f64 / (1u64 << 30) as f64;
+        assert!((table_gib - gib).abs() < 0.006, "{}: {table_gib:.3} GiB in the table, {gib} on the card", p.name);
+        let (starts, size) = &placements[&p.id];
+        assert_eq!(p.starts, starts.as_slice(), "{}: starts", p.name);
+        assert_eq!(p.memory_slices, *size, "{}: memory slices", p.name);
+    }
+    // What the card has beyond the table: only the `+me` (media engine) variant.
+    let extra: Vec<&String> =
+        listed.iter().filter(|(id, _)| model.profile_by_id(**id).is_none()).map(|(_, (n, _, _))| n).collect();
+    assert_eq!(extra, ["1g.18gb+me"]);
+}

@@ -19,10 +19,11 @@
 //!   which we do not plan with);
 //! - memory sizes: the `Memory GiB` column of published `-lgip` listings for
 //!   H100 80GB and A100 40GB, recalled listings for A100 80GB, and for H200
-//!   the H100 values scaled by the ratio of the two cards' total memory
-//!   (143771 MiB / 81559 MiB), since no H200 listing was at hand. They are
-//!   approximate and driver-dependent; code that needs the exact size of an
-//!   existing instance asks NVML (see [`super::discover`]).
+//!   the listing of the GPU machine's H200 (driver 580.159.04, 2026-12-02,
+//!   `tests/fixtures/nvidia-smi/`, whose ids, placements and SMs the H200
+//!   table matches too). They are given to 2 decimals of a GiB and
+//!   driver-dependent; code that needs the exact size of an existing
+//!   instance asks NVML (see [`super::discover`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -202,7 +203,7 @@ static H100_80GB_PROFILES: [GiProfile; 6] = table(
 );
 static H200_141GB_PROFILES: [GiProfile; 6] = table(
     ["1g.18gb", "1g.35gb", "2g.35gb", "3g.71gb", "4g.71gb", "7g.141gb"],
-    [17600, 35392, 35392, 71296, 71296, 143040],
+    [16384, 33280, 33280, 71424, 71424, 143360],
     [16, 26, 32, 60, 64, 132],
 );
 
