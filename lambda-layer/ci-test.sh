@@ -7,7 +7,9 @@
 # reuse the environment's lease and QUIC session (no new lease, no new
 # session), and that an environment frozen (SIGSTOP of the function and the
 # extension) for longer than the QUIC idle timeout still works after the
-# thaw (the session is resumed, not opened again).
+# thaw (the session is resumed, not opened again), and that one frozen past
+# the server's grace period and the lease's expiry answers its next
+# invocation correctly too (a new lease, a new GPU worker and session).
 #
 # The emulator runs with --only-lambda-apis and the function and extension
 # are started as their own processes against it, as Lambda starts them, so
@@ -41,6 +43,11 @@ device=${DEVICE:-emulated}
 if [[ $device == emulated ]]; then instances=${INSTANCES:-simulated:h100-80gb}; else instances=${INSTANCES:-nvml}; fi
 idle_ms=3000
 freeze_s=7
+# The long freeze outlasts the server's grace period and the lease (renewed
+# every ttl/3, so a freeze shorter than 2/3 of it keeps the lease).
+grace_ms=10000
+ttl_ms=12000
+long_freeze_s=16
 cargo_lambda_version=1.9.2
 
 layer_arch=${LAYER_ARCH:-x86_64}
@@ -85,8 +92,11 @@ fi
 
 work=$(mktemp -d)
 pids=()
+# A process and its children (the function's GPU worker): what Lambda
+# freezes is the whole environment.
+family() { for p in "$@"; do echo "$p"; pgrep -P "$p" || true; done; }
 cleanup() {
-    for p in "${pids[@]}"; do kill -CONT "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done
+    for p in $(family "${pids[@]}"); do kill -CONT "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$work"
 }
@@ -102,13 +112,13 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 "$BIN/gpupool-balancer" keygen --key-file "$work/key" >"$work/pub" 2>/dev/null
 bport=$(free_port)
 RUST_LOG=info "$BIN/gpupool-balancer" serve --listen "127.0.0.1:$bport" --key-file "$work/key" \
-    --server-secret ci-secret --recovery-ms 0 >"$out/balancer.log" 2>&1 &
+    --server-secret ci-secret --recovery-ms 0 --lease-ttl-ms "$ttl_ms" >"$out/balancer.log" 2>&1 &
 pids+=($!)
 sport=$(free_port)
 RUST_LOG=info "$BIN/gpupool-server" --listen "127.0.0.1:$sport" --device "$device" --instances "$instances" \
     --balancer "http://127.0.0.1:$bport" --advertise "127.0.0.1:$sport" --balancer-secret ci-secret \
     --lease-key "$(cat "$work/pub")" --server-id lambda-ci --idle-timeout-ms "$idle_ms" \
-    --resume-grace-ms 30000 --warm-workers 1 >"$out/server.log" 2>&1 &
+    --resume-grace-ms "$grace_ms" --warm-workers 1 >"$out/server.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 120); do
     "$BIN/gpupool-balancer" status --balancer "http://127.0.0.1:$bport" >"$work/status" 2>/dev/null &&
@@ -155,7 +165,8 @@ start_environment() {
         for _ in $(seq 1 100); do [[ -s $lease_file ]] && break; sleep 0.1; done
         [[ -s $lease_file ]] || fail "the extension wrote no lease"
         LD_LIBRARY_PATH="$BIN/lib" GPUPOOL_LEASE_FILE="$lease_file" GPUPOOL_MAX_UDP_PAYLOAD=1200 \
-            GPUPOOL_LOG=info "${guest[@]}" "$BIN/gpupool-lambda-example" >"$out/function-$label.log" 2>&1 &
+            GPUPOOL_WORKER_WRAPPER="${guest[*]}" GPUPOOL_LOG=info "${guest[@]}" "$BIN/gpupool-lambda-example" \
+            >"$out/function-$label.log" 2>&1 &
     else
         extension=
         "$BIN/gpupool-lambda-example" >"$out/function-$label.log" 2>&1 &
@@ -165,7 +176,8 @@ start_environment() {
     init_ns=$(($(date +%s%N) - init_start))
 }
 
-# Invokes the function once; checks the product; prints "<ms> <cold>".
+# Invokes the function once; checks the product; prints "<ms> <cold> <function
+# ms> <kernels> <recovered> <device>".
 invoke() {
     local label=$1 i=$2 t0 t1
     t0=$(date +%s%N)
@@ -181,7 +193,7 @@ assert len(c) == len(ref), f"{len(c)} elements, want {len(ref)}"
 err = max(abs(x - y) for x, y in zip(c, ref))
 assert err < 1e-4, f"max error {err}"
 PY
-    python3 -c "import json,sys; r=json.load(open('$work/reply.json')); print(round(($t1-$t0)/1e6, 1), r['cold'], round(r['timing']['total_ms'], 1), r['kernels'], r['device'].replace(' ', '_'))"
+    python3 -c "import json,sys; r=json.load(open('$work/reply.json')); print(round(($t1-$t0)/1e6, 1), r['cold'], round(r['timing']['total_ms'], 1), r['kernels'], r['recovered'], r['device'].replace(' ', '_'))"
 }
 
 count() { grep -c "$1" "$2" || true; }
@@ -192,20 +204,24 @@ report="$out/lambda.md"
     echo "## Lambda example function under cargo-lambda ($(date -u +%FT%TZ), device $device, layer $layer_arch)"
     echo
     echo "Round trip of \`cargo lambda invoke\` (ms) and the time the function measured itself (ms);"
-    echo "a ${freeze_s} s freeze is longer than the ${idle_ms} ms QUIC idle timeout. Kernels: \`builtin\`"
+    echo "a ${freeze_s} s freeze is longer than the ${idle_ms} ms QUIC idle timeout, a ${long_freeze_s} s one than"
+    echo "the ${grace_ms} ms grace period and the ${ttl_ms} ms lease. Kernels: \`builtin\`"
     echo "is the server's built-in module, \`nvrtc\` the same source compiled by the function (native)."
     echo
     echo "| environment | invocation | cold | kernels | invoke ms | function ms |"
     echo "|---|---|---|---|---|---|"
 } >"$report"
-# Invokes, checks, reports. $1 label, $2 invocation, $3 the kernels expected.
+# Invokes, checks, reports. $1 label, $2 invocation, $3 the kernels expected,
+# $4 whether the session must have been re-opened (default False).
 invoke_row() {
-    local label=$1 i=$2 want=$3 ms cold fn_ms kernels dev
-    read -r ms cold fn_ms kernels dev < <(invoke "$label" "$i")
+    local label=$1 i=$2 want=$3 want_recovered=${4:-False} ms cold fn_ms kernels recovered dev
+    read -r ms cold fn_ms kernels recovered dev < <(invoke "$label" "$i")
     [[ -n $kernels ]] || fail "$label invocation $i: no answer"
     [[ $kernels == "$want" ]] || fail "$label invocation $i ran $kernels kernels, want $want"
+    [[ $recovered == "$want_recovered" ]] || fail "$label invocation $i: recovered=$recovered, want $want_recovered"
     echo "| $label | $i | $cold | $kernels | $ms | $fn_ms |" >>"$report"
-    echo "$label $cold $ms $fn_ms" >>"$work/figures"
+    # The pool/native figures: the numbered invocations of one environment.
+    if [[ $i =~ ^[0-9]+$ ]]; then echo "$label $cold $ms $fn_ms" >>"$work/figures"; fi
     echo "lambda-ci: $label invocation $i: ${ms} ms (function ${fn_ms} ms, cold=$cold, $kernels kernels) on $dev"
 }
 run_environment() {
@@ -226,9 +242,16 @@ opened=$(count "session opened" "$out/server.log")
 echo "lambda-ci: 4 invocations, one lease, one session"
 
 # Freeze the environment past the idle timeout, thaw it, invoke again.
-kill -STOP "$function" "$extension"
-sleep "$freeze_s"
-kill -CONT "$function" "$extension"
+freeze() {
+    local frozen
+    frozen=$(family "$function" "$extension")
+    # shellcheck disable=SC2086
+    kill -STOP $frozen
+    sleep "$1"
+    # shellcheck disable=SC2086
+    kill -CONT $frozen
+}
+freeze "$freeze_s"
 invoke_row pool "after a ${freeze_s} s freeze" builtin
 echo "lambda-ci: after a ${freeze_s} s freeze (idle timeout ${idle_ms} ms): result correct"
 grep -q "connection lost; resuming the session" "$out/function-pool.log" ||
@@ -238,11 +261,23 @@ grep -q "session resumed" "$out/function-pool.log" || fail "the session was not 
 [[ $(count "leased a virtual GPU" "$out/extension-pool.log") == 1 ]] || fail "a new lease was taken after the thaw"
 echo "lambda-ci: the thawed environment resumed its session (no new lease, no new session)"
 
+# Freeze past the grace period and the lease: the session cannot come back.
+# The extension leases again; the invocation starts a new GPU worker on the
+# new lease and answers correctly. The next one is warm again.
+freeze "$long_freeze_s"
+invoke_row pool "after a ${long_freeze_s} s freeze" builtin True
+grep -q "the lease is gone; leasing again" "$out/extension-pool.log" || fail "the extension did not lease again"
+[[ $(count "leased a virtual GPU" "$out/extension-pool.log") == 2 ]] || fail "want exactly one new lease after the long freeze"
+grep -q "the GPU session is lost; starting a new GPU worker" "$out/function-pool.log" ||
+    fail "the function did not see its session lost"
+invoke_row pool "after the recovery" builtin False
+echo "lambda-ci: after a ${long_freeze_s} s freeze (grace ${grace_ms} ms, lease ${ttl_ms} ms): new lease, new session, results correct"
+
 if [[ ${NATIVE:-0} == 1 ]]; then
     kill "$function" "$extension" "$emulator" 2>/dev/null || true
     run_environment native native 4
     # Pool against native: the cold invocation and the median of the warm
-    # ones (the thawed one excluded), invoke round trip and function time.
+    # ones (those after a freeze excluded), invoke round trip and function time.
     python3 - "$work/figures" >>"$report" <<'PY'
 import statistics, sys
 rows = [line.split() for line in open(sys.argv[1])]
@@ -253,8 +288,6 @@ print("| pool / native | invoke ms (pool, native, ratio) | function ms (pool, na
 print("|---|---|---|")
 for name, cold in (("cold", True), ("warm, median", False)):
     pool, native = pick("pool", cold), pick("native", cold)
-    if not cold:
-        pool = pool[: len(native)]
     p = [statistics.median(x[i] for x in pool) for i in (0, 1)]
     n = [statistics.median(x[i] for x in native) for i in (0, 1)]
     cells = [f"{p[i]:.1f}, {n[i]:.1f}, {p[i] / n[i]:.2f}×" for i in (0, 1)]

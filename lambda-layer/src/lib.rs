@@ -6,12 +6,14 @@
 //!   ([`gpupool_client::LeaseHandoff`]), renews it while the environment
 //!   lives and releases it on SHUTDOWN.
 //! - `gpupool-lambda-example`: a function on `lambda_runtime` that
-//!   multiplies matrices on the GPU through CUDA ([`matmul`]).
+//!   multiplies matrices on the GPU through CUDA ([`matmul`]), in a GPU
+//!   worker process it replaces when the session is lost ([`worker`]).
 //!
 //! The layer's `lib/` holds the drop-in `libcuda.so.1` and
 //! `libnvidia-ml.so.1`; `lambda-layer/build.sh` assembles the zip.
 
 pub mod matmul;
+pub mod worker;
 
 /// Where the extension leaves the lease for the function (Lambda gives
 /// both processes the same writable `/tmp`).

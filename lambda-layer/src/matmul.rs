@@ -47,8 +47,14 @@ pub struct Response {
     pub checksum: f64,
     pub device: String,
     pub kernels: Kernels,
-    /// `true` for the first invocation of this execution environment.
+    /// `true` for the first invocation of this execution environment (or
+    /// of a GPU worker that replaced one whose session was lost).
     pub cold: bool,
+    /// `true` when the GPU session was lost (the environment was frozen past
+    /// the server's grace period or its lease) and this invocation opened a
+    /// new one before it ran.
+    #[serde(default)]
+    pub recovered: bool,
     pub timing: Timing,
 }
 
@@ -186,6 +192,11 @@ impl Gpu {
         self.kernels
     }
 
+    /// Milliseconds spent opening the GPU and loading the kernel.
+    pub fn setup_ms(&self) -> f64 {
+        self.setup_ms
+    }
+
     /// Runs one request.
     pub fn run(&mut self, req: &Request) -> Result<Response> {
         let start = Instant::now();
@@ -220,6 +231,7 @@ impl Gpu {
             device: self.device.clone(),
             kernels: self.kernels,
             cold,
+            recovered: false,
             timing: Timing {
                 setup_ms: if cold { self.setup_ms } else { 0.0 },
                 upload_ms,

@@ -3,46 +3,93 @@
 //! Input `{"m":…,"n":…,"k":…,"a":[…],"b":[…]}` (row-major) or
 //! `{"m":…,"n":…,"k":…,"seed":…}`; output the product, its checksum, the
 //! device and the time of each step (`gpupool_lambda_layer::matmul`).
-//! The GPU is opened once per execution environment, in INIT.
+//!
+//! Two processes: this one answers Lambda (`lambda_runtime`) and never
+//! loads CUDA; a GPU worker (the same binary with `--gpu-worker`, started in
+//! INIT) holds the CUDA context. A session that cannot come back (the
+//! environment was frozen past the server's grace period or past its lease)
+//! is a lost CUDA context for good; the worker then ends, and the invocation
+//! that found it lost starts a new worker (a new session, on the lease the
+//! extension took again) and runs once more, so the caller sees a correct
+//! answer, marked `recovered`.
 
-use gpupool_lambda_layer::matmul::{Gpu, Request, Response};
+use anyhow::{Context, Result, anyhow, bail};
+use gpupool_lambda_layer::matmul::{Request, Response};
+use gpupool_lambda_layer::worker::{Reply, WorkerProcess, serve};
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-/// Whether `e` says the GPU session is gone (`CUDA_ERROR_DEVICE_UNAVAILABLE`).
-fn session_lost(e: &anyhow::Error) -> bool {
-    use cudarc::driver::{DriverError, sys::CUresult};
-    e.chain().any(|c| c.downcast_ref::<DriverError>().is_some_and(|d| d.0 == CUresult::CUDA_ERROR_DEVICE_UNAVAILABLE))
+/// How long an invocation that lost its session waits for a new one (the
+/// extension leases again within a balancer round trip of the thaw).
+fn recovery_window() -> Duration {
+    let ms = std::env::var("GPUPOOL_RECOVER_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(15_000);
+    Duration::from_millis(ms)
+}
+
+/// Starts a worker, retrying until `window` has passed: right after a thaw
+/// the hand-off file may still hold the lease that was lost.
+fn start_worker(window: Duration) -> Result<WorkerProcess> {
+    let deadline = Instant::now() + window;
+    loop {
+        match WorkerProcess::start() {
+            Ok(w) => return Ok(w),
+            Err(e) if Instant::now() < deadline => {
+                tracing::info!(error = %format!("{e:#}"), "the GPU worker could not open the GPU yet; retrying");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Runs `req` on the worker, replacing a worker whose session is lost and
+/// running the request once more on the new one.
+fn invoke(slot: &mut Option<WorkerProcess>, req: &Request) -> Result<Response> {
+    let mut recovered = false;
+    for attempt in 0..2 {
+        let worker = match slot {
+            Some(w) => w,
+            None => slot.insert(start_worker(recovery_window())?),
+        };
+        match worker.call(req) {
+            Ok(Reply::Done { mut response }) => {
+                response.recovered = recovered;
+                return Ok(response);
+            }
+            Ok(Reply::Failed { message, session_lost: false }) => bail!(message),
+            Ok(Reply::Failed { message, session_lost: true }) => {
+                tracing::warn!(error = %message, attempt, "the GPU session is lost; starting a new GPU worker");
+            }
+            Ok(Reply::Opened { .. }) => bail!("the GPU worker answered out of turn"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), attempt, "the GPU worker ended; starting a new one"),
+        }
+        if let Some(old) = slot.take() {
+            old.stop();
+        }
+        recovered = true;
+    }
+    Err(anyhow!("the GPU session was lost twice in one invocation"))
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    tracing_subscriber::fmt().with_ansi(false).without_time().with_target(false).init();
+    let worker_mode = std::env::args().nth(1).as_deref() == Some("--gpu-worker");
+    // The worker's stdout carries its replies; its logs go to stderr.
+    tracing_subscriber::fmt().with_ansi(false).without_time().with_target(false).with_writer(std::io::stderr).init();
+    if worker_mode {
+        return tokio::task::spawn_blocking(serve).await?.map_err(Error::from);
+    }
     // INIT: the layer's extension has leased the GPU by now.
-    let gpu = tokio::task::spawn_blocking(Gpu::open).await??;
-    tracing::info!(kernels = ?gpu.kernels(), "GPU opened");
-    let gpu = Arc::new(Mutex::new(gpu));
+    let worker = tokio::task::spawn_blocking(|| WorkerProcess::start().context("opening the GPU")).await??;
+    tracing::info!(kernels = ?worker.kernels(), "GPU opened");
+    let slot = Arc::new(Mutex::new(Some(worker)));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Request>| {
-        let gpu = gpu.clone();
+        let slot = slot.clone();
         async move {
             tokio::task::spawn_blocking(move || -> Result<Response, Error> {
-                let mut gpu = gpu.lock().map_err(|_| "the GPU state was poisoned by an earlier failure")?;
-                gpu.run(&event.payload).map_err(|e| {
-                    if session_lost(&e) {
-                        // The session could not be resumed (frozen past the
-                        // server's grace period, or the lease ended): CUDA
-                        // state in this process is gone for good. Answer,
-                        // then end the process so Lambda starts a fresh
-                        // environment (a new INIT, a new lease) for the next
-                        // invocation.
-                        tracing::error!(error = %e, "the GPU session is lost; ending this environment");
-                        std::thread::spawn(|| {
-                            std::thread::sleep(std::time::Duration::from_millis(500));
-                            std::process::exit(1);
-                        });
-                    }
-                    e.into()
-                })
+                let mut slot = slot.lock().map_err(|_| "the GPU state was poisoned by an earlier failure")?;
+                invoke(&mut slot, &event.payload).map_err(|e| format!("{e:#}").into())
             })
             .await?
         }

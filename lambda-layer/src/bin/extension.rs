@@ -22,6 +22,11 @@ fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
+/// How often the hand-off file is brought up to date (an in-memory check).
+const FOLLOW_TICK: Duration = Duration::from_millis(100);
+/// The pause after a failed attempt to lease again.
+const LEASE_RETRY: Duration = Duration::from_secs(1);
+
 /// The environment's lease; replaced when the balancer no longer knows it.
 type Held = Arc<std::sync::Mutex<Arc<LeasedGpu>>>;
 
@@ -33,19 +38,28 @@ fn current(held: &Held) -> Arc<LeasedGpu> {
 /// lease is gone (the environment was frozen past its expiry, or the
 /// balancer ended it) it leases again, so that the next session the
 /// function opens finds a valid lease.
+///
+/// It looks every [`FOLLOW_TICK`]: after a thaw the renewer finds the lease
+/// gone within one balancer round trip, and the function, whose session is
+/// gone with it, waits for the new lease.
 async fn follow_renewals(held: Held, req: PoolRequest, path: PathBuf) {
     let mut written = LeaseHandoff::from(&current(&held).lease());
     loop {
+        tokio::time::sleep(FOLLOW_TICK).await;
         let leased = current(&held);
-        let every = Duration::from_millis(u64::from(leased.lease().renew_interval_ms).clamp(200, 60_000));
-        tokio::time::sleep(every).await;
         if leased.is_gone() {
             tracing::warn!(lease = leased.lease().lease_id, "gpupool: the lease is gone; leasing again");
             let req = req.clone();
             match tokio::task::spawn_blocking(move || LeasedGpu::allocate(&req)).await {
                 Ok(Ok(fresh)) => *held.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh),
-                Ok(Err(e)) => tracing::warn!("gpupool: cannot lease again: {e}"),
-                Err(e) => tracing::warn!("gpupool: cannot lease again: {e}"),
+                Ok(Err(e)) => {
+                    tracing::warn!("gpupool: cannot lease again: {e}");
+                    tokio::time::sleep(LEASE_RETRY).await;
+                }
+                Err(e) => {
+                    tracing::warn!("gpupool: cannot lease again: {e}");
+                    tokio::time::sleep(LEASE_RETRY).await;
+                }
             }
         }
         let now = LeaseHandoff::from(&current(&held).lease());
