@@ -14,6 +14,7 @@
 //! answer, marked `recovered`.
 
 use anyhow::{Context, Result, anyhow, bail};
+use gpupool_lambda_layer::DEFAULT_LEASE_FILE;
 use gpupool_lambda_layer::matmul::{Request, Response};
 use gpupool_lambda_layer::worker::{Reply, WorkerProcess, serve};
 use lambda_runtime::{Error, LambdaEvent, service_fn};
@@ -27,21 +28,36 @@ fn recovery_window() -> Duration {
     Duration::from_millis(ms)
 }
 
+/// The lease hand-off file the worker's libcuda reads.
+fn lease_file() -> std::path::PathBuf {
+    std::env::var_os("GPUPOOL_LEASE_FILE").map_or_else(|| DEFAULT_LEASE_FILE.into(), Into::into)
+}
+
 /// Starts a worker, retrying until `window` has passed: right after a thaw
-/// the hand-off file may still hold the lease that was lost.
+/// the hand-off file may still hold the lease that was lost, so after a
+/// failed start it waits for the extension to write the next one (or
+/// [`RETRY_AFTER`] at most) and tries again.
 fn start_worker(window: Duration) -> Result<WorkerProcess> {
     let deadline = Instant::now() + window;
+    let path = lease_file();
     loop {
+        let before = std::fs::read(&path).ok();
         match WorkerProcess::start() {
             Ok(w) => return Ok(w),
             Err(e) if Instant::now() < deadline => {
                 tracing::info!(error = %format!("{e:#}"), "the GPU worker could not open the GPU yet; retrying");
-                std::thread::sleep(Duration::from_millis(250));
+                let wait_until = (Instant::now() + RETRY_AFTER).min(deadline);
+                while Instant::now() < wait_until && std::fs::read(&path).ok() == before {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
             Err(e) => return Err(e),
         }
     }
 }
+
+/// The longest pause between two attempts to start a worker.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
 
 /// Runs `req` on the worker, replacing a worker whose session is lost and
 /// running the request once more on the new one.
