@@ -271,8 +271,13 @@ impl QuicTransport {
     /// Connects, presents the token and waits for the server's `Welcome`.
     pub fn connect(config: &ClientConfig) -> Result<Self> {
         config.validate().map_err(ClientError::Config)?;
+        // One I/O thread: quinn's endpoint and connection drivers then wake
+        // each other without crossing threads (sync round trip 100 µs
+        // against 119 µs with two, H200, bench/results/*-io-threads.md).
+        // Multi-thread all the same, so that it runs while the caller is
+        // not waiting in `block_on`.
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(1)
             .thread_name("gpupool-io")
             .enable_all()
             .build()

@@ -55,8 +55,11 @@ pub fn run_stdio() -> Result<(), ServerError> {
     let spec: v1::WorkerSpec =
         read_message(&mut stdin)?.ok_or_else(|| ServerError::Worker("stdin closed before the WorkerSpec".into()))?;
     let config = config_from_spec(&spec)?;
+    // One I/O thread for the one session: reader, writer and quinn's
+    // drivers wake each other without crossing threads; the device work
+    // runs on the session's own thread (bench/results/*-io-threads.md).
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .thread_name("gpupool-worker-io")
         .enable_all()
         .build()
