@@ -19,6 +19,7 @@ pub mod lease;
 pub mod session;
 mod tls;
 pub mod transport;
+mod wait;
 
 pub use config::{ClientConfig, TokenSource, Trust};
 pub use error::{ClientError, Result};

@@ -213,7 +213,7 @@ fn run_on<T: Send + 'static>(
     fut: impl Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
     if tokio::runtime::Handle::try_current().is_err() {
-        return rt.block_on(fut);
+        return crate::wait::block_on_spinning(rt, fut, crate::wait::spin_budget());
     }
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     rt.spawn(async move {

@@ -917,8 +917,9 @@ async fn run_session<B: Backend>(
         let staging = staging.clone();
         let images = shared.images.clone();
         let metrics = shared.metrics.clone();
+        let work = WorkQueue { rx: work_rx, spin: cfg.session_spin };
         std::thread::Builder::new().name(format!("gpupool-session-{id}")).spawn(move || {
-            worker(device, limits, staging, images, metrics, work_rx, reply_tx, ready_tx);
+            worker(device, limits, staging, images, metrics, work, reply_tx, ready_tx);
         })
     };
     if let Err(e) = worker {
@@ -1146,7 +1147,7 @@ fn worker<B: Backend>(
     staging: Arc<Staging>,
     images: Arc<ImageCache>,
     metrics: Arc<Metrics>,
-    mut work: mpsc::Receiver<Work>,
+    mut work: WorkQueue,
     replies: mpsc::Sender<v1::BatchReply>,
     ready: oneshot::Sender<Result<u64, CallError>>,
 ) {
@@ -1162,7 +1163,7 @@ fn worker<B: Backend>(
         return;
     }
     let mut mapped = 0;
-    while let Some(item) = work.blocking_recv() {
+    while let Some(item) = work.next() {
         let reply = match item {
             Work::Batch(batch) => {
                 let reply = state.execute_batch(batch);
@@ -1179,6 +1180,29 @@ fn worker<B: Backend>(
     }
     // The session's memory goes with it.
     gauge(&metrics.memory_mapped, mapped, 0);
+}
+
+/// The session thread's side of its work channel.
+struct WorkQueue {
+    rx: mpsc::Receiver<Work>,
+    /// How long to poll for the next item before sleeping
+    /// ([`ServerConfig::session_spin`]).
+    spin: std::time::Duration,
+}
+
+impl WorkQueue {
+    /// The next item, `None` once the session's reader is gone.
+    fn next(&mut self) -> Option<Work> {
+        let start = std::time::Instant::now();
+        loop {
+            match self.rx.try_recv() {
+                Ok(item) => return Some(item),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) if start.elapsed() < self.spin => std::hint::spin_loop(),
+                Err(mpsc::error::TryRecvError::Empty) => return self.rx.blocking_recv(),
+            }
+        }
+    }
 }
 
 /// Serves the session's bulk streams, a bounded number at a time.

@@ -285,6 +285,7 @@ fn config_from_spec(spec: &v1::WorkerSpec) -> Result<ServerConfig, ServerError> 
     c.handshake_timeout = Duration::from_millis(spec.handshake_timeout_ms);
     c.compression = spec.compression;
     c.resume_grace = Duration::from_millis(spec.resume_grace_ms);
+    c.session_spin = Duration::from_micros(u64::from(spec.session_spin_us));
     if spec.port_low != 0 {
         let port =
             |p: u32| u16::try_from(p).map_err(|_| ServerError::Config(format!("worker port {p} is not a UDP port")));
@@ -315,6 +316,7 @@ pub(crate) fn spec_from_config(config: &ServerConfig, chain: Vec<Vec<u8>>, key: 
         handshake_timeout_ms: config.handshake_timeout.as_millis() as u64,
         compression: config.compression,
         resume_grace_ms: config.resume_grace.as_millis() as u64,
+        session_spin_us: u32::try_from(config.session_spin.as_micros()).unwrap_or(u32::MAX),
         port_low: config.worker_ports.map_or(0, |(low, _)| u32::from(low)),
         port_high: config.worker_ports.map_or(0, |(_, high)| u32::from(high)),
     }
