@@ -6,9 +6,10 @@
 //! ~100 µs round trip. So the wait first spins for a bounded time
 //! ([`spin_budget`]), polling the future whenever its waker fires, and
 //! parks only after that. Spinning needs a spare CPU: with fewer than
-//! [`SPIN_MIN_CPUS`] (a Lambda function below ~3.5 GB has one or two) the
-//! spinning thread would take the I/O thread's CPU, so it parks at once.
+//! [`quic::SPIN_MIN_CPUS`] (a Lambda function below ~3.5 GB has one or two)
+//! the spinning thread would take the I/O thread's CPU, so it parks at once.
 
+use gpupool_proto::quic;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -17,23 +18,13 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-/// Spin before parking, by default, where there are CPUs to spare
-/// (bench/results/*-spin.md: the sync round trip ~100 -> ~90 µs, p99
-/// ~300 -> ~170 µs on the H200, together with the server's session spin).
-const DEFAULT_SPIN_US: u64 = 100;
-/// CPUs this process may use below which waits do not spin by default.
-const SPIN_MIN_CPUS: usize = 4;
-
 /// How long a waiting thread spins before it parks: `GPUPOOL_SPIN_US`
-/// (0 parks at once), else [`DEFAULT_SPIN_US`] with at least
-/// [`SPIN_MIN_CPUS`] CPUs and 0 with fewer. Read once per process.
+/// (0 parks at once), else [`quic::default_spin`]. Read once per process.
 pub(crate) fn spin_budget() -> Duration {
     static SPIN: OnceLock<Duration> = OnceLock::new();
     *SPIN.get_or_init(|| {
-        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-        let default = if cpus >= SPIN_MIN_CPUS { DEFAULT_SPIN_US } else { 0 };
-        let us = std::env::var("GPUPOOL_SPIN_US").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default);
-        Duration::from_micros(us)
+        let set = std::env::var("GPUPOOL_SPIN_US").ok().and_then(|v| v.trim().parse().ok());
+        set.map_or_else(quic::default_spin, Duration::from_micros)
     })
 }
 

@@ -7,22 +7,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Default of [`ServerConfig::session_spin`] on a host with at least
-/// [`SPIN_MIN_CPUS`] CPUs, in microseconds: an A/B on the H200
-/// (bench/results/*-spin.md) took the sync round trip from ~100 to ~90 µs
-/// and its p99 from ~300 to ~170 µs.
-pub const DEFAULT_SESSION_SPIN_US: u64 = 100;
-/// Below this many CPUs a spinning session thread would take the I/O
-/// thread's CPU: sessions sleep at once by default.
-pub const SPIN_MIN_CPUS: usize = 4;
-
-/// [`DEFAULT_SESSION_SPIN_US`] where this process has [`SPIN_MIN_CPUS`]
-/// CPUs, else zero.
-pub fn default_session_spin() -> Duration {
-    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    Duration::from_micros(if cpus >= SPIN_MIN_CPUS { DEFAULT_SESSION_SPIN_US } else { 0 })
-}
-
 /// Which device the server drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -136,6 +120,7 @@ pub struct ServerConfig {
     /// How long a session's thread polls for its next batch before it
     /// sleeps: a sleeping thread woken by the I/O thread costs tens of
     /// microseconds on an idle (virtual) CPU (zero: it sleeps at once).
+    /// Default: [`gpupool_proto::quic::default_spin`].
     pub session_spin: Duration,
     /// UDP ports worker processes bind, inclusive (none: ephemeral ports),
     /// so that a firewall can allow exactly them.
@@ -170,7 +155,7 @@ impl ServerConfig {
             gpus: Vec::new(),
             balancer: None,
             resume_grace: Duration::from_secs(30),
-            session_spin: default_session_spin(),
+            session_spin: gpupool_proto::quic::default_spin(),
             worker_ports: None,
         }
     }

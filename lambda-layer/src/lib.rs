@@ -18,3 +18,12 @@ pub mod worker;
 /// Where the extension leaves the lease for the function (Lambda gives
 /// both processes the same writable `/tmp`).
 pub const DEFAULT_LEASE_FILE: &str = "/tmp/gpupool/lease";
+
+/// The hand-off file: `GPUPOOL_LEASE_FILE` (as libcuda reads it), else
+/// [`DEFAULT_LEASE_FILE`].
+pub fn lease_file() -> std::path::PathBuf {
+    std::env::var("GPUPOOL_LEASE_FILE")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .map_or_else(|| DEFAULT_LEASE_FILE.into(), Into::into)
+}

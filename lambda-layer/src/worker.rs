@@ -153,9 +153,6 @@ impl WorkerProcess {
             }
         }
     }
-
-    /// Ends the worker.
-    pub fn stop(self) {}
 }
 
 impl Drop for WorkerProcess {

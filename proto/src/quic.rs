@@ -23,6 +23,24 @@ pub const MAX_UDP_PAYLOAD: u16 = 65_527;
 /// 1200 bytes), so they are opt-in (`max_udp_payload`).
 pub const DEFAULT_UDP_PAYLOAD: u16 = 1472;
 
+/// How long a thread that waits for the other side (the client for a reply,
+/// a session thread for its next batch) polls before it sleeps, by default,
+/// where the process may use at least [`SPIN_MIN_CPUS`] CPUs: a sleeping
+/// thread woken by the I/O thread costs tens of microseconds on an idle
+/// (virtual) CPU (bench/results/*-spin.md: on the H200 the sync round trip
+/// went from ~100 to ~90 µs and its p99 from ~300 to ~170 µs with both).
+pub const DEFAULT_SPIN_US: u64 = 100;
+/// Below this many CPUs a spinning thread takes the CPU the I/O thread needs
+/// (measured worse on a 2-core machine): no spinning by default.
+pub const SPIN_MIN_CPUS: usize = 4;
+
+/// [`DEFAULT_SPIN_US`] where this process has [`SPIN_MIN_CPUS`] CPUs or
+/// more, else zero.
+pub fn default_spin() -> std::time::Duration {
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    std::time::Duration::from_micros(if cpus >= SPIN_MIN_CPUS { DEFAULT_SPIN_US } else { 0 })
+}
+
 /// Socket send and receive buffer asked for; the kernel caps it at
 /// `net.core.{r,w}mem_max`.
 pub const SOCKET_BUFFER_BYTES: usize = 16 << 20;

@@ -14,7 +14,7 @@
 //! answer, marked `recovered`.
 
 use anyhow::{Context, Result, anyhow, bail};
-use gpupool_lambda_layer::DEFAULT_LEASE_FILE;
+use gpupool_lambda_layer::lease_file;
 use gpupool_lambda_layer::matmul::{Request, Response};
 use gpupool_lambda_layer::worker::{Reply, WorkerProcess, serve};
 use lambda_runtime::{Error, LambdaEvent, service_fn};
@@ -26,11 +26,6 @@ use std::time::{Duration, Instant};
 fn recovery_window() -> Duration {
     let ms = std::env::var("GPUPOOL_RECOVER_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(15_000);
     Duration::from_millis(ms)
-}
-
-/// The lease hand-off file the worker's libcuda reads.
-fn lease_file() -> std::path::PathBuf {
-    std::env::var_os("GPUPOOL_LEASE_FILE").map_or_else(|| DEFAULT_LEASE_FILE.into(), Into::into)
 }
 
 /// Starts a worker, retrying until `window` has passed: right after a thaw
@@ -62,7 +57,6 @@ const RETRY_AFTER: Duration = Duration::from_millis(500);
 /// Runs `req` on the worker, replacing a worker whose session is lost and
 /// running the request once more on the new one.
 fn invoke(slot: &mut Option<WorkerProcess>, req: &Request) -> Result<Response> {
-    let mut recovered = false;
     for attempt in 0..2 {
         let worker = match slot {
             Some(w) => w,
@@ -70,7 +64,7 @@ fn invoke(slot: &mut Option<WorkerProcess>, req: &Request) -> Result<Response> {
         };
         match worker.call(req) {
             Ok(Reply::Done { mut response }) => {
-                response.recovered = recovered;
+                response.recovered = attempt > 0;
                 return Ok(response);
             }
             Ok(Reply::Failed { message, session_lost: false }) => bail!(message),
@@ -80,10 +74,8 @@ fn invoke(slot: &mut Option<WorkerProcess>, req: &Request) -> Result<Response> {
             Ok(Reply::Opened { .. }) => bail!("the GPU worker answered out of turn"),
             Err(e) => tracing::warn!(error = %format!("{e:#}"), attempt, "the GPU worker ended; starting a new one"),
         }
-        if let Some(old) = slot.take() {
-            old.stop();
-        }
-        recovered = true;
+        // Dropping the worker ends it.
+        *slot = None;
     }
     Err(anyhow!("the GPU session was lost twice in one invocation"))
 }

@@ -12,7 +12,7 @@
 
 use anyhow::Result;
 use gpupool_client::{LeaseHandoff, LeasedGpu, PoolRequest};
-use gpupool_lambda_layer::DEFAULT_LEASE_FILE;
+use gpupool_lambda_layer::lease_file;
 use lambda_extension::{Extension, LambdaEvent, NextEvent, service_fn};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -50,12 +50,12 @@ async fn follow_renewals(held: Held, req: PoolRequest, path: PathBuf) {
         if leased.is_gone() {
             tracing::warn!(lease = leased.lease().lease_id, "gpupool: the lease is gone; leasing again");
             let req = req.clone();
-            match tokio::task::spawn_blocking(move || LeasedGpu::allocate(&req)).await {
-                Ok(Ok(fresh)) => *held.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh),
-                Ok(Err(e)) => {
-                    tracing::warn!("gpupool: cannot lease again: {e}");
-                    tokio::time::sleep(LEASE_RETRY).await;
-                }
+            let fresh = tokio::task::spawn_blocking(move || LeasedGpu::allocate(&req))
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r.map_err(anyhow::Error::from));
+            match fresh {
+                Ok(fresh) => *held.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(fresh),
                 Err(e) => {
                     tracing::warn!("gpupool: cannot lease again: {e}");
                     tokio::time::sleep(LEASE_RETRY).await;
@@ -79,7 +79,7 @@ async fn main() -> Result<()> {
         .without_time()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("GPUPOOL_LOG").unwrap_or_else(|_| "info".into()))
         .init();
-    let path = PathBuf::from(var("GPUPOOL_LEASE_FILE").unwrap_or_else(|| DEFAULT_LEASE_FILE.into()));
+    let path = lease_file();
     let req = PoolRequest::from_lookup(&var).map_err(|problems| anyhow::anyhow!(problems.join("; ")))?;
     let start = std::time::Instant::now();
     let first = req.clone();
