@@ -5,8 +5,13 @@
  * named in PROBE_TABLES (UUIDs as 32 hex digits, comma-separated, at most 2)
  * and replaces every function slot with a wrapper that calls the driver's
  * function and logs the arguments, the words they point to before and after
- * the call, and the return value (the first 6 calls of each slot).
- * cuGetProcAddress is left alone: the runtime checks its address.
+ * the call (and the text a changed word points to, when it is a string),
+ * the calling library and offset, and the return value (the first 6 calls of
+ * each slot). PROBE_CALLBACK_SLOTS ("table:slot:arg,...", e.g. 6e163fbe:7:2)
+ * names function-pointer arguments to wrap as well: each call of such a
+ * callback is logged with its arguments, result and cuFuncGetName of its
+ * second argument. cuGetProcAddress is left alone: the runtime checks its
+ * address.
  *
  * Build: gcc -shared -fPIC -O1 -o export-table-probe.so export-table-probe.c -ldl
  * Run:   PROBE_TABLES=42d85a8123f6cb478298f6e78a3aecdc \
@@ -22,6 +27,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+typedef int CUresult_t;
+
 #define TABLES 2
 #define SLOTS 128
 typedef uintptr_t (*slot_fn)(uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t);
@@ -36,20 +43,63 @@ static int peek(uintptr_t p, uintptr_t *out) {
     return process_vm_readv(getpid(), &local, 1, &remote, 1, 0) == sizeof *out;
 }
 
+/* Prints the text at p when it is a short printable C string. */
+static void show_string(const char *label, uintptr_t p) {
+    char buf[97] = {0};
+    struct iovec local = {buf, 96}, remote = {(void *)p, 96};
+    if (p < 0x10000 || process_vm_readv(getpid(), &local, 1, &remote, 1, 0) <= 0) return;
+    int n = 0;
+    while (n < 96 && buf[n] >= 0x20 && buf[n] < 0x7f) n++;
+    if (n >= 4 && (n == 96 || buf[n] == 0)) fprintf(stderr, " %s=\"%.*s\"", label, n, buf);
+}
+
+/* The callback a slot was given (PROBE_CALLBACK_SLOTS), wrapped to log. */
+typedef uintptr_t (*callback_fn)(uintptr_t, uintptr_t, uintptr_t, uintptr_t);
+static __thread callback_fn inner_callback;
+static uintptr_t logged_callback(uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d) {
+    uintptr_t r = inner_callback(a, b, c, d);
+    fprintf(stderr, "PROBE   callback(%#lx, %#lx, %#lx, %#lx) -> %#lx", (unsigned long)a, (unsigned long)b,
+            (unsigned long)c, (unsigned long)d, (unsigned long)r);
+    static CUresult_t (*get_name)(const char **, uintptr_t);
+    if (!get_name) get_name = (CUresult_t (*)(const char **, uintptr_t))dlsym(RTLD_DEFAULT, "cuFuncGetName");
+    const char *name = NULL;
+    if (get_name && get_name(&name, b) == 0 && name) fprintf(stderr, " cuFuncGetName(b)=%s", name);
+    fputc('\n', stderr);
+    return r;
+}
+
 static uintptr_t logged(int t, int s, uintptr_t a, uintptr_t b, uintptr_t c, uintptr_t d, uintptr_t e, uintptr_t f) {
-    uintptr_t args[4] = {a, b, c, d}, before[4] = {0}, after[4] = {0};
-    int ok[4];
-    for (int i = 0; i < 4; i++) ok[i] = peek(args[i], &before[i]);
-    uintptr_t r = original[t][s](a, b, c, d, e, f);
+    uintptr_t args[6] = {a, b, c, d, e, f}, before[6] = {0}, after[6] = {0};
+    int ok[6];
+    for (int i = 0; i < 6; i++) ok[i] = peek(args[i], &before[i]);
+    Dl_info caller;
+    void *ret = __builtin_return_address(0);
+    const char *cb_slots = getenv("PROBE_CALLBACK_SLOTS"); /* "table:slot:arg,..." e.g. 6e163fbe:7:2 */
+    int wrapped = -1;
+    char key[32];
+    for (int i = 0; i < 6 && cb_slots; i++) {
+        snprintf(key, sizeof key, "%.8s:%d:%d", names[t], s, i);
+        if (strstr(cb_slots, key)) {
+            inner_callback = (callback_fn)args[i];
+            args[i] = (uintptr_t)logged_callback;
+            wrapped = i;
+        }
+    }
+    uintptr_t r = original[t][s](args[0], args[1], args[2], args[3], args[4], args[5]);
+    if (wrapped >= 0) args[wrapped] = (uintptr_t)inner_callback;
     int n = __atomic_add_fetch(&calls[t][s], 1, __ATOMIC_RELAXED);
     if (n <= 6) {
         fprintf(stderr, "PROBE %s[%d] call %d -> %#lx", names[t], s, n, (unsigned long)r);
-        for (int i = 0; i < 4; i++) {
-            if (ok[i] && peek(args[i], &after[i]))
+        if (dladdr(ret, &caller) && caller.dli_fname)
+            fprintf(stderr, " from %s+%#lx", caller.dli_fname, (unsigned long)((uintptr_t)ret - (uintptr_t)caller.dli_fbase));
+        for (int i = 0; i < 6; i++) {
+            if (ok[i] && peek(args[i], &after[i])) {
                 fprintf(stderr, " | a%d %#lx (*%#lx -> *%#lx)", i, (unsigned long)args[i],
                         (unsigned long)before[i], (unsigned long)after[i]);
-            else
+                if (after[i] != before[i]) show_string("str", after[i]);
+            } else {
                 fprintf(stderr, " | a%d %#lx", i, (unsigned long)args[i]);
+            }
         }
         fputc('\n', stderr);
     }

@@ -4,6 +4,8 @@
 //! the text of a caught panic. Each library links its own copy.
 #![allow(unsafe_code)] // atexit only
 
+pub mod symbols;
+
 use std::any::Any;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};

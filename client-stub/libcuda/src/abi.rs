@@ -37,6 +37,11 @@ pub(crate) type CuResult<T = ()> = Result<T, CuError>;
 
 /// Runs one exported call: errors become their code, a panic becomes
 /// `CUDA_ERROR_UNKNOWN` (logged), never an unwind into C.
+///
+/// Logging itself may panic when the calling thread is exiting (its
+/// thread-local storage is being destroyed while a library's destructor
+/// still calls the driver): such a panic is swallowed too, because one
+/// outside `catch_unwind` here would abort the process.
 pub(crate) fn entry(name: &'static str, body: impl FnOnce() -> CuResult) -> CUresult {
     let logging = gpupool_ffi::logging_enabled();
     let traced = || {
@@ -49,17 +54,22 @@ pub(crate) fn entry(name: &'static str, body: impl FnOnce() -> CuResult) -> CUre
         Ok(Ok(())) => CUresult::CUDA_SUCCESS,
         Ok(Err(CuError(code))) => {
             if logging {
-                tracing::trace!(call = name, code, "returns an error");
+                log_quietly(|| tracing::trace!(call = name, code, "returns an error"));
             }
             codes::from_raw(code)
         }
         Err(_) if !logging => CUresult::CUDA_ERROR_UNKNOWN,
         Err(panic) => {
             let what = gpupool_ffi::panic_message(panic.as_ref());
-            tracing::error!(call = name, panic = %what, "internal error in gpupool libcuda");
+            log_quietly(|| tracing::error!(call = name, panic = %what, "internal error in gpupool libcuda"));
             CUresult::CUDA_ERROR_UNKNOWN
         }
     }
+}
+
+/// Logs, ignoring a panic of the logging itself (see [`entry`]).
+pub(crate) fn log_quietly(log: impl FnOnce()) {
+    let _ = catch_unwind(AssertUnwindSafe(log));
 }
 
 /// The error of another export's result, to call one export from another.
@@ -71,7 +81,7 @@ pub(crate) fn status(r: CUresult) -> CuResult {
 pub(crate) fn unsupported(name: &'static str) -> CUresult {
     if gpupool_ffi::first_time(name) && gpupool_ffi::logging_enabled() {
         gpupool_ffi::init_logging();
-        tracing::warn!("{name} is not supported by gpupool's libcuda; it returns CUDA_ERROR_NOT_SUPPORTED");
+        tracing::debug!("{name} is not supported by gpupool's libcuda; it returns CUDA_ERROR_NOT_SUPPORTED");
     }
     CUresult::CUDA_ERROR_NOT_SUPPORTED
 }

@@ -19,9 +19,9 @@
 use crate::abi::{CuError, CuResult, put};
 use crate::device::{self, API_VERSION};
 use crate::runtime::Runtime;
-use cudarc::driver::sys::{CUcontext, CUdevice, CUmodule, CUresult, CUstream, CUuuid};
+use cudarc::driver::sys::{CUcontext, CUdevice, CUfunction, CUmodule, CUresult, CUstream, CUuuid};
 use hmac::{Mac, SimpleHmac};
-use std::ffi::{c_uint, c_void};
+use std::ffi::{c_char, c_uint, c_void};
 
 type Slot = *const c_void;
 
@@ -44,7 +44,7 @@ const fn size_slot<const N: usize>() -> Slot {
 }
 
 /// Table names, for the log.
-const NAMES: [&str; 10] = [
+const NAMES: [&str; 12] = [
     "CUDART_INTERFACE",
     "TOOLS_TLS",
     "TOOLS_RUNTIME_CALLBACK_HOOKS",
@@ -55,15 +55,19 @@ const NAMES: [&str; 10] = [
     "INTEGRITY_CHECK",
     "UNKNOWN_CHECKS",
     "TOOLS_CONTEXT",
+    "1734DC26",
+    "TOOLS_MODULE",
 ];
 
 extern "C" fn unknown_slot<const TABLE: usize, const SLOT: usize>() -> CUresult {
-    gpupool_ffi::init_logging();
-    tracing::warn!(
-        table = NAMES[TABLE],
-        slot = SLOT,
-        "the CUDA runtime called an export-table slot gpupool does not implement"
-    );
+    crate::abi::log_quietly(|| {
+        gpupool_ffi::init_logging();
+        tracing::debug!(
+            table = NAMES[TABLE],
+            slot = SLOT,
+            "the CUDA runtime called an export-table slot gpupool does not implement"
+        )
+    });
     CUresult::CUDA_ERROR_NOT_SUPPORTED
 }
 
@@ -145,6 +149,9 @@ thread_local! {
     };
 }
 
+/// The tools block of threads whose own is already destroyed.
+static EXITING_THREAD_BLOCK: Scratch<1024> = Scratch(std::cell::UnsafeCell::new([0; 1024]));
+
 /// Hands the runtime the calling thread's tools block. The runtime asks
 /// for it around its API calls once a library such as cuBLAS is loaded and
 /// fails the call (`cudaErrorNotSupported`) when this does not succeed;
@@ -152,7 +159,10 @@ thread_local! {
 /// thread (seen with `bench/diagnostics/tools-tls-probe.c`).
 unsafe extern "C" fn tools_tls_block(out: *mut *mut c_void) -> CUresult {
     crate::abi::entry("TOOLS_TLS[2]", || {
-        let block = TOOLS_BLOCK.with(|b| b.get().cast::<c_void>());
+        // A thread that is exiting (its thread-local storage destroyed)
+        // shares one block: nothing reads it back.
+        let block =
+            TOOLS_BLOCK.try_with(|b| b.get().cast::<c_void>()).unwrap_or_else(|_| EXITING_THREAD_BLOCK.0.get().cast());
         // SAFETY: out-pointer from the runtime.
         unsafe { put(out, block) }
     })
@@ -417,6 +427,79 @@ static TOOLS_CONTEXT: Table<93> = Table(tools_context_slots!(
     91 92
 ));
 
+// --- 1734DC26-… and TOOLS_MODULE (6E163FBE-…) --------------------------------
+
+/// A table of `N` words: its size, then slots that log and answer
+/// `CUDA_ERROR_NOT_SUPPORTED`.
+macro_rules! logging_table {
+    ($table:literal, $n:literal; $($slot:literal)*) => {
+        Table::<$n>([size_slot::<$n>(), $(unknown_slot::<$table, $slot> as Slot),*])
+    };
+}
+
+/// Asked for by cuBLAS on PyTorch's bf16/fp16 paths; NVIDIA's driver 580 has
+/// 16 functions here (size word 0x88). Answering the UUID with an error
+/// crashed the process (the caller uses the table regardless). Natively the
+/// caller calls slot 4 (two out-pointers: the driver allocates two objects)
+/// and then slot 13 with them; answering slot 4 with an error is taken as
+/// "not available" and cuBLAS carries on (bf16 and fp16 GEMMs correct on the
+/// H200, `bench/results/*-compat.md`).
+static TABLE_1734DC26: Table<17> = logging_table!(10, 17; 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
+
+/// What TOOLS_MODULE[7] calls for each function of a module.
+type FunctionVisitor = unsafe extern "C" fn(user: *mut c_void, function: CUfunction, name: *const c_char, zero: usize);
+
+/// Calls `visit(user, function, name, 0)` for every function of `module`
+/// and returns how many it visited. cuFFT finds the kernel of each module it
+/// loads this way instead of by name. Established on the H200 with
+/// `bench/diagnostics/export-table-probe.c` (`PROBE_CALLBACK_SLOTS=6e163fbe:7:2`):
+/// NVIDIA's driver calls the visitor once per function (cuFFT's modules hold
+/// one kernel each; `cuFuncGetName` of its second argument names it) and
+/// answers 1; the visitor stores the function through `user`.
+unsafe extern "C" fn module_each_function(
+    _ctx: CUcontext,
+    module: CUmodule,
+    visit: Option<FunctionVisitor>,
+    user: *mut c_void,
+) -> c_uint {
+    let mut visited = 0;
+    let status = crate::abi::entry("TOOLS_MODULE[7]", || {
+        let visit = visit.ok_or(CuError::INVALID_VALUE)?;
+        let rt = Runtime::get()?;
+        let m = rt.module(module as usize, crate::runtime::Tag::Module)?;
+        for (i, f) in m.functions.iter().enumerate() {
+            let handle = crate::runtime::function_handle(crate::runtime::Tag::Function, m.id, i as u32);
+            // SAFETY: the caller's visitor, with the arguments the driver
+            // passes it (see above).
+            unsafe { visit(user, handle as CUfunction, crate::abi::intern(&f.name), 0) };
+            visited += 1;
+        }
+        Ok(())
+    });
+    if status != CUresult::CUDA_SUCCESS {
+        crate::abi::log_quietly(|| tracing::debug!(?status, "TOOLS_MODULE[7] visited no function"));
+    }
+    visited
+}
+
+macro_rules! tools_module_slots {
+    ($($slot:literal)*) => {
+        [size_slot::<99>(), $(match $slot {
+            7 => module_each_function as Slot,
+            _ => unknown_slot::<11, $slot> as Slot,
+        }),*]
+    };
+}
+
+/// The tools module table, asked for by cuFFT; 98 functions in driver 580
+/// (size word 0x318).
+static TOOLS_MODULE: Table<99> = Table(tools_module_slots!(
+    1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30
+    31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60
+    61 62 63 64 65 66 67 68 69 70 71 72 73 74 75 76 77 78 79 80 81 82 83 84 85 86 87 88 89 90
+    91 92 93 94 95 96 97 98
+));
+
 /// The UUID's bytes as CUDA stores them, from its text form.
 const fn uuid(text: &[u8; 36]) -> [u8; 16] {
     const fn nibble(c: u8) -> u8 {
@@ -443,7 +526,7 @@ const fn uuid(text: &[u8; 36]) -> [u8; 16] {
 
 /// Every table by UUID.
 fn table_for(id: &[u8; 16]) -> Option<*const c_void> {
-    const IDS: [([u8; 16], usize); 10] = [
+    const IDS: [([u8; 16], usize); 12] = [
         (uuid(b"6BD5FB6C-5BF4-E74A-8987-D93912FD9DF9"), 0),
         (uuid(b"42D85A81-23F6-CB47-8298-F6E78A3AECDC"), 1),
         (uuid(b"A094798C-2E74-2E74-93F2-0800200C0A66"), 2),
@@ -454,6 +537,8 @@ fn table_for(id: &[u8; 16]) -> Option<*const c_void> {
         (uuid(b"D4082055-BDE6-704B-8D34-BA123C66E1F2"), 7),
         (uuid(b"263E8860-7CD2-6143-92F6-BBD5006DFA7E"), 8),
         (uuid(b"21318C60-9714-3248-8CA6-41FF7324C8F2"), 9),
+        (uuid(b"1734DC26-800D-4745-8726-C0F1E7DD8BCA"), 10),
+        (uuid(b"6E163FBE-B958-444D-835C-E182AFF1991E"), 11),
     ];
     let index = IDS.iter().find(|(u, _)| u == id)?.1;
     tracing::debug!(table = NAMES[index], "export table requested");
@@ -467,7 +552,9 @@ fn table_for(id: &[u8; 16]) -> Option<*const c_void> {
         6 => DEVICE_EXTENDED_RT.start(),
         7 => INTEGRITY_CHECK.start(),
         8 => UNKNOWN_CHECKS.start(),
-        _ => TOOLS_CONTEXT.start(),
+        9 => TOOLS_CONTEXT.start(),
+        10 => TABLE_1734DC26.start(),
+        _ => TOOLS_MODULE.start(),
     })
 }
 
@@ -485,7 +572,7 @@ crate::exports! {
             Some(t) => unsafe { put(table, t) },
             None => {
                 gpupool_ffi::init_logging();
-                tracing::warn!(uuid = %format_uuid(&id), "unknown export table requested; answering CUDA_ERROR_INVALID_VALUE");
+                tracing::debug!(uuid = %format_uuid(&id), "unknown export table requested; answering CUDA_ERROR_INVALID_VALUE");
                 Err(CuError::INVALID_VALUE)
             }
         }

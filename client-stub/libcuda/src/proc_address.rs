@@ -185,3 +185,40 @@ mod tests {
         );
     }
 }
+
+/// The three symbol sets against the CUDA 13.0 driver API of cudarc's
+/// bindings (see `gpupool_ffi::symbols`). `GPUPOOL_WRITE_SYMBOLS=1 cargo
+/// test -p gpupool-libcuda symbol_lists` rewrites `unsupported.rs` from them.
+#[cfg(test)]
+mod symbol_lists {
+    use gpupool_ffi::symbols;
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    #[test]
+    fn symbol_lists_cover_the_driver_api() {
+        let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let cudarc = symbols::registry_source(&crate_dir.join("../.."), "cudarc").expect("cudarc sources");
+        let bindings = std::fs::read_to_string(cudarc.join("src/driver/sys/mod.rs")).expect("cudarc's sys bindings");
+        let api = symbols::binding_functions(&bindings, "cu", Some("cuda-13000"));
+        assert!(api.len() > 400, "only {} driver functions found in cudarc's bindings", api.len());
+        let names = |t: Vec<(&'static str, usize)>| t.into_iter().map(|(n, _)| n.to_string()).collect::<BTreeSet<_>>();
+        let unsupported = names(crate::unsupported::table());
+        let stub_addresses: BTreeSet<usize> = crate::unsupported::table().into_iter().map(|(_, a)| a).collect();
+        let implemented: BTreeSet<String> =
+            super::exports().iter().filter(|(_, a)| !stub_addresses.contains(a)).map(|(n, _)| n.to_string()).collect();
+        let legacy = names(crate::legacy::table());
+        if std::env::var_os("GPUPOOL_WRITE_SYMBOLS").is_some() {
+            let wanted = api.iter().filter(|n| !implemented.contains(*n) && !legacy.contains(*n)).cloned().collect();
+            symbols::regenerate(&crate_dir.join("src/unsupported.rs"), "crate::unsupported!", &wanted)
+                .expect("rewriting unsupported.rs");
+            return;
+        }
+        let problems = symbols::check(&api, &implemented, &unsupported, &legacy);
+        assert!(
+            problems.is_empty(),
+            "symbol lists out of date (GPUPOOL_WRITE_SYMBOLS=1 regenerates unsupported.rs):\n{}",
+            problems.join("\n")
+        );
+    }
+}

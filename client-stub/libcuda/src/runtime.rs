@@ -235,15 +235,22 @@ impl Runtime {
     }
 }
 
-/// The calling thread's current context handle.
+/// The calling thread's current context handle. A thread whose
+/// thread-local storage is already destroyed (a library's destructor
+/// calling the driver while the thread exits) has none.
 pub(crate) fn current_context() -> Option<usize> {
-    CONTEXT_STACK.with(|s| s.borrow().last().copied())
+    CONTEXT_STACK.try_with(|s| s.borrow().last().copied()).ok().flatten()
+}
+
+/// Runs `f` on the calling thread's context stack, unless the thread is
+/// exiting and the stack is gone already.
+fn with_stack<T: Default>(f: impl FnOnce(&mut Vec<usize>) -> T) -> T {
+    CONTEXT_STACK.try_with(|s| f(&mut s.borrow_mut())).unwrap_or_default()
 }
 
 /// Replaces the current context (`cuCtxSetCurrent`); `None` unsets it.
 pub(crate) fn set_current_context(ctx: Option<usize>) {
-    CONTEXT_STACK.with(|s| {
-        let mut s = s.borrow_mut();
+    with_stack(|s| {
         s.pop();
         if let Some(c) = ctx {
             s.push(c);
@@ -252,16 +259,16 @@ pub(crate) fn set_current_context(ctx: Option<usize>) {
 }
 
 pub(crate) fn push_context(ctx: usize) {
-    CONTEXT_STACK.with(|s| s.borrow_mut().push(ctx));
+    with_stack(|s| s.push(ctx));
 }
 
 pub(crate) fn pop_context() -> Option<usize> {
-    CONTEXT_STACK.with(|s| s.borrow_mut().pop())
+    with_stack(|s| s.pop())
 }
 
 /// Removes a destroyed context from the calling thread's stack.
 pub(crate) fn forget_context(ctx: usize) {
-    CONTEXT_STACK.with(|s| s.borrow_mut().retain(|&c| c != ctx));
+    with_stack(|s| s.retain(|&c| c != ctx));
 }
 
 #[cfg(test)]

@@ -211,7 +211,7 @@ crate::exports! {
             return Err(CuError::INVALID_VALUE);
         }
         // SAFETY: non-null in/out pointer per the CUDA API.
-        unsafe { *mode = MODE.with(|m| m.replace(*mode)) };
+        unsafe { *mode = MODE.try_with(|m| m.replace(*mode)).unwrap_or(*mode) };
         Ok(())
     }
 

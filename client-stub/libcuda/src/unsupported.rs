@@ -9,7 +9,10 @@
 //! safe whatever the real signature.
 //!
 //! The list is the CUDA 13.0 driver API (cudarc's `sys` bindings) minus
-//! what the other modules export; regenerate it when either changes.
+//! what the other modules export and the legacy names. It is generated:
+//! `GPUPOOL_WRITE_SYMBOLS=1 cargo test -p gpupool-libcuda symbol_lists`
+//! rewrites it, and the same test without the variable fails when it is out
+//! of date (`proc_address::symbol_lists`, `gpupool_ffi::symbols`).
 
 crate::unsupported! {
     cuArray3DCreate_v2

@@ -46,7 +46,7 @@ pub(crate) fn guard<T>(name: &'static str, on_panic: T, body: impl FnOnce() -> T
 pub(crate) fn log_unsupported(name: &'static str) {
     if gpupool_ffi::first_time(name) && gpupool_ffi::logging_enabled() {
         gpupool_ffi::init_logging();
-        tracing::info!("{name} is not supported by gpupool's libnvidia-ml; it returns NVML_ERROR_NOT_SUPPORTED");
+        tracing::debug!("{name} is not supported by gpupool's libnvidia-ml; it returns NVML_ERROR_NOT_SUPPORTED");
     }
 }
 

@@ -45,6 +45,9 @@ macro_rules! exports {
                 $crate::abi::entry(stringify!($name), || -> Result<(), $crate::error::Error> { $body })
             }
         )*
+        /// This module's exports, for the symbol-list check.
+        #[cfg(test)]
+        pub(crate) const EXPORTED: &[&str] = &[$(stringify!($name)),*];
     };
 }
 

@@ -15,7 +15,9 @@
 //!
 //! The list is every function of nvml-wrapper-sys's bindings (NVML 12,
 //! legacy versions included) minus what [`crate::system`] and
-//! [`crate::device`] export; regenerate it when either changes.
+//! [`crate::device`] export. It is generated: `GPUPOOL_WRITE_SYMBOLS=1 cargo
+//! test -p gpupool-libnvml symbol_lists` rewrites it, and the same test
+//! fails when it is out of date.
 
 use nvml_wrapper_sys::bindings::nvmlReturn_t;
 
@@ -392,6 +394,37 @@ unsupported! {
 
 #[cfg(test)]
 mod tests {
+    /// The implemented and unsupported names against every function of
+    /// nvml-wrapper-sys's bindings (legacy functions included), see
+    /// `gpupool_ffi::symbols`. `GPUPOOL_WRITE_SYMBOLS=1 cargo test -p
+    /// gpupool-libnvml symbol_lists` rewrites the list above from them.
+    #[test]
+    fn symbol_lists_cover_nvml() {
+        use gpupool_ffi::symbols;
+        use std::collections::BTreeSet;
+        let crate_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let sys = symbols::registry_source(&crate_dir.join("../.."), "nvml-wrapper-sys").expect("nvml-wrapper-sys");
+        let bindings = std::fs::read_to_string(sys.join("src/bindings.rs")).expect("nvml-wrapper-sys bindings");
+        let api = symbols::binding_functions(&bindings, "nvml", Some("legacy-functions"));
+        assert!(api.len() > 350, "only {} NVML functions found", api.len());
+        let set = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>();
+        // nvmlErrorString returns a string, not an nvmlReturn_t, so it is
+        // exported outside the `exports!` macro.
+        let implemented: BTreeSet<String> = set(crate::device::EXPORTED)
+            .union(&set(crate::system::EXPORTED))
+            .cloned()
+            .chain(["nvmlErrorString".to_string()])
+            .collect();
+        let unsupported = set(super::NAMES);
+        if std::env::var_os("GPUPOOL_WRITE_SYMBOLS").is_some() {
+            let wanted = api.difference(&implemented).cloned().collect();
+            symbols::regenerate(&crate_dir.join("src/unsupported.rs"), "unsupported!", &wanted).expect("rewrite");
+            return;
+        }
+        let problems = symbols::check(&api, &implemented, &unsupported, &BTreeSet::new());
+        assert!(problems.is_empty(), "symbol lists out of date:\n{}", problems.join("\n"));
+    }
+
     #[test]
     fn stubs_answer_not_supported() {
         assert!(super::NAMES.len() > 300);
