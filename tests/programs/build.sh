@@ -35,8 +35,9 @@ out="${out:-$repo/target/programs}"
 ci_c=(driver_api)
 ci_cu=(runtime_nokernel)
 gpu_cu=(vector_add matmul_tiled templated device_globals streams_events
-        cublas_sgemm bench_loop)
-declare -A extra_libs=([cublas_sgemm]="-lcublas")
+        cublas_sgemm cublas_halfgemm cufft_transforms bench_loop)
+declare -A extra_libs=([cublas_sgemm]="-lcublas" [cublas_halfgemm]="-lcublas"
+                       [cufft_transforms]="-lcufft")
 
 toolchain_args=()
 if ((build_gpu)); then toolchain_args+=(--with-cublas); fi

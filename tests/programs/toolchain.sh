@@ -43,9 +43,10 @@ core_pkgs=(
     nvidia-cuda-runtime==13.0.96  # cuda.h, cuda_runtime.h, libcudart_static.a
     nvidia-cuda-cccl==13.0.85     # include/cccl, which nvcc.profile puts on -isystem
 )
-# cuBLAS is ~600 MB unpacked and only the GPU programs need it.
+# cuBLAS and cuFFT are ~850 MB unpacked and only the GPU programs need them.
 cublas_pkgs=(
     nvidia-cublas==13.0.2.14      # last cuBLAS of the 13.0 line
+    nvidia-cufft==12.0.0.61       # cuFFT of CUDA 13.0
 )
 
 log() { echo "toolchain.sh: $*" >&2; }
@@ -125,9 +126,9 @@ fi
 # the alias lets a bare `nvcc x.cu` link cudart_static without extra -L.
 ln -sfn lib "$home/lib64"
 # The wheels ship only versioned sonames; `-lcublas` needs the dev symlinks.
-for so in libcublas libcublasLt; do
-    if [[ -e "$lib/$so.so.13" ]]; then
-        ln -sfn "$so.so.13" "$lib/$so.so"
+for so in libcublas.so.13 libcublasLt.so.13 libcufft.so.12; do
+    if [[ -e "$lib/$so" ]]; then
+        ln -sfn "$so" "$lib/${so%.so.*}.so"
     fi
 done
 
