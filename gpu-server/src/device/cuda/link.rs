@@ -218,6 +218,74 @@ fn output(state: &LinkState, cubin: Result<Vec<u8>, CallError>) -> LinkOutput {
 mod tests {
     use super::*;
 
+    use crate::device::cuda::CudaDevice;
+    use crate::device::{ACCESS_READWRITE, Backend, BackendSession, LinkInput};
+
+    const MAIN_PTX: &str = ".version 7.5\n.target sm_75\n.address_size 64\n\
+        .extern .func (.param .b32 r) twice(.param .b32 x);\n\
+        .visible .entry k(.param .u64 out)\n{\n.reg .b32 %r<3>;\n.reg .b64 %rd<3>;\n\
+        ld.param.u64 %rd1, [out];\ncvta.to.global.u64 %rd2, %rd1;\nmov.u32 %r1, 21;\n\
+        {\n.param .b32 p0;\nst.param.b32 [p0], %r1;\n.param .b32 r0;\n\
+        call.uni (r0), twice, (p0);\nld.param.b32 %r2, [r0];\n}\n\
+        st.global.u32 [%rd2], %r2;\nret;\n}\n";
+    const LIB_PTX: &str = ".version 7.5\n.target sm_75\n.address_size 64\n\
+        .visible .func (.param .b32 r) twice(.param .b32 x)\n{\n.reg .b32 %r<3>;\n\
+        ld.param.u32 %r1, [x];\nshl.b32 %r2, %r1, 1;\nst.param.b32 [r], %r2;\nret;\n}\n";
+
+    fn ptx(name: &str, text: &'static str) -> LinkInput {
+        LinkInput {
+            kind: INPUT_PTX,
+            name: name.into(),
+            data: bytes::Bytes::from_static(text.as_bytes()),
+            options: vec![],
+        }
+    }
+
+    /// The linker and VMM aliasing on a real GPU; skipped where there is
+    /// no CUDA device.
+    #[test]
+    fn link_and_aliases_on_a_gpu() {
+        let dev = match CudaDevice::open(0) {
+            Err(e) if e.code == cuda::NO_DEVICE => {
+                eprintln!("no CUDA device: skipping ({e})");
+                return;
+            }
+            other => other.expect("open device 0"),
+        };
+        let g = dev.description().granularity;
+        let mut s = dev.open_session(8 * g).expect("session");
+        let request = LinkRequest {
+            options: vec![(12, 1)],
+            inputs: vec![ptx("main.ptx", MAIN_PTX), ptx("lib.ptx", LIB_PTX)],
+            info_log_bytes: 4096,
+            error_log_bytes: 4096,
+        };
+        let out = s.link(&request).expect("link");
+        let cubin = out.cubin.expect("linked");
+        assert_eq!(&cubin[..4], b"\x7fELF");
+        assert!(!out.info_log.is_empty(), "verbose info log");
+        let (module, functions) = s.load_module(&cubin).expect("load the cubin");
+        assert_eq!(functions[0].name, "k");
+
+        // One allocation at two addresses; the kernel writes through one.
+        let base = s.va_base();
+        let allocation = s.create(g).expect("create");
+        let a = s.map_allocation(&allocation, 0, base, g).expect("map a");
+        let b = s.map_allocation(&allocation, 0, base + 4 * g, g).expect("map b");
+        s.set_access(&a, ACCESS_READWRITE).expect("access a");
+        s.set_access(&b, ACCESS_READWRITE).expect("access b");
+        let dims = crate::device::LaunchDims { grid: [1; 3], block: [1; 3], shared_mem_bytes: 0 };
+        s.launch(&module, 0, dims, None, &base.to_le_bytes()).expect("launch");
+        let mut back = [0u8; 4];
+        s.read(None, base + 4 * g, &mut back).expect("read the alias");
+        assert_eq!(u32::from_le_bytes(back), 42);
+
+        let missing = LinkRequest { inputs: vec![ptx("main.ptx", MAIN_PTX)], ..request };
+        let out = s.link(&missing).expect("the call itself works");
+        assert!(out.cubin.is_err(), "unresolved function");
+        assert!(!out.error_log.is_empty(), "error log says why");
+    }
+
     #[test]
     fn logs_stop_at_the_nul_or_the_filled_size() {
         assert_eq!(LinkState::log(b"abc\0\0\0", None), b"abc");
