@@ -380,6 +380,16 @@ mod tests {
     }
 
     #[test]
+    fn get_proc_address_finds_the_linker_and_vmm() {
+        use crate::proc_address::resolve;
+        assert_eq!(resolve("cuLinkCreate", 13000, 0), Some(cuLinkCreate_v2 as *const () as usize));
+        assert_eq!(resolve("cuLinkAddData", 13000, 0), Some(cuLinkAddData_v2 as *const () as usize));
+        assert_eq!(resolve("cuLinkComplete", 13000, 0), Some(cuLinkComplete as *const () as usize));
+        assert_eq!(resolve("cuMemCreate", 13000, 0), Some(crate::vmm::cuMemCreate as *const () as usize));
+        assert_eq!(resolve("cuMemMap", 13000, 0), Some(crate::vmm::cuMemMap as *const () as usize));
+    }
+
+    #[test]
     fn foreign_states_are_invalid_handles() {
         assert_eq!(id_of(std::ptr::null_mut()), Err(CuError::INVALID_HANDLE));
         assert_eq!(id_of(0x1234 as CUlinkState), Err(CuError::INVALID_HANDLE));
