@@ -126,7 +126,9 @@ int main()
     if (cubin == nullptr || cubin_size < 64 || memcmp(cubin, "\x7f" "ELF", 4) != 0)
         fail("cuLinkComplete gave no cubin (%zu bytes)", cubin_size);
     size_t info_len = (size_t)(uintptr_t)values[1];
-    if (info_len == 0 || info_len > sizeof info || strlen(info) != info_len)
+    // Whether the filled size counts the NUL is the driver's business: only
+    // "something was logged, within the buffer" is checked.
+    if (info_len == 0 || info_len > sizeof info || strlen(info) == 0)
         fail("info log length %zu (strlen %zu)", info_len, strlen(info));
     printf("linked a cubin; info log length > 0: yes\n");
     // The driver overwrites the wall time's slot with the float's bits.
