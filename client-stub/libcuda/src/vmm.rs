@@ -265,6 +265,19 @@ mod tests {
     }
 
     #[test]
+    fn attributes_say_vmm_without_shareable_handles() {
+        let mut device = gpupool_proto::v1::DeviceInfo::default();
+        // What a server might report: no VMM (the emulated device lists
+        // nothing), shareable handles and compression (a GPU).
+        device.attributes.extend([(103, 1), (107, 1), (128, 1)]);
+        let a = crate::device::visible_attributes(&device);
+        assert_eq!(a.get(&102), Some(&1), "VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED");
+        for zero in [103, 104, 105, 107, 128] {
+            assert_eq!(a.get(&zero), Some(&0), "attribute {zero}");
+        }
+    }
+
+    #[test]
     fn only_pinned_device_memory_without_sharing() {
         let ok = AllocationProp { kind: TYPE_PINNED, location_type: LOCATION_DEVICE, ..Default::default() };
         assert_eq!(check_prop(ok), Ok(()));
