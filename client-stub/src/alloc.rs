@@ -9,6 +9,9 @@
 use crate::error::{ClientError, Result};
 use std::collections::BTreeMap;
 
+mod vmm;
+pub use vmm::{ACCESS_NONE, ACCESS_READ, ACCESS_READWRITE, AllocationId};
+
 /// Alignment of every allocation (what `cuMemAlloc` guarantees).
 pub const ALIGN: u64 = 256;
 
@@ -50,6 +53,9 @@ pub struct AddressSpace {
     /// (start -> size): device memory outside the range that copies and
     /// memsets may name.
     globals: BTreeMap<u64, u64>,
+    /// The application's own reservations, allocations and mappings
+    /// (`cuMemAddressReserve`, `cuMemCreate`, `cuMemMap`).
+    vmm: vmm::Vmm,
 }
 
 /// Returns `[start, start + len)` to a free list, merged with its neighbours.
@@ -89,6 +95,7 @@ impl AddressSpace {
             allocs: BTreeMap::new(),
             slabs: BTreeMap::new(),
             globals: BTreeMap::new(),
+            vmm: vmm::Vmm::default(),
         }
     }
 
@@ -111,7 +118,8 @@ impl AddressSpace {
     pub fn block_of(&self, addr: u64) -> Option<(u64, u64)> {
         let alloc = self.allocs.range(..=addr).next_back().map(|(&s, &(size, _))| (s, size));
         let global = self.globals.range(..=addr).next_back().map(|(&s, &size)| (s, size));
-        [alloc, global].into_iter().flatten().find(|&(start, size)| addr - start < size.max(1))
+        let mapped = self.vmm.mapping_of(addr);
+        [alloc, global, mapped].into_iter().flatten().find(|&(start, size)| addr - start < size.max(1))
     }
 
     /// `true` when `addr` is device memory of this session: inside the
@@ -147,6 +155,9 @@ impl AddressSpace {
     pub fn check_access(&self, addr: u64, len: u64) -> Result<()> {
         if !self.contains(addr) {
             return Ok(());
+        }
+        if let Some(checked) = self.vmm.check_access(addr, len) {
+            return checked;
         }
         let fits = self
             .block_of(addr)

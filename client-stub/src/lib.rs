@@ -21,8 +21,12 @@ mod tls;
 pub mod transport;
 mod wait;
 
+pub use alloc::AllocationId;
 pub use config::{ClientConfig, TokenSource, Trust};
 pub use error::{ClientError, Result};
 pub use handoff::LeaseHandoff;
 pub use lease::{LeasedGpu, PoolRequest};
-pub use session::{DeviceBuffer, EventId, Function, KernelArg, LaunchConfig, Module, Session, StreamId};
+pub use session::{
+    DeviceBuffer, EventId, Function, JitInput, JitLinkOutput, JitLinkRequest, KernelArg, LaunchConfig, Module, Session,
+    StreamId,
+};

@@ -20,6 +20,11 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod link;
+mod vmm;
+
+pub use link::{JitInput, JitLinkOutput, JitLinkRequest};
+
 /// A stream of this session (0 is the default stream).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StreamId(pub u32);

@@ -21,6 +21,11 @@ use gpupool_proto::{cuda, v1::memcpy_hto_d::Source};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+mod link;
+mod vmm;
+
+use crate::device::{ACCESS_READ, ACCESS_READWRITE};
+
 /// Limits of one session.
 #[derive(Debug, Clone)]
 pub struct SessionLimits {
@@ -60,6 +65,10 @@ pub struct SessionState<S: BackendSession> {
     // Field order is drop order: handles go before the backend session that
     // owns the address range and context they live in.
     mappings: BTreeMap<u64, (u64, S::Mapping)>,
+    /// The application's own VMM mappings (`VmmMap`) by address, then the
+    /// physical allocations behind them by client handle.
+    vmm_maps: BTreeMap<u64, vmm::VmmMapping<S::Mapping>>,
+    vmm_handles: HashMap<u32, vmm::VmmHandle<S::Allocation>>,
     /// Module variables by address. They live outside the reserved range,
     /// in memory the driver allocated with the module.
     globals: BTreeMap<u64, Global>,
@@ -78,6 +87,8 @@ impl<S: BackendSession> std::fmt::Debug for SessionState<S> {
         f.debug_struct("SessionState")
             .field("mappings", &self.mappings.len())
             .field("mapped_bytes", &self.mapped_bytes)
+            .field("vmm_maps", &self.vmm_maps.len())
+            .field("vmm_handles", &self.vmm_handles.len())
             .field("modules", &self.modules.len())
             .field("globals", &self.globals.len())
             .field("streams", &self.streams.len())
@@ -102,6 +113,8 @@ impl<S: BackendSession> SessionState<S> {
     pub fn new(dev: S, limits: SessionLimits, staging: Arc<Staging>, images: Arc<ImageCache>) -> Self {
         Self {
             mappings: BTreeMap::new(),
+            vmm_maps: BTreeMap::new(),
+            vmm_handles: HashMap::new(),
             globals: BTreeMap::new(),
             modules: HashMap::new(),
             streams: HashMap::new(),
@@ -163,8 +176,8 @@ impl<S: BackendSession> SessionState<S> {
             Op::MemcpyHtod(c) => self.memcpy_htod(c),
             Op::MemcpyDtoh(c) => self.memcpy_dtoh(c),
             Op::MemcpyDtod(c) => {
-                self.check_range(c.dst, c.size)?;
-                self.check_range(c.src, c.size)?;
+                self.check_range(c.dst, c.size, ACCESS_READWRITE)?;
+                self.check_range(c.src, c.size, ACCESS_READ)?;
                 let stream = stream_of(&self.streams, c.stream)?;
                 self.dev.copy(stream, c.dst, c.src, c.size)?;
                 Ok(None)
@@ -180,7 +193,7 @@ impl<S: BackendSession> SessionState<S> {
                     .count
                     .checked_mul(u64::from(m.element_size))
                     .ok_or_else(|| CallError::invalid_value("memset size overflows"))?;
-                self.check_range(m.dst, bytes)?;
+                self.check_range(m.dst, bytes, ACCESS_READWRITE)?;
                 let stream = stream_of(&self.streams, m.stream)?;
                 self.dev.memset(stream, m.dst, m.value, m.element_size, m.count)?;
                 Ok(None)
@@ -271,14 +284,26 @@ impl<S: BackendSession> SessionState<S> {
                 free: self.limits.memory_quota - self.mapped_bytes,
                 total: self.limits.memory_quota,
             }))),
+            // Virtual memory management and the JIT linker (session/vmm.rs, session/link.rs).
+            Op::VmmCreate(c) => self.vmm_create(c),
+            Op::VmmRelease(r) => self.vmm_release(r.handle),
+            Op::VmmRetain(r) => self.vmm_retain(r.handle),
+            Op::VmmMap(m) => self.vmm_map(m),
+            Op::VmmUnmap(u) => self.vmm_unmap(u.addr, u.size),
+            Op::VmmSetAccess(a) => self.vmm_set_access(a),
+            Op::JitLink(l) => self.jit_link(l),
         }
     }
 
     /// Checks that `[addr, addr + len)` lies inside one mapping or inside
     /// one looked-up module variable of this session. Never a union of
     /// them: a range running from one into the next is refused, since what
-    /// lies between or beyond is not known to be the session's.
-    fn check_range(&self, addr: u64, len: u64) -> Result<(), CallError> {
+    /// lies between or beyond is not known to be the session's. The one
+    /// exception is the application's VMM mappings, which may be placed
+    /// side by side to form one buffer: a range may run across such
+    /// mappings when they leave no gap, and each must grant `need`
+    /// (`ACCESS_READ` or `ACCESS_READWRITE`) through `VmmSetAccess`.
+    fn check_range(&self, addr: u64, len: u64, need: u32) -> Result<(), CallError> {
         let end = addr
             .checked_add(len)
             .ok_or_else(|| CallError::invalid_value(format!("range at {addr:#x} of {len} bytes overflows")))?;
@@ -293,6 +318,9 @@ impl<S: BackendSession> SessionState<S> {
                 "address {addr:#x} (+{len}) is outside this session's range {base:#x}..{:#x}",
                 base + self.limits.va_size
             )));
+        }
+        if let Some(vmm) = self.vmm_check(addr, end, need) {
+            return vmm;
         }
         match self.mappings.range(..=addr).next_back() {
             Some((&start, &(size, _))) if end <= start + size => Ok(()),
@@ -324,7 +352,7 @@ impl<S: BackendSession> SessionState<S> {
         }
         let before = self.mappings.range(..addr).next_back().is_some_and(|(&s, &(l, _))| s + l > addr);
         let after = self.mappings.range(addr..).next().is_some_and(|(&s, _)| s < end);
-        if before || after {
+        if before || after || self.vmm_overlaps(addr, end) {
             return Err(CallError::invalid_value(format!("mapping {addr:#x} (+{size}) overlaps an existing one")));
         }
         let mapping = self.dev.map(addr, size)?;
@@ -350,19 +378,19 @@ impl<S: BackendSession> SessionState<S> {
                 payload::decode(p, self.limits.max_inline_bytes).map_err(|e| CallError::invalid_value(e.to_string()))?
             }
             Some(Source::Staged(s)) => {
-                self.check_range(c.dst, s.size)?;
+                self.check_range(c.dst, s.size, ACCESS_READWRITE)?;
                 Bytes::from(self.staging.take_upload(s.transfer_id, s.size)?)
             }
             None => return Err(CallError::invalid_value("copy without a source")),
         };
-        self.check_range(c.dst, data.len() as u64)?;
+        self.check_range(c.dst, data.len() as u64, ACCESS_READWRITE)?;
         let stream = stream_of(&self.streams, c.stream)?;
         self.dev.write(stream, c.dst, &data)?;
         Ok(None)
     }
 
     fn memcpy_dtoh(&mut self, c: v1::MemcpyDtoH) -> CallOutcome {
-        self.check_range(c.src, c.size)?;
+        self.check_range(c.src, c.size, ACCESS_READ)?;
         let inline = c.size <= self.limits.max_inline_bytes;
         if !inline {
             self.staging.check_room(c.size)?;
@@ -837,6 +865,7 @@ mod tests {
 
     impl BackendSession for WithGlobals {
         type Mapping = <EmulatedSession as BackendSession>::Mapping;
+        type Allocation = <EmulatedSession as BackendSession>::Allocation;
         type Module = <EmulatedSession as BackendSession>::Module;
         type Stream = <EmulatedSession as BackendSession>::Stream;
         type Event = <EmulatedSession as BackendSession>::Event;
@@ -846,6 +875,18 @@ mod tests {
         }
         fn map(&mut self, addr: u64, size: u64) -> DeviceResult<Self::Mapping> {
             self.inner.map(addr, size)
+        }
+        fn create(&mut self, size: u64) -> DeviceResult<Self::Allocation> {
+            self.inner.create(size)
+        }
+        fn map_allocation(&mut self, a: &Self::Allocation, o: u64, addr: u64, n: u64) -> DeviceResult<Self::Mapping> {
+            self.inner.map_allocation(a, o, addr, n)
+        }
+        fn set_access(&mut self, m: &Self::Mapping, flags: u32) -> DeviceResult<()> {
+            self.inner.set_access(m, flags)
+        }
+        fn link(&mut self, r: &crate::device::LinkRequest) -> DeviceResult<crate::device::LinkOutput> {
+            self.inner.link(r)
         }
         fn write(&mut self, s: Option<&Self::Stream>, dst: u64, data: &[u8]) -> DeviceResult<()> {
             self.inner.write(s, dst, data)

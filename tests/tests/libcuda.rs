@@ -96,6 +96,17 @@ fn c_program_on_the_driver_api() -> Result<()> {
 }
 
 #[test]
+fn vmm_program_on_the_driver_api() -> Result<()> {
+    let server = TestServer::start(isolated_config()?)?;
+    let out = run(&server, "vmm_nokernel")?;
+    for line in ["two allocations, one buffer: ok", "aliasing ok", "growth in place ok", "bad requests refused"] {
+        assert!(out.contains(line), "{line:?} missing:\n{out}");
+    }
+    server.stop();
+    Ok(())
+}
+
+#[test]
 fn nvcc_static_runtime_program() -> Result<()> {
     let server = TestServer::start(isolated_config()?)?;
     let out = run(&server, "runtime_nokernel")?;

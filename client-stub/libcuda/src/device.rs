@@ -16,7 +16,7 @@ const ATTRIBUTE_MAX: u32 = 148;
 
 /// Attributes a remote GPU cannot offer, whatever the server's card says:
 /// host memory cannot be mapped into or shared with a GPU in another
-/// machine, and there is no managed memory, memory pool or VMM API here.
+/// machine, and there is no managed memory or memory pool here.
 const REMOTE_ZERO: &[u32] = &[
     18,  // INTEGRATED
     19,  // CAN_MAP_HOST_MEMORY
@@ -27,10 +27,10 @@ const REMOTE_ZERO: &[u32] = &[
     91,  // CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM
     100, // PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES
     101, // DIRECT_MANAGED_MEM_ACCESS_FROM_HOST
-    102, // VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
     103, // HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED
     104, // HANDLE_TYPE_WIN32_HANDLE_SUPPORTED
     105, // HANDLE_TYPE_WIN32_KMT_HANDLE_SUPPORTED
+    107, // GENERIC_COMPRESSION_SUPPORTED (cuMemCreate refuses compression)
     112, // SPARSE_CUDA_ARRAY_SUPPORTED
     113, // READ_ONLY_HOST_REGISTER_SUPPORTED
     114, // TIMELINE_SEMAPHORE_INTEROP_SUPPORTED
@@ -61,6 +61,9 @@ pub(crate) fn visible_attributes(device: &v1::DeviceInfo) -> HashMap<u32, i32> {
     // Addresses are unified: device ranges never overlap host memory
     // (the session's range is reserved in this process too).
     attrs.insert(41, 1); // UNIFIED_ADDRESSING
+    // cuMemCreate & co. work on the session's range (`vmm.rs`); the
+    // handle-type attributes stay 0: no shareable handles across a network.
+    attrs.insert(102, 1); // VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
     attrs.insert(75, device.compute_capability_major as i32);
     attrs.insert(76, device.compute_capability_minor as i32);
     attrs.insert(16, device.multiprocessor_count as i32);

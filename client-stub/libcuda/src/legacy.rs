@@ -22,8 +22,8 @@
 //! driver exports (`nm -D libcuda.so.1`) minus cudarc's CUDA 13.0 names
 //! and the debugger's `cudbg*` hooks.
 
-use cudarc::driver::sys::{CUcontext, CUdevice, CUevent, CUresult, CUstream};
-use std::ffi::{c_uint, c_void};
+use cudarc::driver::sys::{CUcontext, CUdevice, CUevent, CUlinkState, CUresult, CUstream};
+use std::ffi::{c_char, c_uint, c_void};
 
 /// Exports `$name` with `$target`'s signature, forwarding to it.
 macro_rules! forward {
@@ -56,6 +56,9 @@ forward! {
     cuEventDestroy(e: CUevent) => crate::stream::cuEventDestroy_v2;
     cuStreamDestroy(s: CUstream) => crate::stream::cuStreamDestroy_v2;
     cuMemHostRegister(p: *mut c_void, bytesize: usize, flags: c_uint) => crate::memory::cuMemHostRegister_v2;
+    cuLinkCreate(n: c_uint, options: *mut c_uint, values: *mut *mut c_void, state: *mut CUlinkState) => crate::link::cuLinkCreate_v2;
+    cuLinkAddData(state: CUlinkState, kind: c_uint, data: *mut c_void, size: usize, name: *const c_char, n: c_uint, options: *mut c_uint, values: *mut *mut c_void) => crate::link::cuLinkAddData_v2;
+    cuLinkAddFile(state: CUlinkState, kind: c_uint, path: *const c_char, n: c_uint, options: *mut c_uint, values: *mut *mut c_void) => crate::link::cuLinkAddFile_v2;
 }
 
 /// Legacy exports that answer `CUDA_ERROR_NOT_SUPPORTED`.
@@ -130,9 +133,6 @@ pub mod not_supported {
         // Same signature as a successor gpupool does not implement either.
         cuGraphicsResourceSetMapFlags
         cuIpcOpenMemHandle
-        cuLinkAddData
-        cuLinkAddFile
-        cuLinkCreate
         cuStreamBatchMemOp
         cuStreamBatchMemOp_ptsz
         cuStreamWaitValue32

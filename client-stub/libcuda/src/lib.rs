@@ -10,6 +10,8 @@
 //! - [`runtime`]: the session and the handle tables;
 //! - [`device`], [`context`], [`memory`], [`module`], [`launch`], [`stream`]:
 //!   the driver API by area;
+//! - [`vmm`], [`link`]: virtual memory management for applications and
+//!   the JIT linker;
 //! - [`proc_address`]: `cuGetProcAddress` over every export;
 //! - [`export_tables`]: `cuGetExportTable`, the runtime's private tables;
 //! - [`unsupported`]: entry points that return `CUDA_ERROR_NOT_SUPPORTED`;
@@ -78,9 +80,11 @@ mod hostmem;
 mod image;
 pub mod launch;
 pub mod legacy;
+pub mod link;
 pub mod memory;
 pub mod module;
 pub mod proc_address;
 pub mod runtime;
 pub mod stream;
 pub mod unsupported;
+pub mod vmm;

@@ -212,6 +212,8 @@ fn host_block(rt: &Runtime, addr: usize) -> Option<(usize, usize, u32)> {
 /// Value of one pointer attribute: `None` when it does not apply.
 fn pointer_attribute(rt: &Runtime, attribute: c_uint, ptr: CUdeviceptr) -> Option<u64> {
     if let Some((start, size)) = rt.session.address_range(ptr) {
+        // cuMemMap ranges have the access cuMemSetAccess gave them.
+        let access = rt.session.mem_access(ptr).map_or(3, u64::from);
         return match attribute {
             1 => Some(handle(Tag::Context, PRIMARY) as u64), // CONTEXT
             2 => Some(2),                                    // MEMORY_TYPE: device
@@ -224,7 +226,7 @@ fn pointer_attribute(rt: &Runtime, attribute: c_uint, ptr: CUdeviceptr) -> Optio
             12 | 18 => Some(size),                           // RANGE_SIZE, MAPPING_SIZE
             13 => Some(1),                                   // MAPPED
             14 => Some(0),                                   // ALLOWED_HANDLE_TYPES
-            16 => Some(3),                                   // ACCESS_FLAGS: read-write
+            16 => Some(access),                              // ACCESS_FLAGS
             _ => None,
         };
     }

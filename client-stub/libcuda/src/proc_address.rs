@@ -57,6 +57,8 @@ fn exports() -> &'static HashMap<&'static str, usize> {
             crate::launch::table(),
             crate::stream::table(),
             crate::export_tables::table(),
+            crate::vmm::table(),
+            crate::link::table(),
             table(),
             // Implemented names take precedence over the unsupported list.
             crate::unsupported::table(),

@@ -162,37 +162,23 @@ crate::unsupported! {
     cuLaunchGridAsync
     cuLibraryGetManaged
     cuLibraryGetUnifiedFunction
-    cuLinkAddData_v2
-    cuLinkAddFile_v2
-    cuLinkComplete
-    cuLinkCreate_v2
-    cuLinkDestroy
     cuLogsCurrent
     cuLogsDumpToFile
     cuLogsDumpToMemory
     cuLogsRegisterCallback
     cuLogsUnregisterCallback
-    cuMemAddressFree
-    cuMemAddressReserve
     cuMemAdvise_v2
     cuMemAllocAsync
     cuMemAllocFromPoolAsync
     cuMemAllocManaged
     cuMemBatchDecompressAsync
-    cuMemCreate
     cuMemDiscardAndPrefetchBatchAsync
     cuMemDiscardBatchAsync
-    cuMemExportToShareableHandle
     cuMemFreeAsync
-    cuMemGetAccess
-    cuMemGetAllocationGranularity
-    cuMemGetAllocationPropertiesFromHandle
     cuMemGetDefaultMemPool
     cuMemGetHandleForAddressRange
     cuMemGetMemPool
     cuMemHostGetDevicePointer_v2
-    cuMemImportFromShareableHandle
-    cuMemMap
     cuMemMapArrayAsync
     cuMemPoolCreate
     cuMemPoolDestroy
@@ -209,11 +195,7 @@ crate::unsupported! {
     cuMemPrefetchBatchAsync
     cuMemRangeGetAttribute
     cuMemRangeGetAttributes
-    cuMemRelease
-    cuMemRetainAllocationHandle
-    cuMemSetAccess
     cuMemSetMemPool
-    cuMemUnmap
     cuMemcpy3DAsync_v2
     cuMemcpy3DBatchAsync_v2
     cuMemcpy3DPeer

@@ -17,14 +17,15 @@
 #![allow(unsafe_code)]
 
 mod driver;
+mod link;
 mod nvrtc;
 mod resources;
 
-pub use resources::{Event, Mapping, Module, Stream};
+pub use resources::{Allocation, Event, Mapping, Module, Stream};
 
 use super::{
-    Backend, BackendSession, DeviceDescription, DeviceResult, FunctionInfo, ImageKind, LaunchDims, Occupancy,
-    OccupancyQuery, Param, builtin, fatbin_wrapper_error, image_kind,
+    Backend, BackendSession, DeviceDescription, DeviceResult, FunctionInfo, ImageKind, LaunchDims, LinkOutput,
+    LinkRequest, Occupancy, OccupancyQuery, Param, builtin, fatbin_wrapper_error, image_kind,
 };
 use crate::error::CallError;
 use cudarc::driver::sys::{self, CUdevice, CUfunction, CUstream};
@@ -190,8 +191,7 @@ fn device_uuid(device: CUdevice) -> DeviceResult<String> {
 
 /// The recommended granularity of a pinned allocation on `device`.
 fn granularity(device: CUdevice) -> DeviceResult<u64> {
-    let location = sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: device };
-    let prop = resources::allocation_prop(location);
+    let prop = resources::allocation_prop(resources::device_location(device));
     let mut granularity: usize = 0;
     // SAFETY: valid out-pointer and a fully initialised property struct.
     let r = unsafe {
@@ -435,6 +435,7 @@ impl CudaSession {
 
 impl BackendSession for CudaSession {
     type Mapping = Mapping;
+    type Allocation = Rc<Allocation>;
     type Module = Module;
     type Stream = Stream;
     type Event = Event;
@@ -443,16 +444,32 @@ impl BackendSession for CudaSession {
         self.reservation.base
     }
 
-    /// Backs `[addr, addr + size)`; `size` is rounded up to the granularity
-    /// (as `cuMemAlloc` would), `addr` must be a multiple of it.
-    fn map(&mut self, addr: u64, size: u64) -> DeviceResult<Mapping> {
+    /// `size` is rounded up to the granularity (as `cuMemAlloc` would).
+    fn create(&mut self, size: u64) -> DeviceResult<Rc<Allocation>> {
+        let granularity = self.device.description.granularity;
+        if size == 0 {
+            return Err(CallError::invalid_value("cannot allocate 0 bytes"));
+        }
+        let size = round_up(size, granularity).ok_or_else(|| CallError::invalid_value("allocation too large"))?;
+        Allocation::create(self.device.context.clone(), size).map(Rc::new)
+    }
+
+    /// `size` is rounded up to the granularity; `addr` and `offset` must
+    /// be multiples of it.
+    fn map_allocation(
+        &mut self,
+        allocation: &Rc<Allocation>,
+        offset: u64,
+        addr: u64,
+        size: u64,
+    ) -> DeviceResult<Mapping> {
         let granularity = self.device.description.granularity;
         if size == 0 {
             return Err(CallError::invalid_value("cannot map 0 bytes"));
         }
-        if !addr.is_multiple_of(granularity) {
+        if !addr.is_multiple_of(granularity) || !offset.is_multiple_of(granularity) {
             return Err(CallError::invalid_value(format!(
-                "mapping address {addr:#x} is not a multiple of the granularity ({granularity:#x})"
+                "mapping address {addr:#x} or offset {offset:#x} is not a multiple of the granularity ({granularity:#x})"
             )));
         }
         let size = round_up(size, granularity).ok_or_else(|| CallError::invalid_value("mapping too large"))?;
@@ -462,7 +479,21 @@ impl BackendSession for CudaSession {
                 self.reservation.base, self.reservation.size
             )));
         }
-        Mapping::new(self.reservation.clone(), self.device.context.device, addr, size)
+        if offset.checked_add(size).is_none_or(|end| end > allocation.size) {
+            return Err(CallError::invalid_value(format!(
+                "mapping {size:#x} bytes from offset {offset:#x} of an allocation of {:#x}",
+                allocation.size
+            )));
+        }
+        Mapping::new(self.reservation.clone(), allocation.clone(), offset, addr, size)
+    }
+
+    fn set_access(&mut self, mapping: &Mapping, flags: u32) -> DeviceResult<()> {
+        mapping.set_access(self.device.context.device, flags)
+    }
+
+    fn link(&mut self, request: &LinkRequest) -> DeviceResult<LinkOutput> {
+        link::link(request)
     }
 
     fn write(&mut self, stream: Option<&Stream>, dst: u64, data: &[u8]) -> DeviceResult<()> {

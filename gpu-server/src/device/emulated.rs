@@ -9,9 +9,9 @@
 //! simple model of the advertised multiprocessor (see `SmLimits`).
 
 use super::{
-    Backend, BackendSession, DeviceDescription, DeviceResult, FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-    FUNC_ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT, FunctionInfo, ImageKind, LaunchDims, Occupancy, OccupancyQuery,
-    builtin, fatbin_wrapper_error, image_kind,
+    ACCESS_NONE, ACCESS_READ, ACCESS_READWRITE, Backend, BackendSession, DeviceDescription, DeviceResult,
+    FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, FUNC_ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT, FunctionInfo, ImageKind,
+    LaunchDims, LinkOutput, LinkRequest, Occupancy, OccupancyQuery, builtin, fatbin_wrapper_error, image_kind,
 };
 use crate::error::CallError;
 use gpupool_proto::cuda;
@@ -251,7 +251,21 @@ impl Backend for EmulatedDevice {
     }
 }
 
-type Store = Rc<RefCell<BTreeMap<u64, Vec<u8>>>>;
+/// Physical memory: shared by every mapping of it, so that two mappings
+/// of one allocation alias as on a GPU.
+type Phys = Rc<RefCell<Vec<u8>>>;
+
+/// A mapped range: a view of `len` bytes of `phys` from `offset`.
+#[derive(Debug)]
+struct Region {
+    phys: Phys,
+    offset: usize,
+    len: usize,
+    access: u32,
+}
+
+/// The session's mapped ranges by start address.
+type Store = Rc<RefCell<BTreeMap<u64, Region>>>;
 
 /// One session's memory and handles on the emulated device.
 #[derive(Debug)]
@@ -262,7 +276,12 @@ pub struct EmulatedSession {
     sm: SmLimits,
 }
 
-/// A mapped range; dropping it releases the host memory behind it.
+/// Physical memory of the emulated device (host memory).
+#[derive(Debug, Clone)]
+pub struct Allocation(Phys);
+
+/// A mapped range; dropping it unmaps it (the host memory goes with the
+/// last mapping and allocation of it).
 #[derive(Debug)]
 pub struct Mapping {
     addr: u64,
@@ -306,15 +325,37 @@ pub struct Event {
 
 struct Mem<'a>(&'a Store);
 
+/// One piece of an access: `n` bytes at `off` into the region at `start`.
+type Span = (u64, usize, usize);
+
 impl Mem<'_> {
-    fn locate(&self, addr: u64, len: usize) -> DeviceResult<(u64, usize)> {
+    /// The pieces of an access of `len` bytes at `addr`: it may run across
+    /// mappings that follow each other without a gap (a buffer built of
+    /// several allocations), each of which must allow `need`.
+    fn spans(&self, addr: u64, len: usize, need: u32) -> DeviceResult<Vec<Span>> {
         let map = self.0.borrow();
-        let (&start, buf) = map.range(..=addr).next_back().ok_or_else(|| illegal(addr, len))?;
-        let off = (addr - start) as usize;
-        if off.checked_add(len).is_none_or(|end| end > buf.len()) {
-            return Err(illegal(addr, len));
+        let mut spans = Vec::new();
+        let (mut at, mut left) = (addr, len);
+        while left > 0 {
+            let (&start, region) = map.range(..=at).next_back().ok_or_else(|| illegal(addr, len))?;
+            let off = usize::try_from(at - start).map_err(|_| illegal(addr, len))?;
+            if off >= region.len {
+                return Err(illegal(addr, len));
+            }
+            if region.access & need != need {
+                return Err(CallError::new(
+                    cuda::ILLEGAL_ADDRESS,
+                    format!(
+                        "access to {len} bytes at {addr:#x}: the mapping at {start:#x} does not allow it (cuMemSetAccess)"
+                    ),
+                ));
+            }
+            let n = left.min(region.len - off);
+            spans.push((start, off, n));
+            at += n as u64;
+            left -= n;
         }
-        Ok((start, off))
+        Ok(spans)
     }
 }
 
@@ -324,14 +365,24 @@ fn illegal(addr: u64, len: usize) -> CallError {
 
 impl builtin::Memory for Mem<'_> {
     fn load(&self, addr: u64, out: &mut [u8]) -> DeviceResult<()> {
-        let (start, off) = self.locate(addr, out.len())?;
-        out.copy_from_slice(&self.0.borrow()[&start][off..off + out.len()]);
+        let mut pos = 0;
+        for (start, off, n) in self.spans(addr, out.len(), ACCESS_READ)? {
+            let map = self.0.borrow();
+            let region = &map[&start];
+            let phys = region.phys.borrow();
+            out[pos..pos + n].copy_from_slice(&phys[region.offset + off..region.offset + off + n]);
+            pos += n;
+        }
         Ok(())
     }
     fn store(&mut self, addr: u64, data: &[u8]) -> DeviceResult<()> {
-        let (start, off) = self.locate(addr, data.len())?;
-        if let Some(buf) = self.0.borrow_mut().get_mut(&start) {
-            buf[off..off + data.len()].copy_from_slice(data);
+        let mut pos = 0;
+        for (start, off, n) in self.spans(addr, data.len(), ACCESS_READWRITE)? {
+            let map = self.0.borrow();
+            let region = &map[&start];
+            let mut phys = region.phys.borrow_mut();
+            phys[region.offset + off..region.offset + off + n].copy_from_slice(&data[pos..pos + n]);
+            pos += n;
         }
         Ok(())
     }
@@ -339,6 +390,7 @@ impl builtin::Memory for Mem<'_> {
 
 impl BackendSession for EmulatedSession {
     type Mapping = Mapping;
+    type Allocation = Allocation;
     type Module = Module;
     type Stream = Stream;
     type Event = Event;
@@ -347,14 +399,53 @@ impl BackendSession for EmulatedSession {
         self.base
     }
 
-    fn map(&mut self, addr: u64, size: u64) -> DeviceResult<Mapping> {
-        let len = usize::try_from(size).map_err(|_| CallError::out_of_memory("mapping too large"))?;
+    fn create(&mut self, size: u64) -> DeviceResult<Allocation> {
+        let len = usize::try_from(size).map_err(|_| CallError::out_of_memory("allocation too large"))?;
         let mut buf = Vec::new();
         buf.try_reserve_exact(len)
             .map_err(|_| CallError::out_of_memory(format!("cannot allocate {size} bytes of host memory")))?;
         buf.resize(len, 0);
-        self.memory.borrow_mut().insert(addr, buf);
+        Ok(Allocation(Rc::new(RefCell::new(buf))))
+    }
+
+    /// Places the view at any address: the session's tables checked it.
+    fn map_allocation(&mut self, allocation: &Allocation, offset: u64, addr: u64, size: u64) -> DeviceResult<Mapping> {
+        let total = allocation.0.borrow().len();
+        let (offset, len) = match (usize::try_from(offset), usize::try_from(size)) {
+            (Ok(o), Ok(l)) if o.checked_add(l).is_some_and(|end| end <= total) => (o, l),
+            _ => {
+                return Err(CallError::invalid_value(format!(
+                    "mapping {size} bytes from offset {offset} of an allocation of {total}"
+                )));
+            }
+        };
+        let mut memory = self.memory.borrow_mut();
+        if memory.contains_key(&addr) {
+            return Err(CallError::invalid_value(format!("{addr:#x} is already mapped")));
+        }
+        let region = Region { phys: allocation.0.clone(), offset, len, access: ACCESS_NONE };
+        memory.insert(addr, region);
         Ok(Mapping { addr, memory: self.memory.clone() })
+    }
+
+    fn set_access(&mut self, mapping: &Mapping, flags: u32) -> DeviceResult<()> {
+        if !matches!(flags, ACCESS_NONE | ACCESS_READ | ACCESS_READWRITE) {
+            return Err(CallError::invalid_value(format!("unknown access flags {flags}")));
+        }
+        let mut memory = self.memory.borrow_mut();
+        let region = memory
+            .get_mut(&mapping.addr)
+            .ok_or_else(|| CallError::invalid_value(format!("{:#x} is not mapped", mapping.addr)))?;
+        region.access = flags;
+        Ok(())
+    }
+
+    /// The emulated device has no PTX compiler or linker.
+    fn link(&mut self, _: &LinkRequest) -> DeviceResult<LinkOutput> {
+        Err(CallError::new(
+            cuda::NOT_SUPPORTED,
+            "JIT linking needs a CUDA device: the emulated device cannot compile or link PTX, cubins or libraries",
+        ))
     }
 
     fn write(&mut self, _: Option<&Stream>, dst: u64, data: &[u8]) -> DeviceResult<()> {

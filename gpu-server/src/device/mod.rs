@@ -105,6 +105,55 @@ pub struct Occupancy {
     pub block_size: i32,
 }
 
+/// `CUmemAccess_flags`: what the session's device may do through a mapping.
+pub const ACCESS_NONE: u32 = 0;
+/// Read only.
+pub const ACCESS_READ: u32 = 1;
+/// Read and write.
+pub const ACCESS_READWRITE: u32 = 3;
+
+/// One input of a JIT link (`cuLinkAddData`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInput {
+    /// A `CUjitInputType` (checked: 0..=5).
+    pub kind: u32,
+    pub name: String,
+    pub data: bytes::Bytes,
+    /// Scalar `CUjit_option`s for this input (checked against
+    /// [`link_option_is_scalar`]).
+    pub options: Vec<(u32, u64)>,
+}
+
+/// A JIT link to run: the linker's scalar options, its inputs and the
+/// sizes of the log buffers to fill.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkRequest {
+    pub options: Vec<(u32, u64)>,
+    pub inputs: Vec<LinkInput>,
+    pub info_log_bytes: usize,
+    pub error_log_bytes: usize,
+}
+
+/// What a JIT link produced: the image or the driver's error, and the logs
+/// either way.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkOutput {
+    pub cubin: Result<Vec<u8>, CallError>,
+    pub info_log: Vec<u8>,
+    pub error_log: Vec<u8>,
+    pub wall_time_ms: f32,
+    /// `CU_JIT_THREADS_PER_BLOCK` as written back (0: not asked).
+    pub threads_per_block: u32,
+}
+
+/// `CUjit_option`s whose value is a plain number in its `void*` slot, safe
+/// to hand to the driver from the wire. Left out: the log buffers and wall
+/// time (the server supplies its own), and the options that carry host
+/// pointers of the application (global symbol tables, referenced names).
+pub fn link_option_is_scalar(option: u32) -> bool {
+    matches!(option, 0 | 1 | 7..=16 | 20..=24 | 29..=33)
+}
+
 /// What a module image is, from its first bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ImageKind {
@@ -174,15 +223,42 @@ pub trait Backend: Send + Sync + 'static {
 /// One session's view of the device. Methods run on the session's own
 /// worker thread, in call order. `None` as a stream is the default stream.
 pub trait BackendSession: 'static {
+    /// A mapped range; dropping it unmaps the range (the memory behind it
+    /// lives while any mapping of it does).
     type Mapping;
+    /// Physical device memory that is mapped with `map_allocation`.
+    type Allocation;
     type Module;
     type Stream;
     type Event;
 
     /// First address of the reserved range.
     fn va_base(&self) -> u64;
-    /// Backs `[addr, addr + size)` with device memory.
-    fn map(&mut self, addr: u64, size: u64) -> DeviceResult<Self::Mapping>;
+    /// Backs `[addr, addr + size)` with new device memory, read-write for
+    /// the session's device (what `cuMemAlloc` needs).
+    fn map(&mut self, addr: u64, size: u64) -> DeviceResult<Self::Mapping> {
+        let allocation = self.create(size)?;
+        let mapping = self.map_allocation(&allocation, 0, addr, size)?;
+        self.set_access(&mapping, ACCESS_READWRITE)?;
+        Ok(mapping)
+    }
+    /// Creates `size` bytes of physical device memory, mapped nowhere.
+    fn create(&mut self, size: u64) -> DeviceResult<Self::Allocation>;
+    /// Maps `size` bytes of `allocation`, starting `offset` bytes into it,
+    /// at `addr`. The range is inaccessible until [`Self::set_access`];
+    /// the mapping keeps the allocation's memory alive.
+    fn map_allocation(
+        &mut self,
+        allocation: &Self::Allocation,
+        offset: u64,
+        addr: u64,
+        size: u64,
+    ) -> DeviceResult<Self::Mapping>;
+    /// Sets the session's device's access to a whole mapping
+    /// ([`ACCESS_NONE`], [`ACCESS_READ`] or [`ACCESS_READWRITE`]).
+    fn set_access(&mut self, mapping: &Self::Mapping, flags: u32) -> DeviceResult<()>;
+    /// Links JIT inputs into a cubin with the device's driver.
+    fn link(&mut self, request: &LinkRequest) -> DeviceResult<LinkOutput>;
     fn write(&mut self, stream: Option<&Self::Stream>, dst: u64, data: &[u8]) -> DeviceResult<()>;
     fn read(&mut self, stream: Option<&Self::Stream>, src: u64, out: &mut [u8]) -> DeviceResult<()>;
     fn copy(&mut self, stream: Option<&Self::Stream>, dst: u64, src: u64, size: u64) -> DeviceResult<()>;

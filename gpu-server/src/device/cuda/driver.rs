@@ -109,6 +109,11 @@ pub(super) fn error(r: CUresult, what: &str) -> CallError {
     error_of_code(r as u32, what)
 }
 
+/// The [`CallError`] of an entry point called through a raw signature.
+pub(super) fn error_of_raw(r: c_int, what: &str) -> CallError {
+    error_of_code(r as u32, what)
+}
+
 fn error_of_code(code: u32, what: &str) -> CallError {
     CallError::new(code, format!("{what}: {}", error_name(code)))
 }

@@ -83,15 +83,33 @@ impl Drop for Reservation {
     }
 }
 
-/// Physical device memory from `cuMemCreate`.
+/// Physical device memory from `cuMemCreate`, mapped nowhere by itself.
+/// Every [`Mapping`] of it holds it, so the driver's handle is released
+/// after the last mapping is unmapped and the last owner let go.
 #[derive(Debug)]
-struct Allocation(CUmemGenericAllocationHandle);
+pub struct Allocation {
+    handle: CUmemGenericAllocationHandle,
+    pub(super) size: u64,
+    _context: Arc<Context>,
+}
+
+impl Allocation {
+    /// Creates `size` bytes (a multiple of the granularity, checked by the
+    /// caller) of pinned memory on the context's device.
+    pub(super) fn create(context: Arc<Context>, size: u64) -> DeviceResult<Self> {
+        let prop = allocation_prop(device_location(context.device));
+        let mut handle: CUmemGenericAllocationHandle = 0;
+        // SAFETY: valid out-pointer and a fully initialised property struct.
+        driver::check(unsafe { sys::cuMemCreate(&mut handle, size as usize, &prop, 0) }, "cuMemCreate")?;
+        Ok(Self { handle, size, _context: context })
+    }
+}
 
 impl Drop for Allocation {
     fn drop(&mut self) {
         // SAFETY: the handle came from cuMemCreate and is released only
-        // here, after the owning `Mapping` unmapped it.
-        warn_on_error(unsafe { sys::cuMemRelease(self.0) }, "cuMemRelease");
+        // here; mappings of it hold an `Rc<Allocation>`, so none is left.
+        warn_on_error(unsafe { sys::cuMemRelease(self.handle) }, "cuMemRelease");
     }
 }
 
@@ -100,43 +118,60 @@ impl Drop for Allocation {
 pub struct Mapping {
     addr: CUdeviceptr,
     size: u64,
-    // Field order is drop order: the memory is released (after `Drop`
-    // unmapped it), then the reservation may be freed.
-    _allocation: Allocation,
+    // Field order is drop order: `Drop` unmaps, then the memory may be
+    // released, then the reservation freed.
+    _allocation: Rc<Allocation>,
     _reservation: Rc<Reservation>,
 }
 
 impl Mapping {
-    /// Creates `size` bytes of pinned memory on `device` and maps them
-    /// read/write at `addr`. `size` and `addr` are multiples of the
-    /// granularity and lie inside `reservation` (checked by the caller).
-    pub(super) fn new(reservation: Rc<Reservation>, device: CUdevice, addr: u64, size: u64) -> DeviceResult<Self> {
-        let location = sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: device };
-        let prop = allocation_prop(location);
-        let mut handle: CUmemGenericAllocationHandle = 0;
-        // SAFETY: valid out-pointer and a fully initialised property struct.
-        driver::check(unsafe { sys::cuMemCreate(&mut handle, size as usize, &prop, 0) }, "cuMemCreate")?;
-        let allocation = Allocation(handle);
-        // SAFETY: `[addr, addr + size)` lies inside the live reservation and
-        // `handle` is an allocation of exactly `size` bytes.
-        driver::check(unsafe { sys::cuMemMap(addr, size as usize, 0, handle, 0) }, "cuMemMap")?;
+    /// Maps `size` bytes of `allocation` from `offset` at `addr`, with no
+    /// access yet. Sizes, offset and address are multiples of the
+    /// granularity, the range lies inside `reservation` and inside the
+    /// allocation (checked by the caller).
+    pub(super) fn new(
+        reservation: Rc<Reservation>,
+        allocation: Rc<Allocation>,
+        offset: u64,
+        addr: u64,
+        size: u64,
+    ) -> DeviceResult<Self> {
+        // SAFETY: `[addr, addr + size)` lies inside the live reservation
+        // and `[offset, offset + size)` inside the live allocation.
+        let r = unsafe { sys::cuMemMap(addr, size as usize, offset as usize, allocation.handle, 0) };
+        driver::check(r, "cuMemMap")?;
         // From here on, `Drop` unmaps.
-        let mapping = Self { addr, size, _allocation: allocation, _reservation: reservation };
-        let access =
-            sys::CUmemAccessDesc { location, flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE };
-        // SAFETY: the range is mapped (above); one descriptor is passed.
-        driver::check(unsafe { sys::cuMemSetAccess(addr, size as usize, &access, 1) }, "cuMemSetAccess")?;
-        Ok(mapping)
+        Ok(Self { addr, size, _allocation: allocation, _reservation: reservation })
+    }
+
+    /// Sets `device`'s access to the whole mapping (`CUmemAccess_flags`:
+    /// 0, 1 or 3, checked here).
+    pub(super) fn set_access(&self, device: CUdevice, flags: u32) -> DeviceResult<()> {
+        use sys::CUmemAccess_flags as F;
+        let flags = match flags {
+            0 => F::CU_MEM_ACCESS_FLAGS_PROT_NONE,
+            1 => F::CU_MEM_ACCESS_FLAGS_PROT_READ,
+            3 => F::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+            other => return Err(crate::error::CallError::invalid_value(format!("unknown access flags {other}"))),
+        };
+        let access = sys::CUmemAccessDesc { location: device_location(device), flags };
+        // SAFETY: the range is mapped (it is this mapping); one descriptor is passed.
+        driver::check(unsafe { sys::cuMemSetAccess(self.addr, self.size as usize, &access, 1) }, "cuMemSetAccess")
     }
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: the range was mapped in `Mapping::new` and is unmapped
-        // only here; the physical memory is released afterwards with
-        // `self._allocation`.
+        // only here; the physical memory is released afterwards, with the
+        // last `Rc<Allocation>`.
         warn_on_error(unsafe { sys::cuMemUnmap(self.addr, self.size as usize) }, "cuMemUnmap");
     }
+}
+
+/// The location of `device`'s memory.
+pub(super) fn device_location(device: CUdevice) -> sys::CUmemLocation {
+    sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: device }
 }
 
 /// Properties of a pinned allocation on `location`'s device.
