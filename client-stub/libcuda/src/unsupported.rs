@@ -153,7 +153,6 @@ crate::unsupported! {
     cuIpcOpenEventHandle
     cuIpcOpenMemHandle_v2
     cuLaunch
-    cuLaunchCooperativeKernel
     cuLaunchCooperativeKernelMultiDevice
     cuLaunchGrid
     cuLaunchGridAsync
