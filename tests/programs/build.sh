@@ -32,7 +32,8 @@ out="${out:-$repo/target/programs}"
 
 # CI programs have no kernels: they run wherever a libcuda answers (the
 # emulated device included). GPU programs launch kernels.
-ci_c=(driver_api)
+ci_c=(driver_api
+      driver_features ctx_create)
 ci_cu=(runtime_nokernel)
 gpu_cu=(vector_add matmul_tiled templated device_globals streams_events
         cublas_sgemm bench_loop)

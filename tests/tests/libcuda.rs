@@ -95,6 +95,35 @@ fn c_program_on_the_driver_api() -> Result<()> {
     Ok(())
 }
 
+/// Explicit contexts, limits, launch checks (refused at the launch, nothing
+/// latched) and device printf, whose lines must sit between the host lines
+/// printed around the synchronization although stdout is a pipe here.
+#[test]
+fn driver_features_program() -> Result<()> {
+    let server = TestServer::start(isolated_config()?)?;
+    let out = run(&server, "driver_features")?;
+    assert!(out.contains("CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE"), "{out}");
+    let printed: Vec<&str> =
+        out.lines().filter(|l| l.starts_with("host line") || l.starts_with("gpupool printf")).collect();
+    assert_eq!(
+        printed,
+        [
+            "host line 1",
+            "host line 2",
+            "gpupool printf 11: block 0 thread 0",
+            "gpupool printf 11: block 0 thread 1",
+            "host line 3",
+            "gpupool printf 12: block 0 thread 0",
+            "host line 4",
+        ],
+        "{out}"
+    );
+    let out = run(&server, "ctx_create")?;
+    assert!(out.contains("execution affinity -> CUDA_ERROR_NOT_SUPPORTED"), "{out}");
+    server.stop();
+    Ok(())
+}
+
 #[test]
 fn nvcc_static_runtime_program() -> Result<()> {
     let server = TestServer::start(isolated_config()?)?;
