@@ -36,7 +36,8 @@ ci_c=(driver_api
       driver_features ctx_create)
 ci_cu=(runtime_nokernel)
 gpu_cu=(vector_add matmul_tiled templated device_globals streams_events
-        cublas_sgemm bench_loop)
+        cublas_sgemm bench_loop
+        device_printf launch_config cooperative ctx_limits)
 declare -A extra_libs=([cublas_sgemm]="-lcublas")
 
 toolchain_args=()

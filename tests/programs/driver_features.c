@@ -1,8 +1,9 @@
 /*
  * driver_features: explicit contexts, context limits, launch configuration
- * checks and device printf through the driver API (a CI program: its only
- * kernels are gpupool's built-in ones, skipped where the built-in module is
- * not available, e.g. natively).
+ * checks and device printf through the driver API (a CI program: its
+ * kernels are gpupool's built-in ones; natively, where there is no built-in
+ * module, the launch checks use an empty PTX kernel and device printf is
+ * skipped, so the launch codes below are the native driver's own).
  *
  * Expected: every refused launch fails at the launch call with the driver's
  * code and the next cuCtxSynchronize succeeds (nothing latched); device
@@ -167,6 +168,10 @@ static void device_printf(CUfunction print_ids)
     printf("host line 4\n");
 }
 
+/* An empty kernel for native runs (sm_90: clusters need it). */
+static const char empty_ptx[] = ".version 8.0\n.target sm_90\n.address_size 64\n"
+                                ".visible .entry empty()\n{\n    ret;\n}\n";
+
 int main(void)
 {
     CUdevice dev;
@@ -187,7 +192,12 @@ int main(void)
         device_printf(print_ids);
         CK(cuModuleUnload(m));
     } else {
-        printf("INFO no gpupool built-in module: launch and printf checks skipped\n");
+        CUfunction empty;
+        printf("INFO no gpupool built-in module: launch checks on PTX, printf skipped\n");
+        CK(cuModuleLoadData(&m, empty_ptx));
+        CK(cuModuleGetFunction(&empty, m, "empty"));
+        launches(empty);
+        CK(cuModuleUnload(m));
     }
     CK(cuDevicePrimaryCtxRelease(dev));
     printf("PASS " NAME "\n");
