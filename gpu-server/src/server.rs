@@ -1142,6 +1142,10 @@ async fn write_replies(
     log
 }
 
+/// What a session thread reports once its device session is open: the
+/// first address of its range and its context's limits.
+type SessionReady = (u64, Vec<(u32, u64)>);
+
 #[allow(clippy::too_many_arguments)]
 fn worker<B: Backend>(
     device: Arc<B>,
@@ -1151,7 +1155,7 @@ fn worker<B: Backend>(
     metrics: Arc<Metrics>,
     mut work: WorkQueue,
     replies: mpsc::Sender<v1::BatchReply>,
-    ready: oneshot::Sender<Result<(u64, Vec<(u32, u64)>), CallError>>,
+    ready: oneshot::Sender<Result<SessionReady, CallError>>,
 ) {
     let dev = match device.open_session(limits.va_size) {
         Ok(d) => d,
