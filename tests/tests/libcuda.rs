@@ -199,7 +199,9 @@ fn exports_every_driver_symbol() -> Result<()> {
     let list = std::fs::read_to_string(repo().join("client-stub/libcuda/driver-symbols.txt"))?;
     let wanted: Vec<&str> = list.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
     assert!(wanted.len() > 500, "the list holds the driver's whole API");
-    let lib = stub_dir()?.join("libcuda.so.1");
+    // The stub folder of `programs()`: copying the library again while a
+    // program of another test runs from it would truncate its mapping (SIGBUS).
+    let lib = programs()?.0.join("libcuda.so.1");
     let out = Command::new("nm").args(["-D", "--defined-only"]).arg(&lib).output().context("running nm")?;
     if !out.status.success() {
         bail!("nm {} failed: {}", lib.display(), String::from_utf8_lossy(&out.stderr));
