@@ -531,7 +531,7 @@ impl<S: BackendSession> SessionState<S> {
             .ok_or_else(|| CallError::invalid_value(format!("grid {:?} has too many blocks", dims.grid)))?;
         let a = l.attributes.unwrap_or_default();
         let attrs = launch_attrs(&a, dims.grid)?;
-        if let Some(w) = attrs.access_policy_window {
+        if let Some(w) = attrs.access_policy_window.filter(|w| w.num_bytes > 0) {
             // A hint about the session's own memory: it must lie in its range.
             let base = self.dev.va_base();
             let inside =

@@ -56,6 +56,9 @@ const OCCUPANCY_DISABLE_CACHING_OVERRIDE: u32 = 1;
 pub const DEFAULT_LIMITS: [(u32, u64); 8] =
     [(0, 1024), (1, 1 << 20), (2, 8 << 20), (3, 2), (4, 2048), (5, 64), (6, 0), (7, 0)];
 
+/// Largest printf FIFO the emulated device holds (host memory).
+const MAX_PRINTF_FIFO: u64 = 1 << 30;
+
 /// An emulated GPU with `total_memory` bytes.
 #[derive(Debug)]
 pub struct EmulatedDevice {
@@ -476,8 +479,14 @@ impl BackendSession for EmulatedSession {
         self.limits.iter().map(|(&k, &v)| (k, v)).collect()
     }
 
-    /// Keeps the value; the printf FIFO follows PRINTF_FIFO_SIZE.
+    /// Keeps the value; the printf FIFO follows PRINTF_FIFO_SIZE, which is
+    /// host memory here and therefore bounded ([`MAX_PRINTF_FIFO`]).
     fn set_limit(&mut self, limit: u32, value: u64) -> DeviceResult<u64> {
+        if limit == LIMIT_PRINTF_FIFO_SIZE && value > MAX_PRINTF_FIFO {
+            return Err(CallError::out_of_memory(format!(
+                "a printf FIFO of {value} bytes exceeds the emulated device's {MAX_PRINTF_FIFO}"
+            )));
+        }
         let slot = self
             .limits
             .get_mut(&limit)
