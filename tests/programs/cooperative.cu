@@ -111,9 +111,11 @@ int main()
 
     cudaFuncAttributes fa;
     CK(cudaFuncGetAttributes(&fa, cluster_swap));
-    if (fa.binaryVersion < 90) {
-        printf("INFO cluster launch skipped: cluster_swap is sm_%d code (the .sm90 build runs it)\n",
-               fa.binaryVersion);
+    // ptxVersion, not binaryVersion: the default build's compute_75 PTX is
+    // JIT-compiled to sm_90 code without the cluster path.
+    if (fa.ptxVersion < 90) {
+        printf("cluster launch skipped: cluster_swap is compute_%d code (the .sm90 build runs it)\n",
+               fa.ptxVersion);
     } else {
         const int cblocks = 16;
         int *out = nullptr;

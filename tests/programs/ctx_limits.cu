@@ -67,14 +67,14 @@ int main()
     if (heap < (64u << 20))
         fail("malloc heap is %zu bytes after setting 64 MiB", heap);
 
-    // 256 threads x 160 KiB = 40 MiB: more than the default 8 MiB heap.
+    // 256 threads x 128 KiB = 32 MiB: more than the default 8 MiB heap.
     unsigned *failures = nullptr;
     unsigned long long *sum = nullptr;
     CK(cudaMalloc(&failures, sizeof *failures));
     CK(cudaMalloc(&sum, sizeof *sum));
     CK(cudaMemset(failures, 0, sizeof *failures));
     CK(cudaMemset(sum, 0, sizeof *sum));
-    const size_t per_thread = 160 << 10;
+    const size_t per_thread = 128 << 10;
     heap_user<<<2, 128>>>(per_thread, failures, sum);
     CK_LAUNCH("heap_user");
     CK(cudaDeviceSynchronize());
@@ -90,7 +90,7 @@ int main()
     }
     if (f != 0 || got != want)
         fail("device heap: %u allocation failures, sum %llu, expected %llu", f, got, want);
-    printf("device malloc/new of 40 MiB in a 64 MiB heap ok\n");
+    printf("device malloc/new of 32 MiB in a 64 MiB heap ok\n");
 
     // ~1.9 MiB of printf output fits the 4 MiB FIFO (the default 1 MiB would drop lines).
     chatty<<<1, 1>>>(20000);
