@@ -2,8 +2,8 @@
  * driver_features: explicit contexts, context limits, launch configuration
  * checks and device printf through the driver API (a CI program: its
  * kernels are gpupool's built-in ones; natively, where there is no built-in
- * module, the launch checks use an empty PTX kernel and device printf is
- * skipped, so the launch codes below are the native driver's own).
+ * module, the same two kernels load from PTX, so the launch codes below are
+ * the native driver's own and both runs print the same lines).
  *
  * Expected: every refused launch fails at the launch call with the driver's
  * code and the next cuCtxSynchronize succeeds (nothing latched); device
@@ -168,9 +168,65 @@ static void device_printf(CUfunction print_ids)
     printf("host line 4\n");
 }
 
-/* An empty kernel for native runs (sm_90: clusters need it). */
-static const char empty_ptx[] = ".version 8.0\n.target sm_90\n.address_size 64\n"
-                                ".visible .entry empty()\n{\n    ret;\n}\n";
+/* The built-in kernels used here, for native runs: nvcc's PTX (compute_90,
+ * clusters need it) of
+ *   extern "C" __global__ void empty() {}
+ *   extern "C" __global__ void print_ids(unsigned tag) {
+ *       printf("gpupool printf %u: block %u thread %u\n", tag, blockIdx.x, threadIdx.x);
+ *   }
+ */
+static const char native_ptx[] =
+    ".version 8.0\n"
+    ".target sm_90\n"
+    ".address_size 64\n"
+    ".extern .func  (.param .b32 func_retval0) vprintf\n"
+    "(\n"
+    "    .param .b64 vprintf_param_0,\n"
+    "    .param .b64 vprintf_param_1\n"
+    ")\n"
+    ";\n"
+    ".global .align 1 .b8 $str[39] = {103, 112, 117, 112, 111, 111, 108, 32, 112, 114, 105, 110, 116, 102, 32, 37, 117, 58, 32, 98, 108, 111, 99, 107, 32, 37, 117, 32, 116, 104, 114, 101, 97, 100, 32, 37, 117, 10};\n"
+    ".visible .entry empty()\n"
+    "{\n"
+    "    ret;\n"
+    "}\n"
+    ".visible .entry print_ids(\n"
+    "    .param .u32 print_ids_param_0\n"
+    ")\n"
+    "{\n"
+    "    .local .align 8 .b8     __local_depot1[16];\n"
+    "    .reg .b64     %SP;\n"
+    "    .reg .b64     %SPL;\n"
+    "    .reg .b32     %r<5>;\n"
+    "    .reg .b64     %rd<5>;\n"
+    "    mov.u64     %SPL, __local_depot1;\n"
+    "    cvta.local.u64     %SP, %SPL;\n"
+    "    add.u64     %rd1, %SP, 0;\n"
+    "    add.u64     %rd2, %SPL, 0;\n"
+    "    mov.u32     %r1, %tid.x;\n"
+    "    mov.u32     %r2, %ctaid.x;\n"
+    "    ld.param.u32     %r3, [print_ids_param_0];\n"
+    "    st.local.v2.u32     [%rd2], {%r3, %r2};\n"
+    "    st.local.u32     [%rd2+8], %r1;\n"
+    "    mov.u64     %rd3, $str;\n"
+    "    cvta.global.u64     %rd4, %rd3;\n"
+    "    {\n"
+    "    .reg .b32 temp_param_reg;\n"
+    "    .param .b64 param0;\n"
+    "    st.param.b64     [param0+0], %rd4;\n"
+    "    .param .b64 param1;\n"
+    "    st.param.b64     [param1+0], %rd1;\n"
+    "    .param .b32 retval0;\n"
+    "    call.uni (retval0),\n"
+    "    vprintf,\n"
+    "    (\n"
+    "    param0,\n"
+    "    param1\n"
+    "    );\n"
+    "    ld.param.b32     %r4, [retval0+0];\n"
+    "    }\n"
+    "    ret;\n"
+    "}\n";
 
 int main(void)
 {
@@ -192,11 +248,14 @@ int main(void)
         device_printf(print_ids);
         CK(cuModuleUnload(m));
     } else {
-        CUfunction empty;
-        printf("INFO no gpupool built-in module: launch checks on PTX, printf skipped\n");
-        CK(cuModuleLoadData(&m, empty_ptx));
+        /* Natively: the same kernels as PTX, so the output matches. */
+        CUfunction empty, print_ids;
+        printf("INFO no gpupool built-in module: the same kernels from PTX\n");
+        CK(cuModuleLoadData(&m, native_ptx));
         CK(cuModuleGetFunction(&empty, m, "empty"));
+        CK(cuModuleGetFunction(&print_ids, m, "print_ids"));
         launches(empty);
+        device_printf(print_ids);
         CK(cuModuleUnload(m));
     }
     CK(cuDevicePrimaryCtxRelease(dev));

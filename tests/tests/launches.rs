@@ -56,7 +56,8 @@ fn attributes_travel_and_cooperative_grids_are_checked_at_the_launch() {
     assert_eq!(with(cfg((8, 1, 1), (32, 1, 1), 0), cluster(2)), 0);
     assert_eq!(with(cfg((6, 1, 1), (32, 1, 1), 0), cluster(4)), cuda::INVALID_CLUSTER_SIZE);
     assert_eq!(with(cfg((16, 1, 1), (32, 1, 1), 0), cluster(16)), cuda::INVALID_CLUSTER_SIZE, "portable: 8");
-    let e = s.event_create(0).expect("event");
+    // Launch completion events must not time (CU_EVENT_DISABLE_TIMING).
+    let e = s.event_create(2).expect("event");
     let everything = v1::LaunchAttributes {
         programmatic_serialization: true,
         priority: Some(-2),
