@@ -540,9 +540,11 @@ impl BackendSession for EmulatedSession {
             // Resident blocks on the whole device, in whole clusters (the
             // model has no GPC boundaries a cluster must fit in).
             OccupancyQuery::ActiveClusters { block, cluster, dynamic_smem_bytes, .. } => {
-                let threads = block.iter().map(|&d| u64::from(d)).product::<u64>();
+                // Checked: three 32-bit dimensions from the wire multiply past 64 bits.
+                let product = |d: [u32; 3]| d.iter().try_fold(1u64, |a, &x| a.checked_mul(u64::from(x.max(1))));
+                let threads = block.iter().try_fold(1u64, |a, &d| a.checked_mul(u64::from(d))).unwrap_or(u64::MAX);
                 let block_size = positive(u32::try_from(threads).unwrap_or(u32::MAX), "block size")?;
-                let cluster_blocks = cluster.iter().map(|&d| u64::from(d.max(1))).product::<u64>();
+                let cluster_blocks = product(cluster).ok_or_else(|| CallError::invalid_value("cluster too large"))?;
                 let per_sm = u64::from(self.sm.active_blocks(attributes, block_size, dynamic_smem_bytes));
                 let total = per_sm * u64::from(self.sm.sm_count);
                 Ok(Occupancy { value: i64::try_from(total / cluster_blocks).unwrap_or(i64::MAX), block_size: 0 })
