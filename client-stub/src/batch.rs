@@ -38,11 +38,28 @@ pub struct CallQueue {
     next_seq: u64,
     in_flight: VecDeque<(u64, u32)>,
     latched: Option<Latched>,
+    /// Device printf output received and not yet taken, in order.
+    output: Vec<u8>,
+    /// Bytes of it dropped because nobody took it.
+    output_dropped: u64,
 }
+
+/// Device output a client holds for its application at most; more is
+/// dropped (the application then never synchronizes to see it).
+pub const MAX_HELD_OUTPUT: usize = 64 << 20;
 
 impl CallQueue {
     pub fn new(limits: BatchLimits) -> Self {
-        Self { limits, pending: Vec::new(), pending_bytes: 0, next_seq: 1, in_flight: VecDeque::new(), latched: None }
+        Self {
+            limits,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            next_seq: 1,
+            in_flight: VecDeque::new(),
+            latched: None,
+            output: Vec::new(),
+            output_dropped: 0,
+        }
     }
 
     /// Queues a call; returns a batch to send when the queue is full.
@@ -97,6 +114,18 @@ impl CallQueue {
         }
     }
 
+    /// Takes the device printf output received so far (and a line about
+    /// what was dropped, if anything was).
+    pub fn take_output(&mut self) -> Vec<u8> {
+        if self.output_dropped > 0 {
+            let line =
+                format!("[gpupool] {} bytes of device printf output dropped by the client\n", self.output_dropped);
+            self.output.extend_from_slice(line.as_bytes());
+            self.output_dropped = 0;
+        }
+        std::mem::take(&mut self.output)
+    }
+
     /// Takes the latched error, if any.
     pub fn take_latched(&mut self) -> Option<Latched> {
         self.latched.take()
@@ -116,6 +145,12 @@ impl CallQueue {
         };
         if seq != reply.seq {
             return Err(ClientError::Protocol(format!("reply {} does not match batch {seq}", reply.seq)));
+        }
+        if !reply.device_output.is_empty() {
+            let room = MAX_HELD_OUTPUT.saturating_sub(self.output.len());
+            let kept = reply.device_output.len().min(room);
+            self.output.extend_from_slice(&reply.device_output[..kept]);
+            self.output_dropped += (reply.device_output.len() - kept) as u64;
         }
         let listed = reply.errors.len() as u64;
         let mut own = None;
@@ -192,16 +227,31 @@ mod tests {
         q.push(sync_op());
         let b2 = q.cut().expect("b2");
         let err = |index, code| v1::CallError { index, code, message: "x".into() };
-        let r1 = v1::BatchReply { seq: b1.seq, errors: vec![err(0, 400)], error_count: 1, result: None };
+        let r1 = v1::BatchReply { seq: b1.seq, errors: vec![err(0, 400)], error_count: 1, ..Default::default() };
         let a = q.on_reply(r1, b2.seq).expect("reply");
         assert!(a.result.is_ok(), "an earlier batch's error is latched, not returned");
-        let r2 = v1::BatchReply { seq: b2.seq, errors: vec![err(0, 1), err(1, 2)], error_count: 3, result: None };
+        let r2 =
+            v1::BatchReply { seq: b2.seq, errors: vec![err(0, 1), err(1, 2)], error_count: 3, ..Default::default() };
         let a = q.on_reply(r2, b2.seq).expect("reply");
         assert_eq!(a.result.expect_err("own error").code(), 2);
         let l = q.take_latched().expect("latched");
         assert_eq!(l.first.code(), 400);
         assert_eq!(l.count, 3);
         assert!(q.take_latched().is_none());
+    }
+
+    #[test]
+    fn device_output_is_kept_in_reply_order() {
+        let mut q = CallQueue::new(limits());
+        q.push(sync_op());
+        let b1 = q.cut().expect("b1");
+        q.push(sync_op());
+        let b2 = q.cut().expect("b2");
+        let reply = |seq, out: &'static [u8]| v1::BatchReply { seq, device_output: out.into(), ..Default::default() };
+        q.on_reply(reply(b1.seq, b"first\n"), b2.seq).expect("reply");
+        q.on_reply(reply(b2.seq, b"second\n"), b2.seq).expect("reply");
+        assert_eq!(q.take_output(), b"first\nsecond\n");
+        assert!(q.take_output().is_empty());
     }
 
     #[test]

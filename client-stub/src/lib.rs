@@ -15,6 +15,7 @@ pub mod batch;
 pub mod config;
 mod error;
 pub mod handoff;
+pub mod launch_check;
 pub mod lease;
 pub mod session;
 mod tls;

@@ -153,6 +153,20 @@ struct State {
     globals: HashMap<(u32, String), (u64, u64)>,
     /// Set once the connection is gone: every later call fails with it.
     dead: Option<ClientError>,
+    /// The session context's limits (`CUlimit` -> value), from the
+    /// `Welcome` and updated by each set.
+    limits: HashMap<u32, u64>,
+}
+
+/// Where device printf output goes when a synchronizing call returns.
+pub type OutputSink = Box<dyn Fn(&[u8]) + Send + Sync>;
+
+struct Sink(OutputSink);
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OutputSink")
+    }
 }
 
 #[derive(Debug)]
@@ -164,6 +178,9 @@ struct Inner {
     /// The balancer's lease the session runs under; dropped after the
     /// transport, so the server sees the session end before the release.
     lease: Option<LeasedGpu>,
+    /// Receives device printf output; without one it is held for
+    /// [`Session::take_device_output`].
+    sink: std::sync::OnceLock<Sink>,
 }
 
 /// A session on a remote GPU. Cloning shares the session.
@@ -224,9 +241,43 @@ impl Session {
             modules: HashMap::new(),
             globals: HashMap::new(),
             dead: None,
+            limits: welcome.device.as_ref().map(|d| d.limits.clone().into_iter().collect()).unwrap_or_default(),
         };
         let compression = if config.compression { Compression::Auto } else { Compression::Off };
-        Self { inner: Arc::new(Inner { transport, state: Mutex::new(state), welcome, compression, lease: None }) }
+        Self {
+            inner: Arc::new(Inner {
+                transport,
+                state: Mutex::new(state),
+                welcome,
+                compression,
+                lease: None,
+                sink: std::sync::OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Sends device printf output to `sink` from now on: the thread whose
+    /// synchronizing call received it calls `sink` before the call
+    /// returns, in order (the drop-in libcuda writes it to C `stdout`).
+    /// Only the first sink set is kept; `false` when one was set already.
+    pub fn set_output_sink(&self, sink: OutputSink) -> bool {
+        self.inner.sink.set(Sink(sink)).is_ok()
+    }
+
+    /// Device printf output received so far and not given to a sink.
+    pub fn take_device_output(&self) -> Vec<u8> {
+        self.lock().queue.take_output()
+    }
+
+    /// Hands received output to the sink, if one is set. Called under the
+    /// state lock so that output of concurrent callers stays in order.
+    fn deliver_output(&self, st: &mut State) {
+        if let Some(sink) = self.inner.sink.get() {
+            let out = st.queue.take_output();
+            if !out.is_empty() {
+                (sink.0)(&out);
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -288,6 +339,13 @@ impl Session {
     /// the call's own error, else the first latched error of earlier calls,
     /// else its result.
     fn call(&self, st: &mut State, op: Op) -> Result<Option<Value>> {
+        let result = self.call_inner(st, op);
+        // Device printf output appears when the synchronizing call returns.
+        self.deliver_output(st);
+        result
+    }
+
+    fn call_inner(&self, st: &mut State, op: Op) -> Result<Option<Value>> {
         Self::check_alive(st)?;
         // A call that fills the queue comes back in the batch `push` cut.
         let batch = match st.queue.push(op) {
@@ -556,8 +614,39 @@ impl Session {
         self.launch_raw(f, cfg, stream, params)
     }
 
-    /// Launches `f` with a ready parameter buffer, queued.
+    /// Launches `f` with a ready parameter buffer, queued. The
+    /// configuration is checked first, as the driver checks it
+    /// ([`crate::launch_check`]): a bad one fails here and latches nothing.
     pub fn launch_raw(&self, f: &Function, cfg: LaunchConfig, stream: StreamId, params: Vec<u8>) -> Result<()> {
+        self.launch_with(f, cfg, None, stream, params)
+    }
+
+    /// Launches `f` with launch attributes (`cuLaunchKernelEx`,
+    /// `cuLaunchCooperativeKernel`). A cooperative launch waits for the
+    /// server's answer to the launch (not for the kernel), so that a grid
+    /// too large to be co-resident fails the launch call itself
+    /// (CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE), as natively.
+    pub fn launch_with(
+        &self,
+        f: &Function,
+        cfg: LaunchConfig,
+        attributes: Option<v1::LaunchAttributes>,
+        stream: StreamId,
+        params: Vec<u8>,
+    ) -> Result<()> {
+        let (x, y, z) = cfg.grid;
+        let (bx, by, bz) = cfg.block;
+        let cluster = attributes.as_ref().and_then(|a| a.cluster).map_or([0; 3], |c| [c.x, c.y, c.z]);
+        let shape = crate::launch_check::LaunchShape {
+            grid: [x, y, z],
+            block: [bx, by, bz],
+            shared_mem_bytes: cfg.shared_mem_bytes,
+            cluster,
+        };
+        let device = self.inner.welcome.device.clone().unwrap_or_default();
+        let info = self.module(f.module).and_then(|m| m.functions.get(f.index as usize).cloned());
+        crate::launch_check::check(&device, info.as_deref().unwrap_or(&f.info), &shape)?;
+        let cooperative = attributes.as_ref().is_some_and(|a| a.cooperative);
         let mut st = self.lock();
         let op = Op::Launch(v1::Launch {
             module: f.module,
@@ -567,8 +656,33 @@ impl Session {
             shared_mem_bytes: cfg.shared_mem_bytes,
             stream: stream.0,
             params: params.into(),
+            attributes,
         });
+        if cooperative {
+            return self.call(&mut st, op).map(drop);
+        }
         self.enqueue(&mut st, op)
+    }
+
+    // --- context limits --------------------------------------------------
+
+    /// A context limit (`cuCtxGetLimit`), answered locally; `None` for a
+    /// limit the server's device does not have.
+    pub fn ctx_get_limit(&self, limit: u32) -> Option<u64> {
+        self.lock().limits.get(&limit).copied()
+    }
+
+    /// Sets a context limit on the server (`cuCtxSetLimit`) and returns the
+    /// value the driver reports afterwards, which later gets answer.
+    pub fn ctx_set_limit(&self, limit: u32, value: u64) -> Result<u64> {
+        let mut st = self.lock();
+        match self.call(&mut st, Op::CtxSetLimit(v1::CtxSetLimit { limit, value }))? {
+            Some(Value::Limit(now)) => {
+                st.limits.insert(limit, now);
+                Ok(now)
+            }
+            other => Err(ClientError::Protocol(format!("unexpected limit result {other:?}"))),
+        }
     }
 
     // --- streams and events ----------------------------------------------

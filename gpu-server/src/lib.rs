@@ -15,6 +15,7 @@
 pub mod auth;
 pub mod config;
 pub mod device;
+pub mod device_output;
 mod error;
 pub mod images;
 mod link;

@@ -872,7 +872,7 @@ fn frame_error_reply(message: String) -> v1::BatchReply {
         seq: 0,
         errors: vec![v1::CallError { index: 0, code: cuda::INVALID_VALUE, message }],
         error_count: 1,
-        result: None,
+        ..Default::default()
     }
 }
 
@@ -907,6 +907,7 @@ async fn run_session<B: Backend>(
         max_image_bytes: cfg.max_staging_bytes.min(1 << 30),
         max_handles: cfg.max_handles,
         max_listed_errors: MAX_LISTED_ERRORS,
+        max_output_bytes: (u64::from(cfg.max_frame_bytes) - u64::from(cfg.max_inline_bytes)) / 2,
         compression: if cfg.compression { Compression::Auto } else { Compression::Off },
     };
     let staging = Arc::new(Staging::new(cfg.max_staging_bytes, cfg.max_bulk_streams * 4));
@@ -927,8 +928,8 @@ async fn run_session<B: Backend>(
         conn.close(close_code::BUSY.into(), b"server cannot start a session worker");
         return conn;
     }
-    let va_base = match ready_rx.await {
-        Ok(Ok(base)) => base,
+    let (va_base, context_limits) = match ready_rx.await {
+        Ok(Ok(ready)) => ready,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "cannot open a device session");
             conn.close(close_code::BUSY.into(), format!("device session failed: {e}").as_bytes());
@@ -956,6 +957,7 @@ async fn run_session<B: Backend>(
             attributes: desc.attributes.iter().copied().collect(),
             driver_version: desc.driver_version,
             error_strings: desc.error_strings.iter().cloned().collect(),
+            limits: context_limits.into_iter().collect(),
         }),
         max_frame_bytes: cfg.max_frame_bytes,
         max_inline_bytes: cfg.max_inline_bytes,
@@ -1140,6 +1142,10 @@ async fn write_replies(
     log
 }
 
+/// What a session thread reports once its device session is open: the
+/// first address of its range and its context's limits.
+type SessionReady = (u64, Vec<(u32, u64)>);
+
 #[allow(clippy::too_many_arguments)]
 fn worker<B: Backend>(
     device: Arc<B>,
@@ -1149,7 +1155,7 @@ fn worker<B: Backend>(
     metrics: Arc<Metrics>,
     mut work: WorkQueue,
     replies: mpsc::Sender<v1::BatchReply>,
-    ready: oneshot::Sender<Result<u64, CallError>>,
+    ready: oneshot::Sender<Result<SessionReady, CallError>>,
 ) {
     let dev = match device.open_session(limits.va_size) {
         Ok(d) => d,
@@ -1158,15 +1164,22 @@ fn worker<B: Backend>(
             return;
         }
     };
+    // Device printf output per reply: with the largest inline copy, a
+    // reply stays within a frame.
+    let max_output = usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX);
     let mut state = SessionState::new(dev, limits, staging, images);
-    if ready.send(Ok(state.va_base())).is_err() {
+    let context_limits = state.limits();
+    if ready.send(Ok((state.va_base(), context_limits))).is_err() {
         return;
     }
     let mut mapped = 0;
     while let Some(item) = work.next() {
         let reply = match item {
             Work::Batch(batch) => {
-                let reply = state.execute_batch(batch);
+                let mut reply = state.execute_batch(batch);
+                if let Some(capture) = crate::device_output::installed() {
+                    reply.device_output = capture.collect(max_output).into();
+                }
                 add(&metrics.call_errors, u64::from(reply.error_count));
                 gauge(&metrics.memory_mapped, mapped, state.mapped_bytes());
                 mapped = state.mapped_bytes();

@@ -10,7 +10,10 @@
 //! until it is unmapped or its module unloaded; an access must fall inside
 //! one of them.
 
-use crate::device::{BackendSession, FunctionInfo, LaunchDims, OccupancyQuery};
+use crate::device::{
+    AccessPolicyWindow, BackendSession, CONTEXT_LIMITS, FunctionInfo, LaunchAttrs, LaunchDims, LaunchEvent,
+    LaunchEvents, OccupancyQuery,
+};
 use crate::error::CallError;
 use crate::images::{ImageCache, key_of};
 use crate::staging::Staging;
@@ -43,6 +46,8 @@ pub struct SessionLimits {
     pub max_handles: usize,
     /// How many errors one reply lists (the rest are only counted).
     pub max_listed_errors: usize,
+    /// Most bytes of device printf output one reply carries.
+    pub max_output_bytes: u64,
     /// Whether replies may be lz4-compressed.
     pub compression: Compression,
 }
@@ -125,6 +130,11 @@ impl<S: BackendSession> SessionState<S> {
             images,
             dev,
         }
+    }
+
+    /// The context limits of the session's context (`CUlimit`, value).
+    pub fn limits(&mut self) -> Vec<(u32, u64)> {
+        self.dev.limits()
     }
 
     /// First address of the session's range.
@@ -216,6 +226,12 @@ impl<S: BackendSession> SessionState<S> {
                 Ok(None)
             }
             Op::Launch(l) => self.launch(l),
+            Op::CtxSetLimit(l) => {
+                if !CONTEXT_LIMITS.contains(&l.limit) {
+                    return Err(CallError::invalid_value(format!("unknown context limit {}", l.limit)));
+                }
+                Ok(Some(Value::Limit(self.dev.set_limit(l.limit, l.value)?)))
+            }
             Op::StreamCreate(s) => {
                 new_id(&self.streams, s.stream, "stream", self.limits.max_handles)?;
                 let stream = self.dev.stream_create(s.flags, s.priority)?;
@@ -527,17 +543,100 @@ impl<S: BackendSession> SessionState<S> {
         if dims.grid.contains(&0) || dims.block.contains(&0) {
             return Err(CallError::invalid_value("grid and block dimensions must be at least 1"));
         }
-        let threads = dims.block.iter().map(|&d| u64::from(d)).product::<u64>();
+        // Checked: three 32-bit dimensions multiply past 64 bits.
+        let threads = product(dims.block)
+            .ok_or_else(|| CallError::invalid_value(format!("block {:?} has too many threads", dims.block)))?;
         if threads > u64::from(f.max_threads_per_block) {
-            return Err(CallError::invalid_value(format!(
-                "block of {threads} threads exceeds {}'s limit of {}",
-                f.name, f.max_threads_per_block
-            )));
+            // Within the device's block limit, the function's own (register)
+            // limit is a resource error, as the driver reports it.
+            let code = if threads <= 1024 { cuda::LAUNCH_OUT_OF_RESOURCES } else { cuda::INVALID_VALUE };
+            return Err(CallError::new(
+                code,
+                format!("block of {threads} threads exceeds {}'s limit of {}", f.name, f.max_threads_per_block),
+            ));
         }
+        product(dims.grid)
+            .ok_or_else(|| CallError::invalid_value(format!("grid {:?} has too many blocks", dims.grid)))?;
+        let a = l.attributes.unwrap_or_default();
+        let attrs = launch_attrs(&a, dims.grid)?;
+        if let Some(w) = attrs.access_policy_window.filter(|w| w.num_bytes > 0) {
+            // A hint about the session's own memory: it must lie in its range.
+            let base = self.dev.va_base();
+            let inside =
+                w.base >= base && w.base.checked_add(w.num_bytes).is_some_and(|end| end <= base + self.limits.va_size);
+            if !inside {
+                return Err(CallError::invalid_value("access policy window outside this session's memory"));
+            }
+        }
+        let event = |e: &Option<v1::LaunchEvent>| -> Result<Option<LaunchEvent<'_, S::Event>>, CallError> {
+            e.as_ref()
+                .map(|e| {
+                    let event = self.events.get(&e.event).ok_or_else(|| unknown_event(e.event))?;
+                    Ok(LaunchEvent { event, flags: e.flags, trigger_at_block_start: e.trigger_at_block_start })
+                })
+                .transpose()
+        };
+        let events =
+            LaunchEvents { programmatic: event(&a.programmatic_event)?, completion: event(&a.completion_event)? };
         let stream = stream_of(&self.streams, l.stream)?;
-        self.dev.launch(&loaded.module, index, dims, stream, &l.params)?;
+        self.dev.launch(&loaded.module, index, dims, &attrs, events, stream, &l.params)?;
         Ok(None)
     }
+}
+
+/// `x * y * z`, or `None` past 64 bits.
+fn product(d: [u32; 3]) -> Option<u64> {
+    u64::from(d[0]).checked_mul(u64::from(d[1]))?.checked_mul(u64::from(d[2]))
+}
+
+/// Largest cluster the driver allows with NON_PORTABLE_CLUSTER_SIZE_ALLOWED
+/// (8 without); the device refuses what the function does not allow.
+const MAX_CLUSTER_BLOCKS: u64 = 16;
+
+/// The launch attributes from the wire, shapes checked against `grid`.
+fn launch_attrs(a: &v1::LaunchAttributes, grid: [u32; 3]) -> Result<LaunchAttrs, CallError> {
+    let dim = |d: Option<v1::Dim3>| d.map(|d| [d.x, d.y, d.z]).unwrap_or([0; 3]);
+    let cluster_size = |c: [u32; 3], what: &str| -> Result<(), CallError> {
+        if c == [0; 3] {
+            return Ok(());
+        }
+        let bad = || CallError::new(cuda::INVALID_CLUSTER_SIZE, format!("{what} {c:?} does not fit grid {grid:?}"));
+        if c.contains(&0) || c.iter().zip(grid).any(|(&c, g)| g % c != 0) {
+            return Err(bad());
+        }
+        match product(c) {
+            Some(n) if n <= MAX_CLUSTER_BLOCKS => Ok(()),
+            _ => Err(bad()),
+        }
+    };
+    let cluster = dim(a.cluster);
+    cluster_size(cluster, "cluster")?;
+    let preferred_cluster = dim(a.preferred_cluster);
+    cluster_size(preferred_cluster, "preferred cluster")?;
+    let byte = |v: u32| u8::try_from(v).map_err(|_| CallError::invalid_value(format!("memory sync domain {v}")));
+    let mem_sync_domain_map = match a.mem_sync_domain_map {
+        Some(m) => Some((byte(m.default_domain)?, byte(m.remote_domain)?)),
+        None => None,
+    };
+    let access_policy_window = a.access_policy_window.map(|w| AccessPolicyWindow {
+        base: w.base,
+        num_bytes: w.num_bytes,
+        hit_ratio: w.hit_ratio,
+        hit_prop: w.hit_prop,
+        miss_prop: w.miss_prop,
+    });
+    Ok(LaunchAttrs {
+        cooperative: a.cooperative,
+        cluster,
+        cluster_scheduling_policy: a.cluster_scheduling_policy,
+        programmatic_serialization: a.programmatic_serialization,
+        priority: a.priority,
+        mem_sync_domain: a.mem_sync_domain,
+        mem_sync_domain_map,
+        access_policy_window,
+        preferred_cluster,
+        synchronization_policy: a.synchronization_policy,
+    })
 }
 
 fn stream_of<T>(streams: &HashMap<u32, T>, id: u32) -> Result<Option<&T>, CallError> {
@@ -613,6 +712,7 @@ mod tests {
             max_image_bytes: 1 << 20,
             max_handles: 4,
             max_listed_errors: 2,
+            max_output_bytes: 1 << 20,
             compression: Compression::Auto,
         }
     }
@@ -718,6 +818,94 @@ mod tests {
         assert_eq!(f.attributes.get(&5), Some(&90), "PTX_VERSION");
         assert_eq!(f.attributes.get(&MAX_DYN_SMEM), Some(&49152));
         assert_eq!(f.attributes.get(&9), Some(&-1), "PREFERRED_SHARED_MEMORY_CARVEOUT");
+    }
+
+    fn dim(x: u32, y: u32, z: u32) -> Option<v1::Dim3> {
+        Some(v1::Dim3 { x, y, z })
+    }
+
+    /// A launch of the built-in `empty` (function 0) of module 1.
+    fn empty_launch(grid: Option<v1::Dim3>, block: Option<v1::Dim3>, attributes: v1::LaunchAttributes) -> Op {
+        Op::Launch(v1::Launch {
+            module: 1,
+            function: 0,
+            grid,
+            block,
+            attributes: Some(attributes),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn launch_dimensions_are_checked_without_overflow() {
+        let mut s = session();
+        load_builtin(&mut s, 1);
+        let none = v1::LaunchAttributes::default;
+        assert_eq!(code(s.execute(empty_launch(dim(1, 1, 1), dim(32, 1, 1), none()))), 0);
+        let huge = 1 << 31;
+        assert_eq!(code(s.execute(empty_launch(dim(1, 1, 1), dim(huge, huge, huge), none()))), cuda::INVALID_VALUE);
+        assert_eq!(
+            code(s.execute(empty_launch(dim(u32::MAX, u32::MAX, u32::MAX), dim(1, 1, 1), none()))),
+            cuda::INVALID_VALUE
+        );
+        assert_eq!(code(s.execute(empty_launch(dim(1, 0, 1), dim(1, 1, 1), none()))), cuda::INVALID_VALUE);
+        assert_eq!(code(s.execute(empty_launch(None, dim(1, 1, 1), none()))), cuda::INVALID_VALUE);
+    }
+
+    #[test]
+    fn cooperative_and_cluster_launches() {
+        let mut s = session();
+        load_builtin(&mut s, 1);
+        let cooperative = || v1::LaunchAttributes { cooperative: true, ..Default::default() };
+        // 132 SMs x 2 resident blocks of 1024 threads.
+        assert_eq!(code(s.execute(empty_launch(dim(264, 1, 1), dim(1024, 1, 1), cooperative()))), 0);
+        assert_eq!(
+            code(s.execute(empty_launch(dim(265, 1, 1), dim(1024, 1, 1), cooperative()))),
+            cuda::COOPERATIVE_LAUNCH_TOO_LARGE
+        );
+        let cluster = |c: Option<v1::Dim3>| v1::LaunchAttributes { cluster: c, ..Default::default() };
+        assert_eq!(code(s.execute(empty_launch(dim(8, 2, 1), dim(32, 1, 1), cluster(dim(4, 2, 1))))), 0);
+        assert_eq!(
+            code(s.execute(empty_launch(dim(6, 1, 1), dim(32, 1, 1), cluster(dim(4, 1, 1))))),
+            cuda::INVALID_CLUSTER_SIZE
+        );
+        let huge = 1 << 31;
+        assert_eq!(
+            code(s.execute(empty_launch(dim(huge, 1, 1), dim(32, 1, 1), cluster(dim(huge, 1, 1))))),
+            cuda::INVALID_CLUSTER_SIZE
+        );
+        let event = v1::LaunchAttributes {
+            completion_event: Some(v1::LaunchEvent { event: 9, ..Default::default() }),
+            ..Default::default()
+        };
+        assert_eq!(code(s.execute(empty_launch(dim(1, 1, 1), dim(1, 1, 1), event))), cuda::INVALID_HANDLE);
+    }
+
+    #[test]
+    fn context_limits_are_kept_and_the_printf_fifo_follows() {
+        let mut s = session();
+        let limits: BTreeMap<u32, u64> = s.limits().into_iter().collect();
+        assert_eq!(limits.get(&2), Some(&(8 << 20)), "MALLOC_HEAP_SIZE");
+        assert_eq!(limits.len(), 8);
+        let set = |s: &mut SessionState<EmulatedSession>, limit, value| {
+            s.execute(Op::CtxSetLimit(v1::CtxSetLimit { limit, value }))
+        };
+        assert!(matches!(set(&mut s, 2, 64 << 20), Ok(Some(Value::Limit(v))) if v == 64 << 20));
+        assert_eq!(s.limits().into_iter().find(|(l, _)| *l == 2), Some((2, 64 << 20)));
+        assert_eq!(code(set(&mut s, 11, 1)), cuda::INVALID_VALUE);
+        // A FIFO of 100 bytes holds two lines of print_ids.
+        assert!(set(&mut s, 1, 100).is_ok());
+        load_builtin(&mut s, 1);
+        let print = Op::Launch(v1::Launch {
+            module: 1,
+            function: 4,
+            grid: dim(1, 1, 1),
+            block: dim(8, 1, 1),
+            params: 7u32.to_le_bytes().to_vec().into(),
+            ..Default::default()
+        });
+        assert_eq!(code(s.execute(print)), 0);
+        assert_eq!(s.dev.printf.bytes.len(), 2 * "gpupool printf 7: block 0 thread 0\n".len());
     }
 
     #[test]
@@ -926,10 +1114,18 @@ mod tests {
             module: &Self::Module,
             function: usize,
             dims: LaunchDims,
+            attrs: &LaunchAttrs,
+            events: LaunchEvents<'_, Self::Event>,
             s: Option<&Self::Stream>,
             params: &[u8],
         ) -> DeviceResult<()> {
-            self.inner.launch(module, function, dims, s, params)
+            self.inner.launch(module, function, dims, attrs, events, s, params)
+        }
+        fn limits(&mut self) -> Vec<(u32, u64)> {
+            self.inner.limits()
+        }
+        fn set_limit(&mut self, limit: u32, value: u64) -> DeviceResult<u64> {
+            self.inner.set_limit(limit, value)
         }
         fn stream_create(&mut self, flags: u32, priority: i32) -> DeviceResult<Self::Stream> {
             self.inner.stream_create(flags, priority)

@@ -13,7 +13,9 @@
 //!
 //! The worker also exits when the ticket is not used within the handshake
 //! timeout, or when stdin closes (the supervisor is gone); its open session
-//! is then closed with `SHUTDOWN`. Logs go to stderr, never stdout.
+//! is then closed with `SHUTDOWN`. Logs go to stderr, never stdout. The
+//! protocol uses a duplicate of fd 1: fd 1 itself is a pipe that collects
+//! device printf output for the client ([`crate::device_output`]).
 
 use crate::auth::{AuthError, Authenticator, Grant, constant_time_eq};
 use crate::config::{DeviceChoice, ServerConfig};
@@ -24,7 +26,7 @@ use gpupool_proto::{frame, v1};
 use prost::Message;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// First argument that makes a gpupool binary run as a worker.
@@ -49,8 +51,17 @@ pub fn run_if_worker() {
     }
 }
 
+/// Where [`write_event`] writes: the protocol's duplicate of fd 1, once
+/// [`crate::device_output::install`] moved stdout to the capture pipe.
+static PROTOCOL_OUT: OnceLock<Mutex<std::fs::File>> = OnceLock::new();
+
 /// Serves one session as a worker on this process's stdin and stdout.
 pub fn run_stdio() -> Result<(), ServerError> {
+    // Before the device opens: the driver writes device printf to fd 1,
+    // which must not be the protocol pipe.
+    let proto = crate::device_output::install()
+        .map_err(|e| ServerError::Worker(format!("cannot capture stdout for device printf: {e}")))?;
+    let _ = PROTOCOL_OUT.set(Mutex::new(proto));
     let mut stdin = std::io::stdin();
     let spec: v1::WorkerSpec =
         read_message(&mut stdin)?.ok_or_else(|| ServerError::Worker("stdin closed before the WorkerSpec".into()))?;
@@ -362,8 +373,17 @@ pub(crate) fn read_message<M: Message + Default>(r: &mut impl Read) -> Result<Op
 /// stdin's end stops the worker then, so a failed write is only logged.
 fn write_event(event: v1::worker_event::Event) {
     let bytes = frame::encode(&v1::WorkerEvent { event: Some(event) });
-    let mut out = std::io::stdout().lock();
-    if let Err(e) = out.write_all(&bytes).and_then(|()| out.flush()) {
+    let written = match PROTOCOL_OUT.get() {
+        Some(out) => {
+            let mut out = out.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            out.write_all(&bytes).and_then(|()| out.flush())
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&bytes).and_then(|()| out.flush())
+        }
+    };
+    if let Err(e) = written {
         tracing::warn!(error = %e, "cannot report to the supervisor");
     }
 }

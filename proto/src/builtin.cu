@@ -25,3 +25,10 @@ extern "C" __global__ void matmul_f32(const float* A, const float* B, float* C,
         C[row * N + col] = acc;
     }
 }
+
+// Device printf: every thread prints one line. The emulated device buffers
+// the lines like the driver's printf FIFO and writes them to stdout at the
+// next synchronization, block by block, thread by thread.
+extern "C" __global__ void print_ids(unsigned tag) {
+    printf("gpupool printf %u: block %u thread %u\n", tag, blockIdx.x, threadIdx.x);
+}

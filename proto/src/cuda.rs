@@ -19,8 +19,10 @@ pub const NOT_FOUND: CuResult = 500;
 pub const NOT_READY: CuResult = 600;
 pub const ILLEGAL_ADDRESS: CuResult = 700;
 pub const LAUNCH_OUT_OF_RESOURCES: CuResult = 701;
+pub const COOPERATIVE_LAUNCH_TOO_LARGE: CuResult = 720;
 pub const NOT_PERMITTED: CuResult = 800;
 pub const NOT_SUPPORTED: CuResult = 801;
+pub const INVALID_CLUSTER_SIZE: CuResult = 912;
 pub const UNKNOWN: CuResult = 999;
 
 /// The name CUDA gives a code (`cuGetErrorName`), for the codes gpupool uses.
@@ -40,6 +42,8 @@ pub fn name(code: CuResult) -> &'static str {
         NOT_READY => "CUDA_ERROR_NOT_READY",
         ILLEGAL_ADDRESS => "CUDA_ERROR_ILLEGAL_ADDRESS",
         LAUNCH_OUT_OF_RESOURCES => "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES",
+        COOPERATIVE_LAUNCH_TOO_LARGE => "CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE",
+        INVALID_CLUSTER_SIZE => "CUDA_ERROR_INVALID_CLUSTER_SIZE",
         NOT_PERMITTED => "CUDA_ERROR_NOT_PERMITTED",
         NOT_SUPPORTED => "CUDA_ERROR_NOT_SUPPORTED",
         UNKNOWN => "CUDA_ERROR_UNKNOWN",

@@ -95,6 +95,35 @@ fn c_program_on_the_driver_api() -> Result<()> {
     Ok(())
 }
 
+/// Explicit contexts, limits, launch checks (refused at the launch, nothing
+/// latched) and device printf, whose lines must sit between the host lines
+/// printed around the synchronization although stdout is a pipe here.
+#[test]
+fn driver_features_program() -> Result<()> {
+    let server = TestServer::start(isolated_config()?)?;
+    let out = run(&server, "driver_features")?;
+    assert!(out.contains("CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE"), "{out}");
+    let printed: Vec<&str> =
+        out.lines().filter(|l| l.starts_with("host line") || l.starts_with("gpupool printf")).collect();
+    assert_eq!(
+        printed,
+        [
+            "host line 1",
+            "host line 2",
+            "gpupool printf 11: block 0 thread 0",
+            "gpupool printf 11: block 0 thread 1",
+            "host line 3",
+            "gpupool printf 12: block 0 thread 0",
+            "host line 4",
+        ],
+        "{out}"
+    );
+    let out = run(&server, "ctx_create")?;
+    assert!(out.contains("execution affinity -> CUDA_ERROR_NOT_SUPPORTED"), "{out}");
+    server.stop();
+    Ok(())
+}
+
 #[test]
 fn vmm_program_on_the_driver_api() -> Result<()> {
     let server = TestServer::start(isolated_config()?)?;
@@ -181,7 +210,9 @@ fn exports_every_driver_symbol() -> Result<()> {
     let list = std::fs::read_to_string(repo().join("client-stub/libcuda/driver-symbols.txt"))?;
     let wanted: Vec<&str> = list.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).collect();
     assert!(wanted.len() > 500, "the list holds the driver's whole API");
-    let lib = stub_dir()?.join("libcuda.so.1");
+    // The stub folder of `programs()`: copying the library again while a
+    // program of another test runs from it would truncate its mapping (SIGBUS).
+    let lib = programs()?.0.join("libcuda.so.1");
     let out = Command::new("nm").args(["-D", "--defined-only"]).arg(&lib).output().context("running nm")?;
     if !out.status.success() {
         bail!("nm {} failed: {}", lib.display(), String::from_utf8_lossy(&out.stderr));

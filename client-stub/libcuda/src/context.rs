@@ -6,25 +6,22 @@
 use crate::abi::{CuError, CuResult, put};
 use crate::device::check_device;
 use crate::runtime::{self, ContextInfo, PRIMARY, Runtime, Tag, handle, id_of};
-use cudarc::driver::sys::{CUcontext, CUdevice};
-use std::ffi::{c_int, c_uint, c_ulonglong, c_void};
+use cudarc::driver::sys::{CUcontext, CUctxCreateParams, CUdevice, CUexecAffinityParam};
+use std::ffi::{c_int, c_uint, c_ulonglong};
 
 /// Stream priorities of current NVIDIA GPUs: 0 is the lowest, -5 the
 /// highest (what cuCtxGetStreamPriorityRange reports on Hopper).
 pub(crate) const PRIORITY_RANGE: (c_int, c_int) = (0, -5);
 
-/// Defaults the driver reports for context limits (CUlimit).
-fn default_limit(limit: c_uint) -> Option<usize> {
-    match limit {
-        0x00 => Some(1024),    // STACK_SIZE
-        0x01 => Some(1 << 20), // PRINTF_FIFO_SIZE
-        0x02 => Some(8 << 20), // MALLOC_HEAP_SIZE
-        0x03 => Some(2),       // DEV_RUNTIME_SYNC_DEPTH
-        0x04 => Some(2048),    // DEV_RUNTIME_PENDING_LAUNCH_COUNT
-        0x05 => Some(32),      // MAX_L2_FETCH_GRANULARITY
-        0x06 => Some(0),       // PERSISTING_L2_CACHE_SIZE
-        _ => None,
-    }
+/// `CUDA_ERROR_UNSUPPORTED_LIMIT`.
+const UNSUPPORTED_LIMIT: u32 = 215;
+
+fn exec_affinity_unsupported() -> CuError {
+    tracing::warn!("cuCtxCreate: execution affinity (SM count per context) is not supported by gpupool");
+    eprintln!(
+        "gpupool: cuCtxCreate with execution affinity is not supported (a remote GPU's SMs cannot be partitioned per context)"
+    );
+    CuError::NOT_SUPPORTED
 }
 
 fn primary_handle() -> usize {
@@ -113,16 +110,33 @@ crate::exports! {
         create(flags, dev, pctx)
     }
 
-    fn cuCtxCreate_v3(pctx: *mut CUcontext, _params: *mut c_void, num_params: c_int, flags: c_uint, dev: CUdevice) {
-        if num_params != 0 {
-            return Err(CuError::NOT_SUPPORTED);
+    /// Execution affinity (an SM count for the context) is not offered.
+    fn cuCtxCreate_v3(pctx: *mut CUcontext, params: *mut CUexecAffinityParam, num_params: c_int, flags: c_uint, dev: CUdevice) {
+        if num_params < 0 || (num_params > 0 && params.is_null()) {
+            return Err(CuError::INVALID_VALUE);
+        }
+        if num_params > 0 {
+            return Err(exec_affinity_unsupported());
         }
         create(flags, dev, pctx)
     }
 
-    fn cuCtxCreate_v4(pctx: *mut CUcontext, params: *mut c_void, flags: c_uint, dev: CUdevice) {
+    /// CUDA 13's form: null params, or params without execution affinity
+    /// and without CIG (a graphics client's context), create as `_v2` does.
+    fn cuCtxCreate_v4(pctx: *mut CUcontext, params: *mut CUctxCreateParams, flags: c_uint, dev: CUdevice) {
         if !params.is_null() {
-            return Err(CuError::NOT_SUPPORTED);
+            // SAFETY: non-null, a CUctxCreateParams per the CUDA API.
+            let p = unsafe { crate::abi::get(params) }?;
+            if p.numExecAffinityParams < 0 || (p.numExecAffinityParams > 0 && p.execAffinityParams.is_null()) {
+                return Err(CuError::INVALID_VALUE);
+            }
+            if p.numExecAffinityParams > 0 {
+                return Err(exec_affinity_unsupported());
+            }
+            if !p.cigParams.is_null() {
+                tracing::warn!("cuCtxCreate_v4: CUDA-in-graphics (CIG) contexts are not supported by gpupool");
+                return Err(CuError::NOT_SUPPORTED);
+            }
         }
         create(flags, dev, pctx)
     }
@@ -239,26 +253,25 @@ crate::exports! {
         Ok(())
     }
 
+    /// Answered locally: the values the session's context reported at
+    /// the start, updated by each set. A limit the server's device does
+    /// not have is CUDA_ERROR_UNSUPPORTED_LIMIT, as natively.
     fn cuCtxGetLimit(value: *mut usize, limit: c_uint) {
         let rt = Runtime::with_context()?;
-        let v = rt.tables().limits.get(&limit).copied().or_else(|| default_limit(limit)).ok_or(CuError::INVALID_VALUE)?;
+        let v = rt.session.ctx_get_limit(limit).ok_or(CuError(UNSUPPORTED_LIMIT))?;
         // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(value, v) }
+        unsafe { put(value, usize::try_from(v).unwrap_or(usize::MAX)) }
     }
 
-    /// Limits change device-side behaviour that gpupool does not forward
-    /// yet; setting the value a limit already has succeeds.
+    /// Set on the session's context on the server (one round trip); the
+    /// value the driver reports afterwards (it rounds some) is kept.
+    /// Queued work runs first, as the driver synchronizes for some limits.
     fn cuCtxSetLimit(limit: c_uint, value: usize) {
         let rt = Runtime::with_context()?;
-        let current = rt.tables().limits.get(&limit).copied().or_else(|| default_limit(limit));
-        match current {
-            None => Err(CuError::INVALID_VALUE),
-            Some(v) if v == value => Ok(()),
-            Some(_) => {
-                crate::abi::unsupported("cuCtxSetLimit");
-                Err(CuError::NOT_SUPPORTED)
-            }
+        if rt.session.ctx_get_limit(limit).is_none() {
+            return Err(CuError(UNSUPPORTED_LIMIT));
         }
+        rt.session.ctx_set_limit(limit, value as u64).map(drop).map_err(CuError::from)
     }
 
     /// Cache configuration is a preference; the device may ignore it.

@@ -76,6 +76,7 @@ fn launch(
     stream: CUstream,
     params: *mut *mut c_void,
     extra: *mut *mut c_void,
+    attributes: Option<v1::LaunchAttributes>,
 ) -> CuResult {
     let rt = Runtime::with_context()?;
     let function = rt.function(f as usize)?;
@@ -86,38 +87,118 @@ fn launch(
     // SAFETY: the CUDA launch contract on `params` and `extra`.
     let buf = unsafe { pack(&function.info, params, extra) }?;
     let cfg = LaunchConfig { grid, block, shared_mem_bytes: shared };
-    rt.session.launch_raw(&function, cfg, s, buf).map_err(CuError::from)
+    rt.session.launch_with(&function, cfg, attributes, s, buf).map_err(CuError::from)
 }
 
-/// Launch attributes (CUlaunchAttributeID) that change nothing here: the
-/// launch is ordered on its stream either way.
-fn attribute_is_harmless(id: u32, first_word: u32) -> bool {
-    match id {
-        0 => true,            // IGNORE
-        5 => first_word == 0, // PROGRAMMATIC_STREAM_SERIALIZATION off
-        8 => true,            // PRIORITY: a scheduling hint
-        _ => false,
-    }
-}
+// CUlaunchAttributeID numbers (cudarc's sys, CUDA 13.0 headers).
+const ATTR_IGNORE: u32 = 0;
+const ATTR_ACCESS_POLICY_WINDOW: u32 = 1;
+const ATTR_COOPERATIVE: u32 = 2;
+const ATTR_SYNCHRONIZATION_POLICY: u32 = 3;
+const ATTR_CLUSTER_DIMENSION: u32 = 4;
+const ATTR_CLUSTER_SCHEDULING_POLICY_PREFERENCE: u32 = 5;
+const ATTR_PROGRAMMATIC_STREAM_SERIALIZATION: u32 = 6;
+const ATTR_PROGRAMMATIC_EVENT: u32 = 7;
+const ATTR_PRIORITY: u32 = 8;
+const ATTR_MEM_SYNC_DOMAIN_MAP: u32 = 9;
+const ATTR_MEM_SYNC_DOMAIN: u32 = 10;
+const ATTR_PREFERRED_CLUSTER_DIMENSION: u32 = 11;
+const ATTR_LAUNCH_COMPLETION_EVENT: u32 = 12;
+/// A hint, like the function attribute of the same name.
+const ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT: u32 = 14;
 
-/// The attributes of a launch configuration as `(id, first three words of
-/// the value)`, read as integers so that an unknown id is just a number.
+/// Bytes of a `CUlaunchAttributeValue` (a 64-byte union).
+const VALUE_BYTES: usize = 64;
+
+/// The attributes of a launch configuration as `(id, value bytes)`, read as
+/// integers so that an unknown id is just a number.
 ///
 /// # Safety
 /// `c.attrs` holds `c.numAttrs` attributes (the CUDA contract).
-unsafe fn attributes(c: &CUlaunchConfig) -> impl Iterator<Item = (u32, [u32; 3])> + '_ {
+unsafe fn attributes(c: &CUlaunchConfig) -> impl Iterator<Item = (u32, [u8; VALUE_BYTES])> + '_ {
     (0..c.numAttrs as usize).map(move |i| {
-        // SAFETY: each attribute starts with its id; its value is at byte 8
-        // and at least 12 bytes long (a 64-byte union).
+        // SAFETY: each attribute is an id (4 bytes), 4 bytes of padding and
+        // a 64-byte value union.
         unsafe {
             let a = c.attrs.add(i).cast::<u8>();
-            let v = a.add(8).cast::<u32>();
-            (
-                a.cast::<u32>().read_unaligned(),
-                [v.read_unaligned(), v.add(1).read_unaligned(), v.add(2).read_unaligned()],
-            )
+            (a.cast::<u32>().read_unaligned(), a.add(8).cast::<[u8; VALUE_BYTES]>().read_unaligned())
         }
     })
+}
+
+fn word(v: &[u8; VALUE_BYTES], at: usize) -> u32 {
+    u32::from_le_bytes([v[at], v[at + 1], v[at + 2], v[at + 3]])
+}
+
+fn dword(v: &[u8; VALUE_BYTES], at: usize) -> u64 {
+    u64::from(word(v, at)) | (u64::from(word(v, at + 4)) << 32)
+}
+
+fn dims(v: &[u8; VALUE_BYTES]) -> Option<v1::Dim3> {
+    Some(v1::Dim3 { x: word(v, 0), y: word(v, 4), z: word(v, 8) })
+}
+
+/// The launch attributes of a `cuLaunchKernelEx` configuration, with event
+/// handles mapped to the session's event ids. An attribute gpupool cannot
+/// carry is CUDA_ERROR_NOT_SUPPORTED (logged).
+fn launch_attributes(
+    list: impl Iterator<Item = (u32, [u8; VALUE_BYTES])>,
+    event: impl Fn(usize) -> CuResult<u32>,
+) -> CuResult<v1::LaunchAttributes> {
+    let mut a = v1::LaunchAttributes::default();
+    for (id, v) in list {
+        match id {
+            ATTR_IGNORE | ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT => {}
+            ATTR_ACCESS_POLICY_WINDOW => {
+                a.access_policy_window = Some(v1::AccessPolicyWindow {
+                    base: dword(&v, 0),
+                    num_bytes: dword(&v, 8),
+                    hit_ratio: f32::from_bits(word(&v, 16)),
+                    hit_prop: word(&v, 20),
+                    miss_prop: word(&v, 24),
+                })
+            }
+            ATTR_COOPERATIVE => a.cooperative = word(&v, 0) != 0,
+            ATTR_SYNCHRONIZATION_POLICY => a.synchronization_policy = Some(word(&v, 0)),
+            ATTR_CLUSTER_DIMENSION => a.cluster = dims(&v),
+            ATTR_CLUSTER_SCHEDULING_POLICY_PREFERENCE => a.cluster_scheduling_policy = word(&v, 0),
+            ATTR_PROGRAMMATIC_STREAM_SERIALIZATION => a.programmatic_serialization = word(&v, 0) != 0,
+            ATTR_PROGRAMMATIC_EVENT => {
+                a.programmatic_event = Some(v1::LaunchEvent {
+                    event: event(dword(&v, 0) as usize)?,
+                    flags: word(&v, 8) as i32,
+                    trigger_at_block_start: word(&v, 12) != 0,
+                })
+            }
+            ATTR_PRIORITY => a.priority = Some(word(&v, 0) as i32),
+            ATTR_MEM_SYNC_DOMAIN_MAP => {
+                a.mem_sync_domain_map =
+                    Some(v1::MemSyncDomainMap { default_domain: u32::from(v[0]), remote_domain: u32::from(v[1]) })
+            }
+            ATTR_MEM_SYNC_DOMAIN => a.mem_sync_domain = Some(word(&v, 0)),
+            ATTR_PREFERRED_CLUSTER_DIMENSION => a.preferred_cluster = dims(&v),
+            ATTR_LAUNCH_COMPLETION_EVENT => {
+                a.completion_event = Some(v1::LaunchEvent {
+                    event: event(dword(&v, 0) as usize)?,
+                    flags: word(&v, 8) as i32,
+                    trigger_at_block_start: false,
+                })
+            }
+            other => {
+                tracing::warn!(attribute = other, "launch attribute not supported by gpupool");
+                return Err(CuError::NOT_SUPPORTED);
+            }
+        }
+    }
+    // Cluster dimensions of all zero mean none, as the driver reads them.
+    let none = |d: &Option<v1::Dim3>| d.is_some_and(|d| d.x == 0 && d.y == 0 && d.z == 0);
+    if none(&a.cluster) {
+        a.cluster = None;
+    }
+    if none(&a.preferred_cluster) {
+        a.preferred_cluster = None;
+    }
+    Ok(a)
 }
 
 /// The cluster shape a launch configuration asks for (attribute 4,
@@ -127,7 +208,9 @@ unsafe fn attributes(c: &CUlaunchConfig) -> impl Iterator<Item = (u32, [u32; 3])
 /// `c.attrs` holds `c.numAttrs` attributes.
 pub(crate) unsafe fn cluster_of(c: &CUlaunchConfig) -> [u32; 3] {
     // SAFETY: forwarded contract.
-    unsafe { attributes(c) }.find(|(id, _)| *id == 4).map_or([0; 3], |(_, dims)| dims)
+    unsafe { attributes(c) }
+        .find(|(id, _)| *id == ATTR_CLUSTER_DIMENSION)
+        .map_or([0; 3], |(_, v)| [word(&v, 0), word(&v, 4), word(&v, 8)])
 }
 
 fn launch_ex(
@@ -138,11 +221,13 @@ fn launch_ex(
 ) -> CuResult {
     // SAFETY: the CUDA contract: `config` points to a CUlaunchConfig.
     let c = unsafe { crate::abi::get(config) }?;
-    // SAFETY: `attrs` holds `numAttrs` attributes (the CUDA contract).
-    if let Some((id, _)) = unsafe { attributes(&c) }.find(|&(id, [word, ..])| !attribute_is_harmless(id, word)) {
-        tracing::warn!(attribute = id, "launch attribute not supported by gpupool");
-        return Err(CuError::NOT_SUPPORTED);
+    if c.numAttrs > 0 && c.attrs.is_null() {
+        return Err(CuError::INVALID_VALUE);
     }
+    let rt = Runtime::with_context()?;
+    let event = |h: usize| rt.event(h).map(|e| e.0);
+    // SAFETY: `attrs` holds `numAttrs` attributes (the CUDA contract).
+    let attributes = launch_attributes(unsafe { attributes(&c) }, event)?;
     launch(
         f,
         (c.gridDimX, c.gridDimY, c.gridDimZ),
@@ -151,7 +236,21 @@ fn launch_ex(
         c.hStream,
         params,
         extra,
+        Some(attributes).filter(|a| *a != v1::LaunchAttributes::default()),
     )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_cooperative(
+    f: CUfunction,
+    grid: (u32, u32, u32),
+    block: (u32, u32, u32),
+    shared: u32,
+    stream: CUstream,
+    params: *mut *mut c_void,
+) -> CuResult {
+    let attributes = v1::LaunchAttributes { cooperative: true, ..Default::default() };
+    launch(f, grid, block, shared, stream, params, std::ptr::null_mut(), Some(attributes))
 }
 
 crate::exports! {
@@ -159,14 +258,14 @@ crate::exports! {
         f: CUfunction, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint,
         shared: c_uint, stream: CUstream, params: *mut *mut c_void, extra: *mut *mut c_void,
     ) {
-        launch(f, (gx, gy, gz), (bx, by, bz), shared, stream, params, extra)
+        launch(f, (gx, gy, gz), (bx, by, bz), shared, stream, params, extra, None)
     }
 
     fn cuLaunchKernel_ptsz(
         f: CUfunction, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint,
         shared: c_uint, stream: CUstream, params: *mut *mut c_void, extra: *mut *mut c_void,
     ) {
-        launch(f, (gx, gy, gz), (bx, by, bz), shared, stream, params, extra)
+        launch(f, (gx, gy, gz), (bx, by, bz), shared, stream, params, extra, None)
     }
 
     fn cuLaunchKernelEx(config: *const CUlaunchConfig, f: CUfunction, params: *mut *mut c_void, extra: *mut *mut c_void) {
@@ -175,6 +274,20 @@ crate::exports! {
 
     fn cuLaunchKernelEx_ptsz(config: *const CUlaunchConfig, f: CUfunction, params: *mut *mut c_void, extra: *mut *mut c_void) {
         launch_ex(config, f, params, extra)
+    }
+
+    fn cuLaunchCooperativeKernel(
+        f: CUfunction, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint,
+        shared: c_uint, stream: CUstream, params: *mut *mut c_void,
+    ) {
+        launch_cooperative(f, (gx, gy, gz), (bx, by, bz), shared, stream, params)
+    }
+
+    fn cuLaunchCooperativeKernel_ptsz(
+        f: CUfunction, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint,
+        shared: c_uint, stream: CUstream, params: *mut *mut c_void,
+    ) {
+        launch_cooperative(f, (gx, gy, gz), (bx, by, bz), shared, stream, params)
     }
 }
 
@@ -223,6 +336,45 @@ mod tests {
         // SAFETY: both null: only valid for a kernel without parameters.
         let none = unsafe { pack(&info(), std::ptr::null_mut(), std::ptr::null_mut()) };
         assert_eq!(none, Err(CuError::INVALID_VALUE));
-        assert!(attribute_is_harmless(5, 0) && !attribute_is_harmless(5, 1) && !attribute_is_harmless(4, 0));
+    }
+
+    fn value(words: &[u32]) -> [u8; VALUE_BYTES] {
+        let mut v = [0u8; VALUE_BYTES];
+        for (i, w) in words.iter().enumerate() {
+            v[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn attributes_follow_the_driver_numbering() {
+        let events = |h: usize| if h == 0x77 { Ok(3) } else { Err(CuError::INVALID_HANDLE) };
+        let list = vec![
+            (ATTR_COOPERATIVE, value(&[1])),
+            (ATTR_CLUSTER_DIMENSION, value(&[2, 1, 1])),
+            (ATTR_CLUSTER_SCHEDULING_POLICY_PREFERENCE, value(&[1])),
+            (ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, value(&[1])),
+            (ATTR_PRIORITY, value(&[(-3i32) as u32])),
+            (ATTR_MEM_SYNC_DOMAIN, value(&[1])),
+            (ATTR_MEM_SYNC_DOMAIN_MAP, value(&[0x0100])),
+            (ATTR_LAUNCH_COMPLETION_EVENT, value(&[0x77, 0, 1])),
+            (ATTR_PROGRAMMATIC_EVENT, value(&[0x77, 0, 2, 1])),
+            (ATTR_PREFERRED_CLUSTER_DIMENSION, value(&[0, 0, 0])),
+        ];
+        let a = launch_attributes(list.into_iter(), events).expect("parsed");
+        assert!(a.cooperative && a.programmatic_serialization);
+        assert_eq!(a.cluster, Some(v1::Dim3 { x: 2, y: 1, z: 1 }));
+        assert_eq!(a.preferred_cluster, None, "all zero: none");
+        assert_eq!((a.cluster_scheduling_policy, a.priority, a.mem_sync_domain), (1, Some(-3), Some(1)));
+        assert_eq!(a.mem_sync_domain_map, Some(v1::MemSyncDomainMap { default_domain: 0, remote_domain: 1 }));
+        assert_eq!(a.completion_event, Some(v1::LaunchEvent { event: 3, flags: 1, trigger_at_block_start: false }));
+        assert_eq!(a.programmatic_event, Some(v1::LaunchEvent { event: 3, flags: 2, trigger_at_block_start: true }));
+        // Programmatic serialization off is the same as not set.
+        let off = launch_attributes([(ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, value(&[0]))].into_iter(), events);
+        assert_eq!(off, Ok(v1::LaunchAttributes::default()));
+        let bad_event = launch_attributes([(ATTR_LAUNCH_COMPLETION_EVENT, value(&[0x78]))].into_iter(), events);
+        assert_eq!(bad_event, Err(CuError::INVALID_HANDLE));
+        let unknown = launch_attributes([(13, value(&[1]))].into_iter(), events);
+        assert_eq!(unknown, Err(CuError::NOT_SUPPORTED));
     }
 }

@@ -149,7 +149,6 @@ pub mod not_supported {
         cuGraphUpload_ptsz
         cuGraphicsMapResources_ptsz
         cuGraphicsUnmapResources_ptsz
-        cuLaunchCooperativeKernel_ptsz
         cuMemAllocAsync_ptsz
         cuMemAllocFromPoolAsync_ptsz
         cuMemFreeAsync_ptsz

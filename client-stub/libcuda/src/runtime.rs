@@ -90,7 +90,6 @@ pub(crate) struct Tables {
     pub(crate) next_unusable: u32,
     pub(crate) next_context: u64,
     pub(crate) cache_config: u32,
-    pub(crate) limits: HashMap<u32, usize>,
 }
 
 /// The process's connection to its virtual GPU.
@@ -125,6 +124,26 @@ extern "C" fn release_lease_at_exit() {
     }
 }
 
+unsafe extern "C" {
+    /// The C library's `stdout` stream.
+    #[link_name = "stdout"]
+    static C_STDOUT: *mut libc::FILE;
+}
+
+/// Device printf output, written as the driver writes it: to the C `stdout`
+/// stream, by the thread whose synchronizing call returns, so that it
+/// interleaves with the program's own `printf` as natively (also when
+/// stdout is a pipe or a file and fully buffered).
+fn write_c_stdout(bytes: &[u8]) {
+    // SAFETY: `stdout` is the C library's initialized stream; fwrite reads
+    // `bytes.len()` bytes from a live slice.
+    unsafe {
+        let out = C_STDOUT;
+        libc::fwrite(bytes.as_ptr().cast(), 1, bytes.len(), out);
+        libc::fflush(out);
+    }
+}
+
 impl Runtime {
     /// Opens the session on first use (`cuInit`); later calls return the
     /// same outcome. A failure is reported on stderr once.
@@ -154,6 +173,7 @@ impl Runtime {
                 if matches!(target, env::Target::Pooled(..)) && !gpupool_ffi::at_exit(release_lease_at_exit) {
                     tracing::warn!("cannot register an exit handler: the lease will expire instead of being released");
                 }
+                session.set_output_sink(Box::new(write_c_stdout));
                 let device = session.device();
                 let attributes = crate::device::visible_attributes(&device);
                 crate::hostmem::reserve_device_range(session.reserved_range());

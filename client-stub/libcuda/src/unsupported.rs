@@ -156,7 +156,6 @@ crate::unsupported! {
     cuIpcOpenEventHandle
     cuIpcOpenMemHandle_v2
     cuLaunch
-    cuLaunchCooperativeKernel
     cuLaunchCooperativeKernelMultiDevice
     cuLaunchGrid
     cuLaunchGridAsync

@@ -29,6 +29,7 @@ const KERNELS: &[(&str, &[u32])] = &[
     ("vector_add", &[PTR, PTR, PTR, U32]),
     ("saxpy", &[U32, PTR, PTR, U32]),
     ("matmul_f32", &[PTR, PTR, PTR, U32, U32, U32]),
+    ("print_ids", &[U32]),
 ];
 
 /// The built-in functions with their parameter layouts (natural alignment,
@@ -104,9 +105,37 @@ fn threads(dims: &LaunchDims, axis: usize) -> u64 {
     u64::from(dims.grid[axis]) * u64::from(dims.block[axis])
 }
 
+/// The device printf buffer as the reference kernels fill it. Like the
+/// driver's FIFO (`CU_LIMIT_PRINTF_FIFO_SIZE`) it holds output until the
+/// next synchronization; unlike the driver's circular buffer, which may
+/// keep later lines, it keeps the first `capacity` bytes of whole lines and
+/// loses the rest.
+#[derive(Debug, Default)]
+pub struct PrintfFifo {
+    pub bytes: Vec<u8>,
+    pub capacity: usize,
+}
+
+impl PrintfFifo {
+    /// Appends one line if it fits; `false` once the FIFO is full.
+    fn push(&mut self, line: &str) -> bool {
+        if self.bytes.len() + line.len() > self.capacity {
+            return false;
+        }
+        self.bytes.extend_from_slice(line.as_bytes());
+        true
+    }
+}
+
 /// Runs built-in function `index` on `mem`. The parameter buffer has been
 /// checked against the layout by the caller.
-pub fn run(index: usize, dims: LaunchDims, params: &[u8], mem: &mut dyn Memory) -> DeviceResult<()> {
+pub fn run(
+    index: usize,
+    dims: LaunchDims,
+    params: &[u8],
+    mem: &mut dyn Memory,
+    printf: &mut PrintfFifo,
+) -> DeviceResult<()> {
     let layout = functions();
     let f = layout
         .get(index)
@@ -152,6 +181,21 @@ pub fn run(index: usize, dims: LaunchDims, params: &[u8], mem: &mut dyn Memory) 
                 }
             }
             store_f32s(mem, args.u64(2), &c)
+        }
+        "print_ids" => {
+            // Block by block, thread by thread (x only, as the kernel
+            // prints); a GPU interleaves blocks in no fixed order.
+            let tag = args.u32(0);
+            let per_block = u64::from(dims.block[0]) * u64::from(dims.block[1]) * u64::from(dims.block[2]);
+            'blocks: for block in 0..u64::from(dims.grid[0]) * u64::from(dims.grid[1]) * u64::from(dims.grid[2]) {
+                for thread in 0..per_block {
+                    let (b, t) = (block % u64::from(dims.grid[0]), thread % u64::from(dims.block[0]));
+                    if !printf.push(&format!("gpupool printf {tag}: block {b} thread {t}\n")) {
+                        break 'blocks;
+                    }
+                }
+            }
+            Ok(())
         }
         other => Err(CallError::new(cuda::NOT_FOUND, format!("no reference for built-in {other}"))),
     }

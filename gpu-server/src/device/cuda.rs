@@ -24,8 +24,9 @@ mod resources;
 pub use resources::{Allocation, Event, Mapping, Module, Stream};
 
 use super::{
-    Backend, BackendSession, DeviceDescription, DeviceResult, FunctionInfo, ImageKind, LaunchDims, LinkOutput,
-    LinkRequest, Occupancy, OccupancyQuery, Param, builtin, fatbin_wrapper_error, image_kind,
+    Backend, BackendSession, CONTEXT_LIMITS, DeviceDescription, DeviceResult, FunctionInfo, ImageKind, LaunchAttrs,
+    LaunchDims, LaunchEvents, LinkOutput, LinkRequest, Occupancy, OccupancyQuery, Param, builtin, fatbin_wrapper_error,
+    image_kind,
 };
 use crate::error::CallError;
 use cudarc::driver::sys::{self, CUdevice, CUfunction, CUstream};
@@ -411,6 +412,138 @@ fn kernel_of(module: &Module, function: usize) -> DeviceResult<&Kernel> {
     })
 }
 
+/// The `CUlimit` numbered `limit`, one of [`CONTEXT_LIMITS`].
+fn limit_of(limit: u32) -> DeviceResult<sys::CUlimit> {
+    use sys::CUlimit::*;
+    Ok(match limit {
+        0 => CU_LIMIT_STACK_SIZE,
+        1 => CU_LIMIT_PRINTF_FIFO_SIZE,
+        2 => CU_LIMIT_MALLOC_HEAP_SIZE,
+        3 => CU_LIMIT_DEV_RUNTIME_SYNC_DEPTH,
+        4 => CU_LIMIT_DEV_RUNTIME_PENDING_LAUNCH_COUNT,
+        5 => CU_LIMIT_MAX_L2_FETCH_GRANULARITY,
+        6 => CU_LIMIT_PERSISTING_L2_CACHE_SIZE,
+        7 => CU_LIMIT_SHMEM_SIZE,
+        other => return Err(CallError::invalid_value(format!("unknown context limit {other}"))),
+    })
+}
+
+/// A context limit of the current context.
+fn get_limit(limit: u32) -> DeviceResult<u64> {
+    let raw = limit_of(limit)?;
+    let mut value = 0usize;
+    // SAFETY: valid out-pointer; a known limit.
+    driver::check(unsafe { sys::cuCtxGetLimit(&mut value, raw) }, "cuCtxGetLimit")?;
+    Ok(value as u64)
+}
+
+/// The `CUlaunchAttribute` list of a launch. Enumerated values from the
+/// wire are matched to the driver's enums (an unknown one is
+/// CUDA_ERROR_INVALID_VALUE, never a transmute).
+fn launch_attributes(
+    attrs: &LaunchAttrs,
+    events: &LaunchEvents<'_, Event>,
+) -> DeviceResult<Vec<sys::CUlaunchAttribute>> {
+    use sys::CUlaunchAttributeID::*;
+    let bad = |what: &str, v: u32| CallError::invalid_value(format!("launch attribute {what}: unknown value {v}"));
+    let mut list = Vec::new();
+    let mut push = |id: sys::CUlaunchAttributeID, set: &dyn Fn(&mut sys::CUlaunchAttributeValue)| {
+        // SAFETY: the value is a plain C union of integers, pointers and
+        // enums whose zero is valid (or is overwritten by `set`).
+        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        set(&mut value);
+        list.push(sys::CUlaunchAttribute { id, pad: [0; 4], value });
+    };
+    if attrs.cooperative {
+        push(CU_LAUNCH_ATTRIBUTE_COOPERATIVE, &|v| v.cooperative = 1);
+    }
+    if attrs.cluster != [0; 3] {
+        let [x, y, z] = attrs.cluster;
+        push(CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION, &|v| {
+            v.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x, y, z }
+        });
+    }
+    if attrs.cluster_scheduling_policy != 0 {
+        use sys::CUclusterSchedulingPolicy::*;
+        let p = match attrs.cluster_scheduling_policy {
+            1 => CU_CLUSTER_SCHEDULING_POLICY_SPREAD,
+            2 => CU_CLUSTER_SCHEDULING_POLICY_LOAD_BALANCING,
+            other => return Err(bad("cluster scheduling policy", other)),
+        };
+        push(CU_LAUNCH_ATTRIBUTE_CLUSTER_SCHEDULING_POLICY_PREFERENCE, &|v| v.clusterSchedulingPolicyPreference = p);
+    }
+    if attrs.programmatic_serialization {
+        push(CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, &|v| v.programmaticStreamSerializationAllowed = 1);
+    }
+    if let Some(p) = attrs.priority {
+        push(CU_LAUNCH_ATTRIBUTE_PRIORITY, &|v| v.priority = p);
+    }
+    let domain = |d: u32| match d {
+        0 => Ok(sys::CUlaunchMemSyncDomain::CU_LAUNCH_MEM_SYNC_DOMAIN_DEFAULT),
+        1 => Ok(sys::CUlaunchMemSyncDomain::CU_LAUNCH_MEM_SYNC_DOMAIN_REMOTE),
+        other => Err(bad("memory sync domain", other)),
+    };
+    if let Some(d) = attrs.mem_sync_domain {
+        let d = domain(d)?;
+        push(CU_LAUNCH_ATTRIBUTE_MEM_SYNC_DOMAIN, &|v| v.memSyncDomain = d);
+    }
+    if let Some((default_, remote)) = attrs.mem_sync_domain_map {
+        push(CU_LAUNCH_ATTRIBUTE_MEM_SYNC_DOMAIN_MAP, &|v| {
+            v.memSyncDomainMap = sys::CUlaunchMemSyncDomainMap { default_, remote }
+        });
+    }
+    if let Some(w) = attrs.access_policy_window {
+        let prop = |p: u32| match p {
+            0 => Ok(sys::CUaccessProperty::CU_ACCESS_PROPERTY_NORMAL),
+            1 => Ok(sys::CUaccessProperty::CU_ACCESS_PROPERTY_STREAMING),
+            2 => Ok(sys::CUaccessProperty::CU_ACCESS_PROPERTY_PERSISTING),
+            other => Err(bad("access property", other)),
+        };
+        let (hit, miss) = (prop(w.hit_prop)?, prop(w.miss_prop)?);
+        let num_bytes = host_len(w.num_bytes)?;
+        push(CU_LAUNCH_ATTRIBUTE_ACCESS_POLICY_WINDOW, &|v| {
+            v.accessPolicyWindow = sys::CUaccessPolicyWindow {
+                base_ptr: w.base as *mut c_void,
+                num_bytes,
+                hitRatio: w.hit_ratio,
+                hitProp: hit,
+                missProp: miss,
+            }
+        });
+    }
+    if attrs.preferred_cluster != [0; 3] {
+        let [x, y, z] = attrs.preferred_cluster;
+        push(CU_LAUNCH_ATTRIBUTE_PREFERRED_CLUSTER_DIMENSION, &|v| {
+            v.preferredClusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_4 { x, y, z }
+        });
+    }
+    if let Some(p) = attrs.synchronization_policy {
+        use sys::CUsynchronizationPolicy::*;
+        let p = match p {
+            1 => CU_SYNC_POLICY_AUTO,
+            2 => CU_SYNC_POLICY_SPIN,
+            3 => CU_SYNC_POLICY_YIELD,
+            4 => CU_SYNC_POLICY_BLOCKING_SYNC,
+            other => return Err(bad("synchronization policy", other)),
+        };
+        push(CU_LAUNCH_ATTRIBUTE_SYNCHRONIZATION_POLICY, &|v| v.syncPolicy = p);
+    }
+    if let Some(e) = &events.programmatic {
+        let (event, flags, trigger) = (e.event.raw, e.flags, c_int::from(e.trigger_at_block_start));
+        push(CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_EVENT, &|v| {
+            v.programmaticEvent =
+                sys::CUlaunchAttributeValue_union__bindgen_ty_2 { event, flags, triggerAtBlockStart: trigger }
+        });
+    }
+    if let Some(e) = &events.completion {
+        let (event, flags) = (e.event.raw, e.flags);
+        push(CU_LAUNCH_ATTRIBUTE_LAUNCH_COMPLETION_EVENT, &|v| {
+            v.launchCompletionEvent = sys::CUlaunchAttributeValue_union__bindgen_ty_3 { event, flags }
+        });
+    }
+    Ok(list)
+}
+
 /// A count or size from the wire as the C `int` the driver takes.
 fn c_int_of(value: u32, what: &str) -> DeviceResult<c_int> {
     c_int::try_from(value).map_err(|_| CallError::invalid_value(format!("{what} {value} is out of range")))
@@ -613,6 +746,8 @@ impl BackendSession for CudaSession {
         module: &Module,
         function: usize,
         dims: LaunchDims,
+        attrs: &LaunchAttrs,
+        events: LaunchEvents<'_, Event>,
         stream: Option<&Stream>,
         params: &[u8],
     ) -> DeviceResult<()> {
@@ -621,6 +756,26 @@ impl BackendSession for CudaSession {
         let kernel_params = if pointers.is_empty() { std::ptr::null_mut() } else { pointers.as_mut_ptr() };
         let [gx, gy, gz] = dims.grid;
         let [bx, by, bz] = dims.block;
+        if attrs.any() || events.programmatic.is_some() || events.completion.is_some() {
+            let mut list = launch_attributes(attrs, &events)?;
+            let config = sys::CUlaunchConfig {
+                gridDimX: gx,
+                gridDimY: gy,
+                gridDimZ: gz,
+                blockDimX: bx,
+                blockDimY: by,
+                blockDimZ: bz,
+                sharedMemBytes: dims.shared_mem_bytes,
+                hStream: raw_stream(stream),
+                attrs: list.as_mut_ptr(),
+                numAttrs: list.len() as u32,
+            };
+            // SAFETY: as for cuLaunchKernel below; `config.attrs` points to
+            // `numAttrs` initialized attributes that outlive the call, and
+            // their events are live handles of this session.
+            let r = unsafe { sys::cuLaunchKernelEx(&config, kernel.raw, kernel_params, std::ptr::null_mut()) };
+            return driver::check(r, "cuLaunchKernelEx");
+        }
         // SAFETY: `kernel.raw` belongs to `module`, which is alive; each
         // pointer addresses `size` readable bytes of `params` (checked
         // against the layout the driver reported), and the driver copies
@@ -641,6 +796,18 @@ impl BackendSession for CudaSession {
             )
         };
         driver::check(r, "cuLaunchKernel")
+    }
+
+    fn limits(&mut self) -> Vec<(u32, u64)> {
+        CONTEXT_LIMITS.filter_map(|l| get_limit(l).ok().map(|v| (l, v))).collect()
+    }
+
+    fn set_limit(&mut self, limit: u32, value: u64) -> DeviceResult<u64> {
+        let raw = limit_of(limit)?;
+        let value = usize::try_from(value).map_err(|_| CallError::invalid_value(format!("limit value {value}")))?;
+        // SAFETY: a known limit; the session's context is current on this thread.
+        driver::check(unsafe { sys::cuCtxSetLimit(raw, value) }, "cuCtxSetLimit")?;
+        get_limit(limit)
     }
 
     fn module_global(&mut self, module: &Module, name: &str) -> DeviceResult<(u64, u64)> {
@@ -892,7 +1059,7 @@ mod tests {
         let names: Vec<_> = ordered.iter().map(|(_, f)| f.name.clone()).collect();
         let expected: Vec<_> = builtin::functions().into_iter().map(|f| f.name).collect();
         assert_eq!(names, expected);
-        assert_eq!(ordered.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        assert_eq!(ordered.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
 
         let mut missing: Vec<(usize, FunctionInfo)> = builtin::functions().into_iter().enumerate().collect();
         missing.pop();

@@ -11,7 +11,8 @@
 use super::{
     ACCESS_NONE, ACCESS_READ, ACCESS_READWRITE, Backend, BackendSession, DeviceDescription, DeviceResult,
     FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, FUNC_ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT, FunctionInfo, ImageKind,
-    LaunchDims, LinkOutput, LinkRequest, Occupancy, OccupancyQuery, builtin, fatbin_wrapper_error, image_kind,
+    LIMIT_PRINTF_FIFO_SIZE, LaunchAttrs, LaunchDims, LaunchEvents, LinkOutput, LinkRequest, Occupancy, OccupancyQuery,
+    builtin, fatbin_wrapper_error, image_kind,
 };
 use crate::error::CallError;
 use gpupool_proto::cuda;
@@ -46,6 +47,18 @@ const KERNEL_VERSION: i32 = 90;
 const SMEM_GRANULE: u32 = 128;
 /// `CU_OCCUPANCY_DISABLE_CACHING_OVERRIDE`, the only occupancy flag.
 const OCCUPANCY_DISABLE_CACHING_OVERRIDE: u32 = 1;
+
+/// Context limits (`CUlimit`, default) as an H200 with driver 580 reports
+/// them for a new context: STACK_SIZE 1 KiB, PRINTF_FIFO_SIZE 1 MiB,
+/// MALLOC_HEAP_SIZE 8 MiB, DEV_RUNTIME_SYNC_DEPTH 2,
+/// DEV_RUNTIME_PENDING_LAUNCH_COUNT 2048, MAX_L2_FETCH_GRANULARITY 64 B,
+/// PERSISTING_L2_CACHE_SIZE 0, SHMEM_SIZE 0. The emulated device keeps what
+/// a session sets (the GPU program `ctx_limits` prints the real ones).
+pub const DEFAULT_LIMITS: [(u32, u64); 8] =
+    [(0, 1024), (1, 1 << 20), (2, 8 << 20), (3, 2), (4, 2048), (5, 64), (6, 0), (7, 0)];
+
+/// Largest printf FIFO the emulated device holds (host memory).
+const MAX_PRINTF_FIFO: u64 = 1 << 30;
 
 /// An emulated GPU with `total_memory` bytes.
 #[derive(Debug)]
@@ -247,7 +260,14 @@ impl Backend for EmulatedDevice {
     fn open_session(&self, va_size: u64) -> DeviceResult<EmulatedSession> {
         let size = va_size.div_ceil(GRANULARITY) * GRANULARITY;
         let base = self.next_base.fetch_add(size + GRANULARITY, Ordering::Relaxed);
-        Ok(EmulatedSession { base, memory: Rc::default(), epoch: Instant::now(), sm: self.sm })
+        Ok(EmulatedSession {
+            base,
+            memory: Rc::default(),
+            epoch: Instant::now(),
+            sm: self.sm,
+            limits: BTreeMap::from(DEFAULT_LIMITS),
+            printf: builtin::PrintfFifo { bytes: Vec::new(), capacity: 1 << 20 },
+        })
     }
 }
 
@@ -274,6 +294,20 @@ pub struct EmulatedSession {
     memory: Store,
     epoch: Instant,
     sm: SmLimits,
+    limits: BTreeMap<u32, u64>,
+    /// Device printf output waiting for the next synchronization.
+    pub(crate) printf: builtin::PrintfFifo,
+}
+
+impl EmulatedSession {
+    /// Writes the printf output to stdout, as the driver does when the host
+    /// synchronizes.
+    fn flush_printf(&mut self) {
+        if !self.printf.bytes.is_empty() {
+            crate::device_output::write_stdout(&self.printf.bytes);
+            self.printf.bytes.clear();
+        }
+    }
 }
 
 /// Physical memory of the emulated device (host memory).
@@ -452,7 +486,9 @@ impl BackendSession for EmulatedSession {
         builtin::Memory::store(&mut Mem(&self.memory), dst, data)
     }
 
+    /// A copy to the host synchronizes, and so flushes device printf.
     fn read(&mut self, _: Option<&Stream>, src: u64, out: &mut [u8]) -> DeviceResult<()> {
+        self.flush_printf();
         builtin::Memory::load(&Mem(&self.memory), src, out)
     }
 
@@ -497,16 +533,61 @@ impl BackendSession for EmulatedSession {
         Ok((Module { functions: Vec::new() }, Vec::new()))
     }
 
+    /// Cooperative and cluster launches are accepted: the built-in kernels
+    /// neither synchronize the grid nor use distributed shared memory. A
+    /// cooperative grid must fit on the device at once, as on a GPU
+    /// (CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE otherwise).
     fn launch(
         &mut self,
         module: &Module,
         function: usize,
         dims: LaunchDims,
+        attrs: &LaunchAttrs,
+        _: LaunchEvents<'_, Event>,
         _: Option<&Stream>,
         params: &[u8],
     ) -> DeviceResult<()> {
-        module.function(function)?;
-        builtin::run(function, dims, params, &mut Mem(&self.memory))
+        let attributes = module.function(function)?;
+        let threads = dims.block.iter().map(|&d| u64::from(d)).try_fold(1u64, |a, d| a.checked_mul(d));
+        let blocks = dims.grid.iter().map(|&d| u64::from(d)).try_fold(1u64, |a, d| a.checked_mul(d));
+        let (Some(threads), Some(blocks)) = (threads, blocks) else {
+            return Err(CallError::invalid_value("launch dimensions overflow"));
+        };
+        if attrs.cooperative {
+            let block_size = u32::try_from(threads).unwrap_or(u32::MAX);
+            let per_sm = self.sm.active_blocks(attributes, block_size, u64::from(dims.shared_mem_bytes));
+            let resident = u64::from(per_sm) * u64::from(self.sm.sm_count);
+            if blocks > resident {
+                return Err(CallError::new(
+                    cuda::COOPERATIVE_LAUNCH_TOO_LARGE,
+                    format!("cooperative grid of {blocks} blocks exceeds the {resident} that can be resident at once"),
+                ));
+            }
+        }
+        builtin::run(function, dims, params, &mut Mem(&self.memory), &mut self.printf)
+    }
+
+    fn limits(&mut self) -> Vec<(u32, u64)> {
+        self.limits.iter().map(|(&k, &v)| (k, v)).collect()
+    }
+
+    /// Keeps the value; the printf FIFO follows PRINTF_FIFO_SIZE, which is
+    /// host memory here and therefore bounded ([`MAX_PRINTF_FIFO`]).
+    fn set_limit(&mut self, limit: u32, value: u64) -> DeviceResult<u64> {
+        if limit == LIMIT_PRINTF_FIFO_SIZE && value > MAX_PRINTF_FIFO {
+            return Err(CallError::out_of_memory(format!(
+                "a printf FIFO of {value} bytes exceeds the emulated device's {MAX_PRINTF_FIFO}"
+            )));
+        }
+        let slot = self
+            .limits
+            .get_mut(&limit)
+            .ok_or_else(|| CallError::new(cuda::NOT_SUPPORTED, format!("context limit {limit} is not supported")))?;
+        *slot = value;
+        if limit == LIMIT_PRINTF_FIFO_SIZE {
+            self.printf.capacity = usize::try_from(value).unwrap_or(usize::MAX);
+        }
+        Ok(value)
     }
 
     /// Neither the built-in module nor the modules without functions have
@@ -551,9 +632,11 @@ impl BackendSession for EmulatedSession {
             // Resident blocks on the whole device, in whole clusters (the
             // model has no GPC boundaries a cluster must fit in).
             OccupancyQuery::ActiveClusters { block, cluster, dynamic_smem_bytes, .. } => {
-                let threads = block.iter().map(|&d| u64::from(d)).product::<u64>();
+                // Checked: three 32-bit dimensions from the wire multiply past 64 bits.
+                let product = |d: [u32; 3]| d.iter().try_fold(1u64, |a, &x| a.checked_mul(u64::from(x.max(1))));
+                let threads = block.iter().try_fold(1u64, |a, &d| a.checked_mul(u64::from(d))).unwrap_or(u64::MAX);
                 let block_size = positive(u32::try_from(threads).unwrap_or(u32::MAX), "block size")?;
-                let cluster_blocks = cluster.iter().map(|&d| u64::from(d.max(1))).product::<u64>();
+                let cluster_blocks = product(cluster).ok_or_else(|| CallError::invalid_value("cluster too large"))?;
                 let per_sm = u64::from(self.sm.active_blocks(attributes, block_size, dynamic_smem_bytes));
                 let total = per_sm * u64::from(self.sm.sm_count);
                 Ok(Occupancy { value: i64::try_from(total / cluster_blocks).unwrap_or(i64::MAX), block_size: 0 })
@@ -602,6 +685,7 @@ impl BackendSession for EmulatedSession {
         Ok(Stream)
     }
     fn stream_synchronize(&mut self, _: Option<&Stream>) -> DeviceResult<()> {
+        self.flush_printf();
         Ok(())
     }
     fn stream_query(&mut self, _: Option<&Stream>) -> DeviceResult<bool> {
@@ -621,6 +705,7 @@ impl BackendSession for EmulatedSession {
         Ok(true)
     }
     fn event_synchronize(&mut self, _: &Event) -> DeviceResult<()> {
+        self.flush_printf();
         Ok(())
     }
     fn event_elapsed(&mut self, start: &Event, end: &Event) -> DeviceResult<f32> {
@@ -630,6 +715,7 @@ impl BackendSession for EmulatedSession {
         }
     }
     fn synchronize(&mut self) -> DeviceResult<()> {
+        self.flush_printf();
         Ok(())
     }
 }

@@ -71,6 +71,80 @@ pub struct LaunchDims {
     pub shared_mem_bytes: u32,
 }
 
+/// Launch attributes (`CUlaunchAttribute`s of `cuLaunchKernelEx`, or a
+/// cooperative launch), checked against the session's tables: event
+/// attributes are resolved by the caller and passed separately.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LaunchAttrs {
+    pub cooperative: bool,
+    /// Blocks per cluster; `[0; 3]`: no cluster.
+    pub cluster: [u32; 3],
+    /// `CUclusterSchedulingPolicy`; 0: the default.
+    pub cluster_scheduling_policy: u32,
+    pub programmatic_serialization: bool,
+    pub priority: Option<i32>,
+    /// `CUlaunchMemSyncDomain`.
+    pub mem_sync_domain: Option<u32>,
+    /// `(default, remote)` domains.
+    pub mem_sync_domain_map: Option<(u8, u8)>,
+    pub access_policy_window: Option<AccessPolicyWindow>,
+    /// Preferred cluster shape; `[0; 3]`: none.
+    pub preferred_cluster: [u32; 3],
+    /// `CUsynchronizationPolicy`.
+    pub synchronization_policy: Option<u32>,
+}
+
+impl LaunchAttrs {
+    /// `true` when the launch needs `cuLaunchKernelEx` (or the cooperative
+    /// entry point) rather than plain `cuLaunchKernel`.
+    pub fn any(&self) -> bool {
+        *self != Self::default()
+    }
+}
+
+/// An L2 access policy window (`CUaccessPolicyWindow`), a performance hint.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AccessPolicyWindow {
+    pub base: u64,
+    pub num_bytes: u64,
+    pub hit_ratio: f32,
+    pub hit_prop: u32,
+    pub miss_prop: u32,
+}
+
+/// An event a launch signals (`PROGRAMMATIC_EVENT`,
+/// `LAUNCH_COMPLETION_EVENT`), with its flags.
+#[derive(Debug)]
+pub struct LaunchEvent<'a, E> {
+    pub event: &'a E,
+    pub flags: i32,
+    /// `triggerAtBlockStart` (programmatic events only).
+    pub trigger_at_block_start: bool,
+}
+
+/// The events of one launch.
+#[derive(Debug)]
+pub struct LaunchEvents<'a, E> {
+    pub programmatic: Option<LaunchEvent<'a, E>>,
+    pub completion: Option<LaunchEvent<'a, E>>,
+}
+
+impl<E> Default for LaunchEvents<'_, E> {
+    fn default() -> Self {
+        Self { programmatic: None, completion: None }
+    }
+}
+
+/// Context limits (`CUlimit`) a session may read and set: STACK_SIZE,
+/// PRINTF_FIFO_SIZE, MALLOC_HEAP_SIZE, DEV_RUNTIME_SYNC_DEPTH,
+/// DEV_RUNTIME_PENDING_LAUNCH_COUNT, MAX_L2_FETCH_GRANULARITY,
+/// PERSISTING_L2_CACHE_SIZE, SHMEM_SIZE. Later ones (CIG, per-block memory)
+/// concern contexts gpupool does not create.
+pub const CONTEXT_LIMITS: std::ops::RangeInclusive<u32> = 0..=7;
+
+/// `CU_LIMIT_PRINTF_FIFO_SIZE`.
+pub const LIMIT_PRINTF_FIFO_SIZE: u32 = 1;
+
 /// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`.
 pub const FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: u32 = 8;
 /// `CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT`.
@@ -287,14 +361,26 @@ pub trait BackendSession: 'static {
         attribute: u32,
         value: i32,
     ) -> DeviceResult<i32>;
+    /// Launches function `function` of `module`. `dims` and `attrs` have
+    /// been checked for overflow and shape by the caller; the device checks
+    /// them against its limits.
+    #[allow(clippy::too_many_arguments)]
     fn launch(
         &mut self,
         module: &Self::Module,
         function: usize,
         dims: LaunchDims,
+        attrs: &LaunchAttrs,
+        events: LaunchEvents<'_, Self::Event>,
         stream: Option<&Self::Stream>,
         params: &[u8],
     ) -> DeviceResult<()>;
+    /// The context limits (`CUlimit`, value) of the session's context, of
+    /// [`CONTEXT_LIMITS`] those the device has.
+    fn limits(&mut self) -> Vec<(u32, u64)>;
+    /// Sets a context limit and returns the value the device now reports
+    /// (drivers round some limits up).
+    fn set_limit(&mut self, limit: u32, value: u64) -> DeviceResult<u64>;
     fn stream_create(&mut self, flags: u32, priority: i32) -> DeviceResult<Self::Stream>;
     fn stream_synchronize(&mut self, stream: Option<&Self::Stream>) -> DeviceResult<()>;
     /// `true` when all work on the stream has completed.

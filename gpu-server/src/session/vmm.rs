@@ -262,6 +262,7 @@ mod tests {
             max_handles: 8,
             max_listed_errors: 2,
             compression: Compression::Off,
+            max_output_bytes: 1 << 20,
         };
         let dev = EmulatedDevice::new(1 << 30).open_session(limits.va_size).expect("session");
         SessionState::new(dev, limits, Arc::new(Staging::new(1 << 26, 8)), Arc::new(ImageCache::new(None, 1 << 20)))

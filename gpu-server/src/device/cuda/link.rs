@@ -275,7 +275,16 @@ mod tests {
         s.set_access(&a, ACCESS_READWRITE).expect("access a");
         s.set_access(&b, ACCESS_READWRITE).expect("access b");
         let dims = crate::device::LaunchDims { grid: [1; 3], block: [1; 3], shared_mem_bytes: 0 };
-        s.launch(&module, 0, dims, None, &base.to_le_bytes()).expect("launch");
+        s.launch(
+            &module,
+            0,
+            dims,
+            &crate::device::LaunchAttrs::default(),
+            crate::device::LaunchEvents::default(),
+            None,
+            &base.to_le_bytes(),
+        )
+        .expect("launch");
         let mut back = [0u8; 4];
         s.read(None, base + 4 * g, &mut back).expect("read the alias");
         assert_eq!(u32::from_le_bytes(back), 42);

@@ -1,0 +1,88 @@
+//! Launch configurations and attributes end to end (worker processes, the
+//! emulated device): a bad configuration fails at the launch and latches
+//! nothing; cooperative grids too large to be co-resident fail at the
+//! launch; cluster and other attributes travel; dimensions that would
+//! overflow are refused by the server, whatever the client sends.
+
+use gpupool_client::{ClientError, LaunchConfig, Session, StreamId};
+use gpupool_proto::{BUILTIN_MODULE, cuda, v1};
+use gpupool_tests::{TestServer, isolated_config};
+
+fn code(r: Result<(), ClientError>) -> u32 {
+    r.map_or_else(|e| e.code(), |()| 0)
+}
+
+fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32), shared_mem_bytes: u32) -> LaunchConfig {
+    LaunchConfig { grid, block, shared_mem_bytes }
+}
+
+#[test]
+fn bad_configurations_fail_at_the_launch_and_latch_nothing() {
+    let srv = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
+    let s = Session::connect(&srv.client_config()).expect("session");
+    let m = s.module_load(BUILTIN_MODULE).expect("module");
+    let empty = m.function("empty").expect("empty");
+    let launch = |c: LaunchConfig| code(s.launch(&empty, c, StreamId::DEFAULT, &[]));
+    for (c, want) in [
+        (cfg((1, 1, 1), (4096, 1, 1), 0), cuda::INVALID_VALUE),
+        (cfg((1, 1, 1), (1, 1, 65), 0), cuda::INVALID_VALUE),
+        (cfg((1, 65536, 1), (1, 1, 1), 0), cuda::INVALID_VALUE),
+        (cfg((0, 1, 1), (1, 1, 1), 0), cuda::INVALID_VALUE),
+        (cfg((1, 1, 1), (32, 1, 1), (48 << 10) + 1), cuda::INVALID_VALUE),
+    ] {
+        assert_eq!(launch(c), want, "{c:?}");
+        assert_eq!(code(s.synchronize()), 0, "nothing latched after {c:?}");
+    }
+    // Raised by cuFuncSetAttribute, the same shared memory is fine.
+    s.func_set_attribute(&empty, 8, 64 << 10).expect("raise MAX_DYNAMIC_SHARED_SIZE_BYTES");
+    assert_eq!(launch(cfg((1, 1, 1), (32, 1, 1), (48 << 10) + 1)), 0);
+    assert_eq!(code(s.synchronize()), 0);
+}
+
+#[test]
+fn attributes_travel_and_cooperative_grids_are_checked_at_the_launch() {
+    let srv = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
+    let s = Session::connect(&srv.client_config()).expect("session");
+    let m = s.module_load(BUILTIN_MODULE).expect("module");
+    let empty = m.function("empty").expect("empty");
+    let with =
+        |c: LaunchConfig, a: v1::LaunchAttributes| code(s.launch_with(&empty, c, Some(a), StreamId::DEFAULT, vec![]));
+    let cooperative = || v1::LaunchAttributes { cooperative: true, ..Default::default() };
+    assert_eq!(with(cfg((1 << 20, 1, 1), (1024, 1, 1), 0), cooperative()), cuda::COOPERATIVE_LAUNCH_TOO_LARGE);
+    assert_eq!(code(s.synchronize()), 0, "the refused cooperative launch latched nothing");
+    assert_eq!(with(cfg((132, 1, 1), (1024, 1, 1), 0), cooperative()), 0);
+
+    let cluster = |x| v1::LaunchAttributes { cluster: Some(v1::Dim3 { x, y: 1, z: 1 }), ..Default::default() };
+    assert_eq!(with(cfg((8, 1, 1), (32, 1, 1), 0), cluster(2)), 0);
+    assert_eq!(with(cfg((6, 1, 1), (32, 1, 1), 0), cluster(4)), cuda::INVALID_CLUSTER_SIZE);
+    assert_eq!(with(cfg((16, 1, 1), (32, 1, 1), 0), cluster(16)), cuda::INVALID_CLUSTER_SIZE, "portable: 8");
+    // Launch completion events must not time (CU_EVENT_DISABLE_TIMING).
+    let e = s.event_create(2).expect("event");
+    let everything = v1::LaunchAttributes {
+        programmatic_serialization: true,
+        priority: Some(-2),
+        mem_sync_domain: Some(1),
+        cluster_scheduling_policy: 1,
+        completion_event: Some(v1::LaunchEvent { event: e.0, ..Default::default() }),
+        ..Default::default()
+    };
+    assert_eq!(with(cfg((4, 1, 1), (32, 1, 1), 0), everything), 0);
+    assert_eq!(code(s.synchronize()), 0);
+}
+
+#[test]
+fn the_server_refuses_dimensions_that_would_overflow() {
+    let srv = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
+    let s = Session::connect(&srv.client_config()).expect("session");
+    let m = s.module_load(BUILTIN_MODULE).expect("module");
+    let huge = Some(v1::Dim3 { x: 1 << 31, y: 1 << 31, z: 1 << 31 });
+    let one = Some(v1::Dim3 { x: 1, y: 1, z: 1 });
+    // Past the client's checks: what a hostile client could send.
+    for (grid, block) in [(one, huge), (huge, one)] {
+        let op = v1::call::Op::Launch(v1::Launch { module: m.id, function: 0, grid, block, ..Default::default() });
+        s.raw_enqueue(op).expect("queued");
+        let err = s.synchronize().expect_err("refused by the server");
+        assert_eq!(err.code(), cuda::INVALID_VALUE, "{err}");
+    }
+    assert_eq!(code(s.synchronize()), 0, "the session goes on");
+}
