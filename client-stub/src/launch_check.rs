@@ -30,6 +30,8 @@ const DEV_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: u32 = 97;
 // CUfunction_attribute numbers.
 const FUNC_MAX_THREADS_PER_BLOCK: u32 = 0;
 const FUNC_SHARED_SIZE_BYTES: u32 = 1;
+const FUNC_NUM_REGS: u32 = 4;
+const DEV_MAX_REGISTERS_PER_BLOCK: u32 = 12;
 const FUNC_MAX_DYNAMIC_SHARED_SIZE_BYTES: u32 = 8;
 const FUNC_NON_PORTABLE_CLUSTER_SIZE_ALLOWED: u32 = 14;
 
@@ -78,9 +80,22 @@ pub fn check(device: &v1::DeviceInfo, f: &v1::FunctionInfo, shape: &LaunchShape)
     }
     let func_max_threads = func(FUNC_MAX_THREADS_PER_BLOCK).unwrap_or(u64::from(f.max_threads_per_block));
     if func_max_threads > 0 && threads > func_max_threads {
+        // The driver answers "too many resources" when the block's
+        // registers do not fit, and "invalid value" when only a launch
+        // bound (`__launch_bounds__`, PTX `.maxntid`) caps the block (both
+        // seen on the H200). Registers are allocated per warp in units of
+        // 256.
+        let regs_per_warp = func(FUNC_NUM_REGS).map(|r| (r * 32).div_ceil(256) * 256);
+        let regs = regs_per_warp.map(|w| threads.div_ceil(32).saturating_mul(w));
+        let over_registers = regs.zip(dev(DEV_MAX_REGISTERS_PER_BLOCK)).is_some_and(|(need, have)| need > have);
+        let (code, why) = if over_registers {
+            (cuda::LAUNCH_OUT_OF_RESOURCES, "its registers allow")
+        } else {
+            (cuda::INVALID_VALUE, "its launch bounds allow")
+        };
         return Err(cuda_error(
-            cuda::LAUNCH_OUT_OF_RESOURCES,
-            format!("{}: block of {threads} threads exceeds the {func_max_threads} its registers allow", f.name),
+            code,
+            format!("{}: block of {threads} threads exceeds the {func_max_threads} {why}", f.name),
         ));
     }
     let dynamic = u64::from(shared_mem_bytes);
@@ -119,7 +134,7 @@ mod tests {
 
     fn h200() -> v1::DeviceInfo {
         let attributes =
-            [(1, 1024), (2, 1024), (3, 1024), (4, 64), (5, i32::MAX), (6, 65535), (7, 65535), (97, 232448)];
+            [(1, 1024), (2, 1024), (3, 1024), (4, 64), (5, i32::MAX), (6, 65535), (7, 65535), (12, 65536), (97, 232448)];
         v1::DeviceInfo { attributes: attributes.into_iter().collect(), ..Default::default() }
     }
 
@@ -155,9 +170,14 @@ mod tests {
         let big = shape([1, 1, 1], [u32::MAX, u32::MAX, u32::MAX]);
         assert_eq!(code(check(&d, &k, &big)), cuda::INVALID_VALUE, "no overflow");
         // Register-limited kernel: within the device limit, over its own.
-        let k = kernel(512);
-        assert_eq!(code(check(&d, &k, &shape([1, 1, 1], [1024, 1, 1]))), cuda::LAUNCH_OUT_OF_RESOURCES);
+        // A launch bound: the registers would fit.
+        let mut k = kernel(512);
+        k.attributes.insert(FUNC_NUM_REGS, 32);
+        assert_eq!(code(check(&d, &k, &shape([1, 1, 1], [1024, 1, 1]))), cuda::INVALID_VALUE);
         assert_eq!(code(check(&d, &k, &shape([1, 1, 1], [512, 1, 1]))), 0);
+        // 128 registers a thread: 1024 threads need 131 072 of 65 536.
+        k.attributes.insert(FUNC_NUM_REGS, 128);
+        assert_eq!(code(check(&d, &k, &shape([1, 1, 1], [1024, 1, 1]))), cuda::LAUNCH_OUT_OF_RESOURCES);
     }
 
     #[test]

@@ -16,11 +16,17 @@ pub(crate) const PRIORITY_RANGE: (c_int, c_int) = (0, -5);
 /// `CUDA_ERROR_UNSUPPORTED_LIMIT`.
 const UNSUPPORTED_LIMIT: u32 = 215;
 
+/// CU_LIMIT_CIG_ENABLED and CU_LIMIT_CIG_SHMEM_FALLBACK_ENABLED (CUDA
+/// 12.9+). CUDA-in-graphics is off in every context gpupool creates
+/// (`cuCtxCreate_v4` refuses CIG parameters), and the driver answers 0 for
+/// such contexts. cuBLAS 13 asks for CIG_ENABLED when it creates a handle
+/// and, answered with an error, went on with an unset value: GEMMs failed
+/// with ARCH_MISMATCH or NOT_SUPPORTED, or the process crashed (seen on the
+/// H200, 2026-12-04).
+const CIG_LIMITS: [u32; 2] = [8, 9];
+
 fn exec_affinity_unsupported() -> CuError {
-    tracing::warn!("cuCtxCreate: execution affinity (SM count per context) is not supported by gpupool");
-    eprintln!(
-        "gpupool: cuCtxCreate with execution affinity is not supported (a remote GPU's SMs cannot be partitioned per context)"
-    );
+    tracing::debug!("cuCtxCreate: execution affinity (an SM count per context) is not supported by gpupool");
     CuError::NOT_SUPPORTED
 }
 
@@ -134,7 +140,7 @@ crate::exports! {
                 return Err(exec_affinity_unsupported());
             }
             if !p.cigParams.is_null() {
-                tracing::warn!("cuCtxCreate_v4: CUDA-in-graphics (CIG) contexts are not supported by gpupool");
+                tracing::debug!("cuCtxCreate_v4: CUDA-in-graphics (CIG) contexts are not supported by gpupool");
                 return Err(CuError::NOT_SUPPORTED);
             }
         }
@@ -258,7 +264,11 @@ crate::exports! {
     /// not have is CUDA_ERROR_UNSUPPORTED_LIMIT, as natively.
     fn cuCtxGetLimit(value: *mut usize, limit: c_uint) {
         let rt = Runtime::with_context()?;
-        let v = rt.session.ctx_get_limit(limit).ok_or(CuError(UNSUPPORTED_LIMIT))?;
+        let v = rt
+            .session
+            .ctx_get_limit(limit)
+            .or_else(|| CIG_LIMITS.contains(&limit).then_some(0))
+            .ok_or(CuError(UNSUPPORTED_LIMIT))?;
         // SAFETY: out-pointer per the CUDA API.
         unsafe { put(value, usize::try_from(v).unwrap_or(usize::MAX)) }
     }

@@ -185,7 +185,7 @@ fn launch_attributes(
                 })
             }
             other => {
-                tracing::warn!(attribute = other, "launch attribute not supported by gpupool");
+                tracing::debug!(attribute = other, "launch attribute not supported by gpupool");
                 return Err(CuError::NOT_SUPPORTED);
             }
         }
