@@ -144,15 +144,9 @@ pub mod not_supported {
         cuStreamWriteValue64
         cuStreamWriteValue64_ptsz
         // Per-thread-default-stream variants of unimplemented functions.
-        cuGraphInstantiateWithParams_ptsz
-        cuGraphLaunch_ptsz
-        cuGraphUpload_ptsz
         cuGraphicsMapResources_ptsz
         cuGraphicsUnmapResources_ptsz
         cuLaunchCooperativeKernel_ptsz
-        cuMemAllocAsync_ptsz
-        cuMemAllocFromPoolAsync_ptsz
-        cuMemFreeAsync_ptsz
         cuMemMapArrayAsync_ptsz
         cuMemPrefetchAsync_v2_ptsz
         cuMemcpy3DAsync_v2_ptsz
@@ -171,9 +165,7 @@ pub mod not_supported {
         cuSignalExternalSemaphoresAsync_ptsz
         cuStreamAttachMemAsync_ptsz
         cuStreamBatchMemOp_v2_ptsz
-        cuStreamBeginCapture_v2_ptsz
         cuStreamCopyAttributes_ptsz
-        cuStreamEndCapture_ptsz
         cuStreamGetAttribute_ptsz
         cuStreamSetAttribute_ptsz
         cuStreamWaitValue32_v2_ptsz

@@ -10,6 +10,10 @@
 //! - [`runtime`]: the session and the handle tables;
 //! - [`device`], [`context`], [`memory`], [`module`], [`launch`], [`stream`]:
 //!   the driver API by area;
+//! - [`graph`] (the sans-I/O core) and [`graph_api`]: CUDA graphs as
+//!   client-side objects, replayed as queued calls at launch; [`capture`]:
+//!   stream capture, the one "capturing?" check of every stream call;
+//!   [`mempool`]: the stream-ordered allocator and graph memory;
 //! - [`proc_address`]: `cuGetProcAddress` over every export;
 //! - [`export_tables`]: `cuGetExportTable`, the runtime's private tables;
 //! - [`unsupported`]: entry points that return `CUDA_ERROR_NOT_SUPPORTED`;
@@ -69,16 +73,20 @@ macro_rules! unsupported {
 }
 
 pub mod abi;
+pub mod capture;
 mod codes;
 pub mod context;
 pub mod device;
 mod env;
 pub mod export_tables;
+pub mod graph;
+pub mod graph_api;
 mod hostmem;
 mod image;
 pub mod launch;
 pub mod legacy;
 pub mod memory;
+pub mod mempool;
 pub mod module;
 pub mod proc_address;
 pub mod runtime;

@@ -57,6 +57,10 @@ fn exports() -> &'static HashMap<&'static str, usize> {
             crate::launch::table(),
             crate::stream::table(),
             crate::export_tables::table(),
+            // Graphs, stream capture, memory pools (issue 16, items 4-5).
+            crate::graph_api::table(),
+            crate::capture::table(),
+            crate::mempool::table(),
             table(),
             // Implemented names take precedence over the unsupported list.
             crate::unsupported::table(),
@@ -159,7 +163,16 @@ mod tests {
         assert_eq!(resolve("cuNoSuchFunction", 13000, 0), None);
         // Entry points gpupool does not implement still resolve, to a
         // function that answers CUDA_ERROR_NOT_SUPPORTED.
-        assert!(resolve("cuGraphCreate", 13000, 0).is_some());
+        assert!(resolve("cuTexObjectCreate", 13000, 0).is_some());
+        assert_eq!(resolve("cuGraphCreate", 13000, 0), Some(crate::graph_api::cuGraphCreate as *const () as usize));
+        assert_eq!(
+            resolve("cuGraphInstantiate", 13000, 0),
+            Some(crate::graph_api::cuGraphInstantiateWithFlags as *const () as usize)
+        );
+        assert_eq!(
+            resolve("cuStreamBeginCapture", 13000, PER_THREAD_DEFAULT_STREAM),
+            Some(crate::capture::cuStreamBeginCapture_v2_ptsz as *const () as usize)
+        );
     }
 
     #[test]
@@ -177,7 +190,7 @@ mod tests {
         );
         assert_eq!(
             resolve("cuStreamGetCaptureInfo", 10000, 0),
-            Some(crate::stream::cuStreamGetCaptureInfo as *const () as usize)
+            Some(crate::capture::cuStreamGetCaptureInfo as *const () as usize)
         );
         assert_eq!(
             resolve("cuGraphInstantiate", 11000, 0),
