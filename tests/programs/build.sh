@@ -34,6 +34,7 @@ out="${out:-$repo/target/programs}"
 # emulated device included). GPU programs launch kernels.
 ci_c=(driver_api)
 ci_cu=(runtime_nokernel)
+ci_cu+=(graphs_nokernel) # graphs, stream capture, memory pools (issue 16)
 gpu_cu=(vector_add matmul_tiled templated device_globals streams_events
         cublas_sgemm bench_loop)
 declare -A extra_libs=([cublas_sgemm]="-lcublas")

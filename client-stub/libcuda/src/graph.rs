@@ -204,6 +204,10 @@ pub(crate) struct Step {
     pub(crate) node: Id,
     pub(crate) op: Op,
     pub(crate) enabled: bool,
+    /// Creation-order positions from the top graph down through child
+    /// graphs: what matches a step to its node in another graph of the
+    /// same shape (`cuGraphExecUpdate`).
+    path: Vec<usize>,
 }
 
 /// An instantiated graph: one topological order, child graphs flattened.
@@ -222,6 +226,8 @@ pub(crate) struct Exec {
 struct Shape {
     kinds: Vec<u32>,
     edges: BTreeSet<(usize, usize)>,
+    /// The shapes of child graphs, by their node's position.
+    children: Vec<(usize, Shape)>,
 }
 
 /// Why `cuGraphExecUpdate` refused (`CUgraphExecUpdateResult`) and where.
@@ -492,14 +498,27 @@ impl Store {
         let pos: HashMap<Id, usize> = nodes.iter().enumerate().map(|(i, n)| (*n, i)).collect();
         let kinds = graph.nodes.values().map(|n| n.op.kind()).collect();
         let edges = graph.nodes.iter().flat_map(|(to, n)| n.deps.iter().map(|f| (pos[f], pos[to]))).collect();
-        Ok((Shape { kinds, edges }, nodes))
+        let mut children = Vec::new();
+        for (i, n) in graph.nodes.values().enumerate() {
+            if let Op::Child(c) = n.op {
+                children.push((i, self.shape(c)?.0));
+            }
+        }
+        Ok((Shape { kinds, edges, children }, nodes))
     }
 
     fn flatten(&self, g: Id, steps: &mut Vec<Step>) -> CuResult {
+        self.flatten_at(g, &[], steps)
+    }
+
+    fn flatten_at(&self, g: Id, prefix: &[usize], steps: &mut Vec<Step>) -> CuResult {
+        let pos: HashMap<Id, usize> = self.graph(g)?.nodes.keys().enumerate().map(|(i, n)| (*n, i)).collect();
         for n in self.topological(g)? {
+            let mut path = prefix.to_vec();
+            path.push(pos[&n]);
             match &self.node(n)?.op {
-                Op::Child(c) => self.flatten(*c, steps)?,
-                op => steps.push(Step { node: n, op: op.clone(), enabled: true }),
+                Op::Child(c) => self.flatten_at(*c, &path, steps)?,
+                op => steps.push(Step { node: n, op: op.clone(), enabled: true, path }),
             }
         }
         Ok(())
@@ -616,20 +635,19 @@ impl Store {
         if let Some(i) = (0..shape.kinds.len()).find(|&i| shape.kinds[i] != exec.shape.kinds[i]) {
             return Ok(Err(UpdateFailure { result: update::NODE_TYPE_CHANGED, node: Some(nodes[i]) }));
         }
-        if shape.edges != exec.shape.edges {
+        if shape.edges != exec.shape.edges || shape.children != exec.shape.children {
             return Ok(Err(UpdateFailure { result: update::TOPOLOGY_CHANGED, node: None }));
         }
-        let map: HashMap<Id, Id> = nodes.iter().copied().zip(exec.nodes.iter().copied()).collect();
         let mut fresh = Vec::new();
         self.flatten(g, &mut fresh)?;
         // Steps follow a topological order of the same DAG, maybe a
-        // different one: match them by node.
-        let position: HashMap<Id, usize> = exec.steps.iter().enumerate().map(|(i, s)| (s.node, i)).collect();
+        // different one: match them by position.
+        let position: HashMap<&[usize], usize> =
+            exec.steps.iter().enumerate().map(|(i, s)| (s.path.as_slice(), i)).collect();
         let mut updates = Vec::new();
         for s in fresh {
-            let Some(&i) = map.get(&s.node).and_then(|old| position.get(old)) else {
-                // A child graph's inner nodes: same order by construction.
-                return Ok(Err(UpdateFailure { result: update::NOT_SUPPORTED, node: Some(s.node) }));
+            let Some(&i) = position.get(s.path.as_slice()) else {
+                return Ok(Err(UpdateFailure { result: update::TOPOLOGY_CHANGED, node: Some(s.node) }));
             };
             let old = &exec.steps[i].op;
             if matches!(s.op, Op::MemAlloc { .. } | Op::MemFree { .. }) && *old != s.op {
@@ -784,6 +802,30 @@ mod tests {
         s.set_enabled(e, first, false).expect("disable");
         assert!(!s.enabled(e, first).expect("enabled"));
         assert_eq!(s.exec_set_op(e, first, Op::Empty), Err(CuError::INVALID_VALUE), "kind must match");
+    }
+
+    #[test]
+    fn exec_update_reaches_into_child_graphs() {
+        let mut s = Store::default();
+        let build = |s: &mut Store, v: u32| {
+            let child = s.create();
+            s.add(child, set(v), &[]).expect("inner");
+            let g = s.create();
+            let a = s.add(g, set(1), &[]).expect("a");
+            s.add(g, Op::Child(child), &[a]).expect("child");
+            g
+        };
+        let g1 = build(&mut s, 5);
+        let e = s.instantiate(g1, 0).expect("exec");
+        assert_eq!(s.exec_update(e, g1).expect("call"), Ok(()), "a graph updates its own exec");
+        let g2 = build(&mut s, 6);
+        assert_eq!(s.exec_update(e, g2).expect("call"), Ok(()));
+        assert_eq!(kinds(&s, e), vec![set(1), set(6)]);
+        let g3 = s.create();
+        let a = s.add(g3, set(1), &[]).expect("a");
+        let empty_child = s.create();
+        s.add(g3, Op::Child(empty_child), &[a]).expect("child");
+        assert_eq!(s.exec_update(e, g3).expect("call").map_err(|f| f.result), Err(update::TOPOLOGY_CHANGED));
     }
 
     #[test]

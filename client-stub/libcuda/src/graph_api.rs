@@ -782,14 +782,26 @@ fn node_neighbours(
     }
 }
 
-fn edit_edges(from: *const CUgraphNode, to: *const CUgraphNode, edges: *const c_void, n: usize, add: bool) -> CuResult {
+fn edit_edges(
+    g: CUgraph,
+    from: *const CUgraphNode,
+    to: *const CUgraphNode,
+    edges: *const c_void,
+    n: usize,
+    add: bool,
+) -> CuResult {
     Runtime::get()?;
+    let g = graph_id(g)?;
     // SAFETY: `n` handles in each array per the CUDA API.
     let (f, t) = unsafe { (node_list(from, n)?, node_list(to, n)?) };
     // SAFETY: as above.
     unsafe { check_edge_data(edges, n) }?;
     let pairs: Vec<(Id, Id)> = f.into_iter().zip(t).collect();
     let mut st = state();
+    st.store.graph(g)?;
+    if pairs.iter().any(|(a, b)| st.store.graph_of(*a) != Ok(g) || st.store.graph_of(*b) != Ok(g)) {
+        return Err(CuError::INVALID_VALUE);
+    }
     if add { st.store.add_edges(&pairs) } else { st.store.remove_edges(&pairs) }
 }
 
@@ -940,12 +952,16 @@ crate::exports! {
         node_neighbours(h, out, edges, count, true)
     }
 
-    fn cuGraphAddDependencies_v2(from: *const CUgraphNode, to: *const CUgraphNode, edges: *const c_void, n: usize) {
-        edit_edges(from, to, edges, n, true)
+    fn cuGraphAddDependencies_v2(
+        g: CUgraph, from: *const CUgraphNode, to: *const CUgraphNode, edges: *const c_void, n: usize,
+    ) {
+        edit_edges(g, from, to, edges, n, true)
     }
 
-    fn cuGraphRemoveDependencies_v2(from: *const CUgraphNode, to: *const CUgraphNode, edges: *const c_void, n: usize) {
-        edit_edges(from, to, edges, n, false)
+    fn cuGraphRemoveDependencies_v2(
+        g: CUgraph, from: *const CUgraphNode, to: *const CUgraphNode, edges: *const c_void, n: usize,
+    ) {
+        edit_edges(g, from, to, edges, n, false)
     }
 
     fn cuGraphKernelNodeGetParams_v2(h: CUgraphNode, out: *mut CUDA_KERNEL_NODE_PARAMS) { kernel_get(h, out.cast(), true) }
