@@ -37,6 +37,7 @@ ci_cu=(runtime_nokernel)
 ci_cu+=(graphs_nokernel) # graphs, stream capture, memory pools (issue 16)
 gpu_cu=(vector_add matmul_tiled templated device_globals streams_events
         cublas_sgemm bench_loop)
+gpu_cu+=(graphs_kernels mempool_kernels) # graphs, memory pools (issue 16)
 declare -A extra_libs=([cublas_sgemm]="-lcublas")
 
 toolchain_args=()

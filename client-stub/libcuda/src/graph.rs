@@ -37,8 +37,11 @@ pub(crate) mod kind {
 /// creation, as CUDA copies them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Kernel {
-    /// The `CUfunction` or `CUkernel` handle as the application gave it.
+    /// The `CUfunction` or `CUkernel` handle the launch uses.
     pub(crate) func: usize,
+    /// The `func` and `kern` fields as the application gave them (what
+    /// `cuGraphKernelNodeGetParams` hands back).
+    pub(crate) given: [usize; 2],
     pub(crate) grid: [u32; 3],
     pub(crate) block: [u32; 3],
     pub(crate) shared: u32,

@@ -296,7 +296,8 @@ fn kernel_op(rt: &Runtime, p: &KernelParams, v2: bool) -> CuResult<Op> {
     }
     // SAFETY: the CUDA launch contract on `kernelParams` and `extra`.
     let params = unsafe { crate::launch::pack(&f.info, p.params, p.extra) }?;
-    Ok(Op::Kernel(Kernel { func, grid: p.grid, block: p.block, shared: p.shared, params }))
+    let given = [p.func, if v2 { p.kern } else { 0 }];
+    Ok(Op::Kernel(Kernel { func, given, grid: p.grid, block: p.block, shared: p.shared, params }))
 }
 
 /// # Safety
@@ -549,15 +550,14 @@ fn kernel_get(h: CUgraphNode, out: *mut c_void, v2: bool) -> CuResult {
     *bytes = k.params.clone();
     *ptrs = info.params.iter().map(|p| bytes.as_ptr() as usize + p.offset as usize).collect();
     let params = if ptrs.is_empty() { std::ptr::null_mut() } else { ptrs.as_mut_ptr().cast() };
-    let is_kernel = crate::runtime::id_of(crate::runtime::Tag::Kernel, k.func).is_some();
     let p = KernelParams {
-        func: k.func,
+        func: k.given[0],
         grid: k.grid,
         block: k.block,
         shared: k.shared,
         params,
         extra: std::ptr::null_mut(),
-        kern: if is_kernel { k.func } else { 0 },
+        kern: k.given[1],
         ctx: 0,
     };
     let len = if v2 { std::mem::size_of::<KernelParams>() } else { std::mem::offset_of!(KernelParams, kern) };

@@ -99,6 +99,7 @@ fn launch(
         Route::Capture(s) => {
             let k = Kernel {
                 func: f as usize,
+                given: [f as usize, 0],
                 grid: [grid.0, grid.1, grid.2],
                 block: [block.0, block.1, block.2],
                 shared,
