@@ -673,6 +673,17 @@ crate::exports! {
         update_deps(h, deps, edges, n, flags)
     }
 
+    /// CUDA 10.0's form, without a mode.
+    fn cuStreamBeginCapture(h: CUstream) { begin(h, MODE_GLOBAL, None) }
+    fn cuStreamBeginCapture_ptsz(h: CUstream) { begin(h, MODE_GLOBAL, None) }
+    /// The pre-CUDA-12.3 form, without edge data.
+    fn cuStreamUpdateCaptureDependencies(h: CUstream, deps: *mut CUgraphNode, n: usize, flags: c_uint) {
+        update_deps(h, deps, std::ptr::null(), n, flags)
+    }
+    fn cuStreamUpdateCaptureDependencies_ptsz(h: CUstream, deps: *mut CUgraphNode, n: usize, flags: c_uint) {
+        update_deps(h, deps, std::ptr::null(), n, flags)
+    }
+
     fn cuThreadExchangeStreamCaptureMode(mode: *mut c_uint) {
         // SAFETY: in/out pointer per the CUDA API.
         let wanted = unsafe { get(mode) }?;

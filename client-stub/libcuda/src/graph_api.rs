@@ -1175,6 +1175,89 @@ crate::exports! {
     fn cuGraphDebugDotPrint(g: CUgraph, path: *const c_char, flags: c_uint) { dot_print(g, path, flags) }
 }
 
+/// The pre-CUDA-12.3 (and pre-12.0) forms of the calls above, without
+/// edge data or with version-1 kernel parameters: older runtimes resolve
+/// these (`proc_address::VERSIONED`).
+pub mod v1 {
+    use super::*;
+
+    fn exec_update_v1(e: CUgraphExec, g: CUgraph, err_node: *mut CUgraphNode, result: *mut c_uint) -> CuResult {
+        let mut info = [0usize; 3];
+        let r = exec_update(e, g, info.as_mut_ptr().cast());
+        // SAFETY: out-pointers per the CUDA API.
+        unsafe {
+            put(err_node, info[1] as CUgraphNode)?;
+            put(result, info[0] as u32)?;
+        }
+        r
+    }
+
+    fn instantiate_v1(
+        out: *mut CUgraphExec,
+        g: CUgraph,
+        err_node: *mut CUgraphNode,
+        log: *mut c_char,
+        len: usize,
+    ) -> CuResult {
+        if !err_node.is_null() {
+            // SAFETY: optional out-pointer per the CUDA API.
+            unsafe { put(err_node, std::ptr::null_mut()) }?;
+        }
+        if !log.is_null() && len > 0 {
+            // SAFETY: `len` writable bytes per the CUDA API.
+            unsafe { log.write(0) };
+        }
+        instantiate(out, g, 0)
+    }
+
+    crate::exports! {
+        fn cuGraphAddKernelNode(out: *mut CUgraphNode, g: CUgraph, deps: *const CUgraphNode, n: usize, p: *const c_void) {
+            // SAFETY: a CUDA_KERNEL_NODE_PARAMS_v1 per the CUDA API.
+            add_with(out, g, deps, n, |rt| unsafe { read_kernel(rt, p, false) })
+        }
+        fn cuGraphKernelNodeGetParams(h: CUgraphNode, out: *mut c_void) { kernel_get(h, out, false) }
+        fn cuGraphKernelNodeSetParams(h: CUgraphNode, p: *const c_void) {
+            let rt = Runtime::with_context()?;
+            // SAFETY: a CUDA_KERNEL_NODE_PARAMS_v1 per the CUDA API.
+            let op = unsafe { read_kernel(rt, p, false) }?;
+            set_op(h, op)
+        }
+        fn cuGraphExecKernelNodeSetParams(e: CUgraphExec, h: CUgraphNode, p: *const c_void) {
+            let rt = Runtime::with_context()?;
+            // SAFETY: a CUDA_KERNEL_NODE_PARAMS_v1 per the CUDA API.
+            let op = unsafe { read_kernel(rt, p, false) }?;
+            exec_set_op(e, h, op)
+        }
+        fn cuGraphAddNode(out: *mut CUgraphNode, g: CUgraph, deps: *const CUgraphNode, n: usize, p: *mut CUgraphNodeParams) {
+            add_with(out, g, deps, n, |rt| op_from_generic(rt, p, None))
+        }
+        fn cuGraphGetEdges(g: CUgraph, from: *mut CUgraphNode, to: *mut CUgraphNode, count: *mut usize) {
+            list_edges(g, from, to, std::ptr::null_mut(), count)
+        }
+        fn cuGraphNodeGetDependencies(h: CUgraphNode, out: *mut CUgraphNode, count: *mut usize) {
+            node_neighbours(h, out, std::ptr::null_mut(), count, false)
+        }
+        fn cuGraphNodeGetDependentNodes(h: CUgraphNode, out: *mut CUgraphNode, count: *mut usize) {
+            node_neighbours(h, out, std::ptr::null_mut(), count, true)
+        }
+        fn cuGraphAddDependencies(g: CUgraph, from: *const CUgraphNode, to: *const CUgraphNode, n: usize) {
+            edit_edges(g, from, to, std::ptr::null(), n, true)
+        }
+        fn cuGraphRemoveDependencies(g: CUgraph, from: *const CUgraphNode, to: *const CUgraphNode, n: usize) {
+            edit_edges(g, from, to, std::ptr::null(), n, false)
+        }
+        fn cuGraphExecUpdate(e: CUgraphExec, g: CUgraph, err_node: *mut CUgraphNode, result: *mut c_uint) {
+            exec_update_v1(e, g, err_node, result)
+        }
+        fn cuGraphInstantiate(out: *mut CUgraphExec, g: CUgraph, err_node: *mut CUgraphNode, log: *mut c_char, len: usize) {
+            instantiate_v1(out, g, err_node, log, len)
+        }
+        fn cuGraphInstantiate_v2(out: *mut CUgraphExec, g: CUgraph, err_node: *mut CUgraphNode, log: *mut c_char, len: usize) {
+            instantiate_v1(out, g, err_node, log, len)
+        }
+    }
+}
+
 fn upload(e: CUgraphExec, h: CUstream) -> CuResult {
     let rt = Runtime::with_context()?;
     state().store.exec(exec_id(e)?)?;

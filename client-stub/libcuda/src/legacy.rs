@@ -105,28 +105,11 @@ pub mod not_supported {
         cuTexRefSetAddress2D
         cuTexRefSetAddress2D_v2
         // Older structures or argument lists than their successors'.
-        cuGraphAddDependencies
-        cuGraphAddKernelNode
-        cuGraphAddNode
-        cuGraphExecKernelNodeSetParams
-        cuGraphExecUpdate
-        cuGraphGetEdges
-        cuGraphInstantiate
-        cuGraphInstantiate_v2
-        cuGraphKernelNodeGetParams
-        cuGraphKernelNodeSetParams
-        cuGraphNodeGetDependencies
-        cuGraphNodeGetDependentNodes
-        cuGraphRemoveDependencies
         cuMemAdvise
         cuMemGetAttribute
         cuMemGetAttribute_v2
         cuMemPrefetchAsync
         cuMemPrefetchAsync_ptsz
-        cuStreamBeginCapture
-        cuStreamBeginCapture_ptsz
-        cuStreamUpdateCaptureDependencies
-        cuStreamUpdateCaptureDependencies_ptsz
         // Same signature as a successor gpupool does not implement either.
         cuGraphicsResourceSetMapFlags
         cuIpcOpenMemHandle
