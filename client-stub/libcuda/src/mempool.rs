@@ -248,10 +248,19 @@ fn alloc_in(rt: &Runtime, pool: u64, size: u64, stream: StreamId) -> CuResult<u6
     let addr = match rt.session.mem_alloc(bytes) {
         Ok(a) => a,
         Err(e) if e.code() == OUT_OF_MEMORY.0 => {
-            // Cached blocks of every pool may make room.
+            // Cached blocks of every pool may make room: wait for the
+            // device so that blocks still pending on a stream count too.
+            rt.session.synchronize()?;
             let gone: Vec<u64> = {
                 let mut st = state();
-                let gone: Vec<u64> = st.pools.values_mut().flat_map(|p| p.release(0)).collect();
+                let gone: Vec<u64> = st
+                    .pools
+                    .values_mut()
+                    .flat_map(|p| {
+                        p.synced(None);
+                        p.release(0)
+                    })
+                    .collect();
                 for a in &gone {
                     st.owner.remove(a);
                 }
