@@ -177,6 +177,8 @@ static void captured_sequence(unsigned *hx, unsigned *hy, unsigned *dx,
         hx[i] = (unsigned)i * 40503u + 17u;
     CK(cudaMemcpy(dx, hx, bytes, cudaMemcpyHostToDevice));
     CK(cudaMemset(dy, 0, bytes));
+    // The non-blocking streams below do not wait for the legacy stream.
+    CK(cudaDeviceSynchronize());
 
     // Per round: y = 5x + y; fork: s2 computes w = mix(copy of y, 3);
     // s1: y = mix(y, 9) launched with cudaLaunchKernelEx; join;
