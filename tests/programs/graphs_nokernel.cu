@@ -151,10 +151,25 @@ static void explicit_graph(void)
     REQUIRE(t == cudaGraphNodeTypeHost, "host node type %d", (int)t);
     CK(cudaGraphNodeGetDependencies(dtod, nullptr, nullptr, &count));
     REQUIRE(count == 2, "dtod has %zu dependencies", count);
-    // A cycle is refused.
-    cudaError_t e = cudaGraphAddDependencies(g, &rec, &set_b, nullptr, 1);
-    REQUIRE(e != cudaSuccess, "a cycle was accepted");
-    (void)cudaGetLastError();
+    // A cycle is refused: when the edge is added (gpupool) or at the
+    // latest when the graph is instantiated.
+    {
+        cudaGraph_t cyc;
+        cudaGraphNode_t e1, e2;
+        CK(cudaGraphCreate(&cyc, 0));
+        CK(cudaGraphAddEmptyNode(&e1, cyc, nullptr, 0));
+        CK(cudaGraphAddEmptyNode(&e2, cyc, &e1, 1));
+        cudaError_t added = cudaGraphAddDependencies(cyc, &e2, &e1, nullptr, 1);
+        (void)cudaGetLastError();
+        if (added == cudaSuccess) {
+            cudaGraphExec_t cx;
+            cudaError_t inst = cudaGraphInstantiate(&cx, cyc, 0);
+            (void)cudaGetLastError();
+            REQUIRE(inst != cudaSuccess, "a graph with a cycle was instantiated");
+        }
+        CK(cudaGraphDestroy(cyc));
+    }
+    cudaError_t e;
 
     cudaGraphExec_t x;
     CK(cudaGraphInstantiate(&x, g, 0));
@@ -468,7 +483,10 @@ static void stream_ordered(void)
     acc.location.type = cudaMemLocationTypeDevice;
     acc.location.id = 0;
     acc.flags = cudaMemAccessFlagsProtReadWrite;
-    CK(cudaMemPoolSetAccess(pool, &acc, 1));
+    // The owning device always has access; drivers differ on whether
+    // setting it again is accepted, so only the answer below is checked.
+    (void)cudaMemPoolSetAccess(pool, &acc, 1);
+    (void)cudaGetLastError();
     cudaMemAccessFlags flags = cudaMemAccessFlagsProtNone;
     cudaMemLocation loc = acc.location;
     CK(cudaMemPoolGetAccess(&flags, pool, &loc));
