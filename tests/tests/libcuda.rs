@@ -7,7 +7,9 @@
 //!   runtime, which reaches the driver only through `cuGetProcAddress` and
 //!   the export tables;
 //! - `graphs_nokernel`: the same, with CUDA graphs, stream capture and
-//!   `cudaMallocAsync` memory pools.
+//!   `cudaMallocAsync` memory pools;
+//! - `graphs_builtin` (stub only): kernel nodes and captured launches of
+//!   gpupool's built-in kernels through the driver API.
 //!
 //! Each program checks every byte it copies and prints `PASS <name>`.
 //! The library is a dev-dependency, so cargo builds it before these run.
@@ -124,6 +126,33 @@ fn graphs_capture_and_memory_pools() -> Result<()> {
     ] {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
+    server.stop();
+    Ok(())
+}
+
+/// Kernel nodes, captured launches (`cuLaunchKernel`, `cuLaunchKernelEx`)
+/// and kernels over stream-ordered memory, with gpupool's built-in kernels
+/// so that the emulated device runs them. Built here rather than by
+/// build.sh: its module image exists only on gpupool servers.
+#[test]
+fn graphs_with_builtin_kernels() -> Result<()> {
+    let (stub, out) = programs()?;
+    let src = repo().join("tests/programs/stub_only/graphs_builtin.c");
+    let bin = out.join("graphs_builtin");
+    let script = format!(
+        "eval \"$(bash {} 2>/dev/null)\" && cc -std=c11 -O2 -Wall -Wextra -I\"$GPUPOOL_CUDA_INCLUDE\" -o {} {} -L{} -lcuda",
+        repo().join("tests/programs/toolchain.sh").display(),
+        bin.display(),
+        src.display(),
+        stub.display()
+    );
+    let status = Command::new("bash").arg("-c").arg(&script).status().context("building graphs_builtin")?;
+    if !status.success() {
+        bail!("building graphs_builtin failed: {status}");
+    }
+    let server = TestServer::start(isolated_config()?)?;
+    let out = run(&server, "graphs_builtin")?;
+    assert!(out.contains("captured kernels ok"), "{out}");
     server.stop();
     Ok(())
 }
