@@ -36,6 +36,50 @@ struct FreeBlock {
     addr: u64,
     size: u64,
     stream: Option<u32>,
+    /// The number of this free among those on `stream` (see [`Order`]).
+    seq: u64,
+}
+
+/// What each stream is known to have waited for, from event records and
+/// waits outside captures: a block freed on S is safe for stream T once T
+/// waited on an event recorded on S after the free
+/// (REUSE_FOLLOW_EVENT_DEPENDENCIES).
+#[derive(Debug, Default)]
+pub(crate) struct Order {
+    /// Frees so far per stream.
+    frees: HashMap<u32, u64>,
+    /// Event -> (stream it was recorded on, frees on it by then).
+    marks: HashMap<usize, (u32, u64)>,
+    /// (waiting stream, freeing stream) -> frees it is ordered after.
+    known: HashMap<(u32, u32), u64>,
+}
+
+impl Order {
+    /// Counts a free on `stream`; returns its number.
+    pub(crate) fn next_free(&mut self, stream: u32) -> u64 {
+        let c = self.frees.entry(stream).or_default();
+        *c += 1;
+        *c
+    }
+
+    pub(crate) fn record(&mut self, event: usize, stream: u32) {
+        let q = self.frees.get(&stream).copied().unwrap_or(0);
+        self.marks.insert(event, (stream, q));
+    }
+
+    pub(crate) fn wait(&mut self, stream: u32, event: usize) {
+        if let Some(&(src, q)) = self.marks.get(&event)
+            && src != stream
+        {
+            let k = self.known.entry((stream, src)).or_default();
+            *k = (*k).max(q);
+        }
+    }
+
+    /// `true` when work queued on `stream` now runs after free `seq` of `src`.
+    pub(crate) fn covers(&self, stream: u32, src: u32, seq: u64) -> bool {
+        self.known.get(&(stream, src)).is_some_and(|k| *k >= seq)
+    }
 }
 
 /// One memory pool.
@@ -78,13 +122,18 @@ pub(crate) fn block_size(size: u64) -> u64 {
 impl Pool {
     /// A free block for `size` bytes on `stream`: one freed on that stream
     /// or released to all; the smallest that fits and wastes at most half.
-    pub(crate) fn take(&mut self, size: u64, stream: u32) -> Option<u64> {
+    pub(crate) fn take(&mut self, size: u64, stream: u32, order: &Order) -> Option<u64> {
         let need = block_size(size);
+        let follow = self.reuse[0];
+        let usable = |b: &FreeBlock| match b.stream {
+            None => true,
+            Some(s) => s == stream || (follow && order.covers(stream, s, b.seq)),
+        };
         let (i, _) = self
             .free
             .iter()
             .enumerate()
-            .filter(|(_, b)| b.size >= need && b.size <= need * 2 && b.stream.is_none_or(|s| s == stream))
+            .filter(|(_, b)| b.size >= need && b.size <= need * 2 && usable(b))
             .min_by_key(|(_, b)| (b.size, b.stream.is_none()))?;
         let b = self.free.swap_remove(i);
         self.live.insert(b.addr, b.size);
@@ -104,10 +153,10 @@ impl Pool {
 
     /// Frees a block in stream order on `stream` (`None`: after a
     /// synchronization, free for every stream).
-    pub(crate) fn free(&mut self, addr: u64, stream: Option<u32>) -> CuResult {
+    pub(crate) fn free(&mut self, addr: u64, stream: Option<u32>, seq: u64) -> CuResult {
         let size = self.live.remove(&addr).ok_or(CuError::INVALID_VALUE)?;
         self.used -= size;
-        self.free.push(FreeBlock { addr, size, stream });
+        self.free.push(FreeBlock { addr, size, stream, seq });
         Ok(())
     }
 
@@ -162,6 +211,7 @@ struct State {
     current: u64,
     /// Which pool each live or cached block belongs to.
     owner: HashMap<u64, u64>,
+    order: Order,
     next: u64,
     graph: HashMap<u64, GraphBlock>,
     graph_used_high: u64,
@@ -241,8 +291,13 @@ fn alloc_in(rt: &Runtime, pool: u64, size: u64, stream: StreamId) -> CuResult<u6
     if size == 0 {
         return Err(CuError::INVALID_VALUE);
     }
-    if let Some(addr) = state().pool(pool)?.take(size, stream.0) {
-        return Ok(addr);
+    {
+        let st = &mut *state();
+        st.pool(pool)?;
+        let p = st.pools.get_mut(&pool).ok_or(CuError::INVALID_VALUE)?;
+        if let Some(addr) = p.take(size, stream.0, &st.order) {
+            return Ok(addr);
+        }
     }
     let bytes = block_size(size);
     let addr = match rt.session.mem_alloc(bytes) {
@@ -297,7 +352,8 @@ pub(crate) fn free_sync(rt: &Runtime, addr: u64) -> CuResult<bool> {
 fn free_ordered(rt: &Runtime, addr: u64, stream: Option<StreamId>) -> CuResult {
     let mut st = state();
     if let Some(&pool) = st.owner.get(&addr) {
-        return st.pools.get_mut(&pool).ok_or(CuError::INVALID_VALUE)?.free(addr, stream.map(|s| s.0));
+        let seq = stream.map_or(0, |s| st.order.next_free(s.0));
+        return st.pools.get_mut(&pool).ok_or(CuError::INVALID_VALUE)?.free(addr, stream.map(|s| s.0), seq);
     }
     if let Some(b) = st.graph.get_mut(&addr) {
         b.freed = true;
@@ -308,6 +364,16 @@ fn free_ordered(rt: &Runtime, addr: u64, stream: Option<StreamId>) -> CuResult {
     drop(st);
     // Memory from cuMemAlloc may be freed this way too.
     rt.session.mem_free(addr).map_err(CuError::from)
+}
+
+/// An event was recorded on `stream` (outside any capture).
+pub(crate) fn event_recorded(event: usize, stream: StreamId) {
+    state().order.record(event, stream.0);
+}
+
+/// `stream` waits for `event` (outside any capture).
+pub(crate) fn event_waited(stream: StreamId, event: usize) {
+    state().order.wait(stream.0, event);
 }
 
 /// Allocates graph memory for an alloc node (its address is fixed now).
@@ -700,30 +766,58 @@ mod tests {
 
     #[test]
     fn same_stream_reuse_at_once_others_after_sync() {
+        let o = Order::default();
         let mut p = Pool::default();
         p.add_block(0x1000, block_size(1000));
         assert_eq!((p.used, p.reserved), (1024, 1024));
-        p.free(0x1000, Some(1)).expect("free");
+        p.free(0x1000, Some(1), 1).expect("free");
         assert_eq!(p.used, 0);
-        assert_eq!(p.take(1000, 2), None, "stream 2 must not see stream 1's free before a sync");
-        assert_eq!(p.take(900, 1), Some(0x1000), "stream order makes reuse on stream 1 safe");
-        p.free(0x1000, Some(1)).expect("free");
+        assert_eq!(p.take(1000, 2, &o), None, "stream 2 must not see stream 1's free before a sync");
+        assert_eq!(p.take(900, 1, &o), Some(0x1000), "stream order makes reuse on stream 1 safe");
+        p.free(0x1000, Some(1), 1).expect("free");
         p.synced(Some(3));
-        assert_eq!(p.take(1000, 2), None, "a sync of another stream does not cover it");
+        assert_eq!(p.take(1000, 2, &o), None, "a sync of another stream does not cover it");
         p.synced(Some(1));
-        assert_eq!(p.take(1000, 2), Some(0x1000));
-        assert_eq!(p.free(0x9999, None), Err(CuError::INVALID_VALUE));
+        assert_eq!(p.take(1000, 2, &o), Some(0x1000));
+        assert_eq!(p.free(0x9999, None, 0), Err(CuError::INVALID_VALUE));
         assert_eq!(p.used_high, 1024);
     }
 
     #[test]
+    fn reuse_follows_event_dependencies() {
+        let mut o = Order::default();
+        let mut p = Pool::default();
+        p.add_block(0x1000, 1024);
+        o.record(0xE0, 1); // before the frees: orders nothing
+        let early = o.next_free(1);
+        p.add_block(0x2000, 1024);
+        p.free(0x1000, Some(1), early).expect("free");
+        o.wait(2, 0xE0);
+        let late = o.next_free(1);
+        p.free(0x2000, Some(1), late).expect("free");
+        assert_eq!(p.take(1000, 2, &o), None, "stream 2 waited on nothing recorded after the frees");
+        o.record(0xE1, 1);
+        o.wait(2, 0xE1);
+        assert!(o.covers(2, 1, late) && !o.covers(3, 1, early));
+        assert!(p.take(1000, 2, &o).is_some());
+        assert!(p.take(1000, 2, &o).is_some(), "both frees came before the record");
+        // With the reuse flag off, only a synchronization helps.
+        p.free(0x1000, Some(1), o.next_free(1)).expect("free");
+        o.record(0xE2, 1);
+        o.wait(2, 0xE2);
+        p.reuse[0] = false;
+        assert_eq!(p.take(1000, 2, &o), None);
+    }
+
+    #[test]
     fn release_threshold_and_trim() {
+        let o = Order::default();
         let mut p = Pool::default();
         for i in 0..4u64 {
             p.add_block(0x10_0000 * (i + 1), 1 << 20);
         }
         for i in 0..3u64 {
-            p.free(0x10_0000 * (i + 1), Some(1)).expect("free");
+            p.free(0x10_0000 * (i + 1), Some(1), i + 1).expect("free");
         }
         assert!(p.release(0).is_empty(), "pending frees are not released");
         p.synced(None);
@@ -734,8 +828,8 @@ mod tests {
         assert_eq!(p.release(0).len(), 1, "trim keeps only what is in use");
         assert_eq!((p.reserved, p.used, p.reserved_high), (1 << 20, 1 << 20, 4 << 20));
         // Too large a block is not handed out for a small request.
-        p.free(0x40_0000, None).expect("free");
-        assert_eq!(p.take(1000, 1), None);
-        assert_eq!(p.take(600 << 10, 1), Some(0x40_0000));
+        p.free(0x40_0000, None, 0).expect("free");
+        assert_eq!(p.take(1000, 1, &o), None);
+        assert_eq!(p.take(600 << 10, 1, &o), Some(0x40_0000));
     }
 }

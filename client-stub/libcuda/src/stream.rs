@@ -53,6 +53,7 @@ fn wait_event(h: CUstream, e: CUevent, flags: c_uint) -> CuResult {
     let rt = Runtime::with_context()?;
     rt.event(e as usize)?;
     let Some(s) = capture::wait_event(rt, h, e as usize, flags & EXTERNAL != 0)? else { return Ok(()) };
+    crate::mempool::event_waited(s, e as usize);
     let e = rt.event(e as usize)?;
     rt.session.stream_wait_event(s, e).map_err(CuError::from)
 }
@@ -61,6 +62,7 @@ fn record(e: CUevent, h: CUstream, flags: c_uint) -> CuResult {
     let rt = Runtime::with_context()?;
     let id = rt.event(e as usize)?;
     let Some(s) = capture::event_record(rt, e as usize, h, flags & EXTERNAL != 0)? else { return Ok(()) };
+    crate::mempool::event_recorded(e as usize, s);
     rt.session.event_record(id, s).map_err(CuError::from)
 }
 
