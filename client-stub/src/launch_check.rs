@@ -133,8 +133,17 @@ mod tests {
     use super::*;
 
     fn h200() -> v1::DeviceInfo {
-        let attributes =
-            [(1, 1024), (2, 1024), (3, 1024), (4, 64), (5, i32::MAX), (6, 65535), (7, 65535), (12, 65536), (97, 232448)];
+        let attributes = [
+            (1, 1024),
+            (2, 1024),
+            (3, 1024),
+            (4, 64),
+            (5, i32::MAX),
+            (6, 65535),
+            (7, 65535),
+            (12, 65536),
+            (97, 232448),
+        ];
         v1::DeviceInfo { attributes: attributes.into_iter().collect(), ..Default::default() }
     }
 

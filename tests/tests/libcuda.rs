@@ -5,7 +5,11 @@
 //!   the driver API directly;
 //! - `runtime_nokernel`: built by nvcc (CUDA 13 from PyPI) with the static
 //!   runtime, which reaches the driver only through `cuGetProcAddress` and
-//!   the export tables.
+//!   the export tables;
+//! - `graphs_nokernel`: the same, with CUDA graphs, stream capture and
+//!   `cudaMallocAsync` memory pools;
+//! - `graphs_builtin` (stub only): kernel nodes and captured launches of
+//!   gpupool's built-in kernels through the driver API.
 //!
 //! Each program checks every byte it copies and prints `PASS <name>`.
 //! The library is a dev-dependency, so cargo builds it before these run.
@@ -140,6 +144,55 @@ fn nvcc_static_runtime_program() -> Result<()> {
     let server = TestServer::start(isolated_config()?)?;
     let out = run(&server, "runtime_nokernel")?;
     assert!(out.contains("errors ok"), "{out}");
+    server.stop();
+    Ok(())
+}
+
+/// CUDA graphs, stream capture and the stream-ordered allocator, all
+/// client-side in the stub (issue 16, items 4 and 5).
+#[test]
+fn graphs_capture_and_memory_pools() -> Result<()> {
+    let server = TestServer::start(isolated_config()?)?;
+    let out = run(&server, "graphs_nokernel")?;
+    for line in [
+        "explicit graph: 8 nodes, 2 roots, 7 edges",
+        "exec update with another topology -> cudaErrorGraphExecUpdateFailure, result 2",
+        "captured graph: 7 nodes, 1 roots",
+        "cudaStreamSynchronize while capturing -> cudaErrorStreamCaptureUnsupported",
+        "cudaStreamEndCapture after it -> cudaErrorStreamCaptureInvalidated",
+        "memory pools supported: 1",
+        "graph memory: 5 nodes, 1 alloc, 1 free",
+        "graph memory ok",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    server.stop();
+    Ok(())
+}
+
+/// Kernel nodes, captured launches (`cuLaunchKernel`, `cuLaunchKernelEx`)
+/// and kernels over stream-ordered memory, with gpupool's built-in kernels
+/// so that the emulated device runs them. Built here rather than by
+/// build.sh: its module image exists only on gpupool servers.
+#[test]
+fn graphs_with_builtin_kernels() -> Result<()> {
+    let (stub, out) = programs()?;
+    let src = repo().join("tests/programs/stub_only/graphs_builtin.c");
+    let bin = out.join("graphs_builtin");
+    let script = format!(
+        "eval \"$(bash {} 2>/dev/null)\" && cc -std=c11 -O2 -Wall -Wextra -I\"$GPUPOOL_CUDA_INCLUDE\" -o {} {} -L{} -lcuda",
+        repo().join("tests/programs/toolchain.sh").display(),
+        bin.display(),
+        src.display(),
+        stub.display()
+    );
+    let status = Command::new("bash").arg("-c").arg(&script).status().context("building graphs_builtin")?;
+    if !status.success() {
+        bail!("building graphs_builtin failed: {status}");
+    }
+    let server = TestServer::start(isolated_config()?)?;
+    let out = run(&server, "graphs_builtin")?;
+    assert!(out.contains("captured kernels ok"), "{out}");
     server.stop();
     Ok(())
 }

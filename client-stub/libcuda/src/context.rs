@@ -57,7 +57,10 @@ fn create(flags: c_uint, dev: CUdevice, pctx: *mut CUcontext) -> CuResult {
 
 /// Waits for all work of the session.
 pub(crate) fn synchronize() -> CuResult {
-    Runtime::with_context()?.session.synchronize().map_err(CuError::from)
+    let rt = Runtime::with_context()?;
+    crate::capture::check_unsafe(true)?;
+    rt.session.synchronize()?;
+    crate::mempool::synced(rt, None)
 }
 
 crate::exports! {
@@ -234,8 +237,11 @@ crate::exports! {
     }
 
     fn cuCtxSynchronize_v2(ctx: CUcontext) {
-        resolve(Runtime::get()?, ctx)?;
-        Runtime::get()?.session.synchronize().map_err(CuError::from)
+        let rt = Runtime::get()?;
+        resolve(rt, ctx)?;
+        crate::capture::check_unsafe(true)?;
+        rt.session.synchronize()?;
+        crate::mempool::synced(rt, None)
     }
 
     fn cuCtxGetApiVersion(ctx: CUcontext, version: *mut c_uint) {

@@ -58,6 +58,9 @@ pub(crate) fn visible_attributes(device: &v1::DeviceInfo) -> HashMap<u32, i32> {
     for a in REMOTE_ZERO {
         attrs.insert(*a, 0);
     }
+    // Stream-ordered allocator: client-side pools (`mempool.rs`), none
+    // exportable (MEMPOOL_SUPPORTED_HANDLE_TYPES stays 0 above).
+    attrs.insert(115, 1); // MEMORY_POOLS_SUPPORTED
     // Addresses are unified: device ranges never overlap host memory
     // (the session's range is reserved in this process too).
     attrs.insert(41, 1); // UNIFIED_ADDRESSING

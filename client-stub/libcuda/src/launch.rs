@@ -3,6 +3,8 @@
 //! with the module, says how many bytes each points to.
 
 use crate::abi::{CuError, CuResult};
+use crate::capture::{self, Route};
+use crate::graph::{Kernel, Op};
 use crate::runtime::Runtime;
 use cudarc::driver::sys::{CUfunction, CUlaunchConfig, CUstream};
 use gpupool_client::LaunchConfig;
@@ -19,7 +21,11 @@ const PARAM_BUFFER_SIZE: usize = 0x02;
 /// `params` is null or holds one valid pointer per parameter, each to that
 /// parameter's bytes; `extra` is null or a CU_LAUNCH_PARAM_END-terminated
 /// list (the CUDA launch contract).
-unsafe fn pack(info: &v1::FunctionInfo, params: *mut *mut c_void, extra: *mut *mut c_void) -> CuResult<Vec<u8>> {
+pub(crate) unsafe fn pack(
+    info: &v1::FunctionInfo,
+    params: *mut *mut c_void,
+    extra: *mut *mut c_void,
+) -> CuResult<Vec<u8>> {
     let size = info.params_size as usize;
     let mut buf = vec![0u8; size];
     if !params.is_null() {
@@ -80,14 +86,30 @@ fn launch(
 ) -> CuResult {
     let rt = Runtime::with_context()?;
     let function = rt.function(f as usize)?;
-    let s = rt.stream(stream as usize)?;
+    let route = capture::route(rt, stream)?;
     if [grid.0, grid.1, grid.2, block.0, block.1, block.2].contains(&0) {
         return Err(CuError::INVALID_VALUE);
     }
     // SAFETY: the CUDA launch contract on `params` and `extra`.
     let buf = unsafe { pack(&function.info, params, extra) }?;
-    let cfg = LaunchConfig { grid, block, shared_mem_bytes: shared };
-    rt.session.launch_with(&function, cfg, attributes, s, buf).map_err(CuError::from)
+    match route {
+        Route::Send(s) => {
+            let cfg = LaunchConfig { grid, block, shared_mem_bytes: shared };
+            rt.session.launch_with(&function, cfg, attributes, s, buf).map_err(CuError::from)
+        }
+        Route::Capture(s) => {
+            let k = Kernel {
+                func: f as usize,
+                given: [f as usize, 0],
+                grid: [grid.0, grid.1, grid.2],
+                block: [block.0, block.1, block.2],
+                shared,
+                params: buf,
+                attributes: attributes.map(|a| prost::Message::encode_to_vec(&a)),
+            };
+            capture::add(s, Op::Kernel(k)).map(drop)
+        }
+    }
 }
 
 // CUlaunchAttributeID numbers (cudarc's sys, CUDA 13.0 headers).

@@ -108,28 +108,11 @@ pub mod not_supported {
         cuTexRefSetAddress2D
         cuTexRefSetAddress2D_v2
         // Older structures or argument lists than their successors'.
-        cuGraphAddDependencies
-        cuGraphAddKernelNode
-        cuGraphAddNode
-        cuGraphExecKernelNodeSetParams
-        cuGraphExecUpdate
-        cuGraphGetEdges
-        cuGraphInstantiate
-        cuGraphInstantiate_v2
-        cuGraphKernelNodeGetParams
-        cuGraphKernelNodeSetParams
-        cuGraphNodeGetDependencies
-        cuGraphNodeGetDependentNodes
-        cuGraphRemoveDependencies
         cuMemAdvise
         cuMemGetAttribute
         cuMemGetAttribute_v2
         cuMemPrefetchAsync
         cuMemPrefetchAsync_ptsz
-        cuStreamBeginCapture
-        cuStreamBeginCapture_ptsz
-        cuStreamUpdateCaptureDependencies
-        cuStreamUpdateCaptureDependencies_ptsz
         // Same signature as a successor gpupool does not implement either.
         cuGraphicsResourceSetMapFlags
         cuIpcOpenMemHandle
@@ -144,14 +127,8 @@ pub mod not_supported {
         cuStreamWriteValue64
         cuStreamWriteValue64_ptsz
         // Per-thread-default-stream variants of unimplemented functions.
-        cuGraphInstantiateWithParams_ptsz
-        cuGraphLaunch_ptsz
-        cuGraphUpload_ptsz
         cuGraphicsMapResources_ptsz
         cuGraphicsUnmapResources_ptsz
-        cuMemAllocAsync_ptsz
-        cuMemAllocFromPoolAsync_ptsz
-        cuMemFreeAsync_ptsz
         cuMemMapArrayAsync_ptsz
         cuMemPrefetchAsync_v2_ptsz
         cuMemcpy3DAsync_v2_ptsz
@@ -170,9 +147,7 @@ pub mod not_supported {
         cuSignalExternalSemaphoresAsync_ptsz
         cuStreamAttachMemAsync_ptsz
         cuStreamBatchMemOp_v2_ptsz
-        cuStreamBeginCapture_v2_ptsz
         cuStreamCopyAttributes_ptsz
-        cuStreamEndCapture_ptsz
         cuStreamGetAttribute_ptsz
         cuStreamSetAttribute_ptsz
         cuStreamWaitValue32_v2_ptsz

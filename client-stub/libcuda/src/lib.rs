@@ -12,6 +12,10 @@
 //!   the driver API by area;
 //! - [`vmm`], [`link`]: virtual memory management for applications and
 //!   the JIT linker;
+//! - [`graph`] (the sans-I/O core) and [`graph_api`]: CUDA graphs as
+//!   client-side objects, replayed as queued calls at launch; [`capture`]:
+//!   stream capture, the one "capturing?" check of every stream call;
+//!   [`mempool`]: the stream-ordered allocator and graph memory;
 //! - [`proc_address`]: `cuGetProcAddress` over every export;
 //! - [`export_tables`]: `cuGetExportTable`, the runtime's private tables;
 //! - [`unsupported`]: entry points that return `CUDA_ERROR_NOT_SUPPORTED`;
@@ -71,17 +75,21 @@ macro_rules! unsupported {
 }
 
 pub mod abi;
+pub mod capture;
 mod codes;
 pub mod context;
 pub mod device;
 mod env;
 pub mod export_tables;
+pub mod graph;
+pub mod graph_api;
 mod hostmem;
 mod image;
 pub mod launch;
 pub mod legacy;
 pub mod link;
 pub mod memory;
+pub mod mempool;
 pub mod module;
 pub mod proc_address;
 pub mod runtime;

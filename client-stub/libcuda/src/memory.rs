@@ -6,6 +6,8 @@
 //! (`_ptds`/`_ptsz` entry points) is served as the default stream.
 
 use crate::abi::{CuError, CuResult, put};
+use crate::capture::{self, Route};
+use crate::graph::{Copy3D, End, Op, Set2D};
 use crate::hostmem;
 use crate::runtime::{PRIMARY, Runtime, Tag, handle};
 use cudarc::driver::sys::{CUDA_MEMCPY2D, CUdeviceptr, CUstream};
@@ -64,38 +66,49 @@ fn copy(rt: &Runtime, dst: Loc, src: Loc, size: usize, stream: StreamId) -> CuRe
     Ok(())
 }
 
+/// One linear copy on stream `stream`, or a copy node while it captures.
+fn linear(rt: &Runtime, dst: Loc, src: Loc, n: usize, stream: CUstream) -> CuResult {
+    match capture::route(rt, stream)? {
+        Route::Send(s) => copy(rt, dst, src, n, s),
+        Route::Capture(s) => {
+            if n == 0 {
+                return Ok(());
+            }
+            let end = |l: Loc| match l {
+                Loc::Host(h) => (false, h as u64),
+                Loc::Device(d) => (true, d),
+            };
+            if matches!(dst, Loc::Host(0)) || matches!(src, Loc::Host(0)) {
+                return Err(CuError::INVALID_VALUE);
+            }
+            capture::add(s, Op::Memcpy(Copy3D::linear(end(dst), end(src), n))).map(drop)
+        }
+    }
+}
+
 fn htod(dst: CUdeviceptr, src: *const c_void, n: usize, stream: CUstream) -> CuResult {
     let rt = Runtime::with_context()?;
-    let s = rt.stream(stream as usize)?;
-    copy(rt, Loc::Device(dst), Loc::Host(src as usize), n, s)
+    linear(rt, Loc::Device(dst), Loc::Host(src as usize), n, stream)
 }
 
 fn dtoh(dst: *mut c_void, src: CUdeviceptr, n: usize, stream: CUstream) -> CuResult {
     let rt = Runtime::with_context()?;
-    let s = rt.stream(stream as usize)?;
-    copy(rt, Loc::Host(dst as usize), Loc::Device(src), n, s)
+    linear(rt, Loc::Host(dst as usize), Loc::Device(src), n, stream)
 }
 
 fn dtod(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream) -> CuResult {
     let rt = Runtime::with_context()?;
-    let s = rt.stream(stream as usize)?;
-    copy(rt, Loc::Device(dst), Loc::Device(src), n, s)
+    linear(rt, Loc::Device(dst), Loc::Device(src), n, stream)
 }
 
 /// `cuMemcpy`: the direction follows from the addresses.
 fn unified(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream) -> CuResult {
     let rt = Runtime::with_context()?;
-    let s = rt.stream(stream as usize)?;
-    copy(rt, classify(rt, dst), classify(rt, src), n, s)
+    linear(rt, classify(rt, dst), classify(rt, src), n, stream)
 }
 
 fn memset(dst: CUdeviceptr, value: u32, element: u32, count: usize, stream: CUstream) -> CuResult {
-    let rt = Runtime::with_context()?;
-    let s = rt.stream(stream as usize)?;
-    if count == 0 {
-        return Ok(());
-    }
-    rt.session.memset(dst, value, element, count as u64, s).map_err(CuError::from)
+    memset_2d(dst, count * element as usize, value, element, count, 1, stream)
 }
 
 fn memset_2d(
@@ -107,12 +120,66 @@ fn memset_2d(
     height: usize,
     stream: CUstream,
 ) -> CuResult {
+    let rt = Runtime::with_context()?;
+    let route = capture::route(rt, stream)?;
     let row_bytes = width.checked_mul(element as usize).ok_or(CuError::INVALID_VALUE)?;
     if height > 1 && pitch < row_bytes {
         return Err(CuError::INVALID_VALUE);
     }
-    for row in 0..height {
-        memset(dst + (row * pitch) as u64, value, element, width, stream)?;
+    if width == 0 || height == 0 {
+        return Ok(());
+    }
+    let set = Set2D { dst, pitch, value, element, width, height };
+    match route {
+        Route::Send(s) => run_memset(rt, &set, s),
+        Route::Capture(s) => capture::add(s, Op::Memset(set)).map(drop),
+    }
+}
+
+/// A (2D) memset on stream `s`: one queued call per row, one in all when
+/// the rows are contiguous.
+pub(crate) fn run_memset(rt: &Runtime, m: &Set2D, s: StreamId) -> CuResult {
+    let row = m.width * m.element as usize;
+    if m.height == 1 || m.pitch == row {
+        let count = (m.width * m.height) as u64;
+        return rt.session.memset(m.dst, m.value, m.element, count, s).map_err(CuError::from);
+    }
+    for r in 0..m.height {
+        rt.session.memset(m.dst + (r * m.pitch) as u64, m.value, m.element, m.width as u64, s)?;
+    }
+    Ok(())
+}
+
+fn loc(e: &End, offset: u64) -> Loc {
+    if e.device { Loc::Device(e.addr + offset) } else { Loc::Host((e.addr + offset) as usize) }
+}
+
+/// A 2D or 3D copy on stream `s`: one call when both ends are contiguous;
+/// a device-to-host copy reads each slice's span once and scatters its
+/// rows here (one round trip a slice, not one a row); else a call a row.
+pub(crate) fn run_copy(rt: &Runtime, c: &Copy3D, s: StreamId) -> CuResult {
+    if c.is_contiguous() {
+        return copy(rt, loc(&c.dst, 0), loc(&c.src, 0), c.width * c.height * c.depth, s);
+    }
+    if !c.dst.device && c.src.device {
+        let span = (c.height.saturating_sub(1)) * c.src.pitch + c.width;
+        let mut buf = vec![0u8; span];
+        for z in 0..c.depth {
+            rt.session.memcpy_dtoh(&mut buf, c.src.addr + Copy3D::offset(&c.src, 0, z), s)?;
+            for row in 0..c.height {
+                let from = &buf[row * c.src.pitch..row * c.src.pitch + c.width];
+                let to = (c.dst.addr + Copy3D::offset(&c.dst, row, z)) as usize;
+                // SAFETY: the CUDA contract: each destination row holds `width` bytes.
+                unsafe { std::ptr::copy_nonoverlapping(from.as_ptr(), to as *mut u8, c.width) };
+            }
+        }
+        return Ok(());
+    }
+    for z in 0..c.depth {
+        for row in 0..c.height {
+            let (d, src) = (Copy3D::offset(&c.dst, row, z), Copy3D::offset(&c.src, row, z));
+            copy(rt, loc(&c.dst, d), loc(&c.src, src), c.width, s)?;
+        }
     }
     Ok(())
 }
@@ -169,7 +236,7 @@ fn end_2d(
 
 fn copy_2d(p: *const CUDA_MEMCPY2D, stream: CUstream) -> CuResult {
     let rt = Runtime::with_context()?;
-    let s = rt.stream(stream as usize)?;
+    let route = capture::route(rt, stream)?;
     // SAFETY: `p` points to a CUDA_MEMCPY2D (CUDA contract); `Memcpy2D`
     // has the same layout with integer fields in place of enums.
     let c = unsafe { crate::abi::get(p.cast::<Memcpy2D>()) }?;
@@ -178,27 +245,19 @@ fn copy_2d(p: *const CUDA_MEMCPY2D, stream: CUstream) -> CuResult {
     }
     let src = end_2d(rt, c.src_type, c.src_host, c.src_device, c.src_array, c.src_x, c.src_y, c.src_pitch)?;
     let dst = end_2d(rt, c.dst_type, c.dst_host, c.dst_device, c.dst_array, c.dst_x, c.dst_y, c.dst_pitch)?;
-    let rows = |loc: Loc, pitch: usize, row: usize| match loc {
-        Loc::Host(h) => Loc::Host(h + row * pitch),
-        Loc::Device(d) => Loc::Device(d + (row * pitch) as u64),
+    let end = |l: Loc, pitch: usize| match l {
+        Loc::Host(h) => End { device: false, addr: h as u64, pitch, height: c.height },
+        Loc::Device(d) => End { device: true, addr: d, pitch, height: c.height },
     };
-    if let (Loc::Host(h), Loc::Device(d)) = (dst, src) {
-        // One read of the whole span, then rows scattered here: a round
-        // trip per copy instead of one per row.
-        let span = (c.height.saturating_sub(1)) * c.src_pitch + c.width;
-        let mut buf = vec![0u8; span];
-        rt.session.memcpy_dtoh(&mut buf, d, s)?;
-        for row in 0..c.height {
-            let from = &buf[row * c.src_pitch..row * c.src_pitch + c.width];
-            // SAFETY: the CUDA contract: each destination row holds `width` bytes.
-            unsafe { std::ptr::copy_nonoverlapping(from.as_ptr(), (h + row * c.dst_pitch) as *mut u8, c.width) };
-        }
+    let copy =
+        Copy3D { dst: end(dst, c.dst_pitch), src: end(src, c.src_pitch), width: c.width, height: c.height, depth: 1 };
+    if c.width == 0 || c.height == 0 {
         return Ok(());
     }
-    for row in 0..c.height {
-        copy(rt, rows(dst, c.dst_pitch, row), rows(src, c.src_pitch, row), c.width, s)?;
+    match route {
+        Route::Send(s) => run_copy(rt, &copy, s),
+        Route::Capture(s) => capture::add(s, Op::Memcpy(copy)).map(drop),
     }
-    Ok(())
 }
 
 fn host_block(rt: &Runtime, addr: usize) -> Option<(usize, usize, u32)> {
@@ -268,6 +327,7 @@ unsafe fn write_attribute(data: *mut c_void, attribute: c_uint, value: u64) -> C
 crate::exports! {
     fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytesize: usize) {
         let rt = Runtime::with_context()?;
+        capture::check_unsafe(false)?;
         let addr = rt.session.mem_alloc(bytesize as u64)?;
         // SAFETY: out-pointer per the CUDA API.
         unsafe { put(dptr, addr) }
@@ -291,6 +351,10 @@ crate::exports! {
     fn cuMemFree_v2(dptr: CUdeviceptr) {
         let rt = Runtime::with_context()?;
         if dptr == 0 {
+            return Ok(());
+        }
+        capture::check_unsafe(false)?;
+        if crate::mempool::free_sync(rt, dptr)? {
             return Ok(());
         }
         rt.session.mem_free(dptr).map_err(CuError::from)

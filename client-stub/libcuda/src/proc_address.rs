@@ -43,6 +43,34 @@ const VERSIONED: &[(&str, i32, &str)] = &[
     ("cuGraphInstantiate", 0, "cuGraphInstantiate"),
     ("cuGraphInstantiate", 11000, "cuGraphInstantiate_v2"),
     ("cuGraphInstantiate", 12000, "cuGraphInstantiateWithFlags"),
+    // Graphs and capture (issue 16): the forms before CUDA 12.0 (kernel
+    // parameters v1, exec update) and 12.3 (edge data).
+    ("cuGraphAddKernelNode", 0, "cuGraphAddKernelNode"),
+    ("cuGraphAddKernelNode", 12000, "cuGraphAddKernelNode_v2"),
+    ("cuGraphKernelNodeGetParams", 0, "cuGraphKernelNodeGetParams"),
+    ("cuGraphKernelNodeGetParams", 12000, "cuGraphKernelNodeGetParams_v2"),
+    ("cuGraphKernelNodeSetParams", 0, "cuGraphKernelNodeSetParams"),
+    ("cuGraphKernelNodeSetParams", 12000, "cuGraphKernelNodeSetParams_v2"),
+    ("cuGraphExecKernelNodeSetParams", 0, "cuGraphExecKernelNodeSetParams"),
+    ("cuGraphExecKernelNodeSetParams", 12000, "cuGraphExecKernelNodeSetParams_v2"),
+    ("cuGraphExecUpdate", 0, "cuGraphExecUpdate"),
+    ("cuGraphExecUpdate", 12000, "cuGraphExecUpdate_v2"),
+    ("cuStreamBeginCapture", 0, "cuStreamBeginCapture"),
+    ("cuStreamBeginCapture", 10010, "cuStreamBeginCapture_v2"),
+    ("cuGraphAddNode", 0, "cuGraphAddNode"),
+    ("cuGraphAddNode", 12030, "cuGraphAddNode_v2"),
+    ("cuGraphGetEdges", 0, "cuGraphGetEdges"),
+    ("cuGraphGetEdges", 12030, "cuGraphGetEdges_v2"),
+    ("cuGraphNodeGetDependencies", 0, "cuGraphNodeGetDependencies"),
+    ("cuGraphNodeGetDependencies", 12030, "cuGraphNodeGetDependencies_v2"),
+    ("cuGraphNodeGetDependentNodes", 0, "cuGraphNodeGetDependentNodes"),
+    ("cuGraphNodeGetDependentNodes", 12030, "cuGraphNodeGetDependentNodes_v2"),
+    ("cuGraphAddDependencies", 0, "cuGraphAddDependencies"),
+    ("cuGraphAddDependencies", 12030, "cuGraphAddDependencies_v2"),
+    ("cuGraphRemoveDependencies", 0, "cuGraphRemoveDependencies"),
+    ("cuGraphRemoveDependencies", 12030, "cuGraphRemoveDependencies_v2"),
+    ("cuStreamUpdateCaptureDependencies", 0, "cuStreamUpdateCaptureDependencies"),
+    ("cuStreamUpdateCaptureDependencies", 12030, "cuStreamUpdateCaptureDependencies_v2"),
 ];
 
 fn exports() -> &'static HashMap<&'static str, usize> {
@@ -59,6 +87,11 @@ fn exports() -> &'static HashMap<&'static str, usize> {
             crate::export_tables::table(),
             crate::vmm::table(),
             crate::link::table(),
+            // Graphs, stream capture, memory pools (issue 16, items 4-5).
+            crate::graph_api::table(),
+            crate::graph_api::v1::table(),
+            crate::capture::table(),
+            crate::mempool::table(),
             table(),
             // Implemented names take precedence over the unsupported list.
             crate::unsupported::table(),
@@ -161,7 +194,16 @@ mod tests {
         assert_eq!(resolve("cuNoSuchFunction", 13000, 0), None);
         // Entry points gpupool does not implement still resolve, to a
         // function that answers CUDA_ERROR_NOT_SUPPORTED.
-        assert!(resolve("cuGraphCreate", 13000, 0).is_some());
+        assert!(resolve("cuTexObjectCreate", 13000, 0).is_some());
+        assert_eq!(resolve("cuGraphCreate", 13000, 0), Some(crate::graph_api::cuGraphCreate as *const () as usize));
+        assert_eq!(
+            resolve("cuGraphInstantiate", 13000, 0),
+            Some(crate::graph_api::cuGraphInstantiateWithFlags as *const () as usize)
+        );
+        assert_eq!(
+            resolve("cuStreamBeginCapture", 13000, PER_THREAD_DEFAULT_STREAM),
+            Some(crate::capture::cuStreamBeginCapture_v2_ptsz as *const () as usize)
+        );
     }
 
     #[test]
@@ -179,11 +221,24 @@ mod tests {
         );
         assert_eq!(
             resolve("cuStreamGetCaptureInfo", 10000, 0),
-            Some(crate::stream::cuStreamGetCaptureInfo as *const () as usize)
+            Some(crate::capture::cuStreamGetCaptureInfo as *const () as usize)
         );
         assert_eq!(
             resolve("cuGraphInstantiate", 11000, 0),
-            Some(crate::legacy::not_supported::cuGraphInstantiate_v2 as *const () as usize)
+            Some(crate::graph_api::v1::cuGraphInstantiate_v2 as *const () as usize)
+        );
+        // Graph calls of CUDA 12.0-12.2 runtimes get the forms without edge data.
+        assert_eq!(
+            resolve("cuGraphAddDependencies", 12020, 0),
+            Some(crate::graph_api::v1::cuGraphAddDependencies as *const () as usize)
+        );
+        assert_eq!(
+            resolve("cuGraphAddDependencies", 12030, 0),
+            Some(crate::graph_api::cuGraphAddDependencies_v2 as *const () as usize)
+        );
+        assert_eq!(
+            resolve("cuGraphAddKernelNode", 11080, 0),
+            Some(crate::graph_api::v1::cuGraphAddKernelNode as *const () as usize)
         );
     }
 }

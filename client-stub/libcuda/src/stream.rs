@@ -2,7 +2,9 @@
 //! with the next batch; queries and synchronizations wait once.
 
 use crate::abi::{CuError, CuResult, put};
+use crate::capture::{self, Route};
 use crate::context::PRIORITY_RANGE;
+use crate::graph::Op;
 use crate::runtime::{PRIMARY, Runtime, StreamInfo, Tag, handle, id_of};
 use cudarc::driver::sys::{CUcontext, CUevent, CUhostFn, CUresult, CUstream, CUstreamCallback};
 use std::ffi::{c_float, c_int, c_uint, c_ulonglong, c_void};
@@ -30,34 +32,49 @@ fn primary(_: &StreamInfo) -> CUcontext {
 
 fn synchronize(h: CUstream) -> CuResult {
     let rt = Runtime::with_context()?;
+    capture::check_sync(rt, h)?;
     let s = rt.stream(h as usize)?;
-    rt.session.stream_synchronize(s).map_err(CuError::from)
+    rt.session.stream_synchronize(s)?;
+    crate::mempool::synced(rt, Some(s))
 }
 
 fn query(h: CUstream) -> CuResult {
     let rt = Runtime::with_context()?;
+    capture::check_sync(rt, h)?;
     let s = rt.stream(h as usize)?;
     if rt.session.stream_query(s)? { Ok(()) } else { Err(CuError::NOT_READY) }
 }
 
-fn wait_event(h: CUstream, e: CUevent) -> CuResult {
+/// CU_EVENT_WAIT_EXTERNAL and CU_EVENT_RECORD_EXTERNAL: inside a capture,
+/// a wait or record node rather than a fork/join point.
+const EXTERNAL: c_uint = 1;
+
+fn wait_event(h: CUstream, e: CUevent, flags: c_uint) -> CuResult {
     let rt = Runtime::with_context()?;
-    let s = rt.stream(h as usize)?;
+    rt.event(e as usize)?;
+    let Some(s) = capture::wait_event(rt, h, e as usize, flags & EXTERNAL != 0)? else { return Ok(()) };
+    crate::mempool::event_waited(s, e as usize);
     let e = rt.event(e as usize)?;
     rt.session.stream_wait_event(s, e).map_err(CuError::from)
 }
 
-fn record(e: CUevent, h: CUstream) -> CuResult {
+fn record(e: CUevent, h: CUstream, flags: c_uint) -> CuResult {
     let rt = Runtime::with_context()?;
-    let e = rt.event(e as usize)?;
-    let s = rt.stream(h as usize)?;
-    rt.session.event_record(e, s).map_err(CuError::from)
+    let id = rt.event(e as usize)?;
+    let Some(s) = capture::event_record(rt, e as usize, h, flags & EXTERNAL != 0)? else { return Ok(()) };
+    crate::mempool::event_recorded(e as usize, s);
+    rt.session.event_record(id, s).map_err(CuError::from)
 }
 
 /// Host functions run on the calling thread once the stream's earlier
 /// work is done: the order CUDA promises, without a callback thread.
+/// While the stream captures, the function becomes a host node.
 fn host_func(h: CUstream, f: CUhostFn, data: *mut c_void) -> CuResult {
     let f = f.ok_or(CuError::INVALID_VALUE)?;
+    let rt = Runtime::with_context()?;
+    if let Route::Capture(s) = capture::route(rt, h)? {
+        return capture::add(s, Op::Host { func: f as usize, data: data as usize }).map(drop);
+    }
     synchronize(h)?;
     // SAFETY: the application's callback with its own argument.
     unsafe { f(data) };
@@ -68,6 +85,10 @@ fn add_callback(h: CUstream, cb: CUstreamCallback, data: *mut c_void, flags: c_u
     let cb = cb.ok_or(CuError::INVALID_VALUE)?;
     if flags != 0 {
         return Err(CuError::INVALID_VALUE);
+    }
+    // Stream callbacks cannot be captured (CUDA's rule; cuLaunchHostFunc can).
+    if let Route::Capture(_) = capture::route(Runtime::with_context()?, h)? {
+        return Err(CuError(900));
     }
     let status = match synchronize(h) {
         Ok(()) => CUresult::CUDA_SUCCESS,
@@ -84,24 +105,6 @@ fn elapsed(ms: *mut c_float, start: CUevent, end: CUevent) -> CuResult {
     let v = rt.session.event_elapsed(a, b)?;
     // SAFETY: out-pointer per the CUDA API.
     unsafe { put(ms, v) }
-}
-
-/// Every version of `cuStreamGetCaptureInfo`: no stream is ever capturing,
-/// so the status is `CU_STREAM_CAPTURE_STATUS_NONE` and the optional id and
-/// dependency count are zero.
-fn capture_info(h: CUstream, status: *mut c_uint, id: *mut c_ulonglong, count: *mut usize) -> CuResult {
-    Runtime::with_context()?.stream_info(h as usize)?;
-    // SAFETY: out-pointers, each optional but `status`, per the CUDA API.
-    unsafe {
-        put(status, 0)?;
-        if !id.is_null() {
-            put(id, 0)?;
-        }
-        if !count.is_null() {
-            put(count, 0)?;
-        }
-    }
-    Ok(())
 }
 
 /// Objects that stand for streams in the private tools table
@@ -142,6 +145,7 @@ crate::exports! {
         let id = id_of(Tag::Stream, h as usize).ok_or(CuError::INVALID_HANDLE)?;
         let s = rt.tables().streams.remove(&id).ok_or(CuError::INVALID_HANDLE)?;
         forget_stream_object(u64::from(s.id.0));
+        capture::forget_stream(s.id);
         rt.session.stream_destroy(s.id).map_err(CuError::from)
     }
 
@@ -149,8 +153,8 @@ crate::exports! {
     fn cuStreamSynchronize_ptsz(h: CUstream) { synchronize(h) }
     fn cuStreamQuery(h: CUstream) { query(h) }
     fn cuStreamQuery_ptsz(h: CUstream) { query(h) }
-    fn cuStreamWaitEvent(h: CUstream, e: CUevent, _flags: c_uint) { wait_event(h, e) }
-    fn cuStreamWaitEvent_ptsz(h: CUstream, e: CUevent, _flags: c_uint) { wait_event(h, e) }
+    fn cuStreamWaitEvent(h: CUstream, e: CUevent, flags: c_uint) { wait_event(h, e, flags) }
+    fn cuStreamWaitEvent_ptsz(h: CUstream, e: CUevent, flags: c_uint) { wait_event(h, e, flags) }
     fn cuLaunchHostFunc(h: CUstream, f: CUhostFn, data: *mut c_void) { host_func(h, f, data) }
     fn cuLaunchHostFunc_ptsz(h: CUstream, f: CUhostFn, data: *mut c_void) { host_func(h, f, data) }
     fn cuStreamAddCallback(h: CUstream, cb: CUstreamCallback, data: *mut c_void, flags: c_uint) { add_callback(h, cb, data, flags) }
@@ -167,54 +171,6 @@ crate::exports! {
     fn cuStreamGetDevice(h: CUstream, dev: *mut c_int) { stream_fact(h, dev, |_| 0) }
     fn cuStreamGetDevice_ptsz(h: CUstream, dev: *mut c_int) { stream_fact(h, dev, |_| 0) }
 
-    /// Stream capture (CUDA graphs) is not offered: no stream is ever
-    /// capturing.
-    fn cuStreamIsCapturing(h: CUstream, status: *mut c_uint) { stream_fact(h, status, |_| 0) }
-    fn cuStreamIsCapturing_ptsz(h: CUstream, status: *mut c_uint) { stream_fact(h, status, |_| 0) }
-
-    fn cuStreamGetCaptureInfo(h: CUstream, status: *mut c_uint, id: *mut c_ulonglong) {
-        capture_info(h, status, id, std::ptr::null_mut())
-    }
-    fn cuStreamGetCaptureInfo_ptsz(h: CUstream, status: *mut c_uint, id: *mut c_ulonglong) {
-        capture_info(h, status, id, std::ptr::null_mut())
-    }
-    fn cuStreamGetCaptureInfo_v2(
-        h: CUstream, status: *mut c_uint, id: *mut c_ulonglong, _graph: *mut *mut c_void,
-        _deps: *mut *const c_void, count: *mut usize,
-    ) {
-        capture_info(h, status, id, count)
-    }
-    fn cuStreamGetCaptureInfo_v2_ptsz(
-        h: CUstream, status: *mut c_uint, id: *mut c_ulonglong, _graph: *mut *mut c_void,
-        _deps: *mut *const c_void, count: *mut usize,
-    ) {
-        capture_info(h, status, id, count)
-    }
-    fn cuStreamGetCaptureInfo_v3(
-        h: CUstream, status: *mut c_uint, id: *mut c_ulonglong, _graph: *mut *mut c_void,
-        _deps: *mut *const c_void, _edges: *mut *const c_void, count: *mut usize,
-    ) {
-        capture_info(h, status, id, count)
-    }
-    fn cuStreamGetCaptureInfo_v3_ptsz(
-        h: CUstream, status: *mut c_uint, id: *mut c_ulonglong, _graph: *mut *mut c_void,
-        _deps: *mut *const c_void, _edges: *mut *const c_void, count: *mut usize,
-    ) {
-        capture_info(h, status, id, count)
-    }
-
-    fn cuThreadExchangeStreamCaptureMode(mode: *mut c_uint) {
-        thread_local! {
-            static MODE: std::cell::Cell<c_uint> = const { std::cell::Cell::new(0) };
-        }
-        if mode.is_null() {
-            return Err(CuError::INVALID_VALUE);
-        }
-        // SAFETY: non-null in/out pointer per the CUDA API.
-        unsafe { *mode = MODE.try_with(|m| m.replace(*mode)).unwrap_or(*mode) };
-        Ok(())
-    }
-
     fn cuEventCreate(ph: *mut CUevent, flags: c_uint) {
         let rt = Runtime::with_context()?;
         let e = rt.session.event_create(flags)?;
@@ -230,10 +186,10 @@ crate::exports! {
         rt.session.event_destroy(e).map_err(CuError::from)
     }
 
-    fn cuEventRecord(e: CUevent, h: CUstream) { record(e, h) }
-    fn cuEventRecord_ptsz(e: CUevent, h: CUstream) { record(e, h) }
-    fn cuEventRecordWithFlags(e: CUevent, h: CUstream, _flags: c_uint) { record(e, h) }
-    fn cuEventRecordWithFlags_ptsz(e: CUevent, h: CUstream, _flags: c_uint) { record(e, h) }
+    fn cuEventRecord(e: CUevent, h: CUstream) { record(e, h, 0) }
+    fn cuEventRecord_ptsz(e: CUevent, h: CUstream) { record(e, h, 0) }
+    fn cuEventRecordWithFlags(e: CUevent, h: CUstream, flags: c_uint) { record(e, h, flags) }
+    fn cuEventRecordWithFlags_ptsz(e: CUevent, h: CUstream, flags: c_uint) { record(e, h, flags) }
 
     fn cuEventQuery(e: CUevent) {
         let rt = Runtime::with_context()?;

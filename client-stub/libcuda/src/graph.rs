@@ -1,0 +1,848 @@
+//! CUDA graphs as client-side objects: the sans-I/O core.
+//!
+//! A graph is a set of nodes, each an operation the stub can already queue
+//! (launch, copy, memset, host function, event record or wait) or a
+//! structural one (empty, child graph, memory allocation and free), with
+//! dependency edges. Instantiation takes a snapshot of one topological
+//! order, child graphs flattened into it; a launch replays that order as
+//! ordinary queued calls on one stream, which is a valid serialization of
+//! the DAG and costs no round trip. Stream capture (`crate::capture`) builds
+//! graphs through the same store.
+//!
+//! Nothing here does I/O or touches application memory: operations are
+//! plain data (handles and addresses as integers), so the logic is tested
+//! as plain Rust. `crate::graph_api` is the C-ABI layer over it.
+
+use crate::abi::{CuError, CuResult};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+/// Ids of graphs, nodes and executable graphs (one counter for all).
+pub(crate) type Id = u64;
+
+/// `CUgraphNodeType` values.
+pub(crate) mod kind {
+    pub(crate) const KERNEL: u32 = 0;
+    pub(crate) const MEMCPY: u32 = 1;
+    pub(crate) const MEMSET: u32 = 2;
+    pub(crate) const HOST: u32 = 3;
+    pub(crate) const GRAPH: u32 = 4;
+    pub(crate) const EMPTY: u32 = 5;
+    pub(crate) const WAIT_EVENT: u32 = 6;
+    pub(crate) const EVENT_RECORD: u32 = 7;
+    pub(crate) const MEM_ALLOC: u32 = 10;
+    pub(crate) const MEM_FREE: u32 = 11;
+}
+
+/// A kernel launch with its packed argument bytes (copied at node
+/// creation, as CUDA copies them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Kernel {
+    /// The `CUfunction` or `CUkernel` handle the launch uses.
+    pub(crate) func: usize,
+    /// The `func` and `kern` fields as the application gave them (what
+    /// `cuGraphKernelNodeGetParams` hands back).
+    pub(crate) given: [usize; 2],
+    pub(crate) grid: [u32; 3],
+    pub(crate) block: [u32; 3],
+    pub(crate) shared: u32,
+    pub(crate) params: Vec<u8>,
+    /// The launch attributes of a captured `cuLaunchKernelEx` (clusters,
+    /// cooperative, ...), protobuf-encoded so that nodes stay comparable.
+    pub(crate) attributes: Option<Vec<u8>>,
+}
+
+/// One end of a copy: its first byte (offsets already applied), whether it
+/// is device memory, and its row pitch and rows per slice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct End {
+    pub(crate) device: bool,
+    pub(crate) addr: u64,
+    pub(crate) pitch: usize,
+    pub(crate) height: usize,
+}
+
+/// A copy of `depth` slices of `height` rows of `width` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Copy3D {
+    pub(crate) dst: End,
+    pub(crate) src: End,
+    pub(crate) width: usize,
+    pub(crate) height: usize,
+    pub(crate) depth: usize,
+}
+
+impl Copy3D {
+    /// A linear copy of `n` bytes.
+    pub(crate) fn linear(dst: (bool, u64), src: (bool, u64), n: usize) -> Self {
+        let end = |(device, addr)| End { device, addr, pitch: n, height: 1 };
+        Self { dst: end(dst), src: end(src), width: n, height: 1, depth: 1 }
+    }
+
+    /// `true` when both ends are contiguous, so the copy is one linear run.
+    pub(crate) fn is_contiguous(&self) -> bool {
+        let packed = |e: &End| {
+            (self.height * self.depth <= 1 || e.pitch == self.width) && (self.depth <= 1 || e.height == self.height)
+        };
+        packed(&self.dst) && packed(&self.src)
+    }
+
+    /// Byte offset of row `row` of slice `z` at one end.
+    pub(crate) fn offset(e: &End, row: usize, z: usize) -> u64 {
+        (z * e.height * e.pitch + row * e.pitch) as u64
+    }
+}
+
+/// A 2D memset of `height` rows of `width` elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Set2D {
+    pub(crate) dst: u64,
+    pub(crate) pitch: usize,
+    pub(crate) value: u32,
+    pub(crate) element: u32,
+    pub(crate) width: usize,
+    pub(crate) height: usize,
+}
+
+/// What a node does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Op {
+    Empty,
+    Kernel(Kernel),
+    Memcpy(Copy3D),
+    Memset(Set2D),
+    /// A host function and its argument (addresses in this process).
+    Host {
+        func: usize,
+        data: usize,
+    },
+    /// A child graph, owned by the node (a copy of what the application gave).
+    Child(Id),
+    /// `CUevent` handles, resolved when the node runs.
+    EventRecord(usize),
+    EventWait(usize),
+    /// Graph memory: the address is fixed when the node is created.
+    MemAlloc {
+        addr: u64,
+        size: u64,
+    },
+    MemFree {
+        addr: u64,
+    },
+}
+
+impl Op {
+    /// The node's `CUgraphNodeType`.
+    pub(crate) fn kind(&self) -> u32 {
+        match self {
+            Op::Empty => kind::EMPTY,
+            Op::Kernel(_) => kind::KERNEL,
+            Op::Memcpy(_) => kind::MEMCPY,
+            Op::Memset(_) => kind::MEMSET,
+            Op::Host { .. } => kind::HOST,
+            Op::Child(_) => kind::GRAPH,
+            Op::EventRecord(_) => kind::EVENT_RECORD,
+            Op::EventWait(_) => kind::WAIT_EVENT,
+            Op::MemAlloc { .. } => kind::MEM_ALLOC,
+            Op::MemFree { .. } => kind::MEM_FREE,
+        }
+    }
+
+    fn label(&self) -> String {
+        match self {
+            Op::Empty => "EMPTY".into(),
+            Op::Kernel(k) => format!(
+                "KERNEL\\nfunc {:#x}\\ngrid ({},{},{}) block ({},{},{})\\nshared {} params {} B",
+                k.func,
+                k.grid[0],
+                k.grid[1],
+                k.grid[2],
+                k.block[0],
+                k.block[1],
+                k.block[2],
+                k.shared,
+                k.params.len()
+            ),
+            Op::Memcpy(c) => format!(
+                "MEMCPY\\n{} {:#x} <- {} {:#x}\\n{}x{}x{} B",
+                if c.dst.device { "device" } else { "host" },
+                c.dst.addr,
+                if c.src.device { "device" } else { "host" },
+                c.src.addr,
+                c.width,
+                c.height,
+                c.depth
+            ),
+            Op::Memset(s) => format!(
+                "MEMSET\\n{:#x} value {:#x} element {}\\n{}x{} pitch {}",
+                s.dst, s.value, s.element, s.width, s.height, s.pitch
+            ),
+            Op::Host { func, data } => format!("HOST\\nfn {func:#x} data {data:#x}"),
+            Op::Child(g) => format!("GRAPH\\nchild {g}"),
+            Op::EventRecord(e) => format!("EVENT_RECORD\\nevent {e:#x}"),
+            Op::EventWait(e) => format!("WAIT_EVENT\\nevent {e:#x}"),
+            Op::MemAlloc { addr, size } => format!("MEM_ALLOC\\n{addr:#x} {size} B"),
+            Op::MemFree { addr } => format!("MEM_FREE\\n{addr:#x}"),
+        }
+    }
+}
+
+/// A node: its operation and the nodes it depends on (in the order given).
+#[derive(Debug, Clone)]
+pub(crate) struct Node {
+    pub(crate) op: Op,
+    pub(crate) deps: Vec<Id>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Graph {
+    /// Nodes by id; ids grow, so this is creation order.
+    nodes: BTreeMap<Id, Node>,
+    /// For a clone: original node -> its copy (`cuGraphNodeFindInClone`).
+    clone_of: HashMap<Id, Id>,
+    /// A child graph belongs to the node that embeds it.
+    owner: Option<Id>,
+}
+
+/// One step of an executable graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Step {
+    /// The graph node it came from (for the `cuGraphExec*SetParams` calls).
+    pub(crate) node: Id,
+    pub(crate) op: Op,
+    pub(crate) enabled: bool,
+    /// Creation-order positions from the top graph down through child
+    /// graphs: what matches a step to its node in another graph of the
+    /// same shape (`cuGraphExecUpdate`).
+    path: Vec<usize>,
+}
+
+/// An instantiated graph: one topological order, child graphs flattened.
+#[derive(Debug, Clone)]
+pub(crate) struct Exec {
+    pub(crate) steps: Vec<Step>,
+    /// The source graph's shape at instantiation: node kinds and edges,
+    /// positions in creation order (what `cuGraphExecUpdate` compares).
+    shape: Shape,
+    /// The source nodes, in creation order, matching `shape`.
+    nodes: Vec<Id>,
+    pub(crate) flags: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Shape {
+    kinds: Vec<u32>,
+    edges: BTreeSet<(usize, usize)>,
+    /// The shapes of child graphs, by their node's position.
+    children: Vec<(usize, Shape)>,
+}
+
+/// Why `cuGraphExecUpdate` refused (`CUgraphExecUpdateResult`) and where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct UpdateFailure {
+    pub(crate) result: u32,
+    pub(crate) node: Option<Id>,
+}
+
+pub(crate) mod update {
+    pub(crate) const ERROR: u32 = 1;
+    pub(crate) const TOPOLOGY_CHANGED: u32 = 2;
+    pub(crate) const NODE_TYPE_CHANGED: u32 = 3;
+    pub(crate) const PARAMETERS_CHANGED: u32 = 5;
+    pub(crate) const NOT_SUPPORTED: u32 = 6;
+}
+
+/// Every graph and executable graph of the process.
+#[derive(Debug, Default)]
+pub(crate) struct Store {
+    graphs: HashMap<Id, Graph>,
+    node_graph: HashMap<Id, Id>,
+    execs: HashMap<Id, Exec>,
+    next: Id,
+}
+
+impl Store {
+    fn fresh(&mut self) -> Id {
+        self.next += 1;
+        self.next
+    }
+
+    pub(crate) fn create(&mut self) -> Id {
+        let id = self.fresh();
+        self.graphs.insert(id, Graph::default());
+        id
+    }
+
+    pub(crate) fn graph(&self, g: Id) -> CuResult<&Graph> {
+        self.graphs.get(&g).ok_or(CuError::INVALID_VALUE)
+    }
+
+    fn graph_mut(&mut self, g: Id) -> CuResult<&mut Graph> {
+        self.graphs.get_mut(&g).ok_or(CuError::INVALID_VALUE)
+    }
+
+    /// `true` for a graph that a node embeds (not the application's to destroy).
+    pub(crate) fn is_child(&self, g: Id) -> bool {
+        self.graphs.get(&g).is_some_and(|x| x.owner.is_some())
+    }
+
+    /// Destroys graph `g` with its child graphs; returns every operation
+    /// that went away (so the caller can let go of graph memory).
+    pub(crate) fn destroy(&mut self, g: Id) -> CuResult<Vec<Op>> {
+        let graph = self.graphs.remove(&g).ok_or(CuError::INVALID_VALUE)?;
+        let mut gone = Vec::new();
+        for (id, node) in graph.nodes {
+            self.node_graph.remove(&id);
+            if let Op::Child(c) = node.op {
+                gone.extend(self.destroy(c)?);
+            }
+            gone.push(node.op);
+        }
+        Ok(gone)
+    }
+
+    /// The graph node `n` belongs to.
+    pub(crate) fn graph_of(&self, n: Id) -> CuResult<Id> {
+        self.node_graph.get(&n).copied().ok_or(CuError::INVALID_VALUE)
+    }
+
+    pub(crate) fn node(&self, n: Id) -> CuResult<&Node> {
+        let g = self.graph_of(n)?;
+        self.graph(g)?.nodes.get(&n).ok_or(CuError::INVALID_VALUE)
+    }
+
+    /// Adds a node depending on `deps` (nodes of the same graph, no repeats).
+    pub(crate) fn add(&mut self, g: Id, op: Op, deps: &[Id]) -> CuResult<Id> {
+        let graph = self.graph(g)?;
+        let mut seen = HashSet::new();
+        for d in deps {
+            if !graph.nodes.contains_key(d) || !seen.insert(*d) {
+                return Err(CuError::INVALID_VALUE);
+            }
+        }
+        if let Op::Child(c) = op {
+            self.graph_mut(c)?;
+        }
+        let id = self.fresh();
+        if let Op::Child(c) = op {
+            self.graph_mut(c)?.owner = Some(id);
+        }
+        self.graph_mut(g)?.nodes.insert(id, Node { op, deps: deps.to_vec() });
+        self.node_graph.insert(id, g);
+        Ok(id)
+    }
+
+    /// Replaces a node's operation with one of the same kind.
+    pub(crate) fn set_op(&mut self, n: Id, op: Op) -> CuResult {
+        let g = self.graph_of(n)?;
+        let node = self.graph_mut(g)?.nodes.get_mut(&n).ok_or(CuError::INVALID_VALUE)?;
+        if node.op.kind() != op.kind() {
+            return Err(CuError::INVALID_VALUE);
+        }
+        node.op = op;
+        Ok(())
+    }
+
+    /// Removes a node and every edge that touches it; returns its operation
+    /// (and those of a child graph it owned).
+    pub(crate) fn destroy_node(&mut self, n: Id) -> CuResult<Vec<Op>> {
+        let g = self.graph_of(n)?;
+        let graph = self.graph_mut(g)?;
+        let node = graph.nodes.remove(&n).ok_or(CuError::INVALID_VALUE)?;
+        for other in graph.nodes.values_mut() {
+            other.deps.retain(|d| *d != n);
+        }
+        self.node_graph.remove(&n);
+        let mut gone = Vec::new();
+        if let Op::Child(c) = node.op {
+            gone.extend(self.destroy(c)?);
+        }
+        gone.push(node.op);
+        Ok(gone)
+    }
+
+    /// `true` when `to` can be reached from `from` along dependency edges.
+    fn reaches(graph: &Graph, from: Id, to: Id) -> bool {
+        // Walk the dependents of `from`: a node whose deps contain a
+        // visited node is reachable.
+        let mut seen = HashSet::from([from]);
+        let mut stack = vec![from];
+        while let Some(x) = stack.pop() {
+            if x == to {
+                return true;
+            }
+            for (id, node) in &graph.nodes {
+                if node.deps.contains(&x) && seen.insert(*id) {
+                    stack.push(*id);
+                }
+            }
+        }
+        false
+    }
+
+    /// Adds the edges `from[i] -> to[i]`; a repeated edge or a cycle is
+    /// refused and nothing is added.
+    pub(crate) fn add_edges(&mut self, edges: &[(Id, Id)]) -> CuResult {
+        let mut trial: HashMap<Id, Graph> = HashMap::new();
+        for &(from, to) in edges {
+            let g = self.graph_of(from)?;
+            if self.graph_of(to)? != g || from == to {
+                return Err(CuError::INVALID_VALUE);
+            }
+            let graph = match trial.get_mut(&g) {
+                Some(x) => x,
+                None => trial.entry(g).or_insert(self.graph(g)?.clone()),
+            };
+            if graph.nodes[&to].deps.contains(&from) || Self::reaches(graph, to, from) {
+                return Err(CuError::INVALID_VALUE);
+            }
+            graph.nodes.get_mut(&to).ok_or(CuError::INVALID_VALUE)?.deps.push(from);
+        }
+        for (g, graph) in trial {
+            self.graphs.insert(g, graph);
+        }
+        Ok(())
+    }
+
+    /// Removes the edges `from[i] -> to[i]`; a missing edge is refused and
+    /// nothing is removed.
+    pub(crate) fn remove_edges(&mut self, edges: &[(Id, Id)]) -> CuResult {
+        for &(from, to) in edges {
+            if !self.node(to)?.deps.contains(&from) || self.graph_of(from)? != self.graph_of(to)? {
+                return Err(CuError::INVALID_VALUE);
+            }
+        }
+        for &(from, to) in edges {
+            let g = self.graph_of(to)?;
+            if let Some(node) = self.graph_mut(g)?.nodes.get_mut(&to) {
+                node.deps.retain(|d| *d != from);
+            }
+        }
+        Ok(())
+    }
+
+    /// The nodes of `g` in creation order.
+    pub(crate) fn nodes(&self, g: Id) -> CuResult<Vec<Id>> {
+        Ok(self.graph(g)?.nodes.keys().copied().collect())
+    }
+
+    /// Nodes without dependencies.
+    pub(crate) fn roots(&self, g: Id) -> CuResult<Vec<Id>> {
+        Ok(self.graph(g)?.nodes.iter().filter(|(_, n)| n.deps.is_empty()).map(|(id, _)| *id).collect())
+    }
+
+    /// Every edge `(from, to)` of `g`, by destination in creation order.
+    pub(crate) fn edges(&self, g: Id) -> CuResult<Vec<(Id, Id)>> {
+        Ok(self.graph(g)?.nodes.iter().flat_map(|(to, n)| n.deps.iter().map(move |from| (*from, *to))).collect())
+    }
+
+    /// Nodes that depend on `n`.
+    pub(crate) fn dependents(&self, n: Id) -> CuResult<Vec<Id>> {
+        let g = self.graph_of(n)?;
+        Ok(self.graph(g)?.nodes.iter().filter(|(_, x)| x.deps.contains(&n)).map(|(id, _)| *id).collect())
+    }
+
+    /// A topological order of `g`: among ready nodes the oldest first, so
+    /// the order is deterministic (and is creation order when that is one).
+    pub(crate) fn topological(&self, g: Id) -> CuResult<Vec<Id>> {
+        let graph = self.graph(g)?;
+        let mut missing: HashMap<Id, usize> = graph.nodes.iter().map(|(id, n)| (*id, n.deps.len())).collect();
+        let mut ready: BTreeSet<Id> = missing.iter().filter(|(_, m)| **m == 0).map(|(id, _)| *id).collect();
+        let mut order = Vec::with_capacity(graph.nodes.len());
+        while let Some(n) = ready.pop_first() {
+            order.push(n);
+            for (id, node) in &graph.nodes {
+                let hits = node.deps.iter().filter(|d| **d == n).count();
+                if hits > 0 {
+                    let m = missing.get_mut(id).ok_or(CuError::INVALID_VALUE)?;
+                    *m -= hits;
+                    if *m == 0 {
+                        ready.insert(*id);
+                    }
+                }
+            }
+        }
+        if order.len() != graph.nodes.len() {
+            // Edges are checked when added, so this is a broken invariant.
+            return Err(CuError(crate::capture::ILLEGAL_STATE));
+        }
+        Ok(order)
+    }
+
+    /// A deep copy of `g` (child graphs copied too); returns the copy and
+    /// every operation it holds.
+    pub(crate) fn clone_graph(&mut self, g: Id) -> CuResult<(Id, Vec<Op>)> {
+        let source = self.graph(g)?.clone();
+        let copy = self.create();
+        let mut map = HashMap::new();
+        let mut ops = Vec::new();
+        for (old, node) in &source.nodes {
+            let op = match node.op {
+                Op::Child(c) => {
+                    let (c2, inner) = self.clone_graph(c)?;
+                    ops.extend(inner);
+                    Op::Child(c2)
+                }
+                ref other => other.clone(),
+            };
+            let deps: Vec<Id> = node.deps.iter().map(|d| map[d]).collect();
+            ops.push(op.clone());
+            let new = self.add(copy, op, &deps)?;
+            map.insert(*old, new);
+        }
+        self.graph_mut(copy)?.clone_of = map;
+        Ok((copy, ops))
+    }
+
+    /// The copy of `original` in the clone `clone`.
+    pub(crate) fn find_in_clone(&self, clone: Id, original: Id) -> CuResult<Id> {
+        self.graph(clone)?.clone_of.get(&original).copied().ok_or(CuError::INVALID_VALUE)
+    }
+
+    fn shape(&self, g: Id) -> CuResult<(Shape, Vec<Id>)> {
+        let graph = self.graph(g)?;
+        let nodes: Vec<Id> = graph.nodes.keys().copied().collect();
+        let pos: HashMap<Id, usize> = nodes.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+        let kinds = graph.nodes.values().map(|n| n.op.kind()).collect();
+        let edges = graph.nodes.iter().flat_map(|(to, n)| n.deps.iter().map(|f| (pos[f], pos[to]))).collect();
+        let mut children = Vec::new();
+        for (i, n) in graph.nodes.values().enumerate() {
+            if let Op::Child(c) = n.op {
+                children.push((i, self.shape(c)?.0));
+            }
+        }
+        Ok((Shape { kinds, edges, children }, nodes))
+    }
+
+    fn flatten(&self, g: Id, steps: &mut Vec<Step>) -> CuResult {
+        self.flatten_at(g, &[], steps)
+    }
+
+    fn flatten_at(&self, g: Id, prefix: &[usize], steps: &mut Vec<Step>) -> CuResult {
+        let pos: HashMap<Id, usize> = self.graph(g)?.nodes.keys().enumerate().map(|(i, n)| (*n, i)).collect();
+        for n in self.topological(g)? {
+            let mut path = prefix.to_vec();
+            path.push(pos[&n]);
+            match &self.node(n)?.op {
+                Op::Child(c) => self.flatten_at(*c, &path, steps)?,
+                op => steps.push(Step { node: n, op: op.clone(), enabled: true, path }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Instantiates `g`: a snapshot of one topological order.
+    pub(crate) fn instantiate(&mut self, g: Id, flags: u64) -> CuResult<Id> {
+        let mut steps = Vec::new();
+        self.flatten(g, &mut steps)?;
+        let (shape, nodes) = self.shape(g)?;
+        let id = self.fresh();
+        self.execs.insert(id, Exec { steps, shape, nodes, flags });
+        Ok(id)
+    }
+
+    pub(crate) fn exec(&self, e: Id) -> CuResult<&Exec> {
+        self.execs.get(&e).ok_or(CuError::INVALID_VALUE)
+    }
+
+    pub(crate) fn destroy_exec(&mut self, e: Id) -> CuResult<Exec> {
+        self.execs.remove(&e).ok_or(CuError::INVALID_VALUE)
+    }
+
+    /// The steps of exec `e` that came from node `n` (several when `n` is
+    /// a child graph node: all of its child's).
+    fn steps_of(&self, e: Id, n: Id) -> CuResult<Vec<usize>> {
+        let exec = self.exec(e)?;
+        let mut wanted = HashSet::from([n]);
+        if let Ok(Node { op: Op::Child(c), .. }) = self.node(n) {
+            let mut stack = vec![*c];
+            while let Some(c) = stack.pop() {
+                for (id, node) in &self.graph(c)?.nodes {
+                    wanted.insert(*id);
+                    if let Op::Child(cc) = node.op {
+                        stack.push(cc);
+                    }
+                }
+            }
+        }
+        let found: Vec<usize> =
+            exec.steps.iter().enumerate().filter(|(_, s)| wanted.contains(&s.node)).map(|(i, _)| i).collect();
+        if found.is_empty() && !exec.nodes.contains(&n) {
+            return Err(CuError::INVALID_VALUE);
+        }
+        Ok(found)
+    }
+
+    /// `cuGraphExec*NodeSetParams`: node `n`'s step in exec `e` gets `op`
+    /// (same kind; the graph itself is unchanged).
+    pub(crate) fn exec_set_op(&mut self, e: Id, n: Id, op: Op) -> CuResult {
+        let idx = self.steps_of(e, n)?;
+        let exec = self.execs.get_mut(&e).ok_or(CuError::INVALID_VALUE)?;
+        let [i] = idx[..] else { return Err(CuError::INVALID_VALUE) };
+        let step = &mut exec.steps[i];
+        if step.op.kind() != op.kind() || matches!(op, Op::MemAlloc { .. } | Op::MemFree { .. }) {
+            return Err(CuError::INVALID_VALUE);
+        }
+        step.op = op;
+        Ok(())
+    }
+
+    /// `cuGraphExecChildGraphNodeSetParams`: the child's steps take the
+    /// operations of `child` (same shape required).
+    pub(crate) fn exec_set_child(&mut self, e: Id, n: Id, child: Id) -> CuResult {
+        let Op::Child(current) = self.node(n)?.op else { return Err(CuError::INVALID_VALUE) };
+        let (old, _) = self.shape(current)?;
+        let (new, _) = self.shape(child)?;
+        if old != new {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let idx = self.steps_of(e, n)?;
+        let mut steps = Vec::new();
+        self.flatten(child, &mut steps)?;
+        let mut fresh = Vec::new();
+        self.flatten(current, &mut fresh)?;
+        if steps.len() != idx.len() || steps.iter().zip(&fresh).any(|(a, b)| a.op.kind() != b.op.kind()) {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let exec = self.execs.get_mut(&e).ok_or(CuError::INVALID_VALUE)?;
+        for (i, s) in idx.into_iter().zip(steps) {
+            exec.steps[i].op = s.op;
+        }
+        Ok(())
+    }
+
+    /// `cuGraphNodeSetEnabled` / `GetEnabled` on an exec.
+    pub(crate) fn set_enabled(&mut self, e: Id, n: Id, enabled: bool) -> CuResult {
+        let idx = self.steps_of(e, n)?;
+        let exec = self.execs.get_mut(&e).ok_or(CuError::INVALID_VALUE)?;
+        for i in idx {
+            if !matches!(exec.steps[i].op, Op::Kernel(_) | Op::Memcpy(_) | Op::Memset(_)) {
+                return Err(CuError::INVALID_VALUE);
+            }
+            exec.steps[i].enabled = enabled;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn enabled(&self, e: Id, n: Id) -> CuResult<bool> {
+        let idx = self.steps_of(e, n)?;
+        let exec = self.exec(e)?;
+        Ok(idx.iter().all(|i| exec.steps[*i].enabled))
+    }
+
+    /// `cuGraphExecUpdate`: when `g` has the shape exec `e` was made from
+    /// (node kinds in creation order, the same edges), the exec takes `g`'s
+    /// parameters; otherwise it is left as it was and the failure says why.
+    pub(crate) fn exec_update(&mut self, e: Id, g: Id) -> CuResult<Result<(), UpdateFailure>> {
+        let (shape, nodes) = self.shape(g)?;
+        let exec = self.exec(e)?;
+        if shape.kinds.len() != exec.shape.kinds.len() {
+            return Ok(Err(UpdateFailure { result: update::TOPOLOGY_CHANGED, node: None }));
+        }
+        if let Some(i) = (0..shape.kinds.len()).find(|&i| shape.kinds[i] != exec.shape.kinds[i]) {
+            return Ok(Err(UpdateFailure { result: update::NODE_TYPE_CHANGED, node: Some(nodes[i]) }));
+        }
+        if shape.edges != exec.shape.edges || shape.children != exec.shape.children {
+            return Ok(Err(UpdateFailure { result: update::TOPOLOGY_CHANGED, node: None }));
+        }
+        let mut fresh = Vec::new();
+        self.flatten(g, &mut fresh)?;
+        // Steps follow a topological order of the same DAG, maybe a
+        // different one: match them by position.
+        let position: HashMap<&[usize], usize> =
+            exec.steps.iter().enumerate().map(|(i, s)| (s.path.as_slice(), i)).collect();
+        let mut updates = Vec::new();
+        for s in fresh {
+            let Some(&i) = position.get(s.path.as_slice()) else {
+                return Ok(Err(UpdateFailure { result: update::TOPOLOGY_CHANGED, node: Some(s.node) }));
+            };
+            let old = &exec.steps[i].op;
+            if matches!(s.op, Op::MemAlloc { .. } | Op::MemFree { .. }) && *old != s.op {
+                return Ok(Err(UpdateFailure { result: update::NOT_SUPPORTED, node: Some(s.node) }));
+            }
+            if let (Op::Kernel(a), Op::Kernel(b)) = (old, &s.op)
+                && a.params.len() != b.params.len()
+                && a.func == b.func
+            {
+                return Ok(Err(UpdateFailure { result: update::PARAMETERS_CHANGED, node: Some(s.node) }));
+            }
+            updates.push((i, s.op));
+        }
+        let exec = self.execs.get_mut(&e).ok_or(CuError::INVALID_VALUE)?;
+        for (i, op) in updates {
+            exec.steps[i].op = op;
+        }
+        Ok(Ok(()))
+    }
+
+    /// The graph as a DOT digraph (`cuGraphDebugDotPrint`), child graphs as
+    /// clusters.
+    pub(crate) fn dot(&self, g: Id) -> CuResult<String> {
+        let mut out = format!("digraph gpupool_graph_{g} {{\n  compound=true;\n  node [shape=record];\n");
+        self.dot_body(g, &mut out, 1)?;
+        out.push_str("}\n");
+        Ok(out)
+    }
+
+    fn dot_body(&self, g: Id, out: &mut String, depth: usize) -> CuResult {
+        let pad = "  ".repeat(depth);
+        for (id, node) in &self.graph(g)?.nodes {
+            out.push_str(&format!("{pad}n{id} [label=\"{}\"];\n", node.op.label()));
+            if let Op::Child(c) = node.op {
+                out.push_str(&format!("{pad}subgraph cluster_{c} {{\n{pad}  label=\"child graph {c}\";\n"));
+                self.dot_body(c, out, depth + 1)?;
+                out.push_str(&format!("{pad}}}\n"));
+            }
+            for d in &node.deps {
+                out.push_str(&format!("{pad}n{d} -> n{id};\n"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(v: u32) -> Op {
+        Op::Memset(Set2D { dst: 0x1000, pitch: 4, value: v, element: 1, width: 4, height: 1 })
+    }
+
+    fn kinds(s: &Store, e: Id) -> Vec<Op> {
+        s.exec(e).expect("exec").steps.iter().map(|s| s.op.clone()).collect()
+    }
+
+    #[test]
+    fn topological_order_follows_edges_and_creation() {
+        let mut s = Store::default();
+        let g = s.create();
+        let a = s.add(g, set(1), &[]).expect("a");
+        let b = s.add(g, set(2), &[]).expect("b");
+        let c = s.add(g, set(3), &[b]).expect("c");
+        // a must now come after c.
+        s.add_edges(&[(c, a)]).expect("edge");
+        assert_eq!(s.topological(g).expect("order"), vec![b, c, a]);
+        assert_eq!(s.roots(g).expect("roots"), vec![b]);
+        assert_eq!(s.dependents(b).expect("deps"), vec![c]);
+        assert_eq!(s.edges(g).expect("edges"), vec![(c, a), (b, c)]);
+    }
+
+    #[test]
+    fn cycles_and_bad_edges_refused() {
+        let mut s = Store::default();
+        let g = s.create();
+        let a = s.add(g, Op::Empty, &[]).expect("a");
+        let b = s.add(g, Op::Empty, &[a]).expect("b");
+        let c = s.add(g, Op::Empty, &[b]).expect("c");
+        assert_eq!(s.add_edges(&[(c, a)]), Err(CuError::INVALID_VALUE));
+        assert_eq!(s.add_edges(&[(a, b)]), Err(CuError::INVALID_VALUE), "repeated edge");
+        assert_eq!(s.add_edges(&[(a, a)]), Err(CuError::INVALID_VALUE));
+        // All or nothing: the second edge closes a cycle, so the first is not kept.
+        assert_eq!(s.add_edges(&[(a, c), (c, a)]), Err(CuError::INVALID_VALUE));
+        assert!(!s.node(c).expect("c").deps.contains(&a));
+        assert_eq!(s.add(g, Op::Empty, &[a, a]), Err(CuError::INVALID_VALUE));
+        let other = s.create();
+        assert_eq!(s.add(other, Op::Empty, &[a]), Err(CuError::INVALID_VALUE), "foreign dependency");
+        assert_eq!(s.remove_edges(&[(a, c)]), Err(CuError::INVALID_VALUE));
+        s.remove_edges(&[(b, c)]).expect("remove");
+        assert_eq!(s.roots(g).expect("roots"), vec![a, c]);
+        s.destroy_node(a).expect("destroy");
+        assert_eq!(s.roots(g).expect("roots"), vec![b, c]);
+        assert_eq!(s.node(a).map(drop), Err(CuError::INVALID_VALUE));
+    }
+
+    #[test]
+    fn clone_is_deep_and_findable() {
+        let mut s = Store::default();
+        let child = s.create();
+        s.add(child, set(9), &[]).expect("inner");
+        let g = s.create();
+        let a = s.add(g, set(1), &[]).expect("a");
+        let c = s.add(g, Op::Child(child), &[a]).expect("child node");
+        assert!(s.is_child(child));
+        let (copy, ops) = s.clone_graph(g).expect("clone");
+        assert_eq!(ops.len(), 3);
+        let a2 = s.find_in_clone(copy, a).expect("found");
+        let c2 = s.find_in_clone(copy, c).expect("found");
+        assert_ne!(a, a2);
+        assert_eq!(s.node(c2).expect("c2").deps, vec![a2]);
+        let Op::Child(child2) = s.node(c2).expect("c2").op else { panic!("child") };
+        assert_ne!(child2, child, "the child graph is copied too");
+        // Changing the original leaves the clone alone.
+        s.set_op(a, set(7)).expect("set");
+        assert_eq!(s.node(a2).expect("a2").op, set(1));
+        let e = s.instantiate(copy, 0).expect("instantiate");
+        assert_eq!(kinds(&s, e), vec![set(1), set(9)], "child flattened in place");
+        assert_eq!(s.destroy(g).expect("destroy").len(), 3);
+        assert!(s.graph(child).is_err(), "child destroyed with its node");
+    }
+
+    #[test]
+    fn exec_update_same_topology_only() {
+        let mut s = Store::default();
+        let build = |s: &mut Store, v: u32| {
+            let g = s.create();
+            let a = s.add(g, set(v), &[]).expect("a");
+            s.add(g, Op::Host { func: 1, data: v as usize }, &[a]).expect("b");
+            g
+        };
+        let g1 = build(&mut s, 1);
+        let e = s.instantiate(g1, 0).expect("exec");
+        let g2 = build(&mut s, 2);
+        assert_eq!(s.exec_update(e, g2).expect("call"), Ok(()));
+        assert_eq!(kinds(&s, e), vec![set(2), Op::Host { func: 1, data: 2 }]);
+        // Another shape: refused, the exec unchanged.
+        let g3 = s.create();
+        s.add(g3, set(3), &[]).expect("one node");
+        assert_eq!(s.exec_update(e, g3).expect("call").map_err(|f| f.result), Err(update::TOPOLOGY_CHANGED));
+        let g4 = s.create();
+        s.add(g4, set(4), &[]).expect("a");
+        s.add(g4, set(5), &[]).expect("b");
+        assert_eq!(s.exec_update(e, g4).expect("call").map_err(|f| f.result), Err(update::NODE_TYPE_CHANGED));
+        assert_eq!(kinds(&s, e)[0], set(2));
+        // Per-node updates and disabling touch the exec only.
+        let first = s.nodes(g1).expect("nodes")[0];
+        s.exec_set_op(e, first, set(8)).expect("exec set");
+        assert_eq!(kinds(&s, e)[0], set(8));
+        assert_eq!(s.node(first).expect("node").op, set(1));
+        s.set_enabled(e, first, false).expect("disable");
+        assert!(!s.enabled(e, first).expect("enabled"));
+        assert_eq!(s.exec_set_op(e, first, Op::Empty), Err(CuError::INVALID_VALUE), "kind must match");
+    }
+
+    #[test]
+    fn exec_update_reaches_into_child_graphs() {
+        let mut s = Store::default();
+        let build = |s: &mut Store, v: u32| {
+            let child = s.create();
+            s.add(child, set(v), &[]).expect("inner");
+            let g = s.create();
+            let a = s.add(g, set(1), &[]).expect("a");
+            s.add(g, Op::Child(child), &[a]).expect("child");
+            g
+        };
+        let g1 = build(&mut s, 5);
+        let e = s.instantiate(g1, 0).expect("exec");
+        assert_eq!(s.exec_update(e, g1).expect("call"), Ok(()), "a graph updates its own exec");
+        let g2 = build(&mut s, 6);
+        assert_eq!(s.exec_update(e, g2).expect("call"), Ok(()));
+        assert_eq!(kinds(&s, e), vec![set(1), set(6)]);
+        let g3 = s.create();
+        let a = s.add(g3, set(1), &[]).expect("a");
+        let empty_child = s.create();
+        s.add(g3, Op::Child(empty_child), &[a]).expect("child");
+        assert_eq!(s.exec_update(e, g3).expect("call").map_err(|f| f.result), Err(update::TOPOLOGY_CHANGED));
+    }
+
+    #[test]
+    fn dot_lists_nodes_and_edges() {
+        let mut s = Store::default();
+        let g = s.create();
+        let a = s.add(g, set(1), &[]).expect("a");
+        let b = s.add(g, Op::Empty, &[a]).expect("b");
+        let dot = s.dot(g).expect("dot");
+        assert!(dot.starts_with("digraph"));
+        assert!(dot.contains(&format!("n{a} -> n{b};")), "{dot}");
+        assert!(dot.contains("MEMSET"));
+    }
+}
