@@ -415,7 +415,7 @@ pub(crate) fn check_unsafe(invalidate: bool) -> CuResult {
     if ACTIVE.load(Ordering::Acquire) == 0 {
         return Ok(());
     }
-    let mode = MODE.with(std::cell::Cell::get);
+    let mode = MODE.try_with(std::cell::Cell::get).unwrap_or(0);
     state().captures.unsafe_call(std::thread::current().id(), mode, invalidate)
 }
 
@@ -690,7 +690,8 @@ crate::exports! {
         if wanted > MODE_RELAXED {
             return Err(CuError::INVALID_VALUE);
         }
-        let old = MODE.with(|m| m.replace(wanted));
+        // A thread whose thread-local storage is gone (exiting) keeps GLOBAL.
+        let old = MODE.try_with(|m| m.replace(wanted)).unwrap_or(0);
         // SAFETY: as above.
         unsafe { put(mode, old) }
     }
