@@ -685,6 +685,20 @@ impl Session {
         }
     }
 
+    // --- TMA descriptors ---------------------------------------------------
+
+    /// Encodes a TMA descriptor with the server's driver (its format is the
+    /// driver's own): one round trip, after the work queued so far.
+    pub fn tensor_map(&self, request: v1::TensorMapEncode) -> Result<[u8; 128]> {
+        let mut st = self.lock();
+        match self.call(&mut st, Op::TensorMapEncode(request))? {
+            Some(Value::TensorMap(map)) => {
+                map[..].try_into().map_err(|_| ClientError::Protocol(format!("a tensor map of {} bytes", map.len())))
+            }
+            other => Err(ClientError::Protocol(format!("unexpected tensor map result {other:?}"))),
+        }
+    }
+
     // --- streams and events ----------------------------------------------
 
     /// Creates a stream, queued; the id is assigned here.

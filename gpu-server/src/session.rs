@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 mod link;
+mod tensor_map;
 mod vmm;
 
 use crate::device::{ACCESS_READ, ACCESS_READWRITE};
@@ -226,6 +227,7 @@ impl<S: BackendSession> SessionState<S> {
                 Ok(None)
             }
             Op::Launch(l) => self.launch(l),
+            Op::TensorMapEncode(t) => self.tensor_map(t),
             Op::CtxSetLimit(l) => {
                 if !CONTEXT_LIMITS.contains(&l.limit) {
                     return Err(CallError::invalid_value(format!("unknown context limit {}", l.limit)));
@@ -1126,6 +1128,12 @@ mod tests {
         }
         fn set_limit(&mut self, limit: u32, value: u64) -> DeviceResult<u64> {
             self.inner.set_limit(limit, value)
+        }
+        fn tensor_map(
+            &mut self,
+            request: &crate::device::TensorMapRequest,
+        ) -> DeviceResult<[u8; crate::device::TENSOR_MAP_BYTES]> {
+            self.inner.tensor_map(request)
         }
         fn stream_create(&mut self, flags: u32, priority: i32) -> DeviceResult<Self::Stream> {
             self.inner.stream_create(flags, priority)

@@ -86,3 +86,36 @@ fn the_server_refuses_dimensions_that_would_overflow() {
     }
     assert_eq!(code(s.synchronize()), 0, "the session goes on");
 }
+
+/// TMA descriptors travel to the server, which checks them before its
+/// driver sees them: the emulated device has no driver to encode with and
+/// says so; a tensor outside the session's range, a rank the driver does
+/// not have or vectors of the wrong length are refused; the session goes on.
+#[test]
+fn tensor_maps_are_checked_and_encoded_by_the_server() {
+    let srv = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
+    let s = Session::connect(&srv.client_config()).expect("session");
+    let buf = s.mem_alloc(1 << 20).expect("alloc");
+    let tiled = |addr: u64, rank: u32| v1::TensorMapEncode {
+        kind: v1::TensorMapKind::Tiled as i32,
+        data_type: 7,
+        rank,
+        global_address: addr,
+        global_dim: vec![64; rank as usize],
+        global_strides: vec![256; rank.saturating_sub(1) as usize],
+        box_dim: vec![16; rank as usize],
+        element_strides: vec![1; rank as usize],
+        ..Default::default()
+    };
+    let code = |r: Result<[u8; 128], ClientError>| r.map_or_else(|e| e.code(), |_| 0);
+    assert_eq!(code(s.tensor_map(tiled(buf, 2))), cuda::NOT_SUPPORTED, "no driver to encode with");
+    assert_eq!(code(s.tensor_map(tiled(0x1000, 2))), cuda::INVALID_VALUE, "outside the session");
+    assert_eq!(code(s.tensor_map(tiled(buf, 6))), cuda::INVALID_VALUE, "rank 6");
+    let mut short = tiled(buf, 3);
+    short.box_dim.pop();
+    assert_eq!(code(s.tensor_map(short)), cuda::INVALID_VALUE, "box of the wrong rank");
+    s.memcpy_htod(buf, &[7u8; 64], StreamId::DEFAULT).expect("the session goes on");
+    let mut back = [0u8; 64];
+    s.memcpy_dtoh(&mut back, buf, StreamId::DEFAULT).expect("read back");
+    assert_eq!(back, [7u8; 64]);
+}

@@ -16,6 +16,7 @@
 //!   client-side objects, replayed as queued calls at launch; [`capture`]:
 //!   stream capture, the one "capturing?" check of every stream call;
 //!   [`mempool`]: the stream-ordered allocator and graph memory;
+//! - [`tensor_map`]: TMA descriptors, encoded by the server's driver;
 //! - [`proc_address`]: `cuGetProcAddress` over every export;
 //! - [`export_tables`]: `cuGetExportTable`, the runtime's private tables;
 //! - [`unsupported`]: entry points that return `CUDA_ERROR_NOT_SUPPORTED`;
@@ -94,5 +95,6 @@ pub mod module;
 pub mod proc_address;
 pub mod runtime;
 pub mod stream;
+pub mod tensor_map;
 pub mod unsupported;
 pub mod vmm;

@@ -802,6 +802,10 @@ impl BackendSession for CudaSession {
         CONTEXT_LIMITS.filter_map(|l| get_limit(l).ok().map(|v| (l, v))).collect()
     }
 
+    fn tensor_map(&mut self, request: &super::TensorMapRequest) -> DeviceResult<[u8; super::TENSOR_MAP_BYTES]> {
+        driver::tensor_map(request)
+    }
+
     fn set_limit(&mut self, limit: u32, value: u64) -> DeviceResult<u64> {
         let raw = limit_of(limit)?;
         let value = usize::try_from(value).map_err(|_| CallError::invalid_value(format!("limit value {value}")))?;

@@ -573,6 +573,13 @@ impl BackendSession for EmulatedSession {
 
     /// Keeps the value; the printf FIFO follows PRINTF_FIFO_SIZE, which is
     /// host memory here and therefore bounded ([`MAX_PRINTF_FIFO`]).
+    fn tensor_map(&mut self, _request: &super::TensorMapRequest) -> DeviceResult<[u8; super::TENSOR_MAP_BYTES]> {
+        Err(CallError::new(
+            cuda::NOT_SUPPORTED,
+            "tensor maps (TMA descriptors) are encoded by a CUDA driver; the emulated device has none",
+        ))
+    }
+
     fn set_limit(&mut self, limit: u32, value: u64) -> DeviceResult<u64> {
         if limit == LIMIT_PRINTF_FIFO_SIZE && value > MAX_PRINTF_FIFO {
             return Err(CallError::out_of_memory(format!(

@@ -145,6 +145,46 @@ pub const CONTEXT_LIMITS: std::ops::RangeInclusive<u32> = 0..=7;
 /// `CU_LIMIT_PRINTF_FIFO_SIZE`.
 pub const LIMIT_PRINTF_FIFO_SIZE: u32 = 1;
 
+/// A TMA descriptor to encode (`cuTensorMapEncodeTiled`/`Im2col`) or
+/// re-address (`cuTensorMapReplaceAddress`), checked by the session: rank
+/// 1 to 5, vectors of the lengths the rank asks for, the address inside the
+/// session's range. Enumerated values stay numbers; the driver checks them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TensorMapRequest {
+    Tiled {
+        common: TensorMapCommon,
+        box_dim: Vec<u32>,
+    },
+    Im2col {
+        common: TensorMapCommon,
+        lower: Vec<i32>,
+        upper: Vec<i32>,
+        channels_per_pixel: u32,
+        pixels_per_column: u32,
+    },
+    ReplaceAddress {
+        map: [u8; TENSOR_MAP_BYTES],
+        global_address: u64,
+    },
+}
+
+/// What both encodings take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorMapCommon {
+    pub data_type: u32,
+    pub global_address: u64,
+    pub global_dim: Vec<u64>,
+    pub global_strides: Vec<u64>,
+    pub element_strides: Vec<u32>,
+    pub interleave: u32,
+    pub swizzle: u32,
+    pub l2_promotion: u32,
+    pub oob_fill: u32,
+}
+
+/// Bytes of a `CUtensorMap`.
+pub const TENSOR_MAP_BYTES: usize = 128;
+
 /// `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`.
 pub const FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES: u32 = 8;
 /// `CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT`.
@@ -381,6 +421,8 @@ pub trait BackendSession: 'static {
     /// Sets a context limit and returns the value the device now reports
     /// (drivers round some limits up).
     fn set_limit(&mut self, limit: u32, value: u64) -> DeviceResult<u64>;
+    /// Encodes a TMA descriptor with the device's driver.
+    fn tensor_map(&mut self, request: &TensorMapRequest) -> DeviceResult<[u8; TENSOR_MAP_BYTES]>;
     fn stream_create(&mut self, flags: u32, priority: i32) -> DeviceResult<Self::Stream>;
     fn stream_synchronize(&mut self, stream: Option<&Self::Stream>) -> DeviceResult<()>;
     /// `true` when all work on the stream has completed.

@@ -3,11 +3,11 @@
 //! letting cudarc panic, and the few raw entry points that cudarc's typed
 //! signatures cannot express.
 
-use super::super::DeviceResult;
+use super::super::{DeviceResult, TENSOR_MAP_BYTES, TensorMapRequest};
 use crate::error::CallError;
 use cudarc::driver::sys::{self, CUresult};
 use gpupool_proto::cuda;
-use std::ffi::{CStr, c_char, c_int, c_uint};
+use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
 
 /// Every driver entry point this backend calls. cudarc resolves symbols
 /// lazily and panics on a missing one, so [`check_driver`] looks them all up
@@ -368,6 +368,115 @@ pub(super) fn occupancy_active_clusters(
 pub(super) fn format_uuid(bytes: &[u8; 16]) -> String {
     let hex = |range: std::ops::Range<usize>| bytes[range].iter().map(|b| format!("{b:02x}")).collect::<String>();
     format!("GPU-{}-{}-{}-{}-{}", hex(0..4), hex(4..6), hex(6..8), hex(8..10), hex(10..16))
+}
+
+/// `cuTensorMapEncodeTiled`, `cuTensorMapEncodeIm2col` or
+/// `cuTensorMapReplaceAddress` with the enumerated arguments as plain
+/// integers (they come from the wire; the driver validates them). The
+/// request's vectors have the lengths its rank asks for (checked by the
+/// session).
+pub(super) fn tensor_map(request: &TensorMapRequest) -> DeviceResult<[u8; TENSOR_MAP_BYTES]> {
+    type Tiled = unsafe extern "C" fn(
+        *mut c_void,
+        c_uint,
+        c_uint,
+        *mut c_void,
+        *const u64,
+        *const u64,
+        *const u32,
+        *const u32,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+    ) -> c_int;
+    type Im2col = unsafe extern "C" fn(
+        *mut c_void,
+        c_uint,
+        c_uint,
+        *mut c_void,
+        *const u64,
+        *const u64,
+        *const c_int,
+        *const c_int,
+        c_uint,
+        c_uint,
+        *const u32,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+    ) -> c_int;
+    type Replace = unsafe extern "C" fn(*mut c_void, *mut c_void) -> c_int;
+    // 64-byte aligned, as CUtensorMap is.
+    #[repr(C, align(64))]
+    struct Map([u8; TENSOR_MAP_BYTES]);
+    let mut map = Map([0; TENSOR_MAP_BYTES]);
+    let missing = |what: &str| CallError::new(cuda::NOT_SUPPORTED, format!("libcuda has no {what}"));
+    let (r, what) = match request {
+        TensorMapRequest::Tiled { common: c, box_dim } => {
+            let what = "cuTensorMapEncodeTiled";
+            // SAFETY: library loaded (every backend call follows
+            // `check_driver`); the signature is the C one, enums as ints.
+            let f = unsafe { sys::culib().get::<Tiled>(what.as_bytes()) }.map_err(|_| missing(what))?;
+            // SAFETY: every array holds what the rank asks for (checked by
+            // the caller); `map` is a writable, aligned CUtensorMap.
+            let r = unsafe {
+                f(
+                    map.0.as_mut_ptr().cast(),
+                    c.data_type,
+                    c.global_dim.len() as c_uint,
+                    c.global_address as *mut c_void,
+                    c.global_dim.as_ptr(),
+                    c.global_strides.as_ptr(),
+                    box_dim.as_ptr(),
+                    c.element_strides.as_ptr(),
+                    c.interleave,
+                    c.swizzle,
+                    c.l2_promotion,
+                    c.oob_fill,
+                )
+            };
+            (r, what)
+        }
+        TensorMapRequest::Im2col { common: c, lower, upper, channels_per_pixel, pixels_per_column } => {
+            let what = "cuTensorMapEncodeIm2col";
+            // SAFETY: as above.
+            let f = unsafe { sys::culib().get::<Im2col>(what.as_bytes()) }.map_err(|_| missing(what))?;
+            // SAFETY: as above; the corners hold rank - 2 entries.
+            let r = unsafe {
+                f(
+                    map.0.as_mut_ptr().cast(),
+                    c.data_type,
+                    c.global_dim.len() as c_uint,
+                    c.global_address as *mut c_void,
+                    c.global_dim.as_ptr(),
+                    c.global_strides.as_ptr(),
+                    lower.as_ptr(),
+                    upper.as_ptr(),
+                    *channels_per_pixel,
+                    *pixels_per_column,
+                    c.element_strides.as_ptr(),
+                    c.interleave,
+                    c.swizzle,
+                    c.l2_promotion,
+                    c.oob_fill,
+                )
+            };
+            (r, what)
+        }
+        TensorMapRequest::ReplaceAddress { map: old, global_address } => {
+            let what = "cuTensorMapReplaceAddress";
+            map.0 = *old;
+            // SAFETY: as above.
+            let f = unsafe { sys::culib().get::<Replace>(what.as_bytes()) }.map_err(|_| missing(what))?;
+            // SAFETY: `map` holds an encoded map the caller gave; the
+            // driver rewrites its address field.
+            (unsafe { f(map.0.as_mut_ptr().cast(), *global_address as *mut c_void) }, what)
+        }
+    };
+    check_raw(r, what)?;
+    Ok(map.0)
 }
 
 #[cfg(test)]
