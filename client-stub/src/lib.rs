@@ -18,6 +18,7 @@ pub mod handoff;
 pub mod launch_check;
 pub mod lease;
 pub mod session;
+pub mod stats;
 mod tls;
 pub mod transport;
 mod wait;

@@ -319,6 +319,7 @@ impl Session {
     /// Queues a call; sends a batch if the queue is full.
     fn enqueue(&self, st: &mut State, op: Op) -> Result<()> {
         Self::check_alive(st)?;
+        crate::stats::note_queued();
         if let Some(batch) = st.queue.push(op) {
             self.send(st, &batch)?;
         }
@@ -329,6 +330,7 @@ impl Session {
         self.inner.transport.send_batch(batch).map_err(|e| Self::mark_dead(st, e))?;
         // Bounded: read answers before running too far ahead.
         while st.queue.must_drain() {
+            crate::stats::note_waited();
             let reply = self.inner.transport.recv_reply().map_err(|e| Self::mark_dead(st, e))?;
             st.queue.on_reply(reply, 0).map_err(|e| Self::mark_dead(st, e))?;
         }
@@ -347,6 +349,7 @@ impl Session {
 
     fn call_inner(&self, st: &mut State, op: Op) -> Result<Option<Value>> {
         Self::check_alive(st)?;
+        crate::stats::note_waited();
         // A call that fills the queue comes back in the batch `push` cut.
         let batch = match st.queue.push(op) {
             Some(full) => full,
@@ -431,6 +434,8 @@ impl Session {
         }
         let id = st.next_transfer;
         st.next_transfer += 1;
+        // The upload runs on this thread before the copy is queued.
+        crate::stats::note_waited();
         self.inner.transport.bulk_put(id, Bytes::copy_from_slice(src)).map_err(|e| Self::mark_dead(&mut st, e))?;
         let staged = v1::StagedRef { transfer_id: id, size };
         let op = Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Staged(staged)) });

@@ -89,6 +89,42 @@ fn run(server: &TestServer, program: &str) -> Result<String> {
     Ok(stdout)
 }
 
+/// `GPUPOOL_CALL_STATS=1`: the call table on stderr at exit, stdout the
+/// program's own. The driver-API program's synchronous device-to-host
+/// copies wait, its memsets are queued, and device queries are local.
+#[test]
+fn call_table_counts_local_queued_and_waited_calls() -> Result<()> {
+    let server = TestServer::start(isolated_config()?)?;
+    let (stub, bin) = programs()?;
+    let out = Command::new(bin.join("driver_api"))
+        .env("LD_LIBRARY_PATH", stub)
+        .env("GPUPOOL_SERVER", server.addr.to_string())
+        .env("GPUPOOL_TOKEN", TOKEN)
+        .env("GPUPOOL_CERT_SHA256", &server.fingerprint)
+        .env("GPUPOOL_CALL_STATS", "1")
+        .output()
+        .context("starting driver_api")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stdout.contains("PASS driver_api"), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("gpupool call table"), "the table goes to stderr");
+    let row = |name: &str| -> Vec<u64> {
+        let line = stderr.lines().find(|l| l.split_whitespace().next() == Some(name));
+        let line = line.unwrap_or_else(|| panic!("no row for {name} in:\n{stderr}"));
+        line.split_whitespace().skip(1).map(|v| v.parse().expect("a count")).collect()
+    };
+    // calls, local, queued, waited
+    let dtoh = row("cuMemcpyDtoH_v2");
+    assert!(dtoh[0] > 0 && dtoh[3] == dtoh[0], "every synchronous DtoH waits: {dtoh:?}");
+    let attr = row("cuDeviceGetAttribute");
+    assert!(attr[0] > 0 && attr[1] == attr[0], "device attributes are local: {attr:?}");
+    let total = row("total");
+    assert_eq!(total[0], total[1] + total[2] + total[3]);
+    assert!(total[2] > 0, "some calls were queued: {total:?}");
+    server.stop();
+    Ok(())
+}
+
 #[test]
 fn c_program_on_the_driver_api() -> Result<()> {
     let server = TestServer::start(isolated_config()?)?;

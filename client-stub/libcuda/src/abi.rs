@@ -50,7 +50,7 @@ pub(crate) fn entry(name: &'static str, body: impl FnOnce() -> CuResult) -> CUre
         }
         body()
     };
-    match catch_unwind(AssertUnwindSafe(traced)) {
+    match catch_unwind(AssertUnwindSafe(|| crate::call_stats::measure(name, traced))) {
         Ok(Ok(())) => CUresult::CUDA_SUCCESS,
         Ok(Err(CuError(code))) => {
             if logging {

@@ -76,6 +76,7 @@ macro_rules! unsupported {
 }
 
 pub mod abi;
+mod call_stats;
 pub mod capture;
 mod codes;
 pub mod context;

@@ -1,0 +1,126 @@
+//! The call table (`GPUPOOL_CALL_STATS=1`): per CUDA entry point, how many
+//! calls were answered locally, how many were queued for the server and how
+//! many waited for it, printed to stderr at exit. Native CUDA waits only
+//! where the program synchronizes; every other wait through gpupool is a
+//! cost to remove, and this table finds them.
+//!
+//! Off by default: then [`measure`] is one load of a flag. On, each
+//! outermost entry point compares the client core's per-thread counts
+//! (`gpupool_client::stats`) before and after its body; entry points called
+//! from inside another (the runtime's tables calling exports) count once,
+//! as the outer one.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Row {
+    local: u64,
+    queued: u64,
+    waited: u64,
+}
+
+static TABLE: Mutex<Option<HashMap<&'static str, Row>>> = Mutex::new(None);
+
+thread_local! {
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+}
+
+fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let on = std::env::var("GPUPOOL_CALL_STATS").is_ok_and(|v| !v.is_empty() && v != "0");
+        if on {
+            // SAFETY: registers a function without captured state.
+            unsafe { libc::atexit(print_at_exit) };
+        }
+        on
+    })
+}
+
+/// Runs `body`, the body of entry point `name`, and counts what it did.
+pub(crate) fn measure<T>(name: &'static str, body: impl FnOnce() -> T) -> T {
+    if !enabled() {
+        return body();
+    }
+    let outer = DEPTH.try_with(|d| d.replace(d.get() + 1) == 0).unwrap_or(false);
+    let before = gpupool_client::stats::thread_counts();
+    let out = body();
+    let _ = DEPTH.try_with(|d| d.set(d.get().saturating_sub(1)));
+    if outer {
+        let after = gpupool_client::stats::thread_counts();
+        let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+        let row = table.get_or_insert_with(HashMap::new).entry(name).or_default();
+        if after.waited > before.waited {
+            row.waited += 1;
+        } else if after.queued > before.queued {
+            row.queued += 1;
+        } else {
+            row.local += 1;
+        }
+    }
+    out
+}
+
+/// The table as text, most waits first.
+fn render(table: &HashMap<&'static str, Row>) -> String {
+    let mut rows: Vec<_> = table.iter().collect();
+    rows.sort_by(|a, b| b.1.waited.cmp(&a.1.waited).then(b.1.queued.cmp(&a.1.queued)).then(a.0.cmp(b.0)));
+    let width = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0).max("entry point".len());
+    let mut out = format!(
+        "gpupool call table (GPUPOOL_CALL_STATS)\n{:<width$} {:>10} {:>10} {:>10} {:>10}\n",
+        "entry point", "calls", "local", "queued", "waited"
+    );
+    let mut total = Row::default();
+    for (name, r) in rows {
+        out += &format!(
+            "{name:<width$} {:>10} {:>10} {:>10} {:>10}\n",
+            r.local + r.queued + r.waited,
+            r.local,
+            r.queued,
+            r.waited
+        );
+        total.local += r.local;
+        total.queued += r.queued;
+        total.waited += r.waited;
+    }
+    out += &format!(
+        "{:<width$} {:>10} {:>10} {:>10} {:>10}\n",
+        "total",
+        total.local + total.queued + total.waited,
+        total.local,
+        total.queued,
+        total.waited
+    );
+    out
+}
+
+extern "C" fn print_at_exit() {
+    let text = {
+        let table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+        render(table.as_ref().unwrap_or(&HashMap::new()))
+    };
+    // Straight to fd 2: at exit the Rust stderr handle may be gone.
+    // SAFETY: writes a live buffer to a file descriptor.
+    unsafe { libc::write(2, text.as_ptr().cast(), text.len()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_puts_waits_first_and_totals() {
+        let mut t = HashMap::new();
+        t.insert("cuLaunchKernel", Row { local: 0, queued: 100, waited: 0 });
+        t.insert("cuStreamSynchronize", Row { local: 0, queued: 0, waited: 3 });
+        t.insert("cuDeviceGetAttribute", Row { local: 40, queued: 0, waited: 0 });
+        let text = render(&t);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[2].starts_with("cuStreamSynchronize"), "{text}");
+        assert!(lines[3].starts_with("cuLaunchKernel"), "{text}");
+        assert!(lines[5].starts_with("total") && lines[5].ends_with("3"), "{text}");
+        assert!(lines[5].contains("143"), "{text}");
+    }
+}
