@@ -65,7 +65,29 @@ pub trait Memory {
     fn store(&mut self, addr: u64, data: &[u8]) -> DeviceResult<()>;
 }
 
+/// Largest operand a reference kernel reads or writes. The emulated device
+/// serves tests and demos; sizes from the wire are checked against this
+/// before anything is allocated, so a launch naming 2^32 elements is an
+/// error reply, not an allocation that aborts the process.
+pub const MAX_OPERAND_BYTES: u64 = 1 << 30;
+
+/// Most multiply-adds one reference `matmul_f32` does (a few seconds on
+/// one core); more is refused rather than left to hold the session.
+pub const MAX_MATMUL_WORK: u64 = 1 << 32;
+
+fn too_big(what: &str) -> CallError {
+    CallError::invalid_value(format!(
+        "{what} exceeds what the emulated device's reference kernels handle ({MAX_OPERAND_BYTES} bytes an operand, {MAX_MATMUL_WORK} multiply-adds)"
+    ))
+}
+
+/// Elements of `n` f32s as bytes, checked against [`MAX_OPERAND_BYTES`].
+fn operand_len(n: u64, what: &str) -> DeviceResult<usize> {
+    n.checked_mul(4).filter(|&b| b <= MAX_OPERAND_BYTES).map(|b| b as usize / 4).ok_or_else(|| too_big(what))
+}
+
 fn load_f32s(mem: &dyn Memory, addr: u64, n: usize) -> DeviceResult<Vec<f32>> {
+    let n = operand_len(n as u64, "an operand")?;
     let mut bytes = vec![0u8; n * 4];
     mem.load(addr, &mut bytes)?;
     Ok(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
@@ -164,13 +186,20 @@ pub fn run(
             store_f32s(mem, args.u64(2), &y)
         }
         "matmul_f32" => {
-            let (m, n, k) = (args.u32(3) as usize, args.u32(4) as usize, args.u32(5) as usize);
-            let rows = m.min(threads(&dims, 1) as usize);
-            let cols = n.min(threads(&dims, 0) as usize);
-            let a = load_f32s(mem, args.u64(0), m * k)?;
-            let b = load_f32s(mem, args.u64(1), k * n)?;
+            let (m, n, k) = (u64::from(args.u32(3)), u64::from(args.u32(4)), u64::from(args.u32(5)));
+            let rows = m.min(threads(&dims, 1));
+            let cols = n.min(threads(&dims, 0));
+            let elements = |x: u64, y: u64| x.checked_mul(y).ok_or_else(|| too_big("a matrix"));
+            let (a_len, b_len, c_len) = (elements(m, k)?, elements(k, n)?, elements(m, n)?);
+            if rows.checked_mul(cols).and_then(|rc| rc.checked_mul(k)).is_none_or(|w| w > MAX_MATMUL_WORK) {
+                return Err(too_big("the product"));
+            }
+            let (n, k) = (n as usize, k as usize);
+            let (rows, cols) = (rows as usize, cols as usize);
+            let a = load_f32s(mem, args.u64(0), operand_len(a_len, "matrix A")?)?;
+            let b = load_f32s(mem, args.u64(1), operand_len(b_len, "matrix B")?)?;
             // Rows and columns outside the launched grid stay as they were.
-            let mut c = load_f32s(mem, args.u64(2), m * n)?;
+            let mut c = load_f32s(mem, args.u64(2), operand_len(c_len, "matrix C")?)?;
             for r in 0..rows {
                 for col in 0..cols {
                     let mut acc = 0.0f32;
@@ -231,6 +260,51 @@ mod tests {
         assert_eq!(saxpy.params_size(), 28);
         let mm = f.iter().find(|f| f.name == "matmul_f32").expect("matmul");
         assert_eq!(mm.params_size(), 36);
+    }
+
+    /// Memory that has everything (reads zeros) and keeps nothing.
+    struct Anything;
+    impl Memory for Anything {
+        fn load(&self, _addr: u64, out: &mut [u8]) -> DeviceResult<()> {
+            out.fill(0);
+            Ok(())
+        }
+        fn store(&mut self, _addr: u64, _data: &[u8]) -> DeviceResult<()> {
+            Ok(())
+        }
+    }
+
+    fn index_of(name: &str) -> usize {
+        functions().iter().position(|f| f.name == name).expect("built-in")
+    }
+
+    fn matmul_params(m: u32, n: u32, k: u32) -> Vec<u8> {
+        let mut p = vec![0u8; 36];
+        p[24..28].copy_from_slice(&m.to_le_bytes());
+        p[28..32].copy_from_slice(&n.to_le_bytes());
+        p[32..36].copy_from_slice(&k.to_le_bytes());
+        p
+    }
+
+    /// Issue 20, finding 8: sizes from the wire that indexed out of bounds
+    /// (m = n = k = 2^31) or asked for a 64 GiB vector (2^17) are refused
+    /// with an error, never a panic or an abort.
+    #[test]
+    fn reference_kernels_refuse_what_they_cannot_hold() {
+        let big = LaunchDims { grid: [u32::MAX, 65535, 1], block: [1024, 1, 1], shared_mem_bytes: 0 };
+        let mut fifo = PrintfFifo::default();
+        for (m, n, k) in
+            [(1 << 31, 1 << 31, 1 << 31), (1 << 17, 1 << 17, 1 << 17), (u32::MAX, 1, 1), (4096, 4096, 4096)]
+        {
+            let r = run(index_of("matmul_f32"), big, &matmul_params(m, n, k), &mut Anything, &mut fifo);
+            assert_eq!(r.map_err(|e| e.code), Err(cuda::INVALID_VALUE), "matmul {m}x{n}x{k}");
+        }
+        let small = LaunchDims { grid: [2, 2, 1], block: [16, 16, 1], shared_mem_bytes: 0 };
+        assert!(run(index_of("matmul_f32"), small, &matmul_params(32, 32, 32), &mut Anything, &mut fifo).is_ok());
+        let mut add = vec![0u8; 28];
+        add[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
+        let r = run(index_of("vector_add"), big, &add, &mut Anything, &mut fifo);
+        assert_eq!(r.map_err(|e| e.code), Err(cuda::INVALID_VALUE), "vector_add of 2^32 elements");
     }
 
     #[test]
