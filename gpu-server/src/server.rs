@@ -600,9 +600,49 @@ enum FrameReadError {
     Stream(String),
 }
 
+/// Longest text from a peer (a client's build string) that goes into a log
+/// line or a close reason.
+const MAX_PEER_TEXT: usize = 128;
+
+/// `text` from a peer as it may be logged: at most [`MAX_PEER_TEXT`]
+/// characters, control characters escaped, the cut marked.
+pub(crate) fn peer_text(text: &str) -> String {
+    let mut out: String = text.chars().take(MAX_PEER_TEXT).flat_map(char::escape_default).collect();
+    if text.chars().nth(MAX_PEER_TEXT).is_some() {
+        out.push_str(&format!("… ({} bytes)", text.len()));
+    }
+    out
+}
+
+/// Refusals logged per second at most; the rest are counted (in the
+/// metrics, and in the next line logged), so that unauthenticated
+/// connections cannot flood the log (issue 20, finding 6).
+const REFUSALS_LOGGED_PER_SECOND: u64 = 10;
+
+/// Whether this refusal is logged, and how many were not since the last
+/// one that was.
+fn refusal_log_slot() -> Option<u64> {
+    static WINDOW: std::sync::Mutex<(u64, u64, u64)> = std::sync::Mutex::new((0, 0, 0));
+    let second = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut w = WINDOW.lock().unwrap_or_else(|e| e.into_inner());
+    let (start, logged, suppressed) = &mut *w;
+    if *start != second {
+        (*start, *logged) = (second, 0);
+    }
+    if *logged < REFUSALS_LOGGED_PER_SECOND {
+        *logged += 1;
+        Some(std::mem::take(suppressed))
+    } else {
+        *suppressed += 1;
+        None
+    }
+}
+
 fn refuse(shared: &Shared, conn: &quinn::Connection, code: u32, reason: &str) {
     add(&shared.metrics.sessions_refused, 1);
-    tracing::info!(remote = %conn.remote_address(), code, reason, "session refused");
+    if let Some(suppressed) = refusal_log_slot() {
+        tracing::info!(remote = %conn.remote_address(), code, reason, suppressed, "session refused");
+    }
     conn.close(code.into(), reason.as_bytes());
 }
 
@@ -631,7 +671,8 @@ async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming: quinn::Inc
     if hello.protocol_version != PROTOCOL_VERSION {
         let reason = format!(
             "protocol version mismatch: server speaks {PROTOCOL_VERSION}, client {} sent {}",
-            hello.client_build, hello.protocol_version
+            peer_text(&hello.client_build),
+            hello.protocol_version
         );
         return refuse(&shared, &conn, close_code::VERSION_MISMATCH, &reason);
     }
@@ -649,7 +690,7 @@ async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming: quinn::Inc
     let id = grant.session_id.unwrap_or_else(|| shared.next_session.fetch_add(1, Ordering::Relaxed));
     let span = tracing::info_span!("session", id, remote = %conn.remote_address());
     let _enter = span.enter();
-    tracing::info!(client = %hello.client_build, subject = %grant.subject, "session opened");
+    tracing::info!(client = %peer_text(&hello.client_build), subject = %grant.subject, "session opened");
     add(&shared.metrics.sessions_opened, 1);
     add(&shared.metrics.sessions_active, 1);
     // A lease grants its whole instance; other tokens get the server's quota.
@@ -1272,5 +1313,29 @@ fn serve_bulk(shared: &Shared, staging: &Staging, req: v1::BulkRequest) -> Resul
             Ok(v1::BulkResponse { error: None, data: Some(payload::encode(bytes, mode)) })
         }
         None => Err(CallError::invalid_value("bulk request without an operation")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 20, finding 6: a 60 KiB build string once went whole into a
+    /// log line for every refused connection.
+    #[test]
+    fn peer_text_is_cut_and_escaped() {
+        let long = "x".repeat(60 << 10);
+        let shown = peer_text(&long);
+        assert!(shown.len() < 200, "{}", shown.len());
+        assert!(shown.ends_with(&format!("({} bytes)", 60 << 10)));
+        assert_eq!(peer_text("gpupool 0.1\n\u{1b}[31m"), "gpupool 0.1\\n\\u{1b}[31m");
+    }
+
+    #[test]
+    fn refusals_are_logged_at_a_bounded_rate() {
+        let logged = (0..1000).filter(|_| refusal_log_slot().is_some()).count() as u64;
+        // At most two one-second windows can be touched by the loop.
+        assert!(logged <= 2 * REFUSALS_LOGGED_PER_SECOND, "{logged}");
+        assert!(logged >= 1);
     }
 }
