@@ -49,13 +49,35 @@ pub(crate) fn server_spec(req: &pb::RegisterRequest) -> Result<pool::ServerSpec,
     })
 }
 
-pub(crate) fn request(req: &pb::AllocateRequest) -> pool::Request {
-    pool::Request {
+/// Longest tenant name and MIG profile name an Allocate may carry.
+pub(crate) const MAX_NAME_BYTES: usize = 128;
+
+/// A name from a client: at most [`MAX_NAME_BYTES`] bytes of printable
+/// ASCII. Names are kept (queue, leases, Status), so an unbounded one let
+/// 32 waiting requests grow the balancer by 250 MiB and broke `Status`
+/// (issue 20, finding 11).
+fn checked_name(what: &str, name: &str) -> Result<(), tonic::Status> {
+    if name.len() > MAX_NAME_BYTES {
+        return Err(tonic::Status::invalid_argument(format!(
+            "{what} is {} bytes long; at most {MAX_NAME_BYTES} are allowed",
+            name.len()
+        )));
+    }
+    if let Some(c) = name.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(tonic::Status::invalid_argument(format!("{what} holds {:?}: only printable ASCII is allowed", c)));
+    }
+    Ok(())
+}
+
+pub(crate) fn request(req: &pb::AllocateRequest) -> Result<pool::Request, tonic::Status> {
+    checked_name("the tenant name", &req.tenant)?;
+    checked_name("the profile name", &req.profile)?;
+    Ok(pool::Request {
         tenant: req.tenant.clone(),
         memory: req.memory_bytes,
         compute_percent: req.compute_percent,
         profile: (!req.profile.is_empty()).then(|| req.profile.clone()),
-    }
+    })
 }
 
 pub(crate) fn adopt(c: &pb::LeaseClaims) -> pool::Adopt {
@@ -139,5 +161,24 @@ pub(crate) fn status(view: &pool::PoolView) -> pb::PoolStatus {
         releases: view.counters.releases,
         expirations: view.counters.expirations,
         queue_timeouts: 0,
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    /// Issue 20, finding 11: 3.9 MiB tenant names were queued and kept.
+    #[test]
+    fn names_from_clients_are_bounded() {
+        let req = |tenant: &str| pb::AllocateRequest { tenant: tenant.into(), ..Default::default() };
+        assert!(request(&req("team-a")).is_ok());
+        assert!(request(&req(&"t".repeat(MAX_NAME_BYTES))).is_ok());
+        let long = request(&req(&"t".repeat(4 << 20))).unwrap_err();
+        assert_eq!(long.code(), tonic::Code::InvalidArgument);
+        assert!(long.message().len() < 200, "the refusal does not echo the name");
+        assert_eq!(request(&req("a\nb")).unwrap_err().code(), tonic::Code::InvalidArgument);
+        let profile = pb::AllocateRequest { profile: "p".repeat(1000), ..Default::default() };
+        assert_eq!(request(&profile).unwrap_err().code(), tonic::Code::InvalidArgument);
     }
 }

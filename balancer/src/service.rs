@@ -24,6 +24,9 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tonic::{Request, Response, Status};
 
+/// Largest request message the balancer decodes.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
 /// Why the balancer could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum BalancerError {
@@ -291,7 +294,7 @@ impl BalancerRpc for Service {
         self.state.check_client(&req)?;
         let req = req.into_inner();
         let wait = Duration::from_millis(u64::from(req.wait_timeout_ms)).min(self.state.config.max_wait);
-        let request = convert::request(&req);
+        let request = convert::request(&req)?;
         let (ticket, rx) = {
             let mut inner = self.state.lock();
             let allocated = inner.pool.allocate(request, unix_ms_now(), !wait.is_zero());
@@ -501,7 +504,11 @@ impl Balancer {
                 }
                 s
             });
-        let service = BalancerServer::new(Service { state: self.state.clone() });
+        // Requests are small (a registration lists a server's GPUs and the
+        // tokens of its live sessions); 1 MiB bounds what one can make the
+        // balancer decode and keep.
+        let service =
+            BalancerServer::new(Service { state: self.state.clone() }).max_decoding_message_size(MAX_REQUEST_BYTES);
         let (fired_tx, fired_rx) = oneshot::channel::<()>();
         let signal = async move {
             shutdown.await;
