@@ -17,33 +17,7 @@
 
 #define NAME "driver_api"
 
-static void fail(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    printf("FAIL " NAME ": ");
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    fflush(stdout);
-    exit(1);
-}
-
-static const char *err_name(CUresult r)
-{
-    const char *n = NULL;
-    if (cuGetErrorName(r, &n) != CUDA_SUCCESS || n == NULL)
-        return "(unknown error)";
-    return n;
-}
-
-#define CK(call)                                                              \
-    do {                                                                      \
-        CUresult r_ = (call);                                                 \
-        if (r_ != CUDA_SUCCESS)                                               \
-            fail("line %d: %s -> %s (%d)", __LINE__, #call, err_name(r_),     \
-                 (int)r_);                                                    \
-    } while (0)
+#include "check_driver.h"
 
 #define REQUIRE(cond, ...)                                                    \
     do {                                                                      \

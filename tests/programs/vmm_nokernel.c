@@ -19,33 +19,7 @@
 
 #define NAME "vmm_nokernel"
 
-static void fail(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    printf("FAIL " NAME ": ");
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    fflush(stdout);
-    exit(1);
-}
-
-static const char *err_name(CUresult r)
-{
-    const char *n = NULL;
-    if (cuGetErrorName(r, &n) != CUDA_SUCCESS || n == NULL)
-        return "(unknown error)";
-    return n;
-}
-
-#define CK(call)                                                              \
-    do {                                                                      \
-        CUresult r_ = (call);                                                 \
-        if (r_ != CUDA_SUCCESS)                                               \
-            fail("line %d: %s -> %s (%d)", __LINE__, #call, err_name(r_),     \
-                 (int)r_);                                                    \
-    } while (0)
+#include "check_driver.h"
 
 /* A call that must be refused (the exact code may differ between drivers). */
 #define REFUSED(call)                                                         \

@@ -17,28 +17,7 @@
 
 #define NAME "graphs_builtin"
 
-static void fail(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    printf("FAIL " NAME ": ");
-    vprintf(fmt, ap);
-    printf("\n");
-    va_end(ap);
-    fflush(stdout);
-    exit(1);
-}
-
-#define CK(call)                                                              \
-    do {                                                                      \
-        CUresult r_ = (call);                                                 \
-        if (r_ != CUDA_SUCCESS) {                                             \
-            const char *n_ = NULL;                                            \
-            cuGetErrorName(r_, &n_);                                          \
-            fail("line %d: %s -> %s (%d)", __LINE__, #call,                   \
-                 n_ ? n_ : "?", (int)r_);                                     \
-        }                                                                     \
-    } while (0)
+#include "../check_driver.h"
 
 #define N 10000
 
