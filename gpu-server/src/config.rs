@@ -93,6 +93,9 @@ pub struct ServerConfig {
     pub image_cache_dir: Option<PathBuf>,
     /// Bytes of module images kept in memory.
     pub image_cache_bytes: u64,
+    /// Bytes of module images kept in `image_cache_dir`; the least recently
+    /// used go first beyond it.
+    pub image_cache_disk_bytes: u64,
     /// A connection silent this long is closed.
     pub idle_timeout: Duration,
     /// Largest UDP payload sent or accepted; MTU discovery probes up to it
@@ -145,6 +148,7 @@ impl ServerConfig {
             batch_queue: 64,
             image_cache_dir: None,
             image_cache_bytes: 1 << 30,
+            image_cache_disk_bytes: 8 << 30,
             idle_timeout: Duration::from_secs(30),
             max_udp_payload: gpupool_proto::quic::DEFAULT_UDP_PAYLOAD,
             handshake_timeout: Duration::from_secs(10),

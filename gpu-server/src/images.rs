@@ -3,7 +3,10 @@
 //! Clients send the SHA-256 of an image first and upload it only on a miss.
 //! Images live in memory (bounded, oldest evicted first) and, when a
 //! directory is configured, on disk under their hex digest so they survive a
-//! restart.
+//! restart and are shared by the worker processes of one server. The disk
+//! is bounded too: beyond its limit the least recently used files go (a
+//! file's modification time is bumped when it is read), so distinct images
+//! from clients cannot fill it (issue 20, finding 5).
 
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, VecDeque};
@@ -23,6 +26,7 @@ pub fn key_of(image: &[u8]) -> ImageKey {
 pub struct ImageCache {
     dir: Option<PathBuf>,
     max_bytes: u64,
+    disk_max_bytes: u64,
     inner: Mutex<Inner>,
 }
 
@@ -37,9 +41,15 @@ impl ImageCache {
     /// A cache of at most `max_bytes` in memory, persisted to `dir` if given.
     /// The built-in module is always present.
     pub fn new(dir: Option<PathBuf>, max_bytes: u64) -> Self {
-        let cache = Self { dir, max_bytes, inner: Mutex::default() };
+        let cache = Self { dir, max_bytes, disk_max_bytes: u64::MAX, inner: Mutex::default() };
         cache.insert_memory(key_of(gpupool_proto::BUILTIN_MODULE), Arc::from(gpupool_proto::BUILTIN_MODULE));
         cache
+    }
+
+    /// Keeps at most `bytes` of images on disk.
+    pub fn with_disk_limit(mut self, bytes: u64) -> Self {
+        self.disk_max_bytes = bytes;
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -52,10 +62,14 @@ impl ImageCache {
             return Some(img.clone());
         }
         let path = self.dir.as_ref()?.join(hex::encode(key));
-        let bytes = std::fs::read(path).ok()?;
+        let bytes = std::fs::read(&path).ok()?;
         // A corrupt file is ignored, not served.
         if key_of(&bytes) != *key {
             return None;
+        }
+        // Recently used: trimmed last.
+        if let Ok(f) = std::fs::File::options().write(true).open(&path) {
+            let _ = f.set_modified(std::time::SystemTime::now());
         }
         let img: Arc<[u8]> = Arc::from(bytes);
         self.insert_memory(*key, img.clone());
@@ -67,8 +81,11 @@ impl ImageCache {
         if let Some(dir) = &self.dir {
             let path = dir.join(hex::encode(key));
             let tmp = dir.join(format!(".{}.tmp", hex::encode(key)));
-            if let Err(e) = std::fs::write(&tmp, &image).and_then(|()| std::fs::rename(&tmp, &path)) {
-                tracing::warn!(error = %e, "cannot persist module image");
+            if (image.len() as u64) <= self.disk_max_bytes {
+                match std::fs::write(&tmp, &image).and_then(|()| std::fs::rename(&tmp, &path)) {
+                    Ok(()) => trim_dir(dir, self.disk_max_bytes, &path),
+                    Err(e) => tracing::warn!(error = %e, "cannot persist module image"),
+                }
             }
         }
         self.insert_memory(key, image);
@@ -101,6 +118,40 @@ impl ImageCache {
     }
 }
 
+/// Deletes the least recently modified images in `dir` until they take at
+/// most `max_bytes`; `keep` (the one just written) stays.
+fn trim_dir(dir: &std::path::Path, max_bytes: u64, keep: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((m.modified().ok()?, m.len(), e.path()))
+        })
+        .collect();
+    let mut total: u64 = files.iter().map(|(_, len, _)| len).sum();
+    if total <= max_bytes {
+        return;
+    }
+    files.sort();
+    for (_, len, path) in files {
+        if total <= max_bytes {
+            break;
+        }
+        if path == keep {
+            continue;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total -= len;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +173,41 @@ mod tests {
         c.insert(key_of(&b), b.clone());
         assert_eq!(c.lock().images.len(), 2, "builtin + newest");
         assert_eq!(c.get(&key_of(&a)).as_deref(), Some(&a[..]), "reloaded from disk");
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    /// Issue 20, finding 5: 4 MB of distinct images became 1 GiB on disk.
+    #[test]
+    fn disk_keeps_within_its_limit_dropping_the_least_recently_used() {
+        let dir = std::env::temp_dir().join(format!("gpupool-images-disk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let c = ImageCache::new(Some(dir.clone()), 1 << 20).with_disk_limit(3000);
+        let images: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 1000]).collect();
+        for (i, img) in images.iter().enumerate() {
+            c.insert(key_of(img), Arc::from(img.as_slice()));
+            if i == 2 {
+                // The first one is read again: recently used, kept.
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                let first = dir.join(hex::encode(key_of(&images[0])));
+                std::fs::File::options()
+                    .write(true)
+                    .open(first)
+                    .unwrap()
+                    .set_modified(std::time::SystemTime::now())
+                    .unwrap();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let on_disk: u64 = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+        assert!(on_disk <= 3000, "{on_disk} bytes on disk");
+        let present = |i: usize| dir.join(hex::encode(key_of(&images[i]))).exists();
+        assert!(present(4), "the newest stays");
+        assert!(present(0), "the recently read one stays");
+        assert!(!present(1) && !present(2), "the least recently used went");
+        assert!(present(3));
+        let big = vec![9u8; 4000];
+        c.insert(key_of(&big), Arc::from(big.as_slice()));
+        assert!(!dir.join(hex::encode(key_of(&big))).exists(), "larger than the whole disk budget: memory only");
         std::fs::remove_dir_all(dir).expect("cleanup");
     }
 }

@@ -62,6 +62,10 @@ struct Args {
     /// Directory for the module image cache.
     #[arg(long, env = "GPUPOOL_IMAGE_CACHE")]
     image_cache: Option<PathBuf>,
+    /// Most MiB of module images kept in `--image-cache`; the least
+    /// recently used are deleted beyond it.
+    #[arg(long, env = "GPUPOOL_IMAGE_CACHE_DISK_MIB", default_value_t = 8192)]
+    image_cache_disk_mib: u64,
     /// `process`: each session in its own worker process and device context
     /// (tenants cannot reach each other's memory; a fault ends one session);
     /// `in-process`: all sessions share this process's context (trusted,
@@ -163,6 +167,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.memory_quota = args.session_memory_mib << 20;
     config.max_sessions = args.max_sessions;
     config.image_cache_dir = args.image_cache;
+    config.image_cache_disk_bytes = args.image_cache_disk_mib.saturating_mul(1 << 20);
     config.max_udp_payload = args.max_udp_payload;
     config.resume_grace = std::time::Duration::from_millis(args.resume_grace_ms);
     if let Some(us) = args.session_spin_us {

@@ -402,7 +402,10 @@ impl Server {
         let endpoint = quic::endpoint(socket, config.max_udp_payload, Some(server_config))
             .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
         let shared = Arc::new(Shared {
-            images: Arc::new(ImageCache::new(config.image_cache_dir.clone(), config.image_cache_bytes)),
+            images: Arc::new(
+                ImageCache::new(config.image_cache_dir.clone(), config.image_cache_bytes)
+                    .with_disk_limit(config.image_cache_disk_bytes),
+            ),
             sessions: Arc::new(Semaphore::new(config.max_sessions)),
             config,
             auth,
