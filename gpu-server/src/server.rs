@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 /// Largest `Hello` accepted.
 const MAX_HELLO_BYTES: usize = 64 << 10;
@@ -692,44 +693,51 @@ async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming: quinn::Inc
     };
     let id = grant.session_id.unwrap_or_else(|| shared.next_session.fetch_add(1, Ordering::Relaxed));
     let span = tracing::info_span!("session", id, remote = %conn.remote_address());
-    let _enter = span.enter();
-    tracing::info!(client = %peer_text(&hello.client_build), subject = %grant.subject, "session opened");
-    add(&shared.metrics.sessions_opened, 1);
-    add(&shared.metrics.sessions_active, 1);
-    // A lease grants its whole instance; other tokens get the server's quota.
-    let quota = match (&grant.lease, grant.memory_quota) {
-        (Some(_), Some(q)) => q,
-        _ => grant.memory_quota.unwrap_or(shared.config.memory_quota).min(shared.config.memory_quota),
-    };
-    if let Some(lease) = &grant.lease {
-        let session = LeasedSession { token: lease.token.clone(), memory_used: 0, conn: conn.clone() };
-        // One session per lease: a client that reconnects (a thawed Lambda
-        // environment) replaces its old session.
-        if let Some(old) = shared.leased().insert(lease.lease_id, session) {
-            old.conn.close(close_code::NORMAL.into(), b"replaced by a new session of the same lease");
-        }
-    }
-    let conn = match mode {
-        Mode::Local(AnyDevice::Cuda(d)) => run_session(&shared, d, conn, id, quota, &grant, send, recv).await,
-        Mode::Local(AnyDevice::Emulated(d)) => run_session(&shared, d, conn, id, quota, &grant, send, recv).await,
-        Mode::Workers(workers) => match workers.for_session(&grant) {
-            Some(pool) => run_in_worker(&shared, pool, conn, id, quota, &grant, send).await,
-            None => {
-                conn.close(close_code::UNAUTHORIZED.into(), b"the lease's instance is not served here");
-                conn
+    // The span follows this task across its awaits: entered with a guard
+    // instead, it stayed entered on the runtime thread while the task was
+    // parked, and other sessions' lines on that thread carried this
+    // session's id (issue 20, finding 12).
+    async move {
+        tracing::info!(client = %peer_text(&hello.client_build), subject = %grant.subject, "session opened");
+        add(&shared.metrics.sessions_opened, 1);
+        add(&shared.metrics.sessions_active, 1);
+        // A lease grants its whole instance; other tokens get the server's quota.
+        let quota = match (&grant.lease, grant.memory_quota) {
+            (Some(_), Some(q)) => q,
+            _ => grant.memory_quota.unwrap_or(shared.config.memory_quota).min(shared.config.memory_quota),
+        };
+        if let Some(lease) = &grant.lease {
+            let session = LeasedSession { token: lease.token.clone(), memory_used: 0, conn: conn.clone() };
+            // One session per lease: a client that reconnects (a thawed Lambda
+            // environment) replaces its old session.
+            if let Some(old) = shared.leased().insert(lease.lease_id, session) {
+                old.conn.close(close_code::NORMAL.into(), b"replaced by a new session of the same lease");
             }
-        },
-    };
-    if let Some(lease) = &grant.lease {
-        let mut leased = shared.leased();
-        if leased.get(&lease.lease_id).is_some_and(|s| s.conn.stable_id() == conn.stable_id()) {
-            leased.remove(&lease.lease_id);
         }
+        let conn = match mode {
+            Mode::Local(AnyDevice::Cuda(d)) => run_session(&shared, d, conn, id, quota, &grant, send, recv).await,
+            Mode::Local(AnyDevice::Emulated(d)) => run_session(&shared, d, conn, id, quota, &grant, send, recv).await,
+            Mode::Workers(workers) => match workers.for_session(&grant) {
+                Some(pool) => run_in_worker(&shared, pool, conn, id, quota, &grant, send).await,
+                None => {
+                    conn.close(close_code::UNAUTHORIZED.into(), b"the lease's instance is not served here");
+                    conn
+                }
+            },
+        };
+        if let Some(lease) = &grant.lease {
+            let mut leased = shared.leased();
+            if leased.get(&lease.lease_id).is_some_and(|s| s.conn.stable_id() == conn.stable_id()) {
+                leased.remove(&lease.lease_id);
+            }
+        }
+        shared.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);
+        drop(permit);
+        shared.session_ended.notify_one();
+        tracing::info!("session ended");
     }
-    shared.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);
-    drop(permit);
-    shared.session_ended.notify_one();
-    tracing::info!("session ended");
+    .instrument(span)
+    .await
 }
 
 /// A `Hello` with a `Resume`: hands the connection to the session's task
