@@ -4,7 +4,10 @@
 //! `MemcpyHtoD` on the command stream; downloads are filled by a `MemcpyDtoH`
 //! and drained by chunk requests. The table is shared between the session's
 //! worker and its bulk-stream tasks; every byte it holds counts against one
-//! per-session bound, checked before anything is allocated.
+//! per-session bound, checked before anything is allocated. An upload holds
+//! the chunks received so far, not the size it announced: a 1-byte chunk
+//! that announced 3 GiB once made the worker allocate and zero 3 GiB
+//! (issue 20, finding 4).
 
 use crate::error::CallError;
 use bytes::Bytes;
@@ -29,9 +32,10 @@ struct Inner {
 
 #[derive(Debug)]
 struct Upload {
-    data: Vec<u8>,
-    /// Received chunks: offset -> length, never overlapping.
-    chunks: BTreeMap<u64, u64>,
+    /// The size the first chunk announced.
+    total: u64,
+    /// Received chunks by offset, never overlapping.
+    chunks: BTreeMap<u64, Vec<u8>>,
     received: u64,
 }
 
@@ -64,34 +68,37 @@ impl Staging {
             if inner.uploads.len() + inner.downloads.len() >= self.max_transfers {
                 return Err(CallError::out_of_memory("too many staged transfers in flight"));
             }
-            if inner.bytes.saturating_add(total) > self.limit {
+            if total > self.limit {
                 return Err(CallError::out_of_memory(format!(
                     "staging {total} bytes would exceed the session's staging limit of {} bytes",
                     self.limit
                 )));
             }
-            let mut data = Vec::new();
-            data.try_reserve_exact(total as usize)
-                .map_err(|_| CallError::out_of_memory("cannot allocate staging memory"))?;
-            data.resize(total as usize, 0);
-            inner.bytes += total;
-            inner.uploads.insert(id, Upload { data, chunks: BTreeMap::new(), received: 0 });
+            inner.uploads.insert(id, Upload { total, chunks: BTreeMap::new(), received: 0 });
         }
-        let up = inner.uploads.get_mut(&id).ok_or_else(|| CallError::invalid_handle("upload vanished"))?;
-        if up.data.len() as u64 != total {
-            return Err(CallError::invalid_value(format!(
-                "transfer {id} was started with {} bytes, not {total}",
-                up.data.len()
+        if inner.bytes.saturating_add(len) > self.limit {
+            return Err(CallError::out_of_memory(format!(
+                "staging {len} more bytes would exceed the session's staging limit of {} bytes",
+                self.limit
             )));
         }
-        let overlaps_prev = up.chunks.range(..=offset).next_back().is_some_and(|(&o, &l)| o + l > offset);
+        let up = inner.uploads.get_mut(&id).ok_or_else(|| CallError::invalid_handle("upload vanished"))?;
+        if up.total != total {
+            return Err(CallError::invalid_value(format!(
+                "transfer {id} was started with {} bytes, not {total}",
+                up.total
+            )));
+        }
+        let overlaps_prev = up.chunks.range(..=offset).next_back().is_some_and(|(&o, c)| o + c.len() as u64 > offset);
         let overlaps_next = up.chunks.range(offset..).next().is_some_and(|(&o, _)| o < end);
         if len > 0 && (overlaps_prev || overlaps_next) {
             return Err(CallError::invalid_value(format!("chunk at {offset} overlaps one already received")));
         }
-        up.data[offset as usize..end as usize].copy_from_slice(chunk);
-        up.chunks.insert(offset, len);
-        up.received += len;
+        if len > 0 {
+            up.chunks.insert(offset, chunk.to_vec());
+            up.received += len;
+            inner.bytes += len;
+        }
         Ok(())
     }
 
@@ -99,10 +106,10 @@ impl Staging {
     pub fn take_upload(&self, id: u64, size: u64) -> Result<Vec<u8>, CallError> {
         let mut inner = self.lock();
         let up = inner.uploads.get(&id).ok_or_else(|| CallError::invalid_handle(format!("no staged upload {id}")))?;
-        if up.data.len() as u64 != size {
+        if up.total != size {
             return Err(CallError::invalid_value(format!(
                 "staged upload {id} holds {} bytes, the copy names {size}",
-                up.data.len()
+                up.total
             )));
         }
         if up.received != size {
@@ -113,7 +120,15 @@ impl Staging {
         }
         let up = inner.uploads.remove(&id).ok_or_else(|| CallError::invalid_handle("upload vanished"))?;
         inner.bytes -= size;
-        Ok(up.data)
+        drop(inner);
+        // Complete and not overlapping: the chunks tile [0, size) in order.
+        let mut data = Vec::new();
+        data.try_reserve_exact(size as usize)
+            .map_err(|_| CallError::out_of_memory("cannot allocate staging memory"))?;
+        for chunk in up.chunks.into_values() {
+            data.extend_from_slice(&chunk);
+        }
+        Ok(data)
     }
 
     /// Reserves room for a download of `size` bytes before it is read.
@@ -191,6 +206,21 @@ mod tests {
         assert!(s.put(1, 10, 8, b"xyz").is_err());
         assert!(s.put(1, 12, 5, b"a").is_err(), "total changed");
         assert!(s.put(2, u64::MAX, u64::MAX, b"a").is_err());
+    }
+
+    #[test]
+    fn announced_size_is_not_allocated() {
+        // Issue 20, finding 4: the first chunk's announcement fixes the
+        // size, but only received bytes are held and counted.
+        let s = Staging::new(4 << 30, 8);
+        s.put(7, 3 << 30, (3 << 30) - 1, b"z").expect("one byte of 3 GiB");
+        assert_eq!(s.bytes(), 1);
+        assert!(s.take_upload(7, 3 << 30).is_err(), "incomplete");
+        s.put(8, 4, 2, b"cd").expect("second half first");
+        s.put(8, 4, 0, b"ab").expect("first half");
+        assert_eq!(s.bytes(), 5);
+        assert_eq!(s.take_upload(8, 4).expect("complete"), b"abcd");
+        assert_eq!(s.bytes(), 1);
     }
 
     #[test]
