@@ -559,15 +559,39 @@ fn bind_listen(config: &ServerConfig) -> Result<std::net::UdpSocket, ServerError
     )))
 }
 
+/// Receive window of a connection that has not been authenticated: room
+/// for its Hello.
+const PRE_AUTH_RECEIVE_WINDOW: u32 = 1 << 20;
+
+/// Receive window of an authenticated session's connection (bulk copies).
+const SESSION_RECEIVE_WINDOW: u32 = 256 << 20;
+
+/// Receive window left on a supervisor's control connection once its
+/// session moved to a worker: nothing is read there any more.
+const CONTROL_RECEIVE_WINDOW: u32 = 64 << 10;
+
+/// Gives an authenticated connection its session's windows and streams.
+fn open_windows(conn: &quinn::Connection, config: &ServerConfig) {
+    conn.set_receive_window(quinn::VarInt::from_u32(SESSION_RECEIVE_WINDOW));
+    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(config.max_bulk_streams as u32 + 1));
+}
+
 fn transport_config(config: &ServerConfig) -> Result<quinn::TransportConfig, ServerError> {
     let mut t = quinn::TransportConfig::default();
     let idle = quinn::IdleTimeout::try_from(config.idle_timeout)
         .map_err(|e| ServerError::Config(format!("idle_timeout: {e}")))?;
     t.max_idle_timeout(Some(idle));
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(config.max_bulk_streams as u32 + 1));
+    // Until its Hello is authenticated a connection gets one stream and a
+    // small receive window: a connection that opens streams the server
+    // never reads can make it buffer no more than this (6 such connections
+    // once took the supervisor to 1.9 GiB; issue 20, finding 1).
+    // `open_windows` raises both once the peer is known.
+    t.max_concurrent_bidi_streams(1u8.into());
     t.max_concurrent_uni_streams(0u8.into());
+    // Per stream the session's window (it cannot be raised later); the
+    // connection's window bounds all streams together.
     t.stream_receive_window(quinn::VarInt::from_u32(32 << 20));
-    t.receive_window(quinn::VarInt::from_u32(256 << 20));
+    t.receive_window(quinn::VarInt::from_u32(PRE_AUTH_RECEIVE_WINDOW));
     t.send_window(256 << 20);
     t.mtu_discovery_config(quic::mtu_discovery(config.max_udp_payload));
     Ok(t)
@@ -684,6 +708,13 @@ async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming: quinn::Inc
         Ok(g) => g,
         Err(e) => return refuse(&shared, &conn, close_code::UNAUTHORIZED, &e.to_string()),
     };
+    // A supervisor's connection only carries the Hello and the redirect
+    // (the session runs on the worker's connection): it keeps its small
+    // window, so a tenant cannot pin the supervisor's memory by sending on
+    // it (256 MiB a session before; issue 20, finding 2).
+    if !matches!(mode, Mode::Workers(_)) {
+        open_windows(&conn, &shared.config);
+    }
     if let Some(resume) = hello.resume {
         return hand_to_session(&shared, conn, send, recv, &grant, resume);
     }
@@ -822,6 +853,10 @@ async fn run_in_worker(
         pool.finished(pid);
         return conn;
     }
+    // The session lives on the worker's connection now: no new streams
+    // here, and no more credit than the pre-session window gave.
+    conn.set_receive_window(quinn::VarInt::from_u32(CONTROL_RECEIVE_WINDOW));
+    conn.set_max_concurrent_bi_streams(0u8.into());
     let metrics = shared.metrics.clone();
     let mut events = worker.take_events();
     let mut reported = v1::WorkerMetrics::default();

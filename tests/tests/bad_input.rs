@@ -235,3 +235,43 @@ fn unknown_ids_foreign_and_out_of_range_addresses_oversize_requests() {
     a.synchronize().expect("a unaffected by b's fault");
     still_serves(&srv);
 }
+
+/// Issue 20, finding 1: before its Hello is authenticated a connection may
+/// open one stream and make the server buffer only a small window. Streams
+/// the server never reads once took 256 MiB each connection (six such
+/// connections took the supervisor to 1.9 GiB).
+#[tokio::test]
+async fn unauthenticated_connections_get_a_small_window() {
+    let srv = start();
+    let (_ep, conn) = Raw::connect(&srv, srv.addr).await;
+    let (mut first, _recv) = conn.open_bi().await.expect("the command stream");
+    // Half a frame header: the server waits for the rest of the Hello.
+    first.write_all(&[1, 0]).await.expect("two bytes");
+    let flood = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        let (mut s, _r) = conn.open_bi().await.expect("stream");
+        s.write_all(&vec![0u8; 8 << 20]).await
+    })
+    .await;
+    assert!(flood.is_err(), "8 MiB went on a second stream the server never reads: {flood:?}");
+    drop(conn);
+    still_serves(&srv);
+}
+
+/// Issue 20, finding 2: with worker processes, the supervisor's connection
+/// carries only the Hello and the redirect; a tenant sending on it after the
+/// redirect cannot make the supervisor hold more than the pre-session window.
+#[tokio::test]
+async fn supervisor_connection_stays_small_after_the_redirect() {
+    let srv = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
+    let (mut raw, welcome) = Raw::open(&srv, PROTOCOL_VERSION, TOKEN).await.expect("redirected");
+    assert!(welcome.redirect.is_some(), "process isolation redirects");
+    let flood = vec![0u8; 8 << 20];
+    let sent = tokio::time::timeout(std::time::Duration::from_secs(2), raw.send.write_all(&flood)).await;
+    assert!(sent.is_err(), "8 MiB accepted on the supervisor's connection after the redirect");
+    let stream = tokio::time::timeout(std::time::Duration::from_millis(500), async {
+        let (mut s, _r) = raw.conn.open_bi().await.expect("stream");
+        s.write_all(b"x").await
+    })
+    .await;
+    assert!(stream.is_err(), "a new stream on the supervisor's connection after the redirect");
+}
