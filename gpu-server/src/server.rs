@@ -949,7 +949,9 @@ async fn worker_end(shared: &Shared, worker: &mut crate::pool::Worker) -> std::i
 
 /// Work for a session's worker thread, in command-stream order.
 enum Work {
-    Batch(v1::Batch),
+    /// A batch and its share of the queue's byte budget, given back once
+    /// the batch ran.
+    Batch(v1::Batch, tokio::sync::OwnedSemaphorePermit),
     /// A reply the reader made itself (a rejected frame), kept in order.
     Reply(v1::BatchReply),
 }
@@ -1057,13 +1059,14 @@ async fn run_session<B: Backend>(
         return conn;
     }
     let mut log = ReplyLog::new(reply_rx, slot.requests.is_some());
+    let queue_budget = Arc::new(Semaphore::new(MAX_QUEUED_BATCH_BYTES));
     let mut received_seq = 0;
     let mut acked = None;
     loop {
         // Replies go out in order as the worker produces them.
         let writer = tokio::spawn(write_replies(log, send, conn.clone(), acked));
         let bulk = tokio::spawn(accept_bulk(conn.clone(), shared.clone(), staging.clone()));
-        let ended = read_commands(shared, &conn, &mut recv, &work_tx, &mut received_seq).await;
+        let ended = read_commands(shared, &conn, &mut recv, &work_tx, &queue_budget, &mut received_seq).await;
         bulk.abort();
         match ended {
             Ended::Finished => {
@@ -1111,28 +1114,100 @@ enum Ended {
     Violation(frame::FrameError),
 }
 
+/// Most calls one batch may hold (the client sends at most 65 536).
+const MAX_CALLS_PER_BATCH: usize = 1 << 16;
+
+/// Bytes of decoded batches a session may have queued ahead of its worker.
+/// A count of batches bounded nothing: an empty call is 2 bytes on the wire
+/// and ~100 decoded, and 64 MiB of them behind a busy kernel took 3.7 GB
+/// (issue 20, finding 3).
+const MAX_QUEUED_BATCH_BYTES: usize = 256 << 20;
+
+/// The number of calls (field 2) in an encoded `Batch`, counted without
+/// decoding it, so that a frame of millions of empty calls is refused
+/// before it is expanded; `None` when the encoding is malformed (decoding
+/// then says why).
+fn batch_call_count(mut body: &[u8]) -> Option<usize> {
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let mut calls = 0;
+    while !body.is_empty() {
+        let key = varint(&mut body)?;
+        match key & 7 {
+            0 => {
+                varint(&mut body)?;
+            }
+            1 => body = body.get(8..)?,
+            2 => {
+                let len = usize::try_from(varint(&mut body)?).ok()?;
+                body = body.get(len..)?;
+                if key >> 3 == 2 {
+                    calls += 1;
+                }
+            }
+            5 => body = body.get(4..)?,
+            _ => return None,
+        }
+    }
+    Some(calls)
+}
+
 /// Reads batches from the command stream into the session's work queue.
 async fn read_commands(
     shared: &Shared,
     conn: &quinn::Connection,
     recv: &mut quinn::RecvStream,
     work: &mpsc::Sender<Work>,
+    budget: &Arc<Semaphore>,
     received_seq: &mut u64,
 ) -> Ended {
     let max_frame = shared.config.max_frame_bytes as usize;
     loop {
         let item = match read_frame(recv, max_frame).await {
-            Ok(Some(body)) => match v1::Batch::decode(body) {
-                Ok(batch) => {
-                    add(&shared.metrics.batches, 1);
-                    add(&shared.metrics.calls, batch.calls.len() as u64);
-                    *received_seq = batch.seq;
-                    Work::Batch(batch)
-                }
-                Err(e) => {
+            Ok(Some(body)) => match batch_call_count(&body) {
+                Some(n) if n > MAX_CALLS_PER_BATCH => {
                     add(&shared.metrics.frames_rejected, 1);
-                    Work::Reply(frame_error_reply(format!("malformed frame: not a Batch: {e}")))
+                    Work::Reply(frame_error_reply(format!(
+                        "a batch of {n} calls exceeds the limit of {MAX_CALLS_PER_BATCH}"
+                    )))
                 }
+                _ => match v1::Batch::decode(body) {
+                    Ok(batch) => {
+                        // What the decoded batch holds in memory until it ran.
+                        let cost = batch.encoded_len() + batch.calls.len() * std::mem::size_of::<v1::Call>();
+                        let permits = u32::try_from(cost).unwrap_or(u32::MAX).max(1);
+                        if permits as usize > MAX_QUEUED_BATCH_BYTES {
+                            add(&shared.metrics.frames_rejected, 1);
+                            Work::Reply(frame_error_reply(format!(
+                                "a batch of {cost} decoded bytes exceeds the queue's {MAX_QUEUED_BATCH_BYTES}"
+                            )))
+                        } else {
+                            // Wait for room: the client's later batches queue
+                            // in QUIC flow control, not here.
+                            let Ok(permit) = budget.clone().acquire_many_owned(permits).await else {
+                                return Ended::Finished;
+                            };
+                            add(&shared.metrics.batches, 1);
+                            add(&shared.metrics.calls, batch.calls.len() as u64);
+                            *received_seq = batch.seq;
+                            Work::Batch(batch, permit)
+                        }
+                    }
+                    Err(e) => {
+                        add(&shared.metrics.frames_rejected, 1);
+                        Work::Reply(frame_error_reply(format!("malformed frame: not a Batch: {e}")))
+                    }
+                },
             },
             Ok(None) => return Ended::Finished,
             Err(FrameReadError::Frame(e)) => {
@@ -1262,7 +1337,7 @@ fn worker<B: Backend>(
     let mut mapped = 0;
     while let Some(item) = work.next() {
         let reply = match item {
-            Work::Batch(batch) => {
+            Work::Batch(batch, _budget) => {
                 let mut reply = state.execute_batch(batch);
                 if let Some(capture) = crate::device_output::installed() {
                     reply.device_output = capture.collect(max_output).into();
@@ -1375,6 +1450,17 @@ mod tests {
         assert!(shown.len() < 200, "{}", shown.len());
         assert!(shown.ends_with(&format!("({} bytes)", 60 << 10)));
         assert_eq!(peer_text("gpupool 0.1\n\u{1b}[31m"), "gpupool 0.1\\n\\u{1b}[31m");
+    }
+
+    #[test]
+    fn calls_are_counted_without_decoding() {
+        let batch = v1::Batch { seq: 7, calls: vec![v1::Call::default(); 1000] };
+        assert_eq!(batch_call_count(&batch.encode_to_vec()), Some(1000));
+        assert_eq!(batch_call_count(&[]), Some(0));
+        assert_eq!(batch_call_count(&[0x12, 0x05, 0x00]), None, "length past the end");
+        // Issue 20, finding 3: 8 MiB of empty calls is 4M calls.
+        let flood: Vec<u8> = std::iter::repeat_n([0x12u8, 0x00], 4 << 20).flatten().collect();
+        assert_eq!(batch_call_count(&flood), Some(4 << 20));
     }
 
     #[test]

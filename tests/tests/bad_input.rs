@@ -275,3 +275,22 @@ async fn supervisor_connection_stays_small_after_the_redirect() {
     .await;
     assert!(stream.is_err(), "a new stream on the supervisor's connection after the redirect");
 }
+
+/// Issue 20, finding 3: a frame of many tiny calls expands ~50 times when
+/// decoded; a batch of more calls than a client sends is refused before it
+/// is decoded, and the session goes on.
+#[tokio::test]
+async fn batches_of_too_many_calls_are_refused_before_decoding() {
+    let srv = start();
+    let (mut raw, _) = Raw::open(&srv, PROTOCOL_VERSION, TOKEN).await.expect("session");
+    let sync = v1::Call { op: Some(Op::ContextSynchronize(v1::ContextSynchronize {})) };
+    let flood = v1::Batch { seq: 1, calls: vec![sync.clone(); 70_000] };
+    raw.send.write_all(&frame::encode(&flood)).await.expect("send");
+    let r = raw.reply().await;
+    assert_eq!(r.errors[0].code, cuda::INVALID_VALUE);
+    assert!(r.errors[0].message.contains("70000 calls exceeds"), "{}", r.errors[0].message);
+    let ok = v1::Batch { seq: 1, calls: vec![sync; 3] };
+    raw.send.write_all(&frame::encode(&ok)).await.expect("send");
+    let r = raw.reply().await;
+    assert_eq!((r.seq, r.error_count), (1, 0));
+}
