@@ -39,7 +39,7 @@ gpu_cu=(vector_add matmul_tiled templated device_globals streams_events
         cublas_sgemm cublas_halfgemm cufft_transforms bench_loop
         vmm_kernels jit_link
         device_printf launch_config cooperative ctx_limits
-        graphs_kernels mempool_kernels)
+        graphs_kernels mempool_kernels tensor_map)
 declare -A extra_libs=([cublas_sgemm]="-lcublas" [cublas_halfgemm]="-lcublas"
                        [cufft_transforms]="-lcufft")
 
