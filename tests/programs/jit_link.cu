@@ -13,23 +13,7 @@
 #include <cstring>
 #include <vector>
 
-#define CKD(call)                                                             \
-    do {                                                                      \
-        CUresult r_ = (call);                                                 \
-        if (r_ != CUDA_SUCCESS)                                               \
-            fail("line %d: %s -> CUresult %d", __LINE__, #call, (int)r_);     \
-    } while (0)
-
-template <class F> static F entry(const char *symbol)
-{
-    void *p = nullptr;
-    cudaDriverEntryPointQueryResult q;
-    CK(cudaGetDriverEntryPointByVersion(symbol, &p, 13000, cudaEnableDefault, &q));
-    if (p == nullptr || q != cudaDriverEntryPointSuccess)
-        fail("driver entry point %s not found", symbol);
-    return reinterpret_cast<F>(p);
-}
-#define DRV(name) entry<decltype(&name)>(#name)
+#include "driver_entry.h"
 
 // out[i] = twice(i), with `twice` defined elsewhere.
 static const char *kMainPtx = R"(
