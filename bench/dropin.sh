@@ -3,7 +3,9 @@
 # and through gpupool's libcuda.so.1 against a gpupool-server on the same
 # card, side by side, and their outputs are compared (TIME and INFO lines
 # aside). Also PyTorch (torch_check.py) both ways and the drop-in benchmark
-# row (bench_loop: fixed-length kernels with small copies), native vs remote.
+# row (bench_loop: fixed-length kernels with small copies) and the PyTorch
+# workloads of bench/torch_bench.py (TORCH_BENCH=0 skips them), native vs
+# remote, with ratios and, through gpupool, the waits per step.
 #
 # Usage: bench/dropin.sh BIN_DIR OUT_DIR
 #   BIN_DIR holds gpupool-server and stub/ (libcuda.so.1, libcuda.so and,
@@ -133,6 +135,17 @@ PY
 )
 grep -q "PASS bench_loop" "$out/remote/bench_loop.out" || failed=1
 
+torch_rows=""
+if [[ ${TORCH_BENCH:-1} == 1 ]]; then
+    echo "== benchmark: PyTorch workloads (bench/torch_bench.py), native then remote"
+    timeout 300 bash -c 'native "$@"' _ python3 "$repo/bench/torch_bench.py" \
+        >"$out/native/torch_bench.out" 2>"$out/native/torch_bench.err"
+    GPUPOOL_CALL_STATS=1 timeout 300 bash -c 'remote "$@"' _ python3 "$repo/bench/torch_bench.py" \
+        >"$out/remote/torch_bench.out" 2>"$out/remote/torch_bench.err"
+    torch_rows=$(python3 "$repo/bench/torch_bench.py" --report "$out/native/torch_bench.out" "$out/remote/torch_bench.out")
+    echo "$torch_rows"
+fi
+
 {
     echo "## Unmodified programs, native and through gpupool's libcuda"
     echo
@@ -146,6 +159,12 @@ grep -q "PASS bench_loop" "$out/remote/bench_loop.out" || failed=1
     echo "|---|---|---|---|"
     echo "$bench_rows"
     echo
+    if [[ -n $torch_rows ]]; then
+        echo "## PyTorch workloads (bench/torch_bench.py; gpupool run with GPUPOOL_CALL_STATS=1)"
+        echo
+        echo "$torch_rows"
+        echo
+    fi
     cat "$out/failures.md"
 } >"$md"
 cat "$md"

@@ -96,6 +96,54 @@ fn render(table: &HashMap<&'static str, Row>) -> String {
     out
 }
 
+/// `size_t gpupool_call_stats(char *buf, size_t len, int reset)`: the
+/// call table so far as NUL-terminated text in `buf` (cut to `len - 1`
+/// bytes), emptied afterwards when `reset` is non-zero. Returns the text's
+/// full length, 0 when the table is off (`GPUPOOL_CALL_STATS` unset).
+///
+/// Benchmarks load it with `dlsym` to count the waits of a window of
+/// steady-state work: reset after the warm-up, read after the steps. It is
+/// not a CUDA entry point and does not start a session.
+///
+/// # Safety
+/// `buf` is null or points to `len` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn gpupool_call_stats(buf: *mut std::ffi::c_char, len: usize, reset: std::ffi::c_int) -> usize {
+    if !enabled() {
+        return 0;
+    }
+    let text = take_text(reset != 0);
+    // SAFETY: the caller's contract.
+    unsafe { copy_c_string(&text, buf, len) };
+    text.len()
+}
+
+/// The table as text; emptied afterwards when `reset`.
+fn take_text(reset: bool) -> String {
+    let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+    let text = render(table.as_ref().unwrap_or(&HashMap::new()));
+    if reset {
+        *table = None;
+    }
+    text
+}
+
+/// Copies `text` into `buf` as a C string cut to `len - 1` bytes.
+///
+/// # Safety
+/// `buf` is null or points to `len` writable bytes.
+unsafe fn copy_c_string(text: &str, buf: *mut std::ffi::c_char, len: usize) {
+    if buf.is_null() || len == 0 {
+        return;
+    }
+    let n = text.len().min(len - 1);
+    // SAFETY: `buf` has `len` writable bytes and `n < len`.
+    unsafe {
+        std::ptr::copy_nonoverlapping(text.as_ptr(), buf.cast::<u8>(), n);
+        *buf.add(n) = 0;
+    }
+}
+
 extern "C" fn print_at_exit() {
     let text = {
         let table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
@@ -122,5 +170,26 @@ mod tests {
         assert!(lines[3].starts_with("cuLaunchKernel"), "{text}");
         assert!(lines[5].starts_with("total") && lines[5].ends_with("3"), "{text}");
         assert!(lines[5].contains("143"), "{text}");
+    }
+
+    #[test]
+    fn snapshot_reads_then_resets_and_cuts_to_the_buffer() {
+        measure_row("cuCtxSynchronize", Row { local: 0, queued: 0, waited: 2 });
+        let text = take_text(false);
+        assert!(text.lines().any(|l| l.starts_with("cuCtxSynchronize")), "{text}");
+        assert!(take_text(true).contains("cuCtxSynchronize"));
+        assert!(!take_text(false).contains("cuCtxSynchronize"), "reset empties the table");
+
+        let mut buf = [0x55 as std::ffi::c_char; 8];
+        // SAFETY: 8 writable bytes.
+        unsafe { copy_c_string("gpupool call table", buf.as_mut_ptr(), buf.len()) };
+        let got: Vec<u8> = buf.iter().map(|&c| c as u8).collect();
+        assert_eq!(&got, b"gpupool\0");
+        // SAFETY: a null buffer is ignored.
+        unsafe { copy_c_string("x", std::ptr::null_mut(), 4) };
+    }
+
+    fn measure_row(name: &'static str, row: Row) {
+        TABLE.lock().unwrap().get_or_insert_with(HashMap::new).insert(name, row);
     }
 }

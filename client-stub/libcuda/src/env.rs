@@ -18,7 +18,7 @@
 //! | `GPUPOOL_SERVER_NAME` | name in the server certificate (CA mode; default `localhost`) |
 //! | `GPUPOOL_MAX_UDP_PAYLOAD` | largest UDP payload (default 1472; Lambda: 1200) |
 //! | `GPUPOOL_LOG` | log filter for stderr (default `warn`) |
-//! | `GPUPOOL_CALL_STATS` | `1`: the call table at exit (`call_stats`) |
+//! | `GPUPOOL_CALL_STATS` | `1`: the call table at exit (`call_stats`); `gpupool_call_stats()` reads it in-process |
 
 use gpupool_client::{ClientConfig, PoolRequest, Trust};
 use std::net::ToSocketAddrs;

@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""PyTorch workloads as users run them, timed; run natively and through
+gpupool's libcuda.so.1 in the same run by bench/torch-bench.sh, which
+prints the ratios.
+
+Each workload prints one line `RESULT {json}` with its figures. Through
+gpupool with GPUPOOL_CALL_STATS=1 the steady-state workloads also report
+the calls that waited for the server per step (`waits_per_step`) and the
+entry points that waited, read from the stub's `gpupool_call_stats()`
+around the timed steps only (the final synchronization, which waits
+natively too, is outside the window).
+
+Usage: torch_bench.py [WORKLOAD...]   (default: all, each fresh-process
+workload in its own child process)
+       torch_bench.py --report NATIVE_OUT REMOTE_OUT   (a markdown table
+       of both runs' figures with remote/native ratios)
+"""
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import time
+
+FRESH = ["first_op", "first_matmul", "first_matmul_again"]
+STEADY = ["copies", "model_upload", "fp32_infer", "bf16_infer", "train_step", "item_loop", "weights_download"]
+
+
+def emit(name, **fields):
+    print("RESULT " + json.dumps({"workload": name, **fields}), flush=True)
+
+
+class Waits:
+    """The stub's call table, when the process runs through gpupool."""
+
+    def __init__(self):
+        self.fn = None
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+            fn = lib.gpupool_call_stats
+        except (OSError, AttributeError):
+            return
+        fn.restype = ctypes.c_size_t
+        fn.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
+        if fn(None, 0, 0) > 0:
+            self.fn = fn
+
+    def reset(self):
+        if self.fn:
+            self.fn(None, 0, 1)
+
+    def read(self):
+        """(total waits, {entry point: waits}) since the last reset, or None."""
+        if not self.fn:
+            return None
+        buf = ctypes.create_string_buffer(1 << 16)
+        self.fn(buf, len(buf), 1)
+        total, rows = 0, {}
+        for line in buf.value.decode().splitlines()[2:]:
+            parts = line.split()
+            if len(parts) == 5 and parts[4].isdigit():
+                if parts[0] == "total":
+                    total = int(parts[4])
+                elif int(parts[4]) > 0:
+                    rows[parts[0]] = int(parts[4])
+        return total, rows
+
+
+def steady(name, waits, steps, step, sync):
+    """Times `steps` calls of `step` after a warm-up; waits counted per step."""
+    for _ in range(3):
+        step()
+    sync()
+    waits.reset()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    counted = waits.read()
+    sync()
+    ms = (time.perf_counter() - t0) * 1e3 / steps
+    fields = {"ms_per_step": round(ms, 4), "steps": steps}
+    if counted is not None:
+        fields["waits_per_step"] = round(counted[0] / steps, 3)
+        fields["waited_in"] = counted[1]
+    emit(name, **fields)
+
+
+def run_fresh(name):
+    t0 = time.perf_counter()
+    import torch
+
+    t_import = time.perf_counter()
+    if name == "first_op":
+        torch.zeros(1, device="cuda")
+        torch.cuda.synchronize()
+    else:
+        a = torch.ones(1024, 1024, device="cuda")
+        (a @ a).sum().item()
+    t1 = time.perf_counter()
+    emit(name, seconds=round(t1 - t_import, 4), import_s=round(t_import - t0, 4))
+
+
+def run_steady(names):
+    import torch
+
+    torch.manual_seed(0)
+    torch.zeros(1, device="cuda")
+    waits = Waits()
+    sync = torch.cuda.synchronize
+
+    if "copies" in names:
+        n = 512 << 20
+        host = torch.empty(n, dtype=torch.uint8).fill_(7)
+        pinned = torch.empty(n, dtype=torch.uint8).pin_memory().fill_(7)
+        dev = host.to("cuda")
+        sync()
+        figures = {}
+        for what, fn in [
+            ("htod", lambda: host.to("cuda")),
+            ("htod_pinned", lambda: pinned.to("cuda", non_blocking=True)),
+            ("dtoh", lambda: dev.cpu()),
+        ]:
+            fn()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(3):
+                fn()
+            sync()
+            figures[what + "_gib_s"] = round(3 * n / (time.perf_counter() - t0) / (1 << 30), 3)
+        emit("copies", bytes=n, **figures)
+        del host, pinned, dev
+
+    def transformer():
+        layer = torch.nn.TransformerEncoderLayer(1024, 16, 4096, batch_first=True)
+        return torch.nn.TransformerEncoder(layer, 6, enable_nested_tensor=False)
+
+    if "model_upload" in names:
+        model = transformer()  # ~300 MB of fp32 weights
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        t0 = time.perf_counter()
+        model.cuda()
+        sync()
+        emit("model_upload", bytes=size, seconds=round(time.perf_counter() - t0, 4))
+        del model
+
+    if "fp32_infer" in names or "bf16_infer" in names:
+        model = transformer().cuda().eval()
+        x = torch.randn(8, 256, 1024, device="cuda")
+        with torch.no_grad():
+            if "fp32_infer" in names:
+                steady("fp32_infer", waits, 20, lambda: model(x), sync)
+            if "bf16_infer" in names:
+                def bf16():
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        return model(x)
+
+                steady("bf16_infer", waits, 20, bf16, sync)
+        del model, x
+
+    if "train_step" in names:
+        mlp = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)).cuda()
+        opt = torch.optim.SGD(mlp.parameters(), lr=0.01)
+        xb = torch.randn(128, 256, device="cuda")
+        yb = torch.randint(0, 10, (128,), device="cuda")
+        loss_fn = torch.nn.CrossEntropyLoss()
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss_fn(mlp(xb), yb).backward()
+            opt.step()
+
+        steady("train_step", waits, 200, step, sync)
+
+    if "item_loop" in names:
+        t = torch.ones(1024, device="cuda")
+        for _ in range(10):
+            (t * 2).sum().item()
+        t0 = time.perf_counter()
+        for _ in range(500):
+            (t * 2).sum().item()
+        emit("item_loop", us_per_item=round((time.perf_counter() - t0) * 1e6 / 500, 2))
+
+    if "weights_download" in names:
+        model = transformer().cuda()
+        sync()
+        t0 = time.perf_counter()
+        state = {k: v.cpu() for k, v in model.state_dict().items()}
+        size = sum(v.numel() * v.element_size() for v in state.values())
+        emit("weights_download", bytes=size, seconds=round(time.perf_counter() - t0, 4))
+
+
+# (workload, figure, unit, ratio direction): "time" ratios are remote/native,
+# "rate" ratios native/remote, so above 1 always means slower through gpupool.
+FIGURES = [
+    ("first_op", "seconds", "s", "time"),
+    ("first_matmul", "seconds", "s", "time"),
+    ("first_matmul_again", "seconds", "s", "time"),
+    ("copies", "htod_gib_s", "GiB/s", "rate"),
+    ("copies", "htod_pinned_gib_s", "GiB/s", "rate"),
+    ("copies", "dtoh_gib_s", "GiB/s", "rate"),
+    ("model_upload", "seconds", "s", "time"),
+    ("fp32_infer", "ms_per_step", "ms", "time"),
+    ("bf16_infer", "ms_per_step", "ms", "time"),
+    ("train_step", "ms_per_step", "ms", "time"),
+    ("item_loop", "us_per_item", "us", "time"),
+    ("weights_download", "seconds", "s", "time"),
+]
+
+
+def report(native_path, remote_path):
+    def load(path):
+        rows = {}
+        for line in open(path, errors="replace"):
+            if line.startswith("RESULT "):
+                r = json.loads(line[7:])
+                rows[r["workload"]] = r
+        return rows
+
+    native, remote = load(native_path), load(remote_path)
+    print("| workload | figure | native | gpupool | slowdown | waits per step (gpupool) |")
+    print("|---|---|---|---|---|---|")
+    for workload, key, unit, kind in FIGURES:
+        n = native.get(workload, {}).get(key)
+        r = remote.get(workload, {}).get(key)
+        ratio = "-"
+        if n and r:
+            ratio = f"{(r / n if kind == 'time' else n / r):.2f}x"
+        waits = remote.get(workload, {}).get("waits_per_step", "-")
+        where = remote.get(workload, {}).get("waited_in")
+        if where:
+            waits = f"{waits} ({', '.join(f'{k} {v}' for k, v in sorted(where.items(), key=lambda kv: -kv[1])[:4])})"
+        fmt = lambda v: "missing" if v is None else f"{v} {unit}"
+        print(f"| {workload} | {key} | {fmt(n)} | {fmt(r)} | {ratio} | {waits} |")
+
+
+def main():
+    if sys.argv[1:2] == ["--report"]:
+        report(sys.argv[2], sys.argv[3])
+        return
+    wanted = sys.argv[1:] or FRESH + STEADY
+    for name in wanted:
+        if name in FRESH:
+            # A fresh process each: the first op's cost is the point.
+            child = os.environ.get("TORCH_BENCH_CHILD") == "1"
+            if child:
+                run_fresh(name)
+            else:
+                env = dict(os.environ, TORCH_BENCH_CHILD="1")
+                subprocess.run([sys.executable, __file__, name], env=env, check=False)
+    steady_names = [n for n in wanted if n in STEADY]
+    if steady_names:
+        run_steady(steady_names)
+
+
+if __name__ == "__main__":
+    main()
