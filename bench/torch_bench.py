@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 
 FRESH = ["first_op", "first_matmul", "first_matmul_again"]
 STEADY = ["copies", "model_upload", "fp32_infer", "bf16_infer", "train_step", "item_loop", "weights_download"]
@@ -66,8 +67,21 @@ class Waits:
         return total, rows
 
 
+def guarded(name, fn):
+    """Runs one workload; a failure prints `FAIL` and the others go on."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - each workload reports its own failure
+        print(f"FAIL {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+        traceback.print_exc(file=sys.stderr)
+
+
 def steady(name, waits, steps, step, sync):
     """Times `steps` calls of `step` after a warm-up; waits counted per step."""
+    guarded(name, lambda: timed_steps(name, waits, steps, step, sync))
+
+
+def timed_steps(name, waits, steps, step, sync):
     for _ in range(3):
         step()
     sync()
@@ -108,7 +122,7 @@ def run_steady(names):
     waits = Waits()
     sync = torch.cuda.synchronize
 
-    if "copies" in names:
+    def copies():
         n = 512 << 20
         host = torch.empty(n, dtype=torch.uint8).fill_(7)
         pinned = torch.empty(n, dtype=torch.uint8).pin_memory().fill_(7)
@@ -134,7 +148,7 @@ def run_steady(names):
         layer = torch.nn.TransformerEncoderLayer(1024, 16, 4096, batch_first=True)
         return torch.nn.TransformerEncoder(layer, 6, enable_nested_tensor=False)
 
-    if "model_upload" in names:
+    def model_upload():
         model = transformer()  # ~300 MB of fp32 weights
         size = sum(p.numel() * p.element_size() for p in model.parameters())
         t0 = time.perf_counter()
@@ -143,7 +157,7 @@ def run_steady(names):
         emit("model_upload", bytes=size, seconds=round(time.perf_counter() - t0, 4))
         del model
 
-    if "fp32_infer" in names or "bf16_infer" in names:
+    def inference():
         model = transformer().cuda().eval()
         x = torch.randn(8, 256, 1024, device="cuda")
         with torch.no_grad():
@@ -157,7 +171,7 @@ def run_steady(names):
                 steady("bf16_infer", waits, 20, bf16, sync)
         del model, x
 
-    if "train_step" in names:
+    def train_step():
         mlp = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)).cuda()
         opt = torch.optim.SGD(mlp.parameters(), lr=0.01)
         xb = torch.randn(128, 256, device="cuda")
@@ -171,7 +185,7 @@ def run_steady(names):
 
         steady("train_step", waits, 200, step, sync)
 
-    if "item_loop" in names:
+    def item_loop():
         t = torch.ones(1024, device="cuda")
         for _ in range(10):
             (t * 2).sum().item()
@@ -180,13 +194,20 @@ def run_steady(names):
             (t * 2).sum().item()
         emit("item_loop", us_per_item=round((time.perf_counter() - t0) * 1e6 / 500, 2))
 
-    if "weights_download" in names:
+    def weights_download():
         model = transformer().cuda()
         sync()
         t0 = time.perf_counter()
         state = {k: v.cpu() for k, v in model.state_dict().items()}
         size = sum(v.numel() * v.element_size() for v in state.values())
         emit("weights_download", bytes=size, seconds=round(time.perf_counter() - t0, 4))
+
+    for name, fn in [("copies", copies), ("model_upload", model_upload), ("train_step", train_step),
+                     ("item_loop", item_loop), ("weights_download", weights_download)]:
+        if name in names:
+            guarded(name, fn)
+        if name == "model_upload" and ("fp32_infer" in names or "bf16_infer" in names):
+            guarded("inference", inference)
 
 
 # (workload, figure, unit, ratio direction): "time" ratios are remote/native,

@@ -17,6 +17,7 @@ mod error;
 pub mod handoff;
 pub mod launch_check;
 pub mod lease;
+pub mod mirror;
 pub mod session;
 pub mod stats;
 mod tls;
@@ -28,6 +29,7 @@ pub use config::{ClientConfig, TokenSource, Trust};
 pub use error::{ClientError, Result};
 pub use handoff::LeaseHandoff;
 pub use lease::{LeasedGpu, PoolRequest};
+pub use mirror::MirrorHost;
 pub use session::{
     DeviceBuffer, EventId, Function, JitInput, JitLinkOutput, JitLinkRequest, KernelArg, LaunchConfig, Module, Session,
     StreamId,

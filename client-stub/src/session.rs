@@ -11,6 +11,7 @@ use crate::batch::CallQueue;
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
 use crate::lease::{LeasedGpu, PoolRequest};
+use crate::mirror::{MirrorHost, Mirrors};
 use crate::transport::{QuicTransport, Transport};
 use bytes::Bytes;
 use gpupool_proto::payload::{self, Compression};
@@ -136,6 +137,20 @@ impl LaunchConfig {
     }
 }
 
+/// The stream a call is ordered on (0 for calls without one).
+fn op_stream(op: &Op) -> u32 {
+    match op {
+        Op::Launch(l) => l.stream,
+        Op::MemcpyHtod(c) => c.stream,
+        Op::MemcpyDtoh(c) => c.stream,
+        Op::MemcpyDtod(c) => c.stream,
+        Op::Memset(m) => m.stream,
+        Op::StreamSynchronize(s) => s.stream,
+        Op::StreamQuery(s) => s.stream,
+        _ => 0,
+    }
+}
+
 fn dim3((x, y, z): (u32, u32, u32)) -> Option<v1::Dim3> {
     Some(v1::Dim3 { x, y, z })
 }
@@ -156,6 +171,10 @@ struct State {
     /// The session context's limits (`CUlimit` -> value), from the
     /// `Welcome` and updated by each set.
     limits: HashMap<u32, u64>,
+    /// Mapped host memory, and device changes too large for their reply,
+    /// still to be copied before the synchronizing call returns.
+    mirrors: Mirrors,
+    mirror_fetch: Vec<(u64, u64)>,
 }
 
 /// Where device printf output goes when a synchronizing call returns.
@@ -242,6 +261,8 @@ impl Session {
             globals: HashMap::new(),
             dead: None,
             limits: welcome.device.as_ref().map(|d| d.limits.clone().into_iter().collect()).unwrap_or_default(),
+            mirrors: Mirrors::default(),
+            mirror_fetch: Vec::new(),
         };
         let compression = if config.compression { Compression::Auto } else { Compression::Off };
         Self {
@@ -316,8 +337,14 @@ impl Session {
         e
     }
 
-    /// Queues a call; sends a batch if the queue is full.
+    /// Queues a call; sends a batch if the queue is full. Host writes to
+    /// mapped memory go first.
     fn enqueue(&self, st: &mut State, op: Op) -> Result<()> {
+        self.push_mirrors(st, op_stream(&op))?;
+        self.enqueue_plain(st, op)
+    }
+
+    fn enqueue_plain(&self, st: &mut State, op: Op) -> Result<()> {
         Self::check_alive(st)?;
         crate::stats::note_queued();
         if let Some(batch) = st.queue.push(op) {
@@ -331,7 +358,7 @@ impl Session {
         // Bounded: read answers before running too far ahead.
         while st.queue.must_drain() {
             crate::stats::note_waited();
-            let reply = self.inner.transport.recv_reply().map_err(|e| Self::mark_dead(st, e))?;
+            let reply = self.recv_reply(st)?;
             st.queue.on_reply(reply, 0).map_err(|e| Self::mark_dead(st, e))?;
         }
         Ok(())
@@ -341,7 +368,11 @@ impl Session {
     /// the call's own error, else the first latched error of earlier calls,
     /// else its result.
     fn call(&self, st: &mut State, op: Op) -> Result<Option<Value>> {
-        let result = self.call_inner(st, op);
+        let mut result = self.call_inner(st, op);
+        if !st.mirror_fetch.is_empty() {
+            let fetched = self.fetch_mirrors(st);
+            result = result.and_then(|v| fetched.map(|()| v));
+        }
         // Device printf output appears when the synchronizing call returns.
         self.deliver_output(st);
         result
@@ -349,6 +380,7 @@ impl Session {
 
     fn call_inner(&self, st: &mut State, op: Op) -> Result<Option<Value>> {
         Self::check_alive(st)?;
+        self.push_mirrors(st, op_stream(&op))?;
         crate::stats::note_waited();
         // A call that fills the queue comes back in the batch `push` cut.
         let batch = match st.queue.push(op) {
@@ -357,7 +389,7 @@ impl Session {
         };
         self.send(st, &batch)?;
         let result = loop {
-            let reply = self.inner.transport.recv_reply().map_err(|e| Self::mark_dead(st, e))?;
+            let reply = self.recv_reply(st)?;
             let answer = st.queue.on_reply(reply, batch.seq).map_err(|e| Self::mark_dead(st, e))?;
             if answer.seq == batch.seq {
                 break answer.result;
@@ -368,6 +400,66 @@ impl Session {
             return Err(l.first);
         }
         Ok(value)
+    }
+
+    /// Reads the next reply; the device's changes to mapped host memory
+    /// it carries land in host memory at once (or are noted for a copy).
+    fn recv_reply(&self, st: &mut State) -> Result<v1::BatchReply> {
+        let mut reply = self.inner.transport.recv_reply().map_err(|e| Self::mark_dead(st, e))?;
+        for m in std::mem::take(&mut reply.mirrors) {
+            if m.data.is_empty() {
+                st.mirror_fetch.push((m.addr, m.size));
+            } else {
+                st.mirrors.apply(m.addr, &m.data);
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Sends host writes to mapped memory as copies ordered on `stream`
+    /// (the stream of the call that follows).
+    fn push_mirrors(&self, st: &mut State, stream: u32) -> Result<()> {
+        if st.mirrors.is_empty() {
+            return Ok(());
+        }
+        for (dst, bytes) in st.mirrors.pushes() {
+            self.htod_locked(st, dst, &bytes, StreamId(stream))?;
+        }
+        Ok(())
+    }
+
+    /// Copies the device's changes that did not fit their reply.
+    fn fetch_mirrors(&self, st: &mut State) -> Result<()> {
+        for (addr, size) in std::mem::take(&mut st.mirror_fetch) {
+            let mut data = vec![0u8; size as usize];
+            self.dtoh_locked(st, &mut data, addr, StreamId(0))?;
+            st.mirrors.apply(addr, &data);
+        }
+        Ok(())
+    }
+
+    /// Mirrors `[addr, addr + host.size())`, device memory of this session,
+    /// with the host memory `host` (mapped host memory): host writes reach
+    /// the device before later calls, device writes reach host memory when
+    /// a synchronizing call returns. The device half starts as the host's
+    /// bytes.
+    pub fn mirror_add(&self, addr: u64, host: Box<dyn MirrorHost>) -> Result<()> {
+        let mut st = self.lock();
+        Self::check_alive(&st)?;
+        let size = host.size() as u64;
+        st.space.check_access(addr, size)?;
+        self.enqueue_plain(&mut st, Op::MirrorAdd(v1::MirrorAdd { addr, size }))?;
+        st.mirrors.add(addr, host);
+        self.push_mirrors(&mut st, 0)
+    }
+
+    /// Ends the mirror at `addr`, queued.
+    pub fn mirror_remove(&self, addr: u64) -> Result<()> {
+        let mut st = self.lock();
+        if !st.mirrors.remove(addr) {
+            return Err(ClientError::InvalidHandle(format!("no mirrored range at {addr:#x}")));
+        }
+        self.enqueue_plain(&mut st, Op::MirrorRemove(v1::MirrorRemove { addr }))
     }
 
     /// Sends what is queued without waiting.
@@ -425,31 +517,40 @@ impl Session {
     pub fn memcpy_htod(&self, dst: u64, src: &[u8], stream: StreamId) -> Result<()> {
         let mut st = self.lock();
         Self::check_alive(&st)?;
+        self.push_mirrors(&mut st, stream.0)?;
+        self.htod_locked(&mut st, dst, src, stream)
+    }
+
+    fn htod_locked(&self, st: &mut State, dst: u64, src: &[u8], stream: StreamId) -> Result<()> {
         let size = src.len() as u64;
         st.space.check_access(dst, size)?;
         if size <= u64::from(self.inner.welcome.max_inline_bytes) {
             let p = payload::encode(Bytes::copy_from_slice(src), self.inner.compression);
             let op = Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Inline(p)) });
-            return self.enqueue(&mut st, op);
+            return self.enqueue_plain(st, op);
         }
         let id = st.next_transfer;
         st.next_transfer += 1;
         // The upload runs on this thread before the copy is queued.
         crate::stats::note_waited();
-        self.inner.transport.bulk_put(id, Bytes::copy_from_slice(src)).map_err(|e| Self::mark_dead(&mut st, e))?;
+        self.inner.transport.bulk_put(id, Bytes::copy_from_slice(src)).map_err(|e| Self::mark_dead(st, e))?;
         let staged = v1::StagedRef { transfer_id: id, size };
         let op = Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Staged(staged)) });
-        self.enqueue(&mut st, op)?;
+        self.enqueue_plain(st, op)?;
         // The staged bytes wait in server memory until the copy runs.
-        self.flush_locked(&mut st)
+        self.flush_locked(st)
     }
 
     /// Copies device memory into `dst`; waits for the data.
     pub fn memcpy_dtoh(&self, dst: &mut [u8], src: u64, stream: StreamId) -> Result<()> {
         let mut st = self.lock();
+        self.dtoh_locked(&mut st, dst, src, stream)
+    }
+
+    fn dtoh_locked(&self, st: &mut State, dst: &mut [u8], src: u64, stream: StreamId) -> Result<()> {
         st.space.check_access(src, dst.len() as u64)?;
         let op = Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: dst.len() as u64, stream: stream.0 });
-        match self.call(&mut st, op)? {
+        match self.call(st, op)? {
             Some(Value::Data(p)) => {
                 let bytes = payload::decode(p, dst.len() as u64).map_err(|e| ClientError::Protocol(e.to_string()))?;
                 if bytes.len() != dst.len() {
@@ -459,7 +560,7 @@ impl Session {
                 Ok(())
             }
             Some(Value::Staged(s)) if s.size == dst.len() as u64 => {
-                self.inner.transport.bulk_get(s.transfer_id, dst).map_err(|e| Self::mark_dead(&mut st, e))
+                self.inner.transport.bulk_get(s.transfer_id, dst).map_err(|e| Self::mark_dead(st, e))
             }
             other => Err(ClientError::Protocol(format!("unexpected copy result {other:?}"))),
         }

@@ -953,16 +953,16 @@ enum Work {
     /// the batch ran.
     Batch(v1::Batch, tokio::sync::OwnedSemaphorePermit),
     /// A reply the reader made itself (a rejected frame), kept in order.
-    Reply(v1::BatchReply),
+    Reply(Box<v1::BatchReply>),
 }
 
-fn frame_error_reply(message: String) -> v1::BatchReply {
-    v1::BatchReply {
+fn frame_error_reply(message: String) -> Box<v1::BatchReply> {
+    Box::new(v1::BatchReply {
         seq: 0,
         errors: vec![v1::CallError { index: 0, code: cuda::INVALID_VALUE, message }],
         error_count: 1,
         ..Default::default()
-    }
+    })
 }
 
 /// Runs a session in this process: its calls on a thread of their own,
@@ -1347,7 +1347,7 @@ fn worker<B: Backend>(
                 mapped = state.mapped_bytes();
                 reply
             }
-            Work::Reply(reply) => reply,
+            Work::Reply(reply) => *reply,
         };
         if replies.blocking_send(reply).is_err() {
             break;

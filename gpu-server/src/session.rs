@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 mod link;
+mod mirror;
 mod tensor_map;
 mod vmm;
 
@@ -82,6 +83,9 @@ pub struct SessionState<S: BackendSession> {
     streams: HashMap<u32, S::Stream>,
     events: HashMap<u32, S::Event>,
     mapped_bytes: u64,
+    /// Mapped host memory's device halves, and the stream they are read on.
+    mirrors: mirror::Mirrors,
+    mirror_stream: Option<S::Stream>,
     limits: SessionLimits,
     staging: Arc<Staging>,
     images: Arc<ImageCache>,
@@ -126,6 +130,8 @@ impl<S: BackendSession> SessionState<S> {
             streams: HashMap::new(),
             events: HashMap::new(),
             mapped_bytes: 0,
+            mirrors: mirror::Mirrors::default(),
+            mirror_stream: None,
             limits,
             staging,
             images,
@@ -159,11 +165,16 @@ impl<S: BackendSession> SessionState<S> {
     pub fn execute_batch(&mut self, batch: v1::Batch) -> v1::BatchReply {
         let mut reply = v1::BatchReply { seq: batch.seq, ..Default::default() };
         let last = batch.calls.len().saturating_sub(1);
+        let mut synchronized = false;
         for (i, call) in batch.calls.into_iter().enumerate() {
+            let waits = call.op.as_ref().is_some_and(synchronizes);
             let outcome = match call.op {
                 Some(op) => self.execute(op),
                 None => Err(CallError::invalid_value("call without an operation")),
             };
+            // A query synchronizes only when it answers "ready".
+            synchronized |=
+                waits && matches!(&outcome, Ok(None | Some(Value::Ready(true) | Value::Data(_) | Value::Staged(_))));
             match outcome {
                 Ok(value) if i == last => reply.result = value.map(|v| v1::CallResult { value: Some(v) }),
                 Ok(_) => {}
@@ -175,6 +186,9 @@ impl<S: BackendSession> SessionState<S> {
                     }
                 }
             }
+        }
+        if synchronized && !self.mirrors.is_empty() {
+            reply.mirrors = self.mirror_changes();
         }
         reply
     }
@@ -310,6 +324,8 @@ impl<S: BackendSession> SessionState<S> {
             Op::VmmUnmap(u) => self.vmm_unmap(u.addr, u.size),
             Op::VmmSetAccess(a) => self.vmm_set_access(a),
             Op::JitLink(l) => self.jit_link(l),
+            Op::MirrorAdd(m) => self.mirror_add(m),
+            Op::MirrorRemove(m) => self.mirror_remove(m.addr),
         }
     }
 
@@ -641,6 +657,20 @@ fn launch_attrs(a: &v1::LaunchAttributes, grid: [u32; 3]) -> Result<LaunchAttrs,
     })
 }
 
+/// Calls after which the program may read what the device wrote: then the
+/// reply carries the mirrored ranges' changes.
+fn synchronizes(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::StreamSynchronize(_)
+            | Op::StreamQuery(_)
+            | Op::EventSynchronize(_)
+            | Op::EventQuery(_)
+            | Op::ContextSynchronize(_)
+            | Op::MemcpyDtoh(_)
+    )
+}
+
 fn stream_of<T>(streams: &HashMap<u32, T>, id: u32) -> Result<Option<&T>, CallError> {
     if id == 0 {
         return Ok(None);
@@ -744,6 +774,50 @@ mod tests {
         assert_eq!(code(s.mem_unmap(b + GRANULARITY)), cuda::INVALID_VALUE);
         assert_eq!(code(s.mem_unmap(b)), 0);
         assert_eq!(s.mapped_bytes(), 0);
+    }
+
+    fn batch(seq: u64, ops: Vec<Op>) -> v1::Batch {
+        v1::Batch { seq, calls: ops.into_iter().map(|op| v1::Call { op: Some(op) }).collect() }
+    }
+
+    /// Mapped host memory: the device's changes come back with the reply
+    /// of a synchronizing batch, once, only the changed chunks, inline up to
+    /// the reply's budget and as a location beyond it; bounds are checked.
+    #[test]
+    fn mirrored_ranges_report_device_changes_at_synchronization() {
+        let mut s = session();
+        let b = s.va_base();
+        assert_eq!(code(s.mem_map(b, GRANULARITY)), 0);
+        let add = |addr, size| Op::MirrorAdd(v1::MirrorAdd { addr, size });
+        let memset = |dst, count| Op::Memset(v1::Memset { dst, value: 7, element_size: 1, count, stream: 0 });
+        let sync = || Op::ContextSynchronize(v1::ContextSynchronize {});
+        assert_eq!(code(s.execute(add(b, 3 * 4096))), 0);
+        assert_eq!(code(s.execute(add(b + 4096, 16))), cuda::INVALID_VALUE, "overlap");
+        assert_eq!(code(s.execute(add(b + GRANULARITY, 16))), cuda::INVALID_VALUE, "not mapped");
+
+        // Without a synchronizing call the reply carries nothing.
+        let reply = s.execute_batch(batch(1, vec![memset(b + 4096 + 10, 4)]));
+        assert!(reply.errors.is_empty() && reply.mirrors.is_empty(), "{reply:?}");
+        let reply = s.execute_batch(batch(2, vec![sync()]));
+        assert_eq!(reply.mirrors.len(), 1, "{reply:?}");
+        let m = &reply.mirrors[0];
+        assert_eq!((m.addr, m.size), (b + 4096, 4096));
+        assert_eq!(&m.data[10..14], &[7; 4]);
+        assert!(s.execute_batch(batch(3, vec![sync()])).mirrors.is_empty(), "reported once");
+
+        // Over the inline budget (64 KiB in these limits): located only.
+        let big = b + 64 * 1024;
+        assert_eq!(code(s.execute(add(big, 128 * 1024))), 0);
+        let reply = s.execute_batch(batch(4, vec![memset(big, 128 * 1024), sync()]));
+        assert_eq!(reply.mirrors.len(), 1);
+        assert_eq!((reply.mirrors[0].size, reply.mirrors[0].data.len()), (128 * 1024, 0));
+
+        // Bounds; removal; a range whose memory is unmapped is dropped.
+        assert_eq!(code(s.execute(Op::MirrorRemove(v1::MirrorRemove { addr: b + 1 }))), cuda::INVALID_HANDLE);
+        assert_eq!(code(s.execute(Op::MirrorRemove(v1::MirrorRemove { addr: big }))), 0);
+        assert_eq!(code(s.mem_unmap(b)), 0);
+        assert!(s.execute_batch(batch(5, vec![sync()])).mirrors.is_empty());
+        assert!(s.mirrors.is_empty(), "dropped with its memory");
     }
 
     #[test]

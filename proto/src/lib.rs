@@ -13,6 +13,7 @@
 
 pub mod cuda;
 pub mod frame;
+pub mod mirror;
 pub mod payload;
 #[cfg(feature = "quic")]
 pub mod quic;

@@ -39,7 +39,7 @@ static void expect_bytes(const char *what, const unsigned char *got,
     bytes_checked += n;
 }
 
-static void expect_value(const char *what, const unsigned char *got, size_t n,
+__attribute__((unused)) static void expect_value(const char *what, const unsigned char *got, size_t n,
                          unsigned char v)
 {
     for (size_t i = 0; i < n; i++)

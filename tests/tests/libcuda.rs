@@ -135,6 +135,21 @@ fn c_program_on_the_driver_api() -> Result<()> {
     Ok(())
 }
 
+/// Mapped host memory, mirrored by device memory: host writes reach
+/// device-side copies, device writes are in host memory after each kind of
+/// synchronization, for a status word, a few pages and ranges larger than
+/// one reply carries, allocated or registered.
+#[test]
+fn mapped_host_memory_program() -> Result<()> {
+    let server = TestServer::start(isolated_config()?)?;
+    let out = run(&server, "mapped_nokernel")?;
+    for what in ["cuMemHostAlloc 4:", "cuMemHostAlloc 4194304:", "cuMemHostRegister:"] {
+        assert!(out.contains(what), "{what} missing:\n{out}");
+    }
+    server.stop();
+    Ok(())
+}
+
 /// Explicit contexts, limits, launch checks (refused at the launch, nothing
 /// latched) and device printf, whose lines must sit between the host lines
 /// printed around the synchronization although stdout is a pipe here.

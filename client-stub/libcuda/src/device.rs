@@ -15,11 +15,11 @@ pub(crate) const API_VERSION: c_int = 13000;
 const ATTRIBUTE_MAX: u32 = 148;
 
 /// Attributes a remote GPU cannot offer, whatever the server's card says:
-/// host memory cannot be mapped into or shared with a GPU in another
-/// machine, and there is no managed memory or memory pool here.
+/// a GPU in another machine cannot reach host memory directly (mapped host
+/// memory is mirrored instead, see `mapped.rs`), and there is no managed
+/// memory or shareable handle here.
 const REMOTE_ZERO: &[u32] = &[
     18,  // INTEGRATED
-    19,  // CAN_MAP_HOST_MEMORY
     83,  // MANAGED_MEMORY
     86,  // HOST_NATIVE_ATOMIC_SUPPORTED
     88,  // PAGEABLE_MEMORY_ACCESS
@@ -64,6 +64,8 @@ pub(crate) fn visible_attributes(device: &v1::DeviceInfo) -> HashMap<u32, i32> {
     // Addresses are unified: device ranges never overlap host memory
     // (the session's range is reserved in this process too).
     attrs.insert(41, 1); // UNIFIED_ADDRESSING
+    // Mapped host memory is mirrored by device memory (`mapped.rs`).
+    attrs.insert(19, 1); // CAN_MAP_HOST_MEMORY
     // cuMemCreate & co. work on the session's range (`vmm.rs`); the
     // handle-type attributes stay 0: no shareable handles across a network.
     attrs.insert(102, 1); // VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
@@ -285,10 +287,11 @@ mod tests {
     #[test]
     fn remote_attributes_hidden() {
         let mut d = v1::DeviceInfo { compute_capability_major: 9, multiprocessor_count: 132, ..Default::default() };
-        d.attributes.insert(19, 1);
+        d.attributes.insert(83, 1);
         d.attributes.insert(1, 1024);
         let a = visible_attributes(&d);
-        assert_eq!(a[&19], 0);
+        assert_eq!(a[&83], 0, "no managed memory");
+        assert_eq!(a[&19], 1, "mapped host memory is mirrored");
         assert_eq!(a[&1], 1024);
         assert_eq!(a[&41], 1);
         assert_eq!(a[&75], 9);

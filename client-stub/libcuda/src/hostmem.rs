@@ -4,8 +4,56 @@
 
 use crate::abi::{CuError, CuResult};
 use std::alloc::Layout;
+use std::sync::OnceLock;
 
-const PAGE: usize = 4096;
+pub(crate) const PAGE: usize = 4096;
+
+/// The range [`reserve_device_range`] holds, `(base, size)`.
+static RESERVED: OnceLock<(usize, usize)> = OnceLock::new();
+
+/// `true` when `[addr, addr + len)` lies in the device range reserved in
+/// this process, so its pages may be made host memory ([`map_fixed`]).
+pub(crate) fn in_reserved(addr: usize, len: usize) -> bool {
+    RESERVED.get().is_some_and(|&(base, size)| addr >= base && addr.checked_add(len).is_some_and(|e| e <= base + size))
+}
+
+/// Makes `[addr, addr + len)`, page-aligned and inside the reserved device
+/// range, readable and writable zeroed host memory.
+pub(crate) fn map_fixed(addr: usize, len: usize) -> CuResult<()> {
+    if !in_reserved(addr, len) || !addr.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // SAFETY: the pages lie in this process's own inaccessible reservation
+    // (checked above), so replacing them cannot disturb memory the process
+    // uses.
+    let got = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if got == libc::MAP_FAILED { Err(CuError(2)) } else { Ok(()) }
+}
+
+/// Gives pages from [`map_fixed`] back to the reservation.
+pub(crate) fn unmap_fixed(addr: usize, len: usize) {
+    // SAFETY: the pages came from `map_fixed`; they become inaccessible
+    // reservation again.
+    unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+}
 
 /// Reserves the session's device address range in this process, inaccessible,
 /// so that no host allocation can ever land inside it: a pointer is then a
@@ -28,7 +76,9 @@ pub(crate) fn reserve_device_range((base, size): (u64, u64)) {
             0,
         )
     };
-    if got == libc::MAP_FAILED || got as u64 != base {
+    if got != libc::MAP_FAILED && got as u64 == base {
+        let _ = RESERVED.set((base as usize, size as usize));
+    } else {
         if got != libc::MAP_FAILED {
             // An old kernel treated the address as a hint: give it back.
             // SAFETY: unmapping exactly the mapping just made.

@@ -10,6 +10,7 @@
 //! - [`runtime`]: the session and the handle tables;
 //! - [`device`], [`context`], [`memory`], [`module`], [`launch`], [`stream`]:
 //!   the driver API by area;
+//! - `mapped`: mapped host memory, mirrored by device memory;
 //! - [`vmm`], [`link`]: virtual memory management for applications and
 //!   the JIT linker;
 //! - [`graph`] (the sans-I/O core) and [`graph_api`]: CUDA graphs as
@@ -76,7 +77,7 @@ macro_rules! unsupported {
 }
 
 pub mod abi;
-mod call_stats;
+pub mod call_stats;
 pub mod capture;
 mod codes;
 pub mod context;
@@ -90,6 +91,7 @@ mod image;
 pub mod launch;
 pub mod legacy;
 pub mod link;
+mod mapped;
 pub mod memory;
 pub mod mempool;
 pub mod module;

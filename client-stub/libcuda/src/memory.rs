@@ -17,6 +17,9 @@ use std::ffi::{c_uint, c_void};
 /// Pitch alignment of cuMemAllocPitch rows.
 const PITCH_ALIGN: usize = 512;
 
+/// `CU_MEMHOSTALLOC_DEVICEMAP` / `CU_MEMHOSTREGISTER_DEVICEMAP`.
+const DEVICEMAP: c_uint = 0x02;
+
 /// Where a copy's end lies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Loc {
@@ -270,6 +273,21 @@ fn host_block(rt: &Runtime, addr: usize) -> Option<(usize, usize, u32)> {
 
 /// Value of one pointer attribute: `None` when it does not apply.
 fn pointer_attribute(rt: &Runtime, attribute: c_uint, ptr: CUdeviceptr) -> Option<u64> {
+    // Host memory first: mapped host memory lies in the device range.
+    if let Some((start, size, _)) = host_block(rt, ptr as usize) {
+        return match attribute {
+            1 => Some(handle(Tag::Context, PRIMARY) as u64),
+            2 => Some(1), // MEMORY_TYPE: host
+            3 => crate::mapped::device_pointer(rt, ptr as usize).ok(),
+            4 => Some(ptr),
+            8 => Some(0),
+            9 => Some(0),
+            11 => Some(start as u64),
+            12 => Some(size as u64),
+            13 => Some(1),
+            _ => None,
+        };
+    }
     if let Some((start, size)) = rt.session.address_range(ptr) {
         // cuMemMap ranges have the access cuMemSetAccess gave them.
         let access = rt.session.mem_access(ptr).map_or(3, u64::from);
@@ -289,18 +307,7 @@ fn pointer_attribute(rt: &Runtime, attribute: c_uint, ptr: CUdeviceptr) -> Optio
             _ => None,
         };
     }
-    let (start, size, _) = host_block(rt, ptr as usize)?;
-    match attribute {
-        1 => Some(handle(Tag::Context, PRIMARY) as u64),
-        2 => Some(1), // MEMORY_TYPE: host
-        4 => Some(ptr),
-        8 => Some(0),
-        9 => Some(0),
-        11 => Some(start as u64),
-        12 => Some(size as u64),
-        13 => Some(1),
-        _ => None,
-    }
+    None
 }
 
 /// Bytes each pointer attribute occupies in the caller's buffer.
@@ -441,13 +448,10 @@ crate::exports! {
         unsafe { put(pp, p.cast()) }
     }
 
+    /// DEVICEMAP: mirrored by device memory (`mapped.rs`).
     fn cuMemHostAlloc(pp: *mut *mut c_void, bytesize: usize, flags: c_uint) {
-        // DEVICEMAP: host memory cannot be mapped into a remote GPU.
-        if flags & 0x02 != 0 {
-            return Err(CuError::NOT_SUPPORTED);
-        }
         let rt = Runtime::with_context()?;
-        let p = hostmem::alloc(bytesize)?;
+        let p = if flags & DEVICEMAP != 0 { crate::mapped::alloc(rt, bytesize)? as *mut u8 } else { hostmem::alloc(bytesize)? };
         rt.tables().host_allocs.insert(p as usize, (bytesize, flags));
         // SAFETY: out-pointer per the CUDA API.
         unsafe { put(pp, p.cast()) }
@@ -455,7 +459,10 @@ crate::exports! {
 
     fn cuMemFreeHost(p: *mut c_void) {
         let rt = Runtime::get()?;
-        let (size, _) = rt.tables().host_allocs.remove(&(p as usize)).ok_or(CuError::INVALID_VALUE)?;
+        let (size, flags) = rt.tables().host_allocs.remove(&(p as usize)).ok_or(CuError::INVALID_VALUE)?;
+        if flags & DEVICEMAP != 0 {
+            return crate::mapped::release(rt, p as usize).map(drop);
+        }
         // SAFETY: `p` came from hostmem::alloc with `size` (looked up above)
         // and is no longer in the table.
         unsafe { hostmem::free(p.cast(), size) };
@@ -475,20 +482,32 @@ crate::exports! {
         if p.is_null() || bytesize == 0 {
             return Err(CuError::INVALID_VALUE);
         }
-        if flags & 0x02 != 0 {
-            return Err(CuError::NOT_SUPPORTED);
-        }
         let rt = Runtime::with_context()?;
-        let mut t = rt.tables();
-        if t.host_registered.insert(p as usize, (bytesize, flags)).is_some() {
+        if rt.tables().host_registered.contains_key(&(p as usize)) {
             return Err(CuError(712)); // HOST_MEMORY_ALREADY_REGISTERED
         }
+        if flags & DEVICEMAP != 0 {
+            crate::mapped::register(rt, p as usize, bytesize)?;
+        }
+        rt.tables().host_registered.insert(p as usize, (bytesize, flags));
         Ok(())
     }
 
     fn cuMemHostUnregister(p: *mut c_void) {
         let rt = Runtime::with_context()?;
-        rt.tables().host_registered.remove(&(p as usize)).map(drop).ok_or(CuError(713)) // NOT_REGISTERED
+        rt.tables().host_registered.remove(&(p as usize)).ok_or(CuError(713))?; // NOT_REGISTERED
+        crate::mapped::release(rt, p as usize).map(drop)
+    }
+
+    /// Mapped host memory's device address (`mapped.rs`).
+    fn cuMemHostGetDevicePointer_v2(pdptr: *mut CUdeviceptr, p: *mut c_void, flags: c_uint) {
+        let rt = Runtime::with_context()?;
+        if flags != 0 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let d = crate::mapped::device_pointer(rt, p as usize)?;
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(pdptr, d) }
     }
 
     fn cuPointerGetAttribute(data: *mut c_void, attribute: c_uint, ptr: CUdeviceptr) {

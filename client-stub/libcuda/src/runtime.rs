@@ -82,6 +82,8 @@ pub(crate) struct Tables {
     pub(crate) host_allocs: std::collections::BTreeMap<usize, (usize, u32)>,
     /// Host ranges registered with cuMemHostRegister: address -> (size, flags).
     pub(crate) host_registered: std::collections::BTreeMap<usize, (usize, u32)>,
+    /// Mapped host memory (DEVICEMAP) by host address (`mapped.rs`).
+    pub(crate) mapped: std::collections::BTreeMap<usize, crate::mapped::Mapped>,
     /// Libraries whose image has no code this GPU can run: library id ->
     /// (the driver's error, kernel names asked for). CUDA loads libraries
     /// lazily, so such a library loads and its kernels can be named; the

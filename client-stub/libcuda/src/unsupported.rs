@@ -107,7 +107,6 @@ crate::unsupported! {
     cuMemDiscardAndPrefetchBatchAsync
     cuMemDiscardBatchAsync
     cuMemGetHandleForAddressRange
-    cuMemHostGetDevicePointer_v2
     cuMemMapArrayAsync
     cuMemPrefetchAsync_v2
     cuMemPrefetchBatchAsync

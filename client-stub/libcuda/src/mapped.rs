@@ -1,0 +1,145 @@
+//! Mapped host memory: `cuMemHostAlloc` and `cuMemHostRegister` with
+//! `DEVICEMAP`, `cuMemHostGetDevicePointer`.
+//!
+//! A GPU in another machine cannot reach this process's memory, so each
+//! mapped range lives twice: here, and in device memory of the session
+//! that kernels use; the client core mirrors the two (`Session::mirror_add`:
+//! host writes travel before later calls, device writes come back when a
+//! synchronizing call returns). Coherent at synchronization points, which
+//! is what programs that follow CUDA's rules for mapped memory rely on;
+//! a kernel polling a flag the host sets while it runs does not see it.
+//!
+//! `cuMemHostAlloc` places the host pages at the device range's own
+//! address (inside the session's range, reserved in this process), so the
+//! host pointer is the device pointer, as unified addressing promises.
+//! Registered memory keeps the program's address; its device pointer is
+//! the mirror's (`CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM` reads 0).
+
+use crate::abi::{CuError, CuResult};
+use crate::hostmem::{self, PAGE};
+use crate::runtime::Runtime;
+use gpupool_client::MirrorHost;
+
+/// One mapped range.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Mapped {
+    pub(crate) size: usize,
+    /// The device half's address.
+    pub(crate) device: u64,
+    /// The device allocation holding it (`cuMemAlloc`'s address).
+    alloc: u64,
+    /// How the host half was made.
+    host: HostPages,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HostPages {
+    /// Pages at the device address (`map_fixed`), `len` bytes.
+    AtDevice { len: usize },
+    /// A heap allocation (when the device range is not reserved here).
+    Heap,
+    /// The program's own memory (`cuMemHostRegister`).
+    Registered,
+}
+
+/// Host memory at a fixed address that the program may write at any time:
+/// read and written with raw copies, never through references.
+#[derive(Debug)]
+struct HostSpan {
+    ptr: usize,
+    len: usize,
+}
+
+impl MirrorHost for HostSpan {
+    fn size(&self) -> usize {
+        self.len
+    }
+
+    fn read(&self, out: &mut [u8]) {
+        let n = out.len().min(self.len);
+        // SAFETY: `[ptr, ptr + len)` stays mapped while the mirror exists
+        // (it is removed before the pages are freed or unregistered).
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr as *const u8, out.as_mut_ptr(), n) };
+    }
+
+    fn write(&self, offset: usize, data: &[u8]) {
+        if offset.checked_add(data.len()).is_none_or(|end| end > self.len) {
+            return;
+        }
+        // SAFETY: as in `read`; the range was checked above.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), (self.ptr + offset) as *mut u8, data.len()) };
+    }
+}
+
+/// `cuMemHostAlloc` with `DEVICEMAP`: the host pointer.
+pub(crate) fn alloc(rt: &Runtime, size: usize) -> CuResult<usize> {
+    if size == 0 {
+        return Err(CuError::INVALID_VALUE);
+    }
+    let len = size.checked_next_multiple_of(PAGE).ok_or(CuError(2))?;
+    // One spare page: the device half starts at a page boundary.
+    let alloc = rt.session.mem_alloc((len + PAGE) as u64)?;
+    let device = (alloc as usize).next_multiple_of(PAGE);
+    let (ptr, host) = if hostmem::map_fixed(device, len).is_ok() {
+        (device, HostPages::AtDevice { len })
+    } else {
+        match hostmem::alloc(len) {
+            Ok(p) => (p as usize, HostPages::Heap),
+            Err(e) => {
+                let _ = rt.session.mem_free(alloc);
+                return Err(e);
+            }
+        }
+    };
+    let mapped = Mapped { size, device: device as u64, alloc, host };
+    if let Err(e) = rt.session.mirror_add(device as u64, Box::new(HostSpan { ptr, len: size })) {
+        release_pages(ptr, mapped);
+        let _ = rt.session.mem_free(alloc);
+        return Err(e.into());
+    }
+    rt.tables().mapped.insert(ptr, mapped);
+    Ok(ptr)
+}
+
+/// `cuMemHostRegister` with `DEVICEMAP` of the program's `[ptr, ptr + size)`.
+pub(crate) fn register(rt: &Runtime, ptr: usize, size: usize) -> CuResult {
+    let alloc = rt.session.mem_alloc(size as u64)?;
+    if let Err(e) = rt.session.mirror_add(alloc, Box::new(HostSpan { ptr, len: size })) {
+        let _ = rt.session.mem_free(alloc);
+        return Err(e.into());
+    }
+    rt.tables().mapped.insert(ptr, Mapped { size, device: alloc, alloc, host: HostPages::Registered });
+    Ok(())
+}
+
+/// Ends the mapping that starts at host address `ptr`, if there is one:
+/// `Some` with its size. Host pages this module made are freed.
+pub(crate) fn release(rt: &Runtime, ptr: usize) -> CuResult<Option<usize>> {
+    let Some(m) = rt.tables().mapped.remove(&ptr) else { return Ok(None) };
+    // The mirror goes first: it reads the host pages until then.
+    let removed = rt.session.mirror_remove(m.device);
+    release_pages(ptr, m);
+    rt.session.mem_free(m.alloc)?;
+    removed?;
+    Ok(Some(m.size))
+}
+
+fn release_pages(ptr: usize, m: Mapped) {
+    match m.host {
+        HostPages::AtDevice { len } => hostmem::unmap_fixed(ptr, len),
+        // SAFETY: allocated by `hostmem::alloc` with this page-rounded size.
+        HostPages::Heap => unsafe { hostmem::free(ptr as *mut u8, m.size.next_multiple_of(PAGE)) },
+        HostPages::Registered => {}
+    }
+}
+
+/// `cuMemHostGetDevicePointer`: the device address of host address `ptr`
+/// inside a mapped range.
+pub(crate) fn device_pointer(rt: &Runtime, ptr: usize) -> CuResult<u64> {
+    let t = rt.tables();
+    let (&start, m) = t.mapped.range(..=ptr).next_back().ok_or(CuError::INVALID_VALUE)?;
+    if ptr >= start + m.size {
+        return Err(CuError::INVALID_VALUE);
+    }
+    Ok(m.device + (ptr - start) as u64)
+}
