@@ -9,7 +9,8 @@
 //! - [`abi`]: the border (panic boundary, pointer checks, error codes);
 //! - [`runtime`]: the session and the handle tables;
 //! - [`device`], [`context`], [`memory`], [`module`], [`launch`], [`stream`]:
-//!   the driver API by area;
+//!   the driver API by area; [`library`]: libraries, loaded on the server
+//!   at first use;
 //! - [`vmm`], [`link`]: virtual memory management for applications and
 //!   the JIT linker;
 //! - [`graph`] (the sans-I/O core) and [`graph_api`]: CUDA graphs as
@@ -89,6 +90,7 @@ mod hostmem;
 mod image;
 pub mod launch;
 pub mod legacy;
+pub mod library;
 pub mod link;
 pub mod memory;
 pub mod mempool;
