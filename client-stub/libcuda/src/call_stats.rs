@@ -108,6 +108,7 @@ fn render(table: &HashMap<&'static str, Row>) -> String {
 /// # Safety
 /// `buf` is null or points to `len` writable bytes.
 #[unsafe(no_mangle)]
+#[allow(unreachable_pub, reason = "a C export of the shared library, found with dlsym")]
 pub unsafe extern "C" fn gpupool_call_stats(buf: *mut std::ffi::c_char, len: usize, reset: std::ffi::c_int) -> usize {
     if !enabled() {
         return 0;

@@ -82,6 +82,8 @@ fn load_library(code: *const c_void, file: Option<*const c_char>) -> CuResult<us
         return Err(CuError::INVALID_IMAGE);
     }
     let id = rt.session.reserve_module_id();
+    let copied = matches!(image, Image::Owned(_));
+    tracing::debug!(library = id, bytes = image.bytes().len(), copied, "library: loads at first use");
     rt.tables().libraries.insert(id, Arc::new(Library::new(image)));
     Ok(handle(Tag::Library, id.into()))
 }
@@ -95,9 +97,21 @@ fn library_module(rt: &Runtime, h: usize) -> CuResult<Module> {
     let id = crate::runtime::id_of(Tag::Library, h).ok_or(CuError::INVALID_HANDLE)? as u32;
     let lib = rt.tables().libraries.get(&id).cloned().ok_or(CuError::INVALID_HANDLE)?;
     lib.ensure_loaded(|bytes| match rt.session.module_load_as(id, bytes) {
-        Ok(_) => Ok(()),
+        Ok(m) => {
+            tracing::debug!(
+                library = id,
+                bytes = bytes.len(),
+                functions = m.functions.len(),
+                "library: first use, loaded"
+            );
+            Ok(())
+        }
         Err(e) if NO_CODE_FOR_GPU.contains(&e.code()) => {
-            tracing::debug!(library = id, code = e.code(), "library without code for this GPU: its kernels fail when used");
+            tracing::debug!(
+                library = id,
+                code = e.code(),
+                "library without code for this GPU: its kernels fail when used"
+            );
             rt.tables().unusable.insert(id, (e.code(), Vec::new()));
             Ok(())
         }
