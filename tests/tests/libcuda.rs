@@ -265,6 +265,46 @@ fn libraries_load_at_first_use() -> Result<()> {
     Ok(())
 }
 
+/// Fatbins are cut to the device's code before they are sent
+/// (`cuda::fatbin`, the library's rlib): a fatbin built by the PyPI nvcc for four
+/// architectures, cut for a 9.0 device, is byte for byte the fatbin nvcc
+/// builds for sm_90 alone; for a device without a cubin, only the PTX it
+/// can compile is left.
+#[test]
+fn fatbins_cut_to_the_device_match_nvcc() -> Result<()> {
+    use cuda::fatbin::{entries, for_device};
+    let (_, out) = programs()?;
+    let dir = out.join("fatbin");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("k.cu"), "extern \"C\" __global__ void add(float *a, float b) { a[threadIdx.x] += b; }\n")?;
+    let nvcc = |name: &str, gencodes: &str| -> Result<Vec<u8>> {
+        let script = format!(
+            "eval \"$(bash {} 2>/dev/null)\" && cd {} && \"$GPUPOOL_NVCC\" -fatbin -o {name}.fatbin k.cu {gencodes}",
+            repo().join("tests/programs/toolchain.sh").display(),
+            dir.display(),
+        );
+        let status = Command::new("bash").arg("-c").arg(&script).status().context("running nvcc")?;
+        if !status.success() {
+            bail!("nvcc {gencodes} failed: {status}");
+        }
+        Ok(std::fs::read(dir.join(format!("{name}.fatbin")))?)
+    };
+    let all = nvcc(
+        "all",
+        "-gencode arch=compute_75,code=[sm_75,compute_75] -gencode arch=compute_80,code=sm_86 \
+         -gencode arch=compute_90,code=[sm_90,compute_90] -gencode arch=compute_100,code=sm_100",
+    )?;
+    let sm90 = nvcc("sm90", "-gencode arch=compute_90,code=sm_90")?;
+    let listed = |image: &[u8]| -> Vec<(u16, u32)> {
+        entries(image).expect("a fatbin").1.iter().map(|e| (e.kind, e.arch)).collect()
+    };
+    assert_eq!(listed(&all), [(2, 75), (1, 75), (2, 86), (2, 90), (1, 90), (2, 100)], "nvcc's layout");
+    assert!(for_device(&all, 9, 0)[..] == sm90[..], "cut for 9.0 = nvcc's sm_90 fatbin");
+    assert_eq!(listed(&for_device(&all, 8, 9)), [(2, 86)]);
+    assert_eq!(listed(&for_device(&all, 12, 0)), [(1, 75), (1, 90)]);
+    Ok(())
+}
+
 /// Kernel nodes, captured launches (`cuLaunchKernel`, `cuLaunchKernelEx`)
 /// and kernels over stream-ordered memory, with gpupool's built-in kernels
 /// so that the emulated device runs them.

@@ -10,7 +10,8 @@
 //! - [`runtime`]: the session and the handle tables;
 //! - [`device`], [`context`], [`memory`], [`module`], [`launch`], [`stream`]:
 //!   the driver API by area; [`library`]: libraries, loaded on the server
-//!   at first use;
+//!   at first use; [`fatbin`]: fatbins cut to this GPU's code before they
+//!   are sent;
 //! - [`vmm`], [`link`]: virtual memory management for applications and
 //!   the JIT linker;
 //! - [`graph`] (the sans-I/O core) and [`graph_api`]: CUDA graphs as
@@ -84,6 +85,7 @@ pub mod context;
 pub mod device;
 mod env;
 pub mod export_tables;
+pub mod fatbin;
 pub mod graph;
 pub mod graph_api;
 mod hostmem;

@@ -12,6 +12,7 @@ use crate::runtime::{Runtime, Tag, function_handle, function_of, handle};
 use cudarc::driver::sys::{CUdevice, CUdeviceptr, CUfunction, CUkernel, CUlaunchConfig, CUlibrary, CUmodule};
 use gpupool_client::{Function, Module};
 use gpupool_proto::v1::{self, OccupancyQuery};
+use std::borrow::Cow;
 use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::sync::Arc;
 
@@ -19,7 +20,17 @@ use std::sync::Arc;
 /// API is context-independent); the module API checks for one itself.
 fn load_bytes(bytes: &[u8]) -> CuResult<Module> {
     let rt = Runtime::get()?;
-    rt.session.module_load(bytes).map_err(CuError::from)
+    rt.session.module_load(&for_device(rt, bytes)).map_err(CuError::from)
+}
+
+/// What is sent of an image: a fatbin without the code this GPU cannot load.
+fn for_device<'a>(rt: &Runtime, bytes: &'a [u8]) -> Cow<'a, [u8]> {
+    let (major, minor) = (rt.device.compute_capability_major, rt.device.compute_capability_minor);
+    let out = crate::fatbin::for_device(bytes, major, minor);
+    if out.len() != bytes.len() {
+        tracing::debug!(bytes = bytes.len(), sent = out.len(), major, minor, "fatbin cut to this GPU's code");
+    }
+    out
 }
 
 /// Loads the image at `p`.
@@ -96,7 +107,7 @@ fn load_library(code: *const c_void, file: Option<*const c_char>) -> CuResult<us
 fn library_module(rt: &Runtime, h: usize) -> CuResult<Module> {
     let id = crate::runtime::id_of(Tag::Library, h).ok_or(CuError::INVALID_HANDLE)? as u32;
     let lib = rt.tables().libraries.get(&id).cloned().ok_or(CuError::INVALID_HANDLE)?;
-    lib.ensure_loaded(|bytes| match rt.session.module_load_as(id, bytes) {
+    lib.ensure_loaded(|bytes| match rt.session.module_load_as(id, &for_device(rt, bytes)) {
         Ok(m) => {
             tracing::debug!(
                 library = id,
