@@ -596,9 +596,28 @@ impl Session {
     /// [`gpupool_proto::BUILTIN_MODULE`]). Sends the hash first and the
     /// image only if the server does not hold it.
     pub fn module_load(&self, image: &[u8]) -> Result<Module> {
+        let id = self.reserve_module_id();
+        self.module_load_as(id, image)
+    }
+
+    /// Takes the next module id without telling the server: a library
+    /// loaded lazily has its handle (the id) before its module exists, and
+    /// loads it with [`Session::module_load_as`] at first use.
+    pub fn reserve_module_id(&self) -> u32 {
         let mut st = self.lock();
         let id = st.next_module;
         st.next_module += 1;
+        id
+    }
+
+    /// Loads a module image as module `id`, an id from
+    /// [`Session::reserve_module_id`] not loaded yet (as
+    /// [`Session::module_load`]).
+    pub fn module_load_as(&self, id: u32, image: &[u8]) -> Result<Module> {
+        let mut st = self.lock();
+        if id == 0 || id >= st.next_module || st.modules.contains_key(&id) {
+            return Err(ClientError::InvalidHandle(format!("module id {id} was not reserved or is loaded")));
+        }
         let sha256 = Bytes::copy_from_slice(&Sha256::digest(image));
         let by_hash = Op::ModuleLoad(v1::ModuleLoad { module: id, sha256: sha256.clone(), image: None, staged: None });
         let value = match self.call(&mut st, by_hash) {

@@ -41,3 +41,16 @@ static const char *err_name(CUresult r)
             fail("line %d: %s -> %s (%d)", __LINE__, #call, err_name(r_),     \
                  (int)r_);                                                    \
     } while (0)
+
+/* cuInit, then device 0's primary context made current, as most programs
+ * start; returns the context. */
+static inline CUcontext primary_context(void)
+{
+    CUdevice dev;
+    CUcontext ctx;
+    CK(cuInit(0));
+    CK(cuDeviceGet(&dev, 0));
+    CK(cuDevicePrimaryCtxRetain(&ctx, dev));
+    CK(cuCtxSetCurrent(ctx));
+    return ctx;
+}

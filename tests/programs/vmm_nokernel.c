@@ -65,11 +65,8 @@ static void set_rw(CUdeviceptr ptr, size_t size)
 int main(void)
 {
     CUdevice dev;
-    CUcontext ctx;
-    CK(cuInit(0));
-    CK(cuDeviceGet(&dev, 0));
-    CK(cuDevicePrimaryCtxRetain(&ctx, dev));
-    CK(cuCtxSetCurrent(ctx));
+    primary_context();
+    CK(cuCtxGetDevice(&dev));
 
     int vmm = 0;
     CK(cuDeviceGetAttribute(

@@ -73,20 +73,48 @@ fn programs() -> Result<&'static (PathBuf, PathBuf)> {
 
 /// Runs one program against `server` through the stub; returns its stdout.
 fn run(server: &TestServer, program: &str) -> Result<String> {
+    run_with_env(server, program, &[]).map(|(stdout, _)| stdout)
+}
+
+/// Runs one program against `server` through the stub with extra
+/// environment; returns its stdout and stderr.
+fn run_with_env(server: &TestServer, program: &str, env: &[(&str, &str)]) -> Result<(String, String)> {
     let (stub, bin) = programs()?;
     let out = Command::new(bin.join(program))
         .env("LD_LIBRARY_PATH", stub)
         .env("GPUPOOL_SERVER", server.addr.to_string())
         .env("GPUPOOL_TOKEN", TOKEN)
         .env("GPUPOOL_CERT_SHA256", &server.fingerprint)
+        .envs(env.iter().copied())
         .output()
         .with_context(|| format!("starting {program}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     if !out.status.success() || !stdout.contains(&format!("PASS {program}")) {
         bail!("{program} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}", out.status);
     }
-    Ok(stdout)
+    Ok((stdout, stderr))
+}
+
+/// The call table a program printed (`GPUPOOL_CALL_STATS=1`).
+struct CallTable(String);
+
+impl CallTable {
+    /// The row of entry point `name`: [calls, local, queued, waited].
+    fn row(&self, name: &str) -> Vec<u64> {
+        let line = self.0.lines().find(|l| l.split_whitespace().next() == Some(name));
+        let line = line.unwrap_or_else(|| panic!("no row for {name} in:\n{}", self.0));
+        line.split_whitespace().skip(1).map(|v| v.parse().expect("a count")).collect()
+    }
+}
+
+/// Runs one program with `GPUPOOL_CALL_STATS=1`; returns its stdout and
+/// the call table.
+fn run_with_call_table(server: &TestServer, program: &str) -> Result<(String, CallTable)> {
+    let (stdout, stderr) = run_with_env(server, program, &[("GPUPOOL_CALL_STATS", "1")])?;
+    assert!(stderr.contains("gpupool call table"), "no call table on stderr:\n{stderr}");
+    assert!(!stdout.contains("gpupool call table"), "the table goes to stderr");
+    Ok((stdout, CallTable(stderr)))
 }
 
 /// `GPUPOOL_CALL_STATS=1`: the call table on stderr at exit, stdout the
@@ -95,24 +123,8 @@ fn run(server: &TestServer, program: &str) -> Result<String> {
 #[test]
 fn call_table_counts_local_queued_and_waited_calls() -> Result<()> {
     let server = TestServer::start(isolated_config()?)?;
-    let (stub, bin) = programs()?;
-    let out = Command::new(bin.join("driver_api"))
-        .env("LD_LIBRARY_PATH", stub)
-        .env("GPUPOOL_SERVER", server.addr.to_string())
-        .env("GPUPOOL_TOKEN", TOKEN)
-        .env("GPUPOOL_CERT_SHA256", &server.fingerprint)
-        .env("GPUPOOL_CALL_STATS", "1")
-        .output()
-        .context("starting driver_api")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && stdout.contains("PASS driver_api"), "{stdout}\n{stderr}");
-    assert!(!stdout.contains("gpupool call table"), "the table goes to stderr");
-    let row = |name: &str| -> Vec<u64> {
-        let line = stderr.lines().find(|l| l.split_whitespace().next() == Some(name));
-        let line = line.unwrap_or_else(|| panic!("no row for {name} in:\n{stderr}"));
-        line.split_whitespace().skip(1).map(|v| v.parse().expect("a count")).collect()
-    };
+    let (_, table) = run_with_call_table(&server, "driver_api")?;
+    let row = |name: &str| table.row(name);
     // calls, local, queued, waited
     let dtoh = row("cuMemcpyDtoH_v2");
     assert!(dtoh[0] > 0 && dtoh[3] == dtoh[0], "every synchronous DtoH waits: {dtoh:?}");
@@ -193,8 +205,11 @@ fn vmm_program_on_the_driver_api() -> Result<()> {
 #[test]
 fn nvcc_static_runtime_program() -> Result<()> {
     let server = TestServer::start(isolated_config()?)?;
-    let out = run(&server, "runtime_nokernel")?;
+    let (out, table) = run_with_call_table(&server, "runtime_nokernel")?;
     assert!(out.contains("errors ok"), "{out}");
+    // The runtime registers the program's fatbin; nothing uses it, so it
+    // never reaches the server.
+    assert_eq!(table.row("cuLibraryLoadData"), [1, 1, 0, 0]);
     server.stop();
     Ok(())
 }
@@ -221,26 +236,96 @@ fn graphs_capture_and_memory_pools() -> Result<()> {
     Ok(())
 }
 
-/// Kernel nodes, captured launches (`cuLaunchKernel`, `cuLaunchKernelEx`)
-/// and kernels over stream-ordered memory, with gpupool's built-in kernels
-/// so that the emulated device runs them. Built here rather than by
-/// build.sh: its module image exists only on gpupool servers.
-#[test]
-fn graphs_with_builtin_kernels() -> Result<()> {
+/// Builds `tests/programs/stub_only/<name>.c` beside the CI programs.
+/// Built here rather than by build.sh: these programs use gpupool's
+/// built-in module, whose image exists only on gpupool servers.
+fn build_stub_only(name: &str) -> Result<()> {
     let (stub, out) = programs()?;
-    let src = repo().join("tests/programs/stub_only/graphs_builtin.c");
-    let bin = out.join("graphs_builtin");
+    let src = repo().join("tests/programs/stub_only").join(format!("{name}.c"));
     let script = format!(
-        "eval \"$(bash {} 2>/dev/null)\" && cc -std=c11 -O2 -Wall -Wextra -I\"$GPUPOOL_CUDA_INCLUDE\" -o {} {} -L{} -lcuda",
+        "eval \"$(bash {} 2>/dev/null)\" && cc -std=c11 -O2 -Wall -Wextra -pthread -I\"$GPUPOOL_CUDA_INCLUDE\" -o {} {} -L{} -lcuda",
         repo().join("tests/programs/toolchain.sh").display(),
-        bin.display(),
+        out.join(name).display(),
         src.display(),
         stub.display()
     );
-    let status = Command::new("bash").arg("-c").arg(&script).status().context("building graphs_builtin")?;
+    let status = Command::new("bash").arg("-c").arg(&script).status().with_context(|| format!("building {name}"))?;
     if !status.success() {
-        bail!("building graphs_builtin failed: {status}");
+        bail!("building {name} failed: {status}");
     }
+    Ok(())
+}
+
+/// Libraries load lazily (issue 17): loading one never waits for the
+/// server, a never-used one is never sent (nor unloaded there), and the
+/// first use loads it once even when two threads use it at once.
+#[test]
+fn libraries_load_at_first_use() -> Result<()> {
+    build_stub_only("library_lazy")?;
+    let server = TestServer::start(isolated_config()?)?;
+    let (out, table) = run_with_call_table(&server, "library_lazy")?;
+    assert!(out.contains("kernel of a library used by two threads at once ok"), "{out}");
+    assert!(out.contains("module of a library ok"), "{out}");
+    let row = |name: &str| table.row(name);
+    // calls, local, queued, waited: 8 unused, 1 null, 2 used.
+    assert_eq!(row("cuLibraryLoadData"), [11, 11, 0, 0], "loads never reach the server");
+    assert_eq!(row("cuLibraryLoadFromFile"), [1, 1, 0, 0]);
+    // 8 unused and one unloaded twice: local; 2 used: queued.
+    assert_eq!(row("cuLibraryUnload"), [11, 9, 2, 0]);
+    // The first of the two threads loads the library, the other waits on it.
+    assert_eq!(row("cuLibraryGetKernel"), [2, 1, 0, 1]);
+    assert_eq!(row("cuLibraryGetModule"), [1, 0, 0, 1]);
+    assert_eq!(row("cuLibraryGetKernelCount"), [1, 1, 0, 0]);
+    server.stop();
+    Ok(())
+}
+
+/// Fatbins are cut to the device's code before they are sent
+/// (`cuda::fatbin`, the library's rlib): a fatbin built by the PyPI nvcc for four
+/// architectures, cut for a 9.0 device, is byte for byte the fatbin nvcc
+/// builds for sm_90 alone; for a device without a cubin, only the PTX it
+/// can compile is left.
+#[test]
+fn fatbins_cut_to_the_device_match_nvcc() -> Result<()> {
+    use cuda::fatbin::{entries, for_device};
+    let (_, out) = programs()?;
+    let dir = out.join("fatbin");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("k.cu"), "extern \"C\" __global__ void add(float *a, float b) { a[threadIdx.x] += b; }\n")?;
+    let nvcc = |name: &str, gencodes: &str| -> Result<Vec<u8>> {
+        let script = format!(
+            "eval \"$(bash {} 2>/dev/null)\" && cd {} && \"$GPUPOOL_NVCC\" -fatbin -o {name}.fatbin k.cu {gencodes}",
+            repo().join("tests/programs/toolchain.sh").display(),
+            dir.display(),
+        );
+        let status = Command::new("bash").arg("-c").arg(&script).status().context("running nvcc")?;
+        if !status.success() {
+            bail!("nvcc {gencodes} failed: {status}");
+        }
+        Ok(std::fs::read(dir.join(format!("{name}.fatbin")))?)
+    };
+    let all = nvcc(
+        "all",
+        "-gencode arch=compute_75,code=[sm_75,compute_75] -gencode arch=compute_80,code=sm_86 \
+         -gencode arch=compute_90,code=[sm_90,compute_90] -gencode arch=compute_100,code=sm_100",
+    )?;
+    let sm90 = nvcc("sm90", "-gencode arch=compute_90,code=sm_90")?;
+    let listed = |image: &[u8]| -> Vec<(u16, u32)> {
+        entries(image).expect("a fatbin").1.iter().map(|e| (e.kind, e.arch)).collect()
+    };
+    assert_eq!(listed(&all), [(2, 75), (1, 75), (2, 86), (2, 90), (1, 90), (2, 100)], "nvcc's layout");
+    assert!(for_device(&all, 9, 0)[..] == sm90[..], "cut for 9.0 = nvcc's sm_90 fatbin");
+    assert_eq!(listed(&for_device(&all, 8, 9)), [(2, 86)]);
+    assert_eq!(listed(&for_device(&all, 12, 0)), [(1, 75), (1, 90)]);
+    Ok(())
+}
+
+/// Kernel nodes, captured launches (`cuLaunchKernel`, `cuLaunchKernelEx`)
+/// and kernels over stream-ordered memory, with gpupool's built-in kernels
+/// so that the emulated device runs them.
+#[test]
+fn graphs_with_builtin_kernels() -> Result<()> {
+    build_stub_only("graphs_builtin")?;
     let server = TestServer::start(isolated_config()?)?;
     let out = run(&server, "graphs_builtin")?;
     assert!(out.contains("captured kernels ok"), "{out}");

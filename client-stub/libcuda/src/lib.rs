@@ -9,7 +9,9 @@
 //! - [`abi`]: the border (panic boundary, pointer checks, error codes);
 //! - [`runtime`]: the session and the handle tables;
 //! - [`device`], [`context`], [`memory`], [`module`], [`launch`], [`stream`]:
-//!   the driver API by area;
+//!   the driver API by area; [`library`]: libraries, loaded on the server
+//!   at first use; [`fatbin`]: fatbins cut to this GPU's code before they
+//!   are sent;
 //! - `mapped`: mapped host memory, mirrored by device memory;
 //! - [`vmm`], [`link`]: virtual memory management for applications and
 //!   the JIT linker;
@@ -84,12 +86,14 @@ pub mod context;
 pub mod device;
 mod env;
 pub mod export_tables;
+pub mod fatbin;
 pub mod graph;
 pub mod graph_api;
 mod hostmem;
 mod image;
 pub mod launch;
 pub mod legacy;
+pub mod library;
 pub mod link;
 mod mapped;
 pub mod memory;

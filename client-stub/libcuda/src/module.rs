@@ -7,17 +7,30 @@
 
 use crate::abi::{CuError, CuResult, c_str, intern, put};
 use crate::image;
+use crate::library::{Image, Library};
 use crate::runtime::{Runtime, Tag, function_handle, function_of, handle};
 use cudarc::driver::sys::{CUdevice, CUdeviceptr, CUfunction, CUkernel, CUlaunchConfig, CUlibrary, CUmodule};
 use gpupool_client::{Function, Module};
 use gpupool_proto::v1::{self, OccupancyQuery};
+use std::borrow::Cow;
 use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::sync::Arc;
 
 /// Loads an image. Libraries need no current context (CUDA 12's library
 /// API is context-independent); the module API checks for one itself.
 fn load_bytes(bytes: &[u8]) -> CuResult<Module> {
     let rt = Runtime::get()?;
-    rt.session.module_load(bytes).map_err(CuError::from)
+    rt.session.module_load(&for_device(rt, bytes)).map_err(CuError::from)
+}
+
+/// What is sent of an image: a fatbin without the code this GPU cannot load.
+fn for_device<'a>(rt: &Runtime, bytes: &'a [u8]) -> Cow<'a, [u8]> {
+    let (major, minor) = (rt.device.compute_capability_major, rt.device.compute_capability_minor);
+    let out = crate::fatbin::for_device(bytes, major, minor);
+    if out.len() != bytes.len() {
+        tracing::debug!(bytes = bytes.len(), sent = out.len(), major, minor, "fatbin cut to this GPU's code");
+    }
+    out
 }
 
 /// Loads the image at `p`.
@@ -27,11 +40,15 @@ pub(crate) fn load_ptr(p: *const c_void) -> CuResult<Module> {
     load_bytes(bytes)
 }
 
-fn load_file(path: *const c_char) -> CuResult<Module> {
+/// The bytes of the file at `path`.
+fn read_file(path: *const c_char) -> CuResult<Vec<u8>> {
     // SAFETY: NUL-terminated per the CUDA API.
     let path = unsafe { c_str(path) }?;
-    let bytes = std::fs::read(path).map_err(|_| CuError(gpupool_proto::cuda::FILE_NOT_FOUND))?;
-    load_bytes(&bytes)
+    std::fs::read(path).map_err(|_| CuError(gpupool_proto::cuda::FILE_NOT_FOUND))
+}
+
+fn load_file(path: *const c_char) -> CuResult<Module> {
+    load_bytes(&read_file(path)?)
 }
 
 /// A load through the module API: a current context is required and the
@@ -43,9 +60,18 @@ pub(crate) fn load_module(out: *mut CUmodule, load: impl FnOnce() -> CuResult<Mo
     unsafe { put(out, handle(Tag::Module, m.id.into()) as CUmodule) }
 }
 
+/// The module behind a module or library handle (`tag`); a library loads
+/// at its first use.
+fn module_of(rt: &Runtime, h: usize, tag: Tag) -> CuResult<Module> {
+    match tag {
+        Tag::Library => library_module(rt, h),
+        _ => rt.module(h, tag),
+    }
+}
+
 /// Number of functions of a module or library (`tag`).
 fn function_count(h: usize, tag: Tag, count: *mut c_uint) -> CuResult {
-    let m = Runtime::get()?.module(h, tag)?;
+    let m = module_of(Runtime::get()?, h, tag)?;
     // SAFETY: out-pointer per the CUDA API.
     unsafe { put(count, m.functions.len() as c_uint) }
 }
@@ -53,27 +79,56 @@ fn function_count(h: usize, tag: Tag, count: *mut c_uint) -> CuResult {
 /// Driver errors meaning "nothing in this image runs on this GPU".
 const NO_CODE_FOR_GPU: [u32; 2] = [209, 222]; // NO_BINARY_FOR_GPU, UNSUPPORTED_PTX_VERSION
 
-/// Loads a library. CUDA loads libraries lazily: an image without code for
-/// this GPU (cuBLAS registers fatbins for every architecture) still gives a
-/// library; using one of its kernels fails with the driver's error.
+/// Takes a library without contacting the server (see [`crate::library`]):
+/// the image is checked as far as its header, kept, and given a module id
+/// as its handle. A file is read now, as the driver reads it.
 fn load_library(code: *const c_void, file: Option<*const c_char>) -> CuResult<usize> {
-    let loaded = match file {
-        Some(path) => load_file(path),
-        None => load_ptr(code),
+    let rt = Runtime::get()?;
+    let image = match file {
+        Some(path) => Image::Owned(read_file(path)?.into()),
+        // SAFETY: the CUDA contract: `code` is a complete module image.
+        None => Image::of(unsafe { image::image(code.cast()) }?),
     };
-    match loaded {
-        Ok(m) => Ok(handle(Tag::Library, m.id.into())),
-        Err(CuError(e)) if NO_CODE_FOR_GPU.contains(&e) => {
-            let rt = Runtime::get()?;
-            let mut t = rt.tables();
-            let id = t.next_unusable;
-            t.next_unusable += 1;
-            t.unusable.insert(id, (e, Vec::new()));
-            tracing::debug!(library = id, code = e, "library without code for this GPU: its kernels fail when used");
-            Ok(handle(Tag::Library, id.into()))
-        }
-        Err(e) => Err(e),
+    if image.bytes().is_empty() {
+        return Err(CuError::INVALID_IMAGE);
     }
+    let id = rt.session.reserve_module_id();
+    let copied = matches!(image, Image::Owned(_));
+    tracing::debug!(library = id, bytes = image.bytes().len(), copied, "library: loads at first use");
+    rt.tables().libraries.insert(id, Arc::new(Library::new(image)));
+    Ok(handle(Tag::Library, id.into()))
+}
+
+/// The module behind library handle `h`, loading it on the server at its
+/// first use. CUDA loads libraries lazily: an image without code for this
+/// GPU (cuBLAS registers fatbins for every architecture) still gives a
+/// library; asking for its module fails with the driver's error, and
+/// [`lookup`] names its kernels, which fail when used.
+fn library_module(rt: &Runtime, h: usize) -> CuResult<Module> {
+    let id = crate::runtime::id_of(Tag::Library, h).ok_or(CuError::INVALID_HANDLE)? as u32;
+    let lib = rt.tables().libraries.get(&id).cloned().ok_or(CuError::INVALID_HANDLE)?;
+    lib.ensure_loaded(|bytes| match rt.session.module_load_as(id, &for_device(rt, bytes)) {
+        Ok(m) => {
+            tracing::debug!(
+                library = id,
+                bytes = bytes.len(),
+                functions = m.functions.len(),
+                "library: first use, loaded"
+            );
+            Ok(())
+        }
+        Err(e) if NO_CODE_FOR_GPU.contains(&e.code()) => {
+            tracing::debug!(
+                library = id,
+                code = e.code(),
+                "library without code for this GPU: its kernels fail when used"
+            );
+            rt.tables().unusable.insert(id, (e.code(), Vec::new()));
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    })?;
+    rt.module(h, Tag::Library)
 }
 
 /// A kernel handle in an unusable library, for `name`.
@@ -91,15 +146,22 @@ fn unusable_kernel(rt: &Runtime, library: usize, name: &str) -> CuResult<usize> 
     Ok(function_handle(Tag::Kernel, id, index as u32))
 }
 
-fn unload(h: usize, tag: Tag) -> CuResult {
+fn unload_module(h: usize) -> CuResult {
     let rt = Runtime::get()?;
-    if tag == Tag::Library
-        && let Some(id) = crate::runtime::id_of(Tag::Library, h)
-        && rt.tables().unusable.remove(&(id as u32)).is_some()
-    {
+    let m = rt.module(h, Tag::Module)?;
+    rt.session.module_unload(&m).map_err(CuError::from)
+}
+
+/// Unloads a library: one never used never reached the server.
+fn unload_library(h: usize) -> CuResult {
+    let rt = Runtime::get()?;
+    let id = crate::runtime::id_of(Tag::Library, h).ok_or(CuError::INVALID_HANDLE)? as u32;
+    let lib = rt.tables().libraries.remove(&id).ok_or(CuError::INVALID_HANDLE)?;
+    // Waits for a first use in progress on another thread.
+    if !lib.is_loaded() || rt.tables().unusable.remove(&id).is_some() {
         return Ok(());
     }
-    let m = rt.module(h, tag)?;
+    let m = rt.module(h, Tag::Library)?;
     rt.session.module_unload(&m).map_err(CuError::from)
 }
 
@@ -108,9 +170,11 @@ fn lookup(h: usize, module_tag: Tag, name: *const c_char, tag: Tag) -> CuResult<
     let rt = Runtime::get()?;
     // SAFETY: NUL-terminated per the CUDA API.
     let name = unsafe { c_str(name) }?;
-    let m = match rt.module(h, module_tag) {
+    let m = match module_of(rt, h, module_tag) {
         Ok(m) => m,
-        Err(_) if module_tag == Tag::Library && tag == Tag::Kernel => return unusable_kernel(rt, h, name),
+        Err(CuError(e)) if module_tag == Tag::Library && tag == Tag::Kernel && NO_CODE_FOR_GPU.contains(&e) => {
+            return unusable_kernel(rt, h, name);
+        }
         Err(e) => return Err(e),
     };
     let f = m.function(name).map_err(|_| CuError::NOT_FOUND)?;
@@ -119,7 +183,7 @@ fn lookup(h: usize, module_tag: Tag, name: *const c_char, tag: Tag) -> CuResult<
 
 fn global(h: usize, tag: Tag, dptr: *mut CUdeviceptr, bytes: *mut usize, name: *const c_char) -> CuResult {
     let rt = Runtime::get()?;
-    let m = rt.module(h, tag)?;
+    let m = module_of(rt, h, tag)?;
     // SAFETY: NUL-terminated per the CUDA API.
     let name = unsafe { c_str(name) }?;
     let (addr, size) = rt.session.module_get_global(m.id, name)?;
@@ -167,7 +231,7 @@ fn param_info(h: usize, index: usize, offset: *mut usize, size: *mut usize) -> C
 /// Writes the handles of all functions of a module, as kind `tag`.
 fn enumerate(h: usize, module_tag: Tag, out: *mut usize, n: c_uint, tag: Tag) -> CuResult {
     let rt = Runtime::get()?;
-    let m = rt.module(h, module_tag)?;
+    let m = module_of(rt, h, module_tag)?;
     if out.is_null() || (n as usize) < m.functions.len() {
         return Err(CuError::INVALID_VALUE);
     }
@@ -271,7 +335,7 @@ crate::exports! {
     }
 
     fn cuModuleUnload(module: CUmodule) {
-        unload(module as usize, Tag::Module)
+        unload_module(module as usize)
     }
 
     fn cuModuleGetFunction(f: *mut CUfunction, module: CUmodule, name: *const c_char) {
@@ -332,7 +396,7 @@ crate::exports! {
     }
 
     fn cuLibraryUnload(library: CUlibrary) {
-        unload(library as usize, Tag::Library)
+        unload_library(library as usize)
     }
 
     fn cuLibraryGetKernel(kernel: *mut CUkernel, library: CUlibrary, name: *const c_char) {
@@ -342,8 +406,7 @@ crate::exports! {
     }
 
     fn cuLibraryGetModule(module: *mut CUmodule, library: CUlibrary) {
-        let rt = Runtime::get()?;
-        let m = rt.module(library as usize, Tag::Library)?;
+        let m = library_module(Runtime::get()?, library as usize)?;
         // SAFETY: out-pointer per the CUDA API.
         unsafe { put(module, handle(Tag::Module, m.id.into()) as CUmodule) }
     }

@@ -8,11 +8,12 @@
 
 use crate::abi::{CuError, CuResult};
 use crate::env;
+use crate::library::Library;
 use gpupool_client::{EventId, Module, Session, StreamId};
 use gpupool_proto::v1;
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// Handle kinds, in bits 40..48 of a handle's value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,12 +85,13 @@ pub(crate) struct Tables {
     pub(crate) host_registered: std::collections::BTreeMap<usize, (usize, u32)>,
     /// Mapped host memory (DEVICEMAP) by host address (`mapped.rs`).
     pub(crate) mapped: std::collections::BTreeMap<usize, crate::mapped::Mapped>,
+    /// Libraries by id (the module id their module gets at first use).
+    pub(crate) libraries: HashMap<u32, Arc<Library>>,
     /// Libraries whose image has no code this GPU can run: library id ->
     /// (the driver's error, kernel names asked for). CUDA loads libraries
     /// lazily, so such a library loads and its kernels can be named; the
     /// error comes when a kernel is used.
     pub(crate) unusable: HashMap<u32, (u32, Vec<String>)>,
-    pub(crate) next_unusable: u32,
     pub(crate) next_context: u64,
     pub(crate) cache_config: u32,
 }
@@ -110,10 +112,6 @@ thread_local! {
     /// The calling thread's context stack (top = current).
     static CONTEXT_STACK: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
 }
-
-/// Ids of unusable libraries start here, above any module id the session
-/// assigns in practice (function handles keep 20 bits for the module).
-pub(crate) const UNUSABLE_BASE: u32 = 1 << 19;
 
 /// The primary context's id.
 pub(crate) const PRIMARY: u64 = 1;
@@ -179,8 +177,7 @@ impl Runtime {
                 let device = session.device();
                 let attributes = crate::device::visible_attributes(&device);
                 crate::hostmem::reserve_device_range(session.reserved_range());
-                let mut tables =
-                    Tables { next_context: PRIMARY + 1, next_unusable: UNUSABLE_BASE, ..Tables::default() };
+                let mut tables = Tables { next_context: PRIMARY + 1, ..Tables::default() };
                 tables.contexts.insert(PRIMARY, ContextInfo::default());
                 tracing::info!(device = %device.name, backend = %device.backend, "gpupool session open");
                 Ok(Runtime { session, device, attributes, tables: Mutex::new(tables) })

@@ -50,14 +50,9 @@ static CUDA_MEMCPY3D linear(CUmemorytype dt, void *dh, CUdeviceptr dd,
 int main(void)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    CUdevice dev;
-    CUcontext ctx;
     CUmodule mod;
     CUfunction saxpy, vadd;
-    CK(cuInit(0));
-    CK(cuDeviceGet(&dev, 0));
-    CK(cuDevicePrimaryCtxRetain(&ctx, dev));
-    CK(cuCtxSetCurrent(ctx));
+    CUcontext ctx = primary_context();
     CK(cuModuleLoadData(&mod, "gpupool-builtin-kernels/v1\n"));
     CK(cuModuleGetFunction(&saxpy, mod, "saxpy"));
     CK(cuModuleGetFunction(&vadd, mod, "vector_add"));
