@@ -4,7 +4,7 @@
 //! (batches in, replies out, each one frame, in order) and a [`Link`] that
 //! ends, can be lost (the client may come back), can be closed with a code,
 //! and serves the client's bulk transfers with a [`BulkService`]. The
-//! session code ([`super::local`], [`super::commands`]) is written against
+//! session code (`local.rs`, `commands.rs`) is written against
 //! these traits only.
 //!
 //! [`quic`] is the implementation today. QUIC also stays the control
