@@ -10,13 +10,12 @@ use crate::error::{ClientError, Result};
 use bytes::Bytes;
 use gpupool_proto::frame::{self, FrameDecoder};
 use gpupool_proto::payload::{self, Compression};
+use gpupool_proto::replay::{ReplayLimit, ReplayLog};
 use gpupool_proto::{PROTOCOL_VERSION, close_code, quic, v1};
 use prost::Message;
-use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
@@ -63,10 +62,9 @@ pub struct QuicTransport {
     reply_timeout: Duration,
     /// How to reattach; `None` when the server keeps no lost sessions.
     resume: Option<ResumeInfo>,
-    /// Batches sent whose replies have not arrived, kept for a resume.
-    unacked: Arc<std::sync::Mutex<VecDeque<(u64, Bytes)>>>,
-    /// Sequence number of the last reply received.
-    acked_seq: std::sync::atomic::AtomicU64,
+    /// Batches sent whose replies have not arrived (kept for a resume), and
+    /// the sequence number of the last reply received.
+    replay: Arc<std::sync::Mutex<ReplayLog>>,
 }
 
 /// The connections of a session.
@@ -334,13 +332,17 @@ impl QuicTransport {
             compression: if config.compression { Compression::Auto } else { Compression::Off },
             reply_timeout: config.reply_timeout,
             resume,
-            unacked: Arc::default(),
-            acked_seq: std::sync::atomic::AtomicU64::new(0),
+            // The client has at most its in-flight batches unanswered.
+            replay: Arc::new(std::sync::Mutex::new(ReplayLog::new(ReplayLimit::UNBOUNDED))),
         })
     }
 
     fn links(&self) -> Links {
         self.links.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn replay(&self) -> std::sync::MutexGuard<'_, ReplayLog> {
+        self.replay.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `fut` on the I/O runtime and waits for it, from any thread. A
@@ -374,7 +376,7 @@ impl QuicTransport {
         if !self.links().lost() {
             return Err(error);
         }
-        let acked_seq = self.acked_seq.load(Ordering::Relaxed);
+        let acked_seq = self.replay().acked();
         let hello = v1::Hello {
             token: info.source.current(&info.hello.token),
             resume: Some(v1::Resume { session_id: info.session_id, secret: info.secret.clone(), acked_seq }),
@@ -383,7 +385,7 @@ impl QuicTransport {
         tracing::info!(session = info.session_id, acked_seq, reason = %error, "connection lost; resuming the session");
         let (endpoint, server, name, timeout) =
             (self.endpoint.clone(), info.server, info.name.clone(), info.connect_timeout);
-        let (cmd, unacked) = (self.cmd.clone(), self.unacked.clone());
+        let (cmd, replay) = (self.cmd.clone(), self.replay.clone());
         let rt = self.rt.as_ref().ok_or_else(|| ClientError::ConnectionLost("session closed".into()))?;
         let resumed = run_on(rt, async move {
             // The outage may still be on: try again until the connect timeout.
@@ -403,10 +405,7 @@ impl QuicTransport {
                 return Err(ClientError::Protocol("the server answered a resume with a new session".into()));
             }
             // Batches the server never received go again, in order.
-            let again: Vec<Bytes> = {
-                let unacked = unacked.lock().unwrap_or_else(|e| e.into_inner());
-                unacked.iter().filter(|(seq, _)| *seq > welcome.resumed_seq).map(|(_, b)| b.clone()).collect()
-            };
+            let again = replay.lock().unwrap_or_else(|e| e.into_inner()).replay_after(welcome.resumed_seq);
             for bytes in &again {
                 stream.send.write_all(bytes).await.map_err(write_err)?;
             }
@@ -449,7 +448,7 @@ impl Transport for QuicTransport {
     fn send_batch(&self, batch: &v1::Batch) -> Result<()> {
         let bytes = frame::encode(batch);
         if self.resume.is_some() {
-            self.unacked.lock().unwrap_or_else(|e| e.into_inner()).push_back((batch.seq, bytes.clone()));
+            self.replay().record(batch.seq, bytes.clone());
         }
         let cmd = self.cmd.clone();
         match self.exec(async move { cmd.lock().await.send.write_all(&bytes).await.map_err(write_err) }) {
@@ -469,11 +468,7 @@ impl Transport for QuicTransport {
         };
         let reply = v1::BatchReply::decode(body).map_err(|e| ClientError::Protocol(format!("bad reply: {e}")))?;
         if reply.seq != 0 {
-            self.acked_seq.store(reply.seq, Ordering::Relaxed);
-            let mut unacked = self.unacked.lock().unwrap_or_else(|e| e.into_inner());
-            while unacked.front().is_some_and(|(seq, _)| *seq <= reply.seq) {
-                unacked.pop_front();
-            }
+            self.replay().ack(reply.seq);
         }
         Ok(reply)
     }

@@ -19,6 +19,50 @@ pub enum DeviceChoice {
     Emulated { memory: u64 },
 }
 
+impl DeviceChoice {
+    /// Memory of the emulated device when none is named (`emulated`, or
+    /// `auto` without a GPU).
+    pub const DEFAULT_EMULATED_MEMORY: u64 = 16 << 30;
+}
+
+/// `auto`, `cuda:N`, `emulated` (with [`DeviceChoice::DEFAULT_EMULATED_MEMORY`])
+/// or `emulated:BYTES`: the `--device` flag and the device of a worker's spec.
+impl std::str::FromStr for DeviceChoice {
+    type Err = ServerError;
+
+    fn from_str(s: &str) -> Result<Self, ServerError> {
+        let number = |n: &str, what: &str| {
+            n.parse::<u64>().map_err(|_| ServerError::Config(format!("device {s:?}: the {what} must be a number")))
+        };
+        if s == "auto" {
+            return Ok(Self::Auto);
+        }
+        if s == "emulated" {
+            return Ok(Self::Emulated { memory: Self::DEFAULT_EMULATED_MEMORY });
+        }
+        if let Some(n) = s.strip_prefix("cuda:") {
+            let ordinal = usize::try_from(number(n, "ordinal after cuda:")?)
+                .map_err(|_| ServerError::Config(format!("device {s:?}: ordinal out of range")))?;
+            return Ok(Self::Cuda { ordinal });
+        }
+        if let Some(m) = s.strip_prefix("emulated:") {
+            return Ok(Self::Emulated { memory: number(m, "memory after emulated:")? });
+        }
+        Err(ServerError::Config(format!("unknown device {s:?}: use auto, cuda:N or emulated")))
+    }
+}
+
+/// The form [`FromStr`](std::str::FromStr) reads back to the same value.
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cuda { ordinal } => write!(f, "cuda:{ordinal}"),
+            Self::Emulated { memory } => write!(f, "emulated:{memory}"),
+        }
+    }
+}
+
 /// How a worker process is started: `program args…`, speaking the worker
 /// protocol on stdin/stdout (see `crate::worker`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,6 +279,39 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn device_strings() {
+        let parse = |s: &str| s.parse::<DeviceChoice>();
+        assert_eq!(parse("auto").ok(), Some(DeviceChoice::Auto));
+        assert_eq!(parse("cuda:3").ok(), Some(DeviceChoice::Cuda { ordinal: 3 }));
+        assert_eq!(parse("emulated").ok(), Some(DeviceChoice::Emulated { memory: 16 << 30 }));
+        assert_eq!(parse("emulated:1048576").ok(), Some(DeviceChoice::Emulated { memory: 1 << 20 }));
+        for bad in ["", "gpu", "cuda", "cuda:", "cuda:x", "cuda:-1", "emulated:", "emulated:1g", "Auto", " auto"] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
+        let msg = parse("gpu").expect_err("unknown").to_string();
+        assert!(msg.contains("use auto, cuda:N or emulated"), "{msg}");
+        assert!(parse("cuda:x").expect_err("bad ordinal").to_string().contains("ordinal after cuda:"));
+        assert_eq!(DeviceChoice::Cuda { ordinal: 0 }.to_string(), "cuda:0");
+        assert_eq!(DeviceChoice::Emulated { memory: 5 }.to_string(), "emulated:5");
+    }
+
+    fn device() -> impl Strategy<Value = DeviceChoice> {
+        prop_oneof![
+            Just(DeviceChoice::Auto),
+            (0usize..1 << 20).prop_map(|ordinal| DeviceChoice::Cuda { ordinal }),
+            any::<u64>().prop_map(|memory| DeviceChoice::Emulated { memory }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn device_strings_round_trip(d in device()) {
+            prop_assert_eq!(d.to_string().parse::<DeviceChoice>().ok(), Some(d));
+        }
+    }
 
     #[test]
     fn reports_every_problem() {

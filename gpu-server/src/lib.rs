@@ -5,7 +5,8 @@
 //! address range, a memory quota and its own handle tables, and its call
 //! batches execute in order on a worker thread bound to the device's warm
 //! context. Layers, from the wire inwards:
-//! - [`server`]: endpoint, handshake, command and bulk streams (I/O only);
+//! - [`server`]: endpoint, handshake, sessions' command and bulk channels
+//!   behind a transport interface (QUIC today; `docs/transport.md`);
 //! - [`session`]: per-session tables and call execution (no I/O);
 //! - [`staging`], [`images`]: staged bulk copies and the module image cache;
 //! - [`device`]: the [`device::Backend`] trait with the CUDA (cudarc) and
@@ -18,7 +19,6 @@ pub mod device;
 pub mod device_output;
 mod error;
 pub mod images;
-mod link;
 pub mod mig;
 pub mod pool;
 pub mod server;
@@ -26,6 +26,7 @@ pub mod session;
 pub mod staging;
 pub mod tls;
 pub mod worker;
+mod worker_spec;
 
 pub use config::{BalancerLink, DeviceChoice, Isolation, ServerConfig, WorkerCommand};
 pub use error::{CallError, ServerError};

@@ -5,7 +5,7 @@
 use anyhow::Context;
 use clap::Parser;
 use gpupool_server::tls::TlsSource;
-use gpupool_server::{BalancerLink, DeviceChoice, Isolation, Server, ServerConfig, WorkerCommand, mig};
+use gpupool_server::{BalancerLink, Isolation, Server, ServerConfig, WorkerCommand, mig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -109,17 +109,6 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     Ok((low, high))
 }
 
-fn device_choice(s: &str) -> anyhow::Result<DeviceChoice> {
-    Ok(match s {
-        "auto" => DeviceChoice::Auto,
-        "emulated" => DeviceChoice::Emulated { memory: 16 << 30 },
-        other => match other.strip_prefix("cuda:") {
-            Some(n) => DeviceChoice::Cuda { ordinal: n.parse().context("device ordinal after cuda:")? },
-            None => anyhow::bail!("unknown device {other:?}: use auto, cuda:N or emulated"),
-        },
-    })
-}
-
 /// The GPUs and instances `--instances` names.
 fn served_gpus(instances: &str, layout: Option<&[String]>) -> anyhow::Result<Vec<mig::ServedGpu>> {
     let ctl: Box<dyn mig::MigControl> = match instances {
@@ -163,7 +152,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     let mut config = ServerConfig::new(args.listen, args.tokens);
-    config.device = device_choice(&args.device)?;
+    config.device = args.device.parse()?;
     config.memory_quota = args.session_memory_mib << 20;
     config.max_sessions = args.max_sessions;
     config.image_cache_dir = args.image_cache;

@@ -6,6 +6,8 @@
 //! - [`frame`]: length-prefixed frames and an incremental decoder;
 //! - [`payload`]: bulk bytes, lz4-compressed when that pays;
 //! - [`cuda`]: the `CUresult` codes that travel in replies;
+//! - [`replay`]: resumption's log of frames sent and not yet acknowledged,
+//!   kept by both ends and replayed after a reattach;
 //! - [`balancer`] (feature `grpc`): the balancer's gRPC service (tonic);
 //! - [`lease`] (feature `grpc`): signed lease tokens, made by the balancer
 //!   and checked offline by gpu-servers.
@@ -17,6 +19,7 @@ pub mod mirror;
 pub mod payload;
 #[cfg(feature = "quic")]
 pub mod quic;
+pub mod replay;
 
 /// Generated prost types of package `gpupool.v1`.
 #[allow(missing_docs, unreachable_pub, missing_debug_implementations, clippy::all)]

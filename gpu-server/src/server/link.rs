@@ -5,9 +5,9 @@
 //! with the tokens of the live sessions, so that a restarted balancer takes
 //! them back.
 
+use super::state::Shared;
 use crate::config::BalancerLink;
 use crate::mig::ServedGpu;
-use crate::server::Shared;
 use gpupool_proto::balancer as pb;
 use gpupool_proto::balancer::balancer_client::BalancerClient;
 use gpupool_proto::close_code;

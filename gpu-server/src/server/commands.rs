@@ -1,0 +1,227 @@
+//! A session's command channel over any [`Transport`](super::transport::Transport):
+//! batches read into the session thread's bounded queue, and its replies
+//! written back in order, kept for a replay when the session can be
+//! resumed.
+
+use super::metrics::add;
+use super::state::Shared;
+use super::thread::Work;
+use super::transport::{FrameReceiver, FrameSender, Link, RecvError};
+use gpupool_proto::replay::{ReplayLimit, ReplayLog};
+use gpupool_proto::{cuda, frame, v1};
+use prost::Message;
+use std::sync::Arc;
+use tokio::sync::{Semaphore, mpsc};
+
+/// How long a closing session waits for its last replies to be acknowledged.
+pub(super) const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The reply to a frame that is not a batch (or one refused unread).
+pub(super) fn frame_error_reply(message: String) -> Box<v1::BatchReply> {
+    Box::new(v1::BatchReply {
+        seq: 0,
+        errors: vec![v1::CallError { index: 0, code: cuda::INVALID_VALUE, message }],
+        error_count: 1,
+        ..Default::default()
+    })
+}
+
+/// How a session's command stream ended.
+#[derive(Debug)]
+pub(super) enum Ended {
+    /// The client finished it or closed the connection, or the server is
+    /// shutting down.
+    Finished,
+    /// The connection was lost (the client may come back).
+    Lost(&'static str),
+    /// A frame could not be read: framing is lost.
+    Violation(frame::FrameError),
+}
+
+/// Most calls one batch may hold (the client sends at most 65 536).
+const MAX_CALLS_PER_BATCH: usize = 1 << 16;
+
+/// Bytes of decoded batches a session may have queued ahead of its worker.
+/// A count of batches bounded nothing: an empty call is 2 bytes on the wire
+/// and ~100 decoded, and 64 MiB of them behind a busy kernel took 3.7 GB
+/// (issue 20, finding 3).
+pub(super) const MAX_QUEUED_BATCH_BYTES: usize = 256 << 20;
+
+/// The number of calls (field 2) in an encoded `Batch`, counted without
+/// decoding it, so that a frame of millions of empty calls is refused
+/// before it is expanded; `None` when the encoding is malformed (decoding
+/// then says why).
+fn batch_call_count(mut body: &[u8]) -> Option<usize> {
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&byte, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let mut calls = 0;
+    while !body.is_empty() {
+        let key = varint(&mut body)?;
+        match key & 7 {
+            0 => {
+                varint(&mut body)?;
+            }
+            1 => body = body.get(8..)?,
+            2 => {
+                let len = usize::try_from(varint(&mut body)?).ok()?;
+                body = body.get(len..)?;
+                if key >> 3 == 2 {
+                    calls += 1;
+                }
+            }
+            5 => body = body.get(4..)?,
+            _ => return None,
+        }
+    }
+    Some(calls)
+}
+
+/// Reads batches from the command stream into the session's work queue.
+pub(super) async fn read_commands(
+    shared: &Shared,
+    link: &impl Link,
+    recv: &mut impl FrameReceiver,
+    work: &mpsc::Sender<Work>,
+    budget: &Arc<Semaphore>,
+    received_seq: &mut u64,
+) -> Ended {
+    let max_frame = shared.config.max_frame_bytes as usize;
+    loop {
+        let item = match recv.recv_frame(max_frame).await {
+            Ok(Some(body)) => match batch_call_count(&body) {
+                Some(n) if n > MAX_CALLS_PER_BATCH => {
+                    add(&shared.metrics.frames_rejected, 1);
+                    Work::Reply(frame_error_reply(format!(
+                        "a batch of {n} calls exceeds the limit of {MAX_CALLS_PER_BATCH}"
+                    )))
+                }
+                _ => match v1::Batch::decode(body) {
+                    Ok(batch) => {
+                        // What the decoded batch holds in memory until it ran.
+                        let cost = batch.encoded_len() + batch.calls.len() * std::mem::size_of::<v1::Call>();
+                        let permits = u32::try_from(cost).unwrap_or(u32::MAX).max(1);
+                        if permits as usize > MAX_QUEUED_BATCH_BYTES {
+                            add(&shared.metrics.frames_rejected, 1);
+                            Work::Reply(frame_error_reply(format!(
+                                "a batch of {cost} decoded bytes exceeds the queue's {MAX_QUEUED_BATCH_BYTES}"
+                            )))
+                        } else {
+                            // Wait for room: the client's later batches queue
+                            // in QUIC flow control, not here.
+                            let Ok(permit) = budget.clone().acquire_many_owned(permits).await else {
+                                return Ended::Finished;
+                            };
+                            add(&shared.metrics.batches, 1);
+                            add(&shared.metrics.calls, batch.calls.len() as u64);
+                            *received_seq = batch.seq;
+                            Work::Batch(batch, permit)
+                        }
+                    }
+                    Err(e) => {
+                        add(&shared.metrics.frames_rejected, 1);
+                        Work::Reply(frame_error_reply(format!("malformed frame: not a Batch: {e}")))
+                    }
+                },
+            },
+            Ok(None) => return Ended::Finished,
+            Err(RecvError::Frame(e)) => {
+                add(&shared.metrics.frames_rejected, 1);
+                return Ended::Violation(e);
+            }
+            Err(RecvError::Stream(e)) => {
+                tracing::debug!(error = %e, "command stream ended");
+                return link.lost().map_or(Ended::Finished, Ended::Lost);
+            }
+        };
+        if work.send(item).await.is_err() {
+            return Ended::Finished;
+        }
+    }
+}
+
+/// Replies of a session: the queue from its thread and, when the session
+/// can be resumed, the last ones sent, for a client that lost them with its
+/// connection.
+#[derive(Debug)]
+pub(super) struct Replies {
+    rx: mpsc::Receiver<v1::BatchReply>,
+    sent: Option<ReplayLog>,
+}
+
+/// Replies kept for a resume: more than a client has in flight (32).
+const KEPT_REPLIES: ReplayLimit = ReplayLimit { frames: 64, bytes: 64 << 20 };
+
+impl Replies {
+    pub(super) fn new(rx: mpsc::Receiver<v1::BatchReply>, keep: bool) -> Self {
+        Self { rx, sent: keep.then(|| ReplayLog::new(KEPT_REPLIES)) }
+    }
+
+    /// Whether every reply after `acked` can still be sent.
+    pub(super) fn covers(&self, acked: u64) -> bool {
+        self.sent.as_ref().is_none_or(|log| log.covers(acked))
+    }
+}
+
+/// Sends the session's replies on `send` until the session thread ends or
+/// the attachment goes; first again those after `acked` (a resumed
+/// session). Returns the replies for the next attachment.
+pub(super) async fn write_replies(
+    mut replies: Replies,
+    mut send: impl FrameSender,
+    link: impl Link,
+    acked: Option<u64>,
+) -> Replies {
+    if let (Some(acked), Some(log)) = (acked, replies.sent.as_mut()) {
+        log.ack(acked);
+        for bytes in log.replay_after(acked) {
+            if send.send_frame(&bytes).await.is_err() {
+                return replies;
+            }
+        }
+    }
+    loop {
+        let reply = tokio::select! {
+            r = replies.rx.recv() => match r {
+                Some(r) => r,
+                None => break,
+            },
+            () = link.ended() => return replies,
+        };
+        let bytes = frame::encode(&reply);
+        if let Some(log) = replies.sent.as_mut() {
+            log.record(reply.seq, bytes.clone());
+        }
+        if send.send_frame(&bytes).await.is_err() {
+            return replies;
+        }
+    }
+    // Let the last replies arrive before the connection is closed.
+    send.finish_within(LINGER).await;
+    replies
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_counted_without_decoding() {
+        let batch = v1::Batch { seq: 7, calls: vec![v1::Call::default(); 1000] };
+        assert_eq!(batch_call_count(&batch.encode_to_vec()), Some(1000));
+        assert_eq!(batch_call_count(&[]), Some(0));
+        assert_eq!(batch_call_count(&[0x12, 0x05, 0x00]), None, "length past the end");
+        // Issue 20, finding 3: 8 MiB of empty calls is 4M calls.
+        let flood: Vec<u8> = std::iter::repeat_n([0x12u8, 0x00], 4 << 20).flatten().collect();
+        assert_eq!(batch_call_count(&flood), Some(4 << 20));
+    }
+}

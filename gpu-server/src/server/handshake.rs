@@ -1,0 +1,197 @@
+//! A new connection: the `Hello`, its checks (protocol version, token,
+//! session limit), then the session it opens or reattaches to, run here or
+//! handed to a worker process. Refusals are counted and logged at a bounded
+//! rate.
+
+use super::local::run_session;
+use super::metrics::add;
+use super::state::{AnyDevice, LeasedSession, Mode, Shared};
+use super::supervised::run_in_worker;
+use super::transport::Attachment;
+use super::transport::quic::{self, Quic};
+use gpupool_proto::{PROTOCOL_VERSION, close_code, v1};
+use prost::Message;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tracing::Instrument;
+
+/// Largest `Hello` accepted.
+const MAX_HELLO_BYTES: usize = 64 << 10;
+
+/// Longest text from a peer (a client's build string) that goes into a log
+/// line or a close reason.
+const MAX_PEER_TEXT: usize = 128;
+
+/// `text` from a peer as it may be logged: at most [`MAX_PEER_TEXT`]
+/// characters, control characters escaped, the cut marked.
+pub(crate) fn peer_text(text: &str) -> String {
+    let mut out: String = text.chars().take(MAX_PEER_TEXT).flat_map(char::escape_default).collect();
+    if text.chars().nth(MAX_PEER_TEXT).is_some() {
+        out.push_str(&format!("… ({} bytes)", text.len()));
+    }
+    out
+}
+
+/// Refusals logged per second at most; the rest are counted (in the
+/// metrics, and in the next line logged), so that unauthenticated
+/// connections cannot flood the log (issue 20, finding 6).
+const REFUSALS_LOGGED_PER_SECOND: u64 = 10;
+
+/// Whether this refusal is logged, and how many were not since the last
+/// one that was.
+fn refusal_log_slot() -> Option<u64> {
+    static WINDOW: std::sync::Mutex<(u64, u64, u64)> = std::sync::Mutex::new((0, 0, 0));
+    let second = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut w = WINDOW.lock().unwrap_or_else(|e| e.into_inner());
+    let (start, logged, suppressed) = &mut *w;
+    if *start != second {
+        (*start, *logged) = (second, 0);
+    }
+    if *logged < REFUSALS_LOGGED_PER_SECOND {
+        *logged += 1;
+        Some(std::mem::take(suppressed))
+    } else {
+        *suppressed += 1;
+        None
+    }
+}
+
+fn refuse(shared: &Shared, conn: &quinn::Connection, code: u32, reason: &str) {
+    add(&shared.metrics.sessions_refused, 1);
+    if let Some(suppressed) = refusal_log_slot() {
+        tracing::info!(remote = %conn.remote_address(), code, reason, suppressed, "session refused");
+    }
+    conn.close(code.into(), reason.as_bytes());
+}
+
+/// Runs one connection: handshake, then the session until either side ends it.
+pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming: quinn::Incoming) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "connection failed during the QUIC handshake");
+            return;
+        }
+    };
+    let hs = tokio::time::timeout(shared.config.handshake_timeout, async {
+        let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let body = quic::read_frame(&mut recv, MAX_HELLO_BYTES).await.map_err(|e| e.to_string())?;
+        let body = body.ok_or_else(|| "command stream ended before Hello".to_string())?;
+        let hello = v1::Hello::decode(body).map_err(|e| format!("undecodable Hello: {e}"))?;
+        Ok::<_, String>((send, recv, hello))
+    })
+    .await;
+    let (send, recv, hello) = match hs {
+        Ok(Ok(v)) => v,
+        Ok(Err(reason)) => return refuse(&shared, &conn, close_code::BAD_HANDSHAKE, &reason),
+        Err(_) => return refuse(&shared, &conn, close_code::BAD_HANDSHAKE, "no Hello within the handshake timeout"),
+    };
+    if hello.protocol_version != PROTOCOL_VERSION {
+        let reason = format!(
+            "protocol version mismatch: server speaks {PROTOCOL_VERSION}, client {} sent {}",
+            peer_text(&hello.client_build),
+            hello.protocol_version
+        );
+        return refuse(&shared, &conn, close_code::VERSION_MISMATCH, &reason);
+    }
+    let grant = match shared.auth.authenticate(&hello.token) {
+        Ok(g) => g,
+        Err(e) => return refuse(&shared, &conn, close_code::UNAUTHORIZED, &e.to_string()),
+    };
+    // A supervisor's connection only carries the Hello and the redirect
+    // (the session runs on the worker's connection): it keeps its small
+    // window, so a tenant cannot pin the supervisor's memory by sending on
+    // it (256 MiB a session before; issue 20, finding 2).
+    if !matches!(mode, Mode::Workers(_)) {
+        quic::open_windows(&conn, &shared.config);
+    }
+    if let Some(resume) = hello.resume {
+        let attachment = Attachment { link: conn.clone(), sender: send, receiver: recv };
+        return match shared.resumable.hand_over(&grant, &resume, attachment) {
+            Ok(()) => {
+                tracing::info!(session = resume.session_id, remote = %conn.remote_address(), "client reattaching")
+            }
+            Err(reason) => refuse(&shared, &conn, close_code::SESSION_GONE, &reason),
+        };
+    }
+    let Ok(permit) = shared.sessions.clone().try_acquire_owned() else {
+        let reason = format!("server is at its limit of {} sessions", shared.config.max_sessions);
+        return refuse(&shared, &conn, close_code::BUSY, &reason);
+    };
+    let id = grant.session_id.unwrap_or_else(|| shared.next_session.fetch_add(1, Ordering::Relaxed));
+    let span = tracing::info_span!("session", id, remote = %conn.remote_address());
+    // The span follows this task across its awaits: entered with a guard
+    // instead, it stayed entered on the runtime thread while the task was
+    // parked, and other sessions' lines on that thread carried this
+    // session's id (issue 20, finding 12).
+    async move {
+        tracing::info!(client = %peer_text(&hello.client_build), subject = %grant.subject, "session opened");
+        add(&shared.metrics.sessions_opened, 1);
+        add(&shared.metrics.sessions_active, 1);
+        // A lease grants its whole instance; other tokens get the server's quota.
+        let quota = match (&grant.lease, grant.memory_quota) {
+            (Some(_), Some(q)) => q,
+            _ => grant.memory_quota.unwrap_or(shared.config.memory_quota).min(shared.config.memory_quota),
+        };
+        if let Some(lease) = &grant.lease {
+            let session = LeasedSession { token: lease.token.clone(), memory_used: 0, conn: conn.clone() };
+            // One session per lease: a client that reconnects (a thawed Lambda
+            // environment) replaces its old session.
+            if let Some(old) = shared.leased().insert(lease.lease_id, session) {
+                old.conn.close(close_code::NORMAL.into(), b"replaced by a new session of the same lease");
+            }
+        }
+        let conn = match mode {
+            Mode::Local(device) => {
+                let attachment = Attachment::<Quic> { link: conn, sender: send, receiver: recv };
+                match device {
+                    AnyDevice::Cuda(d) => run_session(&shared, d, attachment, id, quota, &grant).await,
+                    AnyDevice::Emulated(d) => run_session(&shared, d, attachment, id, quota, &grant).await,
+                }
+            }
+            Mode::Workers(workers) => match workers.for_session(&grant) {
+                Some(pool) => run_in_worker(&shared, pool, conn, id, quota, &grant, send).await,
+                None => {
+                    conn.close(close_code::UNAUTHORIZED.into(), b"the lease's instance is not served here");
+                    conn
+                }
+            },
+        };
+        if let Some(lease) = &grant.lease {
+            let mut leased = shared.leased();
+            if leased.get(&lease.lease_id).is_some_and(|s| s.conn.stable_id() == conn.stable_id()) {
+                leased.remove(&lease.lease_id);
+            }
+        }
+        shared.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);
+        drop(permit);
+        shared.session_ended.notify_one();
+        tracing::info!("session ended");
+    }
+    .instrument(span)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 20, finding 6: a 60 KiB build string once went whole into a
+    /// log line for every refused connection.
+    #[test]
+    fn peer_text_is_cut_and_escaped() {
+        let long = "x".repeat(60 << 10);
+        let shown = peer_text(&long);
+        assert!(shown.len() < 200, "{}", shown.len());
+        assert!(shown.ends_with(&format!("({} bytes)", 60 << 10)));
+        assert_eq!(peer_text("gpupool 0.1\n\u{1b}[31m"), "gpupool 0.1\\n\\u{1b}[31m");
+    }
+
+    #[test]
+    fn refusals_are_logged_at_a_bounded_rate() {
+        let logged = (0..1000).filter(|_| refusal_log_slot().is_some()).count() as u64;
+        // At most two one-second windows can be touched by the loop.
+        assert!(logged <= 2 * REFUSALS_LOGGED_PER_SECOND, "{logged}");
+        assert!(logged >= 1);
+    }
+}

@@ -1,0 +1,95 @@
+//! Server-wide counters: the connection tasks and session threads count
+//! here; a worker process reports its counters to its supervisor, which adds
+//! them to its own.
+
+use gpupool_proto::v1;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Server-wide counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub sessions_opened: AtomicU64,
+    pub sessions_refused: AtomicU64,
+    pub sessions_active: AtomicU64,
+    /// Batches received (one per client flush).
+    pub batches: AtomicU64,
+    pub calls: AtomicU64,
+    pub call_errors: AtomicU64,
+    /// Frames that could not be decoded.
+    pub frames_rejected: AtomicU64,
+    pub bulk_bytes_in: AtomicU64,
+    pub bulk_bytes_out: AtomicU64,
+    /// Device memory mapped by sessions now (a gauge).
+    pub memory_mapped: AtomicU64,
+}
+
+/// A copy of [`Metrics`] at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    pub sessions_opened: u64,
+    pub sessions_refused: u64,
+    pub sessions_active: u64,
+    pub batches: u64,
+    pub calls: u64,
+    pub call_errors: u64,
+    pub frames_rejected: u64,
+    pub bulk_bytes_in: u64,
+    pub bulk_bytes_out: u64,
+    pub memory_mapped: u64,
+}
+
+impl Metrics {
+    /// Adds what a worker process counted since its last report.
+    pub(crate) fn add_worker_delta(&self, now: &v1::WorkerMetrics, before: &v1::WorkerMetrics) {
+        add(&self.batches, now.batches.saturating_sub(before.batches));
+        add(&self.calls, now.calls.saturating_sub(before.calls));
+        add(&self.call_errors, now.call_errors.saturating_sub(before.call_errors));
+        add(&self.frames_rejected, now.frames_rejected.saturating_sub(before.frames_rejected));
+        add(&self.bulk_bytes_in, now.bulk_bytes_in.saturating_sub(before.bulk_bytes_in));
+        add(&self.bulk_bytes_out, now.bulk_bytes_out.saturating_sub(before.bulk_bytes_out));
+        gauge(&self.memory_mapped, before.memory_mapped, now.memory_mapped);
+    }
+
+    /// The counters a worker process reports to its supervisor.
+    pub(crate) fn worker_report(&self) -> v1::WorkerMetrics {
+        let s = self.snapshot();
+        v1::WorkerMetrics {
+            batches: s.batches,
+            calls: s.calls,
+            call_errors: s.call_errors,
+            frames_rejected: s.frames_rejected,
+            bulk_bytes_in: s.bulk_bytes_in,
+            bulk_bytes_out: s.bulk_bytes_out,
+            memory_mapped: s.memory_mapped,
+        }
+    }
+
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            sessions_opened: g(&self.sessions_opened),
+            sessions_refused: g(&self.sessions_refused),
+            sessions_active: g(&self.sessions_active),
+            batches: g(&self.batches),
+            calls: g(&self.calls),
+            call_errors: g(&self.call_errors),
+            frames_rejected: g(&self.frames_rejected),
+            bulk_bytes_in: g(&self.bulk_bytes_in),
+            bulk_bytes_out: g(&self.bulk_bytes_out),
+            memory_mapped: g(&self.memory_mapped),
+        }
+    }
+}
+
+/// Moves a gauge from `before` to `now`.
+pub(crate) fn gauge(a: &AtomicU64, before: u64, now: u64) {
+    if now >= before {
+        a.fetch_add(now - before, Ordering::Relaxed);
+    } else {
+        a.fetch_sub(before - now, Ordering::Relaxed);
+    }
+}
+
+pub(crate) fn add(a: &AtomicU64, n: u64) {
+    a.fetch_add(n, Ordering::Relaxed);
+}

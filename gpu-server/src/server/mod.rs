@@ -1,0 +1,234 @@
+//! A gpu-server's serving side: its endpoint, the handshake of each
+//! connection, and the sessions it runs. Call execution lives in
+//! [`crate::session`] on one thread per session; this module moves frames.
+//!
+//! The parts, from the wire inwards; each uses only parts listed after it:
+//! - `handshake`: a connection's `Hello` and checks, then its session;
+//! - `supervised`: a session handed to a worker process (redirect, control
+//!   connection, resume by redirect);
+//! - `local`: a session run in this process, over any transport;
+//! - `commands`: a session's command channel, transport-agnostic;
+//! - `link`: registration with a balancer;
+//! - `state`: what the connection tasks share (config, device or worker
+//!   pools, leased and resumable sessions);
+//! - `resume`: sessions kept for a client that lost its connection;
+//! - `transport`: the transport interface and its QUIC implementation;
+//! - `bulk`: a session's bulk transfers, transport-agnostic;
+//! - `thread`: the session thread that executes batches;
+//! - `metrics`: the counters ([`Metrics`]).
+//!
+//! `docs/transport.md` describes the transport layer.
+
+mod bulk;
+mod commands;
+mod handshake;
+mod link;
+mod local;
+pub mod metrics;
+mod resume;
+mod state;
+mod supervised;
+mod thread;
+pub(crate) mod transport;
+
+pub use metrics::{Metrics, MetricsSnapshot};
+
+use crate::auth::{Authenticator, LeaseTokens, StaticTokens};
+use crate::config::{DeviceChoice, Isolation, ServerConfig};
+use crate::device::DeviceDescription;
+use crate::error::ServerError;
+use crate::pool::WorkerPool;
+use crate::tls::Identity;
+use gpupool_proto::close_code;
+use state::{AnyDevice, Mode, Shared, Workers};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::task::JoinSet;
+use transport::quic;
+
+/// A bound, not yet running, gpu-server.
+#[derive(Debug)]
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    mode: Mode,
+    fingerprint: String,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Validates `config`, opens the device (its warm context) and binds the
+    /// QUIC endpoint. Must be called inside a tokio runtime.
+    pub fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        if config.tokens.is_empty() && config.balancer.is_none() {
+            return Err(ServerError::Config("at least one session token (or a balancer) is required".into()));
+        }
+        let auth: Arc<dyn Authenticator> = match &config.balancer {
+            Some(link) => {
+                let verifier = gpupool_proto::lease::LeaseVerifier::from_hex(&link.lease_key)
+                    .map_err(|e| ServerError::Config(format!("the balancer's lease key: {e}")))?;
+                let instances = config.gpus.iter().flat_map(|g| &g.instances).map(|i| i.uuid.clone()).collect();
+                Arc::new(LeaseTokens::new(verifier, link.server_id.clone(), instances, config.tokens.clone()))
+            }
+            None => Arc::new(StaticTokens::new(config.tokens.clone())),
+        };
+        Self::bind_with_auth(config, auth)
+    }
+
+    /// Like [`Server::bind`] with a custom authenticator.
+    pub fn bind_with_auth(config: ServerConfig, auth: Arc<dyn Authenticator>) -> Result<Self, ServerError> {
+        config.validate()?;
+        let identity = Identity::load(&config.tls)?;
+        let server_config = quic::server_config(&config, &identity)?;
+        let mode = match &config.isolation {
+            Isolation::InProcess => {
+                let device = AnyDevice::open(config.device)?;
+                let d = device.description();
+                tracing::info!(device = %d.name, backend = d.backend, memory = d.total_memory, "device ready");
+                Mode::Local(device)
+            }
+            Isolation::Process { command, warm, start_timeout } => {
+                let (chain, key) = identity.to_der();
+                let spec = crate::worker_spec::spec_from_config(&config, chain, key);
+                let pools = if config.gpus.is_empty() {
+                    vec![(String::new(), WorkerPool::new(command.clone(), &spec, *warm, *start_timeout))]
+                } else {
+                    let instances = config.gpus.iter().flat_map(|g| &g.instances);
+                    instances
+                        .map(|instance| {
+                            let mut spec = spec.clone();
+                            spec.memory_quota = instance.memory;
+                            // Under CUDA_VISIBLE_DEVICES the instance is device 0.
+                            spec.device = match config.device {
+                                DeviceChoice::Emulated { .. } => DeviceChoice::Emulated { memory: instance.memory },
+                                _ => DeviceChoice::Cuda { ordinal: 0 },
+                            }
+                            .to_string();
+                            let env = vec![("CUDA_VISIBLE_DEVICES".to_string(), instance.visible_devices.clone())];
+                            let pool = WorkerPool::with_env(command.clone(), env, &spec, *warm, *start_timeout);
+                            (instance.uuid.clone(), pool)
+                        })
+                        .collect()
+                };
+                Mode::Workers(Arc::new(Workers { pools }))
+            }
+        };
+        let endpoint = quic::endpoint(&config, server_config)?;
+        let shared = Arc::new(Shared::new(config, auth));
+        Ok(Self { endpoint, mode, fingerprint: identity.fingerprint(), shared })
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint.local_addr().unwrap_or(self.shared.config.listen)
+    }
+
+    /// Hex SHA-256 of the server certificate, for clients to pin.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The server's counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Waits until sessions can be served. With worker processes this
+    /// starts the first one and fails with its reason when the device cannot
+    /// be opened there; in-process the device is already open.
+    pub async fn ready(&self) -> Result<(), ServerError> {
+        if let Mode::Workers(workers) = &self.mode {
+            for (instance, pool) in &workers.pools {
+                let r = pool.probe().await?;
+                tracing::info!(backend = %r.backend, device = %r.device_name, %instance, "session workers ready");
+                pool.fill();
+            }
+        }
+        Ok(())
+    }
+
+    /// `"cuda"` or `"emulated"`; with worker processes, what the first one
+    /// reported (`"unknown"` before [`Server::ready`]).
+    pub fn backend(&self) -> &'static str {
+        match &self.mode {
+            Mode::Local(d) => d.description().backend,
+            Mode::Workers(w) => match w.pools.first().and_then(|(_, p)| p.probe_result()).map(|r| r.backend.as_str()) {
+                Some("cuda") => "cuda",
+                Some("emulated") => "emulated",
+                _ => "unknown",
+            },
+        }
+    }
+
+    /// The device of an in-process server (`None` with worker processes).
+    pub fn description(&self) -> Option<&DeviceDescription> {
+        match &self.mode {
+            Mode::Local(d) => Some(d.description()),
+            Mode::Workers(_) => None,
+        }
+    }
+
+    /// The pool of worker processes (`None` in-process), for operators'
+    /// views of which worker serves which session; with several instances,
+    /// the first instance's.
+    pub fn worker_pool(&self) -> Option<Arc<WorkerPool>> {
+        match &self.mode {
+            Mode::Local(_) => None,
+            Mode::Workers(w) => w.pools.first().map(|(_, p)| p.clone()),
+        }
+    }
+
+    /// Serves until `shutdown` completes, then closes every session and
+    /// waits up to the grace period for them to end.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        self.ready().await?;
+        let (link_stop, link_stopped) = tokio::sync::watch::channel(false);
+        let link = self.shared.config.balancer.clone().map(|mut link| {
+            // Port 0 in the advertised address: the port bound (tests, and
+            // hosts that pick the port at start).
+            if let Some(host) = link.advertise.strip_suffix(":0") {
+                link.advertise = format!("{host}:{}", self.local_addr().port());
+            }
+            let gpus = link::registration_gpus(&self.shared.config.gpus);
+            let fingerprint = self.fingerprint.clone();
+            tokio::spawn(link::run(link, gpus, fingerprint, self.shared.clone(), link_stopped))
+        });
+        let mut tasks = JoinSet::new();
+        tokio::pin!(shutdown);
+        let one = self.shared.config.one_session;
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = self.shared.session_ended.notified(), if one => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let shared = self.shared.clone();
+                    tasks.spawn(handshake::handle_connection(shared, self.mode.clone(), incoming));
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        tracing::info!("shutting down");
+        let _ = link_stop.send(true);
+        if let Some(link) = link {
+            let _ = link.await;
+        }
+        if let Mode::Workers(workers) = &self.mode {
+            for (_, pool) in &workers.pools {
+                pool.close();
+            }
+        }
+        self.endpoint.close(close_code::SHUTDOWN.into(), b"server shutting down");
+        let grace = self.shared.config.shutdown_grace;
+        let drained = tokio::time::timeout(grace, async {
+            while tasks.join_next().await.is_some() {}
+            self.endpoint.wait_idle().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("sessions still open after the grace period; aborting them");
+            tasks.abort_all();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,149 @@
+//! What every connection task of a server shares: where sessions run (the
+//! device, or worker pools), its configuration, authenticator, counters, image cache, session limit, the sessions open
+//! under a balancer's leases and those kept for a client to reattach.
+
+use super::metrics::Metrics;
+use super::resume::Registry;
+use crate::auth::{Authenticator, Grant};
+use crate::config::{DeviceChoice, ServerConfig};
+use crate::device::cuda::CudaDevice;
+use crate::device::emulated::EmulatedDevice;
+use crate::device::{Backend, DeviceDescription};
+use crate::error::ServerError;
+use crate::images::ImageCache;
+use crate::pool::WorkerPool;
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Semaphore;
+
+/// The device a server drives, chosen at start.
+#[derive(Debug, Clone)]
+pub(super) enum AnyDevice {
+    Cuda(Arc<CudaDevice>),
+    Emulated(Arc<EmulatedDevice>),
+}
+
+impl AnyDevice {
+    /// Opens the device warm: context created and, on a GPU, the built-in
+    /// module compiled, so that no session waits for NVRTC (a worker
+    /// process opens its device before it is handed a session).
+    pub(super) fn open(choice: DeviceChoice) -> Result<Self, ServerError> {
+        let device = Self::open_cold(choice)?;
+        if let Self::Cuda(d) = &device
+            && let Err(e) = d.prepare_builtin()
+        {
+            tracing::warn!(error = %e, "built-in module not compiled ahead; its first load will try again");
+        }
+        Ok(device)
+    }
+
+    fn open_cold(choice: DeviceChoice) -> Result<Self, ServerError> {
+        match choice {
+            DeviceChoice::Cuda { ordinal } => {
+                Ok(Self::Cuda(Arc::new(CudaDevice::open(ordinal).map_err(ServerError::Device)?)))
+            }
+            DeviceChoice::Emulated { memory } => Ok(Self::Emulated(Arc::new(EmulatedDevice::new(memory)))),
+            DeviceChoice::Auto => match CudaDevice::open(0) {
+                Ok(d) => Ok(Self::Cuda(Arc::new(d))),
+                Err(e) => {
+                    tracing::warn!(reason = %e, "no usable GPU; using the emulated device");
+                    Ok(Self::Emulated(Arc::new(EmulatedDevice::new(DeviceChoice::DEFAULT_EMULATED_MEMORY))))
+                }
+            },
+        }
+    }
+
+    pub(super) fn description(&self) -> &DeviceDescription {
+        match self {
+            Self::Cuda(d) => d.description(),
+            Self::Emulated(d) => d.description(),
+        }
+    }
+}
+
+/// Where sessions run.
+#[derive(Debug, Clone)]
+pub(super) enum Mode {
+    /// In this process, on this device.
+    Local(AnyDevice),
+    /// Each in a worker process; this process only hands sessions over.
+    Workers(Arc<Workers>),
+}
+
+/// Worker pools: one per served instance, or one for the server's device.
+#[derive(Debug)]
+pub(super) struct Workers {
+    /// By instance UUID (empty for the server's one device), in the order
+    /// the instances were listed.
+    pub(super) pools: Vec<(String, Arc<WorkerPool>)>,
+}
+
+impl Workers {
+    /// The pool a session runs in: its lease's instance, else the first.
+    pub(super) fn for_session(&self, grant: &Grant) -> Option<&Arc<WorkerPool>> {
+        match &grant.lease {
+            Some(lease) => self.pools.iter().find(|(uuid, _)| *uuid == lease.instance_uuid).map(|(_, p)| p),
+            None => self.pools.first().map(|(_, p)| p),
+        }
+    }
+}
+
+/// A session opened under a balancer's lease.
+#[derive(Debug)]
+pub(crate) struct LeasedSession {
+    /// The lease token, shown to a restarted balancer.
+    pub(crate) token: String,
+    /// Device memory the session has mapped, as its worker last reported.
+    pub(crate) memory_used: u64,
+    /// The client's connection to this server (the session's control
+    /// connection when it runs in a worker process).
+    pub(crate) conn: quinn::Connection,
+}
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: ServerConfig,
+    pub(crate) auth: Arc<dyn Authenticator>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) images: Arc<ImageCache>,
+    pub(crate) sessions: Arc<Semaphore>,
+    pub(crate) next_session: AtomicU64,
+    /// Notified when a session ends (a one-session server then stops).
+    pub(crate) session_ended: tokio::sync::Notify,
+    /// Open sessions by lease id, for heartbeats and for ending the
+    /// sessions of leases the balancer ended.
+    leased: Mutex<HashMap<u64, LeasedSession>>,
+    /// Sessions a client may reattach to.
+    pub(crate) resumable: Registry,
+}
+
+impl Shared {
+    pub(crate) fn new(config: ServerConfig, auth: Arc<dyn Authenticator>) -> Self {
+        Self {
+            images: Arc::new(
+                ImageCache::new(config.image_cache_dir.clone(), config.image_cache_bytes)
+                    .with_disk_limit(config.image_cache_disk_bytes),
+            ),
+            sessions: Arc::new(Semaphore::new(config.max_sessions)),
+            config,
+            auth,
+            metrics: Arc::default(),
+            next_session: AtomicU64::new(1),
+            session_ended: tokio::sync::Notify::new(),
+            leased: Mutex::new(HashMap::new()),
+            resumable: Registry::default(),
+        }
+    }
+
+    pub(crate) fn leased(&self) -> std::sync::MutexGuard<'_, HashMap<u64, LeasedSession>> {
+        self.leased.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets the resumable sessions of `lease_id` (the lease ended): a
+    /// session waiting for its client then ends.
+    pub(crate) fn forget_resumable(&self, lease_id: u64) {
+        self.resumable.forget_lease(lease_id);
+    }
+}

@@ -1,0 +1,158 @@
+//! A session handed to a worker process (process isolation): the client is
+//! redirected to the worker's own endpoint, and this server keeps the
+//! client's first connection as the session's control connection, relays
+//! the worker's counters, and redirects a reattaching client to the worker
+//! that kept its session.
+
+use super::commands::LINGER;
+use super::resume::ResumeSlot;
+use super::state::Shared;
+use super::transport::quic;
+use super::transport::{Attachment, Link};
+use crate::auth::Grant;
+use crate::error::ServerError;
+use crate::pool::{Worker, WorkerPool};
+use gpupool_proto::{close_code, frame, v1};
+use std::sync::Arc;
+
+/// Hands the session to a worker process: the client is redirected to it
+/// and this connection stays open as the session's control connection
+/// until the worker exits. When the client's connections are lost, the
+/// worker keeps the session for the resume grace period and a reattaching
+/// client is redirected to it again. Returns the last control connection.
+pub(super) async fn run_in_worker(
+    shared: &Shared,
+    pool: &Arc<WorkerPool>,
+    mut conn: quinn::Connection,
+    id: u64,
+    quota: u64,
+    grant: &Grant,
+    mut send: quinn::SendStream,
+) -> quinn::Connection {
+    let (subject, lease) = (grant.subject.as_str(), grant.lease.as_ref().map(|l| l.lease_id));
+    let mut slot = ResumeSlot::register(&shared.resumable, shared.config.resume_grace, id, grant);
+    let ticket = hex::encode(rand::random::<[u8; 32]>());
+    let assign = v1::WorkerAssign {
+        ticket: ticket.clone(),
+        subject: subject.into(),
+        memory_quota: quota,
+        session_id: id,
+        resume_secret: slot.secret().to_string(),
+        resume: false,
+    };
+    let mut worker = match pool.assign(&assign).await {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "no session worker");
+            conn.close(close_code::BUSY.into(), format!("no session worker: {e}").as_bytes());
+            return conn;
+        }
+    };
+    let pid = worker.pid();
+    let port = worker.ready.port;
+    tracing::info!(pid, port, "session handed to a worker process");
+    let secret = slot.secret().to_string();
+    let redirect = |ticket: String, resumed: bool| v1::Welcome {
+        session_id: id,
+        server_build: concat!("gpupool-server ", env!("CARGO_PKG_VERSION")).into(),
+        redirect: Some(v1::Redirect { port, ticket }),
+        resume_secret: secret.clone(),
+        resumed,
+        ..Default::default()
+    };
+    if send.write_all(&frame::encode(&redirect(ticket, false))).await.is_err() {
+        worker.kill().await;
+        pool.finished(pid);
+        return conn;
+    }
+    // The session lives on the worker's connection now.
+    quic::narrow_to_control(&conn);
+    let metrics = shared.metrics.clone();
+    let mut events = worker.take_events();
+    let mut reported = v1::WorkerMetrics::default();
+    let mut apply = |event: Option<v1::worker_event::Event>| {
+        if let Some(v1::worker_event::Event::Metrics(m)) = event {
+            metrics.add_worker_delta(&m, &reported);
+            if let Some(id) = lease
+                && let Some(s) = shared.leased().get_mut(&id)
+            {
+                s.memory_used = m.memory_mapped;
+            }
+            reported = m;
+        }
+    };
+    let status = 'session: loop {
+        tokio::select! {
+            event = events.recv(), if !events.is_closed() => apply(event),
+            status = worker.wait() => break status,
+            _ = conn.closed() => {
+                if conn.lost().is_none() {
+                    break worker_end(shared, &mut worker).await;
+                }
+                // The worker keeps the session as long: wait for the client.
+                let request = tokio::select! {
+                    r = slot.wait() => r,
+                    status = worker.wait() => break 'session status,
+                };
+                let Some(request) = request else { break worker_end(shared, &mut worker).await };
+                let ticket = hex::encode(rand::random::<[u8; 32]>());
+                let rearm = v1::WorkerAssign { ticket: ticket.clone(), resume: true, ..assign.clone() };
+                let armed = async {
+                    worker.send_control(&frame::encode(&rearm)).await?;
+                    loop {
+                        match events.recv().await {
+                            Some(v1::worker_event::Event::Assigned(t)) if t == ticket => return Ok(()),
+                            Some(other) => apply(Some(other)),
+                            None => return Err(ServerError::Worker("worker exited".into())),
+                        }
+                    }
+                };
+                if let Err(e) = tokio::time::timeout(shared.config.handshake_timeout, armed)
+                    .await
+                    .unwrap_or_else(|_| Err(ServerError::Worker("worker did not arm the resume ticket".into())))
+                {
+                    tracing::warn!(error = %e, "cannot resume the session");
+                    request.attachment.link.close(close_code::SESSION_GONE.into(), format!("cannot resume: {e}").as_bytes());
+                    break worker_end(shared, &mut worker).await;
+                }
+                let Attachment { link, mut sender, .. } = request.attachment;
+                let _ = sender.write_all(&frame::encode(&redirect(ticket, true))).await;
+                conn = link;
+                if let Some(id) = lease
+                    && let Some(s) = shared.leased().get_mut(&id)
+                {
+                    s.conn = conn.clone();
+                }
+                tracing::info!(pid, "client redirected to its kept session");
+            }
+        }
+    };
+    // The last report may arrive after the exit.
+    while let Ok(event) = events.try_recv() {
+        apply(Some(event));
+    }
+    pool.finished(pid);
+    match status {
+        Ok(s) if s.success() => conn.close(close_code::NORMAL.into(), b"session ended"),
+        Ok(s) => {
+            tracing::warn!(pid, status = %s, "session worker ended abnormally");
+            conn.close(close_code::WORKER_EXITED.into(), format!("session worker {pid} {s}").as_bytes());
+        }
+        Err(e) => conn.close(close_code::WORKER_EXITED.into(), format!("session worker {pid}: {e}").as_bytes()),
+    }
+    conn
+}
+
+/// The client ended the session (or vanished): gives the worker time to see
+/// its own connection end, then stops it, then kills it.
+async fn worker_end(shared: &Shared, worker: &mut Worker) -> std::io::Result<std::process::ExitStatus> {
+    if let Ok(status) = tokio::time::timeout(LINGER, worker.wait()).await {
+        return status;
+    }
+    worker.stop();
+    if let Ok(status) = tokio::time::timeout(shared.config.shutdown_grace, worker.wait()).await {
+        return status;
+    }
+    worker.kill().await;
+    worker.wait().await
+}

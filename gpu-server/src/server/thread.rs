@@ -1,0 +1,101 @@
+//! A session's thread: it owns the session's device state
+//! ([`crate::session::SessionState`]) and executes its batches in order,
+//! blocking on the device, while the transport's tasks move frames.
+
+use super::metrics::{Metrics, add, gauge};
+use crate::device::Backend;
+use crate::error::CallError;
+use crate::images::ImageCache;
+use crate::session::{SessionLimits, SessionState};
+use crate::staging::Staging;
+use gpupool_proto::v1;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// Work for a session's worker thread, in command-stream order.
+pub(crate) enum Work {
+    /// A batch and its share of the queue's byte budget, given back once
+    /// the batch ran.
+    Batch(v1::Batch, tokio::sync::OwnedSemaphorePermit),
+    /// A reply the reader made itself (a rejected frame), kept in order.
+    Reply(Box<v1::BatchReply>),
+}
+
+/// What a session thread reports once its device session is open: the
+/// first address of its range and its context's limits.
+pub(crate) type SessionReady = (u64, Vec<(u32, u64)>);
+
+/// The session thread: opens the device session, reports it on `ready`,
+/// then executes the work in order and sends each reply, until the reader
+/// is gone.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run<B: Backend>(
+    device: Arc<B>,
+    limits: SessionLimits,
+    staging: Arc<Staging>,
+    images: Arc<ImageCache>,
+    metrics: Arc<Metrics>,
+    mut work: WorkQueue,
+    replies: mpsc::Sender<v1::BatchReply>,
+    ready: oneshot::Sender<Result<SessionReady, CallError>>,
+) {
+    let dev = match device.open_session(limits.va_size) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    // Device printf output per reply: with the largest inline copy, a
+    // reply stays within a frame.
+    let max_output = usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX);
+    let mut state = SessionState::new(dev, limits, staging, images);
+    let context_limits = state.limits();
+    if ready.send(Ok((state.va_base(), context_limits))).is_err() {
+        return;
+    }
+    let mut mapped = 0;
+    while let Some(item) = work.next() {
+        let reply = match item {
+            Work::Batch(batch, _budget) => {
+                let mut reply = state.execute_batch(batch);
+                if let Some(capture) = crate::device_output::installed() {
+                    reply.device_output = capture.collect(max_output).into();
+                }
+                add(&metrics.call_errors, u64::from(reply.error_count));
+                gauge(&metrics.memory_mapped, mapped, state.mapped_bytes());
+                mapped = state.mapped_bytes();
+                reply
+            }
+            Work::Reply(reply) => *reply,
+        };
+        if replies.blocking_send(reply).is_err() {
+            break;
+        }
+    }
+    // The session's memory goes with it.
+    gauge(&metrics.memory_mapped, mapped, 0);
+}
+
+/// The session thread's side of its work channel.
+pub(crate) struct WorkQueue {
+    pub(crate) rx: mpsc::Receiver<Work>,
+    /// How long to poll for the next item before sleeping
+    /// ([`ServerConfig::session_spin`]).
+    pub(crate) spin: std::time::Duration,
+}
+
+impl WorkQueue {
+    /// The next item, `None` once the session's reader is gone.
+    fn next(&mut self) -> Option<Work> {
+        let start = std::time::Instant::now();
+        loop {
+            match self.rx.try_recv() {
+                Ok(item) => return Some(item),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) if start.elapsed() < self.spin => std::hint::spin_loop(),
+                Err(mpsc::error::TryRecvError::Empty) => return self.rx.blocking_recv(),
+            }
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! The transports a session's traffic runs on, behind one interface.
+//!
+//! A session reaches its client through an [`Attachment`]: a command channel
+//! (batches in, replies out, each one frame, in order) and a [`Link`] that
+//! ends, can be lost (the client may come back), can be closed with a code,
+//! and serves the client's bulk transfers with a [`BulkService`]. The
+//! session code (`local.rs`, `commands.rs`) is written against
+//! these traits only.
+//!
+//! [`quic`] is the implementation today. QUIC also stays the control
+//! transport of every session: the handshake, the redirect to a worker
+//! process and the resume of a lost session arrive there, whatever carries
+//! the session's commands afterwards. A shared-memory or RDMA transport
+//! implements [`Transport`] in a module of its own beside [`quic`], with its
+//! `unsafe` fenced there (see `docs/transport.md`).
+
+pub(crate) mod quic;
+
+use super::bulk::BulkService;
+use bytes::Bytes;
+use gpupool_proto::frame;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A kind of transport: the types of one session's attachment.
+pub(crate) trait Transport: Send + Sync + 'static {
+    type Link: Link;
+    type Sender: FrameSender;
+    type Receiver: FrameReceiver;
+}
+
+/// A session's attachment to its client over transport `T`; a resumed
+/// session gets a new one.
+pub(crate) struct Attachment<T: Transport> {
+    pub(crate) link: T::Link,
+    pub(crate) sender: T::Sender,
+    pub(crate) receiver: T::Receiver,
+}
+
+impl<T: Transport> std::fmt::Debug for Attachment<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment").field("link", &self.link).finish_non_exhaustive()
+    }
+}
+
+/// The attachment as a whole.
+pub(crate) trait Link: Clone + Send + Sync + std::fmt::Debug + 'static {
+    /// Completes once the attachment has ended, by either side or lost.
+    fn ended(&self) -> impl Future<Output = ()> + Send;
+    /// Why the attachment ended when the client did not end it (an idle
+    /// timeout: a frozen client, a network outage; a reset): the client may
+    /// come back. `None` while it is up or after a close.
+    fn lost(&self) -> Option<&'static str>;
+    /// Ends the attachment with a close code and reason for the client.
+    fn end(&self, code: u32, reason: &[u8]);
+    /// The client's address, for logs.
+    fn peer(&self) -> String;
+    /// Serves the client's bulk transfers until the attachment ends.
+    fn serve_bulk(self, bulk: Arc<BulkService>) -> impl Future<Output = ()> + Send;
+}
+
+/// The sending half of a command channel.
+pub(crate) trait FrameSender: Send + 'static {
+    /// Sends one encoded frame (length prefix included).
+    fn send_frame(&mut self, frame: &[u8]) -> impl Future<Output = Result<(), SendError>> + Send;
+    /// Ends the channel and waits up to `linger` for the client to have
+    /// read everything sent.
+    fn finish_within(self, linger: Duration) -> impl Future<Output = ()> + Send;
+}
+
+/// The receiving half of a command channel.
+pub(crate) trait FrameReceiver: Send + 'static {
+    /// The next frame's body, at most `max` bytes; `Ok(None)` when the
+    /// client ended the channel cleanly.
+    fn recv_frame(&mut self, max: usize) -> impl Future<Output = Result<Option<Bytes>, RecvError>> + Send;
+}
+
+/// A frame could not be sent: the attachment is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot send: {0}")]
+pub(crate) struct SendError(pub(crate) String);
+
+/// A frame could not be received.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RecvError {
+    /// The bytes are not a frame: the channel's framing is lost.
+    #[error(transparent)]
+    Frame(frame::FrameError),
+    /// The channel failed (its connection ended or was lost).
+    #[error("stream error: {0}")]
+    Stream(String),
+}
