@@ -126,6 +126,11 @@ impl CallQueue {
         std::mem::take(&mut self.output)
     }
 
+    /// Whether an error is latched.
+    pub fn has_latched(&self) -> bool {
+        self.latched.is_some()
+    }
+
     /// Takes the latched error, if any.
     pub fn take_latched(&mut self) -> Option<Latched> {
         self.latched.take()

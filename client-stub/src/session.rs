@@ -18,7 +18,7 @@ use gpupool_proto::payload::{self, Compression};
 use gpupool_proto::v1::{self, call::Op, call_result::Value};
 use gpupool_proto::{cuda, v1::memcpy_hto_d::Source};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 mod link;
@@ -137,6 +137,85 @@ impl LaunchConfig {
     }
 }
 
+/// Marks the stream a call gives work to as busy.
+fn note_work(st: &mut State, op: &Op) {
+    if let Some(s) = work_stream(op) {
+        st.busy.insert(s);
+    }
+}
+
+/// The stream a call adds work to. Exhaustive, so that a new call must
+/// say whether a stream synchronization has to wait for it.
+fn work_stream(op: &Op) -> Option<u32> {
+    match op {
+        Op::Launch(l) => Some(l.stream),
+        Op::MemcpyHtod(c) => Some(c.stream),
+        Op::MemcpyDtoh(c) => Some(c.stream),
+        Op::MemcpyDtod(c) => Some(c.stream),
+        Op::Memset(m) => Some(m.stream),
+        Op::StreamWaitEvent(w) => Some(w.stream),
+        Op::EventRecord(r) => Some(r.stream),
+        Op::MemMap(_)
+        | Op::MemUnmap(_)
+        | Op::ModuleLoad(_)
+        | Op::ModuleUnload(_)
+        | Op::StreamCreate(_)
+        | Op::StreamDestroy(_)
+        | Op::StreamSynchronize(_)
+        | Op::StreamQuery(_)
+        | Op::EventCreate(_)
+        | Op::EventDestroy(_)
+        | Op::EventQuery(_)
+        | Op::EventSynchronize(_)
+        | Op::EventElapsed(_)
+        | Op::ContextSynchronize(_)
+        | Op::MemGetInfo(_)
+        | Op::ModuleGetGlobal(_)
+        | Op::Occupancy(_)
+        | Op::FuncSetAttribute(_)
+        | Op::VmmCreate(_)
+        | Op::VmmRelease(_)
+        | Op::VmmRetain(_)
+        | Op::VmmMap(_)
+        | Op::VmmUnmap(_)
+        | Op::VmmSetAccess(_)
+        | Op::JitLink(_)
+        | Op::CtxSetLimit(_)
+        | Op::TensorMapEncode(_)
+        | Op::MirrorAdd(_)
+        | Op::MirrorRemove(_) => None,
+    }
+}
+
+/// What a waited call that succeeded says about the streams.
+#[derive(Debug, Clone, Copy)]
+enum Idle {
+    Nothing,
+    /// Every stream is idle (a context synchronization).
+    All,
+    /// The stream is idle (its synchronization; a device-to-host copy on
+    /// it, which the server completes only after the stream's work).
+    Stream(u32),
+    /// The stream is idle when the query answers "ready".
+    IfReady(u32),
+}
+
+fn idle_after(op: &Op) -> Idle {
+    match op {
+        Op::ContextSynchronize(_) => Idle::All,
+        Op::StreamSynchronize(s) => Idle::Stream(s.stream),
+        Op::MemcpyDtoh(c) => Idle::Stream(c.stream),
+        Op::StreamQuery(s) => Idle::IfReady(s.stream),
+        _ => Idle::Nothing,
+    }
+}
+
+/// One function's occupancy answers by encoded query.
+type OccupancyAnswers = HashMap<Vec<u8>, (i64, i32)>;
+
+/// Occupancy answers a session keeps (all dropped when full).
+const MAX_OCCUPANCY_ANSWERS: usize = 4096;
+
 /// The stream a call is ordered on (0 for calls without one).
 fn op_stream(op: &Op) -> u32 {
     match op {
@@ -164,6 +243,11 @@ struct State {
     next_module: u32,
     next_transfer: u64,
     modules: HashMap<u32, Module>,
+    /// Occupancy answers by function and query: the driver's answer
+    /// depends only on them and the function's attributes, so a repeated
+    /// query needs no round trip. A function's entries go when one of its
+    /// attributes is set or its module unloaded.
+    occupancy: HashMap<(u32, u32), OccupancyAnswers>,
     /// Module variables resolved so far: (module, name) -> (addr, size).
     globals: HashMap<(u32, String), (u64, u64)>,
     /// Set once the connection is gone: every later call fails with it.
@@ -175,6 +259,13 @@ struct State {
     /// still to be copied before the synchronizing call returns.
     mirrors: Mirrors,
     mirror_fetch: Vec<(u64, u64)>,
+    /// Streams given work since a waited call last saw them idle. A
+    /// synchronization of any other stream has nothing to wait for and is
+    /// answered here (`.item()`: the copy already waited for the stream).
+    busy: HashSet<u32>,
+    /// Streams created and not destroyed (0, the default stream, aside):
+    /// an unknown stream is the server's to refuse.
+    streams: HashSet<u32>,
 }
 
 /// Where device printf output goes when a synchronizing call returns.
@@ -258,11 +349,14 @@ impl Session {
             next_module: 1,
             next_transfer: 1,
             modules: HashMap::new(),
+            occupancy: HashMap::new(),
             globals: HashMap::new(),
             dead: None,
             limits: welcome.device.as_ref().map(|d| d.limits.clone().into_iter().collect()).unwrap_or_default(),
             mirrors: Mirrors::default(),
             mirror_fetch: Vec::new(),
+            busy: HashSet::new(),
+            streams: HashSet::new(),
         };
         let compression = if config.compression { Compression::Auto } else { Compression::Off };
         Self {
@@ -346,6 +440,7 @@ impl Session {
 
     fn enqueue_plain(&self, st: &mut State, op: Op) -> Result<()> {
         Self::check_alive(st)?;
+        note_work(st, &op);
         crate::stats::note_queued();
         if let Some(batch) = st.queue.push(op) {
             self.send(st, &batch)?;
@@ -381,6 +476,8 @@ impl Session {
     fn call_inner(&self, st: &mut State, op: Op) -> Result<Option<Value>> {
         Self::check_alive(st)?;
         self.push_mirrors(st, op_stream(&op))?;
+        note_work(st, &op);
+        let idle_after = idle_after(&op);
         crate::stats::note_waited();
         // A call that fills the queue comes back in the batch `push` cut.
         let batch = match st.queue.push(op) {
@@ -398,6 +495,13 @@ impl Session {
         let value = result?;
         if let Some(l) = st.queue.take_latched() {
             return Err(l.first);
+        }
+        match (idle_after, &value) {
+            (Idle::All, _) => st.busy.clear(),
+            (Idle::Stream(s), _) | (Idle::IfReady(s), Some(Value::Ready(true))) => {
+                st.busy.remove(&s);
+            }
+            _ => {}
         }
         Ok(value)
     }
@@ -654,6 +758,7 @@ impl Session {
         st.modules
             .remove(&module.id)
             .ok_or_else(|| ClientError::InvalidHandle(format!("module {} is not loaded", module.id)))?;
+        st.occupancy.retain(|(m, _), _| *m != module.id);
         let gone: Vec<(u32, String)> = st.globals.keys().filter(|(m, _)| *m == module.id).cloned().collect();
         for key in gone {
             if let Some((addr, _)) = st.globals.remove(&key) {
@@ -691,13 +796,23 @@ impl Session {
 
     /// An occupancy query about `f` (see `v1::OccupancyQuery`); returns
     /// `(value, block_size)`.
+    /// A repeated query is answered from the session's cache.
     pub fn occupancy(&self, f: &Function, query: v1::Occupancy) -> Result<(i64, i32)> {
         let mut st = self.lock();
-        let op = Op::Occupancy(v1::Occupancy { module: f.module, function: f.index, ..query });
-        match self.call(&mut st, op)? {
-            Some(Value::Occupancy(o)) => Ok((o.value, o.block_size)),
-            other => Err(ClientError::Protocol(format!("unexpected occupancy result {other:?}"))),
+        let query = v1::Occupancy { module: f.module, function: f.index, ..query };
+        let key = prost::Message::encode_to_vec(&query);
+        if let Some(&hit) = st.occupancy.get(&(f.module, f.index)).and_then(|m| m.get(&key)) {
+            return Ok(hit);
         }
+        let answer = match self.call(&mut st, Op::Occupancy(query))? {
+            Some(Value::Occupancy(o)) => (o.value, o.block_size),
+            other => return Err(ClientError::Protocol(format!("unexpected occupancy result {other:?}"))),
+        };
+        if st.occupancy.values().map(HashMap::len).sum::<usize>() >= MAX_OCCUPANCY_ANSWERS {
+            st.occupancy.clear();
+        }
+        st.occupancy.entry((f.module, f.index)).or_default().insert(key, answer);
+        Ok(answer)
     }
 
     /// Sets a function attribute (`cuFuncSetAttribute`), queued; the cached
@@ -713,6 +828,7 @@ impl Session {
             .get_mut(f.index as usize)
             .ok_or_else(|| ClientError::InvalidHandle(format!("function {} of module {}", f.index, f.module)))?;
         Arc::make_mut(info).attributes.insert(attribute, value);
+        st.occupancy.remove(&(f.module, f.index));
         let op = Op::FuncSetAttribute(v1::FuncSetAttribute { module: f.module, function: f.index, attribute, value });
         self.enqueue(&mut st, op)
     }
@@ -832,27 +948,48 @@ impl Session {
         let id = st.next_stream;
         st.next_stream += 1;
         self.enqueue(&mut st, Op::StreamCreate(v1::StreamCreate { stream: id, flags, priority }))?;
+        st.streams.insert(id);
         Ok(StreamId(id))
     }
 
     pub fn stream_destroy(&self, s: StreamId) -> Result<()> {
         let mut st = self.lock();
+        st.streams.remove(&s.0);
+        st.busy.remove(&s.0);
         self.enqueue(&mut st, Op::StreamDestroy(v1::StreamDestroy { stream: s.0 }))
     }
 
     /// Waits for all work on `s`; returns errors of earlier queued work.
+    /// Answered without a round trip when `s` was seen idle since its last
+    /// work and nothing is queued or latched.
     pub fn stream_synchronize(&self, s: StreamId) -> Result<()> {
         let mut st = self.lock();
+        if Self::seen_idle(&st, s) {
+            return Ok(());
+        }
         self.call(&mut st, Op::StreamSynchronize(v1::StreamSynchronize { stream: s.0 })).map(drop)
     }
 
     /// `true` when all work on `s` has completed.
     pub fn stream_query(&self, s: StreamId) -> Result<bool> {
         let mut st = self.lock();
+        if Self::seen_idle(&st, s) {
+            return Ok(true);
+        }
         match self.call(&mut st, Op::StreamQuery(v1::StreamQuery { stream: s.0 }))? {
             Some(Value::Ready(r)) => Ok(r),
             other => Err(ClientError::Protocol(format!("unexpected query result {other:?}"))),
         }
+    }
+
+    /// `true` when a synchronization of `s` has nothing to wait for: no
+    /// work given to it since a waited call saw it idle, and no error of
+    /// earlier work waiting to be returned.
+    fn seen_idle(st: &State, s: StreamId) -> bool {
+        st.dead.is_none()
+            && (s.0 == 0 || st.streams.contains(&s.0))
+            && !st.busy.contains(&s.0)
+            && !st.queue.has_latched()
     }
 
     /// Makes `s` wait for `e`, queued.

@@ -420,6 +420,9 @@ impl<S: BackendSession> SessionState<S> {
         self.check_range(c.dst, data.len() as u64, ACCESS_READWRITE)?;
         let stream = stream_of(&self.streams, c.stream)?;
         self.dev.write(stream, c.dst, &data)?;
+        // The client's bytes: a mirrored range's shadow takes them, so only
+        // later device writes count as changes.
+        self.mirrors.note_host_write(c.dst, &data);
         Ok(None)
     }
 
@@ -804,6 +807,14 @@ mod tests {
         assert_eq!((m.addr, m.size), (b + 4096, 4096));
         assert_eq!(&m.data[10..14], &[7; 4]);
         assert!(s.execute_batch(batch(3, vec![sync()])).mirrors.is_empty(), "reported once");
+        // The client writes zeros (a status word reset), the device writes
+        // the same value as before: a change against what the client sent.
+        let zeros = payload::encode(Bytes::from(vec![0u8; 4]), Compression::Off);
+        let reset =
+            Op::MemcpyHtod(v1::MemcpyHtoD { dst: b + 4096 + 10, stream: 0, source: Some(Source::Inline(zeros)) });
+        let reply = s.execute_batch(batch(30, vec![reset, memset(b + 4096 + 10, 4), sync()]));
+        assert_eq!(reply.mirrors.len(), 1, "{reply:?}");
+        assert_eq!(&reply.mirrors[0].data[10..14], &[7; 4]);
 
         // Over the inline budget (64 KiB in these limits): located only.
         let big = b + 64 * 1024;

@@ -96,6 +96,21 @@ int main(void)
         CK(cuMemFreeHost(h));
     }
 
+    /* A status word: the host resets it, the device sets it to the same
+     * value each round (as a library's kernel reports "ok" every run). */
+    {
+        int *status = NULL;
+        CK(cuMemHostAlloc((void **)&status, sizeof *status, CU_MEMHOSTALLOC_DEVICEMAP));
+        for (int round = 0; round < 3; round++) {
+            *status = 0;
+            CK(cuMemsetD32Async((CUdeviceptr)(uintptr_t)status, 7, 1, stream));
+            CK(cuStreamSynchronize(stream));
+            REQUIRE(*status == 7, "status word round %d: %d", round, *status);
+        }
+        CK(cuMemFreeHost(status));
+        printf("status word: 3 rounds\n");
+    }
+
     /* cuMemHostRegister: the program's own memory. */
     size_t n = 3 * 4096 + 100;
     unsigned char *mine = aligned_alloc(4096, 4 * 4096);

@@ -119,3 +119,60 @@ fn tensor_maps_are_checked_and_encoded_by_the_server() {
     s.memcpy_dtoh(&mut back, buf, StreamId::DEFAULT).expect("read back");
     assert_eq!(back, [7u8; 64]);
 }
+
+/// Occupancy answers are kept: a repeated query sends nothing, a different
+/// one or one after the function's attributes changed asks the server.
+#[test]
+fn repeated_occupancy_queries_are_answered_locally() {
+    let srv = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
+    let s = Session::connect(&srv.client_config()).expect("session");
+    let m = s.module_load(BUILTIN_MODULE).expect("module");
+    let f = m.function("empty").expect("empty");
+    let query =
+        |block_size| v1::Occupancy { query: v1::OccupancyQuery::ActiveBlocks as i32, block_size, ..Default::default() };
+    let first = s.occupancy(&f, query(128)).expect("query");
+    let sent = s.batches_sent();
+    assert_eq!(s.occupancy(&f, query(128)).expect("again"), first);
+    assert_eq!(s.batches_sent(), sent, "answered from the cache");
+    s.occupancy(&f, query(256)).expect("another block size");
+    assert_eq!(s.batches_sent(), sent + 1);
+    s.func_set_attribute(&f, 8, 64 << 10).expect("set an attribute");
+    s.occupancy(&f, query(128)).expect("after the attribute changed");
+    assert!(s.batches_sent() > sent + 1, "asked again after the attribute changed");
+}
+
+/// A stream synchronization after a waited call saw the stream idle (the
+/// `.item()` pattern: a device-to-host copy, then a synchronize) sends
+/// nothing; after new work on the stream it waits for the server again,
+/// and a failure of that work is still returned.
+#[test]
+fn synchronizing_an_idle_stream_needs_no_round_trip() {
+    let srv = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
+    let s = Session::connect(&srv.client_config()).expect("session");
+    let m = s.module_load(BUILTIN_MODULE).expect("module");
+    let empty = m.function("empty").expect("empty");
+    let stream = s.stream_create(0, 0).expect("stream");
+    let buf = s.mem_alloc(4096).expect("alloc");
+    s.memset(buf, 7, 1, 4096, stream).expect("memset");
+    let mut out = [0u8; 16];
+    s.memcpy_dtoh(&mut out, buf, stream).expect("copy waits for the stream");
+    assert_eq!(out, [7; 16]);
+    let sent = s.batches_sent();
+    s.stream_synchronize(stream).expect("sync");
+    assert!(s.stream_query(stream).expect("query"), "idle");
+    assert_eq!(s.batches_sent(), sent, "answered without a round trip");
+
+    s.launch(&empty, cfg((1, 1, 1), (32, 1, 1), 0), stream, &[]).expect("launch");
+    s.stream_synchronize(stream).expect("sync after work");
+    assert!(s.batches_sent() > sent, "new work: the server is asked");
+    let sent = s.batches_sent();
+    s.stream_synchronize(stream).expect("sync again");
+    assert_eq!(s.batches_sent(), sent);
+
+    // Work that fails on the server (a launch the client cannot check:
+    // its argument block is the wrong size): the error comes back from the
+    // next synchronization, which therefore goes to the server.
+    s.launch_raw(&empty, cfg((1, 1, 1), (32, 1, 1), 0), stream, vec![0; 4096]).expect("queued");
+    assert_ne!(code(s.stream_synchronize(stream)), 0, "the failure is returned");
+    assert_eq!(code(s.stream_synchronize(stream)), 0, "returned once");
+}

@@ -34,6 +34,24 @@ impl Mirrors {
     pub(super) fn is_empty(&self) -> bool {
         self.ranges.is_empty()
     }
+
+    /// The client wrote `data` at `addr`: what it sent is what it knows, so
+    /// the shadows of the mirrored ranges it touches take it.
+    pub(super) fn note_host_write(&mut self, addr: u64, data: &[u8]) {
+        if self.ranges.is_empty() {
+            return;
+        }
+        let end = addr.saturating_add(data.len() as u64);
+        for (&start, shadow) in self.ranges.range_mut(..end) {
+            let stop = start + shadow.len() as u64;
+            if stop <= addr {
+                continue;
+            }
+            let (from, to) = (addr.max(start), end.min(stop));
+            let src = &data[(from - addr) as usize..(to - addr) as usize];
+            shadow[(from - start) as usize..(to - start) as usize].copy_from_slice(src);
+        }
+    }
 }
 
 impl<S: BackendSession> SessionState<S> {
