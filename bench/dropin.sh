@@ -4,8 +4,9 @@
 # card, side by side, and their outputs are compared (TIME and INFO lines
 # aside). Also PyTorch (torch_check.py) both ways and the drop-in benchmark
 # row (bench_loop: fixed-length kernels with small copies) and the PyTorch
-# workloads of bench/torch_bench.py (TORCH_BENCH=0 skips them), native vs
-# remote, with ratios and, through gpupool, the waits per step.
+# workloads of bench/torch_bench.py (TORCH_BENCH=0 skips them,
+# TORCH_BENCH_WORKLOADS names some), native vs remote, with ratios and,
+# through gpupool, the waits per step. PROGRAMS=none runs the benchmarks only.
 #
 # Usage: bench/dropin.sh BIN_DIR OUT_DIR
 #   BIN_DIR holds gpupool-server and stub/ (libcuda.so.1, libcuda.so and,
@@ -98,10 +99,13 @@ export -f native remote
 export stub cuda_lib addr pin
 
 : >"$out/failures.md"
-for p in $(cat "$progs/ci.list" "$progs/gpu.list"); do
+programs=$(cat "$progs/ci.list" "$progs/gpu.list")
+[[ ${PROGRAMS:-all} == none ]] && programs=""
+for p in $programs; do
     [[ $p == bench_loop* ]] && continue
     run_pair "$p" "$progs/$p"
 done
+if [[ ${PROGRAMS:-all} != none ]]; then
 run_pair torch_check python3 "$repo/tests/programs/torch_check.py"
 # Transformer inference and training in fp32/bf16/fp16 autocast, cuFFT,
 # torch.compile (Inductor/Triton), CUDA graphs; then the cudaMallocAsync
@@ -109,6 +113,7 @@ run_pair torch_check python3 "$repo/tests/programs/torch_check.py"
 run_pair torch_compat python3 "$repo/tests/programs/torch_compat.py"
 run_pair torch_mallocasync env PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync \
     TORCH_COMPAT_CASES=fp32_infer,fp32_train,graphs python3 "$repo/tests/programs/torch_compat.py"
+fi
 
 echo "== benchmark: bench_loop.sm90, native then remote"
 native "$progs/bench_loop.sm90" >"$out/native/bench_loop.out" 2>&1
@@ -138,9 +143,11 @@ grep -q "PASS bench_loop" "$out/remote/bench_loop.out" || failed=1
 torch_rows=""
 if [[ ${TORCH_BENCH:-1} == 1 ]]; then
     echo "== benchmark: PyTorch workloads (bench/torch_bench.py), native then remote"
-    timeout 300 bash -c 'native "$@"' _ python3 "$repo/bench/torch_bench.py" \
+    # shellcheck disable=SC2086 # workload names, split on purpose
+    timeout 300 bash -c 'native "$@"' _ python3 "$repo/bench/torch_bench.py" ${TORCH_BENCH_WORKLOADS:-} \
         >"$out/native/torch_bench.out" 2>"$out/native/torch_bench.err"
-    GPUPOOL_CALL_STATS=1 timeout 300 bash -c 'remote "$@"' _ python3 "$repo/bench/torch_bench.py" \
+    # shellcheck disable=SC2086
+    GPUPOOL_CALL_STATS=1 timeout 300 bash -c 'remote "$@"' _ python3 "$repo/bench/torch_bench.py" ${TORCH_BENCH_WORKLOADS:-} \
         >"$out/remote/torch_bench.out" 2>"$out/remote/torch_bench.err"
     torch_rows=$(python3 "$repo/bench/torch_bench.py" --report "$out/native/torch_bench.out" "$out/remote/torch_bench.out")
     echo "$torch_rows"

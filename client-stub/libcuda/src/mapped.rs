@@ -98,6 +98,7 @@ pub(crate) fn alloc(rt: &Runtime, size: usize) -> CuResult<usize> {
         return Err(e.into());
     }
     rt.tables().mapped.insert(ptr, mapped);
+    tracing::debug!(size, ptr = format_args!("{ptr:#x}"), "mapped host memory allocated");
     Ok(ptr)
 }
 
