@@ -183,7 +183,7 @@ invoke() {
     t0=$(date +%s%N)
     timeout 60 "$CARGO_LAMBDA" lambda invoke --invoke-address 127.0.0.1 --invoke-port "$iport" \
         --data-file "$work/payload.json" >"$work/reply.json" 2>"$work/invoke.err" ||
-        { cat "$work/invoke.err" >&2; fail "$label invocation $i failed"; }
+        { cat "$work/invoke.err" "$work/reply.json" >&2; fail "$label invocation $i failed"; }
     t1=$(date +%s%N)
     python3 - "$work/reply.json" "$work/reference.json" "$label" "$i" <<'PY' || fail "$label invocation $i: wrong result"
 import json, sys

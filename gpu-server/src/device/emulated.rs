@@ -24,8 +24,12 @@ use std::time::Instant;
 
 /// Mapping granularity of the emulated device (what an H100 reports).
 pub const GRANULARITY: u64 = 2 << 20;
-/// Where the first session's range starts; later sessions follow it.
-const VA_START: u64 = 0x7f00_0000_0000;
+/// Where the first session's range starts; later sessions follow it. Low in
+/// the address space, below where Linux places executables, heaps and
+/// mappings on x86-64 and AArch64, so that the client can reserve the same
+/// range in its own process (unified addressing): at 0x7f00_0000_0000 it
+/// collided with shared libraries in processes with many of them (Python).
+const VA_START: u64 = 0x1000_0000_0000;
 
 // Device attributes (`CUdevice_attribute`) the model reads.
 const DEV_MAX_THREADS_PER_BLOCK: u32 = 1;
