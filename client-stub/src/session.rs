@@ -399,6 +399,12 @@ impl Session {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Extra QUIC connections carrying this session's bulk copies (0:
+    /// they share the command connection).
+    pub fn bulk_connections(&self) -> usize {
+        self.inner.transport.bulk_connections()
+    }
+
     /// The server's handshake answer: session id, range, quota, device.
     pub fn welcome(&self) -> &v1::Welcome {
         &self.inner.welcome

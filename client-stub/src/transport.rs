@@ -34,6 +34,11 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     fn bulk_get(&self, id: u64, out: &mut [u8]) -> Result<()>;
     /// Ends the session.
     fn close(&self);
+    /// Extra connections open for bulk transfers (0: they share the
+    /// command connection).
+    fn bulk_connections(&self) -> usize {
+        0
+    }
 }
 
 /// Frames larger than this are refused from the server.
@@ -56,6 +61,8 @@ pub struct QuicTransport {
     links: std::sync::Mutex<Links>,
     cmd: Arc<Mutex<CommandStream>>,
     welcome: v1::Welcome,
+    /// The session's extra bulk connections, when the server offered them.
+    bulk: Option<BulkLinks>,
     chunk: usize,
     parallel: Arc<Semaphore>,
     compression: Compression,
@@ -87,6 +94,138 @@ impl Links {
             |c: &quinn::Connection| matches!(c.close_reason(), Some(quinn::ConnectionError::ApplicationClosed(_)));
         let control_closed = self.control.as_ref().is_some_and(closed_by_server);
         !control_closed && (lost(&self.conn) || self.control.as_ref().is_some_and(lost))
+    }
+}
+
+/// A session's extra bulk connections: one endpoint (UDP socket) each, all
+/// driven by a runtime of their own with a thread per connection, so that
+/// a copy's chunks are encrypted, sent and received on several cores.
+#[derive(Debug)]
+struct BulkLinks {
+    /// Always `Some` until drop.
+    rt: Option<tokio::runtime::Runtime>,
+    endpoints: Vec<quinn::Endpoint>,
+    conns: std::sync::Mutex<Vec<quinn::Connection>>,
+    /// The server's host, its bulk ports and the session's attachment.
+    host: std::net::IpAddr,
+    name: String,
+    ports: Vec<u16>,
+    attach: v1::BulkAttach,
+}
+
+impl BulkLinks {
+    /// Opens `wanted` bulk connections (at most one per port offered in
+    /// `welcome`) to `host`; `None` when none is offered or wanted, or when
+    /// they cannot be opened (copies then use the session's connection).
+    fn open(
+        config: &ClientConfig,
+        qc: &quinn::ClientConfig,
+        host: std::net::IpAddr,
+        welcome: &v1::Welcome,
+    ) -> Option<Self> {
+        let n = config.bulk_connections.min(welcome.bulk_ports.len());
+        if n == 0 || welcome.bulk_secret.is_empty() {
+            return None;
+        }
+        let ports: Vec<u16> = welcome.bulk_ports.iter().take(n).filter_map(|&p| u16::try_from(p).ok()).collect();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .thread_name("gpupool-bulk-io")
+            .enable_all()
+            .build()
+            .ok()?;
+        let bind: SocketAddr =
+            if host.is_ipv6() { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() } else { ([0, 0, 0, 0], 0).into() };
+        let endpoints: std::io::Result<Vec<quinn::Endpoint>> = {
+            let _inside = rt.enter();
+            ports
+                .iter()
+                .map(|_| {
+                    let mut e = quic::endpoint(quic::bind_udp(bind)?, config.max_udp_payload, None)?;
+                    e.set_default_client_config(qc.clone());
+                    Ok(e)
+                })
+                .collect()
+        };
+        let endpoints = match endpoints {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "no bulk connections: cannot bind their sockets");
+                rt.shutdown_background();
+                return None;
+            }
+        };
+        let attach = v1::BulkAttach { session_id: welcome.session_id, secret: welcome.bulk_secret.clone(), index: 0 };
+        let links = Self {
+            rt: Some(rt),
+            endpoints,
+            conns: std::sync::Mutex::new(Vec::new()),
+            host,
+            name: config.server_name.clone(),
+            ports,
+            attach,
+        };
+        match links.connect(config.connect_timeout) {
+            Ok(()) => Some(links),
+            Err(e) => {
+                tracing::warn!(error = %e, "no bulk connections; copies use the session's connection");
+                None
+            }
+        }
+    }
+
+    /// (Re)attaches one connection per bulk port, all at once.
+    fn connect(&self, timeout: Duration) -> Result<()> {
+        let rt = self.rt.as_ref().ok_or_else(|| ClientError::ConnectionLost("session closed".into()))?;
+        let mut attempts = Vec::new();
+        for (i, (endpoint, &port)) in self.endpoints.iter().zip(&self.ports).enumerate() {
+            let hello = v1::Hello {
+                protocol_version: PROTOCOL_VERSION,
+                client_build: concat!("gpupool-client ", env!("CARGO_PKG_VERSION")).into(),
+                token: String::new(),
+                resume: None,
+                bulk: Some(v1::BulkAttach { index: i as u32, ..self.attach.clone() }),
+            };
+            let (endpoint, addr, name) = (endpoint.clone(), SocketAddr::new(self.host, port), self.name.clone());
+            attempts.push(rt.spawn(async move {
+                let (conn, _, _) =
+                    tokio::time::timeout(timeout, open_session(&endpoint, addr, &name, &hello)).await.map_err(
+                        |_| ClientError::Connect(format!("no bulk connection to {addr} within {timeout:?}")),
+                    )??;
+                Ok::<_, ClientError>(conn)
+            }));
+        }
+        let conns = run_on(rt, async move {
+            let mut conns = Vec::new();
+            for attempt in attempts {
+                conns.push(attempt.await.map_err(|e| ClientError::Connect(e.to_string()))??);
+            }
+            Ok(conns)
+        })?;
+        *self.conns.lock().unwrap_or_else(|e| e.into_inner()) = conns;
+        Ok(())
+    }
+
+    /// The bulk connections still open (none: use the session's).
+    fn open_conns(&self) -> Vec<quinn::Connection> {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.iter().filter(|c| c.close_reason().is_none()).cloned().collect()
+    }
+
+    fn close(&self) {
+        for c in self.conns.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            c.close(close_code::NORMAL.into(), b"client closed the session");
+        }
+    }
+}
+
+impl Drop for BulkLinks {
+    fn drop(&mut self) {
+        self.close();
+        if let Some(rt) = self.rt.take() {
+            // Dropping a runtime inside another one would panic.
+            rt.shutdown_background();
+        }
     }
 }
 
@@ -159,20 +298,23 @@ async fn next_frame(cmd: &mut CommandStream) -> Result<Bytes> {
 }
 
 /// One request on its own bulk stream.
-async fn bulk_request(conn: &quinn::Connection, req: v1::BulkRequest, max: usize) -> Result<Option<v1::Payload>> {
+async fn bulk_request(conn: &quinn::Connection, mut req: [Bytes; 2], max: usize) -> Result<Option<v1::Payload>> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
-    send.write_all(&frame::encode(&req)).await.map_err(write_err)?;
+    send.write_all_chunks(&mut req).await.map_err(write_err)?;
     let _ = send.finish();
     let bytes = recv.read_to_end(max).await.map_err(|e| match e {
         quinn::ReadToEndError::Read(e) => read_err(e),
         quinn::ReadToEndError::TooLong => ClientError::Protocol("bulk response too long".into()),
     })?;
-    let mut dec = FrameDecoder::new(max);
-    dec.push(&bytes);
-    let body = dec
-        .next_frame()
-        .map_err(|e| ClientError::Protocol(e.to_string()))?
-        .ok_or_else(|| ClientError::Protocol("bulk response truncated".into()))?;
+    // One frame, the whole stream: its body is a slice of what was read.
+    let bytes = Bytes::from(bytes);
+    let header = bytes.get(..frame::HEADER_LEN).and_then(|h| <[u8; frame::HEADER_LEN]>::try_from(h).ok());
+    let header = header.ok_or_else(|| ClientError::Protocol("bulk response truncated".into()))?;
+    let len = frame::decode_header(header, max).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    if bytes.len() != frame::HEADER_LEN + len {
+        return Err(ClientError::Protocol("bulk response truncated".into()));
+    }
+    let body = bytes.slice(frame::HEADER_LEN..);
     let resp = v1::BulkResponse::decode(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
     if let Some(e) = resp.error {
         return Err(ClientError::Cuda { code: e.code, message: e.message });
@@ -290,6 +432,7 @@ impl QuicTransport {
             client_build: concat!("gpupool-client ", env!("CARGO_PKG_VERSION")).into(),
             token: config.token.clone(),
             resume: None,
+            bulk: None,
         };
         let timeout = config.connect_timeout;
         let max_udp_payload = config.max_udp_payload;
@@ -312,6 +455,7 @@ impl QuicTransport {
                 return Err(e);
             }
         };
+        let bulk = BulkLinks::open(config, &quinn_client_config(config)?, server.ip(), &welcome);
         let resume = (config.resume && !welcome.resume_secret.is_empty()).then(|| ResumeInfo {
             server,
             name: config.server_name.clone(),
@@ -327,6 +471,7 @@ impl QuicTransport {
             links: std::sync::Mutex::new(links),
             cmd: Arc::new(Mutex::new(cmd)),
             welcome,
+            bulk,
             chunk: config.bulk_chunk_bytes,
             parallel: Arc::new(Semaphore::new(config.bulk_parallel)),
             compression: if config.compression { Compression::Auto } else { Compression::Off },
@@ -349,6 +494,16 @@ impl QuicTransport {
     /// closed control connection (the worker failed) ends the wait with its
     /// reason.
     fn exec<T: Send + 'static>(&self, fut: impl Future<Output = Result<T>> + Send + 'static) -> Result<T> {
+        let rt = self.rt.as_ref().ok_or_else(|| ClientError::ConnectionLost("session closed".into()))?;
+        self.exec_on(rt, fut)
+    }
+
+    /// [`Self::exec`] on runtime `rt`.
+    fn exec_on<T: Send + 'static>(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        fut: impl Future<Output = Result<T>> + Send + 'static,
+    ) -> Result<T> {
         let limit = self.reply_timeout;
         let control = self.links().control;
         let fut = async move {
@@ -363,8 +518,25 @@ impl QuicTransport {
                 e = failed => Err(e),
             }
         };
-        let rt = self.rt.as_ref().ok_or_else(|| ClientError::ConnectionLost("session closed".into()))?;
         run_on(rt, fut)
+    }
+
+    /// Runs a bulk copy's future on the bulk connections' runtime with the
+    /// connections to spread its chunks over; on the session's own
+    /// connection and runtime when there are none.
+    fn exec_bulk<T: Send + 'static, F: Future<Output = Result<T>> + Send + 'static>(
+        &self,
+        op: impl FnOnce(Vec<quinn::Connection>) -> F,
+    ) -> Result<T> {
+        if let Some(bulk) = &self.bulk
+            && let Some(rt) = &bulk.rt
+        {
+            let conns = bulk.open_conns();
+            if !conns.is_empty() {
+                return self.exec_on(rt, op(conns));
+            }
+        }
+        self.exec(op(vec![self.links().conn]))
     }
 
     /// After `error`: reattaches to the session when its connections were
@@ -380,6 +552,7 @@ impl QuicTransport {
         let hello = v1::Hello {
             token: info.source.current(&info.hello.token),
             resume: Some(v1::Resume { session_id: info.session_id, secret: info.secret.clone(), acked_seq }),
+            bulk: None,
             ..info.hello.clone()
         };
         tracing::info!(session = info.session_id, acked_seq, reason = %error, "connection lost; resuming the session");
@@ -416,6 +589,13 @@ impl QuicTransport {
             Ok((links, resumed_seq, resent)) => {
                 *self.links.lock().unwrap_or_else(|e| e.into_inner()) = links;
                 tracing::info!(session = info.session_id, resumed_seq, resent, "session resumed");
+                // The bulk connections were likely lost too; new ones
+                // replace them (copies use the session's connection else).
+                if let Some(bulk) = &self.bulk
+                    && let Err(e) = bulk.connect(info.connect_timeout)
+                {
+                    tracing::warn!(error = %e, "bulk connections not reattached");
+                }
                 Ok(())
             }
             Err(e) => Err(ClientError::ConnectionLost(format!("{error}; the session could not be resumed: {e}"))),
@@ -491,28 +671,32 @@ impl Transport for QuicTransport {
         if let Some(c) = &links.control {
             c.close(close_code::NORMAL.into(), b"client closed the session");
         }
+        if let Some(bulk) = &self.bulk {
+            bulk.close();
+        }
+    }
+
+    fn bulk_connections(&self) -> usize {
+        self.bulk.as_ref().map_or(0, |b| b.open_conns().len())
     }
 }
 
 impl QuicTransport {
+    /// Chunk `i` goes on connection `i mod n`, chunks in flight at once
+    /// bounded by `bulk_parallel`.
     fn bulk_put_once(&self, id: u64, data: Bytes) -> Result<()> {
         let total = data.len() as u64;
-        let (conn, chunk, sem, mode) = (self.links().conn, self.chunk, self.parallel.clone(), self.compression);
-        self.exec(async move {
+        let (chunk, sem, mode) = (self.chunk, self.parallel.clone(), self.compression);
+        self.exec_bulk(move |conns| async move {
             let mut tasks = JoinSet::new();
-            for offset in (0..data.len()).step_by(chunk) {
+            for (i, offset) in (0..data.len()).step_by(chunk).enumerate() {
                 let permit =
                     sem.clone().acquire_owned().await.map_err(|_| ClientError::ConnectionLost("closed".into()))?;
                 let part = data.slice(offset..(offset + chunk).min(data.len()));
-                let conn = conn.clone();
+                let conn = conns[i % conns.len()].clone();
                 tasks.spawn(async move {
-                    let put = v1::BulkPut {
-                        transfer_id: id,
-                        total_size: total,
-                        offset: offset as u64,
-                        data: Some(payload::encode(part, mode)),
-                    };
-                    let req = v1::BulkRequest { op: Some(v1::bulk_request::Op::Put(put)) };
+                    let put = v1::BulkPut { transfer_id: id, total_size: total, offset: offset as u64, data: None };
+                    let req = frame::bulk_put_frame(&put, &payload::encode(part, mode));
                     let r = bulk_request(&conn, req, 1 << 20).await;
                     drop(permit);
                     r
@@ -530,17 +714,18 @@ impl QuicTransport {
     }
 
     fn bulk_get_once(&self, id: u64, total: usize) -> Result<Vec<(usize, Bytes)>> {
-        let (conn, chunk, sem) = (self.links().conn, self.chunk, self.parallel.clone());
-        self.exec(async move {
+        let (chunk, sem) = (self.chunk, self.parallel.clone());
+        self.exec_bulk(move |conns| async move {
             let mut tasks = JoinSet::new();
-            for offset in (0..total).step_by(chunk) {
+            for (i, offset) in (0..total).step_by(chunk).enumerate() {
                 let permit =
                     sem.clone().acquire_owned().await.map_err(|_| ClientError::ConnectionLost("closed".into()))?;
                 let size = chunk.min(total - offset);
-                let conn = conn.clone();
+                let conn = conns[i % conns.len()].clone();
                 tasks.spawn(async move {
                     let get = v1::BulkGet { transfer_id: id, offset: offset as u64, size: size as u64 };
-                    let req = v1::BulkRequest { op: Some(v1::bulk_request::Op::Get(get)) };
+                    let req =
+                        [frame::encode(&v1::BulkRequest { op: Some(v1::bulk_request::Op::Get(get)) }), Bytes::new()];
                     let r = bulk_request(&conn, req, size + (64 << 10)).await;
                     drop(permit);
                     let p = r?.ok_or_else(|| ClientError::Protocol("bulk get without data".into()))?;

@@ -86,6 +86,12 @@ struct Args {
     /// Default: 100 on hosts with 4 CPUs or more, else 0.
     #[arg(long, env = "GPUPOOL_SESSION_SPIN_US")]
     session_spin_us: Option<u64>,
+    /// Extra QUIC endpoints for bulk copies, each on a thread of its own; a
+    /// client spreads a session's copies over one connection to each (0:
+    /// copies use the session's connection). On ephemeral ports, or in
+    /// `--worker-ports` when set.
+    #[arg(long, env = "GPUPOOL_BULK_ENDPOINTS", default_value_t = ServerConfig::DEFAULT_BULK_ENDPOINTS)]
+    bulk_endpoints: usize,
     /// A connection silent this long is lost, in milliseconds (clients send
     /// keep-alives every 2 s).
     #[arg(long, env = "GPUPOOL_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
@@ -164,6 +170,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
     config.idle_timeout = std::time::Duration::from_millis(args.idle_timeout_ms);
     config.worker_ports = args.worker_ports;
+    config.bulk_endpoints = args.bulk_endpoints;
     if args.isolation == "process" {
         let program = std::env::current_exe().context("locating this executable for worker processes")?;
         config.isolation = Isolation::Process {

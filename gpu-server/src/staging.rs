@@ -34,8 +34,9 @@ struct Inner {
 struct Upload {
     /// The size the first chunk announced.
     total: u64,
-    /// Received chunks by offset, never overlapping.
-    chunks: BTreeMap<u64, Vec<u8>>,
+    /// Received chunks by offset, never overlapping: slices of the frames
+    /// they arrived in, kept without a copy.
+    chunks: BTreeMap<u64, Bytes>,
     received: u64,
 }
 
@@ -57,7 +58,7 @@ impl Staging {
     }
 
     /// Stores one chunk of upload `id`, whose total size is `total`.
-    pub fn put(&self, id: u64, total: u64, offset: u64, chunk: &[u8]) -> Result<(), CallError> {
+    pub fn put(&self, id: u64, total: u64, offset: u64, chunk: Bytes) -> Result<(), CallError> {
         let len = chunk.len() as u64;
         let end = offset.checked_add(len).filter(|&e| e <= total).ok_or_else(|| {
             CallError::invalid_value(format!("chunk [{offset}, +{len}) lies outside transfer of {total} bytes"))
@@ -95,7 +96,7 @@ impl Staging {
             return Err(CallError::invalid_value(format!("chunk at {offset} overlaps one already received")));
         }
         if len > 0 {
-            up.chunks.insert(offset, chunk.to_vec());
+            up.chunks.insert(offset, chunk);
             up.received += len;
             inner.bytes += len;
         }
@@ -191,9 +192,9 @@ mod tests {
     #[test]
     fn upload_in_chunks_any_order() {
         let s = Staging::new(1 << 20, 8);
-        s.put(1, 10, 5, b"world").expect("chunk");
+        s.put(1, 10, 5, Bytes::from_static(b"world")).expect("chunk");
         assert_eq!(s.take_upload(1, 10).expect_err("incomplete").code, cuda::INVALID_VALUE);
-        s.put(1, 10, 0, b"hello").expect("chunk");
+        s.put(1, 10, 0, Bytes::from_static(b"hello")).expect("chunk");
         assert_eq!(s.take_upload(1, 10).expect("complete"), b"helloworld");
         assert_eq!(s.bytes(), 0);
     }
@@ -201,11 +202,11 @@ mod tests {
     #[test]
     fn overlap_and_bounds_refused() {
         let s = Staging::new(1 << 20, 8);
-        s.put(1, 10, 0, b"hello").expect("chunk");
-        assert!(s.put(1, 10, 4, b"xx").is_err());
-        assert!(s.put(1, 10, 8, b"xyz").is_err());
-        assert!(s.put(1, 12, 5, b"a").is_err(), "total changed");
-        assert!(s.put(2, u64::MAX, u64::MAX, b"a").is_err());
+        s.put(1, 10, 0, Bytes::from_static(b"hello")).expect("chunk");
+        assert!(s.put(1, 10, 4, Bytes::from_static(b"xx")).is_err());
+        assert!(s.put(1, 10, 8, Bytes::from_static(b"xyz")).is_err());
+        assert!(s.put(1, 12, 5, Bytes::from_static(b"a")).is_err(), "total changed");
+        assert!(s.put(2, u64::MAX, u64::MAX, Bytes::from_static(b"a")).is_err());
     }
 
     #[test]
@@ -213,11 +214,11 @@ mod tests {
         // Issue 20, finding 4: the first chunk's announcement fixes the
         // size, but only received bytes are held and counted.
         let s = Staging::new(4 << 30, 8);
-        s.put(7, 3 << 30, (3 << 30) - 1, b"z").expect("one byte of 3 GiB");
+        s.put(7, 3 << 30, (3 << 30) - 1, Bytes::from_static(b"z")).expect("one byte of 3 GiB");
         assert_eq!(s.bytes(), 1);
         assert!(s.take_upload(7, 3 << 30).is_err(), "incomplete");
-        s.put(8, 4, 2, b"cd").expect("second half first");
-        s.put(8, 4, 0, b"ab").expect("first half");
+        s.put(8, 4, 2, Bytes::from_static(b"cd")).expect("second half first");
+        s.put(8, 4, 0, Bytes::from_static(b"ab")).expect("first half");
         assert_eq!(s.bytes(), 5);
         assert_eq!(s.take_upload(8, 4).expect("complete"), b"abcd");
         assert_eq!(s.bytes(), 1);
@@ -226,7 +227,7 @@ mod tests {
     #[test]
     fn limit_checked_before_allocation() {
         let s = Staging::new(100, 8);
-        assert_eq!(s.put(1, 1 << 40, 0, b"a").expect_err("too big").code, cuda::OUT_OF_MEMORY);
+        assert_eq!(s.put(1, 1 << 40, 0, Bytes::from_static(b"a")).expect_err("too big").code, cuda::OUT_OF_MEMORY);
         assert_eq!(s.bytes(), 0);
     }
 

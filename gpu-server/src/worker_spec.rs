@@ -27,6 +27,7 @@ pub(crate) fn config_from_spec(spec: &v1::WorkerSpec) -> Result<ServerConfig, Se
     c.max_staging_bytes = spec.max_staging_bytes;
     c.max_handles = spec.max_handles as usize;
     c.max_bulk_streams = spec.max_bulk_streams as usize;
+    c.bulk_endpoints = spec.bulk_endpoints as usize;
     c.batch_queue = spec.batch_queue as usize;
     c.image_cache_dir = Some(spec.image_cache_dir.clone()).filter(|d| !d.is_empty()).map(Into::into);
     c.image_cache_bytes = spec.image_cache_bytes;
@@ -60,6 +61,7 @@ pub(crate) fn spec_from_config(config: &ServerConfig, chain: Vec<Vec<u8>>, key: 
         max_staging_bytes: config.max_staging_bytes,
         max_handles: config.max_handles as u32,
         max_bulk_streams: config.max_bulk_streams as u32,
+        bulk_endpoints: config.bulk_endpoints as u32,
         batch_queue: config.batch_queue as u32,
         image_cache_dir: config.image_cache_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
         image_cache_bytes: config.image_cache_bytes,
@@ -90,6 +92,7 @@ mod tests {
         assert_eq!(back.memory_quota, c.memory_quota);
         assert_eq!(back.image_cache_dir, c.image_cache_dir);
         assert_eq!(back.idle_timeout, c.idle_timeout);
+        assert_eq!(back.bulk_endpoints, c.bulk_endpoints);
         assert!(back.one_session && back.max_sessions == 1);
         let mut bad = spec_from_config(&c, vec![], vec![]);
         bad.device = "gpu".into();

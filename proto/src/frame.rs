@@ -88,15 +88,81 @@ impl FrameDecoder {
     }
 }
 
+/// The frame of a `BulkRequest` putting `put` (its `data` unset) with
+/// `payload`, in two parts whose concatenation is `encode` of the whole:
+/// the second is `payload.data` itself, so a bulk chunk is sent without
+/// being copied into a frame first.
+pub fn bulk_put_frame(put: &crate::v1::BulkPut, payload: &crate::v1::Payload) -> [Bytes; 2] {
+    let fields = crate::v1::BulkPut { data: None, ..put.clone() }.encode_to_vec();
+    split_frame(&fields, 4, payload, &[1])
+}
+
+/// The frame of a `BulkResponse` with `error` and `payload`, in two parts
+/// as [`bulk_put_frame`]'s.
+pub fn bulk_response_frame(error: Option<crate::v1::CallError>, payload: &crate::v1::Payload) -> [Bytes; 2] {
+    let fields = crate::v1::BulkResponse { error, data: None }.encode_to_vec();
+    split_frame(&fields, 2, payload, &[])
+}
+
+/// A message made of `fields` (encoded) then `payload` as field `field`,
+/// nested in one-field messages `outer` (innermost first): its frame up to
+/// the payload's data, and the data.
+fn split_frame(fields: &[u8], field: u32, payload: &crate::v1::Payload, outer: &[u32]) -> [Bytes; 2] {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+    let data = payload.data.clone();
+    let head = crate::v1::Payload { data: Bytes::new(), ..payload.clone() }.encode_to_vec();
+    let data_len = data.len() as u64;
+    let data_field = if data.is_empty() { 0 } else { key_len(3) + encoded_len_varint(data_len) };
+    let payload_len = (head.len() + data_field + data.len()) as u64;
+    let mut lens = vec![(fields.len() + key_len(field) + encoded_len_varint(payload_len)) as u64 + payload_len];
+    for &f in outer {
+        let inner = lens[lens.len() - 1];
+        lens.push((key_len(f) + encoded_len_varint(inner)) as u64 + inner);
+    }
+    let total = lens[lens.len() - 1];
+    let mut buf = BytesMut::with_capacity(HEADER_LEN + (total - data_len) as usize);
+    buf.put_u32_le(total as u32);
+    for (i, &f) in outer.iter().enumerate().rev() {
+        encode_key(f, WireType::LengthDelimited, &mut buf);
+        encode_varint(lens[i], &mut buf);
+    }
+    buf.put_slice(fields);
+    encode_key(field, WireType::LengthDelimited, &mut buf);
+    encode_varint(payload_len, &mut buf);
+    buf.put_slice(&head);
+    if !data.is_empty() {
+        encode_key(3, WireType::LengthDelimited, &mut buf);
+        encode_varint(data_len, &mut buf);
+    }
+    [buf.freeze(), data]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_bulk_frames_are_the_whole_encoding() {
+        use crate::v1;
+        for (codec, len) in [(0, 0), (0, 1), (0, 300), (1, 70_000), (0, 4 << 20)] {
+            let payload = v1::Payload { codec, raw_len: len as u64 * 2, data: Bytes::from(vec![7u8; len]) };
+            let put = v1::BulkPut { transfer_id: 9, total_size: 1 << 40, offset: 4 << 20, data: None };
+            let whole = encode(&v1::BulkRequest {
+                op: Some(v1::bulk_request::Op::Put(v1::BulkPut { data: Some(payload.clone()), ..put.clone() })),
+            });
+            assert_eq!(bulk_put_frame(&put, &payload).concat(), whole.to_vec(), "put of {len}");
+            let error = (len == 1).then(|| v1::CallError { index: 0, code: 1, message: "x".into() });
+            let whole = encode(&v1::BulkResponse { error: error.clone(), data: Some(payload.clone()) });
+            assert_eq!(bulk_response_frame(error, &payload).concat(), whole.to_vec(), "response of {len}");
+        }
+    }
     use crate::v1;
     use proptest::prelude::*;
 
     #[test]
     fn round_trip_split_anywhere() {
-        let msg = v1::Hello { protocol_version: 1, client_build: "x".into(), token: "t".into(), resume: None };
+        let msg =
+            v1::Hello { protocol_version: 1, client_build: "x".into(), token: "t".into(), resume: None, bulk: None };
         let bytes = encode(&msg);
         for cut in 0..=bytes.len() {
             let mut dec = FrameDecoder::new(1024);

@@ -221,6 +221,7 @@ pub mod raw {
                 client_build: "raw-test".into(),
                 token: token.into(),
                 resume: None,
+                bulk: None,
             };
             send.write_all(&frame::encode(&hello)).await.expect("hello");
             let mut raw = Raw { _ep: ep, conn, send, recv, dec: FrameDecoder::new(64 << 20) };

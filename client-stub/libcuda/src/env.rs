@@ -17,6 +17,7 @@
 //! | `GPUPOOL_CA_FILE` | or: PEM CA bundle to verify the server against |
 //! | `GPUPOOL_SERVER_NAME` | name in the server certificate (CA mode; default `localhost`) |
 //! | `GPUPOOL_MAX_UDP_PAYLOAD` | largest UDP payload (default 1472; Lambda: 1200) |
+//! | `GPUPOOL_BULK_CONNECTIONS` | extra QUIC connections for bulk copies when the server offers them (default 4; 0: copies share the session's connection) |
 //! | `GPUPOOL_LOG` | log filter for stderr (default `warn`) |
 //! | `GPUPOOL_CALL_STATS` | `1`: the call table at exit (`call_stats`); `gpupool_call_stats()` reads it in-process |
 
@@ -56,6 +57,15 @@ pub(crate) fn target() -> Result<Target, String> {
     target_from_lookup(var)
 }
 
+/// `GPUPOOL_BULK_CONNECTIONS`, when set.
+fn bulk_connections(lookup: &impl Fn(&str) -> Option<String>) -> Result<Option<usize>, String> {
+    match lookup("GPUPOOL_BULK_CONNECTIONS").map(|v| v.trim().parse::<usize>()) {
+        None => Ok(None),
+        Some(Ok(n)) if n <= 64 => Ok(Some(n)),
+        Some(_) => Err("GPUPOOL_BULK_CONNECTIONS must be a whole number from 0 to 64".into()),
+    }
+}
+
 /// Same, reading variables through `lookup` (tests).
 pub(crate) fn target_from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Target, String> {
     if let Some(path) = lookup("GPUPOOL_LEASE_FILE") {
@@ -86,6 +96,9 @@ fn lease_template(lookup: &impl Fn(&str) -> Option<String>) -> Result<ClientConf
     };
     let mut template = ClientConfig::for_leases();
     template.max_udp_payload = payload;
+    if let Some(n) = bulk_connections(lookup)? {
+        template.bulk_connections = n;
+    }
     if let Some(name) = lookup("GPUPOOL_SERVER_NAME") {
         template.server_name = name;
     }
@@ -142,6 +155,10 @@ pub(crate) fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Cli
             None
         }
     };
+    let bulk = bulk_connections(&lookup).unwrap_or_else(|e| {
+        problems.push(e);
+        None
+    });
     let (Some(server), Some(trust), true) = (server, trust, problems.is_empty()) else {
         return Err(problems.join("; "));
     };
@@ -151,6 +168,9 @@ pub(crate) fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Cli
     }
     if let Some(p) = payload {
         config.max_udp_payload = p;
+    }
+    if let Some(n) = bulk {
+        config.bulk_connections = n;
     }
     config.validate()?;
     Ok(config)
@@ -213,17 +233,26 @@ mod tests {
             ("GPUPOOL_TOKEN", "t"),
             ("GPUPOOL_CERT_SHA256", &pin),
             ("GPUPOOL_MAX_UDP_PAYLOAD", "1200"),
+            ("GPUPOOL_BULK_CONNECTIONS", "8"),
         ]))
         .expect("valid");
         assert_eq!(c.server.port(), 4433);
         assert_eq!(c.max_udp_payload, 1200);
+        assert_eq!(c.bulk_connections, 8);
         assert_eq!(c.trust, Trust::Fingerprint(pin));
     }
 
     #[test]
     fn every_problem_reported() {
-        let err = from_lookup(lookup(&[("GPUPOOL_MAX_UDP_PAYLOAD", "x")])).expect_err("empty");
-        for needle in ["GPUPOOL_SERVER", "GPUPOOL_TOKEN", "GPUPOOL_CERT_SHA256", "GPUPOOL_MAX_UDP_PAYLOAD"] {
+        let err = from_lookup(lookup(&[("GPUPOOL_MAX_UDP_PAYLOAD", "x"), ("GPUPOOL_BULK_CONNECTIONS", "many")]))
+            .expect_err("empty");
+        for needle in [
+            "GPUPOOL_SERVER",
+            "GPUPOOL_TOKEN",
+            "GPUPOOL_CERT_SHA256",
+            "GPUPOOL_MAX_UDP_PAYLOAD",
+            "GPUPOOL_BULK_CONNECTIONS",
+        ] {
             assert!(err.contains(needle), "{err}");
         }
     }

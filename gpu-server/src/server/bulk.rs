@@ -3,15 +3,23 @@
 //! device-to-host copy; the session's batches move the staged bytes to and
 //! from the device ([`crate::staging`]). A transport reads a request and
 //! sends back what [`BulkService::answer`] returns.
+//!
+//! Over QUIC a session may also carry its bulk transfers on extra
+//! connections to the server's bulk endpoints, one core each: the
+//! [`Registry`] lets such a connection attach to its session with the
+//! session's bulk secret, and closes them when the session ends.
 
 use super::metrics::{Metrics, add};
+use crate::auth::constant_time_eq;
 use crate::error::CallError;
 use crate::staging::Staging;
 use bytes::Bytes;
 use gpupool_proto::payload::{self, Compression};
-use gpupool_proto::v1;
+use gpupool_proto::{close_code, v1};
 use prost::Message;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Serves one session's bulk requests against its staging area.
 #[derive(Debug)]
@@ -21,7 +29,8 @@ pub(crate) struct BulkService {
     /// Largest frame accepted; a chunk is at most half of it.
     max_frame_bytes: u32,
     compression: Compression,
-    max_parallel: usize,
+    /// Requests served at once, over all of the session's connections.
+    parallel: Arc<Semaphore>,
 }
 
 impl BulkService {
@@ -32,7 +41,7 @@ impl BulkService {
         compression: Compression,
         max_parallel: usize,
     ) -> Self {
-        Self { staging, metrics, max_frame_bytes, compression, max_parallel }
+        Self { staging, metrics, max_frame_bytes, compression, parallel: Arc::new(Semaphore::new(max_parallel)) }
     }
 
     /// Largest request frame accepted.
@@ -40,9 +49,9 @@ impl BulkService {
         self.max_frame_bytes as usize
     }
 
-    /// Most requests served at once.
-    pub(crate) fn max_parallel(&self) -> usize {
-        self.max_parallel
+    /// A turn to serve one request; the session's connections share them.
+    pub(crate) async fn permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.parallel.clone().acquire_owned().await.ok()
     }
 
     /// The response to one request as the transport received it: the
@@ -69,8 +78,10 @@ impl BulkService {
             Some(v1::bulk_request::Op::Put(p)) => {
                 let data = p.data.ok_or_else(|| CallError::invalid_value("bulk put without data"))?;
                 let bytes = payload::decode(data, max).map_err(|e| CallError::invalid_value(e.to_string()))?;
-                self.staging.put(p.transfer_id, p.total_size, p.offset, &bytes)?;
-                add(&self.metrics.bulk_bytes_in, bytes.len() as u64);
+                let len = bytes.len() as u64;
+                // A slice of the received frame: staged without a copy.
+                self.staging.put(p.transfer_id, p.total_size, p.offset, bytes)?;
+                add(&self.metrics.bulk_bytes_in, len);
                 Ok(v1::BulkResponse::default())
             }
             Some(v1::bulk_request::Op::Get(g)) => {
@@ -85,6 +96,100 @@ impl BulkService {
                 Ok(v1::BulkResponse { error: None, data: Some(payload::encode(bytes, self.compression)) })
             }
             None => Err(CallError::invalid_value("bulk request without an operation")),
+        }
+    }
+}
+
+/// Sessions whose client may attach extra bulk connections, by session id.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    /// The bulk endpoints' UDP ports, offered in each `Welcome`.
+    ports: Vec<u16>,
+    sessions: Mutex<HashMap<u64, Attachable>>,
+}
+
+#[derive(Debug)]
+struct Attachable {
+    secret: String,
+    service: Arc<BulkService>,
+    /// The attached connections by index; a new one replaces the old.
+    links: Vec<Option<quinn::Connection>>,
+}
+
+impl Registry {
+    /// A registry offering the bulk endpoints on `ports` (none: sessions
+    /// get no extra connections).
+    pub(crate) fn new(ports: Vec<u16>) -> Self {
+        Self { ports, sessions: Mutex::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Attachable>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes session `id`'s bulk transfers reachable on the bulk endpoints
+    /// until the returned slot drops.
+    pub(crate) fn register(&self, id: u64, service: Arc<BulkService>) -> BulkSlot<'_> {
+        if self.ports.is_empty() {
+            return BulkSlot { registry: self, id, secret: String::new() };
+        }
+        let secret = hex::encode(rand::random::<[u8; 32]>());
+        let entry = Attachable { secret: secret.clone(), service, links: vec![None; self.ports.len()] };
+        self.lock().insert(id, entry);
+        BulkSlot { registry: self, id, secret }
+    }
+
+    /// Attaches `conn` as bulk connection `attach.index` of its session when
+    /// the secret is the session's (compared in constant time); returns the
+    /// session's bulk service, or why not. An earlier connection with the
+    /// same index is closed: a session has at most one per bulk endpoint.
+    pub(crate) fn attach(&self, attach: &v1::BulkAttach, conn: &quinn::Connection) -> Result<Arc<BulkService>, String> {
+        let mut sessions = self.lock();
+        let refused = || format!("no session {} takes bulk connections with this secret", attach.session_id);
+        let entry = sessions.get_mut(&attach.session_id).ok_or_else(refused)?;
+        if entry.secret.is_empty() || !constant_time_eq(entry.secret.as_bytes(), attach.secret.as_bytes()) {
+            return Err(refused());
+        }
+        let slot = entry
+            .links
+            .get_mut(attach.index as usize)
+            .ok_or_else(|| format!("bulk connection index {} out of range", attach.index))?;
+        if let Some(old) = slot.replace(conn.clone()) {
+            old.close(close_code::NORMAL.into(), b"replaced by a new bulk connection");
+        }
+        Ok(entry.service.clone())
+    }
+}
+
+/// Session `id`'s entry in the [`Registry`]: unregistered on drop, which
+/// also closes its bulk connections (their tasks then end and free what
+/// they held of the session's staging).
+#[derive(Debug)]
+pub(crate) struct BulkSlot<'a> {
+    registry: &'a Registry,
+    id: u64,
+    secret: String,
+}
+
+impl BulkSlot<'_> {
+    /// The bulk endpoints' ports and the secret for the session's
+    /// `Welcome` (none and empty when the server has no bulk endpoints).
+    pub(crate) fn offer(&self) -> (Vec<u32>, String) {
+        if self.secret.is_empty() {
+            return (Vec::new(), String::new());
+        }
+        (self.registry.ports.iter().map(|&p| u32::from(p)).collect(), self.secret.clone())
+    }
+}
+
+impl Drop for BulkSlot<'_> {
+    fn drop(&mut self) {
+        if self.secret.is_empty() {
+            return;
+        }
+        let entry = self.registry.lock().remove(&self.id);
+        for conn in entry.into_iter().flat_map(|e| e.links).flatten() {
+            conn.close(close_code::NORMAL.into(), b"session ended");
         }
     }
 }

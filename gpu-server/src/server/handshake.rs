@@ -7,12 +7,13 @@ use super::local::run_session;
 use super::metrics::add;
 use super::state::{AnyDevice, LeasedSession, Mode, Shared};
 use super::supervised::run_in_worker;
-use super::transport::Attachment;
 use super::transport::quic::{self, Quic};
-use gpupool_proto::{PROTOCOL_VERSION, close_code, v1};
+use super::transport::{Attachment, Link};
+use gpupool_proto::{PROTOCOL_VERSION, close_code, frame, v1};
 use prost::Message;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use tokio::task::JoinSet;
 use tracing::Instrument;
 
 /// Largest `Hello` accepted.
@@ -64,15 +65,12 @@ fn refuse(shared: &Shared, conn: &quinn::Connection, code: u32, reason: &str) {
     conn.close(code.into(), reason.as_bytes());
 }
 
-/// Runs one connection: handshake, then the session until either side ends it.
-pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming: quinn::Incoming) {
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(error = %e, "connection failed during the QUIC handshake");
-            return;
-        }
-    };
+/// Reads a connection's `Hello` within the handshake timeout and checks its
+/// protocol version; else the close code and reason of the refusal.
+async fn read_hello(
+    shared: &Shared,
+    conn: &quinn::Connection,
+) -> Result<(quinn::SendStream, quinn::RecvStream, v1::Hello), (u32, String)> {
     let hs = tokio::time::timeout(shared.config.handshake_timeout, async {
         let (send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let body = quic::read_frame(&mut recv, MAX_HELLO_BYTES).await.map_err(|e| e.to_string())?;
@@ -83,8 +81,8 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
     .await;
     let (send, recv, hello) = match hs {
         Ok(Ok(v)) => v,
-        Ok(Err(reason)) => return refuse(&shared, &conn, close_code::BAD_HANDSHAKE, &reason),
-        Err(_) => return refuse(&shared, &conn, close_code::BAD_HANDSHAKE, "no Hello within the handshake timeout"),
+        Ok(Err(reason)) => return Err((close_code::BAD_HANDSHAKE, reason)),
+        Err(_) => return Err((close_code::BAD_HANDSHAKE, "no Hello within the handshake timeout".into())),
     };
     if hello.protocol_version != PROTOCOL_VERSION {
         let reason = format!(
@@ -92,8 +90,64 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
             peer_text(&hello.client_build),
             hello.protocol_version
         );
-        return refuse(&shared, &conn, close_code::VERSION_MISMATCH, &reason);
+        return Err((close_code::VERSION_MISMATCH, reason));
     }
+    Ok((send, recv, hello))
+}
+
+/// Accepts bulk connections on one of the server's bulk endpoints until it
+/// closes; their tasks end with it.
+pub(super) async fn serve_bulk_endpoint(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
+    let mut tasks = JoinSet::new();
+    while let Some(incoming) = endpoint.accept().await {
+        tasks.spawn(attach_bulk(shared.clone(), incoming));
+        while tasks.try_join_next().is_some() {}
+    }
+}
+
+/// One bulk connection: its `Hello` must carry a `BulkAttach` with the
+/// session's bulk secret (the token is not checked: in a worker process it
+/// is the one-time ticket the session's own connection spent, and the
+/// secret, sent in that session's `Welcome`, proves as much). No session
+/// permit is taken: the session's connections are bounded by its bulk
+/// endpoints, and closed when it ends.
+async fn attach_bulk(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let Ok(conn) = incoming.await else { return };
+    let (mut send, _recv, hello) = match read_hello(&shared, &conn).await {
+        Ok(v) => v,
+        Err((code, reason)) => return refuse(&shared, &conn, code, &reason),
+    };
+    let Some(attach) = hello.bulk else {
+        return refuse(&shared, &conn, close_code::BAD_HANDSHAKE, "a bulk endpoint takes only bulk connections");
+    };
+    let service = match shared.bulk.attach(&attach, &conn) {
+        Ok(s) => s,
+        Err(reason) => return refuse(&shared, &conn, close_code::UNAUTHORIZED, &reason),
+    };
+    quic::open_bulk_windows(&conn, &shared.config);
+    // The client uses the connection once it knows it is attached.
+    let attached = v1::Welcome { session_id: attach.session_id, ..Default::default() };
+    if send.write_all(&frame::encode(&attached)).await.is_err() {
+        return;
+    }
+    let _ = send.finish();
+    tracing::debug!(session = attach.session_id, index = attach.index, remote = %conn.remote_address(), "bulk connection attached");
+    conn.serve_bulk(service).await;
+}
+
+/// Runs one connection: handshake, then the session until either side ends it.
+pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming: quinn::Incoming) {
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "connection failed during the QUIC handshake");
+            return;
+        }
+    };
+    let (send, recv, hello) = match read_hello(&shared, &conn).await {
+        Ok(v) => v,
+        Err((code, reason)) => return refuse(&shared, &conn, code, &reason),
+    };
     let grant = match shared.auth.authenticate(&hello.token) {
         Ok(g) => g,
         Err(e) => return refuse(&shared, &conn, close_code::UNAUTHORIZED, &e.to_string()),

@@ -69,6 +69,9 @@ where
         compression(cfg.compression),
         cfg.max_bulk_streams,
     ));
+    // Extra bulk connections attach while the session lives; closed when it ends.
+    let bulk_slot = shared.bulk.register(id, bulk.clone());
+    let (bulk_ports, bulk_secret) = bulk_slot.offer();
     let (work_tx, work_rx) = mpsc::channel::<Work>(cfg.batch_queue);
     let (reply_tx, reply_rx) = mpsc::channel::<v1::BatchReply>(cfg.batch_queue);
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -124,6 +127,8 @@ where
         resume_secret: slot.secret().to_string(),
         resumed: false,
         resumed_seq: 0,
+        bulk_ports,
+        bulk_secret,
     };
     if send.send_frame(&frame::encode(&welcome)).await.is_err() {
         return conn;

@@ -51,6 +51,9 @@ use transport::quic;
 #[derive(Debug)]
 pub struct Server {
     endpoint: quinn::Endpoint,
+    /// The bulk endpoints and their runtime (none with worker processes:
+    /// each worker binds its own).
+    bulk: BulkIo,
     mode: Mode,
     fingerprint: String,
     shared: Arc<Shared>,
@@ -113,9 +116,13 @@ impl Server {
                 Mode::Workers(Arc::new(Workers { pools }))
             }
         };
+        let bulk = match &mode {
+            Mode::Local(_) if config.bulk_endpoints > 0 => BulkIo::bind(&config, &server_config)?,
+            _ => BulkIo::default(),
+        };
         let endpoint = quic::endpoint(&config, server_config)?;
-        let shared = Arc::new(Shared::new(config, auth));
-        Ok(Self { endpoint, mode, fingerprint: identity.fingerprint(), shared })
+        let shared = Arc::new(Shared::new(config, auth, bulk.ports()));
+        Ok(Self { endpoint, bulk, mode, fingerprint: identity.fingerprint(), shared })
     }
 
     /// The bound UDP address.
@@ -193,6 +200,7 @@ impl Server {
             let fingerprint = self.fingerprint.clone();
             tokio::spawn(link::run(link, gpus, fingerprint, self.shared.clone(), link_stopped))
         });
+        self.bulk.serve(&self.shared);
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
         let one = self.shared.config.one_session;
@@ -219,6 +227,7 @@ impl Server {
             }
         }
         self.endpoint.close(close_code::SHUTDOWN.into(), b"server shutting down");
+        self.bulk.close();
         let grace = self.shared.config.shutdown_grace;
         let drained = tokio::time::timeout(grace, async {
             while tasks.join_next().await.is_some() {}
@@ -230,5 +239,57 @@ impl Server {
             tasks.abort_all();
         }
         Ok(())
+    }
+}
+
+/// The bulk endpoints and the runtime that drives them: threads of their
+/// own, so that a worker process's one I/O thread (which keeps the command
+/// path's wake-ups on one thread) does not carry the copies too.
+#[derive(Debug, Default)]
+struct BulkIo {
+    /// Always `Some` until drop.
+    runtime: Option<tokio::runtime::Runtime>,
+    endpoints: Vec<quinn::Endpoint>,
+}
+
+impl BulkIo {
+    fn bind(config: &ServerConfig, server_config: &quinn::ServerConfig) -> Result<Self, ServerError> {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.bulk_endpoints.min(cores).max(1))
+            .thread_name("gpupool-bulk-io")
+            .enable_all()
+            .build()
+            .map_err(|e| ServerError::Config(format!("cannot start the bulk I/O runtime: {e}")))?;
+        let endpoints = quic::bulk_endpoints(config, server_config, runtime.handle())?;
+        Ok(Self { runtime: Some(runtime), endpoints })
+    }
+
+    fn ports(&self) -> Vec<u16> {
+        self.endpoints.iter().filter_map(|e| e.local_addr().ok()).map(|a| a.port()).collect()
+    }
+
+    /// Starts accepting bulk connections on every bulk endpoint.
+    fn serve(&self, shared: &Arc<Shared>) {
+        if let Some(rt) = &self.runtime {
+            for endpoint in &self.endpoints {
+                rt.spawn(handshake::serve_bulk_endpoint(shared.clone(), endpoint.clone()));
+            }
+        }
+    }
+
+    fn close(&self) {
+        for endpoint in &self.endpoints {
+            endpoint.close(close_code::SHUTDOWN.into(), b"server shutting down");
+        }
+    }
+}
+
+impl Drop for BulkIo {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one would panic.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! device, or worker pools), its configuration, authenticator, counters, image cache, session limit, the sessions open
 //! under a balancer's leases and those kept for a client to reattach.
 
+use super::bulk;
 use super::metrics::Metrics;
 use super::resume::Registry;
 use crate::auth::{Authenticator, Grant};
@@ -117,10 +118,13 @@ pub(crate) struct Shared {
     leased: Mutex<HashMap<u64, LeasedSession>>,
     /// Sessions a client may reattach to.
     pub(crate) resumable: Registry,
+    /// Sessions that take extra bulk connections on the bulk endpoints.
+    pub(crate) bulk: bulk::Registry,
 }
 
 impl Shared {
-    pub(crate) fn new(config: ServerConfig, auth: Arc<dyn Authenticator>) -> Self {
+    /// `bulk_ports`: the ports of the server's bulk endpoints.
+    pub(crate) fn new(config: ServerConfig, auth: Arc<dyn Authenticator>, bulk_ports: Vec<u16>) -> Self {
         Self {
             images: Arc::new(
                 ImageCache::new(config.image_cache_dir.clone(), config.image_cache_bytes)
@@ -134,6 +138,7 @@ impl Shared {
             session_ended: tokio::sync::Notify::new(),
             leased: Mutex::new(HashMap::new()),
             resumable: Registry::default(),
+            bulk: bulk::Registry::new(bulk_ports),
         }
     }
 

@@ -15,7 +15,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 /// Sessions over QUIC.
@@ -87,23 +86,31 @@ pub(crate) async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Resu
         Err(quinn::ReadExactError::ReadError(e)) => return Err(RecvError::Stream(e.to_string())),
     }
     let len = frame::decode_header(header, max).map_err(RecvError::Frame)?;
-    let mut body = vec![0u8; len];
-    match recv.read_exact(&mut body).await {
-        Ok(()) => Ok(Some(Bytes::from(body))),
-        Err(quinn::ReadExactError::FinishedEarly(n)) => Err(RecvError::Frame(frame::FrameError::Truncated {
-            have: frame::HEADER_LEN + n,
-            want: frame::HEADER_LEN + len,
-        })),
-        Err(quinn::ReadExactError::ReadError(e)) => Err(RecvError::Stream(e.to_string())),
+    // Received chunks are appended as they come: no zeroed buffer first
+    // (a fresh 4 MiB one faulted in for every bulk chunk).
+    let mut body = bytes::BytesMut::with_capacity(len);
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(RecvError::Frame(frame::FrameError::Truncated {
+                    have: frame::HEADER_LEN + body.len(),
+                    want: frame::HEADER_LEN + len,
+                }));
+            }
+            Err(e) => return Err(RecvError::Stream(e.to_string())),
+        }
     }
+    Ok(Some(body.freeze()))
 }
 
 /// Serves the session's bulk streams, a bounded number at a time.
+/// The session's connections share the bound (a bulk connection's streams
+/// wait for the same permits as its first connection's).
 async fn accept_bulk(conn: quinn::Connection, bulk: Arc<BulkService>) {
-    let limit = Arc::new(Semaphore::new(bulk.max_parallel()));
     let mut tasks = JoinSet::new();
     while let Ok((send, recv)) = conn.accept_bi().await {
-        let Ok(permit) = limit.clone().acquire_owned().await else { break };
+        let Some(permit) = bulk.permit().await else { break };
         let bulk = bulk.clone();
         tasks.spawn(async move {
             bulk_stream(&bulk, send, recv).await;
@@ -117,7 +124,12 @@ async fn accept_bulk(conn: quinn::Connection, bulk: Arc<BulkService>) {
 async fn bulk_stream(bulk: &BulkService, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let request = read_frame(&mut recv, bulk.max_request()).await;
     let response = bulk.answer(request);
-    if send.write_all(&frame::encode(&response)).await.is_ok() {
+    // A chunk's bytes go out as they are staged, not copied into a frame.
+    let mut parts = match &response.data {
+        Some(payload) => frame::bulk_response_frame(response.error.clone(), payload),
+        None => [frame::encode(&response), Bytes::new()],
+    };
+    if send.write_all_chunks(&mut parts).await.is_ok() {
         let _ = send.finish();
     }
 }
@@ -138,7 +150,30 @@ pub(crate) fn endpoint(
     config: &ServerConfig,
     server_config: quinn::ServerConfig,
 ) -> Result<quinn::Endpoint, ServerError> {
-    let socket = bind_listen(config)?;
+    bind_endpoint(config, config.listen, server_config)
+}
+
+/// Binds `config.bulk_endpoints` endpoints for bulk connections on the
+/// listen address's IP, each on a port of its own (in `worker_ports` when
+/// set), their drivers on `runtime`: each endpoint is one UDP socket read
+/// by one task, so that several of them spread a session's copies over
+/// several cores.
+pub(crate) fn bulk_endpoints(
+    config: &ServerConfig,
+    server_config: &quinn::ServerConfig,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Vec<quinn::Endpoint>, ServerError> {
+    let _inside = runtime.enter();
+    let addr = SocketAddr::new(config.listen.ip(), 0);
+    (0..config.bulk_endpoints).map(|_| bind_endpoint(config, addr, server_config.clone())).collect()
+}
+
+fn bind_endpoint(
+    config: &ServerConfig,
+    addr: SocketAddr,
+    server_config: quinn::ServerConfig,
+) -> Result<quinn::Endpoint, ServerError> {
+    let socket = bind_listen(addr, config.worker_ports)?;
     let (rx, tx) = endpoint_setup::buffer_sizes(&socket);
     if rx < endpoint_setup::SOCKET_BUFFER_BYTES / 8 {
         tracing::warn!(
@@ -149,16 +184,15 @@ pub(crate) fn endpoint(
     }
     tracing::debug!(rx, tx, "UDP socket buffers");
     endpoint_setup::endpoint(socket, config.max_udp_payload, Some(server_config))
-        .map_err(|source| ServerError::Bind { addr: config.listen, source })
+        .map_err(|source| ServerError::Bind { addr, source })
 }
 
-/// Binds the listen address; a worker (port 0) with a port range takes the
-/// first free port of the range, starting at a random one so that workers
-/// started together rarely collide.
-fn bind_listen(config: &ServerConfig) -> Result<std::net::UdpSocket, ServerError> {
-    let addr = config.listen;
+/// Binds `addr`; port 0 with a port range takes the first free port of the
+/// range, starting at a random one so that workers started together rarely
+/// collide.
+fn bind_listen(addr: SocketAddr, worker_ports: Option<(u16, u16)>) -> Result<std::net::UdpSocket, ServerError> {
     let bind_error = |source| ServerError::Bind { addr, source };
-    let Some((low, high)) = config.worker_ports.filter(|_| addr.port() == 0) else {
+    let Some((low, high)) = worker_ports.filter(|_| addr.port() == 0) else {
         return endpoint_setup::bind_udp(addr).map_err(bind_error);
     };
     let span = u32::from(high - low) + 1;
@@ -187,6 +221,19 @@ const SESSION_RECEIVE_WINDOW: u32 = 256 << 20;
 /// Receive window left on a supervisor's control connection once its
 /// session moved to a worker: nothing is read there any more.
 const CONTROL_RECEIVE_WINDOW: u32 = 64 << 10;
+
+/// Receive window of an attached bulk connection: its share of a session's
+/// copies in flight (the client keeps a few 4 MiB chunks per connection in
+/// flight), with room for the bandwidth-delay product of 10 Gbit/s at
+/// 20 ms on top.
+const BULK_RECEIVE_WINDOW: u32 = 64 << 20;
+
+/// Gives an attached bulk connection its windows and streams (no command
+/// stream on it).
+pub(crate) fn open_bulk_windows(conn: &quinn::Connection, config: &ServerConfig) {
+    conn.set_receive_window(quinn::VarInt::from_u32(BULK_RECEIVE_WINDOW));
+    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(config.max_bulk_streams as u32));
+}
 
 /// Gives an authenticated connection its session's windows and streams.
 pub(crate) fn open_windows(conn: &quinn::Connection, config: &ServerConfig) {
