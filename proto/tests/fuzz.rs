@@ -13,6 +13,7 @@
 
 use bytes::Bytes;
 use gpupool_proto::frame::{self, FrameDecoder, FrameError};
+use gpupool_proto::fuzz::{config, mutate, mutations};
 use gpupool_proto::payload::{self, PayloadError};
 use gpupool_proto::replay::{ReplayLimit, ReplayLog};
 use gpupool_proto::v1;
@@ -86,45 +87,11 @@ fn peak_of<R>(f: impl FnOnce() -> R) -> (R, usize) {
     (r, (PEAK.with(Cell::get) - start).max(0) as usize)
 }
 
-/// Cases per target: a few seconds in CI, more with `GPUPOOL_FUZZ_CASES`.
-fn config(default: u32) -> ProptestConfig {
-    let cases = std::env::var("GPUPOOL_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default);
-    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
-}
-
 /// What decoding `n` bytes may allocate: decoded structs are larger than
 /// their encoding (an empty `Call` is 2 bytes on the wire and ~100 in
 /// memory, and vectors grow by doubling), but by a constant factor.
 fn alloc_bound(n: usize) -> usize {
     256 * n + (64 << 10)
-}
-
-/// Edits applied to a valid encoding: (kind, position, byte).
-fn mutations() -> impl Strategy<Value = Vec<(u8, usize, u8)>> {
-    proptest::collection::vec((0u8..6, any::<usize>(), any::<u8>()), 0..8)
-}
-
-fn mutate(mut b: Vec<u8>, edits: &[(u8, usize, u8)]) -> Vec<u8> {
-    for &(kind, at, byte) in edits {
-        let at = if b.is_empty() { 0 } else { at % (b.len() + 1) };
-        match kind {
-            0 if at < b.len() => b[at] ^= byte | 1,
-            1 => b.insert(at, byte),
-            2 if at < b.len() => {
-                b.remove(at);
-            }
-            3 => b.truncate(at),
-            // A varint claiming the largest length or value there is.
-            4 => {
-                b.splice(at..at, [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
-            }
-            // A field header with a huge length (field `byte >> 3`, wire type 2).
-            _ => {
-                b.splice(at..at, [(byte & 0xf8) | 2, 0xff, 0xff, 0xff, 0xff, 0x0f]);
-            }
-        }
-    }
-    b
 }
 
 /// Valid messages of every kind the server, a worker or the supervisor
