@@ -18,6 +18,8 @@
 
 pub mod config;
 mod convert;
+#[cfg(test)]
+mod fuzz;
 pub mod pool;
 pub mod service;
 pub mod table;

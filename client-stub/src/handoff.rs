@@ -10,9 +10,13 @@
 
 use crate::{ClientConfig, ClientError, Result, Trust};
 use gpupool_proto::balancer as pb;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::ToSocketAddrs;
 use std::path::Path;
+
+/// Longest hand-off file read: its five lines are a few hundred bytes (a
+/// token is at most `gpupool_proto::lease::MAX_TOKEN_LEN`).
+pub const MAX_HANDOFF_BYTES: u64 = 16 << 10;
 
 /// What a session needs from a lease held elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +59,10 @@ impl LeaseHandoff {
         let bad = |why: String| ClientError::Config(format!("lease hand-off file: {why}"));
         let mut fields = std::collections::HashMap::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let (k, v) = line.split_once('=').ok_or_else(|| bad(format!("line {line:?} is not key=value")))?;
+            let (k, v) = line.split_once('=').ok_or_else(|| {
+                let shown: String = line.chars().take(64).collect();
+                bad(format!("line {shown:?} is not key=value"))
+            })?;
             fields.insert(k.trim(), v.trim().to_string());
         }
         let mut take = |key: &str| fields.remove(key).ok_or_else(|| bad(format!("{key} is missing")));
@@ -88,10 +95,21 @@ impl LeaseHandoff {
         std::fs::rename(&tmp, path).map_err(io)
     }
 
-    /// Reads the file.
+    /// Reads the file, at most [`MAX_HANDOFF_BYTES`] of it: a path that
+    /// names something else (a device, a log) fails instead of filling
+    /// memory.
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ClientError::Connect(format!("no lease hand-off at {}: {e}", path.display())))?;
+        let missing = |e: std::io::Error| ClientError::Connect(format!("no lease hand-off at {}: {e}", path.display()));
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_HANDOFF_BYTES + 1).read_to_string(&mut text))
+            .map_err(missing)?;
+        if text.len() as u64 > MAX_HANDOFF_BYTES {
+            return Err(ClientError::Config(format!(
+                "lease hand-off file {} is longer than {MAX_HANDOFF_BYTES} bytes",
+                path.display()
+            )));
+        }
         Self::decode(&text)
     }
 
@@ -153,5 +171,37 @@ mod tests {
         assert!(e.to_string().contains("lease_id is not a number"), "{e}");
         assert!(LeaseHandoff::decode("garbage").is_err());
         assert!(LeaseHandoff::read(Path::new("/nonexistent/gpupool/lease")).is_err());
+    }
+
+    /// A path naming an endless file (seen while writing the fuzz targets):
+    /// read whole, it filled memory; now it is refused at the cap.
+    #[cfg(unix)]
+    #[test]
+    fn endless_files_are_refused_at_the_cap() {
+        let e = LeaseHandoff::read(Path::new("/dev/zero")).expect_err("endless");
+        assert!(e.to_string().contains("longer than"), "{e}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(gpupool_proto::fuzz::config(256))]
+
+        /// Any text: a value or an error, never a panic; what decodes has
+        /// every field without line breaks.
+        #[test]
+        fn decode_any_text(text in "(?s).{0,400}") {
+            if let Ok(h) = LeaseHandoff::decode(&text) {
+                proptest::prop_assert!(!h.token.is_empty() && !h.token.contains('\n'));
+            }
+        }
+
+        /// Valid files with edits decode or fail; valid values round trip.
+        #[test]
+        fn mutated_files(edits in gpupool_proto::fuzz::mutations(), token in "[!-~]{1,100}", id in proptest::prelude::any::<u64>()) {
+            let h = LeaseHandoff { lease_id: id, token, ..sample() };
+            let text = h.encode();
+            proptest::prop_assert_eq!(LeaseHandoff::decode(&text).expect("valid"), h);
+            let bytes = gpupool_proto::fuzz::mutate(text.into_bytes(), &edits);
+            let _ = LeaseHandoff::decode(&String::from_utf8_lossy(&bytes));
+        }
     }
 }

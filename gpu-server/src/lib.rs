@@ -18,6 +18,8 @@ pub mod config;
 pub mod device;
 pub mod device_output;
 mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod images;
 pub mod mig;
 pub mod mps;

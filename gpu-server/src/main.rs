@@ -103,6 +103,9 @@ struct Args {
     /// Largest UDP payload; MTU discovery probes up to it.
     #[arg(long, env = "GPUPOOL_MAX_UDP_PAYLOAD", default_value_t = gpupool_proto::quic::DEFAULT_UDP_PAYLOAD)]
     max_udp_payload: u16,
+    /// TCP address of a Prometheus endpoint (`GET /metrics`); off when unset.
+    #[arg(long, env = "GPUPOOL_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
@@ -196,11 +199,30 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     if let (Some(cert), Some(key)) = (args.cert, args.key) {
         config.tls = TlsSource::Files { cert, key };
     }
+    let metrics_listen = args.metrics_listen;
     let server = Server::bind(config)?;
     server.ready().await?;
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let exporter = match metrics_listen {
+        Some(addr) => {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.with_context(|| format!("metrics listener on {addr}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
+            let stopped = async {
+                let _ = metrics_stopped.await;
+            };
+            Some(tokio::spawn(gpupool_server::server::exporter::serve(listener, server.metrics(), stopped)))
+        }
+        None => None,
+    };
     tracing::info!(addr = %server.local_addr(), backend = server.backend(), "listening");
     println!("gpupool-server listening on {} (certificate SHA-256 {})", server.local_addr(), server.fingerprint());
-    server.run(shutdown_signal()).await?;
+    let served = server.run(shutdown_signal()).await;
+    let _ = stop_metrics.send(());
+    if let Some(task) = exporter {
+        let _ = task.await;
+    }
+    served?;
     Ok(())
 }
 

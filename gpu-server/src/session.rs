@@ -733,12 +733,12 @@ fn new_id<T>(table: &HashMap<u32, T>, id: u32, kind: &str, max: usize) -> Result
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::device::emulated::{EmulatedDevice, EmulatedSession, GRANULARITY};
     use crate::device::{Backend, DeviceResult, FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM};
 
-    fn limits() -> SessionLimits {
+    pub(crate) fn limits() -> SessionLimits {
         SessionLimits {
             memory_quota: 8 * GRANULARITY,
             va_size: 16 * GRANULARITY,

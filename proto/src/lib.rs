@@ -6,6 +6,7 @@
 //! - [`frame`]: length-prefixed frames and an incremental decoder;
 //! - [`payload`]: bulk bytes, lz4-compressed when that pays;
 //! - [`cuda`]: the `CUresult` codes that travel in replies;
+//! - `fuzz` (feature `fuzzing`): helpers of the fuzz targets;
 //! - [`replay`]: resumption's log of frames sent and not yet acknowledged,
 //!   kept by both ends and replayed after a reattach;
 //! - [`balancer`] (feature `grpc`): the balancer's gRPC service (tonic);
@@ -15,6 +16,8 @@
 
 pub mod cuda;
 pub mod frame;
+#[cfg(feature = "fuzzing")]
+pub mod fuzz;
 pub mod mirror;
 pub mod payload;
 #[cfg(feature = "quic")]

@@ -71,6 +71,15 @@ pub fn decode(payload: Payload, max: u64) -> Result<Bytes, PayloadError> {
             Ok(payload.data)
         }
         Ok(Codec::Lz4) => {
+            // The decompressor allocates `raw_len` up front; a size the data
+            // cannot expand to is refused before that (issue 20, fuzzing).
+            if payload.raw_len > max_lz4_output(payload.data.len()) {
+                return Err(PayloadError::Corrupt(format!(
+                    "{} bytes of lz4 cannot expand to {} bytes",
+                    payload.data.len(),
+                    payload.raw_len
+                )));
+            }
             let out = lz4_flex::block::decompress(&payload.data, payload.raw_len as usize)
                 .map_err(|e| PayloadError::Corrupt(e.to_string()))?;
             if out.len() as u64 != payload.raw_len {
@@ -80,6 +89,14 @@ pub fn decode(payload: Payload, max: u64) -> Result<Bytes, PayloadError> {
         }
         Err(_) => Err(PayloadError::UnknownCodec(payload.codec)),
     }
+}
+
+/// The most an lz4 block of `compressed` bytes decompresses to. Each
+/// sequence costs at least 3 bytes (token, offset) and each further byte of
+/// a match length adds at most 255 bytes of output, so no block expands by
+/// more than 255 times.
+fn max_lz4_output(compressed: usize) -> u64 {
+    (compressed as u64).saturating_mul(255)
 }
 
 #[cfg(test)]
@@ -94,6 +111,16 @@ mod tests {
         assert_eq!(p.codec, Codec::Lz4 as i32);
         assert!(p.data.len() < data.len() / 10);
         assert_eq!(decode(p, 1 << 20).expect("decodes"), data);
+    }
+
+    #[test]
+    fn the_most_compressible_data_stays_within_the_expansion_bound() {
+        for len in [4096, 1 << 16, 1 << 24] {
+            let data = Bytes::from(vec![0u8; len]);
+            let p = encode(data.clone(), Compression::Auto);
+            assert!(p.raw_len <= max_lz4_output(p.data.len()), "{len} bytes compressed to {}", p.data.len());
+            assert_eq!(decode(p, 1 << 24).expect("decodes"), data);
+        }
     }
 
     #[test]

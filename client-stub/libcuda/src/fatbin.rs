@@ -198,4 +198,47 @@ mod tests {
             assert!(matches!(for_device(&bad, 9, 0), Cow::Borrowed(_)), "{} bytes", bad.len());
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(gpupool_proto::fuzz::config(512))]
+
+        /// Any bytes behind a fatbin header, and valid fatbins with edits:
+        /// the parser's ranges lie inside the image and tile it; what is
+        /// cut is the image itself or a fatbin of a subset of its entries.
+        #[test]
+        fn any_image(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            edits in gpupool_proto::fuzz::mutations(),
+            spec in proptest::collection::vec((1u16..4, 50u32..130, proptest::prelude::any::<u64>(), 0usize..64), 0..6),
+            raw in proptest::prelude::any::<bool>(),
+            major in 5u32..13,
+            minor in 0u32..10,
+        ) {
+            let image = if raw {
+                let mut b = MAGIC.to_le_bytes().to_vec();
+                b.extend_from_slice(&[1, 0, 16, 0]);
+                b.extend_from_slice(&(body.len() as u64).to_le_bytes());
+                b.extend(body);
+                gpupool_proto::fuzz::mutate(b, &edits)
+            } else {
+                gpupool_proto::fuzz::mutate(fatbin(&spec), &edits)
+            };
+            if let Some((header, list)) = entries(&image) {
+                let mut at = header;
+                for e in &list {
+                    proptest::prop_assert_eq!(e.range.0, at);
+                    proptest::prop_assert!(e.range.0 < e.range.1 && e.range.1 <= image.len());
+                    at = e.range.1;
+                }
+                proptest::prop_assert_eq!(at, image.len());
+            }
+            let out = for_device(&image, major, minor);
+            if let Cow::Owned(out) = out {
+                let (_, before) = entries(&image).expect("cut only when parsed");
+                let (_, after) = entries(&out).expect("a fatbin");
+                proptest::prop_assert!(!after.is_empty() && after.len() < before.len());
+                proptest::prop_assert!(out.len() < image.len());
+            }
+        }
+    }
 }

@@ -15,12 +15,14 @@
 //! - `transport`: the transport interface and its QUIC implementation;
 //! - `bulk`: a session's bulk transfers, transport-agnostic;
 //! - `thread`: the session thread that executes batches;
-//! - `metrics`: the counters ([`Metrics`]).
+//! - `metrics`: the counters ([`Metrics`]);
+//! - `exporter`: the counters as a Prometheus endpoint (`--metrics-listen`).
 //!
 //! `docs/transport.md` describes the transport layer.
 
 mod bulk;
 mod commands;
+pub mod exporter;
 mod handshake;
 mod link;
 mod local;
