@@ -149,6 +149,14 @@ fn seeds() -> Vec<Vec<u8>> {
             client_build: "gpupool-client 0.1".into(),
             token: "gpl1.abc.def".into(),
             resume: Some(v1::Resume { session_id: 9, secret: "s".into(), acked_seq: 4 }),
+            bulk: None,
+        }
+        .encode_to_vec(),
+        v1::Hello {
+            protocol_version: gpupool_proto::PROTOCOL_VERSION,
+            client_build: "gpupool-client 0.1".into(),
+            bulk: Some(v1::BulkAttach { session_id: 9, secret: "b".into(), index: 3 }),
+            ..Default::default()
         }
         .encode_to_vec(),
         batch.encode_to_vec(),
