@@ -290,6 +290,17 @@ impl BalancerRpc for Service {
         Ok(Response::new(pb::HeartbeatReply { ended_lease_ids: ended.into_iter().map(|id| id.0).collect() }))
     }
 
+    async fn check_lease(&self, req: Request<pb::CheckLeaseRequest>) -> Result<Response<pb::CheckLeaseReply>, Status> {
+        self.state.check_server(&req)?;
+        let req = req.into_inner();
+        let now = unix_ms_now();
+        let state = {
+            let inner = self.state.lock();
+            lease_state(inner.pool.lease(pool::LeaseId(req.lease_id)), inner.pool.recovering(now), &req.server_id, now)
+        };
+        Ok(Response::new(pb::CheckLeaseReply { state: state as i32 }))
+    }
+
     async fn allocate(&self, req: Request<pb::AllocateRequest>) -> Result<Response<pb::Lease>, Status> {
         self.state.check_client(&req)?;
         let req = req.into_inner();
@@ -543,4 +554,44 @@ impl Balancer {
 /// Binds a balancer for `config` and runs it until `shutdown` completes.
 pub async fn run(config: BalancerConfig, shutdown: impl Future<Output = ()>) -> Result<(), BalancerError> {
     Balancer::bind(config).await?.run(shutdown).await
+}
+
+/// Whether a lease stands for `server_id` at `now_ms` (`CheckLease`): a
+/// lease the balancer does not hold has ended, unless it is still taking
+/// leases back after a restart.
+fn lease_state(lease: Option<&pool::Lease>, recovering: bool, server_id: &str, now_ms: u64) -> pb::LeaseState {
+    match lease {
+        Some(l) if l.server_id == server_id && now_ms < l.expires_ms => pb::LeaseState::Live,
+        Some(_) => pb::LeaseState::Ended,
+        None if recovering => pb::LeaseState::Unknown,
+        None => pb::LeaseState::Ended,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_stands_only_while_held_unexpired_on_its_server() {
+        let lease = pool::Lease {
+            id: pool::LeaseId(1),
+            tenant: "t".into(),
+            server_id: "a".into(),
+            address: String::new(),
+            cert_sha256: String::new(),
+            instance_uuid: String::new(),
+            profile: None,
+            memory: 0,
+            sms: 0,
+            issued_ms: 0,
+            expires_ms: 100,
+            in_use: false,
+        };
+        assert_eq!(lease_state(Some(&lease), false, "a", 50), pb::LeaseState::Live);
+        assert_eq!(lease_state(Some(&lease), false, "b", 50), pb::LeaseState::Ended, "another server");
+        assert_eq!(lease_state(Some(&lease), false, "a", 100), pb::LeaseState::Ended, "expired");
+        assert_eq!(lease_state(None, false, "a", 50), pb::LeaseState::Ended, "released");
+        assert_eq!(lease_state(None, true, "a", 50), pb::LeaseState::Unknown, "taking leases back");
+    }
 }

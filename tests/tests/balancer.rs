@@ -413,4 +413,8 @@ fn servers_refuse_forged_expired_and_foreign_leases() {
     assert_eq!(grpc.renew(&forged).expect_err("forged").code(), tonic::Code::Unauthenticated);
     assert_eq!(grpc.release(&forged).expect_err("forged").code(), tonic::Code::Unauthenticated);
     grpc.release(&lease).expect("release with the real token");
+    // Released, the lease's token is still validly signed until it expires:
+    // the server asks the balancer before it admits (issue 20, finding 9).
+    let r = refused(mine, lease.token.clone(), "a released lease");
+    assert!(r.contains("ended"), "{r}");
 }

@@ -152,6 +152,13 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
         Ok(g) => g,
         Err(e) => return refuse(&shared, &conn, close_code::UNAUTHORIZED, &e.to_string()),
     };
+    // A validly signed token of a lease that was released or expired at
+    // the balancer (its instance may be another tenant's now).
+    if let (Some(lease), Some(check)) = (&grant.lease, &shared.lease_check)
+        && let Err(reason) = check.admit(lease.lease_id).await
+    {
+        return refuse(&shared, &conn, close_code::UNAUTHORIZED, &reason);
+    }
     // A supervisor's connection only carries the Hello and the redirect
     // (the session runs on the worker's connection): it keeps its small
     // window, so a tenant cannot pin the supervisor's memory by sending on

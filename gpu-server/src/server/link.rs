@@ -148,7 +148,13 @@ pub(crate) async fn run(
                 live_lease_ids: ids,
             };
             match client.heartbeat(authorized(&link.secret, beat)).await {
-                Ok(reply) => end_sessions(&shared, reply.into_inner().ended_lease_ids, "ended at the balancer"),
+                Ok(reply) => {
+                    let ended = reply.into_inner().ended_lease_ids;
+                    if let Some(check) = &shared.lease_check {
+                        check.note_ended(ended.iter().copied());
+                    }
+                    end_sessions(&shared, ended, "ended at the balancer")
+                }
                 Err(e) if e.code() == tonic::Code::NotFound => {
                     tracing::warn!(
                         "the balancer does not know this server (restarted or drained it): registering again"

@@ -28,6 +28,7 @@ mod link;
 mod local;
 pub mod metrics;
 mod resume;
+mod revocation;
 mod state;
 mod supervised;
 mod thread;

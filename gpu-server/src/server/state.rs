@@ -120,6 +120,9 @@ pub(crate) struct Shared {
     pub(crate) resumable: Registry,
     /// Sessions that take extra bulk connections on the bulk endpoints.
     pub(crate) bulk: bulk::Registry,
+    /// With a balancer: whether a lease still stands, asked before a
+    /// session of it is admitted (issue 20, finding 9).
+    pub(crate) lease_check: Option<super::revocation::LeaseCheck>,
 }
 
 impl Shared {
@@ -131,6 +134,7 @@ impl Shared {
                     .with_disk_limit(config.image_cache_disk_bytes),
             ),
             sessions: Arc::new(Semaphore::new(config.max_sessions)),
+            lease_check: config.balancer.clone().map(super::revocation::LeaseCheck::new),
             config,
             auth,
             metrics: Arc::default(),
