@@ -66,6 +66,7 @@ fn seeds() -> Vec<Vec<u8>> {
         pb::RenewRequest { lease_id: 7, token: token.clone() }.encode_to_vec(),
         pb::ReleaseRequest { lease_id: 7, token }.encode_to_vec(),
         pb::WatchRequest { min_interval_ms: 10 }.encode_to_vec(),
+        pb::CheckLeaseRequest { server_id: "s1".into(), lease_id: 7 }.encode_to_vec(),
     ]
 }
 
@@ -94,6 +95,9 @@ fn decode_all(bytes: &[u8]) {
         let _ = verifier.verify_signature(&r.token);
     }
     let _ = pb::WatchRequest::decode(bytes);
+    if let Ok(r) = pb::CheckLeaseRequest::decode(bytes) {
+        let _ = crate::service::lease_state(None, false, &r.server_id, 0);
+    }
     let _ = pb::StatusRequest::decode(bytes);
     let _ = pb::LeaseClaims::decode(bytes);
 }
@@ -107,7 +111,7 @@ proptest! {
     }
 
     #[test]
-    fn requests_mutated(seed in 0usize..6, edits in mutations()) {
+    fn requests_mutated(seed in 0usize..7, edits in mutations()) {
         let seeds = seeds();
         decode_all(&mutate(seeds[seed % seeds.len()].clone(), &edits));
     }

@@ -559,7 +559,12 @@ pub async fn run(config: BalancerConfig, shutdown: impl Future<Output = ()>) -> 
 /// Whether a lease stands for `server_id` at `now_ms` (`CheckLease`): a
 /// lease the balancer does not hold has ended, unless it is still taking
 /// leases back after a restart.
-fn lease_state(lease: Option<&pool::Lease>, recovering: bool, server_id: &str, now_ms: u64) -> pb::LeaseState {
+pub(crate) fn lease_state(
+    lease: Option<&pool::Lease>,
+    recovering: bool,
+    server_id: &str,
+    now_ms: u64,
+) -> pb::LeaseState {
     match lease {
         Some(l) if l.server_id == server_id && now_ms < l.expires_ms => pb::LeaseState::Live,
         Some(_) => pb::LeaseState::Ended,
