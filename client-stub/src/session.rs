@@ -216,17 +216,13 @@ type OccupancyAnswers = HashMap<Vec<u8>, (i64, i32)>;
 /// Occupancy answers a session keeps (all dropped when full).
 const MAX_OCCUPANCY_ANSWERS: usize = 4096;
 
-/// The stream a call is ordered on (0 for calls without one).
+/// The stream a call is ordered on (0 for calls without one): the stream
+/// it gives work to, or the one it synchronizes.
 fn op_stream(op: &Op) -> u32 {
     match op {
-        Op::Launch(l) => l.stream,
-        Op::MemcpyHtod(c) => c.stream,
-        Op::MemcpyDtoh(c) => c.stream,
-        Op::MemcpyDtod(c) => c.stream,
-        Op::Memset(m) => m.stream,
         Op::StreamSynchronize(s) => s.stream,
         Op::StreamQuery(s) => s.stream,
-        _ => 0,
+        _ => work_stream(op).unwrap_or(0),
     }
 }
 

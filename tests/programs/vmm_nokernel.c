@@ -20,6 +20,7 @@
 #define NAME "vmm_nokernel"
 
 #include "check_driver.h"
+#include "check_bytes.h"
 
 /* A call that must be refused (the exact code may differ between drivers). */
 #define REFUSED(call)                                                         \
@@ -28,29 +29,6 @@
             fail("line %d: %s succeeded, expected an error", __LINE__,       \
                  #call);                                                      \
     } while (0)
-
-#define REQUIRE(cond, ...)                                                    \
-    do {                                                                      \
-        if (!(cond)) {                                                        \
-            char m_[512];                                                     \
-            snprintf(m_, sizeof m_, __VA_ARGS__);                             \
-            fail("line %d: %s", __LINE__, m_);                                \
-        }                                                                     \
-    } while (0)
-
-static void fill(uint8_t *p, size_t n, unsigned seed)
-{
-    for (size_t i = 0; i < n; i++)
-        p[i] = (uint8_t)((i * 131u + seed * 7u + (i >> 9)) & 0xff);
-}
-
-static void expect_bytes(const uint8_t *got, const uint8_t *want, size_t n,
-                         const char *what)
-{
-    for (size_t i = 0; i < n; i++)
-        if (got[i] != want[i])
-            fail("%s: byte %zu is %u, expected %u", what, i, got[i], want[i]);
-}
 
 static void set_rw(CUdeviceptr ptr, size_t size)
 {
@@ -107,12 +85,12 @@ int main(void)
     CK(cuMemcpyHtoD(r, src, n));
     memset(back, 0, n);
     CK(cuMemcpyDtoH(back, r, n));
-    expect_bytes(back, src, n, "two-allocation buffer");
+    expect_bytes("two-allocation buffer", back, src, n);
     /* A memset and a small copy across the seam. */
     CK(cuMemsetD32(r + g - 64, 0x5a5a5a5a, 32));
     memset(src + g - 64, 0x5a, 128);
     CK(cuMemcpyDtoH(back, r + g - 256, 512));
-    expect_bytes(back, src + g - 256, 512, "memset across the seam");
+    expect_bytes("memset across the seam", back, src + g - 256, 512);
     printf("two allocations, one buffer: ok\n");
 
     CUdeviceptr base = 0;
@@ -140,15 +118,15 @@ int main(void)
     CK(cuMemMap(alias, g, 0, a, 0));
     set_rw(alias, g);
     CK(cuMemcpyDtoH(back, alias + 1000, 256));
-    expect_bytes(back, src + 1000, 256, "read through the alias");
+    expect_bytes("read through the alias", back, src + 1000, 256);
     uint8_t word[16];
     memset(word, 0xc3, sizeof word);
     CK(cuMemcpyHtoD(alias + 4096, word, sizeof word));
     CK(cuMemcpyDtoH(back, r + 4096, sizeof word));
-    expect_bytes(back, word, sizeof word, "write through the alias");
+    expect_bytes("write through the alias", back, word, sizeof word);
     CK(cuMemcpyDtoD(r + g + 512, alias + 4096, sizeof word));
     CK(cuMemcpyDtoH(back, r + g + 512, sizeof word));
-    expect_bytes(back, word, sizeof word, "device-to-device from the alias");
+    expect_bytes("device-to-device from the alias", back, word, sizeof word);
     memcpy(src + 4096, word, sizeof word);
     memcpy(src + g + 512, word, sizeof word);
     printf("aliasing ok\n");
@@ -165,7 +143,7 @@ int main(void)
     fill(src + 2 * g, g, 3);
     CK(cuMemcpyHtoD(r + 2 * g, src + 2 * g, g));
     CK(cuMemcpyDtoH(back, r, 3 * g));
-    expect_bytes(back, src, 3 * g, "grown buffer");
+    expect_bytes("grown buffer", back, src, 3 * g);
     printf("growth in place ok\n");
 
     /* Bad requests fail and change nothing. */
@@ -180,7 +158,7 @@ int main(void)
                                          CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
                                          0));
     CK(cuMemcpyDtoH(back, r, 3 * g));
-    expect_bytes(back, src, 3 * g, "after refused requests");
+    expect_bytes("after refused requests", back, src, 3 * g);
     printf("bad requests refused\n");
 
     /* Release while mapped: the memory stays until its last mapping goes. */
@@ -188,7 +166,7 @@ int main(void)
     CK(cuMemRelease(b));
     CK(cuMemRelease(c));
     CK(cuMemcpyDtoH(back, alias, 64));
-    expect_bytes(back, src, 64, "released but mapped");
+    expect_bytes("released but mapped", back, src, 64);
     CK(cuMemUnmap(r, 3 * g));
     CK(cuMemUnmap(alias, g));
     CK(cuMemAddressFree(alias, g));
@@ -201,7 +179,7 @@ int main(void)
     CK(cuMemAlloc(&p, 1000));
     CK(cuMemcpyHtoD(p, src, 1000));
     CK(cuMemcpyDtoH(back, p, 1000));
-    expect_bytes(back, src, 1000, "cuMemAlloc afterwards");
+    expect_bytes("cuMemAlloc afterwards", back, src, 1000);
     CK(cuMemFree(p));
 
     free(src);
