@@ -13,7 +13,7 @@
 # Usage: bench/build-device.sh [OUT_DIR]    (default .device/bin, git-ignored)
 # Env:   PARTS: what to copy, `core` (server, bench, the GPU test binaries,
 #        stub/), `pool` (server, balancer, its gRPC benchmark, the server's
-#        unit tests, stub/), `dropin` (server, demo and stub/: the demo and
+#        unit tests, stub/), `dropin` (server, demo, bench and stub/: the demo and
 #        bench/dropin.sh) or `all` (default). Everything together is
 #        larger than one device run carries: use two folders, e.g.
 #        `PARTS=core … .device/bin`, `PARTS=dropin … .device/dropin` and
@@ -31,7 +31,7 @@ parts=${PARTS:-all}
 case $parts in
 core) bins=(gpupool-server gpupool-bench) ;;
 pool) bins=(gpupool-server gpupool-balancer) ;;
-dropin) bins=(gpupool-server gpupool-demo) ;;
+dropin) bins=(gpupool-server gpupool-demo gpupool-bench) ;;
 all) bins=(gpupool-server gpupool-balancer gpupool-bench gpupool-demo) ;;
 *) echo "PARTS must be core, pool, dropin or all" >&2; exit 2 ;;
 esac

@@ -7,6 +7,9 @@
 # workloads of bench/torch_bench.py (TORCH_BENCH=0 skips them,
 # TORCH_BENCH_WORKLOADS names some), native vs remote, with ratios and,
 # through gpupool, the waits per step. PROGRAMS=none runs the benchmarks only.
+# VARIANTS="name:VAR=value[,VAR=value] ..." runs both benchmarks through
+# gpupool once more per variant with those variables set (client settings
+# such as GPUPOOL_BATCH_DELAY_US), against the same native run.
 #
 # Usage: bench/dropin.sh BIN_DIR OUT_DIR
 #   BIN_DIR holds gpupool-server and stub/ (libcuda.so.1, libcuda.so and,
@@ -79,11 +82,14 @@ run_pair() { # name command...
         verdict="native failed"
     elif ((rrc != 0)) || [[ $same != yes ]]; then
         verdict=FAIL
+    elif grep -q "panicked at" "$out/remote/$name.err"; then
+        # The stub caught a panic of its own: a bug even when the output matches.
+        verdict="FAIL (stub panicked)"
     fi
     rows+=("| $name | $nrc | $rrc | $same | $verdict |")
     echo "$name: native rc $nrc, remote rc $rrc, identical output: $same -> $verdict"
     if [[ $verdict != PASS ]]; then
-        [[ $verdict == FAIL ]] && failed=1
+        [[ $verdict == FAIL* ]] && failed=1
         {
             echo "### $name: $verdict"
             echo '```'
@@ -115,11 +121,9 @@ run_pair torch_mallocasync env PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync \
     TORCH_COMPAT_CASES=fp32_infer,fp32_train,graphs python3 "$repo/tests/programs/torch_compat.py"
 fi
 
-echo "== benchmark: bench_loop.sm90, native then remote"
-native "$progs/bench_loop.sm90" >"$out/native/bench_loop.out" 2>&1
-remote "$progs/bench_loop.sm90" >"$out/remote/bench_loop.out" 2>&1
-cat "$out/native/bench_loop.out" "$out/remote/bench_loop.out"
-bench_rows=$(python3 - "$out/native/bench_loop.out" "$out/remote/bench_loop.out" "$out/dropin.json" <<'PY'
+# Rows of bench_loop: native against one remote run (NATIVE REMOTE JSON).
+loop_rows() {
+    python3 - "$@" <<'PY'
 import json, re, sys
 def parse(path):
     rows = {}
@@ -137,8 +141,15 @@ for us in sorted(native):
         print(f"| {us} us kernels + 4 KiB copy every 10th | {native[us]['per_launch_us']:.1f} | {remote[us]['per_launch_us']:.1f} | {ratio:.2f}x |")
 json.dump({"bench_loop": out}, open(sys.argv[3], "w"), indent=2)
 PY
-)
+}
+
+echo "== benchmark: bench_loop.sm90, native then remote"
+native "$progs/bench_loop.sm90" >"$out/native/bench_loop.out" 2>&1
+remote "$progs/bench_loop.sm90" >"$out/remote/bench_loop.out" 2>&1
+cat "$out/native/bench_loop.out" "$out/remote/bench_loop.out"
+bench_rows=$(loop_rows "$out/native/bench_loop.out" "$out/remote/bench_loop.out" "$out/dropin.json")
 grep -q "PASS bench_loop" "$out/remote/bench_loop.out" || failed=1
+grep -q "panicked at" "$out/remote/bench_loop.out" && { echo "bench_loop: the stub panicked"; failed=1; }
 
 torch_rows=""
 if [[ ${TORCH_BENCH:-1} == 1 ]]; then
@@ -152,6 +163,27 @@ if [[ ${TORCH_BENCH:-1} == 1 ]]; then
     torch_rows=$(python3 "$repo/bench/torch_bench.py" --report "$out/native/torch_bench.out" "$out/remote/torch_bench.out")
     echo "$torch_rows"
 fi
+
+variant_md=""
+for variant in ${VARIANTS:-}; do
+    name=${variant%%:*}
+    IFS=, read -ra settings <<<"${variant#*:}"
+    dir="$out/remote-$name"
+    mkdir -p "$dir"
+    echo "== variant $name (${settings[*]}): bench_loop and PyTorch workloads through gpupool"
+    env "${settings[@]}" bash -c 'remote "$@"' _ "$progs/bench_loop.sm90" >"$dir/bench_loop.out" 2>&1
+    grep -q "PASS bench_loop" "$dir/bench_loop.out" || failed=1
+    grep -q "panicked at" "$dir/bench_loop.out" && { echo "bench_loop ($name): the stub panicked"; failed=1; }
+    variant_md+=$'\n'"## Variant $name: ${settings[*]}"$'\n\n'"| row | native | remote | ratio |"$'\n'"|---|---|---|---|"$'\n'
+    variant_md+=$(loop_rows "$out/native/bench_loop.out" "$dir/bench_loop.out" "$dir/dropin.json")$'\n'
+    if [[ ${TORCH_BENCH:-1} == 1 ]]; then
+        # shellcheck disable=SC2086
+        env "${settings[@]}" GPUPOOL_CALL_STATS=1 timeout 300 bash -c 'remote "$@"' _ python3 \
+            "$repo/bench/torch_bench.py" ${TORCH_BENCH_WORKLOADS:-} >"$dir/torch_bench.out" 2>"$dir/torch_bench.err"
+        variant_md+=$'\n'$(python3 "$repo/bench/torch_bench.py" --report "$out/native/torch_bench.out" "$dir/torch_bench.out")$'\n'
+    fi
+done
+echo "$variant_md"
 
 {
     echo "## Unmodified programs, native and through gpupool's libcuda"
@@ -172,6 +204,7 @@ fi
         echo "$torch_rows"
         echo
     fi
+    echo "$variant_md"
     cat "$out/failures.md"
 } >"$md"
 cat "$md"

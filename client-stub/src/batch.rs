@@ -1,7 +1,11 @@
 //! Call batching and reply matching, without I/O.
 //!
 //! Calls whose result the caller does not need now are queued; a batch is
-//! cut when the queue passes its size bound or when a call must answer.
+//! cut when the queue passes its size bound, when a call must answer, and
+//! (with a delay bound) when nothing is in flight or the oldest queued call
+//! has waited that long: the GPU then works while the program issues the
+//! rest, as it does natively, instead of idling until the program
+//! synchronizes.
 //! Every batch gets one reply, in order. Errors of queued calls are latched
 //! (the first one kept, the rest counted) and returned by the next
 //! synchronizing call, as CUDA returns errors of asynchronous work.
@@ -10,6 +14,7 @@ use crate::error::{ClientError, Result};
 use gpupool_proto::v1::{self, call::Op};
 use prost::Message;
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 /// Bounds of one batch.
 #[derive(Debug, Clone, Copy)]
@@ -20,6 +25,10 @@ pub struct BatchLimits {
     pub max_calls: usize,
     /// Batches sent but not yet answered before the client waits for one.
     pub max_in_flight: usize,
+    /// With `Some(d)`, a call is sent at once when no batch is in flight,
+    /// and the queue is cut when its oldest call has waited `d`. With
+    /// `None`, only the bounds above and synchronizing calls cut.
+    pub max_delay: Option<Duration>,
 }
 
 /// The first error of queued work, and how many there were.
@@ -35,6 +44,8 @@ pub struct CallQueue {
     limits: BatchLimits,
     pending: Vec<v1::Call>,
     pending_bytes: usize,
+    /// When the oldest pending call was queued.
+    pending_since: Option<Instant>,
     next_seq: u64,
     in_flight: VecDeque<(u64, u32)>,
     latched: Option<Latched>,
@@ -54,6 +65,7 @@ impl CallQueue {
             limits,
             pending: Vec::new(),
             pending_bytes: 0,
+            pending_since: None,
             next_seq: 1,
             in_flight: VecDeque::new(),
             latched: None,
@@ -62,17 +74,25 @@ impl CallQueue {
         }
     }
 
-    /// Queues a call; returns a batch to send when the queue is full.
+    /// Queues a call; returns a batch to send when the queue is full or,
+    /// with a delay bound, when the batch should go now.
     pub fn push(&mut self, op: Op) -> Option<v1::Batch> {
+        self.push_at(op, Instant::now())
+    }
+
+    /// [`Self::push`] at time `now`.
+    pub fn push_at(&mut self, op: Op, now: Instant) -> Option<v1::Batch> {
         let call = v1::Call { op: Some(op) };
         // Field tag + length prefix, as the call will sit inside `Batch`.
         self.pending_bytes += call.encoded_len() + 4;
         self.pending.push(call);
-        if self.pending_bytes >= self.limits.max_bytes || self.pending.len() >= self.limits.max_calls {
-            self.cut()
-        } else {
-            None
-        }
+        let since = *self.pending_since.get_or_insert(now);
+        let full = self.pending_bytes >= self.limits.max_bytes || self.pending.len() >= self.limits.max_calls;
+        let due = self
+            .limits
+            .max_delay
+            .is_some_and(|d| self.in_flight.is_empty() || now.saturating_duration_since(since) >= d);
+        if full || due { self.cut() } else { None }
     }
 
     /// Cuts a batch of everything queued, if anything is.
@@ -84,6 +104,7 @@ impl CallQueue {
         self.next_seq += 1;
         self.in_flight.push_back((seq, self.pending.len() as u32 - 1));
         self.pending_bytes = 0;
+        self.pending_since = None;
         Some(v1::Batch { seq, calls: std::mem::take(&mut self.pending) })
     }
 
@@ -193,7 +214,45 @@ mod tests {
     use super::*;
 
     fn limits() -> BatchLimits {
-        BatchLimits { max_bytes: 1 << 20, max_calls: 100_000, max_in_flight: 4 }
+        BatchLimits { max_bytes: 1 << 20, max_calls: 100_000, max_in_flight: 4, max_delay: None }
+    }
+
+    fn launch() -> Op {
+        Op::Launch(v1::Launch { module: 1, function: 0, params: vec![0u8; 28].into(), ..Default::default() })
+    }
+
+    #[test]
+    fn with_a_delay_bound_the_first_call_goes_at_once_and_later_ones_by_age() {
+        let delay = Duration::from_micros(40);
+        let mut q = CallQueue::new(BatchLimits { max_delay: Some(delay), ..limits() });
+        let t0 = Instant::now();
+        let first = q.push_at(launch(), t0).expect("nothing in flight: sent at once");
+        assert_eq!(first.calls.len(), 1);
+        // One batch in flight: the next calls wait for company or for age.
+        assert!(q.push_at(launch(), t0 + Duration::from_micros(5)).is_none());
+        assert!(q.push_at(launch(), t0 + Duration::from_micros(30)).is_none());
+        let second = q.push_at(launch(), t0 + Duration::from_micros(45)).expect("the oldest waited 40 µs");
+        assert_eq!(second.calls.len(), 3);
+        // Age counts from the oldest call of the new queue.
+        assert!(q.push_at(launch(), t0 + Duration::from_micros(50)).is_none());
+        assert!(q.push_at(launch(), t0 + Duration::from_micros(89)).is_none());
+        // Once every batch is answered, the queue goes with the next call.
+        for b in [first, second] {
+            q.on_reply(v1::BatchReply { seq: b.seq, ..Default::default() }, 0).expect("reply");
+        }
+        let third = q.push_at(launch(), t0 + Duration::from_micros(60)).expect("idle pipe: sent at once");
+        assert_eq!(third.calls.len(), 3);
+        assert_eq!(q.pending(), 0);
+    }
+
+    #[test]
+    fn without_a_delay_bound_only_size_and_synchronization_cut() {
+        let mut q = CallQueue::new(limits());
+        let t0 = Instant::now();
+        for i in 0..100 {
+            assert!(q.push_at(launch(), t0 + Duration::from_millis(i)).is_none());
+        }
+        assert_eq!(q.cut().expect("batch").calls.len(), 100);
     }
 
     fn sync_op() -> Op {

@@ -88,6 +88,14 @@ pub struct ClientConfig {
     pub token_source: TokenSource,
 }
 
+/// How long a queued call waits for company before its batch is sent while
+/// earlier batches are in flight (with none in flight it goes at once).
+/// Long enough that a program issuing calls back to back sends a few per
+/// batch; short against the kernels a GPU runs, so that the GPU does not
+/// idle while the program issues more.
+/// Measured: bench/results/*-batch-delay.md.
+pub const DEFAULT_BATCH_DELAY: Duration = Duration::from_micros(100);
+
 impl ClientConfig {
     /// Defaults for a server at `server` with the given trust and token.
     pub fn new(server: SocketAddr, trust: Trust, token: impl Into<String>) -> Self {
@@ -96,7 +104,12 @@ impl ClientConfig {
             server_name: "localhost".into(),
             trust,
             token: token.into(),
-            batch: BatchLimits { max_bytes: 1 << 20, max_calls: 65_536, max_in_flight: 32 },
+            batch: BatchLimits {
+                max_bytes: 1 << 20,
+                max_calls: 65_536,
+                max_in_flight: 32,
+                max_delay: Some(DEFAULT_BATCH_DELAY),
+            },
             bulk_chunk_bytes: 4 << 20,
             bulk_parallel: 8,
             // One connection is bounded by one core (0.4–0.7 GiB/s on the

@@ -444,6 +444,11 @@ impl Session {
         Self::check_alive(st)?;
         note_work(st, &op);
         crate::stats::note_queued();
+        // Replies are not read here: polling the connection for them on
+        // every call contends with the I/O thread for quinn's lock (measured:
+        // 29.6 against 24.1 µs per launch paced 20 µs apart). The queue
+        // learns that nothing is in flight when a synchronizing call drains
+        // it; in between the delay bound cuts.
         if let Some(batch) = st.queue.push(op) {
             self.send(st, &batch)?;
         }
@@ -454,11 +459,27 @@ impl Session {
         self.inner.transport.send_batch(batch).map_err(|e| Self::mark_dead(st, e))?;
         // Bounded: read answers before running too far ahead.
         while st.queue.must_drain() {
-            crate::stats::note_waited();
-            let reply = self.recv_reply(st)?;
-            st.queue.on_reply(reply, 0).map_err(|e| Self::mark_dead(st, e))?;
+            if self.take_arrived(st)? == 0 {
+                crate::stats::note_waited();
+                let reply = self.recv_reply(st)?;
+                st.queue.on_reply(reply, 0).map_err(|e| Self::mark_dead(st, e))?;
+            }
         }
         Ok(())
+    }
+
+    /// Handles the replies that have arrived, without waiting; returns how
+    /// many there were.
+    fn take_arrived(&self, st: &mut State) -> Result<usize> {
+        let mut n = 0;
+        while st.queue.in_flight() > 0 {
+            let Some(reply) = self.inner.transport.try_recv_reply() else { break };
+            let reply = reply.map_err(|e| Self::mark_dead(st, e))?;
+            let reply = self.apply_mirrors(st, reply);
+            st.queue.on_reply(reply, 0).map_err(|e| Self::mark_dead(st, e))?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Sends `op` after everything queued and waits for its answer. Returns
@@ -511,7 +532,13 @@ impl Session {
     /// Reads the next reply; the device's changes to mapped host memory
     /// it carries land in host memory at once (or are noted for a copy).
     fn recv_reply(&self, st: &mut State) -> Result<v1::BatchReply> {
-        let mut reply = self.inner.transport.recv_reply().map_err(|e| Self::mark_dead(st, e))?;
+        let reply = self.inner.transport.recv_reply().map_err(|e| Self::mark_dead(st, e))?;
+        Ok(self.apply_mirrors(st, reply))
+    }
+
+    /// Lands the device's changes to mapped host memory that `reply`
+    /// carries (or notes them for a copy).
+    fn apply_mirrors(&self, st: &mut State, mut reply: v1::BatchReply) -> v1::BatchReply {
         for m in std::mem::take(&mut reply.mirrors) {
             if m.data.is_empty() {
                 st.mirror_fetch.push((m.addr, m.size));
@@ -519,7 +546,7 @@ impl Session {
                 st.mirrors.apply(m.addr, &m.data);
             }
         }
-        Ok(reply)
+        reply
     }
 
     /// Sends host writes to mapped memory as copies ordered on `stream`

@@ -28,6 +28,12 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     fn send_batch(&self, batch: &v1::Batch) -> Result<()>;
     /// The next reply on the command stream.
     fn recv_reply(&self) -> Result<v1::BatchReply>;
+    /// The next reply if it has already arrived, without waiting. A
+    /// connection failure is left for [`Self::recv_reply`] to meet (and
+    /// recover from).
+    fn try_recv_reply(&self) -> Option<Result<v1::BatchReply>> {
+        None
+    }
     /// Uploads `data` as staged transfer `id`.
     fn bulk_put(&self, id: u64, data: Bytes) -> Result<()>;
     /// Downloads staged transfer `id` into `out` (its whole size).
@@ -352,8 +358,15 @@ fn run_on<T: Send + 'static>(
     rt: &tokio::runtime::Runtime,
     fut: impl Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
-    if tokio::runtime::Handle::try_current().is_err() {
-        return crate::wait::block_on_spinning(rt, fut, crate::wait::spin_budget());
+    match tokio::runtime::Handle::try_current() {
+        // At process exit (atexit handlers, such as CUDA runtime teardown
+        // unloading modules) this thread's thread-locals, tokio's among
+        // them, are gone: no runtime can be entered from here any more.
+        Err(e) if e.is_thread_local_destroyed() => {
+            return Err(ClientError::ConnectionLost("the process is exiting".into()));
+        }
+        Err(_) => return crate::wait::block_on_spinning(rt, fut, crate::wait::spin_budget()),
+        Ok(_) => {}
     }
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     rt.spawn(async move {
@@ -480,6 +493,15 @@ impl QuicTransport {
             // The client has at most its in-flight batches unanswered.
             replay: Arc::new(std::sync::Mutex::new(ReplayLog::new(ReplayLimit::UNBOUNDED))),
         })
+    }
+
+    /// Decodes a reply frame and acknowledges it in the replay log.
+    fn reply_of(&self, body: Bytes) -> Result<v1::BatchReply> {
+        let reply = v1::BatchReply::decode(body).map_err(|e| ClientError::Protocol(format!("bad reply: {e}")))?;
+        if reply.seq != 0 {
+            self.replay().ack(reply.seq);
+        }
+        Ok(reply)
     }
 
     fn links(&self) -> Links {
@@ -646,11 +668,26 @@ impl Transport for QuicTransport {
                 Err(e) => self.recover(e)?,
             }
         };
-        let reply = v1::BatchReply::decode(body).map_err(|e| ClientError::Protocol(format!("bad reply: {e}")))?;
-        if reply.seq != 0 {
-            self.replay().ack(reply.seq);
+        self.reply_of(body)
+    }
+
+    fn try_recv_reply(&self) -> Option<Result<v1::BatchReply>> {
+        let rt = self.rt.as_ref()?;
+        if tokio::runtime::Handle::try_current().is_err_and(|e| e.is_thread_local_destroyed()) {
+            return None;
         }
-        Ok(reply)
+        let mut cmd = self.cmd.try_lock().ok()?;
+        // One poll: what the I/O thread has received is decoded, nothing
+        // waits. A dropped pending read loses nothing (quinn's reads are
+        // cancel-safe); errors are met again by the next blocking read.
+        let _context = rt.enter();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let body = match std::pin::pin!(next_frame(&mut cmd)).poll(&mut cx) {
+            std::task::Poll::Ready(Ok(body)) => body,
+            _ => return None,
+        };
+        drop(cmd);
+        Some(self.reply_of(body))
     }
 
     fn bulk_put(&self, id: u64, data: Bytes) -> Result<()> {

@@ -93,6 +93,11 @@ fn run_with_env(server: &TestServer, program: &str, env: &[(&str, &str)]) -> Res
     if !out.status.success() || !stdout.contains(&format!("PASS {program}")) {
         bail!("{program} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}", out.status);
     }
+    // A panic inside the stub (caught at the C boundary) is a bug even
+    // when the program passes, e.g. one during the CUDA runtime's teardown.
+    if stderr.contains("panicked at") {
+        bail!("{program} passed, but the stub panicked:\n{stderr}");
+    }
     Ok((stdout, stderr))
 }
 

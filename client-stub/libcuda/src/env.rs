@@ -18,6 +18,7 @@
 //! | `GPUPOOL_SERVER_NAME` | name in the server certificate (CA mode; default `localhost`) |
 //! | `GPUPOOL_MAX_UDP_PAYLOAD` | largest UDP payload (default 1472; Lambda: 1200) |
 //! | `GPUPOOL_BULK_CONNECTIONS` | extra QUIC connections for bulk copies when the server offers them (default 4; 0: copies share the session's connection) |
+//! | `GPUPOOL_BATCH_DELAY_US` | longest wait of a queued call for company while earlier batches are in flight (default 100; `off`: queued calls go only with a synchronizing call or a full batch) |
 //! | `GPUPOOL_LOG` | log filter for stderr (default `warn`) |
 //! | `GPUPOOL_CALL_STATS` | `1`: the call table at exit (`call_stats`); `gpupool_call_stats()` reads it in-process |
 
@@ -57,13 +58,24 @@ pub(crate) fn target() -> Result<Target, String> {
     target_from_lookup(var)
 }
 
-/// `GPUPOOL_BULK_CONNECTIONS`, when set.
-fn bulk_connections(lookup: &impl Fn(&str) -> Option<String>) -> Result<Option<usize>, String> {
+/// Applies `GPUPOOL_BULK_CONNECTIONS` and `GPUPOOL_BATCH_DELAY_US`, when
+/// set, to `config`.
+fn apply_tuning(lookup: &impl Fn(&str) -> Option<String>, config: &mut ClientConfig) -> Result<(), String> {
+    let mut problems = Vec::new();
     match lookup("GPUPOOL_BULK_CONNECTIONS").map(|v| v.trim().parse::<usize>()) {
-        None => Ok(None),
-        Some(Ok(n)) if n <= 64 => Ok(Some(n)),
-        Some(_) => Err("GPUPOOL_BULK_CONNECTIONS must be a whole number from 0 to 64".into()),
+        None => {}
+        Some(Ok(n)) if n <= 64 => config.bulk_connections = n,
+        Some(_) => problems.push("GPUPOOL_BULK_CONNECTIONS must be a whole number from 0 to 64"),
     }
+    match lookup("GPUPOOL_BATCH_DELAY_US").map(|v| v.trim().to_ascii_lowercase()) {
+        None => {}
+        Some(v) if v == "off" => config.batch.max_delay = None,
+        Some(v) => match v.parse::<u64>() {
+            Ok(us) if us <= 1_000_000 => config.batch.max_delay = Some(std::time::Duration::from_micros(us)),
+            _ => problems.push("GPUPOOL_BATCH_DELAY_US must be `off` or microseconds from 0 to 1000000"),
+        },
+    }
+    if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
 }
 
 /// Same, reading variables through `lookup` (tests).
@@ -96,9 +108,7 @@ fn lease_template(lookup: &impl Fn(&str) -> Option<String>) -> Result<ClientConf
     };
     let mut template = ClientConfig::for_leases();
     template.max_udp_payload = payload;
-    if let Some(n) = bulk_connections(lookup)? {
-        template.bulk_connections = n;
-    }
+    apply_tuning(lookup, &mut template)?;
     if let Some(name) = lookup("GPUPOOL_SERVER_NAME") {
         template.server_name = name;
     }
@@ -155,10 +165,10 @@ pub(crate) fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Cli
             None
         }
     };
-    let bulk = bulk_connections(&lookup).unwrap_or_else(|e| {
+    // Checked here so that every problem is reported at once.
+    if let Err(e) = apply_tuning(&lookup, &mut ClientConfig::for_leases()) {
         problems.push(e);
-        None
-    });
+    }
     let (Some(server), Some(trust), true) = (server, trust, problems.is_empty()) else {
         return Err(problems.join("; "));
     };
@@ -169,9 +179,7 @@ pub(crate) fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Cli
     if let Some(p) = payload {
         config.max_udp_payload = p;
     }
-    if let Some(n) = bulk {
-        config.bulk_connections = n;
-    }
+    apply_tuning(&lookup, &mut config)?;
     config.validate()?;
     Ok(config)
 }
@@ -234,24 +242,34 @@ mod tests {
             ("GPUPOOL_CERT_SHA256", &pin),
             ("GPUPOOL_MAX_UDP_PAYLOAD", "1200"),
             ("GPUPOOL_BULK_CONNECTIONS", "8"),
+            ("GPUPOOL_BATCH_DELAY_US", "20"),
         ]))
         .expect("valid");
         assert_eq!(c.server.port(), 4433);
         assert_eq!(c.max_udp_payload, 1200);
         assert_eq!(c.bulk_connections, 8);
+        assert_eq!(c.batch.max_delay, Some(std::time::Duration::from_micros(20)));
+        let off = target_from_lookup(lookup(&[("GPUPOOL_LEASE_FILE", "/x"), ("GPUPOOL_BATCH_DELAY_US", "OFF")]));
+        let Ok(Target::Handoff(_, template)) = off else { panic!("a hand-off target") };
+        assert_eq!(template.batch.max_delay, None);
         assert_eq!(c.trust, Trust::Fingerprint(pin));
     }
 
     #[test]
     fn every_problem_reported() {
-        let err = from_lookup(lookup(&[("GPUPOOL_MAX_UDP_PAYLOAD", "x"), ("GPUPOOL_BULK_CONNECTIONS", "many")]))
-            .expect_err("empty");
+        let err = from_lookup(lookup(&[
+            ("GPUPOOL_MAX_UDP_PAYLOAD", "x"),
+            ("GPUPOOL_BULK_CONNECTIONS", "many"),
+            ("GPUPOOL_BATCH_DELAY_US", "soon"),
+        ]))
+        .expect_err("empty");
         for needle in [
             "GPUPOOL_SERVER",
             "GPUPOOL_TOKEN",
             "GPUPOOL_CERT_SHA256",
             "GPUPOOL_MAX_UDP_PAYLOAD",
             "GPUPOOL_BULK_CONNECTIONS",
+            "GPUPOOL_BATCH_DELAY_US",
         ] {
             assert!(err.contains(needle), "{err}");
         }

@@ -83,6 +83,9 @@ pub(crate) struct Options {
     pub(crate) cold_runs: usize,
     /// Sessions in worker processes (the server's default) or in-process.
     pub(crate) process_isolation: bool,
+    /// The client's batch delay bound, when not the default (`None` inside:
+    /// off).
+    pub(crate) batch_delay: Option<Option<Duration>>,
 }
 
 impl Options {
@@ -123,6 +126,14 @@ impl Options {
             ("copies", sizes.join(",").replace(' ', "")),
             ("cold_runs", self.cold_runs.to_string()),
             ("isolation", if self.process_isolation { "process" } else { "in-process" }.to_string()),
+            (
+                "batch_delay",
+                match self.batch_delay {
+                    None => "default".to_string(),
+                    Some(None) => "off".to_string(),
+                    Some(Some(d)) => format!("{}us", d.as_micros()),
+                },
+            ),
         ]
     }
 }
@@ -159,7 +170,10 @@ pub(crate) fn run(opts: &Options) -> Result<Report> {
         DeviceMode::Auto | DeviceMode::Emulated => None,
     };
     progress(&format!("starting the in-process gpu-server (device {})", opts.device.name()));
-    let server = LocalServer::start(opts.device.server_choice(), opts.process_isolation)?;
+    let mut server = LocalServer::start(opts.device.server_choice(), opts.process_isolation)?;
+    if let Some(delay) = opts.batch_delay {
+        server.set_batch_delay(delay);
+    }
     let gpu_used = server.backend() == "cuda";
     if !gpu_used {
         progress("NO GPU IN USE: the server runs the emulated device; remote figures measure the transport only");
@@ -176,6 +190,7 @@ pub(crate) fn run(opts: &Options) -> Result<Report> {
     let mut skipped_targets = Vec::new();
     rows.extend(round_trip_rows(opts, native_gpu, &remote)?);
     rows.push(launch_row(opts, native_gpu, &remote)?);
+    rows.push(paced_launch_row(native_gpu, &remote)?);
     let (copy_rows, skipped) = copy_rows(opts, native_gpu, &remote)?;
     rows.extend(copy_rows);
     skipped_targets.extend(skipped);
@@ -225,6 +240,20 @@ fn launch_row(opts: &Options, native: Option<&NativeGpu>, remote: &RemoteGpu) ->
     Ok(Row::new(format!("{} async launches + sync", opts.launches), Unit::Seconds, n.map(s), Some(s(r)))
         .target(Target::RatioAtMost(LAUNCH_RATIO_TARGET))
         .note(format!("total time, median of {LAUNCH_RUNS} runs")))
+}
+
+/// Launches paced like a framework's operations.
+const PACED_LAUNCHES: usize = 5000;
+const PACE: Duration = Duration::from_micros(20);
+
+fn paced_launch_row(native: Option<&NativeGpu>, remote: &RemoteGpu) -> Result<Row> {
+    progress(&format!("{PACED_LAUNCHES} launches with {PACE:?} of host work each, {LAUNCH_RUNS} runs"));
+    let n = on_native(native, |g| workloads::paced_launches(g, PACED_LAUNCHES, PACE, LAUNCH_RUNS))?;
+    let r = workloads::paced_launches(remote, PACED_LAUNCHES, PACE, LAUNCH_RUNS)?;
+    let us = |d: Duration| Unit::Micros.of(d / PACED_LAUNCHES as u32);
+    Ok(Row::new(format!("launch per {} µs of host work", PACE.as_micros()), Unit::Micros, n.map(us), Some(us(r))).note(
+        format!("time per launch of {PACED_LAUNCHES} launches + sync, median of {LAUNCH_RUNS} runs; host work spins"),
+    ))
 }
 
 fn copy_rows(opts: &Options, native: Option<&NativeGpu>, remote: &RemoteGpu) -> Result<(Vec<Row>, Vec<Skipped>)> {

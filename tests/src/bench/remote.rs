@@ -31,6 +31,8 @@ pub(crate) struct LocalServer {
     fingerprint: String,
     backend: &'static str,
     token: String,
+    /// Client batch delay bound (`ClientConfig::batch.max_delay`), when set.
+    batch_delay: Option<Option<std::time::Duration>>,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<Result<()>>>,
 }
@@ -74,6 +76,7 @@ impl LocalServer {
             fingerprint: bound.fingerprint,
             backend: bound.backend,
             token,
+            batch_delay: None,
             shutdown: Some(shutdown),
             thread: Some(thread),
         })
@@ -85,7 +88,16 @@ impl LocalServer {
     }
 
     pub(crate) fn client_config(&self) -> ClientConfig {
-        ClientConfig::new(self.addr, Trust::Fingerprint(self.fingerprint.clone()), self.token.clone())
+        let mut config = ClientConfig::new(self.addr, Trust::Fingerprint(self.fingerprint.clone()), self.token.clone());
+        if let Some(delay) = self.batch_delay {
+            config.batch.max_delay = delay;
+        }
+        config
+    }
+
+    /// Sessions opened from now on use this batch delay bound.
+    pub(crate) fn set_batch_delay(&mut self, delay: Option<std::time::Duration>) {
+        self.batch_delay = Some(delay);
     }
 
     pub(crate) fn connect(&self) -> Result<Session> {

@@ -59,6 +59,28 @@ pub(crate) fn async_launches<G: Gpu>(gpu: &G, launches: usize, runs: usize) -> R
     Ok(Samples::new(samples).median())
 }
 
+/// Median time of `launches` empty launches with `pace` of host work
+/// (spinning) before each, then one synchronize: a framework that spends
+/// some microseconds per operation, as PyTorch's eager mode does. Natively
+/// the total is about `launches * pace`; what remoting adds per call shows.
+pub(crate) fn paced_launches<G: Gpu>(gpu: &G, launches: usize, pace: Duration, runs: usize) -> Result<Duration> {
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        gpu.synchronize()?;
+        let start = Instant::now();
+        for _ in 0..launches {
+            let until = Instant::now() + pace;
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+            gpu.launch_empty()?;
+        }
+        gpu.synchronize()?;
+        samples.push(start.elapsed());
+    }
+    Ok(Samples::new(samples).median())
+}
+
 /// Median copy rates of one size, in GiB/s.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CopyRates {

@@ -38,6 +38,10 @@ struct Args {
     /// `in-process`: sessions share the server's context.
     #[arg(long, value_enum, default_value_t = IsolationArg::Process)]
     isolation: IsolationArg,
+    /// The client's batch delay bound in microseconds, or `off` (default:
+    /// the client's own).
+    #[arg(long, value_name = "US|off")]
+    batch_delay_us: Option<String>,
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -75,6 +79,13 @@ impl Args {
             max_copy_bytes: self.max_copy_mib.saturating_mul(1 << 20),
             cold_runs: self.cold_runs,
             process_isolation: self.isolation == IsolationArg::Process,
+            batch_delay: match self.batch_delay_us.as_deref() {
+                None => None,
+                Some("off") => Some(None),
+                Some(us) => Some(Some(std::time::Duration::from_micros(
+                    us.parse().map_err(|_| anyhow::anyhow!("--batch-delay-us must be microseconds or `off`"))?,
+                ))),
+            },
         };
         options.validate()?;
         Ok(options)
