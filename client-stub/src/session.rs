@@ -326,6 +326,15 @@ impl Session {
         }
     }
 
+    /// Ends the session's connections at process exit, from an exit
+    /// handler: the server then frees the session at once instead of
+    /// keeping it for a resume that will never come. Queued calls are not
+    /// sent (a process that exits without synchronizing abandons its work
+    /// natively too). Waits up to `limit` for the close to leave.
+    pub fn close_at_exit(&self, limit: std::time::Duration) {
+        self.inner.transport.close_at_exit(limit);
+    }
+
     /// The lease the session runs under, as last renewed.
     pub fn lease(&self) -> Option<gpupool_proto::balancer::Lease> {
         self.inner.lease.as_ref().map(LeasedGpu::lease)

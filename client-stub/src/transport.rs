@@ -40,6 +40,11 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     fn bulk_get(&self, id: u64, out: &mut [u8]) -> Result<()>;
     /// Ends the session.
     fn close(&self);
+    /// Ends the session from a thread that may have no runtime context any
+    /// more (process exit), waiting up to `limit` for the close to leave.
+    fn close_at_exit(&self, _limit: Duration) {
+        self.close();
+    }
     /// Extra connections open for bulk transfers (0: they share the
     /// command connection).
     fn bulk_connections(&self) -> usize {
@@ -711,6 +716,14 @@ impl Transport for QuicTransport {
         if let Some(bulk) = &self.bulk {
             bulk.close();
         }
+    }
+
+    fn close_at_exit(&self, limit: Duration) {
+        self.close();
+        // The I/O thread sends the close frames; wait for it without
+        // entering the runtime (thread-locals may be gone at exit).
+        let endpoint = self.endpoint.clone();
+        crate::wait::block_on_until(async move { endpoint.wait_idle().await }, std::time::Instant::now() + limit);
     }
 
     fn bulk_connections(&self) -> usize {

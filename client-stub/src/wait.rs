@@ -71,6 +71,29 @@ pub(crate) fn block_on_spinning<F: Future>(rt: &tokio::runtime::Runtime, fut: F,
     }
 }
 
+/// Polls `fut` on this thread without entering a runtime (at process exit
+/// this thread's tokio context is gone) until it completes or `deadline`
+/// passes. The future must not need a runtime context to make progress
+/// (quinn's endpoint and connection events do not).
+pub(crate) fn block_on_until<F: Future>(fut: F, deadline: Instant) -> Option<F::Output> {
+    let signal = Arc::new(Signal { woken: AtomicBool::new(false), thread: std::thread::current() });
+    let waker = Waker::from(signal.clone());
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return Some(out);
+        }
+        while !signal.woken.swap(false, Ordering::Acquire) {
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            std::thread::park_timeout(deadline - now);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,6 +115,21 @@ mod tests {
             let got = block_on_spinning(&rt, async { tokio::time::timeout(Duration::from_secs(5), rx).await }, spin);
             assert_eq!(got.expect("in time").expect("sent"), 7);
         }
+    }
+
+    #[test]
+    fn bounded_waits_end_at_their_deadline() {
+        let rt = runtime();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        rt.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let _ = tx.send(3);
+        });
+        let got = block_on_until(rx, Instant::now() + Duration::from_secs(5));
+        assert_eq!(got.expect("in time").expect("sent"), 3);
+        let start = Instant::now();
+        assert!(block_on_until(std::future::pending::<()>(), start + Duration::from_millis(20)).is_none());
+        assert!(start.elapsed() >= Duration::from_millis(20));
     }
 
     #[test]

@@ -167,6 +167,26 @@ fn mapped_host_memory_program() -> Result<()> {
     Ok(())
 }
 
+/// A program that exits ends its session at once (the stub closes it from
+/// an exit handler, after the CUDA runtime's teardown calls): the server
+/// does not keep its worker and memory until the idle timeout and resume
+/// grace (30 s each by default) have passed.
+#[test]
+fn sessions_end_when_the_program_exits() -> Result<()> {
+    let server = TestServer::start(isolated_config()?)?;
+    for program in ["runtime_nokernel", "mapped_nokernel", "driver_api"] {
+        run(&server, program)?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while server.metrics.snapshot().sessions_active > 0 {
+            assert!(std::time::Instant::now() < deadline, "{program}'s session outlived the program by 5 s");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    assert_eq!(server.metrics.snapshot().sessions_opened, 3);
+    server.stop();
+    Ok(())
+}
+
 /// Explicit contexts, limits, launch checks (refused at the launch, nothing
 /// latched) and device printf, whose lines must sit between the host lines
 /// printed around the synchronization although stdout is a pipe here.

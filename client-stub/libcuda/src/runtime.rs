@@ -117,10 +117,13 @@ thread_local! {
 pub(crate) const PRIMARY: u64 = 1;
 
 /// A process using the drop-in library never drops its session: at exit
-/// the lease goes back to the pool at once instead of when it expires.
-extern "C" fn release_lease_at_exit() {
+/// the session ends (the server frees its memory and worker at once, not
+/// after the connection's idle timeout and the resume grace) and a lease
+/// goes back to the pool instead of expiring.
+extern "C" fn end_session_at_exit() {
     if let Some(Ok(rt)) = RUNTIME.get() {
         rt.session.release_lease();
+        rt.session.close_at_exit(std::time::Duration::from_millis(50));
     }
 }
 
@@ -170,8 +173,8 @@ impl Runtime {
                     eprintln!("gpupool: cannot open a session on {}: {e}", target.describe());
                     CuError(e.code())
                 })?;
-                if matches!(target, env::Target::Pooled(..)) && !gpupool_ffi::at_exit(release_lease_at_exit) {
-                    tracing::warn!("cannot register an exit handler: the lease will expire instead of being released");
+                if !gpupool_ffi::at_exit(end_session_at_exit) {
+                    tracing::warn!("cannot register an exit handler: the server keeps the session until it times out");
                 }
                 session.set_output_sink(Box::new(write_c_stdout));
                 let device = session.device();

@@ -638,7 +638,14 @@ impl BackendSession for CudaSession {
             None => {
                 // SAFETY: `data` is readable for `len` bytes for the whole
                 // (synchronous) call; the driver validates `dst`.
-                driver::check(unsafe { sys::cuMemcpyHtoD_v2(dst, src, data.len()) }, "cuMemcpyHtoD_v2")
+                driver::check(unsafe { sys::cuMemcpyHtoD_v2(dst, src, data.len()) }, "cuMemcpyHtoD_v2")?;
+                // From pageable memory the copy returns once the bytes are
+                // staged; the DMA may still be running, ordered only on the
+                // legacy stream. Work the client sends next on a
+                // non-blocking stream (a mapped range's host writes are sent
+                // this way before it) must see the bytes: wait for the DMA.
+                // SAFETY: the null stream is the context's legacy stream.
+                driver::check(unsafe { sys::cuStreamSynchronize(std::ptr::null_mut()) }, "cuStreamSynchronize")
             }
             Some(s) => {
                 // SAFETY: as above; the stream is synchronised before
