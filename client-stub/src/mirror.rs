@@ -76,6 +76,24 @@ impl Mirrors {
     /// Applies the device's changes `[addr, addr + data.len())`: host
     /// memory and shadow take them. Bytes outside every range are ignored
     /// (a range removed meanwhile).
+    /// Bytes the program copied into device memory (`memcpy_htod`): where
+    /// they land in mirrored ranges, the host half and the shadow take them
+    /// too (the server's shadow takes them as well, so nothing echoes).
+    pub(crate) fn copy_in(&mut self, addr: u64, data: &[u8]) {
+        let end = addr.saturating_add(data.len() as u64);
+        for (&start, r) in self.ranges.range_mut(..end) {
+            let r_end = start + r.shadow.len() as u64;
+            let (lo, hi) = (addr.max(start), end.min(r_end));
+            if lo >= hi {
+                continue;
+            }
+            let (src, dst) = ((lo - addr) as usize, (lo - start) as usize);
+            let n = (hi - lo) as usize;
+            r.shadow[dst..dst + n].copy_from_slice(&data[src..src + n]);
+            r.host.write(dst, &data[src..src + n]);
+        }
+    }
+
     pub(crate) fn apply(&mut self, addr: u64, data: &[u8]) {
         let Some((&start, r)) = self.ranges.range_mut(..=addr).next_back() else { return };
         let offset = (addr - start) as usize;
@@ -103,6 +121,24 @@ mod tests {
         fn write(&self, offset: usize, data: &[u8]) {
             self.0.lock().unwrap()[offset..offset + data.len()].copy_from_slice(data);
         }
+    }
+
+    #[test]
+    fn copies_into_device_memory_land_in_the_overlapping_host_halves_only() {
+        let a = Host(Arc::new(Mutex::new(vec![0u8; 100])));
+        let b = Host(Arc::new(Mutex::new(vec![0u8; 100])));
+        let mut m = Mirrors::default();
+        m.add(0x1000, Box::new(a.clone()));
+        m.add(0x1064, Box::new(b.clone()));
+        assert_eq!(m.pushes().len(), 2);
+        // The last 10 bytes of `a`, the first 20 of `b`, and 10 past `b`.
+        m.copy_in(0x1000 + 90, &[7u8; 30]);
+        m.copy_in(0x1064 + 95, &[8u8; 10]);
+        assert!(a.0.lock().unwrap()[90..].iter().all(|&x| x == 7));
+        assert!(a.0.lock().unwrap()[..90].iter().all(|&x| x == 0));
+        assert!(b.0.lock().unwrap()[..20].iter().all(|&x| x == 7));
+        assert!(b.0.lock().unwrap()[95..].iter().all(|&x| x == 8));
+        assert!(m.pushes().is_empty(), "the shadow took the bytes: nothing goes back");
     }
 
     #[test]

@@ -660,7 +660,12 @@ impl Session {
         let mut st = self.lock();
         Self::check_alive(&st)?;
         self.push_mirrors(&mut st, stream.0)?;
-        self.htod_locked(&mut st, dst, src, stream)
+        self.htod_locked(&mut st, dst, src, stream)?;
+        // Into managed or mapped memory: the host half has the bytes at once.
+        if !st.mirrors.is_empty() {
+            st.mirrors.copy_in(dst, src);
+        }
+        Ok(())
     }
 
     fn htod_locked(&self, st: &mut State, dst: u64, src: &[u8], stream: StreamId) -> Result<()> {

@@ -167,6 +167,21 @@ fn mapped_host_memory_program() -> Result<()> {
     Ok(())
 }
 
+/// Managed memory (`cudaMallocManaged`): host and device writes meet at
+/// synchronization, copies from host memory land in the host half at once,
+/// prefetch and advice are accepted and answered back, pointer attributes
+/// say managed with one address.
+#[test]
+fn managed_memory_program() -> Result<()> {
+    let server = TestServer::start(isolated_config()?)?;
+    let out = run(&server, "managed_nokernel")?;
+    for what in ["managed 4: both ways", "managed 3145728: both ways", "advice and prefetch accepted"] {
+        assert!(out.contains(what), "{what} missing:\n{out}");
+    }
+    server.stop();
+    Ok(())
+}
+
 /// A program that exits ends its session at once (the stub closes it from
 /// an exit handler, after the CUDA runtime's teardown calls): the server
 /// does not keep its worker and memory until the idle timeout and resume

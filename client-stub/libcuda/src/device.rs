@@ -16,14 +16,12 @@ const ATTRIBUTE_MAX: u32 = 148;
 
 /// Attributes a remote GPU cannot offer, whatever the server's card says:
 /// a GPU in another machine cannot reach host memory directly (mapped host
-/// memory is mirrored instead, see `mapped.rs`), and there is no managed
-/// memory or shareable handle here.
+/// memory is mirrored instead, see `mapped.rs`), and there is no
+/// shareable handle here.
 const REMOTE_ZERO: &[u32] = &[
     18,  // INTEGRATED
-    83,  // MANAGED_MEMORY
     86,  // HOST_NATIVE_ATOMIC_SUPPORTED
     88,  // PAGEABLE_MEMORY_ACCESS
-    89,  // CONCURRENT_MANAGED_ACCESS
     91,  // CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM
     100, // PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES
     101, // DIRECT_MANAGED_MEM_ACCESS_FROM_HOST
@@ -64,8 +62,13 @@ pub(crate) fn visible_attributes(device: &v1::DeviceInfo) -> HashMap<u32, i32> {
     // Addresses are unified: device ranges never overlap host memory
     // (the session's range is reserved in this process too).
     attrs.insert(41, 1); // UNIFIED_ADDRESSING
-    // Mapped host memory is mirrored by device memory (`mapped.rs`).
+    // Mapped host memory is mirrored by device memory (`mapped.rs`), and
+    // managed memory is mapped memory with one address (`managed.rs`):
+    // coherent at synchronization; the host may use managed memory while
+    // kernels run (other ranges than theirs), as on a local GPU.
     attrs.insert(19, 1); // CAN_MAP_HOST_MEMORY
+    attrs.insert(83, 1); // MANAGED_MEMORY
+    attrs.insert(89, 1); // CONCURRENT_MANAGED_ACCESS
     // cuMemCreate & co. work on the session's range (`vmm.rs`); the
     // handle-type attributes stay 0: no shareable handles across a network.
     attrs.insert(102, 1); // VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED
@@ -287,10 +290,11 @@ mod tests {
     #[test]
     fn remote_attributes_hidden() {
         let mut d = v1::DeviceInfo { compute_capability_major: 9, multiprocessor_count: 132, ..Default::default() };
-        d.attributes.insert(83, 1);
+        d.attributes.insert(88, 1);
         d.attributes.insert(1, 1024);
         let a = visible_attributes(&d);
-        assert_eq!(a[&83], 0, "no managed memory");
+        assert_eq!(a[&88], 0, "no access to pageable host memory");
+        assert_eq!(a[&83], 1, "managed memory is mirrored");
         assert_eq!(a[&19], 1, "mapped host memory is mirrored");
         assert_eq!(a[&1], 1024);
         assert_eq!(a[&41], 1);

@@ -108,11 +108,8 @@ pub mod not_supported {
         cuTexRefSetAddress2D
         cuTexRefSetAddress2D_v2
         // Older structures or argument lists than their successors'.
-        cuMemAdvise
         cuMemGetAttribute
         cuMemGetAttribute_v2
-        cuMemPrefetchAsync
-        cuMemPrefetchAsync_ptsz
         // Same signature as a successor gpupool does not implement either.
         cuGraphicsResourceSetMapFlags
         cuIpcOpenMemHandle
@@ -130,7 +127,6 @@ pub mod not_supported {
         cuGraphicsMapResources_ptsz
         cuGraphicsUnmapResources_ptsz
         cuMemMapArrayAsync_ptsz
-        cuMemPrefetchAsync_v2_ptsz
         cuMemcpy3DAsync_v2_ptsz
         cuMemcpy3DPeerAsync_ptsz
         cuMemcpy3DPeer_ptds
@@ -145,7 +141,6 @@ pub mod not_supported {
         cuMemcpyPeerAsync_ptsz
         cuMemcpyPeer_ptds
         cuSignalExternalSemaphoresAsync_ptsz
-        cuStreamAttachMemAsync_ptsz
         cuStreamBatchMemOp_v2_ptsz
         cuStreamCopyAttributes_ptsz
         cuStreamGetAttribute_ptsz
@@ -199,6 +194,7 @@ pub mod not_supported {
 /// `cuGetProcAddress`.
 pub(crate) fn table() -> Vec<(&'static str, usize)> {
     let mut all = forwarded();
+    all.extend(crate::managed::legacy::table());
     all.extend(not_supported::table());
     all
 }

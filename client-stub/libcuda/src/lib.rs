@@ -95,6 +95,7 @@ pub mod launch;
 pub mod legacy;
 pub mod library;
 pub mod link;
+pub mod managed;
 mod mapped;
 pub mod memory;
 pub mod mempool;

@@ -14,6 +14,9 @@
 //! host pointer is the device pointer, as unified addressing promises.
 //! Registered memory keeps the program's address; its device pointer is
 //! the mirror's (`CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM` reads 0).
+//!
+//! Managed memory (`cuMemAllocManaged`, `managed.rs`) is the same
+//! arrangement with one address for both halves, always.
 
 use crate::abi::{CuError, CuResult};
 use crate::hostmem::{self, PAGE};
@@ -30,6 +33,22 @@ pub(crate) struct Mapped {
     alloc: u64,
     /// How the host half was made.
     host: HostPages,
+    /// Managed memory (`cuMemAllocManaged`): the advice given so far.
+    pub(crate) managed: Option<Advice>,
+}
+
+/// What a program said about a managed range (`cuMemAdvise`,
+/// `cuMemPrefetchAsync`), answered back by `cuMemRangeGetAttribute`. The
+/// mirror keeps both halves coherent at synchronization whatever it says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Advice {
+    pub(crate) read_mostly: bool,
+    /// Preferred location: device ordinal, or -1 for the host.
+    pub(crate) preferred: Option<i32>,
+    pub(crate) accessed_by_device: bool,
+    pub(crate) accessed_by_host: bool,
+    /// Last prefetch target: device ordinal, or -1 for the host.
+    pub(crate) last_prefetch: Option<i32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +92,18 @@ impl MirrorHost for HostSpan {
 
 /// `cuMemHostAlloc` with `DEVICEMAP`: the host pointer.
 pub(crate) fn alloc(rt: &Runtime, size: usize) -> CuResult<usize> {
+    alloc_mirrored(rt, size, None)
+}
+
+/// `cuMemAllocManaged`: one address for the host and the device half.
+pub(crate) fn alloc_managed(rt: &Runtime, size: usize) -> CuResult<usize> {
+    alloc_mirrored(rt, size, Some(Advice::default()))
+}
+
+/// Managed memory must have its host pages at the device address.
+const OUT_OF_MEMORY: CuError = CuError(2);
+
+fn alloc_mirrored(rt: &Runtime, size: usize, managed: Option<Advice>) -> CuResult<usize> {
     if size == 0 {
         return Err(CuError::INVALID_VALUE);
     }
@@ -82,6 +113,9 @@ pub(crate) fn alloc(rt: &Runtime, size: usize) -> CuResult<usize> {
     let device = (alloc as usize).next_multiple_of(PAGE);
     let (ptr, host) = if hostmem::map_fixed(device, len).is_ok() {
         (device, HostPages::AtDevice { len })
+    } else if managed.is_some() {
+        let _ = rt.session.mem_free(alloc);
+        return Err(OUT_OF_MEMORY);
     } else {
         match hostmem::alloc(len) {
             Ok(p) => (p as usize, HostPages::Heap),
@@ -91,7 +125,7 @@ pub(crate) fn alloc(rt: &Runtime, size: usize) -> CuResult<usize> {
             }
         }
     };
-    let mapped = Mapped { size, device: device as u64, alloc, host };
+    let mapped = Mapped { size, device: device as u64, alloc, host, managed };
     if let Err(e) = rt.session.mirror_add(device as u64, Box::new(HostSpan { ptr, len: size })) {
         release_pages(ptr, mapped);
         let _ = rt.session.mem_free(alloc);
@@ -109,7 +143,8 @@ pub(crate) fn register(rt: &Runtime, ptr: usize, size: usize) -> CuResult {
         let _ = rt.session.mem_free(alloc);
         return Err(e.into());
     }
-    rt.tables().mapped.insert(ptr, Mapped { size, device: alloc, alloc, host: HostPages::Registered });
+    let mapped = Mapped { size, device: alloc, alloc, host: HostPages::Registered, managed: None };
+    rt.tables().mapped.insert(ptr, mapped);
     Ok(())
 }
 
@@ -131,6 +166,22 @@ fn release_pages(ptr: usize, m: Mapped) {
         // SAFETY: allocated by `hostmem::alloc` with this page-rounded size.
         HostPages::Heap => unsafe { hostmem::free(ptr as *mut u8, m.size.next_multiple_of(PAGE)) },
         HostPages::Registered => {}
+    }
+}
+
+/// The managed allocation holding `[ptr, ptr + count)`: its start and
+/// mapping.
+pub(crate) fn managed_range(rt: &Runtime, ptr: usize, count: usize) -> Option<(usize, Mapped)> {
+    let t = rt.tables();
+    let (&start, m) = t.mapped.range(..=ptr).next_back()?;
+    let end = ptr.checked_add(count)?;
+    (m.managed.is_some() && end <= start + m.size).then_some((start, *m))
+}
+
+/// Changes the advice of the managed allocation starting at `start`.
+pub(crate) fn advise(rt: &Runtime, start: usize, f: impl FnOnce(&mut Advice)) {
+    if let Some(a) = rt.tables().mapped.get_mut(&start).and_then(|m| m.managed.as_mut()) {
+        f(a);
     }
 }
 

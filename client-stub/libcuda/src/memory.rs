@@ -288,6 +288,20 @@ fn pointer_attribute(rt: &Runtime, attribute: c_uint, ptr: CUdeviceptr) -> Optio
             _ => None,
         };
     }
+    if let Some((start, m)) = crate::mapped::managed_range(rt, ptr as usize, 1) {
+        return match attribute {
+            1 => Some(handle(Tag::Context, PRIMARY) as u64), // CONTEXT
+            2 => Some(2),                                    // MEMORY_TYPE: device
+            3 | 4 => Some(ptr),                              // DEVICE_POINTER, HOST_POINTER: one address
+            6 => Some(1),                                    // SYNC_MEMOPS
+            8 => Some(1),                                    // IS_MANAGED
+            9 => Some(0),                                    // DEVICE_ORDINAL
+            7 | 20 | 11 | 19 => Some(start as u64),          // BUFFER_ID, ..., RANGE_START_ADDR
+            12 | 18 => Some(m.size as u64),                  // RANGE_SIZE, MAPPING_SIZE
+            13 => Some(1),                                   // MAPPED
+            _ => None,
+        };
+    }
     if let Some((start, size)) = rt.session.address_range(ptr) {
         // cuMemMap ranges have the access cuMemSetAccess gave them.
         let access = rt.session.mem_access(ptr).map_or(3, u64::from);
@@ -363,6 +377,9 @@ crate::exports! {
         capture::check_unsafe(false)?;
         if crate::mempool::free_sync(rt, dptr)? {
             return Ok(());
+        }
+        if crate::mapped::managed_range(rt, dptr as usize, 1).is_some_and(|(start, _)| start == dptr as usize) {
+            return crate::mapped::release(rt, dptr as usize).map(drop);
         }
         rt.session.mem_free(dptr).map_err(CuError::from)
     }

@@ -93,6 +93,7 @@ fn exports() -> &'static HashMap<&'static str, usize> {
             crate::graph_api::v1::table(),
             crate::capture::table(),
             crate::mempool::table(),
+            crate::managed::table(),
             table(),
             // Implemented names take precedence over the unsupported list.
             crate::unsupported::table(),
@@ -216,10 +217,7 @@ mod tests {
         );
         assert_eq!(resolve("cuMemAlloc", 13000, 0), Some(crate::memory::cuMemAlloc_v2 as *const () as usize));
         // ...and an old version's mapping finds it.
-        assert_eq!(
-            resolve("cuMemAdvise", 8000, 0),
-            Some(crate::legacy::not_supported::cuMemAdvise as *const () as usize)
-        );
+        assert_eq!(resolve("cuMemAdvise", 8000, 0), Some(crate::managed::legacy::cuMemAdvise as *const () as usize));
         assert_eq!(
             resolve("cuStreamGetCaptureInfo", 10000, 0),
             Some(crate::capture::cuStreamGetCaptureInfo as *const () as usize)

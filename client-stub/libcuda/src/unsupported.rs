@@ -101,17 +101,12 @@ crate::unsupported! {
     cuLogsDumpToMemory
     cuLogsRegisterCallback
     cuLogsUnregisterCallback
-    cuMemAdvise_v2
-    cuMemAllocManaged
     cuMemBatchDecompressAsync
     cuMemDiscardAndPrefetchBatchAsync
     cuMemDiscardBatchAsync
     cuMemGetHandleForAddressRange
     cuMemMapArrayAsync
-    cuMemPrefetchAsync_v2
     cuMemPrefetchBatchAsync
-    cuMemRangeGetAttribute
-    cuMemRangeGetAttributes
     cuMemcpy3DAsync_v2
     cuMemcpy3DBatchAsync_v2
     cuMemcpy3DPeer
@@ -149,7 +144,6 @@ crate::unsupported! {
     cuPointerSetAttribute
     cuProfilerInitialize
     cuSignalExternalSemaphoresAsync
-    cuStreamAttachMemAsync
     cuStreamBatchMemOp_v2
     cuStreamCopyAttributes
     cuStreamGetAttribute
