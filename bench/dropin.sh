@@ -10,6 +10,7 @@
 # VARIANTS="name:VAR=value[,VAR=value] ..." runs both benchmarks through
 # gpupool once more per variant with those variables set (client settings
 # such as GPUPOOL_BATCH_DELAY_US), against the same native run.
+# BENCH_LOOP=0 leaves bench_loop out; with PROGRAMS=none nothing is built.
 #
 # Usage: bench/dropin.sh BIN_DIR OUT_DIR
 #   BIN_DIR holds gpupool-server and stub/ (libcuda.so.1, libcuda.so and,
@@ -33,9 +34,14 @@ export GPUPOOL_CUDA_HOME=${GPUPOOL_CUDA_HOME:-/usr/local/cuda}
 cuda_lib="$GPUPOOL_CUDA_HOME/targets/x86_64-linux/lib"
 [[ -d $cuda_lib ]] || cuda_lib="$GPUPOOL_CUDA_HOME/lib64"
 
-echo "== building the programs with $GPUPOOL_CUDA_HOME"
 progs=$(mktemp -d)/programs # binaries stay out of OUT_DIR
-GPUPOOL_STUB_LIB="$stub" bash "$repo/tests/programs/build.sh" "$progs" || exit 1
+bench_loop=${BENCH_LOOP:-1}
+if [[ ${PROGRAMS:-all} != none || $bench_loop == 1 ]]; then
+    echo "== building the programs with $GPUPOOL_CUDA_HOME"
+    GPUPOOL_STUB_LIB="$stub" bash "$repo/tests/programs/build.sh" "$progs" || exit 1
+else
+    mkdir -p "$progs" && touch "$progs/ci.list" "$progs/gpu.list"
+fi
 
 echo "== starting gpupool-server on cuda:0"
 log="$out/server.log"
@@ -143,13 +149,16 @@ json.dump({"bench_loop": out}, open(sys.argv[3], "w"), indent=2)
 PY
 }
 
-echo "== benchmark: bench_loop.sm90, native then remote"
-native "$progs/bench_loop.sm90" >"$out/native/bench_loop.out" 2>&1
-remote "$progs/bench_loop.sm90" >"$out/remote/bench_loop.out" 2>&1
-cat "$out/native/bench_loop.out" "$out/remote/bench_loop.out"
-bench_rows=$(loop_rows "$out/native/bench_loop.out" "$out/remote/bench_loop.out" "$out/dropin.json")
-grep -q "PASS bench_loop" "$out/remote/bench_loop.out" || failed=1
-grep -q "panicked at" "$out/remote/bench_loop.out" && { echo "bench_loop: the stub panicked"; failed=1; }
+bench_rows="| (BENCH_LOOP=0: not run) | | | |"
+if [[ $bench_loop == 1 ]]; then
+    echo "== benchmark: bench_loop.sm90, native then remote"
+    native "$progs/bench_loop.sm90" >"$out/native/bench_loop.out" 2>&1
+    remote "$progs/bench_loop.sm90" >"$out/remote/bench_loop.out" 2>&1
+    cat "$out/native/bench_loop.out" "$out/remote/bench_loop.out"
+    bench_rows=$(loop_rows "$out/native/bench_loop.out" "$out/remote/bench_loop.out" "$out/dropin.json")
+    grep -q "PASS bench_loop" "$out/remote/bench_loop.out" || failed=1
+    grep -q "panicked at" "$out/remote/bench_loop.out" && { echo "bench_loop: the stub panicked"; failed=1; }
+fi
 
 torch_rows=""
 if [[ ${TORCH_BENCH:-1} == 1 ]]; then
@@ -171,11 +180,14 @@ for variant in ${VARIANTS:-}; do
     dir="$out/remote-$name"
     mkdir -p "$dir"
     echo "== variant $name (${settings[*]}): bench_loop and PyTorch workloads through gpupool"
-    env "${settings[@]}" bash -c 'remote "$@"' _ "$progs/bench_loop.sm90" >"$dir/bench_loop.out" 2>&1
-    grep -q "PASS bench_loop" "$dir/bench_loop.out" || failed=1
-    grep -q "panicked at" "$dir/bench_loop.out" && { echo "bench_loop ($name): the stub panicked"; failed=1; }
-    variant_md+=$'\n'"## Variant $name: ${settings[*]}"$'\n\n'"| row | native | remote | ratio |"$'\n'"|---|---|---|---|"$'\n'
-    variant_md+=$(loop_rows "$out/native/bench_loop.out" "$dir/bench_loop.out" "$dir/dropin.json")$'\n'
+    variant_md+=$'\n'"## Variant $name: ${settings[*]}"$'\n\n'
+    if [[ $bench_loop == 1 ]]; then
+        env "${settings[@]}" bash -c 'remote "$@"' _ "$progs/bench_loop.sm90" >"$dir/bench_loop.out" 2>&1
+        grep -q "PASS bench_loop" "$dir/bench_loop.out" || failed=1
+        grep -q "panicked at" "$dir/bench_loop.out" && { echo "bench_loop ($name): the stub panicked"; failed=1; }
+        variant_md+="| row | native | remote | ratio |"$'\n'"|---|---|---|---|"$'\n'
+        variant_md+=$(loop_rows "$out/native/bench_loop.out" "$dir/bench_loop.out" "$dir/dropin.json")$'\n'
+    fi
     if [[ ${TORCH_BENCH:-1} == 1 ]]; then
         # shellcheck disable=SC2086
         env "${settings[@]}" GPUPOOL_CALL_STATS=1 timeout 300 bash -c 'remote "$@"' _ python3 \

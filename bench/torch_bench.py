@@ -5,8 +5,9 @@ prints the ratios.
 
 Each workload prints one line `RESULT {json}` with its figures. Through
 gpupool with GPUPOOL_CALL_STATS=1 the steady-state workloads also report
-the calls that waited for the server per step (`waits_per_step`) and the
-entry points that waited, read from the stub's `gpupool_call_stats()`
+the calls that waited for the server per step (`waits_per_step`), the
+entry points that waited, the time the program's thread spent inside the
+stub per step (`stub_us_per_step`, and `stub_us_in` by entry point), read from the stub's `gpupool_call_stats()`
 around the timed steps only (the final synchronization, which waits
 natively too, is outside the window).
 
@@ -56,15 +57,18 @@ class Waits:
             return None
         buf = ctypes.create_string_buffer(1 << 16)
         self.fn(buf, len(buf), 1)
-        total, rows = 0, {}
+        total, rows, times = 0, {}, {}
         for line in buf.value.decode().splitlines()[2:]:
             parts = line.split()
-            if len(parts) == 5 and parts[4].isdigit():
+            if len(parts) == 6 and parts[4].isdigit():
                 if parts[0] == "total":
                     total = int(parts[4])
-                elif int(parts[4]) > 0:
-                    rows[parts[0]] = int(parts[4])
-        return total, rows
+                    times["total"] = int(parts[5])
+                else:
+                    if int(parts[4]) > 0:
+                        rows[parts[0]] = int(parts[4])
+                    times[parts[0]] = int(parts[5])
+        return total, rows, times
 
 
 def guarded(name, fn):
@@ -96,6 +100,12 @@ def timed_steps(name, waits, steps, step, sync):
     if counted is not None:
         fields["waits_per_step"] = round(counted[0] / steps, 3)
         fields["waited_in"] = counted[1]
+        # Time the program's thread spent inside the stub per step, in µs:
+        # in all, and the entry points that took most of it.
+        times = counted[2]
+        fields["stub_us_per_step"] = round(times.get("total", 0) / steps, 1)
+        top = sorted(((k, v) for k, v in times.items() if k != "total"), key=lambda kv: -kv[1])[:5]
+        fields["stub_us_in"] = {k: round(v / steps, 1) for k, v in top}
     emit(name, **fields)
 
 
@@ -238,8 +248,8 @@ def report(native_path, remote_path):
         return rows
 
     native, remote = load(native_path), load(remote_path)
-    print("| workload | figure | native | gpupool | slowdown | waits per step (gpupool) |")
-    print("|---|---|---|---|---|---|")
+    print("| workload | figure | native | gpupool | slowdown | waits per step (gpupool) | µs in the stub per step |")
+    print("|---|---|---|---|---|---|---|")
     for workload, key, unit, kind in FIGURES:
         n = native.get(workload, {}).get(key)
         r = remote.get(workload, {}).get(key)
@@ -251,7 +261,11 @@ def report(native_path, remote_path):
         if where:
             waits = f"{waits} ({', '.join(f'{k} {v}' for k, v in sorted(where.items(), key=lambda kv: -kv[1])[:4])})"
         fmt = lambda v: "missing" if v is None else f"{v} {unit}"
-        print(f"| {workload} | {key} | {fmt(n)} | {fmt(r)} | {ratio} | {waits} |")
+        stub = remote.get(workload, {}).get("stub_us_per_step", "-")
+        inside = remote.get(workload, {}).get("stub_us_in")
+        if inside:
+            stub = f"{stub} ({', '.join(f'{k} {v}' for k, v in list(inside.items())[:3])})"
+        print(f"| {workload} | {key} | {fmt(n)} | {fmt(r)} | {ratio} | {waits} | {stub} |")
 
 
 def main():

@@ -105,9 +105,11 @@ fn builtin_kernels_match_a_cpu_reference() {
 }
 
 #[test]
-fn ten_thousand_launches_cost_one_flush() {
+fn ten_thousand_launches_cost_one_flush_without_a_delay_bound() {
     let srv = start();
-    let s = Session::connect(&srv.client_config()).expect("session");
+    let mut config = srv.client_config();
+    config.batch.max_delay = None;
+    let s = Session::connect(&config).expect("session");
     let m = s.module_load(BUILTIN_MODULE).expect("module");
     let empty = m.function("empty").expect("empty");
     let cfg = LaunchConfig::for_elements(1, 1);
@@ -120,6 +122,29 @@ fn ten_thousand_launches_cost_one_flush() {
     let after = srv.metrics.snapshot();
     assert_eq!(after.batches - before.batches, 1, "10 000 launches + sync = one batch");
     assert_eq!(after.calls - before.calls, 10_001);
+}
+
+/// With the default delay bound, queued work reaches the server while the
+/// program is still issuing it (the GPU starts at once), in batches of many
+/// calls, not one frame per call.
+#[test]
+fn queued_launches_travel_in_batches_before_the_sync() {
+    let srv = start();
+    let s = Session::connect(&srv.client_config()).expect("session");
+    let m = s.module_load(BUILTIN_MODULE).expect("module");
+    let empty = m.function("empty").expect("empty");
+    let cfg = LaunchConfig::for_elements(1, 1);
+    let before = srv.metrics.snapshot();
+    for _ in 0..10_000 {
+        s.launch(&empty, cfg, StreamId::DEFAULT, &[]).expect("launch");
+    }
+    let sent = s.batches_sent();
+    s.synchronize().expect("sync");
+    let after = srv.metrics.snapshot();
+    assert_eq!(after.calls - before.calls, 10_001);
+    let batches = after.batches - before.batches;
+    assert!(sent >= 1 && batches >= 2, "the first launch goes before the sync ({batches} batches)");
+    assert!(batches <= 5_000, "{batches} batches for 10 001 calls: calls must share batches");
 }
 
 #[test]

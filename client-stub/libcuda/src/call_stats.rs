@@ -1,6 +1,7 @@
 //! The call table (`GPUPOOL_CALL_STATS=1`): per CUDA entry point, how many
 //! calls were answered locally, how many were queued for the server and how
-//! many waited for it, printed to stderr at exit. Native CUDA waits only
+//! many waited for it, and the time the calling thread spent inside them
+//! (µs in all), printed to stderr at exit. Native CUDA waits only
 //! where the program synchronizes; every other wait through gpupool is a
 //! cost to remove, and this table finds them.
 //!
@@ -19,6 +20,8 @@ struct Row {
     local: u64,
     queued: u64,
     waited: u64,
+    /// Time spent inside the entry point, in nanoseconds.
+    nanos: u64,
 }
 
 static TABLE: Mutex<Option<HashMap<&'static str, Row>>> = Mutex::new(None);
@@ -46,12 +49,15 @@ pub(crate) fn measure<T>(name: &'static str, body: impl FnOnce() -> T) -> T {
     }
     let outer = DEPTH.try_with(|d| d.replace(d.get() + 1) == 0).unwrap_or(false);
     let before = gpupool_client::stats::thread_counts();
+    let start = std::time::Instant::now();
     let out = body();
+    let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let _ = DEPTH.try_with(|d| d.set(d.get().saturating_sub(1)));
     if outer {
         let after = gpupool_client::stats::thread_counts();
         let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
         let row = table.get_or_insert_with(HashMap::new).entry(name).or_default();
+        row.nanos = row.nanos.saturating_add(nanos);
         if after.waited > before.waited {
             row.waited += 1;
         } else if after.queued > before.queued {
@@ -69,29 +75,32 @@ fn render(table: &HashMap<&'static str, Row>) -> String {
     rows.sort_by(|a, b| b.1.waited.cmp(&a.1.waited).then(b.1.queued.cmp(&a.1.queued)).then(a.0.cmp(b.0)));
     let width = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0).max("entry point".len());
     let mut out = format!(
-        "gpupool call table (GPUPOOL_CALL_STATS)\n{:<width$} {:>10} {:>10} {:>10} {:>10}\n",
-        "entry point", "calls", "local", "queued", "waited"
+        "gpupool call table (GPUPOOL_CALL_STATS)\n{:<width$} {:>10} {:>10} {:>10} {:>10} {:>12}\n",
+        "entry point", "calls", "local", "queued", "waited", "us"
     );
     let mut total = Row::default();
     for (name, r) in rows {
         out += &format!(
-            "{name:<width$} {:>10} {:>10} {:>10} {:>10}\n",
+            "{name:<width$} {:>10} {:>10} {:>10} {:>10} {:>12}\n",
             r.local + r.queued + r.waited,
             r.local,
             r.queued,
-            r.waited
+            r.waited,
+            r.nanos / 1000
         );
         total.local += r.local;
         total.queued += r.queued;
         total.waited += r.waited;
+        total.nanos += r.nanos;
     }
     out += &format!(
-        "{:<width$} {:>10} {:>10} {:>10} {:>10}\n",
+        "{:<width$} {:>10} {:>10} {:>10} {:>10} {:>12}\n",
         "total",
         total.local + total.queued + total.waited,
         total.local,
         total.queued,
-        total.waited
+        total.waited,
+        total.nanos / 1000
     );
     out
 }
@@ -161,15 +170,15 @@ mod tests {
     #[test]
     fn table_puts_waits_first_and_totals() {
         let mut t = HashMap::new();
-        t.insert("cuLaunchKernel", Row { local: 0, queued: 100, waited: 0 });
-        t.insert("cuStreamSynchronize", Row { local: 0, queued: 0, waited: 3 });
-        t.insert("cuDeviceGetAttribute", Row { local: 40, queued: 0, waited: 0 });
+        t.insert("cuLaunchKernel", Row { local: 0, queued: 100, waited: 0, nanos: 500_000 });
+        t.insert("cuStreamSynchronize", Row { local: 0, queued: 0, waited: 3, nanos: 300_000 });
+        t.insert("cuDeviceGetAttribute", Row { local: 40, queued: 0, waited: 0, nanos: 4_000 });
         let text = render(&t);
         let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[2].starts_with("cuStreamSynchronize"), "{text}");
+        assert!(lines[2].starts_with("cuStreamSynchronize") && lines[2].ends_with(" 300"), "{text}");
         assert!(lines[3].starts_with("cuLaunchKernel"), "{text}");
-        assert!(lines[5].starts_with("total") && lines[5].ends_with("3"), "{text}");
-        assert!(lines[5].contains("143"), "{text}");
+        let total: Vec<&str> = lines[5].split_whitespace().collect();
+        assert_eq!(total, ["total", "143", "40", "100", "3", "804"], "{text}");
     }
 
     #[test]
