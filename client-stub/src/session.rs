@@ -927,9 +927,18 @@ impl Session {
             shared_mem_bytes: cfg.shared_mem_bytes,
             cluster,
         };
-        let device = self.inner.welcome.device.clone().unwrap_or_default();
+        // Borrowed: the device description (attributes included) is checked
+        // against on every launch, and copying it cost microseconds per call.
+        let no_device;
+        let device = match &self.inner.welcome.device {
+            Some(d) => d,
+            None => {
+                no_device = v1::DeviceInfo::default();
+                &no_device
+            }
+        };
         let info = self.module(f.module).and_then(|m| m.functions.get(f.index as usize).cloned());
-        crate::launch_check::check(&device, info.as_deref().unwrap_or(&f.info), &shape)?;
+        crate::launch_check::check(device, info.as_deref().unwrap_or(&f.info), &shape)?;
         let cooperative = attributes.as_ref().is_some_and(|a| a.cooperative);
         let mut st = self.lock();
         let op = Op::Launch(v1::Launch {

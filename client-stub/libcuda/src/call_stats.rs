@@ -183,7 +183,7 @@ mod tests {
 
     #[test]
     fn snapshot_reads_then_resets_and_cuts_to_the_buffer() {
-        measure_row("cuCtxSynchronize", Row { local: 0, queued: 0, waited: 2 });
+        measure_row("cuCtxSynchronize", Row { local: 0, queued: 0, waited: 2, nanos: 0 });
         let text = take_text(false);
         assert!(text.lines().any(|l| l.starts_with("cuCtxSynchronize")), "{text}");
         assert!(take_text(true).contains("cuCtxSynchronize"));
