@@ -51,16 +51,9 @@ impl Wake for Signal {
 /// `spin` after each pending poll before parking.
 pub(crate) fn block_on_spinning<F: Future>(rt: &tokio::runtime::Runtime, fut: F, spin: Duration) -> F::Output {
     let _context = rt.enter();
-    let signal = Arc::new(Signal { woken: AtomicBool::new(false), thread: std::thread::current() });
-    let waker = Waker::from(signal.clone());
-    let mut cx = Context::from_waker(&waker);
-    let mut fut = std::pin::pin!(fut);
-    loop {
-        if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
-            return out;
-        }
+    let waited = drive(fut, |woken| {
         let start = Instant::now();
-        while !signal.woken.swap(false, Ordering::Acquire) {
+        while !woken.swap(false, Ordering::Acquire) {
             if start.elapsed() < spin {
                 std::hint::spin_loop();
             } else {
@@ -68,6 +61,11 @@ pub(crate) fn block_on_spinning<F: Future>(rt: &tokio::runtime::Runtime, fut: F,
                 std::thread::park_timeout(Duration::from_millis(100));
             }
         }
+        true
+    });
+    match waited {
+        Some(out) => out,
+        None => unreachable!("this wait never gives up"),
     }
 }
 
@@ -76,6 +74,22 @@ pub(crate) fn block_on_spinning<F: Future>(rt: &tokio::runtime::Runtime, fut: F,
 /// passes. The future must not need a runtime context to make progress
 /// (quinn's endpoint and connection events do not).
 pub(crate) fn block_on_until<F: Future>(fut: F, deadline: Instant) -> Option<F::Output> {
+    drive(fut, |woken| {
+        while !woken.swap(false, Ordering::Acquire) {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            std::thread::park_timeout(deadline - now);
+        }
+        true
+    })
+}
+
+/// Polls `fut` on this thread with a waker that sets a flag and unparks
+/// the thread; after each pending poll `idle` waits for the flag and
+/// returns `false` to give up (then `None`).
+fn drive<F: Future>(fut: F, mut idle: impl FnMut(&AtomicBool) -> bool) -> Option<F::Output> {
     let signal = Arc::new(Signal { woken: AtomicBool::new(false), thread: std::thread::current() });
     let waker = Waker::from(signal.clone());
     let mut cx = Context::from_waker(&waker);
@@ -84,12 +98,8 @@ pub(crate) fn block_on_until<F: Future>(fut: F, deadline: Instant) -> Option<F::
         if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
             return Some(out);
         }
-        while !signal.woken.swap(false, Ordering::Acquire) {
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            std::thread::park_timeout(deadline - now);
+        if !idle(&signal.woken) {
+            return None;
         }
     }
 }

@@ -2,8 +2,9 @@
 //! and real client sessions. The device is the emulated one unless
 //! `GPUPOOL_TEST_DEVICE=cuda`.
 
-use gpupool_client::{ClientError, DeviceBuffer, KernelArg, LaunchConfig, Session, StreamId};
+use gpupool_client::{ClientConfig, ClientError, DeviceBuffer, KernelArg, LaunchConfig, Session, StreamId};
 use gpupool_proto::{BUILTIN_MODULE, cuda, v1, v1::call::Op};
+use gpupool_server::MetricsSnapshot;
 use gpupool_tests::{TestServer, fresh_seed, random_bytes, random_f32, rel_error, server_config};
 use std::time::{Duration, Instant};
 
@@ -104,12 +105,10 @@ fn builtin_kernels_match_a_cpu_reference() {
     );
 }
 
-#[test]
-fn ten_thousand_launches_cost_one_flush_without_a_delay_bound() {
-    let srv = start();
-    let mut config = srv.client_config();
-    config.batch.max_delay = None;
-    let s = Session::connect(&config).expect("session");
+/// A session with `config` that has queued 10 000 empty launches, and the
+/// server's counters from before the launches.
+fn ten_thousand_launches(srv: &TestServer, config: &ClientConfig) -> (Session, MetricsSnapshot) {
+    let s = Session::connect(config).expect("session");
     let m = s.module_load(BUILTIN_MODULE).expect("module");
     let empty = m.function("empty").expect("empty");
     let cfg = LaunchConfig::for_elements(1, 1);
@@ -117,6 +116,15 @@ fn ten_thousand_launches_cost_one_flush_without_a_delay_bound() {
     for _ in 0..10_000 {
         s.launch(&empty, cfg, StreamId::DEFAULT, &[]).expect("launch");
     }
+    (s, before)
+}
+
+#[test]
+fn ten_thousand_launches_cost_one_flush_without_a_delay_bound() {
+    let srv = start();
+    let mut config = srv.client_config();
+    config.batch.max_delay = None;
+    let (s, before) = ten_thousand_launches(&srv, &config);
     assert_eq!(srv.metrics.snapshot().batches, before.batches, "launches must not travel before the sync");
     s.synchronize().expect("sync");
     let after = srv.metrics.snapshot();
@@ -130,14 +138,7 @@ fn ten_thousand_launches_cost_one_flush_without_a_delay_bound() {
 #[test]
 fn queued_launches_travel_in_batches_before_the_sync() {
     let srv = start();
-    let s = Session::connect(&srv.client_config()).expect("session");
-    let m = s.module_load(BUILTIN_MODULE).expect("module");
-    let empty = m.function("empty").expect("empty");
-    let cfg = LaunchConfig::for_elements(1, 1);
-    let before = srv.metrics.snapshot();
-    for _ in 0..10_000 {
-        s.launch(&empty, cfg, StreamId::DEFAULT, &[]).expect("launch");
-    }
+    let (s, before) = ten_thousand_launches(&srv, &srv.client_config());
     let sent = s.batches_sent();
     s.synchronize().expect("sync");
     let after = srv.metrics.snapshot();

@@ -159,9 +159,15 @@ fn c_program_on_the_driver_api() -> Result<()> {
 /// one reply carries, allocated or registered.
 #[test]
 fn mapped_host_memory_program() -> Result<()> {
+    passes_printing("mapped_nokernel", &["cuMemHostAlloc 4:", "cuMemHostAlloc 4194304:", "cuMemHostRegister:"])
+}
+
+/// Runs `program` on a fresh server; it must pass and print every line of
+/// `lines` (each as a part of its output).
+fn passes_printing(program: &str, lines: &[&str]) -> Result<()> {
     let server = TestServer::start(isolated_config()?)?;
-    let out = run(&server, "mapped_nokernel")?;
-    for what in ["cuMemHostAlloc 4:", "cuMemHostAlloc 4194304:", "cuMemHostRegister:"] {
+    let out = run(&server, program)?;
+    for what in lines {
         assert!(out.contains(what), "{what} missing:\n{out}");
     }
     server.stop();
@@ -174,13 +180,10 @@ fn mapped_host_memory_program() -> Result<()> {
 /// say managed with one address.
 #[test]
 fn managed_memory_program() -> Result<()> {
-    let server = TestServer::start(isolated_config()?)?;
-    let out = run(&server, "managed_nokernel")?;
-    for what in ["managed 4: both ways", "managed 3145728: both ways", "advice and prefetch accepted"] {
-        assert!(out.contains(what), "{what} missing:\n{out}");
-    }
-    server.stop();
-    Ok(())
+    passes_printing(
+        "managed_nokernel",
+        &["managed 4: both ways", "managed 3145728: both ways", "advice and prefetch accepted"],
+    )
 }
 
 /// A program that exits ends its session at once (the stub closes it from
