@@ -81,6 +81,11 @@ pub struct ClientConfig {
     /// Largest UDP payload sent or accepted; MTU discovery probes up to it
     /// (Lambda: 1200, which turns discovery off).
     pub max_udp_payload: u16,
+    /// After each batch sent, keep the I/O thread awake this long (a task
+    /// that yields in a loop) so that the next send need not wake it
+    /// through the kernel; zero (the default) lets it sleep at once. Costs
+    /// the I/O thread's CPU while the program sends.
+    pub io_spin: Duration,
     /// Reattach to the session when its connection is lost (a frozen
     /// Lambda environment, a network outage) and the server still keeps it.
     pub resume: bool,
@@ -123,6 +128,7 @@ impl ClientConfig {
             idle_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(2),
             max_udp_payload: gpupool_proto::quic::DEFAULT_UDP_PAYLOAD,
+            io_spin: Duration::ZERO,
             resume: true,
             token_source: TokenSource::Fixed,
         }

@@ -83,6 +83,57 @@ pub struct QuicTransport {
     /// Batches sent whose replies have not arrived (kept for a resume), and
     /// the sequence number of the last reply received.
     replay: Arc<std::sync::Mutex<ReplayLog>>,
+    /// Keeps the I/O thread awake after a send, when configured.
+    awake: Option<Arc<KeepAwake>>,
+}
+
+/// Keeps the I/O thread from sleeping for a while after each send, so that
+/// the next send does not have to wake it through the kernel (an eventfd
+/// write and a cross-CPU wake-up, several microseconds with cold caches, on
+/// the program's thread: bench/results/*-stub-time.md). A task on the I/O
+/// runtime yields in a loop until `spin` has passed since the last send;
+/// the worker thread then stays busy and a wake from another thread only
+/// queues the woken task. Spends the I/O thread's CPU while the program
+/// sends.
+#[derive(Debug)]
+struct KeepAwake {
+    spin: Duration,
+    base: std::time::Instant,
+    /// Nanoseconds after `base` until which the task keeps running.
+    until: std::sync::atomic::AtomicU64,
+    running: std::sync::atomic::AtomicBool,
+}
+
+impl KeepAwake {
+    fn now(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// After a send: extends the deadline and starts the task if it is not
+    /// running.
+    fn poke(self: &Arc<Self>, rt: &tokio::runtime::Runtime) {
+        use std::sync::atomic::Ordering;
+        let spin = u64::try_from(self.spin.as_nanos()).unwrap_or(u64::MAX);
+        self.until.store(self.now().saturating_add(spin), Ordering::Release);
+        if self.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        rt.spawn(async move {
+            loop {
+                if me.now() >= me.until.load(Ordering::Acquire) {
+                    me.running.store(false, Ordering::Release);
+                    // A send may have extended the deadline while `running`
+                    // was still set: take over again then.
+                    if me.now() < me.until.load(Ordering::Acquire) && !me.running.swap(true, Ordering::AcqRel) {
+                        continue;
+                    }
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        });
+    }
 }
 
 /// The connections of a session.
@@ -497,6 +548,14 @@ impl QuicTransport {
             resume,
             // The client has at most its in-flight batches unanswered.
             replay: Arc::new(std::sync::Mutex::new(ReplayLog::new(ReplayLimit::UNBOUNDED))),
+            awake: (!config.io_spin.is_zero()).then(|| {
+                Arc::new(KeepAwake {
+                    spin: config.io_spin,
+                    base: std::time::Instant::now(),
+                    until: std::sync::atomic::AtomicU64::new(0),
+                    running: std::sync::atomic::AtomicBool::new(false),
+                })
+            }),
         })
     }
 
@@ -658,11 +717,15 @@ impl Transport for QuicTransport {
             self.replay().record(batch.seq, bytes.clone());
         }
         let cmd = self.cmd.clone();
-        match self.exec(async move { cmd.lock().await.send.write_all(&bytes).await.map_err(write_err) }) {
+        let sent = match self.exec(async move { cmd.lock().await.send.write_all(&bytes).await.map_err(write_err) }) {
             // A resume sends the batch again.
             Err(e) => self.recover(e),
             ok => ok,
+        };
+        if let (Some(awake), Some(rt)) = (&self.awake, &self.rt) {
+            awake.poke(rt);
         }
+        sent
     }
 
     fn recv_reply(&self) -> Result<v1::BatchReply> {
@@ -814,5 +877,39 @@ impl Drop for QuicTransport {
             // Dropping a runtime inside another one would panic.
             rt.shutdown_background();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    #[test]
+    fn keep_awake_runs_while_sends_come_and_stops_after_the_spin() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+        let awake = Arc::new(KeepAwake {
+            spin: Duration::from_millis(30),
+            base: std::time::Instant::now(),
+            until: AtomicU64::new(0),
+            running: AtomicBool::new(false),
+        });
+        awake.poke(&rt);
+        assert!(awake.running.load(Ordering::Acquire));
+        // Sends 10 ms apart keep one task running past the first spin.
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(10));
+            awake.poke(&rt);
+            assert!(awake.running.load(Ordering::Acquire), "still running while sends come");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while awake.running.load(Ordering::Acquire) {
+            assert!(std::time::Instant::now() < deadline, "the task stops once the sends stop");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // And starts again with the next send.
+        awake.poke(&rt);
+        assert!(awake.running.load(Ordering::Acquire));
+        rt.shutdown_background();
     }
 }

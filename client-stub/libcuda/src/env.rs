@@ -19,6 +19,7 @@
 //! | `GPUPOOL_MAX_UDP_PAYLOAD` | largest UDP payload (default 1472; Lambda: 1200) |
 //! | `GPUPOOL_BULK_CONNECTIONS` | extra QUIC connections for bulk copies when the server offers them (default 4; 0: copies share the session's connection) |
 //! | `GPUPOOL_BATCH_DELAY_US` | longest wait of a queued call for company while earlier batches are in flight (default 100; `off`: queued calls go only with a synchronizing call or a full batch) |
+//! | `GPUPOOL_IO_SPIN_US` | keep the I/O thread awake this long after each batch sent, so that sends need no kernel wake-up (default 0: it sleeps at once; spends a core while the program sends) |
 //! | `GPUPOOL_LOG` | log filter for stderr (default `warn`) |
 //! | `GPUPOOL_CALL_STATS` | `1`: the call table at exit (`call_stats`); `gpupool_call_stats()` reads it in-process |
 
@@ -58,8 +59,8 @@ pub(crate) fn target() -> Result<Target, String> {
     target_from_lookup(var)
 }
 
-/// Applies `GPUPOOL_BULK_CONNECTIONS` and `GPUPOOL_BATCH_DELAY_US`, when
-/// set, to `config`.
+/// Applies `GPUPOOL_BULK_CONNECTIONS`, `GPUPOOL_BATCH_DELAY_US` and
+/// `GPUPOOL_IO_SPIN_US`, when set, to `config`.
 fn apply_tuning(lookup: &impl Fn(&str) -> Option<String>, config: &mut ClientConfig) -> Result<(), String> {
     let mut problems = Vec::new();
     match lookup("GPUPOOL_BULK_CONNECTIONS").map(|v| v.trim().parse::<usize>()) {
@@ -74,6 +75,11 @@ fn apply_tuning(lookup: &impl Fn(&str) -> Option<String>, config: &mut ClientCon
             Ok(us) if us <= 1_000_000 => config.batch.max_delay = Some(std::time::Duration::from_micros(us)),
             _ => problems.push("GPUPOOL_BATCH_DELAY_US must be `off` or microseconds from 0 to 1000000"),
         },
+    }
+    match lookup("GPUPOOL_IO_SPIN_US").map(|v| v.trim().parse::<u64>()) {
+        None => {}
+        Some(Ok(us)) if us <= 1_000_000 => config.io_spin = std::time::Duration::from_micros(us),
+        Some(_) => problems.push("GPUPOOL_IO_SPIN_US must be microseconds from 0 to 1000000"),
     }
     if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
 }
