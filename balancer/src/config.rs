@@ -35,6 +35,9 @@ pub struct BalancerConfig {
     pub watch_interval: Duration,
     /// Time open connections get to close after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// TCP address of the Prometheus endpoint (`GET /metrics`); `None`
+    /// (the default): no endpoint.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl BalancerConfig {
@@ -53,6 +56,7 @@ impl BalancerConfig {
             max_wait: Duration::from_secs(300),
             watch_interval: Duration::from_millis(500),
             shutdown_grace: Duration::from_secs(5),
+            metrics_listen: None,
         }
     }
 

@@ -7,7 +7,8 @@
 //!   the time;
 //! - [`service`]: the tonic gRPC service around it: signs leases (ed25519),
 //!   parks waiting allocations, expires leases and drains silent servers;
-//! - [`table`]: the operator's view of a pool status.
+//! - [`table`]: the operator's view of a pool status;
+//! - [`exporter`]: the same status as a Prometheus endpoint.
 //!
 //! A restarted balancer loses no lease: it rebuilds its state from the
 //! servers' registrations (which carry their live sessions' lease tokens)
@@ -18,6 +19,7 @@
 
 pub mod config;
 mod convert;
+pub mod exporter;
 #[cfg(test)]
 mod fuzz;
 pub mod pool;

@@ -80,6 +80,10 @@ struct Serve {
     /// heartbeat interval plus a second.
     #[arg(long, env = "GPUPOOL_RECOVERY_MS")]
     recovery_ms: Option<u64>,
+    /// TCP address of a Prometheus endpoint (`GET /metrics`): lease
+    /// counters, leases and queue, servers and tenants. Off by default.
+    #[arg(long, env = "GPUPOOL_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Per-tenant quota, `tenant=leases:N,memory-gib:M` (repeatable; tenant
     /// `*` sets the default).
     #[arg(long = "quota", env = "GPUPOOL_QUOTAS", value_delimiter = ';')]
@@ -125,6 +129,7 @@ fn config(s: Serve) -> anyhow::Result<BalancerConfig> {
     let signer = load_or_create_key(&s.key_file)?;
     let mut c = BalancerConfig::new(s.listen, signer, s.server_secret);
     c.client_secret = s.client_secret;
+    c.metrics_listen = s.metrics_listen;
     c.pool.policy = if s.policy == "binpack" { Policy::Binpack } else { Policy::Spread };
     c.pool.lease_ttl_ms = s.lease_ttl_ms;
     c.pool.heartbeat_timeout_ms = s.heartbeat_timeout_ms;
@@ -192,6 +197,9 @@ fn main() -> anyhow::Result<()> {
                     balancer.local_addr(),
                     balancer.public_key_hex()
                 );
+                if let Some(addr) = balancer.metrics_addr() {
+                    println!("gpupool-balancer metrics on http://{addr}/metrics");
+                }
                 balancer.run(shutdown_signal()).await?;
                 Ok(())
             })

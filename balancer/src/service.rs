@@ -464,6 +464,8 @@ async fn ticker(state: Arc<State>, mut stop: watch::Receiver<bool>) {
 #[derive(Debug)]
 pub struct Balancer {
     listener: tokio::net::TcpListener,
+    /// The Prometheus endpoint's listener, when configured.
+    metrics: Option<tokio::net::TcpListener>,
     state: Arc<State>,
 }
 
@@ -475,6 +477,12 @@ impl Balancer {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| BalancerError::Bind { addr: config.listen, source })?;
+        let metrics = match config.metrics_listen {
+            Some(addr) => {
+                Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| BalancerError::Bind { addr, source })?)
+            }
+            None => None,
+        };
         let now = unix_ms_now();
         let mut pool_config = config.pool.clone();
         if pool_config.id_seed == 0 {
@@ -489,7 +497,12 @@ impl Balancer {
             version: watch::channel(0).0,
             queue_timeouts: AtomicU64::new(0),
         });
-        Ok(Self { listener, state })
+        Ok(Self { listener, metrics, state })
+    }
+
+    /// The Prometheus endpoint's bound address, when there is one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The bound TCP address.
@@ -505,7 +518,18 @@ impl Balancer {
     /// Serves until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), BalancerError> {
         let (stop_tx, stop_rx) = watch::channel(false);
-        let ticker = tokio::spawn(ticker(self.state.clone(), stop_rx));
+        let ticker = tokio::spawn(ticker(self.state.clone(), stop_rx.clone()));
+        let exporter = self.metrics.map(|listener| {
+            let state = self.state.clone();
+            let mut stop = stop_rx;
+            tokio::spawn(gpupool_proto::exporter::serve(
+                listener,
+                move || crate::exporter::render(&snapshot(&state)),
+                async move {
+                    let _ = stop.changed().await;
+                },
+            ))
+        });
         // The builder's `tcp_nodelay` applies only to listeners it binds:
         // without it here every small reply waits for a delayed ACK (~40 ms).
         let incoming =
@@ -547,6 +571,9 @@ impl Balancer {
         };
         let _ = stop_tx.send(true);
         let _ = ticker.await;
+        if let Some(exporter) = exporter {
+            let _ = exporter.await;
+        }
         served.map_err(|e| BalancerError::Serve(e.to_string()))
     }
 }

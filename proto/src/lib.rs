@@ -15,6 +15,8 @@
 #![forbid(unsafe_code)]
 
 pub mod cuda;
+#[cfg(feature = "exporter")]
+pub mod exporter;
 pub mod frame;
 #[cfg(feature = "fuzzing")]
 pub mod fuzz;

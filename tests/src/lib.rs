@@ -300,6 +300,8 @@ pub const SERVER_SECRET: &str = "test-server-secret";
 pub struct TestBalancer {
     pub addr: SocketAddr,
     pub public_key: String,
+    /// The Prometheus endpoint, when the configuration asked for one.
+    pub metrics: Option<SocketAddr>,
     running: Background,
 }
 
@@ -323,12 +325,12 @@ impl TestBalancer {
     pub fn start(config: gpupool_balancer::BalancerConfig) -> anyhow::Result<Self> {
         let (info, running) = Background::start(Duration::from_secs(30), move |ready, stop| async move {
             let balancer = gpupool_balancer::Balancer::bind(config).await?;
-            ready((balancer.local_addr(), balancer.public_key_hex()));
+            ready((balancer.local_addr(), balancer.public_key_hex(), balancer.metrics_addr()));
             balancer.run(stop).await?;
             Ok(())
         })?;
-        let (addr, public_key) = info;
-        Ok(Self { addr, public_key, running })
+        let (addr, public_key, metrics) = info;
+        Ok(Self { addr, public_key, metrics, running })
     }
 
     /// The balancer's gRPC URL.

@@ -128,6 +128,41 @@ fn template() -> ClientConfig {
 
 const H100_LAYOUT: &[&str] = &["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"];
 
+/// The balancer's Prometheus endpoint follows the pool: a registered
+/// server, a granted lease with its tenant, then the release.
+#[test]
+fn metrics_endpoint_follows_the_pool() {
+    let mut config = balancer_config(LeaseSigner::from_seed([3; 32]));
+    config.metrics_listen = Some(([127, 0, 0, 1], 0).into());
+    let balancer = TestBalancer::start(config).expect("balancer");
+    let addr = balancer.metrics.expect("a metrics endpoint");
+    let _server = pooled_server(&balancer, "h200", "h200-141gb", None);
+    let mut grpc = Grpc::connect(&balancer);
+    grpc.wait_for("the server", |s| s.servers.len() == 1);
+    let scrape = |grpc: &Grpc| grpc.rt.block_on(gpupool_proto::exporter::get(addr, "/metrics")).expect("scrape");
+    let has = |text: &str, line: &str| text.lines().any(|l| l == line);
+
+    let lease = grpc.allocate("team-a", 1 << 30, "", 0).expect("lease");
+    let text = scrape(&grpc);
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    for line in [
+        "gpupool_balancer_servers 1",
+        "gpupool_balancer_leases 1",
+        "gpupool_balancer_leases_granted_total 1",
+        "gpupool_balancer_tenant_leases{tenant=\"team-a\"} 1",
+    ] {
+        assert!(has(&text, line), "{line} missing:\n{text}");
+    }
+    assert!(text.contains("gpupool_balancer_server_heartbeat_age_milliseconds{server=\"h200\"}"), "{text}");
+
+    grpc.release(&lease).expect("release");
+    let text = scrape(&grpc);
+    assert!(
+        has(&text, "gpupool_balancer_leases 0") && has(&text, "gpupool_balancer_leases_released_total 1"),
+        "{text}"
+    );
+}
+
 #[test]
 fn many_clients_share_three_servers() {
     let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([1; 32]))).expect("balancer");

@@ -1,11 +1,8 @@
 //! The server's [`Metrics`] as a Prometheus endpoint (issue 20): `GET
-//! /metrics` over plain HTTP/1.1 on its own TCP listener, off unless
-//! `--metrics-listen` names an address. The counters are read at each
-//! scrape (`prometheus-client` encodes them), so counting costs the
+//! /metrics` on its own TCP listener (`gpupool_proto::exporter`), off
+//! unless `--metrics-listen` names an address. The counters are read at
+//! each scrape (`prometheus-client` encodes them), so counting costs the
 //! connection tasks and session threads nothing more than their atomics.
-//!
-//! One scrape is served at a time, its request read under a timeout and a
-//! size bound: a scraper is one Prometheus, not the public.
 
 use super::Metrics;
 use prometheus_client::encoding::text::encode;
@@ -13,14 +10,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-/// Longest request head read.
-const MAX_REQUEST: usize = 8 << 10;
-/// Time a scraper has to send its request and read the answer.
-const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+use tokio::net::TcpListener;
 
 /// The metrics in Prometheus' text format.
 pub fn render(metrics: &Metrics) -> String {
@@ -48,48 +38,7 @@ pub fn render(metrics: &Metrics) -> String {
 
 /// Serves scrapes on `listener` until `shutdown` completes.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()>) {
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            () = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics listener");
-                    continue;
-                }
-            },
-        };
-        match tokio::time::timeout(SCRAPE_TIMEOUT, answer(stream, &metrics)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "metrics scrape"),
-            Err(_) => tracing::debug!("metrics scrape timed out"),
-        }
-    }
-}
-
-async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 || head.len() + n > MAX_REQUEST {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let (status, body) = if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET /metrics?") {
-        ("200 OK", render(metrics))
-    } else {
-        ("404 Not Found", "not found; scrape /metrics\n".to_string())
-    };
-    let reply = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(reply.as_bytes()).await?;
-    stream.shutdown().await
+    gpupool_proto::exporter::serve(listener, move || render(&metrics), shutdown).await;
 }
 
 #[cfg(test)]
@@ -98,11 +47,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     async fn get(addr: std::net::SocketAddr, path: &str) -> String {
-        let mut s = TcpStream::connect(addr).await.expect("connect");
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.expect("send");
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.expect("read");
-        out
+        gpupool_proto::exporter::get(addr, path).await.expect("scrape")
     }
 
     /// A scrape over TCP shows the counters as they are at that moment.
