@@ -3,25 +3,58 @@
 //! `--metrics-listen` names an address. Each scrape renders the same
 //! snapshot `gpupool-balancer status` shows: lease counters since the
 //! start, leases and queue now, and per server its sessions, memory in use
-//! and heartbeat age, and per tenant its leases and their memory.
+//! and heartbeat age, and per tenant its leases and their memory; and what
+//! the allocation path counts itself ([`Allocations`]): refusals by reason
+//! and how long granted allocations took.
 
 use gpupool_proto::balancer as pb;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 
 type Labels = Vec<(String, String)>;
 
+/// Counted by the allocation path (`Allocate`), kept across scrapes.
+#[derive(Debug, Clone)]
+pub struct Allocations {
+    refused: Family<Labels, Counter>,
+    seconds: Histogram,
+}
+
+impl Default for Allocations {
+    fn default() -> Self {
+        // 100 µs to ~100 s: an immediate grant up to a long queue wait.
+        Self { refused: Family::default(), seconds: Histogram::new(exponential_buckets(1e-4, 4.0, 11)) }
+    }
+}
+
+impl Allocations {
+    /// A granted allocation that took `seconds` (queue wait included).
+    pub fn granted(&self, seconds: f64) {
+        self.seconds.observe(seconds);
+    }
+
+    /// An allocation answered with `code` instead of a lease.
+    pub fn refused(&self, code: tonic::Code) {
+        let reason = format!("{code:?}");
+        self.refused.get_or_create(&vec![("reason".to_string(), reason)]).inc();
+    }
+}
+
 fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// `status` in Prometheus' text format.
-pub fn render(status: &pb::PoolStatus) -> String {
+/// `status` and `allocations` in Prometheus' text format.
+pub fn render(status: &pb::PoolStatus, allocations: &Allocations) -> String {
     let mut r = Registry::with_prefix("gpupool_balancer");
+    r.register("allocations_refused", "Allocations answered without a lease, by reason", allocations.refused.clone());
+    r.register("allocation_seconds", "Time from request to lease of granted allocations", allocations.seconds.clone());
     let counter = |r: &mut Registry, name: &str, help: &str, v: u64| r.register(name, help, ConstCounter::new(v));
     let gauge = |r: &mut Registry, name: &str, help: &str, v: u64| r.register(name, help, ConstGauge::new(int(v)));
     counter(&mut r, "leases_granted", "Leases granted since the start", status.allocations);
@@ -102,7 +135,13 @@ mod tests {
             expirations: 1,
             ..Default::default()
         };
-        let text = render(&status);
+        let allocations = Allocations::default();
+        allocations.granted(0.002);
+        allocations.refused(tonic::Code::ResourceExhausted);
+        allocations.refused(tonic::Code::ResourceExhausted);
+        let text = render(&status, &allocations);
+        assert!(text.contains("gpupool_balancer_allocation_seconds_count 1"), "{text}");
+        assert!(text.contains("gpupool_balancer_allocations_refused_total{reason=\"ResourceExhausted\"} 2"), "{text}");
         for line in [
             "gpupool_balancer_leases_granted_total 9",
             "gpupool_balancer_leases_expired_total 1",

@@ -58,6 +58,8 @@ struct State {
     /// Bumped on every change; `Watch` streams follow it.
     version: watch::Sender<u64>,
     queue_timeouts: AtomicU64,
+    /// Refusals and grant times, for the metrics endpoint.
+    allocations: crate::exporter::Allocations,
 }
 
 impl State {
@@ -225,6 +227,55 @@ struct Service {
 
 type WatchStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::PoolStatus, Status>> + Send>>;
 
+impl Service {
+    /// `Allocate` without its bookkeeping: a lease now, after a wait in the
+    /// queue, or the reason there is none.
+    async fn allocate_lease(&self, req: Request<pb::AllocateRequest>) -> Result<Response<pb::Lease>, Status> {
+        self.state.check_client(&req)?;
+        let req = req.into_inner();
+        let wait = Duration::from_millis(u64::from(req.wait_timeout_ms)).min(self.state.config.max_wait);
+        let request = convert::request(&req)?;
+        let (ticket, rx) = {
+            let mut inner = self.state.lock();
+            let allocated = inner.pool.allocate(request, unix_ms_now(), !wait.is_zero());
+            // Catching up on time may have freed capacity for earlier waiters.
+            deliver(&mut inner, Vec::new());
+            match allocated.map_err(status)? {
+                Allocation::Granted(lease) => {
+                    drop(inner);
+                    self.state.changed();
+                    return Ok(Response::new(self.state.lease_reply(&lease)));
+                }
+                Allocation::Queued(ticket) => {
+                    let (tx, rx) = oneshot::channel();
+                    inner.waiters.insert(ticket, tx);
+                    (ticket, rx)
+                }
+            }
+        };
+        self.state.changed();
+        let mut waiting = Waiting { state: self.state.clone(), ticket, rx: Some(rx) };
+        let rx = waiting.rx.as_mut().expect("receiver present until the wait ends");
+        let lease = match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(lease)) => lease,
+            Ok(Err(_)) => return Err(Status::internal("the grant was lost")),
+            // Granted while the wait ran out, or not at all.
+            Err(_) => match waiting.finish() {
+                Some(lease) => lease,
+                None => {
+                    self.state.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+                    return Err(Status::resource_exhausted(format!(
+                        "no instance fits the request within its wait of {} ms",
+                        wait.as_millis()
+                    )));
+                }
+            },
+        };
+        waiting.rx = None;
+        Ok(Response::new(self.state.lease_reply(&lease)))
+    }
+}
+
 #[tonic::async_trait]
 impl BalancerRpc for Service {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterReply>, Status> {
@@ -302,48 +353,13 @@ impl BalancerRpc for Service {
     }
 
     async fn allocate(&self, req: Request<pb::AllocateRequest>) -> Result<Response<pb::Lease>, Status> {
-        self.state.check_client(&req)?;
-        let req = req.into_inner();
-        let wait = Duration::from_millis(u64::from(req.wait_timeout_ms)).min(self.state.config.max_wait);
-        let request = convert::request(&req)?;
-        let (ticket, rx) = {
-            let mut inner = self.state.lock();
-            let allocated = inner.pool.allocate(request, unix_ms_now(), !wait.is_zero());
-            // Catching up on time may have freed capacity for earlier waiters.
-            deliver(&mut inner, Vec::new());
-            match allocated.map_err(status)? {
-                Allocation::Granted(lease) => {
-                    drop(inner);
-                    self.state.changed();
-                    return Ok(Response::new(self.state.lease_reply(&lease)));
-                }
-                Allocation::Queued(ticket) => {
-                    let (tx, rx) = oneshot::channel();
-                    inner.waiters.insert(ticket, tx);
-                    (ticket, rx)
-                }
-            }
-        };
-        self.state.changed();
-        let mut waiting = Waiting { state: self.state.clone(), ticket, rx: Some(rx) };
-        let rx = waiting.rx.as_mut().expect("receiver present until the wait ends");
-        let lease = match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(lease)) => lease,
-            Ok(Err(_)) => return Err(Status::internal("the grant was lost")),
-            // Granted while the wait ran out, or not at all.
-            Err(_) => match waiting.finish() {
-                Some(lease) => lease,
-                None => {
-                    self.state.queue_timeouts.fetch_add(1, Ordering::Relaxed);
-                    return Err(Status::resource_exhausted(format!(
-                        "no instance fits the request within its wait of {} ms",
-                        wait.as_millis()
-                    )));
-                }
-            },
-        };
-        waiting.rx = None;
-        Ok(Response::new(self.state.lease_reply(&lease)))
+        let start = std::time::Instant::now();
+        let answer = self.allocate_lease(req).await;
+        match &answer {
+            Ok(_) => self.state.allocations.granted(start.elapsed().as_secs_f64()),
+            Err(e) => self.state.allocations.refused(e.code()),
+        }
+        answer
     }
 
     async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::Lease>, Status> {
@@ -496,6 +512,7 @@ impl Balancer {
             config,
             version: watch::channel(0).0,
             queue_timeouts: AtomicU64::new(0),
+            allocations: crate::exporter::Allocations::default(),
         });
         Ok(Self { listener, metrics, state })
     }
@@ -524,7 +541,7 @@ impl Balancer {
             let mut stop = stop_rx;
             tokio::spawn(gpupool_proto::exporter::serve(
                 listener,
-                move || crate::exporter::render(&snapshot(&state)),
+                move || crate::exporter::render(&snapshot(&state), &state.allocations),
                 async move {
                     let _ = stop.changed().await;
                 },

@@ -143,7 +143,11 @@ fn metrics_endpoint_follows_the_pool() {
     let has = |text: &str, line: &str| text.lines().any(|l| l == line);
 
     let lease = grpc.allocate("team-a", 1 << 30, "", 0).expect("lease");
+    let refused = grpc.allocate("team-a", 1 << 40, "", 0).expect_err("1 TiB fits nowhere");
     let text = scrape(&grpc);
+    let reason = format!("gpupool_balancer_allocations_refused_total{{reason=\"{:?}\"}} 1", refused.code());
+    assert!(has(&text, &reason), "{reason} missing:\n{text}");
+    assert!(has(&text, "gpupool_balancer_allocation_seconds_count 1"), "{text}");
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
     for line in [
         "gpupool_balancer_servers 1",
