@@ -407,22 +407,29 @@ impl<S: BackendSession> SessionState<S> {
     }
 
     fn memcpy_htod(&mut self, c: v1::MemcpyHtoD) -> CallOutcome {
-        let data: Bytes = match c.source {
+        // (offset, bytes) pieces tiling the copy: a staged upload's chunks
+        // go to the device as they arrived, without being assembled first.
+        let pieces: Vec<(u64, Bytes)> = match c.source {
             Some(Source::Inline(p)) => {
-                payload::decode(p, self.limits.max_inline_bytes).map_err(|e| CallError::invalid_value(e.to_string()))?
+                let data = payload::decode(p, self.limits.max_inline_bytes)
+                    .map_err(|e| CallError::invalid_value(e.to_string()))?;
+                vec![(0, data)]
             }
             Some(Source::Staged(s)) => {
                 self.check_range(c.dst, s.size, ACCESS_READWRITE)?;
-                Bytes::from(self.staging.take_upload(s.transfer_id, s.size)?)
+                self.staging.take_upload_chunks(s.transfer_id, s.size)?
             }
             None => return Err(CallError::invalid_value("copy without a source")),
         };
-        self.check_range(c.dst, data.len() as u64, ACCESS_READWRITE)?;
+        let size = pieces.iter().map(|(_, b)| b.len() as u64).sum();
+        self.check_range(c.dst, size, ACCESS_READWRITE)?;
         let stream = stream_of(&self.streams, c.stream)?;
-        self.dev.write(stream, c.dst, &data)?;
-        // The client's bytes: a mirrored range's shadow takes them, so only
-        // later device writes count as changes.
-        self.mirrors.note_host_write(c.dst, &data);
+        for (offset, data) in &pieces {
+            self.dev.write(stream, c.dst + offset, data)?;
+            // The client's bytes: a mirrored range's shadow takes them, so
+            // only later device writes count as changes.
+            self.mirrors.note_host_write(c.dst + offset, data);
+        }
         Ok(None)
     }
 
@@ -463,7 +470,7 @@ impl<S: BackendSession> SessionState<S> {
                         s.size, self.limits.max_image_bytes
                     )));
                 }
-                Some(Bytes::from(self.staging.take_upload(s.transfer_id, s.size)?))
+                Some(self.staging.take_upload(s.transfer_id, s.size)?)
             }
             (None, None) => None,
             (Some(_), Some(_)) => return Err(CallError::invalid_value("module image sent both inline and staged")),

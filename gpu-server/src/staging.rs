@@ -103,8 +103,26 @@ impl Staging {
         Ok(())
     }
 
-    /// Takes complete upload `id` of `size` bytes.
-    pub fn take_upload(&self, id: u64, size: u64) -> Result<Vec<u8>, CallError> {
+    /// Takes complete upload `id` of `size` bytes as one buffer (module
+    /// images, link inputs: consumers that need the bytes together).
+    pub fn take_upload(&self, id: u64, size: u64) -> Result<Bytes, CallError> {
+        let mut chunks = self.take_upload_chunks(id, size)?;
+        if chunks.len() == 1 {
+            return Ok(chunks.remove(0).1);
+        }
+        let mut data = Vec::new();
+        data.try_reserve_exact(size as usize)
+            .map_err(|_| CallError::out_of_memory("cannot allocate staging memory"))?;
+        for (_, chunk) in chunks {
+            data.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(data))
+    }
+
+    /// Takes complete upload `id` of `size` bytes as the chunks it arrived
+    /// in, `(offset, bytes)` in order, tiling `[0, size)`: a copy to the
+    /// device writes them where they go, without assembling them first.
+    pub fn take_upload_chunks(&self, id: u64, size: u64) -> Result<Vec<(u64, Bytes)>, CallError> {
         let mut inner = self.lock();
         let up = inner.uploads.get(&id).ok_or_else(|| CallError::invalid_handle(format!("no staged upload {id}")))?;
         if up.total != size {
@@ -121,15 +139,8 @@ impl Staging {
         }
         let up = inner.uploads.remove(&id).ok_or_else(|| CallError::invalid_handle("upload vanished"))?;
         inner.bytes -= size;
-        drop(inner);
         // Complete and not overlapping: the chunks tile [0, size) in order.
-        let mut data = Vec::new();
-        data.try_reserve_exact(size as usize)
-            .map_err(|_| CallError::out_of_memory("cannot allocate staging memory"))?;
-        for chunk in up.chunks.into_values() {
-            data.extend_from_slice(&chunk);
-        }
-        Ok(data)
+        Ok(up.chunks.into_iter().collect())
     }
 
     /// Reserves room for a download of `size` bytes before it is read.
@@ -195,7 +206,7 @@ mod tests {
         s.put(1, 10, 5, Bytes::from_static(b"world")).expect("chunk");
         assert_eq!(s.take_upload(1, 10).expect_err("incomplete").code, cuda::INVALID_VALUE);
         s.put(1, 10, 0, Bytes::from_static(b"hello")).expect("chunk");
-        assert_eq!(s.take_upload(1, 10).expect("complete"), b"helloworld");
+        assert_eq!(&s.take_upload(1, 10).expect("complete")[..], b"helloworld");
         assert_eq!(s.bytes(), 0);
     }
 
@@ -220,7 +231,8 @@ mod tests {
         s.put(8, 4, 2, Bytes::from_static(b"cd")).expect("second half first");
         s.put(8, 4, 0, Bytes::from_static(b"ab")).expect("first half");
         assert_eq!(s.bytes(), 5);
-        assert_eq!(s.take_upload(8, 4).expect("complete"), b"abcd");
+        let chunks = s.take_upload_chunks(8, 4).expect("complete");
+        assert_eq!(chunks, [(0, Bytes::from_static(b"ab")), (2, Bytes::from_static(b"cd"))], "in order, uncopied");
         assert_eq!(s.bytes(), 1);
     }
 

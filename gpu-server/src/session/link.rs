@@ -82,7 +82,7 @@ impl<S: BackendSession> SessionState<S> {
                 Some(jit_link_input::Data::Inline(p)) => {
                     payload::decode(p, left).map_err(|e| CallError::invalid_value(format!("link input {i}: {e}")))?
                 }
-                Some(jit_link_input::Data::Staged(s)) => Bytes::from(self.staging.take_upload(s.transfer_id, s.size)?),
+                Some(jit_link_input::Data::Staged(s)) => self.staging.take_upload(s.transfer_id, s.size)?,
                 None => return Err(CallError::invalid_value(format!("link input {i} has no data"))),
             };
             left = left.saturating_sub(data.len() as u64);
