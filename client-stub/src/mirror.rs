@@ -82,13 +82,9 @@ impl Mirrors {
     pub(crate) fn copy_in(&mut self, addr: u64, data: &[u8]) {
         let end = addr.saturating_add(data.len() as u64);
         for (&start, r) in self.ranges.range_mut(..end) {
-            let r_end = start + r.shadow.len() as u64;
-            let (lo, hi) = (addr.max(start), end.min(r_end));
-            if lo >= hi {
+            let Some((src, dst, n)) = gpupool_proto::mirror::overlap(addr, data.len(), start, r.shadow.len()) else {
                 continue;
-            }
-            let (src, dst) = ((lo - addr) as usize, (lo - start) as usize);
-            let n = (hi - lo) as usize;
+            };
             r.shadow[dst..dst + n].copy_from_slice(&data[src..src + n]);
             r.host.write(dst, &data[src..src + n]);
         }

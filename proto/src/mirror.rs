@@ -5,6 +5,16 @@
 /// Unit of change detection.
 pub const CHUNK: usize = 4096;
 
+/// Where bytes written at `[addr, addr + len)` land in a mirrored range
+/// `[start, start + range_len)`: `(offset in the bytes, offset in the
+/// range, length)`, or `None` when they do not meet.
+pub fn overlap(addr: u64, len: usize, start: u64, range_len: usize) -> Option<(usize, usize, usize)> {
+    let end = addr.saturating_add(len as u64);
+    let range_end = start.saturating_add(range_len as u64);
+    let (from, to) = (addr.max(start), end.min(range_end));
+    (from < to).then(|| ((from - addr) as usize, (from - start) as usize, (to - from) as usize))
+}
+
 /// Where `now` differs from `shadow`, as (offset, length) runs of whole
 /// chunks (the last one cut to the end). Both slices have the same length.
 pub fn changed_runs(shadow: &[u8], now: &[u8]) -> Vec<(usize, usize)> {
@@ -25,6 +35,15 @@ pub fn changed_runs(shadow: &[u8], now: &[u8]) -> Vec<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlaps_are_clipped_to_the_range() {
+        assert_eq!(overlap(90, 30, 100, 100), Some((10, 0, 20)));
+        assert_eq!(overlap(190, 30, 100, 100), Some((0, 90, 10)));
+        assert_eq!(overlap(120, 10, 100, 100), Some((0, 20, 10)));
+        assert_eq!(overlap(200, 10, 100, 100), None);
+        assert_eq!(overlap(90, 10, 100, 100), None);
+    }
 
     #[test]
     fn runs_merge_adjacent_chunks_and_cut_the_last() {

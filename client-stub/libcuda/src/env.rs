@@ -59,29 +59,52 @@ pub(crate) fn target() -> Result<Target, String> {
     target_from_lookup(var)
 }
 
-/// Applies `GPUPOOL_BULK_CONNECTIONS`, `GPUPOOL_BATCH_DELAY_US` and
-/// `GPUPOOL_IO_SPIN_US`, when set, to `config`.
-fn apply_tuning(lookup: &impl Fn(&str) -> Option<String>, config: &mut ClientConfig) -> Result<(), String> {
-    let mut problems = Vec::new();
-    match lookup("GPUPOOL_BULK_CONNECTIONS").map(|v| v.trim().parse::<usize>()) {
-        None => {}
-        Some(Ok(n)) if n <= 64 => config.bulk_connections = n,
-        Some(_) => problems.push("GPUPOOL_BULK_CONNECTIONS must be a whole number from 0 to 64"),
+/// Client tuning from the environment: `GPUPOOL_BULK_CONNECTIONS`,
+/// `GPUPOOL_BATCH_DELAY_US`, `GPUPOOL_IO_SPIN_US` (`None`: not set).
+#[derive(Debug, Default)]
+struct Tuning {
+    bulk_connections: Option<usize>,
+    batch_delay: Option<Option<std::time::Duration>>,
+    io_spin: Option<std::time::Duration>,
+}
+
+impl Tuning {
+    /// Reads the variables, reporting every bad value at once.
+    fn from_lookup(lookup: &impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+        let mut problems = Vec::new();
+        let mut t = Self::default();
+        match lookup("GPUPOOL_BULK_CONNECTIONS").map(|v| v.trim().parse::<usize>()) {
+            None => {}
+            Some(Ok(n)) if n <= 64 => t.bulk_connections = Some(n),
+            Some(_) => problems.push("GPUPOOL_BULK_CONNECTIONS must be a whole number from 0 to 64"),
+        }
+        match lookup("GPUPOOL_BATCH_DELAY_US").map(|v| v.trim().to_ascii_lowercase()) {
+            None => {}
+            Some(v) if v == "off" => t.batch_delay = Some(None),
+            Some(v) => match v.parse::<u64>() {
+                Ok(us) if us <= 1_000_000 => t.batch_delay = Some(Some(std::time::Duration::from_micros(us))),
+                _ => problems.push("GPUPOOL_BATCH_DELAY_US must be `off` or microseconds from 0 to 1000000"),
+            },
+        }
+        match lookup("GPUPOOL_IO_SPIN_US").map(|v| v.trim().parse::<u64>()) {
+            None => {}
+            Some(Ok(us)) if us <= 1_000_000 => t.io_spin = Some(std::time::Duration::from_micros(us)),
+            Some(_) => problems.push("GPUPOOL_IO_SPIN_US must be microseconds from 0 to 1000000"),
+        }
+        if problems.is_empty() { Ok(t) } else { Err(problems.join("; ")) }
     }
-    match lookup("GPUPOOL_BATCH_DELAY_US").map(|v| v.trim().to_ascii_lowercase()) {
-        None => {}
-        Some(v) if v == "off" => config.batch.max_delay = None,
-        Some(v) => match v.parse::<u64>() {
-            Ok(us) if us <= 1_000_000 => config.batch.max_delay = Some(std::time::Duration::from_micros(us)),
-            _ => problems.push("GPUPOOL_BATCH_DELAY_US must be `off` or microseconds from 0 to 1000000"),
-        },
+
+    fn apply(&self, config: &mut ClientConfig) {
+        if let Some(n) = self.bulk_connections {
+            config.bulk_connections = n;
+        }
+        if let Some(d) = self.batch_delay {
+            config.batch.max_delay = d;
+        }
+        if let Some(s) = self.io_spin {
+            config.io_spin = s;
+        }
     }
-    match lookup("GPUPOOL_IO_SPIN_US").map(|v| v.trim().parse::<u64>()) {
-        None => {}
-        Some(Ok(us)) if us <= 1_000_000 => config.io_spin = std::time::Duration::from_micros(us),
-        Some(_) => problems.push("GPUPOOL_IO_SPIN_US must be microseconds from 0 to 1000000"),
-    }
-    if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
 }
 
 /// Same, reading variables through `lookup` (tests).
@@ -114,7 +137,7 @@ fn lease_template(lookup: &impl Fn(&str) -> Option<String>) -> Result<ClientConf
     };
     let mut template = ClientConfig::for_leases();
     template.max_udp_payload = payload;
-    apply_tuning(lookup, &mut template)?;
+    Tuning::from_lookup(lookup)?.apply(&mut template);
     if let Some(name) = lookup("GPUPOOL_SERVER_NAME") {
         template.server_name = name;
     }
@@ -171,10 +194,10 @@ pub(crate) fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Cli
             None
         }
     };
-    // Checked here so that every problem is reported at once.
-    if let Err(e) = apply_tuning(&lookup, &mut ClientConfig::for_leases()) {
+    let tuning = Tuning::from_lookup(&lookup).unwrap_or_else(|e| {
         problems.push(e);
-    }
+        Tuning::default()
+    });
     let (Some(server), Some(trust), true) = (server, trust, problems.is_empty()) else {
         return Err(problems.join("; "));
     };
@@ -185,7 +208,7 @@ pub(crate) fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Cli
     if let Some(p) = payload {
         config.max_udp_payload = p;
     }
-    apply_tuning(&lookup, &mut config)?;
+    tuning.apply(&mut config);
     config.validate()?;
     Ok(config)
 }

@@ -43,13 +43,9 @@ impl Mirrors {
         }
         let end = addr.saturating_add(data.len() as u64);
         for (&start, shadow) in self.ranges.range_mut(..end) {
-            let stop = start + shadow.len() as u64;
-            if stop <= addr {
-                continue;
+            if let Some((src, dst, n)) = gpupool_proto::mirror::overlap(addr, data.len(), start, shadow.len()) {
+                shadow[dst..dst + n].copy_from_slice(&data[src..src + n]);
             }
-            let (from, to) = (addr.max(start), end.min(stop));
-            let src = &data[(from - addr) as usize..(to - addr) as usize];
-            shadow[(from - start) as usize..(to - start) as usize].copy_from_slice(src);
         }
     }
 }
