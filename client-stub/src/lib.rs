@@ -31,6 +31,6 @@ pub use handoff::LeaseHandoff;
 pub use lease::{LeasedGpu, PoolRequest};
 pub use mirror::MirrorHost;
 pub use session::{
-    DeviceBuffer, EventId, Function, JitInput, JitLinkOutput, JitLinkRequest, KernelArg, LaunchConfig, Module, Session,
-    StreamId,
+    ArrayEnd, DeviceBuffer, EventId, Function, HostSide, JitInput, JitLinkOutput, JitLinkRequest, KernelArg,
+    LaunchConfig, Module, Session, StreamId,
 };

@@ -21,9 +21,11 @@ use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod array;
 mod link;
 mod vmm;
 
+pub use array::{ArrayEnd, HostSide};
 pub use link::{JitInput, JitLinkOutput, JitLinkRequest};
 
 /// A stream of this session (0 is the default stream).
@@ -155,6 +157,7 @@ fn work_stream(op: &Op) -> Option<u32> {
         Op::Memset(m) => Some(m.stream),
         Op::StreamWaitEvent(w) => Some(w.stream),
         Op::EventRecord(r) => Some(r.stream),
+        Op::ArrayCopy(c) => Some(c.stream),
         Op::MemMap(_)
         | Op::MemUnmap(_)
         | Op::ModuleLoad(_)
@@ -183,7 +186,14 @@ fn work_stream(op: &Op) -> Option<u32> {
         | Op::CtxSetLimit(_)
         | Op::TensorMapEncode(_)
         | Op::MirrorAdd(_)
-        | Op::MirrorRemove(_) => None,
+        | Op::MirrorRemove(_)
+        | Op::ArrayCreate(_)
+        | Op::ArrayLevel(_)
+        | Op::ArrayDestroy(_)
+        | Op::TexObjectCreate(_)
+        | Op::TexObjectDestroy(_)
+        | Op::SurfObjectCreate(_)
+        | Op::SurfObjectDestroy(_) => None,
     }
 }
 
@@ -205,6 +215,7 @@ fn idle_after(op: &Op) -> Idle {
         Op::ContextSynchronize(_) => Idle::All,
         Op::StreamSynchronize(s) => Idle::Stream(s.stream),
         Op::MemcpyDtoh(c) => Idle::Stream(c.stream),
+        Op::ArrayCopy(c) if array::to_host(c) => Idle::Stream(c.stream),
         Op::StreamQuery(s) => Idle::IfReady(s.stream),
         _ => Idle::Nothing,
     }
@@ -230,6 +241,12 @@ fn dim3((x, y, z): (u32, u32, u32)) -> Option<v1::Dim3> {
     Some(v1::Dim3 { x, y, z })
 }
 
+/// Host bytes of a copy as they travel.
+enum HostBytes {
+    Inline(v1::Payload),
+    Staged(v1::StagedRef),
+}
+
 #[derive(Debug)]
 struct State {
     queue: CallQueue,
@@ -238,6 +255,7 @@ struct State {
     next_event: u32,
     next_module: u32,
     next_transfer: u64,
+    next_array: u32,
     modules: HashMap<u32, Module>,
     /// Occupancy answers by function and query: the driver's answer
     /// depends only on them and the function's attributes, so a repeated
@@ -353,6 +371,7 @@ impl Session {
             next_event: 1,
             next_module: 1,
             next_transfer: 1,
+            next_array: 1,
             modules: HashMap::new(),
             occupancy: HashMap::new(),
             globals: HashMap::new(),
@@ -669,23 +688,32 @@ impl Session {
     }
 
     fn htod_locked(&self, st: &mut State, dst: u64, src: &[u8], stream: StreamId) -> Result<()> {
-        let size = src.len() as u64;
-        st.space.check_access(dst, size)?;
-        if size <= u64::from(self.inner.welcome.max_inline_bytes) {
-            let p = payload::encode(Bytes::copy_from_slice(src), self.inner.compression);
-            let op = Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Inline(p)) });
-            return self.enqueue_plain(st, op);
+        st.space.check_access(dst, src.len() as u64)?;
+        match self.host_bytes(st, src)? {
+            HostBytes::Inline(p) => {
+                let op = Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Inline(p)) });
+                self.enqueue_plain(st, op)
+            }
+            HostBytes::Staged(staged) => {
+                let op = Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Staged(staged)) });
+                self.enqueue_plain(st, op)?;
+                // The staged bytes wait in server memory until the copy runs.
+                self.flush_locked(st)
+            }
+        }
+    }
+
+    /// Host bytes for a copy: inline up to the server's limit, else
+    /// uploaded over bulk streams first (on this thread).
+    fn host_bytes(&self, st: &mut State, src: &[u8]) -> Result<HostBytes> {
+        if src.len() as u64 <= u64::from(self.inner.welcome.max_inline_bytes) {
+            return Ok(HostBytes::Inline(payload::encode(Bytes::copy_from_slice(src), self.inner.compression)));
         }
         let id = st.next_transfer;
         st.next_transfer += 1;
-        // The upload runs on this thread before the copy is queued.
         crate::stats::note_waited();
         self.inner.transport.bulk_put(id, Bytes::copy_from_slice(src)).map_err(|e| Self::mark_dead(st, e))?;
-        let staged = v1::StagedRef { transfer_id: id, size };
-        let op = Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Staged(staged)) });
-        self.enqueue_plain(st, op)?;
-        // The staged bytes wait in server memory until the copy runs.
-        self.flush_locked(st)
+        Ok(HostBytes::Staged(v1::StagedRef { transfer_id: id, size: src.len() as u64 }))
     }
 
     /// Copies device memory into `dst`; waits for the data.
@@ -697,7 +725,13 @@ impl Session {
     fn dtoh_locked(&self, st: &mut State, dst: &mut [u8], src: u64, stream: StreamId) -> Result<()> {
         st.space.check_access(src, dst.len() as u64)?;
         let op = Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: dst.len() as u64, stream: stream.0 });
-        match self.call(st, op)? {
+        let value = self.call(st, op)?;
+        self.take_bytes(st, value, dst)
+    }
+
+    /// The bytes a copy to the host answered, inline or over bulk streams.
+    fn take_bytes(&self, st: &mut State, value: Option<Value>, dst: &mut [u8]) -> Result<()> {
+        match value {
             Some(Value::Data(p)) => {
                 let bytes = payload::decode(p, dst.len() as u64).map_err(|e| ClientError::Protocol(e.to_string()))?;
                 if bytes.len() != dst.len() {

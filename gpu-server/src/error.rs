@@ -24,6 +24,9 @@ impl CallError {
     pub fn out_of_memory(message: impl Into<String>) -> Self {
         Self::new(cuda::OUT_OF_MEMORY, message)
     }
+    pub fn not_supported(message: impl Into<String>) -> Self {
+        Self::new(cuda::NOT_SUPPORTED, message)
+    }
 }
 
 /// Errors that stop a server from starting or running.

@@ -163,6 +163,48 @@ fn op() -> impl Strategy<Value = Op> {
         (small(), number()).prop_map(|(limit, value)| Op::CtxSetLimit(v1::CtxSetLimit { limit, value })),
         (number(), number()).prop_map(|(addr, size)| Op::MirrorAdd(v1::MirrorAdd { addr, size })),
         number().prop_map(|addr| Op::MirrorRemove(v1::MirrorRemove { addr })),
+        ((small(), number(), number(), number()), (small(), small(), small(), small())).prop_map(
+            |((array, width, height, depth), (format, channels, flags, levels))| {
+                Op::ArrayCreate(v1::ArrayCreate { array, width, height, depth, format, channels, flags, levels })
+            }
+        ),
+        (small(), small(), small()).prop_map(|(array, mipmapped, level)| Op::ArrayLevel(v1::ArrayLevel {
+            array,
+            mipmapped,
+            level
+        })),
+        small().prop_map(|array| Op::ArrayDestroy(v1::ArrayDestroy { array })),
+        (copy_place(), copy_place(), (number(), number(), number()), proptest::option::of(data())).prop_map(
+            |(dst, src, (width, height, depth), bytes)| Op::ArrayCopy(v1::ArrayCopy {
+                stream: 0,
+                dst: Some(dst),
+                src: Some(src),
+                width,
+                height,
+                depth,
+                source: bytes.map(v1::array_copy::Source::Inline),
+            })
+        ),
+        (small(), number(), number(), small()).prop_map(|(array, addr, size, kind)| {
+            use v1::texture_resource::Kind;
+            let kind = match kind % 3 {
+                0 => Kind::Array(array),
+                1 => Kind::Mipmapped(array),
+                _ => Kind::Linear(v1::LinearResource { addr, format: 0x20, channels: 1, size }),
+            };
+            Op::TexObjectCreate(v1::TexObjectCreate {
+                resource: Some(v1::TextureResource { kind: Some(kind), flags: 0 }),
+                texture: Some(v1::TextureDesc {
+                    address_mode: vec![0; 3],
+                    border_color: vec![0.0; 4],
+                    ..Default::default()
+                }),
+                view: None,
+            })
+        }),
+        number().prop_map(|object| Op::TexObjectDestroy(v1::TexObjectDestroy { object })),
+        small().prop_map(|array| Op::SurfObjectCreate(v1::SurfObjectCreate { array })),
+        number().prop_map(|object| Op::SurfObjectDestroy(v1::SurfObjectDestroy { object })),
         (small(), number(), proptest::collection::vec(number(), 0..6), proptest::collection::vec(small(), 0..6))
             .prop_map(|(rank, global_address, dims, boxes)| Op::TensorMapEncode(v1::TensorMapEncode {
                 rank,
@@ -190,6 +232,26 @@ fn op() -> impl Strategy<Value = Op> {
             })
         ),
     ]
+}
+
+/// One end of an array copy.
+fn copy_place() -> impl Strategy<Value = v1::CopyPlace> {
+    use v1::copy_place::Place;
+    prop_oneof![
+        (small(), number(), number(), number()).prop_map(|(array, x, y, z)| Place::Array(v1::ArrayPlace {
+            array,
+            x,
+            y,
+            z
+        })),
+        (number(), number(), number()).prop_map(|(addr, pitch, height)| Place::Device(v1::DevicePlace {
+            addr,
+            pitch,
+            height
+        })),
+        Just(Place::Host(v1::HostPlace {})),
+    ]
+    .prop_map(|place| v1::CopyPlace { place: Some(place) })
 }
 
 fn limits() -> SessionLimits {

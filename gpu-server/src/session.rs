@@ -24,6 +24,7 @@ use gpupool_proto::{cuda, v1::memcpy_hto_d::Source};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+mod array;
 mod link;
 mod mirror;
 mod tensor_map;
@@ -70,7 +71,12 @@ struct Global {
 /// A session's state on top of a backend session `S`.
 pub struct SessionState<S: BackendSession> {
     // Field order is drop order: handles go before the backend session that
-    // owns the address range and context they live in.
+    // owns the address range and context they live in; texture and surface
+    // objects before the arrays they read.
+    /// Texture and surface objects by their driver handle.
+    objects: HashMap<u64, (array::ObjectKind, S::Object)>,
+    /// Arrays, mipmapped arrays and levels of them by client id.
+    arrays: HashMap<u32, array::ArrayEntry<S::Array>>,
     mappings: BTreeMap<u64, (u64, S::Mapping)>,
     /// The application's own VMM mappings (`VmmMap`) by address, then the
     /// physical allocations behind them by client handle.
@@ -103,6 +109,8 @@ impl<S: BackendSession> std::fmt::Debug for SessionState<S> {
             .field("globals", &self.globals.len())
             .field("streams", &self.streams.len())
             .field("events", &self.events.len())
+            .field("arrays", &self.arrays.len())
+            .field("objects", &self.objects.len())
             .finish()
     }
 }
@@ -122,6 +130,8 @@ type CallOutcome = Result<Option<Value>, CallError>;
 impl<S: BackendSession> SessionState<S> {
     pub fn new(dev: S, limits: SessionLimits, staging: Arc<Staging>, images: Arc<ImageCache>) -> Self {
         Self {
+            objects: HashMap::new(),
+            arrays: HashMap::new(),
             mappings: BTreeMap::new(),
             vmm_maps: BTreeMap::new(),
             vmm_handles: HashMap::new(),
@@ -326,6 +336,15 @@ impl<S: BackendSession> SessionState<S> {
             Op::JitLink(l) => self.jit_link(l),
             Op::MirrorAdd(m) => self.mirror_add(m),
             Op::MirrorRemove(m) => self.mirror_remove(m.addr),
+            // Arrays, textures and surfaces (session/array.rs).
+            Op::ArrayCreate(c) => self.array_create(c),
+            Op::ArrayLevel(l) => self.array_level(l),
+            Op::ArrayDestroy(d) => self.array_destroy(d.array),
+            Op::ArrayCopy(c) => self.array_copy(c),
+            Op::TexObjectCreate(t) => self.tex_object_create(t),
+            Op::TexObjectDestroy(t) => self.object_destroy(array::ObjectKind::Texture, t.object),
+            Op::SurfObjectCreate(c) => self.surf_object_create(c),
+            Op::SurfObjectDestroy(d) => self.object_destroy(array::ObjectKind::Surface, d.object),
         }
     }
 
@@ -378,12 +397,7 @@ impl<S: BackendSession> SessionState<S> {
                 "mapping {addr:#x} (+{size}) is outside this session's range"
             )));
         }
-        if self.mapped_bytes + size > self.limits.memory_quota {
-            return Err(CallError::out_of_memory(format!(
-                "mapping {size} bytes would exceed the session quota of {} bytes ({} in use)",
-                self.limits.memory_quota, self.mapped_bytes
-            )));
-        }
+        self.charge(size, "mapping")?;
         let before = self.mappings.range(..addr).next_back().is_some_and(|(&s, &(l, _))| s + l > addr);
         let after = self.mappings.range(addr..).next().is_some_and(|(&s, _)| s < end);
         if before || after || self.vmm_overlaps(addr, end) {
@@ -393,6 +407,18 @@ impl<S: BackendSession> SessionState<S> {
         self.mappings.insert(addr, (size, mapping));
         self.mapped_bytes += size;
         Ok(None)
+    }
+
+    /// Refuses `size` more bytes of device memory beyond the quota (`what`
+    /// names them in the error).
+    fn charge(&self, size: u64, what: &str) -> Result<(), CallError> {
+        if self.mapped_bytes.saturating_add(size) > self.limits.memory_quota {
+            return Err(CallError::out_of_memory(format!(
+                "{what} of {size} bytes would exceed the session quota of {} bytes ({} in use)",
+                self.limits.memory_quota, self.mapped_bytes
+            )));
+        }
+        Ok(())
     }
 
     fn mem_unmap(&mut self, addr: u64) -> CallOutcome {
@@ -678,6 +704,10 @@ fn synchronizes(op: &Op) -> bool {
             | Op::EventQuery(_)
             | Op::ContextSynchronize(_)
             | Op::MemcpyDtoh(_)
+            | Op::ArrayCopy(v1::ArrayCopy {
+                dst: Some(v1::CopyPlace { place: Some(v1::copy_place::Place::Host(_)) }),
+                ..
+            })
     )
 }
 
@@ -742,8 +772,9 @@ fn new_id<T>(table: &HashMap<u32, T>, id: u32, kind: &str, max: usize) -> Result
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::device::emulated::{EmulatedDevice, EmulatedSession, GRANULARITY};
-    use crate::device::{Backend, DeviceResult, FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM};
+    pub(crate) use crate::device::emulated::GRANULARITY;
+    use crate::device::emulated::{EmulatedDevice, EmulatedSession};
+    use crate::device::{Backend, DeviceResult, FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM, texture};
 
     pub(crate) fn limits() -> SessionLimits {
         SessionLimits {
@@ -763,12 +794,12 @@ pub(crate) mod tests {
         SessionState::new(dev, limits(), Arc::new(Staging::new(1 << 24, 8)), Arc::new(ImageCache::new(None, 1 << 20)))
     }
 
-    fn session() -> SessionState<EmulatedSession> {
+    pub(crate) fn session() -> SessionState<EmulatedSession> {
         let dev = EmulatedDevice::new(1 << 30);
         state(dev.open_session(limits().va_size).expect("session"))
     }
 
-    fn code(r: CallOutcome) -> u32 {
+    pub(crate) fn code(r: CallOutcome) -> u32 {
         r.map(|_| 0).unwrap_or_else(|e| e.code)
     }
 
@@ -1151,6 +1182,8 @@ pub(crate) mod tests {
         type Module = <EmulatedSession as BackendSession>::Module;
         type Stream = <EmulatedSession as BackendSession>::Stream;
         type Event = <EmulatedSession as BackendSession>::Event;
+        type Array = <EmulatedSession as BackendSession>::Array;
+        type Object = <EmulatedSession as BackendSession>::Object;
 
         fn va_base(&self) -> u64 {
             self.inner.va_base()
@@ -1256,6 +1289,50 @@ pub(crate) mod tests {
         }
         fn synchronize(&mut self) -> DeviceResult<()> {
             self.inner.synchronize()
+        }
+        fn array_create(&mut self, desc: &texture::ArrayDesc, levels: u32) -> DeviceResult<Self::Array> {
+            self.inner.array_create(desc, levels)
+        }
+        fn array_level(&mut self, mipmapped: &Self::Array, level: u32) -> DeviceResult<Self::Array> {
+            self.inner.array_level(mipmapped, level)
+        }
+        fn array_copy(
+            &mut self,
+            stream: Option<&Self::Stream>,
+            dst: texture::Place<Self::Array>,
+            src: texture::Place<Self::Array>,
+            extent: texture::Extent,
+        ) -> DeviceResult<()> {
+            self.inner.array_copy(stream, dst, src, extent)
+        }
+        fn array_write(
+            &mut self,
+            stream: Option<&Self::Stream>,
+            dst: texture::Place<Self::Array>,
+            data: &[u8],
+            extent: texture::Extent,
+        ) -> DeviceResult<()> {
+            self.inner.array_write(stream, dst, data, extent)
+        }
+        fn array_read(
+            &mut self,
+            stream: Option<&Self::Stream>,
+            src: texture::Place<Self::Array>,
+            out: &mut [u8],
+            extent: texture::Extent,
+        ) -> DeviceResult<()> {
+            self.inner.array_read(stream, src, out, extent)
+        }
+        fn texture_create(
+            &mut self,
+            resource: texture::Resource<Self::Array>,
+            desc: &texture::TextureDesc,
+            view: Option<&texture::ViewDesc>,
+        ) -> DeviceResult<(u64, Self::Object)> {
+            self.inner.texture_create(resource, desc, view)
+        }
+        fn surface_create(&mut self, array: &Self::Array) -> DeviceResult<(u64, Self::Object)> {
+            self.inner.surface_create(array)
         }
     }
 

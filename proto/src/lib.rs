@@ -25,6 +25,7 @@ pub mod payload;
 #[cfg(feature = "quic")]
 pub mod quic;
 pub mod replay;
+pub mod texture_abi;
 
 /// Generated prost types of package `gpupool.v1`.
 #[allow(missing_docs, unreachable_pub, missing_debug_implementations, clippy::all)]

@@ -34,12 +34,13 @@ out="${out:-$repo/target/programs}"
 # emulated device included). GPU programs launch kernels.
 ci_c=(driver_api vmm_nokernel mapped_nokernel
       driver_features ctx_create)
-ci_cu=(runtime_nokernel graphs_nokernel managed_nokernel)
+ci_cu=(runtime_nokernel graphs_nokernel managed_nokernel arrays_nokernel)
 gpu_cu=(vector_add matmul_tiled templated device_globals streams_events
         cublas_sgemm cublas_halfgemm cufft_transforms bench_loop
         vmm_kernels jit_link
         device_printf launch_config cooperative ctx_limits
-        graphs_kernels mempool_kernels tensor_map mapped_kernels managed_kernels)
+        graphs_kernels mempool_kernels tensor_map mapped_kernels managed_kernels
+        textures_kernels)
 declare -A extra_libs=([cublas_sgemm]="-lcublas" [cublas_halfgemm]="-lcublas"
                        [cufft_transforms]="-lcufft")
 

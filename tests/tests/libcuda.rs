@@ -186,6 +186,22 @@ fn managed_memory_program() -> Result<()> {
     )
 }
 
+#[test]
+fn arrays_and_textures_program() -> Result<()> {
+    passes_printing(
+        "arrays_nokernel",
+        &[
+            "2D 300x200: info 32,32,32,32 kind 2 extent 300x200x0 flags 2",
+            "3D 8x4x5 flags 1: extent 8x4x5 flags 1",
+            "mipmap level 3: 8x8 same handle 1",
+            "surface: resource 0 same array 1",
+            "cube map 16x8: cudaErrorInvalidValue",
+            "copy past the array: cudaErrorInvalidValue",
+            "arrays_nokernel: done",
+        ],
+    )
+}
+
 /// A program that exits ends its session at once (the stub closes it from
 /// an exit handler, after the CUDA runtime's teardown calls): the server
 /// does not keep its worker and memory until the idle timeout and resume

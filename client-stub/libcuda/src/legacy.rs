@@ -127,17 +127,8 @@ pub mod not_supported {
         cuGraphicsMapResources_ptsz
         cuGraphicsUnmapResources_ptsz
         cuMemMapArrayAsync_ptsz
-        cuMemcpy3DAsync_v2_ptsz
         cuMemcpy3DPeerAsync_ptsz
         cuMemcpy3DPeer_ptds
-        cuMemcpy3D_v2_ptds
-        cuMemcpyAtoA_v2_ptds
-        cuMemcpyAtoD_v2_ptds
-        cuMemcpyAtoHAsync_v2_ptsz
-        cuMemcpyAtoH_v2_ptds
-        cuMemcpyDtoA_v2_ptds
-        cuMemcpyHtoAAsync_v2_ptsz
-        cuMemcpyHtoA_v2_ptds
         cuMemcpyPeerAsync_ptsz
         cuMemcpyPeer_ptds
         cuSignalExternalSemaphoresAsync_ptsz

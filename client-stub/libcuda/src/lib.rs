@@ -20,6 +20,7 @@
 //!   stream capture, the one "capturing?" check of every stream call;
 //!   [`mempool`]: the stream-ordered allocator and graph memory;
 //! - [`tensor_map`]: TMA descriptors, encoded by the server's driver;
+//! - [`texture`]: arrays, 3D copies, texture and surface objects;
 //! - [`proc_address`]: `cuGetProcAddress` over every export;
 //! - [`export_tables`]: `cuGetExportTable`, the runtime's private tables;
 //! - [`unsupported`]: entry points that return `CUDA_ERROR_NOT_SUPPORTED`;
@@ -104,5 +105,6 @@ pub mod proc_address;
 pub mod runtime;
 pub mod stream;
 pub mod tensor_map;
+pub mod texture;
 pub mod unsupported;
 pub mod vmm;

@@ -12,6 +12,7 @@ use crate::hostmem;
 use crate::runtime::{PRIMARY, Runtime, Tag, handle};
 use cudarc::driver::sys::{CUDA_MEMCPY2D, CUdeviceptr, CUstream};
 use gpupool_client::StreamId;
+use gpupool_proto::texture_abi::Memcpy3d;
 use std::ffi::{c_uint, c_void};
 
 /// Pitch alignment of cuMemAllocPitch rows.
@@ -212,54 +213,37 @@ struct Memcpy2D {
 
 const _: () = assert!(std::mem::size_of::<Memcpy2D>() == std::mem::size_of::<CUDA_MEMCPY2D>());
 
-/// The first byte of one end of a 2D copy.
-#[allow(clippy::too_many_arguments)]
-fn end_2d(
-    rt: &Runtime,
-    kind: u32,
-    host: usize,
-    device: u64,
-    array: usize,
-    x: usize,
-    y: usize,
-    pitch: usize,
-) -> CuResult<Loc> {
-    let offset = y.checked_mul(pitch).and_then(|o| o.checked_add(x)).ok_or(CuError::INVALID_VALUE)?;
-    match kind {
-        1 => Ok(Loc::Host(host + offset)),
-        2 => Ok(Loc::Device(device + offset as u64)),
-        4 => Ok(match classify(rt, device) {
-            Loc::Device(d) => Loc::Device(d + offset as u64),
-            Loc::Host(h) => Loc::Host(h + offset),
-        }),
-        3 if array != 0 => Err(CuError::NOT_SUPPORTED),
-        _ => Err(CuError::INVALID_VALUE),
-    }
-}
-
+/// A 2D copy is a 3D copy of one slice (`texture::copy_3d`).
 fn copy_2d(p: *const CUDA_MEMCPY2D, stream: CUstream) -> CuResult {
-    let rt = Runtime::with_context()?;
-    let route = capture::route(rt, stream)?;
     // SAFETY: `p` points to a CUDA_MEMCPY2D (CUDA contract); `Memcpy2D`
     // has the same layout with integer fields in place of enums.
     let c = unsafe { crate::abi::get(p.cast::<Memcpy2D>()) }?;
-    if c.height > 1 && (c.src_pitch < c.width || c.dst_pitch < c.width) {
-        return Err(CuError::INVALID_VALUE);
-    }
-    let src = end_2d(rt, c.src_type, c.src_host, c.src_device, c.src_array, c.src_x, c.src_y, c.src_pitch)?;
-    let dst = end_2d(rt, c.dst_type, c.dst_host, c.dst_device, c.dst_array, c.dst_x, c.dst_y, c.dst_pitch)?;
-    let end = |l: Loc, pitch: usize| match l {
-        Loc::Host(h) => End { device: false, addr: h as u64, pitch, height: c.height },
-        Loc::Device(d) => End { device: true, addr: d, pitch, height: c.height },
-    };
-    let copy =
-        Copy3D { dst: end(dst, c.dst_pitch), src: end(src, c.src_pitch), width: c.width, height: c.height, depth: 1 };
-    if c.width == 0 || c.height == 0 {
-        return Ok(());
-    }
-    match route {
-        Route::Send(s) => run_copy(rt, &copy, s),
-        Route::Capture(s) => capture::add(s, Op::Memcpy(copy)).map(drop),
+    crate::texture::copy_3d(&as_3d(&c), stream)
+}
+
+/// A 2D copy as the 3D copy it is (one slice).
+fn as_3d(c: &Memcpy2D) -> Memcpy3d {
+    Memcpy3d {
+        src_x: c.src_x,
+        src_y: c.src_y,
+        src_type: c.src_type,
+        src_host: c.src_host as *const c_void,
+        src_device: c.src_device,
+        src_array: c.src_array as *mut c_void,
+        src_pitch: c.src_pitch,
+        src_height: c.height,
+        dst_x: c.dst_x,
+        dst_y: c.dst_y,
+        dst_type: c.dst_type,
+        dst_host: c.dst_host as *mut c_void,
+        dst_device: c.dst_device,
+        dst_array: c.dst_array as *mut c_void,
+        dst_pitch: c.dst_pitch,
+        dst_height: c.height,
+        width: c.width,
+        height: c.height,
+        depth: 1,
+        ..Default::default()
     }
 }
 

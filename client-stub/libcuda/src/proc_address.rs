@@ -87,6 +87,7 @@ fn exports() -> &'static HashMap<&'static str, usize> {
             crate::export_tables::table(),
             crate::vmm::table(),
             crate::tensor_map::table(),
+            crate::texture::table(),
             crate::link::table(),
             // Graphs, stream capture, memory pools (issue 16, items 4-5).
             crate::graph_api::table(),

@@ -26,6 +26,8 @@ pub(crate) enum Tag {
     Function = 0x15,
     Library = 0x16,
     Kernel = 0x17,
+    Array = 0x18,
+    MipmappedArray = 0x19,
 }
 
 const TAG_SHIFT: u32 = 40;
@@ -94,6 +96,8 @@ pub(crate) struct Tables {
     pub(crate) unusable: HashMap<u32, (u32, Vec<String>)>,
     pub(crate) next_context: u64,
     pub(crate) cache_config: u32,
+    /// Arrays, texture and surface objects (`texture.rs`).
+    pub(crate) textures: crate::texture::Tables,
 }
 
 /// The process's connection to its virtual GPU.

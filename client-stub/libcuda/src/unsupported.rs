@@ -15,11 +15,6 @@
 //! of date (`proc_address::symbol_lists`, `gpupool_ffi::symbols`).
 
 crate::unsupported! {
-    cuArray3DCreate_v2
-    cuArray3DGetDescriptor_v2
-    cuArrayCreate_v2
-    cuArrayDestroy
-    cuArrayGetDescriptor_v2
     cuArrayGetMemoryRequirements
     cuArrayGetPlane
     cuArrayGetSparseProperties
@@ -107,24 +102,12 @@ crate::unsupported! {
     cuMemGetHandleForAddressRange
     cuMemMapArrayAsync
     cuMemPrefetchBatchAsync
-    cuMemcpy3DAsync_v2
     cuMemcpy3DBatchAsync_v2
     cuMemcpy3DPeer
     cuMemcpy3DPeerAsync
-    cuMemcpy3D_v2
-    cuMemcpyAtoA_v2
-    cuMemcpyAtoD_v2
-    cuMemcpyAtoHAsync_v2
-    cuMemcpyAtoH_v2
     cuMemcpyBatchAsync_v2
-    cuMemcpyDtoA_v2
-    cuMemcpyHtoAAsync_v2
-    cuMemcpyHtoA_v2
     cuMemcpyPeer
     cuMemcpyPeerAsync
-    cuMipmappedArrayCreate
-    cuMipmappedArrayDestroy
-    cuMipmappedArrayGetLevel
     cuMipmappedArrayGetMemoryRequirements
     cuMipmappedArrayGetSparseProperties
     cuModuleGetSurfRef
@@ -154,17 +137,9 @@ crate::unsupported! {
     cuStreamWaitValue64_v2
     cuStreamWriteValue32_v2
     cuStreamWriteValue64_v2
-    cuSurfObjectCreate
-    cuSurfObjectDestroy
-    cuSurfObjectGetResourceDesc
     cuSurfRefGetArray
     cuSurfRefSetArray
     cuTensorMapEncodeIm2colWide
-    cuTexObjectCreate
-    cuTexObjectDestroy
-    cuTexObjectGetResourceDesc
-    cuTexObjectGetResourceViewDesc
-    cuTexObjectGetTextureDesc
     cuTexRefCreate
     cuTexRefDestroy
     cuTexRefGetAddressMode

@@ -20,8 +20,10 @@ mod driver;
 mod link;
 mod nvrtc;
 mod resources;
+mod texture;
 
 pub use resources::{Allocation, Event, Mapping, Module, Stream};
+pub use texture::{Array, Object};
 
 use super::{
     Backend, BackendSession, CONTEXT_LIMITS, DeviceDescription, DeviceResult, FunctionInfo, ImageKind, LaunchAttrs,
@@ -568,6 +570,8 @@ impl CudaSession {
 
 impl BackendSession for CudaSession {
     type Mapping = Mapping;
+    type Array = Array;
+    type Object = Object;
     type Allocation = Rc<Allocation>;
     type Module = Module;
     type Stream = Stream;
@@ -921,6 +925,57 @@ impl BackendSession for CudaSession {
     fn synchronize(&mut self) -> DeviceResult<()> {
         // SAFETY: the device's context is current on this thread.
         driver::check(unsafe { sys::cuCtxSynchronize() }, "cuCtxSynchronize")
+    }
+
+    fn array_create(&mut self, desc: &super::texture::ArrayDesc, levels: u32) -> DeviceResult<Array> {
+        texture::array_create(&self.device.context, desc, levels)
+    }
+
+    fn array_level(&mut self, mipmapped: &Array, level: u32) -> DeviceResult<Array> {
+        texture::array_level(mipmapped, level)
+    }
+
+    fn array_copy(
+        &mut self,
+        stream: Option<&Stream>,
+        dst: super::texture::Place<Array>,
+        src: super::texture::Place<Array>,
+        extent: super::texture::Extent,
+    ) -> DeviceResult<()> {
+        texture::array_copy(stream, dst, src, extent)
+    }
+
+    fn array_write(
+        &mut self,
+        stream: Option<&Stream>,
+        dst: super::texture::Place<Array>,
+        data: &[u8],
+        extent: super::texture::Extent,
+    ) -> DeviceResult<()> {
+        texture::array_write(stream, dst, data, extent)
+    }
+
+    fn array_read(
+        &mut self,
+        stream: Option<&Stream>,
+        src: super::texture::Place<Array>,
+        out: &mut [u8],
+        extent: super::texture::Extent,
+    ) -> DeviceResult<()> {
+        texture::array_read(stream, src, out, extent)
+    }
+
+    fn texture_create(
+        &mut self,
+        resource: super::texture::Resource<Array>,
+        desc: &super::texture::TextureDesc,
+        view: Option<&super::texture::ViewDesc>,
+    ) -> DeviceResult<(u64, Object)> {
+        texture::texture_create(resource, desc, view)
+    }
+
+    fn surface_create(&mut self, array: &Array) -> DeviceResult<(u64, Object)> {
+        texture::surface_create(array)
     }
 }
 

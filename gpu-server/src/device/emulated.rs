@@ -12,7 +12,7 @@ use super::{
     ACCESS_NONE, ACCESS_READ, ACCESS_READWRITE, Backend, BackendSession, DeviceDescription, DeviceResult,
     FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, FUNC_ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT, FunctionInfo, ImageKind,
     LIMIT_PRINTF_FIFO_SIZE, LaunchAttrs, LaunchDims, LaunchEvents, LinkOutput, LinkRequest, Occupancy, OccupancyQuery,
-    builtin, fatbin_wrapper_error, image_kind,
+    builtin, fatbin_wrapper_error, image_kind, texture,
 };
 use crate::error::CallError;
 use gpupool_proto::cuda;
@@ -271,6 +271,7 @@ impl Backend for EmulatedDevice {
             sm: self.sm,
             limits: BTreeMap::from(DEFAULT_LIMITS),
             printf: builtin::PrintfFifo { bytes: Vec::new(), capacity: 1 << 20 },
+            next_object: 0,
         })
     }
 }
@@ -301,6 +302,8 @@ pub struct EmulatedSession {
     limits: BTreeMap<u32, u64>,
     /// Device printf output waiting for the next synchronization.
     pub(crate) printf: builtin::PrintfFifo,
+    /// The last texture or surface object handle given out.
+    next_object: u64,
 }
 
 impl EmulatedSession {
@@ -359,6 +362,52 @@ pub struct Stream;
 #[derive(Debug)]
 pub struct Event {
     recorded_ms: Option<f64>,
+}
+
+/// A CUDA array: host bytes per level, packed (rows of `row_bytes`, then
+/// slices); a level names its mipmapped array's storage.
+#[derive(Debug, Clone)]
+pub struct Array {
+    levels: Rc<Vec<RefCell<Vec<u8>>>>,
+    level: usize,
+    desc: texture::ArrayDesc,
+}
+
+/// A texture or surface object: it keeps what it reads alive.
+#[derive(Debug)]
+pub struct Object {
+    _array: Option<Array>,
+}
+
+impl Array {
+    /// Offset of `(x, y, z)` in this level's bytes.
+    fn offset(&self, x: u64, y: u64, z: u64) -> usize {
+        let d = &self.desc;
+        ((z * d.rows() + y) * d.row_bytes() + x) as usize
+    }
+}
+
+/// Calls `row` for each row of `extent` at `place`, with where the row lies
+/// and its offset in the packed bytes.
+fn each_row<A>(place: &texture::Place<A>, extent: texture::Extent, mut row: impl FnMut(RowAt<'_, A>, usize)) {
+    let width = extent.width as usize;
+    let mut pos = 0;
+    for z in 0..extent.depth {
+        for y in 0..extent.height {
+            let at = match *place {
+                texture::Place::Array { ref array, x, y: y0, z: z0 } => RowAt::Array(array, x, y0 + y, z0 + z),
+                texture::Place::Device { addr, pitch, height } => RowAt::Device(addr + z * pitch * height + y * pitch),
+            };
+            row(at, pos);
+            pos += width;
+        }
+    }
+}
+
+/// Where one row of a copy lies.
+enum RowAt<'a, A> {
+    Array(&'a A, u64, u64, u64),
+    Device(u64),
 }
 
 struct Mem<'a>(&'a Store);
@@ -426,8 +475,54 @@ impl builtin::Memory for Mem<'_> {
     }
 }
 
+impl EmulatedSession {
+    fn read_place(&self, src: &texture::Place<Array>, out: &mut [u8], extent: texture::Extent) -> DeviceResult<()> {
+        let width = extent.width as usize;
+        let mem = Mem(&self.memory);
+        let mut result = Ok(());
+        each_row(src, extent, |at, pos| {
+            let dst = &mut out[pos..pos + width];
+            match at {
+                RowAt::Array(a, x, y, z) => {
+                    let off = a.offset(x, y, z);
+                    dst.copy_from_slice(&a.levels[a.level].borrow()[off..off + width]);
+                }
+                RowAt::Device(addr) => {
+                    if result.is_ok() {
+                        result = builtin::Memory::load(&mem, addr, dst);
+                    }
+                }
+            }
+        });
+        result
+    }
+
+    fn write_place(&mut self, dst: &texture::Place<Array>, data: &[u8], extent: texture::Extent) -> DeviceResult<()> {
+        let width = extent.width as usize;
+        let mut mem = Mem(&self.memory);
+        let mut result = Ok(());
+        each_row(dst, extent, |at, pos| {
+            let src = &data[pos..pos + width];
+            match at {
+                RowAt::Array(a, x, y, z) => {
+                    let off = a.offset(x, y, z);
+                    a.levels[a.level].borrow_mut()[off..off + width].copy_from_slice(src);
+                }
+                RowAt::Device(addr) => {
+                    if result.is_ok() {
+                        result = builtin::Memory::store(&mut mem, addr, src);
+                    }
+                }
+            }
+        });
+        result
+    }
+}
+
 impl BackendSession for EmulatedSession {
     type Mapping = Mapping;
+    type Array = Array;
+    type Object = Object;
     type Allocation = Allocation;
     type Module = Module;
     type Stream = Stream;
@@ -728,5 +823,84 @@ impl BackendSession for EmulatedSession {
     fn synchronize(&mut self) -> DeviceResult<()> {
         self.flush_printf();
         Ok(())
+    }
+
+    fn array_create(&mut self, desc: &texture::ArrayDesc, levels: u32) -> DeviceResult<Array> {
+        let storage = (0..levels.max(1))
+            .map(|l| {
+                let bytes = desc.level(l).bytes().ok_or_else(|| CallError::invalid_value("array size overflows"))?;
+                let mut v = Vec::new();
+                v.try_reserve_exact(bytes as usize)
+                    .map_err(|_| CallError::out_of_memory(format!("cannot allocate an array of {bytes} bytes")))?;
+                v.resize(bytes as usize, 0);
+                Ok(RefCell::new(v))
+            })
+            .collect::<DeviceResult<Vec<_>>>()?;
+        Ok(Array { levels: Rc::new(storage), level: 0, desc: *desc })
+    }
+
+    fn array_level(&mut self, mipmapped: &Array, level: u32) -> DeviceResult<Array> {
+        if level as usize >= mipmapped.levels.len() {
+            return Err(CallError::invalid_value(format!("level {level} of {}", mipmapped.levels.len())));
+        }
+        Ok(Array { levels: mipmapped.levels.clone(), level: level as usize, desc: mipmapped.desc.level(level) })
+    }
+
+    fn array_copy(
+        &mut self,
+        _: Option<&Stream>,
+        dst: texture::Place<Array>,
+        src: texture::Place<Array>,
+        extent: texture::Extent,
+    ) -> DeviceResult<()> {
+        let mut tmp = vec![0u8; extent.bytes().unwrap_or(0) as usize];
+        self.read_place(&src, &mut tmp, extent)?;
+        self.write_place(&dst, &tmp, extent)
+    }
+
+    fn array_write(
+        &mut self,
+        _: Option<&Stream>,
+        dst: texture::Place<Array>,
+        data: &[u8],
+        extent: texture::Extent,
+    ) -> DeviceResult<()> {
+        self.write_place(&dst, data, extent)
+    }
+
+    /// A copy to the host synchronizes, and so flushes device printf.
+    fn array_read(
+        &mut self,
+        _: Option<&Stream>,
+        src: texture::Place<Array>,
+        out: &mut [u8],
+        extent: texture::Extent,
+    ) -> DeviceResult<()> {
+        self.flush_printf();
+        self.read_place(&src, out, extent)
+    }
+
+    /// Objects get handles of their own; the emulator has no texture unit
+    /// to read them with (its kernels are the built-in ones).
+    fn texture_create(
+        &mut self,
+        resource: texture::Resource<Array>,
+        _: &texture::TextureDesc,
+        _: Option<&texture::ViewDesc>,
+    ) -> DeviceResult<(u64, Object)> {
+        let array = match resource {
+            texture::Resource::Array(a) | texture::Resource::Mipmapped(a) => Some(a),
+            texture::Resource::Linear { .. } | texture::Resource::Pitch2d { .. } => None,
+        };
+        self.next_object += 1;
+        Ok((self.next_object, Object { _array: array }))
+    }
+
+    fn surface_create(&mut self, array: &Array) -> DeviceResult<(u64, Object)> {
+        if array.desc.flags & texture::ARRAY_SURFACE_LDST == 0 {
+            return Err(CallError::invalid_value("a surface needs an array made with CUDA_ARRAY3D_SURFACE_LDST"));
+        }
+        self.next_object += 1;
+        Ok((self.next_object, Object { _array: Some(array.clone()) }))
     }
 }

@@ -11,6 +11,7 @@
 pub mod builtin;
 pub mod cuda;
 pub mod emulated;
+pub mod texture;
 
 use crate::error::CallError;
 use std::collections::BTreeMap;
@@ -345,6 +346,12 @@ pub trait BackendSession: 'static {
     type Module;
     type Stream;
     type Event;
+    /// A CUDA array, a mipmapped array or one level of one (which keeps
+    /// its mipmapped array alive); dropping it destroys what it owns.
+    type Array: Clone;
+    /// A texture or surface object; dropping it destroys the object. It
+    /// keeps the array it reads alive.
+    type Object;
 
     /// First address of the reserved range.
     fn va_base(&self) -> u64;
@@ -436,4 +443,45 @@ pub trait BackendSession: 'static {
     fn event_elapsed(&mut self, start: &Self::Event, end: &Self::Event) -> DeviceResult<f32>;
     /// Waits for all work of the session.
     fn synchronize(&mut self) -> DeviceResult<()>;
+
+    /// Creates an array of a checked shape; with `levels` > 0 a mipmapped
+    /// array of that many levels.
+    fn array_create(&mut self, desc: &texture::ArrayDesc, levels: u32) -> DeviceResult<Self::Array>;
+    /// Level `level` of a mipmapped array.
+    fn array_level(&mut self, mipmapped: &Self::Array, level: u32) -> DeviceResult<Self::Array>;
+    /// Copies `extent` between two device-side places, at least one an
+    /// array (checked against both by the caller).
+    fn array_copy(
+        &mut self,
+        stream: Option<&Self::Stream>,
+        dst: texture::Place<Self::Array>,
+        src: texture::Place<Self::Array>,
+        extent: texture::Extent,
+    ) -> DeviceResult<()>;
+    /// Copies packed host bytes (`extent.bytes()` of them) into an array.
+    fn array_write(
+        &mut self,
+        stream: Option<&Self::Stream>,
+        dst: texture::Place<Self::Array>,
+        data: &[u8],
+        extent: texture::Extent,
+    ) -> DeviceResult<()>;
+    /// Copies from an array into packed host bytes.
+    fn array_read(
+        &mut self,
+        stream: Option<&Self::Stream>,
+        src: texture::Place<Self::Array>,
+        out: &mut [u8],
+        extent: texture::Extent,
+    ) -> DeviceResult<()>;
+    /// Creates a texture object; its handle is what kernels take.
+    fn texture_create(
+        &mut self,
+        resource: texture::Resource<Self::Array>,
+        desc: &texture::TextureDesc,
+        view: Option<&texture::ViewDesc>,
+    ) -> DeviceResult<(u64, Self::Object)>;
+    /// Creates a surface object on an array made for surface loads and
+    /// stores.
+    fn surface_create(&mut self, array: &Self::Array) -> DeviceResult<(u64, Self::Object)>;
 }

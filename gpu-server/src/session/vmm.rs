@@ -94,12 +94,7 @@ impl<S: BackendSession> SessionState<S> {
             return Err(CallError::invalid_value("cuMemCreate of 0 bytes"));
         }
         self.check_granular("cuMemCreate", &[("size", c.size)])?;
-        if self.mapped_bytes.saturating_add(c.size) > self.limits.memory_quota {
-            return Err(CallError::out_of_memory(format!(
-                "allocating {} bytes would exceed the session quota of {} bytes ({} in use)",
-                c.size, self.limits.memory_quota, self.mapped_bytes
-            )));
-        }
+        self.charge(c.size, "an allocation")?;
         let allocation = self.dev.create(c.size)?;
         self.vmm_handles.insert(c.handle, VmmHandle { size: c.size, refs: 1, maps: 0, allocation });
         self.mapped_bytes += c.size;
