@@ -193,7 +193,9 @@ fn work_stream(op: &Op) -> Option<u32> {
         | Op::TexObjectCreate(_)
         | Op::TexObjectDestroy(_)
         | Op::SurfObjectCreate(_)
-        | Op::SurfObjectDestroy(_) => None,
+        | Op::SurfObjectDestroy(_)
+        | Op::StreamSetAttribute(_)
+        | Op::StreamGetAttribute(_) => None,
     }
 }
 
@@ -1036,6 +1038,28 @@ impl Session {
         self.enqueue(&mut st, Op::StreamCreate(v1::StreamCreate { stream: id, flags, priority }))?;
         st.streams.insert(id);
         Ok(StreamId(id))
+    }
+
+    /// `cuStreamSetAttribute`, queued: `value` is the 64-byte
+    /// `CUstreamAttrValue`.
+    pub fn stream_set_attribute(&self, s: StreamId, attribute: u32, value: [u8; 64]) -> Result<()> {
+        let mut st = self.lock();
+        let op =
+            Op::StreamSetAttribute(v1::StreamSetAttribute { stream: s.0, attribute, value: value.to_vec().into() });
+        self.enqueue(&mut st, op)
+    }
+
+    /// `cuStreamGetAttribute`: the server's driver answers (one round trip,
+    /// after the work queued so far, sets included).
+    pub fn stream_get_attribute(&self, s: StreamId, attribute: u32) -> Result<[u8; 64]> {
+        let mut st = self.lock();
+        let op = Op::StreamGetAttribute(v1::StreamGetAttribute { stream: s.0, attribute });
+        match self.call(&mut st, op)? {
+            Some(Value::StreamAttribute(v)) => {
+                v[..].try_into().map_err(|_| ClientError::Protocol(format!("a stream attribute of {} bytes", v.len())))
+            }
+            other => Err(ClientError::Protocol(format!("unexpected stream attribute result {other:?}"))),
+        }
     }
 
     pub fn stream_destroy(&self, s: StreamId) -> Result<()> {
