@@ -300,6 +300,8 @@ struct Inner {
     transport: Box<dyn Transport>,
     state: Mutex<State>,
     welcome: v1::Welcome,
+    /// The device's launch limits, read once from `welcome`.
+    launch_limits: crate::launch_check::DeviceLimits,
     compression: Compression,
     /// The balancer's lease the session runs under; dropped after the
     /// transport, so the server sees the session end before the release.
@@ -389,6 +391,7 @@ impl Session {
             inner: Arc::new(Inner {
                 transport,
                 state: Mutex::new(state),
+                launch_limits: welcome.device.as_ref().map(crate::launch_check::DeviceLimits::of).unwrap_or_default(),
                 welcome,
                 compression,
                 lease: None,
@@ -963,20 +966,11 @@ impl Session {
             shared_mem_bytes: cfg.shared_mem_bytes,
             cluster,
         };
-        // Borrowed: the device description (an attributes map of ~150
-        // entries) is checked against on every launch; no copy per launch.
-        let no_device;
-        let device = match &self.inner.welcome.device {
-            Some(d) => d,
-            None => {
-                no_device = v1::DeviceInfo::default();
-                &no_device
-            }
-        };
-        let info = self.module(f.module).and_then(|m| m.functions.get(f.index as usize).cloned());
-        crate::launch_check::check(device, info.as_deref().unwrap_or(&f.info), &shape)?;
         let cooperative = attributes.as_ref().is_some_and(|a| a.cooperative);
+        // One lock for the function's current attributes and the queue.
         let mut st = self.lock();
+        let info = st.modules.get(&f.module).and_then(|m| m.functions.get(f.index as usize));
+        crate::launch_check::check(&self.inner.launch_limits, info.unwrap_or(&f.info), &shape)?;
         let op = Op::Launch(v1::Launch {
             module: f.module,
             function: f.index,
