@@ -37,6 +37,8 @@ fn rss(pid: u32) -> u64 {
 struct Tally {
     rounds: AtomicU64,
     bytes_checked: AtomicU64,
+    /// Clients that finished their first round.
+    working: AtomicU64,
 }
 
 /// One round of work with every result checked: a kernel and copies of an
@@ -73,6 +75,9 @@ fn work_until(s: &Session, stop: &AtomicBool, tally: &Tally, seed: u64) -> Resul
         let bytes = round(s, &m, seed.wrapping_add(i.wrapping_mul(7919)))?;
         tally.rounds.fetch_add(1, Ordering::Relaxed);
         tally.bytes_checked.fetch_add(bytes, Ordering::Relaxed);
+        if i == 0 {
+            tally.working.fetch_add(1, Ordering::Relaxed);
+        }
         i += 1;
     }
     s.synchronize()
@@ -193,7 +198,11 @@ fn workers_killed_under_load_end_only_their_sessions_with_a_clear_error() {
             std::thread::spawn(move || work_until(&s, &stop, &tally, seed.wrapping_add(i as u64 * 17)))
         })
         .collect();
-    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    while tally.working.load(Ordering::Relaxed) < 6 {
+        assert!(t.elapsed() < Duration::from_secs(60), "not every client got work done");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for pid in &pids[..2] {
         let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().expect("kill runs");
         assert!(status.success());
@@ -221,4 +230,116 @@ fn workers_killed_under_load_end_only_their_sessions_with_a_clear_error() {
     round(&s, &m, seed).expect("a round on the new session");
     println!("kills: {} rounds checked around 2 killed workers", tally.rounds.load(Ordering::Relaxed));
     srv.stop();
+}
+
+/// Set in the child process that serves as the supervisor of
+/// [`a_killed_supervisor_takes_its_workers_with_it_and_clients_are_told`]:
+/// this test binary run again, with only [`supervisor_child`] selected.
+const SUPERVISOR_CHILD: &str = "GPUPOOL_SOAK_SUPERVISOR_CHILD";
+
+/// In the child (see [`SUPERVISOR_CHILD`]): a real server in process
+/// isolation, its address and fingerprint on stdout, until killed.
+/// Elsewhere it returns at once.
+#[test]
+fn supervisor_child() {
+    if std::env::var_os(SUPERVISOR_CHILD).is_none() {
+        return;
+    }
+    let srv = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
+    println!("SUPERVISOR {} {}", srv.addr, srv.fingerprint);
+    loop {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+/// Pids of the processes whose parent is `parent`.
+fn children(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(parent)
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_killed_supervisor_takes_its_workers_with_it_and_clients_are_told() {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(std::env::current_exe().expect("this test binary"))
+        .args(["--exact", "supervisor_child", "--nocapture", "--test-threads", "1"])
+        .env(SUPERVISOR_CHILD, "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the supervisor process starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let (addr, pin) = loop {
+        let line = lines.next().expect("the supervisor prints its address").expect("a line");
+        // libtest's "test supervisor_child ... " may start the line.
+        if let Some(rest) = line.split("SUPERVISOR ").nth(1) {
+            let mut words = rest.split_whitespace();
+            let addr: std::net::SocketAddr = words.next().and_then(|a| a.parse().ok()).expect("an address");
+            break (addr, words.next().expect("a fingerprint").to_owned());
+        }
+    };
+    // Keep reading so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    let mut config =
+        gpupool_client::ClientConfig::new(addr, gpupool_client::Trust::Fingerprint(pin), gpupool_tests::TOKEN);
+    config.reply_timeout = Duration::from_secs(60);
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let seed = fresh_seed();
+    let threads: Vec<_> = (0..3)
+        .map(|i| {
+            let (config, stop, tally) = (config.clone(), stop.clone(), tally.clone());
+            std::thread::spawn(move || -> Result<(), ClientError> {
+                let s = Session::connect(&config)?;
+                work_until(&s, &stop, &tally, seed.wrapping_add(i))
+            })
+        })
+        .collect();
+    let supervisor = child.id();
+    let t = Instant::now();
+    while tally.working.load(Ordering::Relaxed) < 3 {
+        assert!(t.elapsed() < Duration::from_secs(60), "not every client got work done");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let workers = children(supervisor);
+    assert!(workers.len() >= 3, "workers {workers:?}");
+    let killed = Instant::now();
+    child.kill().expect("SIGKILL the supervisor");
+    child.wait().expect("reaped");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (i, t) in threads.into_iter().enumerate() {
+        while !t.is_finished() {
+            assert!(Instant::now() < deadline, "client {i} hangs after the supervisor died");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let e = t.join().expect("client thread").expect_err("the session ends with its server");
+        assert!(matches!(e, ClientError::ConnectionLost(_) | ClientError::Timeout(_)), "client {i}: {e:?}");
+    }
+    let told = killed.elapsed();
+    // Told by the worker closing its connection, not by an idle timeout.
+    assert!(told < Duration::from_secs(10), "clients learned of it after {told:?}");
+    // Orphaned workers see stdin close and exit: no device memory is left held.
+    let alive = |pid: &u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+    };
+    while workers.iter().any(alive) {
+        assert!(Instant::now() < deadline, "workers outlived their supervisor: {workers:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "supervisor: killed after {} rounds; its 3 clients told {:.2} s and its {} workers gone {:.2} s later",
+        tally.rounds.load(Ordering::Relaxed),
+        told.as_secs_f64(),
+        workers.len(),
+        killed.elapsed().as_secs_f64()
+    );
+    stop.store(true, Ordering::Relaxed);
 }
