@@ -54,16 +54,38 @@ fn keygen_serve_and_status() {
     let served = Served(child);
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).expect("first line");
-    // "gpupool-balancer listening on 127.0.0.1:PORT (lease public key …)"
+    // "gpupool-balancer listening on 127.0.0.1:PORT (TLS, certificate SHA-256 …, lease public key …)"
     let addr = line.split_whitespace().nth(3).expect("address").to_string();
     assert!(line.contains(&public), "{line}");
+    let fingerprint = line.split("SHA-256 ").nth(1).and_then(|r| r.split(',').next()).expect("fingerprint");
+    assert_eq!(fingerprint.len(), 64, "{line}");
 
-    let status = exe().args(["status", "--balancer"]).arg(format!("http://{addr}")).output().expect("status runs");
+    let status = exe()
+        .args(["status", "--balancer", &format!("https://{addr}"), "--cert-sha256", fingerprint])
+        .output()
+        .expect("status runs");
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     let text = String::from_utf8_lossy(&status.stdout);
     for needle in ["policy spread", "SERVERS", "INSTANCES", "LEASES", "QUEUE", "(none)"] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }
+    // A wrong pin is refused, naming both fingerprints.
+    let wrong = "ab".repeat(32);
+    let status = exe()
+        .args(["status", "--balancer", &format!("https://{addr}"), "--cert-sha256", &wrong])
+        .output()
+        .expect("status runs");
+    assert!(!status.status.success());
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert!(err.contains("does not match the pinned") && err.contains(&wrong) && err.contains(fingerprint), "{err}");
+    // Plaintext is an explicit opt-in, and a TLS balancer refuses it.
+    let status = exe().args(["status", "--balancer", &format!("http://{addr}")]).output().expect("status runs");
+    assert!(!status.status.success());
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert!(err.contains("no way to verify the balancer"), "{err}");
+    let status =
+        exe().args(["status", "--balancer", &format!("http://{addr}"), "--insecure"]).output().expect("status runs");
+    assert!(!status.status.success(), "a TLS balancer answered a plaintext client");
     drop(served);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -88,7 +110,7 @@ fn bad_settings_are_all_reported() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("server secret") && err.contains("ttl"), "every problem named: {err}");
-    let out = exe().args(["status", "--balancer", "http://127.0.0.1:9"]).output().expect("status runs");
+    let out = exe().args(["status", "--balancer", "http://127.0.0.1:9", "--insecure"]).output().expect("status runs");
     assert!(!out.status.success(), "an unreachable balancer is an error");
     std::thread::sleep(Duration::from_millis(10));
     let _ = std::fs::remove_dir_all(&dir);
