@@ -7,7 +7,7 @@ use gpupool_balancer::pool::{Policy, Quota};
 use gpupool_balancer::{BalancerConfig, TlsSettings, table};
 use gpupool_proto::balancer::balancer_client::BalancerClient;
 use gpupool_proto::balancer::{StatusRequest, WatchRequest};
-use gpupool_proto::grpc_tls::BalancerTrust;
+use gpupool_proto::grpc_tls::{self, BalancerTrust};
 use gpupool_proto::lease::{LeaseSigner, unix_ms_now};
 use gpupool_proto::tls::TlsSource;
 use std::net::SocketAddr;
@@ -66,13 +66,9 @@ struct TrustArgs {
 
 impl TrustArgs {
     fn trust(&self) -> anyhow::Result<BalancerTrust> {
-        let ca_pem = self.ca_file.as_deref().map(gpupool_proto::grpc_tls::read_bounded).transpose()?;
-        Ok(BalancerTrust::from_settings(
-            self.cert_sha256.as_deref(),
-            ca_pem,
-            self.server_name.as_deref(),
-            self.insecure,
-        )?)
+        let ca_pem = self.ca_file.as_deref().map(grpc_tls::read_bounded).transpose()?;
+        BalancerTrust::from_settings(self.cert_sha256.as_deref(), ca_pem, self.server_name.as_deref(), self.insecure)
+            .context("verifying the balancer (--cert-sha256, --ca-file or --insecure)")
     }
 }
 
@@ -209,12 +205,13 @@ fn config(s: Serve) -> anyhow::Result<BalancerConfig> {
 }
 
 async fn status(balancer: String, secret: Option<String>, trust: BalancerTrust, watch: bool) -> anyhow::Result<()> {
-    let channel = gpupool_proto::grpc_tls::endpoint(&balancer, &trust, None)?
+    let channel = grpc_tls::endpoint(&balancer, &trust, None)?
         .connect_timeout(Duration::from_secs(10))
         .connect()
         .await
-        .map_err(|e| anyhow::anyhow!("connecting to {balancer}: {}", error_chain(&e)))?;
+        .map_err(|e| anyhow::anyhow!("connecting to {balancer}: {}", grpc_tls::error_chain(&e)))?;
     let mut client = BalancerClient::new(channel);
+    let call_error = |status: tonic::Status| anyhow::anyhow!("{}", grpc_tls::describe_for(&status, &trust));
     let authorize = |r: &mut tonic::metadata::MetadataMap| {
         if let Some(s) = &secret
             && let Ok(v) = format!("Bearer {s}").parse()
@@ -236,22 +233,6 @@ async fn status(balancer: String, secret: Option<String>, trust: BalancerTrust, 
     let s = client.status(req).await.map_err(call_error)?.into_inner();
     print!("{}", table::render(&s, unix_ms_now()));
     Ok(())
-}
-
-fn call_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", gpupool_proto::grpc_tls::describe(&status))
-}
-
-/// An error and its sources on one line (tonic keeps the TLS verdict there).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }
 
 fn main() -> anyhow::Result<()> {

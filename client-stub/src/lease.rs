@@ -59,9 +59,9 @@ impl PoolRequest {
     }
 }
 
-fn pool_error(s: &tonic::Status) -> ClientError {
+fn pool_error(s: &tonic::Status, trust: &BalancerTrust) -> ClientError {
     // The description carries the TLS verdict (a wrong pin, an unknown CA).
-    ClientError::Pool { code: format!("{:?}", s.code()), message: gpupool_proto::grpc_tls::describe(s) }
+    ClientError::Pool { code: format!("{:?}", s.code()), message: gpupool_proto::grpc_tls::describe_for(s, trust) }
 }
 
 /// A balancer connection with its own runtime.
@@ -70,6 +70,7 @@ struct Control {
     rt: tokio::runtime::Runtime,
     client: BalancerClient<Channel>,
     secret: Option<String>,
+    trust: BalancerTrust,
     timeout: Duration,
 }
 
@@ -86,7 +87,13 @@ impl Control {
             let _guard = rt.enter();
             endpoint.connect_lazy()
         };
-        Ok(Self { rt, client: BalancerClient::new(channel), secret: req.secret.clone(), timeout: req.call_timeout })
+        Ok(Self {
+            rt,
+            client: BalancerClient::new(channel),
+            secret: req.secret.clone(),
+            trust: req.trust.clone(),
+            timeout: req.call_timeout,
+        })
     }
 
     fn request<T>(&self, message: T, wait: Duration) -> tonic::Request<T> {
@@ -110,7 +117,7 @@ impl Control {
         };
         let r = self.request(message, req.wait);
         let mut client = self.client.clone();
-        self.rt.block_on(client.allocate(r)).map(tonic::Response::into_inner).map_err(|s| pool_error(&s))
+        self.rt.block_on(client.allocate(r)).map(tonic::Response::into_inner).map_err(|s| pool_error(&s, &self.trust))
     }
 
     fn renew(&mut self, lease: &pb::Lease) -> Result<pb::Lease, tonic::Status> {

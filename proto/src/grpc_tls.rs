@@ -10,6 +10,10 @@ use std::path::Path;
 use std::sync::Arc;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, ServerTlsConfig};
 
+/// Longest TLS handshake the balancer waits for: a client that connects
+/// and sends nothing holds nothing for longer.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Largest CA bundle read from a file.
 const MAX_CA_FILE_BYTES: u64 = 1 << 20;
 
@@ -86,26 +90,23 @@ pub fn read_bounded(path: &Path) -> Result<Vec<u8>, TlsError> {
 pub fn endpoint(url: &str, trust: &BalancerTrust, client_identity: Option<&Identity>) -> Result<Endpoint, TlsError> {
     let bad = |reason: String| TlsError::Url { url: url.chars().take(200).collect(), reason };
     let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| bad(e.to_string()))?;
-    let scheme = endpoint.uri().scheme_str().unwrap_or("");
-    match (trust, scheme) {
-        (BalancerTrust::Insecure, "http") => return Ok(endpoint),
-        (BalancerTrust::Insecure, _) => return Err(bad("plaintext needs an http:// URL".into())),
-        (_, "https") => {}
-        (_, "http") => {
-            return Err(bad(
-                "http:// is plaintext: use https://, or opt in to plaintext explicitly (the balancer must run \
-                 with --insecure)"
-                    .into(),
-            ));
-        }
-        _ => return Err(bad("the scheme must be https://".into())),
-    }
+    let scheme = endpoint.uri().scheme_str().unwrap_or("").to_owned();
     let mut config = ClientTlsConfig::new();
     if let Some(id) = client_identity {
         let (cert, key) = to_pem(id);
         config = config.identity(tonic::transport::Identity::from_pem(cert, key));
     }
     let configured = match trust {
+        BalancerTrust::Insecure if scheme == "http" => return Ok(endpoint),
+        BalancerTrust::Insecure => return Err(bad("plaintext needs an http:// URL".into())),
+        _ if scheme == "http" => {
+            return Err(bad(
+                "http:// is plaintext: use https://, or opt in to plaintext explicitly (the balancer must run \
+                 with --insecure)"
+                    .into(),
+            ));
+        }
+        _ if scheme != "https" => return Err(bad("the scheme must be https://".into())),
         BalancerTrust::Fingerprint(pin) => endpoint.tls_config_with_verifier(config, Arc::new(PinnedCert::new(*pin))),
         BalancerTrust::Ca { pem, server_name } => {
             crate::tls::ca_roots(pem)?;
@@ -114,7 +115,6 @@ pub fn endpoint(url: &str, trust: &BalancerTrust, client_identity: Option<&Ident
             }
             endpoint.tls_config(config.ca_certificate(Certificate::from_pem(pem)))
         }
-        BalancerTrust::Insecure => unreachable!("handled above"),
     };
     configured.map_err(|e| TlsError::Config(e.to_string()))
 }
@@ -125,7 +125,8 @@ pub fn endpoint(url: &str, trust: &BalancerTrust, client_identity: Option<&Ident
 /// whether a certificate is required.
 pub fn server_config(identity: &Identity, client_ca: Option<&[u8]>) -> Result<ServerTlsConfig, TlsError> {
     let (cert, key) = to_pem(identity);
-    let mut config = ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key));
+    let mut config =
+        ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key)).timeout(HANDSHAKE_TIMEOUT);
     if let Some(pem) = client_ca {
         crate::tls::ca_roots(pem)?;
         config = config.client_ca_root(Certificate::from_pem(pem)).client_auth_optional(true);
@@ -136,8 +137,16 @@ pub fn server_config(identity: &Identity, client_ca: Option<&[u8]>) -> Result<Se
 /// A readable reason for a failed call: the status and every source below
 /// it, where tonic keeps the TLS verdict (a wrong pin, an unknown CA).
 pub fn describe(status: &tonic::Status) -> String {
-    let mut text = format!("{}: {}", status.code().description(), status.message());
-    let mut source = std::error::Error::source(status);
+    let head = format!("{}: {}", status.code().description(), status.message());
+    with_sources(head, std::error::Error::source(status))
+}
+
+/// An error and its sources on one line, each said once.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    with_sources(error.to_string(), error.source())
+}
+
+fn with_sources(mut text: String, mut source: Option<&(dyn std::error::Error + 'static)>) -> String {
     while let Some(e) = source {
         let part = e.to_string();
         if !text.contains(&part) {
@@ -147,6 +156,20 @@ pub fn describe(status: &tonic::Status) -> String {
         source = e.source();
     }
     text
+}
+
+/// [`describe`], with a hint where a plaintext client most likely met a
+/// balancer that speaks TLS (its handshake reads as a broken HTTP/2 frame).
+pub fn describe_for(status: &tonic::Status, trust: &BalancerTrust) -> String {
+    let text = describe(status);
+    if *trust == BalancerTrust::Insecure && matches!(status.code(), tonic::Code::Internal | tonic::Code::Unavailable) {
+        format!(
+            "{text} (a plaintext client gets this from a balancer that runs TLS: use https:// with its certificate's \
+             SHA-256 or a CA)"
+        )
+    } else {
+        text
+    }
 }
 
 /// PEM text of an identity's chain and key (tonic takes PEM).

@@ -59,12 +59,6 @@ pub struct Identity {
     pub key: PrivateKeyDer<'static>,
 }
 
-impl Clone for Identity {
-    fn clone(&self) -> Self {
-        Self { chain: self.chain.clone(), key: self.key.clone_key() }
-    }
-}
-
 fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let chain = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
