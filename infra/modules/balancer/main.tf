@@ -86,7 +86,7 @@ resource "aws_secretsmanager_secret_version" "client" {
 
 # --- TLS for the gRPC service ------------------------------------------
 # A pool CA (its key stays in the Terraform state) signs the balancer's
-# certificate for its fixed address. The balancer reads its certificate and
+# certificate for its fixed address and the gpu-servers' client certificate. The balancer reads its certificate and
 # key from Secrets Manager at each start (to /run, tmpfs); gpu-servers read
 # the CA certificate from its secret, and the Lambda function gets it in its
 # environment (GPUPOOL_BALANCER_CA_PEM). Renewed by Terraform at the first
@@ -136,15 +136,44 @@ resource "tls_locally_signed_cert" "balancer" {
 locals {
   # The three TLS secrets: what each holds.
   tls_secrets = {
-    cert = "PEM certificate of the balancer's gRPC service."
-    key  = "PEM private key of the balancer's gRPC certificate."
-    ca   = "PEM CA certificate clients verify the balancer's gRPC certificate with (not a credential)."
+    cert        = "PEM certificate of the balancer's gRPC service."
+    key         = "PEM private key of the balancer's gRPC certificate."
+    ca          = "PEM CA certificate clients verify the balancer's gRPC certificate with (not a credential)."
+    client-cert = "PEM client certificate the gpu-servers present to the balancer."
+    client-key  = "PEM private key of the gpu-servers' client certificate."
   }
   tls_values = {
-    cert = tls_locally_signed_cert.balancer.cert_pem
-    key  = tls_private_key.balancer.private_key_pem_pkcs8
-    ca   = tls_self_signed_cert.ca.cert_pem
+    cert        = tls_locally_signed_cert.balancer.cert_pem
+    key         = tls_private_key.balancer.private_key_pem_pkcs8
+    ca          = tls_self_signed_cert.ca.cert_pem
+    client-cert = tls_locally_signed_cert.server_client.cert_pem
+    client-key  = tls_private_key.server_client.private_key_pem_pkcs8
   }
+}
+
+# The gpu-servers' client certificate, from the same CA: the balancer runs
+# with --server-client-ca and accepts registrations and heartbeats only from
+# a holder of it (besides the server secret).
+resource "tls_private_key" "server_client" {
+  algorithm   = "ECDSA"
+  ecdsa_curve = "P256"
+}
+
+resource "tls_cert_request" "server_client" {
+  private_key_pem = tls_private_key.server_client.private_key_pem
+  subject {
+    common_name  = "gpupool-server"
+    organization = var.name
+  }
+}
+
+resource "tls_locally_signed_cert" "server_client" {
+  cert_request_pem      = tls_cert_request.server_client.cert_request_pem
+  ca_private_key_pem    = tls_private_key.ca.private_key_pem
+  ca_cert_pem           = tls_self_signed_cert.ca.cert_pem
+  validity_period_hours = 24 * 365 * 2
+  early_renewal_hours   = 24 * 60
+  allowed_uses          = ["digital_signature", "client_auth"]
 }
 
 resource "aws_secretsmanager_secret" "tls" {

@@ -48,3 +48,11 @@ output "tls_ca_pem" {
   description = "The PEM CA certificate clients verify the balancer with (not a secret; the Lambda function's GPUPOOL_BALANCER_CA_PEM)."
   value       = tls_self_signed_cert.ca.cert_pem
 }
+
+output "server_client_tls_secret_arns" {
+  description = "Secrets holding the gpu-servers' PEM client certificate and key, which the balancer requires from them."
+  value = {
+    cert = aws_secretsmanager_secret.tls["client-cert"].arn
+    key  = aws_secretsmanager_secret.tls["client-key"].arn
+  }
+}

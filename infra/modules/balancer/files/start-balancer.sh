@@ -51,11 +51,12 @@ tls=/run/gpupool/tls
 mkdir -p "$tls"
 secret "$GPUPOOL_INFRA_TLS_CERT_SECRET" >"$tls/cert.pem"
 secret "$GPUPOOL_INFRA_TLS_KEY_SECRET" >"$tls/key.pem"
-# For the operator's `gpupool-balancer status` on this host (infra/README.md).
+# The CA of the gpu-servers' client certificates, and what the operator's
+# `gpupool-balancer status` on this host verifies the balancer with.
 secret "$GPUPOOL_INFRA_TLS_CA_SECRET" >"$tls/ca.pem"
 
 GPUPOOL_SERVER_SECRET=$(secret "$GPUPOOL_INFRA_SERVER_SECRET")
 GPUPOOL_CLIENT_SECRET=$(secret "$GPUPOOL_INFRA_CLIENT_SECRET")
 export GPUPOOL_SERVER_SECRET GPUPOOL_CLIENT_SECRET
 export GPUPOOL_KEY_FILE=$key
-exec "$bin" serve --cert "$tls/cert.pem" --key "$tls/key.pem"
+exec "$bin" serve --cert "$tls/cert.pem" --key "$tls/key.pem" --server-client-ca "$tls/ca.pem"
