@@ -109,32 +109,56 @@ resource "tls_self_signed_cert" "ca" {
   }
 }
 
-resource "tls_private_key" "balancer" {
+# What the CA issues: the balancer's certificate for its fixed address, and
+# the client certificate the gpu-servers present (the balancer runs with
+# --server-client-ca and takes registrations and heartbeats only from a
+# holder of it, besides the server secret).
+locals {
+  issued = {
+    balancer = {
+      common_name  = "gpupool-balancer"
+      dns_names    = ["gpupool-balancer", "localhost"]
+      ip_addresses = [local.address]
+      uses         = ["digital_signature", "server_auth"]
+    }
+    server_client = {
+      common_name  = "gpupool-server"
+      dns_names    = []
+      ip_addresses = []
+      uses         = ["digital_signature", "client_auth"]
+    }
+  }
+}
+
+resource "tls_private_key" "issued" {
+  for_each    = local.issued
   algorithm   = "ECDSA"
   ecdsa_curve = "P256"
 }
 
-resource "tls_cert_request" "balancer" {
-  private_key_pem = tls_private_key.balancer.private_key_pem
-  dns_names       = ["gpupool-balancer", "localhost"]
-  ip_addresses    = [local.address]
+resource "tls_cert_request" "issued" {
+  for_each        = local.issued
+  private_key_pem = tls_private_key.issued[each.key].private_key_pem
+  dns_names       = each.value.dns_names
+  ip_addresses    = each.value.ip_addresses
   subject {
-    common_name  = "gpupool-balancer"
+    common_name  = each.value.common_name
     organization = var.name
   }
 }
 
-resource "tls_locally_signed_cert" "balancer" {
-  cert_request_pem      = tls_cert_request.balancer.cert_request_pem
+resource "tls_locally_signed_cert" "issued" {
+  for_each              = local.issued
+  cert_request_pem      = tls_cert_request.issued[each.key].cert_request_pem
   ca_private_key_pem    = tls_private_key.ca.private_key_pem
   ca_cert_pem           = tls_self_signed_cert.ca.cert_pem
   validity_period_hours = 24 * 365 * 2
   early_renewal_hours   = 24 * 60
-  allowed_uses          = ["digital_signature", "server_auth"]
+  allowed_uses          = each.value.uses
 }
 
 locals {
-  # The three TLS secrets: what each holds.
+  # The TLS secrets: what each holds.
   tls_secrets = {
     cert        = "PEM certificate of the balancer's gRPC service."
     key         = "PEM private key of the balancer's gRPC certificate."
@@ -143,37 +167,12 @@ locals {
     client-key  = "PEM private key of the gpu-servers' client certificate."
   }
   tls_values = {
-    cert        = tls_locally_signed_cert.balancer.cert_pem
-    key         = tls_private_key.balancer.private_key_pem_pkcs8
+    cert        = tls_locally_signed_cert.issued["balancer"].cert_pem
+    key         = tls_private_key.issued["balancer"].private_key_pem_pkcs8
     ca          = tls_self_signed_cert.ca.cert_pem
-    client-cert = tls_locally_signed_cert.server_client.cert_pem
-    client-key  = tls_private_key.server_client.private_key_pem_pkcs8
+    client-cert = tls_locally_signed_cert.issued["server_client"].cert_pem
+    client-key  = tls_private_key.issued["server_client"].private_key_pem_pkcs8
   }
-}
-
-# The gpu-servers' client certificate, from the same CA: the balancer runs
-# with --server-client-ca and accepts registrations and heartbeats only from
-# a holder of it (besides the server secret).
-resource "tls_private_key" "server_client" {
-  algorithm   = "ECDSA"
-  ecdsa_curve = "P256"
-}
-
-resource "tls_cert_request" "server_client" {
-  private_key_pem = tls_private_key.server_client.private_key_pem
-  subject {
-    common_name  = "gpupool-server"
-    organization = var.name
-  }
-}
-
-resource "tls_locally_signed_cert" "server_client" {
-  cert_request_pem      = tls_cert_request.server_client.cert_request_pem
-  ca_private_key_pem    = tls_private_key.ca.private_key_pem
-  ca_cert_pem           = tls_self_signed_cert.ca.cert_pem
-  validity_period_hours = 24 * 365 * 2
-  early_renewal_hours   = 24 * 60
-  allowed_uses          = ["digital_signature", "client_auth"]
 }
 
 resource "aws_secretsmanager_secret" "tls" {
