@@ -49,26 +49,26 @@ module "balancer" {
 }
 
 module "gpu_fleet" {
-  source                          = "../../modules/gpu-fleet"
-  name                            = var.name
-  kms_key_arn                     = module.foundation.kms_key_arn
-  subnet_ids                      = module.network.private_subnet_ids
-  security_group_id               = module.network.gpu_server_security_group_id
-  instance_type                   = var.instance_type
-  mig_layout                      = var.mig_layout
-  server_count                    = var.gpu_server_count
-  capacity_reservation_id         = var.capacity_reservation_id
-  quic_port                       = local.quic_port
-  worker_ports                    = local.worker_ports
-  balancer_url                    = module.balancer.url
-  server_secret_arn               = module.balancer.server_secret_arn
-  lease_public_key_secret_arn     = module.balancer.public_key_secret_arn
-  balancer_ca_secret_arn          = module.balancer.tls_ca_secret_arn
-  balancer_client_tls_secret_arns = module.balancer.server_client_tls_secret_arns
-  artifact_bucket                 = module.foundation.artifact_bucket
-  binary_key                      = "bin/gpupool-server"
-  binary_version                  = module.foundation.artifact_versions["bin/gpupool-server"]
-  log_retention_days              = var.log_retention_days
+  source                      = "../../modules/gpu-fleet"
+  name                        = var.name
+  kms_key_arn                 = module.foundation.kms_key_arn
+  subnet_ids                  = module.network.private_subnet_ids
+  security_group_id           = module.network.gpu_server_security_group_id
+  instance_type               = var.instance_type
+  mig_layout                  = var.mig_layout
+  server_count                = var.gpu_server_count
+  capacity_reservation_id     = var.capacity_reservation_id
+  quic_port                   = local.quic_port
+  worker_ports                = local.worker_ports
+  balancer_url                = module.balancer.url
+  server_secret_arn           = module.balancer.server_secret_arn
+  lease_public_key_secret_arn = module.balancer.public_key_secret_arn
+  balancer_ca_secret_arn      = module.balancer.tls_ca_secret_arn
+  balancer_client_tls         = module.balancer.server_client_tls_secret_arns
+  artifact_bucket             = module.foundation.artifact_bucket
+  binary_key                  = "bin/gpupool-server"
+  binary_version              = module.foundation.artifact_versions["bin/gpupool-server"]
+  log_retention_days          = var.log_retention_days
 }
 
 module "lambda" {

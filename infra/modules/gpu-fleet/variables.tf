@@ -104,7 +104,7 @@ variable "balancer_ca_secret_arn" {
   type        = string
 }
 
-variable "balancer_client_tls_secret_arns" {
+variable "balancer_client_tls" {
   description = "Secrets holding the PEM client certificate and key the servers present to the balancer (balancer module)."
   type = object({
     cert = string
