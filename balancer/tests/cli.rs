@@ -90,6 +90,41 @@ fn keygen_serve_and_status() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Plaintext only when asked for, on both sides, with a warning.
+#[test]
+fn insecure_serves_plaintext_with_a_warning() {
+    let dir = temp_dir("insecure");
+    let log = dir.join("stderr");
+    let mut child = exe()
+        .args(["serve", "--listen", "127.0.0.1:0", "--server-secret", "s3cret", "--recovery-ms", "0", "--insecure"])
+        .arg("--key-file")
+        .arg(dir.join("k"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("serve starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let served = Served(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("first line");
+    assert!(line.contains("(plaintext, lease public key"), "{line}");
+    let addr = line.split_whitespace().nth(3).expect("address").to_string();
+    let warning = std::fs::read_to_string(&log).expect("stderr");
+    assert!(warning.contains("WARN") && warning.contains("plaintext"), "{warning}");
+    let status =
+        exe().args(["status", "--balancer", &format!("http://{addr}"), "--insecure"]).output().expect("status runs");
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    // A client that expects TLS does not fall back to plaintext.
+    let status = exe()
+        .args(["status", "--balancer", &format!("https://{addr}"), "--cert-sha256", &"ab".repeat(32)])
+        .output()
+        .expect("status runs");
+    assert!(!status.status.success());
+    drop(served);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn bad_settings_are_all_reported() {
     let dir = temp_dir("bad");
