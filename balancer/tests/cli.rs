@@ -28,6 +28,26 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
+/// Starts `serve` on port 0 with `key` and `extra` flags; returns it, its
+/// first line and its address.
+fn serve(key: &std::path::Path, extra: &[&str], stderr: Stdio) -> (Served, String, String) {
+    let mut child = exe()
+        .args(["serve", "--listen", "127.0.0.1:0", "--server-secret", "s3cret", "--recovery-ms", "0", "--key-file"])
+        .arg(key)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("serve starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let served = Served(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("first line");
+    let addr = line.split_whitespace().nth(3).expect("address").to_string();
+    (served, line, addr)
+}
+
 #[test]
 fn keygen_serve_and_status() {
     let dir = temp_dir("serve");
@@ -43,19 +63,8 @@ fn keygen_serve_and_status() {
     let mode = std::fs::metadata(&key).expect("key file").permissions().mode();
     assert_eq!(mode & 0o077, 0, "the key file is readable by its owner only");
 
-    let mut child = exe()
-        .args(["serve", "--listen", "127.0.0.1:0", "--server-secret", "s3cret", "--recovery-ms", "0", "--key-file"])
-        .arg(&key)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("serve starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let served = Served(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("first line");
+    let (served, line, addr) = serve(&key, &[], Stdio::null());
     // "gpupool-balancer listening on 127.0.0.1:PORT (TLS, certificate SHA-256 …, lease public key …)"
-    let addr = line.split_whitespace().nth(3).expect("address").to_string();
     assert!(line.contains(&public), "{line}");
     let fingerprint = line.split("SHA-256 ").nth(1).and_then(|r| r.split(',').next()).expect("fingerprint");
     assert_eq!(fingerprint.len(), 64, "{line}");
@@ -95,21 +104,9 @@ fn keygen_serve_and_status() {
 fn insecure_serves_plaintext_with_a_warning() {
     let dir = temp_dir("insecure");
     let log = dir.join("stderr");
-    let mut child = exe()
-        .args(["serve", "--listen", "127.0.0.1:0", "--server-secret", "s3cret", "--recovery-ms", "0", "--insecure"])
-        .arg("--key-file")
-        .arg(dir.join("k"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("serve starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let served = Served(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("first line");
+    let stderr = std::fs::File::create(&log).expect("log file");
+    let (served, line, addr) = serve(&dir.join("k"), &["--insecure"], stderr.into());
     assert!(line.contains("(plaintext, lease public key"), "{line}");
-    let addr = line.split_whitespace().nth(3).expect("address").to_string();
     let warning = std::fs::read_to_string(&log).expect("stderr");
     assert!(warning.contains("WARN") && warning.contains("plaintext"), "{warning}");
     let status =
