@@ -41,11 +41,15 @@ trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null' EXIT
 pub=$(cat "$work/pub")
 RUST_LOG=info "$bin/gpupool-balancer" serve --listen 127.0.0.1:50051 --key-file "$work/key" \
     --server-secret suite-secret --recovery-ms 0 >"$out/balancer.log" 2>&1 &
+# gRPC over TLS, self-signed: every client pins the fingerprint it prints.
+for _ in $(seq 1 100); do grep -q "certificate SHA-256" "$out/balancer.log" && break; sleep 0.1; done
+GPUPOOL_BALANCER_CERT_SHA256=$(sed -n 's/.*certificate SHA-256 \([0-9a-f]\{64\}\).*/\1/p' "$out/balancer.log" | head -n 1)
+export GPUPOOL_BALANCER_CERT_SHA256
 RUST_LOG=info "$bin/gpupool-server" --listen 127.0.0.1:4433 --device cuda:0 --instances nvml \
-    --balancer http://127.0.0.1:50051 --advertise 127.0.0.1:4433 --balancer-secret suite-secret \
+    --balancer https://127.0.0.1:50051 --advertise 127.0.0.1:4433 --balancer-secret suite-secret \
     --lease-key "$pub" --server-id gpu-machine >"$out/server.log" 2>&1 &
 for _ in $(seq 1 120); do
-    "$bin/gpupool-balancer" status --balancer http://127.0.0.1:50051 >"$work/status" 2>/dev/null &&
+    "$bin/gpupool-balancer" status --balancer https://127.0.0.1:50051 >"$work/status" 2>/dev/null &&
         grep -q gpu-machine "$work/status" && break
     sleep 0.5
 done
@@ -64,7 +68,7 @@ if GPUPOOL_STUB_LIB="$bin/stub" bash "$repo/tests/programs/build.sh" "$progs" >"
         # stdout only: the stub may log warnings on stderr.
         "$progs/$p" >"$work/$p.native" 2>"$work/$p.native.err"
         native=$?
-        LD_LIBRARY_PATH="$bin/stub:$LD_LIBRARY_PATH" GPUPOOL_BALANCER=http://127.0.0.1:50051 GPUPOOL_TENANT=suite \
+        LD_LIBRARY_PATH="$bin/stub:$LD_LIBRARY_PATH" GPUPOOL_BALANCER=https://127.0.0.1:50051 GPUPOOL_TENANT=suite \
             GPUPOOL_MEMORY_MIB=1024 "$progs/$p" >"$work/$p.pooled" 2>"$work/$p.pooled.err"
         pooled=$?
         # Timing lines (TIME …) differ from run to run.
@@ -80,7 +84,7 @@ else
     say "- programs did not build: see programs-build.log"
     status=1
 fi
-"$bin/gpupool-balancer" status --balancer http://127.0.0.1:50051 >"$work/status-after" 2>&1
+"$bin/gpupool-balancer" status --balancer https://127.0.0.1:50051 >"$work/status-after" 2>&1
 say ""
 say "Pool after the programs (every lease released):"
 say '```'

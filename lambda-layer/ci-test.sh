@@ -114,18 +114,29 @@ bport=$(free_port)
 RUST_LOG=info "$BIN/gpupool-balancer" serve --listen "127.0.0.1:$bport" --key-file "$work/key" \
     --server-secret ci-secret --recovery-ms 0 --lease-ttl-ms "$ttl_ms" >"$out/balancer.log" 2>&1 &
 pids+=($!)
+# gRPC runs over TLS with a self-signed certificate: every client pins the
+# fingerprint the balancer prints.
+for _ in $(seq 1 100); do grep -q "certificate SHA-256" "$out/balancer.log" && break; sleep 0.1; done
+bpin=$(sed -n 's/.*certificate SHA-256 \([0-9a-f]\{64\}\).*/\1/p' "$out/balancer.log" | head -n 1)
+[[ -n $bpin ]] || fail "the balancer printed no certificate fingerprint"
+export GPUPOOL_BALANCER_CERT_SHA256=$bpin
 sport=$(free_port)
 RUST_LOG=info "$BIN/gpupool-server" --listen "127.0.0.1:$sport" --device "$device" --instances "$instances" \
-    --balancer "http://127.0.0.1:$bport" --advertise "127.0.0.1:$sport" --balancer-secret ci-secret \
+    --balancer "https://127.0.0.1:$bport" --advertise "127.0.0.1:$sport" --balancer-secret ci-secret \
     --lease-key "$(cat "$work/pub")" --server-id lambda-ci --idle-timeout-ms "$idle_ms" \
     --resume-grace-ms "$grace_ms" --warm-workers 1 >"$out/server.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 120); do
-    "$BIN/gpupool-balancer" status --balancer "http://127.0.0.1:$bport" >"$work/status" 2>/dev/null &&
+    "$BIN/gpupool-balancer" status --balancer "https://127.0.0.1:$bport" >"$work/status" 2>/dev/null &&
         grep -q lambda-ci "$work/status" && break
     sleep 0.5
 done
 grep -q lambda-ci "$work/status" || fail "the gpu-server did not register with the balancer"
+# A plaintext client is refused.
+if env -u GPUPOOL_BALANCER_CERT_SHA256 "$BIN/gpupool-balancer" status --insecure \
+    --balancer "http://127.0.0.1:$bport" >/dev/null 2>&1; then
+    fail "the TLS balancer answered a plaintext client"
+fi
 
 # A payload and its CPU reference.
 python3 - "$work" <<'PY'
@@ -158,7 +169,7 @@ start_environment() {
     local init_start
     init_start=$(date +%s%N)
     if [[ $mode == pool ]]; then
-        GPUPOOL_BALANCER="http://127.0.0.1:$bport" GPUPOOL_TENANT=lambda-ci GPUPOOL_LEASE_FILE="$lease_file" \
+        GPUPOOL_BALANCER="https://127.0.0.1:$bport" GPUPOOL_TENANT=lambda-ci GPUPOOL_LEASE_FILE="$lease_file" \
             GPUPOOL_LOG=info "${guest[@]}" "$BIN/gpupool-extension" >"$out/extension-$label.log" 2>&1 &
         extension=$!
         pids+=($extension)

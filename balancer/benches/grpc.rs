@@ -9,6 +9,7 @@ use gpupool_balancer::pool::fleet;
 use gpupool_balancer::{Balancer, BalancerConfig};
 use gpupool_proto::balancer as pb;
 use gpupool_proto::balancer::balancer_client::BalancerClient;
+use gpupool_proto::grpc_tls::BalancerTrust;
 use gpupool_proto::lease::LeaseSigner;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -83,13 +84,16 @@ fn main() {
         config.pool.heartbeat_timeout_ms = 3_600_000;
         config.heartbeat_interval = Duration::from_secs(60);
         config.pool.lease_ttl_ms = 600_000;
+        // Over TLS (self-signed, pinned), as deployed.
         let balancer = Balancer::bind(config).await.expect("bind");
-        let url = format!("http://{}", balancer.local_addr());
+        let url = format!("https://{}", balancer.local_addr());
+        let pin = gpupool_proto::tls::parse_fingerprint(balancer.fingerprint().expect("TLS")).expect("fingerprint");
+        let endpoint = gpupool_proto::grpc_tls::endpoint(&url, &BalancerTrust::Fingerprint(pin), None).expect("endpoint");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(balancer.run(async { drop(stopped.await) }));
 
         eprintln!("balancer on {url}");
-        let channel = Channel::from_shared(url.clone()).expect("url").connect().await.expect("connect");
+        let channel = endpoint.connect().await.expect("connect");
         eprintln!("connected");
         let mut client = BalancerClient::new(channel.clone());
         let servers: usize = std::env::var("BENCH_SERVERS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000);
@@ -121,7 +125,7 @@ fn main() {
         println!("|---|---|---|---|---|---|---|---|");
         let mut channels = vec![channel];
         for _ in 0..3 {
-            channels.push(Channel::from_shared(url.clone()).expect("url").connect().await.expect("connect"));
+            channels.push(endpoint.connect().await.expect("connect"));
         }
         for clients in [1, 4, 16, 64] {
             let (rate, alloc, pair) = level(&channels, clients).await;

@@ -3,6 +3,7 @@
 
 use crate::pool::PoolConfig;
 use gpupool_proto::lease::LeaseSigner;
+use gpupool_proto::tls::TlsSource;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -38,6 +39,32 @@ pub struct BalancerConfig {
     /// TCP address of the Prometheus endpoint (`GET /metrics`); `None`
     /// (the default): no endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// TLS on the gRPC service; `None`: plaintext, an explicit opt-in
+    /// (`--insecure`) for networks trusted with leases and secrets.
+    pub tls: Option<TlsSettings>,
+}
+
+/// The balancer's certificate and what it asks of client certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// Its certificate: PEM files, or self-signed at start (clients pin the
+    /// fingerprint it logs).
+    pub identity: TlsSource,
+    /// PEM CA that gpu-servers' client certificates must chain to; when
+    /// set, `Register`, `Heartbeat` and `CheckLease` require one. Clients
+    /// that lease (libcuda, the Lambda extension) need none.
+    pub server_client_ca: Option<Vec<u8>>,
+}
+
+impl TlsSettings {
+    /// A self-signed certificate for `localhost` and 127.0.0.1, no client
+    /// certificates.
+    pub fn self_signed() -> Self {
+        Self {
+            identity: TlsSource::SelfSigned { names: vec!["localhost".into(), "127.0.0.1".into()] },
+            server_client_ca: None,
+        }
+    }
 }
 
 impl BalancerConfig {
@@ -57,6 +84,7 @@ impl BalancerConfig {
             watch_interval: Duration::from_millis(500),
             shutdown_grace: Duration::from_secs(5),
             metrics_listen: None,
+            tls: Some(TlsSettings::self_signed()),
         }
     }
 

@@ -26,6 +26,6 @@ pub mod pool;
 pub mod service;
 pub mod table;
 
-pub use config::BalancerConfig;
+pub use config::{BalancerConfig, TlsSettings};
 pub use convert::gpu_to_proto;
 pub use service::{Balancer, BalancerError, run};

@@ -4,10 +4,12 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gpupool_balancer::pool::{Policy, Quota};
-use gpupool_balancer::{BalancerConfig, table};
+use gpupool_balancer::{BalancerConfig, TlsSettings, table};
 use gpupool_proto::balancer::balancer_client::BalancerClient;
 use gpupool_proto::balancer::{StatusRequest, WatchRequest};
+use gpupool_proto::grpc_tls::{self, BalancerTrust};
 use gpupool_proto::lease::{LeaseSigner, unix_ms_now};
+use gpupool_proto::tls::TlsSource;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,15 +34,42 @@ enum Command {
     /// Show the pool: servers, GPUs, instances, leases, queue.
     Status {
         /// The balancer's URL.
-        #[arg(long, env = "GPUPOOL_BALANCER", default_value = "http://127.0.0.1:50051")]
+        #[arg(long, env = "GPUPOOL_BALANCER", default_value = "https://127.0.0.1:50051")]
         balancer: String,
         /// Secret the balancer expects from clients.
         #[arg(long, env = "GPUPOOL_BALANCER_SECRET")]
         secret: Option<String>,
+        #[command(flatten)]
+        trust: TrustArgs,
         /// Keep following changes.
         #[arg(long)]
         watch: bool,
     },
+}
+
+/// How the CLI verifies the balancer (the variables libcuda reads too).
+#[derive(Debug, clap::Args)]
+struct TrustArgs {
+    /// Hex SHA-256 of the balancer's certificate (what `serve` logs).
+    #[arg(long, env = "GPUPOOL_BALANCER_CERT_SHA256")]
+    cert_sha256: Option<String>,
+    /// Or: a PEM CA bundle to verify the balancer's certificate against.
+    #[arg(long, env = "GPUPOOL_BALANCER_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Name in the certificate with `--ca-file` (default: the URL's host).
+    #[arg(long, env = "GPUPOOL_BALANCER_SERVER_NAME")]
+    server_name: Option<String>,
+    /// Plaintext, to a balancer run with `--insecure` (an `http://` URL).
+    #[arg(long, env = "GPUPOOL_BALANCER_INSECURE")]
+    insecure: bool,
+}
+
+impl TrustArgs {
+    fn trust(&self) -> anyhow::Result<BalancerTrust> {
+        let ca_pem = self.ca_file.as_deref().map(grpc_tls::read_bounded).transpose()?;
+        BalancerTrust::from_settings(self.cert_sha256.as_deref(), ca_pem, self.server_name.as_deref(), self.insecure)
+            .context("verifying the balancer (--cert-sha256, --ca-file or --insecure)")
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -88,6 +117,21 @@ struct Serve {
     /// `*` sets the default).
     #[arg(long = "quota", env = "GPUPOOL_QUOTAS", value_delimiter = ';')]
     quotas: Vec<String>,
+    /// PEM certificate chain of the gRPC service (with `--key`); without
+    /// them a self-signed certificate is generated and its SHA-256 logged.
+    #[arg(long, env = "GPUPOOL_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// PEM private key of `--cert`.
+    #[arg(long, env = "GPUPOOL_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+    /// PEM CA that gpu-servers' client certificates must chain to; with it,
+    /// servers must present one to register and heartbeat.
+    #[arg(long, env = "GPUPOOL_SERVER_CLIENT_CA", conflicts_with = "insecure")]
+    server_client_ca: Option<PathBuf>,
+    /// Serve gRPC in plaintext: leases and secrets cross the network in
+    /// clear. For a trusted network only; logs a warning.
+    #[arg(long, env = "GPUPOOL_INSECURE", conflicts_with_all = ["cert", "key"])]
+    insecure: bool,
 }
 
 fn parse_quota(s: &str) -> anyhow::Result<(String, Quota)> {
@@ -130,6 +174,18 @@ fn config(s: Serve) -> anyhow::Result<BalancerConfig> {
     let mut c = BalancerConfig::new(s.listen, signer, s.server_secret);
     c.client_secret = s.client_secret;
     c.metrics_listen = s.metrics_listen;
+    c.tls = if s.insecure {
+        None
+    } else {
+        let mut tls = TlsSettings::self_signed();
+        if let (Some(cert), Some(key)) = (s.cert, s.key) {
+            tls.identity = TlsSource::Files { cert, key };
+        }
+        if let Some(path) = &s.server_client_ca {
+            tls.server_client_ca = Some(gpupool_proto::grpc_tls::read_bounded(path)?);
+        }
+        Some(tls)
+    };
     c.pool.policy = if s.policy == "binpack" { Policy::Binpack } else { Policy::Spread };
     c.pool.lease_ttl_ms = s.lease_ttl_ms;
     c.pool.heartbeat_timeout_ms = s.heartbeat_timeout_ms;
@@ -148,9 +204,14 @@ fn config(s: Serve) -> anyhow::Result<BalancerConfig> {
     Ok(c)
 }
 
-async fn status(balancer: String, secret: Option<String>, watch: bool) -> anyhow::Result<()> {
-    let mut client =
-        BalancerClient::connect(balancer.clone()).await.with_context(|| format!("connecting to {balancer}"))?;
+async fn status(balancer: String, secret: Option<String>, trust: BalancerTrust, watch: bool) -> anyhow::Result<()> {
+    let channel = grpc_tls::endpoint(&balancer, &trust, None)?
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to {balancer}: {}", grpc_tls::error_chain(&e)))?;
+    let mut client = BalancerClient::new(channel);
+    let call_error = |status: tonic::Status| anyhow::anyhow!("{}", grpc_tls::describe_for(&status, &trust));
     let authorize = |r: &mut tonic::metadata::MetadataMap| {
         if let Some(s) = &secret
             && let Ok(v) = format!("Bearer {s}").parse()
@@ -161,15 +222,15 @@ async fn status(balancer: String, secret: Option<String>, watch: bool) -> anyhow
     if watch {
         let mut req = tonic::Request::new(WatchRequest { min_interval_ms: 1000 });
         authorize(req.metadata_mut());
-        let mut stream = client.watch(req).await?.into_inner();
-        while let Some(s) = stream.message().await? {
+        let mut stream = client.watch(req).await.map_err(call_error)?.into_inner();
+        while let Some(s) = stream.message().await.map_err(call_error)? {
             print!("\x1b[2J\x1b[H{}", table::render(&s, unix_ms_now()));
         }
         return Ok(());
     }
     let mut req = tonic::Request::new(StatusRequest {});
     authorize(req.metadata_mut());
-    let s = client.status(req).await?.into_inner();
+    let s = client.status(req).await.map_err(call_error)?.into_inner();
     print!("{}", table::render(&s, unix_ms_now()));
     Ok(())
 }
@@ -187,13 +248,20 @@ fn main() -> anyhow::Result<()> {
             println!("{}", signer.public_key_hex());
             Ok(())
         }
-        Command::Status { balancer, secret, watch } => rt.block_on(status(balancer, secret, watch)),
+        Command::Status { balancer, secret, trust, watch } => {
+            let trust = trust.trust()?;
+            rt.block_on(status(balancer, secret, trust, watch))
+        }
         Command::Serve(s) => {
             let config = config(s)?;
             rt.block_on(async {
                 let balancer = gpupool_balancer::Balancer::bind(config).await?;
+                let transport = match balancer.fingerprint() {
+                    Some(fingerprint) => format!("TLS, certificate SHA-256 {fingerprint}"),
+                    None => "plaintext".to_string(),
+                };
                 println!(
-                    "gpupool-balancer listening on {} (lease public key {})",
+                    "gpupool-balancer listening on {} ({transport}, lease public key {})",
                     balancer.local_addr(),
                     balancer.public_key_hex()
                 );

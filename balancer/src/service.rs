@@ -36,6 +36,9 @@ pub enum BalancerError {
     /// The gRPC listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    /// The certificate, key or client CA is unusable.
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] gpupool_proto::tls::TlsError),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Serve(String),
@@ -120,6 +123,13 @@ impl State {
     }
 
     fn check_server<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let wants_certificate = self.config.tls.as_ref().is_some_and(|t| t.server_client_ca.is_some());
+        // rustls verified any certificate presented against the CA.
+        if wants_certificate && req.peer_certs().is_none_or(|c| c.is_empty()) {
+            return Err(Status::unauthenticated(
+                "this balancer requires gpu-servers to present a client certificate from its CA",
+            ));
+        }
         self.check_secret(req, Some(&self.config.server_secret))
     }
 
@@ -480,6 +490,9 @@ async fn ticker(state: Arc<State>, mut stop: watch::Receiver<bool>) {
 #[derive(Debug)]
 pub struct Balancer {
     listener: tokio::net::TcpListener,
+    /// TLS settings for tonic and the certificate's fingerprint; `None`:
+    /// plaintext.
+    tls: Option<(tonic::transport::ServerTlsConfig, String)>,
     /// The Prometheus endpoint's listener, when configured.
     metrics: Option<tokio::net::TcpListener>,
     state: Arc<State>,
@@ -499,6 +512,22 @@ impl Balancer {
             }
             None => None,
         };
+        let tls = match &config.tls {
+            Some(settings) => {
+                let identity = gpupool_proto::tls::Identity::load(&settings.identity)?;
+                let tonic_config =
+                    gpupool_proto::grpc_tls::server_config(&identity, settings.server_client_ca.as_deref())?;
+                tracing::info!(fingerprint = %identity.fingerprint(), "gRPC over TLS (certificate SHA-256)");
+                Some((tonic_config, identity.fingerprint()))
+            }
+            None => {
+                tracing::warn!(
+                    "gRPC in plaintext (--insecure): leases and secrets cross the network in clear; \
+                     use this on a trusted network only"
+                );
+                None
+            }
+        };
         let now = unix_ms_now();
         let mut pool_config = config.pool.clone();
         if pool_config.id_seed == 0 {
@@ -514,7 +543,7 @@ impl Balancer {
             queue_timeouts: AtomicU64::new(0),
             allocations: crate::exporter::Allocations::default(),
         });
-        Ok(Self { listener, metrics, state })
+        Ok(Self { listener, tls, metrics, state })
     }
 
     /// The Prometheus endpoint's bound address, when there is one.
@@ -525,6 +554,12 @@ impl Balancer {
     /// The bound TCP address.
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().unwrap_or(self.state.config.listen)
+    }
+
+    /// Hex SHA-256 of the gRPC certificate (what clients pin); `None` in
+    /// plaintext.
+    pub fn fingerprint(&self) -> Option<&str> {
+        self.tls.as_ref().map(|(_, f)| f.as_str())
     }
 
     /// Hex ed25519 public key servers verify leases with.
@@ -566,10 +601,11 @@ impl Balancer {
             shutdown.await;
             let _ = fired_tx.send(());
         };
-        let serve = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, signal);
+        let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+        if let Some((tls, _)) = self.tls {
+            builder = builder.tls_config(tls).map_err(|e| BalancerError::Serve(e.to_string()))?;
+        }
+        let serve = builder.add_service(service).serve_with_incoming_shutdown(incoming, signal);
         let grace = self.state.config.shutdown_grace;
         // Clients keep idle HTTP/2 connections open; after the grace period
         // they are closed rather than waited for.

@@ -28,6 +28,26 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
+/// Starts `serve` on port 0 with `key` and `extra` flags; returns it, its
+/// first line and its address.
+fn serve(key: &std::path::Path, extra: &[&str], stderr: Stdio) -> (Served, String, String) {
+    let mut child = exe()
+        .args(["serve", "--listen", "127.0.0.1:0", "--server-secret", "s3cret", "--recovery-ms", "0", "--key-file"])
+        .arg(key)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("serve starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let served = Served(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("first line");
+    let addr = line.split_whitespace().nth(3).expect("address").to_string();
+    (served, line, addr)
+}
+
 #[test]
 fn keygen_serve_and_status() {
     let dir = temp_dir("serve");
@@ -43,27 +63,61 @@ fn keygen_serve_and_status() {
     let mode = std::fs::metadata(&key).expect("key file").permissions().mode();
     assert_eq!(mode & 0o077, 0, "the key file is readable by its owner only");
 
-    let mut child = exe()
-        .args(["serve", "--listen", "127.0.0.1:0", "--server-secret", "s3cret", "--recovery-ms", "0", "--key-file"])
-        .arg(&key)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("serve starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let served = Served(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("first line");
-    // "gpupool-balancer listening on 127.0.0.1:PORT (lease public key …)"
-    let addr = line.split_whitespace().nth(3).expect("address").to_string();
+    let (served, line, addr) = serve(&key, &[], Stdio::null());
+    // "gpupool-balancer listening on 127.0.0.1:PORT (TLS, certificate SHA-256 …, lease public key …)"
     assert!(line.contains(&public), "{line}");
+    let fingerprint = line.split("SHA-256 ").nth(1).and_then(|r| r.split(',').next()).expect("fingerprint");
+    assert_eq!(fingerprint.len(), 64, "{line}");
 
-    let status = exe().args(["status", "--balancer"]).arg(format!("http://{addr}")).output().expect("status runs");
+    let status = exe()
+        .args(["status", "--balancer", &format!("https://{addr}"), "--cert-sha256", fingerprint])
+        .output()
+        .expect("status runs");
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     let text = String::from_utf8_lossy(&status.stdout);
     for needle in ["policy spread", "SERVERS", "INSTANCES", "LEASES", "QUEUE", "(none)"] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }
+    // A wrong pin is refused, naming both fingerprints.
+    let wrong = "ab".repeat(32);
+    let status = exe()
+        .args(["status", "--balancer", &format!("https://{addr}"), "--cert-sha256", &wrong])
+        .output()
+        .expect("status runs");
+    assert!(!status.status.success());
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert!(err.contains("does not match the pinned") && err.contains(&wrong) && err.contains(fingerprint), "{err}");
+    // Plaintext is an explicit opt-in, and a TLS balancer refuses it.
+    let status = exe().args(["status", "--balancer", &format!("http://{addr}")]).output().expect("status runs");
+    assert!(!status.status.success());
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert!(err.contains("no way to verify the balancer"), "{err}");
+    let status =
+        exe().args(["status", "--balancer", &format!("http://{addr}"), "--insecure"]).output().expect("status runs");
+    assert!(!status.status.success(), "a TLS balancer answered a plaintext client");
+    drop(served);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Plaintext only when asked for, on both sides, with a warning.
+#[test]
+fn insecure_serves_plaintext_with_a_warning() {
+    let dir = temp_dir("insecure");
+    let log = dir.join("stderr");
+    let stderr = std::fs::File::create(&log).expect("log file");
+    let (served, line, addr) = serve(&dir.join("k"), &["--insecure"], stderr.into());
+    assert!(line.contains("(plaintext, lease public key"), "{line}");
+    let warning = std::fs::read_to_string(&log).expect("stderr");
+    assert!(warning.contains("WARN") && warning.contains("plaintext"), "{warning}");
+    let status =
+        exe().args(["status", "--balancer", &format!("http://{addr}"), "--insecure"]).output().expect("status runs");
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    // A client that expects TLS does not fall back to plaintext.
+    let status = exe()
+        .args(["status", "--balancer", &format!("https://{addr}"), "--cert-sha256", &"ab".repeat(32)])
+        .output()
+        .expect("status runs");
+    assert!(!status.status.success());
     drop(served);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -88,7 +142,7 @@ fn bad_settings_are_all_reported() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("server secret") && err.contains("ttl"), "every problem named: {err}");
-    let out = exe().args(["status", "--balancer", "http://127.0.0.1:9"]).output().expect("status runs");
+    let out = exe().args(["status", "--balancer", "http://127.0.0.1:9", "--insecure"]).output().expect("status runs");
     assert!(!out.status.success(), "an unreachable balancer is an error");
     std::thread::sleep(Duration::from_millis(10));
     let _ = std::fs::remove_dir_all(&dir);

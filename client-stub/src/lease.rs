@@ -10,6 +10,7 @@ use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
 use gpupool_proto::balancer as pb;
 use gpupool_proto::balancer::balancer_client::BalancerClient;
+use gpupool_proto::grpc_tls::BalancerTrust;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,8 +22,11 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 /// What virtual GPU to ask the balancer for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolRequest {
-    /// The balancer's gRPC URL, e.g. `http://10.0.0.5:50051`.
+    /// The balancer's gRPC URL, e.g. `https://10.0.0.5:50051`.
     pub balancer: String,
+    /// How the balancer's certificate is verified (pin or CA), or the
+    /// plaintext opt-in with an `http://` URL.
+    pub trust: BalancerTrust,
     /// Secret the balancer expects from clients, if it expects one.
     pub secret: Option<String>,
     /// Who pays; quotas apply per tenant.
@@ -40,9 +44,10 @@ pub struct PoolRequest {
 }
 
 impl PoolRequest {
-    pub fn new(balancer: impl Into<String>, tenant: impl Into<String>) -> Self {
+    pub fn new(balancer: impl Into<String>, trust: BalancerTrust, tenant: impl Into<String>) -> Self {
         Self {
             balancer: balancer.into(),
+            trust,
             secret: None,
             tenant: tenant.into(),
             memory: 0,
@@ -54,8 +59,9 @@ impl PoolRequest {
     }
 }
 
-fn pool_error(s: &tonic::Status) -> ClientError {
-    ClientError::Pool { code: format!("{:?}", s.code()), message: s.message().to_string() }
+fn pool_error(s: &tonic::Status, trust: &BalancerTrust) -> ClientError {
+    // The description carries the TLS verdict (a wrong pin, an unknown CA).
+    ClientError::Pool { code: format!("{:?}", s.code()), message: gpupool_proto::grpc_tls::describe_for(s, trust) }
 }
 
 /// A balancer connection with its own runtime.
@@ -64,6 +70,7 @@ struct Control {
     rt: tokio::runtime::Runtime,
     client: BalancerClient<Channel>,
     secret: Option<String>,
+    trust: BalancerTrust,
     timeout: Duration,
 }
 
@@ -73,14 +80,20 @@ impl Control {
             .enable_all()
             .build()
             .map_err(|e| ClientError::Connect(format!("cannot start the balancer client's runtime: {e}")))?;
-        let endpoint = Channel::from_shared(req.balancer.clone())
-            .map_err(|e| ClientError::Config(format!("bad balancer URL {:?}: {e}", req.balancer)))?
+        let endpoint = gpupool_proto::grpc_tls::endpoint(&req.balancer, &req.trust, None)
+            .map_err(|e| ClientError::Config(e.to_string()))?
             .connect_timeout(req.call_timeout);
         let channel = {
             let _guard = rt.enter();
             endpoint.connect_lazy()
         };
-        Ok(Self { rt, client: BalancerClient::new(channel), secret: req.secret.clone(), timeout: req.call_timeout })
+        Ok(Self {
+            rt,
+            client: BalancerClient::new(channel),
+            secret: req.secret.clone(),
+            trust: req.trust.clone(),
+            timeout: req.call_timeout,
+        })
     }
 
     fn request<T>(&self, message: T, wait: Duration) -> tonic::Request<T> {
@@ -104,7 +117,7 @@ impl Control {
         };
         let r = self.request(message, req.wait);
         let mut client = self.client.clone();
-        self.rt.block_on(client.allocate(r)).map(tonic::Response::into_inner).map_err(|s| pool_error(&s))
+        self.rt.block_on(client.allocate(r)).map(tonic::Response::into_inner).map_err(|s| pool_error(&s, &self.trust))
     }
 
     fn renew(&mut self, lease: &pb::Lease) -> Result<pb::Lease, tonic::Status> {
@@ -127,7 +140,11 @@ impl PoolRequest {
     /// The request the `GPUPOOL_*` variables describe, read through
     /// `lookup`: `GPUPOOL_BALANCER` (required, a URL), `GPUPOOL_TENANT`,
     /// `GPUPOOL_MEMORY_MIB`, `GPUPOOL_COMPUTE_PERCENT`, `GPUPOOL_PROFILE`,
-    /// `GPUPOOL_WAIT_MS` and `GPUPOOL_BALANCER_SECRET`. The drop-in libcuda
+    /// `GPUPOOL_WAIT_MS`, `GPUPOOL_BALANCER_SECRET`, and how the balancer is
+    /// verified: `GPUPOOL_BALANCER_CERT_SHA256` (a pin) or
+    /// `GPUPOOL_BALANCER_CA_FILE` or `GPUPOOL_BALANCER_CA_PEM` (the bundle
+    /// itself, for a Lambda environment; with `GPUPOOL_BALANCER_SERVER_NAME`), or
+    /// `GPUPOOL_BALANCER_INSECURE=1` for plaintext. The drop-in libcuda
     /// and the Lambda extension both read it this way. Every problem is
     /// reported at once.
     pub fn from_lookup(lookup: &impl Fn(&str) -> Option<String>) -> std::result::Result<Self, Vec<String>> {
@@ -148,11 +165,49 @@ impl PoolRequest {
         }
         let balancer = lookup("GPUPOOL_BALANCER").unwrap_or_default();
         if balancer.is_empty() {
-            problems.push("GPUPOOL_BALANCER is not set (the balancer's URL, e.g. http://10.0.0.5:50051)".into());
+            problems.push("GPUPOOL_BALANCER is not set (the balancer's URL, e.g. https://10.0.0.5:50051)".into());
         } else if !balancer.starts_with("http://") && !balancer.starts_with("https://") {
-            problems.push(format!("GPUPOOL_BALANCER={balancer} must be a URL (http://host:port)"));
+            problems.push(format!("GPUPOOL_BALANCER={balancer} must be a URL (https://host:port)"));
         }
-        let mut request = Self::new(balancer, lookup("GPUPOOL_TENANT").unwrap_or_else(|| "default".into()));
+        let insecure = match lookup("GPUPOOL_BALANCER_INSECURE").as_deref().map(str::trim) {
+            None | Some("" | "0" | "false") => false,
+            Some("1" | "true") => true,
+            Some(_) => {
+                problems.push("GPUPOOL_BALANCER_INSECURE must be 1 or 0".into());
+                false
+            }
+        };
+        let ca_pem = match (lookup("GPUPOOL_BALANCER_CA_PEM"), lookup("GPUPOOL_BALANCER_CA_FILE")) {
+            (Some(pem), None) => Some(pem.into_bytes()),
+            (None, Some(path)) => gpupool_proto::grpc_tls::read_bounded(std::path::Path::new(&path))
+                .map_err(|e| problems.push(format!("GPUPOOL_BALANCER_CA_FILE: {e}")))
+                .ok(),
+            (Some(_), Some(_)) => {
+                problems.push("set GPUPOOL_BALANCER_CA_PEM or GPUPOOL_BALANCER_CA_FILE, not both".into());
+                None
+            }
+            (None, None) => None,
+        };
+        let trust = BalancerTrust::from_settings(
+            lookup("GPUPOOL_BALANCER_CERT_SHA256").as_deref(),
+            ca_pem,
+            lookup("GPUPOOL_BALANCER_SERVER_NAME").as_deref(),
+            insecure,
+        )
+        .unwrap_or_else(|e| {
+            problems.push(format!(
+                "{e} (GPUPOOL_BALANCER_CERT_SHA256, GPUPOOL_BALANCER_CA_FILE, GPUPOOL_BALANCER_CA_PEM or \
+                 GPUPOOL_BALANCER_INSECURE=1)"
+            ));
+            BalancerTrust::Insecure
+        });
+        if !balancer.is_empty()
+            && let Err(e) = gpupool_proto::grpc_tls::endpoint(&balancer, &trust, None)
+            && problems.is_empty()
+        {
+            problems.push(format!("GPUPOOL_BALANCER: {e}"));
+        }
+        let mut request = Self::new(balancer, trust, lookup("GPUPOOL_TENANT").unwrap_or_else(|| "default".into()));
         request.memory = memory_mib << 20;
         request.compute_percent = compute.min(100) as u32;
         request.profile = lookup("GPUPOOL_PROFILE");

@@ -27,6 +27,7 @@ mod wait;
 pub use alloc::AllocationId;
 pub use config::{ClientConfig, TokenSource, Trust};
 pub use error::{ClientError, Result};
+pub use gpupool_proto::grpc_tls::BalancerTrust;
 pub use handoff::LeaseHandoff;
 pub use lease::{LeasedGpu, PoolRequest};
 pub use mirror::MirrorHost;

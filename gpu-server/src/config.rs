@@ -96,8 +96,14 @@ pub enum Isolation {
 /// heartbeats, and accepts sessions with the balancer's signed leases.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BalancerLink {
-    /// The balancer's gRPC URL, e.g. `http://10.0.0.5:50051`.
+    /// The balancer's gRPC URL, e.g. `https://10.0.0.5:50051`.
     pub url: String,
+    /// How the balancer's certificate is verified (pin or CA), or the
+    /// plaintext opt-in with an `http://` URL.
+    pub trust: gpupool_proto::grpc_tls::BalancerTrust,
+    /// Client certificate presented to the balancer, for a balancer that
+    /// requires one from servers (`--server-client-ca`).
+    pub client_identity: Option<TlsSource>,
     /// Stable name of this server in the pool.
     pub server_id: String,
     /// `host:port` clients reach this server's QUIC endpoint at.
@@ -106,6 +112,14 @@ pub struct BalancerLink {
     pub secret: String,
     /// The balancer's lease-signing public key (64 hex digits).
     pub lease_key: String,
+}
+
+impl BalancerLink {
+    /// A gRPC endpoint to the balancer, verifying it as configured.
+    pub fn endpoint(&self) -> Result<tonic::transport::Endpoint, gpupool_proto::tls::TlsError> {
+        let identity = self.client_identity.as_ref().map(gpupool_proto::tls::Identity::load).transpose()?;
+        gpupool_proto::grpc_tls::endpoint(&self.url, &self.trust, identity.as_ref())
+    }
 }
 
 /// Everything a gpu-server needs to run.

@@ -38,6 +38,9 @@ pub enum ServerError {
     /// The TLS certificate or key could not be loaded or generated.
     #[error("TLS setup failed: {0}")]
     Tls(String),
+    /// A certificate, key or CA file of the balancer link is unusable.
+    #[error("TLS setup failed: {0}")]
+    Certificate(#[from] gpupool_proto::tls::TlsError),
     /// The UDP socket could not be bound.
     #[error("cannot bind {addr}: {source}")]
     Bind { addr: std::net::SocketAddr, source: std::io::Error },

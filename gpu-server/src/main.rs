@@ -32,7 +32,7 @@ struct Args {
     /// separated by commas (e.g. `3g.40gb,2g.20gb,1g.10gb,1g.10gb`).
     #[arg(long, env = "GPUPOOL_MIG_LAYOUT", value_delimiter = ',')]
     mig_layout: Option<Vec<String>>,
-    /// Join the pool of the balancer at this URL (e.g. `http://10.0.0.5:50051`).
+    /// Join the pool of the balancer at this URL (e.g. `https://10.0.0.5:50051`).
     #[arg(long, env = "GPUPOOL_BALANCER", requires_all = ["advertise", "balancer_secret", "lease_key"])]
     balancer: Option<String>,
     /// This server's name in the pool (default: the host name).
@@ -47,6 +47,25 @@ struct Args {
     /// The balancer's lease-signing public key (`gpupool-balancer keygen`).
     #[arg(long, env = "GPUPOOL_LEASE_KEY")]
     lease_key: Option<String>,
+    /// Hex SHA-256 of the balancer's gRPC certificate (what it logs at start).
+    #[arg(long, env = "GPUPOOL_BALANCER_CERT_SHA256")]
+    balancer_cert_sha256: Option<String>,
+    /// Or: a PEM CA bundle to verify the balancer's certificate against.
+    #[arg(long, env = "GPUPOOL_BALANCER_CA_FILE")]
+    balancer_ca_file: Option<PathBuf>,
+    /// Name in the balancer's certificate with `--balancer-ca-file`
+    /// (default: the URL's host).
+    #[arg(long, env = "GPUPOOL_BALANCER_SERVER_NAME")]
+    balancer_server_name: Option<String>,
+    /// Talk to a balancer run with `--insecure`, in plaintext (`http://`).
+    #[arg(long, env = "GPUPOOL_BALANCER_INSECURE")]
+    balancer_insecure: bool,
+    /// PEM client certificate for a balancer that requires one from servers.
+    #[arg(long, env = "GPUPOOL_BALANCER_CLIENT_CERT", requires = "balancer_client_key")]
+    balancer_client_cert: Option<PathBuf>,
+    /// PEM private key of `--balancer-client-cert`.
+    #[arg(long, env = "GPUPOOL_BALANCER_CLIENT_KEY", requires = "balancer_client_cert")]
+    balancer_client_key: Option<PathBuf>,
     /// PEM certificate chain (a self-signed one is generated when absent).
     #[arg(long, env = "GPUPOOL_CERT", requires = "key")]
     cert: Option<PathBuf>,
@@ -188,8 +207,22 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             Some(id) => id,
             None => host_name().context("no --server-id given and the host name is unknown")?,
         };
+        let ca_pem = args.balancer_ca_file.as_deref().map(gpupool_proto::grpc_tls::read_bounded).transpose()?;
+        let trust = gpupool_proto::grpc_tls::BalancerTrust::from_settings(
+            args.balancer_cert_sha256.as_deref(),
+            ca_pem,
+            args.balancer_server_name.as_deref(),
+            args.balancer_insecure,
+        )
+        .context("verifying the balancer (--balancer-cert-sha256, --balancer-ca-file or --balancer-insecure)")?;
+        let client_identity = match (args.balancer_client_cert, args.balancer_client_key) {
+            (Some(cert), Some(key)) => Some(TlsSource::Files { cert, key }),
+            _ => None,
+        };
         config.balancer = Some(BalancerLink {
             url,
+            trust,
+            client_identity,
             server_id,
             advertise: args.advertise.unwrap_or_default(),
             secret: args.balancer_secret.unwrap_or_default(),

@@ -11,7 +11,10 @@
 //!   kept by both ends and replayed after a reattach;
 //! - [`balancer`] (feature `grpc`): the balancer's gRPC service (tonic);
 //! - [`lease`] (feature `grpc`): signed lease tokens, made by the balancer
-//!   and checked offline by gpu-servers.
+//!   and checked offline by gpu-servers;
+//! - [`tls`] (feature `tls`): certificates of both planes, self-signed or
+//!   from files, pinned by SHA-256 or checked against a CA;
+//! - [`grpc_tls`] (feature `grpc-tls`): TLS on the balancer's gRPC.
 #![forbid(unsafe_code)]
 
 pub mod cuda;
@@ -42,6 +45,12 @@ pub mod balancer {
 
 #[cfg(feature = "grpc")]
 pub mod lease;
+
+#[cfg(feature = "tls")]
+pub mod tls;
+
+#[cfg(feature = "grpc-tls")]
+pub mod grpc_tls;
 
 /// Version of the data-plane protocol; `Hello.protocol_version` must match.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -302,16 +302,65 @@ pub const SERVER_SECRET: &str = "test-server-secret";
 pub struct TestBalancer {
     pub addr: SocketAddr,
     pub public_key: String,
+    /// SHA-256 of its gRPC certificate; `None` when it runs in plaintext.
+    pub fingerprint: Option<String>,
     /// The Prometheus endpoint, when the configuration asked for one.
     pub metrics: Option<SocketAddr>,
     running: Background,
 }
 
+/// The certificate of every test balancer in this process: self-signed
+/// once, so that a restarted balancer keeps the fingerprint clients pin.
+pub fn balancer_identity() -> gpupool_proto::tls::TlsSource {
+    static IDENTITY: std::sync::OnceLock<gpupool_proto::tls::TlsSource> = std::sync::OnceLock::new();
+    IDENTITY
+        .get_or_init(|| {
+            let names = vec!["localhost".into(), "127.0.0.1".into()];
+            let identity = gpupool_proto::tls::Identity::load(&gpupool_proto::tls::TlsSource::SelfSigned { names })
+                .expect("a self-signed certificate");
+            let (chain, key) = identity.to_der();
+            gpupool_proto::tls::TlsSource::Der { chain, key }
+        })
+        .clone()
+}
+
+/// A certificate authority for tests: it signs the certificates of a
+/// balancer verified by CA and of gpu-servers presenting client
+/// certificates.
+#[derive(Debug)]
+pub struct TestCa {
+    /// The CA certificate, PEM (what clients and the balancer trust).
+    pub pem: Vec<u8>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new() -> anyhow::Result<Self> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "gpupool test CA");
+        let cert = params.self_signed(&key)?;
+        let pem = gpupool_proto::grpc_tls::pem_block("CERTIFICATE", cert.der()).into_bytes();
+        Ok(Self { pem, issuer: rcgen::Issuer::new(params, key) })
+    }
+
+    /// A certificate for `names` signed by this CA, with its key.
+    pub fn issue(&self, names: &[&str]) -> anyhow::Result<gpupool_proto::tls::TlsSource> {
+        let key = rcgen::KeyPair::generate()?;
+        let params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(gpupool_proto::tls::TlsSource::Der { chain: vec![cert.der().to_vec()], key: key.serialize_der() })
+    }
+}
+
 /// A balancer configuration on 127.0.0.1 port 0 with short timings: leases
 /// live 3 s, servers heartbeat every 200 ms and are drained after 1 s of
-/// silence, and no recovery window (a fresh pool).
+/// silence, and no recovery window (a fresh pool). gRPC runs over TLS with
+/// [`balancer_identity`].
 pub fn balancer_config(signer: gpupool_proto::lease::LeaseSigner) -> gpupool_balancer::BalancerConfig {
     let mut c = gpupool_balancer::BalancerConfig::new(([127, 0, 0, 1], 0).into(), signer, SERVER_SECRET);
+    c.tls = Some(gpupool_balancer::TlsSettings { identity: balancer_identity(), server_client_ca: None });
     c.pool.lease_ttl_ms = 3_000;
     c.pool.heartbeat_timeout_ms = 1_000;
     c.pool.recovery_ms = 0;
@@ -327,23 +376,55 @@ impl TestBalancer {
     pub fn start(config: gpupool_balancer::BalancerConfig) -> anyhow::Result<Self> {
         let (info, running) = Background::start(Duration::from_secs(30), move |ready, stop| async move {
             let balancer = gpupool_balancer::Balancer::bind(config).await?;
-            ready((balancer.local_addr(), balancer.public_key_hex(), balancer.metrics_addr()));
+            let fingerprint = balancer.fingerprint().map(str::to_owned);
+            ready((balancer.local_addr(), balancer.public_key_hex(), fingerprint, balancer.metrics_addr()));
             balancer.run(stop).await?;
             Ok(())
         })?;
-        let (addr, public_key, metrics) = info;
-        Ok(Self { addr, public_key, metrics, running })
+        let (addr, public_key, fingerprint, metrics) = info;
+        Ok(Self { addr, public_key, fingerprint, metrics, running })
     }
 
-    /// The balancer's gRPC URL.
+    /// The balancer's gRPC URL: `https://` with TLS, else `http://`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.fingerprint.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// How clients verify it: its pinned fingerprint, or plaintext.
+    pub fn trust(&self) -> gpupool_proto::grpc_tls::BalancerTrust {
+        match &self.fingerprint {
+            Some(f) => gpupool_proto::grpc_tls::BalancerTrust::Fingerprint(
+                gpupool_proto::tls::parse_fingerprint(f).expect("the balancer's fingerprint"),
+            ),
+            None => gpupool_proto::grpc_tls::BalancerTrust::Insecure,
+        }
+    }
+
+    /// The environment that points libcuda or the Lambda extension at it.
+    pub fn client_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![("GPUPOOL_BALANCER", self.url())];
+        match &self.fingerprint {
+            Some(f) => env.push(("GPUPOOL_BALANCER_CERT_SHA256", f.clone())),
+            None => env.push(("GPUPOOL_BALANCER_INSECURE", "1".into())),
+        }
+        env
+    }
+
+    /// A gRPC client of it, verifying it as [`TestBalancer::trust`] says.
+    pub async fn client(
+        &self,
+    ) -> anyhow::Result<gpupool_proto::balancer::balancer_client::BalancerClient<tonic::transport::Channel>> {
+        let channel = gpupool_proto::grpc_tls::endpoint(&self.url(), &self.trust(), None)?.connect().await?;
+        Ok(gpupool_proto::balancer::balancer_client::BalancerClient::new(channel))
     }
 
     /// A server link to this balancer for a server named `server_id`.
     pub fn link(&self, server_id: &str) -> gpupool_server::BalancerLink {
         gpupool_server::BalancerLink {
             url: self.url(),
+            trust: self.trust(),
+            client_identity: None,
             server_id: server_id.into(),
             advertise: "127.0.0.1:0".into(),
             secret: SERVER_SECRET.into(),
@@ -354,10 +435,10 @@ impl TestBalancer {
     /// Waits until `n` servers have registered (a lease asked for before
     /// that is refused: nothing could ever satisfy it).
     pub fn wait_for_servers(&self, n: usize) -> anyhow::Result<()> {
-        use gpupool_proto::balancer::{StatusRequest, balancer_client::BalancerClient};
+        use gpupool_proto::balancer::StatusRequest;
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async {
-            let mut client = BalancerClient::connect(self.url()).await?;
+            let mut client = self.client().await?;
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
             loop {
                 let status = client.status(StatusRequest {}).await?.into_inner();

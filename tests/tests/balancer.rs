@@ -4,12 +4,14 @@
 //! leasing virtual GPUs, running work and releasing them; drained servers,
 //! lease expiry, queue timeouts, a balancer restart, and refused tokens.
 
-use gpupool_client::{ClientConfig, ClientError, PoolRequest, Session, StreamId, Trust};
+use gpupool_balancer::TlsSettings;
+use gpupool_client::{BalancerTrust, ClientConfig, ClientError, LeasedGpu, PoolRequest, Session, StreamId, Trust};
 use gpupool_proto::balancer as pb;
 use gpupool_proto::balancer::balancer_client::BalancerClient;
+use gpupool_proto::grpc_tls;
 use gpupool_proto::lease::{LeaseSigner, unix_ms_now};
 use gpupool_server::{DeviceChoice, mig};
-use gpupool_tests::{TestBalancer, TestServer, balancer_config, isolated_config};
+use gpupool_tests::{TestBalancer, TestCa, TestServer, balancer_config, isolated_config};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -23,7 +25,7 @@ struct Grpc {
 impl Grpc {
     fn connect(balancer: &TestBalancer) -> Self {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let client = rt.block_on(BalancerClient::connect(balancer.url())).expect("connect to the balancer");
+        let client = rt.block_on(balancer.client()).expect("connect to the balancer");
         Self { rt, client }
     }
 
@@ -69,12 +71,17 @@ impl Grpc {
 /// A gpu-server serving the simulated topology `spec` (with `layout` applied
 /// to its MIG-enabled GPUs), joined to `balancer` as `id`.
 fn pooled_server(balancer: &TestBalancer, id: &str, spec: &str, layout: Option<&[&str]>) -> TestServer {
+    linked_server(balancer.link(id), spec, layout)
+}
+
+/// A gpu-server serving `spec`, joined to a balancer through `link`.
+fn linked_server(link: gpupool_server::BalancerLink, spec: &str, layout: Option<&[&str]>) -> TestServer {
     let mut c = isolated_config().expect("worker command");
     c.device = DeviceChoice::Emulated { memory: 1 << 30 };
     c.tokens = Vec::new();
     let nvml = mig::SimulatedNvml::from_spec(spec).expect("topology");
     c.gpus = mig::prepare(&nvml, layout).expect("layout");
-    c.balancer = Some(balancer.link(id));
+    c.balancer = Some(link);
     TestServer::start(c).expect("server starts")
 }
 
@@ -182,9 +189,9 @@ fn many_clients_share_three_servers() {
     // More clients than instances: the rest wait in the queue for a release.
     let clients: Vec<_> = (0..14u8)
         .map(|i| {
-            let url = balancer.url();
+            let (url, trust) = (balancer.url(), balancer.trust());
             std::thread::spawn(move || {
-                let mut req = PoolRequest::new(url, format!("tenant-{}", i % 3));
+                let mut req = PoolRequest::new(url, trust, format!("tenant-{}", i % 3));
                 req.memory = 12 << 30;
                 req.wait = Duration::from_secs(60);
                 let session = Session::connect_pooled(&req, &template()).expect("leased session");
@@ -311,9 +318,9 @@ fn the_queue_times_out_or_serves_a_release() {
     assert!(started.elapsed() >= Duration::from_millis(300), "answered before the wait ran out");
     assert_eq!(grpc.status().queue_timeouts, 1);
 
-    let url = balancer.url();
+    let (url, trust) = (balancer.url(), balancer.trust());
     let waiter = std::thread::spawn(move || {
-        let mut req = PoolRequest::new(url, "waiter");
+        let mut req = PoolRequest::new(url, trust, "waiter");
         req.wait = Duration::from_secs(20);
         let session = Session::connect_pooled(&req, &template()).expect("granted after the release");
         round_trip(&session, 3);
@@ -337,7 +344,7 @@ fn a_restarted_balancer_loses_no_lease() {
     let mut grpc = Grpc::connect(&first);
     grpc.wait_for("two servers", |s| s.servers.len() == 2);
     // One lease in use by a renewing session, one held but not connected.
-    let mut req = PoolRequest::new(first.url(), "in-use");
+    let mut req = PoolRequest::new(first.url(), first.trust(), "in-use");
     req.profile = Some("4g.40gb".into());
     let session = Session::connect_pooled(&req, &template()).expect("session");
     round_trip(&session, 4);
@@ -456,4 +463,117 @@ fn servers_refuse_forged_expired_and_foreign_leases() {
     // the server asks the balancer before it admits (issue 20, finding 9).
     let r = refused(mine, lease.token.clone(), "a released lease");
     assert!(r.contains("ended"), "{r}");
+}
+
+/// The balancer's status as a client verifying it by `trust` at `url` gets
+/// it, or the reason it does not (connection or call), as one line.
+fn status_via(url: &str, trust: &BalancerTrust, secret: Option<&str>) -> Result<pb::PoolStatus, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let endpoint = grpc_tls::endpoint(url, trust, None).map_err(|e| e.to_string())?;
+        let channel =
+            endpoint.connect_timeout(Duration::from_secs(5)).connect().await.map_err(|e| grpc_tls::error_chain(&e))?;
+        let mut req = tonic::Request::new(pb::StatusRequest {});
+        req.set_timeout(Duration::from_secs(5));
+        if let Some(s) = secret {
+            req.metadata_mut().insert("authorization", format!("Bearer {s}").parse().expect("header"));
+        }
+        BalancerClient::new(channel)
+            .status(req)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| grpc_tls::describe_for(&s, trust))
+    })
+}
+
+/// TLS on the control plane (issue 20): a TLS balancer refuses a plaintext
+/// client; a client pinning another certificate refuses the balancer and
+/// says so, at the gRPC level and through the client core's lease; a
+/// gpu-server linked in plaintext never joins.
+#[test]
+fn the_balancer_refuses_plaintext_and_clients_refuse_a_wrong_pin() {
+    let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([9; 32]))).expect("balancer");
+    assert!(balancer.url().starts_with("https://"), "{}", balancer.url());
+    status_via(&balancer.url(), &balancer.trust(), None).expect("a pinned client is answered");
+
+    let plain = format!("http://{}", balancer.addr);
+    let err = status_via(&plain, &BalancerTrust::Insecure, None).expect_err("a plaintext client is refused");
+    assert!(err.contains("a plaintext client gets this from a balancer that runs TLS"), "{err}");
+
+    let wrong = [0xab; 32];
+    let err = status_via(&balancer.url(), &BalancerTrust::Fingerprint(wrong), None).expect_err("wrong pin");
+    assert!(err.contains("does not match the pinned") && err.contains(&"ab".repeat(32)), "{err}");
+    let fingerprint = balancer.fingerprint.clone().expect("TLS");
+    assert!(err.contains(&fingerprint), "names the certificate it found: {err}");
+
+    // The client core (libcuda's and the Lambda extension's lease path).
+    let req = PoolRequest::new(balancer.url(), BalancerTrust::Fingerprint(wrong), "pinned-wrong");
+    match LeasedGpu::allocate(&req) {
+        Err(ClientError::Pool { message, .. }) => {
+            assert!(message.contains("does not match the pinned"), "{message}")
+        }
+        other => panic!("a wrong pin must refuse the balancer: {other:?}"),
+    }
+    // An http:// URL is refused before anything is sent unless plaintext
+    // is asked for.
+    let req = PoolRequest::new(plain.clone(), balancer.trust(), "pinned-plaintext");
+    let err = LeasedGpu::allocate(&req).expect_err("a pin with http://");
+    assert!(err.to_string().contains("http:// is plaintext"), "{err}");
+
+    // A gpu-server linked in plaintext does not join.
+    let mut link = balancer.link("plaintext");
+    link.url = plain;
+    link.trust = BalancerTrust::Insecure;
+    let server = linked_server(link, "a100-80gb", None);
+    std::thread::sleep(Duration::from_millis(1_500));
+    let status = status_via(&balancer.url(), &balancer.trust(), None).expect("status");
+    assert!(status.servers.is_empty(), "a plaintext server registered: {:?}", status.servers);
+    drop(server);
+}
+
+/// A balancer verified by a CA that requires client certificates from
+/// gpu-servers: a server without one is refused, one with a certificate
+/// from the CA registers, and a client verifying by CA leases a GPU and
+/// runs work on it over TLS end to end.
+#[test]
+fn servers_present_client_certificates_and_clients_verify_by_ca() {
+    let ca = TestCa::new().expect("CA");
+    let mut config = balancer_config(LeaseSigner::from_seed([10; 32]));
+    config.tls = Some(TlsSettings {
+        identity: ca.issue(&["localhost", "127.0.0.1"]).expect("balancer certificate"),
+        server_client_ca: Some(ca.pem.clone()),
+    });
+    let balancer = TestBalancer::start(config).expect("balancer");
+    let by_ca = BalancerTrust::Ca { pem: ca.pem.clone(), server_name: None };
+
+    // Without a client certificate: refused, and told why.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let err = rt
+        .block_on(async {
+            let channel = grpc_tls::endpoint(&balancer.url(), &by_ca, None)?.connect().await?;
+            let mut req = tonic::Request::new(pb::HeartbeatRequest { server_id: "x".into(), ..Default::default() });
+            let secret = format!("Bearer {}", gpupool_tests::SERVER_SECRET);
+            req.metadata_mut().insert("authorization", secret.parse()?);
+            let reply = BalancerClient::new(channel).heartbeat(req).await;
+            anyhow::Ok(reply)
+        })
+        .expect("connected by CA")
+        .expect_err("no client certificate");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("client certificate"), "{err:?}");
+    // Clients that lease need none: the status is read by CA.
+    status_via(&balancer.url(), &by_ca, None).expect("a client verifying by CA");
+
+    let mut link = balancer.link("with-cert");
+    link.trust = by_ca.clone();
+    link.client_identity = Some(ca.issue(&["with-cert"]).expect("client certificate"));
+    let server = linked_server(link, "a100-80gb", None);
+    balancer.wait_for_servers(1).expect("the server with a certificate registers");
+
+    let mut req = PoolRequest::new(balancer.url(), by_ca, "by-ca");
+    req.wait = Duration::from_secs(10);
+    let session = Session::connect_pooled(&req, &template()).expect("a session on a lease over TLS");
+    round_trip(&session, 9);
+    drop(session);
+    drop(server);
 }

@@ -413,10 +413,11 @@ fn unreachable_pool_is_reported() -> Result<()> {
     Ok(())
 }
 
-/// The program leases its GPU through the balancer (`GPUPOOL_BALANCER`),
-/// twice in a row on a pool of one instance: the first run's lease is
-/// released when it exits, not when it expires, so the second is not kept
-/// waiting.
+/// The program leases its GPU through the balancer (`GPUPOOL_BALANCER`,
+/// over TLS with the balancer's certificate pinned), twice in a row on a
+/// pool of one instance: the first run's lease is released when it exits,
+/// not when it expires, so the second is not kept waiting. A run pinning
+/// another certificate is refused, and says why.
 #[test]
 fn program_leases_its_gpu_from_the_balancer() -> Result<()> {
     use gpupool_tests::{TestBalancer, balancer_config};
@@ -435,7 +436,7 @@ fn program_leases_its_gpu_from_the_balancer() -> Result<()> {
         let started = std::time::Instant::now();
         let out = Command::new(bin.join("driver_api"))
             .env("LD_LIBRARY_PATH", stub)
-            .env("GPUPOOL_BALANCER", balancer.url())
+            .envs(balancer.client_env())
             .env("GPUPOOL_TENANT", "ci")
             .env("GPUPOOL_WAIT_MS", "20000")
             .output()
@@ -447,6 +448,18 @@ fn program_leases_its_gpu_from_the_balancer() -> Result<()> {
         // A lease kept until expiry would hold the second run for a minute.
         assert!(started.elapsed() < std::time::Duration::from_secs(30), "round {round} waited for the lease");
     }
+    assert!(balancer.url().starts_with("https://"));
+    let wrong = "ab".repeat(32);
+    let out = Command::new(bin.join("driver_api"))
+        .env("LD_LIBRARY_PATH", stub)
+        .envs(balancer.client_env())
+        .env("GPUPOOL_BALANCER_CERT_SHA256", &wrong)
+        .env("GPUPOOL_TENANT", "ci")
+        .output()
+        .context("starting driver_api")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("does not match the pinned") && stderr.contains(&wrong), "{stderr}");
     server.stop();
     balancer.stop();
     Ok(())

@@ -4,7 +4,11 @@
 //! | variable | meaning |
 //! |---|---|
 //! | `GPUPOOL_LEASE_FILE` | a lease another process holds (the Lambda extension writes it): open the session with its server, pin and token |
-//! | `GPUPOOL_BALANCER` | balancer URL (`http://host:port`): lease a virtual GPU from the pool |
+//! | `GPUPOOL_BALANCER` | balancer URL (`https://host:port`): lease a virtual GPU from the pool |
+//! | `GPUPOOL_BALANCER_CERT_SHA256` | with a balancer: hex SHA-256 of its certificate (what it logs at start) |
+//! | `GPUPOOL_BALANCER_CA_FILE` | or: PEM CA bundle to verify the balancer against (`GPUPOOL_BALANCER_SERVER_NAME`: the name in its certificate, default the URL's host) |
+//! | `GPUPOOL_BALANCER_CA_PEM` | or: the PEM CA bundle itself (a Lambda function's environment) |
+//! | `GPUPOOL_BALANCER_INSECURE` | `1`: plaintext to a balancer run with `--insecure` (an `http://` URL) |
 //! | `GPUPOOL_TENANT` | with a balancer: tenant the lease is for (default `default`) |
 //! | `GPUPOOL_MEMORY_MIB` | with a balancer: device memory needed (default: any) |
 //! | `GPUPOOL_COMPUTE_PERCENT` | with a balancer: share of a full GPU's SMs needed (default: any) |
@@ -225,8 +229,10 @@ mod tests {
 
     #[test]
     fn balancer_target() {
+        let pin = "ab".repeat(32);
         let t = target_from_lookup(lookup(&[
-            ("GPUPOOL_BALANCER", "http://10.0.0.5:50051"),
+            ("GPUPOOL_BALANCER", "https://10.0.0.5:50051"),
+            ("GPUPOOL_BALANCER_CERT_SHA256", &pin),
             ("GPUPOOL_TENANT", "team-a"),
             ("GPUPOOL_MEMORY_MIB", "2048"),
             ("GPUPOOL_PROFILE", "1g.10gb"),
@@ -236,8 +242,17 @@ mod tests {
         let Target::Pooled(r, c) = t else { panic!("expected a pooled target") };
         assert_eq!((r.tenant.as_str(), r.memory, r.profile.as_deref()), ("team-a", 2 << 30, Some("1g.10gb")));
         assert_eq!(c.max_udp_payload, 1200);
+        assert!(matches!(r.trust, gpupool_client::BalancerTrust::Fingerprint(_)));
+        // Plaintext only with the opt-in, and never with a pin.
+        let plain = target_from_lookup(lookup(&[("GPUPOOL_BALANCER", "http://10.0.0.5:50051")]));
+        assert!(plain.expect_err("no trust").contains("GPUPOOL_BALANCER_INSECURE"));
+        let plain = [("GPUPOOL_BALANCER", "http://10.0.0.5:50051"), ("GPUPOOL_BALANCER_INSECURE", "1")];
+        assert!(target_from_lookup(lookup(&plain)).is_ok());
+        let mixed = [("GPUPOOL_BALANCER", "http://10.0.0.5:50051"), ("GPUPOOL_BALANCER_CERT_SHA256", pin.as_str())];
+        assert!(target_from_lookup(lookup(&mixed)).expect_err("pinned plaintext").contains("http:// is plaintext"));
         let bad = target_from_lookup(lookup(&[
             ("GPUPOOL_BALANCER", "10.0.0.5:50051"),
+            ("GPUPOOL_BALANCER_INSECURE", "1"),
             ("GPUPOOL_MEMORY_MIB", "lots"),
             ("GPUPOOL_COMPUTE_PERCENT", "150"),
         ]))
@@ -251,7 +266,7 @@ mod tests {
     fn lease_file_target_takes_precedence() {
         let t = target_from_lookup(lookup(&[
             ("GPUPOOL_LEASE_FILE", "/tmp/gpupool/lease"),
-            ("GPUPOOL_BALANCER", "http://10.0.0.5:50051"),
+            ("GPUPOOL_BALANCER", "https://10.0.0.5:50051"),
             ("GPUPOOL_MAX_UDP_PAYLOAD", "1200"),
         ]))
         .expect("valid");

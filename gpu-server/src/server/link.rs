@@ -14,7 +14,6 @@ use gpupool_proto::close_code;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
 /// Longest wait between two tries to reach the balancer.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -76,10 +75,10 @@ pub(crate) async fn run(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let channel = match Channel::from_shared(link.url.clone()) {
+    let channel = match link.endpoint() {
         Ok(endpoint) => endpoint.connect_timeout(CALL_TIMEOUT).connect_lazy(),
         Err(e) => {
-            tracing::error!(url = %link.url, error = %e, "bad balancer URL; not joining the pool");
+            tracing::error!(url = %link.url, error = %e, "cannot reach the balancer as configured; not joining the pool");
             return;
         }
     };
@@ -118,7 +117,7 @@ pub(crate) async fn run(
                     Duration::from_millis(u64::from(reply.heartbeat_interval_ms).max(50))
                 }
                 Err(e) => {
-                    tracing::warn!(url = %link.url, error = %e.message(), code = ?e.code(), "cannot register with the balancer");
+                    tracing::warn!(url = %link.url, error = %gpupool_proto::grpc_tls::describe(&e), "cannot register with the balancer");
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
                         _ = stop.changed() => return,
@@ -161,7 +160,7 @@ pub(crate) async fn run(
                     );
                     break;
                 }
-                Err(e) => tracing::warn!(error = %e.message(), code = ?e.code(), "heartbeat failed"),
+                Err(e) => tracing::warn!(error = %gpupool_proto::grpc_tls::describe(&e), "heartbeat failed"),
             }
         }
     }

@@ -72,10 +72,10 @@ impl LeaseCheck {
         let client = self
             .client
             .get_or_init(|| async {
-                match Channel::from_shared(self.link.url.clone()) {
+                match self.link.endpoint() {
                     Ok(endpoint) => Some(BalancerClient::new(endpoint.connect_timeout(CHECK_TIMEOUT).connect_lazy())),
                     Err(e) => {
-                        tracing::warn!(url = %self.link.url, error = %e, "bad balancer URL; leases are not checked");
+                        tracing::warn!(url = %self.link.url, error = %e, "cannot reach the balancer as configured; leases are not checked");
                         None
                     }
                 }
@@ -94,7 +94,7 @@ impl LeaseCheck {
             }
             Ok(Ok(_)) => Ok(()),
             Ok(Err(status)) => {
-                tracing::warn!(lease = lease_id, error = %status, "cannot check the lease with the balancer; admitting on its signature");
+                tracing::warn!(lease = lease_id, error = %gpupool_proto::grpc_tls::describe(&status), "cannot check the lease with the balancer; admitting on its signature");
                 Ok(())
             }
             Err(_) => {
@@ -115,6 +115,8 @@ mod tests {
     fn check() -> LeaseCheck {
         LeaseCheck::new(BalancerLink {
             url: "http://127.0.0.1:9".into(),
+            trust: gpupool_proto::grpc_tls::BalancerTrust::Insecure,
+            client_identity: None,
             server_id: "s".into(),
             advertise: String::new(),
             secret: "x".into(),

@@ -63,6 +63,8 @@ module "gpu_fleet" {
   balancer_url                = module.balancer.url
   server_secret_arn           = module.balancer.server_secret_arn
   lease_public_key_secret_arn = module.balancer.public_key_secret_arn
+  balancer_ca_secret_arn      = module.balancer.tls_ca_secret_arn
+  balancer_client_tls         = module.balancer.server_client_tls_secret_arns
   artifact_bucket             = module.foundation.artifact_bucket
   binary_key                  = "bin/gpupool-server"
   binary_version              = module.foundation.artifact_versions["bin/gpupool-server"]
@@ -80,6 +82,7 @@ module "lambda" {
   security_group_id  = module.network.client_security_group_id
   balancer_url       = module.balancer.url
   client_secret      = module.balancer.client_secret
+  balancer_ca_pem    = module.balancer.tls_ca_pem
   tenant             = var.lambda_tenant
   max_concurrency    = var.lambda_max_concurrency
   log_retention_days = var.log_retention_days

@@ -3,6 +3,11 @@ output "balancer_url" {
   value       = module.balancer.url
 }
 
+output "balancer_ca_pem" {
+  description = "PEM CA certificate that verifies the balancer's gRPC certificate (GPUPOOL_BALANCER_CA_PEM, or a GPUPOOL_BALANCER_CA_FILE, for clients)."
+  value       = module.balancer.tls_ca_pem
+}
+
 output "balancer_instance_id" {
   description = "Instance id of the balancer: aws ssm start-session --target <id>."
   value       = module.balancer.instance_id

@@ -25,7 +25,7 @@ locals {
   region     = data.aws_region.current.name
   partition  = data.aws_partition.current.partition
   address    = cidrhost(data.aws_subnet.this.cidr_block, var.host_number)
-  url        = "http://${local.address}:${var.port}"
+  url        = "https://${local.address}:${var.port}"
   log_group  = "/${var.name}/balancer"
   agent_conf = "/opt/aws/amazon-cloudwatch-agent/etc/gpupool.json"
 }
@@ -84,13 +84,119 @@ resource "aws_secretsmanager_secret_version" "client" {
   secret_string = random_password.client.result
 }
 
+# --- TLS for the gRPC service ------------------------------------------
+# A pool CA (its key stays in the Terraform state) signs the balancer's
+# certificate for its fixed address and the gpu-servers' client certificate. The balancer reads its certificate and
+# key from Secrets Manager at each start (to /run, tmpfs); gpu-servers read
+# the CA certificate from its secret, and the Lambda function gets it in its
+# environment (GPUPOOL_BALANCER_CA_PEM). Renewed by Terraform at the first
+# apply within 60 days of expiry, which replaces the instance.
+
+resource "tls_private_key" "ca" {
+  algorithm   = "ECDSA"
+  ecdsa_curve = "P256"
+}
+
+resource "tls_self_signed_cert" "ca" {
+  private_key_pem       = tls_private_key.ca.private_key_pem
+  is_ca_certificate     = true
+  validity_period_hours = 24 * 365 * 5
+  early_renewal_hours   = 24 * 60
+  allowed_uses          = ["cert_signing", "crl_signing"]
+  subject {
+    common_name  = "${var.name} gpupool balancer CA"
+    organization = var.name
+  }
+}
+
+# What the CA issues: the balancer's certificate for its fixed address, and
+# the client certificate the gpu-servers present (the balancer runs with
+# --server-client-ca and takes registrations and heartbeats only from a
+# holder of it, besides the server secret).
+locals {
+  issued = {
+    balancer = {
+      common_name  = "gpupool-balancer"
+      dns_names    = ["gpupool-balancer", "localhost"]
+      ip_addresses = [local.address]
+      uses         = ["digital_signature", "server_auth"]
+    }
+    server_client = {
+      common_name  = "gpupool-server"
+      dns_names    = []
+      ip_addresses = []
+      uses         = ["digital_signature", "client_auth"]
+    }
+  }
+}
+
+resource "tls_private_key" "issued" {
+  for_each    = local.issued
+  algorithm   = "ECDSA"
+  ecdsa_curve = "P256"
+}
+
+resource "tls_cert_request" "issued" {
+  for_each        = local.issued
+  private_key_pem = tls_private_key.issued[each.key].private_key_pem
+  dns_names       = each.value.dns_names
+  ip_addresses    = each.value.ip_addresses
+  subject {
+    common_name  = each.value.common_name
+    organization = var.name
+  }
+}
+
+resource "tls_locally_signed_cert" "issued" {
+  for_each              = local.issued
+  cert_request_pem      = tls_cert_request.issued[each.key].cert_request_pem
+  ca_private_key_pem    = tls_private_key.ca.private_key_pem
+  ca_cert_pem           = tls_self_signed_cert.ca.cert_pem
+  validity_period_hours = 24 * 365 * 2
+  early_renewal_hours   = 24 * 60
+  allowed_uses          = each.value.uses
+}
+
+locals {
+  # The TLS secrets: what each holds.
+  tls_secrets = {
+    cert        = "PEM certificate of the balancer's gRPC service."
+    key         = "PEM private key of the balancer's gRPC certificate."
+    ca          = "PEM CA certificate clients verify the balancer's gRPC certificate with (not a credential)."
+    client-cert = "PEM client certificate the gpu-servers present to the balancer."
+    client-key  = "PEM private key of the gpu-servers' client certificate."
+  }
+  tls_values = {
+    cert        = tls_locally_signed_cert.issued["balancer"].cert_pem
+    key         = tls_private_key.issued["balancer"].private_key_pem_pkcs8
+    ca          = tls_self_signed_cert.ca.cert_pem
+    client-cert = tls_locally_signed_cert.issued["server_client"].cert_pem
+    client-key  = tls_private_key.issued["server_client"].private_key_pem_pkcs8
+  }
+}
+
+resource "aws_secretsmanager_secret" "tls" {
+  #checkov:skip=CKV2_AWS_57:Renewed by Terraform (a new certificate at the first apply within 60 days of expiry), which replaces the balancer instance and updates the servers' and functions' CA; a rotation Lambda could not restart them.
+  for_each                = local.tls_secrets
+  name_prefix             = "${var.name}/balancer/tls-${each.key}-"
+  description             = each.value
+  kms_key_id              = var.kms_key_arn
+  recovery_window_in_days = 0
+}
+
+resource "aws_secretsmanager_secret_version" "tls" {
+  for_each      = local.tls_secrets
+  secret_id     = aws_secretsmanager_secret.tls[each.key].id
+  secret_string = local.tls_values[each.key]
+}
+
 # --- IAM and logs (modules/instance-role) ------------------------------
 
 data "aws_iam_policy_document" "this" {
   statement {
     sid       = "ReadSecrets"
     actions   = ["secretsmanager:GetSecretValue", "secretsmanager:ListSecretVersionIds"]
-    resources = [aws_secretsmanager_secret.signing_key.arn, aws_secretsmanager_secret.public_key.arn, aws_secretsmanager_secret.server.arn, aws_secretsmanager_secret.client.arn]
+    resources = [aws_secretsmanager_secret.signing_key.arn, aws_secretsmanager_secret.public_key.arn, aws_secretsmanager_secret.server.arn, aws_secretsmanager_secret.client.arn, aws_secretsmanager_secret.tls["cert"].arn, aws_secretsmanager_secret.tls["key"].arn, aws_secretsmanager_secret.tls["ca"].arn]
   }
   statement {
     sid       = "StoreItsOwnKeys"
@@ -122,6 +228,9 @@ locals {
     GPUPOOL_INFRA_PUBLIC_KEY_SECRET  = aws_secretsmanager_secret.public_key.arn
     GPUPOOL_INFRA_SERVER_SECRET      = aws_secretsmanager_secret.server.arn
     GPUPOOL_INFRA_CLIENT_SECRET      = aws_secretsmanager_secret.client.arn
+    GPUPOOL_INFRA_TLS_CERT_SECRET    = aws_secretsmanager_secret.tls["cert"].arn
+    GPUPOOL_INFRA_TLS_KEY_SECRET     = aws_secretsmanager_secret.tls["key"].arn
+    GPUPOOL_INFRA_TLS_CA_SECRET      = aws_secretsmanager_secret.tls["ca"].arn
     GPUPOOL_LISTEN                   = "0.0.0.0:${var.port}"
     GPUPOOL_POLICY                   = var.policy
     GPUPOOL_QUOTAS                   = join(";", var.quotas)
@@ -203,5 +312,5 @@ resource "aws_instance" "this" {
     ignore_changes = [ami]
   }
 
-  depends_on = [aws_secretsmanager_secret_version.server, aws_secretsmanager_secret_version.client, module.role]
+  depends_on = [aws_secretsmanager_secret_version.server, aws_secretsmanager_secret_version.client, aws_secretsmanager_secret_version.tls, module.role]
 }

@@ -1,5 +1,5 @@
 output "url" {
-  description = "The balancer's gRPC URL (what GPUPOOL_BALANCER takes), at its fixed private address."
+  description = "The balancer's gRPC URL over TLS (what GPUPOOL_BALANCER takes), at its fixed private address."
   value       = local.url
 }
 
@@ -37,4 +37,22 @@ output "public_key_secret_arn" {
 output "log_group" {
   description = "CloudWatch log group of the balancer."
   value       = module.role.log_group_name
+}
+
+output "tls_ca_secret_arn" {
+  description = "Secret holding the PEM CA certificate that clients verify the balancer with (gpu-servers read it)."
+  value       = aws_secretsmanager_secret.tls["ca"].arn
+}
+
+output "tls_ca_pem" {
+  description = "The PEM CA certificate clients verify the balancer with (not a secret; the Lambda function's GPUPOOL_BALANCER_CA_PEM)."
+  value       = tls_self_signed_cert.ca.cert_pem
+}
+
+output "server_client_tls_secret_arns" {
+  description = "Secrets holding the gpu-servers' PEM client certificate and key, which the balancer requires from them."
+  value = {
+    cert = aws_secretsmanager_secret.tls["client-cert"].arn
+    key  = aws_secretsmanager_secret.tls["client-key"].arn
+  }
 }

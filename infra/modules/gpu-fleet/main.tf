@@ -89,7 +89,7 @@ data "aws_iam_policy_document" "this" {
   statement {
     sid       = "ReadSecrets"
     actions   = ["secretsmanager:GetSecretValue"]
-    resources = [var.server_secret_arn, var.lease_public_key_secret_arn, local.tls_cert, local.tls_key]
+    resources = [var.server_secret_arn, var.lease_public_key_secret_arn, var.balancer_ca_secret_arn, var.balancer_client_tls.cert, var.balancer_client_tls.key, local.tls_cert, local.tls_key]
   }
 }
 
@@ -120,6 +120,9 @@ locals {
     GPUPOOL_INFRA_PUBLIC_KEY_SECRET = var.lease_public_key_secret_arn
     GPUPOOL_INFRA_TLS_CERT_SECRET   = local.tls_cert
     GPUPOOL_INFRA_TLS_KEY_SECRET    = local.tls_key
+    GPUPOOL_INFRA_BALANCER_CA       = var.balancer_ca_secret_arn
+    GPUPOOL_INFRA_CLIENT_CERT       = var.balancer_client_tls.cert
+    GPUPOOL_INFRA_CLIENT_KEY        = var.balancer_client_tls.key
     # Not read by anything: a renewed certificate changes the launch template, so
     # the instance refresh rolls it out.
     GPUPOOL_INFRA_TLS_CERT_SHA256 = local.own_tls ? "" : sha256(tls_self_signed_cert.server[0].cert_pem)

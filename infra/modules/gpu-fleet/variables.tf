@@ -99,6 +99,19 @@ variable "lease_public_key_secret_arn" {
   type        = string
 }
 
+variable "balancer_ca_secret_arn" {
+  description = "Secret holding the PEM CA certificate the servers verify the balancer's gRPC certificate with (balancer module)."
+  type        = string
+}
+
+variable "balancer_client_tls" {
+  description = "Secrets holding the PEM client certificate and key the servers present to the balancer (balancer module)."
+  type = object({
+    cert = string
+    key  = string
+  })
+}
+
 variable "tls_secret_arns" {
   description = "Your own certificate for the gpu-servers: ARNs of two secrets holding the PEM certificate chain and the PEM private key (encrypted with a key the servers may decrypt). Null: the module makes a self-signed certificate (clients pin it through their leases)."
   type = object({

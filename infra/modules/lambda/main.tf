@@ -117,6 +117,7 @@ resource "aws_lambda_function" "example" {
       GPUPOOL_LEASE_FILE      = "/tmp/gpupool/lease"
       GPUPOOL_MAX_UDP_PAYLOAD = "1200"
       GPUPOOL_BALANCER_SECRET = var.client_secret
+      GPUPOOL_BALANCER_CA_PEM = var.balancer_ca_pem
     }, var.memory_mib == null ? {} : { GPUPOOL_MEMORY_MIB = tostring(var.memory_mib) })
   }
 

@@ -51,6 +51,11 @@ variable "balancer_url" {
   type        = string
 }
 
+variable "balancer_ca_pem" {
+  description = "PEM CA certificate the function verifies the balancer's gRPC certificate with (balancer module's tls_ca_pem)."
+  type        = string
+}
+
 variable "client_secret" {
   description = "Secret the balancer expects from clients (stored in the function's environment, encrypted with the pool's key)."
   type        = string

@@ -137,7 +137,7 @@ async fn bulk_stream(bulk: &BulkService, mut send: quinn::SendStream, mut recv: 
 /// The QUIC configuration of the server's endpoint: `identity`'s
 /// certificate, timeouts and windows.
 pub(crate) fn server_config(config: &ServerConfig, identity: &Identity) -> Result<quinn::ServerConfig, ServerError> {
-    let tls = identity.server_config()?;
+    let tls = crate::tls::server_config(identity)?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| ServerError::Tls(format!("TLS configuration unusable for QUIC: {e}")))?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));

@@ -6,7 +6,9 @@
 #   stored in its secret, then read back on every later start or replacement,
 #   so leases stay verifiable and a restarted balancer can take back live ones;
 # - its public key: written to its own secret, which the gpu-servers read;
-# - the server and client secrets: created by Terraform.
+# - the server and client secrets: created by Terraform;
+# - the gRPC TLS certificate and key: created by Terraform (signed by the
+#   pool's CA, which clients verify the balancer with).
 set -euo pipefail
 
 aws() { command aws --region "$GPUPOOL_INFRA_REGION" "$@"; }
@@ -45,8 +47,16 @@ if ! has_value "$GPUPOOL_INFRA_PUBLIC_KEY_SECRET" || [[ $(secret "$GPUPOOL_INFRA
 fi
 echo "start-balancer: lease public key $public"
 
+tls=/run/gpupool/tls
+mkdir -p "$tls"
+secret "$GPUPOOL_INFRA_TLS_CERT_SECRET" >"$tls/cert.pem"
+secret "$GPUPOOL_INFRA_TLS_KEY_SECRET" >"$tls/key.pem"
+# The CA of the gpu-servers' client certificates, and what the operator's
+# `gpupool-balancer status` on this host verifies the balancer with.
+secret "$GPUPOOL_INFRA_TLS_CA_SECRET" >"$tls/ca.pem"
+
 GPUPOOL_SERVER_SECRET=$(secret "$GPUPOOL_INFRA_SERVER_SECRET")
 GPUPOOL_CLIENT_SECRET=$(secret "$GPUPOOL_INFRA_CLIENT_SECRET")
 export GPUPOOL_SERVER_SECRET GPUPOOL_CLIENT_SECRET
 export GPUPOOL_KEY_FILE=$key
-exec "$bin" serve
+exec "$bin" serve --cert "$tls/cert.pem" --key "$tls/key.pem" --server-client-ca "$tls/ca.pem"

@@ -3,7 +3,9 @@
 # from /etc/gpupool/server.env (written by Terraform: GPUPOOL_* for the server,
 # GPUPOOL_INFRA_* for this script); at every start it fetches the binary
 # version Terraform names, reads the secrets from Secrets Manager (the
-# server secret, the balancer's lease public key, the TLS certificate and key)
+# server secret, the balancer's lease public key, the TLS certificate and key,
+# the CA certificate the balancer's gRPC certificate is verified with, the
+# client certificate and key presented to the balancer)
 # and learns this host's address from the instance metadata (IMDSv2).
 set -euo pipefail
 
@@ -40,11 +42,15 @@ tls=/run/gpupool/tls
 mkdir -p "$tls"
 secret "$GPUPOOL_INFRA_TLS_CERT_SECRET" >"$tls/cert.pem"
 secret "$GPUPOOL_INFRA_TLS_KEY_SECRET" >"$tls/key.pem"
+secret "$GPUPOOL_INFRA_BALANCER_CA" >"$tls/balancer-ca.pem"
+secret "$GPUPOOL_INFRA_CLIENT_CERT" >"$tls/balancer-client-cert.pem"
+secret "$GPUPOOL_INFRA_CLIENT_KEY" >"$tls/balancer-client-key.pem"
 
 GPUPOOL_SERVER_SECRET=$(secret "$GPUPOOL_INFRA_SERVER_SECRET")
 GPUPOOL_ADVERTISE="$(imds local-ipv4):${GPUPOOL_LISTEN##*:}"
 GPUPOOL_SERVER_ID=$(imds instance-id)
 export GPUPOOL_LEASE_KEY GPUPOOL_SERVER_SECRET GPUPOOL_ADVERTISE GPUPOOL_SERVER_ID
-export GPUPOOL_CERT=$tls/cert.pem GPUPOOL_KEY=$tls/key.pem
+export GPUPOOL_CERT=$tls/cert.pem GPUPOOL_KEY=$tls/key.pem GPUPOOL_BALANCER_CA_FILE=$tls/balancer-ca.pem
+export GPUPOOL_BALANCER_CLIENT_CERT=$tls/balancer-client-cert.pem GPUPOOL_BALANCER_CLIENT_KEY=$tls/balancer-client-key.pem
 mkdir -p "$GPUPOOL_IMAGE_CACHE"
 exec "$bin"
