@@ -29,6 +29,12 @@
 #                 target/lambda-ci)
 #   NATIVE=1      also run the function on the machine's own libcuda (GPU
 #                 machine): cold and warm latency native versus through the pool
+#   FUNCTION      rust (default: the example function above) or python: the
+#                 Python function lambda-layer/python/handler.py (cuda-python's
+#                 driver bindings over the layer's libcuda) under the Python
+#                 runtime interface client (awslambdaric, from PyPI into
+#                 target/lambda-python-venv); four invocations and the freeze
+#                 past the idle timeout (x86_64 only)
 #   LAYER_ARCH    x86_64 (default) or arm64: with arm64 (and no BIN), the
 #                 layer and the function come from ARCH=arm64 build.sh and run
 #                 under qemu-user (qemu-aarch64-static, aarch64 glibc from
@@ -49,6 +55,15 @@ grace_ms=10000
 ttl_ms=12000
 long_freeze_s=16
 cargo_lambda_version=1.9.2
+# The Python function's runtime interface client and CUDA bindings.
+awslambdaric_version=4.2.2
+cuda_bindings_version=13.0.3
+function_kind=${FUNCTION:-rust}
+case $function_kind in
+rust) ;;
+python) [[ ${LAYER_ARCH:-x86_64} == x86_64 ]] || { echo "lambda-ci: FUNCTION=python runs on x86_64 only" >&2; exit 2; } ;;
+*) echo "lambda-ci: FUNCTION must be rust or python, not $function_kind" >&2; exit 2 ;;
+esac
 
 layer_arch=${LAYER_ARCH:-x86_64}
 # The command prefix that runs the layer's and the function's binaries.
@@ -88,6 +103,14 @@ if [[ -z ${CARGO_LAMBDA:-} ]]; then
         "$venv/bin/pip" install -q "cargo-lambda==$cargo_lambda_version"
     fi
     CARGO_LAMBDA="$repo/$venv/bin/cargo-lambda"
+fi
+if [[ $function_kind == python ]]; then
+    pyvenv=target/lambda-python-venv
+    if ! "$pyvenv/bin/python" -c "import awslambdaric, cuda.bindings.driver" 2>/dev/null; then
+        python3 -m venv "$pyvenv"
+        "$pyvenv/bin/pip" install -q "awslambdaric==$awslambdaric_version" "cuda-bindings==$cuda_bindings_version"
+    fi
+    pyvenv="$repo/$pyvenv"
 fi
 
 work=$(mktemp -d)
@@ -175,9 +198,22 @@ start_environment() {
         pids+=($extension)
         for _ in $(seq 1 100); do [[ -s $lease_file ]] && break; sleep 0.1; done
         [[ -s $lease_file ]] || fail "the extension wrote no lease"
-        LD_LIBRARY_PATH="$BIN/lib" GPUPOOL_LEASE_FILE="$lease_file" GPUPOOL_MAX_UDP_PAYLOAD=1200 \
-            GPUPOOL_WORKER_WRAPPER="${guest[*]}" GPUPOOL_LOG=info "${guest[@]}" "$BIN/gpupool-lambda-example" \
-            >"$out/function-$label.log" 2>&1 &
+        if [[ $function_kind == python ]]; then
+            # awslambdaric crashes on the emulator's answers without a
+            # Content-Type (lambda-layer/python/runtime_api_proxy.py).
+            local pport
+            pport=$(free_port)
+            python3 lambda-layer/python/runtime_api_proxy.py "$pport" "$iport" >"$out/proxy-$label.log" 2>&1 &
+            pids+=($!)
+            for _ in $(seq 1 100); do grep -q ready "$out/proxy-$label.log" 2>/dev/null && break; sleep 0.1; done
+            (cd lambda-layer/python && AWS_LAMBDA_RUNTIME_API="127.0.0.1:$pport/.rt" LD_LIBRARY_PATH="$BIN/lib" \
+                GPUPOOL_LEASE_FILE="$lease_file" GPUPOOL_MAX_UDP_PAYLOAD=1200 GPUPOOL_LOG=info \
+                exec "$pyvenv/bin/python" -m awslambdaric handler.handler) >"$out/function-$label.log" 2>&1 &
+        else
+            LD_LIBRARY_PATH="$BIN/lib" GPUPOOL_LEASE_FILE="$lease_file" GPUPOOL_MAX_UDP_PAYLOAD=1200 \
+                GPUPOOL_WORKER_WRAPPER="${guest[*]}" GPUPOOL_LOG=info "${guest[@]}" "$BIN/gpupool-lambda-example" \
+                >"$out/function-$label.log" 2>&1 &
+        fi
     else
         extension=
         "$BIN/gpupool-lambda-example" >"$out/function-$label.log" 2>&1 &
@@ -212,7 +248,7 @@ count() { grep -c "$1" "$2" || true; }
 # The report is written row by row, so a failed run keeps what it measured.
 report="$out/lambda.md"
 {
-    echo "## Lambda example function under cargo-lambda ($(date -u +%FT%TZ), device $device, layer $layer_arch)"
+    echo "## Lambda example function ($function_kind) under cargo-lambda ($(date -u +%FT%TZ), device $device, layer $layer_arch)"
     echo
     echo "Round trip of \`cargo lambda invoke\` (ms) and the time the function measured itself (ms);"
     echo "a ${freeze_s} s freeze is longer than the ${idle_ms} ms QUIC idle timeout, a ${long_freeze_s} s one than"
@@ -271,6 +307,15 @@ grep -q "session resumed" "$out/function-pool.log" || fail "the session was not 
 [[ $(count "session opened" "$out/server.log") == "$opened" ]] || fail "a new session was opened after the thaw"
 [[ $(count "leased a virtual GPU" "$out/extension-pool.log") == 1 ]] || fail "a new lease was taken after the thaw"
 echo "lambda-ci: the thawed environment resumed its session (no new lease, no new session)"
+
+if [[ $function_kind == python ]]; then
+    # The Python function has no GPU worker of its own to restart: the
+    # freeze past the grace period is the Rust example's to test.
+    kill "$function" 2>/dev/null || true
+    cat "$report"
+    echo "lambda-ci: passed (python)"
+    exit 0
+fi
 
 # Freeze past the grace period and the lease: the session cannot come back.
 # The extension leases again; the invocation starts a new GPU worker on the
