@@ -19,8 +19,10 @@ pub struct Metrics {
     pub frames_rejected: AtomicU64,
     pub bulk_bytes_in: AtomicU64,
     pub bulk_bytes_out: AtomicU64,
-    /// Device memory mapped by sessions now (a gauge).
+    /// Device memory sessions hold on the device now (a gauge).
     pub memory_mapped: AtomicU64,
+    /// Device memory of sessions swapped out to host memory now (a gauge).
+    pub memory_swapped: AtomicU64,
 }
 
 /// A copy of [`Metrics`] at one moment.
@@ -36,6 +38,7 @@ pub struct MetricsSnapshot {
     pub bulk_bytes_in: u64,
     pub bulk_bytes_out: u64,
     pub memory_mapped: u64,
+    pub memory_swapped: u64,
 }
 
 impl Metrics {
@@ -77,6 +80,7 @@ impl Metrics {
             bulk_bytes_in: g(&self.bulk_bytes_in),
             bulk_bytes_out: g(&self.bulk_bytes_out),
             memory_mapped: g(&self.memory_mapped),
+            memory_swapped: g(&self.memory_swapped),
         }
     }
 }

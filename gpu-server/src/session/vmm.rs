@@ -95,7 +95,7 @@ impl<S: BackendSession> SessionState<S> {
         }
         self.check_granular("cuMemCreate", &[("size", c.size)])?;
         self.charge(c.size, "an allocation")?;
-        let allocation = self.dev.create(c.size)?;
+        let allocation = self.on_device(c.size, |dev| dev.create(c.size))?;
         self.vmm_handles.insert(c.handle, VmmHandle { size: c.size, refs: 1, maps: 0, allocation });
         self.mapped_bytes += c.size;
         Ok(None)
@@ -110,7 +110,7 @@ impl<S: BackendSession> SessionState<S> {
         {
             let size = h.size;
             self.vmm_handles.remove(&handle);
-            self.mapped_bytes -= size;
+            self.uncharge(size);
         }
     }
 

@@ -1,0 +1,279 @@
+//! Swapping a session out to host memory and back (issue 21; the policy of
+//! who swaps when is [`crate::swap`]'s).
+//!
+//! Swap-out waits for the session's device work, reads every mapping of
+//! the session's allocations (`MemMap`) into host memory, then drops the
+//! mappings: the physical memory goes back to the device while the
+//! addresses stay the session's (nothing else is mapped in its range).
+//! Swap-in, before the session's next batch runs, maps new memory at the
+//! same addresses and writes the contents back, so every address the
+//! client holds still means the same bytes.
+//!
+//! What stays resident: module variables (the driver's memory, outside the
+//! range and outside the quota) and arrays (their memory is the driver's to
+//! place; they count as resident). A session holding allocations of the
+//! application's own VMM (`VmmCreate`) is not swapped: their memory may be
+//! mapped in parts, or not at all, so its contents cannot all be read
+//! through the session's range. Mirrored ranges lie in mappings and travel
+//! with them; their shadows are server memory already.
+
+use super::SessionState;
+use crate::device::BackendSession;
+use crate::error::CallError;
+
+/// A swapped-out session's mappings: (address, contents), by address.
+#[derive(Debug, Default)]
+pub(super) struct Swapped {
+    ranges: Vec<(u64, Vec<u8>)>,
+    bytes: u64,
+}
+
+impl<S: BackendSession> SessionState<S> {
+    /// Device bytes of the session that are swapped out.
+    pub fn swapped_bytes(&self) -> u64 {
+        self.swapped.as_ref().map_or(0, |s| s.bytes)
+    }
+
+    /// Device bytes the session holds on the device now.
+    pub fn resident_bytes(&self) -> u64 {
+        self.mapped_bytes - self.swapped_bytes()
+    }
+
+    /// Swaps the session's allocations out to host memory. Returns the
+    /// device bytes freed (0 when there was nothing to swap or it was
+    /// swapped out already). Refused, with nothing changed, when the
+    /// session holds VMM allocations, when the host bound of swapped
+    /// contents would be passed, or when the device fails.
+    pub fn swap_out(&mut self) -> Result<u64, CallError> {
+        if self.swapped.is_some() || self.mappings.is_empty() {
+            return Ok(0);
+        }
+        if !self.vmm_handles.is_empty() {
+            return Err(CallError::not_supported("a session holding VMM allocations (cuMemCreate) is not swapped out"));
+        }
+        let bytes: u64 = self.mappings.values().map(|(size, _)| size).sum();
+        // Work still queued may write the memory about to be read.
+        self.dev.synchronize()?;
+        self.memory.reserve_host(bytes)?;
+        let mut ranges = Vec::with_capacity(self.mappings.len());
+        for (&addr, &(size, _)) in &self.mappings {
+            let read = host_buffer(size).and_then(|mut buf| {
+                self.dev.read(None, addr, &mut buf)?;
+                Ok(buf)
+            });
+            match read {
+                Ok(buf) => ranges.push((addr, buf)),
+                Err(e) => {
+                    self.memory.release_host(bytes);
+                    return Err(e);
+                }
+            }
+        }
+        // The contents are on the host: the device memory can go.
+        self.mappings.clear();
+        self.memory.release(bytes);
+        self.swapped = Some(Swapped { ranges, bytes });
+        tracing::debug!(bytes, "session swapped out");
+        Ok(bytes)
+    }
+
+    /// Brings a swapped-out session back: the same mappings at the same
+    /// addresses, with the same contents. On failure (the device memory
+    /// cannot be had) the session stays swapped out and nothing is lost.
+    pub(super) fn swap_in(&mut self) -> Result<(), CallError> {
+        let Some(swapped) = self.swapped.take() else { return Ok(()) };
+        if let Err(e) = self.memory.reserve(swapped.bytes) {
+            self.swapped = Some(swapped);
+            return Err(e);
+        }
+        let mut restored = Vec::with_capacity(swapped.ranges.len());
+        let mut failed = None;
+        for (addr, data) in &swapped.ranges {
+            let size = data.len() as u64;
+            let mapped = self.dev.map(*addr, size).and_then(|m| {
+                self.dev.write(None, *addr, data)?;
+                Ok(m)
+            });
+            match mapped {
+                Ok(m) => restored.push((*addr, size, m)),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed.or_else(|| self.dev.synchronize().err()) {
+            drop(restored);
+            self.memory.release(swapped.bytes);
+            self.swapped = Some(swapped);
+            return Err(e);
+        }
+        for (addr, size, mapping) in restored {
+            self.mappings.insert(addr, (size, mapping));
+        }
+        self.memory.release_host(swapped.bytes);
+        tracing::debug!(bytes = swapped.bytes, "session swapped in");
+        Ok(())
+    }
+}
+
+/// A zeroed host buffer of `size` bytes, or `OUT_OF_MEMORY`.
+fn host_buffer(size: u64) -> Result<Vec<u8>, CallError> {
+    let len = usize::try_from(size).map_err(|_| CallError::out_of_memory("mapping too large to swap"))?;
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(len)
+        .map_err(|_| CallError::out_of_memory(format!("cannot allocate {size} bytes of swap")))?;
+    buf.resize(len, 0);
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{GRANULARITY as G, code, session};
+    use crate::device::BackendSession;
+    use crate::swap::{DeviceMemory, MemoryUse, SwapConfig};
+    use gpupool_proto::payload::{self, Compression};
+    use gpupool_proto::v1::{self, call::Op, call_result::Value};
+    use gpupool_proto::{cuda, v1::memcpy_hto_d::Source};
+    use std::time::Duration;
+
+    fn memory(device_bytes: u64, host_bytes: u64) -> std::sync::Arc<DeviceMemory> {
+        DeviceMemory::new(Some(SwapConfig { device_bytes, host_bytes, wait: Duration::from_millis(50) }))
+    }
+
+    /// Bytes that differ from one address to the next.
+    fn pattern(len: u64, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8).collect()
+    }
+
+    fn dtoh(src: u64, size: u64) -> v1::Batch {
+        let op = Op::MemcpyDtoh(v1::MemcpyDtoH { src, size, stream: 0 });
+        v1::Batch { seq: 1, calls: vec![v1::Call { op: Some(op) }] }
+    }
+
+    fn inline(reply: &v1::BatchReply) -> Vec<u8> {
+        assert!(reply.errors.is_empty(), "{reply:?}");
+        match reply.result.as_ref().and_then(|r| r.value.clone()) {
+            Some(Value::Data(p)) => payload::decode(p, 1 << 20).expect("payload").to_vec(),
+            other => panic!("no data: {other:?}"),
+        }
+    }
+
+    fn contents(s: &mut super::SessionState<impl BackendSession>, addr: u64, len: u64) -> Vec<u8> {
+        let mut out = vec![0; len as usize];
+        s.dev.read(None, addr, &mut out).expect("read");
+        out
+    }
+
+    #[test]
+    fn a_swapped_session_sees_the_same_bytes_at_the_same_addresses() {
+        let m = memory(16 * G, 16 * G);
+        let mut s = session().with_memory(m.register(None));
+        let b = s.va_base();
+        let (first, second) = (b + G, b + 5 * G);
+        assert_eq!(code(s.mem_map(first, 2 * G)), 0);
+        assert_eq!(code(s.mem_map(second, G)), 0);
+        let (one, two) = (pattern(2 * G, 1), pattern(G, 2));
+        s.dev.write(None, first, &one).expect("write");
+        s.dev.write(None, second, &two).expect("write");
+        assert_eq!(m.total(), MemoryUse { resident: 3 * G, swapped: 0 });
+
+        assert_eq!(s.swap_out().expect("swap out"), 3 * G);
+        assert_eq!((s.resident_bytes(), s.swapped_bytes(), s.mapped_bytes()), (0, 3 * G, 3 * G));
+        assert_eq!(m.total(), MemoryUse { resident: 0, swapped: 3 * G });
+        assert_eq!(s.swap_out().expect("again"), 0, "swapped out already");
+        let mut probe = [0u8; 1];
+        assert!(s.dev.read(None, first, &mut probe).is_err(), "the device memory is gone");
+
+        // The next batch brings it back: a copy from the old address.
+        let reply = s.execute_batch(dtoh(second + 100, 4096));
+        assert_eq!(inline(&reply), two[100..4196]);
+        assert_eq!((s.resident_bytes(), s.swapped_bytes()), (3 * G, 0));
+        assert_eq!(m.total(), MemoryUse { resident: 3 * G, swapped: 0 });
+        assert_eq!(contents(&mut s, first, 2 * G), one);
+        assert_eq!(contents(&mut s, second, G), two);
+        // Quota and MemGetInfo count the session's memory wherever it is.
+        s.swap_out().expect("swap out");
+        let info = s.execute(Op::MemGetInfo(v1::MemGetInfo {})).expect("info");
+        assert!(matches!(info, Some(Value::MemInfo(v1::MemInfo { free, .. })) if free == 5 * G), "{info:?}");
+        assert_eq!(code(s.mem_unmap(second)), 0, "a call on a swapped session swaps it in first");
+        assert_eq!(m.total(), MemoryUse { resident: 2 * G, swapped: 0 });
+        drop(s);
+        assert_eq!(m.total(), MemoryUse::default(), "the session's memory goes with it");
+    }
+
+    #[test]
+    fn device_pressure_fails_as_before_and_swap_in_waits_for_room() {
+        let m = memory(4 * G, 16 * G);
+        let mut a = session().with_memory(m.register(None));
+        let mut b = session().with_memory(m.register(None));
+        let (ba, bb) = (a.va_base(), b.va_base());
+        assert_eq!(code(a.mem_map(ba, 3 * G)), 0);
+        let data = pattern(3 * G, 7);
+        a.dev.write(None, ba, &data).expect("write");
+        // A is not asked (no thread to ask): the allocation fails as before.
+        assert_eq!(code(b.mem_map(bb, 2 * G)), cuda::OUT_OF_MEMORY);
+        assert_eq!(a.swap_out().expect("swap out"), 3 * G);
+        assert_eq!(code(b.mem_map(bb, 2 * G)), 0);
+        // No room to come back: every call fails, nothing is lost.
+        let reply = a.execute_batch(dtoh(ba, 16));
+        assert_eq!(reply.error_count, 1);
+        assert_eq!(reply.errors[0].code, cuda::OUT_OF_MEMORY, "{reply:?}");
+        assert_eq!((a.resident_bytes(), a.swapped_bytes()), (0, 3 * G));
+        assert_eq!(code(b.mem_unmap(bb)), 0);
+        assert_eq!(inline(&a.execute_batch(dtoh(ba + G, 16))), data[G as usize..G as usize + 16]);
+        assert_eq!(contents(&mut a, ba, 3 * G), data);
+    }
+
+    #[test]
+    fn swap_space_is_bounded_and_a_refusal_changes_nothing() {
+        let m = memory(16 * G, 2 * G);
+        let mut s = session().with_memory(m.register(None));
+        let b = s.va_base();
+        assert_eq!(code(s.mem_map(b, 3 * G)), 0);
+        let data = pattern(3 * G, 9);
+        s.dev.write(None, b, &data).expect("write");
+        let e = s.swap_out().expect_err("more than the swap space");
+        assert_eq!(e.code, cuda::OUT_OF_MEMORY);
+        assert!(e.message.contains("swap space is full"), "{e}");
+        assert_eq!(m.total(), MemoryUse { resident: 3 * G, swapped: 0 });
+        assert_eq!(contents(&mut s, b, 3 * G), data);
+
+        // Without swapping configured there is no swap space at all.
+        let mut plain = session();
+        let pb = plain.va_base();
+        assert_eq!(code(plain.mem_map(pb, G)), 0);
+        assert!(plain.swap_out().is_err());
+    }
+
+    #[test]
+    fn vmm_allocations_refuse_and_arrays_stay_resident() {
+        let m = memory(16 * G, 16 * G);
+        let mut s = session().with_memory(m.register(None));
+        let b = s.va_base();
+        assert_eq!(code(s.mem_map(b, G)), 0);
+        assert_eq!(code(s.execute(Op::VmmCreate(v1::VmmCreate { handle: 1, size: G }))), 0);
+        let e = s.swap_out().expect_err("VMM allocation");
+        assert_eq!(e.code, cuda::NOT_SUPPORTED);
+        assert_eq!(code(s.execute(Op::VmmRelease(v1::VmmRelease { handle: 1 }))), 0);
+        assert_eq!(m.total().resident, G);
+
+        let array = v1::ArrayCreate {
+            array: 1,
+            width: 64,
+            height: 64,
+            format: 0x20, // FLOAT
+            channels: 1,
+            ..Default::default()
+        };
+        assert_eq!(code(s.execute(Op::ArrayCreate(array))), 0);
+        let array_bytes = 64 * 64 * 4;
+        let data = pattern(4096, 3);
+        let source = Some(Source::Inline(payload::encode(data.clone().into(), Compression::Off)));
+        assert_eq!(code(s.execute(Op::MemcpyHtod(v1::MemcpyHtoD { dst: b + 8192, stream: 0, source }))), 0);
+        assert_eq!(s.swap_out().expect("swap out"), G);
+        assert_eq!((s.resident_bytes(), s.swapped_bytes()), (array_bytes, G));
+        assert_eq!(m.total(), MemoryUse { resident: array_bytes, swapped: G });
+        assert_eq!(inline(&s.execute_batch(dtoh(b + 8192, 4096))), data);
+    }
+}

@@ -1,0 +1,414 @@
+//! Lukewarm swap: the device memory of one server process, shared by its
+//! sessions, and the policy that makes room in it (issue 21).
+//!
+//! [`DeviceMemory`] counts what every session holds on the device
+//! (resident) and in host memory (swapped), against two bounds: the device
+//! memory sessions may hold resident, and the host memory swapped contents
+//! may take. A session asks for device memory before it maps any
+//! ([`SessionMemory::reserve`]); when the device bound would be passed, the
+//! least recently used idle sessions are asked to swap out (their thread
+//! gets the request in its work queue, after any work already queued) and
+//! the caller waits, bounded, until enough is free. A session that cannot
+//! be swapped, or a host bound that is reached, ends the wait at once with
+//! `CUDA_ERROR_OUT_OF_MEMORY`, the error the allocation gave before.
+//!
+//! The swap itself (contents to host, mappings dropped, then re-created at
+//! the same addresses) is the session's: `crate::session::SessionState`'s
+//! `swap_out` and its swap-in before the next batch. This module holds no
+//! device state and does no I/O; "asking" a session is a callback that
+//! queues the request without blocking.
+
+use crate::error::CallError;
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Bounds of swapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwapConfig {
+    /// Device memory all sessions may hold resident, in bytes; beyond it,
+    /// idle sessions are swapped out.
+    pub device_bytes: u64,
+    /// Host memory swapped contents may take, in bytes; a swap-out beyond
+    /// it is refused.
+    pub host_bytes: u64,
+    /// How long an allocation (or a swap-in) waits for idle sessions to
+    /// swap out before it fails with `OUT_OF_MEMORY`.
+    pub wait: Duration,
+}
+
+/// Queues a swap-out request on a session's thread without blocking;
+/// `false` when it could not be queued (the session ended or its queue is
+/// full, so it is busy anyway).
+pub type AskSwapOut = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// Resident and swapped bytes, of one session or of all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryUse {
+    /// Bytes of device memory held.
+    pub resident: u64,
+    /// Bytes of device contents held in host memory.
+    pub swapped: u64,
+}
+
+/// The device memory of one server process and its sessions' use of it.
+pub struct DeviceMemory {
+    config: Option<SwapConfig>,
+    ledger: Mutex<Ledger>,
+    /// Notified whenever memory is freed or a swap-out request is answered.
+    changed: Condvar,
+}
+
+impl std::fmt::Debug for DeviceMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let l = self.lock();
+        f.debug_struct("DeviceMemory")
+            .field("config", &self.config)
+            .field("total", &l.total)
+            .field("sessions", &l.sessions.len())
+            .finish()
+    }
+}
+
+#[derive(Default)]
+struct Ledger {
+    total: MemoryUse,
+    sessions: HashMap<u64, Entry>,
+    next_id: u64,
+    /// Advances at the end of every batch: the order of last use.
+    clock: u64,
+}
+
+struct Entry {
+    used: MemoryUse,
+    /// Inside a batch: never a victim.
+    busy: bool,
+    last_used: u64,
+    /// A swap-out was asked and not yet answered.
+    asked: bool,
+    /// The last swap-out was refused; cleared by the session's next batch.
+    refused: bool,
+    ask: Option<AskSwapOut>,
+}
+
+impl Ledger {
+    /// Idle sessions (not busy, not asked, not refused, holding memory)
+    /// other than `except`, least recently used first.
+    fn idle_lru(&self, except: u64) -> Vec<u64> {
+        let mut idle: Vec<(u64, u64)> = self
+            .sessions
+            .iter()
+            .filter(|(id, e)| **id != except && !e.busy && !e.asked && !e.refused && e.used.resident > 0)
+            .filter(|(_, e)| e.ask.is_some())
+            .map(|(&id, e)| (e.last_used, id))
+            .collect();
+        idle.sort_unstable();
+        idle.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Device bytes that swap-outs asked and not yet answered will free.
+    fn pending(&self) -> u64 {
+        self.sessions.values().filter(|e| e.asked).map(|e| e.used.resident).sum()
+    }
+
+    fn entry(&mut self, id: u64) -> Option<&mut Entry> {
+        self.sessions.get_mut(&id)
+    }
+}
+
+impl DeviceMemory {
+    /// Memory with swapping as `config` says; `None`: no device bound and
+    /// no swapping, only the counts.
+    pub fn new(config: Option<SwapConfig>) -> Arc<Self> {
+        Arc::new(Self { config, ledger: Mutex::new(Ledger::default()), changed: Condvar::new() })
+    }
+
+    /// Whether swapping is on.
+    pub fn swapping(&self) -> bool {
+        self.config.is_some()
+    }
+
+    /// Registers a session; `ask` queues a swap-out request on its thread
+    /// (`None`: the session is never asked).
+    pub fn register(self: &Arc<Self>, ask: Option<AskSwapOut>) -> SessionMemory {
+        let mut l = self.lock();
+        l.next_id += 1;
+        let id = l.next_id;
+        let last_used = l.clock;
+        l.sessions.insert(
+            id,
+            Entry { used: MemoryUse::default(), busy: false, last_used, asked: false, refused: false, ask },
+        );
+        SessionMemory { memory: self.clone(), id }
+    }
+
+    /// What all sessions hold now.
+    pub fn total(&self) -> MemoryUse {
+        self.lock().total
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One session's share of [`DeviceMemory`]; dropping it gives back all the
+/// session held.
+pub struct SessionMemory {
+    memory: Arc<DeviceMemory>,
+    id: u64,
+}
+
+impl std::fmt::Debug for SessionMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionMemory").field("id", &self.id).field("used", &self.used()).finish()
+    }
+}
+
+impl SessionMemory {
+    /// A session of its own, unbounded memory (tests and tools).
+    pub fn detached() -> Self {
+        DeviceMemory::new(None).register(None)
+    }
+
+    /// What this session holds now.
+    pub fn used(&self) -> MemoryUse {
+        self.memory.lock().sessions.get(&self.id).map(|e| e.used).unwrap_or_default()
+    }
+
+    /// Takes `bytes` of device memory for this session. Beyond the device
+    /// bound, asks idle sessions, least recently used first, to swap out
+    /// and waits up to the configured time for them; `OUT_OF_MEMORY` when
+    /// they cannot free enough.
+    pub fn reserve(&self, bytes: u64) -> Result<(), CallError> {
+        let (limit, wait) = match self.memory.config {
+            Some(c) => (c.device_bytes, c.wait),
+            None => (u64::MAX, Duration::ZERO),
+        };
+        let deadline = Instant::now() + wait;
+        let mut l = self.memory.lock();
+        if bytes > limit {
+            return Err(CallError::out_of_memory(format!(
+                "{bytes} bytes are more than the {limit} bytes of device memory sessions may hold"
+            )));
+        }
+        loop {
+            let total = l.total.resident;
+            if total.checked_add(bytes).is_some_and(|t| t <= limit) {
+                l.total.resident += bytes;
+                if let Some(e) = l.entry(self.id) {
+                    e.used.resident += bytes;
+                }
+                return Ok(());
+            }
+            let short = total.saturating_add(bytes).saturating_sub(limit);
+            let mut coming = l.pending();
+            let mut victims = l.idle_lru(self.id).into_iter();
+            while coming < short {
+                let Some(victim) = victims.next() else { break };
+                let Some(e) = l.entry(victim) else { continue };
+                if e.ask.as_ref().is_some_and(|ask| ask()) {
+                    e.asked = true;
+                    coming += e.used.resident;
+                    tracing::debug!(victim, bytes = e.used.resident, "asked an idle session to swap out");
+                }
+            }
+            let now = Instant::now();
+            if coming < short || now >= deadline {
+                let (resident, swapped) = (l.total.resident, l.total.swapped);
+                return Err(CallError::out_of_memory(format!(
+                    "device memory is full: {bytes} bytes asked, {resident} of {limit} resident, {swapped} swapped \
+                     out; idle sessions cannot free enough"
+                )));
+            }
+            l = self.memory.changed.wait_timeout(l, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Gives back `bytes` of device memory.
+    pub fn release(&self, bytes: u64) {
+        let mut l = self.memory.lock();
+        l.total.resident = l.total.resident.saturating_sub(bytes);
+        if let Some(e) = l.entry(self.id) {
+            e.used.resident = e.used.resident.saturating_sub(bytes);
+        }
+        drop(l);
+        self.memory.changed.notify_all();
+    }
+
+    /// Takes `bytes` of host memory for swapped contents; refused beyond
+    /// the host bound (or when swapping is off).
+    pub fn reserve_host(&self, bytes: u64) -> Result<(), CallError> {
+        let limit = self.memory.config.map_or(0, |c| c.host_bytes);
+        let mut l = self.memory.lock();
+        let swapped = l.total.swapped;
+        if swapped.checked_add(bytes).is_none_or(|t| t > limit) {
+            return Err(CallError::out_of_memory(format!(
+                "swap space is full: {bytes} bytes to swap out, {swapped} of {limit} in use"
+            )));
+        }
+        l.total.swapped += bytes;
+        if let Some(e) = l.entry(self.id) {
+            e.used.swapped += bytes;
+        }
+        Ok(())
+    }
+
+    /// Gives back `bytes` of host memory.
+    pub fn release_host(&self, bytes: u64) {
+        let mut l = self.memory.lock();
+        l.total.swapped = l.total.swapped.saturating_sub(bytes);
+        if let Some(e) = l.entry(self.id) {
+            e.used.swapped = e.used.swapped.saturating_sub(bytes);
+        }
+    }
+
+    /// The session is in a batch: it is no victim until [`Self::end_batch`].
+    pub fn begin_batch(&self) {
+        if let Some(e) = self.memory.lock().entry(self.id) {
+            e.busy = true;
+        }
+    }
+
+    /// The session finished a batch: idle, and the most recently used.
+    pub fn end_batch(&self) {
+        let mut l = self.memory.lock();
+        l.clock += 1;
+        let clock = l.clock;
+        if let Some(e) = l.entry(self.id) {
+            e.busy = false;
+            e.refused = false;
+            e.last_used = clock;
+        }
+    }
+
+    /// Answers a swap-out request: `ok` false when the session refused it
+    /// (then it is not asked again before its next batch).
+    pub fn answered(&self, ok: bool) {
+        if let Some(e) = self.memory.lock().entry(self.id) {
+            e.asked = false;
+            e.refused = !ok;
+        }
+        self.memory.changed.notify_all();
+    }
+}
+
+impl Drop for SessionMemory {
+    fn drop(&mut self) {
+        let mut l = self.memory.lock();
+        if let Some(e) = l.sessions.remove(&self.id) {
+            l.total.resident = l.total.resident.saturating_sub(e.used.resident);
+            l.total.swapped = l.total.swapped.saturating_sub(e.used.swapped);
+        }
+        drop(l);
+        self.memory.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn config(device_bytes: u64, host_bytes: u64) -> Option<SwapConfig> {
+        Some(SwapConfig { device_bytes, host_bytes, wait: Duration::from_millis(200) })
+    }
+
+    /// An asker that counts its requests.
+    fn counting() -> (Arc<AtomicUsize>, AskSwapOut) {
+        let n = Arc::new(AtomicUsize::new(0));
+        let c = n.clone();
+        (n, Box::new(move || c.fetch_add(1, Ordering::Relaxed) < usize::MAX))
+    }
+
+    #[test]
+    fn without_swap_memory_is_only_counted() {
+        let m = DeviceMemory::new(None);
+        let s = m.register(None);
+        s.reserve(u64::MAX / 2).expect("unbounded");
+        assert_eq!(m.total(), MemoryUse { resident: u64::MAX / 2, swapped: 0 });
+        assert!(s.reserve_host(1).is_err(), "no swap space without swapping");
+        drop(s);
+        assert_eq!(m.total(), MemoryUse::default());
+    }
+
+    #[test]
+    fn the_least_recently_used_idle_session_is_asked() {
+        let m = DeviceMemory::new(config(100, 1000));
+        let (asked_a, ask_a) = counting();
+        let (asked_b, ask_b) = counting();
+        let a = m.register(Some(ask_a));
+        let b = m.register(Some(ask_b));
+        for s in [&a, &b] {
+            s.begin_batch();
+            s.reserve(40).expect("fits");
+            s.end_batch();
+        }
+        let c = m.register(None);
+        c.begin_batch();
+        // A swaps out on its own thread when asked: here, by hand.
+        let answer = std::thread::spawn({
+            let m = m.clone();
+            move || {
+                while asked_a.load(Ordering::Relaxed) == 0 {
+                    std::thread::yield_now();
+                }
+                a.reserve_host(40).expect("room");
+                a.release(40);
+                a.answered(true);
+                (a, m)
+            }
+        });
+        c.reserve(50).expect("room once A swapped out");
+        let (a, _) = answer.join().expect("thread");
+        assert_eq!(asked_b.load(Ordering::Relaxed), 0, "B was used last");
+        assert_eq!(a.used(), MemoryUse { resident: 0, swapped: 40 });
+        assert_eq!(m.total(), MemoryUse { resident: 90, swapped: 40 });
+    }
+
+    #[test]
+    fn busy_and_refusing_sessions_are_not_waited_for() {
+        let m = DeviceMemory::new(config(100, 1000));
+        let (asked, ask) = counting();
+        let a = m.register(Some(ask));
+        a.begin_batch();
+        a.reserve(80).expect("fits");
+        let b = m.register(None);
+        let start = Instant::now();
+        assert_eq!(b.reserve(40).expect_err("A is busy").code, gpupool_proto::cuda::OUT_OF_MEMORY);
+        assert!(start.elapsed() < Duration::from_millis(150), "no wait without a victim");
+        assert_eq!(asked.load(Ordering::Relaxed), 0);
+        a.end_batch();
+        a.answered(false);
+        assert!(b.reserve(40).is_err(), "A refused: not asked again before its next batch");
+        assert_eq!(asked.load(Ordering::Relaxed), 0);
+        assert!(b.reserve(101).is_err(), "more than the device");
+    }
+
+    #[test]
+    fn an_unanswered_request_times_out() {
+        let m = DeviceMemory::new(config(100, 1000));
+        let (asked, ask) = counting();
+        let a = m.register(Some(ask));
+        a.reserve(80).expect("fits");
+        a.end_batch();
+        let b = m.register(None);
+        let start = Instant::now();
+        let e = b.reserve(40).expect_err("A never answers");
+        assert!(start.elapsed() >= Duration::from_millis(200), "waited the configured time");
+        assert!(e.message.contains("device memory is full"), "{e}");
+        assert_eq!(asked.load(Ordering::Relaxed), 1, "asked once, not on every wake-up");
+    }
+
+    #[test]
+    fn host_space_is_bounded() {
+        let m = DeviceMemory::new(config(100, 50));
+        let a = m.register(None);
+        a.reserve_host(30).expect("fits");
+        let e = a.reserve_host(30).expect_err("past the bound");
+        assert!(e.message.contains("swap space is full"), "{e}");
+        a.release_host(30);
+        a.reserve_host(50).expect("fits again");
+        assert_eq!(m.total().swapped, 50);
+    }
+}
