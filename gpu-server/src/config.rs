@@ -326,6 +326,23 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn swap_settings_are_checked() {
+        let mut c = ServerConfig::new(([127, 0, 0, 1], 0).into(), vec!["t".into()]);
+        c.swap = Some(Swap { device_bytes: None, host_bytes: 1 << 30, wait: Duration::from_secs(1) });
+        assert!(c.validate().is_ok());
+        c.swap = Some(Swap { device_bytes: Some(0), host_bytes: 0, wait: Duration::ZERO });
+        let e = c.validate().expect_err("bad swap").to_string();
+        assert!(e.contains("host memory") && e.contains("wait"), "{e}");
+        c.swap = Some(Swap { device_bytes: None, host_bytes: 1 << 30, wait: Duration::from_secs(1) });
+        c.isolation = Isolation::Process {
+            command: WorkerCommand { program: "w".into(), args: Vec::new() },
+            warm: 0,
+            start_timeout: Duration::from_secs(1),
+        };
+        assert!(c.validate().expect_err("process isolation").to_string().contains("in-process isolation"));
+    }
+
+    #[test]
     fn device_strings() {
         let parse = |s: &str| s.parse::<DeviceChoice>();
         assert_eq!(parse("auto").ok(), Some(DeviceChoice::Auto));

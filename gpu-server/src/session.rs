@@ -841,6 +841,26 @@ pub(crate) mod tests {
         state(dev.open_session(limits().va_size).expect("session"))
     }
 
+    /// A session on GPU 0 with a quota of 8 granules in 16; `None` (and a
+    /// line saying the test is skipped) where there is no CUDA device.
+    pub(crate) fn gpu_session() -> Option<SessionState<crate::device::cuda::CudaSession>> {
+        let dev = match crate::device::cuda::CudaDevice::open(0) {
+            Err(e) if e.code == cuda::NO_DEVICE => {
+                eprintln!("no CUDA device: skipping ({e})");
+                return None;
+            }
+            other => other.expect("open device 0"),
+        };
+        let g = dev.description().granularity;
+        let limits = SessionLimits { granularity: g, va_size: 16 * g, memory_quota: 8 * g, ..limits() };
+        Some(SessionState::new(
+            dev.open_session(limits.va_size).expect("session"),
+            limits,
+            Arc::new(Staging::new(1 << 24, 8)),
+            Arc::new(ImageCache::new(None, 1 << 20)),
+        ))
+    }
+
     pub(crate) fn code(r: CallOutcome) -> u32 {
         r.map(|_| 0).unwrap_or_else(|e| e.code)
     }
@@ -1450,23 +1470,8 @@ pub(crate) mod tests {
     /// Skipped where there is no CUDA device.
     #[test]
     fn module_globals_on_a_gpu() {
-        use crate::device::cuda::CudaDevice;
-        let dev = match CudaDevice::open(0) {
-            Err(e) if e.code == cuda::NO_DEVICE => {
-                eprintln!("no CUDA device: skipping ({e})");
-                return;
-            }
-            other => other.expect("open device 0"),
-        };
-        let g = dev.description().granularity;
-        let limits = SessionLimits { granularity: g, va_size: 16 * g, memory_quota: 8 * g, ..limits() };
-        let dev = dev.open_session(limits.va_size).expect("session");
-        let mut s = SessionState::new(
-            dev,
-            limits,
-            Arc::new(Staging::new(1 << 24, 8)),
-            Arc::new(ImageCache::new(None, 1 << 20)),
-        );
+        let Some(mut s) = gpu_session() else { return };
+        let g = s.limits.granularity;
         let info = match load(&mut s, 1, crate::device::GLOBALS_PTX) {
             Ok(Some(Value::Module(info))) => info,
             other => panic!("PTX load: {other:?}"),

@@ -81,8 +81,10 @@ struct Ledger {
 
 struct Entry {
     used: MemoryUse,
-    /// Inside a batch: never a victim.
+    /// Inside a batch: never a victim, but idle soon unless `waiting`.
     busy: bool,
+    /// Waiting in [`SessionMemory::reserve`] for others to swap out.
+    waiting: bool,
     last_used: u64,
     /// A swap-out was asked and not yet answered.
     asked: bool,
@@ -111,6 +113,14 @@ impl Ledger {
         self.sessions.values().filter(|e| e.asked).map(|e| e.used.resident).sum()
     }
 
+    /// Device bytes of sessions other than `except` that are in a batch
+    /// and not waiting for memory themselves: victims once the batch ends
+    /// (a client's calls run after it returned from them).
+    fn busy(&self, except: u64) -> u64 {
+        let soon = |(id, e): &(&u64, &Entry)| **id != except && e.busy && !e.waiting && e.ask.is_some();
+        self.sessions.iter().filter(soon).map(|(_, e)| e.used.resident).sum()
+    }
+
     fn entry(&mut self, id: u64) -> Option<&mut Entry> {
         self.sessions.get_mut(&id)
     }
@@ -137,7 +147,15 @@ impl DeviceMemory {
         let last_used = l.clock;
         l.sessions.insert(
             id,
-            Entry { used: MemoryUse::default(), busy: false, last_used, asked: false, refused: false, ask },
+            Entry {
+                used: MemoryUse::default(),
+                busy: false,
+                waiting: false,
+                last_used,
+                asked: false,
+                refused: false,
+                ask,
+            },
         );
         SessionMemory { memory: self.clone(), id }
     }
@@ -178,9 +196,17 @@ impl SessionMemory {
 
     /// Takes `bytes` of device memory for this session. Beyond the device
     /// bound, asks idle sessions, least recently used first, to swap out
-    /// and waits up to the configured time for them; `OUT_OF_MEMORY` when
-    /// they cannot free enough.
+    /// and waits up to the configured time for them (and for sessions in a
+    /// batch to become idle); `OUT_OF_MEMORY` when they cannot free enough.
     pub fn reserve(&self, bytes: u64) -> Result<(), CallError> {
+        let result = self.reserve_waiting(bytes);
+        if let Some(e) = self.memory.lock().entry(self.id) {
+            e.waiting = false;
+        }
+        result
+    }
+
+    fn reserve_waiting(&self, bytes: u64) -> Result<(), CallError> {
         let (limit, wait) = match self.memory.config {
             Some(c) => (c.device_bytes, c.wait),
             None => (u64::MAX, Duration::ZERO),
@@ -214,12 +240,15 @@ impl SessionMemory {
                 }
             }
             let now = Instant::now();
-            if coming < short || now >= deadline {
+            if coming.saturating_add(l.busy(self.id)) < short || now >= deadline {
                 let (resident, swapped) = (l.total.resident, l.total.swapped);
                 return Err(CallError::out_of_memory(format!(
                     "device memory is full: {bytes} bytes asked, {resident} of {limit} resident, {swapped} swapped \
                      out; idle sessions cannot free enough"
                 )));
+            }
+            if let Some(e) = l.entry(self.id) {
+                e.waiting = true;
             }
             l = self.memory.changed.wait_timeout(l, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
@@ -280,6 +309,9 @@ impl SessionMemory {
             e.refused = false;
             e.last_used = clock;
         }
+        drop(l);
+        // A session waiting for memory may ask this one now.
+        self.memory.changed.notify_all();
     }
 
     /// Answers a swap-out request: `ok` false when the session refused it
@@ -367,21 +399,51 @@ mod tests {
     }
 
     #[test]
-    fn busy_and_refusing_sessions_are_not_waited_for() {
+    fn a_busy_session_is_asked_once_its_batch_ends() {
         let m = DeviceMemory::new(config(100, 1000));
         let (asked, ask) = counting();
         let a = m.register(Some(ask));
         a.begin_batch();
         a.reserve(80).expect("fits");
+        let waiter = std::thread::spawn({
+            let b = m.register(None);
+            move || {
+                b.begin_batch();
+                b.reserve(40).map(|()| b)
+            }
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(asked.load(Ordering::Relaxed), 0, "not asked while in its batch");
+        a.end_batch();
+        while asked.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        a.reserve_host(80).expect("room");
+        a.release(80);
+        a.answered(true);
+        let b = waiter.join().expect("thread").expect("room once A swapped out");
+        assert_eq!(b.used().resident, 40);
+    }
+
+    #[test]
+    fn refusing_and_unaskable_sessions_are_not_waited_for() {
+        let m = DeviceMemory::new(config(100, 1000));
+        let (asked, ask) = counting();
+        let a = m.register(Some(ask));
+        a.reserve(80).expect("fits");
+        a.answered(false);
         let b = m.register(None);
         let start = Instant::now();
-        assert_eq!(b.reserve(40).expect_err("A is busy").code, gpupool_proto::cuda::OUT_OF_MEMORY);
+        assert_eq!(b.reserve(40).expect_err("A refused").code, gpupool_proto::cuda::OUT_OF_MEMORY);
         assert!(start.elapsed() < Duration::from_millis(150), "no wait without a victim");
-        assert_eq!(asked.load(Ordering::Relaxed), 0);
-        a.end_batch();
-        a.answered(false);
-        assert!(b.reserve(40).is_err(), "A refused: not asked again before its next batch");
-        assert_eq!(asked.load(Ordering::Relaxed), 0);
+        assert_eq!(asked.load(Ordering::Relaxed), 0, "A refused: not asked again before its next batch");
+        drop(a);
+        let c = m.register(None);
+        c.begin_batch();
+        c.reserve(80).expect("fits");
+        let start = Instant::now();
+        assert!(b.reserve(40).is_err(), "C cannot be asked");
+        assert!(start.elapsed() < Duration::from_millis(150), "no wait without a victim");
         assert!(b.reserve(101).is_err(), "more than the device");
     }
 

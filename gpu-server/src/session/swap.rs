@@ -276,4 +276,68 @@ mod tests {
         assert_eq!(m.total(), MemoryUse { resident: array_bytes, swapped: G });
         assert_eq!(inline(&s.execute_batch(dtoh(b + 8192, 4096))), data);
     }
+
+    /// Maps `bytes` in `s`, fills them, swaps out and back in through a
+    /// batch, checks every byte; returns the seconds of the swap-out and
+    /// of the swap-in.
+    fn round_trip(s: &mut super::SessionState<impl BackendSession>, bytes: u64) -> (f64, f64) {
+        let b = s.va_base();
+        assert_eq!(code(s.mem_map(b, bytes)), 0);
+        let data = pattern(bytes, 5);
+        s.dev.write(None, b, &data).expect("write");
+        s.dev.synchronize().expect("sync");
+        let start = std::time::Instant::now();
+        assert_eq!(s.swap_out().expect("swap out"), bytes);
+        let out = start.elapsed().as_secs_f64();
+        let start = std::time::Instant::now();
+        s.swap_in().expect("swap in");
+        let back = start.elapsed().as_secs_f64();
+        assert_eq!(inline(&s.execute_batch(dtoh(b + bytes - 64, 64))), data[data.len() - 64..]);
+        assert!(contents(s, b, bytes) == data, "every byte came back");
+        assert_eq!(code(s.mem_unmap(b)), 0);
+        (out, back)
+    }
+
+    /// The CUDA backend: the same addresses mapped again after the physical
+    /// memory went back to the driver. Skipped without a GPU.
+    #[test]
+    fn swap_on_a_gpu() {
+        let Some(s) = super::super::tests::gpu_session() else { return };
+        let g = s.limits.granularity;
+        let mut s = s.with_memory(memory(8 * g, 8 * g).register(None));
+        round_trip(&mut s, 4 * g);
+    }
+
+    /// Swap-out and swap-in rates on the emulated device, for
+    /// bench/results (`cargo test -p gpupool-server --release --lib
+    /// swap_rates -- --ignored --nocapture`; `GPUPOOL_SWAP_MIB` sets the
+    /// size, 256 by default).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn swap_rates() {
+        let mib: u64 = std::env::var("GPUPOOL_SWAP_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+        let bytes = (mib << 20).div_ceil(G) * G;
+        let limits =
+            super::super::SessionLimits { memory_quota: bytes, va_size: 2 * bytes, ..super::super::tests::limits() };
+        use crate::device::Backend;
+        let dev = crate::device::emulated::EmulatedDevice::new(2 * bytes);
+        let mut s = super::SessionState::new(
+            dev.open_session(limits.va_size).expect("session"),
+            limits,
+            std::sync::Arc::new(crate::staging::Staging::new(1 << 24, 8)),
+            std::sync::Arc::new(crate::images::ImageCache::new(None, 1 << 20)),
+        )
+        .with_memory(memory(2 * bytes, 2 * bytes).register(None));
+        let gib = bytes as f64 / f64::from(1u32 << 30);
+        for run in 0..5 {
+            let (out, back) = round_trip(&mut s, bytes);
+            println!(
+                "run {run}: {mib} MiB swap-out {:.1} ms ({:.2} GiB/s), swap-in {:.1} ms ({:.2} GiB/s)",
+                out * 1e3,
+                gib / out,
+                back * 1e3,
+                gib / back
+            );
+        }
+    }
 }
