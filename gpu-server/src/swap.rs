@@ -108,9 +108,12 @@ impl Ledger {
         idle.into_iter().map(|(_, id)| id).collect()
     }
 
-    /// Device bytes that swap-outs asked and not yet answered will free.
-    fn pending(&self) -> u64 {
-        self.sessions.values().filter(|e| e.asked).map(|e| e.used.resident).sum()
+    /// Device bytes that swap-outs asked and not yet answered will free:
+    /// of sessions other than `except` that are not waiting for memory
+    /// themselves (they reach the request only after their batch).
+    fn pending(&self, except: u64) -> u64 {
+        let coming = |(id, e): &(&u64, &Entry)| **id != except && e.asked && !e.waiting;
+        self.sessions.iter().filter(coming).map(|(_, e)| e.used.resident).sum()
     }
 
     /// Device bytes of sessions other than `except` that are in a batch
@@ -228,7 +231,7 @@ impl SessionMemory {
                 return Ok(());
             }
             let short = total.saturating_add(bytes).saturating_sub(limit);
-            let mut coming = l.pending();
+            let mut coming = l.pending(self.id);
             let mut victims = l.idle_lru(self.id).into_iter();
             while coming < short {
                 let Some(victim) = victims.next() else { break };
@@ -315,7 +318,8 @@ impl SessionMemory {
     }
 
     /// Answers a swap-out request: `ok` false when the session refused it
-    /// (then it is not asked again before its next batch).
+    /// or had nothing to free (then it is not asked again before its next
+    /// batch).
     pub fn answered(&self, ok: bool) {
         if let Some(e) = self.memory.lock().entry(self.id) {
             e.asked = false;
@@ -353,6 +357,23 @@ mod tests {
         (n, Box::new(move || c.fetch_add(1, Ordering::Relaxed) < usize::MAX))
     }
 
+    /// A session on `m` that holds 80 bytes and is idle, with the count
+    /// of the swap-out requests it got.
+    fn idle_holder(m: &Arc<DeviceMemory>) -> (Arc<AtomicUsize>, SessionMemory) {
+        let (asked, ask) = counting();
+        let s = m.register(Some(ask));
+        s.reserve(80).expect("fits");
+        s.end_batch();
+        (asked, s)
+    }
+
+    /// What a session's thread does when asked: its `bytes` to the host.
+    fn swap_out_by_hand(s: &SessionMemory, bytes: u64) {
+        s.reserve_host(bytes).expect("room");
+        s.release(bytes);
+        s.answered(true);
+    }
+
     #[test]
     fn without_swap_memory_is_only_counted() {
         let m = DeviceMemory::new(None);
@@ -385,9 +406,7 @@ mod tests {
                 while asked_a.load(Ordering::Relaxed) == 0 {
                     std::thread::yield_now();
                 }
-                a.reserve_host(40).expect("room");
-                a.release(40);
-                a.answered(true);
+                swap_out_by_hand(&a, 40);
                 (a, m)
             }
         });
@@ -418,9 +437,7 @@ mod tests {
         while asked.load(Ordering::Relaxed) == 0 {
             std::thread::yield_now();
         }
-        a.reserve_host(80).expect("room");
-        a.release(80);
-        a.answered(true);
+        swap_out_by_hand(&a, 80);
         let b = waiter.join().expect("thread").expect("room once A swapped out");
         assert_eq!(b.used().resident, 40);
     }
@@ -448,12 +465,31 @@ mod tests {
     }
 
     #[test]
+    fn a_session_asked_to_swap_out_does_not_wait_for_itself() {
+        let m = DeviceMemory::new(config(100, 1000));
+        let (asked, a) = idle_holder(&m);
+        let b = m.register(None);
+        b.begin_batch();
+        b.reserve(10).expect("fits");
+        let waiter = std::thread::spawn(move || b.reserve(40).map(|()| b));
+        while asked.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        // A's next batch (queued before the request) needs memory: B waits
+        // for A, and A must not wait for its own swap-out.
+        a.begin_batch();
+        let start = Instant::now();
+        assert!(a.reserve(20).is_err());
+        assert!(start.elapsed() < Duration::from_millis(150), "no wait for itself");
+        a.end_batch();
+        swap_out_by_hand(&a, 80);
+        assert_eq!(waiter.join().expect("thread").expect("room once A swapped out").used().resident, 50);
+    }
+
+    #[test]
     fn an_unanswered_request_times_out() {
         let m = DeviceMemory::new(config(100, 1000));
-        let (asked, ask) = counting();
-        let a = m.register(Some(ask));
-        a.reserve(80).expect("fits");
-        a.end_batch();
+        let (asked, _a) = idle_holder(&m);
         let b = m.register(None);
         let start = Instant::now();
         let e = b.reserve(40).expect_err("A never answers");

@@ -81,5 +81,8 @@ fn sessions_that_do_not_fit_together_take_turns_with_correct_results() {
     assert!(m.memory_mapped <= DEVICE, "resident {} within the device", m.memory_mapped);
     assert_eq!(m.memory_mapped + m.memory_swapped, 3 * 28 * MIB, "every byte is resident or swapped: {m:?}");
     assert_eq!(m.call_errors, 0, "the clients saw no error");
+    // Each of the six turns brought its session's 28 MiB back.
+    assert!(m.swapped_in_bytes >= 6 * 28 * MIB, "{m:?}");
+    assert_eq!(m.swapped_out_bytes - m.swapped_in_bytes, m.memory_swapped, "{m:?}");
     drop(tenants);
 }

@@ -87,7 +87,9 @@ pub(crate) fn run<B: Backend>(
                 }
                 // Counted before the answer wakes the session waiting for it.
                 counted = count_memory(&metrics, counted, &state);
-                state.memory().answered(swapped.is_ok());
+                // Nothing freed (only arrays left, say): not asked again
+                // before its next batch.
+                state.memory().answered(matches!(swapped, Ok(n) if n > 0));
                 continue;
             }
         };
@@ -101,10 +103,12 @@ pub(crate) fn run<B: Backend>(
 }
 
 /// Moves the memory gauges from what was counted to what the session
-/// holds now; returns the new count.
+/// holds now, and counts what it swapped out or in; returns the new count.
 fn count_memory<S: BackendSession>(metrics: &Metrics, counted: MemoryUse, state: &SessionState<S>) -> MemoryUse {
     let now = MemoryUse { resident: state.resident_bytes(), swapped: state.swapped_bytes() };
     count_memory_use(metrics, counted, now);
+    add(&metrics.swapped_out_bytes, now.swapped.saturating_sub(counted.swapped));
+    add(&metrics.swapped_in_bytes, counted.swapped.saturating_sub(now.swapped));
     now
 }
 
