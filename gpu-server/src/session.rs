@@ -439,8 +439,24 @@ impl<S: BackendSession> SessionState<S> {
 
     /// Takes `size` bytes of the device's memory (swapping idle sessions
     /// out when it is full) and runs `create` with it, giving the bytes
-    /// back when it fails.
-    fn on_device<T>(&mut self, size: u64, create: impl FnOnce(&mut S) -> Result<T, CallError>) -> Result<T, CallError> {
+    /// back when it fails. When the device refuses memory the server
+    /// counted as free (a GPU's contexts and other processes take some),
+    /// and swapping is on, idle sessions make room and `create` runs once
+    /// more.
+    fn on_device<T>(
+        &mut self,
+        size: u64,
+        mut create: impl FnMut(&mut S) -> Result<T, CallError>,
+    ) -> Result<T, CallError> {
+        self.memory.reserve(size)?;
+        let refused = match create(&mut self.dev) {
+            Ok(made) => return Ok(made),
+            Err(e) => e,
+        };
+        self.memory.release(size);
+        if refused.code != cuda::OUT_OF_MEMORY || !self.memory.device_refused() {
+            return Err(refused);
+        }
         self.memory.reserve(size)?;
         create(&mut self.dev).inspect_err(|_| self.memory.release(size))
     }

@@ -77,7 +77,14 @@ struct Ledger {
     next_id: u64,
     /// Advances at the end of every batch: the order of last use.
     clock: u64,
+    /// Resident bytes at which the device last refused memory, and until
+    /// when that is the bound (when lower than the configured one).
+    refused: Option<(u64, Instant)>,
 }
+
+/// How long the device's refusal lowers the bound: memory that other
+/// processes took may come back.
+const REFUSAL_HOLDS: Duration = Duration::from_secs(60);
 
 struct Entry {
     used: MemoryUse,
@@ -222,6 +229,10 @@ impl SessionMemory {
             )));
         }
         loop {
+            let limit = match l.refused {
+                Some((at, until)) if Instant::now() < until => limit.min(at),
+                _ => limit,
+            };
             let total = l.total.resident;
             if total.checked_add(bytes).is_some_and(|t| t <= limit) {
                 l.total.resident += bytes;
@@ -255,6 +266,25 @@ impl SessionMemory {
             }
             l = self.memory.changed.wait_timeout(l, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
+    }
+
+    /// The device refused memory this session had reserved (and gave
+    /// back): the device holds less than the bound says. For a while the
+    /// bound is what all sessions hold now, so that the next reserve swaps
+    /// idle sessions out first. `false` when there is nothing to swap out
+    /// or swapping is off (a retry would fail the same way).
+    pub fn device_refused(&self) -> bool {
+        if self.memory.config.is_none() {
+            return false;
+        }
+        let mut l = self.memory.lock();
+        let resident = l.total.resident;
+        if resident == 0 {
+            return false;
+        }
+        tracing::info!(resident, "the device refused memory below the swap bound; bound lowered for a while");
+        l.refused = Some((resident, Instant::now() + REFUSAL_HOLDS));
+        true
     }
 
     /// Gives back `bytes` of device memory.
@@ -484,6 +514,25 @@ mod tests {
         a.end_batch();
         swap_out_by_hand(&a, 80);
         assert_eq!(waiter.join().expect("thread").expect("room once A swapped out").used().resident, 50);
+    }
+
+    #[test]
+    fn a_device_refusal_lowers_the_bound_so_idle_sessions_make_room() {
+        let m = DeviceMemory::new(config(1000, 1000));
+        let (asked, a) = idle_holder(&m);
+        let b = m.register(None);
+        b.begin_batch();
+        b.reserve(10).expect("counted as free");
+        // The device refused those 10 bytes: B gives them back and retries.
+        b.release(10);
+        assert!(b.device_refused());
+        let waiter = std::thread::spawn(move || b.reserve(10).map(|()| b));
+        while asked.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        swap_out_by_hand(&a, 80);
+        assert_eq!(waiter.join().expect("thread").expect("room once A swapped out").used().resident, 10);
+        assert!(!SessionMemory::detached().device_refused(), "without swapping a retry would fail the same way");
     }
 
     #[test]

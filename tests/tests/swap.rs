@@ -30,14 +30,28 @@ struct Tenant {
 
 #[test]
 fn sessions_that_do_not_fit_together_take_turns_with_correct_results() {
+    take_turns(None);
+}
+
+/// The server's bound above what the device holds (as on a GPU whose
+/// contexts and other processes take memory): the device's refusal is
+/// what shows the pressure.
+#[test]
+fn a_device_refusal_below_the_bound_swaps_idle_sessions_out() {
+    take_turns(Some(1 << 30));
+}
+
+/// Three sessions of 28 MiB on the 48 MiB device, used in turns with the
+/// server's device bound at `device_bytes` (the device's size by default).
+fn take_turns(device_bytes: Option<u64>) {
     if std::env::var("GPUPOOL_TEST_DEVICE").as_deref() == Ok("cuda") {
-        // The device bound is the emulated device's size here.
+        // The device is the emulated device of DEVICE bytes here.
         return;
     }
     let mut config = server_config();
     config.device = DeviceChoice::Emulated { memory: DEVICE };
     config.memory_quota = 32 * MIB;
-    config.swap = Some(Swap { device_bytes: None, host_bytes: 256 * MIB, wait: Duration::from_secs(20) });
+    config.swap = Some(Swap { device_bytes, host_bytes: 256 * MIB, wait: Duration::from_secs(20) });
     let srv = TestServer::start(config).expect("server starts");
     let seed = fresh_seed();
 

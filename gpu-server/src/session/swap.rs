@@ -82,32 +82,13 @@ impl<S: BackendSession> SessionState<S> {
     /// cannot be had) the session stays swapped out and nothing is lost.
     pub(super) fn swap_in(&mut self) -> Result<(), CallError> {
         let Some(swapped) = self.swapped.take() else { return Ok(()) };
-        if let Err(e) = self.memory.reserve(swapped.bytes) {
-            self.swapped = Some(swapped);
-            return Err(e);
-        }
-        let mut restored = Vec::with_capacity(swapped.ranges.len());
-        let mut failed = None;
-        for (addr, data) in &swapped.ranges {
-            let size = data.len() as u64;
-            let mapped = self.dev.map(*addr, size).and_then(|m| {
-                self.dev.write(None, *addr, data)?;
-                Ok(m)
-            });
-            match mapped {
-                Ok(m) => restored.push((*addr, size, m)),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
+        let restored = match self.on_device(swapped.bytes, |dev| restore(dev, &swapped.ranges)) {
+            Ok(restored) => restored,
+            Err(e) => {
+                self.swapped = Some(swapped);
+                return Err(e);
             }
-        }
-        if let Some(e) = failed.or_else(|| self.dev.synchronize().err()) {
-            drop(restored);
-            self.memory.release(swapped.bytes);
-            self.swapped = Some(swapped);
-            return Err(e);
-        }
+        };
         for (addr, size, mapping) in restored {
             self.mappings.insert(addr, (size, mapping));
         }
@@ -115,6 +96,23 @@ impl<S: BackendSession> SessionState<S> {
         tracing::debug!(bytes = swapped.bytes, "session swapped in");
         Ok(())
     }
+}
+
+/// Maps new memory at each swapped range's address and writes its
+/// contents back; what was mapped goes again when any step fails.
+fn restore<S: BackendSession>(
+    dev: &mut S,
+    ranges: &[(u64, Vec<u8>)],
+) -> Result<Vec<(u64, u64, S::Mapping)>, CallError> {
+    let mut restored = Vec::with_capacity(ranges.len());
+    for (addr, data) in ranges {
+        let size = data.len() as u64;
+        let mapping = dev.map(*addr, size)?;
+        dev.write(None, *addr, data)?;
+        restored.push((*addr, size, mapping));
+    }
+    dev.synchronize()?;
+    Ok(restored)
 }
 
 /// A zeroed host buffer of `size` bytes, or `OUT_OF_MEMORY`.
