@@ -327,6 +327,10 @@ impl SessionMemory {
 
     /// The session is in a batch: it is no victim until [`Self::end_batch`].
     pub fn begin_batch(&self) {
+        // Without swapping nobody asks: the batch path stays lock-free.
+        if !self.memory.swapping() {
+            return;
+        }
         if let Some(e) = self.memory.lock().entry(self.id) {
             e.busy = true;
         }
@@ -334,6 +338,9 @@ impl SessionMemory {
 
     /// The session finished a batch: idle, and the most recently used.
     pub fn end_batch(&self) {
+        if !self.memory.swapping() {
+            return;
+        }
         let mut l = self.memory.lock();
         l.clock += 1;
         let clock = l.clock;
