@@ -554,6 +554,39 @@ mod tests {
         assert_eq!(asked.load(Ordering::Relaxed), 1, "asked once, not on every wake-up");
     }
 
+    proptest::proptest! {
+        /// Whatever sessions do, the totals are the sum of the sessions'
+        /// use, within both bounds, and a reservation succeeds exactly when
+        /// it fits (no session here can be asked, so nothing waits).
+        #[test]
+        fn counts_stay_consistent_and_bounded(
+            ops in proptest::collection::vec((0usize..3, 0u8..6, 0u64..60), 0..200),
+        ) {
+            let m = DeviceMemory::new(config(100, 80));
+            let mut sessions: Vec<Option<SessionMemory>> = (0..3).map(|_| Some(m.register(None))).collect();
+            for (who, op, n) in ops {
+                let before = m.total();
+                let Some(s) = &sessions[who] else { continue };
+                match op {
+                    0 => proptest::prop_assert_eq!(s.reserve(n).is_ok(), before.resident + n <= 100),
+                    1 => s.release(n.min(s.used().resident)),
+                    2 => proptest::prop_assert_eq!(s.reserve_host(n).is_ok(), before.swapped + n <= 80),
+                    3 => s.release_host(n.min(s.used().swapped)),
+                    4 => {
+                        s.begin_batch();
+                        s.end_batch();
+                    }
+                    _ => sessions[who] = None,
+                }
+                let sum = sessions.iter().flatten().map(SessionMemory::used).fold(MemoryUse::default(), |a, u| {
+                    MemoryUse { resident: a.resident + u.resident, swapped: a.swapped + u.swapped }
+                });
+                proptest::prop_assert_eq!(m.total(), sum);
+                proptest::prop_assert!(sum.resident <= 100 && sum.swapped <= 80);
+            }
+        }
+    }
+
     #[test]
     fn host_space_is_bounded() {
         let m = DeviceMemory::new(config(100, 50));
