@@ -2,29 +2,33 @@
 //! who swaps when is [`crate::swap`]'s).
 //!
 //! Swap-out waits for the session's device work, reads every mapping of
-//! the session's allocations (`MemMap`) into host memory, then drops the
-//! mappings: the physical memory goes back to the device while the
-//! addresses stay the session's (nothing else is mapped in its range).
-//! Swap-in, before the session's next batch runs, maps new memory at the
-//! same addresses and writes the contents back, so every address the
-//! client holds still means the same bytes.
+//! the session's allocations (`MemMap`) and every allocation of the
+//! application's own VMM (`VmmCreate`, through a mapping of all of it) into
+//! host memory, then drops the mappings and allocations: the physical
+//! memory goes back to the device while the addresses stay the session's
+//! (nothing else is mapped in its range). Swap-in, before the session's
+//! next batch runs, creates new memory and maps it at the same addresses
+//! (VMM mappings at the same offsets, with the same access) and writes the
+//! contents back, so every address the client holds still means the same
+//! bytes.
 //!
 //! What stays resident: module variables (the driver's memory, outside the
 //! range and outside the quota) and arrays (their memory is the driver's to
-//! place; they count as resident). A session holding allocations of the
-//! application's own VMM (`VmmCreate`) is not swapped: their memory may be
-//! mapped in parts, or not at all, so its contents cannot all be read
-//! through the session's range. Mirrored ranges lie in mappings and travel
-//! with them; their shadows are server memory already.
+//! place; they count as resident). A session holding a VMM allocation that
+//! is not mapped whole anywhere is not swapped (its range does not reach
+//! all of that memory). Mirrored ranges lie in mappings and travel with
+//! them; their shadows are server memory already.
 
 use super::SessionState;
 use crate::device::BackendSession;
 use crate::error::CallError;
 
-/// A swapped-out session's mappings: (address, contents), by address.
+/// A swapped-out session's mappings, (address, contents) by address, and
+/// its VMM allocations.
 #[derive(Debug, Default)]
 pub(super) struct Swapped {
     ranges: Vec<(u64, Vec<u8>)>,
+    vmm: Vec<super::vmm::SwappedVmm>,
     bytes: u64,
 }
 
@@ -42,16 +46,14 @@ impl<S: BackendSession> SessionState<S> {
     /// Swaps the session's allocations out to host memory. Returns the
     /// device bytes freed (0 when there was nothing to swap or it was
     /// swapped out already). Refused, with nothing changed, when the
-    /// session holds VMM allocations, when the host bound of swapped
-    /// contents would be passed, or when the device fails.
+    /// session holds a VMM allocation not mapped whole, when the host bound
+    /// of swapped contents would be passed, or when the device fails.
     pub fn swap_out(&mut self) -> Result<u64, CallError> {
-        if self.swapped.is_some() || self.mappings.is_empty() {
+        if self.swapped.is_some() || (self.mappings.is_empty() && self.vmm_handles.is_empty()) {
             return Ok(0);
         }
-        if !self.vmm_handles.is_empty() {
-            return Err(CallError::not_supported("a session holding VMM allocations (cuMemCreate) is not swapped out"));
-        }
-        let bytes: u64 = self.mappings.values().map(|(size, _)| size).sum();
+        self.vmm_swappable()?;
+        let bytes = self.mappings.values().map(|(size, _)| size).sum::<u64>() + self.vmm_bytes();
         // Work still queued may write the memory about to be read.
         self.dev.synchronize()?;
         self.memory.reserve_host(bytes)?;
@@ -69,10 +71,19 @@ impl<S: BackendSession> SessionState<S> {
                 }
             }
         }
+        let vmm = match self.vmm_read_all() {
+            Ok(vmm) => vmm,
+            Err(e) => {
+                self.memory.release_host(bytes);
+                return Err(e);
+            }
+        };
         // The contents are on the host: the device memory can go.
         self.mappings.clear();
+        self.vmm_drop_all();
         self.memory.release(bytes);
-        self.swapped = Some(Swapped { ranges, bytes });
+        debug_assert_eq!(bytes, ranges.iter().map(|(_, r)| r.len() as u64).sum::<u64>() + vmm_bytes(&vmm));
+        self.swapped = Some(Swapped { ranges, vmm, bytes });
         tracing::debug!(bytes, "session swapped out");
         Ok(bytes)
     }
@@ -82,16 +93,23 @@ impl<S: BackendSession> SessionState<S> {
     /// cannot be had) the session stays swapped out and nothing is lost.
     pub(super) fn swap_in(&mut self) -> Result<(), CallError> {
         let Some(swapped) = self.swapped.take() else { return Ok(()) };
-        let restored = match self.on_device(swapped.bytes, |dev| restore(dev, &swapped.ranges)) {
+        let restored = self.on_device(swapped.bytes, |dev| {
+            let plain = restore(dev, &swapped.ranges)?;
+            let vmm = super::vmm::restore(dev, &swapped.vmm)?;
+            dev.synchronize()?;
+            Ok((plain, vmm))
+        });
+        let (plain, vmm) = match restored {
             Ok(restored) => restored,
             Err(e) => {
                 self.swapped = Some(swapped);
                 return Err(e);
             }
         };
-        for (addr, size, mapping) in restored {
+        for (addr, size, mapping) in plain {
             self.mappings.insert(addr, (size, mapping));
         }
+        self.vmm_put_back(vmm);
         self.memory.release_host(swapped.bytes);
         tracing::debug!(bytes = swapped.bytes, "session swapped in");
         Ok(())
@@ -111,12 +129,15 @@ fn restore<S: BackendSession>(
         dev.write(None, *addr, data)?;
         restored.push((*addr, size, mapping));
     }
-    dev.synchronize()?;
     Ok(restored)
 }
 
+fn vmm_bytes(vmm: &[super::vmm::SwappedVmm]) -> u64 {
+    vmm.iter().map(super::vmm::SwappedVmm::bytes).sum()
+}
+
 /// A zeroed host buffer of `size` bytes, or `OUT_OF_MEMORY`.
-fn host_buffer(size: u64) -> Result<Vec<u8>, CallError> {
+pub(super) fn host_buffer(size: u64) -> Result<Vec<u8>, CallError> {
     let len = usize::try_from(size).map_err(|_| CallError::out_of_memory("mapping too large to swap"))?;
     let mut buf = Vec::new();
     buf.try_reserve_exact(len)
@@ -128,7 +149,7 @@ fn host_buffer(size: u64) -> Result<Vec<u8>, CallError> {
 #[cfg(test)]
 mod tests {
     use super::super::tests::{GRANULARITY as G, code, session};
-    use crate::device::BackendSession;
+    use crate::device::{ACCESS_READ, ACCESS_READWRITE, BackendSession};
     use crate::swap::{DeviceMemory, MemoryUse, SwapConfig};
     use gpupool_proto::payload::{self, Compression};
     use gpupool_proto::v1::{self, call::Op, call_result::Value};
@@ -245,16 +266,27 @@ mod tests {
     }
 
     #[test]
-    fn vmm_allocations_refuse_and_arrays_stay_resident() {
+    fn vmm_allocations_swap_with_their_mappings_and_arrays_stay_resident() {
         let m = memory(16 * G, 16 * G);
         let mut s = session().with_memory(m.register(None));
         let b = s.va_base();
+        let ok = |s: &mut super::SessionState<_>, op| assert_eq!(code(s.execute(op)), 0);
         assert_eq!(code(s.mem_map(b, G)), 0);
-        assert_eq!(code(s.execute(Op::VmmCreate(v1::VmmCreate { handle: 1, size: G }))), 0);
-        let e = s.swap_out().expect_err("VMM allocation");
-        assert_eq!(e.code, cuda::NOT_SUPPORTED);
-        assert_eq!(code(s.execute(Op::VmmRelease(v1::VmmRelease { handle: 1 }))), 0);
-        assert_eq!(m.total().resident, G);
+        // Allocation 1 mapped whole, and its second half again elsewhere,
+        // read-only; allocation 2 mapped nowhere.
+        let (whole, alias) = (b + 4 * G, b + 8 * G);
+        ok(&mut s, Op::VmmCreate(v1::VmmCreate { handle: 1, size: 2 * G }));
+        ok(&mut s, Op::VmmMap(v1::VmmMap { addr: whole, size: 2 * G, offset: 0, handle: 1 }));
+        ok(&mut s, Op::VmmMap(v1::VmmMap { addr: alias, size: G, offset: G, handle: 1 }));
+        ok(&mut s, Op::VmmSetAccess(v1::VmmSetAccess { addr: whole, size: 2 * G, flags: ACCESS_READWRITE }));
+        ok(&mut s, Op::VmmSetAccess(v1::VmmSetAccess { addr: alias, size: G, flags: ACCESS_READ }));
+        let data = pattern(2 * G, 4);
+        s.dev.write(None, whole, &data).expect("write");
+        ok(&mut s, Op::VmmCreate(v1::VmmCreate { handle: 2, size: G }));
+        let e = s.swap_out().expect_err("allocation 2 cannot be read");
+        assert_eq!(e.code, cuda::NOT_SUPPORTED, "{e}");
+        assert_eq!(m.total(), MemoryUse { resident: 4 * G, swapped: 0 }, "nothing changed");
+        ok(&mut s, Op::VmmRelease(v1::VmmRelease { handle: 2 }));
 
         let array = v1::ArrayCreate {
             array: 1,
@@ -264,15 +296,26 @@ mod tests {
             channels: 1,
             ..Default::default()
         };
-        assert_eq!(code(s.execute(Op::ArrayCreate(array))), 0);
+        ok(&mut s, Op::ArrayCreate(array));
         let array_bytes = 64 * 64 * 4;
-        let data = pattern(4096, 3);
-        let source = Some(Source::Inline(payload::encode(data.clone().into(), Compression::Off)));
-        assert_eq!(code(s.execute(Op::MemcpyHtod(v1::MemcpyHtoD { dst: b + 8192, stream: 0, source }))), 0);
-        assert_eq!(s.swap_out().expect("swap out"), G);
-        assert_eq!((s.resident_bytes(), s.swapped_bytes()), (array_bytes, G));
-        assert_eq!(m.total(), MemoryUse { resident: array_bytes, swapped: G });
-        assert_eq!(inline(&s.execute_batch(dtoh(b + 8192, 4096))), data);
+        assert_eq!(s.swap_out().expect("swap out"), 3 * G);
+        assert_eq!((s.resident_bytes(), s.swapped_bytes()), (array_bytes, 3 * G));
+        assert_eq!(m.total(), MemoryUse { resident: array_bytes, swapped: 3 * G });
+
+        // The alias reads the allocation's second half again, read-only.
+        let reply = s.execute_batch(dtoh(alias + 100, 4096));
+        assert_eq!(inline(&reply), data[G as usize + 100..G as usize + 4196]);
+        assert_eq!(contents(&mut s, whole, 2 * G), data);
+        let source = Some(Source::Inline(payload::encode(vec![1u8; 16].into(), Compression::Off)));
+        let write = Op::MemcpyHtod(v1::MemcpyHtoD { dst: alias, stream: 0, source });
+        assert_eq!(code(s.execute(write)), cuda::INVALID_VALUE, "still read-only");
+        assert!(s.dev.write(None, alias, &[1]).is_err(), "read-only on the device too");
+        // The tables are whole again: unmapping and releasing work as before.
+        ok(&mut s, Op::VmmUnmap(v1::VmmUnmap { addr: alias, size: G }));
+        ok(&mut s, Op::VmmUnmap(v1::VmmUnmap { addr: whole, size: 2 * G }));
+        ok(&mut s, Op::VmmRelease(v1::VmmRelease { handle: 1 }));
+        assert_eq!(s.mapped_bytes(), G + array_bytes);
+        assert_eq!(m.total(), MemoryUse { resident: G + array_bytes, swapped: 0 });
     }
 
     /// Maps `bytes` in `s`, fills them, swaps out and back in through a
