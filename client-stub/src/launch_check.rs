@@ -56,25 +56,49 @@ fn cuda_error(code: u32, message: String) -> ClientError {
 /// Checks `shape` against the device and the function, as the driver does.
 /// Attributes the server did not report are not checked (the server's
 /// driver still is).
-pub fn check(device: &v1::DeviceInfo, f: &v1::FunctionInfo, shape: &LaunchShape) -> Result<()> {
-    let dev = |a: u32| device.attributes.get(&a).and_then(|&v| u64::try_from(v).ok());
+/// The device limits a launch is checked against, read once from the
+/// device's attributes (a map of ~150 entries): `None` where the server
+/// did not report one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceLimits {
+    max_block: [Option<u64>; 3],
+    max_grid: [Option<u64>; 3],
+    max_threads_per_block: Option<u64>,
+    max_registers_per_block: Option<u64>,
+    max_shared_per_block_optin: Option<u64>,
+}
+
+impl DeviceLimits {
+    pub fn of(device: &v1::DeviceInfo) -> Self {
+        let dev = |a: u32| device.attributes.get(&a).and_then(|&v| u64::try_from(v).ok());
+        Self {
+            max_block: DEV_MAX_BLOCK_DIM.map(dev),
+            max_grid: DEV_MAX_GRID_DIM.map(dev),
+            max_threads_per_block: dev(DEV_MAX_THREADS_PER_BLOCK),
+            max_registers_per_block: dev(DEV_MAX_REGISTERS_PER_BLOCK),
+            max_shared_per_block_optin: dev(DEV_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN),
+        }
+    }
+}
+
+pub fn check(device: &DeviceLimits, f: &v1::FunctionInfo, shape: &LaunchShape) -> Result<()> {
     let func = |a: u32| f.attributes.get(&a).and_then(|&v| u64::try_from(v).ok());
     let invalid = |m: String| cuda_error(cuda::INVALID_VALUE, format!("{}: {m}", f.name));
     let LaunchShape { grid, block, shared_mem_bytes, cluster } = *shape;
     if grid.contains(&0) || block.contains(&0) {
         return Err(invalid(format!("grid {grid:?} and block {block:?} need every dimension at least 1")));
     }
-    for (axis, (&d, a)) in block.iter().zip(DEV_MAX_BLOCK_DIM).enumerate() {
-        if dev(a).is_some_and(|max| u64::from(d) > max) {
+    for (axis, (&d, max)) in block.iter().zip(device.max_block).enumerate() {
+        if max.is_some_and(|max| u64::from(d) > max) {
             return Err(invalid(format!("block dimension {axis} of {d} exceeds the device's limit")));
         }
     }
     let threads = block.iter().try_fold(1u64, |a, &d| a.checked_mul(u64::from(d))).unwrap_or(u64::MAX);
-    if let Some(max) = dev(DEV_MAX_THREADS_PER_BLOCK).filter(|&max| threads > max) {
+    if let Some(max) = device.max_threads_per_block.filter(|&max| threads > max) {
         return Err(invalid(format!("block of {threads} threads exceeds the device's {max}")));
     }
-    for (axis, (&d, a)) in grid.iter().zip(DEV_MAX_GRID_DIM).enumerate() {
-        if dev(a).is_some_and(|max| u64::from(d) > max) {
+    for (axis, (&d, max)) in grid.iter().zip(device.max_grid).enumerate() {
+        if max.is_some_and(|max| u64::from(d) > max) {
             return Err(invalid(format!("grid dimension {axis} of {d} exceeds the device's limit")));
         }
     }
@@ -87,7 +111,7 @@ pub fn check(device: &v1::DeviceInfo, f: &v1::FunctionInfo, shape: &LaunchShape)
         // 256.
         let regs_per_warp = func(FUNC_NUM_REGS).map(|r| (r * 32).div_ceil(256) * 256);
         let regs = regs_per_warp.map(|w| threads.div_ceil(32).saturating_mul(w));
-        let over_registers = regs.zip(dev(DEV_MAX_REGISTERS_PER_BLOCK)).is_some_and(|(need, have)| need > have);
+        let over_registers = regs.zip(device.max_registers_per_block).is_some_and(|(need, have)| need > have);
         let (code, why) = if over_registers {
             (cuda::LAUNCH_OUT_OF_RESOURCES, "its registers allow")
         } else {
@@ -105,7 +129,7 @@ pub fn check(device: &v1::DeviceInfo, f: &v1::FunctionInfo, shape: &LaunchShape)
         )));
     }
     let static_shared = func(FUNC_SHARED_SIZE_BYTES).unwrap_or(0);
-    if let Some(max) = dev(DEV_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).filter(|&max| static_shared + dynamic > max) {
+    if let Some(max) = device.max_shared_per_block_optin.filter(|&max| static_shared + dynamic > max) {
         return Err(invalid(format!(
             "{static_shared} bytes of static and {dynamic} of dynamic shared memory exceed the device's {max} per block"
         )));
@@ -132,7 +156,7 @@ pub fn check(device: &v1::DeviceInfo, f: &v1::FunctionInfo, shape: &LaunchShape)
 mod tests {
     use super::*;
 
-    fn h200() -> v1::DeviceInfo {
+    fn h200() -> DeviceLimits {
         let attributes = [
             (1, 1024),
             (2, 1024),
@@ -144,7 +168,7 @@ mod tests {
             (12, 65536),
             (97, 232448),
         ];
-        v1::DeviceInfo { attributes: attributes.into_iter().collect(), ..Default::default() }
+        DeviceLimits::of(&v1::DeviceInfo { attributes: attributes.into_iter().collect(), ..Default::default() })
     }
 
     fn kernel(max_threads: i32) -> v1::FunctionInfo {

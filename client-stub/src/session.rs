@@ -193,7 +193,9 @@ fn work_stream(op: &Op) -> Option<u32> {
         | Op::TexObjectCreate(_)
         | Op::TexObjectDestroy(_)
         | Op::SurfObjectCreate(_)
-        | Op::SurfObjectDestroy(_) => None,
+        | Op::SurfObjectDestroy(_)
+        | Op::StreamSetAttribute(_)
+        | Op::StreamGetAttribute(_) => None,
     }
 }
 
@@ -298,6 +300,8 @@ struct Inner {
     transport: Box<dyn Transport>,
     state: Mutex<State>,
     welcome: v1::Welcome,
+    /// The device's launch limits, read once from `welcome`.
+    launch_limits: crate::launch_check::DeviceLimits,
     compression: Compression,
     /// The balancer's lease the session runs under; dropped after the
     /// transport, so the server sees the session end before the release.
@@ -387,6 +391,7 @@ impl Session {
             inner: Arc::new(Inner {
                 transport,
                 state: Mutex::new(state),
+                launch_limits: welcome.device.as_ref().map(crate::launch_check::DeviceLimits::of).unwrap_or_default(),
                 welcome,
                 compression,
                 lease: None,
@@ -961,20 +966,11 @@ impl Session {
             shared_mem_bytes: cfg.shared_mem_bytes,
             cluster,
         };
-        // Borrowed: the device description (an attributes map of ~150
-        // entries) is checked against on every launch; no copy per launch.
-        let no_device;
-        let device = match &self.inner.welcome.device {
-            Some(d) => d,
-            None => {
-                no_device = v1::DeviceInfo::default();
-                &no_device
-            }
-        };
-        let info = self.module(f.module).and_then(|m| m.functions.get(f.index as usize).cloned());
-        crate::launch_check::check(device, info.as_deref().unwrap_or(&f.info), &shape)?;
         let cooperative = attributes.as_ref().is_some_and(|a| a.cooperative);
+        // One lock for the function's current attributes and the queue.
         let mut st = self.lock();
+        let info = st.modules.get(&f.module).and_then(|m| m.functions.get(f.index as usize));
+        crate::launch_check::check(&self.inner.launch_limits, info.unwrap_or(&f.info), &shape)?;
         let op = Op::Launch(v1::Launch {
             module: f.module,
             function: f.index,
@@ -1036,6 +1032,28 @@ impl Session {
         self.enqueue(&mut st, Op::StreamCreate(v1::StreamCreate { stream: id, flags, priority }))?;
         st.streams.insert(id);
         Ok(StreamId(id))
+    }
+
+    /// `cuStreamSetAttribute`, queued: `value` is the 64-byte
+    /// `CUstreamAttrValue`.
+    pub fn stream_set_attribute(&self, s: StreamId, attribute: u32, value: [u8; 64]) -> Result<()> {
+        let mut st = self.lock();
+        let op =
+            Op::StreamSetAttribute(v1::StreamSetAttribute { stream: s.0, attribute, value: value.to_vec().into() });
+        self.enqueue(&mut st, op)
+    }
+
+    /// `cuStreamGetAttribute`: the server's driver answers (one round trip,
+    /// after the work queued so far, sets included).
+    pub fn stream_get_attribute(&self, s: StreamId, attribute: u32) -> Result<[u8; 64]> {
+        let mut st = self.lock();
+        let op = Op::StreamGetAttribute(v1::StreamGetAttribute { stream: s.0, attribute });
+        match self.call(&mut st, op)? {
+            Some(Value::StreamAttribute(v)) => {
+                v[..].try_into().map_err(|_| ClientError::Protocol(format!("a stream attribute of {} bytes", v.len())))
+            }
+            other => Err(ClientError::Protocol(format!("unexpected stream attribute result {other:?}"))),
+        }
     }
 
     pub fn stream_destroy(&self, s: StreamId) -> Result<()> {

@@ -174,6 +174,13 @@ fn op() -> impl Strategy<Value = Op> {
             level
         })),
         small().prop_map(|array| Op::ArrayDestroy(v1::ArrayDestroy { array })),
+        (small(), small())
+            .prop_map(|(stream, attribute)| Op::StreamGetAttribute(v1::StreamGetAttribute { stream, attribute })),
+        (small(), small(), data()).prop_map(|(stream, attribute, p)| Op::StreamSetAttribute(v1::StreamSetAttribute {
+            stream,
+            attribute,
+            value: p.data
+        })),
         (copy_place(), copy_place(), (number(), number(), number()), proptest::option::of(data())).prop_map(
             |(dst, src, (width, height, depth), bytes)| Op::ArrayCopy(v1::ArrayCopy {
                 stream: 0,

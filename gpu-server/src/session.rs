@@ -12,7 +12,7 @@
 
 use crate::device::{
     AccessPolicyWindow, BackendSession, CONTEXT_LIMITS, FunctionInfo, LaunchAttrs, LaunchDims, LaunchEvent,
-    LaunchEvents, OccupancyQuery,
+    LaunchEvents, OccupancyQuery, STREAM_ATTRIBUTE_BYTES, STREAM_ATTRIBUTES,
 };
 use crate::error::CallError;
 use crate::images::{ImageCache, key_of};
@@ -300,6 +300,25 @@ impl<S: BackendSession> SessionState<S> {
                     .remove(&s.stream)
                     .ok_or_else(|| CallError::invalid_handle(format!("unknown stream {}", s.stream)))?;
                 Ok(None)
+            }
+            Op::StreamSetAttribute(a) => {
+                if !STREAM_ATTRIBUTES.contains(&a.attribute) {
+                    return Err(CallError::not_supported(format!("stream attribute {}", a.attribute)));
+                }
+                let value: [u8; STREAM_ATTRIBUTE_BYTES] = a.value[..].try_into().map_err(|_| {
+                    CallError::invalid_value(format!("a stream attribute value is {STREAM_ATTRIBUTE_BYTES} bytes"))
+                })?;
+                let stream = stream_of(&self.streams, a.stream)?;
+                self.dev.stream_set_attribute(stream, a.attribute, &value)?;
+                Ok(None)
+            }
+            Op::StreamGetAttribute(a) => {
+                if !STREAM_ATTRIBUTES.contains(&a.attribute) {
+                    return Err(CallError::not_supported(format!("stream attribute {}", a.attribute)));
+                }
+                let stream = stream_of(&self.streams, a.stream)?;
+                let value = self.dev.stream_get_attribute(stream, a.attribute)?;
+                Ok(Some(Value::StreamAttribute(value.to_vec().into())))
             }
             Op::StreamSynchronize(s) => {
                 let stream = stream_of(&self.streams, s.stream)?;
@@ -1367,6 +1386,21 @@ pub(crate) mod tests {
         }
         fn synchronize(&mut self) -> DeviceResult<()> {
             self.inner.synchronize()
+        }
+        fn stream_set_attribute(
+            &mut self,
+            stream: Option<&Self::Stream>,
+            attribute: u32,
+            value: &[u8; crate::device::STREAM_ATTRIBUTE_BYTES],
+        ) -> DeviceResult<()> {
+            self.inner.stream_set_attribute(stream, attribute, value)
+        }
+        fn stream_get_attribute(
+            &mut self,
+            stream: Option<&Self::Stream>,
+            attribute: u32,
+        ) -> DeviceResult<[u8; crate::device::STREAM_ATTRIBUTE_BYTES]> {
+            self.inner.stream_get_attribute(stream, attribute)
         }
         fn array_create(&mut self, desc: &texture::ArrayDesc, levels: u32) -> DeviceResult<Self::Array> {
             self.inner.array_create(desc, levels)

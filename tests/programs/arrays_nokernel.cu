@@ -6,7 +6,8 @@
 // cudaMemcpy3D between pitched device memory and the host without arrays;
 // descriptors (cudaArrayGetInfo, cudaGetChannelDesc); texture objects on
 // arrays, mipmapped arrays, linear and pitched memory with their
-// descriptions read back; surface objects; refused shapes. Deterministic
+// descriptions read back; surface objects; refused shapes; stream
+// attributes and peer copies within the device. Deterministic
 // output, so native and remote runs can be diffed.
 #include <cuda_runtime.h>
 
@@ -265,6 +266,56 @@ static void objects()
     CK(cudaFreeArray(a));
 }
 
+// Stream attributes (set, read back, copied to another stream) and peer
+// copies within the one device.
+static void streams_and_peers(cudaStream_t stream)
+{
+    unsigned char *a = nullptr, *b = nullptr;
+    const size_t n = 1 << 16;
+    CK(cudaMalloc(&a, n));
+    CK(cudaMalloc(&b, n));
+    cudaStreamAttrValue v = {};
+    CK(cudaStreamGetAttribute(stream, cudaStreamAttributeSynchronizationPolicy, &v));
+    printf("stream attributes: default sync policy %d\n", (int)v.syncPolicy);
+    v.syncPolicy = cudaSyncPolicySpin;
+    CK(cudaStreamSetAttribute(stream, cudaStreamAttributeSynchronizationPolicy, &v));
+    cudaStreamAttrValue w = {};
+    w.accessPolicyWindow.base_ptr = a;
+    w.accessPolicyWindow.num_bytes = n;
+    w.accessPolicyWindow.hitRatio = 0.5f;
+    w.accessPolicyWindow.hitProp = cudaAccessPropertyPersisting;
+    w.accessPolicyWindow.missProp = cudaAccessPropertyStreaming;
+    CK(cudaStreamSetAttribute(stream, cudaStreamAttributeAccessPolicyWindow, &w));
+    cudaStream_t other;
+    CK(cudaStreamCreate(&other));
+    CK(cudaStreamCopyAttributes(other, stream));
+    cudaStreamAttrValue r = {}, q = {};
+    CK(cudaStreamGetAttribute(other, cudaStreamAttributeSynchronizationPolicy, &r));
+    CK(cudaStreamGetAttribute(other, cudaStreamAttributeAccessPolicyWindow, &q));
+    printf("stream attributes: copied sync policy %d, window %d bytes %zu hit %.2f props %d %d\n", (int)r.syncPolicy,
+           q.accessPolicyWindow.base_ptr == a, q.accessPolicyWindow.num_bytes, q.accessPolicyWindow.hitRatio,
+           (int)q.accessPolicyWindow.hitProp, (int)q.accessPolicyWindow.missProp);
+    cudaError_t e = cudaStreamSetAttribute(other, (cudaStreamAttrID)2, &v);
+    printf("stream attributes: cooperative on a stream: %s\n", cudaGetErrorName(e));
+    cudaGetLastError();
+
+    std::vector<unsigned char> want(n), got(n);
+    fill(want.data(), n, 9);
+    CK(cudaMemcpy(a, want.data(), n, cudaMemcpyHostToDevice));
+    CK(cudaMemcpyPeer(b, 0, a, 0, n));
+    CK(cudaMemcpy(got.data(), b, n, cudaMemcpyDeviceToHost));
+    expect_bytes("peer copy", got.data(), want.data(), n);
+    CK(cudaMemset(b, 0, n));
+    CK(cudaMemcpyPeerAsync(b, 0, a, 0, n, other));
+    CK(cudaStreamSynchronize(other));
+    CK(cudaMemcpy(got.data(), b, n, cudaMemcpyDeviceToHost));
+    expect_bytes("peer copy async", got.data(), want.data(), n);
+    printf("peer copies within the device: done\n");
+    CK(cudaStreamDestroy(other));
+    CK(cudaFree(b));
+    CK(cudaFree(a));
+}
+
 static void refused()
 {
     cudaChannelFormatDesc f = cudaCreateChannelDesc<float>();
@@ -295,6 +346,7 @@ int main()
     three_d(8, 4, 5, cudaArrayLayered);
     pitched_3d();
     objects();
+    streams_and_peers(stream);
     refused();
     CK(cudaStreamDestroy(stream));
     printf("arrays_nokernel: %llu bytes checked\n", (unsigned long long)bytes_checked);

@@ -173,6 +173,8 @@ impl TestServer {
 
 /// A hand-driven session: raw frames on a real QUIC connection, for tests
 /// that send what a well-behaved client never would.
+pub mod relay;
+
 pub mod raw {
     use super::TestServer;
     use bytes::Bytes;

@@ -197,6 +197,8 @@ fn arrays_and_textures_program() -> Result<()> {
             "surface: resource 0 same array 1",
             "cube map 16x8: cudaErrorInvalidValue",
             "copy past the array: cudaErrorInvalidValue",
+            "stream attributes: copied sync policy 2, window 1 bytes 65536 hit 0.50 props 2 1",
+            "peer copies within the device: done",
             "arrays_nokernel: done",
         ],
     )

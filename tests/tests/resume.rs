@@ -7,77 +7,10 @@
 //! by `lambda-layer/ci-test.sh`, which freezes real processes).
 
 use gpupool_client::{ClientConfig, ClientError, Session, StreamId};
+use gpupool_tests::relay::Relay;
 use gpupool_tests::{TestServer, fresh_seed, random_bytes, server_config};
-use std::net::{SocketAddr, UdpSocket};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
-
-/// Forwards datagrams between one client and `server` unless paused.
-struct Relay {
-    addr: SocketAddr,
-    paused: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Relay {
-    fn start(server: SocketAddr) -> Self {
-        let front = UdpSocket::bind("127.0.0.1:0").expect("bind relay");
-        let back = UdpSocket::bind("127.0.0.1:0").expect("bind relay upstream");
-        back.connect(server).expect("connect upstream");
-        for s in [&front, &back] {
-            s.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
-        }
-        let addr = front.local_addr().expect("relay address");
-        let (paused, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-        let client: Arc<std::sync::Mutex<Option<SocketAddr>>> = Arc::default();
-        let (front, back) = (Arc::new(front), Arc::new(back));
-        let up = {
-            let (front, back, paused, stop, client) =
-                (front.clone(), back.clone(), paused.clone(), stop.clone(), client.clone());
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65_536];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, from)) = front.recv_from(&mut buf) {
-                        *client.lock().expect("lock") = Some(from);
-                        if !paused.load(Ordering::Relaxed) {
-                            let _ = back.send(&buf[..n]);
-                        }
-                    }
-                }
-            })
-        };
-        let down = {
-            let (paused, stop) = (paused.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65_536];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok(n) = back.recv(&mut buf) {
-                        let to = *client.lock().expect("lock");
-                        if let (Some(to), false) = (to, paused.load(Ordering::Relaxed)) {
-                            let _ = front.send_to(&buf[..n], to);
-                        }
-                    }
-                }
-            })
-        };
-        Self { addr, paused, stop, threads: vec![up, down] }
-    }
-
-    fn pause(&self, paused: bool) {
-        self.paused.store(paused, Ordering::Relaxed);
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
 
 /// A server whose connections time out after 1 s, keeping lost sessions for `grace`.
 fn server(grace: Duration) -> TestServer {
@@ -140,7 +73,7 @@ fn a_batch_lost_with_the_connection_is_sent_again() {
     // The next synchronizing call goes out while nothing gets through.
     relay.pause(true);
     let unpause = {
-        let paused = relay.paused.clone();
+        let paused = relay.pause_switch();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(2500));
             paused.store(false, Ordering::Relaxed);

@@ -127,15 +127,8 @@ pub mod not_supported {
         cuGraphicsMapResources_ptsz
         cuGraphicsUnmapResources_ptsz
         cuMemMapArrayAsync_ptsz
-        cuMemcpy3DPeerAsync_ptsz
-        cuMemcpy3DPeer_ptds
-        cuMemcpyPeerAsync_ptsz
-        cuMemcpyPeer_ptds
         cuSignalExternalSemaphoresAsync_ptsz
         cuStreamBatchMemOp_v2_ptsz
-        cuStreamCopyAttributes_ptsz
-        cuStreamGetAttribute_ptsz
-        cuStreamSetAttribute_ptsz
         cuStreamWaitValue32_v2_ptsz
         cuStreamWaitValue64_v2_ptsz
         cuStreamWriteValue32_v2_ptsz

@@ -100,7 +100,7 @@ fn dtoh(dst: *mut c_void, src: CUdeviceptr, n: usize, stream: CUstream) -> CuRes
     linear(rt, Loc::Host(dst as usize), Loc::Device(src), n, stream)
 }
 
-fn dtod(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream) -> CuResult {
+pub(crate) fn dtod(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream) -> CuResult {
     let rt = Runtime::with_context()?;
     linear(rt, Loc::Device(dst), Loc::Device(src), n, stream)
 }

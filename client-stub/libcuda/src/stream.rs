@@ -136,7 +136,64 @@ fn forget_stream_object(id: u64) {
     STREAM_OBJECTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
 }
 
+/// The stream attributes offered (`CUstreamAttrID`): ACCESS_POLICY_WINDOW,
+/// SYNCHRONIZATION_POLICY, PRIORITY, MEM_SYNC_DOMAIN_MAP, MEM_SYNC_DOMAIN.
+const STREAM_ATTRIBUTES: [c_uint; 5] = [1, 3, 8, 9, 10];
+const ATTR_PRIORITY: c_uint = 8;
+
+/// Bytes of a `CUstreamAttrValue` (a union).
+const ATTRIBUTE_BYTES: usize = 64;
+
+fn set_attribute(h: CUstream, attribute: c_uint, value: *const c_void) -> CuResult {
+    let rt = Runtime::with_context()?;
+    if !STREAM_ATTRIBUTES.contains(&attribute) {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // SAFETY: a CUstreamAttrValue per the CUDA API.
+    let v = unsafe { crate::abi::get(value.cast::<[u8; ATTRIBUTE_BYTES]>()) }?;
+    let info = rt.stream_info(h as usize)?;
+    if attribute == ATTR_PRIORITY {
+        // The stream's priority as cuStreamGetPriority answers it, clamped
+        // as at creation.
+        let p = i32::from_le_bytes([v[0], v[1], v[2], v[3]]).clamp(PRIORITY_RANGE.1, PRIORITY_RANGE.0);
+        if let Some(s) = rt.tables().streams.get_mut(&u64::from(info.id.0)) {
+            s.priority = p;
+        }
+    }
+    rt.session.stream_set_attribute(info.id, attribute, v).map_err(CuError::from)
+}
+
+fn get_attribute(h: CUstream, attribute: c_uint, out: *mut c_void) -> CuResult {
+    let rt = Runtime::with_context()?;
+    if !STREAM_ATTRIBUTES.contains(&attribute) {
+        return Err(CuError::INVALID_VALUE);
+    }
+    let s = rt.stream(h as usize)?;
+    let v = rt.session.stream_get_attribute(s, attribute)?;
+    // SAFETY: out-pointer to a CUstreamAttrValue per the CUDA API.
+    unsafe { put(out.cast::<[u8; ATTRIBUTE_BYTES]>(), v) }
+}
+
+/// `cuStreamCopyAttributes`: every offered attribute of `src` onto `dst`.
+fn copy_attributes(dst: CUstream, src: CUstream) -> CuResult {
+    let rt = Runtime::with_context()?;
+    rt.stream(dst as usize)?;
+    let s = rt.stream(src as usize)?;
+    for a in STREAM_ATTRIBUTES {
+        let v = rt.session.stream_get_attribute(s, a)?;
+        set_attribute(dst, a, v.as_ptr().cast())?;
+    }
+    Ok(())
+}
+
 crate::exports! {
+    fn cuStreamSetAttribute(h: CUstream, attribute: c_uint, value: *const c_void) { set_attribute(h, attribute, value) }
+    fn cuStreamSetAttribute_ptsz(h: CUstream, attribute: c_uint, value: *const c_void) { set_attribute(h, attribute, value) }
+    fn cuStreamGetAttribute(h: CUstream, attribute: c_uint, out: *mut c_void) { get_attribute(h, attribute, out) }
+    fn cuStreamGetAttribute_ptsz(h: CUstream, attribute: c_uint, out: *mut c_void) { get_attribute(h, attribute, out) }
+    fn cuStreamCopyAttributes(dst: CUstream, src: CUstream) { copy_attributes(dst, src) }
+    fn cuStreamCopyAttributes_ptsz(dst: CUstream, src: CUstream) { copy_attributes(dst, src) }
+
     fn cuStreamCreate(ph: *mut CUstream, flags: c_uint) { create(ph, flags, 0) }
     fn cuStreamCreateWithPriority(ph: *mut CUstream, flags: c_uint, priority: c_int) { create(ph, flags, priority) }
 

@@ -1,7 +1,8 @@
-//! CUDA arrays, 3D copies and the copies that touch arrays, texture and
-//! surface objects (`cudaMallocArray`, `cudaMalloc3DArray`,
-//! `cudaMemcpy2DToArray`, `cudaMemcpy3D`, `cudaCreateTextureObject`,
-//! `cudaCreateSurfaceObject` and their driver entry points).
+//! CUDA arrays, 3D copies and the copies that touch arrays, peer copies
+//! (within the one device), texture and surface objects (`cudaMallocArray`,
+//! `cudaMalloc3DArray`, `cudaMemcpy2DToArray`, `cudaMemcpy3D`,
+//! `cudaMemcpyPeer`, `cudaCreateTextureObject`, `cudaCreateSurfaceObject` and
+//! their driver entry points).
 //!
 //! Arrays live on the server; their handles here carry the session's id
 //! for them, and their shapes are kept here for the descriptor queries.
@@ -16,8 +17,8 @@ use crate::capture::{self, Route};
 use crate::graph::{Copy3D, End, Op};
 use crate::runtime::{Runtime, Tag, handle, id_of};
 use cudarc::driver::sys::{
-    CUDA_ARRAY_DESCRIPTOR, CUDA_ARRAY3D_DESCRIPTOR, CUDA_MEMCPY3D, CUDA_RESOURCE_DESC, CUDA_RESOURCE_VIEW_DESC,
-    CUDA_TEXTURE_DESC, CUarray, CUdeviceptr, CUmipmappedArray, CUstream,
+    CUDA_ARRAY_DESCRIPTOR, CUDA_ARRAY3D_DESCRIPTOR, CUDA_MEMCPY3D, CUDA_MEMCPY3D_PEER, CUDA_RESOURCE_DESC,
+    CUDA_RESOURCE_VIEW_DESC, CUDA_TEXTURE_DESC, CUarray, CUcontext, CUdeviceptr, CUmipmappedArray, CUstream,
 };
 use gpupool_client::{ArrayEnd, HostSide, StreamId};
 use gpupool_proto::texture_abi::{
@@ -32,6 +33,7 @@ const _: () = {
     assert!(size_of::<Array3dDescriptor>() == size_of::<CUDA_ARRAY3D_DESCRIPTOR>());
     assert!(size_of::<ArrayDescriptor>() == size_of::<CUDA_ARRAY_DESCRIPTOR>());
     assert!(size_of::<Memcpy3d>() == size_of::<CUDA_MEMCPY3D>());
+    assert!(size_of::<Memcpy3d>() == size_of::<CUDA_MEMCPY3D_PEER>());
     assert!(size_of::<ResourceDesc>() == size_of::<CUDA_RESOURCE_DESC>());
     assert!(size_of::<TextureDesc>() == size_of::<CUDA_TEXTURE_DESC>());
     assert!(size_of::<ResourceViewDesc>() == size_of::<CUDA_RESOURCE_VIEW_DESC>());
@@ -271,6 +273,27 @@ fn array_copy(rt: &Runtime, c: &Memcpy3d, dst: Side, src: Side, stream: StreamId
     }
 }
 
+/// A peer copy: every context of the process is on the session's one
+/// device, so it is a copy within the device once both contexts are known.
+fn peer(dst: CUdeviceptr, dst_ctx: CUcontext, src: CUdeviceptr, src_ctx: CUcontext, n: usize, s: CUstream) -> CuResult {
+    let rt = Runtime::with_context()?;
+    crate::context::resolve(rt, dst_ctx)?;
+    crate::context::resolve(rt, src_ctx)?;
+    crate::memory::dtod(dst, src, n, s)
+}
+
+/// `cuMemcpy3DPeer`: `CUDA_MEMCPY3D_PEER` is `CUDA_MEMCPY3D` with the
+/// contexts where the latter has its reserved words.
+fn peer_3d(p: *const CUDA_MEMCPY3D_PEER, stream: CUstream) -> CuResult {
+    let rt = Runtime::with_context()?;
+    // SAFETY: a CUDA_MEMCPY3D_PEER per the CUDA API (same layout).
+    let mut c = unsafe { get(p.cast::<Memcpy3d>()) }?;
+    crate::context::resolve(rt, c.reserved0.cast())?;
+    crate::context::resolve(rt, c.reserved1.cast())?;
+    (c.reserved0, c.reserved1) = (std::ptr::null_mut(), std::ptr::null_mut());
+    copy_3d(&c, stream)
+}
+
 /// One end of a linear copy (`cuMemcpy?toA`, `cuMemcpyAto?`): `offset`
 /// bytes into a 1D array, or memory.
 #[derive(Debug, Clone, Copy)]
@@ -450,6 +473,15 @@ crate::exports! {
     fn cuMemcpyAtoD_v2_ptds(dst: CUdeviceptr, src: CUarray, offset: usize, n: usize) { linear(d(dst), a(src, offset), n, std::ptr::null_mut()) }
     fn cuMemcpyAtoA_v2(dst: CUarray, dst_offset: usize, src: CUarray, src_offset: usize, n: usize) { linear(a(dst, dst_offset), a(src, src_offset), n, std::ptr::null_mut()) }
     fn cuMemcpyAtoA_v2_ptds(dst: CUarray, dst_offset: usize, src: CUarray, src_offset: usize, n: usize) { linear(a(dst, dst_offset), a(src, src_offset), n, std::ptr::null_mut()) }
+
+    fn cuMemcpyPeer(dst: CUdeviceptr, dc: CUcontext, src: CUdeviceptr, sc: CUcontext, n: usize) { peer(dst, dc, src, sc, n, std::ptr::null_mut()) }
+    fn cuMemcpyPeer_ptds(dst: CUdeviceptr, dc: CUcontext, src: CUdeviceptr, sc: CUcontext, n: usize) { peer(dst, dc, src, sc, n, std::ptr::null_mut()) }
+    fn cuMemcpyPeerAsync(dst: CUdeviceptr, dc: CUcontext, src: CUdeviceptr, sc: CUcontext, n: usize, s: CUstream) { peer(dst, dc, src, sc, n, s) }
+    fn cuMemcpyPeerAsync_ptsz(dst: CUdeviceptr, dc: CUcontext, src: CUdeviceptr, sc: CUcontext, n: usize, s: CUstream) { peer(dst, dc, src, sc, n, s) }
+    fn cuMemcpy3DPeer(p: *const CUDA_MEMCPY3D_PEER) { peer_3d(p, std::ptr::null_mut()) }
+    fn cuMemcpy3DPeer_ptds(p: *const CUDA_MEMCPY3D_PEER) { peer_3d(p, std::ptr::null_mut()) }
+    fn cuMemcpy3DPeerAsync(p: *const CUDA_MEMCPY3D_PEER, s: CUstream) { peer_3d(p, s) }
+    fn cuMemcpy3DPeerAsync_ptsz(p: *const CUDA_MEMCPY3D_PEER, s: CUstream) { peer_3d(p, s) }
 
     fn cuTexObjectCreate(
         out: *mut u64, res: *const CUDA_RESOURCE_DESC, tex: *const CUDA_TEXTURE_DESC, view: *const CUDA_RESOURCE_VIEW_DESC,

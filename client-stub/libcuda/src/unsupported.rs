@@ -103,11 +103,7 @@ crate::unsupported! {
     cuMemMapArrayAsync
     cuMemPrefetchBatchAsync
     cuMemcpy3DBatchAsync_v2
-    cuMemcpy3DPeer
-    cuMemcpy3DPeerAsync
     cuMemcpyBatchAsync_v2
-    cuMemcpyPeer
-    cuMemcpyPeerAsync
     cuMipmappedArrayGetMemoryRequirements
     cuMipmappedArrayGetSparseProperties
     cuModuleGetSurfRef
@@ -128,11 +124,8 @@ crate::unsupported! {
     cuProfilerInitialize
     cuSignalExternalSemaphoresAsync
     cuStreamBatchMemOp_v2
-    cuStreamCopyAttributes
-    cuStreamGetAttribute
     cuStreamGetCtx_v2
     cuStreamGetGreenCtx
-    cuStreamSetAttribute
     cuStreamWaitValue32_v2
     cuStreamWaitValue64_v2
     cuStreamWriteValue32_v2

@@ -252,6 +252,19 @@ fn host_len(size: u64) -> DeviceResult<usize> {
     usize::try_from(size).map_err(|_| CallError::invalid_value(format!("size {size} does not fit in memory")))
 }
 
+/// The driver's id of one of [`super::STREAM_ATTRIBUTES`].
+fn stream_attribute_id(attribute: u32) -> DeviceResult<sys::CUlaunchAttributeID> {
+    use sys::CUlaunchAttributeID as Id;
+    Ok(match attribute {
+        1 => Id::CU_LAUNCH_ATTRIBUTE_ACCESS_POLICY_WINDOW,
+        3 => Id::CU_LAUNCH_ATTRIBUTE_SYNCHRONIZATION_POLICY,
+        8 => Id::CU_LAUNCH_ATTRIBUTE_PRIORITY,
+        9 => Id::CU_LAUNCH_ATTRIBUTE_MEM_SYNC_DOMAIN_MAP,
+        10 => Id::CU_LAUNCH_ATTRIBUTE_MEM_SYNC_DOMAIN,
+        other => return Err(CallError::not_supported(format!("stream attribute {other}"))),
+    })
+}
+
 fn raw_stream(stream: Option<&Stream>) -> CUstream {
     stream.map_or(std::ptr::null_mut(), |s| s.raw)
 }
@@ -877,6 +890,43 @@ impl BackendSession for CudaSession {
 
     fn stream_create(&mut self, flags: u32, priority: i32) -> DeviceResult<Stream> {
         Stream::new(self.device.context.clone(), flags, priority)
+    }
+
+    fn stream_set_attribute(
+        &mut self,
+        stream: Option<&Stream>,
+        attribute: u32,
+        value: &[u8; super::STREAM_ATTRIBUTE_BYTES],
+    ) -> DeviceResult<()> {
+        let id = stream_attribute_id(attribute)?;
+        // An 8-byte aligned copy of the union for the driver to read.
+        let mut words = [0u64; super::STREAM_ATTRIBUTE_BYTES / 8];
+        for (w, chunk) in words.iter_mut().zip(value.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            *w = u64::from_le_bytes(b);
+        }
+        // SAFETY: a live stream of this session (or the legacy stream); the
+        // value is a CUstreamAttrValue-sized, aligned buffer alive for the call.
+        let r = unsafe { sys::cuStreamSetAttribute(raw_stream(stream), id, words.as_ptr().cast()) };
+        driver::check(r, "cuStreamSetAttribute")
+    }
+
+    fn stream_get_attribute(
+        &mut self,
+        stream: Option<&Stream>,
+        attribute: u32,
+    ) -> DeviceResult<[u8; super::STREAM_ATTRIBUTE_BYTES]> {
+        let id = stream_attribute_id(attribute)?;
+        let mut words = [0u64; super::STREAM_ATTRIBUTE_BYTES / 8];
+        // SAFETY: as above; the driver writes at most the union's size.
+        let r = unsafe { sys::cuStreamGetAttribute(raw_stream(stream), id, words.as_mut_ptr().cast()) };
+        driver::check(r, "cuStreamGetAttribute")?;
+        let mut value = [0u8; super::STREAM_ATTRIBUTE_BYTES];
+        for (chunk, w) in value.chunks_exact_mut(8).zip(words) {
+            chunk.copy_from_slice(&w.to_le_bytes());
+        }
+        Ok(value)
     }
 
     fn stream_synchronize(&mut self, stream: Option<&Stream>) -> DeviceResult<()> {

@@ -304,6 +304,7 @@ impl Backend for EmulatedDevice {
             limits: BTreeMap::from(DEFAULT_LIMITS),
             printf: builtin::PrintfFifo { bytes: Vec::new(), capacity: 1 << 20 },
             next_object: 0,
+            default_stream: Stream::default(),
             used: self.used.clone(),
             total: self.description.total_memory,
         })
@@ -340,6 +341,8 @@ pub struct EmulatedSession {
     pub(crate) printf: builtin::PrintfFifo,
     /// The last texture or surface object handle given out.
     next_object: u64,
+    /// The default stream's attributes.
+    default_stream: Stream,
     /// The device's memory in use by all sessions, and its size.
     used: Arc<AtomicU64>,
     total: u64,
@@ -393,9 +396,27 @@ fn no_function(index: usize, count: usize) -> CallError {
     CallError::invalid_handle(format!("function {index} does not exist (the module has {count})"))
 }
 
-/// A stream; work completes when issued.
-#[derive(Debug)]
-pub struct Stream;
+/// A stream; work completes when issued. It keeps the attributes set on
+/// it (`cuStreamSetAttribute`) to answer them back.
+#[derive(Debug, Default)]
+pub struct Stream {
+    attributes: RefCell<BTreeMap<u32, [u8; super::STREAM_ATTRIBUTE_BYTES]>>,
+    priority: i32,
+}
+
+/// A stream attribute's value before any set: the stream's priority, the
+/// synchronization policy AUTO (1), the remote memory sync domain 1 in the
+/// domain map; zeros otherwise.
+fn default_stream_attribute(attribute: u32, priority: i32) -> [u8; super::STREAM_ATTRIBUTE_BYTES] {
+    let mut v = [0u8; super::STREAM_ATTRIBUTE_BYTES];
+    match attribute {
+        3 => v[0] = 1,
+        8 => v[..4].copy_from_slice(&priority.to_le_bytes()),
+        9 => v[1] = 1,
+        _ => {}
+    }
+    v
+}
 
 /// An event: the host time it was last recorded.
 #[derive(Debug)]
@@ -829,8 +850,29 @@ impl BackendSession for EmulatedSession {
         Ok(value)
     }
 
-    fn stream_create(&mut self, _flags: u32, _priority: i32) -> DeviceResult<Stream> {
-        Ok(Stream)
+    fn stream_create(&mut self, _flags: u32, priority: i32) -> DeviceResult<Stream> {
+        Ok(Stream { priority, ..Stream::default() })
+    }
+    /// Kept to be read back; the emulator has no cache or scheduling they
+    /// would steer.
+    fn stream_set_attribute(
+        &mut self,
+        stream: Option<&Stream>,
+        attribute: u32,
+        value: &[u8; super::STREAM_ATTRIBUTE_BYTES],
+    ) -> DeviceResult<()> {
+        let s = stream.unwrap_or(&self.default_stream);
+        s.attributes.borrow_mut().insert(attribute, *value);
+        Ok(())
+    }
+    fn stream_get_attribute(
+        &mut self,
+        stream: Option<&Stream>,
+        attribute: u32,
+    ) -> DeviceResult<[u8; super::STREAM_ATTRIBUTE_BYTES]> {
+        let s = stream.unwrap_or(&self.default_stream);
+        let set = s.attributes.borrow().get(&attribute).copied();
+        Ok(set.unwrap_or_else(|| default_stream_attribute(attribute, s.priority)))
     }
     fn stream_synchronize(&mut self, _: Option<&Stream>) -> DeviceResult<()> {
         self.flush_printf();

@@ -143,6 +143,13 @@ impl<E> Default for LaunchEvents<'_, E> {
 /// concern contexts gpupool does not create.
 pub const CONTEXT_LIMITS: std::ops::RangeInclusive<u32> = 0..=7;
 
+/// The stream attributes (`CUstreamAttrID`) offered: ACCESS_POLICY_WINDOW,
+/// SYNCHRONIZATION_POLICY, PRIORITY, MEM_SYNC_DOMAIN_MAP, MEM_SYNC_DOMAIN.
+pub const STREAM_ATTRIBUTES: [u32; 5] = [1, 3, 8, 9, 10];
+
+/// Bytes of a `CUstreamAttrValue` (a union).
+pub const STREAM_ATTRIBUTE_BYTES: usize = 64;
+
 /// `CU_LIMIT_PRINTF_FIFO_SIZE`.
 pub const LIMIT_PRINTF_FIFO_SIZE: u32 = 1;
 
@@ -432,6 +439,19 @@ pub trait BackendSession: 'static {
     fn tensor_map(&mut self, request: &TensorMapRequest) -> DeviceResult<[u8; TENSOR_MAP_BYTES]>;
     fn stream_create(&mut self, flags: u32, priority: i32) -> DeviceResult<Self::Stream>;
     fn stream_synchronize(&mut self, stream: Option<&Self::Stream>) -> DeviceResult<()>;
+    /// Sets one of [`STREAM_ATTRIBUTES`] to its `CUstreamAttrValue`.
+    fn stream_set_attribute(
+        &mut self,
+        stream: Option<&Self::Stream>,
+        attribute: u32,
+        value: &[u8; STREAM_ATTRIBUTE_BYTES],
+    ) -> DeviceResult<()>;
+    /// Reads one of [`STREAM_ATTRIBUTES`].
+    fn stream_get_attribute(
+        &mut self,
+        stream: Option<&Self::Stream>,
+        attribute: u32,
+    ) -> DeviceResult<[u8; STREAM_ATTRIBUTE_BYTES]>;
     /// `true` when all work on the stream has completed.
     fn stream_query(&mut self, stream: Option<&Self::Stream>) -> DeviceResult<bool>;
     fn stream_wait_event(&mut self, stream: Option<&Self::Stream>, event: &Self::Event) -> DeviceResult<()>;

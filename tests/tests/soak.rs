@@ -1,0 +1,224 @@
+//! Load and faults (issue 20): many clients at once for a while, a network
+//! that loses, duplicates and reorders datagrams, and workers killed while
+//! their sessions are busy. Every kernel result and every copied byte is
+//! checked; nothing may be lost, repeated or silently wrong, and every
+//! failure must be a clear error. Real QUIC, real server, real worker
+//! processes, the emulated device.
+//!
+//! Sizes: `GPUPOOL_SOAK_CLIENTS` (default 64) clients for
+//! `GPUPOOL_SOAK_SECS` (default 20) seconds; CI runs the defaults, a longer
+//! run sets them (figures in `bench/results/*-soak.md`).
+
+use gpupool_client::{ClientError, DeviceBuffer, KernelArg, LaunchConfig, Module, Session, StreamId};
+use gpupool_proto::BUILTIN_MODULE;
+use gpupool_tests::relay::{Faults, Relay};
+use gpupool_tests::{TestServer, fresh_seed, isolated_config, random_bytes, random_f32, rel_error, server_config};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Resident memory of process `pid` in bytes (`VmRSS`).
+fn rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?.to_owned();
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib << 10)
+}
+
+/// What a client did.
+#[derive(Debug, Default)]
+struct Tally {
+    rounds: AtomicU64,
+    bytes_checked: AtomicU64,
+}
+
+/// One round of work with every result checked: a kernel and copies of an
+/// inline, a mid-sized and a staged (bulk) size. Returns the bytes checked.
+fn round(s: &Session, m: &Module, seed: u64) -> Result<u64, ClientError> {
+    let n = 1_000 + (seed % 9_000) as usize;
+    let (a, b) = (random_f32(n, seed), random_f32(n, seed ^ 0x55));
+    let (da, db) = (DeviceBuffer::from_slice(s, &a)?, DeviceBuffer::from_slice(s, &b)?);
+    let dc = DeviceBuffer::<f32>::new(s, n)?;
+    let add = m.function("vector_add")?;
+    let cfg = LaunchConfig::for_elements(n as u32, 256);
+    s.launch(&add, cfg, StreamId::DEFAULT, &[da.arg(), db.arg(), dc.arg(), KernelArg::U32(n as u32)])?;
+    let want: Vec<f64> = a.iter().zip(&b).map(|(x, y)| f64::from(*x) + f64::from(*y)).collect();
+    let got = dc.to_vec()?;
+    assert!(rel_error(&got, &want) < 1e-6, "a kernel result differs");
+    let mut checked = (n * 4) as u64;
+    let size = [64, 60_000, 1_500_000][(seed % 3) as usize];
+    let data = random_bytes(size, seed ^ 0xabc);
+    let dev = s.mem_alloc(size as u64)?;
+    s.memcpy_htod(dev, &data, StreamId::DEFAULT)?;
+    let mut back = vec![0u8; size];
+    s.memcpy_dtoh(&mut back, dev, StreamId::DEFAULT)?;
+    assert!(back == data, "{size} copied bytes differ");
+    s.mem_free(dev)?;
+    checked += size as u64;
+    Ok(checked)
+}
+
+/// Runs rounds on `s` until `stop`; the first error ends it.
+fn work_until(s: &Session, stop: &AtomicBool, tally: &Tally, seed: u64) -> Result<(), ClientError> {
+    let m = s.module_load(BUILTIN_MODULE)?;
+    let mut i = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let bytes = round(s, &m, seed.wrapping_add(i.wrapping_mul(7919)))?;
+        tally.rounds.fetch_add(1, Ordering::Relaxed);
+        tally.bytes_checked.fetch_add(bytes, Ordering::Relaxed);
+        i += 1;
+    }
+    s.synchronize()
+}
+
+#[test]
+fn many_clients_for_a_while_every_reply_checked() {
+    let clients = env_or("GPUPOOL_SOAK_CLIENTS", 64) as usize;
+    let secs = env_or("GPUPOOL_SOAK_SECS", 20);
+    let mut config = isolated_config().expect("worker binary");
+    config.max_sessions = clients;
+    let srv = TestServer::start(config).expect("server starts");
+    let supervisor_before = rss(std::process::id());
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let seed = fresh_seed();
+    let started = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|i| {
+            let (config, stop, tally) = (srv.client_config(), stop.clone(), tally.clone());
+            std::thread::spawn(move || -> Result<(), ClientError> {
+                let s = Session::connect(&config)?;
+                work_until(&s, &stop, &tally, seed.wrapping_add(i as u64 * 1_000_003))
+            })
+        })
+        .collect();
+    // Memory while the load runs: each worker and the supervisor (this
+    // process) stay bounded.
+    let mut worker_peak = 0;
+    while started.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_millis(500));
+        worker_peak = srv.workers().iter().map(|w| rss(w.pid)).max().unwrap_or(0).max(worker_peak);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for (i, t) in threads.into_iter().enumerate() {
+        t.join().expect("client thread").unwrap_or_else(|e| panic!("client {i} failed: {e}"));
+    }
+    let (rounds, bytes) = (tally.rounds.load(Ordering::Relaxed), tally.bytes_checked.load(Ordering::Relaxed));
+    let supervisor_growth = rss(std::process::id()).saturating_sub(supervisor_before);
+    println!(
+        "soak: {clients} clients, {:.1} s, {rounds} rounds, {bytes} bytes checked, worker RSS peak {} MiB, \
+         supervisor (test process) RSS growth {} MiB",
+        started.elapsed().as_secs_f64(),
+        worker_peak >> 20,
+        supervisor_growth >> 20
+    );
+    assert!(rounds >= clients as u64, "every client finished rounds ({rounds})");
+    assert!(worker_peak < 1 << 30, "a worker grew to {} MiB", worker_peak >> 20);
+    // The test process holds the supervisor and every client's buffers.
+    assert!(supervisor_growth < 2 << 30, "the supervisor grew by {} MiB", supervisor_growth >> 20);
+    srv.stop();
+}
+
+#[test]
+fn a_network_that_loses_duplicates_and_reorders_loses_nothing() {
+    // In-process sessions: the relay cannot follow a redirect to a worker.
+    let srv = TestServer::start(server_config()).expect("server starts");
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let seed = fresh_seed();
+    let relays: Vec<_> = (0..4)
+        .map(|i| {
+            let faults = Faults { loss: 0.03, duplicate: 0.02, reorder: 0.05, seed: seed.wrapping_add(i) };
+            Relay::with_faults(srv.addr, faults)
+        })
+        .collect();
+    let threads: Vec<_> = relays
+        .iter()
+        .enumerate()
+        .map(|(i, relay)| {
+            let mut config = srv.client_config();
+            config.server = relay.addr;
+            let (stop, tally) = (stop.clone(), tally.clone());
+            std::thread::spawn(move || -> Result<(), ClientError> {
+                let s = Session::connect(&config)?;
+                work_until(&s, &stop, &tally, seed.wrapping_add(i as u64 * 31))
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(env_or("GPUPOOL_FAULT_SECS", 8)));
+    stop.store(true, Ordering::Relaxed);
+    for (i, t) in threads.into_iter().enumerate() {
+        t.join().expect("client thread").unwrap_or_else(|e| panic!("client {i} failed: {e}"));
+    }
+    let c = |f: fn(&gpupool_tests::relay::FaultCounts) -> &AtomicU64| {
+        relays.iter().map(|r| f(&r.counts).load(Ordering::Relaxed)).sum::<u64>()
+    };
+    let (dropped, duplicated, reordered) = (c(|x| &x.dropped), c(|x| &x.duplicated), c(|x| &x.reordered));
+    println!(
+        "faults: {} rounds, {} bytes checked; {dropped} datagrams dropped, {duplicated} duplicated, {reordered} reordered",
+        tally.rounds.load(Ordering::Relaxed),
+        tally.bytes_checked.load(Ordering::Relaxed)
+    );
+    assert!(tally.rounds.load(Ordering::Relaxed) >= 4, "work got through");
+    assert!(dropped > 0 && duplicated > 0 && reordered > 0, "the faults happened");
+    srv.stop();
+}
+
+#[test]
+fn workers_killed_under_load_end_only_their_sessions_with_a_clear_error() {
+    let srv = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let seed = fresh_seed();
+    let sessions: Vec<Session> = (0..6).map(|_| Session::connect(&srv.client_config()).expect("session")).collect();
+    let pids: Vec<u32> = sessions
+        .iter()
+        .map(|s| {
+            let id = s.welcome().session_id;
+            srv.workers().iter().find(|w| w.session == Some(id)).map(|w| w.pid).expect("a worker serves it")
+        })
+        .collect();
+    let threads: Vec<_> = sessions
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let (stop, tally) = (stop.clone(), tally.clone());
+            std::thread::spawn(move || work_until(&s, &stop, &tally, seed.wrapping_add(i as u64 * 17)))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    for pid in &pids[..2] {
+        let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().expect("kill runs");
+        assert!(status.success());
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (i, t) in threads.into_iter().enumerate() {
+        while !t.is_finished() {
+            assert!(Instant::now() < deadline, "client {i} hangs after its worker was killed");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let result = t.join().expect("client thread");
+        if i < 2 {
+            let e = result.expect_err("a killed worker's session fails");
+            assert!(matches!(e, ClientError::ConnectionLost(_)), "client {i}: {e:?}");
+            assert!(e.to_string().contains("worker"), "says what failed: {e}");
+        } else {
+            result.unwrap_or_else(|e| panic!("client {i} (worker alive) failed: {e}"));
+        }
+    }
+    // The server still serves new sessions.
+    let s = Session::connect(&srv.client_config()).expect("a new session after the kills");
+    let m = s.module_load(BUILTIN_MODULE).expect("module");
+    round(&s, &m, seed).expect("a round on the new session");
+    println!("kills: {} rounds checked around 2 killed workers", tally.rounds.load(Ordering::Relaxed));
+    srv.stop();
+}
