@@ -191,6 +191,21 @@ pub struct ServerConfig {
     /// UDP ports worker processes bind, inclusive (none: ephemeral ports),
     /// so that a firewall can allow exactly them.
     pub worker_ports: Option<(u16, u16)>,
+    /// Swap idle sessions out to host memory when the device memory is
+    /// full (none: off). In-process isolation only for now.
+    pub swap: Option<Swap>,
+}
+
+/// Settings of swapping (see [`crate::swap`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Swap {
+    /// Device memory all sessions may hold resident, in bytes (none: the
+    /// device's total memory).
+    pub device_bytes: Option<u64>,
+    /// Host memory swapped-out contents may take, in bytes.
+    pub host_bytes: u64,
+    /// How long an allocation waits for idle sessions to swap out.
+    pub wait: Duration,
 }
 
 impl ServerConfig {
@@ -225,6 +240,7 @@ impl ServerConfig {
             resume_grace: Duration::from_secs(30),
             session_spin: gpupool_proto::quic::default_spin(),
             worker_ports: None,
+            swap: None,
         }
     }
 
@@ -300,6 +316,17 @@ impl ServerConfig {
         {
             bad.push(format!("worker ports {low}-{high}: the range must be non-empty and not start at 0"));
         }
+        if let Some(swap) = &self.swap {
+            if !matches!(self.isolation, Isolation::InProcess) {
+                bad.push("swapping sessions out needs in-process isolation (not yet across worker processes)".into());
+            }
+            if swap.host_bytes == 0 || swap.device_bytes == Some(0) {
+                bad.push("swap needs some host memory and some device memory".into());
+            }
+            if swap.wait.is_zero() {
+                bad.push("the swap wait must be positive".into());
+            }
+        }
         if let DeviceChoice::Emulated { memory: 0 } = self.device {
             bad.push("the emulated device needs some memory".into());
         }
@@ -311,6 +338,23 @@ impl ServerConfig {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn swap_settings_are_checked() {
+        let mut c = ServerConfig::new(([127, 0, 0, 1], 0).into(), vec!["t".into()]);
+        c.swap = Some(Swap { device_bytes: None, host_bytes: 1 << 30, wait: Duration::from_secs(1) });
+        assert!(c.validate().is_ok());
+        c.swap = Some(Swap { device_bytes: Some(0), host_bytes: 0, wait: Duration::ZERO });
+        let e = c.validate().expect_err("bad swap").to_string();
+        assert!(e.contains("host memory") && e.contains("wait"), "{e}");
+        c.swap = Some(Swap { device_bytes: None, host_bytes: 1 << 30, wait: Duration::from_secs(1) });
+        c.isolation = Isolation::Process {
+            command: WorkerCommand { program: "w".into(), args: Vec::new() },
+            warm: 0,
+            start_timeout: Duration::from_secs(1),
+        };
+        assert!(c.validate().expect_err("process isolation").to_string().contains("in-process isolation"));
+    }
 
     #[test]
     fn device_strings() {

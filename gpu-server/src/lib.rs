@@ -28,11 +28,12 @@ pub mod server;
 pub mod session;
 pub mod share;
 pub mod staging;
+pub mod swap;
 pub mod tls;
 pub mod worker;
 mod worker_spec;
 
-pub use config::{BalancerLink, DeviceChoice, Isolation, ServerConfig, WorkerCommand};
+pub use config::{BalancerLink, DeviceChoice, Isolation, ServerConfig, Swap, WorkerCommand};
 pub use error::{CallError, ServerError};
 pub use server::{Metrics, MetricsSnapshot, Server};
 

@@ -122,6 +122,19 @@ struct Args {
     /// Largest UDP payload; MTU discovery probes up to it.
     #[arg(long, env = "GPUPOOL_MAX_UDP_PAYLOAD", default_value_t = gpupool_proto::quic::DEFAULT_UDP_PAYLOAD)]
     max_udp_payload: u16,
+    /// Host memory for the contents of idle sessions swapped out when the
+    /// device memory is full, in MiB (0: no swapping). Needs
+    /// `--isolation in-process`.
+    #[arg(long, env = "GPUPOOL_SWAP_HOST_MIB", default_value_t = 0)]
+    swap_host_mib: u64,
+    /// Device memory all sessions may hold resident when swapping, in MiB
+    /// (default: the device's total memory).
+    #[arg(long, env = "GPUPOOL_SWAP_DEVICE_MIB")]
+    swap_device_mib: Option<u64>,
+    /// How long an allocation waits for idle sessions to swap out before it
+    /// fails with out-of-memory, in milliseconds.
+    #[arg(long, env = "GPUPOOL_SWAP_WAIT_MS", default_value_t = 10_000)]
+    swap_wait_ms: u64,
     /// TCP address of a Prometheus endpoint (`GET /metrics`); off when unset.
     #[arg(long, env = "GPUPOOL_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -193,6 +206,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.idle_timeout = std::time::Duration::from_millis(args.idle_timeout_ms);
     config.worker_ports = args.worker_ports;
     config.bulk_endpoints = args.bulk_endpoints;
+    if args.swap_host_mib > 0 {
+        config.swap = Some(gpupool_server::Swap {
+            device_bytes: args.swap_device_mib.map(|m| m.saturating_mul(1 << 20)),
+            host_bytes: args.swap_host_mib.saturating_mul(1 << 20),
+            wait: std::time::Duration::from_millis(args.swap_wait_ms),
+        });
+    }
     if args.isolation == "process" {
         let program = std::env::current_exe().context("locating this executable for worker processes")?;
         config.isolation = Isolation::Process {

@@ -17,6 +17,7 @@ use crate::device::{
 use crate::error::CallError;
 use crate::images::{ImageCache, key_of};
 use crate::staging::Staging;
+use crate::swap::SessionMemory;
 use bytes::Bytes;
 use gpupool_proto::payload::{self, Compression};
 use gpupool_proto::v1::{self, call::Op, call_result::Value};
@@ -27,6 +28,7 @@ use std::sync::Arc;
 mod array;
 mod link;
 mod mirror;
+mod swap;
 mod tensor_map;
 mod vmm;
 
@@ -88,7 +90,13 @@ pub struct SessionState<S: BackendSession> {
     modules: HashMap<u32, LoadedModule<S::Module>>,
     streams: HashMap<u32, S::Stream>,
     events: HashMap<u32, S::Event>,
+    /// Device memory the session holds (resident or swapped out), which
+    /// the quota bounds.
     mapped_bytes: u64,
+    /// The session's share of the process's device memory.
+    memory: SessionMemory,
+    /// The mappings' contents while the session is swapped out.
+    swapped: Option<swap::Swapped>,
     /// Mapped host memory's device halves, and the stream they are read on.
     mirrors: mirror::Mirrors,
     mirror_stream: Option<S::Stream>,
@@ -140,6 +148,8 @@ impl<S: BackendSession> SessionState<S> {
             streams: HashMap::new(),
             events: HashMap::new(),
             mapped_bytes: 0,
+            memory: SessionMemory::detached(),
+            swapped: None,
             mirrors: mirror::Mirrors::default(),
             mirror_stream: None,
             limits,
@@ -147,6 +157,19 @@ impl<S: BackendSession> SessionState<S> {
             images,
             dev,
         }
+    }
+
+    /// Counts the session's device memory in `memory` (a server's shared
+    /// device memory) instead of memory of its own; before any is mapped.
+    pub fn with_memory(mut self, memory: SessionMemory) -> Self {
+        debug_assert_eq!(self.mapped_bytes, 0, "memory handed over before use");
+        self.memory = memory;
+        self
+    }
+
+    /// The session's share of the device memory.
+    pub fn memory(&self) -> &SessionMemory {
+        &self.memory
     }
 
     /// The context limits of the session's context (`CUlimit`, value).
@@ -159,7 +182,7 @@ impl<S: BackendSession> SessionState<S> {
         self.dev.va_base()
     }
 
-    /// Bytes currently mapped.
+    /// Bytes currently mapped, resident or swapped out.
     pub fn mapped_bytes(&self) -> u64 {
         self.mapped_bytes
     }
@@ -176,11 +199,15 @@ impl<S: BackendSession> SessionState<S> {
         let mut reply = v1::BatchReply { seq: batch.seq, ..Default::default() };
         let last = batch.calls.len().saturating_sub(1);
         let mut synchronized = false;
+        // A swapped-out session comes back before its calls run; when it
+        // cannot, every call fails with the reason and nothing is lost.
+        let swapped_in = self.swap_in();
         for (i, call) in batch.calls.into_iter().enumerate() {
             let waits = call.op.as_ref().is_some_and(synchronizes);
-            let outcome = match call.op {
-                Some(op) => self.execute(op),
-                None => Err(CallError::invalid_value("call without an operation")),
+            let outcome = match (call.op, &swapped_in) {
+                (_, Err(e)) => Err(e.clone()),
+                (Some(op), Ok(())) => self.execute(op),
+                (None, Ok(())) => Err(CallError::invalid_value("call without an operation")),
             };
             // A query synchronizes only when it answers "ready".
             synchronized |=
@@ -205,6 +232,7 @@ impl<S: BackendSession> SessionState<S> {
 
     /// Executes one call.
     pub fn execute(&mut self, op: Op) -> CallOutcome {
+        self.swap_in()?;
         match op {
             Op::MemMap(m) => self.mem_map(m.addr, m.size),
             Op::MemUnmap(m) => self.mem_unmap(m.addr),
@@ -422,10 +450,40 @@ impl<S: BackendSession> SessionState<S> {
         if before || after || self.vmm_overlaps(addr, end) {
             return Err(CallError::invalid_value(format!("mapping {addr:#x} (+{size}) overlaps an existing one")));
         }
-        let mapping = self.dev.map(addr, size)?;
+        let mapping = self.on_device(size, |dev| dev.map(addr, size))?;
         self.mappings.insert(addr, (size, mapping));
         self.mapped_bytes += size;
         Ok(None)
+    }
+
+    /// Takes `size` bytes of the device's memory (swapping idle sessions
+    /// out when it is full) and runs `create` with it, giving the bytes
+    /// back when it fails. When the device refuses memory the server
+    /// counted as free (a GPU's contexts and other processes take some),
+    /// and swapping is on, idle sessions make room and `create` runs once
+    /// more.
+    fn on_device<T>(
+        &mut self,
+        size: u64,
+        mut create: impl FnMut(&mut S) -> Result<T, CallError>,
+    ) -> Result<T, CallError> {
+        self.memory.reserve(size)?;
+        let refused = match create(&mut self.dev) {
+            Ok(made) => return Ok(made),
+            Err(e) => e,
+        };
+        self.memory.release(size);
+        if refused.code != cuda::OUT_OF_MEMORY || !self.memory.device_refused() {
+            return Err(refused);
+        }
+        self.memory.reserve(size)?;
+        create(&mut self.dev).inspect_err(|_| self.memory.release(size))
+    }
+
+    /// Gives back `size` bytes of memory the session no longer holds.
+    fn uncharge(&mut self, size: u64) {
+        self.mapped_bytes -= size;
+        self.memory.release(size);
     }
 
     /// Refuses `size` more bytes of device memory beyond the quota (`what`
@@ -447,7 +505,7 @@ impl<S: BackendSession> SessionState<S> {
         // Pending work may still use the memory.
         self.dev.synchronize()?;
         drop(mapping);
-        self.mapped_bytes -= size;
+        self.uncharge(size);
         Ok(None)
     }
 
@@ -816,6 +874,26 @@ pub(crate) mod tests {
     pub(crate) fn session() -> SessionState<EmulatedSession> {
         let dev = EmulatedDevice::new(1 << 30);
         state(dev.open_session(limits().va_size).expect("session"))
+    }
+
+    /// A session on GPU 0 with a quota of 8 granules in 16; `None` (and a
+    /// line saying the test is skipped) where there is no CUDA device.
+    pub(crate) fn gpu_session() -> Option<SessionState<crate::device::cuda::CudaSession>> {
+        let dev = match crate::device::cuda::CudaDevice::open(0) {
+            Err(e) if e.code == cuda::NO_DEVICE => {
+                eprintln!("no CUDA device: skipping ({e})");
+                return None;
+            }
+            other => other.expect("open device 0"),
+        };
+        let g = dev.description().granularity;
+        let limits = SessionLimits { granularity: g, va_size: 16 * g, memory_quota: 8 * g, ..limits() };
+        Some(SessionState::new(
+            dev.open_session(limits.va_size).expect("session"),
+            limits,
+            Arc::new(Staging::new(1 << 24, 8)),
+            Arc::new(ImageCache::new(None, 1 << 20)),
+        ))
     }
 
     pub(crate) fn code(r: CallOutcome) -> u32 {
@@ -1442,23 +1520,8 @@ pub(crate) mod tests {
     /// Skipped where there is no CUDA device.
     #[test]
     fn module_globals_on_a_gpu() {
-        use crate::device::cuda::CudaDevice;
-        let dev = match CudaDevice::open(0) {
-            Err(e) if e.code == cuda::NO_DEVICE => {
-                eprintln!("no CUDA device: skipping ({e})");
-                return;
-            }
-            other => other.expect("open device 0"),
-        };
-        let g = dev.description().granularity;
-        let limits = SessionLimits { granularity: g, va_size: 16 * g, memory_quota: 8 * g, ..limits() };
-        let dev = dev.open_session(limits.va_size).expect("session");
-        let mut s = SessionState::new(
-            dev,
-            limits,
-            Arc::new(Staging::new(1 << 24, 8)),
-            Arc::new(ImageCache::new(None, 1 << 20)),
-        );
+        let Some(mut s) = gpu_session() else { return };
+        let g = s.limits.granularity;
         let info = match load(&mut s, 1, crate::device::GLOBALS_PTX) {
             Ok(Some(Value::Module(info))) => info,
             other => panic!("PTX load: {other:?}"),

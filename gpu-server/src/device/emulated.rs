@@ -19,6 +19,7 @@ use gpupool_proto::cuda;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -64,12 +65,42 @@ pub const DEFAULT_LIMITS: [(u32, u64); 8] =
 /// Largest printf FIFO the emulated device holds (host memory).
 const MAX_PRINTF_FIFO: u64 = 1 << 30;
 
-/// An emulated GPU with `total_memory` bytes.
+/// An emulated GPU with `total_memory` bytes: allocations and arrays of
+/// all its sessions together fail with `OUT_OF_MEMORY` beyond it, as on a
+/// GPU.
 #[derive(Debug)]
 pub struct EmulatedDevice {
     description: DeviceDescription,
     sm: SmLimits,
     next_base: AtomicU64,
+    used: Arc<AtomicU64>,
+}
+
+/// Bytes of the emulated device's memory taken by one allocation or array;
+/// given back when the last holder of it goes.
+#[derive(Debug)]
+struct Charge {
+    used: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Charge {
+    /// Takes `bytes` of a device of `total` bytes whose use is `used`.
+    fn take(used: &Arc<AtomicU64>, total: u64, bytes: u64) -> DeviceResult<Rc<Self>> {
+        used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| now.checked_add(bytes).filter(|n| *n <= total))
+            .map_err(|now| {
+            CallError::out_of_memory(format!(
+                "emulated device memory is full: {bytes} bytes asked, {now} of {total} in use"
+            ))
+        })?;
+        Ok(Rc::new(Self { used: used.clone(), bytes }))
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.used.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// The advertised multiprocessor, as the occupancy model and the attribute
@@ -250,6 +281,7 @@ impl EmulatedDevice {
             },
             sm,
             next_base: AtomicU64::new(VA_START),
+            used: Arc::default(),
         }
     }
 }
@@ -273,6 +305,8 @@ impl Backend for EmulatedDevice {
             printf: builtin::PrintfFifo { bytes: Vec::new(), capacity: 1 << 20 },
             next_object: 0,
             default_stream: Stream::default(),
+            used: self.used.clone(),
+            total: self.description.total_memory,
         })
     }
 }
@@ -285,6 +319,8 @@ type Phys = Rc<RefCell<Vec<u8>>>;
 #[derive(Debug)]
 struct Region {
     phys: Phys,
+    /// Keeps the memory counted while this view lives.
+    _charge: Rc<Charge>,
     offset: usize,
     len: usize,
     access: u32,
@@ -307,6 +343,9 @@ pub struct EmulatedSession {
     next_object: u64,
     /// The default stream's attributes.
     default_stream: Stream,
+    /// The device's memory in use by all sessions, and its size.
+    used: Arc<AtomicU64>,
+    total: u64,
 }
 
 impl EmulatedSession {
@@ -322,7 +361,7 @@ impl EmulatedSession {
 
 /// Physical memory of the emulated device (host memory).
 #[derive(Debug, Clone)]
-pub struct Allocation(Phys);
+pub struct Allocation(Phys, Rc<Charge>);
 
 /// A mapped range; dropping it unmaps it (the host memory goes with the
 /// last mapping and allocation of it).
@@ -392,6 +431,7 @@ pub struct Array {
     levels: Rc<Vec<RefCell<Vec<u8>>>>,
     level: usize,
     desc: texture::ArrayDesc,
+    _charge: Rc<Charge>,
 }
 
 /// A texture or surface object: it keeps what it reads alive.
@@ -555,11 +595,12 @@ impl BackendSession for EmulatedSession {
 
     fn create(&mut self, size: u64) -> DeviceResult<Allocation> {
         let len = usize::try_from(size).map_err(|_| CallError::out_of_memory("allocation too large"))?;
+        let charge = Charge::take(&self.used, self.total, size)?;
         let mut buf = Vec::new();
         buf.try_reserve_exact(len)
             .map_err(|_| CallError::out_of_memory(format!("cannot allocate {size} bytes of host memory")))?;
         buf.resize(len, 0);
-        Ok(Allocation(Rc::new(RefCell::new(buf))))
+        Ok(Allocation(Rc::new(RefCell::new(buf)), charge))
     }
 
     /// Places the view at any address: the session's tables checked it.
@@ -577,7 +618,8 @@ impl BackendSession for EmulatedSession {
         if memory.contains_key(&addr) {
             return Err(CallError::invalid_value(format!("{addr:#x} is already mapped")));
         }
-        let region = Region { phys: allocation.0.clone(), offset, len, access: ACCESS_NONE };
+        let region =
+            Region { phys: allocation.0.clone(), _charge: allocation.1.clone(), offset, len, access: ACCESS_NONE };
         memory.insert(addr, region);
         Ok(Mapping { addr, memory: self.memory.clone() })
     }
@@ -868,6 +910,8 @@ impl BackendSession for EmulatedSession {
     }
 
     fn array_create(&mut self, desc: &texture::ArrayDesc, levels: u32) -> DeviceResult<Array> {
+        let total = desc.bytes_with_levels(levels).ok_or_else(|| CallError::invalid_value("array size overflows"))?;
+        let charge = Charge::take(&self.used, self.total, total)?;
         let storage = (0..levels.max(1))
             .map(|l| {
                 let bytes = desc.level(l).bytes().ok_or_else(|| CallError::invalid_value("array size overflows"))?;
@@ -878,14 +922,19 @@ impl BackendSession for EmulatedSession {
                 Ok(RefCell::new(v))
             })
             .collect::<DeviceResult<Vec<_>>>()?;
-        Ok(Array { levels: Rc::new(storage), level: 0, desc: *desc })
+        Ok(Array { levels: Rc::new(storage), level: 0, desc: *desc, _charge: charge })
     }
 
     fn array_level(&mut self, mipmapped: &Array, level: u32) -> DeviceResult<Array> {
         if level as usize >= mipmapped.levels.len() {
             return Err(CallError::invalid_value(format!("level {level} of {}", mipmapped.levels.len())));
         }
-        Ok(Array { levels: mipmapped.levels.clone(), level: level as usize, desc: mipmapped.desc.level(level) })
+        Ok(Array {
+            levels: mipmapped.levels.clone(),
+            level: level as usize,
+            desc: mipmapped.desc.level(level),
+            _charge: mipmapped._charge.clone(),
+        })
     }
 
     fn array_copy(
@@ -944,5 +993,34 @@ impl BackendSession for EmulatedSession {
         }
         self.next_object += 1;
         Ok((self.next_object, Object { _array: Some(array.clone()) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_of_all_sessions_is_bounded_by_the_device() {
+        let dev = EmulatedDevice::new(4 * GRANULARITY);
+        let (mut a, mut b) =
+            (dev.open_session(8 * GRANULARITY).expect("a"), dev.open_session(8 * GRANULARITY).expect("b"));
+        let first = a.map(a.va_base(), 3 * GRANULARITY).expect("fits");
+        let e = b.create(2 * GRANULARITY).expect_err("past the device");
+        assert_eq!(e.code, cuda::OUT_OF_MEMORY);
+        let array = texture::ArrayDesc { width: 1024, height: 1024, depth: 0, format: 0x20, channels: 1, flags: 0 };
+        assert!(b.array_create(&array, 0).is_err(), "arrays count too");
+        let allocation = b.create(GRANULARITY).expect("fits");
+        let alias = b.map_allocation(&allocation, 0, b.va_base(), GRANULARITY).expect("map");
+        drop(allocation);
+        assert!(a.create(GRANULARITY).is_err(), "a mapping keeps its memory");
+        drop(alias);
+        drop(first);
+        let array = b.array_create(&array, 0).expect("room again");
+        let level = b.array_level(&array, 0).expect("level");
+        drop(array);
+        assert!(a.create(4 * GRANULARITY).is_err(), "a level keeps its array's memory");
+        drop(level);
+        a.create(4 * GRANULARITY).expect("all free");
     }
 }

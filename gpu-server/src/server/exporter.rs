@@ -29,7 +29,10 @@ pub fn render(metrics: &Metrics) -> String {
     counter(&mut r, "frames_rejected", "Frames that could not be decoded", s.frames_rejected);
     counter(&mut r, "bulk_received_bytes", "Bytes received over bulk streams", s.bulk_bytes_in);
     counter(&mut r, "bulk_sent_bytes", "Bytes sent over bulk streams", s.bulk_bytes_out);
-    gauge(&mut r, "memory_mapped_bytes", "Device memory mapped by sessions now", s.memory_mapped);
+    gauge(&mut r, "memory_mapped_bytes", "Device memory sessions hold on the device now", s.memory_mapped);
+    gauge(&mut r, "memory_swapped_bytes", "Device memory of sessions swapped out to host memory now", s.memory_swapped);
+    counter(&mut r, "swapped_out_bytes", "Bytes of device memory swapped out to host memory", s.swapped_out_bytes);
+    counter(&mut r, "swapped_in_bytes", "Bytes of device memory swapped back in", s.swapped_in_bytes);
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &r);

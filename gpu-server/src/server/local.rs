@@ -75,6 +75,7 @@ where
     let (work_tx, work_rx) = mpsc::channel::<Work>(cfg.batch_queue);
     let (reply_tx, reply_rx) = mpsc::channel::<v1::BatchReply>(cfg.batch_queue);
     let (ready_tx, ready_rx) = oneshot::channel();
+    let memory = shared.device_memory.register(Some(thread::swap_asker(&work_tx)));
     let started = spawn_thread(
         id,
         device,
@@ -84,6 +85,7 @@ where
         WorkQueue { rx: work_rx, spin: cfg.session_spin },
         reply_tx,
         ready_tx,
+        memory,
     );
     if let Err(e) = started {
         tracing::error!(error = %e, "cannot start a session worker thread");
@@ -194,11 +196,12 @@ fn spawn_thread<B: Backend>(
     work: WorkQueue,
     replies: mpsc::Sender<v1::BatchReply>,
     ready: oneshot::Sender<Result<thread::SessionReady, crate::error::CallError>>,
+    memory: crate::swap::SessionMemory,
 ) -> std::io::Result<()> {
     let images: Arc<ImageCache> = shared.images.clone();
     let metrics = shared.metrics.clone();
     std::thread::Builder::new()
         .name(format!("gpupool-session-{id}"))
-        .spawn(move || thread::run(device, limits, staging, images, metrics, work, replies, ready))
+        .spawn(move || thread::run(device, limits, staging, images, metrics, work, replies, ready, memory))
         .map(drop)
 }

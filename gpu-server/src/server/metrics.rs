@@ -19,8 +19,13 @@ pub struct Metrics {
     pub frames_rejected: AtomicU64,
     pub bulk_bytes_in: AtomicU64,
     pub bulk_bytes_out: AtomicU64,
-    /// Device memory mapped by sessions now (a gauge).
+    /// Device memory sessions hold on the device now (a gauge).
     pub memory_mapped: AtomicU64,
+    /// Device memory of sessions swapped out to host memory now (a gauge).
+    pub memory_swapped: AtomicU64,
+    /// Bytes sessions swapped out, and swapped back in, so far.
+    pub swapped_out_bytes: AtomicU64,
+    pub swapped_in_bytes: AtomicU64,
 }
 
 /// A copy of [`Metrics`] at one moment.
@@ -36,6 +41,9 @@ pub struct MetricsSnapshot {
     pub bulk_bytes_in: u64,
     pub bulk_bytes_out: u64,
     pub memory_mapped: u64,
+    pub memory_swapped: u64,
+    pub swapped_out_bytes: u64,
+    pub swapped_in_bytes: u64,
 }
 
 impl Metrics {
@@ -77,6 +85,9 @@ impl Metrics {
             bulk_bytes_in: g(&self.bulk_bytes_in),
             bulk_bytes_out: g(&self.bulk_bytes_out),
             memory_mapped: g(&self.memory_mapped),
+            memory_swapped: g(&self.memory_swapped),
+            swapped_out_bytes: g(&self.swapped_out_bytes),
+            swapped_in_bytes: g(&self.swapped_in_bytes),
         }
     }
 }

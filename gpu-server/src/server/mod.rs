@@ -124,7 +124,16 @@ impl Server {
             _ => BulkIo::default(),
         };
         let endpoint = quic::endpoint(&config, server_config)?;
-        let shared = Arc::new(Shared::new(config, auth, bulk.ports()));
+        // Swapping bounds the device memory of the sessions of this process.
+        let swap = match (&mode, config.swap) {
+            (Mode::Local(device), Some(s)) => Some(crate::swap::SwapConfig {
+                device_bytes: s.device_bytes.unwrap_or(device.description().total_memory),
+                host_bytes: s.host_bytes,
+                wait: s.wait,
+            }),
+            _ => None,
+        };
+        let shared = Arc::new(Shared::new(config, auth, bulk.ports(), swap));
         Ok(Self { endpoint, bulk, mode, fingerprint: identity.fingerprint(), shared })
     }
 

@@ -120,15 +120,25 @@ pub(crate) struct Shared {
     pub(crate) resumable: Registry,
     /// Sessions that take extra bulk connections on the bulk endpoints.
     pub(crate) bulk: bulk::Registry,
+    /// The device memory of the sessions in this process, resident and
+    /// swapped out ([`crate::swap`]).
+    pub(crate) device_memory: Arc<crate::swap::DeviceMemory>,
     /// With a balancer: whether a lease still stands, asked before a
     /// session of it is admitted (issue 20, finding 9).
     pub(crate) lease_check: Option<super::revocation::LeaseCheck>,
 }
 
 impl Shared {
-    /// `bulk_ports`: the ports of the server's bulk endpoints.
-    pub(crate) fn new(config: ServerConfig, auth: Arc<dyn Authenticator>, bulk_ports: Vec<u16>) -> Self {
+    /// `bulk_ports`: the ports of the server's bulk endpoints; `swap`: the
+    /// bounds of swapping in this process (`None`: off).
+    pub(crate) fn new(
+        config: ServerConfig,
+        auth: Arc<dyn Authenticator>,
+        bulk_ports: Vec<u16>,
+        swap: Option<crate::swap::SwapConfig>,
+    ) -> Self {
         Self {
+            device_memory: crate::swap::DeviceMemory::new(swap),
             images: Arc::new(
                 ImageCache::new(config.image_cache_dir.clone(), config.image_cache_bytes)
                     .with_disk_limit(config.image_cache_disk_bytes),

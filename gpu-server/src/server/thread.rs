@@ -3,11 +3,12 @@
 //! blocking on the device, while the transport's tasks move frames.
 
 use super::metrics::{Metrics, add, gauge};
-use crate::device::Backend;
+use crate::device::{Backend, BackendSession};
 use crate::error::CallError;
 use crate::images::ImageCache;
 use crate::session::{SessionLimits, SessionState};
 use crate::staging::Staging;
+use crate::swap::{MemoryUse, SessionMemory};
 use gpupool_proto::v1;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -19,6 +20,16 @@ pub(crate) enum Work {
     Batch(v1::Batch, tokio::sync::OwnedSemaphorePermit),
     /// A reply the reader made itself (a rejected frame), kept in order.
     Reply(Box<v1::BatchReply>),
+    /// Another session needs device memory: swap this one out
+    /// ([`crate::swap`]); queued behind the work already queued.
+    SwapOut,
+}
+
+/// How a session's work queue takes swap-out requests: without blocking,
+/// and without keeping the queue open once the session's reader is gone.
+pub(crate) fn swap_asker(work: &mpsc::Sender<Work>) -> crate::swap::AskSwapOut {
+    let work = work.downgrade();
+    Box::new(move || work.upgrade().is_some_and(|tx| tx.try_send(Work::SwapOut).is_ok()))
 }
 
 /// What a session thread reports once its device session is open: the
@@ -38,6 +49,7 @@ pub(crate) fn run<B: Backend>(
     mut work: WorkQueue,
     replies: mpsc::Sender<v1::BatchReply>,
     ready: oneshot::Sender<Result<SessionReady, CallError>>,
+    memory: SessionMemory,
 ) {
     let dev = match device.open_session(limits.va_size) {
         Ok(d) => d,
@@ -49,32 +61,60 @@ pub(crate) fn run<B: Backend>(
     // Device printf output per reply: with the largest inline copy, a
     // reply stays within a frame.
     let max_output = usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX);
-    let mut state = SessionState::new(dev, limits, staging, images);
+    let mut state = SessionState::new(dev, limits, staging, images).with_memory(memory);
     let context_limits = state.limits();
     if ready.send(Ok((state.va_base(), context_limits))).is_err() {
         return;
     }
-    let mut mapped = 0;
+    let mut counted = MemoryUse::default();
     while let Some(item) = work.next() {
         let reply = match item {
             Work::Batch(batch, _budget) => {
+                state.memory().begin_batch();
                 let mut reply = state.execute_batch(batch);
+                state.memory().end_batch();
                 if let Some(capture) = crate::device_output::installed() {
                     reply.device_output = capture.collect(max_output).into();
                 }
                 add(&metrics.call_errors, u64::from(reply.error_count));
-                gauge(&metrics.memory_mapped, mapped, state.mapped_bytes());
-                mapped = state.mapped_bytes();
                 reply
             }
             Work::Reply(reply) => *reply,
+            Work::SwapOut => {
+                let swapped = state.swap_out();
+                if let Err(e) = &swapped {
+                    tracing::info!(error = %e, "session not swapped out");
+                }
+                // Counted before the answer wakes the session waiting for it.
+                counted = count_memory(&metrics, counted, &state);
+                // Nothing freed (only arrays left, say): not asked again
+                // before its next batch.
+                state.memory().answered(matches!(swapped, Ok(n) if n > 0));
+                continue;
+            }
         };
+        counted = count_memory(&metrics, counted, &state);
         if replies.blocking_send(reply).is_err() {
             break;
         }
     }
     // The session's memory goes with it.
-    gauge(&metrics.memory_mapped, mapped, 0);
+    count_memory_use(&metrics, counted, MemoryUse::default());
+}
+
+/// Moves the memory gauges from what was counted to what the session
+/// holds now, and counts what it swapped out or in; returns the new count.
+fn count_memory<S: BackendSession>(metrics: &Metrics, counted: MemoryUse, state: &SessionState<S>) -> MemoryUse {
+    let now = MemoryUse { resident: state.resident_bytes(), swapped: state.swapped_bytes() };
+    count_memory_use(metrics, counted, now);
+    add(&metrics.swapped_out_bytes, now.swapped.saturating_sub(counted.swapped));
+    add(&metrics.swapped_in_bytes, counted.swapped.saturating_sub(now.swapped));
+    now
+}
+
+fn count_memory_use(metrics: &Metrics, before: MemoryUse, now: MemoryUse) {
+    gauge(&metrics.memory_mapped, before.resident, now.resident);
+    gauge(&metrics.memory_swapped, before.swapped, now.swapped);
 }
 
 /// The session thread's side of its work channel.

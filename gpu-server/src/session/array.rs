@@ -121,7 +121,7 @@ impl<S: BackendSession> SessionState<S> {
         }
         let bytes = desc.bytes_with_levels(c.levels).ok_or_else(|| CallError::invalid_value("array size overflows"))?;
         self.charge(bytes, "an array")?;
-        let array = self.dev.array_create(&desc, c.levels)?;
+        let array = self.on_device(bytes, |dev| dev.array_create(&desc, c.levels))?;
         self.mapped_bytes += bytes;
         self.arrays.insert(c.array, ArrayEntry { desc, levels: c.levels, parent: None, bytes, array });
         Ok(None)
@@ -155,7 +155,7 @@ impl<S: BackendSession> SessionState<S> {
         self.dev.synchronize()?;
         let entry = self.arrays.remove(&id).ok_or_else(|| unknown_array(id))?;
         self.arrays.retain(|_, a| a.parent != Some(id));
-        self.mapped_bytes -= entry.bytes;
+        self.uncharge(entry.bytes);
         Ok(None)
     }
 

@@ -22,6 +22,8 @@ use gpupool_proto::v1;
 pub(super) struct VmmMapping<M> {
     size: u64,
     handle: u32,
+    /// Where in the allocation the mapping starts.
+    offset: u64,
     access: u32,
     mapping: M,
 }
@@ -95,7 +97,7 @@ impl<S: BackendSession> SessionState<S> {
         }
         self.check_granular("cuMemCreate", &[("size", c.size)])?;
         self.charge(c.size, "an allocation")?;
-        let allocation = self.dev.create(c.size)?;
+        let allocation = self.on_device(c.size, |dev| dev.create(c.size))?;
         self.vmm_handles.insert(c.handle, VmmHandle { size: c.size, refs: 1, maps: 0, allocation });
         self.mapped_bytes += c.size;
         Ok(None)
@@ -110,7 +112,7 @@ impl<S: BackendSession> SessionState<S> {
         {
             let size = h.size;
             self.vmm_handles.remove(&handle);
-            self.mapped_bytes -= size;
+            self.uncharge(size);
         }
     }
 
@@ -157,7 +159,8 @@ impl<S: BackendSession> SessionState<S> {
             )));
         }
         let mapping = self.dev.map_allocation(&h.allocation, m.offset, m.addr, m.size)?;
-        self.vmm_maps.insert(m.addr, VmmMapping { size: m.size, handle: m.handle, access: ACCESS_NONE, mapping });
+        let entry = VmmMapping { size: m.size, handle: m.handle, offset: m.offset, access: ACCESS_NONE, mapping };
+        self.vmm_maps.insert(m.addr, entry);
         if let Some(h) = self.vmm_handles.get_mut(&m.handle) {
             h.maps += 1;
         }
@@ -231,6 +234,125 @@ impl<S: BackendSession> SessionState<S> {
             }
         }
         Ok(None)
+    }
+}
+
+/// An application VMM allocation swapped out (`session/swap.rs`): its
+/// contents, references and mappings.
+#[derive(Debug)]
+pub(super) struct SwappedVmm {
+    handle: u32,
+    refs: u32,
+    contents: Vec<u8>,
+    /// (address, size, offset, access) of each mapping of it.
+    maps: Vec<(u64, u64, u64, u32)>,
+}
+
+/// VMM tables re-created by [`restore`]: allocations by handle, mappings
+/// by address.
+pub(super) type RestoredVmm<S> =
+    (Vec<(u32, VmmHandle<<S as BackendSession>::Allocation>)>, Vec<(u64, VmmMapping<<S as BackendSession>::Mapping>)>);
+
+impl<S: BackendSession> SessionState<S> {
+    /// Bytes of the application's VMM allocations.
+    pub(super) fn vmm_bytes(&self) -> u64 {
+        self.vmm_handles.values().map(|h| h.size).sum()
+    }
+
+    /// For each VMM allocation, the address of a mapping of all of it (its
+    /// contents are read there); refused when one is not mapped whole, as
+    /// then the session's range does not reach all of its memory.
+    fn vmm_whole(&self) -> Result<Vec<(u32, u64)>, CallError> {
+        self.vmm_handles
+            .iter()
+            .map(|(&id, h)| {
+                self.vmm_maps
+                    .iter()
+                    .find(|(_, m)| m.handle == id && m.offset == 0 && m.size == h.size)
+                    .map(|(&addr, _)| (id, addr))
+                    .ok_or_else(|| {
+                        CallError::not_supported(format!(
+                            "VMM allocation {id} is not mapped whole anywhere, so it is not swapped out"
+                        ))
+                    })
+            })
+            .collect()
+    }
+
+    /// Checks that every VMM allocation can be read whole.
+    pub(super) fn vmm_swappable(&self) -> Result<(), CallError> {
+        self.vmm_whole().map(drop)
+    }
+
+    /// Reads every VMM allocation through a mapping of all of it (readable
+    /// for the copy, then as the application left it). Changes nothing.
+    pub(super) fn vmm_read_all(&mut self) -> Result<Vec<SwappedVmm>, CallError> {
+        let mut out = Vec::with_capacity(self.vmm_handles.len());
+        for (id, addr) in self.vmm_whole()? {
+            let (Some(h), Some(whole)) = (self.vmm_handles.get(&id), self.vmm_maps.get(&addr)) else { continue };
+            let mut contents = super::swap::host_buffer(h.size)?;
+            let opened = whole.access & ACCESS_READ == 0;
+            if opened {
+                self.dev.set_access(&whole.mapping, ACCESS_READ)?;
+            }
+            let read = self.dev.read(None, addr, &mut contents);
+            if opened {
+                self.dev.set_access(&whole.mapping, whole.access)?;
+            }
+            read?;
+            let maps = self
+                .vmm_maps
+                .iter()
+                .filter(|(_, m)| m.handle == id)
+                .map(|(&addr, m)| (addr, m.size, m.offset, m.access))
+                .collect();
+            out.push(SwappedVmm { handle: id, refs: h.refs, contents, maps });
+        }
+        Ok(out)
+    }
+
+    /// Drops the VMM mappings and allocations once their contents are
+    /// read; their bytes still count against the quota (swapped).
+    pub(super) fn vmm_drop_all(&mut self) {
+        self.vmm_maps.clear();
+        self.vmm_handles.clear();
+    }
+
+    /// Puts re-created VMM tables back.
+    pub(super) fn vmm_put_back(&mut self, (handles, maps): RestoredVmm<S>) {
+        self.vmm_handles.extend(handles);
+        self.vmm_maps.extend(maps);
+    }
+}
+
+/// Re-creates swapped VMM allocations and their mappings at the same
+/// addresses, offsets and access, with the same contents.
+pub(super) fn restore<S: BackendSession>(dev: &mut S, swapped: &[SwappedVmm]) -> Result<RestoredVmm<S>, CallError> {
+    let (mut handles, mut maps) = (Vec::with_capacity(swapped.len()), Vec::new());
+    for v in swapped {
+        let size = v.contents.len() as u64;
+        let allocation = dev.create(size)?;
+        for &(addr, map_size, offset, access) in &v.maps {
+            let mapping = dev.map_allocation(&allocation, offset, addr, map_size)?;
+            if offset == 0 && map_size == size {
+                dev.set_access(&mapping, ACCESS_READWRITE)?;
+                dev.write(None, addr, &v.contents)?;
+            }
+            // Right after mapping, a range is inaccessible (ACCESS_NONE).
+            if access != ACCESS_NONE || (offset == 0 && map_size == size) {
+                dev.set_access(&mapping, access)?;
+            }
+            maps.push((addr, VmmMapping { size: map_size, handle: v.handle, offset, access, mapping }));
+        }
+        let refs = v.refs;
+        handles.push((v.handle, VmmHandle { size, refs, maps: v.maps.len() as u32, allocation }));
+    }
+    Ok((handles, maps))
+}
+
+impl SwappedVmm {
+    pub(super) fn bytes(&self) -> u64 {
+        self.contents.len() as u64
     }
 }
 

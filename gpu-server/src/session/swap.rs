@@ -1,0 +1,384 @@
+//! Swapping a session out to host memory and back (issue 21; the policy of
+//! who swaps when is [`crate::swap`]'s).
+//!
+//! Swap-out waits for the session's device work, reads every mapping of
+//! the session's allocations (`MemMap`) and every allocation of the
+//! application's own VMM (`VmmCreate`, through a mapping of all of it) into
+//! host memory, then drops the mappings and allocations: the physical
+//! memory goes back to the device while the addresses stay the session's
+//! (nothing else is mapped in its range). Swap-in, before the session's
+//! next batch runs, creates new memory and maps it at the same addresses
+//! (VMM mappings at the same offsets, with the same access) and writes the
+//! contents back, so every address the client holds still means the same
+//! bytes.
+//!
+//! What stays resident: module variables (the driver's memory, outside the
+//! range and outside the quota) and arrays (their memory is the driver's to
+//! place; they count as resident). A session holding a VMM allocation that
+//! is not mapped whole anywhere is not swapped (its range does not reach
+//! all of that memory). Mirrored ranges lie in mappings and travel with
+//! them; their shadows are server memory already.
+
+use super::SessionState;
+use crate::device::BackendSession;
+use crate::error::CallError;
+
+/// A swapped-out session's mappings, (address, contents) by address, and
+/// its VMM allocations.
+#[derive(Debug, Default)]
+pub(super) struct Swapped {
+    ranges: Vec<(u64, Vec<u8>)>,
+    vmm: Vec<super::vmm::SwappedVmm>,
+    bytes: u64,
+}
+
+impl<S: BackendSession> SessionState<S> {
+    /// Device bytes of the session that are swapped out.
+    pub fn swapped_bytes(&self) -> u64 {
+        self.swapped.as_ref().map_or(0, |s| s.bytes)
+    }
+
+    /// Device bytes the session holds on the device now.
+    pub fn resident_bytes(&self) -> u64 {
+        self.mapped_bytes - self.swapped_bytes()
+    }
+
+    /// Swaps the session's allocations out to host memory. Returns the
+    /// device bytes freed (0 when there was nothing to swap or it was
+    /// swapped out already). Refused, with nothing changed, when the
+    /// session holds a VMM allocation not mapped whole, when the host bound
+    /// of swapped contents would be passed, or when the device fails.
+    pub fn swap_out(&mut self) -> Result<u64, CallError> {
+        if self.swapped.is_some() || (self.mappings.is_empty() && self.vmm_handles.is_empty()) {
+            return Ok(0);
+        }
+        self.vmm_swappable()?;
+        let bytes = self.mappings.values().map(|(size, _)| size).sum::<u64>() + self.vmm_bytes();
+        // Work still queued may write the memory about to be read.
+        self.dev.synchronize()?;
+        self.memory.reserve_host(bytes)?;
+        let mut ranges = Vec::with_capacity(self.mappings.len());
+        for (&addr, &(size, _)) in &self.mappings {
+            let read = host_buffer(size).and_then(|mut buf| {
+                self.dev.read(None, addr, &mut buf)?;
+                Ok(buf)
+            });
+            match read {
+                Ok(buf) => ranges.push((addr, buf)),
+                Err(e) => {
+                    self.memory.release_host(bytes);
+                    return Err(e);
+                }
+            }
+        }
+        let vmm = match self.vmm_read_all() {
+            Ok(vmm) => vmm,
+            Err(e) => {
+                self.memory.release_host(bytes);
+                return Err(e);
+            }
+        };
+        // The contents are on the host: the device memory can go.
+        self.mappings.clear();
+        self.vmm_drop_all();
+        self.memory.release(bytes);
+        debug_assert_eq!(bytes, ranges.iter().map(|(_, r)| r.len() as u64).sum::<u64>() + vmm_bytes(&vmm));
+        self.swapped = Some(Swapped { ranges, vmm, bytes });
+        tracing::debug!(bytes, "session swapped out");
+        Ok(bytes)
+    }
+
+    /// Brings a swapped-out session back: the same mappings at the same
+    /// addresses, with the same contents. On failure (the device memory
+    /// cannot be had) the session stays swapped out and nothing is lost.
+    pub(super) fn swap_in(&mut self) -> Result<(), CallError> {
+        let Some(swapped) = self.swapped.take() else { return Ok(()) };
+        let restored = self.on_device(swapped.bytes, |dev| {
+            let plain = restore(dev, &swapped.ranges)?;
+            let vmm = super::vmm::restore(dev, &swapped.vmm)?;
+            dev.synchronize()?;
+            Ok((plain, vmm))
+        });
+        let (plain, vmm) = match restored {
+            Ok(restored) => restored,
+            Err(e) => {
+                self.swapped = Some(swapped);
+                return Err(e);
+            }
+        };
+        for (addr, size, mapping) in plain {
+            self.mappings.insert(addr, (size, mapping));
+        }
+        self.vmm_put_back(vmm);
+        self.memory.release_host(swapped.bytes);
+        tracing::debug!(bytes = swapped.bytes, "session swapped in");
+        Ok(())
+    }
+}
+
+/// Maps new memory at each swapped range's address and writes its
+/// contents back; what was mapped goes again when any step fails.
+fn restore<S: BackendSession>(
+    dev: &mut S,
+    ranges: &[(u64, Vec<u8>)],
+) -> Result<Vec<(u64, u64, S::Mapping)>, CallError> {
+    let mut restored = Vec::with_capacity(ranges.len());
+    for (addr, data) in ranges {
+        let size = data.len() as u64;
+        let mapping = dev.map(*addr, size)?;
+        dev.write(None, *addr, data)?;
+        restored.push((*addr, size, mapping));
+    }
+    Ok(restored)
+}
+
+fn vmm_bytes(vmm: &[super::vmm::SwappedVmm]) -> u64 {
+    vmm.iter().map(super::vmm::SwappedVmm::bytes).sum()
+}
+
+/// A zeroed host buffer of `size` bytes, or `OUT_OF_MEMORY`.
+pub(super) fn host_buffer(size: u64) -> Result<Vec<u8>, CallError> {
+    let len = usize::try_from(size).map_err(|_| CallError::out_of_memory("mapping too large to swap"))?;
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(len)
+        .map_err(|_| CallError::out_of_memory(format!("cannot allocate {size} bytes of swap")))?;
+    buf.resize(len, 0);
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{GRANULARITY as G, code, session};
+    use crate::device::{ACCESS_READ, ACCESS_READWRITE, BackendSession};
+    use crate::swap::{DeviceMemory, MemoryUse, SwapConfig};
+    use gpupool_proto::payload::{self, Compression};
+    use gpupool_proto::v1::{self, call::Op, call_result::Value};
+    use gpupool_proto::{cuda, v1::memcpy_hto_d::Source};
+    use std::time::Duration;
+
+    fn memory(device_bytes: u64, host_bytes: u64) -> std::sync::Arc<DeviceMemory> {
+        DeviceMemory::new(Some(SwapConfig { device_bytes, host_bytes, wait: Duration::from_millis(50) }))
+    }
+
+    /// Bytes that differ from one address to the next.
+    fn pattern(len: u64, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8).collect()
+    }
+
+    fn dtoh(src: u64, size: u64) -> v1::Batch {
+        let op = Op::MemcpyDtoh(v1::MemcpyDtoH { src, size, stream: 0 });
+        v1::Batch { seq: 1, calls: vec![v1::Call { op: Some(op) }] }
+    }
+
+    fn inline(reply: &v1::BatchReply) -> Vec<u8> {
+        assert!(reply.errors.is_empty(), "{reply:?}");
+        match reply.result.as_ref().and_then(|r| r.value.clone()) {
+            Some(Value::Data(p)) => payload::decode(p, 1 << 20).expect("payload").to_vec(),
+            other => panic!("no data: {other:?}"),
+        }
+    }
+
+    fn contents(s: &mut super::SessionState<impl BackendSession>, addr: u64, len: u64) -> Vec<u8> {
+        let mut out = vec![0; len as usize];
+        s.dev.read(None, addr, &mut out).expect("read");
+        out
+    }
+
+    #[test]
+    fn a_swapped_session_sees_the_same_bytes_at_the_same_addresses() {
+        let m = memory(16 * G, 16 * G);
+        let mut s = session().with_memory(m.register(None));
+        let b = s.va_base();
+        let (first, second) = (b + G, b + 5 * G);
+        assert_eq!(code(s.mem_map(first, 2 * G)), 0);
+        assert_eq!(code(s.mem_map(second, G)), 0);
+        let (one, two) = (pattern(2 * G, 1), pattern(G, 2));
+        s.dev.write(None, first, &one).expect("write");
+        s.dev.write(None, second, &two).expect("write");
+        assert_eq!(m.total(), MemoryUse { resident: 3 * G, swapped: 0 });
+
+        assert_eq!(s.swap_out().expect("swap out"), 3 * G);
+        assert_eq!((s.resident_bytes(), s.swapped_bytes(), s.mapped_bytes()), (0, 3 * G, 3 * G));
+        assert_eq!(m.total(), MemoryUse { resident: 0, swapped: 3 * G });
+        assert_eq!(s.swap_out().expect("again"), 0, "swapped out already");
+        let mut probe = [0u8; 1];
+        assert!(s.dev.read(None, first, &mut probe).is_err(), "the device memory is gone");
+
+        // The next batch brings it back: a copy from the old address.
+        let reply = s.execute_batch(dtoh(second + 100, 4096));
+        assert_eq!(inline(&reply), two[100..4196]);
+        assert_eq!((s.resident_bytes(), s.swapped_bytes()), (3 * G, 0));
+        assert_eq!(m.total(), MemoryUse { resident: 3 * G, swapped: 0 });
+        assert_eq!(contents(&mut s, first, 2 * G), one);
+        assert_eq!(contents(&mut s, second, G), two);
+        // Quota and MemGetInfo count the session's memory wherever it is.
+        s.swap_out().expect("swap out");
+        let info = s.execute(Op::MemGetInfo(v1::MemGetInfo {})).expect("info");
+        assert!(matches!(info, Some(Value::MemInfo(v1::MemInfo { free, .. })) if free == 5 * G), "{info:?}");
+        assert_eq!(code(s.mem_unmap(second)), 0, "a call on a swapped session swaps it in first");
+        assert_eq!(m.total(), MemoryUse { resident: 2 * G, swapped: 0 });
+        drop(s);
+        assert_eq!(m.total(), MemoryUse::default(), "the session's memory goes with it");
+    }
+
+    #[test]
+    fn device_pressure_fails_as_before_and_swap_in_waits_for_room() {
+        let m = memory(4 * G, 16 * G);
+        let mut a = session().with_memory(m.register(None));
+        let mut b = session().with_memory(m.register(None));
+        let (ba, bb) = (a.va_base(), b.va_base());
+        assert_eq!(code(a.mem_map(ba, 3 * G)), 0);
+        let data = pattern(3 * G, 7);
+        a.dev.write(None, ba, &data).expect("write");
+        // A is not asked (no thread to ask): the allocation fails as before.
+        assert_eq!(code(b.mem_map(bb, 2 * G)), cuda::OUT_OF_MEMORY);
+        assert_eq!(a.swap_out().expect("swap out"), 3 * G);
+        assert_eq!(code(b.mem_map(bb, 2 * G)), 0);
+        // No room to come back: every call fails, nothing is lost.
+        let reply = a.execute_batch(dtoh(ba, 16));
+        assert_eq!(reply.error_count, 1);
+        assert_eq!(reply.errors[0].code, cuda::OUT_OF_MEMORY, "{reply:?}");
+        assert_eq!((a.resident_bytes(), a.swapped_bytes()), (0, 3 * G));
+        assert_eq!(code(b.mem_unmap(bb)), 0);
+        assert_eq!(inline(&a.execute_batch(dtoh(ba + G, 16))), data[G as usize..G as usize + 16]);
+        assert_eq!(contents(&mut a, ba, 3 * G), data);
+    }
+
+    #[test]
+    fn swap_space_is_bounded_and_a_refusal_changes_nothing() {
+        let m = memory(16 * G, 2 * G);
+        let mut s = session().with_memory(m.register(None));
+        let b = s.va_base();
+        assert_eq!(code(s.mem_map(b, 3 * G)), 0);
+        let data = pattern(3 * G, 9);
+        s.dev.write(None, b, &data).expect("write");
+        let e = s.swap_out().expect_err("more than the swap space");
+        assert_eq!(e.code, cuda::OUT_OF_MEMORY);
+        assert!(e.message.contains("swap space is full"), "{e}");
+        assert_eq!(m.total(), MemoryUse { resident: 3 * G, swapped: 0 });
+        assert_eq!(contents(&mut s, b, 3 * G), data);
+
+        // Without swapping configured there is no swap space at all.
+        let mut plain = session();
+        let pb = plain.va_base();
+        assert_eq!(code(plain.mem_map(pb, G)), 0);
+        assert!(plain.swap_out().is_err());
+    }
+
+    #[test]
+    fn vmm_allocations_swap_with_their_mappings_and_arrays_stay_resident() {
+        let m = memory(16 * G, 16 * G);
+        let mut s = session().with_memory(m.register(None));
+        let b = s.va_base();
+        let ok = |s: &mut super::SessionState<_>, op| assert_eq!(code(s.execute(op)), 0);
+        assert_eq!(code(s.mem_map(b, G)), 0);
+        // Allocation 1 mapped whole, and its second half again elsewhere,
+        // read-only; allocation 2 mapped nowhere.
+        let (whole, alias) = (b + 4 * G, b + 8 * G);
+        ok(&mut s, Op::VmmCreate(v1::VmmCreate { handle: 1, size: 2 * G }));
+        ok(&mut s, Op::VmmMap(v1::VmmMap { addr: whole, size: 2 * G, offset: 0, handle: 1 }));
+        ok(&mut s, Op::VmmMap(v1::VmmMap { addr: alias, size: G, offset: G, handle: 1 }));
+        ok(&mut s, Op::VmmSetAccess(v1::VmmSetAccess { addr: whole, size: 2 * G, flags: ACCESS_READWRITE }));
+        ok(&mut s, Op::VmmSetAccess(v1::VmmSetAccess { addr: alias, size: G, flags: ACCESS_READ }));
+        let data = pattern(2 * G, 4);
+        s.dev.write(None, whole, &data).expect("write");
+        ok(&mut s, Op::VmmCreate(v1::VmmCreate { handle: 2, size: G }));
+        let e = s.swap_out().expect_err("allocation 2 cannot be read");
+        assert_eq!(e.code, cuda::NOT_SUPPORTED, "{e}");
+        assert_eq!(m.total(), MemoryUse { resident: 4 * G, swapped: 0 }, "nothing changed");
+        ok(&mut s, Op::VmmRelease(v1::VmmRelease { handle: 2 }));
+
+        let array = v1::ArrayCreate {
+            array: 1,
+            width: 64,
+            height: 64,
+            format: 0x20, // FLOAT
+            channels: 1,
+            ..Default::default()
+        };
+        ok(&mut s, Op::ArrayCreate(array));
+        let array_bytes = 64 * 64 * 4;
+        assert_eq!(s.swap_out().expect("swap out"), 3 * G);
+        assert_eq!((s.resident_bytes(), s.swapped_bytes()), (array_bytes, 3 * G));
+        assert_eq!(m.total(), MemoryUse { resident: array_bytes, swapped: 3 * G });
+
+        // The alias reads the allocation's second half again, read-only.
+        let reply = s.execute_batch(dtoh(alias + 100, 4096));
+        assert_eq!(inline(&reply), data[G as usize + 100..G as usize + 4196]);
+        assert_eq!(contents(&mut s, whole, 2 * G), data);
+        let source = Some(Source::Inline(payload::encode(vec![1u8; 16].into(), Compression::Off)));
+        let write = Op::MemcpyHtod(v1::MemcpyHtoD { dst: alias, stream: 0, source });
+        assert_eq!(code(s.execute(write)), cuda::INVALID_VALUE, "still read-only");
+        assert!(s.dev.write(None, alias, &[1]).is_err(), "read-only on the device too");
+        // The tables are whole again: unmapping and releasing work as before.
+        ok(&mut s, Op::VmmUnmap(v1::VmmUnmap { addr: alias, size: G }));
+        ok(&mut s, Op::VmmUnmap(v1::VmmUnmap { addr: whole, size: 2 * G }));
+        ok(&mut s, Op::VmmRelease(v1::VmmRelease { handle: 1 }));
+        assert_eq!(s.mapped_bytes(), G + array_bytes);
+        assert_eq!(m.total(), MemoryUse { resident: G + array_bytes, swapped: 0 });
+    }
+
+    /// Maps `bytes` in `s`, fills them, swaps out and back in through a
+    /// batch, checks every byte; returns the seconds of the swap-out and
+    /// of the swap-in.
+    fn round_trip(s: &mut super::SessionState<impl BackendSession>, bytes: u64) -> (f64, f64) {
+        let b = s.va_base();
+        assert_eq!(code(s.mem_map(b, bytes)), 0);
+        let data = pattern(bytes, 5);
+        s.dev.write(None, b, &data).expect("write");
+        s.dev.synchronize().expect("sync");
+        let start = std::time::Instant::now();
+        assert_eq!(s.swap_out().expect("swap out"), bytes);
+        let out = start.elapsed().as_secs_f64();
+        let start = std::time::Instant::now();
+        s.swap_in().expect("swap in");
+        let back = start.elapsed().as_secs_f64();
+        assert_eq!(inline(&s.execute_batch(dtoh(b + bytes - 64, 64))), data[data.len() - 64..]);
+        assert!(contents(s, b, bytes) == data, "every byte came back");
+        assert_eq!(code(s.mem_unmap(b)), 0);
+        (out, back)
+    }
+
+    /// The CUDA backend: the same addresses mapped again after the physical
+    /// memory went back to the driver. Skipped without a GPU.
+    #[test]
+    fn swap_on_a_gpu() {
+        let Some(s) = super::super::tests::gpu_session() else { return };
+        let g = s.limits.granularity;
+        let mut s = s.with_memory(memory(8 * g, 8 * g).register(None));
+        round_trip(&mut s, 4 * g);
+    }
+
+    /// Swap-out and swap-in rates on the emulated device, for
+    /// bench/results (`cargo test -p gpupool-server --release --lib
+    /// swap_rates -- --ignored --nocapture`; `GPUPOOL_SWAP_MIB` sets the
+    /// size, 256 by default).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn swap_rates() {
+        let mib: u64 = std::env::var("GPUPOOL_SWAP_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+        let bytes = (mib << 20).div_ceil(G) * G;
+        let limits =
+            super::super::SessionLimits { memory_quota: bytes, va_size: 2 * bytes, ..super::super::tests::limits() };
+        use crate::device::Backend;
+        let dev = crate::device::emulated::EmulatedDevice::new(2 * bytes);
+        let mut s = super::SessionState::new(
+            dev.open_session(limits.va_size).expect("session"),
+            limits,
+            std::sync::Arc::new(crate::staging::Staging::new(1 << 24, 8)),
+            std::sync::Arc::new(crate::images::ImageCache::new(None, 1 << 20)),
+        )
+        .with_memory(memory(2 * bytes, 2 * bytes).register(None));
+        let gib = bytes as f64 / f64::from(1u32 << 30);
+        for run in 0..5 {
+            let (out, back) = round_trip(&mut s, bytes);
+            println!(
+                "run {run}: {mib} MiB swap-out {:.1} ms ({:.2} GiB/s), swap-in {:.1} ms ({:.2} GiB/s)",
+                out * 1e3,
+                gib / out,
+                back * 1e3,
+                gib / back
+            );
+        }
+    }
+}

@@ -1,0 +1,601 @@
+//! Lukewarm swap: the device memory of one server process, shared by its
+//! sessions, and the policy that makes room in it (issue 21).
+//!
+//! [`DeviceMemory`] counts what every session holds on the device
+//! (resident) and in host memory (swapped), against two bounds: the device
+//! memory sessions may hold resident, and the host memory swapped contents
+//! may take. A session asks for device memory before it maps any
+//! ([`SessionMemory::reserve`]); when the device bound would be passed, the
+//! least recently used idle sessions are asked to swap out (their thread
+//! gets the request in its work queue, after any work already queued) and
+//! the caller waits, bounded, until enough is free. A session that cannot
+//! be swapped, or a host bound that is reached, ends the wait at once with
+//! `CUDA_ERROR_OUT_OF_MEMORY`, the error the allocation gave before.
+//!
+//! The swap itself (contents to host, mappings dropped, then re-created at
+//! the same addresses) is the session's: `crate::session::SessionState`'s
+//! `swap_out` and its swap-in before the next batch. This module holds no
+//! device state and does no I/O; "asking" a session is a callback that
+//! queues the request without blocking.
+
+use crate::error::CallError;
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Bounds of swapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwapConfig {
+    /// Device memory all sessions may hold resident, in bytes; beyond it,
+    /// idle sessions are swapped out.
+    pub device_bytes: u64,
+    /// Host memory swapped contents may take, in bytes; a swap-out beyond
+    /// it is refused.
+    pub host_bytes: u64,
+    /// How long an allocation (or a swap-in) waits for idle sessions to
+    /// swap out before it fails with `OUT_OF_MEMORY`.
+    pub wait: Duration,
+}
+
+/// Queues a swap-out request on a session's thread without blocking;
+/// `false` when it could not be queued (the session ended or its queue is
+/// full, so it is busy anyway).
+pub type AskSwapOut = Box<dyn Fn() -> bool + Send + Sync>;
+
+/// Resident and swapped bytes, of one session or of all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryUse {
+    /// Bytes of device memory held.
+    pub resident: u64,
+    /// Bytes of device contents held in host memory.
+    pub swapped: u64,
+}
+
+/// The device memory of one server process and its sessions' use of it.
+pub struct DeviceMemory {
+    config: Option<SwapConfig>,
+    ledger: Mutex<Ledger>,
+    /// Notified whenever memory is freed or a swap-out request is answered.
+    changed: Condvar,
+}
+
+impl std::fmt::Debug for DeviceMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let l = self.lock();
+        f.debug_struct("DeviceMemory")
+            .field("config", &self.config)
+            .field("total", &l.total)
+            .field("sessions", &l.sessions.len())
+            .finish()
+    }
+}
+
+#[derive(Default)]
+struct Ledger {
+    total: MemoryUse,
+    sessions: HashMap<u64, Entry>,
+    next_id: u64,
+    /// Advances at the end of every batch: the order of last use.
+    clock: u64,
+    /// Resident bytes at which the device last refused memory, and until
+    /// when that is the bound (when lower than the configured one).
+    refused: Option<(u64, Instant)>,
+}
+
+/// How long the device's refusal lowers the bound: memory that other
+/// processes took may come back.
+const REFUSAL_HOLDS: Duration = Duration::from_secs(60);
+
+struct Entry {
+    used: MemoryUse,
+    /// Inside a batch: never a victim, but idle soon unless `waiting`.
+    busy: bool,
+    /// Waiting in [`SessionMemory::reserve`] for others to swap out.
+    waiting: bool,
+    last_used: u64,
+    /// A swap-out was asked and not yet answered.
+    asked: bool,
+    /// The last swap-out was refused; cleared by the session's next batch.
+    refused: bool,
+    ask: Option<AskSwapOut>,
+}
+
+impl Ledger {
+    /// Idle sessions (not busy, not asked, not refused, holding memory)
+    /// other than `except`, least recently used first.
+    fn idle_lru(&self, except: u64) -> Vec<u64> {
+        let mut idle: Vec<(u64, u64)> = self
+            .sessions
+            .iter()
+            .filter(|(id, e)| **id != except && !e.busy && !e.asked && !e.refused && e.used.resident > 0)
+            .filter(|(_, e)| e.ask.is_some())
+            .map(|(&id, e)| (e.last_used, id))
+            .collect();
+        idle.sort_unstable();
+        idle.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Device bytes that swap-outs asked and not yet answered will free:
+    /// of sessions other than `except` that are not waiting for memory
+    /// themselves (they reach the request only after their batch).
+    fn pending(&self, except: u64) -> u64 {
+        let coming = |(id, e): &(&u64, &Entry)| **id != except && e.asked && !e.waiting;
+        self.sessions.iter().filter(coming).map(|(_, e)| e.used.resident).sum()
+    }
+
+    /// Device bytes of sessions other than `except` that are in a batch
+    /// and not waiting for memory themselves: victims once the batch ends
+    /// (a client's calls run after it returned from them).
+    fn busy(&self, except: u64) -> u64 {
+        let soon = |(id, e): &(&u64, &Entry)| **id != except && e.busy && !e.waiting && e.ask.is_some();
+        self.sessions.iter().filter(soon).map(|(_, e)| e.used.resident).sum()
+    }
+
+    fn entry(&mut self, id: u64) -> Option<&mut Entry> {
+        self.sessions.get_mut(&id)
+    }
+}
+
+impl DeviceMemory {
+    /// Memory with swapping as `config` says; `None`: no device bound and
+    /// no swapping, only the counts.
+    pub fn new(config: Option<SwapConfig>) -> Arc<Self> {
+        Arc::new(Self { config, ledger: Mutex::new(Ledger::default()), changed: Condvar::new() })
+    }
+
+    /// Whether swapping is on.
+    pub fn swapping(&self) -> bool {
+        self.config.is_some()
+    }
+
+    /// Registers a session; `ask` queues a swap-out request on its thread
+    /// (`None`: the session is never asked).
+    pub fn register(self: &Arc<Self>, ask: Option<AskSwapOut>) -> SessionMemory {
+        let mut l = self.lock();
+        l.next_id += 1;
+        let id = l.next_id;
+        let last_used = l.clock;
+        l.sessions.insert(
+            id,
+            Entry {
+                used: MemoryUse::default(),
+                busy: false,
+                waiting: false,
+                last_used,
+                asked: false,
+                refused: false,
+                ask,
+            },
+        );
+        SessionMemory { memory: self.clone(), id }
+    }
+
+    /// What all sessions hold now.
+    pub fn total(&self) -> MemoryUse {
+        self.lock().total
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One session's share of [`DeviceMemory`]; dropping it gives back all the
+/// session held.
+pub struct SessionMemory {
+    memory: Arc<DeviceMemory>,
+    id: u64,
+}
+
+impl std::fmt::Debug for SessionMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionMemory").field("id", &self.id).field("used", &self.used()).finish()
+    }
+}
+
+impl SessionMemory {
+    /// A session of its own, unbounded memory (tests and tools).
+    pub fn detached() -> Self {
+        DeviceMemory::new(None).register(None)
+    }
+
+    /// What this session holds now.
+    pub fn used(&self) -> MemoryUse {
+        self.memory.lock().sessions.get(&self.id).map(|e| e.used).unwrap_or_default()
+    }
+
+    /// Takes `bytes` of device memory for this session. Beyond the device
+    /// bound, asks idle sessions, least recently used first, to swap out
+    /// and waits up to the configured time for them (and for sessions in a
+    /// batch to become idle); `OUT_OF_MEMORY` when they cannot free enough.
+    pub fn reserve(&self, bytes: u64) -> Result<(), CallError> {
+        let result = self.reserve_waiting(bytes);
+        if let Some(e) = self.memory.lock().entry(self.id) {
+            e.waiting = false;
+        }
+        result
+    }
+
+    fn reserve_waiting(&self, bytes: u64) -> Result<(), CallError> {
+        let (limit, wait) = match self.memory.config {
+            Some(c) => (c.device_bytes, c.wait),
+            None => (u64::MAX, Duration::ZERO),
+        };
+        let deadline = Instant::now() + wait;
+        let mut l = self.memory.lock();
+        if bytes > limit {
+            return Err(CallError::out_of_memory(format!(
+                "{bytes} bytes are more than the {limit} bytes of device memory sessions may hold"
+            )));
+        }
+        loop {
+            let limit = match l.refused {
+                Some((at, until)) if Instant::now() < until => limit.min(at),
+                _ => limit,
+            };
+            let total = l.total.resident;
+            if total.checked_add(bytes).is_some_and(|t| t <= limit) {
+                l.total.resident += bytes;
+                if let Some(e) = l.entry(self.id) {
+                    e.used.resident += bytes;
+                }
+                return Ok(());
+            }
+            let short = total.saturating_add(bytes).saturating_sub(limit);
+            let mut coming = l.pending(self.id);
+            let mut victims = l.idle_lru(self.id).into_iter();
+            while coming < short {
+                let Some(victim) = victims.next() else { break };
+                let Some(e) = l.entry(victim) else { continue };
+                if e.ask.as_ref().is_some_and(|ask| ask()) {
+                    e.asked = true;
+                    coming += e.used.resident;
+                    tracing::debug!(victim, bytes = e.used.resident, "asked an idle session to swap out");
+                }
+            }
+            let now = Instant::now();
+            if coming.saturating_add(l.busy(self.id)) < short || now >= deadline {
+                let (resident, swapped) = (l.total.resident, l.total.swapped);
+                return Err(CallError::out_of_memory(format!(
+                    "device memory is full: {bytes} bytes asked, {resident} of {limit} resident, {swapped} swapped \
+                     out; idle sessions cannot free enough"
+                )));
+            }
+            if let Some(e) = l.entry(self.id) {
+                e.waiting = true;
+            }
+            l = self.memory.changed.wait_timeout(l, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// The device refused memory this session had reserved (and gave
+    /// back): the device holds less than the bound says. For a while the
+    /// bound is what all sessions hold now, so that the next reserve swaps
+    /// idle sessions out first. `false` when there is nothing to swap out
+    /// or swapping is off (a retry would fail the same way).
+    pub fn device_refused(&self) -> bool {
+        if self.memory.config.is_none() {
+            return false;
+        }
+        let mut l = self.memory.lock();
+        let resident = l.total.resident;
+        if resident == 0 {
+            return false;
+        }
+        tracing::info!(resident, "the device refused memory below the swap bound; bound lowered for a while");
+        l.refused = Some((resident, Instant::now() + REFUSAL_HOLDS));
+        true
+    }
+
+    /// Gives back `bytes` of device memory.
+    pub fn release(&self, bytes: u64) {
+        let mut l = self.memory.lock();
+        l.total.resident = l.total.resident.saturating_sub(bytes);
+        if let Some(e) = l.entry(self.id) {
+            e.used.resident = e.used.resident.saturating_sub(bytes);
+        }
+        drop(l);
+        self.memory.changed.notify_all();
+    }
+
+    /// Takes `bytes` of host memory for swapped contents; refused beyond
+    /// the host bound (or when swapping is off).
+    pub fn reserve_host(&self, bytes: u64) -> Result<(), CallError> {
+        let limit = self.memory.config.map_or(0, |c| c.host_bytes);
+        let mut l = self.memory.lock();
+        let swapped = l.total.swapped;
+        if swapped.checked_add(bytes).is_none_or(|t| t > limit) {
+            return Err(CallError::out_of_memory(format!(
+                "swap space is full: {bytes} bytes to swap out, {swapped} of {limit} in use"
+            )));
+        }
+        l.total.swapped += bytes;
+        if let Some(e) = l.entry(self.id) {
+            e.used.swapped += bytes;
+        }
+        Ok(())
+    }
+
+    /// Gives back `bytes` of host memory.
+    pub fn release_host(&self, bytes: u64) {
+        let mut l = self.memory.lock();
+        l.total.swapped = l.total.swapped.saturating_sub(bytes);
+        if let Some(e) = l.entry(self.id) {
+            e.used.swapped = e.used.swapped.saturating_sub(bytes);
+        }
+    }
+
+    /// The session is in a batch: it is no victim until [`Self::end_batch`].
+    pub fn begin_batch(&self) {
+        // Without swapping nobody asks: the batch path stays lock-free.
+        if !self.memory.swapping() {
+            return;
+        }
+        if let Some(e) = self.memory.lock().entry(self.id) {
+            e.busy = true;
+        }
+    }
+
+    /// The session finished a batch: idle, and the most recently used.
+    pub fn end_batch(&self) {
+        if !self.memory.swapping() {
+            return;
+        }
+        let mut l = self.memory.lock();
+        l.clock += 1;
+        let clock = l.clock;
+        if let Some(e) = l.entry(self.id) {
+            e.busy = false;
+            e.refused = false;
+            e.last_used = clock;
+        }
+        drop(l);
+        // A session waiting for memory may ask this one now.
+        self.memory.changed.notify_all();
+    }
+
+    /// Answers a swap-out request: `ok` false when the session refused it
+    /// or had nothing to free (then it is not asked again before its next
+    /// batch).
+    pub fn answered(&self, ok: bool) {
+        if let Some(e) = self.memory.lock().entry(self.id) {
+            e.asked = false;
+            e.refused = !ok;
+        }
+        self.memory.changed.notify_all();
+    }
+}
+
+impl Drop for SessionMemory {
+    fn drop(&mut self) {
+        let mut l = self.memory.lock();
+        if let Some(e) = l.sessions.remove(&self.id) {
+            l.total.resident = l.total.resident.saturating_sub(e.used.resident);
+            l.total.swapped = l.total.swapped.saturating_sub(e.used.swapped);
+        }
+        drop(l);
+        self.memory.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn config(device_bytes: u64, host_bytes: u64) -> Option<SwapConfig> {
+        Some(SwapConfig { device_bytes, host_bytes, wait: Duration::from_millis(200) })
+    }
+
+    /// An asker that counts its requests.
+    fn counting() -> (Arc<AtomicUsize>, AskSwapOut) {
+        let n = Arc::new(AtomicUsize::new(0));
+        let c = n.clone();
+        (n, Box::new(move || c.fetch_add(1, Ordering::Relaxed) < usize::MAX))
+    }
+
+    /// A session on `m` that holds 80 bytes and is idle, with the count
+    /// of the swap-out requests it got.
+    fn idle_holder(m: &Arc<DeviceMemory>) -> (Arc<AtomicUsize>, SessionMemory) {
+        let (asked, ask) = counting();
+        let s = m.register(Some(ask));
+        s.reserve(80).expect("fits");
+        s.end_batch();
+        (asked, s)
+    }
+
+    /// What a session's thread does when asked: its `bytes` to the host.
+    fn swap_out_by_hand(s: &SessionMemory, bytes: u64) {
+        s.reserve_host(bytes).expect("room");
+        s.release(bytes);
+        s.answered(true);
+    }
+
+    #[test]
+    fn without_swap_memory_is_only_counted() {
+        let m = DeviceMemory::new(None);
+        let s = m.register(None);
+        s.reserve(u64::MAX / 2).expect("unbounded");
+        assert_eq!(m.total(), MemoryUse { resident: u64::MAX / 2, swapped: 0 });
+        assert!(s.reserve_host(1).is_err(), "no swap space without swapping");
+        drop(s);
+        assert_eq!(m.total(), MemoryUse::default());
+    }
+
+    #[test]
+    fn the_least_recently_used_idle_session_is_asked() {
+        let m = DeviceMemory::new(config(100, 1000));
+        let (asked_a, ask_a) = counting();
+        let (asked_b, ask_b) = counting();
+        let a = m.register(Some(ask_a));
+        let b = m.register(Some(ask_b));
+        for s in [&a, &b] {
+            s.begin_batch();
+            s.reserve(40).expect("fits");
+            s.end_batch();
+        }
+        let c = m.register(None);
+        c.begin_batch();
+        // A swaps out on its own thread when asked: here, by hand.
+        let answer = std::thread::spawn({
+            let m = m.clone();
+            move || {
+                while asked_a.load(Ordering::Relaxed) == 0 {
+                    std::thread::yield_now();
+                }
+                swap_out_by_hand(&a, 40);
+                (a, m)
+            }
+        });
+        c.reserve(50).expect("room once A swapped out");
+        let (a, _) = answer.join().expect("thread");
+        assert_eq!(asked_b.load(Ordering::Relaxed), 0, "B was used last");
+        assert_eq!(a.used(), MemoryUse { resident: 0, swapped: 40 });
+        assert_eq!(m.total(), MemoryUse { resident: 90, swapped: 40 });
+    }
+
+    #[test]
+    fn a_busy_session_is_asked_once_its_batch_ends() {
+        let m = DeviceMemory::new(config(100, 1000));
+        let (asked, ask) = counting();
+        let a = m.register(Some(ask));
+        a.begin_batch();
+        a.reserve(80).expect("fits");
+        let waiter = std::thread::spawn({
+            let b = m.register(None);
+            move || {
+                b.begin_batch();
+                b.reserve(40).map(|()| b)
+            }
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(asked.load(Ordering::Relaxed), 0, "not asked while in its batch");
+        a.end_batch();
+        while asked.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        swap_out_by_hand(&a, 80);
+        let b = waiter.join().expect("thread").expect("room once A swapped out");
+        assert_eq!(b.used().resident, 40);
+    }
+
+    #[test]
+    fn refusing_and_unaskable_sessions_are_not_waited_for() {
+        let m = DeviceMemory::new(config(100, 1000));
+        let (asked, ask) = counting();
+        let a = m.register(Some(ask));
+        a.reserve(80).expect("fits");
+        a.answered(false);
+        let b = m.register(None);
+        let start = Instant::now();
+        assert_eq!(b.reserve(40).expect_err("A refused").code, gpupool_proto::cuda::OUT_OF_MEMORY);
+        assert!(start.elapsed() < Duration::from_millis(150), "no wait without a victim");
+        assert_eq!(asked.load(Ordering::Relaxed), 0, "A refused: not asked again before its next batch");
+        drop(a);
+        let c = m.register(None);
+        c.begin_batch();
+        c.reserve(80).expect("fits");
+        let start = Instant::now();
+        assert!(b.reserve(40).is_err(), "C cannot be asked");
+        assert!(start.elapsed() < Duration::from_millis(150), "no wait without a victim");
+        assert!(b.reserve(101).is_err(), "more than the device");
+    }
+
+    #[test]
+    fn a_session_asked_to_swap_out_does_not_wait_for_itself() {
+        let m = DeviceMemory::new(config(100, 1000));
+        let (asked, a) = idle_holder(&m);
+        let b = m.register(None);
+        b.begin_batch();
+        b.reserve(10).expect("fits");
+        let waiter = std::thread::spawn(move || b.reserve(40).map(|()| b));
+        while asked.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        // A's next batch (queued before the request) needs memory: B waits
+        // for A, and A must not wait for its own swap-out.
+        a.begin_batch();
+        let start = Instant::now();
+        assert!(a.reserve(20).is_err());
+        assert!(start.elapsed() < Duration::from_millis(150), "no wait for itself");
+        a.end_batch();
+        swap_out_by_hand(&a, 80);
+        assert_eq!(waiter.join().expect("thread").expect("room once A swapped out").used().resident, 50);
+    }
+
+    #[test]
+    fn a_device_refusal_lowers_the_bound_so_idle_sessions_make_room() {
+        let m = DeviceMemory::new(config(1000, 1000));
+        let (asked, a) = idle_holder(&m);
+        let b = m.register(None);
+        b.begin_batch();
+        b.reserve(10).expect("counted as free");
+        // The device refused those 10 bytes: B gives them back and retries.
+        b.release(10);
+        assert!(b.device_refused());
+        let waiter = std::thread::spawn(move || b.reserve(10).map(|()| b));
+        while asked.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        swap_out_by_hand(&a, 80);
+        assert_eq!(waiter.join().expect("thread").expect("room once A swapped out").used().resident, 10);
+        assert!(!SessionMemory::detached().device_refused(), "without swapping a retry would fail the same way");
+    }
+
+    #[test]
+    fn an_unanswered_request_times_out() {
+        let m = DeviceMemory::new(config(100, 1000));
+        let (asked, _a) = idle_holder(&m);
+        let b = m.register(None);
+        let start = Instant::now();
+        let e = b.reserve(40).expect_err("A never answers");
+        assert!(start.elapsed() >= Duration::from_millis(200), "waited the configured time");
+        assert!(e.message.contains("device memory is full"), "{e}");
+        assert_eq!(asked.load(Ordering::Relaxed), 1, "asked once, not on every wake-up");
+    }
+
+    proptest::proptest! {
+        /// Whatever sessions do, the totals are the sum of the sessions'
+        /// use, within both bounds, and a reservation succeeds exactly when
+        /// it fits (no session here can be asked, so nothing waits).
+        #[test]
+        fn counts_stay_consistent_and_bounded(
+            ops in proptest::collection::vec((0usize..3, 0u8..6, 0u64..60), 0..200),
+        ) {
+            let m = DeviceMemory::new(config(100, 80));
+            let mut sessions: Vec<Option<SessionMemory>> = (0..3).map(|_| Some(m.register(None))).collect();
+            for (who, op, n) in ops {
+                let before = m.total();
+                let Some(s) = &sessions[who] else { continue };
+                match op {
+                    0 => proptest::prop_assert_eq!(s.reserve(n).is_ok(), before.resident + n <= 100),
+                    1 => s.release(n.min(s.used().resident)),
+                    2 => proptest::prop_assert_eq!(s.reserve_host(n).is_ok(), before.swapped + n <= 80),
+                    3 => s.release_host(n.min(s.used().swapped)),
+                    4 => {
+                        s.begin_batch();
+                        s.end_batch();
+                    }
+                    _ => sessions[who] = None,
+                }
+                let sum = sessions.iter().flatten().map(SessionMemory::used).fold(MemoryUse::default(), |a, u| {
+                    MemoryUse { resident: a.resident + u.resident, swapped: a.swapped + u.swapped }
+                });
+                proptest::prop_assert_eq!(m.total(), sum);
+                proptest::prop_assert!(sum.resident <= 100 && sum.swapped <= 80);
+            }
+        }
+    }
+
+    #[test]
+    fn host_space_is_bounded() {
+        let m = DeviceMemory::new(config(100, 50));
+        let a = m.register(None);
+        a.reserve_host(30).expect("fits");
+        let e = a.reserve_host(30).expect_err("past the bound");
+        assert!(e.message.contains("swap space is full"), "{e}");
+        a.release_host(30);
+        a.reserve_host(50).expect("fits again");
+        assert_eq!(m.total().swapped, 50);
+    }
+}
