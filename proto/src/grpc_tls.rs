@@ -162,7 +162,11 @@ fn with_sources(mut text: String, mut source: Option<&(dyn std::error::Error + '
 /// balancer that speaks TLS (its handshake reads as a broken HTTP/2 frame).
 pub fn describe_for(status: &tonic::Status, trust: &BalancerTrust) -> String {
     let text = describe(status);
-    if *trust == BalancerTrust::Insecure && matches!(status.code(), tonic::Code::Internal | tonic::Code::Unavailable) {
+    // The handshake reads as a broken frame (Internal), a refused stream
+    // (Unavailable) or, when the balancer drops the connection first, a
+    // broken pipe (Unknown).
+    let transport = matches!(status.code(), tonic::Code::Internal | tonic::Code::Unavailable | tonic::Code::Unknown);
+    if *trust == BalancerTrust::Insecure && transport {
         format!(
             "{text} (a plaintext client gets this from a balancer that runs TLS: use https:// with its certificate's \
              SHA-256 or a CA)"
