@@ -319,15 +319,15 @@ fn linear(dst: Linear, src: Linear, n: usize, stream: CUstream) -> CuResult {
     copy_3d(&c, stream)
 }
 
-fn a(array: CUarray, offset: usize) -> Linear {
+fn in_array(array: CUarray, offset: usize) -> Linear {
     Linear::Array(array, offset)
 }
 
-fn h<T>(p: *const T) -> Linear {
+fn host<T>(p: *const T) -> Linear {
     Linear::Host(p as usize)
 }
 
-fn d(p: CUdeviceptr) -> Linear {
+fn device(p: CUdeviceptr) -> Linear {
     Linear::Device(p)
 }
 
@@ -459,20 +459,20 @@ crate::exports! {
         copy_3d(&unsafe { get(p.cast::<Memcpy3d>()) }?, stream)
     }
 
-    fn cuMemcpyHtoA_v2(dst: CUarray, offset: usize, src: *const c_void, n: usize) { linear(a(dst, offset), h(src), n, std::ptr::null_mut()) }
-    fn cuMemcpyHtoA_v2_ptds(dst: CUarray, offset: usize, src: *const c_void, n: usize) { linear(a(dst, offset), h(src), n, std::ptr::null_mut()) }
-    fn cuMemcpyHtoAAsync_v2(dst: CUarray, offset: usize, src: *const c_void, n: usize, s: CUstream) { linear(a(dst, offset), h(src), n, s) }
-    fn cuMemcpyHtoAAsync_v2_ptsz(dst: CUarray, offset: usize, src: *const c_void, n: usize, s: CUstream) { linear(a(dst, offset), h(src), n, s) }
-    fn cuMemcpyAtoH_v2(dst: *mut c_void, src: CUarray, offset: usize, n: usize) { linear(h(dst), a(src, offset), n, std::ptr::null_mut()) }
-    fn cuMemcpyAtoH_v2_ptds(dst: *mut c_void, src: CUarray, offset: usize, n: usize) { linear(h(dst), a(src, offset), n, std::ptr::null_mut()) }
-    fn cuMemcpyAtoHAsync_v2(dst: *mut c_void, src: CUarray, offset: usize, n: usize, s: CUstream) { linear(h(dst), a(src, offset), n, s) }
-    fn cuMemcpyAtoHAsync_v2_ptsz(dst: *mut c_void, src: CUarray, offset: usize, n: usize, s: CUstream) { linear(h(dst), a(src, offset), n, s) }
-    fn cuMemcpyDtoA_v2(dst: CUarray, offset: usize, src: CUdeviceptr, n: usize) { linear(a(dst, offset), d(src), n, std::ptr::null_mut()) }
-    fn cuMemcpyDtoA_v2_ptds(dst: CUarray, offset: usize, src: CUdeviceptr, n: usize) { linear(a(dst, offset), d(src), n, std::ptr::null_mut()) }
-    fn cuMemcpyAtoD_v2(dst: CUdeviceptr, src: CUarray, offset: usize, n: usize) { linear(d(dst), a(src, offset), n, std::ptr::null_mut()) }
-    fn cuMemcpyAtoD_v2_ptds(dst: CUdeviceptr, src: CUarray, offset: usize, n: usize) { linear(d(dst), a(src, offset), n, std::ptr::null_mut()) }
-    fn cuMemcpyAtoA_v2(dst: CUarray, dst_offset: usize, src: CUarray, src_offset: usize, n: usize) { linear(a(dst, dst_offset), a(src, src_offset), n, std::ptr::null_mut()) }
-    fn cuMemcpyAtoA_v2_ptds(dst: CUarray, dst_offset: usize, src: CUarray, src_offset: usize, n: usize) { linear(a(dst, dst_offset), a(src, src_offset), n, std::ptr::null_mut()) }
+    fn cuMemcpyHtoA_v2(dst: CUarray, offset: usize, src: *const c_void, n: usize) { linear(in_array(dst, offset), host(src), n, std::ptr::null_mut()) }
+    fn cuMemcpyHtoA_v2_ptds(dst: CUarray, offset: usize, src: *const c_void, n: usize) { linear(in_array(dst, offset), host(src), n, std::ptr::null_mut()) }
+    fn cuMemcpyHtoAAsync_v2(dst: CUarray, offset: usize, src: *const c_void, n: usize, s: CUstream) { linear(in_array(dst, offset), host(src), n, s) }
+    fn cuMemcpyHtoAAsync_v2_ptsz(dst: CUarray, offset: usize, src: *const c_void, n: usize, s: CUstream) { linear(in_array(dst, offset), host(src), n, s) }
+    fn cuMemcpyAtoH_v2(dst: *mut c_void, src: CUarray, offset: usize, n: usize) { linear(host(dst), in_array(src, offset), n, std::ptr::null_mut()) }
+    fn cuMemcpyAtoH_v2_ptds(dst: *mut c_void, src: CUarray, offset: usize, n: usize) { linear(host(dst), in_array(src, offset), n, std::ptr::null_mut()) }
+    fn cuMemcpyAtoHAsync_v2(dst: *mut c_void, src: CUarray, offset: usize, n: usize, s: CUstream) { linear(host(dst), in_array(src, offset), n, s) }
+    fn cuMemcpyAtoHAsync_v2_ptsz(dst: *mut c_void, src: CUarray, offset: usize, n: usize, s: CUstream) { linear(host(dst), in_array(src, offset), n, s) }
+    fn cuMemcpyDtoA_v2(dst: CUarray, offset: usize, src: CUdeviceptr, n: usize) { linear(in_array(dst, offset), device(src), n, std::ptr::null_mut()) }
+    fn cuMemcpyDtoA_v2_ptds(dst: CUarray, offset: usize, src: CUdeviceptr, n: usize) { linear(in_array(dst, offset), device(src), n, std::ptr::null_mut()) }
+    fn cuMemcpyAtoD_v2(dst: CUdeviceptr, src: CUarray, offset: usize, n: usize) { linear(device(dst), in_array(src, offset), n, std::ptr::null_mut()) }
+    fn cuMemcpyAtoD_v2_ptds(dst: CUdeviceptr, src: CUarray, offset: usize, n: usize) { linear(device(dst), in_array(src, offset), n, std::ptr::null_mut()) }
+    fn cuMemcpyAtoA_v2(dst: CUarray, dst_offset: usize, src: CUarray, src_offset: usize, n: usize) { linear(in_array(dst, dst_offset), in_array(src, src_offset), n, std::ptr::null_mut()) }
+    fn cuMemcpyAtoA_v2_ptds(dst: CUarray, dst_offset: usize, src: CUarray, src_offset: usize, n: usize) { linear(in_array(dst, dst_offset), in_array(src, src_offset), n, std::ptr::null_mut()) }
 
     fn cuMemcpyPeer(dst: CUdeviceptr, dc: CUcontext, src: CUdeviceptr, sc: CUcontext, n: usize) { peer(dst, dc, src, sc, n, std::ptr::null_mut()) }
     fn cuMemcpyPeer_ptds(dst: CUdeviceptr, dc: CUcontext, src: CUdeviceptr, sc: CUcontext, n: usize) { peer(dst, dc, src, sc, n, std::ptr::null_mut()) }
