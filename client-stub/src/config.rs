@@ -79,7 +79,8 @@ pub struct ClientConfig {
     pub idle_timeout: Duration,
     pub keep_alive: Duration,
     /// Largest UDP payload sent or accepted; MTU discovery probes up to it
-    /// (Lambda: 1200, which turns discovery off).
+    /// (default: 65 527 for a loopback server, 1472 else; Lambda: 1200,
+    /// which turns discovery off).
     pub max_udp_payload: u16,
     /// After each batch sent, keep the I/O thread awake this long (a task
     /// that yields in a loop) so that the next send need not wake it
@@ -127,7 +128,7 @@ impl ClientConfig {
             reply_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(2),
-            max_udp_payload: gpupool_proto::quic::DEFAULT_UDP_PAYLOAD,
+            max_udp_payload: gpupool_proto::quic::default_udp_payload(server.ip()),
             io_spin: Duration::ZERO,
             resume: true,
             token_source: TokenSource::Fixed,

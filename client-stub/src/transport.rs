@@ -276,6 +276,15 @@ impl BulkLinks {
 
     fn close(&self) {
         for c in self.conns.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let stats = c.stats();
+            tracing::debug!(
+                lost = stats.path.lost_packets,
+                sent = stats.path.sent_packets,
+                congestion_events = stats.path.congestion_events,
+                cwnd = stats.path.cwnd,
+                mtu = stats.path.current_mtu,
+                "bulk connection closing"
+            );
             c.close(close_code::NORMAL.into(), b"client closed the session");
         }
     }
