@@ -680,7 +680,7 @@ impl Session {
         st.next_transfer += 1;
         // The upload runs on this thread before the copy is queued.
         crate::stats::note_waited();
-        self.inner.transport.bulk_put(id, Bytes::copy_from_slice(src)).map_err(|e| Self::mark_dead(st, e))?;
+        self.inner.transport.bulk_put(id, src).map_err(|e| Self::mark_dead(st, e))?;
         let staged = v1::StagedRef { transfer_id: id, size };
         let op = Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Staged(staged)) });
         self.enqueue_plain(st, op)?;
@@ -776,10 +776,7 @@ impl Session {
                     // Large images (cuBLAS's fatbins) travel like large copies.
                     let transfer_id = st.next_transfer;
                     st.next_transfer += 1;
-                    self.inner
-                        .transport
-                        .bulk_put(transfer_id, Bytes::copy_from_slice(image))
-                        .map_err(|e| Self::mark_dead(&mut st, e))?;
+                    self.inner.transport.bulk_put(transfer_id, image).map_err(|e| Self::mark_dead(&mut st, e))?;
                     let staged = v1::StagedRef { transfer_id, size: image.len() as u64 };
                     v1::ModuleLoad { module: id, sha256, image: None, staged: Some(staged) }
                 };
