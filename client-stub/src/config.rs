@@ -79,8 +79,9 @@ pub struct ClientConfig {
     pub idle_timeout: Duration,
     pub keep_alive: Duration,
     /// Largest UDP payload sent or accepted; MTU discovery probes up to it
-    /// (default: 65 527 for a loopback server, 1472 else; Lambda: 1200,
-    /// which turns discovery off).
+    /// (Lambda: 1200, which turns discovery off). Bulk connections to a
+    /// loopback server use 65 527 unless this is below 1472
+    /// (`gpupool_proto::quic::bulk_udp_payload`).
     pub max_udp_payload: u16,
     /// After each batch sent, keep the I/O thread awake this long (a task
     /// that yields in a loop) so that the next send need not wake it
@@ -128,7 +129,7 @@ impl ClientConfig {
             reply_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(2),
-            max_udp_payload: gpupool_proto::quic::default_udp_payload(server.ip()),
+            max_udp_payload: gpupool_proto::quic::DEFAULT_UDP_PAYLOAD,
             io_spin: Duration::ZERO,
             resume: true,
             token_source: TokenSource::Fixed,

@@ -548,7 +548,12 @@ impl QuicTransport {
                 return Err(e);
             }
         };
-        let bulk = BulkLinks::open(config, &quinn_client_config(config)?, server.ip(), &welcome);
+        // Large datagrams on bulk connections to a loopback server.
+        let bulk_config = ClientConfig {
+            max_udp_payload: quic::bulk_udp_payload(server.ip(), config.max_udp_payload),
+            ..config.clone()
+        };
+        let bulk = BulkLinks::open(&bulk_config, &quinn_client_config(&bulk_config)?, server.ip(), &welcome);
         let resume = (config.resume && !welcome.resume_secret.is_empty()).then(|| ResumeInfo {
             server,
             name: config.server_name.clone(),
@@ -666,8 +671,10 @@ impl QuicTransport {
         &self,
         op: impl FnOnce(Vec<quinn::Connection>) -> F,
     ) -> Option<Result<T>> {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return None;
+        match tokio::runtime::Handle::try_current() {
+            // No runtime here: this thread may wait on the bulk runtime.
+            Err(e) if !e.is_thread_local_destroyed() => {}
+            _ => return None,
         }
         let (rt, conns) = match &self.bulk {
             Some(bulk) if bulk.rt.is_some() && !bulk.open_conns().is_empty() => (bulk.rt.as_ref()?, bulk.open_conns()),
