@@ -79,7 +79,9 @@ pub struct ClientConfig {
     pub idle_timeout: Duration,
     pub keep_alive: Duration,
     /// Largest UDP payload sent or accepted; MTU discovery probes up to it
-    /// (Lambda: 1200, which turns discovery off).
+    /// (Lambda: 1200, which turns discovery off). Bulk connections to a
+    /// loopback server use 65 527 unless this is below 1472
+    /// (`gpupool_proto::quic::bulk_udp_payload`).
     pub max_udp_payload: u16,
     /// After each batch sent, keep the I/O thread awake this long (a task
     /// that yields in a loop) so that the next send need not wake it

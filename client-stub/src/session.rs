@@ -717,7 +717,7 @@ impl Session {
         let id = st.next_transfer;
         st.next_transfer += 1;
         crate::stats::note_waited();
-        self.inner.transport.bulk_put(id, Bytes::copy_from_slice(src)).map_err(|e| Self::mark_dead(st, e))?;
+        self.inner.transport.bulk_put(id, src).map_err(|e| Self::mark_dead(st, e))?;
         Ok(HostBytes::Staged(v1::StagedRef { transfer_id: id, size: src.len() as u64 }))
     }
 
@@ -815,10 +815,7 @@ impl Session {
                     // Large images (cuBLAS's fatbins) travel like large copies.
                     let transfer_id = st.next_transfer;
                     st.next_transfer += 1;
-                    self.inner
-                        .transport
-                        .bulk_put(transfer_id, Bytes::copy_from_slice(image))
-                        .map_err(|e| Self::mark_dead(&mut st, e))?;
+                    self.inner.transport.bulk_put(transfer_id, image).map_err(|e| Self::mark_dead(&mut st, e))?;
                     let staged = v1::StagedRef { transfer_id, size: image.len() as u64 };
                     v1::ModuleLoad { module: id, sha256, image: None, staged: Some(staged) }
                 };

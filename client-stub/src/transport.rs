@@ -10,6 +10,7 @@ use crate::error::{ClientError, Result};
 use bytes::Bytes;
 use gpupool_proto::frame::{self, FrameDecoder};
 use gpupool_proto::payload::{self, Compression};
+use gpupool_proto::pool::BufferPool;
 use gpupool_proto::replay::{ReplayLimit, ReplayLog};
 use gpupool_proto::{PROTOCOL_VERSION, close_code, quic, v1};
 use prost::Message;
@@ -35,7 +36,7 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
         None
     }
     /// Uploads `data` as staged transfer `id`.
-    fn bulk_put(&self, id: u64, data: Bytes) -> Result<()>;
+    fn bulk_put(&self, id: u64, data: &[u8]) -> Result<()>;
     /// Downloads staged transfer `id` into `out` (its whole size).
     fn bulk_get(&self, id: u64, out: &mut [u8]) -> Result<()>;
     /// Ends the session.
@@ -76,6 +77,8 @@ pub struct QuicTransport {
     bulk: Option<BulkLinks>,
     chunk: usize,
     parallel: Arc<Semaphore>,
+    /// Buffers for chunks on their way, reused from copy to copy.
+    buffers: Arc<BufferPool>,
     compression: Compression,
     reply_timeout: Duration,
     /// How to reattach; `None` when the server keeps no lost sessions.
@@ -276,6 +279,15 @@ impl BulkLinks {
 
     fn close(&self) {
         for c in self.conns.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let stats = c.stats();
+            tracing::debug!(
+                lost = stats.path.lost_packets,
+                sent = stats.path.sent_packets,
+                congestion_events = stats.path.congestion_events,
+                cwnd = stats.path.cwnd,
+                mtu = stats.path.current_mtu,
+                "bulk connection closing"
+            );
             c.close(close_code::NORMAL.into(), b"client closed the session");
         }
     }
@@ -359,17 +371,29 @@ async fn next_frame(cmd: &mut CommandStream) -> Result<Bytes> {
     }
 }
 
-/// One request on its own bulk stream.
-async fn bulk_request(conn: &quinn::Connection, mut req: [Bytes; 2], max: usize) -> Result<Option<v1::Payload>> {
+/// Bytes of a bulk frame besides its chunk (header and request fields).
+const BULK_HEADROOM: usize = 64 << 10;
+
+/// One request on its own bulk stream; its response, at most `max` bytes,
+/// is read into a buffer from `buffers`.
+async fn bulk_request(
+    conn: &quinn::Connection,
+    mut req: [Bytes; 2],
+    max: usize,
+    buffers: &Arc<BufferPool>,
+) -> Result<Option<v1::Payload>> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
     send.write_all_chunks(&mut req).await.map_err(write_err)?;
     let _ = send.finish();
-    let bytes = recv.read_to_end(max).await.map_err(|e| match e {
-        quinn::ReadToEndError::Read(e) => read_err(e),
-        quinn::ReadToEndError::TooLong => ClientError::Protocol("bulk response too long".into()),
-    })?;
+    let mut buf = buffers.take(max).ok_or_else(|| ClientError::Protocol(format!("cannot allocate {max} bytes")))?;
+    while let Some(chunk) = recv.read_chunk(max - buf.len(), true).await.map_err(read_err)? {
+        buf.extend_from_slice(&chunk.bytes);
+        if buf.len() == max && recv.read_chunk(1, true).await.map_err(read_err)?.is_some() {
+            return Err(ClientError::Protocol("bulk response too long".into()));
+        }
+    }
     // One frame, the whole stream: its body is a slice of what was read.
-    let bytes = Bytes::from(bytes);
+    let bytes = buf.freeze();
     let header = bytes.get(..frame::HEADER_LEN).and_then(|h| <[u8; frame::HEADER_LEN]>::try_from(h).ok());
     let header = header.ok_or_else(|| ClientError::Protocol("bulk response truncated".into()))?;
     let len = frame::decode_header(header, max).map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -524,7 +548,12 @@ impl QuicTransport {
                 return Err(e);
             }
         };
-        let bulk = BulkLinks::open(config, &quinn_client_config(config)?, server.ip(), &welcome);
+        // Large datagrams on bulk connections to a loopback server.
+        let bulk_config = ClientConfig {
+            max_udp_payload: quic::bulk_udp_payload(server.ip(), config.max_udp_payload),
+            ..config.clone()
+        };
+        let bulk = BulkLinks::open(&bulk_config, &quinn_client_config(&bulk_config)?, server.ip(), &welcome);
         let resume = (config.resume && !welcome.resume_secret.is_empty()).then(|| ResumeInfo {
             server,
             name: config.server_name.clone(),
@@ -543,6 +572,9 @@ impl QuicTransport {
             bulk,
             chunk: config.bulk_chunk_bytes,
             parallel: Arc::new(Semaphore::new(config.bulk_parallel)),
+            // Room for a chunk and its frame header; as many as can be in
+            // flight, and the one being filled.
+            buffers: BufferPool::new(config.bulk_chunk_bytes + BULK_HEADROOM, config.bulk_parallel + 1),
             compression: if config.compression { Compression::Auto } else { Compression::Off },
             reply_timeout: config.reply_timeout,
             resume,
@@ -590,9 +622,14 @@ impl QuicTransport {
         rt: &tokio::runtime::Runtime,
         fut: impl Future<Output = Result<T>> + Send + 'static,
     ) -> Result<T> {
-        let limit = self.reply_timeout;
-        let control = self.links().control;
-        let fut = async move {
+        run_on(rt, self.bounded(fut))
+    }
+
+    /// `fut` ended by the reply timeout, or by a closed control connection
+    /// (the worker failed) with its reason.
+    fn bounded<T, F: Future<Output = Result<T>>>(&self, fut: F) -> impl Future<Output = Result<T>> + use<T, F> {
+        let (limit, control) = (self.reply_timeout, self.links().control);
+        async move {
             let failed = async {
                 match control {
                     Some(c) => lost(&c.closed().await),
@@ -603,8 +640,7 @@ impl QuicTransport {
                 r = tokio::time::timeout(limit, fut) => r.map_err(|_| ClientError::Timeout(limit))?,
                 e = failed => Err(e),
             }
-        };
-        run_on(rt, fut)
+        }
     }
 
     /// Runs a bulk copy's future on the bulk connections' runtime with the
@@ -623,6 +659,29 @@ impl QuicTransport {
             }
         }
         self.exec(op(vec![self.links().conn]))
+    }
+
+    /// [`Self::exec_bulk`] for a copy that borrows the caller's memory: the
+    /// copy's own future runs on this thread (the connections' I/O on their
+    /// runtime), so it may read from or write into the caller's buffer
+    /// without a copy of all of it first. `None` where this thread cannot
+    /// wait on the runtime (inside another runtime, or at process exit):
+    /// the caller then takes the owned path.
+    fn exec_bulk_here<'a, T, F: Future<Output = Result<T>> + 'a>(
+        &self,
+        op: impl FnOnce(Vec<quinn::Connection>) -> F,
+    ) -> Option<Result<T>> {
+        match tokio::runtime::Handle::try_current() {
+            // No runtime here: this thread may wait on the bulk runtime.
+            Err(e) if !e.is_thread_local_destroyed() => {}
+            _ => return None,
+        }
+        let (rt, conns) = match &self.bulk {
+            Some(bulk) if bulk.rt.is_some() && !bulk.open_conns().is_empty() => (bulk.rt.as_ref()?, bulk.open_conns()),
+            _ => (self.rt.as_ref()?, vec![self.links().conn]),
+        };
+        let fut = self.bounded(op(conns));
+        Some(crate::wait::block_on_spinning(rt, fut, crate::wait::spin_budget()))
     }
 
     /// After `error`: reattaches to the session when its connections were
@@ -758,16 +817,25 @@ impl Transport for QuicTransport {
         Some(self.reply_of(body))
     }
 
-    fn bulk_put(&self, id: u64, data: Bytes) -> Result<()> {
-        self.with_recovery(|| self.bulk_put_once(id, data.clone()))
+    fn bulk_put(&self, id: u64, data: &[u8]) -> Result<()> {
+        self.with_recovery(|| match self.bulk_put_here(id, data) {
+            Some(r) => r,
+            None => self.bulk_put_once(id, Bytes::copy_from_slice(data)),
+        })
     }
 
     fn bulk_get(&self, id: u64, out: &mut [u8]) -> Result<()> {
-        let parts = self.with_recovery(|| self.bulk_get_once(id, out.len()))?;
-        for (offset, bytes) in parts {
-            out[offset..offset + bytes.len()].copy_from_slice(&bytes);
-        }
-        Ok(())
+        let out = std::cell::RefCell::new(out);
+        self.with_recovery(|| {
+            let mut out = out.borrow_mut();
+            if let Some(r) = self.bulk_get_here(id, &mut out) {
+                return r;
+            }
+            for (offset, bytes) in self.bulk_get_once(id, out.len())? {
+                out[offset..offset + bytes.len()].copy_from_slice(&bytes);
+            }
+            Ok(())
+        })
     }
 
     fn close(&self) {
@@ -794,71 +862,130 @@ impl Transport for QuicTransport {
     }
 }
 
+/// Puts one chunk of upload `id` of `total` bytes at `offset`.
+async fn put_chunk(
+    conn: quinn::Connection,
+    (id, total, offset): (u64, u64, usize),
+    part: Bytes,
+    mode: Compression,
+    buffers: Arc<BufferPool>,
+) -> Result<()> {
+    let put = v1::BulkPut { transfer_id: id, total_size: total, offset: offset as u64, data: None };
+    let req = frame::bulk_put_frame(&put, &payload::encode(part, mode));
+    bulk_request(&conn, req, 1 << 20, &buffers).await.map(|_| ())
+}
+
+/// Gets `size` bytes of download `id` at `offset`.
+async fn get_chunk(
+    conn: quinn::Connection,
+    (id, offset, size): (u64, usize, usize),
+    buffers: Arc<BufferPool>,
+) -> Result<(usize, Bytes)> {
+    let get = v1::BulkGet { transfer_id: id, offset: offset as u64, size: size as u64 };
+    let req = [frame::encode(&v1::BulkRequest { op: Some(v1::bulk_request::Op::Get(get)) }), Bytes::new()];
+    let p = bulk_request(&conn, req, size + BULK_HEADROOM, &buffers)
+        .await?
+        .ok_or_else(|| ClientError::Protocol("bulk get without data".into()))?;
+    let bytes = payload::decode(p, size as u64).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    if bytes.len() != size {
+        return Err(ClientError::Protocol(format!("bulk chunk of {} bytes, wanted {size}", bytes.len())));
+    }
+    Ok((offset, bytes))
+}
+
+fn joined<T>(done: std::result::Result<Result<T>, tokio::task::JoinError>) -> Result<T> {
+    done.map_err(|e| ClientError::Protocol(e.to_string()))?
+}
+
 impl QuicTransport {
-    /// Chunk `i` goes on connection `i mod n`, chunks in flight at once
-    /// bounded by `bulk_parallel`.
-    fn bulk_put_once(&self, id: u64, data: Bytes) -> Result<()> {
-        let total = data.len() as u64;
-        let (chunk, sem, mode) = (self.chunk, self.parallel.clone(), self.compression);
-        self.exec_bulk(move |conns| async move {
-            let mut tasks = JoinSet::new();
-            for (i, offset) in (0..data.len()).step_by(chunk).enumerate() {
-                let permit =
-                    sem.clone().acquire_owned().await.map_err(|_| ClientError::ConnectionLost("closed".into()))?;
-                let part = data.slice(offset..(offset + chunk).min(data.len()));
-                let conn = conns[i % conns.len()].clone();
-                tasks.spawn(async move {
-                    let put = v1::BulkPut { transfer_id: id, total_size: total, offset: offset as u64, data: None };
-                    let req = frame::bulk_put_frame(&put, &payload::encode(part, mode));
-                    let r = bulk_request(&conn, req, 1 << 20).await;
-                    drop(permit);
-                    r
-                });
-                // Surface a failure early instead of sending the rest.
-                while let Some(done) = tasks.try_join_next() {
-                    done.map_err(|e| ClientError::Protocol(e.to_string()))??;
-                }
-            }
-            while let Some(done) = tasks.join_next().await {
-                done.map_err(|e| ClientError::Protocol(e.to_string()))??;
-            }
-            Ok(())
+    /// Puts `data` from the caller's memory: each chunk is copied into a
+    /// reused buffer just before it is sent, while earlier chunks are on
+    /// the wire (no copy of the whole of it first, which cost a fresh
+    /// buffer as large as the copy, faulted in on the caller's thread).
+    fn bulk_put_here(&self, id: u64, data: &[u8]) -> Option<Result<()>> {
+        let (chunk, sem, mode, buffers) = (self.chunk, self.parallel.clone(), self.compression, self.buffers.clone());
+        self.exec_bulk_here(move |conns| async move {
+            let start = |offset, len, conn| {
+                let mut buf =
+                    buffers.take(len).ok_or_else(|| ClientError::Protocol(format!("cannot allocate {len} bytes")))?;
+                buf.extend_from_slice(&data[offset..offset + len]);
+                Ok(put_chunk(conn, (id, data.len() as u64, offset), buf.freeze(), mode, buffers.clone()))
+            };
+            each_chunk(&conns, data.len(), chunk, &sem, start, |()| ()).await
         })
     }
 
-    fn bulk_get_once(&self, id: u64, total: usize) -> Result<Vec<(usize, Bytes)>> {
-        let (chunk, sem) = (self.chunk, self.parallel.clone());
+    /// Gets download `id` into the caller's `out`, each chunk copied in as
+    /// it arrives (no list of every chunk held until the last one).
+    fn bulk_get_here(&self, id: u64, out: &mut [u8]) -> Option<Result<()>> {
+        let (chunk, sem, buffers) = (self.chunk, self.parallel.clone(), self.buffers.clone());
+        self.exec_bulk_here(move |conns| async move {
+            let start = |offset, len, conn| Ok(get_chunk(conn, (id, offset, len), buffers.clone()));
+            let total = out.len();
+            let place = |(offset, bytes): (usize, Bytes)| out[offset..offset + bytes.len()].copy_from_slice(&bytes);
+            each_chunk(&conns, total, chunk, &sem, start, place).await
+        })
+    }
+
+    /// [`Self::bulk_put_here`] with the bytes already owned, on the I/O
+    /// runtime.
+    fn bulk_put_once(&self, id: u64, data: Bytes) -> Result<()> {
+        let (chunk, sem, mode, buffers) = (self.chunk, self.parallel.clone(), self.compression, self.buffers.clone());
         self.exec_bulk(move |conns| async move {
-            let mut tasks = JoinSet::new();
-            for (i, offset) in (0..total).step_by(chunk).enumerate() {
-                let permit =
-                    sem.clone().acquire_owned().await.map_err(|_| ClientError::ConnectionLost("closed".into()))?;
-                let size = chunk.min(total - offset);
-                let conn = conns[i % conns.len()].clone();
-                tasks.spawn(async move {
-                    let get = v1::BulkGet { transfer_id: id, offset: offset as u64, size: size as u64 };
-                    let req =
-                        [frame::encode(&v1::BulkRequest { op: Some(v1::bulk_request::Op::Get(get)) }), Bytes::new()];
-                    let r = bulk_request(&conn, req, size + (64 << 10)).await;
-                    drop(permit);
-                    let p = r?.ok_or_else(|| ClientError::Protocol("bulk get without data".into()))?;
-                    let bytes = payload::decode(p, size as u64).map_err(|e| ClientError::Protocol(e.to_string()))?;
-                    if bytes.len() != size {
-                        return Err(ClientError::Protocol(format!(
-                            "bulk chunk of {} bytes, wanted {size}",
-                            bytes.len()
-                        )));
-                    }
-                    Ok((offset, bytes))
-                });
-            }
+            let total = data.len() as u64;
+            let start = |offset, len, conn| {
+                Ok(put_chunk(conn, (id, total, offset), data.slice(offset..offset + len), mode, buffers.clone()))
+            };
+            each_chunk(&conns, data.len(), chunk, &sem, start, |()| ()).await
+        })
+    }
+
+    /// [`Self::bulk_get_here`] collecting the chunks, on the I/O runtime.
+    fn bulk_get_once(&self, id: u64, total: usize) -> Result<Vec<(usize, Bytes)>> {
+        let (chunk, sem, buffers) = (self.chunk, self.parallel.clone(), self.buffers.clone());
+        self.exec_bulk(move |conns| async move {
             let mut parts = Vec::new();
-            while let Some(done) = tasks.join_next().await {
-                parts.push(done.map_err(|e| ClientError::Protocol(e.to_string()))??);
-            }
+            let start = |offset, len, conn| Ok(get_chunk(conn, (id, offset, len), buffers.clone()));
+            each_chunk(&conns, total, chunk, &sem, start, |part| parts.push(part)).await?;
             Ok(parts)
         })
     }
+}
+
+/// Runs one request per `chunk` bytes of `total`: chunk `i` on connection
+/// `i mod n`, at most `sem`'s permits in flight (`bulk_parallel`). `start`
+/// makes the request of `(offset, len)` on a connection; `done` takes each
+/// result as it completes, in any order. The first failure ends it.
+async fn each_chunk<T, F>(
+    conns: &[quinn::Connection],
+    total: usize,
+    chunk: usize,
+    sem: &Arc<Semaphore>,
+    mut start: impl FnMut(usize, usize, quinn::Connection) -> Result<F>,
+    mut done: impl FnMut(T),
+) -> Result<()>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T>> + Send + 'static,
+{
+    let mut tasks = JoinSet::new();
+    for (i, offset) in (0..total).step_by(chunk).enumerate() {
+        let permit = sem.clone().acquire_owned().await.map_err(|_| ClientError::ConnectionLost("closed".into()))?;
+        let request = start(offset, chunk.min(total - offset), conns[i % conns.len()].clone())?;
+        tasks.spawn(async move {
+            let r = request.await;
+            drop(permit);
+            r
+        });
+        // Surface a failure early instead of sending the rest.
+        while let Some(finished) = tasks.try_join_next() {
+            done(joined(finished)?);
+        }
+    }
+    while let Some(finished) = tasks.join_next().await {
+        done(joined(finished)?);
+    }
+    Ok(())
 }
 
 impl Drop for QuicTransport {

@@ -229,7 +229,7 @@ impl ServerConfig {
             image_cache_bytes: 1 << 30,
             image_cache_disk_bytes: 8 << 30,
             idle_timeout: Duration::from_secs(30),
-            max_udp_payload: gpupool_proto::quic::DEFAULT_UDP_PAYLOAD,
+            max_udp_payload: gpupool_proto::quic::LOOPBACK_UDP_PAYLOAD,
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
             compression: true,

@@ -119,8 +119,9 @@ struct Args {
     /// ephemeral ports), so that a firewall can allow exactly them.
     #[arg(long, env = "GPUPOOL_WORKER_PORTS", value_parser = parse_port_range)]
     worker_ports: Option<(u16, u16)>,
-    /// Largest UDP payload; MTU discovery probes up to it.
-    #[arg(long, env = "GPUPOOL_MAX_UDP_PAYLOAD", default_value_t = gpupool_proto::quic::DEFAULT_UDP_PAYLOAD)]
+    /// Largest UDP payload; MTU discovery probes up to it (and up to what
+    /// the client accepts).
+    #[arg(long, env = "GPUPOOL_MAX_UDP_PAYLOAD", default_value_t = gpupool_proto::quic::LOOPBACK_UDP_PAYLOAD)]
     max_udp_payload: u16,
     /// Host memory for the contents of idle sessions swapped out when the
     /// device memory is full, in MiB (0: no swapping). Needs

@@ -16,7 +16,7 @@ use crate::device::{
 };
 use crate::error::CallError;
 use crate::images::{ImageCache, key_of};
-use crate::staging::Staging;
+use crate::staging::{self, Staging};
 use crate::swap::SessionMemory;
 use bytes::Bytes;
 use gpupool_proto::payload::{self, Compression};
@@ -542,19 +542,28 @@ impl<S: BackendSession> SessionState<S> {
         if !inline {
             self.staging.check_room(c.size)?;
         }
-        let mut out = Vec::new();
-        out.try_reserve_exact(c.size as usize)
-            .map_err(|_| CallError::out_of_memory("cannot allocate the copy's host buffer"))?;
-        out.resize(c.size as usize, 0);
         let stream = stream_of(&self.streams, c.stream)?;
-        self.dev.read(stream, c.src, &mut out)?;
-        let out = Bytes::from(out);
         if inline {
-            Ok(Some(Value::Data(payload::encode(out, self.limits.compression))))
-        } else {
-            let id = self.staging.add_download(out);
-            Ok(Some(Value::Staged(v1::StagedRef { transfer_id: id, size: c.size })))
+            let mut out = Vec::new();
+            out.try_reserve_exact(c.size as usize)
+                .map_err(|_| CallError::out_of_memory("cannot allocate the copy's host buffer"))?;
+            out.resize(c.size as usize, 0);
+            self.dev.read(stream, c.src, &mut out)?;
+            return Ok(Some(Value::Data(payload::encode(Bytes::from(out), self.limits.compression))));
         }
+        // Staged in pieces read into reused buffers: no buffer as large as
+        // the copy, zeroed and faulted in page by page, on this thread.
+        let mut pieces = Vec::new();
+        for offset in (0..c.size).step_by(staging::PIECE_BYTES) {
+            let len = (c.size - offset).min(staging::PIECE_BYTES as u64) as usize;
+            let mut buf = staging::buffers()
+                .take(len)
+                .ok_or_else(|| CallError::out_of_memory("cannot allocate the copy's host buffer"))?;
+            self.dev.read(stream, c.src + offset, buf.filled(len))?;
+            pieces.push(buf.freeze());
+        }
+        let id = self.staging.add_download(pieces);
+        Ok(Some(Value::Staged(v1::StagedRef { transfer_id: id, size: c.size })))
     }
 
     fn module_load(&mut self, m: v1::ModuleLoad) -> CallOutcome {

@@ -11,8 +11,26 @@
 
 use crate::error::CallError;
 use bytes::Bytes;
+use gpupool_proto::pool::BufferPool;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::sync::{Arc, LazyLock};
+
+/// Size of the reused receive buffers: a client's default 4 MiB bulk chunk
+/// and its request's header.
+pub const BUFFER_BYTES: usize = (4 << 20) + (64 << 10);
+
+/// Buffers kept for reuse in this process (~130 MiB at most): a bulk
+/// chunk is received into one of them and staged as a slice of it, and the
+/// buffer comes back once the copy to the device has consumed it.
+const KEPT_BUFFERS: usize = 32;
+
+static BUFFERS: LazyLock<Arc<BufferPool>> = LazyLock::new(|| BufferPool::new(BUFFER_BYTES, KEPT_BUFFERS));
+
+/// This process's reused bulk buffers.
+pub fn buffers() -> &'static Arc<BufferPool> {
+    &BUFFERS
+}
 
 /// One session's staged transfers.
 #[derive(Debug)]
@@ -42,9 +60,15 @@ struct Upload {
 
 #[derive(Debug)]
 struct Download {
-    data: Bytes,
+    /// The bytes in pieces of [`PIECE_BYTES`] (the last one shorter).
+    pieces: Vec<Bytes>,
+    total: u64,
     fetched: u64,
 }
+
+/// Size of a download's pieces: a client's default bulk chunk, so that a
+/// chunk request is a slice of one piece.
+pub const PIECE_BYTES: usize = 4 << 20;
 
 impl Staging {
     /// A table holding at most `limit` bytes in at most `max_transfers` transfers.
@@ -158,29 +182,57 @@ impl Staging {
         Ok(())
     }
 
-    /// Stages a download and returns its id.
-    pub fn add_download(&self, data: Bytes) -> u64 {
+    /// Stages a download, in pieces of [`PIECE_BYTES`] tiling it, and
+    /// returns its id.
+    pub fn add_download(&self, pieces: Vec<Bytes>) -> u64 {
+        let total = pieces.iter().map(|p| p.len() as u64).sum();
         let mut inner = self.lock();
         inner.next_download += 1;
         let id = inner.next_download;
-        inner.bytes += data.len() as u64;
-        inner.downloads.insert(id, Download { data, fetched: 0 });
+        inner.bytes += total;
+        inner.downloads.insert(id, Download { pieces, total, fetched: 0 });
         id
     }
 
-    /// Bytes `[offset, offset + size)` of download `id`; the download is freed
-    /// once every byte has been fetched.
+    /// Stages `data` as a download (sliced into pieces, not copied).
+    pub fn add_download_bytes(&self, data: Bytes) -> u64 {
+        let pieces = (0..data.len()).step_by(PIECE_BYTES).map(|o| data.slice(o..(o + PIECE_BYTES).min(data.len())));
+        self.add_download(pieces.collect())
+    }
+
+    /// Bytes `[offset, offset + size)` of download `id`, a slice of its
+    /// piece where the range lies in one (a client's chunks do), else
+    /// copied together; the download is freed once every byte has been
+    /// fetched.
     pub fn get(&self, id: u64, offset: u64, size: u64) -> Result<Bytes, CallError> {
         let mut inner = self.lock();
         let down = inner
             .downloads
             .get_mut(&id)
             .ok_or_else(|| CallError::invalid_handle(format!("no staged download {id}")))?;
-        let total = down.data.len() as u64;
+        let total = down.total;
         let end = offset.checked_add(size).filter(|&e| e <= total).ok_or_else(|| {
             CallError::invalid_value(format!("range [{offset}, +{size}) outside download of {total} bytes"))
         })?;
-        let out = down.data.slice(offset as usize..end as usize);
+        let piece = PIECE_BYTES as u64;
+        let out = if size == 0 {
+            Bytes::new()
+        } else if offset / piece == (end - 1) / piece {
+            let at = (offset % piece) as usize;
+            down.pieces[(offset / piece) as usize].slice(at..at + size as usize)
+        } else {
+            let mut out = Vec::new();
+            out.try_reserve_exact(size as usize)
+                .map_err(|_| CallError::out_of_memory("cannot allocate staging memory"))?;
+            let mut at = offset;
+            while at < end {
+                let (i, from) = ((at / piece) as usize, (at % piece) as usize);
+                let take = (piece - from as u64).min(end - at) as usize;
+                out.extend_from_slice(&down.pieces[i][from..from + take]);
+                at += take as u64;
+            }
+            Bytes::from(out)
+        };
         down.fetched += size;
         if down.fetched >= total {
             inner.downloads.remove(&id);
@@ -244,9 +296,23 @@ mod tests {
     }
 
     #[test]
+    fn download_ranges_across_pieces() {
+        let s = Staging::new(3 * PIECE_BYTES as u64, 8);
+        let data: Vec<u8> = (0..2 * PIECE_BYTES + 10).map(|i| (i % 251) as u8).collect();
+        let pieces = data.chunks(PIECE_BYTES).map(Bytes::copy_from_slice).collect();
+        let id = s.add_download(pieces);
+        let p = PIECE_BYTES as u64;
+        let across = s.get(id, p - 5, 10).expect("across two pieces");
+        assert_eq!(&across[..], &data[PIECE_BYTES - 5..PIECE_BYTES + 5]);
+        assert_eq!(&s.get(id, 0, p - 5).expect("get")[..], &data[..PIECE_BYTES - 5]);
+        assert_eq!(&s.get(id, p + 5, p + 5).expect("get")[..], &data[PIECE_BYTES + 5..]);
+        assert_eq!(s.bytes(), 0, "all fetched");
+    }
+
+    #[test]
     fn download_freed_after_last_byte() {
         let s = Staging::new(100, 8);
-        let id = s.add_download(Bytes::from_static(b"0123456789"));
+        let id = s.add_download_bytes(Bytes::from_static(b"0123456789"));
         assert_eq!(&s.get(id, 5, 5).expect("get")[..], b"56789");
         assert_eq!(s.bytes(), 10);
         assert_eq!(&s.get(id, 0, 5).expect("get")[..], b"01234");

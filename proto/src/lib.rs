@@ -25,6 +25,7 @@ pub mod frame;
 pub mod fuzz;
 pub mod mirror;
 pub mod payload;
+pub mod pool;
 #[cfg(feature = "quic")]
 pub mod quic;
 pub mod replay;

@@ -20,7 +20,7 @@
 //! | `GPUPOOL_CERT_SHA256` | pin: hex SHA-256 of the server certificate |
 //! | `GPUPOOL_CA_FILE` | or: PEM CA bundle to verify the server against |
 //! | `GPUPOOL_SERVER_NAME` | name in the server certificate (CA mode; default `localhost`) |
-//! | `GPUPOOL_MAX_UDP_PAYLOAD` | largest UDP payload (default 1472; Lambda: 1200) |
+//! | `GPUPOOL_MAX_UDP_PAYLOAD` | largest UDP payload (default 1472, bulk connections to a loopback server 65527; Lambda: 1200) |
 //! | `GPUPOOL_BULK_CONNECTIONS` | extra QUIC connections for bulk copies when the server offers them (default 4; 0: copies share the session's connection) |
 //! | `GPUPOOL_BATCH_DELAY_US` | longest wait of a queued call for company while earlier batches are in flight (default 100; `off`: queued calls go only with a synchronizing call or a full batch) |
 //! | `GPUPOOL_IO_SPIN_US` | keep the I/O thread awake this long after each batch sent, so that sends need no kernel wake-up (default 0: it sleeps at once; spends a core while the program sends) |

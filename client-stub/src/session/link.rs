@@ -70,7 +70,7 @@ impl Session {
             } else {
                 let transfer_id = st.next_transfer;
                 st.next_transfer += 1;
-                self.inner.transport.bulk_put(transfer_id, input.data).map_err(|e| Self::mark_dead(&mut st, e))?;
+                self.inner.transport.bulk_put(transfer_id, &input.data).map_err(|e| Self::mark_dead(&mut st, e))?;
                 jit_link_input::Data::Staged(v1::StagedRef { transfer_id, size })
             };
             inputs.push(v1::JitLinkInput {

@@ -252,7 +252,7 @@ impl<S: BackendSession> SessionState<S> {
                 if inline {
                     Ok(Some(Value::Data(payload::encode(out, self.limits.compression))))
                 } else {
-                    let id = self.staging.add_download(out);
+                    let id = self.staging.add_download_bytes(out);
                     Ok(Some(Value::Staged(v1::StagedRef { transfer_id: id, size: packed })))
                 }
             }

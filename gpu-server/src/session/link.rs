@@ -108,7 +108,7 @@ impl<S: BackendSession> SessionState<S> {
                 } else {
                     self.staging.check_room(image.len() as u64)?;
                     let size = image.len() as u64;
-                    let id = self.staging.add_download(image);
+                    let id = self.staging.add_download_bytes(image);
                     jit_link_result::Cubin::Staged(v1::StagedRef { transfer_id: id, size })
                 };
                 (0, String::new(), Some(cubin))

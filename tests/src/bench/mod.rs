@@ -17,7 +17,7 @@ mod workloads;
 use anyhow::{Context, Result, bail};
 use gpupool_server::DeviceChoice;
 use native::NativeGpu;
-use remote::{LocalServer, RemoteGpu};
+use remote::{LocalServer, RemoteGpu, Tuning};
 use report::{Header, Row, Sides, Skipped, Target, Unit};
 use std::path::Path;
 use std::time::Duration;
@@ -86,6 +86,10 @@ pub(crate) struct Options {
     /// The client's batch delay bound, when not the default (`None` inside:
     /// off).
     pub(crate) batch_delay: Option<Option<Duration>>,
+    /// The client's bulk connections, when not the default.
+    pub(crate) bulk_connections: Option<usize>,
+    /// Client's and server's largest UDP payload, when not the default.
+    pub(crate) max_udp_payload: Option<u16>,
 }
 
 impl Options {
@@ -134,6 +138,8 @@ impl Options {
                     Some(Some(d)) => format!("{}us", d.as_micros()),
                 },
             ),
+            ("bulk_connections", self.bulk_connections.map_or("default".into(), |n| n.to_string())),
+            ("max_udp_payload", self.max_udp_payload.map_or("default".into(), |n| n.to_string())),
         ]
     }
 }
@@ -170,10 +176,12 @@ pub(crate) fn run(opts: &Options) -> Result<Report> {
         DeviceMode::Auto | DeviceMode::Emulated => None,
     };
     progress(&format!("starting the in-process gpu-server (device {})", opts.device.name()));
-    let mut server = LocalServer::start(opts.device.server_choice(), opts.process_isolation)?;
-    if let Some(delay) = opts.batch_delay {
-        server.set_batch_delay(delay);
-    }
+    let tuning = Tuning {
+        batch_delay: opts.batch_delay,
+        bulk_connections: opts.bulk_connections,
+        max_udp_payload: opts.max_udp_payload,
+    };
+    let server = LocalServer::start(opts.device.server_choice(), opts.process_isolation, tuning)?;
     let gpu_used = server.backend() == "cuda";
     if !gpu_used {
         progress("NO GPU IN USE: the server runs the emulated device; remote figures measure the transport only");

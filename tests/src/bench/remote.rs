@@ -23,6 +23,17 @@ struct Bound {
     backend: &'static str,
 }
 
+/// Settings of the benchmark's server and client other than their defaults.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Tuning {
+    /// Client batch delay bound (`ClientConfig::batch.max_delay`).
+    pub(crate) batch_delay: Option<Option<std::time::Duration>>,
+    /// `ClientConfig::bulk_connections`.
+    pub(crate) bulk_connections: Option<usize>,
+    /// `max_udp_payload` of the server and the client.
+    pub(crate) max_udp_payload: Option<u16>,
+}
+
 /// A gpu-server running on its own thread and tokio runtime; shut down and
 /// joined on drop.
 #[derive(Debug)]
@@ -31,8 +42,8 @@ pub(crate) struct LocalServer {
     fingerprint: String,
     backend: &'static str,
     token: String,
-    /// Client batch delay bound (`ClientConfig::batch.max_delay`), when set.
-    batch_delay: Option<Option<std::time::Duration>>,
+    /// Client settings other than the defaults.
+    tuning: Tuning,
     shutdown: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<Result<()>>>,
 }
@@ -42,10 +53,13 @@ impl LocalServer {
     /// `process_isolation` each session runs in a worker process: this
     /// executable started again with `worker` (its `main` hands over to
     /// `gpupool_server::worker::run_if_worker`).
-    pub(crate) fn start(device: DeviceChoice, process_isolation: bool) -> Result<Self> {
+    pub(crate) fn start(device: DeviceChoice, process_isolation: bool, tuning: Tuning) -> Result<Self> {
         let token = hex_token();
         let mut config = ServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), vec![token.clone()]);
         config.device = device;
+        if let Some(payload) = tuning.max_udp_payload {
+            config.max_udp_payload = payload;
+        }
         if process_isolation {
             let program = std::env::current_exe().context("locating this executable for worker processes")?;
             config.isolation = Isolation::Process {
@@ -76,7 +90,7 @@ impl LocalServer {
             fingerprint: bound.fingerprint,
             backend: bound.backend,
             token,
-            batch_delay: None,
+            tuning,
             shutdown: Some(shutdown),
             thread: Some(thread),
         })
@@ -89,15 +103,16 @@ impl LocalServer {
 
     pub(crate) fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new(self.addr, Trust::Fingerprint(self.fingerprint.clone()), self.token.clone());
-        if let Some(delay) = self.batch_delay {
+        if let Some(delay) = self.tuning.batch_delay {
             config.batch.max_delay = delay;
         }
+        if let Some(n) = self.tuning.bulk_connections {
+            config.bulk_connections = n;
+        }
+        if let Some(payload) = self.tuning.max_udp_payload {
+            config.max_udp_payload = payload;
+        }
         config
-    }
-
-    /// Sessions opened from now on use this batch delay bound.
-    pub(crate) fn set_batch_delay(&mut self, delay: Option<std::time::Duration>) {
-        self.batch_delay = Some(delay);
     }
 
     pub(crate) fn connect(&self) -> Result<Session> {

@@ -42,6 +42,15 @@ struct Args {
     /// the client's own).
     #[arg(long, value_name = "US|off")]
     batch_delay_us: Option<String>,
+    /// Extra bulk QUIC connections per session (the client's
+    /// `bulk_connections`; 0: copies use the session's connection; default:
+    /// the client's own).
+    #[arg(long, value_name = "N")]
+    bulk_connections: Option<usize>,
+    /// Largest UDP payload, client and server (`max_udp_payload`; default:
+    /// theirs).
+    #[arg(long, value_name = "BYTES")]
+    max_udp_payload: Option<u16>,
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -86,6 +95,8 @@ impl Args {
                     us.parse().map_err(|_| anyhow::anyhow!("--batch-delay-us must be microseconds or `off`"))?,
                 ))),
             },
+            bulk_connections: self.bulk_connections,
+            max_udp_payload: self.max_udp_payload,
         };
         options.validate()?;
         Ok(options)

@@ -86,9 +86,11 @@ pub(crate) async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Resu
         Err(quinn::ReadExactError::ReadError(e)) => return Err(RecvError::Stream(e.to_string())),
     }
     let len = frame::decode_header(header, max).map_err(RecvError::Frame)?;
-    // Received chunks are appended as they come: no zeroed buffer first
-    // (a fresh 4 MiB one faulted in for every bulk chunk).
-    let mut body = bytes::BytesMut::with_capacity(len);
+    // Received chunks are appended as they come into a reused buffer: no
+    // zeroed buffer first, no fresh 4 MiB faulted in for every bulk chunk.
+    let mut body = crate::staging::buffers()
+        .take(len)
+        .ok_or_else(|| RecvError::Stream(format!("cannot allocate {len} bytes for a frame")))?;
     while body.len() < len {
         match recv.read_chunk(len - body.len(), true).await {
             Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
