@@ -676,8 +676,11 @@ impl QuicTransport {
             Err(e) if !e.is_thread_local_destroyed() => {}
             _ => return None,
         }
-        let (rt, conns) = match &self.bulk {
-            Some(bulk) if bulk.rt.is_some() && !bulk.open_conns().is_empty() => (bulk.rt.as_ref()?, bulk.open_conns()),
+        // The open bulk connections, read once: one may close between two
+        // reads, and an empty list has no connection to send on.
+        let open = self.bulk.as_ref().filter(|b| b.rt.is_some()).map(|b| (b, b.open_conns()));
+        let (rt, conns) = match open {
+            Some((bulk, conns)) if !conns.is_empty() => (bulk.rt.as_ref()?, conns),
             _ => (self.rt.as_ref()?, vec![self.links().conn]),
         };
         let fut = self.bounded(op(conns));
@@ -968,6 +971,10 @@ where
     T: Send + 'static,
     F: Future<Output = Result<T>> + Send + 'static,
 {
+    if conns.is_empty() {
+        // All of them were lost (the server went away mid-copy).
+        return Err(ClientError::ConnectionLost("no bulk connection is left".into()));
+    }
     let mut tasks = JoinSet::new();
     for (i, offset) in (0..total).step_by(chunk).enumerate() {
         let permit = sem.clone().acquire_owned().await.map_err(|_| ClientError::ConnectionLost("closed".into()))?;

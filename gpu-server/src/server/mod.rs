@@ -250,9 +250,21 @@ impl Server {
             tracing::warn!("sessions still open after the grace period; aborting them");
             tasks.abort_all();
         }
+        // The closes queued above, bulk connections' included, still have
+        // to leave, or clients learn of the end only from their idle timeout
+        // (and then try to resume against a server that is gone).
+        let _ = tokio::time::timeout(CLOSE_FLUSH, async {
+            self.endpoint.wait_idle().await;
+            self.bulk.wait_idle().await;
+        })
+        .await;
         Ok(())
     }
 }
+
+/// How long a server that gave up waiting for its sessions still lets the
+/// connection closes it queued go out.
+const CLOSE_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The bulk endpoints and the runtime that drives them: threads of their
 /// own, so that a worker process's one I/O thread (which keeps the command
@@ -293,6 +305,13 @@ impl BulkIo {
     fn close(&self) {
         for endpoint in &self.endpoints {
             endpoint.close(close_code::SHUTDOWN.into(), b"server shutting down");
+        }
+    }
+
+    /// Waits until every bulk connection's close has left.
+    async fn wait_idle(&self) {
+        for endpoint in &self.endpoints {
+            endpoint.wait_idle().await;
         }
     }
 }
