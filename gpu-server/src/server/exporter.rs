@@ -6,8 +6,9 @@
 
 use super::Metrics;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -33,6 +34,16 @@ pub fn render(metrics: &Metrics) -> String {
     gauge(&mut r, "memory_swapped_bytes", "Device memory of sessions swapped out to host memory now", s.memory_swapped);
     counter(&mut r, "swapped_out_bytes", "Bytes of device memory swapped out to host memory", s.swapped_out_bytes);
     counter(&mut r, "swapped_in_bytes", "Bytes of device memory swapped back in", s.swapped_in_bytes);
+    // Sessions by tenant (at most MAX_TENANTS series, the rest as "(other)").
+    let active = Family::<Vec<(String, String)>, Gauge>::default();
+    let opened = Family::<Vec<(String, String)>, Counter>::default();
+    for (tenant, t) in metrics.tenants() {
+        let labels = vec![("tenant".to_string(), tenant)];
+        active.get_or_create(&labels).set(i64::try_from(t.active).unwrap_or(i64::MAX));
+        opened.get_or_create(&labels).inc_by(t.opened);
+    }
+    r.register("tenant_sessions_active", "Sessions open now, by tenant", active);
+    r.register("tenant_sessions_opened", "Sessions opened, by tenant", opened);
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &r);
@@ -74,5 +85,29 @@ mod tests {
         assert!(get(addr, "/").await.starts_with("HTTP/1.1 404"));
         stop.send(()).expect("stop");
         task.await.expect("ends at shutdown");
+    }
+
+    /// Sessions by tenant: opened and active per tenant, and past
+    /// MAX_TENANTS tenants the rest under one label.
+    #[test]
+    fn sessions_are_counted_by_tenant_and_bounded() {
+        use crate::server::metrics::{MAX_TENANTS, OTHER_TENANTS};
+        let metrics = Metrics::default();
+        metrics.tenant_opened("team-a");
+        metrics.tenant_opened("team-a");
+        metrics.tenant_opened("team-b");
+        metrics.tenant_closed("team-a");
+        let text = render(&metrics);
+        assert!(text.contains("gpupool_server_tenant_sessions_active{tenant=\"team-a\"} 1\n"), "{text}");
+        assert!(text.contains("gpupool_server_tenant_sessions_opened_total{tenant=\"team-a\"} 2\n"), "{text}");
+        assert!(text.contains("gpupool_server_tenant_sessions_active{tenant=\"team-b\"} 1\n"), "{text}");
+        for i in 0..MAX_TENANTS + 10 {
+            metrics.tenant_opened(&format!("t{i}"));
+        }
+        let tenants = metrics.tenants();
+        assert_eq!(tenants.len(), MAX_TENANTS + 1, "bounded, plus the one for the rest");
+        assert_eq!(tenants[OTHER_TENANTS].opened, 12);
+        metrics.tenant_closed("t1030");
+        assert_eq!(metrics.tenants()[OTHER_TENANTS].active, 11);
     }
 }

@@ -3,7 +3,23 @@
 //! them to its own.
 
 use gpupool_proto::v1;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Most tenants with series of their own; sessions of later ones count
+/// under [`OTHER_TENANTS`], so that many tenants cannot grow the scrape
+/// without bound.
+pub const MAX_TENANTS: usize = 1024;
+/// The tenant label of sessions past [`MAX_TENANTS`].
+pub const OTHER_TENANTS: &str = "(other)";
+
+/// One tenant's sessions on this server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TenantSessions {
+    pub active: u64,
+    pub opened: u64,
+}
 
 /// Server-wide counters.
 #[derive(Debug, Default)]
@@ -26,6 +42,8 @@ pub struct Metrics {
     /// Bytes sessions swapped out, and swapped back in, so far.
     pub swapped_out_bytes: AtomicU64,
     pub swapped_in_bytes: AtomicU64,
+    /// Sessions by tenant (the lease's tenant, or the token's subject).
+    tenants: Mutex<BTreeMap<String, TenantSessions>>,
 }
 
 /// A copy of [`Metrics`] at one moment.
@@ -47,6 +65,29 @@ pub struct MetricsSnapshot {
 }
 
 impl Metrics {
+    /// A session of `tenant` opened.
+    pub fn tenant_opened(&self, tenant: &str) {
+        let mut t = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        let key = if t.contains_key(tenant) || t.len() < MAX_TENANTS { tenant } else { OTHER_TENANTS };
+        let entry = t.entry(key.to_owned()).or_default();
+        entry.active += 1;
+        entry.opened += 1;
+    }
+
+    /// A session of `tenant` ended.
+    pub fn tenant_closed(&self, tenant: &str) {
+        let mut t = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        let key = if t.contains_key(tenant) { tenant } else { OTHER_TENANTS };
+        if let Some(entry) = t.get_mut(key) {
+            entry.active = entry.active.saturating_sub(1);
+        }
+    }
+
+    /// Sessions by tenant now.
+    pub fn tenants(&self) -> BTreeMap<String, TenantSessions> {
+        self.tenants.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Adds what a worker process counted since its last report.
     pub(crate) fn add_worker_delta(&self, now: &v1::WorkerMetrics, before: &v1::WorkerMetrics) {
         add(&self.batches, now.batches.saturating_sub(before.batches));
