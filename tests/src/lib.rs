@@ -275,6 +275,14 @@ pub fn random_f32(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// Pseudo-random bytes.
+/// Whether process `pid` is running (a reaped process has no /proc entry;
+/// a zombie's state is `Z`).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
 pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     xorshift(seed).take(n).map(|x| (x >> 56) as u8).collect()
 }

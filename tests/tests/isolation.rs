@@ -7,16 +7,9 @@ use gpupool_proto::{BUILTIN_MODULE, PROTOCOL_VERSION, close_code};
 use gpupool_server::WorkerCommand;
 use gpupool_server::config::Isolation;
 use gpupool_tests::raw::Raw;
-use gpupool_tests::{TOKEN, TestServer, fresh_seed, isolated_config, random_bytes, random_f32, rel_error};
+use gpupool_tests::{TOKEN, TestServer, alive, fresh_seed, isolated_config, random_bytes, random_f32, rel_error};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-
-fn alive(pid: u32) -> bool {
-    // A reaped process has no /proc entry; a zombie's state is `Z`.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
-        .unwrap_or(false)
-}
 
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -12,7 +12,9 @@
 use gpupool_client::{ClientError, DeviceBuffer, KernelArg, LaunchConfig, Module, Session, StreamId};
 use gpupool_proto::BUILTIN_MODULE;
 use gpupool_tests::relay::{Faults, Relay};
-use gpupool_tests::{TestServer, fresh_seed, isolated_config, random_bytes, random_f32, rel_error, server_config};
+use gpupool_tests::{
+    TestServer, alive, fresh_seed, isolated_config, random_bytes, random_f32, rel_error, server_config,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -328,11 +330,7 @@ fn a_killed_supervisor_takes_its_workers_with_it_and_clients_are_told() {
     // failed resume (10-21 s): open, docs/next-steps.md.
     assert!(told < Duration::from_secs(60), "clients learned of it after {told:?}");
     // Orphaned workers see stdin close and exit: no device memory is left held.
-    let alive = |pid: &u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
-    };
-    while workers.iter().any(alive) {
+    while workers.iter().any(|&pid| alive(pid)) {
         assert!(Instant::now() < deadline, "workers outlived their supervisor: {workers:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
