@@ -82,7 +82,10 @@ pub struct QuicTransport {
     compression: Compression,
     reply_timeout: Duration,
     /// How to reattach; `None` when the server keeps no lost sessions.
-    resume: Option<ResumeInfo>,
+    resume: Option<std::sync::Mutex<ResumeInfo>>,
+    /// Set once the session migrated: its bulk connections stay with the
+    /// old server's ports, so copies use the session's connection.
+    migrated: std::sync::atomic::AtomicBool,
     /// Batches sent whose replies have not arrived (kept for a resume), and
     /// the sequence number of the last reply received.
     replay: Arc<std::sync::Mutex<ReplayLog>>,
@@ -250,6 +253,7 @@ impl BulkLinks {
                 token: String::new(),
                 resume: None,
                 bulk: Some(v1::BulkAttach { index: i as u32, ..self.attach.clone() }),
+                migrate: None,
             };
             let (endpoint, addr, name) = (endpoint.clone(), SocketAddr::new(self.host, port), self.name.clone());
             attempts.push(rt.spawn(async move {
@@ -303,8 +307,13 @@ impl Drop for BulkLinks {
     }
 }
 
-/// What reattaching to a session takes.
-#[derive(Debug)]
+/// How long the client waits for the connection's close after the server
+/// ended the command stream.
+const STREAM_END_TO_CLOSE: Duration = Duration::from_secs(2);
+
+/// What reattaching to a session takes; where, changed when the session
+/// migrated to another server.
+#[derive(Debug, Clone)]
 struct ResumeInfo {
     server: SocketAddr,
     name: String,
@@ -313,6 +322,50 @@ struct ResumeInfo {
     secret: String,
     source: crate::config::TokenSource,
     connect_timeout: Duration,
+    /// The session's configuration, for the QUIC configuration of a server
+    /// it migrates to.
+    config: ClientConfig,
+    /// The QUIC configuration pinning the server it migrated to, if it did.
+    quic: Option<quinn::ClientConfig>,
+}
+
+impl ResumeInfo {
+    /// Follows the session to where `moved` says it runs now.
+    fn follow(&mut self, moved: v1::Moved) -> Result<()> {
+        let server: SocketAddr = moved.address.parse().map_err(|_| {
+            ClientError::Protocol(format!("the session moved to an unusable address {:?}", moved.address))
+        })?;
+        let config = ClientConfig {
+            server,
+            server_name: moved.server_name.clone(),
+            trust: crate::config::Trust::Fingerprint(moved.cert_sha256.clone()),
+            ..self.config.clone()
+        };
+        self.quic = Some(quinn_client_config(&config)?);
+        self.server = server;
+        self.name = moved.server_name;
+        self.hello.token = moved.token;
+        // The token handed over names the new server; renewals of the
+        // lease at the balancer follow it there.
+        self.source = crate::config::TokenSource::Fixed;
+        self.session_id = moved.session_id;
+        self.secret = moved.resume_secret;
+        Ok(())
+    }
+}
+
+/// Where the session went when its connection was closed because it
+/// migrated (`None`: it did not; an empty address: it stays, resume here).
+fn moved(links: &Links) -> Option<v1::Moved> {
+    use prost::Message;
+    match links.conn.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(c)
+            if c.error_code.into_inner() == u64::from(close_code::MIGRATED) =>
+        {
+            v1::Moved::decode(&c.reason[..]).ok()
+        }
+        _ => None,
+    }
 }
 
 /// Maps a connection failure to the client's error.
@@ -526,6 +579,7 @@ impl QuicTransport {
             token: config.token.clone(),
             resume: None,
             bulk: None,
+            migrate: None,
         };
         let timeout = config.connect_timeout;
         let max_udp_payload = config.max_udp_payload;
@@ -562,6 +616,8 @@ impl QuicTransport {
             secret: welcome.resume_secret.clone(),
             source: config.token_source.clone(),
             connect_timeout: config.connect_timeout,
+            config: config.clone(),
+            quic: None,
         });
         Ok(Self {
             rt: Some(rt),
@@ -577,7 +633,8 @@ impl QuicTransport {
             buffers: BufferPool::new(config.bulk_chunk_bytes + BULK_HEADROOM, config.bulk_parallel + 1),
             compression: if config.compression { Compression::Auto } else { Compression::Off },
             reply_timeout: config.reply_timeout,
-            resume,
+            resume: resume.map(std::sync::Mutex::new),
+            migrated: std::sync::atomic::AtomicBool::new(false),
             // The client has at most its in-flight batches unanswered.
             replay: Arc::new(std::sync::Mutex::new(ReplayLog::new(ReplayLimit::UNBOUNDED))),
             awake: (!config.io_spin.is_zero()).then(|| {
@@ -692,20 +749,51 @@ impl QuicTransport {
     /// did not receive. Returns `error` when the session cannot be resumed,
     /// with the reason.
     fn recover(&self, error: ClientError) -> Result<()> {
-        let Some(info) = &self.resume else { return Err(error) };
-        if !self.links().lost() {
+        let Some(resume) = &self.resume else { return Err(error) };
+        let links = self.links();
+        if matches!(error, ClientError::ConnectionLost(_))
+            && links.conn.close_reason().is_none()
+            && let Some(rt) = &self.rt
+        {
+            // The command stream ended (a session that migrates ends it
+            // before it closes the connection with where it went): the
+            // close is on its way.
+            let conn = links.conn.clone();
+            let _ = run_on(rt, async move {
+                let _ = tokio::time::timeout(STREAM_END_TO_CLOSE, conn.closed()).await;
+                Ok(())
+            });
+        }
+        let moved = moved(&links);
+        if !links.lost() && moved.is_none() {
             return Err(error);
         }
+        let info = {
+            let mut info = resume.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(moved) = moved.filter(|m| !m.address.is_empty()) {
+                tracing::info!(to = %moved.address, session = moved.session_id, "the session migrated; following it");
+                info.follow(moved)?;
+                self.migrated.store(true, std::sync::atomic::Ordering::Release);
+                if let Some(bulk) = &self.bulk {
+                    bulk.close();
+                }
+            }
+            info.clone()
+        };
         let acked_seq = self.replay().acked();
         let hello = v1::Hello {
             token: info.source.current(&info.hello.token),
             resume: Some(v1::Resume { session_id: info.session_id, secret: info.secret.clone(), acked_seq }),
             bulk: None,
+            migrate: None,
             ..info.hello.clone()
         };
         tracing::info!(session = info.session_id, acked_seq, reason = %error, "connection lost; resuming the session");
-        let (endpoint, server, name, timeout) =
+        let (mut endpoint, server, name, timeout) =
             (self.endpoint.clone(), info.server, info.name.clone(), info.connect_timeout);
+        if let Some(quic) = &info.quic {
+            endpoint.set_default_client_config(quic.clone());
+        }
         let (cmd, replay) = (self.cmd.clone(), self.replay.clone());
         let rt = self.rt.as_ref().ok_or_else(|| ClientError::ConnectionLost("session closed".into()))?;
         let resumed = run_on(rt, async move {
@@ -740,6 +828,7 @@ impl QuicTransport {
                 // The bulk connections were likely lost too; new ones
                 // replace them (copies use the session's connection else).
                 if let Some(bulk) = &self.bulk
+                    && !self.migrated.load(std::sync::atomic::Ordering::Acquire)
                     && let Err(e) = bulk.connect(info.connect_timeout)
                 {
                     tracing::warn!(error = %e, "bulk connections not reattached");

@@ -50,4 +50,8 @@ pub enum ServerError {
     /// A session worker process failed to start or to take a session.
     #[error("session worker: {0}")]
     Worker(String),
+    /// A session could not be moved to another server; it keeps running
+    /// here (`docs/migration.md`).
+    #[error("migration of session {session} failed: {reason}")]
+    Migration { session: u64, reason: String },
 }

@@ -35,7 +35,7 @@ mod worker_spec;
 
 pub use config::{BalancerLink, DeviceChoice, Isolation, ServerConfig, Swap, WorkerCommand};
 pub use error::{CallError, ServerError};
-pub use server::{Metrics, MetricsSnapshot, Server};
+pub use server::{Metrics, MetricsSnapshot, Migrated, MigrationTarget, Migrator, Server};
 
 /// Binds a server for `config` and runs it until `shutdown` completes.
 pub async fn run(config: ServerConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), ServerError> {

@@ -27,12 +27,14 @@ use std::sync::Arc;
 
 mod array;
 mod link;
+mod migrate;
 mod mirror;
 mod swap;
 mod tensor_map;
 mod vmm;
 
 use crate::device::{ACCESS_READ, ACCESS_READWRITE};
+pub use migrate::Exported;
 
 /// Limits of one session.
 #[derive(Debug, Clone)]
@@ -90,6 +92,8 @@ pub struct SessionState<S: BackendSession> {
     modules: HashMap<u32, LoadedModule<S::Module>>,
     streams: HashMap<u32, S::Stream>,
     events: HashMap<u32, S::Event>,
+    /// The calls that re-create the state above on another server.
+    journal: migrate::Journal,
     /// Device memory the session holds (resident or swapped out), which
     /// the quota bounds.
     mapped_bytes: u64,
@@ -147,6 +151,7 @@ impl<S: BackendSession> SessionState<S> {
             modules: HashMap::new(),
             streams: HashMap::new(),
             events: HashMap::new(),
+            journal: migrate::Journal::default(),
             mapped_bytes: 0,
             memory: SessionMemory::detached(),
             swapped: None,
@@ -233,6 +238,15 @@ impl<S: BackendSession> SessionState<S> {
     /// Executes one call.
     pub fn execute(&mut self, op: Op) -> CallOutcome {
         self.swap_in()?;
+        let lasting = migrate::lasting(&op);
+        let outcome = self.execute_op(op);
+        if let (Some(op), Ok(_)) = (lasting, &outcome) {
+            self.journal.record(op);
+        }
+        outcome
+    }
+
+    fn execute_op(&mut self, op: Op) -> CallOutcome {
         match op {
             Op::MemMap(m) => self.mem_map(m.addr, m.size),
             Op::MemUnmap(m) => self.mem_unmap(m.addr),

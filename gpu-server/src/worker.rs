@@ -100,9 +100,10 @@ pub fn run_stdio() -> Result<(), ServerError> {
             .map_err(|e| ServerError::Worker(format!("cannot start the control thread: {e}")))?;
         let metrics = server.metrics();
         let reporter = tokio::spawn(report_metrics(metrics.clone()));
+        let migrator = server.migrator();
         let result = server
             .run(async move {
-                let why = until_stop(control_rx, &tickets).await;
+                let why = until_stop(control_rx, &tickets, &migrator).await;
                 tracing::info!(why, "worker stopping");
             })
             .await;
@@ -132,6 +133,8 @@ async fn report_metrics(metrics: Arc<Metrics>) {
 enum Control {
     /// A ticket was armed; it expires at this instant.
     Assigned(Instant),
+    /// Move the session to another server.
+    Migrate(v1::Moved),
     Closed,
 }
 
@@ -155,6 +158,10 @@ fn read_control(
                 break;
             }
         };
+        if let Some(order) = a.migrate {
+            let _ = out.send(Control::Migrate(order));
+            continue;
+        }
         if a.resume == first {
             tracing::error!(resume = a.resume, "out-of-order assignment ignored");
             continue;
@@ -181,7 +188,11 @@ fn read_control(
 
 /// Completes when the worker should stop: stdin closed, or the ticket was
 /// not used in time.
-async fn until_stop(mut control: tokio::sync::mpsc::UnboundedReceiver<Control>, ticket: &Ticket) -> &'static str {
+async fn until_stop(
+    mut control: tokio::sync::mpsc::UnboundedReceiver<Control>,
+    ticket: &Ticket,
+    migrator: &crate::server::Migrator,
+) -> &'static str {
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         let expiry = async {
@@ -193,6 +204,9 @@ async fn until_stop(mut control: tokio::sync::mpsc::UnboundedReceiver<Control>, 
         tokio::select! {
             c = control.recv() => match c {
                 Some(Control::Assigned(expires)) => deadline = Some(expires.into()),
+                Some(Control::Migrate(order)) => {
+                    tokio::spawn(migrate(migrator.clone(), order));
+                }
                 Some(Control::Closed) | None => return "supervisor closed stdin",
             },
             () = expiry => {
@@ -267,6 +281,34 @@ impl Authenticator for Ticket {
 }
 
 /// Reads one framed message; `Ok(None)` at a clean end of input.
+/// Moves the worker's session as the supervisor ordered, and reports how
+/// it went.
+async fn migrate(migrator: crate::server::Migrator, order: v1::Moved) {
+    let outcome = match (migrator.sessions().first(), order.address.parse()) {
+        (None, _) => Err("the worker holds no session".to_string()),
+        (_, Err(_)) => Err(format!("unusable target address {:?}", order.address)),
+        (Some(&id), Ok(address)) => {
+            let target = crate::server::MigrationTarget {
+                address,
+                server_name: order.server_name,
+                cert_sha256: order.cert_sha256,
+                token: order.token,
+            };
+            migrator.migrate(id, target).await.map_err(|e| e.to_string())
+        }
+    };
+    let outcome = match outcome {
+        Ok(m) => v1::MigrateOutcome {
+            error: String::new(),
+            target_session: m.target_session,
+            memory_bytes: m.memory_bytes,
+            pause_us: u64::try_from(m.pause.as_micros()).unwrap_or(u64::MAX),
+        },
+        Err(error) => v1::MigrateOutcome { error, ..Default::default() },
+    };
+    write_event(v1::worker_event::Event::Migrated(outcome));
+}
+
 pub(crate) fn read_message<M: Message + Default>(r: &mut impl Read) -> Result<Option<M>, ServerError> {
     let mut header = [0u8; frame::HEADER_LEN];
     match r.read_exact(&mut header) {

@@ -80,6 +80,9 @@ pub mod close_code {
     /// A `Resume` named a session the server no longer keeps (its grace
     /// period passed, its lease ended, or the secret did not match).
     pub const SESSION_GONE: u32 = 0x17;
+    /// The session moved to another server (live migration): the reason
+    /// is an encoded `v1::Moved` saying where; the client resumes there.
+    pub const MIGRATED: u32 = 0x18;
 }
 
 /// Image of the built-in module: every server loads it without an upload.

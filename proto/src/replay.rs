@@ -89,6 +89,22 @@ impl ReplayLog {
     }
 
     /// Frames kept.
+    /// The frames kept, with their sequence numbers, in order.
+    pub fn kept(&self) -> impl Iterator<Item = (u64, &Bytes)> {
+        self.kept.iter().map(|(s, b)| (*s, b))
+    }
+
+    /// The last frame forgotten unacknowledged (0: none).
+    pub fn forgotten(&self) -> u64 {
+        self.forgotten
+    }
+
+    /// A log taken over from another peer (a migrated session): what it
+    /// had acknowledged and forgotten; its kept frames are recorded after.
+    pub fn taken_over(limit: ReplayLimit, acked: u64, forgotten: u64) -> Self {
+        Self { forgotten, acked, ..Self::new(limit) }
+    }
+
     pub fn len(&self) -> usize {
         self.kept.len()
     }

@@ -150,6 +150,7 @@ fn seeds() -> Vec<Vec<u8>> {
             token: "gpl1.abc.def".into(),
             resume: Some(v1::Resume { session_id: 9, secret: "s".into(), acked_seq: 4 }),
             bulk: None,
+            migrate: None,
         }
         .encode_to_vec(),
         v1::Hello {
@@ -190,6 +191,7 @@ fn seeds() -> Vec<Vec<u8>> {
             session_id: 5,
             resume_secret: "r".into(),
             resume: true,
+            migrate: None,
         }
         .encode_to_vec(),
         event(v1::worker_event::Event::Ready(v1::WorkerReady {

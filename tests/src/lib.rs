@@ -20,6 +20,8 @@ pub struct TestServer {
     pub fingerprint: String,
     pub metrics: Arc<Metrics>,
     pub backend: &'static str,
+    /// Moves the server's sessions to other servers.
+    pub migrator: gpupool_server::Migrator,
     pool: Option<Arc<WorkerPool>>,
     running: Background,
 }
@@ -144,13 +146,14 @@ impl TestServer {
                 server.metrics(),
                 server.backend(),
                 server.worker_pool(),
+                server.migrator(),
             );
             ready(info);
             server.run(stop).await?;
             Ok(())
         })?;
-        let (addr, fingerprint, metrics, backend, pool) = info;
-        Ok(Self { addr, fingerprint, metrics, backend, pool, running })
+        let (addr, fingerprint, metrics, backend, pool, migrator) = info;
+        Ok(Self { addr, fingerprint, metrics, backend, migrator, pool, running })
     }
 
     /// The worker processes, warm and busy (none in-process).
@@ -163,6 +166,16 @@ impl TestServer {
         let mut c = ClientConfig::new(self.addr, Trust::Fingerprint(self.fingerprint.clone()), TOKEN);
         c.reply_timeout = Duration::from_secs(60);
         c
+    }
+
+    /// Where a session of another server moves to come here, with `token`.
+    pub fn migration_target(&self, token: &str) -> gpupool_server::MigrationTarget {
+        gpupool_server::MigrationTarget {
+            address: self.addr,
+            server_name: "localhost".into(),
+            cert_sha256: self.fingerprint.clone(),
+            token: token.into(),
+        }
     }
 
     /// Stops the server (closing every session) and waits for it.
@@ -224,6 +237,7 @@ pub mod raw {
                 token: token.into(),
                 resume: None,
                 bulk: None,
+                migrate: None,
             };
             send.write_all(&frame::encode(&hello)).await.expect("hello");
             let mut raw = Raw { _ep: ep, conn, send, recv, dec: FrameDecoder::new(64 << 20) };

@@ -223,6 +223,10 @@ impl Backend for CudaDevice {
     }
 
     fn open_session(&self, va_size: u64) -> DeviceResult<CudaSession> {
+        self.open_session_at(va_size, 0)
+    }
+
+    fn open_session_at(&self, va_size: u64, base: u64) -> DeviceResult<CudaSession> {
         self.inner.context.make_current()?;
         let granularity = self.inner.description.granularity;
         if va_size == 0 {
@@ -230,7 +234,7 @@ impl Backend for CudaDevice {
         }
         let size = round_up(va_size, granularity)
             .ok_or_else(|| CallError::invalid_value(format!("address range of {va_size} bytes is too large")))?;
-        let reservation = Reservation::new(self.inner.context.clone(), size, granularity)?;
+        let reservation = Reservation::at(self.inner.context.clone(), size, granularity, base)?;
         Ok(CudaSession { device: self.inner.clone(), reservation: Rc::new(reservation) })
     }
 }

@@ -74,6 +74,9 @@ pub struct EmulatedDevice {
     sm: SmLimits,
     next_base: AtomicU64,
     used: Arc<AtomicU64>,
+    /// The ranges of open sessions (base, size), so that a session opened
+    /// at a given range (a migrated one) never overlaps another.
+    ranges: Arc<std::sync::Mutex<BTreeMap<u64, u64>>>,
 }
 
 /// Bytes of the emulated device's memory taken by one allocation or array;
@@ -282,6 +285,7 @@ impl EmulatedDevice {
             sm,
             next_base: AtomicU64::new(VA_START),
             used: Arc::default(),
+            ranges: Arc::default(),
         }
     }
 }
@@ -295,8 +299,31 @@ impl Backend for EmulatedDevice {
 
     fn open_session(&self, va_size: u64) -> DeviceResult<EmulatedSession> {
         let size = va_size.div_ceil(GRANULARITY) * GRANULARITY;
-        let base = self.next_base.fetch_add(size + GRANULARITY, Ordering::Relaxed);
+        loop {
+            let base = self.next_base.fetch_add(size + GRANULARITY, Ordering::Relaxed);
+            // Skips ranges taken by sessions opened at a given range.
+            if let Ok(session) = self.open_session_at(size, base) {
+                return Ok(session);
+            }
+        }
+    }
+
+    fn open_session_at(&self, va_size: u64, base: u64) -> DeviceResult<EmulatedSession> {
+        let size = va_size.div_ceil(GRANULARITY) * GRANULARITY;
+        let end = base.checked_add(size).filter(|_| base.is_multiple_of(GRANULARITY) && size > 0);
+        let end = end.ok_or_else(|| CallError::invalid_value(format!("range {base:#x} (+{va_size}) is not usable")))?;
+        {
+            let mut ranges = self.ranges.lock().unwrap_or_else(|e| e.into_inner());
+            let before = ranges.range(..end).next_back().is_some_and(|(&b, &s)| b + s > base);
+            if before {
+                return Err(CallError::out_of_memory(format!(
+                    "the address range {base:#x} (+{size}) is taken on this device"
+                )));
+            }
+            ranges.insert(base, size);
+        }
         Ok(EmulatedSession {
+            _range: RangeHold { ranges: self.ranges.clone(), base },
             base,
             memory: Rc::default(),
             epoch: Instant::now(),
@@ -308,6 +335,19 @@ impl Backend for EmulatedDevice {
             used: self.used.clone(),
             total: self.description.total_memory,
         })
+    }
+}
+
+/// A session's hold on its address range.
+#[derive(Debug)]
+struct RangeHold {
+    ranges: Arc<std::sync::Mutex<BTreeMap<u64, u64>>>,
+    base: u64,
+}
+
+impl Drop for RangeHold {
+    fn drop(&mut self) {
+        self.ranges.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.base);
     }
 }
 
@@ -332,6 +372,8 @@ type Store = Rc<RefCell<BTreeMap<u64, Region>>>;
 /// One session's memory and handles on the emulated device.
 #[derive(Debug)]
 pub struct EmulatedSession {
+    /// Gives the range back to the device when the session goes.
+    _range: RangeHold,
     base: u64,
     memory: Store,
     epoch: Instant,

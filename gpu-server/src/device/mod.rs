@@ -340,6 +340,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Opens a session and reserves `va_size` bytes of device address space
     /// for it. Called on the thread that will run the session's calls.
     fn open_session(&self, va_size: u64) -> DeviceResult<Self::Session>;
+
+    /// Opens a session on the range `[base, base + va_size)` exactly (a
+    /// migrated session keeps its addresses); refused when any of it is
+    /// taken or it is not aligned to the granularity.
+    fn open_session_at(&self, va_size: u64, base: u64) -> DeviceResult<Self::Session>;
 }
 
 /// One session's view of the device. Methods run on the session's own

@@ -36,6 +36,8 @@ pub(super) enum Ended {
     Lost(&'static str),
     /// A frame could not be read: framing is lost.
     Violation(frame::FrameError),
+    /// The session was ordered to move to another server.
+    Migrate(Box<super::migrate::Order>),
 }
 
 /// Most calls one batch may hold (the client sends at most 65 536).
@@ -159,11 +161,35 @@ pub(super) struct Replies {
 }
 
 /// Replies kept for a resume: more than a client has in flight (32).
-const KEPT_REPLIES: ReplayLimit = ReplayLimit { frames: 64, bytes: 64 << 20 };
+pub(super) const KEPT_REPLIES: ReplayLimit = ReplayLimit { frames: 64, bytes: 64 << 20 };
 
 impl Replies {
     pub(super) fn new(rx: mpsc::Receiver<v1::BatchReply>, keep: bool) -> Self {
         Self { rx, sent: keep.then(|| ReplayLog::new(KEPT_REPLIES)) }
+    }
+
+    /// Replies taken over from another server (a migrated session): its
+    /// log's acknowledged and forgotten sequence numbers and kept frames.
+    pub(super) fn taken_over(
+        rx: mpsc::Receiver<v1::BatchReply>,
+        acked: u64,
+        forgotten: u64,
+        kept: Vec<(u64, bytes::Bytes)>,
+    ) -> Self {
+        let mut log = ReplayLog::taken_over(KEPT_REPLIES, acked, forgotten);
+        for (seq, frame) in kept {
+            log.record(seq, frame);
+        }
+        Self { rx, sent: Some(log) }
+    }
+
+    /// The replies kept, with the log's acknowledged and forgotten sequence
+    /// numbers, for another server.
+    pub(super) fn kept(&self) -> (Vec<bytes::Bytes>, u64, u64) {
+        match &self.sent {
+            Some(log) => (log.kept().map(|(_, b)| b.clone()).collect(), log.acked(), log.forgotten()),
+            None => (Vec::new(), 0, 0),
+        }
     }
 
     /// Whether every reply after `acked` can still be sent.
@@ -180,6 +206,7 @@ pub(super) async fn write_replies(
     mut send: impl FrameSender,
     link: impl Link,
     acked: Option<u64>,
+    stop: Arc<tokio::sync::Notify>,
 ) -> Replies {
     if let (Some(acked), Some(log)) = (acked, replies.sent.as_mut()) {
         log.ack(acked);
@@ -196,18 +223,33 @@ pub(super) async fn write_replies(
                 None => break,
             },
             () = link.ended() => return replies,
+            // The session stops here (it migrates): what its thread
+            // replied so far goes out, the rest is for where it goes.
+            () = stop.notified() => {
+                while let Ok(reply) = replies.rx.try_recv() {
+                    if !send_reply(&mut replies, &mut send, &reply).await {
+                        break;
+                    }
+                }
+                return replies;
+            }
         };
-        let bytes = frame::encode(&reply);
-        if let Some(log) = replies.sent.as_mut() {
-            log.record(reply.seq, bytes.clone());
-        }
-        if send.send_frame(&bytes).await.is_err() {
+        if !send_reply(&mut replies, &mut send, &reply).await {
             return replies;
         }
     }
     // Let the last replies arrive before the connection is closed.
     send.finish_within(LINGER).await;
     replies
+}
+
+/// Sends one reply and keeps it for a resume; false when the send failed.
+async fn send_reply(replies: &mut Replies, send: &mut impl FrameSender, reply: &v1::BatchReply) -> bool {
+    let bytes = frame::encode(reply);
+    if let Some(log) = replies.sent.as_mut() {
+        log.record(reply.seq, bytes.clone());
+    }
+    send.send_frame(&bytes).await.is_ok()
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! handed to a worker process. Refusals are counted and logged at a bounded
 //! rate.
 
-use super::local::run_session;
+use super::local::{Start, run_session};
 use super::metrics::add;
 use super::state::{AnyDevice, LeasedSession, Mode, Shared};
 use super::supervised::run_in_worker;
@@ -203,16 +203,26 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
                 old.conn.close(close_code::NORMAL.into(), b"replaced by a new session of the same lease");
             }
         }
+        let start = match hello.migrate {
+            Some(m) => {
+                tracing::info!(bytes = m.memory_bytes, "a session migrates here");
+                Start::Migrated(m)
+            }
+            None => Start::Fresh,
+        };
         let conn = match mode {
             Mode::Local(device) => {
                 let attachment = Attachment::<Quic> { link: conn, sender: send, receiver: recv };
                 match device {
-                    AnyDevice::Cuda(d) => run_session(&shared, d, attachment, id, quota, &grant).await,
-                    AnyDevice::Emulated(d) => run_session(&shared, d, attachment, id, quota, &grant).await,
+                    AnyDevice::Cuda(d) => run_session(&shared, d, attachment, id, quota, &grant, start).await,
+                    AnyDevice::Emulated(d) => run_session(&shared, d, attachment, id, quota, &grant, start).await,
                 }
             }
             Mode::Workers(workers) => match workers.for_session(&grant) {
-                Some(pool) => run_in_worker(&shared, pool, conn, id, quota, &grant, send).await,
+                Some(pool) => {
+                    let migrated_in = matches!(start, Start::Migrated(_));
+                    run_in_worker(&shared, pool, conn, id, quota, &grant, send, migrated_in).await
+                }
                 None => {
                     conn.close(close_code::UNAUTHORIZED.into(), b"the lease's instance is not served here");
                     conn

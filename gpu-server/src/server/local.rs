@@ -5,11 +5,12 @@
 
 use super::bulk::BulkService;
 use super::commands::{Ended, MAX_QUEUED_BATCH_BYTES, Replies, frame_error_reply, read_commands, write_replies};
+use super::migrate::{Migrated, MigrationTarget, Outgoing};
 use super::resume::ResumeSlot;
 use super::state::Shared;
-use super::thread::{self, Work, WorkQueue};
+use super::thread::{self, Import, Work, WorkQueue};
 use super::transport::quic::Quic;
-use super::transport::{Attachment, FrameSender, Link, Transport};
+use super::transport::{Attachment, FrameReceiver, FrameSender, Link, Transport};
 use crate::auth::Grant;
 use crate::device::Backend;
 use crate::images::ImageCache;
@@ -17,6 +18,7 @@ use crate::session::SessionLimits;
 use crate::staging::Staging;
 use gpupool_proto::payload::Compression;
 use gpupool_proto::{close_code, frame, v1};
+use prost::Message;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -36,18 +38,36 @@ pub(super) async fn run_session<B: Backend, T: Transport>(
     id: u64,
     quota: u64,
     grant: &Grant,
+    start: Start,
 ) -> T::Link
 where
     Attachment<Quic>: Into<Attachment<T>>,
 {
     let Attachment { link: mut conn, sender: mut send, receiver: mut recv } = attachment;
     let mut slot = ResumeSlot::register(&shared.resumable, shared.config.resume_grace, id, grant);
+    let mut moves = shared.migrations.register(id);
     let cfg = &shared.config;
     let desc = device.description().clone();
     let g = desc.granularity;
     let quota = quota.div_ceil(g) * g;
     // Room for fragmentation: twice the quota, at least 64 MiB.
-    let va_size = (quota * 2).max(64 << 20).div_ceil(g) * g;
+    let mut va_size = (quota * 2).max(64 << 20).div_ceil(g) * g;
+    // A migrated session keeps its range, within what its quota gives here.
+    let base = match &start {
+        Start::Fresh => None,
+        Start::Migrated(m) => {
+            if m.va_size == 0 || m.va_size > va_size || !m.va_size.is_multiple_of(g) || m.memory_bytes > quota {
+                let reason = format!(
+                    "a session of {} bytes in a range of {} does not fit a quota of {quota} (range {va_size})",
+                    m.memory_bytes, m.va_size
+                );
+                refuse_migration(send, &conn, reason).await;
+                return conn;
+            }
+            va_size = m.va_size;
+            Some(m.va_base)
+        }
+    };
     let limits = SessionLimits {
         memory_quota: quota,
         va_size,
@@ -86,6 +106,7 @@ where
         reply_tx,
         ready_tx,
         memory,
+        base,
     );
     if let Err(e) = started {
         tracing::error!(error = %e, "cannot start a session worker thread");
@@ -96,7 +117,11 @@ where
         Ok(Ok(ready)) => ready,
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "cannot open a device session");
-            conn.end(close_code::BUSY, format!("device session failed: {e}").as_bytes());
+            if matches!(start, Start::Migrated(_)) {
+                refuse_migration(send, &conn, format!("device session failed: {e}")).await;
+            } else {
+                conn.end(close_code::BUSY, format!("device session failed: {e}").as_bytes());
+            }
             return conn;
         }
         Err(_) => {
@@ -132,20 +157,117 @@ where
         bulk_ports,
         bulk_secret,
     };
-    if send.send_frame(&frame::encode(&welcome)).await.is_err() {
-        return conn;
-    }
-    let mut replies = Replies::new(reply_rx, slot.resumable());
     let queue_budget = Arc::new(Semaphore::new(MAX_QUEUED_BATCH_BYTES));
     let mut received_seq = 0;
     let mut acked = None;
+    let mut replies = match start {
+        Start::Fresh => {
+            if send.send_frame(&frame::encode(&welcome)).await.is_err() {
+                return conn;
+            }
+            Replies::new(reply_rx, slot.resumable())
+        }
+        Start::Migrated(m) => {
+            // The source sends the session once it is welcomed.
+            if send.send_frame(&frame::encode(&welcome)).await.is_err() {
+                return conn;
+            }
+            let received = tokio::time::timeout(
+                super::migrate::TRANSFER_LIMIT,
+                receive_session(shared, &m, &mut recv, &work_tx, limits_of_import(shared)),
+            )
+            .await
+            .unwrap_or_else(|_| Err("the transfer took too long".into()));
+            let kept = match received {
+                Ok(kept) if slot.resumable() => kept,
+                Ok(_) => {
+                    refuse_migration(send, &conn, "this server keeps no sessions for a resume".into()).await;
+                    return conn;
+                }
+                Err(reason) => {
+                    tracing::warn!(reason, "migrated session refused");
+                    refuse_migration(send, &conn, reason).await;
+                    return conn;
+                }
+            };
+            let done = v1::MigrateDone { session_id: id, resume_secret: slot.secret().to_string(), error: None };
+            // Not lingering for its acknowledgement: the client may be
+            // reattaching already.
+            let _ = send.send_frame(&frame::encode(&done)).await;
+            tracing::info!(
+                bytes = m.memory_bytes,
+                received_seq = m.received_seq,
+                "migrated session arrived; waiting for its client"
+            );
+            received_seq = m.received_seq;
+            let replies = Replies::taken_over(reply_rx, m.replies_acked, m.replies_forgotten, kept);
+            // Its client comes as after a lost connection.
+            let Some((again, seq)) = reattach(&mut slot, &replies, &welcome, received_seq, "migrated here").await
+            else {
+                return conn;
+            };
+            Attachment { link: conn, sender: send, receiver: recv } = again;
+            acked = Some(seq);
+            replies
+        }
+    };
     loop {
         // Replies go out in order as the session thread produces them.
-        let writer = tokio::spawn(write_replies(replies, send, conn.clone(), acked));
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let writer = tokio::spawn(write_replies(replies, send, conn.clone(), acked, stop.clone()));
         let bulk_task = tokio::spawn(conn.clone().serve_bulk(bulk.clone()));
-        let ended = read_commands(shared, &conn, &mut recv, &work_tx, &queue_budget, &mut received_seq).await;
+        let ended = tokio::select! {
+            ended = read_commands(shared, &conn, &mut recv, &work_tx, &queue_budget, &mut received_seq) => ended,
+            Some(order) = moves.orders.recv() => Ended::Migrate(Box::new(order)),
+        };
         bulk_task.abort();
         match ended {
+            Ended::Migrate(order) => {
+                // No batch is read any more: those on their way stay in the
+                // client's replay log and go to wherever the session runs.
+                stop.notify_one();
+                let Ok(kept) = writer.await else { return conn };
+                replies = kept;
+                let outcome = if slot.resumable() {
+                    migrate_out(shared, &work_tx, &replies, received_seq, &order.target).await
+                } else {
+                    Err("this server keeps no sessions for a resume, so the client could not follow".into())
+                };
+                let (moved, report) = match outcome {
+                    Ok((done, bytes)) => {
+                        let pause = order.started.elapsed();
+                        tracing::info!(target = %order.target.address, bytes, pause_ms = pause.as_millis() as u64, "session migrated");
+                        let report = Ok(Migrated { target_session: done.session_id, memory_bytes: bytes, pause });
+                        let moved = v1::Moved {
+                            address: order.target.address.to_string(),
+                            server_name: order.target.server_name.clone(),
+                            cert_sha256: order.target.cert_sha256.clone(),
+                            token: order.target.token.clone(),
+                            session_id: done.session_id,
+                            resume_secret: done.resume_secret,
+                        };
+                        (moved, report)
+                    }
+                    Err(reason) => {
+                        tracing::warn!(target = %order.target.address, reason, "migration failed; the session keeps running here");
+                        // An empty `Moved`: resume here.
+                        (v1::Moved::default(), Err(reason))
+                    }
+                };
+                let here = moved.address.is_empty();
+                conn.end(close_code::MIGRATED, &moved.encode_to_vec());
+                let _ = order.done.send(report);
+                if !here {
+                    drop(work_tx);
+                    return conn;
+                }
+                let why = "after a failed migration";
+                let Some((again, seq)) = reattach(&mut slot, &replies, &welcome, received_seq, why).await else {
+                    return conn;
+                };
+                Attachment { link: conn, sender: send, receiver: recv } = again;
+                acked = Some(seq);
+            }
             Ended::Finished => {
                 drop(work_tx);
                 let _ = writer.await;
@@ -164,19 +286,173 @@ where
                 tracing::info!(why, "session connection lost");
                 let Ok(kept) = writer.await else { return conn };
                 replies = kept;
-                let Some(request) = slot.wait().await else { return conn };
-                let again: Attachment<T> = request.attachment.into();
-                if !replies.covers(request.acked_seq) {
-                    again.link.end(close_code::SESSION_GONE, b"the replies the client missed are gone");
+                let Some((again, seq)) = reattach(&mut slot, &replies, &welcome, received_seq, "after a loss").await
+                else {
                     return conn;
-                }
+                };
                 Attachment { link: conn, sender: send, receiver: recv } = again;
-                acked = Some(request.acked_seq);
-                let welcome = v1::Welcome { resumed: true, resumed_seq: received_seq, ..welcome.clone() };
-                // A failed send shows on the command channel as a lost attachment.
-                let _ = send.send_frame(&frame::encode(&welcome)).await;
-                tracing::info!(remote = %conn.peer(), received_seq, "session resumed");
+                acked = Some(seq);
             }
+        }
+    }
+}
+
+/// How a session starts.
+#[derive(Debug)]
+pub(super) enum Start {
+    /// A client opened it.
+    Fresh,
+    /// Another server hands it over (live migration); its state follows on
+    /// the attachment, then its client reattaches.
+    Migrated(v1::MigrateIn),
+}
+
+/// Waits for the session's client to reattach (after a loss or a
+/// migration), and welcomes it back; the new attachment and the last reply
+/// the client had, or `None` when it does not come or cannot be served.
+async fn reattach<T: Transport>(
+    slot: &mut ResumeSlot<'_>,
+    replies: &Replies,
+    welcome: &v1::Welcome,
+    received_seq: u64,
+    why: &'static str,
+) -> Option<(Attachment<T>, u64)>
+where
+    Attachment<Quic>: Into<Attachment<T>>,
+{
+    let request = slot.wait().await?;
+    let mut again: Attachment<T> = request.attachment.into();
+    if !replies.covers(request.acked_seq) {
+        again.link.end(close_code::SESSION_GONE, b"the replies the client missed are gone");
+        return None;
+    }
+    let welcome = v1::Welcome { resumed: true, resumed_seq: received_seq, ..welcome.clone() };
+    // A failed send shows on the command channel as a lost attachment.
+    let _ = again.sender.send_frame(&frame::encode(&welcome)).await;
+    tracing::info!(remote = %again.link.peer(), received_seq, why, "session resumed");
+    Some((again, request.acked_seq))
+}
+
+/// Answers a migration the target cannot take, and ends its attachment.
+async fn refuse_migration(mut send: impl FrameSender, link: &impl Link, reason: String) {
+    let error = v1::CallError { index: 0, code: gpupool_proto::cuda::NOT_SUPPORTED, message: reason.clone() };
+    let done = v1::MigrateDone { error: Some(error), ..Default::default() };
+    let _ = send.send_frame(&frame::encode(&done)).await;
+    send.finish_within(super::commands::LINGER).await;
+    link.end(close_code::NORMAL, b"migration refused");
+}
+
+/// The source's side: reads the session out on its thread (after the
+/// batches queued before the order) and sends it to `target`. Returns the
+/// target's answer and the bytes moved.
+async fn migrate_out(
+    shared: &Shared,
+    work: &mpsc::Sender<Work>,
+    replies: &Replies,
+    received_seq: u64,
+    target: &MigrationTarget,
+) -> Result<(v1::MigrateDone, u64), String> {
+    let (tx, rx) = oneshot::channel();
+    work.send(Work::Migrate(tx)).await.map_err(|_| "the session has ended".to_string())?;
+    let exported = rx.await.map_err(|_| "the session has ended".to_string())?.map_err(|e| e.message)?;
+    let bytes = exported.memory_bytes();
+    let (kept, replies_acked, replies_forgotten) = replies.kept();
+    let out = Outgoing { exported, received_seq, replies: kept, replies_acked, replies_forgotten };
+    let done = super::migrate::send_session(target, &shared.images, out).await?;
+    Ok((done, bytes))
+}
+
+/// Bounds of what a migrated session may bring.
+#[derive(Debug, Clone, Copy)]
+struct ImportLimits {
+    max_frame: usize,
+    max_image: u64,
+    max_images: usize,
+}
+
+fn limits_of_import(shared: &Shared) -> ImportLimits {
+    let cfg = &shared.config;
+    ImportLimits {
+        max_frame: cfg.max_frame_bytes as usize,
+        max_image: cfg.max_staging_bytes.min(1 << 30),
+        max_images: cfg.max_handles,
+    }
+}
+
+/// The target's side: reads a migrating session's frames and rebuilds it on
+/// its thread. Returns the replies the client may not have received.
+async fn receive_session(
+    shared: &Shared,
+    m: &v1::MigrateIn,
+    recv: &mut impl FrameReceiver,
+    work: &mpsc::Sender<Work>,
+    limits: ImportLimits,
+) -> Result<Vec<(u64, bytes::Bytes)>, String> {
+    use gpupool_proto::v1::migrate_frame::Item;
+    let mut images: std::collections::HashMap<[u8; 32], Vec<u8>> = std::collections::HashMap::new();
+    let mut replies = Vec::new();
+    let mut reply_bytes = 0;
+    let mut memory = 0u64;
+    let import = |item: Import| async move {
+        let (tx, rx) = oneshot::channel();
+        work.send(Work::Import(item, tx)).await.map_err(|_| "the session has ended".to_string())?;
+        rx.await.map_err(|_| "the session has ended".to_string())?.map_err(|e| e.message)
+    };
+    loop {
+        let body = match recv.recv_frame(limits.max_frame).await {
+            Ok(Some(body)) => body,
+            Ok(None) => return Err("the source ended the transfer early".into()),
+            Err(e) => return Err(format!("transfer failed: {e:?}")),
+        };
+        let item = v1::MigrateFrame::decode(body).map_err(|e| format!("undecodable frame: {e}"))?.item;
+        match item.ok_or("a frame without an item")? {
+            Item::Image(c) => {
+                let key: [u8; 32] = c.sha256[..].try_into().map_err(|_| "an image hash that is not 32 bytes")?;
+                if c.total_size > limits.max_image {
+                    return Err(format!(
+                        "an image of {} bytes exceeds the limit of {}",
+                        c.total_size, limits.max_image
+                    ));
+                }
+                if !images.contains_key(&key) && images.len() >= limits.max_images {
+                    return Err(format!("more than {} images", limits.max_images));
+                }
+                let image = images.entry(key).or_default();
+                if c.offset != image.len() as u64 || c.offset + c.data.len() as u64 > c.total_size {
+                    return Err("image pieces out of order or past their size".into());
+                }
+                image.extend_from_slice(&c.data);
+                if image.len() as u64 == c.total_size {
+                    if crate::images::key_of(image) != key {
+                        return Err("an image does not match its SHA-256".into());
+                    }
+                    shared.images.insert(key, Arc::from(&image[..]));
+                }
+            }
+            Item::Calls(batch) => import(Import::Calls(batch)).await?,
+            Item::Reply(frame) => {
+                let seq = frame
+                    .get(frame::HEADER_LEN..)
+                    .and_then(|b| v1::BatchReply::decode(b).ok())
+                    .ok_or("an undecodable reply")?
+                    .seq;
+                reply_bytes += frame.len();
+                if replies.len() >= super::commands::KEPT_REPLIES.frames
+                    || reply_bytes > super::commands::KEPT_REPLIES.bytes
+                {
+                    return Err("more replies than a session keeps".into());
+                }
+                replies.push((seq, frame));
+            }
+            Item::Memory(c) => {
+                memory = memory.saturating_add(c.data.len() as u64);
+                if memory > m.memory_bytes {
+                    return Err(format!("more memory than the {} bytes announced", m.memory_bytes));
+                }
+                import(Import::Memory(c.addr, c.data)).await?;
+            }
+            Item::End(_) if memory == m.memory_bytes => return Ok(replies),
+            Item::End(_) => return Err(format!("{memory} bytes of memory came of {} announced", m.memory_bytes)),
         }
     }
 }
@@ -197,11 +473,12 @@ fn spawn_thread<B: Backend>(
     replies: mpsc::Sender<v1::BatchReply>,
     ready: oneshot::Sender<Result<thread::SessionReady, crate::error::CallError>>,
     memory: crate::swap::SessionMemory,
+    base: Option<u64>,
 ) -> std::io::Result<()> {
     let images: Arc<ImageCache> = shared.images.clone();
     let metrics = shared.metrics.clone();
     std::thread::Builder::new()
         .name(format!("gpupool-session-{id}"))
-        .spawn(move || thread::run(device, limits, staging, images, metrics, work, replies, ready, memory))
+        .spawn(move || thread::run(device, limits, staging, images, metrics, work, replies, ready, memory, base))
         .map(drop)
 }

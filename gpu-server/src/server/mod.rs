@@ -27,6 +27,7 @@ mod handshake;
 mod link;
 mod local;
 pub mod metrics;
+mod migrate;
 mod resume;
 mod revocation;
 mod state;
@@ -35,6 +36,7 @@ mod thread;
 pub(crate) mod transport;
 
 pub use metrics::{Metrics, MetricsSnapshot};
+pub use migrate::{Migrated, MigrationTarget};
 
 use crate::auth::{Authenticator, LeaseTokens, StaticTokens};
 use crate::config::{DeviceChoice, Isolation, ServerConfig};
@@ -145,6 +147,12 @@ impl Server {
     /// Hex SHA-256 of the server certificate, for clients to pin.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+
+    /// A handle that moves this server's sessions to other servers
+    /// (`docs/migration.md`); usable while the server runs.
+    pub fn migrator(&self) -> Migrator {
+        Migrator { shared: self.shared.clone() }
     }
 
     /// The server's counters.
@@ -322,5 +330,31 @@ impl Drop for BulkIo {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+/// Moves sessions of a running server to other servers.
+#[derive(Debug, Clone)]
+pub struct Migrator {
+    shared: Arc<Shared>,
+}
+
+impl Migrator {
+    /// Ids of the sessions that can be moved now (those served in this
+    /// process).
+    pub fn sessions(&self) -> Vec<u64> {
+        self.shared.migrations.ids()
+    }
+
+    /// Moves session `id` to `target` at its next batch boundary. On
+    /// failure the session keeps running here and the error says why.
+    pub async fn migrate(&self, id: u64, target: MigrationTarget) -> Result<Migrated, ServerError> {
+        // Room for the batches queued before the order, then the transfer.
+        let limit = migrate::TRANSFER_LIMIT * 2;
+        self.shared
+            .migrations
+            .migrate(id, target, limit)
+            .await
+            .map_err(|reason| ServerError::Migration { session: id, reason })
     }
 }

@@ -114,6 +114,17 @@ impl<'a> ResumeSlot<'a> {
         self.requests.is_some()
     }
 
+    /// The next reattachment, whenever it comes (never when the session is
+    /// not resumable): a client may reattach while its old connection still
+    /// looks open here (after a failed migration, its worker ended the
+    /// session's connection and kept the session).
+    pub(crate) async fn next(&mut self) -> Option<ResumeRequest> {
+        match self.requests.as_mut() {
+            Some(rx) => rx.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Waits up to the grace period for the client to reattach.
     pub(crate) async fn wait(&mut self) -> Option<ResumeRequest> {
         let grace = self.grace;

@@ -120,6 +120,8 @@ pub(crate) struct Shared {
     pub(crate) resumable: Registry,
     /// Sessions that take extra bulk connections on the bulk endpoints.
     pub(crate) bulk: bulk::Registry,
+    /// Sessions that can be ordered to move to another server.
+    pub(crate) migrations: super::migrate::Registry,
     /// The device memory of the sessions in this process, resident and
     /// swapped out ([`crate::swap`]).
     pub(crate) device_memory: Arc<crate::swap::DeviceMemory>,
@@ -153,6 +155,7 @@ impl Shared {
             leased: Mutex::new(HashMap::new()),
             resumable: Registry::default(),
             bulk: bulk::Registry::new(bulk_ports),
+            migrations: super::migrate::Registry::default(),
         }
     }
 

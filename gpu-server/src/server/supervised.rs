@@ -20,6 +20,7 @@ use std::sync::Arc;
 /// until the worker exits. When the client's connections are lost, the
 /// worker keeps the session for the resume grace period and a reattaching
 /// client is redirected to it again. Returns the last control connection.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn run_in_worker(
     shared: &Shared,
     pool: &Arc<WorkerPool>,
@@ -28,9 +29,11 @@ pub(super) async fn run_in_worker(
     quota: u64,
     grant: &Grant,
     mut send: quinn::SendStream,
+    migrated_in: bool,
 ) -> quinn::Connection {
     let (subject, lease) = (grant.subject.as_str(), grant.lease.as_ref().map(|l| l.lease_id));
     let mut slot = ResumeSlot::register(&shared.resumable, shared.config.resume_grace, id, grant);
+    let mut moves = shared.migrations.register(id);
     let ticket = hex::encode(rand::random::<[u8; 32]>());
     let assign = v1::WorkerAssign {
         ticket: ticket.clone(),
@@ -39,6 +42,7 @@ pub(super) async fn run_in_worker(
         session_id: id,
         resume_secret: slot.secret().to_string(),
         resume: false,
+        migrate: None,
     };
     let mut worker = match pool.assign(&assign).await {
         Ok(w) => w,
@@ -67,69 +71,87 @@ pub(super) async fn run_in_worker(
     }
     // The session lives on the worker's connection now.
     quic::narrow_to_control(&conn);
-    let metrics = shared.metrics.clone();
     let mut events = worker.take_events();
-    let mut reported = v1::WorkerMetrics::default();
-    let mut apply = |event: Option<v1::worker_event::Event>| {
-        if let Some(v1::worker_event::Event::Metrics(m)) = event {
-            metrics.add_worker_delta(&m, &reported);
-            if let Some(id) = lease
-                && let Some(s) = shared.leased().get_mut(&id)
-            {
-                s.memory_used = m.memory_mapped;
-            }
-            reported = m;
-        }
-    };
+    let mut relay = Relay { shared, lease, reported: v1::WorkerMetrics::default(), order: None };
+    // A session that migrated here waits for its client: the connection it
+    // came on (the source server's) ends once it arrived.
+    let mut awaiting_client = migrated_in;
     let status = 'session: loop {
-        tokio::select! {
-            event = events.recv(), if !events.is_closed() => apply(event),
+        let request = tokio::select! {
+            event = events.recv(), if !events.is_closed() => {
+                relay.apply(event);
+                continue;
+            }
             status = worker.wait() => break status,
+            Some(order) = moves.orders.recv(), if relay.order.is_none() => {
+                let target = &order.target;
+                let migrate = v1::Moved {
+                    address: target.address.to_string(),
+                    server_name: target.server_name.clone(),
+                    cert_sha256: target.cert_sha256.clone(),
+                    token: target.token.clone(),
+                    ..Default::default()
+                };
+                let order_frame = v1::WorkerAssign { migrate: Some(migrate), ..Default::default() };
+                match worker.send_control(&frame::encode(&order_frame)).await {
+                    Ok(()) => relay.order = Some(order),
+                    Err(e) => drop(order.done.send(Err(format!("cannot reach the session's worker: {e}")))),
+                }
+                continue;
+            }
+            // A client reattaching while this connection still looks open.
+            r = slot.next() => r,
             _ = conn.closed() => {
-                if conn.lost().is_none() {
+                if conn.lost().is_none() && !std::mem::take(&mut awaiting_client) {
                     break worker_end(shared, &mut worker).await;
                 }
                 // The worker keeps the session as long: wait for the client.
-                let request = tokio::select! {
+                tokio::select! {
                     r = slot.wait() => r,
                     status = worker.wait() => break 'session status,
-                };
-                let Some(request) = request else { break worker_end(shared, &mut worker).await };
-                let ticket = hex::encode(rand::random::<[u8; 32]>());
-                let rearm = v1::WorkerAssign { ticket: ticket.clone(), resume: true, ..assign.clone() };
-                let armed = async {
-                    worker.send_control(&frame::encode(&rearm)).await?;
-                    loop {
-                        match events.recv().await {
-                            Some(v1::worker_event::Event::Assigned(t)) if t == ticket => return Ok(()),
-                            Some(other) => apply(Some(other)),
-                            None => return Err(ServerError::Worker("worker exited".into())),
-                        }
-                    }
-                };
-                if let Err(e) = tokio::time::timeout(shared.config.handshake_timeout, armed)
-                    .await
-                    .unwrap_or_else(|_| Err(ServerError::Worker("worker did not arm the resume ticket".into())))
-                {
-                    tracing::warn!(error = %e, "cannot resume the session");
-                    request.attachment.link.close(close_code::SESSION_GONE.into(), format!("cannot resume: {e}").as_bytes());
-                    break worker_end(shared, &mut worker).await;
                 }
-                let Attachment { link, mut sender, .. } = request.attachment;
-                let _ = sender.write_all(&frame::encode(&redirect(ticket, true))).await;
-                conn = link;
-                if let Some(id) = lease
-                    && let Some(s) = shared.leased().get_mut(&id)
-                {
-                    s.conn = conn.clone();
-                }
-                tracing::info!(pid, "client redirected to its kept session");
             }
+        };
+        let Some(request) = request else { break worker_end(shared, &mut worker).await };
+        let ticket = hex::encode(rand::random::<[u8; 32]>());
+        let rearm = v1::WorkerAssign { ticket: ticket.clone(), resume: true, ..assign.clone() };
+        let armed = async {
+            worker.send_control(&frame::encode(&rearm)).await?;
+            loop {
+                match events.recv().await {
+                    Some(v1::worker_event::Event::Assigned(t)) if t == ticket => return Ok(()),
+                    Some(other) => relay.apply(Some(other)),
+                    None => return Err(ServerError::Worker("worker exited".into())),
+                }
+            }
+        };
+        if let Err(e) = tokio::time::timeout(shared.config.handshake_timeout, armed)
+            .await
+            .unwrap_or_else(|_| Err(ServerError::Worker("worker did not arm the resume ticket".into())))
+        {
+            tracing::warn!(error = %e, "cannot resume the session");
+            request.attachment.link.close(close_code::SESSION_GONE.into(), format!("cannot resume: {e}").as_bytes());
+            break worker_end(shared, &mut worker).await;
         }
+        let Attachment { link, mut sender, .. } = request.attachment;
+        let _ = sender.write_all(&frame::encode(&redirect(ticket, true))).await;
+        if conn.stable_id() != link.stable_id() {
+            conn.close(close_code::NORMAL.into(), b"the client reattached on another connection");
+        }
+        conn = link;
+        if let Some(id) = lease
+            && let Some(s) = shared.leased().get_mut(&id)
+        {
+            s.conn = conn.clone();
+        }
+        tracing::info!(pid, "client redirected to its kept session");
     };
     // The last report may arrive after the exit.
     while let Ok(event) = events.try_recv() {
-        apply(Some(event));
+        relay.apply(Some(event));
+    }
+    if let Some(order) = relay.order.take() {
+        let _ = order.done.send(Err("the session's worker exited before it reported".into()));
     }
     pool.finished(pid);
     match status {
@@ -155,4 +177,45 @@ async fn worker_end(shared: &Shared, worker: &mut Worker) -> std::io::Result<std
     }
     worker.kill().await;
     worker.wait().await
+}
+
+/// What a worker reports, relayed: its counters into the server's, its
+/// session's memory into the lease's entry, a migration's outcome to whoever
+/// ordered it.
+struct Relay<'a> {
+    shared: &'a Shared,
+    lease: Option<u64>,
+    reported: v1::WorkerMetrics,
+    /// The migration ordered and not yet reported.
+    order: Option<super::migrate::Order>,
+}
+
+impl Relay<'_> {
+    fn apply(&mut self, event: Option<v1::worker_event::Event>) {
+        match event {
+            Some(v1::worker_event::Event::Metrics(m)) => {
+                self.shared.metrics.add_worker_delta(&m, &self.reported);
+                if let Some(id) = self.lease
+                    && let Some(s) = self.shared.leased().get_mut(&id)
+                {
+                    s.memory_used = m.memory_mapped;
+                }
+                self.reported = m;
+            }
+            Some(v1::worker_event::Event::Migrated(outcome)) => {
+                let Some(order) = self.order.take() else { return };
+                let report = if outcome.error.is_empty() {
+                    Ok(super::migrate::Migrated {
+                        target_session: outcome.target_session,
+                        memory_bytes: outcome.memory_bytes,
+                        pause: std::time::Duration::from_micros(outcome.pause_us),
+                    })
+                } else {
+                    Err(outcome.error)
+                };
+                let _ = order.done.send(report);
+            }
+            _ => {}
+        }
+    }
 }

@@ -6,7 +6,7 @@ use super::metrics::{Metrics, add, gauge};
 use crate::device::{Backend, BackendSession};
 use crate::error::CallError;
 use crate::images::ImageCache;
-use crate::session::{SessionLimits, SessionState};
+use crate::session::{Exported, SessionLimits, SessionState};
 use crate::staging::Staging;
 use crate::swap::{MemoryUse, SessionMemory};
 use gpupool_proto::v1;
@@ -23,6 +23,20 @@ pub(crate) enum Work {
     /// Another session needs device memory: swap this one out
     /// ([`crate::swap`]); queued behind the work already queued.
     SwapOut,
+    /// The session moves to another server: read its state out, after
+    /// the work queued before ([`crate::session::Exported`]).
+    Migrate(oneshot::Sender<Result<Exported, CallError>>),
+    /// Part of a session that moves here.
+    Import(Import, oneshot::Sender<Result<(), CallError>>),
+}
+
+/// Part of a migrated session's state, rebuilt on its thread.
+#[derive(Debug)]
+pub(crate) enum Import {
+    /// Calls that re-create its mappings and handles; all must succeed.
+    Calls(v1::Batch),
+    /// Contents of its memory at an address.
+    Memory(u64, bytes::Bytes),
 }
 
 /// How a session's work queue takes swap-out requests: without blocking,
@@ -50,8 +64,13 @@ pub(crate) fn run<B: Backend>(
     replies: mpsc::Sender<v1::BatchReply>,
     ready: oneshot::Sender<Result<SessionReady, CallError>>,
     memory: SessionMemory,
+    base: Option<u64>,
 ) {
-    let dev = match device.open_session(limits.va_size) {
+    let opened = match base {
+        Some(base) => device.open_session_at(limits.va_size, base),
+        None => device.open_session(limits.va_size),
+    };
+    let dev = match opened {
         Ok(d) => d,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -90,6 +109,26 @@ pub(crate) fn run<B: Backend>(
                 // Nothing freed (only arrays left, say): not asked again
                 // before its next batch.
                 state.memory().answered(matches!(swapped, Ok(n) if n > 0));
+                continue;
+            }
+            Work::Migrate(out) => {
+                let _ = out.send(state.export());
+                counted = count_memory(&metrics, counted, &state);
+                continue;
+            }
+            Work::Import(item, done) => {
+                let imported = match item {
+                    Import::Calls(batch) => {
+                        let reply = state.execute_batch(batch);
+                        match reply.errors.into_iter().next() {
+                            Some(e) => Err(CallError::new(e.code, format!("call {}: {}", e.index, e.message))),
+                            None => Ok(()),
+                        }
+                    }
+                    Import::Memory(addr, data) => state.import_memory(addr, &data),
+                };
+                counted = count_memory(&metrics, counted, &state);
+                let _ = done.send(imported);
                 continue;
             }
         };

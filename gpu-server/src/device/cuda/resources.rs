@@ -60,14 +60,23 @@ pub(super) struct Reservation {
 }
 
 impl Reservation {
-    /// Reserves `size` bytes (a multiple of `alignment`) aligned to `alignment`.
-    pub(super) fn new(context: Arc<Context>, size: u64, alignment: u64) -> DeviceResult<Self> {
+    /// Reserves `size` bytes (a multiple of `alignment`) aligned to
+    /// `alignment`, at `want` (0: anywhere). The driver takes the
+    /// address as a hint: a range it places elsewhere is given back and
+    /// the reservation refused.
+    pub(super) fn at(context: Arc<Context>, size: u64, alignment: u64, want: CUdeviceptr) -> DeviceResult<Self> {
         let mut base: CUdeviceptr = 0;
         // SAFETY: valid out-pointer; the context is current on this thread
-        // (set by the caller); no fixed address is requested.
-        let r = unsafe { sys::cuMemAddressReserve(&mut base, size as usize, alignment as usize, 0, 0) };
+        // (set by the caller); `want` is only a hint to the driver.
+        let r = unsafe { sys::cuMemAddressReserve(&mut base, size as usize, alignment as usize, want, 0) };
         driver::check(r, "cuMemAddressReserve")?;
-        Ok(Self { base, size, _context: context })
+        let reservation = Self { base, size, _context: context };
+        if want != 0 && base != want {
+            return Err(crate::error::CallError::out_of_memory(format!(
+                "the address range {want:#x} (+{size}) is taken on this device (the driver offered {base:#x})"
+            )));
+        }
+        Ok(reservation)
     }
 
     pub(super) fn contains(&self, addr: u64, size: u64) -> bool {

@@ -1,0 +1,231 @@
+//! A session's state as it moves to another server (live migration,
+//! `docs/migration.md`).
+//!
+//! The source keeps a journal of the calls whose effects outlive them
+//! (module loads, function attributes, streams, events, context limits),
+//! compacted as things are destroyed, so it stays bounded by the handle
+//! limits. To move, the session exports its mappings as `MemMap` calls,
+//! the journal, and the contents of every mapping. The target opens a
+//! session on the same address range, runs those calls through the same
+//! checked path as a client's batch, and writes the contents back through
+//! the same range checks as a copy: nothing from the wire is trusted more
+//! than a client's calls are.
+//!
+//! Not moved (the session refuses to migrate while it holds any): arrays
+//! and texture or surface objects (the driver places their memory), module
+//! variables looked up (their addresses are the driver's and would change),
+//! mapped host memory (its host half is the client's) and the application's
+//! own VMM allocations. Events keep their handles but not their recorded
+//! times.
+
+use super::SessionState;
+use crate::device::{ACCESS_READWRITE, BackendSession};
+use crate::error::CallError;
+use gpupool_proto::v1::{self, call::Op};
+
+/// The calls that re-create a session's lasting state, in order.
+#[derive(Debug, Default)]
+pub(super) struct Journal {
+    ops: Vec<Op>,
+}
+
+/// What a call leaves behind for the journal: the call itself (a module
+/// load without its image), or `None` when it leaves nothing.
+pub(super) fn lasting(op: &Op) -> Option<Op> {
+    Some(match op {
+        Op::ModuleLoad(m) => {
+            Op::ModuleLoad(v1::ModuleLoad { module: m.module, sha256: m.sha256.clone(), image: None, staged: None })
+        }
+        Op::ModuleUnload(_)
+        | Op::StreamCreate(_)
+        | Op::StreamDestroy(_)
+        | Op::StreamSetAttribute(_)
+        | Op::EventCreate(_)
+        | Op::EventDestroy(_)
+        | Op::FuncSetAttribute(_)
+        | Op::CtxSetLimit(_) => op.clone(),
+        _ => return None,
+    })
+}
+
+impl Journal {
+    /// Records a call that succeeded: creations and settings are kept (a
+    /// setting replaces the one it overrides), a destruction removes what it
+    /// destroyed.
+    pub(super) fn record(&mut self, op: Op) {
+        match &op {
+            Op::ModuleUnload(u) => self.ops.retain(|o| match o {
+                Op::ModuleLoad(m) => m.module != u.module,
+                Op::FuncSetAttribute(a) => a.module != u.module,
+                _ => true,
+            }),
+            Op::StreamDestroy(d) => self.ops.retain(|o| match o {
+                Op::StreamCreate(s) => s.stream != d.stream,
+                Op::StreamSetAttribute(a) => a.stream != d.stream,
+                _ => true,
+            }),
+            Op::EventDestroy(d) => self.ops.retain(|o| !matches!(o, Op::EventCreate(e) if e.event == d.event)),
+            Op::FuncSetAttribute(a) => {
+                self.ops.retain(|o| {
+                    !matches!(o, Op::FuncSetAttribute(b)
+                        if (b.module, b.function, b.attribute) == (a.module, a.function, a.attribute))
+                });
+                self.ops.push(op);
+            }
+            Op::StreamSetAttribute(a) => {
+                self.ops.retain(
+                    |o| !matches!(o, Op::StreamSetAttribute(b) if (b.stream, b.attribute) == (a.stream, a.attribute)),
+                );
+                self.ops.push(op);
+            }
+            Op::CtxSetLimit(l) => {
+                self.ops.retain(|o| !matches!(o, Op::CtxSetLimit(m) if m.limit == l.limit));
+                self.ops.push(op);
+            }
+            _ => self.ops.push(op),
+        }
+    }
+
+    /// SHA-256s of the module images the journal loads.
+    fn images(&self) -> Vec<Vec<u8>> {
+        self.ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::ModuleLoad(m) => Some(m.sha256.to_vec()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// A session's state read out for a migration.
+#[derive(Debug)]
+pub struct Exported {
+    /// The calls that re-create it on the target, mappings first.
+    pub calls: Vec<v1::Call>,
+    /// Module images the calls load, by SHA-256.
+    pub images: Vec<Vec<u8>>,
+    /// Each mapping's address and contents.
+    pub memory: Vec<(u64, Vec<u8>)>,
+    /// First address and size of the session's range.
+    pub va_base: u64,
+    pub va_size: u64,
+}
+
+impl Exported {
+    /// Device bytes the contents add up to.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.iter().map(|(_, m)| m.len() as u64).sum()
+    }
+}
+
+impl<S: BackendSession> SessionState<S> {
+    /// Reads the session's state out for a migration, after all its device
+    /// work; the session itself is unchanged (it keeps running here when
+    /// the migration fails). Refused with the reason while it holds what
+    /// cannot move (see the module's documentation).
+    pub fn export(&mut self) -> Result<Exported, CallError> {
+        let refuse = |what: &str| Err(CallError::not_supported(format!("a session holding {what} cannot migrate")));
+        if !self.arrays.is_empty() || !self.objects.is_empty() {
+            return refuse("arrays or texture/surface objects");
+        }
+        if !self.globals.is_empty() {
+            return refuse("module variables (their addresses are the driver's)");
+        }
+        if !self.mirrors.is_empty() {
+            return refuse("mapped host memory");
+        }
+        if !self.vmm_handles.is_empty() || !self.vmm_maps.is_empty() {
+            return refuse("VMM allocations of its own");
+        }
+        // Swapped-out contents come back first: they are read as any others.
+        self.swap_in()?;
+        self.dev.synchronize()?;
+        let mut calls = Vec::with_capacity(self.mappings.len() + self.journal.ops.len());
+        let mut memory = Vec::with_capacity(self.mappings.len());
+        for (&addr, &(size, _)) in &self.mappings {
+            let mut buf = super::swap::host_buffer(size)?;
+            self.dev.read(None, addr, &mut buf)?;
+            memory.push((addr, buf));
+            calls.push(v1::Call { op: Some(Op::MemMap(v1::MemMap { addr, size })) });
+        }
+        calls.extend(self.journal.ops.iter().map(|op| v1::Call { op: Some(op.clone()) }));
+        Ok(Exported {
+            calls,
+            images: self.journal.images(),
+            memory,
+            va_base: self.dev.va_base(),
+            va_size: self.limits.va_size,
+        })
+    }
+
+    /// Writes migrated contents at `addr`: only inside a mapping the
+    /// session made (the migration's `MemMap` calls), as a copy would.
+    pub fn import_memory(&mut self, addr: u64, data: &[u8]) -> Result<(), CallError> {
+        self.check_range(addr, data.len() as u64, ACCESS_READWRITE)?;
+        self.dev.write(None, addr, data)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{GRANULARITY as G, session};
+    use super::*;
+    use crate::device::BackendSession;
+
+    fn call(op: Op) -> v1::Call {
+        v1::Call { op: Some(op) }
+    }
+
+    #[test]
+    fn the_journal_keeps_what_lasts_and_forgets_what_was_destroyed() {
+        let mut j = Journal::default();
+        let stream = |s| Op::StreamCreate(v1::StreamCreate { stream: s, flags: 1, priority: 0 });
+        let limit = |v| Op::CtxSetLimit(v1::CtxSetLimit { limit: 1, value: v });
+        for op in
+            [stream(1), stream(2), limit(4096), limit(8192), Op::EventCreate(v1::EventCreate { event: 3, flags: 0 })]
+        {
+            j.record(lasting(&op).expect("lasting"));
+        }
+        j.record(Op::StreamDestroy(v1::StreamDestroy { stream: 1 }));
+        j.record(Op::EventDestroy(v1::EventDestroy { event: 3 }));
+        assert_eq!(j.ops, vec![stream(2), limit(8192)]);
+        assert!(lasting(&Op::MemMap(v1::MemMap { addr: 0, size: 0 })).is_none());
+    }
+
+    /// A session exported on one device and imported on another at the same
+    /// addresses reads the same bytes, with its streams.
+    #[test]
+    fn export_and_import_keep_addresses_and_contents() {
+        let mut a = session();
+        let base = a.va_base();
+        let data: Vec<u8> = (0..2 * G).map(|i| (i % 251) as u8).collect();
+        let setup = v1::Batch {
+            seq: 1,
+            calls: vec![
+                call(Op::MemMap(v1::MemMap { addr: base + G, size: 2 * G })),
+                call(Op::StreamCreate(v1::StreamCreate { stream: 5, flags: 0, priority: 0 })),
+            ],
+        };
+        assert_eq!(a.execute_batch(setup).error_count, 0);
+        a.import_memory(base + G, &data).expect("write");
+        let out = a.export().expect("export");
+        assert_eq!(out.va_base, base);
+        assert_eq!(out.memory_bytes(), 2 * G);
+        // Another device, whose first session has the same range (a target
+        // server reserves the source's range).
+        let mut b = session();
+        assert_eq!(b.va_base(), base);
+        let reply = b.execute_batch(v1::Batch { seq: 2, calls: out.calls });
+        assert_eq!(reply.error_count, 0, "{:?}", reply.errors);
+        for (addr, bytes) in &out.memory {
+            b.import_memory(*addr, bytes).expect("import");
+        }
+        let mut back = vec![0; data.len()];
+        b.dev.read(None, base + G, &mut back).expect("read");
+        assert_eq!(back, data);
+        assert!(b.streams.contains_key(&5));
+        assert!(b.import_memory(base + 8 * G, &[1]).is_err(), "outside the migrated mappings");
+    }
+}
