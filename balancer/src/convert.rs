@@ -129,6 +129,7 @@ pub(crate) fn status(view: &pool::PoolView) -> pb::PoolStatus {
                 sessions: s.sessions,
                 memory_used_bytes: s.memory_used,
                 heartbeat_age_ms: s.heartbeat_age_ms,
+                draining: s.draining,
             })
             .collect(),
         leases: view

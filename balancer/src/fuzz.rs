@@ -53,8 +53,10 @@ fn seeds() -> Vec<Vec<u8>> {
             sessions: 2,
             memory_used_bytes: 1 << 30,
             live_lease_ids: vec![7, 8],
+            migrations: vec![pb::MigrationResult { lease_id: 7, error: "refused".into() }],
         }
         .encode_to_vec(),
+        pb::DrainRequest { server_id: "s1".into() }.encode_to_vec(),
         pb::AllocateRequest {
             tenant: "t".into(),
             memory_bytes: 1 << 30,
@@ -99,6 +101,7 @@ fn decode_all(bytes: &[u8]) {
         let _ = crate::service::lease_state(None, false, &r.server_id, 0);
     }
     let _ = pb::StatusRequest::decode(bytes);
+    let _ = pb::DrainRequest::decode(bytes);
     let _ = pb::LeaseClaims::decode(bytes);
 }
 

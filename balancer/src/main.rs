@@ -1,12 +1,13 @@
 //! `gpupool-balancer`: runs the balancer (`serve`), makes its signing key
-//! (`keygen`), and shows the pool to operators (`status`).
+//! (`keygen`), shows the pool to operators (`status`) and drains a server
+//! (`drain`).
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gpupool_balancer::pool::{Policy, Quota};
 use gpupool_balancer::{BalancerConfig, TlsSettings, table};
 use gpupool_proto::balancer::balancer_client::BalancerClient;
-use gpupool_proto::balancer::{StatusRequest, WatchRequest};
+use gpupool_proto::balancer::{DrainRequest, StatusRequest, WatchRequest};
 use gpupool_proto::grpc_tls::{self, BalancerTrust};
 use gpupool_proto::lease::{LeaseSigner, unix_ms_now};
 use gpupool_proto::tls::TlsSource;
@@ -44,6 +45,28 @@ enum Command {
         /// Keep following changes.
         #[arg(long)]
         watch: bool,
+    },
+    /// Drain a server: nothing new is placed on it, and its sessions
+    /// migrate to other servers with their leases (docs/migration.md).
+    /// Waits until the server has no session left.
+    Drain {
+        /// The server's id (as `status` lists it).
+        server: String,
+        /// The balancer's URL.
+        #[arg(long, env = "GPUPOOL_BALANCER", default_value = "https://127.0.0.1:50051")]
+        balancer: String,
+        /// The secret gpu-servers present (draining is the fleet's call).
+        #[arg(long, env = "GPUPOOL_SERVER_SECRET")]
+        server_secret: String,
+        /// Secret the balancer expects from clients (to follow the drain).
+        #[arg(long, env = "GPUPOOL_BALANCER_SECRET")]
+        secret: Option<String>,
+        #[command(flatten)]
+        trust: TrustArgs,
+        /// How long to wait for the sessions to leave, in seconds (0: do
+        /// not wait).
+        #[arg(long, default_value_t = 300)]
+        wait_secs: u64,
     },
 }
 
@@ -204,21 +227,28 @@ fn config(s: Serve) -> anyhow::Result<BalancerConfig> {
     Ok(c)
 }
 
-async fn status(balancer: String, secret: Option<String>, trust: BalancerTrust, watch: bool) -> anyhow::Result<()> {
-    let channel = grpc_tls::endpoint(&balancer, &trust, None)?
+async fn connect(balancer: &str, trust: &BalancerTrust) -> anyhow::Result<BalancerClient<tonic::transport::Channel>> {
+    let channel = grpc_tls::endpoint(balancer, trust, None)?
         .connect_timeout(Duration::from_secs(10))
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("connecting to {balancer}: {}", grpc_tls::error_chain(&e)))?;
-    let mut client = BalancerClient::new(channel);
+    Ok(BalancerClient::new(channel))
+}
+
+/// Adds `authorization: Bearer <secret>` to a request.
+fn authorize(secret: Option<&str>, r: &mut tonic::metadata::MetadataMap) {
+    if let Some(s) = secret
+        && let Ok(v) = format!("Bearer {s}").parse()
+    {
+        r.insert("authorization", v);
+    }
+}
+
+async fn status(balancer: String, secret: Option<String>, trust: BalancerTrust, watch: bool) -> anyhow::Result<()> {
+    let mut client = connect(&balancer, &trust).await?;
     let call_error = |status: tonic::Status| anyhow::anyhow!("{}", grpc_tls::describe_for(&status, &trust));
-    let authorize = |r: &mut tonic::metadata::MetadataMap| {
-        if let Some(s) = &secret
-            && let Ok(v) = format!("Bearer {s}").parse()
-        {
-            r.insert("authorization", v);
-        }
-    };
+    let authorize = |r: &mut tonic::metadata::MetadataMap| authorize(secret.as_deref(), r);
     if watch {
         let mut req = tonic::Request::new(WatchRequest { min_interval_ms: 1000 });
         authorize(req.metadata_mut());
@@ -233,6 +263,49 @@ async fn status(balancer: String, secret: Option<String>, trust: BalancerTrust, 
     let s = client.status(req).await.map_err(call_error)?.into_inner();
     print!("{}", table::render(&s, unix_ms_now()));
     Ok(())
+}
+
+/// The `drain` command's arguments, the trust resolved.
+struct DrainArgs {
+    server: String,
+    balancer: String,
+    server_secret: String,
+    secret: Option<String>,
+    trust: BalancerTrust,
+    wait: Duration,
+}
+
+async fn drain(args: DrainArgs) -> anyhow::Result<()> {
+    let DrainArgs { server, balancer, server_secret, secret, trust, wait } = args;
+    let mut client = connect(&balancer, &trust).await?;
+    let call_error = |status: tonic::Status| anyhow::anyhow!("{}", grpc_tls::describe_for(&status, &trust));
+    let mut req = tonic::Request::new(DrainRequest { server_id: server.clone() });
+    authorize(Some(&server_secret), req.metadata_mut());
+    let plan = client.drain(req).await.map_err(call_error)?.into_inner();
+    println!(
+        "draining {server}: {} sessions' leases moving, {} with no room elsewhere",
+        plan.moving.len(),
+        plan.stuck.len()
+    );
+    for id in &plan.stuck {
+        println!("  lease {id:#018x} stays: no free instance elsewhere fits it (drain again when there is)");
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let mut req = tonic::Request::new(StatusRequest {});
+        authorize(secret.as_deref(), req.metadata_mut());
+        let status = client.status(req).await.map_err(call_error)?.into_inner();
+        let sessions = status.servers.iter().find(|s| s.server_id == server).map_or(0, |s| s.sessions);
+        if sessions == 0 {
+            println!("{server} holds no session");
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("{server} still holds {sessions} sessions after {wait:?}");
+        }
+        println!("{server}: {sessions} sessions left");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -251,6 +324,11 @@ fn main() -> anyhow::Result<()> {
         Command::Status { balancer, secret, trust, watch } => {
             let trust = trust.trust()?;
             rt.block_on(status(balancer, secret, trust, watch))
+        }
+        Command::Drain { server, balancer, server_secret, secret, trust, wait_secs } => {
+            let trust = trust.trust()?;
+            let wait = Duration::from_secs(wait_secs);
+            rt.block_on(drain(DrainArgs { server, balancer, server_secret, secret, trust, wait }))
         }
         Command::Serve(s) => {
             let config = config(s)?;

@@ -59,8 +59,8 @@ mod tests;
 
 use slab::Slab;
 pub use types::{
-    Adopt, Allocation, Counters, GpuSpec, GpuView, Grant, InstanceSpec, Lease, LeaseId, Load, Policy, PoolConfig,
-    PoolError, PoolView, Profile, QueueEntry, Quota, Request, ServerSpec, ServerView, Tick, Ticket,
+    Adopt, Allocation, Counters, DrainPlan, GpuSpec, GpuView, Grant, InstanceSpec, Lease, LeaseId, Load, Policy,
+    PoolConfig, PoolError, PoolView, Profile, QueueEntry, Quota, Request, ServerSpec, ServerView, Tick, Ticket,
 };
 
 /// How many ended lease ids are remembered, so that a late renewal hears
@@ -94,6 +94,21 @@ struct Server {
     free: Vec<(u32, BTreeSet<u32>)>,
     /// Leases on its instances.
     leases: u32,
+    /// Being drained: its free instances are not indexed (nothing new is
+    /// placed on it) and its leases move elsewhere.
+    draining: bool,
+}
+
+/// A lease moved off a draining server whose session has not reported
+/// its migration yet.
+#[derive(Debug, Clone)]
+struct Move {
+    /// The server and instance it came from, by id (slab keys are reused).
+    from_server: String,
+    from_instance: String,
+    /// The session reported its migration; its old server may list it
+    /// until it has let go of it.
+    done: bool,
 }
 
 #[derive(Debug)]
@@ -237,6 +252,10 @@ pub struct Pool {
     /// Events for the next [`Pool::tick`]; grants for the next call that returns them.
     pending: Tick,
     counters: Counters,
+    /// Leases moved off draining servers, until their sessions report.
+    moves: HashMap<LeaseId, Move>,
+    /// Migration orders for the next heartbeat of each source server.
+    orders: HashMap<String, Vec<LeaseId>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -286,6 +305,8 @@ impl Pool {
             ended_order: VecDeque::with_capacity(ENDED_MEMORY),
             pending: Tick::default(),
             counters: Counters::default(),
+            moves: HashMap::new(),
+            orders: HashMap::new(),
         }
     }
 
@@ -359,6 +380,7 @@ impl Pool {
                     insts: Vec::new(),
                     free: Vec::new(),
                     leases: 0,
+                    draining: false,
                 });
                 self.next_seq += 1;
                 self.server_ids.insert(self.servers.get(s).spec.id.clone(), s);
@@ -453,7 +475,89 @@ impl Pool {
                 entry.lease.in_use = live.contains(&id);
             }
         }
-        Ok(load.live_leases.into_iter().filter(|id| self.leases.get(id).is_none_or(|e| e.server != s)).collect())
+        // A session whose lease moved on stays until it reports its
+        // migration, and is not ended while it leaves; once the server no
+        // longer lists it, it is gone from there.
+        self.moves.retain(|id, m| !(m.done && m.from_server == server_id && !live.contains(id)));
+        let moving = |id: &LeaseId| self.moves.get(id).is_some_and(|m| m.from_server == server_id);
+        Ok(load
+            .live_leases
+            .into_iter()
+            .filter(|id| self.leases.get(id).is_none_or(|e| e.server != s) && !moving(id))
+            .collect())
+    }
+
+    /// Starts draining `server_id`: nothing new is placed on it, and each of
+    /// its leases moves to the free instance elsewhere that best fits its
+    /// memory. The moved leases' sessions are ordered to migrate at the
+    /// server's next heartbeat ([`Pool::take_orders`]); until they report
+    /// ([`Pool::migrated`]) the server keeps them. Leases for which nothing
+    /// is free stay; draining again retries them.
+    pub fn drain_server(&mut self, server_id: &str, now_ms: u64) -> Result<DrainPlan, PoolError> {
+        self.advance(now_ms);
+        if self.recovery_end.is_some() {
+            return Err(PoolError::Recovering);
+        }
+        let s = *self.server_ids.get(server_id).ok_or_else(|| PoolError::UnknownServer(server_id.to_owned()))?;
+        if !self.servers.get(s).draining {
+            self.unindex_server(s);
+        }
+        let held: Vec<LeaseId> = self
+            .servers
+            .get(s)
+            .insts
+            .iter()
+            .filter_map(|&k| self.instances.get(k).lease)
+            .filter(|id| !self.moves.contains_key(id))
+            .collect();
+        let mut plan = DrainPlan::default();
+        for id in held {
+            let entry = &self.leases[&id];
+            let need = Need { memory: entry.lease.memory, percent: 0, profile: None };
+            let from_instance = entry.lease.instance_uuid.clone();
+            let from = Move { from_server: server_id.to_owned(), from_instance, done: false };
+            match self.best_free(&need) {
+                Some(k) => {
+                    self.move_lease(id, k);
+                    self.moves.insert(id, from);
+                    self.orders.entry(server_id.to_owned()).or_default().push(id);
+                    plan.moving.push(id);
+                }
+                None => plan.stuck.push(id),
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The leases whose sessions `server_id` is to migrate, each once,
+    /// renewed: their tokens, handed to the target and to the client, then
+    /// last a whole lease lifetime.
+    pub fn take_orders(&mut self, server_id: &str, now_ms: u64) -> Vec<Lease> {
+        let ids = self.orders.remove(server_id).unwrap_or_default();
+        ids.into_iter().filter_map(|id| self.renew(id, now_ms).ok()).collect()
+    }
+
+    /// A server reports how a lease's session migrated: done (or it had no
+    /// session), or failed: then the lease moves back to the instance it
+    /// came from when that is still free, so that the session, which stayed
+    /// there, keeps its lease.
+    /// Returns, for a failure, whether the lease went back.
+    pub fn migrated(&mut self, server_id: &str, id: LeaseId, outcome: Result<(), String>) -> Option<bool> {
+        let from = self.moves.get_mut(&id).filter(|m| m.from_server == server_id && !m.done)?;
+        if outcome.is_ok() {
+            from.done = true;
+            return None;
+        }
+        let from = self.moves.remove(&id)?;
+        let back =
+            self.instance_ids.get(&from.from_instance).copied().filter(|&k| self.instances.get(k).lease.is_none());
+        match (back, self.leases.contains_key(&id)) {
+            (Some(k), true) => {
+                self.move_lease(id, k);
+                Some(true)
+            }
+            _ => Some(false),
+        }
     }
 
     /// Grants the best free instance for `req`, or queues it when `wait` and
@@ -569,6 +673,7 @@ impl Pool {
                     sessions: server.sessions,
                     memory_used: server.memory_used,
                     leases: server.leases,
+                    draining: server.draining,
                     gpus,
                 }
             })
@@ -724,6 +829,7 @@ impl Pool {
     /// or moved by the caller.
     fn teardown(&mut self, s: u32) {
         let server = self.servers.get_mut(s);
+        let indexed = !server.draining;
         for (cid, _) in &server.free {
             self.classes.get_mut(*cid).servers.remove(&(server.leases, server.seq, s));
         }
@@ -733,7 +839,7 @@ impl Pool {
             self.instance_ids.remove(&inst.uuid);
             let class = self.classes.get_mut(inst.class);
             class.total -= 1;
-            if inst.lease.is_none() {
+            if inst.lease.is_none() && indexed {
                 class.free -= 1;
                 self.free_total -= 1;
             }
@@ -757,6 +863,9 @@ impl Pool {
         let server = self.servers.remove(s);
         self.heartbeats.remove(&(server.last_seen_ms, s));
         self.server_ids.remove(&server.spec.id);
+        // Its sessions will not report their migrations.
+        self.moves.retain(|_, m| m.from_server != server.spec.id);
+        self.orders.remove(&server.spec.id);
         self.pending.drained.push(server.spec.id);
     }
 
@@ -769,6 +878,12 @@ impl Pool {
         inst.lease = Some(id);
         let (s, cid) = (inst.server, inst.class);
         let server = self.servers.get_mut(s);
+        if server.draining {
+            // Not indexed: only the count changes.
+            let leases = server.leases + 1;
+            self.set_server_leases(s, leases);
+            return;
+        }
         let pos = server.free.iter().position(|(c, _)| *c == cid).expect("a free instance is indexed");
         server.free[pos].1.remove(&k);
         let class = self.classes.get_mut(cid);
@@ -797,6 +912,9 @@ impl Pool {
         let inst = self.instances.get(k);
         let (s, cid) = (inst.server, inst.class);
         let server = self.servers.get_mut(s);
+        if server.draining {
+            return;
+        }
         let class = self.classes.get_mut(cid);
         match server.free.iter_mut().find(|(c, _)| *c == cid) {
             Some((_, set)) => {
@@ -809,6 +927,42 @@ impl Pool {
         }
         class.free += 1;
         self.free_total += 1;
+    }
+
+    /// Takes a server's free instances out of the free index, for good
+    /// (it drains).
+    fn unindex_server(&mut self, s: u32) {
+        let server = self.servers.get_mut(s);
+        for (cid, set) in std::mem::take(&mut server.free) {
+            let class = self.classes.get_mut(cid);
+            class.servers.remove(&(server.leases, server.seq, s));
+            class.free -= set.len() as u32;
+            self.free_total -= set.len();
+        }
+        server.draining = true;
+    }
+
+    /// Moves lease `id` to free instance `k` (on another server, or back).
+    fn move_lease(&mut self, id: LeaseId, k: u32) {
+        let old = self.leases[&id].inst;
+        self.put_back(old);
+        self.take(k, id);
+        let inst = self.instances.get(k);
+        let server = self.servers.get(inst.server);
+        let entry = self.leases.get_mut(&id).expect("a moved lease is held");
+        let usage = self.tenants.get_mut(&entry.lease.tenant).expect("a lease's tenant has usage");
+        usage.memory = usage.memory - entry.lease.memory + inst.memory;
+        entry.server = inst.server;
+        entry.inst = k;
+        let lease = &mut entry.lease;
+        lease.server_id.clone_from(&server.spec.id);
+        lease.address.clone_from(&server.spec.address);
+        lease.cert_sha256.clone_from(&server.spec.cert_sha256);
+        lease.instance_uuid.clone_from(&inst.uuid);
+        lease.profile.clone_from(&inst.profile);
+        lease.memory = inst.memory;
+        lease.sms = inst.sms;
+        lease.in_use = false;
     }
 
     fn set_server_leases(&mut self, s: u32, leases: u32) {
@@ -951,6 +1105,7 @@ impl Pool {
     /// Ends lease `id`, freeing its instance; false if not held.
     fn end_lease(&mut self, id: LeaseId, why: End) -> bool {
         let Some(entry) = self.leases.remove(&id) else { return false };
+        self.moves.remove(&id);
         self.expiries.remove(&(entry.lease.expires_ms, id));
         let usage = self.tenants.get_mut(&entry.lease.tenant).expect("a lease's tenant has usage");
         usage.leases -= 1;
@@ -1084,7 +1239,9 @@ impl Pool {
                     assert!(held.insert(id), "lease {id} holds two instances");
                     assert_eq!(self.leases[&id].inst, k);
                 }
-                None => free += 1,
+                // A draining server's free instances are not counted free.
+                None if !self.servers.get(inst.server).draining => free += 1,
+                None => {}
             }
         }
         assert_eq!(held.len(), self.leases.len());
@@ -1095,7 +1252,7 @@ impl Pool {
         let mut class_free: HashMap<u32, u32> = HashMap::new();
         for (k, inst) in self.instances.iter() {
             *class_total.entry(inst.class).or_default() += 1;
-            if inst.lease.is_none() {
+            if inst.lease.is_none() && !self.servers.get(inst.server).draining {
                 *class_free.entry(inst.class).or_default() += 1;
             }
             let _ = k;
@@ -1158,7 +1315,9 @@ impl Pool {
                 }
             }
             let indexed: usize = server.free.iter().map(|(_, set)| set.len()).sum();
-            assert_eq!(indexed, server.insts.len() - leased);
+            // A draining server's free instances are not indexed.
+            let free = if server.draining { 0 } else { server.insts.len() - leased };
+            assert_eq!(indexed, free);
         }
         assert_eq!(self.heartbeats.len(), self.servers.len());
         assert_eq!(self.server_ids.len(), self.servers.len());

@@ -189,6 +189,7 @@ fn status(e: PoolError) -> Status {
         PoolError::LeaseExpired(_) | PoolError::LeaseEnded(_) => Status::failed_precondition(msg),
         PoolError::Conflict { .. } => Status::aborted(msg),
         PoolError::InvalidRequest(_) => Status::invalid_argument(msg),
+        PoolError::Recovering => Status::unavailable(msg),
     }
 }
 
@@ -342,13 +343,34 @@ impl BalancerRpc for Service {
             memory_used: req.memory_used_bytes,
             live_leases: req.live_lease_ids.iter().map(|&id| pool::LeaseId(id)).collect(),
         };
-        let ended = {
+        let (ended, orders) = {
             let mut inner = self.state.lock();
-            let ended = inner.pool.heartbeat(&req.server_id, load, unix_ms_now());
+            for m in &req.migrations {
+                let outcome = if m.error.is_empty() { Ok(()) } else { Err(m.error.clone()) };
+                match inner.pool.migrated(&req.server_id, pool::LeaseId(m.lease_id), outcome) {
+                    Some(back) => tracing::warn!(
+                        lease = %pool::LeaseId(m.lease_id),
+                        server = req.server_id,
+                        reason = m.error,
+                        back,
+                        "a session did not migrate; it stays on its server (back: its lease too)"
+                    ),
+                    None => {
+                        tracing::info!(lease = %pool::LeaseId(m.lease_id), from = req.server_id, "session migrated")
+                    }
+                }
+            }
+            let now = unix_ms_now();
+            let ended = inner.pool.heartbeat(&req.server_id, load, now);
+            let orders = inner.pool.take_orders(&req.server_id, now);
             deliver(&mut inner, Vec::new());
-            ended.map_err(status)?
+            (ended.map_err(status)?, orders)
         };
-        Ok(Response::new(pb::HeartbeatReply { ended_lease_ids: ended.into_iter().map(|id| id.0).collect() }))
+        let migrations = orders.iter().map(|l| pb::MigrationOrder { lease: Some(self.state.lease_reply(l)) }).collect();
+        Ok(Response::new(pb::HeartbeatReply {
+            ended_lease_ids: ended.into_iter().map(|id| id.0).collect(),
+            migrations,
+        }))
     }
 
     async fn check_lease(&self, req: Request<pb::CheckLeaseRequest>) -> Result<Response<pb::CheckLeaseReply>, Status> {
@@ -419,6 +441,21 @@ impl BalancerRpc for Service {
         }
         self.state.changed();
         Ok(Response::new(pb::ReleaseReply {}))
+    }
+
+    async fn drain(&self, req: Request<pb::DrainRequest>) -> Result<Response<pb::DrainReply>, Status> {
+        // Moving every session of a server is the fleet's operators' call.
+        self.state.check_secret(&req, Some(&self.state.config.server_secret))?;
+        let server_id = req.into_inner().server_id;
+        let plan = {
+            let mut inner = self.state.lock();
+            let plan = inner.pool.drain_server(&server_id, unix_ms_now());
+            deliver(&mut inner, Vec::new());
+            plan.map_err(status)?
+        };
+        tracing::info!(server = server_id, moving = plan.moving.len(), stuck = plan.stuck.len(), "draining");
+        let ids = |v: Vec<pool::LeaseId>| v.into_iter().map(|id| id.0).collect();
+        Ok(Response::new(pb::DrainReply { moving: ids(plan.moving), stuck: ids(plan.stuck) }))
     }
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::PoolStatus>, Status> {

@@ -64,8 +64,9 @@ pub fn render(status: &pb::PoolStatus, now_unix_ms: u64) -> String {
         .map(|s| {
             let instances: Vec<&pb::Instance> = s.gpus.iter().flat_map(|g| &g.instances).collect();
             let leased = instances.iter().filter(|i| holders.contains_key(i.uuid.as_str())).count();
+            let id = if s.draining { format!("{} (draining)", s.server_id) } else { s.server_id.clone() };
             vec![
-                s.server_id.clone(),
+                id,
                 s.address.clone(),
                 s.gpus.len().to_string(),
                 format!("{leased}/{}", instances.len()),
@@ -187,6 +188,7 @@ mod tests {
                 sessions: 1,
                 memory_used_bytes: 40 << 30,
                 heartbeat_age_ms: 1200,
+                draining: false,
             }],
             leases: vec![pb::LeaseStatus {
                 lease_id: 0xabc,

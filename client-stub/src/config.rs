@@ -37,6 +37,24 @@ impl TokenSource {
             Self::Lease(l) => l.lock().unwrap_or_else(|e| e.into_inner()).token.clone(),
         }
     }
+
+    /// The newest token when the lease it belongs to names the server at
+    /// `address` (a renewal after the session's migration); `None` when
+    /// nothing renews or the lease names another server.
+    pub fn current_for(&self, address: &str) -> Option<String> {
+        let (leased_at, token) = match self {
+            Self::Fixed => return None,
+            Self::LeaseFile(path) => {
+                let h = crate::LeaseHandoff::read(path).ok()?;
+                (h.address, h.token)
+            }
+            Self::Lease(l) => {
+                let l = l.lock().unwrap_or_else(|e| e.into_inner());
+                (l.address.clone(), l.token.clone())
+            }
+        };
+        (leased_at == address).then_some(token)
+    }
 }
 
 /// How the client trusts the server's certificate.

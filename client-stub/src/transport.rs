@@ -327,6 +327,9 @@ struct ResumeInfo {
     config: ClientConfig,
     /// The QUIC configuration pinning the server it migrated to, if it did.
     quic: Option<quinn::ClientConfig>,
+    /// The token the session's old server handed over with the move, for
+    /// the first reattachment after it.
+    moved_token: Option<String>,
 }
 
 impl ResumeInfo {
@@ -344,10 +347,11 @@ impl ResumeInfo {
         self.quic = Some(quinn_client_config(&config)?);
         self.server = server;
         self.name = moved.server_name;
-        self.hello.token = moved.token;
-        // The token handed over names the new server; renewals of the
-        // lease at the balancer follow it there.
-        self.source = crate::config::TokenSource::Fixed;
+        // The token handed over names the new server. A renewed lease
+        // (the token source) names it too once the balancer renewed it
+        // after the move; until then this one opens the door.
+        self.hello.token.clone_from(&moved.token);
+        self.moved_token = Some(moved.token);
         self.session_id = moved.session_id;
         self.secret = moved.resume_secret;
         Ok(())
@@ -618,6 +622,7 @@ impl QuicTransport {
             connect_timeout: config.connect_timeout,
             config: config.clone(),
             quic: None,
+            moved_token: None,
         });
         Ok(Self {
             rt: Some(rt),
@@ -778,11 +783,18 @@ impl QuicTransport {
                     bulk.close();
                 }
             }
-            info.clone()
+            let now = info.clone();
+            info.moved_token = None;
+            now
         };
         let acked_seq = self.replay().acked();
         let hello = v1::Hello {
-            token: info.source.current(&info.hello.token),
+            // After a move, a renewal naming the new server is fresher than
+            // the token handed over with the move.
+            token: match &info.moved_token {
+                Some(moved) => info.source.current_for(&info.server.to_string()).unwrap_or_else(|| moved.clone()),
+                None => info.source.current(&info.hello.token),
+            },
             resume: Some(v1::Resume { session_id: info.session_id, secret: info.secret.clone(), acked_seq }),
             bulk: None,
             migrate: None,

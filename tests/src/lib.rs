@@ -376,6 +376,24 @@ impl TestCa {
     }
 }
 
+/// A gpu-server serving the simulated topology `spec` (with `layout` applied
+/// to its MIG-enabled GPUs), sessions in worker processes on the emulated
+/// device, joined to `balancer` as `id`.
+pub fn pooled_server(balancer: &TestBalancer, id: &str, spec: &str, layout: Option<&[&str]>) -> TestServer {
+    linked_server(balancer.link(id), spec, layout)
+}
+
+/// A gpu-server serving `spec`, joined to a balancer through `link`.
+pub fn linked_server(link: gpupool_server::BalancerLink, spec: &str, layout: Option<&[&str]>) -> TestServer {
+    let mut c = isolated_config().expect("worker command");
+    c.device = DeviceChoice::Emulated { memory: 1 << 30 };
+    c.tokens = Vec::new();
+    let nvml = gpupool_server::mig::SimulatedNvml::from_spec(spec).expect("topology");
+    c.gpus = gpupool_server::mig::prepare(&nvml, layout).expect("layout");
+    c.balancer = Some(link);
+    TestServer::start(c).expect("server starts")
+}
+
 /// A balancer configuration on 127.0.0.1 port 0 with short timings: leases
 /// live 3 s, servers heartbeat every 200 ms and are drained after 1 s of
 /// silence, and no recovery window (a fresh pool). gRPC runs over TLS with

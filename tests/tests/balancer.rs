@@ -10,8 +10,7 @@ use gpupool_proto::balancer as pb;
 use gpupool_proto::balancer::balancer_client::BalancerClient;
 use gpupool_proto::grpc_tls;
 use gpupool_proto::lease::{LeaseSigner, unix_ms_now};
-use gpupool_server::{DeviceChoice, mig};
-use gpupool_tests::{TestBalancer, TestCa, TestServer, balancer_config, isolated_config};
+use gpupool_tests::{TestBalancer, TestCa, TestServer, balancer_config, linked_server, pooled_server};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -66,23 +65,6 @@ impl Grpc {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-}
-
-/// A gpu-server serving the simulated topology `spec` (with `layout` applied
-/// to its MIG-enabled GPUs), joined to `balancer` as `id`.
-fn pooled_server(balancer: &TestBalancer, id: &str, spec: &str, layout: Option<&[&str]>) -> TestServer {
-    linked_server(balancer.link(id), spec, layout)
-}
-
-/// A gpu-server serving `spec`, joined to a balancer through `link`.
-fn linked_server(link: gpupool_server::BalancerLink, spec: &str, layout: Option<&[&str]>) -> TestServer {
-    let mut c = isolated_config().expect("worker command");
-    c.device = DeviceChoice::Emulated { memory: 1 << 30 };
-    c.tokens = Vec::new();
-    let nvml = mig::SimulatedNvml::from_spec(spec).expect("topology");
-    c.gpus = mig::prepare(&nvml, layout).expect("layout");
-    c.balancer = Some(link);
-    TestServer::start(c).expect("server starts")
 }
 
 fn instances(s: &pb::PoolStatus) -> usize {

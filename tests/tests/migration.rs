@@ -152,3 +152,124 @@ fn stays_when_the_target_fails((a, b, seed, want): (TestServer, TestServer, u64,
     assert!(program.result() == want, "results identical to the session that did not move");
     assert_eq!(a.migrator.sessions().len(), 1, "still on the source");
 }
+
+/// A leased program: y += alpha x on the device, and on the host what y
+/// must then hold.
+struct Leased {
+    session: Session,
+    x: DeviceBuffer<f32>,
+    y: DeviceBuffer<f32>,
+    hx: Vec<f32>,
+    want: Vec<f32>,
+}
+
+impl Leased {
+    fn saxpy(&mut self, alpha: f32) {
+        let s = &self.session;
+        let f = s.module_load(BUILTIN_MODULE).expect("module").function("saxpy").expect("saxpy");
+        let args = [KernelArg::F32(alpha), self.x.arg(), self.y.arg(), KernelArg::U32(N as u32)];
+        s.launch(&f, LaunchConfig::for_elements(N as u32, 256), StreamId::DEFAULT, &args).expect("launch");
+        for (w, xi) in self.want.iter_mut().zip(&self.hx) {
+            *w += alpha * xi;
+        }
+    }
+}
+
+/// `gpupool-balancer drain`'s RPC: three leased sessions (in worker
+/// processes) on one server move to another with their leases while their
+/// programs run; none is lost, every result is right, the drained server
+/// holds no session and takes no new one.
+#[test]
+fn draining_a_server_moves_every_session_with_its_lease() {
+    use gpupool_client::{ClientConfig, PoolRequest};
+    use gpupool_proto::balancer as pb;
+    use gpupool_proto::lease::LeaseSigner;
+    use gpupool_tests::{SERVER_SECRET, TestBalancer, balancer_config, pooled_server};
+
+    if !emulated_only() {
+        return;
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    const LAYOUT: &[&str] = &["1g.10gb", "1g.10gb", "1g.10gb"];
+    let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([21; 32]))).expect("balancer");
+    let _a = pooled_server(&balancer, "a", "h100-80gb:mig", Some(LAYOUT));
+    balancer.wait_for_servers(1).expect("a registers");
+    let mut template = ClientConfig::for_leases();
+    template.reply_timeout = std::time::Duration::from_secs(60);
+    let seed = fresh_seed();
+    // Each program: x and y, y += alpha x on the device, expected on the host.
+    let mut programs: Vec<Leased> = (0..3u64)
+        .map(|i| {
+            let mut req = PoolRequest::new(balancer.url(), balancer.trust(), format!("tenant-{i}"));
+            req.memory = 1 << 30;
+            let session = Session::connect_pooled(&req, &template).expect("leased session");
+            let (hx, want) = (random_f32(N, seed + 2 * i), random_f32(N, seed + 2 * i + 1));
+            let x = DeviceBuffer::from_slice(&session, &hx).expect("x");
+            let y = DeviceBuffer::from_slice(&session, &want).expect("y");
+            Leased { session, x, y, hx, want }
+        })
+        .collect();
+    for p in &mut programs {
+        p.saxpy(1.5);
+        p.session.synchronize().expect("sync");
+    }
+    let _b = pooled_server(&balancer, "b", "h100-80gb:mig", Some(LAYOUT));
+    balancer.wait_for_servers(2).expect("b registers");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let mut client = rt.block_on(balancer.client()).expect("client");
+    let status = |client: &mut gpupool_proto::balancer::balancer_client::BalancerClient<_>| {
+        rt.block_on(client.status(pb::StatusRequest {})).expect("status").into_inner()
+    };
+    // The sessions are in use on a (one heartbeat).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while status(&mut client).leases.iter().filter(|l| l.in_use && l.server_id == "a").count() < 3 {
+        assert!(std::time::Instant::now() < deadline, "sessions in use on a");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    // Without the servers' secret, no drain.
+    let refused = rt.block_on(client.drain(pb::DrainRequest { server_id: "a".into() })).expect_err("no secret");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let mut req = tonic::Request::new(pb::DrainRequest { server_id: "a".into() });
+    req.metadata_mut().insert("authorization", format!("Bearer {SERVER_SECRET}").parse().expect("header"));
+    let plan = rt.block_on(client.drain(req)).expect("drain").into_inner();
+    assert_eq!((plan.moving.len(), plan.stuck.len()), (3, 0), "{plan:?}");
+
+    // The programs keep going while their sessions move.
+    for p in &mut programs {
+        p.saxpy(-0.75);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let st = status(&mut client);
+        let on_b = st.leases.iter().filter(|l| l.server_id == "b" && l.in_use).count();
+        let a = st.servers.iter().find(|s| s.server_id == "a").expect("a");
+        if on_b == 3 && a.sessions == 0 {
+            assert!(a.draining);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "sessions did not all move: {st:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for p in &mut programs {
+        p.saxpy(0.5);
+        assert!(p.y.to_vec().expect("y") == p.want, "results of a moved session");
+        // The client's next renewal brings the lease as it is now.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while p.session.lease().expect("lease").server_id != "b" {
+            assert!(std::time::Instant::now() < deadline, "the renewed lease names the new server");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    // Nothing new lands on the drained server.
+    let mut req = PoolRequest::new(balancer.url(), balancer.trust(), "late");
+    req.memory = 1 << 30;
+    let late = Session::connect_pooled(&req, &template);
+    assert!(late.is_err(), "the three instances of b are taken and a is draining");
+    for p in programs {
+        p.session.close().expect("close");
+    }
+}

@@ -622,3 +622,57 @@ fn synthetic_fleets_register() {
         assert!(validate_spec(&spec).is_empty(), "{spec:?}");
     }
 }
+
+/// Draining moves every lease of a server to free instances elsewhere,
+/// keeps the old server's sessions alive until they report, places nothing
+/// new on it, and a failed migration brings the lease back.
+#[test]
+fn draining_moves_leases_and_a_failed_migration_brings_one_back() {
+    let two = |s| fleet::server(s, vec![fleet::whole_gpu(s, 0), fleet::whole_gpu(s, 1)]);
+    let mut pool = pool_with(config(), vec![two(0)]);
+    let a = granted(pool.allocate(req("t", GIB), T0, false));
+    let b = granted(pool.allocate(req("t", GIB), T0, false));
+    assert_eq!(pool.register(two(1), T0), Ok(vec![]));
+    let src = fleet::server_id(0);
+    let live = Load { sessions: 2, memory_used: 0, live_leases: vec![a.id, b.id] };
+    assert_eq!(pool.heartbeat(&src, live.clone(), T0), Ok(vec![]));
+
+    let plan = pool.drain_server(&src, T0).expect("drain");
+    assert_eq!(plan, DrainPlan { moving: vec![a.id, b.id], stuck: vec![] });
+    pool.check_invariants();
+    for id in [a.id, b.id] {
+        assert_eq!(pool.lease(id).map(|l| l.server_id.clone()), Some(fleet::server_id(1)), "the lease follows");
+    }
+    let orders: Vec<LeaseId> = pool.take_orders(&src, T0).iter().map(|l| l.id).collect();
+    assert_eq!(orders, vec![a.id, b.id]);
+    assert!(pool.take_orders(&src, T0).is_empty(), "each order once");
+    // The sessions are still on the source: not ended.
+    assert_eq!(pool.heartbeat(&src, live, T0), Ok(vec![]));
+    // Nothing new goes to the draining server, nothing is free elsewhere.
+    assert_eq!(pool.allocate(req("t", GIB), T0, false), Err(PoolError::Exhausted));
+
+    assert_eq!(pool.migrated(&src, a.id, Ok(())), None);
+    // a's session may still be listed while it leaves: not ended.
+    let leaving = Load { sessions: 2, memory_used: 0, live_leases: vec![a.id, b.id] };
+    assert_eq!(pool.heartbeat(&src, leaving, T0), Ok(vec![]));
+    assert_eq!(pool.migrated(&src, b.id, Err("target refused".into())), Some(true));
+    pool.check_invariants();
+    assert_eq!(pool.lease(b.id).map(|l| l.server_id.clone()), Some(src.clone()), "b went back");
+    assert_eq!(pool.lease(a.id).map(|l| l.server_id.clone()), Some(fleet::server_id(1)));
+    let view = pool.status(T0);
+    assert!(view.servers.iter().any(|s| s.id == src && s.draining && s.leases == 1));
+    // b's session reports on the source again: its lease is there.
+    let only_b = Load { sessions: 1, memory_used: 0, live_leases: vec![b.id] };
+    assert_eq!(pool.heartbeat(&src, only_b, T0), Ok(vec![]));
+    // a is gone from the source now: listing it again is a stale session.
+    let stale = Load { sessions: 2, memory_used: 0, live_leases: vec![a.id, b.id] };
+    assert_eq!(pool.heartbeat(&src, stale, T0), Ok(vec![a.id]));
+    // Draining again retries b; a release on the old server frees nothing there.
+    let again = pool.drain_server(&src, T0).expect("drain again");
+    assert_eq!(again.moving, vec![b.id]);
+    assert_eq!(pool.migrated(&src, b.id, Ok(())), None);
+    pool.check_invariants();
+    assert!(pool.release(a.id).is_ok());
+    pool.check_invariants();
+    assert_eq!(pool.drain_server("nobody", T0), Err(PoolError::UnknownServer("nobody".into())));
+}

@@ -383,6 +383,8 @@ pub struct ServerView {
     pub memory_used: u64,
     /// Leases on its instances.
     pub leases: u32,
+    /// Being drained: nothing new is placed on it.
+    pub draining: bool,
     /// Its GPUs as registered.
     pub gpus: Vec<GpuView>,
 }
@@ -470,4 +472,17 @@ pub enum PoolError {
     /// The request or registration is malformed (every problem is listed).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// Leases cannot move while the pool rebuilds its state after a start.
+    #[error("the balancer is still taking leases back after its start; try again")]
+    Recovering,
+}
+
+/// What draining a server set in motion ([`super::Pool::drain_server`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DrainPlan {
+    /// Leases moved to instances on other servers: their sessions are to
+    /// migrate there (ordered at the server's next heartbeat).
+    pub moving: Vec<LeaseId>,
+    /// Leases that found no free instance elsewhere: they stay for now.
+    pub stuck: Vec<LeaseId>,
 }

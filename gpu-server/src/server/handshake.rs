@@ -196,7 +196,8 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
             _ => grant.memory_quota.unwrap_or(shared.config.memory_quota).min(shared.config.memory_quota),
         };
         if let Some(lease) = &grant.lease {
-            let session = LeasedSession { token: lease.token.clone(), memory_used: 0, conn: conn.clone() };
+            let session =
+                LeasedSession { token: lease.token.clone(), session_id: id, memory_used: 0, conn: conn.clone() };
             // One session per lease: a client that reconnects (a thawed Lambda
             // environment) replaces its old session.
             if let Some(old) = shared.leased().insert(lease.lease_id, session) {

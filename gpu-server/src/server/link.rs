@@ -67,6 +67,52 @@ fn end_sessions(shared: &Shared, ids: impl IntoIterator<Item = u64>, why: &str) 
     }
 }
 
+/// Outcomes of ordered migrations not yet reported.
+type Outcomes = Arc<std::sync::Mutex<Vec<pb::MigrationResult>>>;
+
+/// Moves the session of an order's lease to the server the lease names
+/// now (the balancer drains this one); its outcome goes into `outcomes`.
+fn migrate(shared: &Arc<Shared>, order: pb::MigrationOrder, outcomes: &Outcomes) {
+    let Some(lease) = order.lease else { return };
+    let report = {
+        let outcomes = outcomes.clone();
+        let lease_id = lease.lease_id;
+        move |error: String| {
+            outcomes.lock().unwrap_or_else(|e| e.into_inner()).push(pb::MigrationResult { lease_id, error })
+        }
+    };
+    let Some(session) = shared.leased().get(&lease.lease_id).map(|s| s.session_id) else {
+        // No session here: the lease moves alone.
+        return report(String::new());
+    };
+    let address = match lease.address.parse() {
+        Ok(a) => a,
+        Err(_) => return report(format!("the target's address {:?} is unusable", lease.address)),
+    };
+    let target = super::MigrationTarget {
+        address,
+        // The certificate is pinned; the name is not checked.
+        server_name: "gpupool-server".into(),
+        cert_sha256: lease.cert_sha256,
+        token: lease.token,
+    };
+    let migrator = super::Migrator { shared: shared.clone() };
+    tracing::info!(lease = lease.lease_id, session, to = %address, "the balancer moves a session");
+    tokio::spawn(async move {
+        let error = match migrator.migrate(session, target).await {
+            Ok(m) => {
+                tracing::info!(lease = lease.lease_id, pause_ms = m.pause.as_millis() as u64, "session migrated");
+                String::new()
+            }
+            Err(e) => {
+                tracing::warn!(lease = lease.lease_id, error = %e, "session not migrated; it stays here");
+                e.to_string()
+            }
+        };
+        report(error);
+    });
+}
+
 /// Keeps this server registered until `stop` turns true.
 pub(crate) async fn run(
     link: BalancerLink,
@@ -84,6 +130,8 @@ pub(crate) async fn run(
     };
     let mut client = BalancerClient::new(channel);
     let mut backoff = Duration::from_millis(100);
+    // Outcomes of the migrations the balancer ordered, for the next heartbeat.
+    let outcomes: Outcomes = Arc::default();
     loop {
         let live_leases = shared.leased().values().map(|s| s.token.clone()).collect();
         let register = pb::RegisterRequest {
@@ -140,15 +188,21 @@ pub(crate) async fn run(
                 let leased = shared.leased();
                 (leased.len() as u32, leased.values().map(|s| s.memory_used).sum(), leased.keys().copied().collect())
             };
+            let migrations = std::mem::take(&mut *outcomes.lock().unwrap_or_else(|e| e.into_inner()));
             let beat = pb::HeartbeatRequest {
                 server_id: link.server_id.clone(),
                 sessions,
                 memory_used_bytes: memory,
                 live_lease_ids: ids,
+                migrations: migrations.clone(),
             };
             match client.heartbeat(authorized(&link.secret, beat)).await {
                 Ok(reply) => {
-                    let ended = reply.into_inner().ended_lease_ids;
+                    let reply = reply.into_inner();
+                    for order in reply.migrations {
+                        migrate(&shared, order, &outcomes);
+                    }
+                    let ended = reply.ended_lease_ids;
                     if let Some(check) = &shared.lease_check {
                         check.note_ended(ended.iter().copied());
                     }
@@ -160,7 +214,11 @@ pub(crate) async fn run(
                     );
                     break;
                 }
-                Err(e) => tracing::warn!(error = %gpupool_proto::grpc_tls::describe(&e), "heartbeat failed"),
+                Err(e) => {
+                    // Reported again with the next heartbeat.
+                    outcomes.lock().unwrap_or_else(|e| e.into_inner()).extend(migrations);
+                    tracing::warn!(error = %gpupool_proto::grpc_tls::describe(&e), "heartbeat failed");
+                }
             }
         }
     }

@@ -225,13 +225,18 @@ where
             Ended::Migrate(order) => {
                 // No batch is read any more: those on their way stay in the
                 // client's replay log and go to wherever the session runs.
+                // The session is read out after the batches queued before,
+                // so their replies are all out of its thread by then.
+                let exported = export(&work_tx).await;
                 stop.notify_one();
                 let Ok(kept) = writer.await else { return conn };
                 replies = kept;
-                let outcome = if slot.resumable() {
-                    migrate_out(shared, &work_tx, &replies, received_seq, &order.target).await
-                } else {
-                    Err("this server keeps no sessions for a resume, so the client could not follow".into())
+                let outcome = match exported {
+                    Ok(_) if !slot.resumable() => {
+                        Err("this server keeps no sessions for a resume, so the client could not follow".into())
+                    }
+                    Ok(exported) => migrate_out(shared, exported, &replies, received_seq, &order.target).await,
+                    Err(e) => Err(e),
                 };
                 let (moved, report) = match outcome {
                     Ok((done, bytes)) => {
@@ -342,19 +347,22 @@ async fn refuse_migration(mut send: impl FrameSender, link: &impl Link, reason: 
     link.end(close_code::NORMAL, b"migration refused");
 }
 
-/// The source's side: reads the session out on its thread (after the
-/// batches queued before the order) and sends it to `target`. Returns the
+/// Reads the session out on its thread, after the batches queued before.
+async fn export(work: &mpsc::Sender<Work>) -> Result<crate::session::Exported, String> {
+    let (tx, rx) = oneshot::channel();
+    work.send(Work::Migrate(tx)).await.map_err(|_| "the session has ended".to_string())?;
+    rx.await.map_err(|_| "the session has ended".to_string())?.map_err(|e| e.message)
+}
+
+/// The source's side: sends the session read out to `target`. Returns the
 /// target's answer and the bytes moved.
 async fn migrate_out(
     shared: &Shared,
-    work: &mpsc::Sender<Work>,
+    exported: crate::session::Exported,
     replies: &Replies,
     received_seq: u64,
     target: &MigrationTarget,
 ) -> Result<(v1::MigrateDone, u64), String> {
-    let (tx, rx) = oneshot::channel();
-    work.send(Work::Migrate(tx)).await.map_err(|_| "the session has ended".to_string())?;
-    let exported = rx.await.map_err(|_| "the session has ended".to_string())?.map_err(|e| e.message)?;
     let bytes = exported.memory_bytes();
     let (kept, replies_acked, replies_forgotten) = replies.kept();
     let out = Outgoing { exported, received_seq, replies: kept, replies_acked, replies_forgotten };

@@ -272,7 +272,8 @@ pub(crate) async fn send_session(
         Ok::<_, String>(done)
     })
     .await;
-    endpoint.wait_idle().await;
+    // The closes go out in the background: the session waits no more.
+    tokio::spawn(async move { endpoint.wait_idle().await });
     let done = sent.map_err(|_| format!("the transfer took longer than {TRANSFER_LIMIT:?}"))??;
     match &done.error {
         Some(e) => Err(format!("the target refused the session: {} (CUDA error {})", e.message, e.code)),

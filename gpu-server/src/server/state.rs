@@ -95,6 +95,8 @@ impl Workers {
 pub(crate) struct LeasedSession {
     /// The lease token, shown to a restarted balancer.
     pub(crate) token: String,
+    /// The session's id here (what a migration order names).
+    pub(crate) session_id: u64,
     /// Device memory the session has mapped, as its worker last reported.
     pub(crate) memory_used: u64,
     /// The client's connection to this server (the session's control

@@ -86,15 +86,13 @@ impl Journal {
         }
     }
 
-    /// SHA-256s of the module images the journal loads.
+    /// SHA-256s of the module images the journal loads, each once.
     fn images(&self) -> Vec<Vec<u8>> {
-        self.ops
-            .iter()
-            .filter_map(|o| match o {
-                Op::ModuleLoad(m) => Some(m.sha256.to_vec()),
-                _ => None,
-            })
-            .collect()
+        let loaded = self.ops.iter().filter_map(|o| match o {
+            Op::ModuleLoad(m) => Some(m.sha256.to_vec()),
+            _ => None,
+        });
+        loaded.collect::<std::collections::BTreeSet<_>>().into_iter().collect()
     }
 }
 
@@ -188,6 +186,15 @@ mod tests {
         {
             j.record(lasting(&op).expect("lasting"));
         }
+        let load = |module| {
+            let sha256 = vec![7u8; 32].into();
+            Op::ModuleLoad(v1::ModuleLoad { module, sha256, image: None, staged: None })
+        };
+        j.record(load(1));
+        j.record(load(2));
+        assert_eq!(j.images(), vec![vec![7u8; 32]], "an image loaded twice is sent once");
+        j.record(Op::ModuleUnload(v1::ModuleUnload { module: 1 }));
+        j.record(Op::ModuleUnload(v1::ModuleUnload { module: 2 }));
         j.record(Op::StreamDestroy(v1::StreamDestroy { stream: 1 }));
         j.record(Op::EventDestroy(v1::EventDestroy { event: 3 }));
         assert_eq!(j.ops, vec![stream(2), limit(8192)]);
