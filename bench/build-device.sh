@@ -66,7 +66,7 @@ echo "== building the test binaries to find the gpu e2e tests"
 # The test binary's file name carries a hash: cargo's JSON messages name it.
 messages=$(cargo test --release -j "$jobs" -p gpupool-tests --no-run --message-format=json)
 # "name path" for each end-to-end test binary the suite runs.
-test_bins=$(for t in bad_input e2e gpu isolation; do
+test_bins=$(for t in bad_input e2e gpu isolation migration; do
     echo "${t//_/-} $(artifact "$t" test <<<"$messages")"
 done)
 gpu_test=$(awk '$1 == "gpu" {print $2}' <<<"$test_bins")

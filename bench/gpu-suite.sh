@@ -13,7 +13,10 @@
 #      their GPU through it, and the balancer's gRPC benchmark;
 #   8. lambda-layer/ci-test.sh on the card: the example Lambda function,
 #      cold and warm, native and through the pool (binaries from
-#      lambda-layer/build-device.sh, ONLY=lambda).
+#      lambda-layer/build-device.sh, ONLY=lambda);
+#   9. live migration: a session of 1 GiB moved between two servers on the
+#      card (worker processes), six times, while its program reads from it;
+#      the pause the program saw (target: at most 1 s).
 # Results: <date>-<gpu>-<commit>.md (every step's output and a summary) and
 # .json (the benchmark's figures) in $OUT when set (a device run returns only
 # $OUT), else in bench/results/. The .md is written step by step, so a run cut
@@ -27,12 +30,14 @@
 #        TEST_ARGS    extra test-harness flags (e.g. a test name filter)
 #        *_TIMEOUT    per-step limits in seconds: TEST_TIMEOUT (240),
 #                     SMOKE_TIMEOUT (60), DEMO_TIMEOUT (120), BENCH_TIMEOUT (300),
-#                     DROPIN_TIMEOUT (540), POOL_TIMEOUT (300)
+#                     DROPIN_TIMEOUT (540), POOL_TIMEOUT (300),
+#                     MIGRATION_TIMEOUT (300)
+#        MIGRATION_MIB  the migrated session's size (1024)
 #        ONLY         step functions to run, space-separated (gpu_info
 #                     gpu_tests server_smoke demo bench bench_in_process
-#                     dropin pool lambda); default all. The binaries of every step
+#                     dropin pool lambda migration); default all. The binaries of every step
 #                     exceed what one device run carries (and its 600 s):
-#                     ONLY="gpu_info gpu_tests server_smoke bench bench_in_process"
+#                     ONLY="gpu_info gpu_tests server_smoke bench bench_in_process migration"
 #                     with PARTS=core binaries, ONLY="demo dropin" with
 #                     PARTS=dropin, ONLY=pool with PARTS=pool.
 set -uo pipefail
@@ -213,8 +218,19 @@ lambda() {
         OUT="$stem-lambda" bash "$repo/lambda-layer/ci-test.sh"
 }
 
+# Live migration on the card: the pause a program sees while its 1 GiB
+# session moves between two servers (each session in a worker process, as
+# two servers on one GPU would run it), measured by the migration tests'
+# `migration_pause`; fails above 1 s.
+migration() {
+    need gpupool-migration-tests || return 1
+    GPUPOOL_TEST_DEVICE=cuda GPUPOOL_WORKER_EXE="$bin_dir/gpupool-server" \
+        GPUPOOL_MIGRATION_MIB="${MIGRATION_MIB:-1024}" GPUPOOL_MIGRATION_MAX_PAUSE_MS=1000 \
+        "$bin_dir/gpupool-migration-tests" migration_pause --ignored --nocapture
+}
+
 export repo stem bin_dir json
-export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool lambda
+export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool lambda migration
 
 {
     echo "# gpupool GPU suite"
@@ -237,6 +253,7 @@ step "benchmark, sessions in-process (--device cuda)" "${BENCH_TIMEOUT:-300}" be
 step "drop-in libcuda: unmodified programs, PyTorch, benchmark row" "${DROPIN_TIMEOUT:-540}" dropin
 step "balancer: NVML discovery, leased programs, gRPC benchmark" "${POOL_TIMEOUT:-300}" pool
 step "Lambda example function: cold and warm, native and through the pool, freeze/thaw" "${LAMBDA_TIMEOUT:-240}" lambda
+step "live migration: pause of a 1 GiB session between two servers on the card" "${MIGRATION_TIMEOUT:-300}" migration
 
 {
     echo "## Summary"

@@ -200,19 +200,22 @@ impl Replies {
 
 /// Sends the session's replies on `send` until the session thread ends or
 /// the attachment goes; first again those after `acked` (a resumed
-/// session). Returns the replies for the next attachment.
-pub(super) async fn write_replies(
+/// session). Returns the replies for the next attachment, and the sender
+/// unless it was finished: a session that stops for a migration keeps its
+/// reply stream open (a finished one would tell the client the session
+/// ended) until it closes the connection with where it went.
+pub(super) async fn write_replies<S: FrameSender>(
     mut replies: Replies,
-    mut send: impl FrameSender,
+    mut send: S,
     link: impl Link,
     acked: Option<u64>,
     stop: Arc<tokio::sync::Notify>,
-) -> Replies {
+) -> (Replies, Option<S>) {
     if let (Some(acked), Some(log)) = (acked, replies.sent.as_mut()) {
         log.ack(acked);
         for bytes in log.replay_after(acked) {
             if send.send_frame(&bytes).await.is_err() {
-                return replies;
+                return (replies, Some(send));
             }
         }
     }
@@ -222,7 +225,7 @@ pub(super) async fn write_replies(
                 Some(r) => r,
                 None => break,
             },
-            () = link.ended() => return replies,
+            () = link.ended() => return (replies, Some(send)),
             // The session stops here (it migrates): what its thread
             // replied so far goes out, the rest is for where it goes.
             () = stop.notified() => {
@@ -231,16 +234,16 @@ pub(super) async fn write_replies(
                         break;
                     }
                 }
-                return replies;
+                return (replies, Some(send));
             }
         };
         if !send_reply(&mut replies, &mut send, &reply).await {
-            return replies;
+            return (replies, Some(send));
         }
     }
     // Let the last replies arrive before the connection is closed.
     send.finish_within(LINGER).await;
-    replies
+    (replies, None)
 }
 
 /// Sends one reply and keeps it for a resume; false when the send failed.

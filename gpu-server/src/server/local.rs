@@ -229,7 +229,7 @@ where
                 // so their replies are all out of its thread by then.
                 let exported = export(&work_tx).await;
                 stop.notify_one();
-                let Ok(kept) = writer.await else { return conn };
+                let Ok((kept, _open)) = writer.await else { return conn };
                 replies = kept;
                 let outcome = match exported {
                     Ok(_) if !slot.resumable() => {
@@ -289,7 +289,7 @@ where
             }
             Ended::Lost(why) => {
                 tracing::info!(why, "session connection lost");
-                let Ok(kept) = writer.await else { return conn };
+                let Ok((kept, _)) = writer.await else { return conn };
                 replies = kept;
                 let Some((again, seq)) = reattach(&mut slot, &replies, &welcome, received_seq, "after a loss").await
                 else {
