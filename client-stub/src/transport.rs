@@ -1120,6 +1120,45 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+    /// A session that moved is followed: the new address, pin, token, id
+    /// and secret; an unusable address is a protocol error, nothing changed.
+    #[test]
+    fn a_moved_session_is_followed_to_its_new_server() {
+        let config = ClientConfig::new(
+            "127.0.0.1:4433".parse().expect("addr"),
+            crate::config::Trust::Fingerprint("00".repeat(32)),
+            "old-token",
+        );
+        let mut info = ResumeInfo {
+            server: config.server,
+            name: config.server_name.clone(),
+            hello: v1::Hello { token: "old-token".into(), ..Default::default() },
+            session_id: 1,
+            secret: "s1".into(),
+            source: crate::config::TokenSource::Fixed,
+            connect_timeout: config.connect_timeout,
+            config,
+            quic: None,
+            moved_token: None,
+        };
+        let moved = |address: &str| v1::Moved {
+            address: address.into(),
+            server_name: "target".into(),
+            cert_sha256: "11".repeat(32),
+            token: "new-token".into(),
+            session_id: 7,
+            resume_secret: "s7".into(),
+        };
+        assert!(matches!(info.follow(moved("not an address")), Err(ClientError::Protocol(_))));
+        assert_eq!((info.session_id, info.hello.token.as_str()), (1, "old-token"));
+        info.follow(moved("127.0.0.2:5000")).expect("follow");
+        assert_eq!(info.server, "127.0.0.2:5000".parse().expect("addr"));
+        assert_eq!((info.name.as_str(), info.session_id, info.secret.as_str()), ("target", 7, "s7"));
+        assert_eq!(info.moved_token.as_deref(), Some("new-token"));
+        assert!(info.quic.is_some(), "the new server's pin");
+        assert_eq!(info.source.current_for("127.0.0.2:5000"), None, "nothing renews a fixed token");
+    }
+
     #[test]
     fn keep_awake_runs_while_sends_come_and_stops_after_the_spin() {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");

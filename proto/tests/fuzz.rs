@@ -201,6 +201,33 @@ fn seeds() -> Vec<Vec<u8>> {
             device_name: "emu".into(),
         })),
         event(v1::worker_event::Event::Metrics(v1::WorkerMetrics { calls: 5, ..Default::default() })),
+        v1::Hello {
+            protocol_version: gpupool_proto::PROTOCOL_VERSION,
+            token: "gpl1.abc.def".into(),
+            migrate: Some(v1::MigrateIn {
+                va_base: 1 << 44,
+                va_size: 1 << 26,
+                memory_bytes: 1 << 21,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+        v1::MigrateFrame {
+            item: Some(v1::migrate_frame::Item::Memory(v1::MemChunk { addr: 1 << 44, data: vec![7; 64].into() })),
+        }
+        .encode_to_vec(),
+        v1::MigrateFrame {
+            item: Some(v1::migrate_frame::Item::Image(v1::ImageChunk {
+                sha256: vec![1; 32].into(),
+                total_size: 100,
+                offset: 0,
+                data: vec![2; 50].into(),
+            })),
+        }
+        .encode_to_vec(),
+        v1::Moved { address: "127.0.0.1:4433".into(), token: "t".into(), session_id: 3, ..Default::default() }
+            .encode_to_vec(),
     ]
 }
 
@@ -223,9 +250,14 @@ fn decode_all(bytes: &[u8]) -> Result<(), TestCaseError> {
     one::<v1::WorkerSpec>(bytes)?;
     one::<v1::WorkerAssign>(bytes)?;
     one::<v1::WorkerEvent>(bytes)?;
+    // What a server decodes from another moving a session to it, and its
+    // answer.
+    one::<v1::MigrateFrame>(bytes)?;
+    one::<v1::MigrateDone>(bytes)?;
     // What clients decode from a server.
     one::<v1::Welcome>(bytes)?;
     one::<v1::BatchReply>(bytes)?;
+    one::<v1::Moved>(bytes)?;
     one::<v1::BulkResponse>(bytes)
 }
 
@@ -241,7 +273,7 @@ proptest! {
     /// Valid messages with a few edits: wrong wire types, cut fields,
     /// lengths and varints at their largest.
     #[test]
-    fn messages_mutated(seed in 0usize..8, edits in mutations()) {
+    fn messages_mutated(seed in 0usize..64, edits in mutations()) {
         let seeds = seeds();
         decode_all(&mutate(seeds[seed % seeds.len()].clone(), &edits))?;
     }

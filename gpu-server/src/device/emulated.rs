@@ -1042,6 +1042,24 @@ impl BackendSession for EmulatedSession {
 mod tests {
     use super::*;
 
+    /// A migrated session opens on its old range, only where that range
+    /// is free; a closed session gives its range back.
+    #[test]
+    fn a_session_opens_on_a_given_range_only_when_it_is_free() {
+        let dev = EmulatedDevice::new(4 * GRANULARITY);
+        let size = 4 * GRANULARITY;
+        let a = dev.open_session(size).expect("a");
+        let base = a.va_base();
+        assert!(dev.open_session_at(size, base + GRANULARITY).is_err(), "overlaps a");
+        let far = base + (1 << 40);
+        let b = dev.open_session_at(size, far).expect("a free range");
+        assert_eq!(b.va_base(), far);
+        assert!(dev.open_session_at(size, far + 1).is_err(), "not aligned");
+        assert!(dev.open_session_at(size, u64::MAX - GRANULARITY + 1).is_err(), "past the end");
+        drop(a);
+        assert_eq!(dev.open_session_at(size, base).expect("given back").va_base(), base);
+    }
+
     #[test]
     fn memory_of_all_sessions_is_bounded_by_the_device() {
         let dev = EmulatedDevice::new(4 * GRANULARITY);
