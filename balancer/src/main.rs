@@ -290,6 +290,9 @@ async fn drain(args: DrainArgs) -> anyhow::Result<()> {
     for id in &plan.stuck {
         println!("  lease {id:#018x} stays: no free instance elsewhere fits it (drain again when there is)");
     }
+    if wait.is_zero() {
+        return Ok(());
+    }
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let mut req = tonic::Request::new(StatusRequest {});
