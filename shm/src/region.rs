@@ -16,7 +16,6 @@
 
 use crate::ShmError;
 use crate::wire::{MAX_REGION_BYTES, MIN_REGION_BYTES};
-use bytes::BytesMut;
 use rustix::fs::{MemfdFlags, SealFlags};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -121,9 +120,9 @@ impl Region {
 
     /// Appends `len` bytes of the region at `start` to `dst` (no zeroing of
     /// `dst` first).
-    pub fn read_append(&self, start: usize, len: usize, dst: &mut BytesMut) -> Result<(), ShmError> {
+    pub fn read_append(&self, start: usize, len: usize, dst: &mut Vec<u8>) -> Result<(), ShmError> {
         self.range(start, len)?;
-        dst.reserve(len);
+        dst.try_reserve(len).map_err(|e| ShmError::Region(format!("cannot hold {len} bytes: {e}")))?;
         let spare = dst.spare_capacity_mut();
         // SAFETY: the source range lies within the mapping (checked above);
         // `spare` has room for `len` bytes (reserved above) and is this
@@ -150,7 +149,7 @@ mod tests {
         let mut out = [0u8; 5];
         b.read(100, &mut out).expect("read");
         assert_eq!(&out, b"hello");
-        let mut buf = BytesMut::new();
+        let mut buf = Vec::new();
         b.read_append(101, 4, &mut buf).expect("append");
         assert_eq!(&buf[..], b"ello");
         assert!(b.read((1 << 16) - 2, &mut out).is_err(), "past the end");
