@@ -158,10 +158,15 @@ impl TestServer {
         self.pool.as_ref().map(|p| p.snapshot()).unwrap_or_default()
     }
 
-    /// A client configuration for this server.
+    /// A client configuration for this server. Its copies stay on QUIC
+    /// unless `GPUPOOL_TEST_TRANSPORT=shm` (then they go through shared
+    /// memory: the same tests run over either transport).
     pub fn client_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new(self.addr, Trust::Fingerprint(self.fingerprint.clone()), TOKEN);
         c.reply_timeout = Duration::from_secs(60);
+        if std::env::var("GPUPOOL_TEST_TRANSPORT").as_deref() != Ok("shm") {
+            c.shm_region_bytes = 0;
+        }
         c
     }
 

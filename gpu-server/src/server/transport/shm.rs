@@ -76,19 +76,26 @@ impl Registry {
     }
 
     /// The session's bulk service when `attach` carries its secret
-    /// (compared in constant time); `stream` becomes its attachment, and
-    /// an earlier one is shut down.
-    fn attach(&self, attach: &Attach, stream: UnixStream) -> Result<Arc<BulkService>, String> {
-        let mut sessions = self.lock();
+    /// (compared in constant time).
+    fn admit(&self, attach: &Attach) -> Result<Arc<BulkService>, String> {
+        let sessions = self.lock();
         let refused = || format!("no session {} takes shared memory with this secret", attach.session_id);
-        let entry = sessions.get_mut(&attach.session_id).ok_or_else(refused)?;
+        let entry = sessions.get(&attach.session_id).ok_or_else(refused)?;
         if !constant_time_eq(&entry.secret, &attach.secret) {
             return Err(refused());
         }
+        Ok(entry.service.clone())
+    }
+
+    /// Makes `stream` session `id`'s attachment (an earlier one is shut
+    /// down); false when the session has ended meanwhile.
+    fn keep(&self, id: u64, stream: UnixStream) -> bool {
+        let mut sessions = self.lock();
+        let Some(entry) = sessions.get_mut(&id) else { return false };
         if let Some(old) = entry.attached.replace(stream) {
             let _ = old.shutdown(std::net::Shutdown::Both);
         }
-        Ok(entry.service.clone())
+        true
     }
 }
 
@@ -226,8 +233,7 @@ fn attachment(registry: &Registry, metrics: &Metrics, stream: UnixStream, handsh
         Ok(v) => v,
         Err(e) => return refuse(&stream, cuda::INVALID_VALUE, e.to_string()),
     };
-    let Ok(kept) = stream.try_clone() else { return };
-    let service = match registry.attach(&attach, kept) {
+    let service = match registry.admit(&attach) {
         Ok(s) => s,
         Err(reason) => return refuse(&stream, cuda::NOT_PERMITTED, reason),
     };
@@ -235,7 +241,9 @@ fn attachment(registry: &Registry, metrics: &Metrics, stream: UnixStream, handsh
         Ok(r) => Mapped::new(r, metrics),
         Err(e) => return refuse(&stream, cuda::INVALID_VALUE, e.to_string()),
     };
-    if channel::write_message(&stream, &Reply::ok(0).encode()).is_err() {
+    // The session's end shuts this socket (through the clone it keeps).
+    let Ok(kept) = stream.try_clone() else { return };
+    if !registry.keep(attach.session_id, kept) || channel::write_message(&stream, &Reply::ok(0).encode()).is_err() {
         return;
     }
     let _ = stream.set_read_timeout(None);
