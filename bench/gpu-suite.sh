@@ -5,9 +5,12 @@
 #   2. the GPU end-to-end tests (GPUPOOL_TEST_DEVICE=cuda, --include-ignored);
 #   3. gpupool-server on the GPU: starts, serves, drains on SIGTERM;
 #   4. gpupool-demo --device cuda;
-#   5. gpupool-bench --device cuda (native CUDA against remote gpupool);
+#   5. gpupool-bench --device cuda (native CUDA against remote gpupool;
+#      every copy row over QUIC and again through shared memory, `, shm`);
 #   6. bench/dropin.sh: unmodified programs, PyTorch and the drop-in
-#      benchmark row, native and through gpupool's libcuda.so.1;
+#      benchmark row, native and through gpupool's libcuda.so.1 (whose
+#      copies go through shared memory by default on the server's host;
+#      the variant `quic` runs the benchmarks again with GPUPOOL_SHM=off);
 #   7. bench/pool-gpu.sh: the balancer: whole-GPU discovery through NVML,
 #      a balancer and a server on the card, unmodified programs leasing
 #      their GPU through it, and the balancer's gRPC benchmark;
@@ -194,7 +197,7 @@ bench_in_process() {
 }
 
 dropin() {
-    bash "$repo/bench/dropin.sh" "$bin_dir" "$stem-dropin"
+    VARIANTS="${VARIANTS:-quic:GPUPOOL_SHM=off}" bash "$repo/bench/dropin.sh" "$bin_dir" "$stem-dropin"
 }
 
 pool() {

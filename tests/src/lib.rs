@@ -292,6 +292,18 @@ pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     xorshift(seed).take(n).map(|x| (x >> 56) as u8).collect()
 }
 
+/// Copies `n` random bytes (from `seed`) to a new device buffer and back,
+/// checks them byte for byte, and frees the buffer.
+pub fn round_trip(s: &gpupool_client::Session, n: usize, seed: u64) {
+    let data = random_bytes(n, seed);
+    let dev = s.mem_alloc(n as u64).expect("alloc");
+    s.memcpy_htod(dev, &data, gpupool_client::StreamId::DEFAULT).expect("htod");
+    let mut back = vec![0u8; n];
+    s.memcpy_dtoh(&mut back, dev, gpupool_client::StreamId::DEFAULT).expect("dtoh");
+    assert!(back == data, "round trip of {n} bytes differs");
+    s.mem_free(dev).expect("free");
+}
+
 /// A seed that differs per run, so kernels are checked on fresh data.
 pub fn fresh_seed() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)

@@ -4,12 +4,12 @@
 //! and the region's end with its session. Emulated device unless
 //! `GPUPOOL_TEST_DEVICE=cuda`.
 
-use gpupool_client::{ClientConfig, DEFAULT_SHM_REGION_BYTES, Session, StreamId};
+use gpupool_client::{ClientConfig, DEFAULT_SHM_REGION_BYTES, Session};
 use gpupool_proto::{cuda, v1};
 use gpupool_shm::channel;
 use gpupool_shm::region::Region;
 use gpupool_shm::wire::{Attach, MESSAGE_LEN, Op, REPLY_LEN, Reply, Request, SECRET_LEN};
-use gpupool_tests::{TestServer, fresh_seed, isolated_config, random_bytes, server_config};
+use gpupool_tests::{TestServer, fresh_seed, isolated_config, round_trip, server_config};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -26,18 +26,10 @@ fn shm_config(srv: &TestServer) -> ClientConfig {
 /// Copies every size up and back and checks the bytes; returns the bytes
 /// copied each way.
 fn round_trips(s: &Session) -> u64 {
-    let mut total = 0;
     for (i, &n) in SIZES.iter().enumerate() {
-        let data = random_bytes(n, fresh_seed() + i as u64);
-        let dev = s.mem_alloc(n as u64).expect("alloc");
-        s.memcpy_htod(dev, &data, StreamId::DEFAULT).expect("htod");
-        let mut back = vec![0u8; n];
-        s.memcpy_dtoh(&mut back, dev, StreamId::DEFAULT).expect("dtoh");
-        assert!(back == data, "round trip of {n} bytes differs");
-        s.mem_free(dev).expect("free");
-        total += n as u64;
+        round_trip(s, n, fresh_seed() + i as u64);
     }
-    total
+    SIZES.iter().sum::<usize>() as u64
 }
 
 /// Mappings of memfds named `name` in process `pid`'s address space.
@@ -227,12 +219,7 @@ fn hostile_attachments_and_requests_get_errors_and_the_server_goes_on() {
     drop(stream);
 
     // The session and the server are unharmed.
-    let data = random_bytes(3 << 20, fresh_seed());
-    let dev = s.mem_alloc(data.len() as u64).expect("alloc");
-    s.memcpy_htod(dev, &data, StreamId::DEFAULT).expect("htod");
-    let mut back = vec![0u8; data.len()];
-    s.memcpy_dtoh(&mut back, dev, StreamId::DEFAULT).expect("dtoh");
-    assert!(back == data);
+    round_trip(&s, 3 << 20, fresh_seed());
     s.close().expect("close");
     wait_until("every region was unmapped", || srv.metrics.snapshot().shm_regions == 0);
     let other = Session::connect(&shm_config(&srv)).expect("a new session");
