@@ -263,3 +263,35 @@ fn a_client_that_exits_mid_copy_leaves_no_region_mapped() {
     wait_until("the worker exited or unmapped the region", || mappings(&pid, "gpupool-shm-exit") == 0);
     srv.stop();
 }
+
+#[test]
+fn a_resumed_session_keeps_copying_through_shared_memory() {
+    // QUIC through a relay that drops everything for a while: both ends
+    // reach their idle timeout and the client reattaches; the region and
+    // its socket do not depend on the QUIC connection.
+    let mut config = server_config();
+    config.idle_timeout = Duration::from_secs(1);
+    config.resume_grace = Duration::from_secs(20);
+    let srv = TestServer::start(config).expect("server");
+    let relay = gpupool_tests::relay::Relay::start(srv.addr);
+    let mut client = shm_config(&srv);
+    client.server = relay.addr;
+    client.idle_timeout = Duration::from_secs(1);
+    client.keep_alive = Duration::from_millis(250);
+    let s = Session::connect(&client).expect("session");
+    let n = (3 << 20) + 5;
+    round_trip(&s, n, fresh_seed());
+    let before = s.shared_memory_bytes().expect("attached");
+    assert_eq!(before, 2 * n as u64);
+
+    relay.pause(true);
+    std::thread::sleep(Duration::from_millis(2500));
+    relay.pause(false);
+
+    round_trip(&s, n, fresh_seed() + 1);
+    assert_eq!(s.shared_memory_bytes(), Some(before + 2 * n as u64), "after the resume, still through the region");
+    let m = srv.metrics.snapshot();
+    assert_eq!((m.sessions_opened, m.shm_regions), (1, 1), "one session, resumed, one region: {m:?}");
+    s.close().expect("close");
+    srv.stop();
+}
