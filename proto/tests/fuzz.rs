@@ -197,6 +197,7 @@ fn seeds() -> Vec<Vec<u8>> {
             pid: 77,
             backend: "emulated".into(),
             device_name: "emu".into(),
+            shm_socket: String::new(),
         })),
         event(v1::worker_event::Event::Metrics(v1::WorkerMetrics { calls: 5, ..Default::default() })),
     ]

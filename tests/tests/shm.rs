@@ -74,8 +74,21 @@ fn a_worker_process_maps_the_region() {
     // The worker serves this session only: its one mapping is this region.
     assert_eq!(mappings(&worker.pid.to_string(), "gpupool-shm"), 1, "the worker maps the region");
     wait_until("the supervisor relayed the worker's counters", || srv.metrics.snapshot().shm_bytes == 2 * total);
+    let socket = s.welcome().shm_socket.clone();
+    assert!(socket.contains(&format!("gpupool-{}-", worker.pid)), "the worker's own socket: {socket}");
+    let pids: Vec<u32> = srv.workers().iter().map(|w| w.pid).collect();
     s.close().expect("close");
     srv.stop();
+    // Warm workers are killed at the stop and cannot remove their files:
+    // the supervisor does.
+    let dir = std::path::Path::new(&socket).parent().expect("a directory");
+    let left: Vec<String> = std::fs::read_dir(dir)
+        .expect("directory")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| pids.iter().any(|p| name.starts_with(&format!("gpupool-{p}-"))))
+        .collect();
+    assert!(left.is_empty(), "socket files left behind: {left:?}");
 }
 
 #[test]

@@ -194,6 +194,12 @@ impl Server {
         }
     }
 
+    /// The path of this process's shared-memory socket (`None`: off, or
+    /// sessions run in worker processes, which bind their own).
+    pub fn shm_socket(&self) -> Option<&std::path::Path> {
+        self.shm.as_ref().map(|l| l.path())
+    }
+
     /// The device of an in-process server (`None` with worker processes).
     pub fn description(&self) -> Option<&DeviceDescription> {
         match &self.mode {

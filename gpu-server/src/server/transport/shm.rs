@@ -139,6 +139,12 @@ pub(crate) struct ShmListener {
     path: PathBuf,
 }
 
+impl ShmListener {
+    pub(crate) fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
 impl Drop for ShmListener {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
