@@ -150,6 +150,7 @@ fn seeds() -> Vec<Vec<u8>> {
             token: "gpl1.abc.def".into(),
             resume: Some(v1::Resume { session_id: 9, secret: "s".into(), acked_seq: 4 }),
             bulk: None,
+            rdma: Some(v1::RdmaOffer { device: "mlx5_0".into(), core_version: 1 }),
         }
         .encode_to_vec(),
         v1::Hello {
