@@ -5,7 +5,7 @@
 
 use crate::Error;
 use crate::verbs::{Channel, CmEvent, CmId, QueuePair, Wc};
-use gpupool_proto::rdma::{Config, Connection, Event, LocalSlice, Op, RemoteRegion};
+use gpupool_proto::rdma::{Config, Connection, Event, LocalSlice, Op, RdmaError, RemoteRegion};
 use std::collections::HashMap;
 use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
@@ -230,8 +230,11 @@ impl Endpoint {
                 }
                 Op::Send { wr_id, bytes } => {
                     // The core sends at most its own buffer size and no more
-                    // sends than the send queue holds.
-                    let buf = self.send_free.pop().ok_or(Error::Timeout("a free send buffer"))?;
+                    // sends than the send queue holds; checked all the same.
+                    if bytes.len() > self.recv_buf as usize {
+                        return Err(RdmaError::Misuse("a message larger than the send buffers").into());
+                    }
+                    let buf = self.send_free.pop().ok_or(RdmaError::Misuse("more sends than the send queue holds"))?;
                     let offset = buf * u64::from(self.recv_buf);
                     self.qp.write(SEND, offset, &bytes)?;
                     self.qp.post_send(wr_id, SEND, offset, bytes.len() as u32, None)?;

@@ -269,6 +269,8 @@ pub struct Connection {
     /// Server: download chunks asked for and not answered.
     tickets: HashMap<(u64, u64), GetTicket>,
     deadline: Option<Instant>,
+    /// The latest time the connection was handed, for work started by `poll_event`.
+    clock: Instant,
     last_heard: Instant,
     last_sent: Instant,
 }
@@ -300,6 +302,7 @@ impl Connection {
             gets: HashMap::new(),
             tickets: HashMap::new(),
             deadline: Some(now + config.handshake_timeout),
+            clock: now,
             last_heard: now,
             last_sent: now,
             config,
@@ -316,6 +319,12 @@ impl Connection {
 
     pub fn role(&self) -> Role {
         self.config.role
+    }
+
+    /// Frames, upload chunks and download requests waiting for credits,
+    /// slots or send-queue room (at most `max_queued`).
+    pub fn queued(&self) -> usize {
+        self.queue.len()
     }
 
     /// The connection manager connected the queue pair: send our `Hello`
@@ -412,6 +421,7 @@ impl Connection {
 
     /// Time passed: timeouts and keepalives.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.clock = self.clock.max(now);
         match self.state {
             State::Ended => {}
             State::Connecting | State::Handshake => {
@@ -446,6 +456,8 @@ impl Connection {
         self.ops.pop_front()
     }
 
+    /// The next event. Taking one may free a receive buffer held back
+    /// while the session lagged, and return it to the peer.
     pub fn poll_event(&mut self) -> Option<Event> {
         let event = self.events.pop_front()?;
         if self.state != State::Ended
@@ -454,6 +466,7 @@ impl Connection {
         {
             self.post_recv(buf);
             self.to_return += 1;
+            self.drive(self.clock);
         }
         Some(event)
     }
@@ -626,6 +639,7 @@ impl Connection {
     /// Sends what the queue holds as far as credits, send-queue room,
     /// slots and the bound on downloads in flight allow, in order.
     fn drive(&mut self, now: Instant) {
+        self.clock = self.clock.max(now);
         if !matches!(self.state, State::Open | State::Closing) {
             return;
         }

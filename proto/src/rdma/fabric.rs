@@ -51,6 +51,8 @@ pub(super) struct Side {
     cq: VecDeque<(u64, Result<(), WcError>, Vec<u8>)>,
     /// A hung side's connection is not driven at all; its NIC still is.
     pub(super) hung: bool,
+    /// A lagging side's session takes no events (its connection is driven).
+    pub(super) lagging: bool,
     /// The side asked to disconnect.
     disconnected: bool,
 }
@@ -79,6 +81,7 @@ impl Side {
             posted: VecDeque::new(),
             cq: VecDeque::new(),
             hung: false,
+            lagging: false,
             disconnected: false,
         }
     }
@@ -162,7 +165,9 @@ impl Fabric {
                 side.conn.handle_completion(now, wr_id, status, &bytes);
                 moved = true;
             }
-            while let Some(event) = side.conn.poll_event() {
+            while !side.lagging
+                && let Some(event) = side.conn.poll_event()
+            {
                 side.events.push(event);
                 moved = true;
             }

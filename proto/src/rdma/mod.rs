@@ -139,9 +139,6 @@ pub enum RdmaError {
     /// The connection manager reported the connection gone.
     #[error("RDMA connection lost")]
     ConnectionLost,
-    /// The peer ended the connection with a close code.
-    #[error("RDMA connection closed by the peer (code {0})")]
-    Closed(u32),
     /// Too much is queued already; try again once some has gone.
     #[error("RDMA send queue full ({0} items queued)")]
     Backpressure(usize),

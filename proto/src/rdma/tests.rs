@@ -247,6 +247,25 @@ fn a_peer_that_stops_answering_times_out() {
 }
 
 #[test]
+fn a_session_that_lags_holds_its_buffers_and_the_peer_waits_for_credits() {
+    let mut fabric = connected(SMALL, &[]);
+    fabric.sides[SERVER].lagging = true;
+    let now = fabric.now;
+    let sent: Vec<Vec<u8>> = (0..12u8).map(|i| vec![i; 40]).collect();
+    for f in &sent {
+        fabric.sides[CLIENT].conn.send_frame(f, now).unwrap();
+    }
+    fabric.run();
+    assert!(fabric.sides[SERVER].events.is_empty());
+    assert_eq!(ended(&fabric.sides[CLIENT]), None, "no receiver-not-ready: credits held the frames back");
+    let waiting = fabric.sides[CLIENT].conn.queued();
+    assert!(waiting >= 12 - 2 * usize::from(SMALL.depth), "{waiting} frames wait for credits");
+    fabric.sides[SERVER].lagging = false;
+    fabric.run();
+    assert_eq!(frames(&take_events(&mut fabric.sides[SERVER])), sent, "without waiting for a keepalive");
+}
+
+#[test]
 fn an_idle_connection_stays_up_on_keepalives() {
     let mut fabric = connected(SMALL, &[]);
     let idle = Config::new(Role::Client, RemoteRegion { addr: 0, len: 0, rkey: 0 }).idle_timeout;
