@@ -390,6 +390,8 @@ fn rdma_seeds() -> Vec<Vec<u8>> {
         region: RemoteRegion { addr: 0x9000, len: 1 << 16, rkey: 3 },
         slots: 0,
         slot_size: 0,
+        get_chunk: 4096,
+        gets_in_flight: 4,
         session_id: 1,
         secret: b"secret".to_vec(),
     });

@@ -41,7 +41,7 @@ pub struct Config {
     /// Largest download chunk asked for (client) or accepted (server).
     pub max_get_chunk: u32,
     /// Download chunks in flight at once.
-    pub max_gets_in_flight: usize,
+    pub max_gets_in_flight: u16,
     /// How long the peer's `Hello` may take.
     pub handshake_timeout: Duration,
     /// How long the peer may stay silent; keepalives go every quarter of it.
@@ -193,6 +193,8 @@ struct Peer {
     region: RemoteRegion,
     slots: u16,
     slot_size: u32,
+    get_chunk: u32,
+    gets_in_flight: u16,
 }
 
 /// Something waiting for credits, send-queue room or a slot, in order.
@@ -342,6 +344,8 @@ impl Connection {
             region: self.config.region,
             slots: self.config.slots,
             slot_size: self.config.slot_size,
+            get_chunk: self.config.max_get_chunk,
+            gets_in_flight: self.config.max_gets_in_flight,
             session_id: self.config.session_id,
             secret: self.config.secret.clone(),
         });
@@ -505,7 +509,7 @@ impl Connection {
     /// Client: downloads `len` bytes of transfer `id` from `offset` into
     /// the landing region at `dest`. [`Event::GetDone`] tells when they are there.
     pub fn get(&mut self, id: u64, offset: u64, len: u64, dest: u64, now: Instant) -> Result<(), RdmaError> {
-        self.open_as(Role::Client)?;
+        let peer = self.open_as(Role::Client)?;
         self.config
             .region
             .address_of(dest, len)
@@ -513,7 +517,8 @@ impl Connection {
         if len == 0 || self.gets.contains_key(&id) || offset.checked_add(len).is_none() {
             return Err(RdmaError::Misuse("a download needs bytes and an id not in flight"));
         }
-        let chunk = u64::from(self.config.max_get_chunk);
+        // Chunks no larger than either side allows.
+        let chunk = u64::from(self.config.max_get_chunk.min(peer.get_chunk));
         let mut items = Vec::new();
         let mut done = 0u64;
         while done < len {
@@ -650,7 +655,10 @@ impl Connection {
                 Outgoing::Message(Message::Close { .. }) => (1, 1, true),
                 Outgoing::Message(_) | Outgoing::Frame { .. } => (2, 1, true),
                 Outgoing::PutChunk { .. } => (2, 2, !self.free_slots.is_empty()),
-                Outgoing::Get(_) => (2, 1, self.gets_out.len() < self.config.max_gets_in_flight),
+                Outgoing::Get(_) => {
+                    let bound = self.config.max_gets_in_flight.min(peer.gets_in_flight);
+                    (2, 1, self.gets_out.len() < usize::from(bound))
+                }
                 Outgoing::GetAnswer { .. } => (2, 2, true),
             };
             if self.credits < credits || self.config.send_depth - self.sq_used < entries || !ready {
@@ -774,7 +782,7 @@ impl Connection {
                     return Err(RdmaError::Violation(format!("download chunk of {len} bytes at {offset}")));
                 }
                 region.address_of(dest, u64::from(len))?;
-                if self.tickets.len() >= self.config.max_gets_in_flight {
+                if self.tickets.len() >= usize::from(self.config.max_gets_in_flight) {
                     return Err(RdmaError::Violation("more download chunks in flight than allowed".into()));
                 }
                 let ticket = GetTicket { id, offset, len, dest };
@@ -815,10 +823,13 @@ impl Connection {
             || !(MIN_RECV_BUF..=MAX_RECV_BUF).contains(&hello.recv_buf)
             || hello.max_frame == 0
             || hello.max_frame > MAX_FRAME
+            || hello.get_chunk == 0
+            || hello.get_chunk > MAX_CHUNK
+            || hello.gets_in_flight == 0
         {
             return Err(RdmaError::Violation(format!(
-                "Hello out of bounds: {} buffers of {} bytes, frames of {}",
-                hello.recv_depth, hello.recv_buf, hello.max_frame
+                "Hello out of bounds: {} buffers of {} bytes, frames of {}, download chunks of {} ({} at once)",
+                hello.recv_depth, hello.recv_buf, hello.max_frame, hello.get_chunk, hello.gets_in_flight
             )));
         }
         let peer_role = match self.config.role {
@@ -843,6 +854,8 @@ impl Connection {
             region: hello.region,
             slots: hello.slots,
             slot_size: hello.slot_size,
+            get_chunk: hello.get_chunk,
+            gets_in_flight: hello.gets_in_flight,
         });
         self.state = State::Open;
         self.deadline = None;

@@ -182,6 +182,26 @@ fn a_download_is_written_into_the_landing_region() {
 }
 
 #[test]
+fn a_client_asking_for_more_than_the_server_allows_keeps_to_the_servers_limits() {
+    let data: Vec<u8> = (0..10_000u32).map(|i| (i % 249) as u8).collect();
+    let (mut client, mut server) = configs(SMALL);
+    client.max_get_chunk = 8000;
+    client.max_gets_in_flight = 16;
+    server.max_get_chunk = 1000;
+    server.max_gets_in_flight = 2;
+    let mut fabric = fabric_with(client, server, &data);
+    let now = fabric.now;
+    fabric.sides[CLIENT].conn.get(3, 0, 10_000, 0, now).unwrap();
+    fabric.run();
+    let asked =
+        fabric.sides[SERVER].events.iter().filter(|e| matches!(e, Event::GetRequest(t) if t.len <= 1000)).count();
+    assert_eq!(asked, 2, "two chunks of at most 1000 bytes at once");
+    serve(&mut fabric, &mut HashMap::new());
+    assert!(take_events(&mut fabric.sides[CLIENT]).contains(&Event::GetDone { id: 3 }));
+    assert_eq!(&fabric.sides[CLIENT].regions[&LANDING].bytes[..10_000], &data[..]);
+}
+
+#[test]
 fn a_refused_download_is_reported_once() {
     let mut fabric = connected(SMALL, &[]);
     let now = fabric.now;
@@ -411,6 +431,8 @@ impl Raw {
             region: RemoteRegion { addr: 0x9000, len: 8192, rkey: 5 },
             slots: 0,
             slot_size: 0,
+            get_chunk: 3000,
+            gets_in_flight: 8,
             session_id: SESSION,
             secret: vec![],
         }
@@ -492,6 +514,12 @@ fn what_a_peer_must_not_send_ends_the_connection() {
         ),
         ("a client offering slots", vec![Message::Hello(Hello { slots: 1, slot_size: 10, ..hello.clone() })], 0),
         ("too few buffers", vec![Message::Hello(Hello { recv_depth: 1, ..hello.clone() })], 0),
+        ("no download chunks in flight", vec![Message::Hello(Hello { gets_in_flight: 0, ..hello.clone() })], 0),
+        (
+            "download chunks above the limit",
+            vec![Message::Hello(Hello { get_chunk: MAX_CHUNK + 1, ..hello.clone() })],
+            0,
+        ),
     ];
     for (what, messages, credits) in cases {
         let mut raw = Raw::server();

@@ -34,6 +34,10 @@ pub struct Hello {
     pub slots: u16,
     /// Bytes of each slot.
     pub slot_size: u32,
+    /// Largest download chunk the sender asks for (client) or answers (server).
+    pub get_chunk: u32,
+    /// Download chunks the sender keeps in flight (client) or accepts (server).
+    pub gets_in_flight: u16,
     /// Session this connection belongs to (from the QUIC handshake).
     pub session_id: u64,
     /// Proof that the connection comes from that session's client.
@@ -94,6 +98,8 @@ impl Message {
                 body.extend_from_slice(&h.region.rkey.to_le_bytes());
                 body.extend_from_slice(&h.slots.to_le_bytes());
                 body.extend_from_slice(&h.slot_size.to_le_bytes());
+                body.extend_from_slice(&h.get_chunk.to_le_bytes());
+                body.extend_from_slice(&h.gets_in_flight.to_le_bytes());
                 body.extend_from_slice(&h.session_id.to_le_bytes());
                 body.push(h.secret.len().min(MAX_SECRET) as u8);
                 body.extend_from_slice(&h.secret[..h.secret.len().min(MAX_SECRET)]);
@@ -220,6 +226,8 @@ pub fn decode(bytes: &[u8]) -> Result<Received, RdmaError> {
             region: RemoteRegion { addr: r.u64()?, len: r.u64()?, rkey: r.u32()? },
             slots: r.u16()?,
             slot_size: r.u32()?,
+            get_chunk: r.u32()?,
+            gets_in_flight: r.u16()?,
             session_id: r.u64()?,
             secret: r.secret()?,
         }),
@@ -259,11 +267,12 @@ mod tests {
                 region(),
                 any::<u16>(),
                 any::<u32>(),
+                (any::<u32>(), any::<u16>()),
                 any::<u64>(),
                 proptest::collection::vec(any::<u8>(), 0..=MAX_SECRET)
             )
                 .prop_map(
-                    |(version, recv_depth, recv_buf, max_frame, region, slots, slot_size, session_id, secret)| {
+                    |(version, recv_depth, recv_buf, max_frame, region, slots, slot_size, gets, session_id, secret)| {
                         Message::Hello(Hello {
                             version,
                             recv_depth,
@@ -272,6 +281,8 @@ mod tests {
                             region,
                             slots,
                             slot_size,
+                            get_chunk: gets.0,
+                            gets_in_flight: gets.1,
                             session_id,
                             secret,
                         })
