@@ -417,6 +417,7 @@ fn servers_refuse_forged_expired_and_foreign_leases() {
         memory_bytes: lease.memory_bytes,
         issued_unix_ms: unix_ms_now(),
         expires_unix_ms: unix_ms_now() + 60_000,
+        allow_rdma: false,
     };
     let refused = |server: &TestServer, token: String, why: &str| {
         let mut c = server.client_config();
