@@ -16,7 +16,10 @@
 #      their GPU through it, and the balancer's gRPC benchmark;
 #   8. lambda-layer/ci-test.sh on the card: the example Lambda function,
 #      cold and warm, native and through the pool (binaries from
-#      lambda-layer/build-device.sh, ONLY=lambda).
+#      lambda-layer/build-device.sh, ONLY=lambda);
+#   9. gpupool-rdma-check: the RDMA integration check (docs/rdma.md): a
+#      session over an RDMA device where `ibv_get_device_list` finds one,
+#      recorded as SKIP ("skipped: no RDMA device") where it finds none.
 # Results: <date>-<gpu>-<commit>.md (every step's output and a summary) and
 # .json (the benchmark's figures) in $OUT when set (a device run returns only
 # $OUT), else in bench/results/. The .md is written step by step, so a run cut
@@ -33,9 +36,9 @@
 #                     DROPIN_TIMEOUT (540), POOL_TIMEOUT (300)
 #        ONLY         step functions to run, space-separated (gpu_info
 #                     gpu_tests server_smoke demo bench bench_in_process
-#                     dropin pool lambda); default all. The binaries of every step
+#                     dropin pool lambda rdma); default all. The binaries of every step
 #                     exceed what one device run carries (and its 600 s):
-#                     ONLY="gpu_info gpu_tests server_smoke bench bench_in_process"
+#                     ONLY="gpu_info gpu_tests server_smoke bench bench_in_process rdma"
 #                     with PARTS=core binaries, ONLY="demo dropin" with
 #                     PARTS=dropin, ONLY=pool with PARTS=pool.
 set -uo pipefail
@@ -92,12 +95,14 @@ step() {
     seconds=$(($(date +%s) - started))
     if ((rc == 0)); then
         verdict=PASS
+    elif ((rc == 77)); then
+        verdict="SKIP (nothing to run it on: see its output)"
     elif ((rc == 124 || rc == 137)); then
         verdict="FAIL (timed out after ${limit}s)"
     else
         verdict="FAIL (exit $rc)"
     fi
-    ((rc == 0)) || failed=1
+    ((rc == 0 || rc == 77)) || failed=1
     echo "=== $name: $verdict in ${seconds}s"
     {
         echo "## $name: $verdict (${seconds}s)"
@@ -216,8 +221,22 @@ lambda() {
         OUT="$stem-lambda" bash "$repo/lambda-layer/ci-test.sh"
 }
 
+# The RDMA integration check: exit 77 (a SKIP in the report) when it found
+# no RDMA device, so a machine without one never reads as a pass.
+rdma() {
+    need gpupool-rdma-check || return 1
+    echo "RDMA devices in sysfs: $(ls /sys/class/infiniband 2>/dev/null | tr '\n' ' ')"
+    local out rc
+    out=$("$bin_dir/gpupool-rdma-check")
+    rc=$?
+    echo "$out"
+    ((rc == 0)) || return 1
+    [[ $out == *"skipped: "* ]] && return 77
+    return 0
+}
+
 export repo stem bin_dir json
-export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool lambda
+export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool lambda rdma
 
 {
     echo "# gpupool GPU suite"
@@ -240,6 +259,7 @@ step "benchmark, sessions in-process (--device cuda)" "${BENCH_TIMEOUT:-300}" be
 step "drop-in libcuda: unmodified programs, PyTorch, benchmark row" "${DROPIN_TIMEOUT:-540}" dropin
 step "balancer: NVML discovery, leased programs, gRPC benchmark" "${POOL_TIMEOUT:-300}" pool
 step "Lambda example function: cold and warm, native and through the pool, freeze/thaw" "${LAMBDA_TIMEOUT:-240}" lambda
+step "RDMA integration check (gpupool-rdma-check)" "${RDMA_TIMEOUT:-90}" rdma
 
 {
     echo "## Summary"
@@ -257,4 +277,8 @@ if ((failed)); then
     echo "gpu-suite: FAILED" >&2
     exit 1
 fi
-echo "gpu-suite: all steps passed"
+if [[ " ${summary[*]} " == *"| SKIP"* ]]; then
+    echo "gpu-suite: no step failed; some were skipped (see the summary)"
+else
+    echo "gpu-suite: all steps passed"
+fi

@@ -258,6 +258,7 @@ impl BulkLinks {
                 token: String::new(),
                 resume: None,
                 bulk: Some(v1::BulkAttach { index: i as u32, ..self.attach.clone() }),
+                rdma: None,
             };
             let (endpoint, addr, name) = (endpoint.clone(), SocketAddr::new(self.host, port), self.name.clone());
             attempts.push(rt.spawn(async move {
@@ -534,6 +535,8 @@ impl QuicTransport {
             token: config.token.clone(),
             resume: None,
             bulk: None,
+            // No RDMA offer until the client has an RDMA transport (docs/rdma.md).
+            rdma: None,
         };
         let timeout = config.connect_timeout;
         let max_udp_payload = config.max_udp_payload;

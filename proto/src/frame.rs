@@ -161,8 +161,14 @@ mod tests {
 
     #[test]
     fn round_trip_split_anywhere() {
-        let msg =
-            v1::Hello { protocol_version: 1, client_build: "x".into(), token: "t".into(), resume: None, bulk: None };
+        let msg = v1::Hello {
+            protocol_version: 1,
+            client_build: "x".into(),
+            token: "t".into(),
+            resume: None,
+            bulk: None,
+            rdma: None,
+        };
         let bytes = encode(&msg);
         for cut in 0..=bytes.len() {
             let mut dec = FrameDecoder::new(1024);

@@ -229,6 +229,7 @@ pub mod raw {
                 token: token.into(),
                 resume: None,
                 bulk: None,
+                rdma: None,
             };
             send.write_all(&frame::encode(&hello)).await.expect("hello");
             let mut raw = Raw { _ep: ep, conn, send, recv, dec: FrameDecoder::new(64 << 20) };

@@ -137,6 +137,9 @@ where
         bulk_secret,
         shm_socket,
         shm_secret,
+        // The server has no RDMA listener yet (docs/rdma.md): every offer
+        // falls back to QUIC, as `rdma::negotiate::decide` does without a device.
+        rdma: None,
     };
     if send.send_frame(&frame::encode(&welcome)).await.is_err() {
         return conn;
