@@ -2,6 +2,7 @@
 # Builds the GPU suite's release binaries on this machine (the GPU machine has
 # no Rust toolchain) and copies them into a folder that travels to it:
 #   gpupool-server, gpupool-balancer, gpupool-bench, gpupool-demo,
+#   gpupool-rdma-check (the RDMA integration check, docs/rdma.md),
 #   gpupool-gpu-tests (the `tests/tests/gpu.rs` test binary),
 #   gpupool-server-lib-tests (for the real-NVML discovery test),
 #   gpupool-balancer-grpc-bench (balancer/benches/grpc.rs), stub/ (the drop-in libcuda.so.1 and,
@@ -29,10 +30,10 @@ max_mib=${GPUPOOL_DEVICE_MAX_MIB:-60}
 jobs=${CARGO_BUILD_JOBS:-2}
 parts=${PARTS:-all}
 case $parts in
-core) bins=(gpupool-server gpupool-bench) ;;
+core) bins=(gpupool-server gpupool-bench gpupool-rdma-check) ;;
 pool) bins=(gpupool-server gpupool-balancer) ;;
 dropin) bins=(gpupool-server gpupool-demo gpupool-bench) ;;
-all) bins=(gpupool-server gpupool-balancer gpupool-bench gpupool-demo) ;;
+all) bins=(gpupool-server gpupool-balancer gpupool-bench gpupool-demo gpupool-rdma-check) ;;
 *) echo "PARTS must be core, pool, dropin or all" >&2; exit 2 ;;
 esac
 gpu_test_name=gpupool-gpu-tests
@@ -40,6 +41,10 @@ gpu_test_name=gpupool-gpu-tests
 echo "== building release binaries (-j $jobs)"
 cargo build --release -j "$jobs" -p gpupool-server -p gpupool-balancer -p gpupool-tests --bins
 
+echo "== building the RDMA integration check (gpupool-rdma, feature verbs)"
+# Needs libibverbs-dev, librdmacm-dev and libclang-dev here (as .ci/run
+# installs them); the GPU machine has the runtime libraries.
+cargo build --release -j "$jobs" -p gpupool-rdma --features verbs --bin gpupool-rdma-check
 echo "== building the drop-in libraries"
 libs=(-p gpupool-libcuda)
 [[ ${WITH_NVML:-1} == 1 ]] && libs+=(-p gpupool-libnvml)
@@ -76,7 +81,7 @@ server_lib_tests=$(cargo test --release -j "$jobs" -p gpupool-server --lib --no-
 grpc_bench=$(cargo bench -j "$jobs" -p gpupool-balancer --bench grpc --no-run --message-format=json | artifact grpc bench)
 
 mkdir -p "$out"
-for name in gpupool-server gpupool-balancer gpupool-bench gpupool-demo "$gpu_test_name" COMMIT; do
+for name in gpupool-server gpupool-balancer gpupool-bench gpupool-demo gpupool-rdma-check "$gpu_test_name" COMMIT; do
     rm -f "$out/$name"
 done
 for name in "${bins[@]}"; do

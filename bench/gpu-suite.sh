@@ -5,9 +5,12 @@
 #   2. the GPU end-to-end tests (GPUPOOL_TEST_DEVICE=cuda, --include-ignored);
 #   3. gpupool-server on the GPU: starts, serves, drains on SIGTERM;
 #   4. gpupool-demo --device cuda;
-#   5. gpupool-bench --device cuda (native CUDA against remote gpupool);
+#   5. gpupool-bench --device cuda (native CUDA against remote gpupool;
+#      every copy row over QUIC and again through shared memory, `, shm`);
 #   6. bench/dropin.sh: unmodified programs, PyTorch and the drop-in
-#      benchmark row, native and through gpupool's libcuda.so.1;
+#      benchmark row, native and through gpupool's libcuda.so.1 (whose
+#      copies go through shared memory by default on the server's host;
+#      the variant `quic` runs the benchmarks again with GPUPOOL_SHM=off);
 #   7. bench/pool-gpu.sh: the balancer: whole-GPU discovery through NVML,
 #      a balancer and a server on the card, unmodified programs leasing
 #      their GPU through it, and the balancer's gRPC benchmark;
@@ -17,6 +20,9 @@
 #   9. live migration: a session of 1 GiB moved between two servers on the
 #      card (worker processes), six times, while its program reads from it;
 #      the pause the program saw (target: at most 1 s).
+#  10. gpupool-rdma-check: the RDMA integration check (docs/rdma.md): a
+#      session over an RDMA device where `ibv_get_device_list` finds one,
+#      recorded as SKIP ("skipped: no RDMA device") where it finds none.
 # Results: <date>-<gpu>-<commit>.md (every step's output and a summary) and
 # .json (the benchmark's figures) in $OUT when set (a device run returns only
 # $OUT), else in bench/results/. The .md is written step by step, so a run cut
@@ -35,9 +41,9 @@
 #        MIGRATION_MIB  the migrated session's size (1024)
 #        ONLY         step functions to run, space-separated (gpu_info
 #                     gpu_tests server_smoke demo bench bench_in_process
-#                     dropin pool lambda migration); default all. The binaries of every step
+#                     dropin pool lambda migration rdma); default all. The binaries of every step
 #                     exceed what one device run carries (and its 600 s):
-#                     ONLY="gpu_info gpu_tests server_smoke bench bench_in_process migration"
+#                     ONLY="gpu_info gpu_tests server_smoke bench bench_in_process migration rdma"
 #                     with PARTS=core binaries, ONLY="demo dropin" with
 #                     PARTS=dropin, ONLY=pool with PARTS=pool.
 set -uo pipefail
@@ -94,12 +100,14 @@ step() {
     seconds=$(($(date +%s) - started))
     if ((rc == 0)); then
         verdict=PASS
+    elif ((rc == 77)); then
+        verdict="SKIP (nothing to run it on: see its output)"
     elif ((rc == 124 || rc == 137)); then
         verdict="FAIL (timed out after ${limit}s)"
     else
         verdict="FAIL (exit $rc)"
     fi
-    ((rc == 0)) || failed=1
+    ((rc == 0 || rc == 77)) || failed=1
     echo "=== $name: $verdict in ${seconds}s"
     {
         echo "## $name: $verdict (${seconds}s)"
@@ -199,7 +207,7 @@ bench_in_process() {
 }
 
 dropin() {
-    bash "$repo/bench/dropin.sh" "$bin_dir" "$stem-dropin"
+    VARIANTS="${VARIANTS:-quic:GPUPOOL_SHM=off}" bash "$repo/bench/dropin.sh" "$bin_dir" "$stem-dropin"
 }
 
 pool() {
@@ -229,8 +237,22 @@ migration() {
         "$bin_dir/gpupool-migration-tests" migration_pause --ignored --nocapture
 }
 
+# The RDMA integration check: exit 77 (a SKIP in the report) when it found
+# no RDMA device, so a machine without one never reads as a pass.
+rdma() {
+    need gpupool-rdma-check || return 1
+    echo "RDMA devices in sysfs: $(ls /sys/class/infiniband 2>/dev/null | tr '\n' ' ')"
+    local out rc
+    out=$("$bin_dir/gpupool-rdma-check")
+    rc=$?
+    echo "$out"
+    ((rc == 0)) || return 1
+    [[ $out == *"skipped: "* ]] && return 77
+    return 0
+}
+
 export repo stem bin_dir json
-export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool lambda migration
+export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool lambda migration rdma
 
 {
     echo "# gpupool GPU suite"
@@ -254,6 +276,7 @@ step "drop-in libcuda: unmodified programs, PyTorch, benchmark row" "${DROPIN_TI
 step "balancer: NVML discovery, leased programs, gRPC benchmark" "${POOL_TIMEOUT:-300}" pool
 step "Lambda example function: cold and warm, native and through the pool, freeze/thaw" "${LAMBDA_TIMEOUT:-240}" lambda
 step "live migration: pause of a 1 GiB session between two servers on the card" "${MIGRATION_TIMEOUT:-300}" migration
+step "RDMA integration check (gpupool-rdma-check)" "${RDMA_TIMEOUT:-90}" rdma
 
 {
     echo "## Summary"
@@ -271,4 +294,8 @@ if ((failed)); then
     echo "gpu-suite: FAILED" >&2
     exit 1
 fi
-echo "gpu-suite: all steps passed"
+if [[ " ${summary[*]} " == *"| SKIP"* ]]; then
+    echo "gpu-suite: no step failed; some were skipped (see the summary)"
+else
+    echo "gpu-suite: all steps passed"
+fi

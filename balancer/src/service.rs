@@ -88,6 +88,8 @@ impl State {
             memory_bytes: lease.memory,
             issued_unix_ms: lease.issued_ms,
             expires_unix_ms: lease.expires_ms,
+            // No placement policy grants RDMA yet (docs/rdma.md): QUIC only.
+            allow_rdma: false,
         };
         pb::Lease {
             lease_id: lease.id.0,

@@ -111,7 +111,16 @@ pub struct ClientConfig {
     pub resume: bool,
     /// Where the token for reattaching comes from.
     pub token_source: TokenSource,
+    /// Bytes of the shared-memory region this client attaches to its
+    /// session when the server offers shared memory and shares its host
+    /// (bulk copies then go through memory); 0: never, copies stay on QUIC.
+    /// From 4 KiB to 1 GiB otherwise.
+    pub shm_region_bytes: usize,
 }
+
+/// Default size of a client's shared-memory region: eight 4 MiB slots, so
+/// that the client fills some while the server copies others.
+pub const DEFAULT_SHM_REGION_BYTES: usize = 32 << 20;
 
 /// How long a queued call waits for company before its batch is sent while
 /// earlier batches are in flight (with none in flight it goes at once).
@@ -151,6 +160,7 @@ impl ClientConfig {
             io_spin: Duration::ZERO,
             resume: true,
             token_source: TokenSource::Fixed,
+            shm_region_bytes: DEFAULT_SHM_REGION_BYTES,
         }
     }
 
@@ -177,6 +187,9 @@ impl ClientConfig {
         }
         if self.max_udp_payload < 1200 {
             bad.push("max_udp_payload must be at least 1200 (QUIC's minimum)");
+        }
+        if self.shm_region_bytes != 0 && !(4096..=1 << 30).contains(&self.shm_region_bytes) {
+            bad.push("shm_region_bytes must be 0 (off) or from 4 KiB to 1 GiB");
         }
         if let Trust::Fingerprint(f) = &self.trust
             && (f.len() != 64 || !f.bytes().all(|b| b.is_ascii_hexdigit()))

@@ -19,13 +19,14 @@ pub mod launch_check;
 pub mod lease;
 pub mod mirror;
 pub mod session;
+mod shm;
 pub mod stats;
 mod tls;
 pub mod transport;
 mod wait;
 
 pub use alloc::AllocationId;
-pub use config::{ClientConfig, TokenSource, Trust};
+pub use config::{ClientConfig, DEFAULT_SHM_REGION_BYTES, TokenSource, Trust};
 pub use error::{ClientError, Result};
 pub use gpupool_proto::grpc_tls::BalancerTrust;
 pub use handoff::LeaseHandoff;

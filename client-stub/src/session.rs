@@ -434,6 +434,12 @@ impl Session {
         self.inner.transport.bulk_connections()
     }
 
+    /// Bytes copied through shared memory with the server so far; `None`
+    /// when copies do not go through it (see `docs/transport.md`).
+    pub fn shared_memory_bytes(&self) -> Option<u64> {
+        self.inner.transport.shared_memory_bytes()
+    }
+
     /// The server's handshake answer: session id, range, quota, device.
     pub fn welcome(&self) -> &v1::Welcome {
         &self.inner.welcome

@@ -51,6 +51,12 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     fn bulk_connections(&self) -> usize {
         0
     }
+    /// Bytes copied through a shared-memory region with the server so far;
+    /// `None` when copies do not go through one (not offered, not on the
+    /// server's host, turned off, or its channel failed).
+    fn shared_memory_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Frames larger than this are refused from the server.
@@ -91,6 +97,8 @@ pub struct QuicTransport {
     replay: Arc<std::sync::Mutex<ReplayLog>>,
     /// Keeps the I/O thread awake after a send, when configured.
     awake: Option<Arc<KeepAwake>>,
+    /// Bulk copies through shared memory, when the server shares this host.
+    shm: Option<crate::shm::ShmBulk>,
 }
 
 /// Keeps the I/O thread from sleeping for a while after each send, so that
@@ -254,6 +262,7 @@ impl BulkLinks {
                 resume: None,
                 bulk: Some(v1::BulkAttach { index: i as u32, ..self.attach.clone() }),
                 migrate: None,
+                rdma: None,
             };
             let (endpoint, addr, name) = (endpoint.clone(), SocketAddr::new(self.host, port), self.name.clone());
             attempts.push(rt.spawn(async move {
@@ -584,6 +593,8 @@ impl QuicTransport {
             resume: None,
             bulk: None,
             migrate: None,
+            // No RDMA offer until the client has an RDMA transport (docs/rdma.md).
+            rdma: None,
         };
         let timeout = config.connect_timeout;
         let max_udp_payload = config.max_udp_payload;
@@ -612,6 +623,7 @@ impl QuicTransport {
             ..config.clone()
         };
         let bulk = BulkLinks::open(&bulk_config, &quinn_client_config(&bulk_config)?, server.ip(), &welcome);
+        let shm = attach_shm(config, &welcome);
         let resume = (config.resume && !welcome.resume_secret.is_empty()).then(|| ResumeInfo {
             server,
             name: config.server_name.clone(),
@@ -650,6 +662,7 @@ impl QuicTransport {
                     running: std::sync::atomic::AtomicBool::new(false),
                 })
             }),
+            shm,
         })
     }
 
@@ -922,6 +935,9 @@ impl Transport for QuicTransport {
     }
 
     fn bulk_put(&self, id: u64, data: &[u8]) -> Result<()> {
+        if let Some(done) = self.shm_copy(|shm| shm.put(id, data)) {
+            return done;
+        }
         self.with_recovery(|| match self.bulk_put_here(id, data) {
             Some(r) => r,
             None => self.bulk_put_once(id, Bytes::copy_from_slice(data)),
@@ -929,6 +945,9 @@ impl Transport for QuicTransport {
     }
 
     fn bulk_get(&self, id: u64, out: &mut [u8]) -> Result<()> {
+        if let Some(done) = self.shm_copy(|shm| shm.get(id, out)) {
+            return done;
+        }
         let out = std::cell::RefCell::new(out);
         self.with_recovery(|| {
             let mut out = out.borrow_mut();
@@ -963,6 +982,50 @@ impl Transport for QuicTransport {
 
     fn bulk_connections(&self) -> usize {
         self.bulk.as_ref().map_or(0, |b| b.open_conns().len())
+    }
+
+    fn shared_memory_bytes(&self) -> Option<u64> {
+        self.shm.as_ref().filter(|s| s.live()).map(|s| s.bytes())
+    }
+}
+
+/// The session's shared-memory attachment when the server offers one, the
+/// configuration allows it and the server's socket is reachable from here
+/// (the same host); else `None` and copies use QUIC.
+fn attach_shm(config: &ClientConfig, welcome: &v1::Welcome) -> Option<crate::shm::ShmBulk> {
+    if config.shm_region_bytes == 0 || welcome.shm_socket.is_empty() {
+        return None;
+    }
+    let timeouts = (config.connect_timeout, config.reply_timeout);
+    match crate::shm::ShmBulk::attach(welcome, config.shm_region_bytes, timeouts) {
+        Ok(shm) => {
+            tracing::debug!(socket = %welcome.shm_socket, "bulk copies through shared memory");
+            Some(shm)
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "no shared memory with the server; copies use QUIC");
+            None
+        }
+    }
+}
+
+impl QuicTransport {
+    /// Runs a copy through shared memory when it is live; `None` when it
+    /// is not (or broke before the copy began): the copy then uses QUIC.
+    fn shm_copy(
+        &self,
+        op: impl FnOnce(&crate::shm::ShmBulk) -> std::result::Result<(), crate::shm::Failure>,
+    ) -> Option<Result<()>> {
+        use crate::shm::Failure;
+        let shm = self.shm.as_ref().filter(|s| s.live())?;
+        match op(shm) {
+            Ok(()) => Some(Ok(())),
+            Err(Failure::Refused(e)) => Some(Err(e)),
+            Err(Failure::Broken { started: false, .. }) => None,
+            Err(Failure::Broken { error, started: true }) => {
+                Some(Err(ClientError::ConnectionLost(format!("shared-memory copy failed midway: {error}"))))
+            }
+        }
     }
 }
 

@@ -194,6 +194,12 @@ pub struct ServerConfig {
     /// Swap idle sessions out to host memory when the device memory is
     /// full (none: off). In-process isolation only for now.
     pub swap: Option<Swap>,
+    /// Where the process serving sessions (this one, or each worker
+    /// process) binds its unix socket for clients on this host to attach a
+    /// shared-memory region to their session (none: no shared memory; the
+    /// default is the system's temporary directory). A client in a
+    /// container needs this directory mounted to use it.
+    pub shm_dir: Option<PathBuf>,
 }
 
 /// Settings of swapping (see [`crate::swap`]).
@@ -209,6 +215,13 @@ pub struct Swap {
 }
 
 impl ServerConfig {
+    /// The system's temporary directory, or `/tmp` where that is not an
+    /// absolute path short enough for a unix socket's.
+    pub fn default_shm_dir() -> PathBuf {
+        let dir = std::env::temp_dir();
+        if dir.is_absolute() && dir.as_os_str().len() <= 64 { dir } else { PathBuf::from("/tmp") }
+    }
+
     /// Defaults for a server on `listen` accepting `tokens`.
     pub fn new(listen: SocketAddr, tokens: Vec<String>) -> Self {
         Self {
@@ -238,6 +251,7 @@ impl ServerConfig {
             gpus: Vec::new(),
             balancer: None,
             resume_grace: Duration::from_secs(30),
+            shm_dir: Some(Self::default_shm_dir()),
             session_spin: gpupool_proto::quic::default_spin(),
             worker_ports: None,
             swap: None,
@@ -315,6 +329,12 @@ impl ServerConfig {
             && (low == 0 || low > high)
         {
             bad.push(format!("worker ports {low}-{high}: the range must be non-empty and not start at 0"));
+        }
+        // A unix socket path holds at most 107 bytes; the file name takes 40.
+        if let Some(dir) = &self.shm_dir
+            && (dir.as_os_str().len() > 64 || !dir.is_absolute())
+        {
+            bad.push(format!("shm_dir {} must be an absolute path of at most 64 bytes", dir.display()));
         }
         if let Some(swap) = &self.swap {
             if !matches!(self.isolation, Isolation::InProcess) {

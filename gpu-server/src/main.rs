@@ -111,6 +111,12 @@ struct Args {
     /// `--worker-ports` when set.
     #[arg(long, env = "GPUPOOL_BULK_ENDPOINTS", default_value_t = ServerConfig::DEFAULT_BULK_ENDPOINTS)]
     bulk_endpoints: usize,
+    /// Directory of the unix socket through which clients on this host
+    /// attach a shared-memory region to their session (copies then go
+    /// through memory, not QUIC); `off` for none. Default: the system's
+    /// temporary directory. Clients in containers need it mounted.
+    #[arg(long, env = "GPUPOOL_SHM_DIR")]
+    shm_dir: Option<String>,
     /// A connection silent this long is lost, in milliseconds (clients send
     /// keep-alives every 2 s).
     #[arg(long, env = "GPUPOOL_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
@@ -207,6 +213,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.idle_timeout = std::time::Duration::from_millis(args.idle_timeout_ms);
     config.worker_ports = args.worker_ports;
     config.bulk_endpoints = args.bulk_endpoints;
+    match args.shm_dir.as_deref() {
+        Some("off") => config.shm_dir = None,
+        Some(dir) => config.shm_dir = Some(dir.into()),
+        None => {}
+    }
     if args.swap_host_mib > 0 {
         config.swap = Some(gpupool_server::Swap {
             device_bytes: args.swap_device_mib.map(|m| m.saturating_mul(1 << 20)),

@@ -29,6 +29,10 @@ pub struct Worker {
     stdin: Option<ChildStdin>,
     events: mpsc::Receiver<Event>,
     pub ready: v1::WorkerReady,
+    /// The worker's shared-memory socket file, checked against the pool's
+    /// directory and the process id spawned (not taken on the worker's
+    /// word): removed on drop.
+    shm_socket: Option<std::path::PathBuf>,
 }
 
 impl Worker {
@@ -65,6 +69,16 @@ impl Worker {
     }
 }
 
+impl Drop for Worker {
+    /// The worker has exited or is being killed (`kill_on_drop`): a killed
+    /// worker could not remove its shared-memory socket's file itself.
+    fn drop(&mut self) {
+        if let Some(path) = &self.shm_socket {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// A worker process as operators see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerInfo {
@@ -82,6 +96,8 @@ pub struct WorkerPool {
     /// `CUDA_VISIBLE_DEVICES`: CUDA reads it once, at `cuInit`).
     env: Vec<(String, String)>,
     spec: Vec<u8>,
+    /// Where workers bind their shared-memory sockets (none: they do not).
+    shm_dir: Option<std::path::PathBuf>,
     warm: usize,
     start_timeout: Duration,
     idle: Mutex<Vec<Worker>>,
@@ -110,6 +126,7 @@ impl WorkerPool {
             command,
             env,
             spec: frame::encode(spec).to_vec(),
+            shm_dir: Some(std::path::PathBuf::from(&spec.shm_dir)).filter(|d| !d.as_os_str().is_empty()),
             warm,
             start_timeout,
             idle: Mutex::new(Vec::new()),
@@ -248,6 +265,7 @@ impl WorkerPool {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| ServerError::Worker(format!("cannot start {}: {e}", program.display())))?;
+        let spawned = child.id();
         let mut stdin = child.stdin.take().ok_or_else(|| ServerError::Worker("worker has no stdin".into()))?;
         let stdout = child.stdout.take().ok_or_else(|| ServerError::Worker("worker has no stdout".into()))?;
         let (tx, mut events) = mpsc::channel(4);
@@ -279,7 +297,19 @@ impl WorkerPool {
             }
         };
         tracing::debug!(pid = ready.pid, port = ready.port, backend = %ready.backend, "worker ready");
-        Ok(Worker { child, stdin: Some(stdin), events, ready })
+        let shm_socket = self.shm_socket_of(spawned, &ready.shm_socket);
+        Ok(Worker { child, stdin: Some(stdin), events, ready, shm_socket })
+    }
+
+    /// `reported` when it names a socket file of process `pid` in the
+    /// workers' shared-memory directory (`<dir>/gpupool-<pid>-<hex>.sock`).
+    fn shm_socket_of(&self, pid: Option<u32>, reported: &str) -> Option<std::path::PathBuf> {
+        let (dir, pid) = (self.shm_dir.as_ref()?, pid?);
+        let path = std::path::Path::new(reported);
+        let name = path.file_name()?.to_str()?;
+        let hex = name.strip_prefix(&format!("gpupool-{pid}-"))?.strip_suffix(".sock")?;
+        let own = path.parent() == Some(dir.as_path()) && !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit());
+        own.then(|| path.to_path_buf())
     }
 }
 
@@ -316,4 +346,34 @@ async fn read_events(mut stdout: tokio::process::ChildStdout, tx: mpsc::Sender<E
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// A worker reports its socket's path; the supervisor, which may run
+    /// with more rights, removes only a file of that worker's own name in
+    /// the workers' directory.
+    #[test]
+    fn only_a_workers_own_socket_file_is_removed() {
+        let spec = v1::WorkerSpec { shm_dir: "/run/gpupool".into(), ..Default::default() };
+        let command = WorkerCommand { program: "gpupool-server".into(), args: Vec::new() };
+        let pool = WorkerPool::new(command, &spec, 0, Duration::from_secs(1));
+        let own = "/run/gpupool/gpupool-42-0a1b2c.sock";
+        assert_eq!(pool.shm_socket_of(Some(42), own), Some(PathBuf::from(own)));
+        for other in [
+            "/etc/passwd",
+            "/run/gpupool/gpupool-43-0a1b2c.sock",
+            "/run/gpupool/../etc/gpupool-42-0a1b2c.sock",
+            "/run/other/gpupool-42-0a1b2c.sock",
+            "/run/gpupool/gpupool-42-.sock",
+            "/run/gpupool/gpupool-42-zz.sock",
+            "",
+        ] {
+            assert_eq!(pool.shm_socket_of(Some(42), other), None, "{other}");
+        }
+        assert_eq!(pool.shm_socket_of(None, own), None, "no process id");
+    }
 }

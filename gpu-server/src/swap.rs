@@ -77,6 +77,8 @@ struct Ledger {
     next_id: u64,
     /// Advances at the end of every batch: the order of last use.
     clock: u64,
+    /// Advances with every reserve: places in line for device memory.
+    tickets: u64,
     /// Resident bytes at which the device last refused memory, and until
     /// when that is the bound (when lower than the configured one).
     refused: Option<(u64, Instant)>,
@@ -90,14 +92,24 @@ struct Entry {
     used: MemoryUse,
     /// Inside a batch: never a victim, but idle soon unless `waiting`.
     busy: bool,
-    /// Waiting in [`SessionMemory::reserve`] for others to swap out.
-    waiting: bool,
+    /// In [`SessionMemory::reserve`]: its place in line and what it asks.
+    waiting: Option<Claim>,
     last_used: u64,
     /// A swap-out was asked and not yet answered.
     asked: bool,
     /// The last swap-out was refused; cleared by the session's next batch.
     refused: bool,
     ask: Option<AskSwapOut>,
+}
+
+/// A session's place in line for device memory: memory freed while it
+/// waits is its own before it is any later session's, so that a session in
+/// a busy loop cannot take, batch after batch, what a waiting session asked
+/// others to free.
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    ticket: u64,
+    bytes: u64,
 }
 
 impl Ledger {
@@ -119,16 +131,29 @@ impl Ledger {
     /// of sessions other than `except` that are not waiting for memory
     /// themselves (they reach the request only after their batch).
     fn pending(&self, except: u64) -> u64 {
-        let coming = |(id, e): &(&u64, &Entry)| **id != except && e.asked && !e.waiting;
+        let coming = |(id, e): &(&u64, &Entry)| **id != except && e.asked && e.waiting.is_none();
         self.sessions.iter().filter(coming).map(|(_, e)| e.used.resident).sum()
     }
 
     /// Device bytes of sessions other than `except` that are in a batch
-    /// and not waiting for memory themselves: victims once the batch ends
-    /// (a client's calls run after it returned from them).
-    fn busy(&self, except: u64) -> u64 {
-        let soon = |(id, e): &(&u64, &Entry)| **id != except && e.busy && !e.waiting && e.ask.is_some();
-        self.sessions.iter().filter(soon).map(|(_, e)| e.used.resident).sum()
+    /// and will be idle once it ends (a client's calls run after it
+    /// returned from them): those not waiting for memory, and those waiting
+    /// ahead of `claim` in line, with what they will be given. Sessions
+    /// behind it wait for it, so they are not counted.
+    fn busy(&self, except: u64, claim: Claim) -> u64 {
+        let soon = |(id, e): &(&u64, &Entry)| match e.waiting {
+            _ if **id == except || e.ask.is_none() => 0,
+            None if e.busy => e.used.resident,
+            Some(c) if c.ticket < claim.ticket => e.used.resident.saturating_add(c.bytes),
+            _ => 0,
+        };
+        self.sessions.iter().map(|entry| soon(&entry)).fold(0u64, u64::saturating_add)
+    }
+
+    /// Bytes asked by sessions in line before `ticket`.
+    fn claimed_before(&self, ticket: u64) -> u64 {
+        let ahead = self.sessions.values().filter_map(|e| e.waiting).filter(|c| c.ticket < ticket);
+        ahead.fold(0u64, |sum, c| sum.saturating_add(c.bytes))
     }
 
     fn entry(&mut self, id: u64) -> Option<&mut Entry> {
@@ -160,7 +185,7 @@ impl DeviceMemory {
             Entry {
                 used: MemoryUse::default(),
                 busy: false,
-                waiting: false,
+                waiting: None,
                 last_used,
                 asked: false,
                 refused: false,
@@ -208,38 +233,57 @@ impl SessionMemory {
     /// bound, asks idle sessions, least recently used first, to swap out
     /// and waits up to the configured time for them (and for sessions in a
     /// batch to become idle); `OUT_OF_MEMORY` when they cannot free enough.
+    /// Sessions that asked before this one are served first.
     pub fn reserve(&self, bytes: u64) -> Result<(), CallError> {
-        let result = self.reserve_waiting(bytes);
-        if let Some(e) = self.memory.lock().entry(self.id) {
-            e.waiting = false;
+        let mut l = self.memory.lock();
+        l.tickets += 1;
+        let claim = Claim { ticket: l.tickets, bytes };
+        if let Some(e) = l.entry(self.id) {
+            e.waiting = Some(claim);
+        }
+        // The session leaves the line under the same lock that grants or
+        // refuses: others never see it granted and still waiting (which
+        // would hide it from their count of memory soon free).
+        let (mut l, result) = self.reserve_waiting(l, claim);
+        if let Some(e) = l.entry(self.id) {
+            e.waiting = None;
+        }
+        drop(l);
+        if result.is_err() {
+            // Those behind it in line may fit now.
+            self.memory.changed.notify_all();
         }
         result
     }
 
-    fn reserve_waiting(&self, bytes: u64) -> Result<(), CallError> {
+    fn reserve_waiting<'a>(
+        &'a self,
+        mut l: MutexGuard<'a, Ledger>,
+        claim: Claim,
+    ) -> (MutexGuard<'a, Ledger>, Result<(), CallError>) {
+        let bytes = claim.bytes;
         let (limit, wait) = match self.memory.config {
             Some(c) => (c.device_bytes, c.wait),
             None => (u64::MAX, Duration::ZERO),
         };
         let deadline = Instant::now() + wait;
-        let mut l = self.memory.lock();
         if bytes > limit {
-            return Err(CallError::out_of_memory(format!(
-                "{bytes} bytes are more than the {limit} bytes of device memory sessions may hold"
-            )));
+            let e = format!("{bytes} bytes are more than the {limit} bytes of device memory sessions may hold");
+            return (l, Err(CallError::out_of_memory(e)));
         }
         loop {
             let limit = match l.refused {
                 Some((at, until)) if Instant::now() < until => limit.min(at),
                 _ => limit,
             };
-            let total = l.total.resident;
+            // What sessions ahead in line asked counts as taken.
+            let total = l.total.resident.saturating_add(l.claimed_before(claim.ticket));
             if total.checked_add(bytes).is_some_and(|t| t <= limit) {
                 l.total.resident += bytes;
                 if let Some(e) = l.entry(self.id) {
                     e.used.resident += bytes;
                 }
-                return Ok(());
+                return (l, Ok(()));
             }
             let short = total.saturating_add(bytes).saturating_sub(limit);
             let mut coming = l.pending(self.id);
@@ -254,15 +298,13 @@ impl SessionMemory {
                 }
             }
             let now = Instant::now();
-            if coming.saturating_add(l.busy(self.id)) < short || now >= deadline {
+            if coming.saturating_add(l.busy(self.id, claim)) < short || now >= deadline {
                 let (resident, swapped) = (l.total.resident, l.total.swapped);
-                return Err(CallError::out_of_memory(format!(
+                let e = format!(
                     "device memory is full: {bytes} bytes asked, {resident} of {limit} resident, {swapped} swapped \
                      out; idle sessions cannot free enough"
-                )));
-            }
-            if let Some(e) = l.entry(self.id) {
-                e.waiting = true;
+                );
+                return (l, Err(CallError::out_of_memory(e)));
             }
             l = self.memory.changed.wait_timeout(l, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
@@ -521,6 +563,33 @@ mod tests {
         a.end_batch();
         swap_out_by_hand(&a, 80);
         assert_eq!(waiter.join().expect("thread").expect("room once A swapped out").used().resident, 50);
+    }
+
+    #[test]
+    fn memory_freed_for_a_waiting_session_is_its_own_first() {
+        let wait = Duration::from_secs(30);
+        let m = DeviceMemory::new(Some(SwapConfig { device_bytes: 100, host_bytes: 1000, wait }));
+        let (asked, a) = idle_holder(&m);
+        let w = m.register(None);
+        w.begin_batch();
+        let waiter = std::thread::spawn(move || w.reserve(50).map(|()| w));
+        while asked.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        // W waits for A's 80 bytes. A newcomer that would not fit beside
+        // W once A is out fails at once instead of taking them.
+        let n = m.register(None);
+        let start = Instant::now();
+        let e = n.reserve(60).expect_err("W is ahead in line");
+        assert!(start.elapsed() < wait / 2, "refused without waiting for A");
+        assert!(e.message.contains("device memory is full"), "{e}");
+        // One that fits beside W waits with it.
+        let beside = std::thread::spawn(move || n.reserve(40).map(|()| n));
+        swap_out_by_hand(&a, 80);
+        let w = waiter.join().expect("thread").expect("room once A swapped out");
+        let n = beside.join().expect("thread").expect("room beside W");
+        assert_eq!((w.used().resident, n.used().resident), (50, 40));
+        assert_eq!(m.total(), MemoryUse { resident: 90, swapped: 80 });
     }
 
     #[test]

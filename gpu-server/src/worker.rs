@@ -90,6 +90,7 @@ pub fn run_stdio() -> Result<(), ServerError> {
             pid: std::process::id(),
             backend: d.backend.into(),
             device_name: d.name.clone(),
+            shm_socket: server.shm_socket().map(|p| p.display().to_string()).unwrap_or_default(),
         }));
         let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
         let t = tickets.clone();

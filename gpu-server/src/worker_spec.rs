@@ -28,6 +28,7 @@ pub(crate) fn config_from_spec(spec: &v1::WorkerSpec) -> Result<ServerConfig, Se
     c.max_handles = spec.max_handles as usize;
     c.max_bulk_streams = spec.max_bulk_streams as usize;
     c.bulk_endpoints = spec.bulk_endpoints as usize;
+    c.shm_dir = Some(spec.shm_dir.clone()).filter(|d| !d.is_empty()).map(Into::into);
     c.batch_queue = spec.batch_queue as usize;
     c.image_cache_dir = Some(spec.image_cache_dir.clone()).filter(|d| !d.is_empty()).map(Into::into);
     c.image_cache_bytes = spec.image_cache_bytes;
@@ -62,6 +63,7 @@ pub(crate) fn spec_from_config(config: &ServerConfig, chain: Vec<Vec<u8>>, key: 
         max_handles: config.max_handles as u32,
         max_bulk_streams: config.max_bulk_streams as u32,
         bulk_endpoints: config.bulk_endpoints as u32,
+        shm_dir: config.shm_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
         batch_queue: config.batch_queue as u32,
         image_cache_dir: config.image_cache_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
         image_cache_bytes: config.image_cache_bytes,
@@ -93,6 +95,9 @@ mod tests {
         assert_eq!(back.image_cache_dir, c.image_cache_dir);
         assert_eq!(back.idle_timeout, c.idle_timeout);
         assert_eq!(back.bulk_endpoints, c.bulk_endpoints);
+        assert_eq!(back.shm_dir, c.shm_dir);
+        c.shm_dir = None;
+        assert_eq!(config_from_spec(&spec_from_config(&c, vec![vec![1]], vec![3])).expect("valid").shm_dir, None);
         assert!(back.one_session && back.max_sessions == 1);
         let mut bad = spec_from_config(&c, vec![], vec![]);
         bad.device = "gpu".into();

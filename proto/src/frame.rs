@@ -168,6 +168,7 @@ mod tests {
             resume: None,
             bulk: None,
             migrate: None,
+            rdma: None,
         };
         let bytes = encode(&msg);
         for cut in 0..=bytes.len() {

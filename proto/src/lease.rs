@@ -155,6 +155,7 @@ mod tests {
             memory_bytes: 10 << 30,
             issued_unix_ms: 1_000,
             expires_unix_ms: 31_000,
+            allow_rdma: true,
         }
     }
 

@@ -7,6 +7,7 @@
 //! - [`payload`]: bulk bytes, lz4-compressed when that pays;
 //! - [`cuda`]: the `CUresult` codes that travel in replies;
 //! - `fuzz` (feature `fuzzing`): helpers of the fuzz targets;
+//! - [`rdma`]: the RDMA transport's protocol core and its negotiation, sans I/O;
 //! - [`replay`]: resumption's log of frames sent and not yet acknowledged,
 //!   kept by both ends and replayed after a reattach;
 //! - [`balancer`] (feature `grpc`): the balancer's gRPC service (tonic);
@@ -28,6 +29,7 @@ pub mod payload;
 pub mod pool;
 #[cfg(feature = "quic")]
 pub mod quic;
+pub mod rdma;
 pub mod replay;
 pub mod texture_abi;
 

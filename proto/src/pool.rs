@@ -90,6 +90,12 @@ impl PooledBuf {
         self.data.extend_from_slice(bytes);
     }
 
+    /// The buffer itself, for a writer that appends in place (such as a
+    /// copy out of a shared-memory region, without zeroing first).
+    pub fn as_vec_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.data
+    }
+
     /// Bytes written so far.
     pub fn len(&self) -> usize {
         self.data.len()

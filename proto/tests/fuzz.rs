@@ -1,7 +1,8 @@
 //! Fuzz targets for the decoders of this crate that read bytes from the
 //! network or from another process (`docs/fuzzing.md`): frames, every
-//! data-plane message the server or a worker decodes, lz4 payloads and the
-//! resumption replay log. Each runs a bounded number of cases on stable
+//! data-plane message the server or a worker decodes, lz4 payloads, the
+//! resumption replay log, and the RDMA command channel (its messages, and a
+//! connection fed anything). Each runs a bounded number of cases on stable
 //! Rust; `GPUPOOL_FUZZ_CASES=100000 cargo test -p gpupool-proto --test fuzz`
 //! runs longer.
 //!
@@ -15,6 +16,8 @@ use bytes::Bytes;
 use gpupool_proto::frame::{self, FrameDecoder, FrameError};
 use gpupool_proto::fuzz::{config, mutate, mutations};
 use gpupool_proto::payload::{self, PayloadError};
+use gpupool_proto::rdma::wire::{self as rdma_wire, Hello as RdmaHello, Message as RdmaMessage};
+use gpupool_proto::rdma::{self, Connection, Event, Op, RemoteRegion, Role};
 use gpupool_proto::replay::{ReplayLimit, ReplayLog};
 use gpupool_proto::v1;
 use proptest::prelude::*;
@@ -151,6 +154,7 @@ fn seeds() -> Vec<Vec<u8>> {
             resume: Some(v1::Resume { session_id: 9, secret: "s".into(), acked_seq: 4 }),
             bulk: None,
             migrate: None,
+            rdma: Some(v1::RdmaOffer { device: "mlx5_0".into(), core_version: 1 }),
         }
         .encode_to_vec(),
         v1::Hello {
@@ -199,6 +203,7 @@ fn seeds() -> Vec<Vec<u8>> {
             pid: 77,
             backend: "emulated".into(),
             device_name: "emu".into(),
+            shm_socket: String::new(),
         })),
         event(v1::worker_event::Event::Metrics(v1::WorkerMetrics { calls: 5, ..Default::default() })),
         v1::Hello {
@@ -406,6 +411,129 @@ proptest! {
             prop_assert!(log.bytes() <= bytes);
             let _ = log.covers(seq);
             prop_assert!(log.replay_after(seq.min(50)).len() <= log.len());
+        }
+    }
+}
+
+/// A client's valid RDMA `Hello` and one of each other message, to mutate.
+fn rdma_seeds() -> Vec<Vec<u8>> {
+    let hello = RdmaMessage::Hello(RdmaHello {
+        version: rdma::CORE_VERSION,
+        recv_depth: 8,
+        recv_buf: 512,
+        max_frame: 4096,
+        region: RemoteRegion { addr: 0x9000, len: 1 << 16, rkey: 3 },
+        slots: 0,
+        slot_size: 0,
+        get_chunk: 4096,
+        gets_in_flight: 4,
+        session_id: 1,
+        secret: b"secret".to_vec(),
+    });
+    [
+        hello,
+        RdmaMessage::Data { last: true, body: b"batch".to_vec() },
+        RdmaMessage::PutChunk { id: 1, offset: 0, len: 100, slot: 0 },
+        RdmaMessage::GetRequest { id: 2, offset: 0, len: 100, dest: 0 },
+        RdmaMessage::SlotFree { slot: 1 },
+        RdmaMessage::Close { code: 0 },
+    ]
+    .iter()
+    .enumerate()
+    .map(|(seq, m)| m.encode(1, seq as u64))
+    .collect()
+}
+
+/// A server-side RDMA connection, handed what arrives as receive
+/// completions; sends and writes complete as soon as they are posted.
+struct RdmaServer {
+    conn: Connection,
+    recvs: Vec<u64>,
+}
+
+impl RdmaServer {
+    fn new() -> RdmaServer {
+        let staging = RemoteRegion { addr: 0x1000, len: 1 << 16, rkey: 9 };
+        let mut config = rdma::Config::new(Role::Server, staging);
+        config.recv_depth = 8;
+        config.recv_buf = 512;
+        config.slots = 4;
+        config.slot_size = 1 << 12;
+        let now = std::time::Instant::now();
+        let mut server = RdmaServer { conn: Connection::new(config, now).expect("valid config"), recvs: Vec::new() };
+        server.conn.handle_established(now);
+        server.pump();
+        server
+    }
+
+    fn pump(&mut self) {
+        let now = std::time::Instant::now();
+        while let Some(op) = self.conn.poll_op() {
+            match op {
+                Op::PostRecv { wr_id, .. } => self.recvs.push(wr_id),
+                Op::Send { wr_id, .. } | Op::Write { wr_id, .. } => {
+                    self.conn.handle_completion(now, wr_id, Ok(()), &[])
+                }
+                Op::Disconnect => {}
+            }
+        }
+    }
+
+    /// Feeds one receive; whether the connection is still up.
+    fn receive(&mut self, bytes: &[u8]) -> bool {
+        let Some(wr_id) = self.recvs.pop() else { return false };
+        self.conn.handle_completion(std::time::Instant::now(), wr_id, Ok(()), bytes);
+        self.pump();
+        let mut up = true;
+        while let Some(event) = self.conn.poll_event() {
+            match event {
+                Event::PutChunk { slot, .. } => {
+                    let _ = self.conn.release_slot(slot, std::time::Instant::now());
+                }
+                Event::Ended(_) => up = false,
+                _ => {}
+            }
+        }
+        self.pump();
+        up && self.conn.state() != rdma::State::Ended
+    }
+}
+
+proptest! {
+    #![proptest_config(config(512))]
+
+    /// RDMA command-channel messages, random or valid ones edited: a value
+    /// or an error, and allocation bounded by what arrived.
+    #[test]
+    fn rdma_messages(seed in 0usize..6, edits in mutations(), bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let seeds = rdma_seeds();
+        for input in [bytes, mutate(seeds[seed % seeds.len()].clone(), &edits)] {
+            let (_, peak) = peak_of(|| rdma_wire::decode(&input));
+            prop_assert!(peak <= alloc_bound(input.len()), "{peak} bytes for {}", input.len());
+        }
+    }
+
+    /// An RDMA server connection fed a valid `Hello` (or not), then any
+    /// receives, edited valid messages among them: it never panics, and
+    /// once it has ended it stays ended and asks for nothing but nothing.
+    #[test]
+    fn rdma_connection_fed_anything(
+        hello in any::<bool>(),
+        inputs in proptest::collection::vec((0usize..6, mutations(), proptest::collection::vec(any::<u8>(), 0..64), any::<bool>()), 0..24),
+    ) {
+        let seeds = rdma_seeds();
+        let mut server = RdmaServer::new();
+        let mut up = !hello || server.receive(&seeds[0]);
+        for (seed, edits, raw, edited) in inputs {
+            let input = if edited { mutate(seeds[seed].clone(), &edits) } else { raw };
+            let still = server.receive(&input);
+            prop_assert!(up || !still, "an ended connection came back");
+            up = still;
+        }
+        if !up {
+            prop_assert_eq!(server.conn.state(), rdma::State::Ended);
+            prop_assert!(server.conn.poll_op().is_none());
+            prop_assert!(server.conn.poll_timeout().is_none());
         }
     }
 }

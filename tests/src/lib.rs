@@ -161,10 +161,15 @@ impl TestServer {
         self.pool.as_ref().map(|p| p.snapshot()).unwrap_or_default()
     }
 
-    /// A client configuration for this server.
+    /// A client configuration for this server. Its copies stay on QUIC
+    /// unless `GPUPOOL_TEST_TRANSPORT=shm` (then they go through shared
+    /// memory: the same tests run over either transport).
     pub fn client_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new(self.addr, Trust::Fingerprint(self.fingerprint.clone()), TOKEN);
         c.reply_timeout = Duration::from_secs(60);
+        if std::env::var("GPUPOOL_TEST_TRANSPORT").as_deref() != Ok("shm") {
+            c.shm_region_bytes = 0;
+        }
         c
     }
 
@@ -238,6 +243,7 @@ pub mod raw {
                 resume: None,
                 bulk: None,
                 migrate: None,
+                rdma: None,
             };
             send.write_all(&frame::encode(&hello)).await.expect("hello");
             let mut raw = Raw { _ep: ep, conn, send, recv, dec: FrameDecoder::new(64 << 20) };
@@ -299,6 +305,18 @@ pub fn alive(pid: u32) -> bool {
 
 pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     xorshift(seed).take(n).map(|x| (x >> 56) as u8).collect()
+}
+
+/// Copies `n` random bytes (from `seed`) to a new device buffer and back,
+/// checks them byte for byte, and frees the buffer.
+pub fn round_trip(s: &gpupool_client::Session, n: usize, seed: u64) {
+    let data = random_bytes(n, seed);
+    let dev = s.mem_alloc(n as u64).expect("alloc");
+    s.memcpy_htod(dev, &data, gpupool_client::StreamId::DEFAULT).expect("htod");
+    let mut back = vec![0u8; n];
+    s.memcpy_dtoh(&mut back, dev, gpupool_client::StreamId::DEFAULT).expect("dtoh");
+    assert!(back == data, "round trip of {n} bytes differs");
+    s.mem_free(dev).expect("free");
 }
 
 /// A seed that differs per run, so kernels are checked on fresh data.

@@ -158,7 +158,12 @@ fn metrics_endpoint_follows_the_pool() {
 
 #[test]
 fn many_clients_share_three_servers() {
-    let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([1; 32]))).expect("balancer");
+    // Not a test of expiry: a heartbeat or renewal late under CI load must
+    // not end a server's leases here.
+    let mut config = balancer_config(LeaseSigner::from_seed([1; 32]));
+    config.pool.heartbeat_timeout_ms = 15_000;
+    config.pool.lease_ttl_ms = 30_000;
+    let balancer = TestBalancer::start(config).expect("balancer");
     let _servers = [
         pooled_server(&balancer, "h100", "h100-80gb:mig", Some(H100_LAYOUT)),
         pooled_server(&balancer, "a100", "a100-80gb:mig", Some(&["4g.40gb", "3g.40gb"])),
@@ -399,6 +404,7 @@ fn servers_refuse_forged_expired_and_foreign_leases() {
         memory_bytes: lease.memory_bytes,
         issued_unix_ms: unix_ms_now(),
         expires_unix_ms: unix_ms_now() + 60_000,
+        allow_rdma: false,
     };
     let refused = |server: &TestServer, token: String, why: &str| {
         let mut c = server.client_config();

@@ -103,6 +103,7 @@ fn bulk_attach_needs_the_session_secret() {
         resume: None,
         bulk: Some(v1::BulkAttach { session_id, secret: secret.into(), index }),
         migrate: None,
+        rdma: None,
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {

@@ -22,6 +22,8 @@
 //! | `GPUPOOL_SERVER_NAME` | name in the server certificate (CA mode; default `localhost`) |
 //! | `GPUPOOL_MAX_UDP_PAYLOAD` | largest UDP payload (default 1472, bulk connections to a loopback server 65527; Lambda: 1200) |
 //! | `GPUPOOL_BULK_CONNECTIONS` | extra QUIC connections for bulk copies when the server offers them (default 4; 0: copies share the session's connection) |
+//! | `GPUPOOL_SHM` | `off` (or `0`): keep copies on QUIC even when the server shares this host; default on: a client on the server's host attaches a shared-memory region and copies go through it |
+//! | `GPUPOOL_SHM_MIB` | size of that region in MiB (default 32, at most 1024) |
 //! | `GPUPOOL_BATCH_DELAY_US` | longest wait of a queued call for company while earlier batches are in flight (default 100; `off`: queued calls go only with a synchronizing call or a full batch) |
 //! | `GPUPOOL_IO_SPIN_US` | keep the I/O thread awake this long after each batch sent, so that sends need no kernel wake-up (default 0: it sleeps at once; spends a core while the program sends) |
 //! | `GPUPOOL_LOG` | log filter for stderr (default `warn`) |
@@ -64,10 +66,11 @@ pub(crate) fn target() -> Result<Target, String> {
 }
 
 /// Client tuning from the environment: `GPUPOOL_BULK_CONNECTIONS`,
-/// `GPUPOOL_BATCH_DELAY_US`, `GPUPOOL_IO_SPIN_US` (`None`: not set).
+/// `GPUPOOL_SHM`, `GPUPOOL_SHM_MIB`, `GPUPOOL_BATCH_DELAY_US`, `GPUPOOL_IO_SPIN_US` (`None`: not set).
 #[derive(Debug, Default)]
 struct Tuning {
     bulk_connections: Option<usize>,
+    shm_region_bytes: Option<usize>,
     batch_delay: Option<Option<std::time::Duration>>,
     io_spin: Option<std::time::Duration>,
 }
@@ -81,6 +84,23 @@ impl Tuning {
             None => {}
             Some(Ok(n)) if n <= 64 => t.bulk_connections = Some(n),
             Some(_) => problems.push("GPUPOOL_BULK_CONNECTIONS must be a whole number from 0 to 64"),
+        }
+        let shm_on = match lookup("GPUPOOL_SHM").map(|v| v.trim().to_ascii_lowercase()) {
+            None => true,
+            Some(v) if ["off", "0", "false", "no"].contains(&v.as_str()) => false,
+            Some(v) if ["on", "1", "true", "yes"].contains(&v.as_str()) => true,
+            Some(_) => {
+                problems.push("GPUPOOL_SHM must be `on` or `off`");
+                true
+            }
+        };
+        match lookup("GPUPOOL_SHM_MIB").map(|v| v.trim().parse::<usize>()) {
+            None => {}
+            Some(Ok(n)) if (1..=1024).contains(&n) => t.shm_region_bytes = Some(n << 20),
+            Some(_) => problems.push("GPUPOOL_SHM_MIB must be a whole number from 1 to 1024"),
+        }
+        if !shm_on {
+            t.shm_region_bytes = Some(0);
         }
         match lookup("GPUPOOL_BATCH_DELAY_US").map(|v| v.trim().to_ascii_lowercase()) {
             None => {}
@@ -101,6 +121,9 @@ impl Tuning {
     fn apply(&self, config: &mut ClientConfig) {
         if let Some(n) = self.bulk_connections {
             config.bulk_connections = n;
+        }
+        if let Some(n) = self.shm_region_bytes {
+            config.shm_region_bytes = n;
         }
         if let Some(d) = self.batch_delay {
             config.batch.max_delay = d;
@@ -287,8 +310,10 @@ mod tests {
             ("GPUPOOL_MAX_UDP_PAYLOAD", "1200"),
             ("GPUPOOL_BULK_CONNECTIONS", "8"),
             ("GPUPOOL_BATCH_DELAY_US", "20"),
+            ("GPUPOOL_SHM_MIB", "64"),
         ]))
         .expect("valid");
+        assert_eq!(c.shm_region_bytes, 64 << 20);
         assert_eq!(c.server.port(), 4433);
         assert_eq!(c.max_udp_payload, 1200);
         assert_eq!(c.bulk_connections, 8);
@@ -296,6 +321,10 @@ mod tests {
         let off = target_from_lookup(lookup(&[("GPUPOOL_LEASE_FILE", "/x"), ("GPUPOOL_BATCH_DELAY_US", "OFF")]));
         let Ok(Target::Handoff(_, template)) = off else { panic!("a hand-off target") };
         assert_eq!(template.batch.max_delay, None);
+        assert_eq!(template.shm_region_bytes, gpupool_client::DEFAULT_SHM_REGION_BYTES, "on by default");
+        let no_shm = target_from_lookup(lookup(&[("GPUPOOL_LEASE_FILE", "/x"), ("GPUPOOL_SHM", "off")]));
+        let Ok(Target::Handoff(_, template)) = no_shm else { panic!("a hand-off target") };
+        assert_eq!(template.shm_region_bytes, 0, "GPUPOOL_SHM=off");
         assert_eq!(c.trust, Trust::Fingerprint(pin));
     }
 
@@ -305,6 +334,8 @@ mod tests {
             ("GPUPOOL_MAX_UDP_PAYLOAD", "x"),
             ("GPUPOOL_BULK_CONNECTIONS", "many"),
             ("GPUPOOL_BATCH_DELAY_US", "soon"),
+            ("GPUPOOL_SHM", "maybe"),
+            ("GPUPOOL_SHM_MIB", "0"),
         ]))
         .expect_err("empty");
         for needle in [
@@ -314,6 +345,8 @@ mod tests {
             "GPUPOOL_MAX_UDP_PAYLOAD",
             "GPUPOOL_BULK_CONNECTIONS",
             "GPUPOOL_BATCH_DELAY_US",
+            "GPUPOOL_SHM must",
+            "GPUPOOL_SHM_MIB",
         ] {
             assert!(err.contains(needle), "{err}");
         }

@@ -72,27 +72,46 @@ impl BulkService {
         })
     }
 
+    /// Largest chunk of one put or get.
+    pub(crate) fn max_chunk(&self) -> usize {
+        self.max_frame_bytes as usize / 2
+    }
+
+    /// Stages `bytes` at `offset` of upload `id` of `total` bytes.
+    pub(crate) fn put(&self, id: u64, total: u64, offset: u64, bytes: Bytes) -> Result<(), CallError> {
+        let len = bytes.len() as u64;
+        self.staging.put(id, total, offset, bytes)?;
+        add(&self.metrics.bulk_bytes_in, len);
+        Ok(())
+    }
+
+    /// `size` bytes at `offset` of staged download `id`.
+    pub(crate) fn get(&self, id: u64, offset: u64, size: u64) -> Result<Bytes, CallError> {
+        if size > self.max_chunk() as u64 {
+            return Err(CallError::invalid_value(format!("bulk get of {size} bytes exceeds the chunk limit")));
+        }
+        let bytes = self.staging.get(id, offset, size)?;
+        add(&self.metrics.bulk_bytes_out, bytes.len() as u64);
+        Ok(bytes)
+    }
+
+    /// The counters, for a transport's own.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     fn serve(&self, req: v1::BulkRequest) -> Result<v1::BulkResponse, CallError> {
         let max = u64::from(self.max_frame_bytes);
         match req.op {
             Some(v1::bulk_request::Op::Put(p)) => {
                 let data = p.data.ok_or_else(|| CallError::invalid_value("bulk put without data"))?;
                 let bytes = payload::decode(data, max).map_err(|e| CallError::invalid_value(e.to_string()))?;
-                let len = bytes.len() as u64;
                 // A slice of the received frame: staged without a copy.
-                self.staging.put(p.transfer_id, p.total_size, p.offset, bytes)?;
-                add(&self.metrics.bulk_bytes_in, len);
+                self.put(p.transfer_id, p.total_size, p.offset, bytes)?;
                 Ok(v1::BulkResponse::default())
             }
             Some(v1::bulk_request::Op::Get(g)) => {
-                if g.size > max / 2 {
-                    return Err(CallError::invalid_value(format!(
-                        "bulk get of {} bytes exceeds the chunk limit",
-                        g.size
-                    )));
-                }
-                let bytes = self.staging.get(g.transfer_id, g.offset, g.size)?;
-                add(&self.metrics.bulk_bytes_out, bytes.len() as u64);
+                let bytes = self.get(g.transfer_id, g.offset, g.size)?;
                 Ok(v1::BulkResponse { error: None, data: Some(payload::encode(bytes, self.compression)) })
             }
             None => Err(CallError::invalid_value("bulk request without an operation")),

@@ -34,6 +34,8 @@ pub fn render(metrics: &Metrics) -> String {
     gauge(&mut r, "memory_swapped_bytes", "Device memory of sessions swapped out to host memory now", s.memory_swapped);
     counter(&mut r, "swapped_out_bytes", "Bytes of device memory swapped out to host memory", s.swapped_out_bytes);
     counter(&mut r, "swapped_in_bytes", "Bytes of device memory swapped back in", s.swapped_in_bytes);
+    gauge(&mut r, "shm_regions", "Shared-memory regions of local clients mapped now", s.shm_regions);
+    counter(&mut r, "shm_copied_bytes", "Bytes copied through shared-memory regions", s.shm_bytes);
     // Sessions by tenant (at most MAX_TENANTS series, the rest as "(other)").
     let active = Family::<Vec<(String, String)>, Gauge>::default();
     let opened = Family::<Vec<(String, String)>, Counter>::default();

@@ -92,6 +92,10 @@ where
     // Extra bulk connections attach while the session lives; closed when it ends.
     let bulk_slot = shared.bulk.register(id, bulk.clone());
     let (bulk_ports, bulk_secret) = bulk_slot.offer();
+    // A client on this host may carry them through shared memory instead;
+    // its region is unmapped when the session ends (the slot drops).
+    let shm_slot = shared.shm.register(id, bulk.clone());
+    let (shm_socket, shm_secret) = shm_slot.offer();
     let (work_tx, work_rx) = mpsc::channel::<Work>(cfg.batch_queue);
     let (reply_tx, reply_rx) = mpsc::channel::<v1::BatchReply>(cfg.batch_queue);
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -156,6 +160,11 @@ where
         resumed_seq: 0,
         bulk_ports,
         bulk_secret,
+        shm_socket,
+        shm_secret,
+        // The server has no RDMA listener yet (docs/rdma.md): every offer
+        // falls back to QUIC, as `rdma::negotiate::decide` does without a device.
+        rdma: None,
     };
     let queue_budget = Arc::new(Semaphore::new(MAX_QUEUED_BATCH_BYTES));
     let mut received_seq = 0;

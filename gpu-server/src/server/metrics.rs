@@ -42,6 +42,10 @@ pub struct Metrics {
     /// Bytes sessions swapped out, and swapped back in, so far.
     pub swapped_out_bytes: AtomicU64,
     pub swapped_in_bytes: AtomicU64,
+    /// Shared-memory regions mapped now (a gauge), and bytes copied through
+    /// them (counted in `bulk_bytes_in`/`_out` as well).
+    pub shm_regions: AtomicU64,
+    pub shm_bytes: AtomicU64,
     /// Sessions by tenant (the lease's tenant, or the token's subject).
     tenants: Mutex<BTreeMap<String, TenantSessions>>,
 }
@@ -62,6 +66,8 @@ pub struct MetricsSnapshot {
     pub memory_swapped: u64,
     pub swapped_out_bytes: u64,
     pub swapped_in_bytes: u64,
+    pub shm_regions: u64,
+    pub shm_bytes: u64,
 }
 
 impl Metrics {
@@ -97,6 +103,8 @@ impl Metrics {
         add(&self.bulk_bytes_in, now.bulk_bytes_in.saturating_sub(before.bulk_bytes_in));
         add(&self.bulk_bytes_out, now.bulk_bytes_out.saturating_sub(before.bulk_bytes_out));
         gauge(&self.memory_mapped, before.memory_mapped, now.memory_mapped);
+        gauge(&self.shm_regions, before.shm_regions, now.shm_regions);
+        add(&self.shm_bytes, now.shm_bytes.saturating_sub(before.shm_bytes));
     }
 
     /// The counters a worker process reports to its supervisor.
@@ -110,6 +118,8 @@ impl Metrics {
             bulk_bytes_in: s.bulk_bytes_in,
             bulk_bytes_out: s.bulk_bytes_out,
             memory_mapped: s.memory_mapped,
+            shm_regions: s.shm_regions,
+            shm_bytes: s.shm_bytes,
         }
     }
 
@@ -129,6 +139,8 @@ impl Metrics {
             memory_swapped: g(&self.memory_swapped),
             swapped_out_bytes: g(&self.swapped_out_bytes),
             swapped_in_bytes: g(&self.swapped_in_bytes),
+            shm_regions: g(&self.shm_regions),
+            shm_bytes: g(&self.shm_bytes),
         }
     }
 }

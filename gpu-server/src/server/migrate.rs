@@ -204,6 +204,7 @@ pub(crate) async fn send_session(
             token: target.token.clone(),
             resume: None,
             bulk: None,
+            rdma: None,
             migrate: Some(v1::MigrateIn {
                 va_base: ex.va_base,
                 va_size: ex.va_size,

@@ -12,7 +12,8 @@
 //! - `state`: what the connection tasks share (config, device or worker
 //!   pools, leased and resumable sessions);
 //! - `resume`: sessions kept for a client that lost its connection;
-//! - `transport`: the transport interface and its QUIC implementation;
+//! - `transport`: the transport interface, its QUIC implementation, and
+//!   shared memory for the bulk copies of clients on this host;
 //! - `bulk`: a session's bulk transfers, transport-agnostic;
 //! - `thread`: the session thread that executes batches;
 //! - `metrics`: the counters ([`Metrics`]);
@@ -50,7 +51,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::task::JoinSet;
-use transport::quic;
+use transport::{quic, shm};
 
 /// A bound, not yet running, gpu-server.
 #[derive(Debug)]
@@ -59,6 +60,8 @@ pub struct Server {
     /// The bulk endpoints and their runtime (none with worker processes:
     /// each worker binds its own).
     bulk: BulkIo,
+    /// The shared-memory socket (none: off, or worker processes bind theirs).
+    shm: Option<shm::ShmListener>,
     mode: Mode,
     fingerprint: String,
     shared: Arc<Shared>,
@@ -135,8 +138,20 @@ impl Server {
             }),
             _ => None,
         };
-        let shared = Arc::new(Shared::new(config, auth, bulk.ports(), swap));
-        Ok(Self { endpoint, bulk, mode, fingerprint: identity.fingerprint(), shared })
+        // The process that serves a session maps its client's region: this
+        // one in-process, each worker process under process isolation.
+        let (shm_listener, shm) = match (&mode, &config.shm_dir) {
+            (Mode::Local(_), Some(dir)) => match shm::bind(dir, config.max_sessions) {
+                Ok((listener, registry)) => (Some(listener), registry),
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "no shared memory: cannot bind its socket");
+                    (None, shm::Registry::off())
+                }
+            },
+            _ => (None, shm::Registry::off()),
+        };
+        let shared = Arc::new(Shared::new(config, auth, bulk.ports(), Arc::new(shm), swap));
+        Ok(Self { endpoint, bulk, shm: shm_listener, mode, fingerprint: identity.fingerprint(), shared })
     }
 
     /// The bound UDP address.
@@ -187,6 +202,12 @@ impl Server {
         }
     }
 
+    /// The path of this process's shared-memory socket (`None`: off, or
+    /// sessions run in worker processes, which bind their own).
+    pub fn shm_socket(&self) -> Option<&std::path::Path> {
+        self.shm.as_ref().map(|l| l.path())
+    }
+
     /// The device of an in-process server (`None` with worker processes).
     pub fn description(&self) -> Option<&DeviceDescription> {
         match &self.mode {
@@ -207,7 +228,7 @@ impl Server {
 
     /// Serves until `shutdown` completes, then closes every session and
     /// waits up to the grace period for them to end.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         self.ready().await?;
         let (link_stop, link_stopped) = tokio::sync::watch::channel(false);
         let link = self.shared.config.balancer.clone().map(|mut link| {
@@ -221,6 +242,14 @@ impl Server {
             tokio::spawn(link::run(link, gpus, fingerprint, self.shared.clone(), link_stopped))
         });
         self.bulk.serve(&self.shared);
+        let shm = self.shm.take().map(|listener| {
+            let (shared, timeout) = (self.shared.clone(), self.shared.config.handshake_timeout);
+            tokio::spawn(async move {
+                if let Err(e) = shm::serve(listener, shared.shm.clone(), shared.metrics.clone(), timeout).await {
+                    tracing::warn!(error = %e, "no shared memory: its socket failed");
+                }
+            })
+        });
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
         let one = self.shared.config.one_session;
@@ -237,6 +266,10 @@ impl Server {
             }
         }
         tracing::info!("shutting down");
+        if let Some(shm) = shm {
+            // Its socket file goes with the task.
+            shm.abort();
+        }
         let _ = link_stop.send(true);
         if let Some(link) = link {
             let _ = link.await;

@@ -124,6 +124,8 @@ pub(crate) struct Shared {
     pub(crate) bulk: bulk::Registry,
     /// Sessions that can be ordered to move to another server.
     pub(crate) migrations: super::migrate::Registry,
+    /// Sessions whose client on this host may attach a shared-memory region.
+    pub(crate) shm: Arc<super::transport::shm::Registry>,
     /// The device memory of the sessions in this process, resident and
     /// swapped out ([`crate::swap`]).
     pub(crate) device_memory: Arc<crate::swap::DeviceMemory>,
@@ -133,12 +135,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// `bulk_ports`: the ports of the server's bulk endpoints; `swap`: the
-    /// bounds of swapping in this process (`None`: off).
+    /// `bulk_ports`: the ports of the server's bulk endpoints; `shm`: the
+    /// shared-memory socket's sessions; `swap`: the bounds of swapping in
+    /// this process (`None`: off).
     pub(crate) fn new(
         config: ServerConfig,
         auth: Arc<dyn Authenticator>,
         bulk_ports: Vec<u16>,
+        shm: Arc<super::transport::shm::Registry>,
         swap: Option<crate::swap::SwapConfig>,
     ) -> Self {
         Self {
@@ -158,6 +162,7 @@ impl Shared {
             resumable: Registry::default(),
             bulk: bulk::Registry::new(bulk_ports),
             migrations: super::migrate::Registry::default(),
+            shm,
         }
     }
 

@@ -90,6 +90,8 @@ pub(crate) struct Options {
     pub(crate) bulk_connections: Option<usize>,
     /// Client's and server's largest UDP payload, when not the default.
     pub(crate) max_udp_payload: Option<u16>,
+    /// Also measure copies through shared memory.
+    pub(crate) shm_copies: bool,
 }
 
 impl Options {
@@ -140,6 +142,7 @@ impl Options {
             ),
             ("bulk_connections", self.bulk_connections.map_or("default".into(), |n| n.to_string())),
             ("max_udp_payload", self.max_udp_payload.map_or("default".into(), |n| n.to_string())),
+            ("shm_copies", if self.shm_copies { "on" } else { "off" }.to_string()),
         ]
     }
 }
@@ -199,7 +202,7 @@ pub(crate) fn run(opts: &Options) -> Result<Report> {
     rows.extend(round_trip_rows(opts, native_gpu, &remote)?);
     rows.push(launch_row(opts, native_gpu, &remote)?);
     rows.push(paced_launch_row(native_gpu, &remote)?);
-    let (copy_rows, skipped) = copy_rows(opts, native_gpu, &remote)?;
+    let (copy_rows, skipped) = copy_rows(opts, native_gpu, &remote, &server)?;
     rows.extend(copy_rows);
     skipped_targets.extend(skipped);
     rows.extend(cold_start_rows(opts, native_gpu, &server)?);
@@ -264,13 +267,19 @@ fn paced_launch_row(native: Option<&NativeGpu>, remote: &RemoteGpu) -> Result<Ro
     ))
 }
 
-fn copy_rows(opts: &Options, native: Option<&NativeGpu>, remote: &RemoteGpu) -> Result<(Vec<Row>, Vec<Skipped>)> {
+fn copy_rows(
+    opts: &Options,
+    native: Option<&NativeGpu>,
+    remote: &RemoteGpu,
+    server: &LocalServer,
+) -> Result<(Vec<Row>, Vec<Skipped>)> {
     let sizes = opts.copy_sizes();
     let largest = sizes.iter().copied().max().unwrap_or(0);
     progress(&format!("generating {} of random data", size_label(largest)));
     let data = workloads::random_bytes(largest, DATA_SEED);
-    let mut ups = Vec::new();
-    let mut downs = Vec::new();
+    // A second session whose copies go through shared memory.
+    let shm = if opts.shm_copies { Some(RemoteGpu::open_shm(server)?) } else { None };
+    let (mut ups, mut downs, mut shm_ups, mut shm_downs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for &size in &sizes {
         progress(&format!("copies of {}, verified once byte for byte", size_label(size)));
         let slice = &data[..size];
@@ -283,10 +292,24 @@ fn copy_rows(opts: &Options, native: Option<&NativeGpu>, remote: &RemoteGpu) -> 
         }
         ups.push(up);
         downs.push(Row::new(format!("DtoH {label}"), Unit::GibPerSec, n.map(|c| c.dtoh), Some(r.dtoh)));
+        if let Some(shm) = &shm {
+            progress(&format!("copies of {} through shared memory", size_label(size)));
+            let s = shm.copies_through_shm(slice)?;
+            shm_ups.push(Row::new(format!("HtoD {label}, shm"), Unit::GibPerSec, n.map(|c| c.htod), Some(s.htod)));
+            shm_downs.push(Row::new(format!("DtoH {label}, shm"), Unit::GibPerSec, n.map(|c| c.dtoh), Some(s.dtoh)));
+        }
+    }
+    if let Some(shm) = shm {
+        shm.close()?;
     }
     if let Some(first) = ups.first_mut() {
-        first.note =
-            Some("pageable host memory, random data; median of 3 to 20 copies; HtoD includes a synchronize".into());
+        first.note = Some(
+            "pageable host memory, random data; median of 3 to 20 copies; HtoD includes a synchronize; over QUIC"
+                .into(),
+        );
+    }
+    if let Some(first) = shm_ups.first_mut() {
+        first.note = Some("the same, through the client's shared-memory region with the server (same host)".into());
     }
     let skipped = if sizes.contains(&HTOD_TARGET_SIZE) {
         Vec::new()
@@ -296,7 +319,9 @@ fn copy_rows(opts: &Options, native: Option<&NativeGpu>, remote: &RemoteGpu) -> 
             reason: format!("copies capped at {} by --max-copy-mib", size_label(opts.max_copy_bytes)),
         }]
     };
+    ups.extend(shm_ups);
     ups.extend(downs);
+    ups.extend(shm_downs);
     Ok((ups, skipped))
 }
 

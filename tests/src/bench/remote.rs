@@ -112,6 +112,8 @@ impl LocalServer {
         if let Some(payload) = self.tuning.max_udp_payload {
             config.max_udp_payload = payload;
         }
+        // Copies over QUIC; `RemoteGpu::open_shm` turns shared memory on.
+        config.shm_region_bytes = 0;
         config
     }
 
@@ -194,6 +196,31 @@ impl RemoteGpu {
         let module = session.module_load(BUILTIN_MODULE).context("loading the built-in module")?;
         let empty = module.function("empty")?;
         Ok(Self { session, empty })
+    }
+
+    /// A session whose bulk copies go through shared memory (the client's
+    /// default region); an error when it cannot attach one.
+    pub(crate) fn open_shm(server: &LocalServer) -> Result<Self> {
+        let mut config = server.client_config();
+        config.shm_region_bytes = gpupool_client::DEFAULT_SHM_REGION_BYTES;
+        let session = Session::connect(&config).context("connecting with shared memory")?;
+        if session.shared_memory_bytes().is_none() {
+            return Err(anyhow!("the session has no shared-memory region (see the client's log)"));
+        }
+        let module = session.module_load(BUILTIN_MODULE).context("loading the built-in module")?;
+        let empty = module.function("empty")?;
+        Ok(Self { session, empty })
+    }
+
+    /// [`workloads::copies`] on this session, checking that every byte
+    /// went through shared memory (no silent fallback to QUIC).
+    pub(crate) fn copies_through_shm(&self, data: &[u8]) -> Result<super::workloads::CopyRates> {
+        let before = self.session.shared_memory_bytes();
+        let copies = super::workloads::copies(self, data)?;
+        match (before, self.session.shared_memory_bytes()) {
+            (Some(b), Some(a)) if a > b => Ok(copies),
+            _ => Err(anyhow!("copies of {} bytes did not go through shared memory", data.len())),
+        }
     }
 
     /// The device name the server reports.

@@ -51,6 +51,12 @@ struct Args {
     /// theirs).
     #[arg(long, value_name = "BYTES")]
     max_udp_payload: Option<u16>,
+    /// Also measure every copy through shared memory (`on`, the default:
+    /// the client attaches a region, as one on the server's host does), or
+    /// only over QUIC (`off`). The QUIC rows keep their names; the shared
+    /// memory ones end in `, shm`.
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    shm: String,
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -97,6 +103,11 @@ impl Args {
             },
             bulk_connections: self.bulk_connections,
             max_udp_payload: self.max_udp_payload,
+            shm_copies: match self.shm.as_str() {
+                "on" => true,
+                "off" => false,
+                _ => anyhow::bail!("--shm must be `on` or `off`"),
+            },
         };
         options.validate()?;
         Ok(options)

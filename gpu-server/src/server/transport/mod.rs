@@ -7,7 +7,8 @@
 //! session code (`local.rs`, `commands.rs`) is written against
 //! these traits only.
 //!
-//! [`quic`] is the implementation today. QUIC also stays the control
+//! [`quic`] is the implementation today; [`shm`] carries the bulk copies of
+//! clients on this host through shared memory. QUIC also stays the control
 //! transport of every session: the handshake, the redirect to a worker
 //! process and the resume of a lost session arrive there, whatever carries
 //! the session's commands afterwards. A shared-memory or RDMA transport
@@ -15,6 +16,7 @@
 //! `unsafe` fenced there (see `docs/transport.md`).
 
 pub(crate) mod quic;
+pub(crate) mod shm;
 
 use super::bulk::BulkService;
 use bytes::Bytes;

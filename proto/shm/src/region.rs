@@ -1,0 +1,174 @@
+//! The shared region: a sealed memfd mapped by the client and by the
+//! process that serves its session. The only `unsafe` code of the
+//! shared-memory transport is here.
+//!
+//! The peer may write to the region at any time, also while this process
+//! reads it. It cannot shrink it: [`Region::open`] requires the
+//! `F_SEAL_SHRINK` seal, so every byte of the mapping stays backed (an
+//! access past the end of a shrunk file would raise `SIGBUS`). No Rust
+//! reference to the region's bytes is ever made: bytes are copied out of it
+//! into memory this process owns (or into it) with `copy_nonoverlapping`
+//! on raw pointers, after the range has been checked against the mapping.
+//! A peer that races its own writes against a copy only garbles its own
+//! data; everything read is validated after the copy, never in place.
+
+#![allow(unsafe_code)]
+
+use crate::ShmError;
+use crate::wire::{MAX_REGION_BYTES, MIN_REGION_BYTES};
+use rustix::fs::{MemfdFlags, SealFlags};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+/// A mapped shared region.
+#[derive(Debug)]
+pub struct Region {
+    map: memmap2::MmapRaw,
+    fd: OwnedFd,
+}
+
+impl Region {
+    /// Creates a region of `len` bytes (the client's): a memfd, sized and
+    /// sealed against shrinking, growing and further seals, then mapped.
+    pub fn create(name: &str, len: usize) -> Result<Self, ShmError> {
+        if !(MIN_REGION_BYTES..=MAX_REGION_BYTES).contains(&(len as u64)) {
+            return Err(ShmError::Region(format!(
+                "a region of {len} bytes (from {MIN_REGION_BYTES} to {MAX_REGION_BYTES})"
+            )));
+        }
+        let io = |what: &str| {
+            let what = what.to_string();
+            move |e: rustix::io::Errno| ShmError::Region(format!("{what}: {e}"))
+        };
+        let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+            .map_err(io("memfd_create"))?;
+        rustix::fs::ftruncate(&fd, len as u64).map_err(io("sizing the memfd"))?;
+        rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
+            .map_err(io("sealing the memfd"))?;
+        Self::map(fd, len)
+    }
+
+    /// Maps a region received from a peer, when it is a memfd sealed
+    /// against shrinking of exactly `len` bytes (`len` within the bounds of
+    /// [`crate::wire::Attach`]).
+    pub fn open(fd: OwnedFd, len: u64) -> Result<Self, ShmError> {
+        if !(MIN_REGION_BYTES..=MAX_REGION_BYTES).contains(&len) {
+            return Err(ShmError::Region(format!("a region of {len} bytes")));
+        }
+        let seals = rustix::fs::fcntl_get_seals(&fd)
+            .map_err(|e| ShmError::Region(format!("the region is not a sealable memfd: {e}")))?;
+        if !seals.contains(SealFlags::SHRINK) {
+            return Err(ShmError::Region("the region's memfd is not sealed against shrinking".into()));
+        }
+        let stat = rustix::fs::fstat(&fd).map_err(|e| ShmError::Region(format!("fstat of the region: {e}")))?;
+        if u64::try_from(stat.st_size).ok() != Some(len) {
+            return Err(ShmError::Region(format!("the region's memfd holds {} bytes, not {len}", stat.st_size)));
+        }
+        Self::map(fd, len as usize)
+    }
+
+    fn map(fd: OwnedFd, len: usize) -> Result<Self, ShmError> {
+        let file = std::fs::File::from(fd);
+        let map = memmap2::MmapOptions::new()
+            .len(len)
+            .map_raw(&file)
+            .map_err(|e| ShmError::Region(format!("cannot map the region: {e}")))?;
+        Ok(Self { map, fd: file.into() })
+    }
+
+    /// The region's bytes.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Always false: a region has at least one page.
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
+    }
+
+    /// The memfd, to pass to the server.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    fn range(&self, start: usize, len: usize) -> Result<(), ShmError> {
+        match start.checked_add(len) {
+            Some(end) if end <= self.map.len() => Ok(()),
+            _ => Err(ShmError::Protocol(format!("bytes [{start}, +{len}) outside the region of {}", self.map.len()))),
+        }
+    }
+
+    /// Copies `src` into the region at `start`.
+    pub fn write(&self, start: usize, src: &[u8]) -> Result<(), ShmError> {
+        self.range(start, src.len())?;
+        // SAFETY: [start, start + len) lies within the mapping (checked
+        // above), which lives as long as `self` and stays backed by the
+        // memfd (its size is sealed). `src` is this process's memory and
+        // cannot overlap the mapping (no reference into it is ever given
+        // out). Concurrent writes by the peer only garble bytes it owns.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.map.as_mut_ptr().add(start), src.len()) };
+        Ok(())
+    }
+
+    /// Copies the region's bytes at `start` into `dst`.
+    pub fn read(&self, start: usize, dst: &mut [u8]) -> Result<(), ShmError> {
+        self.range(start, dst.len())?;
+        // SAFETY: as in `write`, with the roles swapped: the source range
+        // lies within the mapping, the destination is this process's own.
+        unsafe { std::ptr::copy_nonoverlapping(self.map.as_ptr().add(start), dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    /// Appends `len` bytes of the region at `start` to `dst` (no zeroing of
+    /// `dst` first).
+    pub fn read_append(&self, start: usize, len: usize, dst: &mut Vec<u8>) -> Result<(), ShmError> {
+        self.range(start, len)?;
+        dst.try_reserve(len).map_err(|e| ShmError::Region(format!("cannot hold {len} bytes: {e}")))?;
+        let spare = dst.spare_capacity_mut();
+        // SAFETY: the source range lies within the mapping (checked above);
+        // `spare` has room for `len` bytes (reserved above) and is this
+        // process's memory. After the copy its first `len` bytes are
+        // initialized, so the length may grow by `len`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(start), spare.as_mut_ptr().cast::<u8>(), len);
+            dst.set_len(dst.len() + len);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_written_by_one_mapping_are_read_by_another() {
+        let a = Region::create("gpupool-test", 1 << 16).expect("region");
+        let fd = a.fd().try_clone_to_owned().expect("dup");
+        let b = Region::open(fd, 1 << 16).expect("opened");
+        a.write(100, b"hello").expect("write");
+        let mut out = [0u8; 5];
+        b.read(100, &mut out).expect("read");
+        assert_eq!(&out, b"hello");
+        let mut buf = Vec::new();
+        b.read_append(101, 4, &mut buf).expect("append");
+        assert_eq!(&buf[..], b"ello");
+        assert!(b.read((1 << 16) - 2, &mut out).is_err(), "past the end");
+        assert!(b.write(usize::MAX, b"x").is_err(), "overflow");
+    }
+
+    #[test]
+    fn unsealed_or_mis_sized_files_are_refused() {
+        // A memfd without the shrink seal: the peer could truncate it under
+        // the mapping.
+        let fd = rustix::fs::memfd_create("gpupool-test", MemfdFlags::CLOEXEC).expect("memfd");
+        rustix::fs::ftruncate(&fd, 1 << 16).expect("size");
+        assert!(Region::open(fd, 1 << 16).unwrap_err().to_string().contains("sealed"));
+        // Sealed, but smaller than claimed.
+        let a = Region::create("gpupool-test", 1 << 16).expect("region");
+        let fd = a.fd().try_clone_to_owned().expect("dup");
+        assert!(Region::open(fd, 1 << 20).unwrap_err().to_string().contains("holds"));
+        // Not a memfd at all.
+        let file = std::fs::File::open("/proc/self/exe").expect("a file");
+        assert!(Region::open(file.into(), 1 << 16).is_err());
+    }
+}
