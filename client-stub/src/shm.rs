@@ -94,6 +94,14 @@ impl ShmBulk {
         self.live.load(Ordering::Acquire)
     }
 
+    /// Stops copying through shared memory (the session moved to another
+    /// server, whose process never saw this region): later copies use
+    /// QUIC, and the serving side sees the channel end.
+    pub(crate) fn close(&self) {
+        self.live.store(false, Ordering::Release);
+        let _ = self.lock().stream.shutdown(std::net::Shutdown::Both);
+    }
+
     /// Bytes copied through the region so far.
     pub(crate) fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)

@@ -795,6 +795,9 @@ impl QuicTransport {
                 if let Some(bulk) = &self.bulk {
                     bulk.close();
                 }
+                if let Some(shm) = &self.shm {
+                    shm.close();
+                }
             }
             let now = info.clone();
             info.moved_token = None;
