@@ -441,8 +441,24 @@ async fn next_frame(cmd: &mut CommandStream) -> Result<Bytes> {
 const BULK_HEADROOM: usize = 64 << 10;
 
 /// One request on its own bulk stream; its response, at most `max` bytes,
-/// is read into a buffer from `buffers`.
+/// is read into a buffer from `buffers`. A lost connection is named in the
+/// error (a bulk connection can time out while the session's own
+/// connection still stands, and the two read alike otherwise).
 async fn bulk_request(
+    conn: &quinn::Connection,
+    req: [Bytes; 2],
+    max: usize,
+    buffers: &Arc<BufferPool>,
+) -> Result<Option<v1::Payload>> {
+    bulk_exchange(conn, req, max, buffers).await.map_err(|e| match e {
+        ClientError::ConnectionLost(why) => {
+            ClientError::ConnectionLost(format!("bulk connection to {}: {why}", conn.remote_address()))
+        }
+        other => other,
+    })
+}
+
+async fn bulk_exchange(
     conn: &quinn::Connection,
     mut req: [Bytes; 2],
     max: usize,
