@@ -5,7 +5,9 @@
 //! `cargo bench -p gpupool-balancer --bench placement`.
 
 use gpupool_balancer::pool::fleet::{self, GIB};
-use gpupool_balancer::pool::{Allocation, LeaseId, Policy, Pool, PoolConfig, PoolError, Request, ServerSpec};
+use gpupool_balancer::pool::{
+    Allocation, LeaseClass, LeaseId, Policy, Pool, PoolConfig, PoolError, Request, ServerSpec,
+};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -62,6 +64,7 @@ fn mixed_requests() -> Vec<Request> {
         memory,
         compute_percent,
         profile: profile.map(str::to_owned),
+        class: LeaseClass::Exclusive,
     };
     vec![
         r(0, 0, None),

@@ -72,12 +72,29 @@ fn checked_name(what: &str, name: &str) -> Result<(), tonic::Status> {
 pub(crate) fn request(req: &pb::AllocateRequest) -> Result<pool::Request, tonic::Status> {
     checked_name("the tenant name", &req.tenant)?;
     checked_name("the profile name", &req.profile)?;
+    let class = pb::LeaseClass::try_from(req.class)
+        .map_err(|_| tonic::Status::invalid_argument(format!("unknown lease class {}", req.class)))?;
     Ok(pool::Request {
         tenant: req.tenant.clone(),
         memory: req.memory_bytes,
         compute_percent: req.compute_percent,
         profile: (!req.profile.is_empty()).then(|| req.profile.clone()),
+        class: class_from_proto(class),
     })
+}
+
+pub(crate) fn class_from_proto(c: pb::LeaseClass) -> pool::LeaseClass {
+    match c {
+        pb::LeaseClass::Exclusive => pool::LeaseClass::Exclusive,
+        pb::LeaseClass::Shared => pool::LeaseClass::Shared,
+    }
+}
+
+pub(crate) fn class_to_proto(c: pool::LeaseClass) -> pb::LeaseClass {
+    match c {
+        pool::LeaseClass::Exclusive => pb::LeaseClass::Exclusive,
+        pool::LeaseClass::Shared => pb::LeaseClass::Shared,
+    }
 }
 
 pub(crate) fn adopt(c: &pb::LeaseClaims) -> pool::Adopt {
@@ -87,6 +104,10 @@ pub(crate) fn adopt(c: &pb::LeaseClaims) -> pool::Adopt {
         server_id: c.server_id.clone(),
         instance_uuid: c.instance_uuid.clone(),
         memory: c.memory_bytes,
+        // An unknown class (a newer balancer's) is taken as exclusive: it
+        // then holds its instance alone, which cannot break a group's rule.
+        class: class_from_proto(c.class()),
+        compute_percent: c.compute_percent,
         issued_ms: c.issued_unix_ms,
         expires_ms: c.expires_unix_ms,
     }
@@ -130,6 +151,17 @@ pub(crate) fn status(view: &pool::PoolView) -> pb::PoolStatus {
                 memory_used_bytes: s.memory_used,
                 heartbeat_age_ms: s.heartbeat_age_ms,
                 draining: s.draining,
+                gpu_leases: s
+                    .gpus
+                    .iter()
+                    .map(|g| pb::GpuLeases {
+                        uuid: g.spec.uuid.clone(),
+                        exclusive: g.leases.iter().flatten().count() as u32,
+                        shared: g.shared.len() as u32,
+                        shared_percent: g.shared_percent,
+                        busy_permille: g.busy_permille,
+                    })
+                    .collect(),
             })
             .collect(),
         leases: view
@@ -143,6 +175,8 @@ pub(crate) fn status(view: &pool::PoolView) -> pb::PoolStatus {
                 memory_bytes: l.memory,
                 expires_unix_ms: l.expires_ms,
                 in_use: l.in_use,
+                class: class_to_proto(l.class).into(),
+                compute_percent: l.compute_percent,
             })
             .collect(),
         queue: view
@@ -154,6 +188,7 @@ pub(crate) fn status(view: &pool::PoolView) -> pb::PoolStatus {
                 compute_percent: q.request.compute_percent,
                 profile: q.request.profile.clone().unwrap_or_default(),
                 waited_ms: q.waited_ms,
+                class: class_to_proto(q.request.class).into(),
             })
             .collect(),
         policy: view.policy.as_str().into(),
@@ -181,5 +216,24 @@ mod name_tests {
         assert_eq!(request(&req("a\nb")).unwrap_err().code(), tonic::Code::InvalidArgument);
         let profile = pb::AllocateRequest { profile: "p".repeat(1000), ..Default::default() };
         assert_eq!(request(&profile).unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+}
+
+#[cfg(test)]
+mod class_tests {
+    use super::*;
+
+    #[test]
+    fn the_class_defaults_to_exclusive_and_an_unknown_one_is_refused() {
+        let req = |class: i32| pb::AllocateRequest { tenant: "t".into(), class, ..Default::default() };
+        assert_eq!(request(&pb::AllocateRequest { tenant: "t".into(), ..Default::default() }).unwrap().class, {
+            pool::LeaseClass::Exclusive
+        });
+        assert_eq!(request(&req(pb::LeaseClass::Shared.into())).unwrap().class, pool::LeaseClass::Shared);
+        assert_eq!(request(&req(7)).unwrap_err().code(), tonic::Code::InvalidArgument);
+        let claims =
+            pb::LeaseClaims { class: pb::LeaseClass::Shared.into(), compute_percent: 25, ..Default::default() };
+        let adopt = adopt(&claims);
+        assert_eq!((adopt.class, adopt.compute_percent), (pool::LeaseClass::Shared, 25));
     }
 }

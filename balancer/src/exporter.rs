@@ -88,6 +88,26 @@ pub fn render(status: &pb::PoolStatus, allocations: &Allocations) -> String {
     );
     per_server("server_gpus", "GPUs the server offers", &|s| s.gpus.len() as u64, &mut r);
 
+    // Per GPU, its leases by class (issue 19), its shares and busy time.
+    let gpu_leases = Family::<Labels, Gauge>::default();
+    let gpu_shared_percent = Family::<Labels, Gauge>::default();
+    let gpu_busy = Family::<Labels, Gauge>::default();
+    for s in &status.servers {
+        for g in &s.gpu_leases {
+            let gpu = || vec![("server".to_string(), s.server_id.clone()), ("gpu".to_string(), g.uuid.clone())];
+            for (class, n) in [("exclusive", g.exclusive), ("shared", g.shared)] {
+                let mut labels = gpu();
+                labels.push(("class".to_string(), class.to_string()));
+                gpu_leases.get_or_create(&labels).set(i64::from(n));
+            }
+            gpu_shared_percent.get_or_create(&gpu()).set(i64::from(g.shared_percent));
+            gpu_busy.get_or_create(&gpu()).set(i64::from(g.busy_permille));
+        }
+    }
+    r.register("gpu_leases", "Leases on the GPU, by class (exclusive or shared)", gpu_leases);
+    r.register("gpu_shared_percent", "Sum of the compute percent of the GPU's shared leases", gpu_shared_percent);
+    r.register("gpu_busy_permille", "GPU busy time at the server's last heartbeat, in thousandths", gpu_busy);
+
     // Tenants in a stable order.
     let mut tenants: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
     for l in &status.leases {
@@ -123,6 +143,13 @@ mod tests {
                 sessions: 2,
                 memory_used_bytes: 1 << 30,
                 heartbeat_age_ms: 1500,
+                gpu_leases: vec![pb::GpuLeases {
+                    uuid: "GPU-1".into(),
+                    exclusive: 0,
+                    shared: 3,
+                    shared_percent: 75,
+                    busy_permille: 640,
+                }],
                 ..Default::default()
             }],
             leases: vec![
@@ -155,6 +182,10 @@ mod tests {
             "gpupool_balancer_tenant_leases{tenant=\"t1\"} 2",
             "gpupool_balancer_tenant_memory_bytes{tenant=\"t1\"} 6442450944",
             "gpupool_balancer_tenant_leases{tenant=\"t2\"} 1",
+            "gpupool_balancer_gpu_leases{server=\"gpu-a\",gpu=\"GPU-1\",class=\"shared\"} 3",
+            "gpupool_balancer_gpu_leases{server=\"gpu-a\",gpu=\"GPU-1\",class=\"exclusive\"} 0",
+            "gpupool_balancer_gpu_shared_percent{server=\"gpu-a\",gpu=\"GPU-1\"} 75",
+            "gpupool_balancer_gpu_busy_permille{server=\"gpu-a\",gpu=\"GPU-1\"} 640",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }

@@ -54,6 +54,7 @@ fn seeds() -> Vec<Vec<u8>> {
             memory_used_bytes: 1 << 30,
             live_lease_ids: vec![7, 8],
             migrations: vec![pb::MigrationResult { lease_id: 7, error: "refused".into() }],
+            gpu_loads: vec![pb::GpuLoad { uuid: "GPU-1".into(), busy_permille: 420 }],
         }
         .encode_to_vec(),
         pb::DrainRequest { server_id: "s1".into() }.encode_to_vec(),
@@ -63,6 +64,7 @@ fn seeds() -> Vec<Vec<u8>> {
             compute_percent: 50,
             profile: "3g.40gb".into(),
             wait_timeout_ms: 100,
+            class: pb::LeaseClass::Shared.into(),
         }
         .encode_to_vec(),
         pb::RenewRequest { lease_id: 7, token: token.clone() }.encode_to_vec(),

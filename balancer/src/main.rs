@@ -136,8 +136,10 @@ struct Serve {
     /// counters, leases and queue, servers and tenants. Off by default.
     #[arg(long, env = "GPUPOOL_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
-    /// Per-tenant quota, `tenant=leases:N,memory-gib:M` (repeatable; tenant
-    /// `*` sets the default).
+    /// Per-tenant quota, `tenant=leases:N,memory-gib:M,share-fate` (each
+    /// part optional; repeatable; tenant `*` sets the default). `share-fate`:
+    /// the tenant's shared leases may run on one GPU with other opted-in
+    /// tenants' (a fault of one session ends the others' work).
     #[arg(long = "quota", env = "GPUPOOL_QUOTAS", value_delimiter = ';')]
     quotas: Vec<String>,
     /// PEM certificate chain of the gRPC service (with `--key`); without
@@ -158,13 +160,17 @@ struct Serve {
 }
 
 fn parse_quota(s: &str) -> anyhow::Result<(String, Quota)> {
-    let (tenant, limits) = s.split_once('=').context("a quota is tenant=leases:N,memory-gib:M")?;
-    let mut quota = Quota { max_leases: None, max_memory: None };
+    let (tenant, limits) = s.split_once('=').context("a quota is tenant=leases:N,memory-gib:M,share-fate")?;
+    let mut quota = Quota::default();
     for part in limits.split(',') {
+        if part == "share-fate" {
+            quota.share_fate_across_tenants = true;
+            continue;
+        }
         match part.split_once(':') {
             Some(("leases", n)) => quota.max_leases = Some(n.parse().context("leases:N")?),
             Some(("memory-gib", n)) => quota.max_memory = Some(n.parse::<u64>().context("memory-gib:M")? << 30),
-            _ => anyhow::bail!("unknown quota limit {part:?}: use leases:N or memory-gib:M"),
+            _ => anyhow::bail!("unknown quota limit {part:?}: use leases:N, memory-gib:M or share-fate"),
         }
     }
     Ok((tenant.to_string(), quota))

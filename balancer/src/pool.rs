@@ -39,6 +39,20 @@
 //! the memory of the smallest registered instance that fits them. Adopted
 //! leases are not refused for quota but count afterwards.
 //!
+//! # Classes (issue 19)
+//! An exclusive lease holds an instance alone: a MIG instance or a whole
+//! GPU. A shared lease holds a part of a whole GPU (its memory and compute
+//! percent) next to other shared leases: a GPU with shared leases is out of
+//! the free index, and its shares never add up to more than 100 % or to more
+//! than its memory. Shared leases share fate (one MPS daemon per GPU), so
+//! they are placed together only when their tenants may share it: the same
+//! tenant, or tenants whose [`Quota::share_fate_across_tenants`] is set.
+//! A shared lease joins the GPU it may join that was least busy at its
+//! server's last heartbeat, then the one with the least compute placed, and
+//! takes a free whole GPU only when it can join none, keeping whole GPUs for
+//! exclusive leases. Draining does not move shared leases yet: they stay as
+//! `stuck`.
+//!
 //! # Recovery
 //! With [`PoolConfig::recovery_ms`] > 0 a new pool grants nothing until the
 //! window ends: servers re-register and leases come back with
@@ -59,8 +73,8 @@ mod tests;
 
 use slab::Slab;
 pub use types::{
-    Adopt, Allocation, Counters, DrainPlan, GpuSpec, GpuView, Grant, InstanceSpec, Lease, LeaseId, Load, Policy,
-    PoolConfig, PoolError, PoolView, Profile, QueueEntry, Quota, Request, ServerSpec, ServerView, Tick, Ticket,
+    Adopt, Allocation, Counters, DrainPlan, GpuSpec, GpuView, Grant, InstanceSpec, Lease, LeaseClass, LeaseId, Load,
+    Policy, PoolConfig, PoolError, PoolView, Profile, QueueEntry, Quota, Request, ServerSpec, ServerView, Tick, Ticket,
 };
 
 /// How many ended lease ids are remembered, so that a late renewal hears
@@ -97,6 +111,8 @@ struct Server {
     /// Being drained: its free instances are not indexed (nothing new is
     /// placed on it) and its leases move elsewhere.
     draining: bool,
+    /// Measured busy time by GPU uuid, in thousandths, as last reported.
+    gpu_busy: HashMap<String, u32>,
 }
 
 /// A lease moved off a draining server whose session has not reported
@@ -119,7 +135,20 @@ struct Instance {
     memory: u64,
     sms: u32,
     profile: Option<Profile>,
+    /// The exclusive lease holding it.
     lease: Option<LeaseId>,
+    /// Shared leases on it (a whole GPU), in placement order.
+    shared: Vec<LeaseId>,
+    /// Sums of their compute percents and memory.
+    shared_percent: u32,
+    shared_memory: u64,
+}
+
+impl Instance {
+    /// Neither an exclusive lease nor a shared one holds it.
+    fn is_free(&self) -> bool {
+        self.lease.is_none() && self.shared.is_empty()
+    }
 }
 
 /// What makes instances interchangeable for placement.
@@ -171,6 +200,7 @@ struct Need<'a> {
     memory: u64,
     percent: u32,
     profile: Option<ProfileSel<'a>>,
+    class: LeaseClass,
 }
 
 #[derive(Debug)]
@@ -191,6 +221,17 @@ impl<'a> Need<'a> {
         if req.profile.as_deref().is_some_and(str::is_empty) {
             problems.push("profile is empty (leave it out for any instance)".to_owned());
         }
+        if req.class == LeaseClass::Shared {
+            if req.memory == 0 {
+                problems.push("a shared lease must name its memory (its part of the GPU's)".to_owned());
+            }
+            if req.compute_percent == 0 {
+                problems.push("a shared lease must name its compute_percent (1..=100)".to_owned());
+            }
+            if req.profile.is_some() {
+                problems.push("a shared lease is a part of a whole GPU: it takes no MIG profile".to_owned());
+            }
+        }
         if !problems.is_empty() {
             return Err(PoolError::InvalidRequest(problems.join("; ")));
         }
@@ -203,6 +244,7 @@ impl<'a> Need<'a> {
             memory: req.memory,
             percent: req.compute_percent,
             profile: req.profile.as_deref().map(|name| ProfileSel { name, id: name.parse().ok() }),
+            class: req.class,
         }
     }
 }
@@ -211,6 +253,8 @@ impl ClassKey {
     fn fits(&self, need: &Need<'_>) -> bool {
         // sms >= ceil(percent * gpu_sms / 100)  <=>  percent * gpu_sms <= 100 * sms
         self.memory >= need.memory
+            // A shared lease takes a part of a whole GPU (no profile).
+            && (need.class == LeaseClass::Exclusive || self.profile.is_none())
             && u64::from(need.percent) * u64::from(self.gpu_sms) <= 100 * u64::from(self.sms)
             && need
                 .profile
@@ -256,6 +300,8 @@ pub struct Pool {
     moves: HashMap<LeaseId, Move>,
     /// Migration orders for the next heartbeat of each source server.
     orders: HashMap<String, Vec<LeaseId>>,
+    /// Instances (whole GPUs) holding shared leases.
+    shared_hosts: BTreeSet<u32>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -307,6 +353,7 @@ impl Pool {
             counters: Counters::default(),
             moves: HashMap::new(),
             orders: HashMap::new(),
+            shared_hosts: BTreeSet::new(),
         }
     }
 
@@ -381,6 +428,7 @@ impl Pool {
                     free: Vec::new(),
                     leases: 0,
                     draining: false,
+                    gpu_busy: HashMap::new(),
                 });
                 self.next_seq += 1;
                 self.server_ids.insert(self.servers.get(s).spec.id.clone(), s);
@@ -428,15 +476,42 @@ impl Pool {
             return Err(PoolError::UnknownInstance { server: claims.server_id, instance: claims.instance_uuid });
         };
         let inst = self.instances.get(k);
-        if let Some(holder) = inst.lease {
+        if let Some(holder) =
+            inst.lease.or_else(|| inst.shared.first().copied().filter(|_| claims.class == LeaseClass::Exclusive))
+        {
             return Err(PoolError::Conflict { lease: holder, instance: claims.instance_uuid });
         }
-        if inst.memory != claims.memory {
-            return Err(PoolError::InvalidRequest(format!(
-                "instance {} has {} bytes now, the lease was for {}",
-                claims.instance_uuid, inst.memory, claims.memory
-            )));
+        match claims.class {
+            LeaseClass::Exclusive if inst.memory != claims.memory => {
+                return Err(PoolError::InvalidRequest(format!(
+                    "instance {} has {} bytes now, the lease was for {}",
+                    claims.instance_uuid, inst.memory, claims.memory
+                )));
+            }
+            LeaseClass::Exclusive => {}
+            LeaseClass::Shared => {
+                let need = Need {
+                    memory: claims.memory,
+                    percent: claims.compute_percent,
+                    profile: None,
+                    class: LeaseClass::Shared,
+                };
+                if inst.profile.is_some() || claims.compute_percent == 0 || claims.compute_percent > 100 {
+                    return Err(PoolError::InvalidRequest(format!(
+                        "the lease claims {}% of instance {}: a share is 1..=100 % of a whole GPU",
+                        claims.compute_percent, claims.instance_uuid
+                    )));
+                }
+                if !self.may_join(k, &need, &claims.tenant, true) {
+                    let holder = inst.shared.first().copied().unwrap_or(claims.id);
+                    return Err(PoolError::Conflict { lease: holder, instance: claims.instance_uuid });
+                }
+            }
         }
+        let (memory, sms) = match claims.class {
+            LeaseClass::Exclusive => (inst.memory, inst.sms),
+            LeaseClass::Shared => (claims.memory, share_of(inst.sms, claims.compute_percent)),
+        };
         let server = self.servers.get(s);
         let lease = Lease {
             id: claims.id,
@@ -446,8 +521,10 @@ impl Pool {
             cert_sha256: server.spec.cert_sha256.clone(),
             instance_uuid: claims.instance_uuid,
             profile: inst.profile.clone(),
-            memory: inst.memory,
-            sms: inst.sms,
+            memory,
+            sms,
+            class: claims.class,
+            compute_percent: if claims.class == LeaseClass::Shared { claims.compute_percent } else { 0 },
             issued_ms: claims.issued_ms,
             expires_ms: claims.expires_ms,
             in_use: false,
@@ -468,9 +545,15 @@ impl Pool {
         self.heartbeats.insert((server.last_seen_ms, s));
         server.sessions = load.sessions;
         server.memory_used = load.memory_used;
+        for (uuid, busy) in load.gpu_busy {
+            if server.spec.gpus.iter().any(|g| g.uuid == uuid) {
+                server.gpu_busy.insert(uuid, busy.min(1000));
+            }
+        }
         let live: HashSet<LeaseId> = load.live_leases.iter().copied().collect();
         for &k in &server.insts {
-            if let Some(id) = self.instances.get(k).lease {
+            let inst = self.instances.get(k);
+            for &id in inst.lease.iter().chain(&inst.shared) {
                 let entry = self.leases.get_mut(&id).expect("a held instance's lease exists");
                 entry.lease.in_use = live.contains(&id);
             }
@@ -511,9 +594,12 @@ impl Pool {
             .filter(|id| !self.moves.contains_key(id))
             .collect();
         let mut plan = DrainPlan::default();
+        // Shared leases do not move yet (a shared session's migration into
+        // another GPU's group is not built): they stay.
+        plan.stuck.extend(self.servers.get(s).insts.iter().flat_map(|&k| self.instances.get(k).shared.iter().copied()));
         for id in held {
             let entry = &self.leases[&id];
-            let need = Need { memory: entry.lease.memory, percent: 0, profile: None };
+            let need = Need { memory: entry.lease.memory, percent: 0, profile: None, class: LeaseClass::Exclusive };
             let from_instance = entry.lease.instance_uuid.clone();
             let from = Move { from_server: server_id.to_owned(), from_instance, done: false };
             match self.best_free(&need) {
@@ -549,8 +635,7 @@ impl Pool {
             return None;
         }
         let from = self.moves.remove(&id)?;
-        let back =
-            self.instance_ids.get(&from.from_instance).copied().filter(|&k| self.instances.get(k).lease.is_none());
+        let back = self.instance_ids.get(&from.from_instance).copied().filter(|&k| self.instances.get(k).is_free());
         match (back, self.leases.contains_key(&id)) {
             (Some(k), true) => {
                 self.move_lease(id, k);
@@ -567,9 +652,9 @@ impl Pool {
         let need = Need::parse(&req)?;
         self.check_leases_quota(&req.tenant, 0)?;
         let recovering = self.recovery_end.is_some();
-        if !recovering && let Some(k) = self.best_free(&need) {
-            self.check_memory_quota(&req.tenant, self.instances.get(k).memory, 0)?;
-            let id = self.grant(k, &req.tenant, now_ms);
+        if !recovering && let Some(k) = self.best_place(&need, &req.tenant) {
+            self.check_memory_quota(&req.tenant, self.grant_memory(k, &need), 0)?;
+            let id = self.grant(k, &req, now_ms);
             return Ok(Allocation::Granted(self.leases[&id].lease.clone()));
         }
         let reserve = match self.min_fitting_memory(&need) {
@@ -655,13 +740,16 @@ impl Pool {
                     .spec
                     .gpus
                     .iter()
-                    .map(|g| GpuView {
-                        spec: g.clone(),
-                        leases: g
-                            .instances
-                            .iter()
-                            .map(|_| keys.next().and_then(|&k| self.instances.get(k).lease))
-                            .collect(),
+                    .map(|g| {
+                        let insts: Vec<&Instance> =
+                            g.instances.iter().filter_map(|_| keys.next().map(|&k| self.instances.get(k))).collect();
+                        GpuView {
+                            spec: g.clone(),
+                            leases: insts.iter().map(|i| i.lease).collect(),
+                            shared: insts.iter().flat_map(|i| i.shared.iter().copied()).collect(),
+                            shared_percent: insts.iter().map(|i| i.shared_percent).sum(),
+                            busy_permille: server.gpu_busy.get(&g.uuid).copied().unwrap_or(0),
+                        }
                     })
                     .collect();
                 ServerView {
@@ -755,8 +843,9 @@ impl Pool {
         let mut lost = Vec::new();
         for &k in &self.servers.get(s).insts {
             let inst = self.instances.get(k);
-            if let Some(id) = inst.lease {
-                if shapes.get(inst.uuid.as_str()) == Some(&(inst.memory, inst.sms, inst.profile.as_ref())) {
+            let same = shapes.get(inst.uuid.as_str()) == Some(&(inst.memory, inst.sms, inst.profile.as_ref()));
+            for &id in inst.lease.iter().chain(&inst.shared) {
+                if same {
                     survivors.push((inst.uuid.clone(), id));
                 } else {
                     lost.push(id);
@@ -778,7 +867,7 @@ impl Pool {
         let (address, cert) = (self.servers.get(s).spec.address.clone(), self.servers.get(s).spec.cert_sha256.clone());
         for (uuid, id) in survivors {
             let k = self.instance_ids[&uuid];
-            self.take(k, id);
+            self.hold(k, id);
             let entry = self.leases.get_mut(&id).expect("a surviving lease exists");
             entry.inst = k;
             entry.lease.address.clone_from(&address);
@@ -818,6 +907,9 @@ impl Pool {
             sms: spec.sms,
             profile: spec.profile.clone(),
             lease: None,
+            shared: Vec::new(),
+            shared_percent: 0,
+            shared_memory: 0,
         });
         self.instance_ids.insert(spec.uuid.clone(), k);
         self.classes.get_mut(cid).total += 1;
@@ -837,9 +929,10 @@ impl Pool {
         for k in std::mem::take(&mut server.insts) {
             let inst = self.instances.remove(k);
             self.instance_ids.remove(&inst.uuid);
+            self.shared_hosts.remove(&k);
             let class = self.classes.get_mut(inst.class);
             class.total -= 1;
-            if inst.lease.is_none() && indexed {
+            if inst.is_free() && indexed {
                 class.free -= 1;
                 self.free_total -= 1;
             }
@@ -854,8 +947,16 @@ impl Pool {
 
     /// Removes a silent server: its leases end, its instances leave.
     fn drain(&mut self, s: u32) {
-        let held: Vec<LeaseId> =
-            self.servers.get(s).insts.iter().filter_map(|&k| self.instances.get(k).lease).collect();
+        let held: Vec<LeaseId> = self
+            .servers
+            .get(s)
+            .insts
+            .iter()
+            .flat_map(|&k| {
+                let inst = self.instances.get(k);
+                inst.lease.into_iter().chain(inst.shared.iter().copied())
+            })
+            .collect();
         for id in held {
             self.end_lease(id, End::Lost);
         }
@@ -871,11 +972,64 @@ impl Pool {
 
     // ---- the free index ---------------------------------------------------
 
+    /// Places lease `id` (held in `self.leases`) on instance `k`: alone or
+    /// as a share, by its class.
+    fn hold(&mut self, k: u32, id: LeaseId) {
+        let lease = &self.leases[&id].lease;
+        let (class, percent, memory) = (lease.class, lease.compute_percent, lease.memory);
+        match class {
+            LeaseClass::Exclusive => self.take(k, id),
+            LeaseClass::Shared => self.join(k, id, percent, memory),
+        }
+    }
+
     /// Marks free instance `k` held by `id`.
     fn take(&mut self, k: u32, id: LeaseId) {
         let inst = self.instances.get_mut(k);
-        debug_assert!(inst.lease.is_none());
+        debug_assert!(inst.is_free());
         inst.lease = Some(id);
+        self.occupy(k);
+    }
+
+    /// Adds shared lease `id` to instance `k` (free, or holding shares).
+    fn join(&mut self, k: u32, id: LeaseId, percent: u32, memory: u64) {
+        let inst = self.instances.get_mut(k);
+        debug_assert!(inst.lease.is_none() && inst.profile.is_none());
+        let first = inst.shared.is_empty();
+        inst.shared.push(id);
+        inst.shared_percent += percent;
+        inst.shared_memory += memory;
+        if first {
+            self.shared_hosts.insert(k);
+            self.occupy(k);
+        } else {
+            let s = inst.server;
+            let leases = self.servers.get(s).leases + 1;
+            self.set_server_leases(s, leases);
+        }
+    }
+
+    /// Takes shared lease `id` off instance `k`, which is free again when
+    /// it was the last.
+    fn leave(&mut self, k: u32, id: LeaseId, percent: u32, memory: u64) {
+        let inst = self.instances.get_mut(k);
+        let pos = inst.shared.iter().position(|&l| l == id).expect("a shared lease is on its instance");
+        inst.shared.remove(pos);
+        inst.shared_percent -= percent;
+        inst.shared_memory -= memory;
+        let (s, last) = (inst.server, inst.shared.is_empty());
+        let leases = self.servers.get(s).leases;
+        self.set_server_leases(s, leases - 1);
+        if last {
+            self.shared_hosts.remove(&k);
+            self.add_free(k);
+        }
+    }
+
+    /// Takes free instance `k` out of the free index, counting one more
+    /// lease on its server.
+    fn occupy(&mut self, k: u32) {
+        let inst = self.instances.get(k);
         let (s, cid) = (inst.server, inst.class);
         let server = self.servers.get_mut(s);
         if server.draining {
@@ -900,7 +1054,7 @@ impl Pool {
     /// Marks held instance `k` free.
     fn put_back(&mut self, k: u32) {
         let inst = self.instances.get_mut(k);
-        debug_assert!(inst.lease.is_some());
+        debug_assert!(inst.lease.is_some() && inst.shared.is_empty());
         inst.lease = None;
         let s = inst.server;
         let leases = self.servers.get(s).leases;
@@ -993,6 +1147,50 @@ impl Pool {
         }
     }
 
+    /// Where to place `need` for `tenant`: for an exclusive lease the best
+    /// free instance; for a shared one the GPU it may join that is least busy
+    /// (then has the least compute placed), else the best free whole GPU.
+    fn best_place(&self, need: &Need<'_>, tenant: &str) -> Option<u32> {
+        if need.class == LeaseClass::Exclusive {
+            return self.best_free(need);
+        }
+        let joinable = self.shared_hosts.iter().copied().filter(|&k| self.may_join(k, need, tenant, false));
+        let best = joinable.min_by_key(|&k| {
+            let inst = self.instances.get(k);
+            let server = self.servers.get(inst.server);
+            let busy = server.gpu_busy.get(&inst.uuid).copied().unwrap_or(0);
+            (busy, inst.shared_percent, server.seq, k)
+        });
+        best.or_else(|| self.best_free(need))
+    }
+
+    /// Whether a shared lease of `tenant` for `need` fits on instance `k`
+    /// next to its shared leases and may share their fate (`draining`: also
+    /// on a draining server, for leases taken back).
+    fn may_join(&self, k: u32, need: &Need<'_>, tenant: &str, draining: bool) -> bool {
+        let inst = self.instances.get(k);
+        inst.lease.is_none()
+            && inst.profile.is_none()
+            && (draining || !self.servers.get(inst.server).draining)
+            && inst.shared_percent + need.percent <= 100
+            && inst.shared_memory.saturating_add(need.memory) <= inst.memory
+            && inst.shared.iter().all(|id| self.may_share_fate(&self.leases[id].lease.tenant, tenant))
+    }
+
+    /// Whether shared sessions of tenants `a` and `b` may run under one MPS
+    /// daemon, where a fault of one ends the work of the other.
+    fn may_share_fate(&self, a: &str, b: &str) -> bool {
+        a == b || (self.config.quota(a).share_fate_across_tenants && self.config.quota(b).share_fate_across_tenants)
+    }
+
+    /// Memory a lease for `need` placed on instance `k` holds.
+    fn grant_memory(&self, k: u32, need: &Need<'_>) -> u64 {
+        match need.class {
+            LeaseClass::Exclusive => self.instances.get(k).memory,
+            LeaseClass::Shared => need.memory,
+        }
+    }
+
     /// The free instance best fitting `need`.
     fn best_free(&self, need: &Need<'_>) -> Option<u32> {
         let mut group = None;
@@ -1021,13 +1219,16 @@ impl Pool {
         self.class_order
             .range((need.memory, 0, 0)..)
             .find(|&&(_, _, cid)| self.classes.get(cid).key.fits(need))
-            .map(|&(memory, _, _)| memory)
+            .map(|&(memory, _, _)| if need.class == LeaseClass::Shared { need.memory } else { memory })
     }
 
     fn unsatisfiable_reason(&self, need: &Need<'_>) -> String {
         let classes = || self.class_order.iter().map(|&(_, _, c)| &self.classes.get(c).key);
         if classes().next().is_none() {
             return "no instance is registered".into();
+        }
+        if need.class == LeaseClass::Shared && !classes().any(|k| k.profile.is_none()) {
+            return "a shared lease needs a whole GPU (MIG off), and none is registered".into();
         }
         if let Some(sel) = &need.profile {
             let known =
@@ -1060,22 +1261,29 @@ impl Pool {
         }
     }
 
-    /// Leases free instance `k` to `tenant`.
-    fn grant(&mut self, k: u32, tenant: &str, now_ms: u64) -> LeaseId {
+    /// Leases instance `k` to `req`'s tenant: alone (free `k`) or a share
+    /// of it (`k` from [`Pool::best_place`]).
+    fn grant(&mut self, k: u32, req: &Request, now_ms: u64) -> LeaseId {
         let id = self.next_lease_id();
         let inst = self.instances.get(k);
         let s = inst.server;
         let server = self.servers.get(s);
+        let (memory, sms, compute_percent) = match req.class {
+            LeaseClass::Exclusive => (inst.memory, inst.sms, 0),
+            LeaseClass::Shared => (req.memory, share_of(inst.sms, req.compute_percent), req.compute_percent),
+        };
         let lease = Lease {
             id,
-            tenant: tenant.to_owned(),
+            tenant: req.tenant.clone(),
             server_id: server.spec.id.clone(),
             address: server.spec.address.clone(),
             cert_sha256: server.spec.cert_sha256.clone(),
             instance_uuid: inst.uuid.clone(),
             profile: inst.profile.clone(),
-            memory: inst.memory,
-            sms: inst.sms,
+            memory,
+            sms,
+            class: req.class,
+            compute_percent,
             issued_ms: now_ms,
             expires_ms: now_ms.saturating_add(self.config.lease_ttl_ms),
             in_use: false,
@@ -1087,7 +1295,10 @@ impl Pool {
 
     fn insert_lease(&mut self, lease: Lease, s: u32, k: u32) -> &Lease {
         let id = lease.id;
-        self.take(k, id);
+        match lease.class {
+            LeaseClass::Exclusive => self.take(k, id),
+            LeaseClass::Shared => self.join(k, id, lease.compute_percent, lease.memory),
+        }
         self.expiries.insert((lease.expires_ms, id));
         match self.tenants.get_mut(&lease.tenant) {
             Some(u) => {
@@ -1113,7 +1324,10 @@ impl Pool {
         if *usage == Usage::default() {
             self.tenants.remove(&entry.lease.tenant);
         }
-        self.put_back(entry.inst);
+        match entry.lease.class {
+            LeaseClass::Exclusive => self.put_back(entry.inst),
+            LeaseClass::Shared => self.leave(entry.inst, id, entry.lease.compute_percent, entry.lease.memory),
+        }
         match why {
             End::Released => {}
             End::Expired => {
@@ -1180,31 +1394,38 @@ impl Pool {
     /// keeps its place. Request shapes that found nothing are not tried again
     /// in the same pass (the free set only shrinks during it).
     fn serve(&mut self, now_ms: u64) {
-        if self.recovery_end.is_some() || self.queue.is_empty() || self.free_total == 0 {
+        if self.recovery_end.is_some()
+            || self.queue.is_empty()
+            || (self.free_total == 0 && self.shared_hosts.is_empty())
+        {
             return;
         }
-        let mut failed: HashSet<(u64, u32, Option<String>)> = HashSet::new();
+        // Where a shared lease may go depends on its tenant too.
+        type Shape = (u64, u32, Option<String>, Option<String>);
+        let mut failed: HashSet<Shape> = HashSet::new();
         let mut cursor = 0;
-        while self.free_total > 0 {
+        while self.free_total > 0 || !self.shared_hosts.is_empty() {
             let Some((&t, w)) = self.queue.range((Bound::Excluded(cursor), Bound::Unbounded)).next() else { break };
             cursor = t;
-            let shape = (w.req.memory, w.req.compute_percent, w.req.profile.clone());
+            let tenant = (w.req.class == LeaseClass::Shared).then(|| w.req.tenant.clone());
+            let shape = (w.req.memory, w.req.compute_percent, w.req.profile.clone(), tenant);
             if failed.contains(&shape) {
                 continue;
             }
-            let Some(k) = self.best_free(&Need::of(&w.req)) else {
+            let need = Need::of(&w.req);
+            let Some(k) = self.best_place(&need, &w.req.tenant) else {
                 failed.insert(shape);
                 continue;
             };
             let quota = self
                 .check_leases_quota(&w.req.tenant, 1)
-                .and_then(|()| self.check_memory_quota(&w.req.tenant, self.instances.get(k).memory, w.reserve));
+                .and_then(|()| self.check_memory_quota(&w.req.tenant, self.grant_memory(k, &need), w.reserve));
             if quota.is_err() {
                 continue;
             }
             let w = self.queue.remove(&t).expect("the waiter is queued");
             self.unreserve(&w.req.tenant, w.reserve);
-            let id = self.grant(k, &w.req.tenant, now_ms);
+            let id = self.grant(k, &w.req, now_ms);
             let lease = self.leases[&id].lease.clone();
             self.pending.grants.push(Grant { ticket: Ticket(t), lease });
         }
@@ -1219,10 +1440,22 @@ impl Pool {
         for (&id, e) in &self.leases {
             assert_eq!(e.lease.id, id);
             let inst = self.instances.try_get(e.inst).unwrap_or_else(|| panic!("lease {id} has no instance"));
-            assert_eq!(inst.lease, Some(id), "instance of {id} held by another");
+            match e.lease.class {
+                LeaseClass::Exclusive => {
+                    assert_eq!(inst.lease, Some(id), "instance of {id} held by another");
+                    assert!(inst.shared.is_empty(), "exclusive lease {id} shares its instance");
+                    assert_eq!(inst.memory, e.lease.memory);
+                    assert_eq!(e.lease.compute_percent, 0);
+                }
+                LeaseClass::Shared => {
+                    assert!(inst.shared.contains(&id), "shared lease {id} is not on its instance");
+                    assert_eq!(inst.lease, None, "shared lease {id} is on an exclusively held instance");
+                    assert!(inst.profile.is_none(), "shared lease {id} is on a MIG instance");
+                    assert!((1..=100).contains(&e.lease.compute_percent));
+                }
+            }
             assert_eq!(inst.server, e.server);
             assert_eq!(inst.uuid, e.lease.instance_uuid);
-            assert_eq!(inst.memory, e.lease.memory);
             let server = self.servers.get(e.server);
             assert_eq!(server.spec.id, e.lease.server_id);
             assert_eq!(server.spec.address, e.lease.address);
@@ -1234,14 +1467,24 @@ impl Pool {
         let mut free = 0;
         for (k, inst) in self.instances.iter() {
             assert_eq!(self.instance_ids.get(&inst.uuid), Some(&k));
-            match inst.lease {
-                Some(id) => {
-                    assert!(held.insert(id), "lease {id} holds two instances");
-                    assert_eq!(self.leases[&id].inst, k);
+            for &id in inst.lease.iter().chain(&inst.shared) {
+                assert!(held.insert(id), "lease {id} holds two instances");
+                assert_eq!(self.leases[&id].inst, k);
+            }
+            // A draining server's free instances are not counted free.
+            if inst.is_free() && !self.servers.get(inst.server).draining {
+                free += 1;
+            }
+            assert_eq!(self.shared_hosts.contains(&k), !inst.shared.is_empty());
+            let shared: Vec<&Lease> = inst.shared.iter().map(|id| &self.leases[id].lease).collect();
+            assert_eq!(inst.shared_percent, shared.iter().map(|l| l.compute_percent).sum::<u32>());
+            assert_eq!(inst.shared_memory, shared.iter().map(|l| l.memory).sum::<u64>());
+            assert!(inst.shared_percent <= 100, "{} has {}% placed", inst.uuid, inst.shared_percent);
+            assert!(inst.shared_memory <= inst.memory, "{} memory over-committed by shares", inst.uuid);
+            for a in &shared {
+                for b in &shared {
+                    assert!(self.may_share_fate(&a.tenant, &b.tenant), "{} and {} share fate", a.tenant, b.tenant);
                 }
-                // A draining server's free instances are not counted free.
-                None if !self.servers.get(inst.server).draining => free += 1,
-                None => {}
             }
         }
         assert_eq!(held.len(), self.leases.len());
@@ -1252,7 +1495,7 @@ impl Pool {
         let mut class_free: HashMap<u32, u32> = HashMap::new();
         for (k, inst) in self.instances.iter() {
             *class_total.entry(inst.class).or_default() += 1;
-            if inst.lease.is_none() && !self.servers.get(inst.server).draining {
+            if inst.is_free() && !self.servers.get(inst.server).draining {
                 *class_free.entry(inst.class).or_default() += 1;
             }
             let _ = k;
@@ -1279,8 +1522,14 @@ impl Pool {
             assert!(seqs.insert(server.seq));
             assert_eq!(self.server_ids[&server.spec.id], s);
             assert!(self.heartbeats.contains(&(server.last_seen_ms, s)));
-            let leased = server.insts.iter().filter(|&&k| self.instances.get(k).lease.is_some()).count();
-            assert_eq!(server.leases as usize, leased);
+            let leased = server.insts.iter().filter(|&&k| !self.instances.get(k).is_free()).count();
+            let leases: usize = server
+                .insts
+                .iter()
+                .map(|&k| self.instances.get(k))
+                .map(|i| usize::from(i.lease.is_some()) + i.shared.len())
+                .sum();
+            assert_eq!(server.leases as usize, leases);
             assert_eq!(server.insts.len(), server.spec.gpus.iter().map(|g| g.instances.len()).sum::<usize>());
             let mut keys = server.insts.iter();
             for gpu in &server.spec.gpus {
@@ -1294,6 +1543,7 @@ impl Pool {
                     if inst.lease.is_some() {
                         leased_memory += inst.memory;
                     }
+                    leased_memory += inst.shared_memory;
                 }
                 assert!(leased_memory <= gpu.memory, "GPU {} memory over-committed", gpu.uuid);
                 let mut slices = [false; fleet::SLICES as usize];
@@ -1310,7 +1560,7 @@ impl Pool {
                 assert!(!set.is_empty());
                 for &k in set {
                     let inst = self.instances.get(k);
-                    assert!(inst.lease.is_none());
+                    assert!(inst.is_free());
                     assert_eq!((inst.server, inst.class), (s, *cid));
                 }
             }
@@ -1363,6 +1613,11 @@ impl Hasher for IdHasher {
     fn write_u64(&mut self, n: u64) {
         self.0 = mix(self.0 ^ n);
     }
+}
+
+/// Multiprocessors of a `percent` share of `sms`, rounded up.
+fn share_of(sms: u32, percent: u32) -> u32 {
+    (u64::from(sms) * u64::from(percent)).div_ceil(100) as u32
 }
 
 /// A bijection of u64 (splitmix64's finalizer): consecutive states give

@@ -90,6 +90,8 @@ impl State {
             expires_unix_ms: lease.expires_ms,
             // No placement policy grants RDMA yet (docs/rdma.md): QUIC only.
             allow_rdma: false,
+            class: convert::class_to_proto(lease.class).into(),
+            compute_percent: lease.compute_percent,
         };
         pb::Lease {
             lease_id: lease.id.0,
@@ -104,6 +106,8 @@ impl State {
             expires_unix_ms: lease.expires_ms,
             renew_interval_ms: self.renew_interval_ms() as u32,
             token: self.signer.sign(&claims),
+            class: convert::class_to_proto(lease.class).into(),
+            compute_percent: lease.compute_percent,
         }
     }
 
@@ -344,6 +348,7 @@ impl BalancerRpc for Service {
             sessions: req.sessions,
             memory_used: req.memory_used_bytes,
             live_leases: req.live_lease_ids.iter().map(|&id| pool::LeaseId(id)).collect(),
+            gpu_busy: req.gpu_loads.iter().map(|g| (g.uuid.clone(), g.busy_permille)).collect(),
         };
         let (ended, orders) = {
             let mut inner = self.state.lock();
@@ -708,6 +713,8 @@ mod tests {
             profile: None,
             memory: 0,
             sms: 0,
+            class: pool::LeaseClass::Exclusive,
+            compute_percent: 0,
             issued_ms: 0,
             expires_ms: 100,
             in_use: false,

@@ -84,9 +84,12 @@ pub fn render(status: &pb::PoolStatus, now_unix_ms: u64) -> String {
     );
     let mut instances = Vec::new();
     for s in &status.servers {
+        let classes: HashMap<&str, &pb::GpuLeases> = s.gpu_leases.iter().map(|g| (g.uuid.as_str(), g)).collect();
         for g in &s.gpus {
             for i in &g.instances {
                 let holder = holders.get(i.uuid.as_str());
+                // Shared leases hold a whole GPU together (issue 19).
+                let shared = classes.get(i.uuid.as_str()).filter(|c| c.shared > 0);
                 instances.push(vec![
                     s.server_id.clone(),
                     format!("{} {}", g.index, g.name),
@@ -97,7 +100,16 @@ pub fn render(status: &pb::PoolStatus, now_unix_ms: u64) -> String {
                         .map_or_else(|| "-".into(), |_| format!("{}:{}", i.placement_start, i.placement_size)),
                     gib(i.memory_bytes),
                     i.multiprocessors.to_string(),
-                    holder.map_or_else(|| "free".into(), |l| format!("{:#x} ({})", l.lease_id, l.tenant)),
+                    match (shared, holder) {
+                        (Some(c), _) => format!(
+                            "shared: {} leases, {}% placed, busy {:.1}%",
+                            c.shared,
+                            c.shared_percent,
+                            f64::from(c.busy_permille) / 10.0
+                        ),
+                        (None, Some(l)) => format!("{:#x} ({})", l.lease_id, l.tenant),
+                        (None, None) => "free".into(),
+                    },
                 ]);
             }
         }
@@ -119,6 +131,10 @@ pub fn render(status: &pb::PoolStatus, now_unix_ms: u64) -> String {
                 l.server_id.clone(),
                 short(&l.instance_uuid),
                 gib(l.memory_bytes),
+                match l.class() {
+                    pb::LeaseClass::Exclusive => "exclusive".into(),
+                    pb::LeaseClass::Shared => format!("shared {}%", l.compute_percent),
+                },
                 format!("in {:.1} s", left as f64 / 1000.0),
                 if l.in_use { "yes".into() } else { "no".into() },
             ]
@@ -127,7 +143,7 @@ pub fn render(status: &pb::PoolStatus, now_unix_ms: u64) -> String {
     render_table(
         &mut out,
         "LEASES",
-        &["lease", "tenant", "server", "instance", "memory", "expires", "in use"],
+        &["lease", "tenant", "server", "instance", "memory", "class", "expires", "in use"],
         &leases,
     );
     let queue: Vec<Vec<String>> = status
@@ -189,6 +205,7 @@ mod tests {
                 memory_used_bytes: 40 << 30,
                 heartbeat_age_ms: 1200,
                 draining: false,
+                gpu_leases: vec![],
             }],
             leases: vec![pb::LeaseStatus {
                 lease_id: 0xabc,
@@ -198,6 +215,7 @@ mod tests {
                 memory_bytes: 40 << 30,
                 expires_unix_ms: 31_000,
                 in_use: true,
+                ..Default::default()
             }],
             queue: vec![pb::QueuedRequest {
                 tenant: "team-b".into(),
@@ -205,6 +223,7 @@ mod tests {
                 compute_percent: 0,
                 profile: String::new(),
                 waited_ms: 500,
+                ..Default::default()
             }],
             policy: "spread".into(),
             ..Default::default()
@@ -213,6 +232,53 @@ mod tests {
         for needle in
             ["SERVERS", "gpu-a", "1/2", "3g.40gb (9)", "0:4", "0xabc (team-a)", "free", "in 30.0 s", "team-b", "0.5 s"]
         {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_shared_gpu_shows_its_leases_share_and_busy_time() {
+        let gpu = pb::Gpu {
+            uuid: "GPU-9".into(),
+            name: "NVIDIA H200".into(),
+            memory_bytes: 141 << 30,
+            multiprocessors: 132,
+            instances: vec![pb::Instance {
+                uuid: "GPU-9".into(),
+                memory_bytes: 141 << 30,
+                multiprocessors: 132,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let lease = |id: u64, percent: u32| pb::LeaseStatus {
+            lease_id: id,
+            tenant: "team-a".into(),
+            server_id: "gpu-a".into(),
+            instance_uuid: "GPU-9".into(),
+            memory_bytes: 8 << 30,
+            class: pb::LeaseClass::Shared.into(),
+            compute_percent: percent,
+            ..Default::default()
+        };
+        let status = pb::PoolStatus {
+            servers: vec![pb::ServerStatus {
+                server_id: "gpu-a".into(),
+                gpus: vec![gpu],
+                gpu_leases: vec![pb::GpuLeases {
+                    uuid: "GPU-9".into(),
+                    exclusive: 0,
+                    shared: 2,
+                    shared_percent: 75,
+                    busy_permille: 415,
+                }],
+                ..Default::default()
+            }],
+            leases: vec![lease(1, 50), lease(2, 25)],
+            ..Default::default()
+        };
+        let text = render(&status, 0);
+        for needle in ["shared: 2 leases, 75% placed, busy 41.5%", "shared 50%", "shared 25%"] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }
     }

@@ -114,6 +114,8 @@ impl Control {
             compute_percent: req.compute_percent,
             profile: req.profile.clone().unwrap_or_default(),
             wait_timeout_ms: req.wait.as_millis().min(u128::from(u32::MAX)) as u32,
+            // The stub asks for exclusive leases until it can ask for shares.
+            class: pb::LeaseClass::Exclusive.into(),
         };
         let r = self.request(message, req.wait);
         let mut client = self.client.clone();

@@ -168,6 +168,7 @@ mod tests {
             issued_unix_ms: now,
             expires_unix_ms: expires,
             allow_rdma: false,
+            ..Default::default()
         };
         let ok = auth.authenticate(&signer.sign(&claims("s1", "MIG-a", now + 60_000))).expect("valid lease");
         assert_eq!(ok.memory_quota, Some(10 << 30));

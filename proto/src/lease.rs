@@ -156,6 +156,8 @@ mod tests {
             issued_unix_ms: 1_000,
             expires_unix_ms: 31_000,
             allow_rdma: true,
+            class: crate::balancer::LeaseClass::Shared.into(),
+            compute_percent: 25,
         }
     }
 

@@ -35,6 +35,7 @@ impl Grpc {
             compute_percent: 0,
             profile: profile.into(),
             wait_timeout_ms: wait_ms,
+            class: pb::LeaseClass::Exclusive.into(),
         };
         self.rt.block_on(self.client.allocate(req)).map(tonic::Response::into_inner)
     }
@@ -405,6 +406,7 @@ fn servers_refuse_forged_expired_and_foreign_leases() {
         issued_unix_ms: unix_ms_now(),
         expires_unix_ms: unix_ms_now() + 60_000,
         allow_rdma: false,
+        ..Default::default()
     };
     let refused = |server: &TestServer, token: String, why: &str| {
         let mut c = server.client_config();

@@ -55,8 +55,10 @@ fn config(policy: Policy, recovery_ms: u64, queue_capacity: usize) -> PoolConfig
         id_seed: 1,
         ..PoolConfig::default()
     };
-    config.tenant_quotas.insert("count".into(), Quota { max_leases: Some(3), max_memory: None });
-    config.tenant_quotas.insert("memory".into(), Quota { max_leases: None, max_memory: Some(60 * GIB) });
+    config.tenant_quotas.insert("count".into(), Quota { max_leases: Some(3), max_memory: None, ..Quota::default() });
+    config
+        .tenant_quotas
+        .insert("memory".into(), Quota { max_leases: None, max_memory: Some(60 * GIB), ..Quota::default() });
     config
 }
 
@@ -191,6 +193,7 @@ impl Model {
                     memory: MEMORY[*memory],
                     compute_percent: PERCENT[*percent],
                     profile: PROFILES[*profile].map(str::to_owned),
+                    class: LeaseClass::Exclusive,
                 };
                 self.allocate(req, *wait);
             }
@@ -243,7 +246,8 @@ impl Model {
                     .copied()
                     .filter(|lid| !view.leases.iter().any(|l| l.id == *lid && l.server_id == id))
                     .collect();
-                let load = Load { sessions: ids.len() as u32, memory_used: 0, live_leases: ids.clone() };
+                let load =
+                    Load { sessions: ids.len() as u32, memory_used: 0, live_leases: ids.clone(), gpu_busy: vec![] };
                 match self.pool.heartbeat(&id, load, self.now) {
                     Ok(ended) => {
                         assert_eq!(ended, expected);
@@ -262,15 +266,8 @@ impl Model {
             }
             Op::Adopt { lease, extend } => {
                 let Some(lease) = Self::pick(&self.issued, *lease) else { return };
-                let claims = Adopt {
-                    id: lease.id,
-                    tenant: lease.tenant.clone(),
-                    server_id: lease.server_id.clone(),
-                    instance_uuid: lease.instance_uuid.clone(),
-                    memory: lease.memory,
-                    issued_ms: lease.issued_ms,
-                    expires_ms: if *extend { self.now + TTL } else { lease.expires_ms },
-                };
+                let claims =
+                    Adopt { expires_ms: if *extend { self.now + TTL } else { lease.expires_ms }, ..Adopt::of(&lease) };
                 let held = self.pool.lease(lease.id).cloned();
                 match self.pool.adopt(claims.clone(), self.now) {
                     Ok(adopted) => {
@@ -310,15 +307,7 @@ impl Model {
                     pool.register(self.specs[&server.id].clone(), self.now).expect("re-registration");
                 }
                 for lease in &view.leases {
-                    let claims = Adopt {
-                        id: lease.id,
-                        tenant: lease.tenant.clone(),
-                        server_id: lease.server_id.clone(),
-                        instance_uuid: lease.instance_uuid.clone(),
-                        memory: lease.memory,
-                        issued_ms: lease.issued_ms,
-                        expires_ms: lease.expires_ms,
-                    };
+                    let claims = Adopt::of(lease);
                     let adopted = pool.adopt(claims, self.now).expect("every live lease comes back");
                     assert_eq!(adopted, Lease { in_use: false, ..lease.clone() });
                 }
@@ -398,6 +387,236 @@ proptest! {
         for op in &ops {
             model.step(op);
             model.check();
+        }
+    }
+}
+
+// ---- classes (issue 19) ----------------------------------------------------
+
+/// Tenants of the class model: "x" and "y" share fate across tenants.
+const CLASS_TENANTS: [&str; 4] = ["x", "y", "z", "w"];
+const SHARE_MEMORY: [u64; 5] = [GIB, 5 * GIB, 20 * GIB, 40 * GIB, 81 * GIB];
+const SHARE_PERCENT: [u32; 6] = [1, 10, 25, 33, 50, 100];
+
+#[derive(Debug, Clone)]
+enum ClassOp {
+    Shared { tenant: usize, memory: usize, percent: usize, wait: bool },
+    Exclusive { tenant: usize, wait: bool },
+    Release(usize),
+    Busy { server: usize, gpu: usize, permille: u32 },
+    Tick(u64),
+    Drain(usize),
+    Restart,
+}
+
+fn class_op() -> impl Strategy<Value = ClassOp> {
+    prop_oneof![
+        8 => (0..CLASS_TENANTS.len(), 0..SHARE_MEMORY.len(), 0..SHARE_PERCENT.len(), any::<bool>())
+            .prop_map(|(tenant, memory, percent, wait)| ClassOp::Shared { tenant, memory, percent, wait }),
+        2 => (0..CLASS_TENANTS.len(), any::<bool>()).prop_map(|(tenant, wait)| ClassOp::Exclusive { tenant, wait }),
+        4 => (0..usize::MAX).prop_map(ClassOp::Release),
+        2 => (0..2usize, 0..4usize, 0..=1_000u32)
+            .prop_map(|(server, gpu, permille)| ClassOp::Busy { server, gpu, permille }),
+        1 => (0..2_000u64).prop_map(ClassOp::Tick),
+        1 => (0..2usize).prop_map(ClassOp::Drain),
+        1 => Just(ClassOp::Restart),
+    ]
+}
+
+fn class_config() -> PoolConfig {
+    let mut config =
+        PoolConfig { lease_ttl_ms: TTL, heartbeat_timeout_ms: 60_000, id_seed: 3, ..PoolConfig::default() };
+    let open = Quota { share_fate_across_tenants: true, ..Quota::default() };
+    config.tenant_quotas.insert("x".into(), open);
+    config.tenant_quotas.insert("y".into(), open);
+    config
+}
+
+/// Two servers of three whole GPUs and one MIG GPU each.
+fn class_fleet() -> Vec<ServerSpec> {
+    (0..2)
+        .map(|s| {
+            let mut gpus: Vec<GpuSpec> = (0..3).map(|g| fleet::whole_gpu(s, g)).collect();
+            gpus.push(fleet::mig_gpu(s, 3, fleet::LAYOUTS[0]));
+            fleet::server(s, gpus)
+        })
+        .collect()
+}
+
+fn may_share(a: &str, b: &str) -> bool {
+    a == b || (["x", "y"].contains(&a) && ["x", "y"].contains(&b))
+}
+
+/// A GPU a share may join: its uuid and (busy, placed percent).
+type Joinable = (String, (u32, u32));
+
+struct ClassModel {
+    pool: Pool,
+    now: u64,
+    held: Vec<LeaseId>,
+    restarts: u64,
+}
+
+impl ClassModel {
+    /// The whole GPUs a shared request of `tenant` may join now, with their
+    /// (busy, placed percent); and whether a whole GPU is free.
+    fn candidates(&self, tenant: &str, memory: u64, percent: u32) -> (Vec<Joinable>, bool) {
+        let view = self.pool.status(self.now);
+        let leases: HashMap<LeaseId, &Lease> = view.leases.iter().map(|l| (l.id, l)).collect();
+        let mut joinable = Vec::new();
+        let mut free = false;
+        for server in view.servers.iter().filter(|s| !s.draining) {
+            for gpu in server.gpus.iter().filter(|g| !g.spec.mig) {
+                if gpu.leases[0].is_some() {
+                    continue;
+                }
+                if gpu.shared.is_empty() {
+                    free = true;
+                    continue;
+                }
+                let shares: Vec<&Lease> = gpu.shared.iter().map(|id| leases[id]).collect();
+                let placed: u32 = shares.iter().map(|l| l.compute_percent).sum();
+                let used: u64 = shares.iter().map(|l| l.memory).sum();
+                if placed + percent <= 100
+                    && used + memory <= gpu.spec.memory
+                    && shares.iter().all(|l| may_share(&l.tenant, tenant))
+                {
+                    joinable.push((gpu.spec.uuid.clone(), (gpu.busy_permille, placed)));
+                }
+            }
+        }
+        (joinable, free)
+    }
+
+    fn step(&mut self, op: &ClassOp) {
+        match *op {
+            ClassOp::Shared { tenant, memory, percent, wait } => {
+                let tenant = CLASS_TENANTS[tenant];
+                let (memory, percent) = (SHARE_MEMORY[memory], SHARE_PERCENT[percent]);
+                let (joinable, free) = self.candidates(tenant, memory, percent);
+                let req = Request {
+                    tenant: tenant.into(),
+                    memory,
+                    compute_percent: percent,
+                    class: LeaseClass::Shared,
+                    ..Request::default()
+                };
+                match self.pool.allocate(req, self.now, wait) {
+                    Ok(Allocation::Granted(lease)) => {
+                        assert_eq!(
+                            (lease.class, lease.compute_percent, lease.memory),
+                            (LeaseClass::Shared, percent, memory)
+                        );
+                        assert!(lease.profile.is_none(), "a share of a MIG instance");
+                        match joinable.iter().map(|j| j.1).min() {
+                            Some(best) => {
+                                let on = joinable.iter().find(|j| j.0 == lease.instance_uuid);
+                                assert_eq!(on.map(|j| j.1), Some(best), "not the least busy, least placed GPU");
+                            }
+                            None => assert!(free, "granted with nothing to join and no free GPU"),
+                        }
+                        self.held.push(lease.id);
+                    }
+                    Ok(Allocation::Queued(_)) | Err(PoolError::Exhausted) => {
+                        assert!(joinable.is_empty() && !free, "refused though {joinable:?} or a free GPU");
+                    }
+                    Err(PoolError::Unsatisfiable { .. }) => assert!(memory > fleet::H100_MEMORY),
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            ClassOp::Exclusive { tenant, wait } => {
+                let req = Request { tenant: CLASS_TENANTS[tenant].into(), ..Request::default() };
+                if let Ok(Allocation::Granted(lease)) = self.pool.allocate(req, self.now, wait) {
+                    assert_eq!(lease.class, LeaseClass::Exclusive);
+                    self.held.push(lease.id);
+                }
+            }
+            ClassOp::Release(i) => {
+                if self.held.is_empty() {
+                    return;
+                }
+                let id = self.held.swap_remove(i % self.held.len());
+                let Some(lease) = self.pool.lease(id).cloned() else { return };
+                let (_, free_before) = self.pool.instance_counts();
+                let shares_before = self.shares_on(&lease.instance_uuid);
+                let grants = self.pool.release(id).expect("a held lease releases");
+                self.held.extend(grants.iter().map(|g| g.lease.id));
+                assert!(self.pool.lease(id).is_none());
+                assert!(!self.shares_on(&lease.instance_uuid).contains(&id));
+                if grants.is_empty() {
+                    // The instance is free again exactly when no lease is left on it.
+                    let last = lease.class == LeaseClass::Exclusive || shares_before.len() == 1;
+                    let (_, free_after) = self.pool.instance_counts();
+                    let draining =
+                        self.pool.status(self.now).servers.iter().any(|s| s.id == lease.server_id && s.draining);
+                    let freed = usize::from(last && !draining);
+                    assert_eq!(free_after, free_before + freed);
+                }
+            }
+            ClassOp::Busy { server, gpu, permille } => {
+                let uuid = format!("GPU-{server:05}-{gpu}");
+                let load = Load { gpu_busy: vec![(uuid, permille)], ..Load::default() };
+                // A drained server is gone until it registers again.
+                let _ = self.pool.heartbeat(&fleet::server_id(server), load, self.now);
+            }
+            ClassOp::Tick(ms) => {
+                self.now += ms;
+                let tick = self.pool.tick(self.now);
+                self.held.extend(tick.grants.iter().map(|g| g.lease.id));
+            }
+            ClassOp::Drain(server) => {
+                if let Ok(plan) = self.pool.drain_server(&fleet::server_id(server), self.now) {
+                    for id in &plan.stuck {
+                        let lease = self.pool.lease(*id).expect("a stuck lease is held");
+                        assert_eq!(lease.server_id, fleet::server_id(server));
+                    }
+                }
+            }
+            ClassOp::Restart => {
+                self.restarts += 1;
+                let view = self.pool.status(self.now);
+                let config = PoolConfig { id_seed: 100 + self.restarts, ..class_config() };
+                let mut pool = Pool::new(config, self.now);
+                for spec in class_fleet() {
+                    pool.register(spec, self.now).expect("re-registration");
+                }
+                for lease in &view.leases {
+                    let claims = Adopt::of(lease);
+                    let adopted = pool.adopt(claims, self.now).expect("every live lease comes back");
+                    assert_eq!(adopted, Lease { in_use: false, ..lease.clone() });
+                }
+                self.pool = pool;
+                self.held = view.leases.iter().map(|l| l.id).collect();
+            }
+        }
+    }
+
+    fn shares_on(&self, uuid: &str) -> Vec<LeaseId> {
+        let view = self.pool.status(self.now);
+        view.servers
+            .iter()
+            .flat_map(|s| &s.gpus)
+            .filter(|g| g.spec.uuid == uuid)
+            .flat_map(|g| g.shared.clone())
+            .collect()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// No exclusive lease shares a GPU, shares stay within a fate group,
+    /// 100 % and the GPU's memory; a share goes where the rule says; releases
+    /// free what they held (and `check_invariants` checks it all).
+    #[test]
+    fn shared_and_exclusive_leases_keep_their_rules(ops in prop::collection::vec(class_op(), 1..120)) {
+        let mut model = ClassModel { pool: Pool::new(class_config(), T0), now: T0, held: Vec::new(), restarts: 0 };
+        for spec in class_fleet() {
+            model.pool.register(spec, T0).expect("registration");
+        }
+        for op in &ops {
+            model.step(op);
+            model.pool.check_invariants();
         }
     }
 }

@@ -138,8 +138,10 @@ fn binpack_prefers_the_busiest_server_even_if_registered_later() {
 #[test]
 fn quotas_limit_leases_and_memory() {
     let mut config = config();
-    config.default_quota = Quota { max_leases: Some(2), max_memory: None };
-    config.tenant_quotas.insert("small".into(), Quota { max_leases: None, max_memory: Some(25 * GIB) });
+    config.default_quota = Quota { max_leases: Some(2), max_memory: None, ..Quota::default() };
+    config
+        .tenant_quotas
+        .insert("small".into(), Quota { max_leases: None, max_memory: Some(25 * GIB), ..Quota::default() });
     let mut pool = pool_with(config, fleet::synthetic(2, 1, 7));
     let first = granted(pool.allocate(req("a", 0), T0, false));
     granted(pool.allocate(req("a", 0), T0, false));
@@ -430,6 +432,8 @@ fn recovery_window_grants_nothing_new() {
                 server_id: fleet::server_id(0),
                 instance_uuid: "GPU-00000-1".into(),
                 memory: fleet::H100_MEMORY,
+                class: LeaseClass::Exclusive,
+                compute_percent: 0,
                 issued_ms: T0 - 10_000,
                 expires_ms: T0 + 20_000,
             },
@@ -464,15 +468,7 @@ fn recovery_ends_on_any_call() {
 
 fn claims(pool: &Pool, lease: &Lease) -> Adopt {
     let _ = pool;
-    Adopt {
-        id: lease.id,
-        tenant: lease.tenant.clone(),
-        server_id: lease.server_id.clone(),
-        instance_uuid: lease.instance_uuid.clone(),
-        memory: lease.memory,
-        issued_ms: lease.issued_ms,
-        expires_ms: lease.expires_ms,
-    }
+    Adopt::of(lease)
 }
 
 #[test]
@@ -530,6 +526,8 @@ fn adopted_leases_count_against_the_quota() {
         server_id: fleet::server_id(0),
         instance_uuid: "GPU-00000-0".into(),
         memory: fleet::H100_MEMORY,
+        class: LeaseClass::Exclusive,
+        compute_percent: 0,
         issued_ms: T0,
         expires_ms: T0 + 30_000,
     };
@@ -548,7 +546,12 @@ fn heartbeat_marks_sessions_and_returns_unknown_leases() {
     let on_a2 = granted(pool.allocate(req("a", 0), T0, false));
     let released = granted(pool.allocate(req("a", 0), T0, false));
     pool.release(released.id).unwrap();
-    let load = Load { sessions: 3, memory_used: 7, live_leases: vec![on_a.id, LeaseId(42), on_b.id, released.id] };
+    let load = Load {
+        sessions: 3,
+        memory_used: 7,
+        live_leases: vec![on_a.id, LeaseId(42), on_b.id, released.id],
+        gpu_busy: vec![],
+    };
     let ended = pool.heartbeat(&a, load, T0 + 100).unwrap();
     assert_eq!(ended, [LeaseId(42), on_b.id, released.id]);
     assert!(pool.lease(on_a.id).unwrap().in_use);
@@ -634,7 +637,7 @@ fn draining_moves_leases_and_a_failed_migration_brings_one_back() {
     let b = granted(pool.allocate(req("t", GIB), T0, false));
     assert_eq!(pool.register(two(1), T0), Ok(vec![]));
     let src = fleet::server_id(0);
-    let live = Load { sessions: 2, memory_used: 0, live_leases: vec![a.id, b.id] };
+    let live = Load { sessions: 2, memory_used: 0, live_leases: vec![a.id, b.id], gpu_busy: vec![] };
     assert_eq!(pool.heartbeat(&src, live.clone(), T0), Ok(vec![]));
 
     let plan = pool.drain_server(&src, T0).expect("drain");
@@ -653,7 +656,7 @@ fn draining_moves_leases_and_a_failed_migration_brings_one_back() {
 
     assert_eq!(pool.migrated(&src, a.id, Ok(())), None);
     // a's session may still be listed while it leaves: not ended.
-    let leaving = Load { sessions: 2, memory_used: 0, live_leases: vec![a.id, b.id] };
+    let leaving = Load { sessions: 2, memory_used: 0, live_leases: vec![a.id, b.id], gpu_busy: vec![] };
     assert_eq!(pool.heartbeat(&src, leaving, T0), Ok(vec![]));
     assert_eq!(pool.migrated(&src, b.id, Err("target refused".into())), Some(true));
     pool.check_invariants();
@@ -662,10 +665,10 @@ fn draining_moves_leases_and_a_failed_migration_brings_one_back() {
     let view = pool.status(T0);
     assert!(view.servers.iter().any(|s| s.id == src && s.draining && s.leases == 1));
     // b's session reports on the source again: its lease is there.
-    let only_b = Load { sessions: 1, memory_used: 0, live_leases: vec![b.id] };
+    let only_b = Load { sessions: 1, memory_used: 0, live_leases: vec![b.id], gpu_busy: vec![] };
     assert_eq!(pool.heartbeat(&src, only_b, T0), Ok(vec![]));
     // a is gone from the source now: listing it again is a stale session.
-    let stale = Load { sessions: 2, memory_used: 0, live_leases: vec![a.id, b.id] };
+    let stale = Load { sessions: 2, memory_used: 0, live_leases: vec![a.id, b.id], gpu_busy: vec![] };
     assert_eq!(pool.heartbeat(&src, stale, T0), Ok(vec![a.id]));
     // Draining again retries b; a release on the old server frees nothing there.
     let again = pool.drain_server(&src, T0).expect("drain again");
@@ -675,4 +678,253 @@ fn draining_moves_leases_and_a_failed_migration_brings_one_back() {
     assert!(pool.release(a.id).is_ok());
     pool.check_invariants();
     assert_eq!(pool.drain_server("nobody", T0), Err(PoolError::UnknownServer("nobody".into())));
+}
+
+// ---- classes (issue 19) ----------------------------------------------------
+
+fn shared(tenant: &str, memory_gib: u64, compute_percent: u32) -> Request {
+    Request {
+        tenant: tenant.into(),
+        memory: memory_gib * GIB,
+        compute_percent,
+        class: LeaseClass::Shared,
+        ..Request::default()
+    }
+}
+
+/// One server with `gpus` whole GPUs (GPU-00000-0, -1, …).
+fn whole_gpus(config: PoolConfig, gpus: u32) -> Pool {
+    pool_with(config, vec![fleet::server(0, (0..gpus).map(|g| fleet::whole_gpu(0, g)).collect())])
+}
+
+/// Tenants "x" and "y" share fate across tenants; others do not.
+fn opted_in() -> PoolConfig {
+    let mut config = config();
+    let open = Quota { share_fate_across_tenants: true, ..Quota::default() };
+    config.tenant_quotas.insert("x".into(), open);
+    config.tenant_quotas.insert("y".into(), open);
+    config
+}
+
+#[test]
+fn shared_leases_of_a_tenant_fill_one_gpu_up_to_100_percent() {
+    let mut pool = whole_gpus(config(), 2);
+    let a = granted(pool.allocate(shared("a", 10, 50), T0, false));
+    assert_eq!((a.class, a.compute_percent, a.memory, a.sms), (LeaseClass::Shared, 50, 10 * GIB, 66));
+    let b = granted(pool.allocate(shared("a", 10, 50), T0, false));
+    assert_eq!(b.instance_uuid, a.instance_uuid, "joins the GPU already shared");
+    let c = granted(pool.allocate(shared("a", 10, 1), T0, false));
+    assert_ne!(c.instance_uuid, a.instance_uuid, "the first GPU has 100 % placed");
+    let view = pool.status(T0);
+    let gpus = &view.servers[0].gpus;
+    assert_eq!((gpus[0].shared.clone(), gpus[0].shared_percent), (vec![a.id, b.id], 100));
+    assert_eq!((gpus[1].shared.clone(), gpus[1].shared_percent), (vec![c.id], 1));
+    assert_eq!(gpus[0].leases, [None], "no exclusive holder");
+    assert_eq!(view.servers[0].leases, 3);
+    assert_eq!(pool.instance_counts(), (2, 0));
+    pool.check_invariants();
+}
+
+#[test]
+fn shares_never_take_more_than_the_gpus_memory() {
+    let mut pool = whole_gpus(config(), 2);
+    let a = granted(pool.allocate(shared("a", 50, 10), T0, false));
+    let b = granted(pool.allocate(shared("a", 40, 10), T0, false));
+    assert_ne!(a.instance_uuid, b.instance_uuid, "50 + 40 GiB is more than an 80 GiB GPU");
+    let c = granted(pool.allocate(shared("a", 30, 10), T0, false));
+    assert_eq!(c.instance_uuid, a.instance_uuid);
+    assert_eq!(pool.allocate(shared("a", 41, 10), T0, false), Err(PoolError::Exhausted));
+    pool.check_invariants();
+}
+
+#[test]
+fn an_exclusive_lease_never_shares_its_gpu() {
+    let mut pool = whole_gpus(config(), 1);
+    let s = granted(pool.allocate(shared("a", 1, 10), T0, false));
+    assert_eq!(pool.allocate(req("a", 0), T0, false), Err(PoolError::Exhausted), "the GPU holds a share");
+    pool.release(s.id).unwrap();
+    let e = granted(pool.allocate(req("a", 0), T0, false));
+    assert_eq!((e.class, e.compute_percent, e.memory), (LeaseClass::Exclusive, 0, fleet::H100_MEMORY));
+    assert_eq!(pool.allocate(shared("a", 1, 10), T0, false), Err(PoolError::Exhausted), "the GPU is held alone");
+    pool.check_invariants();
+}
+
+#[test]
+fn shared_leases_go_on_whole_gpus_only() {
+    let mut pool = pool_with(config(), vec![fleet::server(0, vec![fleet::mig_gpu(0, 0, fleet::LAYOUTS[0])])]);
+    match pool.allocate(shared("a", 1, 10), T0, true) {
+        Err(PoolError::Unsatisfiable { reason }) => assert!(reason.contains("whole GPU"), "{reason}"),
+        other => panic!("expected unsatisfiable, got {other:?}"),
+    }
+    let mut pool = pool_with(config(), vec![assorted()]);
+    let s = granted(pool.allocate(shared("a", 1, 10), T0, false));
+    assert_eq!((s.instance_uuid.as_str(), s.profile.as_ref()), ("GPU-00000-2", None));
+    pool.check_invariants();
+}
+
+#[test]
+fn a_shared_request_names_its_memory_and_compute_and_no_profile() {
+    let mut pool = whole_gpus(config(), 1);
+    for (request, problem) in [
+        (shared("a", 0, 10), "memory"),
+        (shared("a", 1, 0), "compute_percent"),
+        (Request { profile: Some("1g.10gb".into()), ..shared("a", 1, 10) }, "MIG profile"),
+        (shared("a", 1, 101), "more than 100"),
+    ] {
+        match pool.allocate(request, T0, false) {
+            Err(PoolError::InvalidRequest(why)) => assert!(why.contains(problem), "{why}"),
+            other => panic!("expected an invalid request ({problem}), got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn tenants_share_a_gpu_only_with_their_own_or_when_both_opted_in() {
+    let mut pool = whole_gpus(opted_in(), 3);
+    let x = granted(pool.allocate(shared("x", 1, 10), T0, false));
+    let y = granted(pool.allocate(shared("y", 1, 10), T0, false));
+    assert_eq!(y.instance_uuid, x.instance_uuid, "x and y both opted in");
+    let z = granted(pool.allocate(shared("z", 1, 10), T0, false));
+    assert_ne!(z.instance_uuid, x.instance_uuid, "z did not opt in");
+    let z2 = granted(pool.allocate(shared("z", 1, 10), T0, false));
+    assert_eq!(z2.instance_uuid, z.instance_uuid, "z shares with itself");
+    let x2 = granted(pool.allocate(shared("x", 1, 10), T0, false));
+    assert_eq!(x2.instance_uuid, x.instance_uuid, "x does not join z");
+    let w = granted(pool.allocate(shared("w", 1, 10), T0, false));
+    assert!(![&x.instance_uuid, &z.instance_uuid].contains(&&w.instance_uuid), "w joins nobody");
+    assert_eq!(pool.allocate(shared("v", 1, 10), T0, false), Err(PoolError::Exhausted), "every GPU has a group");
+    pool.check_invariants();
+}
+
+#[test]
+fn a_shared_lease_joins_the_least_busy_gpu_then_the_least_placed() {
+    let mut pool = whole_gpus(config(), 2);
+    let g0 = granted(pool.allocate(shared("a", 1, 30), T0, false)).instance_uuid;
+    let g1 = granted(pool.allocate(shared("a", 1, 80), T0, false)).instance_uuid;
+    assert_ne!(g0, g1);
+    // Equally busy: the one with less placed.
+    assert_eq!(granted(pool.allocate(shared("a", 1, 10), T0, false)).instance_uuid, g0);
+    let busy = Load { gpu_busy: vec![(g0.clone(), 900), (g1.clone(), 100)], ..Load::default() };
+    pool.heartbeat(&fleet::server_id(0), busy, T0).unwrap();
+    assert_eq!(granted(pool.allocate(shared("a", 1, 10), T0, false)).instance_uuid, g1, "less busy");
+    // 90 % is placed on the less busy one now: 15 % fits only on the other.
+    assert_eq!(granted(pool.allocate(shared("a", 1, 15), T0, false)).instance_uuid, g0);
+    let view = pool.status(T0);
+    let busy: Vec<u32> = view.servers[0].gpus.iter().map(|g| g.busy_permille).collect();
+    assert_eq!(busy, [900, 100]);
+    pool.check_invariants();
+}
+
+#[test]
+fn a_busy_report_is_capped_and_only_for_the_servers_gpus() {
+    let mut pool = whole_gpus(config(), 1);
+    let load = Load { gpu_busy: vec![("GPU-00000-0".into(), 5_000), ("GPU-elsewhere".into(), 10)], ..Load::default() };
+    pool.heartbeat(&fleet::server_id(0), load, T0).unwrap();
+    assert_eq!(pool.status(T0).servers[0].gpus[0].busy_permille, 1_000);
+}
+
+#[test]
+fn releasing_shares_frees_them_and_the_last_frees_the_gpu() {
+    let mut pool = whole_gpus(config(), 1);
+    let a = granted(pool.allocate(shared("a", 10, 60), T0, false));
+    let waiting = queued(pool.allocate(shared("a", 10, 60), T0, true));
+    let b = granted(pool.allocate(shared("a", 10, 40), T0, false));
+    let grants = pool.release(a.id).unwrap();
+    assert_eq!(grants.iter().map(|g| g.ticket).collect::<Vec<_>>(), [waiting], "60 % freed");
+    let c = &grants[0].lease;
+    assert_eq!(c.instance_uuid, b.instance_uuid);
+    assert_eq!(pool.instance_counts(), (1, 0));
+    pool.release(b.id).unwrap();
+    assert_eq!(pool.instance_counts(), (1, 0), "one share is left");
+    pool.release(c.id).unwrap();
+    assert_eq!(pool.instance_counts(), (1, 1), "the last share frees the GPU");
+    let view = pool.status(T0);
+    assert_eq!((view.servers[0].leases, view.servers[0].gpus[0].shared_percent), (0, 0));
+    granted(pool.allocate(req("b", 0), T0, false));
+    pool.check_invariants();
+}
+
+#[test]
+fn expired_and_lost_shares_free_their_part() {
+    let mut pool = whole_gpus(config(), 1);
+    let a = granted(pool.allocate(shared("a", 10, 50), T0, false));
+    let b = granted(pool.allocate(shared("a", 10, 50), T0, false));
+    for t in [9_000, 18_000, 27_000] {
+        pool.heartbeat(&fleet::server_id(0), Load::default(), T0 + t).unwrap();
+    }
+    pool.renew(b.id, T0 + 20_000).unwrap();
+    assert_eq!(pool.tick(T0 + 30_000).expired, [a.id]);
+    assert_eq!(granted(pool.allocate(shared("a", 10, 50), T0 + 30_000, false)).instance_uuid, b.instance_uuid);
+    pool.check_invariants();
+    // The server goes silent: every share is lost, the GPU leaves.
+    let tick = pool.tick(T0 + 27_000 + 10_001);
+    assert_eq!(tick.lost.len(), 2);
+    assert_eq!((pool.lease_count(), pool.instance_counts()), (0, (0, 0)));
+    pool.check_invariants();
+}
+
+#[test]
+fn shared_quota_counts_the_memory_asked() {
+    let mut config = config();
+    config.default_quota = Quota { max_memory: Some(15 * GIB), ..Quota::default() };
+    let mut pool = whole_gpus(config, 1);
+    granted(pool.allocate(shared("a", 10, 10), T0, false));
+    assert!(matches!(pool.allocate(shared("a", 10, 10), T0, false), Err(PoolError::QuotaExceeded { .. })));
+    granted(pool.allocate(shared("a", 5, 10), T0, false));
+    pool.check_invariants();
+}
+
+#[test]
+fn shared_leases_come_back_after_a_restart_and_keep_their_groups() {
+    let mut old = whole_gpus(opted_in(), 1);
+    let leases =
+        [granted(old.allocate(shared("x", 10, 40), T0, false)), granted(old.allocate(shared("y", 10, 40), T0, false))];
+    let mut new = Pool::new(PoolConfig { recovery_ms: 5_000, id_seed: 9, ..opted_in() }, T0);
+    new.register(fleet::server(0, vec![fleet::whole_gpu(0, 0)]), T0).unwrap();
+    for l in &leases {
+        assert_eq!(new.adopt(claims(&old, l), T0).unwrap(), Lease { in_use: false, ..l.clone() });
+    }
+    new.check_invariants();
+    // A stranger's shared lease on the same GPU does not come back.
+    let stranger = Adopt { id: LeaseId(99), tenant: "z".into(), ..claims(&old, &leases[0]) };
+    assert!(matches!(new.adopt(stranger, T0), Err(PoolError::Conflict { .. })));
+    // Nor one past the GPU's 100 %.
+    let greedy = Adopt { id: LeaseId(98), compute_percent: 30, ..claims(&old, &leases[0]) };
+    assert!(matches!(new.adopt(greedy, T0), Err(PoolError::Conflict { .. })));
+    // Nor an exclusive one.
+    let alone = Adopt {
+        id: LeaseId(97),
+        class: LeaseClass::Exclusive,
+        compute_percent: 0,
+        memory: fleet::H100_MEMORY,
+        ..claims(&old, &leases[0])
+    };
+    assert!(matches!(new.adopt(alone, T0), Err(PoolError::Conflict { .. })));
+    new.check_invariants();
+}
+
+#[test]
+fn a_reregistration_keeps_shares_on_an_unchanged_gpu() {
+    let mut pool = whole_gpus(config(), 2);
+    let a = granted(pool.allocate(shared("a", 10, 40), T0, false));
+    let b = granted(pool.allocate(shared("a", 10, 40), T0, false));
+    pool.register(fleet::server(0, (0..2).map(|g| fleet::whole_gpu(0, g)).collect()), T0 + 1).unwrap();
+    assert_eq!((pool.lease(a.id).is_some(), pool.lease(b.id).is_some()), (true, true));
+    assert_eq!(pool.status(T0 + 1).servers[0].gpus[0].shared_percent, 80);
+    pool.check_invariants();
+}
+
+#[test]
+fn draining_leaves_shared_leases_in_place() {
+    let mut pool = pool_with(
+        config(),
+        vec![fleet::server(0, vec![fleet::whole_gpu(0, 0)]), fleet::server(1, vec![fleet::whole_gpu(1, 0)])],
+    );
+    let s = granted(pool.allocate(shared("a", 10, 40), T0, false));
+    let plan = pool.drain_server(&s.server_id, T0).unwrap();
+    assert_eq!((plan.moving, plan.stuck), (vec![], vec![s.id]));
+    // Nothing new joins a draining server's GPU.
+    let t = granted(pool.allocate(shared("a", 10, 40), T0, false));
+    assert_ne!(t.server_id, s.server_id);
+    pool.check_invariants();
 }

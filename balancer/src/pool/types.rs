@@ -73,6 +73,33 @@ pub struct Request {
     pub compute_percent: u32,
     /// A MIG profile by name ("3g.40gb") or id ("9"); `None`: any instance.
     pub profile: Option<String>,
+    /// Exclusive (an instance alone) or shared (a part of a whole GPU).
+    pub class: LeaseClass,
+}
+
+/// Whether a lease may share its GPU with other leases (issue 19). Shared
+/// sessions of a GPU run under one MPS daemon, where one session's fault
+/// ends the others' work: they share fate, so they are placed together only
+/// when their tenants allow it (same tenant, or both opted in with
+/// [`Quota::share_fate_across_tenants`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub enum LeaseClass {
+    /// A MIG instance or a whole GPU, alone. What clients get by default.
+    #[default]
+    Exclusive,
+    /// A part of a whole GPU: the request's memory and compute percent,
+    /// next to other shared leases whose tenants may share fate with it.
+    Shared,
+}
+
+impl LeaseClass {
+    /// "exclusive" or "shared".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exclusive => "exclusive",
+            Self::Shared => "shared",
+        }
+    }
 }
 
 /// A lease's identity. Derived from the pool's seed, so a restarted balancer
@@ -103,10 +130,16 @@ pub struct Lease {
     pub instance_uuid: String,
     /// The instance's MIG profile; `None` for a whole GPU.
     pub profile: Option<Profile>,
-    /// The instance's memory in bytes.
+    /// The instance's memory in bytes; a shared lease's own part of it.
     pub memory: u64,
-    /// The instance's multiprocessors.
+    /// The instance's multiprocessors; a shared lease's share of them
+    /// (rounded up).
     pub sms: u32,
+    /// Exclusive or shared.
+    pub class: LeaseClass,
+    /// A shared lease's share of its GPU's multiprocessors, in percent
+    /// (1..=100); 0 for an exclusive lease.
+    pub compute_percent: u32,
     /// When it was granted (Unix ms).
     pub issued_ms: u64,
     /// When it ends unless renewed (Unix ms); renewing at or after this is too late.
@@ -160,6 +193,11 @@ pub struct Quota {
     pub max_leases: Option<u32>,
     /// Most instance memory in bytes (held plus queued).
     pub max_memory: Option<u64>,
+    /// The tenant's shared leases may be placed on a GPU with the shared
+    /// leases of other tenants that opted in too, sharing their fate (a
+    /// fault of one session ends the work of all on the GPU). Without it a
+    /// tenant's shared leases share a GPU only with its own.
+    pub share_fate_across_tenants: bool,
 }
 
 /// The pool's settings.
@@ -277,12 +315,34 @@ pub struct Adopt {
     pub server_id: String,
     /// Its instance.
     pub instance_uuid: String,
-    /// Its instance's memory when granted.
+    /// Its instance's memory when granted; a shared lease's part of it.
     pub memory: u64,
+    /// Exclusive or shared.
+    pub class: LeaseClass,
+    /// A shared lease's compute percent.
+    pub compute_percent: u32,
     /// When it was granted.
     pub issued_ms: u64,
     /// When it ends unless renewed.
     pub expires_ms: u64,
+}
+
+#[cfg(test)]
+impl Adopt {
+    /// The claims a token of `lease` states.
+    pub(crate) fn of(lease: &Lease) -> Self {
+        Self {
+            id: lease.id,
+            tenant: lease.tenant.clone(),
+            server_id: lease.server_id.clone(),
+            instance_uuid: lease.instance_uuid.clone(),
+            memory: lease.memory,
+            class: lease.class,
+            compute_percent: lease.compute_percent,
+            issued_ms: lease.issued_ms,
+            expires_ms: lease.expires_ms,
+        }
+    }
 }
 
 /// A server's heartbeat.
@@ -294,6 +354,9 @@ pub struct Load {
     pub memory_used: u64,
     /// Leases of the sessions open now.
     pub live_leases: Vec<LeaseId>,
+    /// Measured busy time by GPU uuid, in thousandths of the interval;
+    /// GPUs left out keep their last value.
+    pub gpu_busy: Vec<(String, u32)>,
 }
 
 /// What happened since the last [`Pool::tick`](super::Pool::tick) (events
@@ -394,8 +457,14 @@ pub struct ServerView {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuView {
     pub spec: GpuSpec,
-    /// The lease holding each of `spec.instances`, in the same order.
+    /// The lease holding each of `spec.instances` alone, in the same order.
     pub leases: Vec<Option<LeaseId>>,
+    /// Shared leases on the whole GPU (MIG off), in placement order.
+    pub shared: Vec<LeaseId>,
+    /// Sum of their compute percents (at most 100).
+    pub shared_percent: u32,
+    /// Busy time at the last heartbeat, in thousandths.
+    pub busy_permille: u32,
 }
 
 impl GpuView {

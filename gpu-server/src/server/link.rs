@@ -195,6 +195,9 @@ pub(crate) async fn run(
                 memory_used_bytes: memory,
                 live_lease_ids: ids,
                 migrations: migrations.clone(),
+                // GPU busy time is not measured yet (issue 19): the balancer
+                // takes GPUs left out as idle.
+                gpu_loads: Vec::new(),
             };
             match client.heartbeat(authorized(&link.secret, beat)).await {
                 Ok(reply) => {
