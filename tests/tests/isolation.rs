@@ -100,6 +100,11 @@ fn a_killed_worker_ends_only_its_session_with_a_clear_error() {
     assert!(err.to_string().contains("worker"), "says what failed: {err}");
     // Told by the control connection, not by the data connection's idle timeout.
     assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    let killed = || {
+        let exits = srv.metrics.worker_exits();
+        exits.iter().find(|(how, _)| *how == gpupool_server::server::metrics::WorkerExit::Signal).map(|e| e.1)
+    };
+    wait_until("the supervisor counted the killed worker", || killed() == Some(1));
 
     works(&b, fresh_seed());
     let c = Session::connect(&srv.client_config()).expect("a new session after the crash");

@@ -36,16 +36,30 @@ pub fn render(metrics: &Metrics) -> String {
     counter(&mut r, "swapped_in_bytes", "Bytes of device memory swapped back in", s.swapped_in_bytes);
     gauge(&mut r, "shm_regions", "Shared-memory regions of local clients mapped now", s.shm_regions);
     counter(&mut r, "shm_copied_bytes", "Bytes copied through shared-memory regions", s.shm_bytes);
+    counter(&mut r, "resumptions", "Clients reattached to their kept session", s.resumptions);
+    counter(&mut r, "resumptions_refused", "Reattachments refused (session gone, wrong secret)", s.resumptions_refused);
+    let exits = Family::<Vec<(String, String)>, Counter>::default();
+    for (how, n) in metrics.worker_exits() {
+        exits.get_or_create(&vec![("how".to_string(), how.label().to_string())]).inc_by(n);
+    }
+    r.register("worker_exits", "Session worker processes ended, by how (normal, failed, signal, unknown)", exits);
     // Sessions by tenant (at most MAX_TENANTS series, the rest as "(other)").
     let active = Family::<Vec<(String, String)>, Gauge>::default();
     let opened = Family::<Vec<(String, String)>, Counter>::default();
+    let memory = Family::<Vec<(String, String)>, Gauge>::default();
+    let calls = Family::<Vec<(String, String)>, Counter>::default();
     for (tenant, t) in metrics.tenants() {
         let labels = vec![("tenant".to_string(), tenant)];
         active.get_or_create(&labels).set(i64::try_from(t.active).unwrap_or(i64::MAX));
         opened.get_or_create(&labels).inc_by(t.opened);
+        memory.get_or_create(&labels).set(i64::try_from(t.memory).unwrap_or(i64::MAX));
+        calls.get_or_create(&labels).inc_by(t.calls);
     }
     r.register("tenant_sessions_active", "Sessions open now, by tenant", active);
     r.register("tenant_sessions_opened", "Sessions opened, by tenant", opened);
+    let help = "Device memory held now by the tenant's sessions in worker processes";
+    r.register("tenant_memory_mapped_bytes", help, memory);
+    r.register("tenant_calls", "Calls executed by the tenant's sessions in worker processes", calls);
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &r);
@@ -111,5 +125,43 @@ mod tests {
         assert_eq!(tenants[OTHER_TENANTS].opened, 12);
         metrics.tenant_closed("t1030");
         assert_eq!(metrics.tenants()[OTHER_TENANTS].active, 11);
+    }
+
+    /// Workers' reports move their tenant's memory and calls; worker exits
+    /// and resumptions are counted by kind.
+    #[test]
+    fn workers_count_into_their_tenant_and_their_exits_by_kind() {
+        use crate::server::metrics::WorkerExit;
+        use gpupool_proto::v1;
+        use std::os::unix::process::ExitStatusExt;
+        let metrics = Metrics::default();
+        metrics.tenant_opened("team-a");
+        let report = |memory_mapped, calls| v1::WorkerMetrics { memory_mapped, calls, ..Default::default() };
+        let (first, second) = (report(8 << 20, 10), report(2 << 20, 25));
+        metrics.tenant_worker_delta("team-a", &first, &v1::WorkerMetrics::default());
+        metrics.tenant_worker_delta("team-a", &second, &first);
+        let t = metrics.tenants()["team-a"];
+        assert_eq!((t.memory, t.calls), (2 << 20, 25));
+        metrics.tenant_worker_delta("team-a", &v1::WorkerMetrics::default(), &second);
+        assert_eq!(metrics.tenants()["team-a"].memory, 0, "the worker's memory goes when it ends");
+
+        let status = |raw| Ok(std::process::ExitStatus::from_raw(raw));
+        metrics.worker_exited(WorkerExit::of(&status(0)));
+        metrics.worker_exited(WorkerExit::of(&status(1 << 8)));
+        metrics.worker_exited(WorkerExit::of(&status(9)));
+        metrics.worker_exited(WorkerExit::of(&status(9)));
+        metrics.resumptions.fetch_add(1, Ordering::Relaxed);
+        let text = render(&metrics);
+        for line in [
+            "gpupool_server_worker_exits_total{how=\"normal\"} 1\n",
+            "gpupool_server_worker_exits_total{how=\"failed\"} 1\n",
+            "gpupool_server_worker_exits_total{how=\"signal\"} 2\n",
+            "gpupool_server_worker_exits_total{how=\"unknown\"} 0\n",
+            "gpupool_server_resumptions_total 1\n",
+            "gpupool_server_tenant_calls_total{tenant=\"team-a\"} 25\n",
+            "gpupool_server_tenant_memory_mapped_bytes{tenant=\"team-a\"} 0\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

@@ -170,9 +170,13 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
         let attachment = Attachment { link: conn.clone(), sender: send, receiver: recv };
         return match shared.resumable.hand_over(&grant, &resume, attachment) {
             Ok(()) => {
+                add(&shared.metrics.resumptions, 1);
                 tracing::info!(session = resume.session_id, remote = %conn.remote_address(), "client reattaching")
             }
-            Err(reason) => refuse(&shared, &conn, close_code::SESSION_GONE, &reason),
+            Err(reason) => {
+                add(&shared.metrics.resumptions_refused, 1);
+                refuse(&shared, &conn, close_code::SESSION_GONE, &reason)
+            }
         };
     }
     let Ok(permit) = shared.sessions.clone().try_acquire_owned() else {

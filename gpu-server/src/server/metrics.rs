@@ -19,6 +19,48 @@ pub const OTHER_TENANTS: &str = "(other)";
 pub struct TenantSessions {
     pub active: u64,
     pub opened: u64,
+    /// Device memory its sessions in worker processes hold now, and the
+    /// calls they executed (as their workers report them).
+    pub memory: u64,
+    pub calls: u64,
+}
+
+/// How a session's worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// Exit status 0: the session ended.
+    Normal,
+    /// Another exit status: the worker failed.
+    Failed,
+    /// Ended by a signal (killed, or a crash such as SIGSEGV).
+    Signal,
+    /// Its status could not be read.
+    Unknown,
+}
+
+impl WorkerExit {
+    pub const ALL: [Self; 4] = [Self::Normal, Self::Failed, Self::Signal, Self::Unknown];
+
+    /// How `status` ended a worker.
+    pub fn of(status: &std::io::Result<std::process::ExitStatus>) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        match status {
+            Ok(s) if s.success() => Self::Normal,
+            Ok(s) if s.signal().is_some() => Self::Signal,
+            Ok(_) => Self::Failed,
+            Err(_) => Self::Unknown,
+        }
+    }
+
+    /// The metric's label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::Failed => "failed",
+            Self::Signal => "signal",
+            Self::Unknown => "unknown",
+        }
+    }
 }
 
 /// Server-wide counters.
@@ -46,6 +88,12 @@ pub struct Metrics {
     /// them (counted in `bulk_bytes_in`/`_out` as well).
     pub shm_regions: AtomicU64,
     pub shm_bytes: AtomicU64,
+    /// Clients reattached to their kept session, and reattachments refused
+    /// (the session was gone, or the secret wrong).
+    pub resumptions: AtomicU64,
+    pub resumptions_refused: AtomicU64,
+    /// Session worker processes ended, by [`WorkerExit`] (in its order).
+    worker_exits: [AtomicU64; 4],
     /// Sessions by tenant (the lease's tenant, or the token's subject).
     tenants: Mutex<BTreeMap<String, TenantSessions>>,
 }
@@ -68,6 +116,8 @@ pub struct MetricsSnapshot {
     pub swapped_in_bytes: u64,
     pub shm_regions: u64,
     pub shm_bytes: u64,
+    pub resumptions: u64,
+    pub resumptions_refused: u64,
 }
 
 impl Metrics {
@@ -87,6 +137,27 @@ impl Metrics {
         if let Some(entry) = t.get_mut(key) {
             entry.active = entry.active.saturating_sub(1);
         }
+    }
+
+    /// What a worker serving a session of `tenant` counted since its last
+    /// report: its memory and calls, into the tenant's.
+    pub(crate) fn tenant_worker_delta(&self, tenant: &str, now: &v1::WorkerMetrics, before: &v1::WorkerMetrics) {
+        let mut t = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        let key = if t.contains_key(tenant) { tenant } else { OTHER_TENANTS };
+        if let Some(entry) = t.get_mut(key) {
+            entry.memory = (entry.memory + now.memory_mapped).saturating_sub(before.memory_mapped);
+            entry.calls += now.calls.saturating_sub(before.calls);
+        }
+    }
+
+    /// A session's worker process ended.
+    pub fn worker_exited(&self, how: WorkerExit) {
+        add(&self.worker_exits[how as usize], 1);
+    }
+
+    /// Worker processes ended so far, by how.
+    pub fn worker_exits(&self) -> [(WorkerExit, u64); 4] {
+        WorkerExit::ALL.map(|w| (w, self.worker_exits[w as usize].load(Ordering::Relaxed)))
     }
 
     /// Sessions by tenant now.
@@ -141,6 +212,8 @@ impl Metrics {
             swapped_in_bytes: g(&self.swapped_in_bytes),
             shm_regions: g(&self.shm_regions),
             shm_bytes: g(&self.shm_bytes),
+            resumptions: g(&self.resumptions),
+            resumptions_refused: g(&self.resumptions_refused),
         }
     }
 }

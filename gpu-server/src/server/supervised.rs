@@ -72,7 +72,7 @@ pub(super) async fn run_in_worker(
     // The session lives on the worker's connection now.
     quic::narrow_to_control(&conn);
     let mut events = worker.take_events();
-    let mut relay = Relay { shared, lease, reported: v1::WorkerMetrics::default(), order: None };
+    let mut relay = Relay { shared, tenant: subject, lease, reported: v1::WorkerMetrics::default(), order: None };
     // A session that migrated here waits for its client: the connection it
     // came on (the source server's) ends once it arrived.
     let mut awaiting_client = migrated_in;
@@ -154,6 +154,14 @@ pub(super) async fn run_in_worker(
         let _ = order.done.send(Err("the session's worker exited before it reported".into()));
     }
     pool.finished(pid);
+    shared.metrics.worker_exited(super::metrics::WorkerExit::of(&status));
+    // The worker's memory and shared-memory region are gone with it (a
+    // worker that crashed never reported them freed).
+    relay.apply(Some(v1::worker_event::Event::Metrics(v1::WorkerMetrics {
+        memory_mapped: 0,
+        shm_regions: 0,
+        ..relay.reported
+    })));
     match status {
         Ok(s) if s.success() => conn.close(close_code::NORMAL.into(), b"session ended"),
         Ok(s) => {
@@ -184,6 +192,8 @@ async fn worker_end(shared: &Shared, worker: &mut Worker) -> std::io::Result<std
 /// ordered it.
 struct Relay<'a> {
     shared: &'a Shared,
+    /// The session's tenant, whose memory and calls the reports move.
+    tenant: &'a str,
     lease: Option<u64>,
     reported: v1::WorkerMetrics,
     /// The migration ordered and not yet reported.
@@ -195,6 +205,7 @@ impl Relay<'_> {
         match event {
             Some(v1::worker_event::Event::Metrics(m)) => {
                 self.shared.metrics.add_worker_delta(&m, &self.reported);
+                self.shared.metrics.tenant_worker_delta(self.tenant, &m, &self.reported);
                 if let Some(id) = self.lease
                     && let Some(s) = self.shared.leased().get_mut(&id)
                 {
