@@ -177,6 +177,7 @@ pub(crate) async fn run(
             _ = stop.changed() => return,
         };
         // Heartbeats until the balancer forgets this server.
+        let mut busy = super::load::NvmlBusy::open();
         let mut every = tokio::time::interval(interval);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -195,9 +196,8 @@ pub(crate) async fn run(
                 memory_used_bytes: memory,
                 live_lease_ids: ids,
                 migrations: migrations.clone(),
-                // GPU busy time is not measured yet (issue 19): the balancer
-                // takes GPUs left out as idle.
-                gpu_loads: Vec::new(),
+                // GPUs left out (no NVML, MIG) count as idle at the balancer.
+                gpu_loads: busy.as_mut().map_or_else(Vec::new, |b| super::load::gpu_loads(b, &gpus)),
             };
             match client.heartbeat(authorized(&link.secret, beat)).await {
                 Ok(reply) => {

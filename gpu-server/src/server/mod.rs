@@ -26,6 +26,7 @@ mod commands;
 pub mod exporter;
 mod handshake;
 mod link;
+mod load;
 mod local;
 pub mod metrics;
 mod migrate;
