@@ -37,6 +37,10 @@ pub struct PoolRequest {
     pub compute_percent: u32,
     /// A MIG profile by name or id.
     pub profile: Option<String>,
+    /// A share of a whole GPU (its memory and `compute_percent`) next to
+    /// other shared leases of this tenant, or of tenants that opted in to
+    /// sharing fate, instead of an instance of its own (docs/sharing.md).
+    pub shared: bool,
     /// How long to wait in the balancer's queue when nothing fits now.
     pub wait: Duration,
     /// Longest wait for one balancer call (besides the queue wait).
@@ -53,6 +57,7 @@ impl PoolRequest {
             memory: 0,
             compute_percent: 0,
             profile: None,
+            shared: false,
             wait: Duration::ZERO,
             call_timeout: Duration::from_secs(10),
         }
@@ -114,8 +119,7 @@ impl Control {
             compute_percent: req.compute_percent,
             profile: req.profile.clone().unwrap_or_default(),
             wait_timeout_ms: req.wait.as_millis().min(u128::from(u32::MAX)) as u32,
-            // The stub asks for exclusive leases until it can ask for shares.
-            class: pb::LeaseClass::Exclusive.into(),
+            class: if req.shared { pb::LeaseClass::Shared } else { pb::LeaseClass::Exclusive }.into(),
         };
         let r = self.request(message, req.wait);
         let mut client = self.client.clone();
@@ -142,6 +146,7 @@ impl PoolRequest {
     /// The request the `GPUPOOL_*` variables describe, read through
     /// `lookup`: `GPUPOOL_BALANCER` (required, a URL), `GPUPOOL_TENANT`,
     /// `GPUPOOL_MEMORY_MIB`, `GPUPOOL_COMPUTE_PERCENT`, `GPUPOOL_PROFILE`,
+    /// `GPUPOOL_LEASE_CLASS` (`exclusive`, the default, or `shared`),
     /// `GPUPOOL_WAIT_MS`, `GPUPOOL_BALANCER_SECRET`, and how the balancer is
     /// verified: `GPUPOOL_BALANCER_CERT_SHA256` (a pin) or
     /// `GPUPOOL_BALANCER_CA_FILE` or `GPUPOOL_BALANCER_CA_PEM` (the bundle
@@ -171,6 +176,14 @@ impl PoolRequest {
         } else if !balancer.starts_with("http://") && !balancer.starts_with("https://") {
             problems.push(format!("GPUPOOL_BALANCER={balancer} must be a URL (https://host:port)"));
         }
+        let shared = match lookup("GPUPOOL_LEASE_CLASS").as_deref().map(str::trim) {
+            None | Some("" | "exclusive") => false,
+            Some("shared") => true,
+            Some(other) => {
+                problems.push(format!("GPUPOOL_LEASE_CLASS={other} must be exclusive or shared"));
+                false
+            }
+        };
         let insecure = match lookup("GPUPOOL_BALANCER_INSECURE").as_deref().map(str::trim) {
             None | Some("" | "0" | "false") => false,
             Some("1" | "true") => true,
@@ -213,6 +226,7 @@ impl PoolRequest {
         request.memory = memory_mib << 20;
         request.compute_percent = compute.min(100) as u32;
         request.profile = lookup("GPUPOOL_PROFILE");
+        request.shared = shared;
         request.wait = Duration::from_millis(wait_ms);
         request.secret = lookup("GPUPOOL_BALANCER_SECRET");
         if problems.is_empty() { Ok(request) } else { Err(problems) }

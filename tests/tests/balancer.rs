@@ -118,6 +118,39 @@ fn template() -> ClientConfig {
 
 const H100_LAYOUT: &[&str] = &["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"];
 
+/// Shared leases of one tenant (`GPUPOOL_LEASE_CLASS=shared` in the
+/// drop-in library): two 50 % shares on the one whole GPU, each session
+/// bounded by its share's memory; a third share does not fit beside them,
+/// and an exclusive lease does not either.
+#[test]
+fn shared_leases_of_a_tenant_share_a_whole_gpu_within_its_compute() {
+    let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([7; 32]))).expect("balancer");
+    let _server = pooled_server(&balancer, "h200", "h200-141gb", None);
+    let mut grpc = Grpc::connect(&balancer);
+    grpc.wait_for("the server", |s| s.servers.len() == 1);
+    let request = |shared: bool| {
+        let mut req = PoolRequest::new(balancer.url(), balancer.trust(), "team-a");
+        (req.memory, req.compute_percent, req.shared) = (4 << 30, 50, shared);
+        req
+    };
+    let a = Session::connect_pooled(&request(true), &template()).expect("first share");
+    let b = Session::connect_pooled(&request(true), &template()).expect("second share");
+    let (la, lb) = (a.lease().expect("lease"), b.lease().expect("lease"));
+    assert_eq!(la.instance_uuid, lb.instance_uuid, "both shares on the one GPU");
+    assert_ne!(la.lease_id, lb.lease_id);
+    for (s, l) in [(&a, &la), (&b, &lb)] {
+        assert_eq!(l.class, pb::LeaseClass::Shared as i32);
+        let quota = s.welcome().memory_quota;
+        assert!(quota.abs_diff(4 << 30) <= s.welcome().granularity, "a share's memory, not the GPU's: {quota}");
+    }
+    round_trip(&a, 1);
+    round_trip(&b, 2);
+    let third = Session::connect_pooled(&request(true), &template()).expect_err("100 % of the GPU is placed");
+    assert!(matches!(third, ClientError::Pool { .. }), "the balancer says no: {third:?}");
+    let whole = Session::connect_pooled(&request(false), &template()).expect_err("the GPU holds shares");
+    assert!(matches!(whole, ClientError::Pool { .. }), "the balancer says no: {whole:?}");
+}
+
 /// The balancer's Prometheus endpoint follows the pool: a registered
 /// server, a granted lease with its tenant, then the release.
 #[test]

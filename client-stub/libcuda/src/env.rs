@@ -13,6 +13,7 @@
 //! | `GPUPOOL_MEMORY_MIB` | with a balancer: device memory needed (default: any) |
 //! | `GPUPOOL_COMPUTE_PERCENT` | with a balancer: share of a full GPU's SMs needed (default: any) |
 //! | `GPUPOOL_PROFILE` | with a balancer: MIG profile by name or id (default: any instance) |
+//! | `GPUPOOL_LEASE_CLASS` | with a balancer: `exclusive` (default: an instance or whole GPU of its own) or `shared` (a share of a whole GPU, `GPUPOOL_MEMORY_MIB` and `GPUPOOL_COMPUTE_PERCENT`, beside other shares of the tenant or of tenants that opted in to sharing fate) |
 //! | `GPUPOOL_WAIT_MS` | with a balancer: longest wait in its queue (default 10000) |
 //! | `GPUPOOL_BALANCER_SECRET` | with a balancer: the secret it expects from clients |
 //! | `GPUPOOL_SERVER` | without a balancer: gpu-server address, `host:port` |
@@ -264,6 +265,14 @@ mod tests {
         .expect("valid");
         let Target::Pooled(r, c) = t else { panic!("expected a pooled target") };
         assert_eq!((r.tenant.as_str(), r.memory, r.profile.as_deref()), ("team-a", 2 << 30, Some("1g.10gb")));
+        assert!(!r.shared, "exclusive unless asked");
+        let shared = [
+            ("GPUPOOL_BALANCER", "https://10.0.0.5:50051"),
+            ("GPUPOOL_BALANCER_CERT_SHA256", pin.as_str()),
+            ("GPUPOOL_LEASE_CLASS", "shared"),
+        ];
+        let Ok(Target::Pooled(r, _)) = target_from_lookup(lookup(&shared)) else { panic!("a shared lease") };
+        assert!(r.shared);
         assert_eq!(c.max_udp_payload, 1200);
         assert!(matches!(r.trust, gpupool_client::BalancerTrust::Fingerprint(_)));
         // Plaintext only with the opt-in, and never with a pin.
@@ -278,9 +287,10 @@ mod tests {
             ("GPUPOOL_BALANCER_INSECURE", "1"),
             ("GPUPOOL_MEMORY_MIB", "lots"),
             ("GPUPOOL_COMPUTE_PERCENT", "150"),
+            ("GPUPOOL_LEASE_CLASS", "roomy"),
         ]))
         .expect_err("invalid");
-        for needle in ["URL", "GPUPOOL_MEMORY_MIB", "GPUPOOL_COMPUTE_PERCENT"] {
+        for needle in ["URL", "GPUPOOL_MEMORY_MIB", "GPUPOOL_COMPUTE_PERCENT", "GPUPOOL_LEASE_CLASS"] {
             assert!(bad.contains(needle), "{needle} missing from {bad}");
         }
     }
