@@ -110,6 +110,16 @@ fn wait_until_dead(session: &Session, what: &str) {
     }
 }
 
+/// A balancer signing with `seed` and one gpu-server serving `spec`,
+/// registered; the server lives as long as what is returned.
+fn one_server(seed: u8, id: &str, spec: &str) -> (TestBalancer, TestServer, Grpc) {
+    let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([seed; 32]))).expect("balancer");
+    let server = pooled_server(&balancer, id, spec, None);
+    let mut grpc = Grpc::connect(&balancer);
+    grpc.wait_for("the server", |s| s.servers.len() == 1);
+    (balancer, server, grpc)
+}
+
 fn template() -> ClientConfig {
     let mut c = ClientConfig::for_leases();
     c.reply_timeout = Duration::from_secs(60);
@@ -124,10 +134,7 @@ const H100_LAYOUT: &[&str] = &["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"];
 /// and an exclusive lease does not either.
 #[test]
 fn shared_leases_of_a_tenant_share_a_whole_gpu_within_its_compute() {
-    let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([7; 32]))).expect("balancer");
-    let _server = pooled_server(&balancer, "h200", "h200-141gb", None);
-    let mut grpc = Grpc::connect(&balancer);
-    grpc.wait_for("the server", |s| s.servers.len() == 1);
+    let (balancer, _server, _grpc) = one_server(7, "h200", "h200-141gb");
     let request = |shared: bool| {
         let mut req = PoolRequest::new(balancer.url(), balancer.trust(), "team-a");
         (req.memory, req.compute_percent, req.shared) = (4 << 30, 50, shared);
@@ -287,10 +294,7 @@ fn a_silent_server_is_drained_and_avoided() {
 
 #[test]
 fn unrenewed_leases_expire_and_their_sessions_end() {
-    let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([3; 32]))).expect("balancer");
-    let _server = pooled_server(&balancer, "s", "a100-80gb", None);
-    let mut grpc = Grpc::connect(&balancer);
-    grpc.wait_for("the server", |s| s.servers.len() == 1);
+    let (_balancer, _server, mut grpc) = one_server(3, "s", "a100-80gb");
 
     let lease = grpc.allocate("t", 0, "", 0).expect("lease");
     let session = Session::connect(&leased_config(&lease)).expect("session");
@@ -319,10 +323,7 @@ fn unrenewed_leases_expire_and_their_sessions_end() {
 
 #[test]
 fn the_queue_times_out_or_serves_a_release() {
-    let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([4; 32]))).expect("balancer");
-    let _server = pooled_server(&balancer, "s", "h200-141gb", None);
-    let mut grpc = Grpc::connect(&balancer);
-    grpc.wait_for("the server", |s| s.servers.len() == 1);
+    let (balancer, _server, mut grpc) = one_server(4, "s", "h200-141gb");
 
     // An operator following the pool sees the allocation.
     let mut watch =
