@@ -30,6 +30,7 @@ module "network" {
   quic_port          = local.quic_port
   worker_ports       = local.worker_ports
   balancer_port      = local.balancer_port
+  metrics_port       = var.metrics_port
   log_retention_days = var.log_retention_days
 }
 
@@ -45,6 +46,7 @@ module "balancer" {
   port               = local.balancer_port
   policy             = var.balancer_policy
   quotas             = var.balancer_quotas
+  metrics_port       = var.metrics_port
   log_retention_days = var.log_retention_days
 }
 
@@ -68,6 +70,7 @@ module "gpu_fleet" {
   artifact_bucket             = module.foundation.artifact_bucket
   binary_key                  = "bin/gpupool-server"
   binary_version              = module.foundation.artifact_versions["bin/gpupool-server"]
+  metrics_port                = var.metrics_port
   log_retention_days          = var.log_retention_days
 }
 

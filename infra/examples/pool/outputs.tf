@@ -52,3 +52,8 @@ output "log_groups" {
   description = "CloudWatch log groups of the balancer and the GPU servers."
   value       = { balancer = module.balancer.log_group, gpu_servers = module.gpu_fleet.log_group }
 }
+
+output "monitoring_security_group_id" {
+  description = "Attach to the Prometheus host: it may scrape the pool's /metrics (metrics_port)."
+  value       = module.network.monitoring_security_group_id
+}

@@ -99,3 +99,9 @@ variable "artifacts_dir" {
   type        = string
   default     = null
 }
+
+variable "metrics_port" {
+  description = "TCP port of the gpu-servers' and the balancer's Prometheus endpoints (infra/monitoring/); null: off. Attach the output monitoring_security_group_id to the Prometheus host."
+  type        = number
+  default     = 9464
+}

@@ -234,6 +234,7 @@ locals {
     GPUPOOL_LISTEN                   = "0.0.0.0:${var.port}"
     GPUPOOL_POLICY                   = var.policy
     GPUPOOL_QUOTAS                   = join(";", var.quotas)
+    GPUPOOL_METRICS_LISTEN           = var.metrics_port == null ? "" : "0.0.0.0:${var.metrics_port}"
   } : "${k}=${v}\n" if v != ""])
 
   agent = jsonencode({

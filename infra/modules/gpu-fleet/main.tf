@@ -134,6 +134,7 @@ locals {
     GPUPOOL_BALANCER              = var.balancer_url
     GPUPOOL_IMAGE_CACHE           = "/var/lib/gpupool/images"
     GPUPOOL_SESSION_MEMORY_MIB    = var.session_memory_mib == null ? "" : tostring(var.session_memory_mib)
+    GPUPOOL_METRICS_LISTEN        = var.metrics_port == null ? "" : "0.0.0.0:${var.metrics_port}"
   } : "${k}=${v}\n" if v != ""])
 
   agent = jsonencode({

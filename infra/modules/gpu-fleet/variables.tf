@@ -159,3 +159,13 @@ variable "log_retention_days" {
   type        = number
   default     = 365
 }
+
+variable "metrics_port" {
+  description = "TCP port of the Prometheus endpoint (GET /metrics, --metrics-listen); null: no endpoint."
+  type        = number
+  default     = null
+  validation {
+    condition     = var.metrics_port == null ? true : (var.metrics_port >= 1024 && var.metrics_port <= 65535)
+    error_message = "metrics_port must be null or a port in 1024-65535."
+  }
+}

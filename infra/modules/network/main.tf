@@ -142,6 +142,46 @@ resource "aws_security_group" "endpoints" {
   }
 }
 
+resource "aws_security_group" "monitoring" {
+  #checkov:skip=CKV2_AWS_5:Attached by the operator's Prometheus host (outside these modules) through this module's output monitoring_security_group_id.
+  name_prefix = "${var.name}-monitoring-"
+  description = "gpupool scrapers (Prometheus): may reach the gpu-servers' and the balancer's /metrics only"
+  vpc_id      = aws_vpc.this.id
+  tags        = { Name = "${var.name}-monitoring" }
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+# Scrapers -> the gpu-servers' and the balancer's Prometheus endpoints,
+# when they serve one (metrics_port).
+locals {
+  scraped = var.metrics_port == null ? {} : {
+    gpu_server = aws_security_group.gpu_server.id
+    balancer   = aws_security_group.balancer.id
+  }
+}
+
+resource "aws_vpc_security_group_ingress_rule" "metrics_from_monitoring" {
+  for_each                     = local.scraped
+  security_group_id            = each.value
+  description                  = "Prometheus scrapes (GET /metrics) from the monitoring group"
+  ip_protocol                  = "tcp"
+  from_port                    = var.metrics_port
+  to_port                      = var.metrics_port
+  referenced_security_group_id = aws_security_group.monitoring.id
+}
+
+resource "aws_vpc_security_group_egress_rule" "monitoring_scrapes" {
+  for_each                     = local.scraped
+  security_group_id            = aws_security_group.monitoring.id
+  description                  = "Prometheus scrapes (GET /metrics) of the pool"
+  ip_protocol                  = "tcp"
+  from_port                    = var.metrics_port
+  to_port                      = var.metrics_port
+  referenced_security_group_id = each.value
+}
+
 # Clients -> gpu-servers: the QUIC listener and the session workers' ports.
 resource "aws_vpc_security_group_ingress_rule" "gpu_quic_from_clients" {
   security_group_id            = aws_security_group.gpu_server.id

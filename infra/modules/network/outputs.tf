@@ -27,3 +27,8 @@ output "interface_endpoints" {
   description = "Service name -> ID of each interface VPC endpoint."
   value       = { for k, e in aws_vpc_endpoint.interface : k => e.id }
 }
+
+output "monitoring_security_group_id" {
+  description = "Security group to attach to the Prometheus host: it may scrape the gpu-servers' and the balancer's /metrics on metrics_port."
+  value       = aws_security_group.monitoring.id
+}
