@@ -234,8 +234,6 @@ pub mod raw {
             version: u32,
             token: &str,
         ) -> Result<(Raw, v1::Welcome), (u32, String)> {
-            let (ep, conn) = Self::connect(srv, addr).await;
-            let (mut send, recv) = conn.open_bi().await.expect("stream");
             let hello = v1::Hello {
                 protocol_version: version,
                 client_build: "raw-test".into(),
@@ -245,7 +243,18 @@ pub mod raw {
                 migrate: None,
                 rdma: None,
             };
-            send.write_all(&frame::encode(&hello)).await.expect("hello");
+            Self::open_with(srv, addr, &hello).await
+        }
+
+        /// Like [`Raw::open_at`] with a Hello of the caller's.
+        pub async fn open_with(
+            srv: &TestServer,
+            addr: SocketAddr,
+            hello: &v1::Hello,
+        ) -> Result<(Raw, v1::Welcome), (u32, String)> {
+            let (ep, conn) = Self::connect(srv, addr).await;
+            let (mut send, recv) = conn.open_bi().await.expect("stream");
+            send.write_all(&frame::encode(hello)).await.expect("hello");
             let mut raw = Raw { _ep: ep, conn, send, recv, dec: FrameDecoder::new(64 << 20) };
             match raw.next().await {
                 Some(body) => Ok((raw, v1::Welcome::decode(body).expect("welcome"))),

@@ -354,3 +354,57 @@ fn migration_pause() {
         assert!(worst.as_millis() <= u128::from(ms), "a pause of {worst:?} exceeds {ms} ms");
     }
 }
+
+/// A source that brings more image bytes than the target's image cache
+/// holds (a tenant's token is all it takes to present a migration) is
+/// refused once past the bound, before the target buffers them, and the
+/// target serves on.
+#[test]
+fn a_migration_bringing_more_images_than_the_cache_holds_is_refused() {
+    use gpupool_proto::frame;
+    use gpupool_proto::v1::{self, migrate_frame::Item};
+    use prost::Message;
+    let mut config = server_config();
+    config.image_cache_bytes = 8 << 20;
+    let srv = TestServer::start(config).expect("target");
+    // A range the target can reserve: the one it gives its own sessions.
+    let probe = Session::connect(&srv.client_config()).expect("probe");
+    let (va_base, va_size) = (probe.welcome().va_base, probe.welcome().va_size);
+    drop(probe);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let why = rt.block_on(async {
+        let hello = v1::Hello {
+            protocol_version: gpupool_proto::PROTOCOL_VERSION,
+            token: TOKEN.into(),
+            migrate: Some(v1::MigrateIn { va_base, va_size, ..Default::default() }),
+            ..Default::default()
+        };
+        let (mut raw, welcome) =
+            gpupool_tests::raw::Raw::open_with(&srv, srv.addr, &hello).await.expect("the transfer may start");
+        assert!(welcome.redirect.is_none(), "in-process target");
+        // Twelve images of 1 MiB (incomplete: their size says 2 MiB).
+        for i in 0..12u8 {
+            let chunk = v1::ImageChunk {
+                sha256: vec![i; 32].into(),
+                total_size: 2 << 20,
+                offset: 0,
+                data: vec![i; 1 << 20].into(),
+            };
+            let f = frame::encode(&v1::MigrateFrame { item: Some(Item::Image(chunk)) });
+            if raw.send.write_all(&f).await.is_err() {
+                break;
+            }
+        }
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(30), raw.next()).await;
+        match answer.expect("the target answers once past the bound, not after an End") {
+            Some(body) => v1::MigrateDone::decode(body).expect("an answer").error.expect("an error").message,
+            None => match raw.conn.close_reason() {
+                Some(quinn::ConnectionError::ApplicationClosed(c)) => String::from_utf8_lossy(&c.reason).into_owned(),
+                other => panic!("no answer and no reason: {other:?}"),
+            },
+        }
+    });
+    assert!(why.contains("bytes of images"), "says why: {why}");
+    let fresh = Program::start(&srv, fresh_seed());
+    fresh.steps(0, 2);
+}

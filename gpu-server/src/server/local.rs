@@ -385,6 +385,10 @@ struct ImportLimits {
     max_frame: usize,
     max_image: u64,
     max_images: usize,
+    /// Image bytes one transfer may bring in all: what the image cache
+    /// holds (images past it would be evicted before the calls that load
+    /// them run).
+    max_image_bytes: u64,
 }
 
 fn limits_of_import(shared: &Shared) -> ImportLimits {
@@ -393,6 +397,7 @@ fn limits_of_import(shared: &Shared) -> ImportLimits {
         max_frame: cfg.max_frame_bytes as usize,
         max_image: cfg.max_staging_bytes.min(1 << 30),
         max_images: cfg.max_handles,
+        max_image_bytes: cfg.image_cache_bytes,
     }
 }
 
@@ -406,7 +411,10 @@ async fn receive_session(
     limits: ImportLimits,
 ) -> Result<Vec<(u64, bytes::Bytes)>, String> {
     use gpupool_proto::v1::migrate_frame::Item;
+    // Images being received, and those received whole (in the cache now).
     let mut images: std::collections::HashMap<[u8; 32], Vec<u8>> = std::collections::HashMap::new();
+    let mut complete = std::collections::HashSet::new();
+    let mut image_bytes = 0u64;
     let mut replies = Vec::new();
     let mut reply_bytes = 0;
     let mut memory = 0u64;
@@ -431,8 +439,18 @@ async fn receive_session(
                         c.total_size, limits.max_image
                     ));
                 }
-                if !images.contains_key(&key) && images.len() >= limits.max_images {
+                if complete.contains(&key) {
+                    return Err("an image sent twice".into());
+                }
+                if !images.contains_key(&key) && images.len() + complete.len() >= limits.max_images {
                     return Err(format!("more than {} images", limits.max_images));
+                }
+                image_bytes = image_bytes.saturating_add(c.data.len() as u64);
+                if image_bytes > limits.max_image_bytes {
+                    return Err(format!(
+                        "more than {} bytes of images (the image cache's size)",
+                        limits.max_image_bytes
+                    ));
                 }
                 let image = images.entry(key).or_default();
                 if c.offset != image.len() as u64 || c.offset + c.data.len() as u64 > c.total_size {
@@ -444,6 +462,9 @@ async fn receive_session(
                         return Err("an image does not match its SHA-256".into());
                     }
                     shared.images.insert(key, Arc::from(&image[..]));
+                    // The cache holds it now: no second copy while the rest comes.
+                    images.remove(&key);
+                    complete.insert(key);
                 }
             }
             Item::Calls(batch) => import(Import::Calls(batch)).await?,
