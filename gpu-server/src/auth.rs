@@ -10,6 +10,9 @@ use std::collections::HashSet;
 pub struct Grant {
     /// Who holds the token, for logs.
     pub subject: String,
+    /// The tenant whose session it is, for per-tenant metrics: the lease's
+    /// tenant, or the kind of token when it names none.
+    pub tenant: String,
     /// Memory quota for the session, when the token sets one.
     pub memory_quota: Option<u64>,
     /// Session id to use, when the token was issued for one session (a
@@ -87,6 +90,7 @@ impl Authenticator for StaticTokens {
         if ok {
             Ok(Grant {
                 subject: "static-token".into(),
+                tenant: "(static token)".into(),
                 memory_quota: None,
                 session_id: None,
                 lease: None,
@@ -131,6 +135,7 @@ impl Authenticator for LeaseTokens {
         }
         Ok(Grant {
             subject: format!("tenant {} lease {:#x}", claims.tenant, claims.lease_id),
+            tenant: claims.tenant.clone(),
             memory_quota: Some(claims.memory_bytes),
             session_id: None,
             lease: Some(LeaseGrant {

@@ -169,6 +169,8 @@ fn read_control(
         }
         let grant = Grant {
             subject: a.subject.clone(),
+            // Counted per tenant by the supervisor, not here.
+            tenant: String::new(),
             memory_quota: Some(a.memory_quota).filter(|q| *q > 0),
             session_id: Some(a.session_id),
             lease: None,
@@ -352,6 +354,7 @@ mod tests {
         assert_eq!(t.authenticate("abc"), Err(AuthError::Invalid));
         let grant = Grant {
             subject: "t".into(),
+            tenant: String::new(),
             memory_quota: Some(1 << 20),
             session_id: Some(7),
             lease: None,

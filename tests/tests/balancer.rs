@@ -134,7 +134,7 @@ const H100_LAYOUT: &[&str] = &["3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb"];
 /// and an exclusive lease does not either.
 #[test]
 fn shared_leases_of_a_tenant_share_a_whole_gpu_within_its_compute() {
-    let (balancer, _server, _grpc) = one_server(7, "h200", "h200-141gb");
+    let (balancer, server, _grpc) = one_server(7, "h200", "h200-141gb");
     let request = |shared: bool| {
         let mut req = PoolRequest::new(balancer.url(), balancer.trust(), "team-a");
         (req.memory, req.compute_percent, req.shared) = (4 << 30, 50, shared);
@@ -152,6 +152,9 @@ fn shared_leases_of_a_tenant_share_a_whole_gpu_within_its_compute() {
     }
     round_trip(&a, 1);
     round_trip(&b, 2);
+    // The server counts them under their tenant (not one series per lease).
+    let team = server.metrics.tenants().get("team-a").copied().unwrap_or_default();
+    assert_eq!((team.active, team.opened), (2, 2), "{:?}", server.metrics.tenants());
     let third = Session::connect_pooled(&request(true), &template()).expect_err("100 % of the GPU is placed");
     assert!(matches!(third, ClientError::Pool { .. }), "the balancer says no: {third:?}");
     let whole = Session::connect_pooled(&request(false), &template()).expect_err("the GPU holds shares");

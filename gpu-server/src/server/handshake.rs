@@ -193,7 +193,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
         tracing::info!(client = %peer_text(&hello.client_build), subject = %grant.subject, "session opened");
         add(&shared.metrics.sessions_opened, 1);
         add(&shared.metrics.sessions_active, 1);
-        shared.metrics.tenant_opened(&grant.subject);
+        shared.metrics.tenant_opened(&grant.tenant);
         // A lease grants its whole instance; other tokens get the server's quota.
         let quota = match (&grant.lease, grant.memory_quota) {
             (Some(_), Some(q)) => q,
@@ -241,7 +241,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
             }
         }
         shared.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);
-        shared.metrics.tenant_closed(&grant.subject);
+        shared.metrics.tenant_closed(&grant.tenant);
         drop(permit);
         shared.session_ended.notify_one();
         tracing::info!("session ended");

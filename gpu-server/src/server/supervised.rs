@@ -72,7 +72,7 @@ pub(super) async fn run_in_worker(
     // The session lives on the worker's connection now.
     quic::narrow_to_control(&conn);
     let mut events = worker.take_events();
-    let mut relay = Relay { shared, tenant: subject, lease, reported: v1::WorkerMetrics::default(), order: None };
+    let mut relay = Relay { shared, tenant: &grant.tenant, lease, reported: v1::WorkerMetrics::default(), order: None };
     // A session that migrated here waits for its client: the connection it
     // came on (the source server's) ends once it arrived.
     let mut awaiting_client = migrated_in;
