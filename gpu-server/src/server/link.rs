@@ -130,6 +130,8 @@ pub(crate) async fn run(
     };
     let mut client = BalancerClient::new(channel);
     let mut backoff = Duration::from_millis(100);
+    // Opened once: the loop registers again whenever the balancer forgets us.
+    let mut busy = super::load::NvmlBusy::open();
     // Outcomes of the migrations the balancer ordered, for the next heartbeat.
     let outcomes: Outcomes = Arc::default();
     loop {
@@ -177,7 +179,6 @@ pub(crate) async fn run(
             _ = stop.changed() => return,
         };
         // Heartbeats until the balancer forgets this server.
-        let mut busy = super::load::NvmlBusy::open();
         let mut every = tokio::time::interval(interval);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -145,7 +145,7 @@ impl Metrics {
         let mut t = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
         let key = if t.contains_key(tenant) { tenant } else { OTHER_TENANTS };
         if let Some(entry) = t.get_mut(key) {
-            entry.memory = (entry.memory + now.memory_mapped).saturating_sub(before.memory_mapped);
+            entry.memory = entry.memory.saturating_add(now.memory_mapped).saturating_sub(before.memory_mapped);
             entry.calls += now.calls.saturating_sub(before.calls);
         }
     }
