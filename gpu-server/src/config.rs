@@ -337,9 +337,6 @@ impl ServerConfig {
             bad.push(format!("shm_dir {} must be an absolute path of at most 64 bytes", dir.display()));
         }
         if let Some(swap) = &self.swap {
-            if !matches!(self.isolation, Isolation::InProcess) {
-                bad.push("swapping sessions out needs in-process isolation (not yet across worker processes)".into());
-            }
             if swap.host_bytes == 0 || swap.device_bytes == Some(0) {
                 bad.push("swap needs some host memory and some device memory".into());
             }
@@ -373,7 +370,7 @@ mod tests {
             warm: 0,
             start_timeout: Duration::from_secs(1),
         };
-        assert!(c.validate().expect_err("process isolation").to_string().contains("in-process isolation"));
+        assert!(c.validate().is_ok(), "swapping works across worker processes too");
     }
 
     #[test]

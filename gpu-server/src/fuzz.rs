@@ -309,7 +309,7 @@ proptest! {
             port_high: 40100,
             ..Default::default()
         };
-        let assign = v1::WorkerAssign { ticket: "t".into(), subject: "s".into(), memory_quota: 1, session_id: 2, resume_secret: "r".into(), resume: false, migrate: None };
+        let assign = v1::WorkerAssign { ticket: "t".into(), subject: "s".into(), memory_quota: 1, session_id: 2, resume_secret: "r".into(), ..Default::default() };
         let input = match which {
             0 => raw,
             1 => mutate(gpupool_proto::frame::encode(&spec).to_vec(), &edits),

@@ -19,9 +19,12 @@
 //! queues the request without blocking.
 
 use crate::error::CallError;
+pub use remote::RemoteMemory;
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+pub mod remote;
 
 /// Bounds of swapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +57,9 @@ pub struct MemoryUse {
 /// The device memory of one server process and its sessions' use of it.
 pub struct DeviceMemory {
     config: Option<SwapConfig>,
+    /// In a worker process: the supervisor's ledger, which this one only
+    /// forwards to (`remote.rs`).
+    remote: Option<Arc<RemoteMemory>>,
     ledger: Mutex<Ledger>,
     /// Notified whenever memory is freed or a swap-out request is answered.
     changed: Condvar,
@@ -82,6 +88,9 @@ struct Ledger {
     /// Resident bytes at which the device last refused memory, and until
     /// when that is the bound (when lower than the configured one).
     refused: Option<(u64, Instant)>,
+    /// The device's memory as a worker reported it, when the configured
+    /// bound was not known (`DeviceMemory::cap`).
+    cap: Option<u64>,
 }
 
 /// How long the device's refusal lowers the bound: memory that other
@@ -165,17 +174,27 @@ impl DeviceMemory {
     /// Memory with swapping as `config` says; `None`: no device bound and
     /// no swapping, only the counts.
     pub fn new(config: Option<SwapConfig>) -> Arc<Self> {
-        Arc::new(Self { config, ledger: Mutex::new(Ledger::default()), changed: Condvar::new() })
+        Arc::new(Self { config, remote: None, ledger: Mutex::new(Ledger::default()), changed: Condvar::new() })
+    }
+
+    /// The memory of a worker process's session: the supervisor's ledger,
+    /// reached through `remote` (swapping across worker processes).
+    pub fn remote(remote: Arc<RemoteMemory>) -> Arc<Self> {
+        Arc::new(Self { config: None, remote: Some(remote), ledger: Mutex::default(), changed: Condvar::new() })
     }
 
     /// Whether swapping is on.
     pub fn swapping(&self) -> bool {
-        self.config.is_some()
+        self.config.is_some() || self.remote.is_some()
     }
 
     /// Registers a session; `ask` queues a swap-out request on its thread
     /// (`None`: the session is never asked).
     pub fn register(self: &Arc<Self>, ask: Option<AskSwapOut>) -> SessionMemory {
+        if let Some(r) = &self.remote {
+            r.set_ask(ask);
+            return SessionMemory { memory: self.clone(), id: 0 };
+        }
         let mut l = self.lock();
         l.next_id += 1;
         let id = l.next_id;
@@ -195,9 +214,22 @@ impl DeviceMemory {
         SessionMemory { memory: self.clone(), id }
     }
 
+    /// Bounds the device memory sessions may hold by what the device has
+    /// (`bytes`, as a worker process's driver reported it): a supervisor
+    /// that does not open the device learns it from its first worker.
+    pub fn cap(&self, bytes: u64) {
+        if bytes > 0 && self.remote.is_none() {
+            let mut l = self.lock();
+            l.cap = Some(l.cap.map_or(bytes, |c| c.min(bytes)));
+        }
+    }
+
     /// What all sessions hold now.
     pub fn total(&self) -> MemoryUse {
-        self.lock().total
+        match &self.remote {
+            Some(r) => r.used(),
+            None => self.lock().total,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Ledger> {
@@ -226,6 +258,9 @@ impl SessionMemory {
 
     /// What this session holds now.
     pub fn used(&self) -> MemoryUse {
+        if let Some(r) = self.remote() {
+            return r.used();
+        }
         self.memory.lock().sessions.get(&self.id).map(|e| e.used).unwrap_or_default()
     }
 
@@ -235,6 +270,9 @@ impl SessionMemory {
     /// batch to become idle); `OUT_OF_MEMORY` when they cannot free enough.
     /// Sessions that asked before this one are served first.
     pub fn reserve(&self, bytes: u64) -> Result<(), CallError> {
+        if let Some(r) = self.remote() {
+            return r.reserve(bytes);
+        }
         let mut l = self.memory.lock();
         l.tickets += 1;
         let claim = Claim { ticket: l.tickets, bytes };
@@ -275,7 +313,8 @@ impl SessionMemory {
             let limit = match l.refused {
                 Some((at, until)) if Instant::now() < until => limit.min(at),
                 _ => limit,
-            };
+            }
+            .min(l.cap.unwrap_or(u64::MAX));
             // What sessions ahead in line asked counts as taken.
             let total = l.total.resident.saturating_add(l.claimed_before(claim.ticket));
             if total.checked_add(bytes).is_some_and(|t| t <= limit) {
@@ -316,6 +355,9 @@ impl SessionMemory {
     /// idle sessions out first. `false` when there is nothing to swap out
     /// or swapping is off (a retry would fail the same way).
     pub fn device_refused(&self) -> bool {
+        if let Some(r) = self.remote() {
+            return r.device_refused();
+        }
         if self.memory.config.is_none() {
             return false;
         }
@@ -331,6 +373,9 @@ impl SessionMemory {
 
     /// Gives back `bytes` of device memory.
     pub fn release(&self, bytes: u64) {
+        if let Some(r) = self.remote() {
+            return r.release(bytes);
+        }
         let mut l = self.memory.lock();
         l.total.resident = l.total.resident.saturating_sub(bytes);
         if let Some(e) = l.entry(self.id) {
@@ -343,6 +388,9 @@ impl SessionMemory {
     /// Takes `bytes` of host memory for swapped contents; refused beyond
     /// the host bound (or when swapping is off).
     pub fn reserve_host(&self, bytes: u64) -> Result<(), CallError> {
+        if let Some(r) = self.remote() {
+            return r.reserve_host(bytes);
+        }
         let limit = self.memory.config.map_or(0, |c| c.host_bytes);
         let mut l = self.memory.lock();
         let swapped = l.total.swapped;
@@ -360,6 +408,9 @@ impl SessionMemory {
 
     /// Gives back `bytes` of host memory.
     pub fn release_host(&self, bytes: u64) {
+        if let Some(r) = self.remote() {
+            return r.release_host(bytes);
+        }
         let mut l = self.memory.lock();
         l.total.swapped = l.total.swapped.saturating_sub(bytes);
         if let Some(e) = l.entry(self.id) {
@@ -373,6 +424,9 @@ impl SessionMemory {
         if !self.memory.swapping() {
             return;
         }
+        if let Some(r) = self.remote() {
+            return r.begin_batch();
+        }
         if let Some(e) = self.memory.lock().entry(self.id) {
             e.busy = true;
         }
@@ -382,6 +436,9 @@ impl SessionMemory {
     pub fn end_batch(&self) {
         if !self.memory.swapping() {
             return;
+        }
+        if let Some(r) = self.remote() {
+            return r.end_batch();
         }
         let mut l = self.memory.lock();
         l.clock += 1;
@@ -400,6 +457,9 @@ impl SessionMemory {
     /// or had nothing to free (then it is not asked again before its next
     /// batch).
     pub fn answered(&self, ok: bool) {
+        if let Some(r) = self.remote() {
+            return r.answered(ok);
+        }
         if let Some(e) = self.memory.lock().entry(self.id) {
             e.asked = false;
             e.refused = !ok;
@@ -408,8 +468,18 @@ impl SessionMemory {
     }
 }
 
+impl SessionMemory {
+    fn remote(&self) -> Option<&RemoteMemory> {
+        self.memory.remote.as_deref()
+    }
+}
+
 impl Drop for SessionMemory {
     fn drop(&mut self) {
+        // A worker's session: the supervisor's entry goes with the worker.
+        if self.remote().is_some() {
+            return;
+        }
         let mut l = self.memory.lock();
         if let Some(e) = l.sessions.remove(&self.id) {
             l.total.resident = l.total.resident.saturating_sub(e.used.resident);

@@ -74,8 +74,13 @@ pub fn run_stdio() -> Result<(), ServerError> {
         .map_err(|e| ServerError::Worker(format!("cannot start the I/O runtime: {e}")))?;
     let tickets = Arc::new(Ticket::default());
     let handshake_timeout = config.handshake_timeout;
+    // The supervisor swaps: this session's device memory is its ledger's.
+    let remote = spec.swap.then(|| {
+        let send = |request| write_event(v1::worker_event::Event::Memory(request));
+        crate::swap::RemoteMemory::new(Box::new(send), Duration::from_millis(spec.swap_wait_ms))
+    });
     let result = rt.block_on(async {
-        let server = match Server::bind_with_auth(config, tickets.clone()) {
+        let server = match Server::bind_worker(config, tickets.clone(), remote.clone()) {
             Ok(s) => s,
             Err(e) => {
                 write_event(v1::worker_event::Event::Failed(e.to_string()));
@@ -91,13 +96,14 @@ pub fn run_stdio() -> Result<(), ServerError> {
             backend: d.backend.into(),
             device_name: d.name.clone(),
             shm_socket: server.shm_socket().map(|p| p.display().to_string()).unwrap_or_default(),
+            total_memory: d.total_memory,
         }));
         let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
         let t = tickets.clone();
         // stdin is blocking: read it on a plain thread.
         std::thread::Builder::new()
             .name("gpupool-worker-control".into())
-            .spawn(move || read_control(stdin, &t, handshake_timeout, &control_tx))
+            .spawn(move || read_control(stdin, &t, handshake_timeout, &control_tx, remote.as_deref()))
             .map_err(|e| ServerError::Worker(format!("cannot start the control thread: {e}")))?;
         let metrics = server.metrics();
         let reporter = tokio::spawn(report_metrics(metrics.clone()));
@@ -142,12 +148,14 @@ enum Control {
 /// Reads the `WorkerAssign`, arms the ticket and reports it; then arms the
 /// resume tickets of later `WorkerAssign`s (a client reattaching to the
 /// session after losing its connection) until stdin closes (the
-/// supervisor's way of stopping the worker).
+/// supervisor's way of stopping the worker). Answers to the session's
+/// memory requests and swap-out orders go to `memory`.
 fn read_control(
     mut stdin: std::io::Stdin,
     ticket: &Ticket,
     handshake_timeout: Duration,
     out: &tokio::sync::mpsc::UnboundedSender<Control>,
+    memory: Option<&crate::swap::RemoteMemory>,
 ) {
     let mut first = true;
     loop {
@@ -161,6 +169,14 @@ fn read_control(
         };
         if let Some(order) = a.migrate {
             let _ = out.send(Control::Migrate(order));
+            continue;
+        }
+        if a.memory.is_some() || a.swap_out {
+            match (memory, a.memory) {
+                (Some(m), Some(answer)) => m.answer(answer),
+                (Some(m), None) => m.swap_out(),
+                (None, _) => tracing::error!("memory frame from a supervisor that does not swap; ignored"),
+            }
             continue;
         }
         if a.resume == first {
@@ -185,6 +201,9 @@ fn read_control(
             let _ = out.send(Control::Assigned(expires));
         }
         first = false;
+    }
+    if let Some(m) = memory {
+        m.close();
     }
     let _ = out.send(Control::Closed);
 }
@@ -325,9 +344,10 @@ pub(crate) fn read_message<M: Message + Default>(r: &mut impl Read) -> Result<Op
     M::decode(body.as_slice()).map(Some).map_err(|e| ServerError::Worker(format!("bad control frame: {e}")))
 }
 
-/// Writes one event to stdout. A supervisor that stopped reading is gone;
-/// stdin's end stops the worker then, so a failed write is only logged.
-fn write_event(event: v1::worker_event::Event) {
+/// Writes one event to stdout; whether it was written. A supervisor that
+/// stopped reading is gone; stdin's end stops the worker then, so a failed
+/// write is only logged.
+fn write_event(event: v1::worker_event::Event) -> bool {
     let bytes = frame::encode(&v1::WorkerEvent { event: Some(event) });
     let written = match PROTOCOL_OUT.get() {
         Some(out) => {
@@ -339,9 +359,10 @@ fn write_event(event: v1::worker_event::Event) {
             out.write_all(&bytes).and_then(|()| out.flush())
         }
     };
-    if let Err(e) = written {
+    if let Err(e) = &written {
         tracing::warn!(error = %e, "cannot report to the supervisor");
     }
+    written.is_ok()
 }
 
 #[cfg(test)]

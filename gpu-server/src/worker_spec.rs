@@ -76,6 +76,8 @@ pub(crate) fn spec_from_config(config: &ServerConfig, chain: Vec<Vec<u8>>, key: 
         session_spin_us: u32::try_from(config.session_spin.as_micros()).unwrap_or(u32::MAX),
         port_low: config.worker_ports.map_or(0, |(low, _)| u32::from(low)),
         port_high: config.worker_ports.map_or(0, |(_, high)| u32::from(high)),
+        swap: config.swap.is_some(),
+        swap_wait_ms: config.swap.map_or(0, |s| u64::try_from(s.wait.as_millis()).unwrap_or(u64::MAX)),
     }
 }
 

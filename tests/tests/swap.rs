@@ -3,13 +3,15 @@
 //! sessions used in turns. Each session holds about 60 % of the device;
 //! every turn swaps the others out and its own memory back in, and the
 //! client sees only latency: the same addresses, the same bytes, correct
-//! results.
+//! results. In-process and with every session in its own worker process
+//! (the server's default), where the supervisor keeps the ledger.
 
 use gpupool_client::{DeviceBuffer, KernelArg, LaunchConfig, Session, StreamId};
 use gpupool_proto::BUILTIN_MODULE;
 use gpupool_server::{DeviceChoice, Swap};
-use gpupool_tests::{TestServer, fresh_seed, random_f32, server_config};
-use std::time::Duration;
+use gpupool_server::{MetricsSnapshot, ServerConfig};
+use gpupool_tests::{TestServer, fresh_seed, isolated_config, random_f32, server_config};
+use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 /// The emulated device's memory.
@@ -30,7 +32,22 @@ struct Tenant {
 
 #[test]
 fn sessions_that_do_not_fit_together_take_turns_with_correct_results() {
-    take_turns(None);
+    take_turns(server_config(), None);
+}
+
+/// The same with a worker process per session: each worker's session asks
+/// the supervisor for device memory, and the supervisor orders idle
+/// workers to swap out.
+#[test]
+fn sessions_in_worker_processes_take_turns_with_correct_results() {
+    take_turns(isolated_config().expect("worker binary"), None);
+}
+
+/// Worker processes, each with a device of its own that holds all three
+/// sessions: only the supervisor's bound makes them take turns.
+#[test]
+fn the_supervisors_bound_swaps_worker_sessions() {
+    take_turns(isolated_config().expect("worker binary"), Some(DEVICE));
 }
 
 /// The server's bound above what the device holds (as on a GPU whose
@@ -38,18 +55,21 @@ fn sessions_that_do_not_fit_together_take_turns_with_correct_results() {
 /// what shows the pressure.
 #[test]
 fn a_device_refusal_below_the_bound_swaps_idle_sessions_out() {
-    take_turns(Some(1 << 30));
+    take_turns(server_config(), Some(1 << 30));
 }
 
 /// Three sessions of 28 MiB on the 48 MiB device, used in turns with the
 /// server's device bound at `device_bytes` (the device's size by default).
-fn take_turns(device_bytes: Option<u64>) {
+fn take_turns(mut config: ServerConfig, device_bytes: Option<u64>) {
     if std::env::var("GPUPOOL_TEST_DEVICE").as_deref() == Ok("cuda") {
         // The device is the emulated device of DEVICE bytes here.
         return;
     }
-    let mut config = server_config();
-    config.device = DeviceChoice::Emulated { memory: DEVICE };
+    let isolated = !matches!(config.isolation, gpupool_server::Isolation::InProcess);
+    // In worker processes the device of each worker is its own: give each
+    // room for all three, so that the supervisor's bound is what swaps.
+    let device = if isolated && device_bytes.is_some() { 4 * DEVICE } else { DEVICE };
+    config.device = DeviceChoice::Emulated { memory: device };
     config.memory_quota = 32 * MIB;
     config.swap = Some(Swap { device_bytes, host_bytes: 256 * MIB, wait: Duration::from_secs(20) });
     let srv = TestServer::start(config).expect("server starts");
@@ -66,7 +86,8 @@ fn take_turns(device_bytes: Option<u64>) {
             Tenant { session, x, y, addrs, host_x: hx, want_y: hy }
         })
         .collect();
-    let swapped = srv.metrics.snapshot().memory_swapped;
+    // Workers report their counters every 200 ms.
+    let swapped = settled(&srv, |m| m.memory_swapped >= 28 * MIB).memory_swapped;
     assert!(swapped >= 28 * MIB, "an earlier session was swapped out ({swapped} bytes)");
 
     for round in 0..2 {
@@ -91,7 +112,9 @@ fn take_turns(device_bytes: Option<u64>) {
     for t in &tenants {
         assert!(t.x.to_vec().expect("x") == t.host_x, "x came back byte for byte");
     }
-    let m = srv.metrics.snapshot();
+    let all_reported =
+        |m: &MetricsSnapshot| m.memory_mapped + m.memory_swapped == 3 * 28 * MIB && m.swapped_in_bytes >= 6 * 28 * MIB;
+    let m = settled(&srv, all_reported);
     assert!(m.memory_mapped <= DEVICE, "resident {} within the device", m.memory_mapped);
     assert_eq!(m.memory_mapped + m.memory_swapped, 3 * 28 * MIB, "every byte is resident or swapped: {m:?}");
     assert_eq!(m.call_errors, 0, "the clients saw no error");
@@ -99,4 +122,17 @@ fn take_turns(device_bytes: Option<u64>) {
     assert!(m.swapped_in_bytes >= 6 * 28 * MIB, "{m:?}");
     assert_eq!(m.swapped_out_bytes - m.swapped_in_bytes, m.memory_swapped, "{m:?}");
     drop(tenants);
+}
+
+/// The server's counters once `done` holds of them (worker processes
+/// report theirs every 200 ms), or after 5 s as they are.
+fn settled(srv: &TestServer, done: impl Fn(&MetricsSnapshot) -> bool) -> MetricsSnapshot {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = srv.metrics.snapshot();
+        if done(&m) || Instant::now() >= deadline {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

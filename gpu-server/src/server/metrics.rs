@@ -174,6 +174,9 @@ impl Metrics {
         add(&self.bulk_bytes_in, now.bulk_bytes_in.saturating_sub(before.bulk_bytes_in));
         add(&self.bulk_bytes_out, now.bulk_bytes_out.saturating_sub(before.bulk_bytes_out));
         gauge(&self.memory_mapped, before.memory_mapped, now.memory_mapped);
+        gauge(&self.memory_swapped, before.memory_swapped, now.memory_swapped);
+        add(&self.swapped_out_bytes, now.swapped_out_bytes.saturating_sub(before.swapped_out_bytes));
+        add(&self.swapped_in_bytes, now.swapped_in_bytes.saturating_sub(before.swapped_in_bytes));
         gauge(&self.shm_regions, before.shm_regions, now.shm_regions);
         add(&self.shm_bytes, now.shm_bytes.saturating_sub(before.shm_bytes));
     }
@@ -191,6 +194,9 @@ impl Metrics {
             memory_mapped: s.memory_mapped,
             shm_regions: s.shm_regions,
             shm_bytes: s.shm_bytes,
+            memory_swapped: s.memory_swapped,
+            swapped_out_bytes: s.swapped_out_bytes,
+            swapped_in_bytes: s.swapped_in_bytes,
         }
     }
 

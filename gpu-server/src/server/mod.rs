@@ -89,6 +89,24 @@ impl Server {
 
     /// Like [`Server::bind`] with a custom authenticator.
     pub fn bind_with_auth(config: ServerConfig, auth: Arc<dyn Authenticator>) -> Result<Self, ServerError> {
+        Self::bind_inner(config, auth, None)
+    }
+
+    /// A worker process's server, whose session's device memory is the
+    /// supervisor's ledger (`remote`) when the supervisor swaps.
+    pub(crate) fn bind_worker(
+        config: ServerConfig,
+        auth: Arc<dyn Authenticator>,
+        remote: Option<Arc<crate::swap::RemoteMemory>>,
+    ) -> Result<Self, ServerError> {
+        Self::bind_inner(config, auth, remote.map(crate::swap::DeviceMemory::remote))
+    }
+
+    fn bind_inner(
+        config: ServerConfig,
+        auth: Arc<dyn Authenticator>,
+        worker_memory: Option<Arc<crate::swap::DeviceMemory>>,
+    ) -> Result<Self, ServerError> {
         config.validate()?;
         let identity = Identity::load(&config.tls)?;
         let server_config = quic::server_config(&config, &identity)?;
@@ -122,7 +140,26 @@ impl Server {
                         })
                         .collect()
                 };
-                Mode::Workers(Arc::new(Workers { pools }))
+                // One ledger per served device or instance: its workers'
+                // sessions swap against each other, not across instances.
+                let memory = pools
+                    .iter()
+                    .map(|(uuid, _)| {
+                        let instance = config.gpus.iter().flat_map(|g| &g.instances).find(|i| i.uuid == *uuid);
+                        let device = match (instance, config.device) {
+                            (Some(i), _) => i.memory,
+                            (None, DeviceChoice::Emulated { memory }) => memory,
+                            // Learned from the first worker's report.
+                            (None, _) => u64::MAX,
+                        };
+                        crate::swap::DeviceMemory::new(config.swap.map(|s| crate::swap::SwapConfig {
+                            device_bytes: s.device_bytes.unwrap_or(device),
+                            host_bytes: s.host_bytes,
+                            wait: s.wait,
+                        }))
+                    })
+                    .collect();
+                Mode::Workers(Arc::new(Workers { pools, memory }))
             }
         };
         let bulk = match &mode {
@@ -130,7 +167,8 @@ impl Server {
             _ => BulkIo::default(),
         };
         let endpoint = quic::endpoint(&config, server_config)?;
-        // Swapping bounds the device memory of the sessions of this process.
+        // Swapping bounds the device memory of the sessions of this process
+        // (with worker processes: of each pool's workers, above).
         let swap = match (&mode, config.swap) {
             (Mode::Local(device), Some(s)) => Some(crate::swap::SwapConfig {
                 device_bytes: s.device_bytes.unwrap_or(device.description().total_memory),
@@ -139,6 +177,7 @@ impl Server {
             }),
             _ => None,
         };
+        let device_memory = worker_memory.unwrap_or_else(|| crate::swap::DeviceMemory::new(swap));
         // The process that serves a session maps its client's region: this
         // one in-process, each worker process under process isolation.
         let (shm_listener, shm) = match (&mode, &config.shm_dir) {
@@ -151,7 +190,7 @@ impl Server {
             },
             _ => (None, shm::Registry::off()),
         };
-        let shared = Arc::new(Shared::new(config, auth, bulk.ports(), Arc::new(shm), swap));
+        let shared = Arc::new(Shared::new(config, auth, bulk.ports(), Arc::new(shm), device_memory));
         Ok(Self { endpoint, bulk, shm: shm_listener, mode, fingerprint: identity.fingerprint(), shared })
     }
 

@@ -78,15 +78,20 @@ pub(super) struct Workers {
     /// By instance UUID (empty for the server's one device), in the order
     /// the instances were listed.
     pub(super) pools: Vec<(String, Arc<WorkerPool>)>,
+    /// The device memory of each pool's workers (same order): the ledger
+    /// that swapping across worker processes keeps (`swap/remote.rs`).
+    pub(super) memory: Vec<Arc<crate::swap::DeviceMemory>>,
 }
 
 impl Workers {
-    /// The pool a session runs in: its lease's instance, else the first.
-    pub(super) fn for_session(&self, grant: &Grant) -> Option<&Arc<WorkerPool>> {
-        match &grant.lease {
-            Some(lease) => self.pools.iter().find(|(uuid, _)| *uuid == lease.instance_uuid).map(|(_, p)| p),
-            None => self.pools.first().map(|(_, p)| p),
-        }
+    /// The pool a session runs in (its lease's instance, else the first)
+    /// and the memory its workers share.
+    pub(super) fn for_session(&self, grant: &Grant) -> Option<(&Arc<WorkerPool>, &Arc<crate::swap::DeviceMemory>)> {
+        let i = match &grant.lease {
+            Some(lease) => self.pools.iter().position(|(uuid, _)| *uuid == lease.instance_uuid)?,
+            None => 0,
+        };
+        Some((&self.pools.get(i)?.1, self.memory.get(i)?))
     }
 }
 
@@ -136,17 +141,17 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// `bulk_ports`: the ports of the server's bulk endpoints; `shm`: the
-    /// shared-memory socket's sessions; `swap`: the bounds of swapping in
-    /// this process (`None`: off).
+    /// shared-memory socket's sessions; `device_memory`: the ledger of the
+    /// sessions in this process (with swapping or without).
     pub(crate) fn new(
         config: ServerConfig,
         auth: Arc<dyn Authenticator>,
         bulk_ports: Vec<u16>,
         shm: Arc<super::transport::shm::Registry>,
-        swap: Option<crate::swap::SwapConfig>,
+        device_memory: Arc<crate::swap::DeviceMemory>,
     ) -> Self {
         Self {
-            device_memory: crate::swap::DeviceMemory::new(swap),
+            device_memory,
             images: Arc::new(
                 ImageCache::new(config.image_cache_dir.clone(), config.image_cache_bytes)
                     .with_disk_limit(config.image_cache_disk_bytes),

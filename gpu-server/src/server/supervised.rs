@@ -12,8 +12,10 @@ use super::transport::{Attachment, Link};
 use crate::auth::Grant;
 use crate::error::ServerError;
 use crate::pool::{Worker, WorkerPool};
+use crate::swap::{DeviceMemory, SessionMemory, remote};
 use gpupool_proto::{close_code, frame, v1};
 use std::sync::Arc;
+use tokio::sync::mpsc;
 
 /// Hands the session to a worker process: the client is redirected to it
 /// and this connection stays open as the session's control connection
@@ -24,6 +26,7 @@ use std::sync::Arc;
 pub(super) async fn run_in_worker(
     shared: &Shared,
     pool: &Arc<WorkerPool>,
+    memory: &Arc<DeviceMemory>,
     mut conn: quinn::Connection,
     id: u64,
     quota: u64,
@@ -42,7 +45,7 @@ pub(super) async fn run_in_worker(
         session_id: id,
         resume_secret: slot.secret().to_string(),
         resume: false,
-        migrate: None,
+        ..Default::default()
     };
     let mut worker = match pool.assign(&assign).await {
         Ok(w) => w,
@@ -54,6 +57,15 @@ pub(super) async fn run_in_worker(
     };
     let pid = worker.pid();
     let port = worker.ready.port;
+    // With swapping, the worker's session takes its device memory from the
+    // pool's ledger, and the ledger's swap-out orders reach it on its pipe.
+    memory.cap(worker.ready.total_memory);
+    let (swap_tx, mut swap_orders) = mpsc::unbounded_channel::<()>();
+    let (answers, mut answers_rx) = mpsc::unbounded_channel::<v1::MemoryAnswer>();
+    let session_memory = memory.swapping().then(|| {
+        let ask = move || swap_tx.send(()).is_ok();
+        Arc::new(memory.register(Some(Box::new(ask))))
+    });
     tracing::info!(pid, port, "session handed to a worker process");
     let secret = slot.secret().to_string();
     let redirect = |ticket: String, resumed: bool| v1::Welcome {
@@ -72,7 +84,15 @@ pub(super) async fn run_in_worker(
     // The session lives on the worker's connection now.
     quic::narrow_to_control(&conn);
     let mut events = worker.take_events();
-    let mut relay = Relay { shared, tenant: &grant.tenant, lease, reported: v1::WorkerMetrics::default(), order: None };
+    let mut relay = Relay {
+        shared,
+        tenant: &grant.tenant,
+        lease,
+        reported: v1::WorkerMetrics::default(),
+        order: None,
+        memory: session_memory,
+        answers,
+    };
     // A session that migrated here waits for its client: the connection it
     // came on (the source server's) ends once it arrived.
     let mut awaiting_client = migrated_in;
@@ -83,6 +103,22 @@ pub(super) async fn run_in_worker(
                 continue;
             }
             status = worker.wait() => break status,
+            Some(answer) = answers_rx.recv() => {
+                let answer = v1::WorkerAssign { memory: Some(answer), ..Default::default() };
+                // A worker that cannot be reached is exiting: its wait ends.
+                let _ = worker.send_control(&frame::encode(&answer)).await;
+                continue;
+            }
+            Some(()) = swap_orders.recv() => {
+                let order = v1::WorkerAssign { swap_out: true, ..Default::default() };
+                if worker.send_control(&frame::encode(&order)).await.is_err()
+                    && let Some(m) = &relay.memory
+                {
+                    // Not asked after all: nobody waits for its answer.
+                    m.answered(false);
+                }
+                continue;
+            }
             Some(order) = moves.orders.recv(), if relay.order.is_none() => {
                 let target = &order.target;
                 let migrate = v1::Moved {
@@ -159,6 +195,7 @@ pub(super) async fn run_in_worker(
     // worker that crashed never reported them freed).
     relay.apply(Some(v1::worker_event::Event::Metrics(v1::WorkerMetrics {
         memory_mapped: 0,
+        memory_swapped: 0,
         shm_regions: 0,
         ..relay.reported
     })));
@@ -198,6 +235,10 @@ struct Relay<'a> {
     reported: v1::WorkerMetrics,
     /// The migration ordered and not yet reported.
     order: Option<super::migrate::Order>,
+    /// The session's share of the pool's ledger (swapping on).
+    memory: Option<Arc<SessionMemory>>,
+    /// Answers to the worker's memory questions, sent by the session loop.
+    answers: mpsc::UnboundedSender<v1::MemoryAnswer>,
 }
 
 impl Relay<'_> {
@@ -226,7 +267,33 @@ impl Relay<'_> {
                 };
                 let _ = order.done.send(report);
             }
+            Some(v1::worker_event::Event::Memory(request)) => self.memory_request(request),
             _ => {}
+        }
+    }
+}
+
+impl Relay<'_> {
+    /// Applies a worker's memory request to its share of the ledger; a
+    /// question that may wait for other sessions to swap out is served off
+    /// the runtime, and every answer goes back through the session loop.
+    fn memory_request(&self, request: v1::MemoryRequest) {
+        let Some(session) = &self.memory else {
+            if request.seq != 0 {
+                let error = "this server does not swap".to_string();
+                let _ = self.answers.send(v1::MemoryAnswer { seq: request.seq, error, ok: false });
+            }
+            return;
+        };
+        if remote::blocks(&request) {
+            let (session, answers) = (session.clone(), self.answers.clone());
+            tokio::task::spawn_blocking(move || {
+                if let Some(a) = remote::serve(&session, &request) {
+                    let _ = answers.send(a);
+                }
+            });
+        } else if let Some(a) = remote::serve(session, &request) {
+            let _ = self.answers.send(a);
         }
     }
 }
