@@ -25,6 +25,7 @@ fn register_request(s: &ServerSpec) -> pb::RegisterRequest {
         gpus: s.gpus.iter().map(gpupool_balancer::gpu_to_proto).collect(),
         live_leases: Vec::new(),
         server_build: "bench".into(),
+        swap_host_bytes: s.swap_bytes,
     }
 }
 

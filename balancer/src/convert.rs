@@ -46,6 +46,7 @@ pub(crate) fn server_spec(req: &pb::RegisterRequest) -> Result<pool::ServerSpec,
         address: req.address.clone(),
         cert_sha256: req.cert_sha256.clone(),
         gpus,
+        swap_bytes: req.swap_host_bytes,
     })
 }
 

@@ -46,6 +46,7 @@ fn seeds() -> Vec<Vec<u8>> {
             }],
             live_leases: vec![token.clone()],
             server_build: "b".into(),
+            swap_host_bytes: 1 << 30,
         }
         .encode_to_vec(),
         pb::HeartbeatRequest {

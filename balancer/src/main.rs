@@ -127,6 +127,12 @@ struct Serve {
     /// Requests waiting at most.
     #[arg(long, env = "GPUPOOL_QUEUE", default_value_t = 1024)]
     queue: usize,
+    /// Shared leases on a whole GPU may together ask this many percent of
+    /// its memory (100: no overcommit); only on servers that swap idle
+    /// sessions out (`gpupool-server --swap-host-mib`), and by at most the
+    /// host memory they swap into.
+    #[arg(long, env = "GPUPOOL_MEMORY_OVERCOMMIT_PERCENT", default_value_t = 100)]
+    memory_overcommit_percent: u32,
     /// After a start, grant nothing new for this long (ms) so that live
     /// leases come back first. Default: one renew interval plus one
     /// heartbeat interval plus a second.
@@ -219,6 +225,7 @@ fn config(s: Serve) -> anyhow::Result<BalancerConfig> {
     c.pool.lease_ttl_ms = s.lease_ttl_ms;
     c.pool.heartbeat_timeout_ms = s.heartbeat_timeout_ms;
     c.pool.queue_capacity = s.queue;
+    c.pool.memory_overcommit_percent = s.memory_overcommit_percent;
     c.heartbeat_interval = Duration::from_millis(s.heartbeat_ms);
     c.pool.recovery_ms = s.recovery_ms.unwrap_or(s.lease_ttl_ms / 3 + s.heartbeat_ms + 1_000);
     for q in &s.quotas {

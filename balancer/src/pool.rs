@@ -1173,8 +1173,19 @@ impl Pool {
             && inst.profile.is_none()
             && (draining || !self.servers.get(inst.server).draining)
             && inst.shared_percent + need.percent <= 100
-            && inst.shared_memory.saturating_add(need.memory) <= inst.memory
+            && inst.shared_memory.saturating_add(need.memory) <= self.shared_memory_limit(k)
             && inst.shared.iter().all(|id| self.may_share_fate(&self.leases[id].lease.tenant, tenant))
+    }
+
+    /// Memory the shared leases on instance `k` may ask together: the
+    /// instance's, overcommitted as configured when its server swaps idle
+    /// sessions out, by at most the host memory it swaps into.
+    fn shared_memory_limit(&self, k: u32) -> u64 {
+        let inst = self.instances.get(k);
+        let swap = self.servers.get(inst.server).spec.swap_bytes;
+        let over = u64::from(self.config.memory_overcommit_percent.saturating_sub(100));
+        let extra = (u128::from(inst.memory) * u128::from(over) / 100).min(u128::from(swap));
+        inst.memory.saturating_add(u64::try_from(extra).unwrap_or(u64::MAX))
     }
 
     /// Whether shared sessions of tenants `a` and `b` may run under one MPS
@@ -1480,7 +1491,8 @@ impl Pool {
             assert_eq!(inst.shared_percent, shared.iter().map(|l| l.compute_percent).sum::<u32>());
             assert_eq!(inst.shared_memory, shared.iter().map(|l| l.memory).sum::<u64>());
             assert!(inst.shared_percent <= 100, "{} has {}% placed", inst.uuid, inst.shared_percent);
-            assert!(inst.shared_memory <= inst.memory, "{} memory over-committed by shares", inst.uuid);
+            let limit = self.shared_memory_limit(k);
+            assert!(inst.shared_memory <= limit, "{} memory over-committed by shares", inst.uuid);
             for a in &shared {
                 for b in &shared {
                     assert!(self.may_share_fate(&a.tenant, &b.tenant), "{} and {} share fate", a.tenant, b.tenant);
@@ -1533,9 +1545,11 @@ impl Pool {
             assert_eq!(server.insts.len(), server.spec.gpus.iter().map(|g| g.instances.len()).sum::<usize>());
             let mut keys = server.insts.iter();
             for gpu in &server.spec.gpus {
-                let mut leased_memory = 0;
+                let (mut leased_memory, mut overcommit) = (0, 0);
                 for spec in &gpu.instances {
-                    let inst = self.instances.get(*keys.next().expect("an instance key per spec"));
+                    let k = *keys.next().expect("an instance key per spec");
+                    let inst = self.instances.get(k);
+                    overcommit += self.shared_memory_limit(k) - inst.memory;
                     assert_eq!(inst.uuid, spec.uuid);
                     assert_eq!(inst.server, s);
                     let key = &self.classes.get(inst.class).key;
@@ -1545,7 +1559,7 @@ impl Pool {
                     }
                     leased_memory += inst.shared_memory;
                 }
-                assert!(leased_memory <= gpu.memory, "GPU {} memory over-committed", gpu.uuid);
+                assert!(leased_memory <= gpu.memory + overcommit, "GPU {} memory over-committed", gpu.uuid);
                 let mut slices = [false; fleet::SLICES as usize];
                 for spec in &gpu.instances {
                     if let Some((start, size)) = spec.placement {

@@ -123,6 +123,7 @@ pub fn server(s: usize, gpus: Vec<GpuSpec>) -> ServerSpec {
         address: format!("10.{}.{}.{}:4433", s >> 16 & 0xff, s >> 8 & 0xff, s & 0xff),
         cert_sha256: format!("{s:064x}"),
         gpus,
+        swap_bytes: 0,
     }
 }
 

@@ -53,6 +53,8 @@ fn config(policy: Policy, recovery_ms: u64, queue_capacity: usize) -> PoolConfig
         queue_capacity,
         recovery_ms,
         id_seed: 1,
+        // Shares overcommit the memory of servers that swap (odd ones).
+        memory_overcommit_percent: 150,
         ..PoolConfig::default()
     };
     config.tenant_quotas.insert("count".into(), Quota { max_leases: Some(3), max_memory: None, ..Quota::default() });
@@ -71,7 +73,9 @@ fn spec(server: usize, layouts: &[usize]) -> ServerSpec {
             None => fleet::whole_gpu(server, g as u32),
         })
         .collect();
-    fleet::server(server, gpus)
+    let mut spec = fleet::server(server, gpus);
+    spec.swap_bytes = if server % 2 == 1 { 30 * GIB } else { 0 };
+    spec
 }
 
 /// Whether `instance` (of a GPU with `gpu_sms`) satisfies `req`.

@@ -738,6 +738,43 @@ fn shares_never_take_more_than_the_gpus_memory() {
 }
 
 #[test]
+fn shares_overcommit_memory_only_on_servers_that_swap() {
+    let mut config = config();
+    config.memory_overcommit_percent = 200;
+    // A server that does not swap: no overcommit.
+    let mut pool = whole_gpus(config.clone(), 1);
+    granted(pool.allocate(shared("a", 50, 10), T0, false));
+    assert_eq!(pool.allocate(shared("a", 40, 10), T0, false), Err(PoolError::Exhausted));
+    pool.check_invariants();
+
+    // One that swaps into 60 GiB of host memory: 200 % of 80 GiB would be
+    // 160 GiB of shares, its swap space bounds them at 140.
+    let mut spec = fleet::server(0, vec![fleet::whole_gpu(0, 0)]);
+    spec.swap_bytes = 60 * GIB;
+    let mut pool = pool_with(config, vec![spec]);
+    let a = granted(pool.allocate(shared("a", 50, 10), T0, false));
+    let b = granted(pool.allocate(shared("a", 40, 10), T0, false));
+    let c = granted(pool.allocate(shared("a", 50, 10), T0, false));
+    assert!(a.instance_uuid == b.instance_uuid && b.instance_uuid == c.instance_uuid, "one GPU, 140 GiB of shares");
+    assert_eq!(pool.allocate(shared("a", 1, 10), T0, false), Err(PoolError::Exhausted), "past the swap space");
+    pool.check_invariants();
+    pool.release(b.id).expect("release");
+    // No one share is more than the GPU holds, overcommitted or not.
+    assert!(pool.allocate(shared("a", 81, 10), T0, false).is_err(), "a share larger than the GPU");
+    granted(pool.allocate(shared("a", 40, 10), T0, false));
+    pool.check_invariants();
+}
+
+#[test]
+fn overcommit_settings_are_checked() {
+    let mut config = config();
+    for (percent, ok) in [(99, false), (100, true), (250, true), (1_000, true), (1_001, false)] {
+        config.memory_overcommit_percent = percent;
+        assert_eq!(config.validate().is_ok(), ok, "{percent} %");
+    }
+}
+
+#[test]
 fn an_exclusive_lease_never_shares_its_gpu() {
     let mut pool = whole_gpus(config(), 1);
     let s = granted(pool.allocate(shared("a", 1, 10), T0, false));

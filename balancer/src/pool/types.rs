@@ -16,6 +16,9 @@ pub struct ServerSpec {
     pub cert_sha256: String,
     /// The GPUs the server drives.
     pub gpus: Vec<GpuSpec>,
+    /// Host memory the server swaps idle sessions into (0: it does not
+    /// swap); what lets the pool overcommit its GPUs' memory.
+    pub swap_bytes: u64,
 }
 
 /// One GPU of a server. With MIG off it is served as one instance whose uuid
@@ -220,6 +223,10 @@ pub struct PoolConfig {
     pub tenant_quotas: HashMap<String, Quota>,
     /// Seed of lease ids; pass a random one at every start.
     pub id_seed: u64,
+    /// Shared leases on a whole GPU may together ask this many percent of
+    /// its memory (100: no overcommit), on servers that swap idle sessions
+    /// out, and by at most the host memory such a server swaps into.
+    pub memory_overcommit_percent: u32,
 }
 
 impl Default for PoolConfig {
@@ -233,9 +240,13 @@ impl Default for PoolConfig {
             default_quota: Quota::default(),
             tenant_quotas: HashMap::new(),
             id_seed: 0,
+            memory_overcommit_percent: 100,
         }
     }
 }
+
+/// Largest memory overcommit accepted, in percent of a GPU's memory.
+const MAX_OVERCOMMIT_PERCENT: u32 = 1_000;
 
 /// Longest lease ttl, heartbeat timeout or recovery window accepted: a day.
 const MAX_DURATION_MS: u64 = 24 * 3_600 * 1_000;
@@ -260,6 +271,12 @@ impl PoolConfig {
         }
         if self.queue_capacity == 0 {
             problems.push("queue_capacity must be at least 1 (callers that must not wait pass wait = false)".into());
+        }
+        if !(100..=MAX_OVERCOMMIT_PERCENT).contains(&self.memory_overcommit_percent) {
+            problems.push(format!(
+                "memory_overcommit_percent is {}, not within 100..={MAX_OVERCOMMIT_PERCENT}",
+                self.memory_overcommit_percent
+            ));
         }
         if self.queue_capacity > MAX_QUEUE {
             problems.push(format!("queue_capacity is {}, more than {MAX_QUEUE}", self.queue_capacity));

@@ -143,6 +143,7 @@ pub(crate) async fn run(
             gpus: gpus.clone(),
             live_leases,
             server_build: concat!("gpupool-server ", env!("CARGO_PKG_VERSION")).into(),
+            swap_host_bytes: shared.config.swap.map_or(0, |s| s.host_bytes),
         };
         let interval = tokio::select! {
             r = client.register(authorized(&link.secret, register)) => match r {
