@@ -9,7 +9,9 @@
 //! - `graphs_nokernel`: the same, with CUDA graphs, stream capture and
 //!   `cudaMallocAsync` memory pools;
 //! - `graphs_builtin` (stub only): kernel nodes and captured launches of
-//!   gpupool's built-in kernels through the driver API.
+//!   gpupool's built-in kernels through the driver API;
+//! - `migrate_pause` (stub only): a program whose session moves to another
+//!   server halfway through (live migration).
 //!
 //! Each program checks every byte it copies and prints `PASS <name>`.
 //! The library is a dev-dependency, so cargo builds it before these run.
@@ -485,5 +487,72 @@ fn exports_every_driver_symbol() -> Result<()> {
     let exported: std::collections::HashSet<&str> = nm.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
     let missing: Vec<&str> = wanted.iter().copied().filter(|s| !exported.contains(s)).collect();
     assert!(missing.is_empty(), "libcuda.so.1 lacks {} driver symbols: {missing:?}", missing.len());
+    Ok(())
+}
+
+/// Runs `migrate_pause` against `a`; while it waits between its halves,
+/// `between` runs (a migration, or nothing). Its stdout.
+fn run_paused(a: &TestServer, between: impl FnOnce()) -> Result<String> {
+    use std::io::{BufRead, Write};
+    let (stub, bin) = programs()?;
+    let mut child = Command::new(bin.join("migrate_pause"))
+        .env("LD_LIBRARY_PATH", stub)
+        .env("GPUPOOL_SERVER", a.addr.to_string())
+        .env("GPUPOOL_TOKEN", TOKEN)
+        .env("GPUPOOL_CERT_SHA256", &a.fingerprint)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting migrate_pause")?;
+    let mut lines = std::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let mut out = String::new();
+    for line in lines.by_ref() {
+        let line = line?;
+        out += &line;
+        out.push('\n');
+        if line == "paused" || line.starts_with("FAIL") {
+            break;
+        }
+    }
+    if out.ends_with("paused\n") {
+        between();
+    }
+    child.stdin.take().context("stdin")?.write_all(b"go\n")?;
+    for line in lines {
+        out += &line?;
+        out.push('\n');
+    }
+    let output = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() || !out.contains("PASS migrate_pause") || stderr.contains("panicked at") {
+        bail!("migrate_pause failed ({}):\n--- stdout\n{out}\n--- stderr\n{stderr}", output.status);
+    }
+    Ok(out)
+}
+
+/// Live migration under an unmodified program (issue 21): the drop-in
+/// library's session moves between two servers (worker processes) while
+/// the program waits between its halves; the program goes on with the same
+/// addresses, stream, event and function, and prints what it prints when
+/// its session stays.
+#[test]
+fn a_program_keeps_running_across_a_migration() -> Result<()> {
+    build_stub_only("migrate_pause")?;
+    let (a, b) = (TestServer::start(isolated_config()?)?, TestServer::start(isolated_config()?)?);
+    let still = run_paused(&a, || ())?;
+    let moved_to = std::sync::Mutex::new(None);
+    let moved = run_paused(&a, || {
+        let ids = a.migrator.sessions();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let outcome = ids.first().map(|&id| rt.block_on(a.migrator.migrate(id, b.migration_target(TOKEN))));
+        *moved_to.lock().expect("lock") = Some((ids.len(), outcome.map(|r| r.map_err(|e| e.to_string()))));
+    })?;
+    let (sessions, outcome) = moved_to.into_inner().expect("lock").context("the program never paused")?;
+    assert_eq!(sessions, 1, "one session on the source");
+    let migrated = outcome.context("no session to move")?.map_err(anyhow::Error::msg)?;
+    assert!(migrated.memory_bytes >= 8 << 20, "its two 4 MiB buffers moved: {migrated:?}");
+    assert_eq!(moved, still, "the same output with and without the move");
+    assert!(b.metrics.snapshot().sessions_opened >= 1, "the session arrived on the target");
     Ok(())
 }
