@@ -244,7 +244,9 @@ where
                     Ok(_) if !slot.resumable() => {
                         Err("this server keeps no sessions for a resume, so the client could not follow".into())
                     }
-                    Ok(exported) => migrate_out(shared, exported, &replies, received_seq, &order.target).await,
+                    Ok(exported) => {
+                        migrate_out(shared, &work_tx, exported, &replies, received_seq, &order.target).await
+                    }
                     Err(e) => Err(e),
                 };
                 let (moved, report) = match outcome {
@@ -367,6 +369,7 @@ async fn export(work: &mpsc::Sender<Work>) -> Result<crate::session::Exported, S
 /// target's answer and the bytes moved.
 async fn migrate_out(
     shared: &Shared,
+    work: &mpsc::Sender<Work>,
     exported: crate::session::Exported,
     replies: &Replies,
     received_seq: u64,
@@ -374,7 +377,7 @@ async fn migrate_out(
 ) -> Result<(v1::MigrateDone, u64), String> {
     let bytes = exported.memory_bytes();
     let (kept, replies_acked, replies_forgotten) = replies.kept();
-    let out = Outgoing { exported, received_seq, replies: kept, replies_acked, replies_forgotten };
+    let out = Outgoing { exported, received_seq, replies: kept, replies_acked, replies_forgotten, work: work.clone() };
     let done = super::migrate::send_session(target, &shared.images, out).await?;
     Ok((done, bytes))
 }
@@ -418,11 +421,18 @@ async fn receive_session(
     let mut replies = Vec::new();
     let mut reply_bytes = 0;
     let mut memory = 0u64;
-    let import = |item: Import| async move {
+    // Queues an import on the session's thread; its outcome comes later.
+    let start = |item: Import| async move {
         let (tx, rx) = oneshot::channel();
         work.send(Work::Import(item, tx)).await.map_err(|_| "the session has ended".to_string())?;
+        Ok::<_, String>(rx)
+    };
+    let outcome = |rx: oneshot::Receiver<Result<(), crate::error::CallError>>| async move {
         rx.await.map_err(|_| "the session has ended".to_string())?.map_err(|e| e.message)
     };
+    // Memory pieces being written while the next ones arrive (at most
+    // WRITES_AHEAD frames held).
+    let mut writes = std::collections::VecDeque::new();
     loop {
         let body = match recv.recv_frame(limits.max_frame).await {
             Ok(Some(body)) => body,
@@ -467,7 +477,7 @@ async fn receive_session(
                     complete.insert(key);
                 }
             }
-            Item::Calls(batch) => import(Import::Calls(batch)).await?,
+            Item::Calls(batch) => outcome(start(Import::Calls(batch)).await?).await?,
             Item::Reply(frame) => {
                 let seq = frame
                     .get(frame::HEADER_LEN..)
@@ -487,13 +497,27 @@ async fn receive_session(
                 if memory > m.memory_bytes {
                     return Err(format!("more memory than the {} bytes announced", m.memory_bytes));
                 }
-                import(Import::Memory(c.addr, c.data)).await?;
+                writes.push_back(start(Import::Memory(c.addr, c.data)).await?);
+                if writes.len() > WRITES_AHEAD
+                    && let Some(rx) = writes.pop_front()
+                {
+                    outcome(rx).await?;
+                }
             }
-            Item::End(_) if memory == m.memory_bytes => return Ok(replies),
+            Item::End(_) if memory == m.memory_bytes => {
+                for rx in writes.drain(..) {
+                    outcome(rx).await?;
+                }
+                return Ok(replies);
+            }
             Item::End(_) => return Err(format!("{memory} bytes of memory came of {} announced", m.memory_bytes)),
         }
     }
 }
+
+/// Memory pieces of a migration written on the target's session thread
+/// while it receives the next ones.
+const WRITES_AHEAD: usize = 4;
 
 fn compression(on: bool) -> Compression {
     if on { Compression::Auto } else { Compression::Off }

@@ -123,6 +123,31 @@ pub(crate) struct Outgoing {
     pub(crate) replies: Vec<Bytes>,
     pub(crate) replies_acked: u64,
     pub(crate) replies_forgotten: u64,
+    /// The session's work queue, which reads its memory piece by piece.
+    pub(crate) work: tokio::sync::mpsc::Sender<super::thread::Work>,
+}
+
+/// Pieces of memory read ahead on the session's thread while the one
+/// before is sent.
+const READS_AHEAD: usize = 4;
+
+/// The frame of a `MigrateFrame` carrying `MemChunk { addr, data }` up to
+/// its data, which the caller sends after it unchanged: the frame as
+/// `frame::encode` makes it, without copying the piece into it.
+fn memory_frame_head(addr: u64, data_len: usize) -> Bytes {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+    let data_len = data_len as u64;
+    let chunk = (key_len(1) + encoded_len_varint(addr) + key_len(2) + encoded_len_varint(data_len)) as u64 + data_len;
+    let frame = key_len(3) as u64 + encoded_len_varint(chunk) as u64 + chunk;
+    let mut head = bytes::BytesMut::with_capacity(32);
+    head.extend_from_slice(&(frame as u32).to_le_bytes());
+    encode_key(3, WireType::LengthDelimited, &mut head);
+    encode_varint(chunk, &mut head);
+    encode_key(1, WireType::Varint, &mut head);
+    encode_varint(addr, &mut head);
+    encode_key(2, WireType::LengthDelimited, &mut head);
+    encode_varint(data_len, &mut head);
+    head.freeze()
 }
 
 /// The client side of the transfer: the source's TLS configuration, which
@@ -255,11 +280,25 @@ pub(crate) async fn send_session(
         for f in frames {
             send.write_all(&f).await.map_err(|e| fail(&e))?;
         }
-        for (addr, contents) in &ex.memory {
-            for (i, piece) in contents.chunks(CHUNK_BYTES).enumerate() {
-                let chunk = v1::MemChunk { addr: addr + (i * CHUNK_BYTES) as u64, data: Bytes::copy_from_slice(piece) };
-                send.write_all(&write(v1::migrate_frame::Item::Memory(chunk))).await.map_err(|e| fail(&e))?;
+        // Reading a piece on the session's thread, sending the one before
+        // and the target's writing the one before that overlap.
+        let chunk = CHUNK_BYTES as u64;
+        let mut pieces = ex.memory.iter().flat_map(|&(addr, size)| {
+            (0..size.div_ceil(chunk)).map(move |i| (addr + i * chunk, chunk.min(size - i * chunk)))
+        });
+        let ended = || "the session has ended".to_string();
+        let mut reads = std::collections::VecDeque::new();
+        loop {
+            while reads.len() < READS_AHEAD {
+                let Some((addr, len)) = pieces.next() else { break };
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                out.work.send(super::thread::Work::ExportMemory(addr, len, tx)).await.map_err(|_| ended())?;
+                reads.push_back((addr, rx));
             }
+            let Some((addr, rx)) = reads.pop_front() else { break };
+            let data = rx.await.map_err(|_| ended())?.map_err(|e| e.message)?;
+            send.write_all(&memory_frame_head(addr, data.len())).await.map_err(|e| fail(&e))?;
+            send.write_chunk(Bytes::from(data)).await.map_err(|e| fail(&e))?;
         }
         send.write_all(&write(v1::migrate_frame::Item::End(v1::MigrateEnd {}))).await.map_err(|e| fail(&e))?;
         let body = super::transport::quic::read_frame(&mut recv, MAX_ANSWER_BYTES).await;
@@ -279,5 +318,32 @@ pub(crate) async fn send_session(
     match &done.error {
         Some(e) => Err(format!("the target refused the session: {} (CUDA error {})", e.message, e.code)),
         None => Ok(done),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The head and the piece sent after it make the frame `frame::encode`
+    /// makes of the same `MemChunk`, and decode back to it.
+    #[test]
+    fn a_memory_frame_head_and_its_piece_are_the_encoded_frame() {
+        for (addr, len) in [(0x7f00_0000_0000u64, CHUNK_BYTES), (1, 0), (0, 300), (u64::MAX, 127)] {
+            let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let chunk = v1::MemChunk { addr, data: Bytes::from(data.clone()) };
+            let item = v1::migrate_frame::Item::Memory(chunk.clone());
+            let whole = frame::encode(&v1::MigrateFrame { item: Some(item.clone()) });
+            let mut ours = memory_frame_head(addr, len).to_vec();
+            ours.extend_from_slice(&data);
+            // The encoder leaves zero values out; the head writes them.
+            if addr != 0 && len != 0 {
+                assert_eq!(ours, whole.to_vec(), "addr {addr:#x}, {len} bytes");
+            }
+            let header: [u8; frame::HEADER_LEN] = ours[..frame::HEADER_LEN].try_into().expect("header");
+            assert_eq!(frame::decode_header(header, usize::MAX), Ok(ours.len() - frame::HEADER_LEN));
+            let back = v1::MigrateFrame::decode(&ours[frame::HEADER_LEN..]).expect("decodes");
+            assert_eq!(back.item, Some(item));
+        }
     }
 }

@@ -26,6 +26,8 @@ pub(crate) enum Work {
     /// The session moves to another server: read its state out, after
     /// the work queued before ([`crate::session::Exported`]).
     Migrate(oneshot::Sender<Result<Exported, CallError>>),
+    /// Read a piece of an exported session's memory (address, length).
+    ExportMemory(u64, u64, oneshot::Sender<Result<Vec<u8>, CallError>>),
     /// Part of a session that moves here.
     Import(Import, oneshot::Sender<Result<(), CallError>>),
 }
@@ -109,6 +111,10 @@ pub(crate) fn run<B: Backend>(
                 // Nothing freed (only arrays left, say): not asked again
                 // before its next batch.
                 state.memory().answered(matches!(swapped, Ok(n) if n > 0));
+                continue;
+            }
+            Work::ExportMemory(addr, len, out) => {
+                let _ = out.send(state.export_memory(addr, len));
                 continue;
             }
             Work::Migrate(out) => {

@@ -103,8 +103,10 @@ pub struct Exported {
     pub calls: Vec<v1::Call>,
     /// Module images the calls load, by SHA-256.
     pub images: Vec<Vec<u8>>,
-    /// Each mapping's address and contents.
-    pub memory: Vec<(u64, Vec<u8>)>,
+    /// Each mapping's address and size; their contents are read piece by
+    /// piece afterwards ([`SessionState::export_memory`]), so that reading,
+    /// sending and the target's writing overlap.
+    pub memory: Vec<(u64, u64)>,
     /// First address and size of the session's range.
     pub va_base: u64,
     pub va_size: u64,
@@ -113,7 +115,7 @@ pub struct Exported {
 impl Exported {
     /// Device bytes the contents add up to.
     pub fn memory_bytes(&self) -> u64 {
-        self.memory.iter().map(|(_, m)| m.len() as u64).sum()
+        self.memory.iter().map(|&(_, size)| size).sum()
     }
 }
 
@@ -142,9 +144,7 @@ impl<S: BackendSession> SessionState<S> {
         let mut calls = Vec::with_capacity(self.mappings.len() + self.journal.ops.len());
         let mut memory = Vec::with_capacity(self.mappings.len());
         for (&addr, &(size, _)) in &self.mappings {
-            let mut buf = super::swap::host_buffer(size)?;
-            self.dev.read(None, addr, &mut buf)?;
-            memory.push((addr, buf));
+            memory.push((addr, size));
             calls.push(v1::Call { op: Some(Op::MemMap(v1::MemMap { addr, size })) });
         }
         calls.extend(self.journal.ops.iter().map(|op| v1::Call { op: Some(op.clone()) }));
@@ -155,6 +155,16 @@ impl<S: BackendSession> SessionState<S> {
             va_base: self.dev.va_base(),
             va_size: self.limits.va_size,
         })
+    }
+
+    /// Reads `len` bytes of an exported session's memory at `addr`: only
+    /// inside one of its mappings (the session is quiesced: nothing changes
+    /// them between its export and the last piece read).
+    pub fn export_memory(&mut self, addr: u64, len: u64) -> Result<Vec<u8>, CallError> {
+        self.check_range(addr, len, ACCESS_READWRITE)?;
+        let mut buf = super::swap::host_buffer(len)?;
+        self.dev.read(None, addr, &mut buf)?;
+        Ok(buf)
     }
 
     /// Writes migrated contents at `addr`: only inside a mapping the
@@ -226,9 +236,14 @@ mod tests {
         assert_eq!(b.va_base(), base);
         let reply = b.execute_batch(v1::Batch { seq: 2, calls: out.calls });
         assert_eq!(reply.error_count, 0, "{:?}", reply.errors);
-        for (addr, bytes) in &out.memory {
-            b.import_memory(*addr, bytes).expect("import");
+        for &(addr, size) in &out.memory {
+            // In two pieces, as the transfer sends them.
+            for (at, len) in [(addr, size / 2), (addr + size / 2, size - size / 2)] {
+                let piece = a.export_memory(at, len).expect("read out");
+                b.import_memory(at, &piece).expect("import");
+            }
         }
+        assert!(a.export_memory(base + 8 * G, 1).is_err(), "outside the session's mappings");
         let mut back = vec![0; data.len()];
         b.dev.read(None, base + G, &mut back).expect("read");
         assert_eq!(back, data);
