@@ -254,7 +254,8 @@ enum Slot {
     Empty,
     Armed {
         ticket: String,
-        grant: Grant,
+        // Boxed: a grant is large next to the other variants.
+        grant: Box<Grant>,
         expires: Instant,
     },
     Spent,
@@ -262,7 +263,7 @@ enum Slot {
 
 impl Ticket {
     fn arm(&self, ticket: String, grant: Grant, expires: Instant) {
-        *self.lock() = Slot::Armed { ticket, grant, expires };
+        *self.lock() = Slot::Armed { ticket, grant: Box::new(grant), expires };
     }
 
     /// Spends an armed ticket that has passed its expiry; true if it did.
@@ -292,7 +293,7 @@ impl Authenticator for Ticket {
                     *slot = Slot::Spent;
                     return Err(AuthError::Spent);
                 }
-                let grant = grant.clone();
+                let grant = Grant::clone(grant);
                 *slot = Slot::Spent;
                 Ok(grant)
             }
