@@ -39,7 +39,17 @@ status=0
 say() { echo "$*" | tee -a "$report"; }
 
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+# The server stops its MPS daemon when it exits; should it not get to, a
+# daemon left behind is told to quit here (its pipe directory is ours).
+cleanup() {
+    kill $(jobs -p) 2>/dev/null
+    wait 2>/dev/null
+    for pipe in "$work"/mps/*/mps-pipe; do
+        [[ -e $pipe/control ]] && echo quit | CUDA_MPS_PIPE_DIRECTORY=$pipe timeout 10 nvidia-cuda-mps-control >/dev/null 2>&1
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
 "$bin/gpupool-balancer" keygen --key-file "$work/key" >"$work/pub"
 pub=$(cat "$work/pub")
 # Short leases: a client that exits without releasing frees the GPU soon.
@@ -50,7 +60,7 @@ GPUPOOL_BALANCER_CERT_SHA256=$(sed -n 's/.*certificate SHA-256 \([0-9a-f]\{64\}\
 export GPUPOOL_BALANCER_CERT_SHA256
 # --mps auto: the server's own MPS daemon for shared leases (private
 # directories under --mps-dir; the compute mode is left as it is).
-RUST_LOG=info "$bin/gpupool-server" --listen 127.0.0.1:4443 --device cuda:0 --instances nvml \
+NO_COLOR=1 RUST_LOG=info "$bin/gpupool-server" --listen 127.0.0.1:4443 --device cuda:0 --instances nvml \
     --balancer https://127.0.0.1:50061 --advertise 127.0.0.1:4443 --balancer-secret share-secret \
     --lease-key "$pub" --server-id share-gpu --warm-workers 8 --resume-grace-ms 0 \
     --mps auto --mps-dir "$work/mps" --metrics-listen 127.0.0.1:9465 >"$out/server.log" 2>&1 &
@@ -66,6 +76,8 @@ pooled() {
         GPUPOOL_MEMORY_MIB=${SHARE_MEMORY_MIB:-8192} GPUPOOL_WAIT_MS=240000 timeout 240 python3 "$wl" --steps "$steps" "$@"
 }
 shared() { GPUPOOL_LEASE_CLASS=shared GPUPOOL_COMPUTE_PERCENT=$1 pooled "${@:2}"; }
+# The server's log without colour codes (its fields are matched below).
+plain_log() { sed 's/\x1b\[[0-9;]*m//g' "$out/server.log"; }
 files() { local d=$1 n=$2; for i in $(seq 1 "$n"); do printf '%s,' "$d/$i.json"; done; }
 
 say "## Many clients on one GPU ($(date -u +%F), commit $(cat "$bin/COMMIT" 2>/dev/null || echo unknown))"
@@ -74,7 +86,15 @@ say "$(nvidia-smi --query-gpu=name,compute_mode --format=csv,noheader 2>/dev/nul
     "workload: bench/share_workload.py, $steps steps of 4 forward passes of a 4-layer fp16 MLP" \
     "(hidden 2048, batch 8), one synchronize per step. Aggregate = steps of all clients / time" \
     "at least one step loop ran; p99 = worst client's p99 step time."
+# Past this many seconds the remaining parts are skipped (and said so), to
+# stay inside the 7-minute budget.
+budget=${SHARE_BUDGET_S:-330}
 for n in ${SHARE_NS:-4 8}; do
+    if ((SECONDS > budget - 90)); then
+        say "" && say "### N=$n skipped: ${SECONDS} s spent of the ${budget} s budget"
+        status=1
+        continue
+    fi
     pct=$((100 / n))
     d="$out/n$n"
     mkdir -p "$d"/{a,b,c,d}
@@ -107,24 +127,30 @@ for n in ${SHARE_NS:-4 8}; do
 done
 
 say ""
+say "MPS: $(plain_log | grep -c 'MPS control daemon started') daemon start(s);" \
+    "$(plain_log | grep -c 'session handed to a worker process.*mps=true') shared session(s) under MPS," \
+    "$(plain_log | grep -c 'session handed to a worker process.*mps=false') outside (server.log)."
+if ((SECONDS > budget - 40)); then
+    say "" && say "### Fault in a shared group: skipped (${SECONDS} s spent of the ${budget} s budget)"
+    exit 1
+fi
+say ""
 say "### Fault in a shared group"
 f="$out/fault"
 mkdir -p "$f"
 n=3
-seen=$(wc -l <"$out/server.log")
-# Long runs, so that they are still stepping when the fault comes.
+# Long runs, so that they are still stepping when the fault comes; their
+# barrier files say that each finished its warm-up.
 victims=()
 for i in $(seq 1 "$n"); do
-    shared 20 --steps 100000 >"$f/$i.json" 2>"$f/$i.err" &
+    shared 20 --steps 100000 --barrier "$work/fault" --clients "$n" >"$f/$i.json" 2>"$f/$i.err" &
     victims+=($!)
 done
-# Until every victim holds its lease and runs (its worker is busy).
-for _ in $(seq 1 120); do
-    busy=$(tail -n +"$((seen + 1))" "$out/server.log" | grep -c "session handed to a worker process.*mps=true")
-    [[ ${busy:-0} -ge $n ]] && break
-    sleep 0.5
+for _ in $(seq 1 240); do
+    [[ $(ls "$work/fault" 2>/dev/null | wc -l) -ge $n ]] && break
+    sleep 0.25
 done
-sleep 2
+sleep 1
 shared 20 --fault >"$f/fault.json" 2>"$f/fault.err"
 t_fault=$(date +%s.%N)
 ended=0

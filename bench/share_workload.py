@@ -43,7 +43,7 @@ def workload(args):
     if args.barrier:
         os.makedirs(args.barrier, exist_ok=True)
         open(os.path.join(args.barrier, str(os.getpid())), "w").close()
-        deadline = time.time() + 300
+        deadline = time.time() + 60
         while len(os.listdir(args.barrier)) < args.clients and time.time() < deadline:
             time.sleep(0.002)
     times = []
