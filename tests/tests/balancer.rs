@@ -5,7 +5,9 @@
 //! lease expiry, queue timeouts, a balancer restart, and refused tokens.
 
 use gpupool_balancer::TlsSettings;
-use gpupool_client::{BalancerTrust, ClientConfig, ClientError, LeasedGpu, PoolRequest, Session, StreamId, Trust};
+use gpupool_client::{
+    BalancerTrust, ClientConfig, ClientError, KernelArg, LaunchConfig, LeasedGpu, PoolRequest, Session, StreamId, Trust,
+};
 use gpupool_proto::balancer as pb;
 use gpupool_proto::balancer::balancer_client::BalancerClient;
 use gpupool_proto::grpc_tls;
@@ -730,7 +732,34 @@ exit 0
     round_trip(&c, 4);
     assert_eq!(starts(), 2, "started again");
     assert_eq!(server.metrics.mps_daemon_starts.load(std::sync::atomic::Ordering::Relaxed), 2);
-    drop(c);
+
+    // A fault that leaves the worker alive (an illegal address: a sticky
+    // error): the worker of the MPS client exits, and its group ends.
+    let d = Session::connect_pooled(&request(true), &template()).expect("a second fresh share");
+    round_trip(&d, 5);
+    let gone = c.mem_alloc(1 << 20).expect("alloc");
+    c.mem_free(gone).expect("free");
+    let add = c.module_load(gpupool_proto::BUILTIN_MODULE).expect("module").function("vector_add").expect("fn");
+    let args = [KernelArg::Ptr(gone), KernelArg::Ptr(gone), KernelArg::Ptr(gone), KernelArg::U32(4)];
+    c.launch(&add, LaunchConfig::for_elements(4, 32), StreamId::DEFAULT, &args).expect("queued");
+    let sticky = c.synchronize().expect_err("a kernel on freed memory");
+    assert_eq!(sticky.code(), gpupool_proto::cuda::ILLEGAL_ADDRESS, "{sticky}");
+    let t0 = Instant::now();
+    let err = loop {
+        match d.synchronize() {
+            Err(e) => break e,
+            Ok(()) if t0.elapsed() < Duration::from_secs(5) => std::thread::sleep(Duration::from_millis(20)),
+            Ok(()) => panic!("the group's other session still runs after {sticky}"),
+        }
+    };
+    assert!(t0.elapsed() < Duration::from_secs(1), "ended at once, not after {:?}", t0.elapsed());
+    assert!(err.to_string().contains("MPS group fault"), "a clear reason: {err}");
+    let t0 = Instant::now();
+    while faults() < 2 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(faults(), 2, "counted");
+    drop((c, d));
     server.stop();
     let calls = std::fs::read_to_string(dir.join("calls")).unwrap_or_default();
     assert_eq!(calls.lines().last(), Some("quit"), "stopped with the server: {calls}");

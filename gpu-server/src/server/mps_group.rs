@@ -73,7 +73,8 @@ impl MpsGroup {
                     true
                 }
             };
-            let env = slot.as_ref().map(|d| d.client_env(Some(percent))).unwrap_or_default();
+            let mut env = slot.as_ref().map(|d| d.client_env(Some(percent))).unwrap_or_default();
+            env.push((crate::worker::MPS_CLIENT_ENV.to_owned(), "1".to_owned()));
             Ok::<_, MpsError>((env, started))
         })
         .await

@@ -253,6 +253,12 @@ pub(super) async fn run_in_worker(
                           context with it (docs/sharing.md)";
             conn.close(close_code::WORKER_EXITED.into(), reason.as_bytes());
         }
+        Ok(s) if s.code() == Some(crate::worker::CONTEXT_LOST_EXIT) => {
+            tracing::warn!(pid, "session ended: its GPU context was lost under MPS");
+            let reason = "the session's GPU context was lost (a fault under MPS; the other sessions of its group \
+                          ended with it, docs/sharing.md)";
+            conn.close(close_code::WORKER_EXITED.into(), reason.as_bytes());
+        }
         Ok(s) if s.success() => conn.close(close_code::NORMAL.into(), b"session ended"),
         Ok(s) => {
             tracing::warn!(pid, status = %s, "session worker ended abnormally");
