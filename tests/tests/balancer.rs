@@ -607,6 +607,29 @@ fn servers_present_client_certificates_and_clients_verify_by_ca() {
     drop(server);
 }
 
+/// `s`, a session of an MPS group one of whose workers just faulted, ends
+/// within 1 s with the reason, and the server has counted `faults` group
+/// faults so far (the neighbour's ending is not one).
+fn ends_with_its_group(s: &Session, server: &TestServer, faults: u64) {
+    let t0 = Instant::now();
+    let err = loop {
+        match s.synchronize() {
+            Err(e) => break e,
+            Ok(()) if t0.elapsed() < Duration::from_secs(5) => std::thread::sleep(Duration::from_millis(20)),
+            Ok(()) => panic!("the group's other session still runs"),
+        }
+    };
+    assert!(t0.elapsed() < Duration::from_secs(1), "ended at once, not after {:?}", t0.elapsed());
+    assert!(err.to_string().contains("MPS group fault"), "a clear reason: {err}");
+    let counted = || server.metrics.mps_group_faults.load(std::sync::atomic::Ordering::Relaxed);
+    let t0 = Instant::now();
+    while counted() < faults && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(counted(), faults, "the fault is counted once");
+}
+
 /// Writes an executable shell script.
 fn script(path: &std::path::Path, body: &str) {
     use std::os::unix::fs::PermissionsExt;
@@ -708,22 +731,7 @@ exit 0
     // a's worker dies: b ends with the reason, at once.
     let killed = std::process::Command::new("kill").args(["-9", &worker_of(&a).to_string()]).status();
     assert!(killed.expect("kill").success());
-    let t0 = Instant::now();
-    let err = loop {
-        match b.synchronize() {
-            Err(e) => break e,
-            Ok(()) if t0.elapsed() < Duration::from_secs(5) => std::thread::sleep(Duration::from_millis(20)),
-            Ok(()) => panic!("the group's other session still runs"),
-        }
-    };
-    assert!(t0.elapsed() < Duration::from_secs(1), "ended at once, not after {:?}", t0.elapsed());
-    assert!(err.to_string().contains("MPS group fault"), "a clear reason: {err}");
-    let faults = || server.metrics.mps_group_faults.load(std::sync::atomic::Ordering::Relaxed);
-    let t0 = Instant::now();
-    while faults() == 0 && t0.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(faults(), 1, "the fault is counted once (not b's ending)");
+    ends_with_its_group(&b, &server, 1);
     drop((a, b));
 
     // The daemon is gone meanwhile: the next shared session starts it again.
@@ -744,21 +752,7 @@ exit 0
     c.launch(&add, LaunchConfig::for_elements(4, 32), StreamId::DEFAULT, &args).expect("queued");
     let sticky = c.synchronize().expect_err("a kernel on freed memory");
     assert_eq!(sticky.code(), gpupool_proto::cuda::ILLEGAL_ADDRESS, "{sticky}");
-    let t0 = Instant::now();
-    let err = loop {
-        match d.synchronize() {
-            Err(e) => break e,
-            Ok(()) if t0.elapsed() < Duration::from_secs(5) => std::thread::sleep(Duration::from_millis(20)),
-            Ok(()) => panic!("the group's other session still runs after {sticky}"),
-        }
-    };
-    assert!(t0.elapsed() < Duration::from_secs(1), "ended at once, not after {:?}", t0.elapsed());
-    assert!(err.to_string().contains("MPS group fault"), "a clear reason: {err}");
-    let t0 = Instant::now();
-    while faults() < 2 && t0.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(faults(), 2, "counted");
+    ends_with_its_group(&d, &server, 2);
     drop((c, d));
     server.stop();
     let calls = std::fs::read_to_string(dir.join("calls")).unwrap_or_default();
