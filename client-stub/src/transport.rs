@@ -785,8 +785,12 @@ impl QuicTransport {
     fn recover(&self, error: ClientError) -> Result<()> {
         let Some(resume) = &self.resume else { return Err(error) };
         let links = self.links();
+        // A closed control connection already gave the reason (the worker
+        // failed, or was ended with its MPS group): its own connection may
+        // never close (a killed worker sends nothing), so do not wait for it.
         if matches!(error, ClientError::ConnectionLost(_))
             && links.conn.close_reason().is_none()
+            && links.control.as_ref().is_none_or(|c| c.close_reason().is_none())
             && let Some(rt) = &self.rt
         {
             // The command stream ended (a session that migrates ends it

@@ -33,6 +33,10 @@ pub struct LeaseGrant {
     pub instance_uuid: String,
     /// The token itself, shown to a restarted balancer.
     pub token: String,
+    /// A shared lease's share of its whole GPU's SMs in percent (1..=100);
+    /// `None` for an exclusive lease. Shared sessions run as MPS clients
+    /// (`docs/sharing.md`).
+    pub shared_percent: Option<u32>,
 }
 
 /// Why a token was refused.
@@ -142,6 +146,10 @@ impl Authenticator for LeaseTokens {
                 lease_id: claims.lease_id,
                 instance_uuid: claims.instance_uuid,
                 token: token.into(),
+                // An unknown class number is not a share: such a session
+                // runs alone, which never weakens isolation.
+                shared_percent: (claims.class == gpupool_proto::balancer::LeaseClass::Shared as i32)
+                    .then(|| claims.compute_percent.clamp(1, 100)),
             }),
             resume_secret: None,
         })
@@ -177,7 +185,16 @@ mod tests {
         };
         let ok = auth.authenticate(&signer.sign(&claims("s1", "MIG-a", now + 60_000))).expect("valid lease");
         assert_eq!(ok.memory_quota, Some(10 << 30));
-        assert_eq!(ok.lease.expect("lease").instance_uuid, "MIG-a");
+        let lease = ok.lease.expect("lease");
+        assert_eq!(lease.instance_uuid, "MIG-a");
+        assert_eq!(lease.shared_percent, None, "exclusive");
+        let shared = LeaseClaims {
+            class: gpupool_proto::balancer::LeaseClass::Shared.into(),
+            compute_percent: 25,
+            ..claims("s1", "MIG-a", now + 60_000)
+        };
+        let lease = auth.authenticate(&signer.sign(&shared)).expect("shared lease").lease.expect("lease");
+        assert_eq!(lease.shared_percent, Some(25));
         assert!(matches!(
             auth.authenticate(&signer.sign(&claims("s2", "MIG-a", now + 60_000))),
             Err(AuthError::Foreign { .. })

@@ -200,6 +200,52 @@ pub struct ServerConfig {
     /// default is the system's temporary directory). A client in a
     /// container needs this directory mounted to use it.
     pub shm_dir: Option<PathBuf>,
+    /// Whether workers of shared leases run as clients of this server's
+    /// MPS daemon (`docs/sharing.md`).
+    pub mps: MpsSettings,
+}
+
+/// When sessions of shared leases run under the server's MPS daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MpsMode {
+    /// Never: shared sessions run as ordinary, time-sliced workers.
+    Off,
+    /// On whole GPUs of the CUDA backend when the control program is found
+    /// (on the emulated device MPS would change nothing).
+    #[default]
+    Auto,
+    /// On every whole-GPU instance, the emulated device too (tests, with a
+    /// stand-in control program); a daemon that cannot start is an error.
+    On,
+}
+
+impl std::str::FromStr for MpsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Self::Off),
+            "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            other => Err(format!("unknown MPS mode {other:?} (off, auto or on)")),
+        }
+    }
+}
+
+/// Settings of the server's MPS daemon (see [`crate::mps`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MpsSettings {
+    pub mode: MpsMode,
+    /// The control program: a name looked up on PATH, or a path.
+    pub control: PathBuf,
+    /// Where the daemons' private pipe and log directories go (none: a
+    /// directory of this process under the system's temporary directory).
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for MpsSettings {
+    fn default() -> Self {
+        Self { mode: MpsMode::Auto, control: crate::mps::CONTROL.into(), dir: None }
+    }
 }
 
 /// Settings of swapping (see [`crate::swap`]).
@@ -255,6 +301,7 @@ impl ServerConfig {
             session_spin: gpupool_proto::quic::default_spin(),
             worker_ports: None,
             swap: None,
+            mps: MpsSettings::default(),
         }
     }
 

@@ -27,6 +27,18 @@ impl CallError {
     pub fn not_supported(message: impl Into<String>) -> Self {
         Self::new(cuda::NOT_SUPPORTED, message)
     }
+
+    /// Whether `code` means the context is lost (a sticky error: every
+    /// later call of the context fails too), or, under MPS, that the MPS
+    /// server ended this client. Used to end a shared worker's session
+    /// group (`docs/sharing.md`).
+    pub fn ends_context(code: CuResult) -> bool {
+        // 700 illegal address, 710 assert, 714 hardware stack error,
+        // 715 illegal instruction, 716 misaligned address, 717 invalid
+        // address space, 718 invalid PC, 719 launch failed; 810 MPS client
+        // terminated.
+        matches!(code, 700 | 710 | 714..=719 | 810)
+    }
 }
 
 /// Errors that stop a server from starting or running.
@@ -54,4 +66,19 @@ pub enum ServerError {
     /// here (`docs/migration.md`).
     #[error("migration of session {session} failed: {reason}")]
     Migration { session: u64, reason: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sticky_and_mps_termination_errors_end_the_context() {
+        for code in [cuda::ILLEGAL_ADDRESS, 710, 714, 719, 810] {
+            assert!(CallError::ends_context(code), "{code}");
+        }
+        for code in [cuda::SUCCESS, cuda::INVALID_VALUE, cuda::OUT_OF_MEMORY, cuda::LAUNCH_OUT_OF_RESOURCES, 720, 999] {
+            assert!(!CallError::ends_context(code), "{code}");
+        }
+    }
 }

@@ -33,7 +33,7 @@ pub mod tls;
 pub mod worker;
 mod worker_spec;
 
-pub use config::{BalancerLink, DeviceChoice, Isolation, ServerConfig, Swap, WorkerCommand};
+pub use config::{BalancerLink, DeviceChoice, Isolation, MpsMode, MpsSettings, ServerConfig, Swap, WorkerCommand};
 pub use error::{CallError, ServerError};
 pub use server::{Metrics, MetricsSnapshot, Migrated, MigrationTarget, Migrator, Server};
 

@@ -142,6 +142,20 @@ struct Args {
     /// fails with out-of-memory, in milliseconds.
     #[arg(long, env = "GPUPOOL_SWAP_WAIT_MS", default_value_t = 10_000)]
     swap_wait_ms: u64,
+    /// Workers of shared leases on a whole GPU run as clients of this
+    /// server's own MPS daemon, with their lease's share of the SMs
+    /// (`docs/sharing.md`): `auto` on CUDA GPUs when the control program is
+    /// found, `off` never (shared sessions are then time-sliced), `on` on
+    /// every whole-GPU instance, the emulated device too (tests).
+    #[arg(long, env = "GPUPOOL_MPS", default_value = "auto", value_parser = ["off", "auto", "on"])]
+    mps: String,
+    /// The MPS control program (a name on PATH, or a path).
+    #[arg(long, env = "GPUPOOL_MPS_CONTROL", default_value = gpupool_server::mps::CONTROL)]
+    mps_control: PathBuf,
+    /// Where the MPS daemons' private pipe and log directories go (default:
+    /// a directory of this process under the system's temporary directory).
+    #[arg(long, env = "GPUPOOL_MPS_DIR")]
+    mps_dir: Option<PathBuf>,
     /// TCP address of a Prometheus endpoint (`GET /metrics`); off when unset.
     #[arg(long, env = "GPUPOOL_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -218,6 +232,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         Some(dir) => config.shm_dir = Some(dir.into()),
         None => {}
     }
+    config.mps = gpupool_server::MpsSettings {
+        mode: args.mps.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+        control: args.mps_control,
+        dir: args.mps_dir,
+    };
     if args.swap_host_mib > 0 {
         config.swap = Some(gpupool_server::Swap {
             device_bytes: args.swap_device_mib.map(|m| m.saturating_mul(1 << 20)),

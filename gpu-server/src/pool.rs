@@ -221,6 +221,27 @@ impl WorkerPool {
         }
     }
 
+    /// A new worker for `assign`, started with `extra_env` on top of the
+    /// pool's environment: a worker of a shared lease, which must be an MPS
+    /// client with its lease's share from `cuInit` on. Such workers are
+    /// started cold, never kept warm: the environment differs per lease
+    /// (its percentage), and a warm worker's context was created without
+    /// it (`docs/sharing.md`).
+    pub async fn assign_with_env(
+        self: &Arc<Self>,
+        assign: &v1::WorkerAssign,
+        extra_env: &[(String, String)],
+    ) -> Result<Worker, ServerError> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Err(ServerError::Worker("server is shutting down".into()));
+        }
+        let mut w = self.start_with(extra_env).await?;
+        Self::hand_over(&mut w, &frame::encode(assign), &assign.ticket).await?;
+        let info = WorkerInfo { pid: w.pid(), port: w.ready.port as u16, session: Some(assign.session_id) };
+        lock(&self.busy).push(info);
+        Ok(w)
+    }
+
     async fn hand_over(w: &mut Worker, assign: &[u8], ticket: &str) -> Result<(), ServerError> {
         w.send_control(assign).await?;
         match tokio::time::timeout(ASSIGN_TIMEOUT, w.events.recv()).await {
@@ -255,10 +276,15 @@ impl WorkerPool {
 
     /// Spawns a worker, sends the spec and waits for `WorkerReady`.
     async fn start(&self) -> Result<Worker, ServerError> {
+        self.start_with(&[]).await
+    }
+
+    /// [`WorkerPool::start`] with `extra_env` set as well.
+    async fn start_with(&self, extra_env: &[(String, String)]) -> Result<Worker, ServerError> {
         let program = &self.command.program;
         let mut child = Command::new(program)
             .args(&self.command.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(self.env.iter().chain(extra_env).map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

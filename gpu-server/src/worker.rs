@@ -29,6 +29,19 @@ use std::time::{Duration, Instant};
 /// First argument that makes a gpupool binary run as a worker.
 pub const WORKER_ARG: &str = "worker";
 
+/// Set (to `1`) in the environment of a worker that runs as an MPS client
+/// of a shared session group.
+pub const MPS_CLIENT_ENV: &str = "GPUPOOL_MPS_CLIENT";
+
+/// Exit status of an MPS client worker whose context was lost: its
+/// supervisor ends the other sessions of the group (MPS ended their
+/// contexts too) and counts the fault.
+pub const CONTEXT_LOST_EXIT: i32 = 70;
+
+/// How long a worker whose context was lost waits before it exits, so that
+/// the reply carrying the error reaches its client first.
+const CONTEXT_LOST_LINGER: Duration = Duration::from_millis(100);
+
 /// Largest control frame read from stdin.
 const MAX_CONTROL_FRAME: usize = 1 << 20;
 
@@ -106,7 +119,8 @@ pub fn run_stdio() -> Result<(), ServerError> {
             .spawn(move || read_control(stdin, &t, handshake_timeout, &control_tx, remote.as_deref()))
             .map_err(|e| ServerError::Worker(format!("cannot start the control thread: {e}")))?;
         let metrics = server.metrics();
-        let reporter = tokio::spawn(report_metrics(metrics.clone()));
+        let mps_client = std::env::var_os(MPS_CLIENT_ENV).is_some_and(|v| v == "1");
+        let reporter = tokio::spawn(report_metrics(metrics.clone(), mps_client));
         let migrator = server.migrator();
         let result = server
             .run(async move {
@@ -122,12 +136,28 @@ pub fn run_stdio() -> Result<(), ServerError> {
     result
 }
 
-/// Reports the counters to the supervisor when they change.
-async fn report_metrics(metrics: Arc<Metrics>) {
+/// Reports the counters to the supervisor when they change. An MPS client
+/// (`mps_client`) whose context was lost exits with
+/// [`CONTEXT_LOST_EXIT`]: under MPS the fault ended the contexts of the
+/// whole group, and the supervisor can end the others' sessions at once
+/// only when it learns of it (a sticky error leaves the worker alive).
+async fn report_metrics(metrics: Arc<Metrics>, mps_client: bool) {
     let mut last = v1::WorkerMetrics::default();
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut ticks = 0u32;
     loop {
         tick.tick().await;
+        if mps_client && metrics.context_lost_errors.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            tokio::time::sleep(CONTEXT_LOST_LINGER).await;
+            write_event(v1::worker_event::Event::Metrics(metrics.worker_report()));
+            tracing::error!("the GPU context is lost under MPS; the worker exits so that its group is ended");
+            std::process::exit(CONTEXT_LOST_EXIT);
+        }
+        ticks = ticks.wrapping_add(1);
+        // Counters every 200 ms, as before; the context check every 50.
+        if !ticks.is_multiple_of(4) {
+            continue;
+        }
         let now = metrics.worker_report();
         if now != last {
             write_event(v1::worker_event::Event::Metrics(now));
@@ -254,7 +284,8 @@ enum Slot {
     Empty,
     Armed {
         ticket: String,
-        grant: Grant,
+        // Boxed: a grant is large next to the other variants.
+        grant: Box<Grant>,
         expires: Instant,
     },
     Spent,
@@ -262,7 +293,7 @@ enum Slot {
 
 impl Ticket {
     fn arm(&self, ticket: String, grant: Grant, expires: Instant) {
-        *self.lock() = Slot::Armed { ticket, grant, expires };
+        *self.lock() = Slot::Armed { ticket, grant: Box::new(grant), expires };
     }
 
     /// Spends an armed ticket that has passed its expiry; true if it did.
@@ -292,7 +323,7 @@ impl Authenticator for Ticket {
                     *slot = Slot::Spent;
                     return Err(AuthError::Spent);
                 }
-                let grant = grant.clone();
+                let grant = Grant::clone(grant);
                 *slot = Slot::Spent;
                 Ok(grant)
             }

@@ -5,7 +5,9 @@
 //! lease expiry, queue timeouts, a balancer restart, and refused tokens.
 
 use gpupool_balancer::TlsSettings;
-use gpupool_client::{BalancerTrust, ClientConfig, ClientError, LeasedGpu, PoolRequest, Session, StreamId, Trust};
+use gpupool_client::{
+    BalancerTrust, ClientConfig, ClientError, KernelArg, LaunchConfig, LeasedGpu, PoolRequest, Session, StreamId, Trust,
+};
 use gpupool_proto::balancer as pb;
 use gpupool_proto::balancer::balancer_client::BalancerClient;
 use gpupool_proto::grpc_tls;
@@ -603,4 +605,157 @@ fn servers_present_client_certificates_and_clients_verify_by_ca() {
     round_trip(&session, 9);
     drop(session);
     drop(server);
+}
+
+/// `s`, a session of an MPS group one of whose workers just faulted, ends
+/// within 1 s with the reason, and the server has counted `faults` group
+/// faults so far (the neighbour's ending is not one).
+fn ends_with_its_group(s: &Session, server: &TestServer, faults: u64) {
+    let t0 = Instant::now();
+    let err = loop {
+        match s.synchronize() {
+            Err(e) => break e,
+            Ok(()) if t0.elapsed() < Duration::from_secs(5) => std::thread::sleep(Duration::from_millis(20)),
+            Ok(()) => panic!("the group's other session still runs"),
+        }
+    };
+    assert!(t0.elapsed() < Duration::from_secs(1), "ended at once, not after {:?}", t0.elapsed());
+    assert!(err.to_string().contains("MPS group fault"), "a clear reason: {err}");
+    let counted = || server.metrics.mps_group_faults.load(std::sync::atomic::Ordering::Relaxed);
+    let t0 = Instant::now();
+    while counted() < faults && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(counted(), faults, "the fault is counted once");
+}
+
+/// Writes an executable shell script.
+fn script(path: &std::path::Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, body).expect("write the script");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+/// Issue 19: a shared lease's worker runs as a client of the server's MPS
+/// daemon with its lease's share; an exclusive lease's does not. The
+/// daemon (a stand-in control program, as in `mps.rs`'s tests) starts once,
+/// on the first shared session; when one shared worker dies, the other
+/// session of its group ends at once with the reason, the fault is counted,
+/// and the daemon, gone meanwhile, is started again for the next session.
+#[test]
+fn shared_leases_run_under_the_servers_mps_daemon_and_share_fate() {
+    let dir = std::env::temp_dir().join(format!("gpupool-mps-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let control = dir.join("mps-control");
+    script(
+        &control,
+        r#"#!/bin/sh
+log="$CUDA_MPS_PIPE_DIRECTORY/../../../calls"
+if [ "$1" = "-d" ]; then echo start >>"$log"; touch "$CUDA_MPS_PIPE_DIRECTORY/control"; exit 0; fi
+read -r cmd
+echo "$cmd" >>"$log"
+[ -e "$CUDA_MPS_PIPE_DIRECTORY/control" ] || exit 1
+[ "$cmd" = quit ] && rm -f "$CUDA_MPS_PIPE_DIRECTORY/control"
+exit 0
+"#,
+    );
+    // The worker command, wrapped: each worker records its MPS environment
+    // under its process id (exec keeps it) before it starts.
+    let real = gpupool_tests::worker_command().expect("worker command");
+    let envs = dir.join("worker-env");
+    let wrapper = dir.join("worker");
+    script(
+        &wrapper,
+        &format!(
+            "#!/bin/sh\necho \"$$ ${{CUDA_MPS_PIPE_DIRECTORY:-none}} ${{CUDA_MPS_ACTIVE_THREAD_PERCENTAGE:-none}}\" >>{}\nexec {} \"$@\"\n",
+            envs.display(),
+            real.program.display()
+        ),
+    );
+    let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([19; 32]))).expect("balancer");
+    let mut c = gpupool_tests::isolated_config().expect("worker command");
+    c.isolation = gpupool_server::Isolation::Process {
+        command: gpupool_server::WorkerCommand { program: wrapper, args: real.args },
+        warm: 1,
+        start_timeout: Duration::from_secs(60),
+    };
+    c.device = gpupool_server::DeviceChoice::Emulated { memory: 1 << 30 };
+    c.tokens = Vec::new();
+    let nvml = gpupool_server::mig::SimulatedNvml::from_spec("h200-141gb").expect("topology");
+    c.gpus = gpupool_server::mig::prepare::<&str>(&nvml, None).expect("layout");
+    c.balancer = Some(balancer.link("h200"));
+    c.mps = gpupool_server::MpsSettings {
+        mode: gpupool_server::MpsMode::On,
+        control: control.clone(),
+        dir: Some(dir.join("mps")),
+    };
+    let server = TestServer::start(c).expect("server starts");
+    balancer.wait_for_servers(1).expect("registered");
+    let env_of = |pid: u32| {
+        let text = std::fs::read_to_string(&envs).unwrap_or_default();
+        let line = text.lines().find(|l| l.split(' ').next() == Some(&pid.to_string())).map(str::to_owned);
+        line.unwrap_or_else(|| panic!("worker {pid} recorded no environment: {text}"))
+    };
+    let worker_of = |s: &Session| {
+        let id = s.welcome().session_id;
+        server.workers().into_iter().find(|w| w.session == Some(id)).map(|w| w.pid).expect("the session's worker")
+    };
+    let starts =
+        || std::fs::read_to_string(dir.join("calls")).unwrap_or_default().lines().filter(|l| *l == "start").count();
+    let request = |shared: bool| {
+        let mut req = PoolRequest::new(balancer.url(), balancer.trust(), "team-a");
+        (req.memory, req.compute_percent, req.shared) = (1 << 30, 25, shared);
+        req
+    };
+
+    // Exclusive: an ordinary (warm) worker, and no daemon.
+    let x = Session::connect_pooled(&request(false), &template()).expect("exclusive lease");
+    round_trip(&x, 1);
+    assert!(env_of(worker_of(&x)).ends_with(" none none"), "no MPS: {}", env_of(worker_of(&x)));
+    drop(x);
+    assert_eq!(starts(), 0, "no daemon for exclusive sessions");
+
+    // Two shares: MPS clients with 25 % each, under one daemon.
+    let a = Session::connect_pooled(&request(true), &template()).expect("first share");
+    let b = Session::connect_pooled(&request(true), &template()).expect("second share");
+    round_trip(&a, 2);
+    round_trip(&b, 3);
+    let pipe = dir.join("mps/i0/mps-pipe");
+    for s in [&a, &b] {
+        assert_eq!(env_of(worker_of(s)), format!("{} {} 25", worker_of(s), pipe.display()));
+    }
+    assert_eq!(starts(), 1, "one daemon, started on first need");
+
+    // a's worker dies: b ends with the reason, at once.
+    let killed = std::process::Command::new("kill").args(["-9", &worker_of(&a).to_string()]).status();
+    assert!(killed.expect("kill").success());
+    ends_with_its_group(&b, &server, 1);
+    drop((a, b));
+
+    // The daemon is gone meanwhile: the next shared session starts it again.
+    std::fs::remove_file(pipe.join("control")).expect("the stand-in daemon ran");
+    let c = Session::connect_pooled(&request(true), &template()).expect("a fresh share");
+    round_trip(&c, 4);
+    assert_eq!(starts(), 2, "started again");
+    assert_eq!(server.metrics.mps_daemon_starts.load(std::sync::atomic::Ordering::Relaxed), 2);
+
+    // A fault that leaves the worker alive (an illegal address: a sticky
+    // error): the worker of the MPS client exits, and its group ends.
+    let d = Session::connect_pooled(&request(true), &template()).expect("a second fresh share");
+    round_trip(&d, 5);
+    let gone = c.mem_alloc(1 << 20).expect("alloc");
+    c.mem_free(gone).expect("free");
+    let add = c.module_load(gpupool_proto::BUILTIN_MODULE).expect("module").function("vector_add").expect("fn");
+    let args = [KernelArg::Ptr(gone), KernelArg::Ptr(gone), KernelArg::Ptr(gone), KernelArg::U32(4)];
+    c.launch(&add, LaunchConfig::for_elements(4, 32), StreamId::DEFAULT, &args).expect("queued");
+    let sticky = c.synchronize().expect_err("a kernel on freed memory");
+    assert_eq!(sticky.code(), gpupool_proto::cuda::ILLEGAL_ADDRESS, "{sticky}");
+    ends_with_its_group(&d, &server, 2);
+    drop((c, d));
+    server.stop();
+    let calls = std::fs::read_to_string(dir.join("calls")).unwrap_or_default();
+    assert_eq!(calls.lines().last(), Some("quit"), "stopped with the server: {calls}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -38,6 +38,19 @@ pub fn render(metrics: &Metrics) -> String {
     counter(&mut r, "shm_copied_bytes", "Bytes copied through shared-memory regions", s.shm_bytes);
     counter(&mut r, "resumptions", "Clients reattached to their kept session", s.resumptions);
     counter(&mut r, "resumptions_refused", "Reattachments refused (session gone, wrong secret)", s.resumptions_refused);
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    counter(
+        &mut r,
+        "mps_group_faults",
+        "Shared sessions whose worker died under MPS, ending their group's other sessions",
+        load(&metrics.mps_group_faults),
+    );
+    counter(
+        &mut r,
+        "mps_daemon_starts",
+        "MPS control daemons started (first start and restarts)",
+        load(&metrics.mps_daemon_starts),
+    );
     let exits = Family::<Vec<(String, String)>, Counter>::default();
     for (how, n) in metrics.worker_exits() {
         exits.get_or_create(&vec![("how".to_string(), how.label().to_string())]).inc_by(n);

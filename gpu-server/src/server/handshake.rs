@@ -226,7 +226,8 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
             Mode::Workers(workers) => match workers.for_session(&grant) {
                 Some((pool, memory)) => {
                     let migrated_in = matches!(start, Start::Migrated(_));
-                    run_in_worker(&shared, pool, memory, conn, id, quota, &grant, send, migrated_in).await
+                    let group = workers.group_for(&grant);
+                    run_in_worker(&shared, pool, memory, group, conn, id, quota, &grant, send, migrated_in).await
                 }
                 None => {
                     conn.close(close_code::UNAUTHORIZED.into(), b"the lease's instance is not served here");

@@ -92,6 +92,15 @@ pub struct Metrics {
     /// (the session was gone, or the secret wrong).
     pub resumptions: AtomicU64,
     pub resumptions_refused: AtomicU64,
+    /// Workers of shared sessions that died abnormally under an MPS daemon,
+    /// each ending the other sessions of its group (`docs/sharing.md`).
+    pub mps_group_faults: AtomicU64,
+    /// MPS control daemons started: the first, and each restart after one
+    /// stopped answering.
+    pub mps_daemon_starts: AtomicU64,
+    /// Calls that failed with an error that ends the context
+    /// ([`crate::CallError::ends_context`]), in this process.
+    pub context_lost_errors: AtomicU64,
     /// Session worker processes ended, by [`WorkerExit`] (in its order).
     worker_exits: [AtomicU64; 4],
     /// Sessions by tenant (the lease's tenant, or the token's subject).

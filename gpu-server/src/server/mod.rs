@@ -30,6 +30,7 @@ mod load;
 mod local;
 pub mod metrics;
 mod migrate;
+mod mps_group;
 mod resume;
 mod revocation;
 mod state;
@@ -120,12 +121,26 @@ impl Server {
             Isolation::Process { command, warm, start_timeout } => {
                 let (chain, key) = identity.to_der();
                 let spec = crate::worker_spec::spec_from_config(&config, chain, key);
+                let mps_dir = config.mps.dir.clone().unwrap_or_else(mps_group::default_dir);
+                let mut groups = std::collections::HashMap::new();
                 let pools = if config.gpus.is_empty() {
+                    // One device: its whole GPU, as CUDA_VISIBLE_DEVICES
+                    // (or none) of this process shows it.
+                    groups.insert(String::new(), mps_group::MpsGroup::new(&config.mps, mps_dir.clone(), None));
                     vec![(String::new(), WorkerPool::new(command.clone(), &spec, *warm, *start_timeout))]
                 } else {
                     let instances = config.gpus.iter().flat_map(|g| &g.instances);
                     instances
-                        .map(|instance| {
+                        .enumerate()
+                        .map(|(i, instance)| {
+                            if !instance.is_mig() {
+                                // Short: the daemon's socket path must fit a
+                                // unix socket address (108 bytes).
+                                let dir = mps_dir.join(format!("i{i}"));
+                                let devices = Some(instance.visible_devices.clone());
+                                groups
+                                    .insert(instance.uuid.clone(), mps_group::MpsGroup::new(&config.mps, dir, devices));
+                            }
                             let mut spec = spec.clone();
                             spec.memory_quota = instance.memory;
                             // Under CUDA_VISIBLE_DEVICES the instance is device 0.
@@ -159,7 +174,7 @@ impl Server {
                         }))
                     })
                     .collect();
-                Mode::Workers(Arc::new(Workers { pools, memory }))
+                Mode::Workers(Arc::new(Workers { pools, memory, groups }))
             }
         };
         let bulk = match &mode {
@@ -319,6 +334,10 @@ impl Server {
                 pool.close();
             }
         }
+        let groups = match &self.mode {
+            Mode::Workers(workers) => workers.groups.values().cloned().collect(),
+            Mode::Local(_) => Vec::new(),
+        };
         self.endpoint.close(close_code::SHUTDOWN.into(), b"server shutting down");
         self.bulk.close();
         let grace = self.shared.config.shutdown_grace;
@@ -339,6 +358,10 @@ impl Server {
             self.bulk.wait_idle().await;
         })
         .await;
+        // After the sessions: their workers were the daemon's clients.
+        for group in groups {
+            group.stop().await;
+        }
         Ok(())
     }
 }

@@ -81,6 +81,9 @@ pub(super) struct Workers {
     /// The device memory of each pool's workers (same order): the ledger
     /// that swapping across worker processes keeps (`swap/remote.rs`).
     pub(super) memory: Vec<Arc<crate::swap::DeviceMemory>>,
+    /// The MPS group of each whole GPU served, by instance UUID (as
+    /// `pools`); none for MIG instances, whose sessions never share.
+    pub(super) groups: HashMap<String, Arc<super::mps_group::MpsGroup>>,
 }
 
 impl Workers {
@@ -92,6 +95,17 @@ impl Workers {
             None => 0,
         };
         Some((&self.pools.get(i)?.1, self.memory.get(i)?))
+    }
+
+    /// The MPS group a session joins, and its share in percent: only a
+    /// shared lease's session on a whole GPU whose group uses MPS.
+    pub(super) fn group_for(&self, grant: &Grant) -> Option<(&Arc<super::mps_group::MpsGroup>, u32)> {
+        let lease = grant.lease.as_ref()?;
+        let percent = lease.shared_percent?;
+        let (uuid, pool) = self.pools.iter().find(|(uuid, _)| *uuid == lease.instance_uuid)?;
+        let group = self.groups.get(uuid)?;
+        let backend = pool.probe_result().map(|r| r.backend.as_str());
+        group.applies(backend).then_some((group, percent))
     }
 }
 

@@ -5,6 +5,7 @@
 //! that kept its session.
 
 use super::commands::LINGER;
+use super::mps_group::MpsGroup;
 use super::resume::ResumeSlot;
 use super::state::Shared;
 use super::transport::quic;
@@ -27,6 +28,7 @@ pub(super) async fn run_in_worker(
     shared: &Shared,
     pool: &Arc<WorkerPool>,
     memory: &Arc<DeviceMemory>,
+    group: Option<(&Arc<MpsGroup>, u32)>,
     mut conn: quinn::Connection,
     id: u64,
     quota: u64,
@@ -47,7 +49,29 @@ pub(super) async fn run_in_worker(
         resume: false,
         ..Default::default()
     };
-    let mut worker = match pool.assign(&assign).await {
+    // A shared session's worker is an MPS client of its GPU's daemon, with
+    // its lease's share of the SMs; it joins the group's fate from here.
+    let mps_env = match group {
+        Some((g, percent)) => match g.client_env(percent, &shared.metrics).await {
+            Ok(env) => Some(env),
+            Err(e) => {
+                // No daemon: the session still runs, alone (time-sliced),
+                // which costs throughput but never isolation.
+                tracing::error!(error = %e, "no MPS daemon; the shared session runs as an ordinary worker");
+                None
+            }
+        },
+        None => None,
+    };
+    let mut fate = match (group, &mps_env) {
+        (Some((g, _)), Some(_)) => Some(g.join()),
+        _ => None,
+    };
+    let assigned = match &mps_env {
+        Some(env) => pool.assign_with_env(&assign, env).await,
+        None => pool.assign(&assign).await,
+    };
+    let mut worker = match assigned {
         Ok(w) => w,
         Err(e) => {
             tracing::error!(error = %e, "no session worker");
@@ -66,7 +90,7 @@ pub(super) async fn run_in_worker(
         let ask = move || swap_tx.send(()).is_ok();
         Arc::new(memory.register(Some(Box::new(ask))))
     });
-    tracing::info!(pid, port, "session handed to a worker process");
+    tracing::info!(pid, port, mps = mps_env.is_some(), "session handed to a worker process");
     let secret = slot.secret().to_string();
     let redirect = |ticket: String, resumed: bool| v1::Welcome {
         session_id: id,
@@ -96,13 +120,28 @@ pub(super) async fn run_in_worker(
     // A session that migrated here waits for its client: the connection it
     // came on (the source server's) ends once it arrived.
     let mut awaiting_client = migrated_in;
+    // How the worker ended: by itself (a crash is a fault of its MPS group),
+    // or stopped here because another member of its group faulted.
+    let (mut by_itself, mut group_fault) = (false, false);
     let status = 'session: loop {
         let request = tokio::select! {
             event = events.recv(), if !events.is_closed() => {
                 relay.apply(event);
                 continue;
             }
-            status = worker.wait() => break status,
+            status = worker.wait() => {
+                by_itself = true;
+                break status;
+            }
+            // MPS ended this worker's context with the faulting one's: end
+            // the session now, with the reason, rather than let the client
+            // find a dead context, and let the MPS server take new clients
+            // (it does once its faulted clients are gone).
+            Some(Ok(())) = async { Some(fate.as_mut()?.changed().await) }, if fate.is_some() => {
+                group_fault = true;
+                worker.kill().await;
+                break worker.wait().await;
+            }
             Some(answer) = answers_rx.recv() => {
                 let answer = v1::WorkerAssign { memory: Some(answer), ..Default::default() };
                 // A worker that cannot be reached is exiting: its wait ends.
@@ -144,7 +183,10 @@ pub(super) async fn run_in_worker(
                 // The worker keeps the session as long: wait for the client.
                 tokio::select! {
                     r = slot.wait() => r,
-                    status = worker.wait() => break 'session status,
+                    status = worker.wait() => {
+                        by_itself = true;
+                        break 'session status;
+                    }
                 }
             }
         };
@@ -191,6 +233,11 @@ pub(super) async fn run_in_worker(
     }
     pool.finished(pid);
     shared.metrics.worker_exited(super::metrics::WorkerExit::of(&status));
+    let crashed = by_itself && !matches!(&status, Ok(s) if s.success());
+    if let (true, Some((g, _)), Some(_)) = (crashed, group, &fate) {
+        tracing::warn!(pid, "a shared session's worker died under MPS: ending the other sessions of its group");
+        g.fault(&shared.metrics);
+    }
     // The worker's memory and shared-memory region are gone with it (a
     // worker that crashed never reported them freed).
     relay.apply(Some(v1::worker_event::Event::Metrics(v1::WorkerMetrics {
@@ -200,6 +247,18 @@ pub(super) async fn run_in_worker(
         ..relay.reported
     })));
     match status {
+        _ if group_fault => {
+            tracing::warn!(pid, "session ended: another shared session on its GPU faulted under MPS");
+            let reason = "MPS group fault: a shared session on this GPU faulted, and MPS ended this session's GPU \
+                          context with it (docs/sharing.md)";
+            conn.close(close_code::WORKER_EXITED.into(), reason.as_bytes());
+        }
+        Ok(s) if s.code() == Some(crate::worker::CONTEXT_LOST_EXIT) => {
+            tracing::warn!(pid, "session ended: its GPU context was lost under MPS");
+            let reason = "the session's GPU context was lost (a fault under MPS; the other sessions of its group \
+                          ended with it, docs/sharing.md)";
+            conn.close(close_code::WORKER_EXITED.into(), reason.as_bytes());
+        }
         Ok(s) if s.success() => conn.close(close_code::NORMAL.into(), b"session ended"),
         Ok(s) => {
             tracing::warn!(pid, status = %s, "session worker ended abnormally");

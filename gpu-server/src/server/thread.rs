@@ -98,6 +98,8 @@ pub(crate) fn run<B: Backend>(
                     reply.device_output = capture.collect(max_output).into();
                 }
                 add(&metrics.call_errors, u64::from(reply.error_count));
+                let lost = reply.errors.iter().filter(|e| crate::CallError::ends_context(e.code)).count();
+                add(&metrics.context_lost_errors, lost as u64);
                 reply
             }
             Work::Reply(reply) => *reply,

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# Many small inference clients on one GPU (issue 19): N=4 and N=8 clients,
+# each an unmodified PyTorch workload too small to fill the GPU
+# (bench/share_workload.py: an MLP at batch 8, fp16, a fixed number of
+# steps), run
+#   (a) natively, one after another (the baseline),
+#   (b) natively, all at once (separate processes: time-sliced),
+#   (c) through gpupool with exclusive leases, all started at once (the
+#       balancer queues them: one whole GPU, one exclusive lease at a time),
+#   (d) through gpupool with shared leases (GPUPOOL_LEASE_CLASS=shared,
+#       100/N % each), all at once: workers under the server's MPS daemon.
+# Aggregate throughput = steps of all clients / time at least one step loop
+# ran (process start, context, lease wait and warm-up excluded everywhere),
+# and its ratio to (a). Then a fault check: one shared client stores to
+# address 0; the others must end with an error within 1 s and a fresh
+# shared client must run within 5 s.
+#
+# Usage: bench/share-gpu.sh BIN_DIR OUT_DIR
+#   BIN_DIR: PARTS=pool bash bench/build-device.sh (gpupool-server,
+#            gpupool-balancer, stub/libcuda.so.1); python3 with torch.
+# Env: SHARE_STEPS (steps per client, default 400), SHARE_NS ("4 8").
+# Writes OUT_DIR/share.md and the logs. Budget: well under 7 minutes.
+set -uo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bin=$(cd "$1" && pwd)
+out=$2
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+export GPUPOOL_CUDA_HOME=${GPUPOOL_CUDA_HOME:-/usr/local/cuda}
+cuda_lib="$GPUPOOL_CUDA_HOME/targets/x86_64-linux/lib"
+[[ -d $cuda_lib ]] || cuda_lib="$GPUPOOL_CUDA_HOME/lib64"
+export LD_LIBRARY_PATH="$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+wl="$repo/bench/share_workload.py"
+steps=${SHARE_STEPS:-400}
+report="$out/share.md"
+: >"$report"
+status=0
+say() { echo "$*" | tee -a "$report"; }
+
+work=$(mktemp -d)
+# The server stops its MPS daemon when it exits; should it not get to, a
+# daemon left behind is told to quit here (its pipe directory is ours).
+cleanup() {
+    kill $(jobs -p) 2>/dev/null
+    wait 2>/dev/null
+    for pipe in "$work"/mps/*/mps-pipe; do
+        [[ -e $pipe/control ]] && echo quit | CUDA_MPS_PIPE_DIRECTORY=$pipe timeout 10 nvidia-cuda-mps-control >/dev/null 2>&1
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+"$bin/gpupool-balancer" keygen --key-file "$work/key" >"$work/pub"
+pub=$(cat "$work/pub")
+# Short leases: a client that exits without releasing frees the GPU soon.
+RUST_LOG=info "$bin/gpupool-balancer" serve --listen 127.0.0.1:50061 --key-file "$work/key" \
+    --server-secret share-secret --recovery-ms 0 --lease-ttl-ms 5000 >"$out/balancer.log" 2>&1 &
+for _ in $(seq 1 100); do grep -q "certificate SHA-256" "$out/balancer.log" && break; sleep 0.1; done
+GPUPOOL_BALANCER_CERT_SHA256=$(sed -n 's/.*certificate SHA-256 \([0-9a-f]\{64\}\).*/\1/p' "$out/balancer.log" | head -n 1)
+export GPUPOOL_BALANCER_CERT_SHA256
+# --mps auto: the server's own MPS daemon for shared leases (private
+# directories under --mps-dir; the compute mode is left as it is).
+NO_COLOR=1 RUST_LOG=info "$bin/gpupool-server" --listen 127.0.0.1:4443 --device cuda:0 --instances nvml \
+    --balancer https://127.0.0.1:50061 --advertise 127.0.0.1:4443 --balancer-secret share-secret \
+    --lease-key "$pub" --server-id share-gpu --warm-workers 8 --resume-grace-ms 0 \
+    --mps auto --mps-dir "$work/mps" --metrics-listen 127.0.0.1:9465 >"$out/server.log" 2>&1 &
+for _ in $(seq 1 120); do
+    "$bin/gpupool-balancer" status --balancer https://127.0.0.1:50061 >"$work/status" 2>/dev/null &&
+        grep -q share-gpu "$work/status" && break
+    sleep 0.5
+done
+
+native() { timeout 120 python3 "$wl" --steps "$steps" "$@"; }
+pooled() {
+    LD_LIBRARY_PATH="$bin/stub:$LD_LIBRARY_PATH" GPUPOOL_BALANCER=https://127.0.0.1:50061 GPUPOOL_TENANT=share \
+        GPUPOOL_MEMORY_MIB=${SHARE_MEMORY_MIB:-8192} GPUPOOL_WAIT_MS=240000 timeout 240 python3 "$wl" --steps "$steps" "$@"
+}
+shared() { GPUPOOL_LEASE_CLASS=shared GPUPOOL_COMPUTE_PERCENT=$1 pooled "${@:2}"; }
+# The server's log without colour codes (its fields are matched below).
+plain_log() { sed 's/\x1b\[[0-9;]*m//g' "$out/server.log"; }
+files() { local d=$1 n=$2; for i in $(seq 1 "$n"); do printf '%s,' "$d/$i.json"; done; }
+
+say "## Many clients on one GPU ($(date -u +%F), commit $(cat "$bin/COMMIT" 2>/dev/null || echo unknown))"
+say ""
+say "$(nvidia-smi --query-gpu=name,compute_mode --format=csv,noheader 2>/dev/null | head -n 1);" \
+    "workload: bench/share_workload.py, $steps steps of 4 forward passes of a 4-layer fp16 MLP" \
+    "(hidden 2048, batch 8), one synchronize per step. Aggregate = steps of all clients / time" \
+    "at least one step loop ran; p99 = worst client's p99 step time."
+# Past this many seconds the remaining parts are skipped (and said so), to
+# stay inside the 7-minute budget.
+budget=${SHARE_BUDGET_S:-330}
+for n in ${SHARE_NS:-4 8}; do
+    if ((SECONDS > budget - 90)); then
+        say "" && say "### N=$n skipped: ${SECONDS} s spent of the ${budget} s budget"
+        status=1
+        continue
+    fi
+    pct=$((100 / n))
+    d="$out/n$n"
+    mkdir -p "$d"/{a,b,c,d}
+    t0=$(date +%s)
+    for i in $(seq 1 "$n"); do native >"$d/a/$i.json" 2>"$d/a/$i.err"; done
+    pids=()
+    for i in $(seq 1 "$n"); do native --barrier "$work/b$n" --clients "$n" >"$d/b/$i.json" 2>"$d/b/$i.err" & pids+=($!); done
+    wait "${pids[@]}"
+    # Exclusive leases queue at the balancer: no barrier (it would wait
+    # for clients that cannot start before the others end).
+    pids=()
+    for i in $(seq 1 "$n"); do pooled >"$d/c/$i.json" 2>"$d/c/$i.err" & pids+=($!); done
+    wait "${pids[@]}"
+    pids=()
+    for i in $(seq 1 "$n"); do
+        shared "$pct" --barrier "$work/d$n" --clients "$n" >"$d/d/$i.json" 2>"$d/d/$i.err" &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    say ""
+    say "### N=$n ($(($(date +%s) - t0)) s)"
+    say ""
+    say "| scenario | clients | aggregate steps/s | vs (a) | p99 step ms |"
+    say "|---|---|---|---|---|"
+    python3 "$wl" --report "(a) native, one after another=$(files "$d/a" "$n")" \
+        "(b) native, all at once=$(files "$d/b" "$n")" \
+        "(c) gpupool exclusive, all at once=$(files "$d/c" "$n")" \
+        "(d) gpupool shared ${pct} % each, all at once=$(files "$d/d" "$n")" | tee -a "$report"
+    grep -l . "$d"/*/*.err >/dev/null 2>&1 && say "" && say "(stderr of the clients: $d/*/*.err)"
+done
+
+say ""
+say "MPS: $(plain_log | grep -c 'MPS control daemon started') daemon start(s);" \
+    "$(plain_log | grep -c 'session handed to a worker process.*mps=true') shared session(s) under MPS," \
+    "$(plain_log | grep -c 'session handed to a worker process.*mps=false') outside (server.log)."
+if ((SECONDS > budget - 40)); then
+    say "" && say "### Fault in a shared group: skipped (${SECONDS} s spent of the ${budget} s budget)"
+    exit 1
+fi
+say ""
+say "### Fault in a shared group"
+f="$out/fault"
+mkdir -p "$f"
+n=3
+# Long runs, so that they are still stepping when the fault comes; their
+# barrier files say that each finished its warm-up.
+victims=()
+for i in $(seq 1 "$n"); do
+    shared 20 --steps 100000 --barrier "$work/fault" --clients "$n" >"$f/$i.json" 2>"$f/$i.err" &
+    victims+=($!)
+done
+for _ in $(seq 1 240); do
+    [[ $(ls "$work/fault" 2>/dev/null | wc -l) -ge $n ]] && break
+    sleep 0.25
+done
+sleep 1
+shared 20 --fault >"$f/fault.json" 2>"$f/fault.err"
+t_fault=$(date +%s.%N)
+ended=0
+for p in "${victims[@]}"; do
+    # Each victim must be gone within 1 s of the faulting launch's return.
+    for _ in $(seq 1 20); do kill -0 "$p" 2>/dev/null || break; sleep 0.05; done
+    if kill -0 "$p" 2>/dev/null; then kill "$p" 2>/dev/null; else ended=$((ended + 1)); fi
+done
+t_end=$(date +%s.%N)
+wait "${victims[@]}" 2>/dev/null
+say "- faulting client: $(cat "$f/fault.json" 2>/dev/null | tail -n 1)"
+say "- victims ended by themselves within $(python3 -c "print(round($t_end - $t_fault, 2))") s: $ended of $n" \
+    "(their last error lines: $(for i in $(seq 1 "$n"); do tail -n 1 "$f/$i.err" | cut -c1-160; echo ' / '; done | tr -d '\n'))"
+[[ $ended == "$n" ]] || status=1
+t0=$(date +%s.%N)
+if shared 20 --steps 50 >"$f/fresh.json" 2>"$f/fresh.err"; then
+    say "- a fresh shared client ran $(python3 -c "print(round($(date +%s.%N) - $t0, 2))") s after (start to end): $(tail -n 1 "$f/fresh.json")"
+else
+    say "- a fresh shared client FAILED: $(tail -n 2 "$f/fresh.err" | tr '\n' ' ')"
+    status=1
+fi
+say "- server counters: $(curl -s 127.0.0.1:9465/metrics 2>/dev/null | grep -E '^gpupool_server_(mps_|worker_exits)' | tr '\n' ' ')"
+exit $status
