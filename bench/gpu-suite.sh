@@ -22,7 +22,11 @@
 #      the pause the program saw (target: at most 1 s).
 #  10. gpupool-rdma-check: the RDMA integration check (docs/rdma.md): a
 #      session over an RDMA device where `ibv_get_device_list` finds one,
-#      recorded as SKIP ("skipped: no RDMA device") where it finds none.
+#      recorded as SKIP ("skipped: no RDMA device") where it finds none;
+#  11. bench/share-gpu.sh: 4 and 8 concurrent PyTorch clients on the card,
+#      one after another, at once natively, exclusive leases and shared
+#      leases under the server's MPS daemon; the MPS group fault check
+#      (docs/sharing.md; binaries of PARTS=pool).
 # Results: <date>-<gpu>-<commit>.md (every step's output and a summary) and
 # .json (the benchmark's figures) in $OUT when set (a device run returns only
 # $OUT), else in bench/results/. The .md is written step by step, so a run cut
@@ -37,15 +41,15 @@
 #        *_TIMEOUT    per-step limits in seconds: TEST_TIMEOUT (240),
 #                     SMOKE_TIMEOUT (60), DEMO_TIMEOUT (120), BENCH_TIMEOUT (300),
 #                     DROPIN_TIMEOUT (540), POOL_TIMEOUT (300),
-#                     MIGRATION_TIMEOUT (300)
+#                     MIGRATION_TIMEOUT (300), SHARE_TIMEOUT (360)
 #        MIGRATION_MIB  the migrated session's size (1024)
 #        ONLY         step functions to run, space-separated (gpu_info
 #                     gpu_tests server_smoke demo bench bench_in_process
-#                     dropin pool lambda migration rdma); default all. The binaries of every step
+#                     dropin pool lambda migration rdma share); default all. The binaries of every step
 #                     exceed what one device run carries (and its 600 s):
 #                     ONLY="gpu_info gpu_tests server_smoke bench bench_in_process migration rdma"
 #                     with PARTS=core binaries, ONLY="demo dropin" with
-#                     PARTS=dropin, ONLY=pool with PARTS=pool.
+#                     PARTS=dropin, ONLY="pool share" with PARTS=pool.
 set -uo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -252,7 +256,11 @@ rdma() {
 }
 
 export repo stem bin_dir json
-export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool lambda migration rdma
+share() {
+    bash "$repo/bench/share-gpu.sh" "$bin_dir" "$stem-share"
+}
+
+export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool lambda migration rdma share
 
 {
     echo "# gpupool GPU suite"
@@ -277,6 +285,7 @@ step "balancer: NVML discovery, leased programs, gRPC benchmark" "${POOL_TIMEOUT
 step "Lambda example function: cold and warm, native and through the pool, freeze/thaw" "${LAMBDA_TIMEOUT:-240}" lambda
 step "live migration: pause of a 1 GiB session between two servers on the card" "${MIGRATION_TIMEOUT:-300}" migration
 step "RDMA integration check (gpupool-rdma-check)" "${RDMA_TIMEOUT:-90}" rdma
+step "sharing: concurrent PyTorch clients, exclusive and shared (MPS) leases, group fault" "${SHARE_TIMEOUT:-360}" share
 
 {
     echo "## Summary"

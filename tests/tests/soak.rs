@@ -322,6 +322,7 @@ fn a_killed_supervisor_takes_its_workers_with_it_and_clients_are_told() {
             std::thread::sleep(Duration::from_millis(50));
         }
         let e = t.join().expect("client thread").expect_err("the session ends with its server");
+        println!("client {i} after {:.2} s: {e}", killed.elapsed().as_secs_f64());
         assert!(matches!(e, ClientError::ConnectionLost(_) | ClientError::Timeout(_)), "client {i}: {e:?}");
     }
     let told = killed.elapsed();
