@@ -151,12 +151,17 @@ impl Buffer {
 
     /// Reads the non-blocking descriptor `fd` until it is empty.
     fn fill_from(&mut self, fd: RawFd) {
-        let mut chunk = [0u8; 64 << 10];
+        // Not zeroed: this runs after every batch, and usually reads nothing.
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); 64 << 10];
         loop {
             // SAFETY: `chunk` is a live buffer of the length passed.
             let n = unsafe { libc::read(fd, chunk.as_mut_ptr().cast(), chunk.len()) };
             match n {
-                n if n > 0 => self.push(&chunk[..n as usize]),
+                n if n > 0 => {
+                    // SAFETY: read(2) initialized the first `n` bytes.
+                    let read = unsafe { std::slice::from_raw_parts(chunk.as_ptr().cast::<u8>(), n as usize) };
+                    self.push(read);
+                }
                 0 => return,
                 _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
                 _ => return,
