@@ -300,6 +300,10 @@ pub(crate) async fn send_session(
             send.write_all(&memory_frame_head(addr, data.len())).await.map_err(|e| fail(&e))?;
             send.write_chunk(Bytes::from(data)).await.map_err(|e| fail(&e))?;
         }
+        if !ex.calls_after.is_empty() {
+            let after = v1::Batch { seq: 0, calls: ex.calls_after.clone() };
+            send.write_all(&write(v1::migrate_frame::Item::Calls(after))).await.map_err(|e| fail(&e))?;
+        }
         send.write_all(&write(v1::migrate_frame::Item::End(v1::MigrateEnd {}))).await.map_err(|e| fail(&e))?;
         let body = super::transport::quic::read_frame(&mut recv, MAX_ANSWER_BYTES).await;
         let done = match body {

@@ -19,7 +19,7 @@
 //! times.
 
 use super::SessionState;
-use crate::device::{ACCESS_READWRITE, BackendSession};
+use crate::device::{ACCESS_READ, ACCESS_READWRITE, BackendSession};
 use crate::error::CallError;
 use gpupool_proto::v1::{self, call::Op};
 
@@ -101,6 +101,9 @@ impl Journal {
 pub struct Exported {
     /// The calls that re-create it on the target, mappings first.
     pub calls: Vec<v1::Call>,
+    /// Calls that run on the target after the contents were written: the
+    /// access and references of the application's own VMM allocations.
+    pub calls_after: Vec<v1::Call>,
     /// Module images the calls load, by SHA-256.
     pub images: Vec<Vec<u8>>,
     /// Each mapping's address and size; their contents are read piece by
@@ -135,9 +138,6 @@ impl<S: BackendSession> SessionState<S> {
         if !self.mirrors.is_empty() {
             return refuse("mapped host memory");
         }
-        if !self.vmm_handles.is_empty() || !self.vmm_maps.is_empty() {
-            return refuse("VMM allocations of its own");
-        }
         // Swapped-out contents come back first: they are read as any others.
         self.swap_in()?;
         self.dev.synchronize()?;
@@ -147,9 +147,14 @@ impl<S: BackendSession> SessionState<S> {
             memory.push((addr, size));
             calls.push(v1::Call { op: Some(Op::MemMap(v1::MemMap { addr, size })) });
         }
+        let vmm = self.vmm_export()?;
+        let call = |op| v1::Call { op: Some(op) };
+        calls.extend(vmm.before.into_iter().map(call));
+        memory.extend(vmm.contents);
         calls.extend(self.journal.ops.iter().map(|op| v1::Call { op: Some(op.clone()) }));
         Ok(Exported {
             calls,
+            calls_after: vmm.after.into_iter().map(call).collect(),
             images: self.journal.images(),
             memory,
             va_base: self.dev.va_base(),
@@ -161,7 +166,7 @@ impl<S: BackendSession> SessionState<S> {
     /// inside one of its mappings (the session is quiesced: nothing changes
     /// them between its export and the last piece read).
     pub fn export_memory(&mut self, addr: u64, len: u64) -> Result<Vec<u8>, CallError> {
-        self.check_range(addr, len, ACCESS_READWRITE)?;
+        self.check_range(addr, len, ACCESS_READ)?;
         let mut buf = super::swap::host_buffer(len)?;
         self.dev.read(None, addr, &mut buf)?;
         Ok(buf)
@@ -249,5 +254,84 @@ mod tests {
         assert_eq!(back, data);
         assert!(b.streams.contains_key(&5));
         assert!(b.import_memory(base + 8 * G, &[1]).is_err(), "outside the migrated mappings");
+    }
+
+    /// The application's own VMM allocations move: contents, every mapping
+    /// (an alias too) with its access, and references (a released handle
+    /// that is still mapped stays released).
+    #[test]
+    fn vmm_allocations_move_with_mappings_access_and_references() {
+        use crate::device::{ACCESS_READ, ACCESS_READWRITE};
+        let mut a = session();
+        let base = a.va_base();
+        let data: Vec<u8> = (0..2 * G).map(|i| (i % 253) as u8).collect();
+        let (whole, alias, other) = (base + 4 * G, base + 8 * G, base + 12 * G);
+        let setup = v1::Batch {
+            seq: 1,
+            calls: vec![
+                call(Op::VmmCreate(v1::VmmCreate { handle: 1, size: 2 * G })),
+                call(Op::VmmMap(v1::VmmMap { addr: whole, size: 2 * G, offset: 0, handle: 1 })),
+                call(Op::VmmMap(v1::VmmMap { addr: alias, size: G, offset: G, handle: 1 })),
+                call(Op::VmmSetAccess(v1::VmmSetAccess { addr: whole, size: 2 * G, flags: ACCESS_READWRITE })),
+                call(Op::VmmSetAccess(v1::VmmSetAccess { addr: alias, size: G, flags: ACCESS_READ })),
+                // Retained once more (two references).
+                call(Op::VmmRetain(v1::VmmRetain { handle: 1 })),
+                // A second allocation, released while mapped read-only.
+                call(Op::VmmCreate(v1::VmmCreate { handle: 2, size: G })),
+                call(Op::VmmMap(v1::VmmMap { addr: other, size: G, offset: 0, handle: 2 })),
+                call(Op::VmmSetAccess(v1::VmmSetAccess { addr: other, size: G, flags: ACCESS_READ })),
+                call(Op::VmmRelease(v1::VmmRelease { handle: 2 })),
+            ],
+        };
+        let reply = a.execute_batch(setup);
+        assert_eq!(reply.error_count, 0, "{:?}", reply.errors);
+        a.import_memory(whole, &data).expect("write");
+        let out = a.export().expect("export");
+        assert_eq!(out.memory_bytes(), 3 * G, "both allocations' contents");
+
+        let mut b = session();
+        let reply = b.execute_batch(v1::Batch { seq: 2, calls: out.calls });
+        assert_eq!(reply.error_count, 0, "{:?}", reply.errors);
+        for &(addr, size) in &out.memory {
+            let piece = a.export_memory(addr, size).expect("read out (a read-only mapping too)");
+            b.import_memory(addr, &piece).expect("import");
+        }
+        let reply = b.execute_batch(v1::Batch { seq: 3, calls: out.calls_after });
+        assert_eq!(reply.error_count, 0, "{:?}", reply.errors);
+
+        let mut back = vec![0; data.len()];
+        b.dev.read(None, whole, &mut back).expect("read");
+        assert_eq!(back, data);
+        let mut aliased = vec![0; G as usize];
+        b.dev.read(None, alias, &mut aliased).expect("read the alias");
+        assert_eq!(aliased[..], data[G as usize..], "the alias shows the second half");
+        assert!(b.check_range(alias, G, ACCESS_READWRITE).is_err(), "the alias stays read-only");
+        assert!(b.check_range(other, G, ACCESS_READ).is_ok());
+        // References: handle 1 takes two releases, handle 2 none.
+        let release = |h| call(Op::VmmRelease(v1::VmmRelease { handle: h }));
+        let r = b.execute_batch(v1::Batch { seq: 4, calls: vec![release(1), release(1)] });
+        assert_eq!(r.error_count, 0, "{:?}", r.errors);
+        let r = b.execute_batch(v1::Batch { seq: 5, calls: vec![release(1)] });
+        assert_eq!(r.error_count, 1, "a third release of handle 1");
+        let r = b.execute_batch(v1::Batch { seq: 6, calls: vec![release(2)] });
+        assert_eq!(r.error_count, 1, "handle 2 was released on the source");
+    }
+
+    /// An allocation whose only whole mapping cannot be read is not read
+    /// out by changing its access: the session refuses to move.
+    #[test]
+    fn a_vmm_allocation_without_a_readable_whole_mapping_refuses_to_move() {
+        let mut a = session();
+        let base = a.va_base();
+        let setup = v1::Batch {
+            seq: 1,
+            calls: vec![
+                call(Op::VmmCreate(v1::VmmCreate { handle: 1, size: G })),
+                call(Op::VmmMap(v1::VmmMap { addr: base + G, size: G, offset: 0, handle: 1 })),
+            ],
+        };
+        assert_eq!(a.execute_batch(setup).error_count, 0);
+        let e = a.export().expect_err("no readable whole mapping");
+        assert!(e.message.contains("read access"), "{}", e.message);
     }
 }

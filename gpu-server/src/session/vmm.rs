@@ -237,6 +237,20 @@ impl<S: BackendSession> SessionState<S> {
     }
 }
 
+/// Most references to one VMM allocation a migration re-creates (one
+/// `VmmRetain` call each).
+const MAX_EXPORTED_REFS: u32 = 1_024;
+
+/// The application's VMM allocations, exported for a migration
+/// ([`SessionState::vmm_export`]).
+#[derive(Debug, Default)]
+pub(super) struct VmmExport {
+    pub(super) before: Vec<v1::call::Op>,
+    pub(super) after: Vec<v1::call::Op>,
+    /// (address, size) of the mapping of all of each allocation.
+    pub(super) contents: Vec<(u64, u64)>,
+}
+
 /// An application VMM allocation swapped out (`session/swap.rs`): its
 /// contents, references and mappings.
 #[derive(Debug)]
@@ -277,6 +291,47 @@ impl<S: BackendSession> SessionState<S> {
                     })
             })
             .collect()
+    }
+
+    /// The application's VMM allocations as calls that re-create them on a
+    /// migration's target (`session/migrate.rs`): `before` the contents
+    /// come, each allocation, every mapping of it, and read-write access on
+    /// the mapping of all of it that the contents are written through;
+    /// `after` them, each mapping's access as the application left it and
+    /// each allocation's references. Also the address and size of those
+    /// whole mappings, which the contents are read from here. Refused when
+    /// an allocation is not mapped whole anywhere, or that mapping is not
+    /// readable (the contents could not be read without changing it).
+    pub(super) fn vmm_export(&self) -> Result<VmmExport, CallError> {
+        use v1::call::Op;
+        let mut out = VmmExport::default();
+        for (id, addr) in self.vmm_whole()? {
+            let (Some(h), Some(whole)) = (self.vmm_handles.get(&id), self.vmm_maps.get(&addr)) else { continue };
+            if whole.access & ACCESS_READ == 0 {
+                return Err(CallError::not_supported(format!(
+                    "VMM allocation {id} is mapped whole only without read access, so it cannot be read out"
+                )));
+            }
+            if h.refs > MAX_EXPORTED_REFS {
+                return Err(CallError::not_supported(format!("VMM allocation {id} has {} references", h.refs)));
+            }
+            out.before.push(Op::VmmCreate(v1::VmmCreate { handle: id, size: h.size }));
+            for (&at, m) in self.vmm_maps.iter().filter(|(_, m)| m.handle == id) {
+                out.before.push(Op::VmmMap(v1::VmmMap { addr: at, size: m.size, offset: m.offset, handle: id }));
+                if m.access != ACCESS_NONE {
+                    out.after.push(Op::VmmSetAccess(v1::VmmSetAccess { addr: at, size: m.size, flags: m.access }));
+                }
+            }
+            let open = v1::VmmSetAccess { addr, size: h.size, flags: ACCESS_READWRITE };
+            out.before.push(Op::VmmSetAccess(open));
+            // `VmmCreate` makes one reference.
+            match h.refs {
+                0 => out.after.push(Op::VmmRelease(v1::VmmRelease { handle: id })),
+                n => out.after.extend((1..n).map(|_| Op::VmmRetain(v1::VmmRetain { handle: id }))),
+            }
+            out.contents.push((addr, h.size));
+        }
+        Ok(out)
     }
 
     /// Checks that every VMM allocation can be read whole.

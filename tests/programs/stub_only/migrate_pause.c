@@ -2,7 +2,8 @@
  * migrate_pause: a driver-API program whose session moves to another gpupool
  * server halfway through (live migration, issue 21, docs/migration.md). The
  * second half uses what the first made (device memory at the same
- * addresses, a stream, an event, the module's function) and must compute
+ * addresses, a stream, an event, the module's function, memory of its own
+ * virtual memory management mapped twice, once read-only) and must compute
  * what it would have without the move.
  *
  * Between its halves it prints "paused" and waits for a line on stdin:
@@ -90,6 +91,38 @@ int main(void)
     CK(cuMemcpyHtoD(x, hx, bytes));
     CK(cuMemcpyHtoD(y, hy, bytes));
 
+    /* Memory of its own VMM: one allocation mapped read-write, and its
+     * second half mapped again read-only elsewhere. */
+    CUmemAllocationProp prop;
+    memset(&prop, 0, sizeof prop);
+    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    prop.location.id = 0;
+    size_t g = 0;
+    CK(cuMemGetAllocationGranularity(&g, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM));
+    CUdeviceptr vmm = 0, alias = 0;
+    CUmemGenericAllocationHandle handle;
+    CK(cuMemAddressReserve(&vmm, 2 * g, 0, 0, 0));
+    CK(cuMemAddressReserve(&alias, g, 0, 0, 0));
+    CK(cuMemCreate(&handle, 2 * g, &prop, 0));
+    CK(cuMemMap(vmm, 2 * g, 0, handle, 0));
+    CK(cuMemMap(alias, g, g, handle, 0));
+    CK(cuMemRelease(handle)); /* mapped, so the memory stays */
+    CUmemAccessDesc access;
+    memset(&access, 0, sizeof access);
+    access.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+    access.location.id = 0;
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+    CK(cuMemSetAccess(vmm, 2 * g, &access, 1));
+    access.flags = CU_MEM_ACCESS_FLAGS_PROT_READ;
+    CK(cuMemSetAccess(alias, g, &access, 1));
+    unsigned char *pattern = malloc(2 * g), *seen = malloc(g);
+    if (!pattern || !seen)
+        fail("out of host memory");
+    for (size_t i = 0; i < 2 * g; i++)
+        pattern[i] = (unsigned char)(i * 7 + 3);
+    CK(cuMemcpyHtoD(vmm, pattern, 2 * g));
+
     /* First half. */
     steps(stream, x, y, 0, 3);
     CK(cuEventRecord(done, stream));
@@ -108,6 +141,10 @@ int main(void)
     /* Second half, with what the first half made. */
     CK(cuMemcpyDtoH(got, x, bytes));
     expect("x after the pause", got, hx);
+    CK(cuMemcpyDtoH(seen, alias, g));
+    if (memcmp(seen, pattern + g, g) != 0)
+        fail("the read-only alias of the VMM allocation changed across the pause");
+    printf("vmm alias: ok\n");
     steps(stream, x, y, 3, 6);
     CK(cuEventRecord(done, stream));
     CK(cuEventSynchronize(done));
@@ -126,6 +163,12 @@ int main(void)
     CK(cuMemcpyDtoH(got, z, bytes));
     expect("new memory", got, want);
 
+    CK(cuMemUnmap(alias, g));
+    CK(cuMemUnmap(vmm, 2 * g));
+    CK(cuMemAddressFree(alias, g));
+    CK(cuMemAddressFree(vmm, 2 * g));
+    free(pattern);
+    free(seen);
     CK(cuMemFree(z));
     CK(cuMemFree(y));
     CK(cuMemFree(x));
