@@ -504,6 +504,9 @@ async fn receive_session(
                     outcome(rx).await?;
                 }
             }
+            // Bounded by the shadows the calls made (at most
+            // `MAX_MIRROR_BYTES`): a piece outside them is an error.
+            Item::Mirror(c) => outcome(start(Import::Mirror(c.addr, c.data)).await?).await?,
             Item::End(_) if memory == m.memory_bytes => {
                 for rx in writes.drain(..) {
                     outcome(rx).await?;

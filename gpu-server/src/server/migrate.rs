@@ -300,6 +300,12 @@ pub(crate) async fn send_session(
             send.write_all(&memory_frame_head(addr, data.len())).await.map_err(|e| fail(&e))?;
             send.write_chunk(Bytes::from(data)).await.map_err(|e| fail(&e))?;
         }
+        for (addr, shadow) in &ex.mirrors {
+            for (i, piece) in shadow.chunks(CHUNK_BYTES).enumerate() {
+                let chunk = v1::MemChunk { addr: addr + (i * CHUNK_BYTES) as u64, data: Bytes::copy_from_slice(piece) };
+                send.write_all(&write(v1::migrate_frame::Item::Mirror(chunk))).await.map_err(|e| fail(&e))?;
+            }
+        }
         if !ex.calls_after.is_empty() {
             let after = v1::Batch { seq: 0, calls: ex.calls_after.clone() };
             send.write_all(&write(v1::migrate_frame::Item::Calls(after))).await.map_err(|e| fail(&e))?;

@@ -39,6 +39,8 @@ pub(crate) enum Import {
     Calls(v1::Batch),
     /// Contents of its memory at an address.
     Memory(u64, bytes::Bytes),
+    /// A piece of a mirrored range's shadow at an address.
+    Mirror(u64, bytes::Bytes),
 }
 
 /// How a session's work queue takes swap-out requests: without blocking,
@@ -134,6 +136,7 @@ pub(crate) fn run<B: Backend>(
                         }
                     }
                     Import::Memory(addr, data) => state.import_memory(addr, &data),
+                    Import::Mirror(addr, data) => state.import_mirror(addr, &data),
                 };
                 counted = count_memory(&metrics, counted, &state);
                 let _ = done.send(imported);

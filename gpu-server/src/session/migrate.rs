@@ -104,6 +104,9 @@ pub struct Exported {
     /// Calls that run on the target after the contents were written: the
     /// access and references of the application's own VMM allocations.
     pub calls_after: Vec<v1::Call>,
+    /// The shadows of the mirrored ranges of mapped host memory, by address
+    /// (at most `MAX_MIRROR_BYTES` in all).
+    pub mirrors: Vec<(u64, Vec<u8>)>,
     /// Module images the calls load, by SHA-256.
     pub images: Vec<Vec<u8>>,
     /// Each mapping's address and size; their contents are read piece by
@@ -135,9 +138,6 @@ impl<S: BackendSession> SessionState<S> {
         if !self.globals.is_empty() {
             return refuse("module variables (their addresses are the driver's)");
         }
-        if !self.mirrors.is_empty() {
-            return refuse("mapped host memory");
-        }
         // Swapped-out contents come back first: they are read as any others.
         self.swap_in()?;
         self.dev.synchronize()?;
@@ -150,11 +150,14 @@ impl<S: BackendSession> SessionState<S> {
         let vmm = self.vmm_export()?;
         let call = |op| v1::Call { op: Some(op) };
         calls.extend(vmm.before.into_iter().map(call));
+        let (mirror_calls, mirrors) = self.mirror_export();
+        calls.extend(mirror_calls.into_iter().map(call));
         memory.extend(vmm.contents);
         calls.extend(self.journal.ops.iter().map(|op| v1::Call { op: Some(op.clone()) }));
         Ok(Exported {
             calls,
             calls_after: vmm.after.into_iter().map(call).collect(),
+            mirrors,
             images: self.journal.images(),
             memory,
             va_base: self.dev.va_base(),
@@ -315,6 +318,49 @@ mod tests {
         assert_eq!(r.error_count, 1, "a third release of handle 1");
         let r = b.execute_batch(v1::Batch { seq: 6, calls: vec![release(2)] });
         assert_eq!(r.error_count, 1, "handle 2 was released on the source");
+    }
+
+    /// Mapped host memory moves with what the client last saw of it: the
+    /// device's writes it has not seen yet come back from the target, as
+    /// they would have from the source.
+    #[test]
+    fn mirrored_ranges_move_with_their_shadows() {
+        let mut a = session();
+        let base = a.va_base();
+        let range = base + G;
+        let setup = v1::Batch {
+            seq: 1,
+            calls: vec![
+                call(Op::MemMap(v1::MemMap { addr: range, size: G })),
+                call(Op::MirrorAdd(v1::MirrorAdd { addr: range, size: 8192 })),
+            ],
+        };
+        assert_eq!(a.execute_batch(setup).error_count, 0);
+        // The client wrote its mapped memory, and saw the device's answer...
+        a.import_memory(range, &[1; 8192]).expect("host write");
+        a.mirrors.note_host_write(range, &[1; 8192]);
+        // ...then the device wrote again, not yet returned to the client.
+        a.import_memory(range + 4096, &[2; 16]).expect("device write");
+        let out = a.export().expect("export");
+        assert_eq!(out.mirrors.len(), 1);
+
+        let mut b = session();
+        let reply = b.execute_batch(v1::Batch { seq: 2, calls: out.calls });
+        assert_eq!(reply.error_count, 0, "{:?}", reply.errors);
+        for &(addr, size) in &out.memory {
+            b.import_memory(addr, &a.export_memory(addr, size).expect("read out")).expect("import");
+        }
+        for (addr, shadow) in &out.mirrors {
+            b.import_mirror(*addr, shadow).expect("shadow");
+        }
+        let changes = b.mirror_changes();
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        // In 4 KiB chunks: the one the unseen device write is in.
+        assert_eq!((changes[0].addr, changes[0].size), (range + 4096, 4096), "only the unseen device write");
+        assert_eq!(changes[0].data[..16], [2; 16]);
+        assert!(changes[0].data[16..].iter().all(|&b| b == 1));
+        assert!(b.import_mirror(range + 8190, &[0; 4]).is_err(), "past the range");
+        assert!(b.import_mirror(base, &[0; 4]).is_err(), "in no range");
     }
 
     /// An allocation whose only whole mapping cannot be read is not read

@@ -128,6 +128,30 @@ impl<S: BackendSession> SessionState<S> {
         out
     }
 
+    /// The mirrored ranges as calls that re-create them on a migration's
+    /// target, and their shadows (what the client last saw: the device's
+    /// writes since then still have to reach it, from the target).
+    pub(super) fn mirror_export(&self) -> (Vec<v1::call::Op>, Vec<(u64, Vec<u8>)>) {
+        let calls = self
+            .mirrors
+            .ranges
+            .iter()
+            .map(|(&addr, s)| v1::call::Op::MirrorAdd(v1::MirrorAdd { addr, size: s.len() as u64 }));
+        let shadows = self.mirrors.ranges.iter().map(|(&addr, s)| (addr, s.clone()));
+        (calls.collect(), shadows.collect())
+    }
+
+    /// A migration's piece of a shadow: only inside a mirrored range the
+    /// migration's calls re-created.
+    pub fn import_mirror(&mut self, addr: u64, data: &[u8]) -> Result<(), CallError> {
+        let outside = || CallError::invalid_value(format!("shadow piece at {addr:#x} is in no mirrored range"));
+        let (&start, shadow) = self.mirrors.ranges.range_mut(..=addr).next_back().ok_or_else(outside)?;
+        let offset = usize::try_from(addr - start).map_err(|_| outside())?;
+        let end = offset.checked_add(data.len()).filter(|&e| e <= shadow.len()).ok_or_else(outside)?;
+        shadow[offset..end].copy_from_slice(data);
+        Ok(())
+    }
+
     /// Creates the session's own non-blocking stream for reading mirrors.
     fn ensure_mirror_stream(&mut self) -> Result<(), CallError> {
         if self.mirror_stream.is_none() {

@@ -3,7 +3,8 @@
  * server halfway through (live migration, issue 21, docs/migration.md). The
  * second half uses what the first made (device memory at the same
  * addresses, a stream, an event, the module's function, memory of its own
- * virtual memory management mapped twice, once read-only) and must compute
+ * virtual memory management mapped twice, once read-only, mapped host
+ * memory written by both sides) and must compute
  * what it would have without the move.
  *
  * Between its halves it prints "paused" and waits for a line on stdin:
@@ -123,6 +124,16 @@ int main(void)
         pattern[i] = (unsigned char)(i * 7 + 3);
     CK(cuMemcpyHtoD(vmm, pattern, 2 * g));
 
+    /* Mapped host memory: the device writes it, the host sees it. */
+    unsigned *mapped = NULL;
+    CUdeviceptr dmapped;
+    CK(cuMemHostAlloc((void **)&mapped, 64 * 1024, CU_MEMHOSTALLOC_DEVICEMAP));
+    CK(cuMemHostGetDevicePointer(&dmapped, mapped, 0));
+    CK(cuMemsetD32(dmapped, 0x11111111u, 16 * 1024));
+    CK(cuCtxSynchronize());
+    if (mapped[0] != 0x11111111u || mapped[16 * 1024 - 1] != 0x11111111u)
+        fail("mapped memory before the pause: %#x", mapped[0]);
+
     /* First half. */
     steps(stream, x, y, 0, 3);
     CK(cuEventRecord(done, stream));
@@ -131,6 +142,10 @@ int main(void)
     CK(cuMemcpyDtoH(got, y, bytes));
     expect("first half", got, want);
     printf("first half: checksum %llu\n", (unsigned long long)checksum(got));
+
+    /* A device write the host has not seen yet when the session moves
+     * (nothing synchronizes before the pause). */
+    CK(cuMemsetD32Async(dmapped + 8192, 0x22222222u, 4, stream));
 
     /* The session may move now. */
     printf("paused\n");
@@ -145,6 +160,16 @@ int main(void)
     if (memcmp(seen, pattern + g, g) != 0)
         fail("the read-only alias of the VMM allocation changed across the pause");
     printf("vmm alias: ok\n");
+    CK(cuStreamSynchronize(stream));
+    if (mapped[2048] != 0x22222222u || mapped[2047] != 0x11111111u)
+        fail("mapped memory after the pause: %#x %#x", mapped[2047], mapped[2048]);
+    /* The host writes, the device reads it. */
+    mapped[100] = 0x33333333u;
+    unsigned word = 0;
+    CK(cuMemcpyDtoH(&word, dmapped + 400, 4));
+    if (word != 0x33333333u)
+        fail("a host write to mapped memory after the pause reads %#x", word);
+    printf("mapped host memory: ok\n");
     steps(stream, x, y, 3, 6);
     CK(cuEventRecord(done, stream));
     CK(cuEventSynchronize(done));
@@ -163,6 +188,7 @@ int main(void)
     CK(cuMemcpyDtoH(got, z, bytes));
     expect("new memory", got, want);
 
+    CK(cuMemFreeHost(mapped));
     CK(cuMemUnmap(alias, g));
     CK(cuMemUnmap(vmm, 2 * g));
     CK(cuMemAddressFree(alias, g));
