@@ -1,6 +1,8 @@
 //! The `gpupool-balancer` binary as operators run it: `keygen` makes and
-//! keeps the signing key, `serve` starts on the key and a secret and prints
-//! its address, `status` prints the pool as tables, and bad settings are
+//! keeps the signing key, `new-tenant` a tenant's credential, `serve`
+//! starts on the key, a secret and the tenants file and prints its address,
+//! `status` prints the pool as tables (the whole pool with the servers'
+//! secret, a tenant's part with its credential), and bad settings are
 //! refused with every problem named.
 
 use std::io::{BufRead, BufReader};
@@ -63,20 +65,56 @@ fn keygen_serve_and_status() {
     let mode = std::fs::metadata(&key).expect("key file").permissions().mode();
     assert_eq!(mode & 0o077, 0, "the key file is readable by its owner only");
 
-    let (served, line, addr) = serve(&key, &[], Stdio::null());
+    // A tenant's credential: the secret for the tenant, the digest for the
+    // balancer's tenants file.
+    let out = exe().args(["new-tenant", "team-a", "--quota", "leases:2"]).output().expect("new-tenant runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let secret = text.lines().find(|l| l.starts_with("gpt1_")).expect("a secret").to_string();
+    let entry = text.lines().find(|l| l.starts_with("team-a sha256:")).expect("a tenants-file line");
+    assert!(entry.ends_with(" leases:2") && !entry.contains(&secret), "{text}");
+    let tenants = dir.join("tenants");
+    std::fs::write(
+        &tenants,
+        format!(
+            "{entry}
+"
+        ),
+    )
+    .expect("tenants file");
+
+    let (served, line, addr) = serve(&key, &["--tenants", tenants.to_str().expect("path")], Stdio::null());
     // "gpupool-balancer listening on 127.0.0.1:PORT (TLS, certificate SHA-256 …, lease public key …)"
     assert!(line.contains(&public), "{line}");
     let fingerprint = line.split("SHA-256 ").nth(1).and_then(|r| r.split(',').next()).expect("fingerprint");
     assert_eq!(fingerprint.len(), 64, "{line}");
 
-    let status = exe()
-        .args(["status", "--balancer", &format!("https://{addr}"), "--cert-sha256", fingerprint])
-        .output()
-        .expect("status runs");
+    let status_with = |secret: Option<&str>| {
+        let mut cmd = exe();
+        cmd.args(["status", "--balancer", &format!("https://{addr}"), "--cert-sha256", fingerprint]);
+        if let Some(s) = secret {
+            cmd.args(["--secret", s]);
+        }
+        cmd.env_remove("GPUPOOL_BALANCER_SECRET").output().expect("status runs")
+    };
+    // The operator (the servers' secret) sees the whole pool.
+    let status = status_with(Some("s3cret"));
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     let text = String::from_utf8_lossy(&status.stdout);
     for needle in ["policy spread", "SERVERS", "INSTANCES", "LEASES", "QUEUE", "(none)"] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    // A tenant sees its own part.
+    let status = status_with(Some(&secret));
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.starts_with("tenant team-a") && !text.contains("SERVERS"), "{text}");
+    // No credential, or a wrong one: refused.
+    for secret in [None, Some("gpt1_wrong")] {
+        let status = status_with(secret);
+        assert!(!status.status.success(), "answered without a credential");
+        let err = String::from_utf8_lossy(&status.stderr);
+        assert!(err.contains("no credential presented") || err.contains("credential not accepted"), "{err}");
     }
     // A wrong pin is refused, naming both fingerprints.
     let wrong = "ab".repeat(32);
@@ -105,10 +143,11 @@ fn insecure_serves_plaintext_with_a_warning() {
     let dir = temp_dir("insecure");
     let log = dir.join("stderr");
     let stderr = std::fs::File::create(&log).expect("log file");
-    let (served, line, addr) = serve(&dir.join("k"), &["--insecure"], stderr.into());
+    let (served, line, addr) = serve(&dir.join("k"), &["--insecure", "--allow-anonymous-clients"], stderr.into());
     assert!(line.contains("(plaintext, lease public key"), "{line}");
     let warning = std::fs::read_to_string(&log).expect("stderr");
     assert!(warning.contains("WARN") && warning.contains("plaintext"), "{warning}");
+    assert!(warning.contains("clients need no credential (--allow-anonymous-clients)"), "{warning}");
     let status =
         exe().args(["status", "--balancer", &format!("http://{addr}"), "--insecure"]).output().expect("status runs");
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
@@ -142,6 +181,29 @@ fn bad_settings_are_all_reported() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("server secret") && err.contains("ttl"), "every problem named: {err}");
+    assert!(err.contains("no client could lease: give the tenants"), "per-tenant by default: {err}");
+    // The shared client secret only with its explicit opt-in.
+    let out = exe()
+        .args(["serve", "--listen", "127.0.0.1:0", "--server-secret", "s", "--client-secret", "c", "--key-file"])
+        .arg(dir.join("k"))
+        .output()
+        .expect("serve runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--allow-shared-client-secret"), "{err}");
+    // A tenants file with a plain secret in it is refused, line named.
+    let tenants = dir.join("tenants");
+    std::fs::write(&tenants, "team-a not-a-digest\n").expect("tenants file");
+    let out = exe()
+        .args(["serve", "--listen", "127.0.0.1:0", "--server-secret", "s", "--tenants"])
+        .arg(&tenants)
+        .arg("--key-file")
+        .arg(dir.join("k"))
+        .output()
+        .expect("serve runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 1") && err.contains("is not a digest"), "{err}");
     let out = exe().args(["status", "--balancer", "http://127.0.0.1:9", "--insecure"]).output().expect("status runs");
     assert!(!out.status.success(), "an unreachable balancer is an error");
     std::thread::sleep(Duration::from_millis(10));
