@@ -161,6 +161,15 @@ impl BalancerConfig {
             ),
             _ => {}
         }
+        // One credential with two meanings would be taken as the tenant's.
+        if self.clients.tenants.authenticate(&self.server_secret).is_some() {
+            bad.push("the servers' secret is also a tenant's credential".into());
+        }
+        if let Some(LegacyClients::SharedSecret(s)) = &self.clients.legacy
+            && (self.clients.tenants.authenticate(s).is_some() || *s == self.server_secret)
+        {
+            bad.push("the shared client secret is also a tenant's credential or the servers' secret".into());
+        }
         for tenant in self.clients.tenants.quotas().keys() {
             if self.pool.tenant_quotas.contains_key(tenant) {
                 bad.push(format!("tenant {tenant:?} has a quota both in --quota and in the tenants file"));
@@ -182,5 +191,45 @@ impl BalancerConfig {
             pool.tenant_quotas.entry(tenant.clone()).or_insert(*quota);
         }
         pool
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(clients: ClientAuth) -> BalancerConfig {
+        let mut c = BalancerConfig::new(([127, 0, 0, 1], 0).into(), LeaseSigner::from_seed([1; 32]), "servers");
+        c.clients = clients;
+        c
+    }
+
+    #[test]
+    fn clients_are_per_tenant_unless_a_legacy_mode_is_asked_for() {
+        let err = config(ClientAuth::default()).validate().expect_err("no client could lease");
+        assert!(err.contains("--tenants FILE"), "{err}");
+        let tenants = Tenants::new().with_secret("a", "secret-a").expect("tenant");
+        config(ClientAuth::tenants(tenants.clone())).validate().expect("per tenant");
+        config(ClientAuth::anonymous()).validate().expect("legacy: anonymous");
+        let shared =
+            |s: &str| ClientAuth { tenants: tenants.clone(), legacy: Some(LegacyClients::SharedSecret(s.into())) };
+        config(shared("shared")).validate().expect("legacy: a shared secret beside tenants");
+        for clash in ["secret-a", "servers", ""] {
+            assert!(config(shared(clash)).validate().is_err(), "shared secret {clash:?}");
+        }
+        let servers = Tenants::new().with_secret("a", "servers").expect("tenant");
+        let err = config(ClientAuth::tenants(servers)).validate().expect_err("clash");
+        assert!(err.contains("also a tenant's credential"), "{err}");
+        assert_eq!(format!("{:?}", shared("shared").legacy), "Some(SharedSecret(…))", "no secret in Debug");
+    }
+
+    #[test]
+    fn a_quota_is_set_in_one_place() {
+        let tenants = Tenants::parse(&format!("a {} leases:1\n", crate::tenants::CredentialDigest::of("s")))
+            .expect("tenants file");
+        let mut c = config(ClientAuth::tenants(tenants));
+        assert_eq!(c.pool_config().tenant_quotas["a"].max_leases, Some(1), "the file's quota applies");
+        c.pool.tenant_quotas.insert("a".into(), crate::pool::Quota::default());
+        assert!(c.validate().expect_err("twice").contains("both in --quota and in the tenants file"));
     }
 }
