@@ -31,4 +31,4 @@ pub mod tenants;
 
 pub use config::{BalancerConfig, ClientAuth, LegacyClients, TlsSettings};
 pub use convert::gpu_to_proto;
-pub use service::{Balancer, BalancerError, run};
+pub use service::{Balancer, BalancerError, TenantsHandle, run};

@@ -128,7 +128,7 @@ struct Serve {
     /// The tenants file: each tenant's name, the SHA-256 of its credential
     /// and optionally its quota, one credential a line (`new-tenant` makes
     /// them; docs/balancer.md). A client's tenant is the one its credential
-    /// belongs to.
+    /// belongs to. SIGHUP reads it again.
     #[arg(long, env = "GPUPOOL_TENANTS_FILE")]
     tenants: Option<PathBuf>,
     /// Legacy: one secret shared by every client, which then leases for any
@@ -385,9 +385,20 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(s) => {
+            let tenants_file = s.tenants.clone();
             let config = config(s)?;
             rt.block_on(async {
                 let balancer = gpupool_balancer::Balancer::bind(config).await?;
+                if let Some(path) = tenants_file {
+                    // Listening before the first line is printed: from then
+                    // on a SIGHUP reloads, never ends the process.
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                        Ok(hangup) => {
+                            tokio::spawn(reload_tenants_on_hangup(path, balancer.tenants(), hangup));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "no SIGHUP: the tenants file is read at start only"),
+                    }
+                }
                 let transport = match balancer.fingerprint() {
                     Some(fingerprint) => format!("TLS, certificate SHA-256 {fingerprint}"),
                     None => "plaintext".to_string(),
@@ -403,6 +414,22 @@ fn main() -> anyhow::Result<()> {
                 balancer.run(shutdown_signal()).await?;
                 Ok(())
             })
+        }
+    }
+}
+
+/// Reads the tenants file again at every SIGHUP: credentials added,
+/// rotated or removed without a restart. A file with a problem changes
+/// nothing (the problem is logged).
+async fn reload_tenants_on_hangup(
+    path: PathBuf,
+    handle: gpupool_balancer::TenantsHandle,
+    mut hangup: tokio::signal::unix::Signal,
+) {
+    while hangup.recv().await.is_some() {
+        let replaced = Tenants::load(&path).and_then(|t| handle.replace(t).map_err(|e| e.to_string()));
+        if let Err(e) = replaced {
+            tracing::warn!(error = %e, "tenants file not reloaded; the tenants before it stay");
         }
     }
 }

@@ -20,7 +20,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tonic::{Request, Response, Status};
@@ -64,6 +64,9 @@ struct State {
     queue_timeouts: AtomicU64,
     /// Refusals and grant times, for the metrics endpoint.
     allocations: crate::exporter::Allocations,
+    /// The tenants' credentials now: `config.clients.tenants` at start,
+    /// replaced by [`TenantsHandle::replace`] (a reloaded file).
+    tenants: RwLock<Arc<crate::tenants::Tenants>>,
 }
 
 impl State {
@@ -141,9 +144,10 @@ impl State {
         let clients = &self.config.clients;
         let presented = bearer(req);
         if let Some(p) = presented {
+            let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner()).clone();
             // Every tenant's digest is compared whatever the outcome, and so
             // is the servers' secret: the time does not tell which matched.
-            let tenant = clients.tenants.authenticate(p);
+            let tenant = tenants.authenticate(p);
             let is_operator = constant_time_eq(p.as_bytes(), self.config.server_secret.as_bytes());
             if let Some(t) = tenant {
                 return Ok(Caller::Tenant(t.to_owned()));
@@ -684,6 +688,7 @@ impl Balancer {
         }
         let pool = Pool::new(pool_config, now);
         let state = Arc::new(State {
+            tenants: RwLock::new(Arc::new(config.clients.tenants.clone())),
             inner: Mutex::new(Inner { pool, waiters: HashMap::new() }),
             verifier: config.signer.verifier(),
             signer: config.signer.clone(),
@@ -693,6 +698,12 @@ impl Balancer {
             allocations: crate::exporter::Allocations::default(),
         });
         Ok(Self { listener, tls, metrics, state })
+    }
+
+    /// A handle that replaces the tenants' credentials and quotas while the
+    /// balancer runs (the binary's SIGHUP).
+    pub fn tenants(&self) -> TenantsHandle {
+        TenantsHandle { state: self.state.clone() }
     }
 
     /// The Prometheus endpoint's bound address, when there is one.
@@ -777,6 +788,31 @@ impl Balancer {
             let _ = exporter.await;
         }
         served.map_err(|e| BalancerError::Serve(e.to_string()))
+    }
+}
+
+/// Replaces the tenants of a running balancer ([`Balancer::tenants`]).
+#[derive(Debug, Clone)]
+pub struct TenantsHandle {
+    state: Arc<State>,
+}
+
+impl TenantsHandle {
+    /// Makes `tenants` the credentials and file quotas from now on, if the
+    /// configuration with them is valid (else nothing changes). A removed
+    /// credential is refused at its next call; leases held stay until
+    /// released or expired, and new quotas apply to new requests.
+    pub fn replace(&self, tenants: crate::tenants::Tenants) -> Result<(), BalancerError> {
+        let mut config = self.state.config.clone();
+        config.clients.tenants = tenants;
+        config.validate().map_err(BalancerError::Config)?;
+        let quotas = config.pool_config().tenant_quotas;
+        let count = config.clients.tenants.tenant_count();
+        // Quotas first: a new tenant's first request meets its quota.
+        self.state.lock().pool.set_tenant_quotas(quotas);
+        *self.state.tenants.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config.clients.tenants);
+        tracing::info!(tenants = count, "tenants' credentials replaced");
+        Ok(())
     }
 }
 

@@ -50,6 +50,22 @@ fn serve(key: &std::path::Path, extra: &[&str], stderr: Stdio) -> (Served, Strin
     (served, line, addr)
 }
 
+/// `status` of the balancer at `addr` pinned to `fingerprint`, presenting
+/// `secret`.
+fn status_with(addr: &str, fingerprint: &str, secret: Option<&str>) -> std::process::Output {
+    let mut cmd = exe();
+    cmd.args(["status", "--balancer", &format!("https://{addr}"), "--cert-sha256", fingerprint]);
+    if let Some(s) = secret {
+        cmd.args(["--secret", s]);
+    }
+    cmd.env_remove("GPUPOOL_BALANCER_SECRET").output().expect("status runs")
+}
+
+/// The certificate fingerprint in `serve`'s first line.
+fn fingerprint(line: &str) -> &str {
+    line.split("SHA-256 ").nth(1).and_then(|r| r.split(',').next()).expect("fingerprint")
+}
+
 #[test]
 fn keygen_serve_and_status() {
     let dir = temp_dir("serve");
@@ -86,17 +102,10 @@ fn keygen_serve_and_status() {
     let (served, line, addr) = serve(&key, &["--tenants", tenants.to_str().expect("path")], Stdio::null());
     // "gpupool-balancer listening on 127.0.0.1:PORT (TLS, certificate SHA-256 …, lease public key …)"
     assert!(line.contains(&public), "{line}");
-    let fingerprint = line.split("SHA-256 ").nth(1).and_then(|r| r.split(',').next()).expect("fingerprint");
+    let fingerprint = fingerprint(&line);
     assert_eq!(fingerprint.len(), 64, "{line}");
 
-    let status_with = |secret: Option<&str>| {
-        let mut cmd = exe();
-        cmd.args(["status", "--balancer", &format!("https://{addr}"), "--cert-sha256", fingerprint]);
-        if let Some(s) = secret {
-            cmd.args(["--secret", s]);
-        }
-        cmd.env_remove("GPUPOOL_BALANCER_SECRET").output().expect("status runs")
-    };
+    let status_with = |secret: Option<&str>| status_with(&addr, fingerprint, secret);
     // The operator (the servers' secret) sees the whole pool.
     let status = status_with(Some("s3cret"));
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
@@ -133,6 +142,38 @@ fn keygen_serve_and_status() {
     let status =
         exe().args(["status", "--balancer", &format!("http://{addr}"), "--insecure"]).output().expect("status runs");
     assert!(!status.status.success(), "a TLS balancer answered a plaintext client");
+    drop(served);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// SIGHUP reads the tenants file again: a credential added is accepted, one
+/// removed is refused, and a file with a problem changes nothing.
+#[test]
+fn hangup_reloads_the_tenants_file() {
+    use gpupool_balancer::tenants::CredentialDigest;
+    let dir = temp_dir("reload");
+    let tenants = dir.join("tenants");
+    std::fs::write(&tenants, format!("team-a {}\n", CredentialDigest::of("gpt1_a"))).expect("tenants file");
+    let (served, line, addr) = serve(&dir.join("k"), &["--tenants", tenants.to_str().expect("path")], Stdio::null());
+    let pin = fingerprint(&line);
+    let accepted = |secret: &str| status_with(&addr, pin, Some(secret)).status.success();
+    assert!(accepted("gpt1_a") && !accepted("gpt1_b"));
+    let hangup = || {
+        let sent = Command::new("kill").args(["-HUP", &served.0.id().to_string()]).status().expect("kill runs");
+        assert!(sent.success());
+    };
+    std::fs::write(&tenants, format!("team-b {}\n", CredentialDigest::of("gpt1_b"))).expect("tenants file");
+    hangup();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !accepted("gpt1_b") {
+        assert!(std::time::Instant::now() < deadline, "the reloaded credential is not accepted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!accepted("gpt1_a"), "a removed credential is refused");
+    std::fs::write(&tenants, "team-c plain-secret\n").expect("tenants file");
+    hangup();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(accepted("gpt1_b") && !accepted("plain-secret"), "a bad file changes nothing");
     drop(served);
     let _ = std::fs::remove_dir_all(&dir);
 }
