@@ -571,6 +571,9 @@ impl BalancerRpc for Service {
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let caller = self.state.caller(&req, true)?;
+        // A stream outlives the call: a tenant's credential removed by a
+        // reload ends it at the next update.
+        let digest = bearer(&req).map(crate::tenants::CredentialDigest::of);
         let asked = Duration::from_millis(u64::from(req.into_inner().min_interval_ms));
         let interval = asked.max(self.state.config.watch_interval);
         let (tx, rx) = tokio::sync::mpsc::channel(2);
@@ -578,6 +581,13 @@ impl BalancerRpc for Service {
         let mut version = state.version.subscribe();
         tokio::spawn(async move {
             loop {
+                if let Caller::Tenant(t) = &caller {
+                    let tenants = state.tenants.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    if digest.as_ref().and_then(|d| tenants.tenant_of(d)) != Some(t.as_str()) {
+                        let _ = tx.send(Err(Status::unauthenticated("the credential is no longer accepted"))).await;
+                        return;
+                    }
+                }
                 if tx.send(Ok(caller.scope(snapshot(&state)))).await.is_err() {
                     return;
                 }
@@ -811,6 +821,8 @@ impl TenantsHandle {
         // Quotas first: a new tenant's first request meets its quota.
         self.state.lock().pool.set_tenant_quotas(quotas);
         *self.state.tenants.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config.clients.tenants);
+        // Watch streams look again: one whose credential went ends.
+        self.state.changed();
         tracing::info!(tenants = count, "tenants' credentials replaced");
         Ok(())
     }

@@ -204,7 +204,12 @@ impl Tenants {
     /// The tenant whose credential `presented` is, if any. Every
     /// credential is compared, in constant time, whatever the outcome.
     pub fn authenticate(&self, presented: &str) -> Option<&str> {
-        let digest = CredentialDigest::of(presented);
+        self.tenant_of(&CredentialDigest::of(presented))
+    }
+
+    /// The tenant whose credential has `digest`, if any (constant time, as
+    /// [`Tenants::authenticate`]).
+    pub fn tenant_of(&self, digest: &CredentialDigest) -> Option<&str> {
         let mut found = None;
         for c in &self.credentials {
             // No early exit: the time does not depend on where (or whether)

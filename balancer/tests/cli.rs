@@ -158,6 +158,16 @@ fn hangup_reloads_the_tenants_file() {
     let pin = fingerprint(&line);
     let accepted = |secret: &str| status_with(&addr, pin, Some(secret)).status.success();
     assert!(accepted("gpt1_a") && !accepted("gpt1_b"));
+    // A stream that outlives its credential's removal.
+    let watching = exe()
+        .args(["status", "--watch", "--balancer", &format!("https://{addr}"), "--cert-sha256", pin])
+        .args(["--secret", "gpt1_a"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("status --watch starts");
+    let mut watching = Served(watching);
+    std::thread::sleep(Duration::from_millis(500));
     let hangup = || {
         let sent = Command::new("kill").args(["-HUP", &served.0.id().to_string()]).status().expect("kill runs");
         assert!(sent.success());
@@ -170,6 +180,18 @@ fn hangup_reloads_the_tenants_file() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(!accepted("gpt1_a"), "a removed credential is refused");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let ended = loop {
+        if let Some(status) = watching.0.try_wait().expect("watch process") {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "a Watch outlived its credential");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!ended.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut watching.0.stderr.take().expect("stderr"), &mut err).expect("stderr");
+    assert!(err.contains("no longer accepted"), "{err}");
     std::fs::write(&tenants, "team-c plain-secret\n").expect("tenants file");
     hangup();
     std::thread::sleep(Duration::from_millis(500));

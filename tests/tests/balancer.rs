@@ -74,6 +74,15 @@ impl Grpc {
         self.try_status().expect("status")
     }
 
+    /// The first update of a `Watch` stream.
+    fn first_watched(&mut self) -> pb::PoolStatus {
+        let req = self.req(pb::WatchRequest { min_interval_ms: 0 });
+        self.rt.block_on(async {
+            let mut stream = self.client.watch(req).await.expect("watch").into_inner();
+            stream.message().await.expect("an update").expect("a first update")
+        })
+    }
+
     fn try_status(&mut self) -> Result<pb::PoolStatus, tonic::Status> {
         let req = self.req(pb::StatusRequest {});
         self.rt.block_on(self.client.status(req)).map(tonic::Response::into_inner)
@@ -688,6 +697,7 @@ fn a_tenants_credential_cannot_act_for_another_tenant() {
     assert_eq!(mine.tenant, "team-a");
     assert!(mine.servers.is_empty(), "servers are the operator's: {:?}", mine.servers);
     assert_eq!(ids(&b.status()), HashSet::from([b1.lease_id]));
+    assert_eq!(ids(&a.first_watched()), HashSet::from([a1.lease_id, a2.lease_id]), "Watch is scoped too");
     let all = operator.status();
     assert_eq!(ids(&all), HashSet::from([a1.lease_id, a2.lease_id, b1.lease_id]));
     assert!(all.tenant.is_empty() && all.servers.len() == 1);
