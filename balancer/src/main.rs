@@ -372,12 +372,15 @@ fn main() -> anyhow::Result<()> {
         Command::NewTenant { tenant, quota } => {
             let secret = tenants::generate_secret();
             let digest = CredentialDigest::of(&secret);
-            // Checks the name and quota as the balancer will read them.
+            // The name and quota as the balancer will read them.
+            Tenants::new().add(tenant.as_str(), digest).map_err(|e| anyhow::anyhow!("{e}"))?;
             let line = match &quota {
-                Some(q) => format!("{tenant} {digest} {q}"),
+                Some(q) => {
+                    tenants::parse_quota(q).map_err(|e| anyhow::anyhow!("--quota: {e}"))?;
+                    format!("{tenant} {digest} {q}")
+                }
                 None => format!("{tenant} {digest}"),
             };
-            Tenants::parse(&line).map_err(|p| anyhow::anyhow!("{}", p.join("; ")))?;
             println!("# the credential of tenant {tenant} (its GPUPOOL_BALANCER_SECRET; not stored anywhere):");
             println!("{secret}");
             println!("# its line in the balancer's tenants file (--tenants):");
