@@ -39,8 +39,12 @@ work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null' EXIT
 "$bin/gpupool-balancer" keygen --key-file "$work/key" >"$work/pub"
 pub=$(cat "$work/pub")
+# Tenant "suite" and its credential (the balancer keeps its digest).
+"$bin/gpupool-balancer" new-tenant suite >"$work/new-tenant"
+GPUPOOL_BALANCER_SECRET=$(grep '^gpt1_' "$work/new-tenant")
+grep '^suite sha256:' "$work/new-tenant" >"$work/tenants"
 RUST_LOG=info "$bin/gpupool-balancer" serve --listen 127.0.0.1:50051 --key-file "$work/key" \
-    --server-secret suite-secret --recovery-ms 0 >"$out/balancer.log" 2>&1 &
+    --server-secret suite-secret --tenants "$work/tenants" --recovery-ms 0 >"$out/balancer.log" 2>&1 &
 # gRPC over TLS, self-signed: every client pins the fingerprint it prints.
 for _ in $(seq 1 100); do grep -q "certificate SHA-256" "$out/balancer.log" && break; sleep 0.1; done
 GPUPOOL_BALANCER_CERT_SHA256=$(sed -n 's/.*certificate SHA-256 \([0-9a-f]\{64\}\).*/\1/p' "$out/balancer.log" | head -n 1)
@@ -49,7 +53,7 @@ RUST_LOG=info "$bin/gpupool-server" --listen 127.0.0.1:4433 --device cuda:0 --in
     --balancer https://127.0.0.1:50051 --advertise 127.0.0.1:4433 --balancer-secret suite-secret \
     --lease-key "$pub" --server-id gpu-machine >"$out/server.log" 2>&1 &
 for _ in $(seq 1 120); do
-    "$bin/gpupool-balancer" status --balancer https://127.0.0.1:50051 >"$work/status" 2>/dev/null &&
+    "$bin/gpupool-balancer" status --balancer https://127.0.0.1:50051 --secret suite-secret >"$work/status" 2>/dev/null &&
         grep -q gpu-machine "$work/status" && break
     sleep 0.5
 done
@@ -68,7 +72,8 @@ if GPUPOOL_STUB_LIB="$bin/stub" bash "$repo/tests/programs/build.sh" "$progs" >"
         # stdout only: the stub may log warnings on stderr.
         "$progs/$p" >"$work/$p.native" 2>"$work/$p.native.err"
         native=$?
-        LD_LIBRARY_PATH="$bin/stub:$LD_LIBRARY_PATH" GPUPOOL_BALANCER=https://127.0.0.1:50051 GPUPOOL_TENANT=suite \
+        LD_LIBRARY_PATH="$bin/stub:$LD_LIBRARY_PATH" GPUPOOL_BALANCER=https://127.0.0.1:50051 \
+            GPUPOOL_BALANCER_SECRET="$GPUPOOL_BALANCER_SECRET" \
             GPUPOOL_MEMORY_MIB=1024 "$progs/$p" >"$work/$p.pooled" 2>"$work/$p.pooled.err"
         pooled=$?
         # Timing lines (TIME …) differ from run to run.
@@ -84,7 +89,7 @@ else
     say "- programs did not build: see programs-build.log"
     status=1
 fi
-"$bin/gpupool-balancer" status --balancer https://127.0.0.1:50051 >"$work/status-after" 2>&1
+"$bin/gpupool-balancer" status --balancer https://127.0.0.1:50051 --secret suite-secret >"$work/status-after" 2>&1
 say ""
 say "Pool after the programs (every lease released):"
 say '```'

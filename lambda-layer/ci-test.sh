@@ -133,9 +133,17 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 # The pool: a balancer and one gpu-server.
 "$BIN/gpupool-balancer" keygen --key-file "$work/key" >"$work/pub" 2>/dev/null
+# The function's tenant and its own credential: the balancer keeps the
+# credential's digest (the tenants file), the function presents the secret
+# (GPUPOOL_BALANCER_SECRET) and names no tenant.
+"$BIN/gpupool-balancer" new-tenant lambda-ci >"$work/new-tenant" 2>/dev/null
+tenant_secret=$(grep '^gpt1_' "$work/new-tenant")
+grep '^lambda-ci sha256:' "$work/new-tenant" >"$work/tenants"
+[[ -n $tenant_secret && -s $work/tenants ]] || fail "new-tenant made no credential"
 bport=$(free_port)
 RUST_LOG=info "$BIN/gpupool-balancer" serve --listen "127.0.0.1:$bport" --key-file "$work/key" \
-    --server-secret ci-secret --recovery-ms 0 --lease-ttl-ms "$ttl_ms" >"$out/balancer.log" 2>&1 &
+    --server-secret ci-secret --tenants "$work/tenants" --recovery-ms 0 --lease-ttl-ms "$ttl_ms" \
+    >"$out/balancer.log" 2>&1 &
 pids+=($!)
 # gRPC runs over TLS with a self-signed certificate: every client pins the
 # fingerprint the balancer prints.
@@ -150,7 +158,8 @@ RUST_LOG=info "$BIN/gpupool-server" --listen "127.0.0.1:$sport" --device "$devic
     --resume-grace-ms "$grace_ms" --warm-workers 1 >"$out/server.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 120); do
-    "$BIN/gpupool-balancer" status --balancer "https://127.0.0.1:$bport" >"$work/status" 2>/dev/null &&
+    # The servers' secret is the operator's credential: the whole pool.
+    "$BIN/gpupool-balancer" status --balancer "https://127.0.0.1:$bport" --secret ci-secret >"$work/status" 2>/dev/null &&
         grep -q lambda-ci "$work/status" && break
     sleep 0.5
 done
@@ -192,7 +201,7 @@ start_environment() {
     local init_start
     init_start=$(date +%s%N)
     if [[ $mode == pool ]]; then
-        GPUPOOL_BALANCER="https://127.0.0.1:$bport" GPUPOOL_TENANT=lambda-ci GPUPOOL_LEASE_FILE="$lease_file" \
+        GPUPOOL_BALANCER="https://127.0.0.1:$bport" GPUPOOL_BALANCER_SECRET="$tenant_secret" GPUPOOL_LEASE_FILE="$lease_file" \
             GPUPOOL_LOG=info "${guest[@]}" "$BIN/gpupool-extension" >"$out/extension-$label.log" 2>&1 &
         extension=$!
         pids+=($extension)

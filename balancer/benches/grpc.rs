@@ -81,6 +81,9 @@ fn main() {
     rt.block_on(async {
         let mut config =
             BalancerConfig::new(([127, 0, 0, 1], 0).into(), LeaseSigner::from_seed(rand::random()), SECRET);
+        // Many tenants ("t0", "t1", …) without credentials of their own:
+        // the legacy mode measures the allocation path alone.
+        config.clients = gpupool_balancer::ClientAuth::anonymous();
         // The synthetic servers never heartbeat: keep them for the run.
         config.pool.heartbeat_timeout_ms = 3_600_000;
         config.heartbeat_interval = Duration::from_secs(60);

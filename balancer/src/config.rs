@@ -2,6 +2,7 @@
 //! environment, [`BalancerConfig::validate`] reports every bad value at once.
 
 use crate::pool::PoolConfig;
+use crate::tenants::Tenants;
 use gpupool_proto::lease::LeaseSigner;
 use gpupool_proto::tls::TlsSource;
 use std::net::SocketAddr;
@@ -27,9 +28,9 @@ pub struct BalancerConfig {
     /// Secret gpu-servers present (`authorization: Bearer …`) to register
     /// and heartbeat, so no stranger can join the pool and receive clients.
     pub server_secret: String,
-    /// Secret clients present to allocate, renew, release and read the
-    /// status; `None` lets any client in (a private network only).
-    pub client_secret: Option<String>,
+    /// How clients (`Allocate`, `Renew`, `Release`, `Status`, `Watch`)
+    /// prove which tenant they are.
+    pub clients: ClientAuth,
     /// Longest wait an `Allocate` may ask for.
     pub max_wait: Duration,
     /// Least time between two `Watch` updates.
@@ -42,6 +43,57 @@ pub struct BalancerConfig {
     /// TLS on the gRPC service; `None`: plaintext, an explicit opt-in
     /// (`--insecure`) for networks trusted with leases and secrets.
     pub tls: Option<TlsSettings>,
+}
+
+/// How clients authenticate.
+///
+/// Per tenant by default: each tenant presents its own credential
+/// (`authorization: Bearer <secret>`), the balancer takes the tenant from
+/// it, and the tenant can neither lease for, nor release, renew or see the
+/// leases of another. The servers' secret is the operator's credential:
+/// `Status` and `Watch` show it the whole pool.
+#[derive(Debug, Clone, Default)]
+pub struct ClientAuth {
+    /// The tenants and the digests of their credentials.
+    pub tenants: Tenants,
+    /// A legacy mode, for deployments that still migrate to per-tenant
+    /// credentials; setting it is the explicit opt-in (logged as a
+    /// warning at start).
+    pub legacy: Option<LegacyClients>,
+}
+
+/// How clients authenticated before per-tenant credentials. A legacy
+/// client names any tenant and sees the whole pool: the tenant isolation
+/// of [`ClientAuth`] holds only once no legacy mode is left.
+#[derive(Clone, PartialEq, Eq)]
+pub enum LegacyClients {
+    /// One secret shared by every client.
+    SharedSecret(String),
+    /// No credential at all (a private network only).
+    Anonymous,
+}
+
+impl std::fmt::Debug for LegacyClients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Configurations are logged at times; the secret is not.
+        match self {
+            Self::SharedSecret(_) => f.write_str("SharedSecret(…)"),
+            Self::Anonymous => f.write_str("Anonymous"),
+        }
+    }
+}
+
+impl ClientAuth {
+    /// Tenants presenting their own credentials, nothing else.
+    pub fn tenants(tenants: Tenants) -> Self {
+        Self { tenants, legacy: None }
+    }
+
+    /// Any client, with or without a credential, naming any tenant (and
+    /// tenants with their own credential, scoped as usual).
+    pub fn anonymous() -> Self {
+        Self { tenants: Tenants::new(), legacy: Some(LegacyClients::Anonymous) }
+    }
 }
 
 /// The balancer's certificate and what it asks of client certificates.
@@ -69,7 +121,8 @@ impl TlsSettings {
 
 impl BalancerConfig {
     /// Defaults on `listen`, signing with `signer`, servers presenting
-    /// `server_secret`.
+    /// `server_secret`; no client can lease until [`BalancerConfig::clients`]
+    /// names tenants (or a legacy mode).
     pub fn new(listen: SocketAddr, signer: LeaseSigner, server_secret: impl Into<String>) -> Self {
         let pool = PoolConfig::default();
         Self {
@@ -79,7 +132,7 @@ impl BalancerConfig {
             signer,
             tick_interval: Duration::from_millis(100),
             server_secret: server_secret.into(),
-            client_secret: None,
+            clients: ClientAuth::default(),
             max_wait: Duration::from_secs(300),
             watch_interval: Duration::from_millis(500),
             shutdown_grace: Duration::from_secs(5),
@@ -97,8 +150,30 @@ impl BalancerConfig {
         if self.server_secret.is_empty() {
             bad.push("the server secret must not be empty".into());
         }
-        if self.client_secret.as_deref() == Some("") {
-            bad.push("the client secret, when set, must not be empty".into());
+        match &self.clients.legacy {
+            Some(LegacyClients::SharedSecret(s)) if s.is_empty() => {
+                bad.push("the shared client secret, when allowed, must not be empty".into());
+            }
+            None if self.clients.tenants.is_empty() => bad.push(
+                "no client could lease: give the tenants and their credentials (--tenants FILE), or allow a \
+                 legacy mode (--client-secret with --allow-shared-client-secret, or --allow-anonymous-clients)"
+                    .into(),
+            ),
+            _ => {}
+        }
+        // One credential with two meanings would be taken as the tenant's.
+        if self.clients.tenants.authenticate(&self.server_secret).is_some() {
+            bad.push("the servers' secret is also a tenant's credential".into());
+        }
+        if let Some(LegacyClients::SharedSecret(s)) = &self.clients.legacy
+            && (self.clients.tenants.authenticate(s).is_some() || *s == self.server_secret)
+        {
+            bad.push("the shared client secret is also a tenant's credential or the servers' secret".into());
+        }
+        for tenant in self.clients.tenants.quotas().keys() {
+            if self.pool.tenant_quotas.contains_key(tenant) {
+                bad.push(format!("tenant {tenant:?} has a quota both in --quota and in the tenants file"));
+            }
         }
         if self.heartbeat_interval.is_zero() || self.tick_interval.is_zero() || self.watch_interval.is_zero() {
             bad.push("heartbeat, tick and watch intervals must be positive".into());
@@ -107,5 +182,54 @@ impl BalancerConfig {
             bad.push("the heartbeat timeout must be at least twice the heartbeat interval".into());
         }
         if bad.is_empty() { Ok(()) } else { Err(bad.join("; ")) }
+    }
+
+    /// The pool's configuration with the tenants file's quotas added.
+    pub(crate) fn pool_config(&self) -> PoolConfig {
+        let mut pool = self.pool.clone();
+        for (tenant, quota) in self.clients.tenants.quotas() {
+            pool.tenant_quotas.entry(tenant.clone()).or_insert(*quota);
+        }
+        pool
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(clients: ClientAuth) -> BalancerConfig {
+        let mut c = BalancerConfig::new(([127, 0, 0, 1], 0).into(), LeaseSigner::from_seed([1; 32]), "servers");
+        c.clients = clients;
+        c
+    }
+
+    #[test]
+    fn clients_are_per_tenant_unless_a_legacy_mode_is_asked_for() {
+        let err = config(ClientAuth::default()).validate().expect_err("no client could lease");
+        assert!(err.contains("--tenants FILE"), "{err}");
+        let tenants = Tenants::new().with_secret("a", "secret-a").expect("tenant");
+        config(ClientAuth::tenants(tenants.clone())).validate().expect("per tenant");
+        config(ClientAuth::anonymous()).validate().expect("legacy: anonymous");
+        let shared =
+            |s: &str| ClientAuth { tenants: tenants.clone(), legacy: Some(LegacyClients::SharedSecret(s.into())) };
+        config(shared("shared")).validate().expect("legacy: a shared secret beside tenants");
+        for clash in ["secret-a", "servers", ""] {
+            assert!(config(shared(clash)).validate().is_err(), "shared secret {clash:?}");
+        }
+        let servers = Tenants::new().with_secret("a", "servers").expect("tenant");
+        let err = config(ClientAuth::tenants(servers)).validate().expect_err("clash");
+        assert!(err.contains("also a tenant's credential"), "{err}");
+        assert_eq!(format!("{:?}", shared("shared").legacy), "Some(SharedSecret(…))", "no secret in Debug");
+    }
+
+    #[test]
+    fn a_quota_is_set_in_one_place() {
+        let tenants = Tenants::parse(&format!("a {} leases:1\n", crate::tenants::CredentialDigest::of("s")))
+            .expect("tenants file");
+        let mut c = config(ClientAuth::tenants(tenants));
+        assert_eq!(c.pool_config().tenant_quotas["a"].max_leases, Some(1), "the file's quota applies");
+        c.pool.tenant_quotas.insert("a".into(), crate::pool::Quota::default());
+        assert!(c.validate().expect_err("twice").contains("both in --quota and in the tenants file"));
     }
 }

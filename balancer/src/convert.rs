@@ -198,6 +198,7 @@ pub(crate) fn status(view: &pool::PoolView) -> pb::PoolStatus {
         releases: view.counters.releases,
         expirations: view.counters.expirations,
         queue_timeouts: 0,
+        tenant: String::new(),
     }
 }
 

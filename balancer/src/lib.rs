@@ -8,7 +8,9 @@
 //! - [`service`]: the tonic gRPC service around it: signs leases (ed25519),
 //!   parks waiting allocations, expires leases and drains silent servers;
 //! - [`table`]: the operator's view of a pool status;
-//! - [`exporter`]: the same status as a Prometheus endpoint.
+//! - [`exporter`]: the same status as a Prometheus endpoint;
+//! - [`tenants`]: per-tenant client credentials (digests) and quotas: the
+//!   tenant of a request is the one its credential belongs to.
 //!
 //! A restarted balancer loses no lease: it rebuilds its state from the
 //! servers' registrations (which carry their live sessions' lease tokens)
@@ -25,7 +27,8 @@ mod fuzz;
 pub mod pool;
 pub mod service;
 pub mod table;
+pub mod tenants;
 
-pub use config::{BalancerConfig, TlsSettings};
+pub use config::{BalancerConfig, ClientAuth, LegacyClients, TlsSettings};
 pub use convert::gpu_to_proto;
-pub use service::{Balancer, BalancerError, run};
+pub use service::{Balancer, BalancerError, TenantsHandle, run};

@@ -1,11 +1,12 @@
 //! `gpupool-balancer`: runs the balancer (`serve`), makes its signing key
-//! (`keygen`), shows the pool to operators (`status`) and drains a server
-//! (`drain`).
+//! (`keygen`) and tenants' credentials (`new-tenant`), shows the pool to
+//! operators and tenants (`status`) and drains a server (`drain`).
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use gpupool_balancer::pool::{Policy, Quota};
-use gpupool_balancer::{BalancerConfig, TlsSettings, table};
+use gpupool_balancer::tenants::{self, CredentialDigest, Tenants};
+use gpupool_balancer::{BalancerConfig, LegacyClients, TlsSettings, table};
 use gpupool_proto::balancer::balancer_client::BalancerClient;
 use gpupool_proto::balancer::{DrainRequest, StatusRequest, WatchRequest};
 use gpupool_proto::grpc_tls::{self, BalancerTrust};
@@ -32,12 +33,26 @@ enum Command {
         #[arg(long, env = "GPUPOOL_KEY_FILE")]
         key_file: PathBuf,
     },
-    /// Show the pool: servers, GPUs, instances, leases, queue.
+    /// Make a credential for a tenant: prints the secret to give the
+    /// tenant (its GPUPOOL_BALANCER_SECRET) and the line to add to the
+    /// tenants file (only the secret's digest; the balancer never stores
+    /// the secret).
+    NewTenant {
+        /// The tenant's name.
+        tenant: String,
+        /// Its quota, `leases:N,memory-gib:M,share-fate` (as `--quota`).
+        #[arg(long)]
+        quota: Option<String>,
+    },
+    /// Show the pool: servers, GPUs, instances, leases, queue (with the
+    /// servers' secret); a tenant's credential shows its own leases and
+    /// queued requests only.
     Status {
         /// The balancer's URL.
         #[arg(long, env = "GPUPOOL_BALANCER", default_value = "https://127.0.0.1:50051")]
         balancer: String,
-        /// Secret the balancer expects from clients.
+        /// A credential: a tenant's (its own leases), or the servers'
+        /// secret (the whole pool).
         #[arg(long, env = "GPUPOOL_BALANCER_SECRET")]
         secret: Option<String>,
         #[command(flatten)]
@@ -55,11 +70,13 @@ enum Command {
         /// The balancer's URL.
         #[arg(long, env = "GPUPOOL_BALANCER", default_value = "https://127.0.0.1:50051")]
         balancer: String,
-        /// The secret gpu-servers present (draining is the fleet's call).
+        /// The secret gpu-servers present (draining is the fleet's call;
+        /// the drain is followed with it too).
         #[arg(long, env = "GPUPOOL_SERVER_SECRET")]
         server_secret: String,
-        /// Secret the balancer expects from clients (to follow the drain).
-        #[arg(long, env = "GPUPOOL_BALANCER_SECRET")]
+        /// Ignored (the drain is followed with the servers' secret); kept
+        /// so that older scripts still run.
+        #[arg(long, hide = true)]
         secret: Option<String>,
         #[command(flatten)]
         trust: TrustArgs,
@@ -108,9 +125,26 @@ struct Serve {
     /// Secret gpu-servers present to register.
     #[arg(long, env = "GPUPOOL_SERVER_SECRET")]
     server_secret: String,
-    /// Secret clients present (none: any client on the network).
-    #[arg(long, env = "GPUPOOL_CLIENT_SECRET")]
+    /// The tenants file: each tenant's name, the SHA-256 of its credential
+    /// and optionally its quota, one credential a line (`new-tenant` makes
+    /// them; docs/balancer.md). A client's tenant is the one its credential
+    /// belongs to. SIGHUP reads it again.
+    #[arg(long, env = "GPUPOOL_TENANTS_FILE")]
+    tenants: Option<PathBuf>,
+    /// Legacy: one secret shared by every client, which then leases for any
+    /// tenant and sees every lease. Accepted only with
+    /// `--allow-shared-client-secret`, while clients move to per-tenant
+    /// credentials.
+    #[arg(long, env = "GPUPOOL_CLIENT_SECRET", requires = "allow_shared_client_secret")]
     client_secret: Option<String>,
+    /// Accept `--client-secret` (logs a warning): tenants are then not
+    /// isolated from one another.
+    #[arg(long, env = "GPUPOOL_ALLOW_SHARED_CLIENT_SECRET", requires = "client_secret")]
+    allow_shared_client_secret: bool,
+    /// Legacy: clients need no credential and lease for any tenant (logs a
+    /// warning; a trusted network only).
+    #[arg(long, env = "GPUPOOL_ALLOW_ANONYMOUS_CLIENTS", conflicts_with = "client_secret")]
+    allow_anonymous_clients: bool,
     /// Placement among equally good instances: `spread` (least-loaded
     /// server) or `binpack` (fill servers up).
     #[arg(long, env = "GPUPOOL_POLICY", default_value = "spread", value_parser = ["spread", "binpack"])]
@@ -167,18 +201,7 @@ struct Serve {
 
 fn parse_quota(s: &str) -> anyhow::Result<(String, Quota)> {
     let (tenant, limits) = s.split_once('=').context("a quota is tenant=leases:N,memory-gib:M,share-fate")?;
-    let mut quota = Quota::default();
-    for part in limits.split(',') {
-        if part == "share-fate" {
-            quota.share_fate_across_tenants = true;
-            continue;
-        }
-        match part.split_once(':') {
-            Some(("leases", n)) => quota.max_leases = Some(n.parse().context("leases:N")?),
-            Some(("memory-gib", n)) => quota.max_memory = Some(n.parse::<u64>().context("memory-gib:M")? << 30),
-            _ => anyhow::bail!("unknown quota limit {part:?}: use leases:N, memory-gib:M or share-fate"),
-        }
-    }
+    let quota = tenants::parse_quota(limits).map_err(|e| anyhow::anyhow!("quota of {tenant:?}: {e}"))?;
     Ok((tenant.to_string(), quota))
 }
 
@@ -207,7 +230,14 @@ fn load_or_create_key(path: &Path) -> anyhow::Result<LeaseSigner> {
 fn config(s: Serve) -> anyhow::Result<BalancerConfig> {
     let signer = load_or_create_key(&s.key_file)?;
     let mut c = BalancerConfig::new(s.listen, signer, s.server_secret);
-    c.client_secret = s.client_secret;
+    if let Some(path) = &s.tenants {
+        c.clients.tenants = Tenants::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    c.clients.legacy = match (s.client_secret, s.allow_anonymous_clients) {
+        (Some(secret), _) => Some(LegacyClients::SharedSecret(secret)),
+        (None, true) => Some(LegacyClients::Anonymous),
+        (None, false) => None,
+    };
     c.metrics_listen = s.metrics_listen;
     c.tls = if s.insecure {
         None
@@ -283,13 +313,12 @@ struct DrainArgs {
     server: String,
     balancer: String,
     server_secret: String,
-    secret: Option<String>,
     trust: BalancerTrust,
     wait: Duration,
 }
 
 async fn drain(args: DrainArgs) -> anyhow::Result<()> {
-    let DrainArgs { server, balancer, server_secret, secret, trust, wait } = args;
+    let DrainArgs { server, balancer, server_secret, trust, wait } = args;
     let mut client = connect(&balancer, &trust).await?;
     let call_error = |status: tonic::Status| anyhow::anyhow!("{}", grpc_tls::describe_for(&status, &trust));
     let mut req = tonic::Request::new(DrainRequest { server_id: server.clone() });
@@ -308,8 +337,9 @@ async fn drain(args: DrainArgs) -> anyhow::Result<()> {
     }
     let deadline = tokio::time::Instant::now() + wait;
     loop {
+        // The servers' secret sees every server's sessions.
         let mut req = tonic::Request::new(StatusRequest {});
-        authorize(secret.as_deref(), req.metadata_mut());
+        authorize(Some(&server_secret), req.metadata_mut());
         let status = client.status(req).await.map_err(call_error)?.into_inner();
         let sessions = status.servers.iter().find(|s| s.server_id == server).map_or(0, |s| s.sessions);
         if sessions == 0 {
@@ -341,15 +371,44 @@ fn main() -> anyhow::Result<()> {
             let trust = trust.trust()?;
             rt.block_on(status(balancer, secret, trust, watch))
         }
-        Command::Drain { server, balancer, server_secret, secret, trust, wait_secs } => {
+        Command::Drain { server, balancer, server_secret, secret: _, trust, wait_secs } => {
             let trust = trust.trust()?;
             let wait = Duration::from_secs(wait_secs);
-            rt.block_on(drain(DrainArgs { server, balancer, server_secret, secret, trust, wait }))
+            rt.block_on(drain(DrainArgs { server, balancer, server_secret, trust, wait }))
+        }
+        Command::NewTenant { tenant, quota } => {
+            let secret = tenants::generate_secret();
+            let digest = CredentialDigest::of(&secret);
+            // The name and quota as the balancer will read them.
+            Tenants::new().add(tenant.as_str(), digest).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let line = match &quota {
+                Some(q) => {
+                    tenants::parse_quota(q).map_err(|e| anyhow::anyhow!("--quota: {e}"))?;
+                    format!("{tenant} {digest} {q}")
+                }
+                None => format!("{tenant} {digest}"),
+            };
+            println!("# the credential of tenant {tenant} (its GPUPOOL_BALANCER_SECRET; not stored anywhere):");
+            println!("{secret}");
+            println!("# its line in the balancer's tenants file (--tenants):");
+            println!("{line}");
+            Ok(())
         }
         Command::Serve(s) => {
+            let tenants_file = s.tenants.clone();
             let config = config(s)?;
             rt.block_on(async {
                 let balancer = gpupool_balancer::Balancer::bind(config).await?;
+                if let Some(path) = tenants_file {
+                    // Listening before the first line is printed: from then
+                    // on a SIGHUP reloads, never ends the process.
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                        Ok(hangup) => {
+                            tokio::spawn(reload_tenants_on_hangup(path, balancer.tenants(), hangup));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "no SIGHUP: the tenants file is read at start only"),
+                    }
+                }
                 let transport = match balancer.fingerprint() {
                     Some(fingerprint) => format!("TLS, certificate SHA-256 {fingerprint}"),
                     None => "plaintext".to_string(),
@@ -365,6 +424,22 @@ fn main() -> anyhow::Result<()> {
                 balancer.run(shutdown_signal()).await?;
                 Ok(())
             })
+        }
+    }
+}
+
+/// Reads the tenants file again at every SIGHUP: credentials added,
+/// rotated or removed without a restart. A file with a problem changes
+/// nothing (the problem is logged).
+async fn reload_tenants_on_hangup(
+    path: PathBuf,
+    handle: gpupool_balancer::TenantsHandle,
+    mut hangup: tokio::signal::unix::Signal,
+) {
+    while hangup.recv().await.is_some() {
+        let replaced = Tenants::load(&path).and_then(|t| handle.replace(t).map_err(|e| e.to_string()));
+        if let Err(e) = replaced {
+            tracing::warn!(error = %e, "tenants file not reloaded; the tenants before it stay");
         }
     }
 }

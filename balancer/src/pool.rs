@@ -362,6 +362,12 @@ impl Pool {
         &self.config
     }
 
+    /// Replaces the per-tenant quotas (a reloaded tenants file). They apply
+    /// to requests from now on; leases held and requests queued stay.
+    pub fn set_tenant_quotas(&mut self, quotas: HashMap<String, Quota>) {
+        self.config.tenant_quotas = quotas;
+    }
+
     /// Whether the recovery window is open at `now_ms`.
     pub fn recovering(&self, now_ms: u64) -> bool {
         self.recovery_end.is_some_and(|end| now_ms < end)

@@ -8,9 +8,10 @@
 //! call is handed over exactly once: to the waiter, or, when the waiter has
 //! gone (timeout, cancelled call), straight back to the pool.
 
-use crate::config::BalancerConfig;
+use crate::config::{BalancerConfig, LegacyClients};
 use crate::convert;
 use crate::pool::{self, Allocation, Grant, Pool, PoolError, Ticket};
+use crate::tenants::constant_time_eq;
 use gpupool_proto::balancer as pb;
 use gpupool_proto::balancer::balancer_server::{Balancer as BalancerRpc, BalancerServer};
 use gpupool_proto::lease::{LeaseSigner, LeaseVerifier, unix_ms_now};
@@ -19,7 +20,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tonic::{Request, Response, Status};
@@ -63,6 +64,9 @@ struct State {
     queue_timeouts: AtomicU64,
     /// Refusals and grant times, for the metrics endpoint.
     allocations: crate::exporter::Allocations,
+    /// The tenants' credentials now: `config.clients.tenants` at start,
+    /// replaced by [`TenantsHandle::replace`] (a reloaded file).
+    tenants: RwLock<Arc<crate::tenants::Tenants>>,
 }
 
 impl State {
@@ -111,14 +115,8 @@ impl State {
         }
     }
 
-    fn check_secret<T>(&self, req: &Request<T>, secret: Option<&str>) -> Result<(), Status> {
-        let Some(secret) = secret else { return Ok(()) };
-        let presented = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+    fn check_secret<T>(&self, req: &Request<T>, secret: &str) -> Result<(), Status> {
+        let presented = bearer(req).unwrap_or("");
         if constant_time_eq(presented.as_bytes(), secret.as_bytes()) {
             Ok(())
         } else if presented.is_empty() {
@@ -136,11 +134,44 @@ impl State {
                 "this balancer requires gpu-servers to present a client certificate from its CA",
             ));
         }
-        self.check_secret(req, Some(&self.config.server_secret))
+        self.check_secret(req, &self.config.server_secret)
     }
 
-    fn check_client<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        self.check_secret(req, self.config.client_secret.as_deref())
+    /// Who sent a client request, by its credential. The servers' secret
+    /// counts (as the operator) only where `operator` allows: it reads the
+    /// whole pool but leases nothing.
+    fn caller<T>(&self, req: &Request<T>, operator: bool) -> Result<Caller, Status> {
+        let clients = &self.config.clients;
+        let presented = bearer(req);
+        if let Some(p) = presented {
+            let tenants = self.tenants.read().unwrap_or_else(|e| e.into_inner()).clone();
+            // Every tenant's digest is compared whatever the outcome, and so
+            // is the servers' secret: the time does not tell which matched.
+            let tenant = tenants.authenticate(p);
+            let is_operator = constant_time_eq(p.as_bytes(), self.config.server_secret.as_bytes());
+            if let Some(t) = tenant {
+                return Ok(Caller::Tenant(t.to_owned()));
+            }
+            if is_operator {
+                return if operator {
+                    Ok(Caller::Operator)
+                } else {
+                    Err(Status::permission_denied(
+                        "the servers' secret reads the pool but leases nothing: present a tenant's credential",
+                    ))
+                };
+            }
+        }
+        match (&clients.legacy, presented) {
+            (Some(LegacyClients::Anonymous), _) => Ok(Caller::Legacy),
+            (Some(LegacyClients::SharedSecret(s)), Some(p)) if constant_time_eq(p.as_bytes(), s.as_bytes()) => {
+                Ok(Caller::Legacy)
+            }
+            (_, None) => Err(Status::unauthenticated(
+                "no credential presented (authorization: Bearer <the tenant's secret>, GPUPOOL_BALANCER_SECRET)",
+            )),
+            (_, Some(_)) => Err(Status::unauthenticated("credential not accepted")),
+        }
     }
 
     /// Verifies a lease token presented for `lease_id`.
@@ -153,6 +184,72 @@ impl State {
             )));
         }
         Ok(claims)
+    }
+}
+
+/// `authorization: Bearer <credential>`, when present.
+fn bearer<T>(req: &Request<T>) -> Option<&str> {
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .filter(|v| !v.is_empty())
+}
+
+/// Who a client request comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Caller {
+    /// A tenant by its own credential: it leases for itself only, renews
+    /// and releases only its own leases, and sees only those.
+    Tenant(String),
+    /// A legacy client (a shared secret, or none; explicit opt-ins): it
+    /// names any tenant and sees the whole pool, as before tenants had
+    /// credentials of their own.
+    Legacy,
+    /// The fleet's operator (the servers' secret): sees the whole pool.
+    Operator,
+}
+
+impl Caller {
+    /// The tenant an `Allocate` that asked for `asked` is for.
+    fn tenant_for(&self, asked: &str) -> Result<String, Status> {
+        match self {
+            Self::Tenant(t) if asked.is_empty() || asked == t => Ok(t.clone()),
+            // `asked` passed the name check: bounded, printable.
+            Self::Tenant(t) => Err(Status::permission_denied(format!(
+                "this credential is tenant {t:?}'s: it cannot allocate for tenant {asked:?}"
+            ))),
+            // What clients sent before the tenant could come from the
+            // credential (GPUPOOL_TENANT's old default).
+            Self::Legacy if asked.is_empty() => Ok("default".into()),
+            Self::Legacy => Ok(asked.to_owned()),
+            Self::Operator => Err(Status::permission_denied("the operator's credential leases nothing")),
+        }
+    }
+
+    /// Refuses a lease (by its verified claims) that is not the caller's.
+    fn check_owns(&self, claims: &pb::LeaseClaims) -> Result<(), Status> {
+        match self {
+            Self::Tenant(t) if *t != claims.tenant => Err(Status::permission_denied(format!(
+                "lease {:#x} is not tenant {t:?}'s: a tenant renews and releases only its own leases",
+                claims.lease_id
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The part of the pool's status this caller may see.
+    fn scope(&self, mut status: pb::PoolStatus) -> pb::PoolStatus {
+        if let Self::Tenant(t) = self {
+            // Servers (addresses, pins, load) and pool-wide counters are the
+            // operator's; a tenant sees what it holds and waits for.
+            status.servers.clear();
+            status.leases.retain(|l| l.tenant == *t);
+            status.queue.retain(|q| q.tenant == *t);
+            (status.allocations, status.releases, status.expirations, status.queue_timeouts) = (0, 0, 0, 0);
+            status.tenant = t.clone();
+        }
+        status
     }
 }
 
@@ -175,10 +272,6 @@ fn deliver(inner: &mut Inner, grants: Vec<Grant>) {
             }
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The error a client sees for a pool error.
@@ -248,10 +341,13 @@ impl Service {
     /// `Allocate` without its bookkeeping: a lease now, after a wait in the
     /// queue, or the reason there is none.
     async fn allocate_lease(&self, req: Request<pb::AllocateRequest>) -> Result<Response<pb::Lease>, Status> {
-        self.state.check_client(&req)?;
+        let caller = self.state.caller(&req, false)?;
         let req = req.into_inner();
         let wait = Duration::from_millis(u64::from(req.wait_timeout_ms)).min(self.state.config.max_wait);
-        let request = convert::request(&req)?;
+        let mut request = convert::request(&req)?;
+        // The credential, not the request, says who pays (issue 20,
+        // finding 10).
+        request.tenant = caller.tenant_for(&request.tenant)?;
         let (ticket, rx) = {
             let mut inner = self.state.lock();
             let allocated = inner.pool.allocate(request, unix_ms_now(), !wait.is_zero());
@@ -402,9 +498,10 @@ impl BalancerRpc for Service {
     }
 
     async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::Lease>, Status> {
-        self.state.check_client(&req)?;
+        let caller = self.state.caller(&req, false)?;
         let req = req.into_inner();
         let claims = self.state.claims(&req.token, req.lease_id)?;
+        caller.check_owns(&claims)?;
         let now = unix_ms_now();
         let lease = {
             let mut inner = self.state.lock();
@@ -438,9 +535,9 @@ impl BalancerRpc for Service {
     }
 
     async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseReply>, Status> {
-        self.state.check_client(&req)?;
+        let caller = self.state.caller(&req, false)?;
         let req = req.into_inner();
-        self.state.claims(&req.token, req.lease_id)?;
+        caller.check_owns(&self.state.claims(&req.token, req.lease_id)?)?;
         {
             let mut inner = self.state.lock();
             let grants = inner.pool.release(pool::LeaseId(req.lease_id)).map_err(status)?;
@@ -452,7 +549,7 @@ impl BalancerRpc for Service {
 
     async fn drain(&self, req: Request<pb::DrainRequest>) -> Result<Response<pb::DrainReply>, Status> {
         // Moving every session of a server is the fleet's operators' call.
-        self.state.check_secret(&req, Some(&self.state.config.server_secret))?;
+        self.state.check_secret(&req, &self.state.config.server_secret)?;
         let server_id = req.into_inner().server_id;
         let plan = {
             let mut inner = self.state.lock();
@@ -466,14 +563,17 @@ impl BalancerRpc for Service {
     }
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::PoolStatus>, Status> {
-        self.state.check_client(&req)?;
-        Ok(Response::new(snapshot(&self.state)))
+        let caller = self.state.caller(&req, true)?;
+        Ok(Response::new(caller.scope(snapshot(&self.state))))
     }
 
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        self.state.check_client(&req)?;
+        let caller = self.state.caller(&req, true)?;
+        // A stream outlives the call: a tenant's credential removed by a
+        // reload ends it at the next update.
+        let digest = bearer(&req).map(crate::tenants::CredentialDigest::of);
         let asked = Duration::from_millis(u64::from(req.into_inner().min_interval_ms));
         let interval = asked.max(self.state.config.watch_interval);
         let (tx, rx) = tokio::sync::mpsc::channel(2);
@@ -481,7 +581,14 @@ impl BalancerRpc for Service {
         let mut version = state.version.subscribe();
         tokio::spawn(async move {
             loop {
-                if tx.send(Ok(snapshot(&state))).await.is_err() {
+                if let Caller::Tenant(t) = &caller {
+                    let tenants = state.tenants.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    if digest.as_ref().and_then(|d| tenants.tenant_of(d)) != Some(t.as_str()) {
+                        let _ = tx.send(Err(Status::unauthenticated("the credential is no longer accepted"))).await;
+                        return;
+                    }
+                }
+                if tx.send(Ok(caller.scope(snapshot(&state)))).await.is_err() {
                     return;
                 }
                 tokio::time::sleep(interval).await;
@@ -573,12 +680,25 @@ impl Balancer {
             }
         };
         let now = unix_ms_now();
-        let mut pool_config = config.pool.clone();
+        match &config.clients.legacy {
+            Some(LegacyClients::SharedSecret(_)) => tracing::warn!(
+                "clients may present the shared client secret (--allow-shared-client-secret): its holders lease \
+                 for any tenant and see every lease; give each tenant its own credential (--tenants)"
+            ),
+            Some(LegacyClients::Anonymous) => tracing::warn!(
+                "clients need no credential (--allow-anonymous-clients): anyone who reaches the balancer leases \
+                 for any tenant and sees every lease; give each tenant its own credential (--tenants)"
+            ),
+            None => {}
+        }
+        tracing::info!(tenants = config.clients.tenants.tenant_count(), "per-tenant client credentials");
+        let mut pool_config = config.pool_config();
         if pool_config.id_seed == 0 {
             pool_config.id_seed = rand::random();
         }
         let pool = Pool::new(pool_config, now);
         let state = Arc::new(State {
+            tenants: RwLock::new(Arc::new(config.clients.tenants.clone())),
             inner: Mutex::new(Inner { pool, waiters: HashMap::new() }),
             verifier: config.signer.verifier(),
             signer: config.signer.clone(),
@@ -588,6 +708,12 @@ impl Balancer {
             allocations: crate::exporter::Allocations::default(),
         });
         Ok(Self { listener, tls, metrics, state })
+    }
+
+    /// A handle that replaces the tenants' credentials and quotas while the
+    /// balancer runs (the binary's SIGHUP).
+    pub fn tenants(&self) -> TenantsHandle {
+        TenantsHandle { state: self.state.clone() }
     }
 
     /// The Prometheus endpoint's bound address, when there is one.
@@ -675,6 +801,33 @@ impl Balancer {
     }
 }
 
+/// Replaces the tenants of a running balancer ([`Balancer::tenants`]).
+#[derive(Debug, Clone)]
+pub struct TenantsHandle {
+    state: Arc<State>,
+}
+
+impl TenantsHandle {
+    /// Makes `tenants` the credentials and file quotas from now on, if the
+    /// configuration with them is valid (else nothing changes). A removed
+    /// credential is refused at its next call; leases held stay until
+    /// released or expired, and new quotas apply to new requests.
+    pub fn replace(&self, tenants: crate::tenants::Tenants) -> Result<(), BalancerError> {
+        let mut config = self.state.config.clone();
+        config.clients.tenants = tenants;
+        config.validate().map_err(BalancerError::Config)?;
+        let quotas = config.pool_config().tenant_quotas;
+        let count = config.clients.tenants.tenant_count();
+        // Quotas first: a new tenant's first request meets its quota.
+        self.state.lock().pool.set_tenant_quotas(quotas);
+        *self.state.tenants.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config.clients.tenants);
+        // Watch streams look again: one whose credential went ends.
+        self.state.changed();
+        tracing::info!(tenants = count, "tenants' credentials replaced");
+        Ok(())
+    }
+}
+
 /// Binds a balancer for `config` and runs it until `shutdown` completes.
 pub async fn run(config: BalancerConfig, shutdown: impl Future<Output = ()>) -> Result<(), BalancerError> {
     Balancer::bind(config).await?.run(shutdown).await
@@ -724,5 +877,44 @@ mod tests {
         assert_eq!(lease_state(Some(&lease), false, "a", 100), pb::LeaseState::Ended, "expired");
         assert_eq!(lease_state(None, false, "a", 50), pb::LeaseState::Ended, "released");
         assert_eq!(lease_state(None, true, "a", 50), pb::LeaseState::Unknown, "taking leases back");
+    }
+
+    #[test]
+    fn a_tenants_credential_acts_for_that_tenant_only() {
+        let a = Caller::Tenant("a".into());
+        assert_eq!(a.tenant_for("").unwrap(), "a", "the tenant comes from the credential");
+        assert_eq!(a.tenant_for("a").unwrap(), "a");
+        let refused = a.tenant_for("b").unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert!(refused.message().contains("tenant \"a\"'s: it cannot allocate for tenant \"b\""), "{refused:?}");
+        assert_eq!(Caller::Legacy.tenant_for("b").unwrap(), "b", "legacy clients name any tenant");
+        assert_eq!(Caller::Legacy.tenant_for("").unwrap(), "default");
+        assert_eq!(Caller::Operator.tenant_for("b").unwrap_err().code(), tonic::Code::PermissionDenied);
+
+        let claims = |tenant: &str| pb::LeaseClaims { lease_id: 5, tenant: tenant.into(), ..Default::default() };
+        assert!(a.check_owns(&claims("a")).is_ok());
+        assert_eq!(a.check_owns(&claims("b")).unwrap_err().code(), tonic::Code::PermissionDenied);
+        assert!(Caller::Legacy.check_owns(&claims("b")).is_ok());
+    }
+
+    #[test]
+    fn a_tenant_sees_only_its_own_leases_and_queue() {
+        let lease =
+            |id: u64, tenant: &str| pb::LeaseStatus { lease_id: id, tenant: tenant.into(), ..Default::default() };
+        let queued = |tenant: &str| pb::QueuedRequest { tenant: tenant.into(), ..Default::default() };
+        let all = pb::PoolStatus {
+            servers: vec![pb::ServerStatus { server_id: "s".into(), ..Default::default() }],
+            leases: vec![lease(1, "a"), lease(2, "b"), lease(3, "a")],
+            queue: vec![queued("b"), queued("a")],
+            allocations: 9,
+            ..Default::default()
+        };
+        let mine = Caller::Tenant("a".into()).scope(all.clone());
+        assert_eq!(mine.leases.iter().map(|l| l.lease_id).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(mine.queue.len(), 1);
+        assert!(mine.servers.is_empty() && mine.allocations == 0);
+        assert_eq!(mine.tenant, "a");
+        assert_eq!(Caller::Operator.scope(all.clone()), all, "the operator sees the whole pool");
+        assert_eq!(Caller::Legacy.scope(all.clone()), all);
     }
 }

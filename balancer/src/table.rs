@@ -40,9 +40,23 @@ fn short(uuid: &str) -> String {
 }
 
 /// `status` as tables: servers, instances, leases, queue. `now_unix_ms`
-/// turns expiry times into "in N s".
+/// turns expiry times into "in N s". A tenant's view (`status.tenant`) has
+/// its leases and queue only.
 pub fn render(status: &pb::PoolStatus, now_unix_ms: u64) -> String {
     let mut out = String::new();
+    if !status.tenant.is_empty() {
+        let _ = writeln!(
+            out,
+            "tenant {} · policy {} · {} leases · {} queued{}\n",
+            status.tenant,
+            status.policy,
+            status.leases.len(),
+            status.queue.len(),
+            if status.recovering { " · RECOVERING (no new leases yet)" } else { "" },
+        );
+        leases_and_queue(&mut out, status, now_unix_ms);
+        return out;
+    }
     let holders: HashMap<&str, &pb::LeaseStatus> =
         status.leases.iter().map(|l| (l.instance_uuid.as_str(), l)).collect();
     let _ = writeln!(
@@ -120,6 +134,11 @@ pub fn render(status: &pb::PoolStatus, now_unix_ms: u64) -> String {
         &["server", "gpu", "instance", "profile", "placement", "memory", "SMs", "lease"],
         &instances,
     );
+    leases_and_queue(&mut out, status, now_unix_ms);
+    out
+}
+
+fn leases_and_queue(out: &mut String, status: &pb::PoolStatus, now_unix_ms: u64) {
     let leases: Vec<Vec<String>> = status
         .leases
         .iter()
@@ -141,7 +160,7 @@ pub fn render(status: &pb::PoolStatus, now_unix_ms: u64) -> String {
         })
         .collect();
     render_table(
-        &mut out,
+        out,
         "LEASES",
         &["lease", "tenant", "server", "instance", "memory", "class", "expires", "in use"],
         &leases,
@@ -161,8 +180,7 @@ pub fn render(status: &pb::PoolStatus, now_unix_ms: u64) -> String {
             ]
         })
         .collect();
-    render_table(&mut out, "QUEUE", &["#", "tenant", "memory", "compute", "profile", "waited"], &queue);
-    out
+    render_table(out, "QUEUE", &["#", "tenant", "memory", "compute", "profile", "waited"], &queue);
 }
 
 #[cfg(test)]
@@ -281,5 +299,19 @@ mod tests {
         for needle in ["shared: 2 leases, 75% placed, busy 41.5%", "shared 50%", "shared 25%"] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn a_tenants_view_shows_its_leases_and_queue_only() {
+        let status = pb::PoolStatus {
+            tenant: "team-a".into(),
+            policy: "spread".into(),
+            leases: vec![pb::LeaseStatus { lease_id: 7, tenant: "team-a".into(), ..Default::default() }],
+            ..Default::default()
+        };
+        let text = render(&status, 0);
+        assert!(text.starts_with("tenant team-a · policy spread · 1 leases · 0 queued"), "{text}");
+        assert!(text.contains("LEASES") && text.contains("0x7") && text.contains("QUEUE"), "{text}");
+        assert!(!text.contains("SERVERS") && !text.contains("INSTANCES"), "{text}");
     }
 }

@@ -20,16 +20,20 @@ use tonic::transport::Channel;
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What virtual GPU to ask the balancer for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct PoolRequest {
     /// The balancer's gRPC URL, e.g. `https://10.0.0.5:50051`.
     pub balancer: String,
     /// How the balancer's certificate is verified (pin or CA), or the
     /// plaintext opt-in with an `http://` URL.
     pub trust: BalancerTrust,
-    /// Secret the balancer expects from clients, if it expects one.
+    /// The client's credential: its tenant's own secret (the balancer takes
+    /// the tenant from it), or a legacy shared secret; `None` for a
+    /// balancer that allows anonymous clients.
     pub secret: Option<String>,
-    /// Who pays; quotas apply per tenant.
+    /// Who pays; quotas apply per tenant. Empty: the tenant of
+    /// [`PoolRequest::secret`] (a legacy balancer takes `default`). A
+    /// tenant's credential cannot lease for another tenant.
     pub tenant: String,
     /// Device memory needed, in bytes (0: any).
     pub memory: u64,
@@ -45,6 +49,24 @@ pub struct PoolRequest {
     pub wait: Duration,
     /// Longest wait for one balancer call (besides the queue wait).
     pub call_timeout: Duration,
+}
+
+impl std::fmt::Debug for PoolRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The credential is the tenant's: it never reaches a log.
+        f.debug_struct("PoolRequest")
+            .field("balancer", &self.balancer)
+            .field("trust", &self.trust)
+            .field("secret", &self.secret.as_ref().map(|_| "…"))
+            .field("tenant", &self.tenant)
+            .field("memory", &self.memory)
+            .field("compute_percent", &self.compute_percent)
+            .field("profile", &self.profile)
+            .field("shared", &self.shared)
+            .field("wait", &self.wait)
+            .field("call_timeout", &self.call_timeout)
+            .finish()
+    }
 }
 
 impl PoolRequest {
@@ -74,7 +96,9 @@ fn pool_error(s: &tonic::Status, trust: &BalancerTrust) -> ClientError {
 struct Control {
     rt: tokio::runtime::Runtime,
     client: BalancerClient<Channel>,
-    secret: Option<String>,
+    /// `authorization: Bearer <credential>`, marked sensitive (hidden from
+    /// tonic's and hyper's debug output).
+    secret: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
     trust: BalancerTrust,
     timeout: Duration,
 }
@@ -95,7 +119,17 @@ impl Control {
         Ok(Self {
             rt,
             client: BalancerClient::new(channel),
-            secret: req.secret.clone(),
+            secret: match &req.secret {
+                Some(s) => {
+                    let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                        format!("Bearer {s}").parse().map_err(|_| {
+                            ClientError::Config("the balancer credential holds characters a header cannot".into())
+                        })?;
+                    v.set_sensitive(true);
+                    Some(v)
+                }
+                None => None,
+            },
             trust: req.trust.clone(),
             timeout: req.call_timeout,
         })
@@ -104,10 +138,8 @@ impl Control {
     fn request<T>(&self, message: T, wait: Duration) -> tonic::Request<T> {
         let mut r = tonic::Request::new(message);
         r.set_timeout(self.timeout + wait);
-        if let Some(s) = &self.secret
-            && let Ok(v) = format!("Bearer {s}").parse()
-        {
-            r.metadata_mut().insert("authorization", v);
+        if let Some(v) = &self.secret {
+            r.metadata_mut().insert("authorization", v.clone());
         }
         r
     }
@@ -144,10 +176,13 @@ impl Control {
 
 impl PoolRequest {
     /// The request the `GPUPOOL_*` variables describe, read through
-    /// `lookup`: `GPUPOOL_BALANCER` (required, a URL), `GPUPOOL_TENANT`,
+    /// `lookup`: `GPUPOOL_BALANCER` (required, a URL), `GPUPOOL_TENANT`
+    /// (optional: unset, the balancer takes the tenant from the credential
+    /// in `GPUPOOL_BALANCER_SECRET`),
     /// `GPUPOOL_MEMORY_MIB`, `GPUPOOL_COMPUTE_PERCENT`, `GPUPOOL_PROFILE`,
     /// `GPUPOOL_LEASE_CLASS` (`exclusive`, the default, or `shared`),
-    /// `GPUPOOL_WAIT_MS`, `GPUPOOL_BALANCER_SECRET`, and how the balancer is
+    /// `GPUPOOL_WAIT_MS`, `GPUPOOL_BALANCER_SECRET` or
+    /// `GPUPOOL_BALANCER_SECRET_FILE` (the tenant's credential), and how the balancer is
     /// verified: `GPUPOOL_BALANCER_CERT_SHA256` (a pin) or
     /// `GPUPOOL_BALANCER_CA_FILE` or `GPUPOOL_BALANCER_CA_PEM` (the bundle
     /// itself, for a Lambda environment; with `GPUPOOL_BALANCER_SERVER_NAME`), or
@@ -222,13 +257,33 @@ impl PoolRequest {
         {
             problems.push(format!("GPUPOOL_BALANCER: {e}"));
         }
-        let mut request = Self::new(balancer, trust, lookup("GPUPOOL_TENANT").unwrap_or_else(|| "default".into()));
+        // Unset, the tenant is the credential's: nothing to keep in step.
+        let mut request = Self::new(balancer, trust, lookup("GPUPOOL_TENANT").unwrap_or_default());
         request.memory = memory_mib << 20;
         request.compute_percent = compute.min(100) as u32;
         request.profile = lookup("GPUPOOL_PROFILE");
         request.shared = shared;
         request.wait = Duration::from_millis(wait_ms);
-        request.secret = lookup("GPUPOOL_BALANCER_SECRET");
+        request.secret = match (lookup("GPUPOOL_BALANCER_SECRET"), lookup("GPUPOOL_BALANCER_SECRET_FILE")) {
+            (Some(secret), None) => Some(secret),
+            // A file keeps the credential out of the process environment
+            // (which other tools list and log).
+            (None, Some(path)) => gpupool_proto::grpc_tls::read_bounded(std::path::Path::new(&path))
+                .map_err(|e| problems.push(format!("GPUPOOL_BALANCER_SECRET_FILE: {e}")))
+                .ok()
+                .and_then(|bytes| {
+                    String::from_utf8(bytes)
+                        .map_err(|_| problems.push("GPUPOOL_BALANCER_SECRET_FILE does not hold text".into()))
+                        .ok()
+                }),
+            (Some(_), Some(_)) => {
+                problems.push("set GPUPOOL_BALANCER_SECRET or GPUPOOL_BALANCER_SECRET_FILE, not both".into());
+                None
+            }
+            (None, None) => None,
+        }
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty());
         if problems.is_empty() { Ok(request) } else { Err(problems) }
     }
 }

@@ -195,15 +195,22 @@ fn seeds() -> Vec<Vec<u8>> {
             session_id: 5,
             resume_secret: "r".into(),
             resume: true,
-            migrate: None,
+            ..Default::default()
         }
         .encode_to_vec(),
+        v1::WorkerAssign {
+            memory: Some(v1::MemoryAnswer { seq: 3, error: String::new(), ok: true }),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+        event(v1::worker_event::Event::Memory(v1::MemoryRequest { kind: 0, seq: 3, bytes: 1 << 20, ok: false })),
         event(v1::worker_event::Event::Ready(v1::WorkerReady {
             port: 40001,
             pid: 77,
             backend: "emulated".into(),
             device_name: "emu".into(),
             shm_socket: String::new(),
+            total_memory: 1 << 34,
         })),
         event(v1::worker_event::Event::Metrics(v1::WorkerMetrics { calls: 5, ..Default::default() })),
         v1::Hello {

@@ -421,12 +421,39 @@ pub fn linked_server(link: gpupool_server::BalancerLink, spec: &str, layout: Opt
     TestServer::start(c).expect("server starts")
 }
 
+/// Tenants with credentials of their own in [`tenant_balancer_config`]:
+/// name and secret (what a client sets as `GPUPOOL_BALANCER_SECRET`).
+pub const TENANT_SECRETS: &[(&str, &str)] = &[
+    ("team-a", "gpt1_team-a-test-credential-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
+    ("team-b", "gpt1_team-b-test-credential-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"),
+];
+
+/// The credential of `tenant` in [`TENANT_SECRETS`].
+pub fn tenant_secret(tenant: &str) -> &'static str {
+    TENANT_SECRETS.iter().find(|(t, _)| *t == tenant).map(|(_, s)| *s).expect("a test tenant")
+}
+
+/// [`balancer_config`] with per-tenant credentials only ([`TENANT_SECRETS`]),
+/// as a new deployment runs: a client's tenant is its credential's.
+pub fn tenant_balancer_config(signer: gpupool_proto::lease::LeaseSigner) -> gpupool_balancer::BalancerConfig {
+    let mut c = balancer_config(signer);
+    let mut tenants = gpupool_balancer::tenants::Tenants::new();
+    for (tenant, secret) in TENANT_SECRETS {
+        tenants = tenants.with_secret(tenant, secret).expect("distinct test credentials");
+    }
+    c.clients = gpupool_balancer::ClientAuth::tenants(tenants);
+    c
+}
+
 /// A balancer configuration on 127.0.0.1 port 0 with short timings: leases
 /// live 3 s, servers heartbeat every 200 ms and are drained after 1 s of
 /// silence, and no recovery window (a fresh pool). gRPC runs over TLS with
-/// [`balancer_identity`].
+/// [`balancer_identity`]. Clients need no credential (the legacy mode, an
+/// explicit opt-in), so tests name tenants freely; tests of tenant
+/// isolation use [`tenant_balancer_config`].
 pub fn balancer_config(signer: gpupool_proto::lease::LeaseSigner) -> gpupool_balancer::BalancerConfig {
     let mut c = gpupool_balancer::BalancerConfig::new(([127, 0, 0, 1], 0).into(), signer, SERVER_SECRET);
+    c.clients = gpupool_balancer::ClientAuth::anonymous();
     c.tls = Some(gpupool_balancer::TlsSettings { identity: balancer_identity(), server_client_ca: None });
     c.pool.lease_ttl_ms = 3_000;
     c.pool.heartbeat_timeout_ms = 1_000;
@@ -508,7 +535,11 @@ impl TestBalancer {
             let mut client = self.client().await?;
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
             loop {
-                let status = client.status(StatusRequest {}).await?.into_inner();
+                // The operator's credential sees the servers, whatever the
+                // clients' mode.
+                let mut req = tonic::Request::new(StatusRequest {});
+                req.metadata_mut().insert("authorization", format!("Bearer {SERVER_SECRET}").parse()?);
+                let status = client.status(req).await?.into_inner();
                 if status.servers.len() >= n {
                     return Ok(());
                 }

@@ -12,7 +12,10 @@ use gpupool_proto::balancer as pb;
 use gpupool_proto::balancer::balancer_client::BalancerClient;
 use gpupool_proto::grpc_tls;
 use gpupool_proto::lease::{LeaseSigner, unix_ms_now};
-use gpupool_tests::{TestBalancer, TestCa, TestServer, balancer_config, linked_server, pooled_server};
+use gpupool_tests::{
+    SERVER_SECRET, TestBalancer, TestCa, TestServer, balancer_config, linked_server, pooled_server,
+    tenant_balancer_config, tenant_secret,
+};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -21,13 +24,29 @@ use tonic::transport::Channel;
 struct Grpc {
     rt: tokio::runtime::Runtime,
     client: BalancerClient<Channel>,
+    /// The credential every call presents, if any.
+    secret: Option<String>,
 }
 
 impl Grpc {
     fn connect(balancer: &TestBalancer) -> Self {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let client = rt.block_on(balancer.client()).expect("connect to the balancer");
-        Self { rt, client }
+        Self { rt, client, secret: None }
+    }
+
+    /// A client presenting `secret` (a tenant's credential or the servers'
+    /// secret) in every call.
+    fn with_secret(balancer: &TestBalancer, secret: &str) -> Self {
+        Self { secret: Some(secret.into()), ..Self::connect(balancer) }
+    }
+
+    fn req<T>(&self, message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        if let Some(s) = &self.secret {
+            r.metadata_mut().insert("authorization", format!("Bearer {s}").parse().expect("header"));
+        }
+        r
     }
 
     fn allocate(&mut self, tenant: &str, memory: u64, profile: &str, wait_ms: u32) -> Result<pb::Lease, tonic::Status> {
@@ -39,21 +58,36 @@ impl Grpc {
             wait_timeout_ms: wait_ms,
             class: pb::LeaseClass::Exclusive.into(),
         };
+        let req = self.req(req);
         self.rt.block_on(self.client.allocate(req)).map(tonic::Response::into_inner)
     }
 
     fn renew(&mut self, lease: &pb::Lease) -> Result<pb::Lease, tonic::Status> {
-        let req = pb::RenewRequest { lease_id: lease.lease_id, token: lease.token.clone() };
+        let req = self.req(pb::RenewRequest { lease_id: lease.lease_id, token: lease.token.clone() });
         self.rt.block_on(self.client.renew(req)).map(tonic::Response::into_inner)
     }
 
     fn release(&mut self, lease: &pb::Lease) -> Result<(), tonic::Status> {
-        let req = pb::ReleaseRequest { lease_id: lease.lease_id, token: lease.token.clone() };
+        let req = self.req(pb::ReleaseRequest { lease_id: lease.lease_id, token: lease.token.clone() });
         self.rt.block_on(self.client.release(req)).map(drop)
     }
 
     fn status(&mut self) -> pb::PoolStatus {
-        self.rt.block_on(self.client.status(pb::StatusRequest {})).expect("status").into_inner()
+        self.try_status().expect("status")
+    }
+
+    /// The first update of a `Watch` stream.
+    fn first_watched(&mut self) -> pb::PoolStatus {
+        let req = self.req(pb::WatchRequest { min_interval_ms: 0 });
+        self.rt.block_on(async {
+            let mut stream = self.client.watch(req).await.expect("watch").into_inner();
+            stream.message().await.expect("an update").expect("a first update")
+        })
+    }
+
+    fn try_status(&mut self) -> Result<pb::PoolStatus, tonic::Status> {
+        let req = self.req(pb::StatusRequest {});
+        self.rt.block_on(self.client.status(req)).map(tonic::Response::into_inner)
     }
 
     /// Waits until `ok` holds for the pool status.
@@ -572,6 +606,8 @@ fn servers_present_client_certificates_and_clients_verify_by_ca() {
         identity: ca.issue(&["localhost", "127.0.0.1"]).expect("balancer certificate"),
         server_client_ca: Some(ca.pem.clone()),
     });
+    // As a new deployment runs: clients present their tenant's credential.
+    config.clients = tenant_balancer_config(LeaseSigner::from_seed([10; 32])).clients;
     let balancer = TestBalancer::start(config).expect("balancer");
     let by_ca = BalancerTrust::Ca { pem: ca.pem.clone(), server_name: None };
 
@@ -591,7 +627,7 @@ fn servers_present_client_certificates_and_clients_verify_by_ca() {
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
     assert!(err.message().contains("client certificate"), "{err:?}");
     // Clients that lease need none: the status is read by CA.
-    status_via(&balancer.url(), &by_ca, None).expect("a client verifying by CA");
+    status_via(&balancer.url(), &by_ca, Some(tenant_secret("team-a"))).expect("a client verifying by CA");
 
     let mut link = balancer.link("with-cert");
     link.trust = by_ca.clone();
@@ -599,9 +635,12 @@ fn servers_present_client_certificates_and_clients_verify_by_ca() {
     let server = linked_server(link, "a100-80gb", None);
     balancer.wait_for_servers(1).expect("the server with a certificate registers");
 
-    let mut req = PoolRequest::new(balancer.url(), by_ca, "by-ca");
+    // No tenant named: the credential's.
+    let mut req = PoolRequest::new(balancer.url(), by_ca, "");
+    req.secret = Some(tenant_secret("team-a").into());
     req.wait = Duration::from_secs(10);
     let session = Session::connect_pooled(&req, &template()).expect("a session on a lease over TLS");
+    assert_eq!(session.lease().expect("leased").tenant, "team-a");
     round_trip(&session, 9);
     drop(session);
     drop(server);
@@ -758,4 +797,94 @@ exit 0
     let calls = std::fs::read_to_string(dir.join("calls")).unwrap_or_default();
     assert_eq!(calls.lines().last(), Some("quit"), "stopped with the server: {calls}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Tenant isolation (issue 20, finding 10): the tenant comes from the
+/// credential. Tenant A's credential cannot lease as B (so B's quota is
+/// untouched), cannot renew or release B's lease even with B's token, and
+/// sees only its own leases in `Status`; the operator (the servers'
+/// secret) sees every tenant's. Before per-tenant credentials any client
+/// named any tenant and saw everything.
+#[test]
+fn a_tenants_credential_cannot_act_for_another_tenant() {
+    let mut config = tenant_balancer_config(LeaseSigner::from_seed([11; 32]));
+    config
+        .pool
+        .tenant_quotas
+        .insert("team-b".into(), gpupool_balancer::pool::Quota { max_leases: Some(1), ..Default::default() });
+    let balancer = TestBalancer::start(config).expect("balancer");
+    let server = pooled_server(&balancer, "iso", "h100-80gb:mig", Some(H100_LAYOUT));
+    balancer.wait_for_servers(1).expect("the server registers");
+    let mut a = Grpc::with_secret(&balancer, tenant_secret("team-a"));
+    let mut b = Grpc::with_secret(&balancer, tenant_secret("team-b"));
+    let mut operator = Grpc::with_secret(&balancer, SERVER_SECRET);
+
+    // A's credential leases for A, named or not.
+    let a1 = a.allocate("", 0, "", 0).expect("A leases without naming itself");
+    assert_eq!(a1.tenant, "team-a");
+    let a2 = a.allocate("team-a", 0, "", 0).expect("A leases naming itself");
+    // ... and never for B: refused, nothing leased, nothing billed to B.
+    let denied = a.allocate("team-b", 0, "", 0).expect_err("A leases as B");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("cannot allocate for tenant \"team-b\""), "{denied:?}");
+    let all = operator.status();
+    assert!(all.leases.iter().all(|l| l.tenant == "team-a"), "{:?}", all.leases);
+    assert!(all.queue.is_empty());
+    // B's quota of one lease is whole.
+    let b1 = b.allocate("", 0, "", 0).expect("B's quota is untouched");
+    assert_eq!(b1.tenant, "team-b");
+    let over = b.allocate("", 0, "", 0).expect_err("B's quota holds");
+    assert_eq!(over.code(), tonic::Code::ResourceExhausted, "{over:?}");
+
+    // A cannot renew or release B's lease, even holding B's token.
+    for refused in [a.renew(&b1).map(drop), a.release(&b1)] {
+        let e = refused.expect_err("A acts on B's lease");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("is not tenant \"team-a\"'s"), "{e:?}");
+    }
+    assert!(operator.status().leases.iter().any(|l| l.lease_id == b1.lease_id), "B's lease stands");
+    b.renew(&b1).expect("B renews its own lease");
+
+    // Each tenant sees its own leases only; the operator sees all.
+    let ids = |s: &pb::PoolStatus| s.leases.iter().map(|l| l.lease_id).collect::<HashSet<_>>();
+    let mine = a.status();
+    assert_eq!(ids(&mine), HashSet::from([a1.lease_id, a2.lease_id]));
+    assert_eq!(mine.tenant, "team-a");
+    assert!(mine.servers.is_empty(), "servers are the operator's: {:?}", mine.servers);
+    assert_eq!(ids(&b.status()), HashSet::from([b1.lease_id]));
+    assert_eq!(ids(&a.first_watched()), HashSet::from([a1.lease_id, a2.lease_id]), "Watch is scoped too");
+    let all = operator.status();
+    assert_eq!(ids(&all), HashSet::from([a1.lease_id, a2.lease_id, b1.lease_id]));
+    assert!(all.tenant.is_empty() && all.servers.len() == 1);
+
+    // No credential, a wrong one, or the servers' secret: no lease.
+    let mut nobody = Grpc::connect(&balancer);
+    assert_eq!(nobody.allocate("team-b", 0, "", 0).expect_err("anonymous").code(), tonic::Code::Unauthenticated);
+    assert_eq!(nobody.try_status().expect_err("anonymous status").code(), tonic::Code::Unauthenticated);
+    let mut wrong = Grpc::with_secret(&balancer, "gpt1_guess");
+    assert_eq!(wrong.allocate("team-b", 0, "", 0).expect_err("wrong").code(), tonic::Code::Unauthenticated);
+    let op = operator.allocate("team-b", 0, "", 0).expect_err("the operator leases nothing");
+    assert_eq!(op.code(), tonic::Code::PermissionDenied);
+
+    // The client core (libcuda, the Lambda extension): the credential
+    // alone names the tenant; naming another is refused with the reason.
+    let mut req = PoolRequest::new(balancer.url(), balancer.trust(), "team-b");
+    req.secret = Some(tenant_secret("team-a").into());
+    match LeasedGpu::allocate(&req) {
+        Err(ClientError::Pool { code, message }) => {
+            assert!(code.contains("PermissionDenied") && message.contains("cannot allocate"), "{code}: {message}")
+        }
+        other => panic!("A's credential leased as B: {other:?}"),
+    }
+    req.tenant.clear();
+    let leased = LeasedGpu::allocate(&req).expect("A leases through the client core");
+    assert_eq!(leased.lease().tenant, "team-a");
+
+    // Releases by their owners go through.
+    drop(leased);
+    a.release(&a1).expect("A releases its lease");
+    a.release(&a2).expect("A releases its lease");
+    b.release(&b1).expect("B releases its lease");
+    operator.wait_for("every lease released", |s| s.leases.is_empty());
+    drop(server);
 }

@@ -419,12 +419,14 @@ fn unreachable_pool_is_reported() -> Result<()> {
 /// over TLS with the balancer's certificate pinned), twice in a row on a
 /// pool of one instance: the first run's lease is released when it exits,
 /// not when it expires, so the second is not kept waiting. A run pinning
-/// another certificate is refused, and says why.
+/// another certificate is refused, and says why. The program presents its
+/// tenant's credential (the variable, then a file) and names no tenant:
+/// the balancer takes it from the credential.
 #[test]
 fn program_leases_its_gpu_from_the_balancer() -> Result<()> {
-    use gpupool_tests::{TestBalancer, balancer_config};
+    use gpupool_tests::{TestBalancer, tenant_balancer_config, tenant_secret};
     let (stub, bin) = programs()?;
-    let mut config = balancer_config(gpupool_proto::lease::LeaseSigner::from_seed([8; 32]));
+    let mut config = tenant_balancer_config(gpupool_proto::lease::LeaseSigner::from_seed([8; 32]));
     config.pool.lease_ttl_ms = 60_000;
     let balancer = TestBalancer::start(config)?;
     let mut c = isolated_config()?;
@@ -434,15 +436,18 @@ fn program_leases_its_gpu_from_the_balancer() -> Result<()> {
     c.balancer = Some(balancer.link("only"));
     let server = TestServer::start(c)?;
     balancer.wait_for_servers(1)?;
+    let secret_file = std::env::temp_dir().join(format!("gpupool-libcuda-secret-{}", std::process::id()));
+    std::fs::write(&secret_file, tenant_secret("team-a"))?;
     for round in 0..2 {
         let started = std::time::Instant::now();
-        let out = Command::new(bin.join("driver_api"))
-            .env("LD_LIBRARY_PATH", stub)
-            .envs(balancer.client_env())
-            .env("GPUPOOL_TENANT", "ci")
-            .env("GPUPOOL_WAIT_MS", "20000")
-            .output()
-            .context("starting driver_api")?;
+        let mut program = Command::new(bin.join("driver_api"));
+        program.env("LD_LIBRARY_PATH", stub).envs(balancer.client_env()).env("GPUPOOL_WAIT_MS", "20000");
+        if round == 0 {
+            program.env("GPUPOOL_BALANCER_SECRET", tenant_secret("team-a"));
+        } else {
+            program.env("GPUPOOL_BALANCER_SECRET_FILE", &secret_file);
+        }
+        let out = program.output().context("starting driver_api")?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() || !stdout.contains("PASS driver_api") {
             bail!("round {round} failed ({}):\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
@@ -456,12 +461,24 @@ fn program_leases_its_gpu_from_the_balancer() -> Result<()> {
         .env("LD_LIBRARY_PATH", stub)
         .envs(balancer.client_env())
         .env("GPUPOOL_BALANCER_CERT_SHA256", &wrong)
-        .env("GPUPOOL_TENANT", "ci")
+        .env("GPUPOOL_BALANCER_SECRET", tenant_secret("team-a"))
         .output()
         .context("starting driver_api")?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("does not match the pinned") && stderr.contains(&wrong), "{stderr}");
+    // Another tenant's name with this credential: refused, with the reason.
+    let out = Command::new(bin.join("driver_api"))
+        .env("LD_LIBRARY_PATH", stub)
+        .envs(balancer.client_env())
+        .env("GPUPOOL_BALANCER_SECRET", tenant_secret("team-a"))
+        .env("GPUPOOL_TENANT", "team-b")
+        .output()
+        .context("starting driver_api")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("cannot allocate for tenant \"team-b\""), "{stderr}");
+    let _ = std::fs::remove_file(&secret_file);
     server.stop();
     balancer.stop();
     Ok(())

@@ -9,13 +9,14 @@
 //! | `GPUPOOL_BALANCER_CA_FILE` | or: PEM CA bundle to verify the balancer against (`GPUPOOL_BALANCER_SERVER_NAME`: the name in its certificate, default the URL's host) |
 //! | `GPUPOOL_BALANCER_CA_PEM` | or: the PEM CA bundle itself (a Lambda function's environment) |
 //! | `GPUPOOL_BALANCER_INSECURE` | `1`: plaintext to a balancer run with `--insecure` (an `http://` URL) |
-//! | `GPUPOOL_TENANT` | with a balancer: tenant the lease is for (default `default`) |
+//! | `GPUPOOL_TENANT` | with a balancer: tenant the lease is for (default: the tenant of the credential; a balancer in a legacy mode takes `default`) |
 //! | `GPUPOOL_MEMORY_MIB` | with a balancer: device memory needed (default: any) |
 //! | `GPUPOOL_COMPUTE_PERCENT` | with a balancer: share of a full GPU's SMs needed (default: any) |
 //! | `GPUPOOL_PROFILE` | with a balancer: MIG profile by name or id (default: any instance) |
 //! | `GPUPOOL_LEASE_CLASS` | with a balancer: `exclusive` (default: an instance or whole GPU of its own) or `shared` (a share of a whole GPU, `GPUPOOL_MEMORY_MIB` and `GPUPOOL_COMPUTE_PERCENT`, beside other shares of the tenant or of tenants that opted in to sharing fate) |
 //! | `GPUPOOL_WAIT_MS` | with a balancer: longest wait in its queue (default 10000) |
-//! | `GPUPOOL_BALANCER_SECRET` | with a balancer: the secret it expects from clients |
+//! | `GPUPOOL_BALANCER_SECRET` | with a balancer: the tenant's credential (the balancer takes the tenant from it) |
+//! | `GPUPOOL_BALANCER_SECRET_FILE` | or: a file holding it |
 //! | `GPUPOOL_SERVER` | without a balancer: gpu-server address, `host:port` |
 //! | `GPUPOOL_TOKEN` | without a balancer: session token |
 //! | `GPUPOOL_CERT_SHA256` | pin: hex SHA-256 of the server certificate |
@@ -293,6 +294,30 @@ mod tests {
         for needle in ["URL", "GPUPOOL_MEMORY_MIB", "GPUPOOL_COMPUTE_PERCENT", "GPUPOOL_LEASE_CLASS"] {
             assert!(bad.contains(needle), "{needle} missing from {bad}");
         }
+    }
+
+    /// The tenant comes from the credential unless named; the credential
+    /// from the variable or a file, not both.
+    #[test]
+    fn the_credential_names_the_tenant() {
+        let pin = "ab".repeat(32);
+        let base = [("GPUPOOL_BALANCER", "https://10.0.0.5:50051"), ("GPUPOOL_BALANCER_CERT_SHA256", pin.as_str())];
+        let with = |extra: &[(&str, &str)]| {
+            let pairs: Vec<(&str, &str)> = base.iter().chain(extra).copied().collect();
+            target_from_lookup(lookup(&pairs))
+        };
+        let Ok(Target::Pooled(r, _)) = with(&[("GPUPOOL_BALANCER_SECRET", " gpt1_abc\n")]) else { panic!("pooled") };
+        assert_eq!((r.tenant.as_str(), r.secret.as_deref()), ("", Some("gpt1_abc")), "tenant left to the balancer");
+        let file = std::env::temp_dir().join(format!("gpupool-secret-{}", std::process::id()));
+        std::fs::write(&file, "gpt1_from_file\n").expect("secret file");
+        let path = file.to_str().expect("path");
+        let Ok(Target::Pooled(r, _)) = with(&[("GPUPOOL_BALANCER_SECRET_FILE", path)]) else { panic!("pooled") };
+        assert_eq!(r.secret.as_deref(), Some("gpt1_from_file"));
+        let both = with(&[("GPUPOOL_BALANCER_SECRET", "x"), ("GPUPOOL_BALANCER_SECRET_FILE", path)]);
+        assert!(both.expect_err("both").contains("not both"));
+        let _ = std::fs::remove_file(&file);
+        let missing = with(&[("GPUPOOL_BALANCER_SECRET_FILE", "/nonexistent/gpupool-secret")]);
+        assert!(missing.expect_err("no file").contains("GPUPOOL_BALANCER_SECRET_FILE"));
     }
 
     #[test]

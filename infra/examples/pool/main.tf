@@ -35,19 +35,22 @@ module "network" {
 }
 
 module "balancer" {
-  source             = "../../modules/balancer"
-  name               = var.name
-  kms_key_arn        = module.foundation.kms_key_arn
-  subnet_id          = module.network.private_subnet_ids[0]
-  security_group_id  = module.network.balancer_security_group_id
-  artifact_bucket    = module.foundation.artifact_bucket
-  binary_key         = "bin/gpupool-balancer"
-  binary_version     = module.foundation.artifact_versions["bin/gpupool-balancer"]
-  port               = local.balancer_port
-  policy             = var.balancer_policy
-  quotas             = var.balancer_quotas
-  metrics_port       = var.metrics_port
-  log_retention_days = var.log_retention_days
+  source            = "../../modules/balancer"
+  name              = var.name
+  kms_key_arn       = module.foundation.kms_key_arn
+  subnet_id         = module.network.private_subnet_ids[0]
+  security_group_id = module.network.balancer_security_group_id
+  artifact_bucket   = module.foundation.artifact_bucket
+  binary_key        = "bin/gpupool-balancer"
+  binary_version    = module.foundation.artifact_versions["bin/gpupool-balancer"]
+  port              = local.balancer_port
+  policy            = var.balancer_policy
+  quotas            = var.balancer_quotas
+  # Every tenant, the example function's included, gets its own credential.
+  tenants                    = merge({ (var.lambda_tenant) = {} }, var.tenants)
+  allow_shared_client_secret = var.allow_shared_client_secret
+  metrics_port               = var.metrics_port
+  log_retention_days         = var.log_retention_days
 }
 
 module "gpu_fleet" {
@@ -84,9 +87,8 @@ module "lambda" {
   subnet_ids         = module.network.private_subnet_ids
   security_group_id  = module.network.client_security_group_id
   balancer_url       = module.balancer.url
-  client_secret      = module.balancer.client_secret
+  client_secret      = module.balancer.tenant_secrets[var.lambda_tenant]
   balancer_ca_pem    = module.balancer.tls_ca_pem
-  tenant             = var.lambda_tenant
   max_concurrency    = var.lambda_max_concurrency
   log_retention_days = var.log_retention_days
 }

@@ -13,8 +13,18 @@ output "balancer_instance_id" {
   value       = module.balancer.instance_id
 }
 
+output "tenant_secret_arns" {
+  description = "Secrets Manager ARN of each tenant's credential, by tenant (its clients' GPUPOOL_BALANCER_SECRET; with gpupool-balancer status, that tenant's leases)."
+  value       = module.balancer.tenant_secret_arns
+}
+
+output "server_secret_arn" {
+  description = "Secrets Manager ARN of the servers' secret, the operator's credential too (gpupool-balancer status --secret: the whole pool; drain)."
+  value       = module.balancer.server_secret_arn
+}
+
 output "client_secret_arn" {
-  description = "Secrets Manager ARN of the client secret (GPUPOOL_BALANCER_SECRET for clients and for gpupool-balancer status)."
+  description = "Legacy: Secrets Manager ARN of the shared client secret (null unless allow_shared_client_secret)."
   value       = module.balancer.client_secret_arn
 }
 

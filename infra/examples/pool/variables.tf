@@ -63,9 +63,23 @@ variable "balancer_quotas" {
 }
 
 variable "lambda_tenant" {
-  description = "Tenant the example function leases as."
+  description = "Tenant the example function leases as (it gets a credential of its own, which the function presents)."
   type        = string
   default     = "example"
+}
+
+variable "tenants" {
+  description = "Further tenants, each with its own credential in Secrets Manager (output tenant_secret_arns) and optionally its quota (\"leases:N,memory-gib:M\"; not also in balancer_quotas)."
+  type = map(object({
+    quota = optional(string)
+  }))
+  default = {}
+}
+
+variable "allow_shared_client_secret" {
+  description = "Legacy: keep the one client secret shared by every client (it leases for any tenant) while clients move to their tenants' credentials."
+  type        = bool
+  default     = false
 }
 
 variable "lambda_architecture" {

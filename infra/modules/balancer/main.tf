@@ -37,9 +37,28 @@ resource "random_password" "server" {
   special = false
 }
 
+# Legacy: one secret shared by every client, which then leases for any
+# tenant. Kept only while var.allow_shared_client_secret is set (migration
+# to per-tenant credentials); the moved blocks keep an existing deployment's
+# secret (and its value) when it turns the flag on.
 resource "random_password" "client" {
+  count   = var.allow_shared_client_secret ? 1 : 0
   length  = 48
   special = false
+}
+
+moved {
+  from = random_password.client
+  to   = random_password.client[0]
+}
+
+# Each tenant's own credential: the tenant of a client request is the one
+# its credential belongs to. 48 random letters and digits (~285 bits), so
+# the balancer may keep a plain SHA-256 of it (docs/balancer.md).
+resource "random_password" "tenant" {
+  for_each = var.tenants
+  length   = 48
+  special  = false
 }
 
 resource "aws_secretsmanager_secret" "signing_key" {
@@ -72,16 +91,51 @@ resource "aws_secretsmanager_secret_version" "server" {
 }
 
 resource "aws_secretsmanager_secret" "client" {
-  #checkov:skip=CKV2_AWS_57:Shared by the balancer and the Lambda functions' configuration; rotating means a new Terraform value applied to both (infra/README.md), which a rotation Lambda cannot coordinate.
+  #checkov:skip=CKV2_AWS_57:Legacy, kept only during a migration to per-tenant credentials; shared by the balancer and the clients' configuration, which a rotation Lambda cannot coordinate.
+  count                   = var.allow_shared_client_secret ? 1 : 0
   name_prefix             = "${var.name}/balancer/client-secret-"
-  description             = "Secret clients (Lambda functions) present to lease GPUs."
+  description             = "Legacy secret shared by every client (leases for any tenant); only while clients move to per-tenant credentials."
   kms_key_id              = var.kms_key_arn
   recovery_window_in_days = 0
 }
 
+moved {
+  from = aws_secretsmanager_secret.client
+  to   = aws_secretsmanager_secret.client[0]
+}
+
 resource "aws_secretsmanager_secret_version" "client" {
-  secret_id     = aws_secretsmanager_secret.client.id
-  secret_string = random_password.client.result
+  count         = var.allow_shared_client_secret ? 1 : 0
+  secret_id     = aws_secretsmanager_secret.client[0].id
+  secret_string = random_password.client[0].result
+}
+
+moved {
+  from = aws_secretsmanager_secret_version.client
+  to   = aws_secretsmanager_secret_version.client[0]
+}
+
+resource "aws_secretsmanager_secret" "tenant" {
+  #checkov:skip=CKV2_AWS_57:Rotated by adding a second credential for the tenant (the tenants file takes several), moving its clients, then removing the first (infra/README.md); a rotation Lambda cannot update the balancer's tenants file and the clients together.
+  for_each                = var.tenants
+  name_prefix             = "${var.name}/balancer/tenant-${each.key}-"
+  description             = "Credential of tenant ${each.key} (its GPUPOOL_BALANCER_SECRET): the balancer takes the tenant from it."
+  kms_key_id              = var.kms_key_arn
+  recovery_window_in_days = 0
+}
+
+resource "aws_secretsmanager_secret_version" "tenant" {
+  for_each      = var.tenants
+  secret_id     = aws_secretsmanager_secret.tenant[each.key].id
+  secret_string = random_password.tenant[each.key].result
+}
+
+locals {
+  # The balancer's tenants file: each tenant's name, the SHA-256 of its
+  # credential (Terraform's sha256 is hex of the UTF-8 bytes, as the
+  # balancer computes it) and its quota. Digests only: nothing in it can be
+  # presented as a credential, so it travels in the user data.
+  tenants_file = join("", [for t, v in var.tenants : "${t} sha256:${sha256(random_password.tenant[t].result)}${v.quota == null ? "" : " ${v.quota}"}\n"])
 }
 
 # --- TLS for the gRPC service ------------------------------------------
@@ -196,7 +250,7 @@ data "aws_iam_policy_document" "this" {
   statement {
     sid       = "ReadSecrets"
     actions   = ["secretsmanager:GetSecretValue", "secretsmanager:ListSecretVersionIds"]
-    resources = [aws_secretsmanager_secret.signing_key.arn, aws_secretsmanager_secret.public_key.arn, aws_secretsmanager_secret.server.arn, aws_secretsmanager_secret.client.arn, aws_secretsmanager_secret.tls["cert"].arn, aws_secretsmanager_secret.tls["key"].arn, aws_secretsmanager_secret.tls["ca"].arn]
+    resources = concat([aws_secretsmanager_secret.signing_key.arn, aws_secretsmanager_secret.public_key.arn, aws_secretsmanager_secret.server.arn, aws_secretsmanager_secret.tls["cert"].arn, aws_secretsmanager_secret.tls["key"].arn, aws_secretsmanager_secret.tls["ca"].arn], aws_secretsmanager_secret.client[*].arn)
   }
   statement {
     sid       = "StoreItsOwnKeys"
@@ -227,7 +281,8 @@ locals {
     GPUPOOL_INFRA_SIGNING_KEY_SECRET = aws_secretsmanager_secret.signing_key.arn
     GPUPOOL_INFRA_PUBLIC_KEY_SECRET  = aws_secretsmanager_secret.public_key.arn
     GPUPOOL_INFRA_SERVER_SECRET      = aws_secretsmanager_secret.server.arn
-    GPUPOOL_INFRA_CLIENT_SECRET      = aws_secretsmanager_secret.client.arn
+    GPUPOOL_INFRA_CLIENT_SECRET      = join("", aws_secretsmanager_secret.client[*].arn)
+    GPUPOOL_TENANTS_FILE             = "/etc/gpupool/tenants"
     GPUPOOL_INFRA_TLS_CERT_SECRET    = aws_secretsmanager_secret.tls["cert"].arn
     GPUPOOL_INFRA_TLS_KEY_SECRET     = aws_secretsmanager_secret.tls["key"].arn
     GPUPOOL_INFRA_TLS_CA_SECRET      = aws_secretsmanager_secret.tls["ca"].arn
@@ -255,6 +310,7 @@ locals {
   user_data = join("\n", ["#cloud-config", yamlencode({
     write_files = [
       { path = "/etc/gpupool/balancer.env", permissions = "0644", content = local.env },
+      { path = "/etc/gpupool/tenants", permissions = "0644", content = local.tenants_file },
       { path = "/usr/local/lib/gpupool/start-balancer.sh", permissions = "0755", content = file("${path.module}/files/start-balancer.sh") },
       { path = "/etc/systemd/system/gpupool-balancer.service", permissions = "0644", content = file("${path.module}/files/gpupool-balancer.service") },
       { path = local.agent_conf, permissions = "0644", content = local.agent },
@@ -311,7 +367,11 @@ resource "aws_instance" "this" {
     # A newer Amazon Linux image alone does not replace a running balancer;
     # `terraform apply -replace=module.balancer.aws_instance.this` does.
     ignore_changes = [ami]
+    precondition {
+      condition     = length(var.tenants) > 0 || var.allow_shared_client_secret
+      error_message = "No client could lease: give the tenants (var.tenants), or allow_shared_client_secret while clients migrate."
+    }
   }
 
-  depends_on = [aws_secretsmanager_secret_version.server, aws_secretsmanager_secret_version.client, aws_secretsmanager_secret_version.tls, module.role]
+  depends_on = [aws_secretsmanager_secret_version.server, aws_secretsmanager_secret_version.client, aws_secretsmanager_secret_version.tenant, aws_secretsmanager_secret_version.tls, module.role]
 }

@@ -19,13 +19,24 @@ output "server_secret_arn" {
 }
 
 output "client_secret_arn" {
-  description = "Secret clients lease with."
-  value       = aws_secretsmanager_secret.client.arn
+  description = "Legacy secret shared by every client (null unless allow_shared_client_secret)."
+  value       = one(aws_secretsmanager_secret.client[*].arn)
 }
 
 output "client_secret" {
-  description = "The client secret itself (for the Lambda function's environment)."
-  value       = random_password.client.result
+  description = "The legacy shared client secret itself (null unless allow_shared_client_secret)."
+  value       = one(random_password.client[*].result)
+  sensitive   = true
+}
+
+output "tenant_secret_arns" {
+  description = "Secrets Manager ARN of each tenant's credential, by tenant (what its clients present as GPUPOOL_BALANCER_SECRET)."
+  value       = { for t, s in aws_secretsmanager_secret.tenant : t => s.arn }
+}
+
+output "tenant_secrets" {
+  description = "Each tenant's credential itself, by tenant (for a Lambda function's environment)."
+  value       = { for t, p in random_password.tenant : t => p.result }
   sensitive   = true
 }
 

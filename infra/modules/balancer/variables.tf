@@ -94,3 +94,21 @@ variable "metrics_port" {
     error_message = "metrics_port must be null or a port in 1024-65535."
   }
 }
+
+variable "tenants" {
+  description = "The tenants that lease GPUs, by name, each with its quota as the balancer's --quota takes it after the '=' (e.g. \"leases:8,memory-gib:160\"; null: the default quota). Each gets its own credential in Secrets Manager (output tenant_secret_arns); a client's tenant is the one its credential belongs to."
+  type = map(object({
+    quota = optional(string)
+  }))
+  default = {}
+  validation {
+    condition     = alltrue([for t, v in var.tenants : can(regex("^[A-Za-z0-9._-]{1,64}$", t)) && (v.quota == null ? true : can(regex("^[^=;#\\s]+$", v.quota)))])
+    error_message = "Tenant names must be 1 to 64 letters, digits, dots, dashes or underscores; a quota looks like leases:N,memory-gib:M (no '=', ';', '#' or spaces)."
+  }
+}
+
+variable "allow_shared_client_secret" {
+  description = "Legacy: keep the one client secret shared by every client (output client_secret), which leases for any tenant and sees every lease. Only while clients move to their tenants' credentials; the balancer logs a warning."
+  type        = bool
+  default     = false
+}

@@ -111,14 +111,16 @@ resource "aws_lambda_function" "example" {
   }
 
   environment {
+    # No GPUPOOL_TENANT unless asked: the balancer takes the tenant from the
+    # credential.
     variables = merge({
       GPUPOOL_BALANCER        = var.balancer_url
-      GPUPOOL_TENANT          = var.tenant
       GPUPOOL_LEASE_FILE      = "/tmp/gpupool/lease"
       GPUPOOL_MAX_UDP_PAYLOAD = "1200"
       GPUPOOL_BALANCER_SECRET = var.client_secret
       GPUPOOL_BALANCER_CA_PEM = var.balancer_ca_pem
-    }, var.memory_mib == null ? {} : { GPUPOOL_MEMORY_MIB = tostring(var.memory_mib) })
+      }, var.tenant == null ? {} : { GPUPOOL_TENANT = var.tenant },
+    var.memory_mib == null ? {} : { GPUPOOL_MEMORY_MIB = tostring(var.memory_mib) })
   }
 
   tracing_config {

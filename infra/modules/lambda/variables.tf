@@ -57,17 +57,17 @@ variable "balancer_ca_pem" {
 }
 
 variable "client_secret" {
-  description = "Secret the balancer expects from clients (stored in the function's environment, encrypted with the pool's key)."
+  description = "The credential of the function's tenant (balancer module's tenant_secrets[tenant]; the balancer takes the tenant from it), or, while allowed, the legacy shared client secret. Stored in the function's environment, encrypted with the pool's key."
   type        = string
   sensitive   = true
 }
 
 variable "tenant" {
-  description = "Tenant the example function leases its GPU as (quotas are per tenant)."
+  description = "Tenant the example function names in its leases (GPUPOOL_TENANT). null: the credential's tenant, as the balancer takes it; set it only with the legacy shared secret."
   type        = string
-  default     = "example"
+  default     = null
   validation {
-    condition     = can(regex("^[A-Za-z0-9._-]{1,64}$", var.tenant))
+    condition     = var.tenant == null ? true : can(regex("^[A-Za-z0-9._-]{1,64}$", var.tenant))
     error_message = "tenant must be 1 to 64 letters, digits, dots, dashes or underscores."
   }
 }

@@ -3,7 +3,9 @@
 //! During INIT, before it registers, it leases a virtual GPU from the
 //! balancer (`GPUPOOL_BALANCER`, `GPUPOOL_TENANT`, `GPUPOOL_MEMORY_MIB`,
 //! `GPUPOOL_COMPUTE_PERCENT`, `GPUPOOL_PROFILE`, `GPUPOOL_WAIT_MS`,
-//! `GPUPOOL_BALANCER_SECRET`, and `GPUPOOL_BALANCER_CERT_SHA256` or
+//! `GPUPOOL_BALANCER_SECRET` or `GPUPOOL_BALANCER_SECRET_FILE`, the
+//! tenant's own credential, from which the balancer takes the tenant, so
+//! `GPUPOOL_TENANT` may be left out; and `GPUPOOL_BALANCER_CERT_SHA256` or
 //! `GPUPOOL_BALANCER_CA_FILE` to verify the balancer over TLS, as the
 //! drop-in libcuda reads them) and writes
 //! the lease to `GPUPOOL_LEASE_FILE` (default `/tmp/gpupool/lease`), where

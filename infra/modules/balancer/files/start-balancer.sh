@@ -6,7 +6,10 @@
 #   stored in its secret, then read back on every later start or replacement,
 #   so leases stay verifiable and a restarted balancer can take back live ones;
 # - its public key: written to its own secret, which the gpu-servers read;
-# - the server and client secrets: created by Terraform;
+# - the server secret (and the legacy shared client secret, while
+#   allowed): created by Terraform; the tenants' credentials are not read
+#   here: the tenants file (GPUPOOL_TENANTS_FILE, user data) holds their
+#   SHA-256 digests only;
 # - the gRPC TLS certificate and key: created by Terraform (signed by the
 #   pool's CA, which clients verify the balancer with).
 set -euo pipefail
@@ -56,7 +59,11 @@ secret "$GPUPOOL_INFRA_TLS_KEY_SECRET" >"$tls/key.pem"
 secret "$GPUPOOL_INFRA_TLS_CA_SECRET" >"$tls/ca.pem"
 
 GPUPOOL_SERVER_SECRET=$(secret "$GPUPOOL_INFRA_SERVER_SECRET")
-GPUPOOL_CLIENT_SECRET=$(secret "$GPUPOOL_INFRA_CLIENT_SECRET")
-export GPUPOOL_SERVER_SECRET GPUPOOL_CLIENT_SECRET
+export GPUPOOL_SERVER_SECRET
+if [[ -n ${GPUPOOL_INFRA_CLIENT_SECRET:-} ]]; then
+    # Legacy (allow_shared_client_secret): the balancer logs a warning.
+    GPUPOOL_CLIENT_SECRET=$(secret "$GPUPOOL_INFRA_CLIENT_SECRET")
+    export GPUPOOL_CLIENT_SECRET GPUPOOL_ALLOW_SHARED_CLIENT_SECRET=true
+fi
 export GPUPOOL_KEY_FILE=$key
 exec "$bin" serve --cert "$tls/cert.pem" --key "$tls/key.pem" --server-client-ca "$tls/ca.pem"
