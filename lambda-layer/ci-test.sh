@@ -287,8 +287,10 @@ start_environment() {
         for _ in $(seq 1 100); do [[ -s $lease_file ]] && break; sleep 0.1; done
         [[ -s $lease_file ]] || fail "the extension wrote no lease"
         if [[ $function_kind != rust ]]; then
-            start_python "$label" LD_LIBRARY_PATH="$BIN/lib" GPUPOOL_LEASE_FILE="$lease_file" \
-                GPUPOOL_MAX_UDP_PAYLOAD=1200 GPUPOOL_LOG=info
+            # The layer's libraries ahead of the rest of the path (where a
+            # system-wide PyTorch may find its CUDA libraries).
+            start_python "$label" LD_LIBRARY_PATH="$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+                GPUPOOL_LEASE_FILE="$lease_file" GPUPOOL_MAX_UDP_PAYLOAD=1200 GPUPOOL_LOG=info
         else
             LD_LIBRARY_PATH="$BIN/lib" GPUPOOL_LEASE_FILE="$lease_file" GPUPOOL_MAX_UDP_PAYLOAD=1200 \
                 GPUPOOL_WORKER_WRAPPER="${guest[*]}" GPUPOOL_LOG=info "${guest[@]}" "$BIN/gpupool-lambda-example" \
