@@ -130,14 +130,17 @@ if [[ -z ${CARGO_LAMBDA:-} ]]; then
     fi
     CARGO_LAMBDA="$repo/$venv/bin/cargo-lambda"
 fi
-# pip_install VENV PACKAGE...: from PyPI, or offline from $PIP_WHEELS.
+# pip_install VENV PACKAGE...: from PyPI, or offline from $PIP_WHEELS; with
+# the interpreter's own pip where the venv has none.
 pip_install() {
-    local venv=$1
+    local venv=$1 pip
     shift
+    pip=("$venv/bin/pip")
+    [[ -x ${pip[0]} ]] || pip=("$python" -m pip --python "$venv/bin/python")
     if [[ -n ${PIP_WHEELS:-} ]]; then
-        "$venv/bin/pip" install -q --no-index --find-links "$PIP_WHEELS" "$@"
+        "${pip[@]}" install -q --no-index --find-links "$PIP_WHEELS" "$@"
     else
-        "$venv/bin/pip" install -q "$@"
+        "${pip[@]}" install -q "$@"
     fi
 }
 python=${PYTHON:-python3}
@@ -157,10 +160,13 @@ torch)
         { echo "lambda-ci: FUNCTION=torch needs PyTorch installed for $python (the venv uses its site-packages)" >&2; exit 2; }
     if ! "$pyvenv/bin/python" -c "import awslambdaric, torch" 2>/dev/null; then
         rm -rf "$pyvenv"
-        "$python" -m venv --system-site-packages "$pyvenv"
+        # Without ensurepip (Debian's python3 without python3-venv), a venv
+        # without pip: pip_install uses the interpreter's.
+        "$python" -m venv --system-site-packages "$pyvenv" ||
+            { rm -rf "$pyvenv" && "$python" -m venv --system-site-packages --without-pip "$pyvenv"; }
         pip_install "$pyvenv" "awslambdaric==$awslambdaric_version"
         "$pyvenv/bin/python" -c "import torch" 2>/dev/null ||
-            { echo "lambda-ci: the venv does not see $python's PyTorch (in the user site?)" >&2; exit 2; }
+            { echo "lambda-ci: the venv does not see $python's PyTorch (is it in a user site, or in another venv?)" >&2; exit 2; }
     fi
     ;;
 esac
