@@ -17,6 +17,9 @@
 #   8. lambda-layer/ci-test.sh on the card: the example Lambda function,
 #      cold and warm, native and through the pool (binaries from
 #      lambda-layer/build-device.sh, ONLY=lambda);
+#      ONLY=lambda_torch: the PyTorch example function the same way
+#      (FUNCTION=torch: python3's PyTorch, awslambdaric from the wheels
+#      that build-device.sh carried);
 #   9. live migration: a session of 1 GiB moved between two servers on the
 #      card (worker processes), six times, while its program reads from it;
 #      the pause the program saw (target: at most 1 s).
@@ -41,11 +44,12 @@
 #        *_TIMEOUT    per-step limits in seconds: TEST_TIMEOUT (240),
 #                     SMOKE_TIMEOUT (60), DEMO_TIMEOUT (120), BENCH_TIMEOUT (300),
 #                     DROPIN_TIMEOUT (540), POOL_TIMEOUT (300),
+#                     LAMBDA_TIMEOUT (240), LAMBDA_TORCH_TIMEOUT (420),
 #                     MIGRATION_TIMEOUT (300), SHARE_TIMEOUT (360)
 #        MIGRATION_MIB  the migrated session's size (1024)
 #        ONLY         step functions to run, space-separated (gpu_info
 #                     gpu_tests server_smoke demo bench bench_in_process
-#                     dropin pool lambda migration rdma share); default all. The binaries of every step
+#                     dropin pool lambda lambda_torch migration rdma share); default all. The binaries of every step
 #                     exceed what one device run carries (and its 600 s):
 #                     ONLY="gpu_info gpu_tests server_smoke bench bench_in_process migration rdma"
 #                     with PARTS=core binaries, ONLY="demo dropin" with
@@ -230,6 +234,17 @@ lambda() {
         OUT="$stem-lambda" bash "$repo/lambda-layer/ci-test.sh"
 }
 
+# The PyTorch example function (lambda-layer/python/torch) the same way:
+# through the pool and natively, cold and warm, the freeze past the idle
+# timeout.
+lambda_torch() {
+    local dir=${LAMBDA_DIR:-$bin_dir/../lambda}
+    [[ -d $dir/wheels ]] || { echo "no $dir/wheels: run lambda-layer/build-device.sh"; return 1; }
+    dir=$(cd "$dir" && pwd)
+    PATH="$dir/shim:$PATH" BIN="$dir/bin" CARGO_LAMBDA="$dir/cargo-lambda" DEVICE=cuda:0 NATIVE=1 \
+        FUNCTION=torch PIP_WHEELS="$dir/wheels" OUT="$stem-lambda-torch" bash "$repo/lambda-layer/ci-test.sh"
+}
+
 # Live migration on the card: the pause a program sees while its 1 GiB
 # session moves between two servers (each session in a worker process, as
 # two servers on one GPU would run it), measured by the migration tests'
@@ -260,7 +275,7 @@ share() {
     bash "$repo/bench/share-gpu.sh" "$bin_dir" "$stem-share"
 }
 
-export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool lambda migration rdma share
+export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool lambda lambda_torch migration rdma share
 
 {
     echo "# gpupool GPU suite"
@@ -283,6 +298,7 @@ step "benchmark, sessions in-process (--device cuda)" "${BENCH_TIMEOUT:-300}" be
 step "drop-in libcuda: unmodified programs, PyTorch, benchmark row" "${DROPIN_TIMEOUT:-540}" dropin
 step "balancer: NVML discovery, leased programs, gRPC benchmark" "${POOL_TIMEOUT:-300}" pool
 step "Lambda example function: cold and warm, native and through the pool, freeze/thaw" "${LAMBDA_TIMEOUT:-240}" lambda
+step "Lambda PyTorch function: cold and warm, native and through the pool" "${LAMBDA_TORCH_TIMEOUT:-420}" lambda_torch
 step "live migration: pause of a 1 GiB session between two servers on the card" "${MIGRATION_TIMEOUT:-300}" migration
 step "RDMA integration check (gpupool-rdma-check)" "${RDMA_TIMEOUT:-90}" rdma
 step "sharing: concurrent PyTorch clients, exclusive and shared (MPS) leases, group fault" "${SHARE_TIMEOUT:-360}" share

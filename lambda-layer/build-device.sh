@@ -3,8 +3,11 @@
 # no Rust toolchain and no network) into one folder that a device run
 # carries: bin/ (gpupool-server, gpupool-balancer, gpupool-extension,
 # gpupool-lambda-example, lib/ with the drop-in libraries), cargo-lambda
-# (from PyPI), and shim/cargo, which answers cargo-lambda's `cargo metadata`
-# with this workspace's metadata (the emulator asks for it at start).
+# (from PyPI), shim/cargo, which answers cargo-lambda's `cargo metadata`
+# with this workspace's metadata (the emulator asks for it at start), and
+# wheels/: awslambdaric and its dependencies for CPython 3.12 on x86-64 (the
+# GPU machine's Python, which has PyTorch but no network), for
+# FUNCTION=torch ci-test.sh with PIP_WHEELS=.../wheels.
 #
 # Usage: lambda-layer/build-device.sh [OUT_DIR]   (default .device/lambda, git-ignored)
 # On the GPU machine: bench/gpu-suite.sh runs it as its `lambda` step.
@@ -26,6 +29,10 @@ if [[ ! -x $venv/bin/cargo-lambda ]]; then
     "$venv/bin/pip" install -q "cargo-lambda==1.9.2"
 fi
 cp "$venv/bin/cargo-lambda" "$out/cargo-lambda"
+# The version ci-test.sh pins (awslambdaric_version).
+"$venv/bin/pip" download -q --only-binary=:all: --python-version 3.12 \
+    --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+    -d "$out/wheels" "awslambdaric==$(sed -n 's/^awslambdaric_version=//p' lambda-layer/ci-test.sh)"
 cargo metadata --format-version 1 --no-deps >"$out/shim/metadata.json"
 cat >"$out/shim/cargo" <<'SH'
 #!/bin/sh

@@ -35,6 +35,21 @@
 #                 runtime interface client (awslambdaric, from PyPI into
 #                 target/lambda-python-venv); four invocations and the freeze
 #                 past the idle timeout (x86_64 only)
+#                 or torch: the PyTorch function
+#                 lambda-layer/python/torch/handler.py (a small transformer,
+#                 GPU machine only: DEVICE=cuda:N) under awslambdaric: four
+#                 invocations checked against the same handler on the CPU, a
+#                 bad event answered with its error, the freeze past the idle
+#                 timeout; with NATIVE=1 the same handler on the machine's
+#                 libcuda (x86_64 only). PyTorch is not installed: the venv
+#                 (target/lambda-torch-venv) sees the interpreter's own
+#                 site-packages (--system-site-packages), which must have it
+#   PYTHON        the interpreter the Python functions' venvs are made with
+#                 (default python3)
+#   PIP_WHEELS    folder of wheels to install the Python functions' packages
+#                 from, offline (pip --no-index --find-links): the GPU
+#                 machine has no network (lambda-layer/build-device.sh puts
+#                 awslambdaric's cp312 wheels in its wheels/)
 #   LAYER_ARCH    x86_64 (default) or arm64: with arm64 (and no BIN), the
 #                 layer and the function come from ARCH=arm64 build.sh and run
 #                 under qemu-user (qemu-aarch64-static, aarch64 glibc from
@@ -54,6 +69,10 @@ freeze_s=7
 grace_ms=10000
 ttl_ms=12000
 long_freeze_s=16
+# An invocation's limit; the PyTorch function's first one waits for its INIT
+# (importing torch, and through the pool its first modules uploaded).
+invoke_timeout_s=60
+[[ ${FUNCTION:-rust} != torch ]] || invoke_timeout_s=300
 cargo_lambda_version=1.9.2
 # The Python function's runtime interface client and CUDA bindings.
 awslambdaric_version=4.2.2
@@ -61,9 +80,16 @@ cuda_bindings_version=13.0.3
 function_kind=${FUNCTION:-rust}
 case $function_kind in
 rust) ;;
-python) [[ ${LAYER_ARCH:-x86_64} == x86_64 ]] || { echo "lambda-ci: FUNCTION=python runs on x86_64 only" >&2; exit 2; } ;;
-*) echo "lambda-ci: FUNCTION must be rust or python, not $function_kind" >&2; exit 2 ;;
+python | torch) [[ ${LAYER_ARCH:-x86_64} == x86_64 ]] || { echo "lambda-ci: FUNCTION=$function_kind runs on x86_64 only" >&2; exit 2; } ;;
+*) echo "lambda-ci: FUNCTION must be rust, python or torch, not $function_kind" >&2; exit 2 ;;
 esac
+# PyTorch's kernels need a real GPU: the emulated device has built-in ones only.
+[[ $function_kind != torch || $device != emulated ]] ||
+    { echo "lambda-ci: FUNCTION=torch needs a GPU (DEVICE=cuda:0)" >&2; exit 2; }
+# The kernels each invocation must report: the server's built-in module, or
+# PyTorch's own (its wheel's CUDA libraries, sent as module images).
+pool_kernels=builtin
+[[ $function_kind != torch ]] || pool_kernels=pytorch
 
 layer_arch=${LAYER_ARCH:-x86_64}
 # The command prefix that runs the layer's and the function's binaries.
@@ -104,14 +130,47 @@ if [[ -z ${CARGO_LAMBDA:-} ]]; then
     fi
     CARGO_LAMBDA="$repo/$venv/bin/cargo-lambda"
 fi
-if [[ $function_kind == python ]]; then
+# pip_install VENV PACKAGE...: from PyPI, or offline from $PIP_WHEELS; with
+# the interpreter's own pip where the venv has none.
+pip_install() {
+    local venv=$1 pip
+    shift
+    pip=("$venv/bin/pip")
+    [[ -x ${pip[0]} ]] || pip=("$python" -m pip --python "$venv/bin/python")
+    if [[ -n ${PIP_WHEELS:-} ]]; then
+        "${pip[@]}" install -q --no-index --find-links "$PIP_WHEELS" "$@"
+    else
+        "${pip[@]}" install -q "$@"
+    fi
+}
+python=${PYTHON:-python3}
+case $function_kind in
+python)
+    handler_dir=lambda-layer/python
     pyvenv=target/lambda-python-venv
     if ! "$pyvenv/bin/python" -c "import awslambdaric, cuda.bindings.driver" 2>/dev/null; then
-        python3 -m venv "$pyvenv"
-        "$pyvenv/bin/pip" install -q "awslambdaric==$awslambdaric_version" "cuda-bindings==$cuda_bindings_version"
+        "$python" -m venv "$pyvenv"
+        pip_install "$pyvenv" "awslambdaric==$awslambdaric_version" "cuda-bindings==$cuda_bindings_version"
     fi
-    pyvenv="$repo/$pyvenv"
-fi
+    ;;
+torch)
+    handler_dir=lambda-layer/python/torch
+    pyvenv=target/lambda-torch-venv
+    "$python" -c "import torch" 2>/dev/null ||
+        { echo "lambda-ci: FUNCTION=torch needs PyTorch installed for $python (the venv uses its site-packages)" >&2; exit 2; }
+    if ! "$pyvenv/bin/python" -c "import awslambdaric, torch" 2>/dev/null; then
+        rm -rf "$pyvenv"
+        # Without ensurepip (Debian's python3 without python3-venv), a venv
+        # without pip: pip_install uses the interpreter's.
+        "$python" -m venv --system-site-packages "$pyvenv" ||
+            { rm -rf "$pyvenv" && "$python" -m venv --system-site-packages --without-pip "$pyvenv"; }
+        pip_install "$pyvenv" "awslambdaric==$awslambdaric_version"
+        "$pyvenv/bin/python" -c "import torch" 2>/dev/null ||
+            { echo "lambda-ci: the venv does not see $python's PyTorch (is it in a user site, or in another venv?)" >&2; exit 2; }
+    fi
+    ;;
+esac
+[[ -z ${pyvenv:-} ]] || pyvenv="$repo/$pyvenv"
 
 work=$(mktemp -d)
 pids=()
@@ -170,8 +229,26 @@ if env -u GPUPOOL_BALANCER_CERT_SHA256 "$BIN/gpupool-balancer" status --insecure
     fail "the TLS balancer answered a plaintext client"
 fi
 
-# A payload and its CPU reference.
-python3 - "$work" <<'PY'
+# A payload and its CPU reference (reference.json: the expected numbers,
+# flattened; reply_key: where the reply has them; tolerance: largest error).
+if [[ $function_kind == torch ]]; then
+    # A batch of token ids; the reference is the same handler on the CPU.
+    python3 - "$work" <<'PY'
+import json, random, sys
+random.seed(20261205)
+tokens = [[random.randrange(1000) for _ in range(32)] for _ in range(8)]
+json.dump({"tokens": tokens}, open(sys.argv[1] + "/payload.json", "w"))
+PY
+    (cd "$handler_dir" && TORCH_DEVICE=cpu "$pyvenv/bin/python" - "$work" <<'PY') || fail "the CPU reference failed"
+import json, sys
+import handler
+work = sys.argv[1]
+logits = handler.handler(json.load(open(work + "/payload.json")), None)["logits"]
+json.dump([x for row in logits for x in row], open(work + "/reference.json", "w"))
+PY
+    reply_key=logits tolerance=2e-3
+else
+    python3 - "$work" <<'PY'
 import json, random, sys
 random.seed(20261201)
 m, n, k = 12, 9, 17
@@ -181,6 +258,23 @@ c = [sum(a[r * k + i] * b[i * n + col] for i in range(k)) for r in range(m) for 
 json.dump({"m": m, "n": n, "k": k, "a": a, "b": b}, open(sys.argv[1] + "/payload.json", "w"))
 json.dump(c, open(sys.argv[1] + "/reference.json", "w"))
 PY
+    reply_key=c tolerance=1e-4
+fi
+
+# The Python function under awslambdaric, in the background ($! is its
+# pid). $1: label; the rest: VAR=value settings for it. awslambdaric
+# crashes on the emulator's answers without a Content-Type
+# (lambda-layer/python/runtime_api_proxy.py): a proxy adds it.
+start_python() {
+    local label=$1 pport
+    shift
+    pport=$(free_port)
+    python3 lambda-layer/python/runtime_api_proxy.py "$pport" "$iport" >"$out/proxy-$label.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 1 100); do grep -q ready "$out/proxy-$label.log" 2>/dev/null && break; sleep 0.1; done
+    (cd "$handler_dir" && exec env AWS_LAMBDA_RUNTIME_API="127.0.0.1:$pport/.rt" "$@" \
+        "$pyvenv/bin/python" -m awslambdaric handler.handler) >"$out/function-$label.log" 2>&1 &
+}
 
 # One Lambda environment: emulator, extension (INIT: lease), function.
 # $1: label, $2: "pool" (the layer's libcuda) or "native".
@@ -207,17 +301,11 @@ start_environment() {
         pids+=($extension)
         for _ in $(seq 1 100); do [[ -s $lease_file ]] && break; sleep 0.1; done
         [[ -s $lease_file ]] || fail "the extension wrote no lease"
-        if [[ $function_kind == python ]]; then
-            # awslambdaric crashes on the emulator's answers without a
-            # Content-Type (lambda-layer/python/runtime_api_proxy.py).
-            local pport
-            pport=$(free_port)
-            python3 lambda-layer/python/runtime_api_proxy.py "$pport" "$iport" >"$out/proxy-$label.log" 2>&1 &
-            pids+=($!)
-            for _ in $(seq 1 100); do grep -q ready "$out/proxy-$label.log" 2>/dev/null && break; sleep 0.1; done
-            (cd lambda-layer/python && AWS_LAMBDA_RUNTIME_API="127.0.0.1:$pport/.rt" LD_LIBRARY_PATH="$BIN/lib" \
-                GPUPOOL_LEASE_FILE="$lease_file" GPUPOOL_MAX_UDP_PAYLOAD=1200 GPUPOOL_LOG=info \
-                exec "$pyvenv/bin/python" -m awslambdaric handler.handler) >"$out/function-$label.log" 2>&1 &
+        if [[ $function_kind != rust ]]; then
+            # The layer's libraries ahead of the rest of the path (where a
+            # system-wide PyTorch may find its CUDA libraries).
+            start_python "$label" LD_LIBRARY_PATH="$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+                GPUPOOL_LEASE_FILE="$lease_file" GPUPOOL_MAX_UDP_PAYLOAD=1200 GPUPOOL_LOG=info
         else
             LD_LIBRARY_PATH="$BIN/lib" GPUPOOL_LEASE_FILE="$lease_file" GPUPOOL_MAX_UDP_PAYLOAD=1200 \
                 GPUPOOL_WORKER_WRAPPER="${guest[*]}" GPUPOOL_LOG=info "${guest[@]}" "$BIN/gpupool-lambda-example" \
@@ -225,7 +313,11 @@ start_environment() {
         fi
     else
         extension=
-        "$BIN/gpupool-lambda-example" >"$out/function-$label.log" 2>&1 &
+        if [[ $function_kind != rust ]]; then
+            start_python "$label"
+        else
+            "$BIN/gpupool-lambda-example" >"$out/function-$label.log" 2>&1 &
+        fi
     fi
     function=$!
     pids+=($function)
@@ -237,19 +329,22 @@ start_environment() {
 invoke() {
     local label=$1 i=$2 t0 t1
     t0=$(date +%s%N)
-    timeout 60 "$CARGO_LAMBDA" lambda invoke --invoke-address 127.0.0.1 --invoke-port "$iport" \
+    timeout "$invoke_timeout_s" "$CARGO_LAMBDA" lambda invoke --invoke-address 127.0.0.1 --invoke-port "$iport" \
         --data-file "$work/payload.json" >"$work/reply.json" 2>"$work/invoke.err" ||
         { cat "$work/invoke.err" "$work/reply.json" >&2; fail "$label invocation $i failed"; }
     t1=$(date +%s%N)
-    python3 - "$work/reply.json" "$work/reference.json" "$label" "$i" <<'PY' || fail "$label invocation $i: wrong result"
+    python3 - "$work/reply.json" "$work/reference.json" "$reply_key" "$tolerance" <<'PY' || fail "$label invocation $i: wrong result"
 import json, sys
 reply, ref = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
-c = reply["c"]
+c = reply[sys.argv[3]]
+if c and isinstance(c[0], list):
+    c = [x for row in c for x in row]
 assert len(c) == len(ref), f"{len(c)} elements, want {len(ref)}"
 err = max(abs(x - y) for x, y in zip(c, ref))
-assert err < 1e-4, f"max error {err}"
+assert err < float(sys.argv[4]), f"max error {err}"
 PY
-    python3 -c "import json,sys; r=json.load(open('$work/reply.json')); print(round(($t1-$t0)/1e6, 1), r['cold'], round(r['timing']['total_ms'], 1), r['kernels'], r['recovered'], r['device'].replace(' ', '_'))"
+    # The function's own time: total_ms (rust, python) or invoke_ms (torch).
+    python3 -c "import json,sys; r=json.load(open('$work/reply.json')); t=r['timing']; print(round(($t1-$t0)/1e6, 1), r['cold'], round(t.get('total_ms', t.get('invoke_ms', 0)), 1), r['kernels'], r.get('recovered', False), r['device'].replace(' ', '_'))"
 }
 
 count() { grep -c "$1" "$2" || true; }
@@ -262,7 +357,9 @@ report="$out/lambda.md"
     echo "Round trip of \`cargo lambda invoke\` (ms) and the time the function measured itself (ms);"
     echo "a ${freeze_s} s freeze is longer than the ${idle_ms} ms QUIC idle timeout, a ${long_freeze_s} s one than"
     echo "the ${grace_ms} ms grace period and the ${ttl_ms} ms lease. Kernels: \`builtin\`"
-    echo "is the server's built-in module, \`nvrtc\` the same source compiled by the function (native)."
+    echo "is the server's built-in module, \`nvrtc\` the same source compiled by the function (native),"
+    echo "\`pytorch\` PyTorch's own kernels (its wheel's CUDA libraries). A cold invocation's round trip"
+    echo "includes the environment's INIT (for PyTorch: importing torch, the model, a warm-up batch)."
     echo
     echo "| environment | invocation | cold | kernels | invoke ms | function ms |"
     echo "|---|---|---|---|---|---|"
@@ -278,11 +375,16 @@ invoke_row() {
     echo "| $label | $i | $cold | $kernels | $ms | $fn_ms |" >>"$report"
     # The pool/native figures: the numbered invocations of one environment.
     if [[ $i =~ ^[0-9]+$ ]]; then echo "$label $cold $ms $fn_ms" >>"$work/figures"; fi
+    # The PyTorch function's INIT, as it measured it.
+    if [[ $function_kind == torch && $cold == True ]]; then
+        python3 -c "import json,sys; r=json.load(open(sys.argv[1])); i=r['init']; print(f\"- INIT of {sys.argv[2]} on {r['device']}: {r['timing']['init_ms']:.0f} ms (import torch {i['import_ms']:.0f} ms, model {i['model_ms']:.0f} ms, warm-up batch {i['warmup_ms']:.0f} ms; torch {i['torch']}, weights from {i['weights']})\")" \
+            "$work/reply.json" "$label" >>"$work/init-notes"
+    fi
     echo "lambda-ci: $label invocation $i: ${ms} ms (function ${fn_ms} ms, cold=$cold, $kernels kernels) on $dev"
 }
 run_environment() {
-    local label=$1 mode=$2 invocations=$3 want=builtin
-    [[ $mode == native ]] && want=nvrtc
+    local label=$1 mode=$2 invocations=$3 want=$pool_kernels
+    [[ $mode == native && $function_kind == rust ]] && want=nvrtc
     start_environment "$label" "$mode"
     for i in $(seq 1 "$invocations"); do invoke_row "$label" "$i" "$want"; done
 }
@@ -297,6 +399,20 @@ opened=$(count "session opened" "$out/server.log")
 ! grep -q "leased a virtual GPU" "$out/function-pool.log" || fail "the function leased a GPU itself"
 echo "lambda-ci: 4 invocations, one lease, one session"
 
+if [[ $function_kind == torch ]]; then
+    # A bad event gets the handler's error, and the environment goes on.
+    echo '{"tokens": [[1, 2, 3], [4, 5]]}' >"$work/bad.json"
+    if timeout "$invoke_timeout_s" "$CARGO_LAMBDA" lambda invoke --invoke-address 127.0.0.1 --invoke-port "$iport" \
+        --data-file "$work/bad.json" >"$work/bad.out" 2>&1; then
+        cat "$work/bad.out" >&2
+        fail "a bad event was answered without an error"
+    fi
+    grep -q "row 1 is not a list of 3 ids" "$work/bad.out" "$out/function-pool.log" ||
+        { cat "$work/bad.out" >&2; fail "the bad event's error does not say what is wrong"; }
+    invoke_row pool "after a bad event" "$pool_kernels"
+    echo "lambda-ci: a bad event was answered with its error; the next invocation is correct"
+fi
+
 # Freeze the environment past the idle timeout, thaw it, invoke again.
 freeze() {
     local frozen
@@ -308,7 +424,7 @@ freeze() {
     kill -CONT $frozen
 }
 freeze "$freeze_s"
-invoke_row pool "after a ${freeze_s} s freeze" builtin
+invoke_row pool "after a ${freeze_s} s freeze" "$pool_kernels"
 echo "lambda-ci: after a ${freeze_s} s freeze (idle timeout ${idle_ms} ms): result correct"
 grep -q "connection lost; resuming the session" "$out/function-pool.log" ||
     fail "the function's connection survived a freeze past the idle timeout: nothing was tested"
@@ -328,15 +444,19 @@ fi
 
 # Freeze past the grace period and the lease: the session cannot come back.
 # The extension leases again; the invocation starts a new GPU worker on the
-# new lease and answers correctly. The next one is warm again.
-freeze "$long_freeze_s"
-invoke_row pool "after a ${long_freeze_s} s freeze" builtin True
-grep -q "the lease is gone; leasing again" "$out/extension-pool.log" || fail "the extension did not lease again"
-[[ $(count "leased a virtual GPU" "$out/extension-pool.log") == 2 ]] || fail "want exactly one new lease after the long freeze"
-grep -q "the GPU session is lost; starting a new GPU worker" "$out/function-pool.log" ||
-    fail "the function did not see its session lost"
-invoke_row pool "after the recovery" builtin False
-echo "lambda-ci: after a ${long_freeze_s} s freeze (grace ${grace_ms} ms, lease ${ttl_ms} ms): new lease, new session, results correct"
+# new lease and answers correctly. The next one is warm again. (Rust only:
+# the PyTorch function holds CUDA in its own process, so its environment
+# would have to be replaced.)
+if [[ $function_kind == rust ]]; then
+    freeze "$long_freeze_s"
+    invoke_row pool "after a ${long_freeze_s} s freeze" builtin True
+    grep -q "the lease is gone; leasing again" "$out/extension-pool.log" || fail "the extension did not lease again"
+    [[ $(count "leased a virtual GPU" "$out/extension-pool.log") == 2 ]] || fail "want exactly one new lease after the long freeze"
+    grep -q "the GPU session is lost; starting a new GPU worker" "$out/function-pool.log" ||
+        fail "the function did not see its session lost"
+    invoke_row pool "after the recovery" builtin False
+    echo "lambda-ci: after a ${long_freeze_s} s freeze (grace ${grace_ms} ms, lease ${ttl_ms} ms): new lease, new session, results correct"
+fi
 
 if [[ ${NATIVE:-0} == 1 ]]; then
     kill "$function" "$extension" "$emulator" 2>/dev/null || true
@@ -358,6 +478,11 @@ for name, cold in (("cold", True), ("warm, median", False)):
     cells = [f"{p[i]:.1f}, {n[i]:.1f}, {p[i] / n[i]:.2f}×" for i in (0, 1)]
     print(f"| {name} | {cells[0]} | {cells[1]} |")
 PY
+fi
+
+if [[ -s $work/init-notes ]]; then
+    echo >>"$report"
+    cat "$work/init-notes" >>"$report"
 fi
 
 # Each environment ends as Lambda ends it: SHUTDOWN releases the lease.

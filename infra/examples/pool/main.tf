@@ -83,7 +83,8 @@ module "lambda" {
   kms_key_arn        = module.foundation.kms_key_arn
   architecture       = var.lambda_architecture
   layer_zip          = "${local.artifacts}/gpupool-layer-${var.lambda_architecture}.zip"
-  function_zip       = "${local.artifacts}/gpupool-lambda-example-${var.lambda_architecture}.zip"
+  function_zip       = var.lambda_image_uri == null ? "${local.artifacts}/gpupool-lambda-example-${var.lambda_architecture}.zip" : null
+  image_uri          = var.lambda_image_uri
   subnet_ids         = module.network.private_subnet_ids
   security_group_id  = module.network.client_security_group_id
   balancer_url       = module.balancer.url

@@ -92,6 +92,12 @@ variable "lambda_architecture" {
   }
 }
 
+variable "lambda_image_uri" {
+  description = "ECR URI of a container image for the example function instead of the zip (e.g. the PyTorch example: lambda-layer/python/torch/build-image.sh, then docker push); null: the zip."
+  type        = string
+  default     = null
+}
+
 variable "lambda_max_concurrency" {
   description = "Reserved concurrency of the example function (each environment holds one lease)."
   type        = number

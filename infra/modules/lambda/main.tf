@@ -15,6 +15,11 @@ locals {
   region        = data.aws_region.current.name
   partition     = data.aws_partition.current.partition
   arn_prefix    = "arn:${local.partition}:ec2:${local.region}:${local.account}"
+
+  # A container-image function (image_uri) instead of the zip and the layer;
+  # PyTorch alone takes over 1 GB of memory once imported.
+  image       = var.image_uri != null
+  memory_size = local.image ? 4096 : 1024
 }
 
 resource "aws_lambda_layer_version" "gpupool" {
@@ -91,15 +96,17 @@ resource "aws_lambda_function" "example" {
   #checkov:skip=CKV_AWS_116:Invoked synchronously (the caller gets the JSON result back); there are no asynchronous events whose failures a dead-letter queue would keep.
   #checkov:skip=CKV_AWS_272:The zip is built from this repository and uploaded by the same Terraform run that reviews it; code signing needs an AWS Signer profile and a signing step, which the example does not have yet.
   function_name    = local.function_name
-  description      = "gpupool example: matrix multiply on a pooled GPU through the drop-in libcuda"
+  description      = local.image ? "gpupool example: a container-image function on a pooled GPU through the drop-in libcuda" : "gpupool example: matrix multiply on a pooled GPU through the drop-in libcuda"
   role             = aws_iam_role.function.arn
-  runtime          = "provided.al2023"
+  package_type     = local.image ? "Image" : "Zip"
+  image_uri        = var.image_uri
+  runtime          = local.image ? null : "provided.al2023"
   architectures    = [var.architecture]
-  handler          = "bootstrap"
+  handler          = local.image ? null : "bootstrap"
   filename         = var.function_zip
-  source_code_hash = filebase64sha256(var.function_zip)
-  layers           = [aws_lambda_layer_version.gpupool.arn]
-  memory_size      = 1024
+  source_code_hash = local.image ? null : filebase64sha256(var.function_zip)
+  layers           = local.image ? null : [aws_lambda_layer_version.gpupool.arn]
+  memory_size      = local.memory_size
   timeout          = var.timeout_seconds
   kms_key_arn      = var.kms_key_arn
 

@@ -28,11 +28,22 @@ variable "layer_zip" {
 }
 
 variable "function_zip" {
-  description = "Path of the example function's zip (a single executable named bootstrap; bash infra/build-artifacts.sh writes target/infra/gpupool-lambda-example-ARCH.zip)."
+  description = "Path of the example function's zip (a single executable named bootstrap; bash infra/build-artifacts.sh writes target/infra/gpupool-lambda-example-ARCH.zip). null when image_uri is set."
   type        = string
+  default     = null
   validation {
-    condition     = fileexists(var.function_zip)
+    condition     = var.function_zip == null || fileexists(coalesce(var.function_zip, "-"))
     error_message = "The function zip is missing: build it with bash infra/build-artifacts.sh."
+  }
+}
+
+variable "image_uri" {
+  description = "ECR URI of a container image to deploy the function from instead of function_zip (package type Image), e.g. the PyTorch example of lambda-layer/python/torch/build-image.sh. The image carries the layer's files itself, so no layer is attached (the layer is still published). null: the zip function."
+  type        = string
+  default     = null
+  validation {
+    condition     = (var.image_uri == null) != (var.function_zip == null)
+    error_message = "Set exactly one of function_zip and image_uri."
   }
 }
 
