@@ -344,3 +344,152 @@ fn a_killed_supervisor_takes_its_workers_with_it_and_clients_are_told() {
     );
     stop.store(true, Ordering::Relaxed);
 }
+
+/// Set in the child process that serves as the balancer of
+/// [`a_balancer_killed_under_load_loses_no_session`]: `PORT DIR`, where
+/// DIR holds the certificate and key it serves with (the same across its
+/// restarts, so that clients' pins hold).
+const BALANCER_CHILD: &str = "GPUPOOL_SOAK_BALANCER_CHILD";
+
+/// In the child (see [`BALANCER_CHILD`]): a balancer on the given port with
+/// a fixed signing key, its public key on stdout, until killed. Elsewhere it
+/// returns at once.
+#[test]
+fn balancer_child() {
+    let Some(arg) = std::env::var_os(BALANCER_CHILD) else { return };
+    let arg = arg.into_string().expect("a UTF-8 argument");
+    let (port, dir) = arg.split_once(' ').expect("PORT DIR");
+    let dir = std::path::Path::new(dir);
+    let chain = vec![std::fs::read(dir.join("cert.der")).expect("certificate")];
+    let key = std::fs::read(dir.join("key.der")).expect("key");
+    let mut c = gpupool_tests::balancer_config(gpupool_proto::lease::LeaseSigner::from_seed([7; 32]));
+    c.listen = ([127, 0, 0, 1], port.parse().expect("a port")).into();
+    c.tls = Some(gpupool_balancer::TlsSettings {
+        identity: gpupool_proto::tls::TlsSource::Der { chain, key },
+        server_client_ca: None,
+    });
+    // After a restart, leases held come back before anything new is granted.
+    c.pool.recovery_ms = 1_500;
+    let b = gpupool_tests::TestBalancer::start(c).expect("balancer starts");
+    println!("BALANCER {}", b.public_key);
+    loop {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+/// Starts the balancer child on `port` with the identity in `dir`; its
+/// process and public key.
+fn start_balancer(port: u16, dir: &std::path::Path) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(std::env::current_exe().expect("this test binary"))
+        .args(["--exact", "balancer_child", "--nocapture", "--test-threads", "1"])
+        .env(BALANCER_CHILD, format!("{port} {}", dir.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the balancer process starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let key = loop {
+        let line = lines.next().expect("the balancer prints its key").expect("a line");
+        if let Some(key) = line.split("BALANCER ").nth(1) {
+            break key.trim().to_owned();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, key)
+}
+
+/// Issue 20, "kill -9 of the balancer mid-load": the balancer only grants
+/// and renews leases, so its death stops no session. Three clients on
+/// leases work without pause while it is killed with SIGKILL and started
+/// again on the same port (same certificate and signing key); every round
+/// stays correct, no client sees an error, the restarted balancer takes
+/// the three leases back from their holders, and renewals go on.
+#[test]
+fn a_balancer_killed_under_load_loses_no_session() {
+    let dir = std::env::temp_dir().join(format!("gpupool-soak-balancer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let names = vec!["localhost".into(), "127.0.0.1".into()];
+    let identity = gpupool_proto::tls::Identity::load(&gpupool_proto::tls::TlsSource::SelfSigned { names })
+        .expect("a certificate");
+    let fingerprint = identity.fingerprint();
+    let (chain, key) = identity.to_der();
+    std::fs::write(dir.join("cert.der"), &chain[0]).expect("write the certificate");
+    std::fs::write(dir.join("key.der"), &key).expect("write the key");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().expect("addr").port();
+
+    let (mut first, lease_key) = start_balancer(port, &dir);
+    let url = format!("https://127.0.0.1:{port}");
+    let trust = gpupool_proto::grpc_tls::BalancerTrust::Fingerprint(
+        gpupool_proto::tls::parse_fingerprint(&fingerprint).expect("fingerprint"),
+    );
+    let link = gpupool_server::BalancerLink {
+        url: url.clone(),
+        trust: trust.clone(),
+        client_identity: None,
+        server_id: "soak".into(),
+        advertise: "127.0.0.1:0".into(),
+        secret: gpupool_tests::SERVER_SECRET.into(),
+        lease_key,
+    };
+    let _server = gpupool_tests::linked_server(link, "h100-80gb,h100-80gb,h100-80gb", None);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let seed = fresh_seed();
+    let threads: Vec<_> = (0..3u64)
+        .map(|i| {
+            let (stop, tally) = (stop.clone(), tally.clone());
+            let mut req = gpupool_client::PoolRequest::new(url.clone(), trust.clone(), "soak");
+            req.wait = Duration::from_secs(30);
+            std::thread::spawn(move || -> Result<u64, ClientError> {
+                let mut template = gpupool_client::ClientConfig::for_leases();
+                template.reply_timeout = Duration::from_secs(60);
+                let s = Session::connect_pooled(&req, &template)?;
+                work_until(&s, &stop, &tally, seed.wrapping_add(i))?;
+                Ok(s.lease().expect("leased").expires_unix_ms)
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    while tally.working.load(Ordering::Relaxed) < 3 {
+        assert!(t.elapsed() < Duration::from_secs(60), "not every client got work done");
+        assert!(!threads.iter().any(std::thread::JoinHandle::is_finished), "a client ended early");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = tally.rounds.load(Ordering::Relaxed);
+    first.kill().expect("SIGKILL the balancer");
+    first.wait().expect("reaped");
+    let killed = Instant::now();
+    let killed_unix_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    // Down for longer than a renewal interval (leases live 3 s, clients
+    // renew every 1 s): renewals fail meanwhile, sessions go on.
+    std::thread::sleep(Duration::from_millis(1_500));
+    let during = tally.rounds.load(Ordering::Relaxed) - before;
+    let (mut second, _) = start_balancer(port, &dir);
+    // Past the recovery window and a few renewals.
+    std::thread::sleep(Duration::from_secs(5));
+    stop.store(true, Ordering::Relaxed);
+    let renewed_after: Vec<u64> = threads
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| t.join().expect("client thread").unwrap_or_else(|e| panic!("client {i}: {e}")))
+        .collect();
+    let restarted_at = killed.elapsed();
+    assert!(during > 0, "no work got done while the balancer was down");
+    // A lease last renewed before the kill expires within a lease's life
+    // (3 s) of it; one renewed by the restarted balancer later.
+    for (i, expires) in renewed_after.iter().enumerate() {
+        assert!(*expires > killed_unix_ms + 3_000, "client {i}'s lease was not renewed after the restart");
+    }
+    println!(
+        "balancer: killed after {before} rounds; {during} rounds in the 1.5 s it was down; \
+         {} rounds in all, every lease renewed after the restart ({:.1} s after the kill)",
+        tally.rounds.load(Ordering::Relaxed),
+        restarted_at.as_secs_f64()
+    );
+    let _ = second.kill();
+    let _ = second.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
