@@ -192,8 +192,11 @@ pub struct ServerConfig {
     /// so that a firewall can allow exactly them.
     pub worker_ports: Option<(u16, u16)>,
     /// Swap idle sessions out to host memory when the device memory is
-    /// full (none: off). In-process isolation only for now.
+    /// full (none: off).
     pub swap: Option<Swap>,
+    /// With `swap`: disk for swapped contents once the host memory for them
+    /// is full (none: host memory only).
+    pub swap_disk: Option<crate::swap::SwapDisk>,
     /// Where the process serving sessions (this one, or each worker
     /// process) binds its unix socket for clients on this host to attach a
     /// shared-memory region to their session (none: no shared memory; the
@@ -301,6 +304,7 @@ impl ServerConfig {
             session_spin: gpupool_proto::quic::default_spin(),
             worker_ports: None,
             swap: None,
+            swap_disk: None,
             mps: MpsSettings::default(),
         }
     }
@@ -389,6 +393,14 @@ impl ServerConfig {
             }
             if swap.wait.is_zero() {
                 bad.push("the swap wait must be positive".into());
+            }
+        }
+        if let Some(disk) = &self.swap_disk {
+            if self.swap.is_none() {
+                bad.push("swap disk needs swapping on (some host memory for it)".into());
+            }
+            if disk.bytes == 0 || !disk.dir.is_absolute() {
+                bad.push(format!("swap disk needs some bytes and an absolute directory, not {}", disk.dir.display()));
             }
         }
         if let DeviceChoice::Emulated { memory: 0 } = self.device {

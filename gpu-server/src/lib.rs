@@ -36,6 +36,7 @@ mod worker_spec;
 pub use config::{BalancerLink, DeviceChoice, Isolation, MpsMode, MpsSettings, ServerConfig, Swap, WorkerCommand};
 pub use error::{CallError, ServerError};
 pub use server::{Metrics, MetricsSnapshot, Migrated, MigrationTarget, Migrator, Server};
+pub use swap::SwapDisk;
 
 /// Binds a server for `config` and runs it until `shutdown` completes.
 pub async fn run(config: ServerConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), ServerError> {

@@ -130,8 +130,7 @@ struct Args {
     #[arg(long, env = "GPUPOOL_MAX_UDP_PAYLOAD", default_value_t = gpupool_proto::quic::LOOPBACK_UDP_PAYLOAD)]
     max_udp_payload: u16,
     /// Host memory for the contents of idle sessions swapped out when the
-    /// device memory is full, in MiB (0: no swapping). Needs
-    /// `--isolation in-process`.
+    /// device memory is full, in MiB (0: no swapping).
     #[arg(long, env = "GPUPOOL_SWAP_HOST_MIB", default_value_t = 0)]
     swap_host_mib: u64,
     /// Device memory all sessions may hold resident when swapping, in MiB
@@ -142,6 +141,14 @@ struct Args {
     /// fails with out-of-memory, in milliseconds.
     #[arg(long, env = "GPUPOOL_SWAP_WAIT_MS", default_value_t = 10_000)]
     swap_wait_ms: u64,
+    /// Disk for swapped contents once `--swap-host-mib` is full, in MiB
+    /// (0: none), in files under `--swap-dir`.
+    #[arg(long, env = "GPUPOOL_SWAP_DISK_MIB", default_value_t = 0)]
+    swap_disk_mib: u64,
+    /// Directory of the swap files (unlinked as soon as they are made);
+    /// default: the system's temporary directory.
+    #[arg(long, env = "GPUPOOL_SWAP_DIR")]
+    swap_dir: Option<std::path::PathBuf>,
     /// Workers of shared leases on a whole GPU run as clients of this
     /// server's own MPS daemon, with their lease's share of the SMs
     /// (`docs/sharing.md`): `auto` on CUDA GPUs when the control program is
@@ -243,6 +250,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             host_bytes: args.swap_host_mib.saturating_mul(1 << 20),
             wait: std::time::Duration::from_millis(args.swap_wait_ms),
         });
+        if args.swap_disk_mib > 0 {
+            let dir = args.swap_dir.clone().unwrap_or_else(std::env::temp_dir);
+            config.swap_disk =
+                Some(gpupool_server::SwapDisk { bytes: args.swap_disk_mib.saturating_mul(1 << 20), dir });
+        }
     }
     if args.isolation == "process" {
         let program = std::env::current_exe().context("locating this executable for worker processes")?;

@@ -21,6 +21,7 @@
 use crate::error::CallError;
 pub use remote::RemoteMemory;
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,24 @@ pub struct SwapConfig {
     /// How long an allocation (or a swap-in) waits for idle sessions to
     /// swap out before it fails with `OUT_OF_MEMORY`.
     pub wait: Duration,
+}
+
+/// Disk for swapped contents beyond the host bound: at most `bytes`, in
+/// files under `dir` (each unlinked as soon as it is made, so that nothing
+/// is left behind by a process that dies).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwapDisk {
+    pub bytes: u64,
+    pub dir: PathBuf,
+}
+
+/// Where a session's swapped-out contents are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SwapPlace {
+    /// Host memory, within the host bound.
+    Host,
+    /// A file under the disk's directory, within its bound.
+    Disk,
 }
 
 /// Queues a swap-out request on a session's thread without blocking;
@@ -60,6 +79,9 @@ pub struct DeviceMemory {
     /// In a worker process: the supervisor's ledger, which this one only
     /// forwards to (`remote.rs`).
     remote: Option<Arc<RemoteMemory>>,
+    /// Disk beyond the host bound: its bound (counted here, in the ledger
+    /// that is not remote) and the directory sessions write to.
+    disk: Option<SwapDisk>,
     ledger: Mutex<Ledger>,
     /// Notified whenever memory is freed or a swap-out request is answered.
     changed: Condvar,
@@ -91,6 +113,9 @@ struct Ledger {
     /// The device's memory as a worker reported it, when the configured
     /// bound was not known (`DeviceMemory::cap`).
     cap: Option<u64>,
+    /// Swapped bytes kept on disk (the rest of `total.swapped` is in host
+    /// memory).
+    on_disk: u64,
 }
 
 /// How long the device's refusal lowers the bound: memory that other
@@ -106,6 +131,8 @@ struct Entry {
     last_used: u64,
     /// A swap-out was asked and not yet answered.
     asked: bool,
+    /// Of `used.swapped`, the bytes on disk.
+    on_disk: u64,
     /// The last swap-out was refused; cleared by the session's next batch.
     refused: bool,
     ask: Option<AskSwapOut>,
@@ -174,13 +201,22 @@ impl DeviceMemory {
     /// Memory with swapping as `config` says; `None`: no device bound and
     /// no swapping, only the counts.
     pub fn new(config: Option<SwapConfig>) -> Arc<Self> {
-        Arc::new(Self { config, remote: None, ledger: Mutex::new(Ledger::default()), changed: Condvar::new() })
+        Self::with_disk(config, None)
+    }
+
+    /// Memory with swapping as `config` says, and `disk` beyond its host
+    /// bound (ignored without swapping).
+    pub fn with_disk(config: Option<SwapConfig>, disk: Option<SwapDisk>) -> Arc<Self> {
+        let disk = disk.filter(|_| config.is_some());
+        Arc::new(Self { config, remote: None, disk, ledger: Mutex::new(Ledger::default()), changed: Condvar::new() })
     }
 
     /// The memory of a worker process's session: the supervisor's ledger,
-    /// reached through `remote` (swapping across worker processes).
-    pub fn remote(remote: Arc<RemoteMemory>) -> Arc<Self> {
-        Arc::new(Self { config: None, remote: Some(remote), ledger: Mutex::default(), changed: Condvar::new() })
+    /// reached through `remote` (swapping across worker processes), with
+    /// swap files (when the supervisor has disk for them) under `disk_dir`.
+    pub fn remote(remote: Arc<RemoteMemory>, disk_dir: Option<PathBuf>) -> Arc<Self> {
+        let disk = disk_dir.map(|dir| SwapDisk { bytes: 0, dir });
+        Arc::new(Self { config: None, remote: Some(remote), disk, ledger: Mutex::default(), changed: Condvar::new() })
     }
 
     /// Whether swapping is on.
@@ -207,6 +243,7 @@ impl DeviceMemory {
                 waiting: None,
                 last_used,
                 asked: false,
+                on_disk: 0,
                 refused: false,
                 ask,
             },
@@ -385,37 +422,63 @@ impl SessionMemory {
         self.memory.changed.notify_all();
     }
 
-    /// Takes `bytes` of host memory for swapped contents; refused beyond
-    /// the host bound (or when swapping is off).
-    pub fn reserve_host(&self, bytes: u64) -> Result<(), CallError> {
+    /// Takes room for `bytes` of swapped contents: host memory within the
+    /// host bound, else disk within its bound; refused beyond both (or when
+    /// swapping is off). Says where they go.
+    pub fn reserve_host(&self, bytes: u64) -> Result<SwapPlace, CallError> {
         if let Some(r) = self.remote() {
             return r.reserve_host(bytes);
         }
         let limit = self.memory.config.map_or(0, |c| c.host_bytes);
+        let disk_limit = self.memory.disk.as_ref().map_or(0, |d| d.bytes);
         let mut l = self.memory.lock();
-        let swapped = l.total.swapped;
-        if swapped.checked_add(bytes).is_none_or(|t| t > limit) {
+        let on_host = l.total.swapped - l.on_disk;
+        let place = if on_host.checked_add(bytes).is_some_and(|t| t <= limit) {
+            SwapPlace::Host
+        } else if l.on_disk.checked_add(bytes).is_some_and(|t| t <= disk_limit) {
+            SwapPlace::Disk
+        } else {
+            let on_disk = l.on_disk;
             return Err(CallError::out_of_memory(format!(
-                "swap space is full: {bytes} bytes to swap out, {swapped} of {limit} in use"
+                "swap space is full: {bytes} bytes to swap out, {on_host} of {limit} host bytes and {on_disk} of \
+                 {disk_limit} disk bytes in use"
             )));
-        }
+        };
         l.total.swapped += bytes;
+        if place == SwapPlace::Disk {
+            l.on_disk += bytes;
+        }
         if let Some(e) = l.entry(self.id) {
             e.used.swapped += bytes;
+            if place == SwapPlace::Disk {
+                e.on_disk += bytes;
+            }
         }
-        Ok(())
+        Ok(place)
     }
 
-    /// Gives back `bytes` of host memory.
-    pub fn release_host(&self, bytes: u64) {
+    /// Gives back room for `bytes` of swapped contents, kept at `place`.
+    pub fn release_host(&self, bytes: u64, place: SwapPlace) {
         if let Some(r) = self.remote() {
-            return r.release_host(bytes);
+            return r.release_host(bytes, place);
         }
         let mut l = self.memory.lock();
         l.total.swapped = l.total.swapped.saturating_sub(bytes);
+        if place == SwapPlace::Disk {
+            l.on_disk = l.on_disk.saturating_sub(bytes);
+        }
         if let Some(e) = l.entry(self.id) {
             e.used.swapped = e.used.swapped.saturating_sub(bytes);
+            if place == SwapPlace::Disk {
+                e.on_disk = e.on_disk.saturating_sub(bytes);
+            }
         }
+    }
+
+    /// Where this session's swap files go (`None`: swapping uses host
+    /// memory only).
+    pub fn disk_dir(&self) -> Option<&Path> {
+        self.memory.disk.as_ref().map(|d| d.dir.as_path())
     }
 
     /// The session is in a batch: it is no victim until [`Self::end_batch`].
@@ -484,6 +547,7 @@ impl Drop for SessionMemory {
         if let Some(e) = l.sessions.remove(&self.id) {
             l.total.resident = l.total.resident.saturating_sub(e.used.resident);
             l.total.swapped = l.total.swapped.saturating_sub(e.used.swapped);
+            l.on_disk = l.on_disk.saturating_sub(e.on_disk);
         }
         drop(l);
         self.memory.changed.notify_all();
@@ -710,7 +774,7 @@ mod tests {
                     0 => proptest::prop_assert_eq!(s.reserve(n).is_ok(), before.resident + n <= 100),
                     1 => s.release(n.min(s.used().resident)),
                     2 => proptest::prop_assert_eq!(s.reserve_host(n).is_ok(), before.swapped + n <= 80),
-                    3 => s.release_host(n.min(s.used().swapped)),
+                    3 => s.release_host(n.min(s.used().swapped), SwapPlace::Host),
                     4 => {
                         s.begin_batch();
                         s.end_batch();
@@ -733,8 +797,32 @@ mod tests {
         a.reserve_host(30).expect("fits");
         let e = a.reserve_host(30).expect_err("past the bound");
         assert!(e.message.contains("swap space is full"), "{e}");
-        a.release_host(30);
+        a.release_host(30, SwapPlace::Host);
         a.reserve_host(50).expect("fits again");
         assert_eq!(m.total().swapped, 50);
+    }
+
+    /// Past the host bound, swapped contents go to disk within its bound;
+    /// room given back returns to where it was taken, and a session that
+    /// ends gives back its disk too.
+    #[test]
+    fn disk_takes_what_the_host_bound_leaves() {
+        let disk = SwapDisk { bytes: 40, dir: std::env::temp_dir() };
+        let m = DeviceMemory::with_disk(config(100, 50), Some(disk));
+        let a = m.register(None);
+        assert_eq!(a.reserve_host(30), Ok(SwapPlace::Host));
+        assert_eq!(a.reserve_host(30), Ok(SwapPlace::Disk), "30 more do not fit the host's 50");
+        assert_eq!(a.reserve_host(20), Ok(SwapPlace::Host), "20 do");
+        let e = a.reserve_host(20).expect_err("neither has room");
+        assert!(e.message.contains("host bytes") && e.message.contains("disk bytes"), "{e}");
+        assert_eq!(m.total().swapped, 80);
+        a.release_host(30, SwapPlace::Disk);
+        assert_eq!(a.reserve_host(40), Ok(SwapPlace::Disk), "the disk's room is back");
+        assert_eq!(a.disk_dir(), Some(std::env::temp_dir().as_path()));
+        drop(a);
+        let b = m.register(None);
+        assert_eq!(b.reserve_host(50), Ok(SwapPlace::Host), "the ended session's host memory is free again");
+        assert_eq!(b.reserve_host(40), Ok(SwapPlace::Disk), "and its disk");
+        assert_eq!(DeviceMemory::new(config(100, 50)).register(None).disk_dir(), None);
     }
 }

@@ -92,8 +92,10 @@ pub fn run_stdio() -> Result<(), ServerError> {
         let send = |request| write_event(v1::worker_event::Event::Memory(request));
         crate::swap::RemoteMemory::new(Box::new(send), Duration::from_millis(spec.swap_wait_ms))
     });
+    let swap_dir = Some(std::path::PathBuf::from(&spec.swap_dir)).filter(|d| d.is_absolute());
+    let memory = remote.clone().map(|r| crate::swap::DeviceMemory::remote(r, swap_dir));
     let result = rt.block_on(async {
-        let server = match Server::bind_worker(config, tickets.clone(), remote.clone()) {
+        let server = match Server::bind_worker(config, tickets.clone(), memory) {
             Ok(s) => s,
             Err(e) => {
                 write_event(v1::worker_event::Event::Failed(e.to_string()));

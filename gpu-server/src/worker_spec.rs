@@ -78,6 +78,7 @@ pub(crate) fn spec_from_config(config: &ServerConfig, chain: Vec<Vec<u8>>, key: 
         port_high: config.worker_ports.map_or(0, |(_, high)| u32::from(high)),
         swap: config.swap.is_some(),
         swap_wait_ms: config.swap.map_or(0, |s| u64::try_from(s.wait.as_millis()).unwrap_or(u64::MAX)),
+        swap_dir: config.swap_disk.as_ref().map(|d| d.dir.display().to_string()).unwrap_or_default(),
     }
 }
 

@@ -20,6 +20,9 @@ const DEVICE: u64 = 48 * MIB;
 /// of the device) a session.
 const N: usize = (14 * MIB / 4) as usize;
 
+/// Host memory for swapped contents, ample for all three sessions.
+const HOST: u64 = 256 * MIB;
+
 /// One session's buffers and what the client expects them to hold.
 struct Tenant {
     session: Session,
@@ -32,7 +35,7 @@ struct Tenant {
 
 #[test]
 fn sessions_that_do_not_fit_together_take_turns_with_correct_results() {
-    take_turns(server_config(), None);
+    take_turns(server_config(), None, HOST);
 }
 
 /// The same with a worker process per session: each worker's session asks
@@ -40,14 +43,28 @@ fn sessions_that_do_not_fit_together_take_turns_with_correct_results() {
 /// workers to swap out.
 #[test]
 fn sessions_in_worker_processes_take_turns_with_correct_results() {
-    take_turns(isolated_config().expect("worker binary"), None);
+    take_turns(isolated_config().expect("worker binary"), None, HOST);
 }
 
 /// Worker processes, each with a device of its own that holds all three
 /// sessions: only the supervisor's bound makes them take turns.
 #[test]
 fn the_supervisors_bound_swaps_worker_sessions() {
-    take_turns(isolated_config().expect("worker binary"), Some(DEVICE));
+    take_turns(isolated_config().expect("worker binary"), Some(DEVICE), HOST);
+}
+
+/// Host memory for one session's contents, disk for the rest: worker
+/// sessions swapped past the host bound go to swap files (unlinked at
+/// once: the directory stays empty), and come back byte for byte.
+#[test]
+fn sessions_past_the_host_bound_swap_to_disk() {
+    let dir = std::env::temp_dir().join(format!("gpupool-swap-disk-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut config = isolated_config().expect("worker binary");
+    config.swap_disk = Some(gpupool_server::SwapDisk { bytes: 256 * MIB, dir: dir.clone() });
+    take_turns(config, None, 32 * MIB);
+    assert_eq!(std::fs::read_dir(&dir).expect("dir").count(), 0, "no swap file left");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The server's bound above what the device holds (as on a GPU whose
@@ -55,12 +72,12 @@ fn the_supervisors_bound_swaps_worker_sessions() {
 /// what shows the pressure.
 #[test]
 fn a_device_refusal_below_the_bound_swaps_idle_sessions_out() {
-    take_turns(server_config(), Some(1 << 30));
+    take_turns(server_config(), Some(1 << 30), HOST);
 }
 
 /// Three sessions of 28 MiB on the 48 MiB device, used in turns with the
 /// server's device bound at `device_bytes` (the device's size by default).
-fn take_turns(mut config: ServerConfig, device_bytes: Option<u64>) {
+fn take_turns(mut config: ServerConfig, device_bytes: Option<u64>, host_bytes: u64) {
     if std::env::var("GPUPOOL_TEST_DEVICE").as_deref() == Ok("cuda") {
         // The device is the emulated device of DEVICE bytes here.
         return;
@@ -71,7 +88,7 @@ fn take_turns(mut config: ServerConfig, device_bytes: Option<u64>) {
     let device = if isolated && device_bytes.is_some() { 4 * DEVICE } else { DEVICE };
     config.device = DeviceChoice::Emulated { memory: device };
     config.memory_quota = 32 * MIB;
-    config.swap = Some(Swap { device_bytes, host_bytes: 256 * MIB, wait: Duration::from_secs(20) });
+    config.swap = Some(Swap { device_bytes, host_bytes, wait: Duration::from_secs(20) });
     let srv = TestServer::start(config).expect("server starts");
     let seed = fresh_seed();
 

@@ -98,9 +98,9 @@ impl Server {
     pub(crate) fn bind_worker(
         config: ServerConfig,
         auth: Arc<dyn Authenticator>,
-        remote: Option<Arc<crate::swap::RemoteMemory>>,
+        memory: Option<Arc<crate::swap::DeviceMemory>>,
     ) -> Result<Self, ServerError> {
-        Self::bind_inner(config, auth, remote.map(crate::swap::DeviceMemory::remote))
+        Self::bind_inner(config, auth, memory)
     }
 
     fn bind_inner(
@@ -167,11 +167,12 @@ impl Server {
                             // Learned from the first worker's report.
                             (None, _) => u64::MAX,
                         };
-                        crate::swap::DeviceMemory::new(config.swap.map(|s| crate::swap::SwapConfig {
+                        let swap = config.swap.map(|s| crate::swap::SwapConfig {
                             device_bytes: s.device_bytes.unwrap_or(device),
                             host_bytes: s.host_bytes,
                             wait: s.wait,
-                        }))
+                        });
+                        crate::swap::DeviceMemory::with_disk(swap, config.swap_disk.clone())
                     })
                     .collect();
                 Mode::Workers(Arc::new(Workers { pools, memory, groups }))
@@ -192,7 +193,8 @@ impl Server {
             }),
             _ => None,
         };
-        let device_memory = worker_memory.unwrap_or_else(|| crate::swap::DeviceMemory::new(swap));
+        let device_memory =
+            worker_memory.unwrap_or_else(|| crate::swap::DeviceMemory::with_disk(swap, config.swap_disk.clone()));
         // The process that serves a session maps its client's region: this
         // one in-process, each worker process under process isolation.
         let (shm_listener, shm) = match (&mode, &config.shm_dir) {

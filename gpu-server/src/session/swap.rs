@@ -22,14 +22,138 @@
 use super::SessionState;
 use crate::device::BackendSession;
 use crate::error::CallError;
+use crate::swap::SwapPlace;
+use std::os::unix::fs::FileExt;
 
 /// A swapped-out session's mappings, (address, contents) by address, and
-/// its VMM allocations.
-#[derive(Debug, Default)]
+/// its VMM allocations, with where their contents are kept.
+#[derive(Debug)]
 pub(super) struct Swapped {
-    ranges: Vec<(u64, Vec<u8>)>,
+    ranges: Vec<(u64, Contents)>,
     vmm: Vec<super::vmm::SwappedVmm>,
     bytes: u64,
+    store: Store,
+}
+
+/// One range's contents while swapped out.
+#[derive(Debug)]
+pub(super) enum Contents {
+    Host(Vec<u8>),
+    /// In the store's file, at this offset.
+    Disk {
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl Contents {
+    pub(super) fn len(&self) -> u64 {
+        match self {
+            Self::Host(bytes) => bytes.len() as u64,
+            Self::Disk { len, .. } => *len,
+        }
+    }
+}
+
+/// Where a swap-out keeps contents: host memory, or a file (unlinked as
+/// soon as it is made) written and read in pieces, so that at most one
+/// piece is in host memory at a time.
+#[derive(Debug)]
+pub(super) enum Store {
+    Host,
+    Disk { file: std::fs::File, end: u64 },
+}
+
+/// Bytes moved between the device and a swap file at a time.
+const DISK_PIECE: u64 = 8 << 20;
+
+impl Store {
+    /// A store at `place`: for the disk, a new file under `dir`.
+    fn open(place: SwapPlace, dir: Option<&std::path::Path>) -> Result<Self, CallError> {
+        match (place, dir) {
+            (SwapPlace::Host, _) => Ok(Self::Host),
+            (SwapPlace::Disk, Some(dir)) => {
+                use std::os::unix::fs::OpenOptionsExt;
+                let path = dir.join(format!("gpupool-swap-{}-{}", std::process::id(), rand::random::<u64>()));
+                let failed = |e: std::io::Error| {
+                    CallError::out_of_memory(format!("cannot make a swap file in {}: {e}", dir.display()))
+                };
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(failed)?;
+                // Only the descriptor holds it now: the file goes with it.
+                std::fs::remove_file(&path).map_err(failed)?;
+                Ok(Self::Disk { file, end: 0 })
+            }
+            (SwapPlace::Disk, None) => Err(CallError::out_of_memory("swap space on disk without a directory")),
+        }
+    }
+
+    /// Keeps `len` bytes that `read(offset, buffer)` fills piece by piece.
+    pub(super) fn save(
+        &mut self,
+        len: u64,
+        mut read: impl FnMut(u64, &mut [u8]) -> Result<(), CallError>,
+    ) -> Result<Contents, CallError> {
+        match self {
+            Self::Host => {
+                let mut buf = host_buffer(len)?;
+                read(0, &mut buf)?;
+                Ok(Contents::Host(buf))
+            }
+            Self::Disk { file, end } => {
+                let offset = *end;
+                let mut buf = host_buffer(len.min(DISK_PIECE))?;
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(DISK_PIECE) as usize;
+                    read(done, &mut buf[..n])?;
+                    file.write_all_at(&buf[..n], offset + done).map_err(disk_error)?;
+                    done += n as u64;
+                }
+                *end += len;
+                Ok(Contents::Disk { offset, len })
+            }
+        }
+    }
+
+    /// Gives `contents` back piece by piece to `write(offset, piece)`.
+    pub(super) fn load(
+        &self,
+        contents: &Contents,
+        mut write: impl FnMut(u64, &[u8]) -> Result<(), CallError>,
+    ) -> Result<(), CallError> {
+        match (self, contents) {
+            (_, Contents::Host(bytes)) => write(0, bytes),
+            (Self::Disk { file, .. }, &Contents::Disk { offset, len }) => {
+                let mut buf = host_buffer(len.min(DISK_PIECE))?;
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(DISK_PIECE) as usize;
+                    file.read_exact_at(&mut buf[..n], offset + done).map_err(disk_error)?;
+                    write(done, &buf[..n])?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
+            (Self::Host, Contents::Disk { .. }) => Err(CallError::out_of_memory("swapped contents lost their file")),
+        }
+    }
+
+    fn place(&self) -> SwapPlace {
+        match self {
+            Self::Host => SwapPlace::Host,
+            Self::Disk { .. } => SwapPlace::Disk,
+        }
+    }
+}
+
+fn disk_error(e: std::io::Error) -> CallError {
+    CallError::out_of_memory(format!("swap file: {e}"))
 }
 
 impl<S: BackendSession> SessionState<S> {
@@ -56,25 +180,29 @@ impl<S: BackendSession> SessionState<S> {
         let bytes = self.mappings.values().map(|(size, _)| size).sum::<u64>() + self.vmm_bytes();
         // Work still queued may write the memory about to be read.
         self.dev.synchronize()?;
-        self.memory.reserve_host(bytes)?;
+        let place = self.memory.reserve_host(bytes)?;
+        let mut store = match Store::open(place, self.memory.disk_dir()) {
+            Ok(store) => store,
+            Err(e) => {
+                self.memory.release_host(bytes, place);
+                return Err(e);
+            }
+        };
         let mut ranges = Vec::with_capacity(self.mappings.len());
         for (&addr, &(size, _)) in &self.mappings {
-            let read = host_buffer(size).and_then(|mut buf| {
-                self.dev.read(None, addr, &mut buf)?;
-                Ok(buf)
-            });
-            match read {
-                Ok(buf) => ranges.push((addr, buf)),
+            let dev = &mut self.dev;
+            match store.save(size, |offset, buf| dev.read(None, addr + offset, buf)) {
+                Ok(contents) => ranges.push((addr, contents)),
                 Err(e) => {
-                    self.memory.release_host(bytes);
+                    self.memory.release_host(bytes, place);
                     return Err(e);
                 }
             }
         }
-        let vmm = match self.vmm_read_all() {
+        let vmm = match self.vmm_read_all(&mut store) {
             Ok(vmm) => vmm,
             Err(e) => {
-                self.memory.release_host(bytes);
+                self.memory.release_host(bytes, place);
                 return Err(e);
             }
         };
@@ -82,9 +210,9 @@ impl<S: BackendSession> SessionState<S> {
         self.mappings.clear();
         self.vmm_drop_all();
         self.memory.release(bytes);
-        debug_assert_eq!(bytes, ranges.iter().map(|(_, r)| r.len() as u64).sum::<u64>() + vmm_bytes(&vmm));
-        self.swapped = Some(Swapped { ranges, vmm, bytes });
-        tracing::debug!(bytes, "session swapped out");
+        debug_assert_eq!(bytes, ranges.iter().map(|(_, r)| r.len()).sum::<u64>() + vmm_bytes(&vmm));
+        self.swapped = Some(Swapped { ranges, vmm, bytes, store });
+        tracing::debug!(bytes, ?place, "session swapped out");
         Ok(bytes)
     }
 
@@ -94,8 +222,8 @@ impl<S: BackendSession> SessionState<S> {
     pub(super) fn swap_in(&mut self) -> Result<(), CallError> {
         let Some(swapped) = self.swapped.take() else { return Ok(()) };
         let restored = self.on_device(swapped.bytes, |dev| {
-            let plain = restore(dev, &swapped.ranges)?;
-            let vmm = super::vmm::restore(dev, &swapped.vmm)?;
+            let plain = restore(dev, &swapped.ranges, &swapped.store)?;
+            let vmm = super::vmm::restore(dev, &swapped.vmm, &swapped.store)?;
             dev.synchronize()?;
             Ok((plain, vmm))
         });
@@ -110,7 +238,7 @@ impl<S: BackendSession> SessionState<S> {
             self.mappings.insert(addr, (size, mapping));
         }
         self.vmm_put_back(vmm);
-        self.memory.release_host(swapped.bytes);
+        self.memory.release_host(swapped.bytes, swapped.store.place());
         tracing::debug!(bytes = swapped.bytes, "session swapped in");
         Ok(())
     }
@@ -120,14 +248,17 @@ impl<S: BackendSession> SessionState<S> {
 /// contents back; what was mapped goes again when any step fails.
 fn restore<S: BackendSession>(
     dev: &mut S,
-    ranges: &[(u64, Vec<u8>)],
+    ranges: &[(u64, Contents)],
+    store: &Store,
 ) -> Result<Vec<(u64, u64, S::Mapping)>, CallError> {
     let mut restored = Vec::with_capacity(ranges.len());
-    for (addr, data) in ranges {
-        let size = data.len() as u64;
+    for (addr, contents) in ranges {
+        let size = contents.len();
         let mapping = dev.map(*addr, size)?;
-        dev.write(None, *addr, data)?;
+        // Dropped (unmapped) with `restored` on the way out if this fails.
+        let written = store.load(contents, |offset, piece| dev.write(None, addr + offset, piece));
         restored.push((*addr, size, mapping));
+        written?;
     }
     Ok(restored)
 }
@@ -150,7 +281,7 @@ pub(super) fn host_buffer(size: u64) -> Result<Vec<u8>, CallError> {
 mod tests {
     use super::super::tests::{GRANULARITY as G, code, session};
     use crate::device::{ACCESS_READ, ACCESS_READWRITE, BackendSession};
-    use crate::swap::{DeviceMemory, MemoryUse, SwapConfig};
+    use crate::swap::{DeviceMemory, MemoryUse, SwapConfig, SwapPlace};
     use gpupool_proto::payload::{self, Compression};
     use gpupool_proto::v1::{self, call::Op, call_result::Value};
     use gpupool_proto::{cuda, v1::memcpy_hto_d::Source};
@@ -316,6 +447,50 @@ mod tests {
         ok(&mut s, Op::VmmRelease(v1::VmmRelease { handle: 1 }));
         assert_eq!(s.mapped_bytes(), G + array_bytes);
         assert_eq!(m.total(), MemoryUse { resident: G + array_bytes, swapped: 0 });
+    }
+
+    /// Past the host bound the contents go to a swap file, in pieces (a
+    /// mapping larger than a piece, and a VMM allocation), and come back
+    /// byte for byte; the file is unlinked from the start, so the
+    /// directory holds nothing of it.
+    #[test]
+    fn contents_past_the_host_bound_go_to_disk_and_come_back() {
+        let dir = std::env::temp_dir().join(format!("gpupool-swap-disk-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let config = SwapConfig { device_bytes: 64 * G, host_bytes: 2 * G, wait: Duration::from_millis(50) };
+        let disk = crate::swap::SwapDisk { bytes: 64 * G, dir: dir.clone() };
+        let m = DeviceMemory::with_disk(Some(config), Some(disk));
+        let mut s = session().with_memory(m.register(None));
+        let b = s.va_base();
+        // Larger than a disk piece (8 MiB), and not a multiple of it.
+        let size = super::DISK_PIECE + G;
+        assert_eq!(code(s.mem_map(b, size)), 0);
+        let data = pattern(size, 7);
+        s.dev.write(None, b, &data).expect("write");
+        let ok = |s: &mut super::SessionState<_>, op| assert_eq!(code(s.execute(op)), 0);
+        let vmm = b + 2 * size;
+        ok(&mut s, Op::VmmCreate(v1::VmmCreate { handle: 1, size: 2 * G }));
+        ok(&mut s, Op::VmmMap(v1::VmmMap { addr: vmm, size: 2 * G, offset: 0, handle: 1 }));
+        ok(&mut s, Op::VmmSetAccess(v1::VmmSetAccess { addr: vmm, size: 2 * G, flags: ACCESS_READWRITE }));
+        let vmm_data = pattern(2 * G, 8);
+        s.dev.write(None, vmm, &vmm_data).expect("write");
+
+        assert_eq!(s.swap_out().expect("swap out"), size + 2 * G);
+        assert!(matches!(s.swapped.as_ref().map(|w| w.store.place()), Some(SwapPlace::Disk)));
+        assert_eq!(std::fs::read_dir(&dir).expect("dir").count(), 0, "the swap file is unlinked");
+        assert_eq!(m.total(), MemoryUse { resident: 0, swapped: size + 2 * G });
+
+        assert_eq!(inline(&s.execute_batch(dtoh(b + size - 64, 64))), data[data.len() - 64..]);
+        assert!(contents(&mut s, b, size) == data, "every byte of the mapping came back");
+        assert!(contents(&mut s, vmm, 2 * G) == vmm_data, "and of the VMM allocation");
+        assert_eq!(m.total(), MemoryUse { resident: size + 2 * G, swapped: 0 });
+        // Small enough for the host now.
+        assert_eq!(code(s.mem_unmap(b)), 0);
+        assert_eq!(s.swap_out().expect("swap out"), 2 * G);
+        assert!(matches!(s.swapped.as_ref().map(|w| w.store.place()), Some(SwapPlace::Host)));
+        drop(s);
+        assert_eq!(m.total(), MemoryUse::default());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Maps `bytes` in `s`, fills them, swaps out and back in through a

@@ -257,7 +257,7 @@ pub(super) struct VmmExport {
 pub(super) struct SwappedVmm {
     handle: u32,
     refs: u32,
-    contents: Vec<u8>,
+    contents: super::swap::Contents,
     /// (address, size, offset, access) of each mapping of it.
     maps: Vec<(u64, u64, u64, u32)>,
 }
@@ -341,20 +341,20 @@ impl<S: BackendSession> SessionState<S> {
 
     /// Reads every VMM allocation through a mapping of all of it (readable
     /// for the copy, then as the application left it). Changes nothing.
-    pub(super) fn vmm_read_all(&mut self) -> Result<Vec<SwappedVmm>, CallError> {
+    pub(super) fn vmm_read_all(&mut self, store: &mut super::swap::Store) -> Result<Vec<SwappedVmm>, CallError> {
         let mut out = Vec::with_capacity(self.vmm_handles.len());
         for (id, addr) in self.vmm_whole()? {
             let (Some(h), Some(whole)) = (self.vmm_handles.get(&id), self.vmm_maps.get(&addr)) else { continue };
-            let mut contents = super::swap::host_buffer(h.size)?;
             let opened = whole.access & ACCESS_READ == 0;
             if opened {
                 self.dev.set_access(&whole.mapping, ACCESS_READ)?;
             }
-            let read = self.dev.read(None, addr, &mut contents);
+            let dev = &mut self.dev;
+            let read = store.save(h.size, |offset, buf| dev.read(None, addr + offset, buf));
             if opened {
                 self.dev.set_access(&whole.mapping, whole.access)?;
             }
-            read?;
+            let contents = read?;
             let maps = self
                 .vmm_maps
                 .iter()
@@ -382,16 +382,20 @@ impl<S: BackendSession> SessionState<S> {
 
 /// Re-creates swapped VMM allocations and their mappings at the same
 /// addresses, offsets and access, with the same contents.
-pub(super) fn restore<S: BackendSession>(dev: &mut S, swapped: &[SwappedVmm]) -> Result<RestoredVmm<S>, CallError> {
+pub(super) fn restore<S: BackendSession>(
+    dev: &mut S,
+    swapped: &[SwappedVmm],
+    store: &super::swap::Store,
+) -> Result<RestoredVmm<S>, CallError> {
     let (mut handles, mut maps) = (Vec::with_capacity(swapped.len()), Vec::new());
     for v in swapped {
-        let size = v.contents.len() as u64;
+        let size = v.contents.len();
         let allocation = dev.create(size)?;
         for &(addr, map_size, offset, access) in &v.maps {
             let mapping = dev.map_allocation(&allocation, offset, addr, map_size)?;
             if offset == 0 && map_size == size {
                 dev.set_access(&mapping, ACCESS_READWRITE)?;
-                dev.write(None, addr, &v.contents)?;
+                store.load(&v.contents, |at, piece| dev.write(None, addr + at, piece))?;
             }
             // Right after mapping, a range is inaccessible (ACCESS_NONE).
             if access != ACCESS_NONE || (offset == 0 && map_size == size) {
@@ -407,7 +411,7 @@ pub(super) fn restore<S: BackendSession>(dev: &mut S, swapped: &[SwappedVmm]) ->
 
 impl SwappedVmm {
     pub(super) fn bytes(&self) -> u64 {
-        self.contents.len() as u64
+        self.contents.len()
     }
 }
 

@@ -18,7 +18,7 @@
 //! supervisor's async loop) stays with their callers, and the unit tests
 //! join the halves with channels.
 
-use super::{AskSwapOut, MemoryUse, SessionMemory};
+use super::{AskSwapOut, MemoryUse, SessionMemory, SwapPlace};
 use crate::error::CallError;
 use gpupool_proto::v1;
 use gpupool_proto::v1::memory_request::Kind;
@@ -106,15 +106,22 @@ impl RemoteMemory {
     }
 
     pub(super) fn reserve(&self, bytes: u64) -> Result<(), CallError> {
-        self.take(Kind::Reserve, bytes, |u| &mut u.resident)
+        self.take(Kind::Reserve, bytes, |u| &mut u.resident).map(drop)
     }
 
-    pub(super) fn reserve_host(&self, bytes: u64) -> Result<(), CallError> {
-        self.take(Kind::ReserveHost, bytes, |u| &mut u.swapped)
+    /// The answer's `ok` says the room is on disk.
+    pub(super) fn reserve_host(&self, bytes: u64) -> Result<SwapPlace, CallError> {
+        let a = self.take(Kind::ReserveHost, bytes, |u| &mut u.swapped)?;
+        Ok(if a.ok { SwapPlace::Disk } else { SwapPlace::Host })
     }
 
     /// Asks for `bytes` of the kind `held` counts; counts them when granted.
-    fn take(&self, kind: Kind, bytes: u64, held: fn(&mut MemoryUse) -> &mut u64) -> Result<(), CallError> {
+    fn take(
+        &self,
+        kind: Kind,
+        bytes: u64,
+        held: fn(&mut MemoryUse) -> &mut u64,
+    ) -> Result<v1::MemoryAnswer, CallError> {
         let a = self.question(kind, bytes)?;
         if !a.error.is_empty() {
             return Err(CallError::out_of_memory(a.error));
@@ -122,7 +129,7 @@ impl RemoteMemory {
         let mut s = self.lock();
         let count = held(&mut s.used);
         *count = count.saturating_add(bytes);
-        Ok(())
+        Ok(a)
     }
 
     pub(super) fn release(&self, bytes: u64) {
@@ -132,11 +139,12 @@ impl RemoteMemory {
         self.tell(Kind::Release, bytes, false);
     }
 
-    pub(super) fn release_host(&self, bytes: u64) {
+    /// `ok` tells the supervisor the room was on disk.
+    pub(super) fn release_host(&self, bytes: u64, place: SwapPlace) {
         let mut s = self.lock();
         s.used.swapped = s.used.swapped.saturating_sub(bytes);
         drop(s);
-        self.tell(Kind::ReleaseHost, bytes, false);
+        self.tell(Kind::ReleaseHost, bytes, place == SwapPlace::Disk);
     }
 
     pub(super) fn begin_batch(&self) {
@@ -218,7 +226,10 @@ pub fn serve(session: &SessionMemory, request: &v1::MemoryRequest) -> Option<v1:
     };
     match kind {
         Kind::Reserve => Some(answer(session.reserve(request.bytes))),
-        Kind::ReserveHost => Some(answer(session.reserve_host(request.bytes))),
+        Kind::ReserveHost => Some(match session.reserve_host(request.bytes) {
+            Ok(place) => v1::MemoryAnswer { seq: request.seq, error: String::new(), ok: place == SwapPlace::Disk },
+            Err(e) => answer(Err(e)),
+        }),
         Kind::DeviceRefused => {
             Some(v1::MemoryAnswer { seq: request.seq, error: String::new(), ok: session.device_refused() })
         }
@@ -227,7 +238,7 @@ pub fn serve(session: &SessionMemory, request: &v1::MemoryRequest) -> Option<v1:
             None
         }
         Kind::ReleaseHost => {
-            session.release_host(request.bytes);
+            session.release_host(request.bytes, if request.ok { SwapPlace::Disk } else { SwapPlace::Host });
             None
         }
         Kind::BeginBatch => {
@@ -270,7 +281,7 @@ mod tests {
                 }
             }
         });
-        (DeviceMemory::remote(remote.clone()), remote)
+        (DeviceMemory::remote(remote.clone(), None), remote)
     }
 
     #[test]
@@ -297,7 +308,7 @@ mod tests {
     #[test]
     fn a_supervisor_that_is_gone_fails_questions_at_once() {
         let remote = RemoteMemory::new(Box::new(|_| true), Duration::from_secs(60));
-        let local = DeviceMemory::remote(remote.clone());
+        let local = DeviceMemory::remote(remote.clone(), None);
         let s = local.register(None);
         let r = remote.clone();
         let t = std::thread::spawn(move || {
@@ -321,7 +332,7 @@ mod tests {
         remote.swap_out();
         let r = rx.try_recv().expect("answered");
         assert_eq!((Kind::try_from(r.kind), r.ok), (Ok(Kind::Answered), false));
-        let local = DeviceMemory::remote(remote.clone());
+        let local = DeviceMemory::remote(remote.clone(), None);
         let (asked_tx, asked_rx) = mpsc::channel();
         let _s = local.register(Some(Box::new(move || asked_tx.send(()).is_ok())));
         remote.swap_out();
