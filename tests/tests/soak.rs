@@ -326,9 +326,11 @@ fn a_killed_supervisor_takes_its_workers_with_it_and_clients_are_told() {
         assert!(matches!(e, ClientError::ConnectionLost(_) | ClientError::Timeout(_)), "client {i}: {e:?}");
     }
     let told = killed.elapsed();
-    // Usually told by the worker closing its connections (0.15-0.2 s); in
-    // about 1 run of 4 a client learns it only from its idle timeout and a
-    // failed resume (10-21 s): open, docs/next-steps.md.
+    // Told by the worker closing its connections (0.15-0.4 s). Until
+    // 2026-12-05 about 1 run of 4 had a client learn it only from its idle
+    // timeout and a failed resume (10-21 s); not seen in 21 runs since
+    // (docs/next-steps.md), so the bound stays loose until the cause is
+    // known.
     assert!(told < Duration::from_secs(60), "clients learned of it after {told:?}");
     // Orphaned workers see stdin close and exit: no device memory is left held.
     while workers.iter().any(|&pid| alive(pid)) {
