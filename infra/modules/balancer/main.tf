@@ -274,22 +274,23 @@ module "role" {
 
 locals {
   env = join("", [for k, v in {
-    GPUPOOL_INFRA_REGION             = local.region
-    GPUPOOL_INFRA_BUCKET             = var.artifact_bucket
-    GPUPOOL_INFRA_BINARY_KEY         = var.binary_key
-    GPUPOOL_INFRA_BINARY_VERSION     = var.binary_version
-    GPUPOOL_INFRA_SIGNING_KEY_SECRET = aws_secretsmanager_secret.signing_key.arn
-    GPUPOOL_INFRA_PUBLIC_KEY_SECRET  = aws_secretsmanager_secret.public_key.arn
-    GPUPOOL_INFRA_SERVER_SECRET      = aws_secretsmanager_secret.server.arn
-    GPUPOOL_INFRA_CLIENT_SECRET      = join("", aws_secretsmanager_secret.client[*].arn)
-    GPUPOOL_TENANTS_FILE             = "/etc/gpupool/tenants"
-    GPUPOOL_INFRA_TLS_CERT_SECRET    = aws_secretsmanager_secret.tls["cert"].arn
-    GPUPOOL_INFRA_TLS_KEY_SECRET     = aws_secretsmanager_secret.tls["key"].arn
-    GPUPOOL_INFRA_TLS_CA_SECRET      = aws_secretsmanager_secret.tls["ca"].arn
-    GPUPOOL_LISTEN                   = "0.0.0.0:${var.port}"
-    GPUPOOL_POLICY                   = var.policy
-    GPUPOOL_QUOTAS                   = join(";", var.quotas)
-    GPUPOOL_METRICS_LISTEN           = var.metrics_port == null ? "" : "0.0.0.0:${var.metrics_port}"
+    GPUPOOL_INFRA_REGION              = local.region
+    GPUPOOL_INFRA_BUCKET              = var.artifact_bucket
+    GPUPOOL_INFRA_BINARY_KEY          = var.binary_key
+    GPUPOOL_INFRA_BINARY_VERSION      = var.binary_version
+    GPUPOOL_INFRA_SIGNING_KEY_SECRET  = aws_secretsmanager_secret.signing_key.arn
+    GPUPOOL_INFRA_PUBLIC_KEY_SECRET   = aws_secretsmanager_secret.public_key.arn
+    GPUPOOL_INFRA_SERVER_SECRET       = aws_secretsmanager_secret.server.arn
+    GPUPOOL_INFRA_CLIENT_SECRET       = join("", aws_secretsmanager_secret.client[*].arn)
+    GPUPOOL_TENANTS_FILE              = "/etc/gpupool/tenants"
+    GPUPOOL_INFRA_TLS_CERT_SECRET     = aws_secretsmanager_secret.tls["cert"].arn
+    GPUPOOL_INFRA_TLS_KEY_SECRET      = aws_secretsmanager_secret.tls["key"].arn
+    GPUPOOL_INFRA_TLS_CA_SECRET       = aws_secretsmanager_secret.tls["ca"].arn
+    GPUPOOL_LISTEN                    = "0.0.0.0:${var.port}"
+    GPUPOOL_POLICY                    = var.policy
+    GPUPOOL_MEMORY_OVERCOMMIT_PERCENT = var.memory_overcommit_percent == 100 ? "" : tostring(var.memory_overcommit_percent)
+    GPUPOOL_QUOTAS                    = join(";", var.quotas)
+    GPUPOOL_METRICS_LISTEN            = var.metrics_port == null ? "" : "0.0.0.0:${var.metrics_port}"
   } : "${k}=${v}\n" if v != ""])
 
   agent = jsonencode({

@@ -69,6 +69,16 @@ variable "policy" {
   }
 }
 
+variable "memory_overcommit_percent" {
+  description = "Shared leases of one whole GPU may together ask this many percent of its memory (100: no overcommit); only on gpu-servers that swap idle sessions out (gpu-fleet's swap_host_mib), by at most their swap space (docs/balancer.md, \"Memory overcommit\")."
+  type        = number
+  default     = 100
+  validation {
+    condition     = var.memory_overcommit_percent >= 100 && var.memory_overcommit_percent <= 1000
+    error_message = "memory_overcommit_percent must be within 100-1000."
+  }
+}
+
 variable "quotas" {
   description = "Per-tenant quotas, each as the balancer's --quota takes it, e.g. [\"*=leases:8,memory-gib:160\", \"team-a=leases:32\"]."
   type        = list(string)

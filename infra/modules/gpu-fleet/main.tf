@@ -135,6 +135,9 @@ locals {
     GPUPOOL_IMAGE_CACHE           = "/var/lib/gpupool/images"
     GPUPOOL_SESSION_MEMORY_MIB    = var.session_memory_mib == null ? "" : tostring(var.session_memory_mib)
     GPUPOOL_METRICS_LISTEN        = var.metrics_port == null ? "" : "0.0.0.0:${var.metrics_port}"
+    GPUPOOL_SWAP_HOST_MIB         = var.swap_host_mib > 0 ? tostring(var.swap_host_mib) : ""
+    GPUPOOL_SWAP_DISK_MIB         = var.swap_host_mib > 0 && var.swap_disk_mib > 0 ? tostring(var.swap_disk_mib) : ""
+    GPUPOOL_SWAP_DIR              = var.swap_host_mib > 0 && var.swap_disk_mib > 0 ? "/var/lib/gpupool/swap" : ""
   } : "${k}=${v}\n" if v != ""])
 
   agent = jsonencode({
@@ -169,6 +172,7 @@ locals {
     ]
     runcmd = [
       ["mkdir", "-p", "/var/log/gpupool", "/var/lib/gpupool"],
+      ["install", "-d", "-m", "0700", "/var/lib/gpupool/swap"],
       ["sh", "-c", "test -x /opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl || { curl -sfo /tmp/cwagent.deb ${local.agent_deb} && dpkg -i /tmp/cwagent.deb; } >>/var/log/gpupool/boot.log 2>&1"],
       ["/opt/aws/amazon-cloudwatch-agent/bin/amazon-cloudwatch-agent-ctl", "-a", "fetch-config", "-m", "ec2", "-s", "-c", "file:${local.agent_conf}"],
       ["systemctl", "daemon-reload"],

@@ -154,6 +154,26 @@ variable "session_memory_mib" {
   default     = null
 }
 
+variable "swap_host_mib" {
+  description = "Host memory for the device memory of idle sessions swapped out when a GPU's memory is full, in MiB (0: no swapping; docs/swap.md). What lets the balancer overcommit a GPU's memory with shared leases."
+  type        = number
+  default     = 0
+  validation {
+    condition     = var.swap_host_mib >= 0
+    error_message = "swap_host_mib must be 0 or more."
+  }
+}
+
+variable "swap_disk_mib" {
+  description = "Disk for swapped contents once swap_host_mib is full, in MiB (0: none); swap files are made under /var/lib/gpupool/swap and unlinked at once."
+  type        = number
+  default     = 0
+  validation {
+    condition     = var.swap_disk_mib >= 0
+    error_message = "swap_disk_mib must be 0 or more."
+  }
+}
+
 variable "log_retention_days" {
   description = "Days CloudWatch keeps the gpu-servers' logs."
   type        = number
