@@ -18,7 +18,8 @@
 # Usage: bench/share-gpu.sh BIN_DIR OUT_DIR
 #   BIN_DIR: PARTS=pool bash bench/build-device.sh (gpupool-server,
 #            gpupool-balancer, stub/libcuda.so.1); python3 with torch.
-# Env: SHARE_STEPS (steps per client, default 400), SHARE_NS ("4 8").
+# Env: SHARE_STEPS (steps per client, default 400), SHARE_NS ("4 8"),
+#      SHARE_TIME_MS (the server's --time-share-ms; default 0, off).
 # Writes OUT_DIR/share.md and the logs. Budget: well under 7 minutes.
 set -uo pipefail
 
@@ -63,7 +64,7 @@ export GPUPOOL_BALANCER_CERT_SHA256
 NO_COLOR=1 RUST_LOG=info "$bin/gpupool-server" --listen 127.0.0.1:4443 --device cuda:0 --instances nvml \
     --balancer https://127.0.0.1:50061 --advertise 127.0.0.1:4443 --balancer-secret share-secret \
     --lease-key "$pub" --server-id share-gpu --warm-workers 8 --resume-grace-ms 0 \
-    --mps auto --mps-dir "$work/mps" --metrics-listen 127.0.0.1:9465 >"$out/server.log" 2>&1 &
+    --mps auto --mps-dir "$work/mps" --time-share-ms "${SHARE_TIME_MS:-0}" --metrics-listen 127.0.0.1:9465 >"$out/server.log" 2>&1 &
 for _ in $(seq 1 120); do
     "$bin/gpupool-balancer" status --balancer https://127.0.0.1:50061 >"$work/status" 2>/dev/null &&
         grep -q share-gpu "$work/status" && break
@@ -172,5 +173,5 @@ else
     say "- a fresh shared client FAILED: $(tail -n 2 "$f/fresh.err" | tr '\n' ' ')"
     status=1
 fi
-say "- server counters: $(curl -s 127.0.0.1:9465/metrics 2>/dev/null | grep -E '^gpupool_server_(mps_|worker_exits)' | tr '\n' ' ')"
+say "- server counters: $(curl -s 127.0.0.1:9465/metrics 2>/dev/null | grep -E '^gpupool_server_(mps_|worker_exits|time_share)' | tr '\n' ' ')"
 exit $status

@@ -243,11 +243,15 @@ pub struct MpsSettings {
     /// Where the daemons' private pipe and log directories go (none: a
     /// directory of this process under the system's temporary directory).
     pub dir: Option<PathBuf>,
+    /// The temporal share's period: shared sessions on a whole GPU are
+    /// metered, and one past its share of a period waits for the next while
+    /// another within its share wants the GPU (`crate::share`; none: off).
+    pub time_share: Option<std::time::Duration>,
 }
 
 impl Default for MpsSettings {
     fn default() -> Self {
-        Self { mode: MpsMode::Auto, control: crate::mps::CONTROL.into(), dir: None }
+        Self { mode: MpsMode::Auto, control: crate::mps::CONTROL.into(), dir: None, time_share: None }
     }
 }
 

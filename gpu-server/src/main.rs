@@ -163,6 +163,11 @@ struct Args {
     /// a directory of this process under the system's temporary directory).
     #[arg(long, env = "GPUPOOL_MPS_DIR")]
     mps_dir: Option<PathBuf>,
+    /// The temporal share's period in milliseconds (0: off): each shared
+    /// session on a whole GPU gets its lease's percentage of every period
+    /// of GPU busy time while others want the GPU too (`docs/sharing.md`).
+    #[arg(long, env = "GPUPOOL_TIME_SHARE_MS", default_value_t = 0)]
+    time_share_ms: u64,
     /// TCP address of a Prometheus endpoint (`GET /metrics`); off when unset.
     #[arg(long, env = "GPUPOOL_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -243,6 +248,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         mode: args.mps.parse().map_err(|e: String| anyhow::anyhow!(e))?,
         control: args.mps_control,
         dir: args.mps_dir,
+        time_share: (args.time_share_ms > 0).then(|| std::time::Duration::from_millis(args.time_share_ms)),
     };
     if args.swap_host_mib > 0 {
         config.swap = Some(gpupool_server::Swap {

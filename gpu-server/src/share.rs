@@ -13,7 +13,70 @@
 //! in it split the period in proportion to their weights.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+/// Longest hold a worker accepts (a period is tens of milliseconds).
+const MAX_HOLD: Duration = Duration::from_secs(1);
+
+/// A worker process's side of the temporal share: while active (its
+/// session is metered), each batch first waits out the hold its supervisor
+/// sent, and its busy time is reported once it ran. One per process: a
+/// worker serves one session.
+pub struct Gate {
+    active: AtomicBool,
+    hold_until: Mutex<Option<Instant>>,
+    report: Box<dyn Fn(Duration) + Send + Sync>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("active", &self.active)
+            .field("hold_until", &self.hold_until)
+            .finish_non_exhaustive()
+    }
+}
+
+static GATE: OnceLock<Gate> = OnceLock::new();
+
+/// Installs this process's gate, inactive, reporting with `report`.
+pub fn install_gate(report: Box<dyn Fn(Duration) + Send + Sync>) -> &'static Gate {
+    GATE.get_or_init(|| Gate { active: AtomicBool::new(false), hold_until: Mutex::new(None), report })
+}
+
+/// The gate, when this process's session is metered.
+pub fn gate() -> Option<&'static Gate> {
+    GATE.get().filter(|g| g.active.load(Ordering::Relaxed))
+}
+
+impl Gate {
+    /// The session is metered from now on.
+    pub fn activate(&self) {
+        self.active.store(true, Ordering::Relaxed);
+    }
+
+    /// The next batch waits `hold` (at most [`MAX_HOLD`]).
+    pub fn hold_for(&self, hold: Duration) {
+        let until = Instant::now() + hold.min(MAX_HOLD);
+        let mut h = self.hold_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *h = Some(h.map_or(until, |t| t.max(until)));
+    }
+
+    /// Before a batch: waits out a hold.
+    pub fn before_batch(&self) {
+        let until = self.hold_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(wait) = until.and_then(|t| t.checked_duration_since(Instant::now())) {
+            std::thread::sleep(wait);
+        }
+    }
+
+    /// After a batch: reports how long it kept the session busy.
+    pub fn after_batch(&self, busy: Duration) {
+        (self.report)(busy);
+    }
+}
 
 /// Weight of a session whose lease names no share.
 pub const DEFAULT_WEIGHT: u32 = 100;

@@ -93,6 +93,11 @@ pub fn run_stdio() -> Result<(), ServerError> {
         crate::swap::RemoteMemory::new(Box::new(send), Duration::from_millis(spec.swap_wait_ms))
     });
     let swap_dir = Some(std::path::PathBuf::from(&spec.swap_dir)).filter(|d| d.is_absolute());
+    // Active once an assignment says the session is metered.
+    let gate = crate::share::install_gate(Box::new(|busy: Duration| {
+        let us = u64::try_from(busy.as_micros()).unwrap_or(u64::MAX).max(1);
+        write_event(v1::worker_event::Event::BusyUs(us));
+    }));
     let memory = remote.clone().map(|r| crate::swap::DeviceMemory::remote(r, swap_dir));
     let result = rt.block_on(async {
         let server = match Server::bind_worker(config, tickets.clone(), memory) {
@@ -118,7 +123,7 @@ pub fn run_stdio() -> Result<(), ServerError> {
         // stdin is blocking: read it on a plain thread.
         std::thread::Builder::new()
             .name("gpupool-worker-control".into())
-            .spawn(move || read_control(stdin, &t, handshake_timeout, &control_tx, remote.as_deref()))
+            .spawn(move || read_control(stdin, &t, handshake_timeout, &control_tx, remote.as_deref(), gate))
             .map_err(|e| ServerError::Worker(format!("cannot start the control thread: {e}")))?;
         let metrics = server.metrics();
         let mps_client = std::env::var_os(MPS_CLIENT_ENV).is_some_and(|v| v == "1");
@@ -188,6 +193,7 @@ fn read_control(
     handshake_timeout: Duration,
     out: &tokio::sync::mpsc::UnboundedSender<Control>,
     memory: Option<&crate::swap::RemoteMemory>,
+    gate: &crate::share::Gate,
 ) {
     let mut first = true;
     loop {
@@ -201,6 +207,10 @@ fn read_control(
         };
         if let Some(order) = a.migrate {
             let _ = out.send(Control::Migrate(order));
+            continue;
+        }
+        if a.hold_us > 0 {
+            gate.hold_for(Duration::from_micros(a.hold_us));
             continue;
         }
         if a.memory.is_some() || a.swap_out {
@@ -224,6 +234,9 @@ fn read_control(
             lease: None,
             resume_secret: Some(a.resume_secret.clone()).filter(|s| !s.is_empty()),
         };
+        if a.time_share {
+            gate.activate();
+        }
         let expires = Instant::now() + handshake_timeout;
         ticket.arm(a.ticket.clone(), grant, expires);
         write_event(v1::worker_event::Event::Assigned(a.ticket));

@@ -412,13 +412,18 @@ pub fn pooled_server(balancer: &TestBalancer, id: &str, spec: &str, layout: Opti
 
 /// A gpu-server serving `spec`, joined to a balancer through `link`.
 pub fn linked_server(link: gpupool_server::BalancerLink, spec: &str, layout: Option<&[&str]>) -> TestServer {
+    TestServer::start(linked_config(link, spec, layout)).expect("server starts")
+}
+
+/// The configuration of [`linked_server`], to change before it starts.
+pub fn linked_config(link: gpupool_server::BalancerLink, spec: &str, layout: Option<&[&str]>) -> ServerConfig {
     let mut c = isolated_config().expect("worker command");
     c.device = DeviceChoice::Emulated { memory: 1 << 30 };
     c.tokens = Vec::new();
     let nvml = gpupool_server::mig::SimulatedNvml::from_spec(spec).expect("topology");
     c.gpus = gpupool_server::mig::prepare(&nvml, layout).expect("layout");
     c.balancer = Some(link);
-    TestServer::start(c).expect("server starts")
+    c
 }
 
 /// Tenants with credentials of their own in [`tenant_balancer_config`]:

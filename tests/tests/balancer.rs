@@ -714,21 +714,17 @@ exit 0
         ),
     );
     let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([19; 32]))).expect("balancer");
-    let mut c = gpupool_tests::isolated_config().expect("worker command");
+    let mut c = gpupool_tests::linked_config(balancer.link("h200"), "h200-141gb", None);
     c.isolation = gpupool_server::Isolation::Process {
         command: gpupool_server::WorkerCommand { program: wrapper, args: real.args },
         warm: 1,
         start_timeout: Duration::from_secs(60),
     };
-    c.device = gpupool_server::DeviceChoice::Emulated { memory: 1 << 30 };
-    c.tokens = Vec::new();
-    let nvml = gpupool_server::mig::SimulatedNvml::from_spec("h200-141gb").expect("topology");
-    c.gpus = gpupool_server::mig::prepare::<&str>(&nvml, None).expect("layout");
-    c.balancer = Some(balancer.link("h200"));
     c.mps = gpupool_server::MpsSettings {
         mode: gpupool_server::MpsMode::On,
         control: control.clone(),
         dir: Some(dir.join("mps")),
+        time_share: None,
     };
     let server = TestServer::start(c).expect("server starts");
     balancer.wait_for_servers(1).expect("registered");
@@ -887,4 +883,59 @@ fn a_tenants_credential_cannot_act_for_another_tenant() {
     b.release(&b1).expect("B releases its lease");
     operator.wait_for("every lease released", |s| s.leases.is_empty());
     drop(server);
+}
+
+/// The temporal share across worker processes (issue 19): two shared
+/// leases of 75 % and 25 % of one GPU, both always busy, on a server with a
+/// 200 ms period. Each worker reports its batches' busy time, the server
+/// holds the batches of a session past its share: the 75 % session gets
+/// through clearly more work than the 25 % one, and holds are counted.
+#[test]
+fn the_temporal_share_splits_a_gpu_by_the_leases_percentages() {
+    let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([25; 32]))).expect("balancer");
+    let mut c = gpupool_tests::linked_config(balancer.link("h200"), "h200-141gb", None);
+    c.mps = gpupool_server::MpsSettings {
+        mode: gpupool_server::MpsMode::Off,
+        time_share: Some(Duration::from_millis(200)),
+        ..gpupool_server::MpsSettings::default()
+    };
+    let server = TestServer::start(c).expect("server starts");
+    balancer.wait_for_servers(1).expect("registered");
+    let request = |percent: u32| {
+        let mut req = PoolRequest::new(balancer.url(), balancer.trust(), "team-a");
+        (req.memory, req.compute_percent, req.shared) = (256 << 20, percent, true);
+        req
+    };
+    let big = Session::connect_pooled(&request(75), &template()).expect("75 % share");
+    let small = Session::connect_pooled(&request(25), &template()).expect("25 % share");
+    assert_eq!(big.lease().expect("lease").instance_uuid, small.lease().expect("lease").instance_uuid);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    // Busy work of a few milliseconds a batch, its result checked at the end.
+    let busy = |s: &Session, seed: u8| {
+        let len = 256u64 << 10;
+        let dev = s.mem_alloc(len).expect("alloc");
+        let mut rounds = 0u32;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            s.memset(dev, u32::from(seed.wrapping_add(rounds as u8)), 1, len, StreamId::DEFAULT).expect("memset");
+            s.synchronize().expect("synchronize");
+            rounds += 1;
+        }
+        let mut tail = vec![0u8; 4096];
+        s.memcpy_dtoh(&mut tail, dev + len - 4096, StreamId::DEFAULT).expect("download");
+        assert!(tail.iter().all(|&b| b == seed.wrapping_add((rounds - 1) as u8)), "the last memset's bytes");
+        rounds
+    };
+    let (big_rounds, small_rounds) = std::thread::scope(|scope| {
+        let b = scope.spawn(|| busy(&big, 1));
+        let s = scope.spawn(|| busy(&small, 2));
+        std::thread::sleep(Duration::from_secs(4));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (b.join().expect("75 % session"), s.join().expect("25 % session"))
+    });
+    let holds = server.metrics.time_share_holds.load(std::sync::atomic::Ordering::Relaxed);
+    let ratio = f64::from(big_rounds) / f64::from(small_rounds.max(1));
+    eprintln!("75 %: {big_rounds} rounds, 25 %: {small_rounds} rounds, ratio {ratio:.2}, {holds} holds");
+    assert!(holds > 0, "the 25 % session was never held");
+    assert!(small_rounds > 0, "the 25 % session still runs");
+    assert!(ratio >= 1.8, "75 % against 25 % got a ratio of {ratio:.2} ({big_rounds}/{small_rounds})");
 }

@@ -41,6 +41,12 @@ pub fn render(metrics: &Metrics) -> String {
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     counter(
         &mut r,
+        "time_share_holds",
+        "Batches of shared sessions held by the temporal share",
+        load(&metrics.time_share_holds),
+    );
+    counter(
+        &mut r,
         "mps_group_faults",
         "Shared sessions whose worker died under MPS, ending their group's other sessions",
         load(&metrics.mps_group_faults),

@@ -227,7 +227,9 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
                 Some((pool, memory)) => {
                     let migrated_in = matches!(start, Start::Migrated(_));
                     let group = workers.group_for(&grant);
-                    run_in_worker(&shared, pool, memory, group, conn, id, quota, &grant, send, migrated_in).await
+                    let metered = workers.share_for(&grant);
+                    run_in_worker(&shared, pool, memory, group, metered, conn, id, quota, &grant, send, migrated_in)
+                        .await
                 }
                 None => {
                     conn.close(close_code::UNAUTHORIZED.into(), b"the lease's instance is not served here");

@@ -98,6 +98,9 @@ pub struct Metrics {
     /// MPS control daemons started: the first, and each restart after one
     /// stopped answering.
     pub mps_daemon_starts: AtomicU64,
+    /// Batches of shared sessions held by the temporal share (the session
+    /// was past its share of the period while another wanted the GPU).
+    pub time_share_holds: AtomicU64,
     /// Calls that failed with an error that ends the context
     /// ([`crate::CallError::ends_context`]), in this process.
     pub context_lost_errors: AtomicU64,

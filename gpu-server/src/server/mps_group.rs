@@ -15,8 +15,10 @@
 use super::metrics::{Metrics, add};
 use crate::config::{MpsMode, MpsSettings};
 use crate::mps::{MpsDaemon, MpsError};
+use crate::share::{Admission, TimeShare};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// One whole GPU's MPS daemon and the shared sessions under it.
@@ -33,6 +35,10 @@ pub(crate) struct MpsGroup {
     daemon: Arc<Mutex<Option<MpsDaemon>>>,
     /// Faults of the group so far; members watch it.
     faults: watch::Sender<u64>,
+    /// The temporal share of the GPU's shared sessions (none: off). Their
+    /// workers report each batch's busy time; a session past its share is
+    /// sent a hold for its next batch (`crate::share`).
+    share: Option<Mutex<TimeShare>>,
 }
 
 impl MpsGroup {
@@ -46,7 +52,41 @@ impl MpsGroup {
             devices,
             daemon: Arc::new(Mutex::new(None)),
             faults: watch::channel(0).0,
+            share: settings.time_share.map(|period| Mutex::new(TimeShare::new(period, Instant::now()))),
         })
+    }
+
+    fn time_share(&self) -> Option<std::sync::MutexGuard<'_, TimeShare>> {
+        Some(self.share.as_ref()?.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Meters `session` with `percent` of the GPU's time; false when the
+    /// temporal share is off.
+    pub(crate) fn share_join(&self, session: u64, percent: u32) -> bool {
+        self.time_share().map(|mut s| s.add(session, percent)).is_some()
+    }
+
+    /// `session` ended: it is metered no more.
+    pub(crate) fn share_leave(&self, session: u64) {
+        if let Some(mut s) = self.time_share() {
+            s.remove(session);
+        }
+    }
+
+    /// A batch of `session` kept its worker busy for `busy`: the hold its
+    /// next batch waits out, when it is past its share of the period while
+    /// another session wants the GPU.
+    pub(crate) fn share_report(&self, session: u64, busy: Duration, metrics: &Metrics) -> Option<Duration> {
+        let now = Instant::now();
+        let mut share = self.time_share()?;
+        share.record(session, busy, now);
+        match share.admit(session, now) {
+            Admission::Run => None,
+            Admission::HoldUntil(t) => {
+                add(&metrics.time_share_holds, 1);
+                Some(t.saturating_duration_since(now))
+            }
+        }
     }
 
     /// Whether shared sessions run under MPS, given the backend the
@@ -134,7 +174,7 @@ mod tests {
 
     #[test]
     fn auto_needs_a_gpu_and_the_control_program() {
-        let settings = |mode, control: &str| MpsSettings { mode, control: control.into(), dir: None };
+        let settings = |mode, control: &str| MpsSettings { mode, control: control.into(), dir: None, time_share: None };
         let g = MpsGroup::new(&settings(MpsMode::Auto, "sh"), "/tmp/x".into(), None);
         assert!(g.applies(Some("cuda")), "sh is on PATH");
         assert!(!g.applies(Some("emulated")), "no MPS on the emulated device");
@@ -157,5 +197,24 @@ mod tests {
         assert_eq!(metrics.mps_group_faults.load(std::sync::atomic::Ordering::Relaxed), 1);
         let late = g.join();
         assert!(!late.has_changed().unwrap_or(true), "a session that joins later is not affected");
+    }
+
+    #[test]
+    fn a_session_past_its_share_is_held_while_another_wants_the_gpu() {
+        let metrics = Metrics::default();
+        let off = MpsGroup::new(&MpsSettings::default(), "/tmp/x".into(), None);
+        assert!(!off.share_join(1, 50), "no temporal share unless configured");
+        assert_eq!(off.share_report(1, Duration::from_secs(1), &metrics), None);
+        let settings = MpsSettings { time_share: Some(Duration::from_secs(10)), ..MpsSettings::default() };
+        let g = MpsGroup::new(&settings, "/tmp/x".into(), None);
+        assert!(g.share_join(1, 75) && g.share_join(2, 25));
+        // Both report within the (long) period: session 2 past its quarter.
+        assert_eq!(g.share_report(1, Duration::from_millis(10), &metrics), None);
+        let hold = g.share_report(2, Duration::from_secs(3), &metrics).expect("held");
+        assert!(hold > Duration::from_secs(6) && hold <= Duration::from_secs(10), "{hold:?}");
+        assert_eq!(metrics.time_share_holds.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // Alone, it is lent the idle time.
+        g.share_leave(1);
+        assert_eq!(g.share_report(2, Duration::from_secs(1), &metrics), None);
     }
 }

@@ -107,6 +107,15 @@ impl Workers {
         let backend = pool.probe_result().map(|r| r.backend.as_str());
         group.applies(backend).then_some((group, percent))
     }
+
+    /// The group whose temporal share meters a session, and its share in
+    /// percent: a shared lease's session on a whole GPU (with or without
+    /// MPS), when the share is on.
+    pub(super) fn share_for(&self, grant: &Grant) -> Option<(&Arc<super::mps_group::MpsGroup>, u32)> {
+        let lease = grant.lease.as_ref()?;
+        let percent = lease.shared_percent?;
+        Some((self.groups.get(&lease.instance_uuid)?, percent))
+    }
 }
 
 /// A session opened under a balancer's lease.

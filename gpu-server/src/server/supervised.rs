@@ -29,6 +29,7 @@ pub(super) async fn run_in_worker(
     pool: &Arc<WorkerPool>,
     memory: &Arc<DeviceMemory>,
     group: Option<(&Arc<MpsGroup>, u32)>,
+    metered: Option<(&Arc<MpsGroup>, u32)>,
     mut conn: quinn::Connection,
     id: u64,
     quota: u64,
@@ -47,8 +48,12 @@ pub(super) async fn run_in_worker(
         session_id: id,
         resume_secret: slot.secret().to_string(),
         resume: false,
+        // Metered by its GPU's temporal share: the worker reports each
+        // batch's busy time and waits out the holds it is sent.
+        time_share: metered.is_some_and(|(g, percent)| g.share_join(id, percent)),
         ..Default::default()
     };
+    let metered = metered.map(|(g, _)| g).filter(|_| assign.time_share);
     // A shared session's worker is an MPS client of its GPU's daemon, with
     // its lease's share of the SMs; it joins the group's fate from here.
     let mps_env = match group {
@@ -75,6 +80,9 @@ pub(super) async fn run_in_worker(
         Ok(w) => w,
         Err(e) => {
             tracing::error!(error = %e, "no session worker");
+            if let Some(g) = metered {
+                g.share_leave(id);
+            }
             conn.close(close_code::BUSY.into(), format!("no session worker: {e}").as_bytes());
             return conn;
         }
@@ -86,6 +94,7 @@ pub(super) async fn run_in_worker(
     memory.cap(worker.ready.total_memory);
     let (swap_tx, mut swap_orders) = mpsc::unbounded_channel::<()>();
     let (answers, mut answers_rx) = mpsc::unbounded_channel::<v1::MemoryAnswer>();
+    let (holds, mut holds_rx) = mpsc::unbounded_channel::<std::time::Duration>();
     let session_memory = memory.swapping().then(|| {
         let ask = move || swap_tx.send(()).is_ok();
         Arc::new(memory.register(Some(Box::new(ask))))
@@ -103,6 +112,9 @@ pub(super) async fn run_in_worker(
     if send.write_all(&frame::encode(&redirect(ticket, false))).await.is_err() {
         worker.kill().await;
         pool.finished(pid);
+        if let Some(g) = metered {
+            g.share_leave(id);
+        }
         return conn;
     }
     // The session lives on the worker's connection now.
@@ -116,6 +128,8 @@ pub(super) async fn run_in_worker(
         order: None,
         memory: session_memory,
         answers,
+        metered: metered.map(|g| (g.as_ref(), id)),
+        holds,
     };
     // A session that migrated here waits for its client: the connection it
     // came on (the source server's) ends once it arrived.
@@ -146,6 +160,11 @@ pub(super) async fn run_in_worker(
                 let answer = v1::WorkerAssign { memory: Some(answer), ..Default::default() };
                 // A worker that cannot be reached is exiting: its wait ends.
                 let _ = worker.send_control(&frame::encode(&answer)).await;
+                continue;
+            }
+            Some(hold) = holds_rx.recv() => {
+                let hold_us = u64::try_from(hold.as_micros()).unwrap_or(u64::MAX).max(1);
+                let _ = worker.send_control(&frame::encode(&v1::WorkerAssign { hold_us, ..Default::default() })).await;
                 continue;
             }
             Some(()) = swap_orders.recv() => {
@@ -232,6 +251,9 @@ pub(super) async fn run_in_worker(
         let _ = order.done.send(Err("the session's worker exited before it reported".into()));
     }
     pool.finished(pid);
+    if let Some(g) = metered {
+        g.share_leave(id);
+    }
     shared.metrics.worker_exited(super::metrics::WorkerExit::of(&status));
     let crashed = by_itself && !matches!(&status, Ok(s) if s.success());
     if let (true, Some((g, _)), Some(_)) = (crashed, group, &fate) {
@@ -298,6 +320,10 @@ struct Relay<'a> {
     memory: Option<Arc<SessionMemory>>,
     /// Answers to the worker's memory questions, sent by the session loop.
     answers: mpsc::UnboundedSender<v1::MemoryAnswer>,
+    /// The temporal share metering the session, and its id there.
+    metered: Option<(&'a MpsGroup, u64)>,
+    /// Holds for the worker's next batch, sent by the session loop.
+    holds: mpsc::UnboundedSender<std::time::Duration>,
 }
 
 impl Relay<'_> {
@@ -327,6 +353,13 @@ impl Relay<'_> {
                 let _ = order.done.send(report);
             }
             Some(v1::worker_event::Event::Memory(request)) => self.memory_request(request),
+            Some(v1::worker_event::Event::BusyUs(us)) => {
+                let Some((group, id)) = self.metered else { return };
+                let busy = std::time::Duration::from_micros(us);
+                if let Some(hold) = group.share_report(id, busy, &self.shared.metrics) {
+                    let _ = self.holds.send(hold);
+                }
+            }
             _ => {}
         }
     }

@@ -93,9 +93,19 @@ pub(crate) fn run<B: Backend>(
     while let Some(item) = work.next() {
         let reply = match item {
             Work::Batch(batch, _budget) => {
+                // A metered session waits out its hold first (worker
+                // processes of shared leases, `crate::share`).
+                let gate = crate::share::gate();
+                if let Some(g) = gate {
+                    g.before_batch();
+                }
+                let started = std::time::Instant::now();
                 state.memory().begin_batch();
                 let mut reply = state.execute_batch(batch);
                 state.memory().end_batch();
+                if let Some(g) = gate {
+                    g.after_batch(started.elapsed());
+                }
                 if let Some(capture) = crate::device_output::installed() {
                     reply.device_output = capture.collect(max_output).into();
                 }
