@@ -8,7 +8,10 @@
 //! - [`service`]: the tonic gRPC service around it: signs leases (ed25519),
 //!   parks waiting allocations, expires leases and drains silent servers;
 //! - [`table`]: the operator's view of a pool status;
-//! - [`exporter`]: the same status as a Prometheus endpoint.
+//! - [`exporter`]: the same status as a Prometheus endpoint;
+//! - [`fleetsim`]: a trace-driven simulator of a MIG fleet on the pool
+//!   (binary `gpupool-fleetsim`), and [`pool::planner`], the demand-driven
+//!   MIG layout planner it exercises.
 //!
 //! A restarted balancer loses no lease: it rebuilds its state from the
 //! servers' registrations (which carry their live sessions' lease tokens)
@@ -20,6 +23,7 @@
 pub mod config;
 mod convert;
 pub mod exporter;
+pub mod fleetsim;
 #[cfg(test)]
 mod fuzz;
 pub mod pool;
