@@ -1435,18 +1435,36 @@ impl Pool {
         // Where a shared lease may go depends on its tenant too.
         type Shape = (u64, u32, Option<String>, Option<String>);
         let mut failed: HashSet<Shape> = HashSet::new();
+        // When every tenant may share a GPU with every other, a shared
+        // request fails on room alone, and room only shrinks during a pass:
+        // one that asks at least as much as one that failed fails too.
+        let everyone_shares =
+            self.config.tenant_quotas.is_empty() && self.config.default_quota.share_fate_across_tenants;
+        let mut shared_failed: Vec<(u64, u32)> = Vec::new();
         let mut cursor = 0;
         while self.free_total > 0 || !self.shared_hosts.is_empty() {
             let Some((&t, w)) = self.queue.range((Bound::Excluded(cursor), Bound::Unbounded)).next() else { break };
             cursor = t;
-            let tenant = (w.req.class == LeaseClass::Shared).then(|| w.req.tenant.clone());
-            let shape = (w.req.memory, w.req.compute_percent, w.req.profile.clone(), tenant);
-            if failed.contains(&shape) {
+            let by_room = everyone_shares && w.req.class == LeaseClass::Shared;
+            let (memory, percent) = (w.req.memory, w.req.compute_percent);
+            if by_room && shared_failed.iter().any(|&(m, p)| m <= memory && p <= percent) {
+                continue;
+            }
+            let shape = (!by_room).then(|| {
+                let tenant = (w.req.class == LeaseClass::Shared).then(|| w.req.tenant.clone());
+                (memory, percent, w.req.profile.clone(), tenant)
+            });
+            if shape.as_ref().is_some_and(|shape| failed.contains(shape)) {
                 continue;
             }
             let need = Need::of(&w.req);
             let Some(k) = self.best_place(&need, &w.req.tenant) else {
-                failed.insert(shape);
+                match shape {
+                    Some(shape) => {
+                        failed.insert(shape);
+                    }
+                    None => shared_failed.push((memory, percent)),
+                }
                 continue;
             };
             let quota = self

@@ -668,13 +668,26 @@ impl<'a> Sim<'a> {
     /// is granted or none is left (a few at most: each frees an instance
     /// the request fits, except on shared GPUs).
     fn make_room(&mut self, f: u32) -> Result<(), SimError> {
-        for _ in 0..4 {
+        // On a shared GPU one eviction may not free enough: the next ones
+        // are taken from the same GPU, so that the room adds up somewhere.
+        let mut focus: Option<usize> = None;
+        for _ in 0..8 {
             if self.fns[f as usize].tickets.is_empty() {
                 break;
             }
-            let victim =
-                self.info[f as usize].fits.iter().find_map(|&c| self.idle_index[c as usize].first().map(|&(_, s)| s));
+            let victim = match focus {
+                Some(g) => {
+                    self.gpus[g].sessions.iter().copied().find(|&s| self.sessions[s as usize].state == State::Idle)
+                }
+                None => self.info[f as usize]
+                    .fits
+                    .iter()
+                    .find_map(|&c| self.idle_index[c as usize].first().map(|&(_, s)| s)),
+            };
             let Some(s) = victim else { break };
+            if self.policy.layouts == Layouts::WholeShared {
+                focus = Some(self.instances[self.sessions[s as usize].inst as usize].gpu as usize);
+            }
             self.out.evictions += 1;
             self.end_session(s, self.policy.eviction == Eviction::Hotness)?;
         }
