@@ -41,6 +41,10 @@ struct Args {
     /// rate (e.g. 0.99), and compare served invocations per GPU-hour there.
     #[arg(long)]
     capacity: Option<f64>,
+    /// With --capacity: a number of servers expected to miss the target
+    /// (e.g. from an earlier run), to narrow the search; it is checked.
+    #[arg(long, default_value_t = 0)]
+    capacity_below: usize,
     /// Threads (policies run in parallel).
     #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
     threads: usize,
@@ -128,7 +132,7 @@ fn main() -> anyhow::Result<()> {
             config.fleet.servers
         ));
         md.push_str("| policy | servers | GPUs | SLO hit % | served / GPU-h |\n|---|---:|---:|---:|---:|\n");
-        let results = capacity_all(&config, &trace, target, args.threads)?;
+        let results = capacity_all(&config, &trace, target, args.capacity_below, args.threads)?;
         for (policy, (servers, o)) in config.policies.iter().zip(results) {
             match servers {
                 Some(s) => md.push_str(&format!(
@@ -168,10 +172,11 @@ fn capacity_all(
     config: &Config,
     trace: &Trace,
     target: f64,
+    below: usize,
     threads: usize,
 ) -> anyhow::Result<Vec<(Option<usize>, fleetsim::Outcome)>> {
     let results = fleetsim::parallel(config.policies.len(), threads, |i| {
-        fleetsim::capacity(trace, &config.fleet, &config.policies[i], target)
+        fleetsim::capacity(trace, &config.fleet, &config.policies[i], target, below)
     });
     results.into_iter().map(|r| r.map_err(anyhow::Error::from)).collect()
 }

@@ -147,11 +147,14 @@ pub fn parallel<T: Send>(n: usize, threads: usize, job: impl Fn(usize) -> T + Sy
 /// which `policy` meets `target` SLO hit rate on `trace`, searched between
 /// 1 and `fleet.servers`, with the outcome there; `None` when even
 /// `fleet.servers` does not meet it (its outcome is returned then).
+/// `below`: a fleet size expected to miss the target (0 if unknown), which
+/// narrows the search when it does; it is checked, not trusted.
 pub fn capacity(
     trace: &Trace,
     fleet: &FleetParams,
     policy: &PolicySpec,
     target: f64,
+    below: usize,
 ) -> Result<(Option<usize>, Outcome), SimError> {
     let at = |servers: usize| simulate(trace, &FleetParams { servers, ..fleet.clone() }, policy);
     let top = at(fleet.servers)?;
@@ -159,6 +162,14 @@ pub fn capacity(
         return Ok((None, top));
     }
     let (mut lo, mut hi, mut best) = (0, fleet.servers, top);
+    if below > 0 && below < hi {
+        let o = at(below)?;
+        if o.slo_hit_rate() >= target {
+            (hi, best) = (below, o);
+        } else {
+            lo = below;
+        }
+    }
     // Invariant: `hi` servers meet the target, `lo` do not (0 trivially).
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
@@ -229,7 +240,8 @@ mod tests {
         let (config, trace) = small();
         let policy = &config.policies[2];
         let fleet = FleetParams { servers: 4, ..config.fleet };
-        let (servers, outcome) = capacity(&trace, &fleet, policy, 0.5).unwrap();
+        let (servers, outcome) = capacity(&trace, &fleet, policy, 0.5, 0).unwrap();
+        assert_eq!(capacity(&trace, &fleet, policy, 0.5, 3).unwrap().0, servers, "a wrong hint is checked");
         let servers = servers.expect("4 servers reach 50 %");
         assert!(outcome.slo_hit_rate() >= 0.5);
         if servers > 1 {
