@@ -10,7 +10,10 @@
 //! - [`table`]: the operator's view of a pool status;
 //! - [`exporter`]: the same status as a Prometheus endpoint;
 //! - [`tenants`]: per-tenant client credentials (digests) and quotas: the
-//!   tenant of a request is the one its credential belongs to.
+//!   tenant of a request is the one its credential belongs to;
+//! - [`fleetsim`]: a trace-driven simulator of a MIG fleet on the pool
+//!   (binary `gpupool-fleetsim`), and [`pool::planner`], the demand-driven
+//!   MIG layout planner it exercises.
 //!
 //! A restarted balancer loses no lease: it rebuilds its state from the
 //! servers' registrations (which carry their live sessions' lease tokens)
@@ -22,6 +25,7 @@
 pub mod config;
 mod convert;
 pub mod exporter;
+pub mod fleetsim;
 #[cfg(test)]
 mod fuzz;
 pub mod pool;

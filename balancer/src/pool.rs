@@ -63,6 +63,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Bound;
 
 pub mod fleet;
+pub mod planner;
 mod slab;
 mod types;
 
@@ -302,7 +303,13 @@ pub struct Pool {
     orders: HashMap<String, Vec<LeaseId>>,
     /// Instances (whole GPUs) holding shared leases.
     shared_hosts: BTreeSet<u32>,
+    /// The same hosts in the order a shared lease prefers them:
+    /// (busy at the last heartbeat, compute percent placed, server seq, instance).
+    shared_order: BTreeSet<SharedKey>,
 }
+
+/// A shared host's place in [`Pool::shared_order`].
+type SharedKey = (u32, u32, u64, u32);
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -354,6 +361,7 @@ impl Pool {
             moves: HashMap::new(),
             orders: HashMap::new(),
             shared_hosts: BTreeSet::new(),
+            shared_order: BTreeSet::new(),
         }
     }
 
@@ -553,7 +561,14 @@ impl Pool {
         server.memory_used = load.memory_used;
         for (uuid, busy) in load.gpu_busy {
             if server.spec.gpus.iter().any(|g| g.uuid == uuid) {
-                server.gpu_busy.insert(uuid, busy.min(1000));
+                let busy = busy.min(1000);
+                // A shared host (a whole GPU: its instance has its uuid) moves in the order.
+                if let Some(&k) = self.instance_ids.get(&uuid).filter(|k| self.shared_hosts.contains(k)) {
+                    let (percent, old) = (self.instances.get(k).shared_percent, server.gpu_busy.get(&uuid).copied());
+                    self.shared_order.remove(&(old.unwrap_or(0), percent, server.seq, k));
+                    self.shared_order.insert((busy, percent, server.seq, k));
+                }
+                server.gpu_busy.insert(uuid, busy);
             }
         }
         let live: HashSet<LeaseId> = load.live_leases.iter().copied().collect();
@@ -935,7 +950,10 @@ impl Pool {
         for k in std::mem::take(&mut server.insts) {
             let inst = self.instances.remove(k);
             self.instance_ids.remove(&inst.uuid);
-            self.shared_hosts.remove(&k);
+            if self.shared_hosts.remove(&k) {
+                let busy = server.gpu_busy.get(&inst.uuid).copied().unwrap_or(0);
+                self.shared_order.remove(&(busy, inst.shared_percent, server.seq, k));
+            }
             let class = self.classes.get_mut(inst.class);
             class.total -= 1;
             if inst.is_free() && indexed {
@@ -999,9 +1017,13 @@ impl Pool {
 
     /// Adds shared lease `id` to instance `k` (free, or holding shares).
     fn join(&mut self, k: u32, id: LeaseId, percent: u32, memory: u64) {
+        let first = self.instances.get(k).shared.is_empty();
+        if !first {
+            let old = self.shared_key(k);
+            self.shared_order.remove(&old);
+        }
         let inst = self.instances.get_mut(k);
         debug_assert!(inst.lease.is_none() && inst.profile.is_none());
-        let first = inst.shared.is_empty();
         inst.shared.push(id);
         inst.shared_percent += percent;
         inst.shared_memory += memory;
@@ -1013,11 +1035,23 @@ impl Pool {
             let leases = self.servers.get(s).leases + 1;
             self.set_server_leases(s, leases);
         }
+        let key = self.shared_key(k);
+        self.shared_order.insert(key);
+    }
+
+    /// Shared host `k`'s place in [`Pool::shared_order`].
+    fn shared_key(&self, k: u32) -> SharedKey {
+        let inst = self.instances.get(k);
+        let server = self.servers.get(inst.server);
+        let busy = server.gpu_busy.get(&inst.uuid).copied().unwrap_or(0);
+        (busy, inst.shared_percent, server.seq, k)
     }
 
     /// Takes shared lease `id` off instance `k`, which is free again when
     /// it was the last.
     fn leave(&mut self, k: u32, id: LeaseId, percent: u32, memory: u64) {
+        let old = self.shared_key(k);
+        self.shared_order.remove(&old);
         let inst = self.instances.get_mut(k);
         let pos = inst.shared.iter().position(|&l| l == id).expect("a shared lease is on its instance");
         inst.shared.remove(pos);
@@ -1029,6 +1063,9 @@ impl Pool {
         if last {
             self.shared_hosts.remove(&k);
             self.add_free(k);
+        } else {
+            let key = self.shared_key(k);
+            self.shared_order.insert(key);
         }
     }
 
@@ -1160,13 +1197,8 @@ impl Pool {
         if need.class == LeaseClass::Exclusive {
             return self.best_free(need);
         }
-        let joinable = self.shared_hosts.iter().copied().filter(|&k| self.may_join(k, need, tenant, false));
-        let best = joinable.min_by_key(|&k| {
-            let inst = self.instances.get(k);
-            let server = self.servers.get(inst.server);
-            let busy = server.gpu_busy.get(&inst.uuid).copied().unwrap_or(0);
-            (busy, inst.shared_percent, server.seq, k)
-        });
+        // In preference order: the first it may join is the best.
+        let best = self.shared_order.iter().map(|&(.., k)| k).find(|&k| self.may_join(k, need, tenant, false));
         best.or_else(|| self.best_free(need))
     }
 
@@ -1420,18 +1452,36 @@ impl Pool {
         // Where a shared lease may go depends on its tenant too.
         type Shape = (u64, u32, Option<String>, Option<String>);
         let mut failed: HashSet<Shape> = HashSet::new();
+        // When every tenant may share a GPU with every other, a shared
+        // request fails on room alone, and room only shrinks during a pass:
+        // one that asks at least as much as one that failed fails too.
+        let everyone_shares =
+            self.config.tenant_quotas.is_empty() && self.config.default_quota.share_fate_across_tenants;
+        let mut shared_failed: Vec<(u64, u32)> = Vec::new();
         let mut cursor = 0;
         while self.free_total > 0 || !self.shared_hosts.is_empty() {
             let Some((&t, w)) = self.queue.range((Bound::Excluded(cursor), Bound::Unbounded)).next() else { break };
             cursor = t;
-            let tenant = (w.req.class == LeaseClass::Shared).then(|| w.req.tenant.clone());
-            let shape = (w.req.memory, w.req.compute_percent, w.req.profile.clone(), tenant);
-            if failed.contains(&shape) {
+            let by_room = everyone_shares && w.req.class == LeaseClass::Shared;
+            let (memory, percent) = (w.req.memory, w.req.compute_percent);
+            if by_room && shared_failed.iter().any(|&(m, p)| m <= memory && p <= percent) {
+                continue;
+            }
+            let shape = (!by_room).then(|| {
+                let tenant = (w.req.class == LeaseClass::Shared).then(|| w.req.tenant.clone());
+                (memory, percent, w.req.profile.clone(), tenant)
+            });
+            if shape.as_ref().is_some_and(|shape| failed.contains(shape)) {
                 continue;
             }
             let need = Need::of(&w.req);
             let Some(k) = self.best_place(&need, &w.req.tenant) else {
-                failed.insert(shape);
+                match shape {
+                    Some(shape) => {
+                        failed.insert(shape);
+                    }
+                    None => shared_failed.push((memory, percent)),
+                }
                 continue;
             };
             let quota = self
@@ -1493,6 +1543,9 @@ impl Pool {
                 free += 1;
             }
             assert_eq!(self.shared_hosts.contains(&k), !inst.shared.is_empty());
+            if !inst.shared.is_empty() {
+                assert!(self.shared_order.contains(&self.shared_key(k)), "{} is out of the shared order", inst.uuid);
+            }
             let shared: Vec<&Lease> = inst.shared.iter().map(|id| &self.leases[id].lease).collect();
             assert_eq!(inst.shared_percent, shared.iter().map(|l| l.compute_percent).sum::<u32>());
             assert_eq!(inst.shared_memory, shared.iter().map(|l| l.memory).sum::<u64>());
@@ -1506,6 +1559,7 @@ impl Pool {
             }
         }
         assert_eq!(held.len(), self.leases.len());
+        assert_eq!(self.shared_order.len(), self.shared_hosts.len());
         assert_eq!(free, self.free_total);
         assert_eq!(self.instance_ids.len(), self.instances.len());
         // The free index.

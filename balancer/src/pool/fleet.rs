@@ -1,5 +1,6 @@
-//! Synthetic fleets built from the real H100 80GB MIG profile table, for
-//! tests and benchmarks (the lent H100 cannot switch MIG on).
+//! Synthetic fleets built from the real MIG profile tables (H100 80GB,
+//! H200 141GB, A100 80GB), for tests, benchmarks and the fleet simulator
+//! (the lent GPU cannot switch MIG on).
 
 use super::{GpuSpec, InstanceSpec, Profile, ServerSpec};
 
@@ -12,7 +13,12 @@ pub const H100_SMS: u32 = 132;
 /// Memory slices of a MIG GPU.
 pub const SLICES: u32 = 8;
 
-/// One MIG GPU-instance profile of the H100 80GB.
+/// Compute slices of a MIG GPU: the instances of one layout use at most
+/// these many (seven 1g instances fill a GPU although one memory slice is
+/// left).
+pub const COMPUTE_SLICES: u32 = 7;
+
+/// One MIG GPU-instance profile of one GPU model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProfileShape {
     /// NVML profile id.
@@ -21,6 +27,11 @@ pub struct ProfileShape {
     pub name: &'static str,
     /// Memory slices (of 8) it takes.
     pub slices: u32,
+    /// Compute slices (of [`COMPUTE_SLICES`]) it takes: the `Ng` of its name.
+    pub compute: u32,
+    /// Its memory in MiB (NVML's profile info; the H100 rows keep the
+    /// round 10 GiB a slice that the pool's tests were written with).
+    pub mib: u64,
     /// Its multiprocessors.
     pub sms: u32,
     /// Slices it may start at.
@@ -33,25 +44,114 @@ impl ProfileShape {
         Profile { id: self.id, name: self.name.to_owned() }
     }
 
-    /// Its memory: 10 GiB per slice.
+    /// Its memory in bytes.
     pub fn memory(&self) -> u64 {
-        u64::from(self.slices) * 10 * GIB
+        self.mib << 20
+    }
+}
+
+/// A MIG-capable GPU model: whole-card facts and its profile table,
+/// smallest profile first.
+#[derive(Debug)]
+pub struct GpuModel {
+    /// Short key, e.g. `"h100-80gb"`.
+    pub key: &'static str,
+    /// The name NVML reports.
+    pub name: &'static str,
+    /// Memory of the whole GPU (MIG off).
+    pub memory: u64,
+    /// Multiprocessors of the whole GPU (MIG off).
+    pub sms: u32,
+    /// GPU-instance profiles, smallest first.
+    pub profiles: &'static [ProfileShape],
+}
+
+impl GpuModel {
+    /// The profile with NVML id `id`.
+    pub fn profile(&self, id: u32) -> Option<&'static ProfileShape> {
+        self.profiles.iter().find(|p| p.id == id)
+    }
+
+    /// The model with short key `key` (`h100-80gb`, `h200-141gb`, `a100-80gb`).
+    pub fn lookup(key: &str) -> Option<&'static GpuModel> {
+        MODELS.into_iter().find(|m| m.key == key)
     }
 }
 
 /// The H100 80GB GPU-instance profiles (DESIGN.md, "MIG facts").
 pub const H100_PROFILES: [ProfileShape; 6] = [
-    ProfileShape { id: 19, name: "1g.10gb", slices: 1, sms: 16, starts: &[0, 1, 2, 3, 4, 5, 6] },
-    ProfileShape { id: 15, name: "1g.20gb", slices: 2, sms: 26, starts: &[0, 2, 4, 6] },
-    ProfileShape { id: 14, name: "2g.20gb", slices: 2, sms: 32, starts: &[0, 2, 4] },
-    ProfileShape { id: 9, name: "3g.40gb", slices: 4, sms: 60, starts: &[0, 4] },
-    ProfileShape { id: 5, name: "4g.40gb", slices: 4, sms: 64, starts: &[0] },
-    ProfileShape { id: 0, name: "7g.80gb", slices: 8, sms: 132, starts: &[0] },
+    ProfileShape {
+        id: 19,
+        name: "1g.10gb",
+        slices: 1,
+        compute: 1,
+        mib: 10240,
+        sms: 16,
+        starts: &[0, 1, 2, 3, 4, 5, 6],
+    },
+    ProfileShape { id: 15, name: "1g.20gb", slices: 2, compute: 1, mib: 20480, sms: 26, starts: &[0, 2, 4, 6] },
+    ProfileShape { id: 14, name: "2g.20gb", slices: 2, compute: 2, mib: 20480, sms: 32, starts: &[0, 2, 4] },
+    ProfileShape { id: 9, name: "3g.40gb", slices: 4, compute: 3, mib: 40960, sms: 60, starts: &[0, 4] },
+    ProfileShape { id: 5, name: "4g.40gb", slices: 4, compute: 4, mib: 40960, sms: 64, starts: &[0] },
+    ProfileShape { id: 0, name: "7g.80gb", slices: 8, compute: 7, mib: 81920, sms: 132, starts: &[0] },
 ];
+
+/// The H200 141GB profiles: the H100's shapes and multiprocessors with
+/// more memory per slice (the GPU machine's `nvidia-smi mig -lgip`).
+pub const H200_PROFILES: [ProfileShape; 6] = [
+    ProfileShape {
+        id: 19,
+        name: "1g.18gb",
+        slices: 1,
+        compute: 1,
+        mib: 16384,
+        sms: 16,
+        starts: &[0, 1, 2, 3, 4, 5, 6],
+    },
+    ProfileShape { id: 15, name: "1g.35gb", slices: 2, compute: 1, mib: 33280, sms: 26, starts: &[0, 2, 4, 6] },
+    ProfileShape { id: 14, name: "2g.35gb", slices: 2, compute: 2, mib: 33280, sms: 32, starts: &[0, 2, 4] },
+    ProfileShape { id: 9, name: "3g.71gb", slices: 4, compute: 3, mib: 71424, sms: 60, starts: &[0, 4] },
+    ProfileShape { id: 5, name: "4g.71gb", slices: 4, compute: 4, mib: 71424, sms: 64, starts: &[0] },
+    ProfileShape { id: 0, name: "7g.141gb", slices: 8, compute: 7, mib: 143360, sms: 132, starts: &[0] },
+];
+
+/// The A100 80GB profiles: the same placements, fewer multiprocessors
+/// (98 of the card's 108 are usable with MIG on).
+pub const A100_PROFILES: [ProfileShape; 6] = [
+    ProfileShape { id: 19, name: "1g.10gb", slices: 1, compute: 1, mib: 9728, sms: 14, starts: &[0, 1, 2, 3, 4, 5, 6] },
+    ProfileShape { id: 15, name: "1g.20gb", slices: 2, compute: 1, mib: 19968, sms: 14, starts: &[0, 2, 4, 6] },
+    ProfileShape { id: 14, name: "2g.20gb", slices: 2, compute: 2, mib: 19968, sms: 28, starts: &[0, 2, 4] },
+    ProfileShape { id: 9, name: "3g.40gb", slices: 4, compute: 3, mib: 40192, sms: 42, starts: &[0, 4] },
+    ProfileShape { id: 5, name: "4g.40gb", slices: 4, compute: 4, mib: 40192, sms: 56, starts: &[0] },
+    ProfileShape { id: 0, name: "7g.80gb", slices: 8, compute: 7, mib: 81152, sms: 98, starts: &[0] },
+];
+
+/// H100 80GB SXM5.
+pub const H100: GpuModel = GpuModel {
+    key: "h100-80gb",
+    name: "NVIDIA H100 80GB HBM3",
+    memory: H100_MEMORY,
+    sms: H100_SMS,
+    profiles: &H100_PROFILES,
+};
+/// H200 141GB SXM.
+pub const H200: GpuModel =
+    GpuModel { key: "h200-141gb", name: "NVIDIA H200", memory: 143_771 << 20, sms: 132, profiles: &H200_PROFILES };
+/// A100 80GB SXM4.
+pub const A100: GpuModel = GpuModel {
+    key: "a100-80gb",
+    name: "NVIDIA A100-SXM4-80GB",
+    memory: 81_920 << 20,
+    sms: 108,
+    profiles: &A100_PROFILES,
+};
+
+/// Every model with a table.
+pub const MODELS: [&GpuModel; 3] = [&H100, &H200, &A100];
 
 /// The H100 profile with NVML id `id`.
 pub fn profile(id: u32) -> Option<&'static ProfileShape> {
-    H100_PROFILES.iter().find(|p| p.id == id)
+    H100.profile(id)
 }
 
 /// Valid MIG layouts of one H100, as (profile id, start slice) pairs.
@@ -78,10 +178,18 @@ pub fn server_id(s: usize) -> String {
 /// # Panics
 /// On a profile id not in [`H100_PROFILES`].
 pub fn mig_gpu(s: usize, g: u32, layout: &[(u32, u32)]) -> GpuSpec {
+    mig_gpu_of(&H100, s, g, layout)
+}
+
+/// [`mig_gpu`] of `model`.
+///
+/// # Panics
+/// On a profile id not in `model`'s table.
+pub fn mig_gpu_of(model: &GpuModel, s: usize, g: u32, layout: &[(u32, u32)]) -> GpuSpec {
     let instances = layout
         .iter()
         .map(|&(id, start)| {
-            let shape = profile(id).expect("an H100 profile id");
+            let shape = model.profile(id).expect("a profile id of the model");
             InstanceSpec {
                 uuid: format!("MIG-{s:05}-{g}-{id}-{start}"),
                 profile: Some(shape.profile()),
@@ -93,10 +201,10 @@ pub fn mig_gpu(s: usize, g: u32, layout: &[(u32, u32)]) -> GpuSpec {
         .collect();
     GpuSpec {
         uuid: format!("GPU-{s:05}-{g}"),
-        name: "NVIDIA H100 80GB HBM3".into(),
+        name: model.name.into(),
         index: g,
-        memory: H100_MEMORY,
-        sms: H100_SMS,
+        memory: model.memory,
+        sms: model.sms,
         mig: true,
         instances,
     }
@@ -104,15 +212,21 @@ pub fn mig_gpu(s: usize, g: u32, layout: &[(u32, u32)]) -> GpuSpec {
 
 /// GPU `g` of server `s` with MIG off: one instance, the whole GPU.
 pub fn whole_gpu(s: usize, g: u32) -> GpuSpec {
+    whole_gpu_of(&H100, s, g)
+}
+
+/// [`whole_gpu`] of `model`.
+pub fn whole_gpu_of(model: &GpuModel, s: usize, g: u32) -> GpuSpec {
     let uuid = format!("GPU-{s:05}-{g}");
+    let (memory, sms) = (model.memory, model.sms);
     GpuSpec {
         uuid: uuid.clone(),
-        name: "NVIDIA H100 80GB HBM3".into(),
+        name: model.name.into(),
         index: g,
-        memory: H100_MEMORY,
-        sms: H100_SMS,
+        memory,
+        sms,
         mig: false,
-        instances: vec![InstanceSpec { uuid, profile: None, memory: H100_MEMORY, sms: H100_SMS, placement: None }],
+        instances: vec![InstanceSpec { uuid, profile: None, memory, sms, placement: None }],
     }
 }
 

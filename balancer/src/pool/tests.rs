@@ -965,3 +965,47 @@ fn draining_leaves_shared_leases_in_place() {
     assert_ne!(t.server_id, s.server_id);
     pool.check_invariants();
 }
+
+/// Every tenant may share a GPU with every other (the fleet simulator's setting).
+fn everyone_shares() -> PoolConfig {
+    PoolConfig { default_quota: Quota { share_fate_across_tenants: true, ..Quota::default() }, ..config() }
+}
+
+#[test]
+fn a_shared_lease_joins_the_gpu_with_least_placed_that_has_room() {
+    let mut pool = whole_gpus(everyone_shares(), 3);
+    let a = granted(pool.allocate(shared("a", 70, 10), T0, false));
+    let b = granted(pool.allocate(shared("b", 20, 30), T0, false));
+    assert_ne!(a.instance_uuid, b.instance_uuid, "70 + 20 GiB do not fit one GPU");
+    // The GPU with least placed (a's, 10 %) lacks the memory: the next in order takes it.
+    let c = granted(pool.allocate(shared("c", 20, 5), T0, false));
+    assert_eq!(c.instance_uuid, b.instance_uuid);
+    let d = granted(pool.allocate(shared("d", 5, 5), T0, false));
+    assert_eq!(d.instance_uuid, a.instance_uuid, "least placed first when it has room");
+    pool.release(b.id).unwrap();
+    pool.release(c.id).unwrap();
+    pool.check_invariants();
+    // b's GPU is free again: a share joins a's rather than taking it.
+    let e = granted(pool.allocate(shared("e", 1, 1), T0, false));
+    assert_eq!(e.instance_uuid, a.instance_uuid);
+    pool.check_invariants();
+}
+
+#[test]
+fn queued_shares_that_ask_more_than_a_failed_one_wait_and_smaller_ones_are_served() {
+    let mut pool = whole_gpus(everyone_shares(), 1);
+    let big = granted(pool.allocate(shared("a", 60, 60), T0, false));
+    let small = granted(pool.allocate(shared("a", 10, 10), T0, false));
+    let Ok(Allocation::Queued(t1)) = pool.allocate(shared("b", 30, 20), T0, true) else { panic!("queued") };
+    let Ok(Allocation::Queued(t2)) = pool.allocate(shared("c", 40, 30), T0, true) else { panic!("queued") };
+    let Ok(Allocation::Queued(t3)) = pool.allocate(shared("d", 15, 10), T0, true) else { panic!("queued") };
+    // 20 GiB and 30 % free: b fails, c asks more than b (skipped), d fits.
+    let grants = pool.release(small.id).unwrap();
+    assert_eq!(grants.iter().map(|g| g.ticket).collect::<Vec<_>>(), vec![t3]);
+    pool.check_invariants();
+    // 65 GiB and 90 % free: b fits; then c (40 GiB) no longer does and waits.
+    let grants = pool.release(big.id).unwrap();
+    assert_eq!(grants.iter().map(|g| g.ticket).collect::<Vec<_>>(), vec![t1]);
+    assert_eq!(pool.status(T0).queue.iter().map(|q| q.ticket).collect::<Vec<_>>(), vec![t2]);
+    pool.check_invariants();
+}

@@ -293,6 +293,11 @@ impl PoolConfig {
 
     /// The quota that applies to `tenant`.
     pub fn quota(&self, tenant: &str) -> Quota {
+        // Placing a shared lease asks this for every lease on every GPU it
+        // may join: skip hashing the name when no tenant has its own.
+        if self.tenant_quotas.is_empty() {
+            return self.default_quota;
+        }
         self.tenant_quotas.get(tenant).copied().unwrap_or(self.default_quota)
     }
 }
