@@ -43,6 +43,10 @@ pub struct BalancerConfig {
     /// TLS on the gRPC service; `None`: plaintext, an explicit opt-in
     /// (`--insecure`) for networks trusted with leases and secrets.
     pub tls: Option<TlsSettings>,
+    /// Dynamic MIG layouts (`--mig-policy dynamic`): how often idle MIG
+    /// GPUs are planned anew from demand (`pool::relayout`); `None` (the
+    /// default): layouts stay as servers registered them.
+    pub mig_plan_interval: Option<Duration>,
 }
 
 /// How clients authenticate.
@@ -138,6 +142,7 @@ impl BalancerConfig {
             shutdown_grace: Duration::from_secs(5),
             metrics_listen: None,
             tls: Some(TlsSettings::self_signed()),
+            mig_plan_interval: None,
         }
     }
 
@@ -187,6 +192,7 @@ impl BalancerConfig {
     /// The pool's configuration with the tenants file's quotas added.
     pub(crate) fn pool_config(&self) -> PoolConfig {
         let mut pool = self.pool.clone();
+        pool.dynamic_layouts |= self.mig_plan_interval.is_some();
         for (tenant, quota) in self.clients.tenants.quotas() {
             pool.tenant_quotas.entry(tenant.clone()).or_insert(*quota);
         }

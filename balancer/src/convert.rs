@@ -199,6 +199,7 @@ pub(crate) fn status(view: &pool::PoolView) -> pb::PoolStatus {
         expirations: view.counters.expirations,
         queue_timeouts: 0,
         tenant: String::new(),
+        relayouts: view.counters.relayouts,
     }
 }
 

@@ -167,6 +167,14 @@ struct Serve {
     /// host memory they swap into.
     #[arg(long, env = "GPUPOOL_MEMORY_OVERCOMMIT_PERCENT", default_value_t = 100)]
     memory_overcommit_percent: u32,
+    /// MIG layouts: `static` (as servers registered them) or `dynamic`
+    /// (idle MIG GPUs laid out anew from the demand of leases and waiting
+    /// requests, every --mig-plan-interval-ms; docs/fleetsim.md).
+    #[arg(long, env = "GPUPOOL_MIG_POLICY", default_value = "static", value_parser = ["static", "dynamic"])]
+    mig_policy: String,
+    /// With `--mig-policy dynamic`: how often to plan (ms).
+    #[arg(long, env = "GPUPOOL_MIG_PLAN_INTERVAL_MS", default_value_t = 10_000)]
+    mig_plan_interval_ms: u64,
     /// After a start, grant nothing new for this long (ms) so that live
     /// leases come back first. Default: one renew interval plus one
     /// heartbeat interval plus a second.
@@ -256,6 +264,7 @@ fn config(s: Serve) -> anyhow::Result<BalancerConfig> {
     c.pool.heartbeat_timeout_ms = s.heartbeat_timeout_ms;
     c.pool.queue_capacity = s.queue;
     c.pool.memory_overcommit_percent = s.memory_overcommit_percent;
+    c.mig_plan_interval = (s.mig_policy == "dynamic").then(|| Duration::from_millis(s.mig_plan_interval_ms.max(100)));
     c.heartbeat_interval = Duration::from_millis(s.heartbeat_ms);
     c.pool.recovery_ms = s.recovery_ms.unwrap_or(s.lease_ttl_ms / 3 + s.heartbeat_ms + 1_000);
     for q in &s.quotas {

@@ -64,6 +64,7 @@ use std::ops::Bound;
 
 pub mod fleet;
 pub mod planner;
+mod relayout;
 mod slab;
 mod types;
 
@@ -72,6 +73,7 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
+pub use relayout::Relayout;
 use slab::Slab;
 pub use types::{
     Adopt, Allocation, Counters, DrainPlan, GpuSpec, GpuView, Grant, InstanceSpec, Lease, LeaseClass, LeaseId, Load,
@@ -306,6 +308,8 @@ pub struct Pool {
     /// The same hosts in the order a shared lease prefers them:
     /// (busy at the last heartbeat, compute percent placed, server seq, instance).
     shared_order: BTreeSet<SharedKey>,
+    /// Dynamic MIG layouts: orders and GPUs out for re-layout.
+    relayouts: relayout::Relayouts,
 }
 
 /// A shared host's place in [`Pool::shared_order`].
@@ -362,6 +366,7 @@ impl Pool {
             orders: HashMap::new(),
             shared_hosts: BTreeSet::new(),
             shared_order: BTreeSet::new(),
+            relayouts: relayout::Relayouts::default(),
         }
     }
 
@@ -425,6 +430,7 @@ impl Pool {
         if !problems.is_empty() {
             return Err(PoolError::InvalidRequest(problems.join("; ")));
         }
+        self.relayouts_registered(&spec.id);
         let s = match self.server_ids.get(&spec.id) {
             Some(&s) => {
                 self.replace_server(s, spec, now_ms);
@@ -682,6 +688,10 @@ impl Pool {
             Some(memory) => memory,
             // While recovering, servers may still be coming back.
             None if recovering => req.memory,
+            // A MIG GPU laid out anew may hold it.
+            None if self.config.dynamic_layouts && self.creatable_memory(&need).is_some() => {
+                self.creatable_memory(&need).unwrap_or(req.memory)
+            }
             None => return Err(PoolError::Unsatisfiable { reason: self.unsatisfiable_reason(&need) }),
         };
         self.check_memory_quota(&req.tenant, reserve, 0)?;

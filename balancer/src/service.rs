@@ -446,7 +446,7 @@ impl BalancerRpc for Service {
             live_leases: req.live_lease_ids.iter().map(|&id| pool::LeaseId(id)).collect(),
             gpu_busy: req.gpu_loads.iter().map(|g| (g.uuid.clone(), g.busy_permille)).collect(),
         };
-        let (ended, orders) = {
+        let (ended, orders, relayouts) = {
             let mut inner = self.state.lock();
             for m in &req.migrations {
                 let outcome = if m.error.is_empty() { Ok(()) } else { Err(m.error.clone()) };
@@ -466,13 +466,25 @@ impl BalancerRpc for Service {
             let now = unix_ms_now();
             let ended = inner.pool.heartbeat(&req.server_id, load, now);
             let orders = inner.pool.take_orders(&req.server_id, now);
+            let relayouts = inner.pool.take_relayouts(&req.server_id);
             deliver(&mut inner, Vec::new());
-            (ended.map_err(status)?, orders)
+            (ended.map_err(status)?, orders, relayouts)
         };
+        for r in &req.relayouts {
+            if r.error.is_empty() {
+                tracing::info!(server = req.server_id, gpu = r.gpu_uuid, "MIG GPU laid out anew");
+            } else {
+                tracing::warn!(server = req.server_id, gpu = r.gpu_uuid, reason = r.error, "MIG GPU not laid out anew");
+            }
+        }
         let migrations = orders.iter().map(|l| pb::MigrationOrder { lease: Some(self.state.lease_reply(l)) }).collect();
         Ok(Response::new(pb::HeartbeatReply {
             ended_lease_ids: ended.into_iter().map(|id| id.0).collect(),
             migrations,
+            relayouts: relayouts
+                .into_iter()
+                .map(|r| pb::RelayoutOrder { gpu_uuid: r.gpu_uuid, profiles: r.profiles })
+                .collect(),
         }))
     }
 
@@ -610,21 +622,38 @@ fn snapshot(state: &State) -> pb::PoolStatus {
     status
 }
 
+/// Most MIG GPUs one plan lays out anew.
+const MAX_RELAYOUTS: usize = 8;
+
 /// Expires leases, drains silent servers and serves the queue, every tick.
 async fn ticker(state: Arc<State>, mut stop: watch::Receiver<bool>) {
     let mut every = tokio::time::interval(state.config.tick_interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut planned = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = every.tick() => {}
             _ = stop.changed() => return,
         }
-        let tick = {
+        // Dynamic MIG layouts: idle GPUs planned anew from demand.
+        let plan = state.config.mig_plan_interval.is_some_and(|every| planned.elapsed() >= every);
+        let (tick, relayouts) = {
             let mut inner = state.lock();
-            let mut tick = inner.pool.tick(unix_ms_now());
+            let now = unix_ms_now();
+            let relayouts = if plan { inner.pool.plan_layouts(MAX_RELAYOUTS, now) } else { Vec::new() };
+            let mut tick = inner.pool.tick(now);
             deliver(&mut inner, std::mem::take(&mut tick.grants));
-            tick
+            (tick, relayouts)
         };
+        if plan {
+            planned = tokio::time::Instant::now();
+        }
+        for r in &relayouts {
+            tracing::info!(server = r.server_id, gpu = r.gpu_uuid, layout = ?r.profiles, "MIG GPU to be laid out anew");
+        }
+        if !relayouts.is_empty() {
+            state.changed();
+        }
         for server in &tick.drained {
             tracing::warn!(%server, "server missed its heartbeats: drained, its instances left the pool");
         }

@@ -63,6 +63,10 @@ pub enum AuthError {
 /// Decides whether a token opens a session.
 pub trait Authenticator: Send + Sync + std::fmt::Debug + 'static {
     fn authenticate(&self, token: &str) -> Result<Grant, AuthError>;
+
+    /// The instances served changed (a MIG GPU laid out anew): leases name
+    /// these from now on. Authenticators that do not check instances ignore it.
+    fn set_instances(&self, _instances: HashSet<String>) {}
 }
 
 /// A fixed set of shared-secret tokens.
@@ -108,17 +112,17 @@ impl Authenticator for StaticTokens {
 
 /// Leases signed by the balancer, for this server's instances; shared
 /// secrets too when configured (operators' and tests' direct access).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct LeaseTokens {
     verifier: LeaseVerifier,
     server_id: String,
-    instances: HashSet<String>,
+    instances: std::sync::RwLock<HashSet<String>>,
     statics: StaticTokens,
 }
 
 impl LeaseTokens {
     pub fn new(verifier: LeaseVerifier, server_id: String, instances: HashSet<String>, statics: Vec<String>) -> Self {
-        Self { verifier, server_id, instances, statics: StaticTokens::new(statics) }
+        Self { verifier, server_id, instances: std::sync::RwLock::new(instances), statics: StaticTokens::new(statics) }
     }
 }
 
@@ -131,7 +135,9 @@ impl Authenticator for LeaseTokens {
         if claims.server_id != self.server_id {
             return Err(AuthError::Foreign { lease_id: claims.lease_id, what: format!("server {}", claims.server_id) });
         }
-        if !self.instances.contains(&claims.instance_uuid) {
+        let served =
+            self.instances.read().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&claims.instance_uuid);
+        if !served {
             return Err(AuthError::Foreign {
                 lease_id: claims.lease_id,
                 what: format!("instance {}", claims.instance_uuid),
@@ -153,6 +159,10 @@ impl Authenticator for LeaseTokens {
             }),
             resume_secret: None,
         })
+    }
+
+    fn set_instances(&self, instances: HashSet<String>) {
+        *self.instances.write().unwrap_or_else(std::sync::PoisonError::into_inner) = instances;
     }
 }
 

@@ -206,6 +206,11 @@ pub struct ServerConfig {
     /// Whether workers of shared leases run as clients of this server's
     /// MPS daemon (`docs/sharing.md`).
     pub mps: MpsSettings,
+    /// The NVML (or simulated) control the served instances came from
+    /// (`--instances nvml|simulated:…`); with it, a balancer with dynamic
+    /// MIG layouts may have an idle MIG GPU laid out anew. `None`: layouts
+    /// stay as they are.
+    pub mig_control: Option<std::sync::Arc<dyn crate::mig::MigControl>>,
 }
 
 /// When sessions of shared leases run under the server's MPS daemon.
@@ -310,6 +315,7 @@ impl ServerConfig {
             swap: None,
             swap_disk: None,
             mps: MpsSettings::default(),
+            mig_control: None,
         }
     }
 

@@ -183,16 +183,19 @@ fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     Ok((low, high))
 }
 
-/// The GPUs and instances `--instances` names.
-fn served_gpus(instances: &str, layout: Option<&[String]>) -> anyhow::Result<Vec<mig::ServedGpu>> {
-    let ctl: Box<dyn mig::MigControl> = match instances {
+/// The GPUs and instances `--instances` names, and the control they came
+/// from (none for `device`).
+type Served = (Vec<mig::ServedGpu>, Option<std::sync::Arc<dyn mig::MigControl>>);
+
+fn served_gpus(instances: &str, layout: Option<&[String]>) -> anyhow::Result<Served> {
+    let ctl: std::sync::Arc<dyn mig::MigControl> = match instances {
         "device" => {
             anyhow::ensure!(layout.is_none(), "--mig-layout needs --instances nvml or simulated:SPEC");
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
-        "nvml" => Box::new(mig::RealNvml::open().context("opening NVML")?),
+        "nvml" => std::sync::Arc::new(mig::RealNvml::open().context("opening NVML")?),
         other => match other.strip_prefix("simulated:") {
-            Some(spec) => Box::new(mig::SimulatedNvml::from_spec(spec).context("simulated topology")?),
+            Some(spec) => std::sync::Arc::new(mig::SimulatedNvml::from_spec(spec).context("simulated topology")?),
             None => anyhow::bail!("unknown --instances {other:?}: use device, nvml or simulated:SPEC"),
         },
     };
@@ -202,7 +205,7 @@ fn served_gpus(instances: &str, layout: Option<&[String]>) -> anyhow::Result<Vec
             tracing::info!(gpu = g.index, name = %g.name, instance = %i.uuid, memory = i.memory, sms = i.sms, "serving");
         }
     }
-    Ok(gpus)
+    Ok((gpus, Some(ctl)))
 }
 
 fn host_name() -> Option<String> {
@@ -270,7 +273,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             start_timeout: std::time::Duration::from_secs(60),
         };
     }
-    config.gpus = served_gpus(&args.instances, args.mig_layout.as_deref())?;
+    (config.gpus, config.mig_control) = served_gpus(&args.instances, args.mig_layout.as_deref())?;
     if let Some(url) = args.balancer {
         let server_id = match args.server_id {
             Some(id) => id,

@@ -422,6 +422,7 @@ pub fn linked_config(link: gpupool_server::BalancerLink, spec: &str, layout: Opt
     c.tokens = Vec::new();
     let nvml = gpupool_server::mig::SimulatedNvml::from_spec(spec).expect("topology");
     c.gpus = gpupool_server::mig::prepare(&nvml, layout).expect("layout");
+    c.mig_control = Some(Arc::new(nvml));
     c.balancer = Some(link);
     c
 }

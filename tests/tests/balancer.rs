@@ -939,3 +939,56 @@ fn the_temporal_share_splits_a_gpu_by_the_leases_percentages() {
     assert!(small_rounds > 0, "the 25 % session still runs");
     assert!(ratio >= 1.8, "75 % against 25 % got a ratio of {ratio:.2} ({big_rounds}/{small_rounds})");
 }
+
+/// Dynamic MIG layouts end to end (issue 25): a balancer with
+/// `--mig-policy dynamic` and a server on a simulated H100 pair, one GPU
+/// with one 1g.10gb instance, the other with two. A client holds a 1g.10gb
+/// lease; another asks for a 3g.40gb, which no GPU has: the request waits,
+/// the balancer plans a new layout for an idle GPU, the server lays it out
+/// through (simulated) NVML and registers the new instances, and the
+/// waiting client gets its 3g.40gb lease and works. The first lease and its
+/// session are untouched.
+#[test]
+fn dynamic_layouts_lay_out_an_idle_gpu_for_a_waiting_lease() {
+    let mut config = balancer_config(LeaseSigner::from_seed([26; 32]));
+    config.mig_plan_interval = Some(Duration::from_millis(200));
+    let balancer = TestBalancer::start(config).expect("balancer");
+    let spec = "h100-80gb:mig=1g.10gb,h100-80gb:mig=1g.10gb+1g.10gb";
+    let mut c = gpupool_tests::linked_config(balancer.link("h100"), spec, None);
+    c.isolation = match c.isolation {
+        gpupool_server::Isolation::Process { command, start_timeout, .. } => {
+            gpupool_server::Isolation::Process { command, warm: 0, start_timeout }
+        }
+        other => other,
+    };
+    let _server = TestServer::start(c).expect("server starts");
+    let mut grpc = Grpc::connect(&balancer);
+    grpc.wait_for("the server", |s| instances(s) == 3);
+    let request = |profile: &str| {
+        let mut req = PoolRequest::new(balancer.url(), balancer.trust(), "team-a");
+        req.profile = Some(profile.into());
+        req.wait = Duration::from_secs(60);
+        req
+    };
+    let small = Session::connect_pooled(&request("1g.10gb"), &template()).expect("a 1g.10gb lease");
+    round_trip(&small, 1);
+    let small_lease = small.lease().expect("lease");
+    let large = Session::connect_pooled(&request("3g.40gb"), &template()).expect("a 3g.40gb lease, once laid out");
+    let large_lease = large.lease().expect("lease");
+    assert_eq!(large_lease.profile.map(|p| p.name).as_deref(), Some("3g.40gb"));
+    round_trip(&large, 2);
+    // The first lease and session are untouched.
+    round_trip(&small, 3);
+    let status = grpc.status();
+    assert!(status.leases.iter().any(|l| l.lease_id == small_lease.lease_id), "the first lease stands");
+    assert_eq!(status.relayouts, 1, "one GPU laid out anew");
+    let profiles: Vec<String> = status
+        .servers
+        .iter()
+        .flat_map(|s| &s.gpus)
+        .flat_map(|g| &g.instances)
+        .filter_map(|i| i.profile.as_ref().map(|p| p.name.clone()))
+        .collect();
+    assert!(profiles.contains(&"3g.40gb".to_string()), "the new instance is registered: {profiles:?}");
+    assert!(profiles.contains(&"1g.10gb".to_string()), "the leased one stays: {profiles:?}");
+}

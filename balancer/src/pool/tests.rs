@@ -1009,3 +1009,74 @@ fn queued_shares_that_ask_more_than_a_failed_one_wait_and_smaller_ones_are_serve
     assert_eq!(pool.status(T0).queue.iter().map(|q| q.ticket).collect::<Vec<_>>(), vec![t2]);
     pool.check_invariants();
 }
+
+/// Places `names` (H100 profile names) on a GPU the way a server would:
+/// each at the first start it may take that nothing occupies.
+fn placed(names: &[String]) -> Vec<(u32, u32)> {
+    let mut used = 0u32;
+    let mut layout = Vec::new();
+    for name in names {
+        let p = fleet::H100.profiles.iter().find(|p| p.name == name).expect("an H100 profile");
+        let start = p.starts.iter().copied().find(|&s| used & (((1 << p.slices) - 1) << s) == 0).expect("room");
+        used |= ((1 << p.slices) - 1) << start;
+        layout.push((p.id, start));
+    }
+    layout
+}
+
+#[test]
+fn dynamic_layouts_lay_out_an_idle_gpu_for_what_waits_and_lose_no_lease() {
+    let spec = |second: &[(u32, u32)]| {
+        fleet::server(0, vec![fleet::mig_gpu(0, 0, fleet::LAYOUTS[0]), fleet::mig_gpu(0, 1, second)])
+    };
+    let dynamic = PoolConfig { dynamic_layouts: true, ..config() };
+    // Static layouts: no 3g.40gb anywhere is a request that cannot be met.
+    let mut pool = pool_with(config(), vec![spec(fleet::LAYOUTS[0])]);
+    let refused = pool.allocate(profile("b", "3g.40gb"), T0 + 1, true);
+    assert!(matches!(refused, Err(PoolError::Unsatisfiable { .. })), "{refused:?}");
+    let mut pool = pool_with(dynamic, vec![spec(fleet::LAYOUTS[0])]);
+    // Nothing waits: nothing to change.
+    assert!(pool.plan_layouts(8, T0 + 1).is_empty());
+    let small = granted(pool.allocate(profile("a", "1g.10gb"), T0 + 2, false));
+    let ticket = queued(pool.allocate(profile("b", "3g.40gb"), T0 + 3, true));
+    let orders = pool.plan_layouts(8, T0 + 4);
+    assert_eq!(orders.len(), 1, "{orders:?}");
+    let order = &orders[0];
+    let idle = small.instance_uuid.clone();
+    assert!(!idle.is_empty());
+    assert!(order.profiles.iter().any(|p| p == "3g.40gb"), "{order:?}");
+    assert_eq!(order.server_id, fleet::server_id(0));
+    // The GPU chosen is the idle one (the other holds a lease), and its
+    // instances left placement at once.
+    assert_eq!(pool.instance_counts().0, 7, "only the first GPU's instances stay");
+    assert!(pool.plan_layouts(8, T0 + 5).is_empty(), "a GPU out for re-layout is not planned again");
+    assert_eq!(pool.take_relayouts(&fleet::server_id(0)), orders);
+    assert!(pool.take_relayouts(&fleet::server_id(0)).is_empty(), "an order is delivered once");
+    assert_eq!(pool.relayouts_pending(), 1);
+    // The server laid it out and registers again: the waiter is served
+    // from the new instance, the other lease stays.
+    let grants = pool.register(spec(&placed(&order.profiles)), T0 + 6).expect("registers");
+    assert_eq!(grants.len(), 1, "{grants:?}");
+    assert_eq!((grants[0].ticket, profile_name(&grants[0].lease)), (ticket, Some("3g.40gb")));
+    assert!(pool.lease(small.id).is_some(), "the lease on the other GPU stays");
+    assert_eq!(pool.relayouts_pending(), 0);
+    assert_eq!(pool.counters().relayouts, 1);
+    assert_eq!(pool.counters().lost, 0);
+    pool.check_invariants();
+}
+
+#[test]
+fn a_gpu_with_a_lease_is_never_laid_out_anew() {
+    let mut pool = pool_with(
+        PoolConfig { dynamic_layouts: true, ..config() },
+        vec![fleet::server(0, vec![fleet::mig_gpu(0, 0, fleet::LAYOUTS[0])])],
+    );
+    let held = granted(pool.allocate(profile("a", "1g.10gb"), T0 + 1, false));
+    queued(pool.allocate(profile("b", "3g.40gb"), T0 + 2, true));
+    assert!(pool.plan_layouts(8, T0 + 3).is_empty(), "its only GPU holds a lease");
+    assert!(pool.lease(held.id).is_some());
+    // Released: now it may be.
+    pool.release(held.id).expect("release");
+    assert_eq!(pool.plan_layouts(8, T0 + 4).len(), 1);
+    pool.check_invariants();
+}

@@ -227,6 +227,10 @@ pub struct PoolConfig {
     /// its memory (100: no overcommit), on servers that swap idle sessions
     /// out, and by at most the host memory such a server swaps into.
     pub memory_overcommit_percent: u32,
+    /// MIG GPUs may be laid out anew ([`Pool::plan_layouts`]): a request
+    /// that no registered instance fits waits when a profile of a
+    /// registered MIG GPU would fit it.
+    pub dynamic_layouts: bool,
 }
 
 impl Default for PoolConfig {
@@ -241,6 +245,7 @@ impl Default for PoolConfig {
             tenant_quotas: HashMap::new(),
             id_seed: 0,
             memory_overcommit_percent: 100,
+            dynamic_layouts: false,
         }
     }
 }
@@ -426,6 +431,8 @@ pub struct Counters {
     pub queued: u64,
     /// Queued requests cancelled (timed out or given up).
     pub cancelled: u64,
+    /// MIG GPUs ordered to be laid out anew (dynamic layouts).
+    pub relayouts: u64,
 }
 
 /// The whole pool, for operators.

@@ -227,8 +227,10 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
                 Some((pool, memory)) => {
                     let migrated_in = matches!(start, Start::Migrated(_));
                     let group = workers.group_for(&grant);
+                    let group = group.as_ref().map(|(g, percent)| (g, *percent));
                     let metered = workers.share_for(&grant);
-                    run_in_worker(&shared, pool, memory, group, metered, conn, id, quota, &grant, send, migrated_in)
+                    let metered = metered.as_ref().map(|(g, percent)| (g, *percent));
+                    run_in_worker(&shared, &pool, &memory, group, metered, conn, id, quota, &grant, send, migrated_in)
                         .await
                 }
                 None => {

@@ -113,12 +113,52 @@ fn migrate(shared: &Arc<Shared>, order: pb::MigrationOrder, outcomes: &Outcomes)
     });
 }
 
-/// Keeps this server registered until `stop` turns true.
+/// Outcomes of ordered re-layouts not yet reported, and the signal to
+/// register again once one is done.
+#[derive(Default)]
+struct Relayouts {
+    outcomes: std::sync::Mutex<Vec<pb::RelayoutResult>>,
+    done: tokio::sync::Notify,
+}
+
+impl Relayouts {
+    fn report(&self, gpu_uuid: String, result: Result<(), String>) {
+        let error = result.err().unwrap_or_default();
+        self.outcomes.lock().unwrap_or_else(|e| e.into_inner()).push(pb::RelayoutResult { gpu_uuid, error });
+        self.done.notify_one();
+    }
+
+    fn take(&self) -> Vec<pb::RelayoutResult> {
+        std::mem::take(&mut *self.outcomes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// Lays out a MIG GPU anew as the balancer ordered (`super::relayout`),
+/// off the heartbeat loop; its outcome makes the loop register again.
+fn relayout(
+    shared: &Arc<Shared>,
+    workers: Option<&Arc<super::state::Workers>>,
+    order: pb::RelayoutOrder,
+    relayouts: &Arc<Relayouts>,
+) {
+    let Some(workers) = workers.cloned() else {
+        let why = "sessions run in this process (--isolation in-process): no MIG instances to lay out";
+        return relayouts.report(order.gpu_uuid, Err(why.into()));
+    };
+    let (shared, relayouts) = (shared.clone(), relayouts.clone());
+    tokio::spawn(async move {
+        let result = super::relayout::relayout(&shared, &workers, &order).await;
+        relayouts.report(order.gpu_uuid, result);
+    });
+}
+
+/// Keeps this server registered until `stop` turns true. `workers`: the
+/// worker pools (none in-process), which re-layouts change.
 pub(crate) async fn run(
     link: BalancerLink,
-    gpus: Vec<pb::Gpu>,
     fingerprint: String,
     shared: Arc<Shared>,
+    workers: Option<Arc<super::state::Workers>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let channel = match link.endpoint() {
@@ -134,7 +174,10 @@ pub(crate) async fn run(
     let mut busy = super::load::NvmlBusy::open();
     // Outcomes of the migrations the balancer ordered, for the next heartbeat.
     let outcomes: Outcomes = Arc::default();
+    let relayouts: Arc<Relayouts> = Arc::default();
     loop {
+        // What is served now (re-layouts change it).
+        let gpus = registration_gpus(&shared.served_gpus());
         let live_leases = shared.leased().values().map(|s| s.token.clone()).collect();
         let register = pb::RegisterRequest {
             server_id: link.server_id.clone(),
@@ -186,12 +229,16 @@ pub(crate) async fn run(
             tokio::select! {
                 _ = every.tick() => {}
                 _ = stop.changed() => return,
+                // A GPU was laid out anew (or not): the balancer learns its
+                // instances from a registration.
+                () = relayouts.done.notified() => break,
             }
             let (sessions, memory, ids) = {
                 let leased = shared.leased();
                 (leased.len() as u32, leased.values().map(|s| s.memory_used).sum(), leased.keys().copied().collect())
             };
             let migrations = std::mem::take(&mut *outcomes.lock().unwrap_or_else(|e| e.into_inner()));
+            let relaid = relayouts.take();
             let beat = pb::HeartbeatRequest {
                 server_id: link.server_id.clone(),
                 sessions,
@@ -200,12 +247,16 @@ pub(crate) async fn run(
                 migrations: migrations.clone(),
                 // GPUs left out (no NVML, MIG) count as idle at the balancer.
                 gpu_loads: busy.as_mut().map_or_else(Vec::new, |b| super::load::gpu_loads(b, &gpus)),
+                relayouts: relaid.clone(),
             };
             match client.heartbeat(authorized(&link.secret, beat)).await {
                 Ok(reply) => {
                     let reply = reply.into_inner();
                     for order in reply.migrations {
                         migrate(&shared, order, &outcomes);
+                    }
+                    for order in reply.relayouts {
+                        relayout(&shared, workers.as_ref(), order, &relayouts);
                     }
                     let ended = reply.ended_lease_ids;
                     if let Some(check) = &shared.lease_check {
@@ -222,6 +273,7 @@ pub(crate) async fn run(
                 Err(e) => {
                     // Reported again with the next heartbeat.
                     outcomes.lock().unwrap_or_else(|e| e.into_inner()).extend(migrations);
+                    relayouts.outcomes.lock().unwrap_or_else(|e| e.into_inner()).extend(relaid);
                     tracing::warn!(error = %gpupool_proto::grpc_tls::describe(&e), "heartbeat failed");
                 }
             }

@@ -31,6 +31,7 @@ mod local;
 pub mod metrics;
 mod migrate;
 mod mps_group;
+mod relayout;
 mod resume;
 mod revocation;
 mod state;
@@ -48,7 +49,7 @@ use crate::error::ServerError;
 use crate::pool::WorkerPool;
 use crate::tls::Identity;
 use gpupool_proto::close_code;
-use state::{AnyDevice, Mode, Shared, Workers};
+use state::{AnyDevice, Mode, PoolRecipe, Served, Shared, Workers};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -122,12 +123,14 @@ impl Server {
                 let (chain, key) = identity.to_der();
                 let spec = crate::worker_spec::spec_from_config(&config, chain, key);
                 let mps_dir = config.mps.dir.clone().unwrap_or_else(mps_group::default_dir);
+                let recipe = PoolRecipe { command: command.clone(), spec, warm: *warm, start_timeout: *start_timeout };
                 let mut groups = std::collections::HashMap::new();
-                let pools = if config.gpus.is_empty() {
+                let served = if config.gpus.is_empty() {
                     // One device: its whole GPU, as CUDA_VISIBLE_DEVICES
                     // (or none) of this process shows it.
                     groups.insert(String::new(), mps_group::MpsGroup::new(&config.mps, mps_dir.clone(), None));
-                    vec![(String::new(), WorkerPool::new(command.clone(), &spec, *warm, *start_timeout))]
+                    let pool = WorkerPool::new(command.clone(), &recipe.spec, *warm, *start_timeout);
+                    vec![Served { uuid: String::new(), memory: instance_memory(&config, None), pool }]
                 } else {
                     let instances = config.gpus.iter().flat_map(|g| &g.instances);
                     instances
@@ -141,41 +144,11 @@ impl Server {
                                 groups
                                     .insert(instance.uuid.clone(), mps_group::MpsGroup::new(&config.mps, dir, devices));
                             }
-                            let mut spec = spec.clone();
-                            spec.memory_quota = instance.memory;
-                            // Under CUDA_VISIBLE_DEVICES the instance is device 0.
-                            spec.device = match config.device {
-                                DeviceChoice::Emulated { .. } => DeviceChoice::Emulated { memory: instance.memory },
-                                _ => DeviceChoice::Cuda { ordinal: 0 },
-                            }
-                            .to_string();
-                            let env = vec![("CUDA_VISIBLE_DEVICES".to_string(), instance.visible_devices.clone())];
-                            let pool = WorkerPool::with_env(command.clone(), env, &spec, *warm, *start_timeout);
-                            (instance.uuid.clone(), pool)
+                            serve_instance(&config, &recipe, instance)
                         })
                         .collect()
                 };
-                // One ledger per served device or instance: its workers'
-                // sessions swap against each other, not across instances.
-                let memory = pools
-                    .iter()
-                    .map(|(uuid, _)| {
-                        let instance = config.gpus.iter().flat_map(|g| &g.instances).find(|i| i.uuid == *uuid);
-                        let device = match (instance, config.device) {
-                            (Some(i), _) => i.memory,
-                            (None, DeviceChoice::Emulated { memory }) => memory,
-                            // Learned from the first worker's report.
-                            (None, _) => u64::MAX,
-                        };
-                        let swap = config.swap.map(|s| crate::swap::SwapConfig {
-                            device_bytes: s.device_bytes.unwrap_or(device),
-                            host_bytes: s.host_bytes,
-                            wait: s.wait,
-                        });
-                        crate::swap::DeviceMemory::with_disk(swap, config.swap_disk.clone())
-                    })
-                    .collect();
-                Mode::Workers(Arc::new(Workers { pools, memory, groups }))
+                Mode::Workers(Arc::new(Workers::new(served, groups, recipe)))
             }
         };
         let bulk = match &mode {
@@ -237,7 +210,7 @@ impl Server {
     /// be opened there; in-process the device is already open.
     pub async fn ready(&self) -> Result<(), ServerError> {
         if let Mode::Workers(workers) = &self.mode {
-            for (instance, pool) in &workers.pools {
+            for Served { uuid: instance, pool, .. } in workers.served() {
                 let r = pool.probe().await?;
                 tracing::info!(backend = %r.backend, device = %r.device_name, %instance, "session workers ready");
                 pool.fill();
@@ -251,11 +224,13 @@ impl Server {
     pub fn backend(&self) -> &'static str {
         match &self.mode {
             Mode::Local(d) => d.description().backend,
-            Mode::Workers(w) => match w.pools.first().and_then(|(_, p)| p.probe_result()).map(|r| r.backend.as_str()) {
-                Some("cuda") => "cuda",
-                Some("emulated") => "emulated",
-                _ => "unknown",
-            },
+            Mode::Workers(w) => {
+                match w.served().first().and_then(|s| s.pool.probe_result()).map(|r| r.backend.as_str()) {
+                    Some("cuda") => "cuda",
+                    Some("emulated") => "emulated",
+                    _ => "unknown",
+                }
+            }
         }
     }
 
@@ -279,7 +254,7 @@ impl Server {
     pub fn worker_pool(&self) -> Option<Arc<WorkerPool>> {
         match &self.mode {
             Mode::Local(_) => None,
-            Mode::Workers(w) => w.pools.first().map(|(_, p)| p.clone()),
+            Mode::Workers(w) => w.served().first().map(|s| s.pool.clone()),
         }
     }
 
@@ -294,9 +269,12 @@ impl Server {
             if let Some(host) = link.advertise.strip_suffix(":0") {
                 link.advertise = format!("{host}:{}", self.local_addr().port());
             }
-            let gpus = link::registration_gpus(&self.shared.config.gpus);
             let fingerprint = self.fingerprint.clone();
-            tokio::spawn(link::run(link, gpus, fingerprint, self.shared.clone(), link_stopped))
+            let workers = match &self.mode {
+                Mode::Workers(w) => Some(w.clone()),
+                Mode::Local(_) => None,
+            };
+            tokio::spawn(link::run(link, fingerprint, self.shared.clone(), workers, link_stopped))
         });
         self.bulk.serve(&self.shared);
         let shm = self.shm.take().map(|listener| {
@@ -332,8 +310,8 @@ impl Server {
             let _ = link.await;
         }
         if let Mode::Workers(workers) = &self.mode {
-            for (_, pool) in &workers.pools {
-                pool.close();
+            for s in workers.served() {
+                s.pool.close();
             }
         }
         let groups = match &self.mode {
@@ -455,4 +433,40 @@ impl Migrator {
             .await
             .map_err(|reason| ServerError::Migration { session: id, reason })
     }
+}
+
+/// A served instance's worker pool (bound to it by `CUDA_VISIBLE_DEVICES`)
+/// and its device memory ledger.
+fn serve_instance(config: &ServerConfig, recipe: &PoolRecipe, instance: &crate::mig::ServedInstance) -> Served {
+    let mut spec = recipe.spec.clone();
+    spec.memory_quota = instance.memory;
+    // Under CUDA_VISIBLE_DEVICES the instance is device 0.
+    spec.device = match config.device {
+        DeviceChoice::Emulated { .. } => DeviceChoice::Emulated { memory: instance.memory },
+        _ => DeviceChoice::Cuda { ordinal: 0 },
+    }
+    .to_string();
+    let env = vec![("CUDA_VISIBLE_DEVICES".to_string(), instance.visible_devices.clone())];
+    let pool = WorkerPool::with_env(recipe.command.clone(), env, &spec, recipe.warm, recipe.start_timeout);
+    Served { uuid: instance.uuid.clone(), pool, memory: instance_memory(config, Some(instance)) }
+}
+
+/// One ledger per served device or instance: its workers' sessions swap
+/// against each other, not across instances.
+fn instance_memory(
+    config: &ServerConfig,
+    instance: Option<&crate::mig::ServedInstance>,
+) -> Arc<crate::swap::DeviceMemory> {
+    let device = match (instance, config.device) {
+        (Some(i), _) => i.memory,
+        (None, DeviceChoice::Emulated { memory }) => memory,
+        // Learned from the first worker's report.
+        (None, _) => u64::MAX,
+    };
+    let swap = config.swap.map(|s| crate::swap::SwapConfig {
+        device_bytes: s.device_bytes.unwrap_or(device),
+        host_bytes: s.host_bytes,
+        wait: s.wait,
+    });
+    crate::swap::DeviceMemory::with_disk(swap, config.swap_disk.clone())
 }

@@ -73,48 +73,104 @@ pub(super) enum Mode {
 }
 
 /// Worker pools: one per served instance, or one for the server's device.
+/// The instances of a MIG GPU change when the balancer has it laid out anew
+/// (`super::relayout`); whole GPUs and their MPS groups stay.
 #[derive(Debug)]
 pub(super) struct Workers {
     /// By instance UUID (empty for the server's one device), in the order
-    /// the instances were listed.
-    pub(super) pools: Vec<(String, Arc<WorkerPool>)>,
-    /// The device memory of each pool's workers (same order): the ledger
-    /// that swapping across worker processes keeps (`swap/remote.rs`).
-    pub(super) memory: Vec<Arc<crate::swap::DeviceMemory>>,
+    /// the instances were listed (a GPU laid out anew: its new ones last).
+    served: std::sync::RwLock<Vec<Served>>,
     /// The MPS group of each whole GPU served, by instance UUID (as
-    /// `pools`); none for MIG instances, whose sessions never share.
+    /// `served`); none for MIG instances, whose sessions never share.
     pub(super) groups: HashMap<String, Arc<super::mps_group::MpsGroup>>,
+    /// How a new instance's pool is made.
+    pub(super) recipe: PoolRecipe,
+}
+
+/// One served instance (or the server's device): its workers, and the
+/// device memory they share, the ledger that swapping across worker
+/// processes keeps (`swap/remote.rs`).
+#[derive(Debug, Clone)]
+pub(super) struct Served {
+    pub(super) uuid: String,
+    pub(super) pool: Arc<WorkerPool>,
+    pub(super) memory: Arc<crate::swap::DeviceMemory>,
+}
+
+/// What a worker pool of an instance is made from.
+#[derive(Debug, Clone)]
+pub(super) struct PoolRecipe {
+    pub(super) command: crate::config::WorkerCommand,
+    pub(super) spec: gpupool_proto::v1::WorkerSpec,
+    pub(super) warm: usize,
+    pub(super) start_timeout: std::time::Duration,
 }
 
 impl Workers {
+    pub(super) fn new(
+        served: Vec<Served>,
+        groups: HashMap<String, Arc<super::mps_group::MpsGroup>>,
+        recipe: PoolRecipe,
+    ) -> Self {
+        Self { served: std::sync::RwLock::new(served), groups, recipe }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Served>> {
+        self.served.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Served>> {
+        self.served.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every served instance now.
+    pub(super) fn served(&self) -> Vec<Served> {
+        self.read().clone()
+    }
+
+    /// Takes the instances `uuids` out of service (no new session lands
+    /// on them) and returns them.
+    pub(super) fn withdraw(&self, uuids: &[String]) -> Vec<Served> {
+        let mut served = self.write();
+        let (gone, stay) = std::mem::take(&mut *served).into_iter().partition(|s| uuids.contains(&s.uuid));
+        *served = stay;
+        gone
+    }
+
+    /// Puts instances (back) into service.
+    pub(super) fn add(&self, more: Vec<Served>) {
+        self.write().extend(more);
+    }
+
     /// The pool a session runs in (its lease's instance, else the first)
     /// and the memory its workers share.
-    pub(super) fn for_session(&self, grant: &Grant) -> Option<(&Arc<WorkerPool>, &Arc<crate::swap::DeviceMemory>)> {
-        let i = match &grant.lease {
-            Some(lease) => self.pools.iter().position(|(uuid, _)| *uuid == lease.instance_uuid)?,
-            None => 0,
+    pub(super) fn for_session(&self, grant: &Grant) -> Option<(Arc<WorkerPool>, Arc<crate::swap::DeviceMemory>)> {
+        let served = self.read();
+        let s = match &grant.lease {
+            Some(lease) => served.iter().find(|s| s.uuid == lease.instance_uuid)?,
+            None => served.first()?,
         };
-        Some((&self.pools.get(i)?.1, self.memory.get(i)?))
+        Some((s.pool.clone(), s.memory.clone()))
     }
 
     /// The MPS group a session joins, and its share in percent: only a
     /// shared lease's session on a whole GPU whose group uses MPS.
-    pub(super) fn group_for(&self, grant: &Grant) -> Option<(&Arc<super::mps_group::MpsGroup>, u32)> {
+    pub(super) fn group_for(&self, grant: &Grant) -> Option<(Arc<super::mps_group::MpsGroup>, u32)> {
         let lease = grant.lease.as_ref()?;
         let percent = lease.shared_percent?;
-        let (uuid, pool) = self.pools.iter().find(|(uuid, _)| *uuid == lease.instance_uuid)?;
-        let group = self.groups.get(uuid)?;
+        let pool = self.read().iter().find(|s| s.uuid == lease.instance_uuid)?.pool.clone();
+        let group = self.groups.get(&lease.instance_uuid)?;
         let backend = pool.probe_result().map(|r| r.backend.as_str());
-        group.applies(backend).then_some((group, percent))
+        group.applies(backend).then(|| (group.clone(), percent))
     }
 
     /// The group whose temporal share meters a session, and its share in
     /// percent: a shared lease's session on a whole GPU (with or without
     /// MPS), when the share is on.
-    pub(super) fn share_for(&self, grant: &Grant) -> Option<(&Arc<super::mps_group::MpsGroup>, u32)> {
+    pub(super) fn share_for(&self, grant: &Grant) -> Option<(Arc<super::mps_group::MpsGroup>, u32)> {
         let lease = grant.lease.as_ref()?;
         let percent = lease.shared_percent?;
-        Some((self.groups.get(&lease.instance_uuid)?, percent))
+        Some((self.groups.get(&lease.instance_uuid)?.clone(), percent))
     }
 }
 
@@ -160,6 +216,9 @@ pub(crate) struct Shared {
     /// With a balancer: whether a lease still stands, asked before a
     /// session of it is admitted (issue 20, finding 9).
     pub(crate) lease_check: Option<super::revocation::LeaseCheck>,
+    /// The GPUs and instances served now: `config.gpus` at start, then as
+    /// re-layouts changed them (what the balancer is told at registration).
+    served_gpus: Mutex<Vec<crate::mig::ServedGpu>>,
 }
 
 impl Shared {
@@ -181,6 +240,7 @@ impl Shared {
             ),
             sessions: Arc::new(Semaphore::new(config.max_sessions)),
             lease_check: config.balancer.clone().map(super::revocation::LeaseCheck::new),
+            served_gpus: Mutex::new(config.gpus.clone()),
             config,
             auth,
             metrics: Arc::default(),
@@ -192,6 +252,11 @@ impl Shared {
             migrations: super::migrate::Registry::default(),
             shm,
         }
+    }
+
+    /// The GPUs and instances served now.
+    pub(crate) fn served_gpus(&self) -> std::sync::MutexGuard<'_, Vec<crate::mig::ServedGpu>> {
+        self.served_gpus.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn leased(&self) -> std::sync::MutexGuard<'_, HashMap<u64, LeasedSession>> {
