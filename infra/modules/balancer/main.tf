@@ -289,6 +289,7 @@ locals {
     GPUPOOL_LISTEN                    = "0.0.0.0:${var.port}"
     GPUPOOL_POLICY                    = var.policy
     GPUPOOL_MEMORY_OVERCOMMIT_PERCENT = var.memory_overcommit_percent == 100 ? "" : tostring(var.memory_overcommit_percent)
+    GPUPOOL_MIG_POLICY                = var.mig_policy
     GPUPOOL_QUOTAS                    = join(";", var.quotas)
     GPUPOOL_METRICS_LISTEN            = var.metrics_port == null ? "" : "0.0.0.0:${var.metrics_port}"
   } : "${k}=${v}\n" if v != ""])

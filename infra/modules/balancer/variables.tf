@@ -79,6 +79,16 @@ variable "memory_overcommit_percent" {
   }
 }
 
+variable "mig_policy" {
+  description = "MIG layouts: static (as gpu-servers registered them) or dynamic (idle MIG GPUs laid out anew for requests that wait; docs/balancer.md, \"Dynamic layouts\")."
+  type        = string
+  default     = "static"
+  validation {
+    condition     = contains(["static", "dynamic"], var.mig_policy)
+    error_message = "mig_policy must be static or dynamic."
+  }
+}
+
 variable "quotas" {
   description = "Per-tenant quotas, each as the balancer's --quota takes it, e.g. [\"*=leases:8,memory-gib:160\", \"team-a=leases:32\"]."
   type        = list(string)
