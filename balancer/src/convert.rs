@@ -152,6 +152,7 @@ pub(crate) fn status(view: &pool::PoolView) -> pb::PoolStatus {
                 memory_used_bytes: s.memory_used,
                 heartbeat_age_ms: s.heartbeat_age_ms,
                 draining: s.draining,
+                mps_group_faults: s.group_faults,
                 gpu_leases: s
                     .gpus
                     .iter()

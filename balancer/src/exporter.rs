@@ -88,6 +88,12 @@ pub fn render(status: &pb::PoolStatus, allocations: &Allocations) -> String {
         &mut r,
     );
     per_server("server_gpus", "GPUs the server offers", &|s| s.gpus.len() as u64, &mut r);
+    per_server(
+        "server_mps_group_faults",
+        "Shared sessions whose fault under MPS ended their group, since the server started",
+        &|s| s.mps_group_faults,
+        &mut r,
+    );
 
     // Per GPU, its leases by class (issue 19), its shares and busy time.
     let gpu_leases = Family::<Labels, Gauge>::default();

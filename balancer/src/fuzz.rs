@@ -57,6 +57,7 @@ fn seeds() -> Vec<Vec<u8>> {
             migrations: vec![pb::MigrationResult { lease_id: 7, error: "refused".into() }],
             gpu_loads: vec![pb::GpuLoad { uuid: "GPU-1".into(), busy_permille: 420 }],
             relayouts: vec![pb::RelayoutResult { gpu_uuid: "GPU-1".into(), error: "in use".into() }],
+            mps_group_faults: 3,
         }
         .encode_to_vec(),
         pb::DrainRequest { server_id: "s1".into() }.encode_to_vec(),

@@ -116,6 +116,8 @@ struct Server {
     draining: bool,
     /// Measured busy time by GPU uuid, in thousandths, as last reported.
     gpu_busy: HashMap<String, u32>,
+    /// MPS group faults, as last reported.
+    group_faults: u64,
 }
 
 /// A lease moved off a draining server whose session has not reported
@@ -449,6 +451,7 @@ impl Pool {
                     leases: 0,
                     draining: false,
                     gpu_busy: HashMap::new(),
+                    group_faults: 0,
                 });
                 self.next_seq += 1;
                 self.server_ids.insert(self.servers.get(s).spec.id.clone(), s);
@@ -565,6 +568,7 @@ impl Pool {
         self.heartbeats.insert((server.last_seen_ms, s));
         server.sessions = load.sessions;
         server.memory_used = load.memory_used;
+        server.group_faults = load.group_faults;
         for (uuid, busy) in load.gpu_busy {
             if server.spec.gpus.iter().any(|g| g.uuid == uuid) {
                 let busy = busy.min(1000);
@@ -621,15 +625,25 @@ impl Pool {
             .filter(|id| !self.moves.contains_key(id))
             .collect();
         let mut plan = DrainPlan::default();
-        // Shared leases do not move yet (a shared session's migration into
-        // another GPU's group is not built): they stay.
-        plan.stuck.extend(self.servers.get(s).insts.iter().flat_map(|&k| self.instances.get(k).shared.iter().copied()));
-        for id in held {
+        // Shared leases move too, each to a GPU whose shares it may join
+        // (room, and tenants that may share its fate) or a free whole GPU;
+        // its session's worker joins the target GPU's MPS group.
+        let shared: Vec<LeaseId> = self
+            .servers
+            .get(s)
+            .insts
+            .iter()
+            .flat_map(|&k| self.instances.get(k).shared.iter().copied())
+            .filter(|id| !self.moves.contains_key(id))
+            .collect();
+        for id in held.into_iter().chain(shared) {
             let entry = &self.leases[&id];
-            let need = Need { memory: entry.lease.memory, percent: 0, profile: None, class: LeaseClass::Exclusive };
+            let (class, percent) = (entry.lease.class, entry.lease.compute_percent);
+            let need = Need { memory: entry.lease.memory, percent, profile: None, class };
             let from_instance = entry.lease.instance_uuid.clone();
             let from = Move { from_server: server_id.to_owned(), from_instance, done: false };
-            match self.best_free(&need) {
+            let tenant = entry.lease.tenant.clone();
+            match self.best_place(&need, &tenant) {
                 Some(k) => {
                     self.move_lease(id, k);
                     self.moves.insert(id, from);
@@ -662,7 +676,19 @@ impl Pool {
             return None;
         }
         let from = self.moves.remove(&id)?;
-        let back = self.instance_ids.get(&from.from_instance).copied().filter(|&k| self.instances.get(k).is_free());
+        let fits = |k: u32| match self.leases.get(&id) {
+            Some(e) if e.lease.class == LeaseClass::Shared => {
+                let need = Need {
+                    memory: e.lease.memory,
+                    percent: e.lease.compute_percent,
+                    profile: None,
+                    class: LeaseClass::Shared,
+                };
+                self.may_join(k, &need, &e.lease.tenant, true)
+            }
+            _ => self.instances.get(k).is_free(),
+        };
+        let back = self.instance_ids.get(&from.from_instance).copied().filter(|&k| fits(k));
         match (back, self.leases.contains_key(&id)) {
             (Some(k), true) => {
                 self.move_lease(id, k);
@@ -794,6 +820,7 @@ impl Pool {
                     leases: server.leases,
                     draining: server.draining,
                     gpus,
+                    group_faults: server.group_faults,
                 }
             })
             .collect();
@@ -1151,24 +1178,40 @@ impl Pool {
 
     /// Moves lease `id` to free instance `k` (on another server, or back).
     fn move_lease(&mut self, id: LeaseId, k: u32) {
-        let old = self.leases[&id].inst;
-        self.put_back(old);
-        self.take(k, id);
+        let (old, class, percent, memory) = {
+            let entry = &self.leases[&id];
+            (entry.inst, entry.lease.class, entry.lease.compute_percent, entry.lease.memory)
+        };
+        match class {
+            LeaseClass::Exclusive => {
+                self.put_back(old);
+                self.take(k, id);
+            }
+            LeaseClass::Shared => {
+                self.leave(old, id, percent, memory);
+                self.join(k, id, percent, memory);
+            }
+        }
         let inst = self.instances.get(k);
         let server = self.servers.get(inst.server);
         let entry = self.leases.get_mut(&id).expect("a moved lease is held");
-        let usage = self.tenants.get_mut(&entry.lease.tenant).expect("a lease's tenant has usage");
-        usage.memory = usage.memory - entry.lease.memory + inst.memory;
+        let lease = &mut entry.lease;
+        // A shared lease keeps its part (memory, percent) on the new GPU.
+        let (memory, sms) = match class {
+            LeaseClass::Exclusive => (inst.memory, inst.sms),
+            LeaseClass::Shared => (lease.memory, share_of(inst.sms, percent)),
+        };
+        let usage = self.tenants.get_mut(&lease.tenant).expect("a lease's tenant has usage");
+        usage.memory = usage.memory - lease.memory + memory;
         entry.server = inst.server;
         entry.inst = k;
-        let lease = &mut entry.lease;
         lease.server_id.clone_from(&server.spec.id);
         lease.address.clone_from(&server.spec.address);
         lease.cert_sha256.clone_from(&server.spec.cert_sha256);
         lease.instance_uuid.clone_from(&inst.uuid);
         lease.profile.clone_from(&inst.profile);
-        lease.memory = inst.memory;
-        lease.sms = inst.sms;
+        lease.memory = memory;
+        lease.sms = sms;
         lease.in_use = false;
     }
 

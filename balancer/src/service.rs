@@ -445,6 +445,7 @@ impl BalancerRpc for Service {
             memory_used: req.memory_used_bytes,
             live_leases: req.live_lease_ids.iter().map(|&id| pool::LeaseId(id)).collect(),
             gpu_busy: req.gpu_loads.iter().map(|g| (g.uuid.clone(), g.busy_permille)).collect(),
+            group_faults: req.mps_group_faults,
         };
         let (ended, orders, relayouts) = {
             let mut inner = self.state.lock();

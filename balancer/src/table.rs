@@ -87,13 +87,14 @@ pub fn render(status: &pb::PoolStatus, now_unix_ms: u64) -> String {
                 s.sessions.to_string(),
                 gib(s.memory_used_bytes),
                 format!("{:.1} s", s.heartbeat_age_ms as f64 / 1000.0),
+                s.mps_group_faults.to_string(),
             ]
         })
         .collect();
     render_table(
         &mut out,
         "SERVERS",
-        &["server", "address", "gpus", "leased", "sessions", "memory used", "heartbeat"],
+        &["server", "address", "gpus", "leased", "sessions", "memory used", "heartbeat", "group faults"],
         &servers,
     );
     let mut instances = Vec::new();
@@ -223,6 +224,7 @@ mod tests {
                 memory_used_bytes: 40 << 30,
                 heartbeat_age_ms: 1200,
                 draining: false,
+                mps_group_faults: 1,
                 gpu_leases: vec![],
             }],
             leases: vec![pb::LeaseStatus {

@@ -789,6 +789,9 @@ exit 0
     assert_eq!(sticky.code(), gpupool_proto::cuda::ILLEGAL_ADDRESS, "{sticky}");
     ends_with_its_group(&d, &server, 2);
     drop((c, d));
+    // The balancer counts them too, from the server's heartbeats.
+    let mut grpc = Grpc::connect(&balancer);
+    grpc.wait_for("the group faults at the balancer", |s| s.servers.iter().any(|s| s.mps_group_faults == 2));
     server.stop();
     let calls = std::fs::read_to_string(dir.join("calls")).unwrap_or_default();
     assert_eq!(calls.lines().last(), Some("quit"), "stopped with the server: {calls}");

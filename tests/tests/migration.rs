@@ -181,6 +181,28 @@ impl Leased {
 /// holds no session and takes no new one.
 #[test]
 fn draining_a_server_moves_every_session_with_its_lease() {
+    const LAYOUT: &[&str] = &["1g.10gb", "1g.10gb", "1g.10gb"];
+    drains_and_moves(21, "h100-80gb:mig", Some(LAYOUT), &|req, i| req.tenant = format!("tenant-{i}"));
+}
+
+/// The same with three shared leases of one tenant on a whole GPU (issue
+/// 19): they move together to the other server's GPU, each keeping its
+/// share, and their sessions' workers join the target GPU's group.
+#[test]
+fn draining_a_server_moves_shared_leases_with_their_sessions() {
+    drains_and_moves(22, "h200-141gb", None, &|req, _| {
+        (req.tenant, req.shared, req.compute_percent) = ("team".into(), true, 25);
+    });
+}
+
+/// Three programs leased on server a (each request made by `shape`), a
+/// second server b, then a drain of a: see the tests above.
+fn drains_and_moves(
+    key_seed: u8,
+    spec: &str,
+    layout: Option<&[&str]>,
+    shape: &dyn Fn(&mut gpupool_client::PoolRequest, u64),
+) {
     use gpupool_client::{ClientConfig, PoolRequest};
     use gpupool_proto::balancer as pb;
     use gpupool_proto::lease::LeaseSigner;
@@ -193,9 +215,8 @@ fn draining_a_server_moves_every_session_with_its_lease() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
         .try_init();
-    const LAYOUT: &[&str] = &["1g.10gb", "1g.10gb", "1g.10gb"];
-    let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([21; 32]))).expect("balancer");
-    let _a = pooled_server(&balancer, "a", "h100-80gb:mig", Some(LAYOUT));
+    let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([key_seed; 32]))).expect("balancer");
+    let _a = pooled_server(&balancer, "a", spec, layout);
     balancer.wait_for_servers(1).expect("a registers");
     let mut template = ClientConfig::for_leases();
     template.reply_timeout = std::time::Duration::from_secs(60);
@@ -203,8 +224,9 @@ fn draining_a_server_moves_every_session_with_its_lease() {
     // Each program: x and y, y += alpha x on the device, expected on the host.
     let mut programs: Vec<Leased> = (0..3u64)
         .map(|i| {
-            let mut req = PoolRequest::new(balancer.url(), balancer.trust(), format!("tenant-{i}"));
+            let mut req = PoolRequest::new(balancer.url(), balancer.trust(), "tenant");
             req.memory = 1 << 30;
+            shape(&mut req, i);
             let session = Session::connect_pooled(&req, &template).expect("leased session");
             let (hx, want) = (random_f32(N, seed + 2 * i), random_f32(N, seed + 2 * i + 1));
             let x = DeviceBuffer::from_slice(&session, &hx).expect("x");
@@ -216,7 +238,10 @@ fn draining_a_server_moves_every_session_with_its_lease() {
         p.saxpy(1.5);
         p.session.synchronize().expect("sync");
     }
-    let _b = pooled_server(&balancer, "b", "h100-80gb:mig", Some(LAYOUT));
+    // What each lease is (class and share): it moves as it is.
+    let kinds: Vec<(i32, u32)> =
+        programs.iter().map(|p| p.session.lease().map(|l| (l.class, l.compute_percent)).expect("lease")).collect();
+    let _b = pooled_server(&balancer, "b", spec, layout);
     balancer.wait_for_servers(2).expect("b registers");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let mut client = rt.block_on(balancer.client()).expect("client");
@@ -254,7 +279,7 @@ fn draining_a_server_moves_every_session_with_its_lease() {
         assert!(std::time::Instant::now() < deadline, "sessions did not all move: {st:?}");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    for p in &mut programs {
+    for (p, kind) in programs.iter_mut().zip(&kinds) {
         p.saxpy(0.5);
         assert!(p.y.to_vec().expect("y") == p.want, "results of a moved session");
         // The client's next renewal brings the lease as it is now.
@@ -263,12 +288,14 @@ fn draining_a_server_moves_every_session_with_its_lease() {
             assert!(std::time::Instant::now() < deadline, "the renewed lease names the new server");
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        let moved = p.session.lease().expect("lease");
+        assert_eq!((moved.class, moved.compute_percent), *kind, "the lease moved as it was");
     }
     // Nothing new lands on the drained server.
     let mut req = PoolRequest::new(balancer.url(), balancer.trust(), "late");
     req.memory = 1 << 30;
     let late = Session::connect_pooled(&req, &template);
-    assert!(late.is_err(), "the three instances of b are taken and a is draining");
+    assert!(late.is_err(), "b's instances are taken (or shared) and a is draining");
     for p in programs {
         p.session.close().expect("close");
     }

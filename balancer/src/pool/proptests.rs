@@ -250,8 +250,13 @@ impl Model {
                     .copied()
                     .filter(|lid| !view.leases.iter().any(|l| l.id == *lid && l.server_id == id))
                     .collect();
-                let load =
-                    Load { sessions: ids.len() as u32, memory_used: 0, live_leases: ids.clone(), gpu_busy: vec![] };
+                let load = Load {
+                    sessions: ids.len() as u32,
+                    memory_used: 0,
+                    live_leases: ids.clone(),
+                    gpu_busy: vec![],
+                    group_faults: 0,
+                };
                 match self.pool.heartbeat(&id, load, self.now) {
                     Ok(ended) => {
                         assert_eq!(ended, expected);
@@ -573,6 +578,12 @@ impl ClassModel {
                     for id in &plan.stuck {
                         let lease = self.pool.lease(*id).expect("a stuck lease is held");
                         assert_eq!(lease.server_id, fleet::server_id(server));
+                    }
+                    // Moved leases, shared ones too, land elsewhere (the
+                    // fate-sharing and share rules are checked after every op).
+                    for id in &plan.moving {
+                        let lease = self.pool.lease(*id).expect("a moving lease is held");
+                        assert_ne!(lease.server_id, fleet::server_id(server));
                     }
                 }
             }

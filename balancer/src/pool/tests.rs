@@ -551,9 +551,13 @@ fn heartbeat_marks_sessions_and_returns_unknown_leases() {
         memory_used: 7,
         live_leases: vec![on_a.id, LeaseId(42), on_b.id, released.id],
         gpu_busy: vec![],
+        group_faults: 2,
     };
     let ended = pool.heartbeat(&a, load, T0 + 100).unwrap();
     assert_eq!(ended, [LeaseId(42), on_b.id, released.id]);
+    let view = pool.status(T0 + 100);
+    let reported = view.servers.iter().find(|s| s.id == a).map(|s| s.group_faults);
+    assert_eq!(reported, Some(2), "the server's MPS group faults, as reported");
     assert!(pool.lease(on_a.id).unwrap().in_use);
     assert!(!pool.lease(on_a2.id).unwrap().in_use);
     assert!(!pool.lease(on_b.id).unwrap().in_use);
@@ -637,7 +641,7 @@ fn draining_moves_leases_and_a_failed_migration_brings_one_back() {
     let b = granted(pool.allocate(req("t", GIB), T0, false));
     assert_eq!(pool.register(two(1), T0), Ok(vec![]));
     let src = fleet::server_id(0);
-    let live = Load { sessions: 2, memory_used: 0, live_leases: vec![a.id, b.id], gpu_busy: vec![] };
+    let live = Load { sessions: 2, memory_used: 0, live_leases: vec![a.id, b.id], gpu_busy: vec![], group_faults: 0 };
     assert_eq!(pool.heartbeat(&src, live.clone(), T0), Ok(vec![]));
 
     let plan = pool.drain_server(&src, T0).expect("drain");
@@ -656,7 +660,8 @@ fn draining_moves_leases_and_a_failed_migration_brings_one_back() {
 
     assert_eq!(pool.migrated(&src, a.id, Ok(())), None);
     // a's session may still be listed while it leaves: not ended.
-    let leaving = Load { sessions: 2, memory_used: 0, live_leases: vec![a.id, b.id], gpu_busy: vec![] };
+    let leaving =
+        Load { sessions: 2, memory_used: 0, live_leases: vec![a.id, b.id], gpu_busy: vec![], group_faults: 0 };
     assert_eq!(pool.heartbeat(&src, leaving, T0), Ok(vec![]));
     assert_eq!(pool.migrated(&src, b.id, Err("target refused".into())), Some(true));
     pool.check_invariants();
@@ -665,10 +670,10 @@ fn draining_moves_leases_and_a_failed_migration_brings_one_back() {
     let view = pool.status(T0);
     assert!(view.servers.iter().any(|s| s.id == src && s.draining && s.leases == 1));
     // b's session reports on the source again: its lease is there.
-    let only_b = Load { sessions: 1, memory_used: 0, live_leases: vec![b.id], gpu_busy: vec![] };
+    let only_b = Load { sessions: 1, memory_used: 0, live_leases: vec![b.id], gpu_busy: vec![], group_faults: 0 };
     assert_eq!(pool.heartbeat(&src, only_b, T0), Ok(vec![]));
     // a is gone from the source now: listing it again is a stale session.
-    let stale = Load { sessions: 2, memory_used: 0, live_leases: vec![a.id, b.id], gpu_busy: vec![] };
+    let stale = Load { sessions: 2, memory_used: 0, live_leases: vec![a.id, b.id], gpu_busy: vec![], group_faults: 0 };
     assert_eq!(pool.heartbeat(&src, stale, T0), Ok(vec![a.id]));
     // Draining again retries b; a release on the old server frees nothing there.
     let again = pool.drain_server(&src, T0).expect("drain again");
@@ -952,17 +957,47 @@ fn a_reregistration_keeps_shares_on_an_unchanged_gpu() {
 }
 
 #[test]
-fn draining_leaves_shared_leases_in_place() {
-    let mut pool = pool_with(
-        config(),
-        vec![fleet::server(0, vec![fleet::whole_gpu(0, 0)]), fleet::server(1, vec![fleet::whole_gpu(1, 0)])],
-    );
-    let s = granted(pool.allocate(shared("a", 10, 40), T0, false));
-    let plan = pool.drain_server(&s.server_id, T0).unwrap();
-    assert_eq!((plan.moving, plan.stuck), (vec![], vec![s.id]));
+fn draining_moves_shared_leases_only_next_to_leases_they_may_share_fate_with() {
+    let servers = (0..3).map(|s| fleet::server(s, vec![fleet::whole_gpu(s, 0)])).collect();
+    let mut pool = pool_with(config(), servers);
+    let a1 = granted(pool.allocate(shared("a", 10, 40), T0, false));
+    let a2 = granted(pool.allocate(shared("a", 10, 30), T0, false));
+    assert_eq!(a1.instance_uuid, a2.instance_uuid, "one tenant's shares join one GPU");
+    let b = granted(pool.allocate(shared("b", 10, 10), T0, false));
+    assert_ne!(b.server_id, a1.server_id, "tenants that did not opt in do not share a GPU");
+    let plan = pool.drain_server(&a1.server_id, T0 + 1).unwrap();
+    let mut moving = plan.moving.clone();
+    moving.sort();
+    let mut want = vec![a1.id, a2.id];
+    want.sort();
+    assert_eq!((moving, plan.stuck.clone()), (want, vec![]), "{plan:?}");
+    let (m1, m2) = (pool.lease(a1.id).unwrap().clone(), pool.lease(a2.id).unwrap().clone());
+    assert_eq!(m1.instance_uuid, m2.instance_uuid, "the group moves to one GPU");
+    assert_ne!(m1.server_id, a1.server_id);
+    assert_ne!(m1.server_id, b.server_id, "not next to another tenant's share");
+    assert_eq!((m1.memory, m1.compute_percent, m1.class), (a1.memory, 40, LeaseClass::Shared));
     // Nothing new joins a draining server's GPU.
-    let t = granted(pool.allocate(shared("a", 10, 40), T0, false));
-    assert_ne!(t.server_id, s.server_id);
+    let t = granted(pool.allocate(shared("a", 10, 10), T0 + 2, false));
+    assert_ne!(t.server_id, a1.server_id);
+    pool.check_invariants();
+    // One migration fails: its lease goes back to its (draining) GPU.
+    let orders: Vec<LeaseId> = pool.take_orders(&a1.server_id, T0 + 3).iter().map(|l| l.id).collect();
+    assert_eq!(orders.len(), 2);
+    assert_eq!(pool.migrated(&a1.server_id, a2.id, Err("refused".into())), Some(true));
+    assert_eq!(pool.lease(a2.id).unwrap().instance_uuid, a2.instance_uuid);
+    assert_eq!(pool.migrated(&a1.server_id, a1.id, Ok(())), None);
+    pool.check_invariants();
+}
+
+#[test]
+fn a_shared_lease_with_nowhere_to_go_stays() {
+    let servers = (0..2).map(|s| fleet::server(s, vec![fleet::whole_gpu(s, 0)])).collect();
+    let mut pool = pool_with(config(), servers);
+    let a = granted(pool.allocate(shared("a", 10, 60), T0, false));
+    let b = granted(pool.allocate(shared("b", 10, 60), T0, false));
+    let plan = pool.drain_server(&a.server_id, T0 + 1).unwrap();
+    assert_eq!((plan.moving, plan.stuck), (vec![], vec![a.id]), "60 % + 60 % do not fit, nor may they share fate");
+    assert_eq!(pool.lease(b.id).unwrap().server_id, b.server_id);
     pool.check_invariants();
 }
 

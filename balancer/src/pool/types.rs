@@ -384,6 +384,9 @@ pub struct Load {
     /// Measured busy time by GPU uuid, in thousandths of the interval;
     /// GPUs left out keep their last value.
     pub gpu_busy: Vec<(String, u32)>,
+    /// Shared sessions whose fault ended their MPS group on the server, since
+    /// it started (issue 19).
+    pub group_faults: u64,
 }
 
 /// What happened since the last [`Pool::tick`](super::Pool::tick) (events
@@ -479,6 +482,8 @@ pub struct ServerView {
     pub draining: bool,
     /// Its GPUs as registered.
     pub gpus: Vec<GpuView>,
+    /// MPS group faults it reported (since it started).
+    pub group_faults: u64,
 }
 
 /// One GPU in the [`PoolView`]: as its server registered it, with the

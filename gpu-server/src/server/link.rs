@@ -248,6 +248,7 @@ pub(crate) async fn run(
                 // GPUs left out (no NVML, MIG) count as idle at the balancer.
                 gpu_loads: busy.as_mut().map_or_else(Vec::new, |b| super::load::gpu_loads(b, &gpus)),
                 relayouts: relaid.clone(),
+                mps_group_faults: shared.metrics.mps_group_faults.load(std::sync::atomic::Ordering::Relaxed),
             };
             match client.heartbeat(authorized(&link.secret, beat)).await {
                 Ok(reply) => {
