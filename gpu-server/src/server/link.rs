@@ -119,6 +119,8 @@ fn migrate(shared: &Arc<Shared>, order: pb::MigrationOrder, outcomes: &Outcomes)
 struct Relayouts {
     outcomes: std::sync::Mutex<Vec<pb::RelayoutResult>>,
     done: tokio::sync::Notify,
+    /// GPUs being laid out now: a second order for one is refused.
+    busy: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Relayouts {
@@ -145,9 +147,13 @@ fn relayout(
         let why = "sessions run in this process (--isolation in-process): no MIG instances to lay out";
         return relayouts.report(order.gpu_uuid, Err(why.into()));
     };
+    if !relayouts.busy.lock().unwrap_or_else(|e| e.into_inner()).insert(order.gpu_uuid.clone()) {
+        return relayouts.report(order.gpu_uuid, Err("the GPU is being laid out already".into()));
+    }
     let (shared, relayouts) = (shared.clone(), relayouts.clone());
     tokio::spawn(async move {
         let result = super::relayout::relayout(&shared, &workers, &order).await;
+        relayouts.busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&order.gpu_uuid);
         relayouts.report(order.gpu_uuid, result);
     });
 }
