@@ -89,8 +89,8 @@ pub struct QuicTransport {
     reply_timeout: Duration,
     /// How to reattach; `None` when the server keeps no lost sessions.
     resume: Option<std::sync::Mutex<ResumeInfo>>,
-    /// Set once the session migrated: its bulk connections stay with the
-    /// old server's ports, so copies use the session's connection.
+    /// Set once the session migrated, until its bulk connections attach to
+    /// the new server's ports: meanwhile copies use the session's connection.
     migrated: std::sync::atomic::AtomicBool,
     /// Batches sent whose replies have not arrived (kept for a resume), and
     /// the sequence number of the last reply received.
@@ -182,11 +182,20 @@ struct BulkLinks {
     rt: Option<tokio::runtime::Runtime>,
     endpoints: Vec<quinn::Endpoint>,
     conns: std::sync::Mutex<Vec<quinn::Connection>>,
-    /// The server's host, its bulk ports and the session's attachment.
-    host: std::net::IpAddr,
     name: String,
+    /// Where they attach: the session's server, or the one it migrated to.
+    target: std::sync::Mutex<BulkTarget>,
+}
+
+/// The server's host, its bulk ports and the session's attachment.
+#[derive(Debug, Clone)]
+struct BulkTarget {
+    host: std::net::IpAddr,
     ports: Vec<u16>,
     attach: v1::BulkAttach,
+    /// The QUIC configuration pinning the server the session migrated to
+    /// (`None`: the endpoints' own, the first server's).
+    quic: Option<quinn::ClientConfig>,
 }
 
 impl BulkLinks {
@@ -236,10 +245,8 @@ impl BulkLinks {
             rt: Some(rt),
             endpoints,
             conns: std::sync::Mutex::new(Vec::new()),
-            host,
             name: config.server_name.clone(),
-            ports,
-            attach,
+            target: std::sync::Mutex::new(BulkTarget { host, ports, attach, quic: None }),
         };
         match links.connect(config.connect_timeout) {
             Ok(()) => Some(links),
@@ -250,21 +257,41 @@ impl BulkLinks {
         }
     }
 
+    /// Points them at the server a session migrated to, when its `welcome`
+    /// offers bulk ports (as many as there are endpoints at most); false
+    /// when it offers none (copies then use the session's connection).
+    fn retarget(&self, host: std::net::IpAddr, welcome: &v1::Welcome, quic: Option<quinn::ClientConfig>) -> bool {
+        if welcome.bulk_ports.is_empty() || welcome.bulk_secret.is_empty() {
+            return false;
+        }
+        let ports = welcome.bulk_ports.iter().take(self.endpoints.len()).filter_map(|&p| u16::try_from(p).ok());
+        let attach = v1::BulkAttach { session_id: welcome.session_id, secret: welcome.bulk_secret.clone(), index: 0 };
+        let target = BulkTarget { host, ports: ports.collect(), attach, quic };
+        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = target;
+        true
+    }
+
     /// (Re)attaches one connection per bulk port, all at once.
     fn connect(&self, timeout: Duration) -> Result<()> {
         let rt = self.rt.as_ref().ok_or_else(|| ClientError::ConnectionLost("session closed".into()))?;
+        let target = self.target.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut attempts = Vec::new();
-        for (i, (endpoint, &port)) in self.endpoints.iter().zip(&self.ports).enumerate() {
+        for (i, (endpoint, &port)) in self.endpoints.iter().zip(&target.ports).enumerate() {
             let hello = v1::Hello {
                 protocol_version: PROTOCOL_VERSION,
                 client_build: concat!("gpupool-client ", env!("CARGO_PKG_VERSION")).into(),
                 token: String::new(),
                 resume: None,
-                bulk: Some(v1::BulkAttach { index: i as u32, ..self.attach.clone() }),
+                bulk: Some(v1::BulkAttach { index: i as u32, ..target.attach.clone() }),
                 migrate: None,
                 rdma: None,
             };
-            let (endpoint, addr, name) = (endpoint.clone(), SocketAddr::new(self.host, port), self.name.clone());
+            let mut endpoint = endpoint.clone();
+            if let Some(quic) = &target.quic {
+                // A clone shares the socket; only its default differs.
+                endpoint.set_default_client_config(quic.clone());
+            }
+            let (addr, name) = (SocketAddr::new(target.host, port), self.name.clone());
             attempts.push(rt.spawn(async move {
                 let (conn, _, _) =
                     tokio::time::timeout(timeout, open_session(&endpoint, addr, &name, &hello)).await.map_err(
@@ -867,19 +894,28 @@ impl QuicTransport {
                 stream.send.write_all(bytes).await.map_err(write_err)?;
             }
             *cmd.lock().await = stream;
-            Ok((links, welcome.resumed_seq, again.len()))
+            Ok((links, welcome, again.len()))
         });
         match resumed {
-            Ok((links, resumed_seq, resent)) => {
+            Ok((links, welcome, resent)) => {
                 *self.links.lock().unwrap_or_else(|e| e.into_inner()) = links;
+                let resumed_seq = welcome.resumed_seq;
                 tracing::info!(session = info.session_id, resumed_seq, resent, "session resumed");
                 // The bulk connections were likely lost too; new ones
                 // replace them (copies use the session's connection else).
-                if let Some(bulk) = &self.bulk
-                    && !self.migrated.load(std::sync::atomic::Ordering::Acquire)
-                    && let Err(e) = bulk.connect(info.connect_timeout)
-                {
-                    tracing::warn!(error = %e, "bulk connections not reattached");
+                // After a move they attach to the new server's bulk ports.
+                if let Some(bulk) = &self.bulk {
+                    let moved = self.migrated.load(std::sync::atomic::Ordering::Acquire);
+                    if moved && bulk.retarget(info.server.ip(), &welcome, info.quic.clone()) {
+                        match bulk.connect(info.connect_timeout) {
+                            Ok(()) => self.migrated.store(false, std::sync::atomic::Ordering::Release),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "no bulk connections to the server the session moved to")
+                            }
+                        }
+                    } else if !moved && let Err(e) = bulk.connect(info.connect_timeout) {
+                        tracing::warn!(error = %e, "bulk connections not reattached");
+                    }
                 }
                 Ok(())
             }

@@ -100,11 +100,15 @@ fn a_session_in_a_worker_process_moves_to_a_worker_of_another_server() {
 fn moves_with_identical_results((a, b, seed, want): (TestServer, TestServer, u64, Vec<u8>)) {
     let moving = Program::start(&a, seed);
     let addrs = (moving.x.addr(), moving.y.addr());
+    let bulk = moving.session.bulk_connections();
     moving.steps(0, 3);
     let done = migrate(&a, &b, TOKEN).expect("migration succeeds");
     assert_eq!(done.memory_bytes, 8 << 20, "both buffers moved");
     eprintln!("pause {:?} for {} bytes", done.pause, done.memory_bytes);
     moving.steps(3, 6);
+    // Copies go through bulk connections to the new server, as before.
+    eprintln!("bulk connections before the move: {bulk}");
+    assert_eq!(moving.session.bulk_connections(), bulk, "bulk connections follow the session");
     assert_eq!((moving.x.addr(), moving.y.addr()), addrs, "same addresses");
     assert!(moving.result() == want, "results identical to the session that did not move");
     // The source lets go of the session once its client left.
