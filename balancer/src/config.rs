@@ -47,6 +47,10 @@ pub struct BalancerConfig {
     /// GPUs are planned anew from demand (`pool::relayout`); `None` (the
     /// default): layouts stay as servers registered them.
     pub mig_plan_interval: Option<Duration>,
+    /// How often shared leases move off GPUs their servers report busy to
+    /// idle ones (`pool::rebalance`; their sessions migrate); `None` (the
+    /// default): never.
+    pub rebalance_interval: Option<Duration>,
 }
 
 /// How clients authenticate.
@@ -143,6 +147,7 @@ impl BalancerConfig {
             metrics_listen: None,
             tls: Some(TlsSettings::self_signed()),
             mig_plan_interval: None,
+            rebalance_interval: None,
         }
     }
 

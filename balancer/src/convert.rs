@@ -201,6 +201,7 @@ pub(crate) fn status(view: &pool::PoolView) -> pb::PoolStatus {
         queue_timeouts: 0,
         tenant: String::new(),
         relayouts: view.counters.relayouts,
+        rebalanced: view.counters.rebalanced,
     }
 }
 

@@ -60,6 +60,12 @@ pub fn render(status: &pb::PoolStatus, allocations: &Allocations) -> String {
     counter(&mut r, "leases_granted", "Leases granted since the start", status.allocations);
     counter(&mut r, "leases_released", "Leases released by their holders", status.releases);
     counter(&mut r, "leases_expired", "Leases that expired without a renewal", status.expirations);
+    counter(
+        &mut r,
+        "leases_rebalanced",
+        "Shared leases moved off busy GPUs (their sessions migrated)",
+        status.rebalanced,
+    );
     counter(&mut r, "mig_relayouts", "MIG GPUs ordered to be laid out anew (dynamic layouts)", status.relayouts);
     counter(&mut r, "queue_timeouts", "Requests that waited in the queue past their limit", status.queue_timeouts);
     gauge(&mut r, "leases", "Leases held now", status.leases.len() as u64);

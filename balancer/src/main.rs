@@ -175,6 +175,11 @@ struct Serve {
     /// With `--mig-policy dynamic`: how often to plan (ms).
     #[arg(long, env = "GPUPOOL_MIG_PLAN_INTERVAL_MS", default_value_t = 10_000)]
     mig_plan_interval_ms: u64,
+    /// How often (ms) shared leases move off GPUs their servers report
+    /// busy (85 %+) to idle ones (50 % or less) on other servers, their
+    /// sessions migrating (each move pauses its session briefly); 0: never.
+    #[arg(long, env = "GPUPOOL_REBALANCE_INTERVAL_MS", default_value_t = 0)]
+    rebalance_interval_ms: u64,
     /// After a start, grant nothing new for this long (ms) so that live
     /// leases come back first. Default: one renew interval plus one
     /// heartbeat interval plus a second.
@@ -265,6 +270,7 @@ fn config(s: Serve) -> anyhow::Result<BalancerConfig> {
     c.pool.queue_capacity = s.queue;
     c.pool.memory_overcommit_percent = s.memory_overcommit_percent;
     c.mig_plan_interval = (s.mig_policy == "dynamic").then(|| Duration::from_millis(s.mig_plan_interval_ms.max(100)));
+    c.rebalance_interval = (s.rebalance_interval_ms > 0).then(|| Duration::from_millis(s.rebalance_interval_ms));
     c.heartbeat_interval = Duration::from_millis(s.heartbeat_ms);
     c.pool.recovery_ms = s.recovery_ms.unwrap_or(s.lease_ttl_ms / 3 + s.heartbeat_ms + 1_000);
     for q in &s.quotas {

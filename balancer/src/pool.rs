@@ -64,6 +64,7 @@ use std::ops::Bound;
 
 pub mod fleet;
 pub mod planner;
+mod rebalance;
 mod relayout;
 mod slab;
 mod types;
@@ -73,6 +74,7 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
+pub use rebalance::{COOLDOWN_MS, REBALANCE_COLD, REBALANCE_HOT};
 pub use relayout::Relayout;
 use slab::Slab;
 pub use types::{
@@ -312,6 +314,9 @@ pub struct Pool {
     shared_order: BTreeSet<SharedKey>,
     /// Dynamic MIG layouts: orders and GPUs out for re-layout.
     relayouts: relayout::Relayouts,
+    /// Instances that gave or took a lease in a rebalance, until when they
+    /// sit out ([`Pool::rebalance`]).
+    cooldown: HashMap<u32, u64>,
 }
 
 /// A shared host's place in [`Pool::shared_order`].
@@ -369,6 +374,7 @@ impl Pool {
             shared_hosts: BTreeSet::new(),
             shared_order: BTreeSet::new(),
             relayouts: relayout::Relayouts::default(),
+            cooldown: HashMap::new(),
         }
     }
 

@@ -625,12 +625,15 @@ fn snapshot(state: &State) -> pb::PoolStatus {
 
 /// Most MIG GPUs one plan lays out anew.
 const MAX_RELAYOUTS: usize = 8;
+/// Most shared leases one rebalance moves.
+const MAX_REBALANCE_MOVES: usize = 4;
 
 /// Expires leases, drains silent servers and serves the queue, every tick.
 async fn ticker(state: Arc<State>, mut stop: watch::Receiver<bool>) {
     let mut every = tokio::time::interval(state.config.tick_interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut planned = tokio::time::Instant::now();
+    let mut balanced = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = every.tick() => {}
@@ -638,21 +641,30 @@ async fn ticker(state: Arc<State>, mut stop: watch::Receiver<bool>) {
         }
         // Dynamic MIG layouts: idle GPUs planned anew from demand.
         let plan = state.config.mig_plan_interval.is_some_and(|every| planned.elapsed() >= every);
-        let (tick, relayouts) = {
+        // Shared leases off busy GPUs.
+        let rebalance = state.config.rebalance_interval.is_some_and(|every| balanced.elapsed() >= every);
+        let (tick, relayouts, moved) = {
             let mut inner = state.lock();
             let now = unix_ms_now();
             let relayouts = if plan { inner.pool.plan_layouts(MAX_RELAYOUTS, now) } else { Vec::new() };
+            let moved = if rebalance { inner.pool.rebalance(MAX_REBALANCE_MOVES, now) } else { Vec::new() };
             let mut tick = inner.pool.tick(now);
             deliver(&mut inner, std::mem::take(&mut tick.grants));
-            (tick, relayouts)
+            (tick, relayouts, moved)
         };
         if plan {
             planned = tokio::time::Instant::now();
         }
+        if rebalance {
+            balanced = tokio::time::Instant::now();
+        }
+        for id in &moved {
+            tracing::info!(lease = %id, "shared lease moved off a busy GPU; its session migrates");
+        }
         for r in &relayouts {
             tracing::info!(server = r.server_id, gpu = r.gpu_uuid, layout = ?r.profiles, "MIG GPU to be laid out anew");
         }
-        if !relayouts.is_empty() {
+        if !relayouts.is_empty() || !moved.is_empty() {
             state.changed();
         }
         for server in &tick.drained {

@@ -415,6 +415,7 @@ enum ClassOp {
     Busy { server: usize, gpu: usize, permille: u32 },
     Tick(u64),
     Drain(usize),
+    Rebalance,
     Restart,
 }
 
@@ -428,6 +429,7 @@ fn class_op() -> impl Strategy<Value = ClassOp> {
             .prop_map(|(server, gpu, permille)| ClassOp::Busy { server, gpu, permille }),
         1 => (0..2_000u64).prop_map(ClassOp::Tick),
         1 => (0..2usize).prop_map(ClassOp::Drain),
+        1 => Just(ClassOp::Rebalance),
         1 => Just(ClassOp::Restart),
     ]
 }
@@ -585,6 +587,17 @@ impl ClassModel {
                         let lease = self.pool.lease(*id).expect("a moving lease is held");
                         assert_ne!(lease.server_id, fleet::server_id(server));
                     }
+                }
+            }
+            ClassOp::Rebalance => {
+                let before: HashMap<LeaseId, String> =
+                    self.pool.status(self.now).leases.iter().map(|l| (l.id, l.server_id.clone())).collect();
+                for id in self.pool.rebalance(2, self.now) {
+                    // A moved share is shared, and on another server now
+                    // (the share and fate rules are checked after every op).
+                    let lease = self.pool.lease(id).expect("a rebalanced lease is held");
+                    assert_eq!(lease.class, LeaseClass::Shared);
+                    assert_ne!(Some(&lease.server_id), before.get(&id));
                 }
             }
             ClassOp::Restart => {

@@ -1115,3 +1115,79 @@ fn a_gpu_with_a_lease_is_never_laid_out_anew() {
     assert_eq!(pool.plan_layouts(8, T0 + 4).len(), 1);
     pool.check_invariants();
 }
+
+/// Three servers with one whole GPU each; `busy` reported for each.
+fn three_shared_servers(busy: [u32; 3]) -> (Pool, Vec<String>) {
+    let servers = (0..3).map(|s| fleet::server(s, vec![fleet::whole_gpu(s, 0)])).collect();
+    // Silent for a cooldown without being drained or the leases expiring.
+    let quiet = PoolConfig { heartbeat_timeout_ms: 10 * COOLDOWN_MS, lease_ttl_ms: 10 * COOLDOWN_MS, ..config() };
+    let mut pool = pool_with(quiet, servers);
+    let gpus: Vec<String> = (0..3).map(|s| pool.status(T0).servers[s].gpus[0].spec.uuid.clone()).collect();
+    for (s, (gpu, b)) in gpus.iter().zip(busy).enumerate() {
+        let load = Load { gpu_busy: vec![(gpu.clone(), b)], ..Load::default() };
+        pool.heartbeat(&fleet::server_id(s), load, T0).unwrap();
+    }
+    (pool, gpus)
+}
+
+#[test]
+fn rebalancing_moves_the_largest_share_off_a_busy_gpu_to_an_idle_one() {
+    let (mut pool, gpus) = three_shared_servers([0, 0, 0]);
+    // Tenant a's shares all land on one GPU (they join the first).
+    let small = granted(pool.allocate(shared("a", 4, 20), T0, false));
+    let large = granted(pool.allocate(shared("a", 4, 50), T0, false));
+    assert_eq!(small.instance_uuid, large.instance_uuid);
+    let hot = gpus.iter().position(|g| *g == small.instance_uuid).unwrap();
+    // Another tenant's share on a second GPU: a's may not join it.
+    let other = granted(pool.allocate(shared("b", 4, 10), T0, false));
+    assert_ne!(other.instance_uuid, small.instance_uuid);
+    // Nothing busy: nothing moves.
+    assert!(pool.rebalance(4, T0 + 1).is_empty());
+    let busy: Vec<u32> = (0..3).map(|i| if i == hot { 950 } else { 100 }).collect();
+    for (s, gpu) in gpus.iter().enumerate() {
+        let load = Load { gpu_busy: vec![(gpu.clone(), busy[s])], live_leases: vec![], ..Load::default() };
+        pool.heartbeat(&fleet::server_id(s), load, T0 + 2).unwrap();
+    }
+    let moved = pool.rebalance(4, T0 + 3);
+    assert_eq!(moved, vec![large.id], "the largest share moves");
+    let now = pool.lease(large.id).unwrap().clone();
+    assert_ne!(now.instance_uuid, small.instance_uuid);
+    assert_ne!(now.instance_uuid, other.instance_uuid, "not next to a tenant it may not share fate with");
+    assert_eq!((now.memory, now.compute_percent), (large.memory, 50), "it keeps its part");
+    assert_eq!(pool.counters().rebalanced, 1);
+    // Its session is ordered to migrate from the busy GPU's server.
+    let orders = pool.take_orders(&small.server_id, T0 + 4);
+    assert_eq!(orders.iter().map(|l| l.id).collect::<Vec<_>>(), vec![large.id]);
+    // One share left there: nothing more to move; the GPUs sit out anyway.
+    assert!(pool.rebalance(4, T0 + 5).is_empty());
+    pool.check_invariants();
+}
+
+#[test]
+fn a_gpu_sits_out_after_a_move_and_never_gives_to_a_busy_one() {
+    let (mut pool, gpus) = three_shared_servers([0, 0, 0]);
+    let ids: Vec<LeaseId> = (0..4).map(|_| granted(pool.allocate(shared("a", 2, 20), T0, false)).id).collect();
+    let hot = gpus.iter().position(|g| *g == pool.lease(ids[0]).unwrap().instance_uuid).unwrap();
+    let report = |pool: &mut Pool, busy: [u32; 3], at: u64| {
+        for (s, gpu) in gpus.iter().enumerate() {
+            pool.heartbeat(
+                &fleet::server_id(s),
+                Load { gpu_busy: vec![(gpu.clone(), busy[s])], ..Load::default() },
+                at,
+            )
+            .unwrap();
+        }
+    };
+    // Every GPU busy: nowhere to go.
+    report(&mut pool, [900, 900, 900], T0 + 1);
+    assert!(pool.rebalance(4, T0 + 2).is_empty(), "no idle GPU");
+    let mut busy = [100, 100, 100];
+    busy[hot] = 900;
+    report(&mut pool, busy, T0 + 3);
+    assert_eq!(pool.rebalance(4, T0 + 4).len(), 1);
+    report(&mut pool, busy, T0 + 5);
+    assert!(pool.rebalance(4, T0 + 6).is_empty(), "the GPU sits out after a move");
+    report(&mut pool, busy, T0 + 6 + COOLDOWN_MS);
+    assert_eq!(pool.rebalance(4, T0 + 7 + COOLDOWN_MS).len(), 1, "after the cooldown, another share moves");
+    pool.check_invariants();
+}

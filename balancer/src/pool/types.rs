@@ -436,6 +436,8 @@ pub struct Counters {
     pub cancelled: u64,
     /// MIG GPUs ordered to be laid out anew (dynamic layouts).
     pub relayouts: u64,
+    /// Shared leases moved off busy GPUs ([`Pool::rebalance`](super::Pool::rebalance)).
+    pub rebalanced: u64,
 }
 
 /// The whole pool, for operators.

@@ -290,6 +290,7 @@ locals {
     GPUPOOL_POLICY                    = var.policy
     GPUPOOL_MEMORY_OVERCOMMIT_PERCENT = var.memory_overcommit_percent == 100 ? "" : tostring(var.memory_overcommit_percent)
     GPUPOOL_MIG_POLICY                = var.mig_policy
+    GPUPOOL_REBALANCE_INTERVAL_MS     = tostring(var.rebalance_interval_ms)
     GPUPOOL_QUOTAS                    = join(";", var.quotas)
     GPUPOOL_METRICS_LISTEN            = var.metrics_port == null ? "" : "0.0.0.0:${var.metrics_port}"
   } : "${k}=${v}\n" if v != ""])

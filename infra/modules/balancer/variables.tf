@@ -89,6 +89,16 @@ variable "mig_policy" {
   }
 }
 
+variable "rebalance_interval_ms" {
+  description = "How often (ms) shared leases move off GPUs their servers report busy to idle ones, their sessions migrating (0: never; docs/balancer.md, \"Rebalancing\")."
+  type        = number
+  default     = 0
+  validation {
+    condition     = var.rebalance_interval_ms == 0 || (var.rebalance_interval_ms >= 1000 && var.rebalance_interval_ms <= 3600000)
+    error_message = "rebalance_interval_ms must be 0 or within 1000-3600000."
+  }
+}
+
 variable "quotas" {
   description = "Per-tenant quotas, each as the balancer's --quota takes it, e.g. [\"*=leases:8,memory-gib:160\", \"team-a=leases:32\"]."
   type        = list(string)
