@@ -186,8 +186,10 @@ impl Inner {
                     region_offset: slot.region_offset as u64,
                     len: len as u64,
                 };
-                started = true;
+                // A request the socket did not take never reached the
+                // server: nothing started when it is the first.
                 channel::write_message(&self.stream, &request.encode()).map_err(|e| broken(e, started))?;
+                started = true;
                 offset += len;
                 continue;
             }

@@ -211,6 +211,10 @@ pub struct ServerConfig {
     /// MIG layouts may have an idle MIG GPU laid out anew. `None`: layouts
     /// stay as they are.
     pub mig_control: Option<std::sync::Arc<dyn crate::mig::MigControl>>,
+    /// Host memory a session migrating here may fill with memory sent
+    /// while it still ran at its source (pre-copy), in bytes (0: none is
+    /// accepted; the source then sends everything once it stopped).
+    pub migrate_precopy_bytes: u64,
 }
 
 /// When sessions of shared leases run under the server's MPS daemon.
@@ -316,6 +320,7 @@ impl ServerConfig {
             swap_disk: None,
             mps: MpsSettings::default(),
             mig_control: None,
+            migrate_precopy_bytes: 4 << 30,
         }
     }
 

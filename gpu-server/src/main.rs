@@ -171,6 +171,11 @@ struct Args {
     /// TCP address of a Prometheus endpoint (`GET /metrics`); off when unset.
     #[arg(long, env = "GPUPOOL_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Host memory (MiB) a session migrating here may fill with memory its
+    /// source sends while it still runs (pre-copy: the pause then covers
+    /// only what changed since); 0: no pre-copy into this server.
+    #[arg(long, env = "GPUPOOL_MIGRATE_PRECOPY_MIB", default_value_t = 4096)]
+    migrate_precopy_mib: u64,
 }
 
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
@@ -242,6 +247,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.idle_timeout = std::time::Duration::from_millis(args.idle_timeout_ms);
     config.worker_ports = args.worker_ports;
     config.bulk_endpoints = args.bulk_endpoints;
+    config.migrate_precopy_bytes = args.migrate_precopy_mib.saturating_mul(1 << 20);
     match args.shm_dir.as_deref() {
         Some("off") => config.shm_dir = None,
         Some(dir) => config.shm_dir = Some(dir.into()),

@@ -34,7 +34,7 @@ mod tensor_map;
 mod vmm;
 
 use crate::device::{ACCESS_READ, ACCESS_READWRITE};
-pub use migrate::Exported;
+pub use migrate::{Dirty, Exported, PrecopyStart};
 
 /// Limits of one session.
 #[derive(Debug, Clone)]
@@ -94,6 +94,9 @@ pub struct SessionState<S: BackendSession> {
     events: HashMap<u32, S::Event>,
     /// The calls that re-create the state above on another server.
     journal: migrate::Journal,
+    /// While a migration pre-copies the session's memory: what the
+    /// session's calls may have written since.
+    precopy: Option<migrate::Dirty>,
     /// Device memory the session holds (resident or swapped out), which
     /// the quota bounds.
     mapped_bytes: u64,
@@ -152,6 +155,7 @@ impl<S: BackendSession> SessionState<S> {
             streams: HashMap::new(),
             events: HashMap::new(),
             journal: migrate::Journal::default(),
+            precopy: None,
             mapped_bytes: 0,
             memory: SessionMemory::detached(),
             swapped: None,
@@ -238,6 +242,9 @@ impl<S: BackendSession> SessionState<S> {
     /// Executes one call.
     pub fn execute(&mut self, op: Op) -> CallOutcome {
         self.swap_in()?;
+        if self.precopy.is_some() {
+            self.note_write(&op);
+        }
         let lasting = migrate::lasting(&op);
         let outcome = self.execute_op(op);
         if let (Some(op), Ok(_)) = (lasting, &outcome) {

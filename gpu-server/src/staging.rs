@@ -32,6 +32,10 @@ pub fn buffers() -> &'static Arc<BufferPool> {
     &BUFFERS
 }
 
+/// A complete staged upload: its id, its total size and its chunks by
+/// offset.
+pub type StagedUpload = (u64, u64, Vec<(u64, Bytes)>);
+
 /// One session's staged transfers.
 #[derive(Debug)]
 pub struct Staging {
@@ -114,6 +118,11 @@ impl Staging {
                 up.total
             )));
         }
+        // The same chunk again (a client repeating a put after its session
+        // moved, the upload having moved with it) changes nothing.
+        if len > 0 && up.chunks.get(&offset).is_some_and(|c| *c == chunk) {
+            return Ok(());
+        }
         let overlaps_prev = up.chunks.range(..=offset).next_back().is_some_and(|(&o, c)| o + c.len() as u64 > offset);
         let overlaps_next = up.chunks.range(offset..).next().is_some_and(|(&o, _)| o < end);
         if len > 0 && (overlaps_prev || overlaps_next) {
@@ -125,6 +134,16 @@ impl Staging {
             inner.bytes += len;
         }
         Ok(())
+    }
+
+    /// The complete uploads held, as `(id, total, chunks by offset)`: a
+    /// migrating session's, which its target stages again under the same
+    /// ids (a copy naming one may be in a batch its client sends again).
+    /// Incomplete ones stay behind: their puts failed, and are repeated.
+    pub fn complete_uploads(&self) -> Vec<StagedUpload> {
+        let inner = self.lock();
+        let complete = inner.uploads.iter().filter(|(_, up)| up.received == up.total);
+        complete.map(|(&id, up)| (id, up.total, up.chunks.iter().map(|(&o, c)| (o, c.clone())).collect())).collect()
     }
 
     /// Takes complete upload `id` of `size` bytes as one buffer (module

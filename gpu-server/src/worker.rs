@@ -370,6 +370,7 @@ async fn migrate(migrator: crate::server::Migrator, order: v1::Moved) {
             error: String::new(),
             target_session: m.target_session,
             memory_bytes: m.memory_bytes,
+            precopied_bytes: m.precopied,
             pause_us: u64::try_from(m.pause.as_micros()).unwrap_or(u64::MAX),
         },
         Err(error) => v1::MigrateOutcome { error, ..Default::default() },

@@ -40,6 +40,7 @@ pub(crate) fn config_from_spec(spec: &v1::WorkerSpec) -> Result<ServerConfig, Se
     c.compression = spec.compression;
     c.resume_grace = Duration::from_millis(spec.resume_grace_ms);
     c.session_spin = Duration::from_micros(u64::from(spec.session_spin_us));
+    c.migrate_precopy_bytes = spec.migrate_precopy_bytes;
     if spec.port_low != 0 {
         let port =
             |p: u32| u16::try_from(p).map_err(|_| ServerError::Config(format!("worker port {p} is not a UDP port")));
@@ -79,6 +80,7 @@ pub(crate) fn spec_from_config(config: &ServerConfig, chain: Vec<Vec<u8>>, key: 
         swap: config.swap.is_some(),
         swap_wait_ms: config.swap.map_or(0, |s| u64::try_from(s.wait.as_millis()).unwrap_or(u64::MAX)),
         swap_dir: config.swap_disk.as_ref().map(|d| d.dir.display().to_string()).unwrap_or_default(),
+        migrate_precopy_bytes: config.migrate_precopy_bytes,
     }
 }
 
@@ -99,6 +101,7 @@ mod tests {
         assert_eq!(back.idle_timeout, c.idle_timeout);
         assert_eq!(back.bulk_endpoints, c.bulk_endpoints);
         assert_eq!(back.shm_dir, c.shm_dir);
+        assert_eq!(back.migrate_precopy_bytes, c.migrate_precopy_bytes);
         c.shm_dir = None;
         assert_eq!(config_from_spec(&spec_from_config(&c, vec![vec![1]], vec![3])).expect("valid").shm_dir, None);
         assert!(back.one_session && back.max_sessions == 1);

@@ -8,7 +8,7 @@ use gpupool_client::{DeviceBuffer, KernelArg, LaunchConfig, Session, StreamId};
 use gpupool_proto::BUILTIN_MODULE;
 use gpupool_server::Migrated;
 use gpupool_server::ServerConfig;
-use gpupool_tests::{TOKEN, TestServer, fresh_seed, isolated_config, random_f32, server_config};
+use gpupool_tests::{TOKEN, TestServer, fresh_seed, isolated_config, random_bytes, random_f32, server_config};
 
 /// Floats per buffer: 4 MiB each.
 const N: usize = 1 << 20;
@@ -104,7 +104,9 @@ fn moves_with_identical_results((a, b, seed, want): (TestServer, TestServer, u64
     moving.steps(0, 3);
     let done = migrate(&a, &b, TOKEN).expect("migration succeeds");
     assert_eq!(done.memory_bytes, 8 << 20, "both buffers moved");
-    eprintln!("pause {:?} for {} bytes", done.pause, done.memory_bytes);
+    eprintln!("pause {:?} for {} bytes ({} pre-copied)", done.pause, done.memory_bytes, done.precopied);
+    // Idle while it moved: all of its memory went over before it stopped.
+    assert_eq!(done.precopied, done.memory_bytes, "an idle session's memory is all pre-copied");
     moving.steps(3, 6);
     // Copies go through bulk connections to the new server, as before.
     eprintln!("bulk connections before the move: {bulk}");
@@ -177,6 +179,79 @@ impl Leased {
             *w += alpha * xi;
         }
     }
+}
+
+/// Pre-copy with a program that keeps writing while its memory goes over:
+/// copies into one buffer (their pieces are sent again in the pause, the
+/// others not), or kernels (everything is sent again). Either way the
+/// moved session holds exactly what the program wrote last.
+#[test]
+fn writes_during_a_pre_copy_are_not_lost() {
+    if !emulated_only() {
+        return;
+    }
+    for kernels in [false, true] {
+        for config in [server_config as fn() -> gpupool_server::ServerConfig, || isolated_config().expect("worker")] {
+            let mut c = config();
+            c.memory_quota = 256 << 20;
+            let mut d = config();
+            d.memory_quota = 256 << 20;
+            let (a, b) = (TestServer::start(c).expect("a"), TestServer::start(d).expect("b"));
+            writes_survive(&a, &b, kernels);
+        }
+    }
+}
+
+fn writes_survive(a: &TestServer, b: &TestServer, kernels: bool) {
+    const BIG: usize = 96 << 20;
+    let session = Session::connect(&a.client_config()).expect("session");
+    let still = random_bytes(BIG, fresh_seed());
+    let big = session.mem_alloc(BIG as u64).expect("alloc");
+    session.memcpy_htod(big, &still, StreamId::DEFAULT).expect("fill");
+    let x = DeviceBuffer::from_slice(&session, &random_f32(N, fresh_seed())).expect("x");
+    let mut want = random_f32(N, fresh_seed());
+    let y = DeviceBuffer::from_slice(&session, &want).expect("y");
+    let hx = x.to_vec().expect("x back");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let done = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let saxpy = session.module_load(BUILTIN_MODULE).expect("module").function("saxpy").expect("saxpy");
+            let mut rounds = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || rounds < 3 {
+                if kernels {
+                    let args = [KernelArg::F32(0.5), x.arg(), y.arg(), KernelArg::U32(N as u32)];
+                    let cfg = LaunchConfig::for_elements(N as u32, 256);
+                    session.launch(&saxpy, cfg, StreamId::DEFAULT, &args).expect("launch");
+                    for (w, xi) in want.iter_mut().zip(&hx) {
+                        *w += 0.5 * xi;
+                    }
+                } else {
+                    want.iter_mut().for_each(|w| *w += 1.0);
+                    y.write(&want).expect("write y");
+                }
+                session.synchronize().expect("synchronize");
+                rounds += 1;
+            }
+            rounds
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let done = migrate(a, b, TOKEN).expect("migration succeeds");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let rounds = writer.join().expect("writer");
+        eprintln!("kernels {kernels}: {rounds} rounds; {} of {} bytes pre-copied", done.precopied, done.memory_bytes);
+        done
+    });
+    assert!(y.to_vec().expect("y") == want, "the moved session holds the program's last writes");
+    let mut back = vec![0u8; BIG];
+    session.memcpy_dtoh(&mut back, big, StreamId::DEFAULT).expect("read big");
+    assert!(back == still, "untouched memory moved unchanged");
+    if kernels {
+        assert_eq!(done.precopied, 0, "a kernel may write anywhere: nothing pre-copied is trusted");
+    } else {
+        assert!(done.precopied >= BIG as u64, "the untouched buffer was not sent again: {done:?}");
+        assert!(done.precopied < done.memory_bytes, "the written buffer was sent again: {done:?}");
+    }
+    session.close().expect("close");
 }
 
 /// `gpupool-balancer drain`'s RPC: three leased sessions (in worker
@@ -317,9 +392,14 @@ fn drains_and_moves(
 fn migration_pause() {
     let mib: u64 = std::env::var("GPUPOOL_MIGRATION_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
     let limit = std::env::var("GPUPOOL_MIGRATION_MAX_PAUSE_MS").ok().and_then(|v| v.parse::<u64>().ok());
+    // Pre-copy into the target (the server's default unless set; 0: off).
+    let precopy = std::env::var("GPUPOOL_MIGRATION_PRECOPY_MIB").ok().and_then(|v| v.parse::<u64>().ok());
     let config = || {
         let mut c = isolated_config().expect("worker command");
         c.memory_quota = (mib + 64) << 20;
+        if let Some(p) = precopy {
+            c.migrate_precopy_bytes = p << 20;
+        }
         c
     };
     let servers = [TestServer::start(config()).expect("a"), TestServer::start(config()).expect("b")];
@@ -335,8 +415,8 @@ fn migration_pause() {
     session.memcpy_htod(pieces[0], &head, StreamId::DEFAULT).expect("upload");
     session.synchronize().expect("sync");
     let bytes = pieces.len() as u64 * PIECE;
-    eprintln!("| run | from → to | MiB | server pause ms | longest gap the program saw ms |");
-    eprintln!("|---|---|---|---|---|");
+    eprintln!("| run | from → to | MiB | pre-copied MiB | server pause ms | longest gap the program saw ms |");
+    eprintln!("|---|---|---|---|---|---|");
     let mut worst = std::time::Duration::ZERO;
     for run in 0..6 {
         let (from, to) = (&servers[run % 2], &servers[(run + 1) % 2]);
@@ -364,10 +444,11 @@ fn migration_pause() {
         assert_eq!(done.memory_bytes, bytes);
         worst = worst.max(gap);
         eprintln!(
-            "| {run} | {} → {} | {} | {:.1} | {:.1} |",
+            "| {run} | {} → {} | {} | {} | {:.1} | {:.1} |",
             run % 2,
             (run + 1) % 2,
             bytes >> 20,
+            done.precopied >> 20,
             done.pause.as_secs_f64() * 1e3,
             gap.as_secs_f64() * 1e3
         );

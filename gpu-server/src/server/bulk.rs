@@ -199,6 +199,18 @@ impl BulkSlot<'_> {
         }
         (self.registry.ports.iter().map(|&p| u32::from(p)).collect(), self.secret.clone())
     }
+
+    /// Closes the bulk connections attached now (the session stops for a
+    /// migration: no upload may land here after its staged ones were read
+    /// out; the client puts again where the session goes, or here again
+    /// after it reattached when the migration failed).
+    pub(crate) fn close_links(&self) {
+        let mut sessions = self.registry.lock();
+        let links = sessions.get_mut(&self.id).map(|e| e.links.iter_mut().filter_map(Option::take).collect::<Vec<_>>());
+        for conn in links.into_iter().flatten() {
+            conn.close(close_code::NORMAL.into(), b"the session is moving");
+        }
+    }
 }
 
 impl Drop for BulkSlot<'_> {

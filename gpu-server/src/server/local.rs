@@ -82,6 +82,8 @@ where
         compression: compression(cfg.compression),
     };
     let staging = Arc::new(Staging::new(cfg.max_staging_bytes, cfg.max_bulk_streams * 4));
+    // The session's staged uploads move with it.
+    let session_staging = staging.clone();
     let bulk = Arc::new(BulkService::new(
         staging.clone(),
         shared.metrics.clone(),
@@ -165,6 +167,12 @@ where
         // The server has no RDMA listener yet (docs/rdma.md): every offer
         // falls back to QUIC, as `rdma::negotiate::decide` does without a device.
         rdma: None,
+        // Pre-copied memory is kept in host memory until the session stops:
+        // at most the session's quota and the configured bound.
+        precopy_bytes: match &start {
+            Start::Migrated(m) if m.precopy => quota.min(cfg.migrate_precopy_bytes),
+            _ => 0,
+        },
     };
     let queue_budget = Arc::new(Semaphore::new(MAX_QUEUED_BATCH_BYTES));
     let mut received_seq = 0;
@@ -181,14 +189,15 @@ where
             if send.send_frame(&frame::encode(&welcome)).await.is_err() {
                 return conn;
             }
+            let limits = ImportLimits { max_precopy: welcome.precopy_bytes, ..limits_of_import(shared) };
             let received = tokio::time::timeout(
                 super::migrate::TRANSFER_LIMIT,
-                receive_session(shared, &m, &mut recv, &work_tx, limits_of_import(shared)),
+                receive_session(shared, &m, &mut recv, &work_tx, &session_staging, limits),
             )
             .await
             .unwrap_or_else(|_| Err("the transfer took too long".into()));
-            let kept = match received {
-                Ok(kept) if slot.resumable() => kept,
+            let received = match received {
+                Ok(received) if slot.resumable() => received,
                 Ok(_) => {
                     refuse_migration(send, &conn, "this server keeps no sessions for a resume".into()).await;
                     return conn;
@@ -204,12 +213,14 @@ where
             // reattaching already.
             let _ = send.send_frame(&frame::encode(&done)).await;
             tracing::info!(
-                bytes = m.memory_bytes,
-                received_seq = m.received_seq,
+                bytes = received.memory_bytes,
+                precopied = received.precopied,
+                received_seq = received.received_seq,
                 "migrated session arrived; waiting for its client"
             );
-            received_seq = m.received_seq;
-            let replies = Replies::taken_over(reply_rx, m.replies_acked, m.replies_forgotten, kept);
+            received_seq = received.received_seq;
+            let replies =
+                Replies::taken_over(reply_rx, received.replies_acked, received.replies_forgotten, received.replies);
             // Its client comes as after a lost connection.
             let Some((again, seq)) = reattach(&mut slot, &replies, &welcome, received_seq, "migrated here").await
             else {
@@ -225,17 +236,53 @@ where
         let stop = Arc::new(tokio::sync::Notify::new());
         let writer = tokio::spawn(write_replies(replies, send, conn.clone(), acked, stop.clone()));
         let bulk_task = tokio::spawn(conn.clone().serve_bulk(bulk.clone()));
-        let ended = tokio::select! {
-            ended = read_commands(shared, &conn, &mut recv, &work_tx, &queue_budget, &mut received_seq) => ended,
-            Some(order) = moves.orders.recv() => Ended::Migrate(Box::new(order)),
+        // A migration order starts a pre-copy beside the session, which
+        // keeps running; the session stops once the pre-copy is over.
+        let (pre_tx, mut pre_rx) = oneshot::channel();
+        let mut pre_tx = Some(pre_tx);
+        let mut pending: Option<(Box<super::migrate::Order>, AbortOnDrop)> = None;
+        let mut precopied = None;
+        let ended = {
+            let reading = read_commands(shared, &conn, &mut recv, &work_tx, &queue_budget, &mut received_seq);
+            tokio::pin!(reading);
+            loop {
+                tokio::select! {
+                    ended = &mut reading => break ended,
+                    Some(order) = moves.orders.recv(), if pending.is_none() => {
+                        let (work, target, tx) = (work_tx.clone(), order.target.clone(), pre_tx.take());
+                        let task = tokio::spawn(async move {
+                            let result = super::migrate::precopy(&target, &work).await;
+                            if let Some(tx) = tx {
+                                let _ = tx.send(result);
+                            }
+                        });
+                        pending = Some((Box::new(order), AbortOnDrop(task)));
+                    }
+                    result = &mut pre_rx, if pending.is_some() => {
+                        let (order, _task) = pending.take().expect("a pre-copy runs");
+                        precopied = Some(result.unwrap_or_else(|_| {
+                    Err(super::migrate::PrecopyFailed { reason: "the pre-copy ended early".into(), retry: true })
+                }));
+                        break Ended::Migrate(order);
+                    }
+                }
+            }
         };
         bulk_task.abort();
+        if let Some((order, _task)) = pending.take() {
+            // The session ended (or lost its client) while it pre-copied.
+            let _ = order.done.send(Err("the session ended, or lost its client, during the pre-copy".into()));
+        }
         match ended {
             Ended::Migrate(order) => {
                 // No batch is read any more: those on their way stay in the
                 // client's replay log and go to wherever the session runs.
                 // The session is read out after the batches queued before,
                 // so their replies are all out of its thread by then.
+                let stopped = std::time::Instant::now();
+                // No upload lands here from now on (the staged ones move).
+                bulk_slot.close_links();
+                shm_slot.detach();
                 let exported = export(&work_tx).await;
                 stop.notify_one();
                 let Ok((kept, _open)) = writer.await else { return conn };
@@ -244,16 +291,38 @@ where
                     Ok(_) if !slot.resumable() => {
                         Err("this server keeps no sessions for a resume, so the client could not follow".into())
                     }
-                    Ok(exported) => {
-                        migrate_out(shared, &work_tx, exported, &replies, received_seq, &order.target).await
-                    }
+                    Ok(exported) => match precopied.take() {
+                        // The target refused, or was not reached: no second try.
+                        Some(Err(e)) if !e.retry => Err(e.reason),
+                        precopy => {
+                            let precopy = match precopy {
+                                Some(Ok(p)) => Some(p),
+                                Some(Err(e)) => {
+                                    tracing::warn!(error = %e.reason, "pre-copy failed; the session's memory goes over now");
+                                    None
+                                }
+                                None => None,
+                            };
+                            let out = (exported, &replies, received_seq, session_staging.complete_uploads());
+                            migrate_out(shared, &work_tx, out, &order.target, precopy).await
+                        }
+                    },
                     Err(e) => Err(e),
                 };
                 let (moved, report) = match outcome {
-                    Ok((done, bytes)) => {
-                        let pause = order.started.elapsed();
-                        tracing::info!(target = %order.target.address, bytes, pause_ms = pause.as_millis() as u64, "session migrated");
-                        let report = Ok(Migrated { target_session: done.session_id, memory_bytes: bytes, pause });
+                    Ok((done, bytes, precopied)) => {
+                        let pause = stopped.elapsed();
+                        let total = order.started.elapsed();
+                        tracing::info!(
+                            target = %order.target.address,
+                            bytes,
+                            precopied,
+                            pause_ms = pause.as_millis() as u64,
+                            total_ms = total.as_millis() as u64,
+                            "session migrated"
+                        );
+                        let report =
+                            Ok(Migrated { target_session: done.session_id, memory_bytes: bytes, precopied, pause });
                         let moved = v1::Moved {
                             address: order.target.address.to_string(),
                             server_name: order.target.server_name.clone(),
@@ -365,21 +434,50 @@ async fn export(work: &mpsc::Sender<Work>) -> Result<crate::session::Exported, S
     rx.await.map_err(|_| "the session has ended".to_string())?.map_err(|e| e.message)
 }
 
-/// The source's side: sends the session read out to `target`. Returns the
-/// target's answer and the bytes moved.
+/// The source's side: sends the session read out (with its replies and the
+/// last batch received) to `target`, over the pre-copy's link when there
+/// is one. Returns the target's answer, the bytes moved and those of them
+/// pre-copied and not sent again.
 async fn migrate_out(
     shared: &Shared,
     work: &mpsc::Sender<Work>,
-    exported: crate::session::Exported,
-    replies: &Replies,
-    received_seq: u64,
+    (exported, replies, received_seq, uploads): (
+        crate::session::Exported,
+        &Replies,
+        u64,
+        Vec<crate::staging::StagedUpload>,
+    ),
     target: &MigrationTarget,
-) -> Result<(v1::MigrateDone, u64), String> {
+    precopy: Option<super::migrate::Precopied>,
+) -> Result<(v1::MigrateDone, u64, u64), String> {
     let bytes = exported.memory_bytes();
     let (kept, replies_acked, replies_forgotten) = replies.kept();
-    let out = Outgoing { exported, received_seq, replies: kept, replies_acked, replies_forgotten, work: work.clone() };
-    let done = super::migrate::send_session(target, &shared.images, out).await?;
-    Ok((done, bytes))
+    let out = Outgoing {
+        exported,
+        received_seq,
+        replies: kept,
+        replies_acked,
+        replies_forgotten,
+        work: work.clone(),
+        uploads,
+    };
+    match precopy {
+        Some((link, sent)) => {
+            let (done, reused) = super::migrate::finish(link, &shared.images, out, &sent).await?;
+            Ok((done, bytes, reused))
+        }
+        None => Ok((super::migrate::send_session(target, &shared.images, out).await?, bytes, 0)),
+    }
+}
+
+/// A task aborted when this is dropped (a pre-copy the session no longer
+/// needs).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Bounds of what a migrated session may bring.
@@ -392,6 +490,8 @@ struct ImportLimits {
     /// holds (images past it would be evicted before the calls that load
     /// them run).
     max_image_bytes: u64,
+    /// Pre-copied bytes kept at most (`Welcome.precopy_bytes`).
+    max_precopy: u64,
 }
 
 fn limits_of_import(shared: &Shared) -> ImportLimits {
@@ -401,18 +501,34 @@ fn limits_of_import(shared: &Shared) -> ImportLimits {
         max_image: cfg.max_staging_bytes.min(1 << 30),
         max_images: cfg.max_handles,
         max_image_bytes: cfg.image_cache_bytes,
+        max_precopy: 0,
     }
 }
 
+/// What a migrated session brought besides its state on the thread.
+struct Received {
+    /// Replies the client may not have received.
+    replies: Vec<(u64, bytes::Bytes)>,
+    received_seq: u64,
+    replies_acked: u64,
+    replies_forgotten: u64,
+    /// Device bytes written, and those of them pre-copied.
+    memory_bytes: u64,
+    precopied: u64,
+}
+
 /// The target's side: reads a migrating session's frames and rebuilds it on
-/// its thread. Returns the replies the client may not have received.
+/// its thread. With a pre-copy, the memory sent while the session still
+/// ran is kept here until the source names each piece as unchanged (or
+/// dropped when it does not).
 async fn receive_session(
     shared: &Shared,
     m: &v1::MigrateIn,
     recv: &mut impl FrameReceiver,
     work: &mpsc::Sender<Work>,
+    staging: &Staging,
     limits: ImportLimits,
-) -> Result<Vec<(u64, bytes::Bytes)>, String> {
+) -> Result<Received, String> {
     use gpupool_proto::v1::migrate_frame::Item;
     // Images being received, and those received whole (in the cache now).
     let mut images: std::collections::HashMap<[u8; 32], Vec<u8>> = std::collections::HashMap::new();
@@ -421,6 +537,11 @@ async fn receive_session(
     let mut replies = Vec::new();
     let mut reply_bytes = 0;
     let mut memory = 0u64;
+    // Pre-copied pieces by address, and what the source said at its stop.
+    let mut staged: std::collections::HashMap<u64, bytes::Bytes> = std::collections::HashMap::new();
+    let (mut staged_bytes, mut precopied) = (0u64, 0u64);
+    let mut last: Option<v1::MigrateFinal> = None;
+    let announced = |last: &Option<v1::MigrateFinal>| last.as_ref().map_or(m.memory_bytes, |f| f.memory_bytes);
     // Queues an import on the session's thread; its outcome comes later.
     let start = |item: Import| async move {
         let (tx, rx) = oneshot::channel();
@@ -493,11 +614,55 @@ async fn receive_session(
                 replies.push((seq, frame));
             }
             Item::Memory(c) => {
+                if m.precopy && last.is_none() {
+                    return Err("memory before the pre-copy's final frame".into());
+                }
                 memory = memory.saturating_add(c.data.len() as u64);
-                if memory > m.memory_bytes {
-                    return Err(format!("more memory than the {} bytes announced", m.memory_bytes));
+                if memory > announced(&last) {
+                    return Err(format!("more memory than the {} bytes announced", announced(&last)));
                 }
                 writes.push_back(start(Import::Memory(c.addr, c.data)).await?);
+                if writes.len() > WRITES_AHEAD
+                    && let Some(rx) = writes.pop_front()
+                {
+                    outcome(rx).await?;
+                }
+            }
+            Item::Precopy(c) => {
+                if !m.precopy || last.is_some() {
+                    return Err("pre-copied memory outside a pre-copy".into());
+                }
+                staged_bytes = staged_bytes.saturating_add(c.data.len() as u64);
+                if staged_bytes > limits.max_precopy.min(m.memory_bytes) {
+                    return Err(format!("more pre-copied memory than the {} bytes agreed", limits.max_precopy));
+                }
+                if staged.insert(c.addr, c.data).is_some() {
+                    return Err("a piece pre-copied twice".into());
+                }
+            }
+            // Bounded by the session's staging limits, as a client's puts.
+            Item::Staged(c) => {
+                let put = staging.put(c.transfer_id, c.total, c.offset, c.data);
+                put.map_err(|e| format!("a staged upload: {}", e.message))?;
+            }
+            Item::Final(f) => {
+                if !m.precopy || last.is_some() {
+                    return Err("a final frame outside a pre-copy, or twice".into());
+                }
+                last = Some(f);
+            }
+            Item::Precopied(r) => {
+                if last.is_none() {
+                    return Err("a pre-copied piece named before the final frame".into());
+                }
+                let data = staged.remove(&r.addr).filter(|d| d.len() as u64 == r.size);
+                let data = data.ok_or("a pre-copied piece that was not sent, or not of that size")?;
+                memory = memory.saturating_add(r.size);
+                precopied += r.size;
+                if memory > announced(&last) {
+                    return Err(format!("more memory than the {} bytes announced", announced(&last)));
+                }
+                writes.push_back(start(Import::Memory(r.addr, data)).await?);
                 if writes.len() > WRITES_AHEAD
                     && let Some(rx) = writes.pop_front()
                 {
@@ -507,13 +672,31 @@ async fn receive_session(
             // Bounded by the shadows the calls made (at most
             // `MAX_MIRROR_BYTES`): a piece outside them is an error.
             Item::Mirror(c) => outcome(start(Import::Mirror(c.addr, c.data)).await?).await?,
-            Item::End(_) if memory == m.memory_bytes => {
+            Item::End(_) if m.precopy && last.is_none() => {
+                return Err("a pre-copy ended without its final frame".into());
+            }
+            Item::End(_) if memory == announced(&last) => {
                 for rx in writes.drain(..) {
                     outcome(rx).await?;
                 }
-                return Ok(replies);
+                let f = last.unwrap_or(v1::MigrateFinal {
+                    memory_bytes: m.memory_bytes,
+                    received_seq: m.received_seq,
+                    replies_acked: m.replies_acked,
+                    replies_forgotten: m.replies_forgotten,
+                });
+                return Ok(Received {
+                    replies,
+                    received_seq: f.received_seq,
+                    replies_acked: f.replies_acked,
+                    replies_forgotten: f.replies_forgotten,
+                    memory_bytes: memory,
+                    precopied,
+                });
             }
-            Item::End(_) => return Err(format!("{memory} bytes of memory came of {} announced", m.memory_bytes)),
+            Item::End(_) => {
+                return Err(format!("{memory} bytes of memory came of {} announced", announced(&last)));
+            }
         }
     }
 }

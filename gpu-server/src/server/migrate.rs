@@ -42,8 +42,11 @@ pub struct Migrated {
     pub target_session: u64,
     /// Device bytes moved.
     pub memory_bytes: u64,
-    /// How long the session ran no call: from the order to the client's
-    /// redirect.
+    /// Of those, bytes sent while the session still ran (pre-copy) and not
+    /// written since, so not sent again during the pause.
+    pub precopied: u64,
+    /// How long the session ran no call: from its stop (after the pre-copy)
+    /// to the client's redirect.
     pub pause: Duration,
 }
 
@@ -125,23 +128,29 @@ pub(crate) struct Outgoing {
     pub(crate) replies_forgotten: u64,
     /// The session's work queue, which reads its memory piece by piece.
     pub(crate) work: tokio::sync::mpsc::Sender<super::thread::Work>,
+    /// Complete uploads the session had staged and not used yet.
+    pub(crate) uploads: Vec<crate::staging::StagedUpload>,
 }
 
 /// Pieces of memory read ahead on the session's thread while the one
 /// before is sent.
 const READS_AHEAD: usize = 4;
 
+/// `MigrateFrame` fields of a `MemChunk` sent by [`memory_frame_head`].
+const MEMORY_FIELD: u32 = 3;
+const PRECOPY_FIELD: u32 = 7;
+
 /// The frame of a `MigrateFrame` carrying `MemChunk { addr, data }` up to
 /// its data, which the caller sends after it unchanged: the frame as
 /// `frame::encode` makes it, without copying the piece into it.
-fn memory_frame_head(addr: u64, data_len: usize) -> Bytes {
+fn memory_frame_head(field: u32, addr: u64, data_len: usize) -> Bytes {
     use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
     let data_len = data_len as u64;
     let chunk = (key_len(1) + encoded_len_varint(addr) + key_len(2) + encoded_len_varint(data_len)) as u64 + data_len;
-    let frame = key_len(3) as u64 + encoded_len_varint(chunk) as u64 + chunk;
+    let frame = key_len(field) as u64 + encoded_len_varint(chunk) as u64 + chunk;
     let mut head = bytes::BytesMut::with_capacity(32);
     head.extend_from_slice(&(frame as u32).to_le_bytes());
-    encode_key(3, WireType::LengthDelimited, &mut head);
+    encode_key(field, WireType::LengthDelimited, &mut head);
     encode_varint(chunk, &mut head);
     encode_key(1, WireType::Varint, &mut head);
     encode_varint(addr, &mut head);
@@ -210,58 +219,239 @@ async fn open(
 /// Largest `Welcome` or `MigrateDone` read from a target.
 const MAX_ANSWER_BYTES: usize = 64 << 10;
 
-/// Sends a session to `target` and returns its answer.
-pub(crate) async fn send_session(
-    target: &MigrationTarget,
-    images: &ImageCache,
-    out: Outgoing,
-) -> Result<v1::MigrateDone, String> {
+/// The source's connection to a target that accepted a migrating session
+/// (redirected to a worker process when the target has them).
+pub(crate) struct Link {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    /// The target's first connection, kept open while a worker receives.
+    control: Option<quinn::Connection>,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    /// Pre-copied bytes the target keeps (0: no pre-copy).
+    precopy_bytes: u64,
+    /// Whether the `Hello` announced a pre-copy.
+    precopy: bool,
+}
+
+impl Link {
+    fn fail(&self, e: &dyn std::fmt::Display) -> String {
+        refusal(&self.conn).unwrap_or_else(|| e.to_string())
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let r = self.send.write_all(bytes).await;
+        r.map_err(|e| self.fail(&e))
+    }
+
+    /// Closes the connections; the closes go out in the background.
+    fn close(self, why: &[u8]) {
+        for c in std::iter::once(&self.conn).chain(&self.control) {
+            c.close(0u32.into(), why);
+        }
+        let endpoint = self.endpoint;
+        tokio::spawn(async move { endpoint.wait_idle().await });
+    }
+}
+
+/// Opens a migration to `target`: `migrate` is the session's range and,
+/// without a pre-copy, everything the target needs to know up front.
+pub(crate) async fn connect(target: &MigrationTarget, migrate: v1::MigrateIn) -> Result<Link, String> {
     let bind: SocketAddr = if target.address.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
         .parse()
         .map_err(|e: std::net::AddrParseError| e.to_string())?;
     let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| format!("cannot bind {bind}: {e}"))?;
     endpoint.set_default_client_config(client_config(target)?);
-    let sent = tokio::time::timeout(TRANSFER_LIMIT, async {
-        let ex = &out.exported;
-        let hello = v1::Hello {
-            protocol_version: PROTOCOL_VERSION,
-            client_build: concat!("gpupool-server ", env!("CARGO_PKG_VERSION"), " (migration)").into(),
-            token: target.token.clone(),
-            resume: None,
-            bulk: None,
-            rdma: None,
-            migrate: Some(v1::MigrateIn {
-                va_base: ex.va_base,
-                va_size: ex.va_size,
-                memory_bytes: ex.memory_bytes(),
-                received_seq: out.received_seq,
-                replies_acked: out.replies_acked,
-                replies_forgotten: out.replies_forgotten,
-            }),
-        };
-        let (first, mut send, mut recv, welcome) = open(&endpoint, target.address, &target.server_name, &hello).await?;
+    let precopy = migrate.precopy;
+    let hello = v1::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        client_build: concat!("gpupool-server ", env!("CARGO_PKG_VERSION"), " (migration)").into(),
+        token: target.token.clone(),
+        resume: None,
+        bulk: None,
+        rdma: None,
+        migrate: Some(migrate),
+    };
+    let opened = tokio::time::timeout(TRANSFER_LIMIT, async {
+        let (first, send, recv, welcome) = open(&endpoint, target.address, &target.server_name, &hello).await?;
         // A target with worker processes sends the session on to one, as
         // it does a client; its first connection stays open meanwhile.
-        let (conn, control) = match welcome.redirect {
+        match welcome.redirect {
             Some(redirect) => {
                 let port = u16::try_from(redirect.port).map_err(|_| format!("redirect to port {}", redirect.port))?;
                 let worker = SocketAddr::new(target.address.ip(), port);
                 let hello = v1::Hello { token: redirect.ticket, ..hello.clone() };
-                let (conn, worker_send, worker_recv, welcome) =
-                    open(&endpoint, worker, &target.server_name, &hello).await?;
+                let (conn, send, recv, welcome) = open(&endpoint, worker, &target.server_name, &hello).await?;
                 if welcome.redirect.is_some() {
                     return Err("the target redirected twice".into());
                 }
-                (send, recv) = (worker_send, worker_recv);
-                (conn, Some(first))
+                Ok((conn, Some(first), send, recv, welcome.precopy_bytes))
             }
-            None => (first, None),
-        };
-        // The target's reason, when it closed the connection, says more
-        // than the failed write.
-        let fail = |e: &dyn std::fmt::Display| refusal(&conn).unwrap_or_else(|| e.to_string());
+            None => Ok((first, None, send, recv, welcome.precopy_bytes)),
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err(format!("no answer from {} within {TRANSFER_LIMIT:?}", target.address)));
+    match opened {
+        Ok((conn, control, send, recv, precopy_bytes)) => {
+            Ok(Link { endpoint, conn, control, send, recv, precopy_bytes, precopy })
+        }
+        Err(e) => {
+            tokio::spawn(async move { endpoint.wait_idle().await });
+            Err(e)
+        }
+    }
+}
+
+/// A piece of memory being read on the session's thread.
+type PieceRead = oneshot::Receiver<Result<Vec<u8>, crate::error::CallError>>;
+
+/// Reads pieces of the session's memory on its thread, [`READS_AHEAD`]
+/// ahead of the one the caller sends.
+struct Reads<'a, I: Iterator<Item = (u64, u64)>> {
+    work: &'a tokio::sync::mpsc::Sender<super::thread::Work>,
+    pieces: I,
+    pending: std::collections::VecDeque<(u64, PieceRead)>,
+}
+
+impl<I: Iterator<Item = (u64, u64)>> Reads<'_, I> {
+    async fn next(&mut self) -> Result<Option<(u64, Vec<u8>)>, String> {
+        let ended = || "the session has ended".to_string();
+        while self.pending.len() < READS_AHEAD {
+            let Some((addr, len)) = self.pieces.next() else { break };
+            let (tx, rx) = oneshot::channel();
+            self.work.send(super::thread::Work::ExportMemory(addr, len, tx)).await.map_err(|_| ended())?;
+            self.pending.push_back((addr, rx));
+        }
+        let Some((addr, rx)) = self.pending.pop_front() else { return Ok(None) };
+        let data = rx.await.map_err(|_| ended())?.map_err(|e| e.message)?;
+        Ok(Some((addr, data)))
+    }
+}
+
+/// The pieces `ranges` are sent in.
+fn pieces(ranges: &[(u64, u64)]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let chunk = CHUNK_BYTES as u64;
+    ranges.iter().flat_map(move |&(addr, size)| {
+        (0..size.div_ceil(chunk)).map(move |i| (addr + i * chunk, chunk.min(size - i * chunk)))
+    })
+}
+
+/// A pre-copy done: the open link and the pieces sent, by (address, length).
+pub(crate) type Precopied = (Link, std::collections::HashSet<(u64, u64)>);
+
+/// Why a pre-copy failed, and whether sending everything after the stop
+/// may still work (false: the target refused or could not be reached).
+#[derive(Debug)]
+pub(crate) struct PrecopyFailed {
+    pub(crate) reason: String,
+    pub(crate) retry: bool,
+}
+
+/// Pre-copy, while the session still runs: its writes are tracked from now
+/// on, a migration to `target` is opened and the session's memory goes to
+/// it (as much as the target keeps).
+pub(crate) async fn precopy(
+    target: &MigrationTarget,
+    work: &tokio::sync::mpsc::Sender<super::thread::Work>,
+) -> Result<Precopied, PrecopyFailed> {
+    let sent = precopy_to(target, work).await;
+    sent.map_err(|(reason, retry)| PrecopyFailed { reason, retry })
+}
+
+async fn precopy_to(
+    target: &MigrationTarget,
+    work: &tokio::sync::mpsc::Sender<super::thread::Work>,
+) -> Result<Precopied, (String, bool)> {
+    let (tx, rx) = oneshot::channel();
+    let ended = || "the session has ended".to_string();
+    let retry = |e: String| (e, true);
+    work.send(super::thread::Work::PrecopyStart(tx)).await.map_err(|_| retry(ended()))?;
+    let start = rx.await.map_err(|_| retry(ended()))?.map_err(|e| retry(e.message))?;
+    let total = start.mappings.iter().map(|&(_, size)| size).sum();
+    let migrate = v1::MigrateIn {
+        va_base: start.va_base,
+        va_size: start.va_size,
+        memory_bytes: total,
+        precopy: true,
+        ..Default::default()
+    };
+    let mut link = connect(target, migrate).await.map_err(|e| (e, false))?;
+    let mappings = start.mappings;
+    let mut budget = link.precopy_bytes;
+    let within = pieces(&mappings).take_while(move |&(_, len)| {
+        let fits = len <= budget;
+        budget = budget.saturating_sub(len);
+        fits
+    });
+    let mut reads = Reads { work, pieces: within, pending: Default::default() };
+    let mut sent = std::collections::HashSet::new();
+    let link_ref = &mut link;
+    let sending = async {
+        let link = link_ref;
+        while let Some((addr, data)) = reads.next().await? {
+            link.write(&memory_frame_head(PRECOPY_FIELD, addr, data.len())).await?;
+            let len = data.len() as u64;
+            let r = link.send.write_chunk(Bytes::from(data)).await;
+            r.map_err(|e| link.fail(&e))?;
+            sent.insert((addr, len));
+        }
+        Ok::<_, String>(())
+    };
+    let done = tokio::time::timeout(TRANSFER_LIMIT, sending)
+        .await
+        .unwrap_or_else(|_| Err(format!("the pre-copy took longer than {TRANSFER_LIMIT:?}")));
+    match done {
+        Ok(()) => Ok((link, sent)),
+        Err(e) => {
+            link.close(b"pre-copy failed");
+            Err((e, true))
+        }
+    }
+}
+
+/// Sends a session to `target` and returns its answer (no pre-copy).
+pub(crate) async fn send_session(
+    target: &MigrationTarget,
+    images: &ImageCache,
+    out: Outgoing,
+) -> Result<v1::MigrateDone, String> {
+    let ex = &out.exported;
+    let migrate = v1::MigrateIn {
+        va_base: ex.va_base,
+        va_size: ex.va_size,
+        memory_bytes: ex.memory_bytes(),
+        received_seq: out.received_seq,
+        replies_acked: out.replies_acked,
+        replies_forgotten: out.replies_forgotten,
+        precopy: false,
+    };
+    let link = connect(target, migrate).await?;
+    Ok(finish(link, images, out, &Default::default()).await?.0)
+}
+
+/// Sends the rest of a session to the target `link` leads to, now that it
+/// stopped, and returns the target's answer and the bytes not sent again:
+/// pieces in `precopied` that the session did not write since are named.
+pub(crate) async fn finish(
+    mut link: Link,
+    images: &ImageCache,
+    out: Outgoing,
+    precopied: &std::collections::HashSet<(u64, u64)>,
+) -> Result<(v1::MigrateDone, u64), String> {
+    let mut reused = 0u64;
+    let sent = tokio::time::timeout(TRANSFER_LIMIT, async {
+        let ex = &out.exported;
         let write = |item: v1::migrate_frame::Item| frame::encode(&v1::MigrateFrame { item: Some(item) });
         let mut frames = Vec::new();
+        if link.precopy {
+            frames.push(write(v1::migrate_frame::Item::Final(v1::MigrateFinal {
+                memory_bytes: ex.memory_bytes(),
+                received_seq: out.received_seq,
+                replies_acked: out.replies_acked,
+                replies_forgotten: out.replies_forgotten,
+            })));
+        }
         for key in &ex.images {
             let Some(image) = <[u8; 32]>::try_from(&key[..]).ok().and_then(|k| images.get(&k)) else { continue };
             for (i, piece) in image.chunks(CHUNK_BYTES).enumerate() {
@@ -274,60 +464,59 @@ pub(crate) async fn send_session(
             }
         }
         frames.push(write(v1::migrate_frame::Item::Calls(v1::Batch { seq: 0, calls: ex.calls.clone() })));
+        for (transfer_id, total, chunks) in &out.uploads {
+            for (offset, data) in chunks {
+                let (transfer_id, total, offset) = (*transfer_id, *total, *offset);
+                let chunk = v1::StagedChunk { transfer_id, total, offset, data: data.clone() };
+                frames.push(write(v1::migrate_frame::Item::Staged(chunk)));
+            }
+        }
         for reply in &out.replies {
             frames.push(write(v1::migrate_frame::Item::Reply(reply.clone())));
         }
         for f in frames {
-            send.write_all(&f).await.map_err(|e| fail(&e))?;
+            link.write(&f).await?;
         }
-        // Reading a piece on the session's thread, sending the one before
-        // and the target's writing the one before that overlap.
-        let chunk = CHUNK_BYTES as u64;
-        let mut pieces = ex.memory.iter().flat_map(|&(addr, size)| {
-            (0..size.div_ceil(chunk)).map(move |i| (addr + i * chunk, chunk.min(size - i * chunk)))
-        });
-        let ended = || "the session has ended".to_string();
-        let mut reads = std::collections::VecDeque::new();
-        loop {
-            while reads.len() < READS_AHEAD {
-                let Some((addr, len)) = pieces.next() else { break };
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                out.work.send(super::thread::Work::ExportMemory(addr, len, tx)).await.map_err(|_| ended())?;
-                reads.push_back((addr, rx));
-            }
-            let Some((addr, rx)) = reads.pop_front() else { break };
-            let data = rx.await.map_err(|_| ended())?.map_err(|e| e.message)?;
-            send.write_all(&memory_frame_head(addr, data.len())).await.map_err(|e| fail(&e))?;
-            send.write_chunk(Bytes::from(data)).await.map_err(|e| fail(&e))?;
+        // Pieces pre-copied and not written since are named; the others
+        // are read on the session's thread ahead of the one sent, and the
+        // target writes behind the one it receives.
+        let unchanged = |addr: u64, len: u64| {
+            precopied.contains(&(addr, len)) && ex.precopy_dirty.as_ref().is_some_and(|d| !d.touches(addr, len))
+        };
+        for (addr, len) in pieces(&ex.memory).filter(|&(a, l)| unchanged(a, l)) {
+            link.write(&write(v1::migrate_frame::Item::Precopied(v1::PieceRef { addr, size: len }))).await?;
+            reused += len;
+        }
+        let fresh = pieces(&ex.memory).filter(|&(a, l)| !unchanged(a, l));
+        let mut reads = Reads { work: &out.work, pieces: fresh, pending: Default::default() };
+        while let Some((addr, data)) = reads.next().await? {
+            link.write(&memory_frame_head(MEMORY_FIELD, addr, data.len())).await?;
+            let r = link.send.write_chunk(Bytes::from(data)).await;
+            r.map_err(|e| link.fail(&e))?;
         }
         for (addr, shadow) in &ex.mirrors {
             for (i, piece) in shadow.chunks(CHUNK_BYTES).enumerate() {
                 let chunk = v1::MemChunk { addr: addr + (i * CHUNK_BYTES) as u64, data: Bytes::copy_from_slice(piece) };
-                send.write_all(&write(v1::migrate_frame::Item::Mirror(chunk))).await.map_err(|e| fail(&e))?;
+                link.write(&write(v1::migrate_frame::Item::Mirror(chunk))).await?;
             }
         }
         if !ex.calls_after.is_empty() {
             let after = v1::Batch { seq: 0, calls: ex.calls_after.clone() };
-            send.write_all(&write(v1::migrate_frame::Item::Calls(after))).await.map_err(|e| fail(&e))?;
+            link.write(&write(v1::migrate_frame::Item::Calls(after))).await?;
         }
-        send.write_all(&write(v1::migrate_frame::Item::End(v1::MigrateEnd {}))).await.map_err(|e| fail(&e))?;
-        let body = super::transport::quic::read_frame(&mut recv, MAX_ANSWER_BYTES).await;
-        let done = match body {
-            Ok(Some(body)) => v1::MigrateDone::decode(body).map_err(|e| format!("undecodable answer: {e}"))?,
-            _ => return Err(fail(&"the target ended the transfer without an answer")),
-        };
-        for c in std::iter::once(&conn).chain(&control) {
-            c.close(0u32.into(), b"migration done");
+        link.write(&write(v1::migrate_frame::Item::End(v1::MigrateEnd {}))).await?;
+        let body = super::transport::quic::read_frame(&mut link.recv, MAX_ANSWER_BYTES).await;
+        match body {
+            Ok(Some(body)) => v1::MigrateDone::decode(body).map_err(|e| format!("undecodable answer: {e}")),
+            _ => Err(link.fail(&"the target ended the transfer without an answer")),
         }
-        Ok::<_, String>(done)
     })
     .await;
-    // The closes go out in the background: the session waits no more.
-    tokio::spawn(async move { endpoint.wait_idle().await });
+    link.close(b"migration done");
     let done = sent.map_err(|_| format!("the transfer took longer than {TRANSFER_LIMIT:?}"))??;
     match &done.error {
         Some(e) => Err(format!("the target refused the session: {} (CUDA error {})", e.message, e.code)),
-        None => Ok(done),
+        None => Ok((done, reused)),
     }
 }
 
@@ -339,12 +528,17 @@ mod tests {
     /// makes of the same `MemChunk`, and decode back to it.
     #[test]
     fn a_memory_frame_head_and_its_piece_are_the_encoded_frame() {
-        for (addr, len) in [(0x7f00_0000_0000u64, CHUNK_BYTES), (1, 0), (0, 300), (u64::MAX, 127)] {
+        let cases = [(0x7f00_0000_0000u64, CHUNK_BYTES), (1, 0), (0, 300), (u64::MAX, 127)];
+        for ((addr, len), precopy) in cases.into_iter().flat_map(|c| [(c, false), (c, true)]) {
             let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
             let chunk = v1::MemChunk { addr, data: Bytes::from(data.clone()) };
-            let item = v1::migrate_frame::Item::Memory(chunk.clone());
+            let (item, field) = if precopy {
+                (v1::migrate_frame::Item::Precopy(chunk.clone()), PRECOPY_FIELD)
+            } else {
+                (v1::migrate_frame::Item::Memory(chunk.clone()), MEMORY_FIELD)
+            };
             let whole = frame::encode(&v1::MigrateFrame { item: Some(item.clone()) });
-            let mut ours = memory_frame_head(addr, len).to_vec();
+            let mut ours = memory_frame_head(field, addr, len).to_vec();
             ours.extend_from_slice(&data);
             // The encoder leaves zero values out; the head writes them.
             if addr != 0 && len != 0 {

@@ -345,6 +345,7 @@ impl Relay<'_> {
                     Ok(super::migrate::Migrated {
                         target_session: outcome.target_session,
                         memory_bytes: outcome.memory_bytes,
+                        precopied: outcome.precopied_bytes,
                         pause: std::time::Duration::from_micros(outcome.pause_us),
                     })
                 } else {

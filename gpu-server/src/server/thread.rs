@@ -28,6 +28,9 @@ pub(crate) enum Work {
     Migrate(oneshot::Sender<Result<Exported, CallError>>),
     /// Read a piece of an exported session's memory (address, length).
     ExportMemory(u64, u64, oneshot::Sender<Result<Vec<u8>, CallError>>),
+    /// A migration begins to pre-copy the session's memory while it runs:
+    /// track its writes from now on; answers its mappings.
+    PrecopyStart(oneshot::Sender<Result<crate::session::PrecopyStart, CallError>>),
     /// Part of a session that moves here.
     Import(Import, oneshot::Sender<Result<(), CallError>>),
 }
@@ -129,6 +132,10 @@ pub(crate) fn run<B: Backend>(
             }
             Work::ExportMemory(addr, len, out) => {
                 let _ = out.send(state.export_memory(addr, len));
+                continue;
+            }
+            Work::PrecopyStart(out) => {
+                let _ = out.send(state.precopy_start());
                 continue;
             }
             Work::Migrate(out) => {

@@ -96,6 +96,91 @@ impl Journal {
     }
 }
 
+/// What a session's calls may have written since a migration began to
+/// pre-copy its memory: ranges of known copies and memsets, and `all` once
+/// a call wrote where it cannot be told (a kernel, a library call, anything
+/// not known to write nothing or only a known range).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Dirty {
+    pub all: bool,
+    ranges: Vec<(u64, u64)>,
+}
+
+/// Ranges a [`Dirty`] keeps before it counts everything as written.
+const MAX_DIRTY_RANGES: usize = 4096;
+
+impl Dirty {
+    fn add(&mut self, addr: u64, len: u64) {
+        if self.all || len == 0 {
+            return;
+        }
+        if self.ranges.len() >= MAX_DIRTY_RANGES {
+            self.all = true;
+            self.ranges = Vec::new();
+            return;
+        }
+        self.ranges.push((addr, len));
+    }
+
+    /// Whether `[addr, addr + len)` may have been written.
+    pub fn touches(&self, addr: u64, len: u64) -> bool {
+        let end = addr.saturating_add(len);
+        self.all || self.ranges.iter().any(|&(a, l)| a < end && addr < a.saturating_add(l))
+    }
+}
+
+/// The range a call writes, when it writes one that can be told:
+/// `Some(None)` writes nothing the session's memory holds, `Some(Some(r))`
+/// writes only `r`, `None` may write anywhere.
+fn written<M>(op: &Op, mappings: &std::collections::BTreeMap<u64, (u64, M)>) -> Option<Option<(u64, u64)>> {
+    use v1::memcpy_hto_d::Source;
+    Some(match op {
+        Op::MemcpyHtod(c) => {
+            let len = match &c.source {
+                Some(Source::Inline(p)) => p.raw_len.max(p.data.len() as u64),
+                Some(Source::Staged(s)) => s.size,
+                None => 0,
+            };
+            Some((c.dst, len))
+        }
+        Op::MemcpyDtod(c) => Some((c.dst, c.size)),
+        Op::Memset(m) => Some((m.dst, u64::from(m.element_size).checked_mul(m.count)?)),
+        // A new or freed mapping: its contents are not the ones sent.
+        Op::MemMap(m) => Some((m.addr, m.size)),
+        Op::MemUnmap(m) => Some((m.addr, mappings.get(&m.addr)?.0)),
+        Op::MemcpyDtoh(_)
+        | Op::StreamCreate(_)
+        | Op::StreamDestroy(_)
+        | Op::StreamSynchronize(_)
+        | Op::StreamQuery(_)
+        | Op::StreamWaitEvent(_)
+        | Op::EventCreate(_)
+        | Op::EventDestroy(_)
+        | Op::EventRecord(_)
+        | Op::EventQuery(_)
+        | Op::EventSynchronize(_)
+        | Op::EventElapsed(_)
+        | Op::ContextSynchronize(_)
+        | Op::MemGetInfo(_)
+        | Op::Occupancy(_)
+        | Op::FuncSetAttribute(_)
+        | Op::StreamGetAttribute(_)
+        | Op::StreamSetAttribute(_)
+        | Op::ModuleLoad(_)
+        | Op::ModuleUnload(_) => None,
+        _ => return None,
+    })
+}
+
+/// A session whose memory a migration begins to pre-copy: its range and
+/// its mappings (address, size) at that moment.
+#[derive(Debug)]
+pub struct PrecopyStart {
+    pub va_base: u64,
+    pub va_size: u64,
+    pub mappings: Vec<(u64, u64)>,
+}
+
 /// A session's state read out for a migration.
 #[derive(Debug)]
 pub struct Exported {
@@ -116,6 +201,9 @@ pub struct Exported {
     /// First address and size of the session's range.
     pub va_base: u64,
     pub va_size: u64,
+    /// With a pre-copy: what the session's calls may have written since it
+    /// began (pieces sent then and not touched since need not go again).
+    pub precopy_dirty: Option<Dirty>,
 }
 
 impl Exported {
@@ -126,6 +214,32 @@ impl Exported {
 }
 
 impl<S: BackendSession> SessionState<S> {
+    /// Starts a pre-copy: after the device finished what was queued, its
+    /// calls' writes are tracked from now on; returns the mappings whose
+    /// contents may be read while it keeps running ([`Self::export_memory`]).
+    pub fn precopy_start(&mut self) -> Result<PrecopyStart, CallError> {
+        self.swap_in()?;
+        self.dev.synchronize()?;
+        self.precopy = Some(Dirty::default());
+        Ok(PrecopyStart {
+            va_base: self.dev.va_base(),
+            va_size: self.limits.va_size,
+            mappings: self.mappings.iter().map(|(&addr, &(size, _))| (addr, size)).collect(),
+        })
+    }
+
+    /// Records what `op` may write while a pre-copy runs.
+    pub(super) fn note_write(&mut self, op: &Op) {
+        let range = written(op, &self.mappings);
+        if let Some(dirty) = &mut self.precopy {
+            match range {
+                Some(Some((addr, len))) => dirty.add(addr, len),
+                Some(None) => {}
+                None => dirty.all = true,
+            }
+        }
+    }
+
     /// Reads the session's state out for a migration, after all its device
     /// work; the session itself is unchanged (it keeps running here when
     /// the migration fails). Refused with the reason while it holds what
@@ -162,12 +276,14 @@ impl<S: BackendSession> SessionState<S> {
             memory,
             va_base: self.dev.va_base(),
             va_size: self.limits.va_size,
+            precopy_dirty: self.precopy.take(),
         })
     }
 
-    /// Reads `len` bytes of an exported session's memory at `addr`: only
-    /// inside one of its mappings (the session is quiesced: nothing changes
-    /// them between its export and the last piece read).
+    /// Reads `len` bytes of the session's memory at `addr`: only inside one
+    /// of its mappings (after an export the session is quiesced: nothing
+    /// changes them before the last piece is read; during a pre-copy the
+    /// writes since are tracked).
     pub fn export_memory(&mut self, addr: u64, len: u64) -> Result<Vec<u8>, CallError> {
         self.check_range(addr, len, ACCESS_READ)?;
         let mut buf = super::swap::host_buffer(len)?;
@@ -217,6 +333,46 @@ mod tests {
         j.record(Op::EventDestroy(v1::EventDestroy { event: 3 }));
         assert_eq!(j.ops, vec![stream(2), limit(8192)]);
         assert!(lasting(&Op::MemMap(v1::MemMap { addr: 0, size: 0 })).is_none());
+    }
+
+    /// During a pre-copy the session's calls mark what they may write: a
+    /// copy or memset its range, a mapping change its range, a query
+    /// nothing, a kernel (or anything not known) everything.
+    #[test]
+    fn a_pre_copy_tracks_what_calls_may_write() {
+        let mut s = session();
+        let base = s.va_base();
+        let setup = v1::Batch { seq: 1, calls: vec![call(Op::MemMap(v1::MemMap { addr: base, size: 4 * G }))] };
+        assert_eq!(s.execute_batch(setup).error_count, 0);
+        assert!(s.export().expect("export").precopy_dirty.is_none(), "no pre-copy: nothing tracked");
+        let start = s.precopy_start().expect("start");
+        assert_eq!(start.mappings, vec![(base, 4 * G)]);
+        let memset =
+            |addr, count| call(Op::Memset(v1::Memset { dst: addr, value: 1, element_size: 4, count, stream: 0 }));
+        let queries = vec![
+            call(Op::MemcpyDtoh(v1::MemcpyDtoH { src: base, size: 16, stream: 0 })),
+            call(Op::ContextSynchronize(v1::ContextSynchronize {})),
+            memset(base + G, 4),
+            call(Op::MemcpyDtod(v1::MemcpyDtoD { dst: base + 3 * G, src: base, size: 8, stream: 0 })),
+        ];
+        assert_eq!(s.execute_batch(v1::Batch { seq: 2, calls: queries }).error_count, 0);
+        let dirty = s.export().expect("export").precopy_dirty.expect("tracked");
+        assert!(!dirty.all);
+        assert!(!dirty.touches(base, G), "read, not written");
+        assert!(dirty.touches(base + G, 1) && dirty.touches(base + G + 15, 1) && !dirty.touches(base + G + 16, 1));
+        assert!(dirty.touches(base + 3 * G, 8) && !dirty.touches(base + 2 * G, G - 1));
+        // A launch (here one that fails: it still counts) writes anywhere.
+        s.precopy_start().expect("start again");
+        let launch = call(Op::Launch(v1::Launch::default()));
+        s.execute_batch(v1::Batch { seq: 3, calls: vec![launch] });
+        let dirty = s.export().expect("export").precopy_dirty.expect("tracked");
+        assert!(dirty.all && dirty.touches(base, 1));
+        // Too many ranges count as everything.
+        let mut d = Dirty::default();
+        for i in 0..=MAX_DIRTY_RANGES as u64 {
+            d.add(i * 16, 1);
+        }
+        assert!(d.all);
     }
 
     /// A session exported on one device and imported on another at the same

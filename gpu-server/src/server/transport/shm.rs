@@ -118,6 +118,16 @@ impl ShmSlot<'_> {
             _ => (String::new(), String::new()),
         }
     }
+
+    /// Shuts the client's attachment down (the session stops for a
+    /// migration: no upload may land here after its staged ones were read
+    /// out); its copies go over QUIC from then on.
+    pub(crate) fn detach(&self) {
+        let stream = self.registry.lock().get_mut(&self.id).and_then(|e| e.attached.take());
+        if let Some(stream) = stream {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 impl Drop for ShmSlot<'_> {
