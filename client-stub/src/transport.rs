@@ -185,7 +185,13 @@ struct BulkLinks {
     name: String,
     /// Where they attach: the session's server, or the one it migrated to.
     target: std::sync::Mutex<BulkTarget>,
+    connect_timeout: Duration,
+    /// When new connections were last attached for lost ones.
+    reattached: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// Least time between two attempts to replace lost bulk connections.
+const BULK_REATTACH_EVERY: Duration = Duration::from_secs(5);
 
 /// The server's host, its bulk ports and the session's attachment.
 #[derive(Debug, Clone)]
@@ -247,6 +253,8 @@ impl BulkLinks {
             conns: std::sync::Mutex::new(Vec::new()),
             name: config.server_name.clone(),
             target: std::sync::Mutex::new(BulkTarget { host, ports, attach, quic: None }),
+            connect_timeout: config.connect_timeout,
+            reattached: std::sync::Mutex::new(None),
         };
         match links.connect(config.connect_timeout) {
             Ok(()) => Some(links),
@@ -309,6 +317,23 @@ impl BulkLinks {
         })?;
         *self.conns.lock().unwrap_or_else(|e| e.into_inner()) = conns;
         Ok(())
+    }
+
+    /// Whether a new attempt to attach may be made now (at most one every
+    /// [`BULK_REATTACH_EVERY`], so that a server that refuses them is not
+    /// asked at every copy).
+    fn may_reattach(&self) -> bool {
+        let mut last = self.reattached.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < BULK_REATTACH_EVERY) {
+            return false;
+        }
+        *last = Some(std::time::Instant::now());
+        true
+    }
+
+    /// Whether one of the bulk connections attached is closed or lost.
+    fn lost_some(&self) -> bool {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|c| c.close_reason().is_some())
     }
 
     /// The bulk connections still open (none: use the session's).
@@ -805,11 +830,35 @@ impl QuicTransport {
         Some(crate::wait::block_on_spinning(rt, fut, crate::wait::spin_budget()))
     }
 
+    /// Whether the session's own connections are open (neither closed by
+    /// the server nor lost).
+    fn links_open(&self) -> bool {
+        let links = self.links();
+        links.conn.close_reason().is_none() && links.control.as_ref().is_none_or(|c| c.close_reason().is_none())
+    }
+
     /// After `error`: reattaches to the session when its connections were
     /// lost and the server keeps it, sending again the batches the server
     /// did not receive. Returns `error` when the session cannot be resumed,
     /// with the reason.
     fn recover(&self, error: ClientError) -> Result<()> {
+        // Only bulk connections were lost (their server end went quiet or
+        // closed) while the session's own connection is fine: attach new
+        // ones and go again; when none can be attached, copies use the
+        // session's connection.
+        if matches!(error, ClientError::ConnectionLost(_))
+            && let Some(bulk) = &self.bulk
+            && !self.migrated.load(std::sync::atomic::Ordering::Acquire)
+            && bulk.lost_some()
+            && self.links_open()
+            && bulk.may_reattach()
+        {
+            tracing::info!(reason = %error, "a bulk connection was lost; attaching new ones");
+            if let Err(e) = bulk.connect(bulk.connect_timeout) {
+                tracing::warn!(error = %e, "no new bulk connections; copies use the session's connection");
+            }
+            return Ok(());
+        }
         let Some(resume) = &self.resume else { return Err(error) };
         let links = self.links();
         // A closed control connection already gave the reason (the worker
@@ -923,15 +972,21 @@ impl QuicTransport {
         }
     }
 
-    /// Runs `op`, and once more after reattaching when the connection was
-    /// lost under it.
+    /// Runs `op`, and again after reattaching when a connection was lost
+    /// under it.
     fn with_recovery<T>(&self, op: impl Fn() -> Result<T>) -> Result<T> {
-        match op() {
-            Err(e) => {
-                self.recover(e)?;
-                op()
+        // Twice at most: a lost bulk connection replaced first, then the
+        // session followed where it moved (its bulk connections close at
+        // the move, its own connection a moment later).
+        let mut recoveries = 0;
+        loop {
+            match op() {
+                Err(e) if recoveries < 2 => {
+                    self.recover(e)?;
+                    recoveries += 1;
+                }
+                done => return done,
             }
-            ok => ok,
         }
     }
 

@@ -144,3 +144,43 @@ fn bulk_attach_needs_the_session_secret() {
     });
     srv.stop();
 }
+
+/// Bulk connections lost while the session's own connection is fine (here
+/// replaced by other attachments with the session's secret, which the
+/// server closes them for): the next copies succeed over the session's
+/// connection instead of failing the program's copy.
+#[test]
+fn a_lost_bulk_connection_is_replaced_and_copies_go_on() {
+    let mut config = server_config();
+    config.bulk_endpoints = 2;
+    let srv = TestServer::start(config).expect("server");
+    let mut client = srv.client_config();
+    client.bulk_connections = 2;
+    let s = Session::connect(&client).expect("session");
+    assert_eq!(s.bulk_connections(), 2);
+    let w = s.welcome().clone();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    for index in 0..2u32 {
+        let addr = SocketAddr::new(srv.addr.ip(), w.bulk_ports[index as usize] as u16);
+        let hello = v1::Hello {
+            protocol_version: PROTOCOL_VERSION,
+            client_build: "bulk-test".into(),
+            bulk: Some(v1::BulkAttach { session_id: w.session_id, secret: w.bulk_secret.clone(), index }),
+            ..Default::default()
+        };
+        // Attached in the session's place: the server closes the session's own.
+        assert_eq!(rt.block_on(attach(&srv, addr, hello)), None);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while s.bulk_connections() > 0 {
+        assert!(std::time::Instant::now() < deadline, "the replaced connections close");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let data = random_bytes(MIB_64, fresh_seed());
+    let dev = s.mem_alloc(MIB_64 as u64).expect("alloc");
+    s.memcpy_htod(dev, &data, StreamId::DEFAULT).expect("htod after the loss");
+    let mut back = vec![0u8; MIB_64];
+    s.memcpy_dtoh(&mut back, dev, StreamId::DEFAULT).expect("dtoh after the loss");
+    assert!(back == data, "64 MiB round trip after the bulk connections were lost");
+    s.close().expect("close");
+}

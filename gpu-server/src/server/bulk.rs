@@ -133,6 +133,8 @@ struct Attachable {
     service: Arc<BulkService>,
     /// The attached connections by index; a new one replaces the old.
     links: Vec<Option<quinn::Connection>>,
+    /// No connection may attach (the session is moving).
+    frozen: bool,
 }
 
 impl Registry {
@@ -153,7 +155,7 @@ impl Registry {
             return BulkSlot { registry: self, id, secret: String::new() };
         }
         let secret = hex::encode(rand::random::<[u8; 32]>());
-        let entry = Attachable { secret: secret.clone(), service, links: vec![None; self.ports.len()] };
+        let entry = Attachable { secret: secret.clone(), service, links: vec![None; self.ports.len()], frozen: false };
         self.lock().insert(id, entry);
         BulkSlot { registry: self, id, secret }
     }
@@ -168,6 +170,9 @@ impl Registry {
         let entry = sessions.get_mut(&attach.session_id).ok_or_else(refused)?;
         if entry.secret.is_empty() || !constant_time_eq(entry.secret.as_bytes(), attach.secret.as_bytes()) {
             return Err(refused());
+        }
+        if entry.frozen {
+            return Err(format!("session {} is moving: no bulk connection attaches now", attach.session_id));
         }
         let slot = entry
             .links
@@ -206,9 +211,20 @@ impl BulkSlot<'_> {
     /// after it reattached when the migration failed).
     pub(crate) fn close_links(&self) {
         let mut sessions = self.registry.lock();
-        let links = sessions.get_mut(&self.id).map(|e| e.links.iter_mut().filter_map(Option::take).collect::<Vec<_>>());
+        let links = sessions.get_mut(&self.id).map(|e| {
+            e.frozen = true;
+            e.links.iter_mut().filter_map(Option::take).collect::<Vec<_>>()
+        });
         for conn in links.into_iter().flatten() {
             conn.close(close_code::NORMAL.into(), b"the session is moving");
+        }
+    }
+
+    /// Lets bulk connections attach again (the migration failed: the
+    /// session stays here).
+    pub(crate) fn reopen(&self) {
+        if let Some(e) = self.registry.lock().get_mut(&self.id) {
+            e.frozen = false;
         }
     }
 }

@@ -346,6 +346,8 @@ where
                     drop(work_tx);
                     return conn;
                 }
+                // The session stays: its client may attach bulk connections again.
+                bulk_slot.reopen();
                 let why = "after a failed migration";
                 let Some((again, seq)) = reattach(&mut slot, &replies, &welcome, received_seq, why).await else {
                     return conn;
