@@ -91,6 +91,9 @@ fn many_clients_for_a_while_every_reply_checked() {
     let secs = env_or("GPUPOOL_SOAK_SECS", 20);
     let mut config = isolated_config().expect("worker binary");
     config.max_sessions = clients;
+    // As the clients' connect timeout below: 64 handshakes at once on 2
+    // cores may take longer than the default 10 s.
+    config.handshake_timeout = Duration::from_secs(30);
     let srv = TestServer::start(config).expect("server starts");
     let supervisor_before = rss(std::process::id());
     let stop = Arc::new(AtomicBool::new(false));
@@ -99,7 +102,10 @@ fn many_clients_for_a_while_every_reply_checked() {
     let started = Instant::now();
     let threads: Vec<_> = (0..clients)
         .map(|i| {
-            let (config, stop, tally) = (srv.client_config(), stop.clone(), tally.clone());
+            let (mut config, stop, tally) = (srv.client_config(), stop.clone(), tally.clone());
+            // 64 workers start at once: on 2 cores at a load of ~100 one may
+            // take longer than the default 10 s to answer its first client.
+            config.connect_timeout = Duration::from_secs(30);
             std::thread::spawn(move || -> Result<(), ClientError> {
                 let s = Session::connect(&config)?;
                 work_until(&s, &stop, &tally, seed.wrapping_add(i as u64 * 1_000_003))
@@ -379,9 +385,20 @@ fn balancer_child() {
     }
 }
 
+/// A child process killed (and reaped) when this drops, also when the test
+/// fails half-way: no balancer is left behind.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the balancer child on `port` with the identity in `dir`; its
 /// process and public key.
-fn start_balancer(port: u16, dir: &std::path::Path) -> (std::process::Child, String) {
+fn start_balancer(port: u16, dir: &std::path::Path) -> (KillOnDrop, String) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(std::env::current_exe().expect("this test binary"))
         .args(["--exact", "balancer_child", "--nocapture", "--test-threads", "1"])
@@ -398,7 +415,7 @@ fn start_balancer(port: u16, dir: &std::path::Path) -> (std::process::Child, Str
         }
     };
     std::thread::spawn(move || lines.for_each(drop));
-    (child, key)
+    (KillOnDrop(child), key)
 }
 
 /// Issue 20, "kill -9 of the balancer mid-load": the balancer only grants
@@ -460,8 +477,8 @@ fn a_balancer_killed_under_load_loses_no_session() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let before = tally.rounds.load(Ordering::Relaxed);
-    first.kill().expect("SIGKILL the balancer");
-    first.wait().expect("reaped");
+    first.0.kill().expect("SIGKILL the balancer");
+    first.0.wait().expect("reaped");
     let killed = Instant::now();
     let killed_unix_ms =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
@@ -469,7 +486,7 @@ fn a_balancer_killed_under_load_loses_no_session() {
     // renew every 1 s): renewals fail meanwhile, sessions go on.
     std::thread::sleep(Duration::from_millis(1_500));
     let during = tally.rounds.load(Ordering::Relaxed) - before;
-    let (mut second, _) = start_balancer(port, &dir);
+    let (second, _) = start_balancer(port, &dir);
     // Past the recovery window and a few renewals.
     std::thread::sleep(Duration::from_secs(5));
     stop.store(true, Ordering::Relaxed);
@@ -491,7 +508,6 @@ fn a_balancer_killed_under_load_loses_no_session() {
         tally.rounds.load(Ordering::Relaxed),
         restarted_at.as_secs_f64()
     );
-    let _ = second.kill();
-    let _ = second.wait();
+    drop(second);
     let _ = std::fs::remove_dir_all(&dir);
 }
