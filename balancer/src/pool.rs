@@ -721,10 +721,10 @@ impl Pool {
             // While recovering, servers may still be coming back.
             None if recovering => req.memory,
             // A MIG GPU laid out anew may hold it.
-            None if self.config.dynamic_layouts && self.creatable_memory(&need).is_some() => {
-                self.creatable_memory(&need).unwrap_or(req.memory)
-            }
-            None => return Err(PoolError::Unsatisfiable { reason: self.unsatisfiable_reason(&need) }),
+            None => match self.config.dynamic_layouts.then(|| self.creatable_memory(&need)).flatten() {
+                Some(memory) => memory,
+                None => return Err(PoolError::Unsatisfiable { reason: self.unsatisfiable_reason(&need) }),
+            },
         };
         self.check_memory_quota(&req.tenant, reserve, 0)?;
         if !wait {

@@ -556,6 +556,23 @@ async fn receive_session(
     // Memory pieces being written while the next ones arrive (at most
     // WRITES_AHEAD frames held).
     let mut writes = std::collections::VecDeque::new();
+    // Counts a piece of memory against what was announced and queues its
+    // write (sent now, or kept from the pre-copy).
+    macro_rules! write_piece {
+        ($addr:expr, $data:expr) => {{
+            let data: bytes::Bytes = $data;
+            memory = memory.saturating_add(data.len() as u64);
+            if memory > announced(&last) {
+                return Err(format!("more memory than the {} bytes announced", announced(&last)));
+            }
+            writes.push_back(start(Import::Memory($addr, data)).await?);
+            if writes.len() > WRITES_AHEAD
+                && let Some(rx) = writes.pop_front()
+            {
+                outcome(rx).await?;
+            }
+        }};
+    }
     loop {
         let body = match recv.recv_frame(limits.max_frame).await {
             Ok(Some(body)) => body,
@@ -619,16 +636,7 @@ async fn receive_session(
                 if m.precopy && last.is_none() {
                     return Err("memory before the pre-copy's final frame".into());
                 }
-                memory = memory.saturating_add(c.data.len() as u64);
-                if memory > announced(&last) {
-                    return Err(format!("more memory than the {} bytes announced", announced(&last)));
-                }
-                writes.push_back(start(Import::Memory(c.addr, c.data)).await?);
-                if writes.len() > WRITES_AHEAD
-                    && let Some(rx) = writes.pop_front()
-                {
-                    outcome(rx).await?;
-                }
+                write_piece!(c.addr, c.data);
             }
             Item::Precopy(c) => {
                 if !m.precopy || last.is_some() {
@@ -659,17 +667,8 @@ async fn receive_session(
                 }
                 let data = staged.remove(&r.addr).filter(|d| d.len() as u64 == r.size);
                 let data = data.ok_or("a pre-copied piece that was not sent, or not of that size")?;
-                memory = memory.saturating_add(r.size);
                 precopied += r.size;
-                if memory > announced(&last) {
-                    return Err(format!("more memory than the {} bytes announced", announced(&last)));
-                }
-                writes.push_back(start(Import::Memory(r.addr, data)).await?);
-                if writes.len() > WRITES_AHEAD
-                    && let Some(rx) = writes.pop_front()
-                {
-                    outcome(rx).await?;
-                }
+                write_piece!(r.addr, data);
             }
             // Bounded by the shadows the calls made (at most
             // `MAX_MIRROR_BYTES`): a piece outside them is an error.

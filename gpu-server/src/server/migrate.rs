@@ -355,17 +355,9 @@ pub(crate) async fn precopy(
     target: &MigrationTarget,
     work: &tokio::sync::mpsc::Sender<super::thread::Work>,
 ) -> Result<Precopied, PrecopyFailed> {
-    let sent = precopy_to(target, work).await;
-    sent.map_err(|(reason, retry)| PrecopyFailed { reason, retry })
-}
-
-async fn precopy_to(
-    target: &MigrationTarget,
-    work: &tokio::sync::mpsc::Sender<super::thread::Work>,
-) -> Result<Precopied, (String, bool)> {
     let (tx, rx) = oneshot::channel();
     let ended = || "the session has ended".to_string();
-    let retry = |e: String| (e, true);
+    let retry = |reason: String| PrecopyFailed { reason, retry: true };
     work.send(super::thread::Work::PrecopyStart(tx)).await.map_err(|_| retry(ended()))?;
     let start = rx.await.map_err(|_| retry(ended()))?.map_err(|e| retry(e.message))?;
     let total = start.mappings.iter().map(|&(_, size)| size).sum();
@@ -376,7 +368,7 @@ async fn precopy_to(
         precopy: true,
         ..Default::default()
     };
-    let mut link = connect(target, migrate).await.map_err(|e| (e, false))?;
+    let mut link = connect(target, migrate).await.map_err(|reason| PrecopyFailed { reason, retry: false })?;
     let mappings = start.mappings;
     let mut budget = link.precopy_bytes;
     let within = pieces(&mappings).take_while(move |&(_, len)| {
@@ -405,7 +397,7 @@ async fn precopy_to(
         Ok(()) => Ok((link, sent)),
         Err(e) => {
             link.close(b"pre-copy failed");
-            Err((e, true))
+            Err(retry(e))
         }
     }
 }
