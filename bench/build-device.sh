@@ -8,15 +8,18 @@
 #   gpupool-balancer-grpc-bench (balancer/benches/grpc.rs), stub/ (the drop-in libcuda.so.1 and,
 #   when its crate exists, libnvidia-ml.so.1, for bench/dropin.sh) and
 #   COMMIT (the commit they were built from, read by gpu-suite.sh).
-# Debug info is stripped; the folder must stay under GPUPOOL_DEVICE_MAX_MIB
-# (default 60) to fit what a device run can carry.
+# Debug info is stripped. Every folder under .device/ is then packed into one
+# archive, .device/device.tar.xz (identical files stored once), which must
+# stay under GPUPOOL_DEVICE_MAX_MIB (default 56: a device run carries 64 MiB
+# with the working tree); carry that archive alone and gpu-suite.sh unpacks
+# it on the GPU machine, so one run has every part's binaries.
 #
 # Usage: bench/build-device.sh [OUT_DIR]    (default .device/bin, git-ignored)
 # Env:   PARTS: what to copy, `core` (server, bench, the GPU test binaries,
 #        stub/), `pool` (server, balancer, its gRPC benchmark, the server's
 #        unit tests, stub/), `dropin` (server, demo, bench and stub/: the demo and
 #        bench/dropin.sh) or `all` (default). Everything together is
-#        larger than one device run carries: use two folders, e.g.
+#        built in one folder, but build each part in its own folder, e.g.
 #        `PARTS=core … .device/bin`, `PARTS=dropin … .device/dropin` and
 #        `PARTS=pool … .device/pool`.
 #        CARGO_BUILD_JOBS (default 2), GPUPOOL_DEVICE_MAX_MIB (default 60),
@@ -26,7 +29,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 out=${1:-.device/bin}
-max_mib=${GPUPOOL_DEVICE_MAX_MIB:-60}
+max_mib=${GPUPOOL_DEVICE_MAX_MIB:-56}
 jobs=${CARGO_BUILD_JOBS:-2}
 parts=${PARTS:-all}
 case $parts in
@@ -113,20 +116,25 @@ if ! git diff --quiet HEAD -- 2>/dev/null; then
 fi
 echo "$commit" >"$out/COMMIT"
 
-total_bytes() { du -cb "$out" | tail -n 1 | cut -f 1; }
-limit=$((max_mib * 1024 * 1024))
-if (($(total_bytes) > limit)); then
-    echo "== over $max_mib MiB with line tables: stripping all symbols"
-    for f in "$out"/gpupool-*; do
-        strip --strip-all "$f"
-    done
-fi
-
 ls -l "$out"
-total=$(total_bytes)
+echo "$out: $(du -cb "$out" | tail -n 1 | cut -f 1) bytes, commit $commit"
+
+# One archive of every part's folder: files that are the same in several
+# folders (the server, the stub libraries) become hard links, which tar
+# stores once.
+echo "== packing .device/device.tar.xz"
+device_root=$(dirname "$out")
+( cd "$device_root" &&
+    find . -name "device.tar.xz*" -prune -o -type f -print0 | xargs -0 md5sum | sort |
+    awk '{ if ($1 == prev) print first, $2; else { prev = $1; first = $2 } }' |
+    while read -r first dup; do ln -f "$first" "$dup"; done )
+tar -C "$device_root" --exclude="./device.tar.xz*" -cf - . | xz -T"$jobs" -6 >"$device_root/device.tar.xz.new"
+mv "$device_root/device.tar.xz.new" "$device_root/device.tar.xz"
+total=$(stat -c %s "$device_root/device.tar.xz")
+limit=$((max_mib * 1024 * 1024))
 mib=$(awk -v b="$total" 'BEGIN { printf "%.1f", b / 1048576 }')
-echo "total: $total bytes ($mib MiB, limit $max_mib MiB), commit $commit"
+echo "$device_root/device.tar.xz: $total bytes ($mib MiB, limit $max_mib MiB)"
 if ((total > limit)); then
-    echo "ERROR: $out is larger than $max_mib MiB even stripped" >&2
+    echo "ERROR: the archive of $device_root is larger than $max_mib MiB: remove parts not needed for this run" >&2
     exit 1
 fi

@@ -38,7 +38,9 @@
 # This script never changes MIG mode, clocks, power limits or any other
 # setting of the GPU: it only queries.
 #
-# Usage: bench/gpu-suite.sh [BIN_DIR]    (default .device/bin)
+# Usage: bench/gpu-suite.sh [BIN_DIR]    (default .device/bin; carry
+#        .device/device.tar.xz and this script unpacks it first, unless
+#        GPUPOOL_UNPACK=0)
 # Env:   BENCH_ARGS   extra gpupool-bench flags (e.g. "--iterations 500")
 #        TEST_ARGS    extra test-harness flags (e.g. a test name filter)
 #        *_TIMEOUT    per-step limits in seconds: TEST_TIMEOUT (240),
@@ -49,16 +51,25 @@
 #        MIGRATION_MIB  the migrated session's size (1024)
 #        ONLY         step functions to run, space-separated (gpu_info
 #                     gpu_tests server_smoke demo bench bench_in_process
-#                     dropin pool lambda lambda_torch migration rdma share); default all. The binaries of every step
-#                     exceed what one device run carries (and its 600 s):
-#                     ONLY="gpu_info gpu_tests server_smoke bench bench_in_process migration rdma"
-#                     with PARTS=core binaries, ONLY="demo dropin" with
-#                     PARTS=dropin, ONLY="pool share" with PARTS=pool.
+#                     dropin pool lambda lambda_torch migration rdma share); default all. Every step together takes
+#                     longer than one device run's 600 s; each part's
+#                     folder serves its steps (all three travel in the one
+#                     archive): ONLY="gpu_info gpu_tests server_smoke bench
+#                     bench_in_process migration rdma" with .device/bin
+#                     (PARTS=core), ONLY="demo dropin" with .device/dropin,
+#                     ONLY="pool share" with .device/pool.
 set -uo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo" || exit 2
 bin_dir=${1:-.device/bin}
+# The binaries travel as one archive (bench/build-device.sh packs
+# .device/device.tar.xz): unpacked here, over whatever an earlier run left.
+archive="$repo/.device/device.tar.xz"
+if [[ -f $archive && ${GPUPOOL_UNPACK:-1} == 1 ]]; then
+    echo "== unpacking $archive"
+    xz -dc "$archive" | tar -C "$repo/.device" -xf - || exit 2
+fi
 if ! bin_dir=$(cd "$bin_dir" 2>/dev/null && pwd); then
     echo "gpu-suite: binary folder ${1:-.device/bin} not found (build it with bench/build-device.sh)" >&2
     exit 2
