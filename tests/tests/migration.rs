@@ -520,3 +520,80 @@ fn a_migration_bringing_more_images_than_the_cache_holds_is_refused() {
     let fresh = Program::start(&srv, fresh_seed());
     fresh.steps(0, 2);
 }
+
+/// A pre-copy's target creates the session's mappings when the source
+/// announces them and writes pieces as they arrive (its device holds them
+/// before the stop); a source that turns hostile midway (a piece outside
+/// the mappings) gets a clear error, and one that goes away leaves nothing:
+/// either way the target releases the mappings and serves on.
+#[test]
+fn a_pre_copy_that_fails_midway_leaves_nothing_mapped_on_the_target() {
+    use gpupool_proto::frame;
+    use gpupool_proto::v1::{self, migrate_frame::Item};
+    use prost::Message;
+    const G: u64 = 2 << 20;
+    if !emulated_only() {
+        return;
+    }
+    let srv = TestServer::start(server_config()).expect("target");
+    // A range the target can reserve: the one it gives its own sessions.
+    let probe = Session::connect(&srv.client_config()).expect("probe");
+    let (va_base, va_size) = (probe.welcome().va_base, probe.welcome().va_size);
+    probe.close().expect("close");
+    // Waits until the target holds `mapped` bytes in `sessions` sessions.
+    let idle = |what: &'static str, mapped: u64, sessions: u64| {
+        let metrics = srv.metrics.clone();
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let m = metrics.snapshot();
+                let now = (m.memory_mapped, m.sessions_active);
+                if now == (mapped, sessions) {
+                    return;
+                }
+                assert!(std::time::Instant::now() < deadline, "{what}: (mapped, sessions) {now:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(idle("the probe ended", 0, 0));
+    for hostile in [true, false] {
+        rt.block_on(async {
+            let hello = v1::Hello {
+                protocol_version: gpupool_proto::PROTOCOL_VERSION,
+                token: TOKEN.into(),
+                migrate: Some(v1::MigrateIn {
+                    va_base,
+                    va_size,
+                    memory_bytes: 4 * G,
+                    precopy: true,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let (mut raw, welcome) =
+                gpupool_tests::raw::Raw::open_with(&srv, srv.addr, &hello).await.expect("the transfer may start");
+            assert!(welcome.precopy_bytes >= 4 * G, "pre-copy taken: {welcome:?}");
+            let send = |item| frame::encode(&v1::MigrateFrame { item: Some(item) });
+            let map = v1::Call { op: Some(v1::call::Op::MemMap(v1::MemMap { addr: va_base, size: 4 * G })) };
+            raw.send.write_all(&send(Item::Calls(v1::Batch { seq: 0, calls: vec![map] }))).await.expect("mappings");
+            let piece = |addr| v1::MemChunk { addr, data: vec![9u8; G as usize].into() };
+            raw.send.write_all(&send(Item::Precopy(piece(va_base)))).await.expect("a piece");
+            // Mapped before the session stopped (no final frame yet).
+            idle("mapped on announcement", 4 * G, 1).await;
+            if !hostile {
+                raw.conn.close(0u32.into(), b"gone");
+                return;
+            }
+            raw.send.write_all(&send(Item::Precopy(piece(va_base + 8 * G)))).await.expect("a bad piece");
+            let answer = tokio::time::timeout(std::time::Duration::from_secs(30), raw.next()).await;
+            let body = answer.expect("the target answers").expect("an answer");
+            let why = v1::MigrateDone::decode(body).expect("decodes").error.expect("an error").message;
+            assert!(why.contains("outside the mappings announced"), "says why: {why}");
+        });
+        rt.block_on(idle(if hostile { "refused" } else { "the source went away" }, 0, 0));
+    }
+    let fresh = Program::start(&srv, fresh_seed());
+    fresh.steps(0, 2);
+}
