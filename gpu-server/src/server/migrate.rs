@@ -408,7 +408,9 @@ pub(crate) async fn precopy(
         ..Default::default()
     };
     let mut link = connect(target, migrate).await.map_err(|reason| PrecopyFailed { reason, retry: false })?;
-    let mappings = start.mappings;
+    // A target that takes no pre-copy (`Welcome.precopy_bytes` 0) gets
+    // nothing before the stop, not even the mappings.
+    let mappings = if link.precopy_bytes > 0 { start.mappings } else { Vec::new() };
     let mut budget = link.precopy_bytes;
     let within = pieces(&mappings).take_while(move |&(_, len)| {
         let fits = len <= budget;
