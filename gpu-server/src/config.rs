@@ -211,9 +211,11 @@ pub struct ServerConfig {
     /// MIG layouts may have an idle MIG GPU laid out anew. `None`: layouts
     /// stay as they are.
     pub mig_control: Option<std::sync::Arc<dyn crate::mig::MigControl>>,
-    /// Host memory a session migrating here may fill with memory sent
-    /// while it still ran at its source (pre-copy), in bytes (0: none is
-    /// accepted; the source then sends everything once it stopped).
+    /// Memory a session migrating here may receive while it still runs at
+    /// its source (pre-copy), in bytes: written into its mappings as it
+    /// arrives (held in host memory only for a source that announces no
+    /// mappings, the previous version). 0: none is accepted; the source
+    /// then sends everything once it stopped.
     pub migrate_precopy_bytes: u64,
 }
 

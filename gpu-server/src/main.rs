@@ -171,9 +171,10 @@ struct Args {
     /// TCP address of a Prometheus endpoint (`GET /metrics`); off when unset.
     #[arg(long, env = "GPUPOOL_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
-    /// Host memory (MiB) a session migrating here may fill with memory its
-    /// source sends while it still runs (pre-copy: the pause then covers
-    /// only what changed since); 0: no pre-copy into this server.
+    /// Memory (MiB) a session migrating here may receive while its source
+    /// still runs (pre-copy: written into its mappings as it arrives, so
+    /// the pause covers only what changed since; held in host memory only
+    /// for a source of the previous version); 0: no pre-copy into this server.
     #[arg(long, env = "GPUPOOL_MIGRATE_PRECOPY_MIB", default_value_t = 4096)]
     migrate_precopy_mib: u64,
 }

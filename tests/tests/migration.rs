@@ -84,7 +84,7 @@ fn a_session_keeps_running_across_a_migration_with_identical_results() {
     if !emulated_only() {
         return;
     }
-    moves_with_identical_results(two_servers());
+    moves_with_identical_results(two_servers(), true);
 }
 
 /// Both servers with every session in a worker process (the default): the
@@ -94,10 +94,21 @@ fn a_session_in_a_worker_process_moves_to_a_worker_of_another_server() {
     if !emulated_only() {
         return;
     }
-    moves_with_identical_results(two_servers_with(|| isolated_config().expect("worker command")));
+    moves_with_identical_results(two_servers_with(|| isolated_config().expect("worker command")), true);
 }
 
-fn moves_with_identical_results((a, b, seed, want): (TestServer, TestServer, u64, Vec<u8>)) {
+/// A target that takes no pre-copy (`--migrate-precopy-mib 0`) gets the
+/// whole session after the stop, mappings included.
+#[test]
+fn a_target_that_takes_no_pre_copy_gets_everything_after_the_stop() {
+    if !emulated_only() {
+        return;
+    }
+    let config = || ServerConfig { migrate_precopy_bytes: 0, ..server_config() };
+    moves_with_identical_results(two_servers_with(config), false);
+}
+
+fn moves_with_identical_results((a, b, seed, want): (TestServer, TestServer, u64, Vec<u8>), precopy: bool) {
     let moving = Program::start(&a, seed);
     let addrs = (moving.x.addr(), moving.y.addr());
     let bulk = moving.session.bulk_connections();
@@ -105,8 +116,10 @@ fn moves_with_identical_results((a, b, seed, want): (TestServer, TestServer, u64
     let done = migrate(&a, &b, TOKEN).expect("migration succeeds");
     assert_eq!(done.memory_bytes, 8 << 20, "both buffers moved");
     eprintln!("pause {:?} for {} bytes ({} pre-copied)", done.pause, done.memory_bytes, done.precopied);
-    // Idle while it moved: all of its memory went over before it stopped.
-    assert_eq!(done.precopied, done.memory_bytes, "an idle session's memory is all pre-copied");
+    // Idle while it moved: all of its memory went over before it stopped
+    // (when the target takes a pre-copy).
+    let want_precopied = if precopy { done.memory_bytes } else { 0 };
+    assert_eq!(done.precopied, want_precopied, "an idle session's memory is all pre-copied, if any");
     moving.steps(3, 6);
     // Copies go through bulk connections to the new server, as before.
     eprintln!("bulk connections before the move: {bulk}");
@@ -517,6 +530,83 @@ fn a_migration_bringing_more_images_than_the_cache_holds_is_refused() {
         }
     });
     assert!(why.contains("bytes of images"), "says why: {why}");
+    let fresh = Program::start(&srv, fresh_seed());
+    fresh.steps(0, 2);
+}
+
+/// A pre-copy's target creates the session's mappings when the source
+/// announces them and writes pieces as they arrive (its device holds them
+/// before the stop); a source that turns hostile midway (a piece outside
+/// the mappings) gets a clear error, and one that goes away leaves nothing:
+/// either way the target releases the mappings and serves on.
+#[test]
+fn a_pre_copy_that_fails_midway_leaves_nothing_mapped_on_the_target() {
+    use gpupool_proto::frame;
+    use gpupool_proto::v1::{self, migrate_frame::Item};
+    use prost::Message;
+    const G: u64 = 2 << 20;
+    if !emulated_only() {
+        return;
+    }
+    let srv = TestServer::start(server_config()).expect("target");
+    // A range the target can reserve: the one it gives its own sessions.
+    let probe = Session::connect(&srv.client_config()).expect("probe");
+    let (va_base, va_size) = (probe.welcome().va_base, probe.welcome().va_size);
+    probe.close().expect("close");
+    // Waits until the target holds `mapped` bytes in `sessions` sessions.
+    let idle = |what: &'static str, mapped: u64, sessions: u64| {
+        let metrics = srv.metrics.clone();
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                let m = metrics.snapshot();
+                let now = (m.memory_mapped, m.sessions_active);
+                if now == (mapped, sessions) {
+                    return;
+                }
+                assert!(std::time::Instant::now() < deadline, "{what}: (mapped, sessions) {now:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(idle("the probe ended", 0, 0));
+    for hostile in [true, false] {
+        rt.block_on(async {
+            let hello = v1::Hello {
+                protocol_version: gpupool_proto::PROTOCOL_VERSION,
+                token: TOKEN.into(),
+                migrate: Some(v1::MigrateIn {
+                    va_base,
+                    va_size,
+                    memory_bytes: 4 * G,
+                    precopy: true,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let (mut raw, welcome) =
+                gpupool_tests::raw::Raw::open_with(&srv, srv.addr, &hello).await.expect("the transfer may start");
+            assert!(welcome.precopy_bytes >= 4 * G, "pre-copy taken: {welcome:?}");
+            let send = |item| frame::encode(&v1::MigrateFrame { item: Some(item) });
+            let map = v1::Call { op: Some(v1::call::Op::MemMap(v1::MemMap { addr: va_base, size: 4 * G })) };
+            raw.send.write_all(&send(Item::Calls(v1::Batch { seq: 0, calls: vec![map] }))).await.expect("mappings");
+            let piece = |addr| v1::MemChunk { addr, data: vec![9u8; G as usize].into() };
+            raw.send.write_all(&send(Item::Precopy(piece(va_base)))).await.expect("a piece");
+            // Mapped before the session stopped (no final frame yet).
+            idle("mapped on announcement", 4 * G, 1).await;
+            if !hostile {
+                raw.conn.close(0u32.into(), b"gone");
+                return;
+            }
+            raw.send.write_all(&send(Item::Precopy(piece(va_base + 8 * G)))).await.expect("a bad piece");
+            let answer = tokio::time::timeout(std::time::Duration::from_secs(30), raw.next()).await;
+            let body = answer.expect("the target answers").expect("an answer");
+            let why = v1::MigrateDone::decode(body).expect("decodes").error.expect("an error").message;
+            assert!(why.contains("outside the mappings announced"), "says why: {why}");
+        });
+        rt.block_on(idle(if hostile { "refused" } else { "the source went away" }, 0, 0));
+    }
     let fresh = Program::start(&srv, fresh_seed());
     fresh.steps(0, 2);
 }

@@ -167,8 +167,9 @@ where
         // The server has no RDMA listener yet (docs/rdma.md): every offer
         // falls back to QUIC, as `rdma::negotiate::decide` does without a device.
         rdma: None,
-        // Pre-copied memory is kept in host memory until the session stops:
-        // at most the session's quota and the configured bound.
+        // Pre-copied memory is written into the session's mappings as it
+        // arrives (kept in host memory for a source that announces no
+        // mappings): at most the session's quota and the configured bound.
         precopy_bytes: match &start {
             Start::Migrated(m) if m.precopy => quota.min(cfg.migrate_precopy_bytes),
             _ => 0,
@@ -189,10 +190,11 @@ where
             if send.send_frame(&frame::encode(&welcome)).await.is_err() {
                 return conn;
             }
-            let limits = ImportLimits { max_precopy: welcome.precopy_bytes, ..limits_of_import(shared) };
+            let limits =
+                ImportLimits { max_precopy: welcome.precopy_bytes, granularity: g, ..limits_of_import(shared) };
             let received = tokio::time::timeout(
                 super::migrate::TRANSFER_LIMIT,
-                receive_session(shared, &m, &mut recv, &work_tx, &session_staging, limits),
+                receive_session(&shared.images, &m, &mut recv, &work_tx, &session_staging, limits),
             )
             .await
             .unwrap_or_else(|_| Err("the transfer took too long".into()));
@@ -464,8 +466,8 @@ async fn migrate_out(
         uploads,
     };
     match precopy {
-        Some((link, sent)) => {
-            let (done, reused) = super::migrate::finish(link, &shared.images, out, &sent).await?;
+        Some(precopied) => {
+            let (done, reused) = super::migrate::finish(precopied, &shared.images, out).await?;
             Ok((done, bytes, reused))
         }
         None => Ok((super::migrate::send_session(target, &shared.images, out).await?, bytes, 0)),
@@ -492,8 +494,10 @@ struct ImportLimits {
     /// holds (images past it would be evicted before the calls that load
     /// them run).
     max_image_bytes: u64,
-    /// Pre-copied bytes kept at most (`Welcome.precopy_bytes`).
+    /// Pre-copied bytes taken at most (`Welcome.precopy_bytes`).
     max_precopy: u64,
+    /// The device's mapping granularity (bounds the pieces' count).
+    granularity: u64,
 }
 
 fn limits_of_import(shared: &Shared) -> ImportLimits {
@@ -504,6 +508,7 @@ fn limits_of_import(shared: &Shared) -> ImportLimits {
         max_images: cfg.max_handles,
         max_image_bytes: cfg.image_cache_bytes,
         max_precopy: 0,
+        granularity: 1,
     }
 }
 
@@ -520,11 +525,13 @@ struct Received {
 }
 
 /// The target's side: reads a migrating session's frames and rebuilds it on
-/// its thread. With a pre-copy, the memory sent while the session still
-/// ran is kept here until the source names each piece as unchanged (or
-/// dropped when it does not).
+/// its thread. With a pre-copy, the session's mappings are created as the
+/// source announces them and the memory sent while the session still ran
+/// is written as it arrives ([`super::migrate::PrecopyIn`]); after the stop
+/// only pieces written since come again, the others are named. A failure
+/// leaves the caller to end the session, which releases its mappings.
 async fn receive_session(
-    shared: &Shared,
+    cache: &ImageCache,
     m: &v1::MigrateIn,
     recv: &mut impl FrameReceiver,
     work: &mpsc::Sender<Work>,
@@ -539,9 +546,10 @@ async fn receive_session(
     let mut replies = Vec::new();
     let mut reply_bytes = 0;
     let mut memory = 0u64;
-    // Pre-copied pieces by address, and what the source said at its stop.
-    let mut staged: std::collections::HashMap<u64, bytes::Bytes> = std::collections::HashMap::new();
-    let (mut staged_bytes, mut precopied) = (0u64, 0u64);
+    // Pre-copied pieces, and what the source said at its stop.
+    let mut pre =
+        super::migrate::PrecopyIn::new(limits.max_precopy.min(m.memory_bytes), m.memory_bytes, limits.granularity);
+    let mut precopied = 0u64;
     let mut last: Option<v1::MigrateFinal> = None;
     let announced = |last: &Option<v1::MigrateFinal>| last.as_ref().map_or(m.memory_bytes, |f| f.memory_bytes);
     // Queues an import on the session's thread; its outcome comes later.
@@ -554,22 +562,29 @@ async fn receive_session(
         rx.await.map_err(|_| "the session has ended".to_string())?.map_err(|e| e.message)
     };
     // Memory pieces being written while the next ones arrive (at most
-    // WRITES_AHEAD frames held).
+    // WRITES_AHEAD frames held), by address.
     let mut writes = std::collections::VecDeque::new();
-    // Counts a piece of memory against what was announced and queues its
-    // write (sent now, or kept from the pre-copy).
-    macro_rules! write_piece {
+    let written =
+        |(addr, rx): (u64, _)| async move { outcome(rx).await.map_err(|e| format!("memory at {addr:#x}: {e}")) };
+    // Queues the write of a piece of memory.
+    macro_rules! queue_write {
         ($addr:expr, $data:expr) => {{
-            let data: bytes::Bytes = $data;
-            memory = memory.saturating_add(data.len() as u64);
+            let addr: u64 = $addr;
+            writes.push_back((addr, start(Import::Memory(addr, $data)).await?));
+            if writes.len() > WRITES_AHEAD
+                && let Some(w) = writes.pop_front()
+            {
+                written(w).await?;
+            }
+        }};
+    }
+    // Counts a piece of memory of the session as it is now against what was
+    // announced.
+    macro_rules! count {
+        ($len:expr) => {{
+            memory = memory.saturating_add($len);
             if memory > announced(&last) {
                 return Err(format!("more memory than the {} bytes announced", announced(&last)));
-            }
-            writes.push_back(start(Import::Memory($addr, data)).await?);
-            if writes.len() > WRITES_AHEAD
-                && let Some(rx) = writes.pop_front()
-            {
-                outcome(rx).await?;
             }
         }};
     }
@@ -611,13 +626,18 @@ async fn receive_session(
                     if crate::images::key_of(image) != key {
                         return Err("an image does not match its SHA-256".into());
                     }
-                    shared.images.insert(key, Arc::from(&image[..]));
+                    cache.insert(key, Arc::from(&image[..]));
                     // The cache holds it now: no second copy while the rest comes.
                     images.remove(&key);
                     complete.insert(key);
                 }
             }
-            Item::Calls(batch) => outcome(start(Import::Calls(batch)).await?).await?,
+            Item::Calls(batch) => {
+                if m.precopy && last.is_none() {
+                    pre.announce(&batch)?;
+                }
+                outcome(start(Import::Calls(batch)).await?).await?
+            }
             Item::Reply(frame) => {
                 let seq = frame
                     .get(frame::HEADER_LEN..)
@@ -636,18 +656,15 @@ async fn receive_session(
                 if m.precopy && last.is_none() {
                     return Err("memory before the pre-copy's final frame".into());
                 }
-                write_piece!(c.addr, c.data);
+                count!(c.data.len() as u64);
+                queue_write!(c.addr, c.data);
             }
             Item::Precopy(c) => {
                 if !m.precopy || last.is_some() {
                     return Err("pre-copied memory outside a pre-copy".into());
                 }
-                staged_bytes = staged_bytes.saturating_add(c.data.len() as u64);
-                if staged_bytes > limits.max_precopy.min(m.memory_bytes) {
-                    return Err(format!("more pre-copied memory than the {} bytes agreed", limits.max_precopy));
-                }
-                if staged.insert(c.addr, c.data).is_some() {
-                    return Err("a piece pre-copied twice".into());
+                if let super::migrate::Arrival::Write(data) = pre.arrive(c.addr, c.data)? {
+                    queue_write!(c.addr, data);
                 }
             }
             // Bounded by the session's staging limits, as a client's puts.
@@ -665,10 +682,11 @@ async fn receive_session(
                 if last.is_none() {
                     return Err("a pre-copied piece named before the final frame".into());
                 }
-                let data = staged.remove(&r.addr).filter(|d| d.len() as u64 == r.size);
-                let data = data.ok_or("a pre-copied piece that was not sent, or not of that size")?;
+                count!(r.size);
                 precopied += r.size;
-                write_piece!(r.addr, data);
+                if let super::migrate::Named::Kept(data) = pre.name(&r)? {
+                    queue_write!(r.addr, data);
+                }
             }
             // Bounded by the shadows the calls made (at most
             // `MAX_MIRROR_BYTES`): a piece outside them is an error.
@@ -677,8 +695,8 @@ async fn receive_session(
                 return Err("a pre-copy ended without its final frame".into());
             }
             Item::End(_) if memory == announced(&last) => {
-                for rx in writes.drain(..) {
-                    outcome(rx).await?;
+                for w in writes.drain(..) {
+                    written(w).await?;
                 }
                 let f = last.unwrap_or(v1::MigrateFinal {
                     memory_bytes: m.memory_bytes,
@@ -730,4 +748,285 @@ fn spawn_thread<B: Backend>(
         .name(format!("gpupool-session-{id}"))
         .spawn(move || thread::run(device, limits, staging, images, metrics, work, replies, ready, memory, base))
         .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The target's side of a pre-copy, on a real session thread over the
+    //! emulated device, fed frames in memory.
+    use super::*;
+    use crate::device::BackendSession;
+    use crate::device::emulated::EmulatedDevice;
+    use bytes::Bytes;
+    use gpupool_proto::v1::migrate_frame::Item;
+
+    const G: u64 = crate::device::emulated::GRANULARITY;
+
+    /// Frames the test hands over; tells when it waits for the next one.
+    struct Script {
+        rx: mpsc::Receiver<Bytes>,
+        waiting: Arc<tokio::sync::Notify>,
+    }
+
+    impl FrameReceiver for Script {
+        async fn recv_frame(&mut self, _max: usize) -> Result<Option<Bytes>, super::super::transport::RecvError> {
+            if let Ok(f) = self.rx.try_recv() {
+                return Ok(Some(f));
+            }
+            self.waiting.notify_one();
+            Ok(self.rx.recv().await)
+        }
+    }
+
+    /// A target's session thread (quota: 4 granules) at `base` or anywhere.
+    struct Target {
+        work: mpsc::Sender<Work>,
+        thread: std::thread::JoinHandle<()>,
+        base: u64,
+        _replies: mpsc::Receiver<v1::BatchReply>,
+    }
+
+    async fn target(device: &Arc<EmulatedDevice>, base: Option<u64>) -> Target {
+        let limits = SessionLimits {
+            memory_quota: 4 * G,
+            va_size: 16 * G,
+            granularity: G,
+            max_inline_bytes: 1 << 16,
+            max_image_bytes: 1 << 20,
+            max_handles: 8,
+            max_listed_errors: 4,
+            max_output_bytes: 1 << 20,
+            compression: Compression::Off,
+        };
+        let (work, rx) = mpsc::channel(16);
+        let (replies, replies_rx) = mpsc::channel(16);
+        let (ready, ready_rx) = oneshot::channel();
+        let (device, staging) = (device.clone(), Arc::new(Staging::new(1 << 24, 8)));
+        let images = Arc::new(ImageCache::new(None, 1 << 20));
+        let queue = WorkQueue { rx, spin: std::time::Duration::ZERO };
+        let memory = crate::swap::SessionMemory::detached();
+        let thread = std::thread::spawn(move || {
+            thread::run(device, limits, staging, images, Arc::default(), queue, replies, ready, memory, base)
+        });
+        let (base, _) = ready_rx.await.expect("ready").expect("device session");
+        Target { work, thread, base, _replies: replies_rx }
+    }
+
+    impl Target {
+        /// Reads the session's memory on its thread, after what was queued.
+        async fn read(&self, addr: u64, len: u64) -> Vec<u8> {
+            let (tx, rx) = oneshot::channel();
+            self.work.send(Work::ExportMemory(addr, len, tx)).await.expect("queued");
+            rx.await.expect("answer").expect("read")
+        }
+
+        /// Ends the session (as `run_session` does after a refusal).
+        fn end(self) {
+            drop(self.work);
+            self.thread.join().expect("session thread");
+        }
+    }
+
+    fn frame(item: Item) -> Bytes {
+        v1::MigrateFrame { item: Some(item) }.encode_to_vec().into()
+    }
+
+    fn maps(mappings: &[(u64, u64)]) -> Item {
+        let calls =
+            mappings.iter().map(|&(addr, size)| v1::Call { op: Some(v1::call::Op::MemMap(v1::MemMap { addr, size })) });
+        Item::Calls(v1::Batch { seq: 0, calls: calls.collect() })
+    }
+
+    fn piece(addr: u64, byte: u8, len: u64) -> v1::MemChunk {
+        v1::MemChunk { addr, data: vec![byte; len as usize].into() }
+    }
+
+    fn limits(max_precopy: u64) -> ImportLimits {
+        ImportLimits {
+            max_frame: 64 << 20,
+            max_image: 1 << 20,
+            max_images: 8,
+            max_image_bytes: 1 << 20,
+            max_precopy,
+            granularity: G,
+        }
+    }
+
+    fn precopy_in(base: u64, memory_bytes: u64) -> v1::MigrateIn {
+        v1::MigrateIn { va_base: base, va_size: 16 * G, memory_bytes, precopy: true, ..Default::default() }
+    }
+
+    /// The mappings are created when announced and each pre-copied piece is
+    /// on the device before the session stops; after the stop only the
+    /// piece written since comes again, the other is named, and a mapping
+    /// the session resized meanwhile is made again (the source's final
+    /// calls unmap it first).
+    #[tokio::test]
+    async fn pre_copied_pieces_are_on_the_device_before_the_stop() {
+        let device = Arc::new(EmulatedDevice::new(64 << 20));
+        let t = target(&device, None).await;
+        let base = t.base;
+        let (tx, rx) = mpsc::channel(64);
+        let waiting = Arc::new(tokio::sync::Notify::new());
+        let mut script = Script { rx, waiting: waiting.clone() };
+        let announced = [
+            maps(&[(base, 2 * G), (base + 2 * G, G)]),
+            Item::Precopy(piece(base, 1, G)),
+            Item::Precopy(piece(base + G, 2, G)),
+            Item::Precopy(piece(base + 2 * G, 8, G)),
+        ];
+        for item in announced {
+            tx.send(frame(item)).await.expect("queued");
+        }
+        let (cache, staging) = (ImageCache::new(None, 1 << 20), Staging::new(1 << 24, 8));
+        let m = precopy_in(base, 3 * G);
+        let receiving = receive_session(&cache, &m, &mut script, &t.work, &staging, limits(3 * G));
+        let driving = async {
+            // Every frame so far was taken: the session has not stopped.
+            waiting.notified().await;
+            let before = t.read(base, 2 * G).await;
+            assert!(before[..G as usize].iter().all(|&b| b == 1) && before[G as usize..].iter().all(|&b| b == 2));
+            assert!(t.read(base + 2 * G, G).await.iter().all(|&b| b == 8));
+            let last = v1::MigrateFinal { memory_bytes: 4 * G, received_seq: 7, ..Default::default() };
+            let call = |op| v1::Call { op: Some(op) };
+            let calls = vec![
+                call(v1::call::Op::MemUnmap(v1::MemUnmap { addr: base + 2 * G })),
+                call(v1::call::Op::MemMap(v1::MemMap { addr: base + 2 * G, size: 2 * G })),
+            ];
+            let rest = [
+                Item::Final(last),
+                Item::Calls(v1::Batch { seq: 0, calls }),
+                Item::Precopied(v1::PieceRef { addr: base, size: G }),
+                Item::Memory(piece(base + G, 3, G)),
+                Item::Memory(piece(base + 2 * G, 5, 2 * G)),
+                Item::End(v1::MigrateEnd {}),
+            ];
+            for item in rest {
+                tx.send(frame(item)).await.expect("queued");
+            }
+        };
+        let (received, ()) = tokio::join!(receiving, driving);
+        let received = received.expect("the session arrives");
+        assert_eq!((received.memory_bytes, received.precopied, received.received_seq), (4 * G, G, 7));
+        let after = t.read(base, 2 * G).await;
+        assert!(after[..G as usize].iter().all(|&b| b == 1) && after[G as usize..].iter().all(|&b| b == 3));
+        assert!(t.read(base + 2 * G, 2 * G).await.iter().all(|&b| b == 5), "the resized mapping, whole");
+        t.end();
+    }
+
+    /// A hostile or broken source: each case fails with its reason, never
+    /// a panic, and once the session ends its mappings are released (the
+    /// next case maps the whole device again at the same range).
+    #[tokio::test]
+    async fn a_pre_copy_refused_midway_leaves_nothing_mapped() {
+        let device = Arc::new(EmulatedDevice::new(4 * G));
+        let base = target(&device, None).await;
+        let base = {
+            let b = base.base;
+            base.end();
+            b
+        };
+        let whole = || maps(&[(base, 4 * G)]);
+        let named = |addr, size| Item::Precopied(v1::PieceRef { addr, size });
+        let last = || Item::Final(v1::MigrateFinal { memory_bytes: 4 * G, ..Default::default() });
+        let stream = v1::Call { op: Some(v1::call::Op::StreamCreate(v1::StreamCreate::default())) };
+        let bad_call = v1::Call { op: Some(v1::call::Op::MemUnmap(v1::MemUnmap { addr: base + 8 * G })) };
+        let cases: Vec<(&str, Vec<Item>, &str)> = vec![
+            ("out of range", vec![whole(), Item::Precopy(piece(base + 4 * G, 1, G))], "outside the mappings announced"),
+            ("twice", vec![whole(), Item::Precopy(piece(base, 1, G)), Item::Precopy(piece(base, 1, G))], "twice"),
+            (
+                "overlapping",
+                vec![whole(), Item::Precopy(piece(base, 1, 2 * G)), Item::Precopy(piece(base + G, 1, G))],
+                "overlaps",
+            ),
+            (
+                "named with another size",
+                vec![whole(), Item::Precopy(piece(base, 1, 2 * G)), last(), named(base, G)],
+                "sent with",
+            ),
+            (
+                "named twice",
+                vec![whole(), Item::Precopy(piece(base, 1, G)), last(), named(base, G), named(base, G)],
+                "named twice",
+            ),
+            (
+                "memory before the final frame",
+                vec![whole(), Item::Memory(piece(base, 1, G))],
+                "before the pre-copy's final",
+            ),
+            (
+                "a call that is not a mapping",
+                vec![Item::Calls(v1::Batch { seq: 0, calls: vec![stream] })],
+                "mappings only",
+            ),
+            ("past the quota", vec![maps(&[(base, 6 * G)])], "call 0"),
+            (
+                "past the bytes agreed",
+                vec![whole(), Item::Precopy(piece(base, 1, 2 * G)), Item::Precopy(piece(base + 2 * G, 1, G))],
+                "bytes agreed",
+            ),
+            ("the source goes away", vec![whole(), Item::Precopy(piece(base, 1, G))], "ended the transfer early"),
+            (
+                "refused after the stop",
+                vec![
+                    whole(),
+                    Item::Precopy(piece(base, 1, G)),
+                    last(),
+                    Item::Calls(v1::Batch { seq: 0, calls: vec![bad_call] }),
+                ],
+                "call 0",
+            ),
+        ];
+        for (what, items, why) in cases {
+            let t = target(&device, Some(base)).await;
+            let (tx, rx) = mpsc::channel(64);
+            for item in items {
+                tx.send(frame(item)).await.expect("queued");
+            }
+            drop(tx);
+            let mut script = Script { rx, waiting: Arc::default() };
+            let (cache, staging) = (ImageCache::new(None, 1 << 20), Staging::new(1 << 24, 8));
+            let m = precopy_in(base, 4 * G);
+            let r = receive_session(&cache, &m, &mut script, &t.work, &staging, limits(2 * G)).await;
+            let e = r.err().unwrap_or_else(|| panic!("{what}: accepted"));
+            assert!(e.contains(why), "{what}: {e}");
+            t.end();
+            // Released: the range is free and the whole device maps.
+            let mut s = device.open_session_at(16 * G, base).unwrap_or_else(|e| panic!("{what}: range kept: {e}"));
+            let mapping = s.map(base, 4 * G).unwrap_or_else(|e| panic!("{what}: memory kept: {e}"));
+            drop(mapping);
+        }
+    }
+
+    /// A source from before pieces were written on arrival announces no
+    /// mappings: its pieces are kept and written when named.
+    #[tokio::test]
+    async fn a_source_that_announces_no_mappings_still_moves() {
+        let device = Arc::new(EmulatedDevice::new(64 << 20));
+        let t = target(&device, None).await;
+        let base = t.base;
+        let last = v1::MigrateFinal { memory_bytes: 2 * G, ..Default::default() };
+        let items = [
+            Item::Precopy(piece(base, 4, G)),
+            Item::Precopy(piece(base + G, 5, G)),
+            Item::Final(last),
+            maps(&[(base, 2 * G)]),
+            Item::Precopied(v1::PieceRef { addr: base, size: G }),
+            Item::Memory(piece(base + G, 6, G)),
+            Item::End(v1::MigrateEnd {}),
+        ];
+        let (tx, rx) = mpsc::channel(64);
+        for item in items {
+            tx.send(frame(item)).await.expect("queued");
+        }
+        let mut script = Script { rx, waiting: Arc::default() };
+        let (cache, staging) = (ImageCache::new(None, 1 << 20), Staging::new(1 << 24, 8));
+        let m = precopy_in(base, 2 * G);
+        let r = receive_session(&cache, &m, &mut script, &t.work, &staging, limits(2 * G)).await;
+        let received = r.expect("the session arrives");
+        assert_eq!((received.memory_bytes, received.precopied), (2 * G, G));
+        let after = t.read(base, 2 * G).await;
+        assert!(after[..G as usize].iter().all(|&b| b == 4) && after[G as usize..].iter().all(|&b| b == 6));
+        t.end();
+    }
 }

@@ -13,6 +13,7 @@
 use crate::images::ImageCache;
 use crate::session::Exported;
 use bytes::Bytes;
+use gpupool_proto::v1::call::Op;
 use gpupool_proto::{PROTOCOL_VERSION, frame, v1};
 use prost::Message;
 use std::collections::HashMap;
@@ -337,8 +338,44 @@ fn pieces(ranges: &[(u64, u64)]) -> impl Iterator<Item = (u64, u64)> + '_ {
     })
 }
 
-/// A pre-copy done: the open link and the pieces sent, by (address, length).
-pub(crate) type Precopied = (Link, std::collections::HashSet<(u64, u64)>);
+/// A pre-copy done.
+pub(crate) struct Precopied {
+    /// The open link to the target.
+    pub(crate) link: Link,
+    /// The pieces sent, by (address, length).
+    pub(crate) sent: std::collections::HashSet<(u64, u64)>,
+    /// The mappings announced to the target (address, size), which it
+    /// created then and wrote the pieces into.
+    pub(crate) mapped: Vec<(u64, u64)>,
+}
+
+/// A `Calls` frame of one `MemMap` per mapping: how a pre-copy announces
+/// the session's mappings before their pieces (a target that keeps pieces
+/// in host memory runs it as any batch).
+fn mappings_frame(mappings: &[(u64, u64)]) -> Bytes {
+    let calls = mappings.iter().map(|&(addr, size)| v1::Call { op: Some(Op::MemMap(v1::MemMap { addr, size })) });
+    let batch = v1::Batch { seq: 0, calls: calls.collect() };
+    frame::encode(&v1::MigrateFrame { item: Some(v1::migrate_frame::Item::Calls(batch)) })
+}
+
+/// The calls that re-create a session (`calls`, its mappings' `MemMap`s
+/// first) on a target that holds `mapped` already (the mappings a
+/// pre-copy announced): those gone or resized since are unmapped first,
+/// those still there are not mapped again. Their contents are tracked as
+/// written (`Dirty`), so they go again.
+fn calls_on_target(calls: &[v1::Call], mapped: &[(u64, u64)]) -> Vec<v1::Call> {
+    use std::collections::HashSet;
+    let map_of = |c: &v1::Call| match &c.op {
+        Some(Op::MemMap(m)) => Some((m.addr, m.size)),
+        _ => None,
+    };
+    let now: HashSet<(u64, u64)> = calls.iter().filter_map(map_of).collect();
+    let there: HashSet<(u64, u64)> = mapped.iter().copied().collect();
+    let gone = mapped.iter().filter(|m| !now.contains(m));
+    let unmaps = gone.map(|&(addr, _)| v1::Call { op: Some(Op::MemUnmap(v1::MemUnmap { addr })) });
+    let rest = calls.iter().filter(|c| !map_of(c).is_some_and(|m| there.contains(&m))).cloned();
+    unmaps.chain(rest).collect()
+}
 
 /// Why a pre-copy failed, and whether sending everything after the stop
 /// may still work (false: the target refused or could not be reached).
@@ -349,8 +386,10 @@ pub(crate) struct PrecopyFailed {
 }
 
 /// Pre-copy, while the session still runs: its writes are tracked from now
-/// on, a migration to `target` is opened and the session's memory goes to
-/// it (as much as the target keeps).
+/// on, a migration to `target` is opened, the session's mappings are
+/// announced (the target creates them at once) and their contents go to
+/// it (as much as the target takes), which writes each piece as it
+/// arrives.
 pub(crate) async fn precopy(
     target: &MigrationTarget,
     work: &tokio::sync::mpsc::Sender<super::thread::Work>,
@@ -369,7 +408,9 @@ pub(crate) async fn precopy(
         ..Default::default()
     };
     let mut link = connect(target, migrate).await.map_err(|reason| PrecopyFailed { reason, retry: false })?;
-    let mappings = start.mappings;
+    // A target that takes no pre-copy (`Welcome.precopy_bytes` 0) gets
+    // nothing before the stop, not even the mappings.
+    let mappings = if link.precopy_bytes > 0 { start.mappings } else { Vec::new() };
     let mut budget = link.precopy_bytes;
     let within = pieces(&mappings).take_while(move |&(_, len)| {
         let fits = len <= budget;
@@ -381,6 +422,9 @@ pub(crate) async fn precopy(
     let link_ref = &mut link;
     let sending = async {
         let link = link_ref;
+        if !mappings.is_empty() {
+            link.write(&mappings_frame(&mappings)).await?;
+        }
         while let Some((addr, data)) = reads.next().await? {
             link.write(&memory_frame_head(PRECOPY_FIELD, addr, data.len())).await?;
             let len = data.len() as u64;
@@ -393,11 +437,139 @@ pub(crate) async fn precopy(
     let done = tokio::time::timeout(TRANSFER_LIMIT, sending)
         .await
         .unwrap_or_else(|_| Err(format!("the pre-copy took longer than {TRANSFER_LIMIT:?}")));
+    drop(reads);
     match done {
-        Ok(()) => Ok((link, sent)),
+        Ok(()) => Ok(Precopied { link, sent, mapped: mappings }),
         Err(e) => {
             link.close(b"pre-copy failed");
             Err(retry(e))
+        }
+    }
+}
+
+/// The target's record of a pre-copy before the session stops (sans I/O:
+/// the frames' checks, tested without a connection). The source announces
+/// the session's mappings (a `Calls` frame of `MemMap`s), which the target
+/// creates at once, then sends their contents in pieces, each written to
+/// the device as it arrives; only its address and length stay here, until
+/// the source names it as unchanged after the stop. A source that announces
+/// no mappings (one built before pieces were written on arrival) has its
+/// pieces kept in host memory and written when named, as it expects.
+#[derive(Debug)]
+pub(crate) struct PrecopyIn {
+    /// The mappings announced, by address: their size.
+    mappings: std::collections::BTreeMap<u64, u64>,
+    /// The pieces received and not named yet, by address: their length, and
+    /// their data while kept in host memory.
+    pieces: std::collections::BTreeMap<u64, (u64, Option<Bytes>)>,
+    /// Bytes received, at most `max_bytes`, in at most `max_pieces` pieces.
+    received: u64,
+    max_bytes: u64,
+    max_pieces: usize,
+}
+
+/// What becomes of a pre-copied piece that arrived.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Arrival {
+    /// Written to the device now (inside a mapping announced).
+    Write(Bytes),
+    /// Kept until it is named (no mappings were announced).
+    Kept,
+}
+
+/// A pre-copied piece named unchanged after the stop.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Named {
+    /// On the device since it arrived: its length.
+    Written(u64),
+    /// Kept in host memory: write it now.
+    Kept(Bytes),
+}
+
+/// Whether `[addr, end)` overlaps a range of `ranges` (start: length).
+fn overlaps<V>(ranges: &std::collections::BTreeMap<u64, V>, addr: u64, end: u64, len: impl Fn(&V) -> u64) -> bool {
+    ranges.range(..end).next_back().is_some_and(|(&start, v)| start.saturating_add(len(v)) > addr)
+}
+
+impl PrecopyIn {
+    /// A pre-copy of a session of `memory_bytes` (as `MigrateIn` says) in a
+    /// device of `granularity`, of which at most `max_bytes` are sent.
+    pub(crate) fn new(max_bytes: u64, memory_bytes: u64, granularity: u64) -> Self {
+        // Pieces are `CHUNK_BYTES` but a mapping's last, and a mapping is
+        // at least one granule.
+        let pieces = max_bytes.div_ceil(CHUNK_BYTES as u64).saturating_add(memory_bytes / granularity.max(1));
+        Self {
+            mappings: Default::default(),
+            pieces: Default::default(),
+            received: 0,
+            max_bytes,
+            max_pieces: usize::try_from(pieces).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// A batch of calls before the stop: the mappings' `MemMap`s only,
+    /// before any piece. The batch then runs as a client's would (range,
+    /// granularity and quota checks).
+    pub(crate) fn announce(&mut self, batch: &v1::Batch) -> Result<(), String> {
+        if !self.pieces.is_empty() {
+            return Err("mappings announced after pre-copied pieces".into());
+        }
+        for call in &batch.calls {
+            let Some(Op::MemMap(m)) = &call.op else {
+                return Err("a pre-copy announces mappings only (`MemMap` calls) before the final frame".into());
+            };
+            let end = m.addr.checked_add(m.size).filter(|_| m.size > 0);
+            let end = end.ok_or_else(|| format!("an announced mapping at {:#x} of {} bytes", m.addr, m.size))?;
+            if overlaps(&self.mappings, m.addr, end, |&size| size) {
+                return Err(format!("an announced mapping at {:#x} overlaps another", m.addr));
+            }
+            self.mappings.insert(m.addr, m.size);
+        }
+        Ok(())
+    }
+
+    /// A pre-copied piece: where it may be, and what becomes of it.
+    pub(crate) fn arrive(&mut self, addr: u64, data: Bytes) -> Result<Arrival, String> {
+        let len = data.len() as u64;
+        if len == 0 {
+            return Err(format!("an empty pre-copied piece at {addr:#x}"));
+        }
+        let end = addr.checked_add(len).ok_or_else(|| format!("a pre-copied piece at {addr:#x} overflows"))?;
+        if self.pieces.contains_key(&addr) {
+            return Err(format!("a piece at {addr:#x} pre-copied twice"));
+        }
+        if overlaps(&self.pieces, addr, end, |&(len, _)| len) {
+            return Err(format!("a pre-copied piece at {addr:#x} overlaps another"));
+        }
+        let keep = self.mappings.is_empty();
+        let inside = self.mappings.range(..=addr).next_back().is_some_and(|(&start, &size)| end <= start + size);
+        if !keep && !inside {
+            return Err(format!("a pre-copied piece at {addr:#x} (+{len}) outside the mappings announced"));
+        }
+        if self.received.saturating_add(len) > self.max_bytes {
+            return Err(format!("more pre-copied memory than the {} bytes agreed", self.max_bytes));
+        }
+        if self.pieces.len() >= self.max_pieces {
+            return Err(format!("more than {} pre-copied pieces", self.max_pieces));
+        }
+        self.received += len;
+        if keep {
+            self.pieces.insert(addr, (len, Some(data)));
+            return Ok(Arrival::Kept);
+        }
+        self.pieces.insert(addr, (len, None));
+        Ok(Arrival::Write(data))
+    }
+
+    /// A piece named unchanged after the stop (each piece once, with the
+    /// length it was sent with).
+    pub(crate) fn name(&mut self, piece: &v1::PieceRef) -> Result<Named, String> {
+        match self.pieces.remove(&piece.addr) {
+            Some((len, data)) if len == piece.size => Ok(data.map_or(Named::Written(len), Named::Kept)),
+            Some((len, _)) => {
+                Err(format!("a pre-copied piece at {:#x} named with {} bytes, sent with {len}", piece.addr, piece.size))
+            }
+            None => Err(format!("a pre-copied piece at {:#x} that was not sent, or named twice", piece.addr)),
         }
     }
 }
@@ -419,18 +591,20 @@ pub(crate) async fn send_session(
         precopy: false,
     };
     let link = connect(target, migrate).await?;
-    Ok(finish(link, images, out, &Default::default()).await?.0)
+    let precopied = Precopied { link, sent: Default::default(), mapped: Vec::new() };
+    Ok(finish(precopied, images, out).await?.0)
 }
 
 /// Sends the rest of a session to the target `link` leads to, now that it
 /// stopped, and returns the target's answer and the bytes not sent again:
-/// pieces in `precopied` that the session did not write since are named.
+/// pieces pre-copied (`sent`) that the session did not write since are
+/// named, and the mappings announced are not created again.
 pub(crate) async fn finish(
-    mut link: Link,
+    Precopied { mut link, sent: precopied, mapped }: Precopied,
     images: &ImageCache,
     out: Outgoing,
-    precopied: &std::collections::HashSet<(u64, u64)>,
 ) -> Result<(v1::MigrateDone, u64), String> {
+    let precopied = &precopied;
     let mut reused = 0u64;
     let sent = tokio::time::timeout(TRANSFER_LIMIT, async {
         let ex = &out.exported;
@@ -455,7 +629,8 @@ pub(crate) async fn finish(
                 })));
             }
         }
-        frames.push(write(v1::migrate_frame::Item::Calls(v1::Batch { seq: 0, calls: ex.calls.clone() })));
+        let calls = calls_on_target(&ex.calls, &mapped);
+        frames.push(write(v1::migrate_frame::Item::Calls(v1::Batch { seq: 0, calls })));
         for (transfer_id, total, chunks) in &out.uploads {
             for (offset, data) in chunks {
                 let (transfer_id, total, offset) = (*transfer_id, *total, *offset);
@@ -515,6 +690,102 @@ pub(crate) async fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn maps(mappings: &[(u64, u64)]) -> v1::Batch {
+        let calls = mappings.iter().map(|&(addr, size)| v1::Call { op: Some(Op::MemMap(v1::MemMap { addr, size })) });
+        v1::Batch { seq: 0, calls: calls.collect() }
+    }
+
+    fn piece(len: u64) -> Bytes {
+        Bytes::from(vec![7u8; len as usize])
+    }
+
+    /// Announced mappings take pieces written at once, inside them only,
+    /// each address once, without overlaps, within the bytes agreed; a
+    /// piece is named once, with the length it was sent with.
+    #[test]
+    fn a_target_writes_pre_copied_pieces_inside_the_announced_mappings_only() {
+        let base = 0x7f00_0000_0000u64;
+        let mut pre = PrecopyIn::new(6 * MIB, 8 * MIB, 2 * MIB);
+        pre.announce(&maps(&[(base, 4 * MIB), (base + 6 * MIB, 2 * MIB)])).expect("announce");
+        assert_eq!(pre.arrive(base, piece(2 * MIB)), Ok(Arrival::Write(piece(2 * MIB))));
+        let err = |r: Result<Arrival, String>| r.expect_err("refused");
+        assert!(err(pre.arrive(base + 4 * MIB, piece(MIB))).contains("outside the mappings announced"));
+        assert!(err(pre.arrive(base + 3 * MIB, piece(2 * MIB))).contains("outside"), "across a mapping's end");
+        assert!(err(pre.arrive(base, piece(2 * MIB))).contains("twice"));
+        assert!(err(pre.arrive(base + MIB, piece(2 * MIB))).contains("overlaps"));
+        assert!(err(pre.arrive(base + 2 * MIB, Bytes::new())).contains("empty"));
+        assert!(err(pre.arrive(u64::MAX - 3, piece(8))).contains("overflows"));
+        let mut pre = PrecopyIn::new(4 * MIB, 8 * MIB, 2 * MIB);
+        pre.announce(&maps(&[(base, 8 * MIB)])).expect("announce");
+        pre.arrive(base, piece(2 * MIB)).expect("first");
+        pre.arrive(base + 2 * MIB, piece(2 * MIB)).expect("second");
+        assert!(err(pre.arrive(base + 4 * MIB, piece(1))).contains("bytes agreed"), "past Welcome.precopy_bytes");
+        assert!(pre.name(&v1::PieceRef { addr: base, size: MIB }).expect_err("size").contains("sent with"));
+        assert_eq!(pre.name(&v1::PieceRef { addr: base + 2 * MIB, size: 2 * MIB }), Ok(Named::Written(2 * MIB)));
+        let twice = pre.name(&v1::PieceRef { addr: base + 2 * MIB, size: 2 * MIB });
+        assert!(twice.expect_err("named twice").contains("not sent"));
+        assert!(pre.name(&v1::PieceRef { addr: base + 6 * MIB, size: 2 * MIB }).is_err(), "never sent");
+    }
+
+    /// Before the stop, calls announce mappings only, before any piece; a
+    /// source that announces none (one from before pieces were written on
+    /// arrival) has its pieces kept and written when named.
+    #[test]
+    fn a_pre_copy_announces_mappings_only_and_unannounced_pieces_are_kept() {
+        let base = 0x7f00_0000_0000u64;
+        let mut pre = PrecopyIn::new(8 * MIB, 8 * MIB, 2 * MIB);
+        let stream = v1::Call { op: Some(Op::StreamCreate(v1::StreamCreate { stream: 1, flags: 0, priority: 0 })) };
+        let e = pre.announce(&v1::Batch { seq: 0, calls: vec![stream] }).expect_err("not a mapping");
+        assert!(e.contains("mappings only"), "{e}");
+        assert!(pre.announce(&maps(&[(base, 0)])).is_err(), "an empty mapping");
+        assert!(pre.announce(&maps(&[(u64::MAX - MIB, 2 * MIB)])).is_err(), "past the address space");
+        let e = pre.announce(&maps(&[(base, 4 * MIB), (base + 2 * MIB, 2 * MIB)])).expect_err("overlap");
+        assert!(e.contains("overlaps"), "{e}");
+
+        let mut old = PrecopyIn::new(8 * MIB, 8 * MIB, 2 * MIB);
+        assert_eq!(old.arrive(base, piece(2 * MIB)), Ok(Arrival::Kept));
+        let e = old.announce(&maps(&[(base, 2 * MIB)])).expect_err("too late");
+        assert!(e.contains("after pre-copied pieces"), "{e}");
+        assert_eq!(old.name(&v1::PieceRef { addr: base, size: 2 * MIB }), Ok(Named::Kept(piece(2 * MIB))));
+    }
+
+    /// Pieces past what an honest source sends (full chunks, and a
+    /// mapping's last) are refused: tiny pieces cannot grow the record.
+    #[test]
+    fn pre_copied_pieces_are_bounded_in_number() {
+        let base = 0x7f00_0000_0000u64;
+        let mut pre = PrecopyIn::new(4 * MIB, 4 * MIB, 2 * MIB);
+        pre.announce(&maps(&[(base, 4 * MIB)])).expect("announce");
+        let mut refused = None;
+        for i in 0..8 {
+            if let Err(e) = pre.arrive(base + i * 4096, piece(16)) {
+                refused = Some((i, e));
+                break;
+            }
+        }
+        let (i, e) = refused.expect("refused");
+        assert_eq!(i, 4, "2 chunks and 2 granules' worth of mappings");
+        assert!(e.contains("pieces"), "{e}");
+    }
+
+    /// The final calls on a target holding the announced mappings: those
+    /// still there are not mapped again, those gone or resized are unmapped
+    /// first, new ones mapped; everything else stays in order.
+    #[test]
+    fn the_final_calls_keep_the_announced_mappings_that_still_exist() {
+        let call = |op| v1::Call { op: Some(op) };
+        let map = |addr, size| call(Op::MemMap(v1::MemMap { addr, size }));
+        let unmap = |addr| call(Op::MemUnmap(v1::MemUnmap { addr }));
+        let stream = call(Op::StreamCreate(v1::StreamCreate { stream: 3, flags: 0, priority: 0 }));
+        let calls = vec![map(0x1000, 10), map(0x3000, 20), map(0x5000, 5), stream.clone()];
+        let mapped = [(0x1000, 10), (0x3000, 10), (0x4000, 8)];
+        let want = vec![unmap(0x3000), unmap(0x4000), map(0x3000, 20), map(0x5000, 5), stream];
+        assert_eq!(calls_on_target(&calls, &mapped), want);
+        assert_eq!(calls_on_target(&calls, &[]), calls, "nothing announced: every call");
+    }
 
     /// The head and the piece sent after it make the frame `frame::encode`
     /// makes of the same `MemChunk`, and decode back to it.

@@ -293,7 +293,10 @@ impl<S: BackendSession> SessionState<S> {
 
     /// Writes migrated contents at `addr`: only inside a mapping the
     /// session made (the migration's `MemMap` calls), as a copy would.
+    /// Pre-copied pieces arrive over a while: a session swapped out
+    /// meanwhile comes back first, as for a batch.
     pub fn import_memory(&mut self, addr: u64, data: &[u8]) -> Result<(), CallError> {
+        self.swap_in()?;
         self.check_range(addr, data.len() as u64, ACCESS_READWRITE)?;
         self.dev.write(None, addr, data)?;
         Ok(())
