@@ -325,9 +325,12 @@ impl HostRegistration {
         // A thread of the shared-memory attachment, not a session's: the
         // primary context is made current here first.
         context.make_current()?;
+        // Portable: pinned for every context of the process, whichever the
+        // session's copies run in.
+        let flags = sys::CU_MEMHOSTREGISTER_PORTABLE;
         // SAFETY: the caller guarantees the range is mapped for its
-        // lifetime; flags 0: page-locked for this context's copies.
-        driver::check(unsafe { sys::cuMemHostRegister_v2(base.cast(), len, 0) }, "cuMemHostRegister_v2")?;
+        // lifetime.
+        driver::check(unsafe { sys::cuMemHostRegister_v2(base.cast(), len, flags) }, "cuMemHostRegister_v2")?;
         Ok(Self { base: base as usize, context })
     }
 }
