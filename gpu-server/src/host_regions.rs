@@ -36,7 +36,8 @@ pub struct HostRegion {
     _counted: Counted,
 }
 
-/// Counts a region in the `shm_registered` gauge while it lives.
+/// Counts a region in the `shm_regions` (mapped) and `shm_registered`
+/// gauges while it lives.
 #[derive(Debug)]
 struct Counted(Option<Arc<Metrics>>);
 
@@ -44,17 +45,19 @@ impl Drop for Counted {
     fn drop(&mut self) {
         if let Some(m) = &self.0 {
             m.shm_registered.fetch_sub(1, Ordering::Relaxed);
+            m.shm_regions.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
 
 impl HostRegion {
     /// Registers `region` with the driver through `pinner`; `metrics`
-    /// count it (`shm_registered`) until it drops.
+    /// count it (`shm_regions`, `shm_registered`) until it drops.
     pub fn new(region: Region, pinner: &dyn HostPinner, registered: Option<Arc<Metrics>>) -> Result<Self, CallError> {
         let pinned = pinner.pin(&region)?;
         if let Some(m) = &registered {
             m.shm_registered.fetch_add(1, Ordering::Relaxed);
+            m.shm_regions.fetch_add(1, Ordering::Relaxed);
         }
         Ok(Self { _pinned: pinned, region, _counted: Counted(registered) })
     }
@@ -247,7 +250,9 @@ mod tests {
             HostRegion::new(Region::create("gpupool-test", 4096).expect("region"), &NoPinning, Some(metrics.clone()))
                 .expect("pinned");
         assert_eq!(metrics.shm_registered.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.shm_regions.load(Ordering::Relaxed), 1);
         drop(r);
         assert_eq!(metrics.shm_registered.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.shm_regions.load(Ordering::Relaxed), 0);
     }
 }

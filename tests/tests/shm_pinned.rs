@@ -72,7 +72,8 @@ fn pinned_copies_name_the_region_byte_for_byte() {
     let b = s.pinned_alloc(small).expect("pinned in the same region");
     assert_eq!(a % 4096, 0, "page-aligned");
     let whole = s.pinned_alloc(REGION).expect("a region of its own");
-    assert_eq!(srv.metrics.snapshot().shm_registered, 2, "two host regions registered");
+    let m = srv.metrics.snapshot();
+    assert_eq!((m.shm_registered, m.shm_regions), (2, 3), "two host regions registered, three mapped: {m:?}");
 
     for (i, stream) in [StreamId::DEFAULT, stream].into_iter().enumerate() {
         async_round_trip(&s, a, b, &random_bytes(small, seed + i as u64), stream);

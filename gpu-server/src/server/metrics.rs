@@ -88,8 +88,9 @@ pub struct Metrics {
     /// them (counted in `bulk_bytes_in`/`_out` as well).
     pub shm_regions: AtomicU64,
     pub shm_bytes: AtomicU64,
-    /// Shared-memory regions registered with the driver now (a gauge):
-    /// host regions holding the program's pinned memory, and bulk regions.
+    /// Shared-memory regions registered with the driver now (a gauge): the
+    /// host regions holding programs' pinned memory (also counted in
+    /// `shm_regions`; the emulated device counts them without a driver).
     pub shm_registered: AtomicU64,
     /// Clients reattached to their kept session, and reattachments refused
     /// (the session was gone, or the secret wrong).
