@@ -164,7 +164,13 @@ impl ShmBulk {
             inner: Mutex::new(Inner { stream, region, ring }),
             live: AtomicBool::new(true),
             bytes: AtomicU64::new(0),
-            pinned: Mutex::new(PinnedPool { next_id: 1, limit: pinned_limit, ..PinnedPool::default() }),
+            // A server that does not take host regions gets none: it
+            // would end the attachment at the first.
+            pinned: Mutex::new(PinnedPool {
+                next_id: 1,
+                limit: if welcome.shm_host_regions { pinned_limit } else { 0 },
+                ..PinnedPool::default()
+            }),
         })
     }
 

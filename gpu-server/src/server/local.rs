@@ -167,6 +167,7 @@ where
         resumed_seq: 0,
         bulk_ports,
         bulk_secret,
+        shm_host_regions: !shm_socket.is_empty(),
         shm_socket,
         shm_secret,
         // The server has no RDMA listener yet (docs/rdma.md): every offer
