@@ -116,11 +116,20 @@ pub struct ClientConfig {
     /// (bulk copies then go through memory); 0: never, copies stay on QUIC.
     /// From 4 KiB to 1 GiB otherwise.
     pub shm_region_bytes: usize,
+    /// Most bytes of the program's pinned host memory (`cuMemHostAlloc`,
+    /// `cuMemAllocHost`) this client keeps in host regions it shares with
+    /// the server, so copies from and to it are the server's DMA (with a
+    /// shared-memory attachment only); 0: none, pinned memory is plain
+    /// memory and its bytes travel like any others.
+    pub shm_pinned_bytes: usize,
 }
 
 /// Default size of a client's shared-memory region: eight 4 MiB slots, so
 /// that the client fills some while the server copies others.
 pub const DEFAULT_SHM_REGION_BYTES: usize = 32 << 20;
+
+/// Default bound on pinned host memory kept in shared host regions.
+pub const DEFAULT_SHM_PINNED_BYTES: usize = 8 << 30;
 
 /// How long a queued call waits for company before its batch is sent while
 /// earlier batches are in flight (with none in flight it goes at once).
@@ -161,6 +170,7 @@ impl ClientConfig {
             resume: true,
             token_source: TokenSource::Fixed,
             shm_region_bytes: DEFAULT_SHM_REGION_BYTES,
+            shm_pinned_bytes: DEFAULT_SHM_PINNED_BYTES,
         }
     }
 

@@ -12,7 +12,7 @@ use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
 use crate::lease::{LeasedGpu, PoolRequest};
 use crate::mirror::{MirrorHost, Mirrors};
-use crate::transport::{QuicTransport, Transport};
+use crate::transport::{PinnedCopy, QuicTransport, Transport};
 use bytes::Bytes;
 use gpupool_proto::payload::{self, Compression};
 use gpupool_proto::v1::{self, call::Op, call_result::Value};
@@ -687,9 +687,36 @@ impl Session {
     /// returns, so the caller may reuse its buffer; the copy is ordered on
     /// `stream` like every queued call.
     pub fn memcpy_htod(&self, dst: u64, src: &[u8], stream: StreamId) -> Result<()> {
+        self.htod_from(dst, src, stream, false)
+    }
+
+    /// Copies host bytes to the device, asynchronously where the source is
+    /// pinned memory in a host region shared with the server
+    /// ([`Self::pinned_alloc`]): the copy is queued naming the region and
+    /// the server's DMA reads the bytes when it runs, so the caller must
+    /// leave them alone until then (as with pinned memory natively). From
+    /// any other memory it is [`Self::memcpy_htod`].
+    pub fn memcpy_htod_async(&self, dst: u64, src: &[u8], stream: StreamId) -> Result<()> {
+        self.htod_from(dst, src, stream, true)
+    }
+
+    fn htod_from(&self, dst: u64, src: &[u8], stream: StreamId, asynchronous: bool) -> Result<()> {
         let mut st = self.lock();
         Self::check_alive(&st)?;
         self.push_mirrors(&mut st, stream.0)?;
+        // Mapped host memory's shadows need the bytes themselves.
+        if st.mirrors.is_empty()
+            && let Some(region) = self.inner.transport.host_region(src.as_ptr() as usize, src.len())
+        {
+            st.space.check_access(dst, src.len() as u64)?;
+            let op = Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Region(region)) });
+            self.enqueue_plain(&mut st, op)?;
+            if !asynchronous {
+                // The caller may reuse its buffer once this returns.
+                self.call(&mut st, Op::StreamSynchronize(v1::StreamSynchronize { stream: stream.0 }))?;
+            }
+            return Ok(());
+        }
         self.htod_locked(&mut st, dst, src, stream)?;
         // Into managed or mapped memory: the host half has the bytes at once.
         if !st.mirrors.is_empty() {
@@ -729,13 +756,110 @@ impl Session {
 
     /// Copies device memory into `dst`; waits for the data.
     pub fn memcpy_dtoh(&self, dst: &mut [u8], src: u64, stream: StreamId) -> Result<()> {
+        self.dtoh_into(dst, src, stream, false)
+    }
+
+    /// Copies device memory into `dst`, asynchronously where `dst` is
+    /// pinned memory in a host region shared with the server: the copy is
+    /// queued naming the region, the server's DMA writes the bytes when it
+    /// runs, and the caller sees them after it synchronizes (as natively).
+    /// Into any other memory it is [`Self::memcpy_dtoh`], which waits.
+    pub fn memcpy_dtoh_async(&self, dst: &mut [u8], src: u64, stream: StreamId) -> Result<()> {
+        self.dtoh_into(dst, src, stream, true)
+    }
+
+    fn dtoh_into(&self, dst: &mut [u8], src: u64, stream: StreamId, asynchronous: bool) -> Result<()> {
         let mut st = self.lock();
+        if st.mirrors.is_empty()
+            && let Some(region) = self.inner.transport.host_region(dst.as_ptr() as usize, dst.len())
+        {
+            Self::check_alive(&st)?;
+            st.space.check_access(src, dst.len() as u64)?;
+            let size = dst.len() as u64;
+            let op = Op::MemcpyDtoh(v1::MemcpyDtoH { src, size, stream: stream.0, into_region: Some(region) });
+            self.enqueue(&mut st, op)?;
+            if !asynchronous {
+                self.call(&mut st, Op::StreamSynchronize(v1::StreamSynchronize { stream: stream.0 }))?;
+            }
+            return Ok(());
+        }
         self.dtoh_locked(&mut st, dst, src, stream)
+    }
+
+    /// Copies `len` bytes of pinned memory at `src` (from
+    /// [`Self::pinned_alloc`]) to the device, queued naming its host region
+    /// (the server's DMA reads them when the copy runs; leave them alone
+    /// until then). When the server maps the region no more (the session
+    /// moved to another server) the bytes travel as for any other memory.
+    pub fn memcpy_htod_pinned(&self, dst: u64, src: usize, len: usize, stream: StreamId) -> Result<()> {
+        let Some(region) = self.inner.transport.host_region(src, len) else {
+            // The server maps it no more (the session moved): the bytes go.
+            let mut data = vec![0u8; len];
+            self.pinned_read(src, &mut data)?;
+            return self.memcpy_htod(dst, &data, stream);
+        };
+        let mut st = self.lock();
+        Self::check_alive(&st)?;
+        st.space.check_access(dst, len as u64)?;
+        self.enqueue(
+            &mut st,
+            Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Region(region)) }),
+        )
+    }
+
+    /// Copies `len` bytes of device memory into pinned memory at `dst`,
+    /// queued naming its host region; the bytes are there once the stream
+    /// is synchronized. Falls back like [`Self::memcpy_htod_pinned`] (and
+    /// then waits for the bytes).
+    pub fn memcpy_dtoh_pinned(&self, dst: usize, len: usize, src: u64, stream: StreamId) -> Result<()> {
+        let Some(region) = self.inner.transport.host_region(dst, len) else {
+            let mut data = vec![0u8; len];
+            self.memcpy_dtoh(&mut data, src, stream)?;
+            return self.pinned_write(dst, &data);
+        };
+        let mut st = self.lock();
+        Self::check_alive(&st)?;
+        st.space.check_access(src, len as u64)?;
+        let op = Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: len as u64, stream: stream.0, into_region: Some(region) });
+        self.enqueue(&mut st, op)
+    }
+
+    /// Copies `data` into pinned memory at `addr` (from
+    /// [`Self::pinned_alloc`]), for callers without raw pointers.
+    pub fn pinned_write(&self, addr: usize, data: &[u8]) -> Result<()> {
+        self.inner.transport.pinned_copy(addr, data.len(), PinnedCopy::In(data))
+    }
+
+    /// Copies pinned memory at `addr` into `out`.
+    pub fn pinned_read(&self, addr: usize, out: &mut [u8]) -> Result<()> {
+        self.inner.transport.pinned_copy(addr, out.len(), PinnedCopy::Out(out))
+    }
+
+    /// `size` bytes of pinned host memory in a host region shared with the
+    /// server (the address), so that copies from and to it are the
+    /// server's DMA; `None` without a shared-memory attachment or beyond
+    /// its bound (`ClientConfig::shm_pinned_bytes`): the caller gives plain
+    /// memory then.
+    pub fn pinned_alloc(&self, size: usize) -> Option<usize> {
+        self.inner.transport.pinned_alloc(size)
+    }
+
+    /// Frees memory from [`Self::pinned_alloc`]; false when `ptr` is not
+    /// such memory. Waits for the session's queued work first (a copy may
+    /// still use the block, and a freed region is detached), as
+    /// `cuMemFreeHost` synchronizes.
+    pub fn pinned_free(&self, ptr: usize) -> Result<bool> {
+        if !self.inner.transport.is_pinned(ptr) {
+            return Ok(false);
+        }
+        let synced = if self.inner.transport.host_region(ptr, 1).is_some() { self.synchronize() } else { Ok(()) };
+        let freed = self.inner.transport.pinned_free(ptr);
+        synced.map(|()| freed)
     }
 
     fn dtoh_locked(&self, st: &mut State, dst: &mut [u8], src: u64, stream: StreamId) -> Result<()> {
         st.space.check_access(src, dst.len() as u64)?;
-        let op = Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: dst.len() as u64, stream: stream.0 });
+        let op = Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: dst.len() as u64, stream: stream.0, into_region: None });
         let value = self.call(st, op)?;
         self.take_bytes(st, value, dst)
     }

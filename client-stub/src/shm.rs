@@ -10,10 +10,14 @@
 //! memory speed at once.
 
 use crate::error::ClientError;
+use crate::transport::PinnedCopy;
 use gpupool_proto::v1;
 use gpupool_shm::region::Region;
-use gpupool_shm::wire::{Attach, Op, REPLY_LEN, Reply, Request, SECRET_LEN, Slot, SlotRing};
+use gpupool_shm::wire::{
+    Attach, MAX_HOST_REGIONS, MAX_REGION_BYTES, Op, REPLY_LEN, Reply, Request, SECRET_LEN, Slot, SlotRing,
+};
 use gpupool_shm::{ShmError, channel};
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,6 +25,13 @@ use std::time::Duration;
 
 /// Largest slot: the server's pooled staging buffers hold 4 MiB.
 const MAX_SLOT_BYTES: usize = 4 << 20;
+
+/// Smallest host region made for pinned memory: small allocations share
+/// one (each region costs a memfd, a mapping and a registration with the
+/// driver on the server).
+const MIN_HOST_REGION_BYTES: usize = 64 << 20;
+/// Pinned allocations are whole pages.
+const PAGE: usize = 4096;
 
 /// How a copy through shared memory failed.
 #[derive(Debug)]
@@ -42,6 +53,72 @@ pub(crate) struct ShmBulk {
     live: AtomicBool,
     /// Bytes copied through the region.
     bytes: AtomicU64,
+    /// The program's pinned memory in host regions attached to the session.
+    pinned: Mutex<PinnedPool>,
+}
+
+/// Host regions holding the program's pinned memory, by first address.
+#[derive(Debug, Default)]
+struct PinnedPool {
+    regions: BTreeMap<usize, HostRegion>,
+    next_id: u32,
+    /// Bytes of all regions, and their bound.
+    held: usize,
+    limit: usize,
+}
+
+/// One host region: its blocks in use and its free spans, by offset.
+#[derive(Debug)]
+struct HostRegion {
+    id: u32,
+    region: Region,
+    used: HashMap<usize, usize>,
+    free: BTreeMap<usize, usize>,
+}
+
+impl HostRegion {
+    fn new(id: u32, region: Region) -> Self {
+        let free = BTreeMap::from([(0, region.len())]);
+        Self { id, region, used: HashMap::new(), free }
+    }
+
+    fn base(&self) -> usize {
+        self.region.as_ptr() as usize
+    }
+
+    /// First fit of `len` bytes (whole pages): the block's offset.
+    fn take(&mut self, len: usize) -> Option<usize> {
+        let (&at, &span) = self.free.iter().find(|&(_, &span)| span >= len)?;
+        self.free.remove(&at);
+        if span > len {
+            self.free.insert(at + len, span - len);
+        }
+        self.used.insert(at, len);
+        Some(at)
+    }
+
+    /// Frees the block at `at`, merging it with free neighbours; false when
+    /// no block starts there.
+    fn give(&mut self, at: usize) -> bool {
+        let Some(len) = self.used.remove(&at) else { return false };
+        let (mut start, mut end) = (at, at + len);
+        if let Some(next) = self.free.remove(&end) {
+            end += next;
+        }
+        if let Some((&prev, &plen)) = self.free.range(..at).next_back()
+            && prev + plen == at
+        {
+            self.free.remove(&prev);
+            start = prev;
+        }
+        self.free.insert(start, end - start);
+        true
+    }
+
+    /// Whether no block is in use.
+    fn unused(&self) -> bool {
+        self.used.is_empty()
+    }
 }
 
 #[derive(Debug)]
@@ -59,6 +136,7 @@ impl ShmBulk {
     pub(crate) fn attach(
         welcome: &v1::Welcome,
         region_bytes: usize,
+        pinned_limit: usize,
         (connect, reply): (Duration, Duration),
     ) -> Result<Self, ShmError> {
         let secret = hex::decode(&welcome.shm_secret)
@@ -86,7 +164,157 @@ impl ShmBulk {
             inner: Mutex::new(Inner { stream, region, ring }),
             live: AtomicBool::new(true),
             bytes: AtomicU64::new(0),
+            // A server that does not take host regions gets none: it
+            // would end the attachment at the first.
+            pinned: Mutex::new(PinnedPool {
+                next_id: 1,
+                limit: if welcome.shm_host_regions { pinned_limit } else { 0 },
+                ..PinnedPool::default()
+            }),
         })
+    }
+
+    fn pool(&self) -> std::sync::MutexGuard<'_, PinnedPool> {
+        self.pinned.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `size` bytes of pinned memory in a host region attached to the
+    /// session (a new one when none has room), page-aligned; `None` when
+    /// the channel is down, the bound is reached or the server refused the
+    /// region (the caller then gives plain memory).
+    pub(crate) fn pinned_alloc(&self, size: usize) -> Option<usize> {
+        if !self.live() || size == 0 {
+            return None;
+        }
+        let len = size.checked_next_multiple_of(PAGE)?;
+        let mut pool = self.pool();
+        for host in pool.regions.values_mut() {
+            if let Some(at) = host.take(len) {
+                return Some(host.base() + at);
+            }
+        }
+        let room = pool.limit.saturating_sub(pool.held);
+        let region_len = len.max(MIN_HOST_REGION_BYTES).min(room).min(MAX_REGION_BYTES as usize);
+        if region_len < len || pool.regions.len() >= MAX_HOST_REGIONS {
+            tracing::debug!(
+                size,
+                held = pool.held,
+                limit = pool.limit,
+                "pinned memory beyond the shared bound: plain memory"
+            );
+            return None;
+        }
+        let id = pool.next_id;
+        let region = match Region::create("gpupool-pinned", region_len) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "no host region for pinned memory: plain memory");
+                return None;
+            }
+        };
+        if let Err(e) = self.region_op(Op::AddRegion { id, len: region_len as u64 }, Some(&region)) {
+            tracing::debug!(error = %e, "host region not attached: plain memory");
+            return None;
+        }
+        pool.next_id += 1;
+        pool.held += region_len;
+        let mut host = HostRegion::new(id, region);
+        let at = host.take(len)?;
+        let base = host.base();
+        pool.regions.insert(base, host);
+        Some(base + at)
+    }
+
+    /// Frees pinned memory from [`Self::pinned_alloc`]; false when `ptr`
+    /// is not such a block. A region left empty is detached and unmapped
+    /// (the caller synchronized first, so no copy still uses it).
+    pub(crate) fn pinned_free(&self, ptr: usize) -> bool {
+        let mut pool = self.pool();
+        let Some((&base, host)) = pool.regions.range_mut(..=ptr).next_back() else { return false };
+        if ptr - base >= host.region.len() || !host.give(ptr - base) {
+            return false;
+        }
+        if host.unused() {
+            let host = pool.regions.remove(&base).expect("found above");
+            pool.held -= host.region.len();
+            if self.live()
+                && let Err(e) = self.region_op(Op::RemoveRegion { id: host.id }, None)
+            {
+                tracing::debug!(error = %e, "host region not detached");
+            }
+        }
+        true
+    }
+
+    /// Copies between `len` bytes at `addr` of a host region and `copy`'s
+    /// buffer (through the region's checked copies: no reference to its
+    /// bytes is made).
+    pub(crate) fn pinned_copy(&self, addr: usize, len: usize, copy: PinnedCopy<'_>) -> crate::error::Result<()> {
+        let pool = self.pool();
+        let outside = || ClientError::InvalidValue(format!("[{addr:#x}, +{len}) is not in a host region"));
+        let (&base, host) = pool.regions.range(..=addr).next_back().ok_or_else(outside)?;
+        let start = addr - base;
+        let done = match copy {
+            PinnedCopy::In(data) => host.region.write(start, data),
+            PinnedCopy::Out(out) => host.region.read(start, out),
+        };
+        done.map_err(|_| outside())
+    }
+
+    /// Whether `ptr` starts a block from [`Self::pinned_alloc`].
+    pub(crate) fn is_pinned(&self, ptr: usize) -> bool {
+        let pool = self.pool();
+        pool.regions.range(..=ptr).next_back().is_some_and(|(&base, host)| host.used.contains_key(&(ptr - base)))
+    }
+
+    /// The host region, offset and length of `[ptr, ptr + len)` when all of
+    /// it lies in one of the session's host regions and the channel is up.
+    pub(crate) fn host_region(&self, ptr: usize, len: usize) -> Option<v1::HostRegionRef> {
+        if !self.live() || len == 0 {
+            return None;
+        }
+        let pool = self.pool();
+        let (&base, host) = pool.regions.range(..=ptr).next_back()?;
+        let offset = ptr - base;
+        offset.checked_add(len).filter(|&end| end <= host.region.len())?;
+        Some(v1::HostRegionRef { region: host.id, offset: offset as u64, size: len as u64 })
+    }
+
+    /// Sends a region operation (with `region`'s memfd for an addition)
+    /// and waits for its answer. A refusal leaves the channel up; a broken
+    /// channel stops shared memory.
+    fn region_op(&self, op: Op, region: Option<&Region>) -> Result<(), ShmError> {
+        let mut inner = self.lock();
+        let seq = inner.ring.control().ok_or_else(|| ShmError::Protocol("copies in flight".into()))?;
+        let message = Request::region(seq, op).encode();
+        let sent = match region {
+            Some(r) => channel::send_with_fd(&inner.stream, &message, r.fd()),
+            None => channel::write_message(&inner.stream, &message),
+        };
+        let answer = sent.and_then(|()| read_reply(&inner.stream));
+        match answer {
+            Ok(reply) if reply.seq == seq && reply.code == 0 => Ok(()),
+            Ok(reply) if reply.seq == seq => {
+                Err(ShmError::Protocol(format!("refused ({}): {}", reply.code, reply.message)))
+            }
+            Ok(reply) => {
+                drop(inner);
+                self.broken(ShmError::Protocol(format!(
+                    "reply {} to region request {seq}: {}",
+                    reply.seq, reply.message
+                )))
+            }
+            Err(e) => {
+                drop(inner);
+                self.broken(e)
+            }
+        }
+    }
+
+    fn broken(&self, error: ShmError) -> Result<(), ShmError> {
+        tracing::warn!(%error, "shared-memory channel failed; copies use QUIC from now on");
+        self.live.store(false, Ordering::Release);
+        Err(error)
     }
 
     /// Whether copies still go through shared memory.

@@ -21,6 +21,15 @@ use std::time::Duration;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
 
+/// Which way [`Transport::pinned_copy`] copies.
+#[derive(Debug)]
+pub enum PinnedCopy<'a> {
+    /// Into the pinned memory.
+    In(&'a [u8]),
+    /// Out of it.
+    Out(&'a mut [u8]),
+}
+
 /// What a session needs from a transport.
 pub trait Transport: Send + Sync + std::fmt::Debug {
     /// The server's answer to the handshake.
@@ -55,6 +64,32 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     /// `None` when copies do not go through one (not offered, not on the
     /// server's host, turned off, or its channel failed).
     fn shared_memory_bytes(&self) -> Option<u64> {
+        None
+    }
+    /// `size` bytes of pinned host memory in a host region shared with the
+    /// server (its address), when there is a shared-memory attachment and
+    /// room within its bound; `None`: the caller gives plain memory.
+    fn pinned_alloc(&self, _size: usize) -> Option<usize> {
+        None
+    }
+    /// Frees memory from [`Self::pinned_alloc`]; false when `ptr` is not
+    /// such memory.
+    fn pinned_free(&self, _ptr: usize) -> bool {
+        false
+    }
+    /// Copies between `len` bytes of pinned memory at `addr` (from
+    /// [`Self::pinned_alloc`]) and this process's memory.
+    fn pinned_copy(&self, addr: usize, len: usize, _copy: PinnedCopy<'_>) -> Result<()> {
+        Err(ClientError::InvalidValue(format!("[{addr:#x}, +{len}) is not pinned memory of this session")))
+    }
+    /// Whether `ptr` is a block from [`Self::pinned_alloc`] (also after
+    /// the shared memory stopped).
+    fn is_pinned(&self, _ptr: usize) -> bool {
+        false
+    }
+    /// Where `[ptr, ptr + len)` lies in a host region the server maps, when
+    /// it does and copies may name it instead of carrying its bytes.
+    fn host_region(&self, _ptr: usize, _len: usize) -> Option<v1::HostRegionRef> {
         None
     }
 }
@@ -1101,6 +1136,28 @@ impl Transport for QuicTransport {
     fn shared_memory_bytes(&self) -> Option<u64> {
         self.shm.as_ref().filter(|s| s.live()).map(|s| s.bytes())
     }
+
+    fn pinned_alloc(&self, size: usize) -> Option<usize> {
+        self.shm.as_ref()?.pinned_alloc(size)
+    }
+
+    fn pinned_free(&self, ptr: usize) -> bool {
+        self.shm.as_ref().is_some_and(|s| s.pinned_free(ptr))
+    }
+
+    fn is_pinned(&self, ptr: usize) -> bool {
+        self.shm.as_ref().is_some_and(|s| s.is_pinned(ptr))
+    }
+
+    fn pinned_copy(&self, addr: usize, len: usize, copy: PinnedCopy<'_>) -> Result<()> {
+        let shm =
+            self.shm.as_ref().ok_or_else(|| ClientError::InvalidValue("no pinned memory in shared regions".into()))?;
+        shm.pinned_copy(addr, len, copy)
+    }
+
+    fn host_region(&self, ptr: usize, len: usize) -> Option<v1::HostRegionRef> {
+        self.shm.as_ref()?.host_region(ptr, len)
+    }
 }
 
 /// The session's shared-memory attachment when the server offers one, the
@@ -1111,7 +1168,7 @@ fn attach_shm(config: &ClientConfig, welcome: &v1::Welcome) -> Option<crate::shm
         return None;
     }
     let timeouts = (config.connect_timeout, config.reply_timeout);
-    match crate::shm::ShmBulk::attach(welcome, config.shm_region_bytes, timeouts) {
+    match crate::shm::ShmBulk::attach(welcome, config.shm_region_bytes, config.shm_pinned_bytes, timeouts) {
         Ok(shm) => {
             tracing::debug!(socket = %welcome.shm_socket, "bulk copies through shared memory");
             Some(shm)

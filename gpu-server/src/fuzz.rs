@@ -79,8 +79,24 @@ fn op() -> impl Strategy<Value = Op> {
         (number(), number(), small()).prop_map(|(src, size, stream)| Op::MemcpyDtoh(v1::MemcpyDtoH {
             src,
             size,
-            stream
+            stream,
+            into_region: None,
         })),
+        (number(), small(), small(), number(), number()).prop_map(|(src, stream, region, offset, size)| {
+            Op::MemcpyDtoh(v1::MemcpyDtoH {
+                src,
+                size,
+                stream,
+                into_region: Some(v1::HostRegionRef { region, offset, size }),
+            })
+        }),
+        (number(), small(), number(), number()).prop_map(|(dst, region, offset, size)| {
+            Op::MemcpyHtod(v1::MemcpyHtoD {
+                dst,
+                stream: 0,
+                source: Some(v1::memcpy_hto_d::Source::Region(v1::HostRegionRef { region, offset, size })),
+            })
+        }),
         (number(), number(), number()).prop_map(|(dst, src, size)| Op::MemcpyDtod(v1::MemcpyDtoD {
             dst,
             src,

@@ -15,6 +15,7 @@ use crate::device::{
     LaunchEvents, OccupancyQuery, STREAM_ATTRIBUTE_BYTES, STREAM_ATTRIBUTES,
 };
 use crate::error::CallError;
+use crate::host_regions::HostRegions;
 use crate::images::{ImageCache, key_of};
 use crate::staging::{self, Staging};
 use crate::swap::SessionMemory;
@@ -109,6 +110,9 @@ pub struct SessionState<S: BackendSession> {
     mirror_stream: Option<S::Stream>,
     limits: SessionLimits,
     staging: Arc<Staging>,
+    /// Host regions the client attached through shared memory (its pinned
+    /// memory), which copies may name instead of carrying bytes.
+    host_regions: Arc<HostRegions>,
     images: Arc<ImageCache>,
     dev: S,
 }
@@ -163,9 +167,17 @@ impl<S: BackendSession> SessionState<S> {
             mirror_stream: None,
             limits,
             staging,
+            host_regions: Arc::default(),
             images,
             dev,
         }
+    }
+
+    /// Serves copies that name host regions from `regions` (the session's
+    /// shared-memory attachment adds them).
+    pub fn with_host_regions(mut self, regions: Arc<HostRegions>) -> Self {
+        self.host_regions = regions;
+        self
     }
 
     /// Counts the session's device memory in `memory` (a server's shared
@@ -534,6 +546,7 @@ impl<S: BackendSession> SessionState<S> {
         // (offset, bytes) pieces tiling the copy: a staged upload's chunks
         // go to the device as they arrived, without being assembled first.
         let pieces: Vec<(u64, Bytes)> = match c.source {
+            Some(Source::Region(r)) => return self.memcpy_htod_region(c.dst, c.stream, r),
             Some(Source::Inline(p)) => {
                 let data = payload::decode(p, self.limits.max_inline_bytes)
                     .map_err(|e| CallError::invalid_value(e.to_string()))?;
@@ -557,7 +570,46 @@ impl<S: BackendSession> SessionState<S> {
         Ok(None)
     }
 
+    /// A copy from the client's pinned memory in a host region: straight
+    /// from the registered mapping, queued on the stream (not waited for).
+    fn memcpy_htod_region(&mut self, dst: u64, stream: u32, r: v1::HostRegionRef) -> CallOutcome {
+        let region = self.host_regions.get(r.region)?;
+        let (start, len) = region.range(r.offset, r.size)?;
+        self.check_range(dst, len as u64, ACCESS_READWRITE)?;
+        let stream = stream_of(&self.streams, stream)?;
+        if self.mirrors.is_empty() {
+            return self.dev.write_from_region(stream, dst, region.region(), start, len).map(|()| None);
+        }
+        // A mirrored range's shadow takes the client's bytes: they are
+        // read once here, then copied as any others.
+        let mut data = Vec::new();
+        data.try_reserve_exact(len).map_err(|_| CallError::out_of_memory("cannot allocate the copy's host buffer"))?;
+        region.region().read_append(start, len, &mut data).map_err(|e| CallError::invalid_value(e.to_string()))?;
+        self.dev.write(stream, dst, &data)?;
+        self.mirrors.note_host_write(dst, &data);
+        Ok(None)
+    }
+
+    /// A copy into the client's pinned memory in a host region, queued on
+    /// the stream; the client sees the bytes after it synchronizes.
+    fn memcpy_dtoh_region(&mut self, src: u64, size: u64, stream: u32, r: v1::HostRegionRef) -> CallOutcome {
+        if r.size != size {
+            return Err(CallError::invalid_value(format!(
+                "a copy of {size} bytes into {} bytes of a host region",
+                r.size
+            )));
+        }
+        let region = self.host_regions.get(r.region)?;
+        let (start, len) = region.range(r.offset, r.size)?;
+        self.check_range(src, size, ACCESS_READ)?;
+        let stream = stream_of(&self.streams, stream)?;
+        self.dev.read_into_region(stream, src, region.region(), start, len).map(|()| None)
+    }
+
     fn memcpy_dtoh(&mut self, c: v1::MemcpyDtoH) -> CallOutcome {
+        if let Some(r) = c.into_region {
+            return self.memcpy_dtoh_region(c.src, c.size, c.stream, r);
+        }
         self.check_range(c.src, c.size, ACCESS_READ)?;
         let inline = c.size <= self.limits.max_inline_bytes;
         if !inline {
@@ -1018,7 +1070,7 @@ pub(crate) mod tests {
             Op::Memset(v1::Memset { dst: b, value: 0xab, element_size: 1, count: 4, stream: 0 }),
             Op::Memset(v1::Memset { dst: b, value: 0, element_size: 3, count: 4, stream: 0 }),
             Op::Memset(v1::Memset { dst: b, value: 0, element_size: 1, count: u64::MAX, stream: 0 }),
-            Op::MemcpyDtoh(v1::MemcpyDtoH { src: b, size: 4, stream: 0 }),
+            Op::MemcpyDtoh(v1::MemcpyDtoH { src: b, size: 4, stream: 0, into_region: None }),
         ];
         let batch = v1::Batch { seq: 7, calls: calls.into_iter().map(|op| v1::Call { op: Some(op) }).collect() };
         let reply = s.execute_batch(batch);
@@ -1492,7 +1544,7 @@ pub(crate) mod tests {
     }
 
     fn dtoh(s: &mut SessionState<impl BackendSession>, src: u64, size: u64) -> Result<Vec<u8>, u32> {
-        match s.execute(Op::MemcpyDtoh(v1::MemcpyDtoH { src, size, stream: 0 })) {
+        match s.execute(Op::MemcpyDtoh(v1::MemcpyDtoH { src, size, stream: 0, into_region: None })) {
             Ok(Some(Value::Data(p))) => Ok(payload::decode(p, size).expect("payload").to_vec()),
             Ok(other) => panic!("unexpected copy result {other:?}"),
             Err(e) => Err(e.code),

@@ -164,6 +164,34 @@ fn mapped_host_memory_program() -> Result<()> {
     passes_printing("mapped_nokernel", &["cuMemHostAlloc 4:", "cuMemHostAlloc 4194304:", "cuMemHostRegister:"])
 }
 
+/// Pinned memory (`cuMemHostAlloc`, `cuMemAllocHost`) lives in host
+/// regions shared with the server when the program shares its host: every
+/// copy from and to it, sync and async, names the region (none goes through
+/// the bulk path), and the regions are unregistered and unmapped when the
+/// program exits. Without shared memory it is plain memory and the same
+/// program passes with the bytes sent.
+#[test]
+fn pinned_memory_program() -> Result<()> {
+    let lines = ["pinned copies of 1 bytes ok", "pinned copies of 67108864 bytes ok"];
+    let server = TestServer::start(gpupool_tests::server_config())?;
+    let out = run(&server, "pinned_copies")?;
+    for what in lines {
+        assert!(out.contains(what), "{what} missing:\n{out}");
+    }
+    let m = server.metrics.snapshot();
+    assert_eq!((m.bulk_bytes_in, m.bulk_bytes_out), (0, 0), "no staged copies: {m:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while server.metrics.snapshot().shm_registered + server.metrics.snapshot().shm_regions > 0 {
+        assert!(std::time::Instant::now() < deadline, "regions left after the program exited");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (out, _) = run_with_env(&server, "pinned_copies", &[("GPUPOOL_SHM", "off")])?;
+    assert!(out.contains(lines[1]), "{out}");
+    assert!(server.metrics.snapshot().bulk_bytes_in > 0, "plain memory: the bytes went");
+    server.stop();
+    Ok(())
+}
+
 /// Runs `program` on a fresh server; it must pass and print every line of
 /// `lines` (each as a part of its output).
 fn passes_printing(program: &str, lines: &[&str]) -> Result<()> {

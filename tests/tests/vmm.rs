@@ -139,7 +139,7 @@ async fn bad_vmm_requests_from_a_raw_client_get_error_replies() {
         assert_eq!(refused(&s, map(base, g, 0, 1000)), cuda::INVALID_VALUE, "over the cuMemAlloc slab");
         s.raw_call(map(free_at, g, 0, 1000)).expect("map");
         assert_eq!(refused(&s, map(free_at, g, 0, 1000)), cuda::INVALID_VALUE, "double map");
-        let read = Op::MemcpyDtoh(v1::MemcpyDtoH { src: free_at, size: 4, stream: 0 });
+        let read = Op::MemcpyDtoh(v1::MemcpyDtoH { src: free_at, size: 4, stream: 0, into_region: None });
         assert_eq!(refused(&s, read.clone()), cuda::INVALID_VALUE, "no access set");
         let access = |addr, size, flags| Op::VmmSetAccess(v1::VmmSetAccess { addr, size, flags });
         assert_eq!(refused(&s, access(free_at, g, 2)), cuda::INVALID_VALUE, "unknown flags");

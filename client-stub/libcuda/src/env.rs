@@ -26,6 +26,7 @@
 //! | `GPUPOOL_BULK_CONNECTIONS` | extra QUIC connections for bulk copies when the server offers them (default 4; 0: copies share the session's connection) |
 //! | `GPUPOOL_SHM` | `off` (or `0`): keep copies on QUIC even when the server shares this host; default on: a client on the server's host attaches a shared-memory region and copies go through it |
 //! | `GPUPOOL_SHM_MIB` | size of that region in MiB (default 32, at most 1024) |
+//! | `GPUPOOL_SHM_PINNED_MIB` | most pinned host memory (`cuMemHostAlloc`, `cudaMallocHost`) kept in host regions shared with the server, in MiB (default 8192; 0: pinned memory is plain memory); beyond it pinned allocations are plain memory |
 //! | `GPUPOOL_BATCH_DELAY_US` | longest wait of a queued call for company while earlier batches are in flight (default 100; `off`: queued calls go only with a synchronizing call or a full batch) |
 //! | `GPUPOOL_IO_SPIN_US` | keep the I/O thread awake this long after each batch sent, so that sends need no kernel wake-up (default 0: it sleeps at once; spends a core while the program sends) |
 //! | `GPUPOOL_LOG` | log filter for stderr (default `warn`) |
@@ -68,11 +69,12 @@ pub(crate) fn target() -> Result<Target, String> {
 }
 
 /// Client tuning from the environment: `GPUPOOL_BULK_CONNECTIONS`,
-/// `GPUPOOL_SHM`, `GPUPOOL_SHM_MIB`, `GPUPOOL_BATCH_DELAY_US`, `GPUPOOL_IO_SPIN_US` (`None`: not set).
+/// `GPUPOOL_SHM`, `GPUPOOL_SHM_MIB`, `GPUPOOL_SHM_PINNED_MIB`, `GPUPOOL_BATCH_DELAY_US`, `GPUPOOL_IO_SPIN_US` (`None`: not set).
 #[derive(Debug, Default)]
 struct Tuning {
     bulk_connections: Option<usize>,
     shm_region_bytes: Option<usize>,
+    shm_pinned_bytes: Option<usize>,
     batch_delay: Option<Option<std::time::Duration>>,
     io_spin: Option<std::time::Duration>,
 }
@@ -101,6 +103,11 @@ impl Tuning {
             Some(Ok(n)) if (1..=1024).contains(&n) => t.shm_region_bytes = Some(n << 20),
             Some(_) => problems.push("GPUPOOL_SHM_MIB must be a whole number from 1 to 1024"),
         }
+        match lookup("GPUPOOL_SHM_PINNED_MIB").map(|v| v.trim().parse::<usize>()) {
+            None => {}
+            Some(Ok(n)) if n <= 1 << 20 => t.shm_pinned_bytes = Some(n << 20),
+            Some(_) => problems.push("GPUPOOL_SHM_PINNED_MIB must be a whole number from 0 to 1048576"),
+        }
         if !shm_on {
             t.shm_region_bytes = Some(0);
         }
@@ -123,6 +130,9 @@ impl Tuning {
     fn apply(&self, config: &mut ClientConfig) {
         if let Some(n) = self.bulk_connections {
             config.bulk_connections = n;
+        }
+        if let Some(n) = self.shm_pinned_bytes {
+            config.shm_pinned_bytes = n;
         }
         if let Some(n) = self.shm_region_bytes {
             config.shm_region_bytes = n;
@@ -346,9 +356,11 @@ mod tests {
             ("GPUPOOL_BULK_CONNECTIONS", "8"),
             ("GPUPOOL_BATCH_DELAY_US", "20"),
             ("GPUPOOL_SHM_MIB", "64"),
+            ("GPUPOOL_SHM_PINNED_MIB", "512"),
         ]))
         .expect("valid");
         assert_eq!(c.shm_region_bytes, 64 << 20);
+        assert_eq!(c.shm_pinned_bytes, 512 << 20);
         assert_eq!(c.server.port(), 4433);
         assert_eq!(c.max_udp_payload, 1200);
         assert_eq!(c.bulk_connections, 8);
@@ -360,6 +372,8 @@ mod tests {
         let no_shm = target_from_lookup(lookup(&[("GPUPOOL_LEASE_FILE", "/x"), ("GPUPOOL_SHM", "off")]));
         let Ok(Target::Handoff(_, template)) = no_shm else { panic!("a hand-off target") };
         assert_eq!(template.shm_region_bytes, 0, "GPUPOOL_SHM=off");
+        let bad = target_from_lookup(lookup(&[("GPUPOOL_LEASE_FILE", "/x"), ("GPUPOOL_SHM_PINNED_MIB", "-1")]));
+        assert!(bad.expect_err("invalid").contains("GPUPOOL_SHM_PINNED_MIB"));
         assert_eq!(c.trust, Trust::Fingerprint(pin));
     }
 

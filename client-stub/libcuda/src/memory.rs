@@ -34,8 +34,10 @@ fn classify(rt: &Runtime, addr: u64) -> Loc {
 
 /// One linear copy. Host-to-device copies capture the bytes before
 /// returning; device-to-host copies wait for the data (as CUDA may for
-/// any copy into pageable memory).
-fn copy(rt: &Runtime, dst: Loc, src: Loc, size: usize, stream: StreamId) -> CuResult {
+/// any copy into pageable memory). An asynchronous copy whose host end is
+/// pinned memory in a host region shared with the server is only queued
+/// (the server's DMA moves the bytes when it runs, as natively).
+fn copy(rt: &Runtime, dst: Loc, src: Loc, size: usize, stream: StreamId, asynchronous: bool) -> CuResult {
     if size == 0 {
         return Ok(());
     }
@@ -46,7 +48,11 @@ fn copy(rt: &Runtime, dst: Loc, src: Loc, size: usize, stream: StreamId) -> CuRe
             }
             // SAFETY: the CUDA contract: `h` points to `size` readable bytes.
             let bytes = unsafe { std::slice::from_raw_parts(h as *const u8, size) };
-            rt.session.memcpy_htod(d, bytes, stream)?;
+            if asynchronous {
+                rt.session.memcpy_htod_async(d, bytes, stream)?;
+            } else {
+                rt.session.memcpy_htod(d, bytes, stream)?;
+            }
         }
         (Loc::Host(h), Loc::Device(s)) => {
             if h == 0 {
@@ -54,7 +60,11 @@ fn copy(rt: &Runtime, dst: Loc, src: Loc, size: usize, stream: StreamId) -> CuRe
             }
             // SAFETY: the CUDA contract: `h` points to `size` writable bytes.
             let out = unsafe { std::slice::from_raw_parts_mut(h as *mut u8, size) };
-            rt.session.memcpy_dtoh(out, s, stream)?;
+            if asynchronous {
+                rt.session.memcpy_dtoh_async(out, s, stream)?;
+            } else {
+                rt.session.memcpy_dtoh(out, s, stream)?;
+            }
         }
         (Loc::Device(d), Loc::Device(s)) => rt.session.memcpy_dtod(d, s, size as u64, stream)?,
         (Loc::Host(d), Loc::Host(s)) => {
@@ -71,9 +81,9 @@ fn copy(rt: &Runtime, dst: Loc, src: Loc, size: usize, stream: StreamId) -> CuRe
 }
 
 /// One linear copy on stream `stream`, or a copy node while it captures.
-fn linear(rt: &Runtime, dst: Loc, src: Loc, n: usize, stream: CUstream) -> CuResult {
+fn linear(rt: &Runtime, dst: Loc, src: Loc, n: usize, stream: CUstream, asynchronous: bool) -> CuResult {
     match capture::route(rt, stream)? {
-        Route::Send(s) => copy(rt, dst, src, n, s),
+        Route::Send(s) => copy(rt, dst, src, n, s, asynchronous),
         Route::Capture(s) => {
             if n == 0 {
                 return Ok(());
@@ -90,25 +100,26 @@ fn linear(rt: &Runtime, dst: Loc, src: Loc, n: usize, stream: CUstream) -> CuRes
     }
 }
 
-fn htod(dst: CUdeviceptr, src: *const c_void, n: usize, stream: CUstream) -> CuResult {
+/// `asynchronous`: the `*Async` entry points.
+fn htod(dst: CUdeviceptr, src: *const c_void, n: usize, stream: CUstream, asynchronous: bool) -> CuResult {
     let rt = Runtime::with_context()?;
-    linear(rt, Loc::Device(dst), Loc::Host(src as usize), n, stream)
+    linear(rt, Loc::Device(dst), Loc::Host(src as usize), n, stream, asynchronous)
 }
 
-fn dtoh(dst: *mut c_void, src: CUdeviceptr, n: usize, stream: CUstream) -> CuResult {
+fn dtoh(dst: *mut c_void, src: CUdeviceptr, n: usize, stream: CUstream, asynchronous: bool) -> CuResult {
     let rt = Runtime::with_context()?;
-    linear(rt, Loc::Host(dst as usize), Loc::Device(src), n, stream)
+    linear(rt, Loc::Host(dst as usize), Loc::Device(src), n, stream, asynchronous)
 }
 
 pub(crate) fn dtod(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream) -> CuResult {
     let rt = Runtime::with_context()?;
-    linear(rt, Loc::Device(dst), Loc::Device(src), n, stream)
+    linear(rt, Loc::Device(dst), Loc::Device(src), n, stream, true)
 }
 
 /// `cuMemcpy`: the direction follows from the addresses.
-fn unified(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream) -> CuResult {
+fn unified(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream, asynchronous: bool) -> CuResult {
     let rt = Runtime::with_context()?;
-    linear(rt, classify(rt, dst), classify(rt, src), n, stream)
+    linear(rt, classify(rt, dst), classify(rt, src), n, stream, asynchronous)
 }
 
 fn memset(dst: CUdeviceptr, value: u32, element: u32, count: usize, stream: CUstream) -> CuResult {
@@ -163,7 +174,7 @@ fn loc(e: &End, offset: u64) -> Loc {
 /// rows here (one round trip a slice, not one a row); else a call a row.
 pub(crate) fn run_copy(rt: &Runtime, c: &Copy3D, s: StreamId) -> CuResult {
     if c.is_contiguous() {
-        return copy(rt, loc(&c.dst, 0), loc(&c.src, 0), c.width * c.height * c.depth, s);
+        return copy(rt, loc(&c.dst, 0), loc(&c.src, 0), c.width * c.height * c.depth, s, false);
     }
     if !c.dst.device && c.src.device {
         let span = (c.height.saturating_sub(1)) * c.src.pitch + c.width;
@@ -182,7 +193,7 @@ pub(crate) fn run_copy(rt: &Runtime, c: &Copy3D, s: StreamId) -> CuResult {
     for z in 0..c.depth {
         for row in 0..c.height {
             let (d, src) = (Copy3D::offset(&c.dst, row, z), Copy3D::offset(&c.src, row, z));
-            copy(rt, loc(&c.dst, d), loc(&c.src, src), c.width, s)?;
+            copy(rt, loc(&c.dst, d), loc(&c.src, src), c.width, s, false)?;
         }
     }
     Ok(())
@@ -244,6 +255,18 @@ fn as_3d(c: &Memcpy2D) -> Memcpy3d {
         height: c.height,
         depth: 1,
         ..Default::default()
+    }
+}
+
+/// `size` bytes of pinned memory: in a shared host region when there is
+/// one with room, else plain memory.
+fn pinned(rt: &Runtime, size: usize) -> CuResult<*mut u8> {
+    if size == 0 {
+        return Err(CuError::INVALID_VALUE);
+    }
+    match rt.session.pinned_alloc(size) {
+        Some(p) => Ok(p as *mut u8),
+        None => hostmem::alloc(size),
     }
 }
 
@@ -393,18 +416,18 @@ crate::exports! {
         Ok(())
     }
 
-    fn cuMemcpy(dst: CUdeviceptr, src: CUdeviceptr, n: usize) { unified(dst, src, n, std::ptr::null_mut()) }
-    fn cuMemcpy_ptds(dst: CUdeviceptr, src: CUdeviceptr, n: usize) { unified(dst, src, n, std::ptr::null_mut()) }
-    fn cuMemcpyAsync(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream) { unified(dst, src, n, stream) }
-    fn cuMemcpyAsync_ptsz(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream) { unified(dst, src, n, stream) }
-    fn cuMemcpyHtoD_v2(dst: CUdeviceptr, src: *const c_void, n: usize) { htod(dst, src, n, std::ptr::null_mut()) }
-    fn cuMemcpyHtoD_v2_ptds(dst: CUdeviceptr, src: *const c_void, n: usize) { htod(dst, src, n, std::ptr::null_mut()) }
-    fn cuMemcpyHtoDAsync_v2(dst: CUdeviceptr, src: *const c_void, n: usize, stream: CUstream) { htod(dst, src, n, stream) }
-    fn cuMemcpyHtoDAsync_v2_ptsz(dst: CUdeviceptr, src: *const c_void, n: usize, stream: CUstream) { htod(dst, src, n, stream) }
-    fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, n: usize) { dtoh(dst, src, n, std::ptr::null_mut()) }
-    fn cuMemcpyDtoH_v2_ptds(dst: *mut c_void, src: CUdeviceptr, n: usize) { dtoh(dst, src, n, std::ptr::null_mut()) }
-    fn cuMemcpyDtoHAsync_v2(dst: *mut c_void, src: CUdeviceptr, n: usize, stream: CUstream) { dtoh(dst, src, n, stream) }
-    fn cuMemcpyDtoHAsync_v2_ptsz(dst: *mut c_void, src: CUdeviceptr, n: usize, stream: CUstream) { dtoh(dst, src, n, stream) }
+    fn cuMemcpy(dst: CUdeviceptr, src: CUdeviceptr, n: usize) { unified(dst, src, n, std::ptr::null_mut(), false) }
+    fn cuMemcpy_ptds(dst: CUdeviceptr, src: CUdeviceptr, n: usize) { unified(dst, src, n, std::ptr::null_mut(), false) }
+    fn cuMemcpyAsync(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream) { unified(dst, src, n, stream, true) }
+    fn cuMemcpyAsync_ptsz(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream) { unified(dst, src, n, stream, true) }
+    fn cuMemcpyHtoD_v2(dst: CUdeviceptr, src: *const c_void, n: usize) { htod(dst, src, n, std::ptr::null_mut(), false) }
+    fn cuMemcpyHtoD_v2_ptds(dst: CUdeviceptr, src: *const c_void, n: usize) { htod(dst, src, n, std::ptr::null_mut(), false) }
+    fn cuMemcpyHtoDAsync_v2(dst: CUdeviceptr, src: *const c_void, n: usize, stream: CUstream) { htod(dst, src, n, stream, true) }
+    fn cuMemcpyHtoDAsync_v2_ptsz(dst: CUdeviceptr, src: *const c_void, n: usize, stream: CUstream) { htod(dst, src, n, stream, true) }
+    fn cuMemcpyDtoH_v2(dst: *mut c_void, src: CUdeviceptr, n: usize) { dtoh(dst, src, n, std::ptr::null_mut(), false) }
+    fn cuMemcpyDtoH_v2_ptds(dst: *mut c_void, src: CUdeviceptr, n: usize) { dtoh(dst, src, n, std::ptr::null_mut(), false) }
+    fn cuMemcpyDtoHAsync_v2(dst: *mut c_void, src: CUdeviceptr, n: usize, stream: CUstream) { dtoh(dst, src, n, stream, true) }
+    fn cuMemcpyDtoHAsync_v2_ptsz(dst: *mut c_void, src: CUdeviceptr, n: usize, stream: CUstream) { dtoh(dst, src, n, stream, true) }
     fn cuMemcpyDtoD_v2(dst: CUdeviceptr, src: CUdeviceptr, n: usize) { dtod(dst, src, n, std::ptr::null_mut()) }
     fn cuMemcpyDtoD_v2_ptds(dst: CUdeviceptr, src: CUdeviceptr, n: usize) { dtod(dst, src, n, std::ptr::null_mut()) }
     fn cuMemcpyDtoDAsync_v2(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream) { dtod(dst, src, n, stream) }
@@ -441,9 +464,12 @@ crate::exports! {
     fn cuMemsetD2D32Async(dst: CUdeviceptr, pitch: usize, v: c_uint, w: usize, h: usize, s: CUstream) { memset_2d(dst, pitch, v, 4, w, h, s) }
     fn cuMemsetD2D32Async_ptsz(dst: CUdeviceptr, pitch: usize, v: c_uint, w: usize, h: usize, s: CUstream) { memset_2d(dst, pitch, v, 4, w, h, s) }
 
+    /// Pinned memory lives in a host region shared with the server when
+    /// the session has shared memory (copies from and to it are the
+    /// server's DMA), else it is plain page-aligned memory.
     fn cuMemAllocHost_v2(pp: *mut *mut c_void, bytesize: usize) {
         let rt = Runtime::with_context()?;
-        let p = hostmem::alloc(bytesize)?;
+        let p = pinned(rt, bytesize)?;
         rt.tables().host_allocs.insert(p as usize, (bytesize, 0));
         // SAFETY: out-pointer per the CUDA API.
         unsafe { put(pp, p.cast()) }
@@ -452,7 +478,7 @@ crate::exports! {
     /// DEVICEMAP: mirrored by device memory (`mapped.rs`).
     fn cuMemHostAlloc(pp: *mut *mut c_void, bytesize: usize, flags: c_uint) {
         let rt = Runtime::with_context()?;
-        let p = if flags & DEVICEMAP != 0 { crate::mapped::alloc(rt, bytesize)? as *mut u8 } else { hostmem::alloc(bytesize)? };
+        let p = if flags & DEVICEMAP != 0 { crate::mapped::alloc(rt, bytesize)? as *mut u8 } else { pinned(rt, bytesize)? };
         rt.tables().host_allocs.insert(p as usize, (bytesize, flags));
         // SAFETY: out-pointer per the CUDA API.
         unsafe { put(pp, p.cast()) }
@@ -463,6 +489,9 @@ crate::exports! {
         let (size, flags) = rt.tables().host_allocs.remove(&(p as usize)).ok_or(CuError::INVALID_VALUE)?;
         if flags & DEVICEMAP != 0 {
             return crate::mapped::release(rt, p as usize).map(drop);
+        }
+        if rt.session.pinned_free(p as usize)? {
+            return Ok(());
         }
         // SAFETY: `p` came from hostmem::alloc with `size` (looked up above)
         // and is no longer in the table.

@@ -26,14 +26,15 @@ pub use resources::{Allocation, Event, Mapping, Module, Stream};
 pub use texture::{Array, Object};
 
 use super::{
-    Backend, BackendSession, CONTEXT_LIMITS, DeviceDescription, DeviceResult, FunctionInfo, ImageKind, LaunchAttrs,
-    LaunchDims, LaunchEvents, LinkOutput, LinkRequest, Occupancy, OccupancyQuery, Param, builtin, fatbin_wrapper_error,
-    image_kind,
+    Backend, BackendSession, CONTEXT_LIMITS, DeviceDescription, DeviceResult, FunctionInfo, HostPinner, ImageKind,
+    LaunchAttrs, LaunchDims, LaunchEvents, LinkOutput, LinkRequest, Occupancy, OccupancyQuery, Param, Pinned, builtin,
+    fatbin_wrapper_error, image_kind,
 };
 use crate::error::CallError;
 use cudarc::driver::sys::{self, CUdevice, CUfunction, CUstream};
 use gpupool_proto::cuda;
-use resources::{Context, Kernel, Reservation};
+use gpupool_shm::region::Region;
+use resources::{Context, HostRegistration, Kernel, Reservation};
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::rc::Rc;
@@ -215,11 +216,31 @@ fn granularity(device: CUdevice) -> DeviceResult<u64> {
     Ok(granularity)
 }
 
+/// Registers client host regions with the device's primary context.
+#[derive(Debug)]
+struct CudaPinner {
+    context: Arc<Context>,
+}
+
+impl HostPinner for CudaPinner {
+    fn pin(&self, region: &Region) -> DeviceResult<Pinned> {
+        // SAFETY: the region's mapping covers `len` bytes from its first
+        // byte and outlives the registration (`HostPinner::pin`'s contract:
+        // `HostRegion` drops the registration before the region).
+        let registration = unsafe { HostRegistration::register(self.context.clone(), region.as_ptr(), region.len())? };
+        Ok(Box::new(registration))
+    }
+}
+
 impl Backend for CudaDevice {
     type Session = CudaSession;
 
     fn description(&self) -> &DeviceDescription {
         &self.inner.description
+    }
+
+    fn host_pinner(&self) -> Arc<dyn HostPinner> {
+        Arc::new(CudaPinner { context: self.inner.context.clone() })
     }
 
     fn open_session(&self, va_size: u64) -> DeviceResult<CudaSession> {
@@ -267,6 +288,19 @@ fn stream_attribute_id(attribute: u32) -> DeviceResult<sys::CUlaunchAttributeID>
         10 => Id::CU_LAUNCH_ATTRIBUTE_MEM_SYNC_DOMAIN,
         other => return Err(CallError::not_supported(format!("stream attribute {other}"))),
     })
+}
+
+/// The address of `[start, start + len)` of a host region, checked against
+/// its mapping; `None` for an empty range.
+fn region_ptr(region: &Region, start: usize, len: usize) -> DeviceResult<Option<*mut c_void>> {
+    if !region.contains(start, len) {
+        return Err(CallError::invalid_value(format!("bytes [{start}, +{len}) outside the host region")));
+    }
+    if len == 0 {
+        return Ok(None);
+    }
+    // SAFETY: `start + len` lies within the mapping (checked above).
+    Ok(Some(unsafe { region.as_ptr().add(start) }.cast::<c_void>()))
 }
 
 fn raw_stream(stream: Option<&Stream>) -> CUstream {
@@ -704,6 +738,41 @@ impl BackendSession for CudaSession {
                 driver::check(unsafe { sys::cuStreamSynchronize(s.raw) }, "cuStreamSynchronize")
             }
         }
+    }
+
+    /// `cuMemcpyHtoDAsync` straight from the registered region: DMA from
+    /// the client's pages, not waited for (as from pinned memory natively).
+    fn write_from_region(
+        &mut self,
+        stream: Option<&Stream>,
+        dst: u64,
+        region: &Region,
+        start: usize,
+        len: usize,
+    ) -> DeviceResult<()> {
+        let Some(src) = region_ptr(region, start, len)? else { return Ok(()) };
+        // SAFETY: the range is mapped and registered until the region's
+        // registration drops, which synchronizes the context first, so the
+        // copy is done with it before the pages go; the driver validates
+        // `dst`. The client may write the bytes concurrently: then it
+        // garbles only its own copy, as natively.
+        driver::check(unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src, len, raw_stream(stream)) }, "cuMemcpyHtoDAsync_v2")
+    }
+
+    /// `cuMemcpyDtoHAsync` straight into the registered region.
+    fn read_into_region(
+        &mut self,
+        stream: Option<&Stream>,
+        src: u64,
+        region: &Region,
+        start: usize,
+        len: usize,
+    ) -> DeviceResult<()> {
+        let Some(dst) = region_ptr(region, start, len)? else { return Ok(()) };
+        // SAFETY: as in `write_from_region`: mapped and registered until
+        // the queued copy has finished; no Rust reference to the bytes
+        // exists in this process.
+        driver::check(unsafe { sys::cuMemcpyDtoHAsync_v2(dst, src, len, raw_stream(stream)) }, "cuMemcpyDtoHAsync_v2")
     }
 
     fn copy(&mut self, stream: Option<&Stream>, dst: u64, src: u64, size: u64) -> DeviceResult<()> {

@@ -14,7 +14,9 @@ pub mod emulated;
 pub mod texture;
 
 use crate::error::CallError;
+use gpupool_shm::region::Region;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Result of a device operation.
 pub type DeviceResult<T> = Result<T, CallError>;
@@ -331,11 +333,45 @@ pub(crate) const GLOBALS_PTX: &[u8] = b".version 8.0
 }
 ";
 
+/// A host range registered with the driver; dropping it unregisters the
+/// range (after the copies queued from or into it have finished).
+pub type Pinned = Box<dyn std::fmt::Debug + Send + Sync>;
+
+/// Registers the mapping of a client's shared region with the driver
+/// (`cuMemHostRegister`), so copies between it and the device are DMA from
+/// and to the client's pages. Used from the shared-memory attachment's
+/// thread, not the session's.
+pub trait HostPinner: Send + Sync + std::fmt::Debug {
+    /// Registers all of `region`'s mapping until the returned value drops,
+    /// which its owner does before the region is unmapped
+    /// ([`crate::host_regions::HostRegion`] holds both in that order).
+    fn pin(&self, region: &Region) -> DeviceResult<Pinned>;
+}
+
+/// For a device that copies from any host memory as it is (the emulated
+/// one reads and writes the mapping directly).
+#[derive(Debug)]
+pub struct NoPinning;
+
+impl HostPinner for NoPinning {
+    fn pin(&self, _: &Region) -> DeviceResult<Pinned> {
+        Ok(Box::new(()))
+    }
+}
+
+/// Largest bounce buffer of the default region copies.
+const REGION_PIECE: usize = 4 << 20;
+
 /// One device (GPU, MIG instance or emulation) shared by many sessions.
 pub trait Backend: Send + Sync + 'static {
     type Session: BackendSession;
 
     fn description(&self) -> &DeviceDescription;
+
+    /// What registers client host regions with this device's driver.
+    fn host_pinner(&self) -> Arc<dyn HostPinner> {
+        Arc::new(NoPinning)
+    }
 
     /// Opens a session and reserves `va_size` bytes of device address space
     /// for it. Called on the thread that will run the session's calls.
@@ -394,6 +430,52 @@ pub trait BackendSession: 'static {
     fn link(&mut self, request: &LinkRequest) -> DeviceResult<LinkOutput>;
     fn write(&mut self, stream: Option<&Self::Stream>, dst: u64, data: &[u8]) -> DeviceResult<()>;
     fn read(&mut self, stream: Option<&Self::Stream>, src: u64, out: &mut [u8]) -> DeviceResult<()>;
+    /// Copies `len` bytes at `start` of a client's host region (checked
+    /// against its mapping by the caller) to `dst`, ordered on `stream`.
+    /// It may return before the copy has run, as `cuMemcpyHtoDAsync` from
+    /// pinned memory does: the region stays registered and mapped until its
+    /// registration drops, which waits for queued copies. This default
+    /// copies through a bounded bounce buffer and returns when done.
+    fn write_from_region(
+        &mut self,
+        stream: Option<&Self::Stream>,
+        dst: u64,
+        region: &Region,
+        start: usize,
+        len: usize,
+    ) -> DeviceResult<()> {
+        let mut buf = Vec::new();
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(REGION_PIECE);
+            buf.clear();
+            region.read_append(start + done, n, &mut buf).map_err(|e| CallError::invalid_value(e.to_string()))?;
+            self.write(stream, dst + done as u64, &buf)?;
+            done += n;
+        }
+        Ok(())
+    }
+    /// Copies `len` bytes at `src` into a client's host region at `start`
+    /// (checked by the caller), ordered on `stream`; like
+    /// [`Self::write_from_region`] it may return before the copy has run.
+    fn read_into_region(
+        &mut self,
+        stream: Option<&Self::Stream>,
+        src: u64,
+        region: &Region,
+        start: usize,
+        len: usize,
+    ) -> DeviceResult<()> {
+        let mut buf = vec![0u8; len.min(REGION_PIECE)];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(REGION_PIECE);
+            self.read(stream, src + done as u64, &mut buf[..n])?;
+            region.write(start + done, &buf[..n]).map_err(|e| CallError::invalid_value(e.to_string()))?;
+            done += n;
+        }
+        Ok(())
+    }
     fn copy(&mut self, stream: Option<&Self::Stream>, dst: u64, src: u64, size: u64) -> DeviceResult<()>;
     /// Sets `count` elements of `element_size` bytes (1, 2 or 4) to `value`.
     fn memset(

@@ -35,6 +35,7 @@ pub fn render(metrics: &Metrics) -> String {
     counter(&mut r, "swapped_out_bytes", "Bytes of device memory swapped out to host memory", s.swapped_out_bytes);
     counter(&mut r, "swapped_in_bytes", "Bytes of device memory swapped back in", s.swapped_in_bytes);
     gauge(&mut r, "shm_regions", "Shared-memory regions of local clients mapped now", s.shm_regions);
+    gauge(&mut r, "shm_registered", "Shared-memory regions registered with the driver now", s.shm_registered);
     counter(&mut r, "shm_copied_bytes", "Bytes copied through shared-memory regions", s.shm_bytes);
     counter(&mut r, "resumptions", "Clients reattached to their kept session", s.resumptions);
     counter(&mut r, "resumptions_refused", "Reattachments refused (session gone, wrong secret)", s.resumptions_refused);

@@ -96,7 +96,11 @@ where
     let (bulk_ports, bulk_secret) = bulk_slot.offer();
     // A client on this host may carry them through shared memory instead;
     // its region is unmapped when the session ends (the slot drops).
-    let shm_slot = shared.shm.register(id, bulk.clone());
+    // Its pinned memory lives in host regions it attaches there too, which
+    // the session's copies name; registered with the driver as they come.
+    let host_regions = Arc::new(crate::host_regions::HostRegions::default());
+    let shm_slot = shared.shm.register(id, bulk.clone(), host_regions.clone(), device.host_pinner());
+    let session_regions = host_regions.clone();
     let (shm_socket, shm_secret) = shm_slot.offer();
     let (work_tx, work_rx) = mpsc::channel::<Work>(cfg.batch_queue);
     let (reply_tx, reply_rx) = mpsc::channel::<v1::BatchReply>(cfg.batch_queue);
@@ -113,6 +117,7 @@ where
         ready_tx,
         memory,
         base,
+        session_regions,
     );
     if let Err(e) = started {
         tracing::error!(error = %e, "cannot start a session worker thread");
@@ -162,6 +167,7 @@ where
         resumed_seq: 0,
         bulk_ports,
         bulk_secret,
+        shm_host_regions: !shm_socket.is_empty(),
         shm_socket,
         shm_secret,
         // The server has no RDMA listener yet (docs/rdma.md): every offer
@@ -251,6 +257,14 @@ where
                 tokio::select! {
                     ended = &mut reading => break ended,
                     Some(order) = moves.orders.recv(), if pending.is_none() => {
+                        // Pinned memory in this host's shared memory
+                        // cannot follow the session: no move while there
+                        // is any, and none attaches once it starts.
+                        if let Err(reason) = host_regions.freeze() {
+                            tracing::info!(%reason, "migration refused");
+                            let _ = order.done.send(Err(reason));
+                            continue;
+                        }
                         let (work, target, tx) = (work_tx.clone(), order.target.clone(), pre_tx.take());
                         let task = tokio::spawn(async move {
                             let result = super::migrate::precopy(&target, &work).await;
@@ -741,12 +755,15 @@ fn spawn_thread<B: Backend>(
     ready: oneshot::Sender<Result<thread::SessionReady, crate::error::CallError>>,
     memory: crate::swap::SessionMemory,
     base: Option<u64>,
+    host_regions: Arc<crate::host_regions::HostRegions>,
 ) -> std::io::Result<()> {
     let images: Arc<ImageCache> = shared.images.clone();
     let metrics = shared.metrics.clone();
     std::thread::Builder::new()
         .name(format!("gpupool-session-{id}"))
-        .spawn(move || thread::run(device, limits, staging, images, metrics, work, replies, ready, memory, base))
+        .spawn(move || {
+            thread::run(device, limits, staging, images, metrics, work, replies, ready, memory, base, host_regions)
+        })
         .map(drop)
 }
 

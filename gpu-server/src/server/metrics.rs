@@ -88,6 +88,10 @@ pub struct Metrics {
     /// them (counted in `bulk_bytes_in`/`_out` as well).
     pub shm_regions: AtomicU64,
     pub shm_bytes: AtomicU64,
+    /// Shared-memory regions registered with the driver now (a gauge): the
+    /// host regions holding programs' pinned memory (also counted in
+    /// `shm_regions`; the emulated device counts them without a driver).
+    pub shm_registered: AtomicU64,
     /// Clients reattached to their kept session, and reattachments refused
     /// (the session was gone, or the secret wrong).
     pub resumptions: AtomicU64,
@@ -128,6 +132,7 @@ pub struct MetricsSnapshot {
     pub swapped_in_bytes: u64,
     pub shm_regions: u64,
     pub shm_bytes: u64,
+    pub shm_registered: u64,
     pub resumptions: u64,
     pub resumptions_refused: u64,
 }
@@ -190,6 +195,7 @@ impl Metrics {
         add(&self.swapped_out_bytes, now.swapped_out_bytes.saturating_sub(before.swapped_out_bytes));
         add(&self.swapped_in_bytes, now.swapped_in_bytes.saturating_sub(before.swapped_in_bytes));
         gauge(&self.shm_regions, before.shm_regions, now.shm_regions);
+        gauge(&self.shm_registered, before.shm_registered, now.shm_registered);
         add(&self.shm_bytes, now.shm_bytes.saturating_sub(before.shm_bytes));
     }
 
@@ -206,6 +212,7 @@ impl Metrics {
             memory_mapped: s.memory_mapped,
             shm_regions: s.shm_regions,
             shm_bytes: s.shm_bytes,
+            shm_registered: s.shm_registered,
             memory_swapped: s.memory_swapped,
             swapped_out_bytes: s.swapped_out_bytes,
             swapped_in_bytes: s.swapped_in_bytes,
@@ -230,6 +237,7 @@ impl Metrics {
             swapped_in_bytes: g(&self.swapped_in_bytes),
             shm_regions: g(&self.shm_regions),
             shm_bytes: g(&self.shm_bytes),
+            shm_registered: g(&self.shm_registered),
             resumptions: g(&self.resumptions),
             resumptions_refused: g(&self.resumptions_refused),
         }

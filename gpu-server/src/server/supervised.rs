@@ -266,6 +266,7 @@ pub(super) async fn run_in_worker(
         memory_mapped: 0,
         memory_swapped: 0,
         shm_regions: 0,
+        shm_registered: 0,
         ..relay.reported
     })));
     match status {

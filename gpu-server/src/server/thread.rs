@@ -72,6 +72,7 @@ pub(crate) fn run<B: Backend>(
     ready: oneshot::Sender<Result<SessionReady, CallError>>,
     memory: SessionMemory,
     base: Option<u64>,
+    host_regions: Arc<crate::host_regions::HostRegions>,
 ) {
     let opened = match base {
         Some(base) => device.open_session_at(limits.va_size, base),
@@ -87,7 +88,7 @@ pub(crate) fn run<B: Backend>(
     // Device printf output per reply: with the largest inline copy, a
     // reply stays within a frame.
     let max_output = usize::try_from(limits.max_output_bytes).unwrap_or(usize::MAX);
-    let mut state = SessionState::new(dev, limits, staging, images).with_memory(memory);
+    let mut state = SessionState::new(dev, limits, staging, images).with_memory(memory).with_host_regions(host_regions);
     let context_limits = state.limits();
     if ready.send(Ok((state.va_base(), context_limits))).is_err() {
         return;

@@ -139,6 +139,7 @@ fn written<M>(op: &Op, mappings: &std::collections::BTreeMap<u64, (u64, M)>) -> 
             let len = match &c.source {
                 Some(Source::Inline(p)) => p.raw_len.max(p.data.len() as u64),
                 Some(Source::Staged(s)) => s.size,
+                Some(Source::Region(r)) => r.size,
                 None => 0,
             };
             Some((c.dst, len))
@@ -353,7 +354,7 @@ mod tests {
         let memset =
             |addr, count| call(Op::Memset(v1::Memset { dst: addr, value: 1, element_size: 4, count, stream: 0 }));
         let queries = vec![
-            call(Op::MemcpyDtoh(v1::MemcpyDtoH { src: base, size: 16, stream: 0 })),
+            call(Op::MemcpyDtoh(v1::MemcpyDtoH { src: base, size: 16, stream: 0, into_region: None })),
             call(Op::ContextSynchronize(v1::ContextSynchronize {})),
             memset(base + G, 4),
             call(Op::MemcpyDtod(v1::MemcpyDtoD { dst: base + 3 * G, src: base, size: 8, stream: 0 })),

@@ -297,7 +297,7 @@ mod tests {
     }
 
     fn dtoh(src: u64, size: u64) -> v1::Batch {
-        let op = Op::MemcpyDtoh(v1::MemcpyDtoH { src, size, stream: 0 });
+        let op = Op::MemcpyDtoh(v1::MemcpyDtoH { src, size, stream: 0, into_region: None });
         v1::Batch { seq: 1, calls: vec![v1::Call { op: Some(op) }] }
     }
 

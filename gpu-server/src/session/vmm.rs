@@ -474,7 +474,7 @@ mod tests {
     }
 
     fn dtoh(s: &mut SessionState<EmulatedSession>, src: u64, size: u64) -> Result<Vec<u8>, u32> {
-        match s.execute(Op::MemcpyDtoh(v1::MemcpyDtoH { src, size, stream: 0 })) {
+        match s.execute(Op::MemcpyDtoh(v1::MemcpyDtoH { src, size, stream: 0, into_region: None })) {
             Ok(Some(Value::Data(p))) => Ok(payload::decode(p, size).expect("payload").to_vec()),
             Ok(other) => panic!("unexpected copy result {other:?}"),
             Err(e) => Err(e.code),

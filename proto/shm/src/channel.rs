@@ -29,13 +29,32 @@ pub fn send_with_fd(stream: &UnixStream, message: &[u8; MESSAGE_LEN], fd: Borrow
 /// Receives a message with one file descriptor attached. Descriptors beyond
 /// the first are closed; a message without one is refused.
 pub fn recv_with_fd(stream: &UnixStream) -> Result<([u8; MESSAGE_LEN], OwnedFd), ShmError> {
+    let (message, fd) = recv_message(stream)?.ok_or_else(|| ShmError::Io(std::io::ErrorKind::UnexpectedEof.into()))?;
+    let fd = fd.ok_or_else(|| ShmError::Protocol("the attachment carries no file descriptor".into()))?;
+    Ok((message, fd))
+}
+
+/// A request-sized message and the descriptor that came with it, if any.
+pub type Received = ([u8; MESSAGE_LEN], Option<OwnedFd>);
+
+/// Reads one request-sized message and the file descriptor that may come
+/// with it (descriptors beyond the first are closed); `Ok(None)` on a clean
+/// end before its first byte. Whether a descriptor belongs there is the
+/// caller's to check.
+pub fn recv_message(stream: &UnixStream) -> Result<Option<Received>, ShmError> {
     let mut message = [0u8; MESSAGE_LEN];
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
-    let got = rustix::net::recvmsg(stream, &mut [IoSliceMut::new(&mut message)], &mut control, RecvFlags::CMSG_CLOEXEC)
-        .map_err(std::io::Error::from)?;
+    let got = loop {
+        match rustix::net::recvmsg(stream, &mut [IoSliceMut::new(&mut message)], &mut control, RecvFlags::CMSG_CLOEXEC)
+        {
+            Ok(got) => break got,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(ShmError::Io(e.into())),
+        }
+    };
     if got.bytes == 0 {
-        return Err(ShmError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        return Ok(None);
     }
     let mut fd = None;
     for m in control.drain() {
@@ -48,9 +67,16 @@ pub fn recv_with_fd(stream: &UnixStream) -> Result<([u8; MESSAGE_LEN], OwnedFd),
     if got.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
         return Err(ShmError::Protocol("more ancillary data than one file descriptor".into()));
     }
-    let fd = fd.ok_or_else(|| ShmError::Protocol("the attachment carries no file descriptor".into()))?;
-    (&*stream).read_exact(&mut message[got.bytes..])?;
-    Ok((message, fd))
+    let mut have = got.bytes;
+    while have < MESSAGE_LEN {
+        match (&*stream).read(&mut message[have..]) {
+            Ok(0) => return Err(ShmError::Protocol(format!("message cut after {have} of {MESSAGE_LEN} bytes"))),
+            Ok(n) => have += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ShmError::Io(e)),
+        }
+    }
+    Ok(Some((message, fd)))
 }
 
 /// Reads one fixed-size message; `Ok(None)` on a clean end before its first
@@ -92,6 +118,21 @@ mod tests {
         let mut out = [0u8; 6];
         other.read(0, &mut out).expect("read");
         assert_eq!(&out, b"shared");
+    }
+
+    #[test]
+    fn messages_come_with_or_without_a_descriptor() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        let region = Region::create("gpupool-test", 1 << 16).expect("region");
+        write_message(&a, &[1; MESSAGE_LEN]).expect("plain");
+        send_with_fd(&a, &[2; MESSAGE_LEN], region.fd()).expect("with fd");
+        let (m, fd) = recv_message(&b).expect("read").expect("a message");
+        assert_eq!((m, fd.is_none()), ([1; MESSAGE_LEN], true));
+        let (m, fd) = recv_message(&b).expect("read").expect("a message");
+        assert_eq!(m, [2; MESSAGE_LEN]);
+        Region::open(fd.expect("a descriptor"), 1 << 16).expect("mapped");
+        drop(a);
+        assert!(recv_message(&b).expect("clean end").is_none());
     }
 
     #[test]

@@ -90,6 +90,21 @@ impl Region {
         self.fd.as_fd()
     }
 
+    /// The mapping's first byte. The pointer is valid for [`Self::len`]
+    /// bytes while `self` lives: the client hands it out as the program's
+    /// pinned memory, the server registers it with the driver and copies
+    /// between it and the device (checked ranges only; never through a
+    /// Rust reference).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+
+    /// Whether `[start, start + len)` lies within the mapping (overflow
+    /// checked).
+    pub fn contains(&self, start: usize, len: usize) -> bool {
+        self.range(start, len).is_ok()
+    }
+
     fn range(&self, start: usize, len: usize) -> Result<(), ShmError> {
         match start.checked_add(len) {
             Some(end) if end <= self.map.len() => Ok(()),

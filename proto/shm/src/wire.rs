@@ -7,6 +7,9 @@
 //!   the session, the region's size and the session's shm secret.
 //! - [`Request`] (client → server): put or get `len` bytes of a staged
 //!   transfer at `offset`, from or into the region at `region_offset`.
+//!   Or (with a file descriptor attached): attach another region, one the
+//!   program's pinned host memory lives in ([`Op::AddRegion`]); or detach
+//!   one ([`Op::RemoveRegion`]).
 //! - [`Reply`] (server → client): the request's sequence number and a CUDA
 //!   result code, with a message when it is not success.
 
@@ -29,6 +32,12 @@ const MAGIC: [u8; 8] = *b"GPSHM\x00\x00\x01";
 pub const MAX_REGION_BYTES: u64 = 1 << 30;
 /// Smallest region: one page.
 pub const MIN_REGION_BYTES: u64 = 4096;
+/// Host regions (pinned memory) one session may attach besides its bulk
+/// region.
+pub const MAX_HOST_REGIONS: usize = 64;
+/// The bulk region's id in a [`crate::wire::Op::AddRegion`]'s id space:
+/// host regions take ids from 1.
+pub const BULK_REGION: u32 = 0;
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
     let mut v = [0u8; 8];
@@ -98,6 +107,19 @@ pub enum Op {
     /// Write `len` bytes of staged download `transfer` at `offset` into the
     /// region.
     Get,
+    /// Attach the memfd sent with this request as host region `id` (1 and
+    /// up) of `len` bytes: the program's pinned memory, which copies then
+    /// name by region, offset and length instead of carrying bytes.
+    AddRegion { id: u32, len: u64 },
+    /// Detach host region `id` (the program freed all of it).
+    RemoveRegion { id: u32 },
+}
+
+impl Op {
+    /// Whether the request carries a file descriptor.
+    pub fn carries_fd(&self) -> bool {
+        matches!(self, Op::AddRegion { .. })
+    }
 }
 
 /// One chunk of a bulk copy, its bytes in the region.
@@ -114,16 +136,25 @@ pub struct Request {
 
 const OP_PUT: u32 = 1;
 const OP_GET: u32 = 2;
+const OP_ADD_REGION: u32 = 3;
+const OP_REMOVE_REGION: u32 = 4;
 
 impl Request {
+    /// A request for a region operation (no transfer, no range).
+    pub fn region(seq: u64, op: Op) -> Self {
+        Self { seq, op, transfer: 0, offset: 0, region_offset: 0, len: 0 }
+    }
+
     pub fn encode(&self) -> [u8; MESSAGE_LEN] {
         let mut b = [0u8; MESSAGE_LEN];
-        let (op, total) = match self.op {
-            Op::Put { total } => (OP_PUT, total),
-            Op::Get => (OP_GET, 0),
+        let (op, transfer, total, len) = match self.op {
+            Op::Put { total } => (OP_PUT, self.transfer, total, self.len),
+            Op::Get => (OP_GET, self.transfer, 0, self.len),
+            Op::AddRegion { id, len } => (OP_ADD_REGION, u64::from(id), 0, len),
+            Op::RemoveRegion { id } => (OP_REMOVE_REGION, u64::from(id), 0, 0),
         };
         b[..4].copy_from_slice(&op.to_le_bytes());
-        for (i, v) in [self.seq, self.transfer, total, self.offset, self.region_offset, self.len].iter().enumerate() {
+        for (i, v) in [self.seq, transfer, total, self.offset, self.region_offset, len].iter().enumerate() {
             b[8 + 8 * i..16 + 8 * i].copy_from_slice(&v.to_le_bytes());
         }
         b
@@ -135,10 +166,36 @@ impl Request {
         if u32_at(b, 4) != 0 || b[56..].iter().any(|&x| x != 0) {
             return Err(ShmError::Protocol("reserved bytes of a request are not zero".into()));
         }
+        let region_id = || {
+            u32::try_from(u64_at(b, 16)).ok().filter(|&id| id != BULK_REGION).ok_or_else(|| {
+                ShmError::Protocol(format!("host region id {} (1 to {} allowed)", u64_at(b, 16), u32::MAX))
+            })
+        };
+        // A region operation names no transfer range: those bytes are zero.
+        let no_range = |with_len: bool| {
+            if u64_at(b, 24) != 0 || u64_at(b, 32) != 0 || u64_at(b, 40) != 0 || (!with_len && u64_at(b, 48) != 0) {
+                return Err(ShmError::Protocol("a region operation with transfer fields".into()));
+            }
+            Ok(())
+        };
         let op = match u32_at(b, 0) {
             OP_PUT => Op::Put { total: u64_at(b, 24) },
             OP_GET if u64_at(b, 24) == 0 => Op::Get,
             OP_GET => return Err(ShmError::Protocol("a get with a total size".into())),
+            OP_ADD_REGION => {
+                no_range(true)?;
+                let len = u64_at(b, 48);
+                if !(MIN_REGION_BYTES..=MAX_REGION_BYTES).contains(&len) {
+                    return Err(ShmError::Protocol(format!(
+                        "host region of {len} bytes outside {MIN_REGION_BYTES}..={MAX_REGION_BYTES}"
+                    )));
+                }
+                return Ok(Self::region(u64_at(b, 8), Op::AddRegion { id: region_id()?, len }));
+            }
+            OP_REMOVE_REGION => {
+                no_range(false)?;
+                return Ok(Self::region(u64_at(b, 8), Op::RemoveRegion { id: region_id()? }));
+            }
             other => return Err(ShmError::Protocol(format!("unknown request operation {other}"))),
         };
         Ok(Self {
@@ -168,6 +225,22 @@ impl Request {
         start.checked_add(len).filter(|&end| end <= region_len).ok_or_else(outside)?;
         Ok((start, len))
     }
+}
+
+/// The bytes `[offset, offset + len)` of a host region of `region_len`
+/// bytes, as named by a copy command (never trusted): `(start, len)` as
+/// `usize`, or why not. An empty range is refused (a copy of nothing
+/// carries no region).
+pub fn host_range(region_len: usize, offset: u64, len: u64) -> Result<(usize, usize), ShmError> {
+    let outside =
+        || ShmError::Protocol(format!("bytes [{offset}, +{len}) lie outside the host region of {region_len} bytes"));
+    let start = usize::try_from(offset).map_err(|_| outside())?;
+    let n = usize::try_from(len).map_err(|_| outside())?;
+    if n == 0 {
+        return Err(ShmError::Protocol("an empty range of a host region".into()));
+    }
+    start.checked_add(n).filter(|&end| end <= region_len).ok_or_else(outside)?;
+    Ok((start, n))
 }
 
 /// The answer to an [`Attach`] (`seq` 0) or a [`Request`].
@@ -290,6 +363,18 @@ impl<T: Copy> SlotRing<T> {
         }
     }
 
+    /// The sequence number of a request that uses no slot (a region
+    /// operation), sent and answered while no other request is in flight;
+    /// `None` while one is.
+    pub fn control(&mut self) -> Option<u64> {
+        if !self.in_flight.is_empty() {
+            return None;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        Some(seq)
+    }
+
     /// Forgets every request in flight (their channel is gone).
     pub fn reset(&mut self) {
         self.in_flight.clear();
@@ -308,6 +393,11 @@ mod tests {
         for op in [Op::Put { total: 100 }, Op::Get] {
             let r = Request { seq: 3, op, transfer: 4, offset: 5, region_offset: 6, len: 7 };
             assert_eq!(Request::decode(&r.encode()).expect("request"), r);
+        }
+        for op in [Op::AddRegion { id: 3, len: 1 << 20 }, Op::RemoveRegion { id: u32::MAX }] {
+            let r = Request::region(9, op);
+            assert_eq!(Request::decode(&r.encode()).expect("region request"), r);
+            assert_eq!(op.carries_fd(), matches!(op, Op::AddRegion { .. }));
         }
         let reply = Reply { seq: 2, code: 1, message: "é".repeat(200) };
         let back = Reply::decode(&reply.encode()).expect("reply");
@@ -330,6 +420,27 @@ mod tests {
         let mut r = Request { seq: 1, op: Op::Get, transfer: 1, offset: 0, region_offset: 0, len: 1 }.encode();
         r[24] = 1;
         assert!(Request::decode(&r).is_err(), "get with a total");
+        // Region operations: the bulk region's id, ids past u32, sizes out
+        // of bounds, stray transfer fields.
+        for (op, why) in [
+            (Op::AddRegion { id: BULK_REGION, len: 1 << 20 }, "the bulk region's id"),
+            (Op::RemoveRegion { id: BULK_REGION }, "removing the bulk region"),
+            (Op::AddRegion { id: 1, len: MIN_REGION_BYTES - 1 }, "too small"),
+            (Op::AddRegion { id: 1, len: MAX_REGION_BYTES + 1 }, "too large"),
+        ] {
+            assert!(Request::decode(&Request::region(1, op).encode()).is_err(), "{why}");
+        }
+        let mut r = Request::region(1, Op::AddRegion { id: 1, len: 1 << 20 }).encode();
+        r[16..24].copy_from_slice(&(u64::from(u32::MAX) + 1).to_le_bytes());
+        assert!(Request::decode(&r).is_err(), "an id past u32");
+        for at in [24, 32, 40] {
+            let mut r = Request::region(1, Op::AddRegion { id: 1, len: 1 << 20 }).encode();
+            r[at] = 1;
+            assert!(Request::decode(&r).is_err(), "a transfer field at byte {at}");
+        }
+        let mut r = Request::region(1, Op::RemoveRegion { id: 1 }).encode();
+        r[48] = 1;
+        assert!(Request::decode(&r).is_err(), "a removal with a length");
         let mut bad = Reply::ok(1).encode();
         bad[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(Reply::decode(&bad).is_err(), "text longer than the reply");
@@ -347,12 +458,34 @@ mod tests {
     }
 
     #[test]
+    fn host_ranges_are_checked() {
+        assert_eq!(host_range(8192, 0, 8192).expect("whole"), (0, 8192));
+        assert_eq!(host_range(8192, 8191, 1).expect("last byte"), (8191, 1));
+        assert!(host_range(8192, 8192, 1).is_err(), "one past the end");
+        assert!(host_range(8192, 8191, 2).is_err(), "across the end");
+        assert!(host_range(8192, u64::MAX, 1).is_err(), "offset overflow");
+        assert!(host_range(8192, 1, u64::MAX).is_err(), "length overflow");
+        assert!(host_range(8192, 0, 0).is_err(), "empty");
+    }
+
+    #[test]
     fn sequence_numbers_go_one_by_one() {
         let mut s = SeqCheck::default();
         assert!(s.next(1).is_ok() && s.next(2).is_ok());
         assert!(s.next(2).is_err(), "repeated");
         assert!(s.next(4).is_err(), "skipped");
         assert!(SeqCheck::default().next(0).is_err(), "zero");
+    }
+
+    #[test]
+    fn control_requests_wait_for_an_empty_ring() {
+        let mut ring = SlotRing::<()>::new(8192, 4096).expect("ring");
+        assert_eq!(ring.control(), Some(1));
+        let slot = ring.acquire(10, ()).expect("slot");
+        assert_eq!(slot.seq, 2);
+        assert_eq!(ring.control(), None, "a slot is in flight");
+        ring.complete(2).expect("oldest");
+        assert_eq!(ring.control(), Some(3));
     }
 
     proptest! {
@@ -406,6 +539,14 @@ mod tests {
                 prop_assert!(start + len <= 1 << 20);
             }
             let _ = Attach::decode(&b);
+        }
+
+        /// Any (offset, length) a copy names is inside the region or an error.
+        #[test]
+        fn any_host_range_is_inside_or_an_error(region in 1usize..1 << 20, offset in any::<u64>(), len in any::<u64>()) {
+            if let Ok((start, n)) = host_range(region, offset, len) {
+                prop_assert!(n > 0 && start + n <= region);
+            }
         }
     }
 }

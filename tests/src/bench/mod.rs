@@ -41,6 +41,9 @@ const RTT_TARGET_US: f64 = 50.0;
 const LAUNCH_RATIO_TARGET: f64 = 1.5;
 const HTOD_TARGET_SIZE: usize = 1 << 30;
 const HTOD_TARGET_GIBS: f64 = 2.0;
+/// Pinned copies through shared memory: at least this share of native
+/// (issue 18 item 3's acceptance).
+const PINNED_RATIO_TARGET: f64 = 0.8;
 const COLD_START_TARGET_MS: f64 = 50.0;
 
 /// Which device the server drives, and so whether native runs.
@@ -280,6 +283,7 @@ fn copy_rows(
     // A second session whose copies go through shared memory.
     let shm = if opts.shm_copies { Some(RemoteGpu::open_shm(server)?) } else { None };
     let (mut ups, mut downs, mut shm_ups, mut shm_downs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut pinned_ups, mut pinned_downs) = (Vec::new(), Vec::new());
     for &size in &sizes {
         progress(&format!("copies of {}, verified once byte for byte", size_label(size)));
         let slice = &data[..size];
@@ -297,6 +301,13 @@ fn copy_rows(
             let s = shm.copies_through_shm(slice)?;
             shm_ups.push(Row::new(format!("HtoD {label}, shm"), Unit::GibPerSec, n.map(|c| c.htod), Some(s.htod)));
             shm_downs.push(Row::new(format!("DtoH {label}, shm"), Unit::GibPerSec, n.map(|c| c.dtoh), Some(s.dtoh)));
+            progress(&format!("copies of {} from and to pinned memory in a shared host region", size_label(size)));
+            let np = on_native(native, |g| workloads::pinned_copies(g, slice))?;
+            let p = shm.pinned_copies_through_shm(slice)?;
+            let (up, down) = (format!("HtoD {label}, shm pinned"), format!("DtoH {label}, shm pinned"));
+            let target = Target::RatioAtLeast(PINNED_RATIO_TARGET);
+            pinned_ups.push(Row::new(up, Unit::GibPerSec, np.map(|c| c.htod), Some(p.htod)).target(target));
+            pinned_downs.push(Row::new(down, Unit::GibPerSec, np.map(|c| c.dtoh), Some(p.dtoh)).target(target));
         }
     }
     if let Some(shm) = shm {
@@ -319,9 +330,16 @@ fn copy_rows(
             reason: format!("copies capped at {} by --max-copy-mib", size_label(opts.max_copy_bytes)),
         }]
     };
+    if let Some(first) = pinned_ups.first_mut() {
+        first.note = Some(
+            "pinned host memory (native cuMemHostAlloc; remote: the session's host region, registered by the server), async copy + synchronize".into(),
+        );
+    }
     ups.extend(shm_ups);
+    ups.extend(pinned_ups);
     ups.extend(downs);
     ups.extend(shm_downs);
+    ups.extend(pinned_downs);
     Ok((ups, skipped))
 }
 

@@ -169,8 +169,83 @@ impl Drop for NativeBuffer {
     }
 }
 
+/// Pinned host memory from `cuMemHostAlloc`, freed on drop.
+#[derive(Debug)]
+pub(crate) struct NativePinned {
+    ctx: Arc<CudaContext>,
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+impl NativePinned {
+    fn check_len(&self, len: usize) -> Result<()> {
+        if len > self.bytes {
+            bail!("{len} bytes do not fit pinned memory of {}", self.bytes);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NativePinned {
+    fn drop(&mut self) {
+        let freed = self.ctx.bind_to_thread().map_err(anyhow::Error::from).and_then(|()| {
+            // SAFETY: `ptr` came from `cuMemHostAlloc` and is freed only
+            // here; the copies that used it were synchronized.
+            unsafe { sys::cuMemFreeHost(self.ptr.cast()) }.result().map_err(anyhow::Error::from)
+        });
+        if let Err(e) = freed {
+            tracing::warn!("cuMemFreeHost failed: {e}");
+        }
+    }
+}
+
 impl Gpu for NativeGpu {
     type Buffer = NativeBuffer;
+    type Pinned = NativePinned;
+
+    fn alloc_pinned(&self, bytes: usize) -> Result<NativePinned> {
+        self.ctx.bind_to_thread()?;
+        let mut ptr: *mut c_void = std::ptr::null_mut();
+        // SAFETY: a valid out-pointer; the context is current.
+        unsafe { sys::cuMemHostAlloc(&mut ptr, bytes, 0) }
+            .result()
+            .with_context(|| format!("cuMemHostAlloc of {bytes} bytes"))?;
+        Ok(NativePinned { ctx: self.ctx.clone(), ptr: ptr.cast(), bytes })
+    }
+
+    fn write_pinned(&self, dst: &NativePinned, data: &[u8]) -> Result<()> {
+        dst.check_len(data.len())?;
+        // SAFETY: `dst` holds at least `data.len()` bytes (checked above)
+        // and no copy into or out of it is in flight (each is synchronized).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst.ptr, data.len()) };
+        Ok(())
+    }
+
+    fn read_pinned(&self, src: &NativePinned, out: &mut [u8]) -> Result<()> {
+        src.check_len(out.len())?;
+        // SAFETY: as in `write_pinned`, the other way.
+        unsafe { std::ptr::copy_nonoverlapping(src.ptr, out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+
+    fn htod_pinned(&self, dst: &NativeBuffer, src: &NativePinned, len: usize) -> Result<()> {
+        dst.check_len(len)?;
+        src.check_len(len)?;
+        self.ctx.bind_to_thread()?;
+        // SAFETY: both ends hold `len` bytes (checked above); `src` lives
+        // until the copy is synchronized (the caller does before dropping).
+        unsafe { sys::cuMemcpyHtoDAsync_v2(dst.ptr, src.ptr.cast(), len, std::ptr::null_mut()) }.result()?;
+        Ok(())
+    }
+
+    fn dtoh_pinned(&self, dst: &NativePinned, src: &NativeBuffer, len: usize) -> Result<()> {
+        dst.check_len(len)?;
+        src.check_len(len)?;
+        self.ctx.bind_to_thread()?;
+        // SAFETY: as in `htod_pinned`, the other way.
+        unsafe { sys::cuMemcpyDtoHAsync_v2(dst.ptr.cast(), src.ptr, len, std::ptr::null_mut()) }.result()?;
+        Ok(())
+    }
 
     fn label(&self) -> &'static str {
         "native"

@@ -223,6 +223,17 @@ impl RemoteGpu {
         }
     }
 
+    /// [`workloads::pinned_copies`] on this session, checking that the
+    /// bytes went no way but the host region (none through the bulk slots).
+    pub(crate) fn pinned_copies_through_shm(&self, data: &[u8]) -> Result<super::workloads::CopyRates> {
+        let before = self.session.shared_memory_bytes();
+        let copies = super::workloads::pinned_copies(self, data)?;
+        match (before, self.session.shared_memory_bytes()) {
+            (Some(b), Some(a)) if a == b => Ok(copies),
+            _ => Err(anyhow!("pinned copies of {} bytes went through the bulk slots or QUIC", data.len())),
+        }
+    }
+
     /// The device name the server reports.
     pub(crate) fn device_name(&self) -> String {
         self.session.device().name
@@ -260,6 +271,47 @@ impl Gpu for RemoteGpu {
 
     fn dtoh(&self, dst: &mut [u8], src: &Self::Buffer) -> Result<()> {
         Ok(self.session.memcpy_dtoh(dst, src.addr(), StreamId::DEFAULT)?)
+    }
+
+    type Pinned = RemotePinned;
+
+    fn alloc_pinned(&self, bytes: usize) -> Result<RemotePinned> {
+        let addr = self.session.pinned_alloc(bytes).ok_or_else(|| {
+            anyhow!("no pinned memory in a host region shared with the server (see the client's log)")
+        })?;
+        Ok(RemotePinned { session: self.session.clone(), addr })
+    }
+
+    fn write_pinned(&self, dst: &RemotePinned, data: &[u8]) -> Result<()> {
+        Ok(self.session.pinned_write(dst.addr, data)?)
+    }
+
+    fn read_pinned(&self, src: &RemotePinned, out: &mut [u8]) -> Result<()> {
+        Ok(self.session.pinned_read(src.addr, out)?)
+    }
+
+    fn htod_pinned(&self, dst: &Self::Buffer, src: &RemotePinned, len: usize) -> Result<()> {
+        Ok(self.session.memcpy_htod_pinned(dst.addr(), src.addr, len, StreamId::DEFAULT)?)
+    }
+
+    fn dtoh_pinned(&self, dst: &RemotePinned, src: &Self::Buffer, len: usize) -> Result<()> {
+        Ok(self.session.memcpy_dtoh_pinned(dst.addr, len, src.addr(), StreamId::DEFAULT)?)
+    }
+}
+
+/// Pinned memory of a session in a host region shared with the server,
+/// freed on drop.
+#[derive(Debug)]
+pub(crate) struct RemotePinned {
+    session: Session,
+    addr: usize,
+}
+
+impl Drop for RemotePinned {
+    fn drop(&mut self) {
+        if let Err(e) = self.session.pinned_free(self.addr) {
+            tracing::warn!("freeing pinned memory failed: {e}");
+        }
     }
 }
 

@@ -62,6 +62,9 @@ pub(crate) enum Target {
     RemoteAtLeast(f64),
     /// remote / native is at most this.
     RatioAtMost(f64),
+    /// remote / native is at least this (rates: the remote reaches this
+    /// share of native).
+    RatioAtLeast(f64),
 }
 
 impl Target {
@@ -71,6 +74,7 @@ impl Target {
             Target::RemoteBelow(v) => format!("< {}", unit.format(v)),
             Target::RemoteAtLeast(v) => format!("≥ {}", unit.format(v)),
             Target::RatioAtMost(r) => format!("≤ {r}x native"),
+            Target::RatioAtLeast(r) => format!("≥ {r}x native"),
         }
     }
 }
@@ -148,7 +152,7 @@ impl Row {
     pub(crate) fn verdict(&self) -> Option<Verdict> {
         let target = self.target?;
         let measured = match target {
-            Target::RatioAtMost(_) => self.ratio(),
+            Target::RatioAtMost(_) | Target::RatioAtLeast(_) => self.ratio(),
             _ => self.remote,
         };
         let Some(v) = measured else {
@@ -157,7 +161,7 @@ impl Row {
         let met = match target {
             Target::RemoteAtMost(t) | Target::RatioAtMost(t) => v <= t,
             Target::RemoteBelow(t) => v < t,
-            Target::RemoteAtLeast(t) => v >= t,
+            Target::RemoteAtLeast(t) | Target::RatioAtLeast(t) => v >= t,
         };
         Some(if met { Verdict::Met } else { Verdict::Missed })
     }
@@ -412,6 +416,8 @@ mod tests {
         assert_eq!(launches.verdict(), Some(Verdict::Missed));
         let no_native = Row::new("launches", Unit::Seconds, None, Some(2.0)).target(Target::RatioAtMost(1.5));
         assert_eq!(no_native.verdict(), Some(Verdict::NotMeasured));
+        let pinned = Row::new("pinned", Unit::GibPerSec, Some(50.0), Some(41.0)).target(Target::RatioAtLeast(0.8));
+        assert_eq!(pinned.verdict(), Some(Verdict::Met));
         let cold = Row::new("cold", Unit::Millis, None, Some(50.0)).target(Target::RemoteBelow(50.0));
         assert_eq!(cold.verdict(), Some(Verdict::Missed));
         assert_eq!(Row::new("x", Unit::Millis, None, None).verdict(), None);

@@ -22,6 +22,17 @@ pub(crate) trait Gpu {
     fn htod(&self, dst: &Self::Buffer, src: &[u8]) -> Result<()>;
     /// Copies device memory into `dst`; returns when `dst` holds the data.
     fn dtoh(&self, dst: &mut [u8], src: &Self::Buffer) -> Result<()>;
+    /// Pinned host memory (natively `cuMemHostAlloc`; remotely in a host
+    /// region shared with the server), freed on drop.
+    type Pinned;
+    fn alloc_pinned(&self, bytes: usize) -> Result<Self::Pinned>;
+    fn write_pinned(&self, dst: &Self::Pinned, data: &[u8]) -> Result<()>;
+    fn read_pinned(&self, src: &Self::Pinned, out: &mut [u8]) -> Result<()>;
+    /// Queues a copy of `len` bytes from pinned memory on the default
+    /// stream (`cuMemcpyHtoDAsync`); done after a synchronize.
+    fn htod_pinned(&self, dst: &Self::Buffer, src: &Self::Pinned, len: usize) -> Result<()>;
+    /// Queues a copy into pinned memory (`cuMemcpyDtoHAsync`).
+    fn dtoh_pinned(&self, dst: &Self::Pinned, src: &Self::Buffer, len: usize) -> Result<()>;
 }
 
 /// Latencies of `empty` launch + synchronize, after `warmup` untimed ones.
@@ -122,6 +133,39 @@ pub(crate) fn copies<G: Gpu>(gpu: &G, data: &[u8]) -> Result<CopyRates> {
         htod: gib_per_s(data.len(), Samples::new(up).median()),
         dtoh: gib_per_s(data.len(), Samples::new(down).median()),
     })
+}
+
+/// [`copies`] between pinned host memory and the device, asynchronous
+/// copies each followed by a synchronize (as PyTorch's
+/// `.to("cuda", non_blocking=True)` from pinned memory, then a sync).
+pub(crate) fn pinned_copies<G: Gpu>(gpu: &G, data: &[u8]) -> Result<CopyRates> {
+    let n = data.len();
+    let buffer = gpu.alloc(n)?;
+    let (src, back) = (gpu.alloc_pinned(n)?, gpu.alloc_pinned(n)?);
+    gpu.write_pinned(&src, data)?;
+    gpu.htod_pinned(&buffer, &src, n)?;
+    gpu.dtoh_pinned(&back, &buffer, n)?;
+    gpu.synchronize()?;
+    let mut got = vec![0u8; n];
+    gpu.read_pinned(&back, &mut got)?;
+    verify_round_trip(gpu.label(), data, &got)?;
+
+    let reps = copy_reps(n);
+    let mut up = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        gpu.htod_pinned(&buffer, &src, n)?;
+        gpu.synchronize()?;
+        up.push(start.elapsed());
+    }
+    let mut down = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        gpu.dtoh_pinned(&back, &buffer, n)?;
+        gpu.synchronize()?;
+        down.push(start.elapsed());
+    }
+    Ok(CopyRates { htod: gib_per_s(n, Samples::new(up).median()), dtoh: gib_per_s(n, Samples::new(down).median()) })
 }
 
 fn verify_round_trip(label: &str, sent: &[u8], back: &[u8]) -> Result<()> {

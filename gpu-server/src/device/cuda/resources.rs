@@ -304,3 +304,49 @@ impl Drop for Event {
         warn_on_error(unsafe { sys::cuEventDestroy_v2(self.raw) }, "cuEventDestroy_v2");
     }
 }
+
+/// A client's shared host region registered with the driver
+/// (`cuMemHostRegister`): copies between it and the device are DMA from
+/// and to the client's pages. Dropped before the region is unmapped.
+#[derive(Debug)]
+pub(super) struct HostRegistration {
+    /// The mapping's first byte, as registered.
+    base: usize,
+    context: Arc<Context>,
+}
+
+impl HostRegistration {
+    /// Registers `[base, base + len)`.
+    ///
+    /// # Safety
+    /// The range is mapped host memory that stays mapped until the
+    /// registration drops.
+    pub(super) unsafe fn register(context: Arc<Context>, base: *mut u8, len: usize) -> DeviceResult<Self> {
+        // A thread of the shared-memory attachment, not a session's: the
+        // primary context is made current here first.
+        context.make_current()?;
+        // Portable: pinned for every context of the process, whichever the
+        // session's copies run in.
+        let flags = sys::CU_MEMHOSTREGISTER_PORTABLE;
+        // SAFETY: the caller guarantees the range is mapped for its
+        // lifetime.
+        driver::check(unsafe { sys::cuMemHostRegister_v2(base.cast(), len, flags) }, "cuMemHostRegister_v2")?;
+        Ok(Self { base: base as usize, context })
+    }
+}
+
+impl Drop for HostRegistration {
+    fn drop(&mut self) {
+        if let Err(e) = self.context.make_current() {
+            tracing::warn!(error = %e, "cannot unregister a host region: its context cannot be made current");
+            return;
+        }
+        // Copies queued from or into the region (asynchronous ones from
+        // the program's pinned memory) must finish before its pages go.
+        // SAFETY: the context is current on this thread.
+        warn_on_error(unsafe { sys::cuCtxSynchronize() }, "cuCtxSynchronize");
+        // SAFETY: `base` was registered by `register` and is still mapped
+        // (the owner unmaps after this drop).
+        warn_on_error(unsafe { sys::cuMemHostUnregister(self.base as *mut std::ffi::c_void) }, "cuMemHostUnregister");
+    }
+}

@@ -16,18 +16,20 @@
 //! unmapped.
 
 use crate::auth::constant_time_eq;
+use crate::device::HostPinner;
 use crate::error::CallError;
+use crate::host_regions::{HostRegion, HostRegions};
 use crate::server::bulk::BulkService;
 use crate::server::metrics::{Metrics, add};
 use gpupool_proto::cuda;
 use gpupool_shm::region::Region;
-use gpupool_shm::wire::{self, Attach, MESSAGE_LEN, Op, Reply, Request, SeqCheck};
+use gpupool_shm::wire::{self, Attach, Op, Reply, Request, SeqCheck};
 use gpupool_shm::{ShmError, channel};
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,6 +52,10 @@ pub(crate) struct Registry {
 struct Attachable {
     secret: [u8; wire::SECRET_LEN],
     service: Arc<BulkService>,
+    /// The session's host regions (its pinned memory) and what registers
+    /// them with the driver.
+    regions: Arc<HostRegions>,
+    pinner: Arc<dyn HostPinner>,
     /// The attached client's socket, shut down when the session ends.
     attached: Option<UnixStream>,
 }
@@ -66,25 +72,31 @@ impl Registry {
 
     /// Makes session `id`'s bulk transfers reachable through shared memory
     /// until the returned slot drops.
-    pub(crate) fn register(&self, id: u64, service: Arc<BulkService>) -> ShmSlot<'_> {
+    pub(crate) fn register(
+        &self,
+        id: u64,
+        service: Arc<BulkService>,
+        regions: Arc<HostRegions>,
+        pinner: Arc<dyn HostPinner>,
+    ) -> ShmSlot<'_> {
         if self.path.is_none() {
             return ShmSlot { registry: self, id, secret: None };
         }
         let secret = rand::random::<[u8; wire::SECRET_LEN]>();
-        self.lock().insert(id, Attachable { secret, service, attached: None });
+        self.lock().insert(id, Attachable { secret, service, regions, pinner, attached: None });
         ShmSlot { registry: self, id, secret: Some(secret) }
     }
 
-    /// The session's bulk service when `attach` carries its secret
-    /// (compared in constant time).
-    fn admit(&self, attach: &Attach) -> Result<Arc<BulkService>, String> {
+    /// The session's bulk service and host regions when `attach` carries
+    /// its secret (compared in constant time).
+    fn admit(&self, attach: &Attach) -> Result<Session, String> {
         let sessions = self.lock();
         let refused = || format!("no session {} takes shared memory with this secret", attach.session_id);
         let entry = sessions.get(&attach.session_id).ok_or_else(refused)?;
         if !constant_time_eq(&entry.secret, &attach.secret) {
             return Err(refused());
         }
-        Ok(entry.service.clone())
+        Ok(Session { bulk: entry.service.clone(), regions: entry.regions.clone(), pinner: entry.pinner.clone() })
     }
 
     /// Makes `stream` session `id`'s attachment (an earlier one is shut
@@ -98,6 +110,18 @@ impl Registry {
         true
     }
 }
+
+/// What an admitted attachment serves.
+struct Session {
+    bulk: Arc<BulkService>,
+    regions: Arc<HostRegions>,
+    pinner: Arc<dyn HostPinner>,
+}
+
+/// Attachments made so far in this process: each one's host regions are
+/// its own to remove when it ends (a newer attachment of the session may
+/// have added others).
+static ATTACHMENTS: AtomicU64 = AtomicU64::new(1);
 
 /// Session `id`'s entry in the [`Registry`]: unregistered on drop, which
 /// shuts its attachment's socket (its thread then ends and unmaps the
@@ -237,7 +261,7 @@ impl Drop for Mapped<'_> {
 
 /// One client's attachment: its `Attach` with the region within the
 /// handshake timeout, then its requests until the socket ends.
-fn attachment(registry: &Registry, metrics: &Metrics, stream: UnixStream, handshake_timeout: Duration) {
+fn attachment(registry: &Registry, metrics: &Arc<Metrics>, stream: UnixStream, handshake_timeout: Duration) {
     let refuse = |stream: &UnixStream, code, message: String| {
         add(&metrics.sessions_refused, 1);
         tracing::info!(reason = %message, "shared-memory attachment refused");
@@ -249,7 +273,7 @@ fn attachment(registry: &Registry, metrics: &Metrics, stream: UnixStream, handsh
         Ok(v) => v,
         Err(e) => return refuse(&stream, cuda::INVALID_VALUE, e.to_string()),
     };
-    let service = match registry.admit(&attach) {
+    let session = match registry.admit(&attach) {
         Ok(s) => s,
         Err(reason) => return refuse(&stream, cuda::NOT_PERMITTED, reason),
     };
@@ -264,7 +288,12 @@ fn attachment(registry: &Registry, metrics: &Metrics, stream: UnixStream, handsh
     }
     let _ = stream.set_read_timeout(None);
     tracing::info!(session = attach.session_id, bytes = attach.region_len, "shared-memory region attached");
-    match serve_requests(&stream, &region.region, &service) {
+    let owner = ATTACHMENTS.fetch_add(1, Ordering::Relaxed);
+    let served = serve_requests(&stream, &region.region, &session, owner, metrics);
+    // Its host regions go with it: unregistered (after the copies queued
+    // with them) and unmapped, here or by the session's copy holding one.
+    session.regions.clear(owner);
+    match served {
         Ok(()) => tracing::debug!(session = attach.session_id, "shared-memory attachment ended"),
         Err(e) => {
             add(&metrics.frames_rejected, 1);
@@ -282,11 +311,18 @@ fn attachment(registry: &Registry, metrics: &Metrics, stream: UnixStream, handsh
 /// (`Ok`), or a request breaks the protocol (`Err`: the attachment ends).
 /// A request the session refuses (staging limits, an unknown transfer)
 /// gets its error in the reply and the attachment goes on.
-fn serve_requests(stream: &UnixStream, region: &Region, bulk: &BulkService) -> Result<(), ShmError> {
+fn serve_requests(
+    stream: &UnixStream,
+    region: &Region,
+    session: &Session,
+    owner: u64,
+    metrics: &Arc<Metrics>,
+) -> Result<(), ShmError> {
+    let bulk = &session.bulk;
     let mut seq = SeqCheck::default();
     let max_chunk = bulk.max_chunk();
     loop {
-        let message = match channel::read_message::<MESSAGE_LEN>(stream) {
+        let (message, fd) = match channel::recv_message(stream) {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(()),
             Err(ShmError::Io(_)) => return Ok(()),
@@ -294,6 +330,18 @@ fn serve_requests(stream: &UnixStream, region: &Region, bulk: &BulkService) -> R
         };
         let request = Request::decode(&message)?;
         seq.next(request.seq)?;
+        if request.op.carries_fd() != fd.is_some() {
+            return Err(ShmError::Protocol(format!(
+                "request {} with a file descriptor where none belongs, or without one",
+                request.seq
+            )));
+        }
+        if let Some(reply) = serve_region_op(&request, fd, session, owner, metrics) {
+            if channel::write_message(stream, &reply.encode()).is_err() {
+                return Ok(());
+            }
+            continue;
+        }
         let (start, len) = request.check(region.len(), max_chunk)?;
         let reply = match serve_one(&request, region, start, len, bulk) {
             Ok(()) => {
@@ -306,6 +354,40 @@ fn serve_requests(stream: &UnixStream, region: &Region, bulk: &BulkService) -> R
             return Ok(());
         }
     }
+}
+
+/// Attaches or detaches a host region (`None` for any other request). A
+/// refusal (a bad file, the session's bounds, a driver error) is the
+/// reply's; the attachment goes on.
+fn serve_region_op(
+    request: &Request,
+    fd: Option<std::os::fd::OwnedFd>,
+    session: &Session,
+    owner: u64,
+    metrics: &Arc<Metrics>,
+) -> Option<Reply> {
+    let outcome = match (request.op, fd) {
+        (Op::AddRegion { id, len }, Some(fd)) => session.regions.admits(id, len).and_then(|()| {
+            // Checked like the bulk region: a memfd sealed against
+            // shrinking, of exactly the announced size.
+            let region = Region::open(fd, len).map_err(|e| CallError::invalid_value(e.to_string()))?;
+            let host = HostRegion::new(region, session.pinner.as_ref(), Some(metrics.clone()))?;
+            tracing::debug!(id, bytes = len, "host region attached and registered");
+            session.regions.insert(owner, id, host)
+        }),
+        (Op::RemoveRegion { id }, None) => {
+            if session.regions.remove(owner, id) {
+                Ok(())
+            } else {
+                Err(CallError::invalid_value(format!("host region {id} is not attached")))
+            }
+        }
+        _ => return None,
+    };
+    Some(match outcome {
+        Ok(()) => Reply::ok(request.seq),
+        Err(e) => Reply { seq: request.seq, code: e.code, message: e.message },
+    })
 }
 
 fn serve_one(
@@ -332,6 +414,9 @@ fn serve_one(
                 return Err(CallError::invalid_value(format!("staged {} bytes, asked {len}", bytes.len())));
             }
             region.write(start, &bytes).map_err(region_error)
+        }
+        Op::AddRegion { .. } | Op::RemoveRegion { .. } => {
+            Err(CallError::invalid_value("a region operation served as a copy"))
         }
     }
 }
