@@ -823,7 +823,19 @@ mod tests {
         let queue = WorkQueue { rx, spin: std::time::Duration::ZERO };
         let memory = crate::swap::SessionMemory::detached();
         let thread = std::thread::spawn(move || {
-            thread::run(device, limits, staging, images, Arc::default(), queue, replies, ready, memory, base)
+            thread::run(
+                device,
+                limits,
+                staging,
+                images,
+                Arc::default(),
+                queue,
+                replies,
+                ready,
+                memory,
+                base,
+                Arc::default(),
+            )
         });
         let (base, _) = ready_rx.await.expect("ready").expect("device session");
         Target { work, thread, base, _replies: replies_rx }
