@@ -806,3 +806,52 @@ pub(crate) fn decide(
 ) -> negotiate::Decision {
     negotiate::decide(offer, &RdmaHost::offer(host), lease_allows, new_secret())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gpupool_proto::rdma::negotiate::{Decision, Fallback};
+
+    fn config(mode: RdmaMode, provider: Option<Arc<dyn Provider>>) -> ServerConfig {
+        let mut c = ServerConfig::new(([127, 0, 0, 1], 0).into(), vec!["t".into()]);
+        c.rdma.mode = mode;
+        c.rdma.provider = provider;
+        c
+    }
+
+    fn offer() -> v1::RdmaOffer {
+        v1::RdmaOffer { device: "mem0".into(), core_version: gpupool_proto::rdma::CORE_VERSION }
+    }
+
+    #[test]
+    fn the_listener_follows_the_mode_and_the_provider() {
+        let metrics = Arc::new(Metrics::default());
+        assert!(RdmaHost::bind(&config(RdmaMode::Off, None), metrics.clone()).expect("off").is_none());
+        // No provider given and (in these tests) no verbs device.
+        assert!(RdmaHost::bind(&config(RdmaMode::Auto, None), metrics.clone()).expect("auto").is_none());
+        let err = RdmaHost::bind(&config(RdmaMode::On, None), metrics.clone()).expect_err("on without a device");
+        assert!(err.to_string().contains("--rdma on"), "{err}");
+        let fabric: Arc<dyn Provider> = Arc::new(gpupool_rdma::mem::MemFabric::new("mem0"));
+        let (host, listener) =
+            RdmaHost::bind(&config(RdmaMode::On, Some(fabric)), metrics).expect("on").expect("a listener");
+        assert_eq!(host.port(), listener.port());
+        assert_eq!(
+            RdmaHost::offer(Some(&host)),
+            ServerRdma { device: Some("mem0".into()), port: host.port(), enabled: true }
+        );
+    }
+
+    #[test]
+    fn the_decision_needs_an_offer_a_listener_and_the_lease() {
+        let fabric: Arc<dyn Provider> = Arc::new(gpupool_rdma::mem::MemFabric::new("mem0"));
+        let (host, _listener) =
+            RdmaHost::bind(&config(RdmaMode::On, Some(fabric)), Arc::default()).expect("on").expect("a listener");
+        assert_eq!(decide(Some(&host), None, true), Decision::Quic(Fallback::NotOffered));
+        assert_eq!(decide(None, Some(&offer()), true), Decision::Quic(Fallback::Disabled));
+        assert_eq!(decide(Some(&host), Some(&offer()), false), Decision::Quic(Fallback::LeaseForbids));
+        let Decision::Rdma(accept) = decide(Some(&host), Some(&offer()), true) else { panic!("accepted") };
+        assert_eq!((accept.port, accept.secret.len()), (host.port(), SECRET_LEN));
+        let Decision::Rdma(again) = decide(Some(&host), Some(&offer()), true) else { panic!("accepted") };
+        assert_ne!(accept.secret, again.secret, "a secret per session");
+    }
+}
