@@ -51,6 +51,53 @@ pub struct BalancerConfig {
     /// idle ones (`pool::rebalance`; their sessions migrate); `None` (the
     /// default): never.
     pub rebalance_interval: Option<Duration>,
+    /// Which tenants' leases allow RDMA (`LeaseClaims.allow_rdma`, signed
+    /// with the lease; `docs/rdma.md`). None by default.
+    pub allow_rdma: RdmaPolicy,
+}
+
+/// Whose sessions may leave QUIC for RDMA. RDMA needs the client and the
+/// server on one RDMA fabric, and the client's traffic then bypasses the
+/// QUIC (TLS) path: an operator opts tenants in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum RdmaPolicy {
+    /// No lease allows it.
+    #[default]
+    Nobody,
+    /// Every lease allows it.
+    Everyone,
+    /// Leases of these tenants.
+    Tenants(std::collections::BTreeSet<String>),
+}
+
+impl RdmaPolicy {
+    /// Whether a lease of `tenant` allows RDMA.
+    pub fn allows(&self, tenant: &str) -> bool {
+        match self {
+            Self::Nobody => false,
+            Self::Everyone => true,
+            Self::Tenants(t) => t.contains(tenant),
+        }
+    }
+}
+
+impl std::str::FromStr for RdmaPolicy {
+    type Err = String;
+    /// `none`, `all`, or tenants separated by commas.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "" | "none" => Ok(Self::Nobody),
+            "all" => Ok(Self::Everyone),
+            list => {
+                let tenants: std::collections::BTreeSet<String> =
+                    list.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+                if tenants.is_empty() {
+                    return Err(format!("no tenant in {list:?}"));
+                }
+                Ok(Self::Tenants(tenants))
+            }
+        }
+    }
 }
 
 /// How clients authenticate.
@@ -148,6 +195,7 @@ impl BalancerConfig {
             tls: Some(TlsSettings::self_signed()),
             mig_plan_interval: None,
             rebalance_interval: None,
+            allow_rdma: RdmaPolicy::Nobody,
         }
     }
 
@@ -213,6 +261,21 @@ mod tests {
         let mut c = BalancerConfig::new(([127, 0, 0, 1], 0).into(), LeaseSigner::from_seed([1; 32]), "servers");
         c.clients = clients;
         c
+    }
+
+    #[test]
+    fn the_rdma_policy_names_nobody_everyone_or_tenants() {
+        assert_eq!(
+            BalancerConfig::new(([127, 0, 0, 1], 0).into(), LeaseSigner::from_seed([1; 32]), "s").allow_rdma,
+            RdmaPolicy::Nobody
+        );
+        let none: RdmaPolicy = "none".parse().expect("none");
+        assert!(!none.allows("a"));
+        let all: RdmaPolicy = "all".parse().expect("all");
+        assert!(all.allows("a") && all.allows("b"));
+        let some: RdmaPolicy = "a, c".parse().expect("tenants");
+        assert!(some.allows("a") && some.allows("c") && !some.allows("b") && !some.allows("a, c"));
+        assert!(",".parse::<RdmaPolicy>().is_err());
     }
 
     #[test]

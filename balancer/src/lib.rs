@@ -33,6 +33,6 @@ pub mod service;
 pub mod table;
 pub mod tenants;
 
-pub use config::{BalancerConfig, ClientAuth, LegacyClients, TlsSettings};
+pub use config::{BalancerConfig, ClientAuth, LegacyClients, RdmaPolicy, TlsSettings};
 pub use convert::gpu_to_proto;
 pub use service::{Balancer, BalancerError, TenantsHandle, run};

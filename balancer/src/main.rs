@@ -26,7 +26,7 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the balancer.
-    Serve(Serve),
+    Serve(Box<Serve>),
     /// Create the lease-signing key file if it does not exist; print its
     /// public key (what gpu-servers take as `--lease-key`).
     Keygen {
@@ -180,6 +180,11 @@ struct Serve {
     /// sessions migrating (each move pauses its session briefly); 0: never.
     #[arg(long, env = "GPUPOOL_REBALANCE_INTERVAL_MS", default_value_t = 0)]
     rebalance_interval_ms: u64,
+    /// Whose leases allow RDMA between client and server (signed in the
+    /// lease; the server still needs a device and `--rdma`): `none`,
+    /// `all`, or tenants separated by commas.
+    #[arg(long, env = "GPUPOOL_ALLOW_RDMA", default_value = "none")]
+    allow_rdma: String,
     /// After a start, grant nothing new for this long (ms) so that live
     /// leases come back first. Default: one renew interval plus one
     /// heartbeat interval plus a second.
@@ -271,6 +276,7 @@ fn config(s: Serve) -> anyhow::Result<BalancerConfig> {
     c.pool.memory_overcommit_percent = s.memory_overcommit_percent;
     c.mig_plan_interval = (s.mig_policy == "dynamic").then(|| Duration::from_millis(s.mig_plan_interval_ms.max(100)));
     c.rebalance_interval = (s.rebalance_interval_ms > 0).then(|| Duration::from_millis(s.rebalance_interval_ms));
+    c.allow_rdma = s.allow_rdma.parse().map_err(|e: String| anyhow::anyhow!("--allow-rdma: {e}"))?;
     c.heartbeat_interval = Duration::from_millis(s.heartbeat_ms);
     c.pool.recovery_ms = s.recovery_ms.unwrap_or(s.lease_ttl_ms / 3 + s.heartbeat_ms + 1_000);
     for q in &s.quotas {
@@ -411,7 +417,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Serve(s) => {
             let tenants_file = s.tenants.clone();
-            let config = config(s)?;
+            let config = config(*s)?;
             rt.block_on(async {
                 let balancer = gpupool_balancer::Balancer::bind(config).await?;
                 if let Some(path) = tenants_file {

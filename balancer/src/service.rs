@@ -92,8 +92,8 @@ impl State {
             memory_bytes: lease.memory,
             issued_unix_ms: lease.issued_ms,
             expires_unix_ms: lease.expires_ms,
-            // No placement policy grants RDMA yet (docs/rdma.md): QUIC only.
-            allow_rdma: false,
+            // The operator's policy (`--allow-rdma`), signed with the lease.
+            allow_rdma: self.config.allow_rdma.allows(&lease.tenant),
             class: convert::class_to_proto(lease.class).into(),
             compute_percent: lease.compute_percent,
         };

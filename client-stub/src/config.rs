@@ -122,6 +122,30 @@ pub struct ClientConfig {
     /// shared-memory attachment only); 0: none, pinned memory is plain
     /// memory and its bytes travel like any others.
     pub shm_pinned_bytes: usize,
+    /// RDMA: whether to offer it, and the device (`docs/rdma.md`).
+    pub rdma: RdmaOptions,
+}
+
+/// A client's RDMA settings.
+#[derive(Debug, Clone)]
+pub struct RdmaOptions {
+    /// Offer RDMA when a device is found (off: the session stays on QUIC).
+    pub enabled: bool,
+    /// The device; `None`: the first verbs device (feature `rdma-verbs`).
+    /// Tests put an in-memory fabric here.
+    pub provider: Option<std::sync::Arc<dyn gpupool_rdma::Provider>>,
+    /// How long the server may stay silent on the RDMA connection before
+    /// it is lost (and the session resumes on QUIC).
+    pub idle_timeout: Duration,
+    /// Bytes of the registered regions uploads are read from and
+    /// downloads land in (each); larger copies go in pieces of this size.
+    pub region_bytes: usize,
+}
+
+impl Default for RdmaOptions {
+    fn default() -> Self {
+        Self { enabled: true, provider: None, idle_timeout: Duration::from_secs(10), region_bytes: 16 << 20 }
+    }
 }
 
 /// Default size of a client's shared-memory region: eight 4 MiB slots, so
@@ -171,6 +195,7 @@ impl ClientConfig {
             token_source: TokenSource::Fixed,
             shm_region_bytes: DEFAULT_SHM_REGION_BYTES,
             shm_pinned_bytes: DEFAULT_SHM_PINNED_BYTES,
+            rdma: RdmaOptions::default(),
         }
     }
 
@@ -200,6 +225,9 @@ impl ClientConfig {
         }
         if self.shm_region_bytes != 0 && !(4096..=1 << 30).contains(&self.shm_region_bytes) {
             bad.push("shm_region_bytes must be 0 (off) or from 4 KiB to 1 GiB");
+        }
+        if self.rdma.enabled && !(1 << 20..=1 << 30).contains(&self.rdma.region_bytes) {
+            bad.push("rdma.region_bytes must be from 1 MiB to 1 GiB");
         }
         if let Trust::Fingerprint(f) = &self.trust
             && (f.len() != 64 || !f.bytes().all(|b| b.is_ascii_hexdigit()))

@@ -18,6 +18,7 @@ pub mod handoff;
 pub mod launch_check;
 pub mod lease;
 pub mod mirror;
+mod rdma;
 pub mod session;
 mod shm;
 pub mod stats;
@@ -26,7 +27,7 @@ pub mod transport;
 mod wait;
 
 pub use alloc::AllocationId;
-pub use config::{ClientConfig, DEFAULT_SHM_PINNED_BYTES, DEFAULT_SHM_REGION_BYTES, TokenSource, Trust};
+pub use config::{ClientConfig, DEFAULT_SHM_PINNED_BYTES, DEFAULT_SHM_REGION_BYTES, RdmaOptions, TokenSource, Trust};
 pub use error::{ClientError, Result};
 pub use gpupool_proto::grpc_tls::BalancerTrust;
 pub use handoff::LeaseHandoff;

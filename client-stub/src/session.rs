@@ -12,7 +12,7 @@ use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
 use crate::lease::{LeasedGpu, PoolRequest};
 use crate::mirror::{MirrorHost, Mirrors};
-use crate::transport::{PinnedCopy, QuicTransport, Transport};
+use crate::transport::{PinnedCopy, Transport};
 use bytes::Bytes;
 use gpupool_proto::payload::{self, Compression};
 use gpupool_proto::v1::{self, call::Op, call_result::Value};
@@ -320,8 +320,8 @@ pub struct Session {
 impl Session {
     /// Connects to the server in `config` and opens a session.
     pub fn connect(config: &ClientConfig) -> Result<Self> {
-        let transport = QuicTransport::connect(config)?;
-        Ok(Self::with_transport(Box::new(transport), config))
+        let transport = crate::rdma::connect(config)?;
+        Ok(Self::with_transport(transport, config))
     }
 
     /// Leases a virtual GPU from the balancer in `request` and opens a
@@ -332,8 +332,8 @@ impl Session {
         let leased = LeasedGpu::allocate(request)?;
         let mut config = leased.client_config(template)?;
         config.token_source = crate::TokenSource::Lease(leased.lease_cell());
-        let transport = QuicTransport::connect(&config)?;
-        let mut session = Self::with_transport(Box::new(transport), &config);
+        let transport = crate::rdma::connect(&config)?;
+        let mut session = Self::with_transport(transport, &config);
         if let Some(inner) = Arc::get_mut(&mut session.inner) {
             inner.lease = Some(leased);
         }
@@ -438,6 +438,12 @@ impl Session {
     /// when copies do not go through it (see `docs/transport.md`).
     pub fn shared_memory_bytes(&self) -> Option<u64> {
         self.inner.transport.shared_memory_bytes()
+    }
+
+    /// Whether the session's commands and copies go over RDMA now
+    /// (`docs/rdma.md`); false on QUIC, also after a lost RDMA connection.
+    pub fn rdma_attached(&self) -> bool {
+        self.inner.transport.rdma_attached()
     }
 
     /// The server's handshake answer: session id, range, quota, device.

@@ -92,6 +92,10 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     fn host_region(&self, _ptr: usize, _len: usize) -> Option<v1::HostRegionRef> {
         None
     }
+    /// Whether the session's commands and copies go over RDMA now.
+    fn rdma_attached(&self) -> bool {
+        false
+    }
 }
 
 /// Frames larger than this are refused from the server.
@@ -672,6 +676,11 @@ async fn handshake(
 impl QuicTransport {
     /// Connects, presents the token and waits for the server's `Welcome`.
     pub fn connect(config: &ClientConfig) -> Result<Self> {
+        Self::connect_with(config, None)
+    }
+
+    /// [`Self::connect`] with an RDMA offer in the `Hello` (`crate::rdma`).
+    pub(crate) fn connect_with(config: &ClientConfig, rdma: Option<v1::RdmaOffer>) -> Result<Self> {
         config.validate().map_err(ClientError::Config)?;
         // One I/O thread: quinn's endpoint and connection drivers then wake
         // each other without crossing threads (sync round trip 100 µs
@@ -696,8 +705,7 @@ impl QuicTransport {
             resume: None,
             bulk: None,
             migrate: None,
-            // No RDMA offer until the client has an RDMA transport (docs/rdma.md).
-            rdma: None,
+            rdma,
         };
         let timeout = config.connect_timeout;
         let max_udp_payload = config.max_udp_payload;
@@ -769,8 +777,33 @@ impl QuicTransport {
         })
     }
 
+    /// Keeps a batch's frame for a resume (when resumption is on).
+    pub(crate) fn record(&self, seq: u64, frame: Bytes) {
+        if self.resume.is_some() {
+            self.replay().record(seq, frame);
+        }
+    }
+
+    /// After the session's other attachment (RDMA) was lost: waits up to
+    /// the connect timeout for the server to close the QUIC connection
+    /// (it says where to resume: here), then resumes the session on QUIC.
+    pub(crate) fn recover_lost_attachment(&self, error: ClientError) -> Result<()> {
+        if let Some(rt) = &self.rt {
+            let (conn, limit) = (self.links().conn, self.resume_wait());
+            let _ = run_on(rt, async move {
+                let _ = tokio::time::timeout(limit, conn.closed()).await;
+                Ok(())
+            });
+        }
+        self.recover(error)
+    }
+
+    fn resume_wait(&self) -> Duration {
+        self.resume.as_ref().map_or(Duration::ZERO, |r| r.lock().unwrap_or_else(|e| e.into_inner()).connect_timeout)
+    }
+
     /// Decodes a reply frame and acknowledges it in the replay log.
-    fn reply_of(&self, body: Bytes) -> Result<v1::BatchReply> {
+    pub(crate) fn reply_of(&self, body: Bytes) -> Result<v1::BatchReply> {
         let reply = v1::BatchReply::decode(body).map_err(|e| ClientError::Protocol(format!("bad reply: {e}")))?;
         if reply.seq != 0 {
             self.replay().ack(reply.seq);
@@ -945,6 +978,8 @@ impl QuicTransport {
             resume: Some(v1::Resume { session_id: info.session_id, secret: info.secret.clone(), acked_seq }),
             bulk: None,
             migrate: None,
+            // A resumed session stays on QUIC.
+            rdma: None,
             ..info.hello.clone()
         };
         tracing::info!(session = info.session_id, acked_seq, reason = %error, "connection lost; resuming the session");

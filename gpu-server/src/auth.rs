@@ -23,6 +23,10 @@ pub struct Grant {
     /// The session's resume secret, when it was chosen upstream (a worker
     /// process's ticket carries the supervisor's).
     pub resume_secret: Option<String>,
+    /// Whether the session may run over RDMA: the lease's signed
+    /// `allow_rdma` (the balancer's policy); a static token is the
+    /// operator's own and allows it (the server's `--rdma` still decides).
+    pub allow_rdma: bool,
 }
 
 /// What a lease token names.
@@ -103,6 +107,7 @@ impl Authenticator for StaticTokens {
                 session_id: None,
                 lease: None,
                 resume_secret: None,
+                allow_rdma: true,
             })
         } else {
             Err(AuthError::Invalid)
@@ -158,6 +163,7 @@ impl Authenticator for LeaseTokens {
                     .then(|| claims.compute_percent.clamp(1, 100)),
             }),
             resume_secret: None,
+            allow_rdma: claims.allow_rdma,
         })
     }
 
@@ -198,6 +204,9 @@ mod tests {
         let lease = ok.lease.expect("lease");
         assert_eq!(lease.instance_uuid, "MIG-a");
         assert_eq!(lease.shared_percent, None, "exclusive");
+        assert!(!ok.allow_rdma, "the lease does not allow RDMA");
+        let rdma = LeaseClaims { allow_rdma: true, ..claims("s1", "MIG-a", now + 60_000) };
+        assert!(auth.authenticate(&signer.sign(&rdma)).expect("valid lease").allow_rdma, "carried from the claims");
         let shared = LeaseClaims {
             class: gpupool_proto::balancer::LeaseClass::Shared.into(),
             compute_percent: 25,

@@ -203,6 +203,8 @@ pub struct ServerConfig {
     /// default is the system's temporary directory). A client in a
     /// container needs this directory mounted to use it.
     pub shm_dir: Option<PathBuf>,
+    /// RDMA for sessions of clients with a device (`docs/rdma.md`).
+    pub rdma: RdmaSettings,
     /// Whether workers of shared leases run as clients of this server's
     /// MPS daemon (`docs/sharing.md`).
     pub mps: MpsSettings,
@@ -217,6 +219,49 @@ pub struct ServerConfig {
     /// mappings, the previous version). 0: none is accepted; the source
     /// then sends everything once it stopped.
     pub migrate_precopy_bytes: u64,
+}
+
+/// Whether the server listens for RDMA connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RdmaMode {
+    /// Never: every session stays on QUIC.
+    Off,
+    /// When a device is found (sessions in this process only).
+    #[default]
+    Auto,
+    /// Always: no device, or a listener that cannot bind, is an error.
+    On,
+}
+
+impl std::str::FromStr for RdmaMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        off_auto_on(s, "RDMA", [Self::Off, Self::Auto, Self::On])
+    }
+}
+
+/// `off`, `auto` or `on` as one of `modes` (in that order).
+fn off_auto_on<T: Copy>(s: &str, what: &str, modes: [T; 3]) -> Result<T, String> {
+    match s {
+        "off" => Ok(modes[0]),
+        "auto" => Ok(modes[1]),
+        "on" => Ok(modes[2]),
+        other => Err(format!("unknown {what} mode {other:?} (off, auto or on)")),
+    }
+}
+
+/// Settings of the server's RDMA listener.
+#[derive(Debug, Clone, Default)]
+pub struct RdmaSettings {
+    pub mode: RdmaMode,
+    /// rdma_cm port on the listen address's IP (0: any free one).
+    pub port: u16,
+    /// The device to use; `None`: the first verbs device (feature
+    /// `rdma-verbs`). Tests put an in-memory fabric here.
+    pub provider: Option<std::sync::Arc<dyn gpupool_rdma::Provider>>,
+    /// How long the peer may stay silent on an RDMA connection before it is
+    /// lost (the core's idle timeout; keepalives go every quarter of it).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// When sessions of shared leases run under the server's MPS daemon.
@@ -236,12 +281,7 @@ pub enum MpsMode {
 impl std::str::FromStr for MpsMode {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "off" => Ok(Self::Off),
-            "auto" => Ok(Self::Auto),
-            "on" => Ok(Self::On),
-            other => Err(format!("unknown MPS mode {other:?} (off, auto or on)")),
-        }
+        off_auto_on(s, "MPS", [Self::Off, Self::Auto, Self::On])
     }
 }
 
@@ -316,6 +356,7 @@ impl ServerConfig {
             balancer: None,
             resume_grace: Duration::from_secs(30),
             shm_dir: Some(Self::default_shm_dir()),
+            rdma: RdmaSettings::default(),
             session_spin: gpupool_proto::quic::default_spin(),
             worker_ports: None,
             swap: None,

@@ -34,7 +34,10 @@ pub mod tls;
 pub mod worker;
 mod worker_spec;
 
-pub use config::{BalancerLink, DeviceChoice, Isolation, MpsMode, MpsSettings, ServerConfig, Swap, WorkerCommand};
+pub use config::{
+    BalancerLink, DeviceChoice, Isolation, MpsMode, MpsSettings, RdmaMode, RdmaSettings, ServerConfig, Swap,
+    WorkerCommand,
+};
 pub use error::{CallError, ServerError};
 pub use server::{Metrics, MetricsSnapshot, Migrated, MigrationTarget, Migrator, Server};
 pub use swap::SwapDisk;

@@ -117,6 +117,15 @@ struct Args {
     /// temporary directory. Clients in containers need it mounted.
     #[arg(long, env = "GPUPOOL_SHM_DIR")]
     shm_dir: Option<String>,
+    /// RDMA for the commands and copies of clients with a device
+    /// (docs/rdma.md): `auto` when a device is found, `on` (an error
+    /// without one), `off`. Sessions in worker processes stay on QUIC.
+    #[arg(long, env = "GPUPOOL_RDMA", default_value = "auto")]
+    rdma: String,
+    /// rdma_cm port of the RDMA listener, on the listen address's IP (0:
+    /// any free one; clients learn it in the handshake).
+    #[arg(long, env = "GPUPOOL_RDMA_PORT", default_value_t = 0)]
+    rdma_port: u16,
     /// A connection silent this long is lost, in milliseconds (clients send
     /// keep-alives every 2 s).
     #[arg(long, env = "GPUPOOL_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
@@ -249,6 +258,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.worker_ports = args.worker_ports;
     config.bulk_endpoints = args.bulk_endpoints;
     config.migrate_precopy_bytes = args.migrate_precopy_mib.saturating_mul(1 << 20);
+    config.rdma.mode = args.rdma.parse().map_err(|e: String| anyhow::anyhow!("--rdma: {e}"))?;
+    config.rdma.port = args.rdma_port;
     match args.shm_dir.as_deref() {
         Some("off") => config.shm_dir = None,
         Some(dir) => config.shm_dir = Some(dir.into()),

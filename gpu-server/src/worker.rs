@@ -233,6 +233,8 @@ fn read_control(
             session_id: Some(a.session_id),
             lease: None,
             resume_secret: Some(a.resume_secret.clone()).filter(|s| !s.is_empty()),
+            // Sessions in worker processes stay on QUIC (docs/rdma.md).
+            allow_rdma: false,
         };
         if a.time_share {
             gate.activate();
@@ -427,6 +429,7 @@ mod tests {
             session_id: Some(7),
             lease: None,
             resume_secret: None,
+            allow_rdma: false,
         };
         t.arm("abc".into(), grant.clone(), Instant::now() + Duration::from_secs(60));
         assert_eq!(t.authenticate(""), Err(AuthError::Missing));

@@ -29,6 +29,9 @@ pub(crate) fn config_from_spec(spec: &v1::WorkerSpec) -> Result<ServerConfig, Se
     c.max_bulk_streams = spec.max_bulk_streams as usize;
     c.bulk_endpoints = spec.bulk_endpoints as usize;
     c.shm_dir = Some(spec.shm_dir.clone()).filter(|d| !d.is_empty()).map(Into::into);
+    // A worker's sessions stay on QUIC (docs/rdma.md): no listener, no
+    // device probe in every worker process.
+    c.rdma.mode = crate::config::RdmaMode::Off;
     c.batch_queue = spec.batch_queue as usize;
     c.image_cache_dir = Some(spec.image_cache_dir.clone()).filter(|d| !d.is_empty()).map(Into::into);
     c.image_cache_bytes = spec.image_cache_bytes;
@@ -105,6 +108,7 @@ mod tests {
         c.shm_dir = None;
         assert_eq!(config_from_spec(&spec_from_config(&c, vec![vec![1]], vec![3])).expect("valid").shm_dir, None);
         assert!(back.one_session && back.max_sessions == 1);
+        assert_eq!(back.rdma.mode, crate::config::RdmaMode::Off, "workers stay on QUIC");
         let mut bad = spec_from_config(&c, vec![], vec![]);
         bad.device = "gpu".into();
         assert!(config_from_spec(&bad).expect_err("bad device").to_string().contains("bad worker device \"gpu\""));

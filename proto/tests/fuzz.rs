@@ -459,9 +459,9 @@ fn rdma_seeds() -> Vec<Vec<u8>> {
     [
         hello,
         RdmaMessage::Data { last: true, body: b"batch".to_vec() },
-        RdmaMessage::PutChunk { id: 1, offset: 0, len: 100, slot: 0 },
+        RdmaMessage::PutChunk { id: 1, total: 100, offset: 0, len: 100, slot: 0 },
         RdmaMessage::GetRequest { id: 2, offset: 0, len: 100, dest: 0 },
-        RdmaMessage::SlotFree { slot: 1 },
+        RdmaMessage::SlotFree { slot: 1, code: 0 },
         RdmaMessage::Close { code: 0 },
     ]
     .iter()
@@ -514,7 +514,7 @@ impl RdmaServer {
         while let Some(event) = self.conn.poll_event() {
             match event {
                 Event::PutChunk { slot, .. } => {
-                    let _ = self.conn.release_slot(slot, std::time::Instant::now());
+                    let _ = self.conn.release_slot(slot, 0, std::time::Instant::now());
                 }
                 Event::Ended(_) => up = false,
                 _ => {}

@@ -20,6 +20,8 @@ pub struct TestServer {
     pub fingerprint: String,
     pub metrics: Arc<Metrics>,
     pub backend: &'static str,
+    /// The port of its RDMA listener, when it has one.
+    pub rdma_port: Option<u16>,
     /// Moves the server's sessions to other servers.
     pub migrator: gpupool_server::Migrator,
     pool: Option<Arc<WorkerPool>>,
@@ -147,13 +149,14 @@ impl TestServer {
                 server.backend(),
                 server.worker_pool(),
                 server.migrator(),
+                server.rdma_port(),
             );
             ready(info);
             server.run(stop).await?;
             Ok(())
         })?;
-        let (addr, fingerprint, metrics, backend, pool, migrator) = info;
-        Ok(Self { addr, fingerprint, metrics, backend, migrator, pool, running })
+        let (addr, fingerprint, metrics, backend, pool, migrator, rdma_port) = info;
+        Ok(Self { addr, fingerprint, metrics, backend, rdma_port, migrator, pool, running })
     }
 
     /// The worker processes, warm and busy (none in-process).

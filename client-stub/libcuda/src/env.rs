@@ -27,6 +27,7 @@
 //! | `GPUPOOL_SHM` | `off` (or `0`): keep copies on QUIC even when the server shares this host; default on: a client on the server's host attaches a shared-memory region and copies go through it |
 //! | `GPUPOOL_SHM_MIB` | size of that region in MiB (default 32, at most 1024) |
 //! | `GPUPOOL_SHM_PINNED_MIB` | most pinned host memory (`cuMemHostAlloc`, `cudaMallocHost`) kept in host regions shared with the server, in MiB (default 8192; 0: pinned memory is plain memory); beyond it pinned allocations are plain memory |
+//! | `GPUPOOL_RDMA` | `off` (or `0`): never offer RDMA; default on: a client with an RDMA device (built with `rdma-verbs`) offers it, and its commands and copies go over RDMA when the server and the lease allow it (docs/rdma.md) |
 //! | `GPUPOOL_BATCH_DELAY_US` | longest wait of a queued call for company while earlier batches are in flight (default 100; `off`: queued calls go only with a synchronizing call or a full batch) |
 //! | `GPUPOOL_IO_SPIN_US` | keep the I/O thread awake this long after each batch sent, so that sends need no kernel wake-up (default 0: it sleeps at once; spends a core while the program sends) |
 //! | `GPUPOOL_LOG` | log filter for stderr (default `warn`) |
@@ -68,13 +69,35 @@ pub(crate) fn target() -> Result<Target, String> {
     target_from_lookup(var)
 }
 
+/// `name` as `on` or `off` (`None`: not set, or not either, which is a problem).
+fn on_off(
+    lookup: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    problems: &mut Vec<&'static str>,
+) -> Option<bool> {
+    match lookup(name).map(|v| v.trim().to_ascii_lowercase()) {
+        None => None,
+        Some(v) if ["off", "0", "false", "no"].contains(&v.as_str()) => Some(false),
+        Some(v) if ["on", "1", "true", "yes"].contains(&v.as_str()) => Some(true),
+        Some(_) => {
+            problems.push(if name == "GPUPOOL_SHM" {
+                "GPUPOOL_SHM must be `on` or `off`"
+            } else {
+                "GPUPOOL_RDMA must be `on` or `off`"
+            });
+            None
+        }
+    }
+}
+
 /// Client tuning from the environment: `GPUPOOL_BULK_CONNECTIONS`,
-/// `GPUPOOL_SHM`, `GPUPOOL_SHM_MIB`, `GPUPOOL_SHM_PINNED_MIB`, `GPUPOOL_BATCH_DELAY_US`, `GPUPOOL_IO_SPIN_US` (`None`: not set).
+/// `GPUPOOL_SHM`, `GPUPOOL_SHM_MIB`, `GPUPOOL_SHM_PINNED_MIB`, `GPUPOOL_RDMA`, `GPUPOOL_BATCH_DELAY_US`, `GPUPOOL_IO_SPIN_US` (`None`: not set).
 #[derive(Debug, Default)]
 struct Tuning {
     bulk_connections: Option<usize>,
     shm_region_bytes: Option<usize>,
     shm_pinned_bytes: Option<usize>,
+    rdma: Option<bool>,
     batch_delay: Option<Option<std::time::Duration>>,
     io_spin: Option<std::time::Duration>,
 }
@@ -89,15 +112,8 @@ impl Tuning {
             Some(Ok(n)) if n <= 64 => t.bulk_connections = Some(n),
             Some(_) => problems.push("GPUPOOL_BULK_CONNECTIONS must be a whole number from 0 to 64"),
         }
-        let shm_on = match lookup("GPUPOOL_SHM").map(|v| v.trim().to_ascii_lowercase()) {
-            None => true,
-            Some(v) if ["off", "0", "false", "no"].contains(&v.as_str()) => false,
-            Some(v) if ["on", "1", "true", "yes"].contains(&v.as_str()) => true,
-            Some(_) => {
-                problems.push("GPUPOOL_SHM must be `on` or `off`");
-                true
-            }
-        };
+        let shm_on = on_off(lookup, "GPUPOOL_SHM", &mut problems).unwrap_or(true);
+        t.rdma = on_off(lookup, "GPUPOOL_RDMA", &mut problems);
         match lookup("GPUPOOL_SHM_MIB").map(|v| v.trim().parse::<usize>()) {
             None => {}
             Some(Ok(n)) if (1..=1024).contains(&n) => t.shm_region_bytes = Some(n << 20),
@@ -136,6 +152,9 @@ impl Tuning {
         }
         if let Some(n) = self.shm_region_bytes {
             config.shm_region_bytes = n;
+        }
+        if let Some(on) = self.rdma {
+            config.rdma.enabled = on;
         }
         if let Some(d) = self.batch_delay {
             config.batch.max_delay = d;
@@ -374,6 +393,12 @@ mod tests {
         assert_eq!(template.shm_region_bytes, 0, "GPUPOOL_SHM=off");
         let bad = target_from_lookup(lookup(&[("GPUPOOL_LEASE_FILE", "/x"), ("GPUPOOL_SHM_PINNED_MIB", "-1")]));
         assert!(bad.expect_err("invalid").contains("GPUPOOL_SHM_PINNED_MIB"));
+        assert!(template.rdma.enabled, "RDMA offered by default");
+        let no_rdma = target_from_lookup(lookup(&[("GPUPOOL_LEASE_FILE", "/x"), ("GPUPOOL_RDMA", "off")]));
+        let Ok(Target::Handoff(_, template)) = no_rdma else { panic!("a hand-off target") };
+        assert!(!template.rdma.enabled, "GPUPOOL_RDMA=off");
+        let bad = target_from_lookup(lookup(&[("GPUPOOL_LEASE_FILE", "/x"), ("GPUPOOL_RDMA", "maybe")]));
+        assert!(bad.is_err_and(|e| e.contains("GPUPOOL_RDMA must be")));
         assert_eq!(c.trust, Trust::Fingerprint(pin));
     }
 

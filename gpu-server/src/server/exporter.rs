@@ -37,6 +37,9 @@ pub fn render(metrics: &Metrics) -> String {
     gauge(&mut r, "shm_regions", "Shared-memory regions of local clients mapped now", s.shm_regions);
     gauge(&mut r, "shm_registered", "Shared-memory regions registered with the driver now", s.shm_registered);
     counter(&mut r, "shm_copied_bytes", "Bytes copied through shared-memory regions", s.shm_bytes);
+    counter(&mut r, "rdma_attachments", "RDMA connections admitted to their session", s.rdma_attachments);
+    counter(&mut r, "rdma_frames", "Command frames received over RDMA", s.rdma_frames);
+    counter(&mut r, "rdma_copied_bytes", "Bulk bytes copied over RDMA", s.rdma_bytes);
     counter(&mut r, "resumptions", "Clients reattached to their kept session", s.resumptions);
     counter(&mut r, "resumptions_refused", "Reattachments refused (session gone, wrong secret)", s.resumptions_refused);
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);

@@ -8,7 +8,9 @@ use super::metrics::add;
 use super::state::{AnyDevice, LeasedSession, Mode, Shared};
 use super::supervised::run_in_worker;
 use super::transport::quic::{self, Quic};
+use super::transport::rdma::{self, Rdma};
 use super::transport::{Attachment, Link};
+use gpupool_proto::rdma::negotiate::{Decision, Fallback};
 use gpupool_proto::{PROTOCOL_VERSION, close_code, frame, v1};
 use prost::Message;
 use std::sync::Arc;
@@ -208,6 +210,20 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
                 old.conn.close(close_code::NORMAL.into(), b"replaced by a new session of the same lease");
             }
         }
+        // Whether the session's commands may move to RDMA (fresh sessions
+        // in this process only; docs/rdma.md).
+        let decision = match (&mode, &hello.migrate) {
+            (Mode::Local(_), None) => rdma::decide(shared.rdma.as_ref(), hello.rdma.as_ref(), grant.allow_rdma),
+            _ => Decision::Quic(Fallback::Disabled),
+        };
+        match &decision {
+            Decision::Rdma(_) => tracing::info!("RDMA offered and accepted"),
+            Decision::Quic(Fallback::NotOffered) => {}
+            Decision::Quic(why) if hello.rdma.is_some() => {
+                tracing::info!(?why, "RDMA offered; the session stays on QUIC")
+            }
+            Decision::Quic(_) => {}
+        }
         let start = match hello.migrate {
             Some(m) => {
                 tracing::info!(bytes = m.memory_bytes, "a session migrates here");
@@ -218,9 +234,21 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
         let conn = match mode {
             Mode::Local(device) => {
                 let attachment = Attachment::<Quic> { link: conn, sender: send, receiver: recv };
-                match device {
-                    AnyDevice::Cuda(d) => run_session(&shared, d, attachment, id, quota, &grant, start).await,
-                    AnyDevice::Emulated(d) => run_session(&shared, d, attachment, id, quota, &grant, start).await,
+                match (decision, &shared.rdma) {
+                    (Decision::Rdma(accept), Some(host)) => {
+                        let attachment: Attachment<Rdma> = rdma::pending(host.clone(), id, accept, attachment);
+                        let link = match device {
+                            AnyDevice::Cuda(d) => run_session(&shared, d, attachment, id, quota, &grant, start).await,
+                            AnyDevice::Emulated(d) => {
+                                run_session(&shared, d, attachment, id, quota, &grant, start).await
+                            }
+                        };
+                        link.quic().clone()
+                    }
+                    _ => match device {
+                        AnyDevice::Cuda(d) => run_session(&shared, d, attachment, id, quota, &grant, start).await,
+                        AnyDevice::Emulated(d) => run_session(&shared, d, attachment, id, quota, &grant, start).await,
+                    },
                 }
             }
             Mode::Workers(workers) => match workers.for_session(&grant) {

@@ -170,9 +170,12 @@ where
         shm_host_regions: !shm_socket.is_empty(),
         shm_socket,
         shm_secret,
-        // The server has no RDMA listener yet (docs/rdma.md): every offer
-        // falls back to QUIC, as `rdma::negotiate::decide` does without a device.
-        rdma: None,
+        // A session the negotiation moved to RDMA registers for its
+        // connection here (with its bulk service); others offer nothing.
+        rdma: match &start {
+            Start::Fresh => conn.welcome_rdma(&bulk),
+            Start::Migrated(_) => None,
+        },
         // Pre-copied memory is written into the session's mappings as it
         // arrives (kept in host memory for a source that announces no
         // mappings): at most the session's quota and the configured bound.
@@ -429,7 +432,8 @@ where
         again.link.end(close_code::SESSION_GONE, b"the replies the client missed are gone");
         return None;
     }
-    let welcome = v1::Welcome { resumed: true, resumed_seq: received_seq, ..welcome.clone() };
+    // A resumed session stays on QUIC (the attachment it came with).
+    let welcome = v1::Welcome { resumed: true, resumed_seq: received_seq, rdma: None, ..welcome.clone() };
     // A failed send shows on the command channel as a lost attachment.
     let _ = again.sender.send_frame(&frame::encode(&welcome)).await;
     tracing::info!(remote = %again.link.peer(), received_seq, why, "session resumed");

@@ -92,6 +92,12 @@ pub struct Metrics {
     /// host regions holding programs' pinned memory (also counted in
     /// `shm_regions`; the emulated device counts them without a driver).
     pub shm_registered: AtomicU64,
+    /// RDMA connections admitted to their session, command frames received
+    /// over RDMA, and bulk bytes copied over it (counted in
+    /// `bulk_bytes_in`/`_out` as well).
+    pub rdma_attachments: AtomicU64,
+    pub rdma_frames: AtomicU64,
+    pub rdma_bytes: AtomicU64,
     /// Clients reattached to their kept session, and reattachments refused
     /// (the session was gone, or the secret wrong).
     pub resumptions: AtomicU64,
@@ -133,6 +139,9 @@ pub struct MetricsSnapshot {
     pub shm_regions: u64,
     pub shm_bytes: u64,
     pub shm_registered: u64,
+    pub rdma_attachments: u64,
+    pub rdma_frames: u64,
+    pub rdma_bytes: u64,
     pub resumptions: u64,
     pub resumptions_refused: u64,
 }
@@ -238,6 +247,9 @@ impl Metrics {
             shm_regions: g(&self.shm_regions),
             shm_bytes: g(&self.shm_bytes),
             shm_registered: g(&self.shm_registered),
+            rdma_attachments: g(&self.rdma_attachments),
+            rdma_frames: g(&self.rdma_frames),
+            rdma_bytes: g(&self.rdma_bytes),
             resumptions: g(&self.resumptions),
             resumptions_refused: g(&self.resumptions_refused),
         }

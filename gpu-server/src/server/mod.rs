@@ -54,7 +54,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::task::JoinSet;
-use transport::{quic, shm};
+use transport::{quic, rdma, shm};
 
 /// A bound, not yet running, gpu-server.
 #[derive(Debug)]
@@ -65,6 +65,8 @@ pub struct Server {
     bulk: BulkIo,
     /// The shared-memory socket (none: off, or worker processes bind theirs).
     shm: Option<shm::ShmListener>,
+    /// The RDMA listener until `run` starts accepting on it.
+    rdma: Option<Box<dyn gpupool_rdma::Listen>>,
     mode: Mode,
     fingerprint: String,
     shared: Arc<Shared>,
@@ -180,8 +182,32 @@ impl Server {
             },
             _ => (None, shm::Registry::off()),
         };
-        let shared = Arc::new(Shared::new(config, auth, bulk.ports(), Arc::new(shm), device_memory));
-        Ok(Self { endpoint, bulk, shm: shm_listener, mode, fingerprint: identity.fingerprint(), shared })
+        // RDMA sessions run in this process: under process isolation every
+        // session stays on QUIC (a worker would need a listener of its own).
+        let metrics = Arc::new(Metrics::default());
+        let (rdma_host, rdma_listener) = match &mode {
+            Mode::Local(_) => match rdma::RdmaHost::bind(&config, metrics.clone())? {
+                Some((host, listener)) => (Some(host), Some(listener)),
+                None => (None, None),
+            },
+            Mode::Workers(_) if config.rdma.mode == crate::config::RdmaMode::On => {
+                return Err(ServerError::Config(
+                    "--rdma on needs sessions in this process (process isolation keeps them on QUIC)".into(),
+                ));
+            }
+            Mode::Workers(_) => (None, None),
+        };
+        let shared =
+            Arc::new(Shared::new(config, auth, bulk.ports(), Arc::new(shm), rdma_host, device_memory, metrics));
+        Ok(Self {
+            endpoint,
+            bulk,
+            shm: shm_listener,
+            rdma: rdma_listener,
+            mode,
+            fingerprint: identity.fingerprint(),
+            shared,
+        })
     }
 
     /// The bound UDP address.
@@ -232,6 +258,11 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// The port of the RDMA listener (`None`: no RDMA here).
+    pub fn rdma_port(&self) -> Option<u16> {
+        self.shared.rdma.as_ref().map(|h| h.port())
     }
 
     /// The path of this process's shared-memory socket (`None`: off, or
@@ -285,6 +316,16 @@ impl Server {
                 }
             })
         });
+        let rdma = match (self.rdma.take(), &self.shared.rdma) {
+            (Some(listener), Some(host)) => match rdma::serve(host.clone(), listener) {
+                Ok(thread) => Some(thread),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the RDMA listener's thread; sessions stay on QUIC");
+                    None
+                }
+            },
+            _ => None,
+        };
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
         let one = self.shared.config.one_session;
@@ -304,6 +345,11 @@ impl Server {
         if let Some(shm) = shm {
             // Its socket file goes with the task.
             shm.abort();
+        }
+        if let (Some(thread), Some(host)) = (rdma, &self.shared.rdma) {
+            // Connections already attached end with their sessions.
+            host.stop();
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         let _ = link_stop.send(true);
         if let Some(link) = link {

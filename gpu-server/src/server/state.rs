@@ -210,6 +210,9 @@ pub(crate) struct Shared {
     pub(crate) migrations: super::migrate::Registry,
     /// Sessions whose client on this host may attach a shared-memory region.
     pub(crate) shm: Arc<super::transport::shm::Registry>,
+    /// The RDMA listener and the sessions waiting for their connection
+    /// (none: RDMA off, no device, or sessions in worker processes).
+    pub(crate) rdma: Option<Arc<super::transport::rdma::RdmaHost>>,
     /// The device memory of the sessions in this process, resident and
     /// swapped out ([`crate::swap`]).
     pub(crate) device_memory: Arc<crate::swap::DeviceMemory>,
@@ -230,7 +233,9 @@ impl Shared {
         auth: Arc<dyn Authenticator>,
         bulk_ports: Vec<u16>,
         shm: Arc<super::transport::shm::Registry>,
+        rdma: Option<Arc<super::transport::rdma::RdmaHost>>,
         device_memory: Arc<crate::swap::DeviceMemory>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             device_memory,
@@ -243,7 +248,7 @@ impl Shared {
             served_gpus: Mutex::new(config.gpus.clone()),
             config,
             auth,
-            metrics: Arc::default(),
+            metrics,
             next_session: AtomicU64::new(1),
             session_ended: tokio::sync::Notify::new(),
             leased: Mutex::new(HashMap::new()),
@@ -251,6 +256,7 @@ impl Shared {
             bulk: bulk::Registry::new(bulk_ports),
             migrations: super::migrate::Registry::default(),
             shm,
+            rdma,
         }
     }
 

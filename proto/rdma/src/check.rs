@@ -44,20 +44,15 @@ pub fn run() -> Result<Outcome, Error> {
 #[cfg(feature = "verbs")]
 mod loopback {
     use super::{ADDR_ENV, Outcome};
-    use crate::endpoint::{PEER_WRITABLE, source};
-    use crate::{Endpoint, Error, Listener, Regions};
-    use gpupool_proto::rdma::{Config, Event, RdmaError, RemoteRegion, Role};
-    use std::net::{Ipv4Addr, SocketAddrV4};
-    use std::time::{Duration, Instant};
+    use crate::Error;
+    use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
-    const SESSION: u64 = 7;
-    const SECRET: &[u8] = b"gpupool rdma integration check!!";
-    const SLOT: u32 = 1 << 20;
-    const COPY: usize = 3 << 20;
-    const LIMIT: Duration = Duration::from_secs(20);
-
-    fn pattern(len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i.wrapping_mul(131) + 7) as u8).collect()
+    /// The check over the first device.
+    pub(super) fn session(devices: &[String]) -> Result<Outcome, Error> {
+        let (device, ip) = address(devices)?;
+        let provider = crate::verbs_provider::VerbsProvider::probe()?;
+        let done = super::session_over(&provider, SocketAddr::V4(SocketAddrV4::new(ip, 0)))?;
+        Ok(Outcome::Passed(format!("{device} at {done}")))
     }
 
     /// The address to run on: the environment's, or the first IPv4 address
@@ -76,6 +71,25 @@ mod loopback {
             }
         }
         Err(Error::NoDevice(format!("devices {devices:?} have no interface with an IPv4 address; set {ADDR_ENV}")))
+    }
+}
+
+/// The session of the check over `provider`, its listener on `addr`.
+mod session {
+    use crate::endpoint::{PEER_WRITABLE, source};
+    use crate::{Endpoint, Error, Listen, Provider, Regions};
+    use gpupool_proto::rdma::{Config, Event, RdmaError, RemoteRegion, Role};
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+
+    const SESSION: u64 = 7;
+    const SECRET: &[u8] = b"gpupool rdma integration check!!";
+    const SLOT: u32 = 1 << 20;
+    const COPY: usize = 3 << 20;
+    const LIMIT: Duration = Duration::from_secs(20);
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i.wrapping_mul(131) + 7) as u8).collect()
     }
 
     fn config(role: Role) -> Config {
@@ -106,9 +120,10 @@ mod loopback {
         Error::Rdma(RdmaError::Violation(what))
     }
 
-    fn server(listener: Listener) -> Result<(), Error> {
+    fn server(mut listener: Box<dyn Listen>) -> Result<(), Error> {
         let regions = Regions { writable: 2 * SLOT as usize, source: COPY };
-        let mut ep = listener.accept(config(Role::Server), regions, LIMIT)?;
+        let accepted = Endpoint::accept(&mut *listener, config(Role::Server), regions, LIMIT, LIMIT)?;
+        let mut ep = accepted.ok_or(Error::Timeout("a connect request"))?;
         ep.write(crate::endpoint::SOURCE, 0, &pattern(COPY))?;
         let expected = pattern(COPY);
         let mut uploaded = 0usize;
@@ -125,7 +140,7 @@ mod loopback {
                         return Err(violation(format!("upload chunk at {offset} differs")));
                     }
                     uploaded += chunk.len();
-                    ep.conn().release_slot(slot, now)?;
+                    ep.conn().release_slot(slot, 0, now)?;
                 }
                 Event::GetRequest(t) => ep.conn().answer_get(t, source(t.offset, t.len), now)?,
                 Event::Ended(Ok(_)) if uploaded == COPY => return Ok(()),
@@ -134,14 +149,14 @@ mod loopback {
         }
     }
 
-    pub(super) fn session(devices: &[String]) -> Result<Outcome, Error> {
-        let (device, ip) = address(devices)?;
-        let listener = Listener::bind(SocketAddrV4::new(ip, 0))?;
-        let addr = SocketAddrV4::new(ip, listener.port());
+    /// Runs the session; what it did, for the check's line.
+    pub(crate) fn run(provider: &dyn Provider, at: SocketAddr) -> Result<String, Error> {
+        let listener = provider.listen(at)?;
+        let addr = SocketAddr::new(at.ip(), listener.port());
         let server = std::thread::spawn(move || server(listener));
         let started = Instant::now();
         let regions = Regions { writable: COPY, source: COPY };
-        let mut ep = Endpoint::connect(addr, config(Role::Client), regions, LIMIT)?;
+        let mut ep = Endpoint::connect(provider, addr, config(Role::Client), regions, LIMIT)?;
         ep.write(crate::endpoint::SOURCE, 0, &pattern(COPY))?;
         if !matches!(expect(&mut ep, "the Hello")?, Event::Connected { session_id: SESSION, .. }) {
             return Err(violation("no Connected first".into()));
@@ -155,6 +170,9 @@ mod loopback {
         ep.conn().put(1, source(0, COPY as u32), t)?;
         if expect(&mut ep, "the upload")? != (Event::PutWritten { id: 1 }) {
             return Err(violation("client: no PutWritten".into()));
+        }
+        if expect(&mut ep, "the upload's verdict")? != (Event::PutDone { id: 1 }) {
+            return Err(violation("client: no PutDone".into()));
         }
         let up = t.elapsed();
         let t = Instant::now();
@@ -171,9 +189,25 @@ mod loopback {
         ep.conn().close(0, Instant::now());
         let _ = ep.next_event(Instant::now() + LIMIT);
         server.join().map_err(|_| violation("the server thread panicked".into()))??;
-        Ok(Outcome::Passed(format!(
-            "{device} at {addr}: handshake, a frame each way, {COPY} bytes up in {up:?} and down in {down:?}, close; {:?} in all",
+        Ok(format!(
+            "{addr}: handshake, a frame each way, {COPY} bytes up in {up:?} and down in {down:?}, close; {:?} in all",
             started.elapsed()
-        )))
+        ))
+    }
+}
+
+/// The check's session over any provider (the in-memory fabric in the
+/// tests, a device in [`run`]): what it did, or what failed.
+pub fn session_over(provider: &dyn crate::Provider, at: std::net::SocketAddr) -> Result<String, Error> {
+    session::run(provider, at)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_check_passes_over_the_in_memory_fabric() {
+        let fabric = crate::mem::MemFabric::new("mem0");
+        let done = super::session_over(&fabric, "127.0.0.1:0".parse().unwrap()).expect("the check's session");
+        assert!(done.contains("bytes up"), "{done}");
     }
 }

@@ -1,13 +1,14 @@
-//! One side of an RDMA connection on verbs: sets up the queue pair with
-//! rdma_cm, registers its regions, and drives a `gpupool_proto::rdma`
+//! One side of an RDMA connection on any [`Nic`]: registers its regions,
+//! posts its receives, connects, and drives a `gpupool_proto::rdma`
 //! [`Connection`] by posting its ops and feeding it completions and
-//! connection-manager events. Polled: the caller pumps it with a deadline.
+//! connection-manager events. The caller pumps it ([`Endpoint::pump`],
+//! [`Endpoint::next_event`]).
 
 use crate::Error;
-use crate::verbs::{Channel, CmEvent, CmId, QueuePair, Wc};
-use gpupool_proto::rdma::{Config, Connection, Event, LocalSlice, Op, RdmaError, RemoteRegion};
+use crate::nic::{CmNotice, Completion, Depths, Listen, Nic, Provider, SendWr, Wake};
+use gpupool_proto::rdma::{Config, Connection, Event, LocalSlice, Op, RdmaError};
 use std::collections::HashMap;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// Local region ids, as the core's [`LocalSlice::region`] names them.
@@ -15,14 +16,11 @@ pub const PEER_WRITABLE: u32 = 1;
 /// The region bulk copies are read from (uploads on a client, downloads on a server).
 pub const SOURCE: u32 = 2;
 
-/// Registration indices inside the queue pair.
+/// Registration indices inside the queue pair, in the order registered.
 const RECV: usize = 0;
 const SEND: usize = 1;
 const WRITABLE: usize = 2;
 const SRC: usize = 3;
-
-/// How long rdma_cm may take to resolve an address or a route.
-const RESOLVE_MS: i32 = 2000;
 
 /// Sizes of the regions an endpoint registers besides its message buffers.
 #[derive(Debug, Clone, Copy)]
@@ -33,53 +31,10 @@ pub struct Regions {
     pub source: usize,
 }
 
-/// A listening rdma_cm id.
-#[derive(Debug)]
-pub struct Listener {
-    // Field order is drop order: the id before its channel.
-    id: CmId,
-    channel: Channel,
-}
-
-impl Listener {
-    /// Listens on `addr` (an address of an RDMA device's interface; port 0 picks one).
-    pub fn bind(addr: SocketAddrV4) -> Result<Listener, Error> {
-        let channel = Channel::new()?;
-        let id = CmId::new(&channel)?;
-        id.listen(addr, 16)?;
-        Ok(Listener { id, channel })
-    }
-
-    pub fn port(&self) -> u16 {
-        self.id.port()
-    }
-
-    /// Accepts the next connection within `timeout`, as a server with `config`.
-    pub fn accept(&self, config: Config, regions: Regions, timeout: Duration) -> Result<Endpoint, Error> {
-        let deadline = Instant::now() + timeout;
-        let id = loop {
-            match self.channel.poll()? {
-                Some(CmEvent::ConnectRequest(id)) => break id,
-                Some(other) => return Err(Error::Cm(format!("{other} while waiting for a connect request"))),
-                None if Instant::now() >= deadline => return Err(Error::Timeout("a connect request")),
-                None => std::thread::sleep(Duration::from_millis(1)),
-            }
-        };
-        let channel = Channel::new()?;
-        id.migrate(&channel)?;
-        let mut endpoint = Endpoint::new(id, channel, config, regions)?;
-        endpoint.qp.id().accept()?;
-        endpoint.wait_established(deadline)?;
-        Ok(endpoint)
-    }
-}
-
 /// One connected side.
 #[derive(Debug)]
 pub struct Endpoint {
-    // Field order is drop order: the queue pair (and its id) before the channel.
-    qp: QueuePair,
-    channel: Channel,
+    nic: Box<dyn Nic>,
     conn: Connection,
     recv_buf: u32,
     send_free: Vec<u64>,
@@ -87,41 +42,56 @@ pub struct Endpoint {
     sending: HashMap<u64, u64>,
     /// Receive buffer of each receive posted.
     receiving: HashMap<u64, u16>,
-    wcs: Vec<Wc>,
+    wcs: Vec<Completion>,
     scratch: Vec<u8>,
 }
 
 impl Endpoint {
     /// Connects to a listener at `addr` within `timeout`, as a client with `config`.
-    pub fn connect(addr: SocketAddrV4, config: Config, regions: Regions, timeout: Duration) -> Result<Endpoint, Error> {
+    pub fn connect(
+        provider: &dyn Provider,
+        addr: SocketAddr,
+        config: Config,
+        regions: Regions,
+        timeout: Duration,
+    ) -> Result<Endpoint, Error> {
         let deadline = Instant::now() + timeout;
-        let channel = Channel::new()?;
-        let id = CmId::new(&channel)?;
-        id.resolve_addr(addr, RESOLVE_MS)?;
-        wait_for(&channel, deadline, "address resolution", |e| matches!(e, CmEvent::AddrResolved))?;
-        id.resolve_route(RESOLVE_MS)?;
-        wait_for(&channel, deadline, "route resolution", |e| matches!(e, CmEvent::RouteResolved))?;
-        let mut endpoint = Endpoint::new(id, channel, config, regions)?;
-        endpoint.qp.id().connect()?;
+        let nic = provider.connect(addr, depths(&config), timeout)?;
+        let mut endpoint = Endpoint::new(nic, config, regions)?;
+        endpoint.nic.start()?;
         endpoint.wait_established(deadline)?;
         Ok(endpoint)
     }
 
-    /// The queue pair, its regions, and the core with its receives posted.
-    fn new(id: CmId, channel: Channel, mut config: Config, regions: Regions) -> Result<Endpoint, Error> {
+    /// Accepts the next connect request that comes within `wait`, as a
+    /// server with `config`, connected within `timeout` after it came;
+    /// `None` when no request came.
+    pub fn accept(
+        listener: &mut dyn Listen,
+        config: Config,
+        regions: Regions,
+        wait: Duration,
+        timeout: Duration,
+    ) -> Result<Option<Endpoint>, Error> {
+        let Some(nic) = listener.accept(depths(&config), wait)? else { return Ok(None) };
+        let deadline = Instant::now() + timeout;
+        let mut endpoint = Endpoint::new(nic, config, regions)?;
+        endpoint.nic.start()?;
+        endpoint.wait_established(deadline)?;
+        Ok(Some(endpoint))
+    }
+
+    /// The queue pair's regions, and the core with its receives posted.
+    fn new(mut nic: Box<dyn Nic>, mut config: Config, regions: Regions) -> Result<Endpoint, Error> {
         let (depth, send_depth, recv_buf) = (config.recv_depth, config.send_depth, config.recv_buf);
-        let mut qp = QueuePair::new(id, u32::from(send_depth), u32::from(depth))?;
         let buf = recv_buf as usize;
-        qp.register(usize::from(depth) * buf, false)?;
-        qp.register(usize::from(send_depth) * buf, false)?;
-        qp.register(regions.writable, true)?;
-        qp.register(regions.source, false)?;
-        let writable = qp.info(WRITABLE).expect("registered above");
-        config.region = RemoteRegion { addr: writable.addr, len: writable.len, rkey: writable.rkey };
+        nic.register(usize::from(depth) * buf, false)?;
+        nic.register(usize::from(send_depth) * buf, false)?;
+        config.region = nic.register(regions.writable, true)?.1;
+        nic.register(regions.source, false)?;
         let conn = Connection::new(config, Instant::now())?;
         let mut endpoint = Endpoint {
-            qp,
-            channel,
+            nic,
             conn,
             recv_buf,
             send_free: (0..u64::from(send_depth)).collect(),
@@ -136,14 +106,14 @@ impl Endpoint {
 
     fn wait_established(&mut self, deadline: Instant) -> Result<(), Error> {
         loop {
-            match self.channel.poll()? {
-                Some(CmEvent::Established) => {
+            match self.nic.poll_cm()? {
+                Some(CmNotice::Established) => {
                     self.conn.handle_established(Instant::now());
                     return self.run_ops();
                 }
-                Some(other) => return Err(Error::Cm(format!("{other} while connecting"))),
+                Some(other) => return Err(Error::Cm(format!("{other:?} while connecting"))),
                 None if Instant::now() >= deadline => return Err(Error::Timeout("the connection")),
-                None => std::thread::sleep(Duration::from_millis(1)),
+                None => self.nic.wait(Duration::from_millis(1)),
             }
         }
     }
@@ -155,12 +125,49 @@ impl Endpoint {
 
     /// Copies bytes out of one of this side's regions ([`PEER_WRITABLE`] or [`SOURCE`]).
     pub fn read(&self, region: u32, offset: u64, out: &mut [u8]) -> Result<(), Error> {
-        self.qp.read(local_region(region)?, offset, out)
+        self.nic.read(local_region(region)?, offset, out)
     }
 
     /// Copies bytes into one of this side's regions.
     pub fn write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), Error> {
-        self.qp.write(local_region(region)?, offset, data)
+        self.nic.write(local_region(region)?, offset, data)
+    }
+
+    /// Waits up to `max` for the NIC (a completion, an event, a wake-up).
+    pub fn wait(&mut self, max: Duration) {
+        self.nic.wait(max);
+    }
+
+    /// A handle that ends a [`Self::wait`] early.
+    pub fn waker(&self) -> Wake {
+        self.nic.waker()
+    }
+
+    /// Drives the connection until `step` breaks with the end: each round
+    /// pumps the NIC, runs `step` (whether it moved anything), posts what it
+    /// queued, and waits up to `idle` when nothing moved.
+    pub fn drive<T>(
+        &mut self,
+        idle: Duration,
+        mut step: impl FnMut(&mut Endpoint) -> std::ops::ControlFlow<T, bool>,
+    ) -> Result<T, Error> {
+        loop {
+            let mut moved = self.pump()?;
+            match step(self) {
+                std::ops::ControlFlow::Break(end) => return Ok(end),
+                std::ops::ControlFlow::Continue(m) => moved |= m,
+            }
+            self.run_ops()?;
+            if !moved {
+                self.nic.wait(idle);
+            }
+        }
+    }
+
+    /// Posts what the core asked for since the last pump (after calls on
+    /// [`Self::conn`]).
+    pub fn flush(&mut self) -> Result<(), Error> {
+        self.run_ops()
     }
 
     /// Pumps until the core has an event, or `deadline`.
@@ -176,39 +183,29 @@ impl Endpoint {
                 return Err(Error::Timeout("an RDMA event"));
             }
             if !moved {
-                std::thread::sleep(Duration::from_micros(50));
+                self.nic.wait(Duration::from_micros(200).min(deadline.saturating_duration_since(Instant::now())));
             }
         }
     }
 
     /// One round: connection-manager events, completions, timers, ops.
     /// Whether anything happened.
-    fn pump(&mut self) -> Result<bool, Error> {
+    pub fn pump(&mut self) -> Result<bool, Error> {
         let now = Instant::now();
         let mut moved = false;
-        while let Some(event) = self.channel.poll()? {
-            moved = true;
-            if matches!(event, CmEvent::Disconnected | CmEvent::Other { .. }) {
-                self.conn.handle_disconnected();
-            }
-        }
+        // Completions first: a peer's last message (its `Close`) arrives
+        // before the disconnect that follows it is taken as a loss.
         self.wcs.clear();
-        self.qp.poll(&mut self.wcs)?;
-        for i in 0..self.wcs.len() {
+        self.nic.poll_completions(&mut self.wcs)?;
+        moved |= self.complete(now)?;
+        while let Some(event) = self.nic.poll_cm()? {
             moved = true;
-            let wc = self.wcs[i];
-            let len = (wc.byte_len as usize).min(self.scratch.len());
-            if let Some(buf) = self.sending.remove(&wc.wr_id) {
-                self.send_free.push(buf);
-            }
-            let received = self.receiving.remove(&wc.wr_id);
-            if let (Some(buf), Ok(())) = (received, wc.status) {
-                let mut scratch = std::mem::take(&mut self.scratch);
-                self.qp.read(RECV, u64::from(buf) * u64::from(self.recv_buf), &mut scratch[..len])?;
-                self.conn.handle_completion(now, wc.wr_id, wc.status, &scratch[..len]);
-                self.scratch = scratch;
-            } else {
-                self.conn.handle_completion(now, wc.wr_id, wc.status, &[]);
+            if matches!(event, CmNotice::Disconnected | CmNotice::Failed(_)) {
+                // Completions that came meanwhile go first.
+                self.wcs.clear();
+                self.nic.poll_completions(&mut self.wcs)?;
+                self.complete(now)?;
+                self.conn.handle_disconnected();
             }
         }
         if self.conn.poll_timeout().is_some_and(|t| now >= t) {
@@ -218,6 +215,27 @@ impl Endpoint {
         Ok(moved)
     }
 
+    /// Feeds the completions polled into `wcs` to the core; whether any.
+    fn complete(&mut self, now: Instant) -> Result<bool, Error> {
+        for i in 0..self.wcs.len() {
+            let wc = self.wcs[i];
+            let len = (wc.byte_len as usize).min(self.scratch.len());
+            if let Some(buf) = self.sending.remove(&wc.wr_id) {
+                self.send_free.push(buf);
+            }
+            let received = self.receiving.remove(&wc.wr_id);
+            if let (Some(buf), Ok(())) = (received, wc.status) {
+                let mut scratch = std::mem::take(&mut self.scratch);
+                self.nic.read(RECV, u64::from(buf) * u64::from(self.recv_buf), &mut scratch[..len])?;
+                self.conn.handle_completion(now, wc.wr_id, wc.status, &scratch[..len]);
+                self.scratch = scratch;
+            } else {
+                self.conn.handle_completion(now, wc.wr_id, wc.status, &[]);
+            }
+        }
+        Ok(!self.wcs.is_empty())
+    }
+
     /// Posts what the core asks for.
     fn run_ops(&mut self) -> Result<(), Error> {
         let now = Instant::now();
@@ -225,7 +243,7 @@ impl Endpoint {
             match op {
                 Op::PostRecv { wr_id, buf } => {
                     let offset = u64::from(buf) * u64::from(self.recv_buf);
-                    self.qp.post_recv(wr_id, RECV, offset, self.recv_buf)?;
+                    self.nic.post_recv(wr_id, RECV, offset, self.recv_buf)?;
                     self.receiving.insert(wr_id, buf);
                 }
                 Op::Send { wr_id, bytes } => {
@@ -236,20 +254,28 @@ impl Endpoint {
                     }
                     let buf = self.send_free.pop().ok_or(RdmaError::Misuse("more sends than the send queue holds"))?;
                     let offset = buf * u64::from(self.recv_buf);
-                    self.qp.write(SEND, offset, &bytes)?;
-                    self.qp.post_send(wr_id, SEND, offset, bytes.len() as u32, None)?;
+                    self.nic.write(SEND, offset, &bytes)?;
+                    self.nic.post_send(SendWr {
+                        wr_id,
+                        region: SEND,
+                        offset,
+                        len: bytes.len() as u32,
+                        remote: None,
+                    })?;
                     self.sending.insert(wr_id, buf);
                 }
                 Op::Write { wr_id, local, remote_addr, rkey } => {
-                    let posted = local_region(local.region)
-                        .and_then(|r| self.qp.post_send(wr_id, r, local.offset, local.len, Some((remote_addr, rkey))));
+                    let posted = local_region(local.region).and_then(|region| {
+                        let remote = Some((remote_addr, rkey));
+                        self.nic.post_send(SendWr { wr_id, region, offset: local.offset, len: local.len, remote })
+                    });
                     if posted.is_err() {
                         // What the NIC would answer for memory outside a registration.
                         let status = Err(gpupool_proto::rdma::WcError::LocalProtection);
                         self.conn.handle_completion(now, wr_id, status, &[]);
                     }
                 }
-                Op::Disconnect => self.qp.id().disconnect(),
+                Op::Disconnect => self.nic.disconnect(),
             }
         }
         Ok(())
@@ -265,21 +291,9 @@ fn local_region(region: u32) -> Result<usize, Error> {
     }
 }
 
-/// Waits for the event `want` on `channel`; any other is an error.
-fn wait_for(
-    channel: &Channel,
-    deadline: Instant,
-    what: &'static str,
-    want: impl Fn(&CmEvent) -> bool,
-) -> Result<(), Error> {
-    loop {
-        match channel.poll()? {
-            Some(event) if want(&event) => return Ok(()),
-            Some(other) => return Err(Error::Cm(format!("{other} during {what}"))),
-            None if Instant::now() >= deadline => return Err(Error::Timeout(what)),
-            None => std::thread::sleep(Duration::from_millis(1)),
-        }
-    }
+/// The queue sizes a configuration needs.
+fn depths(config: &Config) -> Depths {
+    Depths { send: config.send_depth, recv: config.recv_depth }
 }
 
 /// A slice of this side's source region, for `put` and `answer_get`.

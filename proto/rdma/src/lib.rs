@@ -4,8 +4,12 @@
 //! side of a reliable-connected queue pair. This crate runs it on real
 //! verbs: rdma_cm connects, an RC queue pair carries the command channel
 //! (send/receive) and the one-sided writes of bulk copies, a polled
-//! completion queue feeds completions back ([`Endpoint`], feature `verbs`).
-//! Its `unsafe` lives in one module, `verbs`.
+//! completion queue feeds completions back ([`Endpoint`] over the verbs
+//! [`Provider`], feature `verbs`). Its `unsafe` lives in one module, `verbs`.
+//!
+//! [`Endpoint`] drives a connection over any [`Nic`]: the verbs one, or the
+//! in-memory fabric ([`mem`]) that runs whole sessions in one process (the
+//! server's and client's tests, and machines without a device).
 //!
 //! Without the `verbs` feature (no libibverbs/librdmacm headers, no
 //! libclang for rdma-sys's bindgen) the crate builds and says so: [`devices`]
@@ -16,13 +20,16 @@
 //! "skipped: no RDMA device".
 
 pub mod check;
-#[cfg(feature = "verbs")]
 pub mod endpoint;
+pub mod mem;
+pub mod nic;
 #[cfg(feature = "verbs")]
 mod verbs;
-
 #[cfg(feature = "verbs")]
-pub use endpoint::{Endpoint, Listener, Regions};
+pub mod verbs_provider;
+
+pub use endpoint::{Endpoint, Regions};
+pub use nic::{Listen, Nic, Provider};
 
 use gpupool_proto::rdma::RdmaError;
 
@@ -53,6 +60,18 @@ pub enum Error {
     /// Nothing happened in time.
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+}
+
+/// The RDMA provider of this machine: the first verbs device, or why none.
+pub fn probe() -> Result<std::sync::Arc<dyn Provider>, Error> {
+    #[cfg(feature = "verbs")]
+    {
+        Ok(std::sync::Arc::new(verbs_provider::VerbsProvider::probe()?))
+    }
+    #[cfg(not(feature = "verbs"))]
+    {
+        Err(Error::NotBuilt)
+    }
 }
 
 /// Names of the RDMA devices `ibv_get_device_list` finds.

@@ -155,10 +155,16 @@ pub enum Event {
     Connected { session_id: u64, secret: Vec<u8> },
     /// A whole command frame from the peer.
     Frame(Vec<u8>),
-    /// Server: an upload chunk sits in slot `slot`; call `release_slot` once consumed.
-    PutChunk { id: u64, offset: u64, len: u32, slot: u16 },
+    /// Server: an upload chunk of an upload of `total` bytes sits in slot
+    /// `slot`; call `release_slot` once consumed, with the verdict.
+    PutChunk { id: u64, total: u64, offset: u64, len: u32, slot: u16 },
     /// Client: every chunk of upload `id` was written; its memory may be reused.
     PutWritten { id: u64 },
+    /// Client: the server staged every chunk of upload `id`.
+    PutDone { id: u64 },
+    /// Client: the server refused a chunk of upload `id` (a CUDA error
+    /// code); reported once, when every chunk was answered.
+    PutFailed { id: u64, code: u32 },
     /// Server: the client asks for a download chunk; `answer_get` or `refuse_get`.
     GetRequest(GetTicket),
     /// Client: every chunk of download `id` landed.
@@ -191,7 +197,6 @@ struct Peer {
     recv_buf: u32,
     max_frame: u32,
     region: RemoteRegion,
-    slots: u16,
     slot_size: u32,
     get_chunk: u32,
     gets_in_flight: u16,
@@ -209,6 +214,7 @@ enum Outgoing {
     /// Client: one chunk of an upload.
     PutChunk {
         id: u64,
+        total: u64,
         offset: u64,
         local: LocalSlice,
     },
@@ -265,6 +271,11 @@ pub struct Connection {
     busy_slots: Vec<bool>,
     /// Client: chunks of each upload not yet written.
     puts: HashMap<u64, u32>,
+    /// Client: the upload whose chunk each of the server's slots holds.
+    slot_owner: Vec<Option<u64>>,
+    /// Client: chunks of each upload the server has not answered yet, and
+    /// the first refusal.
+    verdicts: HashMap<u64, (u32, Option<u32>)>,
     /// Client: download chunks asked for, and chunks left (and refusal) per download.
     gets_out: HashMap<(u64, u64), u32>,
     gets: HashMap<u64, (u32, bool)>,
@@ -300,6 +311,8 @@ impl Connection {
             free_slots: VecDeque::new(),
             busy_slots: vec![false; usize::from(config.slots)],
             puts: HashMap::new(),
+            slot_owner: Vec::new(),
+            verdicts: HashMap::new(),
             gets_out: HashMap::new(),
             gets: HashMap::new(),
             tickets: HashMap::new(),
@@ -485,11 +498,22 @@ impl Connection {
     }
 
     /// Client: uploads `local` as transfer `id`, chunk by chunk into the
-    /// server's staging slots. [`Event::PutWritten`] tells when it is out.
+    /// server's staging slots. [`Event::PutWritten`] tells when it is out,
+    /// [`Event::PutDone`] (or `PutFailed`) when the server staged it.
     pub fn put(&mut self, id: u64, local: LocalSlice, now: Instant) -> Result<(), RdmaError> {
+        self.put_at(id, u64::from(local.len), 0, local, now)
+    }
+
+    /// Client: uploads `local` as the piece at `at` of transfer `id` of
+    /// `total` bytes (an upload larger than the source region goes piece by
+    /// piece, each after the last one's verdict).
+    pub fn put_at(&mut self, id: u64, total: u64, at: u64, local: LocalSlice, now: Instant) -> Result<(), RdmaError> {
         let peer = self.open_as(Role::Client)?;
-        if local.len == 0 || self.puts.contains_key(&id) {
+        if local.len == 0 || self.puts.contains_key(&id) || self.verdicts.contains_key(&id) {
             return Err(RdmaError::Misuse("an upload needs bytes and an id not in flight"));
+        }
+        if at.checked_add(u64::from(local.len)).is_none_or(|end| end > total) {
+            return Err(RdmaError::Misuse("an upload piece beyond its upload's size"));
         }
         let chunk = u64::from(peer.slot_size);
         let mut items = Vec::new();
@@ -497,12 +521,13 @@ impl Connection {
         while offset < u64::from(local.len) {
             let len = chunk.min(u64::from(local.len) - offset) as u32;
             let piece = LocalSlice { region: local.region, offset: local.offset + offset, len };
-            items.push(Outgoing::PutChunk { id, offset, local: piece });
+            items.push(Outgoing::PutChunk { id, total, offset: at + offset, local: piece });
             offset += u64::from(len);
         }
         let chunks = items.len() as u32;
         self.enqueue(items, now)?;
         self.puts.insert(id, chunks);
+        self.verdicts.insert(id, (chunks, None));
         Ok(())
     }
 
@@ -532,14 +557,15 @@ impl Connection {
         Ok(())
     }
 
-    /// Server: the chunk in `slot` was consumed; the client may write it again.
-    pub fn release_slot(&mut self, slot: u16, now: Instant) -> Result<(), RdmaError> {
+    /// Server: the chunk in `slot` was consumed (`code` 0: staged; else the
+    /// CUDA error it was refused with); the client may write the slot again.
+    pub fn release_slot(&mut self, slot: u16, code: u32, now: Instant) -> Result<(), RdmaError> {
         self.open_as(Role::Server)?;
         match self.busy_slots.get_mut(usize::from(slot)) {
             Some(busy) if *busy => *busy = false,
             _ => return Err(RdmaError::Misuse("release of a slot that holds no chunk")),
         }
-        self.queue.push_back(Outgoing::Message(Message::SlotFree { slot }));
+        self.queue.push_back(Outgoing::Message(Message::SlotFree { slot, code }));
         self.drive(now);
         Ok(())
     }
@@ -680,12 +706,13 @@ impl Connection {
                         self.queue.push_front(Outgoing::Frame { body, sent: end });
                     }
                 }
-                Outgoing::PutChunk { id, offset, local } => {
+                Outgoing::PutChunk { id, total, offset, local } => {
                     let slot = self.free_slots.pop_front().expect("checked above");
                     let addr = peer.region.addr + u64::from(slot) * u64::from(peer.slot_size);
+                    self.slot_owner[usize::from(slot)] = Some(id);
                     self.post_write(local, addr, peer.region.rkey, Some(id));
                     // RC delivers the notice after the write's bytes are placed.
-                    self.post_send(&Message::PutChunk { id, offset, len: local.len, slot }, false, now);
+                    self.post_send(&Message::PutChunk { id, total, offset, len: local.len, slot }, false, now);
                 }
                 Outgoing::Get(t) => {
                     self.gets_out.insert((t.id, t.offset), t.len);
@@ -753,27 +780,41 @@ impl Connection {
                 }
             }
             Message::Credit => {}
-            Message::PutChunk { id, offset, len, slot } => {
+            Message::PutChunk { id, total, offset, len, slot } => {
                 self.server_only("PutChunk")?;
                 let busy = self.busy_slots.get_mut(usize::from(slot));
                 let Some(busy) = busy.filter(|b| !**b) else {
                     return Err(RdmaError::Violation(format!("upload into slot {slot}, not a free slot")));
                 };
-                if len == 0 || len > self.config.slot_size || offset.checked_add(u64::from(len)).is_none() {
-                    return Err(RdmaError::Violation(format!("upload chunk of {len} bytes at {offset}")));
+                if len == 0
+                    || len > self.config.slot_size
+                    || offset.checked_add(u64::from(len)).is_none_or(|e| e > total)
+                {
+                    return Err(RdmaError::Violation(format!("upload chunk of {len} bytes at {offset} of {total}")));
                 }
                 *busy = true;
-                self.events.push_back(Event::PutChunk { id, offset, len, slot });
+                self.events.push_back(Event::PutChunk { id, total, offset, len, slot });
             }
-            Message::SlotFree { slot } => {
+            Message::SlotFree { slot, code } => {
                 if self.config.role != Role::Client {
                     return Err(RdmaError::Violation("SlotFree sent to the server".into()));
                 }
-                let peer_slots = self.peer.as_ref().map_or(0, |p| p.slots);
-                if slot >= peer_slots || self.free_slots.contains(&slot) {
+                let Some(id) = self.slot_owner.get_mut(usize::from(slot)).and_then(Option::take) else {
                     return Err(RdmaError::Violation(format!("slot {slot} freed while not in use")));
-                }
+                };
                 self.free_slots.push_back(slot);
+                let entry = self.verdicts.get_mut(&id).expect("a chunk in a slot has its upload");
+                entry.0 -= 1;
+                if code != 0 {
+                    entry.1.get_or_insert(code);
+                }
+                if let (0, refused) = *entry {
+                    self.verdicts.remove(&id);
+                    self.events.push_back(match refused {
+                        None => Event::PutDone { id },
+                        Some(code) => Event::PutFailed { id, code },
+                    });
+                }
             }
             Message::GetRequest { id, offset, len, dest } => {
                 self.server_only("GetRequest")?;
@@ -837,7 +878,9 @@ impl Connection {
             Role::Server => Role::Client,
         };
         check_slots(peer_role, &hello.region, hello.slots, hello.slot_size).map_err(RdmaError::Violation)?;
-        if self.config.role == Role::Client && hello.session_id != self.config.session_id {
+        // A server's listener serves every session: its Hello names none
+        // (0) before the client's arrived, or the client's own.
+        if self.config.role == Role::Client && hello.session_id != 0 && hello.session_id != self.config.session_id {
             return Err(RdmaError::Violation("the server's Hello names another session".into()));
         }
         if self.state == State::Connecting {
@@ -847,12 +890,12 @@ impl Connection {
         // Our Hello used one of the peer's buffers.
         self.credits = u32::from(hello.recv_depth) - 1;
         self.free_slots = (0..hello.slots).collect();
+        self.slot_owner = vec![None; usize::from(hello.slots)];
         self.peer = Some(Peer {
             recv_depth: hello.recv_depth,
             recv_buf: hello.recv_buf,
             max_frame: hello.max_frame,
             region: hello.region,
-            slots: hello.slots,
             slot_size: hello.slot_size,
             get_chunk: hello.get_chunk,
             gets_in_flight: hello.gets_in_flight,

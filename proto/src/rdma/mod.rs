@@ -36,7 +36,7 @@ pub use conn::{Config, Connection, Event, GetTicket, Op, Role, State};
 use std::time::Duration;
 
 /// Version of the RDMA core's messages; both `Hello`s must carry it.
-pub const CORE_VERSION: u32 = 1;
+pub const CORE_VERSION: u32 = 2;
 
 /// Fewest receive buffers a side may post: one is kept for credit returns.
 pub const MIN_RECV_DEPTH: u16 = 4;

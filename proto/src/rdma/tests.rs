@@ -106,7 +106,7 @@ fn serve(fabric: &mut Fabric, uploads: &mut HashMap<u64, Vec<u8>>) {
         let mut served = false;
         for event in take_events(server) {
             match event {
-                Event::PutChunk { id, offset, len, slot } => {
+                Event::PutChunk { id, offset, len, slot, .. } => {
                     let base = usize::from(slot) * 4096;
                     let chunk = server.regions[&STAGING].bytes[base..base + len as usize].to_vec();
                     let upload = uploads.entry(id).or_default();
@@ -115,7 +115,7 @@ fn serve(fabric: &mut Fabric, uploads: &mut HashMap<u64, Vec<u8>>) {
                         upload.resize(end, 0);
                     }
                     upload[offset as usize..end].copy_from_slice(&chunk);
-                    server.conn.release_slot(slot, now).unwrap();
+                    server.conn.release_slot(slot, 0, now).unwrap();
                     served = true;
                 }
                 Event::GetRequest(ticket) => {
@@ -167,7 +167,51 @@ fn an_upload_larger_than_the_staging_goes_slot_by_slot() {
     let mut uploads = HashMap::new();
     serve(&mut fabric, &mut uploads);
     assert_eq!(uploads[&9], data);
-    assert_eq!(take_events(&mut fabric.sides[CLIENT]), vec![Event::PutWritten { id: 9 }]);
+    let events = take_events(&mut fabric.sides[CLIENT]);
+    assert!(events.contains(&Event::PutWritten { id: 9 }), "{events:?}");
+    assert!(events.ends_with(&[Event::PutDone { id: 9 }]), "{events:?}");
+}
+
+#[test]
+fn a_refused_upload_chunk_is_reported_once_after_every_verdict() {
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 249) as u8).collect();
+    let mut fabric = connected(SMALL, &data);
+    let now = fabric.now;
+    let local = LocalSlice { region: CLIENT_SOURCE, offset: 0, len: data.len() as u32 };
+    fabric.sides[CLIENT].conn.put(4, local, now).unwrap();
+    let mut chunks = Vec::new();
+    for _ in 0..20 {
+        fabric.run();
+        let server = &mut fabric.sides[SERVER];
+        let mut served = false;
+        for event in take_events(server) {
+            if let Event::PutChunk { total, offset, slot, .. } = event {
+                assert_eq!(total, data.len() as u64);
+                // The first chunk is staged, every later one refused.
+                let code = if chunks.is_empty() { 0 } else { 2 };
+                chunks.push(offset);
+                server.conn.release_slot(slot, code, now).unwrap();
+                served = true;
+            }
+        }
+        if !served {
+            break;
+        }
+    }
+    assert!(chunks.len() > 2, "{chunks:?}");
+    let events = take_events(&mut fabric.sides[CLIENT]);
+    assert!(events.contains(&Event::PutWritten { id: 4 }), "{events:?}");
+    let verdicts: Vec<_> =
+        events.iter().filter(|e| matches!(e, Event::PutDone { .. } | Event::PutFailed { .. })).collect();
+    assert_eq!(verdicts, vec![&Event::PutFailed { id: 4, code: 2 }]);
+    // The id is free again: a piece of a larger upload goes at its offset.
+    let piece = LocalSlice { region: CLIENT_SOURCE, offset: 0, len: 5000 };
+    assert!(matches!(fabric.sides[CLIENT].conn.put_at(4, 6000, 2000, piece, now), Err(RdmaError::Misuse(_))));
+    fabric.sides[CLIENT].conn.put_at(4, 30_000, 25_000, piece, now).unwrap();
+    let mut uploads = HashMap::new();
+    serve(&mut fabric, &mut uploads);
+    assert_eq!(&uploads[&4][25_000..], &data[..5000]);
+    assert!(take_events(&mut fabric.sides[CLIENT]).ends_with(&[Event::PutDone { id: 4 }]));
 }
 
 #[test]
@@ -386,8 +430,11 @@ fn calls_outside_a_sides_role_are_refused() {
     let now = fabric.now;
     let local = LocalSlice { region: SERVER_SOURCE, offset: 0, len: 1 };
     assert!(matches!(fabric.sides[SERVER].conn.put(1, local, now), Err(RdmaError::Misuse(_))));
-    assert!(matches!(fabric.sides[CLIENT].conn.release_slot(0, now), Err(RdmaError::Misuse(_))));
-    assert!(matches!(fabric.sides[SERVER].conn.release_slot(0, now), Err(RdmaError::Misuse(_))), "slot holds nothing");
+    assert!(matches!(fabric.sides[CLIENT].conn.release_slot(0, 0, now), Err(RdmaError::Misuse(_))));
+    assert!(
+        matches!(fabric.sides[SERVER].conn.release_slot(0, 0, now), Err(RdmaError::Misuse(_))),
+        "slot holds nothing"
+    );
     let ticket = GetTicket { id: 1, offset: 0, len: 1, dest: 0 };
     assert!(matches!(fabric.sides[SERVER].conn.answer_get(ticket, local, now), Err(RdmaError::Misuse(_))));
     assert!(matches!(fabric.sides[CLIENT].conn.get(1, 0, 10, 1 << 16, now), Err(RdmaError::Misuse(_))));
@@ -480,25 +527,33 @@ fn what_a_peer_must_not_send_ends_the_connection() {
         ("a download chunk above the limit", vec![Message::Hello(hello.clone()), get(0, 3001)], 0),
         (
             "an upload into a missing slot",
-            vec![Message::Hello(hello.clone()), Message::PutChunk { id: 1, offset: 0, len: 10, slot: 2 }],
+            vec![Message::Hello(hello.clone()), Message::PutChunk { id: 1, total: 10, offset: 0, len: 10, slot: 2 }],
             0,
         ),
         (
             "an upload chunk above its slot",
-            vec![Message::Hello(hello.clone()), Message::PutChunk { id: 1, offset: 0, len: 4097, slot: 0 }],
+            vec![
+                Message::Hello(hello.clone()),
+                Message::PutChunk { id: 1, total: 5000, offset: 0, len: 4097, slot: 0 },
+            ],
             0,
         ),
         (
             "an upload into a slot not released",
             vec![
                 Message::Hello(hello.clone()),
-                Message::PutChunk { id: 1, offset: 0, len: 10, slot: 0 },
-                Message::PutChunk { id: 1, offset: 10, len: 10, slot: 0 },
+                Message::PutChunk { id: 1, total: 20, offset: 0, len: 10, slot: 0 },
+                Message::PutChunk { id: 1, total: 20, offset: 10, len: 10, slot: 0 },
             ],
             0,
         ),
         ("credits beyond the buffers announced", vec![Message::Hello(hello.clone()), Message::Credit], 4),
-        ("a SlotFree to the server", vec![Message::Hello(hello.clone()), Message::SlotFree { slot: 0 }], 0),
+        (
+            "an upload chunk past its upload's size",
+            vec![Message::Hello(hello.clone()), Message::PutChunk { id: 1, total: 15, offset: 10, len: 10, slot: 0 }],
+            0,
+        ),
+        ("a SlotFree to the server", vec![Message::Hello(hello.clone()), Message::SlotFree { slot: 0, code: 0 }], 0),
         (
             "a GetDone to the server",
             vec![Message::Hello(hello.clone()), Message::GetDone { id: 1, offset: 0, len: 1 }],
@@ -678,6 +733,7 @@ proptest! {
         for (id, data) in &puts {
             let written = client_events.contains(&Event::PutWritten { id: *id });
             prop_assert!(written, "upload {} not written", id);
+            prop_assert!(client_events.contains(&Event::PutDone { id: *id }), "upload {} not staged", id);
             prop_assert_eq!(&uploads[id], data);
         }
     }

@@ -53,10 +53,13 @@ pub enum Message {
     Data { last: bool, body: Vec<u8> },
     /// Nothing but the header's credits (also the keepalive).
     Credit,
-    /// An upload chunk is in upload slot `slot` (written before this message).
-    PutChunk { id: u64, offset: u64, len: u32, slot: u16 },
+    /// An upload chunk is in upload slot `slot` (written before this
+    /// message); `total` is the upload's whole size.
+    PutChunk { id: u64, total: u64, offset: u64, len: u32, slot: u16 },
     /// The server has consumed upload slot `slot`; the client may reuse it.
-    SlotFree { slot: u16 },
+    /// `code` is the server's verdict on the chunk it held: 0 staged, else
+    /// the CUDA error it was refused with.
+    SlotFree { slot: u16, code: u32 },
     /// The client asks for `len` bytes of download `id` at `offset`, to be
     /// written at `dest` in its landing region.
     GetRequest { id: u64, offset: u64, len: u32, dest: u64 },
@@ -111,13 +114,17 @@ impl Message {
                 body.extend_from_slice(b);
             }
             Message::Credit => {}
-            Message::PutChunk { id, offset, len, slot } => {
+            Message::PutChunk { id, total, offset, len, slot } => {
                 body.extend_from_slice(&id.to_le_bytes());
+                body.extend_from_slice(&total.to_le_bytes());
                 body.extend_from_slice(&offset.to_le_bytes());
                 body.extend_from_slice(&len.to_le_bytes());
                 body.extend_from_slice(&slot.to_le_bytes());
             }
-            Message::SlotFree { slot } => body.extend_from_slice(&slot.to_le_bytes()),
+            Message::SlotFree { slot, code } => {
+                body.extend_from_slice(&slot.to_le_bytes());
+                body.extend_from_slice(&code.to_le_bytes());
+            }
             Message::GetRequest { id, offset, len, dest } => {
                 body.extend_from_slice(&id.to_le_bytes());
                 body.extend_from_slice(&offset.to_le_bytes());
@@ -236,8 +243,8 @@ pub fn decode(bytes: &[u8]) -> Result<Received, RdmaError> {
             Message::Data { last: flags & FLAG_LAST != 0, body }
         }
         3 => Message::Credit,
-        4 => Message::PutChunk { id: r.u64()?, offset: r.u64()?, len: r.u32()?, slot: r.u16()? },
-        5 => Message::SlotFree { slot: r.u16()? },
+        4 => Message::PutChunk { id: r.u64()?, total: r.u64()?, offset: r.u64()?, len: r.u32()?, slot: r.u16()? },
+        5 => Message::SlotFree { slot: r.u16()?, code: r.u32()? },
         6 => Message::GetRequest { id: r.u64()?, offset: r.u64()?, len: r.u32()?, dest: r.u64()? },
         7 => Message::GetDone { id: r.u64()?, offset: r.u64()?, len: r.u32()? },
         8 => Message::GetFailed { id: r.u64()?, offset: r.u64()?, code: r.u32()? },
@@ -291,9 +298,9 @@ mod tests {
             (any::<bool>(), proptest::collection::vec(any::<u8>(), 0..300))
                 .prop_map(|(last, body)| Message::Data { last, body }),
             Just(Message::Credit),
-            (any::<u64>(), any::<u64>(), any::<u32>(), any::<u16>())
-                .prop_map(|(id, offset, len, slot)| Message::PutChunk { id, offset, len, slot }),
-            any::<u16>().prop_map(|slot| Message::SlotFree { slot }),
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>(), any::<u16>())
+                .prop_map(|(id, total, offset, len, slot)| Message::PutChunk { id, total, offset, len, slot }),
+            (any::<u16>(), any::<u32>()).prop_map(|(slot, code)| Message::SlotFree { slot, code }),
             (any::<u64>(), any::<u64>(), any::<u32>(), any::<u64>())
                 .prop_map(|(id, offset, len, dest)| Message::GetRequest { id, offset, len, dest }),
             (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(id, offset, len)| Message::GetDone {
@@ -332,9 +339,9 @@ mod tests {
 
     #[test]
     fn a_longer_body_than_the_layout_is_refused() {
-        let mut bytes = Message::SlotFree { slot: 1 }.encode(0, 0);
+        let mut bytes = Message::SlotFree { slot: 1, code: 0 }.encode(0, 0);
         bytes.push(0);
-        bytes[4] = 3;
+        bytes[4] = 7;
         assert!(matches!(decode(&bytes), Err(RdmaError::Violation(m)) if m.contains("longer")));
     }
 

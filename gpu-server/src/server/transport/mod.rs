@@ -7,8 +7,9 @@
 //! session code (`local.rs`, `commands.rs`) is written against
 //! these traits only.
 //!
-//! [`quic`] is the implementation today; [`shm`] carries the bulk copies of
-//! clients on this host through shared memory. QUIC also stays the control
+//! [`quic`] is the implementation every session starts on; [`shm`] carries
+//! the bulk copies of clients on this host through shared memory; [`rdma`]
+//! carries the commands and bulk copies of clients with an RDMA device. QUIC also stays the control
 //! transport of every session: the handshake, the redirect to a worker
 //! process and the resume of a lost session arrive there, whatever carries
 //! the session's commands afterwards. A shared-memory or RDMA transport
@@ -16,6 +17,7 @@
 //! `unsafe` fenced there (see `docs/transport.md`).
 
 pub(crate) mod quic;
+pub(crate) mod rdma;
 pub(crate) mod shm;
 
 use super::bulk::BulkService;
@@ -60,6 +62,12 @@ pub(crate) trait Link: Clone + Send + Sync + std::fmt::Debug + 'static {
     fn peer(&self) -> String;
     /// Serves the client's bulk transfers until the attachment ends.
     fn serve_bulk(self, bulk: Arc<BulkService>) -> impl Future<Output = ()> + Send;
+    /// The transport's part of a fresh session's `Welcome`, once its bulk
+    /// service exists: where and how to connect over RDMA (see
+    /// [`rdma`]); `None` for a transport with nothing to offer.
+    fn welcome_rdma(&self, _bulk: &Arc<BulkService>) -> Option<gpupool_proto::v1::RdmaAccept> {
+        None
+    }
 }
 
 /// The sending half of a command channel.
