@@ -583,9 +583,9 @@ pub(crate) fn new_secret() -> Vec<u8> {
     rand::random::<[u8; SECRET_LEN]>().to_vec()
 }
 
-/// The `Welcome` a session over QUIC (`Moved` with no address) closes its
-/// control connection with when its RDMA connection is lost: its client
-/// resumes it here.
+/// The reason (a `Moved` with no address, under `MIGRATED`) a session's
+/// QUIC connection is closed with when its RDMA connection is lost: its
+/// client resumes it here, on QUIC.
 fn resume_here() -> Vec<u8> {
     v1::Moved::default().encode_to_vec()
 }
