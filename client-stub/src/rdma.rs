@@ -40,6 +40,8 @@ use std::time::{Duration, Instant};
 const QUEUED_FRAMES: usize = 64;
 /// Longest idle wait of the connection's thread.
 const IDLE_WAIT: Duration = Duration::from_millis(5);
+/// How often a wait on the RDMA connection looks at the QUIC connection.
+const QUIC_CHECK: Duration = Duration::from_millis(100);
 /// Longest wait for the server's confirmation after connecting.
 const CONFIRM_WITHIN: Duration = Duration::from_secs(5);
 
@@ -177,12 +179,13 @@ impl Channel {
 
 impl Drop for Channel {
     fn drop(&mut self) {
-        let _ = self.cmds.try_send(Cmd::Close(gpupool_proto::close_code::NORMAL));
+        let queued = self.cmds.try_send(Cmd::Close(gpupool_proto::close_code::NORMAL)).is_ok();
         self.wake.wake();
-        // Ends once the close went out (or the connection's timeout).
-        if let Some(thread) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take()
-            && thread.thread().id() != std::thread::current().id()
-        {
+        // Ends once the close went out (or the connection's timeout). With
+        // its queue full the thread closes once the queue's sender is gone
+        // (after this): it is left to end then, not waited for.
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(thread) = thread.filter(|_| queued) {
             let _ = thread.join();
         }
     }
@@ -347,6 +350,13 @@ impl RdmaTransport {
         self.rdma.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The connection for a copy: none when shared memory with the server
+    /// carries copies (a client on the server's host: memory is faster
+    /// than a NIC), which then go through it while commands stay on RDMA.
+    fn copy_channel(&self) -> Option<Arc<Channel>> {
+        self.quic.shared_memory_bytes().is_none().then(|| self.channel()).flatten()
+    }
+
     /// The RDMA connection is gone: the session resumes on QUIC.
     fn fail_over(&self, error: ClientError) -> Result<()> {
         let channel = self.rdma.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -359,13 +369,32 @@ impl RdmaTransport {
         self.quic.recover_lost_attachment(error)
     }
 
-    /// Waits for `done`'s answer; a lost connection fails over.
-    fn wait<T>(&self, done: Receiver<Result<T>>) -> Result<T> {
-        match done.recv_timeout(self.reply_timeout) {
-            Ok(r) => r,
-            Err(RecvTimeoutError::Timeout) => Err(ClientError::Timeout(self.reply_timeout)),
-            Err(RecvTimeoutError::Disconnected) => Err(ClientError::ConnectionLost("the RDMA connection ended".into())),
+    /// The next item of `rx` within the reply timeout. The session's QUIC
+    /// connection closing (the server ended or moved the session) ends
+    /// the wait as a lost connection, as the RDMA connection's end does.
+    fn receive<T>(&self, rx: &Receiver<T>) -> Result<T> {
+        let deadline = Instant::now() + self.reply_timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left.min(QUIC_CHECK)) {
+                Ok(item) => return Ok(item),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(ClientError::ConnectionLost("the RDMA connection ended".into()));
+                }
+                Err(RecvTimeoutError::Timeout) if !self.quic.links_open() => {
+                    return Err(ClientError::ConnectionLost("the session's QUIC connection closed".into()));
+                }
+                Err(RecvTimeoutError::Timeout) if left.is_zero() => {
+                    return Err(ClientError::Timeout(self.reply_timeout));
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+            }
         }
+    }
+
+    /// Waits for `done`'s answer.
+    fn wait<T>(&self, done: Receiver<Result<T>>) -> Result<T> {
+        self.receive(&done)?
     }
 
     fn put_rdma(&self, channel: &Channel, id: u64, data: &[u8]) -> Result<()> {
@@ -410,13 +439,11 @@ impl Transport for RdmaTransport {
 
     fn recv_reply(&self) -> Result<v1::BatchReply> {
         if let Some(channel) = self.channel() {
-            let received = channel.replies.lock().unwrap_or_else(|e| e.into_inner()).recv_timeout(self.reply_timeout);
+            let received = self.receive(&channel.replies.lock().unwrap_or_else(|e| e.into_inner()));
             match received {
                 Ok(body) => return self.quic.reply_of(Bytes::from(body)),
-                Err(RecvTimeoutError::Timeout) => return Err(ClientError::Timeout(self.reply_timeout)),
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.fail_over(ClientError::ConnectionLost("the RDMA connection ended".into()))?;
-                }
+                Err(ClientError::ConnectionLost(why)) => self.fail_over(ClientError::ConnectionLost(why))?,
+                Err(e) => return Err(e),
             }
         }
         self.quic.recv_reply()
@@ -432,7 +459,7 @@ impl Transport for RdmaTransport {
     }
 
     fn bulk_put(&self, id: u64, data: &[u8]) -> Result<()> {
-        if let Some(channel) = self.channel() {
+        if let Some(channel) = self.copy_channel() {
             match self.put_rdma(&channel, id, data) {
                 Err(ClientError::ConnectionLost(why)) => {
                     // Resumed on QUIC, the upload goes again there (the
@@ -446,7 +473,7 @@ impl Transport for RdmaTransport {
     }
 
     fn bulk_get(&self, id: u64, out: &mut [u8]) -> Result<()> {
-        if let Some(channel) = self.channel() {
+        if let Some(channel) = self.copy_channel() {
             match self.get_rdma(&channel, id, out) {
                 Err(ClientError::ConnectionLost(why)) => {
                     self.fail_over(ClientError::ConnectionLost(why))?;

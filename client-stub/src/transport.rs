@@ -900,7 +900,7 @@ impl QuicTransport {
 
     /// Whether the session's own connections are open (neither closed by
     /// the server nor lost).
-    fn links_open(&self) -> bool {
+    pub(crate) fn links_open(&self) -> bool {
         let links = self.links();
         links.conn.close_reason().is_none() && links.control.as_ref().is_none_or(|c| c.close_reason().is_none())
     }

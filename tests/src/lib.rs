@@ -98,13 +98,30 @@ pub fn test_device() -> DeviceChoice {
     }
 }
 
-/// A test configuration on 127.0.0.1 port 0.
+/// A test configuration on 127.0.0.1 port 0. With
+/// `GPUPOOL_TEST_TRANSPORT=rdma` it listens for RDMA on [`test_fabric`].
 pub fn server_config() -> ServerConfig {
     let mut c = ServerConfig::new(([127, 0, 0, 1], 0).into(), vec![TOKEN.into()]);
     c.device = test_device();
     c.memory_quota = 256 << 20;
     c.shutdown_grace = Duration::from_secs(2);
+    if rdma_transport() {
+        c.rdma.mode = gpupool_server::RdmaMode::On;
+        c.rdma.provider = Some(Arc::new(test_fabric()));
+    }
     c
+}
+
+/// Whether the tests run over RDMA (`GPUPOOL_TEST_TRANSPORT=rdma`): the
+/// in-memory provider of this process, shared by its servers and clients.
+fn rdma_transport() -> bool {
+    std::env::var("GPUPOOL_TEST_TRANSPORT").as_deref() == Ok("rdma")
+}
+
+/// The in-memory RDMA fabric of this test process.
+pub fn test_fabric() -> gpupool_rdma::mem::MemFabric {
+    static FABRIC: std::sync::OnceLock<gpupool_rdma::mem::MemFabric> = std::sync::OnceLock::new();
+    FABRIC.get_or_init(|| gpupool_rdma::mem::MemFabric::new("mem0")).clone()
 }
 
 /// The worker command for process isolation in tests: `GPUPOOL_WORKER_EXE`,
@@ -133,6 +150,8 @@ pub fn worker_command() -> anyhow::Result<WorkerCommand> {
 pub fn isolated_config() -> anyhow::Result<ServerConfig> {
     let mut c = server_config();
     c.isolation = Isolation::Process { command: worker_command()?, warm: 1, start_timeout: Duration::from_secs(60) };
+    // Sessions in worker processes stay on QUIC (docs/rdma.md).
+    c.rdma.mode = gpupool_server::RdmaMode::Off;
     Ok(c)
 }
 
@@ -166,12 +185,16 @@ impl TestServer {
 
     /// A client configuration for this server. Its copies stay on QUIC
     /// unless `GPUPOOL_TEST_TRANSPORT=shm` (then they go through shared
-    /// memory: the same tests run over either transport).
+    /// memory) or `rdma` (commands and copies over the in-memory RDMA
+    /// fabric): the same tests run over any transport.
     pub fn client_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new(self.addr, Trust::Fingerprint(self.fingerprint.clone()), TOKEN);
         c.reply_timeout = Duration::from_secs(60);
         if std::env::var("GPUPOOL_TEST_TRANSPORT").as_deref() != Ok("shm") {
             c.shm_region_bytes = 0;
+        }
+        if rdma_transport() {
+            c.rdma.provider = Some(Arc::new(test_fabric()));
         }
         c
     }

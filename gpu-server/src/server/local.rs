@@ -302,6 +302,7 @@ where
                 // No upload lands here from now on (the staged ones move).
                 bulk_slot.close_links();
                 shm_slot.detach();
+                conn.stop_copies().await;
                 let exported = export(&work_tx).await;
                 stop.notify_one();
                 let Ok((kept, _open)) = writer.await else { return conn };

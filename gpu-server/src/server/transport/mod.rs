@@ -68,6 +68,14 @@ pub(crate) trait Link: Clone + Send + Sync + std::fmt::Debug + 'static {
     fn welcome_rdma(&self, _bulk: &Arc<BulkService>) -> Option<gpupool_proto::v1::RdmaAccept> {
         None
     }
+    /// Stops the attachment's own path for commands and copies at once,
+    /// before a migration reads the session's staging out: no upload may
+    /// land here afterwards (the client repeats what did not finish where
+    /// the session goes). QUIC's streams stop with the bulk task; RDMA
+    /// ends its connection and waits for its thread.
+    fn stop_copies(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// The sending half of a command channel.

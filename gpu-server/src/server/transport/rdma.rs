@@ -40,7 +40,7 @@ use crate::server::metrics::{Metrics, add};
 use bytes::Bytes;
 use gpupool_proto::rdma::negotiate::{self, Accept, ServerRdma};
 use gpupool_proto::rdma::{Config, Event, GetTicket, RdmaError, RemoteRegion, Role};
-use gpupool_proto::{close_code, cuda, frame, v1};
+use gpupool_proto::{close_code, frame, v1};
 use gpupool_rdma::endpoint::{PEER_WRITABLE, source};
 use gpupool_rdma::nic::Wake;
 use gpupool_rdma::{Endpoint, Listen, Provider, Regions};
@@ -232,8 +232,8 @@ struct Attached {
     wake: Wake,
     /// How the connection ended (`None` while it is up).
     ended: watch::Receiver<Option<Result<u32, String>>>,
-    /// Cleared when the session stops serving copies (it moves).
-    copies: Arc<AtomicBool>,
+    /// Set when the session stops the connection (it moves).
+    stop: Arc<AtomicBool>,
 }
 
 /// What the session asks of its connection's thread.
@@ -262,8 +262,8 @@ fn connection(host: &RdmaHost, mut ep: Endpoint) {
     let (frames_tx, frames) = mpsc::channel(QUEUED_FRAMES);
     let (out, mut out_rx) = mpsc::channel(QUEUED_FRAMES);
     let (ended_tx, ended) = watch::channel(None);
-    let copies = Arc::new(AtomicBool::new(true));
-    let attached = Attached { frames, out, wake: ep.waker(), ended, copies: copies.clone() };
+    let stop = Arc::new(AtomicBool::new(false));
+    let attached = Attached { frames, out, wake: ep.waker(), ended, stop: stop.clone() };
     if waiting.admitted.send(attached).is_err() {
         ep.conn().close(close_code::NORMAL, Instant::now());
         let _ = ep.next_event(Instant::now() + Duration::from_millis(200));
@@ -278,7 +278,7 @@ fn connection(host: &RdmaHost, mut ep: Endpoint) {
     tracing::info!(session = session_id, "RDMA connection attached");
     let mut pump = Pump {
         bulk: waiting.bulk,
-        copies,
+        stop,
         metrics: host.metrics.clone(),
         frames: frames_tx,
         held: None,
@@ -296,7 +296,8 @@ fn connection(host: &RdmaHost, mut ep: Endpoint) {
 /// A connection's thread: the NIC, the session's frames both ways, copies.
 struct Pump {
     bulk: Arc<BulkService>,
-    copies: Arc<AtomicBool>,
+    /// The session stopped the connection: nothing more is served.
+    stop: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     frames: mpsc::Sender<Vec<u8>>,
     /// An event the session could not take yet (its queue was full).
@@ -311,6 +312,12 @@ impl Pump {
     /// Runs until the connection ends: `Ok(code)` closed, `Err` lost.
     fn run(&mut self, ep: &mut Endpoint, out: &mut mpsc::Receiver<Out>) -> Result<u32, String> {
         let driven = ep.drive(IDLE_WAIT, |ep| {
+            if self.stop.load(Ordering::Acquire) {
+                // No event is taken any more: an upload not staged yet
+                // stays unconfirmed, and its client repeats it where the
+                // session goes.
+                return ControlFlow::Break(Err("stopped: the session moves".into()));
+            }
             let moved = self.take_commands(ep, out);
             match self.hand_events(ep) {
                 Ok(m) => ControlFlow::Continue(moved | m),
@@ -357,12 +364,13 @@ impl Pump {
         let mut moved = false;
         loop {
             let Some(event) = self.held.take().or_else(|| ep.conn().poll_event()) else { return Ok(moved) };
-            moved = true;
             let now = Instant::now();
             match event {
                 Event::Frame(body) => match self.frames.try_send(body) {
                     Ok(()) => add(&self.metrics.rdma_frames, 1),
                     Err(mpsc::error::TrySendError::Full(body)) => {
+                        // Not a move: the thread waits (a round of
+                        // IDLE_WAIT at most) until the session takes some.
                         self.held = Some(Event::Frame(body));
                         return Ok(moved);
                     }
@@ -386,6 +394,7 @@ impl Pump {
                 // Client-side events never reach a server's connection.
                 other => tracing::warn!(event = ?other, "unexpected RDMA event on the server"),
             }
+            moved = true;
         }
     }
 
@@ -398,9 +407,6 @@ impl Pump {
         len: u32,
         slot: u16,
     ) -> Result<(), CallError> {
-        if !self.copies.load(Ordering::Acquire) {
-            return Err(CallError::new(cuda::NOT_PERMITTED, "the session is moving: no copy is served here now"));
-        }
         let len = len as usize;
         let mut buf = crate::staging::buffers()
             .take(len)
@@ -417,17 +423,13 @@ impl Pump {
     }
 
     fn answer(&mut self, ep: &mut Endpoint, ticket: GetTicket, now: Instant) {
-        let staged = if self.copies.load(Ordering::Acquire) {
-            self.bulk.get(ticket.id, ticket.offset, u64::from(ticket.len)).and_then(|bytes| {
-                if bytes.len() == ticket.len as usize {
-                    Ok(bytes)
-                } else {
-                    Err(CallError::invalid_value(format!("staged {} bytes, asked {}", bytes.len(), ticket.len)))
-                }
-            })
-        } else {
-            Err(CallError::new(cuda::NOT_PERMITTED, "the session is moving: no copy is served here now"))
-        };
+        let staged = self.bulk.get(ticket.id, ticket.offset, u64::from(ticket.len)).and_then(|bytes| {
+            if bytes.len() == ticket.len as usize {
+                Ok(bytes)
+            } else {
+                Err(CallError::invalid_value(format!("staged {} bytes, asked {}", bytes.len(), ticket.len)))
+            }
+        });
         // Chunks of the source region in turn: the client asks for the
         // next one only after the answer to the one GETS_IN_FLIGHT before
         // arrived (answers go in order), so that chunk was written out.
@@ -477,7 +479,10 @@ struct AttachedShared {
     out: mpsc::Sender<Out>,
     wake: Wake,
     ended: watch::Receiver<Option<Result<u32, String>>>,
-    copies: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    /// The session stopped the connection itself (it moves): its end is
+    /// not the attachment's (QUIC's close is).
+    stopped: AtomicBool,
 }
 
 impl AttachedShared {
@@ -578,9 +583,9 @@ pub(crate) fn new_secret() -> Vec<u8> {
     rand::random::<[u8; SECRET_LEN]>().to_vec()
 }
 
-/// The `Welcome` a session over QUIC (`Moved` with no address) closes its
-/// control connection with when its RDMA connection is lost: its client
-/// resumes it here.
+/// The reason (a `Moved` with no address, under `MIGRATED`) a session's
+/// QUIC connection is closed with when its RDMA connection is lost: its
+/// client resumes it here, on QUIC.
 fn resume_here() -> Vec<u8> {
     v1::Moved::default().encode_to_vec()
 }
@@ -615,6 +620,10 @@ impl Link for RdmaLink {
                     Some(a) => {
                         let mut ended = a.ended.clone();
                         let _ = ended.wait_for(Option::is_some).await;
+                        if a.stopped.load(Ordering::Acquire) {
+                            // The replies still queued go where the session moves.
+                            std::future::pending::<()>().await;
+                        }
                     }
                     None => std::future::pending().await,
                 }
@@ -650,19 +659,21 @@ impl Link for RdmaLink {
 
     fn serve_bulk(self, bulk: Arc<BulkService>) -> impl std::future::Future<Output = ()> + Send {
         // Copies over RDMA are served by the connection's thread (with the
-        // service registered in `welcome_rdma`); they stop when this is
-        // dropped (the session stops for a migration). QUIC bulk streams
-        // are served as on any QUIC link.
-        let mut path = self.path.clone();
-        let quic = self.quic.clone();
+        // service registered in `welcome_rdma`) until `stop_copies`; QUIC
+        // bulk streams as on any QUIC link.
+        self.quic.serve_bulk(bulk)
+    }
+
+    fn stop_copies(&self) -> impl std::future::Future<Output = ()> + Send {
+        let attached = self.attached();
         async move {
-            let _ = path.wait_for(|p| !matches!(p, Path::Pending)).await;
-            let attached = match &*path.borrow() {
-                Path::Rdma(a) => Some(a.clone()),
-                _ => None,
-            };
-            let _stop = attached.map(|a| StopCopies(a.copies.clone()));
-            quic.serve_bulk(bulk).await;
+            let Some(a) = attached else { return };
+            a.stopped.store(true, Ordering::Release);
+            a.stop.store(true, Ordering::Release);
+            a.wake.wake();
+            let mut ended = a.ended.clone();
+            // Bounded: the thread ends at its next round.
+            let _ = tokio::time::timeout(Duration::from_secs(5), ended.wait_for(Option::is_some)).await;
         }
     }
 
@@ -673,15 +684,6 @@ impl Link for RdmaLink {
         setup.host.lock().insert(setup.id, waiting);
         *setup.admitted.lock().unwrap_or_else(|e| e.into_inner()) = Some(rx);
         Some(v1::RdmaAccept::from(&setup.accept))
-    }
-}
-
-/// Stops a connection's copies when dropped.
-struct StopCopies(Arc<AtomicBool>);
-
-impl Drop for StopCopies {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -702,6 +704,11 @@ impl FrameSender for RdmaSender {
         let Some(a) = attached else {
             return self.quic.write_all(frame).await.map_err(|e| SendError(e.to_string()));
         };
+        if a.stopped.load(Ordering::Acquire) {
+            // The session moves: the reply is in its replay log (recorded
+            // before the send) and goes out where the session goes.
+            return Ok(());
+        }
         // RDMA frames are delimited by the core: the body goes alone.
         let body = frame.get(frame::HEADER_LEN..).unwrap_or_default().to_vec();
         a.out.send(Out::Frame(body)).await.map_err(|_| SendError("the RDMA connection ended".into()))?;
@@ -737,7 +744,8 @@ impl RdmaReceiver {
                     out: attached.out,
                     wake: attached.wake,
                     ended: attached.ended,
-                    copies: attached.copies,
+                    stop: attached.stop,
+                    stopped: AtomicBool::new(false),
                 })));
                 None
             }
