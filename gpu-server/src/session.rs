@@ -611,12 +611,8 @@ impl<S: BackendSession> SessionState<S> {
             return self.memcpy_dtoh_region(c.src, c.size, c.stream, r);
         }
         self.check_range(c.src, c.size, ACCESS_READ)?;
-        let inline = c.size <= self.limits.max_inline_bytes;
-        if !inline {
-            self.staging.check_room(c.size)?;
-        }
         let stream = stream_of(&self.streams, c.stream)?;
-        if inline {
+        if c.size <= self.limits.max_inline_bytes {
             let mut out = Vec::new();
             out.try_reserve_exact(c.size as usize)
                 .map_err(|_| CallError::out_of_memory("cannot allocate the copy's host buffer"))?;
@@ -624,6 +620,10 @@ impl<S: BackendSession> SessionState<S> {
             self.dev.read(stream, c.src, &mut out)?;
             return Ok(Some(Value::Data(payload::encode(Bytes::from(out), self.limits.compression))));
         }
+        // Reserved before the bytes are read: the session's bounds and the
+        // host's cap (waiting a bounded time for other sessions to drain).
+        let table = self.staging.clone();
+        let room = table.room(c.size)?;
         // Staged in pieces read into reused buffers: no buffer as large as
         // the copy, zeroed and faulted in page by page, on this thread.
         let mut pieces = Vec::new();
@@ -635,7 +635,7 @@ impl<S: BackendSession> SessionState<S> {
             self.dev.read(stream, c.src + offset, buf.filled(len))?;
             pieces.push(buf.freeze());
         }
-        let id = self.staging.add_download(pieces);
+        let id = table.add_download(room, pieces);
         Ok(Some(Value::Staged(v1::StagedRef { transfer_id: id, size: c.size })))
     }
 

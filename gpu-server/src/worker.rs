@@ -99,8 +99,15 @@ pub fn run_stdio() -> Result<(), ServerError> {
         write_event(v1::worker_event::Event::BusyUs(us));
     }));
     let memory = remote.clone().map(|r| crate::swap::DeviceMemory::remote(r, swap_dir));
+    // The host's staging cap: the supervisor's ledger, in this worker's slot.
+    let staging = if spec.staging_ledger_fd > 0 {
+        let ledger = crate::staging::host::HostLedger::inherited(spec.staging_ledger_fd)?;
+        Some(ledger.share(spec.staging_slot as usize)?)
+    } else {
+        None
+    };
     let result = rt.block_on(async {
-        let server = match Server::bind_worker(config, tickets.clone(), memory) {
+        let server = match Server::bind_worker(config, tickets.clone(), memory, staging) {
             Ok(s) => s,
             Err(e) => {
                 write_event(v1::worker_event::Event::Failed(e.to_string()));

@@ -84,6 +84,9 @@ pub(crate) fn spec_from_config(config: &ServerConfig, chain: Vec<Vec<u8>>, key: 
         swap_wait_ms: config.swap.map_or(0, |s| u64::try_from(s.wait.as_millis()).unwrap_or(u64::MAX)),
         swap_dir: config.swap_disk.as_ref().map(|d| d.dir.display().to_string()).unwrap_or_default(),
         migrate_precopy_bytes: config.migrate_precopy_bytes,
+        // Set per worker by its pool, with the slot it gets.
+        staging_ledger_fd: 0,
+        staging_slot: 0,
     }
 }
 

@@ -118,6 +118,9 @@ pub struct Metrics {
     worker_exits: [AtomicU64; 4],
     /// Sessions by tenant (the lease's tenant, or the token's subject).
     tenants: Mutex<BTreeMap<String, TenantSessions>>,
+    /// The host's staging ledger, read at each scrape (set by the server
+    /// that made it; a worker's is its supervisor's).
+    pub(crate) staging: std::sync::OnceLock<std::sync::Arc<crate::staging::host::HostLedger>>,
 }
 
 /// A copy of [`Metrics`] at one moment.

@@ -47,6 +47,7 @@ use crate::config::{DeviceChoice, Isolation, ServerConfig};
 use crate::device::DeviceDescription;
 use crate::error::ServerError;
 use crate::pool::WorkerPool;
+use crate::staging::host::{HostLedger, HostStaging};
 use crate::tls::Identity;
 use gpupool_proto::close_code;
 use state::{AnyDevice, Mode, PoolRecipe, Served, Shared, Workers};
@@ -93,25 +94,40 @@ impl Server {
 
     /// Like [`Server::bind`] with a custom authenticator.
     pub fn bind_with_auth(config: ServerConfig, auth: Arc<dyn Authenticator>) -> Result<Self, ServerError> {
-        Self::bind_inner(config, auth, None)
+        Self::bind_inner(config, auth, None, None)
     }
 
     /// A worker process's server, whose session's device memory is the
-    /// supervisor's ledger (`remote`) when the supervisor swaps.
+    /// supervisor's ledger (`remote`) when the supervisor swaps, and whose
+    /// staged bytes count in the host's staging ledger (`staging`, the
+    /// supervisor's) when it passed one.
     pub(crate) fn bind_worker(
         config: ServerConfig,
         auth: Arc<dyn Authenticator>,
         memory: Option<Arc<crate::swap::DeviceMemory>>,
+        staging: Option<Arc<HostStaging>>,
     ) -> Result<Self, ServerError> {
-        Self::bind_inner(config, auth, memory)
+        Self::bind_inner(config, auth, memory, staging)
     }
 
     fn bind_inner(
         config: ServerConfig,
         auth: Arc<dyn Authenticator>,
         worker_memory: Option<Arc<crate::swap::DeviceMemory>>,
+        worker_staging: Option<Arc<HostStaging>>,
     ) -> Result<Self, ServerError> {
         config.validate()?;
+        // One cap on the bytes staged by every session of the host: in a
+        // page the worker processes share, or in this process's memory.
+        let host_staging = match (worker_staging, &config.isolation) {
+            (Some(share), _) => share,
+            (None, Isolation::Process { .. }) => {
+                HostLedger::shared(config.staging_host_bytes, config.staging_wait)?.share(0)?
+            }
+            (None, Isolation::InProcess) => {
+                HostLedger::local(config.staging_host_bytes, config.staging_wait).share(0)?
+            }
+        };
         let identity = Identity::load(&config.tls)?;
         let server_config = quic::server_config(&config, &identity)?;
         let mode = match &config.isolation {
@@ -125,13 +141,20 @@ impl Server {
                 let (chain, key) = identity.to_der();
                 let spec = crate::worker_spec::spec_from_config(&config, chain, key);
                 let mps_dir = config.mps.dir.clone().unwrap_or_else(mps_group::default_dir);
-                let recipe = PoolRecipe { command: command.clone(), spec, warm: *warm, start_timeout: *start_timeout };
+                let recipe = PoolRecipe {
+                    command: command.clone(),
+                    spec,
+                    staging: host_staging.ledger().clone(),
+                    warm: *warm,
+                    start_timeout: *start_timeout,
+                };
                 let mut groups = std::collections::HashMap::new();
                 let served = if config.gpus.is_empty() {
                     // One device: its whole GPU, as CUDA_VISIBLE_DEVICES
                     // (or none) of this process shows it.
                     groups.insert(String::new(), mps_group::MpsGroup::new(&config.mps, mps_dir.clone(), None));
-                    let pool = WorkerPool::new(command.clone(), &recipe.spec, *warm, *start_timeout);
+                    let staging = Some(recipe.staging.clone());
+                    let pool = WorkerPool::new(command.clone(), &recipe.spec, staging, *warm, *start_timeout);
                     vec![Served { uuid: String::new(), memory: instance_memory(&config, None), pool }]
                 } else {
                     let instances = config.gpus.iter().flat_map(|g| &g.instances);
@@ -197,8 +220,17 @@ impl Server {
             }
             Mode::Workers(_) => (None, None),
         };
-        let shared =
-            Arc::new(Shared::new(config, auth, bulk.ports(), Arc::new(shm), rdma_host, device_memory, metrics));
+        let _ = metrics.staging.set(host_staging.ledger().clone());
+        let shared = Arc::new(Shared::new(
+            config,
+            auth,
+            bulk.ports(),
+            Arc::new(shm),
+            rdma_host,
+            device_memory,
+            host_staging,
+            metrics,
+        ));
         Ok(Self {
             endpoint,
             bulk,
@@ -493,7 +525,8 @@ fn serve_instance(config: &ServerConfig, recipe: &PoolRecipe, instance: &crate::
     }
     .to_string();
     let env = vec![("CUDA_VISIBLE_DEVICES".to_string(), instance.visible_devices.clone())];
-    let pool = WorkerPool::with_env(recipe.command.clone(), env, &spec, recipe.warm, recipe.start_timeout);
+    let staging = Some(recipe.staging.clone());
+    let pool = WorkerPool::with_env(recipe.command.clone(), env, &spec, staging, recipe.warm, recipe.start_timeout);
     Served { uuid: instance.uuid.clone(), pool, memory: instance_memory(config, Some(instance)) }
 }
 
