@@ -165,6 +165,11 @@ pub struct ServerConfig {
     /// Bytes of module images kept in `image_cache_dir`; the least recently
     /// used go first beyond it.
     pub image_cache_disk_bytes: u64,
+    /// Bytes of module images a worker process loads into its context
+    /// while it waits for its session: the most recently used of
+    /// `image_cache_dir` (0: none). The next program to use the same
+    /// libraries finds them loaded (issue 17, "fast first call").
+    pub image_preload_bytes: u64,
     /// A connection silent this long is closed.
     pub idle_timeout: Duration,
     /// Largest UDP payload sent or accepted; MTU discovery probes up to it
@@ -353,6 +358,7 @@ impl ServerConfig {
             image_cache_dir: None,
             image_cache_bytes: 1 << 30,
             image_cache_disk_bytes: 8 << 30,
+            image_preload_bytes: Self::DEFAULT_IMAGE_PRELOAD_BYTES,
             idle_timeout: Duration::from_secs(30),
             max_udp_payload: gpupool_proto::quic::LOOPBACK_UDP_PAYLOAD,
             handshake_timeout: Duration::from_secs(10),
@@ -379,6 +385,11 @@ impl ServerConfig {
     /// connection was bounded by one core at 0.4–0.7 GiB/s; the target is
     /// 3 GiB/s), without taking every core of a host that serves others.
     pub const DEFAULT_BULK_ENDPOINTS: usize = 4;
+
+    /// Module images a waiting worker loads by default: the libraries a
+    /// PyTorch process uses for its first operations (cuBLAS, cuDNN and
+    /// PyTorch's own kernels, cut to the device's code) fit in it.
+    pub const DEFAULT_IMAGE_PRELOAD_BYTES: u64 = 256 << 20;
 
     /// Most bulk endpoints.
     pub const MAX_BULK_ENDPOINTS: usize = 16;

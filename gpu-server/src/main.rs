@@ -85,6 +85,11 @@ struct Args {
     /// recently used are deleted beyond it.
     #[arg(long, env = "GPUPOOL_IMAGE_CACHE_DISK_MIB", default_value_t = 8192)]
     image_cache_disk_mib: u64,
+    /// MiB of module images a waiting worker process loads into its context
+    /// before its session comes: the most recently used of the image
+    /// directory (a private one when `--image-cache` is not given). 0: none.
+    #[arg(long, env = "GPUPOOL_IMAGE_PRELOAD_MIB", default_value_t = ServerConfig::DEFAULT_IMAGE_PRELOAD_BYTES >> 20)]
+    image_preload_mib: u64,
     /// `process`: each session in its own worker process and device context
     /// (tenants cannot reach each other's memory; a fault ends one session);
     /// `in-process`: all sessions share this process's context (trusted,
@@ -273,6 +278,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.max_sessions = args.max_sessions;
     config.image_cache_dir = args.image_cache;
     config.image_cache_disk_bytes = args.image_cache_disk_mib.saturating_mul(1 << 20);
+    config.image_preload_bytes = args.image_preload_mib.saturating_mul(1 << 20);
     config.max_udp_payload = args.max_udp_payload;
     config.staging_host_bytes =
         args.staging_host_mib.map_or_else(default_staging_host_bytes, |mib| mib.saturating_mul(1 << 20));

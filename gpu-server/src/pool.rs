@@ -259,12 +259,18 @@ impl WorkerPool {
 
     async fn hand_over(w: &mut Worker, assign: &[u8], ticket: &str) -> Result<(), ServerError> {
         w.send_control(assign).await?;
-        match tokio::time::timeout(ASSIGN_TIMEOUT, w.events.recv()).await {
-            Ok(Some(Event::Assigned(t))) if t == ticket => Ok(()),
-            Ok(Some(Event::Failed(reason))) => Err(ServerError::Worker(reason)),
-            Ok(Some(other)) => Err(ServerError::Worker(format!("unexpected worker event {other:?}"))),
-            Ok(None) => Err(ServerError::Worker("worker exited".into())),
-            Err(_) => Err(ServerError::Worker(format!("worker did not answer within {ASSIGN_TIMEOUT:?}"))),
+        let deadline = tokio::time::Instant::now() + ASSIGN_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, w.events.recv()).await {
+                Ok(Some(Event::Assigned(t))) if t == ticket => return Ok(()),
+                // A waiting worker reports what it preloaded; reports are
+                // totals, so the next one (relayed) includes this one.
+                Ok(Some(Event::Metrics(_))) => continue,
+                Ok(Some(Event::Failed(reason))) => return Err(ServerError::Worker(reason)),
+                Ok(Some(other)) => return Err(ServerError::Worker(format!("unexpected worker event {other:?}"))),
+                Ok(None) => return Err(ServerError::Worker("worker exited".into())),
+                Err(_) => return Err(ServerError::Worker(format!("worker did not answer within {ASSIGN_TIMEOUT:?}"))),
+            }
         }
     }
 

@@ -114,6 +114,8 @@ pub struct SessionState<S: BackendSession> {
     /// memory), which copies may name instead of carrying bytes.
     host_regions: Arc<HostRegions>,
     images: Arc<ImageCache>,
+    /// See [`Self::preloaded_hits`].
+    preloaded_hits: u64,
     dev: S,
 }
 
@@ -169,8 +171,15 @@ impl<S: BackendSession> SessionState<S> {
             staging,
             host_regions: Arc::default(),
             images,
+            preloaded_hits: 0,
             dev,
         }
+    }
+
+    /// Modules this session took from the preloaded set instead of loading
+    /// them.
+    pub fn preloaded_hits(&self) -> u64 {
+        self.preloaded_hits
     }
 
     /// Serves copies that name host regions from `regions` (the session's
@@ -673,7 +682,15 @@ impl<S: BackendSession> SessionState<S> {
                 CallError::new(cuda::FILE_NOT_FOUND, "module image not cached on the server; send it")
             })?,
         };
-        let (module, functions) = self.dev.load_module(&image)?;
+        // A worker may have loaded this image before the session came.
+        let (module, functions) = match self.dev.take_preloaded(&key) {
+            Some(loaded) => {
+                tracing::debug!(bytes = image.len(), "module image taken from the preloaded set");
+                self.preloaded_hits += 1;
+                loaded
+            }
+            None => self.dev.load_module(&image)?,
+        };
         let info = v1::ModuleInfo {
             functions: functions
                 .iter()

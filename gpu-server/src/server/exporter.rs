@@ -42,6 +42,13 @@ pub fn render(metrics: &Metrics) -> String {
     counter(&mut r, "rdma_copied_bytes", "Bulk bytes copied over RDMA", s.rdma_bytes);
     counter(&mut r, "resumptions", "Clients reattached to their kept session", s.resumptions);
     counter(&mut r, "resumptions_refused", "Reattachments refused (session gone, wrong secret)", s.resumptions_refused);
+    counter(&mut r, "modules_preloaded", "Module images workers loaded before their session came", s.modules_preloaded);
+    counter(
+        &mut r,
+        "modules_preloaded_used",
+        "Preloaded module images a session used instead of loading them",
+        s.modules_preloaded_used,
+    );
     if let Some(ledger) = metrics.staging.get() {
         gauge(
             &mut r,

@@ -31,6 +31,7 @@ mod local;
 pub mod metrics;
 mod migrate;
 mod mps_group;
+pub(crate) mod preload;
 mod relayout;
 mod resume;
 mod revocation;
@@ -71,6 +72,8 @@ pub struct Server {
     mode: Mode,
     fingerprint: String,
     shared: Arc<Shared>,
+    /// The workers' shared image directory when none was configured.
+    _images: Option<crate::images::PrivateDir>,
 }
 
 impl Server {
@@ -111,7 +114,7 @@ impl Server {
     }
 
     fn bind_inner(
-        config: ServerConfig,
+        mut config: ServerConfig,
         auth: Arc<dyn Authenticator>,
         worker_memory: Option<Arc<crate::swap::DeviceMemory>>,
         worker_staging: Option<Arc<HostStaging>>,
@@ -130,6 +133,21 @@ impl Server {
         };
         let identity = Identity::load(&config.tls)?;
         let server_config = quic::server_config(&config, &identity)?;
+        // Worker processes share module images through a directory: a
+        // private one when none was configured.
+        let private_images = match (&config.isolation, &config.image_cache_dir) {
+            (Isolation::Process { .. }, None) => match crate::images::PrivateDir::create(&std::env::temp_dir()) {
+                Ok(dir) => {
+                    config.image_cache_dir = Some(dir.path().to_path_buf());
+                    Some(dir)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no image directory for the workers: each loads its images anew");
+                    None
+                }
+            },
+            _ => None,
+        };
         let mode = match &config.isolation {
             Isolation::InProcess => {
                 let device = AnyDevice::open(config.device)?;
@@ -239,6 +257,7 @@ impl Server {
             mode,
             fingerprint: identity.fingerprint(),
             shared,
+            _images: private_images,
         })
     }
 
@@ -256,6 +275,24 @@ impl Server {
     /// (`docs/migration.md`); usable while the server runs.
     pub fn migrator(&self) -> Migrator {
         Migrator { shared: self.shared.clone() }
+    }
+
+    /// What loads module images ahead of a session into this process's
+    /// device: `None` with worker processes (each preloads its own), or
+    /// when there is no image directory or no budget.
+    pub(crate) fn preloader(&self) -> Option<preload::Preloader> {
+        let budget = self.shared.config.image_preload_bytes;
+        match &self.mode {
+            Mode::Local(device) if budget > 0 && self.shared.config.image_cache_dir.is_some() => {
+                Some(preload::Preloader {
+                    device: device.clone(),
+                    images: self.shared.images.clone(),
+                    budget,
+                    metrics: self.shared.metrics.clone(),
+                })
+            }
+            _ => None,
+        }
     }
 
     /// The server's counters.

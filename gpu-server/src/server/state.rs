@@ -9,7 +9,7 @@ use crate::auth::{Authenticator, Grant};
 use crate::config::{DeviceChoice, ServerConfig};
 use crate::device::cuda::CudaDevice;
 use crate::device::emulated::EmulatedDevice;
-use crate::device::{Backend, DeviceDescription};
+use crate::device::{Backend, DeviceDescription, DeviceResult};
 use crate::error::ServerError;
 use crate::images::ImageCache;
 use crate::pool::WorkerPool;
@@ -52,6 +52,14 @@ impl AnyDevice {
                     Ok(Self::Emulated(Arc::new(EmulatedDevice::new(DeviceChoice::DEFAULT_EMULATED_MEMORY))))
                 }
             },
+        }
+    }
+
+    /// See [`crate::device::Backend::preload_module`].
+    pub(super) fn preload_module(&self, key: &crate::images::ImageKey, image: &[u8]) -> DeviceResult<bool> {
+        match self {
+            Self::Cuda(d) => d.preload_module(key, image),
+            Self::Emulated(d) => d.preload_module(key, image),
         }
     }
 
