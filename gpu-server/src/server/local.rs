@@ -162,6 +162,7 @@ where
         }),
         max_frame_bytes: cfg.max_frame_bytes,
         max_inline_bytes: cfg.max_inline_bytes,
+        max_staging_bytes: cfg.max_staging_bytes,
         redirect: None,
         resume_secret: slot.secret().to_string(),
         resumed: false,
