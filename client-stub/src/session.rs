@@ -900,14 +900,16 @@ impl Session {
         st.space.check_access(src, dst.len() as u64)?;
         let piece = self.copy_piece();
         if dst.len() <= piece {
-            let op = Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: dst.len() as u64, stream: stream.0, into_region: None });
+            let op =
+                Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: dst.len() as u64, stream: stream.0, into_region: None });
             let value = self.call(st, op)?;
             return self.take_bytes(st, value, dst);
         }
         // One piece staged at a time (see `htod_locked`).
         for (i, part) in dst.chunks_mut(piece).enumerate() {
             let src = src + (i * piece) as u64;
-            let op = Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: part.len() as u64, stream: stream.0, into_region: None });
+            let op =
+                Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: part.len() as u64, stream: stream.0, into_region: None });
             let value = self.call(st, op)?;
             self.take_bytes(st, value, part)?;
         }
