@@ -175,7 +175,14 @@ fn a_waiting_worker_preloads_the_images_earlier_sessions_used() {
     assert!(config.image_cache_dir.is_none(), "the private directory is what is tested");
     config.image_preload_bytes = 1 << 20;
     let srv = TestServer::start(config).expect("server starts");
-    let image = format!("// gpupool preload test {}\n\0", fresh_seed()).into_bytes();
+    // A PTX module of its own (the comment makes its hash new), loadable on
+    // a GPU as on the emulated device.
+    let image = format!(
+        "// gpupool preload test {}\n.version 7.0\n.target sm_50\n.address_size 64\n\
+         .visible .entry gpupool_preload_test()\n{{\n    ret;\n}}\n\0",
+        fresh_seed()
+    )
+    .into_bytes();
     let a = Session::connect(&srv.client_config()).expect("a");
     a.module_load(&image).expect("a loads the image (sent)");
     a.module_load(BUILTIN_MODULE).expect("the built-in module loads as always");
