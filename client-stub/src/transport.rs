@@ -96,10 +96,15 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     fn rdma_attached(&self) -> bool {
         false
     }
+    /// Whether the session's commands go through a command ring in shared
+    /// memory now (`crate::shm_commands`).
+    fn shm_commands_attached(&self) -> bool {
+        false
+    }
 }
 
 /// Frames larger than this are refused from the server.
-const MAX_REPLY_FRAME: usize = 64 << 20;
+pub(crate) const MAX_REPLY_FRAME: usize = 64 << 20;
 
 #[derive(Debug)]
 struct CommandStream {
@@ -775,6 +780,16 @@ impl QuicTransport {
             }),
             shm,
         })
+    }
+
+    /// Attaches a command ring to the session's shared-memory attachment
+    /// (`crate::shm_commands`); `None` without a live attachment.
+    pub(crate) fn attach_shm_commands(
+        &self,
+        capacity: u64,
+    ) -> Option<std::result::Result<Arc<gpupool_shm::ring::Ring>, gpupool_shm::ShmError>> {
+        let shm = self.shm.as_ref().filter(|s| s.live())?;
+        Some(shm.attach_commands(capacity))
     }
 
     /// Keeps a batch's frame for a resume (when resumption is on).
