@@ -58,8 +58,9 @@ struct Attachable {
     /// them with the driver.
     regions: Arc<HostRegions>,
     pinner: Arc<dyn HostPinner>,
-    /// The attached client's socket, shut down when the session ends.
-    attached: Option<UnixStream>,
+    /// The attached client's socket (and its attachment's number), shut
+    /// down when the session ends.
+    attached: Option<(u64, UnixStream)>,
     /// Where a command ring goes while the session waits for one (see
     /// [`super::shm_commands`]).
     commands: Option<oneshot::Sender<Arc<Ring>>>,
@@ -117,12 +118,19 @@ impl Registry {
         sender.ok_or_else(refused)?.send(ring).map_err(|_| refused())
     }
 
+    /// Whether attachment `owner` is still session `id`'s: false once the
+    /// session shut it (it ended, or stopped to move) or a newer one
+    /// replaced it.
+    fn holds(&self, id: u64, owner: u64) -> bool {
+        self.lock().get(&id).and_then(|e| e.attached.as_ref()).is_some_and(|(o, _)| *o == owner)
+    }
+
     /// Makes `stream` session `id`'s attachment (an earlier one is shut
     /// down); false when the session has ended meanwhile.
-    fn keep(&self, id: u64, stream: UnixStream) -> bool {
+    fn keep(&self, id: u64, owner: u64, stream: UnixStream) -> bool {
         let mut sessions = self.lock();
         let Some(entry) = sessions.get_mut(&id) else { return false };
-        if let Some(old) = entry.attached.replace(stream) {
+        if let Some((_, old)) = entry.attached.replace((owner, stream)) {
             let _ = old.shutdown(std::net::Shutdown::Both);
         }
         true
@@ -176,7 +184,7 @@ impl ShmSlot<'_> {
     /// out); its copies go over QUIC from then on.
     pub(crate) fn detach(&self) {
         let stream = self.registry.lock().get_mut(&self.id).and_then(|e| e.attached.take());
-        if let Some(stream) = stream {
+        if let Some((_, stream)) = stream {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
     }
@@ -188,7 +196,7 @@ impl Drop for ShmSlot<'_> {
             return;
         }
         let entry = self.registry.lock().remove(&self.id);
-        if let Some(stream) = entry.and_then(|e| e.attached) {
+        if let Some((_, stream)) = entry.and_then(|e| e.attached) {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
     }
@@ -311,21 +319,29 @@ fn attachment(registry: &Registry, metrics: &Arc<Metrics>, stream: UnixStream, h
     };
     // The session's end shuts this socket (through the clone it keeps).
     let Ok(kept) = stream.try_clone() else { return };
-    if !registry.keep(attach.session_id, kept) || channel::write_message(&stream, &Reply::ok(0).encode()).is_err() {
+    let owner = ATTACHMENTS.fetch_add(1, Ordering::Relaxed);
+    if !registry.keep(attach.session_id, owner, kept)
+        || channel::write_message(&stream, &Reply::ok(0).encode()).is_err()
+    {
         return;
     }
     let _ = stream.set_read_timeout(None);
     tracing::info!(session = attach.session_id, bytes = attach.region_len, "shared-memory region attached");
-    let owner = ATTACHMENTS.fetch_add(1, Ordering::Relaxed);
     let mut rings = Vec::new();
     let attached = Attached { id: attach.session_id, registry, owner, rings: &mut rings };
     let served = serve_requests(&stream, &region.region, &session, attached, metrics);
     // Its host regions go with it: unregistered (after the copies queued
     // with them) and unmapped, here or by the session's copy holding one.
     session.regions.clear(owner);
-    // And its command ring: the session's commands go back to QUIC.
-    for ring in rings {
-        ring.close(Side::Server, false);
+    // And its command ring, when the client ended the attachment (it
+    // exited, its channel broke) or broke its protocol: the session's
+    // commands go back to QUIC (a lost attachment). When the session shut
+    // it (it ended, or stops to move) the session's own transport ends the
+    // ring in order: the client then follows the close of QUIC.
+    if registry.holds(attach.session_id, owner) {
+        for ring in rings {
+            ring.close(Side::Server, false);
+        }
     }
     match served {
         Ok(()) => tracing::debug!(session = attach.session_id, "shared-memory attachment ended"),
