@@ -15,9 +15,9 @@
 //! attach keeps the commands on QUIC (logged at `info`). A ring that ends
 //! later (the server closed it: the session ended, moved, or its process
 //! gave it up; or the QUIC connection closed) is a lost attachment: the
-//! session resumes on QUIC through [`QuicTransport`]'s resume (the server
-//! closes the QUIC connection with where to resume), sending again the
-//! batches it had no reply for. It stays on QUIC, also after a migration.
+//! client gives the ring up and waits on QUIC, whose close (with where to
+//! resume) [`QuicTransport`]'s resume meets, sending again the batches it
+//! had no reply for. It stays on QUIC, also after a migration.
 
 use crate::config::ClientConfig;
 use crate::error::{ClientError, Result};
@@ -47,8 +47,12 @@ pub(crate) fn wrap(quic: QuicTransport, config: &ClientConfig) -> Box<dyn Transp
         }
     };
     tracing::debug!(bytes = ring.len(), "the session's commands go through shared memory");
-    let channel =
-        Channel { writer: Mutex::new(ring.writer(Side::Client)), reader: Mutex::new(ring.reader(Side::Client)), ring };
+    let channel = Channel {
+        resumes: quic.resumes(),
+        writer: Mutex::new(ring.writer(Side::Client)),
+        reader: Mutex::new(ring.reader(Side::Client)),
+        ring,
+    };
     Box::new(ShmCommandTransport {
         quic,
         channel: Mutex::new(Some(Arc::new(channel))),
@@ -70,6 +74,9 @@ pub(crate) struct ShmCommandTransport {
 
 #[derive(Debug)]
 struct Channel {
+    /// The session's resumes when the ring was attached: any later one
+    /// (over QUIC, after a loss met by a copy) left the ring behind.
+    resumes: u64,
     ring: Arc<Ring>,
     writer: Mutex<Writer>,
     reader: Mutex<Reader>,
@@ -87,6 +94,9 @@ impl ShmCommandTransport {
     /// Why waiting on the ring is pointless now: it was closed (by the
     /// server, or by this side failing over), or QUIC closed.
     fn gone(&self, ch: &Channel) -> Option<ClientError> {
+        if self.quic.resumes() != ch.resumes {
+            return Some(lost("the session resumed on QUIC"));
+        }
         if ch.ring.closed(Side::Server).is_some() {
             return Some(lost("closed by the server"));
         }
@@ -96,15 +106,21 @@ impl ShmCommandTransport {
         (!self.quic.links_open()).then(|| lost("the session's QUIC connection closed"))
     }
 
-    /// The ring is gone: the session resumes on QUIC.
-    fn fail_over(&self, error: ClientError) -> Result<()> {
+    /// The ring is gone: the session goes on over QUIC. Its side is closed
+    /// as broken, so that a server still reading the ring closes QUIC
+    /// ("resume here"); a server that closed the ring closes QUIC itself
+    /// (the session ended, or moved, or lost it). Either way the next wait
+    /// on QUIC meets that close and resumes the session there (or follows
+    /// it), sending again every batch without a reply, those written into
+    /// the ring included. No wait here: a move may take longer than a
+    /// connect timeout, and the reply wait on QUIC is bounded already.
+    fn fail_over(&self, error: &ClientError) {
         let Some(channel) = self.channel.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             // Another thread failed over already.
-            return Ok(());
+            return;
         };
-        tracing::info!(reason = %error, "the command ring ended; the session resumes on QUIC");
+        tracing::info!(reason = %error, "the command ring ended; the session goes on over QUIC");
         channel.ring.close(Side::Client, false);
-        self.quic.recover_lost_attachment(error)
     }
 
     /// The next reply's body from the ring, within the reply timeout.
@@ -112,6 +128,10 @@ impl ShmCommandTransport {
         let mut reader = ch.reader.lock().unwrap_or_else(|e| e.into_inner());
         let deadline = Instant::now() + self.reply_timeout;
         loop {
+            if self.quic.resumes() != ch.resumes {
+                // What the ring still holds, a resume sends again on QUIC.
+                return Err(lost("the session resumed on QUIC"));
+            }
             if let Some(body) = reader.try_frame(MAX_REPLY_FRAME).map_err(lost)? {
                 return Ok(body);
             }
@@ -135,11 +155,16 @@ impl Transport for ShmCommandTransport {
     fn send_batch(&self, batch: &v1::Batch) -> Result<()> {
         let Some(ch) = self.channel() else { return self.quic.send_batch(batch) };
         let bytes = frame::encode(batch);
-        // Kept for a resume, which sends it again over QUIC.
-        self.quic.record(batch.seq, bytes.clone());
+        // Kept for a resume, which sends it again over QUIC; after one (the
+        // ring was left behind) it goes over QUIC now.
+        if !self.quic.record_unless_resumed(batch.seq, bytes.clone(), ch.resumes) {
+            self.fail_over(&lost("the session resumed on QUIC"));
+            return self.quic.send_batch(batch);
+        }
         if ch.ring.closed(Side::Server).is_some() {
             // Resumed on QUIC, the batch goes with the others not answered.
-            return self.fail_over(lost("closed by the server"));
+            self.fail_over(&lost("closed by the server"));
+            return Ok(());
         }
         let deadline = Instant::now() + self.reply_timeout;
         let written = ch.writer.lock().unwrap_or_else(|e| e.into_inner()).write_all(
@@ -149,17 +174,18 @@ impl Transport for ShmCommandTransport {
             deadline,
             || self.gone(&ch).map(|e| gpupool_shm::ShmError::Protocol(e.to_string())),
         );
-        match written {
-            Ok(()) => Ok(()),
-            Err(e) => self.fail_over(lost(e)),
+        if let Err(e) = written {
+            // As above: the batch is in the replay log.
+            self.fail_over(&lost(e));
         }
+        Ok(())
     }
 
     fn recv_reply(&self) -> Result<v1::BatchReply> {
         if let Some(ch) = self.channel() {
             match self.receive(&ch) {
                 Ok(body) => return self.quic.reply_of(Bytes::from(body)),
-                Err(ClientError::ConnectionLost(why)) => self.fail_over(ClientError::ConnectionLost(why))?,
+                Err(e @ ClientError::ConnectionLost(_)) => self.fail_over(&e),
                 Err(e) => return Err(e),
             }
         }
@@ -168,6 +194,10 @@ impl Transport for ShmCommandTransport {
 
     fn try_recv_reply(&self) -> Option<Result<v1::BatchReply>> {
         let Some(ch) = self.channel() else { return self.quic.try_recv_reply() };
+        if self.quic.resumes() != ch.resumes {
+            // Met by the next blocking read.
+            return None;
+        }
         let mut reader = ch.reader.try_lock().ok()?;
         // A broken ring is met by the next blocking read.
         let body = reader.try_frame(MAX_REPLY_FRAME).ok()??;
