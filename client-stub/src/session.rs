@@ -229,6 +229,13 @@ type OccupancyAnswers = HashMap<Vec<u8>, (i64, i32)>;
 /// Occupancy answers a session keeps (all dropped when full).
 const MAX_OCCUPANCY_ANSWERS: usize = 4096;
 
+/// Largest piece of a host-device copy staged whole on the server; larger
+/// copies go in pieces (their bytes never all held there at once).
+const MAX_COPY_PIECE: u64 = 512 << 20;
+
+/// Smallest piece, whatever the server says: a bulk chunk's size.
+const MIN_COPY_PIECE: usize = 4 << 20;
+
 /// The stream a call is ordered on (0 for calls without one): the stream
 /// it gives work to, or the one it synchronizes.
 fn op_stream(op: &Op) -> u32 {
@@ -740,6 +747,32 @@ impl Session {
 
     fn htod_locked(&self, st: &mut State, dst: u64, src: &[u8], stream: StreamId) -> Result<()> {
         st.space.check_access(dst, src.len() as u64)?;
+        let piece = self.copy_piece();
+        if src.len() <= piece {
+            return self.htod_piece(st, dst, src, stream);
+        }
+        // Larger than the server stages for a session: pieces, at most two
+        // of them staged and not yet copied (the synchronize waits for the
+        // two before; a copy from pageable memory is synchronous anyway).
+        for (i, part) in src.chunks(piece).enumerate() {
+            if i >= 2 && i % 2 == 0 {
+                self.call(st, Op::StreamSynchronize(v1::StreamSynchronize { stream: stream.0 }))?;
+            }
+            self.htod_piece(st, dst + (i * piece) as u64, part, stream)?;
+        }
+        Ok(())
+    }
+
+    /// The largest copy staged whole on the server: a quarter of what the
+    /// server stages for a session (two pieces in flight, with room for
+    /// the session's other transfers), at most [`MAX_COPY_PIECE`].
+    fn copy_piece(&self) -> usize {
+        let staging = self.inner.welcome.max_staging_bytes;
+        let piece = if staging == 0 { MAX_COPY_PIECE } else { (staging / 4).min(MAX_COPY_PIECE) };
+        usize::try_from(piece).unwrap_or(usize::MAX).max(MIN_COPY_PIECE)
+    }
+
+    fn htod_piece(&self, st: &mut State, dst: u64, src: &[u8], stream: StreamId) -> Result<()> {
         match self.host_bytes(st, src)? {
             HostBytes::Inline(p) => {
                 let op = Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Inline(p)) });
@@ -872,9 +905,22 @@ impl Session {
 
     fn dtoh_locked(&self, st: &mut State, dst: &mut [u8], src: u64, stream: StreamId) -> Result<()> {
         st.space.check_access(src, dst.len() as u64)?;
-        let op = Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: dst.len() as u64, stream: stream.0, into_region: None });
-        let value = self.call(st, op)?;
-        self.take_bytes(st, value, dst)
+        let piece = self.copy_piece();
+        if dst.len() <= piece {
+            let op =
+                Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: dst.len() as u64, stream: stream.0, into_region: None });
+            let value = self.call(st, op)?;
+            return self.take_bytes(st, value, dst);
+        }
+        // One piece staged at a time (see `htod_locked`).
+        for (i, part) in dst.chunks_mut(piece).enumerate() {
+            let src = src + (i * piece) as u64;
+            let op =
+                Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: part.len() as u64, stream: stream.0, into_region: None });
+            let value = self.call(st, op)?;
+            self.take_bytes(st, value, part)?;
+        }
+        Ok(())
     }
 
     /// The bytes a copy to the host answered, inline or over bulk streams.

@@ -141,6 +141,12 @@ pub struct ServerConfig {
     pub max_frame_bytes: u32,
     /// Host memory one session may hold in staged transfers.
     pub max_staging_bytes: u64,
+    /// Host memory all sessions of the host may hold in staged transfers
+    /// together, whichever process serves them (`staging::host`).
+    pub staging_host_bytes: u64,
+    /// How long a chunk waits for room under `staging_host_bytes` before its
+    /// copy fails with out-of-memory.
+    pub staging_wait: Duration,
     /// Most streams, events and modules (each) per session.
     pub max_handles: usize,
     /// Most bulk streams served at once per session.
@@ -159,6 +165,11 @@ pub struct ServerConfig {
     /// Bytes of module images kept in `image_cache_dir`; the least recently
     /// used go first beyond it.
     pub image_cache_disk_bytes: u64,
+    /// Bytes of module images a worker process loads into its context
+    /// while it waits for its session: the most recently used of
+    /// `image_cache_dir` (0: none). The next program to use the same
+    /// libraries finds them loaded (issue 17, "fast first call").
+    pub image_preload_bytes: u64,
     /// A connection silent this long is closed.
     pub idle_timeout: Duration,
     /// Largest UDP payload sent or accepted; MTU discovery probes up to it
@@ -338,6 +349,8 @@ impl ServerConfig {
             max_inline_bytes: 512 << 10,
             max_frame_bytes: (16 << 20) + (64 << 10),
             max_staging_bytes: 3 << 30,
+            staging_host_bytes: Self::DEFAULT_STAGING_HOST_BYTES,
+            staging_wait: Duration::from_secs(2),
             max_handles: 65_536,
             max_bulk_streams: 64,
             bulk_endpoints: Self::DEFAULT_BULK_ENDPOINTS,
@@ -345,6 +358,7 @@ impl ServerConfig {
             image_cache_dir: None,
             image_cache_bytes: 1 << 30,
             image_cache_disk_bytes: 8 << 30,
+            image_preload_bytes: Self::DEFAULT_IMAGE_PRELOAD_BYTES,
             idle_timeout: Duration::from_secs(30),
             max_udp_payload: gpupool_proto::quic::LOOPBACK_UDP_PAYLOAD,
             handshake_timeout: Duration::from_secs(10),
@@ -372,8 +386,18 @@ impl ServerConfig {
     /// 3 GiB/s), without taking every core of a host that serves others.
     pub const DEFAULT_BULK_ENDPOINTS: usize = 4;
 
+    /// Module images a waiting worker loads by default: the libraries a
+    /// PyTorch process uses for its first operations (cuBLAS, cuDNN and
+    /// PyTorch's own kernels, cut to the device's code) fit in it.
+    pub const DEFAULT_IMAGE_PRELOAD_BYTES: u64 = 256 << 20;
+
     /// Most bulk endpoints.
     pub const MAX_BULK_ENDPOINTS: usize = 16;
+
+    /// Staged bytes of all sessions of a host together by default (the
+    /// binary derives its default from the host's memory instead): a few
+    /// sessions' full 3 GiB each, not 64 of them.
+    pub const DEFAULT_STAGING_HOST_BYTES: u64 = 8 << 30;
 
     /// Checks every setting and reports all problems together.
     pub fn validate(&self) -> Result<(), ServerError> {
@@ -415,6 +439,9 @@ impl ServerConfig {
         }
         if self.max_sessions == 0 {
             bad.push("max_sessions must be at least 1".into());
+        }
+        if self.staging_host_bytes == 0 {
+            bad.push("staging_host_bytes must be positive".into());
         }
         if self.memory_quota == 0 {
             bad.push("memory_quota must be positive".into());

@@ -62,6 +62,10 @@ pub enum ServerError {
     /// A session worker process failed to start or to take a session.
     #[error("session worker: {0}")]
     Worker(String),
+    /// The host's staging ledger (its shared page) cannot be made or
+    /// opened (`staging::host`).
+    #[error("host staging ledger: {0}")]
+    Staging(String),
     /// A session could not be moved to another server; it keeps running
     /// here (`docs/migration.md`).
     #[error("migration of session {session} failed: {reason}")]

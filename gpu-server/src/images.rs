@@ -13,6 +13,49 @@ use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+/// A directory of module images that only this server and its workers use,
+/// deleted with it. Under process isolation without `--image-cache`, each
+/// worker process would otherwise start with an empty cache, and the second
+/// program to use a library (cuBLAS: hundreds of images) would send every
+/// image again (issue 17, "fast first call").
+#[derive(Debug)]
+pub struct PrivateDir {
+    path: PathBuf,
+}
+
+impl PrivateDir {
+    /// Creates `gpupool-images-<pid>-<n>` under `parent`, readable by this
+    /// user only (module images are tenants' code).
+    pub fn create(parent: &std::path::Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut builder = std::fs::DirBuilder::new();
+        builder.mode(0o700);
+        let pid = std::process::id();
+        for n in 0..1000u32 {
+            let path = parent.join(format!("gpupool-images-{pid}-{n}"));
+            match builder.create(&path) {
+                Ok(()) => return Ok(Self { path }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "no free image directory name"))
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            tracing::warn!(dir = %self.path.display(), error = %e, "cannot remove the private image directory");
+        }
+    }
+}
+
 /// SHA-256 of an image.
 pub type ImageKey = [u8; 32];
 
@@ -58,19 +101,65 @@ impl ImageCache {
 
     /// The image with hash `key`, from memory or disk.
     pub fn get(&self, key: &ImageKey) -> Option<Arc<[u8]>> {
-        if let Some(img) = self.lock().images.get(key) {
-            return Some(img.clone());
+        self.read(key, true)
+    }
+
+    /// Up to `budget` bytes of the images on disk, most recently used
+    /// first: what a waiting worker preloads.
+    pub fn recent_on_disk(&self, budget: u64) -> Vec<ImageKey> {
+        let Some(dir) = &self.dir else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+        let mut files: Vec<(std::time::SystemTime, u64, ImageKey)> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let mut key = [0u8; 32];
+                hex::decode_to_slice(e.file_name().to_str()?, &mut key).ok()?;
+                let m = e.metadata().ok()?;
+                Some((m.modified().ok()?, m.len(), key))
+            })
+            .collect();
+        files.sort_by_key(|f| std::cmp::Reverse(f.0));
+        let mut total = 0u64;
+        files
+            .into_iter()
+            .take_while(|(_, len, _)| {
+                total = total.saturating_add(*len);
+                total <= budget
+            })
+            .map(|(_, _, key)| key)
+            .collect()
+    }
+
+    /// The image with hash `key` for preloading: like [`Self::get`], but
+    /// its use is not recorded (a preload is not a use, and would reorder
+    /// what the next worker preloads).
+    pub fn get_for_preload(&self, key: &ImageKey) -> Option<Arc<[u8]>> {
+        self.read(key, false)
+    }
+
+    fn read(&self, key: &ImageKey, used: bool) -> Option<Arc<[u8]>> {
+        let path = self.dir.as_ref().map(|d| d.join(hex::encode(key)));
+        // Recently used: trimmed last, preloaded first. Also when memory
+        // answers: the disk's order is what other processes see.
+        let touch = |path: &std::path::Path| {
+            if used && let Ok(f) = std::fs::File::options().write(true).open(path) {
+                let _ = f.set_modified(std::time::SystemTime::now());
+            }
+        };
+        let cached = self.lock().images.get(key).cloned();
+        if let Some(img) = cached {
+            if let Some(path) = &path {
+                touch(path);
+            }
+            return Some(img);
         }
-        let path = self.dir.as_ref()?.join(hex::encode(key));
+        let path = path?;
         let bytes = std::fs::read(&path).ok()?;
         // A corrupt file is ignored, not served.
         if key_of(&bytes) != *key {
             return None;
         }
-        // Recently used: trimmed last.
-        if let Ok(f) = std::fs::File::options().write(true).open(&path) {
-            let _ = f.set_modified(std::time::SystemTime::now());
-        }
+        touch(&path);
         let img: Arc<[u8]> = Arc::from(bytes);
         self.insert_memory(*key, img.clone());
         Some(img)
@@ -174,6 +263,45 @@ mod tests {
         assert_eq!(c.lock().images.len(), 2, "builtin + newest");
         assert_eq!(c.get(&key_of(&a)).as_deref(), Some(&a[..]), "reloaded from disk");
         std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[test]
+    fn recent_on_disk_lists_the_newest_within_the_budget_and_preload_reads_do_not_count_as_use() {
+        let dir = PrivateDir::create(&std::env::temp_dir()).expect("dir");
+        let c = ImageCache::new(Some(dir.path().to_path_buf()), 1 << 20);
+        let images: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 1000]).collect();
+        for img in &images {
+            c.insert(key_of(img), Arc::from(img.as_slice()));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::fs::write(dir.path().join("not-an-image"), b"x").unwrap();
+        let keys = |budget| c.recent_on_disk(budget);
+        assert_eq!(keys(2500), vec![key_of(&images[2]), key_of(&images[1])]);
+        assert_eq!(keys(1 << 20).len(), 3);
+        assert!(keys(999).is_empty());
+        let fresh = ImageCache::new(Some(dir.path().to_path_buf()), 1 << 20);
+        assert_eq!(fresh.get_for_preload(&key_of(&images[0])).as_deref(), Some(&images[0][..]));
+        assert_eq!(fresh.recent_on_disk(2500), vec![key_of(&images[2]), key_of(&images[1])], "order kept");
+        fresh.get(&key_of(&images[0])).expect("a use");
+        assert_eq!(fresh.recent_on_disk(1000), vec![key_of(&images[0])], "a use moves it first");
+    }
+
+    #[test]
+    fn private_dir_is_owner_only_and_goes_with_its_guard() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = std::env::temp_dir();
+        let a = PrivateDir::create(&parent).expect("first");
+        let b = PrivateDir::create(&parent).expect("second, another name");
+        assert_ne!(a.path(), b.path());
+        let mode = std::fs::metadata(a.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let c = ImageCache::new(Some(a.path().to_path_buf()), 1 << 20);
+        let img = vec![3u8; 100];
+        c.insert(key_of(&img), Arc::from(img.as_slice()));
+        let path = a.path().to_path_buf();
+        drop(a);
+        assert!(!path.exists(), "removed with its images");
+        drop(b);
     }
 
     /// Issue 20, finding 5: 4 MB of distinct images became 1 GiB on disk.

@@ -85,6 +85,11 @@ struct Args {
     /// recently used are deleted beyond it.
     #[arg(long, env = "GPUPOOL_IMAGE_CACHE_DISK_MIB", default_value_t = 8192)]
     image_cache_disk_mib: u64,
+    /// MiB of module images a waiting worker process loads into its context
+    /// before its session comes: the most recently used of the image
+    /// directory (a private one when `--image-cache` is not given). 0: none.
+    #[arg(long, env = "GPUPOOL_IMAGE_PRELOAD_MIB", default_value_t = ServerConfig::DEFAULT_IMAGE_PRELOAD_BYTES >> 20)]
+    image_preload_mib: u64,
     /// `process`: each session in its own worker process and device context
     /// (tenants cannot reach each other's memory; a fault ends one session);
     /// `in-process`: all sessions share this process's context (trusted,
@@ -138,6 +143,15 @@ struct Args {
     /// the client accepts).
     #[arg(long, env = "GPUPOOL_MAX_UDP_PAYLOAD", default_value_t = gpupool_proto::quic::LOOPBACK_UDP_PAYLOAD)]
     max_udp_payload: u16,
+    /// Host memory all sessions of this host may hold in staged bulk
+    /// copies together, in MiB, whether they run in worker processes or
+    /// in this one (default: a quarter of the host's memory).
+    #[arg(long, env = "GPUPOOL_STAGING_HOST_MIB")]
+    staging_host_mib: Option<u64>,
+    /// How long a bulk chunk waits for room under `--staging-host-mib`
+    /// before its copy fails with out-of-memory, in milliseconds.
+    #[arg(long, env = "GPUPOOL_STAGING_WAIT_MS", default_value_t = 2_000)]
+    staging_wait_ms: u64,
     /// Host memory for the contents of idle sessions swapped out when the
     /// device memory is full, in MiB (0: no swapping).
     #[arg(long, env = "GPUPOOL_SWAP_HOST_MIB", default_value_t = 0)]
@@ -186,6 +200,21 @@ struct Args {
     /// for a source of the previous version); 0: no pre-copy into this server.
     #[arg(long, env = "GPUPOOL_MIGRATE_PRECOPY_MIB", default_value_t = 4096)]
     migrate_precopy_mib: u64,
+}
+
+/// A quarter of the host's memory (`MemTotal` of `/proc/meminfo`), or the
+/// library's default where that cannot be read.
+fn default_staging_host_bytes() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match kib {
+        Some(kib) if kib > 0 => kib.saturating_mul(1024) / 4,
+        _ => ServerConfig::DEFAULT_STAGING_HOST_BYTES,
+    }
 }
 
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
@@ -249,7 +278,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.max_sessions = args.max_sessions;
     config.image_cache_dir = args.image_cache;
     config.image_cache_disk_bytes = args.image_cache_disk_mib.saturating_mul(1 << 20);
+    config.image_preload_bytes = args.image_preload_mib.saturating_mul(1 << 20);
     config.max_udp_payload = args.max_udp_payload;
+    config.staging_host_bytes =
+        args.staging_host_mib.map_or_else(default_staging_host_bytes, |mib| mib.saturating_mul(1 << 20));
+    config.staging_wait = std::time::Duration::from_millis(args.staging_wait_ms);
     config.resume_grace = std::time::Duration::from_millis(args.resume_grace_ms);
     if let Some(us) = args.session_spin_us {
         config.session_spin = std::time::Duration::from_micros(us);

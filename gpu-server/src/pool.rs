@@ -8,6 +8,7 @@
 
 use crate::config::WorkerCommand;
 use crate::error::ServerError;
+use crate::staging::host::{HostLedger, SlotLease};
 use gpupool_proto::frame::{self, FrameDecoder};
 use gpupool_proto::v1::{self, worker_event::Event};
 use prost::Message;
@@ -33,6 +34,9 @@ pub struct Worker {
     /// directory and the process id spawned (not taken on the worker's
     /// word): removed on drop.
     shm_socket: Option<std::path::PathBuf>,
+    /// The worker's slot of the host's staging ledger: what it still had
+    /// staged goes back to the host when this drops (after it exited).
+    _staging: Option<SlotLease>,
 }
 
 impl Worker {
@@ -95,7 +99,10 @@ pub struct WorkerPool {
     /// Set in each worker's environment before it starts (its instance's
     /// `CUDA_VISIBLE_DEVICES`: CUDA reads it once, at `cuInit`).
     env: Vec<(String, String)>,
-    spec: Vec<u8>,
+    spec: v1::WorkerSpec,
+    /// The host's staging ledger, which every worker inherits with a slot
+    /// of its own (none: workers stage under no host cap).
+    staging: Option<Arc<HostLedger>>,
     /// Where workers bind their shared-memory sockets (none: they do not).
     shm_dir: Option<std::path::PathBuf>,
     warm: usize,
@@ -109,8 +116,14 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
-    pub fn new(command: WorkerCommand, spec: &v1::WorkerSpec, warm: usize, start_timeout: Duration) -> Arc<Self> {
-        Self::with_env(command, Vec::new(), spec, warm, start_timeout)
+    pub fn new(
+        command: WorkerCommand,
+        spec: &v1::WorkerSpec,
+        staging: Option<Arc<HostLedger>>,
+        warm: usize,
+        start_timeout: Duration,
+    ) -> Arc<Self> {
+        Self::with_env(command, Vec::new(), spec, staging, warm, start_timeout)
     }
 
     /// Like [`WorkerPool::new`], with variables set in each worker's
@@ -119,13 +132,15 @@ impl WorkerPool {
         command: WorkerCommand,
         env: Vec<(String, String)>,
         spec: &v1::WorkerSpec,
+        staging: Option<Arc<HostLedger>>,
         warm: usize,
         start_timeout: Duration,
     ) -> Arc<Self> {
         Arc::new(Self {
             command,
             env,
-            spec: frame::encode(spec).to_vec(),
+            spec: spec.clone(),
+            staging,
             shm_dir: Some(std::path::PathBuf::from(&spec.shm_dir)).filter(|d| !d.as_os_str().is_empty()),
             warm,
             start_timeout,
@@ -244,12 +259,18 @@ impl WorkerPool {
 
     async fn hand_over(w: &mut Worker, assign: &[u8], ticket: &str) -> Result<(), ServerError> {
         w.send_control(assign).await?;
-        match tokio::time::timeout(ASSIGN_TIMEOUT, w.events.recv()).await {
-            Ok(Some(Event::Assigned(t))) if t == ticket => Ok(()),
-            Ok(Some(Event::Failed(reason))) => Err(ServerError::Worker(reason)),
-            Ok(Some(other)) => Err(ServerError::Worker(format!("unexpected worker event {other:?}"))),
-            Ok(None) => Err(ServerError::Worker("worker exited".into())),
-            Err(_) => Err(ServerError::Worker(format!("worker did not answer within {ASSIGN_TIMEOUT:?}"))),
+        let deadline = tokio::time::Instant::now() + ASSIGN_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, w.events.recv()).await {
+                Ok(Some(Event::Assigned(t))) if t == ticket => return Ok(()),
+                // A waiting worker reports what it preloaded; reports are
+                // totals, so the next one (relayed) includes this one.
+                Ok(Some(Event::Metrics(_))) => continue,
+                Ok(Some(Event::Failed(reason))) => return Err(ServerError::Worker(reason)),
+                Ok(Some(other)) => return Err(ServerError::Worker(format!("unexpected worker event {other:?}"))),
+                Ok(None) => return Err(ServerError::Worker("worker exited".into())),
+                Err(_) => return Err(ServerError::Worker(format!("worker did not answer within {ASSIGN_TIMEOUT:?}"))),
+            }
         }
     }
 
@@ -282,15 +303,32 @@ impl WorkerPool {
     /// [`WorkerPool::start`] with `extra_env` set as well.
     async fn start_with(&self, extra_env: &[(String, String)]) -> Result<Worker, ServerError> {
         let program = &self.command.program;
-        let mut child = Command::new(program)
+        let mut command = Command::new(program);
+        command
             .args(&self.command.args)
             .envs(self.env.iter().chain(extra_env).map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| ServerError::Worker(format!("cannot start {}: {e}", program.display())))?;
+            .kill_on_drop(true);
+        // The worker stages in a slot of the host's ledger, inherited.
+        let mut spec = self.spec.clone();
+        let staging = match &self.staging {
+            Some(ledger) => {
+                let lease = ledger
+                    .claim()
+                    .ok_or_else(|| ServerError::Worker("no free slot in the host's staging ledger".into()))?;
+                if let Some(fd) = ledger.pass_to(&mut command) {
+                    spec.staging_ledger_fd = fd;
+                    spec.staging_slot = lease.slot() as u32;
+                }
+                Some(lease)
+            }
+            None => None,
+        };
+        let spec = frame::encode(&spec);
+        let mut child =
+            command.spawn().map_err(|e| ServerError::Worker(format!("cannot start {}: {e}", program.display())))?;
         let spawned = child.id();
         let mut stdin = child.stdin.take().ok_or_else(|| ServerError::Worker("worker has no stdin".into()))?;
         let stdout = child.stdout.take().ok_or_else(|| ServerError::Worker("worker has no stdout".into()))?;
@@ -299,7 +337,7 @@ impl WorkerPool {
         // A worker that dies at once closes its pipes: the write fails or
         // the events end, and its exit status says why.
         let written = async {
-            stdin.write_all(&self.spec).await?;
+            stdin.write_all(&spec).await?;
             stdin.flush().await
         }
         .await;
@@ -324,7 +362,7 @@ impl WorkerPool {
         };
         tracing::debug!(pid = ready.pid, port = ready.port, backend = %ready.backend, "worker ready");
         let shm_socket = self.shm_socket_of(spawned, &ready.shm_socket);
-        Ok(Worker { child, stdin: Some(stdin), events, ready, shm_socket })
+        Ok(Worker { child, stdin: Some(stdin), events, ready, shm_socket, _staging: staging })
     }
 
     /// `reported` when it names a socket file of process `pid` in the
@@ -386,7 +424,7 @@ mod tests {
     fn only_a_workers_own_socket_file_is_removed() {
         let spec = v1::WorkerSpec { shm_dir: "/run/gpupool".into(), ..Default::default() };
         let command = WorkerCommand { program: "gpupool-server".into(), args: Vec::new() };
-        let pool = WorkerPool::new(command, &spec, 0, Duration::from_secs(1));
+        let pool = WorkerPool::new(command, &spec, None, 0, Duration::from_secs(1));
         let own = "/run/gpupool/gpupool-42-0a1b2c.sock";
         assert_eq!(pool.shm_socket_of(Some(42), own), Some(PathBuf::from(own)));
         for other in [

@@ -114,6 +114,8 @@ pub struct SessionState<S: BackendSession> {
     /// memory), which copies may name instead of carrying bytes.
     host_regions: Arc<HostRegions>,
     images: Arc<ImageCache>,
+    /// See [`Self::preloaded_hits`].
+    preloaded_hits: u64,
     dev: S,
 }
 
@@ -169,8 +171,15 @@ impl<S: BackendSession> SessionState<S> {
             staging,
             host_regions: Arc::default(),
             images,
+            preloaded_hits: 0,
             dev,
         }
+    }
+
+    /// Modules this session took from the preloaded set instead of loading
+    /// them.
+    pub fn preloaded_hits(&self) -> u64 {
+        self.preloaded_hits
     }
 
     /// Serves copies that name host regions from `regions` (the session's
@@ -611,12 +620,8 @@ impl<S: BackendSession> SessionState<S> {
             return self.memcpy_dtoh_region(c.src, c.size, c.stream, r);
         }
         self.check_range(c.src, c.size, ACCESS_READ)?;
-        let inline = c.size <= self.limits.max_inline_bytes;
-        if !inline {
-            self.staging.check_room(c.size)?;
-        }
         let stream = stream_of(&self.streams, c.stream)?;
-        if inline {
+        if c.size <= self.limits.max_inline_bytes {
             let mut out = Vec::new();
             out.try_reserve_exact(c.size as usize)
                 .map_err(|_| CallError::out_of_memory("cannot allocate the copy's host buffer"))?;
@@ -624,6 +629,10 @@ impl<S: BackendSession> SessionState<S> {
             self.dev.read(stream, c.src, &mut out)?;
             return Ok(Some(Value::Data(payload::encode(Bytes::from(out), self.limits.compression))));
         }
+        // Reserved before the bytes are read: the session's bounds and the
+        // host's cap (waiting a bounded time for other sessions to drain).
+        let table = self.staging.clone();
+        let room = table.room(c.size)?;
         // Staged in pieces read into reused buffers: no buffer as large as
         // the copy, zeroed and faulted in page by page, on this thread.
         let mut pieces = Vec::new();
@@ -635,7 +644,7 @@ impl<S: BackendSession> SessionState<S> {
             self.dev.read(stream, c.src + offset, buf.filled(len))?;
             pieces.push(buf.freeze());
         }
-        let id = self.staging.add_download(pieces);
+        let id = table.add_download(room, pieces);
         Ok(Some(Value::Staged(v1::StagedRef { transfer_id: id, size: c.size })))
     }
 
@@ -673,7 +682,15 @@ impl<S: BackendSession> SessionState<S> {
                 CallError::new(cuda::FILE_NOT_FOUND, "module image not cached on the server; send it")
             })?,
         };
-        let (module, functions) = self.dev.load_module(&image)?;
+        // A worker may have loaded this image before the session came.
+        let (module, functions) = match self.dev.take_preloaded(&key) {
+            Some(loaded) => {
+                tracing::debug!(bytes = image.len(), "module image taken from the preloaded set");
+                self.preloaded_hits += 1;
+                loaded
+            }
+            None => self.dev.load_module(&image)?,
+        };
         let info = v1::ModuleInfo {
             functions: functions
                 .iter()

@@ -4,14 +4,19 @@
 //! `MemcpyHtoD` on the command stream; downloads are filled by a `MemcpyDtoH`
 //! and drained by chunk requests. The table is shared between the session's
 //! worker and its bulk-stream tasks; every byte it holds counts against one
-//! per-session bound, checked before anything is allocated. An upload holds
-//! the chunks received so far, not the size it announced: a 1-byte chunk
-//! that announced 3 GiB once made the worker allocate and zero 3 GiB
-//! (issue 20, finding 4).
+//! per-session bound, checked before anything is allocated, and against the
+//! host's cap on the bytes all its sessions stage ([`host`]), reserved
+//! before a chunk is kept or a download is read. An upload holds the chunks
+//! received so far, not the size it announced: a 1-byte chunk that
+//! announced 3 GiB once made the worker allocate and zero 3 GiB, and
+//! nothing bounded the host's total (issue 20, finding 4).
+
+pub mod host;
 
 use crate::error::CallError;
 use bytes::Bytes;
 use gpupool_proto::pool::BufferPool;
+use host::HostStaging;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::{Arc, LazyLock};
@@ -41,6 +46,8 @@ pub type StagedUpload = (u64, u64, Vec<(u64, Bytes)>);
 pub struct Staging {
     limit: u64,
     max_transfers: usize,
+    /// The host's cap, shared with every other session of the host.
+    host: Arc<HostStaging>,
     inner: Mutex<Inner>,
 }
 
@@ -49,6 +56,9 @@ struct Inner {
     uploads: HashMap<u64, Upload>,
     downloads: HashMap<u64, Download>,
     bytes: u64,
+    /// Bytes reserved from the host's cap for what the table holds; given
+    /// back as transfers are consumed, and all of them when it drops.
+    host_bytes: u64,
     next_download: u64,
 }
 
@@ -68,16 +78,50 @@ struct Download {
     pieces: Vec<Bytes>,
     total: u64,
     fetched: u64,
+    /// Bytes reserved from the host's cap for it.
+    host_bytes: u64,
+}
+
+/// What [`Staging::enter`] found for a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    /// Stored: its bytes are held.
+    Kept,
+    /// Within bounds, to be stored (only checked).
+    Fits,
+    /// Empty, or held already: nothing to store.
+    Nothing,
 }
 
 /// Size of a download's pieces: a client's default bulk chunk, so that a
 /// chunk request is a slice of one piece.
 pub const PIECE_BYTES: usize = 4 << 20;
 
+/// Room reserved for a download before its bytes are read
+/// ([`Staging::room`]): given back on drop unless the download is staged.
+#[derive(Debug)]
+pub struct Room<'a> {
+    staging: &'a Staging,
+    bytes: u64,
+}
+
+impl Drop for Room<'_> {
+    fn drop(&mut self) {
+        self.staging.host.release(self.bytes);
+    }
+}
+
 impl Staging {
-    /// A table holding at most `limit` bytes in at most `max_transfers` transfers.
+    /// A table holding at most `limit` bytes in at most `max_transfers`
+    /// transfers, under no host cap (tests, tools).
     pub fn new(limit: u64, max_transfers: usize) -> Self {
-        Self { limit, max_transfers, inner: Mutex::default() }
+        Self::with_host(limit, max_transfers, HostStaging::unbounded())
+    }
+
+    /// A table holding at most `limit` bytes in at most `max_transfers`
+    /// transfers, whose bytes also count against the host's cap.
+    pub fn with_host(limit: u64, max_transfers: usize, host: Arc<HostStaging>) -> Self {
+        Self { limit, max_transfers, host, inner: Mutex::default() }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -85,8 +129,51 @@ impl Staging {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stores one chunk of upload `id`, whose total size is `total`.
+    /// Stores one chunk of upload `id`, whose total size is `total`. When
+    /// the host's cap leaves no room, the calling thread waits for it a
+    /// bounded time ([`HostStaging::reserve`]).
     pub fn put(&self, id: u64, total: u64, offset: u64, chunk: Bytes) -> Result<(), CallError> {
+        let len = chunk.len() as u64;
+        if !self.host.try_reserve(len) {
+            // Refused by the session's own bounds at once, not after the
+            // wait; a chunk held already needs no room.
+            if self.enter(id, total, offset, &chunk, false)? == Entry::Nothing {
+                return Ok(());
+            }
+            self.host.reserve(len)?;
+        }
+        self.keep_reserved(id, total, offset, chunk)
+    }
+
+    /// [`Staging::put`] for a task: a wait for the host's room sleeps on
+    /// the runtime's timer.
+    pub async fn put_async(&self, id: u64, total: u64, offset: u64, chunk: Bytes) -> Result<(), CallError> {
+        let len = chunk.len() as u64;
+        if !self.host.try_reserve(len) {
+            if self.enter(id, total, offset, &chunk, false)? == Entry::Nothing {
+                return Ok(());
+            }
+            self.host.reserve_async(len).await?;
+        }
+        self.keep_reserved(id, total, offset, chunk)
+    }
+
+    /// Stores a chunk whose bytes were reserved from the host's cap; gives
+    /// them back when it is refused or already held.
+    fn keep_reserved(&self, id: u64, total: u64, offset: u64, chunk: Bytes) -> Result<(), CallError> {
+        let len = chunk.len() as u64;
+        match self.enter(id, total, offset, &chunk, true) {
+            Ok(Entry::Kept) => Ok(()),
+            other => {
+                self.host.release(len);
+                other.map(drop)
+            }
+        }
+    }
+
+    /// Checks one chunk against the session's bounds and the upload's
+    /// chunks; with `keep`, stores it.
+    fn enter(&self, id: u64, total: u64, offset: u64, chunk: &Bytes, keep: bool) -> Result<Entry, CallError> {
         let len = chunk.len() as u64;
         let end = offset.checked_add(len).filter(|&e| e <= total).ok_or_else(|| {
             CallError::invalid_value(format!("chunk [{offset}, +{len}) lies outside transfer of {total} bytes"))
@@ -103,7 +190,9 @@ impl Staging {
                     self.limit
                 )));
             }
-            inner.uploads.insert(id, Upload { total, chunks: BTreeMap::new(), received: 0 });
+            if keep {
+                inner.uploads.insert(id, Upload { total, chunks: BTreeMap::new(), received: 0 });
+            }
         }
         if inner.bytes.saturating_add(len) > self.limit {
             return Err(CallError::out_of_memory(format!(
@@ -111,7 +200,7 @@ impl Staging {
                 self.limit
             )));
         }
-        let up = inner.uploads.get_mut(&id).ok_or_else(|| CallError::invalid_handle("upload vanished"))?;
+        let Some(up) = inner.uploads.get_mut(&id) else { return Ok(Entry::Fits) };
         if up.total != total {
             return Err(CallError::invalid_value(format!(
                 "transfer {id} was started with {} bytes, not {total}",
@@ -120,20 +209,22 @@ impl Staging {
         }
         // The same chunk again (a client repeating a put after its session
         // moved, the upload having moved with it) changes nothing.
-        if len > 0 && up.chunks.get(&offset).is_some_and(|c| *c == chunk) {
-            return Ok(());
+        if len == 0 || up.chunks.get(&offset).is_some_and(|c| c == chunk) {
+            return Ok(Entry::Nothing);
         }
         let overlaps_prev = up.chunks.range(..=offset).next_back().is_some_and(|(&o, c)| o + c.len() as u64 > offset);
         let overlaps_next = up.chunks.range(offset..).next().is_some_and(|(&o, _)| o < end);
-        if len > 0 && (overlaps_prev || overlaps_next) {
+        if overlaps_prev || overlaps_next {
             return Err(CallError::invalid_value(format!("chunk at {offset} overlaps one already received")));
         }
-        if len > 0 {
-            up.chunks.insert(offset, chunk);
-            up.received += len;
-            inner.bytes += len;
+        if !keep {
+            return Ok(Entry::Fits);
         }
-        Ok(())
+        up.chunks.insert(offset, chunk.clone());
+        up.received += len;
+        inner.bytes += len;
+        inner.host_bytes += len;
+        Ok(Entry::Kept)
     }
 
     /// The complete uploads held, as `(id, total, chunks by offset)`: a
@@ -182,41 +273,52 @@ impl Staging {
         }
         let up = inner.uploads.remove(&id).ok_or_else(|| CallError::invalid_handle("upload vanished"))?;
         inner.bytes -= size;
+        inner.host_bytes -= size;
+        drop(inner);
+        // The chunks go to the device now and are dropped right after.
+        self.host.release(size);
         // Complete and not overlapping: the chunks tile [0, size) in order.
         Ok(up.chunks.into_iter().collect())
     }
 
-    /// Reserves room for a download of `size` bytes before it is read.
-    pub fn check_room(&self, size: u64) -> Result<(), CallError> {
-        let inner = self.lock();
-        if inner.uploads.len() + inner.downloads.len() >= self.max_transfers {
-            return Err(CallError::out_of_memory("too many staged transfers in flight"));
+    /// Reserves room for a download of `size` bytes before it is read:
+    /// within the session's bounds, and from the host's cap, waiting for
+    /// it a bounded time (the calling thread blocks).
+    pub fn room(&self, size: u64) -> Result<Room<'_>, CallError> {
+        {
+            let inner = self.lock();
+            if inner.uploads.len() + inner.downloads.len() >= self.max_transfers {
+                return Err(CallError::out_of_memory("too many staged transfers in flight"));
+            }
+            if inner.bytes.saturating_add(size) > self.limit {
+                return Err(CallError::out_of_memory(format!(
+                    "staging {size} bytes would exceed the session's staging limit of {} bytes",
+                    self.limit
+                )));
+            }
         }
-        if inner.bytes.saturating_add(size) > self.limit {
-            return Err(CallError::out_of_memory(format!(
-                "staging {size} bytes would exceed the session's staging limit of {} bytes",
-                self.limit
-            )));
-        }
-        Ok(())
+        self.host.reserve(size)?;
+        Ok(Room { staging: self, bytes: size })
     }
 
-    /// Stages a download, in pieces of [`PIECE_BYTES`] tiling it, and
-    /// returns its id.
-    pub fn add_download(&self, pieces: Vec<Bytes>) -> u64 {
+    /// Stages a download in `room`, in pieces of [`PIECE_BYTES`] tiling it,
+    /// and returns its id.
+    pub fn add_download(&self, mut room: Room<'_>, pieces: Vec<Bytes>) -> u64 {
         let total = pieces.iter().map(|p| p.len() as u64).sum();
+        let host_bytes = std::mem::take(&mut room.bytes);
         let mut inner = self.lock();
         inner.next_download += 1;
         let id = inner.next_download;
         inner.bytes += total;
-        inner.downloads.insert(id, Download { pieces, total, fetched: 0 });
+        inner.host_bytes += host_bytes;
+        inner.downloads.insert(id, Download { pieces, total, fetched: 0, host_bytes });
         id
     }
 
-    /// Stages `data` as a download (sliced into pieces, not copied).
-    pub fn add_download_bytes(&self, data: Bytes) -> u64 {
+    /// Stages `data` as a download in `room` (sliced into pieces, not copied).
+    pub fn add_download_bytes(&self, room: Room<'_>, data: Bytes) -> u64 {
         let pieces = (0..data.len()).step_by(PIECE_BYTES).map(|o| data.slice(o..(o + PIECE_BYTES).min(data.len())));
-        self.add_download(pieces.collect())
+        self.add_download(room, pieces.collect())
     }
 
     /// Bytes `[offset, offset + size)` of download `id`, a slice of its
@@ -254,8 +356,12 @@ impl Staging {
         };
         down.fetched += size;
         if down.fetched >= total {
+            let host_bytes = down.host_bytes;
             inner.downloads.remove(&id);
             inner.bytes -= total;
+            inner.host_bytes -= host_bytes;
+            drop(inner);
+            self.host.release(host_bytes);
         }
         Ok(out)
     }
@@ -263,6 +369,14 @@ impl Staging {
     /// Bytes currently held.
     pub fn bytes(&self) -> u64 {
         self.lock().bytes
+    }
+}
+
+impl Drop for Staging {
+    /// The session ended: what it still held goes back to the host.
+    fn drop(&mut self) {
+        let held = self.lock().host_bytes;
+        self.host.release(held);
     }
 }
 
@@ -319,7 +433,7 @@ mod tests {
         let s = Staging::new(3 * PIECE_BYTES as u64, 8);
         let data: Vec<u8> = (0..2 * PIECE_BYTES + 10).map(|i| (i % 251) as u8).collect();
         let pieces = data.chunks(PIECE_BYTES).map(Bytes::copy_from_slice).collect();
-        let id = s.add_download(pieces);
+        let id = s.add_download(s.room(data.len() as u64).expect("room"), pieces);
         let p = PIECE_BYTES as u64;
         let across = s.get(id, p - 5, 10).expect("across two pieces");
         assert_eq!(&across[..], &data[PIECE_BYTES - 5..PIECE_BYTES + 5]);
@@ -331,11 +445,65 @@ mod tests {
     #[test]
     fn download_freed_after_last_byte() {
         let s = Staging::new(100, 8);
-        let id = s.add_download_bytes(Bytes::from_static(b"0123456789"));
+        let id = s.add_download_bytes(s.room(10).expect("room"), Bytes::from_static(b"0123456789"));
         assert_eq!(&s.get(id, 5, 5).expect("get")[..], b"56789");
         assert_eq!(s.bytes(), 10);
         assert_eq!(&s.get(id, 0, 5).expect("get")[..], b"01234");
         assert_eq!(s.bytes(), 0);
         assert!(s.get(id, 0, 1).is_err());
+    }
+
+    /// Issue 20, finding 4: sessions of one host stage at most the host's
+    /// cap together; a put past it waits for room, then fails; what a
+    /// session consumes or leaves behind when it ends goes back.
+    #[test]
+    fn the_host_cap_bounds_every_session_together() {
+        let ledger = host::HostLedger::local(100, std::time::Duration::from_millis(30));
+        let table = || Staging::with_host(1 << 20, 8, ledger.share(0).expect("slot"));
+        let (a, b) = (table(), table());
+        a.put(1, 60, 0, Bytes::from(vec![1; 60])).expect("fits");
+        let e = b.put(1, 50, 0, Bytes::from(vec![2; 50])).expect_err("past the host's cap");
+        assert_eq!(e.code, cuda::OUT_OF_MEMORY);
+        assert!(e.message.contains("staging memory is full"), "{}", e.message);
+        assert_eq!((ledger.used(), b.bytes()), (60, 0), "nothing of the refused chunk kept");
+        // The same chunk again holds nothing more.
+        a.put(1, 60, 0, Bytes::from(vec![1; 60])).expect("repeated");
+        assert_eq!(ledger.used(), 60);
+        // A session's own refusal comes at once, without the wait.
+        let started = std::time::Instant::now();
+        assert!(b.put(2, 1 << 21, 0, Bytes::from(vec![2; 50])).is_err(), "past the session's limit");
+        assert!(started.elapsed() < std::time::Duration::from_millis(30));
+        assert!(b.room(41).is_err(), "a download past the cap too");
+        a.take_upload(1, 60).expect("consumed");
+        assert_eq!(ledger.used(), 0);
+        b.put(1, 50, 0, Bytes::from(vec![2; 50])).expect("room again");
+        let room = a.room(40).expect("room");
+        assert_eq!(ledger.used(), 90);
+        drop(room);
+        assert_eq!(ledger.used(), 50, "an unused room goes back");
+        let id = a.add_download_bytes(a.room(30).expect("room"), Bytes::from(vec![3; 30]));
+        assert_eq!(ledger.used(), 80);
+        a.get(id, 0, 30).expect("fetched");
+        assert_eq!(ledger.used(), 50, "fetched downloads go back");
+        let id = a.add_download_bytes(a.room(30).expect("room"), Bytes::from(vec![3; 30]));
+        a.get(id, 0, 10).expect("partly fetched");
+        drop((a, b));
+        assert_eq!(ledger.used(), 0, "ended sessions give back what they held");
+    }
+
+    #[tokio::test]
+    async fn an_async_put_waits_for_room_freed_meanwhile() {
+        let ledger = host::HostLedger::local(100, std::time::Duration::from_secs(5));
+        let a = Arc::new(Staging::with_host(1 << 20, 8, ledger.share(0).expect("slot")));
+        let b = Staging::with_host(1 << 20, 8, ledger.share(0).expect("slot"));
+        a.put(1, 100, 0, Bytes::from(vec![1; 100])).expect("fits");
+        let taker = a.clone();
+        let freer = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            taker.take_upload(1, 100).expect("consumed");
+        });
+        b.put_async(1, 10, 0, Bytes::from(vec![2; 10])).await.expect("room came");
+        freer.await.expect("freer");
+        assert_eq!(ledger.used(), 10);
     }
 }

@@ -99,8 +99,17 @@ pub fn run_stdio() -> Result<(), ServerError> {
         write_event(v1::worker_event::Event::BusyUs(us));
     }));
     let memory = remote.clone().map(|r| crate::swap::DeviceMemory::remote(r, swap_dir));
+    // The host's staging cap: the supervisor's ledger, in this worker's slot.
+    let staging = if spec.staging_ledger_fd > 0 {
+        let ledger = crate::staging::host::HostLedger::inherited(spec.staging_ledger_fd)?;
+        Some(ledger.share(spec.staging_slot as usize)?)
+    } else {
+        None
+    };
+    // Set when the session is assigned: the preload stops.
+    let preload_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let result = rt.block_on(async {
-        let server = match Server::bind_worker(config, tickets.clone(), memory) {
+        let server = match Server::bind_worker(config, tickets.clone(), memory, staging) {
             Ok(s) => s,
             Err(e) => {
                 write_event(v1::worker_event::Event::Failed(e.to_string()));
@@ -120,15 +129,25 @@ pub fn run_stdio() -> Result<(), ServerError> {
         }));
         let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
         let t = tickets.clone();
+        let assigned = preload_stop.clone();
         // stdin is blocking: read it on a plain thread.
         std::thread::Builder::new()
             .name("gpupool-worker-control".into())
-            .spawn(move || read_control(stdin, &t, handshake_timeout, &control_tx, remote.as_deref(), gate))
+            .spawn(move || read_control(stdin, &t, handshake_timeout, &control_tx, remote.as_deref(), gate, &assigned))
             .map_err(|e| ServerError::Worker(format!("cannot start the control thread: {e}")))?;
         let metrics = server.metrics();
         let mps_client = std::env::var_os(MPS_CLIENT_ENV).is_some_and(|v| v == "1");
         let reporter = tokio::spawn(report_metrics(metrics.clone(), mps_client));
         let migrator = server.migrator();
+        // While no session is assigned: the images recent sessions used.
+        if let Some(preloader) = server.preloader() {
+            let stop = preload_stop.clone();
+            let spawned =
+                std::thread::Builder::new().name("gpupool-worker-preload".into()).spawn(move || preloader.run(&stop));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the preload thread; images load when used");
+            }
+        }
         let result = server
             .run(async move {
                 let why = until_stop(control_rx, &tickets, &migrator).await;
@@ -194,6 +213,7 @@ fn read_control(
     out: &tokio::sync::mpsc::UnboundedSender<Control>,
     memory: Option<&crate::swap::RemoteMemory>,
     gate: &crate::share::Gate,
+    assigned: &std::sync::atomic::AtomicBool,
 ) {
     let mut first = true;
     loop {
@@ -221,6 +241,8 @@ fn read_control(
             }
             continue;
         }
+        // A session (new or resumed) is coming: the preload gives way.
+        assigned.store(true, std::sync::atomic::Ordering::Release);
         if a.resume == first {
             tracing::error!(resume = a.resume, "out-of-order assignment ignored");
             continue;

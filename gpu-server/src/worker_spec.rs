@@ -36,6 +36,7 @@ pub(crate) fn config_from_spec(spec: &v1::WorkerSpec) -> Result<ServerConfig, Se
     c.image_cache_dir = Some(spec.image_cache_dir.clone()).filter(|d| !d.is_empty()).map(Into::into);
     c.image_cache_bytes = spec.image_cache_bytes;
     c.image_cache_disk_bytes = spec.image_cache_disk_bytes;
+    c.image_preload_bytes = spec.image_preload_bytes;
     c.idle_timeout = Duration::from_millis(spec.idle_timeout_ms);
     c.max_udp_payload = u16::try_from(spec.max_udp_payload)
         .map_err(|_| ServerError::Config(format!("max_udp_payload {} too large", spec.max_udp_payload)))?;
@@ -72,6 +73,7 @@ pub(crate) fn spec_from_config(config: &ServerConfig, chain: Vec<Vec<u8>>, key: 
         image_cache_dir: config.image_cache_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
         image_cache_bytes: config.image_cache_bytes,
         image_cache_disk_bytes: config.image_cache_disk_bytes,
+        image_preload_bytes: config.image_preload_bytes,
         idle_timeout_ms: config.idle_timeout.as_millis() as u64,
         max_udp_payload: u32::from(config.max_udp_payload),
         handshake_timeout_ms: config.handshake_timeout.as_millis() as u64,
@@ -84,6 +86,9 @@ pub(crate) fn spec_from_config(config: &ServerConfig, chain: Vec<Vec<u8>>, key: 
         swap_wait_ms: config.swap.map_or(0, |s| u64::try_from(s.wait.as_millis()).unwrap_or(u64::MAX)),
         swap_dir: config.swap_disk.as_ref().map(|d| d.dir.display().to_string()).unwrap_or_default(),
         migrate_precopy_bytes: config.migrate_precopy_bytes,
+        // Set per worker by its pool, with the slot it gets.
+        staging_ledger_fd: 0,
+        staging_slot: 0,
     }
 }
 

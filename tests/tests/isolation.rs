@@ -162,3 +162,44 @@ fn a_worker_that_cannot_start_is_reported() {
     let err = TestServer::start(config).expect_err("must fail").to_string();
     assert!(err.contains("exited before it was ready"), "{err}");
 }
+
+/// Issue 17, "fast first call": the second program to use an image finds it
+/// loaded. Under process isolation each session has a fresh worker process;
+/// without an `--image-cache` the server keeps a private image directory for
+/// its workers, and a worker waiting for its session loads the images the
+/// sessions before it used (also those written after it started: the one
+/// for the next session starts while `a` runs).
+#[test]
+fn a_waiting_worker_preloads_the_images_earlier_sessions_used() {
+    let mut config = isolated_config().expect("worker binary");
+    assert!(config.image_cache_dir.is_none(), "the private directory is what is tested");
+    config.image_preload_bytes = 1 << 20;
+    let srv = TestServer::start(config).expect("server starts");
+    let image = format!("// gpupool preload test {}\n\0", fresh_seed()).into_bytes();
+    let a = Session::connect(&srv.client_config()).expect("a");
+    a.module_load(&image).expect("a loads the image (sent)");
+    a.module_load(BUILTIN_MODULE).expect("the built-in module loads as always");
+    drop(a);
+    // The waiting worker looks for new images every 250 ms; a session that
+    // comes before it looked loads the image itself (and its successor's
+    // worker, started later, has it).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let b = Session::connect(&srv.client_config()).expect("b");
+        b.module_load(&image).expect("b loads the image");
+        works(&b, fresh_seed());
+        drop(b);
+        let used = || srv.metrics.snapshot().modules_preloaded_used;
+        let ended = Instant::now() + Duration::from_secs(5);
+        while used() == 0 && Instant::now() < ended {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if used() >= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no session took a preloaded module");
+    }
+    let s = srv.metrics.snapshot();
+    assert!(s.modules_preloaded >= s.modules_preloaded_used, "{s:?}");
+}

@@ -502,8 +502,11 @@ crate::exports! {
     fn cuMemHostGetFlags(flags: *mut c_uint, p: *mut c_void) {
         let rt = Runtime::with_context()?;
         let (_, _, f) = host_block(rt, p as usize).ok_or(CuError::INVALID_VALUE)?;
+        // With unified addressing the driver maps all pinned memory, and
+        // says so: a PORTABLE allocation reads back PORTABLE | DEVICEMAP
+        // (the H100, driver 580, tests/programs/pinned_copies.c).
         // SAFETY: out-pointer per the CUDA API.
-        unsafe { put(flags, f) }
+        unsafe { put(flags, f | DEVICEMAP) }
     }
 
     /// Registration only records the range: copies from and to any host

@@ -519,8 +519,12 @@ crate::exports! {
     fn cuTexObjectGetTextureDesc(out: *mut CUDA_TEXTURE_DESC, object: u64) {
         let rt = Runtime::with_context()?;
         let info = texture_info(rt, object)?;
+        // The driver does not give the border color back: it reads 0 what
+        // a program set (0.5 on the H100, driver 580, tests/programs/
+        // arrays_nokernel.cu), and the stub answers as it does.
+        let texture = TextureDesc { border_color: [0.0; 4], ..info.texture };
         // SAFETY: out-pointer per the CUDA API (same layout).
-        unsafe { put(out.cast::<TextureDesc>(), info.texture) }
+        unsafe { put(out.cast::<TextureDesc>(), texture) }
     }
 
     fn cuTexObjectGetResourceViewDesc(out: *mut CUDA_RESOURCE_VIEW_DESC, object: u64) {

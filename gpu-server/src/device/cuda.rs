@@ -26,9 +26,9 @@ pub use resources::{Allocation, Event, Mapping, Module, Stream};
 pub use texture::{Array, Object};
 
 use super::{
-    Backend, BackendSession, CONTEXT_LIMITS, DeviceDescription, DeviceResult, FunctionInfo, HostPinner, ImageKind,
-    LaunchAttrs, LaunchDims, LaunchEvents, LinkOutput, LinkRequest, Occupancy, OccupancyQuery, Param, Pinned, builtin,
-    fatbin_wrapper_error, image_kind,
+    Backend, BackendSession, CONTEXT_LIMITS, DeviceDescription, DeviceResult, FunctionInfo, HostPinner, ImageKey,
+    ImageKind, LaunchAttrs, LaunchDims, LaunchEvents, LinkOutput, LinkRequest, Occupancy, OccupancyQuery, Param,
+    Pinned, Preloaded, builtin, fatbin_wrapper_error, image_kind,
 };
 use crate::error::CallError;
 use cudarc::driver::sys::{self, CUdevice, CUfunction, CUstream};
@@ -71,7 +71,19 @@ struct DeviceInner {
     /// The built-in module compiled for this device: compiled once per
     /// server, under the lock so that concurrent sessions wait for it.
     builtin: Mutex<Option<Arc<[u8]>>>,
+    /// Modules loaded before a session asked for them.
+    preloaded: Preloaded<SendModule>,
 }
+
+/// A module moved between the thread that preloaded it and its session's.
+#[derive(Debug)]
+struct SendModule(Module);
+
+// SAFETY: a CUmodule and its CUfunctions belong to a context, not to a
+// thread: the driver accepts them on any thread where that context is
+// current, which every session thread of this device makes it. The module
+// is owned by one holder at a time (the preloaded set, then one session).
+unsafe impl Send for SendModule {}
 
 impl std::fmt::Debug for DeviceInner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -149,7 +161,8 @@ impl CudaDevice {
             driver_version: u32::try_from(driver_version).unwrap_or(0),
             error_strings: driver::error_strings(0..1100),
         };
-        Ok(Self { inner: Arc::new(DeviceInner { context, description, builtin: Mutex::new(None) }) })
+        let preloaded = Preloaded::default();
+        Ok(Self { inner: Arc::new(DeviceInner { context, description, builtin: Mutex::new(None), preloaded }) })
     }
 
     /// Compiles the built-in module now rather than on its first load, so
@@ -160,6 +173,23 @@ impl CudaDevice {
 }
 
 impl DeviceInner {
+    /// Loads `image` (already prepared for the driver) into the device's
+    /// context, which must be current on this thread.
+    fn load(&self, image: &[u8], builtin: bool) -> DeviceResult<(Module, Vec<FunctionInfo>)> {
+        let mut module = Module::load(self.context.clone(), image)?;
+        let described = module.functions()?.into_iter().map(describe).collect::<DeviceResult<Vec<_>>>()?;
+        let described = if builtin {
+            order_like_builtin(described)?
+        } else {
+            let mut described = described;
+            described.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+            described
+        };
+        let (kernels, infos): (Vec<Kernel>, Vec<FunctionInfo>) = described.into_iter().unzip();
+        module.kernels = kernels;
+        Ok((module, infos))
+    }
+
     fn builtin_image(&self) -> DeviceResult<Arc<[u8]>> {
         let mut cache = self.builtin.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(image) = cache.as_ref() {
@@ -245,6 +275,19 @@ impl Backend for CudaDevice {
 
     fn open_session(&self, va_size: u64) -> DeviceResult<CudaSession> {
         self.open_session_at(va_size, 0)
+    }
+
+    /// The built-in image is never preloaded (sessions load it from the
+    /// compiled copy).
+    fn preload_module(&self, key: &ImageKey, image: &[u8]) -> DeviceResult<bool> {
+        if builtin::is_builtin(image) || self.inner.preloaded.contains(key) {
+            return Ok(false);
+        }
+        self.inner.context.make_current()?;
+        let prepared = prepare_image(image)?;
+        let (module, functions) = self.inner.load(prepared.bytes(), false)?;
+        self.inner.preloaded.insert(*key, SendModule(module), functions);
+        Ok(true)
     }
 
     fn open_session_at(&self, va_size: u64, base: u64) -> DeviceResult<CudaSession> {
@@ -602,23 +645,6 @@ fn c_int_of(value: u32, what: &str) -> DeviceResult<c_int> {
     c_int::try_from(value).map_err(|_| CallError::invalid_value(format!("{what} {value} is out of range")))
 }
 
-impl CudaSession {
-    fn load(&self, image: &[u8], builtin: bool) -> DeviceResult<(Module, Vec<FunctionInfo>)> {
-        let mut module = Module::load(self.device.context.clone(), image)?;
-        let described = module.functions()?.into_iter().map(describe).collect::<DeviceResult<Vec<_>>>()?;
-        let described = if builtin {
-            order_like_builtin(described)?
-        } else {
-            let mut described = described;
-            described.sort_by(|a, b| a.1.name.cmp(&b.1.name));
-            described
-        };
-        let (kernels, infos): (Vec<Kernel>, Vec<FunctionInfo>) = described.into_iter().unzip();
-        module.kernels = kernels;
-        Ok((module, infos))
-    }
-}
-
 impl BackendSession for CudaSession {
     type Mapping = Mapping;
     type Array = Array;
@@ -831,11 +857,15 @@ impl BackendSession for CudaSession {
         if builtin::is_builtin(image) {
             let compiled = self.device.builtin_image()?;
             let prepared = prepare_image(&compiled)?;
-            self.load(prepared.bytes(), true)
+            self.device.load(prepared.bytes(), true)
         } else {
             let prepared = prepare_image(image)?;
-            self.load(prepared.bytes(), false)
+            self.device.load(prepared.bytes(), false)
         }
+    }
+
+    fn take_preloaded(&mut self, key: &ImageKey) -> Option<(Module, Vec<FunctionInfo>)> {
+        self.device.preloaded.take(key).map(|(SendModule(m), f)| (m, f))
     }
 
     fn launch(

@@ -10,9 +10,9 @@
 
 use super::{
     ACCESS_NONE, ACCESS_READ, ACCESS_READWRITE, Backend, BackendSession, DeviceDescription, DeviceResult,
-    FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, FUNC_ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT, FunctionInfo, ImageKind,
-    LIMIT_PRINTF_FIFO_SIZE, LaunchAttrs, LaunchDims, LaunchEvents, LinkOutput, LinkRequest, Occupancy, OccupancyQuery,
-    builtin, fatbin_wrapper_error, image_kind, texture,
+    FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, FUNC_ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT, FunctionInfo, ImageKey,
+    ImageKind, LIMIT_PRINTF_FIFO_SIZE, LaunchAttrs, LaunchDims, LaunchEvents, LinkOutput, LinkRequest, Occupancy,
+    OccupancyQuery, Preloaded, builtin, fatbin_wrapper_error, image_kind, texture,
 };
 use crate::error::CallError;
 use gpupool_proto::cuda;
@@ -77,6 +77,8 @@ pub struct EmulatedDevice {
     /// The ranges of open sessions (base, size), so that a session opened
     /// at a given range (a migrated one) never overlaps another.
     ranges: Arc<std::sync::Mutex<BTreeMap<u64, u64>>>,
+    /// Modules loaded before a session asked for them.
+    preloaded: Arc<Preloaded<Module>>,
 }
 
 /// Bytes of the emulated device's memory taken by one allocation or array;
@@ -286,6 +288,7 @@ impl EmulatedDevice {
             next_base: AtomicU64::new(VA_START),
             used: Arc::default(),
             ranges: Arc::default(),
+            preloaded: Arc::default(),
         }
     }
 }
@@ -334,7 +337,18 @@ impl Backend for EmulatedDevice {
             default_stream: Stream::default(),
             used: self.used.clone(),
             total: self.description.total_memory,
+            preloaded: self.preloaded.clone(),
         })
+    }
+
+    /// The built-in image is never preloaded (it is always at hand).
+    fn preload_module(&self, key: &ImageKey, image: &[u8]) -> DeviceResult<bool> {
+        if builtin::is_builtin(image) || self.preloaded.contains(key) {
+            return Ok(false);
+        }
+        let (module, functions) = load_foreign(image)?;
+        self.preloaded.insert(*key, module, functions);
+        Ok(true)
     }
 }
 
@@ -388,6 +402,8 @@ pub struct EmulatedSession {
     /// The device's memory in use by all sessions, and its size.
     used: Arc<AtomicU64>,
     total: u64,
+    /// The device's modules loaded ahead of sessions.
+    preloaded: Arc<Preloaded<Module>>,
 }
 
 impl EmulatedSession {
@@ -432,6 +448,19 @@ impl Module {
     fn function(&self, index: usize) -> DeviceResult<&BTreeMap<u32, i32>> {
         self.functions.get(index).ok_or_else(|| no_function(index, self.functions.len()))
     }
+}
+
+/// Loads an image other than the built-in one: a module without functions
+/// (see [`EmulatedSession::load_module`]).
+fn load_foreign(image: &[u8]) -> DeviceResult<(Module, Vec<FunctionInfo>)> {
+    if image.is_empty() {
+        return Err(CallError::new(cuda::INVALID_IMAGE, "empty module image"));
+    }
+    if image_kind(image) == ImageKind::FatbinWrapper {
+        return Err(fatbin_wrapper_error());
+    }
+    tracing::debug!(bytes = image.len(), "emulated device: loaded a module image it cannot run, without functions");
+    Ok((Module { functions: Vec::new() }, Vec::new()))
 }
 
 fn no_function(index: usize, count: usize) -> CallError {
@@ -727,14 +756,11 @@ impl BackendSession for EmulatedSession {
             let module = Module { functions: functions.iter().map(|f| f.attributes.clone()).collect() };
             return Ok((module, functions));
         }
-        if image.is_empty() {
-            return Err(CallError::new(cuda::INVALID_IMAGE, "empty module image"));
-        }
-        if image_kind(image) == ImageKind::FatbinWrapper {
-            return Err(fatbin_wrapper_error());
-        }
-        tracing::debug!(bytes = image.len(), "emulated device: loaded a module image it cannot run, without functions");
-        Ok((Module { functions: Vec::new() }, Vec::new()))
+        load_foreign(image)
+    }
+
+    fn take_preloaded(&mut self, key: &ImageKey) -> Option<(Module, Vec<FunctionInfo>)> {
+        self.preloaded.take(key)
     }
 
     /// Cooperative and cluster launches are accepted: the built-in kernels

@@ -18,6 +18,55 @@ use gpupool_shm::region::Region;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+pub use crate::images::ImageKey;
+
+/// Modules loaded before any session asked for them: an idle worker loads
+/// the images its server's sessions used most recently, and the first
+/// session that loads the same image takes the module instead of loading it
+/// again (the driver's load is most of a library's first use: ~1 ms per
+/// image, hundreds of images for cuBLAS). Each module goes to one session.
+#[derive(Debug)]
+pub struct Preloaded<M> {
+    modules: std::sync::Mutex<std::collections::HashMap<ImageKey, (M, Vec<FunctionInfo>)>>,
+}
+
+impl<M> Default for Preloaded<M> {
+    fn default() -> Self {
+        Self { modules: std::sync::Mutex::default() }
+    }
+}
+
+impl<M> Preloaded<M> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<ImageKey, (M, Vec<FunctionInfo>)>> {
+        self.modules.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether a module of `key` is waiting.
+    pub fn contains(&self, key: &ImageKey) -> bool {
+        self.lock().contains_key(key)
+    }
+
+    /// Keeps `module` for the next session that loads `key`.
+    pub fn insert(&self, key: ImageKey, module: M, functions: Vec<FunctionInfo>) {
+        self.lock().insert(key, (module, functions));
+    }
+
+    /// The waiting module of `key`, which is no longer kept.
+    pub fn take(&self, key: &ImageKey) -> Option<(M, Vec<FunctionInfo>)> {
+        self.lock().remove(key)
+    }
+
+    /// How many modules wait.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether none waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Result of a device operation.
 pub type DeviceResult<T> = Result<T, CallError>;
 
@@ -381,6 +430,15 @@ pub trait Backend: Send + Sync + 'static {
     /// migrated session keeps its addresses); refused when any of it is
     /// taken or it is not aligned to the granularity.
     fn open_session_at(&self, va_size: u64, base: u64) -> DeviceResult<Self::Session>;
+
+    /// Loads `image` (SHA-256 `key`, verified by the caller) ahead of the
+    /// session that will load it ([`BackendSession::take_preloaded`]);
+    /// `Ok(false)` when this device keeps no preloaded modules or already
+    /// has one of `key`. Called on any thread.
+    fn preload_module(&self, key: &ImageKey, image: &[u8]) -> DeviceResult<bool> {
+        let _ = (key, image);
+        Ok(false)
+    }
 }
 
 /// One session's view of the device. Methods run on the session's own
@@ -488,6 +546,12 @@ pub trait BackendSession: 'static {
     ) -> DeviceResult<()>;
     /// Loads a module image (PTX, cubin, fatbin, or the built-in module).
     fn load_module(&mut self, image: &[u8]) -> DeviceResult<(Self::Module, Vec<FunctionInfo>)>;
+    /// The module of image `key` that [`Backend::preload_module`] loaded,
+    /// if one waits: the same as `load_module` of that image would give.
+    fn take_preloaded(&mut self, key: &ImageKey) -> Option<(Self::Module, Vec<FunctionInfo>)> {
+        let _ = key;
+        None
+    }
     /// Address and size of the module-scope variable `name`
     /// (`CUDA_ERROR_NOT_FOUND` when the module has none of that name).
     fn module_global(&mut self, module: &Self::Module, name: &str) -> DeviceResult<(u64, u64)>;

@@ -56,11 +56,12 @@ impl BulkService {
 
     /// The response to one request as the transport received it: the
     /// request's frame body, `None` when the client ended the request
-    /// before sending it, or why it could not be read.
-    pub(crate) fn answer(&self, request: Result<Option<Bytes>, impl std::fmt::Display>) -> v1::BulkResponse {
+    /// before sending it, or why it could not be read. A put waits here
+    /// (a bounded time) for room under the host's staging cap.
+    pub(crate) async fn answer(&self, request: Result<Option<Bytes>, impl std::fmt::Display>) -> v1::BulkResponse {
         let response = match request {
             Ok(Some(body)) => match v1::BulkRequest::decode(body) {
-                Ok(req) => self.serve(req),
+                Ok(req) => self.serve(req).await,
                 Err(e) => Err(CallError::invalid_value(format!("malformed bulk request: {e}"))),
             },
             Ok(None) => Err(CallError::invalid_value("bulk stream ended before its request")),
@@ -77,10 +78,20 @@ impl BulkService {
         self.max_frame_bytes as usize / 2
     }
 
-    /// Stages `bytes` at `offset` of upload `id` of `total` bytes.
+    /// Stages `bytes` at `offset` of upload `id` of `total` bytes; waits
+    /// for room under the host's cap blocking the calling thread (a
+    /// transport's own).
     pub(crate) fn put(&self, id: u64, total: u64, offset: u64, bytes: Bytes) -> Result<(), CallError> {
         let len = bytes.len() as u64;
         self.staging.put(id, total, offset, bytes)?;
+        add(&self.metrics.bulk_bytes_in, len);
+        Ok(())
+    }
+
+    /// [`BulkService::put`] for a task.
+    async fn put_async(&self, id: u64, total: u64, offset: u64, bytes: Bytes) -> Result<(), CallError> {
+        let len = bytes.len() as u64;
+        self.staging.put_async(id, total, offset, bytes).await?;
         add(&self.metrics.bulk_bytes_in, len);
         Ok(())
     }
@@ -100,14 +111,14 @@ impl BulkService {
         &self.metrics
     }
 
-    fn serve(&self, req: v1::BulkRequest) -> Result<v1::BulkResponse, CallError> {
+    async fn serve(&self, req: v1::BulkRequest) -> Result<v1::BulkResponse, CallError> {
         let max = u64::from(self.max_frame_bytes);
         match req.op {
             Some(v1::bulk_request::Op::Put(p)) => {
                 let data = p.data.ok_or_else(|| CallError::invalid_value("bulk put without data"))?;
                 let bytes = payload::decode(data, max).map_err(|e| CallError::invalid_value(e.to_string()))?;
                 // A slice of the received frame: staged without a copy.
-                self.put(p.transfer_id, p.total_size, p.offset, bytes)?;
+                self.put_async(p.transfer_id, p.total_size, p.offset, bytes).await?;
                 Ok(v1::BulkResponse::default())
             }
             Some(v1::bulk_request::Op::Get(g)) => {
@@ -254,27 +265,27 @@ mod tests {
         Ok(Some(v1::BulkRequest { op: Some(op) }.encode_to_vec().into()))
     }
 
-    #[test]
-    fn puts_and_gets_staged_bytes_without_a_transport() {
+    #[tokio::test]
+    async fn puts_and_gets_staged_bytes_without_a_transport() {
         let bulk = service();
         let data = payload::encode(Bytes::from_static(b"abcdef"), Compression::Off);
         let put = v1::BulkPut { transfer_id: 3, total_size: 6, offset: 0, data: Some(data) };
-        let r = bulk.answer(request(v1::bulk_request::Op::Put(put)));
+        let r = bulk.answer(request(v1::bulk_request::Op::Put(put))).await;
         assert_eq!(r.error, None);
         assert_eq!(bulk.metrics.bulk_bytes_in.load(std::sync::atomic::Ordering::Relaxed), 6);
     }
 
-    #[test]
-    fn bad_requests_get_an_error_response() {
+    #[tokio::test]
+    async fn bad_requests_get_an_error_response() {
         let bulk = service();
         let requests: [Result<Option<Bytes>, String>; 4] =
             [Ok(None), Ok(Some(Bytes::from_static(&[0xff, 0xff]))), Ok(Some(Bytes::new())), Err("truncated".into())];
         for request in requests {
-            let r = bulk.answer(request);
+            let r = bulk.answer(request).await;
             assert_eq!(r.error.map(|e| e.code), Some(gpupool_proto::cuda::INVALID_VALUE));
         }
         let get = v1::BulkGet { transfer_id: 1, offset: 0, size: 1 << 20 };
-        let r = bulk.answer(request(v1::bulk_request::Op::Get(get)));
+        let r = bulk.answer(request(v1::bulk_request::Op::Get(get))).await;
         assert!(r.error.expect("refused").message.contains("chunk limit"));
         assert_eq!(bulk.metrics.frames_rejected.load(std::sync::atomic::Ordering::Relaxed), 5);
     }

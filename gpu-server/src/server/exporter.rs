@@ -44,6 +44,22 @@ pub fn render(metrics: &Metrics) -> String {
     counter(&mut r, "rdma_copied_bytes", "Bulk bytes copied over RDMA", s.rdma_bytes);
     counter(&mut r, "resumptions", "Clients reattached to their kept session", s.resumptions);
     counter(&mut r, "resumptions_refused", "Reattachments refused (session gone, wrong secret)", s.resumptions_refused);
+    counter(&mut r, "modules_preloaded", "Module images workers loaded before their session came", s.modules_preloaded);
+    counter(
+        &mut r,
+        "modules_preloaded_used",
+        "Preloaded module images a session used instead of loading them",
+        s.modules_preloaded_used,
+    );
+    if let Some(ledger) = metrics.staging.get() {
+        gauge(
+            &mut r,
+            "staging_host_bytes",
+            "Bytes staged for bulk copies by all sessions of the host now",
+            ledger.used(),
+        );
+        gauge(&mut r, "staging_host_limit_bytes", "Most bytes all sessions of the host may stage", ledger.cap());
+    }
     let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
     counter(
         &mut r,
@@ -176,6 +192,9 @@ mod tests {
         metrics.worker_exited(WorkerExit::of(&status(9)));
         metrics.worker_exited(WorkerExit::of(&status(9)));
         metrics.resumptions.fetch_add(1, Ordering::Relaxed);
+        let ledger = crate::staging::host::HostLedger::local(1 << 20, std::time::Duration::ZERO);
+        assert!(ledger.share(0).expect("slot").try_reserve(4096));
+        metrics.staging.set(ledger).expect("set once");
         let text = render(&metrics);
         for line in [
             "gpupool_server_worker_exits_total{how=\"normal\"} 1\n",
@@ -185,6 +204,8 @@ mod tests {
             "gpupool_server_resumptions_total 1\n",
             "gpupool_server_tenant_calls_total{tenant=\"team-a\"} 25\n",
             "gpupool_server_tenant_memory_mapped_bytes{tenant=\"team-a\"} 0\n",
+            "gpupool_server_staging_host_bytes 4096\n",
+            "gpupool_server_staging_host_limit_bytes 1048576\n",
         ] {
             assert!(text.contains(line), "{line} in {text}");
         }

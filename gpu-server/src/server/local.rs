@@ -81,7 +81,8 @@ where
         max_output_bytes: (u64::from(cfg.max_frame_bytes) - u64::from(cfg.max_inline_bytes)) / 2,
         compression: compression(cfg.compression),
     };
-    let staging = Arc::new(Staging::new(cfg.max_staging_bytes, cfg.max_bulk_streams * 4));
+    let staging =
+        Arc::new(Staging::with_host(cfg.max_staging_bytes, cfg.max_bulk_streams * 4, shared.host_staging.clone()));
     // The session's staged uploads move with it.
     let session_staging = staging.clone();
     let bulk = Arc::new(BulkService::new(
@@ -161,6 +162,7 @@ where
         }),
         max_frame_bytes: cfg.max_frame_bytes,
         max_inline_bytes: cfg.max_inline_bytes,
+        max_staging_bytes: cfg.max_staging_bytes,
         redirect: None,
         resume_secret: slot.secret().to_string(),
         resumed: false,
@@ -693,9 +695,10 @@ async fn receive_session(
                     queue_write!(c.addr, data);
                 }
             }
-            // Bounded by the session's staging limits, as a client's puts.
+            // Bounded by the session's staging limits and the host's cap,
+            // as a client's puts.
             Item::Staged(c) => {
-                let put = staging.put(c.transfer_id, c.total, c.offset, c.data);
+                let put = staging.put_async(c.transfer_id, c.total, c.offset, c.data).await;
                 put.map_err(|e| format!("a staged upload: {}", e.message))?;
             }
             Item::Final(f) => {

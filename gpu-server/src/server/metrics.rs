@@ -118,10 +118,17 @@ pub struct Metrics {
     /// Calls that failed with an error that ends the context
     /// ([`crate::CallError::ends_context`]), in this process.
     pub context_lost_errors: AtomicU64,
+    /// Module images workers loaded before their session came, and those of
+    /// them their session used (`--image-preload-mib`).
+    pub modules_preloaded: AtomicU64,
+    pub modules_preloaded_used: AtomicU64,
     /// Session worker processes ended, by [`WorkerExit`] (in its order).
     worker_exits: [AtomicU64; 4],
     /// Sessions by tenant (the lease's tenant, or the token's subject).
     tenants: Mutex<BTreeMap<String, TenantSessions>>,
+    /// The host's staging ledger, read at each scrape (set by the server
+    /// that made it; a worker's is its supervisor's).
+    pub(crate) staging: std::sync::OnceLock<std::sync::Arc<crate::staging::host::HostLedger>>,
 }
 
 /// A copy of [`Metrics`] at one moment.
@@ -150,6 +157,8 @@ pub struct MetricsSnapshot {
     pub shm_command_frames: u64,
     pub resumptions: u64,
     pub resumptions_refused: u64,
+    pub modules_preloaded: u64,
+    pub modules_preloaded_used: u64,
 }
 
 impl Metrics {
@@ -212,6 +221,8 @@ impl Metrics {
         gauge(&self.shm_regions, before.shm_regions, now.shm_regions);
         gauge(&self.shm_registered, before.shm_registered, now.shm_registered);
         add(&self.shm_bytes, now.shm_bytes.saturating_sub(before.shm_bytes));
+        add(&self.modules_preloaded, now.modules_preloaded.saturating_sub(before.modules_preloaded));
+        add(&self.modules_preloaded_used, now.modules_preloaded_used.saturating_sub(before.modules_preloaded_used));
     }
 
     /// The counters a worker process reports to its supervisor.
@@ -231,6 +242,8 @@ impl Metrics {
             memory_swapped: s.memory_swapped,
             swapped_out_bytes: s.swapped_out_bytes,
             swapped_in_bytes: s.swapped_in_bytes,
+            modules_preloaded: s.modules_preloaded,
+            modules_preloaded_used: s.modules_preloaded_used,
         }
     }
 
@@ -260,6 +273,8 @@ impl Metrics {
             shm_command_frames: g(&self.shm_command_frames),
             resumptions: g(&self.resumptions),
             resumptions_refused: g(&self.resumptions_refused),
+            modules_preloaded: g(&self.modules_preloaded),
+            modules_preloaded_used: g(&self.modules_preloaded_used),
         }
     }
 }

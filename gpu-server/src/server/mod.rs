@@ -31,6 +31,7 @@ mod local;
 pub mod metrics;
 mod migrate;
 mod mps_group;
+pub(crate) mod preload;
 mod relayout;
 mod resume;
 mod revocation;
@@ -47,6 +48,7 @@ use crate::config::{DeviceChoice, Isolation, ServerConfig};
 use crate::device::DeviceDescription;
 use crate::error::ServerError;
 use crate::pool::WorkerPool;
+use crate::staging::host::{HostLedger, HostStaging};
 use crate::tls::Identity;
 use gpupool_proto::close_code;
 use state::{AnyDevice, Mode, PoolRecipe, Served, Shared, Workers};
@@ -70,6 +72,8 @@ pub struct Server {
     mode: Mode,
     fingerprint: String,
     shared: Arc<Shared>,
+    /// The workers' shared image directory when none was configured.
+    _images: Option<crate::images::PrivateDir>,
 }
 
 impl Server {
@@ -93,27 +97,57 @@ impl Server {
 
     /// Like [`Server::bind`] with a custom authenticator.
     pub fn bind_with_auth(config: ServerConfig, auth: Arc<dyn Authenticator>) -> Result<Self, ServerError> {
-        Self::bind_inner(config, auth, None)
+        Self::bind_inner(config, auth, None, None)
     }
 
     /// A worker process's server, whose session's device memory is the
-    /// supervisor's ledger (`remote`) when the supervisor swaps.
+    /// supervisor's ledger (`remote`) when the supervisor swaps, and whose
+    /// staged bytes count in the host's staging ledger (`staging`, the
+    /// supervisor's) when it passed one.
     pub(crate) fn bind_worker(
         config: ServerConfig,
         auth: Arc<dyn Authenticator>,
         memory: Option<Arc<crate::swap::DeviceMemory>>,
+        staging: Option<Arc<HostStaging>>,
     ) -> Result<Self, ServerError> {
-        Self::bind_inner(config, auth, memory)
+        Self::bind_inner(config, auth, memory, staging)
     }
 
     fn bind_inner(
-        config: ServerConfig,
+        mut config: ServerConfig,
         auth: Arc<dyn Authenticator>,
         worker_memory: Option<Arc<crate::swap::DeviceMemory>>,
+        worker_staging: Option<Arc<HostStaging>>,
     ) -> Result<Self, ServerError> {
         config.validate()?;
+        // One cap on the bytes staged by every session of the host: in a
+        // page the worker processes share, or in this process's memory.
+        let host_staging = match (worker_staging, &config.isolation) {
+            (Some(share), _) => share,
+            (None, Isolation::Process { .. }) => {
+                HostLedger::shared(config.staging_host_bytes, config.staging_wait)?.share(0)?
+            }
+            (None, Isolation::InProcess) => {
+                HostLedger::local(config.staging_host_bytes, config.staging_wait).share(0)?
+            }
+        };
         let identity = Identity::load(&config.tls)?;
         let server_config = quic::server_config(&config, &identity)?;
+        // Worker processes share module images through a directory: a
+        // private one when none was configured.
+        let private_images = match (&config.isolation, &config.image_cache_dir) {
+            (Isolation::Process { .. }, None) => match crate::images::PrivateDir::create(&std::env::temp_dir()) {
+                Ok(dir) => {
+                    config.image_cache_dir = Some(dir.path().to_path_buf());
+                    Some(dir)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no image directory for the workers: each loads its images anew");
+                    None
+                }
+            },
+            _ => None,
+        };
         let mode = match &config.isolation {
             Isolation::InProcess => {
                 let device = AnyDevice::open(config.device)?;
@@ -125,13 +159,20 @@ impl Server {
                 let (chain, key) = identity.to_der();
                 let spec = crate::worker_spec::spec_from_config(&config, chain, key);
                 let mps_dir = config.mps.dir.clone().unwrap_or_else(mps_group::default_dir);
-                let recipe = PoolRecipe { command: command.clone(), spec, warm: *warm, start_timeout: *start_timeout };
+                let recipe = PoolRecipe {
+                    command: command.clone(),
+                    spec,
+                    staging: host_staging.ledger().clone(),
+                    warm: *warm,
+                    start_timeout: *start_timeout,
+                };
                 let mut groups = std::collections::HashMap::new();
                 let served = if config.gpus.is_empty() {
                     // One device: its whole GPU, as CUDA_VISIBLE_DEVICES
                     // (or none) of this process shows it.
                     groups.insert(String::new(), mps_group::MpsGroup::new(&config.mps, mps_dir.clone(), None));
-                    let pool = WorkerPool::new(command.clone(), &recipe.spec, *warm, *start_timeout);
+                    let staging = Some(recipe.staging.clone());
+                    let pool = WorkerPool::new(command.clone(), &recipe.spec, staging, *warm, *start_timeout);
                     vec![Served { uuid: String::new(), memory: instance_memory(&config, None), pool }]
                 } else {
                     let instances = config.gpus.iter().flat_map(|g| &g.instances);
@@ -197,8 +238,17 @@ impl Server {
             }
             Mode::Workers(_) => (None, None),
         };
-        let shared =
-            Arc::new(Shared::new(config, auth, bulk.ports(), Arc::new(shm), rdma_host, device_memory, metrics));
+        let _ = metrics.staging.set(host_staging.ledger().clone());
+        let shared = Arc::new(Shared::new(
+            config,
+            auth,
+            bulk.ports(),
+            Arc::new(shm),
+            rdma_host,
+            device_memory,
+            host_staging,
+            metrics,
+        ));
         Ok(Self {
             endpoint,
             bulk,
@@ -207,6 +257,7 @@ impl Server {
             mode,
             fingerprint: identity.fingerprint(),
             shared,
+            _images: private_images,
         })
     }
 
@@ -224,6 +275,24 @@ impl Server {
     /// (`docs/migration.md`); usable while the server runs.
     pub fn migrator(&self) -> Migrator {
         Migrator { shared: self.shared.clone() }
+    }
+
+    /// What loads module images ahead of a session into this process's
+    /// device: `None` with worker processes (each preloads its own), or
+    /// when there is no image directory or no budget.
+    pub(crate) fn preloader(&self) -> Option<preload::Preloader> {
+        let budget = self.shared.config.image_preload_bytes;
+        match &self.mode {
+            Mode::Local(device) if budget > 0 && self.shared.config.image_cache_dir.is_some() => {
+                Some(preload::Preloader {
+                    device: device.clone(),
+                    images: self.shared.images.clone(),
+                    budget,
+                    metrics: self.shared.metrics.clone(),
+                })
+            }
+            _ => None,
+        }
     }
 
     /// The server's counters.
@@ -493,7 +562,8 @@ fn serve_instance(config: &ServerConfig, recipe: &PoolRecipe, instance: &crate::
     }
     .to_string();
     let env = vec![("CUDA_VISIBLE_DEVICES".to_string(), instance.visible_devices.clone())];
-    let pool = WorkerPool::with_env(recipe.command.clone(), env, &spec, recipe.warm, recipe.start_timeout);
+    let staging = Some(recipe.staging.clone());
+    let pool = WorkerPool::with_env(recipe.command.clone(), env, &spec, staging, recipe.warm, recipe.start_timeout);
     Served { uuid: instance.uuid.clone(), pool, memory: instance_memory(config, Some(instance)) }
 }
 

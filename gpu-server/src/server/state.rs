@@ -9,7 +9,7 @@ use crate::auth::{Authenticator, Grant};
 use crate::config::{DeviceChoice, ServerConfig};
 use crate::device::cuda::CudaDevice;
 use crate::device::emulated::EmulatedDevice;
-use crate::device::{Backend, DeviceDescription};
+use crate::device::{Backend, DeviceDescription, DeviceResult};
 use crate::error::ServerError;
 use crate::images::ImageCache;
 use crate::pool::WorkerPool;
@@ -52,6 +52,14 @@ impl AnyDevice {
                     Ok(Self::Emulated(Arc::new(EmulatedDevice::new(DeviceChoice::DEFAULT_EMULATED_MEMORY))))
                 }
             },
+        }
+    }
+
+    /// See [`crate::device::Backend::preload_module`].
+    pub(super) fn preload_module(&self, key: &crate::images::ImageKey, image: &[u8]) -> DeviceResult<bool> {
+        match self {
+            Self::Cuda(d) => d.preload_module(key, image),
+            Self::Emulated(d) => d.preload_module(key, image),
         }
     }
 
@@ -102,6 +110,8 @@ pub(super) struct Served {
 pub(super) struct PoolRecipe {
     pub(super) command: crate::config::WorkerCommand,
     pub(super) spec: gpupool_proto::v1::WorkerSpec,
+    /// The host's staging ledger, shared by the workers of every pool.
+    pub(super) staging: Arc<crate::staging::host::HostLedger>,
     pub(super) warm: usize,
     pub(super) start_timeout: std::time::Duration,
 }
@@ -216,6 +226,8 @@ pub(crate) struct Shared {
     /// The device memory of the sessions in this process, resident and
     /// swapped out ([`crate::swap`]).
     pub(crate) device_memory: Arc<crate::swap::DeviceMemory>,
+    /// This process's share of the host's staging cap.
+    pub(crate) host_staging: Arc<crate::staging::host::HostStaging>,
     /// With a balancer: whether a lease still stands, asked before a
     /// session of it is admitted (issue 20, finding 9).
     pub(crate) lease_check: Option<super::revocation::LeaseCheck>,
@@ -227,7 +239,9 @@ pub(crate) struct Shared {
 impl Shared {
     /// `bulk_ports`: the ports of the server's bulk endpoints; `shm`: the
     /// shared-memory socket's sessions; `device_memory`: the ledger of the
-    /// sessions in this process (with swapping or without).
+    /// sessions in this process (with swapping or without); `host_staging`:
+    /// this process's share of the host's staging cap.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         config: ServerConfig,
         auth: Arc<dyn Authenticator>,
@@ -235,10 +249,12 @@ impl Shared {
         shm: Arc<super::transport::shm::Registry>,
         rdma: Option<Arc<super::transport::rdma::RdmaHost>>,
         device_memory: Arc<crate::swap::DeviceMemory>,
+        host_staging: Arc<crate::staging::host::HostStaging>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             device_memory,
+            host_staging,
             images: Arc::new(
                 ImageCache::new(config.image_cache_dir.clone(), config.image_cache_bytes)
                     .with_disk_limit(config.image_cache_disk_bytes),

@@ -168,6 +168,7 @@ pub(crate) fn run<B: Backend>(
     }
     // The session's memory goes with it.
     count_memory_use(&metrics, counted, MemoryUse::default());
+    add(&metrics.modules_preloaded_used, state.preloaded_hits());
 }
 
 /// Moves the memory gauges from what was counted to what the session

@@ -239,9 +239,10 @@ impl<S: BackendSession> SessionState<S> {
             }
             (End::Host, _) => {
                 let inline = packed <= self.limits.max_inline_bytes;
-                if !inline {
-                    self.staging.check_room(packed)?;
-                }
+                // Reserved before the bytes are read (the session's bounds
+                // and the host's cap).
+                let staging = self.staging.clone();
+                let room = if inline { None } else { Some(staging.room(packed)?) };
                 let src = self.place(&src, extent, ACCESS_READ)?;
                 let mut out = Vec::new();
                 out.try_reserve_exact(packed as usize)
@@ -249,11 +250,12 @@ impl<S: BackendSession> SessionState<S> {
                 out.resize(packed as usize, 0);
                 self.dev.array_read(stream, src, &mut out, extent)?;
                 let out = Bytes::from(out);
-                if inline {
-                    Ok(Some(Value::Data(payload::encode(out, self.limits.compression))))
-                } else {
-                    let id = self.staging.add_download_bytes(out);
-                    Ok(Some(Value::Staged(v1::StagedRef { transfer_id: id, size: packed })))
+                match room {
+                    None => Ok(Some(Value::Data(payload::encode(out, self.limits.compression)))),
+                    Some(room) => {
+                        let id = staging.add_download_bytes(room, out);
+                        Ok(Some(Value::Staged(v1::StagedRef { transfer_id: id, size: packed })))
+                    }
                 }
             }
             _ => {

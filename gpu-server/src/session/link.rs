@@ -106,9 +106,9 @@ impl<S: BackendSession> SessionState<S> {
                 let cubin = if image.len() as u64 <= self.limits.max_inline_bytes {
                     jit_link_result::Cubin::Inline(payload::encode(image, self.limits.compression))
                 } else {
-                    self.staging.check_room(image.len() as u64)?;
                     let size = image.len() as u64;
-                    let id = self.staging.add_download_bytes(image);
+                    let room = self.staging.room(size)?;
+                    let id = self.staging.add_download_bytes(room, image);
                     jit_link_result::Cubin::Staged(v1::StagedRef { transfer_id: id, size })
                 };
                 (0, String::new(), Some(cubin))

@@ -135,6 +135,7 @@ locals {
     GPUPOOL_IMAGE_CACHE           = "/var/lib/gpupool/images"
     GPUPOOL_SESSION_MEMORY_MIB    = var.session_memory_mib == null ? "" : tostring(var.session_memory_mib)
     GPUPOOL_METRICS_LISTEN        = var.metrics_port == null ? "" : "0.0.0.0:${var.metrics_port}"
+    GPUPOOL_STAGING_HOST_MIB      = var.staging_host_mib == null ? "" : tostring(var.staging_host_mib)
     GPUPOOL_SWAP_HOST_MIB         = var.swap_host_mib > 0 ? tostring(var.swap_host_mib) : ""
     GPUPOOL_SWAP_DISK_MIB         = var.swap_host_mib > 0 && var.swap_disk_mib > 0 ? tostring(var.swap_disk_mib) : ""
     GPUPOOL_SWAP_DIR              = var.swap_host_mib > 0 && var.swap_disk_mib > 0 ? "/var/lib/gpupool/swap" : ""

@@ -154,6 +154,16 @@ variable "session_memory_mib" {
   default     = null
 }
 
+variable "staging_host_mib" {
+  description = "Host memory all sessions of a gpu-server may hold in staged bulk copies together, in MiB (null: the server's default, a quarter of the host's memory; docs/transport.md, \"The host's staging cap\")."
+  type        = number
+  default     = null
+  validation {
+    condition     = var.staging_host_mib == null ? true : var.staging_host_mib > 0
+    error_message = "staging_host_mib must be null or more than 0."
+  }
+}
+
 variable "swap_host_mib" {
   description = "Host memory for the device memory of idle sessions swapped out when a GPU's memory is full, in MiB (0: no swapping; docs/swap.md). What lets the balancer overcommit a GPU's memory with shared leases."
   type        = number

@@ -125,7 +125,7 @@ async fn accept_bulk(conn: quinn::Connection, bulk: Arc<BulkService>) {
 /// One bulk request and its response on their own stream.
 async fn bulk_stream(bulk: &BulkService, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let request = read_frame(&mut recv, bulk.max_request()).await;
-    let response = bulk.answer(request);
+    let response = bulk.answer(request).await;
     // A chunk's bytes go out as they are staged, not copied into a frame.
     let mut parts = match &response.data {
         Some(payload) => frame::bulk_response_frame(response.error.clone(), payload),
