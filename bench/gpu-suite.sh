@@ -6,7 +6,9 @@
 #   3. gpupool-server on the GPU: starts, serves, drains on SIGTERM;
 #   4. gpupool-demo --device cuda;
 #   5. gpupool-bench --device cuda (native CUDA against remote gpupool;
-#      every copy row over QUIC and again through shared memory, `, shm`);
+#      every copy row over QUIC and again through shared memory, `, shm`;
+#      the sync round trip again with the commands through a ring in
+#      shared memory, `, shm commands`: target <= 15 us median);
 #   6. bench/dropin.sh: unmodified programs, PyTorch and the drop-in
 #      benchmark row, native and through gpupool's libcuda.so.1 (whose
 #      copies go through shared memory by default on the server's host;

@@ -122,6 +122,11 @@ pub struct ClientConfig {
     /// shared-memory attachment only); 0: none, pinned memory is plain
     /// memory and its bytes travel like any others.
     pub shm_pinned_bytes: usize,
+    /// With a shared-memory attachment and a server that offers it, send
+    /// the session's batches and take its replies through a command ring
+    /// in shared memory instead of QUIC (docs/transport.md); false: the
+    /// commands stay on QUIC (copies still go through memory).
+    pub shm_commands: bool,
     /// RDMA: whether to offer it, and the device (`docs/rdma.md`).
     pub rdma: RdmaOptions,
 }
@@ -195,6 +200,7 @@ impl ClientConfig {
             token_source: TokenSource::Fixed,
             shm_region_bytes: DEFAULT_SHM_REGION_BYTES,
             shm_pinned_bytes: DEFAULT_SHM_PINNED_BYTES,
+            shm_commands: true,
             rdma: RdmaOptions::default(),
         }
     }

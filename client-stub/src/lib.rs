@@ -21,6 +21,7 @@ pub mod mirror;
 mod rdma;
 pub mod session;
 mod shm;
+mod shm_commands;
 pub mod stats;
 mod tls;
 pub mod transport;

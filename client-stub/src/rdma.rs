@@ -45,22 +45,23 @@ const QUIC_CHECK: Duration = Duration::from_millis(100);
 /// Longest wait for the server's confirmation after connecting.
 const CONFIRM_WITHIN: Duration = Duration::from_secs(5);
 
-/// Opens a session: over QUIC, moving to RDMA when both ends can.
+/// Opens a session: over QUIC, moving to RDMA when both ends can, else
+/// its commands to shared memory when both ends can (`crate::shm_commands`).
 pub(crate) fn connect(config: &ClientConfig) -> Result<Box<dyn Transport>> {
     let provider = if config.rdma.enabled { probe(config) } else { None };
     let offer = provider.as_ref().map(|p| v1::RdmaOffer { device: p.device(), core_version: CORE_VERSION });
     let offered = offer.is_some();
     let quic = QuicTransport::connect_with(config, offer)?;
-    let Some(provider) = provider else { return Ok(Box::new(quic)) };
+    let Some(provider) = provider else { return Ok(crate::shm_commands::wrap(quic, config)) };
     let accept = match negotiate::accepted(offered, quic.welcome().rdma.as_ref()) {
         Ok(Some(accept)) => accept,
         Ok(None) => {
             tracing::debug!("the server keeps the session on QUIC");
-            return Ok(Box::new(quic));
+            return Ok(crate::shm_commands::wrap(quic, config));
         }
         Err(e) => {
             tracing::info!(error = %e, "RDMA answer unusable; the session stays on QUIC");
-            return Ok(Box::new(quic));
+            return Ok(crate::shm_commands::wrap(quic, config));
         }
     };
     let addr = SocketAddr::new(config.server.ip(), accept.port);
@@ -78,7 +79,7 @@ pub(crate) fn connect(config: &ClientConfig) -> Result<Box<dyn Transport>> {
         Err(e) => {
             // The server reads its first batch from QUIC then.
             tracing::info!(%addr, error = %e, "RDMA setup failed; the session stays on QUIC");
-            Ok(Box::new(quic))
+            Ok(crate::shm_commands::wrap(quic, config))
         }
     }
 }

@@ -453,6 +453,13 @@ impl Session {
         self.inner.transport.rdma_attached()
     }
 
+    /// Whether the session's commands go through a command ring in shared
+    /// memory now (docs/transport.md); false on QUIC, also after the ring
+    /// ended.
+    pub fn shm_commands_attached(&self) -> bool {
+        self.inner.transport.shm_commands_attached()
+    }
+
     /// The server's handshake answer: session id, range, quota, device.
     pub fn welcome(&self) -> &v1::Welcome {
         &self.inner.welcome

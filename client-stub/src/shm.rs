@@ -13,12 +13,15 @@ use crate::error::ClientError;
 use crate::transport::PinnedCopy;
 use gpupool_proto::v1;
 use gpupool_shm::region::Region;
+use gpupool_shm::ring::Ring;
 use gpupool_shm::wire::{
     Attach, MAX_HOST_REGIONS, MAX_REGION_BYTES, Op, REPLY_LEN, Reply, Request, SECRET_LEN, Slot, SlotRing,
 };
 use gpupool_shm::{ShmError, channel};
 use std::collections::{BTreeMap, HashMap};
+use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -212,7 +215,7 @@ impl ShmBulk {
                 return None;
             }
         };
-        if let Err(e) = self.region_op(Op::AddRegion { id, len: region_len as u64 }, Some(&region)) {
+        if let Err(e) = self.region_op(Op::AddRegion { id, len: region_len as u64 }, Some(region.fd())) {
             tracing::debug!(error = %e, "host region not attached: plain memory");
             return None;
         }
@@ -283,12 +286,12 @@ impl ShmBulk {
     /// Sends a region operation (with `region`'s memfd for an addition)
     /// and waits for its answer. A refusal leaves the channel up; a broken
     /// channel stops shared memory.
-    fn region_op(&self, op: Op, region: Option<&Region>) -> Result<(), ShmError> {
+    fn region_op(&self, op: Op, region: Option<BorrowedFd<'_>>) -> Result<(), ShmError> {
         let mut inner = self.lock();
         let seq = inner.ring.control().ok_or_else(|| ShmError::Protocol("copies in flight".into()))?;
         let message = Request::region(seq, op).encode();
         let sent = match region {
-            Some(r) => channel::send_with_fd(&inner.stream, &message, r.fd()),
+            Some(fd) => channel::send_with_fd(&inner.stream, &message, fd),
             None => channel::write_message(&inner.stream, &message),
         };
         let answer = sent.and_then(|()| read_reply(&inner.stream));
@@ -309,6 +312,18 @@ impl ShmBulk {
                 self.broken(e)
             }
         }
+    }
+
+    /// Attaches a command ring with pipes of `capacity` bytes to the
+    /// session (before its first batch): its commands go through it once
+    /// this returns. A refusal leaves the attachment as it was.
+    pub(crate) fn attach_commands(&self, capacity: u64) -> Result<Arc<Ring>, ShmError> {
+        if !self.live() {
+            return Err(ShmError::Protocol("the shared-memory channel failed".into()));
+        }
+        let ring = Ring::create(capacity)?;
+        self.region_op(Op::Commands { len: ring.len() }, Some(ring.fd()))?;
+        Ok(ring)
     }
 
     fn broken(&self, error: ShmError) -> Result<(), ShmError> {

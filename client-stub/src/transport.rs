@@ -96,10 +96,15 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     fn rdma_attached(&self) -> bool {
         false
     }
+    /// Whether the session's commands go through a command ring in shared
+    /// memory now (`crate::shm_commands`).
+    fn shm_commands_attached(&self) -> bool {
+        false
+    }
 }
 
 /// Frames larger than this are refused from the server.
-const MAX_REPLY_FRAME: usize = 64 << 20;
+pub(crate) const MAX_REPLY_FRAME: usize = 64 << 20;
 
 #[derive(Debug)]
 struct CommandStream {
@@ -134,6 +139,10 @@ pub struct QuicTransport {
     /// Batches sent whose replies have not arrived (kept for a resume), and
     /// the sequence number of the last reply received.
     replay: Arc<std::sync::Mutex<ReplayLog>>,
+    /// Resumes so far, counted under the replay log's lock as the batches
+    /// to send again are taken from it: another command path (the
+    /// shared-memory ring) is dead once this moved (`record_unless_resumed`).
+    resumes: Arc<std::sync::atomic::AtomicU64>,
     /// Keeps the I/O thread awake after a send, when configured.
     awake: Option<Arc<KeepAwake>>,
     /// Bulk copies through shared memory, when the server shares this host.
@@ -765,6 +774,7 @@ impl QuicTransport {
             migrated: std::sync::atomic::AtomicBool::new(false),
             // The client has at most its in-flight batches unanswered.
             replay: Arc::new(std::sync::Mutex::new(ReplayLog::new(ReplayLimit::UNBOUNDED))),
+            resumes: Arc::default(),
             awake: (!config.io_spin.is_zero()).then(|| {
                 Arc::new(KeepAwake {
                     spin: config.io_spin,
@@ -775,6 +785,36 @@ impl QuicTransport {
             }),
             shm,
         })
+    }
+
+    /// Attaches a command ring to the session's shared-memory attachment
+    /// (`crate::shm_commands`); `None` without a live attachment.
+    pub(crate) fn attach_shm_commands(
+        &self,
+        capacity: u64,
+    ) -> Option<std::result::Result<Arc<gpupool_shm::ring::Ring>, gpupool_shm::ShmError>> {
+        let shm = self.shm.as_ref().filter(|s| s.live())?;
+        Some(shm.attach_commands(capacity))
+    }
+
+    /// Resumes of the session so far.
+    pub(crate) fn resumes(&self) -> u64 {
+        self.resumes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Keeps a batch's frame for a resume, unless the session resumed since
+    /// `resumes` (false): checked under the replay log's lock, so a batch
+    /// kept here is one a resume sends again, and one refused must go over
+    /// QUIC (its other command path is dead).
+    pub(crate) fn record_unless_resumed(&self, seq: u64, frame: Bytes, resumes: u64) -> bool {
+        let mut log = self.replay();
+        if self.resumes.load(std::sync::atomic::Ordering::SeqCst) != resumes {
+            return false;
+        }
+        if self.resume.is_some() {
+            log.record(seq, frame);
+        }
+        true
     }
 
     /// Keeps a batch's frame for a resume (when resumption is on).
@@ -988,7 +1028,7 @@ impl QuicTransport {
         if let Some(quic) = &info.quic {
             endpoint.set_default_client_config(quic.clone());
         }
-        let (cmd, replay) = (self.cmd.clone(), self.replay.clone());
+        let (cmd, replay, resumes) = (self.cmd.clone(), self.replay.clone(), self.resumes.clone());
         let rt = self.rt.as_ref().ok_or_else(|| ClientError::ConnectionLost("session closed".into()))?;
         let resumed = run_on(rt, async move {
             // The outage may still be on: try again until the connect timeout.
@@ -1008,7 +1048,11 @@ impl QuicTransport {
                 return Err(ClientError::Protocol("the server answered a resume with a new session".into()));
             }
             // Batches the server never received go again, in order.
-            let again = replay.lock().unwrap_or_else(|e| e.into_inner()).replay_after(welcome.resumed_seq);
+            let again = {
+                let log = replay.lock().unwrap_or_else(|e| e.into_inner());
+                resumes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                log.replay_after(welcome.resumed_seq)
+            };
             for bytes in &again {
                 stream.send.write_all(bytes).await.map_err(write_err)?;
             }

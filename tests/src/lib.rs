@@ -185,13 +185,20 @@ impl TestServer {
 
     /// A client configuration for this server. Its copies stay on QUIC
     /// unless `GPUPOOL_TEST_TRANSPORT=shm` (then they go through shared
-    /// memory) or `rdma` (commands and copies over the in-memory RDMA
+    /// memory, and its commands through a command ring there),
+    /// `shm-copies` (copies through shared memory, commands on QUIC) or
+    /// `rdma` (commands and copies over the in-memory RDMA
     /// fabric): the same tests run over any transport.
     pub fn client_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new(self.addr, Trust::Fingerprint(self.fingerprint.clone()), TOKEN);
         c.reply_timeout = Duration::from_secs(60);
-        if std::env::var("GPUPOOL_TEST_TRANSPORT").as_deref() != Ok("shm") {
-            c.shm_region_bytes = 0;
+        match std::env::var("GPUPOOL_TEST_TRANSPORT").as_deref() {
+            // Commands through a ring in shared memory as well (the default
+            // of a client on the server's host).
+            Ok("shm") => {}
+            // Copies only: the commands stay on QUIC.
+            Ok("shm-copies") => c.shm_commands = false,
+            _ => c.shm_region_bytes = 0,
         }
         if rdma_transport() {
             c.rdma.provider = Some(Arc::new(test_fabric()));

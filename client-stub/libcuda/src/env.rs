@@ -25,6 +25,7 @@
 //! | `GPUPOOL_MAX_UDP_PAYLOAD` | largest UDP payload (default 1472, bulk connections to a loopback server 65527; Lambda: 1200) |
 //! | `GPUPOOL_BULK_CONNECTIONS` | extra QUIC connections for bulk copies when the server offers them (default 4; 0: copies share the session's connection) |
 //! | `GPUPOOL_SHM` | `off` (or `0`): keep copies on QUIC even when the server shares this host; default on: a client on the server's host attaches a shared-memory region and copies go through it |
+//! | `GPUPOOL_SHM_COMMANDS` | `off` (or `0`): keep the session's commands (batches, replies) on QUIC even with a shared-memory attachment; default on: they go through a command ring in shared memory when the server offers it (`GPUPOOL_SHM=off` turns this off too) |
 //! | `GPUPOOL_SHM_MIB` | size of that region in MiB (default 32, at most 1024) |
 //! | `GPUPOOL_SHM_PINNED_MIB` | most pinned host memory (`cuMemHostAlloc`, `cudaMallocHost`) kept in host regions shared with the server, in MiB (default 8192; 0: pinned memory is plain memory); beyond it pinned allocations are plain memory |
 //! | `GPUPOOL_RDMA` | `off` (or `0`): never offer RDMA; default on: a client with an RDMA device (built with `rdma-verbs`) offers it, and its commands and copies go over RDMA when the server and the lease allow it (docs/rdma.md) |
@@ -80,10 +81,10 @@ fn on_off(
         Some(v) if ["off", "0", "false", "no"].contains(&v.as_str()) => Some(false),
         Some(v) if ["on", "1", "true", "yes"].contains(&v.as_str()) => Some(true),
         Some(_) => {
-            problems.push(if name == "GPUPOOL_SHM" {
-                "GPUPOOL_SHM must be `on` or `off`"
-            } else {
-                "GPUPOOL_RDMA must be `on` or `off`"
+            problems.push(match name {
+                "GPUPOOL_SHM" => "GPUPOOL_SHM must be `on` or `off`",
+                "GPUPOOL_SHM_COMMANDS" => "GPUPOOL_SHM_COMMANDS must be `on` or `off`",
+                _ => "GPUPOOL_RDMA must be `on` or `off`",
             });
             None
         }
@@ -91,12 +92,13 @@ fn on_off(
 }
 
 /// Client tuning from the environment: `GPUPOOL_BULK_CONNECTIONS`,
-/// `GPUPOOL_SHM`, `GPUPOOL_SHM_MIB`, `GPUPOOL_SHM_PINNED_MIB`, `GPUPOOL_RDMA`, `GPUPOOL_BATCH_DELAY_US`, `GPUPOOL_IO_SPIN_US` (`None`: not set).
+/// `GPUPOOL_SHM`, `GPUPOOL_SHM_COMMANDS`, `GPUPOOL_SHM_MIB`, `GPUPOOL_SHM_PINNED_MIB`, `GPUPOOL_RDMA`, `GPUPOOL_BATCH_DELAY_US`, `GPUPOOL_IO_SPIN_US` (`None`: not set).
 #[derive(Debug, Default)]
 struct Tuning {
     bulk_connections: Option<usize>,
     shm_region_bytes: Option<usize>,
     shm_pinned_bytes: Option<usize>,
+    shm_commands: Option<bool>,
     rdma: Option<bool>,
     batch_delay: Option<Option<std::time::Duration>>,
     io_spin: Option<std::time::Duration>,
@@ -114,6 +116,7 @@ impl Tuning {
         }
         let shm_on = on_off(lookup, "GPUPOOL_SHM", &mut problems).unwrap_or(true);
         t.rdma = on_off(lookup, "GPUPOOL_RDMA", &mut problems);
+        t.shm_commands = on_off(lookup, "GPUPOOL_SHM_COMMANDS", &mut problems);
         match lookup("GPUPOOL_SHM_MIB").map(|v| v.trim().parse::<usize>()) {
             None => {}
             Some(Ok(n)) if (1..=1024).contains(&n) => t.shm_region_bytes = Some(n << 20),
@@ -155,6 +158,9 @@ impl Tuning {
         }
         if let Some(on) = self.rdma {
             config.rdma.enabled = on;
+        }
+        if let Some(on) = self.shm_commands {
+            config.shm_commands = on;
         }
         if let Some(d) = self.batch_delay {
             config.batch.max_delay = d;
@@ -399,6 +405,13 @@ mod tests {
         assert!(!template.rdma.enabled, "GPUPOOL_RDMA=off");
         let bad = target_from_lookup(lookup(&[("GPUPOOL_LEASE_FILE", "/x"), ("GPUPOOL_RDMA", "maybe")]));
         assert!(bad.is_err_and(|e| e.contains("GPUPOOL_RDMA must be")));
+        assert!(template.shm_commands, "commands through shared memory by default");
+        let no_ring = target_from_lookup(lookup(&[("GPUPOOL_LEASE_FILE", "/x"), ("GPUPOOL_SHM_COMMANDS", "off")]));
+        let Ok(Target::Handoff(_, template)) = no_ring else { panic!("a hand-off target") };
+        assert!(!template.shm_commands, "GPUPOOL_SHM_COMMANDS=off");
+        assert_ne!(template.shm_region_bytes, 0, "copies still through shared memory");
+        let bad = target_from_lookup(lookup(&[("GPUPOOL_LEASE_FILE", "/x"), ("GPUPOOL_SHM_COMMANDS", "x")]));
+        assert!(bad.is_err_and(|e| e.contains("GPUPOOL_SHM_COMMANDS must be")));
         assert_eq!(c.trust, Trust::Fingerprint(pin));
     }
 

@@ -99,6 +99,11 @@ pub(super) async fn read_commands(
 ) -> Ended {
     let max_frame = shared.config.max_frame_bytes as usize;
     loop {
+        // The batch's sequence number counts as received once the batch is
+        // in the queue: this future may be dropped while it waits for room
+        // (the session stops to move), and a batch counted but not queued
+        // would be neither run here nor sent again by its client.
+        let mut seq = None;
         let item = match recv.recv_frame(max_frame).await {
             Ok(Some(body)) => match batch_call_count(&body) {
                 Some(n) if n > MAX_CALLS_PER_BATCH => {
@@ -125,7 +130,7 @@ pub(super) async fn read_commands(
                             };
                             add(&shared.metrics.batches, 1);
                             add(&shared.metrics.calls, batch.calls.len() as u64);
-                            *received_seq = batch.seq;
+                            seq = Some(batch.seq);
                             Work::Batch(batch, permit)
                         }
                     }
@@ -147,6 +152,9 @@ pub(super) async fn read_commands(
         };
         if work.send(item).await.is_err() {
             return Ended::Finished;
+        }
+        if let Some(seq) = seq {
+            *received_seq = seq;
         }
     }
 }

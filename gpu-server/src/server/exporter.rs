@@ -39,6 +39,8 @@ pub fn render(metrics: &Metrics) -> String {
     counter(&mut r, "shm_copied_bytes", "Bytes copied through shared-memory regions", s.shm_bytes);
     counter(&mut r, "rdma_attachments", "RDMA connections admitted to their session", s.rdma_attachments);
     counter(&mut r, "rdma_frames", "Command frames received over RDMA", s.rdma_frames);
+    counter(&mut r, "shm_command_rings", "Command rings in shared memory taken by their session", s.shm_command_rings);
+    counter(&mut r, "shm_command_frames", "Command frames received through shared memory", s.shm_command_frames);
     counter(&mut r, "rdma_copied_bytes", "Bulk bytes copied over RDMA", s.rdma_bytes);
     counter(&mut r, "resumptions", "Clients reattached to their kept session", s.resumptions);
     counter(&mut r, "resumptions_refused", "Reattachments refused (session gone, wrong secret)", s.resumptions_refused);

@@ -9,6 +9,7 @@ use super::state::{AnyDevice, LeasedSession, Mode, Shared};
 use super::supervised::run_in_worker;
 use super::transport::quic::{self, Quic};
 use super::transport::rdma::{self, Rdma};
+use super::transport::shm_commands;
 use super::transport::{Attachment, Link};
 use gpupool_proto::rdma::negotiate::{Decision, Fallback};
 use gpupool_proto::{PROTOCOL_VERSION, close_code, frame, v1};
@@ -237,6 +238,24 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
                 match (decision, &shared.rdma) {
                     (Decision::Rdma(accept), Some(host)) => {
                         let attachment: Attachment<Rdma> = rdma::pending(host.clone(), id, accept, attachment);
+                        let link = match device {
+                            AnyDevice::Cuda(d) => run_session(&shared, d, attachment, id, quota, &grant, start).await,
+                            AnyDevice::Emulated(d) => {
+                                run_session(&shared, d, attachment, id, quota, &grant, start).await
+                            }
+                        };
+                        link.quic().clone()
+                    }
+                    // A fresh session on a server that offers shared
+                    // memory may move its commands to a ring there.
+                    _ if shared.shm.enabled() && matches!(start, Start::Fresh) => {
+                        let cfg = &shared.config;
+                        let attachment = shm_commands::pending(
+                            attachment,
+                            cfg.handshake_timeout,
+                            cfg.max_frame_bytes as usize,
+                            shared.metrics.clone(),
+                        );
                         let link = match device {
                             AnyDevice::Cuda(d) => run_session(&shared, d, attachment, id, quota, &grant, start).await,
                             AnyDevice::Emulated(d) => {

@@ -170,6 +170,12 @@ where
         bulk_ports,
         bulk_secret,
         shm_host_regions: !shm_socket.is_empty(),
+        // A fresh session whose transport can take a command ring waits
+        // for one in the registry (docs/transport.md).
+        shm_commands: match &start {
+            Start::Fresh => conn.offer_shm_commands(&shm_slot),
+            Start::Migrated(_) => false,
+        },
         shm_socket,
         shm_secret,
         // A session the negotiation moved to RDMA registers for its
@@ -436,7 +442,8 @@ where
         return None;
     }
     // A resumed session stays on QUIC (the attachment it came with).
-    let welcome = v1::Welcome { resumed: true, resumed_seq: received_seq, rdma: None, ..welcome.clone() };
+    let welcome =
+        v1::Welcome { resumed: true, resumed_seq: received_seq, rdma: None, shm_commands: false, ..welcome.clone() };
     // A failed send shows on the command channel as a lost attachment.
     let _ = again.sender.send_frame(&frame::encode(&welcome)).await;
     tracing::info!(remote = %again.link.peer(), received_seq, why, "session resumed");

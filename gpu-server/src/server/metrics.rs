@@ -98,6 +98,10 @@ pub struct Metrics {
     pub rdma_attachments: AtomicU64,
     pub rdma_frames: AtomicU64,
     pub rdma_bytes: AtomicU64,
+    /// Command rings in shared memory taken by their session, and command
+    /// frames received through them.
+    pub shm_command_rings: AtomicU64,
+    pub shm_command_frames: AtomicU64,
     /// Clients reattached to their kept session, and reattachments refused
     /// (the session was gone, or the secret wrong).
     pub resumptions: AtomicU64,
@@ -149,6 +153,8 @@ pub struct MetricsSnapshot {
     pub rdma_attachments: u64,
     pub rdma_frames: u64,
     pub rdma_bytes: u64,
+    pub shm_command_rings: u64,
+    pub shm_command_frames: u64,
     pub resumptions: u64,
     pub resumptions_refused: u64,
     pub modules_preloaded: u64,
@@ -263,6 +269,8 @@ impl Metrics {
             rdma_attachments: g(&self.rdma_attachments),
             rdma_frames: g(&self.rdma_frames),
             rdma_bytes: g(&self.rdma_bytes),
+            shm_command_rings: g(&self.shm_command_rings),
+            shm_command_frames: g(&self.shm_command_frames),
             resumptions: g(&self.resumptions),
             resumptions_refused: g(&self.resumptions_refused),
             modules_preloaded: g(&self.modules_preloaded),

@@ -12,12 +12,18 @@
 //! sequence, copies the bytes, and answers with a [`wire::Reply`]. The
 //! socket is both the descriptor channel and the wake-up.
 //!
+//! The session's commands may follow: a second memfd attached the same way
+//! ([`wire::Op::Commands`]) holds a [`ring::Ring`], two byte pipes of
+//! frames (batches to the server, replies to the client) with a bounded
+//! spin and a futex as the wake-up.
+//!
 //! Linux only (memfd, seals, `SCM_RIGHTS`).
 
 #![deny(unsafe_code)]
 
 pub mod channel;
 pub mod region;
+pub mod ring;
 pub mod wire;
 
 /// What can go wrong on a shared-memory attachment.

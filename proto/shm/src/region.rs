@@ -6,7 +6,8 @@
 //! reads it. It cannot shrink it: [`Region::open`] requires the
 //! `F_SEAL_SHRINK` seal, so every byte of the mapping stays backed (an
 //! access past the end of a shrunk file would raise `SIGBUS`). No Rust
-//! reference to the region's bytes is ever made: bytes are copied out of it
+//! reference to the region's bytes is ever made, but for the aligned atomic
+//! words of a command ring ([`Region::atomic_u32`]): bytes are copied out of it
 //! into memory this process owns (or into it) with `copy_nonoverlapping`
 //! on raw pointers, after the range has been checked against the mapping.
 //! A peer that races its own writes against a copy only garbles its own
@@ -18,6 +19,7 @@ use crate::ShmError;
 use crate::wire::{MAX_REGION_BYTES, MIN_REGION_BYTES};
 use rustix::fs::{MemfdFlags, SealFlags};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 /// A mapped shared region.
 #[derive(Debug)]
@@ -110,6 +112,37 @@ impl Region {
             Some(end) if end <= self.map.len() => Ok(()),
             _ => Err(ShmError::Protocol(format!("bytes [{start}, +{len}) outside the region of {}", self.map.len()))),
         }
+    }
+
+    /// The aligned word at `offset` as an atomic shared with the peer (the
+    /// command ring's indices and wake-up words): the only references into
+    /// the region ever made, and only to atomics, which the peer may change
+    /// at any time without making a read of them undefined.
+    pub fn atomic_u32(&self, offset: usize) -> Result<&AtomicU32, ShmError> {
+        self.word(offset, std::mem::size_of::<u32>())?;
+        // SAFETY: the word lies within the mapping, which is page aligned,
+        // at an offset that is a multiple of its size (checked by `word`),
+        // so it is aligned for `AtomicU32`; it stays mapped and backed (the
+        // size is sealed) while `self` lives, which bounds the reference.
+        // Every access through it is atomic; the peer's writes to it are
+        // writes of shared memory by another process, which an atomic
+        // tolerates (a torn or hostile value is validated by the caller).
+        Ok(unsafe { AtomicU32::from_ptr(self.map.as_mut_ptr().add(offset).cast::<u32>()) })
+    }
+
+    /// As [`Self::atomic_u32`], for a 64-bit word.
+    pub fn atomic_u64(&self, offset: usize) -> Result<&AtomicU64, ShmError> {
+        self.word(offset, std::mem::size_of::<u64>())?;
+        // SAFETY: as in `atomic_u32`, for an 8-byte aligned word.
+        Ok(unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(offset).cast::<u64>()) })
+    }
+
+    fn word(&self, offset: usize, size: usize) -> Result<(), ShmError> {
+        self.range(offset, size)?;
+        if !offset.is_multiple_of(size) || !(self.map.as_ptr() as usize).is_multiple_of(size) {
+            return Err(ShmError::Region(format!("a {size}-byte word at {offset} is not aligned")));
+        }
+        Ok(())
     }
 
     /// Copies `src` into the region at `start`.

@@ -113,12 +113,16 @@ pub enum Op {
     AddRegion { id: u32, len: u64 },
     /// Detach host region `id` (the program freed all of it).
     RemoveRegion { id: u32 },
+    /// Take the memfd sent with this request, of `len` bytes, as the
+    /// session's command ring ([`crate::ring`]): its batches and replies
+    /// go through it from then on.
+    Commands { len: u64 },
 }
 
 impl Op {
     /// Whether the request carries a file descriptor.
     pub fn carries_fd(&self) -> bool {
-        matches!(self, Op::AddRegion { .. })
+        matches!(self, Op::AddRegion { .. } | Op::Commands { .. })
     }
 }
 
@@ -138,6 +142,7 @@ const OP_PUT: u32 = 1;
 const OP_GET: u32 = 2;
 const OP_ADD_REGION: u32 = 3;
 const OP_REMOVE_REGION: u32 = 4;
+const OP_COMMANDS: u32 = 5;
 
 impl Request {
     /// A request for a region operation (no transfer, no range).
@@ -152,6 +157,7 @@ impl Request {
             Op::Get => (OP_GET, self.transfer, 0, self.len),
             Op::AddRegion { id, len } => (OP_ADD_REGION, u64::from(id), 0, len),
             Op::RemoveRegion { id } => (OP_REMOVE_REGION, u64::from(id), 0, 0),
+            Op::Commands { len } => (OP_COMMANDS, 0, 0, len),
         };
         b[..4].copy_from_slice(&op.to_le_bytes());
         for (i, v) in [self.seq, transfer, total, self.offset, self.region_offset, len].iter().enumerate() {
@@ -195,6 +201,15 @@ impl Request {
             OP_REMOVE_REGION => {
                 no_range(false)?;
                 return Ok(Self::region(u64_at(b, 8), Op::RemoveRegion { id: region_id()? }));
+            }
+            OP_COMMANDS => {
+                no_range(true)?;
+                if u64_at(b, 16) != 0 {
+                    return Err(ShmError::Protocol("a command ring with a region id".into()));
+                }
+                let len = u64_at(b, 48);
+                crate::ring::capacity_of(len)?;
+                return Ok(Self::region(u64_at(b, 8), Op::Commands { len }));
             }
             other => return Err(ShmError::Protocol(format!("unknown request operation {other}"))),
         };
@@ -394,11 +409,16 @@ mod tests {
             let r = Request { seq: 3, op, transfer: 4, offset: 5, region_offset: 6, len: 7 };
             assert_eq!(Request::decode(&r.encode()).expect("request"), r);
         }
-        for op in [Op::AddRegion { id: 3, len: 1 << 20 }, Op::RemoveRegion { id: u32::MAX }] {
+        let ring = crate::ring::region_len(crate::ring::DEFAULT_CAPACITY);
+        for op in [Op::AddRegion { id: 3, len: 1 << 20 }, Op::RemoveRegion { id: u32::MAX }, Op::Commands { len: ring }]
+        {
             let r = Request::region(9, op);
             assert_eq!(Request::decode(&r.encode()).expect("region request"), r);
-            assert_eq!(op.carries_fd(), matches!(op, Op::AddRegion { .. }));
+            assert_eq!(op.carries_fd(), !matches!(op, Op::RemoveRegion { .. }));
         }
+        // A command ring of a length that is not one.
+        let bad = Request::region(9, Op::Commands { len: ring + 1 }).encode();
+        assert!(Request::decode(&bad).is_err());
         let reply = Reply { seq: 2, code: 1, message: "é".repeat(200) };
         let back = Reply::decode(&reply.encode()).expect("reply");
         assert_eq!(back.code, 1);

@@ -38,6 +38,9 @@ const DATA_SEED: u64 = 0x6770_7570_6f6f_6c21;
 
 // The issue's targets.
 const RTT_TARGET_US: f64 = 50.0;
+/// The same round trip with the commands through shared memory (issue 18,
+/// item 3: a client on the server's host), on the H200.
+const SHM_RTT_TARGET_US: f64 = 15.0;
 const LAUNCH_RATIO_TARGET: f64 = 1.5;
 const HTOD_TARGET_SIZE: usize = 1 << 30;
 const HTOD_TARGET_GIBS: f64 = 2.0;
@@ -203,6 +206,9 @@ pub(crate) fn run(opts: &Options) -> Result<Report> {
     let mut rows = Vec::new();
     let mut skipped_targets = Vec::new();
     rows.extend(round_trip_rows(opts, native_gpu, &remote)?);
+    if opts.shm_copies {
+        rows.extend(shm_round_trip_rows(opts, native_gpu, &server)?);
+    }
     rows.push(launch_row(opts, native_gpu, &remote)?);
     rows.push(paced_launch_row(native_gpu, &remote)?);
     let (copy_rows, skipped) = copy_rows(opts, native_gpu, &remote, &server)?;
@@ -243,6 +249,38 @@ fn round_trip_rows(opts: &Options, native: Option<&NativeGpu>, remote: &RemoteGp
             .target(Target::RemoteAtMost(RTT_TARGET_US))
             .note(note),
         Row::new("sync round trip, p99", Unit::Micros, n.as_ref().map(|s| us(s.p99())), Some(us(r.p99()))),
+    ])
+}
+
+/// The round trip of a session whose commands go through a command ring in
+/// shared memory (checked: an error when they would go over QUIC).
+fn shm_round_trip_rows(opts: &Options, native: Option<&NativeGpu>, server: &LocalServer) -> Result<Vec<Row>> {
+    progress(&format!(
+        "sync round trips, commands through shared memory: {} + {} warm-up",
+        opts.iterations, opts.warmup
+    ));
+    let shm = RemoteGpu::open_shm_commands(server)?;
+    let n = on_native(native, |g| workloads::sync_round_trips(g, opts.warmup, opts.iterations))?;
+    let r = workloads::sync_round_trips(&shm, opts.warmup, opts.iterations)?;
+    shm.check_shm_commands()?;
+    shm.close()?;
+    let us = |d: Duration| Unit::Micros.of(d);
+    let note = format!("as above, the session's commands through a ring in shared memory, {} iterations", r.len());
+    Ok(vec![
+        Row::new(
+            "sync round trip, median, shm commands",
+            Unit::Micros,
+            n.as_ref().map(|s| us(s.median())),
+            Some(us(r.median())),
+        )
+        .target(Target::RemoteAtMost(SHM_RTT_TARGET_US))
+        .note(note),
+        Row::new(
+            "sync round trip, p99, shm commands",
+            Unit::Micros,
+            n.as_ref().map(|s| us(s.p99())),
+            Some(us(r.p99())),
+        ),
     ])
 }
 

@@ -212,6 +212,24 @@ impl RemoteGpu {
         Ok(Self { session, empty })
     }
 
+    /// A session on shared memory whose commands go through its command
+    /// ring; an error when they do not.
+    pub(crate) fn open_shm_commands(server: &LocalServer) -> Result<Self> {
+        let gpu = Self::open_shm(server)?;
+        gpu.check_shm_commands()?;
+        Ok(gpu)
+    }
+
+    /// An error unless the session's commands go through shared memory
+    /// (no silent fallback to QUIC).
+    pub(crate) fn check_shm_commands(&self) -> Result<()> {
+        if self.session.shm_commands_attached() {
+            Ok(())
+        } else {
+            Err(anyhow!("the session's commands do not go through shared memory (see the client's log)"))
+        }
+    }
+
     /// [`workloads::copies`] on this session, checking that every byte
     /// went through shared memory (no silent fallback to QUIC).
     pub(crate) fn copies_through_shm(&self, data: &[u8]) -> Result<super::workloads::CopyRates> {

@@ -52,9 +52,10 @@ struct Args {
     #[arg(long, value_name = "BYTES")]
     max_udp_payload: Option<u16>,
     /// Also measure every copy through shared memory (`on`, the default:
-    /// the client attaches a region, as one on the server's host does), or
-    /// only over QUIC (`off`). The QUIC rows keep their names; the shared
-    /// memory ones end in `, shm`.
+    /// the client attaches a region, as one on the server's host does), and
+    /// the sync round trip with the commands through a ring there; or only
+    /// over QUIC (`off`). The QUIC rows keep their names; the shared memory
+    /// ones end in `, shm` (`, shm commands` for the round trip).
     #[arg(long, value_name = "on|off", default_value = "on")]
     shm: String,
     /// Also write the results as JSON to this file.

@@ -8,7 +8,8 @@
 //! these traits only.
 //!
 //! [`quic`] is the implementation every session starts on; [`shm`] carries
-//! the bulk copies of clients on this host through shared memory; [`rdma`]
+//! the bulk copies of clients on this host through shared memory, and
+//! [`shm_commands`] their commands; [`rdma`]
 //! carries the commands and bulk copies of clients with an RDMA device. QUIC also stays the control
 //! transport of every session: the handshake, the redirect to a worker
 //! process and the resume of a lost session arrive there, whatever carries
@@ -16,9 +17,11 @@
 //! implements [`Transport`] in a module of its own beside [`quic`], with its
 //! `unsafe` fenced there (see `docs/transport.md`).
 
+pub(crate) mod beside;
 pub(crate) mod quic;
 pub(crate) mod rdma;
 pub(crate) mod shm;
+pub(crate) mod shm_commands;
 
 use super::bulk::BulkService;
 use bytes::Bytes;
@@ -67,6 +70,13 @@ pub(crate) trait Link: Clone + Send + Sync + std::fmt::Debug + 'static {
     /// [`rdma`]); `None` for a transport with nothing to offer.
     fn welcome_rdma(&self, _bulk: &Arc<BulkService>) -> Option<gpupool_proto::v1::RdmaAccept> {
         None
+    }
+    /// Offers the client a command ring in shared memory (see
+    /// [`shm_commands`]) through the session's shared-memory slot; whether
+    /// the `Welcome` may say so. False for a transport that keeps its
+    /// commands where they are.
+    fn offer_shm_commands(&self, _slot: &shm::ShmSlot<'_>) -> bool {
+        false
     }
     /// Stops the attachment's own path for commands and copies at once,
     /// before a migration reads the session's staging out: no upload may

@@ -30,6 +30,7 @@
 //! `Moved` ("resume here"), keeps the session, and the client resumes it
 //! on QUIC (a resumed session stays on QUIC).
 
+use super::beside::{self, Beside};
 use super::quic::{self, Quic};
 use super::{Attachment, FrameReceiver, FrameSender, Link, RecvError, SendError, Transport};
 use crate::auth::constant_time_eq;
@@ -465,13 +466,7 @@ impl Transport for Rdma {
 }
 
 /// Where a session's commands go.
-#[derive(Debug, Clone)]
-enum Path {
-    /// Not decided yet: the first read decides.
-    Pending,
-    Quic,
-    Rdma(Arc<AttachedShared>),
-}
+type Path = beside::Path<AttachedShared>;
 
 /// The parts of an admitted connection the link and the sender share.
 #[derive(Debug)]
@@ -488,6 +483,16 @@ struct AttachedShared {
 impl AttachedShared {
     fn ended_with(&self) -> Option<Result<u32, String>> {
         self.ended.borrow().clone()
+    }
+}
+
+impl Beside for AttachedShared {
+    type Ended = Result<u32, String>;
+    fn ended(&self) -> &watch::Receiver<Option<Result<u32, String>>> {
+        &self.ended
+    }
+    fn stopped(&self) -> &AtomicBool {
+        &self.stopped
     }
 }
 
@@ -597,42 +602,13 @@ impl RdmaLink {
     }
 
     fn attached(&self) -> Option<Arc<AttachedShared>> {
-        match &*self.path.borrow() {
-            Path::Rdma(a) => Some(a.clone()),
-            _ => None,
-        }
+        beside::chosen(&self.path)
     }
 }
 
 impl Link for RdmaLink {
     fn ended(&self) -> impl std::future::Future<Output = ()> + Send {
-        let (quic, mut path) = (self.quic.clone(), self.path.clone());
-        async move {
-            let rdma = async move {
-                // Called before the first read decides (the reply writer's
-                // copy): the RDMA connection counts once it was chosen.
-                let _ = path.wait_for(|p| !matches!(p, Path::Pending)).await;
-                let attached = match &*path.borrow() {
-                    Path::Rdma(a) => Some(a.clone()),
-                    _ => None,
-                };
-                match attached {
-                    Some(a) => {
-                        let mut ended = a.ended.clone();
-                        let _ = ended.wait_for(Option::is_some).await;
-                        if a.stopped.load(Ordering::Acquire) {
-                            // The replies still queued go where the session moves.
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = quic.closed() => {}
-                () = rdma => {}
-            }
-        }
+        beside::ended(self.quic.clone(), self.path.clone())
     }
 
     fn lost(&self) -> Option<&'static str> {
@@ -697,10 +673,7 @@ fn quic_lost(conn: &quinn::Connection) -> Option<&'static str> {
 
 impl FrameSender for RdmaSender {
     async fn send_frame(&mut self, frame: &[u8]) -> Result<(), SendError> {
-        let attached = match &*self.path.borrow() {
-            Path::Rdma(a) => Some(a.clone()),
-            _ => None,
-        };
+        let attached = beside::chosen(&self.path);
         let Some(a) = attached else {
             return self.quic.write_all(frame).await.map_err(|e| SendError(e.to_string()));
         };
@@ -717,7 +690,7 @@ impl FrameSender for RdmaSender {
     }
 
     async fn finish_within(mut self, linger: Duration) {
-        if matches!(&*self.path.borrow(), Path::Rdma(_)) {
+        if matches!(&*self.path.borrow(), Path::Beside(_)) {
             // What was queued goes out before the close the session sends next.
             return;
         }
@@ -740,7 +713,7 @@ impl RdmaReceiver {
         let decided = tokio::select! {
             Ok(attached) = admitted => {
                 self.frames = Some(attached.frames);
-                decide.send_replace(Path::Rdma(Arc::new(AttachedShared {
+                decide.send_replace(Path::Beside(Arc::new(AttachedShared {
                     out: attached.out,
                     wake: attached.wake,
                     ended: attached.ended,
@@ -773,10 +746,7 @@ impl FrameReceiver for RdmaReceiver {
         if let Some(first) = self.decide(max).await {
             return first;
         }
-        let attached = match &*self.path.borrow() {
-            Path::Rdma(a) => Some(a.clone()),
-            _ => None,
-        };
+        let attached = beside::chosen(&self.path);
         let (Some(frames), Some(a)) = (self.frames.as_mut(), attached) else {
             return quic::read_frame(&mut self.quic, max).await;
         };

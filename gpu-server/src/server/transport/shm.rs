@@ -23,6 +23,7 @@ use crate::server::bulk::BulkService;
 use crate::server::metrics::{Metrics, add};
 use gpupool_proto::cuda;
 use gpupool_shm::region::Region;
+use gpupool_shm::ring::{Ring, Side};
 use gpupool_shm::wire::{self, Attach, Op, Reply, Request, SeqCheck};
 use gpupool_shm::{ShmError, channel};
 use std::collections::HashMap;
@@ -32,6 +33,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::oneshot;
 
 /// Attachments served or being set up at once, beyond one per session:
 /// connections that never authenticate cannot take more threads than this.
@@ -56,11 +58,20 @@ struct Attachable {
     /// them with the driver.
     regions: Arc<HostRegions>,
     pinner: Arc<dyn HostPinner>,
-    /// The attached client's socket, shut down when the session ends.
-    attached: Option<UnixStream>,
+    /// The attached client's socket (and its attachment's number), shut
+    /// down when the session ends.
+    attached: Option<(u64, UnixStream)>,
+    /// Where a command ring goes while the session waits for one (see
+    /// [`super::shm_commands`]).
+    commands: Option<oneshot::Sender<Arc<Ring>>>,
 }
 
 impl Registry {
+    /// Whether this process offers shared memory.
+    pub(crate) fn enabled(&self) -> bool {
+        self.path.is_some()
+    }
+
     /// No shared memory.
     pub(crate) fn off() -> Self {
         Self { path: None, sessions: Mutex::default(), threads: Arc::default(), max_threads: 0 }
@@ -83,7 +94,7 @@ impl Registry {
             return ShmSlot { registry: self, id, secret: None };
         }
         let secret = rand::random::<[u8; wire::SECRET_LEN]>();
-        self.lock().insert(id, Attachable { secret, service, regions, pinner, attached: None });
+        self.lock().insert(id, Attachable { secret, service, regions, pinner, attached: None, commands: None });
         ShmSlot { registry: self, id, secret: Some(secret) }
     }
 
@@ -99,12 +110,27 @@ impl Registry {
         Ok(Session { bulk: entry.service.clone(), regions: entry.regions.clone(), pinner: entry.pinner.clone() })
     }
 
+    /// Hands a command ring to session `id`, when it waits for one (each
+    /// session takes one at most, before its first batch).
+    fn hand_commands(&self, id: u64, ring: Arc<Ring>) -> Result<(), CallError> {
+        let sender = self.lock().get_mut(&id).and_then(|e| e.commands.take());
+        let refused = || CallError::not_supported("the session does not take a command ring (now)");
+        sender.ok_or_else(refused)?.send(ring).map_err(|_| refused())
+    }
+
+    /// Whether attachment `owner` is still session `id`'s: false once the
+    /// session shut it (it ended, or stopped to move) or a newer one
+    /// replaced it.
+    fn holds(&self, id: u64, owner: u64) -> bool {
+        self.lock().get(&id).and_then(|e| e.attached.as_ref()).is_some_and(|(o, _)| *o == owner)
+    }
+
     /// Makes `stream` session `id`'s attachment (an earlier one is shut
     /// down); false when the session has ended meanwhile.
-    fn keep(&self, id: u64, stream: UnixStream) -> bool {
+    fn keep(&self, id: u64, owner: u64, stream: UnixStream) -> bool {
         let mut sessions = self.lock();
         let Some(entry) = sessions.get_mut(&id) else { return false };
-        if let Some(old) = entry.attached.replace(stream) {
+        if let Some((_, old)) = entry.attached.replace((owner, stream)) {
             let _ = old.shutdown(std::net::Shutdown::Both);
         }
         true
@@ -143,12 +169,22 @@ impl ShmSlot<'_> {
         }
     }
 
+    /// Lets the session's client move its commands to a ring in shared
+    /// memory (with shared memory here): where the ring comes, taken by the
+    /// session's first read (`None` without shared memory).
+    pub(crate) fn offer_commands(&self) -> Option<oneshot::Receiver<Arc<Ring>>> {
+        self.secret?;
+        let (tx, rx) = oneshot::channel();
+        self.registry.lock().get_mut(&self.id)?.commands = Some(tx);
+        Some(rx)
+    }
+
     /// Shuts the client's attachment down (the session stops for a
     /// migration: no upload may land here after its staged ones were read
     /// out); its copies go over QUIC from then on.
     pub(crate) fn detach(&self) {
         let stream = self.registry.lock().get_mut(&self.id).and_then(|e| e.attached.take());
-        if let Some(stream) = stream {
+        if let Some((_, stream)) = stream {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
     }
@@ -160,7 +196,7 @@ impl Drop for ShmSlot<'_> {
             return;
         }
         let entry = self.registry.lock().remove(&self.id);
-        if let Some(stream) = entry.and_then(|e| e.attached) {
+        if let Some((_, stream)) = entry.and_then(|e| e.attached) {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
     }
@@ -283,16 +319,30 @@ fn attachment(registry: &Registry, metrics: &Arc<Metrics>, stream: UnixStream, h
     };
     // The session's end shuts this socket (through the clone it keeps).
     let Ok(kept) = stream.try_clone() else { return };
-    if !registry.keep(attach.session_id, kept) || channel::write_message(&stream, &Reply::ok(0).encode()).is_err() {
+    let owner = ATTACHMENTS.fetch_add(1, Ordering::Relaxed);
+    if !registry.keep(attach.session_id, owner, kept)
+        || channel::write_message(&stream, &Reply::ok(0).encode()).is_err()
+    {
         return;
     }
     let _ = stream.set_read_timeout(None);
     tracing::info!(session = attach.session_id, bytes = attach.region_len, "shared-memory region attached");
-    let owner = ATTACHMENTS.fetch_add(1, Ordering::Relaxed);
-    let served = serve_requests(&stream, &region.region, &session, owner, metrics);
+    let mut rings = Vec::new();
+    let attached = Attached { id: attach.session_id, registry, owner, rings: &mut rings };
+    let served = serve_requests(&stream, &region.region, &session, attached, metrics);
     // Its host regions go with it: unregistered (after the copies queued
     // with them) and unmapped, here or by the session's copy holding one.
     session.regions.clear(owner);
+    // And its command ring, when the client ended the attachment (it
+    // exited, its channel broke) or broke its protocol: the session's
+    // commands go back to QUIC (a lost attachment). When the session shut
+    // it (it ended, or stops to move) the session's own transport ends the
+    // ring in order: the client then follows the close of QUIC.
+    if registry.holds(attach.session_id, owner) {
+        for ring in rings {
+            ring.close(Side::Server, false);
+        }
+    }
     match served {
         Ok(()) => tracing::debug!(session = attach.session_id, "shared-memory attachment ended"),
         Err(e) => {
@@ -307,6 +357,15 @@ fn attachment(registry: &Registry, metrics: &Arc<Metrics>, stream: UnixStream, h
     let _ = stream.shutdown(std::net::Shutdown::Both);
 }
 
+/// An attachment's own: its session, what it attached.
+struct Attached<'a> {
+    id: u64,
+    registry: &'a Registry,
+    owner: u64,
+    /// The command ring handed to the session (one at most).
+    rings: &'a mut Vec<Arc<Ring>>,
+}
+
 /// Serves requests until the client or the session ends the socket
 /// (`Ok`), or a request breaks the protocol (`Err`: the attachment ends).
 /// A request the session refuses (staging limits, an unknown transfer)
@@ -315,7 +374,7 @@ fn serve_requests(
     stream: &UnixStream,
     region: &Region,
     session: &Session,
-    owner: u64,
+    mut attached: Attached<'_>,
     metrics: &Arc<Metrics>,
 ) -> Result<(), ShmError> {
     let bulk = &session.bulk;
@@ -336,7 +395,7 @@ fn serve_requests(
                 request.seq
             )));
         }
-        if let Some(reply) = serve_region_op(&request, fd, session, owner, metrics) {
+        if let Some(reply) = serve_region_op(&request, fd, session, &mut attached, metrics) {
             if channel::write_message(stream, &reply.encode()).is_err() {
                 return Ok(());
             }
@@ -363,9 +422,10 @@ fn serve_region_op(
     request: &Request,
     fd: Option<std::os::fd::OwnedFd>,
     session: &Session,
-    owner: u64,
+    attached: &mut Attached<'_>,
     metrics: &Arc<Metrics>,
 ) -> Option<Reply> {
+    let owner = attached.owner;
     let outcome = match (request.op, fd) {
         (Op::AddRegion { id, len }, Some(fd)) => session.regions.admits(id, len).and_then(|()| {
             // Checked like the bulk region: a memfd sealed against
@@ -375,6 +435,18 @@ fn serve_region_op(
             tracing::debug!(id, bytes = len, "host region attached and registered");
             session.regions.insert(owner, id, host)
         }),
+        (Op::Commands { len }, Some(fd)) => {
+            // Checked like any region, and its length as a ring's.
+            match Ring::open(fd, len) {
+                Err(e) => Err(CallError::invalid_value(e.to_string())),
+                Ok(_) if !attached.rings.is_empty() => Err(CallError::invalid_value("a second command ring")),
+                Ok(ring) => attached.registry.hand_commands(attached.id, ring.clone()).map(|()| {
+                    add(&metrics.shm_command_rings, 1);
+                    tracing::debug!(bytes = len, "command ring attached");
+                    attached.rings.push(ring);
+                }),
+            }
+        }
         (Op::RemoveRegion { id }, None) => {
             if session.regions.remove(owner, id) {
                 Ok(())
@@ -415,7 +487,7 @@ fn serve_one(
             }
             region.write(start, &bytes).map_err(region_error)
         }
-        Op::AddRegion { .. } | Op::RemoveRegion { .. } => {
+        Op::AddRegion { .. } | Op::RemoveRegion { .. } | Op::Commands { .. } => {
             Err(CallError::invalid_value("a region operation served as a copy"))
         }
     }
