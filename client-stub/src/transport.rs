@@ -1261,7 +1261,11 @@ fn attach_shm(config: &ClientConfig, welcome: &v1::Welcome) -> Option<crate::shm
 
 impl QuicTransport {
     /// Runs a copy through shared memory when it is live; `None` when it
-    /// is not (or broke before the copy began): the copy then uses QUIC.
+    /// is not or broke (a migration stops the attachment): the copy then
+    /// goes again, whole, over QUIC. That is safe midway too: an upload's
+    /// chunks are cut at the same 4 MiB offsets both ways and the server
+    /// takes a chunk it holds already as a no-op; a download's bytes stay
+    /// staged until all of them were fetched.
     fn shm_copy(
         &self,
         op: impl FnOnce(&crate::shm::ShmBulk) -> std::result::Result<(), crate::shm::Failure>,
@@ -1273,7 +1277,8 @@ impl QuicTransport {
             Err(Failure::Refused(e)) => Some(Err(e)),
             Err(Failure::Broken { started: false, .. }) => None,
             Err(Failure::Broken { error, started: true }) => {
-                Some(Err(ClientError::ConnectionLost(format!("shared-memory copy failed midway: {error}"))))
+                tracing::debug!(%error, "shared-memory copy broke midway; again over QUIC");
+                None
             }
         }
     }
