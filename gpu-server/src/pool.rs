@@ -113,6 +113,8 @@ pub struct WorkerPool {
     closed: AtomicBool,
     /// The first worker's answer: its description, or why it failed.
     first: tokio::sync::OnceCell<Result<v1::WorkerReady, String>>,
+    /// Counts the workers started (`worker_starts`), when set.
+    metrics: std::sync::OnceLock<Arc<crate::server::Metrics>>,
 }
 
 impl WorkerPool {
@@ -149,7 +151,14 @@ impl WorkerPool {
             busy: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             first: tokio::sync::OnceCell::new(),
+            metrics: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Counts the workers this pool starts in `metrics` (the first
+    /// setting stays).
+    pub fn count_in(&self, metrics: Arc<crate::server::Metrics>) {
+        let _ = self.metrics.set(metrics);
     }
 
     /// Starts one worker and waits for it: proves the device opens in a
@@ -349,7 +358,12 @@ impl WorkerPool {
             }
         };
         let ready = match first {
-            Ok(Some(Event::Ready(r))) => r,
+            Ok(Some(Event::Ready(r))) => {
+                if let Some(m) = self.metrics.get() {
+                    crate::server::metrics::add(&m.worker_starts, 1);
+                }
+                r
+            }
             Ok(Some(Event::Failed(reason))) => return Err(ServerError::Worker(reason)),
             Ok(Some(other)) => return Err(ServerError::Worker(format!("unexpected worker event {other:?}"))),
             Ok(None) => {

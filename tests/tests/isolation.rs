@@ -210,3 +210,27 @@ fn a_waiting_worker_preloads_the_images_earlier_sessions_used() {
     let s = srv.metrics.snapshot();
     assert!(s.modules_preloaded >= s.modules_preloaded_used, "{s:?}");
 }
+
+/// Issue 20, metrics: worker starts, the time sessions spent executing
+/// batches (relayed from the workers) and the queued-batches gauge, which
+/// is back at 0 once the work is done, on the Prometheus page too.
+#[test]
+fn worker_starts_busy_time_and_queued_batches_are_counted() {
+    let srv = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
+    let s = Session::connect(&srv.client_config()).expect("session");
+    works(&s, fresh_seed());
+    drop(s);
+    wait_until("the worker reported its busy time", || srv.metrics.snapshot().busy_us > 0);
+    let m = srv.metrics.snapshot();
+    // The probe, the session's (warm) worker and its replacement.
+    assert!(m.worker_starts >= 2, "{m:?}");
+    wait_until("no batch queued", || srv.metrics.snapshot().batches_queued == 0);
+    let page = gpupool_server::server::exporter::render(&srv.metrics);
+    for name in [
+        "gpupool_server_worker_starts_total",
+        "gpupool_server_busy_microseconds_total",
+        "gpupool_server_batches_queued 0",
+    ] {
+        assert!(page.contains(name), "{name} missing from:\n{page}");
+    }
+}

@@ -5,7 +5,7 @@
 
 use super::metrics::add;
 use super::state::Shared;
-use super::thread::Work;
+use super::thread::{Admitted, Work};
 use super::transport::{FrameReceiver, FrameSender, Link, RecvError};
 use gpupool_proto::replay::{ReplayLimit, ReplayLog};
 use gpupool_proto::{cuda, frame, v1};
@@ -131,7 +131,7 @@ pub(super) async fn read_commands(
                             add(&shared.metrics.batches, 1);
                             add(&shared.metrics.calls, batch.calls.len() as u64);
                             seq = Some(batch.seq);
-                            Work::Batch(batch, permit)
+                            Work::Batch(batch, Admitted::new(permit, shared.metrics.clone()))
                         }
                     }
                     Err(e) => {

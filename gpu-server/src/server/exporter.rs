@@ -51,6 +51,9 @@ pub fn render(metrics: &Metrics) -> String {
         "Preloaded module images a session used instead of loading them",
         s.modules_preloaded_used,
     );
+    gauge(&mut r, "batches_queued", "Batches read and waiting for their session's thread now", s.batches_queued);
+    counter(&mut r, "busy_microseconds", "Time sessions spent executing batches on the device", s.busy_us);
+    counter(&mut r, "worker_starts", "Session worker processes started, warm ones included", s.worker_starts);
     if let Some(ledger) = metrics.staging.get() {
         gauge(
             &mut r,

@@ -122,6 +122,15 @@ pub struct Metrics {
     /// them their session used (`--image-preload-mib`).
     pub modules_preloaded: AtomicU64,
     pub modules_preloaded_used: AtomicU64,
+    /// Batches read and waiting for their session's thread now (a gauge).
+    pub batches_queued: AtomicU64,
+    /// Time sessions' threads spent executing batches, in microseconds:
+    /// the device work they issued and waited for (GPU busy time as the
+    /// server sees it; asynchronous work that outlives a batch is counted
+    /// in the batch that waits for it).
+    pub busy_us: AtomicU64,
+    /// Worker processes started (warm ones included).
+    pub worker_starts: AtomicU64,
     /// Session worker processes ended, by [`WorkerExit`] (in its order).
     worker_exits: [AtomicU64; 4],
     /// Sessions by tenant (the lease's tenant, or the token's subject).
@@ -159,6 +168,9 @@ pub struct MetricsSnapshot {
     pub resumptions_refused: u64,
     pub modules_preloaded: u64,
     pub modules_preloaded_used: u64,
+    pub batches_queued: u64,
+    pub busy_us: u64,
+    pub worker_starts: u64,
 }
 
 impl Metrics {
@@ -223,6 +235,8 @@ impl Metrics {
         add(&self.shm_bytes, now.shm_bytes.saturating_sub(before.shm_bytes));
         add(&self.modules_preloaded, now.modules_preloaded.saturating_sub(before.modules_preloaded));
         add(&self.modules_preloaded_used, now.modules_preloaded_used.saturating_sub(before.modules_preloaded_used));
+        gauge(&self.batches_queued, before.batches_queued, now.batches_queued);
+        add(&self.busy_us, now.busy_us.saturating_sub(before.busy_us));
     }
 
     /// The counters a worker process reports to its supervisor.
@@ -244,6 +258,8 @@ impl Metrics {
             swapped_in_bytes: s.swapped_in_bytes,
             modules_preloaded: s.modules_preloaded,
             modules_preloaded_used: s.modules_preloaded_used,
+            batches_queued: s.batches_queued,
+            busy_us: s.busy_us,
         }
     }
 
@@ -275,6 +291,9 @@ impl Metrics {
             resumptions_refused: g(&self.resumptions_refused),
             modules_preloaded: g(&self.modules_preloaded),
             modules_preloaded_used: g(&self.modules_preloaded_used),
+            batches_queued: g(&self.batches_queued),
+            busy_us: g(&self.busy_us),
+            worker_starts: g(&self.worker_starts),
         }
     }
 }

@@ -148,6 +148,7 @@ impl Server {
             },
             _ => None,
         };
+        let metrics = Arc::new(Metrics::default());
         let mode = match &config.isolation {
             Isolation::InProcess => {
                 let device = AnyDevice::open(config.device)?;
@@ -165,6 +166,7 @@ impl Server {
                     staging: host_staging.ledger().clone(),
                     warm: *warm,
                     start_timeout: *start_timeout,
+                    metrics: metrics.clone(),
                 };
                 let mut groups = std::collections::HashMap::new();
                 let served = if config.gpus.is_empty() {
@@ -173,6 +175,7 @@ impl Server {
                     groups.insert(String::new(), mps_group::MpsGroup::new(&config.mps, mps_dir.clone(), None));
                     let staging = Some(recipe.staging.clone());
                     let pool = WorkerPool::new(command.clone(), &recipe.spec, staging, *warm, *start_timeout);
+                    pool.count_in(recipe.metrics.clone());
                     vec![Served { uuid: String::new(), memory: instance_memory(&config, None), pool }]
                 } else {
                     let instances = config.gpus.iter().flat_map(|g| &g.instances);
@@ -225,7 +228,6 @@ impl Server {
         };
         // RDMA sessions run in this process: under process isolation every
         // session stays on QUIC (a worker would need a listener of its own).
-        let metrics = Arc::new(Metrics::default());
         let (rdma_host, rdma_listener) = match &mode {
             Mode::Local(_) => match rdma::RdmaHost::bind(&config, metrics.clone())? {
                 Some((host, listener)) => (Some(host), Some(listener)),
@@ -564,6 +566,7 @@ fn serve_instance(config: &ServerConfig, recipe: &PoolRecipe, instance: &crate::
     let env = vec![("CUDA_VISIBLE_DEVICES".to_string(), instance.visible_devices.clone())];
     let staging = Some(recipe.staging.clone());
     let pool = WorkerPool::with_env(recipe.command.clone(), env, &spec, staging, recipe.warm, recipe.start_timeout);
+    pool.count_in(recipe.metrics.clone());
     Served { uuid: instance.uuid.clone(), pool, memory: instance_memory(config, Some(instance)) }
 }
 

@@ -114,6 +114,8 @@ pub(super) struct PoolRecipe {
     pub(super) staging: Arc<crate::staging::host::HostLedger>,
     pub(super) warm: usize,
     pub(super) start_timeout: std::time::Duration,
+    /// The server's counters (worker starts).
+    pub(super) metrics: Arc<Metrics>,
 }
 
 impl Workers {

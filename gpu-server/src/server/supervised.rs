@@ -267,6 +267,7 @@ pub(super) async fn run_in_worker(
         memory_swapped: 0,
         shm_regions: 0,
         shm_registered: 0,
+        batches_queued: 0,
         ..relay.reported
     })));
     match status {

@@ -14,10 +14,32 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 /// Work for a session's worker thread, in command-stream order.
+/// A queued batch's hold: its share of the queue's byte budget and its
+/// count in the server's queued-batches gauge, both given back once the
+/// batch ran (or was dropped with its session).
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Admitted {
+    pub(crate) fn new(permit: tokio::sync::OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Self {
+        add(&metrics.batches_queued, 1);
+        Self { _permit: permit, metrics }
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.metrics.batches_queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 pub(crate) enum Work {
     /// A batch and its share of the queue's byte budget, given back once
     /// the batch ran.
-    Batch(v1::Batch, tokio::sync::OwnedSemaphorePermit),
+    Batch(v1::Batch, Admitted),
     /// A reply the reader made itself (a rejected frame), kept in order.
     Reply(Box<v1::BatchReply>),
     /// Another session needs device memory: swap this one out
@@ -107,9 +129,11 @@ pub(crate) fn run<B: Backend>(
                 state.memory().begin_batch();
                 let mut reply = state.execute_batch(batch);
                 state.memory().end_batch();
+                let busy = started.elapsed();
                 if let Some(g) = gate {
-                    g.after_batch(started.elapsed());
+                    g.after_batch(busy);
                 }
+                add(&metrics.busy_us, u64::try_from(busy.as_micros()).unwrap_or(u64::MAX));
                 if let Some(capture) = crate::device_output::installed() {
                     reply.device_output = capture.collect(max_output).into();
                 }
