@@ -225,12 +225,27 @@ fn worker_starts_busy_time_and_queued_batches_are_counted() {
     // The probe, the session's (warm) worker and its replacement.
     assert!(m.worker_starts >= 2, "{m:?}");
     wait_until("no batch queued", || srv.metrics.snapshot().batches_queued == 0);
-    let page = gpupool_server::server::exporter::render(&srv.metrics);
-    for name in [
-        "gpupool_server_worker_starts_total",
-        "gpupool_server_busy_microseconds_total",
-        "gpupool_server_batches_queued 0",
-    ] {
-        assert!(page.contains(name), "{name} missing from:\n{page}");
-    }
+    // Over HTTP, as Prometheus scrapes it (`--metrics-listen`).
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let page = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(gpupool_server::server::exporter::serve(listener, srv.metrics.clone(), async {
+            let _ = stopped.await;
+        }));
+        let page = gpupool_proto::exporter::get(addr, "/metrics").await.expect("scrape");
+        let _ = stop.send(());
+        server.await.expect("exporter ends");
+        page
+    });
+    let value = |name: &str| -> u64 {
+        let line =
+            page.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}: {page}"));
+        line[name.len() + 1..].parse().unwrap_or_else(|_| panic!("{line}"))
+    };
+    assert!(value("gpupool_server_worker_starts_total") >= 2, "{page}");
+    assert!(value("gpupool_server_busy_microseconds_total") > 0, "{page}");
+    assert_eq!(value("gpupool_server_batches_queued"), 0, "{page}");
+    assert!(value("gpupool_server_calls_total") > 0, "{page}");
 }
