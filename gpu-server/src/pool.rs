@@ -322,22 +322,25 @@ impl WorkerPool {
             .kill_on_drop(true);
         // The worker stages in a slot of the host's ledger, inherited.
         let mut spec = self.spec.clone();
-        let staging = match &self.staging {
+        let (staging, inheritable) = match &self.staging {
             Some(ledger) => {
                 let lease = ledger
                     .claim()
                     .ok_or_else(|| ServerError::Worker("no free slot in the host's staging ledger".into()))?;
-                if let Some(fd) = ledger.pass_to(&mut command) {
-                    spec.staging_ledger_fd = fd;
+                let inheritable = ledger.inheritable()?;
+                if let Some(fd) = &inheritable {
+                    spec.staging_ledger_fd = fd.raw();
                     spec.staging_slot = lease.slot() as u32;
                 }
-                Some(lease)
+                (Some(lease), inheritable)
             }
-            None => None,
+            None => (None, None),
         };
         let spec = frame::encode(&spec);
-        let mut child =
-            command.spawn().map_err(|e| ServerError::Worker(format!("cannot start {}: {e}", program.display())))?;
+        let spawned = command.spawn();
+        // The child has its copy (or none was made).
+        drop(inheritable);
+        let mut child = spawned.map_err(|e| ServerError::Worker(format!("cannot start {}: {e}", program.display())))?;
         let spawned = child.id();
         let mut stdin = child.stdin.take().ok_or_else(|| ServerError::Worker("worker has no stdin".into()))?;
         let stdout = child.stdout.take().ok_or_else(|| ServerError::Worker("worker has no stdout".into()))?;

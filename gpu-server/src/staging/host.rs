@@ -25,7 +25,7 @@
 //! drain their staging into the device all the time), polling the page,
 //! then fails with `CUDA_ERROR_OUT_OF_MEMORY` and a log line
 //! ([`HostStaging::reserve`]). The only `unsafe` code of staging is here:
-//! the page's words as atomics, and the descriptor across `exec`.
+//! the page's words as atomics, and taking the inherited descriptor.
 
 #![allow(unsafe_code)]
 
@@ -86,7 +86,7 @@ impl HostLedger {
     }
 
     /// A ledger in a shared page, which worker processes inherit
-    /// ([`HostLedger::pass_to`], [`HostLedger::inherited`]).
+    /// ([`HostLedger::inheritable`], [`HostLedger::inherited`]).
     pub fn shared(cap: u64, wait: Duration) -> Result<Arc<Self>, ServerError> {
         let fail = |what: &'static str| move |e: rustix::io::Errno| ServerError::Staging(format!("{what}: {e}"));
         let fd = rustix::fs::memfd_create("gpupool-staging", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
@@ -186,24 +186,25 @@ impl HostLedger {
         Some(SlotLease { ledger: self.clone(), slot })
     }
 
-    /// Makes `command`'s process inherit the shared page; the descriptor
-    /// number it will have there (`None`: the ledger is not shared).
-    pub(crate) fn pass_to(&self, command: &mut tokio::process::Command) -> Option<RawFd> {
-        let Words::Shared { fd, .. } = &self.words else { return None };
-        let raw = fd.as_raw_fd();
-        // SAFETY: the closure runs in the child between fork and exec: one
-        // fcntl system call (async-signal-safe) on a descriptor number the
-        // child inherited from this process, no allocation, no lock. It
-        // clears close-on-exec on that one descriptor of that one child.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        Some(raw)
+    /// A duplicate of the shared page's descriptor without close-on-exec:
+    /// a worker spawned while it lives inherits it under its number
+    /// (`None`: the ledger is not shared). Dropped right after the spawn.
+    ///
+    /// Not a `pre_exec` hook clearing the flag in the child: any such hook
+    /// makes the standard library `fork` the supervisor instead of using
+    /// `posix_spawn`, and a fork of a large supervisor with many threads
+    /// (page tables copied, then copy-on-write faults on every page its
+    /// threads touch until the child execs) made 64 workers starting at
+    /// once on 2 cores miss their 5 s hand-over (tests/tests/soak.rs).
+    /// Another child spawned in the same moment inherits the page too:
+    /// only processes this server starts, which it trusts with the cap.
+    pub(crate) fn inheritable(&self) -> Result<Option<Inheritable>, ServerError> {
+        let Words::Shared { fd, .. } = &self.words else { return Ok(None) };
+        let fail = |what: &'static str| move |e: rustix::io::Errno| ServerError::Staging(format!("{what}: {e}"));
+        // Never 0-2: a worker's stdio is put there.
+        let dup = rustix::io::fcntl_dupfd_cloexec(fd, 3).map_err(fail("duplicating the staging ledger"))?;
+        rustix::io::fcntl_setfd(&dup, rustix::io::FdFlags::empty()).map_err(fail("fcntl"))?;
+        Ok(Some(Inheritable(dup)))
     }
 
     fn take(&self, slot: usize, bytes: u64) -> bool {
@@ -268,6 +269,18 @@ impl Drop for SlotLease {
         if left > 0 {
             tracing::info!(slot = self.slot, bytes = left, "staged bytes of an ended worker returned to the host");
         }
+    }
+}
+
+/// The shared page's descriptor as a worker spawned now inherits it
+/// ([`HostLedger::inheritable`]); closed here on drop.
+#[derive(Debug)]
+pub(crate) struct Inheritable(OwnedFd);
+
+impl Inheritable {
+    /// The descriptor's number, the same in the spawned worker.
+    pub(crate) fn raw(&self) -> RawFd {
+        self.0.as_raw_fd()
     }
 }
 
