@@ -978,6 +978,14 @@ pub(crate) mod tests {
     /// A session on GPU 0 with a quota of 8 granules in 16; `None` (and a
     /// line saying the test is skipped) where there is no CUDA device.
     pub(crate) fn gpu_session() -> Option<SessionState<crate::device::cuda::CudaSession>> {
+        gpu_session_of(|g| SessionLimits { granularity: g, va_size: 16 * g, memory_quota: 8 * g, ..limits() })
+    }
+
+    /// [`gpu_session`] with the limits `limits` makes from the device's
+    /// granularity.
+    pub(crate) fn gpu_session_of(
+        limits: impl FnOnce(u64) -> SessionLimits,
+    ) -> Option<SessionState<crate::device::cuda::CudaSession>> {
         let dev = match crate::device::cuda::CudaDevice::open(0) {
             Err(e) if e.code == cuda::NO_DEVICE => {
                 eprintln!("no CUDA device: skipping ({e})");
@@ -985,8 +993,7 @@ pub(crate) mod tests {
             }
             other => other.expect("open device 0"),
         };
-        let g = dev.description().granularity;
-        let limits = SessionLimits { granularity: g, va_size: 16 * g, memory_quota: 8 * g, ..limits() };
+        let limits = limits(dev.description().granularity);
         Some(SessionState::new(
             dev.open_session(limits.va_size).expect("session"),
             limits,
