@@ -32,6 +32,10 @@
 #      one after another, at once natively, exclusive leases and shared
 #      leases under the server's MPS daemon; the MPS group fault check
 #      (docs/sharing.md; binaries of PARTS=pool).
+#  12. bench/overcommit-gpu.sh: three tenants, each 60 % of a device bound,
+#      used in turns by two CUDA programs and a PyTorch program (every word
+#      checked), native and through gpupool with swap; the swap rates of a
+#      4 GiB session (target >= 10 GiB/s).
 # Results: <date>-<gpu>-<commit>.md (every step's output and a summary) and
 # .json (the benchmark's figures) in $OUT when set (a device run returns only
 # $OUT), else in bench/results/. The .md is written step by step, so a run cut
@@ -49,11 +53,12 @@
 #                     SMOKE_TIMEOUT (60), DEMO_TIMEOUT (120), BENCH_TIMEOUT (300),
 #                     DROPIN_TIMEOUT (540), POOL_TIMEOUT (300),
 #                     LAMBDA_TIMEOUT (240), LAMBDA_TORCH_TIMEOUT (420),
-#                     MIGRATION_TIMEOUT (300), SHARE_TIMEOUT (360)
+#                     MIGRATION_TIMEOUT (300), SHARE_TIMEOUT (360),
+#                     OVERCOMMIT_TIMEOUT (300)
 #        MIGRATION_MIB  the migrated session's size (1024)
 #        ONLY         step functions to run, space-separated (gpu_info
 #                     gpu_tests server_smoke demo bench bench_in_process
-#                     dropin pool lambda lambda_torch migration rdma share); default all. Every step together takes
+#                     dropin pool lambda lambda_torch migration rdma share overcommit); default all. Every step together takes
 #                     longer than one device run's 600 s; each part's
 #                     folder serves its steps (all three travel in the one
 #                     archive): ONLY="gpu_info gpu_tests server_smoke bench
@@ -288,7 +293,15 @@ share() {
     bash "$repo/bench/share-gpu.sh" "$bin_dir" "$stem-share"
 }
 
-export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool lambda lambda_torch migration rdma share
+# Memory overcommit: three tenants of 60 % of a device bound in turns, two
+# CUDA programs and PyTorch, every word checked; swap rates of a 4 GiB
+# session (binaries of PARTS=pool or all).
+overcommit() {
+    need gpupool-server-lib-tests || return 1
+    bash "$repo/bench/overcommit-gpu.sh" "$bin_dir" "$stem-overcommit"
+}
+
+export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool lambda lambda_torch migration rdma share overcommit
 
 {
     echo "# gpupool GPU suite"
@@ -315,6 +328,7 @@ step "Lambda PyTorch function: cold and warm, native and through the pool" "${LA
 step "live migration: pause of a 1 GiB session between two servers on the card" "${MIGRATION_TIMEOUT:-300}" migration
 step "RDMA integration check (gpupool-rdma-check)" "${RDMA_TIMEOUT:-90}" rdma
 step "sharing: concurrent PyTorch clients, exclusive and shared (MPS) leases, group fault" "${SHARE_TIMEOUT:-360}" share
+step "overcommit: three tenants of 60 % in turns (CUDA programs, PyTorch), swap rates" "${OVERCOMMIT_TIMEOUT:-300}" overcommit
 
 {
     echo "## Summary"
