@@ -55,12 +55,23 @@ cleanup() {
 trap cleanup EXIT
 "$bin/gpupool-balancer" keygen --key-file "$work/key" >"$work/pub"
 pub=$(cat "$work/pub")
+# Tenant "share" and its credential (the balancer keeps its digest).
+"$bin/gpupool-balancer" new-tenant share >"$work/new-tenant"
+GPUPOOL_BALANCER_SECRET=$(grep '^gpt1_' "$work/new-tenant")
+export GPUPOOL_BALANCER_SECRET
+grep '^share sha256:' "$work/new-tenant" >"$work/tenants"
 # Short leases: a client that exits without releasing frees the GPU soon.
 RUST_LOG=info "$bin/gpupool-balancer" serve --listen 127.0.0.1:50061 --key-file "$work/key" \
-    --server-secret share-secret --recovery-ms 0 --lease-ttl-ms 5000 >"$out/balancer.log" 2>&1 &
+    --server-secret share-secret --tenants "$work/tenants" --recovery-ms 0 --lease-ttl-ms 5000 \
+    >"$out/balancer.log" 2>&1 &
 for _ in $(seq 1 100); do grep -q "certificate SHA-256" "$out/balancer.log" && break; sleep 0.1; done
 GPUPOOL_BALANCER_CERT_SHA256=$(sed -n 's/.*certificate SHA-256 \([0-9a-f]\{64\}\).*/\1/p' "$out/balancer.log" | head -n 1)
 export GPUPOOL_BALANCER_CERT_SHA256
+if [[ -z $GPUPOOL_BALANCER_CERT_SHA256 ]]; then
+    tail -n 20 "$out/balancer.log"
+    say "FAILED: the balancer did not start"
+    exit 1
+fi
 # --mps auto: the server's own MPS daemon for shared leases (private
 # directories under --mps-dir; the compute mode is left as it is).
 NO_COLOR=1 RUST_LOG=info "$bin/gpupool-server" --listen 127.0.0.1:4443 --device cuda:0 --instances nvml \
@@ -68,10 +79,15 @@ NO_COLOR=1 RUST_LOG=info "$bin/gpupool-server" --listen 127.0.0.1:4443 --device 
     --lease-key "$pub" --server-id share-gpu --warm-workers 8 --resume-grace-ms 0 \
     --mps auto --mps-dir "$work/mps" --time-share-ms "${SHARE_TIME_MS:-0}" --metrics-listen 127.0.0.1:9465 >"$out/server.log" 2>&1 &
 for _ in $(seq 1 120); do
-    "$bin/gpupool-balancer" status --balancer https://127.0.0.1:50061 >"$work/status" 2>/dev/null &&
+    "$bin/gpupool-balancer" status --balancer https://127.0.0.1:50061 --secret share-secret >"$work/status" 2>/dev/null &&
         grep -q share-gpu "$work/status" && break
     sleep 0.5
 done
+if ! grep -q share-gpu "$work/status" 2>/dev/null; then
+    tail -n 20 "$out/server.log"
+    say "FAILED: the server did not join the balancer"
+    exit 1
+fi
 
 native() { timeout 120 python3 "$wl" --steps "$steps" "$@"; }
 pooled() {
