@@ -219,12 +219,34 @@ fn worker_starts_busy_time_and_queued_batches_are_counted() {
     let srv = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
     let s = Session::connect(&srv.client_config()).expect("session");
     works(&s, fresh_seed());
-    drop(s);
-    wait_until("the worker reported its busy time", || srv.metrics.snapshot().busy_us > 0);
+    // A batch sent while a slow one runs (a 384^3 matmul on the emulated
+    // device: tens of milliseconds) waits for it on the session's thread.
+    let m = s.module_load(BUILTIN_MODULE).expect("module");
+    let n = 384usize;
+    let x = DeviceBuffer::from_slice(&s, &random_f32(n * n, 7)).expect("x");
+    let y = DeviceBuffer::<f32>::new(&s, n * n).expect("y");
+    let matmul = m.function("matmul_f32").expect("matmul");
+    let cfg = LaunchConfig { grid: (n as u32 / 16, n as u32 / 16, 1), block: (16, 16, 1), shared_mem_bytes: 0 };
+    let dims = [KernelArg::U32(n as u32), KernelArg::U32(n as u32), KernelArg::U32(n as u32)];
+    let args = [x.arg(), x.arg(), y.arg(), dims[0], dims[1], dims[2]];
+    s.launch(&matmul, cfg, StreamId::DEFAULT, &args).expect("slow launch");
+    s.flush().expect("sent");
+    s.launch(&m.function("empty").expect("empty"), LaunchConfig::for_elements(1, 1), StreamId::DEFAULT, &[])
+        .expect("launch behind it");
+    s.flush().expect("sent behind it");
+    s.synchronize().expect("both ran");
+    // The buffers and the module hold the session too.
+    drop((x, y, m, s));
+    wait_until("the worker reported its busy time and the wait", || {
+        let m = srv.metrics.snapshot();
+        m.busy_us > 0 && m.batches_waited > 0
+    });
     let m = srv.metrics.snapshot();
+    assert!(m.batch_wait_us >= 1_000, "the batch behind the matmul waited: {m:?}");
     // The probe, the session's (warm) worker and its replacement.
     assert!(m.worker_starts >= 2, "{m:?}");
     wait_until("no batch queued", || srv.metrics.snapshot().batches_queued == 0);
+    wait_until("the session ended", || srv.metrics.instances().get("device").is_some_and(|c| c.active == 0));
     // Over HTTP, as Prometheus scrapes it (`--metrics-listen`).
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let page = rt.block_on(async {
@@ -248,4 +270,13 @@ fn worker_starts_busy_time_and_queued_batches_are_counted() {
     assert!(value("gpupool_server_busy_microseconds_total") > 0, "{page}");
     assert_eq!(value("gpupool_server_batches_queued"), 0, "{page}");
     assert!(value("gpupool_server_calls_total") > 0, "{page}");
+    assert!(value("gpupool_server_batches_waited_total") >= 1, "{page}");
+    assert!(value("gpupool_server_batch_wait_microseconds_total") >= 1_000, "{page}");
+    // The session by tenant and by instance (the server's one device).
+    let tenant = "gpupool_server_tenant_sessions_opened_total{tenant=\"(static token)\"}";
+    let instance = "gpupool_server_gpu_instance_sessions_opened_total{gpu_instance=\"device\"}";
+    assert_eq!(value(tenant), 1, "{page}");
+    assert_eq!(value(instance), 1, "{page}");
+    assert_eq!(value("gpupool_server_gpu_instance_sessions_active{gpu_instance=\"device\"}"), 0, "{page}");
+    assert!(value("gpupool_server_gpu_instance_calls_total{gpu_instance=\"device\"}") > 0, "{page}");
 }

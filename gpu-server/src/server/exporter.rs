@@ -5,13 +5,38 @@
 //! connection tasks and session threads nothing more than their atomics.
 
 use super::Metrics;
+use super::metrics::SessionCounts;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::net::TcpListener;
+
+/// One family per figure of sessions by `label` (`tenant`, `instance`):
+/// `<label>_sessions_active`, `_sessions_opened`, `_memory_mapped_bytes`,
+/// `_calls`.
+fn series(r: &mut Registry, label: &str, whose: &str, counts: &BTreeMap<String, SessionCounts>) {
+    let active = Family::<Vec<(String, String)>, Gauge>::default();
+    let opened = Family::<Vec<(String, String)>, Counter>::default();
+    let memory = Family::<Vec<(String, String)>, Gauge>::default();
+    let calls = Family::<Vec<(String, String)>, Counter>::default();
+    for (value, c) in counts {
+        let labels = vec![(label.to_string(), value.clone())];
+        active.get_or_create(&labels).set(i64::try_from(c.active).unwrap_or(i64::MAX));
+        opened.get_or_create(&labels).inc_by(c.opened);
+        memory.get_or_create(&labels).set(i64::try_from(c.memory).unwrap_or(i64::MAX));
+        calls.get_or_create(&labels).inc_by(c.calls);
+    }
+    r.register(format!("{label}_sessions_active"), format!("Sessions open now, by {label}"), active);
+    r.register(format!("{label}_sessions_opened"), format!("Sessions opened, by {label}"), opened);
+    let help = format!("Device memory held now by the sessions of {whose} in worker processes");
+    r.register(format!("{label}_memory_mapped_bytes"), help, memory);
+    let help = format!("Calls executed by the sessions of {whose} in worker processes");
+    r.register(format!("{label}_calls"), help, calls);
+}
 
 /// The metrics in Prometheus' text format.
 pub fn render(metrics: &Metrics) -> String {
@@ -54,6 +79,13 @@ pub fn render(metrics: &Metrics) -> String {
     gauge(&mut r, "batches_queued", "Batches read and waiting for their session's thread now", s.batches_queued);
     counter(&mut r, "busy_microseconds", "Time sessions spent executing batches on the device", s.busy_us);
     counter(&mut r, "worker_starts", "Session worker processes started, warm ones included", s.worker_starts);
+    counter(
+        &mut r,
+        "batches_waited",
+        "Batches that waited more than 1 ms between being read and starting (behind their session's earlier work, or held by the temporal share)",
+        s.batches_waited,
+    );
+    counter(&mut r, "batch_wait_microseconds", "Time batches waited between being read and starting", s.batch_wait_us);
     if let Some(ledger) = metrics.staging.get() {
         gauge(
             &mut r,
@@ -87,23 +119,11 @@ pub fn render(metrics: &Metrics) -> String {
         exits.get_or_create(&vec![("how".to_string(), how.label().to_string())]).inc_by(n);
     }
     r.register("worker_exits", "Session worker processes ended, by how (normal, failed, signal, unknown)", exits);
-    // Sessions by tenant (at most MAX_TENANTS series, the rest as "(other)").
-    let active = Family::<Vec<(String, String)>, Gauge>::default();
-    let opened = Family::<Vec<(String, String)>, Counter>::default();
-    let memory = Family::<Vec<(String, String)>, Gauge>::default();
-    let calls = Family::<Vec<(String, String)>, Counter>::default();
-    for (tenant, t) in metrics.tenants() {
-        let labels = vec![("tenant".to_string(), tenant)];
-        active.get_or_create(&labels).set(i64::try_from(t.active).unwrap_or(i64::MAX));
-        opened.get_or_create(&labels).inc_by(t.opened);
-        memory.get_or_create(&labels).set(i64::try_from(t.memory).unwrap_or(i64::MAX));
-        calls.get_or_create(&labels).inc_by(t.calls);
-    }
-    r.register("tenant_sessions_active", "Sessions open now, by tenant", active);
-    r.register("tenant_sessions_opened", "Sessions opened, by tenant", opened);
-    let help = "Device memory held now by the tenant's sessions in worker processes";
-    r.register("tenant_memory_mapped_bytes", help, memory);
-    r.register("tenant_calls", "Calls executed by the tenant's sessions in worker processes", calls);
+    // Sessions by tenant and by instance (at most MAX_LABELS series each,
+    // the rest as "(other)").
+    series(&mut r, "tenant", "the tenant", &metrics.tenants());
+    // Not `instance`: Prometheus gives every series its scrape target's.
+    series(&mut r, "gpu_instance", "the GPU instance", &metrics.instances());
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &r);
@@ -147,47 +167,58 @@ mod tests {
         task.await.expect("ends at shutdown");
     }
 
-    /// Sessions by tenant: opened and active per tenant, and past
-    /// MAX_TENANTS tenants the rest under one label.
+    /// Sessions by tenant and by instance: opened and active per label,
+    /// and past MAX_LABELS labels the rest under one.
     #[test]
-    fn sessions_are_counted_by_tenant_and_bounded() {
-        use crate::server::metrics::{MAX_TENANTS, OTHER_TENANTS};
+    fn sessions_are_counted_by_tenant_and_instance_and_bounded() {
+        use crate::server::metrics::{MAX_LABELS, OTHER_LABELS, SessionLabels};
         let metrics = Metrics::default();
-        metrics.tenant_opened("team-a");
-        metrics.tenant_opened("team-a");
-        metrics.tenant_opened("team-b");
-        metrics.tenant_closed("team-a");
+        let (a, b) = (SessionLabels::new("team-a", "GPU-1"), SessionLabels::new("team-b", ""));
+        metrics.session_opened(&a);
+        metrics.session_opened(&a);
+        metrics.session_opened(&b);
+        metrics.session_closed(&a);
         let text = render(&metrics);
         assert!(text.contains("gpupool_server_tenant_sessions_active{tenant=\"team-a\"} 1\n"), "{text}");
         assert!(text.contains("gpupool_server_tenant_sessions_opened_total{tenant=\"team-a\"} 2\n"), "{text}");
         assert!(text.contains("gpupool_server_tenant_sessions_active{tenant=\"team-b\"} 1\n"), "{text}");
-        for i in 0..MAX_TENANTS + 10 {
-            metrics.tenant_opened(&format!("t{i}"));
+        assert!(text.contains("gpupool_server_gpu_instance_sessions_active{gpu_instance=\"GPU-1\"} 1\n"), "{text}");
+        assert!(
+            text.contains("gpupool_server_gpu_instance_sessions_opened_total{gpu_instance=\"GPU-1\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("gpupool_server_gpu_instance_sessions_active{gpu_instance=\"device\"} 1\n"), "{text}");
+        for i in 0..MAX_LABELS + 10 {
+            metrics.session_opened(&SessionLabels::new(&format!("t{i}"), "GPU-1"));
         }
         let tenants = metrics.tenants();
-        assert_eq!(tenants.len(), MAX_TENANTS + 1, "bounded, plus the one for the rest");
-        assert_eq!(tenants[OTHER_TENANTS].opened, 12);
-        metrics.tenant_closed("t1030");
-        assert_eq!(metrics.tenants()[OTHER_TENANTS].active, 11);
+        assert_eq!(tenants.len(), MAX_LABELS + 1, "bounded, plus the one for the rest");
+        assert_eq!(tenants[OTHER_LABELS].opened, 12);
+        metrics.session_closed(&SessionLabels::new("t1030", "GPU-1"));
+        assert_eq!(metrics.tenants()[OTHER_LABELS].active, 11);
+        assert_eq!(metrics.instances()["GPU-1"].active, 1 + MAX_LABELS as u64 + 10 - 1);
     }
 
-    /// Workers' reports move their tenant's memory and calls; worker exits
-    /// and resumptions are counted by kind.
+    /// Workers' reports move their tenant's and instance's memory and
+    /// calls; worker exits and resumptions are counted by kind.
     #[test]
-    fn workers_count_into_their_tenant_and_their_exits_by_kind() {
-        use crate::server::metrics::WorkerExit;
+    fn workers_count_into_their_tenant_and_instance_and_their_exits_by_kind() {
+        use crate::server::metrics::{SessionLabels, WorkerExit};
         use gpupool_proto::v1;
         use std::os::unix::process::ExitStatusExt;
         let metrics = Metrics::default();
-        metrics.tenant_opened("team-a");
+        let labels = SessionLabels::new("team-a", "MIG-7");
+        metrics.session_opened(&labels);
         let report = |memory_mapped, calls| v1::WorkerMetrics { memory_mapped, calls, ..Default::default() };
         let (first, second) = (report(8 << 20, 10), report(2 << 20, 25));
-        metrics.tenant_worker_delta("team-a", &first, &v1::WorkerMetrics::default());
-        metrics.tenant_worker_delta("team-a", &second, &first);
+        metrics.labels_worker_delta(&labels, &first, &v1::WorkerMetrics::default());
+        metrics.labels_worker_delta(&labels, &second, &first);
         let t = metrics.tenants()["team-a"];
         assert_eq!((t.memory, t.calls), (2 << 20, 25));
-        metrics.tenant_worker_delta("team-a", &v1::WorkerMetrics::default(), &second);
+        assert_eq!(metrics.instances()["MIG-7"], t, "the instance counts the same");
+        metrics.labels_worker_delta(&labels, &v1::WorkerMetrics::default(), &second);
         assert_eq!(metrics.tenants()["team-a"].memory, 0, "the worker's memory goes when it ends");
+        assert_eq!(metrics.instances()["MIG-7"].memory, 0);
 
         let status = |raw| Ok(std::process::ExitStatus::from_raw(raw));
         metrics.worker_exited(WorkerExit::of(&status(0)));

@@ -4,13 +4,14 @@
 //! rate.
 
 use super::local::{Start, run_session};
-use super::metrics::add;
+use super::metrics::{SessionLabels, add};
 use super::state::{AnyDevice, LeasedSession, Mode, Shared};
 use super::supervised::run_in_worker;
 use super::transport::quic::{self, Quic};
 use super::transport::rdma::{self, Rdma};
 use super::transport::shm_commands;
 use super::transport::{Attachment, Link};
+use crate::auth::Grant;
 use gpupool_proto::rdma::negotiate::{Decision, Fallback};
 use gpupool_proto::{PROTOCOL_VERSION, close_code, frame, v1};
 use prost::Message;
@@ -139,6 +140,18 @@ async fn attach_bulk(shared: Arc<Shared>, incoming: quinn::Incoming) {
 }
 
 /// Runs one connection: handshake, then the session until either side ends it.
+/// The series a session counts in: its tenant, and the instance it runs
+/// on (its lease's; else the one a worker pool serves first, or the
+/// server's device).
+fn session_labels(grant: &Grant, mode: &Mode) -> SessionLabels {
+    let uuid = match (&grant.lease, mode) {
+        (Some(lease), _) => lease.instance_uuid.clone(),
+        (None, Mode::Workers(workers)) => workers.served().first().map(|s| s.uuid.clone()).unwrap_or_default(),
+        (None, Mode::Local(_)) => String::new(),
+    };
+    SessionLabels::new(&grant.tenant, &uuid)
+}
+
 pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming: quinn::Incoming) {
     let conn = match incoming.await {
         Ok(c) => c,
@@ -196,7 +209,8 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
         tracing::info!(client = %peer_text(&hello.client_build), subject = %grant.subject, "session opened");
         add(&shared.metrics.sessions_opened, 1);
         add(&shared.metrics.sessions_active, 1);
-        shared.metrics.tenant_opened(&grant.tenant);
+        let labels = session_labels(&grant, &mode);
+        shared.metrics.session_opened(&labels);
         // A lease grants its whole instance; other tokens get the server's quota.
         let quota = match (&grant.lease, grant.memory_quota) {
             (Some(_), Some(q)) => q,
@@ -277,8 +291,22 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
                     let group = group.as_ref().map(|(g, percent)| (g, *percent));
                     let metered = workers.share_for(&grant);
                     let metered = metered.as_ref().map(|(g, percent)| (g, *percent));
-                    run_in_worker(&shared, &pool, &memory, group, metered, conn, id, quota, &grant, send, migrated_in)
-                        .await
+                    let labels = &labels;
+                    run_in_worker(
+                        &shared,
+                        &pool,
+                        &memory,
+                        group,
+                        metered,
+                        conn,
+                        id,
+                        quota,
+                        &grant,
+                        labels,
+                        send,
+                        migrated_in,
+                    )
+                    .await
                 }
                 None => {
                     conn.close(close_code::UNAUTHORIZED.into(), b"the lease's instance is not served here");
@@ -293,7 +321,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
             }
         }
         shared.metrics.sessions_active.fetch_sub(1, Ordering::Relaxed);
-        shared.metrics.tenant_closed(&grant.tenant);
+        shared.metrics.session_closed(&labels);
         drop(permit);
         shared.session_ended.notify_one();
         tracing::info!("session ended");

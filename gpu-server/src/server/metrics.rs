@@ -7,16 +7,19 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Most tenants with series of their own; sessions of later ones count
-/// under [`OTHER_TENANTS`], so that many tenants cannot grow the scrape
-/// without bound.
-pub const MAX_TENANTS: usize = 1024;
-/// The tenant label of sessions past [`MAX_TENANTS`].
-pub const OTHER_TENANTS: &str = "(other)";
+/// Most labels (tenants, instances) with series of their own; sessions of
+/// later ones count under [`OTHER_LABELS`], so that many tenants cannot grow
+/// the scrape without bound.
+pub const MAX_LABELS: usize = 1024;
+/// The label of sessions past [`MAX_LABELS`].
+pub const OTHER_LABELS: &str = "(other)";
+/// The instance label of sessions on a server's one device (served without
+/// instances, `--instances device`).
+pub const DEVICE_INSTANCE: &str = "device";
 
-/// One tenant's sessions on this server.
+/// Sessions of one tenant, or on one instance, of this server.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TenantSessions {
+pub struct SessionCounts {
     pub active: u64,
     pub opened: u64,
     /// Device memory its sessions in worker processes hold now, and the
@@ -24,6 +27,70 @@ pub struct TenantSessions {
     pub memory: u64,
     pub calls: u64,
 }
+
+/// Which series a session counts in: its tenant (the lease's, or the
+/// token's subject) and the instance it runs on (the lease's; else the
+/// server's first, or [`DEVICE_INSTANCE`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionLabels {
+    pub tenant: String,
+    pub instance: String,
+}
+
+impl SessionLabels {
+    /// The labels of a session of `tenant` on instance `uuid` (empty: the
+    /// server's one device).
+    pub fn new(tenant: &str, uuid: &str) -> Self {
+        let instance = if uuid.is_empty() { DEVICE_INSTANCE } else { uuid };
+        Self { tenant: tenant.to_owned(), instance: instance.to_owned() }
+    }
+}
+
+/// Sessions counted by one label, at most [`MAX_LABELS`] labels.
+#[derive(Debug, Default)]
+struct Series(Mutex<BTreeMap<String, SessionCounts>>);
+
+impl Series {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, SessionCounts>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn opened(&self, label: &str) {
+        let mut t = self.lock();
+        let key = if t.contains_key(label) || t.len() < MAX_LABELS { label } else { OTHER_LABELS };
+        let entry = t.entry(key.to_owned()).or_default();
+        entry.active += 1;
+        entry.opened += 1;
+    }
+
+    /// The entry `label` counts in, once it opened a session.
+    fn update(&self, label: &str, f: impl FnOnce(&mut SessionCounts)) {
+        let mut t = self.lock();
+        let key = if t.contains_key(label) { label } else { OTHER_LABELS };
+        if let Some(entry) = t.get_mut(key) {
+            f(entry);
+        }
+    }
+
+    fn closed(&self, label: &str) {
+        self.update(label, |e| e.active = e.active.saturating_sub(1));
+    }
+
+    fn worker_delta(&self, label: &str, now: &v1::WorkerMetrics, before: &v1::WorkerMetrics) {
+        self.update(label, |e| {
+            e.memory = e.memory.saturating_add(now.memory_mapped).saturating_sub(before.memory_mapped);
+            e.calls += now.calls.saturating_sub(before.calls);
+        });
+    }
+
+    fn all(&self) -> BTreeMap<String, SessionCounts> {
+        self.lock().clone()
+    }
+}
+
+/// A batch that started later than this after it was read counts as one
+/// that waited ([`Metrics::batches_waited`]).
+pub const WAITED: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// How a session's worker process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,10 +198,18 @@ pub struct Metrics {
     pub busy_us: AtomicU64,
     /// Worker processes started (warm ones included).
     pub worker_starts: AtomicU64,
+    /// Batches that waited more than [`WAITED`] between being read and
+    /// starting on their session's thread (behind the session's earlier
+    /// batches, or held by the temporal share), and the time all batches
+    /// waited so, in microseconds.
+    pub batches_waited: AtomicU64,
+    pub batch_wait_us: AtomicU64,
     /// Session worker processes ended, by [`WorkerExit`] (in its order).
     worker_exits: [AtomicU64; 4],
-    /// Sessions by tenant (the lease's tenant, or the token's subject).
-    tenants: Mutex<BTreeMap<String, TenantSessions>>,
+    /// Sessions by tenant (the lease's tenant, or the token's subject) and
+    /// by instance ([`SessionLabels`]).
+    tenants: Series,
+    instances: Series,
     /// The host's staging ledger, read at each scrape (set by the server
     /// that made it; a worker's is its supervisor's).
     pub(crate) staging: std::sync::OnceLock<std::sync::Arc<crate::staging::host::HostLedger>>,
@@ -171,36 +246,34 @@ pub struct MetricsSnapshot {
     pub batches_queued: u64,
     pub busy_us: u64,
     pub worker_starts: u64,
+    pub batches_waited: u64,
+    pub batch_wait_us: u64,
 }
 
 impl Metrics {
-    /// A session of `tenant` opened.
-    pub fn tenant_opened(&self, tenant: &str) {
-        let mut t = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
-        let key = if t.contains_key(tenant) || t.len() < MAX_TENANTS { tenant } else { OTHER_TENANTS };
-        let entry = t.entry(key.to_owned()).or_default();
-        entry.active += 1;
-        entry.opened += 1;
+    /// A session opened: it counts in its tenant's and its instance's
+    /// series.
+    pub fn session_opened(&self, labels: &SessionLabels) {
+        self.tenants.opened(&labels.tenant);
+        self.instances.opened(&labels.instance);
     }
 
-    /// A session of `tenant` ended.
-    pub fn tenant_closed(&self, tenant: &str) {
-        let mut t = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
-        let key = if t.contains_key(tenant) { tenant } else { OTHER_TENANTS };
-        if let Some(entry) = t.get_mut(key) {
-            entry.active = entry.active.saturating_sub(1);
-        }
+    /// A session ended.
+    pub fn session_closed(&self, labels: &SessionLabels) {
+        self.tenants.closed(&labels.tenant);
+        self.instances.closed(&labels.instance);
     }
 
-    /// What a worker serving a session of `tenant` counted since its last
-    /// report: its memory and calls, into the tenant's.
-    pub(crate) fn tenant_worker_delta(&self, tenant: &str, now: &v1::WorkerMetrics, before: &v1::WorkerMetrics) {
-        let mut t = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
-        let key = if t.contains_key(tenant) { tenant } else { OTHER_TENANTS };
-        if let Some(entry) = t.get_mut(key) {
-            entry.memory = entry.memory.saturating_add(now.memory_mapped).saturating_sub(before.memory_mapped);
-            entry.calls += now.calls.saturating_sub(before.calls);
-        }
+    /// What a worker serving a session of `labels` counted since its last
+    /// report: its memory and calls, into its tenant's and instance's.
+    pub(crate) fn labels_worker_delta(
+        &self,
+        labels: &SessionLabels,
+        now: &v1::WorkerMetrics,
+        before: &v1::WorkerMetrics,
+    ) {
+        self.tenants.worker_delta(&labels.tenant, now, before);
+        self.instances.worker_delta(&labels.instance, now, before);
     }
 
     /// A session's worker process ended.
@@ -214,8 +287,13 @@ impl Metrics {
     }
 
     /// Sessions by tenant now.
-    pub fn tenants(&self) -> BTreeMap<String, TenantSessions> {
-        self.tenants.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    pub fn tenants(&self) -> BTreeMap<String, SessionCounts> {
+        self.tenants.all()
+    }
+
+    /// Sessions by instance now.
+    pub fn instances(&self) -> BTreeMap<String, SessionCounts> {
+        self.instances.all()
     }
 
     /// Adds what a worker process counted since its last report.
@@ -237,6 +315,8 @@ impl Metrics {
         add(&self.modules_preloaded_used, now.modules_preloaded_used.saturating_sub(before.modules_preloaded_used));
         gauge(&self.batches_queued, before.batches_queued, now.batches_queued);
         add(&self.busy_us, now.busy_us.saturating_sub(before.busy_us));
+        add(&self.batches_waited, now.batches_waited.saturating_sub(before.batches_waited));
+        add(&self.batch_wait_us, now.batch_wait_us.saturating_sub(before.batch_wait_us));
     }
 
     /// The counters a worker process reports to its supervisor.
@@ -260,6 +340,8 @@ impl Metrics {
             modules_preloaded_used: s.modules_preloaded_used,
             batches_queued: s.batches_queued,
             busy_us: s.busy_us,
+            batches_waited: s.batches_waited,
+            batch_wait_us: s.batch_wait_us,
         }
     }
 
@@ -294,6 +376,8 @@ impl Metrics {
             batches_queued: g(&self.batches_queued),
             busy_us: g(&self.busy_us),
             worker_starts: g(&self.worker_starts),
+            batches_waited: g(&self.batches_waited),
+            batch_wait_us: g(&self.batch_wait_us),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! that kept its session.
 
 use super::commands::LINGER;
+use super::metrics::SessionLabels;
 use super::mps_group::MpsGroup;
 use super::resume::ResumeSlot;
 use super::state::Shared;
@@ -34,6 +35,7 @@ pub(super) async fn run_in_worker(
     id: u64,
     quota: u64,
     grant: &Grant,
+    labels: &SessionLabels,
     mut send: quinn::SendStream,
     migrated_in: bool,
 ) -> quinn::Connection {
@@ -122,7 +124,7 @@ pub(super) async fn run_in_worker(
     let mut events = worker.take_events();
     let mut relay = Relay {
         shared,
-        tenant: &grant.tenant,
+        labels,
         lease,
         reported: v1::WorkerMetrics::default(),
         order: None,
@@ -312,8 +314,9 @@ async fn worker_end(shared: &Shared, worker: &mut Worker) -> std::io::Result<std
 /// ordered it.
 struct Relay<'a> {
     shared: &'a Shared,
-    /// The session's tenant, whose memory and calls the reports move.
-    tenant: &'a str,
+    /// The session's tenant and instance, whose memory and calls the
+    /// reports move.
+    labels: &'a SessionLabels,
     lease: Option<u64>,
     reported: v1::WorkerMetrics,
     /// The migration ordered and not yet reported.
@@ -333,7 +336,7 @@ impl Relay<'_> {
         match event {
             Some(v1::worker_event::Event::Metrics(m)) => {
                 self.shared.metrics.add_worker_delta(&m, &self.reported);
-                self.shared.metrics.tenant_worker_delta(self.tenant, &m, &self.reported);
+                self.shared.metrics.labels_worker_delta(self.labels, &m, &self.reported);
                 if let Some(id) = self.lease
                     && let Some(s) = self.shared.leased().get_mut(&id)
                 {

@@ -21,12 +21,23 @@ use tokio::sync::{mpsc, oneshot};
 pub(crate) struct Admitted {
     _permit: tokio::sync::OwnedSemaphorePermit,
     metrics: Arc<Metrics>,
+    /// When the batch was read.
+    at: std::time::Instant,
 }
 
 impl Admitted {
     pub(crate) fn new(permit: tokio::sync::OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Self {
         add(&metrics.batches_queued, 1);
-        Self { _permit: permit, metrics }
+        Self { _permit: permit, metrics, at: std::time::Instant::now() }
+    }
+
+    /// The batch starts now: counts the time it waited since it was read.
+    fn starts(&self) {
+        let waited = self.at.elapsed();
+        add(&self.metrics.batch_wait_us, u64::try_from(waited.as_micros()).unwrap_or(u64::MAX));
+        if waited > super::metrics::WAITED {
+            add(&self.metrics.batches_waited, 1);
+        }
     }
 }
 
@@ -118,13 +129,14 @@ pub(crate) fn run<B: Backend>(
     let mut counted = MemoryUse::default();
     while let Some(item) = work.next() {
         let reply = match item {
-            Work::Batch(batch, _budget) => {
+            Work::Batch(batch, admitted) => {
                 // A metered session waits out its hold first (worker
                 // processes of shared leases, `crate::share`).
                 let gate = crate::share::gate();
                 if let Some(g) = gate {
                     g.before_batch();
                 }
+                admitted.starts();
                 let started = std::time::Instant::now();
                 state.memory().begin_batch();
                 let mut reply = state.execute_batch(batch);
