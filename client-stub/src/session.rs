@@ -236,6 +236,19 @@ const MAX_COPY_PIECE: u64 = 512 << 20;
 /// Smallest piece, whatever the server says: a bulk chunk's size.
 const MIN_COPY_PIECE: usize = 4 << 20;
 
+/// Piece of a large upload: each piece's copy to the device is queued as
+/// soon as it is staged, so the server copies one piece to the device
+/// while the next is being staged (a 512 MiB upload staged whole went to
+/// the device only after all of it had arrived).
+const PIPELINE_PIECE: usize = 64 << 20;
+
+/// A call sent and not yet waited for: its batch, and what its answer says
+/// of the streams.
+struct Sent {
+    seq: u64,
+    idle: Idle,
+}
+
 /// The stream a call is ordered on (0 for calls without one): the stream
 /// it gives work to, or the one it synchronizes.
 fn op_stream(op: &Op) -> u32 {
@@ -289,6 +302,10 @@ struct State {
     /// Streams created and not destroyed (0, the default stream, aside):
     /// an unknown stream is the server's to refuse.
     streams: HashSet<u32>,
+    /// The batch of a call sent and not yet waited for ([`Session::call_send`];
+    /// 0: none), and its answer when another path read its reply first.
+    pending: u64,
+    early: Option<crate::batch::Answer>,
 }
 
 /// Where device printf output goes when a synchronizing call returns.
@@ -392,6 +409,8 @@ impl Session {
             mirror_fetch: Vec::new(),
             busy: HashSet::new(),
             streams: HashSet::new(),
+            pending: 0,
+            early: None,
         };
         let compression = if config.compression { Compression::Auto } else { Compression::Off };
         Self {
@@ -521,8 +540,18 @@ impl Session {
             if self.take_arrived(st)? == 0 {
                 crate::stats::note_waited();
                 let reply = self.recv_reply(st)?;
-                st.queue.on_reply(reply, 0).map_err(|e| Self::mark_dead(st, e))?;
+                self.take_reply(st, reply)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Handles a reply no call is waiting for, keeping the answer of the
+    /// call sent and not yet waited for ([`Self::call_send`]).
+    fn take_reply(&self, st: &mut State, reply: v1::BatchReply) -> Result<()> {
+        let answer = st.queue.on_reply(reply, st.pending).map_err(|e| Self::mark_dead(st, e))?;
+        if st.pending != 0 && answer.seq == st.pending {
+            st.early = Some(answer);
         }
         Ok(())
     }
@@ -535,7 +564,7 @@ impl Session {
             let Some(reply) = self.inner.transport.try_recv_reply() else { break };
             let reply = reply.map_err(|e| Self::mark_dead(st, e))?;
             let reply = self.apply_mirrors(st, reply);
-            st.queue.on_reply(reply, 0).map_err(|e| Self::mark_dead(st, e))?;
+            self.take_reply(st, reply)?;
             n += 1;
         }
         Ok(n)
@@ -545,35 +574,78 @@ impl Session {
     /// the call's own error, else the first latched error of earlier calls,
     /// else its result.
     fn call(&self, st: &mut State, op: Op) -> Result<Option<Value>> {
-        let mut result = self.call_inner(st, op);
+        let sent = self.call_send(st, op);
+        let result = sent.and_then(|sent| self.call_wait_inner(st, sent));
+        self.after_call(st, result)
+    }
+
+    /// What every waited call does before it returns: the device's changes
+    /// to mapped memory too large for their reply are fetched, and device
+    /// printf output appears (when the synchronizing call returns).
+    fn after_call(&self, st: &mut State, mut result: Result<Option<Value>>) -> Result<Option<Value>> {
         if !st.mirror_fetch.is_empty() {
             let fetched = self.fetch_mirrors(st);
             result = result.and_then(|v| fetched.map(|()| v));
         }
-        // Device printf output appears when the synchronizing call returns.
         self.deliver_output(st);
         result
     }
 
-    fn call_inner(&self, st: &mut State, op: Op) -> Result<Option<Value>> {
+    /// Sends `op` after everything queued, without waiting for its answer
+    /// ([`Self::call_wait`] does; nothing else may be waited for between
+    /// the two).
+    fn call_send(&self, st: &mut State, op: Op) -> Result<Sent> {
         Self::check_alive(st)?;
         self.push_mirrors(st, op_stream(&op))?;
         note_work(st, &op);
-        let idle_after = idle_after(&op);
+        let idle = idle_after(&op);
         crate::stats::note_waited();
         // A call that fills the queue comes back in the batch `push` cut.
         let batch = match st.queue.push(op) {
             Some(full) => full,
             None => st.queue.cut().ok_or_else(|| ClientError::Protocol("empty batch".into()))?,
         };
-        self.send(st, &batch)?;
-        let result = loop {
-            let reply = self.recv_reply(st)?;
-            let answer = st.queue.on_reply(reply, batch.seq).map_err(|e| Self::mark_dead(st, e))?;
-            if answer.seq == batch.seq {
-                break answer.result;
-            }
+        // Set first: the send may read the reply while it drains.
+        st.pending = batch.seq;
+        st.early = None;
+        if let Err(e) = self.send(st, &batch) {
+            st.pending = 0;
+            return Err(e);
+        }
+        Ok(Sent { seq: batch.seq, idle })
+    }
+
+    /// Waits for the answer of the call [`Self::call_send`] sent.
+    fn call_wait(&self, st: &mut State, sent: Sent) -> Result<Option<Value>> {
+        let result = self.call_wait_inner(st, sent);
+        self.after_call(st, result)
+    }
+
+    fn call_wait_inner(&self, st: &mut State, sent: Sent) -> Result<Option<Value>> {
+        let early = st.early.take().filter(|a| a.seq == sent.seq);
+        let result = match early {
+            Some(answer) => answer.result,
+            None => loop {
+                let reply = match self.recv_reply(st) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        st.pending = 0;
+                        return Err(e);
+                    }
+                };
+                let answer = st.queue.on_reply(reply, sent.seq).map_err(|e| Self::mark_dead(st, e));
+                match answer {
+                    Ok(a) if a.seq == sent.seq => break a.result,
+                    Ok(_) => {}
+                    Err(e) => {
+                        st.pending = 0;
+                        return Err(e);
+                    }
+                }
+            },
         };
+        st.pending = 0;
+        let idle_after = sent.idle;
         let value = result?;
         if let Some(l) = st.queue.take_latched() {
             return Err(l.first);
@@ -747,18 +819,25 @@ impl Session {
 
     fn htod_locked(&self, st: &mut State, dst: u64, src: &[u8], stream: StreamId) -> Result<()> {
         st.space.check_access(dst, src.len() as u64)?;
-        let piece = self.copy_piece();
+        // Staged and not yet copied at most twice the largest piece the
+        // server stages whole (half its bound for the session).
+        let in_flight = 2 * self.copy_piece();
+        let piece = PIPELINE_PIECE.min(self.copy_piece());
         if src.len() <= piece {
             return self.htod_piece(st, dst, src, stream);
         }
-        // Larger than the server stages for a session: pieces, at most two
-        // of them staged and not yet copied (the synchronize waits for the
-        // two before; a copy from pageable memory is synchronous anyway).
+        // Pieces, each copy queued once staged: the server copies one to
+        // the device while the next is staged. Past `in_flight` staged
+        // bytes, the synchronize waits for the copies before (a copy from
+        // pageable memory is synchronous anyway).
+        let mut staged = 0;
         for (i, part) in src.chunks(piece).enumerate() {
-            if i >= 2 && i % 2 == 0 {
+            if staged + part.len() > in_flight {
                 self.call(st, Op::StreamSynchronize(v1::StreamSynchronize { stream: stream.0 }))?;
+                staged = 0;
             }
             self.htod_piece(st, dst + (i * piece) as u64, part, stream)?;
+            staged += part.len();
         }
         Ok(())
     }
@@ -905,20 +984,36 @@ impl Session {
 
     fn dtoh_locked(&self, st: &mut State, dst: &mut [u8], src: u64, stream: StreamId) -> Result<()> {
         st.space.check_access(src, dst.len() as u64)?;
-        let piece = self.copy_piece();
+        let piece = PIPELINE_PIECE.min(self.copy_piece());
         if dst.len() <= piece {
             let op =
                 Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: dst.len() as u64, stream: stream.0, into_region: None });
             let value = self.call(st, op)?;
             return self.take_bytes(st, value, dst);
         }
-        // One piece staged at a time (see `htod_locked`).
-        for (i, part) in dst.chunks_mut(piece).enumerate() {
+        // Pieces: while one is fetched, the server reads the next from the
+        // device (two staged at most; see `htod_locked`).
+        let op = |i: usize, len: usize| {
             let src = src + (i * piece) as u64;
-            let op =
-                Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: part.len() as u64, stream: stream.0, into_region: None });
-            let value = self.call(st, op)?;
-            self.take_bytes(st, value, part)?;
+            Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: len as u64, stream: stream.0, into_region: None })
+        };
+        let total = dst.len();
+        let len = |i: usize| total.saturating_sub(i * piece).min(piece);
+        let mut value = self.call(st, op(0, len(0)))?;
+        for (i, part) in dst.chunks_mut(piece).enumerate() {
+            let next = match len(i + 1) {
+                0 => None,
+                n => Some(self.call_send(st, op(i + 1, n))?),
+            };
+            if let Err(e) = self.take_bytes(st, value, part) {
+                // The next piece's answer is nobody's now.
+                st.pending = 0;
+                return Err(e);
+            }
+            value = match next {
+                Some(sent) => self.call_wait(st, sent)?,
+                None => None,
+            };
         }
         Ok(())
     }

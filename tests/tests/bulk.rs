@@ -189,6 +189,25 @@ fn a_lost_bulk_connection_is_replaced_and_copies_go_on() {
 /// bytes were all staged at once before: a copy past the bound failed,
 /// with the default 3 GiB bound a 4 GiB tensor could not be uploaded).
 #[test]
+fn large_uploads_go_to_the_device_piece_by_piece() {
+    // Under the default bound: pieces of 64 MiB, each copy queued (its own
+    // batch) as soon as it is staged, none waiting for the whole upload.
+    let srv = TestServer::start(server_config()).expect("server");
+    let s = Session::connect(&srv.client_config()).expect("session");
+    let n = (130 << 20) + 4099;
+    let data = random_bytes(n, fresh_seed());
+    let dev = s.mem_alloc(n as u64).expect("alloc");
+    let before = s.batches_sent();
+    s.memcpy_htod(dev, &data, StreamId::DEFAULT).expect("htod");
+    assert!(s.batches_sent() - before >= 3, "three pieces, three batches ({} sent)", s.batches_sent() - before);
+    let mut back = vec![0u8; n];
+    s.memcpy_dtoh(&mut back, dev, StreamId::DEFAULT).expect("dtoh");
+    assert!(back == data, "an upload in pieces differs");
+    s.close().expect("close");
+    srv.stop();
+}
+
+#[test]
 fn copies_larger_than_the_staging_bound_go_in_pieces() {
     for isolated in [false, true] {
         let mut config = if isolated { isolated_config().expect("worker binary") } else { server_config() };
