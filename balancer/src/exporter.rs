@@ -95,6 +95,12 @@ pub fn render(status: &pb::PoolStatus, allocations: &Allocations) -> String {
     );
     per_server("server_gpus", "GPUs the server offers", &|s| s.gpus.len() as u64, &mut r);
     per_server(
+        "server_draining",
+        "1 while the server is being drained (no new leases; its sessions migrate away)",
+        &|s| u64::from(s.draining),
+        &mut r,
+    );
+    per_server(
         "server_mps_group_faults",
         "Shared sessions whose fault under MPS ended their group, since the server started",
         &|s| s.mps_group_faults,
@@ -156,6 +162,7 @@ mod tests {
                 sessions: 2,
                 memory_used_bytes: 1 << 30,
                 heartbeat_age_ms: 1500,
+                draining: true,
                 gpu_leases: vec![pb::GpuLeases {
                     uuid: "GPU-1".into(),
                     exclusive: 0,
@@ -192,6 +199,7 @@ mod tests {
             "gpupool_balancer_servers 1",
             "gpupool_balancer_server_sessions{server=\"gpu-a\"} 2",
             "gpupool_balancer_server_heartbeat_age_milliseconds{server=\"gpu-a\"} 1500",
+            "gpupool_balancer_server_draining{server=\"gpu-a\"} 1",
             "gpupool_balancer_tenant_leases{tenant=\"t1\"} 2",
             "gpupool_balancer_tenant_memory_bytes{tenant=\"t1\"} 6442450944",
             "gpupool_balancer_tenant_leases{tenant=\"t2\"} 1",

@@ -1292,6 +1292,25 @@ pub(crate) mod tests {
         assert_eq!(occupancy(&mut s, available(9, 256)), Ok((0, 0)), "only 8 fit by warps");
         assert_eq!(occupancy(&mut s, available(0, 256)), Err(cuda::INVALID_VALUE));
 
+        // Clusters (issue 20, finding 8): a cluster of 2^31 cubed blocks
+        // divided by zero in the model once its product wrapped; a cluster
+        // of zeros is no cluster.
+        let clusters = |cluster: [u32; 3], block: [u32; 3]| v1::Occupancy {
+            module: 1,
+            function: 1,
+            query: v1::OccupancyQuery::ActiveClusters as i32,
+            grid: Some(v1::Dim3 { x: 64, y: 1, z: 1 }),
+            block: Some(v1::Dim3 { x: block[0], y: block[1], z: block[2] }),
+            cluster: Some(v1::Dim3 { x: cluster[0], y: cluster[1], z: cluster[2] }),
+            ..Default::default()
+        };
+        // 8 blocks of 256 threads an SM, 132 SMs: 1056 blocks, 528 pairs.
+        assert_eq!(occupancy(&mut s, clusters([2, 1, 1], [256, 1, 1])), Ok((528, 0)));
+        assert_eq!(occupancy(&mut s, clusters([0, 0, 0], [256, 1, 1])), Ok((1056, 0)));
+        assert_eq!(occupancy(&mut s, clusters([1 << 31; 3], [256, 1, 1])), Err(cuda::INVALID_VALUE));
+        assert_eq!(occupancy(&mut s, clusters([2, 1, 1], [1 << 31; 3])), Ok((0, 0)), "a block no SM holds");
+        assert_eq!(occupancy(&mut s, clusters([2, 1, 1], [0, 1, 1])), Err(cuda::INVALID_VALUE));
+
         assert_eq!(occupancy(&mut s, v1::Occupancy { query: 7, ..active(256, 0) }), Err(cuda::INVALID_VALUE));
         assert_eq!(occupancy(&mut s, v1::Occupancy { function: 9, ..active(256, 0) }), Err(cuda::INVALID_HANDLE));
         assert_eq!(occupancy(&mut s, v1::Occupancy { module: 2, ..active(256, 0) }), Err(cuda::INVALID_HANDLE));

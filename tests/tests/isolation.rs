@@ -279,4 +279,6 @@ fn worker_starts_busy_time_and_queued_batches_are_counted() {
     assert_eq!(value(instance), 1, "{page}");
     assert_eq!(value("gpupool_server_gpu_instance_sessions_active{gpu_instance=\"device\"}"), 0, "{page}");
     assert!(value("gpupool_server_gpu_instance_calls_total{gpu_instance=\"device\"}") > 0, "{page}");
+    let busy = value("gpupool_server_tenant_busy_microseconds_total{tenant=\"(static token)\"}");
+    assert!(busy > 0 && busy <= value("gpupool_server_busy_microseconds_total"), "{page}");
 }

@@ -17,18 +17,20 @@ use tokio::net::TcpListener;
 
 /// One family per figure of sessions by `label` (`tenant`, `instance`):
 /// `<label>_sessions_active`, `_sessions_opened`, `_memory_mapped_bytes`,
-/// `_calls`.
+/// `_calls`, `_busy_microseconds`.
 fn series(r: &mut Registry, label: &str, whose: &str, counts: &BTreeMap<String, SessionCounts>) {
     let active = Family::<Vec<(String, String)>, Gauge>::default();
     let opened = Family::<Vec<(String, String)>, Counter>::default();
     let memory = Family::<Vec<(String, String)>, Gauge>::default();
     let calls = Family::<Vec<(String, String)>, Counter>::default();
+    let busy = Family::<Vec<(String, String)>, Counter>::default();
     for (value, c) in counts {
         let labels = vec![(label.to_string(), value.clone())];
         active.get_or_create(&labels).set(i64::try_from(c.active).unwrap_or(i64::MAX));
         opened.get_or_create(&labels).inc_by(c.opened);
         memory.get_or_create(&labels).set(i64::try_from(c.memory).unwrap_or(i64::MAX));
         calls.get_or_create(&labels).inc_by(c.calls);
+        busy.get_or_create(&labels).inc_by(c.busy_us);
     }
     r.register(format!("{label}_sessions_active"), format!("Sessions open now, by {label}"), active);
     r.register(format!("{label}_sessions_opened"), format!("Sessions opened, by {label}"), opened);
@@ -36,6 +38,8 @@ fn series(r: &mut Registry, label: &str, whose: &str, counts: &BTreeMap<String, 
     r.register(format!("{label}_memory_mapped_bytes"), help, memory);
     let help = format!("Calls executed by the sessions of {whose} in worker processes");
     r.register(format!("{label}_calls"), help, calls);
+    let help = format!("Time the sessions of {whose} in worker processes spent executing batches");
+    r.register(format!("{label}_busy_microseconds"), help, busy);
 }
 
 /// The metrics in Prometheus' text format.
@@ -209,12 +213,13 @@ mod tests {
         let metrics = Metrics::default();
         let labels = SessionLabels::new("team-a", "MIG-7");
         metrics.session_opened(&labels);
-        let report = |memory_mapped, calls| v1::WorkerMetrics { memory_mapped, calls, ..Default::default() };
-        let (first, second) = (report(8 << 20, 10), report(2 << 20, 25));
+        let report =
+            |memory_mapped, calls, busy_us| v1::WorkerMetrics { memory_mapped, calls, busy_us, ..Default::default() };
+        let (first, second) = (report(8 << 20, 10, 700), report(2 << 20, 25, 1500));
         metrics.labels_worker_delta(&labels, &first, &v1::WorkerMetrics::default());
         metrics.labels_worker_delta(&labels, &second, &first);
         let t = metrics.tenants()["team-a"];
-        assert_eq!((t.memory, t.calls), (2 << 20, 25));
+        assert_eq!((t.memory, t.calls, t.busy_us), (2 << 20, 25, 1500));
         assert_eq!(metrics.instances()["MIG-7"], t, "the instance counts the same");
         metrics.labels_worker_delta(&labels, &v1::WorkerMetrics::default(), &second);
         assert_eq!(metrics.tenants()["team-a"].memory, 0, "the worker's memory goes when it ends");

@@ -22,10 +22,12 @@ pub const DEVICE_INSTANCE: &str = "device";
 pub struct SessionCounts {
     pub active: u64,
     pub opened: u64,
-    /// Device memory its sessions in worker processes hold now, and the
-    /// calls they executed (as their workers report them).
+    /// Device memory its sessions in worker processes hold now, the calls
+    /// they executed and the time they spent executing batches, in
+    /// microseconds (as their workers report them).
     pub memory: u64,
     pub calls: u64,
+    pub busy_us: u64,
 }
 
 /// Which series a session counts in: its tenant (the lease's, or the
@@ -80,6 +82,7 @@ impl Series {
         self.update(label, |e| {
             e.memory = e.memory.saturating_add(now.memory_mapped).saturating_sub(before.memory_mapped);
             e.calls += now.calls.saturating_sub(before.calls);
+            e.busy_us += now.busy_us.saturating_sub(before.busy_us);
         });
     }
 
