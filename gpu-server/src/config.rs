@@ -177,6 +177,12 @@ pub struct ServerConfig {
     pub max_udp_payload: u16,
     /// Time a new connection has to present its `Hello`.
     pub handshake_timeout: Duration,
+    /// Connections accepted and not yet authenticated, at most: each may
+    /// make the server buffer up to its pre-authentication receive window
+    /// (1 MiB), so this bounds what unauthenticated peers can make it hold
+    /// (issue 20, finding 1). Later ones wait, unaccepted, in the QUIC
+    /// endpoint's bounded queue of incoming connections.
+    pub max_pending_handshakes: usize,
     /// Time sessions get to end after a shutdown signal.
     pub shutdown_grace: Duration,
     /// lz4-compress replies when it pays.
@@ -362,6 +368,7 @@ impl ServerConfig {
             idle_timeout: Duration::from_secs(30),
             max_udp_payload: gpupool_proto::quic::LOOPBACK_UDP_PAYLOAD,
             handshake_timeout: Duration::from_secs(10),
+            max_pending_handshakes: 1024,
             shutdown_grace: Duration::from_secs(5),
             compression: true,
             isolation: Isolation::InProcess,
@@ -460,6 +467,9 @@ impl ServerConfig {
         }
         if self.idle_timeout.is_zero() || self.handshake_timeout.is_zero() {
             bad.push("timeouts must be positive".into());
+        }
+        if self.max_pending_handshakes == 0 {
+            bad.push("max_pending_handshakes must be positive".into());
         }
         if let Some((low, high)) = self.worker_ports
             && (low == 0 || low > high)

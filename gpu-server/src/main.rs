@@ -135,6 +135,10 @@ struct Args {
     /// keep-alives every 2 s).
     #[arg(long, env = "GPUPOOL_IDLE_TIMEOUT_MS", default_value_t = 30_000)]
     idle_timeout_ms: u64,
+    /// Connections accepted and not yet authenticated, at most (each may
+    /// hold a 1 MiB receive window); later ones wait to be accepted.
+    #[arg(long, env = "GPUPOOL_MAX_PENDING_HANDSHAKES", default_value_t = 1024)]
+    max_pending_handshakes: usize,
     /// UDP ports for session worker processes, `LOW-HIGH` (default:
     /// ephemeral ports), so that a firewall can allow exactly them.
     #[arg(long, env = "GPUPOOL_WORKER_PORTS", value_parser = parse_port_range)]
@@ -288,6 +292,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         config.session_spin = std::time::Duration::from_micros(us);
     }
     config.idle_timeout = std::time::Duration::from_millis(args.idle_timeout_ms);
+    config.max_pending_handshakes = args.max_pending_handshakes;
     config.worker_ports = args.worker_ports;
     config.bulk_endpoints = args.bulk_endpoints;
     config.migrate_precopy_bytes = args.migrate_precopy_mib.saturating_mul(1 << 20);

@@ -257,6 +257,37 @@ async fn unauthenticated_connections_get_a_small_window() {
     still_serves(&srv);
 }
 
+/// Issue 20, finding 1, the budget: at most `max_pending_handshakes`
+/// connections are accepted and not yet authenticated at once (each may
+/// hold a pre-authentication window); a later one waits to be accepted
+/// until one of them is authenticated or times out, and then gets its
+/// session.
+#[tokio::test]
+async fn unauthenticated_connections_take_a_bounded_number_of_windows() {
+    let mut config = server_config();
+    config.max_pending_handshakes = 2;
+    config.handshake_timeout = std::time::Duration::from_millis(1500);
+    let srv = TestServer::start(config).expect("server starts");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (ep, conn) = Raw::connect(&srv, srv.addr).await;
+        let (mut first, recv) = conn.open_bi().await.expect("the command stream");
+        // Half a frame header: the Hello never comes.
+        first.write_all(&[1, 0]).await.expect("two bytes");
+        held.push((ep, conn, first, recv));
+    }
+    let started = std::time::Instant::now();
+    let third = tokio::time::timeout(std::time::Duration::from_millis(600), Raw::connect(&srv, srv.addr)).await;
+    assert!(third.is_err(), "a third unauthenticated connection was accepted past the budget of 2");
+    let config = srv.client_config();
+    let session = tokio::task::spawn_blocking(move || Session::connect(&config)).await.expect("thread");
+    let session = session.expect("a session once a pending handshake timed out");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1), "it waited for a permit");
+    drop(session);
+    drop(held);
+    still_serves(&srv);
+}
+
 /// Issue 20, finding 2: with worker processes, the supervisor's connection
 /// carries only the Hello and the redirect; a tenant sending on it after the
 /// redirect cannot make the supervisor hold more than the pre-session window.

@@ -34,6 +34,18 @@ fn rss(pid: u32) -> u64 {
         .map_or(0, |kib| kib << 10)
 }
 
+/// The host's staged bytes and their cap, as the server's metrics endpoint
+/// renders them.
+fn staging(srv: &TestServer) -> (u64, u64) {
+    let page = gpupool_server::server::exporter::render(&srv.metrics);
+    let value = |name: &str| {
+        page.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the metrics:\n{page}"))
+    };
+    (value("gpupool_server_staging_host_bytes"), value("gpupool_server_staging_host_limit_bytes"))
+}
+
 /// What a client did.
 #[derive(Debug, Default)]
 struct Tally {
@@ -115,22 +127,34 @@ fn many_clients_for_a_while_every_reply_checked() {
     // Memory while the load runs: each worker and the supervisor (this
     // process) stay bounded.
     let mut worker_peak = 0;
+    let mut staged_peak = 0;
     while started.elapsed() < Duration::from_secs(secs) {
         std::thread::sleep(Duration::from_millis(500));
         worker_peak = srv.workers().iter().map(|w| rss(w.pid)).max().unwrap_or(0).max(worker_peak);
+        staged_peak = staged_peak.max(staging(&srv).0);
     }
     stop.store(true, Ordering::Relaxed);
     for (i, t) in threads.into_iter().enumerate() {
         t.join().expect("client thread").unwrap_or_else(|e| panic!("client {i} failed: {e}"));
     }
+    // The host's staging stayed under its cap, and nothing stays staged
+    // once the sessions are gone.
+    let (_, cap) = staging(&srv);
+    assert!(staged_peak <= cap, "staged {staged_peak} bytes past the cap of {cap}");
+    let t = Instant::now();
+    while staging(&srv).0 > 0 {
+        assert!(t.elapsed() < Duration::from_secs(20), "{} bytes still staged after the sessions", staging(&srv).0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let (rounds, bytes) = (tally.rounds.load(Ordering::Relaxed), tally.bytes_checked.load(Ordering::Relaxed));
     let supervisor_growth = rss(std::process::id()).saturating_sub(supervisor_before);
     println!(
         "soak: {clients} clients, {:.1} s, {rounds} rounds, {bytes} bytes checked, worker RSS peak {} MiB, \
-         supervisor (test process) RSS growth {} MiB",
+         supervisor (test process) RSS growth {} MiB, host staging peak {} KiB (sampled every 0.5 s)",
         started.elapsed().as_secs_f64(),
         worker_peak >> 20,
-        supervisor_growth >> 20
+        supervisor_growth >> 20,
+        staged_peak >> 10
     );
     assert!(rounds >= clients as u64, "every client finished rounds ({rounds})");
     assert!(worker_peak < 1 << 30, "a worker grew to {} MiB", worker_peak >> 20);
@@ -181,6 +205,69 @@ fn a_network_that_loses_duplicates_and_reorders_loses_nothing() {
     );
     assert!(tally.rounds.load(Ordering::Relaxed) >= 4, "work got through");
     assert!(dropped > 0 && duplicated > 0 && reordered > 0, "the faults happened");
+    srv.stop();
+}
+
+#[test]
+fn a_partition_longer_than_the_idle_timeout_under_load_loses_nothing() {
+    // In-process sessions (the relay cannot follow a redirect to a worker);
+    // both ends time out after 1 s, the server keeps lost sessions 20 s.
+    let mut config = server_config();
+    config.idle_timeout = Duration::from_secs(1);
+    config.resume_grace = Duration::from_secs(20);
+    let srv = TestServer::start(config).expect("server starts");
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let seed = fresh_seed();
+    let relays: Vec<_> = (0..4).map(|_| Relay::start(srv.addr)).collect();
+    let threads: Vec<_> = relays
+        .iter()
+        .enumerate()
+        .map(|(i, relay)| {
+            let mut config = srv.client_config();
+            config.server = relay.addr;
+            config.idle_timeout = Duration::from_secs(1);
+            config.keep_alive = Duration::from_millis(250);
+            let (stop, tally) = (stop.clone(), tally.clone());
+            std::thread::spawn(move || -> Result<(), ClientError> {
+                let s = Session::connect(&config)?;
+                work_until(&s, &stop, &tally, seed.wrapping_add(i as u64 * 131))
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    while tally.working.load(Ordering::Relaxed) < 4 {
+        assert!(t.elapsed() < Duration::from_secs(60), "not every client got work done");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Every datagram dropped for 2.5 s: the connections time out mid-work
+    // (a round's copies and kernels in flight) and are resumed.
+    for relay in &relays {
+        relay.pause(true);
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = tally.rounds.load(Ordering::Relaxed);
+    for relay in &relays {
+        relay.pause(false);
+    }
+    let t = Instant::now();
+    while tally.rounds.load(Ordering::Relaxed) < before + 8 {
+        assert!(t.elapsed() < Duration::from_secs(60), "work did not go on after the partition");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for (i, t) in threads.into_iter().enumerate() {
+        t.join().expect("client thread").unwrap_or_else(|e| panic!("client {i} failed: {e}"));
+    }
+    let m = srv.metrics.snapshot();
+    println!(
+        "partition: {} rounds checked, {} resumptions, {} sessions opened",
+        tally.rounds.load(Ordering::Relaxed),
+        m.resumptions,
+        m.sessions_opened
+    );
+    assert_eq!(m.sessions_opened, 4, "the sessions were resumed, not opened again: {m:?}");
+    assert!(m.resumptions >= 4, "every client resumed its session: {m:?}");
     srv.stop();
 }
 

@@ -139,7 +139,6 @@ async fn attach_bulk(shared: Arc<Shared>, incoming: quinn::Incoming) {
     conn.serve_bulk(service).await;
 }
 
-/// Runs one connection: handshake, then the session until either side ends it.
 /// The series a session counts in: its tenant, and the instance it runs
 /// on (its lease's; else the one a worker pool serves first, or the
 /// server's device).
@@ -152,7 +151,12 @@ fn session_labels(grant: &Grant, mode: &Mode) -> SessionLabels {
     SessionLabels::new(&grant.tenant, &uuid)
 }
 
+/// Runs one connection: handshake, then the session until either side ends it.
 pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming: quinn::Incoming) {
+    // Accepted only with a permit: unauthenticated connections buffer at
+    // most `max_pending_handshakes` pre-authentication windows together
+    // (issue 20, finding 1); the permit goes once the peer is known.
+    let Ok(pre_auth) = shared.pre_auth.clone().acquire_owned().await else { return };
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
@@ -175,6 +179,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
     {
         return refuse(&shared, &conn, close_code::UNAUTHORIZED, &reason);
     }
+    drop(pre_auth);
     // A supervisor's connection only carries the Hello and the redirect
     // (the session runs on the worker's connection): it keeps its small
     // window, so a tenant cannot pin the supervisor's memory by sending on

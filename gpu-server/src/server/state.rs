@@ -208,6 +208,9 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) images: Arc<ImageCache>,
     pub(crate) sessions: Arc<Semaphore>,
+    /// One permit per connection accepted and not yet authenticated
+    /// ([`ServerConfig::max_pending_handshakes`]).
+    pub(crate) pre_auth: Arc<Semaphore>,
     pub(crate) next_session: AtomicU64,
     /// Notified when a session ends (a one-session server then stops).
     pub(crate) session_ended: tokio::sync::Notify,
@@ -262,6 +265,7 @@ impl Shared {
                     .with_disk_limit(config.image_cache_disk_bytes),
             ),
             sessions: Arc::new(Semaphore::new(config.max_sessions)),
+            pre_auth: Arc::new(Semaphore::new(config.max_pending_handshakes)),
             lease_check: config.balancer.clone().map(super::revocation::LeaseCheck::new),
             served_gpus: Mutex::new(config.gpus.clone()),
             config,
