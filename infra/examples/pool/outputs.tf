@@ -67,3 +67,13 @@ output "monitoring_security_group_id" {
   description = "Attach to the Prometheus host: it may scrape the pool's /metrics (metrics_port)."
   value       = module.network.monitoring_security_group_id
 }
+
+output "prometheus_config" {
+  description = "Prometheus scrape configuration for this pool (infra/monitoring/prometheus.yml.tftpl filled in: terraform output -raw prometheus_config > prometheus.yml); null when metrics_port is null."
+  value = var.metrics_port == null ? null : templatefile("${path.module}/../../monitoring/prometheus.yml.tftpl", {
+    region           = var.region
+    balancer_address = module.balancer.address
+    metrics_port     = var.metrics_port
+    gpu_server_name  = "${var.name}-gpu-server"
+  })
+}
