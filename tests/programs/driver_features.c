@@ -135,6 +135,52 @@ static void launches(CUfunction empty)
     EXPECT(cuLaunchKernel(empty, 1, 1, 1, 1024, 1, 1, 0, NULL, NULL, NULL), CUDA_SUCCESS);
 }
 
+/* Kernel node attributes of a graph: read back as set, copied to another
+ * node, applied when the graph runs. */
+static void node_attributes(CUfunction empty)
+{
+    CUgraph g;
+    CUgraphNode a, b;
+    CUgraphExec exec;
+    CUDA_KERNEL_NODE_PARAMS p;
+    memset(&p, 0, sizeof p);
+    p.func = empty;
+    p.gridDimX = 4, p.gridDimY = 1, p.gridDimZ = 1;
+    p.blockDimX = 32, p.blockDimY = 1, p.blockDimZ = 1;
+    CK(cuGraphCreate(&g, 0));
+    CK(cuGraphAddKernelNode(&a, g, NULL, 0, &p));
+    CK(cuGraphAddKernelNode(&b, g, &a, 1, &p));
+    CUkernelNodeAttrValue v;
+    memset(&v, 0xff, sizeof v);
+    CK(cuGraphKernelNodeGetAttribute(a, CU_KERNEL_NODE_ATTRIBUTE_CLUSTER_DIMENSION, &v));
+    printf("node cluster (default)       -> %u %u %u\n", v.clusterDim.x, v.clusterDim.y, v.clusterDim.z);
+    CK(cuGraphKernelNodeGetAttribute(a, CU_KERNEL_NODE_ATTRIBUTE_PRIORITY, &v));
+    printf("node priority (default)      -> %d\n", v.priority);
+    int least, greatest;
+    CK(cuCtxGetStreamPriorityRange(&least, &greatest));
+    memset(&v, 0, sizeof v);
+    v.clusterDim.x = 2, v.clusterDim.y = 1, v.clusterDim.z = 1;
+    CK(cuGraphKernelNodeSetAttribute(a, CU_KERNEL_NODE_ATTRIBUTE_CLUSTER_DIMENSION, &v));
+    memset(&v, 0, sizeof v);
+    v.priority = greatest;
+    CK(cuGraphKernelNodeSetAttribute(a, CU_KERNEL_NODE_ATTRIBUTE_PRIORITY, &v));
+    memset(&v, 0, sizeof v);
+    CK(cuGraphKernelNodeGetAttribute(a, CU_KERNEL_NODE_ATTRIBUTE_CLUSTER_DIMENSION, &v));
+    printf("node cluster (set)           -> %u %u %u\n", v.clusterDim.x, v.clusterDim.y, v.clusterDim.z);
+    CK(cuGraphKernelNodeGetAttribute(a, CU_KERNEL_NODE_ATTRIBUTE_PRIORITY, &v));
+    printf("node priority is greatest    -> %d\n", v.priority == greatest);
+    CK(cuGraphKernelNodeCopyAttributes(b, a));
+    memset(&v, 0, sizeof v);
+    CK(cuGraphKernelNodeGetAttribute(b, CU_KERNEL_NODE_ATTRIBUTE_CLUSTER_DIMENSION, &v));
+    printf("node cluster (copied)        -> %u %u %u\n", v.clusterDim.x, v.clusterDim.y, v.clusterDim.z);
+    CK(cuGraphInstantiate(&exec, g, 0));
+    CK(cuGraphLaunch(exec, 0));
+    CK(cuCtxSynchronize());
+    printf("graph with node attributes   -> ran\n");
+    CK(cuGraphExecDestroy(exec));
+    CK(cuGraphDestroy(g));
+}
+
 static void device_printf(CUfunction print_ids)
 {
     unsigned tag = 11;
@@ -227,6 +273,7 @@ int main(void)
         CK(cuModuleGetFunction(&empty, m, "empty"));
         CK(cuModuleGetFunction(&print_ids, m, "print_ids"));
         launches(empty);
+        node_attributes(empty);
         device_printf(print_ids);
         CK(cuModuleUnload(m));
     } else {
@@ -237,6 +284,7 @@ int main(void)
         CK(cuModuleGetFunction(&empty, m, "empty"));
         CK(cuModuleGetFunction(&print_ids, m, "print_ids"));
         launches(empty);
+        node_attributes(empty);
         device_printf(print_ids);
         CK(cuModuleUnload(m));
     }

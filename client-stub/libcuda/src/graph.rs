@@ -51,6 +51,19 @@ pub(crate) struct Kernel {
     pub(crate) attributes: Option<Vec<u8>>,
 }
 
+/// `new` in place of `old`: a kernel's new parameters (no attributes of
+/// their own) keep the node's attributes, as `cuGraphKernelNodeSetParams`
+/// leaves them (attributes set to their defaults are `Some` of none).
+fn keep_attributes(old: &Op, new: Op) -> Op {
+    match (old, new) {
+        (Op::Kernel(o), Op::Kernel(mut k)) if k.attributes.is_none() => {
+            k.attributes.clone_from(&o.attributes);
+            Op::Kernel(k)
+        }
+        (_, new) => new,
+    }
+}
+
 /// One end of a copy: its first byte (offsets already applied), whether it
 /// is device memory, and its row pitch and rows per slice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -338,7 +351,7 @@ impl Store {
         if node.op.kind() != op.kind() {
             return Err(CuError::INVALID_VALUE);
         }
-        node.op = op;
+        node.op = keep_attributes(&node.op, op);
         Ok(())
     }
 
@@ -582,7 +595,7 @@ impl Store {
         if step.op.kind() != op.kind() || matches!(op, Op::MemAlloc { .. } | Op::MemFree { .. }) {
             return Err(CuError::INVALID_VALUE);
         }
-        step.op = op;
+        step.op = keep_attributes(&step.op, op);
         Ok(())
     }
 

@@ -10,8 +10,8 @@
 use crate::abi::{CuError, CuResult, c_str, get, put};
 use crate::capture::{self, Route, state};
 use crate::graph::{Copy3D, End, Id, Kernel, Op, Set2D, Step, kind, update};
-use crate::mempool;
 use crate::runtime::Runtime;
+use crate::{launch, mempool};
 use cudarc::driver::sys::{
     CUDA_GRAPH_INSTANTIATE_PARAMS, CUDA_HOST_NODE_PARAMS, CUDA_KERNEL_NODE_PARAMS, CUDA_MEM_ALLOC_NODE_PARAMS,
     CUDA_MEMCPY3D, CUDA_MEMSET_NODE_PARAMS, CUcontext, CUdeviceptr, CUevent, CUgraph, CUgraphConditionalHandle,
@@ -534,13 +534,18 @@ static PARAM_VIEWS: LazyLock<Mutex<HashMap<Id, ParamView>>> = LazyLock::new(Mute
 /// A node's parameter bytes and a pointer to each parameter in them.
 type ParamView = (Vec<u8>, Vec<usize>);
 
+/// The kernel launch of kernel node `h`.
+fn kernel_of(h: CUgraphNode) -> CuResult<Kernel> {
+    with_op(h, |op| match op {
+        Op::Kernel(k) => Ok(k.clone()),
+        _ => Err(CuError::INVALID_VALUE),
+    })
+}
+
 fn kernel_get(h: CUgraphNode, out: *mut c_void, v2: bool) -> CuResult {
     let rt = Runtime::get()?;
     let n = node_id(h)?;
-    let k = with_op(h, |op| match op {
-        Op::Kernel(k) => Ok(k.clone()),
-        _ => Err(CuError::INVALID_VALUE),
-    })?;
+    let k = kernel_of(h)?;
     if out.is_null() {
         return Err(CuError::INVALID_VALUE);
     }
@@ -969,6 +974,35 @@ crate::exports! {
     }
 
     fn cuGraphKernelNodeGetParams_v2(h: CUgraphNode, out: *mut CUDA_KERNEL_NODE_PARAMS) { kernel_get(h, out.cast(), true) }
+
+    fn cuGraphKernelNodeSetAttribute(h: CUgraphNode, attr: c_uint, value: *const c_void) {
+        if value.is_null() {
+            return Err(CuError::INVALID_VALUE);
+        }
+        // SAFETY: a `CUkernelNodeAttrValue` (64 bytes) per the CUDA API.
+        let v = unsafe { value.cast::<[u8; launch::VALUE_BYTES]>().read_unaligned() };
+        let mut k = kernel_of(h)?;
+        k.attributes = Some(launch::set_node_attribute(k.attributes.as_deref(), attr, &v)?);
+        set_op(h, Op::Kernel(k))
+    }
+
+    fn cuGraphKernelNodeGetAttribute(h: CUgraphNode, attr: c_uint, out: *mut c_void) {
+        if out.is_null() {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let v = launch::node_attribute(kernel_of(h)?.attributes.as_deref(), attr)?;
+        // SAFETY: a `CUkernelNodeAttrValue` (64 bytes) per the CUDA API.
+        unsafe { out.cast::<[u8; launch::VALUE_BYTES]>().write_unaligned(v) };
+        Ok(())
+    }
+
+    fn cuGraphKernelNodeCopyAttributes(dst: CUgraphNode, src: CUgraphNode) {
+        // `Some` even when `src` has the defaults: replaces what `dst` had.
+        let attributes = kernel_of(src)?.attributes.unwrap_or_default();
+        let mut k = kernel_of(dst)?;
+        k.attributes = Some(attributes);
+        set_op(dst, Op::Kernel(k))
+    }
 
     fn cuGraphKernelNodeSetParams_v2(h: CUgraphNode, p: *const CUDA_KERNEL_NODE_PARAMS) {
         let rt = Runtime::with_context()?;

@@ -130,7 +130,7 @@ const ATTR_LAUNCH_COMPLETION_EVENT: u32 = 12;
 const ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT: u32 = 14;
 
 /// Bytes of a `CUlaunchAttributeValue` (a 64-byte union).
-const VALUE_BYTES: usize = 64;
+pub(crate) const VALUE_BYTES: usize = 64;
 
 /// The attributes of a launch configuration as `(id, value bytes)`, read as
 /// integers so that an unknown id is just a number.
@@ -169,50 +169,14 @@ fn launch_attributes(
 ) -> CuResult<v1::LaunchAttributes> {
     let mut a = v1::LaunchAttributes::default();
     for (id, v) in list {
-        match id {
-            ATTR_IGNORE | ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT => {}
-            ATTR_ACCESS_POLICY_WINDOW => {
-                a.access_policy_window = Some(v1::AccessPolicyWindow {
-                    base: dword(&v, 0),
-                    num_bytes: dword(&v, 8),
-                    hit_ratio: f32::from_bits(word(&v, 16)),
-                    hit_prop: word(&v, 20),
-                    miss_prop: word(&v, 24),
-                })
-            }
-            ATTR_COOPERATIVE => a.cooperative = word(&v, 0) != 0,
-            ATTR_SYNCHRONIZATION_POLICY => a.synchronization_policy = Some(word(&v, 0)),
-            ATTR_CLUSTER_DIMENSION => a.cluster = dims(&v),
-            ATTR_CLUSTER_SCHEDULING_POLICY_PREFERENCE => a.cluster_scheduling_policy = word(&v, 0),
-            ATTR_PROGRAMMATIC_STREAM_SERIALIZATION => a.programmatic_serialization = word(&v, 0) != 0,
-            ATTR_PROGRAMMATIC_EVENT => {
-                a.programmatic_event = Some(v1::LaunchEvent {
-                    event: event(dword(&v, 0) as usize)?,
-                    flags: word(&v, 8) as i32,
-                    trigger_at_block_start: word(&v, 12) != 0,
-                })
-            }
-            ATTR_PRIORITY => a.priority = Some(word(&v, 0) as i32),
-            ATTR_MEM_SYNC_DOMAIN_MAP => {
-                a.mem_sync_domain_map =
-                    Some(v1::MemSyncDomainMap { default_domain: u32::from(v[0]), remote_domain: u32::from(v[1]) })
-            }
-            ATTR_MEM_SYNC_DOMAIN => a.mem_sync_domain = Some(word(&v, 0)),
-            ATTR_PREFERRED_CLUSTER_DIMENSION => a.preferred_cluster = dims(&v),
-            ATTR_LAUNCH_COMPLETION_EVENT => {
-                a.completion_event = Some(v1::LaunchEvent {
-                    event: event(dword(&v, 0) as usize)?,
-                    flags: word(&v, 8) as i32,
-                    trigger_at_block_start: false,
-                })
-            }
-            other => {
-                tracing::debug!(attribute = other, "launch attribute not supported by gpupool");
-                return Err(CuError::NOT_SUPPORTED);
-            }
-        }
+        apply_attribute(&mut a, id, &v, &event)?;
     }
-    // Cluster dimensions of all zero mean none, as the driver reads them.
+    normalize(&mut a);
+    Ok(a)
+}
+
+/// Cluster dimensions of all zero mean none, as the driver reads them.
+fn normalize(a: &mut v1::LaunchAttributes) {
     let none = |d: &Option<v1::Dim3>| d.is_some_and(|d| d.x == 0 && d.y == 0 && d.z == 0);
     if none(&a.cluster) {
         a.cluster = None;
@@ -220,7 +184,135 @@ fn launch_attributes(
     if none(&a.preferred_cluster) {
         a.preferred_cluster = None;
     }
-    Ok(a)
+}
+
+/// Attributes a kernel node of a graph takes (`CUkernelNodeAttrID`): those
+/// of a launch that describe the kernel, not the stream it runs on.
+const NODE_ATTRIBUTES: [u32; 8] = [
+    ATTR_ACCESS_POLICY_WINDOW,
+    ATTR_COOPERATIVE,
+    ATTR_CLUSTER_DIMENSION,
+    ATTR_CLUSTER_SCHEDULING_POLICY_PREFERENCE,
+    ATTR_PRIORITY,
+    ATTR_MEM_SYNC_DOMAIN_MAP,
+    ATTR_MEM_SYNC_DOMAIN,
+    ATTR_PREFERRED_CLUSTER_DIMENSION,
+];
+
+/// A kernel node's attributes with attribute `id` set to the value `v`
+/// (`cuGraphKernelNodeSetAttribute`); `attributes` are the node's,
+/// protobuf-encoded (none: the defaults).
+pub(crate) fn set_node_attribute(attributes: Option<&[u8]>, id: u32, v: &[u8; VALUE_BYTES]) -> CuResult<Vec<u8>> {
+    if !NODE_ATTRIBUTES.contains(&id) {
+        tracing::debug!(attribute = id, "kernel node attribute not supported by gpupool");
+        return Err(CuError::NOT_SUPPORTED);
+    }
+    let mut a = decode(attributes)?;
+    apply_attribute(&mut a, id, v, &|_| Err(CuError::INVALID_VALUE))?;
+    normalize(&mut a);
+    Ok(prost::Message::encode_to_vec(&a))
+}
+
+/// The value of a kernel node's attribute `id`
+/// (`cuGraphKernelNodeGetAttribute`): what was set, else the default.
+pub(crate) fn node_attribute(attributes: Option<&[u8]>, id: u32) -> CuResult<[u8; VALUE_BYTES]> {
+    if !NODE_ATTRIBUTES.contains(&id) {
+        tracing::debug!(attribute = id, "kernel node attribute not supported by gpupool");
+        return Err(CuError::NOT_SUPPORTED);
+    }
+    let a = decode(attributes)?;
+    let mut v = [0u8; VALUE_BYTES];
+    let mut put = |at: usize, word: u32| v[at..at + 4].copy_from_slice(&word.to_le_bytes());
+    let dims = |d: &Option<v1::Dim3>| d.map_or([0; 3], |d| [d.x, d.y, d.z]);
+    match id {
+        ATTR_ACCESS_POLICY_WINDOW => {
+            if let Some(w) = &a.access_policy_window {
+                put(0, w.base as u32);
+                put(4, (w.base >> 32) as u32);
+                put(8, w.num_bytes as u32);
+                put(12, (w.num_bytes >> 32) as u32);
+                put(16, w.hit_ratio.to_bits());
+                put(20, w.hit_prop);
+                put(24, w.miss_prop);
+            }
+        }
+        ATTR_COOPERATIVE => put(0, u32::from(a.cooperative)),
+        ATTR_CLUSTER_DIMENSION | ATTR_PREFERRED_CLUSTER_DIMENSION => {
+            let d = dims(if id == ATTR_CLUSTER_DIMENSION { &a.cluster } else { &a.preferred_cluster });
+            for (i, x) in d.into_iter().enumerate() {
+                put(4 * i, x);
+            }
+        }
+        ATTR_CLUSTER_SCHEDULING_POLICY_PREFERENCE => put(0, a.cluster_scheduling_policy),
+        ATTR_PRIORITY => put(0, a.priority.unwrap_or(0) as u32),
+        ATTR_MEM_SYNC_DOMAIN_MAP => {
+            if let Some(m) = &a.mem_sync_domain_map {
+                v[0] = m.default_domain as u8;
+                v[1] = m.remote_domain as u8;
+            }
+        }
+        _ => put(0, a.mem_sync_domain.unwrap_or(0)),
+    }
+    Ok(v)
+}
+
+fn decode(attributes: Option<&[u8]>) -> CuResult<v1::LaunchAttributes> {
+    attributes.map_or(Ok(v1::LaunchAttributes::default()), |b| {
+        <v1::LaunchAttributes as prost::Message>::decode(b).map_err(|_| CuError::INVALID_VALUE)
+    })
+}
+
+/// Sets attribute `id` of `a` to the value `v`.
+fn apply_attribute(
+    a: &mut v1::LaunchAttributes,
+    id: u32,
+    v: &[u8; VALUE_BYTES],
+    event: &impl Fn(usize) -> CuResult<u32>,
+) -> CuResult {
+    let v = *v;
+    match id {
+        ATTR_IGNORE | ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT => {}
+        ATTR_ACCESS_POLICY_WINDOW => {
+            a.access_policy_window = Some(v1::AccessPolicyWindow {
+                base: dword(&v, 0),
+                num_bytes: dword(&v, 8),
+                hit_ratio: f32::from_bits(word(&v, 16)),
+                hit_prop: word(&v, 20),
+                miss_prop: word(&v, 24),
+            })
+        }
+        ATTR_COOPERATIVE => a.cooperative = word(&v, 0) != 0,
+        ATTR_SYNCHRONIZATION_POLICY => a.synchronization_policy = Some(word(&v, 0)),
+        ATTR_CLUSTER_DIMENSION => a.cluster = dims(&v),
+        ATTR_CLUSTER_SCHEDULING_POLICY_PREFERENCE => a.cluster_scheduling_policy = word(&v, 0),
+        ATTR_PROGRAMMATIC_STREAM_SERIALIZATION => a.programmatic_serialization = word(&v, 0) != 0,
+        ATTR_PROGRAMMATIC_EVENT => {
+            a.programmatic_event = Some(v1::LaunchEvent {
+                event: event(dword(&v, 0) as usize)?,
+                flags: word(&v, 8) as i32,
+                trigger_at_block_start: word(&v, 12) != 0,
+            })
+        }
+        ATTR_PRIORITY => a.priority = Some(word(&v, 0) as i32),
+        ATTR_MEM_SYNC_DOMAIN_MAP => {
+            a.mem_sync_domain_map =
+                Some(v1::MemSyncDomainMap { default_domain: u32::from(v[0]), remote_domain: u32::from(v[1]) })
+        }
+        ATTR_MEM_SYNC_DOMAIN => a.mem_sync_domain = Some(word(&v, 0)),
+        ATTR_PREFERRED_CLUSTER_DIMENSION => a.preferred_cluster = dims(&v),
+        ATTR_LAUNCH_COMPLETION_EVENT => {
+            a.completion_event = Some(v1::LaunchEvent {
+                event: event(dword(&v, 0) as usize)?,
+                flags: word(&v, 8) as i32,
+                trigger_at_block_start: false,
+            })
+        }
+        other => {
+            tracing::debug!(attribute = other, "launch attribute not supported by gpupool");
+            return Err(CuError::NOT_SUPPORTED);
+        }
+    }
+    Ok(())
 }
 
 /// The cluster shape a launch configuration asks for (attribute 4,
@@ -323,6 +415,37 @@ mod tests {
             params: vec![v1::ParamInfo { offset: 0, size: 8 }, v1::ParamInfo { offset: 8, size: 4 }],
             params_size: 12,
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn kernel_node_attributes_read_back_as_set() {
+        let value = |words: &[u32]| {
+            let mut v = [0u8; VALUE_BYTES];
+            for (i, w) in words.iter().enumerate() {
+                v[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+            }
+            v
+        };
+        // Defaults: nothing set.
+        assert_eq!(node_attribute(None, ATTR_CLUSTER_DIMENSION), Ok([0; VALUE_BYTES]));
+        assert_eq!(node_attribute(None, ATTR_PRIORITY), Ok([0; VALUE_BYTES]));
+        let a = set_node_attribute(None, ATTR_CLUSTER_DIMENSION, &value(&[2, 1, 1])).expect("cluster");
+        let a = set_node_attribute(Some(&a), ATTR_PRIORITY, &value(&[(-3i32) as u32])).expect("priority");
+        let a = set_node_attribute(Some(&a), ATTR_COOPERATIVE, &value(&[1])).expect("cooperative");
+        assert_eq!(node_attribute(Some(&a), ATTR_CLUSTER_DIMENSION), Ok(value(&[2, 1, 1])), "kept by later sets");
+        assert_eq!(node_attribute(Some(&a), ATTR_PRIORITY), Ok(value(&[(-3i32) as u32])));
+        assert_eq!(node_attribute(Some(&a), ATTR_COOPERATIVE), Ok(value(&[1])));
+        let w = [0x1000, 0x7f, 1 << 20, 0, 0.5f32.to_bits(), 1, 2];
+        let a = set_node_attribute(Some(&a), ATTR_ACCESS_POLICY_WINDOW, &value(&w)).expect("window");
+        assert_eq!(node_attribute(Some(&a), ATTR_ACCESS_POLICY_WINDOW), Ok(value(&w)));
+        // Zeros are no cluster.
+        let a = set_node_attribute(Some(&a), ATTR_CLUSTER_DIMENSION, &value(&[0, 0, 0])).expect("none");
+        assert_eq!(node_attribute(Some(&a), ATTR_CLUSTER_DIMENSION), Ok([0; VALUE_BYTES]));
+        // Attributes of a launch, not of a node, and unknown ids.
+        for id in [ATTR_PROGRAMMATIC_STREAM_SERIALIZATION, ATTR_LAUNCH_COMPLETION_EVENT, 99] {
+            assert_eq!(set_node_attribute(None, id, &value(&[1])), Err(CuError::NOT_SUPPORTED), "{id}");
+            assert_eq!(node_attribute(None, id), Err(CuError::NOT_SUPPORTED), "{id}");
         }
     }
 

@@ -59,9 +59,6 @@ crate::unsupported! {
     cuGraphExternalSemaphoresSignalNodeSetParams
     cuGraphExternalSemaphoresWaitNodeGetParams
     cuGraphExternalSemaphoresWaitNodeSetParams
-    cuGraphKernelNodeCopyAttributes
-    cuGraphKernelNodeGetAttribute
-    cuGraphKernelNodeSetAttribute
     cuGraphReleaseUserObject
     cuGraphRetainUserObject
     cuGraphicsMapResources
