@@ -179,6 +179,32 @@ static void node_attributes(CUfunction empty)
     printf("graph with node attributes   -> ran\n");
     CK(cuGraphExecDestroy(exec));
     CK(cuGraphDestroy(g));
+
+    /* A programmatic edge between two kernel nodes: kept, reported back,
+     * refused into a node that is not a kernel. */
+    CUgraphNode c, d, empty_node;
+    CK(cuGraphCreate(&g, 0));
+    CK(cuGraphAddKernelNode(&c, g, NULL, 0, &p));
+    CK(cuGraphAddKernelNode(&d, g, NULL, 0, &p));
+    CK(cuGraphAddEmptyNode(&empty_node, g, NULL, 0));
+    CUgraphEdgeData e;
+    memset(&e, 0, sizeof e);
+    e.from_port = CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC;
+    e.type = CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC;
+    CK(cuGraphAddDependencies_v2(g, &c, &d, &e, 1));
+    EXPECT(cuGraphAddDependencies_v2(g, &c, &empty_node, &e, 1), CUDA_ERROR_INVALID_VALUE);
+    CUgraphNode from[2], to[2];
+    CUgraphEdgeData data[2];
+    size_t count = 2;
+    CK(cuGraphGetEdges_v2(g, from, to, data, &count));
+    printf("programmatic edge            -> %zu edge(s), from port %u, type %u\n", count,
+           (unsigned)data[0].from_port, (unsigned)data[0].type);
+    CK(cuGraphInstantiate(&exec, g, 0));
+    CK(cuGraphLaunch(exec, 0));
+    CK(cuCtxSynchronize());
+    printf("graph with a programmatic edge -> ran\n");
+    CK(cuGraphExecDestroy(exec));
+    CK(cuGraphDestroy(g));
 }
 
 static void device_printf(CUfunction print_ids)

@@ -271,7 +271,14 @@ pub(crate) struct Store {
     node_graph: HashMap<Id, Id>,
     execs: HashMap<Id, Exec>,
     next: Id,
+    /// The data of edges `(from, to)` other than the default (all zero):
+    /// programmatic dependencies and ports (`CUgraphEdgeData`). Replay runs
+    /// every edge as a full dependency, an order every edge type allows.
+    edge_data: HashMap<(Id, Id), EdgeData>,
 }
+
+/// A `CUgraphEdgeData`: from port, to port, type, five reserved bytes.
+pub(crate) type EdgeData = [u8; 8];
 
 impl Store {
     fn fresh(&mut self) -> Id {
@@ -305,6 +312,9 @@ impl Store {
         let mut gone = Vec::new();
         for (id, node) in graph.nodes {
             self.node_graph.remove(&id);
+            for d in &node.deps {
+                self.edge_data.remove(&(*d, id));
+            }
             if let Op::Child(c) = node.op {
                 gone.extend(self.destroy(c)?);
             }
@@ -364,6 +374,7 @@ impl Store {
         for other in graph.nodes.values_mut() {
             other.deps.retain(|d| *d != n);
         }
+        self.edge_data.retain(|(from, to), _| *from != n && *to != n);
         self.node_graph.remove(&n);
         let mut gone = Vec::new();
         if let Op::Child(c) = node.op {
@@ -429,6 +440,25 @@ impl Store {
             if let Some(node) = self.graph_mut(g)?.nodes.get_mut(&to) {
                 node.deps.retain(|d| *d != from);
             }
+            self.edge_data.remove(&(from, to));
+        }
+        Ok(())
+    }
+
+    /// The data of edge `from -> to` (all zero: the default edge).
+    pub(crate) fn edge_data(&self, from: Id, to: Id) -> EdgeData {
+        self.edge_data.get(&(from, to)).copied().unwrap_or_default()
+    }
+
+    /// Sets the data of the existing edge `from -> to`.
+    pub(crate) fn set_edge_data(&mut self, from: Id, to: Id, data: EdgeData) -> CuResult {
+        if !self.node(to)?.deps.contains(&from) {
+            return Err(CuError::INVALID_VALUE);
+        }
+        if data == EdgeData::default() {
+            self.edge_data.remove(&(from, to));
+        } else {
+            self.edge_data.insert((from, to), data);
         }
         Ok(())
     }
@@ -500,6 +530,10 @@ impl Store {
             let deps: Vec<Id> = node.deps.iter().map(|d| map[d]).collect();
             ops.push(op.clone());
             let new = self.add(copy, op, &deps)?;
+            for d in &node.deps {
+                let data = self.edge_data(*d, *old);
+                self.set_edge_data(map[d], new, data)?;
+            }
             map.insert(*old, new);
         }
         self.graph_mut(copy)?.clone_of = map;

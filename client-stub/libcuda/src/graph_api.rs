@@ -9,7 +9,7 @@
 
 use crate::abi::{CuError, CuResult, c_str, get, put};
 use crate::capture::{self, Route, state};
-use crate::graph::{Copy3D, End, Id, Kernel, Op, Set2D, Step, kind, update};
+use crate::graph::{Copy3D, EdgeData, End, Id, Kernel, Op, Set2D, Step, kind, update};
 use crate::runtime::Runtime;
 use crate::{launch, mempool};
 use cudarc::driver::sys::{
@@ -75,22 +75,87 @@ pub(crate) unsafe fn node_list(p: *const CUgraphNode, n: usize) -> CuResult<Vec<
     unsafe { std::slice::from_raw_parts(p, n) }.iter().map(|h| node_id(*h)).collect()
 }
 
-/// Edge data (`CUgraphEdgeData`, 8 bytes each): only the default edge
-/// (full dependency, port 0) exists here.
+/// Edge data where only the default edge (full dependency, port 0) is
+/// taken: dependencies of a stream capture.
 ///
 /// # Safety
 /// `p` is null or holds `n` entries.
 pub(crate) unsafe fn check_edge_data(p: *const c_void, n: usize) -> CuResult {
-    if p.is_null() {
-        return Ok(());
-    }
-    // SAFETY: `n` 8-byte entries (contract above).
-    let entries = unsafe { std::slice::from_raw_parts(p.cast::<[u8; 8]>(), n) };
-    if entries.iter().any(|e| *e != [0; 8]) {
-        tracing::debug!("graph edges other than the default (programmatic dependencies, ports) are not supported");
+    // SAFETY: forwarded contract.
+    let entries = unsafe { read_edge_data(p, n) }?;
+    if entries.iter().any(|e| *e != EdgeData::default()) {
+        tracing::debug!("stream capture dependencies other than the default are not supported");
         return Err(CuError::NOT_SUPPORTED);
     }
     Ok(())
+}
+
+// `CUgraphEdgeData` fields: its bytes in order.
+const EDGE_FROM_PORT: usize = 0;
+const EDGE_TO_PORT: usize = 1;
+const EDGE_TYPE: usize = 2;
+/// `CU_GRAPH_KERNEL_NODE_PORT_LAUNCH_ORDER`, the last port a kernel node
+/// defines (`_DEFAULT` 0, `_PROGRAMMATIC` 1).
+const PORT_LAUNCH_ORDER: u8 = 2;
+/// `CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC` (`_DEFAULT` 0).
+const TYPE_PROGRAMMATIC: u8 = 1;
+
+/// `n` edge data entries (`CUgraphEdgeData`, 8 bytes each; null: all the
+/// default), checked against CUDA's rules on their own: no port into a
+/// node, ports of kernel nodes only, a programmatic edge from a port other
+/// than the default, reserved bytes zero. Whether the nodes are kernels is
+/// [`check_edge_kinds`]'s.
+///
+/// # Safety
+/// `p` is null or holds `n` entries.
+pub(crate) unsafe fn read_edge_data(p: *const c_void, n: usize) -> CuResult<Vec<EdgeData>> {
+    if p.is_null() {
+        return Ok(vec![EdgeData::default(); n]);
+    }
+    // SAFETY: `n` 8-byte entries (contract above).
+    let entries = unsafe { std::slice::from_raw_parts(p.cast::<EdgeData>(), n) }.to_vec();
+    for e in &entries {
+        let programmatic = e[EDGE_TYPE] == TYPE_PROGRAMMATIC;
+        if e[EDGE_TO_PORT] != 0
+            || e[EDGE_FROM_PORT] > PORT_LAUNCH_ORDER
+            || e[EDGE_TYPE] > TYPE_PROGRAMMATIC
+            || (programmatic && e[EDGE_FROM_PORT] == 0)
+            || e[3..].iter().any(|b| *b != 0)
+        {
+            return Err(CuError::INVALID_VALUE);
+        }
+    }
+    Ok(entries)
+}
+
+/// Edges other than the default start at a kernel node, and programmatic
+/// ones end at one too.
+fn check_edge_kinds(store: &crate::graph::Store, edges: &[(Id, Id)], data: &[EdgeData]) -> CuResult {
+    let kernel = |n: Id| store.node(n).map(|x| matches!(x.op, Op::Kernel(_)));
+    for (&(from, to), e) in edges.iter().zip(data) {
+        if *e == EdgeData::default() {
+            continue;
+        }
+        if !kernel(from)? || (e[EDGE_TYPE] == TYPE_PROGRAMMATIC && !kernel(to)?) {
+            return Err(CuError::INVALID_VALUE);
+        }
+    }
+    Ok(())
+}
+
+/// Writes the data of `edges` into the caller's array of `room` entries
+/// (null: not asked for); entries past the edges are zeroed.
+///
+/// # Safety
+/// `out` is null or holds `room` entries.
+unsafe fn put_edge_data(out: *mut c_void, room: usize, data: &[EdgeData]) {
+    if out.is_null() {
+        return;
+    }
+    for i in 0..room {
+        // SAFETY: `room` 8-byte entries (contract above).
+        unsafe { out.cast::<EdgeData>().add(i).write_unaligned(data.get(i).copied().unwrap_or_default()) };
+    }
 }
 
 /// Writes a list the CUDA way: with a null array only the count; else up
@@ -118,17 +183,6 @@ unsafe fn put_list<T: Copy>(out: *mut T, count: *mut usize, items: &[T], null: T
         unsafe { put(count, items.len()) }?;
     }
     Ok(())
-}
-
-/// Zeroed edge data for `n` edges, when the caller asked for it.
-///
-/// # Safety
-/// `edges` is null or holds `n` entries.
-unsafe fn zero_edges(edges: *mut c_void, n: usize) {
-    if !edges.is_null() {
-        // SAFETY: `n` 8-byte entries (contract above).
-        unsafe { std::ptr::write_bytes(edges.cast::<u8>(), 0, n * 8) };
-    }
 }
 
 // --- parameter structs ----------------------------------------------------
@@ -754,6 +808,10 @@ fn list_edges(
     }
     let froms: Vec<CUgraphNode> = all.iter().map(|(f, _)| node_handle(*f)).collect();
     let tos: Vec<CUgraphNode> = all.iter().map(|(_, t)| node_handle(*t)).collect();
+    let data: Vec<EdgeData> = {
+        let st = state();
+        all.iter().map(|(f, t)| st.store.edge_data(*f, *t)).collect()
+    };
     if from.is_null() {
         // SAFETY: count out-pointer per the CUDA API.
         return unsafe { put(count, all.len()) };
@@ -761,7 +819,7 @@ fn list_edges(
     // SAFETY: `*count` entries in each array per the CUDA API.
     unsafe {
         let room = get(count)?;
-        zero_edges(edges, room);
+        put_edge_data(edges, room, &data);
         put_list(from, count, &froms, std::ptr::null_mut())?;
         put(count, room)?;
         put_list(to, count, &tos, std::ptr::null_mut())
@@ -777,15 +835,18 @@ fn node_neighbours(
 ) -> CuResult {
     Runtime::get()?;
     let n = node_id(h)?;
-    let ids = {
+    let (ids, data) = {
         let st = state();
-        if dependents { st.store.dependents(n)? } else { st.store.node(n)?.deps.clone() }
+        let ids = if dependents { st.store.dependents(n)? } else { st.store.node(n)?.deps.clone() };
+        let edge = |other: Id| if dependents { st.store.edge_data(n, other) } else { st.store.edge_data(other, n) };
+        let data: Vec<EdgeData> = ids.iter().map(|x| edge(*x)).collect();
+        (ids, data)
     };
     let handles: Vec<CUgraphNode> = ids.into_iter().map(node_handle).collect();
     // SAFETY: the CUDA contract on the arrays and count.
     unsafe {
         if !out.is_null() {
-            zero_edges(edges, get(count)?);
+            put_edge_data(edges, get(count)?, &data);
         }
         put_list(out, count, &handles, std::ptr::null_mut())
     }
@@ -804,14 +865,26 @@ fn edit_edges(
     // SAFETY: `n` handles in each array per the CUDA API.
     let (f, t) = unsafe { (node_list(from, n)?, node_list(to, n)?) };
     // SAFETY: as above.
-    unsafe { check_edge_data(edges, n) }?;
+    let data = unsafe { read_edge_data(edges, n) }?;
     let pairs: Vec<(Id, Id)> = f.into_iter().zip(t).collect();
     let mut st = state();
     st.store.graph(g)?;
     if pairs.iter().any(|(a, b)| st.store.graph_of(*a) != Ok(g) || st.store.graph_of(*b) != Ok(g)) {
         return Err(CuError::INVALID_VALUE);
     }
-    if add { st.store.add_edges(&pairs) } else { st.store.remove_edges(&pairs) }
+    if !add {
+        // An edge is removed as it was added, its data included.
+        if pairs.iter().zip(&data).any(|((a, b), e)| st.store.edge_data(*a, *b) != *e) {
+            return Err(CuError::INVALID_VALUE);
+        }
+        return st.store.remove_edges(&pairs);
+    }
+    check_edge_kinds(&st.store, &pairs, &data)?;
+    st.store.add_edges(&pairs)?;
+    for ((a, b), e) in pairs.iter().zip(data) {
+        st.store.set_edge_data(*a, *b, e)?;
+    }
+    Ok(())
 }
 
 fn memcpy_node(rt: &Runtime, p: *const CUDA_MEMCPY3D) -> CuResult<Op> {
@@ -904,8 +977,24 @@ crate::exports! {
         p: *mut CUgraphNodeParams,
     ) {
         // SAFETY: `n` edge entries or null per the CUDA API.
-        unsafe { check_edge_data(edges, n) }?;
-        add_with(out, g, deps, n, |rt| op_from_generic(rt, p, None))
+        let data = unsafe { read_edge_data(edges, n) }?;
+        add_with(out, g, deps, n, |rt| op_from_generic(rt, p, None))?;
+        if data.iter().all(|e| *e == EdgeData::default()) {
+            return Ok(());
+        }
+        // SAFETY: written by `add_with` just now; `n` handles per the CUDA API.
+        let (node, froms) = unsafe { (node_id(*out)?, node_list(deps, n)?) };
+        let pairs: Vec<(Id, Id)> = froms.into_iter().map(|f| (f, node)).collect();
+        let mut st = state();
+        let set = check_edge_kinds(&st.store, &pairs, &data)
+            .and_then(|()| pairs.iter().zip(&data).try_for_each(|((a, b), e)| st.store.set_edge_data(*a, *b, *e)));
+        if set.is_err() {
+            // Not added after all: the edges' data do not fit the nodes.
+            let gone = st.store.destroy_node(node)?;
+            drop(st);
+            mempool::let_go(Runtime::get()?, &gone)?;
+        }
+        set
     }
 
     fn cuGraphNodeSetParams(h: CUgraphNode, p: *mut CUgraphNodeParams) {
@@ -1361,9 +1450,35 @@ mod tests {
         assert_eq!((out, count), ([1, 2, 3, 0, 0], 3));
         let mut edges = [7u8; 16];
         // SAFETY: two entries.
-        assert_eq!(unsafe { check_edge_data(edges.as_ptr().cast(), 2) }, Err(CuError::NOT_SUPPORTED));
+        assert_eq!(unsafe { check_edge_data(edges.as_ptr().cast(), 2) }, Err(CuError::INVALID_VALUE));
         edges = [0; 16];
         // SAFETY: as above.
         assert_eq!(unsafe { check_edge_data(edges.as_ptr().cast(), 2) }, Ok(()));
+        // A programmatic edge: valid, but not for a capture's dependencies.
+        let programmatic: EdgeData = [1, 0, 1, 0, 0, 0, 0, 0];
+        // SAFETY: one entry.
+        assert_eq!(unsafe { check_edge_data(programmatic.as_ptr().cast(), 1) }, Err(CuError::NOT_SUPPORTED));
+    }
+
+    #[test]
+    fn edge_data_follows_cudas_rules() {
+        let read = |e: EdgeData| {
+            // SAFETY: one entry.
+            unsafe { read_edge_data(e.as_ptr().cast(), 1) }
+        };
+        for ok in [[0; 8], [1, 0, 1, 0, 0, 0, 0, 0], [2, 0, 1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]] {
+            assert_eq!(read(ok), Ok(vec![ok]), "{ok:?}");
+        }
+        for bad in [
+            [0, 1, 0, 0, 0, 0, 0, 0], // a port into a node
+            [3, 0, 0, 0, 0, 0, 0, 0], // no such port
+            [0, 0, 1, 0, 0, 0, 0, 0], // programmatic from the default port
+            [1, 0, 2, 0, 0, 0, 0, 0], // no such type
+            [1, 0, 1, 0, 0, 0, 0, 9], // reserved
+        ] {
+            assert_eq!(read(bad), Err(CuError::INVALID_VALUE), "{bad:?}");
+        }
+        // SAFETY: null: two default entries.
+        assert_eq!(unsafe { read_edge_data(std::ptr::null(), 2) }, Ok(vec![[0; 8]; 2]));
     }
 }
