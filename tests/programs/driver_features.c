@@ -135,13 +135,24 @@ static void launches(CUfunction empty)
     EXPECT(cuLaunchKernel(empty, 1, 1, 1, 1024, 1, 1, 0, NULL, NULL, NULL), CUDA_SUCCESS);
 }
 
+/* Instantiates and runs `g` once, prints `done`, destroys both. */
+static void run_and_destroy(CUgraph g, const char *done)
+{
+    CUgraphExec exec;
+    CK(cuGraphInstantiate(&exec, g, 0));
+    CK(cuGraphLaunch(exec, 0));
+    CK(cuCtxSynchronize());
+    printf("%s\n", done);
+    CK(cuGraphExecDestroy(exec));
+    CK(cuGraphDestroy(g));
+}
+
 /* Kernel node attributes of a graph: read back as set, copied to another
  * node, applied when the graph runs. */
 static void node_attributes(CUfunction empty)
 {
     CUgraph g;
     CUgraphNode a, b;
-    CUgraphExec exec;
     CUDA_KERNEL_NODE_PARAMS p;
     memset(&p, 0, sizeof p);
     p.func = empty;
@@ -173,12 +184,7 @@ static void node_attributes(CUfunction empty)
     memset(&v, 0, sizeof v);
     CK(cuGraphKernelNodeGetAttribute(b, CU_KERNEL_NODE_ATTRIBUTE_CLUSTER_DIMENSION, &v));
     printf("node cluster (copied)        -> %u %u %u\n", v.clusterDim.x, v.clusterDim.y, v.clusterDim.z);
-    CK(cuGraphInstantiate(&exec, g, 0));
-    CK(cuGraphLaunch(exec, 0));
-    CK(cuCtxSynchronize());
-    printf("graph with node attributes   -> ran\n");
-    CK(cuGraphExecDestroy(exec));
-    CK(cuGraphDestroy(g));
+    run_and_destroy(g, "graph with node attributes   -> ran");
 
     /* A programmatic edge between two kernel nodes: kept, reported back,
      * refused into a node that is not a kernel. */
@@ -199,12 +205,7 @@ static void node_attributes(CUfunction empty)
     CK(cuGraphGetEdges_v2(g, from, to, data, &count));
     printf("programmatic edge            -> %zu edge(s), from port %u, type %u\n", count,
            (unsigned)data[0].from_port, (unsigned)data[0].type);
-    CK(cuGraphInstantiate(&exec, g, 0));
-    CK(cuGraphLaunch(exec, 0));
-    CK(cuCtxSynchronize());
-    printf("graph with a programmatic edge -> ran\n");
-    CK(cuGraphExecDestroy(exec));
-    CK(cuGraphDestroy(g));
+    run_and_destroy(g, "graph with a programmatic edge -> ran");
 }
 
 static void device_printf(CUfunction print_ids)
