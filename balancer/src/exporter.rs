@@ -24,12 +24,15 @@ type Labels = Vec<(String, String)>;
 pub struct Allocations {
     refused: Family<Labels, Counter>,
     seconds: Histogram,
+    /// Time requests that queued waited, granted or not.
+    queued: Histogram,
 }
 
 impl Default for Allocations {
     fn default() -> Self {
         // 100 µs to ~100 s: an immediate grant up to a long queue wait.
-        Self { refused: Family::default(), seconds: Histogram::new(exponential_buckets(1e-4, 4.0, 11)) }
+        let buckets = || Histogram::new(exponential_buckets(1e-4, 4.0, 11));
+        Self { refused: Family::default(), seconds: buckets(), queued: buckets() }
     }
 }
 
@@ -37,6 +40,12 @@ impl Allocations {
     /// A granted allocation that took `seconds` (queue wait included).
     pub fn granted(&self, seconds: f64) {
         self.seconds.observe(seconds);
+    }
+
+    /// A request that queued waited `seconds`, until its grant or the end
+    /// of its wait.
+    pub fn waited(&self, seconds: f64) {
+        self.queued.observe(seconds);
     }
 
     /// An allocation answered with `code` instead of a lease.
@@ -55,6 +64,8 @@ pub fn render(status: &pb::PoolStatus, allocations: &Allocations) -> String {
     let mut r = Registry::with_prefix("gpupool_balancer");
     r.register("allocations_refused", "Allocations answered without a lease, by reason", allocations.refused.clone());
     r.register("allocation_seconds", "Time from request to lease of granted allocations", allocations.seconds.clone());
+    let help = "Time requests that queued waited, until their grant or the end of their wait";
+    r.register("queue_wait_seconds", help, allocations.queued.clone());
     let counter = |r: &mut Registry, name: &str, help: &str, v: u64| r.register(name, help, ConstCounter::new(v));
     let gauge = |r: &mut Registry, name: &str, help: &str, v: u64| r.register(name, help, ConstGauge::new(int(v)));
     counter(&mut r, "leases_granted", "Leases granted since the start", status.allocations);
@@ -186,8 +197,12 @@ mod tests {
         allocations.granted(0.002);
         allocations.refused(tonic::Code::ResourceExhausted);
         allocations.refused(tonic::Code::ResourceExhausted);
+        allocations.waited(0.5);
+        allocations.waited(2.0);
         let text = render(&status, &allocations);
         assert!(text.contains("gpupool_balancer_allocation_seconds_count 1"), "{text}");
+        assert!(text.contains("gpupool_balancer_queue_wait_seconds_count 2"), "{text}");
+        assert!(text.contains("gpupool_balancer_queue_wait_seconds_sum 2.5"), "{text}");
         assert!(text.contains("gpupool_balancer_allocations_refused_total{reason=\"ResourceExhausted\"} 2"), "{text}");
         for line in [
             "gpupool_balancer_leases_granted_total 9",

@@ -367,9 +367,12 @@ impl Service {
             }
         };
         self.state.changed();
+        let queued = std::time::Instant::now();
         let mut waiting = Waiting { state: self.state.clone(), ticket, rx: Some(rx) };
         let rx = waiting.rx.as_mut().expect("receiver present until the wait ends");
-        let lease = match tokio::time::timeout(wait, rx).await {
+        let waited = tokio::time::timeout(wait, rx).await;
+        self.state.allocations.waited(queued.elapsed().as_secs_f64());
+        let lease = match waited {
             Ok(Ok(lease)) => lease,
             Ok(Err(_)) => return Err(Status::internal("the grant was lost")),
             // Granted while the wait ran out, or not at all.
