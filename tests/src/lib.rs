@@ -98,6 +98,24 @@ pub fn test_device() -> DeviceChoice {
     }
 }
 
+/// [`server_config`] whose connections time out after 1 s and which keeps
+/// a lost session for `grace`: for outages made with a [`relay::Relay`].
+pub fn short_idle_config(grace: Duration) -> ServerConfig {
+    let mut c = server_config();
+    c.idle_timeout = Duration::from_secs(1);
+    c.resume_grace = grace;
+    c
+}
+
+/// `config` through the relay at `relay`, timing out after 1 s as a
+/// [`short_idle_config`] server does, with keep-alives every 250 ms.
+pub fn through_relay(mut config: ClientConfig, relay: SocketAddr) -> ClientConfig {
+    config.server = relay;
+    config.idle_timeout = Duration::from_secs(1);
+    config.keep_alive = Duration::from_millis(250);
+    config
+}
+
 /// A test configuration on 127.0.0.1 port 0. With
 /// `GPUPOOL_TEST_TRANSPORT=rdma` it listens for RDMA on [`test_fabric`].
 pub fn server_config() -> ServerConfig {

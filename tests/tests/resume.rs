@@ -8,24 +8,17 @@
 
 use gpupool_client::{ClientConfig, ClientError, Session, StreamId};
 use gpupool_tests::relay::Relay;
-use gpupool_tests::{TestServer, fresh_seed, random_bytes, server_config};
+use gpupool_tests::{TestServer, fresh_seed, random_bytes, short_idle_config, through_relay};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// A server whose connections time out after 1 s, keeping lost sessions for `grace`.
 fn server(grace: Duration) -> TestServer {
-    let mut c = server_config();
-    c.idle_timeout = Duration::from_secs(1);
-    c.resume_grace = grace;
-    TestServer::start(c).expect("server starts")
+    TestServer::start(short_idle_config(grace)).expect("server starts")
 }
 
 fn client(srv: &TestServer, relay: &Relay) -> ClientConfig {
-    let mut c = srv.client_config();
-    c.server = relay.addr;
-    c.idle_timeout = Duration::from_secs(1);
-    c.keep_alive = Duration::from_millis(250);
-    c
+    through_relay(srv.client_config(), relay.addr)
 }
 
 #[test]

@@ -282,16 +282,9 @@ fn a_resumed_session_keeps_copying_through_shared_memory() {
     // QUIC through a relay that drops everything for a while: both ends
     // reach their idle timeout and the client reattaches; the region and
     // its socket do not depend on the QUIC connection.
-    let mut config = server_config();
-    config.idle_timeout = Duration::from_secs(1);
-    config.resume_grace = Duration::from_secs(20);
-    let srv = TestServer::start(config).expect("server");
+    let srv = TestServer::start(gpupool_tests::short_idle_config(Duration::from_secs(20))).expect("server");
     let relay = gpupool_tests::relay::Relay::start(srv.addr);
-    let mut client = shm_config(&srv);
-    client.server = relay.addr;
-    client.idle_timeout = Duration::from_secs(1);
-    client.keep_alive = Duration::from_millis(250);
-    let s = Session::connect(&client).expect("session");
+    let s = Session::connect(&gpupool_tests::through_relay(shm_config(&srv), relay.addr)).expect("session");
     let n = (3 << 20) + 5;
     round_trip(&s, n, fresh_seed());
     let before = s.shared_memory_bytes().expect("attached");

@@ -165,16 +165,9 @@ fn a_resumed_session_goes_on_over_quic() {
     // QUIC through a relay that drops everything for a while: both ends
     // reach their idle timeout and the client reattaches (on QUIC); the
     // batches and replies on their way are neither lost nor repeated.
-    let mut config = server_config();
-    config.idle_timeout = Duration::from_secs(1);
-    config.resume_grace = Duration::from_secs(20);
-    let srv = TestServer::start(config).expect("server");
+    let srv = TestServer::start(gpupool_tests::short_idle_config(Duration::from_secs(20))).expect("server");
     let relay = gpupool_tests::relay::Relay::start(srv.addr);
-    let mut client = shm_config(&srv);
-    client.server = relay.addr;
-    client.idle_timeout = Duration::from_secs(1);
-    client.keep_alive = Duration::from_millis(250);
-    let s = Session::connect(&client).expect("session");
+    let s = Session::connect(&gpupool_tests::through_relay(shm_config(&srv), relay.addr)).expect("session");
     launches_and_syncs(&s, 20);
     assert!(s.shm_commands_attached());
 

@@ -9,11 +9,12 @@
 //! `GPUPOOL_SOAK_SECS` (default 20) seconds; CI runs the defaults, a longer
 //! run sets them (figures in `bench/results/*-soak.md`).
 
-use gpupool_client::{ClientError, DeviceBuffer, KernelArg, LaunchConfig, Module, Session, StreamId};
+use gpupool_client::{ClientConfig, ClientError, DeviceBuffer, KernelArg, LaunchConfig, Module, Session, StreamId};
 use gpupool_proto::BUILTIN_MODULE;
 use gpupool_tests::relay::{Faults, Relay};
 use gpupool_tests::{
     TestServer, alive, fresh_seed, isolated_config, random_bytes, random_f32, rel_error, server_config,
+    short_idle_config, through_relay,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -97,6 +98,44 @@ fn work_until(s: &Session, stop: &AtomicBool, tally: &Tally, seed: u64) -> Resul
     s.synchronize()
 }
 
+/// A thread per configuration, each a client working until `stop`, the
+/// `i`-th with the seed `seed + i * stride`.
+fn spawn_clients(
+    configs: Vec<ClientConfig>,
+    stop: &Arc<AtomicBool>,
+    tally: &Arc<Tally>,
+    seed: u64,
+    stride: u64,
+) -> Vec<std::thread::JoinHandle<Result<(), ClientError>>> {
+    configs
+        .into_iter()
+        .enumerate()
+        .map(|(i, config)| {
+            let (stop, tally) = (stop.clone(), tally.clone());
+            std::thread::spawn(move || -> Result<(), ClientError> {
+                let s = Session::connect(&config)?;
+                work_until(&s, &stop, &tally, seed.wrapping_add(i as u64 * stride))
+            })
+        })
+        .collect()
+}
+
+/// Joins the client threads: a client that failed fails the test.
+fn join_clients(threads: Vec<std::thread::JoinHandle<Result<(), ClientError>>>) {
+    for (i, t) in threads.into_iter().enumerate() {
+        t.join().expect("client thread").unwrap_or_else(|e| panic!("client {i} failed: {e}"));
+    }
+}
+
+/// Waits until `n` clients finished their first round (60 s at most).
+fn wait_working(tally: &Tally, n: u64) {
+    let t = Instant::now();
+    while tally.working.load(Ordering::Relaxed) < n {
+        assert!(t.elapsed() < Duration::from_secs(60), "not every client got work done");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn many_clients_for_a_while_every_reply_checked() {
     let clients = env_or("GPUPOOL_SOAK_CLIENTS", 64) as usize;
@@ -112,18 +151,11 @@ fn many_clients_for_a_while_every_reply_checked() {
     let tally = Arc::new(Tally::default());
     let seed = fresh_seed();
     let started = Instant::now();
-    let threads: Vec<_> = (0..clients)
-        .map(|i| {
-            let (mut config, stop, tally) = (srv.client_config(), stop.clone(), tally.clone());
-            // 64 workers start at once: on 2 cores at a load of ~100 one may
-            // take longer than the default 10 s to answer its first client.
-            config.connect_timeout = Duration::from_secs(30);
-            std::thread::spawn(move || -> Result<(), ClientError> {
-                let s = Session::connect(&config)?;
-                work_until(&s, &stop, &tally, seed.wrapping_add(i as u64 * 1_000_003))
-            })
-        })
-        .collect();
+    let mut config = srv.client_config();
+    // 64 workers start at once: on 2 cores at a load of ~100 one may take
+    // longer than the default 10 s to answer its first client.
+    config.connect_timeout = Duration::from_secs(30);
+    let threads = spawn_clients(vec![config; clients], &stop, &tally, seed, 1_000_003);
     // Memory while the load runs: each worker and the supervisor (this
     // process) stay bounded.
     let mut worker_peak = 0;
@@ -134,9 +166,7 @@ fn many_clients_for_a_while_every_reply_checked() {
         staged_peak = staged_peak.max(staging(&srv).0);
     }
     stop.store(true, Ordering::Relaxed);
-    for (i, t) in threads.into_iter().enumerate() {
-        t.join().expect("client thread").unwrap_or_else(|e| panic!("client {i} failed: {e}"));
-    }
+    join_clients(threads);
     // The host's staging stayed under its cap, and nothing stays staged
     // once the sessions are gone.
     let (_, cap) = staging(&srv);
@@ -176,24 +206,18 @@ fn a_network_that_loses_duplicates_and_reorders_loses_nothing() {
             Relay::with_faults(srv.addr, faults)
         })
         .collect();
-    let threads: Vec<_> = relays
+    let configs = relays
         .iter()
-        .enumerate()
-        .map(|(i, relay)| {
+        .map(|relay| {
             let mut config = srv.client_config();
             config.server = relay.addr;
-            let (stop, tally) = (stop.clone(), tally.clone());
-            std::thread::spawn(move || -> Result<(), ClientError> {
-                let s = Session::connect(&config)?;
-                work_until(&s, &stop, &tally, seed.wrapping_add(i as u64 * 31))
-            })
+            config
         })
         .collect();
+    let threads = spawn_clients(configs, &stop, &tally, seed, 31);
     std::thread::sleep(Duration::from_secs(env_or("GPUPOOL_FAULT_SECS", 8)));
     stop.store(true, Ordering::Relaxed);
-    for (i, t) in threads.into_iter().enumerate() {
-        t.join().expect("client thread").unwrap_or_else(|e| panic!("client {i} failed: {e}"));
-    }
+    join_clients(threads);
     let c = |f: fn(&gpupool_tests::relay::FaultCounts) -> &AtomicU64| {
         relays.iter().map(|r| f(&r.counts).load(Ordering::Relaxed)).sum::<u64>()
     };
@@ -212,34 +236,14 @@ fn a_network_that_loses_duplicates_and_reorders_loses_nothing() {
 fn a_partition_longer_than_the_idle_timeout_under_load_loses_nothing() {
     // In-process sessions (the relay cannot follow a redirect to a worker);
     // both ends time out after 1 s, the server keeps lost sessions 20 s.
-    let mut config = server_config();
-    config.idle_timeout = Duration::from_secs(1);
-    config.resume_grace = Duration::from_secs(20);
-    let srv = TestServer::start(config).expect("server starts");
+    let srv = TestServer::start(short_idle_config(Duration::from_secs(20))).expect("server starts");
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
     let seed = fresh_seed();
     let relays: Vec<_> = (0..4).map(|_| Relay::start(srv.addr)).collect();
-    let threads: Vec<_> = relays
-        .iter()
-        .enumerate()
-        .map(|(i, relay)| {
-            let mut config = srv.client_config();
-            config.server = relay.addr;
-            config.idle_timeout = Duration::from_secs(1);
-            config.keep_alive = Duration::from_millis(250);
-            let (stop, tally) = (stop.clone(), tally.clone());
-            std::thread::spawn(move || -> Result<(), ClientError> {
-                let s = Session::connect(&config)?;
-                work_until(&s, &stop, &tally, seed.wrapping_add(i as u64 * 131))
-            })
-        })
-        .collect();
-    let t = Instant::now();
-    while tally.working.load(Ordering::Relaxed) < 4 {
-        assert!(t.elapsed() < Duration::from_secs(60), "not every client got work done");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let configs = relays.iter().map(|relay| through_relay(srv.client_config(), relay.addr)).collect();
+    let threads = spawn_clients(configs, &stop, &tally, seed, 131);
+    wait_working(&tally, 4);
     // Every datagram dropped for 2.5 s: the connections time out mid-work
     // (a round's copies and kernels in flight) and are resumed.
     for relay in &relays {
@@ -256,9 +260,7 @@ fn a_partition_longer_than_the_idle_timeout_under_load_loses_nothing() {
         std::thread::sleep(Duration::from_millis(50));
     }
     stop.store(true, Ordering::Relaxed);
-    for (i, t) in threads.into_iter().enumerate() {
-        t.join().expect("client thread").unwrap_or_else(|e| panic!("client {i} failed: {e}"));
-    }
+    join_clients(threads);
     let m = srv.metrics.snapshot();
     println!(
         "partition: {} rounds checked, {} resumptions, {} sessions opened",
@@ -293,11 +295,7 @@ fn workers_killed_under_load_end_only_their_sessions_with_a_clear_error() {
             std::thread::spawn(move || work_until(&s, &stop, &tally, seed.wrapping_add(i as u64 * 17)))
         })
         .collect();
-    let t = Instant::now();
-    while tally.working.load(Ordering::Relaxed) < 6 {
-        assert!(t.elapsed() < Duration::from_secs(60), "not every client got work done");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_working(&tally, 6);
     for pid in &pids[..2] {
         let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().expect("kill runs");
         assert!(status.success());
@@ -398,11 +396,7 @@ fn a_killed_supervisor_takes_its_workers_with_it_and_clients_are_told() {
         })
         .collect();
     let supervisor = child.id();
-    let t = Instant::now();
-    while tally.working.load(Ordering::Relaxed) < 3 {
-        assert!(t.elapsed() < Duration::from_secs(60), "not every client got work done");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_working(&tally, 3);
     let workers = children(supervisor);
     assert!(workers.len() >= 3, "workers {workers:?}");
     let killed = Instant::now();

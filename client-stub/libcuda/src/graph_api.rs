@@ -128,15 +128,17 @@ pub(crate) unsafe fn read_edge_data(p: *const c_void, n: usize) -> CuResult<Vec<
     Ok(entries)
 }
 
-/// Edges other than the default start at a kernel node, and programmatic
-/// ones end at one too.
+/// Whether edge data `e` fits its ends: an edge other than the default
+/// starts at a kernel node, and a programmatic one ends at one too.
+fn edge_fits(e: &EdgeData, from_kernel: bool, to_kernel: bool) -> bool {
+    *e == EdgeData::default() || (from_kernel && (e[EDGE_TYPE] != TYPE_PROGRAMMATIC || to_kernel))
+}
+
+/// [`edge_fits`] for edges of existing nodes.
 fn check_edge_kinds(store: &crate::graph::Store, edges: &[(Id, Id)], data: &[EdgeData]) -> CuResult {
     let kernel = |n: Id| store.node(n).map(|x| matches!(x.op, Op::Kernel(_)));
     for (&(from, to), e) in edges.iter().zip(data) {
-        if *e == EdgeData::default() {
-            continue;
-        }
-        if !kernel(from)? || (e[EDGE_TYPE] == TYPE_PROGRAMMATIC && !kernel(to)?) {
+        if !edge_fits(e, kernel(from)?, kernel(to)?) {
             return Err(CuError::INVALID_VALUE);
         }
     }
@@ -978,23 +980,25 @@ crate::exports! {
     ) {
         // SAFETY: `n` edge entries or null per the CUDA API.
         let data = unsafe { read_edge_data(edges, n) }?;
-        add_with(out, g, deps, n, |rt| op_from_generic(rt, p, None))?;
         if data.iter().all(|e| *e == EdgeData::default()) {
-            return Ok(());
+            return add_with(out, g, deps, n, |rt| op_from_generic(rt, p, None));
         }
-        // SAFETY: written by `add_with` just now; `n` handles per the CUDA API.
-        let (node, froms) = unsafe { (node_id(*out)?, node_list(deps, n)?) };
-        let pairs: Vec<(Id, Id)> = froms.into_iter().map(|f| (f, node)).collect();
+        // The edges must fit before the node is made. SAFETY: `n` handles
+        // per the CUDA API; `p` is null or a CUgraphNodeParams, its type first.
+        let (froms, to_kernel) = unsafe { (node_list(deps, n)?, !p.is_null() && get(p.cast::<u32>())? == kind::KERNEL) };
+        {
+            let st = state();
+            for (from, e) in froms.iter().zip(&data) {
+                if !edge_fits(e, matches!(st.store.node(*from)?.op, Op::Kernel(_)), to_kernel) {
+                    return Err(CuError::INVALID_VALUE);
+                }
+            }
+        }
+        add_with(out, g, deps, n, |rt| op_from_generic(rt, p, None))?;
+        // SAFETY: written by `add_with` just now.
+        let node = node_id(unsafe { *out })?;
         let mut st = state();
-        let set = check_edge_kinds(&st.store, &pairs, &data)
-            .and_then(|()| pairs.iter().zip(&data).try_for_each(|((a, b), e)| st.store.set_edge_data(*a, *b, *e)));
-        if set.is_err() {
-            // Not added after all: the edges' data do not fit the nodes.
-            let gone = st.store.destroy_node(node)?;
-            drop(st);
-            mempool::let_go(Runtime::get()?, &gone)?;
-        }
-        set
+        froms.iter().zip(data).try_for_each(|(from, e)| st.store.set_edge_data(*from, node, e))
     }
 
     fn cuGraphNodeSetParams(h: CUgraphNode, p: *mut CUgraphNodeParams) {

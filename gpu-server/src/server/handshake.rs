@@ -145,7 +145,7 @@ async fn attach_bulk(shared: Arc<Shared>, incoming: quinn::Incoming) {
 fn session_labels(grant: &Grant, mode: &Mode) -> SessionLabels {
     let uuid = match (&grant.lease, mode) {
         (Some(lease), _) => lease.instance_uuid.clone(),
-        (None, Mode::Workers(workers)) => workers.served().first().map(|s| s.uuid.clone()).unwrap_or_default(),
+        (None, Mode::Workers(workers)) => workers.first_uuid(),
         (None, Mode::Local(_)) => String::new(),
     };
     SessionLabels::new(&grant.tenant, &uuid)

@@ -135,6 +135,12 @@ impl Workers {
         self.served.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The instance a session without a lease runs on: the first served
+    /// (empty: the server's one device, or none served).
+    pub(super) fn first_uuid(&self) -> String {
+        self.read().first().map(|s| s.uuid.clone()).unwrap_or_default()
+    }
+
     /// Every served instance now.
     pub(super) fn served(&self) -> Vec<Served> {
         self.read().clone()
