@@ -205,6 +205,21 @@ static void node_attributes(CUfunction empty)
     CK(cuGraphGetEdges_v2(g, from, to, data, &count));
     printf("programmatic edge            -> %zu edge(s), from port %u, type %u\n", count,
            (unsigned)data[0].from_port, (unsigned)data[0].type);
+    /* The same edge given with a new node: refused into an empty node,
+     * taken into a kernel node. */
+    CUgraphNodeParams np;
+    CUgraphNode added;
+    memset(&np, 0, sizeof np);
+    np.type = CU_GRAPH_NODE_TYPE_EMPTY;
+    EXPECT(cuGraphAddNode_v2(&added, g, &c, &e, 1, &np), CUDA_ERROR_INVALID_VALUE);
+    np.type = CU_GRAPH_NODE_TYPE_KERNEL;
+    np.kernel.func = empty;
+    np.kernel.gridDimX = 4, np.kernel.gridDimY = 1, np.kernel.gridDimZ = 1;
+    np.kernel.blockDimX = 32, np.kernel.blockDimY = 1, np.kernel.blockDimZ = 1;
+    CK(cuGraphAddNode_v2(&added, g, &c, &e, 1, &np));
+    count = 0;
+    CK(cuGraphGetEdges_v2(g, NULL, NULL, NULL, &count));
+    printf("edges after cuGraphAddNode_v2 -> %zu\n", count);
     run_and_destroy(g, "graph with a programmatic edge -> ran");
 }
 
