@@ -158,6 +158,14 @@ pub struct ServerConfig {
     pub bulk_endpoints: usize,
     /// Batches queued per session before the server stops reading.
     pub batch_queue: usize,
+    /// Bytes of decoded batches a session may hold until they ran, each
+    /// batch counted as it is held in memory (its encoding and its calls'
+    /// in-memory size); past it the server stops reading the session's
+    /// commands, and a batch larger than this alone is refused.
+    /// `batch_queue` alone bounded nothing: an empty call is a few bytes on
+    /// the wire and over 200 decoded, and 64 MiB of them behind a busy
+    /// kernel took 3.7 GB (issue 20, finding 3).
+    pub max_queued_batch_bytes: u64,
     /// Where module images are kept on disk (none: memory only).
     pub image_cache_dir: Option<PathBuf>,
     /// Bytes of module images kept in memory.
@@ -361,6 +369,7 @@ impl ServerConfig {
             max_bulk_streams: 64,
             bulk_endpoints: Self::DEFAULT_BULK_ENDPOINTS,
             batch_queue: 64,
+            max_queued_batch_bytes: Self::DEFAULT_MAX_QUEUED_BATCH_BYTES,
             image_cache_dir: None,
             image_cache_bytes: 1 << 30,
             image_cache_disk_bytes: 8 << 30,
@@ -397,6 +406,11 @@ impl ServerConfig {
     /// PyTorch process uses for its first operations (cuBLAS, cuDNN and
     /// PyTorch's own kernels, cut to the device's code) fit in it.
     pub const DEFAULT_IMAGE_PRELOAD_BYTES: u64 = 256 << 20;
+
+    /// Decoded batches a session may hold by default: 16 of the largest a
+    /// client sends (65 536 calls, ~15 MB decoded); a client with more in
+    /// flight waits in flow control.
+    pub const DEFAULT_MAX_QUEUED_BATCH_BYTES: u64 = 256 << 20;
 
     /// Most bulk endpoints.
     pub const MAX_BULK_ENDPOINTS: usize = 16;
@@ -470,6 +484,10 @@ impl ServerConfig {
         }
         if self.max_pending_handshakes == 0 {
             bad.push("max_pending_handshakes must be positive".into());
+        }
+        let most_queued = tokio::sync::Semaphore::MAX_PERMITS as u64;
+        if self.max_queued_batch_bytes == 0 || self.max_queued_batch_bytes > most_queued {
+            bad.push(format!("max_queued_batch_bytes must be positive and at most {most_queued}"));
         }
         if let Some((low, high)) = self.worker_ports
             && (low == 0 || low > high)
@@ -569,8 +587,10 @@ mod tests {
             warm: 1,
             start_timeout: Duration::ZERO,
         };
+        c.max_queued_batch_bytes = 0;
         let msg = c.validate().expect_err("invalid").to_string();
-        for part in ["token", "max_sessions", "max_udp_payload", "worker command", "start timeout"] {
+        let parts = ["token", "max_sessions", "max_udp_payload", "worker command", "start timeout", "max_queued_batch"];
+        for part in parts {
             assert!(msg.contains(part), "{part} missing from: {msg}");
         }
     }

@@ -320,6 +320,7 @@ proptest! {
             max_handles: 64,
             max_bulk_streams: 4,
             batch_queue: 8,
+            max_queued_batch_bytes: 1 << 20,
             max_udp_payload: 1452,
             port_low: 40000,
             port_high: 40100,
@@ -345,7 +346,7 @@ proptest! {
     fn worker_spec_values(
         device in prop_oneof![Just("auto".to_string()), Just("emulated:0".to_string()), "[a-z:0-9]{0,24}"],
         listen_ip in prop_oneof![Just("127.0.0.1".to_string()), ".{0,20}"],
-        numbers in proptest::collection::vec(any::<u64>(), 14),
+        numbers in proptest::collection::vec(any::<u64>(), 15),
     ) {
         let spec = v1::WorkerSpec {
             device,
@@ -364,6 +365,7 @@ proptest! {
             resume_grace_ms: numbers[11],
             port_low: numbers[12] as u32,
             port_high: numbers[13] as u32,
+            max_queued_batch_bytes: numbers[14],
             ..Default::default()
         };
         let _ = config_from_spec(&spec);

@@ -139,6 +139,12 @@ struct Args {
     /// hold a 1 MiB receive window); later ones wait to be accepted.
     #[arg(long, env = "GPUPOOL_MAX_PENDING_HANDSHAKES", default_value_t = 1024)]
     max_pending_handshakes: usize,
+    /// Decoded batches a session may hold until they ran, in MiB, each
+    /// counted as it is held in memory (over 200 bytes a call, however
+    /// small on the wire): past it the server stops reading the session's
+    /// commands, and a larger batch alone is refused.
+    #[arg(long, env = "GPUPOOL_MAX_QUEUED_BATCH_MIB", default_value_t = ServerConfig::DEFAULT_MAX_QUEUED_BATCH_BYTES >> 20)]
+    max_queued_batch_mib: u64,
     /// UDP ports for session worker processes, `LOW-HIGH` (default:
     /// ephemeral ports), so that a firewall can allow exactly them.
     #[arg(long, env = "GPUPOOL_WORKER_PORTS", value_parser = parse_port_range)]
@@ -293,6 +299,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
     config.idle_timeout = std::time::Duration::from_millis(args.idle_timeout_ms);
     config.max_pending_handshakes = args.max_pending_handshakes;
+    config.max_queued_batch_bytes = args.max_queued_batch_mib.saturating_mul(1 << 20);
     config.worker_ports = args.worker_ports;
     config.bulk_endpoints = args.bulk_endpoints;
     config.migrate_precopy_bytes = args.migrate_precopy_mib.saturating_mul(1 << 20);

@@ -33,6 +33,7 @@ pub(crate) fn config_from_spec(spec: &v1::WorkerSpec) -> Result<ServerConfig, Se
     // device probe in every worker process.
     c.rdma.mode = crate::config::RdmaMode::Off;
     c.batch_queue = spec.batch_queue as usize;
+    c.max_queued_batch_bytes = spec.max_queued_batch_bytes;
     c.image_cache_dir = Some(spec.image_cache_dir.clone()).filter(|d| !d.is_empty()).map(Into::into);
     c.image_cache_bytes = spec.image_cache_bytes;
     c.image_cache_disk_bytes = spec.image_cache_disk_bytes;
@@ -70,6 +71,7 @@ pub(crate) fn spec_from_config(config: &ServerConfig, chain: Vec<Vec<u8>>, key: 
         bulk_endpoints: config.bulk_endpoints as u32,
         shm_dir: config.shm_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
         batch_queue: config.batch_queue as u32,
+        max_queued_batch_bytes: config.max_queued_batch_bytes,
         image_cache_dir: config.image_cache_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
         image_cache_bytes: config.image_cache_bytes,
         image_cache_disk_bytes: config.image_cache_disk_bytes,
@@ -102,6 +104,7 @@ mod tests {
         let mut c = ServerConfig::new("127.0.0.1:0".parse().expect("addr"), vec!["t".into()]);
         c.device = DeviceChoice::Emulated { memory: 1 << 30 };
         c.image_cache_dir = Some("/tmp/images".into());
+        c.max_queued_batch_bytes = 8 << 20;
         let back = config_from_spec(&spec_from_config(&c, vec![vec![1, 2]], vec![3])).expect("valid");
         assert_eq!(back.device, c.device);
         assert_eq!(back.memory_quota, c.memory_quota);
@@ -110,6 +113,7 @@ mod tests {
         assert_eq!(back.bulk_endpoints, c.bulk_endpoints);
         assert_eq!(back.shm_dir, c.shm_dir);
         assert_eq!(back.migrate_precopy_bytes, c.migrate_precopy_bytes);
+        assert_eq!(back.max_queued_batch_bytes, 8 << 20);
         c.shm_dir = None;
         assert_eq!(config_from_spec(&spec_from_config(&c, vec![vec![1]], vec![3])).expect("valid").shm_dir, None);
         assert!(back.one_session && back.max_sessions == 1);

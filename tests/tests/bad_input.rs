@@ -9,6 +9,8 @@ use gpupool_proto::{BUILTIN_MODULE, PROTOCOL_VERSION, close_code, cuda};
 use gpupool_tests::raw::Raw;
 use gpupool_tests::{TOKEN, TestServer, isolated_config, server_config};
 use prost::Message;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 fn start() -> TestServer {
     TestServer::start(server_config()).expect("server starts")
@@ -326,6 +328,175 @@ async fn batches_of_too_many_calls_are_refused_before_decoding() {
     assert_eq!((r.seq, r.error_count), (1, 0));
 }
 
+/// Decoded batches a session may queue in the tests of the byte budget.
+const QUEUE_BUDGET: u64 = 8 << 20;
+
+/// Issue 20, finding 3: a batch that alone holds more than the queue's
+/// byte budget decoded is refused, and the session goes on.
+#[tokio::test]
+async fn a_batch_larger_than_the_queue_budget_is_refused() {
+    let mut config = server_config();
+    config.max_queued_batch_bytes = QUEUE_BUDGET;
+    let srv = TestServer::start(config).expect("server starts");
+    let (mut raw, _) = Raw::open(&srv, PROTOCOL_VERSION, TOKEN).await.expect("session");
+    let launch = v1::Launch { params: Bytes::from(vec![0u8; 9 << 20]), ..Default::default() };
+    let large = v1::Batch { seq: 1, calls: vec![v1::Call { op: Some(Op::Launch(launch)) }] };
+    raw.send.write_all(&frame::encode(&large)).await.expect("send");
+    let r = raw.reply().await;
+    assert_eq!((r.seq, r.errors[0].code), (0, cuda::INVALID_VALUE));
+    assert!(r.errors[0].message.ends_with("exceeds the queue's 8388608"), "{}", r.errors[0].message);
+    let ok =
+        v1::Batch { seq: 1, calls: vec![v1::Call { op: Some(Op::ContextSynchronize(v1::ContextSynchronize {})) }] };
+    raw.send.write_all(&frame::encode(&ok)).await.expect("send");
+    let r = raw.reply().await;
+    assert_eq!((r.seq, r.error_count), (1, 0));
+}
+
+/// Calls in each batch of the flood in [`queued_batches_stay_within_their_byte_budget`]
+/// (a batch holds ~1 MB decoded).
+const FLOOD_BATCH_CALLS: usize = 4096;
+
+/// How long the matmuls keep the session's thread busy while the flood
+/// arrives.
+const BUSY: Duration = Duration::from_millis(1200);
+
+/// The built-in matmul on two `n`×`n` matrices of the session's memory.
+struct Matmul {
+    function: gpupool_client::Function,
+    config: LaunchConfig,
+    args: [KernelArg; 6],
+}
+
+impl Matmul {
+    fn new(s: &Session, n: u32) -> Self {
+        let module = s.module_load(BUILTIN_MODULE).expect("module");
+        let bytes = u64::from(n) * u64::from(n) * 4;
+        let (a, c) = (s.mem_alloc(bytes).expect("a"), s.mem_alloc(bytes).expect("c"));
+        Self {
+            function: module.function("matmul_f32").expect("matmul"),
+            config: LaunchConfig { grid: (n.div_ceil(16), n.div_ceil(16), 1), block: (16, 16, 1), shared_mem_bytes: 0 },
+            args: [
+                KernelArg::Ptr(a),
+                KernelArg::Ptr(a),
+                KernelArg::Ptr(c),
+                KernelArg::U32(n),
+                KernelArg::U32(n),
+                KernelArg::U32(n),
+            ],
+        }
+    }
+
+    /// Sends `times` launches and a synchronize in one batch: the emulated
+    /// device computes them on the session's thread, which waits for a
+    /// GPU's at the synchronize.
+    fn send(&self, s: &Session, times: usize) {
+        for _ in 0..times {
+            s.launch(&self.function, self.config, StreamId::DEFAULT, &self.args).expect("launch");
+        }
+        s.raw_enqueue(Op::ContextSynchronize(v1::ContextSynchronize {})).expect("synchronize");
+        s.flush().expect("sent");
+    }
+
+    /// Launches that keep the session's thread busy for at least about
+    /// `busy` on this machine (debug or release build, emulated device or
+    /// GPU), timed in batches that take an eighth of it. The fastest of
+    /// three counts: a test beside this one that loads the cores while it
+    /// times would make it launch too few.
+    fn launches_for(&self, s: &Session, busy: Duration) -> usize {
+        // The first launch also touches the matrices' memory.
+        self.send(s, 1);
+        s.synchronize().expect("a matmul ran");
+        let (mut times, mut timed, mut fastest) = (1, 0, f64::MAX);
+        while timed < 3 {
+            let started = Instant::now();
+            self.send(s, times);
+            s.synchronize().expect("matmuls ran");
+            let took = started.elapsed();
+            if took < busy / 8 {
+                times *= 2;
+                continue;
+            }
+            fastest = fastest.min(took.as_secs_f64() / times as f64);
+            timed += 1;
+        }
+        (busy.as_secs_f64() / fastest).ceil() as usize
+    }
+}
+
+/// Issue 20, finding 3: a session's queue is bounded in decoded bytes, not
+/// in batches. Behind matmuls that keep the session's thread busy, the
+/// client sends twice the budget in batches of empty calls (5 bytes each
+/// on the wire, over 200 decoded): the queue fills to the budget and no
+/// further (the rest waits in QUIC flow control; a count bound of 64 would
+/// have taken every batch), and once the thread is free every call runs and
+/// the gauge is back at 0.
+fn queued_batches_stay_within_their_byte_budget(mut config: gpupool_server::ServerConfig) {
+    config.max_queued_batch_bytes = QUEUE_BUDGET;
+    let srv = TestServer::start(config).expect("server starts");
+    let mut client = srv.client_config();
+    // Batches are cut at FLOOD_BATCH_CALLS calls, flushes and synchronizes
+    // only.
+    client.batch.max_calls = FLOOD_BATCH_CALLS;
+    client.batch.max_delay = None;
+    let s = Session::connect(&client).expect("session");
+    // A GPU needs a larger product to stay busy for a few launches.
+    let matmul = Matmul::new(&s, if srv.backend == "emulated" { 96 } else { 2048 });
+    let busy_launches = matmul.launches_for(&s, BUSY);
+    let sync = v1::Call { op: Some(Op::ContextSynchronize(v1::ContextSynchronize {})) };
+    let calls = vec![sync; FLOOD_BATCH_CALLS];
+    let batch_bytes =
+        (v1::Batch { seq: 1 << 20, calls }.encoded_len() + FLOOD_BATCH_CALLS * std::mem::size_of::<v1::Call>()) as u64;
+    let flood_batches = 2 * QUEUE_BUDGET / batch_bytes + 1;
+    let calls_before = srv.metrics.snapshot().calls;
+    let done = AtomicBool::new(false);
+    let started = Instant::now();
+    let (ran, peak) = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut peak = 0;
+            while !done.load(Ordering::Relaxed) {
+                peak = peak.max(scraped(&srv, "gpupool_server_batch_bytes_queued"));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            peak
+        });
+        let ran = (|| {
+            matmul.send(&s, busy_launches);
+            for _ in 0..flood_batches as usize * FLOOD_BATCH_CALLS {
+                s.raw_enqueue(Op::ContextSynchronize(v1::ContextSynchronize {}))?;
+            }
+            s.synchronize()
+        })();
+        done.store(true, Ordering::Relaxed);
+        (ran, sampler.join().expect("sampler"))
+    });
+    let took = started.elapsed();
+    ran.expect("every call ran");
+    eprintln!(
+        "{busy_launches} matmuls, then {flood_batches} batches of {batch_bytes} bytes decoded: \
+         at most {peak} of {QUEUE_BUDGET} bytes queued; all ran in {took:?}"
+    );
+    assert!(peak <= QUEUE_BUDGET, "{peak} bytes queued past the budget of {QUEUE_BUDGET}");
+    assert!(peak + batch_bytes > QUEUE_BUDGET, "the queue held {peak} bytes: not full while the thread was busy");
+    // A worker process reports its counters every 200 ms.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scraped(&srv, "gpupool_server_batch_bytes_queued") != 0 {
+        assert!(Instant::now() < deadline, "queued bytes stay after the calls ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let calls = srv.metrics.snapshot().calls - calls_before;
+    assert!(calls > flood_batches * FLOOD_BATCH_CALLS as u64, "{calls} calls counted");
+}
+
+#[test]
+fn queued_batches_of_a_session_in_the_server_process_stay_within_their_byte_budget() {
+    queued_batches_stay_within_their_byte_budget(server_config());
+}
+
+#[test]
+fn queued_batches_of_a_session_in_a_worker_process_stay_within_their_byte_budget() {
+    queued_batches_stay_within_their_byte_budget(isolated_config().expect("worker binary"));
+}
+
 /// A bulk put of `data` at `offset` of upload `id` (of `total` bytes) on its
 /// own stream of `conn`, and the server's response.
 async fn bulk_put(conn: &quinn::Connection, id: u64, total: u64, offset: u64, data: Bytes) -> v1::BulkResponse {
@@ -353,15 +524,16 @@ async fn raw_session(srv: &TestServer) -> (Raw, Option<Raw>, u64) {
     (first, Some(worker), welcome.session_id)
 }
 
+/// A series of `srv`'s scrape without labels.
+fn scraped(srv: &TestServer, name: &str) -> u64 {
+    let text = gpupool_server::server::exporter::render(&srv.metrics);
+    let line = text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name} in {text}"));
+    line[name.len() + 1..].parse::<u64>().expect("a number")
+}
+
 /// The host's staged bytes and its cap, as a scrape shows them.
 fn host_staging(srv: &TestServer) -> (u64, u64) {
-    let text = gpupool_server::server::exporter::render(&srv.metrics);
-    let gauge = |name: &str| {
-        let line =
-            text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name} in {text}"));
-        line[name.len() + 1..].parse::<u64>().expect("a number")
-    };
-    (gauge("gpupool_server_staging_host_bytes"), gauge("gpupool_server_staging_host_limit_bytes"))
+    (scraped(srv, "gpupool_server_staging_host_bytes"), scraped(srv, "gpupool_server_staging_host_limit_bytes"))
 }
 
 /// Waits until the host's staged bytes are `bytes`.

@@ -43,12 +43,6 @@ pub(super) enum Ended {
 /// Most calls one batch may hold (the client sends at most 65 536).
 const MAX_CALLS_PER_BATCH: usize = 1 << 16;
 
-/// Bytes of decoded batches a session may have queued ahead of its worker.
-/// A count of batches bounded nothing: an empty call is 2 bytes on the wire
-/// and ~100 decoded, and 64 MiB of them behind a busy kernel took 3.7 GB
-/// (issue 20, finding 3).
-pub(super) const MAX_QUEUED_BATCH_BYTES: usize = 256 << 20;
-
 /// The number of calls (field 2) in an encoded `Batch`, counted without
 /// decoding it, so that a frame of millions of empty calls is refused
 /// before it is expanded; `None` when the encoding is malformed (decoding
@@ -89,6 +83,9 @@ fn batch_call_count(mut body: &[u8]) -> Option<usize> {
 }
 
 /// Reads batches from the command stream into the session's work queue.
+/// Until it ran, each batch holds a permit of `budget` for every byte it
+/// holds decoded (the budget is
+/// [`ServerConfig::max_queued_batch_bytes`](crate::ServerConfig::max_queued_batch_bytes)).
 pub(super) async fn read_commands(
     shared: &Shared,
     link: &impl Link,
@@ -98,6 +95,7 @@ pub(super) async fn read_commands(
     received_seq: &mut u64,
 ) -> Ended {
     let max_frame = shared.config.max_frame_bytes as usize;
+    let max_queued = shared.config.max_queued_batch_bytes;
     loop {
         // The batch's sequence number counts as received once the batch is
         // in the queue: this future may be dropped while it waits for room
@@ -117,10 +115,10 @@ pub(super) async fn read_commands(
                         // What the decoded batch holds in memory until it ran.
                         let cost = batch.encoded_len() + batch.calls.len() * std::mem::size_of::<v1::Call>();
                         let permits = u32::try_from(cost).unwrap_or(u32::MAX).max(1);
-                        if permits as usize > MAX_QUEUED_BATCH_BYTES {
+                        if u64::from(permits) > max_queued {
                             add(&shared.metrics.frames_rejected, 1);
                             Work::Reply(frame_error_reply(format!(
-                                "a batch of {cost} decoded bytes exceeds the queue's {MAX_QUEUED_BATCH_BYTES}"
+                                "a batch of {cost} decoded bytes exceeds the queue's {max_queued}"
                             )))
                         } else {
                             // Wait for room: the client's later batches queue
@@ -131,7 +129,7 @@ pub(super) async fn read_commands(
                             add(&shared.metrics.batches, 1);
                             add(&shared.metrics.calls, batch.calls.len() as u64);
                             seq = Some(batch.seq);
-                            Work::Batch(batch, Admitted::new(permit, shared.metrics.clone()))
+                            Work::Batch(batch, Admitted::new(permit, cost as u64, shared.metrics.clone()))
                         }
                     }
                     Err(e) => {

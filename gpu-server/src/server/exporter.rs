@@ -81,6 +81,12 @@ pub fn render(metrics: &Metrics) -> String {
         s.modules_preloaded_used,
     );
     gauge(&mut r, "batches_queued", "Batches read and waiting for their session's thread now", s.batches_queued);
+    gauge(
+        &mut r,
+        "batch_bytes_queued",
+        "Bytes decoded batches hold from being read until they ran, now",
+        s.batch_bytes_queued,
+    );
     counter(&mut r, "busy_microseconds", "Time sessions spent executing batches on the device", s.busy_us);
     counter(&mut r, "worker_starts", "Session worker processes started, warm ones included", s.worker_starts);
     counter(
@@ -248,5 +254,19 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} in {text}");
         }
+    }
+
+    /// The decoded bytes a worker's session has queued are a gauge: its
+    /// reports move the supervisor's, and its last one brings it back.
+    #[test]
+    fn queued_batch_bytes_of_workers_are_a_gauge() {
+        use gpupool_proto::v1;
+        let metrics = Metrics::default();
+        let queued = |bytes| v1::WorkerMetrics { batch_bytes_queued: bytes, ..Default::default() };
+        metrics.add_worker_delta(&queued(5 << 20), &queued(0));
+        metrics.add_worker_delta(&queued(3 << 20), &queued(5 << 20));
+        assert!(render(&metrics).contains("gpupool_server_batch_bytes_queued 3145728\n"));
+        metrics.add_worker_delta(&queued(0), &queued(3 << 20));
+        assert!(render(&metrics).contains("gpupool_server_batch_bytes_queued 0\n"));
     }
 }

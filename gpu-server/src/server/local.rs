@@ -4,7 +4,7 @@
 //! [`ResumeSlot`]).
 
 use super::bulk::BulkService;
-use super::commands::{Ended, MAX_QUEUED_BATCH_BYTES, Replies, frame_error_reply, read_commands, write_replies};
+use super::commands::{Ended, Replies, frame_error_reply, read_commands, write_replies};
 use super::migrate::{Migrated, MigrationTarget, Outgoing};
 use super::resume::ResumeSlot;
 use super::state::Shared;
@@ -192,7 +192,8 @@ where
             _ => 0,
         },
     };
-    let queue_budget = Arc::new(Semaphore::new(MAX_QUEUED_BATCH_BYTES));
+    // Validated to fit a semaphore.
+    let queue_budget = Arc::new(Semaphore::new(cfg.max_queued_batch_bytes as usize));
     let mut received_seq = 0;
     let mut acked = None;
     let mut replies = match start {

@@ -194,6 +194,10 @@ pub struct Metrics {
     pub modules_preloaded_used: AtomicU64,
     /// Batches read and waiting for their session's thread now (a gauge).
     pub batches_queued: AtomicU64,
+    /// Bytes decoded batches hold from being read until they ran, now (a
+    /// gauge): each session's at most
+    /// [`ServerConfig::max_queued_batch_bytes`](crate::ServerConfig::max_queued_batch_bytes).
+    pub batch_bytes_queued: AtomicU64,
     /// Time sessions' threads spent executing batches, in microseconds:
     /// the device work they issued and waited for (GPU busy time as the
     /// server sees it; asynchronous work that outlives a batch is counted
@@ -247,6 +251,7 @@ pub struct MetricsSnapshot {
     pub modules_preloaded: u64,
     pub modules_preloaded_used: u64,
     pub batches_queued: u64,
+    pub batch_bytes_queued: u64,
     pub busy_us: u64,
     pub worker_starts: u64,
     pub batches_waited: u64,
@@ -317,6 +322,7 @@ impl Metrics {
         add(&self.modules_preloaded, now.modules_preloaded.saturating_sub(before.modules_preloaded));
         add(&self.modules_preloaded_used, now.modules_preloaded_used.saturating_sub(before.modules_preloaded_used));
         gauge(&self.batches_queued, before.batches_queued, now.batches_queued);
+        gauge(&self.batch_bytes_queued, before.batch_bytes_queued, now.batch_bytes_queued);
         add(&self.busy_us, now.busy_us.saturating_sub(before.busy_us));
         add(&self.batches_waited, now.batches_waited.saturating_sub(before.batches_waited));
         add(&self.batch_wait_us, now.batch_wait_us.saturating_sub(before.batch_wait_us));
@@ -342,6 +348,7 @@ impl Metrics {
             modules_preloaded: s.modules_preloaded,
             modules_preloaded_used: s.modules_preloaded_used,
             batches_queued: s.batches_queued,
+            batch_bytes_queued: s.batch_bytes_queued,
             busy_us: s.busy_us,
             batches_waited: s.batches_waited,
             batch_wait_us: s.batch_wait_us,
@@ -377,6 +384,7 @@ impl Metrics {
             modules_preloaded: g(&self.modules_preloaded),
             modules_preloaded_used: g(&self.modules_preloaded_used),
             batches_queued: g(&self.batches_queued),
+            batch_bytes_queued: g(&self.batch_bytes_queued),
             busy_us: g(&self.busy_us),
             worker_starts: g(&self.worker_starts),
             batches_waited: g(&self.batches_waited),

@@ -270,6 +270,7 @@ pub(super) async fn run_in_worker(
         shm_regions: 0,
         shm_registered: 0,
         batches_queued: 0,
+        batch_bytes_queued: 0,
         ..relay.reported
     })));
     match status {

@@ -13,22 +13,25 @@ use gpupool_proto::v1;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
-/// Work for a session's worker thread, in command-stream order.
 /// A queued batch's hold: its share of the queue's byte budget and its
-/// count in the server's queued-batches gauge, both given back once the
-/// batch ran (or was dropped with its session).
+/// count in the server's queued-batches and queued-bytes gauges, all given
+/// back once the batch ran (or was dropped with its session).
 #[derive(Debug)]
 pub(crate) struct Admitted {
     _permit: tokio::sync::OwnedSemaphorePermit,
+    /// What the decoded batch holds in memory, counted apart from the
+    /// permit so that the gauge shows what the budget bounds.
+    bytes: u64,
     metrics: Arc<Metrics>,
     /// When the batch was read.
     at: std::time::Instant,
 }
 
 impl Admitted {
-    pub(crate) fn new(permit: tokio::sync::OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(permit: tokio::sync::OwnedSemaphorePermit, bytes: u64, metrics: Arc<Metrics>) -> Self {
         add(&metrics.batches_queued, 1);
-        Self { _permit: permit, metrics, at: std::time::Instant::now() }
+        add(&metrics.batch_bytes_queued, bytes);
+        Self { _permit: permit, bytes, metrics, at: std::time::Instant::now() }
     }
 
     /// The batch starts now: counts the time it waited since it was read.
@@ -43,10 +46,13 @@ impl Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.metrics.batches_queued.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        use std::sync::atomic::Ordering::Relaxed;
+        self.metrics.batches_queued.fetch_sub(1, Relaxed);
+        self.metrics.batch_bytes_queued.fetch_sub(self.bytes, Relaxed);
     }
 }
 
+/// Work for a session's worker thread, in command-stream order.
 pub(crate) enum Work {
     /// A batch and its share of the queue's byte budget, given back once
     /// the batch ran.
