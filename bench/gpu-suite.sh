@@ -290,7 +290,9 @@ rdma() {
 
 export repo stem bin_dir json
 share() {
-    bash "$repo/bench/share-gpu.sh" "$bin_dir" "$stem-share"
+    # Its own budget ends before the step's limit, so that it skips what
+    # no longer fits and says so instead of being cut off.
+    SHARE_BUDGET_S=${SHARE_BUDGET_S:-$((${SHARE_TIMEOUT:-360} - 20))} bash "$repo/bench/share-gpu.sh" "$bin_dir" "$stem-share"
 }
 
 # Memory overcommit: three tenants of 60 % of a device bound in turns, two

@@ -21,7 +21,10 @@
 #   BIN_DIR: PARTS=pool bash bench/build-device.sh (gpupool-server,
 #            gpupool-balancer, stub/libcuda.so.1); python3 with torch.
 # Env: SHARE_STEPS (steps per client, default 400), SHARE_NS ("4 8"),
-#      SHARE_TIME_MS (the server's --time-share-ms; default 0, off).
+#      SHARE_TIME_MS (the server's --time-share-ms; default 0, off),
+#      SHARE_PARTS (what to run: "scale isolation fault", the default, or
+#      any of them), SHARE_BUDGET_S (seconds after which the remaining
+#      parts are skipped and said so; default 420).
 # Writes OUT_DIR/share.md and the logs. Budget: well under 9 minutes.
 set -uo pipefail
 
@@ -92,7 +95,7 @@ fi
 native() { timeout 120 python3 "$wl" --steps "$steps" "$@"; }
 pooled() {
     LD_LIBRARY_PATH="$bin/stub:$LD_LIBRARY_PATH" GPUPOOL_BALANCER=https://127.0.0.1:50061 GPUPOOL_TENANT=share \
-        GPUPOOL_MEMORY_MIB=${SHARE_MEMORY_MIB:-8192} GPUPOOL_WAIT_MS=240000 timeout 240 python3 "$wl" --steps "$steps" "$@"
+        GPUPOOL_MEMORY_MIB=${SHARE_MEMORY_MIB:-8192} GPUPOOL_WAIT_MS=240000 timeout "${limit:-240}" python3 "$wl" --steps "$steps" "$@"
 }
 shared() { GPUPOOL_LEASE_CLASS=shared GPUPOOL_COMPUTE_PERCENT=$1 pooled "${@:2}"; }
 # The server's log without colour codes (its fields are matched below).
@@ -108,7 +111,10 @@ say "$(nvidia-smi --query-gpu=name,compute_mode --format=csv,noheader 2>/dev/nul
 # Past this many seconds the remaining parts are skipped (and said so), to
 # stay inside the 7-minute budget.
 budget=${SHARE_BUDGET_S:-420}
-for n in ${SHARE_NS:-4 8}; do
+parts=" ${SHARE_PARTS:-scale isolation fault} "
+wants() { [[ $parts == *" $1 "* ]]; }
+wants scale || SHARE_NS=""
+for n in ${SHARE_NS-4 8}; do
     if ((SECONDS > budget - 90)); then
         say "" && say "### N=$n skipped: ${SECONDS} s spent of the ${budget} s budget"
         status=1
@@ -152,7 +158,9 @@ say "MPS: $(plain_log | grep -c 'MPS control daemon started') daemon start(s);" 
 # Isolation: a client's p99 step time alone and next to a neighbour that
 # saturates the GPU, natively (time-sliced processes) and through gpupool
 # with shares (25 % next to 75 %, under MPS). Target: within 1.3x shared.
-if ((SECONDS > budget - 100)); then
+if ! wants isolation; then
+    :
+elif ((SECONDS > budget - 100)); then
     say "" && say "### Isolation: skipped (${SECONDS} s spent of the ${budget} s budget)"
     status=1
 else
@@ -197,6 +205,7 @@ for label, a, b in [("native (time-sliced)", "native-alone", "native-next"),
     print(f"| {label} | {x if x is not None else 'failed'} | {y if y is not None else 'failed'} | {ratio} |")
 PY
 fi
+wants fault || exit $status
 if ((SECONDS > budget - 40)); then
     say "" && say "### Fault in a shared group: skipped (${SECONDS} s spent of the ${budget} s budget)"
     exit 1
@@ -218,7 +227,10 @@ for _ in $(seq 1 240); do
     sleep 0.25
 done
 sleep 1
-shared 20 --fault >"$f/fault.json" 2>"$f/fault.err"
+say "- $n victims started at $(date -u +%T), warm: $(ls "$work/fault" 2>/dev/null | wc -l) of $n"
+# The faulting client must return (with its error) well within a minute.
+limit=60 shared 20 --fault >"$f/fault.json" 2>"$f/fault.err"
+say "- faulting client returned with status $? at $(date -u +%T)"
 t_fault=$(date +%s.%N)
 ended=0
 for p in "${victims[@]}"; do
@@ -233,7 +245,7 @@ say "- victims ended by themselves within $(python3 -c "print(round($t_end - $t_
     "(their last error lines: $(for i in $(seq 1 "$n"); do tail -n 1 "$f/$i.err" | cut -c1-160; echo ' / '; done | tr -d '\n'))"
 [[ $ended == "$n" ]] || status=1
 t0=$(date +%s.%N)
-if shared 20 --steps 50 >"$f/fresh.json" 2>"$f/fresh.err"; then
+if limit=60 shared 20 --steps 50 >"$f/fresh.json" 2>"$f/fresh.err"; then
     say "- a fresh shared client ran $(python3 -c "print(round($(date +%s.%N) - $t0, 2))") s after (start to end): $(tail -n 1 "$f/fresh.json")"
 else
     say "- a fresh shared client FAILED: $(tail -n 2 "$f/fresh.err" | tr '\n' ' ')"
