@@ -165,6 +165,13 @@ torch)
         "$python" -m venv --system-site-packages "$pyvenv" ||
             { rm -rf "$pyvenv" && "$python" -m venv --system-site-packages --without-pip "$pyvenv"; }
         pip_install "$pyvenv" "awslambdaric==$awslambdaric_version"
+        # PyTorch in a user site or in the venv python3 itself runs from
+        # is not among a new venv's system site-packages: that
+        # interpreter's site directories go after the venv's own.
+        if ! "$pyvenv/bin/python" -c "import torch" 2>/dev/null; then
+            "$python" -c 'import sys; print("\n".join(p for p in sys.path if p.endswith(("site-packages", "dist-packages"))))' \
+                >"$("$pyvenv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/interpreter-site.pth"
+        fi
         "$pyvenv/bin/python" -c "import torch" 2>/dev/null ||
             { echo "lambda-ci: the venv does not see $python's PyTorch (is it in a user site, or in another venv?)" >&2; exit 2; }
     fi

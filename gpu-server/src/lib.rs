@@ -20,6 +20,7 @@ pub mod device_output;
 mod error;
 #[cfg(test)]
 mod fuzz;
+pub mod host_buffer;
 pub mod host_regions;
 pub mod images;
 pub mod mig;

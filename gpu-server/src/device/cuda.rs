@@ -312,6 +312,30 @@ pub struct CudaSession {
     reservation: Rc<Reservation>,
 }
 
+/// Smallest host range a bulk copy pins for its duration: below it the
+/// driver's staged pageable copy is as fast as pinning and unpinning.
+const PIN_BULK_MIN: usize = 16 << 20;
+
+impl CudaSession {
+    /// Pins `[ptr, ptr + len)` for one synchronous copy when it is large and
+    /// page-aligned; `None` (the copy goes as a pageable one) otherwise or
+    /// when the driver refuses (the range may be registered already).
+    fn pin_for_copy(&self, ptr: *mut u8, len: usize) -> Option<HostRegistration> {
+        if len < PIN_BULK_MIN || !(ptr as usize).is_multiple_of(4096) {
+            return None;
+        }
+        // SAFETY: the caller's borrow keeps the range mapped until the
+        // registration drops, right after its copy.
+        match unsafe { HostRegistration::register(self.device.context.clone(), ptr, len) } {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::debug!(error = %e, len, "bulk copy from pageable memory: the range could not be pinned");
+                None
+            }
+        }
+    }
+}
+
 fn round_up(value: u64, granularity: u64) -> Option<u64> {
     value.checked_next_multiple_of(granularity)
 }
@@ -764,6 +788,21 @@ impl BackendSession for CudaSession {
                 driver::check(unsafe { sys::cuStreamSynchronize(s.raw) }, "cuStreamSynchronize")
             }
         }
+    }
+
+    fn read_bulk(&mut self, src: u64, out: &mut [u8]) -> DeviceResult<()> {
+        let pinned = self.pin_for_copy(out.as_mut_ptr(), out.len());
+        self.read(None, src, out)?;
+        drop(pinned);
+        Ok(())
+    }
+
+    fn write_bulk(&mut self, dst: u64, data: &[u8]) -> DeviceResult<()> {
+        // Registration only pins the pages; nothing writes through it.
+        let pinned = self.pin_for_copy(data.as_ptr().cast_mut(), data.len());
+        self.write(None, dst, data)?;
+        drop(pinned);
+        Ok(())
     }
 
     /// `cuMemcpyHtoDAsync` straight from the registered region: DMA from

@@ -488,6 +488,18 @@ pub trait BackendSession: 'static {
     fn link(&mut self, request: &LinkRequest) -> DeviceResult<LinkOutput>;
     fn write(&mut self, stream: Option<&Self::Stream>, dst: u64, data: &[u8]) -> DeviceResult<()>;
     fn read(&mut self, stream: Option<&Self::Stream>, src: u64, out: &mut [u8]) -> DeviceResult<()>;
+    /// [`Self::read`] on the legacy stream of a large range into host
+    /// memory the caller owns (a swap-out): a backend may pin `out` for
+    /// the copy's duration, so it goes by DMA rather than through the
+    /// driver's staging of pageable memory.
+    fn read_bulk(&mut self, src: u64, out: &mut [u8]) -> DeviceResult<()> {
+        self.read(None, src, out)
+    }
+    /// [`Self::write`] on the legacy stream from a large range of host
+    /// memory (a swap-in), pinned for the copy where the backend can.
+    fn write_bulk(&mut self, dst: u64, data: &[u8]) -> DeviceResult<()> {
+        self.write(None, dst, data)
+    }
     /// Copies `len` bytes at `start` of a client's host region (checked
     /// against its mapping by the caller) to `dst`, ordered on `stream`.
     /// It may return before the copy has run, as `cuMemcpyHtoDAsync` from

@@ -22,6 +22,7 @@
 use super::SessionState;
 use crate::device::BackendSession;
 use crate::error::CallError;
+use crate::host_buffer::HostBuffer;
 use crate::swap::SwapPlace;
 use std::os::unix::fs::FileExt;
 
@@ -38,7 +39,7 @@ pub(super) struct Swapped {
 /// One range's contents while swapped out.
 #[derive(Debug)]
 pub(super) enum Contents {
-    Host(Vec<u8>),
+    Host(HostBuffer),
     /// In the store's file, at this offset.
     Disk {
         offset: u64,
@@ -101,7 +102,7 @@ impl Store {
     ) -> Result<Contents, CallError> {
         match self {
             Self::Host => {
-                let mut buf = host_buffer(len)?;
+                let mut buf = HostBuffer::zeroed(len)?;
                 read(0, &mut buf)?;
                 Ok(Contents::Host(buf))
             }
@@ -191,7 +192,7 @@ impl<S: BackendSession> SessionState<S> {
         let mut ranges = Vec::with_capacity(self.mappings.len());
         for (&addr, &(size, _)) in &self.mappings {
             let dev = &mut self.dev;
-            match store.save(size, |offset, buf| dev.read(None, addr + offset, buf)) {
+            match store.save(size, |offset, buf| dev.read_bulk(addr + offset, buf)) {
                 Ok(contents) => ranges.push((addr, contents)),
                 Err(e) => {
                     self.memory.release_host(bytes, place);
@@ -256,7 +257,7 @@ fn restore<S: BackendSession>(
         let size = contents.len();
         let mapping = dev.map(*addr, size)?;
         // Dropped (unmapped) with `restored` on the way out if this fails.
-        let written = store.load(contents, |offset, piece| dev.write(None, addr + offset, piece));
+        let written = store.load(contents, |offset, piece| dev.write_bulk(addr + offset, piece));
         restored.push((*addr, size, mapping));
         written?;
     }

@@ -350,7 +350,7 @@ impl<S: BackendSession> SessionState<S> {
                 self.dev.set_access(&whole.mapping, ACCESS_READ)?;
             }
             let dev = &mut self.dev;
-            let read = store.save(h.size, |offset, buf| dev.read(None, addr + offset, buf));
+            let read = store.save(h.size, |offset, buf| dev.read_bulk(addr + offset, buf));
             if opened {
                 self.dev.set_access(&whole.mapping, whole.access)?;
             }
@@ -395,7 +395,7 @@ pub(super) fn restore<S: BackendSession>(
             let mapping = dev.map_allocation(&allocation, offset, addr, map_size)?;
             if offset == 0 && map_size == size {
                 dev.set_access(&mapping, ACCESS_READWRITE)?;
-                store.load(&v.contents, |at, piece| dev.write(None, addr + at, piece))?;
+                store.load(&v.contents, |at, piece| dev.write_bulk(addr + at, piece))?;
             }
             // Right after mapping, a range is inaccessible (ACCESS_NONE).
             if access != ACCESS_NONE || (offset == 0 && map_size == size) {
