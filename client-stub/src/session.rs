@@ -22,6 +22,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 mod array;
+mod graph;
 mod link;
 mod vmm;
 
@@ -158,6 +159,7 @@ fn work_stream(op: &Op) -> Option<u32> {
         Op::StreamWaitEvent(w) => Some(w.stream),
         Op::EventRecord(r) => Some(r.stream),
         Op::ArrayCopy(c) => Some(c.stream),
+        Op::GraphLaunch(l) => Some(l.stream),
         Op::MemMap(_)
         | Op::MemUnmap(_)
         | Op::ModuleLoad(_)
@@ -195,7 +197,11 @@ fn work_stream(op: &Op) -> Option<u32> {
         | Op::SurfObjectCreate(_)
         | Op::SurfObjectDestroy(_)
         | Op::StreamSetAttribute(_)
-        | Op::StreamGetAttribute(_) => None,
+        | Op::StreamGetAttribute(_)
+        | Op::GraphHandleCreate(_)
+        | Op::GraphInstantiate(_)
+        | Op::GraphExecDestroy(_)
+        | Op::GraphDestroy(_) => None,
     }
 }
 

@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 mod array;
+mod graph;
 mod link;
 mod migrate;
 mod mirror;
@@ -80,6 +81,9 @@ pub struct SessionState<S: BackendSession> {
     // objects before the arrays they read.
     /// Texture and surface objects by their driver handle.
     objects: HashMap<u64, (array::ObjectKind, S::Object)>,
+    /// Driver graphs of client graphs with conditional nodes, and their
+    /// instantiations (before the modules their kernels come from).
+    graphs: graph::Graphs<S::Graph, S::GraphExec>,
     /// Arrays, mipmapped arrays and levels of them by client id.
     arrays: HashMap<u32, array::ArrayEntry<S::Array>>,
     mappings: BTreeMap<u64, (u64, S::Mapping)>,
@@ -152,6 +156,7 @@ impl<S: BackendSession> SessionState<S> {
     pub fn new(dev: S, limits: SessionLimits, staging: Arc<Staging>, images: Arc<ImageCache>) -> Self {
         Self {
             objects: HashMap::new(),
+            graphs: graph::Graphs::default(),
             arrays: HashMap::new(),
             mappings: BTreeMap::new(),
             vmm_maps: BTreeMap::new(),
@@ -434,6 +439,12 @@ impl<S: BackendSession> SessionState<S> {
             Op::TexObjectDestroy(t) => self.object_destroy(array::ObjectKind::Texture, t.object),
             Op::SurfObjectCreate(c) => self.surf_object_create(c),
             Op::SurfObjectDestroy(d) => self.object_destroy(array::ObjectKind::Surface, d.object),
+            // Driver graphs with conditional nodes (session/graph.rs).
+            Op::GraphHandleCreate(h) => self.graph_handle_create(h),
+            Op::GraphInstantiate(g) => self.graph_instantiate(g),
+            Op::GraphLaunch(l) => self.graph_launch(l),
+            Op::GraphExecDestroy(d) => self.graph_exec_destroy(d.exec),
+            Op::GraphDestroy(d) => self.graph_destroy(d.graph),
         }
     }
 
@@ -757,7 +768,10 @@ impl<S: BackendSession> SessionState<S> {
         Ok(Some(Value::Occupancy(v1::OccupancyResult { value: answer.value, block_size: answer.block_size })))
     }
 
-    fn launch(&mut self, l: v1::Launch) -> CallOutcome {
+    /// Checks a launch against function `l.function` of module `l.module`
+    /// (parameter size, dimensions, attributes); returns the function's
+    /// index, dimensions and attributes.
+    fn check_launch(&self, l: &v1::Launch) -> Result<(usize, LaunchDims, LaunchAttrs), CallError> {
         let (loaded, index) = function_of(&self.modules, l.module, l.function)?;
         let f = &loaded.functions[index];
         if l.params.len() != f.params_size() as usize {
@@ -787,8 +801,7 @@ impl<S: BackendSession> SessionState<S> {
         }
         product(dims.grid)
             .ok_or_else(|| CallError::invalid_value(format!("grid {:?} has too many blocks", dims.grid)))?;
-        let a = l.attributes.unwrap_or_default();
-        let attrs = launch_attrs(&a, dims.grid)?;
+        let attrs = launch_attrs(l.attributes.as_ref().unwrap_or(&v1::LaunchAttributes::default()), dims.grid)?;
         if let Some(w) = attrs.access_policy_window.filter(|w| w.num_bytes > 0) {
             // A hint about the session's own memory: it must lie in its range.
             let base = self.dev.va_base();
@@ -798,6 +811,13 @@ impl<S: BackendSession> SessionState<S> {
                 return Err(CallError::invalid_value("access policy window outside this session's memory"));
             }
         }
+        Ok((index, dims, attrs))
+    }
+
+    fn launch(&mut self, l: v1::Launch) -> CallOutcome {
+        let (index, dims, attrs) = self.check_launch(&l)?;
+        let (loaded, _) = function_of(&self.modules, l.module, l.function)?;
+        let a = l.attributes.unwrap_or_default();
         let event = |e: &Option<v1::LaunchEvent>| -> Result<Option<LaunchEvent<'_, S::Event>>, CallError> {
             e.as_ref()
                 .map(|e| {
@@ -1115,7 +1135,7 @@ pub(crate) mod tests {
         }))
     }
 
-    fn load_builtin(s: &mut SessionState<impl BackendSession>, module: u32) -> v1::ModuleInfo {
+    pub(crate) fn load_builtin(s: &mut SessionState<impl BackendSession>, module: u32) -> v1::ModuleInfo {
         match load(s, module, gpupool_proto::BUILTIN_MODULE) {
             Ok(Some(Value::Module(info))) => info,
             other => panic!("built-in module load: {other:?}"),
@@ -1406,6 +1426,8 @@ pub(crate) mod tests {
         type Event = <EmulatedSession as BackendSession>::Event;
         type Array = <EmulatedSession as BackendSession>::Array;
         type Object = <EmulatedSession as BackendSession>::Object;
+        type Graph = <EmulatedSession as BackendSession>::Graph;
+        type GraphExec = <EmulatedSession as BackendSession>::GraphExec;
 
         fn va_base(&self) -> u64 {
             self.inner.va_base()

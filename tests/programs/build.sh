@@ -40,7 +40,7 @@ gpu_cu=(vector_add matmul_tiled templated device_globals streams_events
         vmm_kernels jit_link
         device_printf launch_config cooperative ctx_limits
         graphs_kernels mempool_kernels tensor_map mapped_kernels managed_kernels
-        textures_kernels)
+        textures_kernels graph_conditional)
 declare -A extra_libs=([cublas_sgemm]="-lcublas" [cublas_halfgemm]="-lcublas"
                        [cufft_transforms]="-lcufft")
 

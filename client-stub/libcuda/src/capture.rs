@@ -235,6 +235,12 @@ impl Captures {
         result
     }
 
+    /// Whether `stream` captures into a graph the application gave
+    /// (`cuStreamBeginCaptureToGraph`), whose end needs no graph out.
+    pub(crate) fn captures_into_app_graph(&self, stream: u32) -> bool {
+        self.streams.get(&stream).and_then(|m| self.captures.get(&m.capture)).is_some_and(|c| !c.owns_graph)
+    }
+
     /// Marks a capture invalid: later work on its streams fails and its end
     /// returns no graph.
     pub(crate) fn invalidate(&mut self, capture: u64) {
@@ -507,15 +513,20 @@ fn begin(h: CUstream, mode: c_uint, into: Option<(Id, Vec<Id>)>) -> CuResult {
 
 fn end(h: CUstream, out: *mut CUgraph) -> CuResult {
     let rt = Runtime::with_context()?;
-    if out.is_null() {
-        return Err(CuError::INVALID_VALUE);
-    }
     let id = rt.stream(h as usize)?;
     let st = &mut *state();
+    // A capture into the application's graph may end without a graph out
+    // (NVIDIA's graphConditionalNodes sample does so).
+    if out.is_null() && !st.captures.captures_into_app_graph(id.0) {
+        return Err(CuError::INVALID_VALUE);
+    }
     let result = st.captures.end(&mut st.store, id.0, std::thread::current().id());
     publish(st);
     st.exposed.remove(&id.0);
     let graph = result?;
+    if out.is_null() {
+        return Ok(());
+    }
     // SAFETY: non-null out-pointer per the CUDA API.
     unsafe { put(out, graph_handle(graph)) }
 }
@@ -715,6 +726,7 @@ mod tests {
         let (mut s, mut c) = (Store::default(), Captures::default());
         assert_eq!(c.begin(&mut s, 0, true, MODE_GLOBAL, me(), None), Err(UNSUPPORTED), "legacy stream");
         c.begin(&mut s, 5, false, MODE_GLOBAL, me(), None).expect("begin");
+        assert!(!c.captures_into_app_graph(5), "a capture of its own graph needs a graph out");
         assert_eq!(c.begin(&mut s, 5, false, MODE_GLOBAL, me(), None), Err(CuError(ILLEGAL_STATE)));
         let a = c.add(&mut s, 5, set(1)).expect("a");
         let b = c.add(&mut s, 5, set(2)).expect("b");
@@ -799,7 +811,9 @@ mod tests {
         let (mut s, mut c) = (Store::default(), Captures::default());
         let g = s.create();
         let pre = s.add(g, set(0), &[]).expect("pre");
+        assert!(!c.captures_into_app_graph(9));
         c.begin(&mut s, 9, false, MODE_GLOBAL, me(), Some((g, vec![pre]))).expect("begin");
+        assert!(c.captures_into_app_graph(9), "its end needs no graph out");
         let a = c.add(&mut s, 9, set(1)).expect("a");
         c.update_deps(&s, 9, &[pre], false).expect("add deps");
         let b = c.add(&mut s, 9, set(2)).expect("b");

@@ -9,11 +9,17 @@
 //! the DAG and costs no round trip. Stream capture (`crate::capture`) builds
 //! graphs through the same store.
 //!
+//! A graph that holds a conditional node (whose condition device code sets
+//! through a handle only the driver reads) cannot be replayed that way: it
+//! is instantiated as a real driver graph on the server ([`Store::device_tree`]
+//! gives the tree sent there), and a launch is one queued call.
+//!
 //! Nothing here does I/O or touches application memory: operations are
 //! plain data (handles and addresses as integers), so the logic is tested
 //! as plain Rust. `crate::graph_api` is the C-ABI layer over it.
 
 use crate::abi::{CuError, CuResult};
+use gpupool_proto::v1;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// Ids of graphs, nodes and executable graphs (one counter for all).
@@ -31,6 +37,33 @@ pub(crate) mod kind {
     pub(crate) const EVENT_RECORD: u32 = 7;
     pub(crate) const MEM_ALLOC: u32 = 10;
     pub(crate) const MEM_FREE: u32 = 11;
+    pub(crate) const CONDITIONAL: u32 = 13;
+}
+
+/// `CUgraphConditionalNodeType` values.
+pub(crate) mod conditional {
+    pub(crate) const IF: u32 = 0;
+    pub(crate) const WHILE: u32 = 1;
+    pub(crate) const SWITCH: u32 = 2;
+}
+
+/// Deepest nesting of child graphs and conditional bodies sent to the
+/// server (the server's own bound).
+pub(crate) const MAX_DEVICE_DEPTH: usize = 8;
+
+/// Most bodies of a SWITCH node (the server's bound).
+pub(crate) const MAX_SWITCH_BODIES: u32 = 256;
+
+/// Checks a conditional node's type and body count as the driver does:
+/// IF takes 1 or 2 bodies, WHILE 1, SWITCH at least 1.
+pub(crate) fn check_conditional(kind: u32, size: u32) -> CuResult {
+    let fits = match kind {
+        conditional::IF => matches!(size, 1 | 2),
+        conditional::WHILE => size == 1,
+        conditional::SWITCH => (1..=MAX_SWITCH_BODIES).contains(&size),
+        _ => false,
+    };
+    if fits { Ok(()) } else { Err(CuError::INVALID_VALUE) }
 }
 
 /// A kernel launch with its packed argument bytes (copied at node
@@ -141,6 +174,13 @@ pub(crate) enum Op {
     MemFree {
         addr: u64,
     },
+    /// A conditional node: the driver's handle, its
+    /// `CUgraphConditionalNodeType` and its body graphs (owned by the node).
+    Conditional {
+        handle: u64,
+        kind: u32,
+        bodies: Vec<Id>,
+    },
 }
 
 impl Op {
@@ -157,6 +197,7 @@ impl Op {
             Op::EventWait(_) => kind::WAIT_EVENT,
             Op::MemAlloc { .. } => kind::MEM_ALLOC,
             Op::MemFree { .. } => kind::MEM_FREE,
+            Op::Conditional { .. } => kind::CONDITIONAL,
         }
     }
 
@@ -195,6 +236,18 @@ impl Op {
             Op::EventWait(e) => format!("WAIT_EVENT\\nevent {e:#x}"),
             Op::MemAlloc { addr, size } => format!("MEM_ALLOC\\n{addr:#x} {size} B"),
             Op::MemFree { addr } => format!("MEM_FREE\\n{addr:#x}"),
+            Op::Conditional { handle, kind, bodies } => {
+                format!("CONDITIONAL\\ntype {kind} handle {handle:#x}\\n{} bodies", bodies.len())
+            }
+        }
+    }
+
+    /// The graphs this node owns: a child graph, a conditional's bodies.
+    fn owned(&self) -> Vec<Id> {
+        match self {
+            Op::Child(c) => vec![*c],
+            Op::Conditional { bodies, .. } => bodies.clone(),
+            _ => Vec::new(),
         }
     }
 }
@@ -239,6 +292,9 @@ pub(crate) struct Exec {
     /// The source nodes, in creation order, matching `shape`.
     nodes: Vec<Id>,
     pub(crate) flags: u64,
+    /// Instantiated as a driver graph on the server under this exec's id
+    /// (it holds conditional nodes): no steps, launched as one call.
+    pub(crate) device: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -275,6 +331,9 @@ pub(crate) struct Store {
     /// programmatic dependencies and ports (`CUgraphEdgeData`). Replay runs
     /// every edge as a full dependency, an order every edge type allows.
     edge_data: HashMap<(Id, Id), EdgeData>,
+    /// Conditional handles from the server, by the graph whose server-side
+    /// twin holds them (a top-level graph).
+    handles: HashMap<u64, Id>,
 }
 
 /// A `CUgraphEdgeData`: from port, to port, type, five reserved bytes.
@@ -315,12 +374,47 @@ impl Store {
             for d in &node.deps {
                 self.edge_data.remove(&(*d, id));
             }
-            if let Op::Child(c) = node.op {
+            for c in node.op.owned() {
                 gone.extend(self.destroy(c)?);
             }
             gone.push(node.op);
         }
         Ok(gone)
+    }
+
+    /// The top-level graph above `g` (through the nodes that own child
+    /// graphs and conditional bodies): the one whose twin holds handles.
+    pub(crate) fn root(&self, g: Id) -> CuResult<Id> {
+        let mut g = g;
+        for _ in 0..=self.graphs.len() {
+            match self.graph(g)?.owner {
+                Some(node) => g = self.graph_of(node)?,
+                None => return Ok(g),
+            }
+        }
+        Err(CuError(crate::capture::ILLEGAL_STATE))
+    }
+
+    /// Records a conditional handle made on the server for graph `g`'s
+    /// top-level graph; returns that graph (the twin's client id).
+    pub(crate) fn note_handle(&mut self, g: Id, handle: u64) -> CuResult<Id> {
+        let root = self.root(g)?;
+        self.handles.insert(handle, root);
+        Ok(root)
+    }
+
+    /// Whether graph `g` has a twin on the server (a handle was made for
+    /// it); forgets its handles.
+    pub(crate) fn drop_twin(&mut self, g: Id) -> bool {
+        let before = self.handles.len();
+        self.handles.retain(|_, owner| *owner != g);
+        self.handles.len() != before
+    }
+
+    /// Empty body graphs for a new conditional node (owned once the node
+    /// is added).
+    pub(crate) fn create_bodies(&mut self, n: u32) -> Vec<Id> {
+        (0..n).map(|_| self.create()).collect()
     }
 
     /// The graph node `n` belongs to.
@@ -335,6 +429,12 @@ impl Store {
 
     /// Adds a node depending on `deps` (nodes of the same graph, no repeats).
     pub(crate) fn add(&mut self, g: Id, op: Op, deps: &[Id]) -> CuResult<Id> {
+        self.insert(g, op, deps, true)
+    }
+
+    /// [`Self::add`]; `own_handles`: a conditional node's handle must come
+    /// from `g`'s top-level graph (a clone keeps the original's instead).
+    fn insert(&mut self, g: Id, op: Op, deps: &[Id], own_handles: bool) -> CuResult<Id> {
         let graph = self.graph(g)?;
         let mut seen = HashSet::new();
         for d in deps {
@@ -342,11 +442,19 @@ impl Store {
                 return Err(CuError::INVALID_VALUE);
             }
         }
-        if let Op::Child(c) = op {
+        for c in op.owned() {
             self.graph_mut(c)?;
         }
+        if let Op::Conditional { handle, kind, ref bodies } = op {
+            check_conditional(kind, bodies.len() as u32)?;
+            // The handle must come from this graph's top-level graph.
+            if own_handles && self.handles.get(&handle) != Some(&self.root(g)?) {
+                tracing::debug!(handle, graph = g, "conditional handle not created for this graph");
+                return Err(CuError::INVALID_VALUE);
+            }
+        }
         let id = self.fresh();
-        if let Op::Child(c) = op {
+        for c in op.owned() {
             self.graph_mut(c)?.owner = Some(id);
         }
         self.graph_mut(g)?.nodes.insert(id, Node { op, deps: deps.to_vec() });
@@ -377,7 +485,7 @@ impl Store {
         self.edge_data.retain(|(from, to), _| *from != n && *to != n);
         self.node_graph.remove(&n);
         let mut gone = Vec::new();
-        if let Op::Child(c) = node.op {
+        for c in node.op.owned() {
             gone.extend(self.destroy(c)?);
         }
         gone.push(node.op);
@@ -519,17 +627,24 @@ impl Store {
         let mut map = HashMap::new();
         let mut ops = Vec::new();
         for (old, node) in &source.nodes {
+            let mut copy_of = |c: Id| -> CuResult<Id> {
+                let (c2, inner) = self.clone_graph(c)?;
+                ops.extend(inner);
+                Ok(c2)
+            };
             let op = match node.op {
-                Op::Child(c) => {
-                    let (c2, inner) = self.clone_graph(c)?;
-                    ops.extend(inner);
-                    Op::Child(c2)
-                }
+                Op::Child(c) => Op::Child(copy_of(c)?),
+                // The copy keeps the handle: it is the original's twin's.
+                Op::Conditional { handle, kind, ref bodies } => Op::Conditional {
+                    handle,
+                    kind,
+                    bodies: bodies.iter().map(|b| copy_of(*b)).collect::<CuResult<_>>()?,
+                },
                 ref other => other.clone(),
             };
             let deps: Vec<Id> = node.deps.iter().map(|d| map[d]).collect();
             ops.push(op.clone());
-            let new = self.add(copy, op, &deps)?;
+            let new = self.insert(copy, op, &deps, false)?;
             for d in &node.deps {
                 let data = self.edge_data(*d, *old);
                 self.set_edge_data(map[d], new, data)?;
@@ -571,6 +686,8 @@ impl Store {
             path.push(pos[&n]);
             match &self.node(n)?.op {
                 Op::Child(c) => self.flatten_at(*c, &path, steps)?,
+                // Graphs that hold these are instantiated on the server.
+                Op::Conditional { .. } => return Err(CuError::NOT_SUPPORTED),
                 op => steps.push(Step { node: n, op: op.clone(), enabled: true, path }),
             }
         }
@@ -583,8 +700,114 @@ impl Store {
         self.flatten(g, &mut steps)?;
         let (shape, nodes) = self.shape(g)?;
         let id = self.fresh();
-        self.execs.insert(id, Exec { steps, shape, nodes, flags });
+        self.execs.insert(id, Exec { steps, shape, nodes, flags, device: false });
         Ok(id)
+    }
+
+    /// Whether `g` (its child graphs included) holds a conditional node,
+    /// so that it must be instantiated on the server.
+    pub(crate) fn needs_device(&self, g: Id) -> CuResult<bool> {
+        for node in self.graph(g)?.nodes.values() {
+            match &node.op {
+                Op::Conditional { .. } => return Ok(true),
+                Op::Child(c) if self.needs_device(*c)? => return Ok(true),
+                _ => {}
+            }
+        }
+        Ok(false)
+    }
+
+    /// An exec of `g` that the server runs (see [`Self::device_tree`]).
+    pub(crate) fn instantiate_device(&mut self, g: Id, flags: u64) -> CuResult<Id> {
+        let (shape, nodes) = self.shape(g)?;
+        let id = self.fresh();
+        self.execs.insert(id, Exec { steps: Vec::new(), shape, nodes, flags, device: true });
+        Ok(id)
+    }
+
+    /// Graph `g` as the tree the server builds a driver graph from, and the
+    /// graph whose twin holds its conditional handles. Node kinds are
+    /// those CUDA allows in conditional bodies (kernels, memsets,
+    /// device-to-device copies, empty nodes, child graphs, conditional
+    /// nodes); `kernel` turns a kernel into the launch the server knows.
+    pub(crate) fn device_tree(
+        &self,
+        g: Id,
+        kernel: &impl Fn(&Kernel) -> CuResult<v1::Launch>,
+    ) -> CuResult<(Id, v1::GraphBody)> {
+        let mut twins = BTreeSet::new();
+        let body = self.device_body(g, 0, kernel, &mut twins)?;
+        match twins.into_iter().collect::<Vec<_>>()[..] {
+            [twin] => Ok((twin, body)),
+            [] => Err(CuError::INVALID_VALUE),
+            _ => {
+                tracing::debug!(graph = g, "conditional handles of several graphs in one graph are not supported");
+                Err(CuError::NOT_SUPPORTED)
+            }
+        }
+    }
+
+    fn device_body(
+        &self,
+        g: Id,
+        depth: usize,
+        kernel: &impl Fn(&Kernel) -> CuResult<v1::Launch>,
+        twins: &mut BTreeSet<Id>,
+    ) -> CuResult<v1::GraphBody> {
+        use v1::graph_node::Kind;
+        if depth > MAX_DEVICE_DEPTH {
+            tracing::debug!(graph = g, "graphs nested deeper than {MAX_DEVICE_DEPTH} levels are not supported");
+            return Err(CuError::NOT_SUPPORTED);
+        }
+        let order = self.topological(g)?;
+        let index: HashMap<Id, u32> = order.iter().enumerate().map(|(i, n)| (*n, i as u32)).collect();
+        let mut nodes = Vec::with_capacity(order.len());
+        for n in order {
+            let node = self.node(n)?;
+            let refuse = |what: &str| {
+                tracing::debug!(
+                    node = n,
+                    "{what} nodes cannot be in a graph with conditional nodes (gpupool builds it on the GPU)"
+                );
+                Err(CuError::NOT_SUPPORTED)
+            };
+            let kind = match &node.op {
+                Op::Empty => Kind::Empty(v1::GraphEmpty {}),
+                Op::Kernel(k) => Kind::Kernel(kernel(k)?),
+                Op::Memset(m) => Kind::Memset(v1::GraphMemset {
+                    dst: m.dst,
+                    pitch: m.pitch as u64,
+                    value: m.value,
+                    element_size: m.element,
+                    width: m.width as u64,
+                    height: m.height as u64,
+                }),
+                Op::Memcpy(c) if c.dst.device && c.src.device && c.is_contiguous() => {
+                    let size = c.width * c.height * c.depth;
+                    Kind::Memcpy(v1::MemcpyDtoD { dst: c.dst.addr, src: c.src.addr, size: size as u64, stream: 0 })
+                }
+                Op::Memcpy(_) => return refuse("host-memory or pitched copy"),
+                Op::Child(c) => Kind::Child(self.device_body(*c, depth + 1, kernel, twins)?),
+                Op::Conditional { handle, kind, bodies } => {
+                    let twin = self.handles.get(handle).ok_or_else(|| {
+                        tracing::debug!(handle, "conditional handle of a destroyed graph");
+                        CuError::INVALID_VALUE
+                    })?;
+                    twins.insert(*twin);
+                    let bodies = bodies
+                        .iter()
+                        .map(|b| self.device_body(*b, depth + 1, kernel, twins))
+                        .collect::<CuResult<_>>()?;
+                    Kind::Conditional(v1::GraphConditional { handle: *handle, r#type: *kind, bodies })
+                }
+                Op::Host { .. } => return refuse("host"),
+                Op::EventRecord(_) | Op::EventWait(_) => return refuse("event"),
+                Op::MemAlloc { .. } | Op::MemFree { .. } => return refuse("memory allocation"),
+            };
+            let deps = node.deps.iter().map(|d| index[d]).collect();
+            nodes.push(v1::GraphNode { deps, kind: Some(kind) });
+        }
+        Ok(v1::GraphBody { nodes })
     }
 
     pub(crate) fn exec(&self, e: Id) -> CuResult<&Exec> {
@@ -599,6 +822,10 @@ impl Store {
     /// a child graph node: all of its child's).
     fn steps_of(&self, e: Id, n: Id) -> CuResult<Vec<usize>> {
         let exec = self.exec(e)?;
+        if exec.device {
+            tracing::debug!(exec = e, "a graph with conditional nodes cannot be changed once instantiated");
+            return Err(CuError::NOT_SUPPORTED);
+        }
         let mut wanted = HashSet::from([n]);
         if let Ok(Node { op: Op::Child(c), .. }) = self.node(n) {
             let mut stack = vec![*c];
@@ -682,6 +909,10 @@ impl Store {
     pub(crate) fn exec_update(&mut self, e: Id, g: Id) -> CuResult<Result<(), UpdateFailure>> {
         let (shape, nodes) = self.shape(g)?;
         let exec = self.exec(e)?;
+        if exec.device || self.needs_device(g)? {
+            tracing::debug!(exec = e, "graphs with conditional nodes cannot be updated in place");
+            return Err(CuError::NOT_SUPPORTED);
+        }
         if shape.kinds.len() != exec.shape.kinds.len() {
             return Ok(Err(UpdateFailure { result: update::TOPOLOGY_CHANGED, node: None }));
         }
@@ -734,8 +965,8 @@ impl Store {
         let pad = "  ".repeat(depth);
         for (id, node) in &self.graph(g)?.nodes {
             out.push_str(&format!("{pad}n{id} [label=\"{}\"];\n", node.op.label()));
-            if let Op::Child(c) = node.op {
-                out.push_str(&format!("{pad}subgraph cluster_{c} {{\n{pad}  label=\"child graph {c}\";\n"));
+            for c in node.op.owned() {
+                out.push_str(&format!("{pad}subgraph cluster_{c} {{\n{pad}  label=\"graph {c}\";\n"));
                 self.dot_body(c, out, depth + 1)?;
                 out.push_str(&format!("{pad}}}\n"));
             }
@@ -879,6 +1110,153 @@ mod tests {
         let empty_child = s.create();
         s.add(g3, Op::Child(empty_child), &[a]).expect("child");
         assert_eq!(s.exec_update(e, g3).expect("call").map_err(|f| f.result), Err(update::TOPOLOGY_CHANGED));
+    }
+
+    fn launch(k: &Kernel) -> CuResult<v1::Launch> {
+        Ok(v1::Launch { module: 1, function: k.func as u32, params: k.params.clone().into(), ..Default::default() })
+    }
+
+    fn kernel(func: usize) -> Op {
+        Op::Kernel(Kernel {
+            func,
+            given: [func, 0],
+            grid: [1; 3],
+            block: [1; 3],
+            shared: 0,
+            params: vec![7; 8],
+            attributes: None,
+        })
+    }
+
+    #[test]
+    fn conditional_type_and_size_checked_as_the_driver_does() {
+        use conditional::*;
+        for ok in [(IF, 1), (IF, 2), (WHILE, 1), (SWITCH, 1), (SWITCH, 5)] {
+            assert_eq!(check_conditional(ok.0, ok.1), Ok(()), "{ok:?}");
+        }
+        for bad in [(IF, 0), (IF, 3), (WHILE, 2), (WHILE, 0), (SWITCH, 0), (3, 1), (SWITCH, MAX_SWITCH_BODIES + 1)] {
+            assert_eq!(check_conditional(bad.0, bad.1), Err(CuError::INVALID_VALUE), "{bad:?}");
+        }
+    }
+
+    /// A graph: kernel -> IF (body: memset -> kernel) -> WHILE (body: empty).
+    fn conditional_graph(s: &mut Store) -> (Id, Vec<Id>) {
+        let g = s.create();
+        s.note_handle(g, 0xaa).expect("handle");
+        s.note_handle(g, 0xbb).expect("handle");
+        let a = s.add(g, kernel(3), &[]).expect("kernel");
+        let if_bodies = s.create_bodies(1);
+        let c = s.add(g, Op::Conditional { handle: 0xaa, kind: conditional::IF, bodies: if_bodies.clone() }, &[a]);
+        let c = c.expect("if node");
+        let m = s.add(if_bodies[0], set(5), &[]).expect("memset");
+        s.add(if_bodies[0], kernel(4), &[m]).expect("body kernel");
+        let while_bodies = s.create_bodies(1);
+        let w = Op::Conditional { handle: 0xbb, kind: conditional::WHILE, bodies: while_bodies.clone() };
+        s.add(g, w, &[c]).expect("while node");
+        s.add(while_bodies[0], Op::Empty, &[]).expect("empty");
+        (g, vec![if_bodies[0], while_bodies[0]])
+    }
+
+    #[test]
+    fn conditional_nodes_own_their_bodies_and_check_handles() {
+        let mut s = Store::default();
+        let (g, bodies) = conditional_graph(&mut s);
+        assert!(s.is_child(bodies[0]), "a body belongs to its node");
+        assert_eq!(s.root(bodies[0]), Ok(g));
+        assert!(s.needs_device(g).expect("graph"));
+        // A handle of another graph, or none, is refused; so is a bad size.
+        let other = s.create();
+        s.note_handle(other, 0xcc).expect("handle");
+        let foreign = Op::Conditional { handle: 0xcc, kind: conditional::IF, bodies: s.create_bodies(1) };
+        assert_eq!(s.add(g, foreign, &[]), Err(CuError::INVALID_VALUE));
+        let unknown = Op::Conditional { handle: 0x99, kind: conditional::IF, bodies: s.create_bodies(1) };
+        assert_eq!(s.add(g, unknown, &[]), Err(CuError::INVALID_VALUE));
+        let too_many = Op::Conditional { handle: 0xaa, kind: conditional::WHILE, bodies: s.create_bodies(2) };
+        assert_eq!(s.add(g, too_many, &[]), Err(CuError::INVALID_VALUE));
+        // A nested conditional node may use the top-level graph's handle.
+        let nested = Op::Conditional { handle: 0xbb, kind: conditional::IF, bodies: s.create_bodies(2) };
+        s.add(bodies[0], nested, &[]).expect("nested conditional");
+        // Replay cannot run them: instantiation goes to the server.
+        assert_eq!(s.instantiate(g, 0).map(drop), Err(CuError::NOT_SUPPORTED));
+        let e = s.instantiate_device(g, 0).expect("device exec");
+        assert!(s.exec(e).expect("exec").device);
+        assert!(s.exec(e).expect("exec").steps.is_empty());
+        let first = s.nodes(g).expect("nodes")[0];
+        assert_eq!(s.set_enabled(e, first, false), Err(CuError::NOT_SUPPORTED));
+        assert_eq!(s.exec_update(e, g).map(drop), Err(CuError::NOT_SUPPORTED));
+        // Destroying the graph takes the bodies and the twin's handles.
+        s.destroy(g).expect("destroy");
+        assert!(s.graph(bodies[0]).is_err());
+        assert!(s.drop_twin(g));
+        assert!(!s.drop_twin(g));
+    }
+
+    #[test]
+    fn device_tree_has_dependency_indices_and_nested_bodies() {
+        use v1::graph_node::Kind;
+        let mut s = Store::default();
+        let (g, _) = conditional_graph(&mut s);
+        let (twin, body) = s.device_tree(g, &launch).expect("tree");
+        assert_eq!(twin, g);
+        assert_eq!(body.nodes.len(), 3);
+        assert!(matches!(&body.nodes[0].kind, Some(Kind::Kernel(l)) if l.function == 3 && l.params.len() == 8));
+        assert_eq!(body.nodes[1].deps, vec![0]);
+        assert_eq!(body.nodes[2].deps, vec![1]);
+        let Some(Kind::Conditional(c)) = &body.nodes[1].kind else { panic!("conditional {:?}", body.nodes[1]) };
+        assert_eq!((c.handle, c.r#type, c.bodies.len()), (0xaa, conditional::IF, 1));
+        let inner = &c.bodies[0].nodes;
+        assert!(matches!(&inner[0].kind, Some(Kind::Memset(m)) if m.value == 5 && m.width == 4));
+        assert_eq!(inner[1].deps, vec![0]);
+        let Some(Kind::Conditional(w)) = &body.nodes[2].kind else { panic!("while") };
+        assert!(matches!(w.bodies[0].nodes[0].kind, Some(Kind::Empty(_))));
+        // A clone keeps the handles, so it builds on the same twin.
+        let (copy, _) = s.clone_graph(g).expect("clone");
+        assert!(s.needs_device(copy).expect("copy"));
+        assert_eq!(s.device_tree(copy, &launch).map(|t| t.0), Ok(g));
+    }
+
+    #[test]
+    fn device_tree_refuses_what_conditional_bodies_cannot_hold() {
+        let refused = [
+            Op::Host { func: 1, data: 2 },
+            Op::EventRecord(1),
+            Op::EventWait(1),
+            Op::MemAlloc { addr: 0x1000, size: 4 },
+            Op::MemFree { addr: 0x1000 },
+            Op::Memcpy(Copy3D::linear((true, 0x1000), (false, 0x2000), 4)),
+        ];
+        for op in refused {
+            let mut s = Store::default();
+            let (g, bodies) = conditional_graph(&mut s);
+            s.add(bodies[1], op.clone(), &[]).expect("node");
+            assert_eq!(s.device_tree(g, &launch).map(drop), Err(CuError::NOT_SUPPORTED), "{op:?}");
+        }
+        // A device-to-device copy is taken.
+        let mut s = Store::default();
+        let (g, bodies) = conditional_graph(&mut s);
+        s.add(bodies[1], Op::Memcpy(Copy3D::linear((true, 0x1000), (true, 0x2000), 4)), &[]).expect("copy");
+        assert!(s.device_tree(g, &launch).is_ok());
+        // Nesting past the bound is refused.
+        let mut s = Store::default();
+        let g = s.create();
+        s.note_handle(g, 1).expect("handle");
+        let mut at = g;
+        for _ in 0..=MAX_DEVICE_DEPTH {
+            let bodies = s.create_bodies(1);
+            s.add(at, Op::Conditional { handle: 1, kind: conditional::IF, bodies: bodies.clone() }, &[]).expect("node");
+            at = bodies[0];
+        }
+        assert_eq!(s.device_tree(g, &launch).map(drop), Err(CuError::NOT_SUPPORTED));
+        // Handles of two graphs in one tree cannot be built on one twin.
+        let mut s = Store::default();
+        let (g, _) = conditional_graph(&mut s);
+        let other = s.create();
+        s.note_handle(other, 0xdd).expect("handle");
+        let (copy, _) = s.clone_graph(g).expect("clone");
+        let moved = Op::Conditional { handle: 0xdd, kind: conditional::IF, bodies: s.create_bodies(1) };
+        s.add(other, moved, &[]).expect("node in other");
+        s.add(copy, Op::Child(other), &[]).expect("child");
+        assert_eq!(s.device_tree(copy, &launch).map(drop), Err(CuError::NOT_SUPPORTED));
     }
 
     #[test]

@@ -9,15 +9,16 @@
 
 use crate::abi::{CuError, CuResult, c_str, get, put};
 use crate::capture::{self, Route, state};
-use crate::graph::{Copy3D, EdgeData, End, Id, Kernel, Op, Set2D, Step, kind, update};
+use crate::graph::{Copy3D, EdgeData, End, Id, Kernel, Op, Set2D, check_conditional, kind, update};
 use crate::runtime::Runtime;
 use crate::{launch, mempool};
 use cudarc::driver::sys::{
-    CUDA_GRAPH_INSTANTIATE_PARAMS, CUDA_HOST_NODE_PARAMS, CUDA_KERNEL_NODE_PARAMS, CUDA_MEM_ALLOC_NODE_PARAMS,
-    CUDA_MEMCPY3D, CUDA_MEMSET_NODE_PARAMS, CUcontext, CUdeviceptr, CUevent, CUgraph, CUgraphConditionalHandle,
-    CUgraphExec, CUgraphExecUpdateResultInfo, CUgraphNode, CUgraphNodeParams, CUstream,
+    CUDA_CONDITIONAL_NODE_PARAMS, CUDA_GRAPH_INSTANTIATE_PARAMS, CUDA_HOST_NODE_PARAMS, CUDA_KERNEL_NODE_PARAMS,
+    CUDA_MEM_ALLOC_NODE_PARAMS, CUDA_MEMCPY3D, CUDA_MEMSET_NODE_PARAMS, CUcontext, CUdeviceptr, CUevent, CUgraph,
+    CUgraphConditionalHandle, CUgraphExec, CUgraphExecUpdateResultInfo, CUgraphNode, CUgraphNodeParams, CUstream,
 };
 use gpupool_client::{LaunchConfig, StreamId};
+use gpupool_proto::v1 as wire;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_uint, c_void};
 use std::sync::{LazyLock, Mutex};
@@ -256,6 +257,50 @@ struct AllocParams {
 
 const _: () = assert!(std::mem::size_of::<AllocParams>() == std::mem::size_of::<CUDA_MEM_ALLOC_NODE_PARAMS>());
 
+/// `CUDA_CONDITIONAL_NODE_PARAMS` with its type as an integer.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct ConditionalParams {
+    handle: u64,
+    kind: u32,
+    size: u32,
+    graphs_out: *mut CUgraph,
+    ctx: usize,
+}
+
+const _: () = assert!(std::mem::size_of::<ConditionalParams>() == std::mem::size_of::<CUDA_CONDITIONAL_NODE_PARAMS>());
+
+/// The body graph arrays handed out through `phGraph_out`, by node: CUDA
+/// owns them and keeps them as long as the node.
+static BODY_ARRAYS: LazyLock<Mutex<HashMap<Id, Box<[usize]>>>> = LazyLock::new(Mutex::default);
+
+/// Offset of the kind's parameters in a `CUgraphNodeParams`.
+const NODE_PARAMS_BODY: usize = 16;
+
+/// A conditional node's operation, its bodies made empty: handle, type and
+/// body count checked as the driver does.
+fn conditional_op(p: &ConditionalParams) -> CuResult<Op> {
+    check_conditional(p.kind, p.size)?;
+    let bodies = state().store.create_bodies(p.size);
+    Ok(Op::Conditional { handle: p.handle, kind: p.kind, bodies })
+}
+
+/// After a conditional node was added from `p` (a `CUgraphNodeParams`):
+/// its body graphs go into a CUDA-owned array behind `phGraph_out`.
+fn put_bodies(p: *mut CUgraphNodeParams, node: Id) -> CuResult {
+    let Op::Conditional { bodies, .. } = state().store.node(node)?.op.clone() else { return Ok(()) };
+    // Handles as integers (`CUgraph` is a pointer of the same size).
+    let mut array: Box<[usize]> = bodies.into_iter().map(|b| graph_handle(b) as usize).collect();
+    let first = array.as_mut_ptr().cast::<CUgraph>();
+    BODY_ARRAYS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(node, array);
+    // SAFETY: `p` is a CUgraphNodeParams holding conditional parameters
+    // (read when the node was made); its `phGraph_out` field.
+    unsafe {
+        let cond = p.cast::<u8>().add(NODE_PARAMS_BODY).cast::<ConditionalParams>();
+        put(&raw mut (*cond).graphs_out, first)
+    }
+}
+
 /// One end of a 3D copy.
 #[allow(clippy::too_many_arguments)]
 fn end_of(
@@ -444,7 +489,7 @@ fn op_from_generic(rt: &Runtime, p: *mut CUgraphNodeParams, existing: Option<Id>
         return Err(CuError::INVALID_VALUE);
     }
     // SAFETY: a CUgraphNodeParams: its type first, the union at offset 16.
-    let (kind, body) = unsafe { (get(p.cast::<u32>())?, p.cast::<u8>().add(16).cast::<c_void>()) };
+    let (kind, body) = unsafe { (get(p.cast::<u32>())?, p.cast::<u8>().add(NODE_PARAMS_BODY).cast::<c_void>()) };
     let immutable = || {
         if existing.is_some() { Err(CuError::INVALID_VALUE) } else { Ok(()) }
     };
@@ -491,9 +536,13 @@ fn op_from_generic(rt: &Runtime, p: *mut CUgraphNodeParams, existing: Option<Id>
             mempool::graph_free_node(addr)?;
             Ok(Op::MemFree { addr })
         }
-        13 => {
-            tracing::debug!("conditional graph nodes need a device-side condition; not supported by gpupool");
-            Err(CuError::NOT_SUPPORTED)
+        kind::CONDITIONAL => {
+            if existing.is_some() {
+                tracing::debug!("a conditional node's parameters cannot be changed (gpupool)");
+                return Err(CuError::NOT_SUPPORTED);
+            }
+            // SAFETY: the union holds CUDA_CONDITIONAL_NODE_PARAMS.
+            conditional_op(&unsafe { get(body.cast::<ConditionalParams>()) }?)
         }
         _ => {
             tracing::debug!(kind, "graph node kind not supported by gpupool");
@@ -522,6 +571,9 @@ fn add_node(out: *mut CUgraphNode, g: CUgraph, deps: *const CUgraphNode, n: usiz
         // The node was not made: let go of what building its op took.
         let gone = match &op {
             Op::Child(c) => state().store.destroy(*c).unwrap_or_default(),
+            Op::Conditional { bodies, .. } => {
+                bodies.iter().flat_map(|b| state().store.destroy(*b).unwrap_or_default()).collect()
+            }
             other => vec![other.clone()],
         };
         mempool::let_go(rt, &gone)?;
@@ -574,6 +626,20 @@ fn set_op(h: CUgraphNode, op: Op) -> CuResult {
         mempool::let_go(rt, &gone)?;
     }
     Ok(())
+}
+
+/// `cuGraphAddNode(_v2)`: the node, then for a conditional node its
+/// bodies written back.
+fn add_generic(
+    out: *mut CUgraphNode,
+    g: CUgraph,
+    deps: *const CUgraphNode,
+    n: usize,
+    p: *mut CUgraphNodeParams,
+) -> CuResult {
+    add_with(out, g, deps, n, |rt| op_from_generic(rt, p, None))?;
+    // SAFETY: written by `add_with` just now.
+    put_bodies(p, node_id(unsafe { *out })?)
 }
 
 fn exec_set_op(e: CUgraphExec, h: CUgraphNode, op: Op) -> CuResult {
@@ -633,6 +699,9 @@ const INSTANTIATE_AUTO_FREE_ON_LAUNCH: u64 = 1;
 const INSTANTIATE_UPLOAD: u64 = 2;
 const INSTANTIATE_DEVICE_LAUNCH: u64 = 4;
 const INSTANTIATE_USE_NODE_PRIORITY: u64 = 8;
+/// `CU_GRAPH_COND_ASSIGN_DEFAULT`: the condition takes its default at
+/// each launch.
+const CONDITIONAL_ASSIGN_DEFAULT: c_uint = 1;
 
 fn instantiate(out: *mut CUgraphExec, g: CUgraph, flags: u64) -> CuResult {
     Runtime::with_context()?;
@@ -648,6 +717,9 @@ fn instantiate(out: *mut CUgraphExec, g: CUgraph, flags: u64) -> CuResult {
         return Err(CuError::INVALID_VALUE);
     }
     let g = graph_id(g)?;
+    if state().store.needs_device(g)? {
+        return instantiate_device(out, g, flags);
+    }
     let (e, ops) = {
         let mut st = state();
         let e = st.store.instantiate(g, flags)?;
@@ -662,10 +734,56 @@ fn instantiate(out: *mut CUgraphExec, g: CUgraph, flags: u64) -> CuResult {
     unsafe { put(out, exec_handle(e)) }
 }
 
+/// A kernel node as the launch the server knows.
+fn launch_of(rt: &Runtime, k: &Kernel) -> CuResult<wire::Launch> {
+    let f = rt.function(k.func)?;
+    let attributes = match &k.attributes {
+        Some(bytes) => Some(prost::Message::decode(bytes.as_slice()).map_err(|_| CuError::INVALID_VALUE)?),
+        None => None,
+    };
+    let dim = |d: [u32; 3]| Some(wire::Dim3 { x: d[0], y: d[1], z: d[2] });
+    Ok(wire::Launch {
+        module: f.module,
+        function: f.index,
+        grid: dim(k.grid),
+        block: dim(k.block),
+        shared_mem_bytes: k.shared,
+        stream: 0,
+        params: k.params.clone().into(),
+        attributes,
+    })
+}
+
+/// Instantiates graph `g`, which holds conditional nodes, as a driver
+/// graph on the server (one round trip: a refused graph fails here).
+fn instantiate_device(out: *mut CUgraphExec, g: Id, flags: u64) -> CuResult {
+    let rt = Runtime::with_context()?;
+    let (twin, body, e) = {
+        let mut st = state();
+        let (twin, body) = st.store.device_tree(g, &|k| launch_of(rt, k))?;
+        (twin, body, st.store.instantiate_device(g, flags)?)
+    };
+    tracing::debug!(
+        graph = g,
+        twin,
+        exec = e,
+        nodes = body.nodes.len(),
+        "instantiating a graph with conditional nodes on the server"
+    );
+    if let Err(err) = rt.session.graph_instantiate(twin, e, flags, body) {
+        state().store.destroy_exec(e)?;
+        return Err(err.into());
+    }
+    // SAFETY: non-null out-pointer (checked by the caller).
+    unsafe { put(out, exec_handle(e)) }
+}
+
 /// Runs one step on stream `s`, queued like the call it stands for.
 fn run_step(rt: &Runtime, op: &Op, s: StreamId) -> CuResult {
     match op {
         Op::Empty | Op::Child(_) | Op::MemAlloc { .. } | Op::MemFree { .. } => Ok(()),
+        // Graphs with these run on the server (`Exec::device`).
+        Op::Conditional { .. } => Err(CuError::NOT_SUPPORTED),
         Op::Kernel(k) => {
             let f = rt.function(k.func)?;
             let cfg = LaunchConfig {
@@ -704,7 +822,20 @@ fn run_step(rt: &Runtime, op: &Op, s: StreamId) -> CuResult {
 fn launch(e: CUgraphExec, h: CUstream) -> CuResult {
     let rt = Runtime::with_context()?;
     let e = exec_id(e)?;
-    let steps: Vec<Step> = state().store.exec(e)?.steps.clone();
+    let (steps, device) = {
+        let st = state();
+        let exec = st.store.exec(e)?;
+        (exec.steps.clone(), exec.device)
+    };
+    if device {
+        return match capture::route(rt, h)? {
+            Route::Send(s) => rt.session.graph_launch(e, s).map_err(CuError::from),
+            Route::Capture(_) => {
+                tracing::debug!("a graph with conditional nodes cannot be launched into a stream capture (gpupool)");
+                Err(CuError::NOT_SUPPORTED)
+            }
+        };
+    }
     match capture::route(rt, h)? {
         Route::Send(s) => {
             for step in steps.iter().filter(|s| s.enabled) {
@@ -766,7 +897,11 @@ fn destroy_graph(g: CUgraph) -> CuResult {
         if st.store.is_child(g) {
             return Err(CuError::INVALID_VALUE);
         }
-        st.store.destroy(g)?
+        let gone = st.store.destroy(g)?;
+        if st.store.drop_twin(g) {
+            rt.session.graph_destroy(g)?;
+        }
+        gone
     };
     mempool::let_go(rt, &gone)
 }
@@ -981,7 +1116,7 @@ crate::exports! {
         // SAFETY: `n` edge entries or null per the CUDA API.
         let data = unsafe { read_edge_data(edges, n) }?;
         if data.iter().all(|e| *e == EdgeData::default()) {
-            return add_with(out, g, deps, n, |rt| op_from_generic(rt, p, None));
+            return add_generic(out, g, deps, n, p);
         }
         // The edges must fit before the node is made. SAFETY: `n` handles
         // per the CUDA API; `p` is null or a CUgraphNodeParams, its type first.
@@ -1021,15 +1156,27 @@ crate::exports! {
     }
 
     fn cuGraphConditionalHandleCreate(
-        _out: *mut CUgraphConditionalHandle, _g: CUgraph, _ctx: CUcontext, _default: c_uint, _flags: c_uint,
+        out: *mut CUgraphConditionalHandle, g: CUgraph, _ctx: CUcontext, default: c_uint, flags: c_uint,
     ) {
-        tracing::debug!("conditional graph nodes need a device-side condition; not supported by gpupool");
-        Err(CuError::NOT_SUPPORTED)
+        let rt = Runtime::with_context()?;
+        if out.is_null() || flags & !CONDITIONAL_ASSIGN_DEFAULT != 0 {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let g = graph_id(g)?;
+        // The handle lives on the server's twin of the top-level graph.
+        let root = state().store.root(g)?;
+        let handle = rt.session.graph_handle_create(root, default, flags)?;
+        state().store.note_handle(root, handle)?;
+        tracing::debug!(graph = g, root, handle, "conditional handle created on the server");
+        // SAFETY: non-null out-pointer.
+        unsafe { put(out, handle) }
     }
 
     fn cuGraphDestroyNode(h: CUgraphNode) {
         let rt = Runtime::get()?;
-        let gone = state().store.destroy_node(node_id(h)?)?;
+        let n = node_id(h)?;
+        let gone = state().store.destroy_node(n)?;
+        BODY_ARRAYS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&n);
         mempool::let_go(rt, &gone)
     }
 
@@ -1287,7 +1434,11 @@ crate::exports! {
 
     fn cuGraphExecDestroy(e: CUgraphExec) {
         let rt = Runtime::get()?;
-        let exec = state().store.destroy_exec(exec_id(e)?)?;
+        let e = exec_id(e)?;
+        let exec = state().store.destroy_exec(e)?;
+        if exec.device {
+            rt.session.graph_exec_destroy(e)?;
+        }
         let ops: Vec<Op> = exec.steps.into_iter().map(|s| s.op).collect();
         mempool::let_go(rt, &ops)
     }
@@ -1360,7 +1511,7 @@ pub mod v1 {
             exec_set_op(e, h, op)
         }
         fn cuGraphAddNode(out: *mut CUgraphNode, g: CUgraph, deps: *const CUgraphNode, n: usize, p: *mut CUgraphNodeParams) {
-            add_with(out, g, deps, n, |rt| op_from_generic(rt, p, None))
+            add_generic(out, g, deps, n, p)
         }
         fn cuGraphGetEdges(g: CUgraph, from: *mut CUgraphNode, to: *mut CUgraphNode, count: *mut usize) {
             list_edges(g, from, to, std::ptr::null_mut(), count)

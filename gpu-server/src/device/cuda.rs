@@ -17,11 +17,13 @@
 #![allow(unsafe_code)]
 
 mod driver;
+mod graph;
 mod link;
 mod nvrtc;
 mod resources;
 mod texture;
 
+pub use graph::{Graph, GraphExec};
 pub use resources::{Allocation, Event, Mapping, Module, Stream};
 pub use texture::{Array, Object};
 
@@ -677,9 +679,34 @@ impl BackendSession for CudaSession {
     type Module = Module;
     type Stream = Stream;
     type Event = Event;
+    type Graph = Graph;
+    type GraphExec = GraphExec;
 
     fn va_base(&self) -> u64 {
         self.reservation.base
+    }
+
+    fn graph_create(&mut self) -> DeviceResult<Graph> {
+        Graph::new(self.device.context.clone())
+    }
+
+    fn graph_conditional_handle(&mut self, graph: &Graph, default_value: u32, flags: u32) -> DeviceResult<u64> {
+        graph.conditional_handle(default_value, flags)
+    }
+
+    fn graph_instantiate(
+        &mut self,
+        graph: &mut Graph,
+        body: &super::graph::Body<&Module>,
+        flags: u64,
+    ) -> DeviceResult<GraphExec> {
+        graph.rebuild(body)?;
+        graph.instantiate(flags)
+    }
+
+    fn graph_launch(&mut self, exec: &GraphExec, stream: Option<&Stream>) -> DeviceResult<()> {
+        // SAFETY: a live exec of this session; the stream is null or live.
+        driver::check(unsafe { sys::cuGraphLaunch(exec.raw, raw_stream(stream)) }, "cuGraphLaunch")
     }
 
     /// `size` is rounded up to the granularity (as `cuMemAlloc` would).

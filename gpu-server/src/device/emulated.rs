@@ -655,6 +655,8 @@ impl BackendSession for EmulatedSession {
     type Mapping = Mapping;
     type Array = Array;
     type Object = Object;
+    type Graph = std::convert::Infallible;
+    type GraphExec = std::convert::Infallible;
     type Allocation = Allocation;
     type Module = Module;
     type Stream = Stream;
@@ -1061,6 +1063,13 @@ impl BackendSession for EmulatedSession {
         }
         self.next_object += 1;
         Ok((self.next_object, Object { _array: Some(array.clone()) }))
+    }
+    /// A conditional node's condition is set by device code through a
+    /// handle only a real driver reads: there is nothing to emulate it with.
+    fn graph_create(&mut self) -> DeviceResult<Self::Graph> {
+        Err(CallError::not_supported(
+            "conditional graph nodes cannot be emulated (device code sets their condition); they need a GPU",
+        ))
     }
 }
 

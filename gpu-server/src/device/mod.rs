@@ -11,6 +11,7 @@
 pub mod builtin;
 pub mod cuda;
 pub mod emulated;
+pub mod graph;
 pub mod texture;
 
 use crate::error::CallError;
@@ -458,6 +459,11 @@ pub trait BackendSession: 'static {
     /// A texture or surface object; dropping it destroys the object. It
     /// keeps the array it reads alive.
     type Object;
+    /// A driver graph holding conditional handles (the server's twin of a
+    /// client graph); dropping it destroys the graph and its handles.
+    type Graph;
+    /// An instantiated [`Self::Graph`]; dropping it destroys it.
+    type GraphExec;
 
     /// First address of the reserved range.
     fn va_base(&self) -> u64;
@@ -667,4 +673,35 @@ pub trait BackendSession: 'static {
     /// Creates a surface object on an array made for surface loads and
     /// stores.
     fn surface_create(&mut self, array: &Self::Array) -> DeviceResult<(u64, Self::Object)>;
+    /// Creates an empty driver graph to hold conditional handles.
+    fn graph_create(&mut self) -> DeviceResult<Self::Graph> {
+        Err(no_device_graphs())
+    }
+    /// `cuGraphConditionalHandleCreate` on `graph`: the handle kernels
+    /// take to set the condition.
+    fn graph_conditional_handle(&mut self, graph: &Self::Graph, default_value: u32, flags: u32) -> DeviceResult<u64> {
+        let _ = (graph, default_value, flags);
+        Err(no_device_graphs())
+    }
+    /// Replaces the nodes of `graph` with `body` (checked by the session)
+    /// and instantiates it with `flags` (`CUgraphInstantiate_flags`).
+    fn graph_instantiate(
+        &mut self,
+        graph: &mut Self::Graph,
+        body: &graph::Body<&Self::Module>,
+        flags: u64,
+    ) -> DeviceResult<Self::GraphExec> {
+        let _ = (graph, body, flags);
+        Err(no_device_graphs())
+    }
+    /// Launches an instantiated graph on `stream`.
+    fn graph_launch(&mut self, exec: &Self::GraphExec, stream: Option<&Self::Stream>) -> DeviceResult<()> {
+        let _ = (exec, stream);
+        Err(no_device_graphs())
+    }
+}
+
+/// What a backend without driver graphs answers for them.
+fn no_device_graphs() -> CallError {
+    CallError::not_supported("CUDA graphs with conditional nodes are not supported by this device")
 }

@@ -253,6 +253,9 @@ impl<S: BackendSession> SessionState<S> {
         if !self.globals.is_empty() {
             return refuse("module variables (their addresses are the driver's)");
         }
+        if !self.graphs.is_empty() {
+            return refuse("graphs with conditional nodes (their handles are the driver's)");
+        }
         // Swapped-out contents come back first: they are read as any others.
         self.swap_in()?;
         self.dev.synchronize()?;
