@@ -693,7 +693,7 @@ impl Session {
             return Ok(());
         }
         for (dst, bytes) in st.mirrors.pushes() {
-            self.htod_locked(st, dst, &bytes, StreamId(stream))?;
+            self.htod_locked(st, dst, &bytes, StreamId(stream), false)?;
         }
         Ok(())
     }
@@ -807,7 +807,12 @@ impl Session {
             && let Some(region) = self.inner.transport.host_region(src.as_ptr() as usize, src.len())
         {
             st.space.check_access(dst, src.len() as u64)?;
-            let op = Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Region(region)) });
+            let op = Op::MemcpyHtod(v1::MemcpyHtoD {
+                dst,
+                stream: stream.0,
+                source: Some(Source::Region(region)),
+                asynchronous,
+            });
             self.enqueue_plain(&mut st, op)?;
             if !asynchronous {
                 // The caller may reuse its buffer once this returns.
@@ -815,7 +820,7 @@ impl Session {
             }
             return Ok(());
         }
-        self.htod_locked(&mut st, dst, src, stream)?;
+        self.htod_locked(&mut st, dst, src, stream, asynchronous)?;
         // Into managed or mapped memory: the host half has the bytes at once.
         if !st.mirrors.is_empty() {
             st.mirrors.copy_in(dst, src);
@@ -823,14 +828,16 @@ impl Session {
         Ok(())
     }
 
-    fn htod_locked(&self, st: &mut State, dst: u64, src: &[u8], stream: StreamId) -> Result<()> {
+    /// `asynchronous`: the caller's copy is ordered on the stream only (the
+    /// server need not wait for it before the next call).
+    fn htod_locked(&self, st: &mut State, dst: u64, src: &[u8], stream: StreamId, asynchronous: bool) -> Result<()> {
         st.space.check_access(dst, src.len() as u64)?;
         // Staged and not yet copied at most twice the largest piece the
         // server stages whole (half its bound for the session).
         let in_flight = 2 * self.copy_piece();
         let piece = PIPELINE_PIECE.min(self.copy_piece());
         if src.len() <= piece {
-            return self.htod_piece(st, dst, src, stream);
+            return self.htod_piece(st, dst, src, stream, asynchronous);
         }
         // Pieces, each copy queued once staged: the server copies one to
         // the device while the next is staged. Past `in_flight` staged
@@ -842,7 +849,7 @@ impl Session {
                 self.call(st, Op::StreamSynchronize(v1::StreamSynchronize { stream: stream.0 }))?;
                 staged = 0;
             }
-            self.htod_piece(st, dst + (i * piece) as u64, part, stream)?;
+            self.htod_piece(st, dst + (i * piece) as u64, part, stream, asynchronous)?;
             staged += part.len();
         }
         Ok(())
@@ -857,15 +864,13 @@ impl Session {
         usize::try_from(piece).unwrap_or(usize::MAX).max(MIN_COPY_PIECE)
     }
 
-    fn htod_piece(&self, st: &mut State, dst: u64, src: &[u8], stream: StreamId) -> Result<()> {
+    fn htod_piece(&self, st: &mut State, dst: u64, src: &[u8], stream: StreamId, asynchronous: bool) -> Result<()> {
+        let copy =
+            |source| Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(source), asynchronous });
         match self.host_bytes(st, src)? {
-            HostBytes::Inline(p) => {
-                let op = Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Inline(p)) });
-                self.enqueue_plain(st, op)
-            }
+            HostBytes::Inline(p) => self.enqueue_plain(st, copy(Source::Inline(p))),
             HostBytes::Staged(staged) => {
-                let op = Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Staged(staged)) });
-                self.enqueue_plain(st, op)?;
+                self.enqueue_plain(st, copy(Source::Staged(staged)))?;
                 // The staged bytes wait in server memory until the copy runs.
                 self.flush_locked(st)
             }
@@ -934,7 +939,12 @@ impl Session {
         st.space.check_access(dst, len as u64)?;
         self.enqueue(
             &mut st,
-            Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: stream.0, source: Some(Source::Region(region)) }),
+            Op::MemcpyHtod(v1::MemcpyHtoD {
+                dst,
+                stream: stream.0,
+                source: Some(Source::Region(region)),
+                asynchronous: true,
+            }),
         )
     }
 

@@ -66,15 +66,19 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (number(), number()).prop_map(|(addr, size)| Op::MemMap(v1::MemMap { addr, size })),
         number().prop_map(|addr| Op::MemUnmap(v1::MemUnmap { addr })),
-        (number(), small(), data()).prop_map(|(dst, stream, p)| Op::MemcpyHtod(v1::MemcpyHtoD {
-            dst,
-            stream,
-            source: Some(v1::memcpy_hto_d::Source::Inline(p)),
-        })),
+        (number(), small(), data(), any::<bool>()).prop_map(|(dst, stream, p, asynchronous)| {
+            Op::MemcpyHtod(v1::MemcpyHtoD {
+                dst,
+                stream,
+                source: Some(v1::memcpy_hto_d::Source::Inline(p)),
+                asynchronous,
+            })
+        }),
         (number(), number(), number()).prop_map(|(dst, transfer_id, size)| Op::MemcpyHtod(v1::MemcpyHtoD {
             dst,
             stream: 0,
             source: Some(v1::memcpy_hto_d::Source::Staged(v1::StagedRef { transfer_id, size })),
+            asynchronous: false,
         })),
         (number(), number(), small()).prop_map(|(src, size, stream)| Op::MemcpyDtoh(v1::MemcpyDtoH {
             src,
@@ -95,6 +99,7 @@ fn op() -> impl Strategy<Value = Op> {
                 dst,
                 stream: 0,
                 source: Some(v1::memcpy_hto_d::Source::Region(v1::HostRegionRef { region, offset, size })),
+                asynchronous: true,
             })
         }),
         (number(), number(), number()).prop_map(|(dst, src, size)| Op::MemcpyDtod(v1::MemcpyDtoD {

@@ -581,8 +581,16 @@ impl<S: BackendSession> SessionState<S> {
         let size = pieces.iter().map(|(_, b)| b.len() as u64).sum();
         self.check_range(c.dst, size, ACCESS_READWRITE)?;
         let stream = stream_of(&self.streams, c.stream)?;
+        // An asynchronous copy only queues (as from pageable memory
+        // natively); with mirrored ranges every copy completes first, as
+        // their shadows are compared at each call.
+        let queue_only = c.asynchronous && self.mirrors.is_empty();
         for (offset, data) in &pieces {
-            self.dev.write(stream, c.dst + offset, data)?;
+            if queue_only {
+                self.dev.write_async(stream, c.dst + offset, data)?;
+            } else {
+                self.dev.write(stream, c.dst + offset, data)?;
+            }
             // The client's bytes: a mirrored range's shadow takes them, so
             // only later device writes count as changes.
             self.mirrors.note_host_write(c.dst + offset, data);
@@ -1071,8 +1079,11 @@ pub(crate) mod tests {
         // The client writes zeros (a status word reset), the device writes
         // the same value as before: a change against what the client sent.
         let zeros = payload::encode(Bytes::from(vec![0u8; 4]), Compression::Off);
-        let reset =
-            Op::MemcpyHtod(v1::MemcpyHtoD { dst: b + 4096 + 10, stream: 0, source: Some(Source::Inline(zeros)) });
+        let reset = Op::MemcpyHtod(v1::MemcpyHtoD {
+            dst: b + 4096 + 10,
+            source: Some(Source::Inline(zeros)),
+            ..Default::default()
+        });
         let reply = s.execute_batch(batch(30, vec![reset, memset(b + 4096 + 10, 4), sync()]));
         assert_eq!(reply.mirrors.len(), 1, "{reply:?}");
         assert_eq!(&reply.mirrors[0].data[10..14], &[7; 4]);
@@ -1605,7 +1616,11 @@ pub(crate) mod tests {
 
     fn htod(s: &mut SessionState<impl BackendSession>, dst: u64, data: &'static [u8]) -> u32 {
         let inline = payload::encode(Bytes::from_static(data), Compression::Off);
-        code(s.execute(Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: 0, source: Some(Source::Inline(inline)) })))
+        code(s.execute(Op::MemcpyHtod(v1::MemcpyHtoD {
+            dst,
+            source: Some(Source::Inline(inline)),
+            ..Default::default()
+        })))
     }
 
     fn dtoh(s: &mut SessionState<impl BackendSession>, src: u64, size: u64) -> Result<Vec<u8>, u32> {
@@ -1660,6 +1675,40 @@ pub(crate) mod tests {
         assert_eq!(htod(&mut s, edge, &[1; 4]), cuda::INVALID_VALUE);
         assert_eq!(htod(&mut s, edge - 4, &[1; 4]), 0, "the mapping stays");
         assert_eq!(global(&mut s, 1, "counter"), Err(cuda::INVALID_HANDLE));
+    }
+
+    /// Asynchronous copies (the client's `cuMemcpyHtoDAsync`) only queue:
+    /// more of them than the CUDA backend's pinned ring holds at once, to
+    /// sixteen places over and over, land in order.
+    fn asynchronous_copies_land_in_order(s: &mut SessionState<impl BackendSession>) {
+        const PIECE: usize = 64 << 10;
+        let b = s.va_base();
+        assert_eq!(code(s.mem_map(b, s.limits.granularity)), 0);
+        let copies = 592; // 37 MiB through a 32 MiB ring, 37 rounds of 16
+        for i in 0..copies {
+            let data = payload::encode(Bytes::from(vec![i as u8; PIECE]), Compression::Off);
+            let dst = b + (i % 16 * PIECE) as u64;
+            let copy = v1::MemcpyHtoD { dst, source: Some(Source::Inline(data)), asynchronous: true, stream: 0 };
+            assert_eq!(code(s.execute(Op::MemcpyHtod(copy))), 0, "copy {i}");
+        }
+        for slot in 0..16 {
+            let last = (copies - 16 + slot) as u8;
+            let got = dtoh(s, b + (slot * PIECE) as u64, PIECE as u64).expect("read back");
+            assert!(got.iter().all(|&x| x == last), "slot {slot}: want {last}, got {}", got[0]);
+        }
+    }
+
+    #[test]
+    fn asynchronous_copies_land_in_order_emulated() {
+        asynchronous_copies_land_in_order(&mut session());
+    }
+
+    /// The same through the CUDA backend's pinned ring. Skipped where
+    /// there is no CUDA device.
+    #[test]
+    fn asynchronous_copies_land_in_order_on_a_gpu() {
+        let Some(mut s) = gpu_session() else { return };
+        asynchronous_copies_land_in_order(&mut s);
     }
 
     /// Module variables through the whole session on a real GPU: the

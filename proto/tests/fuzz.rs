@@ -108,6 +108,7 @@ fn seeds() -> Vec<Vec<u8>> {
             dst: 1 << 40,
             stream: 1,
             source: Some(v1::memcpy_hto_d::Source::Inline(lz4.clone())),
+            asynchronous: true,
         }),
         v1::call::Op::ModuleLoad(v1::ModuleLoad {
             module: 1,

@@ -66,6 +66,7 @@ int main(int argc, char **argv)
     CK(cudaMalloc(&counter, sizeof(unsigned)));
     CK(cudaMemset(counter, 0, sizeof(unsigned)));
     const double per_us = cycles_per_us(counter);
+    printf("CALIBRATION cycles_per_us=%.1f\n", per_us);
     std::vector<float> host(1024, 1.0f), back(1024);
     float *buf;
     CK(cudaMalloc(&buf, host.size() * sizeof(float)));
@@ -82,6 +83,21 @@ int main(int argc, char **argv)
         CK(cudaMemcpy(back.data(), buf, back.size() * sizeof(float), cudaMemcpyDeviceToHost));
         double t1 = now_ms();
         expected += launches;
+        // One kernel of the row alone, timed by events: its length on the
+        // GPU, apart from what the loop adds between kernels.
+        cudaEvent_t a, b;
+        CK(cudaEventCreate(&a));
+        CK(cudaEventCreate(&b));
+        CK(cudaEventRecord(a));
+        spin<<<132, 128>>>(cycles, counter);
+        CK(cudaEventRecord(b));
+        CK(cudaEventSynchronize(b));
+        float kernel_ms = 0;
+        CK(cudaEventElapsedTime(&kernel_ms, a, b));
+        CK(cudaEventDestroy(a));
+        CK(cudaEventDestroy(b));
+        expected += 1;
+        printf("KERNEL kernel_us=%d measured_us=%.2f\n", us, kernel_ms * 1000.0);
         printf("TIME kernel_us=%d launches=%d total_ms=%.3f per_launch_us=%.2f\n", us, launches, t1 - t0,
                (t1 - t0) * 1000.0 / launches);
     }

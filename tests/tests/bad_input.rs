@@ -186,10 +186,12 @@ fn unknown_ids_foreign_and_out_of_range_addresses_oversize_requests() {
     assert_eq!(b.memcpy_dtoh(&mut big, mine, StreamId::DEFAULT).expect_err("too long").code(), cuda::INVALID_VALUE);
     let raw_len = u64::from(b.welcome().max_inline_bytes) + 1;
     let payload = v1::Payload { codec: v1::Codec::Lz4 as i32, raw_len, data: Bytes::from_static(&[0]) };
-    let htod = v1::MemcpyHtoD { dst: mine, stream: 0, source: Some(v1::memcpy_hto_d::Source::Inline(payload)) };
+    let htod =
+        v1::MemcpyHtoD { source: Some(v1::memcpy_hto_d::Source::Inline(payload)), dst: mine, ..Default::default() };
     assert_eq!(call_code(b.raw_call(Op::MemcpyHtod(htod))), cuda::INVALID_VALUE);
     let staged = v1::StagedRef { transfer_id: 1 << 40, size: 1 << 50 };
-    let htod = v1::MemcpyHtoD { dst: mine, stream: 0, source: Some(v1::memcpy_hto_d::Source::Staged(staged)) };
+    let htod =
+        v1::MemcpyHtoD { source: Some(v1::memcpy_hto_d::Source::Staged(staged)), dst: mine, ..Default::default() };
     assert_eq!(call_code(b.raw_call(Op::MemcpyHtod(htod))), cuda::INVALID_VALUE);
     let memset = Op::Memset(v1::Memset { dst: mine, value: 0, element_size: 4, count: u64::MAX / 2, stream: 0 });
     assert_eq!(call_code(b.raw_call(memset)), cuda::INVALID_VALUE);

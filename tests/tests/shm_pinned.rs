@@ -144,7 +144,11 @@ fn ranges_outside_a_host_region_are_refused_and_the_session_goes_on() {
     // Region 1 is the session's first host region, REGION bytes long.
     let region = |offset: u64, size: u64| v1::HostRegionRef { region: 1, offset, size };
     let htod = |r: v1::HostRegionRef| {
-        Op::MemcpyHtod(v1::MemcpyHtoD { dst: dev, stream: 0, source: Some(v1::memcpy_hto_d::Source::Region(r)) })
+        Op::MemcpyHtod(v1::MemcpyHtoD {
+            dst: dev,
+            source: Some(v1::memcpy_hto_d::Source::Region(r)),
+            ..Default::default()
+        })
     };
     let refused = |op: Op, why: &str| {
         let e = s.raw_call(op).expect_err(why);
@@ -166,6 +170,7 @@ fn ranges_outside_a_host_region_are_refused_and_the_session_goes_on() {
         dst: 16,
         stream: 0,
         source: Some(v1::memcpy_hto_d::Source::Region(region(0, 4096))),
+        asynchronous: true,
     });
     refused(past, "outside the session's device memory");
 

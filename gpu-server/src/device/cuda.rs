@@ -20,6 +20,7 @@ mod driver;
 mod graph;
 mod link;
 mod nvrtc;
+mod pinned;
 mod resources;
 mod texture;
 
@@ -301,7 +302,7 @@ impl Backend for CudaDevice {
         let size = round_up(va_size, granularity)
             .ok_or_else(|| CallError::invalid_value(format!("address range of {va_size} bytes is too large")))?;
         let reservation = Reservation::at(self.inner.context.clone(), size, granularity, base)?;
-        Ok(CudaSession { device: self.inner.clone(), reservation: Rc::new(reservation) })
+        Ok(CudaSession { device: self.inner.clone(), reservation: Rc::new(reservation), ring: None })
     }
 }
 
@@ -312,6 +313,9 @@ impl Backend for CudaDevice {
 pub struct CudaSession {
     device: Arc<DeviceInner>,
     reservation: Rc<Reservation>,
+    /// Pinned staging of asynchronous copies to the device, made at the
+    /// first ([`pinned`]).
+    ring: Option<pinned::PinnedRing>,
 }
 
 /// Smallest host range a bulk copy pins for its duration: below it the
@@ -815,6 +819,17 @@ impl BackendSession for CudaSession {
                 driver::check(unsafe { sys::cuStreamSynchronize(s.raw) }, "cuStreamSynchronize")
             }
         }
+    }
+
+    fn write_async(&mut self, stream: Option<&Stream>, dst: u64, data: &[u8]) -> DeviceResult<()> {
+        if data.is_empty() || data.len() > pinned::MAX_RING_COPY {
+            return self.write(stream, dst, data);
+        }
+        let ring = match &mut self.ring {
+            Some(ring) => ring,
+            None => self.ring.insert(pinned::PinnedRing::new(self.device.context.clone())?),
+        };
+        ring.copy(raw_stream(stream), dst, data)
     }
 
     fn read_bulk(&mut self, src: u64, out: &mut [u8]) -> DeviceResult<()> {

@@ -494,6 +494,13 @@ pub trait BackendSession: 'static {
     fn link(&mut self, request: &LinkRequest) -> DeviceResult<LinkOutput>;
     fn write(&mut self, stream: Option<&Self::Stream>, dst: u64, data: &[u8]) -> DeviceResult<()>;
     fn read(&mut self, stream: Option<&Self::Stream>, src: u64, out: &mut [u8]) -> DeviceResult<()>;
+    /// [`Self::write`] for a client's asynchronous copy: ordered on the
+    /// stream only, so it may return before the copy has run (a backend
+    /// keeps the bytes in its own memory until then); this default is the
+    /// synchronous [`Self::write`].
+    fn write_async(&mut self, stream: Option<&Self::Stream>, dst: u64, data: &[u8]) -> DeviceResult<()> {
+        self.write(stream, dst, data)
+    }
     /// [`Self::read`] on the legacy stream of a large range into host
     /// memory the caller owns (a swap-out): a backend may pin `out` for
     /// the copy's duration, so it goes by DMA rather than through the

@@ -439,7 +439,7 @@ mod tests {
         assert_eq!(inline(&reply), data[G as usize + 100..G as usize + 4196]);
         assert_eq!(contents(&mut s, whole, 2 * G), data);
         let source = Some(Source::Inline(payload::encode(vec![1u8; 16].into(), Compression::Off)));
-        let write = Op::MemcpyHtod(v1::MemcpyHtoD { dst: alias, stream: 0, source });
+        let write = Op::MemcpyHtod(v1::MemcpyHtoD { dst: alias, source, ..Default::default() });
         assert_eq!(code(s.execute(write)), cuda::INVALID_VALUE, "still read-only");
         assert!(s.dev.write(None, alias, &[1]).is_err(), "read-only on the device too");
         // The tables are whole again: unmapping and releasing work as before.

@@ -470,7 +470,11 @@ mod tests {
 
     fn htod(s: &mut SessionState<EmulatedSession>, dst: u64, data: Vec<u8>) -> u32 {
         let inline = payload::encode(Bytes::from(data), Compression::Off);
-        code(s.execute(Op::MemcpyHtod(v1::MemcpyHtoD { dst, stream: 0, source: Some(Source::Inline(inline)) })))
+        code(s.execute(Op::MemcpyHtod(v1::MemcpyHtoD {
+            dst,
+            source: Some(Source::Inline(inline)),
+            ..Default::default()
+        })))
     }
 
     fn dtoh(s: &mut SessionState<EmulatedSession>, src: u64, size: u64) -> Result<Vec<u8>, u32> {
