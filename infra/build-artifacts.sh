@@ -3,6 +3,8 @@
 #   gpupool-server, gpupool-balancer     uploaded to the artifact bucket
 #   gpupool-layer-ARCH.zip               the Lambda layer      } lambda-layer/build.sh
 #   gpupool-lambda-example-ARCH.zip      the example function  } (ARCH: x86_64, arm64)
+#   monitoring/prometheus-*.tar.gz,      the monitoring host's releases (fetch-monitoring.py:
+#   monitoring/grafana-*.tar.gz          official URLs, sha256 pinned in monitoring/releases.json)
 #
 # The server and balancer link against the build host's glibc: build on a
 # system no newer than the oldest target (Amazon Linux 2023, glibc 2.34, runs
@@ -11,8 +13,10 @@
 # checks the Lambda binaries against glibc 2.34 itself.
 #
 # Usage: infra/build-artifacts.sh [OUT_DIR]   (default target/infra)
-# Env:   ARCH   the Lambda architecture (x86_64 default, or arm64; the
-#               example root's lambda_architecture)
+# Env:   ARCH        the Lambda architecture (x86_64 default, or arm64; the
+#                    example root's lambda_architecture)
+#        MONITORING  0: skip the Prometheus and Grafana releases (the example
+#                    root's monitoring = { enabled = false })
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
@@ -27,6 +31,10 @@ done
 
 ARCH=$arch bash lambda-layer/build.sh "$out/lambda"
 cp "$out/lambda/gpupool-layer-$arch.zip" "$out/lambda/gpupool-lambda-example-$arch.zip" "$out/"
+
+if [[ ${MONITORING:-1} != 0 ]]; then
+    python3 infra/fetch-monitoring.py "$out"
+fi
 
 glibc=$(objdump -T "$out/gpupool-server" "$out/gpupool-balancer" 2>/dev/null |
     grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -n 1 || true)

@@ -1,6 +1,6 @@
 # A whole gpupool on AWS: network, KMS key and artifact bucket, balancer, GPU
-# server fleet, and the Lambda layer with the example function. infra/README.md
-# walks through it.
+# server fleet, the Lambda layer with the example function, and a monitoring
+# host (Prometheus and Grafana). infra/README.md walks through it.
 
 locals {
   # One place for the ports that the security groups open and the servers use.
@@ -13,12 +13,32 @@ locals {
     "bin/gpupool-server"   = "${local.artifacts}/gpupool-server"
     "bin/gpupool-balancer" = "${local.artifacts}/gpupool-balancer"
   }
+
+  # The monitoring host needs the metrics endpoints. Its Prometheus and
+  # Grafana releases are pinned (version, URL, sha256) in one file, which
+  # infra/fetch-monitoring.py downloads and verifies them from.
+  monitoring = var.monitoring.enabled && var.metrics_port != null
+  releases   = jsondecode(file("${path.module}/../../monitoring/releases.json"))
+  monitoring_artifacts = { for what, r in local.releases :
+    what => { key = "monitoring/${basename(r.url)}", path = "${local.artifacts}/monitoring/${basename(r.url)}" }
+  }
+
+  # The scrape configuration: the output prometheus_config and the monitoring
+  # host's /etc/prometheus/prometheus.yml are this one text.
+  prometheus_config = var.metrics_port == null ? null : templatefile("${path.module}/../../monitoring/prometheus.yml.tftpl", {
+    region           = var.region
+    balancer_address = module.balancer.address
+    metrics_port     = var.metrics_port
+    gpu_server_name  = "${var.name}-gpu-server"
+  })
 }
 
 module "foundation" {
-  source    = "../../modules/foundation"
-  name      = var.name
-  artifacts = local.binaries
+  source = "../../modules/foundation"
+  name   = var.name
+  artifacts = merge(local.binaries, local.monitoring ? {
+    for a in values(local.monitoring_artifacts) : a.key => a.path
+  } : {})
 }
 
 module "network" {
@@ -91,5 +111,36 @@ module "lambda" {
   client_secret      = module.balancer.tenant_secrets[var.lambda_tenant]
   balancer_ca_pem    = module.balancer.tls_ca_pem
   max_concurrency    = var.lambda_max_concurrency
+  log_retention_days = var.log_retention_days
+}
+
+module "monitoring" {
+  source                   = "../../modules/monitoring"
+  count                    = local.monitoring ? 1 : 0
+  name                     = var.name
+  kms_key_arn              = module.foundation.kms_key_arn
+  vpc_id                   = module.network.vpc_id
+  vpc_cidr                 = module.network.vpc_cidr
+  subnet_id                = module.network.private_subnet_ids[0]
+  scrape_security_group_id = module.network.monitoring_security_group_id
+  allowed_cidrs            = var.monitoring.allowed_cidrs
+  instance_type            = var.monitoring.instance_type
+  volume_size_gib          = var.monitoring.volume_size_gib
+  retention                = var.monitoring.retention
+  artifact_bucket          = module.foundation.artifact_bucket
+  prometheus = {
+    version        = local.releases.prometheus.version
+    sha256         = local.releases.prometheus.sha256
+    key            = local.monitoring_artifacts.prometheus.key
+    object_version = module.foundation.artifact_versions[local.monitoring_artifacts.prometheus.key]
+  }
+  grafana = {
+    version        = local.releases.grafana.version
+    sha256         = local.releases.grafana.sha256
+    key            = local.monitoring_artifacts.grafana.key
+    object_version = module.foundation.artifact_versions[local.monitoring_artifacts.grafana.key]
+  }
+  prometheus_config  = local.prometheus_config
+  dashboard_json     = file("${path.module}/../../monitoring/grafana-dashboard.json")
   log_retention_days = var.log_retention_days
 }

@@ -64,16 +64,23 @@ output "log_groups" {
 }
 
 output "monitoring_security_group_id" {
-  description = "Attach to the Prometheus host: it may scrape the pool's /metrics (metrics_port)."
+  description = "The monitoring host's scrape group (attach it to a Prometheus host of your own, too): it may scrape the pool's /metrics (metrics_port) and call the AWS API endpoints."
   value       = module.network.monitoring_security_group_id
 }
 
 output "prometheus_config" {
-  description = "Prometheus scrape configuration for this pool (infra/monitoring/prometheus.yml.tftpl filled in: terraform output -raw prometheus_config > prometheus.yml); null when metrics_port is null."
-  value = var.metrics_port == null ? null : templatefile("${path.module}/../../monitoring/prometheus.yml.tftpl", {
-    region           = var.region
-    balancer_address = module.balancer.address
-    metrics_port     = var.metrics_port
-    gpu_server_name  = "${var.name}-gpu-server"
-  })
+  description = "Prometheus scrape configuration for this pool (infra/monitoring/prometheus.yml.tftpl filled in; the monitoring host runs exactly this: terraform output -raw prometheus_config > prometheus.yml); null when metrics_port is null."
+  value       = local.prometheus_config
+}
+
+output "monitoring" {
+  description = "The monitoring host (null when monitoring.enabled is false or metrics_port null): instance id, private address, Prometheus and Grafana URLs inside the VPC, the secret with Grafana's admin password (user admin), its log group."
+  value = local.monitoring ? {
+    instance_id              = module.monitoring[0].instance_id
+    address                  = module.monitoring[0].address
+    prometheus_url           = module.monitoring[0].prometheus_url
+    grafana_url              = module.monitoring[0].grafana_url
+    grafana_admin_secret_arn = module.monitoring[0].grafana_admin_secret_arn
+    log_group                = module.monitoring[0].log_group
+  } : null
 }

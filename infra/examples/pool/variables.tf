@@ -125,3 +125,15 @@ variable "metrics_port" {
   type        = number
   default     = 9464
 }
+
+variable "monitoring" {
+  description = "The monitoring host (modules/monitoring; needs metrics_port): Prometheus and Grafana on one private instance. allowed_cidrs (null: the VPC's CIDR) may reach Prometheus (9090) and Grafana (3000); volume_size_gib holds Prometheus' samples for retention. Its releases are pinned in infra/monitoring/releases.json."
+  type = object({
+    enabled         = optional(bool, true)
+    instance_type   = optional(string, "t3.small")
+    allowed_cidrs   = optional(list(string))
+    volume_size_gib = optional(number, 30)
+    retention       = optional(string, "30d")
+  })
+  default = {}
+}

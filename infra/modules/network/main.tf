@@ -1,23 +1,37 @@
 # The pool's private network: a VPC with one private subnet per zone and no
 # internet gateway or NAT. Instances reach AWS APIs through VPC endpoints (S3
 # as a gateway endpoint; SSM, Secrets Manager and CloudWatch Logs as interface
-# endpoints), and Lambda reaches nothing but the pool. Security groups:
+# endpoints, and EC2 for Prometheus' service discovery while metrics are on),
+# and Lambda reaches nothing but the pool. Security groups:
 # - client: Lambda functions (and any other client given this group); may
 #   send QUIC (UDP) to gpu-servers and gRPC (TCP) to the balancer, nothing else;
 # - gpu_server: accepts QUIC only from clients; may call the balancer and the
 #   endpoints;
 # - balancer: accepts gRPC only from clients and gpu-servers; may call the
 #   endpoints;
-# - endpoints: accepts HTTPS only from gpu-servers and the balancer.
+# - monitoring: Prometheus (modules/monitoring, or the operator's own host);
+#   may scrape the gpu-servers' and the balancer's metrics port and call the
+#   endpoints;
+# - endpoints: accepts HTTPS only from gpu-servers, the balancer and
+#   monitoring.
 
 data "aws_region" "current" {}
 
 locals {
   region = data.aws_region.current.name
   # Session Manager needs the three ssm* endpoints; secretsmanager serves the
-  # pool's secrets and logs the CloudWatch agent.
-  interface_endpoints = toset(["ssm", "ssmmessages", "ec2messages", "secretsmanager", "logs"])
-  subnet_bits         = 2
+  # pool's secrets and logs the CloudWatch agent. Prometheus finds the
+  # gpu-servers through the EC2 API (ec2_sd_configs), so ec2 comes with the
+  # metrics endpoints.
+  interface_endpoints = toset(concat(["ssm", "ssmmessages", "ec2messages", "secretsmanager", "logs"], var.metrics_port == null ? [] : ["ec2"]))
+  # Instances that call AWS APIs: through the interface endpoints and S3's
+  # gateway endpoint.
+  api_callers = {
+    gpu_server = aws_security_group.gpu_server.id
+    balancer   = aws_security_group.balancer.id
+    monitoring = aws_security_group.monitoring.id
+  }
+  subnet_bits = 2
 }
 
 resource "aws_vpc" "this" {
@@ -143,9 +157,9 @@ resource "aws_security_group" "endpoints" {
 }
 
 resource "aws_security_group" "monitoring" {
-  #checkov:skip=CKV2_AWS_5:Attached by the operator's Prometheus host (outside these modules) through this module's output monitoring_security_group_id.
+  #checkov:skip=CKV2_AWS_5:Attached by the Prometheus host (modules/monitoring, or the operator's own) through this module's output monitoring_security_group_id; checkov does not follow the id across module boundaries.
   name_prefix = "${var.name}-monitoring-"
-  description = "gpupool scrapers (Prometheus): may reach the gpu-servers' and the balancer's /metrics only"
+  description = "gpupool scrapers (Prometheus): may reach the gpu-servers' and the balancer's /metrics and the AWS API endpoints only"
   vpc_id      = aws_vpc.this.id
   tags        = { Name = "${var.name}-monitoring" }
   lifecycle {
@@ -258,10 +272,7 @@ resource "aws_vpc_security_group_egress_rule" "gpu_balancer" {
 
 # Instances -> AWS APIs (interface endpoints, and S3 through its gateway endpoint).
 resource "aws_vpc_security_group_ingress_rule" "endpoints_from_instances" {
-  for_each = {
-    gpu_server = aws_security_group.gpu_server.id
-    balancer   = aws_security_group.balancer.id
-  }
+  for_each                     = local.api_callers
   security_group_id            = aws_security_group.endpoints.id
   description                  = "HTTPS to AWS APIs from the ${each.key} instances"
   ip_protocol                  = "tcp"
@@ -271,10 +282,7 @@ resource "aws_vpc_security_group_ingress_rule" "endpoints_from_instances" {
 }
 
 resource "aws_vpc_security_group_egress_rule" "instances_to_endpoints" {
-  for_each = {
-    gpu_server = aws_security_group.gpu_server.id
-    balancer   = aws_security_group.balancer.id
-  }
+  for_each                     = local.api_callers
   security_group_id            = each.value
   description                  = "HTTPS to the VPC interface endpoints"
   ip_protocol                  = "tcp"
@@ -284,10 +292,7 @@ resource "aws_vpc_security_group_egress_rule" "instances_to_endpoints" {
 }
 
 resource "aws_vpc_security_group_egress_rule" "instances_to_s3" {
-  for_each = {
-    gpu_server = aws_security_group.gpu_server.id
-    balancer   = aws_security_group.balancer.id
-  }
+  for_each          = local.api_callers
   security_group_id = each.value
   description       = "HTTPS to S3 through the gateway endpoint (artifacts, OS packages, CloudWatch agent)"
   ip_protocol       = "tcp"

@@ -29,6 +29,11 @@ output "interface_endpoints" {
 }
 
 output "monitoring_security_group_id" {
-  description = "Security group to attach to the Prometheus host: it may scrape the gpu-servers' and the balancer's /metrics on metrics_port."
+  description = "Security group of the Prometheus host (modules/monitoring attaches it; or attach it to your own): it may scrape the gpu-servers' and the balancer's /metrics on metrics_port and call the AWS API endpoints (EC2 service discovery)."
   value       = aws_security_group.monitoring.id
+}
+
+output "vpc_cidr" {
+  description = "CIDR block of the VPC."
+  value       = aws_vpc.this.cidr_block
 }
