@@ -11,6 +11,7 @@
 # gpupool once more per variant with those variables set (client settings
 # such as GPUPOOL_BATCH_DELAY_US), against the same native run.
 # BENCH_LOOP=0 leaves bench_loop out; with PROGRAMS=none nothing is built.
+# PROGRAM_TIMEOUT: seconds each program may run, natively and remote (300).
 #
 # Usage: bench/dropin.sh BIN_DIR OUT_DIR
 #   BIN_DIR holds gpupool-server and stub/ (libcuda.so.1, libcuda.so and,
@@ -75,9 +76,9 @@ failed=0
 run_pair() { # name command...
     local name=$1
     shift
-    timeout 300 bash -c 'native "$@"' _ "$@" >"$out/native/$name.out" 2>"$out/native/$name.err"
+    timeout "${PROGRAM_TIMEOUT:-300}" bash -c 'native "$@"' _ "$@" >"$out/native/$name.out" 2>"$out/native/$name.err"
     local nrc=$?
-    timeout 300 bash -c 'remote "$@"' _ "$@" >"$out/remote/$name.out" 2>"$out/remote/$name.err"
+    timeout "${PROGRAM_TIMEOUT:-300}" bash -c 'remote "$@"' _ "$@" >"$out/remote/$name.out" 2>"$out/remote/$name.err"
     local rrc=$?
     local same=no
     if diff <(compared "$out/native/$name.out") <(compared "$out/remote/$name.out") >"$out/$name.diff"; then

@@ -4,7 +4,8 @@
 #   gpupool-layer-ARCH.zip               the Lambda layer      } lambda-layer/build.sh
 #   gpupool-lambda-example-ARCH.zip      the example function  } (ARCH: x86_64, arm64)
 #   monitoring/prometheus-*.tar.gz,      the monitoring host's releases (fetch-monitoring.py:
-#   monitoring/grafana-*.tar.gz          official URLs, sha256 pinned in monitoring/releases.json)
+#   monitoring/grafana-*.tar.gz          official URLs, sha256 pinned in monitoring/releases.json;
+#                                        with MONITORING=1, for monitoring.enabled)
 #
 # The server and balancer link against the build host's glibc: build on a
 # system no newer than the oldest target (Amazon Linux 2023, glibc 2.34, runs
@@ -32,7 +33,7 @@ done
 ARCH=$arch bash lambda-layer/build.sh "$out/lambda"
 cp "$out/lambda/gpupool-layer-$arch.zip" "$out/lambda/gpupool-lambda-example-$arch.zip" "$out/"
 
-if [[ ${MONITORING:-1} != 0 ]]; then
+if [[ ${MONITORING:-0} != 0 ]]; then
     python3 infra/fetch-monitoring.py "$out"
 fi
 

@@ -127,9 +127,9 @@ variable "metrics_port" {
 }
 
 variable "monitoring" {
-  description = "The monitoring host (modules/monitoring; needs metrics_port): Prometheus and Grafana on one private instance. allowed_cidrs (null: the VPC's CIDR) may reach Prometheus (9090) and Grafana (3000); volume_size_gib holds Prometheus' samples for retention. Its releases are pinned in infra/monitoring/releases.json."
+  description = "The monitoring host (modules/monitoring; needs metrics_port): Prometheus and Grafana on one private instance, off until enabled (its releases must be pinned first: python3 infra/fetch-monitoring.py --pin). allowed_cidrs (null: the VPC's CIDR) may reach Prometheus (9090) and Grafana (3000); volume_size_gib holds Prometheus' samples for retention. Its releases are pinned in infra/monitoring/releases.json."
   type = object({
-    enabled         = optional(bool, true)
+    enabled         = optional(bool, false)
     instance_type   = optional(string, "t3.small")
     allowed_cidrs   = optional(list(string))
     volume_size_gib = optional(number, 30)
