@@ -127,6 +127,11 @@ pub struct ClientConfig {
     /// in shared memory instead of QUIC (docs/transport.md); false: the
     /// commands stay on QUIC (copies still go through memory).
     pub shm_commands: bool,
+    /// Asynchronous copies to the device (`cuMemcpyHtoDAsync`) from memory
+    /// outside a shared host region are only queued on the server, ordered
+    /// on their stream as natively (`docs/transport.md`); false: each
+    /// completes on the server before the next call, as synchronous ones do.
+    pub async_copies: bool,
     /// RDMA: whether to offer it, and the device (`docs/rdma.md`).
     pub rdma: RdmaOptions,
 }
@@ -201,6 +206,7 @@ impl ClientConfig {
             shm_region_bytes: DEFAULT_SHM_REGION_BYTES,
             shm_pinned_bytes: DEFAULT_SHM_PINNED_BYTES,
             shm_commands: true,
+            async_copies: true,
             rdma: RdmaOptions::default(),
         }
     }

@@ -339,6 +339,8 @@ struct Inner {
     /// Receives device printf output; without one it is held for
     /// [`Session::take_device_output`].
     sink: std::sync::OnceLock<Sink>,
+    /// [`ClientConfig::async_copies`].
+    async_copies: bool,
 }
 
 /// A session on a remote GPU. Cloning shares the session.
@@ -428,6 +430,7 @@ impl Session {
                 compression,
                 lease: None,
                 sink: std::sync::OnceLock::new(),
+                async_copies: config.async_copies,
             }),
         }
     }
@@ -820,7 +823,7 @@ impl Session {
             }
             return Ok(());
         }
-        self.htod_locked(&mut st, dst, src, stream, asynchronous)?;
+        self.htod_locked(&mut st, dst, src, stream, asynchronous && self.inner.async_copies)?;
         // Into managed or mapped memory: the host half has the bytes at once.
         if !st.mirrors.is_empty() {
             st.mirrors.copy_in(dst, src);

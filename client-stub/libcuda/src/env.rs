@@ -26,6 +26,7 @@
 //! | `GPUPOOL_BULK_CONNECTIONS` | extra QUIC connections for bulk copies when the server offers them (default 4; 0: copies share the session's connection) |
 //! | `GPUPOOL_SHM` | `off` (or `0`): keep copies on QUIC even when the server shares this host; default on: a client on the server's host attaches a shared-memory region and copies go through it |
 //! | `GPUPOOL_SHM_COMMANDS` | `off` (or `0`): keep the session's commands (batches, replies) on QUIC even with a shared-memory attachment; default on: they go through a command ring in shared memory when the server offers it (`GPUPOOL_SHM=off` turns this off too) |
+//! | `GPUPOOL_ASYNC_COPIES` | `off` (or `0`): every copy to the device from ordinary memory completes on the server before the next call; default on: an asynchronous one (`cuMemcpyHtoDAsync`, `cudaMemcpyAsync`) is only queued there, ordered on its stream as natively |
 //! | `GPUPOOL_SHM_MIB` | size of that region in MiB (default 32, at most 1024) |
 //! | `GPUPOOL_SHM_PINNED_MIB` | most pinned host memory (`cuMemHostAlloc`, `cudaMallocHost`) kept in host regions shared with the server, in MiB (default 8192; 0: pinned memory is plain memory); beyond it pinned allocations are plain memory |
 //! | `GPUPOOL_RDMA` | `off` (or `0`): never offer RDMA; default on: a client with an RDMA device (built with `rdma-verbs`) offers it, and its commands and copies go over RDMA when the server and the lease allow it (docs/rdma.md) |
@@ -84,6 +85,7 @@ fn on_off(
             problems.push(match name {
                 "GPUPOOL_SHM" => "GPUPOOL_SHM must be `on` or `off`",
                 "GPUPOOL_SHM_COMMANDS" => "GPUPOOL_SHM_COMMANDS must be `on` or `off`",
+                "GPUPOOL_ASYNC_COPIES" => "GPUPOOL_ASYNC_COPIES must be `on` or `off`",
                 _ => "GPUPOOL_RDMA must be `on` or `off`",
             });
             None
@@ -92,13 +94,14 @@ fn on_off(
 }
 
 /// Client tuning from the environment: `GPUPOOL_BULK_CONNECTIONS`,
-/// `GPUPOOL_SHM`, `GPUPOOL_SHM_COMMANDS`, `GPUPOOL_SHM_MIB`, `GPUPOOL_SHM_PINNED_MIB`, `GPUPOOL_RDMA`, `GPUPOOL_BATCH_DELAY_US`, `GPUPOOL_IO_SPIN_US` (`None`: not set).
+/// `GPUPOOL_SHM`, `GPUPOOL_SHM_COMMANDS`, `GPUPOOL_ASYNC_COPIES`, `GPUPOOL_SHM_MIB`, `GPUPOOL_SHM_PINNED_MIB`, `GPUPOOL_RDMA`, `GPUPOOL_BATCH_DELAY_US`, `GPUPOOL_IO_SPIN_US` (`None`: not set).
 #[derive(Debug, Default)]
 struct Tuning {
     bulk_connections: Option<usize>,
     shm_region_bytes: Option<usize>,
     shm_pinned_bytes: Option<usize>,
     shm_commands: Option<bool>,
+    async_copies: Option<bool>,
     rdma: Option<bool>,
     batch_delay: Option<Option<std::time::Duration>>,
     io_spin: Option<std::time::Duration>,
@@ -117,6 +120,7 @@ impl Tuning {
         let shm_on = on_off(lookup, "GPUPOOL_SHM", &mut problems).unwrap_or(true);
         t.rdma = on_off(lookup, "GPUPOOL_RDMA", &mut problems);
         t.shm_commands = on_off(lookup, "GPUPOOL_SHM_COMMANDS", &mut problems);
+        t.async_copies = on_off(lookup, "GPUPOOL_ASYNC_COPIES", &mut problems);
         match lookup("GPUPOOL_SHM_MIB").map(|v| v.trim().parse::<usize>()) {
             None => {}
             Some(Ok(n)) if (1..=1024).contains(&n) => t.shm_region_bytes = Some(n << 20),
@@ -161,6 +165,9 @@ impl Tuning {
         }
         if let Some(on) = self.shm_commands {
             config.shm_commands = on;
+        }
+        if let Some(on) = self.async_copies {
+            config.async_copies = on;
         }
         if let Some(d) = self.batch_delay {
             config.batch.max_delay = d;
@@ -412,6 +419,12 @@ mod tests {
         assert_ne!(template.shm_region_bytes, 0, "copies still through shared memory");
         let bad = target_from_lookup(lookup(&[("GPUPOOL_LEASE_FILE", "/x"), ("GPUPOOL_SHM_COMMANDS", "x")]));
         assert!(bad.is_err_and(|e| e.contains("GPUPOOL_SHM_COMMANDS must be")));
+        assert!(template.async_copies, "asynchronous copies only queue by default");
+        let sync = target_from_lookup(lookup(&[("GPUPOOL_LEASE_FILE", "/x"), ("GPUPOOL_ASYNC_COPIES", "off")]));
+        let Ok(Target::Handoff(_, template)) = sync else { panic!("a hand-off target") };
+        assert!(!template.async_copies, "GPUPOOL_ASYNC_COPIES=off");
+        let bad = target_from_lookup(lookup(&[("GPUPOOL_LEASE_FILE", "/x"), ("GPUPOOL_ASYNC_COPIES", "later")]));
+        assert!(bad.is_err_and(|e| e.contains("GPUPOOL_ASYNC_COPIES must be")));
         assert_eq!(c.trust, Trust::Fingerprint(pin));
     }
 
