@@ -146,7 +146,9 @@ struct Args {
     #[arg(long, env = "GPUPOOL_MAX_QUEUED_BATCH_MIB", default_value_t = ServerConfig::DEFAULT_MAX_QUEUED_BATCH_BYTES >> 20)]
     max_queued_batch_mib: u64,
     /// UDP ports for session worker processes, `LOW-HIGH` (default:
-    /// ephemeral ports), so that a firewall can allow exactly them.
+    /// ephemeral ports), so that a firewall can allow exactly them. Each
+    /// worker takes one for its endpoint and one for each bulk endpoint
+    /// (`--bulk-endpoints`).
     #[arg(long, env = "GPUPOOL_WORKER_PORTS", value_parser = parse_port_range)]
     worker_ports: Option<(u16, u16)>,
     /// Largest UDP payload; MTU discovery probes up to it (and up to what

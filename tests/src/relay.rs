@@ -93,14 +93,25 @@ impl Relay {
 
     pub fn with_faults(server: SocketAddr, faults: Faults) -> Self {
         let front = UdpSocket::bind("127.0.0.1:0").expect("bind relay");
+        Self::bridge(front, server, faults, Arc::default(), Arc::default())
+    }
+
+    /// Forwards between the client that sends to `front` and `server`,
+    /// with a pause switch and counts shared with other relays.
+    fn bridge(
+        front: UdpSocket,
+        server: SocketAddr,
+        faults: Faults,
+        paused: Arc<AtomicBool>,
+        counts: Arc<FaultCounts>,
+    ) -> Self {
         let back = UdpSocket::bind("127.0.0.1:0").expect("bind relay upstream");
         back.connect(server).expect("connect upstream");
         for s in [&front, &back] {
             s.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
         }
         let addr = front.local_addr().expect("relay address");
-        let (paused, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-        let counts = Arc::new(FaultCounts::default());
+        let stop = Arc::new(AtomicBool::new(false));
         let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
         let (front, back) = (Arc::new(front), Arc::new(back));
         let up = {
@@ -179,4 +190,73 @@ mod tests {
         let mut clean = Pipe::new(Faults::default(), 1, counts);
         assert_eq!(clean.pass(b"x"), vec![b"x".to_vec()]);
     }
+}
+
+/// Relays in front of a server and of the ports its worker processes
+/// listen on (`ServerConfig::worker_ports`), for network faults in sessions
+/// that a server hands to a worker: each relay listens on [`GROUP_IP`] at
+/// the port of what it fronts, so a client that reaches the server through
+/// the group follows the redirect through the group too (a client keeps
+/// the address it connected to and takes the port it is redirected to).
+/// One pause switch for all of them.
+#[derive(Debug)]
+pub struct Relays {
+    /// Where clients connect: the server's port on [`GROUP_IP`].
+    pub addr: SocketAddr,
+    paused: Arc<AtomicBool>,
+    /// The server's relay first.
+    relays: Vec<Relay>,
+}
+
+/// The loopback address the group's relays listen on (the servers of the
+/// tests listen on 127.0.0.1).
+pub const GROUP_IP: [u8; 4] = [127, 0, 0, 2];
+
+impl Relays {
+    /// Relays for `server` (on 127.0.0.1) and its worker ports `low..=high`.
+    pub fn start(server: SocketAddr, (low, high): (u16, u16), faults: Faults) -> Self {
+        let paused = Arc::new(AtomicBool::new(false));
+        // The server's own port first (it may lie in the range: a server
+        // listening on port 0 takes one of its worker ports).
+        let ports = std::iter::once(server.port()).chain((low..=high).filter(|&p| p != server.port()));
+        let relays: Vec<Relay> = ports
+            .map(|port| {
+                let front = UdpSocket::bind(SocketAddr::from((GROUP_IP, port))).expect("bind a group relay");
+                let target = SocketAddr::new(server.ip(), port);
+                let faults = Faults { seed: faults.seed ^ u64::from(port), ..faults };
+                Relay::bridge(front, target, faults, paused.clone(), Arc::default())
+            })
+            .collect();
+        Self { addr: relays[0].addr, paused, relays }
+    }
+
+    /// Datagrams forwarded by the relays of the worker ports (not the
+    /// server's): a session's traffic that followed its redirect here.
+    pub fn forwarded_to_workers(&self) -> u64 {
+        self.relays[1..].iter().map(|r| r.counts.forwarded.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Datagrams the relays dropped.
+    pub fn dropped(&self) -> u64 {
+        self.relays.iter().map(|r| r.counts.dropped.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Drops every datagram of every relay while `paused` (a partition).
+    pub fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+    }
+}
+
+/// `n` consecutive UDP ports free on 127.0.0.1 and on [`GROUP_IP`] now,
+/// for a server's worker ports fronted by [`Relays`].
+pub fn free_ports(n: u16) -> (u16, u16) {
+    let free = |port: u16| {
+        UdpSocket::bind(("127.0.0.1", port)).is_ok() && UdpSocket::bind(SocketAddr::from((GROUP_IP, port))).is_ok()
+    };
+    let start = 20_000 + (std::process::id() as u16 % 2000) * 16;
+    (0..2000u16)
+        .map(|i| 20_000 + (start - 20_000 + i * 16) % 32_000)
+        .find(|&low| (low..low + n).all(free))
+        .map(|low| (low, low + n - 1))
+        .expect("free ports")
 }

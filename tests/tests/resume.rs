@@ -2,13 +2,13 @@
 //! thawed Lambda environment; a network outage). A UDP relay between
 //! client and server drops every datagram while it is paused, so both ends
 //! reach their idle timeout; the client then reattaches to the session the
-//! server kept. Real QUIC, real server, in-process sessions (the relay
-//! cannot follow a redirect to a worker's port; the worker path is covered
-//! by `lambda-layer/ci-test.sh`, which freezes real processes).
+//! server kept. Real QUIC, real server, sessions in the server's process
+//! and, through a group of relays in front of the server and its worker
+//! ports ([`Relays`]), in a worker process.
 
 use gpupool_client::{ClientConfig, ClientError, Session, StreamId};
-use gpupool_tests::relay::Relay;
-use gpupool_tests::{TestServer, fresh_seed, random_bytes, short_idle_config, through_relay};
+use gpupool_tests::relay::{Faults, Relay, Relays, free_ports};
+use gpupool_tests::{TestServer, fresh_seed, isolated_config, random_bytes, short_idle_config, through_relay};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -97,4 +97,55 @@ fn a_session_past_its_grace_period_is_reported_gone() {
     assert!(text.contains("could not be resumed") && text.contains("not kept here"), "{text}");
     // The error is sticky, as a lost CUDA context is.
     assert!(s.synchronize().is_err());
+}
+
+/// A session in a worker process survives an outage longer than the idle
+/// timeout on both of its connections (to the server and to its worker),
+/// then a lossy network: the client reattaches through the server's
+/// redirect again and the session's memory and queued work are intact.
+#[test]
+fn a_worker_session_survives_an_outage_and_loss() {
+    let mut config = isolated_config().expect("worker binary");
+    config.idle_timeout = Duration::from_secs(1);
+    config.resume_grace = Duration::from_secs(20);
+    // Each process (the server, each worker) binds its endpoint and its
+    // bulk endpoints in the range.
+    let ports = free_ports(40);
+    config.worker_ports = Some(ports);
+    let srv = TestServer::start(config).expect("server starts");
+    let faults = Faults { loss: 0.02, duplicate: 0.02, reorder: 0.02, seed: fresh_seed() };
+    let relays = Relays::start(srv.addr, ports, Faults::default());
+    let s = Session::connect(&through_relay(srv.client_config(), relays.addr)).expect("session");
+    let n = (3 << 20) + 5;
+    let data = random_bytes(n, fresh_seed());
+    let dev = s.mem_alloc(n as u64).expect("alloc");
+    s.memcpy_htod(dev, &data, StreamId::DEFAULT).expect("upload");
+    s.synchronize().expect("sync");
+    s.memset(dev, 0x5a, 1, 16, StreamId::DEFAULT).expect("memset queued");
+
+    relays.pause(true);
+    std::thread::sleep(Duration::from_millis(2500));
+    relays.pause(false);
+
+    let mut back = vec![0u8; n];
+    s.memcpy_dtoh(&mut back, dev, StreamId::DEFAULT).expect("download after the outage");
+    assert!(back[..16].iter().all(|&b| b == 0x5a), "the queued memset ran once the session was back");
+    assert!(back[16..] == data[16..], "device memory survived the outage");
+    let m = srv.metrics.snapshot();
+    assert_eq!(m.sessions_opened, 1, "one session, resumed, not a new one");
+    assert!(m.resumptions >= 1, "the session was resumed: {m:?}");
+    assert!(relays.forwarded_to_workers() > 0, "the session's traffic went to its worker through the relays");
+    drop(s);
+    drop(relays);
+
+    // A second session through relays that lose, duplicate and reorder
+    // datagrams: every byte arrives as sent.
+    let lossy = Relays::start(srv.addr, ports, faults);
+    let s = Session::connect(&through_relay(srv.client_config(), lossy.addr)).expect("session through loss");
+    let dev = s.mem_alloc(n as u64).expect("alloc");
+    s.memcpy_htod(dev, &data, StreamId::DEFAULT).expect("upload through loss");
+    let mut back = vec![0u8; n];
+    s.memcpy_dtoh(&mut back, dev, StreamId::DEFAULT).expect("download through loss");
+    assert!(back == data, "bytes changed through a lossy network");
+    assert!(lossy.dropped() > 0, "the relays dropped datagrams");
 }

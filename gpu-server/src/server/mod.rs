@@ -486,8 +486,16 @@ impl BulkIo {
             .enable_all()
             .build()
             .map_err(|e| ServerError::Config(format!("cannot start the bulk I/O runtime: {e}")))?;
-        let endpoints = quic::bulk_endpoints(config, server_config, runtime.handle())?;
-        Ok(Self { runtime: Some(runtime), endpoints })
+        match quic::bulk_endpoints(config, server_config, runtime.handle()) {
+            Ok(endpoints) => Ok(Self { runtime: Some(runtime), endpoints }),
+            Err(e) => {
+                // Dropped here it would panic inside the caller's runtime (a
+                // worker binding in its own): the worker then died without
+                // reporting why (a bulk port it could not bind).
+                runtime.shutdown_background();
+                Err(e)
+            }
+        }
     }
 
     fn ports(&self) -> Vec<u16> {
