@@ -21,13 +21,12 @@ fn client(srv: &TestServer, relay: &Relay) -> ClientConfig {
     through_relay(srv.client_config(), relay.addr)
 }
 
-#[test]
-fn a_session_survives_an_outage_longer_than_the_idle_timeout() {
-    let srv = server(Duration::from_secs(20));
-    let relay = Relay::start(srv.addr);
-    let s = Session::connect(&client(&srv, &relay)).expect("session");
-    assert!(!s.welcome().resume_secret.is_empty(), "the server offers resumption");
-    let n = (3 << 20) + 5; // over the inline limit: bulk streams too
+/// Uploads bytes over the inline limit (bulk streams too), queues a memset,
+/// cuts the network for 2.5 s with `pause` (past both ends' 1 s idle
+/// timeout), and checks that the memset ran once the session was back and
+/// the rest of the memory survived.
+fn outage_keeps_memory(s: &Session, pause: impl Fn(bool)) {
+    let n = (3 << 20) + 5;
     let data = random_bytes(n, fresh_seed());
     let dev = s.mem_alloc(n as u64).expect("alloc");
     s.memcpy_htod(dev, &data, StreamId::DEFAULT).expect("upload");
@@ -35,14 +34,23 @@ fn a_session_survives_an_outage_longer_than_the_idle_timeout() {
     // Queued before the outage, sent after it.
     s.memset(dev, 0x5a, 1, 16, StreamId::DEFAULT).expect("memset queued");
 
-    relay.pause(true);
+    pause(true);
     std::thread::sleep(Duration::from_millis(2500));
-    relay.pause(false);
+    pause(false);
 
     let mut back = vec![0u8; n];
     s.memcpy_dtoh(&mut back, dev, StreamId::DEFAULT).expect("download after the outage");
     assert!(back[..16].iter().all(|&b| b == 0x5a), "the queued memset ran once the session was back");
     assert!(back[16..] == data[16..], "device memory survived the outage");
+}
+
+#[test]
+fn a_session_survives_an_outage_longer_than_the_idle_timeout() {
+    let srv = server(Duration::from_secs(20));
+    let relay = Relay::start(srv.addr);
+    let s = Session::connect(&client(&srv, &relay)).expect("session");
+    assert!(!s.welcome().resume_secret.is_empty(), "the server offers resumption");
+    outage_keeps_memory(&s, |paused| relay.pause(paused));
     // And again: the resumed connection carries on like the first.
     let dev2 = s.mem_alloc(64).expect("alloc");
     s.memcpy_htod(dev2, &[7u8; 64], StreamId::DEFAULT).expect("upload");
@@ -116,21 +124,7 @@ fn a_worker_session_survives_an_outage_and_loss() {
     let faults = Faults { loss: 0.02, duplicate: 0.02, reorder: 0.02, seed: fresh_seed() };
     let relays = Relays::start(srv.addr, ports, Faults::default());
     let s = Session::connect(&through_relay(srv.client_config(), relays.addr)).expect("session");
-    let n = (3 << 20) + 5;
-    let data = random_bytes(n, fresh_seed());
-    let dev = s.mem_alloc(n as u64).expect("alloc");
-    s.memcpy_htod(dev, &data, StreamId::DEFAULT).expect("upload");
-    s.synchronize().expect("sync");
-    s.memset(dev, 0x5a, 1, 16, StreamId::DEFAULT).expect("memset queued");
-
-    relays.pause(true);
-    std::thread::sleep(Duration::from_millis(2500));
-    relays.pause(false);
-
-    let mut back = vec![0u8; n];
-    s.memcpy_dtoh(&mut back, dev, StreamId::DEFAULT).expect("download after the outage");
-    assert!(back[..16].iter().all(|&b| b == 0x5a), "the queued memset ran once the session was back");
-    assert!(back[16..] == data[16..], "device memory survived the outage");
+    outage_keeps_memory(&s, |paused| relays.pause(paused));
     let m = srv.metrics.snapshot();
     assert_eq!(m.sessions_opened, 1, "one session, resumed, not a new one");
     assert!(m.resumptions >= 1, "the session was resumed: {m:?}");
@@ -140,6 +134,8 @@ fn a_worker_session_survives_an_outage_and_loss() {
 
     // A second session through relays that lose, duplicate and reorder
     // datagrams: every byte arrives as sent.
+    let n = (3 << 20) + 5;
+    let data = random_bytes(n, fresh_seed());
     let lossy = Relays::start(srv.addr, ports, faults);
     let s = Session::connect(&through_relay(srv.client_config(), lossy.addr)).expect("session through loss");
     let dev = s.mem_alloc(n as u64).expect("alloc");
