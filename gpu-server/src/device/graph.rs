@@ -45,15 +45,6 @@ impl ConditionalKind {
         }
     }
 
-    /// The driver's `CUgraphConditionalNodeType` value.
-    pub fn raw(self) -> u32 {
-        match self {
-            Self::If => 0,
-            Self::While => 1,
-            Self::Switch => 2,
-        }
-    }
-
     /// Whether a node of this kind may have `n` bodies (the driver's rule).
     pub fn takes_bodies(self, n: usize) -> bool {
         match self {

@@ -7,7 +7,7 @@ use super::driver::{self, warn_on_error};
 use super::resources::Context;
 use super::{Module, kernel_of, param_pointers};
 use crate::device::DeviceResult;
-use crate::device::graph::{Body, NodeKind};
+use crate::device::graph::{Body, ConditionalKind, NodeKind};
 use crate::error::CallError;
 use cudarc::driver::sys::{self, CUgraph, CUgraphExec, CUgraphNode};
 use std::sync::Arc;
@@ -51,7 +51,7 @@ impl Graph {
             // SAFETY: a node of this graph, destroyed once.
             driver::check(unsafe { sys::cuGraphDestroyNode(node) }, "cuGraphDestroyNode")?;
         }
-        fill(self.raw, self.context.raw, body)
+        fill(self.raw, &self.context, body)
     }
 
     pub(super) fn instantiate(&self, flags: u64) -> DeviceResult<GraphExec> {
@@ -85,19 +85,10 @@ impl Drop for GraphExec {
     }
 }
 
-/// A temporary graph for a child graph node (the driver copies it).
-struct Scratch(CUgraph);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        // SAFETY: made by cuGraphCreate in `fill`, destroyed only here.
-        warn_on_error(unsafe { sys::cuGraphDestroy(self.0) }, "cuGraphDestroy");
-    }
-}
-
 /// Adds `body`'s nodes to `graph`, bodies of conditional nodes into the
 /// graphs the driver made for them.
-fn fill(graph: CUgraph, ctx: sys::CUcontext, body: &Body<&Module>) -> DeviceResult<()> {
+fn fill(graph: CUgraph, context: &Arc<Context>, body: &Body<&Module>) -> DeviceResult<()> {
+    let ctx = context.raw;
     let mut made: Vec<CUgraphNode> = Vec::with_capacity(body.nodes.len());
     for (index, node) in body.nodes.iter().enumerate() {
         let deps: Vec<CUgraphNode> = node.deps.iter().map(|&d| made[d]).collect();
@@ -155,13 +146,11 @@ fn fill(graph: CUgraph, ctx: sys::CUcontext, body: &Body<&Module>) -> DeviceResu
                 (r, "cuGraphAddEmptyNode")
             }
             NodeKind::Child(child) => {
-                let mut raw: CUgraph = std::ptr::null_mut();
-                // SAFETY: valid out-pointer.
-                driver::check(unsafe { sys::cuGraphCreate(&mut raw, 0) }, "cuGraphCreate")?;
-                let scratch = Scratch(raw);
-                fill(scratch.0, ctx, child)?;
+                // A temporary graph: the driver copies it into the node.
+                let scratch = Graph::new(context.clone())?;
+                fill(scratch.raw, context, child)?;
                 // SAFETY: valid pointers; the driver clones the child graph.
-                let r = unsafe { sys::cuGraphAddChildGraphNode(&mut out, graph, deps_ptr, deps.len(), scratch.0) };
+                let r = unsafe { sys::cuGraphAddChildGraphNode(&mut out, graph, deps_ptr, deps.len(), scratch.raw) };
                 (r, "cuGraphAddChildGraphNode")
             }
             NodeKind::Conditional { handle, kind, bodies } => {
@@ -173,7 +162,7 @@ fn fill(graph: CUgraph, ctx: sys::CUcontext, body: &Body<&Module>) -> DeviceResu
                 // the one the type names.
                 let cond = unsafe { &mut p.__bindgen_anon_1.conditional };
                 cond.handle = *handle;
-                cond.type_ = conditional_type(kind.raw())?;
+                cond.type_ = conditional_type(*kind);
                 cond.size = size;
                 cond.ctx = ctx;
                 // SAFETY: valid pointers; no edge data (default edges).
@@ -194,7 +183,7 @@ fn fill(graph: CUgraph, ctx: sys::CUcontext, body: &Body<&Module>) -> DeviceResu
                     // SAFETY: the driver's array holds `size` graphs, alive
                     // as long as the node.
                     let body_graph = unsafe { *graphs.add(i) };
-                    fill(body_graph, ctx, b)?;
+                    fill(body_graph, context, b)?;
                 }
                 made.push(out);
                 continue;
@@ -206,12 +195,11 @@ fn fill(graph: CUgraph, ctx: sys::CUcontext, body: &Body<&Module>) -> DeviceResu
     Ok(())
 }
 
-fn conditional_type(raw: u32) -> DeviceResult<sys::CUgraphConditionalNodeType> {
+fn conditional_type(kind: ConditionalKind) -> sys::CUgraphConditionalNodeType {
     use sys::CUgraphConditionalNodeType as T;
-    Ok(match raw {
-        0 => T::CU_GRAPH_COND_TYPE_IF,
-        1 => T::CU_GRAPH_COND_TYPE_WHILE,
-        2 => T::CU_GRAPH_COND_TYPE_SWITCH,
-        other => return Err(CallError::invalid_value(format!("conditional node type {other}"))),
-    })
+    match kind {
+        ConditionalKind::If => T::CU_GRAPH_COND_TYPE_IF,
+        ConditionalKind::While => T::CU_GRAPH_COND_TYPE_WHILE,
+        ConditionalKind::Switch => T::CU_GRAPH_COND_TYPE_SWITCH,
+    }
 }
