@@ -167,7 +167,11 @@ fn op() -> impl Strategy<Value = Op> {
         (0u32..3, 0..functions + 1, small(), any::<i32>()).prop_map(|(module, function, attribute, value)| {
             Op::FuncSetAttribute(v1::FuncSetAttribute { module, function, attribute, value })
         }),
-        (small(), number()).prop_map(|(handle, size)| Op::VmmCreate(v1::VmmCreate { handle, size })),
+        (small(), number(), any::<bool>()).prop_map(|(handle, size, compressible)| Op::VmmCreate(v1::VmmCreate {
+            handle,
+            size,
+            compressible
+        })),
         (number(), number(), number(), small()).prop_map(|(addr, size, offset, handle)| Op::VmmMap(v1::VmmMap {
             addr,
             size,

@@ -40,9 +40,11 @@ gpu_cu=(vector_add matmul_tiled templated device_globals streams_events
         vmm_kernels jit_link
         device_printf launch_config cooperative ctx_limits
         graphs_kernels mempool_kernels tensor_map mapped_kernels managed_kernels
-        textures_kernels graph_conditional)
+        textures_kernels graph_conditional dynamic_parallelism
+        large_params)
 declare -A extra_libs=([cublas_sgemm]="-lcublas" [cublas_halfgemm]="-lcublas"
-                       [cufft_transforms]="-lcufft")
+                       [cufft_transforms]="-lcufft"
+                       [dynamic_parallelism]="-rdc=true -lcudadevrt")
 
 toolchain_args=()
 if ((build_gpu)); then toolchain_args+=(--with-cublas); fi

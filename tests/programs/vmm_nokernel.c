@@ -6,8 +6,9 @@
  * allocations side by side as one buffer; one allocation at two addresses),
  * sets access, copies and memsets across the seam, sees writes through the
  * alias, grows a buffer in place by mapping more of its reservation,
- * releases a handle while it is still mapped, and checks that bad requests
- * fail and leave the context working. Output is deterministic, so a native
+ * releases a handle while it is still mapped, asks for compressible memory
+ * (which holds data whether or not the device granted compression), and
+ * checks that bad requests fail and leave the context working. Output is deterministic, so a native
  * run and a run through the stub can be diffed.
  */
 #include <cuda.h>
@@ -173,6 +174,45 @@ int main(void)
     CK(cuMemAddressFree(r, 4 * g));
     CK(cuCtxSynchronize());
     printf("released ok\n");
+
+    /* Compressible memory, where the device offers it: the allocation
+     * says whether it got compression, and holds data either way. */
+    int compression = 0;
+    CK(cuDeviceGetAttribute(
+        &compression, CU_DEVICE_ATTRIBUTE_GENERIC_COMPRESSION_SUPPORTED, dev));
+    CUmemAllocationProp cprop = prop;
+    cprop.allocFlags.compressionType = CU_MEM_ALLOCATION_COMP_GENERIC;
+    size_t cg = 0;
+    CK(cuMemGetAllocationGranularity(&cg, &cprop,
+                                     CU_MEM_ALLOC_GRANULARITY_MINIMUM));
+    REQUIRE(cg > 0, "compressible granularity %zu", cg);
+    size_t csize = (2 * g + cg - 1) / cg * cg;
+    CUmemGenericAllocationHandle ch;
+    CK(cuMemCreate(&ch, csize, &cprop, 0));
+    memset(&got, 0, sizeof got);
+    CK(cuMemGetAllocationPropertiesFromHandle(&got, ch));
+    int granted = got.allocFlags.compressionType == CU_MEM_ALLOCATION_COMP_GENERIC;
+    REQUIRE(compression || !granted, "compression granted on a device without it");
+    printf("compression supported %d, granted %d\n", compression != 0, granted);
+    CUdeviceptr cr = 0;
+    CK(cuMemAddressReserve(&cr, csize, 0, 0, 0));
+    CK(cuMemMap(cr, csize, 0, ch, 0));
+    CK(cuMemRelease(ch));
+    set_rw(cr, csize);
+    uint8_t *csrc = malloc(csize), *cback = malloc(csize);
+    REQUIRE(csrc && cback, "out of host memory");
+    fill(csrc, csize, 9);
+    memset(csrc + csize / 2, 0, csize / 4); /* something to compress */
+    CK(cuMemcpyHtoD(cr, csrc, csize));
+    CK(cuMemsetD8(cr + csize / 2 + csize / 4, 0x5a, 4096));
+    memset(csrc + csize / 2 + csize / 4, 0x5a, 4096);
+    CK(cuMemcpyDtoH(cback, cr, csize));
+    expect_bytes("compressible memory", cback, csrc, csize);
+    CK(cuMemUnmap(cr, csize));
+    CK(cuMemAddressFree(cr, csize));
+    free(csrc);
+    free(cback);
+    printf("compressible allocation ok\n");
 
     /* Plain allocations still work next to all this. */
     CUdeviceptr p;

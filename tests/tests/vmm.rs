@@ -120,7 +120,7 @@ async fn bad_vmm_requests_from_a_raw_client_get_error_replies() {
         assert_eq!(p, base);
         s.memcpy_htod(p, &[7; 4], StreamId::DEFAULT).expect("write");
 
-        let create = |handle, size| Op::VmmCreate(v1::VmmCreate { handle, size });
+        let create = |handle, size| Op::VmmCreate(v1::VmmCreate { handle, size, compressible: false });
         let map = |addr, size, offset, handle| Op::VmmMap(v1::VmmMap { addr, size, offset, handle });
         // Handles far above what the client core would pick.
         s.raw_call(create(1000, g)).expect("create");

@@ -9,8 +9,11 @@
 //! synchronizing call, as for `cuMemAlloc`.
 //!
 //! One device, pinned device memory only: host locations, managed
-//! allocations, compression, GPUDirect RDMA and shareable handles (IPC)
-//! answer `CUDA_ERROR_NOT_SUPPORTED` with a debug line saying why.
+//! allocations, GPUDirect RDMA and shareable handles (IPC) answer
+//! `CUDA_ERROR_NOT_SUPPORTED` with a debug line saying why. Compressible
+//! memory is asked of the server's driver (the one `cuMemCreate` that waits
+//! for the server): as natively, it may come without compression, which
+//! `cuMemGetAllocationPropertiesFromHandle` then reports.
 
 use crate::abi::{CuError, CuResult, get, put};
 use crate::runtime::Runtime;
@@ -76,6 +79,8 @@ const _: () = assert!(std::mem::size_of::<AccessDesc>() == std::mem::size_of::<C
 const TYPE_PINNED: u32 = 1;
 const TYPE_MANAGED: u32 = 2;
 const LOCATION_DEVICE: u32 = 1;
+/// `CU_MEM_ALLOCATION_COMP_GENERIC`.
+const COMP_GENERIC: u8 = 1;
 
 fn not_supported(why: &str) -> CuError {
     tracing::debug!("{why}: CUDA_ERROR_NOT_SUPPORTED");
@@ -105,8 +110,8 @@ fn check_prop(p: AllocationProp) -> CuResult {
             "shareable allocation handles (IPC) cannot cross a network; request CU_MEM_HANDLE_TYPE_NONE",
         ));
     }
-    if p.compression != 0 {
-        return Err(not_supported("compressible VMM memory is not offered"));
+    if p.compression > COMP_GENERIC {
+        return Err(CuError::INVALID_VALUE);
     }
     if p.rdma_capable != 0 {
         return Err(not_supported("GPUDirect RDMA-capable VMM memory is not offered"));
@@ -155,8 +160,13 @@ crate::exports! {
         if flags != 0 || handle.is_null() {
             return Err(CuError::INVALID_VALUE);
         }
-        check_prop(read_prop(prop)?)?;
-        let id = rt.session.mem_create(size as u64)?;
+        let p = read_prop(prop)?;
+        check_prop(p)?;
+        let id = if p.compression == COMP_GENERIC {
+            rt.session.mem_create_compressible(size as u64)?
+        } else {
+            rt.session.mem_create(size as u64)?
+        };
         // SAFETY: out-pointer per the CUDA API (checked above).
         unsafe { put(handle, handle_of(id)) }
     }
@@ -208,8 +218,13 @@ crate::exports! {
 
     fn cuMemGetAllocationPropertiesFromHandle(prop: *mut CUmemAllocationProp, handle: c_ulonglong) {
         let rt = Runtime::get()?;
-        rt.session.allocation_size(id_of(handle)?).ok_or(CuError::INVALID_VALUE)?;
-        let p = AllocationProp { kind: TYPE_PINNED, location_type: LOCATION_DEVICE, ..AllocationProp::default() };
+        let compressed = rt.session.allocation_compressed(id_of(handle)?).ok_or(CuError::INVALID_VALUE)?;
+        let p = AllocationProp {
+            kind: TYPE_PINNED,
+            location_type: LOCATION_DEVICE,
+            compression: if compressed { COMP_GENERIC } else { 0 },
+            ..AllocationProp::default()
+        };
         // SAFETY: out-pointer per the CUDA API; same layout as CUmemAllocationProp.
         unsafe { put(prop.cast::<AllocationProp>(), p) }
     }
@@ -272,7 +287,8 @@ mod tests {
         device.attributes.extend([(103, 1), (107, 1), (128, 1)]);
         let a = crate::device::visible_attributes(&device);
         assert_eq!(a.get(&102), Some(&1), "VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED");
-        for zero in [103, 104, 105, 107, 128] {
+        assert_eq!(a.get(&107), Some(&1), "GENERIC_COMPRESSION_SUPPORTED: the server's driver decides");
+        for zero in [103, 104, 105, 128] {
             assert_eq!(a.get(&zero), Some(&0), "attribute {zero}");
         }
     }
@@ -285,6 +301,7 @@ mod tests {
         assert_eq!(check_prop(AllocationProp { location_id: 1, ..ok }), Err(CuError::INVALID_DEVICE));
         assert_eq!(check_prop(AllocationProp { location_type: 2, ..ok }), Err(CuError::NOT_SUPPORTED));
         assert_eq!(check_prop(AllocationProp { kind: 0, ..ok }), Err(CuError::INVALID_VALUE));
-        assert_eq!(check_prop(AllocationProp { compression: 1, ..ok }), Err(CuError::NOT_SUPPORTED));
+        assert_eq!(check_prop(AllocationProp { compression: COMP_GENERIC, ..ok }), Ok(()), "compressible");
+        assert_eq!(check_prop(AllocationProp { compression: 2, ..ok }), Err(CuError::INVALID_VALUE));
     }
 }

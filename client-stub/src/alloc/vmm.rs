@@ -30,6 +30,8 @@ struct Handle {
     size: u64,
     refs: u32,
     maps: u32,
+    /// The server's driver granted compressible memory.
+    compressed: bool,
 }
 
 /// One `cuMemMap`.
@@ -150,8 +152,10 @@ impl AddressSpace {
     }
 
     /// `cuMemCreate`: a new handle for `size` bytes, counted against the
-    /// quota now; returns the call to queue.
-    pub fn create(&mut self, size: u64) -> Result<(AllocationId, Op)> {
+    /// quota now; returns the call to send (`compressible`: the
+    /// application asked for compressible memory, which the reply grants or
+    /// not, [`AddressSpace::set_compressed`]).
+    pub fn create(&mut self, size: u64, compressible: bool) -> Result<(AllocationId, Op)> {
         let g = self.granule;
         if size == 0 || !size.is_multiple_of(g) {
             return Err(invalid(format!("allocation of {size} bytes is not a multiple of the granularity {g}")));
@@ -164,14 +168,36 @@ impl AddressSpace {
         }
         self.vmm.next_handle = self.vmm.next_handle.checked_add(1).ok_or_else(|| invalid("out of handles".into()))?;
         let id = self.vmm.next_handle;
-        self.vmm.handles.insert(id, Handle { size, refs: 1, maps: 0 });
+        self.vmm.handles.insert(id, Handle { size, refs: 1, maps: 0, compressed: false });
         self.mapped += size;
-        Ok((AllocationId(id), Op::VmmCreate(v1::VmmCreate { handle: id, size })))
+        Ok((AllocationId(id), Op::VmmCreate(v1::VmmCreate { handle: id, size, compressible })))
+    }
+
+    /// Records what the server granted a compressible `create`.
+    pub fn set_compressed(&mut self, handle: AllocationId, compressed: bool) {
+        if let Some(h) = self.vmm.handles.get_mut(&handle.0) {
+            h.compressed = compressed;
+        }
+    }
+
+    /// Takes back a `create` the server refused: its handle and quota.
+    pub fn forget_created(&mut self, handle: AllocationId) {
+        if let Some(h) = self.vmm.handles.get_mut(&handle.0)
+            && h.maps == 0
+        {
+            h.refs = 0;
+            self.drop_if_unused(handle.0);
+        }
     }
 
     /// Size of a live handle's allocation.
     pub fn allocation_size(&self, handle: AllocationId) -> Option<u64> {
         self.vmm.handles.get(&handle.0).filter(|h| h.refs > 0).map(|h| h.size)
+    }
+
+    /// Whether a live handle's allocation is compressible.
+    pub fn allocation_compressed(&self, handle: AllocationId) -> Option<bool> {
+        self.vmm.handles.get(&handle.0).filter(|h| h.refs > 0).map(|h| h.compressed)
     }
 
     fn drop_if_unused(&mut self, handle: u32) {
@@ -333,10 +359,10 @@ mod tests {
     fn create_map_access_unmap_release() {
         let mut a = space();
         let r = a.reserve(4 * G, 0, 0).expect("reserve");
-        let (h, op) = a.create(2 * G).expect("create");
-        assert_eq!(op, Op::VmmCreate(v1::VmmCreate { handle: h.0, size: 2 * G }));
+        let (h, op) = a.create(2 * G, false).expect("create");
+        assert_eq!(op, Op::VmmCreate(v1::VmmCreate { handle: h.0, size: 2 * G, compressible: false }));
         assert_eq!(a.mapped(), 2 * G);
-        assert!(matches!(a.create(7 * G), Err(ClientError::OutOfMemory(_))), "quota, at once");
+        assert!(matches!(a.create(7 * G, false), Err(ClientError::OutOfMemory(_))), "quota, at once");
         a.map(r, 2 * G, 0, h).expect("map");
         a.map(r + 2 * G, G, G, h).expect("alias of the second half");
         assert!(matches!(a.map(r + G, G, 0, h), Err(ClientError::InvalidValue(_))), "overlap");
@@ -361,5 +387,23 @@ mod tests {
         a.release(h).expect("release the retained reference");
         assert_eq!(a.mapped(), 0);
         a.unreserve(r, 4 * G).expect("free");
+    }
+
+    #[test]
+    fn compressible_creates_ask_and_a_refused_one_gives_its_quota_back() {
+        let mut a = space();
+        let (h, op) = a.create(2 * G, true).expect("create");
+        assert_eq!(op, Op::VmmCreate(v1::VmmCreate { handle: h.0, size: 2 * G, compressible: true }));
+        assert_eq!(a.allocation_compressed(h), Some(false), "not until the server says so");
+        a.set_compressed(h, true);
+        assert_eq!(a.allocation_compressed(h), Some(true));
+        let (refused, _) = a.create(G, true).expect("create");
+        assert_eq!(a.mapped(), 3 * G);
+        a.forget_created(refused);
+        assert_eq!(a.mapped(), 2 * G, "the refused allocation's quota is back");
+        assert_eq!(a.allocation_compressed(refused), None);
+        assert!(matches!(a.release(refused), Err(ClientError::InvalidHandle(_))));
+        a.release(h).expect("release");
+        assert_eq!(a.allocation_compressed(h), None);
     }
 }

@@ -4,7 +4,8 @@
 
 use super::Session;
 use crate::alloc::AllocationId;
-use crate::error::Result;
+use crate::error::{ClientError, Result};
+use gpupool_proto::v1::call_result::Value;
 
 impl Session {
     /// The session's mapping granularity (`cuMemGetAllocationGranularity`).
@@ -31,9 +32,38 @@ impl Session {
     pub fn mem_create(&self, size: u64) -> Result<AllocationId> {
         let mut st = self.lock();
         Self::check_alive(&st)?;
-        let (handle, op) = st.space.create(size)?;
+        let (handle, op) = st.space.create(size, false)?;
         self.enqueue(&mut st, op)?;
         Ok(handle)
+    }
+
+    /// `cuMemCreate` asking for compressible memory: the one creation that
+    /// waits, for the server's driver to say whether it granted compression
+    /// (`cuMemGetAllocationPropertiesFromHandle` reports it, and programs
+    /// check it). A refusal takes the handle and its quota back.
+    pub fn mem_create_compressible(&self, size: u64) -> Result<AllocationId> {
+        let mut st = self.lock();
+        Self::check_alive(&st)?;
+        let (handle, op) = st.space.create(size, true)?;
+        match self.call(&mut st, op) {
+            Ok(Some(Value::Compressed(granted))) => {
+                st.space.set_compressed(handle, granted);
+                Ok(handle)
+            }
+            Ok(other) => {
+                st.space.forget_created(handle);
+                Err(ClientError::Protocol(format!("unexpected compressible allocation result {other:?}")))
+            }
+            Err(e) => {
+                st.space.forget_created(handle);
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether a live allocation handle's memory is compressible.
+    pub fn allocation_compressed(&self, handle: AllocationId) -> Option<bool> {
+        self.lock().space.allocation_compressed(handle)
     }
 
     /// `cuMemRelease`, queued.

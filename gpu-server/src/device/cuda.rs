@@ -323,6 +323,15 @@ pub struct CudaSession {
 const PIN_BULK_MIN: usize = 16 << 20;
 
 impl CudaSession {
+    /// `size` rounded up to the granularity, as `cuMemCreate` wants it.
+    fn allocation_size(&self, size: u64) -> DeviceResult<u64> {
+        if size == 0 {
+            return Err(CallError::invalid_value("cannot allocate 0 bytes"));
+        }
+        round_up(size, self.device.description.granularity)
+            .ok_or_else(|| CallError::invalid_value("allocation too large"))
+    }
+
     /// Pins `[ptr, ptr + len)` for one synchronous copy when it is large and
     /// page-aligned; `None` (the copy goes as a pageable one) otherwise or
     /// when the driver refuses (the range may be registered already).
@@ -715,12 +724,14 @@ impl BackendSession for CudaSession {
 
     /// `size` is rounded up to the granularity (as `cuMemAlloc` would).
     fn create(&mut self, size: u64) -> DeviceResult<Rc<Allocation>> {
-        let granularity = self.device.description.granularity;
-        if size == 0 {
-            return Err(CallError::invalid_value("cannot allocate 0 bytes"));
-        }
-        let size = round_up(size, granularity).ok_or_else(|| CallError::invalid_value("allocation too large"))?;
+        let size = self.allocation_size(size)?;
         Allocation::create(self.device.context.clone(), size).map(Rc::new)
+    }
+
+    fn create_compressible(&mut self, size: u64) -> DeviceResult<(Rc<Allocation>, bool)> {
+        let size = self.allocation_size(size)?;
+        let (allocation, compressed) = Allocation::create_compressible(self.device.context.clone(), size)?;
+        Ok((Rc::new(allocation), compressed))
     }
 
     /// `size` is rounded up to the granularity; `addr` and `offset` must

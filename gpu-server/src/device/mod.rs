@@ -477,6 +477,13 @@ pub trait BackendSession: 'static {
     }
     /// Creates `size` bytes of physical device memory, mapped nowhere.
     fn create(&mut self, size: u64) -> DeviceResult<Self::Allocation>;
+    /// [`Self::create`] asking for compressible memory
+    /// (`CU_MEM_ALLOCATION_COMP_GENERIC`); `true` with the allocation when
+    /// the device granted compression. As a driver may, a device without
+    /// it gives plain memory.
+    fn create_compressible(&mut self, size: u64) -> DeviceResult<(Self::Allocation, bool)> {
+        Ok((self.create(size)?, false))
+    }
     /// Maps `size` bytes of `allocation`, starting `offset` bytes into it,
     /// at `addr`. The range is inaccessible until [`Self::set_access`];
     /// the mapping keeps the allocation's memory alive.

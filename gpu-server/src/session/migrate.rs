@@ -435,7 +435,7 @@ mod tests {
         let setup = v1::Batch {
             seq: 1,
             calls: vec![
-                call(Op::VmmCreate(v1::VmmCreate { handle: 1, size: 2 * G })),
+                call(Op::VmmCreate(v1::VmmCreate { handle: 1, size: 2 * G, compressible: false })),
                 call(Op::VmmMap(v1::VmmMap { addr: whole, size: 2 * G, offset: 0, handle: 1 })),
                 call(Op::VmmMap(v1::VmmMap { addr: alias, size: G, offset: G, handle: 1 })),
                 call(Op::VmmSetAccess(v1::VmmSetAccess { addr: whole, size: 2 * G, flags: ACCESS_READWRITE })),
@@ -443,7 +443,7 @@ mod tests {
                 // Retained once more (two references).
                 call(Op::VmmRetain(v1::VmmRetain { handle: 1 })),
                 // A second allocation, released while mapped read-only.
-                call(Op::VmmCreate(v1::VmmCreate { handle: 2, size: G })),
+                call(Op::VmmCreate(v1::VmmCreate { handle: 2, size: G, compressible: false })),
                 call(Op::VmmMap(v1::VmmMap { addr: other, size: G, offset: 0, handle: 2 })),
                 call(Op::VmmSetAccess(v1::VmmSetAccess { addr: other, size: G, flags: ACCESS_READ })),
                 call(Op::VmmRelease(v1::VmmRelease { handle: 2 })),
@@ -535,7 +535,7 @@ mod tests {
         let setup = v1::Batch {
             seq: 1,
             calls: vec![
-                call(Op::VmmCreate(v1::VmmCreate { handle: 1, size: G })),
+                call(Op::VmmCreate(v1::VmmCreate { handle: 1, size: G, compressible: false })),
                 call(Op::VmmMap(v1::VmmMap { addr: base + G, size: G, offset: 0, handle: 1 })),
             ],
         };

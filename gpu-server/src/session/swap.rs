@@ -407,14 +407,14 @@ mod tests {
         // Allocation 1 mapped whole, and its second half again elsewhere,
         // read-only; allocation 2 mapped nowhere.
         let (whole, alias) = (b + 4 * G, b + 8 * G);
-        ok(&mut s, Op::VmmCreate(v1::VmmCreate { handle: 1, size: 2 * G }));
+        ok(&mut s, Op::VmmCreate(v1::VmmCreate { handle: 1, size: 2 * G, compressible: false }));
         ok(&mut s, Op::VmmMap(v1::VmmMap { addr: whole, size: 2 * G, offset: 0, handle: 1 }));
         ok(&mut s, Op::VmmMap(v1::VmmMap { addr: alias, size: G, offset: G, handle: 1 }));
         ok(&mut s, Op::VmmSetAccess(v1::VmmSetAccess { addr: whole, size: 2 * G, flags: ACCESS_READWRITE }));
         ok(&mut s, Op::VmmSetAccess(v1::VmmSetAccess { addr: alias, size: G, flags: ACCESS_READ }));
         let data = pattern(2 * G, 4);
         s.dev.write(None, whole, &data).expect("write");
-        ok(&mut s, Op::VmmCreate(v1::VmmCreate { handle: 2, size: G }));
+        ok(&mut s, Op::VmmCreate(v1::VmmCreate { handle: 2, size: G, compressible: false }));
         let e = s.swap_out().expect_err("allocation 2 cannot be read");
         assert_eq!(e.code, cuda::NOT_SUPPORTED, "{e}");
         assert_eq!(m.total(), MemoryUse { resident: 4 * G, swapped: 0 }, "nothing changed");
@@ -470,7 +470,7 @@ mod tests {
         s.dev.write(None, b, &data).expect("write");
         let ok = |s: &mut super::SessionState<_>, op| assert_eq!(code(s.execute(op)), 0);
         let vmm = b + 2 * size;
-        ok(&mut s, Op::VmmCreate(v1::VmmCreate { handle: 1, size: 2 * G }));
+        ok(&mut s, Op::VmmCreate(v1::VmmCreate { handle: 1, size: 2 * G, compressible: false }));
         ok(&mut s, Op::VmmMap(v1::VmmMap { addr: vmm, size: 2 * G, offset: 0, handle: 1 }));
         ok(&mut s, Op::VmmSetAccess(v1::VmmSetAccess { addr: vmm, size: 2 * G, flags: ACCESS_READWRITE }));
         let vmm_data = pattern(2 * G, 8);

@@ -16,6 +16,7 @@ use super::{CallOutcome, SessionState, new_id};
 use crate::device::{ACCESS_NONE, ACCESS_READ, ACCESS_READWRITE, BackendSession};
 use crate::error::CallError;
 use gpupool_proto::v1;
+use gpupool_proto::v1::call_result::Value;
 
 /// One `VmmMap`.
 #[derive(Debug)]
@@ -34,6 +35,9 @@ pub(super) struct VmmHandle<A> {
     size: u64,
     refs: u32,
     maps: u32,
+    /// The driver granted compressible memory (asked for by the
+    /// application); swap and migration re-create it so.
+    compressed: bool,
     allocation: A,
 }
 
@@ -97,10 +101,15 @@ impl<S: BackendSession> SessionState<S> {
         }
         self.check_granular("cuMemCreate", &[("size", c.size)])?;
         self.charge(c.size, "an allocation")?;
-        let allocation = self.on_device(c.size, |dev| dev.create(c.size))?;
-        self.vmm_handles.insert(c.handle, VmmHandle { size: c.size, refs: 1, maps: 0, allocation });
+        let (allocation, compressed) = if c.compressible {
+            self.on_device(c.size, |dev| dev.create_compressible(c.size))?
+        } else {
+            (self.on_device(c.size, |dev| dev.create(c.size))?, false)
+        };
+        self.vmm_handles.insert(c.handle, VmmHandle { size: c.size, refs: 1, maps: 0, compressed, allocation });
         self.mapped_bytes += c.size;
-        Ok(None)
+        // Only an application that asked needs the answer (and waits).
+        Ok(c.compressible.then_some(Value::Compressed(compressed)))
     }
 
     /// Forgets `handle` once nothing references or maps it; its memory
@@ -257,6 +266,7 @@ pub(super) struct VmmExport {
 pub(super) struct SwappedVmm {
     handle: u32,
     refs: u32,
+    compressed: bool,
     contents: super::swap::Contents,
     /// (address, size, offset, access) of each mapping of it.
     maps: Vec<(u64, u64, u64, u32)>,
@@ -315,7 +325,7 @@ impl<S: BackendSession> SessionState<S> {
             if h.refs > MAX_EXPORTED_REFS {
                 return Err(CallError::not_supported(format!("VMM allocation {id} has {} references", h.refs)));
             }
-            out.before.push(Op::VmmCreate(v1::VmmCreate { handle: id, size: h.size }));
+            out.before.push(Op::VmmCreate(v1::VmmCreate { handle: id, size: h.size, compressible: h.compressed }));
             for (&at, m) in self.vmm_maps.iter().filter(|(_, m)| m.handle == id) {
                 out.before.push(Op::VmmMap(v1::VmmMap { addr: at, size: m.size, offset: m.offset, handle: id }));
                 if m.access != ACCESS_NONE {
@@ -361,7 +371,7 @@ impl<S: BackendSession> SessionState<S> {
                 .filter(|(_, m)| m.handle == id)
                 .map(|(&addr, m)| (addr, m.size, m.offset, m.access))
                 .collect();
-            out.push(SwappedVmm { handle: id, refs: h.refs, contents, maps });
+            out.push(SwappedVmm { handle: id, refs: h.refs, compressed: h.compressed, contents, maps });
         }
         Ok(out)
     }
@@ -390,7 +400,10 @@ pub(super) fn restore<S: BackendSession>(
     let (mut handles, mut maps) = (Vec::with_capacity(swapped.len()), Vec::new());
     for v in swapped {
         let size = v.contents.len();
-        let allocation = dev.create(size)?;
+        // Compression may not be granted again: the contents are the same
+        // either way.
+        let (allocation, compressed) =
+            if v.compressed { dev.create_compressible(size)? } else { (dev.create(size)?, false) };
         for &(addr, map_size, offset, access) in &v.maps {
             let mapping = dev.map_allocation(&allocation, offset, addr, map_size)?;
             if offset == 0 && map_size == size {
@@ -404,7 +417,7 @@ pub(super) fn restore<S: BackendSession>(
             maps.push((addr, VmmMapping { size: map_size, handle: v.handle, offset, access, mapping }));
         }
         let refs = v.refs;
-        handles.push((v.handle, VmmHandle { size, refs, maps: v.maps.len() as u32, allocation }));
+        handles.push((v.handle, VmmHandle { size, refs, maps: v.maps.len() as u32, compressed, allocation }));
     }
     Ok((handles, maps))
 }
@@ -449,7 +462,7 @@ mod tests {
     }
 
     fn create(s: &mut SessionState<EmulatedSession>, handle: u32, size: u64) -> u32 {
-        code(s.execute(Op::VmmCreate(v1::VmmCreate { handle, size })))
+        code(s.execute(Op::VmmCreate(v1::VmmCreate { handle, size, compressible: false })))
     }
 
     fn map(s: &mut SessionState<EmulatedSession>, addr: u64, size: u64, offset: u64, handle: u32) -> u32 {
@@ -483,6 +496,29 @@ mod tests {
             Ok(other) => panic!("unexpected copy result {other:?}"),
             Err(e) => Err(e.code),
         }
+    }
+
+    #[test]
+    fn compressible_memory_is_asked_for_and_works_as_any_other() {
+        let mut s = session();
+        let b = s.va_base();
+        let ask = |handle, compressible| Op::VmmCreate(v1::VmmCreate { handle, size: G, compressible });
+        // Only a request for compression gets (and waits for) an answer:
+        // the emulated device grants none, as a driver without it would.
+        assert_eq!(s.execute(ask(1, true)), Ok(Some(Value::Compressed(false))));
+        assert_eq!(s.execute(ask(2, false)), Ok(None));
+        assert_eq!(code(s.execute(ask(1, true))), cuda::INVALID_VALUE, "handle taken");
+        assert_eq!(release(&mut s, 2), 0);
+        assert_eq!(map(&mut s, b, G, 0, 1), 0);
+        assert_eq!(access(&mut s, b, G, ACCESS_READWRITE), 0);
+        assert_eq!(htod(&mut s, b + 64, vec![9; 32]), 0);
+        assert_eq!(dtoh(&mut s, b + 64, 32), Ok(vec![9; 32]));
+        let export = s.vmm_export().expect("export");
+        assert!(
+            export.before.iter().any(|op| matches!(op, Op::VmmCreate(c) if c.handle == 1 && !c.compressible)),
+            "a migration asks for what was granted: {:?}",
+            export.before
+        );
     }
 
     #[test]

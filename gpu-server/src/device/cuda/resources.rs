@@ -112,7 +112,34 @@ impl Allocation {
         driver::check(unsafe { sys::cuMemCreate(&mut handle, size as usize, &prop, 0) }, "cuMemCreate")?;
         Ok(Self { handle, size, _context: context })
     }
+
+    /// [`Self::create`] with compression asked for; `true` when the driver
+    /// granted it (it may not: limited compression resources, or a size
+    /// that is not a multiple of the compressible granularity, which then
+    /// gets plain memory, as the application would natively).
+    pub(super) fn create_compressible(context: Arc<Context>, size: u64) -> DeviceResult<(Self, bool)> {
+        let mut prop = allocation_prop(device_location(context.device));
+        prop.allocFlags.compressionType = COMP_GENERIC;
+        let mut handle: CUmemGenericAllocationHandle = 0;
+        // SAFETY: valid out-pointer and a fully initialised property struct.
+        let r = unsafe { sys::cuMemCreate(&mut handle, size as usize, &prop, 0) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            tracing::debug!(?r, size, "compressible cuMemCreate refused; plain memory instead");
+            return Ok((Self::create(context, size)?, false));
+        }
+        let allocation = Self { handle, size, _context: context };
+        let mut granted = allocation_prop(device_location(allocation._context.device));
+        // SAFETY: valid out-pointer; the handle is live.
+        driver::check(
+            unsafe { sys::cuMemGetAllocationPropertiesFromHandle(&mut granted, allocation.handle) },
+            "cuMemGetAllocationPropertiesFromHandle",
+        )?;
+        Ok((allocation, granted.allocFlags.compressionType == COMP_GENERIC))
+    }
 }
+
+/// `CU_MEM_ALLOCATION_COMP_GENERIC`.
+const COMP_GENERIC: u8 = 1;
 
 impl Drop for Allocation {
     fn drop(&mut self) {
