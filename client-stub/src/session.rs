@@ -160,6 +160,7 @@ fn work_stream(op: &Op) -> Option<u32> {
         Op::EventRecord(r) => Some(r.stream),
         Op::ArrayCopy(c) => Some(c.stream),
         Op::GraphLaunch(l) => Some(l.stream),
+        Op::StreamMemOps(m) => Some(m.stream),
         Op::MemMap(_)
         | Op::MemUnmap(_)
         | Op::ModuleLoad(_)
@@ -1072,6 +1073,25 @@ impl Session {
         st.space.check_access(dst, bytes)?;
         let op = Op::Memset(v1::Memset { dst, value, element_size, count, stream: stream.0 });
         self.enqueue(&mut st, op)
+    }
+
+    /// Stream memory operations (`cuStreamWaitValue*`,
+    /// `cuStreamWriteValue*`, `cuStreamBatchMemOp`), queued: each word must
+    /// be accessible session memory (waits read it, writes store it); the
+    /// server checks the rest by CUDA's rules.
+    pub fn stream_mem_ops(&self, ops: Vec<v1::StreamMemOp>, stream: StreamId) -> Result<()> {
+        let mut st = self.lock();
+        for op in &ops {
+            // Waits (1, 4) and writes (2, 5) touch a word; flushes and
+            // barriers none.
+            let size = match op.kind {
+                1 | 2 => 4,
+                4 | 5 => 8,
+                _ => continue,
+            };
+            st.space.check_access(op.address, size)?;
+        }
+        self.enqueue(&mut st, Op::StreamMemOps(v1::StreamMemOps { stream: stream.0, ops }))
     }
 
     // --- modules and launches --------------------------------------------

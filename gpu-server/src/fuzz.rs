@@ -143,6 +143,11 @@ fn op() -> impl Strategy<Value = Op> {
         })),
         small().prop_map(|stream| Op::StreamDestroy(v1::StreamDestroy { stream })),
         small().prop_map(|stream| Op::StreamSynchronize(v1::StreamSynchronize { stream })),
+        (small(), proptest::collection::vec((0u32..8, number(), number(), small()), 0..4)).prop_map(|(stream, ops)| {
+            let ops =
+                ops.into_iter().map(|(kind, address, value, flags)| v1::StreamMemOp { kind, address, value, flags });
+            Op::StreamMemOps(v1::StreamMemOps { stream, ops: ops.collect() })
+        }),
         small().prop_map(|event| Op::EventCreate(v1::EventCreate { event, flags: 0 })),
         (small(), small()).prop_map(|(event, stream)| Op::EventRecord(v1::EventRecord { event, stream })),
         (small(), small()).prop_map(|(start, end)| Op::EventElapsed(v1::EventElapsed { start, end })),

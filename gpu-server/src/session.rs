@@ -36,6 +36,7 @@ mod tensor_map;
 mod vmm;
 
 use crate::device::{ACCESS_READ, ACCESS_READWRITE};
+use gpupool_proto::mem_ops::MemOp;
 pub use migrate::{Dirty, Exported, PrecopyStart};
 
 /// Limits of one session.
@@ -380,6 +381,18 @@ impl<S: BackendSession> SessionState<S> {
                 let event = self.events.get(&w.event).ok_or_else(|| unknown_event(w.event))?;
                 let stream = stream_of(&self.streams, w.stream)?;
                 self.dev.stream_wait_event(stream, event)?;
+                Ok(None)
+            }
+            Op::StreamMemOps(m) => {
+                let ops = MemOp::parse_all(&m.ops).map_err(CallError::invalid_value)?;
+                for op in &ops {
+                    if let Some((address, size)) = op.word() {
+                        let need = if matches!(op, MemOp::Write { .. }) { ACCESS_READWRITE } else { ACCESS_READ };
+                        self.check_range(address, size, need)?;
+                    }
+                }
+                let stream = stream_of(&self.streams, m.stream)?;
+                self.dev.stream_mem_ops(stream, &ops)?;
                 Ok(None)
             }
             Op::EventCreate(e) => {
@@ -1052,6 +1065,47 @@ pub(crate) mod tests {
         v1::Batch { seq, calls: ops.into_iter().map(|op| v1::Call { op: Some(op) }).collect() }
     }
 
+    /// Stream memory operations: writes land in order, a met wait passes,
+    /// and what CUDA refuses (or what would never end on the emulated
+    /// device) is an error reply that leaves the session working.
+    #[test]
+    fn stream_memory_operations_write_wait_and_are_checked() {
+        let mut s = session();
+        let b = s.va_base();
+        assert_eq!(code(s.mem_map(b, GRANULARITY)), 0);
+        let mem_op = |kind, address, value, flags| v1::StreamMemOp { kind, address, value, flags };
+        let ops = |ops: Vec<v1::StreamMemOp>| Op::StreamMemOps(v1::StreamMemOps { stream: 0, ops });
+        let batch_ops = vec![
+            mem_op(2, b + 8, 0xdead_beef, 0),            // write 32
+            mem_op(5, b + 16, 0x0102_0304_0506_0708, 1), // write 64, no barrier
+            mem_op(6, 0, 0, 1),                          // barrier (GPU scope)
+            mem_op(1, b + 8, 0xdead_beef, 1),            // wait 32, equal
+            mem_op(4, b + 16, 0x0102_0304_0506_0700, 0), // wait 64, >=
+            mem_op(3, 0, 0, 0),                          // flush remote writes
+        ];
+        assert_eq!(code(s.execute(ops(batch_ops))), 0);
+        let mut want = 0xdead_beef_u32.to_le_bytes().to_vec();
+        want.extend([0; 4]);
+        want.extend(0x0102_0304_0506_0708_u64.to_le_bytes());
+        assert_eq!(dtoh(&mut s, b + 8, 16), Ok(want));
+        // A wait nothing queued after it could meet: refused, not a hang.
+        assert_eq!(code(s.execute(ops(vec![mem_op(1, b + 8, 1, 1)]))), cuda::NOT_SUPPORTED);
+        for bad in [
+            vec![mem_op(2, b + 2, 1, 0)],                                      // unaligned
+            vec![mem_op(2, b - 8, 1, 0)],                                      // outside the session
+            vec![mem_op(2, b + GRANULARITY, 1, 0)],                            // not mapped
+            vec![mem_op(9, b, 1, 0)],                                          // unknown type
+            vec![],                                                            // empty
+            vec![mem_op(6, 0, 0, 0); gpupool_proto::mem_ops::MAX_MEM_OPS + 1], // too many
+        ] {
+            assert_eq!(code(s.execute(ops(bad.clone()))), cuda::INVALID_VALUE, "{bad:?}");
+        }
+        let unknown_stream = Op::StreamMemOps(v1::StreamMemOps { stream: 77, ops: vec![mem_op(6, 0, 0, 0)] });
+        assert_ne!(code(s.execute(unknown_stream)), 0);
+        assert_eq!(code(s.execute(ops(vec![mem_op(2, b, 5, 0)]))), 0, "still working");
+        assert_eq!(code(s.mem_unmap(b)), 0);
+    }
+
     /// Mapped host memory: the device's changes come back with the reply
     /// of a synchronizing batch, once, only the changed chunks, inline up to
     /// the reply's budget and as a location beyond it; bounds are checked.
@@ -1526,6 +1580,9 @@ pub(crate) mod tests {
         }
         fn stream_wait_event(&mut self, s: Option<&Self::Stream>, e: &Self::Event) -> DeviceResult<()> {
             self.inner.stream_wait_event(s, e)
+        }
+        fn stream_mem_ops(&mut self, s: Option<&Self::Stream>, ops: &[MemOp]) -> DeviceResult<()> {
+            self.inner.stream_mem_ops(s, ops)
         }
         fn event_create(&mut self, flags: u32) -> DeviceResult<Self::Event> {
             self.inner.event_create(flags)

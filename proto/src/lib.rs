@@ -24,6 +24,7 @@ pub mod exporter;
 pub mod frame;
 #[cfg(feature = "fuzzing")]
 pub mod fuzz;
+pub mod mem_ops;
 pub mod mirror;
 pub mod payload;
 pub mod pool;

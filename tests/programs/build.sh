@@ -33,7 +33,7 @@ out="${out:-$repo/target/programs}"
 # CI programs have no kernels: they run wherever a libcuda answers (the
 # emulated device included). GPU programs launch kernels.
 ci_c=(driver_api vmm_nokernel mapped_nokernel pinned_copies
-      driver_features ctx_create)
+      driver_features ctx_create stream_mem_ops)
 ci_cu=(runtime_nokernel graphs_nokernel managed_nokernel arrays_nokernel)
 gpu_cu=(vector_add matmul_tiled templated device_globals streams_events
         cublas_sgemm cublas_halfgemm cufft_transforms bench_loop
@@ -41,7 +41,7 @@ gpu_cu=(vector_add matmul_tiled templated device_globals streams_events
         device_printf launch_config cooperative ctx_limits
         graphs_kernels mempool_kernels tensor_map mapped_kernels managed_kernels
         textures_kernels graph_conditional dynamic_parallelism
-        large_params)
+        large_params mem_ops_kernels)
 declare -A extra_libs=([cublas_sgemm]="-lcublas" [cublas_halfgemm]="-lcublas"
                        [cufft_transforms]="-lcufft"
                        [dynamic_parallelism]="-rdc=true -lcudadevrt")

@@ -303,6 +303,22 @@ fn vmm_program_on_the_driver_api() -> Result<()> {
 }
 
 #[test]
+fn stream_memory_operations_program() -> Result<()> {
+    let server = TestServer::start(isolated_config()?)?;
+    let out = run(&server, "stream_mem_ops")?;
+    for line in [
+        "writes and met waits ok",
+        "captured 3 nodes, 2 of them batch memory operations",
+        "captured graph ok",
+        "batch memory operation node ok",
+    ] {
+        assert!(out.contains(line), "{line:?} missing:\n{out}");
+    }
+    server.stop();
+    Ok(())
+}
+
+#[test]
 fn nvcc_static_runtime_program() -> Result<()> {
     let server = TestServer::start(isolated_config()?)?;
     let (out, table) = run_with_call_table(&server, "runtime_nokernel")?;

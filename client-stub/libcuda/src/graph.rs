@@ -37,6 +37,7 @@ pub(crate) mod kind {
     pub(crate) const EVENT_RECORD: u32 = 7;
     pub(crate) const MEM_ALLOC: u32 = 10;
     pub(crate) const MEM_FREE: u32 = 11;
+    pub(crate) const BATCH_MEM_OP: u32 = 12;
     pub(crate) const CONDITIONAL: u32 = 13;
 }
 
@@ -174,6 +175,8 @@ pub(crate) enum Op {
     MemFree {
         addr: u64,
     },
+    /// Stream memory operations as the application gave them (checked).
+    MemOps(Vec<crate::mem_ops::RawMemOp>),
     /// A conditional node: the driver's handle, its
     /// `CUgraphConditionalNodeType` and its body graphs (owned by the node).
     Conditional {
@@ -197,6 +200,7 @@ impl Op {
             Op::EventWait(_) => kind::WAIT_EVENT,
             Op::MemAlloc { .. } => kind::MEM_ALLOC,
             Op::MemFree { .. } => kind::MEM_FREE,
+            Op::MemOps(_) => kind::BATCH_MEM_OP,
             Op::Conditional { .. } => kind::CONDITIONAL,
         }
     }
@@ -236,6 +240,7 @@ impl Op {
             Op::EventWait(e) => format!("WAIT_EVENT\\nevent {e:#x}"),
             Op::MemAlloc { addr, size } => format!("MEM_ALLOC\\n{addr:#x} {size} B"),
             Op::MemFree { addr } => format!("MEM_FREE\\n{addr:#x}"),
+            Op::MemOps(ops) => format!("BATCH_MEM_OP\\n{} operations", ops.len()),
             Op::Conditional { handle, kind, bodies } => {
                 format!("CONDITIONAL\\ntype {kind} handle {handle:#x}\\n{} bodies", bodies.len())
             }
@@ -803,6 +808,7 @@ impl Store {
                 Op::Host { .. } => return refuse("host"),
                 Op::EventRecord(_) | Op::EventWait(_) => return refuse("event"),
                 Op::MemAlloc { .. } | Op::MemFree { .. } => return refuse("memory allocation"),
+                Op::MemOps(_) => return refuse("batch memory operation"),
             };
             let deps = node.deps.iter().map(|d| index[d]).collect();
             nodes.push(v1::GraphNode { deps, kind: Some(kind) });

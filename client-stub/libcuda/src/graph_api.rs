@@ -536,6 +536,7 @@ fn op_from_generic(rt: &Runtime, p: *mut CUgraphNodeParams, existing: Option<Id>
             mempool::graph_free_node(addr)?;
             Ok(Op::MemFree { addr })
         }
+        kind::BATCH_MEM_OP => mem_ops_node(rt, body),
         kind::CONDITIONAL => {
             if existing.is_some() {
                 tracing::debug!("a conditional node's parameters cannot be changed (gpupool)");
@@ -549,6 +550,28 @@ fn op_from_generic(rt: &Runtime, p: *mut CUgraphNodeParams, existing: Option<Id>
             Err(CuError::NOT_SUPPORTED)
         }
     }
+}
+
+/// `CUDA_BATCH_MEM_OP_NODE_PARAMS` (v1 and v2 alike) with plain integers.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct BatchParams {
+    ctx: usize,
+    count: u32,
+    params: usize,
+    flags: u32,
+}
+
+/// A batch-mem-op node's operations, checked as `cuStreamBatchMemOp`'s.
+fn mem_ops_node(rt: &Runtime, p: *const c_void) -> CuResult<Op> {
+    // SAFETY: a CUDA_BATCH_MEM_OP_NODE_PARAMS (CUDA contract).
+    let b = unsafe { get(p.cast::<BatchParams>()) }?;
+    if b.flags != 0 {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // SAFETY: `paramArray` holds `count` operations (CUDA contract).
+    let ops = unsafe { crate::mem_ops::read(b.count, b.params as *const c_void) }?;
+    crate::mem_ops::node_ops(rt, &ops)
 }
 
 // --- building graphs --------------------------------------------------------
@@ -798,6 +821,7 @@ fn run_step(rt: &Runtime, op: &Op, s: StreamId) -> CuResult {
             rt.session.launch_with(&f, cfg, attributes, s, k.params.clone()).map_err(CuError::from)
         }
         Op::Memcpy(c) => crate::memory::run_copy(rt, c, s),
+        Op::MemOps(ops) => crate::mem_ops::run(rt, ops, s),
         Op::Memset(m) => crate::memory::run_memset(rt, m, s),
         Op::Host { func, data } => {
             rt.session.stream_synchronize(s)?;
@@ -1299,6 +1323,32 @@ crate::exports! {
 
     fn cuGraphExecMemsetNodeSetParams(e: CUgraphExec, h: CUgraphNode, p: *const CUDA_MEMSET_NODE_PARAMS, _ctx: CUcontext) {
         exec_set_op(e, h, memset_node(p)?)
+    }
+
+    fn cuGraphAddBatchMemOpNode(out: *mut CUgraphNode, g: CUgraph, deps: *const CUgraphNode, n: usize, p: *const c_void) {
+        add_with(out, g, deps, n, |rt| mem_ops_node(rt, p))
+    }
+
+    /// The operations array handed back is the node's own: valid until
+    /// its parameters change or it is destroyed, as CUDA's.
+    fn cuGraphBatchMemOpNodeGetParams(h: CUgraphNode, out: *mut c_void) {
+        let (params, count) = with_op(h, |op| match op {
+            Op::MemOps(ops) => Ok((ops.as_ptr() as usize, ops.len() as u32)),
+            _ => Err(CuError::INVALID_VALUE),
+        })?;
+        let ctx = crate::runtime::current_context().unwrap_or(0);
+        // SAFETY: out-pointer per the CUDA API; same layout.
+        unsafe { put(out.cast::<BatchParams>(), BatchParams { ctx, count, params, flags: 0 }) }
+    }
+
+    fn cuGraphBatchMemOpNodeSetParams(h: CUgraphNode, p: *const c_void) {
+        let rt = Runtime::with_context()?;
+        set_op(h, mem_ops_node(rt, p)?)
+    }
+
+    fn cuGraphExecBatchMemOpNodeSetParams(e: CUgraphExec, h: CUgraphNode, p: *const c_void) {
+        let rt = Runtime::with_context()?;
+        exec_set_op(e, h, mem_ops_node(rt, p)?)
     }
 
     fn cuGraphHostNodeGetParams(h: CUgraphNode, out: *mut CUDA_HOST_NODE_PARAMS) {

@@ -22,7 +22,7 @@
 //! driver exports (`nm -D libcuda.so.1`) minus cudarc's CUDA 13.0 names
 //! and the debugger's `cudbg*` hooks.
 
-use cudarc::driver::sys::{CUcontext, CUdevice, CUevent, CUlinkState, CUresult, CUstream};
+use cudarc::driver::sys::{CUcontext, CUdevice, CUdeviceptr, CUevent, CUlinkState, CUresult, CUstream};
 use std::ffi::{c_char, c_uint, c_void};
 
 /// Exports `$name` with `$target`'s signature, forwarding to it.
@@ -57,6 +57,16 @@ forward! {
     cuStreamDestroy(s: CUstream) => crate::stream::cuStreamDestroy_v2;
     cuMemHostRegister(p: *mut c_void, bytesize: usize, flags: c_uint) => crate::memory::cuMemHostRegister_v2;
     cuLinkCreate(n: c_uint, options: *mut c_uint, values: *mut *mut c_void, state: *mut CUlinkState) => crate::link::cuLinkCreate_v2;
+    cuStreamWaitValue32(h: CUstream, addr: CUdeviceptr, value: u32, flags: c_uint) => crate::mem_ops::cuStreamWaitValue32_v2;
+    cuStreamWaitValue32_ptsz(h: CUstream, addr: CUdeviceptr, value: u32, flags: c_uint) => crate::mem_ops::cuStreamWaitValue32_v2_ptsz;
+    cuStreamWaitValue64(h: CUstream, addr: CUdeviceptr, value: u64, flags: c_uint) => crate::mem_ops::cuStreamWaitValue64_v2;
+    cuStreamWaitValue64_ptsz(h: CUstream, addr: CUdeviceptr, value: u64, flags: c_uint) => crate::mem_ops::cuStreamWaitValue64_v2_ptsz;
+    cuStreamWriteValue32(h: CUstream, addr: CUdeviceptr, value: u32, flags: c_uint) => crate::mem_ops::cuStreamWriteValue32_v2;
+    cuStreamWriteValue32_ptsz(h: CUstream, addr: CUdeviceptr, value: u32, flags: c_uint) => crate::mem_ops::cuStreamWriteValue32_v2_ptsz;
+    cuStreamWriteValue64(h: CUstream, addr: CUdeviceptr, value: u64, flags: c_uint) => crate::mem_ops::cuStreamWriteValue64_v2;
+    cuStreamWriteValue64_ptsz(h: CUstream, addr: CUdeviceptr, value: u64, flags: c_uint) => crate::mem_ops::cuStreamWriteValue64_v2_ptsz;
+    cuStreamBatchMemOp(h: CUstream, count: c_uint, params: *mut c_void, flags: c_uint) => crate::mem_ops::cuStreamBatchMemOp_v2;
+    cuStreamBatchMemOp_ptsz(h: CUstream, count: c_uint, params: *mut c_void, flags: c_uint) => crate::mem_ops::cuStreamBatchMemOp_v2_ptsz;
     cuLinkAddData(state: CUlinkState, kind: c_uint, data: *mut c_void, size: usize, name: *const c_char, n: c_uint, options: *mut c_uint, values: *mut *mut c_void) => crate::link::cuLinkAddData_v2;
     cuLinkAddFile(state: CUlinkState, kind: c_uint, path: *const c_char, n: c_uint, options: *mut c_uint, values: *mut *mut c_void) => crate::link::cuLinkAddFile_v2;
 }
@@ -113,26 +123,11 @@ pub mod not_supported {
         // Same signature as a successor gpupool does not implement either.
         cuGraphicsResourceSetMapFlags
         cuIpcOpenMemHandle
-        cuStreamBatchMemOp
-        cuStreamBatchMemOp_ptsz
-        cuStreamWaitValue32
-        cuStreamWaitValue32_ptsz
-        cuStreamWaitValue64
-        cuStreamWaitValue64_ptsz
-        cuStreamWriteValue32
-        cuStreamWriteValue32_ptsz
-        cuStreamWriteValue64
-        cuStreamWriteValue64_ptsz
         // Per-thread-default-stream variants of unimplemented functions.
         cuGraphicsMapResources_ptsz
         cuGraphicsUnmapResources_ptsz
         cuMemMapArrayAsync_ptsz
         cuSignalExternalSemaphoresAsync_ptsz
-        cuStreamBatchMemOp_v2_ptsz
-        cuStreamWaitValue32_v2_ptsz
-        cuStreamWaitValue64_v2_ptsz
-        cuStreamWriteValue32_v2_ptsz
-        cuStreamWriteValue64_v2_ptsz
         cuWaitExternalSemaphoresAsync_ptsz
         // Graphics and stream interop: a remote GPU shares no display.
         cuDeviceGetNvSciSyncAttributes

@@ -98,6 +98,7 @@ pub mod library;
 pub mod link;
 pub mod managed;
 mod mapped;
+pub mod mem_ops;
 pub mod memory;
 pub mod mempool;
 pub mod module;

@@ -185,6 +185,12 @@ pub(crate) fn advise(rt: &Runtime, start: usize, f: impl FnOnce(&mut Advice)) {
     }
 }
 
+/// Whether device address `addr` is the device half of a mapped (or
+/// managed) range.
+pub(crate) fn mirrors(rt: &Runtime, addr: u64) -> bool {
+    rt.tables().mapped.values().any(|m| m.device <= addr && addr - m.device < m.size as u64)
+}
+
 /// `cuMemHostGetDevicePointer`: the device address of host address `ptr`
 /// inside a mapped range.
 pub(crate) fn device_pointer(rt: &Runtime, ptr: usize) -> CuResult<u64> {

@@ -95,6 +95,7 @@ fn exports() -> &'static HashMap<&'static str, usize> {
             crate::capture::table(),
             crate::mempool::table(),
             crate::managed::table(),
+            crate::mem_ops::table(),
             table(),
             // Implemented names take precedence over the unsupported list.
             crate::unsupported::table(),

@@ -47,12 +47,8 @@ crate::unsupported! {
     cuFlushGPUDirectRDMAWrites
     cuFuncSetBlockShape
     cuFuncSetSharedSize
-    cuGraphAddBatchMemOpNode
     cuGraphAddExternalSemaphoresSignalNode
     cuGraphAddExternalSemaphoresWaitNode
-    cuGraphBatchMemOpNodeGetParams
-    cuGraphBatchMemOpNodeSetParams
-    cuGraphExecBatchMemOpNodeSetParams
     cuGraphExecExternalSemaphoresSignalNodeSetParams
     cuGraphExecExternalSemaphoresWaitNodeSetParams
     cuGraphExternalSemaphoresSignalNodeGetParams
@@ -120,13 +116,8 @@ crate::unsupported! {
     cuPointerSetAttribute
     cuProfilerInitialize
     cuSignalExternalSemaphoresAsync
-    cuStreamBatchMemOp_v2
     cuStreamGetCtx_v2
     cuStreamGetGreenCtx
-    cuStreamWaitValue32_v2
-    cuStreamWaitValue64_v2
-    cuStreamWriteValue32_v2
-    cuStreamWriteValue64_v2
     cuSurfRefGetArray
     cuSurfRefSetArray
     cuTensorMapEncodeIm2colWide

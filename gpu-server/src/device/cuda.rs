@@ -30,8 +30,8 @@ pub use texture::{Array, Object};
 
 use super::{
     Backend, BackendSession, CONTEXT_LIMITS, DeviceDescription, DeviceResult, FunctionInfo, HostPinner, ImageKey,
-    ImageKind, LaunchAttrs, LaunchDims, LaunchEvents, LinkOutput, LinkRequest, Occupancy, OccupancyQuery, Param,
-    Pinned, Preloaded, builtin, fatbin_wrapper_error, image_kind,
+    ImageKind, LaunchAttrs, LaunchDims, LaunchEvents, LinkOutput, LinkRequest, MemOp, Occupancy, OccupancyQuery, Param,
+    Pinned, Preloaded, builtin, fatbin_wrapper_error, image_kind, mem_ops,
 };
 use crate::error::CallError;
 use cudarc::driver::sys::{self, CUdevice, CUfunction, CUstream};
@@ -387,6 +387,62 @@ fn region_ptr(region: &Region, start: usize, len: usize) -> DeviceResult<Option<
 
 fn raw_stream(stream: Option<&Stream>) -> CUstream {
     stream.map_or(std::ptr::null_mut(), |s| s.raw)
+}
+
+/// One checked stream memory operation as the driver's batch entry.
+fn batch_mem_op(op: &MemOp) -> sys::CUstreamBatchMemOpParams {
+    use sys::CUstreamBatchMemOpType as Type;
+    // SAFETY: a plain-data union of integers, for which all zeroes is valid.
+    let mut p: sys::CUstreamBatchMemOpParams = unsafe { std::mem::zeroed() };
+    match *op {
+        MemOp::Wait { address, value, wide, condition, flush } => {
+            let mut flags = condition as u32;
+            if flush {
+                flags |= mem_ops::WAIT_FLUSH;
+            }
+            p.waitValue = sys::CUstreamBatchMemOpParams_union_CUstreamMemOpWaitValueParams_st {
+                operation: if wide {
+                    Type::CU_STREAM_MEM_OP_WAIT_VALUE_64
+                } else {
+                    Type::CU_STREAM_MEM_OP_WAIT_VALUE_32
+                },
+                address,
+                __bindgen_anon_1: sys::CUstreamBatchMemOpParams_union_CUstreamMemOpWaitValueParams_st__bindgen_ty_1 {
+                    value64: value,
+                },
+                flags,
+                alias: 0,
+            };
+        }
+        MemOp::Write { address, value, wide, no_barrier } => {
+            p.writeValue = sys::CUstreamBatchMemOpParams_union_CUstreamMemOpWriteValueParams_st {
+                operation: if wide {
+                    Type::CU_STREAM_MEM_OP_WRITE_VALUE_64
+                } else {
+                    Type::CU_STREAM_MEM_OP_WRITE_VALUE_32
+                },
+                address,
+                __bindgen_anon_1: sys::CUstreamBatchMemOpParams_union_CUstreamMemOpWriteValueParams_st__bindgen_ty_1 {
+                    value64: value,
+                },
+                flags: if no_barrier { mem_ops::WRITE_NO_MEMORY_BARRIER } else { 0 },
+                alias: 0,
+            };
+        }
+        MemOp::FlushRemoteWrites => {
+            p.flushRemoteWrites = sys::CUstreamBatchMemOpParams_union_CUstreamMemOpFlushRemoteWritesParams_st {
+                operation: Type::CU_STREAM_MEM_OP_FLUSH_REMOTE_WRITES,
+                flags: 0,
+            };
+        }
+        MemOp::Barrier { gpu_scope } => {
+            p.memoryBarrier = sys::CUstreamBatchMemOpParams_union_CUstreamMemOpMemoryBarrierParams_st {
+                operation: Type::CU_STREAM_MEM_OP_BARRIER,
+                flags: u32::from(gpu_scope),
+            };
+        }
+    }
+    p
 }
 
 /// A module image ready for `cuModuleLoadData`.
@@ -1137,6 +1193,19 @@ impl BackendSession for CudaSession {
     fn stream_wait_event(&mut self, stream: Option<&Stream>, event: &Event) -> DeviceResult<()> {
         // SAFETY: live event and null or live stream of this session.
         driver::check(unsafe { sys::cuStreamWaitEvent(raw_stream(stream), event.raw, 0) }, "cuStreamWaitEvent")
+    }
+
+    fn stream_mem_ops(&mut self, stream: Option<&Stream>, ops: &[MemOp]) -> DeviceResult<()> {
+        let params: Vec<sys::CUstreamBatchMemOpParams> = ops.iter().map(batch_mem_op).collect();
+        // SAFETY: `params` holds `ops.len()` initialised operations whose
+        // words are this session's memory (checked by the session); the
+        // stream is null or a live stream of this session.
+        driver::check(
+            unsafe {
+                sys::cuStreamBatchMemOp_v2(raw_stream(stream), params.len() as u32, params.as_ptr().cast_mut(), 0)
+            },
+            "cuStreamBatchMemOp_v2",
+        )
     }
 
     fn event_create(&mut self, flags: u32) -> DeviceResult<Event> {

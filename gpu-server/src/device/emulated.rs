@@ -11,8 +11,8 @@
 use super::{
     ACCESS_NONE, ACCESS_READ, ACCESS_READWRITE, Backend, BackendSession, DeviceDescription, DeviceResult,
     FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, FUNC_ATTR_PREFERRED_SHARED_MEMORY_CARVEOUT, FunctionInfo, ImageKey,
-    ImageKind, LIMIT_PRINTF_FIFO_SIZE, LaunchAttrs, LaunchDims, LaunchEvents, LinkOutput, LinkRequest, Occupancy,
-    OccupancyQuery, Preloaded, builtin, fatbin_wrapper_error, image_kind, texture,
+    ImageKind, LIMIT_PRINTF_FIFO_SIZE, LaunchAttrs, LaunchDims, LaunchEvents, LinkOutput, LinkRequest, MemOp,
+    Occupancy, OccupancyQuery, Preloaded, builtin, fatbin_wrapper_error, image_kind, texture,
 };
 use crate::error::CallError;
 use gpupool_proto::cuda;
@@ -269,6 +269,10 @@ impl EmulatedDevice {
             (97, 232448),  // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
             (106, 32),     // MAX_BLOCKS_PER_MULTIPROCESSOR
             (111, 1024),   // RESERVED_SHARED_MEMORY_PER_BLOCK
+            // Stream memory operations run here in full (a wait must be
+            // met when it is queued: see `stream_mem_ops`).
+            (122, 1), // CAN_USE_64_BIT_STREAM_MEM_OPS
+            (123, 1), // CAN_USE_STREAM_WAIT_VALUE_NOR
         ];
         let sm = SmLimits::from_attributes(&attributes);
         Self {
@@ -952,6 +956,34 @@ impl BackendSession for EmulatedSession {
         Ok(true)
     }
     fn stream_wait_event(&mut self, _: Option<&Stream>, _: &Event) -> DeviceResult<()> {
+        Ok(())
+    }
+    /// Everything here runs when it is queued, in order: a write stores
+    /// its word at once, and a wait must already be met, since nothing
+    /// queued after it could ever meet it. An unmet wait is refused
+    /// (CUDA_ERROR_NOT_SUPPORTED, saying why) rather than left to hang.
+    fn stream_mem_ops(&mut self, _: Option<&Stream>, ops: &[MemOp]) -> DeviceResult<()> {
+        let mut mem = Mem(&self.memory);
+        for op in ops {
+            match *op {
+                MemOp::Wait { address, value, wide, condition, .. } => {
+                    let mut word = [0u8; 8];
+                    let len = if wide { 8 } else { 4 };
+                    builtin::Memory::load(&mem, address, &mut word[..len])?;
+                    if !condition.holds(u64::from_le_bytes(word), value, wide) {
+                        return Err(CallError::not_supported(format!(
+                            "the emulated device runs work as it is queued, so a stream wait at {address:#x} \
+                             ({condition:?} {value:#x}) that is not met yet would never end"
+                        )));
+                    }
+                }
+                MemOp::Write { address, value, wide, .. } => {
+                    let bytes = value.to_le_bytes();
+                    builtin::Memory::store(&mut mem, address, &bytes[..if wide { 8 } else { 4 }])?;
+                }
+                MemOp::FlushRemoteWrites | MemOp::Barrier { .. } => {}
+            }
+        }
         Ok(())
     }
     fn event_create(&mut self, _flags: u32) -> DeviceResult<Event> {

@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub use crate::images::ImageKey;
+pub use gpupool_proto::mem_ops::{self, MemOp};
 
 /// Modules loaded before any session asked for them: an idle worker loads
 /// the images its server's sessions used most recently, and the first
@@ -638,6 +639,10 @@ pub trait BackendSession: 'static {
     /// `true` when all work on the stream has completed.
     fn stream_query(&mut self, stream: Option<&Self::Stream>) -> DeviceResult<bool>;
     fn stream_wait_event(&mut self, stream: Option<&Self::Stream>, event: &Self::Event) -> DeviceResult<()>;
+    /// Runs stream memory operations in order on `stream`: a wait holds
+    /// the stream's later work until its word meets the condition. Each
+    /// operation's word is session memory (checked by the caller).
+    fn stream_mem_ops(&mut self, stream: Option<&Self::Stream>, ops: &[MemOp]) -> DeviceResult<()>;
     fn event_create(&mut self, flags: u32) -> DeviceResult<Self::Event>;
     fn event_record(&mut self, event: &mut Self::Event, stream: Option<&Self::Stream>) -> DeviceResult<()>;
     fn event_query(&mut self, event: &Self::Event) -> DeviceResult<bool>;
