@@ -242,7 +242,7 @@ t_end=$(date +%s.%N)
 wait "${victims[@]}" 2>/dev/null
 say "- faulting client: $(cat "$f/fault.json" 2>/dev/null | tail -n 1)"
 say "- victims ended by themselves within $(python3 -c "print(round($t_end - $t_fault, 2))") s: $ended of $n" \
-    "(their last error lines: $(for i in $(seq 1 "$n"); do tail -n 1 "$f/$i.err" | cut -c1-160; echo ' / '; done | tr -d '\n'))"
+    "(their first error lines: $(for i in $(seq 1 "$n"); do grep -E 'error|Error' "$f/$i.err" | head -n 1 | cut -c1-160; echo ' / '; done | tr -d '\n'))"
 [[ $ended == "$n" ]] || status=1
 t0=$(date +%s.%N)
 if limit=60 shared 20 --steps 50 >"$f/fresh.json" 2>"$f/fresh.err"; then

@@ -1077,7 +1077,7 @@ pub(crate) mod tests {
         let ops = |ops: Vec<v1::StreamMemOp>| Op::StreamMemOps(v1::StreamMemOps { stream: 0, ops });
         let batch_ops = vec![
             mem_op(2, b + 8, 0xdead_beef, 0),            // write 32
-            mem_op(5, b + 16, 0x0102_0304_0506_0708, 1), // write 64, no barrier
+            mem_op(5, b + 16, 0x0102_0304_0506_0708, 0), // write 64
             mem_op(6, 0, 0, 1),                          // barrier (GPU scope)
             mem_op(1, b + 8, 0xdead_beef, 1),            // wait 32, equal
             mem_op(4, b + 16, 0x0102_0304_0506_0700, 0), // wait 64, >=

@@ -19,8 +19,6 @@ const BARRIER: u32 = 6;
 
 /// `CU_STREAM_WAIT_VALUE_FLUSH`: may be or-ed into a wait's condition.
 pub const WAIT_FLUSH: u32 = 1 << 30;
-/// `CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER`.
-pub const WRITE_NO_MEMORY_BARRIER: u32 = 1;
 
 /// What a wait waits for (`CUstreamWaitValue_flags` without the flush bit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,8 +74,6 @@ pub enum MemOp {
         address: u64,
         value: u64,
         wide: bool,
-        /// `CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER`.
-        no_barrier: bool,
     },
     FlushRemoteWrites,
     /// A memory barrier of GPU scope (else system scope).
@@ -125,15 +121,12 @@ impl MemOp {
                 condition: Condition::from_raw(flags & !WAIT_FLUSH).ok_or_else(bad_flags)?,
                 flush: flags & WAIT_FLUSH != 0,
             },
-            WRITE_32 | WRITE_64 => {
-                if flags & !WRITE_NO_MEMORY_BARRIER != 0 {
-                    return Err(bad_flags());
-                }
-                MemOp::Write { address: op.address, value: op.value, wide, no_barrier: flags != 0 }
-            }
+            // CUDA's v2 operations refuse CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER
+            // (the driver on an H100 answers CUDA_ERROR_INVALID_VALUE).
+            WRITE_32 | WRITE_64 if flags == 0 => MemOp::Write { address: op.address, value: op.value, wide },
             FLUSH_REMOTE_WRITES if flags == 0 => MemOp::FlushRemoteWrites,
             BARRIER if flags <= 1 => MemOp::Barrier { gpu_scope: flags == 1 },
-            FLUSH_REMOTE_WRITES | BARRIER => return Err(bad_flags()),
+            WRITE_32 | WRITE_64 | FLUSH_REMOTE_WRITES | BARRIER => return Err(bad_flags()),
             other => {
                 return Err(format!("unknown stream memory operation type {other}"));
             }
@@ -162,8 +155,8 @@ mod tests {
         let wait = MemOp::parse(&op(WAIT_32, 0x1000, 7, 1 | WAIT_FLUSH)).expect("wait");
         assert_eq!(wait, MemOp::Wait { address: 0x1000, value: 7, wide: false, condition: Condition::Eq, flush: true });
         assert_eq!(wait.word(), Some((0x1000, 4)));
-        let write = MemOp::parse(&op(WRITE_64, 0x1008, u64::MAX, 1)).expect("write");
-        assert_eq!(write, MemOp::Write { address: 0x1008, value: u64::MAX, wide: true, no_barrier: true });
+        let write = MemOp::parse(&op(WRITE_64, 0x1008, u64::MAX, 0)).expect("write");
+        assert_eq!(write, MemOp::Write { address: 0x1008, value: u64::MAX, wide: true });
         assert_eq!(write.word(), Some((0x1008, 8)));
         assert_eq!(MemOp::parse(&op(BARRIER, 0, 0, 1)), Ok(MemOp::Barrier { gpu_scope: true }));
         assert_eq!(MemOp::parse(&op(FLUSH_REMOTE_WRITES, 0, 0, 0)), Ok(MemOp::FlushRemoteWrites));

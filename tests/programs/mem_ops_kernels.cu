@@ -23,10 +23,11 @@ __global__ void slow_store(unsigned *out, unsigned value, long long cycles)
 }
 
 // Stores `value` at `data`, then (after a fence) `flag_value` at `flag`.
-__global__ void store_then_flag(unsigned *data, unsigned value, volatile unsigned *flag, unsigned flag_value)
+__global__ void store_then_flag(unsigned *data, unsigned value, volatile unsigned *flag, unsigned flag_value,
+                                long long cycles)
 {
     long long start = clock64();
-    while (clock64() - start < 1000000) {
+    while (clock64() - start < cycles) {
     }
     *data = value;
     __threadfence_system();
@@ -55,6 +56,14 @@ int main()
     cudaStream_t a, b;
     CK(cudaStreamCreateWithFlags(&a, cudaStreamNonBlocking));
     CK(cudaStreamCreateWithFlags(&b, cudaStreamNonBlocking));
+    // Every kernel runs once first: with lazy loading (CUDA's default) a
+    // kernel's first launch loads it, which would wait for the stream
+    // that waits on it.
+    slow_store<<<1, 1>>>(buf + 32, 0, 0);
+    store_then_flag<<<1, 1>>>(buf + 33, 0, buf + 34, 0, 0);
+    add_one<<<1, 1>>>(buf + 35, buf + 36);
+    CK_LAUNCH("warm-up");
+    CK(cudaDeviceSynchronize());
 
     // Stream a waits for word 0 to reach 1, then adds one to word 1 into
     // word 2; stream b stores 41 in word 1 after a slow kernel, then 1 in
@@ -75,10 +84,10 @@ int main()
     printf("waits released by another stream's write: ok\n");
 
     // Released by device code: a kernel on b stores data, then the flag.
-    CKD(wait32((CUstream)a, (CUdeviceptr)(buf + 4), 7, CU_STREAM_WAIT_VALUE_EQ | CU_STREAM_WAIT_VALUE_FLUSH));
+    CKD(wait32((CUstream)a, (CUdeviceptr)(buf + 4), 7, CU_STREAM_WAIT_VALUE_EQ));
     add_one<<<1, 1, 0, a>>>(buf + 5, buf + 6);
     CK_LAUNCH("add_one");
-    store_then_flag<<<1, 1, 0, b>>>(buf + 5, 9, buf + 4, 7);
+    store_then_flag<<<1, 1, 0, b>>>(buf + 5, 9, buf + 4, 7, 1000000);
     CK_LAUNCH("store_then_flag");
     CK(cudaDeviceSynchronize());
     if (word(buf + 6) != 10)

@@ -69,7 +69,10 @@ int main(void)
     CK(cuStreamWaitValue32(s, buf, 0x11223344, CU_STREAM_WAIT_VALUE_EQ));
     CK(cuStreamWaitValue32(s, buf, 0x11220000, CU_STREAM_WAIT_VALUE_GEQ));
     CK(cuStreamWaitValue32(s, buf, 0x4, CU_STREAM_WAIT_VALUE_AND));
-    CK(cuStreamWriteValue32(s, buf + 4, 7, CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER));
+    CK(cuStreamWriteValue32(s, buf + 4, 7, CU_STREAM_WRITE_VALUE_DEFAULT));
+    /* The v2 operations refuse CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER. */
+    REQUIRE(cuStreamWriteValue32(s, buf + 4, 8, CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER) == CUDA_ERROR_INVALID_VALUE,
+            "a write without a memory barrier was accepted");
     if (wide) {
         CK(cuStreamWriteValue64(s, buf + 8, 0x0102030405060708ull, 0));
         CK(cuStreamWaitValue64(s, buf + 8, 0x0102030405060708ull, CU_STREAM_WAIT_VALUE_EQ));

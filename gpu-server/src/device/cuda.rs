@@ -414,7 +414,7 @@ fn batch_mem_op(op: &MemOp) -> sys::CUstreamBatchMemOpParams {
                 alias: 0,
             };
         }
-        MemOp::Write { address, value, wide, no_barrier } => {
+        MemOp::Write { address, value, wide } => {
             p.writeValue = sys::CUstreamBatchMemOpParams_union_CUstreamMemOpWriteValueParams_st {
                 operation: if wide {
                     Type::CU_STREAM_MEM_OP_WRITE_VALUE_64
@@ -425,7 +425,7 @@ fn batch_mem_op(op: &MemOp) -> sys::CUstreamBatchMemOpParams {
                 __bindgen_anon_1: sys::CUstreamBatchMemOpParams_union_CUstreamMemOpWriteValueParams_st__bindgen_ty_1 {
                     value64: value,
                 },
-                flags: if no_barrier { mem_ops::WRITE_NO_MEMORY_BARRIER } else { 0 },
+                flags: 0,
                 alias: 0,
             };
         }
