@@ -151,6 +151,11 @@ fn c_program_on_the_driver_api() -> Result<()> {
     let out = run(&server, "driver_api")?;
     assert!(out.contains("driver version 13000"), "{out}");
     assert!(out.contains("2D copies ok"), "{out}");
+    // With every log line on, the session's close at exit logs too: it did
+    // so on a thread whose thread-local storage `exit` had destroyed, and
+    // the panic aborted the program (SIGABRT for every exit status).
+    let (out, _) = run_with_env(&server, "driver_api", &[("GPUPOOL_LOG", "trace")])?;
+    assert!(out.contains("2D copies ok"), "{out}");
     server.stop();
     Ok(())
 }

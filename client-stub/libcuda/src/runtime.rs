@@ -124,10 +124,22 @@ pub(crate) const PRIMARY: u64 = 1;
 /// the session ends (the server frees its memory and worker at once, not
 /// after the connection's idle timeout and the resume grace) and a lease
 /// goes back to the pool instead of expiring.
+///
+/// The close runs on a thread of its own: `exit` has destroyed this
+/// thread's thread-local storage already, and the logger needs it (with
+/// `GPUPOOL_LOG=trace` the close's log lines panicked here, which aborted
+/// the program: every exit status became SIGABRT). Nothing may unwind into
+/// the C library's `exit` either way.
 extern "C" fn end_session_at_exit() {
-    if let Some(Ok(rt)) = RUNTIME.get() {
-        rt.session.release_lease();
-        rt.session.close_at_exit(std::time::Duration::from_millis(50));
+    fn close() {
+        if let Some(Ok(rt)) = RUNTIME.get() {
+            rt.session.release_lease();
+            rt.session.close_at_exit(std::time::Duration::from_millis(50));
+        }
+    }
+    let joined = std::thread::Builder::new().name("gpupool-exit".into()).spawn(close).map(|t| t.join());
+    if joined.is_err() {
+        let _ = std::panic::catch_unwind(close);
     }
 }
 
