@@ -217,13 +217,17 @@ mkdir -p "$f"
 n=3
 # Long runs, so that they are still stepping when the fault comes; their
 # barrier files say that each finished its warm-up.
+# An exclusive session on the same GPU (outside the MPS group): it must
+# keep stepping, without an error, through the group's fault.
+limit=240 pooled --steps 100000 --barrier "$work/exclusive" --clients 1 >"$f/exclusive.json" 2>"$f/exclusive.err" &
+bystander=$!
 victims=()
 for i in $(seq 1 "$n"); do
     shared 20 --steps 100000 --barrier "$work/fault" --clients "$n" >"$f/$i.json" 2>"$f/$i.err" &
     victims+=($!)
 done
 for _ in $(seq 1 240); do
-    [[ $(ls "$work/fault" 2>/dev/null | wc -l) -ge $n ]] && break
+    [[ $(ls "$work/fault" 2>/dev/null | wc -l) -ge $n && -n $(ls "$work/exclusive" 2>/dev/null) ]] && break
     sleep 0.25
 done
 sleep 1
@@ -251,5 +255,13 @@ else
     say "- a fresh shared client FAILED: $(tail -n 2 "$f/fresh.err" | tr '\n' ' ')"
     status=1
 fi
+if kill -0 "$bystander" 2>/dev/null && ! grep -qE 'error|Error' "$f/exclusive.err"; then
+    say "- the exclusive session on the same GPU kept stepping through the fault, without an error"
+else
+    say "- the exclusive session on the same GPU was affected: $(grep -E 'error|Error' "$f/exclusive.err" | head -n 1 | cut -c1-160)"
+    status=1
+fi
+kill "$bystander" 2>/dev/null
+wait "$bystander" 2>/dev/null
 say "- server counters: $(curl -s 127.0.0.1:9465/metrics 2>/dev/null | grep -E '^gpupool_server_(mps_|worker_exits|time_share)' | tr '\n' ' ')"
 exit $status
