@@ -255,7 +255,11 @@ else
     say "- a fresh shared client FAILED: $(tail -n 2 "$f/fresh.err" | tr '\n' ' ')"
     status=1
 fi
-if kill -0 "$bystander" 2>/dev/null && ! grep -qE 'error|Error' "$f/exclusive.err"; then
+if [[ -z $(ls "$work/exclusive" 2>/dev/null) ]]; then
+    # It never finished its warm-up: no exclusive lease beside the group?
+    say "- the exclusive session on the same GPU never started stepping: $(tail -n 1 "$f/exclusive.err" | cut -c1-160)"
+    status=1
+elif kill -0 "$bystander" 2>/dev/null && ! grep -qE 'error|Error' "$f/exclusive.err"; then
     say "- the exclusive session on the same GPU kept stepping through the fault, without an error"
 else
     say "- the exclusive session on the same GPU was affected: $(grep -E 'error|Error' "$f/exclusive.err" | head -n 1 | cut -c1-160)"
