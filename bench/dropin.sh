@@ -6,7 +6,10 @@
 # row (bench_loop: fixed-length kernels with small copies) and the PyTorch
 # workloads of bench/torch_bench.py (TORCH_BENCH=0 skips them,
 # TORCH_BENCH_WORKLOADS names some), native vs remote, with ratios and,
-# through gpupool, the waits per step. PROGRAMS=none runs the benchmarks only.
+# through gpupool, the waits per step. PROGRAMS=none runs the benchmarks only;
+# PROGRAMS="name ..." runs only those programs (names as in tests/programs'
+# lists, `.sm90` builds included) and no PyTorch checks: with GPUPOOL_LOG=debug
+# (the stub) and RUST_LOG=debug (the server) set, a quick look at failures.
 # VARIANTS="name:VAR=value[,VAR=value] ..." runs both benchmarks through
 # gpupool once more per variant with those variables set (client settings
 # such as GPUPOOL_BATCH_DELAY_US), against the same native run.
@@ -113,12 +116,16 @@ export stub cuda_lib addr pin
 
 : >"$out/failures.md"
 programs=$(cat "$progs/ci.list" "$progs/gpu.list")
-[[ ${PROGRAMS:-all} == none ]] && programs=""
+case ${PROGRAMS:-all} in
+all) ;;
+none) programs="" ;;
+*) programs=$PROGRAMS ;;
+esac
 for p in $programs; do
     [[ $p == bench_loop* ]] && continue
     run_pair "$p" "$progs/$p"
 done
-if [[ ${PROGRAMS:-all} != none ]]; then
+if [[ ${PROGRAMS:-all} == all ]]; then
 run_pair torch_check python3 "$repo/tests/programs/torch_check.py"
 # Transformer inference and training in fp32/bf16/fp16 autocast, cuFFT,
 # torch.compile (Inductor/Triton), CUDA graphs; then the cudaMallocAsync
