@@ -1082,14 +1082,10 @@ impl Session {
     pub fn stream_mem_ops(&self, ops: Vec<v1::StreamMemOp>, stream: StreamId) -> Result<()> {
         let mut st = self.lock();
         for op in &ops {
-            // Waits (1, 4) and writes (2, 5) touch a word; flushes and
-            // barriers none.
-            let size = match op.kind {
-                1 | 2 => 4,
-                4 | 5 => 8,
-                _ => continue,
-            };
-            st.space.check_access(op.address, size)?;
+            // Waits and writes touch a word; flushes and barriers none.
+            if let Some(size) = gpupool_proto::mem_ops::word_size(op.kind) {
+                st.space.check_access(op.address, size)?;
+            }
         }
         self.enqueue(&mut st, Op::StreamMemOps(v1::StreamMemOps { stream: stream.0, ops }))
     }

@@ -10,12 +10,22 @@ use crate::v1;
 pub const MAX_MEM_OPS: usize = 256;
 
 /// `CUstreamBatchMemOpType`.
-const WAIT_32: u32 = 1;
-const WRITE_32: u32 = 2;
-const FLUSH_REMOTE_WRITES: u32 = 3;
-const WAIT_64: u32 = 4;
-const WRITE_64: u32 = 5;
-const BARRIER: u32 = 6;
+pub const WAIT_32: u32 = 1;
+pub const WRITE_32: u32 = 2;
+pub const FLUSH_REMOTE_WRITES: u32 = 3;
+pub const WAIT_64: u32 = 4;
+pub const WRITE_64: u32 = 5;
+pub const BARRIER: u32 = 6;
+
+/// Bytes of the word an operation of type `kind` waits on or writes; `None`
+/// for flushes, barriers and unknown types.
+pub fn word_size(kind: u32) -> Option<u64> {
+    match kind {
+        WAIT_32 | WRITE_32 => Some(4),
+        WAIT_64 | WRITE_64 => Some(8),
+        _ => None,
+    }
+}
 
 /// `CU_STREAM_WAIT_VALUE_FLUSH`: may be or-ed into a wait's condition.
 pub const WAIT_FLUSH: u32 = 1 << 30;
@@ -98,9 +108,9 @@ impl MemOp {
     /// value in 32 bits. Whether the word is the session's is checked by
     /// the caller.
     pub fn parse(op: &v1::StreamMemOp) -> Result<Self, String> {
-        let wide = matches!(op.kind, WAIT_64 | WRITE_64);
-        if matches!(op.kind, WAIT_32 | WRITE_32 | WAIT_64 | WRITE_64) {
-            let size = if wide { 8 } else { 4 };
+        let word = word_size(op.kind);
+        let wide = word == Some(8);
+        if let Some(size) = word {
             if !op.address.is_multiple_of(size) {
                 return Err(format!(
                     "stream memory operation at {:#x}: not aligned to its {size}-byte word",

@@ -16,7 +16,7 @@ use crate::graph::Op;
 use crate::runtime::Runtime;
 use cudarc::driver::sys::{CUdeviceptr, CUstream};
 use gpupool_client::StreamId;
-use gpupool_proto::mem_ops::MemOp;
+use gpupool_proto::mem_ops::{MemOp, WAIT_32, WAIT_64, WRITE_32, WRITE_64, word_size};
 use gpupool_proto::v1;
 use std::ffi::{c_uint, c_void};
 
@@ -29,12 +29,6 @@ pub(crate) struct RawMemOp([u64; 6]);
 const _: () =
     assert!(std::mem::size_of::<RawMemOp>() == std::mem::size_of::<cudarc::driver::sys::CUstreamBatchMemOpParams>());
 
-/// `CUstreamBatchMemOpType`s whose word is a 32-bit or 64-bit value.
-const WAIT_32: u32 = 1;
-const WRITE_32: u32 = 2;
-const WAIT_64: u32 = 4;
-const WRITE_64: u32 = 5;
-
 impl RawMemOp {
     fn single(kind: u32, address: u64, value: u64, flags: u32) -> Self {
         Self([u64::from(kind), address, value, u64::from(flags), 0, 0])
@@ -45,13 +39,12 @@ impl RawMemOp {
     /// barriers: flags at byte 4.
     fn wire(&self) -> v1::StreamMemOp {
         let kind = self.0[0] as u32;
-        match kind {
-            WAIT_32 | WRITE_32 | WAIT_64 | WRITE_64 => {
-                let wide = matches!(kind, WAIT_64 | WRITE_64);
-                let value = if wide { self.0[2] } else { self.0[2] & u64::from(u32::MAX) };
+        match word_size(kind) {
+            Some(size) => {
+                let value = if size == 8 { self.0[2] } else { self.0[2] & u64::from(u32::MAX) };
                 v1::StreamMemOp { kind, address: self.0[1], value, flags: self.0[3] as u32 }
             }
-            _ => v1::StreamMemOp { kind, address: 0, value: 0, flags: (self.0[0] >> 32) as u32 },
+            None => v1::StreamMemOp { kind, address: 0, value: 0, flags: (self.0[0] >> 32) as u32 },
         }
     }
 }
