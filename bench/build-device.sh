@@ -7,6 +7,7 @@
 #   gpupool-server-lib-tests (for the real-NVML discovery test),
 #   gpupool-balancer-grpc-bench (balancer/benches/grpc.rs), stub/ (the drop-in libcuda.so.1 and,
 #   when its crate exists, libnvidia-ml.so.1, for bench/dropin.sh) and
+#   cutrace/ (the call tracer, bench/cutrace) and
 #   COMMIT (the commit they were built from, read by gpu-suite.sh).
 # Debug info is stripped. Every folder under .device/ is then packed into one
 # archive, .device/device.tar.xz (identical files stored once), which must
@@ -96,6 +97,8 @@ strip --strip-debug -o "$out/stub/libcuda.so.1" target/release/libcuda.so
 if [[ ${WITH_NVML:-1} == 1 ]]; then
     strip --strip-debug -o "$out/stub/libnvidia-ml.so.1" target/release/libnvidia_ml.so
 fi
+# cutrace, the call tracer bench/dropin.sh uses with CUTRACE=1.
+bash bench/cutrace/build.sh "$out/cutrace"
 rm -f "$out"/gpupool-*-tests "$out/gpupool-balancer-grpc-bench"
 if [[ $parts == core || $parts == all ]]; then
     while read -r name exe; do

@@ -15,6 +15,10 @@
 # such as GPUPOOL_BATCH_DELAY_US), against the same native run.
 # BENCH_LOOP=0 leaves bench_loop out; with PROGRAMS=none nothing is built.
 # PROGRAM_TIMEOUT: seconds each program may run, natively and remote (300).
+# CUTRACE=1 runs the programs under cutrace (bench/cutrace: BIN_DIR/cutrace,
+# built by build-device.sh), natively and through the stub: each call the
+# CUDA runtime makes and its result land in OUT_DIR/{native,remote}/NAME.trace,
+# for a diff of the two paths.
 #
 # Usage: bench/dropin.sh BIN_DIR OUT_DIR
 #   BIN_DIR holds gpupool-server and stub/ (libcuda.so.1, libcuda.so and,
@@ -66,9 +70,20 @@ if [[ -z $addr || -z $pin ]]; then
 fi
 echo "server at $addr"
 
-native() { LD_LIBRARY_PATH="$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$@"; }
+native_front="" remote_front=""
+if [[ ${CUTRACE:-0} == 1 ]]; then
+    real=$(ldconfig -p | awk '$1 == "libcuda.so.1" { print $NF; exit }')
+    for side in native remote; do
+        mkdir -p "$out/cutrace/$side"
+        cp "$bin_dir/cutrace/libcuda.so.1" "$out/cutrace/$side/" || exit 2
+    done
+    ln -sf "$(readlink -f "$real")" "$out/cutrace/native/libcutrace_real.so"
+    ln -sf "$stub/libcuda.so.1" "$out/cutrace/remote/libcutrace_real.so"
+    native_front="$out/cutrace/native:" remote_front="$out/cutrace/remote:"
+fi
+native() { LD_LIBRARY_PATH="$native_front$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$@"; }
 remote() {
-    LD_LIBRARY_PATH="$stub:$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    LD_LIBRARY_PATH="$remote_front$stub:$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
         GPUPOOL_SERVER="$addr" GPUPOOL_TOKEN=dropin GPUPOOL_CERT_SHA256="$pin" "$@"
 }
 # What must match between the two runs.
@@ -79,9 +94,11 @@ failed=0
 run_pair() { # name command...
     local name=$1
     shift
-    timeout "${PROGRAM_TIMEOUT:-300}" bash -c 'native "$@"' _ "$@" >"$out/native/$name.out" 2>"$out/native/$name.err"
+    CUTRACE_FILE="$out/native/$name.trace" timeout "${PROGRAM_TIMEOUT:-300}" bash -c 'native "$@"' _ "$@" \
+        >"$out/native/$name.out" 2>"$out/native/$name.err"
     local nrc=$?
-    timeout "${PROGRAM_TIMEOUT:-300}" bash -c 'remote "$@"' _ "$@" >"$out/remote/$name.out" 2>"$out/remote/$name.err"
+    CUTRACE_FILE="$out/remote/$name.trace" timeout "${PROGRAM_TIMEOUT:-300}" bash -c 'remote "$@"' _ "$@" \
+        >"$out/remote/$name.out" 2>"$out/remote/$name.err"
     local rrc=$?
     local same=no
     if diff <(compared "$out/native/$name.out") <(compared "$out/remote/$name.out") >"$out/$name.diff"; then
@@ -112,7 +129,7 @@ run_pair() { # name command...
     fi
 }
 export -f native remote
-export stub cuda_lib addr pin
+export stub cuda_lib addr pin native_front remote_front
 
 : >"$out/failures.md"
 programs=$(cat "$progs/ci.list" "$progs/gpu.list")
