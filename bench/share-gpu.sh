@@ -13,7 +13,9 @@
 # ran (process start, context, lease wait and warm-up excluded everywhere),
 # and its ratio to (a). Then a fault check: one shared client stores to
 # address 0; the others must end with an error within 1 s and a fresh
-# shared client must run within 5 s. Between them, isolation: a small
+# shared client must run within 5 s, while an exclusive session on the
+# same GPU (outside MPS: a direct session with the server's operator
+# token) keeps stepping without an error. Between them, isolation: a small
 # client's p99 step time alone and next to a saturating neighbour, native
 # and as a 25 % share next to a 75 % one.
 #
@@ -79,7 +81,7 @@ fi
 # directories under --mps-dir; the compute mode is left as it is).
 NO_COLOR=1 RUST_LOG=info "$bin/gpupool-server" --listen 127.0.0.1:4443 --device cuda:0 --instances nvml \
     --balancer https://127.0.0.1:50061 --advertise 127.0.0.1:4443 --balancer-secret share-secret \
-    --lease-key "$pub" --server-id share-gpu --warm-workers 8 --resume-grace-ms 0 \
+    --lease-key "$pub" --server-id share-gpu --warm-workers 8 --resume-grace-ms 0 --tokens bystander \
     --mps auto --mps-dir "$work/mps" --time-share-ms "${SHARE_TIME_MS:-0}" --metrics-listen 127.0.0.1:9465 >"$out/server.log" 2>&1 &
 for _ in $(seq 1 120); do
     "$bin/gpupool-balancer" status --balancer https://127.0.0.1:50061 --secret share-secret >"$work/status" 2>/dev/null &&
@@ -98,6 +100,16 @@ pooled() {
         GPUPOOL_MEMORY_MIB=${SHARE_MEMORY_MIB:-8192} GPUPOOL_WAIT_MS=240000 timeout "${limit:-240}" python3 "$wl" --steps "$steps" "$@"
 }
 shared() { GPUPOOL_LEASE_CLASS=shared GPUPOOL_COMPUTE_PERCENT=$1 pooled "${@:2}"; }
+# A session straight to the server with its operator token, outside the
+# balancer: exclusive (never under the MPS daemon). The balancer gives an
+# exclusive lease a whole GPU, so within its placement an exclusive session
+# never shares a GPU with a shared group; this one does, on purpose.
+direct() {
+    local pin
+    pin=$(sed -n 's/.*certificate SHA-256 \([0-9a-f]\{64\}\).*/\1/p' "$out/server.log" | head -n 1)
+    LD_LIBRARY_PATH="$bin/stub:$LD_LIBRARY_PATH" GPUPOOL_SERVER=127.0.0.1:4443 GPUPOOL_TOKEN=bystander \
+        GPUPOOL_CERT_SHA256="$pin" timeout "${limit:-240}" python3 "$wl" --steps "$steps" "$@"
+}
 # The server's log without colour codes (its fields are matched below).
 plain_log() { sed 's/\x1b\[[0-9;]*m//g' "$out/server.log"; }
 files() { local d=$1 n=$2; for i in $(seq 1 "$n"); do printf '%s,' "$d/$i.json"; done; }
@@ -219,7 +231,7 @@ n=3
 # barrier files say that each finished its warm-up.
 # An exclusive session on the same GPU (outside the MPS group): it must
 # keep stepping, without an error, through the group's fault.
-limit=240 pooled --steps 100000 --barrier "$work/exclusive" --clients 1 >"$f/exclusive.json" 2>"$f/exclusive.err" &
+limit=240 direct --steps 100000 --barrier "$work/exclusive" --clients 1 >"$f/exclusive.json" 2>"$f/exclusive.err" &
 bystander=$!
 victims=()
 for i in $(seq 1 "$n"); do
@@ -231,7 +243,8 @@ for _ in $(seq 1 240); do
     sleep 0.25
 done
 sleep 1
-say "- $n victims started at $(date -u +%T), warm: $(ls "$work/fault" 2>/dev/null | wc -l) of $n"
+say "- $n victims started at $(date -u +%T), warm: $(ls "$work/fault" 2>/dev/null | wc -l) of $n;" \
+    "the exclusive session (operator token, outside MPS): $([[ -n $(ls "$work/exclusive" 2>/dev/null) ]] && echo warm || echo 'NOT warm')"
 # The faulting client must return (with its error) well within a minute.
 limit=60 shared 20 --fault >"$f/fault.json" 2>"$f/fault.err"
 say "- faulting client returned with status $? at $(date -u +%T)"

@@ -63,6 +63,9 @@ int main(void)
     CUdeviceptr buf;
     CK(cuMemAlloc(&buf, 4096));
     CK(cuMemsetD8(buf, 0, 4096));
+    /* The memset runs on the legacy stream, which a non-blocking stream does
+     * not wait for: without this the writes below could land first. */
+    CK(cuCtxSynchronize());
 
     /* Single operations; every wait is met by a write before it. */
     CK(cuStreamWriteValue32(s, buf, 0x11223344, CU_STREAM_WRITE_VALUE_DEFAULT));

@@ -10,6 +10,8 @@ use std::any::Any;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Once};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 static EXITING: AtomicBool = AtomicBool::new(false);
 
@@ -28,7 +30,15 @@ pub fn init_logging() {
     ONCE.call_once(|| {
         let filter = tracing_subscriber::EnvFilter::try_from_env("GPUPOOL_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        // Every event passes `logging_enabled` first, so that none reaches
+        // the formatter (whose buffers are thread-local) once exit began,
+        // whichever log line a destructor's driver call comes to.
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .finish()
+            .with(tracing_subscriber::filter::filter_fn(|_| logging_enabled()));
+        let _ = subscriber.try_init();
         // SAFETY: registers a function without captured state; atexit only
         // fails when its table is full, and then logging simply stays on.
         unsafe { libc::atexit(mark_exiting) };
@@ -77,5 +87,10 @@ mod tests {
         assert!(first_time("cuX") && !first_time("cuX") && first_time("cuY"));
         init_logging();
         assert!(logging_enabled());
+        // Once exit began no event reaches the formatter: a destructor's
+        // driver call that logs must not touch destroyed thread-locals.
+        assert!(tracing::enabled!(tracing::Level::ERROR));
+        mark_exiting();
+        assert!(!tracing::enabled!(tracing::Level::ERROR));
     }
 }

@@ -66,6 +66,51 @@ pub(crate) unsafe fn image<'a>(p: *const u8) -> CuResult<&'a [u8]> {
     Ok(unsafe { std::slice::from_raw_parts(start, len) })
 }
 
+/// Most relocatable fatbins one linked image lists (one per object file
+/// and device library of the program).
+const MAX_PRELINKED: usize = 4096;
+
+/// The relocatable fatbins a version-2 fatbin wrapper lists after its
+/// image: a program built with `-rdc` registers its device-linked image
+/// with them (a null-terminated array of pointers at offset 16), and when
+/// the linked image has no code for the GPU (built for an older
+/// architecture) the driver JIT-links these instead, its PTX with the
+/// device runtime's code for the GPU. Empty for anything else.
+///
+/// # Safety
+/// `p` points to a complete image (as for [`image`]); a version-2 wrapper's
+/// array and the fatbins it points to are readable (the runtime filled
+/// them in before the load).
+pub(crate) unsafe fn prelinked<'a>(p: *const u8) -> CuResult<Vec<&'a [u8]>> {
+    // SAFETY (reads below): the wrapper's 24 bytes, then the array's
+    // entries up to its null end (the caller's contract).
+    unsafe {
+        if p.is_null() || read::<u32>(p, 0) != FATBIN_WRAPPER_MAGIC || read::<u32>(p, 4) != 2 {
+            return Ok(Vec::new());
+        }
+        let list = read::<usize>(p, 16) as *const *const u8;
+        let mut out = Vec::new();
+        if list.is_null() {
+            return Ok(out);
+        }
+        for i in 0..=MAX_PRELINKED {
+            let entry = list.add(i).read_unaligned();
+            if entry.is_null() {
+                return Ok(out);
+            }
+            if i == MAX_PRELINKED {
+                break;
+            }
+            let magic = read::<u32>(entry, 0);
+            if magic != FATBIN_MAGIC && magic != FATBIN_WRAPPER_MAGIC {
+                return Err(CuError::INVALID_IMAGE);
+            }
+            out.push(image(entry)?);
+        }
+        Err(CuError::INVALID_IMAGE)
+    }
+}
+
 /// Header (magic u32, version u16, header size u16, payload size u64).
 ///
 /// # Safety
@@ -120,6 +165,53 @@ mod tests {
         // SAFETY: a NUL-terminated buffer.
         let img = unsafe { image(ptx.as_ptr()) }.expect("ptx");
         assert_eq!(img.len(), 28);
+    }
+
+    /// A fatbin of `payload` bytes of zeros.
+    fn fatbin_of(payload: usize) -> Vec<u8> {
+        let mut f = vec![0u8; 16 + payload];
+        f[0..4].copy_from_slice(&FATBIN_MAGIC.to_le_bytes());
+        f[4..6].copy_from_slice(&1u16.to_le_bytes());
+        f[6..8].copy_from_slice(&16u16.to_le_bytes());
+        f[8..16].copy_from_slice(&(payload as u64).to_le_bytes());
+        f
+    }
+
+    /// A fatbin wrapper of `version` for `data` and the pointer array `list`.
+    fn wrapper_of(version: u32, data: &[u8], list: *const *const u8) -> [u8; 24] {
+        let mut w = [0u8; 24];
+        w[0..4].copy_from_slice(&FATBIN_WRAPPER_MAGIC.to_le_bytes());
+        w[4..8].copy_from_slice(&version.to_le_bytes());
+        w[8..16].copy_from_slice(&(data.as_ptr() as usize).to_le_bytes());
+        w[16..24].copy_from_slice(&(list as usize).to_le_bytes());
+        w
+    }
+
+    #[test]
+    fn prelinked_fatbins_of_an_rdc_program() {
+        let linked = fatbin_of(32);
+        let (a, b) = (fatbin_of(8), fatbin_of(40));
+        let b_wrapped = wrapper_of(1, &b, std::ptr::null());
+        let list = [a.as_ptr(), b_wrapped.as_ptr(), std::ptr::null()];
+        let w = wrapper_of(2, &linked, list.as_ptr());
+        // SAFETY: the wrapper, its array and the fatbins above are live.
+        let pieces = unsafe { prelinked(w.as_ptr()) }.expect("prelinked");
+        assert_eq!(pieces.iter().map(|p| p.len()).collect::<Vec<_>>(), [24, 56]);
+        // SAFETY: as above.
+        assert_eq!(unsafe { image(w.as_ptr()) }.expect("image").len(), 48);
+        // Version 1, a null array, a bare fatbin: nothing prelinked.
+        let v1 = wrapper_of(1, &linked, list.as_ptr());
+        let none = wrapper_of(2, &linked, std::ptr::null());
+        for p in [v1.as_ptr(), none.as_ptr(), linked.as_ptr()] {
+            // SAFETY: as above.
+            assert!(unsafe { prelinked(p) }.expect("prelinked").is_empty());
+        }
+        // An entry that is neither a fatbin nor a wrapper is refused.
+        let junk = [0u8; 32];
+        let bad = [junk.as_ptr(), std::ptr::null()];
+        let w = wrapper_of(2, &linked, bad.as_ptr());
+        // SAFETY: as above.
+        assert_eq!(unsafe { prelinked(w.as_ptr()) }.err(), Some(CuError::INVALID_IMAGE));
     }
 
     #[test]

@@ -54,25 +54,35 @@ impl Image {
     }
 }
 
-/// A library: its image until the first use loads it.
+/// What a library is loaded from.
+#[derive(Debug)]
+pub(crate) struct Images {
+    pub(crate) image: Image,
+    /// The relocatable fatbins of a `-rdc` program's linked image
+    /// ([`crate::image::prelinked`]): linked instead when the image has no
+    /// code for the GPU.
+    pub(crate) prelinked: Vec<Image>,
+}
+
+/// A library: its images until the first use loads it.
 #[derive(Debug)]
 pub(crate) struct Library {
     /// `Some` while not loaded. Held during the load, so a second thread
     /// using the library meanwhile waits for the first one's load.
-    pending: Mutex<Option<Image>>,
+    pending: Mutex<Option<Images>>,
 }
 
 impl Library {
-    pub(crate) fn new(image: Image) -> Self {
-        Self { pending: Mutex::new(Some(image)) }
+    pub(crate) fn new(images: Images) -> Self {
+        Self { pending: Mutex::new(Some(images)) }
     }
 
     /// Loads the library with `load` unless done already. A failed load
-    /// keeps the image: the next use tries again.
-    pub(crate) fn ensure_loaded(&self, load: impl FnOnce(&[u8]) -> CuResult) -> CuResult {
+    /// keeps the images: the next use tries again.
+    pub(crate) fn ensure_loaded(&self, load: impl FnOnce(&Images) -> CuResult) -> CuResult {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(image) = pending.as_ref() {
-            load(image.bytes())?;
+        if let Some(images) = pending.as_ref() {
+            load(images)?;
             *pending = None;
         }
         Ok(())
@@ -154,13 +164,13 @@ mod tests {
 
     #[test]
     fn loads_once_retries_after_a_failure() {
-        let lib = Library::new(Image::of(b"image\0"));
+        let lib = Library::new(Images { image: Image::of(b"image\0"), prelinked: Vec::new() });
         assert!(!lib.is_loaded());
         assert_eq!(lib.ensure_loaded(|_| Err(CuError::INVALID_IMAGE)), Err(CuError::INVALID_IMAGE));
         assert!(!lib.is_loaded(), "a failed load keeps the image");
         let mut seen = Vec::new();
         lib.ensure_loaded(|b| {
-            seen = b.to_vec();
+            seen = b.image.bytes().to_vec();
             Ok(())
         })
         .expect("load");
@@ -171,7 +181,7 @@ mod tests {
 
     #[test]
     fn concurrent_first_uses_load_once() {
-        let lib = Arc::new(Library::new(Image::of(&READ_ONLY)));
+        let lib = Arc::new(Library::new(Images { image: Image::of(&READ_ONLY), prelinked: Vec::new() }));
         let loads = Arc::new(AtomicU32::new(0));
         let start = Arc::new(Barrier::new(8));
         let threads: Vec<_> = (0..8)

@@ -7,10 +7,11 @@
 
 use crate::abi::{CuError, CuResult, c_str, intern, put};
 use crate::image;
-use crate::library::{Image, Library};
+use crate::library::{Image, Images, Library};
 use crate::runtime::{Runtime, Tag, function_handle, function_of, handle};
+use bytes::Bytes;
 use cudarc::driver::sys::{CUdevice, CUdeviceptr, CUfunction, CUkernel, CUlaunchConfig, CUlibrary, CUmodule};
-use gpupool_client::{Function, Module};
+use gpupool_client::{Function, JitInput, JitLinkRequest, Module};
 use gpupool_proto::v1::{self, OccupancyQuery};
 use std::borrow::Cow;
 use std::ffi::{c_char, c_int, c_uint, c_void};
@@ -76,6 +77,9 @@ fn function_count(h: usize, tag: Tag, count: *mut c_uint) -> CuResult {
     unsafe { put(count, m.functions.len() as c_uint) }
 }
 
+/// `CU_JIT_INPUT_FATBINARY`: the linker picks the GPU's entry of each.
+const JIT_INPUT_FATBINARY: u32 = 2;
+
 /// Driver errors meaning "nothing in this image runs on this GPU".
 const NO_CODE_FOR_GPU: [u32; 2] = [209, 222]; // NO_BINARY_FOR_GPU, UNSUPPORTED_PTX_VERSION
 
@@ -84,18 +88,28 @@ const NO_CODE_FOR_GPU: [u32; 2] = [209, 222]; // NO_BINARY_FOR_GPU, UNSUPPORTED_
 /// as its handle. A file is read now, as the driver reads it.
 fn load_library(code: *const c_void, file: Option<*const c_char>) -> CuResult<usize> {
     let rt = Runtime::get()?;
-    let image = match file {
-        Some(path) => Image::Owned(read_file(path)?.into()),
-        // SAFETY: the CUDA contract: `code` is a complete module image.
-        None => Image::of(unsafe { image::image(code.cast()) }?),
+    let (image, prelinked) = match file {
+        Some(path) => (Image::Owned(read_file(path)?.into()), Vec::new()),
+        // SAFETY: the CUDA contract: `code` is a complete module image
+        // (a version-2 wrapper's array filled in by the runtime).
+        None => unsafe {
+            let prelinked = image::prelinked(code.cast())?.into_iter().map(Image::of).collect();
+            (Image::of(image::image(code.cast())?), prelinked)
+        },
     };
     if image.bytes().is_empty() {
         return Err(CuError::INVALID_IMAGE);
     }
     let id = rt.session.reserve_module_id();
     let copied = matches!(image, Image::Owned(_));
-    tracing::debug!(library = id, bytes = image.bytes().len(), copied, "library: loads at first use");
-    rt.tables().libraries.insert(id, Arc::new(Library::new(image)));
+    tracing::debug!(
+        library = id,
+        bytes = image.bytes().len(),
+        copied,
+        prelinked = prelinked.len(),
+        "library: loads at first use"
+    );
+    rt.tables().libraries.insert(id, Arc::new(Library::new(Images { image, prelinked })));
     Ok(handle(Tag::Library, id.into()))
 }
 
@@ -107,11 +121,11 @@ fn load_library(code: *const c_void, file: Option<*const c_char>) -> CuResult<us
 fn library_module(rt: &Runtime, h: usize) -> CuResult<Module> {
     let id = crate::runtime::id_of(Tag::Library, h).ok_or(CuError::INVALID_HANDLE)? as u32;
     let lib = rt.tables().libraries.get(&id).cloned().ok_or(CuError::INVALID_HANDLE)?;
-    lib.ensure_loaded(|bytes| match rt.session.module_load_as(id, &for_device(rt, bytes)) {
+    lib.ensure_loaded(|images| match load_images(rt, id, images) {
         Ok(m) => {
             tracing::debug!(
                 library = id,
-                bytes = bytes.len(),
+                bytes = images.image.bytes().len(),
                 functions = m.functions.len(),
                 "library: first use, loaded"
             );
@@ -129,6 +143,51 @@ fn library_module(rt: &Runtime, h: usize) -> CuResult<Module> {
         Err(e) => Err(e.into()),
     })?;
     rt.module(h, Tag::Library)
+}
+
+/// Loads a library's image as module `id`; when it has no code for the
+/// GPU and came with relocatable fatbins (a `-rdc` program built for an
+/// older architecture), links those on the server instead, as the driver
+/// does, and loads the result. The image's own error stands when that
+/// link fails too.
+fn load_images(rt: &Runtime, id: u32, images: &Images) -> gpupool_client::Result<Module> {
+    let err = match rt.session.module_load_as(id, &for_device(rt, images.image.bytes())) {
+        Err(e) if NO_CODE_FOR_GPU.contains(&e.code()) && !images.prelinked.is_empty() => e,
+        other => return other,
+    };
+    let inputs = images
+        .prelinked
+        .iter()
+        .enumerate()
+        .map(|(i, p)| JitInput {
+            kind: JIT_INPUT_FATBINARY,
+            name: format!("prelinked fatbin {i}"),
+            data: Bytes::from(for_device(rt, p.bytes()).into_owned()),
+            options: Vec::new(),
+        })
+        .collect();
+    let request = JitLinkRequest { options: Vec::new(), inputs, info_log_bytes: 0, error_log_bytes: 4096 };
+    let linked = rt.session.jit_link(request).and_then(|out| {
+        out.cubin.map_err(|e| {
+            tracing::debug!(library = id, log = %String::from_utf8_lossy(&out.error_log), "link of the prelinked fatbins failed");
+            e
+        })
+    });
+    match linked {
+        Ok(cubin) => {
+            tracing::debug!(
+                library = id,
+                pieces = images.prelinked.len(),
+                bytes = cubin.len(),
+                "library: no code for this GPU in the linked image, its relocatable fatbins linked"
+            );
+            rt.session.module_load_as(id, &cubin)
+        }
+        Err(link) => {
+            tracing::debug!(library = id, error = %link, "library: the relocatable fatbins did not link either");
+            Err(err)
+        }
+    }
 }
 
 /// A kernel handle in an unusable library, for `name`.

@@ -43,13 +43,17 @@ impl Graph {
         // SAFETY: a live graph; a null array asks for the count.
         let r = unsafe { sys::cuGraphGetNodes(self.raw, std::ptr::null_mut(), &mut count) };
         driver::check(r, "cuGraphGetNodes")?;
-        let mut nodes: Vec<CUgraphNode> = vec![std::ptr::null_mut(); count];
-        // SAFETY: `count` slots.
-        let r = unsafe { sys::cuGraphGetNodes(self.raw, nodes.as_mut_ptr(), &mut count) };
-        driver::check(r, "cuGraphGetNodes")?;
-        for node in nodes.into_iter().take(count) {
-            // SAFETY: a node of this graph, destroyed once.
-            driver::check(unsafe { sys::cuGraphDestroyNode(node) }, "cuGraphDestroyNode")?;
+        // An empty graph (the first instantiation): the driver refuses a
+        // node array with a count of 0.
+        if count > 0 {
+            let mut nodes: Vec<CUgraphNode> = vec![std::ptr::null_mut(); count];
+            // SAFETY: `count` slots.
+            let r = unsafe { sys::cuGraphGetNodes(self.raw, nodes.as_mut_ptr(), &mut count) };
+            driver::check(r, "cuGraphGetNodes")?;
+            for node in nodes.into_iter().take(count) {
+                // SAFETY: a node of this graph, destroyed once.
+                driver::check(unsafe { sys::cuGraphDestroyNode(node) }, "cuGraphDestroyNode")?;
+            }
         }
         fill(self.raw, &self.context, body)
     }
