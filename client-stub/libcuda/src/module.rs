@@ -168,9 +168,8 @@ fn load_images(rt: &Runtime, id: u32, images: &Images) -> gpupool_client::Result
         .collect();
     let request = JitLinkRequest { options: Vec::new(), inputs, info_log_bytes: 0, error_log_bytes: 4096 };
     let linked = rt.session.jit_link(request).and_then(|out| {
-        out.cubin.map_err(|e| {
+        out.cubin.inspect_err(|_| {
             tracing::debug!(library = id, log = %String::from_utf8_lossy(&out.error_log), "link of the prelinked fatbins failed");
-            e
         })
     });
     match linked {
