@@ -630,3 +630,44 @@ fn a_program_keeps_running_across_a_migration() -> Result<()> {
     assert!(b.metrics.snapshot().sessions_opened >= 1, "the session arrived on the target");
     Ok(())
 }
+
+/// `bench/cutrace` (the call tracer of `bench/dropin.sh CUTRACE=1`) in front
+/// of the stub: the CUDA runtime's calls reach the stub through it, the
+/// program passes, and the trace names each entry point with its result.
+#[test]
+fn cutrace_traces_the_runtime_through_the_stub() -> Result<()> {
+    let (stub, bin) = programs()?;
+    let dir = target_dir().join("cutrace-test");
+    let status = Command::new("bash")
+        .arg(repo().join("bench/cutrace/build.sh"))
+        .arg(&dir)
+        .status()
+        .context("running bench/cutrace/build.sh")?;
+    if !status.success() {
+        bail!("bench/cutrace/build.sh failed: {status}");
+    }
+    let real = dir.join("real");
+    std::fs::create_dir_all(&real)?;
+    let link = real.join("libcutrace_real.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(stub.join("libcuda.so.1"), &link)?;
+    let trace = dir.join("runtime_nokernel.trace");
+    let _ = std::fs::remove_file(&trace);
+    let server = TestServer::start(isolated_config()?)?;
+    let out = Command::new(bin.join("runtime_nokernel"))
+        .env("LD_LIBRARY_PATH", format!("{}:{}:{}", dir.display(), real.display(), stub.display()))
+        .env("CUTRACE_FILE", &trace)
+        .env("GPUPOOL_SERVER", server.addr.to_string())
+        .env("GPUPOOL_TOKEN", TOKEN)
+        .env("GPUPOOL_CERT_SHA256", &server.fingerprint)
+        .output()
+        .context("starting runtime_nokernel under cutrace")?;
+    server.stop();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("PASS runtime_nokernel"), "{stdout}");
+    let lines = std::fs::read_to_string(&trace).context("reading the trace")?;
+    for want in ["resolve cuInit = 0", "cuInit = 0", "cuMemAlloc = 0", "cuMemcpyHtoD = 0"] {
+        assert!(lines.lines().any(|l| l.trim_start() == want), "no `{want}` in the trace:\n{lines}");
+    }
+    Ok(())
+}
