@@ -54,8 +54,9 @@ pub fn at_exit(f: extern "C" fn()) -> bool {
     unsafe { libc::atexit(f) == 0 }
 }
 
-/// `false` once the process is exiting: log nothing then.
-pub fn logging_enabled() -> bool {
+/// `false` once the process is exiting: the subscriber drops every event
+/// then.
+fn logging_enabled() -> bool {
     !EXITING.load(Ordering::Relaxed)
 }
 

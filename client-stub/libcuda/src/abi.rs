@@ -41,24 +41,19 @@ pub(crate) type CuResult<T = ()> = Result<T, CuError>;
 /// Logging itself may panic when the calling thread is exiting (its
 /// thread-local storage is being destroyed while a library's destructor
 /// still calls the driver): such a panic is swallowed too, because one
-/// outside `catch_unwind` here would abort the process.
+/// outside `catch_unwind` here would abort the process. Once the process
+/// is exiting the subscriber drops every event (`gpupool_ffi`).
 pub(crate) fn entry(name: &'static str, body: impl FnOnce() -> CuResult) -> CUresult {
-    let logging = gpupool_ffi::logging_enabled();
     let traced = || {
-        if logging {
-            tracing::trace!(call = name, "call");
-        }
+        tracing::trace!(call = name, "call");
         body()
     };
     match catch_unwind(AssertUnwindSafe(|| crate::call_stats::measure(name, traced))) {
         Ok(Ok(())) => CUresult::CUDA_SUCCESS,
         Ok(Err(CuError(code))) => {
-            if logging {
-                log_quietly(|| tracing::trace!(call = name, code, "returns an error"));
-            }
+            log_quietly(|| tracing::trace!(call = name, code, "returns an error"));
             codes::from_raw(code)
         }
-        Err(_) if !logging => CUresult::CUDA_ERROR_UNKNOWN,
         Err(panic) => {
             let what = gpupool_ffi::panic_message(panic.as_ref());
             log_quietly(|| tracing::error!(call = name, panic = %what, "internal error in gpupool libcuda"));
@@ -79,7 +74,7 @@ pub(crate) fn status(r: CUresult) -> CuResult {
 
 /// Logs an entry point gpupool does not implement, once per name.
 pub(crate) fn unsupported(name: &'static str) -> CUresult {
-    if gpupool_ffi::first_time(name) && gpupool_ffi::logging_enabled() {
+    if gpupool_ffi::first_time(name) {
         gpupool_ffi::init_logging();
         tracing::debug!("{name} is not supported by gpupool's libcuda; it returns CUDA_ERROR_NOT_SUPPORTED");
     }

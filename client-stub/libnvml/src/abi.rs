@@ -15,9 +15,7 @@ pub(crate) fn entry(name: &'static str, body: impl FnOnce() -> Result<(), Error>
     guard(name, nv::nvmlReturn_enum_NVML_ERROR_UNKNOWN, || match body() {
         Ok(()) => nv::nvmlReturn_enum_NVML_SUCCESS,
         Err(e) => {
-            if gpupool_ffi::logging_enabled() {
-                tracing::debug!(call = name, error = %e, "returns an error");
-            }
+            tracing::debug!(call = name, error = %e, "returns an error");
             e.code()
         }
     })
@@ -29,10 +27,8 @@ pub(crate) fn guard<T>(name: &'static str, on_panic: T, body: impl FnOnce() -> T
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(v) => v,
         Err(panic) => {
-            if gpupool_ffi::logging_enabled() {
-                let what = gpupool_ffi::panic_message(panic.as_ref());
-                tracing::error!(call = name, panic = %what, "internal error in gpupool libnvidia-ml");
-            }
+            let what = gpupool_ffi::panic_message(panic.as_ref());
+            tracing::error!(call = name, panic = %what, "internal error in gpupool libnvidia-ml");
             on_panic
         }
     }
@@ -44,7 +40,7 @@ pub(crate) fn guard<T>(name: &'static str, on_panic: T, body: impl FnOnce() -> T
 /// power, clocks) as a matter of course and handle the answer, so a
 /// warning for each would be noise on every monitoring tool's stderr.
 pub(crate) fn log_unsupported(name: &'static str) {
-    if gpupool_ffi::first_time(name) && gpupool_ffi::logging_enabled() {
+    if gpupool_ffi::first_time(name) {
         gpupool_ffi::init_logging();
         tracing::debug!("{name} is not supported by gpupool's libnvidia-ml; it returns NVML_ERROR_NOT_SUPPORTED");
     }
