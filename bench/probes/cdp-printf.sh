@@ -5,8 +5,10 @@
 # Cases: the runtime program cdp_bisect (nvcc -rdc; its child printf is lost
 # through gpupool from the first launch on, 2026-12-06), and the driver-API
 # probe on that program's linked image as fatbin and as cubin, by module
-# and library loads, parent first; then a server with
-# CUDA_MODULE_LOADING=EAGER (the workers inherit it).
+# and library loads, parent first; natively also with every function of the
+# module loaded first by name (as the server describes a module) and in
+# reverse; remotely with the server's own loading mode (EAGER since
+# 2026-12-06) and with CUDA_MODULE_LOADING=LAZY (the workers inherit it).
 # Usage: bench/probes/cdp-printf.sh BIN_DIR OUT_DIR   (BIN_DIR as for dropin.sh)
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -34,17 +36,19 @@ PY
 cases=("cdp_full.fatbin module _Z11parent_saysi 3" "cdp_full.fatbin library _Z11parent_saysi 3"
     "cdp.cubin module _Z11parent_saysi 3" "cdp.cubin module _Z11parent_saysi 1"
     "k.cubin module parent 1" "k.cubin library parent 1")
-for c in "${cases[@]}"; do
-    read -r img mode kernel grid <<<"$c"
+native=("${cases[@]}" "cdp.cubin module _Z11parent_saysi 1 sorted" "cdp.cubin module _Z11parent_saysi 1 reverse"
+    "k.cubin module parent 1 sorted" "k.cubin module parent 1 reverse")
+for c in "${native[@]}"; do
+    read -r img mode kernel grid order <<<"$c"
     echo "== native: $c" >>"$O/out.txt"
-    LD_LIBRARY_PATH=$LIB timeout 30 "$W/cdp_probe" "$W/$img" "$mode" "$kernel" "$grid" >>"$O/out.txt" 2>&1
+    LD_LIBRARY_PATH=$LIB timeout 30 "$W/cdp_probe" "$W/$img" "$mode" "$kernel" "$grid" "${order:-none}" >>"$O/out.txt" 2>&1
 done
 echo "== native: cdp_bisect tail" >>"$O/out.txt"
 LD_LIBRARY_PATH=$LIB timeout 30 "$W/cdp_bisect" tail >>"$O/out.txt" 2>&1
-for loading in default EAGER; do
+for loading in default LAZY; do
     log="$O/server-$loading.log"
-    if [[ $loading == EAGER ]]; then
-        CUDA_MODULE_LOADING=EAGER "$B/gpupool-server" --listen 127.0.0.1:0 --device cuda:0 --tokens p >"$log" 2>&1 &
+    if [[ $loading == LAZY ]]; then
+        CUDA_MODULE_LOADING=LAZY "$B/gpupool-server" --listen 127.0.0.1:0 --device cuda:0 --tokens p >"$log" 2>&1 &
     else
         "$B/gpupool-server" --listen 127.0.0.1:0 --device cuda:0 --tokens p >"$log" 2>&1 &
     fi

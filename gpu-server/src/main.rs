@@ -273,6 +273,7 @@ fn host_name() -> Option<String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    eager_module_loading();
     // stdout belongs to the worker protocol in a worker: logs go to stderr.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -281,6 +282,22 @@ fn main() -> anyhow::Result<()> {
     gpupool_server::worker::run_if_worker();
     let args = Args::parse();
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(args))
+}
+
+/// Loads every function of a module when the module loads
+/// (`CUDA_MODULE_LOADING=EAGER`) unless the operator chose a mode. The
+/// server describes and loads every function of a module at once anyway, and
+/// under CUDA's lazy loading a child grid launched from the device loses its
+/// `printf` output when its parent was loaded before it (the GPU machine,
+/// driver 580: `bench/probes/cdp-printf.sh`, docs/diagnosis.md). Workers
+/// inherit the setting.
+#[allow(unsafe_code)]
+fn eager_module_loading() {
+    if std::env::var_os("CUDA_MODULE_LOADING").is_none() {
+        // SAFETY: called first thing in `main`, before this process starts
+        // any thread, so nothing reads the environment concurrently.
+        unsafe { std::env::set_var("CUDA_MODULE_LOADING", "EAGER") };
+    }
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
