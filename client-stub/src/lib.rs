@@ -35,6 +35,6 @@ pub use handoff::LeaseHandoff;
 pub use lease::{LeasedGpu, PoolRequest};
 pub use mirror::MirrorHost;
 pub use session::{
-    ArrayEnd, DeviceBuffer, EventId, Function, HostSide, JitInput, JitLinkOutput, JitLinkRequest, KernelArg,
+    ArrayEnd, DeviceBuffer, EventId, Function, Global, HostSide, JitInput, JitLinkOutput, JitLinkRequest, KernelArg,
     LaunchConfig, Module, Session, StreamId,
 };

@@ -249,6 +249,19 @@ const MIN_COPY_PIECE: usize = 4 << 20;
 /// the device only after all of it had arrived).
 const PIPELINE_PIECE: usize = 64 << 20;
 
+/// A module variable (`cuModuleGetGlobal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Global {
+    /// Its device address.
+    pub addr: u64,
+    /// Its size in bytes.
+    pub size: u64,
+    /// A `__managed__` variable: managed memory on the server, which the
+    /// program also reads and writes at `addr` in its own memory (the
+    /// drop-in library mirrors it, `Session::mirror_add`).
+    pub managed: bool,
+}
+
 /// A call sent and not yet waited for: its batch, and what its answer says
 /// of the streams.
 struct Sent {
@@ -291,8 +304,8 @@ struct State {
     /// query needs no round trip. A function's entries go when one of its
     /// attributes is set or its module unloaded.
     occupancy: HashMap<(u32, u32), OccupancyAnswers>,
-    /// Module variables resolved so far: (module, name) -> (addr, size).
-    globals: HashMap<(u32, String), (u64, u64)>,
+    /// Module variables resolved so far: (module, name) -> the variable.
+    globals: HashMap<(u32, String), Global>,
     /// Set once the connection is gone: every later call fails with it.
     dead: Option<ClientError>,
     /// The session context's limits (`CUlimit` -> value), from the
@@ -1159,8 +1172,12 @@ impl Session {
         st.occupancy.retain(|(m, _), _| *m != module.id);
         let gone: Vec<(u32, String)> = st.globals.keys().filter(|(m, _)| *m == module.id).cloned().collect();
         for key in gone {
-            if let Some((addr, _)) = st.globals.remove(&key) {
-                st.space.remove_global(addr);
+            if let Some(g) = st.globals.remove(&key) {
+                st.space.remove_global(g.addr);
+                // A managed variable's mirror goes with its memory.
+                if st.mirrors.remove(g.addr) {
+                    self.enqueue_plain(&mut st, Op::MirrorRemove(v1::MirrorRemove { addr: g.addr }))?;
+                }
             }
         }
         self.enqueue(&mut st, Op::ModuleUnload(v1::ModuleUnload { module: module.id }))
@@ -1171,9 +1188,10 @@ impl Session {
         self.lock().modules.get(&id).cloned()
     }
 
-    /// Address and size of the module variable `name` (`cuModuleGetGlobal`).
-    /// One round trip per variable; later lookups are answered here.
-    pub fn module_get_global(&self, module: u32, name: &str) -> Result<(u64, u64)> {
+    /// The module variable `name` (`cuModuleGetGlobal`): its address, size
+    /// and whether it is managed memory. One round trip per variable; later
+    /// lookups are answered here.
+    pub fn module_get_global(&self, module: u32, name: &str) -> Result<Global> {
         let mut st = self.lock();
         if !st.modules.contains_key(&module) {
             return Err(ClientError::InvalidHandle(format!("module {module} is not loaded")));
@@ -1184,9 +1202,10 @@ impl Session {
         let op = Op::ModuleGetGlobal(v1::ModuleGetGlobal { module, name: name.to_owned() });
         match self.call(&mut st, op)? {
             Some(Value::Global(g)) => {
+                let found = Global { addr: g.addr, size: g.size, managed: g.managed };
                 st.space.add_global(g.addr, g.size);
-                st.globals.insert((module, name.to_owned()), (g.addr, g.size));
-                Ok((g.addr, g.size))
+                st.globals.insert((module, name.to_owned()), found);
+                Ok(found)
             }
             other => Err(ClientError::Protocol(format!("unexpected global result {other:?}"))),
         }

@@ -755,7 +755,8 @@ impl<S: BackendSession> SessionState<S> {
         if size > 0 {
             self.globals.insert(addr, Global { size, module: g.module });
         }
-        Ok(Some(Value::Global(v1::GlobalInfo { addr, size })))
+        let managed = size > 0 && self.dev.global_is_managed(addr);
+        Ok(Some(Value::Global(v1::GlobalInfo { addr, size, managed })))
     }
 
     fn occupancy(&mut self, o: v1::Occupancy) -> CallOutcome {

@@ -41,7 +41,7 @@ gpu_cu=(vector_add matmul_tiled templated device_globals streams_events
         device_printf launch_config cooperative ctx_limits
         graphs_kernels mempool_kernels tensor_map mapped_kernels managed_kernels
         textures_kernels graph_conditional dynamic_parallelism
-        large_params mem_ops_kernels)
+        large_params mem_ops_kernels managed_globals)
 declare -A extra_libs=([cublas_sgemm]="-lcublas" [cublas_halfgemm]="-lcublas"
                        [cufft_transforms]="-lcufft"
                        [dynamic_parallelism]="-rdc=true -lcudadevrt")

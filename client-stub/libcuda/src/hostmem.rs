@@ -17,6 +17,15 @@ pub(crate) fn in_reserved(addr: usize, len: usize) -> bool {
     RESERVED.get().is_some_and(|&(base, size)| addr >= base && addr.checked_add(len).is_some_and(|e| e <= base + size))
 }
 
+/// `mmap` of private anonymous memory at `addr` with `prot` and `flags`.
+///
+/// # Safety
+/// As `mmap`'s: with `MAP_FIXED` the caller owns whatever the range held.
+unsafe fn map_anonymous(addr: usize, len: usize, prot: libc::c_int, flags: libc::c_int) -> *mut libc::c_void {
+    // SAFETY: the caller's contract.
+    unsafe { libc::mmap(addr as *mut libc::c_void, len, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags, -1, 0) }
+}
+
 /// Makes `[addr, addr + len)`, page-aligned and inside the reserved device
 /// range, readable and writable zeroed host memory.
 pub(crate) fn map_fixed(addr: usize, len: usize) -> CuResult<()> {
@@ -26,16 +35,7 @@ pub(crate) fn map_fixed(addr: usize, len: usize) -> CuResult<()> {
     // SAFETY: the pages lie in this process's own inaccessible reservation
     // (checked above), so replacing them cannot disturb memory the process
     // uses.
-    let got = unsafe {
-        libc::mmap(
-            addr as *mut libc::c_void,
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
+    let got = unsafe { map_anonymous(addr, len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_FIXED) };
     if got == libc::MAP_FAILED { Err(CuError(2)) } else { Ok(()) }
 }
 
@@ -43,16 +43,7 @@ pub(crate) fn map_fixed(addr: usize, len: usize) -> CuResult<()> {
 pub(crate) fn unmap_fixed(addr: usize, len: usize) {
     // SAFETY: the pages came from `map_fixed`; they become inaccessible
     // reservation again.
-    unsafe {
-        libc::mmap(
-            addr as *mut libc::c_void,
-            len,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
+    unsafe { map_anonymous(addr, len, libc::PROT_NONE, libc::MAP_NORESERVE | libc::MAP_FIXED) };
 }
 
 /// Reserves the session's device address range in this process, inaccessible,
@@ -67,14 +58,7 @@ pub(crate) fn reserve_device_range((base, size): (u64, u64)) {
     // address that must not replace anything (MAP_FIXED_NOREPLACE): it
     // cannot disturb memory the process uses.
     let got = unsafe {
-        libc::mmap(
-            base as *mut libc::c_void,
-            size as usize,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED_NOREPLACE,
-            -1,
-            0,
-        )
+        map_anonymous(base as usize, size as usize, libc::PROT_NONE, libc::MAP_NORESERVE | libc::MAP_FIXED_NOREPLACE)
     };
     if got != libc::MAP_FAILED && got as u64 == base {
         let _ = RESERVED.set((base as usize, size as usize));
@@ -90,6 +74,37 @@ pub(crate) fn reserve_device_range((base, size): (u64, u64)) {
             "could not reserve the device address range in this process; host memory there would be taken for device memory"
         );
     }
+}
+
+/// Makes `[addr, addr + len)` (page-aligned, outside the reserved device
+/// range) zeroed host memory at exactly that address, for the host half of
+/// a managed module variable whose address the server's driver chose.
+/// Refuses (`OUT_OF_MEMORY`) where this process already has memory there:
+/// nothing is ever replaced.
+pub(crate) fn map_exact(addr: usize, len: usize) -> CuResult<()> {
+    if !addr.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) || len == 0 || in_reserved(addr, len) {
+        return Err(CuError::INVALID_VALUE);
+    }
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping: it
+    // fails instead, so no memory the process uses can be disturbed.
+    let got = unsafe { map_anonymous(addr, len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_FIXED_NOREPLACE) };
+    if got == libc::MAP_FAILED {
+        return Err(CuError(2));
+    }
+    if got as usize != addr {
+        // An old kernel took the address as a hint: give the pages back.
+        // SAFETY: unmapping exactly the mapping just made.
+        unsafe { libc::munmap(got, len) };
+        return Err(CuError(2));
+    }
+    Ok(())
+}
+
+/// Unmaps pages from [`map_exact`].
+pub(crate) fn unmap_exact(addr: usize, len: usize) {
+    // SAFETY: the pages came from `map_exact` and nothing refers to them
+    // any more (their variable's module is gone).
+    unsafe { libc::munmap(addr as *mut libc::c_void, len) };
 }
 
 /// Allocates `size` bytes of zeroed, page-aligned host memory.

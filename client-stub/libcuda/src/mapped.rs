@@ -16,7 +16,9 @@
 //! the mirror's (`CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM` reads 0).
 //!
 //! Managed memory (`cuMemAllocManaged`, `managed.rs`) is the same
-//! arrangement with one address for both halves, always.
+//! arrangement with one address for both halves, always. So are
+//! `__managed__` module variables ([`managed_global`]), at the address the
+//! server's driver gave them.
 
 use crate::abi::{CuError, CuResult};
 use crate::hostmem::{self, PAGE};
@@ -200,4 +202,102 @@ pub(crate) fn device_pointer(rt: &Runtime, ptr: usize) -> CuResult<u64> {
         return Err(CuError::INVALID_VALUE);
     }
     Ok(m.device + (ptr - start) as u64)
+}
+
+/// The host halves of `__managed__` module variables. The server's driver
+/// puts each in managed memory at an address of its choosing, and the CUDA
+/// runtime gives the program that address to read and write directly
+/// (`cuLibraryGetManaged`, `cuModuleGetGlobal`). So each variable gets host
+/// pages at that same address in this process and a mirror, as managed
+/// allocations do. Pages are shared by the variables on them and go when
+/// the last of those goes with its module.
+#[derive(Debug, Default)]
+pub(crate) struct ManagedGlobals {
+    /// Variable address -> (module id, size).
+    vars: std::collections::BTreeMap<u64, (u32, usize)>,
+    /// Host pages made for them -> how many variables lie on each.
+    pages: std::collections::BTreeMap<usize, u32>,
+}
+
+/// The pages `[addr, addr + size)` touches.
+fn pages_of(addr: usize, size: usize) -> impl Iterator<Item = usize> {
+    let first = addr - addr % PAGE;
+    (first..addr + size).step_by(PAGE)
+}
+
+/// Gives the managed variable `g` of module `module` its host half and
+/// mirror, once: pages at its address holding the device's bytes (its
+/// initial value), kept coherent at synchronization from then on. Fails
+/// with `OUT_OF_MEMORY` where this process already uses that address.
+pub(crate) fn managed_global(rt: &Runtime, module: u32, g: gpupool_client::Global) -> CuResult {
+    if !g.managed || g.size == 0 {
+        return Ok(());
+    }
+    let addr = usize::try_from(g.addr).map_err(|_| CuError::INVALID_VALUE)?;
+    let size = usize::try_from(g.size).map_err(|_| CuError::INVALID_VALUE)?;
+    addr.checked_add(size).and_then(|end| end.checked_next_multiple_of(PAGE)).ok_or(CuError::INVALID_VALUE)?;
+    {
+        let mut t = rt.tables();
+        let globals = &mut t.managed_globals;
+        if globals.vars.contains_key(&g.addr) {
+            return Ok(());
+        }
+        let mut made = Vec::new();
+        for page in pages_of(addr, size).filter(|p| !globals.pages.contains_key(p)) {
+            if let Err(e) = hostmem::map_exact(page, PAGE) {
+                made.into_iter().for_each(|p| hostmem::unmap_exact(p, PAGE));
+                tracing::debug!(
+                    addr = format_args!("{addr:#x}"),
+                    size,
+                    "this process already has memory at a managed variable's address"
+                );
+                return Err(e);
+            }
+            made.push(page);
+        }
+        for page in pages_of(addr, size) {
+            *globals.pages.entry(page).or_insert(0) += 1;
+        }
+        globals.vars.insert(g.addr, (module, size));
+    }
+    // SAFETY: the pages under `[addr, addr + size)` were mapped above and
+    // the program has not been given the address yet.
+    let host = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, size) };
+    let mirrored = rt
+        .session
+        .memcpy_dtoh(host, g.addr, gpupool_client::StreamId::DEFAULT)
+        .and_then(|()| rt.session.mirror_add(g.addr, Box::new(HostSpan { ptr: addr, len: size })));
+    if let Err(e) = mirrored {
+        forget_global(rt, g.addr);
+        return Err(e.into());
+    }
+    tracing::debug!(addr = format_args!("{addr:#x}"), size, "managed module variable mirrored");
+    Ok(())
+}
+
+/// Drops the host half of the managed variable at `addr` (its mirror is
+/// gone or never made): pages no other variable uses are unmapped.
+fn forget_global(rt: &Runtime, addr: u64) {
+    let mut t = rt.tables();
+    let globals = &mut t.managed_globals;
+    let Some((_, size)) = globals.vars.remove(&addr) else { return };
+    for page in pages_of(addr as usize, size) {
+        if let Some(n) = globals.pages.get_mut(&page) {
+            *n -= 1;
+            if *n == 0 {
+                globals.pages.remove(&page);
+                hostmem::unmap_exact(page, PAGE);
+            }
+        }
+    }
+}
+
+/// Module `module` was unloaded (its variables' mirrors with it): the host
+/// halves of its managed variables go.
+pub(crate) fn module_unloaded(rt: &Runtime, module: u32) {
+    let gone: Vec<u64> =
+        rt.tables().managed_globals.vars.iter().filter(|(_, (m, _))| *m == module).map(|(&a, _)| a).collect();
+    for addr in gone {
+        forget_global(rt, addr);
+    }
 }

@@ -207,7 +207,9 @@ fn unusable_kernel(rt: &Runtime, library: usize, name: &str) -> CuResult<usize> 
 fn unload_module(h: usize) -> CuResult {
     let rt = Runtime::get()?;
     let m = rt.module(h, Tag::Module)?;
-    rt.session.module_unload(&m).map_err(CuError::from)
+    rt.session.module_unload(&m)?;
+    crate::mapped::module_unloaded(rt, m.id);
+    Ok(())
 }
 
 /// Unloads a library: one never used never reached the server.
@@ -220,7 +222,9 @@ fn unload_library(h: usize) -> CuResult {
         return Ok(());
     }
     let m = rt.module(h, Tag::Library)?;
-    rt.session.module_unload(&m).map_err(CuError::from)
+    rt.session.module_unload(&m)?;
+    crate::mapped::module_unloaded(rt, m.id);
+    Ok(())
 }
 
 /// The function handle (of kind `tag`) for `name` in module handle `h`.
@@ -239,13 +243,36 @@ fn lookup(h: usize, module_tag: Tag, name: *const c_char, tag: Tag) -> CuResult<
     Ok(function_handle(tag, f.module, f.index))
 }
 
-fn global(h: usize, tag: Tag, dptr: *mut CUdeviceptr, bytes: *mut usize, name: *const c_char) -> CuResult {
+/// A module variable's address and size (`cuModuleGetGlobal`,
+/// `cuLibraryGetGlobal`; with `managed_only`, `cuLibraryGetManaged`, which
+/// knows only `__managed__` variables). A managed variable gets its host
+/// half here ([`crate::mapped::managed_global`]).
+fn global(
+    h: usize,
+    tag: Tag,
+    dptr: *mut CUdeviceptr,
+    bytes: *mut usize,
+    name: *const c_char,
+    managed_only: bool,
+) -> CuResult {
     let rt = Runtime::get()?;
     let m = module_of(rt, h, tag)?;
     // SAFETY: NUL-terminated per the CUDA API.
     let name = unsafe { c_str(name) }?;
-    let (addr, size) = rt.session.module_get_global(m.id, name)?;
-    tracing::debug!(module = m.id, name, addr = format_args!("{addr:#x}"), size, "module variable");
+    let g = rt.session.module_get_global(m.id, name)?;
+    if managed_only && !g.managed {
+        return Err(CuError::NOT_FOUND);
+    }
+    crate::mapped::managed_global(rt, m.id, g)?;
+    let (addr, size) = (g.addr, g.size);
+    tracing::debug!(
+        module = m.id,
+        name,
+        addr = format_args!("{addr:#x}"),
+        size,
+        managed = g.managed,
+        "module variable"
+    );
     // SAFETY: each out-pointer may be null per the CUDA API.
     unsafe {
         if !dptr.is_null() {
@@ -403,7 +430,7 @@ crate::exports! {
     }
 
     fn cuModuleGetGlobal_v2(dptr: *mut CUdeviceptr, bytes: *mut usize, module: CUmodule, name: *const c_char) {
-        global(module as usize, Tag::Module, dptr, bytes, name)
+        global(module as usize, Tag::Module, dptr, bytes, name, false)
     }
 
     fn cuModuleGetLoadingMode(mode: *mut c_uint) {
@@ -470,7 +497,11 @@ crate::exports! {
     }
 
     fn cuLibraryGetGlobal(dptr: *mut CUdeviceptr, bytes: *mut usize, library: CUlibrary, name: *const c_char) {
-        global(library as usize, Tag::Library, dptr, bytes, name)
+        global(library as usize, Tag::Library, dptr, bytes, name, false)
+    }
+
+    fn cuLibraryGetManaged(dptr: *mut CUdeviceptr, bytes: *mut usize, library: CUlibrary, name: *const c_char) {
+        global(library as usize, Tag::Library, dptr, bytes, name, true)
     }
 
     fn cuLibraryGetKernelCount(count: *mut c_uint, library: CUlibrary) {

@@ -87,6 +87,8 @@ pub(crate) struct Tables {
     pub(crate) host_registered: std::collections::BTreeMap<usize, (usize, u32)>,
     /// Mapped host memory (DEVICEMAP) by host address (`mapped.rs`).
     pub(crate) mapped: std::collections::BTreeMap<usize, crate::mapped::Mapped>,
+    /// Host halves of `__managed__` module variables (`mapped.rs`).
+    pub(crate) managed_globals: crate::mapped::ManagedGlobals,
     /// Libraries by id (the module id their module gets at first use).
     pub(crate) libraries: HashMap<u32, Arc<Library>>,
     /// Libraries whose image has no code this GPU can run: library id ->

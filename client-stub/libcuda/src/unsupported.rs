@@ -82,7 +82,6 @@ crate::unsupported! {
     cuLaunchCooperativeKernelMultiDevice
     cuLaunchGrid
     cuLaunchGridAsync
-    cuLibraryGetManaged
     cuLibraryGetUnifiedFunction
     cuLogsCurrent
     cuLogsDumpToFile

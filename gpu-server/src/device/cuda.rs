@@ -1095,6 +1095,10 @@ impl BackendSession for CudaSession {
         module.global(&name)
     }
 
+    fn global_is_managed(&mut self, addr: u64) -> bool {
+        driver::is_managed(addr)
+    }
+
     fn occupancy(&mut self, module: &Module, function: usize, query: OccupancyQuery) -> DeviceResult<Occupancy> {
         let raw = kernel_of(module, function)?.raw;
         match query {

@@ -588,6 +588,13 @@ pub trait BackendSession: 'static {
     /// Address and size of the module-scope variable `name`
     /// (`CUDA_ERROR_NOT_FOUND` when the module has none of that name).
     fn module_global(&mut self, module: &Self::Module, name: &str) -> DeviceResult<(u64, u64)>;
+    /// Whether the module variable at `addr` is managed memory (a
+    /// `__managed__` variable): the client then keeps a host half of it at
+    /// the same address. Devices without managed memory have none.
+    fn global_is_managed(&mut self, addr: u64) -> bool {
+        let _ = addr;
+        false
+    }
     /// Answers an occupancy query about function `function` of `module`.
     fn occupancy(&mut self, module: &Self::Module, function: usize, query: OccupancyQuery) -> DeviceResult<Occupancy>;
     /// Sets a `CUfunction_attribute` of function `function` of `module` and

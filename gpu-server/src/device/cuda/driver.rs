@@ -259,6 +259,22 @@ pub(super) fn module_global(module: sys::CUmodule, name: &CStr) -> DeviceResult<
     Ok((addr, size as u64))
 }
 
+/// Whether `addr` is managed memory (`CU_POINTER_ATTRIBUTE_IS_MANAGED`);
+/// `false` where the driver cannot say.
+pub(super) fn is_managed(addr: u64) -> bool {
+    let mut managed: c_uint = 0;
+    // SAFETY: the attribute is a 32-bit boolean written to a valid
+    // out-pointer; any address may be asked about.
+    let r = unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut managed as *mut c_uint).cast(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_IS_MANAGED,
+            addr,
+        )
+    };
+    r == sys::CUresult::CUDA_SUCCESS && managed != 0
+}
+
 /// `cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags`: resident blocks
 /// per multiprocessor. `function` must be a loaded function of a live module.
 pub(super) fn occupancy_active_blocks(
