@@ -287,10 +287,10 @@ fn main() -> anyhow::Result<()> {
 /// Loads every function of a module when the module loads
 /// (`CUDA_MODULE_LOADING=EAGER`) unless the operator chose a mode. The
 /// server describes and loads every function of a module at once anyway, and
-/// under CUDA's lazy loading a child grid launched from the device loses its
-/// `printf` output when its parent was loaded before it (the GPU machine,
-/// driver 580: `bench/probes/cdp-printf.sh`, docs/diagnosis.md). Workers
-/// inherit the setting.
+/// under CUDA's lazy loading a grid launched from the device loses its
+/// `printf` output when its function was loaded (`cuFuncLoad`) before the
+/// parent that launches it (natively too: `bench/probes/cdp-printf.sh`,
+/// docs/diagnosis.md). Workers inherit the setting.
 #[allow(unsafe_code)]
 fn eager_module_loading() {
     if std::env::var_os("CUDA_MODULE_LOADING").is_none() {

@@ -10,6 +10,8 @@
 //! says when that space may be written again. Space is handed out in order
 //! around the ring; a copy that finds its space still in flight waits for
 //! the oldest copies first (the ring's size bounds what is in flight).
+//! Copies up to `SMALL_ASYNC_COPY` (64 KiB) do not come here: the driver
+//! stages those from pageable memory itself (`CudaSession::write_async`).
 
 use super::driver::{self, warn_on_error};
 use super::resources::{Context, Event};
