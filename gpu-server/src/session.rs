@@ -110,6 +110,8 @@ pub struct SessionState<S: BackendSession> {
     memory: SessionMemory,
     /// The mappings' contents while the session is swapped out.
     swapped: Option<swap::Swapped>,
+    /// Where the last swap-out's time went (`swap_rates` prints it).
+    last_swap_out: swap::SwapOutTimes,
     /// Mapped host memory's device halves, and the stream they are read on.
     mirrors: mirror::Mirrors,
     mirror_stream: Option<S::Stream>,
@@ -171,6 +173,7 @@ impl<S: BackendSession> SessionState<S> {
             mapped_bytes: 0,
             memory: SessionMemory::detached(),
             swapped: None,
+            last_swap_out: swap::SwapOutTimes::default(),
             mirrors: mirror::Mirrors::default(),
             mirror_stream: None,
             limits,

@@ -65,6 +65,16 @@ pub(super) enum Store {
     Disk { file: std::fs::File, end: u64 },
 }
 
+/// Where a swap-out's time went, for the rates measurement: host memory
+/// (allocation and faulting in), the copies from the device, and giving the
+/// device memory back.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct SwapOutTimes {
+    pub(super) host: std::time::Duration,
+    pub(super) copy: std::time::Duration,
+    pub(super) release: std::time::Duration,
+}
+
 /// Bytes moved between the device and a swap file at a time.
 const DISK_PIECE: u64 = 8 << 20;
 
@@ -189,10 +199,18 @@ impl<S: BackendSession> SessionState<S> {
                 return Err(e);
             }
         };
+        let started = std::time::Instant::now();
+        let mut copy = std::time::Duration::ZERO;
         let mut ranges = Vec::with_capacity(self.mappings.len());
         for (&addr, &(size, _)) in &self.mappings {
             let dev = &mut self.dev;
-            match store.save(size, |offset, buf| dev.read_bulk(addr + offset, buf)) {
+            let read = |offset, buf: &mut [u8]| {
+                let t = std::time::Instant::now();
+                let r = dev.read_bulk(addr + offset, buf);
+                copy += t.elapsed();
+                r
+            };
+            match store.save(size, read) {
                 Ok(contents) => ranges.push((addr, contents)),
                 Err(e) => {
                     self.memory.release_host(bytes, place);
@@ -207,13 +225,17 @@ impl<S: BackendSession> SessionState<S> {
                 return Err(e);
             }
         };
+        let saved = started.elapsed();
         // The contents are on the host: the device memory can go.
         self.mappings.clear();
         self.vmm_drop_all();
         self.memory.release(bytes);
+        self.last_swap_out =
+            SwapOutTimes { host: saved.saturating_sub(copy), copy, release: started.elapsed().saturating_sub(saved) };
         debug_assert_eq!(bytes, ranges.iter().map(|(_, r)| r.len()).sum::<u64>() + vmm_bytes(&vmm));
         self.swapped = Some(Swapped { ranges, vmm, bytes, store });
-        tracing::debug!(bytes, ?place, "session swapped out");
+        let t = self.last_swap_out;
+        tracing::debug!(bytes, ?place, host = ?t.host, copy = ?t.copy, release = ?t.release, "session swapped out");
         Ok(bytes)
     }
 
@@ -555,10 +577,15 @@ mod tests {
         let mib = bytes >> 20;
         for run in 0..5 {
             let (out, back) = round_trip(s, bytes);
+            let t = s.last_swap_out;
             println!(
-                "run {run}: {mib} MiB swap-out {:.1} ms ({:.2} GiB/s), swap-in {:.1} ms ({:.2} GiB/s)",
+                "run {run}: {mib} MiB swap-out {:.1} ms ({:.2} GiB/s; host memory {:.1} ms, copies {:.1} ms, \
+                 device release {:.1} ms), swap-in {:.1} ms ({:.2} GiB/s)",
                 out * 1e3,
                 gib / out,
+                t.host.as_secs_f64() * 1e3,
+                t.copy.as_secs_f64() * 1e3,
+                t.release.as_secs_f64() * 1e3,
                 back * 1e3,
                 gib / back
             );
