@@ -15,7 +15,8 @@
 #            gpupool-server-lib-tests, stub/libcuda.so.1); nvcc and python3
 #            with torch on the machine.
 # Env: OVERCOMMIT_DEVICE_MIB (the server's --swap-device-mib, 20480),
-#      OVERCOMMIT_ROUNDS (turns per tenant, 3), SWAP_RATE_MIB (4096).
+#      OVERCOMMIT_ROUNDS (turns per tenant, 3), SWAP_RATE_MIB (4096),
+#      OVERCOMMIT_SPARE_MIB (each worker's --swap-spare-mib: one tenant's size).
 # Writes OUT_DIR/overcommit.md and the logs; exits non-zero on any failure.
 set -uo pipefail
 
@@ -105,6 +106,7 @@ fi
 NO_COLOR=1 RUST_LOG=info "$bin/gpupool-server" --listen 127.0.0.1:0 --device cuda:0 --tokens overcommit \
     --session-memory-mib $((tenant_mib + 4096)) --swap-device-mib "$device_mib" \
     --swap-host-mib $((3 * tenant_mib + 8192)) --swap-wait-ms 60000 \
+    --swap-spare-mib "${OVERCOMMIT_SPARE_MIB:-$tenant_mib}" \
     --metrics-listen 127.0.0.1:9466 >"$out/server.log" 2>&1 &
 for _ in $(seq 1 150); do
     grep -q "listening on" "$out/server.log" && break

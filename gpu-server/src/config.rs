@@ -222,6 +222,11 @@ pub struct ServerConfig {
     /// With `swap`: disk for swapped contents once the host memory for them
     /// is full (none: host memory only).
     pub swap_disk: Option<crate::swap::SwapDisk>,
+    /// With `swap`: bytes of swap buffers each process serving sessions
+    /// (this one, or each worker process) keeps after a swap-in for the next
+    /// swap-out, already faulted in (0: none). Host memory beyond the host
+    /// bound of swapped contents, for faster swap-outs (docs/swap.md).
+    pub swap_spare_bytes: u64,
     /// Where the process serving sessions (this one, or each worker
     /// process) binds its unix socket for clients on this host to attach a
     /// shared-memory region to their session (none: no shared memory; the
@@ -391,6 +396,7 @@ impl ServerConfig {
             worker_ports: None,
             swap: None,
             swap_disk: None,
+            swap_spare_bytes: 0,
             mps: MpsSettings::default(),
             mig_control: None,
             migrate_precopy_bytes: 4 << 30,

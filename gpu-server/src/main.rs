@@ -180,6 +180,12 @@ struct Args {
     /// (0: none), in files under `--swap-dir`.
     #[arg(long, env = "GPUPOOL_SWAP_DISK_MIB", default_value_t = 0)]
     swap_disk_mib: u64,
+    /// Swap buffers each process serving sessions (each worker) keeps after
+    /// a swap-in for its next swap-out, faulted in already, in MiB (0: none).
+    /// Host memory on top of `--swap-host-mib`; swap-outs into them run at
+    /// copy speed instead of the kernel's page-fault rate.
+    #[arg(long, env = "GPUPOOL_SWAP_SPARE_MIB", default_value_t = 0)]
+    swap_spare_mib: u64,
     /// Directory of the swap files (unlinked as soon as they are made);
     /// default: the system's temporary directory.
     #[arg(long, env = "GPUPOOL_SWAP_DIR")]
@@ -341,6 +347,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             host_bytes: args.swap_host_mib.saturating_mul(1 << 20),
             wait: std::time::Duration::from_millis(args.swap_wait_ms),
         });
+        config.swap_spare_bytes = args.swap_spare_mib.saturating_mul(1 << 20);
         if args.swap_disk_mib > 0 {
             let dir = args.swap_dir.clone().unwrap_or_else(std::env::temp_dir);
             config.swap_disk =

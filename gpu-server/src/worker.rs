@@ -88,6 +88,9 @@ pub fn run_stdio() -> Result<(), ServerError> {
     let tickets = Arc::new(Ticket::default());
     let handshake_timeout = config.handshake_timeout;
     // The supervisor swaps: this session's device memory is its ledger's.
+    if spec.swap {
+        crate::host_buffer::set_spare_cap(spec.swap_spare_bytes);
+    }
     let remote = spec.swap.then(|| {
         let send = |request| write_event(v1::worker_event::Event::Memory(request));
         crate::swap::RemoteMemory::new(Box::new(send), Duration::from_millis(spec.swap_wait_ms))

@@ -34,6 +34,7 @@ pub(crate) fn config_from_spec(spec: &v1::WorkerSpec) -> Result<ServerConfig, Se
     c.rdma.mode = crate::config::RdmaMode::Off;
     c.batch_queue = spec.batch_queue as usize;
     c.max_queued_batch_bytes = spec.max_queued_batch_bytes;
+    c.swap_spare_bytes = spec.swap_spare_bytes;
     c.image_cache_dir = Some(spec.image_cache_dir.clone()).filter(|d| !d.is_empty()).map(Into::into);
     c.image_cache_bytes = spec.image_cache_bytes;
     c.image_cache_disk_bytes = spec.image_cache_disk_bytes;
@@ -87,6 +88,7 @@ pub(crate) fn spec_from_config(config: &ServerConfig, chain: Vec<Vec<u8>>, key: 
         swap: config.swap.is_some(),
         swap_wait_ms: config.swap.map_or(0, |s| u64::try_from(s.wait.as_millis()).unwrap_or(u64::MAX)),
         swap_dir: config.swap_disk.as_ref().map(|d| d.dir.display().to_string()).unwrap_or_default(),
+        swap_spare_bytes: config.swap_spare_bytes,
         migrate_precopy_bytes: config.migrate_precopy_bytes,
         // Set per worker by its pool, with the slot it gets.
         staging_ledger_fd: 0,
@@ -105,6 +107,7 @@ mod tests {
         c.device = DeviceChoice::Emulated { memory: 1 << 30 };
         c.image_cache_dir = Some("/tmp/images".into());
         c.max_queued_batch_bytes = 8 << 20;
+        c.swap_spare_bytes = 3 << 30;
         let back = config_from_spec(&spec_from_config(&c, vec![vec![1, 2]], vec![3])).expect("valid");
         assert_eq!(back.device, c.device);
         assert_eq!(back.memory_quota, c.memory_quota);
@@ -114,6 +117,7 @@ mod tests {
         assert_eq!(back.shm_dir, c.shm_dir);
         assert_eq!(back.migrate_precopy_bytes, c.migrate_precopy_bytes);
         assert_eq!(back.max_queued_batch_bytes, 8 << 20);
+        assert_eq!(back.swap_spare_bytes, 3 << 30);
         c.shm_dir = None;
         assert_eq!(config_from_spec(&spec_from_config(&c, vec![vec![1]], vec![3])).expect("valid").shm_dir, None);
         assert!(back.one_session && back.max_sessions == 1);

@@ -40,10 +40,14 @@ fn sessions_that_do_not_fit_together_take_turns_with_correct_results() {
 
 /// The same with a worker process per session: each worker's session asks
 /// the supervisor for device memory, and the supervisor orders idle
-/// workers to swap out.
+/// workers to swap out. Each worker keeps its swap buffers as spares
+/// (`--swap-spare-mib`), so its later swap-outs fill the buffers of its
+/// earlier ones: the results stay right.
 #[test]
 fn sessions_in_worker_processes_take_turns_with_correct_results() {
-    take_turns(isolated_config().expect("worker binary"), None, HOST);
+    let mut config = isolated_config().expect("worker binary");
+    config.swap_spare_bytes = 64 * MIB;
+    take_turns(config, None, HOST);
 }
 
 /// Worker processes, each with a device of its own that holds all three

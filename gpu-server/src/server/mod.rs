@@ -204,6 +204,9 @@ impl Server {
         let endpoint = quic::endpoint(&config, server_config)?;
         // Swapping bounds the device memory of the sessions of this process
         // (with worker processes: of each pool's workers, above).
+        if matches!(mode, Mode::Local(_)) && config.swap.is_some() {
+            crate::host_buffer::set_spare_cap(config.swap_spare_bytes);
+        }
         let swap = match (&mode, config.swap) {
             (Mode::Local(device), Some(s)) => Some(crate::swap::SwapConfig {
                 device_bytes: s.device_bytes.unwrap_or(device.description().total_memory),

@@ -112,7 +112,7 @@ impl Store {
     ) -> Result<Contents, CallError> {
         match self {
             Self::Host => {
-                let mut buf = HostBuffer::zeroed(len)?;
+                let mut buf = HostBuffer::for_swap(len)?;
                 read(0, &mut buf)?;
                 Ok(Contents::Host(buf))
             }
@@ -571,8 +571,11 @@ mod tests {
         print_rates(&mut s, bytes);
     }
 
-    /// Five swap round trips of `bytes`, each line with its rates.
+    /// Five swap round trips of `bytes`, each line with its rates: the
+    /// first into fresh host memory, the others into the first's buffers,
+    /// kept as spares (`--swap-spare-mib`).
     fn print_rates(s: &mut super::SessionState<impl BackendSession>, bytes: u64) {
+        crate::host_buffer::set_spare_cap(bytes.next_multiple_of(4096));
         let gib = bytes as f64 / f64::from(1u32 << 30);
         let mib = bytes >> 20;
         for run in 0..5 {
