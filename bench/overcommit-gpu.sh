@@ -103,7 +103,7 @@ if ! tenants native env | tee -a "$report"; then
     status=1
 fi
 
-NO_COLOR=1 RUST_LOG=info "$bin/gpupool-server" --listen 127.0.0.1:0 --device cuda:0 --tokens overcommit \
+NO_COLOR=1 RUST_LOG=${OVERCOMMIT_LOG:-info,gpupool_server::session::swap=debug} "$bin/gpupool-server" --listen 127.0.0.1:0 --device cuda:0 --tokens overcommit \
     --session-memory-mib $((tenant_mib + 4096)) --swap-device-mib "$device_mib" \
     --swap-host-mib $((3 * tenant_mib + 8192)) --swap-wait-ms 60000 \
     --swap-spare-mib "${OVERCOMMIT_SPARE_MIB:-$tenant_mib}" \
@@ -160,7 +160,7 @@ say ""
 say "## swap rates, CUDA backend (${SWAP_RATE_MIB:-4096} MiB session; target >= 10 GiB/s)"
 say '```'
 GPUPOOL_SWAP_MIB=${SWAP_RATE_MIB:-4096} "$bin/gpupool-server-lib-tests" swap_rates_on_a_gpu --ignored --nocapture --test-threads 1 2>&1 |
-    grep -E "^run |test result|panicked" | tee -a "$report"
+    grep -oE "run [0-9]+: .*|test result.*|panicked.*" | tee -a "$report"
 rc=${PIPESTATUS[0]}
 say '```'
 ((rc == 0)) || { say "FAILED: swap rates"; status=1; }

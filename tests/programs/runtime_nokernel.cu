@@ -132,6 +132,48 @@ static void async_copies(void)
     CK(cudaStreamDestroy(s2));
 }
 
+// cudaMemcpy2D of one 4-byte column of a larger buffer, both ways: rows far
+// apart (a sparse sample, as programs take to check a big buffer) and a
+// 3D copy of two such slices.
+static void sparse_columns(void)
+{
+    const size_t words = 2 << 20, stride = 4099, rows = words / stride;
+    std::vector<unsigned char> all(words * 4), column(rows * 4), want(words * 4);
+    unsigned char *d = nullptr;
+    CK(cudaMalloc(&d, words * 4));
+    fill(all.data(), all.size(), 77);
+    CK(cudaMemcpy(d, all.data(), all.size(), cudaMemcpyHostToDevice));
+    CK(cudaMemcpy2D(column.data(), 4, d, stride * 4, 4, rows, cudaMemcpyDeviceToHost));
+    for (size_t r = 0; r < rows; r++)
+        std::memcpy(want.data() + r * 4, all.data() + r * stride * 4, 4);
+    expect_bytes("cudaMemcpy2D of a sparse column to the host", column.data(), want.data(), rows * 4);
+
+    fill(column.data(), column.size(), 91);
+    CK(cudaMemcpy2D(d + 8, stride * 4, column.data(), 4, 4, rows, cudaMemcpyHostToDevice));
+    want = all;
+    for (size_t r = 0; r < rows; r++)
+        std::memcpy(want.data() + r * stride * 4 + 8, column.data() + r * 4, 4);
+    std::vector<unsigned char> back(words * 4);
+    CK(cudaMemcpy(back.data(), d, back.size(), cudaMemcpyDeviceToHost));
+    expect_bytes("cudaMemcpy2D of a sparse column from the host", back.data(), want.data(), back.size());
+
+    // Two slices of 16 rows each, rows 4099 words apart, 8 bytes a row.
+    const size_t slice_rows = 16, width = 8;
+    std::vector<unsigned char> packed(2 * slice_rows * width), expect(2 * slice_rows * width);
+    cudaMemcpy3DParms p = {};
+    p.srcPtr = make_cudaPitchedPtr(d, stride * 4, stride * 4, slice_rows);
+    p.dstPtr = make_cudaPitchedPtr(packed.data(), width, width, slice_rows);
+    p.extent = make_cudaExtent(width, slice_rows, 2);
+    p.kind = cudaMemcpyDeviceToHost;
+    CK(cudaMemcpy3D(&p));
+    for (size_t z = 0; z < 2; z++)
+        for (size_t r = 0; r < slice_rows; r++)
+            std::memcpy(expect.data() + (z * slice_rows + r) * width,
+                        want.data() + (z * slice_rows + r) * stride * 4, width);
+    expect_bytes("cudaMemcpy3D of sparse rows to the host", packed.data(), expect.data(), expect.size());
+    CK(cudaFree(d));
+}
+
 // cudaMallocPitch + cudaMemcpy2D: host (own pitch) -> pitched device ->
 // second pitched device at an offset -> packed host.
 static void pitched_2d(void)
@@ -242,6 +284,7 @@ int main()
     async_copies();
     printf("async copies ok\n");
     pitched_2d();
+    sparse_columns();
     printf("2D copies ok\n");
     errors();
     printf("errors ok\n");

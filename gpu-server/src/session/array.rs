@@ -211,7 +211,10 @@ impl<S: BackendSession> SessionState<S> {
         }
         let packed = extent.bytes().ok_or_else(|| CallError::invalid_value("the copy's extent overflows"))?;
         let (dst, src) = (end_of(c.dst)?, end_of(c.src)?);
-        if !matches!(dst, End::Array { .. }) && !matches!(src, End::Array { .. }) {
+        // Without an array: pitched device memory and packed host bytes,
+        // one call for rows that would otherwise each be a copy of their own.
+        let pitched = matches!((&dst, &src), (End::Host, End::Device { .. }) | (End::Device { .. }, End::Host));
+        if !matches!(dst, End::Array { .. }) && !matches!(src, End::Array { .. }) && !pitched {
             return Err(CallError::invalid_value("an array copy with no array end"));
         }
         let stream = stream_of(&self.streams, c.stream)?;
