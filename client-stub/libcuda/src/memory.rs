@@ -174,6 +174,11 @@ fn loc(e: &End, offset: u64) -> Loc {
 /// than as a copy a row.
 const NARROW_ROW: usize = 64 << 10;
 
+/// Largest pitched copy ([`pitched_copy`]): its packed bytes are one
+/// message or one staged transfer, within the session's staging bound;
+/// larger copies keep the paths that move them in pieces.
+const PITCHED_MAX: usize = 256 << 20;
+
 /// A 2D or 3D copy on stream `s`: one call when both ends are contiguous;
 /// a device-to-host copy reads each slice's span once and scatters its
 /// rows here (one round trip a slice, not one a row) unless the rows are
@@ -189,7 +194,7 @@ pub(crate) fn run_copy(rt: &Runtime, c: &Copy3D, s: StreamId) -> CuResult {
         // Sparse rows: reading each slice's whole span would move mostly
         // bytes nobody asked for (a 4-byte column of a 12 GiB buffer read
         // all 12 GiB).
-        if span > 2 * packed.max(1) {
+        if span > 2 * packed.max(1) && packed <= PITCHED_MAX {
             return pitched_copy(rt, c, s);
         }
         let mut buf = vec![0u8; span];
@@ -204,7 +209,7 @@ pub(crate) fn run_copy(rt: &Runtime, c: &Copy3D, s: StreamId) -> CuResult {
         }
         return Ok(());
     }
-    if c.dst.device && !c.src.device && c.width < NARROW_ROW {
+    if c.dst.device && !c.src.device && c.width < NARROW_ROW && packed <= PITCHED_MAX {
         return pitched_copy(rt, c, s);
     }
     for z in 0..c.depth {
