@@ -19,7 +19,8 @@ use crate::error::CallError;
 /// ([`crate::device::BackendSession::read_bulk`]); zeroed by the
 /// allocator's fresh pages rather than by a pass that writes every byte;
 /// large ones faulted in by several threads (see `prefault`); in huge
-/// pages where the kernel gives them.
+/// pages where the kernel gives them. One from [`HostBuffer::for_swap`] may
+/// be a spare holding an earlier swap's bytes, and may become one.
 pub struct HostBuffer {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
@@ -156,8 +157,9 @@ impl HostBuffer {
 impl std::ops::Deref for HostBuffer {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: `ptr` addresses `len` initialized (zeroed) bytes owned by
-        // this buffer, or is dangling with `len` 0.
+        // SAFETY: `ptr` addresses `len` initialized bytes (zeroed, or a
+        // spare's earlier contents) owned by this buffer, or is dangling
+        // with `len` 0.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
