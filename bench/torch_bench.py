@@ -60,7 +60,7 @@ class Waits:
         total, rows, times = 0, {}, {}
         for line in buf.value.decode().splitlines()[2:]:
             parts = line.split()
-            if len(parts) == 6 and parts[4].isdigit():
+            if len(parts) >= 6 and parts[4].isdigit():
                 if parts[0] == "total":
                     total = int(parts[4])
                     times["total"] = int(parts[5])

@@ -8,7 +8,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for f in [dataplane, balancer] {
         println!("cargo:rerun-if-changed={f}");
     }
-    prost_build::Config::new().bytes(["."]).compile_fds(protox::compile([dataplane], ["proto"])?)?;
+    prost_build::Config::new()
+        .bytes(["."])
+        // A call's name (`<&str>::from(&op)`), for logs and call statistics.
+        .type_attribute(".gpupool.v1.Call.op", "#[derive(strum::IntoStaticStr)]")
+        .compile_fds(protox::compile([dataplane], ["proto"])?)?;
     tonic_prost_build::configure().compile_fds(protox::compile([balancer], ["proto"])?)?;
     Ok(())
 }

@@ -686,7 +686,7 @@ impl Session {
     /// Reads the next reply; the device's changes to mapped host memory
     /// it carries land in host memory at once (or are noted for a copy).
     fn recv_reply(&self, st: &mut State) -> Result<v1::BatchReply> {
-        let reply = self.inner.transport.recv_reply().map_err(|e| Self::mark_dead(st, e))?;
+        let reply = crate::stats::waiting(|| self.inner.transport.recv_reply()).map_err(|e| Self::mark_dead(st, e))?;
         Ok(self.apply_mirrors(st, reply))
     }
 
@@ -903,7 +903,7 @@ impl Session {
         let id = st.next_transfer;
         st.next_transfer += 1;
         crate::stats::note_waited();
-        self.inner.transport.bulk_put(id, src).map_err(|e| Self::mark_dead(st, e))?;
+        crate::stats::waiting(|| self.inner.transport.bulk_put(id, src)).map_err(|e| Self::mark_dead(st, e))?;
         Ok(HostBytes::Staged(v1::StagedRef { transfer_id: id, size: src.len() as u64 }))
     }
 
@@ -1063,7 +1063,8 @@ impl Session {
                 Ok(())
             }
             Some(Value::Staged(s)) if s.size == dst.len() as u64 => {
-                self.inner.transport.bulk_get(s.transfer_id, dst).map_err(|e| Self::mark_dead(st, e))
+                crate::stats::waiting(|| self.inner.transport.bulk_get(s.transfer_id, dst))
+                    .map_err(|e| Self::mark_dead(st, e))
             }
             other => Err(ClientError::Protocol(format!("unexpected copy result {other:?}"))),
         }

@@ -25,6 +25,11 @@ use gpupool_proto::v1::{self, call::Op, call_result::Value};
 use gpupool_proto::{cuda, v1::memcpy_hto_d::Source};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A call that takes at least this long on the server is logged (debug
+/// level, with its name): where a program's time goes on the server.
+pub(crate) const SLOW_CALL: Duration = Duration::from_millis(100);
 
 mod array;
 mod graph;
@@ -243,11 +248,17 @@ impl<S: BackendSession> SessionState<S> {
         let swapped_in = self.swap_in();
         for (i, call) in batch.calls.into_iter().enumerate() {
             let waits = call.op.as_ref().is_some_and(synchronizes);
+            let name: &'static str = call.op.as_ref().map_or("none", Into::into);
+            let started = Instant::now();
             let outcome = match (call.op, &swapped_in) {
                 (_, Err(e)) => Err(e.clone()),
                 (Some(op), Ok(())) => self.execute(op),
                 (None, Ok(())) => Err(CallError::invalid_value("call without an operation")),
             };
+            let took = started.elapsed();
+            if took >= SLOW_CALL {
+                tracing::debug!(call = name, ms = took.as_millis() as u64, "slow call");
+            }
             // A query synchronizes only when it answers "ready".
             synchronized |=
                 waits && matches!(&outcome, Ok(None | Some(Value::Ready(true) | Value::Data(_) | Value::Staged(_))));

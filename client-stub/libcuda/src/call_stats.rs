@@ -1,7 +1,8 @@
 //! The call table (`GPUPOOL_CALL_STATS=1`): per CUDA entry point, how many
 //! calls were answered locally, how many were queued for the server and how
 //! many waited for it, and the time the calling thread spent inside them
-//! (µs in all), printed to stderr at exit. Native CUDA waits only
+//! (µs in all, and `wait_us` of it blocked on the server: replies and bulk
+//! bytes), printed to stderr at exit. Native CUDA waits only
 //! where the program synchronizes; every other wait through gpupool is a
 //! cost to remove, and this table finds them.
 //!
@@ -22,6 +23,8 @@ struct Row {
     waited: u64,
     /// Time spent inside the entry point, in nanoseconds.
     nanos: u64,
+    /// Of it, blocked on the server (replies, bulk bytes).
+    wait_nanos: u64,
 }
 
 static TABLE: Mutex<Option<HashMap<&'static str, Row>>> = Mutex::new(None);
@@ -58,6 +61,7 @@ pub(crate) fn measure<T>(name: &'static str, body: impl FnOnce() -> T) -> T {
         let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
         let row = table.get_or_insert_with(HashMap::new).entry(name).or_default();
         row.nanos = row.nanos.saturating_add(nanos);
+        row.wait_nanos = row.wait_nanos.saturating_add(after.wait_nanos.saturating_sub(before.wait_nanos));
         if after.waited > before.waited {
             row.waited += 1;
         } else if after.queued > before.queued {
@@ -75,32 +79,35 @@ fn render(table: &HashMap<&'static str, Row>) -> String {
     rows.sort_by(|a, b| b.1.waited.cmp(&a.1.waited).then(b.1.queued.cmp(&a.1.queued)).then(a.0.cmp(b.0)));
     let width = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0).max("entry point".len());
     let mut out = format!(
-        "gpupool call table (GPUPOOL_CALL_STATS)\n{:<width$} {:>10} {:>10} {:>10} {:>10} {:>12}\n",
-        "entry point", "calls", "local", "queued", "waited", "us"
+        "gpupool call table (GPUPOOL_CALL_STATS)\n{:<width$} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}\n",
+        "entry point", "calls", "local", "queued", "waited", "us", "wait_us"
     );
     let mut total = Row::default();
     for (name, r) in rows {
         out += &format!(
-            "{name:<width$} {:>10} {:>10} {:>10} {:>10} {:>12}\n",
+            "{name:<width$} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}\n",
             r.local + r.queued + r.waited,
             r.local,
             r.queued,
             r.waited,
-            r.nanos / 1000
+            r.nanos / 1000,
+            r.wait_nanos / 1000
         );
         total.local += r.local;
         total.queued += r.queued;
         total.waited += r.waited;
         total.nanos += r.nanos;
+        total.wait_nanos += r.wait_nanos;
     }
     out += &format!(
-        "{:<width$} {:>10} {:>10} {:>10} {:>10} {:>12}\n",
+        "{:<width$} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}\n",
         "total",
         total.local + total.queued + total.waited,
         total.local,
         total.queued,
         total.waited,
-        total.nanos / 1000
+        total.nanos / 1000,
+        total.wait_nanos / 1000
     );
     out
 }
@@ -170,20 +177,20 @@ mod tests {
     #[test]
     fn table_puts_waits_first_and_totals() {
         let mut t = HashMap::new();
-        t.insert("cuLaunchKernel", Row { local: 0, queued: 100, waited: 0, nanos: 500_000 });
-        t.insert("cuStreamSynchronize", Row { local: 0, queued: 0, waited: 3, nanos: 300_000 });
-        t.insert("cuDeviceGetAttribute", Row { local: 40, queued: 0, waited: 0, nanos: 4_000 });
+        t.insert("cuLaunchKernel", Row { local: 0, queued: 100, waited: 0, nanos: 500_000, wait_nanos: 0 });
+        t.insert("cuStreamSynchronize", Row { local: 0, queued: 0, waited: 3, nanos: 300_000, wait_nanos: 250_000 });
+        t.insert("cuDeviceGetAttribute", Row { local: 40, queued: 0, waited: 0, nanos: 4_000, wait_nanos: 0 });
         let text = render(&t);
         let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[2].starts_with("cuStreamSynchronize") && lines[2].ends_with(" 300"), "{text}");
+        assert!(lines[2].starts_with("cuStreamSynchronize") && lines[2].ends_with(" 300          250"), "{text}");
         assert!(lines[3].starts_with("cuLaunchKernel"), "{text}");
         let total: Vec<&str> = lines[5].split_whitespace().collect();
-        assert_eq!(total, ["total", "143", "40", "100", "3", "804"], "{text}");
+        assert_eq!(total, ["total", "143", "40", "100", "3", "804", "250"], "{text}");
     }
 
     #[test]
     fn snapshot_reads_then_resets_and_cuts_to_the_buffer() {
-        measure_row("cuCtxSynchronize", Row { local: 0, queued: 0, waited: 2, nanos: 0 });
+        measure_row("cuCtxSynchronize", Row { local: 0, queued: 0, waited: 2, nanos: 0, wait_nanos: 0 });
         let text = take_text(false);
         assert!(text.lines().any(|l| l.starts_with("cuCtxSynchronize")), "{text}");
         assert!(take_text(true).contains("cuCtxSynchronize"));

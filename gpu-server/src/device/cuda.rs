@@ -302,7 +302,13 @@ impl Backend for CudaDevice {
         let size = round_up(va_size, granularity)
             .ok_or_else(|| CallError::invalid_value(format!("address range of {va_size} bytes is too large")))?;
         let reservation = Reservation::at(self.inner.context.clone(), size, granularity, base)?;
-        Ok(CudaSession { device: self.inner.clone(), reservation: Rc::new(reservation), ring: None, small: Vec::new() })
+        Ok(CudaSession {
+            device: self.inner.clone(),
+            reservation: Rc::new(reservation),
+            ring: None,
+            small: Vec::new(),
+            bounce: None,
+        })
     }
 }
 
@@ -318,6 +324,9 @@ pub struct CudaSession {
     ring: Option<pinned::PinnedRing>,
     /// Pageable staging of small asynchronous copies ([`SMALL_ASYNC_COPY`]).
     small: Vec<u8>,
+    /// Pinned memory of copies between the host and arrays or pitched
+    /// device memory, made at the first.
+    bounce: Option<pinned::Bounce>,
 }
 
 /// Largest asynchronous copy to the device queued straight from pageable
@@ -1294,7 +1303,8 @@ impl BackendSession for CudaSession {
         data: &[u8],
         extent: super::texture::Extent,
     ) -> DeviceResult<()> {
-        texture::array_write(stream, dst, data, extent)
+        let bounce = self.bounce.get_or_insert_with(|| pinned::Bounce::new(self.device.context.clone()));
+        texture::array_write(stream, dst, data, extent, bounce)
     }
 
     fn array_read(
@@ -1304,7 +1314,8 @@ impl BackendSession for CudaSession {
         out: &mut [u8],
         extent: super::texture::Extent,
     ) -> DeviceResult<()> {
-        texture::array_read(stream, src, out, extent)
+        let bounce = self.bounce.get_or_insert_with(|| pinned::Bounce::new(self.device.context.clone()));
+        texture::array_read(stream, src, out, extent, bounce)
     }
 
     fn texture_create(

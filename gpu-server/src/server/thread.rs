@@ -144,10 +144,16 @@ pub(crate) fn run<B: Backend>(
                 }
                 admitted.starts();
                 let started = std::time::Instant::now();
+                let calls = batch.calls.len();
                 state.memory().begin_batch();
                 let mut reply = state.execute_batch(batch);
                 state.memory().end_batch();
                 let busy = started.elapsed();
+                if busy >= crate::session::SLOW_CALL {
+                    // With its calls' own lines: time outside them (swapping
+                    // in, mapped memory's changes) shows as the difference.
+                    tracing::debug!(calls, ms = busy.as_millis() as u64, "slow batch");
+                }
                 if let Some(g) = gate {
                     g.after_batch(busy);
                 }

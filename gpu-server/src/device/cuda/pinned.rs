@@ -125,3 +125,59 @@ impl Drop for PinnedRing {
         warn_on_error(unsafe { sys::cuMemFreeHost(self.base.cast()) }, "cuMemFreeHost");
     }
 }
+
+/// Pinned memory for the synchronous copies between the host and pitched
+/// device memory or arrays (`ArrayCopy` with a host end): those go through
+/// it in pieces, as one DMA each. Made at the first such copy and grown to
+/// the largest piece asked for (at most [`BOUNCE_BYTES`]).
+pub(super) struct Bounce {
+    base: *mut u8,
+    len: usize,
+    _context: Arc<Context>,
+}
+
+/// Largest piece of a copy between the host and pitched device memory or
+/// an array: the most pinned memory a session's [`Bounce`] holds.
+pub(super) const BOUNCE_BYTES: usize = 8 << 20;
+
+impl std::fmt::Debug for Bounce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bounce").field("len", &self.len).finish()
+    }
+}
+
+impl Bounce {
+    pub(super) fn new(context: Arc<Context>) -> Self {
+        Self { base: std::ptr::null_mut(), len: 0, _context: context }
+    }
+
+    /// At least `len` (at most [`BOUNCE_BYTES`]) bytes of pinned memory;
+    /// no copy may be reading or writing it (every copy through it is
+    /// waited for before it returns).
+    pub(super) fn get(&mut self, len: usize) -> DeviceResult<&mut [u8]> {
+        debug_assert!(len <= BOUNCE_BYTES);
+        if self.len < len {
+            self.free();
+            let mut base: *mut c_void = std::ptr::null_mut();
+            // SAFETY: valid out-pointer; the context is current on this thread.
+            driver::check(unsafe { sys::cuMemHostAlloc(&mut base, len, 0) }, "cuMemHostAlloc")?;
+            (self.base, self.len) = (base.cast(), len);
+        }
+        // SAFETY: `len` bytes of the allocation, borrowed mutably with `self`.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.base, len) })
+    }
+
+    fn free(&mut self) {
+        if !self.base.is_null() {
+            // SAFETY: allocated by cuMemHostAlloc in `get`; no copy uses it now.
+            warn_on_error(unsafe { sys::cuMemFreeHost(self.base.cast()) }, "cuMemFreeHost");
+            (self.base, self.len) = (std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+impl Drop for Bounce {
+    fn drop(&mut self) {
+        self.free();
+    }
+}

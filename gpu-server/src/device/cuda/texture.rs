@@ -5,6 +5,7 @@
 //! and address first.
 
 use super::driver::{self, warn_on_error};
+use super::pinned::{BOUNCE_BYTES, Bounce};
 use super::resources::{Context, Stream};
 use crate::device::DeviceResult;
 use crate::device::texture::{ArrayDesc, Extent, Place, Resource, TextureDesc, ViewDesc};
@@ -160,25 +161,128 @@ pub(super) fn array_copy(
     run(&c, stream, false)
 }
 
-pub(super) fn array_write(stream: Option<&Stream>, dst: Place<Array>, data: &[u8], extent: Extent) -> DeviceResult<()> {
-    let mut c = extent_of(extent);
-    set_place(&mut c, &dst, false);
-    (c.src_type, c.src_host, c.src_pitch, c.src_height) =
-        (MEMORY_HOST, data.as_ptr().cast(), extent.width as usize, extent.height as usize);
-    run(&c, stream, true)
+/// One piece of a copy between the host and the device: `slices` slices
+/// from slice `z`, or (`slices` 1) `rows` rows from row `row` of slice `z`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Piece {
+    z: u64,
+    row: u64,
+    rows: u64,
+    slices: u64,
 }
 
+/// `extent` in pieces of at most `cap` packed bytes, in packed order: whole
+/// slices where one fits, else rows; `None` when a row does not fit.
+fn pieces(extent: Extent, cap: u64) -> Option<impl Iterator<Item = Piece>> {
+    let Extent { width, height, depth } = extent;
+    if width > cap {
+        return None;
+    }
+    let slice = width * height;
+    let (slices, rows) = if slice <= cap { ((cap / slice).min(depth), height) } else { (1, cap / width) };
+    let row_steps = height.div_ceil(rows);
+    let slice_steps = depth.div_ceil(slices);
+    Some((0..slice_steps).flat_map(move |zs| {
+        let z = zs * slices;
+        (0..row_steps).map(move |rs| {
+            let row = rs * rows;
+            Piece { z, row, rows: rows.min(height - row), slices: slices.min(depth - z) }
+        })
+    }))
+}
+
+/// A copy of `piece` of `extent` between `place` and packed host bytes at
+/// `host` (its side given by `to_host`; the driver only reads `host` when
+/// it is the source).
+fn piece_copy(place: &Place<Array>, extent: Extent, piece: Piece, host: *mut u8, to_host: bool) -> Memcpy3d {
+    let mut c = extent_of(Extent { width: extent.width, height: piece.rows, depth: piece.slices });
+    set_place(&mut c, place, to_host);
+    let (z, row) = (piece.z as usize, piece.row as usize);
+    let shift = |kind: u32, device: &mut u64, y: &mut usize, zz: &mut usize, pitch: usize, height: usize| {
+        if kind == MEMORY_DEVICE {
+            *device += ((z * height + row) * pitch) as u64;
+        } else {
+            (*y, *zz) = (*y + row, *zz + z);
+        }
+    };
+    let (w, rows) = (extent.width as usize, piece.rows as usize);
+    if to_host {
+        shift(c.src_type, &mut c.src_device, &mut c.src_y, &mut c.src_z, c.src_pitch, c.src_height);
+        (c.dst_type, c.dst_host, c.dst_pitch, c.dst_height) = (MEMORY_HOST, host.cast(), w, rows);
+    } else {
+        shift(c.dst_type, &mut c.dst_device, &mut c.dst_y, &mut c.dst_z, c.dst_pitch, c.dst_height);
+        (c.src_type, c.src_host, c.src_pitch, c.src_height) = (MEMORY_HOST, host.cast_const().cast(), w, rows);
+    }
+    c
+}
+
+/// The host end of a copy between the host and the device.
+enum HostBytes<'a> {
+    From(&'a [u8]),
+    Into(&'a mut [u8]),
+}
+
+/// A copy between packed host bytes and an array or pitched device memory,
+/// through the session's pinned `bounce` in pieces: from and to pageable
+/// memory the driver may copy a pitched copy row by row, and natively a
+/// column of 786 000 4-byte rows, 16 KiB apart, takes ~9 ms into pageable
+/// memory and ~1 ms into pinned (H100, `bench/probes/pitched_copy.c`).
+/// A copy whose rows are each larger than the bounce goes directly.
+fn host_copy(
+    stream: Option<&Stream>,
+    place: Place<Array>,
+    mut host: HostBytes<'_>,
+    extent: Extent,
+    bounce: &mut Bounce,
+) -> DeviceResult<()> {
+    let (to_host, len) = match &host {
+        HostBytes::From(d) => (false, d.len()),
+        HostBytes::Into(o) => (true, o.len()),
+    };
+    let Some(pieces) = pieces(extent, BOUNCE_BYTES as u64) else {
+        let ptr = match &mut host {
+            HostBytes::From(d) => d.as_ptr().cast_mut(),
+            HostBytes::Into(o) => o.as_mut_ptr(),
+        };
+        let whole = Piece { z: 0, row: 0, rows: extent.height, slices: extent.depth };
+        return run(&piece_copy(&place, extent, whole, ptr, to_host), stream, true);
+    };
+    let buf = bounce.get(len.min(BOUNCE_BYTES))?;
+    let mut at = 0;
+    for piece in pieces {
+        let n = (extent.width * piece.rows * piece.slices) as usize;
+        if let HostBytes::From(d) = &host {
+            buf[..n].copy_from_slice(&d[at..at + n]);
+        }
+        run(&piece_copy(&place, extent, piece, buf.as_mut_ptr(), to_host), stream, true)?;
+        if let HostBytes::Into(o) = &mut host {
+            o[at..at + n].copy_from_slice(&buf[..n]);
+        }
+        at += n;
+    }
+    Ok(())
+}
+
+/// Host bytes to an array or pitched device memory ([`host_copy`]).
+pub(super) fn array_write(
+    stream: Option<&Stream>,
+    dst: Place<Array>,
+    data: &[u8],
+    extent: Extent,
+    bounce: &mut Bounce,
+) -> DeviceResult<()> {
+    host_copy(stream, dst, HostBytes::From(data), extent, bounce)
+}
+
+/// An array or pitched device memory to host bytes ([`host_copy`]).
 pub(super) fn array_read(
     stream: Option<&Stream>,
     src: Place<Array>,
     out: &mut [u8],
     extent: Extent,
+    bounce: &mut Bounce,
 ) -> DeviceResult<()> {
-    let mut c = extent_of(extent);
-    set_place(&mut c, &src, true);
-    (c.dst_type, c.dst_host, c.dst_pitch, c.dst_height) =
-        (MEMORY_HOST, out.as_mut_ptr().cast(), extent.width as usize, extent.height as usize);
-    run(&c, stream, true)
+    host_copy(stream, src, HostBytes::Into(out), extent, bounce)
 }
 
 pub(super) fn texture_create(
@@ -237,4 +341,38 @@ pub(super) fn surface_create(array: &Array) -> DeviceResult<(u64, Object)> {
         "cuSurfObjectCreate",
     )?;
     Ok((handle, Object { handle, surface: true, _array: Some(array.clone()) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every packed byte once, in order, in pieces of at most `cap`.
+    fn covered(extent: Extent, cap: u64) -> Option<Vec<Piece>> {
+        let all: Vec<Piece> = pieces(extent, cap)?.collect();
+        let mut at = 0;
+        for p in &all {
+            assert!(extent.width * p.rows * p.slices <= cap, "{p:?} is larger than {cap}");
+            assert_eq!((p.z * extent.height + p.row) * extent.width, at, "{p:?} is not where the last ended");
+            assert!(p.slices == 1 || (p.row == 0 && p.rows == extent.height), "{p:?}: slices must be whole");
+            at += extent.width * p.rows * p.slices;
+        }
+        assert_eq!(Some(at), extent.bytes());
+        Some(all)
+    }
+
+    #[test]
+    fn copies_go_in_pieces_that_cover_the_extent_in_packed_order() {
+        // A column of a large buffer: rows in pieces of the cap.
+        let column = covered(Extent { width: 4, height: 786_000, depth: 1 }, 1 << 20).unwrap();
+        assert_eq!(column.len(), 3);
+        // Small slices: several whole slices a piece.
+        let slices = covered(Extent { width: 64, height: 8, depth: 100 }, 4096).unwrap();
+        assert_eq!(slices.len(), 13);
+        // Slices larger than the cap: rows of each slice.
+        assert_eq!(covered(Extent { width: 100, height: 50, depth: 3 }, 1000).unwrap().len(), 15);
+        // One piece when it all fits; none when a row does not.
+        assert_eq!(covered(Extent { width: 3, height: 5, depth: 7 }, 1 << 20).unwrap().len(), 1);
+        assert!(covered(Extent { width: 2000, height: 2, depth: 1 }, 1000).is_none());
+    }
 }
