@@ -42,7 +42,11 @@ all) bins=(gpupool-server gpupool-balancer gpupool-bench gpupool-demo gpupool-rd
 esac
 gpu_test_name=gpupool-gpu-tests
 
-echo "== building release binaries (-j $jobs)"
+# Where cargo puts what it builds (CARGO_TARGET_DIR, when set, moves it): a
+# bundle once copied binaries from ./target that an earlier build left while
+# this build went elsewhere, and its COMMIT file named the newer commit.
+target=$(cargo metadata --no-deps --format-version 1 | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+echo "== building release binaries (-j $jobs) into $target"
 cargo build --release -j "$jobs" -p gpupool-server -p gpupool-balancer -p gpupool-tests --bins
 
 echo "== building the RDMA integration check (gpupool-rdma, feature verbs)"
@@ -89,13 +93,13 @@ for name in gpupool-server gpupool-balancer gpupool-bench gpupool-demo gpupool-r
     rm -f "$out/$name"
 done
 for name in "${bins[@]}"; do
-    strip --strip-debug -o "$out/$name" "target/release/$name"
+    strip --strip-debug -o "$out/$name" "$target/release/$name"
 done
 mkdir -p "$out/stub"
 rm -f "$out/stub/"*
-strip --strip-debug -o "$out/stub/libcuda.so.1" target/release/libcuda.so
+strip --strip-debug -o "$out/stub/libcuda.so.1" "$target/release/libcuda.so"
 if [[ ${WITH_NVML:-1} == 1 ]]; then
-    strip --strip-debug -o "$out/stub/libnvidia-ml.so.1" target/release/libnvidia_ml.so
+    strip --strip-debug -o "$out/stub/libnvidia-ml.so.1" "$target/release/libnvidia_ml.so"
 fi
 # cutrace, the call tracer bench/dropin.sh uses with CUTRACE=1.
 bash bench/cutrace/build.sh "$out/cutrace"
