@@ -53,21 +53,9 @@ fi
 
 echo "== starting gpupool-server on cuda:0"
 log="$out/server.log"
-"$bin_dir/gpupool-server" --listen 127.0.0.1:0 --device cuda:0 --tokens dropin \
-    --session-memory-mib 16384 >"$log" 2>&1 &
-server=$!
-trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null' EXIT
-for _ in $(seq 1 150); do
-    grep -q "listening on" "$log" && break
-    sleep 0.2
-done
-addr=$(sed -n 's/.*listening on \([0-9.:]*\) .*/\1/p' "$log" | head -n 1)
-pin=$(sed -n 's/.*SHA-256 \([0-9a-f]*\).*/\1/p' "$log" | head -n 1)
-if [[ -z $addr || -z $pin ]]; then
-    cat "$log"
-    echo "gpupool-server did not start"
-    exit 1
-fi
+. "$repo/bench/lib/server.sh"
+start_server "$log" "$bin_dir/gpupool-server" --device cuda:0 --tokens dropin --session-memory-mib 16384 || exit 1
+trap 'kill -TERM $server_pid 2>/dev/null; wait $server_pid 2>/dev/null' EXIT
 echo "server at $addr"
 
 native_front="" remote_front=""
@@ -94,12 +82,17 @@ failed=0
 run_pair() { # name command...
     local name=$1
     shift
+    # Wall time end to end (process start, CUDA's or the session's setup,
+    # the work, exit), in ms.
+    local t0=$EPOCHREALTIME
     CUTRACE_FILE="$out/native/$name.trace" timeout "${PROGRAM_TIMEOUT:-300}" bash -c 'native "$@"' _ "$@" \
         >"$out/native/$name.out" 2>"$out/native/$name.err"
-    local nrc=$?
+    local nrc=$? t1=$EPOCHREALTIME
     CUTRACE_FILE="$out/remote/$name.trace" timeout "${PROGRAM_TIMEOUT:-300}" bash -c 'remote "$@"' _ "$@" \
         >"$out/remote/$name.out" 2>"$out/remote/$name.err"
-    local rrc=$?
+    local rrc=$? t2=$EPOCHREALTIME
+    local times
+    times=$(awk -v a="$t0" -v b="$t1" -v c="$t2" 'BEGIN { n = (b - a) * 1000; r = (c - b) * 1000; printf "%.0f | %.0f | %.2fx", n, r, r / (n > 0 ? n : 1) }')
     local same=no
     if diff <(compared "$out/native/$name.out") <(compared "$out/remote/$name.out") >"$out/$name.diff"; then
         same=yes
@@ -113,7 +106,7 @@ run_pair() { # name command...
         # The stub caught a panic of its own: a bug even when the output matches.
         verdict="FAIL (stub panicked)"
     fi
-    rows+=("| $name | $nrc | $rrc | $same | $verdict |")
+    rows+=("| $name | $nrc | $rrc | $same | $verdict | $times |")
     echo "$name: native rc $nrc, remote rc $rrc, identical output: $same -> $verdict"
     if [[ $verdict != PASS ]]; then
         [[ $verdict == FAIL* ]] && failed=1
@@ -225,8 +218,8 @@ echo "$variant_md"
 {
     echo "## Unmodified programs, native and through gpupool's libcuda"
     echo
-    echo "| program | native rc | remote rc | identical output | verdict |"
-    echo "|---|---|---|---|---|"
+    echo "| program | native rc | remote rc | identical output | verdict | native ms | remote ms | wall ratio |"
+    echo "|---|---|---|---|---|---|---|---|"
     printf '%s\n' "${rows[@]}"
     echo
     echo "## Drop-in benchmark (bench_loop.sm90, per launch, µs)"

@@ -103,19 +103,13 @@ if ! tenants native env | tee -a "$report"; then
     status=1
 fi
 
-NO_COLOR=1 RUST_LOG=${OVERCOMMIT_LOG:-info,gpupool_server::session::swap=debug} "$bin/gpupool-server" --listen 127.0.0.1:0 --device cuda:0 --tokens overcommit \
+. "$repo/bench/lib/server.sh"
+if ! start_server "$out/server.log" env NO_COLOR=1 RUST_LOG="${OVERCOMMIT_LOG:-info,gpupool_server::session::swap=debug}" \
+    "$bin/gpupool-server" --device cuda:0 --tokens overcommit \
     --session-memory-mib $((tenant_mib + 4096)) --swap-device-mib "$device_mib" \
     --swap-host-mib $((3 * tenant_mib + 8192)) --swap-wait-ms 60000 \
     --swap-spare-mib "${OVERCOMMIT_SPARE_MIB:-$tenant_mib}" \
-    --metrics-listen 127.0.0.1:9466 >"$out/server.log" 2>&1 &
-for _ in $(seq 1 150); do
-    grep -q "listening on" "$out/server.log" && break
-    sleep 0.2
-done
-addr=$(sed -n 's/.*listening on \([0-9.:]*\) .*/\1/p' "$out/server.log" | head -n 1)
-pin=$(sed -n 's/.*SHA-256 \([0-9a-f]*\).*/\1/p' "$out/server.log" | head -n 1)
-if [[ -z $addr || -z $pin ]]; then
-    tail -20 "$out/server.log"
+    --metrics-listen 127.0.0.1:9466; then
     say "FAILED: gpupool-server did not start"
     exit 1
 fi

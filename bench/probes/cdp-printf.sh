@@ -13,6 +13,7 @@
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 B=$(cd "${1:?BIN_DIR}" && pwd) || exit 2
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/server.sh"
 O=${2:?OUT_DIR}
 mkdir -p "$O" && O=$(cd "$O" && pwd)
 CU=${GPUPOOL_CUDA_HOME:-/usr/local/cuda}
@@ -47,15 +48,10 @@ echo "== native: cdp_bisect tail" >>"$O/out.txt"
 LD_LIBRARY_PATH=$LIB timeout 30 "$W/cdp_bisect" tail >>"$O/out.txt" 2>&1
 for loading in default LAZY; do
     log="$O/server-$loading.log"
-    if [[ $loading == LAZY ]]; then
-        CUDA_MODULE_LOADING=LAZY "$B/gpupool-server" --listen 127.0.0.1:0 --device cuda:0 --tokens p >"$log" 2>&1 &
-    else
-        "$B/gpupool-server" --listen 127.0.0.1:0 --device cuda:0 --tokens p >"$log" 2>&1 &
-    fi
-    srv=$!
-    for _ in $(seq 1 150); do grep -q "listening on" "$log" && break; sleep 0.2; done
-    addr=$(sed -n 's/.*listening on \([0-9.:]*\) .*/\1/p' "$log" | head -n 1)
-    pin=$(sed -n 's/.*SHA-256 \([0-9a-f]*\).*/\1/p' "$log" | head -n 1)
+    # default: the server's own choice (eager); LAZY: the operator's.
+    mode=()
+    [[ $loading == LAZY ]] && mode=(CUDA_MODULE_LOADING=LAZY)
+    start_server "$log" env "${mode[@]}" "$B/gpupool-server" --device cuda:0 --tokens p || exit 1
     r() { LD_LIBRARY_PATH="$B/stub" GPUPOOL_SERVER=$addr GPUPOOL_TOKEN=p GPUPOOL_CERT_SHA256=$pin timeout 30 "$@"; }
     for c in "${cases[@]}"; do
         read -r img mode kernel grid <<<"$c"
@@ -64,8 +60,8 @@ for loading in default LAZY; do
     done
     echo "== remote ($loading loading on the server): cdp_bisect tail" >>"$O/out.txt"
     r "$W/cdp_bisect" tail >>"$O/out.txt" 2>&1
-    kill $srv
-    wait $srv 2>/dev/null
+    kill "$server_pid"
+    wait "$server_pid" 2>/dev/null
 done
 rm -rf "$W"
 cat "$O/out.txt"
