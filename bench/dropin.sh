@@ -53,6 +53,7 @@ fi
 
 echo "== starting gpupool-server on cuda:0"
 log="$out/server.log"
+# shellcheck source=bench/lib/server.sh
 . "$repo/bench/lib/server.sh"
 start_server "$log" "$bin_dir/gpupool-server" --device cuda:0 --tokens dropin --session-memory-mib 16384 || exit 1
 trap 'kill -TERM $server_pid 2>/dev/null; wait $server_pid 2>/dev/null' EXIT

@@ -36,6 +36,11 @@
 #      used in turns by two CUDA programs and a PyTorch program (every word
 #      checked), native and through gpupool with swap; the swap rates of a
 #      4 GiB session (target >= 10 GiB/s).
+#  13. bench/migrate-torch.sh: a PyTorch training loop leased through a
+#      balancer, its server drained halfway (the session moves to a second
+#      server on the card), against the same loop unmoved and natively
+#      (binaries of PARTS=pool or all; MIGRATE_CLIENT_ENV passes client
+#      settings, e.g. GPUPOOL_SHM_PINNED_MIB=0).
 # Results: <date>-<gpu>-<commit>.md (every step's output and a summary) and
 # .json (the benchmark's figures) in $OUT when set (a device run returns only
 # $OUT), else in bench/results/. The .md is written step by step, so a run cut
@@ -54,11 +59,12 @@
 #                     DROPIN_TIMEOUT (540), POOL_TIMEOUT (300),
 #                     LAMBDA_TIMEOUT (240), LAMBDA_TORCH_TIMEOUT (420),
 #                     MIGRATION_TIMEOUT (300), SHARE_TIMEOUT (360),
-#                     OVERCOMMIT_TIMEOUT (300)
+#                     OVERCOMMIT_TIMEOUT (300), MIGRATE_TORCH_TIMEOUT (240)
 #        MIGRATION_MIB  the migrated session's size (1024)
 #        ONLY         step functions to run, space-separated (gpu_info
 #                     gpu_tests server_smoke demo bench bench_in_process
-#                     dropin pool lambda lambda_torch migration rdma share overcommit); default all. Every step together takes
+#                     dropin pool lambda lambda_torch migration rdma share overcommit
+#                     migrate_torch); default all. Every step together takes
 #                     longer than one device run's 600 s; each part's
 #                     folder serves its steps (all three travel in the one
 #                     archive): ONLY="gpu_info gpu_tests server_smoke bench
@@ -303,7 +309,14 @@ overcommit() {
     bash "$repo/bench/overcommit-gpu.sh" "$bin_dir" "$stem-overcommit"
 }
 
-export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool lambda lambda_torch migration rdma share overcommit
+# PyTorch across a live migration: a training loop leased through a
+# balancer, its server drained halfway (binaries of PARTS=pool or all).
+migrate_torch() {
+    need gpupool-balancer || return 1
+    MIGRATE_TIMEOUT_S=${MIGRATE_TIMEOUT_S:-90} bash "$repo/bench/migrate-torch.sh" "$bin_dir" "$stem-migrate-torch"
+}
+
+export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool lambda lambda_torch migration rdma share overcommit migrate_torch
 
 {
     echo "# gpupool GPU suite"
@@ -331,6 +344,7 @@ step "live migration: pause of a 1 GiB session between two servers on the card" 
 step "RDMA integration check (gpupool-rdma-check)" "${RDMA_TIMEOUT:-90}" rdma
 step "sharing: concurrent PyTorch clients, exclusive and shared (MPS) leases, group fault" "${SHARE_TIMEOUT:-360}" share
 step "overcommit: three tenants of 60 % in turns (CUDA programs, PyTorch), swap rates" "${OVERCOMMIT_TIMEOUT:-300}" overcommit
+step "PyTorch across a live migration (balancer drain, two servers on the card)" "${MIGRATE_TORCH_TIMEOUT:-240}" migrate_torch
 
 {
     echo "## Summary"

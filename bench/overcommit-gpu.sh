@@ -20,30 +20,12 @@
 # Writes OUT_DIR/overcommit.md and the logs; exits non-zero on any failure.
 set -uo pipefail
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bin=$(cd "$1" && pwd)
-out=$2
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-export GPUPOOL_CUDA_HOME=${GPUPOOL_CUDA_HOME:-/usr/local/cuda}
-cuda_lib="$GPUPOOL_CUDA_HOME/targets/x86_64-linux/lib"
-[[ -d $cuda_lib ]] || cuda_lib="$GPUPOOL_CUDA_HOME/lib64"
-export LD_LIBRARY_PATH="$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# shellcheck source=bench/lib/script.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/script.sh"
 device_mib=${OVERCOMMIT_DEVICE_MIB:-20480}
 tenant_mib=$((device_mib * 60 / 100))
 rounds=${OVERCOMMIT_ROUNDS:-3}
-report="$out/overcommit.md"
-: >"$report"
-say() { echo "$*" | tee -a "$report"; }
-status=0
-
-work=$(mktemp -d)
-cleanup() {
-    kill $(jobs -p) 2>/dev/null
-    wait 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
+start_report overcommit.md
 
 "$GPUPOOL_CUDA_HOME/bin/nvcc" -O2 -arch=native -o "$work/turns" "$repo/bench/overcommit_turns.cu" || exit 1
 
@@ -55,7 +37,7 @@ tenants() {
     shift
     local dir="$work/$label"
     mkdir -p "$dir"
-    local pids=() r i t
+    local pids=() r i
     # One after another: each tenant's allocation swaps the earlier ones
     # out once they are idle (ready).
     for i in 0 1 2; do
@@ -65,7 +47,7 @@ tenants() {
             "$@" "$work/turns" "$tenant_mib" "$dir" "$i" "$rounds" >"$out/$label-$i.out" 2>"$out/$label-$i.err" &
         fi
         pids+=($!)
-        for t in $(seq 1 6000); do
+        for _ in $(seq 1 6000); do
             [[ -e $dir/ready-$i ]] && break
             kill -0 "${pids[$i]}" 2>/dev/null || { echo "tenant $i ended before it was ready"; tail -5 "$out/$label-$i.err"; return 1; }
             sleep 0.05
@@ -75,7 +57,7 @@ tenants() {
     for r in $(seq 0 $((rounds - 1))); do
         for i in 0 1 2; do
             touch "$dir/turn-$i-$r"
-            for t in $(seq 1 6000); do
+            for _ in $(seq 1 6000); do
                 [[ -e $dir/done-$i-$r ]] && break
                 kill -0 "${pids[$i]}" 2>/dev/null || break
                 sleep 0.01
@@ -103,6 +85,7 @@ if ! tenants native env | tee -a "$report"; then
     status=1
 fi
 
+# shellcheck source=bench/lib/server.sh
 . "$repo/bench/lib/server.sh"
 if ! start_server "$out/server.log" env NO_COLOR=1 RUST_LOG="${OVERCOMMIT_LOG:-info,gpupool_server::session::swap=debug}" \
     "$bin/gpupool-server" --device cuda:0 --tokens overcommit \

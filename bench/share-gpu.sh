@@ -30,34 +30,19 @@
 # Writes OUT_DIR/share.md and the logs. Budget: well under 9 minutes.
 set -uo pipefail
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bin=$(cd "$1" && pwd)
-out=$2
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-export GPUPOOL_CUDA_HOME=${GPUPOOL_CUDA_HOME:-/usr/local/cuda}
-cuda_lib="$GPUPOOL_CUDA_HOME/targets/x86_64-linux/lib"
-[[ -d $cuda_lib ]] || cuda_lib="$GPUPOOL_CUDA_HOME/lib64"
-export LD_LIBRARY_PATH="$cuda_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# shellcheck source=bench/lib/script.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/script.sh"
 wl="$repo/bench/share_workload.py"
 steps=${SHARE_STEPS:-400}
-report="$out/share.md"
-: >"$report"
-status=0
-say() { echo "$*" | tee -a "$report"; }
-
-work=$(mktemp -d)
+start_report share.md
 # The server stops its MPS daemon when it exits; should it not get to, a
 # daemon left behind is told to quit here (its pipe directory is ours).
-cleanup() {
-    kill $(jobs -p) 2>/dev/null
-    wait 2>/dev/null
+# shellcheck disable=SC2329 # script_cleanup runs it
+on_exit() {
     for pipe in "$work"/mps/*/mps-pipe; do
         [[ -e $pipe/control ]] && echo quit | CUDA_MPS_PIPE_DIRECTORY=$pipe timeout 10 nvidia-cuda-mps-control >/dev/null 2>&1
     done
-    rm -rf "$work"
 }
-trap cleanup EXIT
 "$bin/gpupool-balancer" keygen --key-file "$work/key" >"$work/pub"
 pub=$(cat "$work/pub")
 # Tenant "share" and its credential (the balancer keeps its digest).
@@ -69,14 +54,7 @@ grep '^share sha256:' "$work/new-tenant" >"$work/tenants"
 RUST_LOG=info "$bin/gpupool-balancer" serve --listen 127.0.0.1:50061 --key-file "$work/key" \
     --server-secret share-secret --tenants "$work/tenants" --recovery-ms 0 --lease-ttl-ms 5000 \
     >"$out/balancer.log" 2>&1 &
-for _ in $(seq 1 100); do grep -q "certificate SHA-256" "$out/balancer.log" && break; sleep 0.1; done
-GPUPOOL_BALANCER_CERT_SHA256=$(sed -n 's/.*certificate SHA-256 \([0-9a-f]\{64\}\).*/\1/p' "$out/balancer.log" | head -n 1)
-export GPUPOOL_BALANCER_CERT_SHA256
-if [[ -z $GPUPOOL_BALANCER_CERT_SHA256 ]]; then
-    tail -n 20 "$out/balancer.log"
-    say "FAILED: the balancer did not start"
-    exit 1
-fi
+balancer_started "$out/balancer.log"
 # --mps auto: the server's own MPS daemon for shared leases (private
 # directories under --mps-dir; the compute mode is left as it is).
 NO_COLOR=1 RUST_LOG=info "$bin/gpupool-server" --listen 127.0.0.1:4443 --device cuda:0 --instances nvml \

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the GPU scripts: starts a gpupool-server for them on 127.0.0.1.
 #
 # start_server LOG COMMAND...: runs COMMAND (gpupool-server and its

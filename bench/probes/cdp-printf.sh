@@ -13,6 +13,7 @@
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 B=$(cd "${1:?BIN_DIR}" && pwd) || exit 2
+# shellcheck source=bench/lib/server.sh
 . "$(dirname "${BASH_SOURCE[0]}")/../lib/server.sh"
 O=${2:?OUT_DIR}
 mkdir -p "$O" && O=$(cd "$O" && pwd)

@@ -8,6 +8,7 @@ set -uo pipefail
 B=$(cd "${1:?BIN_DIR}" && pwd) || exit 2
 shift
 log=${SERVER_LOG:-$(mktemp)}
+# shellcheck source=bench/lib/server.sh
 . "$(dirname "${BASH_SOURCE[0]}")/../lib/server.sh"
 # shellcheck disable=SC2086 # SERVER_ARGS is a list of arguments
 start_server "$log" "$B/gpupool-server" --device cuda:0 --tokens p --session-memory-mib 16384 ${SERVER_ARGS:-} || exit 1

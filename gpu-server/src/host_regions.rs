@@ -123,6 +123,12 @@ impl HostRegions {
         Ok(())
     }
 
+    /// Lets regions be added again: the move [`Self::freeze`] began for
+    /// did not happen (the session stays here).
+    pub fn thaw(&self) {
+        self.lock().frozen = false;
+    }
+
     /// Whether a region of `len` bytes may be added as `id`: a new id,
     /// within the count and byte bounds.
     pub fn admits(&self, id: u32, len: u64) -> Result<(), CallError> {

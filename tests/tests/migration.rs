@@ -6,6 +6,7 @@
 
 use gpupool_client::{DeviceBuffer, KernelArg, LaunchConfig, Session, StreamId};
 use gpupool_proto::BUILTIN_MODULE;
+use gpupool_proto::texture_abi::ArrayDesc;
 use gpupool_server::Migrated;
 use gpupool_server::ServerConfig;
 use gpupool_tests::{TOKEN, TestServer, fresh_seed, isolated_config, random_bytes, random_f32, server_config};
@@ -170,6 +171,41 @@ fn stays_when_the_target_fails((a, b, seed, want): (TestServer, TestServer, u64,
     program.steps(4, 6);
     assert!(program.result() == want, "results identical to the session that did not move");
     assert_eq!(a.migrator.sessions().len(), 1, "still on the source");
+}
+
+/// A session holding what cannot move (an array here) refuses before it
+/// stops: the migration fails at once and the program goes on over the
+/// same connections, never having to resume (the GPU run of
+/// bench/migrate-torch.sh found a refusal at the stop dropping the
+/// client's connection, whose resume its lease then refused). Once the
+/// array is gone the same session moves. In process and in a worker
+/// process.
+#[test]
+fn a_session_that_cannot_move_refuses_before_it_stops() {
+    if !emulated_only() {
+        return;
+    }
+    let configs: [fn() -> ServerConfig; 2] = [server_config, || isolated_config().expect("worker command")];
+    for config in configs {
+        let (a, b, seed, want) = two_servers_with(config);
+        let program = Program::start(&a, seed);
+        program.steps(0, 2);
+        let bulk = program.session.bulk_connections();
+        let shape = ArrayDesc { width: 64, height: 64, depth: 0, format: 0x20, channels: 1, flags: 0 };
+        let array = program.session.array_create(shape, 0).expect("array");
+        let refused = migrate(&a, &b, TOKEN).expect_err("a session holding an array refuses");
+        assert!(refused.to_string().contains("arrays"), "{refused}");
+        program.steps(2, 6);
+        program.session.array_destroy(array).expect("array destroyed");
+        assert!(program.result() == want, "results identical to the session that was not asked to move");
+        assert_eq!(program.session.bulk_connections(), bulk, "the session kept its bulk connections");
+        assert_eq!(a.metrics.snapshot().resumptions, 0, "the client never lost its connection");
+        assert_eq!(b.migrator.sessions().len(), 0, "nothing arrived at the target");
+        let done = migrate(&a, &b, TOKEN).expect("without the array it moves");
+        assert_eq!(done.memory_bytes, 8 << 20, "both buffers moved");
+        assert!(program.result() == want, "the same bytes on the target");
+        assert_eq!(b.migrator.sessions().len(), 1, "the target holds it");
+    }
 }
 
 /// A leased program: y += alpha x on the device, and on the host what y

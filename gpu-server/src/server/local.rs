@@ -288,10 +288,28 @@ where
                     }
                     result = &mut pre_rx, if pending.is_some() => {
                         let (order, _task) = pending.take().expect("a pre-copy runs");
-                        precopied = Some(result.unwrap_or_else(|_| {
-                    Err(super::migrate::PrecopyFailed { reason: "the pre-copy ended early".into(), retry: true })
-                }));
-                        break Ended::Migrate(order);
+                        let result = result.unwrap_or_else(|_| {
+                            Err(super::migrate::PrecopyFailed {
+                                reason: "the pre-copy ended early".into(),
+                                retry: true,
+                                stays: false,
+                            })
+                        });
+                        match result {
+                            // The session holds what cannot move: it was
+                            // not stopped and goes on as it was.
+                            Err(e) if e.stays => {
+                                tracing::info!(reason = %e.reason, "migration refused");
+                                host_regions.thaw();
+                                let _ = order.done.send(Err(e.reason));
+                                let (tx, rx) = oneshot::channel();
+                                (pre_tx, pre_rx) = (Some(tx), rx);
+                            }
+                            result => {
+                                precopied = Some(result);
+                                break Ended::Migrate(order);
+                            }
+                        }
                     }
                 }
             }

@@ -14,7 +14,7 @@ use crate::images::ImageCache;
 use crate::session::Exported;
 use bytes::Bytes;
 use gpupool_proto::v1::call::Op;
-use gpupool_proto::{PROTOCOL_VERSION, frame, v1};
+use gpupool_proto::{PROTOCOL_VERSION, cuda, frame, v1};
 use prost::Message;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -383,6 +383,10 @@ fn calls_on_target(calls: &[v1::Call], mapped: &[(u64, u64)]) -> Vec<v1::Call> {
 pub(crate) struct PrecopyFailed {
     pub(crate) reason: String,
     pub(crate) retry: bool,
+    /// The session itself refused before anything began (it holds what
+    /// cannot move): the migration ends here and the session is not
+    /// stopped.
+    pub(crate) stays: bool,
 }
 
 /// Pre-copy, while the session still runs: its writes are tracked from now
@@ -396,9 +400,16 @@ pub(crate) async fn precopy(
 ) -> Result<Precopied, PrecopyFailed> {
     let (tx, rx) = oneshot::channel();
     let ended = || "the session has ended".to_string();
-    let retry = |reason: String| PrecopyFailed { reason, retry: true };
+    let retry = |reason: String| PrecopyFailed { reason, retry: true, stays: false };
     work.send(super::thread::Work::PrecopyStart(tx)).await.map_err(|_| retry(ended()))?;
-    let start = rx.await.map_err(|_| retry(ended()))?.map_err(|e| retry(e.message))?;
+    let start = match rx.await.map_err(|_| retry(ended()))? {
+        Ok(start) => start,
+        // `SessionState::movable` said no: nothing began.
+        Err(e) if e.code == cuda::NOT_SUPPORTED => {
+            return Err(PrecopyFailed { reason: e.message, retry: false, stays: true });
+        }
+        Err(e) => return Err(retry(e.message)),
+    };
     let total = start.mappings.iter().map(|&(_, size)| size).sum();
     let migrate = v1::MigrateIn {
         va_base: start.va_base,
@@ -407,7 +418,8 @@ pub(crate) async fn precopy(
         precopy: true,
         ..Default::default()
     };
-    let mut link = connect(target, migrate).await.map_err(|reason| PrecopyFailed { reason, retry: false })?;
+    let mut link =
+        connect(target, migrate).await.map_err(|reason| PrecopyFailed { reason, retry: false, stays: false })?;
     // A target that takes no pre-copy (`Welcome.precopy_bytes` 0) gets
     // nothing before the stop, not even the mappings.
     let mappings = if link.precopy_bytes > 0 { start.mappings } else { Vec::new() };

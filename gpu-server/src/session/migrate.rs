@@ -218,7 +218,12 @@ impl<S: BackendSession> SessionState<S> {
     /// Starts a pre-copy: after the device finished what was queued, its
     /// calls' writes are tracked from now on; returns the mappings whose
     /// contents may be read while it keeps running ([`Self::export_memory`]).
+    ///
+    /// Refused (`NOT_SUPPORTED`, [`Self::movable`]) before anything changes
+    /// when the session holds what cannot move: the migration then ends
+    /// before the session stops, and its client sees nothing of it.
     pub fn precopy_start(&mut self) -> Result<PrecopyStart, CallError> {
+        self.movable()?;
         self.swap_in()?;
         self.dev.synchronize()?;
         self.precopy = Some(Dirty::default());
@@ -227,6 +232,22 @@ impl<S: BackendSession> SessionState<S> {
             va_size: self.limits.va_size,
             mappings: self.mappings.iter().map(|(&addr, &(size, _))| (addr, size)).collect(),
         })
+    }
+
+    /// Whether the session can move: refused (`NOT_SUPPORTED`, with the
+    /// reason) while it holds what cannot (see the module's documentation).
+    pub fn movable(&self) -> Result<(), CallError> {
+        let refuse = |what: &str| Err(CallError::not_supported(format!("a session holding {what} cannot migrate")));
+        if !self.arrays.is_empty() || !self.objects.is_empty() {
+            return refuse("arrays or texture/surface objects");
+        }
+        if !self.globals.is_empty() {
+            return refuse("module variables (their addresses are the driver's)");
+        }
+        if !self.graphs.is_empty() {
+            return refuse("graphs with conditional nodes (their handles are the driver's)");
+        }
+        Ok(())
     }
 
     /// Records what `op` may write while a pre-copy runs.
@@ -246,16 +267,7 @@ impl<S: BackendSession> SessionState<S> {
     /// the migration fails). Refused with the reason while it holds what
     /// cannot move (see the module's documentation).
     pub fn export(&mut self) -> Result<Exported, CallError> {
-        let refuse = |what: &str| Err(CallError::not_supported(format!("a session holding {what} cannot migrate")));
-        if !self.arrays.is_empty() || !self.objects.is_empty() {
-            return refuse("arrays or texture/surface objects");
-        }
-        if !self.globals.is_empty() {
-            return refuse("module variables (their addresses are the driver's)");
-        }
-        if !self.graphs.is_empty() {
-            return refuse("graphs with conditional nodes (their handles are the driver's)");
-        }
+        self.movable()?;
         // Swapped-out contents come back first: they are read as any others.
         self.swap_in()?;
         self.dev.synchronize()?;
