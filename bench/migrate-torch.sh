@@ -174,11 +174,18 @@ move() {
     if [[ -n $moved ]] && ! grep -qE "migration failed|not migrated" <<<"$moved"; then
         wait "$drain" || drained=$?
     else
+        # The drain gives up by itself once the balancer heard of the
+        # refusal (the server's next heartbeat).
+        for _ in $(seq 1 50); do
+            kill -0 "$drain" 2>/dev/null || break
+            sleep 0.2
+        done
         kill "$drain" 2>/dev/null
-        wait "$drain" 2>/dev/null
-        drained=stopped
+        wait "$drain"
+        drained=$?
     fi
     say "- $label: drained $holder (rc $drained, $((SECONDS - t)) s): $(head -n 1 "$out/$label-drain.log")"
+    grep -E "stays on|still holds" "$out/$label-drain.log" | sed 's/^ */    drain: /' | tee -a "$report"
     if [[ -z $moved ]]; then
         say "- $label: no migration in $holder's log"
         return 1

@@ -179,6 +179,7 @@ pub(crate) fn status(view: &pool::PoolView) -> pb::PoolStatus {
                 in_use: l.in_use,
                 class: class_to_proto(l.class).into(),
                 compute_percent: l.compute_percent,
+                move_refused: view.move_refused.get(&l.id).cloned().unwrap_or_default(),
             })
             .collect(),
         queue: view

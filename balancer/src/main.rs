@@ -357,6 +357,7 @@ async fn drain(args: DrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let deadline = tokio::time::Instant::now() + wait;
+    let mut told = std::collections::HashSet::new();
     loop {
         // The servers' secret sees every server's sessions.
         let mut req = tonic::Request::new(StatusRequest {});
@@ -366,6 +367,22 @@ async fn drain(args: DrainArgs) -> anyhow::Result<()> {
         if sessions == 0 {
             println!("{server} holds no session");
             return Ok(());
+        }
+        // Sessions of the plan's leases that refused to move stay: said
+        // once each; when no other session is left to move, the drain
+        // cannot finish.
+        let refused: Vec<&gpupool_proto::balancer::LeaseStatus> = status
+            .leases
+            .iter()
+            .filter(|l| l.server_id == server && !l.move_refused.is_empty() && plan.moving.contains(&l.lease_id))
+            .collect();
+        for l in &refused {
+            if told.insert(l.lease_id) {
+                println!("  lease {:#018x} stays on {server}: {}", l.lease_id, l.move_refused);
+            }
+        }
+        if !refused.is_empty() && refused.len() >= sessions as usize {
+            anyhow::bail!("{server} still holds {sessions} sessions: {} did not move (above)", refused.len());
         }
         if tokio::time::Instant::now() >= deadline {
             anyhow::bail!("{server} still holds {sessions} sessions after {wait:?}");

@@ -183,6 +183,9 @@ struct LeaseEntry {
     lease: Lease,
     server: u32,
     inst: u32,
+    /// Why its session did not move at the last order (kept until the
+    /// next order), as the server reported it.
+    move_refused: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -652,6 +655,9 @@ impl Pool {
             match self.best_place(&need, &tenant) {
                 Some(k) => {
                     self.move_lease(id, k);
+                    if let Some(e) = self.leases.get_mut(&id) {
+                        e.move_refused = None;
+                    }
                     self.moves.insert(id, from);
                     self.orders.entry(server_id.to_owned()).or_default().push(id);
                     plan.moving.push(id);
@@ -682,6 +688,9 @@ impl Pool {
             return None;
         }
         let from = self.moves.remove(&id)?;
+        if let (Some(e), Err(reason)) = (self.leases.get_mut(&id), &outcome) {
+            e.move_refused = Some(reason.clone());
+        }
         let fits = |k: u32| match self.leases.get(&id) {
             Some(e) if e.lease.class == LeaseClass::Shared => {
                 let need = Need {
@@ -832,6 +841,7 @@ impl Pool {
             .collect();
         let mut leases: Vec<Lease> = self.leases.values().map(|e| e.lease.clone()).collect();
         leases.sort_by_key(|l| (l.issued_ms, l.id));
+        let move_refused = self.leases.iter().filter_map(|(&id, e)| e.move_refused.clone().map(|r| (id, r))).collect();
         let queue = self
             .queue
             .iter()
@@ -846,6 +856,7 @@ impl Pool {
             recovering: self.recovering(now_ms),
             servers,
             leases,
+            move_refused,
             queue,
             counters: self.counters,
             instances: self.instances.len(),
@@ -1418,7 +1429,12 @@ impl Pool {
                     .insert(lease.tenant.clone(), Usage { leases: 1, memory: lease.memory, ..Usage::default() });
             }
         }
-        &self.leases.entry(id).insert_entry(Box::new(LeaseEntry { lease, server: s, inst: k })).into_mut().lease
+        &self
+            .leases
+            .entry(id)
+            .insert_entry(Box::new(LeaseEntry { lease, server: s, inst: k, move_refused: None }))
+            .into_mut()
+            .lease
     }
 
     /// Ends lease `id`, freeing its instance; false if not held.

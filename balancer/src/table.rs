@@ -166,6 +166,16 @@ fn leases_and_queue(out: &mut String, status: &pb::PoolStatus, now_unix_ms: u64)
         &["lease", "tenant", "server", "instance", "memory", "class", "expires", "in use"],
         &leases,
     );
+    // Sessions that did not move at their last order, and why.
+    let refused: Vec<Vec<String>> = status
+        .leases
+        .iter()
+        .filter(|l| !l.move_refused.is_empty())
+        .map(|l| vec![format!("{:#x}", l.lease_id), l.server_id.clone(), l.move_refused.clone()])
+        .collect();
+    if !refused.is_empty() {
+        render_table(out, "NOT MOVED", &["lease", "stays on", "why"], &refused);
+    }
     let queue: Vec<Vec<String>> = status
         .queue
         .iter()
@@ -294,11 +304,20 @@ mod tests {
                 }],
                 ..Default::default()
             }],
-            leases: vec![lease(1, 50), lease(2, 25)],
+            leases: vec![
+                lease(1, 50),
+                pb::LeaseStatus { move_refused: "a session holding arrays cannot migrate".into(), ..lease(2, 25) },
+            ],
             ..Default::default()
         };
         let text = render(&status, 0);
-        for needle in ["shared: 2 leases, 75% placed, busy 41.5%", "shared 50%", "shared 25%"] {
+        for needle in [
+            "shared: 2 leases, 75% placed, busy 41.5%",
+            "shared 50%",
+            "shared 25%",
+            "NOT MOVED",
+            "0x2    gpu-a     a session holding arrays cannot migrate",
+        ] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }
     }
@@ -315,5 +334,6 @@ mod tests {
         assert!(text.starts_with("tenant team-a · policy spread · 1 leases · 0 queued"), "{text}");
         assert!(text.contains("LEASES") && text.contains("0x7") && text.contains("QUEUE"), "{text}");
         assert!(!text.contains("SERVERS") && !text.contains("INSTANCES"), "{text}");
+        assert!(!text.contains("NOT MOVED"), "no section without a refused move: {text}");
     }
 }

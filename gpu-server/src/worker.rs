@@ -375,9 +375,8 @@ impl Authenticator for Ticket {
     }
 }
 
-/// Reads one framed message; `Ok(None)` at a clean end of input.
 /// Moves the worker's session as the supervisor ordered, and reports how
-/// it went.
+/// it went (the reason alone: the supervisor names the session).
 async fn migrate(migrator: crate::server::Migrator, order: v1::Moved) {
     let outcome = match (migrator.sessions().first(), order.address.parse()) {
         (None, _) => Err("the worker holds no session".to_string()),
@@ -389,7 +388,10 @@ async fn migrate(migrator: crate::server::Migrator, order: v1::Moved) {
                 cert_sha256: order.cert_sha256,
                 token: order.token,
             };
-            migrator.migrate(id, target).await.map_err(|e| e.to_string())
+            migrator.migrate(id, target).await.map_err(|e| match e {
+                ServerError::Migration { reason, .. } => reason,
+                e => e.to_string(),
+            })
         }
     };
     let outcome = match outcome {
@@ -405,6 +407,7 @@ async fn migrate(migrator: crate::server::Migrator, order: v1::Moved) {
     write_event(v1::worker_event::Event::Migrated(outcome));
 }
 
+/// Reads one framed message; `Ok(None)` at a clean end of input.
 pub(crate) fn read_message<M: Message + Default>(r: &mut impl Read) -> Result<Option<M>, ServerError> {
     let mut header = [0u8; frame::HEADER_LEN];
     match r.read_exact(&mut header) {

@@ -429,6 +429,76 @@ fn drains_and_moves(
     }
 }
 
+/// A drained server's session that cannot move (it holds an array) stays,
+/// untouched, and the balancer says why (`LeaseStatus.move_refused`, which
+/// `gpupool-balancer drain` prints before it gives up): the lease is back
+/// on its server and the program goes on.
+#[test]
+fn a_drained_session_that_cannot_move_stays_and_the_balancer_says_why() {
+    use gpupool_client::{ClientConfig, PoolRequest};
+    use gpupool_proto::balancer as pb;
+    use gpupool_proto::lease::LeaseSigner;
+    use gpupool_tests::{SERVER_SECRET, TestBalancer, balancer_config, pooled_server};
+
+    if !emulated_only() {
+        return;
+    }
+    let balancer = TestBalancer::start(balancer_config(LeaseSigner::from_seed([23; 32]))).expect("balancer");
+    let _a = pooled_server(&balancer, "a", "h200-141gb", None);
+    let _b = pooled_server(&balancer, "b", "h200-141gb", None);
+    balancer.wait_for_servers(2).expect("a and b register");
+    let mut template = ClientConfig::for_leases();
+    template.reply_timeout = std::time::Duration::from_secs(60);
+    let mut req = PoolRequest::new(balancer.url(), balancer.trust(), "tenant");
+    req.memory = 1 << 30;
+    let session = Session::connect_pooled(&req, &template).expect("leased session");
+    let seed = fresh_seed();
+    let (hx, want) = (random_f32(N, seed), random_f32(N, seed + 1));
+    let x = DeviceBuffer::from_slice(&session, &hx).expect("x");
+    let y = DeviceBuffer::from_slice(&session, &want).expect("y");
+    let mut p = Leased { session, x, y, hx, want };
+    p.saxpy(1.5);
+    let shape = ArrayDesc { width: 64, height: 64, depth: 0, format: 0x20, channels: 1, flags: 0 };
+    let array = p.session.array_create(shape, 0).expect("array");
+    p.session.synchronize().expect("sync");
+    let holder = p.session.lease().expect("lease").server_id;
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let mut client = rt.block_on(balancer.client()).expect("client");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !rt
+        .block_on(client.status(pb::StatusRequest {}))
+        .expect("status")
+        .into_inner()
+        .leases
+        .iter()
+        .any(|l| l.in_use)
+    {
+        assert!(std::time::Instant::now() < deadline, "the session in use");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut drain = tonic::Request::new(pb::DrainRequest { server_id: holder.clone() });
+    drain.metadata_mut().insert("authorization", format!("Bearer {SERVER_SECRET}").parse().expect("header"));
+    let plan = rt.block_on(client.drain(drain)).expect("drain").into_inner();
+    assert_eq!(plan.moving.len(), 1, "{plan:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let refused = loop {
+        let st = rt.block_on(client.status(pb::StatusRequest {})).expect("status").into_inner();
+        if let Some(l) = st.leases.iter().find(|l| !l.move_refused.is_empty()) {
+            break l.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no refusal reported: {st:?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(refused.move_refused.contains("arrays"), "{}", refused.move_refused);
+    assert_eq!(refused.server_id, holder, "the lease is back on its server");
+    // The program goes on where it was.
+    p.saxpy(0.5);
+    p.session.array_destroy(array).expect("array destroyed");
+    assert!(p.y.to_vec().expect("y") == p.want, "results of the session that stayed");
+    p.session.close().expect("close");
+}
+
 /// The pause a migration costs a running program: a session holding
 /// `GPUPOOL_MIGRATION_MIB` MiB (default 256) in worker processes moves from
 /// one server to another and back, three times each way, while a thread of

@@ -669,6 +669,9 @@ fn draining_moves_leases_and_a_failed_migration_brings_one_back() {
     assert_eq!(pool.lease(a.id).map(|l| l.server_id.clone()), Some(fleet::server_id(1)));
     let view = pool.status(T0);
     assert!(view.servers.iter().any(|s| s.id == src && s.draining && s.leases == 1));
+    // Why b stayed, for the operator (`drain`, `status`); a moved on.
+    let refused: Vec<(LeaseId, String)> = view.move_refused.into_iter().collect();
+    assert_eq!(refused, vec![(b.id, "target refused".to_string())]);
     // b's session reports on the source again: its lease is there.
     let only_b = Load { sessions: 1, memory_used: 0, live_leases: vec![b.id], gpu_busy: vec![], group_faults: 0 };
     assert_eq!(pool.heartbeat(&src, only_b, T0), Ok(vec![]));
@@ -678,6 +681,7 @@ fn draining_moves_leases_and_a_failed_migration_brings_one_back() {
     // Draining again retries b; a release on the old server frees nothing there.
     let again = pool.drain_server(&src, T0).expect("drain again");
     assert_eq!(again.moving, vec![b.id]);
+    assert!(pool.status(T0).move_refused.is_empty(), "a new order forgets the last refusal");
     assert_eq!(pool.migrated(&src, b.id, Ok(())), None);
     pool.check_invariants();
     assert!(pool.release(a.id).is_ok());

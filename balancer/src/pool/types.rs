@@ -451,6 +451,9 @@ pub struct PoolView {
     pub servers: Vec<ServerView>,
     /// Leases by issue time, then id.
     pub leases: Vec<Lease>,
+    /// Leases whose session did not move at their last order to move,
+    /// with the reason (they stay where they were).
+    pub move_refused: std::collections::BTreeMap<LeaseId, String>,
     /// Waiting requests, first in line first.
     pub queue: Vec<QueueEntry>,
     /// Totals.
