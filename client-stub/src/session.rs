@@ -821,7 +821,7 @@ impl Session {
         self.push_mirrors(&mut st, stream.0)?;
         // Mapped host memory's shadows need the bytes themselves.
         if st.mirrors.is_empty()
-            && let Some(region) = self.inner.transport.host_region(src.as_ptr() as usize, src.len())
+            && let Some(region) = self.region_for(&st, src.as_ptr() as usize, src.len())
         {
             st.space.check_access(dst, src.len() as u64)?;
             let op = Op::MemcpyHtod(v1::MemcpyHtoD {
@@ -924,7 +924,7 @@ impl Session {
     fn dtoh_into(&self, dst: &mut [u8], src: u64, stream: StreamId, asynchronous: bool) -> Result<()> {
         let mut st = self.lock();
         if st.mirrors.is_empty()
-            && let Some(region) = self.inner.transport.host_region(dst.as_ptr() as usize, dst.len())
+            && let Some(region) = self.region_for(&st, dst.as_ptr() as usize, dst.len())
         {
             Self::check_alive(&st)?;
             st.space.check_access(src, dst.len() as u64)?;
@@ -945,16 +945,19 @@ impl Session {
     /// until then). When the server maps the region no more (the session
     /// moved to another server) the bytes travel as for any other memory.
     pub fn memcpy_htod_pinned(&self, dst: u64, src: usize, len: usize, stream: StreamId) -> Result<()> {
-        let Some(region) = self.inner.transport.host_region(src, len) else {
-            // The server maps it no more (the session moved): the bytes go.
+        let mut st = self.lock();
+        Self::check_alive(&st)?;
+        self.push_mirrors(&mut st, stream.0)?;
+        let Some(region) = self.region_for(&st, src, len) else {
+            // The server maps it no more (the session moved, or is about
+            // to): the bytes go.
+            drop(st);
             let mut data = vec![0u8; len];
             self.pinned_read(src, &mut data)?;
             return self.memcpy_htod(dst, &data, stream);
         };
-        let mut st = self.lock();
-        Self::check_alive(&st)?;
         st.space.check_access(dst, len as u64)?;
-        self.enqueue(
+        self.enqueue_plain(
             &mut st,
             Op::MemcpyHtod(v1::MemcpyHtoD {
                 dst,
@@ -970,16 +973,26 @@ impl Session {
     /// is synchronized. Falls back like [`Self::memcpy_htod_pinned`] (and
     /// then waits for the bytes).
     pub fn memcpy_dtoh_pinned(&self, dst: usize, len: usize, src: u64, stream: StreamId) -> Result<()> {
-        let Some(region) = self.inner.transport.host_region(dst, len) else {
+        let mut st = self.lock();
+        Self::check_alive(&st)?;
+        self.push_mirrors(&mut st, stream.0)?;
+        let Some(region) = self.region_for(&st, dst, len) else {
+            drop(st);
             let mut data = vec![0u8; len];
             self.memcpy_dtoh(&mut data, src, stream)?;
             return self.pinned_write(dst, &data);
         };
-        let mut st = self.lock();
-        Self::check_alive(&st)?;
         st.space.check_access(src, len as u64)?;
         let op = Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: len as u64, stream: stream.0, into_region: Some(region) });
-        self.enqueue(&mut st, op)
+        self.enqueue_plain(&mut st, op)
+    }
+
+    /// The host region a call queued now may name for `[ptr, ptr + len)`:
+    /// the call goes in the batch after the last one cut, which the
+    /// transport notes for a server about to move the session (it revokes
+    /// the regions: `None` then, and the bytes travel).
+    fn region_for(&self, st: &State, ptr: usize, len: usize) -> Option<v1::HostRegionRef> {
+        self.inner.transport.host_region(ptr, len, Some(st.queue.last_seq() + 1))
     }
 
     /// Copies `data` into pinned memory at `addr` (from
@@ -1010,7 +1023,7 @@ impl Session {
         if !self.inner.transport.is_pinned(ptr) {
             return Ok(false);
         }
-        let synced = if self.inner.transport.host_region(ptr, 1).is_some() { self.synchronize() } else { Ok(()) };
+        let synced = if self.inner.transport.host_region(ptr, 1, None).is_some() { self.synchronize() } else { Ok(()) };
         let freed = self.inner.transport.pinned_free(ptr);
         synced.map(|()| freed)
     }

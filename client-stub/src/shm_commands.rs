@@ -252,8 +252,17 @@ impl Transport for ShmCommandTransport {
         self.quic.is_pinned(ptr)
     }
 
-    fn host_region(&self, ptr: usize, len: usize) -> Option<v1::HostRegionRef> {
-        self.quic.host_region(ptr, len)
+    fn host_region(&self, ptr: usize, len: usize, batch: Option<u64>) -> Option<v1::HostRegionRef> {
+        // Noted first, then the revocation looked at (gpupool_shm::ring):
+        // a server about to move the session runs every batch up to the
+        // last one noted before it stops.
+        if let Some(seq) = batch
+            && let Some(channel) = self.channel()
+            && !channel.ring.region_batch(seq)
+        {
+            return None;
+        }
+        self.quic.host_region(ptr, len, batch)
     }
 
     fn shm_commands_attached(&self) -> bool {

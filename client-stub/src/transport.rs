@@ -88,8 +88,11 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
         false
     }
     /// Where `[ptr, ptr + len)` lies in a host region the server maps, when
-    /// it does and copies may name it instead of carrying its bytes.
-    fn host_region(&self, _ptr: usize, _len: usize) -> Option<v1::HostRegionRef> {
+    /// it does and copies may name it instead of carrying its bytes. `batch`:
+    /// the batch a call naming it goes in (`None`: only asking whether the
+    /// server maps it); a transport whose server may revoke the regions
+    /// (a session about to move) notes it and answers `None` once revoked.
+    fn host_region(&self, _ptr: usize, _len: usize, _batch: Option<u64>) -> Option<v1::HostRegionRef> {
         None
     }
     /// Whether the session's commands and copies go over RDMA now.
@@ -1234,7 +1237,7 @@ impl Transport for QuicTransport {
         shm.pinned_copy(addr, len, copy)
     }
 
-    fn host_region(&self, ptr: usize, len: usize) -> Option<v1::HostRegionRef> {
+    fn host_region(&self, ptr: usize, len: usize, _batch: Option<u64>) -> Option<v1::HostRegionRef> {
         self.shm.as_ref()?.host_region(ptr, len)
     }
 }

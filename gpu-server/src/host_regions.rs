@@ -108,12 +108,13 @@ impl HostRegions {
     }
 
     /// Stops regions from being added, for a session about to move to
-    /// another server (which cannot map this host's memory); refused while
-    /// any is attached: the program's pinned memory lives there, and its
-    /// copies name it.
-    pub fn freeze(&self) -> Result<(), String> {
+    /// another server (which cannot map this host's memory). While any is
+    /// attached the program's pinned memory lives there and its copies name
+    /// it: refused unless the client can be told to stop naming them
+    /// (`revocable`: its commands come through a command ring).
+    pub fn freeze(&self, revocable: bool) -> Result<(), String> {
         let mut regions = self.lock();
-        if !regions.is_empty() {
+        if !regions.is_empty() && !revocable {
             return Err(format!(
                 "the session's pinned memory lives in {} host region(s) shared with its client on this host, which another server cannot map",
                 regions.len()
@@ -127,6 +128,11 @@ impl HostRegions {
     /// did not happen (the session stays here).
     pub fn thaw(&self) {
         self.lock().frozen = false;
+    }
+
+    /// Whether any region is attached.
+    pub fn any(&self) -> bool {
+        !self.lock().is_empty()
     }
 
     /// Whether a region of `len` bytes may be added as `id`: a new id,
@@ -241,12 +247,17 @@ mod tests {
         assert_eq!(regions.len(), MAX_HOST_REGIONS / 2 - 1, "only the odd ids of owner 7 are left");
         regions.clear(7);
         assert!(regions.is_empty());
-        regions.freeze().expect("empty: may move");
+        regions.freeze(false).expect("empty: may move");
         assert!(regions.admits(1, 4096).is_err(), "frozen");
+        regions.thaw();
+        assert!(regions.admits(1, 4096).is_ok(), "thawed: the move did not happen");
         let busy = HostRegions::default();
         busy.insert(1, 1, region(4096)).expect("a region");
-        assert!(busy.freeze().is_err(), "pinned memory here: no move");
+        assert!(busy.any());
+        assert!(busy.freeze(false).is_err(), "pinned memory here and no ring to revoke it: no move");
         assert!(busy.admits(2, 4096).is_ok(), "not frozen by a refused move");
+        busy.freeze(true).expect("revocable: may move");
+        assert!(busy.admits(2, 4096).is_err(), "frozen");
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! queued in stream order. Byte for byte in both directions, sync and
 //! async, at the region's edges; ranges outside a region refused; no
 //! region left mapped or registered when the client is killed or the
-//! session ends; a session holding pinned memory in a region is not
-//! moved to another server (refused cleanly), one without is.
+//! session ends; a session holding pinned memory in a region moves to
+//! another server once the regions are revoked through its command ring
+//! (without a ring it is refused cleanly, and moves once it freed them).
 //! Emulated device unless `GPUPOOL_TEST_DEVICE=cuda`.
 
 use gpupool_client::{ClientConfig, DEFAULT_SHM_REGION_BYTES, Session, StreamId};
@@ -265,15 +266,75 @@ fn a_killed_client_of_a_worker_process_leaves_no_region_mapped_or_registered() {
     killed_client_leaves_nothing(TestServer::start(isolated_config().expect("worker command")).expect("server"));
 }
 
+/// With its commands in a command ring, a session whose pinned memory is
+/// in host regions moves: the source revokes the regions through the ring
+/// (the client stops naming them and sends their bytes instead), runs
+/// every batch that may still name one, then stops. A program copying
+/// through its pinned memory the whole time sees every copy byte for byte,
+/// before, during and after the move. In process and in a worker process.
 #[test]
-fn a_session_with_pinned_memory_is_not_moved_and_one_without_moves() {
+fn a_session_with_pinned_memory_moves_once_its_regions_are_revoked() {
     if std::env::var("GPUPOOL_TEST_DEVICE").as_deref() == Ok("cuda") {
         // Two servers on one GPU cannot both reserve the session's range:
         // the GPU suite covers migration.
         return;
     }
+    let configs: [fn() -> gpupool_server::ServerConfig; 2] = [server_config, || isolated_config().expect("worker")];
+    for config in configs {
+        let (a, b) = (TestServer::start(config()).expect("a"), TestServer::start(config()).expect("b"));
+        let mut c = shm_config(&a);
+        c.shm_commands = true;
+        let s = Session::connect(&c).expect("session");
+        assert!(s.shm_commands_attached(), "commands through a ring");
+        let n = (1 << 20) + 11;
+        let (src, back) = (s.pinned_alloc(n).expect("pinned"), s.pinned_alloc(n).expect("pinned"));
+        let seed = fresh_seed();
+        async_round_trip(&s, src, back, &random_bytes(n, seed), StreamId::DEFAULT);
+        // The program keeps copying through its pinned memory while it moves.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let program = {
+            let (s, stop) = (s.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut rounds = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Acquire) || rounds < 3 {
+                    async_round_trip(&s, src, back, &random_bytes(n, seed + 1 + rounds), StreamId::DEFAULT);
+                    rounds += 1;
+                }
+                rounds
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let ids = a.migrator.sessions();
+        let moved = rt.block_on(a.migrator.migrate(ids[0], b.migration_target(TOKEN))).expect("moved");
+        std::thread::sleep(Duration::from_millis(50));
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let rounds = program.join().expect("the program's copies were all right");
+        eprintln!("moved after its regions were revoked: pause {:?}; {rounds} round trips", moved.pause);
+        // Pinned memory is plain memory with the new server (it maps none).
+        async_round_trip(&s, src, back, &random_bytes(n, seed + 1000), StreamId::DEFAULT);
+        assert_eq!(s.pinned_alloc(n), None, "no shared memory with the new server");
+        assert_eq!(b.metrics.snapshot().shm_registered, 0);
+        wait_until("the source let go of its regions", || a.metrics.snapshot().shm_registered == 0);
+        assert!(s.pinned_free(src).expect("free") && s.pinned_free(back).expect("free"));
+        s.close().expect("close");
+        a.stop();
+        b.stop();
+    }
+}
+
+/// Without a command ring the regions cannot be revoked: a session holding
+/// pinned memory in them is not moved (refused cleanly, before it stops),
+/// and once the program freed it, it moves.
+#[test]
+fn a_session_with_pinned_memory_and_no_ring_is_not_moved_until_it_frees_it() {
+    if std::env::var("GPUPOOL_TEST_DEVICE").as_deref() == Ok("cuda") {
+        return;
+    }
     let (a, b) = (TestServer::start(server_config()).expect("a"), TestServer::start(server_config()).expect("b"));
-    let s = Session::connect(&shm_config(&a)).expect("session");
+    let mut c = shm_config(&a);
+    c.shm_commands = false;
+    let s = Session::connect(&c).expect("session");
     let n = (3 << 20) + 11;
     let (src, back) = (s.pinned_alloc(n).expect("pinned"), s.pinned_alloc(n).expect("pinned"));
     let seed = fresh_seed();

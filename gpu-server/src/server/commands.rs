@@ -92,7 +92,7 @@ pub(super) async fn read_commands(
     recv: &mut impl FrameReceiver,
     work: &mpsc::Sender<Work>,
     budget: &Arc<Semaphore>,
-    received_seq: &mut u64,
+    received_seq: &std::sync::atomic::AtomicU64,
 ) -> Ended {
     let max_frame = shared.config.max_frame_bytes as usize;
     let max_queued = shared.config.max_queued_batch_bytes;
@@ -152,7 +152,7 @@ pub(super) async fn read_commands(
             return Ended::Finished;
         }
         if let Some(seq) = seq {
-            *received_seq = seq;
+            received_seq.store(seq, std::sync::atomic::Ordering::Release);
         }
     }
 }

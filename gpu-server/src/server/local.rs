@@ -20,6 +20,7 @@ use gpupool_proto::payload::Compression;
 use gpupool_proto::{close_code, frame, v1};
 use prost::Message;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// Errors listed per reply; more are only counted.
@@ -194,7 +195,8 @@ where
     };
     // Validated to fit a semaphore.
     let queue_budget = Arc::new(Semaphore::new(cfg.max_queued_batch_bytes as usize));
-    let mut received_seq = 0;
+    // The last batch read (see `read_commands`).
+    let received_seq = AtomicU64::new(0);
     let mut acked = None;
     let mut replies = match start {
         Start::Fresh => {
@@ -238,11 +240,12 @@ where
                 received_seq = received.received_seq,
                 "migrated session arrived; waiting for its client"
             );
-            received_seq = received.received_seq;
+            received_seq.store(received.received_seq, Ordering::Release);
             let replies =
                 Replies::taken_over(reply_rx, received.replies_acked, received.replies_forgotten, received.replies);
             // Its client comes as after a lost connection.
-            let Some((again, seq)) = reattach(&mut slot, &replies, &welcome, received_seq, "migrated here").await
+            let Some((again, seq)) =
+                reattach(&mut slot, &replies, &welcome, received_seq.load(Ordering::Acquire), "migrated here").await
             else {
                 return conn;
             };
@@ -262,17 +265,22 @@ where
         let mut pre_tx = Some(pre_tx);
         let mut pending: Option<(Box<super::migrate::Order>, AbortOnDrop)> = None;
         let mut precopied = None;
+        // A move waiting for the batches that may still name the client's
+        // host regions (revoked through the command ring).
+        let mut revoking: Option<Revoking> = None;
         let ended = {
-            let reading = read_commands(shared, &conn, &mut recv, &work_tx, &queue_budget, &mut received_seq);
+            let reading = read_commands(shared, &conn, &mut recv, &work_tx, &queue_budget, &received_seq);
             tokio::pin!(reading);
             loop {
                 tokio::select! {
                     ended = &mut reading => break ended,
-                    Some(order) = moves.orders.recv(), if pending.is_none() => {
+                    Some(order) = moves.orders.recv(), if pending.is_none() && revoking.is_none() => {
                         // Pinned memory in this host's shared memory
-                        // cannot follow the session: no move while there
-                        // is any, and none attaches once it starts.
-                        if let Err(reason) = host_regions.freeze() {
+                        // cannot follow the session: none attaches once
+                        // the move starts, and the client must be told to
+                        // stop naming what is there (through its command
+                        // ring; without one there is no move).
+                        if let Err(reason) = host_regions.freeze(conn.command_ring().is_some()) {
                             tracing::info!(%reason, "migration refused");
                             let _ = order.done.send(Err(reason));
                             continue;
@@ -305,15 +313,62 @@ where
                                 let (tx, rx) = oneshot::channel();
                                 (pre_tx, pre_rx) = (Some(tx), rx);
                             }
+                            result if host_regions.any() => match conn.command_ring() {
+                                Some(ring) => {
+                                    let last = ring.revoke_regions();
+                                    precopied = Some(result);
+                                    if received_seq.load(Ordering::Acquire) >= last {
+                                        break Ended::Migrate(order);
+                                    }
+                                    let deadline = tokio::time::Instant::now() + REVOKE_LIMIT;
+                                    revoking = Some(Revoking { order, ring, last, deadline });
+                                }
+                                None => {
+                                    let reason = "the command ring ended during the pre-copy: the client's host \
+                                                  regions cannot be revoked"
+                                        .to_string();
+                                    tracing::info!(%reason, "migration refused");
+                                    host_regions.thaw();
+                                    let _ = order.done.send(Err(reason));
+                                    let (tx, rx) = oneshot::channel();
+                                    (pre_tx, pre_rx) = (Some(tx), rx);
+                                }
+                            },
                             result => {
                                 precopied = Some(result);
                                 break Ended::Migrate(order);
                             }
                         }
                     }
+                    () = tokio::time::sleep(REVOKE_POLL), if revoking.is_some() => {
+                        let r = revoking.take().expect("a revocation runs");
+                        if received_seq.load(Ordering::Acquire) >= r.last {
+                            break Ended::Migrate(r.order);
+                        }
+                        if tokio::time::Instant::now() < r.deadline {
+                            revoking = Some(r);
+                            continue;
+                        }
+                        // The client never sent that batch: the move is
+                        // off and the regions are the client's again.
+                        r.ring.restore_regions();
+                        host_regions.thaw();
+                        precopied = None;
+                        let reason = format!(
+                            "batch {} (the last that may name the client's host regions) did not come within {REVOKE_LIMIT:?}",
+                            r.last
+                        );
+                        tracing::info!(%reason, "migration refused");
+                        let _ = r.order.done.send(Err(reason));
+                        let (tx, rx) = oneshot::channel();
+                        (pre_tx, pre_rx) = (Some(tx), rx);
+                    }
                 }
             }
         };
+        if let Some(r) = revoking.take() {
+            let _ = r.order.done.send(Err("the session ended, or lost its client, before it could move".into()));
+        }
         bulk_task.abort();
         if let Some((order, _task)) = pending.take() {
             // The session ended (or lost its client) while it pre-copied.
@@ -350,7 +405,8 @@ where
                                 }
                                 None => None,
                             };
-                            let out = (exported, &replies, received_seq, session_staging.complete_uploads());
+                            let received = received_seq.load(Ordering::Acquire);
+                            let out = (exported, &replies, received, session_staging.complete_uploads());
                             migrate_out(shared, &work_tx, out, &order.target, precopy).await
                         }
                     },
@@ -396,7 +452,9 @@ where
                 // The session stays: its client may attach bulk connections again.
                 bulk_slot.reopen();
                 let why = "after a failed migration";
-                let Some((again, seq)) = reattach(&mut slot, &replies, &welcome, received_seq, why).await else {
+                let Some((again, seq)) =
+                    reattach(&mut slot, &replies, &welcome, received_seq.load(Ordering::Acquire), why).await
+                else {
                     return conn;
                 };
                 Attachment { link: conn, sender: send, receiver: recv } = again;
@@ -420,7 +478,8 @@ where
                 tracing::info!(why, "session connection lost");
                 let Ok((kept, _)) = writer.await else { return conn };
                 replies = kept;
-                let Some((again, seq)) = reattach(&mut slot, &replies, &welcome, received_seq, "after a loss").await
+                let Some((again, seq)) =
+                    reattach(&mut slot, &replies, &welcome, received_seq.load(Ordering::Acquire), "after a loss").await
                 else {
                     return conn;
                 };
@@ -470,6 +529,21 @@ where
 }
 
 /// Answers a migration the target cannot take, and ends its attachment.
+/// How long a move waits for the last batch that may name the client's host
+/// regions after revoking them, and how often it looks.
+const REVOKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+const REVOKE_POLL: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// A move waiting, after revoking the client's host regions, for the
+/// batches that may still name them (`gpupool_shm::ring`): every batch up
+/// to `last` runs here before the session stops.
+struct Revoking {
+    order: Box<super::migrate::Order>,
+    ring: Arc<gpupool_shm::ring::Ring>,
+    last: u64,
+    deadline: tokio::time::Instant,
+}
+
 async fn refuse_migration(mut send: impl FrameSender, link: &impl Link, reason: String) {
     let error = v1::CallError { index: 0, code: gpupool_proto::cuda::NOT_SUPPORTED, message: reason.clone() };
     let done = v1::MigrateDone { error: Some(error), ..Default::default() };

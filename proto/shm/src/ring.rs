@@ -14,6 +14,8 @@
 //!                            space wake u32 @192, writer asleep u32 @196
 //! 1024  pipe to the client:  the same, at 1024 + offset
 //! 2048  closed by the client u32; 2052 closed by the server u32
+//! 2112  host regions revoked u32 (the server's)
+//! 2176  the last batch naming a host region u64 (the client's)
 //! 4096  the pipe to the server's bytes (capacity, a power of two)
 //! 4096 + capacity  the pipe to the client's bytes
 //! ```
@@ -34,6 +36,16 @@
 //! sequentially consistent operations on the words, a wake-up cannot be
 //! lost: either the writer sees the flag, or the reader sees the new head
 //! (or the changed word, and `futex_wait` returns at once).
+//!
+//! Host regions revoked (a session about to move to another server, which
+//! cannot map the client's host regions): before a call names a host
+//! region, the client stores the sequence number of the batch the call
+//! goes in, then loads the revoked word, and names the region only while it
+//! reads 0 ([`Ring::region_batch`]). The server stores 1, then loads the
+//! last batch ([`Ring::revoke_regions`]). Sequentially consistent on both
+//! sides, so either the client sees the revocation, or the server sees
+//! that batch: once the server has run every batch up to the one it read,
+//! no later batch names a region.
 
 use crate::ShmError;
 use crate::region::Region;
@@ -50,6 +62,11 @@ pub const MAX_CAPACITY: u64 = 64 << 20;
 /// The capacity a client picks by default: a launch batch is tens of
 /// bytes, a full batch of small copies some hundreds of KiB.
 pub const DEFAULT_CAPACITY: u64 = 1 << 20;
+
+/// The server's word: host regions may not be named any more.
+const REVOKED: usize = 2112;
+/// The client's word: the last batch with a call naming a host region.
+const REGION_BATCH: usize = 2176;
 
 /// A side's `closed` word: still open.
 const OPEN: u32 = 0;
@@ -143,6 +160,8 @@ impl Ring {
             ring.words(base)?;
         }
         ring.region.atomic_u32(2052)?;
+        ring.region.atomic_u32(REVOKED)?;
+        ring.region.atomic_u64(REGION_BATCH)?;
         Ok(Arc::new(ring))
     }
 
@@ -222,6 +241,36 @@ impl Ring {
             CLEAN => Some(Closed::Clean),
             _ => Some(Closed::Broken),
         }
+    }
+
+    fn revoked_word(&self) -> &AtomicU32 {
+        self.region.atomic_u32(REVOKED).unwrap_or_else(|_| unreachable!("ring words checked at creation"))
+    }
+
+    fn region_batch_word(&self) -> &AtomicU64 {
+        self.region.atomic_u64(REGION_BATCH).unwrap_or_else(|_| unreachable!("ring words checked at creation"))
+    }
+
+    /// The client, before a call in batch `seq` names a host region: whether
+    /// it may (the server has not revoked them). See the module's
+    /// documentation.
+    pub fn region_batch(&self, seq: u64) -> bool {
+        self.region_batch_word().fetch_max(seq, Ordering::SeqCst);
+        self.revoked_word().load(Ordering::SeqCst) == 0
+    }
+
+    /// The server: no call may name a host region from now on; returns the
+    /// last batch whose calls may still name one (the client's word: only
+    /// that client's session trusts it).
+    pub fn revoke_regions(&self) -> u64 {
+        self.revoked_word().store(1, Ordering::SeqCst);
+        self.region_batch_word().load(Ordering::SeqCst)
+    }
+
+    /// The server: host regions may be named again (the move did not
+    /// happen).
+    pub fn restore_regions(&self) {
+        self.revoked_word().store(0, Ordering::SeqCst);
     }
 
     /// The writing end of the pipe `side` writes into.
@@ -492,6 +541,27 @@ mod tests {
         let client = Ring::create(4096).expect("ring");
         let fd = client.fd().try_clone_to_owned().expect("dup");
         assert!(Ring::open(fd, region_len(8192)).is_err(), "a length the file does not hold");
+    }
+
+    #[test]
+    fn a_revocation_is_seen_by_the_client_or_names_its_last_region_batch() {
+        let (client, server) = pair(4096);
+        assert!(client.region_batch(3), "not revoked");
+        assert!(client.region_batch(2), "an earlier batch keeps the later mark");
+        assert_eq!(server.revoke_regions(), 3, "the last batch naming a region");
+        assert!(!client.region_batch(4), "revoked: batch 4 names none");
+        server.restore_regions();
+        assert!(client.region_batch(5), "restored");
+        // Racing: every batch that named a region is at most what the
+        // server read, or the client saw the revocation.
+        for _ in 0..200 {
+            let (client, server) = pair(4096);
+            let named = std::thread::spawn(move || (1..=1000u64).filter(|&s| client.region_batch(s)).max());
+            std::thread::yield_now();
+            let last = server.revoke_regions();
+            let named = named.join().expect("client").unwrap_or(0);
+            assert!(named <= last, "batch {named} named a region after the server read {last}");
+        }
     }
 
     #[test]

@@ -86,6 +86,12 @@ pub(crate) trait Link: Clone + Send + Sync + std::fmt::Debug + 'static {
     fn stop_copies(&self) -> impl Future<Output = ()> + Send {
         async {}
     }
+    /// The command ring the session's batches come through now, when they
+    /// do (see [`shm_commands`]): a move can revoke the client's host
+    /// regions through it (`gpupool_shm::ring`).
+    fn command_ring(&self) -> Option<Arc<gpupool_shm::ring::Ring>> {
+        None
+    }
 }
 
 /// The sending half of a command channel.

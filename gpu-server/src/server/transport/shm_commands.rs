@@ -274,6 +274,10 @@ impl Link for ShmCmdLink {
         }
     }
 
+    fn command_ring(&self) -> Option<Arc<Ring>> {
+        attached_of(&self.path).filter(|a| a.ended_with().is_none()).map(|a| a.ring.clone())
+    }
+
     fn offer_shm_commands(&self, slot: &ShmSlot<'_>) -> bool {
         let Some(offer) = &self.offer else { return false };
         let Some(rx) = slot.offer_commands() else { return false };
