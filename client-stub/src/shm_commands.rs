@@ -25,6 +25,7 @@ use crate::transport::{MAX_REPLY_FRAME, PinnedCopy, QuicTransport, Transport};
 use bytes::Bytes;
 use gpupool_proto::{frame, v1};
 use gpupool_shm::ring::{DEFAULT_CAPACITY, Reader, Ring, Side, Writer};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,7 @@ pub(crate) fn wrap(quic: QuicTransport, config: &ClientConfig) -> Box<dyn Transp
     Box::new(ShmCommandTransport {
         quic,
         channel: Mutex::new(Some(Arc::new(channel))),
+        no_regions: AtomicBool::new(false),
         spin: crate::wait::spin_budget(),
         reply_timeout: config.reply_timeout,
     })
@@ -68,6 +70,9 @@ pub(crate) struct ShmCommandTransport {
     quic: QuicTransport,
     /// The ring; `None` once it ended (the session is on QUIC then).
     channel: Mutex<Option<Arc<Channel>>>,
+    /// The server revoked the host regions (a move): calls name none from
+    /// then on, also once the ring ended (set before the ring is let go).
+    no_regions: AtomicBool,
     spin: Duration,
     reply_timeout: Duration,
 }
@@ -115,7 +120,12 @@ impl ShmCommandTransport {
     /// the ring included. No wait here: a move may take longer than a
     /// connect timeout, and the reply wait on QUIC is bounded already.
     fn fail_over(&self, error: &ClientError) {
-        let Some(channel) = self.channel.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        let mut held = self.channel.lock().unwrap_or_else(|e| e.into_inner());
+        // A revocation outlives the ring: whoever finds no ring finds this.
+        if held.as_ref().is_some_and(|ch| ch.ring.regions_revoked()) {
+            self.no_regions.store(true, Ordering::Release);
+        }
+        let Some(channel) = held.take() else {
             // Another thread failed over already.
             return;
         };
@@ -256,11 +266,16 @@ impl Transport for ShmCommandTransport {
         // Noted first, then the revocation looked at (gpupool_shm::ring):
         // a server about to move the session runs every batch up to the
         // last one noted before it stops.
-        if let Some(seq) = batch
-            && let Some(channel) = self.channel()
-            && !channel.ring.region_batch(seq)
-        {
-            return None;
+        if let Some(seq) = batch {
+            if self.no_regions.load(Ordering::Acquire) {
+                return None;
+            }
+            if let Some(channel) = self.channel()
+                && !channel.ring.region_batch(seq)
+            {
+                self.no_regions.store(true, Ordering::Release);
+                return None;
+            }
         }
         self.quic.host_region(ptr, len, batch)
     }

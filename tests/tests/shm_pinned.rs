@@ -266,6 +266,19 @@ fn a_killed_client_of_a_worker_process_leaves_no_region_mapped_or_registered() {
     killed_client_leaves_nothing(TestServer::start(isolated_config().expect("worker command")).expect("server"));
 }
 
+/// A session on `srv` through shared memory (its commands in a command ring
+/// when `ring`) with two blocks of `n` bytes of pinned memory, one round
+/// trip through them done; and the seed it used.
+fn pinned_session(srv: &TestServer, ring: bool, n: usize) -> (Session, usize, usize, u64) {
+    let mut c = shm_config(srv);
+    c.shm_commands = ring;
+    let s = Session::connect(&c).expect("session");
+    let (src, back) = (s.pinned_alloc(n).expect("pinned"), s.pinned_alloc(n).expect("pinned"));
+    let seed = fresh_seed();
+    async_round_trip(&s, src, back, &random_bytes(n, seed), StreamId::DEFAULT);
+    (s, src, back, seed)
+}
+
 /// With its commands in a command ring, a session whose pinned memory is
 /// in host regions moves: the source revokes the regions through the ring
 /// (the client stops naming them and sends their bytes instead), runs
@@ -282,14 +295,9 @@ fn a_session_with_pinned_memory_moves_once_its_regions_are_revoked() {
     let configs: [fn() -> gpupool_server::ServerConfig; 2] = [server_config, || isolated_config().expect("worker")];
     for config in configs {
         let (a, b) = (TestServer::start(config()).expect("a"), TestServer::start(config()).expect("b"));
-        let mut c = shm_config(&a);
-        c.shm_commands = true;
-        let s = Session::connect(&c).expect("session");
-        assert!(s.shm_commands_attached(), "commands through a ring");
         let n = (1 << 20) + 11;
-        let (src, back) = (s.pinned_alloc(n).expect("pinned"), s.pinned_alloc(n).expect("pinned"));
-        let seed = fresh_seed();
-        async_round_trip(&s, src, back, &random_bytes(n, seed), StreamId::DEFAULT);
+        let (s, src, back, seed) = pinned_session(&a, true, n);
+        assert!(s.shm_commands_attached(), "commands through a ring");
         // The program keeps copying through its pinned memory while it moves.
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let program = {
@@ -323,6 +331,32 @@ fn a_session_with_pinned_memory_moves_once_its_regions_are_revoked() {
     }
 }
 
+/// A move that fails after the source revoked the regions and stopped (the
+/// target refuses the session): the session goes on at the source, and its
+/// copies through pinned memory stay right (their bytes travel: the
+/// regions are not named again).
+#[test]
+fn a_session_with_pinned_memory_goes_on_when_its_move_fails_after_the_stop() {
+    if std::env::var("GPUPOOL_TEST_DEVICE").as_deref() == Ok("cuda") {
+        return;
+    }
+    let (a, b) = (TestServer::start(server_config()).expect("a"), TestServer::start(server_config()).expect("b"));
+    let n = (1 << 20) + 11;
+    let (s, src, back, seed) = pinned_session(&a, true, n);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let ids = a.migrator.sessions();
+    let refused = rt.block_on(a.migrator.migrate(ids[0], b.migration_target("not-a-token"))).expect_err("refused");
+    assert!(refused.to_string().contains("refused"), "{refused}");
+    for i in 1..4 {
+        async_round_trip(&s, src, back, &random_bytes(n, seed + i), StreamId::DEFAULT);
+    }
+    assert_eq!(a.migrator.sessions().len(), 1, "still on the source");
+    assert!(s.pinned_free(src).expect("free") && s.pinned_free(back).expect("free"));
+    s.close().expect("close");
+    a.stop();
+    b.stop();
+}
+
 /// Without a command ring the regions cannot be revoked: a session holding
 /// pinned memory in them is not moved (refused cleanly, before it stops),
 /// and once the program freed it, it moves.
@@ -332,13 +366,8 @@ fn a_session_with_pinned_memory_and_no_ring_is_not_moved_until_it_frees_it() {
         return;
     }
     let (a, b) = (TestServer::start(server_config()).expect("a"), TestServer::start(server_config()).expect("b"));
-    let mut c = shm_config(&a);
-    c.shm_commands = false;
-    let s = Session::connect(&c).expect("session");
     let n = (3 << 20) + 11;
-    let (src, back) = (s.pinned_alloc(n).expect("pinned"), s.pinned_alloc(n).expect("pinned"));
-    let seed = fresh_seed();
-    async_round_trip(&s, src, back, &random_bytes(n, seed), StreamId::DEFAULT);
+    let (s, src, back, seed) = pinned_session(&a, false, n);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let ids = a.migrator.sessions();
     let refused = rt.block_on(a.migrator.migrate(ids[0], b.migration_target(TOKEN))).expect_err("refused");
