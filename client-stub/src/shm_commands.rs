@@ -25,7 +25,6 @@ use crate::transport::{MAX_REPLY_FRAME, PinnedCopy, QuicTransport, Transport};
 use bytes::Bytes;
 use gpupool_proto::{frame, v1};
 use gpupool_shm::ring::{DEFAULT_CAPACITY, Reader, Ring, Side, Writer};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,7 +56,6 @@ pub(crate) fn wrap(quic: QuicTransport, config: &ClientConfig) -> Box<dyn Transp
     Box::new(ShmCommandTransport {
         quic,
         channel: Mutex::new(Some(Arc::new(channel))),
-        no_regions: AtomicBool::new(false),
         spin: crate::wait::spin_budget(),
         reply_timeout: config.reply_timeout,
     })
@@ -70,9 +68,6 @@ pub(crate) struct ShmCommandTransport {
     quic: QuicTransport,
     /// The ring; `None` once it ended (the session is on QUIC then).
     channel: Mutex<Option<Arc<Channel>>>,
-    /// The server revoked the host regions (a move): calls name none from
-    /// then on, also once the ring ended (set before the ring is let go).
-    no_regions: AtomicBool,
     spin: Duration,
     reply_timeout: Duration,
 }
@@ -120,12 +115,7 @@ impl ShmCommandTransport {
     /// the ring included. No wait here: a move may take longer than a
     /// connect timeout, and the reply wait on QUIC is bounded already.
     fn fail_over(&self, error: &ClientError) {
-        let mut held = self.channel.lock().unwrap_or_else(|e| e.into_inner());
-        // A revocation outlives the ring: whoever finds no ring finds this.
-        if held.as_ref().is_some_and(|ch| ch.ring.regions_revoked()) {
-            self.no_regions.store(true, Ordering::Release);
-        }
-        let Some(channel) = held.take() else {
+        let Some(channel) = self.channel.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             // Another thread failed over already.
             return;
         };
@@ -265,15 +255,11 @@ impl Transport for ShmCommandTransport {
     fn host_region(&self, ptr: usize, len: usize, batch: Option<u64>) -> Option<v1::HostRegionRef> {
         // Noted first, then the revocation looked at (gpupool_shm::ring):
         // a server about to move the session runs every batch up to the
-        // last one noted before it stops.
+        // last one noted before it stops. Without the ring (it ended) no
+        // call names a region: a server moving the session could not know.
         if let Some(seq) = batch {
-            if self.no_regions.load(Ordering::Acquire) {
-                return None;
-            }
-            if let Some(channel) = self.channel()
-                && !channel.ring.region_batch(seq)
-            {
-                self.no_regions.store(true, Ordering::Release);
+            let channel = self.channel()?;
+            if !channel.ring.region_batch(seq) {
                 return None;
             }
         }

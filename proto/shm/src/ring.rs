@@ -267,13 +267,6 @@ impl Ring {
         self.region_batch_word().load(Ordering::SeqCst)
     }
 
-    /// Whether the server revoked the host regions (and did not restore
-    /// them): a client whose ring ends then names none any more (the
-    /// server may have let go of them).
-    pub fn regions_revoked(&self) -> bool {
-        self.revoked_word().load(Ordering::SeqCst) != 0
-    }
-
     /// The server: host regions may be named again (the move did not
     /// happen).
     pub fn restore_regions(&self) {
@@ -557,9 +550,7 @@ mod tests {
         assert!(client.region_batch(2), "an earlier batch keeps the later mark");
         assert_eq!(server.revoke_regions(), 3, "the last batch naming a region");
         assert!(!client.region_batch(4), "revoked: batch 4 names none");
-        assert!(client.regions_revoked());
         server.restore_regions();
-        assert!(!client.regions_revoked());
         assert!(client.region_batch(5), "restored");
         // Racing: every batch that named a region is at most what the
         // server read, or the client saw the revocation.
