@@ -381,6 +381,15 @@ where
                 // The session is read out after the batches queued before,
                 // so their replies are all out of its thread by then.
                 let stopped = std::time::Instant::now();
+                // The batches that may still name the client's host
+                // regions (up to the last one it noted, all read by now)
+                // run before the regions go with the attachment.
+                if host_regions.any() {
+                    let (tx, rx) = oneshot::channel();
+                    if work_tx.send(Work::Flush(tx)).await.is_ok() {
+                        let _ = rx.await;
+                    }
+                }
                 // No upload lands here from now on (the staged ones move).
                 bulk_slot.close_links();
                 shm_slot.detach();

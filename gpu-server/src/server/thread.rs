@@ -72,6 +72,8 @@ pub(crate) enum Work {
     PrecopyStart(oneshot::Sender<Result<crate::session::PrecopyStart, CallError>>),
     /// Part of a session that moves here.
     Import(Import, oneshot::Sender<Result<(), CallError>>),
+    /// Answered once the work queued before it ran.
+    Flush(oneshot::Sender<()>),
 }
 
 /// Part of a migrated session's state, rebuilt on its thread.
@@ -177,6 +179,10 @@ pub(crate) fn run<B: Backend>(
                 // Nothing freed (only arrays left, say): not asked again
                 // before its next batch.
                 state.memory().answered(matches!(swapped, Ok(n) if n > 0));
+                continue;
+            }
+            Work::Flush(out) => {
+                let _ = out.send(());
                 continue;
             }
             Work::ExportMemory(addr, len, out) => {
