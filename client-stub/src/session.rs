@@ -1213,7 +1213,7 @@ impl Session {
         if let Some(&found) = st.globals.get(&(module, name.to_owned())) {
             return Ok(found);
         }
-        let op = Op::ModuleGetGlobal(v1::ModuleGetGlobal { module, name: name.to_owned() });
+        let op = Op::ModuleGetGlobal(v1::ModuleGetGlobal { module, name: name.to_owned(), at: None });
         match self.call(&mut st, op)? {
             Some(Value::Global(g)) => {
                 let found = Global { addr: g.addr, size: g.size, managed: g.managed };

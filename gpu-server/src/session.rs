@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 pub(crate) const SLOW_CALL: Duration = Duration::from_millis(100);
 
 mod array;
+mod globals;
 mod graph;
 mod link;
 mod migrate;
@@ -72,14 +73,6 @@ struct LoadedModule<M> {
     module: M,
 }
 
-/// A module variable the session looked up: accessible memory until its
-/// module is unloaded.
-#[derive(Debug, Clone, Copy)]
-struct Global {
-    size: u64,
-    module: u32,
-}
-
 /// A session's state on top of a backend session `S`.
 pub struct SessionState<S: BackendSession> {
     // Field order is drop order: handles go before the backend session that
@@ -97,9 +90,10 @@ pub struct SessionState<S: BackendSession> {
     /// physical allocations behind them by client handle.
     vmm_maps: BTreeMap<u64, vmm::VmmMapping<S::Mapping>>,
     vmm_handles: HashMap<u32, vmm::VmmHandle<S::Allocation>>,
-    /// Module variables by address. They live outside the reserved range,
-    /// in memory the driver allocated with the module.
-    globals: BTreeMap<u64, Global>,
+    /// Module variables looked up: accessible memory until their module is
+    /// unloaded. They live outside the reserved range, in memory the driver
+    /// allocated with the module (session/globals.rs).
+    globals: globals::Globals,
     modules: HashMap<u32, LoadedModule<S::Module>>,
     streams: HashMap<u32, S::Stream>,
     events: HashMap<u32, S::Event>,
@@ -169,7 +163,7 @@ impl<S: BackendSession> SessionState<S> {
             mappings: BTreeMap::new(),
             vmm_maps: BTreeMap::new(),
             vmm_handles: HashMap::new(),
-            globals: BTreeMap::new(),
+            globals: globals::Globals::default(),
             modules: HashMap::new(),
             streams: HashMap::new(),
             events: HashMap::new(),
@@ -281,8 +275,9 @@ impl<S: BackendSession> SessionState<S> {
     }
 
     /// Executes one call.
-    pub fn execute(&mut self, op: Op) -> CallOutcome {
+    pub fn execute(&mut self, mut op: Op) -> CallOutcome {
         self.swap_in()?;
+        self.globals.relocate(&mut op);
         if self.precopy.is_some() {
             self.note_write(&op);
         }
@@ -329,7 +324,7 @@ impl<S: BackendSession> SessionState<S> {
                     .remove(&m.module)
                     .ok_or_else(|| CallError::invalid_handle(format!("unknown module {}", m.module)))?;
                 // The variables' memory went with the module.
-                self.globals.retain(|_, g| g.module != m.module);
+                self.globals.unload(m.module);
                 Ok(None)
             }
             Op::ModuleGetGlobal(g) => self.module_get_global(g),
@@ -487,9 +482,7 @@ impl<S: BackendSession> SessionState<S> {
         let end = addr
             .checked_add(len)
             .ok_or_else(|| CallError::invalid_value(format!("range at {addr:#x} of {len} bytes overflows")))?;
-        if let Some((&start, g)) = self.globals.range(..=addr).next_back()
-            && end <= start + g.size
-        {
+        if self.globals.contains(addr, end) {
             return Ok(());
         }
         let base = self.dev.va_base();
@@ -766,11 +759,13 @@ impl<S: BackendSession> SessionState<S> {
             ));
         }
         // An empty variable gives nothing to access.
-        if size > 0 {
-            self.globals.insert(addr, Global { size, module: g.module });
+        if size == 0 {
+            return Ok(Some(Value::Global(v1::GlobalInfo { addr: g.at.unwrap_or(addr), size, managed: false })));
         }
-        let managed = size > 0 && self.dev.global_is_managed(addr);
-        Ok(Some(Value::Global(v1::GlobalInfo { addr, size, managed })))
+        let managed = self.dev.global_is_managed(addr);
+        let reserved = globals::Reserved { base: self.dev.va_base(), size: self.limits.va_size };
+        let known = self.globals.note(g.module, &g.name, addr, size, managed, g.at, reserved)?;
+        Ok(Some(Value::Global(v1::GlobalInfo { addr: known.client, size, managed })))
     }
 
     fn occupancy(&mut self, o: v1::Occupancy) -> CallOutcome {
@@ -1336,13 +1331,35 @@ pub(crate) mod tests {
         assert_eq!(s.dev.printf.bytes.len(), 2 * "gpupool printf 7: block 0 thread 0\n".len());
     }
 
+    /// The emulated built-in module's variable: outside the session's
+    /// range, one per module, written by its kernel, read by copies.
     #[test]
-    fn builtin_module_has_no_globals() {
+    fn builtin_module_variables() {
         let mut s = session();
-        load_builtin(&mut s, 1);
-        let get = |module| Op::ModuleGetGlobal(v1::ModuleGetGlobal { module, name: "counter".into() });
-        assert_eq!(code(s.execute(get(1))), cuda::NOT_FOUND);
-        assert_eq!(code(s.execute(get(2))), cuda::INVALID_HANDLE);
+        let info = load_builtin(&mut s, 1);
+        assert_eq!(global(&mut s, 1, "counter"), Err(cuda::NOT_FOUND));
+        assert_eq!(global(&mut s, 2, "tally"), Err(cuda::INVALID_HANDLE));
+        let (tally, size) = global(&mut s, 1, "tally").expect("tally");
+        assert_eq!(size, 8);
+        let base = s.va_base();
+        assert!(tally + size <= base || tally >= base + limits().va_size, "outside the range");
+        load_builtin(&mut s, 2);
+        let (other, _) = global(&mut s, 2, "tally").expect("tally of module 2");
+        assert_ne!(other, tally, "each module its own");
+        assert_eq!(htod(&mut s, tally, &[1, 0, 0, 0, 0, 0, 0, 0]), 0);
+        let f = info.functions.iter().position(|f| f.name == "tally_add").expect("tally_add") as u32;
+        let dims = |x| Some(v1::Dim3 { x, y: 1, z: 1 });
+        let add = Op::Launch(v1::Launch {
+            module: 1,
+            function: f,
+            grid: dims(2),
+            block: dims(3),
+            params: 5u64.to_le_bytes().to_vec().into(),
+            ..Default::default()
+        });
+        assert_eq!(code(s.execute(add)), 0);
+        assert_eq!(dtoh(&mut s, tally, 8), Ok(31u64.to_le_bytes().to_vec()), "1 + 6 threads x 5");
+        assert_eq!(dtoh(&mut s, other, 8), Ok(vec![0; 8]), "module 2's untouched");
     }
 
     #[test]
@@ -1471,7 +1488,7 @@ pub(crate) mod tests {
             ..Default::default()
         };
         assert_eq!(code(s.execute(Op::Launch(launch))), cuda::INVALID_HANDLE);
-        let get = Op::ModuleGetGlobal(v1::ModuleGetGlobal { module: 1, name: "x".into() });
+        let get = Op::ModuleGetGlobal(v1::ModuleGetGlobal { module: 1, name: "x".into(), at: None });
         assert_eq!(code(s.execute(get)), cuda::NOT_FOUND);
         assert_eq!(code(s.execute(Op::ModuleUnload(v1::ModuleUnload { module: 1 }))), 0);
     }
@@ -1678,15 +1695,19 @@ pub(crate) mod tests {
         }
     }
 
-    fn global(s: &mut SessionState<WithGlobals>, module: u32, name: &str) -> Result<(u64, u64), u32> {
-        match s.execute(Op::ModuleGetGlobal(v1::ModuleGetGlobal { module, name: name.into() })) {
+    pub(crate) fn global(
+        s: &mut SessionState<impl BackendSession>,
+        module: u32,
+        name: &str,
+    ) -> Result<(u64, u64), u32> {
+        match s.execute(Op::ModuleGetGlobal(v1::ModuleGetGlobal { module, name: name.into(), at: None })) {
             Ok(Some(Value::Global(g))) => Ok((g.addr, g.size)),
             Ok(other) => panic!("unexpected global result {other:?}"),
             Err(e) => Err(e.code),
         }
     }
 
-    fn htod(s: &mut SessionState<impl BackendSession>, dst: u64, data: &'static [u8]) -> u32 {
+    pub(crate) fn htod(s: &mut SessionState<impl BackendSession>, dst: u64, data: &'static [u8]) -> u32 {
         let inline = payload::encode(Bytes::from_static(data), Compression::Off);
         code(s.execute(Op::MemcpyHtod(v1::MemcpyHtoD {
             dst,
@@ -1695,7 +1716,7 @@ pub(crate) mod tests {
         })))
     }
 
-    fn dtoh(s: &mut SessionState<impl BackendSession>, src: u64, size: u64) -> Result<Vec<u8>, u32> {
+    pub(crate) fn dtoh(s: &mut SessionState<impl BackendSession>, src: u64, size: u64) -> Result<Vec<u8>, u32> {
         match s.execute(Op::MemcpyDtoh(v1::MemcpyDtoH { src, size, stream: 0, into_region: None })) {
             Ok(Some(Value::Data(p))) => Ok(payload::decode(p, size).expect("payload").to_vec()),
             Ok(other) => panic!("unexpected copy result {other:?}"),
@@ -1797,10 +1818,11 @@ pub(crate) mod tests {
         assert_eq!(info.functions[0].name, "bump");
         assert!(info.functions[0].attributes.contains_key(&4), "NUM_REGS reported");
 
-        let counter = match s.execute(Op::ModuleGetGlobal(v1::ModuleGetGlobal { module: 1, name: "counter".into() })) {
-            Ok(Some(Value::Global(v))) => v,
-            other => panic!("counter: {other:?}"),
-        };
+        let counter =
+            match s.execute(Op::ModuleGetGlobal(v1::ModuleGetGlobal { module: 1, name: "counter".into(), at: None })) {
+                Ok(Some(Value::Global(v))) => v,
+                other => panic!("counter: {other:?}"),
+            };
         assert_eq!(counter.size, 64);
         let addr = counter.addr;
         assert_eq!(htod(&mut s, addr, &[0x2a, 0, 0, 0]), 0);

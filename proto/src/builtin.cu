@@ -32,3 +32,11 @@ extern "C" __global__ void matmul_f32(const float* A, const float* B, float* C,
 extern "C" __global__ void print_ids(unsigned tag) {
     printf("gpupool printf %u: block %u thread %u\n", tag, blockIdx.x, threadIdx.x);
 }
+
+// A module variable (for lookups, copies and migration of module variables):
+// every thread of `tally_add` adds `value` to it.
+extern "C" __device__ unsigned long long tally;
+
+extern "C" __global__ void tally_add(unsigned long long value) {
+    atomicAdd(&tally, value);
+}

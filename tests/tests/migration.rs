@@ -208,6 +208,47 @@ fn a_session_that_cannot_move_refuses_before_it_stops() {
     }
 }
 
+/// A program using a module variable (the built-in module's `tally`, which
+/// its kernel `tally_add` adds to) moves, in process and in a worker: the
+/// target's device places the variable elsewhere, yet the program goes on
+/// with the address it looked up, in copies, in its module's kernel and as
+/// another kernel's parameter, and finds what it left there.
+#[test]
+fn a_session_with_module_variables_moves_and_keeps_their_addresses() {
+    if !emulated_only() {
+        return;
+    }
+    let configs: [fn() -> ServerConfig; 2] = [server_config, || isolated_config().expect("worker command")];
+    for config in configs {
+        let (a, b, seed, _) = two_servers_with(config);
+        let program = Program::start(&a, seed);
+        let s = &program.session;
+        let module = s.module_load(BUILTIN_MODULE).expect("module");
+        let tally = s.module_get_global(module.id, "tally").expect("tally");
+        assert_eq!(tally.size, 8);
+        s.memcpy_htod(tally.addr, &40u64.to_le_bytes(), StreamId::DEFAULT).expect("write the variable");
+        let add = module.function("tally_add").expect("tally_add");
+        let one = LaunchConfig { grid: (1, 1, 1), block: (1, 1, 1), shared_mem_bytes: 0 };
+        s.launch(&add, one, StreamId::DEFAULT, &[KernelArg::U64(1)]).expect("launch");
+        let done = migrate(&a, &b, TOKEN).expect("a session with module variables moves");
+        assert_eq!(done.memory_bytes, (8 << 20) + 8, "both buffers and the variable moved");
+        s.launch(&add, one, StreamId::DEFAULT, &[KernelArg::U64(1)]).expect("launch on the target");
+        // y[0..2] = tally (as two f32s) + tally.
+        let vector_add = module.function("vector_add").expect("vector_add");
+        let args = [KernelArg::Ptr(tally.addr), KernelArg::Ptr(tally.addr), program.y.arg(), KernelArg::U32(2)];
+        let two = LaunchConfig { block: (2, 1, 1), ..one };
+        s.launch(&vector_add, two, StreamId::DEFAULT, &args).expect("the variable as a parameter");
+        let mut back = [0u8; 8];
+        s.memcpy_dtoh(&mut back, tally.addr, StreamId::DEFAULT).expect("read the variable");
+        assert_eq!(u64::from_le_bytes(back), 42, "40, one added on each server");
+        let twice: Vec<u8> =
+            back.chunks(4).flat_map(|w| (2.0 * f32::from_le_bytes(w.try_into().expect("4"))).to_le_bytes()).collect();
+        assert_eq!(program.result()[..8], twice[..], "the kernel read the target's variable");
+        assert_eq!(s.module_get_global(module.id, "tally").expect("again").addr, tally.addr);
+        assert_eq!(b.migrator.sessions().len(), 1, "the target holds it");
+    }
+}
+
 /// A leased program: y += alpha x on the device, and on the host what y
 /// must then hold.
 struct Leased {

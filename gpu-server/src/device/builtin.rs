@@ -22,6 +22,7 @@ pub fn is_builtin(image: &[u8]) -> bool {
 
 const PTR: u32 = 8;
 const U32: u32 = 4;
+const U64: u32 = 8;
 
 /// Names and parameter sizes, in the order of [`functions`].
 const KERNELS: &[(&str, &[u32])] = &[
@@ -30,7 +31,13 @@ const KERNELS: &[(&str, &[u32])] = &[
     ("saxpy", &[U32, PTR, PTR, U32]),
     ("matmul_f32", &[PTR, PTR, PTR, U32, U32, U32]),
     ("print_ids", &[U32]),
+    ("tally_add", &[U64]),
 ];
+
+/// The module's variables: names and sizes. The emulated device places
+/// them outside every session's range, where it chooses, and passes their
+/// addresses to [`run`] in this order.
+pub const VARIABLES: &[(&str, u64)] = &[("tally", 8)];
 
 /// The built-in functions with their parameter layouts (natural alignment,
 /// as nvcc lays out kernel parameters).
@@ -149,7 +156,8 @@ impl PrintfFifo {
     }
 }
 
-/// Runs built-in function `index` on `mem`. The parameter buffer has been
+/// Runs built-in function `index` on `mem`, with the module's variables at
+/// `variables` (in [`VARIABLES`] order). The parameter buffer has been
 /// checked against the layout by the caller.
 pub fn run(
     index: usize,
@@ -157,6 +165,7 @@ pub fn run(
     params: &[u8],
     mem: &mut dyn Memory,
     printf: &mut PrintfFifo,
+    variables: &[u64],
 ) -> DeviceResult<()> {
     let layout = functions();
     let f = layout
@@ -225,6 +234,16 @@ pub fn run(
                 }
             }
             Ok(())
+        }
+        "tally_add" => {
+            let &[tally] = variables else {
+                return Err(CallError::invalid_value("the built-in module's variables are not where run looks"));
+            };
+            let all = (0..3).map(|axis| threads(&dims, axis)).fold(1u64, u64::wrapping_mul);
+            let mut bytes = [0u8; 8];
+            mem.load(tally, &mut bytes)?;
+            let sum = u64::from_le_bytes(bytes).wrapping_add(args.u64(0).wrapping_mul(all));
+            mem.store(tally, &sum.to_le_bytes())
         }
         other => Err(CallError::new(cuda::NOT_FOUND, format!("no reference for built-in {other}"))),
     }
@@ -296,14 +315,14 @@ mod tests {
         for (m, n, k) in
             [(1 << 31, 1 << 31, 1 << 31), (1 << 17, 1 << 17, 1 << 17), (u32::MAX, 1, 1), (4096, 4096, 4096)]
         {
-            let r = run(index_of("matmul_f32"), big, &matmul_params(m, n, k), &mut Anything, &mut fifo);
+            let r = run(index_of("matmul_f32"), big, &matmul_params(m, n, k), &mut Anything, &mut fifo, &[]);
             assert_eq!(r.map_err(|e| e.code), Err(cuda::INVALID_VALUE), "matmul {m}x{n}x{k}");
         }
         let small = LaunchDims { grid: [2, 2, 1], block: [16, 16, 1], shared_mem_bytes: 0 };
-        assert!(run(index_of("matmul_f32"), small, &matmul_params(32, 32, 32), &mut Anything, &mut fifo).is_ok());
+        assert!(run(index_of("matmul_f32"), small, &matmul_params(32, 32, 32), &mut Anything, &mut fifo, &[]).is_ok());
         let mut add = vec![0u8; 28];
         add[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
-        let r = run(index_of("vector_add"), big, &add, &mut Anything, &mut fifo);
+        let r = run(index_of("vector_add"), big, &add, &mut Anything, &mut fifo, &[]);
         assert_eq!(r.map_err(|e| e.code), Err(cuda::INVALID_VALUE), "vector_add of 2^32 elements");
     }
 
@@ -311,6 +330,9 @@ mod tests {
     fn source_defines_every_kernel() {
         for (name, _) in KERNELS {
             assert!(SOURCE.contains(&format!("void {name}(")), "{name} missing from builtin.cu");
+        }
+        for (name, _) in VARIABLES {
+            assert!(SOURCE.contains(&format!("__device__ unsigned long long {name};")), "{name} missing");
         }
     }
 }

@@ -31,6 +31,14 @@ pub const GRANULARITY: u64 = 2 << 20;
 /// range in its own process (unified addressing): at 0x7f00_0000_0000 it
 /// collided with shared libraries in processes with many of them (Python).
 const VA_START: u64 = 0x1000_0000_0000;
+/// Where the built-in module's variables go, below every session's range:
+/// a place that differs from process to process (from the process id), as
+/// a driver's choice may, so that a migrated session finds its variables
+/// elsewhere on its target (module by module, [`VARIABLES_STEP`] apart).
+fn variables_start() -> u64 {
+    0x0800_0000_0000 + (u64::from(std::process::id()) & 0xfff) * (1 << 28)
+}
+const VARIABLES_STEP: u64 = 64 << 10;
 
 // Device attributes (`CUdevice_attribute`) the model reads.
 const DEV_MAX_THREADS_PER_BLOCK: u32 = 1;
@@ -79,6 +87,8 @@ pub struct EmulatedDevice {
     ranges: Arc<std::sync::Mutex<BTreeMap<u64, u64>>>,
     /// Modules loaded before a session asked for them.
     preloaded: Arc<Preloaded<Module>>,
+    /// Where the next built-in module's variables go.
+    next_variables: Arc<AtomicU64>,
 }
 
 /// Bytes of the emulated device's memory taken by one allocation or array;
@@ -293,6 +303,7 @@ impl EmulatedDevice {
             used: Arc::default(),
             ranges: Arc::default(),
             preloaded: Arc::default(),
+            next_variables: Arc::new(AtomicU64::new(variables_start())),
         }
     }
 }
@@ -342,6 +353,9 @@ impl Backend for EmulatedDevice {
             used: self.used.clone(),
             total: self.description.total_memory,
             preloaded: self.preloaded.clone(),
+            next_variables: self.next_variables.clone(),
+            variables: BTreeMap::new(),
+            unloaded: Arc::default(),
         })
     }
 
@@ -408,9 +422,22 @@ pub struct EmulatedSession {
     total: u64,
     /// The device's modules loaded ahead of sessions.
     preloaded: Arc<Preloaded<Module>>,
+    next_variables: Arc<AtomicU64>,
+    /// The variables of the built-in modules loaded, and those of modules
+    /// gone, to unmap.
+    variables: BTreeMap<u64, Mapping>,
+    unloaded: Arc<std::sync::Mutex<Vec<u64>>>,
 }
 
 impl EmulatedSession {
+    /// Unmaps the variables of modules that went.
+    fn unmap_unloaded(&mut self) {
+        let gone = std::mem::take(&mut *self.unloaded.lock().unwrap_or_else(|e| e.into_inner()));
+        for addr in gone {
+            self.variables.remove(&addr);
+        }
+    }
+
     /// Writes the printf output to stdout, as the driver does when the host
     /// synchronizes.
     fn flush_printf(&mut self) {
@@ -446,6 +473,25 @@ pub struct Module {
     /// Each function's attributes, in function order; the settable ones
     /// change with `func_set_attribute`.
     functions: Vec<BTreeMap<u32, i32>>,
+    /// The built-in module's variables ([`builtin::VARIABLES`] order),
+    /// mapped in the loading session's memory while the module lives.
+    variables: Variables,
+}
+
+/// Addresses of a module's variables; when the module goes they go back to
+/// its session, which unmaps them at its next module load or
+/// synchronization (a module is handed between threads, the session's
+/// memory is not).
+#[derive(Debug, Default)]
+struct Variables {
+    addrs: Vec<u64>,
+    unloaded: Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+impl Drop for Variables {
+    fn drop(&mut self) {
+        self.unloaded.lock().unwrap_or_else(|e| e.into_inner()).append(&mut self.addrs);
+    }
 }
 
 impl Module {
@@ -464,7 +510,7 @@ fn load_foreign(image: &[u8]) -> DeviceResult<(Module, Vec<FunctionInfo>)> {
         return Err(fatbin_wrapper_error());
     }
     tracing::debug!(bytes = image.len(), "emulated device: loaded a module image it cannot run, without functions");
-    Ok((Module { functions: Vec::new() }, Vec::new()))
+    Ok((Module { functions: Vec::new(), variables: Variables::default() }, Vec::new()))
 }
 
 fn no_function(index: usize, count: usize) -> CallError {
@@ -744,7 +790,8 @@ impl BackendSession for EmulatedSession {
         builtin::Memory::store(&mut Mem(&self.memory), dst, &bytes)
     }
 
-    /// The built-in module loads with its reference kernels. Any other
+    /// The built-in module loads with its reference kernels and its
+    /// variables (placed below every session's range). Any other
     /// image (PTX, cubin, fatbin: code the emulator cannot run) loads as a
     /// module with no functions and no variables: the CUDA runtime
     /// registers every fat binary of a program at start, whether or not the
@@ -759,7 +806,17 @@ impl BackendSession for EmulatedSession {
             for f in &mut functions {
                 f.attributes = self.sm.function_attributes(f);
             }
-            let module = Module { functions: functions.iter().map(|f| f.attributes.clone()).collect() };
+            self.unmap_unloaded();
+            let mut at = self.next_variables.fetch_add(VARIABLES_STEP, Ordering::Relaxed);
+            let mut addrs = Vec::with_capacity(builtin::VARIABLES.len());
+            for &(_, size) in builtin::VARIABLES {
+                let mapping = self.map(at, size)?;
+                self.variables.insert(at, mapping);
+                addrs.push(at);
+                at += size.next_multiple_of(256);
+            }
+            let variables = Variables { addrs, unloaded: self.unloaded.clone() };
+            let module = Module { functions: functions.iter().map(|f| f.attributes.clone()).collect(), variables };
             return Ok((module, functions));
         }
         load_foreign(image)
@@ -800,7 +857,7 @@ impl BackendSession for EmulatedSession {
                 ));
             }
         }
-        builtin::run(function, dims, params, &mut Mem(&self.memory), &mut self.printf)
+        builtin::run(function, dims, params, &mut Mem(&self.memory), &mut self.printf, &module.variables.addrs)
     }
 
     fn limits(&mut self) -> Vec<(u32, u64)> {
@@ -835,8 +892,12 @@ impl BackendSession for EmulatedSession {
 
     /// Neither the built-in module nor the modules without functions have
     /// variables.
-    fn module_global(&mut self, _: &Module, name: &str) -> DeviceResult<(u64, u64)> {
-        Err(CallError::new(cuda::NOT_FOUND, format!("the module has no variable named {name:?} (emulated device)")))
+    fn module_global(&mut self, module: &Module, name: &str) -> DeviceResult<(u64, u64)> {
+        let found = builtin::VARIABLES.iter().zip(&module.variables.addrs).find(|((n, _), _)| *n == name);
+        let ((_, size), &addr) = found.ok_or_else(|| {
+            CallError::new(cuda::NOT_FOUND, format!("the module has no variable named {name:?} (emulated device)"))
+        })?;
+        Ok((addr, *size))
     }
 
     fn occupancy(&mut self, module: &Module, function: usize, query: OccupancyQuery) -> DeviceResult<Occupancy> {
@@ -1008,6 +1069,7 @@ impl BackendSession for EmulatedSession {
     }
     fn synchronize(&mut self) -> DeviceResult<()> {
         self.flush_printf();
+        self.unmap_unloaded();
         Ok(())
     }
 

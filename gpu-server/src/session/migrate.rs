@@ -11,12 +11,15 @@
 //! the same range checks as a copy: nothing from the wire is trusted more
 //! than a client's calls are.
 //!
+//! Module variables the session looked up move with their contents: the
+//! target looks each up again, keeps the address the client knows it by
+//! and translates it in every call from then on (session/globals.rs).
+//!
 //! Not moved (the session refuses to migrate while it holds any): arrays
-//! and texture or surface objects (the driver places their memory), module
-//! variables looked up (their addresses are the driver's and would change),
-//! mapped host memory (its host half is the client's) and the application's
-//! own VMM allocations. Events keep their handles but not their recorded
-//! times.
+//! and texture or surface objects (the driver places their memory),
+//! `__managed__` variables (the client keeps their host half at the
+//! driver's address) and graphs with conditional nodes. Events keep their
+//! handles but not their recorded times.
 
 use super::SessionState;
 use crate::device::{ACCESS_READ, ACCESS_READWRITE, BackendSession};
@@ -195,7 +198,8 @@ pub struct Exported {
     pub mirrors: Vec<(u64, Vec<u8>)>,
     /// Module images the calls load, by SHA-256.
     pub images: Vec<Vec<u8>>,
-    /// Each mapping's address and size; their contents are read piece by
+    /// Each mapping's and module variable's address (the one the client
+    /// knows) and size; their contents are read piece by
     /// piece afterwards ([`SessionState::export_memory`]), so that reading,
     /// sending and the target's writing overlap.
     pub memory: Vec<(u64, u64)>,
@@ -241,8 +245,8 @@ impl<S: BackendSession> SessionState<S> {
         if !self.arrays.is_empty() || !self.objects.is_empty() {
             return refuse("arrays or texture/surface objects");
         }
-        if !self.globals.is_empty() {
-            return refuse("module variables (their addresses are the driver's)");
+        if self.globals.any_managed() {
+            return refuse("managed module variables (their host half is at the driver's address)");
         }
         if !self.graphs.is_empty() {
             return refuse("graphs with conditional nodes (their handles are the driver's)");
@@ -284,6 +288,13 @@ impl<S: BackendSession> SessionState<S> {
         calls.extend(mirror_calls.into_iter().map(call));
         memory.extend(vmm.contents);
         calls.extend(self.journal.ops.iter().map(|op| v1::Call { op: Some(op.clone()) }));
+        // After the modules load: each variable looked up again, at the
+        // address the client knows it by; its contents go with the memory.
+        for v in self.globals.moved() {
+            memory.push((v.client, v.size));
+            let at = Some(v.client);
+            calls.push(call(Op::ModuleGetGlobal(v1::ModuleGetGlobal { module: v.module, name: v.name, at })));
+        }
         Ok(Exported {
             calls,
             calls_after: vmm.after.into_iter().map(call).collect(),
@@ -301,6 +312,7 @@ impl<S: BackendSession> SessionState<S> {
     /// changes them before the last piece is read; during a pre-copy the
     /// writes since are tracked).
     pub fn export_memory(&mut self, addr: u64, len: u64) -> Result<Vec<u8>, CallError> {
+        let addr = self.globals.translate(addr);
         self.check_range(addr, len, ACCESS_READ)?;
         let mut buf = super::swap::host_buffer(len)?;
         self.dev.read(None, addr, &mut buf)?;
@@ -313,6 +325,7 @@ impl<S: BackendSession> SessionState<S> {
     /// meanwhile comes back first, as for a batch.
     pub fn import_memory(&mut self, addr: u64, data: &[u8]) -> Result<(), CallError> {
         self.swap_in()?;
+        let addr = self.globals.translate(addr);
         self.check_range(addr, data.len() as u64, ACCESS_READWRITE)?;
         self.dev.write(None, addr, data)?;
         Ok(())
@@ -321,7 +334,7 @@ impl<S: BackendSession> SessionState<S> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{GRANULARITY as G, session};
+    use super::super::tests::{GRANULARITY as G, code, session};
     use super::*;
     use crate::device::BackendSession;
 
@@ -432,6 +445,84 @@ mod tests {
         assert_eq!(back, data);
         assert!(b.streams.contains_key(&5));
         assert!(b.import_memory(base + 8 * G, &[1]).is_err(), "outside the migrated mappings");
+    }
+
+    /// Module variables move with their contents and keep the addresses
+    /// the client knows them by, though the target's device places them
+    /// elsewhere: copies, kernel parameters naming them and the module's
+    /// own kernels reach the target's variable. A second move keeps them.
+    #[test]
+    fn module_variables_move_and_keep_their_addresses() {
+        use super::super::tests::{dtoh, global, htod, load_builtin};
+        let mut a = session();
+        let base = a.va_base();
+        let info = load_builtin(&mut a, 1);
+        let index = |name: &str| info.functions.iter().position(|f| f.name == name).expect("built-in") as u32;
+        let (tally, _) = global(&mut a, 1, "tally").expect("tally");
+        assert_eq!(htod(&mut a, tally, &[40, 0, 0, 0, 0, 0, 0, 0]), 0);
+        let setup = v1::Batch { seq: 1, calls: vec![call(Op::MemMap(v1::MemMap { addr: base, size: G }))] };
+        assert_eq!(a.execute_batch(setup).error_count, 0);
+        a.movable().expect("variables no longer keep a session from moving");
+
+        let hop = |from: &mut SessionState<_>, shift: u32| {
+            let out = from.export().expect("export");
+            // Another device whose driver placed other modules' variables
+            // first: this module's land elsewhere.
+            let mut to = session();
+            for m in 0..shift {
+                load_builtin(&mut to, 100 * shift + m);
+            }
+            let reply = to.execute_batch(v1::Batch { seq: 2, calls: out.calls });
+            assert_eq!(reply.error_count, 0, "{:?}", reply.errors);
+            for &(addr, size) in &out.memory {
+                to.import_memory(addr, &from.export_memory(addr, size).expect("read out")).expect("import");
+            }
+            to
+        };
+        let mut b = hop(&mut a, 1);
+        let (real, _) = b.dev.module_global(&b.modules[&1].module, "tally").expect("on the device");
+        assert_ne!(real, tally, "the target's device placed it elsewhere");
+        assert_eq!(global(&mut b, 1, "tally"), Ok((tally, 8)), "known where the client knows it");
+        assert_eq!(dtoh(&mut b, tally, 8), Ok(40u64.to_le_bytes().to_vec()), "its contents moved");
+
+        // The module's kernel adds 2 x 1 thread; vector_add reads the
+        // variable through a parameter (as two f32s) into the mapping.
+        let dims = |x| Some(v1::Dim3 { x, y: 1, z: 1 });
+        let launch = |function, params: Vec<u8>| {
+            call(Op::Launch(v1::Launch {
+                module: 1,
+                function,
+                grid: dims(1),
+                block: dims(1),
+                params: params.into(),
+                ..Default::default()
+            }))
+        };
+        let mut add = Vec::new();
+        for p in [tally, tally, base] {
+            add.extend_from_slice(&p.to_le_bytes());
+        }
+        add.extend_from_slice(&2u32.to_le_bytes());
+        let calls = vec![launch(index("tally_add"), 2u64.to_le_bytes().to_vec()), launch(index("vector_add"), add)];
+        let reply = b.execute_batch(v1::Batch { seq: 3, calls });
+        assert_eq!(reply.error_count, 0, "{:?}", reply.errors);
+        assert_eq!(dtoh(&mut b, tally, 8), Ok(42u64.to_le_bytes().to_vec()));
+        let mut doubled = vec![0; 8];
+        b.dev.read(None, base, &mut doubled).expect("read");
+        let twice: Vec<u8> = 42u64
+            .to_le_bytes()
+            .chunks(4)
+            .flat_map(|w| {
+                let x = f32::from_le_bytes(w.try_into().unwrap());
+                (x + x).to_le_bytes()
+            })
+            .collect();
+        assert_eq!(doubled, twice, "the kernel read the target's variable through its parameter");
+
+        let mut c = hop(&mut b, 2);
+        assert_eq!(dtoh(&mut c, tally, 8), Ok(42u64.to_le_bytes().to_vec()), "a second move");
+        assert_eq!(code(c.execute(Op::ModuleUnload(v1::ModuleUnload { module: 1 }))), 0);
+        assert!(dtoh(&mut c, tally, 8).is_err(), "gone with its module");
     }
 
     /// The application's own VMM allocations move: contents, every mapping
