@@ -5,7 +5,7 @@
 
 use super::bulk::BulkService;
 use super::commands::{Ended, Replies, frame_error_reply, read_commands, write_replies};
-use super::migrate::{Migrated, MigrationTarget, Outgoing};
+use super::migrate::{Migrated, MigrationTarget, Outgoing, PrecopyFailed};
 use super::resume::ResumeSlot;
 use super::state::Shared;
 use super::thread::{self, Import, Work, WorkQueue};
@@ -297,21 +297,13 @@ where
                     result = &mut pre_rx, if pending.is_some() => {
                         let (order, _task) = pending.take().expect("a pre-copy runs");
                         let result = result.unwrap_or_else(|_| {
-                            Err(super::migrate::PrecopyFailed {
-                                reason: "the pre-copy ended early".into(),
-                                retry: true,
-                                stays: false,
-                            })
+                            Err(PrecopyFailed::Retry("the pre-copy ended early".into()))
                         });
                         match result {
                             // The session holds what cannot move: it was
                             // not stopped and goes on as it was.
-                            Err(e) if e.stays => {
-                                tracing::info!(reason = %e.reason, "migration refused");
-                                host_regions.thaw();
-                                let _ = order.done.send(Err(e.reason));
-                                let (tx, rx) = oneshot::channel();
-                                (pre_tx, pre_rx) = (Some(tx), rx);
+                            Err(PrecopyFailed::Stays(reason)) => {
+                                call_off(*order, reason, &host_regions, &mut pre_tx, &mut pre_rx);
                             }
                             result if host_regions.any() => match conn.command_ring() {
                                 Some(ring) => {
@@ -325,13 +317,8 @@ where
                                 }
                                 None => {
                                     let reason = "the command ring ended during the pre-copy: the client's host \
-                                                  regions cannot be revoked"
-                                        .to_string();
-                                    tracing::info!(%reason, "migration refused");
-                                    host_regions.thaw();
-                                    let _ = order.done.send(Err(reason));
-                                    let (tx, rx) = oneshot::channel();
-                                    (pre_tx, pre_rx) = (Some(tx), rx);
+                                                  regions cannot be revoked";
+                                    call_off(*order, reason.into(), &host_regions, &mut pre_tx, &mut pre_rx);
                                 }
                             },
                             result => {
@@ -352,16 +339,12 @@ where
                         // The client never sent that batch: the move is
                         // off and the regions are the client's again.
                         r.ring.restore_regions();
-                        host_regions.thaw();
                         precopied = None;
                         let reason = format!(
                             "batch {} (the last that may name the client's host regions) did not come within {REVOKE_LIMIT:?}",
                             r.last
                         );
-                        tracing::info!(%reason, "migration refused");
-                        let _ = r.order.done.send(Err(reason));
-                        let (tx, rx) = oneshot::channel();
-                        (pre_tx, pre_rx) = (Some(tx), rx);
+                        call_off(*r.order, reason, &host_regions, &mut pre_tx, &mut pre_rx);
                     }
                 }
             }
@@ -404,12 +387,14 @@ where
                     }
                     Ok(exported) => match precopied.take() {
                         // The target refused, or was not reached: no second try.
-                        Some(Err(e)) if !e.retry => Err(e.reason),
+                        Some(Err(e @ (PrecopyFailed::Target(_) | PrecopyFailed::Stays(_)))) => {
+                            Err(e.reason().to_owned())
+                        }
                         precopy => {
                             let precopy = match precopy {
                                 Some(Ok(p)) => Some(p),
                                 Some(Err(e)) => {
-                                    tracing::warn!(error = %e.reason, "pre-copy failed; the session's memory goes over now");
+                                    tracing::warn!(error = %e.reason(), "pre-copy failed; the session's memory goes over now");
                                     None
                                 }
                                 None => None,
@@ -551,6 +536,26 @@ struct Revoking {
     ring: Arc<gpupool_shm::ring::Ring>,
     last: u64,
     deadline: tokio::time::Instant,
+}
+
+/// Pre-copy results, sent by the task that runs one.
+type PrecopyResult = Result<super::migrate::Precopied, PrecopyFailed>;
+
+/// Calls off a move before the session stopped: the order hears why, the
+/// client's host regions are its own again, and a later order may start
+/// another pre-copy.
+fn call_off(
+    order: super::migrate::Order,
+    reason: String,
+    host_regions: &crate::host_regions::HostRegions,
+    pre_tx: &mut Option<oneshot::Sender<PrecopyResult>>,
+    pre_rx: &mut oneshot::Receiver<PrecopyResult>,
+) {
+    tracing::info!(%reason, "migration refused");
+    host_regions.thaw();
+    let _ = order.done.send(Err(reason));
+    let (tx, rx) = oneshot::channel();
+    (*pre_tx, *pre_rx) = (Some(tx), rx);
 }
 
 async fn refuse_migration(mut send: impl FrameSender, link: &impl Link, reason: String) {

@@ -377,16 +377,25 @@ fn calls_on_target(calls: &[v1::Call], mapped: &[(u64, u64)]) -> Vec<v1::Call> {
     unmaps.chain(rest).collect()
 }
 
-/// Why a pre-copy failed, and whether sending everything after the stop
-/// may still work (false: the target refused or could not be reached).
+/// Why a pre-copy failed, and what the migration does next.
 #[derive(Debug)]
-pub(crate) struct PrecopyFailed {
-    pub(crate) reason: String,
-    pub(crate) retry: bool,
+pub(crate) enum PrecopyFailed {
     /// The session itself refused before anything began (it holds what
     /// cannot move): the migration ends here and the session is not
     /// stopped.
-    pub(crate) stays: bool,
+    Stays(String),
+    /// The target refused or could not be reached: no second try.
+    Target(String),
+    /// The pre-copy broke off: everything goes after the stop instead.
+    Retry(String),
+}
+
+impl PrecopyFailed {
+    pub(crate) fn reason(&self) -> &str {
+        match self {
+            Self::Stays(r) | Self::Target(r) | Self::Retry(r) => r,
+        }
+    }
 }
 
 /// Pre-copy, while the session still runs: its writes are tracked from now
@@ -400,15 +409,12 @@ pub(crate) async fn precopy(
 ) -> Result<Precopied, PrecopyFailed> {
     let (tx, rx) = oneshot::channel();
     let ended = || "the session has ended".to_string();
-    let retry = |reason: String| PrecopyFailed { reason, retry: true, stays: false };
-    work.send(super::thread::Work::PrecopyStart(tx)).await.map_err(|_| retry(ended()))?;
-    let start = match rx.await.map_err(|_| retry(ended()))? {
+    work.send(super::thread::Work::PrecopyStart(tx)).await.map_err(|_| PrecopyFailed::Retry(ended()))?;
+    let start = match rx.await.map_err(|_| PrecopyFailed::Retry(ended()))? {
         Ok(start) => start,
         // `SessionState::movable` said no: nothing began.
-        Err(e) if e.code == cuda::NOT_SUPPORTED => {
-            return Err(PrecopyFailed { reason: e.message, retry: false, stays: true });
-        }
-        Err(e) => return Err(retry(e.message)),
+        Err(e) if e.code == cuda::NOT_SUPPORTED => return Err(PrecopyFailed::Stays(e.message)),
+        Err(e) => return Err(PrecopyFailed::Retry(e.message)),
     };
     let total = start.mappings.iter().map(|&(_, size)| size).sum();
     let migrate = v1::MigrateIn {
@@ -418,8 +424,7 @@ pub(crate) async fn precopy(
         precopy: true,
         ..Default::default()
     };
-    let mut link =
-        connect(target, migrate).await.map_err(|reason| PrecopyFailed { reason, retry: false, stays: false })?;
+    let mut link = connect(target, migrate).await.map_err(PrecopyFailed::Target)?;
     // A target that takes no pre-copy (`Welcome.precopy_bytes` 0) gets
     // nothing before the stop, not even the mappings.
     let mappings = if link.precopy_bytes > 0 { start.mappings } else { Vec::new() };
@@ -454,7 +459,7 @@ pub(crate) async fn precopy(
         Ok(()) => Ok(Precopied { link, sent, mapped: mappings }),
         Err(e) => {
             link.close(b"pre-copy failed");
-            Err(retry(e))
+            Err(PrecopyFailed::Retry(e))
         }
     }
 }
