@@ -7,22 +7,11 @@
 //
 // Usage: pitched_copy [MIB [WIDTH [PITCH]]]   (12288 MiB, 4 bytes, 16396 bytes)
 // Build: nvcc -O2 -o pitched_copy pitched_copy.c -lcuda
-#include <cuda.h>
-#include <stdio.h>
-#include <stdlib.h>
+#define NAME "pitched_copy"
+#include "../../tests/programs/check_driver.h"
 #include <string.h>
 #include <time.h>
 
-#define CHECK(call)                                                           \
-    do {                                                                      \
-        CUresult r_ = (call);                                                 \
-        if (r_ != CUDA_SUCCESS) {                                             \
-            const char *s_ = "?";                                             \
-            cuGetErrorString(r_, &s_);                                        \
-            fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, s_); \
-            exit(1);                                                          \
-        }                                                                     \
-    } while (0)
 
 static double now_ms(void) {
     struct timespec t;
@@ -51,8 +40,8 @@ static double run(enum how how, CUdeviceptr src, size_t width, size_t pitch, siz
         c.Height = rows;
         c.Depth = 1;
         CUstream on = how == COPY_3D_ASYNC_STREAM ? s : NULL;
-        CHECK(cuMemcpy3DAsync(&c, on));
-        CHECK(cuStreamSynchronize(on));
+        CK(cuMemcpy3DAsync(&c, on));
+        CK(cuStreamSynchronize(on));
     } else {
         CUDA_MEMCPY2D c;
         memset(&c, 0, sizeof c);
@@ -64,11 +53,11 @@ static double run(enum how how, CUdeviceptr src, size_t width, size_t pitch, siz
         c.dstPitch = width;
         c.WidthInBytes = width;
         c.Height = rows;
-        if (how == COPY_2D) CHECK(cuMemcpy2D(&c));
-        if (how == COPY_2D_UNALIGNED) CHECK(cuMemcpy2DUnaligned(&c));
+        if (how == COPY_2D) CK(cuMemcpy2D(&c));
+        if (how == COPY_2D_UNALIGNED) CK(cuMemcpy2DUnaligned(&c));
         if (how == COPY_2D_ASYNC_STREAM) {
-            CHECK(cuMemcpy2DAsync(&c, s));
-            CHECK(cuStreamSynchronize(s));
+            CK(cuMemcpy2DAsync(&c, s));
+            CK(cuStreamSynchronize(s));
         }
     }
     return now_ms() - t0;
@@ -79,19 +68,14 @@ int main(int argc, char **argv) {
     size_t width = argc > 2 ? (size_t)atol(argv[2]) : 4;
     size_t pitch = argc > 3 ? (size_t)atol(argv[3]) : 16396;
     size_t bytes = mib << 20, rows = bytes / pitch;
-    CUdevice dev;
-    CUcontext ctx;
     CUstream s;
-    CHECK(cuInit(0));
-    CHECK(cuDeviceGet(&dev, 0));
-    CHECK(cuDevicePrimaryCtxRetain(&ctx, dev));
-    CHECK(cuCtxSetCurrent(ctx));
-    CHECK(cuStreamCreate(&s, CU_STREAM_NON_BLOCKING));
+    primary_context();
+    CK(cuStreamCreate(&s, CU_STREAM_NON_BLOCKING));
 
     // Plain memory.
     CUdeviceptr plain;
-    CHECK(cuMemAlloc(&plain, bytes));
-    CHECK(cuMemsetD32(plain, 7, bytes / 4));
+    CK(cuMemAlloc(&plain, bytes));
+    CK(cuMemsetD32(plain, 7, bytes / 4));
 
     // VMM memory: one allocation mapped in a reserved range.
     CUmemAllocationProp prop;
@@ -100,25 +84,25 @@ int main(int argc, char **argv) {
     prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
     prop.location.id = 0;
     size_t gran = 0;
-    CHECK(cuMemGetAllocationGranularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM));
+    CK(cuMemGetAllocationGranularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM));
     size_t vbytes = (bytes + gran - 1) / gran * gran;
     CUmemGenericAllocationHandle h;
     CUdeviceptr vmm;
-    CHECK(cuMemCreate(&h, vbytes, &prop, 0));
-    CHECK(cuMemAddressReserve(&vmm, vbytes, 0, 0, 0));
-    CHECK(cuMemMap(vmm, vbytes, 0, h, 0));
+    CK(cuMemCreate(&h, vbytes, &prop, 0));
+    CK(cuMemAddressReserve(&vmm, vbytes, 0, 0, 0));
+    CK(cuMemMap(vmm, vbytes, 0, h, 0));
     CUmemAccessDesc access;
     memset(&access, 0, sizeof access);
     access.location = prop.location;
     access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-    CHECK(cuMemSetAccess(vmm, vbytes, &access, 1));
-    CHECK(cuMemsetD32(vmm, 7, bytes / 4));
-    CHECK(cuCtxSynchronize());
+    CK(cuMemSetAccess(vmm, vbytes, &access, 1));
+    CK(cuMemsetD32(vmm, 7, bytes / 4));
+    CK(cuCtxSynchronize());
 
     size_t out_bytes = rows * width;
     void *pageable = malloc(out_bytes), *pinned;
     memset(pageable, 0, out_bytes);
-    CHECK(cuMemAllocHost(&pinned, out_bytes));
+    CK(cuMemAllocHost(&pinned, out_bytes));
     printf("pitched DtoH: %zu rows of %zu bytes, %zu bytes apart (%zu MiB span)\n", rows, width, pitch, mib);
     printf("| memory | host | call | ms (best of 3) |\n|---|---|---|---|\n");
     for (int m = 0; m < 2; m++) {
