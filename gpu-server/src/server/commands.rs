@@ -92,7 +92,7 @@ pub(super) async fn read_commands(
     recv: &mut impl FrameReceiver,
     work: &mpsc::Sender<Work>,
     budget: &Arc<Semaphore>,
-    received_seq: &std::sync::atomic::AtomicU64,
+    received_seq: &QueuedSeq,
 ) -> Ended {
     let max_frame = shared.config.max_frame_bytes as usize;
     let max_queued = shared.config.max_queued_batch_bytes;
@@ -152,7 +152,41 @@ pub(super) async fn read_commands(
             return Ended::Finished;
         }
         if let Some(seq) = seq {
-            received_seq.store(seq, std::sync::atomic::Ordering::Release);
+            received_seq.set(seq);
+        }
+    }
+}
+
+/// The sequence number of the last batch queued for a session's thread,
+/// and a wake-up for a task waiting for a given batch to be queued.
+#[derive(Debug, Default)]
+pub(super) struct QueuedSeq {
+    seq: std::sync::atomic::AtomicU64,
+    queued: tokio::sync::Notify,
+}
+
+impl QueuedSeq {
+    pub(super) fn get(&self) -> u64 {
+        self.seq.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub(super) fn set(&self, seq: u64) {
+        self.seq.store(seq, std::sync::atomic::Ordering::Release);
+        self.queued.notify_waiters();
+    }
+
+    /// Waits until batch `last` (or a later one) was queued.
+    pub(super) async fn reached(&self, last: u64) {
+        loop {
+            let queued = self.queued.notified();
+            tokio::pin!(queued);
+            // Registered before the check: a batch queued between the
+            // check and the wait still wakes it.
+            queued.as_mut().enable();
+            if self.get() >= last {
+                return;
+            }
+            queued.await;
         }
     }
 }

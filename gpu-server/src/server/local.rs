@@ -4,7 +4,7 @@
 //! [`ResumeSlot`]).
 
 use super::bulk::BulkService;
-use super::commands::{Ended, Replies, frame_error_reply, read_commands, write_replies};
+use super::commands::{Ended, QueuedSeq, Replies, frame_error_reply, read_commands, write_replies};
 use super::migrate::{Migrated, MigrationTarget, Outgoing, PrecopyFailed};
 use super::resume::ResumeSlot;
 use super::state::Shared;
@@ -20,7 +20,6 @@ use gpupool_proto::payload::Compression;
 use gpupool_proto::{close_code, frame, v1};
 use prost::Message;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// Errors listed per reply; more are only counted.
@@ -196,7 +195,7 @@ where
     // Validated to fit a semaphore.
     let queue_budget = Arc::new(Semaphore::new(cfg.max_queued_batch_bytes as usize));
     // The last batch read (see `read_commands`).
-    let received_seq = AtomicU64::new(0);
+    let received_seq = QueuedSeq::default();
     let mut acked = None;
     let mut replies = match start {
         Start::Fresh => {
@@ -240,12 +239,11 @@ where
                 received_seq = received.received_seq,
                 "migrated session arrived; waiting for its client"
             );
-            received_seq.store(received.received_seq, Ordering::Release);
+            received_seq.set(received.received_seq);
             let replies =
                 Replies::taken_over(reply_rx, received.replies_acked, received.replies_forgotten, received.replies);
             // Its client comes as after a lost connection.
-            let Some((again, seq)) =
-                reattach(&mut slot, &replies, &welcome, received_seq.load(Ordering::Acquire), "migrated here").await
+            let Some((again, seq)) = reattach(&mut slot, &replies, &welcome, received_seq.get(), "migrated here").await
             else {
                 return conn;
             };
@@ -272,6 +270,7 @@ where
             let reading = read_commands(shared, &conn, &mut recv, &work_tx, &queue_budget, &received_seq);
             tokio::pin!(reading);
             loop {
+                let waiting = revoking.as_ref().map(|r| (r.last, r.deadline));
                 tokio::select! {
                     ended = &mut reading => break ended,
                     Some(order) = moves.orders.recv(), if pending.is_none() && revoking.is_none() => {
@@ -309,7 +308,7 @@ where
                                 Some(ring) => {
                                     let last = ring.revoke_regions();
                                     precopied = Some(result);
-                                    if received_seq.load(Ordering::Acquire) >= last {
+                                    if received_seq.get() >= last {
                                         break Ended::Migrate(order);
                                     }
                                     let deadline = tokio::time::Instant::now() + REVOKE_LIMIT;
@@ -327,14 +326,13 @@ where
                             }
                         }
                     }
-                    () = tokio::time::sleep(REVOKE_POLL), if revoking.is_some() => {
+                    reached = async {
+                        let (last, deadline) = waiting.expect("a revocation runs");
+                        tokio::time::timeout_at(deadline, received_seq.reached(last)).await.is_ok()
+                    }, if waiting.is_some() => {
                         let r = revoking.take().expect("a revocation runs");
-                        if received_seq.load(Ordering::Acquire) >= r.last {
+                        if reached {
                             break Ended::Migrate(r.order);
-                        }
-                        if tokio::time::Instant::now() < r.deadline {
-                            revoking = Some(r);
-                            continue;
                         }
                         // The client never sent that batch: the move is
                         // off and the regions are the client's again.
@@ -399,7 +397,7 @@ where
                                 }
                                 None => None,
                             };
-                            let received = received_seq.load(Ordering::Acquire);
+                            let received = received_seq.get();
                             let out = (exported, &replies, received, session_staging.complete_uploads());
                             migrate_out(shared, &work_tx, out, &order.target, precopy).await
                         }
@@ -446,9 +444,7 @@ where
                 // The session stays: its client may attach bulk connections again.
                 bulk_slot.reopen();
                 let why = "after a failed migration";
-                let Some((again, seq)) =
-                    reattach(&mut slot, &replies, &welcome, received_seq.load(Ordering::Acquire), why).await
-                else {
+                let Some((again, seq)) = reattach(&mut slot, &replies, &welcome, received_seq.get(), why).await else {
                     return conn;
                 };
                 Attachment { link: conn, sender: send, receiver: recv } = again;
@@ -473,7 +469,7 @@ where
                 let Ok((kept, _)) = writer.await else { return conn };
                 replies = kept;
                 let Some((again, seq)) =
-                    reattach(&mut slot, &replies, &welcome, received_seq.load(Ordering::Acquire), "after a loss").await
+                    reattach(&mut slot, &replies, &welcome, received_seq.get(), "after a loss").await
                 else {
                     return conn;
                 };
@@ -526,7 +522,6 @@ where
 /// How long a move waits for the last batch that may name the client's host
 /// regions after revoking them, and how often it looks.
 const REVOKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
-const REVOKE_POLL: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// A move waiting, after revoking the client's host regions, for the
 /// batches that may still name them (`gpupool_shm::ring`): every batch up
