@@ -10,17 +10,9 @@
 # Writes OUT_DIR/pool.md and the logs.
 set -uo pipefail
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bin=$(cd "$1" && pwd)
-out=$2
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
-export GPUPOOL_CUDA_HOME=${GPUPOOL_CUDA_HOME:-/usr/local/cuda}
-export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/local/cuda/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
-report="$out/pool.md"
-: >"$report"
-status=0
-say() { echo "$*" | tee -a "$report"; }
+# shellcheck source=bench/lib/script.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/script.sh"
+start_report pool.md
 
 say "## Balancer on the GPU machine ($(date -u +%F), commit $(cat "$bin/COMMIT" 2>/dev/null || echo unknown))"
 say ""
@@ -35,8 +27,6 @@ else
 fi
 say '```'
 
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null' EXIT
 "$bin/gpupool-balancer" keygen --key-file "$work/key" >"$work/pub"
 pub=$(cat "$work/pub")
 # Tenant "suite" and its credential (the balancer keeps its digest).
@@ -46,9 +36,7 @@ grep '^suite sha256:' "$work/new-tenant" >"$work/tenants"
 RUST_LOG=info "$bin/gpupool-balancer" serve --listen 127.0.0.1:50051 --key-file "$work/key" \
     --server-secret suite-secret --tenants "$work/tenants" --recovery-ms 0 >"$out/balancer.log" 2>&1 &
 # gRPC over TLS, self-signed: every client pins the fingerprint it prints.
-for _ in $(seq 1 100); do grep -q "certificate SHA-256" "$out/balancer.log" && break; sleep 0.1; done
-GPUPOOL_BALANCER_CERT_SHA256=$(sed -n 's/.*certificate SHA-256 \([0-9a-f]\{64\}\).*/\1/p' "$out/balancer.log" | head -n 1)
-export GPUPOOL_BALANCER_CERT_SHA256
+balancer_started "$out/balancer.log"
 RUST_LOG=info "$bin/gpupool-server" --listen 127.0.0.1:4433 --device cuda:0 --instances nvml \
     --balancer https://127.0.0.1:50051 --advertise 127.0.0.1:4433 --balancer-secret suite-secret \
     --lease-key "$pub" --server-id gpu-machine >"$out/server.log" 2>&1 &
