@@ -74,6 +74,12 @@ fn two_servers_with(config: impl Fn() -> ServerConfig) -> (TestServer, TestServe
     (a, b, seed, want)
 }
 
+/// Server configurations with sessions in the server's process and in
+/// worker processes.
+fn both_isolations() -> [fn() -> ServerConfig; 2] {
+    [server_config, || isolated_config().expect("worker command")]
+}
+
 fn emulated_only() -> bool {
     // The target must reserve the source's range: two servers on one GPU
     // is the GPU suite's run (bench/gpu-suite.sh).
@@ -185,8 +191,7 @@ fn a_session_that_cannot_move_refuses_before_it_stops() {
     if !emulated_only() {
         return;
     }
-    let configs: [fn() -> ServerConfig; 2] = [server_config, || isolated_config().expect("worker command")];
-    for config in configs {
+    for config in both_isolations() {
         let (a, b, seed, want) = two_servers_with(config);
         let program = Program::start(&a, seed);
         program.steps(0, 2);
@@ -218,8 +223,7 @@ fn a_session_with_module_variables_moves_and_keeps_their_addresses() {
     if !emulated_only() {
         return;
     }
-    let configs: [fn() -> ServerConfig; 2] = [server_config, || isolated_config().expect("worker command")];
-    for config in configs {
+    for config in both_isolations() {
         let (a, b, seed, _) = two_servers_with(config);
         let program = Program::start(&a, seed);
         let s = &program.session;
@@ -281,7 +285,7 @@ fn writes_during_a_pre_copy_are_not_lost() {
         return;
     }
     for kernels in [false, true] {
-        for config in [server_config as fn() -> gpupool_server::ServerConfig, || isolated_config().expect("worker")] {
+        for config in both_isolations() {
             let mut c = config();
             c.memory_quota = 256 << 20;
             let mut d = config();
