@@ -2,6 +2,7 @@
 # Builds the GPU suite's release binaries on this machine (the GPU machine has
 # no Rust toolchain) and copies them into a folder that travels to it:
 #   gpupool-server, gpupool-balancer, gpupool-bench, gpupool-demo,
+#   gpupool-migrate-cudarc (the cudarc program of bench/migrate-torch.sh),
 #   gpupool-rdma-check (the RDMA integration check, docs/rdma.md),
 #   gpupool-gpu-tests (the `tests/tests/gpu.rs` test binary),
 #   gpupool-server-lib-tests (for the real-NVML discovery test),
@@ -35,9 +36,9 @@ jobs=${CARGO_BUILD_JOBS:-2}
 parts=${PARTS:-all}
 case $parts in
 core) bins=(gpupool-server gpupool-bench gpupool-rdma-check) ;;
-pool) bins=(gpupool-server gpupool-balancer) ;;
+pool) bins=(gpupool-server gpupool-balancer gpupool-migrate-cudarc) ;;
 dropin) bins=(gpupool-server gpupool-demo gpupool-bench) ;;
-all) bins=(gpupool-server gpupool-balancer gpupool-bench gpupool-demo gpupool-rdma-check) ;;
+all) bins=(gpupool-server gpupool-balancer gpupool-bench gpupool-demo gpupool-rdma-check gpupool-migrate-cudarc) ;;
 *) echo "PARTS must be core, pool, dropin or all" >&2; exit 2 ;;
 esac
 gpu_test_name=gpupool-gpu-tests
@@ -89,7 +90,7 @@ server_lib_tests=$(cargo test --release -j "$jobs" -p gpupool-server --lib --no-
 grpc_bench=$(cargo bench -j "$jobs" -p gpupool-balancer --bench grpc --no-run --message-format=json | artifact grpc bench)
 
 mkdir -p "$out"
-for name in gpupool-server gpupool-balancer gpupool-bench gpupool-demo gpupool-rdma-check "$gpu_test_name" COMMIT; do
+for name in gpupool-server gpupool-balancer gpupool-bench gpupool-demo gpupool-rdma-check gpupool-migrate-cudarc "$gpu_test_name" COMMIT; do
     rm -f "$out/$name"
 done
 for name in "${bins[@]}"; do

@@ -41,6 +41,9 @@
 #      server on the card), against the same loop unmoved and natively
 #      (binaries of PARTS=pool or all; MIGRATE_CLIENT_ENV passes client
 #      settings, e.g. GPUPOOL_SHM_PINNED_MIB=0).
+#  14. the same harness with gpupool-migrate-cudarc (a cudarc program: a
+#      stream, buffers, the built-in module and its variable `tally`; every
+#      step checked against the host's arithmetic) instead of PyTorch.
 # Results: <date>-<gpu>-<commit>.md (every step's output and a summary) and
 # .json (the benchmark's figures) in $OUT when set (a device run returns only
 # $OUT), else in bench/results/. The .md is written step by step, so a run cut
@@ -59,12 +62,13 @@
 #                     DROPIN_TIMEOUT (540), POOL_TIMEOUT (300),
 #                     LAMBDA_TIMEOUT (240), LAMBDA_TORCH_TIMEOUT (420),
 #                     MIGRATION_TIMEOUT (300), SHARE_TIMEOUT (360),
-#                     OVERCOMMIT_TIMEOUT (300), MIGRATE_TORCH_TIMEOUT (240)
+#                     OVERCOMMIT_TIMEOUT (300), MIGRATE_TORCH_TIMEOUT (240),
+#                     MIGRATE_CUDARC_TIMEOUT (180)
 #        MIGRATION_MIB  the migrated session's size (1024)
 #        ONLY         step functions to run, space-separated (gpu_info
 #                     gpu_tests server_smoke demo bench bench_in_process
 #                     dropin pool lambda lambda_torch migration rdma share overcommit
-#                     migrate_torch); default all. Every step together takes
+#                     migrate_torch migrate_cudarc); default all. Every step together takes
 #                     longer than one device run's 600 s; each part's
 #                     folder serves its steps (all three travel in the one
 #                     archive): ONLY="gpu_info gpu_tests server_smoke bench
@@ -284,7 +288,7 @@ migration() {
 # no RDMA device, so a machine without one never reads as a pass.
 rdma() {
     need gpupool-rdma-check || return 1
-    echo "RDMA devices in sysfs: $(ls /sys/class/infiniband 2>/dev/null | tr '\n' ' ')"
+    echo "RDMA devices in sysfs: $(find /sys/class/infiniband -mindepth 1 -maxdepth 1 -printf '%f ' 2>/dev/null)"
     local out rc
     out=$("$bin_dir/gpupool-rdma-check")
     rc=$?
@@ -316,7 +320,16 @@ migrate_torch() {
     MIGRATE_TIMEOUT_S=${MIGRATE_TIMEOUT_S:-90} bash "$repo/bench/migrate-torch.sh" "$bin_dir" "$stem-migrate-torch"
 }
 
-export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool lambda lambda_torch migration rdma share overcommit migrate_torch
+# A cudarc program across a live migration, the same harness (binaries of
+# PARTS=pool or all).
+migrate_cudarc() {
+    need gpupool-balancer || return 1
+    need gpupool-migrate-cudarc || return 1
+    MIGRATE_PROGRAM="$bin_dir/gpupool-migrate-cudarc" MIGRATE_TIMEOUT_S=${MIGRATE_TIMEOUT_S:-90} \
+        bash "$repo/bench/migrate-torch.sh" "$bin_dir" "$stem-migrate-cudarc"
+}
+
+export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool lambda lambda_torch migration rdma share overcommit migrate_torch migrate_cudarc
 
 {
     echo "# gpupool GPU suite"
@@ -345,6 +358,7 @@ step "RDMA integration check (gpupool-rdma-check)" "${RDMA_TIMEOUT:-90}" rdma
 step "sharing: concurrent PyTorch clients, exclusive and shared (MPS) leases, group fault" "${SHARE_TIMEOUT:-360}" share
 step "overcommit: three tenants of 60 % in turns (CUDA programs, PyTorch), swap rates" "${OVERCOMMIT_TIMEOUT:-300}" overcommit
 step "PyTorch across a live migration (balancer drain, two servers on the card)" "${MIGRATE_TORCH_TIMEOUT:-240}" migrate_torch
+step "cudarc across a live migration (the same harness)" "${MIGRATE_CUDARC_TIMEOUT:-180}" migrate_cudarc
 
 {
     echo "## Summary"

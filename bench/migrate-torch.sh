@@ -28,7 +28,8 @@
 #      MIGRATE_DEVICE (the servers' --device, cuda:0; `emulated` serves a
 #      simulated H100 on the emulated device and skips the native run),
 #      MIGRATE_PROGRAM (the program, run with STEPS DIR appended; default
-#      `python3 bench/migrate_torch.py`; without a GPU:
+#      `python3 bench/migrate_torch.py`; the cudarc program
+#      `BIN_DIR/gpupool-migrate-cudarc`; without a GPU:
 #      `python3 bench/probes/migrate_standin.py`),
 #      MIGRATE_NVML_LIB (the real libnvidia-ml.so.1; default from ldconfig),
 #      MIGRATE_CLIENT_ENV (VAR=value words for the gpupool runs, e.g.
@@ -126,7 +127,11 @@ if [[ $(grep -cE '^  mig-[ab] .* 0/1 ' "$work/status") != 2 ]]; then
     exit 1
 fi
 
-say "# A PyTorch training loop across a live migration (issue 21)"
+if [[ -n ${MIGRATE_PROGRAM:-} ]]; then
+    say "# ${program[0]##*/} across a live migration (issue 21)"
+else
+    say "# A PyTorch training loop across a live migration (issue 21)"
+fi
 say ""
 say "- $(date -u +%FT%TZ), commit $(cat "$bin/COMMIT" 2>/dev/null || echo unknown), device $device" \
     "($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || echo none))"
@@ -259,7 +264,7 @@ run migrated move "${pooled[@]}" || status=1
 say ""
 say "## Result"
 if [[ $(results unmigrated | wc -l) == $((steps + 1)) ]] && cmp -s <(results unmigrated) <(results migrated); then
-    say "- migrated vs unmigrated: identical ($steps losses and the checksum, bit for bit)"
+    say "- migrated vs unmigrated: identical ($steps STEP lines and the checksum, bit for bit)"
 else
     say "- migrated vs unmigrated: DIFFERENT"
     diff <(results unmigrated) <(results migrated) | head -n 6 | sed 's/^/    /' | tee -a "$report"

@@ -11,7 +11,8 @@
 //! - `graphs_builtin` (stub only): kernel nodes and captured launches of
 //!   gpupool's built-in kernels through the driver API;
 //! - `migrate_pause` (stub only): a program whose session moves to another
-//!   server halfway through (live migration).
+//!   server halfway through (live migration), and `gpupool-migrate-cudarc`
+//!   (this package's cudarc program) likewise.
 //!
 //! Each program checks every byte it copies and prints `PASS <name>`.
 //! The library is a dev-dependency, so cargo builds it before these run.
@@ -73,6 +74,18 @@ fn programs() -> Result<&'static (PathBuf, PathBuf)> {
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// `program`, to run through the stub against `server`.
+fn through_stub(program: impl AsRef<std::ffi::OsStr>, server: &TestServer) -> Result<Command> {
+    let (stub, _) = programs()?;
+    let mut command = Command::new(program);
+    command
+        .env("LD_LIBRARY_PATH", stub)
+        .env("GPUPOOL_SERVER", server.addr.to_string())
+        .env("GPUPOOL_TOKEN", TOKEN)
+        .env("GPUPOOL_CERT_SHA256", &server.fingerprint);
+    Ok(command)
+}
+
 /// Runs one program against `server` through the stub; returns its stdout.
 fn run(server: &TestServer, program: &str) -> Result<String> {
     run_with_env(server, program, &[]).map(|(stdout, _)| stdout)
@@ -81,12 +94,7 @@ fn run(server: &TestServer, program: &str) -> Result<String> {
 /// Runs one program against `server` through the stub with extra
 /// environment; returns its stdout and stderr.
 fn run_with_env(server: &TestServer, program: &str, env: &[(&str, &str)]) -> Result<(String, String)> {
-    let (stub, bin) = programs()?;
-    let out = Command::new(bin.join(program))
-        .env("LD_LIBRARY_PATH", stub)
-        .env("GPUPOOL_SERVER", server.addr.to_string())
-        .env("GPUPOOL_TOKEN", TOKEN)
-        .env("GPUPOOL_CERT_SHA256", &server.fingerprint)
+    let out = through_stub(programs()?.1.join(program), server)?
         .envs(env.iter().copied())
         .output()
         .with_context(|| format!("starting {program}"))?;
@@ -568,12 +576,7 @@ fn exports_every_driver_symbol() -> Result<()> {
 /// `between` runs (a migration, or nothing). Its stdout.
 fn run_paused(a: &TestServer, between: impl FnOnce()) -> Result<String> {
     use std::io::{BufRead, Write};
-    let (stub, bin) = programs()?;
-    let mut child = Command::new(bin.join("migrate_pause"))
-        .env("LD_LIBRARY_PATH", stub)
-        .env("GPUPOOL_SERVER", a.addr.to_string())
-        .env("GPUPOOL_TOKEN", TOKEN)
-        .env("GPUPOOL_CERT_SHA256", &a.fingerprint)
+    let mut child = through_stub(programs()?.1.join("migrate_pause"), a)?
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -605,6 +608,25 @@ fn run_paused(a: &TestServer, between: impl FnOnce()) -> Result<String> {
     Ok(out)
 }
 
+/// What moving the source's one session did: how many sessions the source
+/// held, and the migration's outcome.
+type Moved = (usize, Option<Result<gpupool_server::Migrated, String>>);
+
+/// Moves the first session of `a` to `b` (called while a program waits).
+fn move_first_session(a: &TestServer, b: &TestServer) -> Moved {
+    let ids = a.migrator.sessions();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let outcome = ids.first().map(|&id| rt.block_on(a.migrator.migrate(id, b.migration_target(TOKEN))));
+    (ids.len(), outcome.map(|r| r.map_err(|e| e.to_string())))
+}
+
+/// The migration a program waited for: one session on the source, moved.
+fn moved_one(moved: Option<Moved>) -> Result<gpupool_server::Migrated> {
+    let (sessions, outcome) = moved.context("the program never paused")?;
+    assert_eq!(sessions, 1, "one session on the source");
+    outcome.context("no session to move")?.map_err(anyhow::Error::msg)
+}
+
 /// Live migration under an unmodified program (issue 21): the drop-in
 /// library's session moves between two servers (worker processes) while
 /// the program waits between its halves; the program goes on with the same
@@ -615,18 +637,69 @@ fn a_program_keeps_running_across_a_migration() -> Result<()> {
     build_stub_only("migrate_pause")?;
     let (a, b) = (TestServer::start(isolated_config()?)?, TestServer::start(isolated_config()?)?);
     let still = run_paused(&a, || ())?;
-    let moved_to = std::sync::Mutex::new(None);
-    let moved = run_paused(&a, || {
-        let ids = a.migrator.sessions();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let outcome = ids.first().map(|&id| rt.block_on(a.migrator.migrate(id, b.migration_target(TOKEN))));
-        *moved_to.lock().expect("lock") = Some((ids.len(), outcome.map(|r| r.map_err(|e| e.to_string()))));
-    })?;
-    let (sessions, outcome) = moved_to.into_inner().expect("lock").context("the program never paused")?;
-    assert_eq!(sessions, 1, "one session on the source");
-    let migrated = outcome.context("no session to move")?.map_err(anyhow::Error::msg)?;
+    let mut moved = None;
+    let out = run_paused(&a, || moved = Some(move_first_session(&a, &b)))?;
+    let migrated = moved_one(moved)?;
     assert!(migrated.memory_bytes >= 8 << 20, "its two 4 MiB buffers moved: {migrated:?}");
-    assert_eq!(moved, still, "the same output with and without the move");
+    assert_eq!(out, still, "the same output with and without the move");
+    assert!(b.metrics.snapshot().sessions_opened >= 1, "the session arrived on the target");
+    Ok(())
+}
+
+/// Runs `gpupool-migrate-cudarc STEPS DIR` (a cudarc program) against `a`
+/// through the stub; once it waits halfway (DIR/half), `between` runs, then
+/// DIR/go lets it go on. The lines that must match between runs.
+fn run_cudarc_paused(a: &TestServer, label: &str, steps: usize, between: impl FnOnce()) -> Result<String> {
+    let dir = target_dir().join("migrate-cudarc").join(label);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut child = through_stub(env!("CARGO_BIN_EXE_gpupool-migrate-cudarc"), a)?
+        .arg(steps.to_string())
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting gpupool-migrate-cudarc")?;
+    let start = std::time::Instant::now();
+    while !dir.join("half").exists() && child.try_wait()?.is_none() && start.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if dir.join("half").exists() {
+        between();
+    }
+    std::fs::write(dir.join("go"), b"")?;
+    let output = child.wait_with_output()?;
+    let out = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let results: String = out
+        .lines()
+        .filter(|l| l.starts_with("STEP ") || l.starts_with("CHECKSUM "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let complete = results.lines().count() == steps + 1 && out.lines().any(|l| l == "DONE");
+    if !output.status.success() || !complete || stderr.contains("panicked at") {
+        bail!("gpupool-migrate-cudarc failed ({}):\n--- stdout\n{out}\n--- stderr\n{stderr}", output.status);
+    }
+    assert!(out.contains("kernels from gpupool's built-in module"), "the stub served the built-in module:\n{out}");
+    Ok(results)
+}
+
+/// A cudarc program across a live migration (issue 21): its context,
+/// stream, module, functions, buffers and module variable move between two
+/// servers (worker processes) while it waits halfway; it checks every step
+/// against the host's arithmetic and prints the same lines as a run that
+/// stays. The GPU suite runs the same program with `bench/migrate-torch.sh`
+/// (balancer drain, two servers on the card).
+#[test]
+fn a_cudarc_program_keeps_running_across_a_migration() -> Result<()> {
+    const STEPS: usize = 20;
+    let (a, b) = (TestServer::start(isolated_config()?)?, TestServer::start(isolated_config()?)?);
+    let still = run_cudarc_paused(&a, "stays", STEPS, || ())?;
+    let mut moved = None;
+    let out = run_cudarc_paused(&a, "moves", STEPS, || moved = Some(move_first_session(&a, &b)))?;
+    let migrated = moved_one(moved)?;
+    assert!(migrated.memory_bytes >= 8 << 20, "its two 4 MiB buffers moved: {migrated:?}");
+    assert_eq!(out, still, "the same lines with and without the move");
     assert!(b.metrics.snapshot().sessions_opened >= 1, "the session arrived on the target");
     Ok(())
 }
