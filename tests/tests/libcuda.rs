@@ -331,6 +331,32 @@ fn stream_memory_operations_program() -> Result<()> {
     Ok(())
 }
 
+/// CUDA 12.8/13's batched copies, prefetches and discards, and
+/// `cuStreamGetCtx_v2` (by symbol and through `cuGetProcAddress`): every
+/// byte checked; the refusals' codes are CUDA's INVALID_VALUE.
+#[test]
+fn batched_memory_operations_program() -> Result<()> {
+    let server = TestServer::start(isolated_config()?)?;
+    let out = run(&server, "batch_ops")?;
+    for line in [
+        "batch on the legacy stream: 1",
+        "batch whose first attribute index is 1: 1",
+        "batch with an invalid access order: 1",
+        "SYNC_MEMOPS after setting it: 1",
+        "SYNC_MEMOPS on host memory: 1",
+        "linear batches: ok",
+        "3D batch with a zero width: 1",
+        "3D batches: ok",
+        "prefetch batch on the legacy stream: 1",
+        "managed batches: ok",
+        "stream contexts: ok",
+    ] {
+        assert!(out.contains(line), "{line:?} missing:\n{out}");
+    }
+    server.stop();
+    Ok(())
+}
+
 #[test]
 fn nvcc_static_runtime_program() -> Result<()> {
     let server = TestServer::start(isolated_config()?)?;

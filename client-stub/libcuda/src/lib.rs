@@ -80,6 +80,7 @@ macro_rules! unsupported {
 }
 
 pub mod abi;
+pub mod batch;
 pub mod call_stats;
 pub mod capture;
 mod codes;

@@ -28,7 +28,7 @@ const INVALID: c_int = -2;
 
 /// `CUmemLocationType`: `DEVICE` 1, `HOST` 2 (the NUMA kinds 3-4 count as
 /// the host: this process's memory is the host half).
-fn location_ordinal(location: CUmemLocation) -> CuResult<c_int> {
+pub(crate) fn location_ordinal(location: CUmemLocation) -> CuResult<c_int> {
     match location.type_ as u32 {
         1 if location.id == 0 => Ok(0),
         1 => Err(CuError::INVALID_DEVICE),
@@ -45,7 +45,7 @@ fn device_ordinal(device: CUdevice) -> CuResult<c_int> {
 }
 
 /// The managed allocation holding the range, or `INVALID_VALUE`.
-fn managed(rt: &Runtime, ptr: CUdeviceptr, count: usize) -> CuResult<usize> {
+pub(crate) fn managed(rt: &Runtime, ptr: CUdeviceptr, count: usize) -> CuResult<usize> {
     if count == 0 {
         return Err(CuError::INVALID_VALUE);
     }

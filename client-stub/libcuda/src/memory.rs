@@ -122,6 +122,19 @@ fn unified(dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream, async
     linear(rt, classify(rt, dst), classify(rt, src), n, stream, asynchronous)
 }
 
+/// An asynchronous copy between any two addresses (`cuMemcpyAsync`).
+pub(crate) fn copy_async(rt: &Runtime, dst: CUdeviceptr, src: CUdeviceptr, n: usize, stream: CUstream) -> CuResult {
+    linear(rt, classify(rt, dst), classify(rt, src), n, stream, true)
+}
+
+/// Whether a queued copy from `src` has read it by the time the call
+/// returns: pageable host memory, which the stub reads into the call.
+/// Device memory is read in stream order, page-locked host memory maybe by
+/// the server's DMA when the copy runs.
+pub(crate) fn read_when_queued(rt: &Runtime, src: CUdeviceptr) -> bool {
+    !rt.session.is_device_ptr(src) && host_block(rt, src as usize).is_none()
+}
+
 fn memset(dst: CUdeviceptr, value: u32, element: u32, count: usize, stream: CUstream) -> CuResult {
     memset_2d(dst, count * element as usize, value, element, count, 1, stream)
 }
@@ -601,6 +614,22 @@ crate::exports! {
         let value = pointer_attribute(rt, attribute, ptr).ok_or(CuError::INVALID_VALUE)?;
         // SAFETY: `data` holds the attribute's type per the CUDA API.
         unsafe { write_attribute(data, attribute, value) }
+    }
+
+    /// `CU_POINTER_ATTRIBUTE_SYNC_MEMOPS`, the one attribute CUDA lets a
+    /// program set, on device memory: synchronous copies through gpupool
+    /// always finish before they return, so the guarantee it asks for holds
+    /// either way (and reads back as set).
+    fn cuPointerSetAttribute(value: *const c_void, attribute: c_uint, ptr: CUdeviceptr) {
+        let rt = Runtime::with_context()?;
+        const SYNC_MEMOPS: c_uint = 6;
+        if value.is_null() || attribute != SYNC_MEMOPS {
+            return Err(CuError::INVALID_VALUE);
+        }
+        if pointer_attribute(rt, SYNC_MEMOPS, ptr).is_none() {
+            return Err(CuError::INVALID_VALUE);
+        }
+        Ok(())
     }
 
     /// Attributes that do not apply read as zero, as the driver does.

@@ -36,6 +36,14 @@ const VERSIONED: &[(&str, i32, &str)] = &[
     ("cuDevicePrimaryCtxRelease", 11000, "cuDevicePrimaryCtxRelease_v2"),
     ("cuDevicePrimaryCtxReset", 11000, "cuDevicePrimaryCtxReset_v2"),
     ("cuDevicePrimaryCtxSetFlags", 11000, "cuDevicePrimaryCtxSetFlags_v2"),
+    // CUDA 12.5 gave the base name a green context out-pointer.
+    ("cuStreamGetCtx", 0, "cuStreamGetCtx"),
+    ("cuStreamGetCtx", 12050, "cuStreamGetCtx_v2"),
+    // CUDA 13.0 dropped the batch copies' `failIdx`.
+    ("cuMemcpyBatchAsync", 0, "cuMemcpyBatchAsync"),
+    ("cuMemcpyBatchAsync", 13000, "cuMemcpyBatchAsync_v2"),
+    ("cuMemcpy3DBatchAsync", 0, "cuMemcpy3DBatchAsync"),
+    ("cuMemcpy3DBatchAsync", 13000, "cuMemcpy3DBatchAsync_v2"),
     ("cuMemAdvise", 0, "cuMemAdvise"),
     ("cuMemAdvise", 12020, "cuMemAdvise_v2"),
     ("cuMemPrefetchAsync", 0, "cuMemPrefetchAsync"),
@@ -79,6 +87,7 @@ fn exports() -> &'static HashMap<&'static str, usize> {
         let mut all = HashMap::new();
         for part in [
             crate::device::table(),
+            crate::batch::table(),
             crate::context::table(),
             crate::memory::table(),
             crate::module::table(),

@@ -6,7 +6,7 @@ use crate::capture::{self, Route};
 use crate::context::PRIORITY_RANGE;
 use crate::graph::Op;
 use crate::runtime::{PRIMARY, Runtime, StreamInfo, Tag, handle, id_of};
-use cudarc::driver::sys::{CUcontext, CUevent, CUhostFn, CUresult, CUstream, CUstreamCallback};
+use cudarc::driver::sys::{CUcontext, CUevent, CUgreenCtx, CUhostFn, CUresult, CUstream, CUstreamCallback};
 use std::ffi::{c_float, c_int, c_uint, c_ulonglong, c_void};
 
 fn create(ph: *mut CUstream, flags: c_uint, priority: c_int) -> CuResult {
@@ -30,7 +30,15 @@ fn primary(_: &StreamInfo) -> CUcontext {
     handle(Tag::Context, PRIMARY) as CUcontext
 }
 
-fn synchronize(h: CUstream) -> CuResult {
+/// `cuStreamGetCtx_v2`: the stream's context, and no green context.
+fn stream_ctx_v2(h: CUstream, ctx: *mut CUcontext, green: *mut CUgreenCtx) -> CuResult {
+    stream_fact(h, ctx, primary)?;
+    // SAFETY: out-pointer per the CUDA API.
+    unsafe { put(green, std::ptr::null_mut()) }
+}
+
+/// Waits for stream `h`'s work (`cuStreamSynchronize`).
+pub(crate) fn synchronize(h: CUstream) -> CuResult {
     let rt = Runtime::with_context()?;
     capture::check_sync(rt, h)?;
     let s = rt.stream(h as usize)?;
@@ -224,6 +232,9 @@ crate::exports! {
     fn cuStreamGetId(h: CUstream, id: *mut c_ulonglong) { stream_fact(h, id, |s| u64::from(s.id.0)) }
     fn cuStreamGetId_ptsz(h: CUstream, id: *mut c_ulonglong) { stream_fact(h, id, |s| u64::from(s.id.0)) }
     fn cuStreamGetCtx(h: CUstream, ctx: *mut CUcontext) { stream_fact(h, ctx, primary) }
+    /// gpupool offers no green contexts: the second answer is always null.
+    fn cuStreamGetCtx_v2(h: CUstream, ctx: *mut CUcontext, green: *mut CUgreenCtx) { stream_ctx_v2(h, ctx, green) }
+    fn cuStreamGetCtx_v2_ptsz(h: CUstream, ctx: *mut CUcontext, green: *mut CUgreenCtx) { stream_ctx_v2(h, ctx, green) }
     fn cuStreamGetCtx_ptsz(h: CUstream, ctx: *mut CUcontext) { stream_fact(h, ctx, primary) }
     fn cuStreamGetDevice(h: CUstream, dev: *mut c_int) { stream_fact(h, dev, |_| 0) }
     fn cuStreamGetDevice_ptsz(h: CUstream, dev: *mut c_int) { stream_fact(h, dev, |_| 0) }

@@ -17,8 +17,9 @@ use crate::capture::{self, Route};
 use crate::graph::{Copy3D, End, Op};
 use crate::runtime::{Runtime, Tag, handle, id_of};
 use cudarc::driver::sys::{
-    CUDA_ARRAY_DESCRIPTOR, CUDA_ARRAY3D_DESCRIPTOR, CUDA_MEMCPY3D, CUDA_MEMCPY3D_PEER, CUDA_RESOURCE_DESC,
-    CUDA_RESOURCE_VIEW_DESC, CUDA_TEXTURE_DESC, CUarray, CUcontext, CUdeviceptr, CUmipmappedArray, CUstream,
+    CUDA_ARRAY_DESCRIPTOR, CUDA_ARRAY3D_DESCRIPTOR, CUDA_MEMCPY3D, CUDA_MEMCPY3D_BATCH_OP, CUDA_MEMCPY3D_PEER,
+    CUDA_RESOURCE_DESC, CUDA_RESOURCE_VIEW_DESC, CUDA_TEXTURE_DESC, CUarray, CUcontext, CUdeviceptr, CUmemcpy3DOperand,
+    CUmipmappedArray, CUstream,
 };
 use gpupool_client::{ArrayEnd, HostSide, StreamId};
 use gpupool_proto::texture_abi::{
@@ -177,6 +178,83 @@ fn resolve(rt: &Runtime, d: &Described, c: &Memcpy3d) -> CuResult<Side> {
         MEMORY_UNIFIED if d.device != 0 => Ok(Side::Host { addr: d.device as usize + offset, pitch, height }),
         _ => Err(CuError::INVALID_VALUE),
     }
+}
+
+/// `CU_MEMCPY_OPERAND_TYPE_POINTER` and `CU_MEMCPY_OPERAND_TYPE_ARRAY`.
+const OPERAND_POINTER: u32 = 1;
+const OPERAND_ARRAY: u32 = 2;
+
+/// One operation of `cuMemcpy3DBatchAsync` as the `CUDA_MEMCPY3D` it
+/// stands for (the extent in elements: the array's element size, which
+/// both arrays of an array-to-array copy must share, or 1 between
+/// pointers), and its source pointer when the source is one.
+pub(crate) fn batch_op(rt: &Runtime, op: &CUDA_MEMCPY3D_BATCH_OP) -> CuResult<(Memcpy3d, Option<CUdeviceptr>)> {
+    let e = op.extent;
+    if e.width == 0 || e.height == 0 || e.depth == 0 {
+        return Err(CuError::INVALID_VALUE);
+    }
+    let element_of = |o: &CUmemcpy3DOperand| -> CuResult<Option<usize>> {
+        match o.type_ as u32 {
+            OPERAND_POINTER => Ok(None),
+            // SAFETY: the union's member for this operand type.
+            OPERAND_ARRAY => {
+                Ok(Some(array_of(rt, unsafe { o.op.array }.array as usize)?.1.desc.element_bytes() as usize))
+            }
+            _ => Err(CuError::INVALID_VALUE),
+        }
+    };
+    let element = match (element_of(&op.src)?, element_of(&op.dst)?) {
+        (Some(a), Some(b)) if a != b => return Err(CuError::INVALID_VALUE),
+        (Some(a), _) | (None, Some(a)) => a,
+        (None, None) => 1,
+    };
+    let width = e.width.checked_mul(element).ok_or(CuError::INVALID_VALUE)?;
+    // (type, x in bytes, y, z, pointer, array, pitch in bytes, height)
+    type End = (u32, usize, usize, usize, CUdeviceptr, usize, usize, usize);
+    let end = |o: &CUmemcpy3DOperand| -> CuResult<End> {
+        if o.type_ as u32 == OPERAND_ARRAY {
+            // SAFETY: the union's member for this operand type.
+            let a = unsafe { o.op.array };
+            let x = a.offset.x.checked_mul(element).ok_or(CuError::INVALID_VALUE)?;
+            return Ok((MEMORY_ARRAY, x, a.offset.y, a.offset.z, 0, a.array as usize, 0, 0));
+        }
+        // SAFETY: as above.
+        let p = unsafe { o.op.ptr };
+        // A row length and layer height of 0 mean the copy's own.
+        let (row, layer) = (
+            if p.rowLength == 0 { e.width } else { p.rowLength },
+            if p.layerHeight == 0 { e.height } else { p.layerHeight },
+        );
+        if row < e.width || layer < e.height {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let pitch = row.checked_mul(element).ok_or(CuError::INVALID_VALUE)?;
+        Ok((MEMORY_UNIFIED, 0, 0, 0, p.ptr, 0, pitch, layer))
+    };
+    let (s, d) = (end(&op.src)?, end(&op.dst)?);
+    let copy = Memcpy3d {
+        src_type: s.0,
+        src_x: s.1,
+        src_y: s.2,
+        src_z: s.3,
+        src_device: s.4,
+        src_array: s.5 as *mut c_void,
+        src_pitch: s.6,
+        src_height: s.7,
+        dst_type: d.0,
+        dst_x: d.1,
+        dst_y: d.2,
+        dst_z: d.3,
+        dst_device: d.4,
+        dst_array: d.5 as *mut c_void,
+        dst_pitch: d.6,
+        dst_height: d.7,
+        width,
+        height: e.height,
+        depth: e.depth,
+        ..Memcpy3d::default()
+    };
+    Ok((copy, (s.0 == MEMORY_UNIFIED).then_some(s.4)))
 }
 
 fn ends(c: &Memcpy3d) -> (Described, Described) {

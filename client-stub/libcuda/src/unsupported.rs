@@ -89,13 +89,8 @@ crate::unsupported! {
     cuLogsRegisterCallback
     cuLogsUnregisterCallback
     cuMemBatchDecompressAsync
-    cuMemDiscardAndPrefetchBatchAsync
-    cuMemDiscardBatchAsync
     cuMemGetHandleForAddressRange
     cuMemMapArrayAsync
-    cuMemPrefetchBatchAsync
-    cuMemcpy3DBatchAsync_v2
-    cuMemcpyBatchAsync_v2
     cuMipmappedArrayGetMemoryRequirements
     cuMipmappedArrayGetSparseProperties
     cuModuleGetSurfRef
@@ -112,10 +107,8 @@ crate::unsupported! {
     cuParamSetf
     cuParamSeti
     cuParamSetv
-    cuPointerSetAttribute
     cuProfilerInitialize
     cuSignalExternalSemaphoresAsync
-    cuStreamGetCtx_v2
     cuStreamGetGreenCtx
     cuSurfRefGetArray
     cuSurfRefSetArray
