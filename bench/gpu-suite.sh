@@ -8,7 +8,10 @@
 #   5. gpupool-bench --device cuda (native CUDA against remote gpupool;
 #      every copy row over QUIC and again through shared memory, `, shm`;
 #      the sync round trip again with the commands through a ring in
-#      shared memory, `, shm commands`: target <= 15 us median);
+#      shared memory, `, shm commands`: target <= 15 us median); then the
+#      same sessions in the server's process, and the round-trip rows with
+#      the server's reader and writer spinning (`--server-io-spin-us`,
+#      IO_SPIN_US, default 100; step bench_io_spin);
 #   6. bench/dropin.sh: unmodified programs, PyTorch and the drop-in
 #      benchmark row, native and through gpupool's libcuda.so.1 (whose
 #      copies go through shared memory by default on the server's host;
@@ -66,7 +69,7 @@
 #                     MIGRATE_CUDARC_TIMEOUT (180)
 #        MIGRATION_MIB  the migrated session's size (1024)
 #        ONLY         step functions to run, space-separated (gpu_info
-#                     gpu_tests server_smoke demo bench bench_in_process
+#                     gpu_tests server_smoke demo bench bench_in_process bench_io_spin
 #                     dropin pool lambda lambda_torch migration rdma share overcommit
 #                     migrate_torch migrate_cudarc); default all. Every step together takes
 #                     longer than one device run's 600 s; each part's
@@ -242,6 +245,16 @@ bench_in_process() {
         --json "${json%.json}-in-process.json" ${BENCH_ARGS:-}
 }
 
+# The round-trip rows again with the server's reader and writer spinning
+# (`--io-spin-us`, off by default) next to the client's and session's spin:
+# whether it takes the shared-memory round trip to issue 18's 15 us.
+bench_io_spin() {
+    need gpupool-bench || return 1
+    # shellcheck disable=SC2086
+    "$bin_dir/gpupool-bench" --device cuda --max-copy-mib 1 --server-io-spin-us "${IO_SPIN_US:-100}" \
+        --json "${json%.json}-io-spin.json" ${BENCH_ARGS:-}
+}
+
 dropin() {
     VARIANTS="${VARIANTS:-quic:GPUPOOL_SHM=off}" bash "$repo/bench/dropin.sh" "$bin_dir" "$stem-dropin"
 }
@@ -329,7 +342,7 @@ migrate_cudarc() {
         bash "$repo/bench/migrate-torch.sh" "$bin_dir" "$stem-migrate-cudarc"
 }
 
-export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process dropin pool lambda lambda_torch migration rdma share overcommit migrate_torch migrate_cudarc
+export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process bench_io_spin dropin pool lambda lambda_torch migration rdma share overcommit migrate_torch migrate_cudarc
 
 {
     echo "# gpupool GPU suite"
@@ -349,6 +362,7 @@ step "gpupool-server on the GPU" "${SMOKE_TIMEOUT:-60}" server_smoke
 step "demo (--device cuda)" "${DEMO_TIMEOUT:-120}" demo
 step "benchmark (--device cuda)" "${BENCH_TIMEOUT:-300}" bench
 step "benchmark, sessions in-process (--device cuda)" "${BENCH_TIMEOUT:-300}" bench_in_process
+step "benchmark, the server's reader and writer spinning (--server-io-spin-us)" "${BENCH_TIMEOUT:-300}" bench_io_spin
 step "drop-in libcuda: unmodified programs, PyTorch, benchmark row" "${DROPIN_TIMEOUT:-540}" dropin
 step "balancer: NVML discovery, leased programs, gRPC benchmark" "${POOL_TIMEOUT:-300}" pool
 step "Lambda example function: cold and warm, native and through the pool, freeze/thaw" "${LAMBDA_TIMEOUT:-240}" lambda

@@ -213,6 +213,13 @@ pub struct ServerConfig {
     /// microseconds on an idle (virtual) CPU (zero: it sleeps at once).
     /// Default: [`gpupool_proto::quic::default_spin`].
     pub session_spin: Duration,
+    /// How long a session's command reader (batches from a command ring)
+    /// and reply writer look for their next frame before they sleep, after
+    /// each one: with the client, the ring's thread and the session thread
+    /// spinning too, a launch-and-synchronize loop then needs no wake-up
+    /// through the kernel. It spends up to that much of a runtime thread
+    /// after each frame (zero, the default: they sleep at once).
+    pub io_spin: Duration,
     /// UDP ports worker processes bind, inclusive (none: ephemeral ports),
     /// so that a firewall can allow exactly them.
     pub worker_ports: Option<(u16, u16)>,
@@ -393,6 +400,7 @@ impl ServerConfig {
             shm_dir: Some(Self::default_shm_dir()),
             rdma: RdmaSettings::default(),
             session_spin: gpupool_proto::quic::default_spin(),
+            io_spin: Duration::ZERO,
             worker_ports: None,
             swap: None,
             swap_disk: None,

@@ -46,6 +46,7 @@ pub(crate) fn config_from_spec(spec: &v1::WorkerSpec) -> Result<ServerConfig, Se
     c.compression = spec.compression;
     c.resume_grace = Duration::from_millis(spec.resume_grace_ms);
     c.session_spin = Duration::from_micros(u64::from(spec.session_spin_us));
+    c.io_spin = Duration::from_micros(u64::from(spec.io_spin_us));
     c.migrate_precopy_bytes = spec.migrate_precopy_bytes;
     if spec.port_low != 0 {
         let port =
@@ -83,6 +84,7 @@ pub(crate) fn spec_from_config(config: &ServerConfig, chain: Vec<Vec<u8>>, key: 
         compression: config.compression,
         resume_grace_ms: config.resume_grace.as_millis() as u64,
         session_spin_us: u32::try_from(config.session_spin.as_micros()).unwrap_or(u32::MAX),
+        io_spin_us: u32::try_from(config.io_spin.as_micros()).unwrap_or(u32::MAX),
         port_low: config.worker_ports.map_or(0, |(low, _)| u32::from(low)),
         port_high: config.worker_ports.map_or(0, |(_, high)| u32::from(high)),
         swap: config.swap.is_some(),

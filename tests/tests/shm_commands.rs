@@ -62,6 +62,28 @@ fn commands_go_through_a_ring_in_shared_memory() {
     srv.stop();
 }
 
+/// The server's reader and writer spinning for their next frame
+/// (`--io-spin-us`), in the server's process and in a worker: the same
+/// batches and replies, in order, through the ring.
+#[test]
+fn commands_go_through_the_ring_with_the_server_spinning() {
+    for (mut config, in_process) in [(server_config(), true), (isolated_config().expect("worker config"), false)] {
+        config.io_spin = Duration::from_micros(200);
+        let srv = TestServer::start(config).expect("server");
+        let s = Session::connect(&shm_config(&srv)).expect("session");
+        assert!(s.shm_commands_attached(), "the commands go through shared memory");
+        launches_and_syncs(&s, 100);
+        round_trip(&s, 300_000, fresh_seed());
+        assert!(s.shm_commands_attached(), "still on the ring");
+        // A worker's ring counts in its own process.
+        if in_process {
+            assert!(srv.metrics.snapshot().shm_command_frames >= 100, "every batch came through the ring");
+        }
+        s.close().expect("close");
+        srv.stop();
+    }
+}
+
 #[test]
 fn the_settings_keep_the_commands_on_quic() {
     let srv = TestServer::start(server_config()).expect("server");

@@ -6,7 +6,7 @@
 use super::metrics::add;
 use super::state::Shared;
 use super::thread::{Admitted, Work};
-use super::transport::{FrameReceiver, FrameSender, Link, RecvError};
+use super::transport::{FrameReceiver, FrameSender, Link, RecvError, recv_spinning};
 use gpupool_proto::replay::{ReplayLimit, ReplayLog};
 use gpupool_proto::{cuda, frame, v1};
 use prost::Message;
@@ -240,7 +240,8 @@ impl Replies {
 
 /// Sends the session's replies on `send` until the session thread ends or
 /// the attachment goes; first again those after `acked` (a resumed
-/// session). Returns the replies for the next attachment, and the sender
+/// session). After each reply it looks for the next one for up to `spin`
+/// before it sleeps ([`recv_spinning`]). Returns the replies for the next attachment, and the sender
 /// unless it was finished: a session that stops for a migration keeps its
 /// reply stream open (a finished one would tell the client the session
 /// ended) until it closes the connection with where it went.
@@ -250,6 +251,7 @@ pub(super) async fn write_replies<S: FrameSender>(
     link: impl Link,
     acked: Option<u64>,
     stop: Arc<tokio::sync::Notify>,
+    spin: std::time::Duration,
 ) -> (Replies, Option<S>) {
     if let (Some(acked), Some(log)) = (acked, replies.sent.as_mut()) {
         log.ack(acked);
@@ -261,7 +263,7 @@ pub(super) async fn write_replies<S: FrameSender>(
     }
     loop {
         let reply = tokio::select! {
-            r = replies.rx.recv() => match r {
+            r = recv_spinning(&mut replies.rx, spin) => match r {
                 Some(r) => r,
                 None => break,
             },

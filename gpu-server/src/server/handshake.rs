@@ -273,6 +273,7 @@ pub(super) async fn handle_connection(shared: Arc<Shared>, mode: Mode, incoming:
                             attachment,
                             cfg.handshake_timeout,
                             cfg.max_frame_bytes as usize,
+                            cfg.io_spin,
                             shared.metrics.clone(),
                         );
                         let link = match device {

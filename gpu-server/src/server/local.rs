@@ -255,7 +255,7 @@ where
     loop {
         // Replies go out in order as the session thread produces them.
         let stop = Arc::new(tokio::sync::Notify::new());
-        let writer = tokio::spawn(write_replies(replies, send, conn.clone(), acked, stop.clone()));
+        let writer = tokio::spawn(write_replies(replies, send, conn.clone(), acked, stop.clone(), cfg.io_spin));
         let bulk_task = tokio::spawn(conn.clone().serve_bulk(bulk.clone()));
         // A migration order starts a pre-copy beside the session, which
         // keeps running; the session stops once the pre-copy is over.

@@ -98,6 +98,8 @@ pub(crate) struct Options {
     pub(crate) max_udp_payload: Option<u16>,
     /// Also measure copies through shared memory.
     pub(crate) shm_copies: bool,
+    /// The server's `io_spin`, when not its default.
+    pub(crate) server_io_spin: Option<Duration>,
 }
 
 impl Options {
@@ -148,6 +150,7 @@ impl Options {
             ),
             ("bulk_connections", self.bulk_connections.map_or("default".into(), |n| n.to_string())),
             ("max_udp_payload", self.max_udp_payload.map_or("default".into(), |n| n.to_string())),
+            ("server_io_spin_us", self.server_io_spin.map_or("default".into(), |d| d.as_micros().to_string())),
             ("shm_copies", if self.shm_copies { "on" } else { "off" }.to_string()),
         ]
     }
@@ -189,6 +192,7 @@ pub(crate) fn run(opts: &Options) -> Result<Report> {
         batch_delay: opts.batch_delay,
         bulk_connections: opts.bulk_connections,
         max_udp_payload: opts.max_udp_payload,
+        server_io_spin: opts.server_io_spin,
     };
     let server = LocalServer::start(opts.device.server_choice(), opts.process_isolation, tuning)?;
     let gpu_used = server.backend() == "cuda";

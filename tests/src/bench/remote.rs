@@ -32,6 +32,8 @@ pub(crate) struct Tuning {
     pub(crate) bulk_connections: Option<usize>,
     /// `max_udp_payload` of the server and the client.
     pub(crate) max_udp_payload: Option<u16>,
+    /// The server's `io_spin`, when not its default.
+    pub(crate) server_io_spin: Option<std::time::Duration>,
 }
 
 /// A gpu-server running on its own thread and tokio runtime; shut down and
@@ -57,6 +59,9 @@ impl LocalServer {
         let token = hex_token();
         let mut config = ServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), vec![token.clone()]);
         config.device = device;
+        if let Some(spin) = tuning.server_io_spin {
+            config.io_spin = spin;
+        }
         if let Some(payload) = tuning.max_udp_payload {
             config.max_udp_payload = payload;
         }

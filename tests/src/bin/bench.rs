@@ -58,6 +58,11 @@ struct Args {
     /// ones end in `, shm` (`, shm commands` for the round trip).
     #[arg(long, value_name = "on|off", default_value = "on")]
     shm: String,
+    /// The server's command reader and reply writer look for their next
+    /// frame this long before they sleep (`--io-spin-us` of gpupool-server;
+    /// default: the server's own, 0).
+    #[arg(long, value_name = "US")]
+    server_io_spin_us: Option<u64>,
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -109,6 +114,7 @@ impl Args {
                 "off" => false,
                 _ => anyhow::bail!("--shm must be `on` or `off`"),
             },
+            server_io_spin: self.server_io_spin_us.map(std::time::Duration::from_micros),
         };
         options.validate()?;
         Ok(options)

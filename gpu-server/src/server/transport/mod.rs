@@ -110,6 +110,27 @@ pub(crate) trait FrameReceiver: Send + 'static {
     fn recv_frame(&mut self, max: usize) -> impl Future<Output = Result<Option<Bytes>, RecvError>> + Send;
 }
 
+/// The next message on `rx`, looked for without sleeping for up to `spin`
+/// first (the task yields between looks, so the runtime's other tasks run):
+/// a session in a launch-and-synchronize loop has its next batch or reply
+/// within microseconds, and a task that went to sleep costs a wake-up
+/// through the kernel to reach it. `None` once every sender is gone.
+pub(crate) async fn recv_spinning<T>(rx: &mut tokio::sync::mpsc::Receiver<T>, spin: Duration) -> Option<T> {
+    use tokio::sync::mpsc::error::TryRecvError;
+    if !spin.is_zero() {
+        let start = std::time::Instant::now();
+        loop {
+            match rx.try_recv() {
+                Ok(message) => return Some(message),
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) if start.elapsed() < spin => tokio::task::yield_now().await,
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+    }
+    rx.recv().await
+}
+
 /// A frame could not be sent: the attachment is gone.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot send: {0}")]
@@ -124,4 +145,34 @@ pub(crate) enum RecvError {
     /// The channel failed (its connection ended or was lost).
     #[error("stream error: {0}")]
     Stream(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::recv_spinning;
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_spinning_receive_takes_what_comes_during_and_after_its_spin() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let during = tx.clone();
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(2));
+            during.blocking_send(1).expect("send");
+        });
+        assert_eq!(recv_spinning(&mut rx, Duration::from_secs(10)).await, Some(1), "sent while it spins");
+        sender.join().expect("sender");
+        let after = tx.clone();
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            after.blocking_send(2).expect("send");
+        });
+        assert_eq!(recv_spinning(&mut rx, Duration::from_micros(10)).await, Some(2), "sent once it sleeps");
+        sender.join().expect("sender");
+        tx.try_send(3).expect("room");
+        assert_eq!(recv_spinning(&mut rx, Duration::ZERO).await, Some(3), "no spin at all");
+        drop(tx);
+        assert_eq!(recv_spinning(&mut rx, Duration::from_millis(5)).await, None, "every sender gone");
+    }
 }

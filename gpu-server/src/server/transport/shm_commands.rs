@@ -154,6 +154,9 @@ pub(crate) struct ShmCmdReceiver {
     frames: Option<mpsc::Receiver<Bytes>>,
     timeout: Duration,
     max_frame: usize,
+    /// How long to look for the ring's next frame before sleeping
+    /// ([`ServerConfig::io_spin`](crate::ServerConfig::io_spin)).
+    spin: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -162,6 +165,7 @@ pub(crate) fn pending(
     attachment: Attachment<Quic>,
     handshake_timeout: Duration,
     max_frame: usize,
+    spin: Duration,
     metrics: Arc<Metrics>,
 ) -> Attachment<ShmCmd> {
     let (decide, path) = watch::channel(Path::Pending);
@@ -179,6 +183,7 @@ pub(crate) fn pending(
             frames: None,
             timeout: handshake_timeout,
             max_frame,
+            spin,
             metrics,
         },
     }
@@ -200,6 +205,7 @@ impl From<Attachment<Quic>> for Attachment<ShmCmd> {
                 frames: None,
                 timeout: Duration::ZERO,
                 max_frame: 0,
+                spin: Duration::ZERO,
                 metrics: Arc::default(),
             },
         }
@@ -469,7 +475,7 @@ impl FrameReceiver for ShmCmdReceiver {
             return quic::read_frame(&mut self.quic, max).await;
         };
         tokio::select! {
-            body = frames.recv() => match body {
+            body = super::recv_spinning(frames, self.spin) => match body {
                 Some(body) if body.len() > max => {
                     Err(RecvError::Frame(frame::FrameError::TooLarge { len: body.len(), max }))
                 }
