@@ -235,6 +235,10 @@ type OccupancyAnswers = HashMap<Vec<u8>, (i64, i32)>;
 
 /// Occupancy answers a session keeps (all dropped when full).
 const MAX_OCCUPANCY_ANSWERS: usize = 4096;
+/// A module image up to this many times the server's inline bound is tried
+/// compressed inline; a larger one goes the bulk path as it is (LZ4 seldom
+/// packs machine code more than this).
+const INLINE_IMAGE_RATIO: usize = 4;
 
 /// Largest piece of a host-device copy staged whole on the server; larger
 /// copies go in pieces (their bytes never all held there at once).
@@ -1154,8 +1158,14 @@ impl Session {
         let by_hash = Op::ModuleLoad(v1::ModuleLoad { module: id, sha256: sha256.clone(), image: None, staged: None });
         let value = match self.call(&mut st, by_hash) {
             Err(ClientError::Cuda { code: cuda::FILE_NOT_FOUND, .. }) => {
-                let p = payload::encode(Bytes::copy_from_slice(image), self.inner.compression);
-                let load = if p.data.len() <= self.inner.welcome.max_inline_bytes as usize {
+                let max_inline = self.inner.welcome.max_inline_bytes as usize;
+                // Only an image that might fit inline once compressed is
+                // copied and compressed to find out: cuBLAS's images (tens
+                // of MB each) went through both and then the bulk path.
+                let inline = (image.len() <= max_inline.saturating_mul(INLINE_IMAGE_RATIO))
+                    .then(|| payload::encode(Bytes::copy_from_slice(image), self.inner.compression))
+                    .filter(|p| p.data.len() <= max_inline);
+                let load = if let Some(p) = inline {
                     v1::ModuleLoad { module: id, sha256, image: Some(p), staged: None }
                 } else {
                     // Large images (cuBLAS's fatbins) travel like large copies.

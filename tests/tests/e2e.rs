@@ -294,5 +294,11 @@ fn large_module_images_are_staged() {
     // The image is cached now: a second load sends only its hash.
     let again = s.module_load(&image).expect("cached image loads");
     assert_ne!(again.id, m.id);
+    // Above the inline bound but compressible below it: inline, packed.
+    let mut sparse = vec![0u8; 3 << 19];
+    sparse[0] = b'/';
+    sparse[1000..1016].copy_from_slice(&fresh_seed().to_le_bytes().repeat(2));
+    let packed = s.module_load(&sparse).expect("a compressible image loads");
+    assert!(packed.functions.is_empty());
     s.synchronize().expect("sync");
 }
