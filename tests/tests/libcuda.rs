@@ -317,18 +317,15 @@ fn vmm_program_on_the_driver_api() -> Result<()> {
 
 #[test]
 fn stream_memory_operations_program() -> Result<()> {
-    let server = TestServer::start(isolated_config()?)?;
-    let out = run(&server, "stream_mem_ops")?;
-    for line in [
-        "writes and met waits ok",
-        "captured 3 nodes, 2 of them batch memory operations",
-        "captured graph ok",
-        "batch memory operation node ok",
-    ] {
-        assert!(out.contains(line), "{line:?} missing:\n{out}");
-    }
-    server.stop();
-    Ok(())
+    passes_printing(
+        "stream_mem_ops",
+        &[
+            "writes and met waits ok",
+            "captured 3 nodes, 2 of them batch memory operations",
+            "captured graph ok",
+            "batch memory operation node ok",
+        ],
+    )
 }
 
 /// CUDA 12.8/13's batched copies, prefetches and discards, and
@@ -336,25 +333,42 @@ fn stream_memory_operations_program() -> Result<()> {
 /// byte checked; the refusals' codes are CUDA's INVALID_VALUE.
 #[test]
 fn batched_memory_operations_program() -> Result<()> {
-    let server = TestServer::start(isolated_config()?)?;
-    let out = run(&server, "batch_ops")?;
-    for line in [
-        "batch on the legacy stream: 1",
-        "batch whose first attribute index is 1: 1",
-        "batch with an invalid access order: 1",
-        "SYNC_MEMOPS after setting it: 1",
-        "SYNC_MEMOPS on host memory: 1",
-        "linear batches: ok",
-        "3D batch with a zero width: 1",
-        "3D batches: ok",
-        "prefetch batch on the legacy stream: 1",
-        "managed batches: ok",
-        "stream contexts: ok",
-    ] {
-        assert!(out.contains(line), "{line:?} missing:\n{out}");
-    }
-    server.stop();
-    Ok(())
+    passes_printing(
+        "batch_ops",
+        &[
+            "batch on the legacy stream: 1",
+            "batch whose first attribute index is 1: 1",
+            "batch with an invalid access order: 1",
+            "SYNC_MEMOPS after setting it: 1",
+            "SYNC_MEMOPS on host memory: 1",
+            "linear batches: ok",
+            "3D batch with a zero width: 1",
+            "3D batches: ok",
+            "prefetch batch on the legacy stream: 1",
+            "managed batches: ok",
+            "stream contexts: ok",
+        ],
+    )
+}
+
+/// User objects: references of the program, of graphs (an executable graph
+/// keeps the object after its graph is gone), clones and child graphs;
+/// every destructor runs once, after the last reference.
+#[test]
+fn user_objects_program() -> Result<()> {
+    passes_printing(
+        "user_objects",
+        &[
+            "after releasing 2 of 3 references: destroyed 0",
+            "program references: ok",
+            "graph destroyed, its instance alive: destroyed 0",
+            "graph and instance references: ok",
+            "clone and child graph references: ok",
+            "create without NO_DESTRUCTOR_SYNC: 1",
+            "create with no references: 1",
+            "retain of count 0: 1",
+        ],
+    )
 }
 
 #[test]

@@ -248,7 +248,7 @@ impl Op {
     }
 
     /// The graphs this node owns: a child graph, a conditional's bodies.
-    fn owned(&self) -> Vec<Id> {
+    pub(crate) fn owned(&self) -> Vec<Id> {
         match self {
             Op::Child(c) => vec![*c],
             Op::Conditional { bodies, .. } => bodies.clone(),
@@ -385,6 +385,19 @@ impl Store {
             gone.push(node.op);
         }
         Ok(gone)
+    }
+
+    /// `g` and every graph under it (child graphs, conditional bodies).
+    pub(crate) fn tree(&self, g: Id) -> CuResult<Vec<Id>> {
+        let mut all = vec![g];
+        let mut i = 0;
+        while let Some(&at) = all.get(i) {
+            for node in self.graph(at)?.nodes.values() {
+                all.extend(node.op.owned());
+            }
+            i += 1;
+        }
+        Ok(all)
     }
 
     /// The top-level graph above `g` (through the nodes that own child

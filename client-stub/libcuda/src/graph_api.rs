@@ -516,8 +516,7 @@ fn op_from_generic(rt: &Runtime, p: *mut CUgraphNodeParams, existing: Option<Id>
                 st.store.graph(g)?;
                 return Ok(Op::Child(g));
             }
-            let (copy, ops) = st.store.clone_graph(g)?;
-            mempool::hold(&ops);
+            let copy = clone_graph(st, g)?;
             Ok(Op::Child(copy))
         }
         kind::EMPTY => Ok(Op::Empty),
@@ -621,10 +620,17 @@ fn add_with(
 
 fn child_op(child: CUgraph) -> CuResult<Op> {
     let c = graph_id(child)?;
-    let st = &mut *state();
-    let (copy, ops) = st.store.clone_graph(c)?;
-    mempool::hold(&ops);
+    let copy = clone_graph(&mut state(), c)?;
     Ok(Op::Child(copy))
+}
+
+/// A copy of graph `g` (child graphs included) holding its graph memory
+/// and its user object references as the original does.
+fn clone_graph(st: &mut capture::State, g: Id) -> CuResult<Id> {
+    let (copy, ops) = st.store.clone_graph(g)?;
+    mempool::hold(&ops);
+    crate::user_object::copy_references(&st.store.tree(g)?, copy);
+    Ok(copy)
 }
 
 /// Runs `f` on node `h`'s current operation.
@@ -747,6 +753,7 @@ fn instantiate(out: *mut CUgraphExec, g: CUgraph, flags: u64) -> CuResult {
         let mut st = state();
         let e = st.store.instantiate(g, flags)?;
         let ops: Vec<Op> = st.store.exec(e)?.steps.iter().map(|s| s.op.clone()).collect();
+        crate::user_object::copy_references(&st.store.tree(g)?, e);
         (e, ops)
     };
     // Graph memory stays mapped while the exec holds it; its addresses were
@@ -796,6 +803,10 @@ fn instantiate_device(out: *mut CUgraphExec, g: Id, flags: u64) -> CuResult {
     if let Err(err) = rt.session.graph_instantiate(twin, e, flags, body) {
         state().store.destroy_exec(e)?;
         return Err(err.into());
+    }
+    {
+        let st = state();
+        crate::user_object::copy_references(&st.store.tree(g)?, e);
     }
     // SAFETY: non-null out-pointer (checked by the caller).
     unsafe { put(out, exec_handle(e)) }
@@ -927,6 +938,8 @@ fn destroy_graph(g: CUgraph) -> CuResult {
         }
         gone
     };
+    let graphs: Vec<Id> = std::iter::once(g).chain(gone.iter().flat_map(Op::owned)).collect();
+    crate::user_object::owners_gone(&graphs);
     mempool::let_go(rt, &gone)
 }
 
@@ -1075,9 +1088,7 @@ crate::exports! {
         if out.is_null() {
             return Err(CuError::INVALID_VALUE);
         }
-        let g = graph_id(g)?;
-        let (copy, ops) = state().store.clone_graph(g)?;
-        mempool::hold(&ops);
+        let copy = clone_graph(&mut state(), graph_id(g)?)?;
         // SAFETY: non-null out-pointer.
         unsafe { put(out, graph_handle(copy)) }
     }
@@ -1486,6 +1497,7 @@ crate::exports! {
         let rt = Runtime::get()?;
         let e = exec_id(e)?;
         let exec = state().store.destroy_exec(e)?;
+        crate::user_object::owners_gone(&[e]);
         if exec.device {
             rt.session.graph_exec_destroy(e)?;
         }

@@ -109,4 +109,5 @@ pub mod stream;
 pub mod tensor_map;
 pub mod texture;
 pub mod unsupported;
+pub mod user_object;
 pub mod vmm;

@@ -88,6 +88,7 @@ fn exports() -> &'static HashMap<&'static str, usize> {
         for part in [
             crate::device::table(),
             crate::batch::table(),
+            crate::user_object::table(),
             crate::context::table(),
             crate::memory::table(),
             crate::module::table(),

@@ -28,6 +28,7 @@ pub(crate) enum Tag {
     Kernel = 0x17,
     Array = 0x18,
     MipmappedArray = 0x19,
+    UserObject = 0x1A,
 }
 
 const TAG_SHIFT: u32 = 40;
