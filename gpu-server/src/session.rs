@@ -793,6 +793,14 @@ impl<S: BackendSession> SessionState<S> {
                     dynamic_smem_bytes: o.dynamic_smem_bytes,
                 }
             }
+            Ok(v1::OccupancyQuery::PotentialClusterSize) => {
+                let dims = |d: Option<v1::Dim3>| d.map_or([0; 3], |d| [d.x, d.y, d.z]);
+                OccupancyQuery::PotentialClusterSize {
+                    grid: dims(o.grid),
+                    block: dims(o.block),
+                    dynamic_smem_bytes: o.dynamic_smem_bytes,
+                }
+            }
             Err(_) => return Err(CallError::invalid_value(format!("unknown occupancy query {}", o.query))),
         };
         let answer = self.dev.occupancy(&loaded.module, index, query)?;
@@ -1427,6 +1435,14 @@ pub(crate) mod tests {
         assert_eq!(occupancy(&mut s, clusters([1 << 31; 3], [256, 1, 1])), Err(cuda::INVALID_VALUE));
         assert_eq!(occupancy(&mut s, clusters([2, 1, 1], [1 << 31; 3])), Ok((0, 0)), "a block no SM holds");
         assert_eq!(occupancy(&mut s, clusters([2, 1, 1], [0, 1, 1])), Err(cuda::INVALID_VALUE));
+        // The largest cluster: CUDA's portable 8 when a block fits at all.
+        let potential = |block: [u32; 3]| v1::Occupancy {
+            query: v1::OccupancyQuery::PotentialClusterSize as i32,
+            ..clusters([0, 0, 0], block)
+        };
+        assert_eq!(occupancy(&mut s, potential([256, 1, 1])), Ok((8, 0)));
+        assert_eq!(occupancy(&mut s, potential([1 << 31; 3])), Ok((0, 0)), "a block no SM holds");
+        assert_eq!(occupancy(&mut s, potential([0, 1, 1])), Err(cuda::INVALID_VALUE));
 
         assert_eq!(occupancy(&mut s, v1::Occupancy { query: 7, ..active(256, 0) }), Err(cuda::INVALID_VALUE));
         assert_eq!(occupancy(&mut s, v1::Occupancy { function: 9, ..active(256, 0) }), Err(cuda::INVALID_HANDLE));

@@ -133,6 +133,14 @@ static void launches(CUfunction empty)
            CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE);
     EXPECT(cuLaunchCooperativeKernel(empty, 4, 1, 1, 256, 1, 1, 0, NULL, NULL), CUDA_SUCCESS);
     EXPECT(cuLaunchKernel(empty, 1, 1, 1, 1024, 1, 1, 0, NULL, NULL, NULL), CUDA_SUCCESS);
+    /* The largest cluster a launch of 16 blocks of 128 threads can have. */
+    CUlaunchConfig c;
+    memset(&c, 0, sizeof c);
+    c.gridDimX = 16, c.gridDimY = 1, c.gridDimZ = 1;
+    c.blockDimX = 128, c.blockDimY = 1, c.blockDimZ = 1;
+    int cluster_size = -1;
+    CK(cuOccupancyMaxPotentialClusterSize(&cluster_size, empty, &c));
+    printf("potential cluster size: %d\n", cluster_size);
 }
 
 /* Instantiates and runs `g` once, prints `done`, destroys both. */

@@ -275,6 +275,7 @@ fn driver_features_program() -> Result<()> {
     let server = TestServer::start(isolated_config()?)?;
     let out = run(&server, "driver_features")?;
     assert!(out.contains("CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE"), "{out}");
+    assert!(out.contains("potential cluster size: 8"), "CUDA's portable cluster size:\n{out}");
     let printed: Vec<&str> =
         out.lines().filter(|l| l.starts_with("host line") || l.starts_with("gpupool printf")).collect();
     assert_eq!(

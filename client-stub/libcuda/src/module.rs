@@ -77,6 +77,18 @@ fn function_count(h: usize, tag: Tag, count: *mut c_uint) -> CuResult {
     unsafe { put(count, m.functions.len() as c_uint) }
 }
 
+/// An occupancy query about a launch of `c`'s shape.
+fn shape_query(query: OccupancyQuery, c: &CUlaunchConfig) -> v1::Occupancy {
+    let dim = |x, y, z| Some(v1::Dim3 { x, y, z });
+    v1::Occupancy {
+        query: query as i32,
+        dynamic_smem_bytes: u64::from(c.sharedMemBytes),
+        grid: dim(c.gridDimX, c.gridDimY, c.gridDimZ),
+        block: dim(c.blockDimX, c.blockDimY, c.blockDimZ),
+        ..Default::default()
+    }
+}
+
 /// `CU_JIT_INPUT_FATBINARY`: the linker picks the GPU's entry of each.
 const JIT_INPUT_FATBINARY: u32 = 2;
 
@@ -635,19 +647,25 @@ crate::exports! {
         let c = unsafe { crate::abi::get(config) }?;
         // SAFETY: `attrs` holds `numAttrs` attributes (CUDA contract).
         let cluster = unsafe { crate::launch::cluster_of(&c) };
-        let dim = |x, y, z| Some(v1::Dim3 { x, y, z });
         let q = v1::Occupancy {
-            query: OccupancyQuery::ActiveClusters as i32,
-            dynamic_smem_bytes: u64::from(c.sharedMemBytes),
-            grid: dim(c.gridDimX, c.gridDimY, c.gridDimZ),
-            block: dim(c.blockDimX, c.blockDimY, c.blockDimZ),
-            cluster: dim(cluster[0], cluster[1], cluster[2]),
-            ..Default::default()
+            cluster: Some(v1::Dim3 { x: cluster[0], y: cluster[1], z: cluster[2] }),
+            ..shape_query(OccupancyQuery::ActiveClusters, &c)
         };
         let (n, _) = rt.session.occupancy(&f, q)?;
         tracing::debug!(function = %f.info.name, ?cluster, clusters = n, "cuOccupancyMaxActiveClusters");
         // SAFETY: out-pointer per the CUDA API.
         unsafe { put(clusters, n as c_int) }
+    }
+
+    fn cuOccupancyMaxPotentialClusterSize(size: *mut c_int, f: CUfunction, config: *const CUlaunchConfig) {
+        let (rt, f) = function(f as usize)?;
+        // SAFETY: `config` points to a CUlaunchConfig (CUDA contract).
+        let c = unsafe { crate::abi::get(config) }?;
+        let q = shape_query(OccupancyQuery::PotentialClusterSize, &c);
+        let (n, _) = rt.session.occupancy(&f, q)?;
+        tracing::debug!(function = %f.info.name, size = n, "cuOccupancyMaxPotentialClusterSize");
+        // SAFETY: out-pointer per the CUDA API.
+        unsafe { put(size, n as c_int) }
     }
 
     fn cuOccupancyAvailableDynamicSMemPerBlock(smem: *mut usize, f: CUfunction, blocks: c_int, block: c_int) {

@@ -1160,6 +1160,12 @@ impl BackendSession for CudaSession {
                 let clusters = driver::occupancy_active_clusters(raw, grid, block, cluster, smem)?;
                 Ok(Occupancy { value: i64::from(clusters), block_size: 0 })
             }
+            OccupancyQuery::PotentialClusterSize { grid, block, dynamic_smem_bytes } => {
+                let smem = u32::try_from(dynamic_smem_bytes)
+                    .map_err(|_| CallError::invalid_value("dynamic shared memory does not fit in 32 bits"))?;
+                let size = driver::occupancy_potential_cluster_size(raw, grid, block, smem)?;
+                Ok(Occupancy { value: i64::from(size), block_size: 0 })
+            }
         }
     }
 

@@ -39,6 +39,9 @@ fn variables_start() -> u64 {
     0x0800_0000_0000 + (u64::from(std::process::id()) & 0xfff) * (1 << 28)
 }
 const VARIABLES_STEP: u64 = 64 << 10;
+/// The largest cluster CUDA guarantees on every GPU with clusters (a
+/// kernel may opt in to more on some).
+const PORTABLE_CLUSTER_SIZE: i64 = 8;
 
 // Device attributes (`CUdevice_attribute`) the model reads.
 const DEV_MAX_THREADS_PER_BLOCK: u32 = 1;
@@ -944,6 +947,15 @@ impl BackendSession for EmulatedSession {
                 let per_sm = u64::from(self.sm.active_blocks(attributes, block_size, dynamic_smem_bytes));
                 let total = per_sm * u64::from(self.sm.sm_count);
                 Ok(Occupancy { value: i64::try_from(total / cluster_blocks).unwrap_or(i64::MAX), block_size: 0 })
+            }
+            // CUDA's portable cluster size when a block fits at all (the
+            // model has no GPC a cluster must fit in, and keeps no
+            // non-portable-size opt-in), else none.
+            OccupancyQuery::PotentialClusterSize { block, dynamic_smem_bytes, .. } => {
+                let threads = block.iter().try_fold(1u64, |a, &d| a.checked_mul(u64::from(d))).unwrap_or(u64::MAX);
+                let block_size = positive(u32::try_from(threads).unwrap_or(u32::MAX), "block size")?;
+                let fits = self.sm.active_blocks(attributes, block_size, dynamic_smem_bytes) > 0;
+                Ok(Occupancy { value: if fits { PORTABLE_CLUSTER_SIZE } else { 0 }, block_size: 0 })
             }
         }
     }

@@ -269,6 +269,9 @@ pub enum OccupancyQuery {
     /// Clusters of `cluster` blocks that can be resident at once for a
     /// launch of this shape (`cuOccupancyMaxActiveClusters`).
     ActiveClusters { grid: [u32; 3], block: [u32; 3], cluster: [u32; 3], dynamic_smem_bytes: u64 },
+    /// The largest cluster size a launch of this shape can have
+    /// (`cuOccupancyMaxPotentialClusterSize`).
+    PotentialClusterSize { grid: [u32; 3], block: [u32; 3], dynamic_smem_bytes: u64 },
 }
 
 /// Answer to an [`OccupancyQuery`].

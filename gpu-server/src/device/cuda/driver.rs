@@ -344,6 +344,29 @@ pub(super) fn occupancy_available_dynamic_smem(
     Ok(bytes)
 }
 
+/// A launch configuration of this shape for an occupancy query, with at
+/// most one attribute (which must outlive the configuration's use).
+fn shape_config(
+    grid: [u32; 3],
+    block: [u32; 3],
+    dynamic_smem: u32,
+    attribute: Option<&mut sys::CUlaunchAttribute>,
+) -> sys::CUlaunchConfig {
+    let num_attrs = u32::from(attribute.is_some());
+    sys::CUlaunchConfig {
+        gridDimX: grid[0],
+        gridDimY: grid[1],
+        gridDimZ: grid[2],
+        blockDimX: block[0],
+        blockDimY: block[1],
+        blockDimZ: block[2],
+        sharedMemBytes: dynamic_smem,
+        hStream: std::ptr::null_mut(),
+        attrs: attribute.map_or(std::ptr::null_mut(), std::ptr::from_mut),
+        numAttrs: num_attrs,
+    }
+}
+
 /// `cuOccupancyMaxActiveClusters` for a launch of this shape; a zero
 /// `cluster` means the function's own (compile-time) cluster shape.
 pub(super) fn occupancy_active_clusters(
@@ -360,24 +383,29 @@ pub(super) fn occupancy_active_clusters(
     attribute.value.clusterDim.y = cluster[1];
     attribute.value.clusterDim.z = cluster[2];
     let with_cluster = cluster.iter().all(|&c| c > 0);
-    let config = sys::CUlaunchConfig {
-        gridDimX: grid[0],
-        gridDimY: grid[1],
-        gridDimZ: grid[2],
-        blockDimX: block[0],
-        blockDimY: block[1],
-        blockDimZ: block[2],
-        sharedMemBytes: dynamic_smem,
-        hStream: std::ptr::null_mut(),
-        attrs: if with_cluster { &mut attribute } else { std::ptr::null_mut() },
-        numAttrs: u32::from(with_cluster),
-    };
+    let config = shape_config(grid, block, dynamic_smem, with_cluster.then_some(&mut attribute));
     let mut clusters: c_int = 0;
     // SAFETY: valid out-pointer, live function and a config whose attribute
     // pointer (if any) outlives the call; the driver validates the shape.
     let r = unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, function, &config) };
     check(r, "cuOccupancyMaxActiveClusters")?;
     Ok(clusters)
+}
+
+/// `cuOccupancyMaxPotentialClusterSize` for a launch of this shape.
+pub(super) fn occupancy_potential_cluster_size(
+    function: sys::CUfunction,
+    grid: [u32; 3],
+    block: [u32; 3],
+    dynamic_smem: u32,
+) -> DeviceResult<i32> {
+    let config = shape_config(grid, block, dynamic_smem, None);
+    let mut size: c_int = 0;
+    // SAFETY: valid out-pointer, live function and a config without
+    // attributes; the driver validates the shape.
+    let r = unsafe { sys::cuOccupancyMaxPotentialClusterSize(&mut size, function, &config) };
+    check(r, "cuOccupancyMaxPotentialClusterSize")?;
+    Ok(size)
 }
 
 /// Formats a device UUID as NVML and `nvidia-smi` do.
