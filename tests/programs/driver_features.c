@@ -10,6 +10,9 @@
  * printf lines appear at the synchronization, between the host lines
  * printed before and after it, also when stdout is a pipe.
  */
+/* The deprecated execution control API (cuParamSet*, cuLaunchGrid) is
+ * exercised too: no deprecation warnings for it. */
+#define CUDA_ENABLE_DEPRECATED
 #include <cuda.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -244,6 +247,15 @@ static void device_printf(CUfunction print_ids)
     CK(cuLaunchKernel(print_ids, 1, 1, 1, 1, 1, 1, 0, NULL, args, NULL));
     CK(cuCtxSynchronize());
     printf("host line 4\n");
+    /* The deprecated execution control API: the block shape and the
+     * parameters set on the function, then a grid launch. */
+    CK(cuFuncSetBlockShape(print_ids, 2, 1, 1));
+    CK(cuFuncSetSharedSize(print_ids, 0));
+    CK(cuParamSetSize(print_ids, sizeof tag));
+    CK(cuParamSeti(print_ids, 0, 13));
+    CK(cuLaunchGrid(print_ids, 1, 1));
+    CK(cuCtxSynchronize());
+    printf("host line 5\n");
 }
 
 /* The built-in kernels used here, for native runs: nvcc's PTX (compute_90,

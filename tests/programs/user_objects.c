@@ -10,6 +10,7 @@
  * destructor runs on a CUDA thread after the last release, so each is
  * waited for (at most 10 s).
  */
+#define _POSIX_C_SOURCE 199309L /* nanosleep under -std=c11 */
 #include <cuda.h>
 #include <stdint.h>
 #include <stdio.h>

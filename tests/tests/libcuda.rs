@@ -288,6 +288,9 @@ fn driver_features_program() -> Result<()> {
             "host line 3",
             "gpupool printf 12: block 0 thread 0",
             "host line 4",
+            "gpupool printf 13: block 0 thread 0",
+            "gpupool printf 13: block 0 thread 1",
+            "host line 5",
         ],
         "{out}"
     );

@@ -11,9 +11,10 @@ use gpupool_client::LaunchConfig;
 use gpupool_proto::v1;
 use std::ffi::{c_uint, c_void};
 
-const PARAM_END: usize = 0x00;
-const PARAM_BUFFER_POINTER: usize = 0x01;
-const PARAM_BUFFER_SIZE: usize = 0x02;
+/// `CU_LAUNCH_PARAM_*` keys of a launch's `extra` list.
+pub(crate) const PARAM_END: usize = 0x00;
+pub(crate) const PARAM_BUFFER_POINTER: usize = 0x01;
+pub(crate) const PARAM_BUFFER_SIZE: usize = 0x02;
 
 /// The parameter buffer for one launch.
 ///
@@ -73,8 +74,10 @@ pub(crate) unsafe fn pack(
     Ok(buf)
 }
 
+/// A launch of `f` with its parameters in `params` or `extra` (the
+/// `cuLaunchKernel` contract).
 #[allow(clippy::too_many_arguments)]
-fn launch(
+pub(crate) fn launch(
     f: CUfunction,
     grid: (u32, u32, u32),
     block: (u32, u32, u32),

@@ -95,6 +95,7 @@ mod hostmem;
 mod image;
 pub mod launch;
 pub mod legacy;
+pub mod legacy_launch;
 pub mod library;
 pub mod link;
 pub mod managed;

@@ -89,6 +89,7 @@ fn exports() -> &'static HashMap<&'static str, usize> {
             crate::device::table(),
             crate::batch::table(),
             crate::user_object::table(),
+            crate::legacy_launch::table(),
             crate::context::table(),
             crate::memory::table(),
             crate::module::table(),

@@ -45,8 +45,6 @@ crate::unsupported! {
     cuExternalMemoryGetMappedBuffer
     cuExternalMemoryGetMappedMipmappedArray
     cuFlushGPUDirectRDMAWrites
-    cuFuncSetBlockShape
-    cuFuncSetSharedSize
     cuGraphAddExternalSemaphoresSignalNode
     cuGraphAddExternalSemaphoresWaitNode
     cuGraphExecExternalSemaphoresSignalNodeSetParams
@@ -76,10 +74,7 @@ crate::unsupported! {
     cuIpcGetMemHandle
     cuIpcOpenEventHandle
     cuIpcOpenMemHandle_v2
-    cuLaunch
     cuLaunchCooperativeKernelMultiDevice
-    cuLaunchGrid
-    cuLaunchGridAsync
     cuLibraryGetUnifiedFunction
     cuLogsCurrent
     cuLogsDumpToFile
@@ -99,11 +94,7 @@ crate::unsupported! {
     cuMulticastCreate
     cuMulticastGetGranularity
     cuMulticastUnbind
-    cuParamSetSize
     cuParamSetTexRef
-    cuParamSetf
-    cuParamSeti
-    cuParamSetv
     cuProfilerInitialize
     cuSignalExternalSemaphoresAsync
     cuStreamGetGreenCtx
