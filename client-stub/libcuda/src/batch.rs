@@ -84,9 +84,11 @@ fn check_order(order: u32, flags: u32) -> CuResult {
 }
 
 /// Waits for `h` when a copy of the batch must have read its source by
-/// the time the call returns.
-fn finish_reads(wait: bool, h: CUstream) -> CuResult {
-    if wait { crate::stream::synchronize(h) } else { Ok(()) }
+/// the time the call returns. A batch captured into a graph reads its
+/// sources when the graph runs, as every captured copy does: nothing to
+/// wait for (and a capturing stream may not be synchronized).
+fn finish_reads(wait: bool, route: &crate::capture::Route, h: CUstream) -> CuResult {
+    if wait && matches!(route, crate::capture::Route::Send(_)) { crate::stream::synchronize(h) } else { Ok(()) }
 }
 
 /// A batch's failure, and the operation it came from when it came from
@@ -146,14 +148,14 @@ unsafe fn memcpy_batch(
     for (k, a) in attrs.iter().enumerate() {
         check_order(a.srcAccessOrder as u32, a.flags).map_err(|e| (e, Some(starts[k])))?;
     }
-    crate::capture::route(rt, h).map_err(whole)?;
+    let route = crate::capture::route(rt, h).map_err(whole)?;
     let mut wait = false;
     for i in 0..count {
         let order = attrs[run[i]].srcAccessOrder as u32;
         wait |= order == ORDER_DURING_API_CALL && sizes[i] > 0 && !crate::memory::read_when_queued(rt, srcs[i]);
         crate::memory::copy_async(rt, dsts[i], srcs[i], sizes[i], h).map_err(|e| (e, Some(i)))?;
     }
-    finish_reads(wait, h).map_err(whole)
+    finish_reads(wait, &route, h).map_err(whole)
 }
 
 /// `cuMemcpy3DBatchAsync` (both forms).
@@ -183,14 +185,14 @@ unsafe fn memcpy_3d_batch(
                 .map_err(|e| (e, Some(i)))
         })
         .collect::<Result<Vec<_>, Failed>>()?;
-    crate::capture::route(rt, h).map_err(whole)?;
+    let route = crate::capture::route(rt, h).map_err(whole)?;
     let mut wait = false;
     for (i, (op, (copy, src))) in ops.iter().zip(&copies).enumerate() {
         let read = src.is_some_and(|p| crate::memory::read_when_queued(rt, p));
         wait |= op.srcAccessOrder as u32 == ORDER_DURING_API_CALL && !read;
         crate::texture::copy_3d(copy, h).map_err(|e| (e, Some(i)))?;
     }
-    finish_reads(wait, h).map_err(whole)
+    finish_reads(wait, &route, h).map_err(whole)
 }
 
 /// A prefetch or discard batch: each range checked to be managed memory;
