@@ -247,7 +247,12 @@ run() {
 # What must match: the losses and the checksum.
 results() { grep -E '^(STEP|CHECKSUM) ' "$out/$1.out" 2>/dev/null; }
 
-pooled=(LD_LIBRARY_PATH="$bin/stub:$LD_LIBRARY_PATH" GPUPOOL_BALANCER="$url" GPUPOOL_BALANCER_SECRET="$tenant_secret"
+# The stub under both names: cudarc asks for libcuda.so before
+# libcuda.so.1, and the machine's own libcuda.so would answer otherwise.
+mkdir -p "$work/stub"
+ln -sf "$bin/stub/libcuda.so.1" "$work/stub/libcuda.so.1"
+ln -sf "$bin/stub/libcuda.so.1" "$work/stub/libcuda.so"
+pooled=(LD_LIBRARY_PATH="$work/stub:$LD_LIBRARY_PATH" GPUPOOL_BALANCER="$url" GPUPOOL_BALANCER_SECRET="$tenant_secret"
     GPUPOOL_MEMORY_MIB="$memory_mib" GPUPOOL_WAIT_MS=60000)
 read -ra client_env <<<"${MIGRATE_CLIENT_ENV:-}"
 pooled+=("${client_env[@]}")
