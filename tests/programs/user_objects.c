@@ -133,6 +133,30 @@ int main(void)
     wait_destroyed(3, "the child graph and its parent destroyed");
     printf("clone and child graph references: ok\n");
 
+    /* An update from another graph: the new graph's references replace
+     * the instance's. */
+    CUuserObject x = object(5, 1), y = object(6, 1);
+    CUgraph ga = memset_graph(d, 2), gb = memset_graph(d, 3);
+    CK(cuGraphRetainUserObject(ga, x, 1, CU_GRAPH_USER_OBJECT_MOVE));
+    CK(cuGraphRetainUserObject(gb, y, 1, CU_GRAPH_USER_OBJECT_MOVE));
+    CUgraphExec eu;
+    CK(cuGraphInstantiate(&eu, ga, 0));
+    CUgraphExecUpdateResultInfo info;
+    CK(cuGraphExecUpdate(eu, gb, &info));
+    CK(cuGraphDestroy(ga));
+    CK(cuGraphDestroy(gb));
+    wait_destroyed(5, "the old graph's object after the update");
+    sleep_ms(50);
+    printf("after the update, the new graph's object: destroyed %d\n", is_destroyed(6));
+    CK(cuGraphLaunch(eu, s));
+    CK(cuGraphExecDestroy(eu));
+    wait_destroyed(6, "the updated instance destroyed");
+    CK(cuStreamSynchronize(s));
+    CK(cuMemcpyDtoH(&word, d, sizeof word));
+    if (word != 3)
+        fail("the updated graph's memset wrote %u", word);
+    printf("updated instance references: ok\n");
+
     /* Refusals. */
     CUuserObject r;
     printf("create without NO_DESTRUCTOR_SYNC: %d\n", (int)cuUserObjectCreate(&r, NULL, destroy, 1, 0));

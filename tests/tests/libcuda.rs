@@ -368,6 +368,8 @@ fn user_objects_program() -> Result<()> {
             "graph destroyed, its instance alive: destroyed 0",
             "graph and instance references: ok",
             "clone and child graph references: ok",
+            "after the update, the new graph's object: destroyed 0",
+            "updated instance references: ok",
             "create without NO_DESTRUCTOR_SYNC: 1",
             "create with no references: 1",
             "retain of count 0: 1",

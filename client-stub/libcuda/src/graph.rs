@@ -248,7 +248,7 @@ impl Op {
     }
 
     /// The graphs this node owns: a child graph, a conditional's bodies.
-    pub(crate) fn owned(&self) -> Vec<Id> {
+    fn owned(&self) -> Vec<Id> {
         match self {
             Op::Child(c) => vec![*c],
             Op::Conditional { bodies, .. } => bodies.clone(),
@@ -371,8 +371,10 @@ impl Store {
 
     /// Destroys graph `g` with its child graphs; returns every operation
     /// that went away (so the caller can let go of graph memory).
+    /// The user object references it owned go with it.
     pub(crate) fn destroy(&mut self, g: Id) -> CuResult<Vec<Op>> {
         let graph = self.graphs.remove(&g).ok_or(CuError::INVALID_VALUE)?;
+        crate::user_object::owners_gone(&[g]);
         let mut gone = Vec::new();
         for (id, node) in graph.nodes {
             self.node_graph.remove(&id);
@@ -833,8 +835,11 @@ impl Store {
         self.execs.get(&e).ok_or(CuError::INVALID_VALUE)
     }
 
+    /// Destroys exec `e`; the user object references it owned go with it.
     pub(crate) fn destroy_exec(&mut self, e: Id) -> CuResult<Exec> {
-        self.execs.remove(&e).ok_or(CuError::INVALID_VALUE)
+        let exec = self.execs.remove(&e).ok_or(CuError::INVALID_VALUE)?;
+        crate::user_object::owners_gone(&[e]);
+        Ok(exec)
     }
 
     /// The steps of exec `e` that came from node `n` (several when `n` is

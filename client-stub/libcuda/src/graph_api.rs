@@ -898,6 +898,11 @@ fn exec_update(e: CUgraphExec, g: CUgraph, info: *mut CUgraphExecUpdateResultInf
         let old: Vec<Op> = st.store.exec(e)?.steps.iter().map(|s| s.op.clone()).collect();
         let outcome = st.store.exec_update(e, g)?;
         let new: Vec<Op> = st.store.exec(e)?.steps.iter().map(|s| s.op.clone()).collect();
+        if outcome.is_ok() {
+            // The new source graph's user object references replace the
+            // executable graph's, as CUDA's do.
+            crate::user_object::copy_references(&st.store.tree(g)?, e);
+        }
         (outcome, old, new)
     };
     mempool::hold(&new);
@@ -938,8 +943,6 @@ fn destroy_graph(g: CUgraph) -> CuResult {
         }
         gone
     };
-    let graphs: Vec<Id> = std::iter::once(g).chain(gone.iter().flat_map(Op::owned)).collect();
-    crate::user_object::owners_gone(&graphs);
     mempool::let_go(rt, &gone)
 }
 
@@ -1183,6 +1186,10 @@ crate::exports! {
         if let Op::Child(c) = op {
             let (e, n) = (exec_id(e)?, node_id(h)?);
             let result = state().store.exec_set_child(e, n, c);
+            if result.is_ok() {
+                let st = state();
+                crate::user_object::add_references(&st.store.tree(c)?, e);
+            }
             let gone = state().store.destroy(c).unwrap_or_default();
             mempool::let_go(rt, &gone)?;
             return result;
@@ -1389,7 +1396,10 @@ crate::exports! {
     fn cuGraphExecChildGraphNodeSetParams(e: CUgraphExec, h: CUgraphNode, child: CUgraph) {
         Runtime::get()?;
         let (e, n, c) = (exec_id(e)?, node_id(h)?, graph_id(child)?);
-        state().store.exec_set_child(e, n, c)
+        let st = &mut *state();
+        st.store.exec_set_child(e, n, c)?;
+        crate::user_object::add_references(&st.store.tree(c)?, e);
+        Ok(())
     }
 
     fn cuGraphEventRecordNodeGetEvent(h: CUgraphNode, out: *mut CUevent) {
@@ -1497,7 +1507,6 @@ crate::exports! {
         let rt = Runtime::get()?;
         let e = exec_id(e)?;
         let exec = state().store.destroy_exec(e)?;
-        crate::user_object::owners_gone(&[e]);
         if exec.device {
             rt.session.graph_exec_destroy(e)?;
         }

@@ -7,7 +7,8 @@
 //! graph's references are released when it is destroyed; a clone and an
 //! executable graph take their own copies of those of the graph they come
 //! from (child graphs' included); an executable graph's go when it is
-//! destroyed. A destructor runs on a thread of the stub's, as CUDA runs it
+//! destroyed, and are replaced by the new graph's when it is updated from
+//! one (`cuGraphExecUpdate`). A destructor runs on a thread of the stub's, as CUDA runs it
 //! on a shared internal thread, after the work queued before the last
 //! release has finished (launches of a destroyed executable graph that
 //! held the object included), never inside the API call that released it.
@@ -113,22 +114,54 @@ fn count_of(count: c_uint) -> CuResult<u64> {
 }
 
 /// Graph `to` (a clone, or an executable graph) takes copies of the
-/// references the graphs `from` own.
+/// references the graphs `from` own, in place of its own (an executable
+/// graph updated from another graph: `cuGraphExecUpdate`); those it held
+/// go after the new ones are taken, so an object both name lives on.
 pub(crate) fn copy_references(from: &[Id], to: Id) {
-    let mut objs = objects();
-    let mut taken: HashMap<u64, u64> = HashMap::new();
-    for g in from {
-        for (&o, &n) in objs.owned.get(g).into_iter().flatten() {
-            *taken.entry(o).or_default() += n;
+    take_references(from, to, true);
+}
+
+/// Graph `to` takes copies of the references the graphs `from` own beside
+/// its own (an executable graph's child graph node set to another graph:
+/// the old child's stay until the executable graph goes, never released
+/// early).
+pub(crate) fn add_references(from: &[Id], to: Id) {
+    take_references(from, to, false);
+}
+
+fn take_references(from: &[Id], to: Id, replace: bool) {
+    let due = {
+        let mut objs = objects();
+        let mut taken: HashMap<u64, u64> = HashMap::new();
+        for g in from {
+            for (&o, &n) in objs.owned.get(g).into_iter().flatten() {
+                *taken.entry(o).or_default() += n;
+            }
         }
-    }
-    for (&o, &n) in &taken {
-        // Every owned reference names a live object.
-        let _ = objs.retain(o, n);
-    }
-    if !taken.is_empty() {
-        objs.owned.insert(to, taken);
-    }
+        for (&o, &n) in &taken {
+            // Every owned reference names a live object.
+            let _ = objs.retain(o, n);
+        }
+        let before = if !replace {
+            let held = objs.owned.entry(to).or_default();
+            for (o, n) in taken {
+                *held.entry(o).or_default() += n;
+            }
+            None
+        } else if taken.is_empty() {
+            objs.owned.remove(&to)
+        } else {
+            objs.owned.insert(to, taken)
+        };
+        let mut due = Vec::new();
+        for (o, n) in before.unwrap_or_default() {
+            if let Ok(Some(d)) = objs.release(o, n) {
+                due.push(d);
+            }
+        }
+        due
+    };
+    due.into_iter().for_each(schedule);
 }
 
 /// Graphs or an executable graph `owners` are gone: their references go
