@@ -52,11 +52,16 @@ fn objects() -> MutexGuard<'static, Objects> {
 /// A destructor to call, and its argument.
 struct Destructor(unsafe extern "C" fn(*mut c_void), usize);
 
+/// Destructors waiting for their thread; a release past this many waits
+/// for room (each object is destroyed once, so only a program releasing
+/// that many at once meets it).
+const QUEUED_DESTRUCTORS: usize = 1 << 16;
+
 /// Hands `d` to the destructor thread (started at the first one).
 fn schedule(d: Destructor) {
-    static THREAD: OnceLock<Mutex<mpsc::Sender<Destructor>>> = OnceLock::new();
+    static THREAD: OnceLock<Mutex<mpsc::SyncSender<Destructor>>> = OnceLock::new();
     let tx = THREAD.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Destructor>();
+        let (tx, rx) = mpsc::sync_channel::<Destructor>(QUEUED_DESTRUCTORS);
         let spawned = std::thread::Builder::new().name("gpupool-user-objects".into()).spawn(move || {
             for Destructor(f, ptr) in rx {
                 // The work queued before the release (a launch of the
