@@ -75,6 +75,21 @@ int main(void)
     REQUIRE(memcmp(in, out, sizeof in) == 0);
     CK(cuMemFree(p));
 
+    /* A stream belongs to the context current at its creation; the NULL
+     * stream to the caller's current one. */
+    CUstream s;
+    CUcontext of = NULL;
+    CK(cuStreamCreate(&s, CU_STREAM_NON_BLOCKING));
+    CK(cuStreamGetCtx(s, &of));
+    REQUIRE(of == a);
+    CK(cuCtxPushCurrent(b));
+    CK(cuStreamGetCtx(s, &of));
+    REQUIRE(of == a);
+    CK(cuStreamGetCtx(NULL, &of));
+    REQUIRE(of == b);
+    CK(cuCtxPopCurrent(NULL));
+    CK(cuStreamDestroy(s));
+
     /* Execution affinity: an SM count for the context. */
     CUexecAffinityParam affinity;
     memset(&affinity, 0, sizeof affinity);

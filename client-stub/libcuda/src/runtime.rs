@@ -63,6 +63,9 @@ pub(crate) struct StreamInfo {
     pub(crate) id: StreamId,
     pub(crate) flags: u32,
     pub(crate) priority: i32,
+    /// The context (handle) current when it was created; the special
+    /// streams belong to the caller's current one.
+    pub(crate) ctx: usize,
 }
 
 /// A context. All contexts of the process share the session (one device
@@ -239,7 +242,8 @@ impl Runtime {
     /// flags and the default priority.
     pub(crate) fn stream_info(&self, h: usize) -> CuResult<StreamInfo> {
         if h <= 2 {
-            return Ok(StreamInfo { id: StreamId::DEFAULT, flags: 0, priority: 0 });
+            let ctx = current_context().unwrap_or_else(|| handle(Tag::Context, PRIMARY));
+            return Ok(StreamInfo { id: StreamId::DEFAULT, flags: 0, priority: 0, ctx });
         }
         let id = id_of(Tag::Stream, h).ok_or(CuError::INVALID_HANDLE)?;
         self.tables().streams.get(&id).copied().ok_or(CuError::INVALID_HANDLE)

@@ -5,7 +5,7 @@ use crate::abi::{CuError, CuResult, put};
 use crate::capture::{self, Route};
 use crate::context::PRIORITY_RANGE;
 use crate::graph::Op;
-use crate::runtime::{PRIMARY, Runtime, StreamInfo, Tag, handle, id_of};
+use crate::runtime::{Runtime, StreamInfo, Tag, handle, id_of};
 use cudarc::driver::sys::{CUcontext, CUevent, CUgreenCtx, CUhostFn, CUresult, CUstream, CUstreamCallback};
 use std::ffi::{c_float, c_int, c_uint, c_ulonglong, c_void};
 
@@ -14,7 +14,8 @@ fn create(ph: *mut CUstream, flags: c_uint, priority: c_int) -> CuResult {
     // Clamp like the driver: out-of-range priorities take the nearest end.
     let priority = priority.clamp(PRIORITY_RANGE.1, PRIORITY_RANGE.0);
     let id = rt.session.stream_create(flags, priority)?;
-    rt.tables().streams.insert(u64::from(id.0), StreamInfo { id, flags, priority });
+    let ctx = crate::runtime::current_context().ok_or(CuError::INVALID_CONTEXT)?;
+    rt.tables().streams.insert(u64::from(id.0), StreamInfo { id, flags, priority, ctx });
     // SAFETY: out-pointer per the CUDA API.
     unsafe { put(ph, handle(Tag::Stream, u64::from(id.0)) as CUstream) }
 }
@@ -26,13 +27,14 @@ fn stream_fact<T>(h: CUstream, out: *mut T, fact: impl FnOnce(&StreamInfo) -> T)
     unsafe { put(out, fact(&s)) }
 }
 
-fn primary(_: &StreamInfo) -> CUcontext {
-    handle(Tag::Context, PRIMARY) as CUcontext
+/// The stream's context: the one current when it was created.
+fn context_of(s: &StreamInfo) -> CUcontext {
+    s.ctx as CUcontext
 }
 
 /// `cuStreamGetCtx_v2`: the stream's context, and no green context.
 fn stream_ctx_v2(h: CUstream, ctx: *mut CUcontext, green: *mut CUgreenCtx) -> CuResult {
-    stream_fact(h, ctx, primary)?;
+    stream_fact(h, ctx, context_of)?;
     // SAFETY: out-pointer per the CUDA API.
     unsafe { put(green, std::ptr::null_mut()) }
 }
@@ -231,11 +233,11 @@ crate::exports! {
     fn cuStreamGetFlags_ptsz(h: CUstream, flags: *mut c_uint) { stream_fact(h, flags, |s| s.flags) }
     fn cuStreamGetId(h: CUstream, id: *mut c_ulonglong) { stream_fact(h, id, |s| u64::from(s.id.0)) }
     fn cuStreamGetId_ptsz(h: CUstream, id: *mut c_ulonglong) { stream_fact(h, id, |s| u64::from(s.id.0)) }
-    fn cuStreamGetCtx(h: CUstream, ctx: *mut CUcontext) { stream_fact(h, ctx, primary) }
+    fn cuStreamGetCtx(h: CUstream, ctx: *mut CUcontext) { stream_fact(h, ctx, context_of) }
     /// gpupool offers no green contexts: the second answer is always null.
     fn cuStreamGetCtx_v2(h: CUstream, ctx: *mut CUcontext, green: *mut CUgreenCtx) { stream_ctx_v2(h, ctx, green) }
     fn cuStreamGetCtx_v2_ptsz(h: CUstream, ctx: *mut CUcontext, green: *mut CUgreenCtx) { stream_ctx_v2(h, ctx, green) }
-    fn cuStreamGetCtx_ptsz(h: CUstream, ctx: *mut CUcontext) { stream_fact(h, ctx, primary) }
+    fn cuStreamGetCtx_ptsz(h: CUstream, ctx: *mut CUcontext) { stream_fact(h, ctx, context_of) }
     fn cuStreamGetDevice(h: CUstream, dev: *mut c_int) { stream_fact(h, dev, |_| 0) }
     fn cuStreamGetDevice_ptsz(h: CUstream, dev: *mut c_int) { stream_fact(h, dev, |_| 0) }
 
