@@ -73,6 +73,10 @@ int main(void)
     CK(cuMemcpyHtoD(p, in, sizeof in));
     CK(cuMemcpyDtoH(out, p, sizeof out));
     REQUIRE(memcmp(in, out, sizeof in) == 0);
+    /* It belongs to the context it was allocated in. */
+    CUcontext owner = NULL;
+    CK(cuPointerGetAttribute(&owner, CU_POINTER_ATTRIBUTE_CONTEXT, p));
+    REQUIRE(owner == a);
     CK(cuMemFree(p));
 
     /* A stream belongs to the context current at its creation; the NULL

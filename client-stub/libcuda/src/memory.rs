@@ -344,6 +344,15 @@ fn host_block(rt: &Runtime, addr: usize) -> Option<(usize, usize, u32)> {
         .find(|&(s, size, _)| addr < s + size)
 }
 
+/// Notes the context a device allocation at `addr` was made in, when it
+/// is not the primary one.
+fn note_context(rt: &Runtime, addr: CUdeviceptr) {
+    let current = crate::runtime::current_context().unwrap_or_else(|| handle(Tag::Context, PRIMARY));
+    if current != handle(Tag::Context, PRIMARY) {
+        rt.tables().alloc_contexts.insert(addr, current);
+    }
+}
+
 /// Value of one pointer attribute: `None` when it does not apply.
 fn pointer_attribute(rt: &Runtime, attribute: c_uint, ptr: CUdeviceptr) -> Option<u64> {
     // Host memory first: mapped host memory lies in the device range.
@@ -378,19 +387,20 @@ fn pointer_attribute(rt: &Runtime, attribute: c_uint, ptr: CUdeviceptr) -> Optio
     if let Some((start, size)) = rt.session.address_range(ptr) {
         // cuMemMap ranges have the access cuMemSetAccess gave them.
         let access = rt.session.mem_access(ptr).map_or(3, u64::from);
+        let context = rt.tables().alloc_contexts.get(&start).copied().unwrap_or_else(|| handle(Tag::Context, PRIMARY));
         return match attribute {
-            1 => Some(handle(Tag::Context, PRIMARY) as u64), // CONTEXT
-            2 => Some(2),                                    // MEMORY_TYPE: device
-            3 => Some(ptr),                                  // DEVICE_POINTER
-            6 => Some(1),                                    // SYNC_MEMOPS
-            7 | 20 => Some(start),                           // BUFFER_ID, MEMORY_BLOCK_ID
-            8 | 10 | 15 | 21 => Some(0),                     // IS_MANAGED, ..., no
-            9 => Some(0),                                    // DEVICE_ORDINAL
-            11 | 19 => Some(start),                          // RANGE_START_ADDR, MAPPING_BASE_ADDR
-            12 | 18 => Some(size),                           // RANGE_SIZE, MAPPING_SIZE
-            13 => Some(1),                                   // MAPPED
-            14 => Some(0),                                   // ALLOWED_HANDLE_TYPES
-            16 => Some(access),                              // ACCESS_FLAGS
+            1 => Some(context as u64),   // CONTEXT
+            2 => Some(2),                // MEMORY_TYPE: device
+            3 => Some(ptr),              // DEVICE_POINTER
+            6 => Some(1),                // SYNC_MEMOPS
+            7 | 20 => Some(start),       // BUFFER_ID, MEMORY_BLOCK_ID
+            8 | 10 | 15 | 21 => Some(0), // IS_MANAGED, ..., no
+            9 => Some(0),                // DEVICE_ORDINAL
+            11 | 19 => Some(start),      // RANGE_START_ADDR, MAPPING_BASE_ADDR
+            12 | 18 => Some(size),       // RANGE_SIZE, MAPPING_SIZE
+            13 => Some(1),               // MAPPED
+            14 => Some(0),               // ALLOWED_HANDLE_TYPES
+            16 => Some(access),          // ACCESS_FLAGS
             _ => None,
         };
     }
@@ -423,6 +433,7 @@ crate::exports! {
         let rt = Runtime::with_context()?;
         capture::check_unsafe(false)?;
         let addr = rt.session.mem_alloc(bytesize as u64)?;
+        note_context(rt, addr);
         // SAFETY: out-pointer per the CUDA API.
         unsafe { put(dptr, addr) }
     }
@@ -435,6 +446,7 @@ crate::exports! {
         let row = width.div_ceil(PITCH_ALIGN) * PITCH_ALIGN;
         let total = row.checked_mul(height).ok_or(CuError::INVALID_VALUE)?;
         let addr = rt.session.mem_alloc(total as u64)?;
+        note_context(rt, addr);
         // SAFETY: out-pointers per the CUDA API.
         unsafe {
             put(pitch, row)?;
@@ -454,7 +466,9 @@ crate::exports! {
         if crate::mapped::managed_range(rt, dptr as usize, 1).is_some_and(|(start, _)| start == dptr as usize) {
             return crate::mapped::release(rt, dptr as usize).map(drop);
         }
-        rt.session.mem_free(dptr).map_err(CuError::from)
+        rt.session.mem_free(dptr).map_err(CuError::from)?;
+        rt.tables().alloc_contexts.remove(&dptr);
+        Ok(())
     }
 
     fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) {

@@ -82,6 +82,10 @@ pub(crate) struct ContextInfo {
 #[derive(Debug, Default)]
 pub(crate) struct Tables {
     pub(crate) contexts: HashMap<u64, ContextInfo>,
+    /// Device allocations made while a context other than the primary one
+    /// was current: start -> that context's handle (what
+    /// `CU_POINTER_ATTRIBUTE_CONTEXT` answers; the primary one otherwise).
+    pub(crate) alloc_contexts: HashMap<u64, usize>,
     pub(crate) primary_refs: u32,
     pub(crate) streams: HashMap<u64, StreamInfo>,
     pub(crate) events: HashMap<u64, EventId>,
