@@ -228,15 +228,16 @@ unsafe fn managed_batch(
         None => None,
     };
     crate::capture::route(rt, h)?;
-    for (&ptr, &size) in dptrs.iter().zip(sizes) {
-        crate::managed::managed(rt, ptr, size)?;
-    }
+    let starts = dptrs
+        .iter()
+        .zip(sizes)
+        .map(|(&ptr, &size)| crate::managed::managed(rt, ptr, size))
+        .collect::<CuResult<Vec<_>>>()?;
     // A discard leaves the contents indeterminate: keeping them is one
-    // such value. A prefetch is a hint the mirrored memory records.
-    if let Some(targets) = targets {
-        for ((&ptr, &size), target) in dptrs.iter().zip(sizes).zip(targets) {
-            crate::managed::prefetch(ptr, size, target, 0, h)?;
-        }
+    // such value. A prefetch is a hint the mirrored memory records (as
+    // `cuMemPrefetchAsync` does, the range checked once above).
+    for (start, target) in starts.into_iter().zip(targets.into_iter().flatten()) {
+        crate::mapped::advise(rt, start, |a| a.last_prefetch = Some(target));
     }
     Ok(())
 }

@@ -156,18 +156,18 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_spinning_receive_takes_what_comes_during_and_after_its_spin() {
         let (tx, mut rx) = mpsc::channel(4);
-        let during = tx.clone();
-        let sender = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(2));
-            during.blocking_send(1).expect("send");
-        });
+        // Sends `value` from another thread after `ms` milliseconds.
+        let send_later = |ms: u64, value: i32| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(ms));
+                tx.blocking_send(value).expect("send");
+            })
+        };
+        let sender = send_later(2, 1);
         assert_eq!(recv_spinning(&mut rx, Duration::from_secs(10)).await, Some(1), "sent while it spins");
         sender.join().expect("sender");
-        let after = tx.clone();
-        let sender = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            after.blocking_send(2).expect("send");
-        });
+        let sender = send_later(50, 2);
         assert_eq!(recv_spinning(&mut rx, Duration::from_micros(10)).await, Some(2), "sent once it sleeps");
         sender.join().expect("sender");
         tx.try_send(3).expect("room");
