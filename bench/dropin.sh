@@ -2,14 +2,17 @@
 # The drop-in libcuda on the GPU machine: unmodified programs run natively
 # and through gpupool's libcuda.so.1 against a gpupool-server on the same
 # card, side by side, and their outputs are compared (TIME and INFO lines
-# aside). Also PyTorch (torch_check.py) both ways and the drop-in benchmark
+# aside). Also PyTorch (torch_check.py, torch_compat.py), CuPy, Numba and JAX
+# (frameworks_check.py) both ways and the drop-in benchmark
 # row (bench_loop: fixed-length kernels with small copies) and the PyTorch
 # workloads of bench/torch_bench.py (TORCH_BENCH=0 skips them,
 # TORCH_BENCH_WORKLOADS names some), native vs remote, with ratios and,
 # through gpupool, the waits per step. PROGRAMS=none runs the benchmarks only;
 # PROGRAMS="name ..." runs only those programs (names as in tests/programs'
-# lists, `.sm90` builds included) and no PyTorch checks: with GPUPOOL_LOG=debug
-# (the stub) and RUST_LOG=debug (the server) set, a quick look at failures.
+# lists, `.sm90` builds included, or the Python checks: torch_check,
+# torch_compat, torch_mallocasync, cupy_check, numba_check, jax_check) and no
+# others: with GPUPOOL_LOG=debug (the stub) and RUST_LOG=debug (the server)
+# set, a quick look at failures.
 # VARIANTS="name:VAR=value[,VAR=value] ..." runs both benchmarks through
 # gpupool once more per variant with those variables set (client settings
 # such as GPUPOOL_BATCH_DELAY_US), against the same native run.
@@ -99,7 +102,9 @@ run_pair() { # name command...
         same=yes
     fi
     local verdict=PASS
-    if ((nrc != 0)); then
+    if ((nrc == 77)); then
+        verdict="skipped (not installed natively)"
+    elif ((nrc != 0)); then
         verdict="native failed"
     elif ((rrc != 0)) || [[ $same != yes ]]; then
         verdict=FAIL
@@ -111,6 +116,7 @@ run_pair() { # name command...
     echo "$name: native rc $nrc, remote rc $rrc, identical output: $same -> $verdict"
     if [[ $verdict != PASS ]]; then
         [[ $verdict == FAIL* ]] && failed=1
+        [[ $verdict == skipped* ]] && return 0
         {
             echo "### $name: $verdict"
             echo '```'
@@ -132,18 +138,30 @@ all) ;;
 none) programs="" ;;
 *) programs=$PROGRAMS ;;
 esac
+# The Python programs: stock PyTorch, then other frameworks (exit 77 natively:
+# not installed there). PROGRAMS may name them too.
+python_check() { # name -> run_pair arguments
+    local checks=$repo/tests/programs
+    case $1 in
+    torch_check) run_pair torch_check python3 "$checks/torch_check.py" ;;
+    # Transformer inference and training in fp32/bf16/fp16 autocast, cuFFT,
+    # torch.compile (Inductor/Triton), CUDA graphs; then the cudaMallocAsync
+    # allocator (the stream-ordered allocator end to end).
+    torch_compat) run_pair torch_compat python3 "$checks/torch_compat.py" ;;
+    torch_mallocasync)
+        run_pair torch_mallocasync env PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync \
+            TORCH_COMPAT_CASES=fp32_infer,fp32_train,graphs python3 "$checks/torch_compat.py" ;;
+    cupy_check | numba_check | jax_check)
+        run_pair "$1" python3 "$checks/frameworks_check.py" "${1%_check}" ;;
+    esac
+}
+python_checks="torch_check torch_compat torch_mallocasync cupy_check numba_check jax_check"
 for p in $programs; do
     [[ $p == bench_loop* ]] && continue
-    run_pair "$p" "$progs/$p"
+    if [[ " $python_checks " == *" $p "* ]]; then python_check "$p"; else run_pair "$p" "$progs/$p"; fi
 done
 if [[ ${PROGRAMS:-all} == all ]]; then
-run_pair torch_check python3 "$repo/tests/programs/torch_check.py"
-# Transformer inference and training in fp32/bf16/fp16 autocast, cuFFT,
-# torch.compile (Inductor/Triton), CUDA graphs; then the cudaMallocAsync
-# allocator (the stream-ordered allocator end to end).
-run_pair torch_compat python3 "$repo/tests/programs/torch_compat.py"
-run_pair torch_mallocasync env PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync \
-    TORCH_COMPAT_CASES=fp32_infer,fp32_train,graphs python3 "$repo/tests/programs/torch_compat.py"
+    for p in $python_checks; do python_check "$p"; done
 fi
 
 # Rows of bench_loop: native against one remote run (NATIVE REMOTE JSON).

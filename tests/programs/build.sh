@@ -41,9 +41,13 @@ gpu_cu=(vector_add matmul_tiled templated device_globals streams_events
         device_printf launch_config cooperative ctx_limits
         graphs_kernels mempool_kernels tensor_map mapped_kernels managed_kernels
         textures_kernels graph_conditional dynamic_parallelism
-        large_params mem_ops_kernels managed_globals)
+        large_params mem_ops_kernels managed_globals
+        cusparse_cg cusolver_dense curand_gen device_assert)
 declare -A extra_libs=([cublas_sgemm]="-lcublas" [cublas_halfgemm]="-lcublas"
                        [cufft_transforms]="-lcufft"
+                       [cusparse_cg]="-lcusparse -lcublas"
+                       [cusolver_dense]="-lcusolver -lcublas"
+                       [curand_gen]="-lcurand"
                        [dynamic_parallelism]="-rdc=true -lcudadevrt")
 
 toolchain_args=()
