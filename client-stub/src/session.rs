@@ -253,6 +253,13 @@ const MIN_COPY_PIECE: usize = 4 << 20;
 /// the device only after all of it had arrived).
 const PIPELINE_PIECE: usize = 64 << 20;
 
+/// Half of the pinned bounce buffer that carries pageable copies through a
+/// host region shared with the server (shared memory only): the client
+/// fills one half (or empties it) while the server's DMA reads (or writes)
+/// the other, so a pageable copy costs one pass over the caller's bytes, as
+/// the driver's own staging does, instead of the staged path's three.
+const BOUNCE_HALF: usize = 8 << 20;
+
 /// A module variable (`cuModuleGetGlobal`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Global {
@@ -330,6 +337,19 @@ struct State {
     /// 0: none), and its answer when another path read its reply first.
     pending: u64,
     early: Option<crate::batch::Answer>,
+    /// The pinned bounce buffer (two [`BOUNCE_HALF`]s) once a pageable copy
+    /// made one; `Refused` when shared memory could not give it.
+    bounce: Bounce,
+    /// Bytes pageable copies carried through the bounce buffer.
+    bounced_bytes: u64,
+}
+
+/// The session's pinned bounce buffer for pageable copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bounce {
+    NotYet,
+    At(usize),
+    Refused,
 }
 
 /// Where device printf output goes when a synchronizing call returns.
@@ -437,6 +457,8 @@ impl Session {
             streams: HashSet::new(),
             pending: 0,
             early: None,
+            bounce: Bounce::NotYet,
+            bounced_bytes: 0,
         };
         let compression = if config.compression { Compression::Auto } else { Compression::Off };
         Self {
@@ -487,10 +509,13 @@ impl Session {
         self.inner.transport.bulk_connections()
     }
 
-    /// Bytes copied through shared memory with the server so far; `None`
-    /// when copies do not go through it (see `docs/transport.md`).
+    /// Bytes of pageable copies carried through shared memory with the
+    /// server so far (the pinned bounce buffer, or the bulk slots where
+    /// there is none); `None` when copies do not go through it (see
+    /// `docs/transport.md`).
     pub fn shared_memory_bytes(&self) -> Option<u64> {
-        self.inner.transport.shared_memory_bytes()
+        let bounced = self.lock().bounced_bytes;
+        self.inner.transport.shared_memory_bytes().map(|slots| slots + bounced)
     }
 
     /// Whether the session's commands and copies go over RDMA now
@@ -853,6 +878,18 @@ impl Session {
     /// server need not wait for it before the next call).
     fn htod_locked(&self, st: &mut State, dst: u64, src: &[u8], stream: StreamId, asynchronous: bool) -> Result<()> {
         st.space.check_access(dst, src.len() as u64)?;
+        // An asynchronous copy goes through the bounce buffer only when no
+        // stream has work the copy's waits could be held up by: natively
+        // it returns once the bytes are staged, whatever the stream does.
+        let done = match self.bounce_for(st, src.len(), asynchronous && !st.busy.is_empty()) {
+            Some(bounce) => self.htod_bounced(st, bounce, dst, src, stream)?,
+            None => 0,
+        };
+        st.bounced_bytes += done as u64;
+        if done == src.len() {
+            return Ok(());
+        }
+        let (dst, src) = (dst + done as u64, &src[done..]);
         // Staged and not yet copied at most twice the largest piece the
         // server stages whole (half its bound for the session).
         let in_flight = 2 * self.copy_piece();
@@ -1034,6 +1071,15 @@ impl Session {
 
     fn dtoh_locked(&self, st: &mut State, dst: &mut [u8], src: u64, stream: StreamId) -> Result<()> {
         st.space.check_access(src, dst.len() as u64)?;
+        let done = match self.bounce_for(st, dst.len(), false) {
+            Some(bounce) => self.dtoh_bounced(st, bounce, dst, src, stream)?,
+            None => 0,
+        };
+        st.bounced_bytes += done as u64;
+        if done == dst.len() {
+            return Ok(());
+        }
+        let (dst, src) = (&mut dst[done..], src + done as u64);
         let piece = PIPELINE_PIECE.min(self.copy_piece());
         if dst.len() <= piece {
             let op =
@@ -1066,6 +1112,99 @@ impl Session {
             };
         }
         Ok(())
+    }
+
+    /// The bounce buffer for a pageable copy of `len` bytes, made at the
+    /// first such copy; `None` for copies the server takes inline, while
+    /// mapped memory is mirrored (its pushes come through here), when
+    /// `held_back`, and without shared memory.
+    fn bounce_for(&self, st: &mut State, len: usize, held_back: bool) -> Option<usize> {
+        if held_back || len as u64 <= u64::from(self.inner.welcome.max_inline_bytes) || !st.mirrors.is_empty() {
+            return None;
+        }
+        if st.bounce == Bounce::NotYet {
+            st.bounce = match self.inner.transport.pinned_alloc(2 * BOUNCE_HALF) {
+                Some(at) => Bounce::At(at),
+                None => Bounce::Refused,
+            };
+        }
+        match st.bounce {
+            Bounce::At(at) => Some(at),
+            Bounce::NotYet | Bounce::Refused => None,
+        }
+    }
+
+    /// Uploads pageable `src` through the bounce buffer at `bounce`: each
+    /// chunk is written into one half while the server copies the chunk
+    /// before from the other half to the device, and each copy is answered
+    /// once done (the caller may reuse its buffer when this returns, and
+    /// the half is free again). Returns the bytes uploaded: all of them, or
+    /// fewer when the host regions were revoked (the session is moving) and
+    /// the rest must travel as bytes.
+    fn htod_bounced(&self, st: &mut State, bounce: usize, dst: u64, src: &[u8], stream: StreamId) -> Result<usize> {
+        let mut sent: Option<(Sent, usize)> = None;
+        let mut done = 0;
+        for (i, chunk) in src.chunks(BOUNCE_HALF).enumerate() {
+            let half = bounce + (i % 2) * BOUNCE_HALF;
+            // The half's last chunk was answered before the one in flight
+            // was sent.
+            let written = self.inner.transport.pinned_copy(half, chunk.len(), PinnedCopy::In(chunk));
+            if let Some((s, len)) = sent.take() {
+                self.call_wait(st, s)?;
+                done += len;
+            }
+            written?;
+            let Some(region) = self.region_for(st, half, chunk.len()) else { return Ok(done) };
+            let to = dst + (i * BOUNCE_HALF) as u64;
+            let copy =
+                v1::MemcpyHtoD { dst: to, stream: stream.0, source: Some(Source::Region(region)), asynchronous: true };
+            self.enqueue_plain(st, Op::MemcpyHtod(copy))?;
+            let s = self.call_send(st, Op::StreamSynchronize(v1::StreamSynchronize { stream: stream.0 }))?;
+            sent = Some((s, chunk.len()));
+        }
+        if let Some((s, len)) = sent {
+            self.call_wait(st, s)?;
+            done += len;
+        }
+        Ok(done)
+    }
+
+    /// Downloads into pageable `dst` through the bounce buffer at `bounce`:
+    /// the server's DMA fills one half while the client reads the chunk
+    /// before out of the other. Returns the bytes downloaded, as
+    /// [`Self::htod_bounced`].
+    fn dtoh_bounced(&self, st: &mut State, bounce: usize, dst: &mut [u8], src: u64, stream: StreamId) -> Result<usize> {
+        let total = dst.len();
+        let chunk_len = |i: usize| total.saturating_sub(i * BOUNCE_HALF).min(BOUNCE_HALF);
+        let half = |i: usize| bounce + (i % 2) * BOUNCE_HALF;
+        // Asks for chunk `i` into its half; `None` once the regions are revoked.
+        let request = |st: &mut State, i: usize| -> Result<Option<Sent>> {
+            let Some(region) = self.region_for(st, half(i), chunk_len(i)) else { return Ok(None) };
+            let from = src + (i * BOUNCE_HALF) as u64;
+            let copy =
+                v1::MemcpyDtoH { src: from, size: chunk_len(i) as u64, stream: stream.0, into_region: Some(region) };
+            self.enqueue_plain(st, Op::MemcpyDtoh(copy))?;
+            self.call_send(st, Op::StreamSynchronize(v1::StreamSynchronize { stream: stream.0 })).map(Some)
+        };
+        let mut sent = request(st, 0)?;
+        let mut done = 0;
+        for (i, part) in dst.chunks_mut(BOUNCE_HALF).enumerate() {
+            let Some(s) = sent.take() else { return Ok(done) };
+            self.call_wait(st, s)?;
+            // The next chunk's DMA goes on while this one is read.
+            if chunk_len(i + 1) > 0 {
+                sent = request(st, i + 1)?;
+            }
+            let read = self.inner.transport.pinned_copy(half(i), part.len(), PinnedCopy::Out(part));
+            if let Err(e) = read {
+                if let Some(s) = sent {
+                    let _ = self.call_wait(st, s);
+                }
+                return Err(e);
+            }
+            done += part.len();
+        }
+        Ok(done)
     }
 
     /// The bytes a copy to the host answered, inline or over bulk streams.

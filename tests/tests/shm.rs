@@ -49,10 +49,26 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn copies_of_several_sizes_go_through_shared_memory() {
+    // Pageable copies go through a pinned bounce buffer in a host region
+    // the server registered: its DMA reads and writes the shared pages.
     let srv = TestServer::start(server_config()).expect("server");
     let s = Session::connect(&shm_config(&srv)).expect("session");
     assert!(!s.welcome().shm_socket.is_empty(), "the server offers shared memory");
     assert_eq!(s.shared_memory_bytes(), Some(0), "attached, nothing copied yet");
+    let total = round_trips(&s);
+    assert_eq!(s.shared_memory_bytes(), Some(2 * total), "every bulk copy went through shared memory");
+    let m = srv.metrics.snapshot();
+    assert_eq!((m.shm_bytes, m.bulk_bytes_in, m.bulk_bytes_out), (0, 0, 0), "nothing through the slots: {m:?}");
+    assert_eq!((m.shm_regions, m.shm_registered), (2, 1), "the bulk region and the bounce buffer's: {m:?}");
+    s.close().expect("close");
+    wait_until("the server unmapped the regions", || srv.metrics.snapshot().shm_regions == 0);
+    srv.stop();
+
+    // Without room for pinned memory, through the bulk region's slots.
+    let srv = TestServer::start(server_config()).expect("server");
+    let mut config = shm_config(&srv);
+    config.shm_pinned_bytes = 0;
+    let s = Session::connect(&config).expect("session");
     let total = round_trips(&s);
     assert_eq!(s.shared_memory_bytes(), Some(2 * total), "every bulk copy went through the region");
     let m = srv.metrics.snapshot();
@@ -66,7 +82,11 @@ fn copies_of_several_sizes_go_through_shared_memory() {
 #[test]
 fn a_worker_process_maps_the_region() {
     let srv = TestServer::start(isolated_config().expect("worker command")).expect("server");
-    let s = Session::connect(&shm_config(&srv)).expect("session");
+    // Through the slots (no pinned bounce buffer), so the server counts
+    // the bytes.
+    let mut config = shm_config(&srv);
+    config.shm_pinned_bytes = 0;
+    let s = Session::connect(&config).expect("session");
     assert!(s.shared_memory_bytes().is_some(), "attached to the worker");
     let total = round_trips(&s);
     assert_eq!(s.shared_memory_bytes(), Some(2 * total));
@@ -297,7 +317,8 @@ fn a_resumed_session_keeps_copying_through_shared_memory() {
     round_trip(&s, n, fresh_seed() + 1);
     assert_eq!(s.shared_memory_bytes(), Some(before + 2 * n as u64), "after the resume, still through the region");
     let m = srv.metrics.snapshot();
-    assert_eq!((m.sessions_opened, m.shm_regions), (1, 1), "one session, resumed, one region: {m:?}");
+    // The bulk region and the bounce buffer's host region, both kept.
+    assert_eq!((m.sessions_opened, m.shm_regions), (1, 2), "one session, resumed, its regions: {m:?}");
     s.close().expect("close");
     srv.stop();
 }
