@@ -1,9 +1,8 @@
 // device_assert: a kernel whose assert() fails, as CUDA's assert example
 // does: the launch itself succeeds, the next synchronization reports
-// cudaErrorAssert, the error is sticky (later calls report it too), and
-// cudaDeviceReset gives the process a fresh context in which work runs
-// again. Every status is printed, so native and gpupool runs must agree on
-// each step, not only on the end.
+// cudaErrorAssert, the error is sticky (later calls report it too); then
+// cudaDeviceReset and what work after it gives. Every status is printed,
+// so native and gpupool runs must agree on each step, not only on the end.
 #include <cuda_runtime.h>
 
 #include <cassert>
@@ -55,9 +54,25 @@ int main()
     report("allocation after the fault", cudaMalloc(&more, 1024));
     report("synchronize again", cudaDeviceSynchronize());
 
+    // CUDA documents the process as unusable after an assert; what a reset
+    // gives back is printed, not assumed.
     report("device reset", cudaDeviceReset());
     report("last error after reset", cudaGetLastError());
-    run_clean("after the reset");
+    int *again = nullptr;
+    cudaError_t e = cudaMalloc(&again, 256 * sizeof(int));
+    report("allocation after the reset", e);
+    if (e == cudaSuccess) {
+        checked_store<<<2, 128>>>(256, again);
+        report("launch after the reset", cudaGetLastError());
+        int h[256];
+        e = cudaMemcpy(h, again, sizeof h, cudaMemcpyDeviceToHost);
+        report("copy after the reset", e);
+        if (e == cudaSuccess) {
+            for (int i = 0; i < 256; i++)
+                if (h[i] != 2 * i) fail("after the reset: out[%d] = %d", i, h[i]);
+            printf("after the reset: 256 stores checked\n");
+        }
+    }
     printf("PASS " NAME "\n");
     return 0;
 }
