@@ -202,7 +202,9 @@ fn work_stream(op: &Op) -> Option<u32> {
         | Op::GraphHandleCreate(_)
         | Op::GraphInstantiate(_)
         | Op::GraphExecDestroy(_)
-        | Op::GraphDestroy(_) => None,
+        | Op::GraphDestroy(_)
+        // Neither gives a stream work: the wait holds only later work.
+        | Op::ContextEvent(_) => None,
     }
 }
 
@@ -1616,6 +1618,20 @@ impl Session {
     pub fn event_record(&self, e: EventId, s: StreamId) -> Result<()> {
         let mut st = self.lock();
         self.enqueue(&mut st, Op::EventRecord(v1::EventRecord { event: e.0, stream: s.0 }))
+    }
+
+    /// `cuCtxRecordEvent`: `e` captures all work of the session so far,
+    /// queued.
+    pub fn context_record_event(&self, e: EventId) -> Result<()> {
+        let mut st = self.lock();
+        self.enqueue(&mut st, Op::ContextEvent(v1::ContextEvent { event: e.0, wait: false }))
+    }
+
+    /// `cuCtxWaitEvent`: all later work of the session waits for the work
+    /// `e` captured, queued.
+    pub fn context_wait_event(&self, e: EventId) -> Result<()> {
+        let mut st = self.lock();
+        self.enqueue(&mut st, Op::ContextEvent(v1::ContextEvent { event: e.0, wait: true }))
     }
 
     pub fn event_query(&self, e: EventId) -> Result<bool> {

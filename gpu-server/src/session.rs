@@ -386,6 +386,16 @@ impl<S: BackendSession> SessionState<S> {
                 let stream = stream_of(&self.streams, s.stream)?;
                 Ok(Some(Value::Ready(self.dev.stream_query(stream)?)))
             }
+            Op::ContextEvent(c) => {
+                if c.wait {
+                    let event = self.events.get(&c.event).ok_or_else(|| unknown_event(c.event))?;
+                    self.dev.context_wait_event(event)?;
+                } else {
+                    let event = self.events.get_mut(&c.event).ok_or_else(|| unknown_event(c.event))?;
+                    self.dev.context_record_event(event)?;
+                }
+                Ok(None)
+            }
             Op::StreamWaitEvent(w) => {
                 let event = self.events.get(&w.event).ok_or_else(|| unknown_event(w.event))?;
                 let stream = stream_of(&self.streams, w.stream)?;
@@ -1643,6 +1653,12 @@ pub(crate) mod tests {
         }
         fn event_synchronize(&mut self, e: &Self::Event) -> DeviceResult<()> {
             self.inner.event_synchronize(e)
+        }
+        fn context_record_event(&mut self, e: &mut Self::Event) -> DeviceResult<()> {
+            self.inner.context_record_event(e)
+        }
+        fn context_wait_event(&mut self, e: &Self::Event) -> DeviceResult<()> {
+            self.inner.context_wait_event(e)
         }
         fn event_elapsed(&mut self, a: &Self::Event, b: &Self::Event) -> DeviceResult<f32> {
             self.inner.event_elapsed(a, b)

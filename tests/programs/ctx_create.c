@@ -1,9 +1,10 @@
 /*
  * ctx_create: explicit contexts through the driver API (a CI program, no
  * kernels): cuCtxCreate_v4 (CUDA 13's cuCtxCreate) with NULL and with
- * zeroed CUctxCreateParams, push/pop, ids, flags, destroy; execution
- * affinity is refused by gpupool (CUDA_ERROR_NOT_SUPPORTED) and printed, not
- * checked, since a native driver may accept it.
+ * zeroed CUctxCreateParams, push/pop, ids, flags, destroy, context events
+ * (cuCtxRecordEvent, cuCtxWaitEvent, refused during a capture); execution
+ * affinity is refused by gpupool (CUDA_ERROR_NOT_SUPPORTED) and printed,
+ * not checked, since a native driver may accept it.
  */
 #include <cuda.h>
 #include <stdio.h>
@@ -92,6 +93,42 @@ int main(void)
     CK(cuStreamGetCtx(NULL, &of));
     REQUIRE(of == b);
     CK(cuCtxPopCurrent(NULL));
+
+    /* Context events (CUDA 12.5): an event capturing all work of the
+     * context, and all later work waiting for one. A copy ordered after a
+     * context-wide wait sees the memset recorded before it. */
+    CUevent whole;
+    CK(cuEventCreate(&whole, CU_EVENT_DISABLE_TIMING));
+    CK(cuMemAlloc(&p, sizeof in));
+    CK(cuMemsetD8Async(p, 0x5a, sizeof in, s));
+    CK(cuCtxRecordEvent(a, whole));
+    CK(cuEventSynchronize(whole));
+    CK(cuMemcpyDtoH(out, p, sizeof out));
+    REQUIRE(out[0] == 0x5a && out[255] == 0x5a);
+    CK(cuMemsetD8Async(p, 0x3c, sizeof in, s));
+    CK(cuCtxRecordEvent(a, whole));
+    CK(cuCtxWaitEvent(a, whole));
+    CK(cuMemcpyDtoHAsync(out, p, sizeof out, NULL));
+    CK(cuStreamSynchronize(NULL));
+    REQUIRE(out[0] == 0x3c && out[255] == 0x3c);
+    printf("context events: record and wait ordered the copies\n");
+    /* While a stream captures, both are refused and the capture is void. */
+    CUstream cap;
+    CUgraph g = NULL;
+    CK(cuStreamCreate(&cap, CU_STREAM_NON_BLOCKING));
+    CK(cuStreamBeginCapture(cap, CU_STREAM_CAPTURE_MODE_RELAXED));
+    CK(cuMemsetD8Async(p, 1, sizeof in, cap));
+    CUresult during = cuCtxRecordEvent(a, whole);
+    CUresult ended = cuStreamEndCapture(cap, &g);
+    const char *dn = NULL, *en = NULL;
+    cuGetErrorName(during, &dn);
+    cuGetErrorName(ended, &en);
+    printf("context event during a capture: %s; the capture's end: %s\n", dn ? dn : "?", en ? en : "?");
+    if (g)
+        CK(cuGraphDestroy(g));
+    CK(cuStreamDestroy(cap));
+    CK(cuEventDestroy(whole));
+    CK(cuMemFree(p));
     CK(cuStreamDestroy(s));
 
     /* Execution affinity: an SM count for the context. */

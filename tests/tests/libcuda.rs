@@ -296,6 +296,14 @@ fn driver_features_program() -> Result<()> {
     );
     let out = run(&server, "ctx_create")?;
     assert!(out.contains("execution affinity -> CUDA_ERROR_NOT_SUPPORTED"), "{out}");
+    assert!(out.contains("context events: record and wait ordered the copies"), "{out}");
+    assert!(
+        out.contains(
+            "context event during a capture: CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED; \
+             the capture's end: CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"
+        ),
+        "{out}"
+    );
     server.stop();
     Ok(())
 }

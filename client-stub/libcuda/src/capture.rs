@@ -425,6 +425,24 @@ pub(crate) fn check_unsafe(invalidate: bool) -> CuResult {
     state().captures.unsafe_call(std::thread::current().id(), mode, invalidate)
 }
 
+/// `cuCtxRecordEvent` and `cuCtxWaitEvent` while a stream captures:
+/// refused, and the captures are invalidated (CUDA's rule for a context
+/// with a capturing stream; every context here shares the session's one).
+pub(crate) fn check_context_event() -> CuResult {
+    if ACTIVE.load(Ordering::Acquire) == 0 {
+        return Ok(());
+    }
+    let mut st = state();
+    let ids: Vec<u64> = st.captures.captures.keys().copied().collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    for id in ids {
+        st.captures.invalidate(id);
+    }
+    Err(UNSUPPORTED)
+}
+
 /// Synchronizing or querying stream `h`: illegal while it captures.
 pub(crate) fn check_sync(rt: &Runtime, h: CUstream) -> CuResult {
     if ACTIVE.load(Ordering::Acquire) == 0 {

@@ -6,7 +6,7 @@
 use crate::abi::{CuError, CuResult, put};
 use crate::device::check_device;
 use crate::runtime::{self, ContextInfo, PRIMARY, Runtime, Tag, handle, id_of};
-use cudarc::driver::sys::{CUcontext, CUctxCreateParams, CUdevice, CUexecAffinityParam};
+use cudarc::driver::sys::{CUcontext, CUctxCreateParams, CUdevice, CUevent, CUexecAffinityParam};
 use std::ffi::{c_int, c_uint, c_ulonglong};
 
 /// Stream priorities of current NVIDIA GPUs: 0 is the lowest, -5 the
@@ -242,6 +242,26 @@ crate::exports! {
         crate::capture::check_unsafe(true)?;
         rt.session.synchronize()?;
         crate::mempool::synced(rt, None)
+    }
+
+    /// The event captures all work of the session (every context of the
+    /// process shares its one device context).
+    fn cuCtxRecordEvent(ctx: CUcontext, event: CUevent) {
+        let rt = Runtime::get()?;
+        resolve(rt, ctx)?;
+        let e = rt.event(event as usize)?;
+        crate::capture::check_context_event()?;
+        rt.session.context_record_event(e)?;
+        Ok(())
+    }
+
+    fn cuCtxWaitEvent(ctx: CUcontext, event: CUevent) {
+        let rt = Runtime::get()?;
+        resolve(rt, ctx)?;
+        let e = rt.event(event as usize)?;
+        crate::capture::check_context_event()?;
+        rt.session.context_wait_event(e)?;
+        Ok(())
     }
 
     fn cuCtxGetApiVersion(ctx: CUcontext, version: *mut c_uint) {

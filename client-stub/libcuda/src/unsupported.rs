@@ -29,8 +29,6 @@ crate::unsupported! {
     cuCtxFromGreenCtx
     cuCtxGetDevResource
     cuCtxGetExecAffinity
-    cuCtxRecordEvent
-    cuCtxWaitEvent
     cuDestroyExternalMemory
     cuDestroyExternalSemaphore
     cuDevResourceGenerateDesc

@@ -1270,6 +1270,16 @@ impl BackendSession for CudaSession {
         driver::check(unsafe { sys::cuEventSynchronize(event.raw) }, "cuEventSynchronize")
     }
 
+    fn context_record_event(&mut self, event: &mut Event) -> DeviceResult<()> {
+        // SAFETY: the session's live context and a live event made in it.
+        driver::check(unsafe { sys::cuCtxRecordEvent(self.device.context.raw, event.raw) }, "cuCtxRecordEvent")
+    }
+
+    fn context_wait_event(&mut self, event: &Event) -> DeviceResult<()> {
+        // SAFETY: as above.
+        driver::check(unsafe { sys::cuCtxWaitEvent(self.device.context.raw, event.raw) }, "cuCtxWaitEvent")
+    }
+
     fn event_elapsed(&mut self, start: &Event, end: &Event) -> DeviceResult<f32> {
         let mut ms = 0f32;
         // SAFETY: valid out-pointer and two live events of this session.

@@ -1073,6 +1073,14 @@ impl BackendSession for EmulatedSession {
         self.flush_printf();
         Ok(())
     }
+    /// Work runs as it is queued here: the context's work so far is done.
+    fn context_record_event(&mut self, event: &mut Event) -> DeviceResult<()> {
+        event.recorded_ms = Some(self.epoch.elapsed().as_secs_f64() * 1e3);
+        Ok(())
+    }
+    fn context_wait_event(&mut self, _: &Event) -> DeviceResult<()> {
+        Ok(())
+    }
     fn event_elapsed(&mut self, start: &Event, end: &Event) -> DeviceResult<f32> {
         match (start.recorded_ms, end.recorded_ms) {
             (Some(a), Some(b)) => Ok((b - a) as f32),

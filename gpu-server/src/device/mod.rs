@@ -657,6 +657,12 @@ pub trait BackendSession: 'static {
     fn event_record(&mut self, event: &mut Self::Event, stream: Option<&Self::Stream>) -> DeviceResult<()>;
     fn event_query(&mut self, event: &Self::Event) -> DeviceResult<bool>;
     fn event_synchronize(&mut self, event: &Self::Event) -> DeviceResult<()>;
+    /// `cuCtxRecordEvent`: `event` captures all work of the session's
+    /// context so far.
+    fn context_record_event(&mut self, event: &mut Self::Event) -> DeviceResult<()>;
+    /// `cuCtxWaitEvent`: all later work of the context waits for the work
+    /// `event` captured.
+    fn context_wait_event(&mut self, event: &Self::Event) -> DeviceResult<()>;
     /// Milliseconds between two recorded events.
     fn event_elapsed(&mut self, start: &Self::Event, end: &Self::Event) -> DeviceResult<f32>;
     /// Waits for all work of the session.

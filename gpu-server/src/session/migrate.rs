@@ -161,6 +161,7 @@ fn written<M>(op: &Op, mappings: &std::collections::BTreeMap<u64, (u64, M)>) -> 
         | Op::EventCreate(_)
         | Op::EventDestroy(_)
         | Op::EventRecord(_)
+        | Op::ContextEvent(_)
         | Op::EventQuery(_)
         | Op::EventSynchronize(_)
         | Op::EventElapsed(_)
