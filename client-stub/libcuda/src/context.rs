@@ -40,6 +40,16 @@ pub(crate) fn resolve(rt: &Runtime, ctx: CUcontext) -> CuResult<usize> {
     if rt.context_exists(h) { Ok(h) } else { Err(CuError::INVALID_CONTEXT) }
 }
 
+/// `cuCtxRecordEvent` (`wait` false) and `cuCtxWaitEvent`.
+fn context_event(ctx: CUcontext, event: CUevent, wait: bool) -> CuResult {
+    let rt = Runtime::get()?;
+    resolve(rt, ctx)?;
+    let e = rt.event(event as usize)?;
+    crate::capture::check_context_event()?;
+    let sent = if wait { rt.session.context_wait_event(e) } else { rt.session.context_record_event(e) };
+    sent.map_err(CuError::from)
+}
+
 fn create(flags: c_uint, dev: CUdevice, pctx: *mut CUcontext) -> CuResult {
     let rt = Runtime::get()?;
     check_device(dev)?;
@@ -246,23 +256,9 @@ crate::exports! {
 
     /// The event captures all work of the session (every context of the
     /// process shares its one device context).
-    fn cuCtxRecordEvent(ctx: CUcontext, event: CUevent) {
-        let rt = Runtime::get()?;
-        resolve(rt, ctx)?;
-        let e = rt.event(event as usize)?;
-        crate::capture::check_context_event()?;
-        rt.session.context_record_event(e)?;
-        Ok(())
-    }
+    fn cuCtxRecordEvent(ctx: CUcontext, event: CUevent) { context_event(ctx, event, false) }
 
-    fn cuCtxWaitEvent(ctx: CUcontext, event: CUevent) {
-        let rt = Runtime::get()?;
-        resolve(rt, ctx)?;
-        let e = rt.event(event as usize)?;
-        crate::capture::check_context_event()?;
-        rt.session.context_wait_event(e)?;
-        Ok(())
-    }
+    fn cuCtxWaitEvent(ctx: CUcontext, event: CUevent) { context_event(ctx, event, true) }
 
     fn cuCtxGetApiVersion(ctx: CUcontext, version: *mut c_uint) {
         resolve(Runtime::get()?, ctx)?;
