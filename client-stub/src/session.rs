@@ -321,6 +321,10 @@ struct State {
     globals: HashMap<(u32, String), Global>,
     /// Set once the connection is gone: every later call fails with it.
     dead: Option<ClientError>,
+    /// Set once a call answered a sticky error (the server's context is
+    /// lost, [`cuda::ends_context`]): every later call fails with it, as
+    /// every later call of a local context does. The connection stays.
+    lost: Option<ClientError>,
     /// The session context's limits (`CUlimit` -> value), from the
     /// `Welcome` and updated by each set.
     limits: HashMap<u32, u64>,
@@ -461,6 +465,7 @@ impl Session {
             early: None,
             bounce: Bounce::NotYet,
             bounced_bytes: 0,
+            lost: None,
         };
         let compression = if config.compression { Compression::Auto } else { Compression::Off };
         Self {
@@ -552,10 +557,31 @@ impl Session {
     // --- queueing --------------------------------------------------------
 
     fn check_alive(st: &State) -> Result<()> {
-        match &st.dead {
+        match st.dead.as_ref().or(st.lost.as_ref()) {
             Some(e) => Err(e.clone()),
             None => Ok(()),
         }
+    }
+
+    /// Whether a sticky error lost the session's context.
+    pub fn context_lost(&self) -> bool {
+        self.lock().lost.is_some()
+    }
+
+    /// After the program reset its lost context (`cuDevicePrimaryCtxReset`):
+    /// a local device refuses every later use (`CUDA_ERROR_DEVICE_UNAVAILABLE`
+    /// from the new context) until the process restarts; so does this
+    /// session. Returns whether the context was lost.
+    pub fn reset_lost_context(&self) -> bool {
+        let mut st = self.lock();
+        if st.lost.is_none() {
+            return false;
+        }
+        st.lost = Some(ClientError::Cuda {
+            code: cuda::DEVICE_UNAVAILABLE,
+            message: "the device is unavailable: its context was lost to a sticky error".into(),
+        });
+        true
     }
 
     fn mark_dead(st: &mut State, e: ClientError) -> ClientError {
@@ -637,6 +663,12 @@ impl Session {
     /// to mapped memory too large for their reply are fetched, and device
     /// printf output appears (when the synchronizing call returns).
     fn after_call(&self, st: &mut State, mut result: Result<Option<Value>>) -> Result<Option<Value>> {
+        if let Err(e @ ClientError::Cuda { code, .. }) = &result
+            && cuda::ends_context(*code)
+            && st.lost.is_none()
+        {
+            st.lost = Some(e.clone());
+        }
         if !st.mirror_fetch.is_empty() {
             let fetched = self.fetch_mirrors(st);
             result = result.and_then(|v| fetched.map(|()| v));

@@ -28,16 +28,11 @@ impl CallError {
         Self::new(cuda::NOT_SUPPORTED, message)
     }
 
-    /// Whether `code` means the context is lost (a sticky error: every
-    /// later call of the context fails too), or, under MPS, that the MPS
-    /// server ended this client. Used to end a shared worker's session
-    /// group (`docs/sharing.md`).
+    /// Whether `code` means the context is lost
+    /// ([`gpupool_proto::cuda::ends_context`]). Used to end a shared
+    /// worker's session group (`docs/sharing.md`).
     pub fn ends_context(code: CuResult) -> bool {
-        // 700 illegal address, 710 assert, 714 hardware stack error,
-        // 715 illegal instruction, 716 misaligned address, 717 invalid
-        // address space, 718 invalid PC, 719 launch failed; 810 MPS client
-        // terminated.
-        matches!(code, 700 | 710 | 714..=719 | 810)
+        gpupool_proto::cuda::ends_context(code)
     }
 }
 

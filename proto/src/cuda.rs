@@ -25,6 +25,15 @@ pub const NOT_SUPPORTED: CuResult = 801;
 pub const INVALID_CLUSTER_SIZE: CuResult = 912;
 pub const UNKNOWN: CuResult = 999;
 
+/// Whether `code` means the context is lost: a sticky error after which
+/// every later call of the context fails too (700 illegal address, 710
+/// assert, 714 hardware stack error, 715 illegal instruction, 716
+/// misaligned address, 717 invalid address space, 718 invalid PC, 719
+/// launch failed), or, under MPS, 810: the MPS server ended the client.
+pub fn ends_context(code: CuResult) -> bool {
+    matches!(code, 700 | 710 | 714..=719 | 810)
+}
+
 /// The name CUDA gives a code (`cuGetErrorName`), for the codes gpupool uses.
 pub fn name(code: CuResult) -> &'static str {
     match code {

@@ -112,10 +112,18 @@ crate::exports! {
 
     /// Waits for the session's work and drops the primary context's state.
     /// Device memory stays allocated: the session, not the context, owns it.
+    /// A context lost to a sticky error resets as a local one does: the
+    /// reset succeeds and the device is unavailable from then on.
     fn cuDevicePrimaryCtxReset_v2(dev: CUdevice) {
         let rt = Runtime::get()?;
         check_device(dev)?;
-        rt.session.synchronize()?;
+        let synced = if rt.session.context_lost() { Ok(()) } else { rt.session.synchronize() };
+        if let Err(e) = synced
+            && !rt.session.context_lost()
+        {
+            return Err(e.into());
+        }
+        rt.session.reset_lost_context();
         let mut t = rt.tables();
         t.primary_refs = 0;
         if let Some(c) = t.contexts.get_mut(&PRIMARY) {
