@@ -21,6 +21,25 @@ use rustix::fs::{MemfdFlags, SealFlags};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
+/// Copies of at least this many bytes are split over several threads: one
+/// core copies pageable memory at 8-10 GiB/s (H100 host, 2026-12-06), well
+/// below what the device's DMA from a registered region takes.
+const PARALLEL_COPY_BYTES: usize = 4 << 20;
+
+/// Most threads one copy uses.
+const MAX_COPY_THREADS: usize = 4;
+
+/// Threads for a copy of `len` bytes: one below [`PARALLEL_COPY_BYTES`],
+/// else up to [`MAX_COPY_THREADS`] of the CPUs this process may use.
+fn copy_threads(len: usize) -> usize {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if len < PARALLEL_COPY_BYTES {
+        return 1;
+    }
+    let cpus = *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    cpus.clamp(1, MAX_COPY_THREADS)
+}
+
 /// A mapped shared region.
 #[derive(Debug)]
 pub struct Region {
@@ -145,24 +164,51 @@ impl Region {
         Ok(())
     }
 
-    /// Copies `src` into the region at `start`.
+    /// Copies `src` into the region at `start` (large copies on several
+    /// threads, [`copy_threads`]).
     pub fn write(&self, start: usize, src: &[u8]) -> Result<(), ShmError> {
         self.range(start, src.len())?;
-        // SAFETY: [start, start + len) lies within the mapping (checked
-        // above), which lives as long as `self` and stays backed by the
-        // memfd (its size is sealed). `src` is this process's memory and
-        // cannot overlap the mapping (no reference into it is ever given
-        // out). Concurrent writes by the peer only garble bytes it owns.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.map.as_mut_ptr().add(start), src.len()) };
+        let piece = src.len().div_ceil(copy_threads(src.len())).max(1);
+        let write = |at: usize, part: &[u8]| {
+            // SAFETY: [at, at + part.len()) lies within [start, start +
+            // src.len()), which lies within the mapping (checked above); the
+            // mapping lives as long as `self` and stays backed by the memfd
+            // (its size is sealed). `part` is this process's memory and
+            // cannot overlap the mapping (no reference into it is ever given
+            // out). Pieces are disjoint; concurrent writes by the peer only
+            // garble bytes it owns.
+            unsafe { std::ptr::copy_nonoverlapping(part.as_ptr(), self.map.as_mut_ptr().add(at), part.len()) }
+        };
+        if piece >= src.len() {
+            write(start, src);
+            return Ok(());
+        }
+        std::thread::scope(|s| {
+            for (i, part) in src.chunks(piece).enumerate() {
+                s.spawn(move || write(start + i * piece, part));
+            }
+        });
         Ok(())
     }
 
     /// Copies the region's bytes at `start` into `dst`.
     pub fn read(&self, start: usize, dst: &mut [u8]) -> Result<(), ShmError> {
         self.range(start, dst.len())?;
-        // SAFETY: as in `write`, with the roles swapped: the source range
-        // lies within the mapping, the destination is this process's own.
-        unsafe { std::ptr::copy_nonoverlapping(self.map.as_ptr().add(start), dst.as_mut_ptr(), dst.len()) };
+        let piece = dst.len().div_ceil(copy_threads(dst.len())).max(1);
+        let read = |at: usize, part: &mut [u8]| {
+            // SAFETY: as in `write`, with the roles swapped: the source range
+            // lies within the mapping, the destination is this process's own.
+            unsafe { std::ptr::copy_nonoverlapping(self.map.as_ptr().add(at), part.as_mut_ptr(), part.len()) }
+        };
+        if piece >= dst.len() {
+            read(start, dst);
+            return Ok(());
+        }
+        std::thread::scope(|s| {
+            for (i, part) in dst.chunks_mut(piece).enumerate() {
+                s.spawn(move || read(start + i * piece, part));
+            }
+        });
         Ok(())
     }
 
@@ -202,6 +248,23 @@ mod tests {
         assert_eq!(&buf[..], b"ello");
         assert!(b.read((1 << 16) - 2, &mut out).is_err(), "past the end");
         assert!(b.write(usize::MAX, b"x").is_err(), "overflow");
+    }
+
+    #[test]
+    fn large_copies_on_several_threads_land_byte_for_byte() {
+        // Past PARALLEL_COPY_BYTES, at an odd offset and an odd length, so
+        // the pieces' seams fall mid-word.
+        let len = (9 << 20) + 13;
+        let region = Region::create("gpupool-test", 16 << 20).expect("region");
+        let data: Vec<u8> = (0..len).map(|i| (i * 31 + i / 4093) as u8).collect();
+        region.write(7, &data).expect("write");
+        let mut back = vec![0u8; len];
+        region.read(7, &mut back).expect("read");
+        assert!(back == data, "a large copy through the region differs");
+        let mut head = [0u8; 7];
+        region.read(0, &mut head).expect("read");
+        assert_eq!(head, [0; 7], "nothing written before the start");
+        assert!(region.write((16 << 20) - len + 1, &data).is_err(), "one byte past the end");
     }
 
     #[test]
