@@ -11,8 +11,18 @@ use std::net::SocketAddr;
 
 const MIB_64: usize = 64 << 20;
 
-fn round_trip_64_mib(srv: &TestServer) {
+/// The test server's client settings for copies on the bulk path: with
+/// `GPUPOOL_TEST_TRANSPORT=shm` pageable copies would take the pinned
+/// bounce buffer instead; without pinned memory they take the shared
+/// region's slots, which the bulk service serves as well.
+fn bulk_client(srv: &TestServer) -> gpupool_client::ClientConfig {
     let mut config = srv.client_config();
+    config.shm_pinned_bytes = 0;
+    config
+}
+
+fn round_trip_64_mib(srv: &TestServer) {
+    let mut config = bulk_client(srv);
     config.bulk_connections = 4;
     let s = Session::connect(&config).expect("session");
     assert_eq!(s.welcome().bulk_ports.len(), 4, "the server offers its four bulk endpoints");
@@ -53,7 +63,7 @@ fn without_bulk_endpoints_copies_share_the_session_connection() {
     let mut config = server_config();
     config.bulk_endpoints = 0;
     let srv = TestServer::start(config).expect("server");
-    let s = Session::connect(&srv.client_config()).expect("session");
+    let s = Session::connect(&bulk_client(&srv)).expect("session");
     assert!(s.welcome().bulk_ports.is_empty() && s.welcome().bulk_secret.is_empty());
     assert_eq!(s.bulk_connections(), 0);
     let data = random_bytes(9 << 20, fresh_seed());
@@ -90,7 +100,7 @@ fn bulk_attach_needs_the_session_secret() {
     let mut config = server_config();
     config.bulk_endpoints = 2;
     let srv = TestServer::start(config).expect("server");
-    let mut client = srv.client_config();
+    let mut client = bulk_client(&srv);
     client.bulk_connections = 0;
     let s = Session::connect(&client).expect("session");
     let w = s.welcome().clone();
@@ -154,7 +164,7 @@ fn a_lost_bulk_connection_is_replaced_and_copies_go_on() {
     let mut config = server_config();
     config.bulk_endpoints = 2;
     let srv = TestServer::start(config).expect("server");
-    let mut client = srv.client_config();
+    let mut client = bulk_client(&srv);
     client.bulk_connections = 2;
     let s = Session::connect(&client).expect("session");
     assert_eq!(s.bulk_connections(), 2);
@@ -193,7 +203,7 @@ fn large_uploads_go_to_the_device_piece_by_piece() {
     // Under the default bound: pieces of 64 MiB, each copy queued (its own
     // batch) as soon as it is staged, none waiting for the whole upload.
     let srv = TestServer::start(server_config()).expect("server");
-    let s = Session::connect(&srv.client_config()).expect("session");
+    let s = Session::connect(&bulk_client(&srv)).expect("session");
     let n = (130 << 20) + 4099;
     let data = random_bytes(n, fresh_seed());
     let dev = s.mem_alloc(n as u64).expect("alloc");
@@ -213,7 +223,7 @@ fn copies_larger_than_the_staging_bound_go_in_pieces() {
         let mut config = if isolated { isolated_config().expect("worker binary") } else { server_config() };
         config.max_staging_bytes = 8 << 20;
         let srv = TestServer::start(config).expect("server");
-        let s = Session::connect(&srv.client_config()).expect("session");
+        let s = Session::connect(&bulk_client(&srv)).expect("session");
         assert_eq!(s.welcome().max_staging_bytes, 8 << 20, "the server says its bound");
         let n = (40 << 20) + 4099;
         let data = random_bytes(n, fresh_seed());
