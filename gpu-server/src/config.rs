@@ -218,7 +218,8 @@ pub struct ServerConfig {
     /// each one: with the client, the ring's thread and the session thread
     /// spinning too, a launch-and-synchronize loop then needs no wake-up
     /// through the kernel. It spends up to that much of a runtime thread
-    /// after each frame (zero, the default: they sleep at once).
+    /// after each frame (zero: they sleep at once). Default:
+    /// [`gpupool_proto::quic::default_spin`], as the session's.
     pub io_spin: Duration,
     /// UDP ports worker processes bind, inclusive (none: ephemeral ports),
     /// so that a firewall can allow exactly them.
@@ -400,7 +401,7 @@ impl ServerConfig {
             shm_dir: Some(Self::default_shm_dir()),
             rdma: RdmaSettings::default(),
             session_spin: gpupool_proto::quic::default_spin(),
-            io_spin: Duration::ZERO,
+            io_spin: gpupool_proto::quic::default_spin(),
             worker_ports: None,
             swap: None,
             swap_disk: None,
