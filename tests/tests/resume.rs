@@ -137,7 +137,12 @@ fn a_worker_session_survives_an_outage_and_loss() {
     let n = (3 << 20) + 5;
     let data = random_bytes(n, fresh_seed());
     let lossy = Relays::start(srv.addr, ports, faults);
-    let s = Session::connect(&through_relay(srv.client_config(), lossy.addr)).expect("session through loss");
+    // The bytes must cross the lossy network: no shared memory, whatever
+    // GPUPOOL_TEST_TRANSPORT says (its pinned bounce buffer would carry
+    // them past the relays).
+    let mut client = through_relay(srv.client_config(), lossy.addr);
+    client.shm_region_bytes = 0;
+    let s = Session::connect(&client).expect("session through loss");
     let dev = s.mem_alloc(n as u64).expect("alloc");
     s.memcpy_htod(dev, &data, StreamId::DEFAULT).expect("upload through loss");
     let mut back = vec![0u8; n];
