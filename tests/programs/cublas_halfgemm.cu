@@ -21,14 +21,7 @@
 #define NAME "cublas_halfgemm"
 
 #include "check.h"
-
-#define CKB(call)                                                             \
-    do {                                                                      \
-        cublasStatus_t s_ = (call);                                           \
-        if (s_ != CUBLAS_STATUS_SUCCESS)                                      \
-            fail("line %d: %s -> %s (%d)", __LINE__, #call,                   \
-                 cublasGetStatusName(s_), (int)s_);                           \
-    } while (0)
+#include "check_cublas.h"
 
 template <typename T> static T from_float(float f);
 template <> __nv_bfloat16 from_float(float f) { return __float2bfloat16(f); }

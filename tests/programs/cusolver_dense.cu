@@ -16,6 +16,7 @@
 #define NAME "cusolver_dense"
 
 #include "check.h"
+#include "check_cublas.h"
 
 #define CKSV(call)                                                            \
     do {                                                                      \
@@ -23,13 +24,6 @@
         if (s_ != CUSOLVER_STATUS_SUCCESS)                                    \
             fail("line %d: %s -> cuSOLVER status %d", __LINE__, #call,       \
                  (int)s_);                                                    \
-    } while (0)
-
-#define CKB(call)                                                             \
-    do {                                                                      \
-        cublasStatus_t s_ = (call);                                           \
-        if (s_ != CUBLAS_STATUS_SUCCESS)                                      \
-            fail("line %d: %s -> cuBLAS status %d", __LINE__, #call, (int)s_); \
     } while (0)
 
 static const int n = 200;

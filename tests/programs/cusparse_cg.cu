@@ -20,6 +20,7 @@
 #define NAME "cusparse_cg"
 
 #include "check.h"
+#include "check_cublas.h"
 
 #define CKS(call)                                                             \
     do {                                                                      \
@@ -27,13 +28,6 @@
         if (s_ != CUSPARSE_STATUS_SUCCESS)                                    \
             fail("line %d: %s -> %s (%d)", __LINE__, #call,                   \
                  cusparseGetErrorName(s_), (int)s_);                          \
-    } while (0)
-
-#define CKB(call)                                                             \
-    do {                                                                      \
-        cublasStatus_t s_ = (call);                                           \
-        if (s_ != CUBLAS_STATUS_SUCCESS)                                      \
-            fail("line %d: %s -> cuBLAS status %d", __LINE__, #call, (int)s_); \
     } while (0)
 
 struct Csr {

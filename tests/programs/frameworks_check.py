@@ -25,6 +25,16 @@ except ImportError as missing:
     sys.exit(77)
 
 
+def skip(name, missing):
+    print(f"SKIP {name}: {missing}")
+    sys.exit(77)
+
+
+def finish(name, t0):
+    print(f"TIME total {(time.perf_counter() - t0) * 1e3:.1f} ms")
+    print(f"PASS {name}")
+
+
 def fail(name, reason):
     print(f"FAIL {name}: {reason}", flush=True)
     sys.exit(1)
@@ -51,8 +61,7 @@ def check_cupy():
         import cupy as cp
         import cupyx.scipy.sparse as sparse
     except ImportError as e:
-        print(f"SKIP {name}: {e}")
-        sys.exit(77)
+        skip(name, e)
     print(f"INFO cupy {cp.__version__}, CUDA runtime {cp.cuda.runtime.runtimeGetVersion()}")
     t0 = time.perf_counter()
     dev = cp.cuda.Device(0)
@@ -136,8 +145,7 @@ def check_cupy():
     stream.synchronize()
     print(f"event elapsed sane: {cp.cuda.get_elapsed_time(start, end) >= 0}")
     close(name, "stream round trip (pinned)", back, host * 2, rtol=0, atol=0)
-    print(f"TIME total {(time.perf_counter() - t0) * 1e3:.1f} ms")
-    print("PASS cupy")
+    finish(name, t0)
 
 
 def check_numba():
@@ -145,8 +153,7 @@ def check_numba():
     try:
         from numba import cuda
     except ImportError as e:
-        print(f"SKIP {name}: {e}")
-        sys.exit(77)
+        skip(name, e)
     import numba
     print(f"INFO numba {numba.__version__}")
     t0 = time.perf_counter()
@@ -216,8 +223,7 @@ def check_numba():
     close(name, "stream with pinned arrays", back, np.zeros(n, np.float32), rtol=0, atol=0)
     free, total_mem = cuda.current_context().get_memory_info()
     print(f"memory info sane: {0 < free <= total_mem}")
-    print(f"TIME total {(time.perf_counter() - t0) * 1e3:.1f} ms")
-    print("PASS numba")
+    finish(name, t0)
 
 
 def check_jax():
@@ -226,8 +232,7 @@ def check_jax():
         import jax
         import jax.numpy as jnp
     except ImportError as e:
-        print(f"SKIP {name}: {e}")
-        sys.exit(77)
+        skip(name, e)
     print(f"INFO jax {jax.__version__}")
     t0 = time.perf_counter()
     gpus = [d for d in jax.devices() if d.platform == "gpu"]
@@ -280,8 +285,7 @@ def check_jax():
     print(f"scan training: loss fell {bool(losses[-1] < losses[0] * 0.1)}")
     close(name, "scan training weights", np.asarray(w), true_w, rtol=0.2, atol=0.2)
     close(name, "fft", np.asarray(jnp.fft.fft(jnp.asarray(a[0]))), np.fft.fft(a[0]), rtol=1e-3, atol=1e-3)
-    print(f"TIME total {(time.perf_counter() - t0) * 1e3:.1f} ms")
-    print("PASS jax")
+    finish(name, t0)
 
 
 def main():
