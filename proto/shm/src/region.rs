@@ -40,6 +40,22 @@ fn copy_threads(len: usize) -> usize {
     cpus.clamp(1, MAX_COPY_THREADS)
 }
 
+/// Runs `copy` over the pieces of `0..len`: on this thread when one piece
+/// covers it, else each piece on a thread of its own ([`copy_threads`]).
+fn in_pieces(len: usize, copy: impl Fn(std::ops::Range<usize>) + Sync) {
+    let piece = len.div_ceil(copy_threads(len)).max(1);
+    if piece >= len {
+        copy(0..len);
+        return;
+    }
+    std::thread::scope(|s| {
+        for lo in (0..len).step_by(piece) {
+            let copy = &copy;
+            s.spawn(move || copy(lo..(lo + piece).min(len)));
+        }
+    });
+}
+
 /// A mapped shared region.
 #[derive(Debug)]
 pub struct Region {
@@ -168,24 +184,20 @@ impl Region {
     /// threads, [`copy_threads`]).
     pub fn write(&self, start: usize, src: &[u8]) -> Result<(), ShmError> {
         self.range(start, src.len())?;
-        let piece = src.len().div_ceil(copy_threads(src.len())).max(1);
-        let write = |at: usize, part: &[u8]| {
-            // SAFETY: [at, at + part.len()) lies within [start, start +
-            // src.len()), which lies within the mapping (checked above); the
-            // mapping lives as long as `self` and stays backed by the memfd
-            // (its size is sealed). `part` is this process's memory and
-            // cannot overlap the mapping (no reference into it is ever given
-            // out). Pieces are disjoint; concurrent writes by the peer only
-            // garble bytes it owns.
-            unsafe { std::ptr::copy_nonoverlapping(part.as_ptr(), self.map.as_mut_ptr().add(at), part.len()) }
-        };
-        if piece >= src.len() {
-            write(start, src);
-            return Ok(());
-        }
-        std::thread::scope(|s| {
-            for (i, part) in src.chunks(piece).enumerate() {
-                s.spawn(move || write(start + i * piece, part));
+        in_pieces(src.len(), |piece| {
+            // SAFETY: `piece` lies within [0, src.len()), so [start +
+            // piece.start, start + piece.end) lies within the mapping
+            // (checked above); the mapping lives as long as `self` and stays
+            // backed by the memfd (its size is sealed). `src` is this
+            // process's memory and cannot overlap the mapping (no reference
+            // into it is ever given out). Pieces are disjoint; concurrent
+            // writes by the peer only garble bytes it owns.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src[piece.clone()].as_ptr(),
+                    self.map.as_mut_ptr().add(start + piece.start),
+                    piece.len(),
+                );
             }
         });
         Ok(())
@@ -194,19 +206,20 @@ impl Region {
     /// Copies the region's bytes at `start` into `dst`.
     pub fn read(&self, start: usize, dst: &mut [u8]) -> Result<(), ShmError> {
         self.range(start, dst.len())?;
-        let piece = dst.len().div_ceil(copy_threads(dst.len())).max(1);
-        let read = |at: usize, part: &mut [u8]| {
+        // An address, not a reference: the pieces write disjoint parts of
+        // `dst` from several threads.
+        let out = dst.as_mut_ptr() as usize;
+        in_pieces(dst.len(), |piece| {
             // SAFETY: as in `write`, with the roles swapped: the source range
-            // lies within the mapping, the destination is this process's own.
-            unsafe { std::ptr::copy_nonoverlapping(self.map.as_ptr().add(at), part.as_mut_ptr(), part.len()) }
-        };
-        if piece >= dst.len() {
-            read(start, dst);
-            return Ok(());
-        }
-        std::thread::scope(|s| {
-            for (i, part) in dst.chunks_mut(piece).enumerate() {
-                s.spawn(move || read(start + i * piece, part));
+            // lies within the mapping; the destination, `dst`'s bytes
+            // [piece.start, piece.end), is this process's own, borrowed
+            // mutably for the whole call and written by this piece only.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.map.as_ptr().add(start + piece.start),
+                    (out as *mut u8).add(piece.start),
+                    piece.len(),
+                );
             }
         });
         Ok(())
