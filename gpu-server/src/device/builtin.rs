@@ -156,6 +156,13 @@ impl PrintfFifo {
     }
 }
 
+/// [`functions`], made once: every launch on the emulated device looks
+/// its kernel up here.
+fn layout() -> &'static [FunctionInfo] {
+    static LAYOUT: std::sync::OnceLock<Vec<FunctionInfo>> = std::sync::OnceLock::new();
+    LAYOUT.get_or_init(functions)
+}
+
 /// Runs built-in function `index` on `mem`, with the module's variables at
 /// `variables` (in [`VARIABLES`] order). The parameter buffer has been
 /// checked against the layout by the caller.
@@ -167,8 +174,7 @@ pub fn run(
     printf: &mut PrintfFifo,
     variables: &[u64],
 ) -> DeviceResult<()> {
-    let layout = functions();
-    let f = layout
+    let f = layout()
         .get(index)
         .ok_or_else(|| CallError::invalid_handle(format!("built-in function {index} does not exist")))?;
     if params.len() < f.params_size() as usize {
