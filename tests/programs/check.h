@@ -34,6 +34,16 @@ static void fail(const char *fmt, ...)
                  cudaGetErrorName(e_), (int)e_, cudaGetErrorString(e_));      \
     } while (0)
 
+// A library call (cuBLAS, cuSPARSE, ...) whose status type is `type` and
+// whose success is `ok`: any other status fails with its name (`name(s)`).
+#define CK_STATUS(call, type, ok, name)                                       \
+    do {                                                                      \
+        type s_ = (call);                                                     \
+        if (s_ != (ok))                                                       \
+            fail("line %d: %s -> %s (%d)", __LINE__, #call, name(s_),         \
+                 (int)s_);                                                    \
+    } while (0)
+
 // Launch configuration errors surface through cudaGetLastError right after
 // the launch; execution errors at the next synchronizing call.
 #define CK_LAUNCH(kernel)                                                     \

@@ -9,10 +9,4 @@
 #error "include check.h before check_cublas.h"
 #endif
 
-#define CKB(call)                                                             \
-    do {                                                                      \
-        cublasStatus_t s_ = (call);                                           \
-        if (s_ != CUBLAS_STATUS_SUCCESS)                                      \
-            fail("line %d: %s -> %s (%d)", __LINE__, #call,                   \
-                 cublasGetStatusName(s_), (int)s_);                           \
-    } while (0)
+#define CKB(call) CK_STATUS(call, cublasStatus_t, CUBLAS_STATUS_SUCCESS, cublasGetStatusName)

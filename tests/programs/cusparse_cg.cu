@@ -22,13 +22,7 @@
 #include "check.h"
 #include "check_cublas.h"
 
-#define CKS(call)                                                             \
-    do {                                                                      \
-        cusparseStatus_t s_ = (call);                                         \
-        if (s_ != CUSPARSE_STATUS_SUCCESS)                                    \
-            fail("line %d: %s -> %s (%d)", __LINE__, #call,                   \
-                 cusparseGetErrorName(s_), (int)s_);                          \
-    } while (0)
+#define CKS(call) CK_STATUS(call, cusparseStatus_t, CUSPARSE_STATUS_SUCCESS, cusparseGetErrorName)
 
 struct Csr {
     int n = 0;
