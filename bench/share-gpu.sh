@@ -25,7 +25,8 @@
 # Env: SHARE_STEPS (steps per client, default 400), SHARE_NS ("4 8"),
 #      SHARE_TIME_MS (the server's --time-share-ms; default 0, off),
 #      SHARE_PARTS (what to run: "scale isolation fault", the default, or
-#      any of them), SHARE_BUDGET_S (seconds after which the remaining
+#      any of them and "temporal": a 75 % and a 25 % share both saturating
+#      for SHARE_TEMPORAL_S seconds, default 10), SHARE_BUDGET_S (seconds after which the remaining
 #      parts are skipped and said so; default 420).
 # Writes OUT_DIR/share.md and the logs. Budget: well under 9 minutes.
 set -uo pipefail
@@ -194,6 +195,49 @@ for label, a, b in [("native (time-sliced)", "native-alone", "native-next"),
     ratio = f"{y / x:.2f}x" if x and y else "-"
     print(f"| {label} | {x if x is not None else 'failed'} | {y if y is not None else 'failed'} | {ratio} |")
 PY
+fi
+# Temporal share: a 75 % and a 25 % share, both saturating the GPU for the
+# same window. With the server's time share on, the supervisor holds the
+# batches of the session past its weighted share of each period; off, only
+# MPS's active-thread percentages divide the GPU. Steps of each in the
+# window, their ratio and the holds counted.
+if wants temporal; then
+    if ((SECONDS > budget - 60)); then
+        say "" && say "### Temporal share: skipped (${SECONDS} s spent of the ${budget} s budget)"
+        status=1
+    else
+        tdir="$out/temporal"
+        mkdir -p "$tdir"
+        holds0=$(curl -s 127.0.0.1:9465/metrics 2>/dev/null | awk '/^gpupool_server_time_share_holds_total/ {print $2}')
+        window=${SHARE_TEMPORAL_S:-10}
+        pids=()
+        for pct in 75 25; do
+            shared "$pct" --hidden 8192 --batch 512 --layers 8 --seconds "$window" --barrier "$work/temporal" --clients 2 \
+                >"$tdir/$pct.json" 2>"$tdir/$pct.err" &
+            pids+=($!)
+        done
+        wait "${pids[@]}"
+        holds1=$(curl -s 127.0.0.1:9465/metrics 2>/dev/null | awk '/^gpupool_server_time_share_holds_total/ {print $2}')
+        say ""
+        say "### Temporal share (--time-share-ms ${SHARE_TIME_MS:-0}): a 75 % and a 25 % share, both saturating, ${window} s"
+        say ""
+        python3 - "$tdir" "${holds0:-0}" "${holds1:-0}" <<'PY' | tee -a "$report"
+import json, sys
+d, h0, h1 = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+def run(pct):
+    try:
+        return [json.loads(l) for l in open(f"{d}/{pct}.json") if l.startswith("{")][-1]
+    except (OSError, ValueError, IndexError):
+        return None
+a, b = run(75), run(25)
+print("| share | steps | steps/s | p50 / p99 step ms |")
+print("|---|---|---|---|")
+for pct, r in (("75 %", a), ("25 %", b)):
+    print(f"| {pct} | " + (f"{r['steps']} | {r['steps_per_s']} | {r['p50_ms']} / {r['p99_ms']} |" if r else "failed | - | - |"))
+if a and b:
+    print(f"\nsteps/s ratio 75 % / 25 %: {a['steps_per_s'] / b['steps_per_s']:.2f}; holds in the window: {h1 - h0:.0f}")
+PY
+    fi
 fi
 wants fault || exit $status
 if ((SECONDS > budget - 40)); then

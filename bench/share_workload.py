@@ -48,7 +48,10 @@ def workload(args):
             time.sleep(0.002)
     times = []
     t0 = time.time()
-    for _ in range(args.steps):
+    # --seconds: as many steps as fit in that time (a fixed window, so that
+    # clients sharing a GPU are compared over the same period).
+    end = time.perf_counter() + args.seconds if args.seconds else None
+    while len(times) < args.steps if end is None else time.perf_counter() < end:
         s = time.perf_counter()
         y = step()
         times.append(time.perf_counter() - s)
@@ -56,8 +59,8 @@ def workload(args):
     assert torch.isfinite(y.float()).all().item(), "non-finite output"
     times.sort()
     p99 = times[min(len(times) - 1, int(len(times) * 0.99))] * 1e3
-    print(json.dumps({"steps": args.steps, "t0": t0, "t1": t1, "p99_ms": round(p99, 3),
-                      "steps_per_s": round(args.steps / (t1 - t0), 1)}), flush=True)
+    print(json.dumps({"steps": len(times), "t0": t0, "t1": t1, "p50_ms": round(times[len(times) // 2] * 1e3, 3),
+                      "p99_ms": round(p99, 3), "steps_per_s": round(len(times) / (t1 - t0), 1)}), flush=True)
 
 
 def fault():
@@ -142,6 +145,7 @@ def main():
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--forwards", type=int, default=4)
+    p.add_argument("--seconds", type=float, help="step for this long instead of --steps steps")
     p.add_argument("--barrier")
     p.add_argument("--clients", type=int, default=1)
     p.add_argument("--fault", action="store_true")
