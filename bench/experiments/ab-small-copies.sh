@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A/B of bench/experiments/small-copies.patch on a GPU host: gpupool-bench
+# A/B of a bench/experiments patch on a GPU host (written for small-copies.patch,
+# now on main; worker-io-threads.patch uses it as is): gpupool-bench
 # of the bundle (main) and of the patch, alternating, twice each, each with
 # its own worker binary; then the patch's GPUPOOL_WORKER_IO_THREADS=2 and the
 # transport alone (emulated device) with 1 and 2 I/O threads.

@@ -262,6 +262,23 @@ const PIPELINE_PIECE: usize = 64 << 20;
 /// the driver's own staging does, instead of the staged path's three.
 const BOUNCE_HALF: usize = 8 << 20;
 
+/// Uploads through the bounce buffer up to this size go in
+/// [`BOUNCE_PIECES`] pieces, each sent as soon as it is written, so that
+/// the server's DMA of one overlaps the client's pass over the next (a
+/// larger chunk is written by several threads at once instead,
+/// `gpupool_shm::region`'s copy threads).
+const BOUNCE_SPLIT_MAX: usize = 4 << 20;
+/// How many pieces an upload of at most [`BOUNCE_SPLIT_MAX`] goes in.
+const BOUNCE_PIECES: usize = 4;
+/// The smallest such piece: below it a batch per piece costs more than the
+/// overlap gives.
+const BOUNCE_PIECE_MIN: usize = 128 << 10;
+
+/// The pieces an upload chunk of `len` bytes is written and sent in.
+fn bounce_piece(len: usize) -> usize {
+    if len > BOUNCE_SPLIT_MAX { len } else { len.div_ceil(BOUNCE_PIECES).max(BOUNCE_PIECE_MIN) }
+}
+
 /// A module variable (`cuModuleGetGlobal`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Global {
@@ -1172,7 +1189,9 @@ impl Session {
     /// chunk is written into one half while the server copies the chunk
     /// before from the other half to the device, and each copy is answered
     /// once done (the caller may reuse its buffer when this returns, and
-    /// the half is free again). Returns the bytes uploaded: all of them, or
+    /// the half is free again). A small chunk goes in pieces, each sent
+    /// once written ([`bounce_piece`]), so that its DMA overlaps the
+    /// client's pass over the next. Returns the bytes uploaded: all of them, or
     /// fewer when the host regions were revoked (the session is moving) and
     /// the rest must travel as bytes.
     fn htod_bounced(&self, st: &mut State, bounce: usize, dst: u64, src: &[u8], stream: StreamId) -> Result<usize> {
@@ -1180,19 +1199,45 @@ impl Session {
         let mut done = 0;
         for (i, chunk) in src.chunks(BOUNCE_HALF).enumerate() {
             let half = bounce + (i % 2) * BOUNCE_HALF;
-            // The half's last chunk was answered before the one in flight
-            // was sent.
-            let written = self.inner.transport.pinned_copy(half, chunk.len(), PinnedCopy::In(chunk));
-            if let Some((s, len)) = sent.take() {
-                self.call_wait(st, s)?;
-                done += len;
+            let piece = bounce_piece(chunk.len());
+            let pieces = chunk.len().div_ceil(piece);
+            for (j, part) in chunk.chunks(piece).enumerate() {
+                let at = half + j * piece;
+                // The half's last chunk was answered before the one in
+                // flight was sent.
+                let written = self.inner.transport.pinned_copy(at, part.len(), PinnedCopy::In(part));
+                if j == 0
+                    && let Some((s, len)) = sent.take()
+                {
+                    self.call_wait(st, s)?;
+                    done += len;
+                }
+                written?;
+                // Revoked (the session moves): the pieces sent so far are
+                // answered with the synchronization below, the rest travels
+                // as bytes.
+                let Some(region) = self.region_for(st, at, part.len()) else {
+                    if j > 0 {
+                        let s =
+                            self.call_send(st, Op::StreamSynchronize(v1::StreamSynchronize { stream: stream.0 }))?;
+                        self.call_wait(st, s)?;
+                        done += j * piece;
+                    }
+                    return Ok(done);
+                };
+                let to = dst + (i * BOUNCE_HALF + j * piece) as u64;
+                let copy = v1::MemcpyHtoD {
+                    dst: to,
+                    stream: stream.0,
+                    source: Some(Source::Region(region)),
+                    asynchronous: true,
+                };
+                self.enqueue_plain(st, Op::MemcpyHtod(copy))?;
+                if j + 1 < pieces {
+                    // Its DMA starts while the next piece is written.
+                    self.flush_locked(st)?;
+                }
             }
-            written?;
-            let Some(region) = self.region_for(st, half, chunk.len()) else { return Ok(done) };
-            let to = dst + (i * BOUNCE_HALF) as u64;
-            let copy =
-                v1::MemcpyHtoD { dst: to, stream: stream.0, source: Some(Source::Region(region)), asynchronous: true };
-            self.enqueue_plain(st, Op::MemcpyHtod(copy))?;
             let s = self.call_send(st, Op::StreamSynchronize(v1::StreamSynchronize { stream: stream.0 }))?;
             sent = Some((s, chunk.len()));
         }

@@ -1377,7 +1377,23 @@ impl QuicTransport {
     }
 }
 
-/// Runs one request per `chunk` bytes of `total`: chunk `i` on connection
+/// The smallest piece a copy is cut into to spread it over the bulk
+/// connections.
+const MIN_SPREAD_CHUNK: usize = 256 << 10;
+
+/// The chunk size for a copy of `total` bytes over `conns` connections:
+/// `chunk`, or less for a copy that would leave connections idle (down to
+/// [`MIN_SPREAD_CHUNK`]), so that each connection's I/O thread encrypts and
+/// sends its share at once: one connection is one core's work.
+fn spread_chunk(total: usize, chunk: usize, conns: usize) -> usize {
+    if conns <= 1 || total >= chunk.saturating_mul(conns) {
+        return chunk;
+    }
+    total.div_ceil(conns).clamp(MIN_SPREAD_CHUNK.min(chunk), chunk)
+}
+
+/// Runs one request per `chunk` bytes of `total` (fewer bytes each for a
+/// copy smaller than a chunk per connection, [`spread_chunk`]): chunk `i` on connection
 /// `i mod n`, at most `sem`'s permits in flight (`bulk_parallel`). `start`
 /// makes the request of `(offset, len)` on a connection; `done` takes each
 /// result as it completes, in any order. The first failure ends it.
@@ -1397,6 +1413,7 @@ where
         // All of them were lost (the server went away mid-copy).
         return Err(ClientError::ConnectionLost("no bulk connection is left".into()));
     }
+    let chunk = spread_chunk(total, chunk, conns.len());
     let mut tasks = JoinSet::new();
     for (i, offset) in (0..total).step_by(chunk).enumerate() {
         let permit = sem.clone().acquire_owned().await.map_err(|_| ClientError::ConnectionLost("closed".into()))?;
@@ -1440,6 +1457,18 @@ impl Drop for QuicTransport {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    #[test]
+    fn small_copies_are_spread_over_the_connections() {
+        let chunk = 4 << 20;
+        assert_eq!(spread_chunk(1 << 20, chunk, 4), 256 << 10, "1 MiB over four connections");
+        assert_eq!(spread_chunk(8 << 20, chunk, 4), 2 << 20);
+        assert_eq!(spread_chunk(16 << 20, chunk, 4), chunk, "a chunk per connection already");
+        assert_eq!(spread_chunk(1 << 30, chunk, 4), chunk);
+        assert_eq!(spread_chunk(300 << 10, chunk, 4), 256 << 10, "not below the smallest piece");
+        assert_eq!(spread_chunk(1 << 20, chunk, 1), chunk, "one connection");
+        assert_eq!(spread_chunk(1 << 20, 64 << 10, 4), 64 << 10, "never above the chunk");
+    }
 
     /// A session that moved is followed: the new address, pin, token, id
     /// and secret; an unusable address is a protocol error, nothing changed.
