@@ -8,8 +8,10 @@ gpupool with GPUPOOL_CALL_STATS=1 the steady-state workloads also report
 the calls that waited for the server per step (`waits_per_step`), the
 entry points that waited, the time the program's thread spent inside the
 stub per step (`stub_us_per_step`, and `stub_us_in` by entry point), read from the stub's `gpupool_call_stats()`
-around the timed steps only (the final synchronization, which waits
-natively too, is outside the window).
+over a second run of the same steps (the final synchronization, which
+waits natively too, is outside the window). The timed figures are taken
+with the table paused (`gpupool_call_stats_pause`): counting costs two
+clock reads and a lock per call.
 
 Usage: torch_bench.py [WORKLOAD...]   (default: all, each fresh-process
 workload in its own child process)
@@ -46,6 +48,18 @@ class Waits:
         fn.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
         if fn(None, 0, 0) > 0:
             self.fn = fn
+            # Counting costs two clock reads and a lock per call: the timed
+            # steps run with it paused, and a second window is counted.
+            self.pause_fn = getattr(lib, "gpupool_call_stats_pause", None)
+            if self.pause_fn is not None:
+                self.pause_fn.restype = ctypes.c_int
+                self.pause_fn.argtypes = [ctypes.c_int]
+
+    def pause(self, paused):
+        """Stops or resumes counting; False when it cannot be paused."""
+        if not self.fn or getattr(self, "pause_fn", None) is None:
+            return False
+        return self.pause_fn(1 if paused else 0) >= 0
 
     def reset(self):
         if self.fn:
@@ -89,13 +103,26 @@ def timed_steps(name, waits, steps, step, sync):
     for _ in range(3):
         step()
     sync()
+    # Timed with the call table paused (run_steady pauses it; its own cost
+    # is not in the figure); then the same steps again, counted, for the
+    # waits and the time in the stub. A stub that cannot pause counts the
+    # timed steps.
+    paused = waits.pause(True)
     waits.reset()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    counted = waits.read()
+    counted = None if paused else waits.read()
     sync()
     ms = (time.perf_counter() - t0) * 1e3 / steps
+    if paused:
+        waits.pause(False)
+        waits.reset()
+        for _ in range(steps):
+            step()
+        counted = waits.read()
+        sync()
+        waits.pause(True)
     fields = {"ms_per_step": round(ms, 4), "steps": steps}
     if counted is not None:
         fields["waits_per_step"] = round(counted[0] / steps, 3)
@@ -130,6 +157,9 @@ def run_steady(names):
     torch.manual_seed(0)
     torch.zeros(1, device="cuda")
     waits = Waits()
+    # Every workload's figures are taken with the call table paused; only
+    # timed_steps' counted windows count.
+    waits.pause(True)
     sync = torch.cuda.synchronize
 
     def copies():

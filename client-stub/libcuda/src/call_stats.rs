@@ -14,6 +14,7 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -28,6 +29,11 @@ struct Row {
 }
 
 static TABLE: Mutex<Option<HashMap<&'static str, Row>>> = Mutex::new(None);
+
+/// Counting stopped by [`gpupool_call_stats_pause`]: a benchmark times its
+/// steps without the table's own cost (two clock reads and a lock per
+/// call), then counts a second window.
+static PAUSED: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
     static DEPTH: Cell<u32> = const { Cell::new(0) };
@@ -47,7 +53,7 @@ fn enabled() -> bool {
 
 /// Runs `body`, the body of entry point `name`, and counts what it did.
 pub(crate) fn measure<T>(name: &'static str, body: impl FnOnce() -> T) -> T {
-    if !enabled() {
+    if !enabled() || PAUSED.load(Ordering::Relaxed) {
         return body();
     }
     let outer = DEPTH.try_with(|d| d.replace(d.get() + 1) == 0).unwrap_or(false);
@@ -132,6 +138,17 @@ pub unsafe extern "C" fn gpupool_call_stats(buf: *mut std::ffi::c_char, len: usi
     // SAFETY: the caller's contract.
     unsafe { copy_c_string(&text, buf, len) };
     text.len()
+}
+
+/// `int gpupool_call_stats_pause(int paused)`: stops (non-zero) or
+/// resumes (0) counting; returns whether it was paused before, or -1 when
+/// the table is off. Calls made while paused are not in the table.
+#[unsafe(no_mangle)]
+pub extern "C" fn gpupool_call_stats_pause(paused: std::ffi::c_int) -> std::ffi::c_int {
+    if !enabled() {
+        return -1;
+    }
+    std::ffi::c_int::from(PAUSED.swap(paused != 0, Ordering::Relaxed))
 }
 
 /// The table as text; emptied afterwards when `reset`.

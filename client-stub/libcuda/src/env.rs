@@ -33,7 +33,7 @@
 //! | `GPUPOOL_BATCH_DELAY_US` | longest wait of a queued call for company while earlier batches are in flight (default 100; `off`: queued calls go only with a synchronizing call or a full batch) |
 //! | `GPUPOOL_IO_SPIN_US` | keep the I/O thread awake this long after each batch sent, so that sends need no kernel wake-up (default 0: it sleeps at once; spends a core while the program sends) |
 //! | `GPUPOOL_LOG` | log filter for stderr (default `warn`) |
-//! | `GPUPOOL_CALL_STATS` | `1`: the call table at exit (`call_stats`); `gpupool_call_stats()` reads it in-process |
+//! | `GPUPOOL_CALL_STATS` | `1`: the call table at exit (`call_stats`); `gpupool_call_stats()` reads it in-process, `gpupool_call_stats_pause()` stops and resumes counting |
 
 use gpupool_client::{ClientConfig, PoolRequest, Trust};
 use std::net::ToSocketAddrs;
