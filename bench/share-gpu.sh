@@ -170,8 +170,13 @@ else
         local hp=$!
         for _ in $(seq 1 240); do [[ -n $(ls "$work/iso-$tag" 2>/dev/null) ]] && break; sleep 0.25; done
         "$@" >"$iso/$tag.json" 2>"$iso/$tag.err"
+        # $hp is the subshell running the function; its child (timeout,
+        # which passes the signal on to python) must end too, or the heavy
+        # client keeps the GPU busy through the next measurement.
+        pkill -TERM -P "$hp" 2>/dev/null
         kill "$hp" 2>/dev/null
         wait "$hp" 2>/dev/null
+        for _ in $(seq 1 40); do pgrep -f -- "--hidden 8192" >/dev/null || break; sleep 0.25; done
     }
     native_heavy() { timeout 120 python3 "$wl" "$@"; }
     shared_heavy() { shared 75 "$@"; }

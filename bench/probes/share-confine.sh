@@ -17,7 +17,7 @@ O=${1:?OUT_DIR}
 mkdir -p "$O" && O=$(cd "$O" && pwd)
 CU=${GPUPOOL_CUDA_HOME:-/usr/local/cuda}
 W=$(mktemp -d)
-steps=${CONFINE_STEPS:-3000}
+steps=${CONFINE_STEPS:-1000}
 "$CU/bin/nvcc" -O2 -arch=sm_90 -o "$W/share_confine" "$here/share_confine.cu" -lcuda || exit 1
 P=$W/pipe L=$W/log
 mkdir -p "$P" "$L"
@@ -42,17 +42,20 @@ pair() {
     # The heavy client's own rate alone, for what the pairing cost it.
     env "${he[@]}" "$W/share_confine" heavy "$hconf" 3 >"$O/$tag-heavy-alone.json" 2>&1
 }
-# A heavy client killed by the pairing's end prints nothing: its rate while
-# paired is measured by a second, timed run beside the small client.
+# A heavy client killed by the pairing's end prints nothing: its rate
+# while paired is measured by a second, timed run (3 s) beside a small
+# client that steps until it is stopped.
 pair_rate() {
     local tag=$1 senv=$2 sconf=$3 henv=$4 hconf=$5
     local -a se=() he=()
     [[ $senv != - ]] && se=("$senv")
     [[ $henv != - ]] && he=("$henv")
-    env "${he[@]}" "$W/share_confine" heavy "$hconf" 3 >"$O/$tag-heavy-paired.json" 2>&1 &
-    local hp=$!
-    env "${se[@]}" "$W/share_confine" small "$sconf" $((steps * 4)) >/dev/null 2>&1
-    wait "$hp"
+    env "${se[@]}" "$W/share_confine" small "$sconf" 100000000 >/dev/null 2>&1 &
+    local sp=$!
+    sleep 0.5
+    env "${he[@]}" "$W/share_confine" heavy "$hconf" 3 >"$O/$tag-heavy-paired.json" 2>&1
+    kill -INT "$sp" 2>/dev/null
+    wait "$sp" 2>/dev/null
 }
 
 pair nomps - none - none
