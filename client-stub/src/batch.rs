@@ -53,11 +53,34 @@ pub struct CallQueue {
     output: Vec<u8>,
     /// Bytes of it dropped because nobody took it.
     output_dropped: u64,
+    /// What the driver wrote to the worker's stderr (device assert
+    /// messages), received and not yet taken, in order.
+    errors: Vec<u8>,
+    /// Bytes of it dropped because nobody took it.
+    errors_dropped: u64,
 }
 
 /// Device output a client holds for its application at most; more is
 /// dropped (the application then never synchronizes to see it).
 pub const MAX_HELD_OUTPUT: usize = 64 << 20;
+
+/// Appends `received` to `held` up to [`MAX_HELD_OUTPUT`]; counts the rest.
+fn hold(held: &mut Vec<u8>, dropped: &mut u64, received: &[u8]) {
+    let room = MAX_HELD_OUTPUT.saturating_sub(held.len());
+    let kept = received.len().min(room);
+    held.extend_from_slice(&received[..kept]);
+    *dropped += (received.len() - kept) as u64;
+}
+
+/// Takes `held`, with a line about the bytes dropped first, if any were.
+fn take_held(held: &mut Vec<u8>, dropped: &mut u64, what: &str) -> Vec<u8> {
+    if *dropped > 0 {
+        let line = format!("[gpupool] {dropped} bytes of device {what} output dropped by the client\n");
+        held.extend_from_slice(line.as_bytes());
+        *dropped = 0;
+    }
+    std::mem::take(held)
+}
 
 impl CallQueue {
     pub fn new(limits: BatchLimits) -> Self {
@@ -71,6 +94,8 @@ impl CallQueue {
             latched: None,
             output: Vec::new(),
             output_dropped: 0,
+            errors: Vec::new(),
+            errors_dropped: 0,
         }
     }
 
@@ -138,13 +163,13 @@ impl CallQueue {
     /// Takes the device printf output received so far (and a line about
     /// what was dropped, if anything was).
     pub fn take_output(&mut self) -> Vec<u8> {
-        if self.output_dropped > 0 {
-            let line =
-                format!("[gpupool] {} bytes of device printf output dropped by the client\n", self.output_dropped);
-            self.output.extend_from_slice(line.as_bytes());
-            self.output_dropped = 0;
-        }
-        std::mem::take(&mut self.output)
+        take_held(&mut self.output, &mut self.output_dropped, "printf")
+    }
+
+    /// Takes the device's stderr output (assert messages) received so far
+    /// (and a line about what was dropped, if anything was).
+    pub fn take_errors(&mut self) -> Vec<u8> {
+        take_held(&mut self.errors, &mut self.errors_dropped, "assert")
     }
 
     /// Whether an error is latched.
@@ -172,12 +197,8 @@ impl CallQueue {
         if seq != reply.seq {
             return Err(ClientError::Protocol(format!("reply {} does not match batch {seq}", reply.seq)));
         }
-        if !reply.device_output.is_empty() {
-            let room = MAX_HELD_OUTPUT.saturating_sub(self.output.len());
-            let kept = reply.device_output.len().min(room);
-            self.output.extend_from_slice(&reply.device_output[..kept]);
-            self.output_dropped += (reply.device_output.len() - kept) as u64;
-        }
+        hold(&mut self.output, &mut self.output_dropped, &reply.device_output);
+        hold(&mut self.errors, &mut self.errors_dropped, &reply.device_errors);
         let listed = reply.errors.len() as u64;
         let mut own = None;
         for e in reply.errors {
@@ -316,6 +337,23 @@ mod tests {
         q.on_reply(reply(b2.seq, b"second\n"), b2.seq).expect("reply");
         assert_eq!(q.take_output(), b"first\nsecond\n");
         assert!(q.take_output().is_empty());
+    }
+
+    #[test]
+    fn device_stderr_is_kept_apart_from_stdout() {
+        let mut q = CallQueue::new(limits());
+        q.push(sync_op());
+        let b1 = q.cut().expect("b1");
+        let reply = v1::BatchReply {
+            seq: b1.seq,
+            device_output: b"printf\n".as_slice().into(),
+            device_errors: b"assert\n".as_slice().into(),
+            ..Default::default()
+        };
+        q.on_reply(reply, b1.seq).expect("reply");
+        assert_eq!(q.take_errors(), b"assert\n");
+        assert_eq!(q.take_output(), b"printf\n");
+        assert!(q.take_errors().is_empty());
     }
 
     #[test]

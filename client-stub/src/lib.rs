@@ -36,5 +36,5 @@ pub use lease::{LeasedGpu, PoolRequest};
 pub use mirror::MirrorHost;
 pub use session::{
     ArrayEnd, DeviceBuffer, EventId, Function, Global, HostSide, JitInput, JitLinkOutput, JitLinkRequest, KernelArg,
-    LaunchConfig, Module, Session, StreamId,
+    LaunchConfig, Module, OutputSink, OutputStream, Session, StreamId,
 };

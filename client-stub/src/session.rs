@@ -375,8 +375,17 @@ enum Bounce {
     Refused,
 }
 
-/// Where device printf output goes when a synchronizing call returns.
-pub type OutputSink = Box<dyn Fn(&[u8]) + Send + Sync>;
+/// Which of the application's streams device output belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    /// Device `printf` (the driver writes it to stdout).
+    Stdout,
+    /// A failed device assert's message (the driver writes it to stderr).
+    Stderr,
+}
+
+/// Where device output goes when a synchronizing call returns.
+pub type OutputSink = Box<dyn Fn(OutputStream, &[u8]) + Send + Sync>;
 
 struct Sink(OutputSink);
 
@@ -499,9 +508,10 @@ impl Session {
         }
     }
 
-    /// Sends device printf output to `sink` from now on: the thread whose
+    /// Sends device output to `sink` from now on: the thread whose
     /// synchronizing call received it calls `sink` before the call
-    /// returns, in order (the drop-in libcuda writes it to C `stdout`).
+    /// returns, in order, stdout's first (the drop-in libcuda writes it to
+    /// C `stdout` and `stderr`).
     /// Only the first sink set is kept; `false` when one was set already.
     pub fn set_output_sink(&self, sink: OutputSink) -> bool {
         self.inner.sink.set(Sink(sink)).is_ok()
@@ -512,13 +522,23 @@ impl Session {
         self.lock().queue.take_output()
     }
 
+    /// Device stderr output (assert messages) received so far and not
+    /// given to a sink.
+    pub fn take_device_errors(&self) -> Vec<u8> {
+        self.lock().queue.take_errors()
+    }
+
     /// Hands received output to the sink, if one is set. Called under the
     /// state lock so that output of concurrent callers stays in order.
     fn deliver_output(&self, st: &mut State) {
         if let Some(sink) = self.inner.sink.get() {
             let out = st.queue.take_output();
             if !out.is_empty() {
-                (sink.0)(&out);
+                (sink.0)(OutputStream::Stdout, &out);
+            }
+            let errors = st.queue.take_errors();
+            if !errors.is_empty() {
+                (sink.0)(OutputStream::Stderr, &errors);
             }
         }
     }

@@ -288,9 +288,11 @@ fn host_name() -> Option<String> {
 
 fn main() -> anyhow::Result<()> {
     eager_module_loading();
-    // stdout belongs to the worker protocol in a worker: logs go to stderr.
+    // stdout belongs to the worker protocol in a worker: logs go to stderr
+    // (in a worker, the original stderr: fd 2 then captures the device's
+    // assert messages for the client).
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(|| gpupool_server::device_output::LogWriter)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     gpupool_server::worker::run_if_worker();

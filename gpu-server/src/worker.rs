@@ -53,7 +53,8 @@ pub fn run_if_worker() {
         let code = match run_stdio() {
             Ok(()) => 0,
             Err(e) => {
-                eprintln!("gpupool worker: {e}");
+                use std::io::Write as _;
+                let _ = writeln!(crate::device_output::LogWriter, "gpupool worker: {e}");
                 1
             }
         };
@@ -71,6 +72,10 @@ pub fn run_stdio() -> Result<(), ServerError> {
     // which must not be the protocol pipe.
     let proto = crate::device_output::install()
         .map_err(|e| ServerError::Worker(format!("cannot capture stdout for device printf: {e}")))?;
+    // And stderr, where the driver writes a device assert's message; the
+    // worker's own logs move to a duplicate of it.
+    crate::device_output::install_stderr()
+        .map_err(|e| ServerError::Worker(format!("cannot capture stderr for device asserts: {e}")))?;
     let _ = PROTOCOL_OUT.set(Mutex::new(proto));
     let mut stdin = std::io::stdin();
     let spec: v1::WorkerSpec =

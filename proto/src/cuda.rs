@@ -19,6 +19,7 @@ pub const NOT_FOUND: CuResult = 500;
 pub const NOT_READY: CuResult = 600;
 pub const ILLEGAL_ADDRESS: CuResult = 700;
 pub const LAUNCH_OUT_OF_RESOURCES: CuResult = 701;
+pub const ASSERT: CuResult = 710;
 pub const COOPERATIVE_LAUNCH_TOO_LARGE: CuResult = 720;
 pub const NOT_PERMITTED: CuResult = 800;
 pub const NOT_SUPPORTED: CuResult = 801;
@@ -50,6 +51,7 @@ pub fn name(code: CuResult) -> &'static str {
         NOT_FOUND => "CUDA_ERROR_NOT_FOUND",
         NOT_READY => "CUDA_ERROR_NOT_READY",
         ILLEGAL_ADDRESS => "CUDA_ERROR_ILLEGAL_ADDRESS",
+        ASSERT => "CUDA_ERROR_ASSERT",
         LAUNCH_OUT_OF_RESOURCES => "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES",
         COOPERATIVE_LAUNCH_TOO_LARGE => "CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE",
         INVALID_CLUSTER_SIZE => "CUDA_ERROR_INVALID_CLUSTER_SIZE",

@@ -120,3 +120,37 @@ fn a_flood_of_printf_neither_blocks_nor_corrupts_the_worker() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// A failed device assert through process isolation: the driver writes its
+/// message to the worker's stderr (the emulated device, for the built-in
+/// `check_below`, the message CUDA prints for `__assertfail`); the worker
+/// captures it apart from its own logs and the client gets it, as device
+/// stderr output, with the synchronizing call that fails with
+/// CUDA_ERROR_ASSERT. The context is lost afterwards, as natively.
+#[test]
+fn a_device_assert_reaches_the_client_as_stderr_output() {
+    let srv = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
+    let s = Session::connect(&srv.client_config()).expect("session");
+    let m = s.module_load(BUILTIN_MODULE).expect("module");
+    let f = m.function("check_below").expect("check_below");
+    // Nothing asserts: no output, no error.
+    let cfg = LaunchConfig { grid: (2, 1, 1), block: (4, 1, 1), shared_mem_bytes: 0 };
+    s.launch(&f, cfg, StreamId::DEFAULT, &[KernelArg::U32(8)]).expect("launch");
+    s.synchronize().expect("no thread asserts");
+    assert!(s.take_device_errors().is_empty());
+
+    // Threads 6 and 7 (block 1, threads 2 and 3) assert.
+    s.launch(&f, cfg, StreamId::DEFAULT, &[KernelArg::U32(6)]).expect("the launch itself is queued");
+    let err = s.synchronize().expect_err("the assert fails the synchronize");
+    assert_eq!(err.code(), gpupool_proto::cuda::ASSERT, "{err}");
+    let text = text(s.take_device_errors());
+    let want = want((2..4)
+        .map(|t| format!("gpupool_builtin.cu:1: check_below: block: [1,0,0], thread: [{t},0,0] Assertion `i < limit` failed.\n"))
+        .collect());
+    assert_eq!(text, want);
+    assert!(s.take_device_output().is_empty(), "nothing on stdout");
+    // The worker's own logs did not reach the client.
+    assert!(!text.contains("gpupool_server"), "{text}");
+    // The context is lost: later calls fail too.
+    assert!(s.mem_alloc(64).is_err(), "a call after the assert fails");
+}

@@ -516,6 +516,29 @@ fn graphs_with_builtin_kernels() -> Result<()> {
     Ok(())
 }
 
+/// A failed device assert through the stub: the synchronize fails with
+/// CUDA_ERROR_ASSERT, the message (what the driver prints for the failing
+/// threads) is on the program's stderr, its stdout is its own, and the
+/// context is lost afterwards, as natively.
+#[test]
+fn a_device_assert_message_reaches_the_programs_stderr() -> Result<()> {
+    build_stub_only("assert_builtin")?;
+    let server = TestServer::start(isolated_config()?)?;
+    let (out, err) = run_with_env(&server, "assert_builtin", &[])?;
+    assert!(out.contains("no thread asserts: synchronize ok"), "{out}");
+    assert!(out.contains("threads 6 and 7 assert: synchronize -> CUDA_ERROR_ASSERT"), "{out}");
+    assert!(out.contains("an allocation after the assert -> CUDA_ERROR_ASSERT"), "{out}");
+    for t in [2, 3] {
+        let line = format!(
+            "gpupool_builtin.cu:1: check_below: block: [1,0,0], thread: [{t},0,0] Assertion `i < limit` failed."
+        );
+        assert!(err.lines().any(|l| l == line), "missing {line:?} on stderr:\n{err}");
+    }
+    assert!(!out.contains("Assertion"), "the message goes to stderr only:\n{out}");
+    server.stop();
+    Ok(())
+}
+
 #[test]
 fn unreachable_pool_is_reported() -> Result<()> {
     let (stub, bin) = programs()?;

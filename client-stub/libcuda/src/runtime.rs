@@ -157,17 +157,24 @@ unsafe extern "C" {
     /// The C library's `stdout` stream.
     #[link_name = "stdout"]
     static C_STDOUT: *mut libc::FILE;
+    /// The C library's `stderr` stream.
+    #[link_name = "stderr"]
+    static C_STDERR: *mut libc::FILE;
 }
 
-/// Device printf output, written as the driver writes it: to the C `stdout`
-/// stream, by the thread whose synchronizing call returns, so that it
-/// interleaves with the program's own `printf` as natively (also when
-/// stdout is a pipe or a file and fully buffered).
-fn write_c_stdout(bytes: &[u8]) {
-    // SAFETY: `stdout` is the C library's initialized stream; fwrite reads
-    // `bytes.len()` bytes from a live slice.
+/// Device output, written as the driver writes it: device printf to the C
+/// `stdout` stream, a failed assert's message to `stderr`, by the thread
+/// whose synchronizing call returns, so that it interleaves with the
+/// program's own output as natively (also when stdout is a pipe or a file
+/// and fully buffered).
+fn write_c_stream(stream: gpupool_client::OutputStream, bytes: &[u8]) {
+    // SAFETY: `stdout` and `stderr` are the C library's initialized
+    // streams; fwrite reads `bytes.len()` bytes from a live slice.
     unsafe {
-        let out = C_STDOUT;
+        let out = match stream {
+            gpupool_client::OutputStream::Stdout => C_STDOUT,
+            gpupool_client::OutputStream::Stderr => C_STDERR,
+        };
         libc::fwrite(bytes.as_ptr().cast(), 1, bytes.len(), out);
         libc::fflush(out);
     }
@@ -202,7 +209,7 @@ impl Runtime {
                 if !gpupool_ffi::at_exit(end_session_at_exit) {
                     tracing::warn!("cannot register an exit handler: the server keeps the session until it times out");
                 }
-                session.set_output_sink(Box::new(write_c_stdout));
+                session.set_output_sink(Box::new(write_c_stream));
                 let device = session.device();
                 let attributes = crate::device::visible_attributes(&device);
                 crate::hostmem::reserve_device_range(session.reserved_range());

@@ -32,6 +32,7 @@ const KERNELS: &[(&str, &[u32])] = &[
     ("matmul_f32", &[PTR, PTR, PTR, U32, U32, U32]),
     ("print_ids", &[U32]),
     ("tally_add", &[U64]),
+    ("check_below", &[U32]),
 ];
 
 /// The module's variables: names and sizes. The emulated device places
@@ -143,6 +144,10 @@ fn threads(dims: &LaunchDims, axis: usize) -> u64 {
 pub struct PrintfFifo {
     pub bytes: Vec<u8>,
     pub capacity: usize,
+    /// Messages of failed device asserts, which the driver writes to
+    /// stderr (bounded by `capacity` as well); the launch that asserted
+    /// fails with `CUDA_ERROR_ASSERT`.
+    pub asserts: Vec<u8>,
 }
 
 impl PrintfFifo {
@@ -251,8 +256,43 @@ pub fn run(
             let sum = u64::from_le_bytes(bytes).wrapping_add(args.u64(0).wrapping_mul(all));
             mem.store(tally, &sum.to_le_bytes())
         }
+        "check_below" => {
+            // Every thread whose x index is `limit` or more asserts, with the
+            // message the driver prints for `__assertfail` (block by block,
+            // thread by thread here; a GPU prints them in no fixed order).
+            let limit = u64::from(args.u32(0));
+            let (g, b) = (dims.grid, dims.block);
+            let mut failed = false;
+            'all: for (bz, by, bx) in grid_order(g) {
+                for (tz, ty, tx) in grid_order(b) {
+                    if u64::from(bx) * u64::from(b[0]) + u64::from(tx) < limit {
+                        continue;
+                    }
+                    failed = true;
+                    let line = format!(
+                        "{ASSERT_FILE}:{ASSERT_LINE}: {ASSERT_FUNCTION}: block: [{bx},{by},{bz}], thread: [{tx},{ty},{tz}] Assertion `{ASSERT_EXPR}` failed.\n"
+                    );
+                    if printf.asserts.len() + line.len() > printf.capacity {
+                        break 'all;
+                    }
+                    printf.asserts.extend_from_slice(line.as_bytes());
+                }
+            }
+            if failed { Err(CallError::new(cuda::ASSERT, "device-side assert triggered")) } else { Ok(()) }
+        }
         other => Err(CallError::new(cuda::NOT_FOUND, format!("no reference for built-in {other}"))),
     }
+}
+
+/// What `check_below` passes to `__assertfail` (`proto/src/builtin.cu`).
+const ASSERT_FILE: &str = "gpupool_builtin.cu";
+const ASSERT_LINE: u32 = 1;
+const ASSERT_FUNCTION: &str = "check_below";
+const ASSERT_EXPR: &str = "i < limit";
+
+/// The (z, y, x) indices of `dims`, x fastest.
+fn grid_order(dims: [u32; 3]) -> impl Iterator<Item = (u32, u32, u32)> {
+    (0..dims[2]).flat_map(move |z| (0..dims[1]).flat_map(move |y| (0..dims[0]).map(move |x| (z, y, x))))
 }
 
 #[cfg(test)]

@@ -350,7 +350,7 @@ impl Backend for EmulatedDevice {
             epoch: Instant::now(),
             sm: self.sm,
             limits: BTreeMap::from(DEFAULT_LIMITS),
-            printf: builtin::PrintfFifo { bytes: Vec::new(), capacity: 1 << 20 },
+            printf: builtin::PrintfFifo { bytes: Vec::new(), capacity: 1 << 20, asserts: Vec::new() },
             next_object: 0,
             default_stream: Stream::default(),
             used: self.used.clone(),
@@ -860,7 +860,14 @@ impl BackendSession for EmulatedSession {
                 ));
             }
         }
-        builtin::run(function, dims, params, &mut Mem(&self.memory), &mut self.printf, &module.variables.addrs)
+        let ran =
+            builtin::run(function, dims, params, &mut Mem(&self.memory), &mut self.printf, &module.variables.addrs);
+        if !self.printf.asserts.is_empty() {
+            // The driver writes a failed assert's message to stderr.
+            crate::device_output::write_stderr(&self.printf.asserts);
+            self.printf.asserts.clear();
+        }
+        ran
     }
 
     fn limits(&mut self) -> Vec<(u32, u64)> {

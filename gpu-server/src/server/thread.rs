@@ -163,6 +163,11 @@ pub(crate) fn run<B: Backend>(
                 if let Some(capture) = crate::device_output::installed() {
                     reply.device_output = capture.collect(max_output).into();
                 }
+                if let Some(capture) = crate::device_output::installed_stderr() {
+                    // Within the same bound as the printf output: the rest
+                    // follows in later replies.
+                    reply.device_errors = capture.collect(max_output.saturating_sub(reply.device_output.len())).into();
+                }
                 add(&metrics.call_errors, u64::from(reply.error_count));
                 let lost = reply.errors.iter().filter(|e| crate::CallError::ends_context(e.code)).count();
                 add(&metrics.context_lost_errors, lost as u64);

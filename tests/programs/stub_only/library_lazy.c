@@ -94,9 +94,9 @@ int main(void)
     CUlibrary owner;
     CK(cuKernelGetLibrary(&owner, k[0]));
     /* The built-in module's kernels: empty, vector_add, saxpy, matmul_f32,
-     * print_ids, tally_add. */
-    if (count != 6 || owner != shared_lib)
-        fail("kernel count %u, owner %p (expected 6, %p)", count, (void *)owner, (void *)shared_lib);
+     * print_ids, tally_add, check_below. */
+    if (count != 7 || owner != shared_lib)
+        fail("kernel count %u, owner %p (expected 7, %p)", count, (void *)owner, (void *)shared_lib);
     CUfunction vadd;
     CK(cuKernelGetFunction(&vadd, k[0]));
 

@@ -20,7 +20,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     // Logs on stderr: a worker process's stdout carries its protocol.
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(|| gpupool_server::device_output::LogWriter)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .init();
     gpupool_server::worker::run_if_worker();

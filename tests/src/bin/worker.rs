@@ -5,7 +5,7 @@
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(|| gpupool_server::device_output::LogWriter)
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .init();
     gpupool_server::worker::run_if_worker();
