@@ -23,7 +23,9 @@
 #   BIN_DIR: PARTS=pool bash bench/build-device.sh (gpupool-server,
 #            gpupool-balancer, stub/libcuda.so.1); python3 with torch.
 # Env: SHARE_STEPS (steps per client, default 400), SHARE_NS ("4 8"),
-#      SHARE_TIME_MS (the server's --time-share-ms; default 0, off),
+#      SHARE_TIME_MS (the server's --time-share-ms; default 0, off; it meters
+#      shared sessions that time-slice, so measure it with SHARE_MPS=off),
+#      SHARE_MPS (the server's --mps: auto, the default, off or on),
 #      SHARE_PARTS (what to run: "scale isolation fault", the default, or
 #      any of them and "temporal": a 75 % and a 25 % share both saturating
 #      for SHARE_TEMPORAL_S seconds, default 10), SHARE_BUDGET_S (seconds after which the remaining
@@ -61,7 +63,7 @@ balancer_started "$out/balancer.log"
 NO_COLOR=1 RUST_LOG=info "$bin/gpupool-server" --listen 127.0.0.1:4443 --device cuda:0 --instances nvml \
     --balancer https://127.0.0.1:50061 --advertise 127.0.0.1:4443 --balancer-secret share-secret \
     --lease-key "$pub" --server-id share-gpu --warm-workers 8 --resume-grace-ms 0 --tokens bystander \
-    --mps auto --mps-dir "$work/mps" --time-share-ms "${SHARE_TIME_MS:-0}" --metrics-listen 127.0.0.1:9465 >"$out/server.log" 2>&1 &
+    --mps "${SHARE_MPS:-auto}" --mps-dir "$work/mps" --time-share-ms "${SHARE_TIME_MS:-0}" --metrics-listen 127.0.0.1:9465 >"$out/server.log" 2>&1 &
 for _ in $(seq 1 120); do
     "$bin/gpupool-balancer" status --balancer https://127.0.0.1:50061 --secret share-secret >"$work/status" 2>/dev/null &&
         grep -q share-gpu "$work/status" && break

@@ -724,7 +724,8 @@ exit 0
         mode: gpupool_server::MpsMode::On,
         control: control.clone(),
         dir: Some(dir.join("mps")),
-        time_share: None,
+        // On, but MPS workers are confined by their SM share instead.
+        time_share: Some(Duration::from_millis(50)),
     };
     let server = TestServer::start(c).expect("server starts");
     balancer.wait_for_servers(1).expect("registered");
@@ -762,6 +763,22 @@ exit 0
         assert_eq!(env_of(worker_of(s)), format!("{} {} 25", worker_of(s), pipe.display()));
     }
     assert_eq!(starts(), 1, "one daemon, started on first need");
+    // Both always busy for a while: MPS clients are not metered by the
+    // temporal share (their SM share confines them), so none is held.
+    std::thread::scope(|scope| {
+        for (s, seed) in [(&a, 6u8), (&b, 7u8)] {
+            scope.spawn(move || {
+                let dev = s.mem_alloc(256 << 10).expect("alloc");
+                let until = std::time::Instant::now() + Duration::from_millis(600);
+                while std::time::Instant::now() < until {
+                    s.memset(dev, u32::from(seed), 1, 256 << 10, StreamId::DEFAULT).expect("memset");
+                    s.synchronize().expect("synchronize");
+                }
+                s.mem_free(dev).expect("free");
+            });
+        }
+    });
+    assert_eq!(server.metrics.time_share_holds.load(std::sync::atomic::Ordering::Relaxed), 0, "MPS clients held");
 
     // a's worker dies: b ends with the reason, at once.
     let killed = std::process::Command::new("kill").args(["-9", &worker_of(&a).to_string()]).status();

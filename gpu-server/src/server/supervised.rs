@@ -43,19 +43,15 @@ pub(super) async fn run_in_worker(
     let mut slot = ResumeSlot::register(&shared.resumable, shared.config.resume_grace, id, grant);
     let mut moves = shared.migrations.register(id);
     let ticket = hex::encode(rand::random::<[u8; 32]>());
-    let assign = v1::WorkerAssign {
+    let mut assign = v1::WorkerAssign {
         ticket: ticket.clone(),
         subject: subject.into(),
         memory_quota: quota,
         session_id: id,
         resume_secret: slot.secret().to_string(),
         resume: false,
-        // Metered by its GPU's temporal share: the worker reports each
-        // batch's busy time and waits out the holds it is sent.
-        time_share: metered.is_some_and(|(g, percent)| g.share_join(id, percent)),
         ..Default::default()
     };
-    let metered = metered.map(|(g, _)| g).filter(|_| assign.time_share);
     // A shared session's worker is an MPS client of its GPU's daemon, with
     // its lease's share of the SMs; it joins the group's fate from here.
     let mps_env = match group {
@@ -70,6 +66,13 @@ pub(super) async fn run_in_worker(
         },
         None => None,
     };
+    // Metered by its GPU's temporal share when it time-slices: the worker
+    // reports each batch's busy time and waits out the holds it is sent.
+    // A worker under MPS is confined to its share of the SMs already; holds
+    // on top of that only idle the GPU (on an H100, a 75 % and a 25 %
+    // share both saturating ran 9.4 : 1 with both, docs/sharing.md).
+    assign.time_share = mps_env.is_none() && metered.is_some_and(|(g, percent)| g.share_join(id, percent));
+    let metered = metered.map(|(g, _)| g).filter(|_| assign.time_share);
     let mut fate = match (group, &mps_env) {
         (Some((g, _)), Some(_)) => Some(g.join()),
         _ => None,
