@@ -42,13 +42,11 @@ extern "C" __global__ void tally_add(unsigned long long value) {
 }
 
 // A device assert: every thread whose x index is `limit` or more fails it.
-// The driver prints each failing thread's message on stderr and the launch
-// ends the context with CUDA_ERROR_ASSERT. Declared here (NVRTC has no
-// <assert.h>); the emulated device prints the same message.
-typedef __SIZE_TYPE__ size_t;
-extern "C" __host__ __device__ void __assertfail(const char *, const char *, unsigned int, const char *, size_t);
-
+// The driver prints each failing thread's message on stderr (file, line and
+// function as NVRTC saw them) and the launch ends the context with
+// CUDA_ERROR_ASSERT. NVRTC declares `assert` itself (it has no <assert.h>);
+// the emulated device prints the same message.
 extern "C" __global__ void check_below(unsigned limit) {
     unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (!(i < limit)) __assertfail("i < limit", "gpupool_builtin.cu", 1, "check_below", 1);
+    assert(i < limit);
 }

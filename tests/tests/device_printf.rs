@@ -11,6 +11,7 @@
 
 use gpupool_client::{KernelArg, LaunchConfig, Session, StreamId};
 use gpupool_proto::BUILTIN_MODULE;
+use gpupool_server::device::builtin::check_below_message;
 use gpupool_tests::{TestServer, isolated_config};
 
 fn lines(tag: u32, blocks: u32, threads: u32) -> String {
@@ -123,7 +124,7 @@ fn a_flood_of_printf_neither_blocks_nor_corrupts_the_worker() {
 
 /// A failed device assert through process isolation: the driver writes its
 /// message to the worker's stderr (the emulated device, for the built-in
-/// `check_below`, the message CUDA prints for `__assertfail`); the worker
+/// `check_below`, the message the driver prints for it); the worker
 /// captures it apart from its own logs and the client gets it, as device
 /// stderr output, with the synchronizing call that fails with
 /// CUDA_ERROR_ASSERT. The context is lost afterwards, as natively.
@@ -144,9 +145,7 @@ fn a_device_assert_reaches_the_client_as_stderr_output() {
     let err = s.synchronize().expect_err("the assert fails the synchronize");
     assert_eq!(err.code(), gpupool_proto::cuda::ASSERT, "{err}");
     let text = text(s.take_device_errors());
-    let want = want((2..4)
-        .map(|t| format!("gpupool_builtin.cu:1: check_below: block: [1,0,0], thread: [{t},0,0] Assertion `i < limit` failed.\n"))
-        .collect());
+    let want = want((2..4).map(|t| check_below_message([1, 0, 0], [t, 0, 0])).collect());
     assert_eq!(text, want);
     assert!(s.take_device_output().is_empty(), "nothing on stdout");
     // The worker's own logs did not reach the client.

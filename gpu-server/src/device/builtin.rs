@@ -258,8 +258,8 @@ pub fn run(
         }
         "check_below" => {
             // Every thread whose x index is `limit` or more asserts, with the
-            // message the driver prints for `__assertfail` (block by block,
-            // thread by thread here; a GPU prints them in no fixed order).
+            // message the driver prints (block by block, thread by thread
+            // here; a GPU prints them in no fixed order).
             let limit = u64::from(args.u32(0));
             let (g, b) = (dims.grid, dims.block);
             let mut failed = false;
@@ -269,9 +269,7 @@ pub fn run(
                         continue;
                     }
                     failed = true;
-                    let line = format!(
-                        "{ASSERT_FILE}:{ASSERT_LINE}: {ASSERT_FUNCTION}: block: [{bx},{by},{bz}], thread: [{tx},{ty},{tz}] Assertion `{ASSERT_EXPR}` failed.\n"
-                    );
+                    let line = check_below_message([bx, by, bz], [tx, ty, tz]);
                     if printf.asserts.len() + line.len() > printf.capacity {
                         break 'all;
                     }
@@ -284,11 +282,18 @@ pub fn run(
     }
 }
 
-/// What `check_below` passes to `__assertfail` (`proto/src/builtin.cu`).
-const ASSERT_FILE: &str = "gpupool_builtin.cu";
-const ASSERT_LINE: u32 = 1;
-const ASSERT_FUNCTION: &str = "check_below";
-const ASSERT_EXPR: &str = "i < limit";
+/// The message the driver prints when thread `thread` of block `block`
+/// fails `check_below`'s assert: NVRTC compiles [`SOURCE`] as
+/// `gpupool_builtin.cu` (the CUDA device's `nvrtc.rs`), so the file, line
+/// and function are those of the source.
+pub fn check_below_message(block: [u32; 3], thread: [u32; 3]) -> String {
+    static LINE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let line = LINE.get_or_init(|| SOURCE.lines().position(|l| l.contains("assert(i < limit);")).map_or(0, |i| i + 1));
+    let ([bx, by, bz], [tx, ty, tz]) = (block, thread);
+    format!(
+        "gpupool_builtin.cu:{line}: void check_below(unsigned int): block: [{bx},{by},{bz}], thread: [{tx},{ty},{tz}] Assertion `i < limit` failed.\n"
+    )
+}
 
 /// The (z, y, x) indices of `dims`, x fastest.
 fn grid_order(dims: [u32; 3]) -> impl Iterator<Item = (u32, u32, u32)> {
@@ -370,6 +375,22 @@ mod tests {
         add[24..28].copy_from_slice(&u32::MAX.to_le_bytes());
         let r = run(index_of("vector_add"), big, &add, &mut Anything, &mut fifo, &[]);
         assert_eq!(r.map_err(|e| e.code), Err(cuda::INVALID_VALUE), "vector_add of 2^32 elements");
+    }
+
+    #[test]
+    fn check_below_asserts_for_threads_at_or_past_the_limit() {
+        let dims = LaunchDims { grid: [2, 1, 1], block: [4, 1, 1], shared_mem_bytes: 0 };
+        let mut fifo = PrintfFifo { capacity: 1 << 20, ..PrintfFifo::default() };
+        let limit = |n: u32| n.to_le_bytes().to_vec();
+        assert!(run(index_of("check_below"), dims, &limit(8), &mut Anything, &mut fifo, &[]).is_ok());
+        assert!(fifo.asserts.is_empty());
+        let r = run(index_of("check_below"), dims, &limit(7), &mut Anything, &mut fifo, &[]);
+        assert_eq!(r.map_err(|e| e.code), Err(cuda::ASSERT));
+        let text = String::from_utf8(std::mem::take(&mut fifo.asserts)).expect("text");
+        assert_eq!(text, check_below_message([1, 0, 0], [3, 0, 0]));
+        // The line is the assert's in the source NVRTC compiles.
+        let line = SOURCE.lines().position(|l| l.contains("assert(i < limit);")).expect("the assert") + 1;
+        assert!(text.starts_with(&format!("gpupool_builtin.cu:{line}: void check_below(unsigned int): ")), "{text}");
     }
 
     #[test]
