@@ -47,6 +47,11 @@
 #  14. the same harness with gpupool-migrate-cudarc (a cudarc program: a
 #      stream, buffers, the built-in module and its variable `tally`; every
 #      step checked against the host's arithmetic) instead of PyTorch.
+#  15. bench/share-gpu.sh's temporal part with MPS off (shares time-slice):
+#      a 75 % and a 25 % share both saturating, the server's time share on.
+#  16. bench/probes/share-confine.sh: a small client next to a heavy one,
+#      natively: no MPS, MPS, MPS active-thread percentages, MPS green
+#      contexts (issue 19's choice of SM confinement).
 # Results: <date>-<gpu>-<commit>.md (every step's output and a summary) and
 # .json (the benchmark's figures) in $OUT when set (a device run returns only
 # $OUT), else in bench/results/. The .md is written step by step, so a run cut
@@ -66,11 +71,12 @@
 #                     LAMBDA_TIMEOUT (240), LAMBDA_TORCH_TIMEOUT (420),
 #                     MIGRATION_TIMEOUT (300), SHARE_TIMEOUT (360),
 #                     OVERCOMMIT_TIMEOUT (300), MIGRATE_TORCH_TIMEOUT (240),
-#                     MIGRATE_CUDARC_TIMEOUT (180)
+#                     MIGRATE_CUDARC_TIMEOUT (180), TEMPORAL_TIMEOUT (90),
+#                     CONFINE_TIMEOUT (120)
 #        MIGRATION_MIB  the migrated session's size (1024)
 #        ONLY         step functions to run, space-separated (gpu_info
 #                     gpu_tests server_smoke demo bench bench_in_process bench_io_spin
-#                     dropin pool lambda lambda_torch migration rdma share overcommit
+#                     dropin pool lambda lambda_torch migration rdma share overcommit temporal confine
 #                     migrate_torch migrate_cudarc); default all. Every step together takes
 #                     longer than one device run's 600 s; each part's
 #                     folder serves its steps (all three travel in the one
@@ -318,6 +324,18 @@ share() {
     SHARE_BUDGET_S=${SHARE_BUDGET_S:-$((${SHARE_TIMEOUT:-360} - 20))} bash "$repo/bench/share-gpu.sh" "$bin_dir" "$stem-share"
 }
 
+# The temporal share where it applies: shares that time-slice (MPS off).
+temporal() {
+    SHARE_MPS=off SHARE_TIME_MS=${SHARE_TIME_MS:-100} SHARE_PARTS=temporal \
+        SHARE_BUDGET_S=$((${TEMPORAL_TIMEOUT:-90} - 10)) bash "$repo/bench/share-gpu.sh" "$bin_dir" "$stem-temporal"
+}
+
+# SM confinement of a small client next to a heavy one, natively (a
+# private MPS daemon, quit at the end; no GPU setting changes).
+confine() {
+    bash "$repo/bench/probes/share-confine.sh" "$stem-confine"
+}
+
 # Memory overcommit: three tenants of 60 % of a device bound in turns, two
 # CUDA programs and PyTorch, every word checked; swap rates of a 4 GiB
 # session (binaries of PARTS=pool or all).
@@ -342,7 +360,7 @@ migrate_cudarc() {
         bash "$repo/bench/migrate-torch.sh" "$bin_dir" "$stem-migrate-cudarc"
 }
 
-export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process bench_io_spin dropin pool lambda lambda_torch migration rdma share overcommit migrate_torch migrate_cudarc
+export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process bench_io_spin dropin pool lambda lambda_torch migration rdma share overcommit migrate_torch migrate_cudarc temporal confine
 
 {
     echo "# gpupool GPU suite"
@@ -373,6 +391,8 @@ step "sharing: concurrent PyTorch clients, exclusive and shared (MPS) leases, gr
 step "overcommit: three tenants of 60 % in turns (CUDA programs, PyTorch), swap rates" "${OVERCOMMIT_TIMEOUT:-300}" overcommit
 step "PyTorch across a live migration (balancer drain, two servers on the card)" "${MIGRATE_TORCH_TIMEOUT:-240}" migrate_torch
 step "cudarc across a live migration (the same harness)" "${MIGRATE_CUDARC_TIMEOUT:-180}" migrate_cudarc
+step "temporal share: 75 % and 25 % shares time-sliced, both saturating" "${TEMPORAL_TIMEOUT:-90}" temporal
+step "SM confinement natively: active-thread percentage against green contexts" "${CONFINE_TIMEOUT:-120}" confine
 
 {
     echo "## Summary"
