@@ -22,14 +22,9 @@ static const char BUILTIN[] = "gpupool-builtin-kernels/v1\n";
 
 int main(void)
 {
-    CUdevice dev;
-    CUcontext ctx;
     CUmodule mod;
     CUfunction check;
-    CK(cuInit(0));
-    CK(cuDeviceGet(&dev, 0));
-    CK(cuDevicePrimaryCtxRetain(&ctx, dev));
-    CK(cuCtxSetCurrent(ctx));
+    primary_context();
     CK(cuModuleLoadData(&mod, BUILTIN));
     CK(cuModuleGetFunction(&check, mod, "check_below"));
     unsigned limit = 8;
