@@ -1127,6 +1127,15 @@ impl Session {
         self.inner.transport.pinned_alloc(size)
     }
 
+    /// Whether `[ptr, ptr + len)` of pinned memory from
+    /// [`Self::pinned_alloc`] is also device memory at the same address (its
+    /// host region is mapped there on the server and registered with the
+    /// device), as pinned memory is under unified addressing natively:
+    /// memsets, copies and kernels may then name it by that address.
+    pub fn pinned_device_addressable(&self, ptr: usize, len: usize) -> bool {
+        self.inner.transport.pinned_device_addressable(ptr, len)
+    }
+
     /// Frees memory from [`Self::pinned_alloc`]; false when `ptr` is not
     /// such memory. Waits for the session's queued work first (a copy may
     /// still use the block, and a freed region is detached), as

@@ -15,7 +15,8 @@ use gpupool_proto::v1;
 use gpupool_shm::region::Region;
 use gpupool_shm::ring::Ring;
 use gpupool_shm::wire::{
-    Attach, MAX_HOST_REGIONS, MAX_REGION_BYTES, Op, REPLY_LEN, Reply, Request, SECRET_LEN, Slot, SlotRing,
+    ADDRESS_IN_USE, Attach, MAX_HOST_REGIONS, MAX_REGION_BYTES, Op, REPLY_LEN, Reply, Request, SECRET_LEN, Slot,
+    SlotRing,
 };
 use gpupool_shm::{ShmError, channel};
 use std::collections::{BTreeMap, HashMap};
@@ -35,6 +36,9 @@ const MAX_SLOT_BYTES: usize = 4 << 20;
 const MIN_HOST_REGION_BYTES: usize = 64 << 20;
 /// Pinned allocations are whole pages.
 const PAGE: usize = 4096;
+/// Addresses tried for a host region that both sides map at one address
+/// before it is attached at an address of the client's alone.
+const ADDRESS_TRIES: usize = 4;
 
 /// How a copy through shared memory failed.
 #[derive(Debug)]
@@ -68,6 +72,9 @@ struct PinnedPool {
     /// Bytes of all regions, and their bound.
     held: usize,
     limit: usize,
+    /// The server maps a region at the client's address when asked
+    /// (`Welcome.shm_region_addresses`).
+    same_address: bool,
 }
 
 /// One host region: its blocks in use and its free spans, by offset.
@@ -77,12 +84,15 @@ struct HostRegion {
     region: Region,
     used: HashMap<usize, usize>,
     free: BTreeMap<usize, usize>,
+    /// Mapped at the same address by the server: the program's pointers
+    /// into it are device addresses as well.
+    addressable: bool,
 }
 
 impl HostRegion {
-    fn new(id: u32, region: Region) -> Self {
+    fn new(id: u32, region: Region, addressable: bool) -> Self {
         let free = BTreeMap::from([(0, region.len())]);
-        Self { id, region, used: HashMap::new(), free }
+        Self { id, region, used: HashMap::new(), free, addressable }
     }
 
     fn base(&self) -> usize {
@@ -172,6 +182,7 @@ impl ShmBulk {
             pinned: Mutex::new(PinnedPool {
                 next_id: 1,
                 limit: if welcome.shm_host_regions { pinned_limit } else { 0 },
+                same_address: welcome.shm_region_addresses,
                 ..PinnedPool::default()
             }),
         })
@@ -208,24 +219,67 @@ impl ShmBulk {
             return None;
         }
         let id = pool.next_id;
-        let region = match Region::create("gpupool-pinned", region_len) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!(error = %e, "no host region for pinned memory: plain memory");
-                return None;
-            }
-        };
-        if let Err(e) = self.region_op(Op::AddRegion { id, len: region_len as u64 }, Some(region.fd())) {
-            tracing::debug!(error = %e, "host region not attached: plain memory");
-            return None;
-        }
+        let (region, addressable) = self.attach_region(id, region_len, pool.same_address)?;
         pool.next_id += 1;
         pool.held += region_len;
-        let mut host = HostRegion::new(id, region);
+        let mut host = HostRegion::new(id, region, addressable);
         let at = host.take(len)?;
         let base = host.base();
         pool.regions.insert(base, host);
         Some(base + at)
+    }
+
+    /// Makes host region `id` of `len` bytes and attaches it: where the
+    /// server maps regions at the client's address (`same_address`), at a
+    /// random address both processes have free (a few tries), so that the
+    /// program's pinned pointers are device addresses too; else, or when
+    /// no address tried was free on both sides, anywhere. `None` (plain
+    /// memory) when the region cannot be made or is refused.
+    fn attach_region(&self, id: u32, len: usize, same_address: bool) -> Option<(Region, bool)> {
+        let tries = if same_address { ADDRESS_TRIES } else { 0 };
+        for _ in 0..tries {
+            let at = gpupool_shm::region::pick_address(len);
+            let region = match Region::create_at("gpupool-pinned", len, Some(at)) {
+                Ok(r) => r,
+                Err(ShmError::AddressInUse(_)) => continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "no host region for pinned memory: plain memory");
+                    return None;
+                }
+            };
+            match self.region_op(Op::AddRegion { id, len: len as u64, at: at as u64 }, Some(region.fd())) {
+                Ok(()) => return Some((region, true)),
+                Err(ShmError::AddressInUse(m)) => {
+                    tracing::debug!(at, reason = %m, "host region address taken on the server")
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "host region not attached: plain memory");
+                    return None;
+                }
+            }
+        }
+        if same_address {
+            tracing::debug!("no address free on both sides: pinned memory not device-addressable");
+        }
+        let region = Region::create("gpupool-pinned", len)
+            .inspect_err(|e| tracing::debug!(error = %e, "no host region for pinned memory: plain memory"))
+            .ok()?;
+        match self.region_op(Op::AddRegion { id, len: len as u64, at: 0 }, Some(region.fd())) {
+            Ok(()) => Some((region, false)),
+            Err(e) => {
+                tracing::debug!(error = %e, "host region not attached: plain memory");
+                None
+            }
+        }
+    }
+
+    /// Whether all of `[ptr, ptr + len)` (non-empty) lies in a host region
+    /// the server maps at the same address: the program may use it as
+    /// device memory, as pinned memory under unified addressing.
+    pub(crate) fn device_addressable(&self, ptr: usize, len: usize) -> bool {
+        let pool = self.pool();
+        let Some((&base, host)) = pool.regions.range(..=ptr).next_back() else { return false };
+        host.addressable && len > 0 && (ptr - base).checked_add(len).is_some_and(|end| end <= host.region.len())
     }
 
     /// Frees pinned memory from [`Self::pinned_alloc`]; false when `ptr`
@@ -297,6 +351,7 @@ impl ShmBulk {
         let answer = sent.and_then(|()| read_reply(&inner.stream));
         match answer {
             Ok(reply) if reply.seq == seq && reply.code == 0 => Ok(()),
+            Ok(reply) if reply.seq == seq && reply.code == ADDRESS_IN_USE => Err(ShmError::AddressInUse(reply.message)),
             Ok(reply) if reply.seq == seq => {
                 Err(ShmError::Protocol(format!("refused ({}): {}", reply.code, reply.message)))
             }

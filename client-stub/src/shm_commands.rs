@@ -252,6 +252,10 @@ impl Transport for ShmCommandTransport {
         self.quic.is_pinned(ptr)
     }
 
+    fn pinned_device_addressable(&self, ptr: usize, len: usize) -> bool {
+        self.quic.pinned_device_addressable(ptr, len)
+    }
+
     fn host_region(&self, ptr: usize, len: usize, batch: Option<u64>) -> Option<v1::HostRegionRef> {
         // Noted first, then the revocation looked at (gpupool_shm::ring):
         // a server about to move the session runs every batch up to the

@@ -87,6 +87,12 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     fn is_pinned(&self, _ptr: usize) -> bool {
         false
     }
+    /// Whether `[ptr, ptr + len)` is pinned memory the server maps at the
+    /// same address, which the device reaches there: the program may use
+    /// the pointer as a device address.
+    fn pinned_device_addressable(&self, _ptr: usize, _len: usize) -> bool {
+        false
+    }
     /// Where `[ptr, ptr + len)` lies in a host region the server maps, when
     /// it does and copies may name it instead of carrying its bytes. `batch`:
     /// the batch a call naming it goes in (`None`: only asking whether the
@@ -1229,6 +1235,10 @@ impl Transport for QuicTransport {
 
     fn is_pinned(&self, ptr: usize) -> bool {
         self.shm.as_ref().is_some_and(|s| s.is_pinned(ptr))
+    }
+
+    fn pinned_device_addressable(&self, ptr: usize, len: usize) -> bool {
+        self.shm.as_ref().is_some_and(|s| s.live() && s.device_addressable(ptr, len))
     }
 
     fn pinned_copy(&self, addr: usize, len: usize, copy: PinnedCopy<'_>) -> Result<()> {

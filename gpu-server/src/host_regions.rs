@@ -34,6 +34,9 @@ pub struct HostRegion {
     _pinned: Pinned,
     region: Region,
     _counted: Counted,
+    /// The mapping is at the client's address and the device reaches it
+    /// there: the program's pointers into it are device addresses.
+    addressable: bool,
 }
 
 /// Counts a region in the `shm_regions` (mapped) and `shm_registered`
@@ -53,13 +56,60 @@ impl Drop for Counted {
 impl HostRegion {
     /// Registers `region` with the driver through `pinner`; `metrics`
     /// count it (`shm_regions`, `shm_registered`) until it drops.
-    pub fn new(region: Region, pinner: &dyn HostPinner, registered: Option<Arc<Metrics>>) -> Result<Self, CallError> {
-        let pinned = pinner.pin(&region)?;
+    ///
+    /// `at_client_address`: the region is mapped where the client mapped
+    /// it ([`Region::open_at`]); when the device reaches it at that same
+    /// address too, its range is [`Self::addressable`].
+    pub fn new(
+        region: Region,
+        pinner: &dyn HostPinner,
+        registered: Option<Arc<Metrics>>,
+        at_client_address: bool,
+    ) -> Result<Self, CallError> {
+        let (pinned, device) = pinner.pin(&region)?;
         if let Some(m) = &registered {
             m.shm_registered.fetch_add(1, Ordering::Relaxed);
             m.shm_regions.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(Self { _pinned: pinned, region, _counted: Counted(registered) })
+        let addressable = at_client_address && device == region.as_ptr() as u64;
+        if at_client_address && !addressable {
+            tracing::debug!(host = ?region.as_ptr(), device, "host region: the device reaches it at another address");
+        }
+        Ok(Self { _pinned: pinned, region, _counted: Counted(registered), addressable })
+    }
+
+    /// Whether the program's pointers into the region are device addresses
+    /// (see [`Self::new`]).
+    pub fn addressable(&self) -> bool {
+        self.addressable
+    }
+
+    /// Whether `[addr, end)` lies in the region, which is
+    /// [`Self::addressable`].
+    fn holds(&self, addr: u64, end: u64) -> bool {
+        let base = self.region.as_ptr() as u64;
+        self.addressable && addr >= base && end <= base + self.region.len() as u64 && addr < end
+    }
+
+    /// Copies `out.len()` bytes at device address `addr` (inside the
+    /// region, [`Self::addressable`]) out of the mapping.
+    pub fn load(&self, addr: u64, out: &mut [u8]) -> Result<(), CallError> {
+        let start = self.offset_of(addr, out.len())?;
+        self.region.read(start, out).map_err(|e| CallError::invalid_value(e.to_string()))
+    }
+
+    /// Writes `data` at device address `addr` (as [`Self::load`]).
+    pub fn store(&self, addr: u64, data: &[u8]) -> Result<(), CallError> {
+        let start = self.offset_of(addr, data.len())?;
+        self.region.write(start, data).map_err(|e| CallError::invalid_value(e.to_string()))
+    }
+
+    fn offset_of(&self, addr: u64, len: usize) -> Result<usize, CallError> {
+        let end = addr.checked_add(len as u64);
+        match end {
+            Some(end) if self.holds(addr, end) => Ok((addr - self.region.as_ptr() as u64) as usize),
+            _ => Err(CallError::invalid_value(format!("{addr:#x} (+{len}) is not in this host region"))),
+        }
     }
 
     /// The mapping.
@@ -198,6 +248,13 @@ impl HostRegions {
         drop(gone);
     }
 
+    /// The [`HostRegion::addressable`] region holding all of
+    /// `[addr, end)` (non-empty), for one call: the program used a pointer
+    /// into its pinned memory as a device address.
+    pub fn resolve(&self, addr: u64, end: u64) -> Option<Arc<HostRegion>> {
+        self.lock().values().find(|(_, r)| r.holds(addr, end)).map(|(_, r)| r.clone())
+    }
+
     /// Regions attached now.
     pub fn len(&self) -> usize {
         self.lock().len()
@@ -215,7 +272,7 @@ mod tests {
     use crate::device::NoPinning;
 
     fn region(len: usize) -> HostRegion {
-        HostRegion::new(Region::create("gpupool-test", len).expect("region"), &NoPinning, None).expect("pinned")
+        HostRegion::new(Region::create("gpupool-test", len).expect("region"), &NoPinning, None, false).expect("pinned")
     }
 
     #[test]
@@ -261,11 +318,44 @@ mod tests {
     }
 
     #[test]
+    fn only_regions_at_the_clients_address_resolve_by_address() {
+        let regions = HostRegions::default();
+        let at = |len| {
+            let a = gpupool_shm::region::pick_address(len);
+            Region::create_at("gpupool-test", len, Some(a)).expect("region")
+        };
+        let same = HostRegion::new(at(1 << 16), &NoPinning, None, true).expect("pinned");
+        let elsewhere = HostRegion::new(at(1 << 16), &NoPinning, None, false).expect("pinned");
+        let (a, b) = (same.region().as_ptr() as u64, elsewhere.region().as_ptr() as u64);
+        assert!(same.addressable() && !elsewhere.addressable());
+        regions.insert(1, 1, same).expect("insert");
+        regions.insert(1, 2, elsewhere).expect("insert");
+        assert!(regions.resolve(a, a + (1 << 16)).is_some(), "all of it");
+        assert!(regions.resolve(a + 8, a + 16).is_some(), "inside");
+        assert!(regions.resolve(a + 8, a + 8).is_none(), "empty");
+        assert!(regions.resolve(a + 8, a + (1 << 16) + 1).is_none(), "past the end");
+        assert!(regions.resolve(a - 1, a + 1).is_none(), "before the start");
+        assert!(regions.resolve(b, b + 8).is_none(), "not at the client's address");
+        let r = regions.resolve(a, a + 8).expect("held");
+        r.store(a + 4, b"word").expect("store");
+        let mut out = [0u8; 4];
+        r.load(a + 4, &mut out).expect("load");
+        assert_eq!(&out, b"word");
+        assert!(r.store(a + (1 << 16) - 2, b"word").is_err(), "a store past the end");
+        regions.clear(1);
+        assert!(regions.resolve(a, a + 8).is_none(), "detached");
+    }
+
+    #[test]
     fn the_gauge_counts_live_regions() {
         let metrics = Arc::new(Metrics::default());
-        let r =
-            HostRegion::new(Region::create("gpupool-test", 4096).expect("region"), &NoPinning, Some(metrics.clone()))
-                .expect("pinned");
+        let r = HostRegion::new(
+            Region::create("gpupool-test", 4096).expect("region"),
+            &NoPinning,
+            Some(metrics.clone()),
+            false,
+        )
+        .expect("pinned");
         assert_eq!(metrics.shm_registered.load(Ordering::Relaxed), 1);
         assert_eq!(metrics.shm_regions.load(Ordering::Relaxed), 1);
         drop(r);

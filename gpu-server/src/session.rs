@@ -119,6 +119,10 @@ pub struct SessionState<S: BackendSession> {
     /// Host regions the client attached through shared memory (its pinned
     /// memory), which copies may name instead of carrying bytes.
     host_regions: Arc<HostRegions>,
+    /// Host regions the current call named by address ([`Self::check_range`]
+    /// of a pointer into the program's pinned memory), held until the call
+    /// has queued its work (a region's drop then waits for that work).
+    held_regions: std::cell::RefCell<Vec<Arc<crate::host_regions::HostRegion>>>,
     images: Arc<ImageCache>,
     /// See [`Self::preloaded_hits`].
     preloaded_hits: u64,
@@ -178,6 +182,7 @@ impl<S: BackendSession> SessionState<S> {
             limits,
             staging,
             host_regions: Arc::default(),
+            held_regions: Default::default(),
             images,
             preloaded_hits: 0,
             dev,
@@ -193,6 +198,7 @@ impl<S: BackendSession> SessionState<S> {
     /// Serves copies that name host regions from `regions` (the session's
     /// shared-memory attachment adds them).
     pub fn with_host_regions(mut self, regions: Arc<HostRegions>) -> Self {
+        self.dev.use_host_regions(regions.clone());
         self.host_regions = regions;
         self
     }
@@ -286,6 +292,7 @@ impl<S: BackendSession> SessionState<S> {
         }
         let lasting = migrate::lasting(&op);
         let outcome = self.execute_op(op);
+        self.held_regions.get_mut().clear();
         if let (Some(op), Ok(_)) = (lasting, &outcome) {
             self.journal.record(op);
         }
@@ -500,6 +507,13 @@ impl<S: BackendSession> SessionState<S> {
         }
         let base = self.dev.va_base();
         if addr < base || end > base + self.limits.va_size {
+            // The program's pinned memory, at the same address here, in
+            // the client and on the device (docs/transport.md, "Pinned
+            // memory in the region").
+            if let Some(region) = self.host_regions.resolve(addr, end) {
+                self.held_regions.borrow_mut().push(region);
+                return Ok(());
+            }
             return Err(CallError::invalid_value(format!(
                 "address {addr:#x} (+{len}) is outside this session's range {base:#x}..{:#x}",
                 base + self.limits.va_size

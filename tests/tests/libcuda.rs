@@ -205,6 +205,25 @@ fn pinned_memory_program() -> Result<()> {
     Ok(())
 }
 
+/// Pinned memory used as device memory by its host address, as unified
+/// addressing allows natively (XLA does it): the stub's host regions are
+/// mapped at the same address in the worker, which registers them, so
+/// memsets, device copies and a stream memory operation by that address
+/// land in the program's pages, in a worker process and in process. Not
+/// without shared memory: then the device cannot reach the pages, and the
+/// first such call says so instead of writing elsewhere.
+#[test]
+fn pinned_memory_is_device_memory_at_its_host_address() -> Result<()> {
+    passes_printing("pinned_device", &["pinned memory of 8 bytes as device memory ok", "of 1048580 bytes"])?;
+    let server = TestServer::start(gpupool_tests::server_config())?;
+    let out = run(&server, "pinned_device")?;
+    assert!(out.contains("of 1048580 bytes as device memory ok"), "{out}");
+    let err = run_with_env(&server, "pinned_device", &[("GPUPOOL_SHM", "off")]).expect_err("no shared memory");
+    assert!(err.to_string().contains("FAIL pinned_device"), "a clear failure, not a crash: {err:#}");
+    server.stop();
+    Ok(())
+}
+
 /// Runs `program` on a fresh server; it must pass and print every line of
 /// `lines` (each as a part of its output).
 fn passes_printing(program: &str, lines: &[&str]) -> Result<()> {

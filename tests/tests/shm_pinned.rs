@@ -136,6 +136,66 @@ fn pinned_copies_name_the_region_byte_for_byte() {
     srv.stop();
 }
 
+/// Pinned memory is device memory at its host address, as under unified
+/// addressing natively (XLA memsets and copies into it by that address):
+/// its host region is mapped at the same address by the process serving
+/// the session. In a worker process: memsets and device copies by the
+/// pinned address land in the program's pages, a range past the region is
+/// refused and the session goes on. A server in the client's own process
+/// cannot map the region at the client's address (the client has it there):
+/// the region is attached elsewhere, and using the pointer on the device is
+/// refused, as without shared memory.
+#[test]
+fn pinned_memory_is_device_memory_at_its_host_address() {
+    let srv = TestServer::start(isolated_config().expect("config")).expect("server");
+    let s = Session::connect(&shm_config(&srv)).expect("session");
+    let stream = s.stream_create(0, 0).expect("stream");
+    let n = (1 << 20) + 4;
+    let p = s.pinned_alloc(n).expect("pinned");
+    assert!(s.pinned_device_addressable(p, n), "the worker maps the region at the client's address");
+    assert!(!s.pinned_device_addressable(p, REGION + 1), "past the region");
+    let host = pinned_slice(p, n);
+    host.fill(0);
+    s.memset(p as u64, 0x5a6b_7c8d, 4, (n / 4) as u64, stream).expect("memset by the pinned address");
+    s.memset(p as u64 + 1, 0x11, 1, 2, stream).expect("memset of bytes");
+    s.stream_synchronize(stream).expect("sync");
+    assert_eq!(&host[..8], &[0x8d, 0x11, 0x11, 0x5a, 0x8d, 0x7c, 0x6b, 0x5a], "memsets in the program's pages");
+    assert!(host[8..].chunks(4).all(|w| w == [0x8d, 0x7c, 0x6b, 0x5a]), "every word set");
+
+    let data = random_bytes(n, fresh_seed());
+    let dev = s.mem_alloc(n as u64).expect("alloc");
+    s.memcpy_htod(dev, &data, StreamId::DEFAULT).expect("upload");
+    s.memcpy_dtod(p as u64, dev, n as u64, stream).expect("device copy into pinned memory");
+    s.stream_synchronize(stream).expect("sync");
+    assert!(host[..] == data[..], "a device copy into pinned memory differs");
+    host.fill(0x3c);
+    s.memcpy_dtod(dev, p as u64, n as u64, stream).expect("device copy out of pinned memory");
+    let mut back = vec![0u8; n];
+    s.memcpy_dtoh(&mut back, dev, stream).expect("download");
+    assert!(back.iter().all(|&b| b == 0x3c), "a device copy out of pinned memory differs");
+
+    // Past the region's end: refused, and the session goes on.
+    let err = s.memset(p as u64 + REGION as u64 - 4, 0, 4, 2, stream).and_then(|()| s.stream_synchronize(stream));
+    assert_eq!(err.expect_err("past the region").code(), cuda::INVALID_VALUE);
+    gpupool_tests::round_trip(&s, 1 << 20, fresh_seed());
+    assert!(s.pinned_free(p).expect("free"));
+    s.mem_free(dev).expect("free");
+    s.close().expect("close");
+
+    // The server in this process: attached elsewhere, not device memory.
+    let local = TestServer::start(server_config()).expect("server");
+    let s = Session::connect(&shm_config(&local)).expect("session");
+    let p = s.pinned_alloc(n).expect("pinned, in a region");
+    assert_eq!(local.metrics.snapshot().shm_registered, 1, "still a host region: copies name it");
+    assert!(!s.pinned_device_addressable(p, n), "not at the client's address in the server");
+    let err = s.memset(p as u64, 0, 4, 1, StreamId::DEFAULT).and_then(|()| s.synchronize());
+    assert_eq!(err.expect_err("not device memory").code(), cuda::INVALID_VALUE);
+    gpupool_tests::round_trip(&s, 1 << 20, fresh_seed());
+    s.close().expect("close");
+    local.stop();
+    srv.stop();
+}
+
 #[test]
 fn ranges_outside_a_host_region_are_refused_and_the_session_goes_on() {
     let srv = TestServer::start(server_config()).expect("server");
@@ -424,7 +484,7 @@ mod hostile {
     }
 
     fn add(seq: u64, id: u32, len: u64) -> [u8; 64] {
-        Request::region(seq, Op::AddRegion { id, len }).encode()
+        Request::region(seq, Op::AddRegion { id, len, at: 0 }).encode()
     }
 
     #[test]
@@ -452,8 +512,23 @@ mod hostile {
         let r = reply(&stream).expect("reply");
         assert!(r.seq == 5 && r.code != 0, "no such region: {r:?}");
 
+        // At the client's address: refused where this process (the
+        // server's) has a mapping there already, or where the address is
+        // not page aligned; the attachment goes on.
+        let at = |seq, id, at: u64| Request::region(seq, Op::AddRegion { id, len: 1 << 20, at }).encode();
+        channel::send_with_fd(&stream, &at(6, 2, host.as_ptr() as u64), host.fd()).expect("send");
+        let r = reply(&stream).expect("reply");
+        assert!(r.seq == 6 && r.code == gpupool_shm::wire::ADDRESS_IN_USE, "an address in use: {r:?}");
+        channel::send_with_fd(&stream, &at(7, 2, 0x1000_0000_0001), host.fd()).expect("send");
+        let r = reply(&stream).expect("reply");
+        assert!(r.seq == 7 && r.code == cuda::INVALID_VALUE && r.message.contains("aligned"), "unaligned: {r:?}");
+        let free = gpupool_shm::region::pick_address(1 << 20) as u64;
+        channel::send_with_fd(&stream, &at(8, 2, free), host.fd()).expect("send");
+        assert_eq!(reply(&stream).expect("reply"), Reply::ok(8), "a free address");
+        assert_eq!(srv.metrics.snapshot().shm_registered, 2);
+
         // Breaking the protocol ends the attachment, and its regions go.
-        channel::write_message(&stream, &add(6, 2, 1 << 20)).expect("an addition without a descriptor");
+        channel::write_message(&stream, &add(9, 3, 1 << 20)).expect("an addition without a descriptor");
         let r = reply(&stream).expect("an error reply");
         assert!(r.code != 0 && r.message.contains("descriptor"), "{r:?}");
         assert!(reply(&stream).is_none(), "the attachment ended");

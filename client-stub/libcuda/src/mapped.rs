@@ -196,6 +196,11 @@ pub(crate) fn mirrors(rt: &Runtime, addr: u64) -> bool {
 /// `cuMemHostGetDevicePointer`: the device address of host address `ptr`
 /// inside a mapped range.
 pub(crate) fn device_pointer(rt: &Runtime, ptr: usize) -> CuResult<u64> {
+    // Pinned memory in a host region the server maps at the same address:
+    // the device reaches it there, as under unified addressing natively.
+    if rt.session.pinned_device_addressable(ptr, 1) {
+        return Ok(ptr as u64);
+    }
     let t = rt.tables();
     let (&start, m) = t.mapped.range(..=ptr).next_back().ok_or(CuError::INVALID_VALUE)?;
     if ptr >= start + m.size {

@@ -256,12 +256,13 @@ struct CudaPinner {
 }
 
 impl HostPinner for CudaPinner {
-    fn pin(&self, region: &Region) -> DeviceResult<Pinned> {
+    fn pin(&self, region: &Region) -> DeviceResult<(Pinned, u64)> {
         // SAFETY: the region's mapping covers `len` bytes from its first
         // byte and outlives the registration (`HostPinner::pin`'s contract:
         // `HostRegion` drops the registration before the region).
         let registration = unsafe { HostRegistration::register(self.context.clone(), region.as_ptr(), region.len())? };
-        Ok(Box::new(registration))
+        let device = registration.device_address()?;
+        Ok((Box::new(registration), device))
     }
 }
 

@@ -15,6 +15,7 @@ use super::{
     Occupancy, OccupancyQuery, Preloaded, builtin, fatbin_wrapper_error, image_kind, texture,
 };
 use crate::error::CallError;
+use crate::host_regions::{HostRegion, HostRegions};
 use gpupool_proto::cuda;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -359,6 +360,7 @@ impl Backend for EmulatedDevice {
             next_variables: self.next_variables.clone(),
             variables: BTreeMap::new(),
             unloaded: Arc::default(),
+            host: None,
         })
     }
 
@@ -430,6 +432,8 @@ pub struct EmulatedSession {
     /// gone, to unmap.
     variables: BTreeMap<u64, Mapping>,
     unloaded: Arc<std::sync::Mutex<Vec<u64>>>,
+    /// The program's pinned memory the device reaches at its addresses.
+    host: Option<Arc<HostRegions>>,
 }
 
 impl EmulatedSession {
@@ -595,7 +599,10 @@ enum RowAt<'a, A> {
     Device(u64),
 }
 
-struct Mem<'a>(&'a Store);
+/// A session's device memory, and the program's pinned memory that the
+/// device reaches at its own addresses (host regions mapped at the
+/// client's addresses: `crate::host_regions`).
+struct Mem<'a>(&'a Store, Option<&'a HostRegions>);
 
 /// One piece of an access: `n` bytes at `off` into the region at `start`.
 type Span = (u64, usize, usize);
@@ -635,8 +642,22 @@ fn illegal(addr: u64, len: usize) -> CallError {
     CallError::new(cuda::ILLEGAL_ADDRESS, format!("access to {len} bytes at {addr:#x} outside mapped memory"))
 }
 
+impl Mem<'_> {
+    /// The host region holding all of `[addr, +len)`, when the device
+    /// memory does not.
+    fn host(&self, addr: u64, len: usize) -> Option<Arc<HostRegion>> {
+        let end = addr.checked_add(len as u64)?;
+        self.1?.resolve(addr, end)
+    }
+}
+
 impl builtin::Memory for Mem<'_> {
     fn load(&self, addr: u64, out: &mut [u8]) -> DeviceResult<()> {
+        if let Some(host) = self.host(addr, out.len())
+            && self.spans(addr, out.len(), ACCESS_READ).is_err()
+        {
+            return host.load(addr, out);
+        }
         let mut pos = 0;
         for (start, off, n) in self.spans(addr, out.len(), ACCESS_READ)? {
             let map = self.0.borrow();
@@ -648,6 +669,11 @@ impl builtin::Memory for Mem<'_> {
         Ok(())
     }
     fn store(&mut self, addr: u64, data: &[u8]) -> DeviceResult<()> {
+        if let Some(host) = self.host(addr, data.len())
+            && self.spans(addr, data.len(), ACCESS_READWRITE).is_err()
+        {
+            return host.store(addr, data);
+        }
         let mut pos = 0;
         for (start, off, n) in self.spans(addr, data.len(), ACCESS_READWRITE)? {
             let map = self.0.borrow();
@@ -663,7 +689,7 @@ impl builtin::Memory for Mem<'_> {
 impl EmulatedSession {
     fn read_place(&self, src: &texture::Place<Array>, out: &mut [u8], extent: texture::Extent) -> DeviceResult<()> {
         let width = extent.width as usize;
-        let mem = Mem(&self.memory);
+        let mem = Mem(&self.memory, self.host.as_deref());
         let mut result = Ok(());
         each_row(src, extent, |at, pos| {
             let dst = &mut out[pos..pos + width];
@@ -684,7 +710,7 @@ impl EmulatedSession {
 
     fn write_place(&mut self, dst: &texture::Place<Array>, data: &[u8], extent: texture::Extent) -> DeviceResult<()> {
         let width = extent.width as usize;
-        let mut mem = Mem(&self.memory);
+        let mut mem = Mem(&self.memory, self.host.as_deref());
         let mut result = Ok(());
         each_row(dst, extent, |at, pos| {
             let src = &data[pos..pos + width];
@@ -771,18 +797,18 @@ impl BackendSession for EmulatedSession {
     }
 
     fn write(&mut self, _: Option<&Stream>, dst: u64, data: &[u8]) -> DeviceResult<()> {
-        builtin::Memory::store(&mut Mem(&self.memory), dst, data)
+        builtin::Memory::store(&mut Mem(&self.memory, self.host.as_deref()), dst, data)
     }
 
     /// A copy to the host synchronizes, and so flushes device printf.
     fn read(&mut self, _: Option<&Stream>, src: u64, out: &mut [u8]) -> DeviceResult<()> {
         self.flush_printf();
-        builtin::Memory::load(&Mem(&self.memory), src, out)
+        builtin::Memory::load(&Mem(&self.memory, self.host.as_deref()), src, out)
     }
 
     fn copy(&mut self, _: Option<&Stream>, dst: u64, src: u64, size: u64) -> DeviceResult<()> {
         let mut tmp = vec![0u8; size as usize];
-        let mut mem = Mem(&self.memory);
+        let mut mem = Mem(&self.memory, self.host.as_deref());
         builtin::Memory::load(&mem, src, &mut tmp)?;
         builtin::Memory::store(&mut mem, dst, &tmp)
     }
@@ -790,7 +816,7 @@ impl BackendSession for EmulatedSession {
     fn memset(&mut self, _: Option<&Stream>, dst: u64, value: u32, element_size: u32, count: u64) -> DeviceResult<()> {
         let pattern = &value.to_le_bytes()[..element_size as usize];
         let bytes: Vec<u8> = pattern.iter().copied().cycle().take((count * u64::from(element_size)) as usize).collect();
-        builtin::Memory::store(&mut Mem(&self.memory), dst, &bytes)
+        builtin::Memory::store(&mut Mem(&self.memory, self.host.as_deref()), dst, &bytes)
     }
 
     /// The built-in module loads with its reference kernels and its
@@ -860,8 +886,14 @@ impl BackendSession for EmulatedSession {
                 ));
             }
         }
-        let ran =
-            builtin::run(function, dims, params, &mut Mem(&self.memory), &mut self.printf, &module.variables.addrs);
+        let ran = builtin::run(
+            function,
+            dims,
+            params,
+            &mut Mem(&self.memory, self.host.as_deref()),
+            &mut self.printf,
+            &module.variables.addrs,
+        );
         if !self.printf.asserts.is_empty() {
             // The driver writes a failed assert's message to stderr.
             crate::device_output::write_stderr(&self.printf.asserts);
@@ -1043,7 +1075,7 @@ impl BackendSession for EmulatedSession {
     /// queued after it could ever meet it. An unmet wait is refused
     /// (CUDA_ERROR_NOT_SUPPORTED, saying why) rather than left to hang.
     fn stream_mem_ops(&mut self, _: Option<&Stream>, ops: &[MemOp]) -> DeviceResult<()> {
-        let mut mem = Mem(&self.memory);
+        let mut mem = Mem(&self.memory, self.host.as_deref());
         for op in ops {
             match *op {
                 MemOp::Wait { address, value, wide, condition, .. } => {
@@ -1094,6 +1126,10 @@ impl BackendSession for EmulatedSession {
             _ => Err(CallError::invalid_handle("event has not been recorded")),
         }
     }
+    fn use_host_regions(&mut self, regions: Arc<HostRegions>) {
+        self.host = Some(regions);
+    }
+
     fn synchronize(&mut self) -> DeviceResult<()> {
         self.flush_printf();
         self.unmap_unloaded();

@@ -399,17 +399,20 @@ pub trait HostPinner: Send + Sync + std::fmt::Debug {
     /// Registers all of `region`'s mapping until the returned value drops,
     /// which its owner does before the region is unmapped
     /// ([`crate::host_regions::HostRegion`] holds both in that order).
-    fn pin(&self, region: &Region) -> DeviceResult<Pinned>;
+    /// Also says at which device address the region's first byte is
+    /// (under unified addressing, with the host pointer usable as the
+    /// device pointer, its own address).
+    fn pin(&self, region: &Region) -> DeviceResult<(Pinned, u64)>;
 }
 
 /// For a device that copies from any host memory as it is (the emulated
-/// one reads and writes the mapping directly).
+/// one reads and writes the mapping directly, at its own address).
 #[derive(Debug)]
 pub struct NoPinning;
 
 impl HostPinner for NoPinning {
-    fn pin(&self, _: &Region) -> DeviceResult<Pinned> {
-        Ok(Box::new(()))
+    fn pin(&self, region: &Region) -> DeviceResult<(Pinned, u64)> {
+        Ok((Box::new(()), region.as_ptr() as u64))
     }
 }
 
@@ -667,6 +670,10 @@ pub trait BackendSession: 'static {
     fn event_elapsed(&mut self, start: &Self::Event, end: &Self::Event) -> DeviceResult<f32>;
     /// Waits for all work of the session.
     fn synchronize(&mut self) -> DeviceResult<()>;
+    /// The session's host regions (the program's pinned memory), for a
+    /// device that reaches the addressable ones through its own code rather
+    /// than through the driver's mapping (the emulated one).
+    fn use_host_regions(&mut self, _regions: Arc<crate::host_regions::HostRegions>) {}
 
     /// Creates an array of a checked shape; with `levels` > 0 a mipmapped
     /// array of that many levels.

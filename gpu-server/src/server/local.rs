@@ -170,6 +170,7 @@ where
         bulk_ports,
         bulk_secret,
         shm_host_regions: !shm_socket.is_empty(),
+        shm_region_addresses: !shm_socket.is_empty(),
         // A fresh session whose transport can take a command ring waits
         // for one in the registry (docs/transport.md).
         shm_commands: match &start {

@@ -39,4 +39,8 @@ pub enum ShmError {
     /// The region cannot be made, checked or mapped.
     #[error("shared-memory region: {0}")]
     Region(String),
+    /// A region cannot be mapped at the address asked for: something is
+    /// mapped there already.
+    #[error("shared-memory region address in use: {0}")]
+    AddressInUse(String),
 }

@@ -18,7 +18,9 @@
 use crate::ShmError;
 use crate::wire::{MAX_REGION_BYTES, MIN_REGION_BYTES};
 use rustix::fs::{MemfdFlags, SealFlags};
+use rustix::mm::{MapFlags, ProtFlags};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
 /// Copies of at least this many bytes are split over several threads: one
@@ -56,10 +58,89 @@ fn in_pieces(len: usize, copy: impl Fn(std::ops::Range<usize>) + Sync) {
     });
 }
 
+/// Lowest address [`pick_address`] proposes: 16 TiB, far above where a
+/// process's executable, heap and (top-down) shared libraries and anonymous
+/// mappings lie on x86-64 and arm64 with 48-bit addresses.
+const PICK_FROM: usize = 0x1000_0000_0000;
+/// End of the span [`pick_address`] proposes from (80 TiB).
+const PICK_TO: usize = 0x5000_0000_0000;
+/// Alignment of a proposed address (huge-page aligned).
+const PICK_ALIGN: usize = 2 << 20;
+/// End of the user address space a region's address may reach (47 bits).
+pub const USER_ADDRESS_END: u64 = 1 << 47;
+
+/// A random address for a region of `len` bytes in a span that processes
+/// rarely use (16-80 TiB), so that two processes can usually both map a
+/// region there ([`Region::create_at`], [`Region::open_at`]).
+pub fn pick_address(len: usize) -> usize {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState's keys are random per process and differ per instance.
+    let mut h = std::hash::RandomState::new().build_hasher();
+    h.write_usize(len);
+    let slots = (PICK_TO - PICK_FROM).saturating_sub(len) / PICK_ALIGN;
+    PICK_FROM + (h.finish() as usize % slots.max(1)) * PICK_ALIGN
+}
+
+/// A shared read-write mapping of a memfd, unmapped on drop.
+#[derive(Debug)]
+struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory, valid from any thread while
+// it lives; every access goes through raw pointers checked against `len`.
+unsafe impl Send for Mapping {}
+// SAFETY: as for `Send`: no reference into the mapping is held across
+// threads but to atomics (`Region::atomic_u32`).
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` anywhere, or exactly at `at` when given
+    /// (never replacing a mapping there: `MAP_FIXED_NOREPLACE`).
+    fn new(fd: BorrowedFd<'_>, len: usize, at: Option<usize>) -> Result<Self, ShmError> {
+        let (hint, flags) = match at {
+            Some(a) => (a as *mut std::ffi::c_void, MapFlags::SHARED | MapFlags::FIXED_NOREPLACE),
+            None => (std::ptr::null_mut(), MapFlags::SHARED),
+        };
+        // SAFETY: a new shared mapping of a file this process holds; with
+        // FIXED_NOREPLACE the kernel refuses rather than replace anything
+        // mapped at `at`, so no existing memory of the process changes.
+        let got = unsafe { rustix::mm::mmap(hint, len, ProtFlags::READ | ProtFlags::WRITE, flags, fd, 0) };
+        let ptr = match got {
+            Ok(p) => p.cast::<u8>(),
+            Err(rustix::io::Errno::EXIST) => {
+                return Err(ShmError::AddressInUse(format!("{:#x} (+{len}) is mapped already", at.unwrap_or(0))));
+            }
+            Err(e) => return Err(ShmError::Region(format!("cannot map the region: {e}"))),
+        };
+        let mapping =
+            Self { ptr: NonNull::new(ptr).ok_or_else(|| ShmError::Region("mmap gave address 0".into()))?, len };
+        // A kernel without FIXED_NOREPLACE (before 4.17) takes the address
+        // as a hint only.
+        if let Some(a) = at
+            && mapping.ptr.as_ptr() as usize != a
+        {
+            return Err(ShmError::AddressInUse(format!("{a:#x} (+{len}) could not be mapped there")));
+        }
+        Ok(mapping)
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping this value made; nothing refers into it any
+        // more (the region's owner keeps it while copies use it).
+        if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) } {
+            eprintln!("gpupool: unmapping a shared region failed: {e}");
+        }
+    }
+}
+
 /// A mapped shared region.
 #[derive(Debug)]
 pub struct Region {
-    map: memmap2::MmapRaw,
+    map: Mapping,
     fd: OwnedFd,
 }
 
@@ -67,6 +148,12 @@ impl Region {
     /// Creates a region of `len` bytes (the client's): a memfd, sized and
     /// sealed against shrinking, growing and further seals, then mapped.
     pub fn create(name: &str, len: usize) -> Result<Self, ShmError> {
+        Self::create_at(name, len, None)
+    }
+
+    /// As [`Self::create`], mapped at `at` when given (page aligned; an
+    /// [`ShmError::AddressInUse`] when anything is mapped there).
+    pub fn create_at(name: &str, len: usize, at: Option<usize>) -> Result<Self, ShmError> {
         if !(MIN_REGION_BYTES..=MAX_REGION_BYTES).contains(&(len as u64)) {
             return Err(ShmError::Region(format!(
                 "a region of {len} bytes (from {MIN_REGION_BYTES} to {MAX_REGION_BYTES})"
@@ -81,13 +168,20 @@ impl Region {
         rustix::fs::ftruncate(&fd, len as u64).map_err(io("sizing the memfd"))?;
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
             .map_err(io("sealing the memfd"))?;
-        Self::map(fd, len)
+        Self::map(fd, len, at)
     }
 
     /// Maps a region received from a peer, when it is a memfd sealed
     /// against shrinking of exactly `len` bytes (`len` within the bounds of
     /// [`crate::wire::Attach`]).
     pub fn open(fd: OwnedFd, len: u64) -> Result<Self, ShmError> {
+        Self::open_at(fd, len, None)
+    }
+
+    /// As [`Self::open`], mapped at `at` when given: the address the peer
+    /// mapped it at, so that both processes see its bytes at one address
+    /// (an [`ShmError::AddressInUse`] when anything is mapped there).
+    pub fn open_at(fd: OwnedFd, len: u64, at: Option<u64>) -> Result<Self, ShmError> {
         if !(MIN_REGION_BYTES..=MAX_REGION_BYTES).contains(&len) {
             return Err(ShmError::Region(format!("a region of {len} bytes")));
         }
@@ -100,26 +194,33 @@ impl Region {
         if u64::try_from(stat.st_size).ok() != Some(len) {
             return Err(ShmError::Region(format!("the region's memfd holds {} bytes, not {len}", stat.st_size)));
         }
-        Self::map(fd, len as usize)
+        let at = match at {
+            Some(a)
+                if !a.is_multiple_of(rustix::param::page_size() as u64)
+                    || a.checked_add(len).is_none_or(|end| end > USER_ADDRESS_END) =>
+            {
+                return Err(ShmError::Region(format!(
+                    "a region at {a:#x} (+{len}) is not a page-aligned user address"
+                )));
+            }
+            a => a.map(|a| a as usize),
+        };
+        Self::map(fd, len as usize, at)
     }
 
-    fn map(fd: OwnedFd, len: usize) -> Result<Self, ShmError> {
-        let file = std::fs::File::from(fd);
-        let map = memmap2::MmapOptions::new()
-            .len(len)
-            .map_raw(&file)
-            .map_err(|e| ShmError::Region(format!("cannot map the region: {e}")))?;
-        Ok(Self { map, fd: file.into() })
+    fn map(fd: OwnedFd, len: usize, at: Option<usize>) -> Result<Self, ShmError> {
+        let map = Mapping::new(fd.as_fd(), len, at)?;
+        Ok(Self { map, fd })
     }
 
     /// The region's bytes.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.map.len
     }
 
     /// Always false: a region has at least one page.
     pub fn is_empty(&self) -> bool {
-        self.map.len() == 0
+        self.map.len == 0
     }
 
     /// The memfd, to pass to the server.
@@ -133,7 +234,7 @@ impl Region {
     /// between it and the device (checked ranges only; never through a
     /// Rust reference).
     pub fn as_ptr(&self) -> *mut u8 {
-        self.map.as_mut_ptr()
+        self.map.ptr.as_ptr()
     }
 
     /// Whether `[start, start + len)` lies within the mapping (overflow
@@ -144,8 +245,8 @@ impl Region {
 
     fn range(&self, start: usize, len: usize) -> Result<(), ShmError> {
         match start.checked_add(len) {
-            Some(end) if end <= self.map.len() => Ok(()),
-            _ => Err(ShmError::Protocol(format!("bytes [{start}, +{len}) outside the region of {}", self.map.len()))),
+            Some(end) if end <= self.map.len => Ok(()),
+            _ => Err(ShmError::Protocol(format!("bytes [{start}, +{len}) outside the region of {}", self.map.len))),
         }
     }
 
@@ -162,19 +263,19 @@ impl Region {
         // Every access through it is atomic; the peer's writes to it are
         // writes of shared memory by another process, which an atomic
         // tolerates (a torn or hostile value is validated by the caller).
-        Ok(unsafe { AtomicU32::from_ptr(self.map.as_mut_ptr().add(offset).cast::<u32>()) })
+        Ok(unsafe { AtomicU32::from_ptr(self.map.ptr.as_ptr().add(offset).cast::<u32>()) })
     }
 
     /// As [`Self::atomic_u32`], for a 64-bit word.
     pub fn atomic_u64(&self, offset: usize) -> Result<&AtomicU64, ShmError> {
         self.word(offset, std::mem::size_of::<u64>())?;
         // SAFETY: as in `atomic_u32`, for an 8-byte aligned word.
-        Ok(unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(offset).cast::<u64>()) })
+        Ok(unsafe { AtomicU64::from_ptr(self.map.ptr.as_ptr().add(offset).cast::<u64>()) })
     }
 
     fn word(&self, offset: usize, size: usize) -> Result<(), ShmError> {
         self.range(offset, size)?;
-        if !offset.is_multiple_of(size) || !(self.map.as_ptr() as usize).is_multiple_of(size) {
+        if !offset.is_multiple_of(size) || !(self.map.ptr.as_ptr() as usize).is_multiple_of(size) {
             return Err(ShmError::Region(format!("a {size}-byte word at {offset} is not aligned")));
         }
         Ok(())
@@ -195,7 +296,7 @@ impl Region {
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     src[piece.clone()].as_ptr(),
-                    self.map.as_mut_ptr().add(start + piece.start),
+                    self.map.ptr.as_ptr().add(start + piece.start),
                     piece.len(),
                 );
             }
@@ -216,7 +317,7 @@ impl Region {
             // mutably for the whole call and written by this piece only.
             unsafe {
                 std::ptr::copy_nonoverlapping(
-                    self.map.as_ptr().add(start + piece.start),
+                    self.map.ptr.as_ptr().add(start + piece.start),
                     (out as *mut u8).add(piece.start),
                     piece.len(),
                 );
@@ -236,7 +337,7 @@ impl Region {
         // process's memory. After the copy its first `len` bytes are
         // initialized, so the length may grow by `len`.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(start), spare.as_mut_ptr().cast::<u8>(), len);
+            std::ptr::copy_nonoverlapping(self.map.ptr.as_ptr().add(start), spare.as_mut_ptr().cast::<u8>(), len);
             dst.set_len(dst.len() + len);
         }
         Ok(())
@@ -278,6 +379,35 @@ mod tests {
         region.read(0, &mut head).expect("read");
         assert_eq!(head, [0; 7], "nothing written before the start");
         assert!(region.write((16 << 20) - len + 1, &data).is_err(), "one byte past the end");
+    }
+
+    #[test]
+    fn regions_map_at_an_asked_address_or_say_it_is_in_use() {
+        let len = 1 << 20;
+        let at = pick_address(len);
+        assert!((PICK_FROM..PICK_TO).contains(&at) && at.is_multiple_of(PICK_ALIGN));
+        let a = Region::create_at("gpupool-test", len, Some(at)).expect("a free address");
+        assert_eq!(a.as_ptr() as usize, at);
+        let fd = || a.fd().try_clone_to_owned().expect("dup");
+        // Mapped there already (here, by `a`): refused, nothing replaced.
+        let taken = Region::open_at(fd(), len as u64, Some(at as u64)).unwrap_err();
+        assert!(matches!(taken, ShmError::AddressInUse(_)), "{taken}");
+        let partly = Region::open_at(fd(), len as u64, Some((at - 4096) as u64)).unwrap_err();
+        assert!(matches!(partly, ShmError::AddressInUse(_)), "overlapping the end: {partly}");
+        a.write(8, b"still a's").expect("a is intact");
+        // Elsewhere: the same bytes at another address.
+        let other = at + 2 * len;
+        let b = Region::open_at(fd(), len as u64, Some(other as u64)).expect("another free address");
+        assert_eq!(b.as_ptr() as usize, other);
+        let mut out = [0u8; 9];
+        b.read(8, &mut out).expect("read");
+        assert_eq!(&out, b"still a's");
+        // Not page aligned, or past the user addresses.
+        assert!(Region::open_at(fd(), len as u64, Some(other as u64 + 1)).is_err());
+        assert!(Region::open_at(fd(), len as u64, Some(USER_ADDRESS_END - 4096)).is_err());
+        drop(b);
+        // Unmapped with `b`: free again.
+        Region::open_at(fd(), len as u64, Some(other as u64)).expect("free after the drop");
     }
 
     #[test]

@@ -39,6 +39,10 @@ pub const MAX_HOST_REGIONS: usize = 64;
 /// host regions take ids from 1.
 pub const BULK_REGION: u32 = 0;
 
+/// The reply code of an `AddRegion` that cannot be mapped at the client's
+/// address (`CUDA_ERROR_ALREADY_MAPPED`): the client may try another one.
+pub const ADDRESS_IN_USE: u32 = 208;
+
 fn u64_at(b: &[u8], at: usize) -> u64 {
     let mut v = [0u8; 8];
     v.copy_from_slice(&b[at..at + 8]);
@@ -109,8 +113,14 @@ pub enum Op {
     Get,
     /// Attach the memfd sent with this request as host region `id` (1 and
     /// up) of `len` bytes: the program's pinned memory, which copies then
-    /// name by region, offset and length instead of carrying bytes.
-    AddRegion { id: u32, len: u64 },
+    /// name by region, offset and length instead of carrying bytes. `at`:
+    /// the address the client mapped it at, for the server to map it at
+    /// too (then the program's pointers into it are device addresses, as
+    /// pinned memory's are under unified addressing), or 0 for anywhere.
+    /// A server that cannot map it there refuses it with
+    /// [`crate::wire::ADDRESS_IN_USE`]; only a server whose `Welcome` says
+    /// `shm_region_addresses` takes a non-zero `at`.
+    AddRegion { id: u32, len: u64, at: u64 },
     /// Detach host region `id` (the program freed all of it).
     RemoveRegion { id: u32 },
     /// Take the memfd sent with this request, of `len` bytes, as the
@@ -155,12 +165,16 @@ impl Request {
         let (op, transfer, total, len) = match self.op {
             Op::Put { total } => (OP_PUT, self.transfer, total, self.len),
             Op::Get => (OP_GET, self.transfer, 0, self.len),
-            Op::AddRegion { id, len } => (OP_ADD_REGION, u64::from(id), 0, len),
+            Op::AddRegion { id, len, .. } => (OP_ADD_REGION, u64::from(id), 0, len),
             Op::RemoveRegion { id } => (OP_REMOVE_REGION, u64::from(id), 0, 0),
             Op::Commands { len } => (OP_COMMANDS, 0, 0, len),
         };
+        let offset = match self.op {
+            Op::AddRegion { at, .. } => at,
+            _ => self.offset,
+        };
         b[..4].copy_from_slice(&op.to_le_bytes());
-        for (i, v) in [self.seq, transfer, total, self.offset, self.region_offset, len].iter().enumerate() {
+        for (i, v) in [self.seq, transfer, total, offset, self.region_offset, len].iter().enumerate() {
             b[8 + 8 * i..16 + 8 * i].copy_from_slice(&v.to_le_bytes());
         }
         b
@@ -177,9 +191,14 @@ impl Request {
                 ShmError::Protocol(format!("host region id {} (1 to {} allowed)", u64_at(b, 16), u32::MAX))
             })
         };
-        // A region operation names no transfer range: those bytes are zero.
-        let no_range = |with_len: bool| {
-            if u64_at(b, 24) != 0 || u64_at(b, 32) != 0 || u64_at(b, 40) != 0 || (!with_len && u64_at(b, 48) != 0) {
+        // A region operation names no transfer range: those bytes are zero
+        // (but an addition's address, in the offset's place).
+        let no_range = |with_len: bool, with_at: bool| {
+            if u64_at(b, 24) != 0
+                || (!with_at && u64_at(b, 32) != 0)
+                || u64_at(b, 40) != 0
+                || (!with_len && u64_at(b, 48) != 0)
+            {
                 return Err(ShmError::Protocol("a region operation with transfer fields".into()));
             }
             Ok(())
@@ -189,21 +208,25 @@ impl Request {
             OP_GET if u64_at(b, 24) == 0 => Op::Get,
             OP_GET => return Err(ShmError::Protocol("a get with a total size".into())),
             OP_ADD_REGION => {
-                no_range(true)?;
+                no_range(true, true)?;
                 let len = u64_at(b, 48);
                 if !(MIN_REGION_BYTES..=MAX_REGION_BYTES).contains(&len) {
                     return Err(ShmError::Protocol(format!(
                         "host region of {len} bytes outside {MIN_REGION_BYTES}..={MAX_REGION_BYTES}"
                     )));
                 }
-                return Ok(Self::region(u64_at(b, 8), Op::AddRegion { id: region_id()?, len }));
+                let at = u64_at(b, 32);
+                if at.checked_add(len).is_none_or(|end| end > crate::region::USER_ADDRESS_END) {
+                    return Err(ShmError::Protocol(format!("host region at {at:#x} (+{len}) past the user addresses")));
+                }
+                return Ok(Self::region(u64_at(b, 8), Op::AddRegion { id: region_id()?, len, at }));
             }
             OP_REMOVE_REGION => {
-                no_range(false)?;
+                no_range(false, false)?;
                 return Ok(Self::region(u64_at(b, 8), Op::RemoveRegion { id: region_id()? }));
             }
             OP_COMMANDS => {
-                no_range(true)?;
+                no_range(true, false)?;
                 if u64_at(b, 16) != 0 {
                     return Err(ShmError::Protocol("a command ring with a region id".into()));
                 }
@@ -410,8 +433,12 @@ mod tests {
             assert_eq!(Request::decode(&r.encode()).expect("request"), r);
         }
         let ring = crate::ring::region_len(crate::ring::DEFAULT_CAPACITY);
-        for op in [Op::AddRegion { id: 3, len: 1 << 20 }, Op::RemoveRegion { id: u32::MAX }, Op::Commands { len: ring }]
-        {
+        for op in [
+            Op::AddRegion { id: 3, len: 1 << 20, at: 0 },
+            Op::AddRegion { id: 4, len: 1 << 20, at: 0x1000_0000_0000 },
+            Op::RemoveRegion { id: u32::MAX },
+            Op::Commands { len: ring },
+        ] {
             let r = Request::region(9, op);
             assert_eq!(Request::decode(&r.encode()).expect("region request"), r);
             assert_eq!(op.carries_fd(), !matches!(op, Op::RemoveRegion { .. }));
@@ -443,20 +470,29 @@ mod tests {
         // Region operations: the bulk region's id, ids past u32, sizes out
         // of bounds, stray transfer fields.
         for (op, why) in [
-            (Op::AddRegion { id: BULK_REGION, len: 1 << 20 }, "the bulk region's id"),
+            (Op::AddRegion { id: BULK_REGION, len: 1 << 20, at: 0 }, "the bulk region's id"),
             (Op::RemoveRegion { id: BULK_REGION }, "removing the bulk region"),
-            (Op::AddRegion { id: 1, len: MIN_REGION_BYTES - 1 }, "too small"),
-            (Op::AddRegion { id: 1, len: MAX_REGION_BYTES + 1 }, "too large"),
+            (Op::AddRegion { id: 1, len: MIN_REGION_BYTES - 1, at: 0 }, "too small"),
+            (Op::AddRegion { id: 1, len: MAX_REGION_BYTES + 1, at: 0 }, "too large"),
+            (Op::AddRegion { id: 1, len: 1 << 20, at: crate::region::USER_ADDRESS_END }, "past the user addresses"),
+            (Op::AddRegion { id: 1, len: 1 << 20, at: u64::MAX - 4095 }, "an address that overflows"),
         ] {
             assert!(Request::decode(&Request::region(1, op).encode()).is_err(), "{why}");
         }
-        let mut r = Request::region(1, Op::AddRegion { id: 1, len: 1 << 20 }).encode();
+        let mut r = Request::region(1, Op::AddRegion { id: 1, len: 1 << 20, at: 0 }).encode();
         r[16..24].copy_from_slice(&(u64::from(u32::MAX) + 1).to_le_bytes());
         assert!(Request::decode(&r).is_err(), "an id past u32");
-        for at in [24, 32, 40] {
-            let mut r = Request::region(1, Op::AddRegion { id: 1, len: 1 << 20 }).encode();
+        for at in [24, 40] {
+            let mut r = Request::region(1, Op::AddRegion { id: 1, len: 1 << 20, at: 0 }).encode();
             r[at] = 1;
             assert!(Request::decode(&r).is_err(), "a transfer field at byte {at}");
+        }
+        for op in
+            [Op::RemoveRegion { id: 1 }, Op::Commands { len: crate::ring::region_len(crate::ring::DEFAULT_CAPACITY) }]
+        {
+            let mut r = Request::region(1, op).encode();
+            r[32] = 1;
+            assert!(Request::decode(&r).is_err(), "an address in {op:?}");
         }
         let mut r = Request::region(1, Op::RemoveRegion { id: 1 }).encode();
         r[48] = 1;

@@ -353,12 +353,27 @@ impl HostRegistration {
         // primary context is made current here first.
         context.make_current()?;
         // Portable: pinned for every context of the process, whichever the
-        // session's copies run in.
-        let flags = sys::CU_MEMHOSTREGISTER_PORTABLE;
+        // session's copies run in; mapped into the device's address space
+        // (where the host pointer is the device pointer, it is one: the
+        // program's pinned pointers then work on the device as natively).
+        let flags = sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP;
         // SAFETY: the caller guarantees the range is mapped for its
         // lifetime.
         driver::check(unsafe { sys::cuMemHostRegister_v2(base.cast(), len, flags) }, "cuMemHostRegister_v2")?;
         Ok(Self { base: base as usize, context })
+    }
+
+    /// The device address of the registered range's first byte.
+    pub(super) fn device_address(&self) -> DeviceResult<u64> {
+        self.context.make_current()?;
+        let mut device: sys::CUdeviceptr = 0;
+        // SAFETY: valid out-pointer; `base` is registered (with DEVICEMAP)
+        // while `self` lives.
+        driver::check(
+            unsafe { sys::cuMemHostGetDevicePointer_v2(&mut device, self.base as *mut std::ffi::c_void, 0) },
+            "cuMemHostGetDevicePointer_v2",
+        )?;
+        Ok(device)
     }
 }
 

@@ -427,12 +427,17 @@ fn serve_region_op(
 ) -> Option<Reply> {
     let owner = attached.owner;
     let outcome = match (request.op, fd) {
-        (Op::AddRegion { id, len }, Some(fd)) => session.regions.admits(id, len).and_then(|()| {
+        (Op::AddRegion { id, len, at }, Some(fd)) => session.regions.admits(id, len).and_then(|()| {
             // Checked like the bulk region: a memfd sealed against
-            // shrinking, of exactly the announced size.
-            let region = Region::open(fd, len).map_err(|e| CallError::invalid_value(e.to_string()))?;
-            let host = HostRegion::new(region, session.pinner.as_ref(), Some(metrics.clone()))?;
-            tracing::debug!(id, bytes = len, "host region attached and registered");
+            // shrinking, of exactly the announced size; at the client's
+            // address when it names one.
+            let at = (at != 0).then_some(at);
+            let region = Region::open_at(fd, len, at).map_err(|e| match e {
+                ShmError::AddressInUse(m) => CallError::new(wire::ADDRESS_IN_USE, m),
+                e => CallError::invalid_value(e.to_string()),
+            })?;
+            let host = HostRegion::new(region, session.pinner.as_ref(), Some(metrics.clone()), at.is_some())?;
+            tracing::debug!(id, bytes = len, at, "host region attached and registered");
             session.regions.insert(owner, id, host)
         }),
         (Op::Commands { len }, Some(fd)) => {
