@@ -6,7 +6,8 @@
  * device's address space at its host address, flags or not, and programs
  * rely on it: XLA (JAX) allocates pinned memory with cuMemHostAlloc(0) and
  * has the device memset and copy into it by that address. Here, for
- * cuMemHostAlloc(0) and cuMemAllocHost memory of a few sizes: the device
+ * cuMemHostAlloc(0), cuMemAllocHost and cuMemHostAlloc(DEVICEMAP) memory
+ * of a few sizes: the device
  * pointer is the host pointer, memsets and device-to-device copies on a
  * stream write and read it there, a stream memory operation writes a word
  * of it, and the host sees every byte after the synchronization. Through
@@ -26,7 +27,10 @@
 
 #include "check_bytes.h"
 
-static void device_access_of_size(size_t n, int alloc_host, CUstream stream, unsigned seed)
+/* How the pinned memory is allocated. */
+enum kind { HOST_ALLOC, ALLOC_HOST, HOST_ALLOC_DEVICEMAP, KINDS };
+
+static void device_access_of_size(size_t n, enum kind kind, CUstream stream, unsigned seed)
 {
     unsigned char *h, *want = malloc(n), *back = malloc(n);
     CUdeviceptr dev, d = 0;
@@ -34,10 +38,10 @@ static void device_access_of_size(size_t n, int alloc_host, CUstream stream, uns
     if (!want || !back)
         fail("host malloc(%zu) failed", n);
 
-    if (alloc_host)
+    if (kind == ALLOC_HOST)
         CK(cuMemAllocHost((void **)&h, n));
     else
-        CK(cuMemHostAlloc((void **)&h, n, 0));
+        CK(cuMemHostAlloc((void **)&h, n, kind == HOST_ALLOC_DEVICEMAP ? CU_MEMHOSTALLOC_DEVICEMAP : 0));
     CUdeviceptr hp = (CUdeviceptr)(uintptr_t)h;
     CK(cuMemHostGetDevicePointer(&d, h, 0));
     REQUIRE(d == hp, "device pointer %#llx of pinned %p", (unsigned long long)d, (void *)h);
@@ -112,8 +116,8 @@ int main(void)
     REQUIRE(unified == 1, "unified addressing reads %d", unified);
     CK(cuStreamCreate(&stream, CU_STREAM_NON_BLOCKING));
     for (unsigned i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
-        for (int alloc_host = 0; alloc_host < 2; alloc_host++)
-            device_access_of_size(sizes[i], alloc_host, stream, 200 + 2 * i + alloc_host);
+        for (int kind = 0; kind < KINDS; kind++)
+            device_access_of_size(sizes[i], (enum kind)kind, stream, 200 + KINDS * i + kind);
         printf("pinned memory of %zu bytes as device memory ok\n", sizes[i]);
     }
     CK(cuStreamDestroy(stream));
