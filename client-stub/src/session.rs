@@ -179,6 +179,7 @@ fn work_stream(op: &Op) -> Option<u32> {
         | Op::ModuleGetGlobal(_)
         | Op::Occupancy(_)
         | Op::FuncSetAttribute(_)
+        | Op::DescribeFunction(_)
         | Op::VmmCreate(_)
         | Op::VmmRelease(_)
         | Op::VmmRetain(_)
@@ -1503,6 +1504,37 @@ impl Session {
         Ok(answer)
     }
 
+    /// `f` as its module holds it now (attributes set since the load
+    /// included), with its attributes: a function of a large module comes
+    /// undescribed from the load (`FunctionInfo.undescribed`: reading
+    /// attributes loads a function on the server) and is described here
+    /// when first needed, one round trip, then kept in the module.
+    pub fn described(&self, f: &Function) -> Result<Arc<v1::FunctionInfo>> {
+        let mut st = self.lock();
+        self.described_locked(&mut st, f)
+    }
+
+    fn described_locked(&self, st: &mut State, f: &Function) -> Result<Arc<v1::FunctionInfo>> {
+        let current = st.modules.get(&f.module).and_then(|m| m.functions.get(f.index as usize)).cloned();
+        let current = current.unwrap_or_else(|| f.info.clone());
+        if !current.undescribed {
+            return Ok(current);
+        }
+        let op = Op::DescribeFunction(v1::DescribeFunction { module: f.module, function: f.index });
+        let info = match self.call(st, op)? {
+            Some(Value::Function(info)) if !info.undescribed && info.name == current.name => Arc::new(info),
+            other => {
+                return Err(ClientError::Protocol(format!("DescribeFunction of {} answered {other:?}", current.name)));
+            }
+        };
+        if let Some(slot) =
+            st.modules.get_mut(&f.module).and_then(|m| Arc::make_mut(&mut m.functions).get_mut(f.index as usize))
+        {
+            *slot = info.clone();
+        }
+        Ok(info)
+    }
+
     /// Sets a function attribute (`cuFuncSetAttribute`), queued; the cached
     /// attributes follow so that reads need no round trip.
     pub fn func_set_attribute(&self, f: &Function, attribute: u32, value: i32) -> Result<()> {
@@ -1575,8 +1607,8 @@ impl Session {
         let cooperative = attributes.as_ref().is_some_and(|a| a.cooperative);
         // One lock for the function's current attributes and the queue.
         let mut st = self.lock();
-        let info = st.modules.get(&f.module).and_then(|m| m.functions.get(f.index as usize));
-        crate::launch_check::check(&self.inner.launch_limits, info.unwrap_or(&f.info), &shape)?;
+        let info = self.described_locked(&mut st, f)?;
+        crate::launch_check::check(&self.inner.launch_limits, &info, &shape)?;
         let op = Op::Launch(v1::Launch {
             module: f.module,
             function: f.index,

@@ -172,6 +172,8 @@ fn op() -> impl Strategy<Value = Op> {
         (0u32..3, 0..functions + 1, small(), any::<i32>()).prop_map(|(module, function, attribute, value)| {
             Op::FuncSetAttribute(v1::FuncSetAttribute { module, function, attribute, value })
         }),
+        (0u32..3, prop_oneof![0..functions + 1, Just(u32::MAX)])
+            .prop_map(|(module, function)| Op::DescribeFunction(v1::DescribeFunction { module, function })),
         (small(), number(), any::<bool>()).prop_map(|(handle, size, compressible)| Op::VmmCreate(v1::VmmCreate {
             handle,
             size,

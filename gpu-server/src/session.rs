@@ -339,6 +339,7 @@ impl<S: BackendSession> SessionState<S> {
             }
             Op::ModuleGetGlobal(g) => self.module_get_global(g),
             Op::Occupancy(o) => self.occupancy(o),
+            Op::DescribeFunction(d) => self.describe_function(d.module, d.function),
             Op::FuncSetAttribute(a) => {
                 let (loaded, index) = function_of_mut(&mut self.modules, a.module, a.function)?;
                 let value = self.dev.func_set_attribute(&mut loaded.module, index, a.attribute, a.value)?;
@@ -757,18 +758,7 @@ impl<S: BackendSession> SessionState<S> {
             }
             None => self.dev.load_module(&image)?,
         };
-        let info = v1::ModuleInfo {
-            functions: functions
-                .iter()
-                .map(|f| v1::FunctionInfo {
-                    name: f.name.clone(),
-                    params: f.params.iter().map(|p| v1::ParamInfo { offset: p.offset, size: p.size }).collect(),
-                    params_size: f.params_size(),
-                    max_threads_per_block: f.max_threads_per_block,
-                    attributes: f.attributes.iter().map(|(&k, &v)| (k, v)).collect(),
-                })
-                .collect(),
-        };
+        let info = v1::ModuleInfo { functions: functions.iter().map(function_info_of).collect() };
         self.modules.insert(m.module, LoadedModule { functions, module });
         Ok(Some(Value::Module(info)))
     }
@@ -837,6 +827,17 @@ impl<S: BackendSession> SessionState<S> {
     /// Checks a launch against function `l.function` of module `l.module`
     /// (parameter size, dimensions, attributes); returns the function's
     /// index, dimensions and attributes.
+    /// Function `function` of `module` as [`v1::FunctionInfo`], described
+    /// first when it was loaded undescribed ([`FunctionInfo::described`]):
+    /// the answer to `DescribeFunction`.
+    fn describe_function(&mut self, module: u32, function: u32) -> CallOutcome {
+        let (loaded, index) = function_of_mut(&mut self.modules, module, function)?;
+        if !loaded.functions[index].described {
+            loaded.functions[index] = self.dev.describe_function(&loaded.module, index)?;
+        }
+        Ok(Some(Value::Function(function_info_of(&loaded.functions[index]))))
+    }
+
     fn check_launch(&self, l: &v1::Launch) -> Result<(usize, LaunchDims, LaunchAttrs), CallError> {
         let (loaded, index) = function_of(&self.modules, l.module, l.function)?;
         let f = &loaded.functions[index];
@@ -856,7 +857,9 @@ impl<S: BackendSession> SessionState<S> {
         // Checked: three 32-bit dimensions multiply past 64 bits.
         let threads = product(dims.block)
             .ok_or_else(|| CallError::invalid_value(format!("block {:?} has too many threads", dims.block)))?;
-        if threads > u64::from(f.max_threads_per_block) {
+        // An undescribed function's own limit is the driver's to check (the
+        // client describes it before its first launch).
+        if f.described && threads > u64::from(f.max_threads_per_block) {
             // Within the device's block limit, the function's own (register)
             // limit is a resource error, as the driver reports it.
             let code = if threads <= 1024 { cuda::LAUNCH_OUT_OF_RESOURCES } else { cuda::INVALID_VALUE };
@@ -901,6 +904,18 @@ impl<S: BackendSession> SessionState<S> {
 }
 
 /// `x * y * z`, or `None` past 64 bits.
+/// A function's description as a client receives it.
+fn function_info_of(f: &FunctionInfo) -> v1::FunctionInfo {
+    v1::FunctionInfo {
+        name: f.name.clone(),
+        params: f.params.iter().map(|p| v1::ParamInfo { offset: p.offset, size: p.size }).collect(),
+        params_size: f.params_size(),
+        max_threads_per_block: f.max_threads_per_block,
+        attributes: f.attributes.iter().map(|(&k, &v)| (k, v)).collect(),
+        undescribed: !f.described,
+    }
+}
+
 fn product(d: [u32; 3]) -> Option<u64> {
     u64::from(d[0]).checked_mul(u64::from(d[1]))?.checked_mul(u64::from(d[2]))
 }
@@ -1278,6 +1293,34 @@ pub(crate) mod tests {
         assert_eq!(f.attributes.get(&9), Some(&-1), "PREFERRED_SHARED_MEMORY_CARVEOUT");
     }
 
+    /// A module loaded undescribed (as the GPU backend loads a library of
+    /// many kernels): attributes come with `DescribeFunction`, those set
+    /// since the load included; the launches need no description.
+    #[test]
+    fn undescribed_functions_are_described_when_asked() {
+        let dev = EmulatedDevice::new(1 << 30).describing_lazily();
+        let mut s = state(dev.open_session(limits().va_size).expect("session"));
+        let info = load_builtin(&mut s, 1);
+        assert!(info.functions.iter().all(|f| f.attributes.is_empty() && f.max_threads_per_block == 0));
+        assert!(info.functions.iter().all(|f| f.undescribed), "{info:?}");
+        assert_eq!(code(s.execute(empty_launch(dim(1, 1, 1), dim(32, 1, 1), Default::default()))), cuda::SUCCESS);
+        assert_eq!(set_attribute(&mut s, 1, MAX_DYN_SMEM, 100_000), cuda::SUCCESS);
+        let describe = |s: &mut SessionState<_>, module, function| {
+            s.execute(Op::DescribeFunction(v1::DescribeFunction { module, function }))
+        };
+        let f = match describe(&mut s, 1, 1) {
+            Ok(Some(Value::Function(f))) => f,
+            other => panic!("DescribeFunction: {other:?}"),
+        };
+        assert!(!f.undescribed && f.name == "vector_add" && f.max_threads_per_block == 1024, "{f:?}");
+        assert_eq!(f.attributes.get(&MAX_DYN_SMEM), Some(&100_000), "the attribute set before");
+        assert_eq!(f.attributes.get(&4), Some(&32), "NUM_REGS");
+        assert_eq!(f.params_size, info.functions[1].params_size);
+        assert!(s.function_info(1, 1).expect("kept").described, "described once, then kept");
+        assert_eq!(code(describe(&mut s, 1, 99)), cuda::INVALID_HANDLE, "no such function");
+        assert_eq!(code(describe(&mut s, 7, 0)), cuda::INVALID_HANDLE, "no such module");
+    }
+
     fn dim(x: u32, y: u32, z: u32) -> Option<v1::Dim3> {
         Some(v1::Dim3 { x, y, z })
     }
@@ -1616,6 +1659,9 @@ pub(crate) mod tests {
             query: OccupancyQuery,
         ) -> DeviceResult<crate::device::Occupancy> {
             self.inner.occupancy(module, function, query)
+        }
+        fn describe_function(&mut self, m: &Self::Module, f: usize) -> DeviceResult<FunctionInfo> {
+            self.inner.describe_function(m, f)
         }
         fn func_set_attribute(&mut self, m: &mut Self::Module, f: usize, a: u32, v: i32) -> DeviceResult<i32> {
             self.inner.func_set_attribute(m, f, a, v)

@@ -304,8 +304,9 @@ fn function(h: usize) -> CuResult<(&'static Runtime, Function)> {
 }
 
 fn get_attribute(pi: *mut c_int, attrib: c_uint, h: usize) -> CuResult {
-    let (_, f) = function(h)?;
-    let v = f.info.attributes.get(&attrib).copied().ok_or(CuError::INVALID_VALUE)?;
+    let (rt, f) = function(h)?;
+    let info = rt.session.described(&f)?;
+    let v = info.attributes.get(&attrib).copied().ok_or(CuError::INVALID_VALUE)?;
     // SAFETY: out-pointer per the CUDA API.
     unsafe { put(pi, v) }
 }
@@ -383,7 +384,7 @@ fn potential_block_size(
             // The shared memory depends on the block size through a
             // callback that cannot travel: search here, one query per
             // candidate size (multiples of the warp size).
-            let max = match (f.info.max_threads_per_block as c_int, limit) {
+            let max = match (rt.session.described(&f)?.max_threads_per_block as c_int, limit) {
                 (m, l) if l > 0 => m.min(l),
                 (m, _) => m,
             };

@@ -62,6 +62,7 @@ pub fn functions() -> Vec<FunctionInfo> {
                 max_threads_per_block: 1024,
                 // Backends fill these in: they depend on the device.
                 attributes: Default::default(),
+                described: true,
             }
         })
         .collect()

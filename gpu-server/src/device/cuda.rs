@@ -180,7 +180,16 @@ impl DeviceInner {
     /// context, which must be current on this thread.
     fn load(&self, image: &[u8], builtin: bool) -> DeviceResult<(Module, Vec<FunctionInfo>)> {
         let mut module = Module::load(self.context.clone(), image)?;
-        let described = module.functions()?.into_iter().map(describe).collect::<DeviceResult<Vec<_>>>()?;
+        let functions = module.functions()?;
+        // Reading a function's attributes loads it: a library image of
+        // hundreds of kernels (cuBLAS) would be loaded whole where CUDA
+        // loads the few a program launches. Its functions are described
+        // when first used (`describe_function`).
+        let lazy = !builtin && functions.len() > EAGER_DESCRIBE_MAX;
+        let described = functions
+            .into_iter()
+            .map(|f| if lazy { layout(f) } else { describe(f) })
+            .collect::<DeviceResult<Vec<_>>>()?;
         let described = if builtin {
             order_like_builtin(described)?
         } else {
@@ -557,8 +566,13 @@ fn param_pointers(params: &[u8], layout: &[Param], params_size: usize) -> Device
     Ok(layout.iter().map(|p| params.as_ptr().wrapping_add(p.offset as usize).cast_mut().cast()).collect())
 }
 
-/// Name, parameter layout, block limit and attributes of one function.
-fn describe(function: CUfunction) -> DeviceResult<(Kernel, FunctionInfo)> {
+/// Modules of at most this many functions have them all described at load
+/// (one round trip less per function for the client); larger ones describe
+/// each when first used.
+const EAGER_DESCRIBE_MAX: usize = 32;
+
+/// A function's name and parameters (which do not load it), undescribed.
+fn layout(function: CUfunction) -> DeviceResult<(Kernel, FunctionInfo)> {
     let mut name: *const c_char = std::ptr::null();
     // SAFETY: valid out-pointer; `function` belongs to a live module.
     driver::check(unsafe { sys::cuFuncGetName(&mut name, function) }, "cuFuncGetName")?;
@@ -588,6 +602,15 @@ fn describe(function: CUfunction) -> DeviceResult<(Kernel, FunctionInfo)> {
         }
     }
 
+    let info = FunctionInfo { name, params, max_threads_per_block: 0, attributes: BTreeMap::new(), described: false };
+    let kernel = Kernel { raw: function, params: info.params.clone(), params_size: info.params_size() as usize };
+    Ok((kernel, info))
+}
+
+/// A function's name, parameters and attributes (which loads it).
+fn describe(function: CUfunction) -> DeviceResult<(Kernel, FunctionInfo)> {
+    let (kernel, mut info) = layout(function)?;
+    let name = &info.name;
     // With lazy loading (CUDA's default) attributes need the function loaded.
     // SAFETY: `function` is a handle enumerated from a module this session holds.
     let r = unsafe { sys::cuFuncLoad(function) };
@@ -604,12 +627,10 @@ fn describe(function: CUfunction) -> DeviceResult<(Kernel, FunctionInfo)> {
     };
     driver::check(r, &format!("cuFuncGetAttribute({name})"))?;
 
-    let attributes: BTreeMap<u32, i32> =
+    info.attributes =
         FUNCTION_ATTRIBUTES.filter_map(|a| driver::function_attribute(function, a).map(|v| (a, v))).collect();
-
-    let info =
-        FunctionInfo { name, params, max_threads_per_block: u32::try_from(max_threads).unwrap_or(0), attributes };
-    let kernel = Kernel { raw: function, params: info.params.clone(), params_size: info.params_size() as usize };
+    info.max_threads_per_block = u32::try_from(max_threads).unwrap_or(0);
+    info.described = true;
     Ok((kernel, info))
 }
 
@@ -1168,6 +1189,10 @@ impl BackendSession for CudaSession {
                 Ok(Occupancy { value: i64::from(size), block_size: 0 })
             }
         }
+    }
+
+    fn describe_function(&mut self, module: &Module, function: usize) -> DeviceResult<FunctionInfo> {
+        describe(kernel_of(module, function)?.raw).map(|(_, info)| info)
     }
 
     fn func_set_attribute(

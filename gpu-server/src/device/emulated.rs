@@ -93,6 +93,9 @@ pub struct EmulatedDevice {
     preloaded: Arc<Preloaded<Module>>,
     /// Where the next built-in module's variables go.
     next_variables: Arc<AtomicU64>,
+    /// Modules load with their functions undescribed, as a GPU loads a
+    /// library of many kernels ([`Self::describing_lazily`]).
+    lazy_functions: bool,
 }
 
 /// Bytes of the emulated device's memory taken by one allocation or array;
@@ -260,6 +263,14 @@ impl SmLimits {
 }
 
 impl EmulatedDevice {
+    /// Loads modules with their functions undescribed (no attributes until
+    /// `describe_function`), as the GPU backend loads a module of many
+    /// functions: for tests of that path without a GPU.
+    pub fn describing_lazily(mut self) -> Self {
+        self.lazy_functions = true;
+        self
+    }
+
     pub fn new(total_memory: u64) -> Self {
         tracing::warn!("emulated device selected: no GPU is in use; kernels run as CPU reference code");
         let sms = 132;
@@ -308,6 +319,7 @@ impl EmulatedDevice {
             ranges: Arc::default(),
             preloaded: Arc::default(),
             next_variables: Arc::new(AtomicU64::new(variables_start())),
+            lazy_functions: false,
         }
     }
 }
@@ -361,6 +373,7 @@ impl Backend for EmulatedDevice {
             variables: BTreeMap::new(),
             unloaded: Arc::default(),
             host: None,
+            lazy_functions: self.lazy_functions,
         })
     }
 
@@ -434,6 +447,8 @@ pub struct EmulatedSession {
     unloaded: Arc<std::sync::Mutex<Vec<u64>>>,
     /// The program's pinned memory the device reaches at its addresses.
     host: Option<Arc<HostRegions>>,
+    /// See [`EmulatedDevice::describing_lazily`].
+    lazy_functions: bool,
 }
 
 impl EmulatedSession {
@@ -846,6 +861,11 @@ impl BackendSession for EmulatedSession {
             }
             let variables = Variables { addrs, unloaded: self.unloaded.clone() };
             let module = Module { functions: functions.iter().map(|f| f.attributes.clone()).collect(), variables };
+            if self.lazy_functions {
+                for f in &mut functions {
+                    (f.attributes, f.max_threads_per_block, f.described) = (BTreeMap::new(), 0, false);
+                }
+            }
             return Ok((module, functions));
         }
         load_foreign(image)
@@ -1003,6 +1023,15 @@ impl BackendSession for EmulatedSession {
     /// the dynamic shared memory limit (up to the opt-in maximum less the
     /// kernel's static shared memory) and the carveout (-1 for the default,
     /// else a percentage). Other attributes are read-only here.
+    /// A built-in function with its current attributes.
+    fn describe_function(&mut self, module: &Module, function: usize) -> DeviceResult<FunctionInfo> {
+        let count = module.functions.len();
+        let attributes = module.functions.get(function).ok_or_else(|| no_function(function, count))?;
+        let mut info = builtin::functions().swap_remove(function);
+        info.attributes = attributes.clone();
+        Ok(info)
+    }
+
     fn func_set_attribute(
         &mut self,
         module: &mut Module,

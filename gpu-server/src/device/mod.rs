@@ -108,6 +108,12 @@ pub struct FunctionInfo {
     /// `(CUfunction_attribute, value)` for every attribute the device
     /// reports, so clients answer `cuFuncGetAttribute` without a round trip.
     pub attributes: BTreeMap<u32, i32>,
+    /// Whether `max_threads_per_block` and `attributes` are filled in. A
+    /// module of many functions is loaded with only their names and
+    /// parameters (reading attributes loads a function, and CUDA loads
+    /// functions lazily): [`BackendSession::describe_function`] fills in
+    /// one when it is first used.
+    pub described: bool,
 }
 
 impl FunctionInfo {
@@ -603,6 +609,9 @@ pub trait BackendSession: 'static {
     }
     /// Answers an occupancy query about function `function` of `module`.
     fn occupancy(&mut self, module: &Self::Module, function: usize, query: OccupancyQuery) -> DeviceResult<Occupancy>;
+    /// Function `function` of `module` with its attributes (see
+    /// [`FunctionInfo::described`]).
+    fn describe_function(&mut self, module: &Self::Module, function: usize) -> DeviceResult<FunctionInfo>;
     /// Sets a `CUfunction_attribute` of function `function` of `module` and
     /// returns the attribute's value as the device now reports it.
     fn func_set_attribute(
