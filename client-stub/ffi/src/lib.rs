@@ -54,10 +54,25 @@ pub fn at_exit(f: extern "C" fn()) -> bool {
     unsafe { libc::atexit(f) == 0 }
 }
 
-/// `false` once the process is exiting: the subscriber drops every event
-/// then.
+/// A thread-local with a destructor: reading it fails once the calling
+/// thread's thread-local storage is being destroyed.
+struct Alive;
+
+impl Drop for Alive {
+    fn drop(&mut self) {}
+}
+
+thread_local! {
+    static ALIVE: Alive = const { Alive };
+}
+
+/// `false` once the process is exiting, or on a thread whose thread-local
+/// storage is gone: the subscriber drops every event then. At `exit` the
+/// C library destroys the main thread's thread-locals before it runs the
+/// exit handlers, and the CUDA runtime's handler (registered after
+/// [`init_logging`]'s, so run before it) still calls the driver.
 fn logging_enabled() -> bool {
-    !EXITING.load(Ordering::Relaxed)
+    !EXITING.load(Ordering::Relaxed) && ALIVE.try_with(|_| ()).is_ok()
 }
 
 /// `true` the first time `name` is seen, for "logged once by name".
@@ -91,6 +106,25 @@ mod tests {
         // Once exit began no event reaches the formatter: a destructor's
         // driver call that logs must not touch destroyed thread-locals.
         assert!(tracing::enabled!(tracing::Level::ERROR));
+        // A thread whose thread-locals are being destroyed logs nothing.
+        struct LogsAtExit;
+        impl Drop for LogsAtExit {
+            fn drop(&mut self) {
+                assert!(!logging_enabled(), "thread-locals gone: logging off");
+                tracing::error!("dropped before it reaches the formatter");
+            }
+        }
+        thread_local! {
+            static LATE: std::cell::RefCell<Option<LogsAtExit>> = const { std::cell::RefCell::new(None) };
+        }
+        std::thread::spawn(|| {
+            // Thread-locals go in reverse order of first use: LATE, used
+            // first, is destroyed after ALIVE.
+            LATE.with(|l| *l.borrow_mut() = Some(LogsAtExit));
+            assert!(logging_enabled());
+        })
+        .join()
+        .expect("the thread's destructors ran without a panic");
         mark_exiting();
         assert!(!tracing::enabled!(tracing::Level::ERROR));
     }
