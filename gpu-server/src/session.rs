@@ -1406,7 +1406,7 @@ pub(crate) mod tests {
             ..Default::default()
         });
         assert_eq!(code(s.execute(print)), 0);
-        assert_eq!(s.dev.printf.bytes.len(), 2 * "gpupool printf 7: block 0 thread 0\n".len());
+        assert_eq!(s.dev.output.stdout.len(), 2 * "gpupool printf 7: block 0 thread 0\n".len());
     }
 
     /// The emulated built-in module's variable: outside the session's

@@ -136,28 +136,35 @@ fn threads(dims: &LaunchDims, axis: usize) -> u64 {
     u64::from(dims.grid[axis]) * u64::from(dims.block[axis])
 }
 
-/// The device printf buffer as the reference kernels fill it. Like the
-/// driver's FIFO (`CU_LIMIT_PRINTF_FIFO_SIZE`) it holds output until the
-/// next synchronization; unlike the driver's circular buffer, which may
-/// keep later lines, it keeps the first `capacity` bytes of whole lines and
-/// loses the rest.
+/// What the reference kernels write for the program: device printf output
+/// (stdout) and failed asserts' messages (stderr). Like the driver's printf
+/// FIFO (`CU_LIMIT_PRINTF_FIFO_SIZE`) it holds output until the next
+/// synchronization; unlike the driver's circular buffer, which may keep
+/// later lines, each stream keeps the first `capacity` bytes of whole lines
+/// and loses the rest. An assert's launch fails with `CUDA_ERROR_ASSERT`.
 #[derive(Debug, Default)]
-pub struct PrintfFifo {
-    pub bytes: Vec<u8>,
+pub struct DeviceOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
     pub capacity: usize,
-    /// Messages of failed device asserts, which the driver writes to
-    /// stderr (bounded by `capacity` as well); the launch that asserted
-    /// fails with `CUDA_ERROR_ASSERT`.
-    pub asserts: Vec<u8>,
 }
 
-impl PrintfFifo {
-    /// Appends one line if it fits; `false` once the FIFO is full.
-    fn push(&mut self, line: &str) -> bool {
-        if self.bytes.len() + line.len() > self.capacity {
+impl DeviceOutput {
+    /// Appends one printf line if it fits; `false` once the buffer is full.
+    fn print(&mut self, line: &str) -> bool {
+        Self::push(&mut self.stdout, self.capacity, line)
+    }
+
+    /// Appends one assert message if it fits; `false` once full.
+    fn assert_failed(&mut self, line: &str) -> bool {
+        Self::push(&mut self.stderr, self.capacity, line)
+    }
+
+    fn push(to: &mut Vec<u8>, capacity: usize, line: &str) -> bool {
+        if to.len() + line.len() > capacity {
             return false;
         }
-        self.bytes.extend_from_slice(line.as_bytes());
+        to.extend_from_slice(line.as_bytes());
         true
     }
 }
@@ -177,7 +184,7 @@ pub fn run(
     dims: LaunchDims,
     params: &[u8],
     mem: &mut dyn Memory,
-    printf: &mut PrintfFifo,
+    output: &mut DeviceOutput,
     variables: &[u64],
 ) -> DeviceResult<()> {
     let f = layout()
@@ -240,7 +247,7 @@ pub fn run(
             'blocks: for block in 0..u64::from(dims.grid[0]) * u64::from(dims.grid[1]) * u64::from(dims.grid[2]) {
                 for thread in 0..per_block {
                     let (b, t) = (block % u64::from(dims.grid[0]), thread % u64::from(dims.block[0]));
-                    if !printf.push(&format!("gpupool printf {tag}: block {b} thread {t}\n")) {
+                    if !output.print(&format!("gpupool printf {tag}: block {b} thread {t}\n")) {
                         break 'blocks;
                     }
                 }
@@ -271,10 +278,9 @@ pub fn run(
                     }
                     failed = true;
                     let line = check_below_message([bx, by, bz], [tx, ty, tz]);
-                    if printf.asserts.len() + line.len() > printf.capacity {
+                    if !output.assert_failed(&line) {
                         break 'all;
                     }
-                    printf.asserts.extend_from_slice(line.as_bytes());
                 }
             }
             if failed { Err(CallError::new(cuda::ASSERT, "device-side assert triggered")) } else { Ok(()) }
@@ -363,7 +369,7 @@ mod tests {
     #[test]
     fn reference_kernels_refuse_what_they_cannot_hold() {
         let big = LaunchDims { grid: [u32::MAX, 65535, 1], block: [1024, 1, 1], shared_mem_bytes: 0 };
-        let mut fifo = PrintfFifo::default();
+        let mut fifo = DeviceOutput::default();
         for (m, n, k) in
             [(1 << 31, 1 << 31, 1 << 31), (1 << 17, 1 << 17, 1 << 17), (u32::MAX, 1, 1), (4096, 4096, 4096)]
         {
@@ -381,13 +387,13 @@ mod tests {
     #[test]
     fn check_below_asserts_for_threads_at_or_past_the_limit() {
         let dims = LaunchDims { grid: [2, 1, 1], block: [4, 1, 1], shared_mem_bytes: 0 };
-        let mut fifo = PrintfFifo { capacity: 1 << 20, ..PrintfFifo::default() };
+        let mut fifo = DeviceOutput { capacity: 1 << 20, ..DeviceOutput::default() };
         let limit = |n: u32| n.to_le_bytes().to_vec();
         assert!(run(index_of("check_below"), dims, &limit(8), &mut Anything, &mut fifo, &[]).is_ok());
-        assert!(fifo.asserts.is_empty());
+        assert!(fifo.stderr.is_empty());
         let r = run(index_of("check_below"), dims, &limit(7), &mut Anything, &mut fifo, &[]);
         assert_eq!(r.map_err(|e| e.code), Err(cuda::ASSERT));
-        let text = String::from_utf8(std::mem::take(&mut fifo.asserts)).expect("text");
+        let text = String::from_utf8(std::mem::take(&mut fifo.stderr)).expect("text");
         assert_eq!(text, check_below_message([1, 0, 0], [3, 0, 0]));
         // The line is the assert's in the source NVRTC compiles.
         let line = SOURCE.lines().position(|l| l.contains("assert(i < limit);")).expect("the assert") + 1;

@@ -363,7 +363,7 @@ impl Backend for EmulatedDevice {
             epoch: Instant::now(),
             sm: self.sm,
             limits: BTreeMap::from(DEFAULT_LIMITS),
-            printf: builtin::PrintfFifo { bytes: Vec::new(), capacity: 1 << 20, asserts: Vec::new() },
+            output: builtin::DeviceOutput { capacity: 1 << 20, ..Default::default() },
             next_object: 0,
             default_stream: Stream::default(),
             used: self.used.clone(),
@@ -429,8 +429,9 @@ pub struct EmulatedSession {
     epoch: Instant,
     sm: SmLimits,
     limits: BTreeMap<u32, u64>,
-    /// Device printf output waiting for the next synchronization.
-    pub(crate) printf: builtin::PrintfFifo,
+    /// Device printf output and assert messages waiting for the next
+    /// synchronization.
+    pub(crate) output: builtin::DeviceOutput,
     /// The last texture or surface object handle given out.
     next_object: u64,
     /// The default stream's attributes.
@@ -463,9 +464,9 @@ impl EmulatedSession {
     /// Writes the printf output to stdout, as the driver does when the host
     /// synchronizes.
     fn flush_printf(&mut self) {
-        if !self.printf.bytes.is_empty() {
-            crate::device_output::write_stdout(&self.printf.bytes);
-            self.printf.bytes.clear();
+        if !self.output.stdout.is_empty() {
+            crate::device_output::write_stdout(&self.output.stdout);
+            self.output.stdout.clear();
         }
     }
 }
@@ -911,13 +912,13 @@ impl BackendSession for EmulatedSession {
             dims,
             params,
             &mut Mem(&self.memory, self.host.as_deref()),
-            &mut self.printf,
+            &mut self.output,
             &module.variables.addrs,
         );
-        if !self.printf.asserts.is_empty() {
+        if !self.output.stderr.is_empty() {
             // The driver writes a failed assert's message to stderr.
-            crate::device_output::write_stderr(&self.printf.asserts);
-            self.printf.asserts.clear();
+            crate::device_output::write_stderr(&self.output.stderr);
+            self.output.stderr.clear();
         }
         ran
     }
@@ -947,7 +948,7 @@ impl BackendSession for EmulatedSession {
             .ok_or_else(|| CallError::new(cuda::NOT_SUPPORTED, format!("context limit {limit} is not supported")))?;
         *slot = value;
         if limit == LIMIT_PRINTF_FIFO_SIZE {
-            self.printf.capacity = usize::try_from(value).unwrap_or(usize::MAX);
+            self.output.capacity = usize::try_from(value).unwrap_or(usize::MAX);
         }
         Ok(value)
     }
