@@ -86,6 +86,26 @@ impl PoolRequest {
     }
 }
 
+/// Times a lease request is sent when the connection drops it.
+const ALLOCATE_TRIES: u32 = 3;
+/// Pause before the second request (twice that before the third).
+const ALLOCATE_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Whether `s` says the request was lost with its connection rather than
+/// answered by the balancer (which then says why, with another code).
+fn connection_lost(s: &tonic::Status) -> bool {
+    match s.code() {
+        tonic::Code::Unavailable => true,
+        // A stream that ends without an answer: hyper's and rustls's errors
+        // reach here as Unknown with the transport's description.
+        tonic::Code::Unknown => {
+            let m = s.message().to_ascii_lowercase();
+            ["transport", "connection", "stream", "close_notify", "broken pipe", "reset"].iter().any(|w| m.contains(w))
+        }
+        _ => false,
+    }
+}
+
 fn pool_error(s: &tonic::Status, trust: &BalancerTrust) -> ClientError {
     // The description carries the TLS verdict (a wrong pin, an unknown CA).
     ClientError::Pool { code: format!("{:?}", s.code()), message: gpupool_proto::grpc_tls::describe_for(s, trust) }
@@ -144,7 +164,25 @@ impl Control {
         r
     }
 
+    /// Asks for a lease; a request the connection lost before an answer
+    /// (the balancer restarting, a TLS stream cut) is sent again, up to
+    /// [`ALLOCATE_TRIES`] times. A lease granted whose answer was lost is
+    /// never renewed, so the balancer takes it back when it expires.
     fn allocate(&mut self, req: &PoolRequest) -> Result<pb::Lease> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.allocate_once(req) {
+                Err(s) if tries < ALLOCATE_TRIES && connection_lost(&s) => {
+                    tracing::warn!(error = %s.message(), tries, "the lease request was cut off; asking again");
+                    std::thread::sleep(ALLOCATE_BACKOFF * tries);
+                }
+                done => return done.map_err(|s| pool_error(&s, &self.trust)),
+            }
+        }
+    }
+
+    fn allocate_once(&mut self, req: &PoolRequest) -> Result<pb::Lease, tonic::Status> {
         let message = pb::AllocateRequest {
             tenant: req.tenant.clone(),
             memory_bytes: req.memory,
@@ -155,7 +193,7 @@ impl Control {
         };
         let r = self.request(message, req.wait);
         let mut client = self.client.clone();
-        self.rt.block_on(client.allocate(r)).map(tonic::Response::into_inner).map_err(|s| pool_error(&s, &self.trust))
+        self.rt.block_on(client.allocate(r)).map(tonic::Response::into_inner)
     }
 
     fn renew(&mut self, lease: &pb::Lease) -> Result<pb::Lease, tonic::Status> {
@@ -401,6 +439,33 @@ fn renew_until_stopped(
                 failures += 1;
                 tracing::warn!(lease = held.lease_id, error = %s.message(), failures, "renewing the lease failed; retrying");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_requests_lost_with_their_connection_are_sent_again() {
+        let status = |code, m: &str| tonic::Status::new(code, m);
+        for lost in [
+            status(tonic::Code::Unavailable, "tcp connect error: Connection refused"),
+            status(tonic::Code::Unknown, "transport error"),
+            status(tonic::Code::Unknown, "peer closed connection without sending TLS close_notify"),
+            status(tonic::Code::Unknown, "h2 protocol error: stream error received"),
+        ] {
+            assert!(connection_lost(&lost), "{lost:?}");
+        }
+        for answered in [
+            status(tonic::Code::ResourceExhausted, "no instance has room"),
+            status(tonic::Code::PermissionDenied, "unknown tenant"),
+            status(tonic::Code::DeadlineExceeded, "waited 30 s"),
+            status(tonic::Code::InvalidArgument, "memory_bytes is 0"),
+            status(tonic::Code::Unknown, "the balancer failed"),
+        ] {
+            assert!(!connection_lost(&answered), "{answered:?}");
         }
     }
 }
