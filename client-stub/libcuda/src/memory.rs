@@ -336,23 +336,6 @@ fn pinned(rt: &Runtime, size: usize) -> CuResult<*mut u8> {
     }
 }
 
-/// `size` bytes of mapped pinned memory (`DEVICEMAP`): pinned memory in a
-/// host region the server maps at the same address, which the device reaches
-/// there itself (no mirror: host and device see one copy, at once), when the
-/// session has one; else mirrored by device memory.
-fn mapped_pinned(rt: &Runtime, size: usize) -> CuResult<*mut u8> {
-    if size == 0 {
-        return Err(CuError::INVALID_VALUE);
-    }
-    if let Some(p) = rt.session.pinned_alloc(size) {
-        if rt.session.pinned_device_addressable(p, size) {
-            return Ok(p as *mut u8);
-        }
-        rt.session.pinned_free(p)?;
-    }
-    Ok(crate::mapped::alloc(rt, size)? as *mut u8)
-}
-
 fn host_block(rt: &Runtime, addr: usize) -> Option<(usize, usize, u32)> {
     let t = rt.tables();
     [&t.host_allocs, &t.host_registered]
@@ -572,12 +555,12 @@ crate::exports! {
         unsafe { put(pp, p.cast()) }
     }
 
-    /// DEVICEMAP: in a host region the device reaches at its address when
-    /// there is one (shared memory), else mirrored by device memory
-    /// (`mapped.rs`).
+    /// DEVICEMAP: mirrored by device memory (`mapped.rs`), which moves with
+    /// the session to another server (a host region, which another server
+    /// cannot map, would not).
     fn cuMemHostAlloc(pp: *mut *mut c_void, bytesize: usize, flags: c_uint) {
         let rt = Runtime::with_context()?;
-        let p = if flags & DEVICEMAP != 0 { mapped_pinned(rt, bytesize)? } else { pinned(rt, bytesize)? };
+        let p = if flags & DEVICEMAP != 0 { crate::mapped::alloc(rt, bytesize)? as *mut u8 } else { pinned(rt, bytesize)? };
         rt.tables().host_allocs.insert(p as usize, (bytesize, flags));
         // SAFETY: out-pointer per the CUDA API.
         unsafe { put(pp, p.cast()) }
@@ -586,8 +569,8 @@ crate::exports! {
     fn cuMemFreeHost(p: *mut c_void) {
         let rt = Runtime::get()?;
         let (size, flags) = rt.tables().host_allocs.remove(&(p as usize)).ok_or(CuError::INVALID_VALUE)?;
-        if flags & DEVICEMAP != 0 && crate::mapped::release(rt, p as usize)?.is_some() {
-            return Ok(());
+        if flags & DEVICEMAP != 0 {
+            return crate::mapped::release(rt, p as usize).map(drop);
         }
         if rt.session.pinned_free(p as usize)? {
             return Ok(());
