@@ -257,6 +257,10 @@ pub struct ServerConfig {
     /// mappings, the previous version). 0: none is accepted; the source
     /// then sends everything once it stopped.
     pub migrate_precopy_bytes: u64,
+    /// Modules of at most this many functions are described whole at load;
+    /// larger ones describe each function when first used (reading a
+    /// function's attributes loads it): [`crate::device::EAGER_DESCRIBE_MAX`].
+    pub eager_describe_max: usize,
 }
 
 /// Whether the server listens for RDMA connections.
@@ -409,6 +413,7 @@ impl ServerConfig {
             mps: MpsSettings::default(),
             mig_control: None,
             migrate_precopy_bytes: 4 << 30,
+            eager_describe_max: crate::device::EAGER_DESCRIBE_MAX,
         }
     }
 

@@ -226,6 +226,11 @@ struct Args {
     /// for a source of the previous version); 0: no pre-copy into this server.
     #[arg(long, env = "GPUPOOL_MIGRATE_PRECOPY_MIB", default_value_t = 4096)]
     migrate_precopy_mib: u64,
+    /// Modules of at most this many functions are described whole when
+    /// loaded; larger ones (cuBLAS's) describe each function when a client
+    /// first needs it, so only the kernels a program uses are loaded.
+    #[arg(long, env = "GPUPOOL_DESCRIBE_EAGERLY_MAX", default_value_t = gpupool_server::device::EAGER_DESCRIBE_MAX)]
+    describe_eagerly_max: usize,
 }
 
 /// A quarter of the host's memory (`MemTotal` of `/proc/meminfo`), or the
@@ -341,6 +346,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.worker_ports = args.worker_ports;
     config.bulk_endpoints = args.bulk_endpoints;
     config.migrate_precopy_bytes = args.migrate_precopy_mib.saturating_mul(1 << 20);
+    config.eager_describe_max = args.describe_eagerly_max;
     config.rdma.mode = args.rdma.parse().map_err(|e: String| anyhow::anyhow!("--rdma: {e}"))?;
     config.rdma.port = args.rdma_port;
     match args.shm_dir.as_deref() {

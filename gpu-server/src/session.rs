@@ -1298,7 +1298,8 @@ pub(crate) mod tests {
     /// since the load included; the launches need no description.
     #[test]
     fn undescribed_functions_are_described_when_asked() {
-        let dev = EmulatedDevice::new(1 << 30).describing_lazily();
+        let dev = EmulatedDevice::new(1 << 30);
+        dev.describe_eagerly_up_to(0);
         let mut s = state(dev.open_session(limits().va_size).expect("session"));
         let info = load_builtin(&mut s, 1);
         assert!(info.functions.iter().all(|f| f.attributes.is_empty() && f.max_threads_per_block == 0));

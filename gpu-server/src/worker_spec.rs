@@ -48,6 +48,9 @@ pub(crate) fn config_from_spec(spec: &v1::WorkerSpec) -> Result<ServerConfig, Se
     c.session_spin = Duration::from_micros(u64::from(spec.session_spin_us));
     c.io_spin = Duration::from_micros(u64::from(spec.io_spin_us));
     c.migrate_precopy_bytes = spec.migrate_precopy_bytes;
+    if let Some(n) = spec.eager_describe_max {
+        c.eager_describe_max = n as usize;
+    }
     if spec.port_low != 0 {
         let port =
             |p: u32| u16::try_from(p).map_err(|_| ServerError::Config(format!("worker port {p} is not a UDP port")));
@@ -92,6 +95,7 @@ pub(crate) fn spec_from_config(config: &ServerConfig, chain: Vec<Vec<u8>>, key: 
         swap_dir: config.swap_disk.as_ref().map(|d| d.dir.display().to_string()).unwrap_or_default(),
         swap_spare_bytes: config.swap_spare_bytes,
         migrate_precopy_bytes: config.migrate_precopy_bytes,
+        eager_describe_max: Some(u32::try_from(config.eager_describe_max).unwrap_or(u32::MAX)),
         // Set per worker by its pool, with the slot it gets.
         staging_ledger_fd: 0,
         staging_slot: 0,
@@ -110,6 +114,7 @@ mod tests {
         c.image_cache_dir = Some("/tmp/images".into());
         c.max_queued_batch_bytes = 8 << 20;
         c.swap_spare_bytes = 3 << 30;
+        c.eager_describe_max = 0;
         let back = config_from_spec(&spec_from_config(&c, vec![vec![1, 2]], vec![3])).expect("valid");
         assert_eq!(back.device, c.device);
         assert_eq!(back.memory_quota, c.memory_quota);
@@ -118,6 +123,7 @@ mod tests {
         assert_eq!(back.bulk_endpoints, c.bulk_endpoints);
         assert_eq!(back.shm_dir, c.shm_dir);
         assert_eq!(back.migrate_precopy_bytes, c.migrate_precopy_bytes);
+        assert_eq!(back.eager_describe_max, c.eager_describe_max);
         assert_eq!(back.max_queued_batch_bytes, 8 << 20);
         assert_eq!(back.swap_spare_bytes, 3 << 30);
         c.shm_dir = None;

@@ -18,7 +18,32 @@ fn cfg(grid: (u32, u32, u32), block: (u32, u32, u32), shared_mem_bytes: u32) -> 
 
 #[test]
 fn bad_configurations_fail_at_the_launch_and_latch_nothing() {
-    let srv = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
+    bad_configurations(isolated_config().expect("worker binary"));
+}
+
+/// The same with every module loaded undescribed (as a GPU server loads
+/// cuBLAS's): the client describes a function before its first launch
+/// check, once, and the attribute set before that is in the description.
+#[test]
+fn functions_loaded_undescribed_are_described_at_their_first_launch() {
+    let mut config = isolated_config().expect("worker binary");
+    config.eager_describe_max = 0;
+    let srv = TestServer::start(config.clone()).expect("server starts");
+    let s = Session::connect(&srv.client_config()).expect("session");
+    let m = s.module_load(BUILTIN_MODULE).expect("module");
+    assert!(m.functions.iter().all(|f| f.undescribed && f.attributes.is_empty()), "loaded undescribed");
+    let vadd = m.function("vector_add").expect("vector_add");
+    s.func_set_attribute(&vadd, 8, 60 << 10).expect("MAX_DYNAMIC_SHARED_SIZE_BYTES before any description");
+    let described = s.described(&vadd).expect("described");
+    assert!(!described.undescribed && described.max_threads_per_block == 1024, "{described:?}");
+    assert_eq!(described.attributes.get(&8), Some(&(60 << 10)), "the attribute set before");
+    assert!(std::sync::Arc::ptr_eq(&described, &s.described(&vadd).expect("again")), "kept, not asked again");
+    srv.stop();
+    bad_configurations(config);
+}
+
+fn bad_configurations(config: gpupool_server::ServerConfig) {
+    let srv = TestServer::start(config).expect("server starts");
     let s = Session::connect(&srv.client_config()).expect("session");
     let m = s.module_load(BUILTIN_MODULE).expect("module");
     let empty = m.function("empty").expect("empty");
@@ -37,6 +62,7 @@ fn bad_configurations_fail_at_the_launch_and_latch_nothing() {
     s.func_set_attribute(&empty, 8, 64 << 10).expect("raise MAX_DYNAMIC_SHARED_SIZE_BYTES");
     assert_eq!(launch(cfg((1, 1, 1), (32, 1, 1), (48 << 10) + 1)), 0);
     assert_eq!(code(s.synchronize()), 0);
+    srv.stop();
 }
 
 #[test]

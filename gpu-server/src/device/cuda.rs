@@ -41,6 +41,7 @@ use resources::{Context, HostRegistration, Kernel, Reservation};
 use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
@@ -76,6 +77,8 @@ struct DeviceInner {
     builtin: Mutex<Option<Arc<[u8]>>>,
     /// Modules loaded before a session asked for them.
     preloaded: Preloaded<SendModule>,
+    /// See [`super::EAGER_DESCRIBE_MAX`].
+    eager_describe_max: AtomicUsize,
 }
 
 /// A module moved between the thread that preloaded it and its session's.
@@ -165,13 +168,23 @@ impl CudaDevice {
             error_strings: driver::error_strings(0..1100),
         };
         let preloaded = Preloaded::default();
-        Ok(Self { inner: Arc::new(DeviceInner { context, description, builtin: Mutex::new(None), preloaded }) })
+        let eager_describe_max = AtomicUsize::new(super::EAGER_DESCRIBE_MAX);
+        let inner = DeviceInner { context, description, builtin: Mutex::new(None), preloaded, eager_describe_max };
+        Ok(Self { inner: Arc::new(inner) })
     }
 
     /// Compiles the built-in module now rather than on its first load, so
     /// that no client pays for NVRTC (about 300 ms).
     pub fn prepare_builtin(&self) -> DeviceResult<()> {
         self.inner.builtin_image().map(drop)
+    }
+}
+
+impl CudaDevice {
+    /// Modules of more than `n` functions load undescribed
+    /// ([`super::EAGER_DESCRIBE_MAX`]).
+    pub fn describe_eagerly_up_to(&self, n: usize) {
+        self.inner.eager_describe_max.store(n, Ordering::Relaxed);
     }
 }
 
@@ -185,7 +198,7 @@ impl DeviceInner {
         // hundreds of kernels (cuBLAS) would be loaded whole where CUDA
         // loads the few a program launches. Its functions are described
         // when first used (`describe_function`).
-        let lazy = !builtin && functions.len() > EAGER_DESCRIBE_MAX;
+        let lazy = !builtin && functions.len() > self.eager_describe_max.load(Ordering::Relaxed);
         let described = functions
             .into_iter()
             .map(|f| if lazy { layout(f) } else { describe(f) })
@@ -565,11 +578,6 @@ fn param_pointers(params: &[u8], layout: &[Param], params_size: usize) -> Device
     // Offsets are in bounds: every `offset + size` is at most `params_size`.
     Ok(layout.iter().map(|p| params.as_ptr().wrapping_add(p.offset as usize).cast_mut().cast()).collect())
 }
-
-/// Modules of at most this many functions have them all described at load
-/// (one round trip less per function for the client); larger ones describe
-/// each when first used.
-const EAGER_DESCRIBE_MAX: usize = 32;
 
 /// A function's name and parameters (which do not load it), undescribed.
 fn layout(function: CUfunction) -> DeviceResult<(Kernel, FunctionInfo)> {

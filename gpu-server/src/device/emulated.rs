@@ -21,7 +21,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 /// Mapping granularity of the emulated device (what an H100 reports).
@@ -93,9 +93,10 @@ pub struct EmulatedDevice {
     preloaded: Arc<Preloaded<Module>>,
     /// Where the next built-in module's variables go.
     next_variables: Arc<AtomicU64>,
-    /// Modules load with their functions undescribed, as a GPU loads a
-    /// library of many kernels ([`Self::describing_lazily`]).
-    lazy_functions: bool,
+    /// See [`super::EAGER_DESCRIBE_MAX`]: the built-in module's seven
+    /// functions load undescribed below that, as a GPU loads a library of
+    /// many kernels.
+    eager_describe_max: AtomicUsize,
 }
 
 /// Bytes of the emulated device's memory taken by one allocation or array;
@@ -263,12 +264,10 @@ impl SmLimits {
 }
 
 impl EmulatedDevice {
-    /// Loads modules with their functions undescribed (no attributes until
-    /// `describe_function`), as the GPU backend loads a module of many
-    /// functions: for tests of that path without a GPU.
-    pub fn describing_lazily(mut self) -> Self {
-        self.lazy_functions = true;
-        self
+    /// Modules of more than `n` functions load undescribed (no attributes
+    /// until `describe_function`), as on a GPU ([`super::EAGER_DESCRIBE_MAX`]).
+    pub fn describe_eagerly_up_to(&self, n: usize) {
+        self.eager_describe_max.store(n, Ordering::Relaxed);
     }
 
     pub fn new(total_memory: u64) -> Self {
@@ -319,7 +318,7 @@ impl EmulatedDevice {
             ranges: Arc::default(),
             preloaded: Arc::default(),
             next_variables: Arc::new(AtomicU64::new(variables_start())),
-            lazy_functions: false,
+            eager_describe_max: AtomicUsize::new(super::EAGER_DESCRIBE_MAX),
         }
     }
 }
@@ -373,7 +372,7 @@ impl Backend for EmulatedDevice {
             variables: BTreeMap::new(),
             unloaded: Arc::default(),
             host: None,
-            lazy_functions: self.lazy_functions,
+            eager_describe_max: self.eager_describe_max.load(Ordering::Relaxed),
         })
     }
 
@@ -448,8 +447,8 @@ pub struct EmulatedSession {
     unloaded: Arc<std::sync::Mutex<Vec<u64>>>,
     /// The program's pinned memory the device reaches at its addresses.
     host: Option<Arc<HostRegions>>,
-    /// See [`EmulatedDevice::describing_lazily`].
-    lazy_functions: bool,
+    /// See [`EmulatedDevice::describe_eagerly_up_to`].
+    eager_describe_max: usize,
 }
 
 impl EmulatedSession {
@@ -862,7 +861,7 @@ impl BackendSession for EmulatedSession {
             }
             let variables = Variables { addrs, unloaded: self.unloaded.clone() };
             let module = Module { functions: functions.iter().map(|f| f.attributes.clone()).collect(), variables };
-            if self.lazy_functions {
+            if functions.len() > self.eager_describe_max {
                 for f in &mut functions {
                     (f.attributes, f.max_threads_per_block, f.described) = (BTreeMap::new(), 0, false);
                 }

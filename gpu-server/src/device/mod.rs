@@ -393,6 +393,12 @@ pub(crate) const GLOBALS_PTX: &[u8] = b".version 8.0
 }
 ";
 
+/// Modules of at most this many functions have them all described at load
+/// (no round trip for the client later); larger ones describe each when
+/// first used ([`FunctionInfo::described`]). A server setting
+/// (`--describe-eagerly-max`).
+pub const EAGER_DESCRIBE_MAX: usize = 32;
+
 /// A host range registered with the driver; dropping it unregisters the
 /// range (after the copies queued from or into it have finished).
 pub type Pinned = Box<dyn std::fmt::Debug + Send + Sync>;

@@ -151,7 +151,7 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let mode = match &config.isolation {
             Isolation::InProcess => {
-                let device = AnyDevice::open(config.device)?;
+                let device = AnyDevice::open(config.device, config.eager_describe_max)?;
                 let d = device.description();
                 tracing::info!(device = %d.name, backend = d.backend, memory = d.total_memory, "device ready");
                 Mode::Local(device)

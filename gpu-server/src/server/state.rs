@@ -29,8 +29,12 @@ impl AnyDevice {
     /// Opens the device warm: context created and, on a GPU, the built-in
     /// module compiled, so that no session waits for NVRTC (a worker
     /// process opens its device before it is handed a session).
-    pub(super) fn open(choice: DeviceChoice) -> Result<Self, ServerError> {
+    pub(super) fn open(choice: DeviceChoice, eager_describe_max: usize) -> Result<Self, ServerError> {
         let device = Self::open_cold(choice)?;
+        match &device {
+            Self::Cuda(d) => d.describe_eagerly_up_to(eager_describe_max),
+            Self::Emulated(d) => d.describe_eagerly_up_to(eager_describe_max),
+        }
         if let Self::Cuda(d) = &device
             && let Err(e) = d.prepare_builtin()
         {
