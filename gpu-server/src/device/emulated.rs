@@ -658,23 +658,26 @@ fn illegal(addr: u64, len: usize) -> CallError {
 }
 
 impl Mem<'_> {
-    /// The host region holding all of `[addr, +len)`, when the device
-    /// memory does not.
-    fn host(&self, addr: u64, len: usize) -> Option<Arc<HostRegion>> {
-        let end = addr.checked_add(len as u64)?;
-        self.1?.resolve(addr, end)
+    /// The device memory's pieces of an access, or else the host region
+    /// holding all of it (looked up only when the device memory does not).
+    fn place(&self, addr: u64, len: usize, need: u32) -> DeviceResult<Result<Vec<Span>, Arc<HostRegion>>> {
+        let not_device = match self.spans(addr, len, need) {
+            Ok(spans) => return Ok(Ok(spans)),
+            Err(e) => e,
+        };
+        let host = addr.checked_add(len as u64).and_then(|end| self.1?.resolve(addr, end));
+        host.map(Err).ok_or(not_device)
     }
 }
 
 impl builtin::Memory for Mem<'_> {
     fn load(&self, addr: u64, out: &mut [u8]) -> DeviceResult<()> {
-        if let Some(host) = self.host(addr, out.len())
-            && self.spans(addr, out.len(), ACCESS_READ).is_err()
-        {
-            return host.load(addr, out);
-        }
+        let spans = match self.place(addr, out.len(), ACCESS_READ)? {
+            Ok(spans) => spans,
+            Err(host) => return host.load(addr, out),
+        };
         let mut pos = 0;
-        for (start, off, n) in self.spans(addr, out.len(), ACCESS_READ)? {
+        for (start, off, n) in spans {
             let map = self.0.borrow();
             let region = &map[&start];
             let phys = region.phys.borrow();
@@ -684,13 +687,12 @@ impl builtin::Memory for Mem<'_> {
         Ok(())
     }
     fn store(&mut self, addr: u64, data: &[u8]) -> DeviceResult<()> {
-        if let Some(host) = self.host(addr, data.len())
-            && self.spans(addr, data.len(), ACCESS_READWRITE).is_err()
-        {
-            return host.store(addr, data);
-        }
+        let spans = match self.place(addr, data.len(), ACCESS_READWRITE)? {
+            Ok(spans) => spans,
+            Err(host) => return host.store(addr, data),
+        };
         let mut pos = 0;
-        for (start, off, n) in self.spans(addr, data.len(), ACCESS_READWRITE)? {
+        for (start, off, n) in spans {
             let map = self.0.borrow();
             let region = &map[&start];
             let mut phys = region.phys.borrow_mut();
