@@ -162,6 +162,23 @@ int main(void)
     expect_bytes("after refused requests", back, src, 3 * g);
     printf("bad requests refused\n");
 
+    /* An allocation that may be shared later (XLA's allocator asks so):
+     * made as asked, and its properties say what was requested. */
+    CUmemAllocationProp sprop = prop;
+    sprop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
+    size_t sg = 0;
+    CK(cuMemGetAllocationGranularity(&sg, &sprop,
+                                     CU_MEM_ALLOC_GRANULARITY_RECOMMENDED));
+    REQUIRE(sg > 0 && sg % g == 0, "shareable granularity %zu", sg);
+    CUmemGenericAllocationHandle sh;
+    CK(cuMemCreate(&sh, sg, &sprop, 0));
+    memset(&got, 0, sizeof got);
+    CK(cuMemGetAllocationPropertiesFromHandle(&got, sh));
+    REQUIRE(got.requestedHandleTypes == CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR,
+            "requested handle types %d", (int)got.requestedHandleTypes);
+    CK(cuMemRelease(sh));
+    printf("shareable request ok\n");
+
     /* Release while mapped: the memory stays until its last mapping goes. */
     CK(cuMemRelease(a));
     CK(cuMemRelease(b));

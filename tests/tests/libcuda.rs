@@ -336,6 +336,7 @@ fn vmm_program_on_the_driver_api() -> Result<()> {
         "aliasing ok",
         "growth in place ok",
         "bad requests refused",
+        "shareable request ok",
         // Asked of the emulated device, which has no compression.
         "compression supported 0, granted 0",
         "compressible allocation ok",

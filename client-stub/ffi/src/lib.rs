@@ -4,6 +4,7 @@
 //! the text of a caught panic. Each library links its own copy.
 #![allow(unsafe_code)] // atexit only
 
+pub mod host_facts;
 pub mod symbols;
 
 use std::any::Any;

@@ -4,6 +4,7 @@
 use crate::abi::{CuError, CuResult, c_str, intern, put, put_str};
 use crate::runtime::Runtime;
 use cudarc::driver::sys::{CUdevice, CUdevprop, CUresult, CUuuid};
+use gpupool_ffi::host_facts::HostFacts;
 use gpupool_proto::v1;
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_uint};
@@ -265,9 +266,65 @@ crate::exports! {
     }
 }
 
+/// What the server's host says that the CUDA driver API does not (the
+/// kernel driver's version, the GPU's PCIe link), for gpupool's NVML
+/// (`gpupool_ffi::host_facts`).
+pub(crate) fn host_facts(device: &v1::DeviceInfo) -> HostFacts {
+    let mut facts = HostFacts::default();
+    facts.set_kernel_driver_version(&device.kernel_driver_version);
+    if let Some(p) = &device.pcie {
+        facts.pcie_max_generation = p.max_generation;
+        facts.pcie_max_width = p.max_width;
+        facts.pcie_current_generation = p.current_generation;
+        facts.pcie_current_width = p.current_width;
+        facts.pcie_max_speed = p.max_speed;
+        facts.pcie_current_speed = p.current_speed;
+    }
+    facts
+}
+
+/// `CUresult gpupool_host_facts(CUdevice dev, HostFacts *out, size_t size)`
+/// (`gpupool_ffi::host_facts`): starts the session if none is open, like
+/// any device query. Not a CUDA entry point.
+///
+/// # Safety
+/// `out` is null or points to `size` writable bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn gpupool_host_facts(dev: CUdevice, out: *mut HostFacts, size: usize) -> CUresult {
+    crate::abi::entry("gpupool_host_facts", || {
+        if size != std::mem::size_of::<HostFacts>() {
+            return Err(CuError::INVALID_VALUE);
+        }
+        let rt = Runtime::get()?;
+        check_device(dev)?;
+        // SAFETY: `out` holds a `HostFacts` (the size says the caller's
+        // layout is this one) by the caller's contract.
+        unsafe { put(out, host_facts(&rt.device)) }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_facts_carry_the_servers_figures() {
+        let mut d = v1::DeviceInfo { kernel_driver_version: "580.159.04".into(), ..Default::default() };
+        assert_eq!(host_facts(&d).kernel_driver_version().as_deref(), Some("580.159.04"));
+        assert_eq!(host_facts(&d).pcie_max_generation, 0, "no link reported");
+        d.pcie = Some(v1::PcieLink { max_generation: 5, max_width: 16, max_speed: 32000, ..Default::default() });
+        let f = host_facts(&d);
+        assert_eq!((f.pcie_max_generation, f.pcie_max_width, f.pcie_max_speed), (5, 16, 32000));
+        assert_eq!(host_facts(&v1::DeviceInfo::default()), HostFacts::default());
+    }
+
+    #[test]
+    fn host_facts_of_another_layout_are_refused() {
+        let mut f = HostFacts::default();
+        // SAFETY: a live local; the size check comes before any session.
+        let r = unsafe { gpupool_host_facts(0, &mut f, std::mem::size_of::<HostFacts>() - 4) };
+        assert_eq!(r, CUresult::CUDA_ERROR_INVALID_VALUE);
+    }
 
     #[test]
     fn uuid_text_to_bytes() {

@@ -10,7 +10,13 @@
 //!
 //! One device, pinned device memory only: host locations, managed
 //! allocations, GPUDirect RDMA and shareable handles (IPC) answer
-//! `CUDA_ERROR_NOT_SUPPORTED` with a debug line saying why. Compressible
+//! `CUDA_ERROR_NOT_SUPPORTED` with a debug line saying why. A POSIX file
+//! descriptor may be requested (`requestedHandleTypes`): programs that
+//! might share an allocation later ask for it up front (XLA's allocator
+//! does, and logs a warning when the granularity query refuses it), so the
+//! allocation is made and the request reported back; exporting it
+//! (`cuMemExportToShareableHandle`) is what answers NOT_SUPPORTED, and the
+//! `HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED` attribute stays 0. Compressible
 //! memory is asked of the server's driver (the one `cuMemCreate` that waits
 //! for the server): as natively, it may come without compression, which
 //! `cuMemGetAllocationPropertiesFromHandle` then reports.
@@ -76,6 +82,9 @@ struct AccessDesc {
 
 const _: () = assert!(std::mem::size_of::<AccessDesc>() == std::mem::size_of::<CUmemAccessDesc>());
 
+/// `CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR`: may be requested (see the
+/// module doc); the Windows and fabric handle types may not.
+const HANDLE_POSIX_FD: u32 = 1;
 const TYPE_PINNED: u32 = 1;
 const TYPE_MANAGED: u32 = 2;
 const LOCATION_DEVICE: u32 = 1;
@@ -105,9 +114,9 @@ fn check_prop(p: AllocationProp) -> CuResult {
         _ => return Err(CuError::INVALID_VALUE),
     }
     check_location(Location { kind: p.location_type, id: p.location_id })?;
-    if p.handle_types != 0 {
+    if p.handle_types & !HANDLE_POSIX_FD != 0 {
         return Err(not_supported(
-            "shareable allocation handles (IPC) cannot cross a network; request CU_MEM_HANDLE_TYPE_NONE",
+            "Windows and fabric allocation handles are not offered; request CU_MEM_HANDLE_TYPE_NONE or POSIX_FILE_DESCRIPTOR",
         ));
     }
     if p.compression > COMP_GENERIC {
@@ -167,6 +176,9 @@ crate::exports! {
         } else {
             rt.session.mem_create(size as u64)?
         };
+        if p.handle_types != 0 {
+            rt.session.set_allocation_handle_types(id, p.handle_types);
+        }
         // SAFETY: out-pointer per the CUDA API (checked above).
         unsafe { put(handle, handle_of(id)) }
     }
@@ -218,9 +230,11 @@ crate::exports! {
 
     fn cuMemGetAllocationPropertiesFromHandle(prop: *mut CUmemAllocationProp, handle: c_ulonglong) {
         let rt = Runtime::get()?;
-        let compressed = rt.session.allocation_compressed(id_of(handle)?).ok_or(CuError::INVALID_VALUE)?;
+        let id = id_of(handle)?;
+        let compressed = rt.session.allocation_compressed(id).ok_or(CuError::INVALID_VALUE)?;
         let p = AllocationProp {
             kind: TYPE_PINNED,
+            handle_types: rt.session.allocation_handle_types(id).unwrap_or(0),
             location_type: LOCATION_DEVICE,
             compression: if compressed { COMP_GENERIC } else { 0 },
             ..AllocationProp::default()
@@ -241,7 +255,7 @@ crate::exports! {
 
     fn cuMemExportToShareableHandle(shareable: *mut c_void, handle: c_ulonglong, kind: c_uint, flags: c_ulonglong) {
         let _ = (shareable, handle, kind, flags);
-        Err(not_supported("cuMemExportToShareableHandle: allocation handles cannot be shared across a network (no IPC)"))
+        Err(not_supported("cuMemExportToShareableHandle: allocations cannot be shared with other processes (no IPC between sessions)"))
     }
 
     fn cuMemImportFromShareableHandle(handle: *mut c_ulonglong, os_handle: *mut c_void, kind: c_uint) {
@@ -297,7 +311,14 @@ mod tests {
     fn only_pinned_device_memory_without_sharing() {
         let ok = AllocationProp { kind: TYPE_PINNED, location_type: LOCATION_DEVICE, ..Default::default() };
         assert_eq!(check_prop(ok), Ok(()));
-        assert_eq!(check_prop(AllocationProp { handle_types: 1, ..ok }), Err(CuError::NOT_SUPPORTED));
+        assert_eq!(check_prop(AllocationProp { handle_types: 1, ..ok }), Ok(()), "POSIX_FILE_DESCRIPTOR");
+        for other in [2, 4, 8, 1 | 8] {
+            assert_eq!(
+                check_prop(AllocationProp { handle_types: other, ..ok }),
+                Err(CuError::NOT_SUPPORTED),
+                "{other}"
+            );
+        }
         assert_eq!(check_prop(AllocationProp { location_id: 1, ..ok }), Err(CuError::INVALID_DEVICE));
         assert_eq!(check_prop(AllocationProp { location_type: 2, ..ok }), Err(CuError::NOT_SUPPORTED));
         assert_eq!(check_prop(AllocationProp { kind: 0, ..ok }), Err(CuError::INVALID_VALUE));

@@ -325,6 +325,47 @@ exports! {
         // SAFETY: out-pointer per NVML's contract.
         unsafe { put(mode, nv::nvmlComputeMode_enum_NVML_COMPUTEMODE_DEFAULT) }
     }
+
+    // The PCIe link of the server's GPU, as the server's NVML reports it
+    // (`gpupool_host_facts`); NOT_SUPPORTED where it did not. For a client
+    // in another machine the network, not this link, bounds its copies;
+    // the figures are the GPU's, as NVML on its host gives them.
+
+    fn nvmlDeviceGetMaxPcieLinkGeneration(device: nv::nvmlDevice_t, maxLinkGen: *mut c_uint) {
+        let (_, g) = gpu(device)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(maxLinkGen, g.pcie(|h| h.pcie_max_generation)?) }
+    }
+
+    fn nvmlDeviceGetMaxPcieLinkWidth(device: nv::nvmlDevice_t, maxLinkWidth: *mut c_uint) {
+        let (_, g) = gpu(device)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(maxLinkWidth, g.pcie(|h| h.pcie_max_width)?) }
+    }
+
+    fn nvmlDeviceGetCurrPcieLinkGeneration(device: nv::nvmlDevice_t, currLinkGen: *mut c_uint) {
+        let (_, g) = gpu(device)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(currLinkGen, g.pcie(|h| h.pcie_current_generation)?) }
+    }
+
+    fn nvmlDeviceGetCurrPcieLinkWidth(device: nv::nvmlDevice_t, currLinkWidth: *mut c_uint) {
+        let (_, g) = gpu(device)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(currLinkWidth, g.pcie(|h| h.pcie_current_width)?) }
+    }
+
+    fn nvmlDeviceGetPcieLinkMaxSpeed(device: nv::nvmlDevice_t, maxSpeed: *mut c_uint) {
+        let (_, g) = gpu(device)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(maxSpeed, g.pcie(|h| h.pcie_max_speed)?) }
+    }
+
+    fn nvmlDeviceGetPcieSpeed(device: nv::nvmlDevice_t, pcieSpeed: *mut c_uint) {
+        let (_, g) = gpu(device)?;
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(pcieSpeed, g.pcie(|h| h.pcie_current_speed)?) }
+    }
 }
 
 /// Never run: compiles only while every implemented export has exactly the
@@ -375,6 +416,12 @@ fn signatures_match(lib: Option<&mut nv::NvmlLib>) {
     l.nvmlDeviceGetNumGpuCores = Ok(nvmlDeviceGetNumGpuCores);
     l.nvmlDeviceGetPersistenceMode = Ok(nvmlDeviceGetPersistenceMode);
     l.nvmlDeviceGetComputeMode = Ok(nvmlDeviceGetComputeMode);
+    l.nvmlDeviceGetMaxPcieLinkGeneration = Ok(nvmlDeviceGetMaxPcieLinkGeneration);
+    l.nvmlDeviceGetMaxPcieLinkWidth = Ok(nvmlDeviceGetMaxPcieLinkWidth);
+    l.nvmlDeviceGetCurrPcieLinkGeneration = Ok(nvmlDeviceGetCurrPcieLinkGeneration);
+    l.nvmlDeviceGetCurrPcieLinkWidth = Ok(nvmlDeviceGetCurrPcieLinkWidth);
+    l.nvmlDeviceGetPcieLinkMaxSpeed = Ok(nvmlDeviceGetPcieLinkMaxSpeed);
+    l.nvmlDeviceGetPcieSpeed = Ok(nvmlDeviceGetPcieSpeed);
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! [`LibCuda`] is the real one.
 
 use crate::error::Error;
+use gpupool_ffi::host_facts::{self, HostFacts};
 use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
 use std::ffi::{CStr, c_char, c_int, c_uint, c_void};
 
@@ -50,6 +51,10 @@ pub(crate) trait Driver: Send + Sync {
     /// `(free, total)` bytes from `cuMemGetInfo_v2` in the device's primary
     /// context.
     fn mem_info(&self, dev: i32) -> CuResult<(u64, u64)>;
+    /// `gpupool_host_facts` (`gpupool_ffi::host_facts`): the server's
+    /// kernel driver version and the GPU's PCIe link. `None` from a
+    /// `libcuda.so.1` without it (not gpupool's).
+    fn host_facts(&self, dev: i32) -> CuResult<Option<HostFacts>>;
 }
 
 /// `CUcontext`: opaque to NVML.
@@ -71,6 +76,7 @@ type PushFn = unsafe extern "C" fn(CuContext) -> c_uint;
 type MemInfoFn = unsafe extern "C" fn(*mut usize, *mut usize) -> c_uint;
 type PopFn = unsafe extern "C" fn(*mut CuContext) -> c_uint;
 type ReleaseFn = unsafe extern "C" fn(c_int) -> c_uint;
+type HostFactsFn = unsafe extern "C" fn(c_int, *mut HostFacts, usize) -> c_uint;
 
 /// `libcuda.so.1`, loaded, with the entry points NVML uses.
 #[derive(Debug)]
@@ -91,6 +97,7 @@ pub(crate) struct LibCuda {
     cu_mem_get_info_v2: MemInfoFn,
     cu_ctx_pop_current_v2: PopFn,
     cu_device_primary_ctx_release_v2: ReleaseFn,
+    gpupool_host_facts: Option<HostFactsFn>,
 }
 
 /// The soname every CUDA driver, gpupool's included, is loaded by.
@@ -133,6 +140,9 @@ impl LibCuda {
             cu_mem_get_info_v2: sym!("cuMemGetInfo_v2"),
             cu_ctx_pop_current_v2: sym!("cuCtxPopCurrent_v2"),
             cu_device_primary_ctx_release_v2: sym!("cuDevicePrimaryCtxRelease_v2"),
+            // SAFETY: the symbol, where present, has the signature
+            // `gpupool_ffi::host_facts` documents.
+            gpupool_host_facts: unsafe { lib.get::<HostFactsFn>(host_facts::SYMBOL.as_bytes()) }.ok().map(|s| *s),
             _lib: lib,
         })
     }
@@ -221,5 +231,13 @@ impl Driver for LibCuda {
         let info = info?;
         release?;
         Ok(info)
+    }
+
+    fn host_facts(&self, dev: i32) -> CuResult<Option<HostFacts>> {
+        let Some(f) = self.gpupool_host_facts else { return Ok(None) };
+        let mut facts = HostFacts::default();
+        // SAFETY: out-pointer to a live local of the size passed.
+        check("gpupool_host_facts", unsafe { f(dev, &mut facts, std::mem::size_of::<HostFacts>()) })?;
+        Ok(Some(facts))
     }
 }

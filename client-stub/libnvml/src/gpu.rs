@@ -6,6 +6,7 @@
 
 use crate::driver::{Driver, attr};
 use crate::error::Error;
+use gpupool_ffi::host_facts::HostFacts;
 use nvml_wrapper_sys::bindings as nv;
 
 /// A PCI address as the driver reports it (function 0: CUDA devices have
@@ -137,6 +138,9 @@ pub(crate) struct Gpu {
     pub(crate) multiprocessors: u32,
     /// Bytes, from `cuDeviceTotalMem_v2`: for gpupool, the session's quota.
     pub(crate) total_memory: u64,
+    /// What the server's NVML says of its host and this GPU's PCIe link
+    /// (`gpupool_host_facts`); all unknown where libcuda cannot say.
+    pub(crate) host: HostFacts,
 }
 
 impl Gpu {
@@ -160,7 +164,25 @@ impl Gpu {
             compute_capability: (a(attr::COMPUTE_CAPABILITY_MAJOR)?, a(attr::COMPUTE_CAPABILITY_MINOR)?),
             multiprocessors: u(a(attr::MULTIPROCESSOR_COUNT)?),
             total_memory: driver.total_mem(dev)?,
+            host: match driver.host_facts(dev) {
+                Ok(facts) => facts.unwrap_or_default(),
+                // Not worth failing NVML for: these figures then read as
+                // not supported.
+                Err(e) => {
+                    tracing::debug!(error = %e, "the server's host facts are not available");
+                    HostFacts::default()
+                }
+            },
         })
+    }
+
+    /// A PCIe figure of the server's NVML, or `NOT_SUPPORTED` where it
+    /// did not give it.
+    pub(crate) fn pcie(&self, figure: fn(&HostFacts) -> u32) -> Result<u32, Error> {
+        match figure(&self.host) {
+            0 => Err(Error::NotSupported),
+            v => Ok(v),
+        }
     }
 
     /// Memory now: total is the quota, free is what `cuMemGetInfo` says is
@@ -255,6 +277,11 @@ pub(crate) mod tests {
         fn mem_info(&self, _dev: i32) -> Result<(u64, u64), Error> {
             Ok((*self.free.lock().expect("lock"), 1 << 30))
         }
+        fn host_facts(&self, _dev: i32) -> Result<Option<HostFacts>, Error> {
+            let mut f = HostFacts { pcie_max_generation: 5, pcie_max_width: 16, ..HostFacts::default() };
+            f.set_kernel_driver_version("580.159.04");
+            Ok(Some(f))
+        }
     }
 
     #[test]
@@ -316,5 +343,8 @@ pub(crate) mod tests {
         *d.free.lock().expect("lock") = 2 << 30;
         assert_eq!(g.memory(&d).expect("memory").used, 0);
         assert!(Gpu::probe(&d, 1).is_err());
+        assert_eq!(g.host.kernel_driver_version().as_deref(), Some("580.159.04"));
+        assert_eq!(g.pcie(|h| h.pcie_max_generation), Ok(5));
+        assert_eq!(g.pcie(|h| h.pcie_current_speed), Err(Error::NotSupported));
     }
 }

@@ -51,6 +51,12 @@ impl System {
         Ok(System { driver, cuda_version, gpus })
     }
 
+    /// The server's kernel driver version, as its NVML reported it (the
+    /// first device's: one server drives them all); `None` where unknown.
+    pub(crate) fn kernel_driver_version(&self) -> Option<String> {
+        self.gpus.first().and_then(|g| g.host.kernel_driver_version())
+    }
+
     /// The handle of a device: its address, stable for the process's life.
     pub(crate) fn handle_of(gpu: &'static Gpu) -> nvmlDevice_t {
         (gpu as *const Gpu).cast_mut().cast::<nvmlDevice_st>()

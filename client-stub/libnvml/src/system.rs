@@ -1,16 +1,19 @@
 //! Initialization, error strings and system-wide queries.
 //!
 //! The driver version: NVIDIA's NVML reports the kernel driver's version
-//! (e.g. "580.65.06"); a gpupool client has no kernel driver, and quoting
-//! some NVIDIA release would be a lie that tools then act on. What it has
-//! is the CUDA driver API version of `libcuda.so.1` (`cuDriverGetVersion`),
-//! so it reports that as `MAJOR.MINOR.0+gpupool`, e.g. "13.0.0+gpupool":
-//! dotted numbers first, as programs that split the string on dots and
-//! read the leading numbers expect, and a build tag that semver and
+//! (e.g. "580.65.06"). A gpupool client has no kernel driver; the GPU it
+//! uses is driven by the server's, whose version the server reads with
+//! NVML and sends in the session's `Welcome` (`gpupool_host_facts`), so
+//! that is what this NVML reports, as NVML on the GPU's host would:
+//! programs parse it (XLA reads it as dotted numbers and logs an error for
+//! anything else). Where the server did not say (the emulated device), it
+//! reports the CUDA driver API version of `libcuda.so.1`
+//! (`cuDriverGetVersion`) as `MAJOR.MINOR.0+gpupool`, e.g.
+//! "13.0.0+gpupool": dotted numbers first, and a build tag that semver and
 //! Python's `packaging` (PEP 440 local version) both parse, naming what it
-//! is. `nvmlSystemGetNVMLVersion`, whose real form is the CUDA major
-//! version followed by the driver version, gives the same string: it
-//! already starts with the CUDA major version.
+//! is, rather than some NVIDIA release number that tools would act on.
+//! `nvmlSystemGetNVMLVersion`, whose real form is the CUDA major version
+//! followed by the driver version, is "13.580.65.06" or "13.0.0+gpupool".
 
 use crate::abi::{guard, put, put_str};
 use crate::error::{Error, error_string};
@@ -18,9 +21,27 @@ use crate::state;
 use nvml_wrapper_sys::bindings as nv;
 use std::ffi::{c_char, c_int, c_uint};
 
-/// The driver (and NVML) version text for a `cuDriverGetVersion` value.
+/// The driver (and NVML) version text for a `cuDriverGetVersion` value,
+/// where the server's kernel driver version is not known.
 pub(crate) fn version_text(cuda_version: i32) -> String {
     format!("{}.{}.0+gpupool", cuda_version / 1000, (cuda_version % 1000) / 10)
+}
+
+/// `nvmlSystemGetDriverVersion`'s text.
+fn driver_version(system: &state::System) -> String {
+    match system.kernel_driver_version() {
+        Some(v) => v,
+        None => version_text(system.cuda_version),
+    }
+}
+
+/// `nvmlSystemGetNVMLVersion`'s text: the CUDA major version, then the
+/// driver version.
+fn nvml_version(system: &state::System) -> String {
+    match system.kernel_driver_version() {
+        Some(v) => format!("{}.{v}", system.cuda_version / 1000),
+        None => version_text(system.cuda_version),
+    }
 }
 
 /// Every `nvmlInit` flavour: the flags only relax what NVIDIA's NVML
@@ -69,13 +90,13 @@ exports! {
     fn nvmlSystemGetDriverVersion(version: *mut c_char, length: c_uint) {
         let system = state::system()?;
         // SAFETY: `version` holds `length` bytes per NVML's contract.
-        unsafe { put_str(version, length, &version_text(system.cuda_version)) }
+        unsafe { put_str(version, length, &driver_version(system)) }
     }
 
     fn nvmlSystemGetNVMLVersion(version: *mut c_char, length: c_uint) {
         let system = state::system()?;
         // SAFETY: `version` holds `length` bytes per NVML's contract.
-        unsafe { put_str(version, length, &version_text(system.cuda_version)) }
+        unsafe { put_str(version, length, &nvml_version(system)) }
     }
 
     fn nvmlSystemGetCudaDriverVersion(cudaDriverVersion: *mut c_int) {

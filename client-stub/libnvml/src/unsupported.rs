@@ -79,8 +79,6 @@ unsupported! {
     nvmlDeviceGetCpuAffinity
     nvmlDeviceGetCpuAffinityWithinScope
     nvmlDeviceGetCreatableVgpus
-    nvmlDeviceGetCurrPcieLinkGeneration
-    nvmlDeviceGetCurrPcieLinkWidth
     nvmlDeviceGetCurrentClockFreqs
     nvmlDeviceGetCurrentClocksEventReasons
     nvmlDeviceGetCurrentClocksThrottleReasons
@@ -142,8 +140,6 @@ unsupported! {
     nvmlDeviceGetMaxClockInfo
     nvmlDeviceGetMaxCustomerBoostClock
     nvmlDeviceGetMaxMigDeviceCount
-    nvmlDeviceGetMaxPcieLinkGeneration
-    nvmlDeviceGetMaxPcieLinkWidth
     nvmlDeviceGetMemClkMinMaxVfOffset
     nvmlDeviceGetMemClkVfOffset
     nvmlDeviceGetMemoryAffinity
@@ -172,9 +168,7 @@ unsupported! {
     nvmlDeviceGetPciInfo
     nvmlDeviceGetPciInfoExt
     nvmlDeviceGetPciInfo_v2
-    nvmlDeviceGetPcieLinkMaxSpeed
     nvmlDeviceGetPcieReplayCounter
-    nvmlDeviceGetPcieSpeed
     nvmlDeviceGetPcieThroughput
     nvmlDeviceGetPdi
     nvmlDeviceGetPerformanceModes

@@ -9,6 +9,10 @@
  *
  * FAKE_CUDA_INIT_ERROR=<code> makes cuInit fail with that CUresult, as
  * gpupool's libcuda does when the pool cannot be reached.
+ *
+ * gpupool_host_facts (gpupool-ffi's host_facts.rs) answers a kernel driver
+ * 580.159.04 and a PCIe Gen 5 x16 link; FAKE_CUDA_NO_HOST_FACTS=1 makes it
+ * fail, as for a server that could not read them.
  */
 #include <stddef.h>
 #include <stdio.h>
@@ -168,6 +172,29 @@ CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev) {
     if (retained <= 0)
         return INVALID_CONTEXT;
     retained--;
+    return SUCCESS;
+}
+
+/* gpupool_ffi::host_facts::HostFacts. */
+typedef struct {
+    char kernel_driver_version[80];
+    unsigned int pcie_max_generation, pcie_max_width, pcie_current_generation, pcie_current_width, pcie_max_speed,
+        pcie_current_speed;
+} HostFacts;
+
+CUresult gpupool_host_facts(CUdevice dev, HostFacts *out, size_t size) {
+    const char *none = getenv("FAKE_CUDA_NO_HOST_FACTS");
+    REQUIRE_DEVICE(dev);
+    REQUIRE(out && size == sizeof *out);
+    if (none && *none)
+        return 801; /* NOT_SUPPORTED */
+    snprintf(out->kernel_driver_version, sizeof out->kernel_driver_version, "%s", "580.159.04");
+    out->pcie_max_generation = 5;
+    out->pcie_max_width = 16;
+    out->pcie_current_generation = 5;
+    out->pcie_current_width = 16;
+    out->pcie_max_speed = 32000;
+    out->pcie_current_speed = 32000;
     return SUCCESS;
 }
 

@@ -85,8 +85,8 @@ fn run_check(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Output> 
 const EXPECTED: &str = "\
 init=0 (Success)
 init_again=0 (Success)
-driver_version=13.0.0+gpupool
-nvml_version=13.0.0+gpupool
+driver_version=580.159.04
+nvml_version=13.580.159.04
 cuda_driver_version=13000
 cuda_driver_version_v2=13000
 count=1
@@ -145,6 +145,35 @@ fn nvml_answers_from_libcuda() -> Result<()> {
     // Nothing is worth a warning in a normal run (unsupported calls are
     // logged at info only).
     assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// The server's host, as its NVML saw it: the kernel driver's version and
+/// the GPU's PCIe link; and what is reported where the server could not
+/// say (the emulated device, or a host without NVML).
+#[test]
+fn host_figures_come_from_the_server() -> Result<()> {
+    let dir = setup("host")?;
+    let known = run_check(&dir, &["host"], &[])?;
+    assert_eq!(
+        String::from_utf8(known.stdout)?,
+        "driver_version=580.159.04\nnvml_version=13.580.159.04\npcie_max_generation=5\npcie_max_width=16\n\
+         pcie_current_generation=5\npcie_current_width=16\npcie_max_speed=32000\npcie_speed=32000\n\
+         pcie_null_out=2 (Invalid Argument)\n"
+    );
+    let unknown = run_check(&dir, &["host"], &[("FAKE_CUDA_NO_HOST_FACTS", "1")])?;
+    let not_supported = "3 (Not Supported)";
+    assert_eq!(
+        String::from_utf8(unknown.stdout)?,
+        format!(
+            "driver_version=13.0.0+gpupool\nnvml_version=13.0.0+gpupool\npcie_max_generation={n}\n\
+             pcie_max_width={n}\npcie_current_generation={n}\npcie_current_width={n}\npcie_max_speed={n}\n\
+             pcie_speed={n}\npcie_null_out={n}\n",
+            n = not_supported
+        )
+    );
+    assert_eq!(String::from_utf8_lossy(&unknown.stderr), "", "not worth a warning");
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

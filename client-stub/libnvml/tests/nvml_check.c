@@ -4,6 +4,7 @@
  *
  *   nvml_check            the whole API against the fake libcuda
  *   nvml_check init-fail  nvmlInit when cuInit fails
+ *   nvml_check host       the figures of the server's host (driver version, PCIe link)
  *
  * The declarations mirror nvml.h (not installed on CI machines); the
  * library's own signature test checks them against the bindings.
@@ -68,6 +69,12 @@ nvmlReturn_t nvmlDeviceGetArchitecture(nvmlDevice_t device, unsigned int *arch);
 nvmlReturn_t nvmlDeviceGetNumGpuCores(nvmlDevice_t device, unsigned int *cores);
 nvmlReturn_t nvmlDeviceGetPersistenceMode(nvmlDevice_t device, unsigned int *mode);
 nvmlReturn_t nvmlDeviceGetComputeMode(nvmlDevice_t device, unsigned int *mode);
+nvmlReturn_t nvmlDeviceGetMaxPcieLinkGeneration(nvmlDevice_t device, unsigned int *gen);
+nvmlReturn_t nvmlDeviceGetMaxPcieLinkWidth(nvmlDevice_t device, unsigned int *width);
+nvmlReturn_t nvmlDeviceGetCurrPcieLinkGeneration(nvmlDevice_t device, unsigned int *gen);
+nvmlReturn_t nvmlDeviceGetCurrPcieLinkWidth(nvmlDevice_t device, unsigned int *width);
+nvmlReturn_t nvmlDeviceGetPcieLinkMaxSpeed(nvmlDevice_t device, unsigned int *speed);
+nvmlReturn_t nvmlDeviceGetPcieSpeed(nvmlDevice_t device, unsigned int *speed);
 /* An unimplemented one, called with its real arguments. */
 nvmlReturn_t nvmlDeviceGetTemperature(nvmlDevice_t device, unsigned int sensor, unsigned int *temp);
 
@@ -83,6 +90,37 @@ static void code(const char *key, nvmlReturn_t r) { printf("%s=%d (%s)\n", key, 
             return 1;                                                                                                  \
         }                                                                                                              \
     } while (0)
+
+/* Asks `query` for a device's figure; prints `key=value`, or `key=code (text)` when it fails. */
+static void figure(const char *key, nvmlReturn_t (*query)(nvmlDevice_t, unsigned int *), nvmlDevice_t dev) {
+    unsigned int value = 0;
+    nvmlReturn_t r = query(dev, &value);
+    if (r == 0)
+        printf("%s=%u\n", key, value);
+    else
+        code(key, r);
+}
+
+/* What NVML says of the server's host: its driver version and the GPU's PCIe link. */
+static int host(void) {
+    char buf[96];
+    nvmlDevice_t dev = NULL;
+    MUST("init", nvmlInit_v2());
+    MUST("driver_version", nvmlSystemGetDriverVersion(buf, sizeof buf));
+    printf("driver_version=%s\n", buf);
+    MUST("nvml_version", nvmlSystemGetNVMLVersion(buf, sizeof buf));
+    printf("nvml_version=%s\n", buf);
+    MUST("handle", nvmlDeviceGetHandleByIndex_v2(0, &dev));
+    figure("pcie_max_generation", nvmlDeviceGetMaxPcieLinkGeneration, dev);
+    figure("pcie_max_width", nvmlDeviceGetMaxPcieLinkWidth, dev);
+    figure("pcie_current_generation", nvmlDeviceGetCurrPcieLinkGeneration, dev);
+    figure("pcie_current_width", nvmlDeviceGetCurrPcieLinkWidth, dev);
+    figure("pcie_max_speed", nvmlDeviceGetPcieLinkMaxSpeed, dev);
+    figure("pcie_speed", nvmlDeviceGetPcieSpeed, dev);
+    code("pcie_null_out", nvmlDeviceGetMaxPcieLinkGeneration(dev, NULL));
+    MUST("shutdown", nvmlShutdown());
+    return 0;
+}
 
 static int init_fail(void) {
     unsigned int count = 7;
@@ -210,6 +248,8 @@ static int check(void) {
 }
 
 int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "host") == 0)
+        return host();
     if (argc > 1 && strcmp(argv[1], "init-fail") == 0)
         return init_fail();
     return check();

@@ -32,6 +32,9 @@ struct Handle {
     maps: u32,
     /// The server's driver granted compressible memory.
     compressed: bool,
+    /// `CUmemAllocationProp::requestedHandleTypes` as the application
+    /// asked (reported back; nothing here exports them).
+    handle_types: u32,
 }
 
 /// One `cuMemMap`.
@@ -168,7 +171,7 @@ impl AddressSpace {
         }
         self.vmm.next_handle = self.vmm.next_handle.checked_add(1).ok_or_else(|| invalid("out of handles".into()))?;
         let id = self.vmm.next_handle;
-        self.vmm.handles.insert(id, Handle { size, refs: 1, maps: 0, compressed: false });
+        self.vmm.handles.insert(id, Handle { size, refs: 1, maps: 0, compressed: false, handle_types: 0 });
         self.mapped += size;
         Ok((AllocationId(id), Op::VmmCreate(v1::VmmCreate { handle: id, size, compressible })))
     }
@@ -178,6 +181,19 @@ impl AddressSpace {
         if let Some(h) = self.vmm.handles.get_mut(&handle.0) {
             h.compressed = compressed;
         }
+    }
+
+    /// Records the shareable handle types the application requested for
+    /// `handle` (`cuMemGetAllocationPropertiesFromHandle` reports them).
+    pub fn set_handle_types(&mut self, handle: AllocationId, types: u32) {
+        if let Some(h) = self.vmm.handles.get_mut(&handle.0) {
+            h.handle_types = types;
+        }
+    }
+
+    /// The shareable handle types requested for a live handle.
+    pub fn allocation_handle_types(&self, handle: AllocationId) -> Option<u32> {
+        self.vmm.handles.get(&handle.0).filter(|h| h.refs > 0).map(|h| h.handle_types)
     }
 
     /// Takes back a `create` the server refused: its handle and quota.

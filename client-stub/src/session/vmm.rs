@@ -66,6 +66,16 @@ impl Session {
         self.lock().space.allocation_compressed(handle)
     }
 
+    /// Records the shareable handle types requested for `handle`.
+    pub fn set_allocation_handle_types(&self, handle: AllocationId, types: u32) {
+        self.lock().space.set_handle_types(handle, types);
+    }
+
+    /// The shareable handle types requested for a live allocation handle.
+    pub fn allocation_handle_types(&self, handle: AllocationId) -> Option<u32> {
+        self.lock().space.allocation_handle_types(handle)
+    }
+
     /// `cuMemRelease`, queued.
     pub fn mem_release(&self, handle: AllocationId) -> Result<()> {
         let mut st = self.lock();

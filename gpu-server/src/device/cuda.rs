@@ -18,6 +18,7 @@
 
 mod driver;
 mod graph;
+mod host_facts;
 mod link;
 mod nvrtc;
 mod pinned;
@@ -53,6 +54,9 @@ const ATTRIBUTE_PROBE: std::ops::RangeInclusive<u32> = 1..=200;
 const ATTR_MULTIPROCESSOR_COUNT: u32 = 16;
 const ATTR_COMPUTE_CAPABILITY_MAJOR: u32 = 75;
 const ATTR_COMPUTE_CAPABILITY_MINOR: u32 = 76;
+const ATTR_PCI_BUS_ID: u32 = 33;
+const ATTR_PCI_DEVICE_ID: u32 = 34;
+const ATTR_PCI_DOMAIN_ID: u32 = 50;
 /// `CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED`.
 const ATTR_VIRTUAL_MEMORY_MANAGEMENT: u32 = 102;
 /// Function attributes reported with each function: every
@@ -140,6 +144,12 @@ impl CudaDevice {
         let compute_capability =
             (non_negative(ATTR_COMPUTE_CAPABILITY_MAJOR), non_negative(ATTR_COMPUTE_CAPABILITY_MINOR));
         let granularity = granularity(device)?;
+        let pci = |a: u32| attribute(a).unwrap_or(0);
+        let host = host_facts::read(&host_facts::bus_id(
+            pci(ATTR_PCI_DOMAIN_ID),
+            pci(ATTR_PCI_BUS_ID),
+            pci(ATTR_PCI_DEVICE_ID),
+        ));
 
         // Last, because it is the expensive step (the context is created).
         let started = Instant::now();
@@ -166,6 +176,8 @@ impl CudaDevice {
             attributes,
             driver_version: u32::try_from(driver_version).unwrap_or(0),
             error_strings: driver::error_strings(0..1100),
+            kernel_driver_version: host.kernel_driver_version,
+            pcie: host.pcie,
         };
         let preloaded = Preloaded::default();
         let eager_describe_max = AtomicUsize::new(super::EAGER_DESCRIBE_MAX);

@@ -311,6 +311,8 @@ impl EmulatedDevice {
                 attributes,
                 driver_version: 13000,
                 error_strings: Vec::new(),
+                kernel_driver_version: String::new(),
+                pcie: None,
             },
             sm,
             next_base: AtomicU64::new(VA_START),

@@ -90,6 +90,11 @@ pub struct DeviceDescription {
     pub driver_version: u32,
     /// `(CUresult, cuGetErrorString)` for every code the driver knows.
     pub error_strings: Vec<(u32, String)>,
+    /// The host's kernel driver version as NVML reports it; empty where
+    /// unknown (the emulated device, a host without NVML).
+    pub kernel_driver_version: String,
+    /// The GPU's PCIe link as NVML reports it, where known.
+    pub pcie: Option<gpupool_proto::v1::PcieLink>,
 }
 
 /// Parameter layout of one kernel parameter.

@@ -159,6 +159,8 @@ where
             driver_version: desc.driver_version,
             error_strings: desc.error_strings.iter().cloned().collect(),
             limits: context_limits.into_iter().collect(),
+            kernel_driver_version: desc.kernel_driver_version.clone(),
+            pcie: desc.pcie,
         }),
         max_frame_bytes: cfg.max_frame_bytes,
         max_inline_bytes: cfg.max_inline_bytes,
