@@ -21,6 +21,15 @@ use std::ffi::{c_char, c_int, c_uint};
 /// with the version in the top byte.
 const MEMORY_V2: c_uint = size_of::<nv::nvmlMemory_v2_t>() as c_uint | (2 << 24);
 
+/// `nvmlGpuFabricInfo_v2` and `_v3` (`nvmlGpuFabricInfoV_t`'s versions).
+const FABRIC_INFO_V2: c_uint = size_of::<nv::nvmlGpuFabricInfo_v2_t>() as c_uint | (2 << 24);
+const FABRIC_INFO_V3: c_uint = size_of::<nv::nvmlGpuFabricInfo_v3_t>() as c_uint | (3 << 24);
+
+/// What the fabric queries say of the virtual GPU: not part of an NVLink
+/// fabric (a session's GPU reaches no other GPU over NVLink; multi-node
+/// NVLink cliques are not offered), as NVML says of a GPU outside one.
+const NO_FABRIC: nv::nvmlGpuFabricState_t = nv::NVML_GPU_FABRIC_STATE_NOT_SUPPORTED as nv::nvmlGpuFabricState_t;
+
 /// The device a handle names, between init and shutdown.
 fn gpu(device: nv::nvmlDevice_t) -> Result<(&'static System, &'static Gpu), Error> {
     let system = state::system()?;
@@ -326,10 +335,71 @@ exports! {
         unsafe { put(mode, nv::nvmlComputeMode_enum_NVML_COMPUTEMODE_DEFAULT) }
     }
 
+    /// Each value's own `nvmlReturn` says whether it was read; the call
+    /// succeeds when the handle and the array are good, as NVML's does.
+    /// No field is offered: each is NOT_SUPPORTED, as NVML on the server's
+    /// H100 answers the NVLink link count (and a session's virtual GPU has
+    /// no NVLink, NVSwitch or C2C link to another GPU anyway); programs
+    /// that ask (XLA does, for the NVLink figures) carry on without them.
+    fn nvmlDeviceGetFieldValues(device: nv::nvmlDevice_t, valuesCount: c_int, values: *mut nv::nvmlFieldValue_t) {
+        gpu(device)?;
+        let count = usize::try_from(valuesCount).map_err(|_| Error::InvalidArgument("negative count"))?;
+        if count > 0 && values.is_null() {
+            return Err(Error::InvalidArgument("null pointer"));
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+        for i in 0..count {
+            // SAFETY: `values` holds `valuesCount` entries (NVML's
+            // contract); only the fields NVML writes are written.
+            let v = unsafe { &mut *values.add(i) };
+            v.timestamp = now;
+            v.latencyUsec = 0;
+            v.nvmlReturn = nv::nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED;
+        }
+        Ok(())
+    }
+
+    fn nvmlDeviceGetGpuFabricInfo(device: nv::nvmlDevice_t, gpuFabricInfo: *mut nv::nvmlGpuFabricInfo_t) {
+        gpu(device)?;
+        let out = nv::nvmlGpuFabricInfo_t {
+            clusterUuid: [0; 16],
+            status: nv::nvmlReturn_enum_NVML_SUCCESS,
+            cliqueId: 0,
+            state: NO_FABRIC,
+        };
+        // SAFETY: out-pointer per NVML's contract.
+        unsafe { put(gpuFabricInfo, out) }
+    }
+
+    /// Versions 2 and 3 of the struct, as the caller's `version` says.
+    fn nvmlDeviceGetGpuFabricInfoV(device: nv::nvmlDevice_t, gpuFabricInfo: *mut nv::nvmlGpuFabricInfoV_t) {
+        gpu(device)?;
+        // SAFETY: `version` is the struct's first field, set by the caller
+        // (NVML's contract); only it is read.
+        let version = unsafe { get(gpuFabricInfo.cast::<c_uint>().cast_const()) }?;
+        let (clusterUuid, status, cliqueId, state, healthMask) = ([0; 16], nv::nvmlReturn_enum_NVML_SUCCESS, 0, NO_FABRIC, 0);
+        match version {
+            FABRIC_INFO_V3 => {
+                let out = nv::nvmlGpuFabricInfo_v3_t { version, clusterUuid, status, cliqueId, state, healthMask, healthSummary: 0 };
+                // SAFETY: out-pointer per NVML's contract, of the version's size.
+                unsafe { put(gpuFabricInfo, out) }
+            }
+            FABRIC_INFO_V2 => {
+                let out = nv::nvmlGpuFabricInfo_v2_t { version, clusterUuid, status, cliqueId, state, healthMask };
+                // SAFETY: as above: the caller's struct is version 2's.
+                unsafe { put(gpuFabricInfo.cast::<nv::nvmlGpuFabricInfo_v2_t>(), out) }
+            }
+            _ => Err(Error::VersionMismatch(version)),
+        }
+    }
+
     // The PCIe link of the server's GPU, as the server's NVML reports it
     // (`gpupool_host_facts`); NOT_SUPPORTED where it did not. For a client
     // in another machine the network, not this link, bounds its copies;
-    // the figures are the GPU's, as NVML on its host gives them.
+    // the figures are the GPU's, as NVML on its host gives them. The
+    // current generation, width and speed are those the server read when
+    // it opened the device (NVML reads them at each call: an idle link
+    // may train down).
 
     fn nvmlDeviceGetMaxPcieLinkGeneration(device: nv::nvmlDevice_t, maxLinkGen: *mut c_uint) {
         let (_, g) = gpu(device)?;
@@ -416,6 +486,9 @@ fn signatures_match(lib: Option<&mut nv::NvmlLib>) {
     l.nvmlDeviceGetNumGpuCores = Ok(nvmlDeviceGetNumGpuCores);
     l.nvmlDeviceGetPersistenceMode = Ok(nvmlDeviceGetPersistenceMode);
     l.nvmlDeviceGetComputeMode = Ok(nvmlDeviceGetComputeMode);
+    l.nvmlDeviceGetFieldValues = Ok(nvmlDeviceGetFieldValues);
+    l.nvmlDeviceGetGpuFabricInfo = Ok(nvmlDeviceGetGpuFabricInfo);
+    l.nvmlDeviceGetGpuFabricInfoV = Ok(nvmlDeviceGetGpuFabricInfoV);
     l.nvmlDeviceGetMaxPcieLinkGeneration = Ok(nvmlDeviceGetMaxPcieLinkGeneration);
     l.nvmlDeviceGetMaxPcieLinkWidth = Ok(nvmlDeviceGetMaxPcieLinkWidth);
     l.nvmlDeviceGetCurrPcieLinkGeneration = Ok(nvmlDeviceGetCurrPcieLinkGeneration);
@@ -437,6 +510,13 @@ mod tests {
     fn memory_v2_version() {
         // nvml.h: nvmlMemory_v2 is sizeof(nvmlMemory_v2_t) | 2 << 24, 40 bytes.
         assert_eq!(MEMORY_V2, 0x0200_0028);
+    }
+
+    #[test]
+    fn fabric_info_versions() {
+        // nvml.h: sizeof(nvmlGpuFabricInfo_v2_t) | 2 << 24, v3 likewise.
+        assert_eq!(FABRIC_INFO_V2, 0x0200_0024);
+        assert_eq!(FABRIC_INFO_V3, 0x0300_0028);
     }
 
     #[test]

@@ -160,7 +160,9 @@ fn host_figures_come_from_the_server() -> Result<()> {
         String::from_utf8(known.stdout)?,
         "driver_version=580.159.04\nnvml_version=13.580.159.04\npcie_max_generation=5\npcie_max_width=16\n\
          pcie_current_generation=5\npcie_current_width=16\npcie_max_speed=32000\npcie_speed=32000\n\
-         pcie_null_out=2 (Invalid Argument)\n"
+         pcie_null_out=2 (Invalid Argument)\nfabric_state=0 status=0 clique=0\nfield_91=3 type 0 value 0\nfield_90=3 type 0 value 0\n\
+         field_82=3 type 0 value 0\nfields_null=2 (Invalid Argument)\n\
+         fabric_version_7=25 (Argument version mismatch)\n"
     );
     let unknown = run_check(&dir, &["host"], &[("FAKE_CUDA_NO_HOST_FACTS", "1")])?;
     let not_supported = "3 (Not Supported)";
@@ -169,7 +171,9 @@ fn host_figures_come_from_the_server() -> Result<()> {
         format!(
             "driver_version=13.0.0+gpupool\nnvml_version=13.0.0+gpupool\npcie_max_generation={n}\n\
              pcie_max_width={n}\npcie_current_generation={n}\npcie_current_width={n}\npcie_max_speed={n}\n\
-             pcie_speed={n}\npcie_null_out={n}\n",
+             pcie_speed={n}\npcie_null_out={n}\nfabric_state=0 status=0 clique=0\nfield_91=3 type 0 value 0\nfield_90=3 type 0 value 0\n\
+         field_82=3 type 0 value 0\nfields_null=2 (Invalid Argument)\n\
+             fabric_version_7=25 (Argument version mismatch)\n",
             n = not_supported
         )
     );

@@ -75,6 +75,28 @@ nvmlReturn_t nvmlDeviceGetCurrPcieLinkGeneration(nvmlDevice_t device, unsigned i
 nvmlReturn_t nvmlDeviceGetCurrPcieLinkWidth(nvmlDevice_t device, unsigned int *width);
 nvmlReturn_t nvmlDeviceGetPcieLinkMaxSpeed(nvmlDevice_t device, unsigned int *speed);
 nvmlReturn_t nvmlDeviceGetPcieSpeed(nvmlDevice_t device, unsigned int *speed);
+typedef struct {
+    unsigned int version;
+    unsigned char clusterUuid[16];
+    nvmlReturn_t status;
+    unsigned int cliqueId;
+    unsigned char state;
+    unsigned int healthMask;
+    unsigned char healthSummary;
+} nvmlGpuFabricInfo_v3_t;
+#define nvmlGpuFabricInfo_v3 ((unsigned int)(sizeof(nvmlGpuFabricInfo_v3_t) | (3u << 24)))
+nvmlReturn_t nvmlDeviceGetGpuFabricInfoV(nvmlDevice_t device, nvmlGpuFabricInfo_v3_t *info);
+typedef struct {
+    unsigned int fieldId, scopeId;
+    long long timestamp, latencyUsec;
+    unsigned int valueType;
+    nvmlReturn_t nvmlReturn;
+    union {
+        unsigned int uiVal;
+        unsigned long long ullVal;
+    } value;
+} nvmlFieldValue_t;
+nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int count, nvmlFieldValue_t *values);
 /* An unimplemented one, called with its real arguments. */
 nvmlReturn_t nvmlDeviceGetTemperature(nvmlDevice_t device, unsigned int sensor, unsigned int *temp);
 
@@ -118,6 +140,24 @@ static int host(void) {
     figure("pcie_max_speed", nvmlDeviceGetPcieLinkMaxSpeed, dev);
     figure("pcie_speed", nvmlDeviceGetPcieSpeed, dev);
     code("pcie_null_out", nvmlDeviceGetMaxPcieLinkGeneration(dev, NULL));
+    nvmlGpuFabricInfo_v3_t fabric;
+    memset(&fabric, 0x55, sizeof fabric);
+    fabric.version = nvmlGpuFabricInfo_v3;
+    MUST("fabric", nvmlDeviceGetGpuFabricInfoV(dev, &fabric));
+    printf("fabric_state=%u status=%d clique=%u\n", fabric.state, fabric.status, fabric.cliqueId);
+    /* NVLink link count (91), the common NVLink speed (90), a temperature (82): none offered. */
+    nvmlFieldValue_t fields[3];
+    memset(fields, 0x55, sizeof fields);
+    fields[0].fieldId = 91;
+    fields[1].fieldId = 90;
+    fields[2].fieldId = 82;
+    MUST("fields", nvmlDeviceGetFieldValues(dev, 3, fields));
+    for (int i = 0; i < 3; i++)
+        printf("field_%u=%d type %u value %u\n", fields[i].fieldId, fields[i].nvmlReturn,
+               fields[i].nvmlReturn == 0 ? fields[i].valueType : 0, fields[i].nvmlReturn == 0 ? fields[i].value.uiVal : 0);
+    code("fields_null", nvmlDeviceGetFieldValues(dev, 1, NULL));
+    fabric.version = 7u << 24;
+    code("fabric_version_7", nvmlDeviceGetGpuFabricInfoV(dev, &fabric));
     MUST("shutdown", nvmlShutdown());
     return 0;
 }
