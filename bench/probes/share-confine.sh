@@ -37,11 +37,14 @@ pair() {
     local hp=$!
     for _ in $(seq 1 200); do [[ -e $W/ready ]] && break; sleep 0.05; done
     env "${se[@]}" "$W/share_confine" small "$sconf" "$steps" >"$O/$tag-next.json" 2>&1
-    kill -INT "$hp" 2>/dev/null
+    kill -TERM "$hp" 2>/dev/null
     wait "$hp" 2>/dev/null
     # The heavy client's own rate alone, for what the pairing cost it.
     env "${he[@]}" "$W/share_confine" heavy "$hconf" 3 >"$O/$tag-heavy-alone.json" 2>&1
 }
+# SIGTERM, not SIGINT: a non-interactive shell starts background commands
+# with SIGINT ignored, so an interrupt never ended them and the first
+# pairing waited forever.
 # A heavy client killed by the pairing's end prints nothing: its rate
 # while paired is measured by a second, timed run (3 s) beside a small
 # client that steps until it is stopped.
@@ -54,7 +57,7 @@ pair_rate() {
     local sp=$!
     sleep 0.5
     env "${he[@]}" "$W/share_confine" heavy "$hconf" 3 >"$O/$tag-heavy-paired.json" 2>&1
-    kill -INT "$sp" 2>/dev/null
+    kill -TERM "$sp" 2>/dev/null
     wait "$sp" 2>/dev/null
 }
 
