@@ -22,7 +22,9 @@
 # Usage: bench/share-gpu.sh BIN_DIR OUT_DIR
 #   BIN_DIR: PARTS=pool bash bench/build-device.sh (gpupool-server,
 #            gpupool-balancer, stub/libcuda.so.1); python3 with torch.
-# Env: SHARE_STEPS (steps per client, default 400), SHARE_NS ("4 8"),
+# Env: SHARE_STEPS (steps per client, default 2000: at 400 the measured
+#      window of 4 shared clients was 0.2-0.3 s, and one stall moved the
+#      aggregate by a quarter), SHARE_NS ("4 8"),
 #      SHARE_TIME_MS (the server's --time-share-ms; default 0, off; it meters
 #      shared sessions that time-slice, so measure it with SHARE_MPS=off),
 #      SHARE_MPS (the server's --mps: auto, the default, off or on),
@@ -36,7 +38,7 @@ set -uo pipefail
 # shellcheck source=bench/lib/script.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/script.sh"
 wl="$repo/bench/share_workload.py"
-steps=${SHARE_STEPS:-400}
+steps=${SHARE_STEPS:-2000}
 start_report share.md
 # The server stops its MPS daemon when it exits; should it not get to, a
 # daemon left behind is told to quit here (its pipe directory is ours).
@@ -118,6 +120,9 @@ for n in ${SHARE_NS-4 8}; do
     mkdir -p "$d"/{a,b,c,d}
     t0=$(date +%s)
     for i in $(seq 1 "$n"); do native >"$d/a/$i.json" 2>"$d/a/$i.err"; done
+    # Fresh barriers: a second round of the same N (SHARE_NS="4 4") found
+    # the first round's clients in them and started unaligned.
+    rm -rf "$work/b$n" "$work/d$n"
     pids=()
     for i in $(seq 1 "$n"); do native --barrier "$work/b$n" --clients "$n" >"$d/b/$i.json" 2>"$d/b/$i.err" & pids+=($!); done
     wait "${pids[@]}"
