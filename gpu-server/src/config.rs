@@ -261,6 +261,10 @@ pub struct ServerConfig {
     /// larger ones describe each function when first used (reading a
     /// function's attributes loads it): [`crate::device::EAGER_DESCRIBE_MAX`].
     pub eager_describe_max: usize,
+    /// What NVML says of this host (kernel driver version, each GPU's PCIe
+    /// link), as a supervisor read it for its workers; `None`: the device
+    /// reads them when it opens (`device/cuda/host_facts.rs`).
+    pub host_facts: Option<gpupool_proto::v1::HostFacts>,
 }
 
 /// Whether the server listens for RDMA connections.
@@ -414,6 +418,7 @@ impl ServerConfig {
             mig_control: None,
             migrate_precopy_bytes: 4 << 30,
             eager_describe_max: crate::device::EAGER_DESCRIBE_MAX,
+            host_facts: None,
         }
     }
 

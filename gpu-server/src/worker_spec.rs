@@ -51,6 +51,7 @@ pub(crate) fn config_from_spec(spec: &v1::WorkerSpec) -> Result<ServerConfig, Se
     if let Some(n) = spec.eager_describe_max {
         c.eager_describe_max = n as usize;
     }
+    c.host_facts = spec.host_facts.clone();
     if spec.port_low != 0 {
         let port =
             |p: u32| u16::try_from(p).map_err(|_| ServerError::Config(format!("worker port {p} is not a UDP port")));
@@ -96,6 +97,7 @@ pub(crate) fn spec_from_config(config: &ServerConfig, chain: Vec<Vec<u8>>, key: 
         swap_spare_bytes: config.swap_spare_bytes,
         migrate_precopy_bytes: config.migrate_precopy_bytes,
         eager_describe_max: Some(u32::try_from(config.eager_describe_max).unwrap_or(u32::MAX)),
+        host_facts: config.host_facts.clone(),
         // Set per worker by its pool, with the slot it gets.
         staging_ledger_fd: 0,
         staging_slot: 0,
@@ -115,6 +117,14 @@ mod tests {
         c.max_queued_batch_bytes = 8 << 20;
         c.swap_spare_bytes = 3 << 30;
         c.eager_describe_max = 0;
+        c.host_facts = Some(v1::HostFacts {
+            kernel_driver_version: "580.159.04".into(),
+            pcie_by_bus_id: [(
+                "00000000:1B:00.0".to_string(),
+                v1::PcieLink { max_generation: 5, ..Default::default() },
+            )]
+            .into(),
+        });
         let back = config_from_spec(&spec_from_config(&c, vec![vec![1, 2]], vec![3])).expect("valid");
         assert_eq!(back.device, c.device);
         assert_eq!(back.memory_quota, c.memory_quota);
@@ -124,6 +134,7 @@ mod tests {
         assert_eq!(back.shm_dir, c.shm_dir);
         assert_eq!(back.migrate_precopy_bytes, c.migrate_precopy_bytes);
         assert_eq!(back.eager_describe_max, c.eager_describe_max);
+        assert_eq!(back.host_facts, c.host_facts);
         assert_eq!(back.max_queued_batch_bytes, 8 << 20);
         assert_eq!(back.swap_spare_bytes, 3 << 30);
         c.shm_dir = None;

@@ -18,7 +18,7 @@
 
 mod driver;
 mod graph;
-mod host_facts;
+pub(crate) mod host_facts;
 mod link;
 mod nvrtc;
 mod pinned;
@@ -110,6 +110,13 @@ impl CudaDevice {
     /// Opens device `ordinal` and creates its warm context. Fails with
     /// `CUDA_ERROR_NO_DEVICE` (never a panic) where no driver is installed.
     pub fn open(ordinal: usize) -> DeviceResult<Self> {
+        Self::open_with(ordinal, None)
+    }
+
+    /// [`CudaDevice::open`] with the host's NVML facts already read (a
+    /// worker's, from its supervisor: `WorkerSpec.host_facts`); `None`:
+    /// read them now.
+    pub fn open_with(ordinal: usize, host: Option<&gpupool_proto::v1::HostFacts>) -> DeviceResult<Self> {
         driver::check_driver()?;
         // SAFETY: the driver library and its symbols are present (checked above).
         driver::check(unsafe { sys::cuInit(0) }, "cuInit")?;
@@ -145,11 +152,11 @@ impl CudaDevice {
             (non_negative(ATTR_COMPUTE_CAPABILITY_MAJOR), non_negative(ATTR_COMPUTE_CAPABILITY_MINOR));
         let granularity = granularity(device)?;
         let pci = |a: u32| attribute(a).unwrap_or(0);
-        let host = host_facts::read(&host_facts::bus_id(
-            pci(ATTR_PCI_DOMAIN_ID),
-            pci(ATTR_PCI_BUS_ID),
-            pci(ATTR_PCI_DEVICE_ID),
-        ));
+        let bus_id = host_facts::bus_id(pci(ATTR_PCI_DOMAIN_ID), pci(ATTR_PCI_BUS_ID), pci(ATTR_PCI_DEVICE_ID));
+        let host = match host {
+            Some(h) => host_facts::pick(h, &bus_id),
+            None => host_facts::pick(&host_facts::read_host(), &bus_id),
+        };
 
         // Last, because it is the expensive step (the context is created).
         let started = Instant::now();

@@ -151,12 +151,17 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let mode = match &config.isolation {
             Isolation::InProcess => {
-                let device = AnyDevice::open(config.device, config.eager_describe_max)?;
+                let device = AnyDevice::open(config.device, config.eager_describe_max, config.host_facts.as_ref())?;
                 let d = device.description();
                 tracing::info!(device = %d.name, backend = d.backend, memory = d.total_memory, "device ready");
                 Mode::Local(device)
             }
             Isolation::Process { command, warm, start_timeout } => {
+                // Read once here for every worker (NVML's start is not
+                // paid by a session's worker before its `Welcome`).
+                if config.host_facts.is_none() && !matches!(config.device, DeviceChoice::Emulated { .. }) {
+                    config.host_facts = Some(crate::device::cuda::host_facts::read_host());
+                }
                 let (chain, key) = identity.to_der();
                 let spec = crate::worker_spec::spec_from_config(&config, chain, key);
                 let mps_dir = config.mps.dir.clone().unwrap_or_else(mps_group::default_dir);

@@ -29,8 +29,12 @@ impl AnyDevice {
     /// Opens the device warm: context created and, on a GPU, the built-in
     /// module compiled, so that no session waits for NVRTC (a worker
     /// process opens its device before it is handed a session).
-    pub(super) fn open(choice: DeviceChoice, eager_describe_max: usize) -> Result<Self, ServerError> {
-        let device = Self::open_cold(choice)?;
+    pub(super) fn open(
+        choice: DeviceChoice,
+        eager_describe_max: usize,
+        host: Option<&gpupool_proto::v1::HostFacts>,
+    ) -> Result<Self, ServerError> {
+        let device = Self::open_cold(choice, host)?;
         match &device {
             Self::Cuda(d) => d.describe_eagerly_up_to(eager_describe_max),
             Self::Emulated(d) => d.describe_eagerly_up_to(eager_describe_max),
@@ -43,13 +47,13 @@ impl AnyDevice {
         Ok(device)
     }
 
-    fn open_cold(choice: DeviceChoice) -> Result<Self, ServerError> {
+    fn open_cold(choice: DeviceChoice, host: Option<&gpupool_proto::v1::HostFacts>) -> Result<Self, ServerError> {
         match choice {
             DeviceChoice::Cuda { ordinal } => {
-                Ok(Self::Cuda(Arc::new(CudaDevice::open(ordinal).map_err(ServerError::Device)?)))
+                Ok(Self::Cuda(Arc::new(CudaDevice::open_with(ordinal, host).map_err(ServerError::Device)?)))
             }
             DeviceChoice::Emulated { memory } => Ok(Self::Emulated(Arc::new(EmulatedDevice::new(memory)))),
-            DeviceChoice::Auto => match CudaDevice::open(0) {
+            DeviceChoice::Auto => match CudaDevice::open_with(0, host) {
                 Ok(d) => Ok(Self::Cuda(Arc::new(d))),
                 Err(e) => {
                     tracing::warn!(reason = %e, "no usable GPU; using the emulated device");
