@@ -14,6 +14,7 @@ use crate::abi::{c_str, get, log_unsupported, put, put_str};
 use crate::error::Error;
 use crate::gpu::Gpu;
 use crate::state::{self, System};
+use gpupool_ffi::host_facts::HostFacts;
 use nvml_wrapper_sys::bindings as nv;
 use std::ffi::{c_char, c_int, c_uint};
 
@@ -54,6 +55,16 @@ unsafe fn no_processes(device: nv::nvmlDevice_t, info_count: *mut c_uint) -> Res
     gpu(device)?;
     // SAFETY: the caller's contract.
     unsafe { put(info_count, 0) }
+}
+
+/// Puts one figure of the device's PCIe link ([`Gpu::pcie`]) in `out`.
+///
+/// # Safety
+/// `out` is null or valid for writing a `c_uint`.
+unsafe fn put_pcie(device: nv::nvmlDevice_t, out: *mut c_uint, figure: fn(&HostFacts) -> u32) -> Result<(), Error> {
+    let (_, g) = gpu(device)?;
+    // SAFETY: the caller's contract.
+    unsafe { put(out, g.pcie(figure)?) }
 }
 
 exports! {
@@ -402,39 +413,33 @@ exports! {
     // may train down).
 
     fn nvmlDeviceGetMaxPcieLinkGeneration(device: nv::nvmlDevice_t, maxLinkGen: *mut c_uint) {
-        let (_, g) = gpu(device)?;
         // SAFETY: out-pointer per NVML's contract.
-        unsafe { put(maxLinkGen, g.pcie(|h| h.pcie_max_generation)?) }
+        unsafe { put_pcie(device, maxLinkGen, |h| h.pcie_max_generation) }
     }
 
     fn nvmlDeviceGetMaxPcieLinkWidth(device: nv::nvmlDevice_t, maxLinkWidth: *mut c_uint) {
-        let (_, g) = gpu(device)?;
         // SAFETY: out-pointer per NVML's contract.
-        unsafe { put(maxLinkWidth, g.pcie(|h| h.pcie_max_width)?) }
+        unsafe { put_pcie(device, maxLinkWidth, |h| h.pcie_max_width) }
     }
 
     fn nvmlDeviceGetCurrPcieLinkGeneration(device: nv::nvmlDevice_t, currLinkGen: *mut c_uint) {
-        let (_, g) = gpu(device)?;
         // SAFETY: out-pointer per NVML's contract.
-        unsafe { put(currLinkGen, g.pcie(|h| h.pcie_current_generation)?) }
+        unsafe { put_pcie(device, currLinkGen, |h| h.pcie_current_generation) }
     }
 
     fn nvmlDeviceGetCurrPcieLinkWidth(device: nv::nvmlDevice_t, currLinkWidth: *mut c_uint) {
-        let (_, g) = gpu(device)?;
         // SAFETY: out-pointer per NVML's contract.
-        unsafe { put(currLinkWidth, g.pcie(|h| h.pcie_current_width)?) }
+        unsafe { put_pcie(device, currLinkWidth, |h| h.pcie_current_width) }
     }
 
     fn nvmlDeviceGetPcieLinkMaxSpeed(device: nv::nvmlDevice_t, maxSpeed: *mut c_uint) {
-        let (_, g) = gpu(device)?;
         // SAFETY: out-pointer per NVML's contract.
-        unsafe { put(maxSpeed, g.pcie(|h| h.pcie_max_speed)?) }
+        unsafe { put_pcie(device, maxSpeed, |h| h.pcie_max_speed) }
     }
 
     fn nvmlDeviceGetPcieSpeed(device: nv::nvmlDevice_t, pcieSpeed: *mut c_uint) {
-        let (_, g) = gpu(device)?;
         // SAFETY: out-pointer per NVML's contract.
-        unsafe { put(pcieSpeed, g.pcie(|h| h.pcie_current_speed)?) }
+        unsafe { put_pcie(device, pcieSpeed, |h| h.pcie_current_speed) }
     }
 }
 
