@@ -71,6 +71,13 @@ fn two_servers_with(config: impl Fn() -> ServerConfig) -> (TestServer, TestServe
     still.steps(0, 6);
     let want = still.result();
     still.session.close().expect("close");
+    // The server lets go of a closed session on its own time: wait, so the
+    // next program's session is the only one there.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !a.migrator.sessions().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(a.migrator.sessions().is_empty(), "the closed session left the server");
     (a, b, seed, want)
 }
 
