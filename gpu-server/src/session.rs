@@ -719,6 +719,7 @@ impl<S: BackendSession> SessionState<S> {
         new_id(&self.modules, m.module, "module", self.limits.max_handles)?;
         let key: [u8; 32] =
             m.sha256[..].try_into().map_err(|_| CallError::invalid_value("module hash must be 32 bytes (SHA-256)"))?;
+        let started = std::time::Instant::now();
         let sent = match (m.image, m.staged) {
             (Some(p), None) => Some(
                 payload::decode(p, self.limits.max_image_bytes)
@@ -736,18 +737,23 @@ impl<S: BackendSession> SessionState<S> {
             (None, None) => None,
             (Some(_), Some(_)) => return Err(CallError::invalid_value("module image sent both inline and staged")),
         };
-        let image = match sent {
+        let received = started.elapsed();
+        let (image, hashed, cached) = match sent {
             Some(bytes) => {
                 if key_of(&bytes) != key {
                     return Err(CallError::invalid_value("module image does not match its SHA-256"));
                 }
+                let hashed = started.elapsed();
                 let img: Arc<[u8]> = Arc::from(&bytes[..]);
                 self.images.insert(key, img.clone());
-                img
+                (img, hashed, started.elapsed())
             }
-            None => self.images.get(&key).ok_or_else(|| {
-                CallError::new(cuda::FILE_NOT_FOUND, "module image not cached on the server; send it")
-            })?,
+            None => {
+                let img = self.images.get(&key).ok_or_else(|| {
+                    CallError::new(cuda::FILE_NOT_FOUND, "module image not cached on the server; send it")
+                })?;
+                (img, received, started.elapsed())
+            }
         };
         // A worker may have loaded this image before the session came.
         let (module, functions) = match self.dev.take_preloaded(&key) {
@@ -758,6 +764,17 @@ impl<S: BackendSession> SessionState<S> {
             }
             None => self.dev.load_module(&image)?,
         };
+        // Where a module's first use goes (issue 17): receiving its image,
+        // checking its hash, caching it, loading it on the device.
+        tracing::debug!(
+            bytes = image.len(),
+            functions = functions.len(),
+            receive_us = received.as_micros() as u64,
+            hash_us = hashed.saturating_sub(received).as_micros() as u64,
+            cache_us = cached.saturating_sub(hashed).as_micros() as u64,
+            load_us = started.elapsed().saturating_sub(cached).as_micros() as u64,
+            "module loaded"
+        );
         let info = v1::ModuleInfo { functions: functions.iter().map(function_info_of).collect() };
         self.modules.insert(m.module, LoadedModule { functions, module });
         Ok(Some(Value::Module(info)))
