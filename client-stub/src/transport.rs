@@ -549,17 +549,12 @@ async fn next_frame(cmd: &mut CommandStream) -> Result<Bytes> {
 /// Bytes of a bulk frame besides its chunk (header and request fields).
 const BULK_HEADROOM: usize = 64 << 10;
 
-/// One request on its own bulk stream; its response, at most `max` bytes,
-/// is read into a buffer from `buffers`. A lost connection is named in the
-/// error (a bulk connection can time out while the session's own
-/// connection still stands, and the two read alike otherwise).
-async fn bulk_request(
-    conn: &quinn::Connection,
-    req: [Bytes; 2],
-    max: usize,
-    buffers: &Arc<BufferPool>,
-) -> Result<Option<v1::Payload>> {
-    bulk_exchange(conn, req, max, buffers).await.map_err(|e| match e {
+/// One request on its own bulk stream and its response, at most `max`
+/// bytes, as received. A lost connection is named in the error (a bulk
+/// connection can time out while the session's own connection still
+/// stands, and the two read alike otherwise).
+async fn bulk_request(conn: &quinn::Connection, req: [Bytes; 2], max: usize) -> Result<BulkReply> {
+    bulk_exchange(conn, req, max).await.map_err(|e| match e {
         ClientError::ConnectionLost(why) => {
             ClientError::ConnectionLost(format!("bulk connection to {}: {why}", conn.remote_address()))
         }
@@ -567,36 +562,84 @@ async fn bulk_request(
     })
 }
 
-async fn bulk_exchange(
-    conn: &quinn::Connection,
-    mut req: [Bytes; 2],
-    max: usize,
-    buffers: &Arc<BufferPool>,
-) -> Result<Option<v1::Payload>> {
+async fn bulk_exchange(conn: &quinn::Connection, mut req: [Bytes; 2], max: usize) -> Result<BulkReply> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
     send.write_all_chunks(&mut req).await.map_err(write_err)?;
     let _ = send.finish();
-    let mut buf = buffers.take(max).ok_or_else(|| ClientError::Protocol(format!("cannot allocate {max} bytes")))?;
-    while let Some(chunk) = recv.read_chunk(max - buf.len(), true).await.map_err(read_err)? {
-        buf.extend_from_slice(&chunk.bytes);
-        if buf.len() == max && recv.read_chunk(1, true).await.map_err(read_err)?.is_some() {
+    // The chunks as QUIC delivered them, not copied together: a download's
+    // bytes are copied once, from them to where they go.
+    let mut reply = BulkReply { chunks: Vec::new(), len: 0 };
+    while let Some(chunk) = recv.read_chunk(max - reply.len, true).await.map_err(read_err)? {
+        reply.len += chunk.bytes.len();
+        reply.chunks.push(chunk.bytes);
+        if reply.len == max && recv.read_chunk(1, true).await.map_err(read_err)?.is_some() {
             return Err(ClientError::Protocol("bulk response too long".into()));
         }
     }
-    // One frame, the whole stream: its body is a slice of what was read.
-    let bytes = buf.freeze();
-    let header = bytes.get(..frame::HEADER_LEN).and_then(|h| <[u8; frame::HEADER_LEN]>::try_from(h).ok());
-    let header = header.ok_or_else(|| ClientError::Protocol("bulk response truncated".into()))?;
-    let len = frame::decode_header(header, max).map_err(|e| ClientError::Protocol(e.to_string()))?;
-    if bytes.len() != frame::HEADER_LEN + len {
-        return Err(ClientError::Protocol("bulk response truncated".into()));
+    Ok(reply)
+}
+
+/// A bulk response: one frame, the whole stream, in the chunks it arrived in.
+#[derive(Debug)]
+struct BulkReply {
+    chunks: Vec<Bytes>,
+    len: usize,
+}
+
+impl BulkReply {
+    /// The response decoded: its payload, or the error it carries.
+    fn payload(self, max: usize) -> Result<Option<v1::Payload>> {
+        let bytes = match <[Bytes; 1]>::try_from(self.chunks) {
+            Ok([one]) => one,
+            Err(chunks) => Bytes::from(chunks.concat()),
+        };
+        let header = bytes.get(..frame::HEADER_LEN).and_then(|h| <[u8; frame::HEADER_LEN]>::try_from(h).ok());
+        let header = header.ok_or_else(|| ClientError::Protocol("bulk response truncated".into()))?;
+        let len = frame::decode_header(header, max).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if bytes.len() != frame::HEADER_LEN + len {
+            return Err(ClientError::Protocol("bulk response truncated".into()));
+        }
+        let resp = v1::BulkResponse::decode(bytes.slice(frame::HEADER_LEN..))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        if let Some(e) = resp.error {
+            return Err(ClientError::Cuda { code: e.code, message: e.message });
+        }
+        Ok(resp.data)
     }
-    let body = bytes.slice(frame::HEADER_LEN..);
-    let resp = v1::BulkResponse::decode(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
-    if let Some(e) = resp.error {
-        return Err(ClientError::Cuda { code: e.code, message: e.message });
+
+    /// The `size` bytes of data a get response carries, as slices of the
+    /// received chunks where they end the frame uncompressed (the server
+    /// writes them so), else decoded from the whole frame.
+    fn data(self, size: usize) -> Result<Vec<Bytes>> {
+        let mut head = Vec::with_capacity(frame::BULK_RESPONSE_HEAD);
+        for c in &self.chunks {
+            if head.len() >= frame::BULK_RESPONSE_HEAD {
+                break;
+            }
+            head.extend_from_slice(&c[..c.len().min(frame::BULK_RESPONSE_HEAD - head.len())]);
+        }
+        let Some(range) = frame::bulk_response_data(&head, self.len).filter(|r| r.len() == size) else {
+            let p = self
+                .payload(size + BULK_HEADROOM)?
+                .ok_or_else(|| ClientError::Protocol("bulk get without data".into()))?;
+            let bytes = payload::decode(p, size as u64).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            if bytes.len() != size {
+                return Err(ClientError::Protocol(format!("bulk chunk of {} bytes, wanted {size}", bytes.len())));
+            }
+            return Ok(vec![bytes]);
+        };
+        let mut at = 0;
+        let mut out = Vec::with_capacity(self.chunks.len());
+        for c in self.chunks {
+            let (from, to) = (at, at + c.len());
+            at = to;
+            let (lo, hi) = (from.max(range.start), to.min(range.end));
+            if lo < hi {
+                out.push(c.slice(lo - from..hi - from));
+            }
+        }
+        Ok(out)
     }
-    Ok(resp.data)
 }
 
 /// Connects to `addr`, sends `hello` and reads the `Welcome`.
@@ -1191,8 +1234,8 @@ impl Transport for QuicTransport {
             if let Some(r) = self.bulk_get_here(id, &mut out) {
                 return r;
             }
-            for (offset, bytes) in self.bulk_get_once(id, out.len())? {
-                out[offset..offset + bytes.len()].copy_from_slice(&bytes);
+            for (offset, parts) in self.bulk_get_once(id, out.len())? {
+                place(&mut out, offset, &parts);
             }
             Ok(())
         })
@@ -1303,29 +1346,28 @@ async fn put_chunk(
     (id, total, offset): (u64, u64, usize),
     part: Bytes,
     mode: Compression,
-    buffers: Arc<BufferPool>,
 ) -> Result<()> {
     let put = v1::BulkPut { transfer_id: id, total_size: total, offset: offset as u64, data: None };
     let req = frame::bulk_put_frame(&put, &payload::encode(part, mode));
-    bulk_request(&conn, req, 1 << 20, &buffers).await.map(|_| ())
+    bulk_request(&conn, req, 1 << 20).await?.payload(1 << 20).map(|_| ())
 }
 
-/// Gets `size` bytes of download `id` at `offset`.
-async fn get_chunk(
-    conn: quinn::Connection,
-    (id, offset, size): (u64, usize, usize),
-    buffers: Arc<BufferPool>,
-) -> Result<(usize, Bytes)> {
+/// Gets `size` bytes of download `id` at `offset`: slices of the chunks
+/// they arrived in.
+async fn get_chunk(conn: quinn::Connection, (id, offset, size): (u64, usize, usize)) -> Result<(usize, Vec<Bytes>)> {
     let get = v1::BulkGet { transfer_id: id, offset: offset as u64, size: size as u64 };
     let req = [frame::encode(&v1::BulkRequest { op: Some(v1::bulk_request::Op::Get(get)) }), Bytes::new()];
-    let p = bulk_request(&conn, req, size + BULK_HEADROOM, &buffers)
-        .await?
-        .ok_or_else(|| ClientError::Protocol("bulk get without data".into()))?;
-    let bytes = payload::decode(p, size as u64).map_err(|e| ClientError::Protocol(e.to_string()))?;
-    if bytes.len() != size {
-        return Err(ClientError::Protocol(format!("bulk chunk of {} bytes, wanted {size}", bytes.len())));
+    let data = bulk_request(&conn, req, size + BULK_HEADROOM).await?.data(size)?;
+    Ok((offset, data))
+}
+
+/// Copies `parts` (slices adding up to a chunk) into `out` from `offset`.
+fn place(out: &mut [u8], offset: usize, parts: &[Bytes]) {
+    let mut at = offset;
+    for p in parts {
+        out[at..at + p.len()].copy_from_slice(p);
+        at += p.len();
     }
-    Ok((offset, bytes))
 }
 
 fn joined<T>(done: std::result::Result<Result<T>, tokio::task::JoinError>) -> Result<T> {
@@ -1344,7 +1386,7 @@ impl QuicTransport {
                 let mut buf =
                     buffers.take(len).ok_or_else(|| ClientError::Protocol(format!("cannot allocate {len} bytes")))?;
                 buf.extend_from_slice(&data[offset..offset + len]);
-                Ok(put_chunk(conn, (id, data.len() as u64, offset), buf.freeze(), mode, buffers.clone()))
+                Ok(put_chunk(conn, (id, data.len() as u64, offset), buf.freeze(), mode))
             };
             each_chunk(&conns, data.len(), chunk, &sem, start, |()| ()).await
         })
@@ -1353,34 +1395,35 @@ impl QuicTransport {
     /// Gets download `id` into the caller's `out`, each chunk copied in as
     /// it arrives (no list of every chunk held until the last one).
     fn bulk_get_here(&self, id: u64, out: &mut [u8]) -> Option<Result<()>> {
-        let (chunk, sem, buffers) = (self.chunk, self.parallel.clone(), self.buffers.clone());
+        let (chunk, sem) = (self.chunk, self.parallel.clone());
         self.exec_bulk_here(move |conns| async move {
-            let start = |offset, len, conn| Ok(get_chunk(conn, (id, offset, len), buffers.clone()));
+            let start = |offset, len, conn| Ok(get_chunk(conn, (id, offset, len)));
             let total = out.len();
-            let place = |(offset, bytes): (usize, Bytes)| out[offset..offset + bytes.len()].copy_from_slice(&bytes);
-            each_chunk(&conns, total, chunk, &sem, start, place).await
+            each_chunk(&conns, total, chunk, &sem, start, |(offset, parts): (usize, Vec<Bytes>)| {
+                place(out, offset, &parts)
+            })
+            .await
         })
     }
 
     /// [`Self::bulk_put_here`] with the bytes already owned, on the I/O
     /// runtime.
     fn bulk_put_once(&self, id: u64, data: Bytes) -> Result<()> {
-        let (chunk, sem, mode, buffers) = (self.chunk, self.parallel.clone(), self.compression, self.buffers.clone());
+        let (chunk, sem, mode) = (self.chunk, self.parallel.clone(), self.compression);
         self.exec_bulk(move |conns| async move {
             let total = data.len() as u64;
-            let start = |offset, len, conn| {
-                Ok(put_chunk(conn, (id, total, offset), data.slice(offset..offset + len), mode, buffers.clone()))
-            };
+            let start =
+                |offset, len, conn| Ok(put_chunk(conn, (id, total, offset), data.slice(offset..offset + len), mode));
             each_chunk(&conns, data.len(), chunk, &sem, start, |()| ()).await
         })
     }
 
     /// [`Self::bulk_get_here`] collecting the chunks, on the I/O runtime.
-    fn bulk_get_once(&self, id: u64, total: usize) -> Result<Vec<(usize, Bytes)>> {
-        let (chunk, sem, buffers) = (self.chunk, self.parallel.clone(), self.buffers.clone());
+    fn bulk_get_once(&self, id: u64, total: usize) -> Result<Vec<(usize, Vec<Bytes>)>> {
+        let (chunk, sem) = (self.chunk, self.parallel.clone());
         self.exec_bulk(move |conns| async move {
             let mut parts = Vec::new();
-            let start = |offset, len, conn| Ok(get_chunk(conn, (id, offset, len), buffers.clone()));
+            let start = |offset, len, conn| Ok(get_chunk(conn, (id, offset, len)));
             each_chunk(&conns, total, chunk, &sem, start, |part| parts.push(part)).await?;
             Ok(parts)
         })
@@ -1467,6 +1510,35 @@ impl Drop for QuicTransport {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    /// `stream` cut into chunks of `cut` bytes, as QUIC might deliver it.
+    fn reply_of(stream: &[u8], cut: usize) -> BulkReply {
+        let chunks: Vec<Bytes> = stream.chunks(cut).map(Bytes::copy_from_slice).collect();
+        BulkReply { chunks, len: stream.len() }
+    }
+
+    #[test]
+    fn a_get_response_gives_its_data_however_the_stream_was_cut() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+        let raw = v1::Payload { codec: 0, raw_len: data.len() as u64, data: Bytes::from(data.clone()) };
+        let lz4 = payload::encode(Bytes::from(data.clone()), Compression::Auto);
+        assert_ne!(lz4.codec, 0, "compressible data is compressed");
+        for payload in [raw, lz4] {
+            let stream = frame::bulk_response_frame(None, &payload).concat();
+            for cut in [1, 3, 17, 64, 1000, 65_536, stream.len()] {
+                let parts = reply_of(&stream, cut).data(data.len()).expect("data");
+                assert_eq!(parts.concat(), data, "codec {}, chunks of {cut}", payload.codec);
+            }
+        }
+        // A short stream or the wrong size is an error, not a panic.
+        let raw = v1::Payload { codec: 0, raw_len: 3, data: Bytes::from_static(b"abc") };
+        let stream = frame::bulk_response_frame(None, &raw).concat();
+        assert!(reply_of(&stream[..stream.len() - 1], 2).data(3).is_err());
+        assert!(reply_of(&stream, 2).data(4).is_err());
+        let error = v1::CallError { index: 0, code: 1, message: "gone".into() };
+        let stream = frame::bulk_response_frame(Some(error), &raw).concat();
+        assert!(matches!(reply_of(&stream, 5).data(3), Err(ClientError::Cuda { code: 1, .. })));
+    }
 
     #[test]
     fn small_copies_are_spread_over_the_connections() {

@@ -104,6 +104,53 @@ pub fn bulk_response_frame(error: Option<crate::v1::CallError>, payload: &crate:
     split_frame(&fields, 2, payload, &[])
 }
 
+/// Bytes of a stream's start that [`bulk_response_data`] needs: more than
+/// the frame header and every field before the data can take.
+pub const BULK_RESPONSE_HEAD: usize = 64;
+
+/// Where the data of a bulk response lies in its stream, from the
+/// stream's first bytes (`head`, at least [`BULK_RESPONSE_HEAD`] of them or
+/// the whole stream) and its length (`stream_len`): the range of an
+/// uncompressed payload's data that ends the frame, as
+/// [`bulk_response_frame`] writes it, so a reader can copy it from the
+/// chunks it received straight to where it goes. `None` for any other
+/// response (an error, compressed or empty data, fields in another order,
+/// a length that does not add up): decode the frame whole instead.
+pub fn bulk_response_data(head: &[u8], stream_len: usize) -> Option<std::ops::Range<usize>> {
+    use prost::encoding::{WireType, decode_key, decode_varint};
+    let len = u32::from_le_bytes(head.get(..HEADER_LEN)?.try_into().ok()?) as usize;
+    if HEADER_LEN.checked_add(len)? != stream_len {
+        return None;
+    }
+    let mut buf = &head[HEADER_LEN..];
+    let at = |buf: &[u8]| head.len() - buf.len();
+    // BulkResponse: only `data` (2), ending the frame.
+    let (field, wire) = decode_key(&mut buf).ok()?;
+    if field != 2 || wire != WireType::LengthDelimited {
+        return None;
+    }
+    let payload_len = usize::try_from(decode_varint(&mut buf).ok()?).ok()?;
+    if at(buf).checked_add(payload_len)? != stream_len {
+        return None;
+    }
+    // Payload: a raw codec and a length, then `data` (3) to the end.
+    loop {
+        let (field, wire) = decode_key(&mut buf).ok()?;
+        match (field, wire) {
+            (1, WireType::Varint) if decode_varint(&mut buf).ok()? == 0 => {}
+            (2, WireType::Varint) => {
+                decode_varint(&mut buf).ok()?;
+            }
+            (3, WireType::LengthDelimited) => {
+                let data_len = usize::try_from(decode_varint(&mut buf).ok()?).ok()?;
+                let start = at(buf);
+                return (start.checked_add(data_len)? == stream_len && data_len > 0).then_some(start..stream_len);
+            }
+            _ => return None,
+        }
+    }
+}
+
 /// A message made of `fields` (encoded) then `payload` as field `field`,
 /// nested in one-field messages `outer` (innermost first): its frame up to
 /// the payload's data, and the data.
@@ -156,6 +203,31 @@ mod tests {
             assert_eq!(bulk_response_frame(error, &payload).concat(), whole.to_vec(), "response of {len}");
         }
     }
+
+    #[test]
+    fn bulk_response_data_is_found_where_the_split_frame_put_it() {
+        use crate::v1;
+        for len in [1usize, 127, 128, 300, 70_000, 4 << 20] {
+            let data = Bytes::from((0..len).map(|i| i as u8).collect::<Vec<_>>());
+            let payload = v1::Payload { codec: 0, raw_len: len as u64, data: data.clone() };
+            let stream = bulk_response_frame(None, &payload).concat();
+            let head = &stream[..stream.len().min(BULK_RESPONSE_HEAD)];
+            let range = bulk_response_data(head, stream.len()).expect("found");
+            assert_eq!(&stream[range], &data[..], "{len} bytes");
+            // Too short a stream, or a longer one: not this frame.
+            assert_eq!(bulk_response_data(head, stream.len() + 1), None);
+        }
+        // Compressed, empty, an error: decoded whole.
+        let lz4 = v1::Payload { codec: 1, raw_len: 10, data: Bytes::from_static(b"xyz") };
+        let stream = bulk_response_frame(None, &lz4).concat();
+        assert_eq!(bulk_response_data(&stream, stream.len()), None);
+        let empty = encode(&v1::BulkResponse::default());
+        assert_eq!(bulk_response_data(&empty, empty.len()), None);
+        let error = v1::CallError { index: 0, code: 1, message: "x".into() };
+        let raw = v1::Payload { codec: 0, raw_len: 3, data: Bytes::from_static(b"abc") };
+        let stream = bulk_response_frame(Some(error), &raw).concat();
+        assert_eq!(bulk_response_data(&stream, stream.len()), None);
+    }
     use crate::v1;
     use proptest::prelude::*;
 
@@ -194,6 +266,17 @@ mod tests {
         dec.push(&[8, 0, 0, 0, 1, 2]);
         assert_eq!(dec.next_frame(), Ok(None));
         assert_eq!(dec.finish(), Err(FrameError::Truncated { have: 6, want: 12 }));
+    }
+
+    proptest! {
+        // Any head is read without a panic, and a range found lies in the stream.
+        #[test]
+        fn bulk_response_data_total(head in proptest::collection::vec(any::<u8>(), 0..80), extra in 0usize..1000) {
+            let stream_len = head.len() + extra;
+            if let Some(r) = bulk_response_data(&head, stream_len) {
+                prop_assert!(r.start <= r.end && r.end == stream_len);
+            }
+        }
     }
 
     proptest! {
