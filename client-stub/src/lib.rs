@@ -28,7 +28,10 @@ pub mod transport;
 mod wait;
 
 pub use alloc::AllocationId;
-pub use config::{ClientConfig, DEFAULT_SHM_PINNED_BYTES, DEFAULT_SHM_REGION_BYTES, RdmaOptions, TokenSource, Trust};
+pub use config::{
+    ClientConfig, DEFAULT_DOWNLOAD_PIECE_BYTES, DEFAULT_SHM_PINNED_BYTES, DEFAULT_SHM_REGION_BYTES, RdmaOptions,
+    TokenSource, Trust,
+};
 pub use error::{ClientError, Result};
 pub use gpupool_proto::grpc_tls::BalancerTrust;
 pub use handoff::LeaseHandoff;

@@ -256,13 +256,6 @@ const MIN_COPY_PIECE: usize = 4 << 20;
 /// the device only after all of it had arrived).
 const PIPELINE_PIECE: usize = 64 << 20;
 
-/// Piece of a large download: the server reads a piece from the device
-/// whole before its reply names it, and only the first piece's read is not
-/// overlapped with fetching the one before, so a smaller piece than an
-/// upload's exposes less of it (a 64 MiB download was one piece: 4-5 ms of
-/// reading on an H100 before its first byte went out).
-const DTOH_PIPELINE_PIECE: usize = 16 << 20;
-
 /// Half of the pinned bounce buffer that carries pageable copies through a
 /// host region shared with the server (shared memory only): the client
 /// fills one half (or empties it) while the server's DMA reads (or writes)
@@ -419,6 +412,8 @@ struct Inner {
     sink: std::sync::OnceLock<Sink>,
     /// [`ClientConfig::async_copies`].
     async_copies: bool,
+    /// [`ClientConfig::download_piece_bytes`].
+    download_piece: usize,
 }
 
 /// A session on a remote GPU. Cloning shares the session.
@@ -512,6 +507,7 @@ impl Session {
                 lease: None,
                 sink: std::sync::OnceLock::new(),
                 async_copies: config.async_copies,
+                download_piece: config.download_piece_bytes,
             }),
         }
     }
@@ -1168,7 +1164,8 @@ impl Session {
             return Ok(());
         }
         let (dst, src) = (&mut dst[done..], src + done as u64);
-        let piece = DTOH_PIPELINE_PIECE.min(self.copy_piece());
+        // Pieces of a download: `ClientConfig::download_piece_bytes`.
+        let piece = self.inner.download_piece.min(self.copy_piece());
         if dst.len() <= piece {
             let op =
                 Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: dst.len() as u64, stream: stream.0, into_region: None });

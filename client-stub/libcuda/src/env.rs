@@ -98,6 +98,7 @@ fn on_off(
 #[derive(Debug, Default)]
 struct Tuning {
     bulk_connections: Option<usize>,
+    download_piece_bytes: Option<usize>,
     shm_region_bytes: Option<usize>,
     shm_pinned_bytes: Option<usize>,
     shm_commands: Option<bool>,
@@ -116,6 +117,11 @@ impl Tuning {
             None => {}
             Some(Ok(n)) if n <= 64 => t.bulk_connections = Some(n),
             Some(_) => problems.push("GPUPOOL_BULK_CONNECTIONS must be a whole number from 0 to 64"),
+        }
+        match lookup("GPUPOOL_DOWNLOAD_PIECE_MIB").map(|v| v.trim().parse::<usize>()) {
+            None => {}
+            Some(Ok(n)) if (1..=512).contains(&n) => t.download_piece_bytes = Some(n << 20),
+            Some(_) => problems.push("GPUPOOL_DOWNLOAD_PIECE_MIB must be a whole number from 1 to 512"),
         }
         let shm_on = on_off(lookup, "GPUPOOL_SHM", &mut problems).unwrap_or(true);
         t.rdma = on_off(lookup, "GPUPOOL_RDMA", &mut problems);
@@ -153,6 +159,9 @@ impl Tuning {
     fn apply(&self, config: &mut ClientConfig) {
         if let Some(n) = self.bulk_connections {
             config.bulk_connections = n;
+        }
+        if let Some(n) = self.download_piece_bytes {
+            config.download_piece_bytes = n;
         }
         if let Some(n) = self.shm_pinned_bytes {
             config.shm_pinned_bytes = n;
@@ -389,8 +398,10 @@ mod tests {
             ("GPUPOOL_BATCH_DELAY_US", "20"),
             ("GPUPOOL_SHM_MIB", "64"),
             ("GPUPOOL_SHM_PINNED_MIB", "512"),
+            ("GPUPOOL_DOWNLOAD_PIECE_MIB", "64"),
         ]))
         .expect("valid");
+        assert_eq!(c.download_piece_bytes, 64 << 20);
         assert_eq!(c.shm_region_bytes, 64 << 20);
         assert_eq!(c.shm_pinned_bytes, 512 << 20);
         assert_eq!(c.server.port(), 4433);
@@ -436,6 +447,7 @@ mod tests {
             ("GPUPOOL_BATCH_DELAY_US", "soon"),
             ("GPUPOOL_SHM", "maybe"),
             ("GPUPOOL_SHM_MIB", "0"),
+            ("GPUPOOL_DOWNLOAD_PIECE_MIB", "0"),
         ]))
         .expect_err("empty");
         for needle in [
@@ -447,6 +459,7 @@ mod tests {
             "GPUPOOL_BATCH_DELAY_US",
             "GPUPOOL_SHM must",
             "GPUPOOL_SHM_MIB",
+            "GPUPOOL_DOWNLOAD_PIECE_MIB",
         ] {
             assert!(err.contains(needle), "{err}");
         }

@@ -94,6 +94,8 @@ pub(crate) struct Options {
     pub(crate) batch_delay: Option<Option<Duration>>,
     /// The client's bulk connections, when not the default.
     pub(crate) bulk_connections: Option<usize>,
+    /// The client's download piece, when not the default.
+    pub(crate) download_piece_bytes: Option<usize>,
     /// Client's and server's largest UDP payload, when not the default.
     pub(crate) max_udp_payload: Option<u16>,
     /// Also measure copies through shared memory.
@@ -117,6 +119,9 @@ impl Options {
         }
         if self.cold_runs == 0 {
             bad.push("--cold-runs must be at least 1");
+        }
+        if self.download_piece_bytes.is_some_and(|b| b < 1 << 20) {
+            bad.push("--download-piece-mib must be at least 1");
         }
         if bad.is_empty() { Ok(()) } else { bail!("{}", bad.join("; ")) }
     }
@@ -149,6 +154,7 @@ impl Options {
                 },
             ),
             ("bulk_connections", self.bulk_connections.map_or("default".into(), |n| n.to_string())),
+            ("download_piece_mib", self.download_piece_bytes.map_or("default".into(), |b| (b >> 20).to_string())),
             ("max_udp_payload", self.max_udp_payload.map_or("default".into(), |n| n.to_string())),
             ("server_io_spin_us", self.server_io_spin.map_or("default".into(), |d| d.as_micros().to_string())),
             ("shm_copies", if self.shm_copies { "on" } else { "off" }.to_string()),
@@ -191,6 +197,7 @@ pub(crate) fn run(opts: &Options) -> Result<Report> {
     let tuning = Tuning {
         batch_delay: opts.batch_delay,
         bulk_connections: opts.bulk_connections,
+        download_piece_bytes: opts.download_piece_bytes,
         max_udp_payload: opts.max_udp_payload,
         server_io_spin: opts.server_io_spin,
     };

@@ -30,6 +30,8 @@ pub(crate) struct Tuning {
     pub(crate) batch_delay: Option<Option<std::time::Duration>>,
     /// `ClientConfig::bulk_connections`.
     pub(crate) bulk_connections: Option<usize>,
+    /// `ClientConfig::download_piece_bytes`.
+    pub(crate) download_piece_bytes: Option<usize>,
     /// `max_udp_payload` of the server and the client.
     pub(crate) max_udp_payload: Option<u16>,
     /// The server's `io_spin`, when not its default.
@@ -113,6 +115,9 @@ impl LocalServer {
         }
         if let Some(n) = self.tuning.bulk_connections {
             config.bulk_connections = n;
+        }
+        if let Some(b) = self.tuning.download_piece_bytes {
+            config.download_piece_bytes = b;
         }
         if let Some(payload) = self.tuning.max_udp_payload {
             config.max_udp_payload = payload;

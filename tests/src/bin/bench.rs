@@ -47,6 +47,10 @@ struct Args {
     /// the client's own).
     #[arg(long, value_name = "N")]
     bulk_connections: Option<usize>,
+    /// The client's download piece in MiB (`download_piece_bytes`; default:
+    /// the client's own).
+    #[arg(long, value_name = "MIB")]
+    download_piece_mib: Option<usize>,
     /// Largest UDP payload, client and server (`max_udp_payload`; default:
     /// theirs).
     #[arg(long, value_name = "BYTES")]
@@ -108,6 +112,7 @@ impl Args {
                 ))),
             },
             bulk_connections: self.bulk_connections,
+            download_piece_bytes: self.download_piece_mib.map(|m| m.saturating_mul(1 << 20)),
             max_udp_payload: self.max_udp_payload,
             shm_copies: match self.shm.as_str() {
                 "on" => true,
