@@ -82,8 +82,9 @@ pub struct ClientConfig {
     pub bulk_chunk_bytes: usize,
     /// Bulk streams in flight at once.
     pub bulk_parallel: usize,
-    /// A large download goes in pieces of this many bytes (at most the
-    /// server's copy piece): the server reads a piece from the device whole
+    /// A large download over QUIC (not through a shared-memory region)
+    /// goes in pieces of this many bytes (at most the server's copy piece):
+    /// the server reads a piece from the device whole
     /// before its reply names it, then reads the next while the client
     /// fetches this one. Smaller pieces expose less of the first read;
     /// larger ones keep more chunks in flight over the bulk connections.

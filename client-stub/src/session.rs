@@ -1164,8 +1164,11 @@ impl Session {
             return Ok(());
         }
         let (dst, src) = (&mut dst[done..], src + done as u64);
-        // Pieces of a download: `ClientConfig::download_piece_bytes`.
-        let piece = self.inner.download_piece.min(self.copy_piece());
+        // Pieces of a download over the network: `download_piece_bytes`;
+        // through a shared region (its bytes the server's own memory
+        // copies) the upload's piece, as measured before that setting.
+        let shared = self.inner.transport.shared_memory_bytes().is_some();
+        let piece = if shared { PIPELINE_PIECE } else { self.inner.download_piece }.min(self.copy_piece());
         if dst.len() <= piece {
             let op =
                 Op::MemcpyDtoh(v1::MemcpyDtoH { src, size: dst.len() as u64, stream: stream.0, into_region: None });
