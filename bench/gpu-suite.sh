@@ -52,6 +52,13 @@
 #  16. bench/probes/share-confine.sh: a small client next to a heavy one,
 #      natively: no MPS, MPS, MPS active-thread percentages, MPS green
 #      contexts (issue 19's choice of SM confinement).
+#  17. bench/probes/module-loading.sh: cuBLAS's first use on fresh servers
+#      under eager and lazy module loading, the server's per-module
+#      timings, and a device-launched grid's printf in each mode (issue 17;
+#      binaries of PARTS=dropin or all).
+#  18. gpupool-bench's QUIC download rows with download pieces of 64, 16
+#      and 8 MiB (`--download-piece-mib`), each against native in its run
+#      (issue 18).
 # Results: <date>-<gpu>-<commit>.md (every step's output and a summary) and
 # .json (the benchmark's figures) in $OUT when set (a device run returns only
 # $OUT), else in bench/results/. The .md is written step by step, so a run cut
@@ -72,12 +79,13 @@
 #                     MIGRATION_TIMEOUT (300), SHARE_TIMEOUT (360),
 #                     OVERCOMMIT_TIMEOUT (300), MIGRATE_TORCH_TIMEOUT (240),
 #                     MIGRATE_CUDARC_TIMEOUT (180), TEMPORAL_TIMEOUT (90),
-#                     CONFINE_TIMEOUT (120)
+#                     CONFINE_TIMEOUT (120), MODULE_LOADING_TIMEOUT (240),
+#                     PIECES_TIMEOUT (360)
 #        MIGRATION_MIB  the migrated session's size (1024)
 #        ONLY         step functions to run, space-separated (gpu_info
 #                     gpu_tests server_smoke demo bench bench_in_process bench_io_spin
 #                     dropin pool lambda lambda_torch migration rdma share overcommit temporal confine
-#                     migrate_torch migrate_cudarc); default all. Every step together takes
+#                     migrate_torch migrate_cudarc module_loading download_pieces); default all. Every step together takes
 #                     longer than one device run's 600 s; each part's
 #                     folder serves its steps (all three travel in the one
 #                     archive): ONLY="gpu_info gpu_tests server_smoke bench
@@ -360,7 +368,25 @@ migrate_cudarc() {
         bash "$repo/bench/migrate-torch.sh" "$bin_dir" "$stem-migrate-cudarc"
 }
 
-export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process bench_io_spin dropin pool lambda lambda_torch migration rdma share overcommit migrate_torch migrate_cudarc temporal confine
+# cuBLAS's first use under eager and lazy module loading (issue 17).
+module_loading() {
+    need gpupool-server || return 1
+    bash "$repo/bench/probes/module-loading.sh" "$bin_dir" "$stem-module-loading"
+}
+
+# The QUIC download rows with download pieces of 64, 16 and 8 MiB, each
+# run against native on the same GPU (issue 18).
+download_pieces() {
+    need gpupool-bench || return 1
+    local mib
+    for mib in 64 16 8; do
+        echo "-- --download-piece-mib $mib"
+        "$bin_dir/gpupool-bench" --device cuda --shm off --max-copy-mib 1024 --iterations 200 --launches 10000 \
+            --cold-runs 1 --download-piece-mib "$mib" | grep -E '^(DtoH|HtoD) ' || return 1
+    done
+}
+
+export -f need gpu_info gpu_tests server_smoke demo bench bench_in_process bench_io_spin dropin pool lambda lambda_torch migration rdma share overcommit migrate_torch migrate_cudarc temporal confine module_loading download_pieces
 
 {
     echo "# gpupool GPU suite"
@@ -393,6 +419,8 @@ step "PyTorch across a live migration (balancer drain, two servers on the card)"
 step "cudarc across a live migration (the same harness)" "${MIGRATE_CUDARC_TIMEOUT:-180}" migrate_cudarc
 step "temporal share: 75 % and 25 % shares time-sliced, both saturating" "${TEMPORAL_TIMEOUT:-90}" temporal
 step "SM confinement natively: active-thread percentage against green contexts" "${CONFINE_TIMEOUT:-120}" confine
+step "cuBLAS's first use under eager and lazy module loading" "${MODULE_LOADING_TIMEOUT:-240}" module_loading
+step "QUIC downloads by download piece (64, 16, 8 MiB)" "${PIECES_TIMEOUT:-360}" download_pieces
 
 {
     echo "## Summary"
