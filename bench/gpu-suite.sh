@@ -56,8 +56,8 @@
 #      under eager and lazy module loading, the server's per-module
 #      timings, and a device-launched grid's printf in each mode (issue 17;
 #      binaries of PARTS=dropin or all).
-#  18. gpupool-bench's QUIC download rows with download pieces of 64, 16
-#      and 8 MiB (`--download-piece-mib`), each against native in its run
+#  18. gpupool-bench's QUIC download rows with download pieces of 64, 32
+#      and 16 MiB (`--download-piece-mib`), each against native in its run
 #      (issue 18).
 # Results: <date>-<gpu>-<commit>.md (every step's output and a summary) and
 # .json (the benchmark's figures) in $OUT when set (a device run returns only
@@ -374,12 +374,12 @@ module_loading() {
     bash "$repo/bench/probes/module-loading.sh" "$bin_dir" "$stem-module-loading"
 }
 
-# The QUIC download rows with download pieces of 64, 16 and 8 MiB, each
+# The QUIC download rows with download pieces of 64, 32 and 16 MiB, each
 # run against native on the same GPU (issue 18).
 download_pieces() {
     need gpupool-bench || return 1
     local mib
-    for mib in 64 16 8; do
+    for mib in 64 32 16; do
         echo "-- --download-piece-mib $mib"
         "$bin_dir/gpupool-bench" --device cuda --shm off --max-copy-mib 1024 --iterations 200 --launches 10000 \
             --cold-runs 1 --download-piece-mib "$mib" | grep -E '^(DtoH|HtoD) ' || return 1
@@ -420,7 +420,7 @@ step "cudarc across a live migration (the same harness)" "${MIGRATE_CUDARC_TIMEO
 step "temporal share: 75 % and 25 % shares time-sliced, both saturating" "${TEMPORAL_TIMEOUT:-90}" temporal
 step "SM confinement natively: active-thread percentage against green contexts" "${CONFINE_TIMEOUT:-120}" confine
 step "cuBLAS's first use under eager and lazy module loading" "${MODULE_LOADING_TIMEOUT:-240}" module_loading
-step "QUIC downloads by download piece (64, 16, 8 MiB)" "${PIECES_TIMEOUT:-360}" download_pieces
+step "QUIC downloads by download piece (64, 32, 16 MiB)" "${PIECES_TIMEOUT:-360}" download_pieces
 
 {
     echo "## Summary"

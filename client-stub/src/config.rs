@@ -180,10 +180,12 @@ pub const DEFAULT_SHM_PINNED_BYTES: usize = 8 << 30;
 /// Measured: bench/results/*-batch-delay.md.
 pub const DEFAULT_BATCH_DELAY: Duration = Duration::from_micros(100);
 
-/// Default [`ClientConfig::download_piece_bytes`]: 16 MiB, so that a
-/// 64 MiB download is four pieces (as one, its 4-5 ms device read on an H100
-/// came before any byte went out).
-pub const DEFAULT_DOWNLOAD_PIECE_BYTES: usize = 16 << 20;
+/// Default [`ClientConfig::download_piece_bytes`]: 32 MiB, the default
+/// `bulk_parallel` (8) times the default chunk (4 MiB), so a piece still
+/// fills every stream in flight once while a 64 MiB download is two pieces
+/// (as one, its 4-5 ms device read on an H100 came before any byte went
+/// out). Not yet measured on a GPU against 64 and 16.
+pub const DEFAULT_DOWNLOAD_PIECE_BYTES: usize = 32 << 20;
 
 impl ClientConfig {
     /// Defaults for a server at `server` with the given trust and token.
