@@ -171,6 +171,11 @@ fn many_clients_for_a_while_every_reply_checked() {
     // 64 workers start at once: on 2 cores at a load of ~100 one may take
     // longer than the default 10 s to answer its first client.
     config.connect_timeout = Duration::from_secs(30);
+    // And a connection may go unanswered longer than the client's default
+    // 10 s idle timeout (seen once in CI, 2026-12-07, with a compile
+    // beside the test): the server's own bound, 30 s, is what this load
+    // test holds the clients to.
+    config.idle_timeout = Duration::from_secs(30);
     let threads = spawn_clients(vec![config; clients], &stop, &tally, seed, 1_000_003);
     // Memory while the load runs: each worker and the supervisor (this
     // process) stay bounded.
