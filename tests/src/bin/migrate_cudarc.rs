@@ -184,12 +184,13 @@ fn run() -> Result<()> {
     let stream = ctx.new_stream().context("creating a stream")?;
     let (module, source) = load_kernels(&ctx)?;
     let mut host = Mirror::new();
+    let function = |name: &str| module.load_function(name).with_context(|| format!("looking up kernel `{name}`"));
     let mut device = Device {
-        saxpy: module.load_function("saxpy")?,
-        vector_add: module.load_function("vector_add")?,
-        tally_add: module.load_function("tally_add")?,
-        x: stream.clone_htod(&host.x)?,
-        y: stream.clone_htod(&host.y)?,
+        saxpy: function("saxpy")?,
+        vector_add: function("vector_add")?,
+        tally_add: function("tally_add")?,
+        x: stream.clone_htod(&host.x).context("uploading x")?,
+        y: stream.clone_htod(&host.y).context("uploading y")?,
         module,
         stream,
     };
@@ -199,8 +200,10 @@ fn run() -> Result<()> {
     }
     // The variable starts at zero (no initializer); set it anyway, through
     // its address, so both runs start alike.
-    device.stream.memset_zeros(&mut device.module.get_global("tally", &device.stream)?)?;
-    println!("INFO {} on {}, kernels from {source}, tally at {tally_at:#x}", std::env::consts::ARCH, ctx.name()?);
+    let mut tally = device.module.get_global("tally", &device.stream).context("looking up `tally` again")?;
+    device.stream.memset_zeros(&mut tally).context("zeroing `tally`")?;
+    let name = ctx.name().context("the device's name")?;
+    println!("INFO {} on {name}, kernels from {source}, tally at {tally_at:#x}", std::env::consts::ARCH);
 
     let mut after_go = None;
     for step in 0..steps {
