@@ -46,7 +46,13 @@ fn main() {
 /// The built-in kernels: gpupool's module image, or natively the same
 /// source compiled by NVRTC (the image is not PTX for a real driver).
 fn load_kernels(ctx: &Arc<CudaContext>) -> Result<(Arc<CudaModule>, &'static str)> {
-    if let Ok(module) = ctx.load_module(Ptx::from_binary(gpupool_proto::BUILTIN_MODULE.to_vec())) {
+    // A text image ends at its NUL (`cuModuleLoadData`'s contract): without
+    // one the driver, or the stub, reads on into whatever follows the
+    // buffer (the image then differed from run to run, and now and then
+    // was not the built-in module: CUDA_ERROR_NOT_FOUND for its kernels).
+    let mut image = gpupool_proto::BUILTIN_MODULE.to_vec();
+    image.push(0);
+    if let Ok(module) = ctx.load_module(Ptx::from_binary(image)) {
         return Ok((module, "gpupool's built-in module"));
     }
     let ptx = cudarc::nvrtc::compile_ptx(gpupool_proto::BUILTIN_SOURCE)
