@@ -587,12 +587,28 @@ struct BulkReply {
 }
 
 impl BulkReply {
+    /// The response's bytes in one piece: its one chunk as it arrived, or
+    /// its chunks joined in a buffer from `buffers` for up to `max` bytes
+    /// (for a download's chunk, a reused one with its pages already
+    /// backed, however well the chunk compressed).
+    fn joined(self, max: usize, buffers: &Arc<BufferPool>) -> Result<Bytes> {
+        match <[Bytes; 1]>::try_from(self.chunks) {
+            Ok([one]) => Ok(one),
+            Err(chunks) => {
+                let mut buf = buffers
+                    .take(max.max(self.len))
+                    .ok_or_else(|| ClientError::Protocol(format!("cannot allocate {max} bytes")))?;
+                for c in &chunks {
+                    buf.extend_from_slice(c);
+                }
+                Ok(buf.freeze())
+            }
+        }
+    }
+
     /// The response decoded: its payload, or the error it carries.
-    fn payload(self, max: usize) -> Result<Option<v1::Payload>> {
-        let bytes = match <[Bytes; 1]>::try_from(self.chunks) {
-            Ok([one]) => one,
-            Err(chunks) => Bytes::from(chunks.concat()),
-        };
+    fn payload(self, max: usize, buffers: &Arc<BufferPool>) -> Result<Option<v1::Payload>> {
+        let bytes = self.joined(max, buffers)?;
         let header = bytes.get(..frame::HEADER_LEN).and_then(|h| <[u8; frame::HEADER_LEN]>::try_from(h).ok());
         let header = header.ok_or_else(|| ClientError::Protocol("bulk response truncated".into()))?;
         let len = frame::decode_header(header, max).map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -610,7 +626,7 @@ impl BulkReply {
     /// The `size` bytes of data a get response carries, as slices of the
     /// received chunks where they end the frame uncompressed (the server
     /// writes them so), else decoded from the whole frame.
-    fn data(self, size: usize) -> Result<Vec<Bytes>> {
+    fn data(self, size: usize, buffers: &Arc<BufferPool>) -> Result<Vec<Bytes>> {
         let mut head = Vec::with_capacity(frame::BULK_RESPONSE_HEAD);
         for c in &self.chunks {
             if head.len() >= frame::BULK_RESPONSE_HEAD {
@@ -620,7 +636,7 @@ impl BulkReply {
         }
         let Some(range) = frame::bulk_response_data(&head, self.len).filter(|r| r.len() == size) else {
             let p = self
-                .payload(size + BULK_HEADROOM)?
+                .payload(size + BULK_HEADROOM, buffers)?
                 .ok_or_else(|| ClientError::Protocol("bulk get without data".into()))?;
             let bytes = payload::decode(p, size as u64).map_err(|e| ClientError::Protocol(e.to_string()))?;
             if bytes.len() != size {
@@ -1346,18 +1362,23 @@ async fn put_chunk(
     (id, total, offset): (u64, u64, usize),
     part: Bytes,
     mode: Compression,
+    buffers: Arc<BufferPool>,
 ) -> Result<()> {
     let put = v1::BulkPut { transfer_id: id, total_size: total, offset: offset as u64, data: None };
     let req = frame::bulk_put_frame(&put, &payload::encode(part, mode));
-    bulk_request(&conn, req, 1 << 20).await?.payload(1 << 20).map(|_| ())
+    bulk_request(&conn, req, 1 << 20).await?.payload(1 << 20, &buffers).map(|_| ())
 }
 
 /// Gets `size` bytes of download `id` at `offset`: slices of the chunks
 /// they arrived in.
-async fn get_chunk(conn: quinn::Connection, (id, offset, size): (u64, usize, usize)) -> Result<(usize, Vec<Bytes>)> {
+async fn get_chunk(
+    conn: quinn::Connection,
+    (id, offset, size): (u64, usize, usize),
+    buffers: Arc<BufferPool>,
+) -> Result<(usize, Vec<Bytes>)> {
     let get = v1::BulkGet { transfer_id: id, offset: offset as u64, size: size as u64 };
     let req = [frame::encode(&v1::BulkRequest { op: Some(v1::bulk_request::Op::Get(get)) }), Bytes::new()];
-    let data = bulk_request(&conn, req, size + BULK_HEADROOM).await?.data(size)?;
+    let data = bulk_request(&conn, req, size + BULK_HEADROOM).await?.data(size, &buffers)?;
     Ok((offset, data))
 }
 
@@ -1386,7 +1407,7 @@ impl QuicTransport {
                 let mut buf =
                     buffers.take(len).ok_or_else(|| ClientError::Protocol(format!("cannot allocate {len} bytes")))?;
                 buf.extend_from_slice(&data[offset..offset + len]);
-                Ok(put_chunk(conn, (id, data.len() as u64, offset), buf.freeze(), mode))
+                Ok(put_chunk(conn, (id, data.len() as u64, offset), buf.freeze(), mode, buffers.clone()))
             };
             each_chunk(&conns, data.len(), chunk, &sem, start, |()| ()).await
         })
@@ -1395,9 +1416,9 @@ impl QuicTransport {
     /// Gets download `id` into the caller's `out`, each chunk copied in as
     /// it arrives (no list of every chunk held until the last one).
     fn bulk_get_here(&self, id: u64, out: &mut [u8]) -> Option<Result<()>> {
-        let (chunk, sem) = (self.chunk, self.parallel.clone());
+        let (chunk, sem, buffers) = (self.chunk, self.parallel.clone(), self.buffers.clone());
         self.exec_bulk_here(move |conns| async move {
-            let start = |offset, len, conn| Ok(get_chunk(conn, (id, offset, len)));
+            let start = |offset, len, conn| Ok(get_chunk(conn, (id, offset, len), buffers.clone()));
             let total = out.len();
             each_chunk(&conns, total, chunk, &sem, start, |(offset, parts): (usize, Vec<Bytes>)| {
                 place(out, offset, &parts)
@@ -1409,21 +1430,23 @@ impl QuicTransport {
     /// [`Self::bulk_put_here`] with the bytes already owned, on the I/O
     /// runtime.
     fn bulk_put_once(&self, id: u64, data: Bytes) -> Result<()> {
-        let (chunk, sem, mode) = (self.chunk, self.parallel.clone(), self.compression);
+        let (chunk, sem, mode, buffers) = (self.chunk, self.parallel.clone(), self.compression, self.buffers.clone());
         self.exec_bulk(move |conns| async move {
             let total = data.len() as u64;
-            let start =
-                |offset, len, conn| Ok(put_chunk(conn, (id, total, offset), data.slice(offset..offset + len), mode));
+            let start = |offset, len, conn| {
+                let part = data.slice(offset..offset + len);
+                Ok(put_chunk(conn, (id, total, offset), part, mode, buffers.clone()))
+            };
             each_chunk(&conns, data.len(), chunk, &sem, start, |()| ()).await
         })
     }
 
     /// [`Self::bulk_get_here`] collecting the chunks, on the I/O runtime.
     fn bulk_get_once(&self, id: u64, total: usize) -> Result<Vec<(usize, Vec<Bytes>)>> {
-        let (chunk, sem) = (self.chunk, self.parallel.clone());
+        let (chunk, sem, buffers) = (self.chunk, self.parallel.clone(), self.buffers.clone());
         self.exec_bulk(move |conns| async move {
             let mut parts = Vec::new();
-            let start = |offset, len, conn| Ok(get_chunk(conn, (id, offset, len)));
+            let start = |offset, len, conn| Ok(get_chunk(conn, (id, offset, len), buffers.clone()));
             each_chunk(&conns, total, chunk, &sem, start, |part| parts.push(part)).await?;
             Ok(parts)
         })
@@ -1520,24 +1543,28 @@ mod tests {
     #[test]
     fn a_get_response_gives_its_data_however_the_stream_was_cut() {
         let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
+        let buffers = BufferPool::new(data.len() + BULK_HEADROOM, 2);
         let raw = v1::Payload { codec: 0, raw_len: data.len() as u64, data: Bytes::from(data.clone()) };
         let lz4 = payload::encode(Bytes::from(data.clone()), Compression::Auto);
         assert_ne!(lz4.codec, 0, "compressible data is compressed");
         for payload in [raw, lz4] {
             let stream = frame::bulk_response_frame(None, &payload).concat();
             for cut in [1, 3, 17, 64, 1000, 65_536, stream.len()] {
-                let parts = reply_of(&stream, cut).data(data.len()).expect("data");
+                let parts = reply_of(&stream, cut).data(data.len(), &buffers).expect("data");
                 assert_eq!(parts.concat(), data, "codec {}, chunks of {cut}", payload.codec);
             }
         }
         // A short stream or the wrong size is an error, not a panic.
         let raw = v1::Payload { codec: 0, raw_len: 3, data: Bytes::from_static(b"abc") };
         let stream = frame::bulk_response_frame(None, &raw).concat();
-        assert!(reply_of(&stream[..stream.len() - 1], 2).data(3).is_err());
-        assert!(reply_of(&stream, 2).data(4).is_err());
+        assert!(reply_of(&stream[..stream.len() - 1], 2).data(3, &buffers).is_err());
+        assert!(reply_of(&stream, 2).data(4, &buffers).is_err());
         let error = v1::CallError { index: 0, code: 1, message: "gone".into() };
         let stream = frame::bulk_response_frame(Some(error), &raw).concat();
-        assert!(matches!(reply_of(&stream, 5).data(3), Err(ClientError::Cuda { code: 1, .. })));
+        assert!(matches!(reply_of(&stream, 5).data(3, &buffers), Err(ClientError::Cuda { code: 1, .. })));
+        // A compressed response cut in pieces was joined in a pooled buffer,
+        // which went back to the pool.
+        assert!(buffers.free_buffers() >= 1, "the joined buffer is reused");
     }
 
     #[test]

@@ -745,7 +745,7 @@ fn a_pre_copy_that_fails_midway_leaves_nothing_mapped_on_the_target() {
         }
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    rt.block_on(idle("the probe ended", 0, 0));
+    until_idle(&srv, "the probe ended");
     for hostile in [true, false] {
         rt.block_on(async {
             let hello = v1::Hello {
