@@ -1748,6 +1748,13 @@ impl Session {
     }
 
     pub fn event_create(&self, flags: u32) -> Result<EventId> {
+        // Refused at once, as the driver does, not by a later call.
+        if !cuda::event_flags_valid(flags) {
+            return Err(ClientError::Cuda {
+                code: cuda::INVALID_VALUE,
+                message: format!("event flags {flags:#x}: not a valid combination"),
+            });
+        }
         let mut st = self.lock();
         let id = st.next_event;
         st.next_event += 1;

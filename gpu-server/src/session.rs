@@ -426,6 +426,9 @@ impl<S: BackendSession> SessionState<S> {
                 Ok(None)
             }
             Op::EventCreate(e) => {
+                if !cuda::event_flags_valid(e.flags) {
+                    return Err(CallError::invalid_value(format!("event flags {:#x}", e.flags)));
+                }
                 new_id(&self.events, e.event, "event", self.limits.max_handles)?;
                 let event = self.dev.event_create(e.flags)?;
                 self.events.insert(e.event, event);
@@ -1244,6 +1247,13 @@ pub(crate) mod tests {
         }
         assert_eq!(code(s.execute(Op::EventCreate(v1::EventCreate { event: 5, flags: 0 }))), cuda::OUT_OF_MEMORY);
         assert_eq!(code(s.execute(Op::EventCreate(v1::EventCreate { event: 1, flags: 0 }))), cuda::INVALID_VALUE);
+        // Flags the driver refuses are refused before they reach it.
+        let mut s = session();
+        for flags in [0x8, 0x4, 0x4 | 0x1] {
+            let op = Op::EventCreate(v1::EventCreate { event: 1, flags });
+            assert_eq!(code(s.execute(op)), cuda::INVALID_VALUE, "flags {flags:#x}");
+        }
+        assert_eq!(code(s.execute(Op::EventCreate(v1::EventCreate { event: 1, flags: 0x4 | 0x2 }))), 0);
     }
 
     #[test]

@@ -26,6 +26,17 @@ pub const NOT_SUPPORTED: CuResult = 801;
 pub const INVALID_CLUSTER_SIZE: CuResult = 912;
 pub const UNKNOWN: CuResult = 999;
 
+/// `CU_EVENT_DISABLE_TIMING`: an event that records no time.
+pub const EVENT_DISABLE_TIMING: u32 = 0x2;
+
+/// Whether an event may be created with `flags`, as the driver decides:
+/// only `CU_EVENT_BLOCKING_SYNC` (1), `CU_EVENT_DISABLE_TIMING` (2) and
+/// `CU_EVENT_INTERPROCESS` (4), the last only with timing disabled.
+pub fn event_flags_valid(flags: u32) -> bool {
+    const INTERPROCESS: u32 = 0x4;
+    flags & !0x7 == 0 && (flags & INTERPROCESS == 0 || flags & EVENT_DISABLE_TIMING != 0)
+}
+
 /// Whether `code` means the context is lost: a sticky error after which
 /// every later call of the context fails too (700 illegal address, 710
 /// assert, 714 hardware stack error, 715 illegal instruction, 716

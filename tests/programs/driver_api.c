@@ -234,6 +234,22 @@ static void streams_and_events(void)
     printf("TIME memset+copy of %zu bytes across two streams: %.3f ms\n", n,
            (double)ms);
 
+    /* What the driver refuses at once: flags it does not know, an
+     * interprocess event that would record time; and an event that records
+     * no time has no elapsed time. */
+    CUevent bad = NULL;
+    q = cuEventCreate(&bad, 0x8);
+    REQUIRE(q == CUDA_ERROR_INVALID_VALUE, "cuEventCreate(0x8) -> %s",
+            err_name(q));
+    q = cuEventCreate(&bad, CU_EVENT_INTERPROCESS);
+    REQUIRE(q == CUDA_ERROR_INVALID_VALUE,
+            "cuEventCreate(INTERPROCESS) without DISABLE_TIMING -> %s",
+            err_name(q));
+    q = cuEventElapsedTime(&ms, start, ready);
+    REQUIRE(q == CUDA_ERROR_INVALID_HANDLE,
+            "cuEventElapsedTime with a DISABLE_TIMING event -> %s",
+            err_name(q));
+
     /* Work on the priority stream, then a query that may still be running. */
     CK(cuMemsetD8Async(d, 0x22, n, hi));
     q = cuStreamQuery(hi);

@@ -567,6 +567,8 @@ fn default_stream_attribute(attribute: u32, priority: i32) -> [u8; super::STREAM
 #[derive(Debug)]
 pub struct Event {
     recorded_ms: Option<f64>,
+    /// Not created with `CU_EVENT_DISABLE_TIMING`.
+    timing: bool,
 }
 
 /// A CUDA array: host bytes per level, packed (rows of `row_bytes`, then
@@ -1131,8 +1133,8 @@ impl BackendSession for EmulatedSession {
         }
         Ok(())
     }
-    fn event_create(&mut self, _flags: u32) -> DeviceResult<Event> {
-        Ok(Event { recorded_ms: None })
+    fn event_create(&mut self, flags: u32) -> DeviceResult<Event> {
+        Ok(Event { recorded_ms: None, timing: flags & cuda::EVENT_DISABLE_TIMING == 0 })
     }
     fn event_record(&mut self, event: &mut Event, _: Option<&Stream>) -> DeviceResult<()> {
         event.recorded_ms = Some(self.epoch.elapsed().as_secs_f64() * 1e3);
@@ -1154,6 +1156,10 @@ impl BackendSession for EmulatedSession {
         Ok(())
     }
     fn event_elapsed(&mut self, start: &Event, end: &Event) -> DeviceResult<f32> {
+        // The driver's answer for an event that records no time.
+        if !start.timing || !end.timing {
+            return Err(CallError::invalid_handle("event created with CU_EVENT_DISABLE_TIMING"));
+        }
         match (start.recorded_ms, end.recorded_ms) {
             (Some(a), Some(b)) => Ok((b - a) as f32),
             _ => Err(CallError::invalid_handle("event has not been recorded")),
