@@ -71,6 +71,121 @@ pub struct ImageCache {
     max_bytes: u64,
     disk_max_bytes: u64,
     inner: Mutex<Inner>,
+    writer: DiskWriter,
+}
+
+/// Images queued for the disk beyond this many bytes are written on the
+/// caller's thread instead: the queue holds them in memory meanwhile.
+const MAX_QUEUED_BYTES: u64 = 512 << 20;
+
+/// An image to write under `dir`, keeping the directory within `max`.
+struct Job {
+    dir: PathBuf,
+    key: ImageKey,
+    image: Arc<[u8]>,
+    max: u64,
+}
+
+/// Writes images to the cache's directory on a thread of its own, so that
+/// a session's first use of a module waits for its load only, not for the
+/// file system (issue 17: cuBLAS's first use loads dozens of images). The
+/// thread starts with the first image; [`ImageCache::flush`] waits until
+/// everything queued is on disk (a worker does before it exits, so the
+/// next process finds them there).
+#[derive(Debug, Default)]
+struct DiskWriter {
+    queue: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    /// Bytes queued and not yet written, and their count.
+    pending: Arc<(Mutex<(u64, usize)>, std::sync::Condvar)>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job").field("key", &hex::encode(self.key)).field("bytes", &self.image.len()).finish()
+    }
+}
+
+impl DiskWriter {
+    /// Queues `job`, or gives it back when the queue is full or its thread
+    /// cannot start: the caller writes it itself.
+    fn queue(&self, job: Job) -> Result<(), Job> {
+        let len = job.image.len() as u64;
+        {
+            let mut pending = lock(&self.pending.0);
+            if pending.0 + len > MAX_QUEUED_BYTES {
+                return Err(job);
+            }
+            pending.0 += len;
+            pending.1 += 1;
+        }
+        let mut queue = lock(&self.queue);
+        if queue.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            let pending = self.pending.clone();
+            let spawned = std::thread::Builder::new().name("gpupool-image-writer".into()).spawn(move || {
+                for job in rx {
+                    let len = job.image.len() as u64;
+                    write_image(&job);
+                    let mut p = lock(&pending.0);
+                    p.0 -= len;
+                    p.1 -= 1;
+                    pending.1.notify_all();
+                }
+            });
+            match spawned {
+                Ok(handle) => {
+                    *queue = Some(tx);
+                    *lock(&self.thread) = Some(handle);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot start the image writer; images are written inline"),
+            }
+        }
+        let sent = match queue.as_ref() {
+            Some(tx) => tx.send(job).map_err(|e| e.0),
+            None => Err(job),
+        };
+        if sent.is_err() {
+            let mut pending = lock(&self.pending.0);
+            pending.0 -= len;
+            pending.1 -= 1;
+        }
+        sent
+    }
+
+    /// Waits until every queued image is written, up to `bound`; whether
+    /// they all were.
+    fn flush(&self, bound: std::time::Duration) -> bool {
+        let (pending, done) = &*self.pending;
+        let guard = lock(pending);
+        let (guard, _) = done.wait_timeout_while(guard, bound, |p| p.1 > 0).unwrap_or_else(|e| e.into_inner());
+        guard.1 == 0
+    }
+}
+
+impl Drop for DiskWriter {
+    fn drop(&mut self) {
+        // The thread writes what is queued, then ends with the channel.
+        lock(&self.queue).take();
+        if let Some(handle) = lock(&self.thread).take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes `job`'s image under its digest (through a temporary name, so
+/// that no process reads half a file) and trims the directory.
+fn write_image(job: &Job) {
+    let path = job.dir.join(hex::encode(job.key));
+    let tmp = job.dir.join(format!(".{}.tmp", hex::encode(job.key)));
+    match std::fs::write(&tmp, &job.image).and_then(|()| std::fs::rename(&tmp, &path)) {
+        Ok(()) => trim_dir(&job.dir, job.max, &path),
+        Err(e) => tracing::warn!(error = %e, "cannot persist module image"),
+    }
 }
 
 #[derive(Debug, Default)]
@@ -84,7 +199,8 @@ impl ImageCache {
     /// A cache of at most `max_bytes` in memory, persisted to `dir` if given.
     /// The built-in module is always present.
     pub fn new(dir: Option<PathBuf>, max_bytes: u64) -> Self {
-        let cache = Self { dir, max_bytes, disk_max_bytes: u64::MAX, inner: Mutex::default() };
+        let cache =
+            Self { dir, max_bytes, disk_max_bytes: u64::MAX, inner: Mutex::default(), writer: DiskWriter::default() };
         cache.insert_memory(key_of(gpupool_proto::BUILTIN_MODULE), Arc::from(gpupool_proto::BUILTIN_MODULE));
         cache
     }
@@ -96,7 +212,13 @@ impl ImageCache {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner)
+    }
+
+    /// Waits (up to `bound`) until every image inserted so far is on disk;
+    /// whether they all are.
+    pub fn flush(&self, bound: std::time::Duration) -> bool {
+        self.writer.flush(bound)
     }
 
     /// The image with hash `key`, from memory or disk.
@@ -165,16 +287,15 @@ impl ImageCache {
         Some(img)
     }
 
-    /// Adds an image whose hash the caller has verified.
+    /// Adds an image whose hash the caller has verified: in memory at
+    /// once, on disk (when the cache has a directory) by the writer thread.
     pub fn insert(&self, key: ImageKey, image: Arc<[u8]>) {
-        if let Some(dir) = &self.dir {
-            let path = dir.join(hex::encode(key));
-            let tmp = dir.join(format!(".{}.tmp", hex::encode(key)));
-            if (image.len() as u64) <= self.disk_max_bytes {
-                match std::fs::write(&tmp, &image).and_then(|()| std::fs::rename(&tmp, &path)) {
-                    Ok(()) => trim_dir(dir, self.disk_max_bytes, &path),
-                    Err(e) => tracing::warn!(error = %e, "cannot persist module image"),
-                }
+        if let Some(dir) = &self.dir
+            && (image.len() as u64) <= self.disk_max_bytes
+        {
+            let job = Job { dir: dir.clone(), key, image: image.clone(), max: self.disk_max_bytes };
+            if let Err(job) = self.writer.queue(job) {
+                write_image(&job);
             }
         }
         self.insert_memory(key, image);
@@ -260,6 +381,7 @@ mod tests {
         let b: Arc<[u8]> = Arc::from(vec![2u8; 80]);
         c.insert(key_of(&a), a.clone());
         c.insert(key_of(&b), b.clone());
+        assert!(c.flush(std::time::Duration::from_secs(10)), "written");
         assert_eq!(c.lock().images.len(), 2, "builtin + newest");
         assert_eq!(c.get(&key_of(&a)).as_deref(), Some(&a[..]), "reloaded from disk");
         std::fs::remove_dir_all(dir).expect("cleanup");
@@ -272,6 +394,7 @@ mod tests {
         let images: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 1000]).collect();
         for img in &images {
             c.insert(key_of(img), Arc::from(img.as_slice()));
+            assert!(c.flush(std::time::Duration::from_secs(10)), "written");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         std::fs::write(dir.path().join("not-an-image"), b"x").unwrap();
@@ -298,10 +421,34 @@ mod tests {
         let c = ImageCache::new(Some(a.path().to_path_buf()), 1 << 20);
         let img = vec![3u8; 100];
         c.insert(key_of(&img), Arc::from(img.as_slice()));
+        drop(c);
         let path = a.path().to_path_buf();
         drop(a);
         assert!(!path.exists(), "removed with its images");
         drop(b);
+    }
+
+    /// The disk write is the writer thread's: an image is there once the
+    /// cache is flushed, or dropped (the thread writes what is queued).
+    #[test]
+    fn images_reach_the_disk_by_a_flush_or_the_cache_s_end() {
+        let dir = PrivateDir::create(&std::env::temp_dir()).expect("dir");
+        let images: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 100_000]).collect();
+        let on_disk = |img: &[u8]| dir.path().join(hex::encode(key_of(img))).exists();
+        let c = ImageCache::new(Some(dir.path().to_path_buf()), 1 << 30);
+        for img in &images[..10] {
+            c.insert(key_of(img), Arc::from(img.as_slice()));
+        }
+        assert!(c.flush(std::time::Duration::from_secs(10)), "written");
+        assert!(images[..10].iter().all(|i| on_disk(i)));
+        for img in &images[10..] {
+            c.insert(key_of(img), Arc::from(img.as_slice()));
+        }
+        drop(c);
+        assert!(images.iter().all(|i| on_disk(i)), "the rest written before the cache went");
+        let fresh = ImageCache::new(Some(dir.path().to_path_buf()), 1 << 30);
+        assert_eq!(fresh.get(&key_of(&images[19])).as_deref(), Some(&images[19][..]));
+        assert!(fresh.flush(std::time::Duration::ZERO), "nothing queued");
     }
 
     /// Issue 20, finding 5: 4 MB of distinct images became 1 GiB on disk.
@@ -313,6 +460,7 @@ mod tests {
         let images: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 1000]).collect();
         for (i, img) in images.iter().enumerate() {
             c.insert(key_of(img), Arc::from(img.as_slice()));
+            assert!(c.flush(std::time::Duration::from_secs(10)), "written");
             if i == 2 {
                 // The first one is read again: recently used, kept.
                 std::thread::sleep(std::time::Duration::from_millis(20));
@@ -335,6 +483,7 @@ mod tests {
         assert!(present(3));
         let big = vec![9u8; 4000];
         c.insert(key_of(&big), Arc::from(big.as_slice()));
+        assert!(c.flush(std::time::Duration::from_secs(10)), "nothing queued");
         assert!(!dir.join(hex::encode(key_of(&big))).exists(), "larger than the whole disk budget: memory only");
         std::fs::remove_dir_all(dir).expect("cleanup");
     }

@@ -42,6 +42,10 @@ pub const CONTEXT_LOST_EXIT: i32 = 70;
 /// the reply carrying the error reaches its client first.
 const CONTEXT_LOST_LINGER: Duration = Duration::from_millis(100);
 
+/// How long a stopping worker waits for its module images to reach the
+/// disk (within the supervisor's shutdown grace, 5 s by default).
+const IMAGE_FLUSH_BOUND: Duration = Duration::from_secs(4);
+
 /// Largest control frame read from stdin.
 const MAX_CONTROL_FRAME: usize = 1 << 20;
 
@@ -147,6 +151,7 @@ pub fn run_stdio() -> Result<(), ServerError> {
         let mps_client = std::env::var_os(MPS_CLIENT_ENV).is_some_and(|v| v == "1");
         let reporter = tokio::spawn(report_metrics(metrics.clone(), mps_client));
         let migrator = server.migrator();
+        let images = server.images();
         // While no session is assigned: the images recent sessions used.
         if let Some(preloader) = server.preloader() {
             let stop = preload_stop.clone();
@@ -163,6 +168,13 @@ pub fn run_stdio() -> Result<(), ServerError> {
             })
             .await;
         reporter.abort();
+        // The images this session loaded are written to the shared
+        // directory off its thread: on disk before the process goes, for
+        // the next worker.
+        let flushed = tokio::task::spawn_blocking(move || images.flush(IMAGE_FLUSH_BOUND)).await;
+        if !matches!(flushed, Ok(true)) {
+            tracing::warn!("module images still being written when the worker stopped");
+        }
         write_event(v1::worker_event::Event::Metrics(metrics.worker_report()));
         result
     });

@@ -287,6 +287,11 @@ impl Server {
         Migrator { shared: self.shared.clone() }
     }
 
+    /// The module image cache of this process.
+    pub(crate) fn images(&self) -> Arc<crate::images::ImageCache> {
+        self.shared.images.clone()
+    }
+
     /// What loads module images ahead of a session into this process's
     /// device: `None` with worker processes (each preloads its own), or
     /// when there is no image directory or no budget.
