@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Issue 17, cuBLAS's first use on a fresh server: where its time goes, under
-# the server's eager module loading (its default since 2026-12-06, for the
-# lost child-grid printf of docs/diagnosis.md) and under CUDA's lazy loading
-# (CUDA_MODULE_LOADING=LAZY, which the workers inherit), with functions
-# described at load up to the default bound or all at first use
-# (`--describe-eagerly-max 0`). On the GPU machine:
+# eager module loading (CUDA_MODULE_LOADING=EAGER, which the workers
+# inherit; the server's default from 2026-12-06 to 2026-12-07, for the lost
+# child-grid printf of docs/diagnosis.md) and under CUDA's lazy loading,
+# with functions of modules up to 32 described at load (`lazy`) or all at
+# first use (`lazy0`: `--describe-eagerly-max 0`, the default since
+# 2026-12-07). On the GPU machine:
 # - cublas_halfgemm (sm_90 build) natively three times (the first warms the
 #   page cache), then per mode a fresh server and two processes through the
 #   stub, with GPUPOOL_CALL_STATS=1 (the `cuLibraryGetKernel` waits) and the
@@ -30,8 +31,9 @@ wait
 [[ -x $progs/hg && -x $progs/dp ]] || { echo "build failed" >&2; exit 1; }
 
 # The server's settings per mode: its environment, then its arguments.
-mode_env() { case $1 in eager) ;; lazy | lazy0) echo CUDA_MODULE_LOADING=LAZY ;; esac; }
-mode_args() { case $1 in lazy0) echo --describe-eagerly-max 0 ;; esac; }
+# eager: the server's default until 2026-12-07; lazy0: its default since.
+mode_env() { case $1 in eager) echo CUDA_MODULE_LOADING=EAGER ;; lazy | lazy0) echo CUDA_MODULE_LOADING=LAZY ;; esac; }
+mode_args() { case $1 in eager | lazy) echo --describe-eagerly-max 32 ;; lazy0) echo --describe-eagerly-max 0 ;; esac; }
 
 # Totals of the server's "module loaded" lines in log $1.
 module_summary() {

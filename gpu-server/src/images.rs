@@ -8,6 +8,7 @@
 //! file's modification time is bumped when it is read), so distinct images
 //! from clients cannot fill it (issue 20, finding 5).
 
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -67,66 +68,103 @@ pub fn key_of(image: &[u8]) -> ImageKey {
 /// The shared image cache.
 #[derive(Debug)]
 pub struct ImageCache {
-    dir: Option<PathBuf>,
-    max_bytes: u64,
-    disk_max_bytes: u64,
-    inner: Mutex<Inner>,
-    writer: DiskWriter,
+    store: Store,
+    background: Background,
 }
 
-/// Images queued for the disk beyond this many bytes are written on the
-/// caller's thread instead: the queue holds them in memory meanwhile.
+/// Where good images are kept: memory, and the directory when there is one.
+#[derive(Debug, Clone)]
+struct Store {
+    memory: Arc<Memory>,
+    dir: Option<PathBuf>,
+    disk_max_bytes: u64,
+}
+
+/// The images in memory, at most `max_bytes` of them.
+#[derive(Debug)]
+struct Memory {
+    max_bytes: u64,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    images: HashMap<ImageKey, Arc<[u8]>>,
+    order: VecDeque<ImageKey>,
+    bytes: u64,
+}
+
+/// Images queued for the background thread beyond this many bytes are
+/// handled on the caller's thread instead: the queue holds them in memory
+/// meanwhile.
 const MAX_QUEUED_BYTES: u64 = 512 << 20;
 
-/// An image to write under `dir`, keeping the directory within `max`.
-struct Job {
-    dir: PathBuf,
-    key: ImageKey,
-    image: Arc<[u8]>,
-    max: u64,
+/// Work for the background thread.
+enum Task {
+    /// Write an image known to be good to the directory.
+    Write { key: ImageKey, image: Arc<[u8]> },
+    /// Check an image a client sent against its hash; keep it if good.
+    Check { key: ImageKey, image: Bytes },
 }
 
-/// Writes images to the cache's directory on a thread of its own, so that
-/// a session's first use of a module waits for its load only, not for the
-/// file system (issue 17: cuBLAS's first use loads dozens of images). The
-/// thread starts with the first image; [`ImageCache::flush`] waits until
-/// everything queued is on disk (a worker does before it exits, so the
-/// next process finds them there).
-#[derive(Debug, Default)]
-struct DiskWriter {
-    queue: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
-    /// Bytes queued and not yet written, and their count.
+impl Task {
+    fn len(&self) -> u64 {
+        match self {
+            Self::Write { image, .. } => image.len() as u64,
+            Self::Check { image, .. } => image.len() as u64,
+        }
+    }
+}
+
+/// Checks and writes images on a thread of its own, so that a session's
+/// first use of a module waits for its load only, not for hashing,
+/// copying or the file system (issue 17: cuBLAS's first use sent 256 MB of
+/// images; hashing and caching them took 200-270 ms of the session's thread
+/// on an H100). The thread starts with the first task;
+/// [`ImageCache::flush`] waits until everything queued is done (a worker
+/// does before it exits, so the next process finds the images on disk).
+#[derive(Debug)]
+struct Background {
+    /// At most this many bytes queued ([`MAX_QUEUED_BYTES`]).
+    max_queued: u64,
+    queue: Mutex<Option<std::sync::mpsc::Sender<Task>>>,
+    /// Bytes queued and not yet handled, and their count.
     pending: Arc<(Mutex<(u64, usize)>, std::sync::Condvar)>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-impl std::fmt::Debug for Job {
+impl std::fmt::Debug for Task {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Job").field("key", &hex::encode(self.key)).field("bytes", &self.image.len()).finish()
+        let (what, key) = match self {
+            Self::Write { key, .. } => ("write", key),
+            Self::Check { key, .. } => ("check", key),
+        };
+        f.debug_struct("Task").field("what", &what).field("key", &hex::encode(key)).field("bytes", &self.len()).finish()
     }
 }
 
-impl DiskWriter {
-    /// Queues `job`, or gives it back when the queue is full or its thread
-    /// cannot start: the caller writes it itself.
-    fn queue(&self, job: Job) -> Result<(), Job> {
-        let len = job.image.len() as u64;
+impl Background {
+    /// Queues `task` for the thread (started with `store` if it is not
+    /// running), or gives it back when the queue is full or the thread
+    /// cannot start: the caller does it itself.
+    fn queue(&self, task: Task, store: &Store) -> Result<(), Task> {
+        let len = task.len();
         {
             let mut pending = lock(&self.pending.0);
-            if pending.0 + len > MAX_QUEUED_BYTES {
-                return Err(job);
+            if pending.0 + len > self.max_queued {
+                return Err(task);
             }
             pending.0 += len;
             pending.1 += 1;
         }
         let mut queue = lock(&self.queue);
         if queue.is_none() {
-            let (tx, rx) = std::sync::mpsc::channel::<Job>();
-            let pending = self.pending.clone();
-            let spawned = std::thread::Builder::new().name("gpupool-image-writer".into()).spawn(move || {
-                for job in rx {
-                    let len = job.image.len() as u64;
-                    write_image(&job);
+            let (tx, rx) = std::sync::mpsc::channel::<Task>();
+            let (pending, store) = (self.pending.clone(), store.clone());
+            let spawned = std::thread::Builder::new().name("gpupool-images".into()).spawn(move || {
+                for task in rx {
+                    let len = task.len();
+                    store.run(task);
                     let mut p = lock(&pending.0);
                     p.0 -= len;
                     p.1 -= 1;
@@ -138,12 +176,12 @@ impl DiskWriter {
                     *queue = Some(tx);
                     *lock(&self.thread) = Some(handle);
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot start the image writer; images are written inline"),
+                Err(e) => tracing::warn!(error = %e, "cannot start the image thread; images are handled inline"),
             }
         }
         let sent = match queue.as_ref() {
-            Some(tx) => tx.send(job).map_err(|e| e.0),
-            None => Err(job),
+            Some(tx) => tx.send(task).map_err(|e| e.0),
+            None => Err(task),
         };
         if sent.is_err() {
             let mut pending = lock(&self.pending.0);
@@ -153,8 +191,8 @@ impl DiskWriter {
         sent
     }
 
-    /// Waits until every queued image is written, up to `bound`; whether
-    /// they all were.
+    /// Waits until every queued task is done, up to `bound`; whether they
+    /// all were.
     fn flush(&self, bound: std::time::Duration) -> bool {
         let (pending, done) = &*self.pending;
         let guard = lock(pending);
@@ -163,9 +201,20 @@ impl DiskWriter {
     }
 }
 
-impl Drop for DiskWriter {
+impl Default for Background {
+    fn default() -> Self {
+        Self {
+            max_queued: MAX_QUEUED_BYTES,
+            queue: Mutex::default(),
+            pending: Arc::default(),
+            thread: Mutex::default(),
+        }
+    }
+}
+
+impl Drop for Background {
     fn drop(&mut self) {
-        // The thread writes what is queued, then ends with the channel.
+        // The thread does what is queued, then ends with the channel.
         lock(&self.queue).take();
         if let Some(handle) = lock(&self.thread).take() {
             let _ = handle.join();
@@ -177,48 +226,90 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Writes `job`'s image under its digest (through a temporary name, so
-/// that no process reads half a file) and trims the directory.
-fn write_image(job: &Job) {
-    let path = job.dir.join(hex::encode(job.key));
-    let tmp = job.dir.join(format!(".{}.tmp", hex::encode(job.key)));
-    match std::fs::write(&tmp, &job.image).and_then(|()| std::fs::rename(&tmp, &path)) {
-        Ok(()) => trim_dir(&job.dir, job.max, &path),
-        Err(e) => tracing::warn!(error = %e, "cannot persist module image"),
+impl Store {
+    fn run(&self, task: Task) {
+        match task {
+            Task::Write { key, image } => self.write(&key, &image),
+            Task::Check { key, image } => {
+                if key_of(&image) != key {
+                    tracing::warn!(bytes = image.len(), "a module image does not match its SHA-256; not cached");
+                    return;
+                }
+                let image: Arc<[u8]> = Arc::from(&image[..]);
+                self.memory.insert(key, image.clone());
+                self.write(&key, &image);
+            }
+        }
+    }
+
+    /// Writes `image` under its digest (through a temporary name, so that
+    /// no process reads half a file) and trims the directory; nothing
+    /// without a directory or beyond its limit.
+    fn write(&self, key: &ImageKey, image: &[u8]) {
+        let Some(dir) = &self.dir else { return };
+        if image.len() as u64 > self.disk_max_bytes {
+            return;
+        }
+        let path = dir.join(hex::encode(key));
+        let tmp = dir.join(format!(".{}.tmp", hex::encode(key)));
+        match std::fs::write(&tmp, image).and_then(|()| std::fs::rename(&tmp, &path)) {
+            Ok(()) => trim_dir(dir, self.disk_max_bytes, &path),
+            Err(e) => tracing::warn!(error = %e, "cannot persist module image"),
+        }
     }
 }
 
-#[derive(Debug, Default)]
-struct Inner {
-    images: HashMap<ImageKey, Arc<[u8]>>,
-    order: VecDeque<ImageKey>,
-    bytes: u64,
+impl Memory {
+    fn get(&self, key: &ImageKey) -> Option<Arc<[u8]>> {
+        lock(&self.inner).images.get(key).cloned()
+    }
+
+    fn insert(&self, key: ImageKey, image: Arc<[u8]>) {
+        let mut inner = lock(&self.inner);
+        if inner.images.contains_key(&key) {
+            return;
+        }
+        inner.bytes += image.len() as u64;
+        inner.images.insert(key, image);
+        inner.order.push_back(key);
+        let builtin = key_of(gpupool_proto::BUILTIN_MODULE);
+        // Evict oldest first; the built-in image and the newest one stay.
+        let mut kept = VecDeque::new();
+        while inner.bytes > self.max_bytes {
+            let Some(old) = inner.order.pop_front() else { break };
+            if old == builtin || old == key {
+                kept.push_back(old);
+                continue;
+            }
+            if let Some(img) = inner.images.remove(&old) {
+                inner.bytes -= img.len() as u64;
+            }
+        }
+        while let Some(k) = kept.pop_back() {
+            inner.order.push_front(k);
+        }
+    }
 }
 
 impl ImageCache {
     /// A cache of at most `max_bytes` in memory, persisted to `dir` if given.
     /// The built-in module is always present.
     pub fn new(dir: Option<PathBuf>, max_bytes: u64) -> Self {
-        let cache =
-            Self { dir, max_bytes, disk_max_bytes: u64::MAX, inner: Mutex::default(), writer: DiskWriter::default() };
-        cache.insert_memory(key_of(gpupool_proto::BUILTIN_MODULE), Arc::from(gpupool_proto::BUILTIN_MODULE));
-        cache
+        let memory = Arc::new(Memory { max_bytes, inner: Mutex::default() });
+        memory.insert(key_of(gpupool_proto::BUILTIN_MODULE), Arc::from(gpupool_proto::BUILTIN_MODULE));
+        Self { store: Store { memory, dir, disk_max_bytes: u64::MAX }, background: Background::default() }
     }
 
     /// Keeps at most `bytes` of images on disk.
     pub fn with_disk_limit(mut self, bytes: u64) -> Self {
-        self.disk_max_bytes = bytes;
+        self.store.disk_max_bytes = bytes;
         self
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        lock(&self.inner)
-    }
-
-    /// Waits (up to `bound`) until every image inserted so far is on disk;
-    /// whether they all are.
+    /// Waits (up to `bound`) until every image given so far is checked and
+    /// on disk; whether they all are.
     pub fn flush(&self, bound: std::time::Duration) -> bool {
-        self.writer.flush(bound)
+        self.background.flush(bound)
     }
 
     /// The image with hash `key`, from memory or disk.
@@ -229,7 +320,7 @@ impl ImageCache {
     /// Up to `budget` bytes of the images on disk, most recently used
     /// first: what a waiting worker preloads.
     pub fn recent_on_disk(&self, budget: u64) -> Vec<ImageKey> {
-        let Some(dir) = &self.dir else { return Vec::new() };
+        let Some(dir) = &self.store.dir else { return Vec::new() };
         let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
         let mut files: Vec<(std::time::SystemTime, u64, ImageKey)> = entries
             .filter_map(Result::ok)
@@ -260,7 +351,7 @@ impl ImageCache {
     }
 
     fn read(&self, key: &ImageKey, used: bool) -> Option<Arc<[u8]>> {
-        let path = self.dir.as_ref().map(|d| d.join(hex::encode(key)));
+        let path = self.store.dir.as_ref().map(|d| d.join(hex::encode(key)));
         // Recently used: trimmed last, preloaded first. Also when memory
         // answers: the disk's order is what other processes see.
         let touch = |path: &std::path::Path| {
@@ -268,8 +359,7 @@ impl ImageCache {
                 let _ = f.set_modified(std::time::SystemTime::now());
             }
         };
-        let cached = self.lock().images.get(key).cloned();
-        if let Some(img) = cached {
+        if let Some(img) = self.store.memory.get(key) {
             if let Some(path) = &path {
                 touch(path);
             }
@@ -283,47 +373,41 @@ impl ImageCache {
         }
         touch(&path);
         let img: Arc<[u8]> = Arc::from(bytes);
-        self.insert_memory(*key, img.clone());
+        self.store.memory.insert(*key, img.clone());
         Some(img)
     }
 
     /// Adds an image whose hash the caller has verified: in memory at
-    /// once, on disk (when the cache has a directory) by the writer thread.
+    /// once, on disk (when the cache has a directory) by the background
+    /// thread.
     pub fn insert(&self, key: ImageKey, image: Arc<[u8]>) {
-        if let Some(dir) = &self.dir
-            && (image.len() as u64) <= self.disk_max_bytes
+        self.store.memory.insert(key, image.clone());
+        if self.store.dir.is_some()
+            && let Err(task) = self.background.queue(Task::Write { key, image }, &self.store)
         {
-            let job = Job { dir: dir.clone(), key, image: image.clone(), max: self.disk_max_bytes };
-            if let Err(job) = self.writer.queue(job) {
-                write_image(&job);
-            }
+            self.store.run(task);
         }
-        self.insert_memory(key, image);
     }
 
-    fn insert_memory(&self, key: ImageKey, image: Arc<[u8]>) {
-        let mut inner = self.lock();
-        if inner.images.contains_key(&key) {
-            return;
-        }
-        inner.bytes += image.len() as u64;
-        inner.images.insert(key, image);
-        inner.order.push_back(key);
-        let builtin = key_of(gpupool_proto::BUILTIN_MODULE);
-        // Evict oldest first; the built-in image and the newest one stay.
-        let mut kept = VecDeque::new();
-        while inner.bytes > self.max_bytes {
-            let Some(old) = inner.order.pop_front() else { break };
-            if old == builtin || old == key {
-                kept.push_back(old);
-                continue;
+    /// Adds an image a client sent as having hash `key`, which the session
+    /// loads as sent meanwhile: the background thread checks the hash and
+    /// keeps the image only if it matches, so no other session is ever
+    /// served an image under another's hash. Checked here when the queue
+    /// is full: `false` when it does not match.
+    pub fn insert_unchecked(&self, key: ImageKey, image: Bytes) -> bool {
+        match self.background.queue(Task::Check { key, image }, &self.store) {
+            Ok(()) => true,
+            Err(Task::Check { key, image }) => {
+                if key_of(&image) != key {
+                    return false;
+                }
+                self.insert(key, Arc::from(&image[..]));
+                true
             }
-            if let Some(img) = inner.images.remove(&old) {
-                inner.bytes -= img.len() as u64;
+            Err(task) => {
+                self.store.run(task);
+                true
             }
-        }
-        while let Some(k) = kept.pop_back() {
-            inner.order.push_front(k);
         }
     }
 }
@@ -382,7 +466,7 @@ mod tests {
         c.insert(key_of(&a), a.clone());
         c.insert(key_of(&b), b.clone());
         assert!(c.flush(std::time::Duration::from_secs(10)), "written");
-        assert_eq!(c.lock().images.len(), 2, "builtin + newest");
+        assert_eq!(lock(&c.store.memory.inner).images.len(), 2, "builtin + newest");
         assert_eq!(c.get(&key_of(&a)).as_deref(), Some(&a[..]), "reloaded from disk");
         std::fs::remove_dir_all(dir).expect("cleanup");
     }
@@ -449,6 +533,32 @@ mod tests {
         let fresh = ImageCache::new(Some(dir.path().to_path_buf()), 1 << 30);
         assert_eq!(fresh.get(&key_of(&images[19])).as_deref(), Some(&images[19][..]));
         assert!(fresh.flush(std::time::Duration::ZERO), "nothing queued");
+    }
+
+    /// An image a client sent is kept only when it matches the hash it was
+    /// sent under: never served to another session under a foreign hash,
+    /// from memory or disk.
+    #[test]
+    fn an_image_sent_under_a_wrong_hash_is_never_cached() {
+        let dir = PrivateDir::create(&std::env::temp_dir()).expect("dir");
+        let c = ImageCache::new(Some(dir.path().to_path_buf()), 1 << 30);
+        let (good, bad) = (vec![1u8; 10_000], vec![2u8; 10_000]);
+        assert!(c.insert_unchecked(key_of(&good), Bytes::from(good.clone())), "queued");
+        assert!(c.insert_unchecked(key_of(&good), Bytes::from(bad.clone())), "queued: checked later");
+        let lied = key_of(b"another image");
+        assert!(c.insert_unchecked(lied, Bytes::from(bad.clone())), "queued: checked later");
+        assert!(c.flush(std::time::Duration::from_secs(10)), "checked");
+        assert_eq!(c.get(&key_of(&good)).as_deref(), Some(&good[..]), "the matching image, not the later one");
+        assert!(c.get(&lied).is_none(), "not in memory");
+        assert!(!dir.path().join(hex::encode(lied)).exists(), "not on disk");
+        let fresh = ImageCache::new(Some(dir.path().to_path_buf()), 1 << 30);
+        assert_eq!(fresh.get(&key_of(&good)).as_deref(), Some(&good[..]), "on disk for the next process");
+        // With the queue full the check is the caller's, and says so.
+        let mut c = ImageCache::new(None, 1 << 30);
+        c.background.max_queued = 1000;
+        let big = Bytes::from(vec![3u8; 1001]);
+        assert!(!c.insert_unchecked(lied, big.clone()), "checked inline: no match");
+        assert!(c.insert_unchecked(key_of(&big), big), "checked inline: a match");
     }
 
     /// Issue 20, finding 5: 4 MB of distinct images became 1 GiB on disk.

@@ -227,8 +227,8 @@ struct Args {
     #[arg(long, env = "GPUPOOL_MIGRATE_PRECOPY_MIB", default_value_t = 4096)]
     migrate_precopy_mib: u64,
     /// Modules of at most this many functions are described whole when
-    /// loaded; larger ones (cuBLAS's) describe each function when a client
-    /// first needs it, so only the kernels a program uses are loaded.
+    /// loaded; others describe each function when a client first needs it,
+    /// so only the kernels a program uses are loaded (default 0: all).
     #[arg(long, env = "GPUPOOL_DESCRIBE_EAGERLY_MAX", default_value_t = gpupool_server::device::EAGER_DESCRIBE_MAX)]
     describe_eagerly_max: usize,
 }
@@ -292,7 +292,7 @@ fn host_name() -> Option<String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    eager_module_loading();
+    lazy_module_loading();
     // stdout belongs to the worker protocol in a worker: logs go to stderr
     // (in a worker, the original stderr: fd 2 then captures the device's
     // assert messages for the client).
@@ -305,19 +305,20 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(args))
 }
 
-/// Loads every function of a module when the module loads
-/// (`CUDA_MODULE_LOADING=EAGER`) unless the operator chose a mode. The
-/// server describes and loads every function of a module at once anyway, and
-/// under CUDA's lazy loading a grid launched from the device loses its
-/// `printf` output when its function was loaded (`cuFuncLoad`) before the
-/// parent that launches it (natively too: `bench/probes/cdp-printf.sh`,
-/// docs/diagnosis.md). Workers inherit the setting.
+/// Loads each function of a module when it is first used
+/// (`CUDA_MODULE_LOADING=LAZY`, CUDA's own default since 12.2) unless the
+/// operator chose a mode: cuBLAS's first use loaded 300-350 ms of kernels it
+/// never ran under eager loading (H100, bench/results/20261207T162500Z-*).
+/// A grid launched from the device keeps its `printf` because the server
+/// describes (and so loads) a function only when the program first uses it
+/// ([`gpupool_server::device::EAGER_DESCRIBE_MAX`], docs/diagnosis.md).
+/// Workers inherit the setting.
 #[allow(unsafe_code)]
-fn eager_module_loading() {
+fn lazy_module_loading() {
     if std::env::var_os("CUDA_MODULE_LOADING").is_none() {
         // SAFETY: called first thing in `main`, before this process starts
         // any thread, so nothing reads the environment concurrently.
-        unsafe { std::env::set_var("CUDA_MODULE_LOADING", "EAGER") };
+        unsafe { std::env::set_var("CUDA_MODULE_LOADING", "LAZY") };
     }
 }
 

@@ -16,7 +16,7 @@ use crate::device::{
 };
 use crate::error::CallError;
 use crate::host_regions::HostRegions;
-use crate::images::{ImageCache, key_of};
+use crate::images::ImageCache;
 use crate::staging::{self, Staging};
 use crate::swap::SessionMemory;
 use bytes::Bytes;
@@ -742,20 +742,19 @@ impl<S: BackendSession> SessionState<S> {
         };
         let received = started.elapsed();
         let (image, hashed, cached) = match sent {
+            // Loaded as sent; its hash is checked and the image cached for
+            // other sessions off this thread (a wrong hash is never cached).
             Some(bytes) => {
-                if key_of(&bytes) != key {
+                if !self.images.insert_unchecked(key, bytes.clone()) {
                     return Err(CallError::invalid_value("module image does not match its SHA-256"));
                 }
-                let hashed = started.elapsed();
-                let img: Arc<[u8]> = Arc::from(&bytes[..]);
-                self.images.insert(key, img.clone());
-                (img, hashed, started.elapsed())
+                (bytes, received, started.elapsed())
             }
             None => {
                 let img = self.images.get(&key).ok_or_else(|| {
                     CallError::new(cuda::FILE_NOT_FOUND, "module image not cached on the server; send it")
                 })?;
-                (img, received, started.elapsed())
+                (Bytes::from_owner(img), received, started.elapsed())
             }
         };
         // A worker may have loaded this image before the session came.
@@ -768,7 +767,9 @@ impl<S: BackendSession> SessionState<S> {
             None => self.dev.load_module(&image)?,
         };
         // Where a module's first use goes (issue 17): receiving its image,
-        // checking its hash, caching it, loading it on the device.
+        // handing it to the cache (its hash is checked and it is copied and
+        // written off this thread since 2026-12-07: hash_us is 0 and
+        // cache_us the hand-off), loading it on the device.
         tracing::debug!(
             bytes = image.len(),
             functions = functions.len(),
@@ -1072,6 +1073,7 @@ pub(crate) mod tests {
     pub(crate) use crate::device::emulated::GRANULARITY;
     use crate::device::emulated::{EmulatedDevice, EmulatedSession};
     use crate::device::{Backend, DeviceResult, FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN_SMEM, texture};
+    use crate::images::key_of;
 
     pub(crate) fn limits() -> SessionLimits {
         SessionLimits {
@@ -1091,8 +1093,13 @@ pub(crate) mod tests {
         SessionState::new(dev, limits(), Arc::new(Staging::new(1 << 24, 8)), Arc::new(ImageCache::new(None, 1 << 20)))
     }
 
+    /// A session on the emulated device whose modules of up to 32
+    /// functions are described at load (the built-in module's are, so
+    /// tests read their attributes at once; the default, all described at
+    /// first use, has its own test: `undescribed_functions_are_described_when_asked`).
     pub(crate) fn session() -> SessionState<EmulatedSession> {
         let dev = EmulatedDevice::new(1 << 30);
+        dev.describe_eagerly_up_to(32);
         state(dev.open_session(limits().va_size).expect("session"))
     }
 

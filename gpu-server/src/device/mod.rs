@@ -401,8 +401,15 @@ pub(crate) const GLOBALS_PTX: &[u8] = b".version 8.0
 /// Modules of at most this many functions have them all described at load
 /// (no round trip for the client later); larger ones describe each when
 /// first used ([`FunctionInfo::described`]). A server setting
-/// (`--describe-eagerly-max`).
-pub const EAGER_DESCRIBE_MAX: usize = 32;
+/// (`--describe-eagerly-max`). By default none: describing a function loads
+/// it, and under CUDA's lazy loading (the server's mode) a function loaded
+/// ahead of the one that launches it from the device loses that grid's
+/// `printf` (docs/diagnosis.md); described at first use, a module's
+/// functions load as natively, when the program first uses them. Measured
+/// on an H100 (bench/results/20261207T162500Z-*): cuBLAS's first use
+/// loads 300-350 ms faster than under eager loading, and child grids keep
+/// their printf.
+pub const EAGER_DESCRIBE_MAX: usize = 0;
 
 /// A host range registered with the driver; dropping it unregisters the
 /// range (after the copies queued from or into it have finished).
