@@ -15,6 +15,7 @@
 #   mode: its child-grid printf must be there whatever the mode.
 # Writes OUT_DIR/module-loading.txt (the summary) and the logs beside it.
 # Usage: bench/probes/module-loading.sh BIN_DIR OUT_DIR   (BIN_DIR as for dropin.sh)
+# Env: MODES (the cuBLAS runs, in order; default "eager lazy lazy0 eager lazy lazy0").
 set -uo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 B=$(cd "${1:?BIN_DIR}" && pwd) || exit 2
@@ -52,7 +53,7 @@ module_summary() {
     echo "== cublas_halfgemm natively"
     cat "$CU"/lib64/libcublas*.so* >/dev/null 2>&1
     for _ in 1 2 3; do /usr/bin/time -f "native wall %e s" "$progs/hg" >/dev/null; done
-    for mode in eager lazy lazy0 eager lazy lazy0; do
+    for mode in ${MODES:-eager lazy lazy0 eager lazy lazy0}; do
         echo "== cublas_halfgemm through the stub, $mode, fresh server"
         # shellcheck disable=SC2046 # a list of VAR=value words
         env $(mode_env $mode) RUST_LOG=info,gpupool_server::session=debug SERVER_LOG="$O/hg-$mode.log" \

@@ -107,12 +107,21 @@ enum Task {
     Check { key: ImageKey, image: Bytes },
 }
 
+/// Images smaller than this are checked against their hash on the
+/// caller's thread (a wrong one refused at once, tens of microseconds);
+/// larger ones on the background thread.
+const CHECK_INLINE_BELOW: usize = 1 << 20;
+
 impl Task {
-    fn len(&self) -> u64 {
+    fn bytes(&self) -> &[u8] {
         match self {
-            Self::Write { image, .. } => image.len() as u64,
-            Self::Check { image, .. } => image.len() as u64,
+            Self::Write { image, .. } => image,
+            Self::Check { image, .. } => image,
         }
+    }
+
+    fn len(&self) -> u64 {
+        self.bytes().len() as u64
     }
 }
 
@@ -390,25 +399,27 @@ impl ImageCache {
     }
 
     /// Adds an image a client sent as having hash `key`, which the session
-    /// loads as sent meanwhile: the background thread checks the hash and
-    /// keeps the image only if it matches, so no other session is ever
-    /// served an image under another's hash. Checked here when the queue
-    /// is full: `false` when it does not match.
+    /// loads as sent meanwhile. A large image's hash is checked by the
+    /// background thread, which keeps the image only if it matches, so no
+    /// other session is ever served an image under another's hash; a small
+    /// one (or any when the queue is full) is checked here: `false` when
+    /// it does not match.
     pub fn insert_unchecked(&self, key: ImageKey, image: Bytes) -> bool {
+        if image.len() < CHECK_INLINE_BELOW {
+            return self.check_and_insert(key, &image);
+        }
         match self.background.queue(Task::Check { key, image }, &self.store) {
             Ok(()) => true,
-            Err(Task::Check { key, image }) => {
-                if key_of(&image) != key {
-                    return false;
-                }
-                self.insert(key, Arc::from(&image[..]));
-                true
-            }
-            Err(task) => {
-                self.store.run(task);
-                true
-            }
+            Err(task) => self.check_and_insert(key, task.bytes()),
         }
+    }
+
+    fn check_and_insert(&self, key: ImageKey, image: &[u8]) -> bool {
+        if key_of(image) != key {
+            return false;
+        }
+        self.insert(key, Arc::from(image));
+        true
     }
 }
 
@@ -542,11 +553,15 @@ mod tests {
     fn an_image_sent_under_a_wrong_hash_is_never_cached() {
         let dir = PrivateDir::create(&std::env::temp_dir()).expect("dir");
         let c = ImageCache::new(Some(dir.path().to_path_buf()), 1 << 30);
-        let (good, bad) = (vec![1u8; 10_000], vec![2u8; 10_000]);
+        let (good, bad) = (vec![1u8; CHECK_INLINE_BELOW], vec![2u8; CHECK_INLINE_BELOW]);
         assert!(c.insert_unchecked(key_of(&good), Bytes::from(good.clone())), "queued");
         assert!(c.insert_unchecked(key_of(&good), Bytes::from(bad.clone())), "queued: checked later");
         let lied = key_of(b"another image");
         assert!(c.insert_unchecked(lied, Bytes::from(bad.clone())), "queued: checked later");
+        // A small image is checked at once.
+        assert!(!c.insert_unchecked(lied, Bytes::from_static(b"abc")), "refused at once");
+        assert!(c.insert_unchecked(key_of(b"abc"), Bytes::from_static(b"abc")));
+        assert!(c.get(&key_of(b"abc")).is_some(), "in memory at once");
         assert!(c.flush(std::time::Duration::from_secs(10)), "checked");
         assert_eq!(c.get(&key_of(&good)).as_deref(), Some(&good[..]), "the matching image, not the later one");
         assert!(c.get(&lied).is_none(), "not in memory");
@@ -555,8 +570,8 @@ mod tests {
         assert_eq!(fresh.get(&key_of(&good)).as_deref(), Some(&good[..]), "on disk for the next process");
         // With the queue full the check is the caller's, and says so.
         let mut c = ImageCache::new(None, 1 << 30);
-        c.background.max_queued = 1000;
-        let big = Bytes::from(vec![3u8; 1001]);
+        c.background.max_queued = CHECK_INLINE_BELOW as u64;
+        let big = Bytes::from(vec![3u8; CHECK_INLINE_BELOW + 1]);
         assert!(!c.insert_unchecked(lied, big.clone()), "checked inline: no match");
         assert!(c.insert_unchecked(key_of(&big), big), "checked inline: a match");
     }

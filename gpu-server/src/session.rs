@@ -742,8 +742,9 @@ impl<S: BackendSession> SessionState<S> {
         };
         let received = started.elapsed();
         let (image, hashed, cached) = match sent {
-            // Loaded as sent; its hash is checked and the image cached for
-            // other sessions off this thread (a wrong hash is never cached).
+            // Loaded as sent; a large image's hash is checked and the image
+            // cached for other sessions off this thread (a wrong hash is
+            // never cached; a small image with one is refused here).
             Some(bytes) => {
                 if !self.images.insert_unchecked(key, bytes.clone()) {
                     return Err(CallError::invalid_value("module image does not match its SHA-256"));

@@ -114,6 +114,11 @@ fn ten_thousand_launches(srv: &TestServer, config: &ClientConfig) -> (Session, M
     let m = s.module_load(BUILTIN_MODULE).expect("module");
     let empty = m.function("empty").expect("empty");
     let cfg = LaunchConfig::for_elements(1, 1);
+    // A function's first launch asks the server for its attributes first
+    // (the server describes functions at first use): one launch and a sync
+    // before the count.
+    s.launch(&empty, cfg, StreamId::DEFAULT, &[]).expect("first launch");
+    s.synchronize().expect("sync");
     let before = srv.metrics.snapshot();
     for _ in 0..10_000 {
         s.launch(&empty, cfg, StreamId::DEFAULT, &[]).expect("launch");
