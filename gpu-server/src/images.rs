@@ -321,6 +321,11 @@ impl ImageCache {
         self.background.flush(bound)
     }
 
+    /// Images given and not yet checked or written.
+    pub fn pending(&self) -> usize {
+        lock(&self.background.pending.0).1
+    }
+
     /// The image with hash `key`, from memory or disk.
     pub fn get(&self, key: &ImageKey) -> Option<Arc<[u8]>> {
         self.read(key, true)
@@ -535,6 +540,7 @@ mod tests {
             c.insert(key_of(img), Arc::from(img.as_slice()));
         }
         assert!(c.flush(std::time::Duration::from_secs(10)), "written");
+        assert_eq!(c.pending(), 0);
         assert!(images[..10].iter().all(|i| on_disk(i)));
         for img in &images[10..] {
             c.insert(key_of(img), Arc::from(img.as_slice()));

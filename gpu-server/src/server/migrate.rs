@@ -612,6 +612,10 @@ pub(crate) async fn send_session(
     Ok(finish(precopied, images, out).await?.0)
 }
 
+/// How long a migration waits for the image cache to finish checking the
+/// images sessions loaded just before.
+const IMAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Sends the rest of a session to the target `link` leads to, now that it
 /// stopped, and returns the target's answer and the bytes not sent again:
 /// pieces pre-copied (`sent`) that the session did not write since are
@@ -621,6 +625,13 @@ pub(crate) async fn finish(
     images: &ImageCache,
     out: Outgoing,
 ) -> Result<(v1::MigrateDone, u64), String> {
+    // An image the session loaded just before is checked and cached by the
+    // cache's own thread: wait for it (bounded), so that the target gets
+    // every image the session's modules need.
+    let deadline = std::time::Instant::now() + IMAGE_WAIT;
+    while images.pending() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
     let precopied = &precopied;
     let mut reused = 0u64;
     let sent = tokio::time::timeout(TRANSFER_LIMIT, async {
