@@ -130,16 +130,38 @@ impl Task {
 /// copying or the file system (issue 17: cuBLAS's first use sent 256 MB of
 /// images; hashing and caching them took 200-270 ms of the session's thread
 /// on an H100). The thread starts with the first task;
-/// [`ImageCache::flush`] waits until everything queued is done (a worker
+/// [`ImageCache::flushed`] waits until everything queued is done (a worker
 /// does before it exits, so the next process finds the images on disk).
 #[derive(Debug)]
 struct Background {
     /// At most this many bytes queued ([`MAX_QUEUED_BYTES`]).
     max_queued: u64,
     queue: Mutex<Option<std::sync::mpsc::Sender<Task>>>,
-    /// Bytes queued and not yet handled, and their count.
-    pending: Arc<(Mutex<(u64, usize)>, std::sync::Condvar)>,
+    pending: Arc<Pending>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Bytes queued and not yet handled and their count, with a wake-up for
+/// whoever waits for the count to reach zero.
+#[derive(Debug, Default)]
+struct Pending {
+    queued: Mutex<(u64, usize)>,
+    done: tokio::sync::Notify,
+}
+
+impl Pending {
+    fn remove(&self, len: u64) {
+        let mut q = lock(&self.queued);
+        q.0 -= len;
+        q.1 -= 1;
+        if q.1 == 0 {
+            self.done.notify_waiters();
+        }
+    }
+
+    fn count(&self) -> usize {
+        lock(&self.queued).1
+    }
 }
 
 impl std::fmt::Debug for Task {
@@ -159,12 +181,12 @@ impl Background {
     fn queue(&self, task: Task, store: &Store) -> Result<(), Task> {
         let len = task.len();
         {
-            let mut pending = lock(&self.pending.0);
-            if pending.0 + len > self.max_queued {
+            let mut q = lock(&self.pending.queued);
+            if q.0 + len > self.max_queued {
                 return Err(task);
             }
-            pending.0 += len;
-            pending.1 += 1;
+            q.0 += len;
+            q.1 += 1;
         }
         let mut queue = lock(&self.queue);
         if queue.is_none() {
@@ -174,10 +196,7 @@ impl Background {
                 for task in rx {
                     let len = task.len();
                     store.run(task);
-                    let mut p = lock(&pending.0);
-                    p.0 -= len;
-                    p.1 -= 1;
-                    pending.1.notify_all();
+                    pending.remove(len);
                 }
             });
             match spawned {
@@ -193,20 +212,28 @@ impl Background {
             None => Err(task),
         };
         if sent.is_err() {
-            let mut pending = lock(&self.pending.0);
-            pending.0 -= len;
-            pending.1 -= 1;
+            self.pending.remove(len);
         }
         sent
     }
 
     /// Waits until every queued task is done, up to `bound`; whether they
     /// all were.
-    fn flush(&self, bound: std::time::Duration) -> bool {
-        let (pending, done) = &*self.pending;
-        let guard = lock(pending);
-        let (guard, _) = done.wait_timeout_while(guard, bound, |p| p.1 > 0).unwrap_or_else(|e| e.into_inner());
-        guard.1 == 0
+    async fn flushed(&self, bound: std::time::Duration) -> bool {
+        let all_done = async {
+            loop {
+                let done = self.pending.done.notified();
+                tokio::pin!(done);
+                // Registered before the count is read: a task finishing in
+                // between still wakes this wait.
+                done.as_mut().enable();
+                if self.pending.count() == 0 {
+                    return;
+                }
+                done.await;
+            }
+        };
+        tokio::time::timeout(bound, all_done).await.is_ok()
     }
 }
 
@@ -317,13 +344,13 @@ impl ImageCache {
 
     /// Waits (up to `bound`) until every image given so far is checked and
     /// on disk; whether they all are.
-    pub fn flush(&self, bound: std::time::Duration) -> bool {
-        self.background.flush(bound)
+    pub async fn flushed(&self, bound: std::time::Duration) -> bool {
+        self.background.flushed(bound).await
     }
 
     /// Images given and not yet checked or written.
     pub fn pending(&self) -> usize {
-        lock(&self.background.pending.0).1
+        self.background.pending.count()
     }
 
     /// The image with hash `key`, from memory or disk.
@@ -472,8 +499,8 @@ mod tests {
         assert!(c.get(&key_of(gpupool_proto::BUILTIN_MODULE)).is_some());
     }
 
-    #[test]
-    fn evicts_oldest_and_reloads_from_disk() {
+    #[tokio::test]
+    async fn evicts_oldest_and_reloads_from_disk() {
         let dir = std::env::temp_dir().join(format!("gpupool-images-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let c = ImageCache::new(Some(dir.clone()), 100);
@@ -481,20 +508,20 @@ mod tests {
         let b: Arc<[u8]> = Arc::from(vec![2u8; 80]);
         c.insert(key_of(&a), a.clone());
         c.insert(key_of(&b), b.clone());
-        assert!(c.flush(std::time::Duration::from_secs(10)), "written");
+        assert!(c.flushed(std::time::Duration::from_secs(10)).await, "written");
         assert_eq!(lock(&c.store.memory.inner).images.len(), 2, "builtin + newest");
         assert_eq!(c.get(&key_of(&a)).as_deref(), Some(&a[..]), "reloaded from disk");
         std::fs::remove_dir_all(dir).expect("cleanup");
     }
 
-    #[test]
-    fn recent_on_disk_lists_the_newest_within_the_budget_and_preload_reads_do_not_count_as_use() {
+    #[tokio::test]
+    async fn recent_on_disk_lists_the_newest_within_the_budget_and_preload_reads_do_not_count_as_use() {
         let dir = PrivateDir::create(&std::env::temp_dir()).expect("dir");
         let c = ImageCache::new(Some(dir.path().to_path_buf()), 1 << 20);
         let images: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 1000]).collect();
         for img in &images {
             c.insert(key_of(img), Arc::from(img.as_slice()));
-            assert!(c.flush(std::time::Duration::from_secs(10)), "written");
+            assert!(c.flushed(std::time::Duration::from_secs(10)).await, "written");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         std::fs::write(dir.path().join("not-an-image"), b"x").unwrap();
@@ -530,8 +557,8 @@ mod tests {
 
     /// The disk write is the writer thread's: an image is there once the
     /// cache is flushed, or dropped (the thread writes what is queued).
-    #[test]
-    fn images_reach_the_disk_by_a_flush_or_the_cache_s_end() {
+    #[tokio::test]
+    async fn images_reach_the_disk_by_a_flush_or_the_cache_s_end() {
         let dir = PrivateDir::create(&std::env::temp_dir()).expect("dir");
         let images: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 100_000]).collect();
         let on_disk = |img: &[u8]| dir.path().join(hex::encode(key_of(img))).exists();
@@ -539,7 +566,7 @@ mod tests {
         for img in &images[..10] {
             c.insert(key_of(img), Arc::from(img.as_slice()));
         }
-        assert!(c.flush(std::time::Duration::from_secs(10)), "written");
+        assert!(c.flushed(std::time::Duration::from_secs(10)).await, "written");
         assert_eq!(c.pending(), 0);
         assert!(images[..10].iter().all(|i| on_disk(i)));
         for img in &images[10..] {
@@ -549,14 +576,14 @@ mod tests {
         assert!(images.iter().all(|i| on_disk(i)), "the rest written before the cache went");
         let fresh = ImageCache::new(Some(dir.path().to_path_buf()), 1 << 30);
         assert_eq!(fresh.get(&key_of(&images[19])).as_deref(), Some(&images[19][..]));
-        assert!(fresh.flush(std::time::Duration::ZERO), "nothing queued");
+        assert!(fresh.flushed(std::time::Duration::ZERO).await, "nothing queued");
     }
 
     /// An image a client sent is kept only when it matches the hash it was
     /// sent under: never served to another session under a foreign hash,
     /// from memory or disk.
-    #[test]
-    fn an_image_sent_under_a_wrong_hash_is_never_cached() {
+    #[tokio::test]
+    async fn an_image_sent_under_a_wrong_hash_is_never_cached() {
         let dir = PrivateDir::create(&std::env::temp_dir()).expect("dir");
         let c = ImageCache::new(Some(dir.path().to_path_buf()), 1 << 30);
         let (good, bad) = (vec![1u8; CHECK_INLINE_BELOW], vec![2u8; CHECK_INLINE_BELOW]);
@@ -568,7 +595,7 @@ mod tests {
         assert!(!c.insert_unchecked(lied, Bytes::from_static(b"abc")), "refused at once");
         assert!(c.insert_unchecked(key_of(b"abc"), Bytes::from_static(b"abc")));
         assert!(c.get(&key_of(b"abc")).is_some(), "in memory at once");
-        assert!(c.flush(std::time::Duration::from_secs(10)), "checked");
+        assert!(c.flushed(std::time::Duration::from_secs(10)).await, "checked");
         assert_eq!(c.get(&key_of(&good)).as_deref(), Some(&good[..]), "the matching image, not the later one");
         assert!(c.get(&lied).is_none(), "not in memory");
         assert!(!dir.path().join(hex::encode(lied)).exists(), "not on disk");
@@ -583,15 +610,15 @@ mod tests {
     }
 
     /// Issue 20, finding 5: 4 MB of distinct images became 1 GiB on disk.
-    #[test]
-    fn disk_keeps_within_its_limit_dropping_the_least_recently_used() {
+    #[tokio::test]
+    async fn disk_keeps_within_its_limit_dropping_the_least_recently_used() {
         let dir = std::env::temp_dir().join(format!("gpupool-images-disk-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let c = ImageCache::new(Some(dir.clone()), 1 << 20).with_disk_limit(3000);
         let images: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 1000]).collect();
         for (i, img) in images.iter().enumerate() {
             c.insert(key_of(img), Arc::from(img.as_slice()));
-            assert!(c.flush(std::time::Duration::from_secs(10)), "written");
+            assert!(c.flushed(std::time::Duration::from_secs(10)).await, "written");
             if i == 2 {
                 // The first one is read again: recently used, kept.
                 std::thread::sleep(std::time::Duration::from_millis(20));
@@ -614,7 +641,7 @@ mod tests {
         assert!(present(3));
         let big = vec![9u8; 4000];
         c.insert(key_of(&big), Arc::from(big.as_slice()));
-        assert!(c.flush(std::time::Duration::from_secs(10)), "nothing queued");
+        assert!(c.flushed(std::time::Duration::from_secs(10)).await, "nothing queued");
         assert!(!dir.join(hex::encode(key_of(&big))).exists(), "larger than the whole disk budget: memory only");
         std::fs::remove_dir_all(dir).expect("cleanup");
     }

@@ -171,8 +171,7 @@ pub fn run_stdio() -> Result<(), ServerError> {
         // The images this session loaded are written to the shared
         // directory off its thread: on disk before the process goes, for
         // the next worker.
-        let flushed = tokio::task::spawn_blocking(move || images.flush(IMAGE_FLUSH_BOUND)).await;
-        if !matches!(flushed, Ok(true)) {
+        if !images.flushed(IMAGE_FLUSH_BOUND).await {
             tracing::warn!("module images still being written when the worker stopped");
         }
         write_event(v1::worker_event::Event::Metrics(metrics.worker_report()));

@@ -628,9 +628,8 @@ pub(crate) async fn finish(
     // An image the session loaded just before is checked and cached by the
     // cache's own thread: wait for it (bounded), so that the target gets
     // every image the session's modules need.
-    let deadline = std::time::Instant::now() + IMAGE_WAIT;
-    while images.pending() > 0 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    if !images.flushed(IMAGE_WAIT).await {
+        tracing::warn!("module images still being checked when the migration sent the session's images");
     }
     let precopied = &precopied;
     let mut reused = 0u64;
