@@ -10,7 +10,8 @@
 #   page cache), then per mode a fresh server and two processes through the
 #   stub, with GPUPOOL_CALL_STATS=1 (the `cuLibraryGetKernel` waits) and the
 #   server's per-module debug line ("module loaded": bytes, functions and
-#   the microseconds of receiving, hashing, caching and loading the image);
+#   the microseconds of receiving, caching (a small image's hash check
+#   included) and loading the image);
 # - dynamic_parallelism (nvcc -rdc) natively and through the stub in each
 #   mode: its child-grid printf must be there whatever the mode.
 # Writes OUT_DIR/module-loading.txt (the summary) and the logs beside it.
@@ -39,14 +40,14 @@ mode_args() { case $1 in eager | lazy) echo --describe-eagerly-max 32 ;; lazy0) 
 # Totals of the server's "module loaded" lines in log $1.
 module_summary() {
     sed -i 's/\x1b\[[0-9;]*m//g' "$1"
-    echo "top 5 by load: load_us bytes functions receive_us hash_us cache_us"
+    echo "top 5 by load: load_us bytes functions receive_us cache_us"
     grep "module loaded" "$1" |
-        sed -E 's/.*bytes=([0-9]+).*functions=([0-9]+).*receive_us=([0-9]+).*hash_us=([0-9]+).*cache_us=([0-9]+).*load_us=([0-9]+).*/\6 \1 \2 \3 \4 \5/' |
+        sed -E 's/.*bytes=([0-9]+).*functions=([0-9]+).*receive_us=([0-9]+).*cache_us=([0-9]+).*load_us=([0-9]+).*/\5 \1 \2 \3 \4/' |
         sort -rn | head -5
     grep "module loaded" "$1" |
-        sed -E 's/.*bytes=([0-9]+).*receive_us=([0-9]+).*hash_us=([0-9]+).*cache_us=([0-9]+).*load_us=([0-9]+).*/\1 \2 \3 \4 \5/' |
-        awk '{n++; b+=$1; r+=$2; h+=$3; c+=$4; l+=$5}
-             END {printf "modules %d, %.1f MB; receive %d us, hash %d us, cache %d us, load %d us\n", n, b/1e6, r, h, c, l}'
+        sed -E 's/.*bytes=([0-9]+).*receive_us=([0-9]+).*cache_us=([0-9]+).*load_us=([0-9]+).*/\1 \2 \3 \4/' |
+        awk '{n++; b+=$1; r+=$2; c+=$3; l+=$4}
+             END {printf "modules %d, %.1f MB; receive %d us, cache %d us, load %d us\n", n, b/1e6, r, c, l}'
 }
 
 {

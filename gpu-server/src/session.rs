@@ -741,7 +741,7 @@ impl<S: BackendSession> SessionState<S> {
             (Some(_), Some(_)) => return Err(CallError::invalid_value("module image sent both inline and staged")),
         };
         let received = started.elapsed();
-        let (image, hashed, cached) = match sent {
+        let (image, cached) = match sent {
             // Loaded as sent; a large image's hash is checked and the image
             // cached for other sessions off this thread (a wrong hash is
             // never cached; a small image with one is refused here).
@@ -749,13 +749,13 @@ impl<S: BackendSession> SessionState<S> {
                 if !self.images.insert_unchecked(key, bytes.clone()) {
                     return Err(CallError::invalid_value("module image does not match its SHA-256"));
                 }
-                (bytes, received, started.elapsed())
+                (bytes, started.elapsed())
             }
             None => {
                 let img = self.images.get(&key).ok_or_else(|| {
                     CallError::new(cuda::FILE_NOT_FOUND, "module image not cached on the server; send it")
                 })?;
-                (Bytes::from_owner(img), received, started.elapsed())
+                (Bytes::from_owner(img), started.elapsed())
             }
         };
         // A worker may have loaded this image before the session came.
@@ -768,15 +768,14 @@ impl<S: BackendSession> SessionState<S> {
             None => self.dev.load_module(&image)?,
         };
         // Where a module's first use goes (issue 17): receiving its image,
-        // handing it to the cache (its hash is checked and it is copied and
-        // written off this thread since 2026-12-07: hash_us is 0 and
-        // cache_us the hand-off), loading it on the device.
+        // handing it to the cache (cache_us: a large image's hash is checked
+        // and the image copied and written off this thread), loading it on
+        // the device.
         tracing::debug!(
             bytes = image.len(),
             functions = functions.len(),
             receive_us = received.as_micros() as u64,
-            hash_us = hashed.saturating_sub(received).as_micros() as u64,
-            cache_us = cached.saturating_sub(hashed).as_micros() as u64,
+            cache_us = cached.saturating_sub(received).as_micros() as u64,
             load_us = started.elapsed().saturating_sub(cached).as_micros() as u64,
             "module loaded"
         );
