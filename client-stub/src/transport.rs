@@ -588,26 +588,29 @@ struct BulkReply {
 
 impl BulkReply {
     /// The response's bytes in one piece: its one chunk as it arrived, or
-    /// its chunks joined in a buffer from `buffers` for up to `max` bytes
-    /// (for a download's chunk, a reused one with its pages already
-    /// backed, however well the chunk compressed).
-    fn joined(self, max: usize, buffers: &Arc<BufferPool>) -> Result<Bytes> {
+    /// its chunks joined; with `buffers`, in a buffer from that pool for up
+    /// to `max` bytes (for a download's chunk, a reused one with its pages
+    /// already backed, however well the chunk compressed).
+    fn joined(self, max: usize, buffers: Option<&Arc<BufferPool>>) -> Result<Bytes> {
         match <[Bytes; 1]>::try_from(self.chunks) {
             Ok([one]) => Ok(one),
-            Err(chunks) => {
-                let mut buf = buffers
-                    .take(max.max(self.len))
-                    .ok_or_else(|| ClientError::Protocol(format!("cannot allocate {max} bytes")))?;
-                for c in &chunks {
-                    buf.extend_from_slice(c);
+            Err(chunks) => match buffers {
+                Some(pool) => {
+                    let mut buf = pool
+                        .take(max.max(self.len))
+                        .ok_or_else(|| ClientError::Protocol(format!("cannot allocate {max} bytes")))?;
+                    for c in &chunks {
+                        buf.extend_from_slice(c);
+                    }
+                    Ok(buf.freeze())
                 }
-                Ok(buf.freeze())
-            }
+                None => Ok(Bytes::from(chunks.concat())),
+            },
         }
     }
 
     /// The response decoded: its payload, or the error it carries.
-    fn payload(self, max: usize, buffers: &Arc<BufferPool>) -> Result<Option<v1::Payload>> {
+    fn payload(self, max: usize, buffers: Option<&Arc<BufferPool>>) -> Result<Option<v1::Payload>> {
         let bytes = self.joined(max, buffers)?;
         let header = bytes.get(..frame::HEADER_LEN).and_then(|h| <[u8; frame::HEADER_LEN]>::try_from(h).ok());
         let header = header.ok_or_else(|| ClientError::Protocol("bulk response truncated".into()))?;
@@ -636,7 +639,7 @@ impl BulkReply {
         }
         let Some(range) = frame::bulk_response_data(&head, self.len).filter(|r| r.len() == size) else {
             let p = self
-                .payload(size + BULK_HEADROOM, buffers)?
+                .payload(size + BULK_HEADROOM, Some(buffers))?
                 .ok_or_else(|| ClientError::Protocol("bulk get without data".into()))?;
             let bytes = payload::decode(p, size as u64).map_err(|e| ClientError::Protocol(e.to_string()))?;
             if bytes.len() != size {
@@ -1362,11 +1365,11 @@ async fn put_chunk(
     (id, total, offset): (u64, u64, usize),
     part: Bytes,
     mode: Compression,
-    buffers: Arc<BufferPool>,
 ) -> Result<()> {
     let put = v1::BulkPut { transfer_id: id, total_size: total, offset: offset as u64, data: None };
     let req = frame::bulk_put_frame(&put, &payload::encode(part, mode));
-    bulk_request(&conn, req, 1 << 20).await?.payload(1 << 20, &buffers).map(|_| ())
+    // The reply is a few bytes: no pooled buffer for it.
+    bulk_request(&conn, req, 1 << 20).await?.payload(1 << 20, None).map(|_| ())
 }
 
 /// Gets `size` bytes of download `id` at `offset`: slices of the chunks
@@ -1407,7 +1410,7 @@ impl QuicTransport {
                 let mut buf =
                     buffers.take(len).ok_or_else(|| ClientError::Protocol(format!("cannot allocate {len} bytes")))?;
                 buf.extend_from_slice(&data[offset..offset + len]);
-                Ok(put_chunk(conn, (id, data.len() as u64, offset), buf.freeze(), mode, buffers.clone()))
+                Ok(put_chunk(conn, (id, data.len() as u64, offset), buf.freeze(), mode))
             };
             each_chunk(&conns, data.len(), chunk, &sem, start, |()| ()).await
         })
@@ -1430,12 +1433,12 @@ impl QuicTransport {
     /// [`Self::bulk_put_here`] with the bytes already owned, on the I/O
     /// runtime.
     fn bulk_put_once(&self, id: u64, data: Bytes) -> Result<()> {
-        let (chunk, sem, mode, buffers) = (self.chunk, self.parallel.clone(), self.compression, self.buffers.clone());
+        let (chunk, sem, mode) = (self.chunk, self.parallel.clone(), self.compression);
         self.exec_bulk(move |conns| async move {
             let total = data.len() as u64;
             let start = |offset, len, conn| {
                 let part = data.slice(offset..offset + len);
-                Ok(put_chunk(conn, (id, total, offset), part, mode, buffers.clone()))
+                Ok(put_chunk(conn, (id, total, offset), part, mode))
             };
             each_chunk(&conns, data.len(), chunk, &sem, start, |()| ()).await
         })
