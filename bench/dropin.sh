@@ -182,7 +182,18 @@ for us in sorted(native):
         ratio = remote[us]["total_ms"] / native[us]["total_ms"]
         out.append({"kernel_us": us, "native": native[us], "remote": remote[us], "ratio": round(ratio, 3)})
         print(f"| {us} us kernels + 4 KiB copy every 10th | {native[us]['per_launch_us']:.1f} | {remote[us]['per_launch_us']:.1f} | {ratio:.2f}x |")
-json.dump({"bench_loop": out}, open(sys.argv[3], "w"), indent=2)
+def sync(path):
+    for line in open(path):
+        m = re.match(r"TIME sync_round_trip iterations=(\d+) median_us=([\d.]+) p99_us=([\d.]+)", line)
+        if m:
+            return {"median_us": float(m[2]), "p99_us": float(m[3])}
+sn, sr = sync(sys.argv[1]), sync(sys.argv[2])
+sync_row = None
+if sn and sr:
+    sync_row = {"native": sn, "remote": sr, "ratio": round(sr["median_us"] / sn["median_us"], 3)}
+    print(f"| empty launch + synchronize, median (p99) | {sn['median_us']:.1f} ({sn['p99_us']:.1f}) | "
+          f"{sr['median_us']:.1f} ({sr['p99_us']:.1f}) | {sync_row['ratio']:.2f}x |")
+json.dump({"bench_loop": out, "sync_round_trip": sync_row}, open(sys.argv[3], "w"), indent=2)
 PY
 }
 
@@ -241,7 +252,7 @@ echo "$variant_md"
     echo "|---|---|---|---|---|---|---|---|"
     printf '%s\n' "${rows[@]}"
     echo
-    echo "## Drop-in benchmark (bench_loop.sm90, per launch, µs)"
+    echo "## Drop-in benchmark (bench_loop.sm90: per launch, and the synchronous round trip; µs)"
     echo
     echo "| row | native | remote | ratio |"
     echo "|---|---|---|---|"

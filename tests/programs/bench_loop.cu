@@ -8,6 +8,7 @@
 // from a timed launch, so a "50 us" kernel lasts ~50 us on any card).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -101,6 +102,23 @@ int main(int argc, char **argv)
         printf("TIME kernel_us=%d launches=%d total_ms=%.3f per_launch_us=%.2f\n", us, launches, t1 - t0,
                (t1 - t0) * 1000.0 / launches);
     }
+    // Synchronous round trips: one tiny kernel, then wait for it; what a
+    // latency-bound loop pays per step (issue 17's "empty launch +
+    // synchronize" row, through the runtime API as programs call it).
+    const int warmup = 200, timed = 2000;
+    std::vector<double> rtt;
+    rtt.reserve(timed);
+    for (int i = 0; i < warmup + timed; i++) {
+        double t0 = now_ms();
+        spin<<<1, 32>>>(0, counter);
+        CK(cudaStreamSynchronize(0));
+        if (i >= warmup)
+            rtt.push_back((now_ms() - t0) * 1000.0);
+    }
+    expected += warmup + timed;
+    std::sort(rtt.begin(), rtt.end());
+    printf("TIME sync_round_trip iterations=%d median_us=%.1f p99_us=%.1f\n", timed, rtt[timed / 2],
+           rtt[timed * 99 / 100]);
     unsigned got = 0;
     CK(cudaMemcpy(&got, counter, sizeof(got), cudaMemcpyDeviceToHost));
     if (got != expected || back[5] != 1.0f) {
