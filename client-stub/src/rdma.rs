@@ -439,11 +439,18 @@ impl Transport for RdmaTransport {
     }
 
     fn recv_reply(&self) -> Result<v1::BatchReply> {
-        if let Some(channel) = self.channel() {
+        while let Some(channel) = self.channel() {
             let received = self.receive(&channel.replies.lock().unwrap_or_else(|e| e.into_inner()));
             match received {
-                Ok(body) => return self.quic.reply_of(Bytes::from(body)),
-                Err(ClientError::ConnectionLost(why)) => self.fail_over(ClientError::ConnectionLost(why))?,
+                Ok(body) => {
+                    if let Some(reply) = self.quic.reply_of(Bytes::from(body))? {
+                        return Ok(reply);
+                    }
+                }
+                Err(ClientError::ConnectionLost(why)) => {
+                    self.fail_over(ClientError::ConnectionLost(why))?;
+                    break;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -456,7 +463,7 @@ impl Transport for RdmaTransport {
         // A lost connection is met by the next blocking read.
         let body = replies.try_recv().ok()?;
         drop(replies);
-        Some(self.quic.reply_of(Bytes::from(body)))
+        self.quic.reply_of(Bytes::from(body)).transpose()
     }
 
     fn bulk_put(&self, id: u64, data: &[u8]) -> Result<()> {

@@ -182,10 +182,17 @@ impl Transport for ShmCommandTransport {
     }
 
     fn recv_reply(&self) -> Result<v1::BatchReply> {
-        if let Some(ch) = self.channel() {
+        while let Some(ch) = self.channel() {
             match self.receive(&ch) {
-                Ok(body) => return self.quic.reply_of(Bytes::from(body)),
-                Err(e @ ClientError::ConnectionLost(_)) => self.fail_over(&e),
+                Ok(body) => {
+                    if let Some(reply) = self.quic.reply_of(Bytes::from(body))? {
+                        return Ok(reply);
+                    }
+                }
+                Err(e @ ClientError::ConnectionLost(_)) => {
+                    self.fail_over(&e);
+                    break;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -202,7 +209,7 @@ impl Transport for ShmCommandTransport {
         // A broken ring is met by the next blocking read.
         let body = reader.try_frame(MAX_REPLY_FRAME).ok()??;
         drop(reader);
-        Some(self.quic.reply_of(Bytes::from(body)))
+        self.quic.reply_of(Bytes::from(body)).transpose()
     }
 
     fn bulk_put(&self, id: u64, data: &[u8]) -> Result<()> {

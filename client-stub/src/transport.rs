@@ -913,13 +913,19 @@ impl QuicTransport {
         self.resume.as_ref().map_or(Duration::ZERO, |r| r.lock().unwrap_or_else(|e| e.into_inner()).connect_timeout)
     }
 
-    /// Decodes a reply frame and acknowledges it in the replay log.
-    pub(crate) fn reply_of(&self, body: Bytes) -> Result<v1::BatchReply> {
+    /// Decodes a reply frame and acknowledges it in the replay log; `None`
+    /// for a reply already delivered. A resume on QUIC replays the replies
+    /// after the last one acknowledged when it began, and a thread may
+    /// have read one of them from the command ring meanwhile: whichever
+    /// path delivers a reply second drops it (the check and the
+    /// acknowledgement are one step under the log's lock).
+    pub(crate) fn reply_of(&self, body: Bytes) -> Result<Option<v1::BatchReply>> {
         let reply = v1::BatchReply::decode(body).map_err(|e| ClientError::Protocol(format!("bad reply: {e}")))?;
-        if reply.seq != 0 {
-            self.replay().ack(reply.seq);
+        if reply.seq != 0 && !self.replay().ack_new(reply.seq) {
+            tracing::debug!(seq = reply.seq, "a reply delivered before came again; dropped");
+            return Ok(None);
         }
-        Ok(reply)
+        Ok(Some(reply))
     }
 
     fn links(&self) -> Links {
@@ -1204,14 +1210,17 @@ impl Transport for QuicTransport {
     }
 
     fn recv_reply(&self) -> Result<v1::BatchReply> {
-        let body = loop {
+        loop {
             let cmd = self.cmd.clone();
             match self.exec(async move { next_frame(&mut *cmd.lock().await).await }) {
-                Ok(body) => break body,
+                Ok(body) => {
+                    if let Some(reply) = self.reply_of(body)? {
+                        return Ok(reply);
+                    }
+                }
                 Err(e) => self.recover(e)?,
             }
-        };
-        self.reply_of(body)
+        }
     }
 
     fn try_recv_reply(&self) -> Option<Result<v1::BatchReply>> {
@@ -1230,7 +1239,7 @@ impl Transport for QuicTransport {
             _ => return None,
         };
         drop(cmd);
-        Some(self.reply_of(body))
+        self.reply_of(body).transpose()
     }
 
     fn bulk_put(&self, id: u64, data: &[u8]) -> Result<()> {

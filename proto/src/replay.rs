@@ -72,6 +72,17 @@ impl ReplayLog {
         }
     }
 
+    /// [`Self::ack`] for the answer to frame `seq` just received; false,
+    /// acknowledging nothing, when an answer at or after it came before
+    /// (the same answer again, by another path).
+    pub fn ack_new(&mut self, seq: u64) -> bool {
+        if seq <= self.acked {
+            return false;
+        }
+        self.ack(seq);
+        true
+    }
+
     /// The newest sequence number acknowledged.
     pub fn acked(&self) -> u64 {
         self.acked
@@ -126,6 +137,20 @@ mod tests {
 
     fn frame(seq: u64, len: usize) -> Bytes {
         Bytes::from(vec![seq as u8; len])
+    }
+
+    #[test]
+    fn an_answer_that_comes_again_is_refused_and_acknowledges_nothing() {
+        let mut log = ReplayLog::new(ReplayLimit::UNBOUNDED);
+        for seq in 1..=4 {
+            log.record(seq, Bytes::from_static(b"abc"));
+        }
+        assert!(log.ack_new(2));
+        assert!(!log.ack_new(2), "the same answer again");
+        assert!(!log.ack_new(1), "an older one");
+        assert_eq!((log.acked(), log.len()), (2, 2));
+        assert!(log.ack_new(4));
+        assert_eq!((log.acked(), log.len()), (4, 0));
     }
 
     #[test]
