@@ -319,6 +319,8 @@ impl Metrics {
         gauge(&self.shm_regions, before.shm_regions, now.shm_regions);
         gauge(&self.shm_registered, before.shm_registered, now.shm_registered);
         add(&self.shm_bytes, now.shm_bytes.saturating_sub(before.shm_bytes));
+        add(&self.shm_command_rings, now.shm_command_rings.saturating_sub(before.shm_command_rings));
+        add(&self.shm_command_frames, now.shm_command_frames.saturating_sub(before.shm_command_frames));
         add(&self.modules_preloaded, now.modules_preloaded.saturating_sub(before.modules_preloaded));
         add(&self.modules_preloaded_used, now.modules_preloaded_used.saturating_sub(before.modules_preloaded_used));
         gauge(&self.batches_queued, before.batches_queued, now.batches_queued);
@@ -342,6 +344,8 @@ impl Metrics {
             shm_regions: s.shm_regions,
             shm_bytes: s.shm_bytes,
             shm_registered: s.shm_registered,
+            shm_command_rings: s.shm_command_rings,
+            shm_command_frames: s.shm_command_frames,
             memory_swapped: s.memory_swapped,
             swapped_out_bytes: s.swapped_out_bytes,
             swapped_in_bytes: s.swapped_in_bytes,
