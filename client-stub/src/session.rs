@@ -204,6 +204,8 @@ fn work_stream(op: &Op) -> Option<u32> {
         | Op::GraphInstantiate(_)
         | Op::GraphExecDestroy(_)
         | Op::GraphDestroy(_)
+        | Op::IpcEventExport(_)
+        | Op::IpcEventOpen(_)
         // Neither gives a stream work: the wait holds only later work.
         | Op::ContextEvent(_) => None,
     }
@@ -357,6 +359,11 @@ struct State {
     /// Streams created and not destroyed (0, the default stream, aside):
     /// an unknown stream is the server's to refuse.
     streams: HashSet<u32>,
+    /// Events other processes may share (created `INTERPROCESS`, or opened
+    /// from an IPC handle): a record on one returns once it reached the
+    /// server, since the program orders the other process after it with a
+    /// host-side barrier the server cannot see.
+    ipc_events: HashSet<u32>,
     /// The batch of a call sent and not yet waited for ([`Session::call_send`];
     /// 0: none), and its answer when another path read its reply first.
     pending: u64,
@@ -490,6 +497,7 @@ impl Session {
             mirror_fetch: Vec::new(),
             busy: HashSet::new(),
             streams: HashSet::new(),
+            ipc_events: HashSet::new(),
             pending: 0,
             early: None,
             bounce: Bounce::NotYet,
@@ -1759,24 +1767,61 @@ impl Session {
         let id = st.next_event;
         st.next_event += 1;
         self.enqueue(&mut st, Op::EventCreate(v1::EventCreate { event: id, flags }))?;
+        if flags & cuda::EVENT_INTERPROCESS != 0 {
+            st.ipc_events.insert(id);
+        }
         Ok(EventId(id))
     }
 
     pub fn event_destroy(&self, e: EventId) -> Result<()> {
         let mut st = self.lock();
+        st.ipc_events.remove(&e.0);
         self.enqueue(&mut st, Op::EventDestroy(v1::EventDestroy { event: e.0 }))
     }
 
+    /// Records `e` on `s`: queued, or, for an event other processes share,
+    /// sent and answered before it returns.
     pub fn event_record(&self, e: EventId, s: StreamId) -> Result<()> {
         let mut st = self.lock();
-        self.enqueue(&mut st, Op::EventRecord(v1::EventRecord { event: e.0, stream: s.0 }))
+        self.record_op(&mut st, e, Op::EventRecord(v1::EventRecord { event: e.0, stream: s.0 }))
     }
 
     /// `cuCtxRecordEvent`: `e` captures all work of the session so far,
-    /// queued.
+    /// queued (answered first for a shared event, as [`Self::event_record`]).
     pub fn context_record_event(&self, e: EventId) -> Result<()> {
         let mut st = self.lock();
-        self.enqueue(&mut st, Op::ContextEvent(v1::ContextEvent { event: e.0, wait: false }))
+        self.record_op(&mut st, e, Op::ContextEvent(v1::ContextEvent { event: e.0, wait: false }))
+    }
+
+    fn record_op(&self, st: &mut State, e: EventId, op: Op) -> Result<()> {
+        if st.ipc_events.contains(&e.0) { self.call(st, op).map(drop) } else { self.enqueue(st, op) }
+    }
+
+    /// `cuIpcGetEventHandle`: the handle another process of the same
+    /// tenant, on the same server and GPU, opens with
+    /// [`Self::event_ipc_open`]. The event must have been created with
+    /// `CU_EVENT_INTERPROCESS`.
+    pub fn event_ipc_handle(&self, e: EventId) -> Result<[u8; gpupool_proto::ipc::HANDLE_BYTES]> {
+        let mut st = self.lock();
+        match self.call(&mut st, Op::IpcEventExport(v1::IpcEventExport { event: e.0 }))? {
+            Some(Value::IpcHandle(h)) => {
+                h[..].try_into().map_err(|_| ClientError::Protocol(format!("an IPC handle of {} bytes", h.len())))
+            }
+            other => Err(ClientError::Protocol(format!("unexpected IPC handle result {other:?}"))),
+        }
+    }
+
+    /// `cuIpcOpenEventHandle`: the event another session exported as
+    /// `handle`; answered before it returns, so that a handle the server
+    /// refuses fails here, as the driver's open does.
+    pub fn event_ipc_open(&self, handle: &[u8]) -> Result<EventId> {
+        let mut st = self.lock();
+        let id = st.next_event;
+        st.next_event += 1;
+        let op = Op::IpcEventOpen(v1::IpcEventOpen { event: id, handle: handle.to_vec().into() });
+        self.call(&mut st, op)?;
+        st.ipc_events.insert(id);
+        Ok(EventId(id))
     }
 
     /// `cuCtxWaitEvent`: all later work of the session waits for the work

@@ -23,6 +23,7 @@ mod fuzz;
 pub mod host_buffer;
 pub mod host_regions;
 pub mod images;
+pub mod ipc;
 pub mod mig;
 pub mod mps;
 pub mod pool;

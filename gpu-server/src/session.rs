@@ -34,6 +34,7 @@ pub(crate) const SLOW_CALL: Duration = Duration::from_millis(100);
 mod array;
 mod globals;
 mod graph;
+mod ipc;
 mod link;
 mod migrate;
 mod mirror;
@@ -126,6 +127,9 @@ pub struct SessionState<S: BackendSession> {
     images: Arc<ImageCache>,
     /// See [`Self::preloaded_hits`].
     preloaded_hits: u64,
+    /// The session exported or opened a CUDA IPC handle: it is bound to
+    /// this server and GPU from then on (it refuses to migrate).
+    ipc_shared: bool,
     dev: S,
 }
 
@@ -185,6 +189,7 @@ impl<S: BackendSession> SessionState<S> {
             held_regions: Default::default(),
             images,
             preloaded_hits: 0,
+            ipc_shared: false,
             dev,
         }
     }
@@ -434,6 +439,8 @@ impl<S: BackendSession> SessionState<S> {
                 self.events.insert(e.event, event);
                 Ok(None)
             }
+            Op::IpcEventExport(x) => self.ipc_event_export(x.event),
+            Op::IpcEventOpen(o) => self.ipc_event_open(o),
             Op::EventDestroy(e) => {
                 self.events.remove(&e.event).ok_or_else(|| unknown_event(e.event))?;
                 Ok(None)

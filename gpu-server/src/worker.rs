@@ -111,6 +111,9 @@ pub fn run_stdio() -> Result<(), ServerError> {
         write_event(v1::worker_event::Event::BusyUs(us));
     }));
     let memory = remote.clone().map(|r| crate::swap::DeviceMemory::remote(r, swap_dir));
+    // CUDA IPC exports are the supervisor's: it knows the session's tenant.
+    let ipc = crate::ipc::RemoteIpc::new(Box::new(|request| write_event(v1::worker_event::Event::Ipc(request))));
+    crate::ipc::install(ipc.clone());
     // The host's staging cap: the supervisor's ledger, in this worker's slot.
     let staging = if spec.staging_ledger_fd > 0 {
         let ledger = crate::staging::host::HostLedger::inherited(spec.staging_ledger_fd)?;
@@ -145,7 +148,11 @@ pub fn run_stdio() -> Result<(), ServerError> {
         // stdin is blocking: read it on a plain thread.
         std::thread::Builder::new()
             .name("gpupool-worker-control".into())
-            .spawn(move || read_control(stdin, &t, handshake_timeout, &control_tx, remote.as_deref(), gate, &assigned))
+            .spawn(move || {
+                read_control(stdin, &t, handshake_timeout, &control_tx, remote.as_deref(), gate, &assigned);
+                // The supervisor is gone: IPC questions fail from now on.
+                ipc.close();
+            })
             .map_err(|e| ServerError::Worker(format!("cannot start the control thread: {e}")))?;
         let metrics = server.metrics();
         let mps_client = std::env::var_os(MPS_CLIENT_ENV).is_some_and(|v| v == "1");
@@ -224,7 +231,8 @@ enum Control {
 /// resume tickets of later `WorkerAssign`s (a client reattaching to the
 /// session after losing its connection) until stdin closes (the
 /// supervisor's way of stopping the worker). Answers to the session's
-/// memory requests and swap-out orders go to `memory`.
+/// memory requests and swap-out orders go to `memory`, answers to its IPC
+/// questions to [`crate::ipc::remote`].
 fn read_control(
     mut stdin: std::io::Stdin,
     ticket: &Ticket,
@@ -246,6 +254,13 @@ fn read_control(
         };
         if let Some(order) = a.migrate {
             let _ = out.send(Control::Migrate(order));
+            continue;
+        }
+        if let Some(answer) = a.ipc {
+            match crate::ipc::remote() {
+                Some(r) => r.answer(answer),
+                None => tracing::error!("IPC answer in a process without IPC; ignored"),
+            }
             continue;
         }
         if a.hold_us > 0 {

@@ -29,12 +29,14 @@ pub const UNKNOWN: CuResult = 999;
 /// `CU_EVENT_DISABLE_TIMING`: an event that records no time.
 pub const EVENT_DISABLE_TIMING: u32 = 0x2;
 
+/// `CU_EVENT_INTERPROCESS`: an event other processes may open (IPC).
+pub const EVENT_INTERPROCESS: u32 = 0x4;
+
 /// Whether an event may be created with `flags`, as the driver decides:
 /// only `CU_EVENT_BLOCKING_SYNC` (1), `CU_EVENT_DISABLE_TIMING` (2) and
 /// `CU_EVENT_INTERPROCESS` (4), the last only with timing disabled.
 pub fn event_flags_valid(flags: u32) -> bool {
-    const INTERPROCESS: u32 = 0x4;
-    flags & !0x7 == 0 && (flags & INTERPROCESS == 0 || flags & EVENT_DISABLE_TIMING != 0)
+    flags & !0x7 == 0 && (flags & EVENT_INTERPROCESS == 0 || flags & EVENT_DISABLE_TIMING != 0)
 }
 
 /// Whether `code` means the context is lost: a sticky error after which

@@ -6,6 +6,7 @@
 //! - [`frame`]: length-prefixed frames and an incremental decoder;
 //! - [`payload`]: bulk bytes, lz4-compressed when that pays;
 //! - [`cuda`]: the `CUresult` codes that travel in replies;
+//! - [`ipc`]: CUDA IPC handles as the server makes them;
 //! - `fuzz` (feature `fuzzing`): helpers of the fuzz targets;
 //! - [`rdma`]: the RDMA transport's protocol core and its negotiation, sans I/O;
 //! - [`replay`]: resumption's log of frames sent and not yet acknowledged,
@@ -24,6 +25,7 @@ pub mod exporter;
 pub mod frame;
 #[cfg(feature = "fuzzing")]
 pub mod fuzz;
+pub mod ipc;
 pub mod mem_ops;
 pub mod mirror;
 pub mod payload;

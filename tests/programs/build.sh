@@ -33,7 +33,8 @@ out="${out:-$repo/target/programs}"
 # CI programs have no kernels: they run wherever a libcuda answers (the
 # emulated device included). GPU programs launch kernels.
 ci_c=(driver_api vmm_nokernel mapped_nokernel pinned_copies pinned_device
-      driver_features ctx_create stream_mem_ops batch_ops user_objects)
+      driver_features ctx_create stream_mem_ops batch_ops user_objects
+      ipc_events)
 ci_cu=(runtime_nokernel graphs_nokernel managed_nokernel arrays_nokernel)
 gpu_cu=(vector_add matmul_tiled templated device_globals streams_events
         cublas_sgemm cublas_halfgemm cufft_transforms bench_loop

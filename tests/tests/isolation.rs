@@ -282,3 +282,68 @@ fn worker_starts_busy_time_and_queued_batches_are_counted() {
     let busy = value("gpupool_server_tenant_busy_microseconds_total{tenant=\"(static token)\"}");
     assert!(busy > 0 && busy <= value("gpupool_server_busy_microseconds_total"), "{page}");
 }
+
+/// The code of a CUDA error, or a panic naming what came instead.
+fn cuda_code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> u32 {
+    match r {
+        Err(ClientError::Cuda { code, .. }) => code,
+        other => panic!("expected a CUDA error, got {other:?}"),
+    }
+}
+
+/// CUDA IPC events (docs/ipc.md): one session exports an event, another of
+/// the same tenant on the same server opens it, records and waits on it;
+/// an event made without `INTERPROCESS`, a handle gpupool did not make and
+/// another server's handle are refused as the driver refuses them; an
+/// export goes with its session; sessions in the server's own process have
+/// no IPC.
+#[test]
+fn ipc_events_are_shared_between_sessions_of_one_server() {
+    use gpupool_proto::cuda::{INVALID_VALUE, NOT_SUPPORTED};
+    const INTERPROCESS: u32 = 0x4 | 0x2;
+    let srv = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
+    let a = Session::connect(&srv.client_config()).expect("a");
+    let b = Session::connect(&srv.client_config()).expect("b");
+
+    let plain = a.event_create(0).expect("event");
+    assert_eq!(cuda_code(a.event_ipc_handle(plain)), INVALID_VALUE, "not INTERPROCESS");
+    let shared = a.event_create(INTERPROCESS).expect("event");
+    a.event_record(shared, StreamId::DEFAULT).expect("record, answered");
+    let handle = a.event_ipc_handle(shared).expect("export");
+    assert_eq!(a.event_ipc_handle(shared).expect("again"), handle, "the same event, the same handle");
+
+    let opened = b.event_ipc_open(&handle).expect("open in the other session");
+    b.stream_wait_event(StreamId::DEFAULT, opened).expect("wait");
+    b.event_record(opened, StreamId::DEFAULT).expect("record in the importer");
+    b.event_synchronize(opened).expect("synchronize");
+    assert!(b.event_query(opened).expect("query"), "complete");
+    a.event_synchronize(shared).expect("the exporter's side");
+    works(&b, fresh_seed());
+    b.event_destroy(opened).expect("destroy the import");
+    b.synchronize().expect("the destroy ran");
+
+    assert_eq!(cuda_code(b.event_ipc_open(&[0u8; 64])), INVALID_VALUE, "zeros");
+    assert_eq!(cuda_code(b.event_ipc_open(&handle[..40])), INVALID_VALUE, "short");
+    let mut forged = handle;
+    forged[8] ^= 1;
+    assert_eq!(cuda_code(b.event_ipc_open(&forged)), INVALID_VALUE, "an id never exported");
+
+    // Another server does not know this server's exports.
+    let other = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
+    let c = Session::connect(&other.client_config()).expect("c");
+    assert_eq!(cuda_code(c.event_ipc_open(&handle)), INVALID_VALUE, "another server's handle");
+
+    // The export goes with its session's worker.
+    let pa = worker_of(&srv, &a);
+    drop(a);
+    wait_until("A's worker has exited", || !alive(pa));
+    wait_until("A's export is gone", || b.event_ipc_open(&handle).is_err());
+    assert_eq!(cuda_code(b.event_ipc_open(&handle)), INVALID_VALUE);
+    b.synchronize().expect("B is unharmed");
+
+    // Sessions in the server's own process have no IPC.
+    let in_process = TestServer::start(gpupool_tests::server_config()).expect("server starts");
+    let d = Session::connect(&in_process.client_config()).expect("d");
+    let e = d.event_create(INTERPROCESS).expect("event");
+    assert_eq!(cuda_code(d.event_ipc_handle(e)), NOT_SUPPORTED);
+}

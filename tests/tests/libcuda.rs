@@ -405,6 +405,21 @@ fn user_objects_program() -> Result<()> {
     )
 }
 
+/// CUDA IPC events between two processes of a program (a fork before
+/// `cuInit`), each its own session of one server (docs/ipc.md).
+#[test]
+fn ipc_events_program() -> Result<()> {
+    passes_printing(
+        "ipc_events",
+        &[
+            "IPC events supported: 1",
+            "handle of an event without INTERPROCESS -> CUDA_ERROR_INVALID_VALUE",
+            "child: opened, waited for and recorded the parent's event",
+            "parent: event complete, memory ok",
+        ],
+    )
+}
+
 #[test]
 fn nvcc_static_runtime_program() -> Result<()> {
     let server = TestServer::start(isolated_config()?)?;

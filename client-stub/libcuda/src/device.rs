@@ -18,7 +18,9 @@ const ATTRIBUTE_MAX: u32 = 148;
 /// Attributes a remote GPU cannot offer, whatever the server's card says:
 /// a GPU in another machine cannot reach host memory directly (mapped host
 /// memory is mirrored instead, see `mapped.rs`), and there is no
-/// shareable handle here.
+/// shareable memory handle here. IPC events are offered between sessions
+/// of one tenant on one server (`IPC_EVENT_SUPPORTED` is the card's;
+/// docs/ipc.md).
 const REMOTE_ZERO: &[u32] = &[
     18,  // INTEGRATED
     86,  // HOST_NATIVE_ATOMIC_SUPPORTED
@@ -39,7 +41,6 @@ const REMOTE_ZERO: &[u32] = &[
     119, // MEMPOOL_SUPPORTED_HANDLE_TYPES
     121, // DEFERRED_MAPPING_CUDA_ARRAY_SUPPORTED
     124, // DMA_BUF_SUPPORTED
-    125, // IPC_EVENT_SUPPORTED
     128, // HANDLE_TYPE_FABRIC_SUPPORTED
     129, // UNIFIED_FUNCTION_POINTERS
     132, // MULTICAST_SUPPORTED

@@ -6,7 +6,9 @@ use crate::capture::{self, Route};
 use crate::context::PRIORITY_RANGE;
 use crate::graph::Op;
 use crate::runtime::{Runtime, StreamInfo, Tag, handle, id_of};
-use cudarc::driver::sys::{CUcontext, CUevent, CUgreenCtx, CUhostFn, CUresult, CUstream, CUstreamCallback};
+use cudarc::driver::sys::{
+    CUcontext, CUevent, CUgreenCtx, CUhostFn, CUipcEventHandle, CUresult, CUstream, CUstreamCallback,
+};
 use std::ffi::{c_float, c_int, c_uint, c_ulonglong, c_void};
 
 fn create(ph: *mut CUstream, flags: c_uint, priority: c_int) -> CuResult {
@@ -74,6 +76,31 @@ fn record(e: CUevent, h: CUstream, flags: c_uint) -> CuResult {
     let Some(s) = capture::event_record(rt, e as usize, h, flags & EXTERNAL != 0)? else { return Ok(()) };
     crate::mempool::event_recorded(e as usize, s);
     rt.session.event_record(id, s).map_err(CuError::from)
+}
+
+/// `cuIpcGetEventHandle`: the server registers the event's driver handle
+/// and answers the bytes that name it (docs/ipc.md).
+fn ipc_export(out: *mut CUipcEventHandle, e: CUevent) -> CuResult {
+    if out.is_null() {
+        return Err(CuError::INVALID_VALUE);
+    }
+    let rt = Runtime::with_context()?;
+    let id = rt.event(e as usize)?;
+    let bytes = rt.session.event_ipc_handle(id)?;
+    // SAFETY: out-pointer per the CUDA API.
+    unsafe { put(out, CUipcEventHandle { reserved: bytes.map(|b| b as std::ffi::c_char) }) }
+}
+
+/// `cuIpcOpenEventHandle`: the event another process exported.
+fn ipc_open(ph: *mut CUevent, shared: CUipcEventHandle) -> CuResult {
+    if ph.is_null() {
+        return Err(CuError::INVALID_VALUE);
+    }
+    let rt = Runtime::with_context()?;
+    let e = rt.session.event_ipc_open(&shared.reserved.map(|b| b as u8))?;
+    rt.tables().events.insert(u64::from(e.0), e);
+    // SAFETY: out-pointer per the CUDA API.
+    unsafe { put(ph, handle(Tag::Event, u64::from(e.0)) as CUevent) }
 }
 
 /// Host functions run on the calling thread once the stream's earlier
@@ -255,6 +282,9 @@ crate::exports! {
         let e = rt.tables().events.remove(&id).ok_or(CuError::INVALID_HANDLE)?;
         rt.session.event_destroy(e).map_err(CuError::from)
     }
+
+    fn cuIpcGetEventHandle(out: *mut CUipcEventHandle, e: CUevent) { ipc_export(out, e) }
+    fn cuIpcOpenEventHandle(ph: *mut CUevent, shared: CUipcEventHandle) { ipc_open(ph, shared) }
 
     fn cuEventRecord(e: CUevent, h: CUstream) { record(e, h, 0) }
     fn cuEventRecord_ptsz(e: CUevent, h: CUstream) { record(e, h, 0) }

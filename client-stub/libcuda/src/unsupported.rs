@@ -68,9 +68,7 @@ crate::unsupported! {
     cuImportExternalMemory
     cuImportExternalSemaphore
     cuIpcCloseMemHandle
-    cuIpcGetEventHandle
     cuIpcGetMemHandle
-    cuIpcOpenEventHandle
     cuIpcOpenMemHandle_v2
     cuLaunchCooperativeKernelMultiDevice
     cuLibraryGetUnifiedFunction

@@ -1308,6 +1308,14 @@ impl BackendSession for CudaSession {
         Event::new(self.device.context.clone(), flags)
     }
 
+    fn event_ipc_export(&mut self, event: &Event) -> DeviceResult<[u8; gpupool_proto::ipc::HANDLE_BYTES]> {
+        event.ipc_handle()
+    }
+
+    fn event_ipc_open(&mut self, handle: &[u8; gpupool_proto::ipc::HANDLE_BYTES]) -> DeviceResult<Event> {
+        Event::open_ipc(self.device.context.clone(), handle)
+    }
+
     fn event_record(&mut self, event: &mut Event, stream: Option<&Stream>) -> DeviceResult<()> {
         // SAFETY: live event and null or live stream of this session.
         driver::check(unsafe { sys::cuEventRecord(event.raw, raw_stream(stream)) }, "cuEventRecord")

@@ -297,6 +297,8 @@ impl EmulatedDevice {
             // met when it is queued: see `stream_mem_ops`).
             (122, 1), // CAN_USE_64_BIT_STREAM_MEM_OPS
             (123, 1), // CAN_USE_STREAM_WAIT_VALUE_NOR
+            // Events shared between worker processes (docs/ipc.md).
+            (125, 1), // IPC_EVENT_SUPPORTED
         ];
         let sm = SmLimits::from_attributes(&attributes);
         Self {
@@ -569,6 +571,10 @@ pub struct Event {
     recorded_ms: Option<f64>,
     /// Not created with `CU_EVENT_DISABLE_TIMING`.
     timing: bool,
+    /// Created with `CU_EVENT_INTERPROCESS` (its driver handle, random),
+    /// or opened from another process. Work runs as it is queued here, so
+    /// every such event is complete and the handle names nothing more.
+    interprocess: Option<u128>,
 }
 
 /// A CUDA array: host bytes per level, packed (rows of `row_bytes`, then
@@ -1134,7 +1140,24 @@ impl BackendSession for EmulatedSession {
         Ok(())
     }
     fn event_create(&mut self, flags: u32) -> DeviceResult<Event> {
-        Ok(Event { recorded_ms: None, timing: flags & cuda::EVENT_DISABLE_TIMING == 0 })
+        Ok(Event {
+            recorded_ms: None,
+            timing: flags & cuda::EVENT_DISABLE_TIMING == 0,
+            interprocess: (flags & cuda::EVENT_INTERPROCESS != 0).then(rand::random),
+        })
+    }
+    fn event_ipc_export(&mut self, event: &Event) -> DeviceResult<[u8; gpupool_proto::ipc::HANDLE_BYTES]> {
+        let key = event
+            .interprocess
+            .ok_or_else(|| CallError::invalid_value("the event was not created with CU_EVENT_INTERPROCESS"))?;
+        // The same bytes each time, as the driver's handle of one event.
+        let mut handle = [0u8; gpupool_proto::ipc::HANDLE_BYTES];
+        handle[..16].copy_from_slice(&key.to_le_bytes());
+        Ok(handle)
+    }
+    fn event_ipc_open(&mut self, handle: &[u8; gpupool_proto::ipc::HANDLE_BYTES]) -> DeviceResult<Event> {
+        let key = u128::from_le_bytes(handle[..16].try_into().expect("16 bytes"));
+        Ok(Event { recorded_ms: None, timing: false, interprocess: Some(key) })
     }
     fn event_record(&mut self, event: &mut Event, _: Option<&Stream>) -> DeviceResult<()> {
         event.recorded_ms = Some(self.epoch.elapsed().as_secs_f64() * 1e3);

@@ -695,6 +695,18 @@ pub trait BackendSession: 'static {
     fn context_wait_event(&mut self, event: &Self::Event) -> DeviceResult<()>;
     /// Milliseconds between two recorded events.
     fn event_elapsed(&mut self, start: &Self::Event, end: &Self::Event) -> DeviceResult<f32>;
+    /// `cuIpcGetEventHandle`: the driver's handle of an event created
+    /// with `CU_EVENT_INTERPROCESS`, for another process to open.
+    fn event_ipc_export(&mut self, event: &Self::Event) -> DeviceResult<[u8; gpupool_proto::ipc::HANDLE_BYTES]> {
+        let _ = event;
+        Err(CallError::not_supported("CUDA IPC on this device"))
+    }
+    /// `cuIpcOpenEventHandle`: the event another process exported as
+    /// `handle` (the driver's bytes).
+    fn event_ipc_open(&mut self, handle: &[u8; gpupool_proto::ipc::HANDLE_BYTES]) -> DeviceResult<Self::Event> {
+        let _ = handle;
+        Err(CallError::not_supported("CUDA IPC on this device"))
+    }
     /// Waits for all work of the session.
     fn synchronize(&mut self) -> DeviceResult<()>;
     /// The session's host regions (the program's pinned memory), for a

@@ -253,6 +253,8 @@ pub(crate) struct Shared {
     /// The GPUs and instances served now: `config.gpus` at start, then as
     /// re-layouts changed them (what the balancer is told at registration).
     served_gpus: Mutex<Vec<crate::mig::ServedGpu>>,
+    /// The CUDA IPC exports of the sessions in worker processes.
+    pub(crate) ipc: crate::ipc::Registry,
 }
 
 impl Shared {
@@ -282,6 +284,7 @@ impl Shared {
             pre_auth: Arc::new(Semaphore::new(config.max_pending_handshakes)),
             lease_check: config.balancer.clone().map(super::revocation::LeaseCheck::new),
             served_gpus: Mutex::new(config.gpus.clone()),
+            ipc: crate::ipc::Registry::default(),
             config,
             auth,
             metrics,

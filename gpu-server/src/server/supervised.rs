@@ -98,7 +98,7 @@ pub(super) async fn run_in_worker(
     // pool's ledger, and the ledger's swap-out orders reach it on its pipe.
     memory.cap(worker.ready.total_memory);
     let (swap_tx, mut swap_orders) = mpsc::unbounded_channel::<()>();
-    let (answers, mut answers_rx) = mpsc::unbounded_channel::<v1::MemoryAnswer>();
+    let (answers, mut answers_rx) = mpsc::unbounded_channel::<v1::WorkerAssign>();
     let (holds, mut holds_rx) = mpsc::unbounded_channel::<std::time::Duration>();
     let session_memory = memory.swapping().then(|| {
         let ask = move || swap_tx.send(()).is_ok();
@@ -133,6 +133,8 @@ pub(super) async fn run_in_worker(
         order: None,
         memory: session_memory,
         answers,
+        session: id,
+        scope: crate::ipc::Scope { tenant: labels.tenant.clone(), instance: labels.instance.clone() },
         metered: metered.map(|g| (g.as_ref(), id)),
         holds,
     };
@@ -162,7 +164,6 @@ pub(super) async fn run_in_worker(
                 break worker.wait().await;
             }
             Some(answer) = answers_rx.recv() => {
-                let answer = v1::WorkerAssign { memory: Some(answer), ..Default::default() };
                 // A worker that cannot be reached is exiting: its wait ends.
                 let _ = worker.send_control(&frame::encode(&answer)).await;
                 continue;
@@ -256,6 +257,8 @@ pub(super) async fn run_in_worker(
         let _ = order.done.send(Err("the session's worker exited before it reported".into()));
     }
     pool.finished(pid);
+    // Its IPC exports went with its context.
+    shared.ipc.release(id);
     if let Some(g) = metered {
         g.share_leave(id);
     }
@@ -327,8 +330,12 @@ struct Relay<'a> {
     order: Option<super::migrate::Order>,
     /// The session's share of the pool's ledger (swapping on).
     memory: Option<Arc<SessionMemory>>,
-    /// Answers to the worker's memory questions, sent by the session loop.
-    answers: mpsc::UnboundedSender<v1::MemoryAnswer>,
+    /// Answers to the worker's memory and IPC questions, sent by the
+    /// session loop.
+    answers: mpsc::UnboundedSender<v1::WorkerAssign>,
+    /// The session's id and scope, which its IPC exports carry.
+    session: u64,
+    scope: crate::ipc::Scope,
     /// The temporal share metering the session, and its id there.
     metered: Option<(&'a MpsGroup, u64)>,
     /// Holds for the worker's next batch, sent by the session loop.
@@ -363,6 +370,10 @@ impl Relay<'_> {
                 let _ = order.done.send(report);
             }
             Some(v1::worker_event::Event::Memory(request)) => self.memory_request(request),
+            Some(v1::worker_event::Event::Ipc(request)) => {
+                let answer = self.shared.ipc.serve(self.session, &self.scope, &request);
+                let _ = self.answers.send(v1::WorkerAssign { ipc: Some(answer), ..Default::default() });
+            }
             Some(v1::worker_event::Event::BusyUs(us)) => {
                 let Some((group, id)) = self.metered else { return };
                 let busy = std::time::Duration::from_micros(us);
@@ -380,10 +391,11 @@ impl Relay<'_> {
     /// question that may wait for other sessions to swap out is served off
     /// the runtime, and every answer goes back through the session loop.
     fn memory_request(&self, request: v1::MemoryRequest) {
+        let answer = |a| v1::WorkerAssign { memory: Some(a), ..Default::default() };
         let Some(session) = &self.memory else {
             if request.seq != 0 {
                 let error = "this server does not swap".to_string();
-                let _ = self.answers.send(v1::MemoryAnswer { seq: request.seq, error, ok: false });
+                let _ = self.answers.send(answer(v1::MemoryAnswer { seq: request.seq, error, ok: false }));
             }
             return;
         };
@@ -391,11 +403,11 @@ impl Relay<'_> {
             let (session, answers) = (session.clone(), self.answers.clone());
             tokio::task::spawn_blocking(move || {
                 if let Some(a) = remote::serve(&session, &request) {
-                    let _ = answers.send(a);
+                    let _ = answers.send(answer(a));
                 }
             });
         } else if let Some(a) = remote::serve(session, &request) {
-            let _ = self.answers.send(a);
+            let _ = self.answers.send(answer(a));
         }
     }
 }

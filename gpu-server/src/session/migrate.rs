@@ -252,6 +252,9 @@ impl<S: BackendSession> SessionState<S> {
         if !self.graphs.is_empty() {
             return refuse("graphs with conditional nodes (their handles are the driver's)");
         }
+        if self.ipc_shared {
+            return refuse("CUDA IPC handles (other sessions on this GPU share its events)");
+        }
         Ok(())
     }
 

@@ -323,6 +323,29 @@ impl Event {
         driver::check(unsafe { sys::cuEventCreate(&mut raw, flags) }, "cuEventCreate")?;
         Ok(Self { raw, _context: context })
     }
+
+    /// The event another process exported as `handle` (the driver's bytes;
+    /// `cuIpcOpenEventHandle`).
+    pub(super) fn open_ipc(
+        context: Arc<Context>,
+        handle: &[u8; gpupool_proto::ipc::HANDLE_BYTES],
+    ) -> DeviceResult<Self> {
+        let handle = sys::CUipcEventHandle { reserved: handle.map(|b| b as std::ffi::c_char) };
+        let mut raw: CUevent = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the handle is passed by value; the
+        // context is current on this thread.
+        driver::check(unsafe { sys::cuIpcOpenEventHandle(&mut raw, handle) }, "cuIpcOpenEventHandle")?;
+        // Destroyed as any event: the driver keeps the exporter's alive.
+        Ok(Self { raw, _context: context })
+    }
+
+    /// The driver's handle of this event (`cuIpcGetEventHandle`).
+    pub(super) fn ipc_handle(&self) -> DeviceResult<[u8; gpupool_proto::ipc::HANDLE_BYTES]> {
+        let mut handle = sys::CUipcEventHandle { reserved: [0; gpupool_proto::ipc::HANDLE_BYTES] };
+        // SAFETY: valid out-pointer and a live event of this session.
+        driver::check(unsafe { sys::cuIpcGetEventHandle(&mut handle, self.raw) }, "cuIpcGetEventHandle")?;
+        Ok(handle.reserved.map(|b| b as u8))
+    }
 }
 
 impl Drop for Event {
