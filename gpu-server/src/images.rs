@@ -150,6 +150,18 @@ struct Pending {
 }
 
 impl Pending {
+    /// Counts a task of `len` bytes as queued, unless the queued bytes
+    /// would pass `max`; whether it did.
+    fn try_add(&self, len: u64, max: u64) -> bool {
+        let mut q = lock(&self.queued);
+        if q.0 + len > max {
+            return false;
+        }
+        q.0 += len;
+        q.1 += 1;
+        true
+    }
+
     fn remove(&self, len: u64) {
         let mut q = lock(&self.queued);
         q.0 -= len;
@@ -180,13 +192,8 @@ impl Background {
     /// cannot start: the caller does it itself.
     fn queue(&self, task: Task, store: &Store) -> Result<(), Task> {
         let len = task.len();
-        {
-            let mut q = lock(&self.pending.queued);
-            if q.0 + len > self.max_queued {
-                return Err(task);
-            }
-            q.0 += len;
-            q.1 += 1;
+        if !self.pending.try_add(len, self.max_queued) {
+            return Err(task);
         }
         let mut queue = lock(&self.queue);
         if queue.is_none() {
