@@ -108,10 +108,14 @@ pub struct ClientConfig {
     /// loopback server use 65 527 unless this is below 1472
     /// (`gpupool_proto::quic::bulk_udp_payload`).
     pub max_udp_payload: u16,
-    /// After each batch sent, keep the I/O thread awake this long (a task
-    /// that yields in a loop) so that the next send need not wake it
-    /// through the kernel; zero (the default) lets it sleep at once. Costs
-    /// the I/O thread's CPU while the program sends.
+    /// When the program waits for a reply, keep the I/O thread awake this
+    /// long (a task that yields in a loop): the reply's packet is then read
+    /// without an epoll wake-up, and the next batch a latency-bound loop
+    /// sends leaves without an eventfd wake-up. Zero lets it sleep at once.
+    /// Default: 100 µs where the process may use 4 CPUs or more, else 0
+    /// ([`gpupool_proto::quic::default_spin`]). Costs the I/O thread's CPU
+    /// while the program waits; batches sent without a wait (a stream of
+    /// launches) do not keep it awake.
     pub io_spin: Duration,
     /// Reattach to the session when its connection is lost (a frozen
     /// Lambda environment, a network outage) and the server still keeps it.
@@ -215,7 +219,7 @@ impl ClientConfig {
             idle_timeout: Duration::from_secs(10),
             keep_alive: Duration::from_secs(2),
             max_udp_payload: gpupool_proto::quic::DEFAULT_UDP_PAYLOAD,
-            io_spin: Duration::ZERO,
+            io_spin: gpupool_proto::quic::default_spin(),
             resume: true,
             token_source: TokenSource::Fixed,
             shm_region_bytes: DEFAULT_SHM_REGION_BYTES,

@@ -158,14 +158,17 @@ pub struct QuicTransport {
     shm: Option<crate::shm::ShmBulk>,
 }
 
-/// Keeps the I/O thread from sleeping for a while after each send, so that
-/// the next send does not have to wake it through the kernel (an eventfd
-/// write and a cross-CPU wake-up, several microseconds with cold caches, on
-/// the program's thread: bench/results/*-stub-time.md). A task on the I/O
-/// runtime yields in a loop until `spin` has passed since the last send;
-/// the worker thread then stays busy and a wake from another thread only
-/// queues the woken task. Spends the I/O thread's CPU while the program
-/// sends.
+/// Keeps the I/O thread from sleeping for a while after the program began
+/// to wait for a reply (`ClientConfig::io_spin`). A sleeping I/O thread
+/// costs a synchronizing call two wake-ups through the kernel: the reply's
+/// packet wakes it from epoll, and the next batch's send wakes it through
+/// an eventfd (several microseconds each with cold caches, more on an idle
+/// virtual CPU: bench/results/*-stub-time.md). A task on the I/O runtime
+/// yields in a loop until `spin` has passed since the last wait began; the
+/// worker thread then stays busy polling its I/O driver between turns, and
+/// a wake from another thread only queues the woken task. Sends without a
+/// wait (a stream of launches) do not keep it awake: there the sleeping
+/// thread lets the batches that came meanwhile leave together.
 #[derive(Debug)]
 struct KeepAwake {
     spin: Duration,
@@ -1198,18 +1201,17 @@ impl Transport for QuicTransport {
             self.replay().record(batch.seq, bytes.clone());
         }
         let cmd = self.cmd.clone();
-        let sent = match self.exec(async move { cmd.lock().await.send.write_all(&bytes).await.map_err(write_err) }) {
+        match self.exec(async move { cmd.lock().await.send.write_all(&bytes).await.map_err(write_err) }) {
             // A resume sends the batch again.
             Err(e) => self.recover(e),
             ok => ok,
-        };
-        if let (Some(awake), Some(rt)) = (&self.awake, &self.rt) {
-            awake.poke(rt);
         }
-        sent
     }
 
     fn recv_reply(&self) -> Result<v1::BatchReply> {
+        if let (Some(awake), Some(rt)) = (&self.awake, &self.rt) {
+            awake.poke(rt);
+        }
         loop {
             let cmd = self.cmd.clone();
             match self.exec(async move { next_frame(&mut *cmd.lock().await).await }) {

@@ -31,7 +31,7 @@
 //! | `GPUPOOL_SHM_PINNED_MIB` | most pinned host memory (`cuMemHostAlloc`, `cudaMallocHost`) kept in host regions shared with the server, in MiB (default 8192; 0: pinned memory is plain memory); beyond it pinned allocations are plain memory |
 //! | `GPUPOOL_RDMA` | `off` (or `0`): never offer RDMA; default on: a client with an RDMA device (built with `rdma-verbs`) offers it, and its commands and copies go over RDMA when the server and the lease allow it (docs/rdma.md) |
 //! | `GPUPOOL_BATCH_DELAY_US` | longest wait of a queued call for company while earlier batches are in flight (default 100; `off`: queued calls go only with a synchronizing call or a full batch) |
-//! | `GPUPOOL_IO_SPIN_US` | keep the I/O thread awake this long after each batch sent, so that sends need no kernel wake-up (default 0: it sleeps at once; spends a core while the program sends) |
+//! | `GPUPOOL_IO_SPIN_US` | keep the I/O thread awake this long after the program begins to wait for a reply, so that the reply and the next send need no kernel wake-up (default 100 where the process may use 4 CPUs or more, else 0; spends a core while the program waits) |
 //! | `GPUPOOL_LOG` | log filter for stderr (default `warn`) |
 //! | `GPUPOOL_CALL_STATS` | `1`: the call table at exit (`call_stats`); `gpupool_call_stats()` reads it in-process, `gpupool_call_stats_pause()` stops and resumes counting |
 
