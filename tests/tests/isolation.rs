@@ -299,14 +299,15 @@ fn cuda_code<T: std::fmt::Debug>(r: Result<T, ClientError>) -> u32 {
 /// no IPC.
 #[test]
 fn ipc_events_are_shared_between_sessions_of_one_server() {
-    use gpupool_proto::cuda::{INVALID_VALUE, NOT_SUPPORTED};
+    use gpupool_proto::cuda::{INVALID_HANDLE, INVALID_VALUE, NOT_SUPPORTED};
     const INTERPROCESS: u32 = 0x4 | 0x2;
     let srv = TestServer::start(isolated_config().expect("worker binary")).expect("server starts");
     let a = Session::connect(&srv.client_config()).expect("a");
     let b = Session::connect(&srv.client_config()).expect("b");
 
     let plain = a.event_create(0).expect("event");
-    assert_eq!(cuda_code(a.event_ipc_handle(plain)), INVALID_VALUE, "not INTERPROCESS");
+    // The driver's answer (H100, driver 580).
+    assert_eq!(cuda_code(a.event_ipc_handle(plain)), INVALID_HANDLE, "not INTERPROCESS");
     let shared = a.event_create(INTERPROCESS).expect("event");
     a.event_record(shared, StreamId::DEFAULT).expect("record, answered");
     let handle = a.event_ipc_handle(shared).expect("export");

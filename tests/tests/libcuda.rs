@@ -413,7 +413,7 @@ fn ipc_events_program() -> Result<()> {
         "ipc_events",
         &[
             "IPC events supported: 1",
-            "handle of an event without INTERPROCESS -> CUDA_ERROR_INVALID_VALUE",
+            "handle of an event without INTERPROCESS -> CUDA_ERROR_INVALID_HANDLE",
             "child: opened, waited for and recorded the parent's event",
             "parent: event complete, memory ok",
         ],

@@ -1149,7 +1149,7 @@ impl BackendSession for EmulatedSession {
     fn event_ipc_export(&mut self, event: &Event) -> DeviceResult<[u8; gpupool_proto::ipc::HANDLE_BYTES]> {
         let key = event
             .interprocess
-            .ok_or_else(|| CallError::invalid_value("the event was not created with CU_EVENT_INTERPROCESS"))?;
+            .ok_or_else(|| CallError::invalid_handle("the event was not created with CU_EVENT_INTERPROCESS"))?;
         // The same bytes each time, as the driver's handle of one event.
         let mut handle = [0u8; gpupool_proto::ipc::HANDLE_BYTES];
         handle[..16].copy_from_slice(&key.to_le_bytes());
