@@ -97,15 +97,6 @@ impl Registry {
         self.lock().retain(|_, e| e.owner != owner);
     }
 
-    /// Exports registered now.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Answers a worker's question for its session `owner` in `scope`.
     pub fn serve(&self, owner: u64, scope: &Scope, request: &v1::IpcRequest) -> v1::IpcAnswer {
         let mut answer = v1::IpcAnswer { seq: request.seq, ..Default::default() };
@@ -278,9 +269,9 @@ mod tests {
         assert!(r.resolve(&id[..8], &a).is_err(), "short id");
         assert!(r.export(1, &a, &[0; 63]).is_err(), "short payload");
         r.release(2);
-        assert_eq!(r.len(), 2, "another session's end keeps them");
+        assert_eq!(r.lock().len(), 2, "another session's end keeps them");
         r.release(1);
-        assert!(r.is_empty());
+        assert!(r.lock().is_empty());
         assert!(r.resolve(&id, &a).is_err(), "gone with its session");
     }
 
